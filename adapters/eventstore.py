@@ -1,0 +1,217 @@
+"""The PostgreSQL event store: the eventsourcing library's recorder without its table lock.
+
+The library serialises writers with ``LOCK TABLE ... IN EXCLUSIVE MODE`` held until commit, so
+that notification ids are committed in number order and a tailing reader never passes a gap that
+a slower transaction fills later. Holding a lock across the commit's WAL flush makes every writer
+wait for every other writer's fsync.
+
+This recorder keeps the guarantee with a shorter critical section and a reader-side rule:
+
+* a writer takes a session-level advisory lock, inserts its events (which assigns both its
+  transaction id and its notification ids while the lock is held), releases the lock and only
+  then commits — so commits, and their fsyncs, overlap;
+* because ids and transaction ids are handed out under the same lock, a transaction with a lower
+  transaction id always holds lower notification ids; a reader therefore only returns rows whose
+  ``transaction_id`` is older than the oldest transaction still running
+  (``pg_snapshot_xmin(pg_current_snapshot())``). Every transaction that could still commit a
+  lower id is newer than that horizon, so nothing returned can be overtaken.
+
+The cost is that a long-running writing transaction anywhere in the cluster holds back readers
+(not writers) until it ends; keep write transactions short.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+from eventsourcing.persistence import (
+    IntegrityError,
+    InterfaceError,
+    Notification,
+    OperationalError,
+    ProgrammingError,
+    StoredEvent,
+)
+from eventsourcing.postgres import (
+    PostgresApplicationRecorder,
+    PostgresDatastore,
+    PostgresFactory,
+)
+from eventsourcing.utils import Environment, EnvType, retry
+from psycopg.sql import SQL, Composed, Identifier
+
+from domain.idempotency import CommandRecord, StoredCommand
+
+DB_ROLE_ENV = "AGENTWORKS_DB_ROLE"
+
+
+class EventStoreRecorder(PostgresApplicationRecorder):
+    """Application recorder with overlapping commits and a snapshot-horizon reader rule."""
+
+    def __init__(
+        self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"
+    ) -> None:
+        super().__init__(datastore, events_table_name=events_table_name)
+        table = Identifier(self.datastore.schema, self.events_table_name)
+        key = zlib.crc32(f"{self.datastore.schema}.{self.events_table_name}".encode()) & 0x7FFFFFFF
+        self._lock_sql = SQL("SELECT pg_advisory_lock({0})").format(key)
+        self._unlock_sql = SQL("SELECT pg_advisory_unlock({0})").format(key)
+        self._horizon = SQL("transaction_id < pg_snapshot_xmin(pg_current_snapshot())")
+        self._select_from = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state FROM {0}"
+        ).format(table)
+        self.max_notification_id_statement = SQL(
+            "SELECT MAX(notification_id) FROM {0} WHERE {1}"
+        ).format(table, self._horizon)
+        self._insert_command_sql = SQL(
+            "INSERT INTO command_log (scope, command_id, command_type, fingerprint, actor, result) "
+            "VALUES (%s, %s, %s, %s, %s, %s::jsonb)"
+        )
+        self.lock_table_statements = []
+
+    @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        command: CommandRecord | None = kwargs.get("command_record")
+        if not stored_events and command is None:
+            return []
+        notification_ids: list[int] = []
+        failure: Exception | None = None
+        with self.datastore.get_connection() as conn:
+            try:
+                with conn.pipeline() as pipeline, conn.transaction(), conn.cursor() as curs:
+                    try:
+                        curs.execute(self._lock_sql, prepare=True)
+                        if stored_events:
+                            self._notify_channel(curs)
+                            super(PostgresApplicationRecorder, self)._insert_stored_events(
+                                curs, stored_events
+                            )
+                            pipeline.sync()
+                            notification_ids = [r["notification_id"] for r in curs.fetchall()]
+                        curs.execute(self._unlock_sql, prepare=True)
+                        if command is not None:
+                            curs.execute(
+                                self._insert_command_sql,
+                                (
+                                    command.scope,
+                                    command.command_id,
+                                    command.command_type,
+                                    command.fingerprint,
+                                    command.actor,
+                                    json.dumps(
+                                        {
+                                            **command.result,
+                                            "position": max(notification_ids, default=0),
+                                        }
+                                    ),
+                                ),
+                                prepare=True,
+                            )
+                        pipeline.sync()
+                    except Exception as e:
+                        # Re-raised below, once the pipeline has been left cleanly.
+                        failure = e
+                if failure is not None:
+                    raise failure
+            except BaseException:
+                # A failed statement aborts the transaction before the unlock runs; the lock is
+                # session-level, so release it here or the pooled connection would keep it.
+                if not conn.closed and not conn.broken:
+                    conn.execute("SELECT pg_advisory_unlock_all()")
+                raise
+        if len(notification_ids) != len(stored_events):
+            msg = f"expected {len(stored_events)} notification ids, got {len(notification_ids)}"
+            raise ProgrammingError(msg)
+        return notification_ids
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def select_notifications(
+        self,
+        start: int | None,
+        limit: int,
+        stop: int | None = None,
+        topics: Sequence[str] = (),
+        *,
+        inclusive_of_start: bool = True,
+    ) -> Sequence[Notification]:
+        conditions: list[Composed | SQL] = [self._horizon]
+        params: list[Any] = []
+        if start is not None:
+            conditions.append(
+                SQL("notification_id >= %s") if inclusive_of_start else SQL("notification_id > %s")
+            )
+            params.append(start)
+        if stop is not None:
+            conditions.append(SQL("notification_id <= %s"))
+            params.append(stop)
+        if topics:
+            conditions.append(SQL("topic = ANY(%s)"))
+            params.append(list(topics))
+        statement = (
+            self._select_from
+            + SQL(" WHERE ")
+            + SQL(" AND ").join(conditions)
+            + SQL(" ORDER BY notification_id LIMIT %s")
+        )
+        params.append(limit)
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, params, prepare=True)
+            return [
+                Notification(
+                    id=row["notification_id"],
+                    originator_id=row["originator_id"],
+                    originator_version=row["originator_version"],
+                    topic=row["topic"],
+                    state=bytes(row["state"]),
+                )
+                for row in curs.fetchall()
+            ]
+
+
+def is_duplicate_command(error: IntegrityError) -> bool:
+    return "command_log_pkey" in str(error)
+
+
+class Factory(PostgresFactory):
+    """The library's postgres factory, with our recorder and the application's database role.
+
+    Connections ``SET ROLE`` to the application role at start-up, so everything the application
+    does runs with that role's privileges: it may INSERT and SELECT events, never UPDATE or DELETE.
+    """
+
+    def __init__(self, env: Environment | EnvType | None) -> None:
+        super().__init__(env)
+        role = self.env.get(DB_ROLE_ENV)
+        if role:
+            kwargs = self.datastore.pool.kwargs
+            assert isinstance(kwargs, dict)
+            kwargs["options"] = f"-c role={role}"
+
+    application_recorder_class = EventStoreRecorder
+
+
+class PostgresCommandLog:
+    """Look-ups of accepted commands, for idempotent retries."""
+
+    def __init__(self, datastore: PostgresDatastore) -> None:
+        self._datastore = datastore
+
+    def find(self, scope: str, command_id: str) -> StoredCommand | None:
+        with self._datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(
+                "SELECT command_type, fingerprint, result FROM command_log "
+                "WHERE scope = %s AND command_id = %s",
+                (scope, command_id),
+                prepare=True,
+            )
+            row = curs.fetchone()
+        if row is None:
+            return None
+        return StoredCommand(
+            command_type=row["command_type"], fingerprint=row["fingerprint"], result=row["result"]
+        )

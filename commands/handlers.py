@@ -1,0 +1,711 @@
+"""The write-side application service: one method per command, one ``save()`` per command.
+
+Each handler loads what the command touches, checks the actor may do it, lets the aggregates
+decide, and saves every changed aggregate in one transaction together with the command's
+idempotency record. A concurrent write to any of them makes the save collide on a version; the
+handler then reloads and decides again, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from uuid import UUID, uuid4
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import IntegrityError
+
+from commands import models as m
+from commands.idempotency import fingerprint
+from domain.agent_run import AgentRun
+from domain.card import Card
+from domain.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
+from domain.idempotency import CommandLog, CommandRecord
+from domain.meta import EventMeta
+from domain.money import billed_amount, parse_markup, parse_usd
+from domain.project import LaneSpec, Project
+from domain.roles import Role, require_role
+from domain.usage import MonthlySpend, UsageCharge, month_of, spend_id_for
+from domain.workspace import Workspace
+
+BOOTSTRAP_SCOPE = "*"
+
+A = TypeVar("A", bound=Aggregate)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Actor:
+    """Who sends a command, as their credentials say.
+
+    ``workspace_id`` is the workspace the credentials are for (``"*"`` for a bootstrap token).
+    A service actor (the orchestrator) acts inside its workspace without being a member.
+    """
+
+    user_id: str
+    workspace_id: str
+    is_service: bool = False
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    traceparent: str = ""
+
+    @classmethod
+    def service(cls, name: str, workspace_id: UUID | str, **kwargs: Any) -> Actor:
+        return cls(user_id=name, workspace_id=str(workspace_id), is_service=True, **kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommandResult:
+    """What a command did: the object it touched, its new version and where its events landed.
+
+    ``position`` is the highest global position the command wrote (0 when it changed nothing);
+    a read that waits until the read models reached it sees the command's effect.
+    """
+
+    kind: str
+    id: UUID
+    version: int
+    position: int
+    replayed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def consistency_token(self) -> str:
+        return str(self.position)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "id": str(self.id),
+            "version": self.version,
+            "position": self.position,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> CommandResult:
+        return cls(
+            kind=str(data["kind"]),
+            id=UUID(str(data["id"])),
+            version=int(data["version"]),
+            position=int(data["position"]),
+            replayed=True,
+            extra=dict(data.get("extra") or {}),
+        )
+
+
+@dataclass
+class Decision:
+    """What one attempt at a command decided: the aggregates to save and the one it reports."""
+
+    target: Aggregate
+    kind: str
+    changed: list[Aggregate]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class AgentWorks(Application[UUID]):
+    """The AgentWorks write side (one bounded context, one event store)."""
+
+    name = "AgentWorks"
+
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        command_log: CommandLog | None = None,
+        retries: int = 5,
+    ) -> None:
+        super().__init__(env)
+        self.command_log = command_log
+        self.retries = retries
+
+    # -- workspaces ---------------------------------------------------------------------------
+
+    def create_workspace(self, cmd: m.CreateWorkspace, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            workspace_id = uuid4()
+            workspace = Workspace.create(
+                workspace_id=workspace_id,
+                name=cmd.name,
+                owner_id=actor.user_id,
+                meta=meta.in_workspace(workspace_id),
+            )
+            return Decision(workspace, "workspace", [workspace])
+
+        return self._execute(cmd, actor, None, decide)
+
+    def rename_workspace(self, cmd: m.RenameWorkspace, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            workspace = self._workspace_for(actor, cmd.workspace_id, Role.ADMIN, "rename workspace")
+            workspace.rename(cmd.name, meta=meta)
+            return Decision(workspace, "workspace", [workspace])
+
+        return self._execute(cmd, actor, cmd.workspace_id, decide)
+
+    def add_member(self, cmd: m.AddMember, actor: Actor) -> CommandResult:
+        role = Role.parse(cmd.role)
+
+        def decide(meta: EventMeta) -> Decision:
+            workspace = self._workspace_for(actor, cmd.workspace_id, Role.ADMIN, "addMember")
+            self._may_grant(workspace, actor, role)
+            workspace.add_member(cmd.user_id, role, meta=meta)
+            return Decision(workspace, "workspace", [workspace])
+
+        return self._execute(cmd, actor, cmd.workspace_id, decide)
+
+    def change_role(self, cmd: m.ChangeRole, actor: Actor) -> CommandResult:
+        role = Role.parse(cmd.role)
+
+        def decide(meta: EventMeta) -> Decision:
+            workspace = self._workspace_for(actor, cmd.workspace_id, Role.ADMIN, "changeRole")
+            self._may_grant(workspace, actor, role)
+            if workspace.role_of(cmd.user_id) is Role.OWNER:
+                self._may_grant(workspace, actor, Role.OWNER)
+            workspace.change_role(cmd.user_id, role, meta=meta)
+            return Decision(workspace, "workspace", [workspace])
+
+        return self._execute(cmd, actor, cmd.workspace_id, decide)
+
+    def remove_member(self, cmd: m.RemoveMember, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            workspace = self._workspace_for(actor, cmd.workspace_id, Role.ADMIN, "removeMember")
+            if workspace.role_of(cmd.user_id) is Role.OWNER:
+                self._may_grant(workspace, actor, Role.OWNER)
+            workspace.remove_member(cmd.user_id, meta=meta)
+            return Decision(workspace, "workspace", [workspace])
+
+        return self._execute(cmd, actor, cmd.workspace_id, decide)
+
+    def set_spend_limit(self, cmd: m.SetSpendLimit, actor: Actor) -> CommandResult:
+        limit = None if cmd.monthly_limit is None else parse_usd(cmd.monthly_limit)
+
+        def decide(meta: EventMeta) -> Decision:
+            workspace = self._workspace_for(actor, cmd.workspace_id, Role.ADMIN, "setSpendLimit")
+            workspace.set_spend_limit(limit, meta=meta)
+            return Decision(workspace, "workspace", [workspace])
+
+        return self._execute(cmd, actor, cmd.workspace_id, decide)
+
+    def set_plan(self, cmd: m.SetPlan, actor: Actor) -> CommandResult:
+        markup = parse_markup(cmd.markup)
+        increment = parse_usd(cmd.billing_increment)
+
+        def decide(meta: EventMeta) -> Decision:
+            workspace = self._workspace_for(actor, cmd.workspace_id, Role.OWNER, "setPlan")
+            workspace.set_plan(markup=markup, billing_increment_micros=increment, meta=meta)
+            return Decision(workspace, "workspace", [workspace])
+
+        return self._execute(cmd, actor, cmd.workspace_id, decide)
+
+    # -- projects and boards ------------------------------------------------------------------
+
+    def create_project(self, cmd: m.CreateProject, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            workspace = self._workspace_for(actor, cmd.workspace_id, Role.MEMBER, "createProject")
+            project = Project.create(
+                project_id=uuid4(),
+                workspace_id=workspace.id,
+                name=cmd.name,
+                lanes=[LaneSpec(lane.name, lane.wip_limit) for lane in cmd.lanes],
+                meta=meta,
+            )
+            return Decision(project, "project", [project])
+
+        return self._execute(cmd, actor, cmd.workspace_id, decide)
+
+    def set_wip_limit(self, cmd: m.SetWipLimit, actor: Actor) -> CommandResult:
+        return self._change_project(
+            cmd, actor, Role.ADMIN, "setWipLimit",
+            lambda p, meta: p.set_wip_limit(cmd.lane, cmd.wip_limit, meta=meta),
+        )  # fmt: skip
+
+    def add_lane(self, cmd: m.AddLane, actor: Actor) -> CommandResult:
+        return self._change_project(
+            cmd, actor, Role.ADMIN, "addLane",
+            lambda p, meta: p.add_lane(
+                cmd.name, wip_limit=cmd.wip_limit, index=cmd.index, meta=meta
+            ),
+        )  # fmt: skip
+
+    def rename_lane(self, cmd: m.RenameLane, actor: Actor) -> CommandResult:
+        return self._change_project(
+            cmd, actor, Role.ADMIN, "renameLane",
+            lambda p, meta: p.rename_lane(cmd.lane, cmd.name, meta=meta),
+        )  # fmt: skip
+
+    def reorder_lanes(self, cmd: m.ReorderLanes, actor: Actor) -> CommandResult:
+        return self._change_project(
+            cmd, actor, Role.ADMIN, "reorderLanes",
+            lambda p, meta: p.reorder_lanes(cmd.order, meta=meta),
+        )  # fmt: skip
+
+    def remove_lane(self, cmd: m.RemoveLane, actor: Actor) -> CommandResult:
+        return self._change_project(
+            cmd, actor, Role.ADMIN, "removeLane",
+            lambda p, meta: p.remove_lane(cmd.lane, meta=meta),
+        )  # fmt: skip
+
+    def archive_project(self, cmd: m.ArchiveProject, actor: Actor) -> CommandResult:
+        return self._change_project(
+            cmd, actor, Role.ADMIN, "archiveProject", lambda p, meta: p.archive(meta=meta)
+        )
+
+    def _change_project(
+        self,
+        cmd: m.Command,
+        actor: Actor,
+        needed: Role,
+        action: str,
+        change: Callable[[Project, EventMeta], object],
+    ) -> CommandResult:
+        project_id: UUID = getattr(cmd, "project_id")  # noqa: B009
+
+        def decide(meta: EventMeta) -> Decision:
+            project = self._load(Project, project_id, actor, needed, action)
+            change(project, meta)
+            return Decision(project, "project", [project])
+
+        return self._execute(cmd, actor, self._scope_hint(actor), decide)
+
+    # -- cards ----------------------------------------------------------------------------------
+
+    def create_card(self, cmd: m.CreateCard, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            project = self._load(Project, cmd.project_id, actor, Role.MEMBER, "createCard")
+            lane = cmd.lane if cmd.lane is not None else project.lanes[0].name
+            card_id = uuid4()
+            position = project.place_card(card_id, lane, meta=meta)
+            card = Card.create(
+                card_id=card_id,
+                workspace_id=project.workspace_id,
+                project_id=project.id,
+                title=cmd.title,
+                description=cmd.description,
+                lane=lane,
+                position=position,
+                meta=meta,
+            )
+            return Decision(card, "card", [card, project])
+
+        return self._execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def update_card(self, cmd: m.UpdateCard, actor: Actor) -> CommandResult:
+        def change(card: Card, meta: EventMeta) -> None:
+            card.edit(title=cmd.title, description=cmd.description, meta=meta)
+            if cmd.labels is not None:
+                wanted = {label.strip() for label in cmd.labels}
+                for label in sorted(set(card.labels) - wanted):
+                    card.unlabel(label, meta=meta)
+                for label in sorted(wanted - set(card.labels)):
+                    card.label(label, meta=meta)
+
+        return self._change_card(cmd, actor, "updateCard", change, cmd.expected_version)
+
+    def move_card(self, cmd: m.MoveCard, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            card = self._load(Card, cmd.card_id, actor, Role.MEMBER, "moveCard")
+            _expect_version(card, cmd.expected_version)
+            project = self._get(Project, card.project_id)
+            position = project.move_card(
+                card.id,
+                cmd.to_lane,
+                after_card_id=cmd.after_card_id,
+                before_card_id=cmd.before_card_id,
+                meta=meta,
+            )
+            card.move(cmd.to_lane, position, meta=meta)
+            return Decision(card, "card", [card, project])
+
+        return self._execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def assign_card(self, cmd: m.AssignCard, actor: Actor) -> CommandResult:
+        return self._change_card(
+            cmd, actor, "assignCard",
+            lambda card, meta: card.assign(cmd.assignee, meta=meta), cmd.expected_version,
+        )  # fmt: skip
+
+    def label_card(self, cmd: m.LabelCard, actor: Actor) -> CommandResult:
+        return self._change_card(
+            cmd, actor, "labelCard", lambda card, meta: card.label(cmd.label, meta=meta)
+        )
+
+    def unlabel_card(self, cmd: m.UnlabelCard, actor: Actor) -> CommandResult:
+        return self._change_card(
+            cmd, actor, "unlabelCard", lambda card, meta: card.unlabel(cmd.label, meta=meta)
+        )
+
+    def block_card(self, cmd: m.BlockCard, actor: Actor) -> CommandResult:
+        return self._change_card(
+            cmd, actor, "blockCard", lambda card, meta: card.block(cmd.reason, meta=meta)
+        )
+
+    def unblock_card(self, cmd: m.UnblockCard, actor: Actor) -> CommandResult:
+        return self._change_card(
+            cmd, actor, "unblockCard", lambda card, meta: card.unblock(meta=meta)
+        )
+
+    def archive_card(self, cmd: m.ArchiveCard, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            card = self._load(Card, cmd.card_id, actor, Role.MEMBER, "archiveCard")
+            _expect_version(card, cmd.expected_version)
+            card.archive(meta=meta)
+            project = self._get(Project, card.project_id)
+            project.lift_card(card.id, meta=meta)
+            return Decision(card, "card", [card, project])
+
+        return self._execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def restore_card(self, cmd: m.RestoreCard, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            card = self._load(Card, cmd.card_id, actor, Role.MEMBER, "restoreCard")
+            project = self._get(Project, card.project_id)
+            lane = cmd.lane or card.lane
+            if not card.archived:
+                card.restore(lane, card.position, meta=meta)  # raises: not archived
+            position = project.place_card(card.id, lane, meta=meta)
+            card.restore(lane, position, meta=meta)
+            return Decision(card, "card", [card, project])
+
+        return self._execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def _change_card(
+        self,
+        cmd: m.Command,
+        actor: Actor,
+        action: str,
+        change: Callable[[Card, EventMeta], object],
+        expected_version: int | None = None,
+    ) -> CommandResult:
+        card_id: UUID = getattr(cmd, "card_id")  # noqa: B009
+
+        def decide(meta: EventMeta) -> Decision:
+            card = self._load(Card, card_id, actor, Role.MEMBER, action)
+            _expect_version(card, expected_version)
+            change(card, meta)
+            return Decision(card, "card", [card])
+
+        return self._execute(cmd, actor, self._scope_hint(actor), decide)
+
+    # -- agent runs -----------------------------------------------------------------------------
+
+    def start_agent_run(self, cmd: m.StartAgentRun, actor: Actor) -> CommandResult:
+        max_cost = None if cmd.max_cost is None else parse_usd(cmd.max_cost)
+
+        def decide(meta: EventMeta) -> Decision:
+            card = self._load(Card, cmd.card_id, actor, Role.MEMBER, "startAgentRun")
+            if card.archived:
+                raise InvalidTransition(f"card {card.id} is archived; restore it to run agents")
+            workspace = self._get(Workspace, card.workspace_id)
+            spend = self._spend_for(workspace, datetime.now(UTC), meta)
+            spend.check_room(workspace.monthly_limit_micros, wanted_micros=0)
+            run = AgentRun.request(
+                run_id=uuid4(),
+                workspace_id=card.workspace_id,
+                project_id=card.project_id,
+                card_id=card.id,
+                agent=cmd.agent,
+                provider=cmd.provider,
+                model=cmd.model,
+                max_cost_micros=max_cost,
+                meta=meta,
+            )
+            return Decision(run, "run", [run])
+
+        return self._execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def cancel_agent_run(self, cmd: m.CancelAgentRun, actor: Actor) -> CommandResult:
+        return self._change_run(
+            cmd, actor, Role.MEMBER, "cancelAgentRun",
+            lambda run, meta: run.cancel(cmd.reason, meta=meta),
+        )  # fmt: skip
+
+    def begin_run(self, cmd: m.BeginRun, actor: Actor) -> CommandResult:
+        return self._change_run(
+            cmd,
+            actor,
+            Role.ADMIN,
+            "beginRun",
+            lambda run, meta: run.start(worker=cmd.worker, meta=meta),
+        )
+
+    def start_run_step(self, cmd: m.StartRunStep, actor: Actor) -> CommandResult:
+        return self._change_run(
+            cmd, actor, Role.ADMIN, "startRunStep",
+            lambda run, meta: run.start_step(cmd.step, cmd.name, meta=meta),
+        )  # fmt: skip
+
+    def append_run_log(self, cmd: m.AppendRunLog, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            run = self._load(AgentRun, cmd.run_id, actor, Role.ADMIN, "appendRunLog")
+            first, last = run.append_log(
+                [(line.at, line.stream, line.text) for line in cmd.lines], meta=meta
+            )
+            return Decision(run, "run", [run], {"first_seq": first, "last_seq": last})
+
+        return self._execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def record_llm_call(self, cmd: m.RecordLlmCall, actor: Actor) -> CommandResult:
+        """Record a finished LLM call, its charge and the month's new spend, atomically."""
+
+        def decide(meta: EventMeta) -> Decision:
+            run = self._load(AgentRun, cmd.run_id, actor, Role.ADMIN, "recordLlmCall")
+            workspace = self._get(Workspace, run.workspace_id)
+            billed = billed_amount(cmd.provider_cost_micros, workspace.markup)
+            charge = UsageCharge.charge(
+                workspace_id=run.workspace_id,
+                project_id=run.project_id,
+                card_id=run.card_id,
+                run_id=run.id,
+                call_id=cmd.call_id,
+                provider=cmd.provider,
+                model=cmd.model,
+                input_tokens=cmd.input_tokens,
+                output_tokens=cmd.output_tokens,
+                provider_cost_micros=cmd.provider_cost_micros,
+                markup=workspace.markup,
+                billed_micros=billed,
+                price_table_version=cmd.price_table_version,
+                at=cmd.at,
+                meta=meta,
+            )
+            run.record_llm_call(
+                call_id=cmd.call_id,
+                charge_id=charge.id,
+                provider=cmd.provider,
+                model=cmd.model,
+                input_tokens=cmd.input_tokens,
+                output_tokens=cmd.output_tokens,
+                latency_ms=cmd.latency_ms,
+                provider_cost_micros=cmd.provider_cost_micros,
+                billed_micros=billed,
+                meta=meta,
+            )
+            spend = self._spend_for(workspace, cmd.at, meta)
+            spend.add(charge.id, billed, meta=meta)
+            return Decision(
+                run, "run", [run, charge, spend], {"charge_id": str(charge.id), "billed": billed}
+            )
+
+        return self._execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def finish_run(self, cmd: m.FinishRun, actor: Actor) -> CommandResult:
+        def change(run: AgentRun, meta: EventMeta) -> None:
+            if cmd.outcome == "SUCCEEDED":
+                run.succeed(meta=meta)
+            elif cmd.outcome == "FAILED":
+                run.fail(cmd.error or "unknown error", meta=meta)
+            else:
+                run.time_out(cmd.after_seconds or 0, meta=meta)
+
+        return self._change_run(cmd, actor, Role.ADMIN, "finishRun", change)
+
+    def credit_charge(self, cmd: m.CreditCharge, actor: Actor) -> CommandResult:
+        amount = parse_usd(cmd.amount)
+
+        def decide(meta: EventMeta) -> Decision:
+            charge = self._load(UsageCharge, cmd.charge_id, actor, Role.OWNER, "creditCharge")
+            if cmd.refund:
+                charge.refund(amount, cmd.reason, at=cmd.at, meta=meta)
+            else:
+                charge.credit(amount, cmd.reason, at=cmd.at, meta=meta)
+            return Decision(charge, "charge", [charge])
+
+        return self._execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def _change_run(
+        self,
+        cmd: m.Command,
+        actor: Actor,
+        needed: Role,
+        action: str,
+        change: Callable[[AgentRun, EventMeta], object],
+    ) -> CommandResult:
+        run_id: UUID = getattr(cmd, "run_id")  # noqa: B009
+
+        def decide(meta: EventMeta) -> Decision:
+            run = self._load(AgentRun, run_id, actor, needed, action)
+            change(run, meta)
+            return Decision(run, "run", [run])
+
+        return self._execute(cmd, actor, self._scope_hint(actor), decide)
+
+    # -- reading the write model ------------------------------------------------------------------
+
+    def card_at(self, card_id: UUID, actor: Actor, *, version: int | None = None) -> Card:
+        """A card as it was at ``version`` (or now), for history and audit."""
+        return self._load(Card, card_id, actor, Role.VIEWER, "read card", version=version)
+
+    # -- the machinery --------------------------------------------------------------------------
+
+    def _execute(
+        self,
+        cmd: m.Command,
+        actor: Actor,
+        workspace_hint: UUID | None,
+        decide: Callable[[EventMeta], Decision],
+    ) -> CommandResult:
+        scope = actor.workspace_id
+        command_id = str(cmd.command_id) if cmd.command_id else None
+        digest = fingerprint(cmd)
+        if command_id is not None:
+            earlier = self._earlier_result(scope, command_id, cmd, digest)
+            if earlier is not None:
+                return earlier
+        meta = EventMeta.for_command(
+            workspace_id=workspace_hint
+            or (actor.workspace_id if actor.workspace_id != "*" else ""),
+            actor=actor.user_id,
+            command_id=cmd.command_id or uuid4(),
+            correlation_id=actor.correlation_id,
+            causation_id=actor.causation_id,
+            traceparent=actor.traceparent,
+        )
+        for attempt in range(self.retries + 1):
+            decision = decide(meta)
+            changed = [agg for agg in decision.changed if agg.pending_events]
+            version = decision.target.version
+            provisional = CommandResult(
+                kind=decision.kind, id=decision.target.id, version=version, position=0,
+                extra=decision.extra,
+            )  # fmt: skip
+            try:
+                recordings = self._save_with_record(changed, scope, cmd, digest, actor, provisional)
+            except IntegrityError as error:
+                if command_id is not None and "command_log_pkey" in str(error):
+                    earlier = self._earlier_result(scope, command_id, cmd, digest)
+                    if earlier is not None:
+                        return earlier
+                if attempt == self.retries:
+                    raise Conflict(
+                        f"{type(cmd).__name__} on {decision.kind} {decision.target.id} lost "
+                        f"{self.retries + 1} races with concurrent writes; retry later"
+                    ) from error
+                continue
+            return recordings
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _save_with_record(
+        self,
+        changed: list[Aggregate],
+        scope: str,
+        cmd: m.Command,
+        digest: str,
+        actor: Actor,
+        provisional: CommandResult,
+    ) -> CommandResult:
+        """Save the events and, for an identified command, its idempotency record, atomically."""
+        record = None
+        if cmd.command_id is not None:
+            record = CommandRecord(
+                scope=scope,
+                command_id=str(cmd.command_id),
+                command_type=type(cmd).__name__,
+                fingerprint=digest,
+                actor=actor.user_id,
+                result=provisional.as_dict(),
+            )
+        recordings = self.save(*changed, command_record=record)
+        position = max((r.notification.id for r in recordings), default=0)
+        return replace(provisional, position=position)
+
+    def _earlier_result(
+        self, scope: str, command_id: str, cmd: m.Command, digest: str
+    ) -> CommandResult | None:
+        if self.command_log is None:
+            return None
+        stored = self.command_log.find(scope, command_id)
+        if stored is None:
+            return None
+        if stored.command_type != type(cmd).__name__ or stored.fingerprint != digest:
+            raise ValidationFailed(
+                f"commandId {command_id} was already used for a different command "
+                f"({stored.command_type}); use a new commandId for a new command"
+            )
+        return CommandResult.from_stored(stored.result)
+
+    def _scope_hint(self, actor: Actor) -> UUID | None:
+        try:
+            return UUID(actor.workspace_id)
+        except ValueError:
+            return None
+
+    def _get(self, cls: type[A], aggregate_id: UUID, *, version: int | None = None) -> A:
+        try:
+            aggregate: Aggregate = self.repository.get(aggregate_id, version=version)
+        except AggregateNotFoundError:
+            raise NotFound(f"{_kind(cls)} {aggregate_id} does not exist") from None
+        if not isinstance(aggregate, cls):
+            raise NotFound(f"{_kind(cls)} {aggregate_id} does not exist")
+        return aggregate
+
+    def _load(
+        self,
+        cls: type[A],
+        aggregate_id: UUID,
+        actor: Actor,
+        needed: Role,
+        action: str,
+        *,
+        version: int | None = None,
+    ) -> A:
+        """An aggregate the actor may act on; another workspace's ids look like missing ones."""
+        aggregate = self._get(cls, aggregate_id, version=version)
+        workspace_id = aggregate.workspace_id  # type: ignore[attr-defined]
+        if str(workspace_id) != actor.workspace_id:
+            raise NotFound(f"{_kind(cls)} {aggregate_id} does not exist")
+        if not actor.is_service:
+            workspace = self._get(Workspace, workspace_id)
+            self._check_role(workspace, actor, needed, action)
+        return aggregate
+
+    def _workspace_for(
+        self, actor: Actor, workspace_id: UUID, needed: Role, action: str
+    ) -> Workspace:
+        if str(workspace_id) != actor.workspace_id:
+            raise NotFound(f"workspace {workspace_id} does not exist")
+        workspace = self._get(Workspace, workspace_id)
+        if not actor.is_service:
+            self._check_role(workspace, actor, needed, action)
+        return workspace
+
+    def _check_role(self, workspace: Workspace, actor: Actor, needed: Role, action: str) -> None:
+        role = workspace.role_of(actor.user_id)
+        if role is None:
+            raise NotFound(f"workspace {workspace.id} does not exist")
+        require_role(role, needed, action=action, user_id=actor.user_id)
+
+    def _may_grant(self, workspace: Workspace, actor: Actor, role: Role) -> None:
+        if role is Role.OWNER and not actor.is_service:
+            mine = workspace.role_of(actor.user_id) or Role.VIEWER
+            require_role(mine, Role.OWNER, action="granting or taking OWNER", user_id=actor.user_id)
+
+    def _spend_for(self, workspace: Workspace, at: datetime, meta: EventMeta) -> MonthlySpend:
+        month = month_of(at)
+        try:
+            return self._get(MonthlySpend, spend_id_for(workspace.id, month))
+        except NotFound:
+            return MonthlySpend.open(workspace_id=workspace.id, month=month, meta=meta)
+
+
+def _expect_version(aggregate: Aggregate, expected: int | None) -> None:
+    if expected is not None and aggregate.version != expected:
+        raise Conflict(
+            f"{_kind(type(aggregate))} {aggregate.id} is at version {aggregate.version}, "
+            f"not the expected {expected}; reload it and retry",
+            expected=expected,
+            actual=aggregate.version,
+        )
+
+
+def _kind(cls: type[Aggregate]) -> str:
+    return {
+        "Workspace": "workspace",
+        "Project": "project",
+        "Card": "card",
+        "AgentRun": "agent run",
+        "UsageCharge": "usage charge",
+        "MonthlySpend": "monthly spend",
+    }.get(cls.__name__, cls.__name__.lower())

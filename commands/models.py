@@ -1,0 +1,254 @@
+"""Commands: small typed requests, named in the imperative.
+
+Each model validates its own shape (pydantic); rules that need state live in the aggregates.
+Every command may carry a ``command_id``: repeating a command with the same id returns the first
+result and appends nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Command(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+
+    command_id: UUID | None = None
+
+
+# -- workspaces ----------------------------------------------------------------------------------
+
+
+class CreateWorkspace(Command):
+    name: str = Field(max_length=200)
+
+
+class RenameWorkspace(Command):
+    workspace_id: UUID
+    name: str = Field(max_length=200)
+
+
+class AddMember(Command):
+    workspace_id: UUID
+    user_id: str = Field(min_length=1, max_length=200)
+    role: str
+
+
+class ChangeRole(Command):
+    workspace_id: UUID
+    user_id: str = Field(min_length=1, max_length=200)
+    role: str
+
+
+class RemoveMember(Command):
+    workspace_id: UUID
+    user_id: str = Field(min_length=1, max_length=200)
+
+
+class SetSpendLimit(Command):
+    workspace_id: UUID
+    monthly_limit: str | None = Field(default=None, description="USD, e.g. '250.00'; None = none")
+
+
+class SetPlan(Command):
+    workspace_id: UUID
+    markup: str
+    billing_increment: str
+
+
+# -- projects and boards -------------------------------------------------------------------------
+
+
+class LaneInput(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(max_length=200)
+    wip_limit: int | None = None
+
+
+class CreateProject(Command):
+    workspace_id: UUID
+    name: str = Field(max_length=200)
+    lanes: list[LaneInput] = Field(
+        default_factory=lambda: [
+            LaneInput(name="Backlog"),
+            LaneInput(name="In progress"),
+            LaneInput(name="Review"),
+            LaneInput(name="Done"),
+        ],
+        max_length=50,
+    )
+
+
+class SetWipLimit(Command):
+    project_id: UUID
+    lane: str
+    wip_limit: int | None = None
+
+
+class AddLane(Command):
+    project_id: UUID
+    name: str = Field(max_length=200)
+    wip_limit: int | None = None
+    index: int | None = None
+
+
+class RenameLane(Command):
+    project_id: UUID
+    lane: str
+    name: str = Field(max_length=200)
+
+
+class ReorderLanes(Command):
+    project_id: UUID
+    order: list[str] = Field(max_length=50)
+
+
+class RemoveLane(Command):
+    project_id: UUID
+    lane: str
+
+
+class ArchiveProject(Command):
+    project_id: UUID
+
+
+# -- cards ---------------------------------------------------------------------------------------
+
+
+class CreateCard(Command):
+    project_id: UUID
+    title: str = Field(max_length=200)
+    description: str = Field(default="", max_length=100_000)
+    lane: str | None = Field(default=None, description="defaults to the first lane")
+
+
+class UpdateCard(Command):
+    card_id: UUID
+    title: str | None = Field(default=None, max_length=200)
+    description: str | None = Field(default=None, max_length=100_000)
+    labels: list[str] | None = Field(default=None, max_length=50)
+    expected_version: int | None = None
+
+
+class MoveCard(Command):
+    """Move a card into ``to_lane``, after ``after_card_id`` and before ``before_card_id``."""
+
+    card_id: UUID
+    to_lane: str
+    before_card_id: UUID | None = None
+    after_card_id: UUID | None = None
+    expected_version: int | None = None
+
+
+class AssignCard(Command):
+    card_id: UUID
+    assignee: str | None = None
+    expected_version: int | None = None
+
+
+class LabelCard(Command):
+    card_id: UUID
+    label: str
+
+
+class UnlabelCard(Command):
+    card_id: UUID
+    label: str
+
+
+class BlockCard(Command):
+    card_id: UUID
+    reason: str = Field(max_length=1000)
+
+
+class UnblockCard(Command):
+    card_id: UUID
+
+
+class ArchiveCard(Command):
+    card_id: UUID
+    expected_version: int | None = None
+
+
+class RestoreCard(Command):
+    card_id: UUID
+    lane: str | None = None
+
+
+# -- agent runs ----------------------------------------------------------------------------------
+
+
+class StartAgentRun(Command):
+    card_id: UUID
+    agent: str = Field(max_length=100)
+    provider: str | None = None
+    model: str | None = None
+    max_cost: str | None = Field(default=None, description="USD budget for this run")
+
+
+class CancelAgentRun(Command):
+    run_id: UUID
+    reason: str = Field(default="cancelled by user", max_length=2000)
+
+
+class BeginRun(Command):
+    """The orchestrator picked the run up."""
+
+    run_id: UUID
+    worker: str = Field(max_length=200)
+
+
+class StartRunStep(Command):
+    run_id: UUID
+    step: int = Field(ge=1)
+    name: str = Field(max_length=200)
+
+
+class LogLineInput(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    at: datetime
+    stream: str = "stdout"
+    text: str
+
+
+class AppendRunLog(Command):
+    run_id: UUID
+    lines: list[LogLineInput] = Field(min_length=1, max_length=10_000)
+
+
+class RecordLlmCall(Command):
+    """A provider call finished; its provider-reported usage and cost are authoritative."""
+
+    run_id: UUID
+    call_id: str = Field(min_length=1, max_length=200)
+    provider: str = Field(min_length=1, max_length=100)
+    model: str = Field(min_length=1, max_length=100)
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    latency_ms: int = Field(ge=0)
+    provider_cost_micros: int = Field(ge=0)
+    price_table_version: str = Field(min_length=1, max_length=100)
+    at: datetime
+
+
+class FinishRun(Command):
+    run_id: UUID
+    outcome: Literal["SUCCEEDED", "FAILED", "TIMED_OUT"]
+    error: str | None = None
+    after_seconds: int | None = None
+
+
+class CreditCharge(Command):
+    """A compensating correction of a usage charge (``refund`` once invoiced)."""
+
+    charge_id: UUID
+    amount: str
+    reason: str = Field(min_length=1, max_length=1000)
+    refund: bool = False
+    at: datetime

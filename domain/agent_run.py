@@ -1,0 +1,309 @@
+"""AgentRun: one agent working one card, from request to a terminal status.
+
+Lifecycle::
+
+    QUEUED ──start──► RUNNING ──succeed──► SUCCEEDED
+      │                 ├──fail─────────► FAILED
+      │                 ├──time out─────► TIMED_OUT
+      └──cancel─────────┴──cancel───────► CANCELLED
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from domain.base import TenantAggregate
+from domain.errors import BudgetExceeded, InvalidTransition, ValidationFailed
+from domain.meta import EventMeta
+from domain.money import format_usd
+
+MAX_LOG_LINES_PER_CHUNK = 10_000
+MAX_LOG_LINE_LENGTH = 16_384
+LOG_STREAMS = frozenset({"stdout", "stderr", "system"})
+
+
+class RunStatus(StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (RunStatus.QUEUED, RunStatus.RUNNING)
+
+
+class AgentRun(TenantAggregate):
+    """The record of a run: its status, the LLM calls it made and the log lines it wrote."""
+
+    if TYPE_CHECKING:
+        project_id: UUID
+        card_id: UUID
+        agent: str
+        provider: str | None
+        model: str | None
+        max_cost_micros: int | None
+        status: RunStatus
+        next_seq: int
+        input_tokens: int
+        output_tokens: int
+        provider_cost_micros: int
+        billed_micros: int
+        call_ids: set[str]
+        error: str | None
+
+    class Requested(TenantAggregate.Created):
+        project_id: UUID
+        card_id: UUID
+        agent: str
+        provider: str | None
+        model: str | None
+        max_cost_micros: int | None
+
+        def apply(self, aggregate: Any) -> None:
+            super().apply(aggregate)
+            aggregate.project_id = self.project_id
+            aggregate.card_id = self.card_id
+            aggregate.agent = self.agent
+            aggregate.provider = self.provider
+            aggregate.model = self.model
+            aggregate.max_cost_micros = self.max_cost_micros
+            aggregate.status = RunStatus.QUEUED
+            aggregate.next_seq = 1
+            aggregate.input_tokens = 0
+            aggregate.output_tokens = 0
+            aggregate.provider_cost_micros = 0
+            aggregate.billed_micros = 0
+            aggregate.call_ids = set()
+            aggregate.error = None
+
+    class Started(TenantAggregate.Event):
+        worker: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.status = RunStatus.RUNNING
+
+    class StepStarted(TenantAggregate.Event):
+        step: int
+        name: str
+
+    class LogChunkAppended(TenantAggregate.Event):
+        """A batch of log lines; ``lines`` hold ``seq``, ``at`` (ISO UTC), ``stream``, ``text``."""
+
+        first_seq: int
+        lines: list[dict[str, Any]]
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.next_seq = self.first_seq + len(self.lines)
+
+    class LlmCallCompleted(TenantAggregate.Event):
+        call_id: str
+        charge_id: UUID
+        provider: str
+        model: str
+        input_tokens: int
+        output_tokens: int
+        latency_ms: int
+        provider_cost_micros: int
+        billed_micros: int
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.call_ids.add(self.call_id)
+            aggregate.provider = self.provider
+            aggregate.model = self.model
+            aggregate.input_tokens += self.input_tokens
+            aggregate.output_tokens += self.output_tokens
+            aggregate.provider_cost_micros += self.provider_cost_micros
+            aggregate.billed_micros += self.billed_micros
+
+    class Succeeded(TenantAggregate.Event):
+        def apply(self, aggregate: Any) -> None:
+            aggregate.status = RunStatus.SUCCEEDED
+
+    class Failed(TenantAggregate.Event):
+        error: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.status = RunStatus.FAILED
+            aggregate.error = self.error
+
+    class Cancelled(TenantAggregate.Event):
+        reason: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.status = RunStatus.CANCELLED
+            aggregate.error = self.reason
+
+    class TimedOut(TenantAggregate.Event):
+        after_seconds: int
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.status = RunStatus.TIMED_OUT
+            aggregate.error = f"timed out after {self.after_seconds}s"
+
+    @classmethod
+    def request(
+        cls,
+        *,
+        run_id: UUID,
+        workspace_id: UUID,
+        project_id: UUID,
+        card_id: UUID,
+        agent: str,
+        provider: str | None,
+        model: str | None,
+        max_cost_micros: int | None,
+        meta: EventMeta,
+    ) -> AgentRun:
+        agent_name = agent.strip()
+        if not agent_name or len(agent_name) > 100:
+            raise ValidationFailed(f"agent {agent!r} must be 1..100 characters")
+        if max_cost_micros is not None and max_cost_micros <= 0:
+            raise ValidationFailed(f"maxCost must be positive, got {format_usd(max_cost_micros)}")
+        return cls._create(
+            cls.Requested,
+            id=run_id,
+            workspace_id=workspace_id,
+            project_id=project_id,
+            card_id=card_id,
+            agent=agent_name,
+            provider=_optional(provider, "provider"),
+            model=_optional(model, "model"),
+            max_cost_micros=max_cost_micros,
+            meta=meta.as_dict(),
+        )
+
+    def start(self, *, worker: str, meta: EventMeta) -> None:
+        self._expect(RunStatus.QUEUED, action="start")
+        self._record(self.Started, meta, worker=worker)
+
+    def start_step(self, step: int, name: str, *, meta: EventMeta) -> None:
+        self._expect(RunStatus.RUNNING, action="start a step of")
+        self._record(self.StepStarted, meta, step=step, name=name[:200])
+
+    def append_log(
+        self, lines: list[tuple[datetime, str, str]], *, meta: EventMeta
+    ) -> tuple[int, int]:
+        """Append lines (at, stream, text); returns the (first, last) sequence numbers given."""
+        self._expect(RunStatus.RUNNING, action="append log lines to")
+        if not lines:
+            raise ValidationFailed(f"a log chunk for run {self.id} needs at least one line")
+        if len(lines) > MAX_LOG_LINES_PER_CHUNK:
+            raise ValidationFailed(
+                f"a log chunk holds at most {MAX_LOG_LINES_PER_CHUNK} lines, got {len(lines)}"
+            )
+        first = self.next_seq
+        payload = []
+        for offset, (at, stream, text) in enumerate(lines):
+            if stream not in LOG_STREAMS:
+                raise ValidationFailed(
+                    f"log stream {stream!r} is not one of {', '.join(sorted(LOG_STREAMS))}"
+                )
+            if at.tzinfo is None:
+                raise ValidationFailed("log line times must be timezone-aware UTC")
+            payload.append(
+                {
+                    "seq": first + offset,
+                    "at": at.isoformat(),
+                    "stream": stream,
+                    "text": text[:MAX_LOG_LINE_LENGTH],
+                }
+            )
+        self._record(self.LogChunkAppended, meta, first_seq=first, lines=payload)
+        return first, first + len(lines) - 1
+
+    def record_llm_call(
+        self,
+        *,
+        call_id: str,
+        charge_id: UUID,
+        provider: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        latency_ms: int,
+        provider_cost_micros: int,
+        billed_micros: int,
+        meta: EventMeta,
+    ) -> None:
+        """Record a completed call. A call that happened is always recorded, even past budget."""
+        self._expect(RunStatus.RUNNING, action="record an LLM call for")
+        if call_id in self.call_ids:
+            raise InvalidTransition(f"LLM call {call_id} of run {self.id} is already recorded")
+        for name, value in (
+            ("input tokens", input_tokens),
+            ("output tokens", output_tokens),
+            ("latency", latency_ms),
+            ("provider cost", provider_cost_micros),
+            ("billed amount", billed_micros),
+        ):
+            if value < 0:
+                raise ValidationFailed(f"{name} of LLM call {call_id} must not be negative")
+        self._record(
+            self.LlmCallCompleted,
+            meta,
+            call_id=call_id,
+            charge_id=charge_id,
+            provider=provider,
+            model=model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            latency_ms=latency_ms,
+            provider_cost_micros=provider_cost_micros,
+            billed_micros=billed_micros,
+        )
+
+    @property
+    def over_budget(self) -> bool:
+        return self.max_cost_micros is not None and self.billed_micros >= self.max_cost_micros
+
+    def check_budget(self, estimated_micros: int) -> None:
+        """Refuse a further call whose estimated cost would take the run past its budget."""
+        if self.max_cost_micros is None:
+            return
+        if self.billed_micros + estimated_micros > self.max_cost_micros:
+            raise BudgetExceeded(
+                f"run {self.id} has spent {format_usd(self.billed_micros)} of its "
+                f"{format_usd(self.max_cost_micros)} budget; a call estimated at "
+                f"{format_usd(estimated_micros)} would exceed it"
+            )
+
+    def succeed(self, *, meta: EventMeta) -> None:
+        self._expect(RunStatus.RUNNING, action="succeed")
+        self._record(self.Succeeded, meta)
+
+    def fail(self, error: str, *, meta: EventMeta) -> None:
+        self._expect(RunStatus.RUNNING, action="fail")
+        self._record(self.Failed, meta, error=(error.strip() or "unknown error")[:2000])
+
+    def time_out(self, after_seconds: int, *, meta: EventMeta) -> None:
+        self._expect(RunStatus.RUNNING, action="time out")
+        self._record(self.TimedOut, meta, after_seconds=after_seconds)
+
+    def cancel(self, reason: str, *, meta: EventMeta) -> None:
+        if self.status.terminal:
+            raise InvalidTransition(
+                f"run {self.id} is already {self.status.value}; only QUEUED or RUNNING runs "
+                "can be cancelled"
+            )
+        self._record(self.Cancelled, meta, reason=(reason.strip() or "cancelled")[:2000])
+
+    def _expect(self, status: RunStatus, *, action: str) -> None:
+        if self.status is not status:
+            raise InvalidTransition(
+                f"cannot {action} run {self.id}: it is {self.status.value}, not {status.value}"
+            )
+
+
+def _optional(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    text = value.strip()
+    if not text or len(text) > 100:
+        raise ValidationFailed(f"{what} {value!r} must be 1..100 characters")
+    return text

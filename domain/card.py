@@ -1,0 +1,215 @@
+"""Card: a unit of work on a board, moved across lanes and worked on by agents."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from domain.base import TenantAggregate
+from domain.errors import InvalidTransition, ValidationFailed
+from domain.meta import EventMeta
+from domain.workspace import clean_name
+
+MAX_DESCRIPTION_LENGTH = 100_000
+MAX_LABELS = 50
+MAX_LABEL_LENGTH = 50
+
+
+class Card(TenantAggregate):
+    """A card's own facts. Where it sits relative to other cards is the board's business."""
+
+    if TYPE_CHECKING:
+        project_id: UUID
+        title: str
+        description: str
+        lane: str
+        position: str
+        assignee: str | None
+        labels: list[str]
+        blocked_reason: str | None
+        archived: bool
+
+    class Created(TenantAggregate.Created):
+        project_id: UUID
+        title: str
+        description: str
+        lane: str
+        position: str
+
+        def apply(self, aggregate: Any) -> None:
+            super().apply(aggregate)
+            aggregate.project_id = self.project_id
+            aggregate.title = self.title
+            aggregate.description = self.description
+            aggregate.lane = self.lane
+            aggregate.position = self.position
+            aggregate.assignee = None
+            aggregate.labels = []
+            aggregate.blocked_reason = None
+            aggregate.archived = False
+
+    class Edited(TenantAggregate.Event):
+        title: str
+        description: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.title = self.title
+            aggregate.description = self.description
+
+    class Moved(TenantAggregate.Event):
+        from_lane: str
+        to_lane: str
+        position: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.lane = self.to_lane
+            aggregate.position = self.position
+
+    class Assigned(TenantAggregate.Event):
+        assignee: str | None
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.assignee = self.assignee
+
+    class Labelled(TenantAggregate.Event):
+        label: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.labels = sorted({*aggregate.labels, self.label})
+
+    class Unlabelled(TenantAggregate.Event):
+        label: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.labels = [label for label in aggregate.labels if label != self.label]
+
+    class Blocked(TenantAggregate.Event):
+        reason: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.blocked_reason = self.reason
+
+    class Unblocked(TenantAggregate.Event):
+        def apply(self, aggregate: Any) -> None:
+            aggregate.blocked_reason = None
+
+    class Archived(TenantAggregate.Event):
+        def apply(self, aggregate: Any) -> None:
+            aggregate.archived = True
+
+    class Restored(TenantAggregate.Event):
+        lane: str
+        position: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.archived = False
+            aggregate.lane = self.lane
+            aggregate.position = self.position
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        card_id: UUID,
+        workspace_id: UUID,
+        project_id: UUID,
+        title: str,
+        description: str,
+        lane: str,
+        position: str,
+        meta: EventMeta,
+    ) -> Card:
+        return cls._create(
+            cls.Created,
+            id=card_id,
+            workspace_id=workspace_id,
+            project_id=project_id,
+            title=clean_name(title, what="card title"),
+            description=_description(description),
+            lane=lane,
+            position=position,
+            meta=meta.as_dict(),
+        )
+
+    @property
+    def blocked(self) -> bool:
+        return self.blocked_reason is not None
+
+    def edit(self, *, title: str | None, description: str | None, meta: EventMeta) -> None:
+        self._live("edit")
+        new_title = self.title if title is None else clean_name(title, what="card title")
+        new_description = self.description if description is None else _description(description)
+        if (new_title, new_description) != (self.title, self.description):
+            self._record(self.Edited, meta, title=new_title, description=new_description)
+
+    def move(self, to_lane: str, position: str, *, meta: EventMeta) -> None:
+        """Record a move the board has already admitted (WIP limit, neighbours)."""
+        self._live("move")
+        if self.blocked and to_lane != self.lane:
+            raise InvalidTransition(
+                f"card {self.id} is blocked ({self.blocked_reason}); unblock it before moving "
+                "it to another lane"
+            )
+        self._record(self.Moved, meta, from_lane=self.lane, to_lane=to_lane, position=position)
+
+    def assign(self, assignee: str | None, *, meta: EventMeta) -> None:
+        self._live("assign")
+        if assignee is not None:
+            assignee = assignee.strip()
+            if not assignee or len(assignee) > 200:
+                raise ValidationFailed(f"assignee {assignee!r} must be 1..200 characters")
+        if assignee != self.assignee:
+            self._record(self.Assigned, meta, assignee=assignee)
+
+    def label(self, label: str, *, meta: EventMeta) -> None:
+        self._live("label")
+        text = label.strip()
+        if not text or len(text) > MAX_LABEL_LENGTH:
+            raise ValidationFailed(f"label {label!r} must be 1..{MAX_LABEL_LENGTH} characters")
+        if text in self.labels:
+            return
+        if len(self.labels) >= MAX_LABELS:
+            raise ValidationFailed(f"card {self.id} already has {MAX_LABELS} labels")
+        self._record(self.Labelled, meta, label=text)
+
+    def unlabel(self, label: str, *, meta: EventMeta) -> None:
+        self._live("unlabel")
+        if label in self.labels:
+            self._record(self.Unlabelled, meta, label=label)
+
+    def block(self, reason: str, *, meta: EventMeta) -> None:
+        self._live("block")
+        text = reason.strip()
+        if not text:
+            raise ValidationFailed(f"blocking card {self.id} needs a reason")
+        if self.blocked:
+            raise InvalidTransition(f"card {self.id} is already blocked ({self.blocked_reason})")
+        self._record(self.Blocked, meta, reason=text[:1000])
+
+    def unblock(self, *, meta: EventMeta) -> None:
+        self._live("unblock")
+        if not self.blocked:
+            raise InvalidTransition(f"card {self.id} is not blocked")
+        self._record(self.Unblocked, meta)
+
+    def archive(self, *, meta: EventMeta) -> None:
+        if self.archived:
+            raise InvalidTransition(f"card {self.id} is already archived")
+        self._record(self.Archived, meta)
+
+    def restore(self, lane: str, position: str, *, meta: EventMeta) -> None:
+        if not self.archived:
+            raise InvalidTransition(f"card {self.id} is not archived")
+        self._record(self.Restored, meta, lane=lane, position=position)
+
+    def _live(self, action: str) -> None:
+        if self.archived:
+            raise InvalidTransition(f"cannot {action} card {self.id}: it is archived")
+
+
+def _description(value: str) -> str:
+    if len(value) > MAX_DESCRIPTION_LENGTH:
+        raise ValidationFailed(
+            f"description is {len(value)} characters; at most {MAX_DESCRIPTION_LENGTH}"
+        )
+    return value

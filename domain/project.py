@@ -1,0 +1,380 @@
+"""Project and its board: lanes, WIP limits, and where every live card sits.
+
+The board keeps lane membership itself so that a WIP limit is a rule of one aggregate: a move saves
+the card and the project together, and two concurrent moves into the last free slot collide on the
+project's version instead of both succeeding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from domain.base import TenantAggregate
+from domain.errors import (
+    Conflict,
+    Duplicate,
+    InvalidTransition,
+    NotFound,
+    ValidationFailed,
+    WipLimitExceeded,
+)
+from domain.meta import EventMeta
+from domain.positions import position_between
+from domain.workspace import clean_name
+
+MAX_LANES = 50
+MAX_WIP_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class LaneSpec:
+    name: str
+    wip_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    lane: str
+    position: str
+
+
+def check_wip_limit(value: int | None, *, lane: str) -> int | None:
+    if value is not None and not 0 < value <= MAX_WIP_LIMIT:
+        raise ValidationFailed(
+            f"WIP limit of lane {lane!r} must be between 1 and {MAX_WIP_LIMIT} or null, got {value}"
+        )
+    return value
+
+
+class Project(TenantAggregate):
+    """A project and its Kanban board."""
+
+    if TYPE_CHECKING:
+        name: str
+        archived: bool
+        lanes: list[LaneSpec]
+        placements: dict[UUID, Placement]
+
+    class Created(TenantAggregate.Created):
+        name: str
+        lanes: list[dict[str, Any]]
+
+        def apply(self, aggregate: Any) -> None:
+            super().apply(aggregate)
+            aggregate.name = self.name
+            aggregate.archived = False
+            aggregate.lanes = [LaneSpec(lane["name"], lane["wip_limit"]) for lane in self.lanes]
+            aggregate.placements = {}
+
+    class Renamed(TenantAggregate.Event):
+        name: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.name = self.name
+
+    class Archived(TenantAggregate.Event):
+        def apply(self, aggregate: Any) -> None:
+            aggregate.archived = True
+
+    class LaneAdded(TenantAggregate.Event):
+        name: str
+        wip_limit: int | None
+        index: int
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.lanes.insert(self.index, LaneSpec(self.name, self.wip_limit))
+
+    class LaneRenamed(TenantAggregate.Event):
+        lane: str
+        name: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.lanes = [
+                LaneSpec(self.name, spec.wip_limit) if spec.name == self.lane else spec
+                for spec in aggregate.lanes
+            ]
+            aggregate.placements = {
+                card: Placement(self.name, p.position) if p.lane == self.lane else p
+                for card, p in aggregate.placements.items()
+            }
+
+    class LanesReordered(TenantAggregate.Event):
+        order: list[str]
+
+        def apply(self, aggregate: Any) -> None:
+            by_name = {spec.name: spec for spec in aggregate.lanes}
+            aggregate.lanes = [by_name[name] for name in self.order]
+
+    class LaneRemoved(TenantAggregate.Event):
+        lane: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.lanes = [spec for spec in aggregate.lanes if spec.name != self.lane]
+
+    class WipLimitSet(TenantAggregate.Event):
+        lane: str
+        wip_limit: int | None
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.lanes = [
+                LaneSpec(spec.name, self.wip_limit) if spec.name == self.lane else spec
+                for spec in aggregate.lanes
+            ]
+
+    class CardPlaced(TenantAggregate.Event):
+        """A card entered the board (created or restored from the archive)."""
+
+        card_id: UUID
+        lane: str
+        position: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.placements[self.card_id] = Placement(self.lane, self.position)
+
+    class CardMoved(TenantAggregate.Event):
+        card_id: UUID
+        from_lane: str
+        to_lane: str
+        position: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.placements[self.card_id] = Placement(self.to_lane, self.position)
+
+    class CardLifted(TenantAggregate.Event):
+        """A card left the board (archived); it no longer counts against a WIP limit."""
+
+        card_id: UUID
+
+        def apply(self, aggregate: Any) -> None:
+            del aggregate.placements[self.card_id]
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        project_id: UUID,
+        workspace_id: UUID,
+        name: str,
+        lanes: list[LaneSpec],
+        meta: EventMeta,
+    ) -> Project:
+        if not lanes:
+            raise ValidationFailed("a project needs at least one lane")
+        if len(lanes) > MAX_LANES:
+            raise ValidationFailed(f"a project has at most {MAX_LANES} lanes, got {len(lanes)}")
+        cleaned: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for spec in lanes:
+            lane = clean_name(spec.name, what="lane name")
+            if lane in seen:
+                raise Duplicate(f"lane {lane!r} appears twice in the new project")
+            seen.add(lane)
+            cleaned.append({"name": lane, "wip_limit": check_wip_limit(spec.wip_limit, lane=lane)})
+        return cls._create(
+            cls.Created,
+            id=project_id,
+            workspace_id=workspace_id,
+            name=clean_name(name, what="project name"),
+            lanes=cleaned,
+            meta=meta.as_dict(),
+        )
+
+    # -- lanes ------------------------------------------------------------------------------
+
+    def lane(self, name: str) -> LaneSpec:
+        for spec in self.lanes:
+            if spec.name == name:
+                return spec
+        known = ", ".join(repr(s.name) for s in self.lanes)
+        raise NotFound(f"project {self.id} has no lane {name!r}; lanes are {known}")
+
+    def cards_in(self, lane: str) -> list[tuple[str, UUID]]:
+        """(position, card id) of the live cards of ``lane``, in board order."""
+        return sorted((p.position, card) for card, p in self.placements.items() if p.lane == lane)
+
+    def count(self, lane: str) -> int:
+        return sum(1 for p in self.placements.values() if p.lane == lane)
+
+    def add_lane(
+        self, name: str, *, wip_limit: int | None, index: int | None, meta: EventMeta
+    ) -> None:
+        self._writable()
+        lane = clean_name(name, what="lane name")
+        if any(spec.name == lane for spec in self.lanes):
+            raise Duplicate(f"project {self.id} already has a lane {lane!r}")
+        if len(self.lanes) >= MAX_LANES:
+            raise ValidationFailed(f"project {self.id} already has {MAX_LANES} lanes")
+        at = len(self.lanes) if index is None else index
+        if not 0 <= at <= len(self.lanes):
+            raise ValidationFailed(f"lane index {at} is outside 0..{len(self.lanes)}")
+        self._record(
+            self.LaneAdded,
+            meta,
+            name=lane,
+            wip_limit=check_wip_limit(wip_limit, lane=lane),
+            index=at,
+        )
+
+    def rename_lane(self, lane: str, name: str, *, meta: EventMeta) -> None:
+        self._writable()
+        self.lane(lane)
+        new = clean_name(name, what="lane name")
+        if new == lane:
+            return
+        if any(spec.name == new for spec in self.lanes):
+            raise Duplicate(f"project {self.id} already has a lane {new!r}")
+        self._record(self.LaneRenamed, meta, lane=lane, name=new)
+
+    def reorder_lanes(self, order: list[str], *, meta: EventMeta) -> None:
+        self._writable()
+        if sorted(order) != sorted(spec.name for spec in self.lanes) or len(set(order)) != len(
+            order
+        ):
+            raise ValidationFailed(
+                f"new lane order {order} must name each lane of project {self.id} exactly once"
+            )
+        self._record(self.LanesReordered, meta, order=list(order))
+
+    def remove_lane(self, lane: str, *, meta: EventMeta) -> None:
+        self._writable()
+        self.lane(lane)
+        if self.count(lane):
+            raise InvalidTransition(
+                f"lane {lane!r} of project {self.id} still holds {self.count(lane)} card(s)"
+            )
+        if len(self.lanes) == 1:
+            raise InvalidTransition(f"cannot remove {lane!r}: the last lane of project {self.id}")
+        self._record(self.LaneRemoved, meta, lane=lane)
+
+    def set_wip_limit(self, lane: str, wip_limit: int | None, *, meta: EventMeta) -> None:
+        self._writable()
+        spec = self.lane(lane)
+        limit = check_wip_limit(wip_limit, lane=lane)
+        if limit is not None and self.count(lane) > limit:
+            raise WipLimitExceeded(
+                f"lane {lane!r} of project {self.id} holds {self.count(lane)} cards; "
+                f"a WIP limit of {limit} would already be broken"
+            )
+        if spec.wip_limit != limit:
+            self._record(self.WipLimitSet, meta, lane=lane, wip_limit=limit)
+
+    def rename(self, name: str, *, meta: EventMeta) -> None:
+        self._writable()
+        new = clean_name(name, what="project name")
+        if new != self.name:
+            self._record(self.Renamed, meta, name=new)
+
+    def archive(self, *, meta: EventMeta) -> None:
+        if not self.archived:
+            self._record(self.Archived, meta)
+
+    # -- cards on the board ------------------------------------------------------------------
+
+    def place_card(
+        self,
+        card_id: UUID,
+        lane: str,
+        *,
+        after_card_id: UUID | None = None,
+        before_card_id: UUID | None = None,
+        meta: EventMeta,
+    ) -> str:
+        """Put a new (or restored) card into ``lane``; returns its position."""
+        self._writable()
+        if card_id in self.placements:
+            raise Duplicate(f"card {card_id} is already on the board of project {self.id}")
+        self._admit(lane, card_id)
+        position = self._position_in(lane, card_id, after_card_id, before_card_id)
+        self._record(self.CardPlaced, meta, card_id=card_id, lane=lane, position=position)
+        return position
+
+    def move_card(
+        self,
+        card_id: UUID,
+        to_lane: str,
+        *,
+        after_card_id: UUID | None = None,
+        before_card_id: UUID | None = None,
+        meta: EventMeta,
+    ) -> str:
+        """Move a card to ``to_lane`` between two neighbours; returns its new position.
+
+        ``after_card_id`` is the card that will precede it and ``before_card_id`` the card that
+        will follow it; with neither, the card goes to the end of the lane.
+        """
+        self._writable()
+        current = self._placement(card_id)
+        if current.lane != to_lane:
+            self._admit(to_lane, card_id)
+        position = self._position_in(to_lane, card_id, after_card_id, before_card_id)
+        self._record(
+            self.CardMoved,
+            meta,
+            card_id=card_id,
+            from_lane=current.lane,
+            to_lane=to_lane,
+            position=position,
+        )
+        return position
+
+    def lift_card(self, card_id: UUID, *, meta: EventMeta) -> None:
+        self._placement(card_id)
+        self._record(self.CardLifted, meta, card_id=card_id)
+
+    def _admit(self, lane: str, card_id: UUID) -> None:
+        spec = self.lane(lane)
+        if spec.wip_limit is not None and self.count(lane) >= spec.wip_limit:
+            raise WipLimitExceeded(
+                f"lane {lane!r} of project {self.id} is at its WIP limit of {spec.wip_limit}; "
+                f"card {card_id} cannot enter",
+                lane=lane,
+                wip_limit=spec.wip_limit,
+            )
+
+    def _position_in(
+        self,
+        lane: str,
+        card_id: UUID,
+        after_card_id: UUID | None,
+        before_card_id: UUID | None,
+    ) -> str:
+        order = [(pos, cid) for pos, cid in self.cards_in(lane) if cid != card_id]
+        ids = [cid for _, cid in order]
+        for neighbour in (after_card_id, before_card_id):
+            if neighbour == card_id:
+                raise ValidationFailed(f"card {card_id} cannot be placed next to itself")
+            if neighbour is not None and neighbour not in ids:
+                raise Conflict(
+                    f"card {neighbour} is not in lane {lane!r} of project {self.id}; "
+                    "refresh the board and retry"
+                )
+        if after_card_id is None and before_card_id is None:
+            return position_between(order[-1][0] if order else None, None)
+        if after_card_id is not None and before_card_id is not None:
+            i, j = ids.index(after_card_id), ids.index(before_card_id)
+            if j != i + 1:
+                raise Conflict(
+                    f"cards {after_card_id} and {before_card_id} are not adjacent in lane "
+                    f"{lane!r} (in that order); refresh the board and retry"
+                )
+            return position_between(order[i][0], order[j][0])
+        if after_card_id is not None:
+            i = ids.index(after_card_id)
+            nxt = order[i + 1][0] if i + 1 < len(order) else None
+            return position_between(order[i][0], nxt)
+        assert before_card_id is not None
+        j = ids.index(before_card_id)
+        prev = order[j - 1][0] if j > 0 else None
+        return position_between(prev, order[j][0])
+
+    def _placement(self, card_id: UUID) -> Placement:
+        placement = self.placements.get(card_id)
+        if placement is None:
+            raise NotFound(f"card {card_id} is not on the board of project {self.id}")
+        return placement
+
+    def _writable(self) -> None:
+        if self.archived:
+            raise InvalidTransition(f"project {self.id} is archived")

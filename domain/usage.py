@@ -1,0 +1,215 @@
+"""Usage charges and the monthly spend they add up to.
+
+Each LLM call becomes exactly one :class:`UsageCharge`, whose id is derived from the run and the
+call so that recording the same call twice collides in the store instead of billing twice.
+Corrections are new compensating events (credit, refund), never edits.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from domain.base import TenantAggregate
+from domain.errors import BudgetExceeded, InvalidTransition, ValidationFailed
+from domain.meta import EventMeta
+from domain.money import format_usd
+
+_CHARGES = uuid5(NAMESPACE_URL, "https://agentworks.dev/ns/usage-charge")
+_SPEND = uuid5(NAMESPACE_URL, "https://agentworks.dev/ns/monthly-spend")
+
+
+def charge_id_for(run_id: UUID, call_id: str) -> UUID:
+    return uuid5(_CHARGES, f"{run_id}:{call_id}")
+
+
+def month_of(at: datetime) -> str:
+    if at.tzinfo is None:
+        raise ValidationFailed("times must be timezone-aware UTC")
+    return f"{at.year:04d}-{at.month:02d}"
+
+
+def spend_id_for(workspace_id: UUID, month: str) -> UUID:
+    return uuid5(_SPEND, f"{workspace_id}:{month}")
+
+
+class UsageCharge(TenantAggregate):
+    """What one LLM call cost us and what we bill for it, plus any later corrections."""
+
+    if TYPE_CHECKING:
+        run_id: UUID
+        billed_micros: int
+        credited_micros: int
+
+    class Charged(TenantAggregate.Created):
+        project_id: UUID
+        card_id: UUID
+        run_id: UUID
+        call_id: str
+        provider: str
+        model: str
+        input_tokens: int
+        output_tokens: int
+        provider_cost_micros: int
+        markup: str
+        billed_micros: int
+        price_table_version: str
+        month: str
+
+        def apply(self, aggregate: Any) -> None:
+            super().apply(aggregate)
+            aggregate.run_id = self.run_id
+            aggregate.billed_micros = self.billed_micros
+            aggregate.credited_micros = 0
+
+    class Credited(TenantAggregate.Event):
+        """A compensating credit: lowers what this charge bills, by an exact amount."""
+
+        amount_micros: int
+        reason: str
+        month: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.credited_micros += self.amount_micros
+
+    class Refunded(TenantAggregate.Event):
+        """Money given back after invoicing; the amount leaves the workspace's balance."""
+
+        amount_micros: int
+        reason: str
+        month: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.credited_micros += self.amount_micros
+
+    @classmethod
+    def charge(
+        cls,
+        *,
+        workspace_id: UUID,
+        project_id: UUID,
+        card_id: UUID,
+        run_id: UUID,
+        call_id: str,
+        provider: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        provider_cost_micros: int,
+        markup: Decimal,
+        billed_micros: int,
+        price_table_version: str,
+        at: datetime,
+        meta: EventMeta,
+    ) -> UsageCharge:
+        return cls._create(
+            cls.Charged,
+            id=charge_id_for(run_id, call_id),
+            workspace_id=workspace_id,
+            project_id=project_id,
+            card_id=card_id,
+            run_id=run_id,
+            call_id=call_id,
+            provider=provider,
+            model=model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            provider_cost_micros=provider_cost_micros,
+            markup=str(markup),
+            billed_micros=billed_micros,
+            price_table_version=price_table_version,
+            month=month_of(at),
+            timestamp=at,
+            meta=meta.as_dict(),
+        )
+
+    @property
+    def net_micros(self) -> int:
+        return self.billed_micros - self.credited_micros
+
+    def credit(self, amount_micros: int, reason: str, *, at: datetime, meta: EventMeta) -> None:
+        self._compensate(self.Credited, amount_micros, reason, at=at, meta=meta)
+
+    def refund(self, amount_micros: int, reason: str, *, at: datetime, meta: EventMeta) -> None:
+        self._compensate(self.Refunded, amount_micros, reason, at=at, meta=meta)
+
+    def _compensate(
+        self,
+        event_class: type[TenantAggregate.Event],
+        amount_micros: int,
+        reason: str,
+        *,
+        at: datetime,
+        meta: EventMeta,
+    ) -> None:
+        if amount_micros <= 0:
+            raise ValidationFailed(
+                f"a correction must be positive, got {format_usd(amount_micros)}"
+            )
+        if amount_micros > self.net_micros:
+            raise InvalidTransition(
+                f"charge {self.id} has {format_usd(self.net_micros)} left to correct; "
+                f"{format_usd(amount_micros)} is more"
+            )
+        if not reason.strip():
+            raise ValidationFailed(f"a correction of charge {self.id} needs a reason")
+        self._record(
+            event_class,
+            meta,
+            amount_micros=amount_micros,
+            reason=reason.strip(),
+            month=month_of(at),
+        )
+
+
+class MonthlySpend(TenantAggregate):
+    """Month-to-date billed spend of one workspace: the write side's guard for spend limits.
+
+    Saving it with every charge serialises a workspace's charges within a month, which is what
+    makes a spend limit hold when runs finish calls concurrently.
+    """
+
+    if TYPE_CHECKING:
+        month: str
+        spent_micros: int
+
+    class Opened(TenantAggregate.Created):
+        month: str
+
+        def apply(self, aggregate: Any) -> None:
+            super().apply(aggregate)
+            aggregate.month = self.month
+            aggregate.spent_micros = 0
+
+    class Added(TenantAggregate.Event):
+        charge_id: UUID
+        billed_micros: int
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.spent_micros += self.billed_micros
+
+    @classmethod
+    def open(cls, *, workspace_id: UUID, month: str, meta: EventMeta) -> MonthlySpend:
+        return cls._create(
+            cls.Opened,
+            id=spend_id_for(workspace_id, month),
+            workspace_id=workspace_id,
+            month=month,
+            meta=meta.as_dict(),
+        )
+
+    def add(self, charge_id: UUID, billed_micros: int, *, meta: EventMeta) -> None:
+        self._record(self.Added, meta, charge_id=charge_id, billed_micros=billed_micros)
+
+    def check_room(self, limit_micros: int | None, *, wanted_micros: int = 0) -> None:
+        """Refuse new spending once the month has reached the workspace's limit."""
+        if limit_micros is None:
+            return
+        if self.spent_micros >= limit_micros or self.spent_micros + wanted_micros > limit_micros:
+            raise BudgetExceeded(
+                f"workspace {self.workspace_id} has spent {format_usd(self.spent_micros)} in "
+                f"{self.month} of its {format_usd(limit_micros)} monthly limit"
+                + (f"; {format_usd(wanted_micros)} more would exceed it" if wanted_micros else "")
+            )
