@@ -1,0 +1,201 @@
+"""Fractional indexing: the order of cards within a lane as short, plain-sortable strings.
+
+A move writes one card's new position and nothing else, so concurrent moves of different cards never
+touch the same row and a read model can ``ORDER BY position`` with plain byte order (``COLLATE "C"``
+in Postgres). Keys use the 62 ASCII alphanumerics, whose ASCII order is their digit order.
+
+A key is an *integer part* followed by an optional *fraction*:
+
+* The first character (the head) says how many digits the integer part has: ``V`` one, ``W`` two,
+  … ``z`` thirty-one going up; ``U`` one, ``T`` two, … ``0`` thirty-one going down. Longer integers
+  therefore sort after (or, below ``V``, before) all shorter ones, so appending or prepending just
+  steps to the next integer, and a key after n such steps has about log62(n) characters.
+* The fraction is any digit string, used only when two neighbours are consecutive integers; it is
+  where repeated insertion into one gap makes keys grow, which no scheme can avoid.
+
+No key ends in ``0``: a trailing zero would make ``x`` and ``x0`` distinct keys with nothing between
+them, and the guarantee that a key fits between any two keys would be lost.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from domain.errors import ValidationFailed
+
+ALPHABET: Final[str] = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+BASE: Final[int] = len(ALPHABET)
+FIRST_POSITION: Final[str] = "V1"
+"""The key of the first card in an empty lane: the smallest one-digit integer going up."""
+
+_INDEX: Final[dict[str, int]] = {digit: value for value, digit in enumerate(ALPHABET)}
+_ZERO: Final[str] = ALPHABET[0]
+_TOP: Final[int] = BASE - 1
+_UP_HEAD: Final[int] = _INDEX["V"]
+# Seeded keys skip integers ending in zero by adding one, so a spacing of four still leaves at
+# least one integer key free between neighbours.
+_MIN_SPACING: Final[int] = 4
+
+
+def _integer_digits(head: str) -> int:
+    value = _INDEX[head]
+    return value - _UP_HEAD + 1 if value >= _UP_HEAD else _UP_HEAD - value
+
+
+def is_valid_position(key: object) -> bool:
+    """Whether ``key`` could have been produced here; anything else is refused, not repaired."""
+    if not isinstance(key, str) or not key or key[-1] == _ZERO:
+        return False
+    if any(char not in _INDEX for char in key):
+        return False
+    return len(key) > _integer_digits(key[0])
+
+
+def _split(key: str) -> tuple[str, str]:
+    end = 1 + _integer_digits(key[0])
+    return key[:end], key[end:]
+
+
+def _compose(head: int, digits: list[int]) -> str:
+    return ALPHABET[head] + "".join(ALPHABET[digit] for digit in digits)
+
+
+def _next_integer(integer: str) -> str | None:
+    """The smallest integer part above ``integer`` that is a key by itself (no trailing zero)."""
+    head, digits = _INDEX[integer[0]], [_INDEX[char] for char in integer[1:]]
+    if digits[-1] < _TOP:
+        digits[-1] += 1
+        return _compose(head, digits)
+    position = len(digits) - 2
+    while position >= 0 and digits[position] == _TOP:
+        digits[position] = 0
+        position -= 1
+    if position >= 0:
+        digits[position] += 1
+        digits[-1] = 1
+        return _compose(head, digits)
+    if head == _TOP:
+        return None
+    return _compose(head + 1, [0] * (_integer_digits(ALPHABET[head + 1]) - 1) + [1])
+
+
+def _previous_integer(integer: str) -> str | None:
+    """The largest integer part below ``integer`` that is a key by itself (no trailing zero)."""
+    head, digits = _INDEX[integer[0]], [_INDEX[char] for char in integer[1:]]
+    if digits[-1] >= 2:
+        digits[-1] -= 1
+        return _compose(head, digits)
+    position = len(digits) - 2
+    while position >= 0 and digits[position] == 0:
+        digits[position] = _TOP
+        position -= 1
+    if position >= 0:
+        digits[position] -= 1
+        digits[-1] = _TOP
+        return _compose(head, digits)
+    if head == 0:
+        return None
+    return _compose(head - 1, [_TOP] * _integer_digits(ALPHABET[head - 1]))
+
+
+def _fraction_between(low: str, high: str | None) -> str:
+    """A fraction strictly between ``low`` (``""`` is zero) and ``high`` (``None`` is one).
+
+    Both are read as base-62 fractions without trailing zeros, for which string order and numeric
+    order agree; the result has no trailing zero either.
+    """
+    result: list[str] = []
+    position = 0
+    while True:
+        low_digit = _INDEX[low[position]] if position < len(low) else 0
+        high_digit = _INDEX[high[position]] if high is not None else BASE
+        if low_digit == high_digit:
+            result.append(ALPHABET[low_digit])
+        elif high_digit - low_digit > 1:
+            result.append(ALPHABET[(low_digit + high_digit) // 2])
+            return "".join(result)
+        elif high is not None and len(high) > position + 1:
+            result.append(high[position])
+            return "".join(result)
+        else:
+            result.append(ALPHABET[low_digit])
+            high = None
+        position += 1
+
+
+def _require_valid(key: str, role: str) -> None:
+    if not is_valid_position(key):
+        raise ValidationFailed(f"{role} position {key!r} is not a valid position key")
+
+
+def position_between(before: str | None, after: str | None) -> str:
+    """A key that sorts strictly between two neighbours, as short as the gap allows.
+
+    ``before=None`` means the start of the lane and ``after=None`` its end. Stepping to the next
+    (or previous) integer is preferred over adding fraction digits because it keeps keys short for
+    the common moves: to the top, to the bottom, and between cards that were never squeezed.
+    """
+    if before is not None:
+        _require_valid(before, "before")
+    if after is not None:
+        _require_valid(after, "after")
+    if before is not None and after is not None and before >= after:
+        raise ValidationFailed(
+            f"before position {before!r} must sort strictly below after position {after!r}"
+        )
+
+    if before is None:
+        return FIRST_POSITION if after is None else _key_before(after)
+    low_integer, low_fraction = _split(before)
+    if after is None:
+        step = _next_integer(low_integer)
+        return step if step is not None else low_integer + _fraction_between(low_fraction, None)
+    high_integer, high_fraction = _split(after)
+    if low_integer == high_integer:
+        return low_integer + _fraction_between(low_fraction, high_fraction)
+    step = _next_integer(low_integer)
+    if step is not None and step < after:
+        return step
+    return low_integer + _fraction_between(low_fraction, None)
+
+
+def _key_before(after: str) -> str:
+    integer, fraction = _split(after)
+    if fraction and integer[-1] != _ZERO:
+        return integer
+    step = _previous_integer(integer)
+    if step is not None:
+        return step
+    # Only the two smallest integers of the lowest class get here; below them lies fraction space.
+    if fraction:
+        return integer + _fraction_between("", fraction)
+    return integer[:-1] + _ZERO + _fraction_between("", None)
+
+
+def positions_for(n: int) -> list[str]:
+    """``n`` increasing keys of equal length with even gaps, for seeding or re-spreading a lane.
+
+    Neighbours are at least ``_MIN_SPACING`` integers apart, so the first insert into any gap,
+    and before the first or after the last key, needs no longer key than the seeded ones.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValidationFailed(f"number of positions must be a non-negative int, got {n!r}")
+    if n == 0:
+        return []
+    for digits in range(1, _integer_digits(ALPHABET[_TOP]) + 1):
+        spacing = BASE**digits // (n + 1)
+        if spacing >= _MIN_SPACING:
+            break
+    else:
+        raise ValidationFailed(f"cannot spread {n} positions within one key length")
+    head = _UP_HEAD + digits - 1
+    keys: list[str] = []
+    for index in range(1, n + 1):
+        value = index * spacing
+        if value % BASE == 0:
+            value += 1
+        encoded = [0] * digits
+        for place in range(digits - 1, -1, -1):
+            value, encoded[place] = divmod(value, BASE)
+        keys.append(_compose(head, encoded))
+    return keys
