@@ -102,6 +102,8 @@ class AgentRun(TenantAggregate):
             aggregate.next_seq = self.first_seq + len(self.lines)
 
     class LlmCallCompleted(TenantAggregate.Event):
+        project_id: UUID
+        card_id: UUID
         call_id: str
         charge_id: UUID
         provider: str
@@ -247,6 +249,8 @@ class AgentRun(TenantAggregate):
         self._record(
             self.LlmCallCompleted,
             meta,
+            project_id=self.project_id,
+            card_id=self.card_id,
             call_id=call_id,
             charge_id=charge_id,
             provider=provider,

@@ -146,6 +146,7 @@ class Project(TenantAggregate):
         """A card left the board (archived); it no longer counts against a WIP limit."""
 
         card_id: UUID
+        lane: str
 
         def apply(self, aggregate: Any) -> None:
             del aggregate.placements[self.card_id]
@@ -320,8 +321,8 @@ class Project(TenantAggregate):
         return position
 
     def lift_card(self, card_id: UUID, *, meta: EventMeta) -> None:
-        self._placement(card_id)
-        self._record(self.CardLifted, meta, card_id=card_id)
+        placement = self._placement(card_id)
+        self._record(self.CardLifted, meta, card_id=card_id, lane=placement.lane)
 
     def _admit(self, lane: str, card_id: UUID) -> None:
         spec = self.lane(lane)

@@ -1,0 +1,103 @@
+"""What a projector is, and the table names it writes through.
+
+A projector turns envelopes into read-model rows. It never loads an aggregate: every event is
+self-describing. It writes through :class:`Tables`, so the same code fills the live tables or, in a
+rebuild, fresh copies that are swapped in afterwards.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from psycopg import sql
+
+if TYPE_CHECKING:
+    from psycopg import Cursor
+    from psycopg.rows import DictRow
+
+    from streams.envelope import EventEnvelope
+
+
+@dataclass(frozen=True)
+class Change:
+    """A read-model change worth telling subscribers about, published after commit."""
+
+    channel: str
+    payload: dict[str, Any]
+
+
+class Tables:
+    """Logical read-model table names mapped to physical ones, with compiled statements."""
+
+    def __init__(self, names: Mapping[str, str] | None = None) -> None:
+        self._names = dict(names or {})
+        self._compiled: dict[str, sql.Composed] = {}
+
+    def name(self, logical: str) -> str:
+        return self._names.get(logical, logical)
+
+    def q(self, template: str) -> sql.Composed:
+        """``template`` with ``{rm_cards}``-style placeholders bound to the physical tables."""
+        compiled = self._compiled.get(template)
+        if compiled is None:
+            compiled = sql.SQL(template).format(
+                **{key: sql.Identifier(self.name(key)) for key in _placeholders(template)}
+            )
+            self._compiled[template] = compiled
+        return compiled
+
+
+def _placeholders(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+HandlerMethod = Callable[..., None]
+
+
+def on(*event_types: str) -> Callable[[HandlerMethod], HandlerMethod]:
+    """Mark a projector method as the handler of the given event types (``"Card.Moved"``)."""
+
+    def mark(method: HandlerMethod) -> HandlerMethod:
+        method.__dict__["_handles"] = event_types
+        return method
+
+    return mark
+
+
+class Projector:
+    """A named read model: the aggregates it follows, the tables it owns, its event handlers.
+
+    Events of a followed aggregate without a handler still advance the projector's version of
+    that aggregate, which is what lets gaps be detected.
+    """
+
+    name: ClassVar[str]
+    aggregates: ClassVar[frozenset[str]]
+    tables: ClassVar[tuple[str, ...]]
+    _handlers: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        handlers: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                for event_type in getattr(value, "_handles", ()):
+                    handlers[event_type] = attr
+        cls._handlers = handlers
+
+    def follows(self, envelope: EventEnvelope) -> bool:
+        return envelope.aggregate in self.aggregates
+
+    def apply(
+        self,
+        cur: Cursor[DictRow],
+        envelope: EventEnvelope,
+        tables: Tables,
+        changes: list[Change],
+    ) -> None:
+        method = self._handlers.get(envelope.type)
+        if method is not None:
+            getattr(self, method)(cur, envelope, tables, changes)

@@ -1,0 +1,115 @@
+"""Embedded fan-out: projectors fed straight from the event log, in-process, without Kafka.
+
+It wakes on the store's NOTIFY and also polls, because a notification can be missed (a dropped
+listener connection) and because the reader's horizon may hold an event back until an older
+transaction ends, which sends no notification of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import psycopg
+import structlog
+
+if TYPE_CHECKING:
+    from projections.runner import ProjectionRunner
+    from streams.log import EventLog
+
+log = structlog.get_logger(__name__)
+
+
+class EmbeddedFanout:
+    """Reads the log once per batch and hands each projector what it has not applied yet."""
+
+    def __init__(
+        self,
+        event_log: EventLog,
+        runners: list[ProjectionRunner],
+        *,
+        listen_url: str | None = None,
+        channel: str = "agentworks_events",
+        poll_interval: float = 0.5,
+        batch_size: int = 500,
+    ) -> None:
+        self.log = event_log
+        self.runners = runners
+        self.listen_url = listen_url
+        self.channel = channel
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size
+        self._positions: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def positions(self) -> dict[str, int]:
+        return {r.name: self._position(r) for r in self.runners}
+
+    def run_once(self) -> int:
+        """Apply one batch to every projector that is behind; returns how many events were read."""
+        start = min((self._position(r) for r in self.runners), default=0)
+        envelopes = self.log.read(after=start, limit=self.batch_size)
+        for runner in self.runners:
+            done = self._position(runner)
+            pending = [env for env in envelopes if env.position > done]
+            if pending:
+                outcome = runner.process(pending)
+                self._positions[runner.name] = max(done, outcome.position)
+        return len(envelopes)
+
+    def drain(self) -> int:
+        """Apply everything the log holds now; returns how many events were read."""
+        total = 0
+        while True:
+            read = self.run_once()
+            total += read
+            if read < self.batch_size:
+                return total
+
+    def start(self) -> None:
+        self._stop.clear()
+        worker = threading.Thread(target=self._loop, name="embedded-fanout", daemon=True)
+        self._threads = [worker]
+        if self.listen_url:
+            listener = threading.Thread(target=self._listen, name="fanout-listen", daemon=True)
+            self._threads.append(listener)
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads = []
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.drain()
+            except Exception:
+                log.exception("fanout.batch_failed")
+                time.sleep(self.poll_interval)
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+
+    def _listen(self) -> None:
+        assert self.listen_url is not None
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.listen_url, autocommit=True) as conn:
+                    conn.execute(f'LISTEN "{self.channel}"')
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=self.poll_interval, stop_after=1):
+                            self._wake.set()
+            except psycopg.Error:
+                log.warning("fanout.listen_reconnect", exc_info=True)
+                self._stop.wait(1.0)
+
+    def _position(self, runner: ProjectionRunner) -> int:
+        if runner.name not in self._positions:
+            self._positions[runner.name] = runner.position()
+        return self._positions[runner.name]

@@ -1,0 +1,109 @@
+"""The event envelope: one shape for an event on every path out of the store.
+
+The relay puts envelopes on Kafka; the embedded fan-out hands them to projectors in-process; both
+build them with :func:`envelope_from_event` and projectors see the same JSON-safe payload either
+way, so one projector test-suite covers both paths.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict
+
+ENVELOPE_SCHEMA_VERSION = 1
+
+#: Kafka topic (before the configurable prefix) for each aggregate's events.
+TOPIC_BY_AGGREGATE: dict[str, str] = {
+    "Workspace": "workspace-events",
+    "Project": "card-events",
+    "Card": "card-events",
+    "AgentRun": "agent-runs",
+    "UsageCharge": "usage-events",
+    "MonthlySpend": "usage-events",
+}
+TOPICS: tuple[str, ...] = tuple(sorted(set(TOPIC_BY_AGGREGATE.values())))
+
+_BASE_FIELDS = frozenset(
+    {"originator_id", "originator_version", "timestamp", "meta", "originator_topic"}
+)
+
+
+class EventEnvelope(BaseModel):
+    """An event as it leaves the store: where it sits in the log, what it is, and its payload."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int = ENVELOPE_SCHEMA_VERSION
+    position: int
+    originator_id: UUID
+    originator_version: int
+    aggregate: str
+    type: str
+    event_version: int
+    timestamp: datetime
+    workspace_id: UUID | None
+    metadata: dict[str, str]
+    payload: dict[str, Any]
+
+    @property
+    def topic(self) -> str:
+        return TOPIC_BY_AGGREGATE.get(self.aggregate, "other-events")
+
+    @property
+    def traceparent(self) -> str:
+        return self.metadata.get("traceparent", "")
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> EventEnvelope:
+        return cls.model_validate_json(raw)
+
+
+def envelope_from_event(position: int, event: Any) -> EventEnvelope:
+    """Wrap a decoded domain event that the store gave ``position``."""
+    event_class = type(event)
+    qualname = event_class.__qualname__
+    aggregate = qualname.split(".", 1)[0]
+    meta: dict[str, str] = dict(getattr(event, "meta", {}) or {})
+    workspace = meta.get("workspace_id") or None
+    payload = {
+        key: json_safe(value) for key, value in vars(event).items() if key not in _BASE_FIELDS
+    }
+    return EventEnvelope(
+        position=position,
+        originator_id=event.originator_id,
+        originator_version=event.originator_version,
+        aggregate=aggregate,
+        type=qualname,
+        event_version=int(getattr(event_class, "class_version", 1)),
+        timestamp=event.timestamp,
+        workspace_id=UUID(workspace) if workspace else None,
+        metadata=meta,
+        payload=payload,
+    )
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values only: ids and money become strings, never floats."""
+    if isinstance(value, UUID | Decimal):
+        return str(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted(json_safe(v) for v in value)
+    if isinstance(value, float):
+        raise TypeError(f"float {value!r} in an event payload; money and counts are exact")
+    return value
