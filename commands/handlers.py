@@ -73,7 +73,13 @@ class CommandResult:
 
     @property
     def consistency_token(self) -> str:
-        return str(self.position)
+        """``position:aggregate id:version``: enough for a reader to wait for this write.
+
+        On the embedded path projectors apply the log in order, so the position alone tells; through
+        Kafka partitions a projector may pass a position before an earlier one arrives, so readers
+        check the aggregate's version in the projector's tracking instead.
+        """
+        return f"{self.position}:{self.id}:{self.version}"
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -11,8 +11,9 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-import psycopg
 import structlog
+
+from streams.wakeup import LogWakeup
 
 if TYPE_CHECKING:
     from projections.runner import ProjectionRunner
@@ -30,20 +31,19 @@ class EmbeddedFanout:
         runners: list[ProjectionRunner],
         *,
         listen_url: str | None = None,
-        channel: str = "agentworks_events",
         poll_interval: float = 0.5,
         batch_size: int = 500,
     ) -> None:
         self.log = event_log
         self.runners = runners
         self.listen_url = listen_url
-        self.channel = channel
         self.poll_interval = poll_interval
         self.batch_size = batch_size
         self._positions: dict[str, int] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
+        self._wakeup: LogWakeup | None = None
 
     def positions(self) -> dict[str, int]:
         return {r.name: self._position(r) for r in self.runners}
@@ -71,20 +71,21 @@ class EmbeddedFanout:
 
     def start(self) -> None:
         self._stop.clear()
-        worker = threading.Thread(target=self._loop, name="embedded-fanout", daemon=True)
-        self._threads = [worker]
-        if self.listen_url:
-            listener = threading.Thread(target=self._listen, name="fanout-listen", daemon=True)
-            self._threads.append(listener)
-        for thread in self._threads:
-            thread.start()
+        self._wakeup = LogWakeup(self.listen_url, self._wake) if self.listen_url else None
+        if self._wakeup is not None:
+            self._wakeup.start()
+        self._thread = threading.Thread(target=self._loop, name="embedded-fanout", daemon=True)
+        self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
-        for thread in self._threads:
-            thread.join(timeout)
-        self._threads = []
+        if self._wakeup is not None:
+            self._wakeup.stop()
+            self._wakeup = None
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -95,19 +96,6 @@ class EmbeddedFanout:
                 time.sleep(self.poll_interval)
             self._wake.wait(self.poll_interval)
             self._wake.clear()
-
-    def _listen(self) -> None:
-        assert self.listen_url is not None
-        while not self._stop.is_set():
-            try:
-                with psycopg.connect(self.listen_url, autocommit=True) as conn:
-                    conn.execute(f'LISTEN "{self.channel}"')
-                    while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=self.poll_interval, stop_after=1):
-                            self._wake.set()
-            except psycopg.Error:
-                log.warning("fanout.listen_reconnect", exc_info=True)
-                self._stop.wait(1.0)
 
     def _position(self, runner: ProjectionRunner) -> int:
         if runner.name not in self._positions:

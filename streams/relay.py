@@ -1,0 +1,160 @@
+"""The relay: the event log, in global order, onto Kafka.
+
+It publishes a batch, waits until the broker has acknowledged all of it (``acks=all``), and only
+then records the batch's last position in Postgres. A relay killed at any moment therefore
+resumes at or before the first unacknowledged event: delivery is at-least-once, and projectors
+turn that into an exactly-once effect.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Protocol
+
+import psycopg
+import structlog
+
+from streams.wakeup import LogWakeup
+
+if TYPE_CHECKING:
+    from streams.envelope import EventEnvelope
+    from streams.log import EventLog
+
+log = structlog.get_logger(__name__)
+
+
+class Producer(Protocol):
+    """The part of kafka-python's ``KafkaProducer`` the relay uses."""
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None = ...,
+        key: bytes | None = ...,
+        headers: list[tuple[str, bytes]] | None = ...,
+    ) -> Any: ...
+
+    def flush(self, timeout: float | None = ...) -> None: ...
+
+
+class RelayPositions:
+    """The relay's published position, kept in Postgres."""
+
+    def __init__(self, database_url: str, *, role: str | None, relay: str = "relay") -> None:
+        self._url = database_url
+        self._options = f"-c role={role}" if role else ""
+        self.relay = relay
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def load(self) -> int:
+        row = (
+            self._connection()
+            .execute("SELECT position FROM relay_positions WHERE relay = %s", (self.relay,))
+            .fetchone()
+        )
+        return int(row[0]) if row else 0
+
+    def save(self, position: int) -> None:
+        self._connection().execute(
+            "INSERT INTO relay_positions (relay, position) VALUES (%s, %s) "
+            "ON CONFLICT (relay) DO UPDATE SET position = EXCLUDED.position, "
+            "updated_at = clock_timestamp()",
+            (self.relay, position),
+        )
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self._url, autocommit=True, options=self._options)
+        return self._conn
+
+
+def topic_for(envelope: EventEnvelope, prefix: str) -> str:
+    return prefix + envelope.topic
+
+
+def headers_for(envelope: EventEnvelope) -> list[tuple[str, bytes]]:
+    return [
+        ("type", envelope.type.encode()),
+        ("position", str(envelope.position).encode()),
+        ("traceparent", envelope.traceparent.encode()),
+        ("workspace", str(envelope.workspace_id or "").encode()),
+    ]
+
+
+class Relay:
+    """Tails the log and publishes it; run :meth:`run_forever` in its own process or thread."""
+
+    def __init__(
+        self,
+        event_log: EventLog,
+        producer: Producer,
+        positions: RelayPositions,
+        *,
+        topic_prefix: str = "",
+        batch_size: int = 500,
+        poll_interval: float = 0.2,
+        listen_url: str | None = None,
+        channel: str = "agentworks_events",
+        flush_timeout: float = 30.0,
+    ) -> None:
+        self.log = event_log
+        self.producer = producer
+        self.positions = positions
+        self.topic_prefix = topic_prefix
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.listen_url = listen_url
+        self.channel = channel
+        self.flush_timeout = flush_timeout
+        self.position = positions.load()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+
+    def publish_once(self) -> int:
+        """Publish the next batch; returns how many events it held."""
+        batch = self.log.read(after=self.position, limit=self.batch_size)
+        if not batch:
+            return 0
+        for envelope in batch:
+            key = str(envelope.workspace_id or envelope.originator_id).encode()
+            self.producer.send(
+                topic_for(envelope, self.topic_prefix),
+                value=envelope.to_bytes(),
+                key=key,
+                headers=headers_for(envelope),
+            )
+        self.producer.flush(timeout=self.flush_timeout)
+        self.position = batch[-1].position
+        self.positions.save(self.position)
+        log.debug("relay.published", events=len(batch), position=self.position)
+        return len(batch)
+
+    def run_forever(self) -> None:
+        wakeup = None
+        if self.listen_url:
+            wakeup = LogWakeup(self.listen_url, self._wake, channel=self.channel)
+            wakeup.start()
+        log.info("relay.started", position=self.position)
+        while not self._stop.is_set():
+            try:
+                while self.publish_once() == self.batch_size:
+                    if self._stop.is_set():
+                        break
+            except Exception:
+                log.exception("relay.publish_failed", position=self.position)
+                self._stop.wait(1.0)
+                continue
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+        if wakeup is not None:
+            wakeup.stop()
+        log.info("relay.stopped", position=self.position)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
