@@ -1,0 +1,160 @@
+"""Bearer tokens: issue and verify the JWTs that authenticate every API call.
+
+Claims (API.md): ``sub`` user id, ``ws`` workspace id (``*`` for a bootstrap token that may only
+create a workspace), ``role`` (OWNER|ADMIN|MEMBER|VIEWER), ``iat`` and ``exp``. Tokens are signed
+either with HS256 and a shared secret or with RS256 and a private key (verified by its public
+key). PyJWT's exceptions stop here: a token that cannot be trusted raises
+:class:`domain.errors.Unauthenticated` whose message says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jwt
+
+from domain.errors import Unauthenticated, ValidationFailed
+from domain.roles import Role
+
+#: ``ws`` claim of a bootstrap token: no workspace yet, may only create one.
+BOOTSTRAP_WORKSPACE = "*"
+
+HS256 = "HS256"
+RS256 = "RS256"
+
+_REQUIRED_CLAIMS = ("sub", "ws", "role", "exp", "iat")
+
+# PyJWT only warns about an HMAC secret shorter than the hash (or an RSA key under 2048 bits);
+# refusing is safer, and a warning would be lost in a server's log.
+_jwt = jwt.PyJWT(options={"enforce_minimum_key_length": True})
+
+
+class InvalidKey(ValueError):
+    """The configured signing or verification key is unusable (malformed PEM, too short)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, as a verified token says."""
+
+    user_id: str
+    workspace_id: str
+    role: Role
+    is_bootstrap: bool
+
+
+def issue_token(
+    *,
+    user_id: str,
+    workspace_id: str,
+    role: Role | str,
+    ttl_seconds: int,
+    secret: str | None = None,
+    private_key: str | None = None,
+    now: datetime | None = None,
+) -> str:
+    """Sign a token for ``user_id`` in ``workspace_id`` with ``role``, valid ``ttl_seconds``.
+
+    Exactly one of ``secret`` (HS256) and ``private_key`` (RS256, PEM) must be given. Pass
+    ``workspace_id=BOOTSTRAP_WORKSPACE`` for a bootstrap token. Raises
+    :class:`~domain.errors.ValidationFailed` for bad claims and :class:`InvalidKey` for a key
+    that cannot sign.
+    """
+    key, algorithm = _one_key(secret=secret, asymmetric=private_key, asymmetric_name="private_key")
+    if not user_id.strip():
+        raise ValidationFailed("a token needs a non-empty user id")
+    if not workspace_id.strip():
+        raise ValidationFailed("a token needs a non-empty workspace id")
+    if ttl_seconds <= 0:
+        raise ValidationFailed(f"token lifetime must be positive, got {ttl_seconds} seconds")
+    parsed_role = role if isinstance(role, Role) else Role.parse(role)
+    issued = now or datetime.now(UTC)
+    claims: dict[str, Any] = {
+        "sub": user_id,
+        "ws": workspace_id,
+        "role": parsed_role.value,
+        "iat": int(issued.timestamp()),
+        "exp": int((issued + timedelta(seconds=ttl_seconds)).timestamp()),
+    }
+    try:
+        return _jwt.encode(claims, key, algorithm=algorithm)
+    except (jwt.exceptions.InvalidKeyError, ValueError, TypeError) as exc:
+        raise InvalidKey(f"cannot sign a token with the configured {algorithm} key: {exc}") from exc
+
+
+def verify_token(
+    token: str | None,
+    *,
+    secret: str | None = None,
+    public_key: str | None = None,
+    leeway_seconds: int = 0,
+) -> Principal:
+    """Check ``token``'s signature, expiry and claims; return who it speaks for.
+
+    Exactly one of ``secret`` (HS256) and ``public_key`` (RS256, PEM) must be given; only that
+    algorithm is accepted, so a token cannot choose how it is checked. Raises
+    :class:`~domain.errors.Unauthenticated` for a missing, malformed, tampered, expired or
+    incomplete token.
+    """
+    key, algorithm = _one_key(secret=secret, asymmetric=public_key, asymmetric_name="public_key")
+    if token is None or not token.strip():
+        raise Unauthenticated("missing bearer token")
+    try:
+        claims = _jwt.decode(
+            token.strip(),
+            key,
+            algorithms=[algorithm],
+            leeway=leeway_seconds,
+            options={"require": list(_REQUIRED_CLAIMS)},
+        )
+    except jwt.exceptions.ExpiredSignatureError as exc:
+        raise Unauthenticated("token has expired") from exc
+    except jwt.exceptions.ImmatureSignatureError as exc:
+        raise Unauthenticated("token is not valid yet (iat or nbf in the future)") from exc
+    except jwt.exceptions.InvalidSignatureError as exc:
+        raise Unauthenticated("token signature does not verify") from exc
+    except jwt.exceptions.MissingRequiredClaimError as exc:
+        raise Unauthenticated(f"token lacks the {exc.claim!r} claim") from exc
+    except jwt.exceptions.InvalidAlgorithmError as exc:
+        raise Unauthenticated(f"token is not signed with {algorithm}") from exc
+    except jwt.exceptions.DecodeError as exc:
+        raise Unauthenticated(f"token is malformed: {exc}") from exc
+    except jwt.exceptions.InvalidTokenError as exc:
+        raise Unauthenticated(f"token is invalid: {exc}") from exc
+    except jwt.exceptions.InvalidKeyError as exc:
+        raise InvalidKey(
+            f"cannot verify tokens with the configured {algorithm} key: {exc}"
+        ) from exc
+    return _principal(claims)
+
+
+def _principal(claims: dict[str, Any]) -> Principal:
+    user_id, workspace_id, role = claims["sub"], claims["ws"], claims["role"]
+    if not isinstance(user_id, str) or not user_id:
+        raise Unauthenticated("token 'sub' claim must be a non-empty string")
+    if not isinstance(workspace_id, str) or not workspace_id:
+        raise Unauthenticated("token 'ws' claim must be a non-empty string")
+    if not isinstance(role, str):
+        raise Unauthenticated("token 'role' claim must be a string")
+    try:
+        parsed_role = Role.parse(role)
+    except ValidationFailed as exc:
+        raise Unauthenticated(f"token 'role' claim is invalid: {exc.message}") from exc
+    return Principal(
+        user_id=user_id,
+        workspace_id=workspace_id,
+        role=parsed_role,
+        is_bootstrap=workspace_id == BOOTSTRAP_WORKSPACE,
+    )
+
+
+def _one_key(
+    *, secret: str | None, asymmetric: str | None, asymmetric_name: str
+) -> tuple[str, str]:
+    if secret is not None and asymmetric is None:
+        return secret, HS256
+    if asymmetric is not None and secret is None:
+        return asymmetric, RS256
+    raise InvalidKey(f"give exactly one of secret (HS256) and {asymmetric_name} (RS256)")

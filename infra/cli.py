@@ -1,0 +1,233 @@
+"""The ``agentworks`` command line: a thin edge over the composition root.
+
+Each subcommand parses its options, loads :class:`~infra.settings.Settings` once, calls into the
+application and maps errors to exit codes; no business rule lives here. Exit codes:
+
+* 0 — done;
+* 1 — the work failed (database unreachable, a migration failed);
+* 2 — bad input or configuration (unknown option, missing argument, bad env var), reported as
+  one line on stderr, never a traceback.
+
+Adding a subcommand (``dev``, ``serve``, ``relay``, ``worker``, ``orchestrator``, ``rebuild``,
+``replay``, ``invoice``, ``reconcile``, ``audit``): write a function decorated with
+``@app.command()`` in the section "Subcommands" below (or a module of its own registered with
+``app.add_typer``), get settings with :func:`load_settings`, raise :class:`CliError`,
+:class:`~domain.errors.AgentWorksError` or :class:`~infra.settings.ConfigurationError` for
+anything the user should fix; :func:`main` turns them into one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.exceptions import TyperException
+
+from adapters.tokens import BOOTSTRAP_WORKSPACE, InvalidKey, issue_token
+from domain.errors import AgentWorksError
+from domain.roles import Role
+from infra.logging import configure_logging
+from infra.migrate import MigrationError, discover, ensure_database, migrate
+from infra.settings import ConfigurationError, Settings, jwt_keys
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+PROG = "agentworks"
+
+#: ``sub`` of a bootstrap token when ``--user`` is not given.
+BOOTSTRAP_USER = "bootstrap"
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+app = typer.Typer(
+    name=PROG,
+    help="AgentWorks backend: event-sourced Kanban for AI agents, metered and billed.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line on stderr with ``exit_code``."""
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment (plus ``overrides``), with logging configured from them."""
+    settings = Settings.load(**overrides)
+    configure_logging(level=settings.log_level, json=settings.log_json)
+    return settings
+
+
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        group = ctx.command
+        names = group.list_commands(ctx) if isinstance(group, typer.core.TyperGroup) else []
+        raise CliError(f"missing command, one of: {', '.join(names)} (see '{PROG} --help')")
+
+
+# --- Subcommands -------------------------------------------------------------------------------
+
+
+@app.command("migrate")
+def migrate_command(
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="postgresql:// URL; default AGENTWORKS_DATABASE_URL.",
+            show_default=False,
+        ),
+    ] = None,
+    create_database: Annotated[
+        bool,
+        typer.Option("--create-database/--no-create-database", help="Create it if missing."),
+    ] = True,
+) -> None:
+    """Apply pending SQL migrations to the database (safe to run concurrently, idempotent)."""
+    overrides: dict[str, object] = {} if database_url is None else {"database_url": database_url}
+    settings = load_settings(**overrides)
+    if settings.database_url is None:
+        raise CliError(
+            "AGENTWORKS_DATABASE_URL is not set (or pass --database-url); "
+            "the embedded dev database is migrated by `agentworks dev` itself"
+        )
+    if create_database:
+        ensure_database(settings.database_url)
+    known = {m.version: m for m in discover()}
+    applied = migrate(settings.database_url, app_role=settings.db_app_role)
+
+    console = Console()
+    if not applied:
+        latest = max(known, default="none")
+        console.print(f"Database is up to date (latest migration: {latest}).")
+        return
+    table = Table(title=f"Applied {len(applied)} migration(s)")
+    table.add_column("version")
+    table.add_column("name")
+    for version in applied:
+        table.add_row(version, known[version].name if version in known else "")
+    console.print(table)
+
+
+@app.command("token")
+def token_command(
+    bootstrap: Annotated[
+        bool,
+        typer.Option("--bootstrap", help="Token for creating a workspace (ws='*', OWNER)."),
+    ] = False,
+    workspace: Annotated[
+        str | None, typer.Option("--workspace", help="Workspace id.", show_default=False)
+    ] = None,
+    user: Annotated[
+        str | None,
+        typer.Option("--user", help="User id (the 'sub' claim).", show_default=False),
+    ] = None,
+    role: Annotated[
+        str | None,
+        typer.Option("--role", help="OWNER, ADMIN, MEMBER or VIEWER.", show_default=False),
+    ] = None,
+    ttl: Annotated[int, typer.Option("--ttl", help="Lifetime in seconds.", min=1)] = 3600,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Dev data dir whose JWT secret to use when no key is configured; "
+            "default AGENTWORKS_DATA_DIR.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Print a signed JWT for development and scripts (the token alone, on stdout)."""
+    if bootstrap:
+        if workspace is not None:
+            raise CliError("--bootstrap and --workspace exclude each other")
+        if role is not None and Role.parse(role) is not Role.OWNER:
+            raise CliError("a --bootstrap token is always OWNER; drop --role")
+        workspace_id, user_id, parsed_role = BOOTSTRAP_WORKSPACE, user or BOOTSTRAP_USER, Role.OWNER
+    else:
+        if workspace is None or user is None or role is None:
+            missing = [
+                name
+                for name, value in (("--workspace", workspace), ("--user", user), ("--role", role))
+                if value is None
+            ]
+            raise CliError(f"missing {', '.join(missing)} (or pass --bootstrap)")
+        if workspace == BOOTSTRAP_WORKSPACE:
+            raise CliError("--workspace '*' is the bootstrap workspace; use --bootstrap")
+        workspace_id, user_id, parsed_role = workspace, user, Role.parse(role)
+
+    settings = load_settings()
+    keys = jwt_keys(settings, data_dir=data_dir)
+    if not keys.can_sign:
+        raise CliError(
+            "AGENTWORKS_JWT_PUBLIC_KEY only verifies tokens; "
+            "set AGENTWORKS_JWT_PRIVATE_KEY to sign them"
+        )
+    token = issue_token(
+        user_id=user_id,
+        workspace_id=workspace_id,
+        role=parsed_role,
+        ttl_seconds=ttl,
+        secret=keys.secret,
+        private_key=keys.private_key,
+    )
+    typer.echo(token)
+
+
+# --- Entry point -------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the CLI (the ``agentworks`` console script); exits the process with its code."""
+    sys.exit(run(argv))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI on ``argv`` and return the exit code instead of exiting."""
+    command = typer.main.get_command(app)
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = command.main(args=args, prog_name=PROG, standalone_mode=False)
+    except CliError as exc:
+        return _fail(exc.message, exc.exit_code)
+    except (ConfigurationError, AgentWorksError, InvalidKey) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except MigrationError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    except TyperException as exc:  # usage errors: unknown option, bad value, missing argument
+        code = getattr(exc, "exit_code", EXIT_USAGE)
+        return _fail(_usage_message(exc), code if isinstance(code, int) else EXIT_USAGE)
+    except typer.Abort:
+        return _fail("aborted", EXIT_FAILED)
+    except KeyboardInterrupt:
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def _usage_message(exc: TyperException) -> str:
+    ctx = getattr(exc, "ctx", None)
+    path = getattr(ctx, "command_path", PROG)
+    return f"{exc.format_message()} (see '{path} --help')"
+
+
+def _fail(message: str, code: int) -> int:
+    # One line: a message with newlines (a psycopg error, say) is folded.
+    text = " ".join(message.split())
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Apply the SQL migrations in ``infra/migrations`` to a PostgreSQL database.
+
+Migrations are plain SQL files named ``NNNN_description.sql`` (``0001_event_store.sql``), applied
+in version order, each in its own transaction together with its row in ``schema_migrations`` —
+so a file is applied entirely or not at all, and exactly once. A session-level advisory lock
+serialises runners, so any number of processes (every replica of a deployment at start, say)
+may run :func:`migrate` at once; the first applies, the others find nothing left to do.
+
+A migration file must not contain transaction control (``BEGIN``/``COMMIT``) nor statements that
+refuse to run inside a transaction block (``CREATE INDEX CONCURRENTLY``). While it runs, the
+setting ``agentworks.app_role`` holds the application's role name, for SQL that grants to it:
+``current_setting('agentworks.app_role')``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING
+
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+__all__ = [
+    "DEFAULT_APP_ROLE",
+    "Migration",
+    "MigrationError",
+    "applied_versions",
+    "default_directory",
+    "discover",
+    "ensure_database",
+    "migrate",
+]
+
+#: Key of the advisory lock that serialises runners (advisory locks are per database).
+MIGRATION_LOCK_KEY = 0x61_67_65_6E_74_77_6B_73  # "agentwks"
+
+DEFAULT_APP_ROLE = "agentworks_app"
+
+_FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[A-Za-z0-9][A-Za-z0-9_-]*)\.sql$")
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version text PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+_log = structlog.get_logger(__name__)
+
+
+class MigrationError(Exception):
+    """Migrations could not be found, read or applied; the message names the file at fault."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One SQL file: ``version`` is its four-digit prefix, ``name`` the rest of its stem."""
+
+    version: str
+    name: str
+    sql: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.version}_{self.name}.sql"
+
+
+def default_directory() -> Traversable:
+    """The migrations shipped inside the installed ``infra`` package."""
+    return resources.files("infra").joinpath("migrations")
+
+
+def discover(directory: Traversable | None = None) -> list[Migration]:
+    """The migrations in ``directory`` (default: the packaged ones), sorted by version.
+
+    A missing default directory means no migrations; a missing explicit one is an error, as is
+    a ``.sql`` file whose name does not follow ``NNNN_description.sql`` or a repeated version.
+    """
+    source = default_directory() if directory is None else directory
+    if not source.is_dir():
+        if directory is None:
+            return []
+        raise MigrationError(f"migrations directory {source} does not exist")
+    found: dict[str, Migration] = {}
+    for entry in source.iterdir():
+        if not entry.name.endswith(".sql") or not entry.is_file():
+            continue
+        match = _FILE_NAME.match(entry.name)
+        if match is None:
+            raise MigrationError(f"migration file {entry.name!r} is not named NNNN_description.sql")
+        version = match["version"]
+        if version in found:
+            raise MigrationError(
+                f"migrations {found[version].filename!r} and {entry.name!r} share version {version}"
+            )
+        try:
+            text = entry.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MigrationError(f"cannot read migration {entry.name!r}: {exc}") from exc
+        found[version] = Migration(version=version, name=match["name"], sql=text)
+    return [found[version] for version in sorted(found)]
+
+
+def migrate(
+    url: str,
+    *,
+    directory: Traversable | None = None,
+    app_role: str = DEFAULT_APP_ROLE,
+    connect_timeout: int = 10,
+) -> list[str]:
+    """Apply every migration not yet applied to the database at ``url``; return their versions.
+
+    Idempotent and safe to run concurrently (see the module docstring). Raises
+    :class:`MigrationError` when a migration fails; the ones before it stay applied.
+    """
+    migrations = discover(directory)
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout)
+    except psycopg.Error as exc:
+        raise MigrationError(f"cannot connect to {_redacted(url)}: {exc}") from exc
+    with conn:
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        except psycopg.Error as exc:
+            raise MigrationError(f"cannot take the migration lock: {exc}") from exc
+        try:
+            return _apply_pending(conn, migrations, app_role=app_role)
+        except psycopg.Error as exc:
+            raise MigrationError(f"cannot migrate {_redacted(url)}: {exc}") from exc
+        finally:
+            # Closing the session releases the lock too; unlock early so waiters go on at once.
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+
+
+def applied_versions(url: str, *, connect_timeout: int = 10) -> list[str]:
+    """Versions recorded in ``schema_migrations``, in order; empty if it does not exist yet."""
+    try:
+        with psycopg.connect(url, connect_timeout=connect_timeout) as conn:
+            exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+            if not exists or not exists[0]:
+                return []
+            rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version")
+            return [str(row[0]) for row in rows]
+    except psycopg.Error as exc:
+        raise MigrationError(f"cannot read schema_migrations at {_redacted(url)}: {exc}") from exc
+
+
+def ensure_database(url: str, *, connect_timeout: int = 10) -> None:
+    """Create the database named in ``url`` unless it exists.
+
+    Connects to the target first, so an existing database needs no extra privilege; only when
+    that fails does it ask the ``postgres`` maintenance database (``template1`` as fallback)
+    whether the database exists, and create it. Concurrent callers are fine.
+    """
+    dbname = conninfo_to_dict(url).get("dbname")
+    if not dbname:
+        raise MigrationError(f"{_redacted(url)} names no database")
+    try:
+        with psycopg.connect(url, connect_timeout=connect_timeout):
+            return
+    except psycopg.OperationalError as exc:
+        target_error = exc
+    maintenance = _maintenance_connection(url, connect_timeout=connect_timeout, cause=target_error)
+    with maintenance:
+        try:
+            row = maintenance.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (str(dbname),)
+            ).fetchone()
+        except psycopg.Error as exc:
+            raise MigrationError(f"cannot look up database {dbname!r}: {exc}") from exc
+        if row is not None:
+            # The database exists, so the first failure was something else (auth, privilege).
+            raise MigrationError(
+                f"cannot connect to {_redacted(url)}: {target_error}"
+            ) from target_error
+        try:
+            maintenance.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(str(dbname))))
+        except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+            pass  # created by a concurrent caller
+        except psycopg.Error as exc:
+            raise MigrationError(f"cannot create database {dbname!r}: {exc}") from exc
+        _log.info("database.created", database=str(dbname))
+
+
+def _apply_pending(
+    conn: psycopg.Connection[TupleRow],
+    migrations: list[Migration],
+    *,
+    app_role: str,
+) -> list[str]:
+    conn.execute(_CREATE_TABLE)
+    done = {str(row[0]) for row in conn.execute("SELECT version FROM schema_migrations")}
+    applied: list[str] = []
+    for migration in migrations:
+        if migration.version in done:
+            continue
+        started = time.perf_counter()
+        try:
+            with conn.transaction():
+                conn.execute("SELECT set_config('agentworks.app_role', %s, true)", (app_role,))
+                if migration.sql.strip():
+                    # bytes: sent as one simple query, so a file may hold many statements.
+                    conn.execute(migration.sql.encode("utf-8"))
+                conn.execute(
+                    "INSERT INTO schema_migrations (version) VALUES (%s)", (migration.version,)
+                )
+        except psycopg.Error as exc:
+            raise MigrationError(f"migration {migration.filename} failed: {exc}") from exc
+        _log.info(
+            "migration.applied",
+            version=migration.version,
+            name=migration.name,
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        applied.append(migration.version)
+    return applied
+
+
+def _maintenance_connection(
+    url: str, *, connect_timeout: int, cause: Exception
+) -> psycopg.Connection[TupleRow]:
+    last: Exception = cause
+    for dbname in ("postgres", "template1"):
+        try:
+            return psycopg.connect(
+                make_conninfo(url, dbname=dbname), autocommit=True, connect_timeout=connect_timeout
+            )
+        except psycopg.OperationalError as exc:
+            last = exc
+    raise MigrationError(f"cannot connect to {_redacted(url)}: {cause}") from last
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparseable database URL>"
+    host = params.get("host", "localhost")
+    port = params.get("port", "5432")
+    user = params.get("user", "")
+    dbname = params.get("dbname", "")
+    return f"postgresql://{user}@{host}:{port}/{dbname}"

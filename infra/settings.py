@@ -1,0 +1,297 @@
+"""Settings of every AgentWorks process, read once from ``AGENTWORKS_*`` environment variables.
+
+Nothing outside :mod:`infra` reads the environment: the composition root loads one validated
+:class:`Settings` at start and hands the values it needs to each component.
+
+With nothing set, a process runs on the embedded development default (embedded PostgreSQL under
+``data_dir``, in-process fan-out instead of Kafka and Redis, a JWT secret generated and kept in
+``data_dir``). In ``env=prod`` the settings refuse what would be unsafe there, such as a short JWT
+secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from cryptography.hazmat.primitives import serialization
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "AGENTWORKS_"
+
+#: HS256 signs with SHA-256; a shorter secret than its 32-byte output is guessable offline.
+MIN_JWT_SECRET_BYTES = 32
+
+#: Name of the file, inside the data dir, that keeps the generated development JWT secret.
+DEV_JWT_SECRET_FILE = "jwt_secret"  # noqa: S105 - a file name, not a secret
+
+JwtAlgorithm = Literal["HS256", "RS256"]
+
+_LOG_LEVELS = frozenset(logging.getLevelNamesMapping())
+
+
+class ConfigurationError(Exception):
+    """The environment describes a configuration this process cannot run with.
+
+    The message is one line that names the ``AGENTWORKS_*`` variable at fault, fit for a CLI.
+    """
+
+
+class Settings(BaseSettings):
+    """Every knob of AgentWorks; each field is the env var ``AGENTWORKS_<FIELD NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        validate_default=True,
+        hide_input_in_errors=True,
+    )
+
+    # --- storage -------------------------------------------------------------------------
+    database_url: str | None = None
+    """``postgresql://user[:password]@host[:port]/dbname``; None runs the embedded dev database."""
+    db_app_role: str = "agentworks_app"
+    """Role the application ``SET ROLE``s to after connecting (INSERT/SELECT on the event store)."""
+    pool_size: int = Field(default=10, ge=1)
+
+    # --- fan-out -------------------------------------------------------------------------
+    kafka_bootstrap: str | None = None
+    """``host:port[,host:port…]``; None means in-process fan-out straight from the event log."""
+    topic_prefix: str = ""
+    topic_partitions: int = Field(default=6, ge=1)
+    redis_url: str | None = None
+    """``redis://host:port/db`` for subscriptions across API instances; None = in-process."""
+
+    # --- auth ----------------------------------------------------------------------------
+    jwt_secret: SecretStr | None = None
+    """HS256 secret. None (and no RS256 keys) means the dev secret kept in ``data_dir``."""
+    jwt_public_key: str | None = None
+    """RS256 public key (PEM) that verifies tokens."""
+    jwt_private_key: SecretStr | None = None
+    """RS256 private key (PEM) that signs tokens (``agentworks token``)."""
+    jwt_algorithm: JwtAlgorithm | None = None
+    """Derived when unset: RS256 if an RS256 key is configured, else HS256."""
+
+    # --- billing -------------------------------------------------------------------------
+    stripe_api_key: SecretStr | None = None
+    stripe_api_base: str | None = None
+    """Base URL of the Stripe API (a local fake in tests); None means Stripe's own."""
+
+    # --- behaviour -----------------------------------------------------------------------
+    consistency_wait_ms: int = Field(default=2000, ge=0)
+    """Longest wait of a read that carries ``X-Consistency-Token``."""
+    command_retries: int = Field(default=5, ge=0)
+    """Retries of a command that lost an optimistic-concurrency race before it answers CONFLICT."""
+    data_dir: Path = Path(".agentworks")
+    env: Literal["dev", "test", "prod"] = "dev"
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Self:
+        """Read the environment, apply ``overrides`` (which win), validate.
+
+        Raises :class:`ConfigurationError` with a one-line message instead of pydantic's
+        multi-line report, so that CLIs and servers can refuse to start cleanly.
+        """
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise ConfigurationError(_describe(exc)) from exc
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("kafka_bootstrap", "redis_url", "stripe_api_base")
+    @classmethod
+    def _empty_is_unset(cls, value: str | None) -> str | None:
+        return None if value is None or value.strip() == "" else value
+
+    @field_validator("jwt_secret", "stripe_api_key")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        return None if value is None or value.get_secret_value().strip() == "" else value
+
+    @field_validator("jwt_public_key")
+    @classmethod
+    def _public_pem(cls, value: str | None) -> str | None:
+        return None if value is None or value.strip() == "" else _unescape_pem(value)
+
+    @field_validator("jwt_private_key")
+    @classmethod
+    def _private_pem(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value().strip() == "":
+            return None
+        return SecretStr(_unescape_pem(value.get_secret_value()))
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL; got {value!r}")
+        return level
+
+    @model_validator(mode="after")
+    def _consistent_auth(self) -> Self:
+        has_rsa = self.jwt_public_key is not None or self.jwt_private_key is not None
+        if self.jwt_algorithm is None:
+            self.jwt_algorithm = "RS256" if has_rsa else "HS256"
+        elif self.jwt_algorithm == "RS256" and not has_rsa:
+            raise ValueError(
+                "AGENTWORKS_JWT_ALGORITHM=RS256 needs AGENTWORKS_JWT_PUBLIC_KEY "
+                "or AGENTWORKS_JWT_PRIVATE_KEY"
+            )
+        if self.env == "prod" and self.jwt_secret is not None:
+            size = len(self.jwt_secret.get_secret_value().encode())
+            if size < MIN_JWT_SECRET_BYTES:
+                raise ValueError(
+                    f"AGENTWORKS_JWT_SECRET is {size} bytes; production needs at least "
+                    f"{MIN_JWT_SECRET_BYTES} (e.g. python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(48))')"
+                )
+        return self
+
+    @property
+    def algorithm(self) -> JwtAlgorithm:
+        """The JWT algorithm in force (``jwt_algorithm`` after derivation)."""
+        return self.jwt_algorithm or "HS256"
+
+
+@dataclass(frozen=True, slots=True)
+class JwtKeys:
+    """The keys that sign and verify tokens, resolved from settings (see :func:`jwt_keys`)."""
+
+    algorithm: JwtAlgorithm
+    secret: str | None = None
+    """HS256 secret: signs and verifies."""
+    private_key: str | None = None
+    """RS256 PEM private key: signs. None on a verify-only process."""
+    public_key: str | None = None
+    """RS256 PEM public key: verifies."""
+
+    @property
+    def can_sign(self) -> bool:
+        return self.secret is not None or self.private_key is not None
+
+
+def jwt_keys(settings: Settings, *, data_dir: Path | None = None) -> JwtKeys:
+    """Resolve which keys sign and verify tokens.
+
+    RS256 when an RS256 key is configured (the public key is derived from the private one when
+    only that is given); else HS256 with ``AGENTWORKS_JWT_SECRET``; else, outside production,
+    the development secret kept in ``data_dir`` (default ``settings.data_dir``), generated on
+    first use. Raises :class:`ConfigurationError` when production has no key.
+    """
+    if settings.algorithm == "RS256":
+        private = settings.jwt_private_key.get_secret_value() if settings.jwt_private_key else None
+        public = settings.jwt_public_key
+        if public is None and private is not None:
+            public = _public_from_private(private)
+        return JwtKeys(algorithm="RS256", private_key=private, public_key=public)
+    if settings.jwt_secret is not None:
+        return JwtKeys(algorithm="HS256", secret=settings.jwt_secret.get_secret_value())
+    if settings.env == "prod":
+        raise ConfigurationError(
+            "no JWT key configured: set AGENTWORKS_JWT_SECRET (HS256) or "
+            "AGENTWORKS_JWT_PUBLIC_KEY/AGENTWORKS_JWT_PRIVATE_KEY (RS256) in production"
+        )
+    return JwtKeys(algorithm="HS256", secret=dev_jwt_secret(data_dir or settings.data_dir))
+
+
+def dev_jwt_secret(data_dir: Path) -> str:
+    """The development JWT secret kept in ``data_dir/jwt_secret``, generated on first use.
+
+    ``agentworks dev`` and ``agentworks token --data-dir DIR`` share it, so tokens printed by the
+    CLI are accepted by a dev server on the same data dir across restarts. The file is created
+    with mode 0600 and published atomically (written aside, then hard-linked into place), so two
+    processes starting together agree on one secret and never read a half-written file.
+    """
+    try:
+        return _keep_dev_secret(data_dir)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot keep the dev JWT secret in {data_dir}: {exc}") from exc
+
+
+def _keep_dev_secret(data_dir: Path) -> str:
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = data_dir / DEV_JWT_SECRET_FILE
+    existing = _read_secret(path)
+    if existing is not None:
+        return existing
+    secret = secrets.token_urlsafe(48)
+    temp = data_dir / f".{DEV_JWT_SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(secret + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            # Another process published its secret first: use that one.
+            winner = _read_secret(path)
+            if winner is None:
+                raise ConfigurationError(f"{path} exists but holds no secret") from None
+            return winner
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+    return secret
+
+
+def _read_secret(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"cannot read the dev JWT secret {path}: {exc}") from exc
+    if not text:
+        raise ConfigurationError(f"{path} is empty; delete it to generate a new dev JWT secret")
+    return text
+
+
+def _unescape_pem(value: str) -> str:
+    # A PEM passed through an env var (docker, CI) often arrives with literal "\n" sequences.
+    text = value.strip()
+    if "\n" not in text and "\\n" in text:
+        text = text.replace("\\n", "\n")
+    return text + "\n"
+
+
+def _public_from_private(private_pem: str) -> str:
+    try:
+        key = serialization.load_pem_private_key(private_pem.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(
+            f"AGENTWORKS_JWT_PRIVATE_KEY is not an unencrypted PEM private key: {exc}"
+        ) from exc
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{ENV_PREFIX}{field.upper()}: {message}" if field else message)
+    return "invalid configuration: " + "; ".join(problems)

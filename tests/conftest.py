@@ -1,0 +1,77 @@
+"""Fixtures shared by every test layer: real PostgreSQL and Redis from the local machine.
+
+* ``migrated_template`` (session): a database with every migration applied, used as a template.
+* ``database_url`` (function): a fresh database copied from the template, dropped afterwards.
+* ``redis_url`` (session): ``redis://127.0.0.1:6379/<db>`` with a db index claimed by this session.
+
+The helpers behind them live in ``tests/pg.py`` (``import pg``).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+import pg
+import pytest
+
+from infra.migrate import MigrationError, migrate
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+@pytest.fixture(scope="session")
+def postgres() -> None:
+    """PostgreSQL at 127.0.0.1:5432 accepts connections (started if it was down)."""
+    pg.ensure_postgres()
+
+
+@pytest.fixture(scope="session")
+def migrated_template(postgres: None) -> Iterator[str]:
+    """Name of a session-wide database with all migrations applied; dropped at session end."""
+    name = pg.random_name("aw_tmpl_")
+    url = pg.create_database(name)
+    try:
+        _migrate_with_retry(url)
+        yield name
+    finally:
+        pg.drop_database(name)
+
+
+@pytest.fixture
+def database_url(migrated_template: str) -> Iterator[str]:
+    """URL of a fresh, migrated database of this test's own; dropped (connections and all)."""
+    name = pg.random_name("aw_t_")
+    url = pg.create_database(name, template=migrated_template)
+    try:
+        yield url
+    finally:
+        pg.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis db (index 1..15) reserved for this session and emptied at its end."""
+    pg.ensure_redis()
+    session_id = secrets.token_hex(8)
+    index = pg.claim_redis_db(session_id)
+    try:
+        yield f"redis://{pg.REDIS_HOST}:{pg.REDIS_PORT}/{index}"
+    finally:
+        pg.release_redis_db(index, session_id)
+
+
+def _migrate_with_retry(url: str, attempts: int = 3) -> None:
+    # Migrations create cluster-wide objects (roles) with IF NOT EXISTS checks that can race
+    # with another test session migrating its own template at the same moment; each migration
+    # is one transaction, so running again after such a failure is safe.
+    for attempt in range(1, attempts + 1):
+        try:
+            migrate(url)
+            return
+        except MigrationError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.2 * attempt)

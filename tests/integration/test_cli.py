@@ -1,0 +1,310 @@
+"""The ``agentworks`` command line, run as a user runs it: a separate process."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jwt
+import pg
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from adapters.tokens import verify_token
+from domain.roles import Role
+from infra.migrate import applied_versions, discover
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "cli-test-secret-" + "z" * 40
+
+
+def agentworks(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m infra.cli ARGS`` with no AGENTWORKS_* variables but those in ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWORKS_")}
+    clean["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), clean.get("PYTHONPATH")]))
+    clean.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "infra.cli", *args],
+        cwd=cwd,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert result.returncode == code, result
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("agentworks: error: ")
+    return lines[0]
+
+
+def single_token(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    assert lines[0].count(".") == 2
+    return lines[0]
+
+
+class TestToken:
+    def test_bootstrap_token_uses_and_keeps_the_dev_secret(self, tmp_path: Path) -> None:
+        data_dir = tmp_path / "data"
+
+        token = single_token(
+            agentworks("token", "--bootstrap", "--data-dir", str(data_dir), cwd=tmp_path)
+        )
+
+        secret_file = data_dir / "jwt_secret"
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+        principal = verify_token(token, secret=secret_file.read_text().strip())
+        assert principal.is_bootstrap
+        assert principal.workspace_id == "*"
+        assert principal.role is Role.OWNER
+        assert principal.user_id == "bootstrap"
+
+    def test_later_runs_reuse_the_kept_dev_secret(self, tmp_path: Path) -> None:
+        data_dir = str(tmp_path / "data")
+        first = single_token(
+            agentworks("token", "--bootstrap", "--data-dir", data_dir, cwd=tmp_path)
+        )
+        kept = (tmp_path / "data" / "jwt_secret").read_text()
+
+        second = single_token(
+            agentworks(
+                "token", "--workspace", "w1", "--user", "u1", "--role", "viewer",
+                "--data-dir", data_dir, cwd=tmp_path,
+            )
+        )  # fmt: skip
+
+        assert (tmp_path / "data" / "jwt_secret").read_text() == kept
+        assert verify_token(first, secret=kept.strip()).is_bootstrap
+        assert verify_token(second, secret=kept.strip()).role is Role.VIEWER
+
+    def test_default_data_dir_comes_from_settings(self, tmp_path: Path) -> None:
+        token = single_token(
+            agentworks(
+                "token", "--bootstrap", "--user", "alice", cwd=tmp_path,
+                env={"AGENTWORKS_DATA_DIR": str(tmp_path / "configured")},
+            )
+        )  # fmt: skip
+
+        secret = (tmp_path / "configured" / "jwt_secret").read_text().strip()
+        assert verify_token(token, secret=secret).user_id == "alice"
+
+    def test_workspace_token_with_configured_secret_and_ttl(self, tmp_path: Path) -> None:
+        token = single_token(
+            agentworks(
+                "token", "--workspace", "ws-9", "--user", "u-9", "--role", "member",
+                "--ttl", "120", cwd=tmp_path, env={"AGENTWORKS_JWT_SECRET": SECRET},
+            )
+        )  # fmt: skip
+
+        principal = verify_token(token, secret=SECRET)
+        assert (principal.workspace_id, principal.user_id, principal.role) == (
+            "ws-9",
+            "u-9",
+            Role.MEMBER,
+        )
+        claims = jwt.decode(token, options={"verify_signature": False})
+        assert claims["exp"] - claims["iat"] == 120
+        assert not (tmp_path / ".agentworks").exists()
+
+    def test_rs256_private_key_from_the_environment(self, tmp_path: Path) -> None:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        public = (
+            key.public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode()
+        )
+        # As docker and CI often pass it: one line with literal "\n" escapes.
+        escaped = private.strip().replace("\n", "\\n")
+
+        token = single_token(
+            agentworks(
+                "token", "--workspace", "w", "--user", "u", "--role", "ADMIN", cwd=tmp_path,
+                env={"AGENTWORKS_JWT_PRIVATE_KEY": escaped},
+            )
+        )  # fmt: skip
+
+        assert jwt.get_unverified_header(token)["alg"] == "RS256"
+        assert verify_token(token, public_key=public).role is Role.ADMIN
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["token"], "missing --workspace, --user, --role"),
+            (["token", "--workspace", "w", "--role", "OWNER"], "missing --user"),
+            (["token", "--workspace", "w", "--user", "u", "--role", "KING"], "unknown role"),
+            (["token", "--bootstrap", "--workspace", "w"], "exclude each other"),
+            (["token", "--bootstrap", "--role", "VIEWER"], "always OWNER"),
+            (["token", "--workspace", "*", "--user", "u", "--role", "OWNER"], "--bootstrap"),
+            (["token", "--bootstrap", "--ttl", "0"], "--ttl"),
+            (["token", "--bootstrap", "--ttl", "soon"], "--ttl"),
+            (["token", "--bootstrap", "--frobnicate"], "No such option"),
+            (["frobnicate"], "No such command"),
+        ],
+    )
+    def test_bad_input_is_one_line_on_stderr_with_exit_2(
+        self, tmp_path: Path, args: list[str], message: str
+    ) -> None:
+        line = assert_one_line_error(agentworks(*args, cwd=tmp_path))
+
+        assert message in line
+
+    def test_weak_secret_is_refused_in_production(self, tmp_path: Path) -> None:
+        result = agentworks(
+            "token", "--bootstrap", cwd=tmp_path,
+            env={"AGENTWORKS_ENV": "prod", "AGENTWORKS_JWT_SECRET": "changethis"},
+        )  # fmt: skip
+
+        assert "AGENTWORKS_JWT_SECRET" in assert_one_line_error(result)
+
+    def test_production_never_falls_back_to_a_dev_secret(self, tmp_path: Path) -> None:
+        result = agentworks("token", "--bootstrap", cwd=tmp_path, env={"AGENTWORKS_ENV": "prod"})
+
+        assert "no JWT key configured" in assert_one_line_error(result)
+        assert not (tmp_path / ".agentworks").exists()
+
+    def test_public_key_alone_cannot_sign(self, tmp_path: Path) -> None:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public = (
+            key.public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode()
+        )
+
+        result = agentworks(
+            "token", "--bootstrap", cwd=tmp_path, env={"AGENTWORKS_JWT_PUBLIC_KEY": public}
+        )
+
+        assert "AGENTWORKS_JWT_PRIVATE_KEY" in assert_one_line_error(result)
+
+
+class TestMigrate:
+    @pytest.fixture
+    def fresh_database_name(self, postgres: None) -> Iterator[str]:
+        """A database name that does not exist yet; dropped afterwards if it was created."""
+        name = pg.random_name("aw_t_")
+        try:
+            yield name
+        finally:
+            pg.drop_database(name)
+
+    def test_creates_and_migrates_the_database_then_finds_nothing_to_do(
+        self, tmp_path: Path, fresh_database_name: str
+    ) -> None:
+        url = pg.url_for(fresh_database_name)
+        env = {"AGENTWORKS_DATABASE_URL": url, "AGENTWORKS_LOG_LEVEL": "WARNING"}
+        shipped = discover()
+
+        first = agentworks("migrate", cwd=tmp_path, env=env)
+        second = agentworks("migrate", cwd=tmp_path, env=env)
+
+        assert first.returncode == 0, first.stderr
+        for migration in shipped:
+            assert migration.version in first.stdout
+            assert migration.name in first.stdout
+        assert applied_versions(url) == [m.version for m in shipped]
+        assert second.returncode == 0, second.stderr
+        assert "up to date" in second.stdout
+
+    def test_database_url_option_overrides_the_environment(
+        self, tmp_path: Path, fresh_database_name: str
+    ) -> None:
+        url = pg.url_for(fresh_database_name)
+
+        result = agentworks(
+            "migrate", "--database-url", url, cwd=tmp_path,
+            env={"AGENTWORKS_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/elsewhere"},
+        )  # fmt: skip
+
+        assert result.returncode == 0, result.stderr
+        assert applied_versions(url) == [m.version for m in discover()]
+
+    def test_logs_are_json_lines_on_stderr(self, tmp_path: Path, fresh_database_name: str) -> None:
+        result = agentworks(
+            "migrate",
+            cwd=tmp_path,
+            env={"AGENTWORKS_DATABASE_URL": pg.url_for(fresh_database_name)},
+        )
+
+        assert result.returncode == 0, result.stderr
+        assert '"event": "database.created"' in result.stderr
+        assert "database.created" not in result.stdout
+
+    def test_without_a_database_url_is_a_usage_error(self, tmp_path: Path) -> None:
+        line = assert_one_line_error(agentworks("migrate", cwd=tmp_path))
+
+        assert "AGENTWORKS_DATABASE_URL" in line
+
+    def test_a_non_postgres_url_is_a_usage_error(self, tmp_path: Path) -> None:
+        result = agentworks(
+            "migrate", cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": "mysql://root@localhost/x"}
+        )
+
+        assert "postgresql://" in assert_one_line_error(result)
+
+    def test_unreachable_database_fails_with_exit_1(self, tmp_path: Path) -> None:
+        result = agentworks(
+            "migrate", "--no-create-database", cwd=tmp_path,
+            env={"AGENTWORKS_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"},
+        )  # fmt: skip
+
+        assert "cannot connect" in assert_one_line_error(result, code=1)
+
+
+def test_no_subcommand_names_the_commands_and_exits_2(tmp_path: Path) -> None:
+    line = assert_one_line_error(agentworks(cwd=tmp_path))
+
+    assert "migrate" in line
+    assert "token" in line
+
+
+def test_help_exits_0(tmp_path: Path) -> None:
+    result = agentworks("token", "--help", cwd=tmp_path)
+
+    assert result.returncode == 0
+    assert "--bootstrap" in result.stdout
+
+
+def test_console_script_is_installed(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "agentworks"
+    if not script.exists():
+        pytest.skip("the package is not installed (pip install -e .); python -m infra.cli works")
+
+    result = subprocess.run(
+        [str(script), "token", "--bootstrap", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("AGENTWORKS_")},
+    )
+
+    single_token(result)

@@ -1,0 +1,222 @@
+"""The SQL migrations runner (infra/migrate.py) against the real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import pg
+import psycopg
+import pytest
+
+from infra.migrate import (
+    MigrationError,
+    applied_versions,
+    discover,
+    ensure_database,
+    migrate,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+
+@pytest.fixture
+def empty_database(postgres: None) -> Iterator[str]:
+    """A database with nothing in it (no migrations), dropped afterwards."""
+    name = pg.random_name("aw_t_")
+    url = pg.create_database(name)
+    try:
+        yield url
+    finally:
+        pg.drop_database(name)
+
+
+def _write(directory: Path, files: dict[str, str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    return directory
+
+
+def _rows(url: str, query: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(url) as conn:
+        return list(conn.execute(query.encode()).fetchall())
+
+
+class TestApplying:
+    def test_applies_files_in_version_order_each_recorded(
+        self, empty_database: str, tmp_path: Path
+    ) -> None:
+        # Named so that directory order and version order differ; each depends on the one before.
+        directory = _write(
+            tmp_path / "m",
+            {
+                "0003_add_rows.sql": "INSERT INTO log (step) VALUES (3);",
+                "0001_create.sql": "CREATE TABLE log (step int NOT NULL);\n"
+                "INSERT INTO log (step) VALUES (1);",
+                "0002_more.sql": "ALTER TABLE log ADD COLUMN note text;\n"
+                "INSERT INTO log (step, note) VALUES (2, 'two; with a semicolon');",
+                "README.txt": "not a migration",
+            },
+        )
+
+        applied = migrate(empty_database, directory=directory)
+
+        assert applied == ["0001", "0002", "0003"]
+        assert _rows(empty_database, "SELECT step FROM log ORDER BY step") == [(1,), (2,), (3,)]
+        assert applied_versions(empty_database) == ["0001", "0002", "0003"]
+        stamps = _rows(empty_database, "SELECT applied_at IS NOT NULL FROM schema_migrations")
+        assert stamps == [(True,)] * 3
+
+    def test_running_again_applies_nothing(self, empty_database: str, tmp_path: Path) -> None:
+        directory = _write(
+            tmp_path / "m", {"0001_create.sql": "CREATE TABLE once (id int PRIMARY KEY);"}
+        )
+        migrate(empty_database, directory=directory)
+
+        assert migrate(empty_database, directory=directory) == []
+        assert applied_versions(empty_database) == ["0001"]
+
+    def test_only_new_files_are_applied_later(self, empty_database: str, tmp_path: Path) -> None:
+        directory = _write(tmp_path / "m", {"0001_create.sql": "CREATE TABLE t (id int);"})
+        migrate(empty_database, directory=directory)
+        _write(directory, {"0002_index.sql": "CREATE INDEX t_id ON t (id);"})
+
+        assert migrate(empty_database, directory=directory) == ["0002"]
+
+    def test_a_failing_file_is_rolled_back_and_later_files_wait(
+        self, empty_database: str, tmp_path: Path
+    ) -> None:
+        directory = _write(
+            tmp_path / "m",
+            {
+                "0001_ok.sql": "CREATE TABLE a (id int);",
+                "0002_broken.sql": "CREATE TABLE b (id int);\nSELECT * FROM no_such_table;",
+                "0003_after.sql": "CREATE TABLE c (id int);",
+            },
+        )
+
+        with pytest.raises(MigrationError, match=r"0002_broken\.sql"):
+            migrate(empty_database, directory=directory)
+
+        assert applied_versions(empty_database) == ["0001"]
+        tables = _rows(
+            empty_database,
+            "SELECT tablename FROM pg_tables WHERE tablename IN ('a', 'b', 'c') ORDER BY 1",
+        )
+        assert tables == [("a",)]
+
+    def test_app_role_setting_is_visible_to_migration_sql(
+        self, empty_database: str, tmp_path: Path
+    ) -> None:
+        directory = _write(
+            tmp_path / "m",
+            {
+                "0001_role.sql": "CREATE TABLE r AS "
+                "SELECT current_setting('agentworks.app_role') AS role;"
+            },
+        )
+
+        migrate(empty_database, directory=directory, app_role="custom_app_role")
+
+        assert _rows(empty_database, "SELECT role FROM r") == [("custom_app_role",)]
+
+    def test_packaged_migrations_apply_cleanly_and_idempotently(self, empty_database: str) -> None:
+        shipped = [m.version for m in discover()]
+
+        assert migrate(empty_database) == shipped
+        assert migrate(empty_database) == []
+
+
+class TestConcurrency:
+    @pytest.mark.slow
+    def test_concurrent_runs_apply_each_migration_exactly_once(
+        self, empty_database: str, tmp_path: Path
+    ) -> None:
+        # pg_sleep makes the first runner hold the lock while the others queue behind it;
+        # without the lock, a second runner would fail on CREATE TABLE or insert twice.
+        directory = _write(
+            tmp_path / "m",
+            {
+                "0001_slow.sql": "SELECT pg_sleep(0.5); CREATE TABLE counted (n int);",
+                "0002_count.sql": "INSERT INTO counted VALUES (1);",
+            },
+        )
+        results: list[list[str]] = []
+        errors: list[BaseException] = []
+        start = threading.Barrier(4)
+
+        def run() -> None:
+            start.wait()
+            try:
+                results.append(migrate(empty_database, directory=directory))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+
+        assert errors == []
+        assert sorted(results, key=len) == [[], [], [], ["0001", "0002"]]
+        assert _rows(empty_database, "SELECT count(*) FROM counted") == [(1,)]
+        assert applied_versions(empty_database) == ["0001", "0002"]
+
+
+class TestDiscovery:
+    def test_misnamed_sql_file_is_refused(self, tmp_path: Path) -> None:
+        directory = _write(tmp_path / "m", {"1_short.sql": "SELECT 1;"})
+
+        with pytest.raises(MigrationError, match="NNNN_description"):
+            discover(directory)
+
+    def test_duplicate_versions_are_refused(self, tmp_path: Path) -> None:
+        directory = _write(tmp_path / "m", {"0001_a.sql": "", "0001_b.sql": ""})
+
+        with pytest.raises(MigrationError, match="share version 0001"):
+            discover(directory)
+
+    def test_missing_explicit_directory_is_refused(self, tmp_path: Path) -> None:
+        with pytest.raises(MigrationError, match="does not exist"):
+            discover(tmp_path / "nowhere")
+
+    def test_packaged_migrations_are_found(self) -> None:
+        versions = [m.version for m in discover()]
+
+        assert versions == sorted(versions)
+        assert all(len(v) == 4 and v.isdigit() for v in versions)
+
+
+class TestEnsureDatabase:
+    def test_creates_a_missing_database_and_leaves_an_existing_one(self, postgres: None) -> None:
+        name = pg.random_name("aw_t_")
+        url = pg.url_for(name)
+        try:
+            ensure_database(url)
+            assert pg.database_exists(name)
+            with psycopg.connect(url) as conn:
+                conn.execute("CREATE TABLE kept (id int)")
+
+            ensure_database(url)
+
+            assert _rows(url, "SELECT count(*) FROM kept") == [(0,)]
+        finally:
+            pg.drop_database(name)
+
+    def test_unreachable_server_is_a_migration_error(self) -> None:
+        with pytest.raises(MigrationError, match="cannot connect"):
+            migrate("postgresql://postgres@127.0.0.1:1/nothing", connect_timeout=2)
+
+
+def test_database_url_fixture_is_a_migrated_private_database(
+    database_url: str, migrated_template: str
+) -> None:
+    # A copy of the session's template (whose migrations were those on disk at session start).
+    assert applied_versions(database_url) == applied_versions(pg.url_for(migrated_template))
+    assert applied_versions(database_url) != []
+    assert database_url.rsplit("/", 1)[1].startswith("aw_t_")
+    assert migrated_template.startswith("aw_tmpl_")

@@ -1,0 +1,203 @@
+"""Test helpers for the real local services: PostgreSQL on 127.0.0.1:5432 and Redis on :6379.
+
+Tests use the machine's servers, starting them when they are down, and give each test its own
+database (cloned from a migrated template, which is fast) so tests run in any order and in
+parallel sessions without seeing each other's rows. Import as ``import pg`` (pytest puts
+``tests/`` on ``sys.path`` for the root conftest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+import psycopg
+from psycopg import sql
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from psycopg.rows import TupleRow
+
+PG_HOST = "127.0.0.1"
+PG_PORT = 5432
+PG_USER = "postgres"
+ADMIN_URL = f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/postgres"
+PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = 6379
+REDIS_START = 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no'
+#: A Redis db holding this key belongs to a running test session (see :func:`claim_redis_db`).
+REDIS_CLAIM_KEY = "agentworks:test-session-claim"
+REDIS_CLAIM_SECONDS = 6 * 3600
+
+
+def url_for(dbname: str) -> str:
+    return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{dbname}"
+
+
+def random_name(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(6)}"
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------------
+
+
+def postgres_is_up() -> bool:
+    try:
+        with psycopg.connect(ADMIN_URL, connect_timeout=2):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+def ensure_postgres(timeout: float = 60.0) -> None:
+    """Make sure PostgreSQL accepts connections, starting the local cluster if it does not."""
+    if postgres_is_up():
+        return
+    subprocess.run(PG_START, shell=True, check=False, timeout=timeout)
+    _wait_until(postgres_is_up, timeout=timeout, what=f"PostgreSQL at {PG_HOST}:{PG_PORT}")
+
+
+@contextlib.contextmanager
+def admin_connection() -> Iterator[psycopg.Connection[TupleRow]]:
+    with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=10) as conn:
+        yield conn
+
+
+def create_database(name: str, *, template: str | None = None) -> str:
+    """Create database ``name`` (as a copy of ``template``) and return its URL."""
+    statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if template is not None:
+        statement = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template)
+        )
+    # Copying a template fails while anyone is connected to it ("being accessed by other
+    # users"); a test's late-closing pool can cause that briefly, so retry for a while.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with admin_connection() as conn:
+                conn.execute(statement)
+            return url_for(name)
+        except psycopg.errors.ObjectInUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def drop_database(name: str) -> None:
+    """Drop ``name`` even while connections are open to it (they are terminated)."""
+    with admin_connection() as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def database_exists(name: str) -> bool:
+    with admin_connection() as conn:
+        row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        return row is not None
+
+
+# --- Redis ---------------------------------------------------------------------------------------
+
+
+def redis_command(*args: str | int, db: int | None = None, timeout: float = 5.0) -> object:
+    """Send one command over RESP and return the reply (enough for the fixtures' needs)."""
+    with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=timeout) as sock:
+        stream = sock.makefile("rwb")
+        if db is not None:
+            stream.write(_resp("SELECT", db))
+        stream.write(_resp(*args))
+        stream.flush()
+        if db is not None:
+            _read_reply(stream)
+        return _read_reply(stream)
+
+
+def redis_is_up() -> bool:
+    try:
+        return redis_command("PING", timeout=2) == "PONG"
+    except OSError:
+        return False
+
+
+def ensure_redis(timeout: float = 30.0) -> None:
+    """Make sure Redis answers PING, starting a local server if it does not."""
+    if redis_is_up():
+        return
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("Redis is down and redis-server is not installed")
+    subprocess.run(REDIS_START, shell=True, check=False, timeout=timeout)
+    _wait_until(redis_is_up, timeout=timeout, what=f"Redis at {REDIS_HOST}:{REDIS_PORT}")
+
+
+def claim_redis_db(session_id: str) -> int:
+    """Reserve a Redis db index 1..15 for this test session and return it.
+
+    Concurrent test sessions (several engineers, CI) share one Redis; each claims a db with
+    ``SET key NX EX`` so no two use the same one. A crashed session's claim expires.
+    """
+    indexes = list(range(1, 16))
+    secrets.SystemRandom().shuffle(indexes)
+    for index in indexes:
+        reply = redis_command(
+            "SET", REDIS_CLAIM_KEY, session_id, "NX", "EX", REDIS_CLAIM_SECONDS, db=index
+        )
+        if reply == "OK":
+            return index
+    raise RuntimeError("all Redis dbs 1..15 are claimed by other test sessions")
+
+
+def release_redis_db(index: int, session_id: str) -> None:
+    """Empty the claimed db (what the session left behind) if the claim is still ours."""
+    if redis_command("GET", REDIS_CLAIM_KEY, db=index) == session_id:
+        redis_command("FLUSHDB", db=index)
+
+
+def _resp(*args: str | int) -> bytes:
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def _read_reply(stream: io.BufferedIOBase) -> object:
+    line = stream.readline()
+    if not line:
+        raise ConnectionError("Redis closed the connection")
+    kind, body = line[:1], line[1:-2].decode()
+    if kind == b"+":
+        return body
+    if kind == b"-":
+        raise RuntimeError(f"Redis error: {body}")
+    if kind == b":":
+        return int(body)
+    if kind == b"$":
+        size = int(body)
+        if size < 0:
+            return None
+        data = stream.read(size + 2)
+        return data[:-2].decode()
+    if kind == b"*":
+        count = int(body)
+        return None if count < 0 else [_read_reply(stream) for _ in range(count)]
+    raise ConnectionError(f"unexpected Redis reply {line!r}")
+
+
+def _wait_until(check: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not come up within {timeout:.0f}s")

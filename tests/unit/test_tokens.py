@@ -1,0 +1,236 @@
+"""Issuing and verifying bearer tokens (adapters/tokens.py)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from adapters.tokens import (
+    BOOTSTRAP_WORKSPACE,
+    InvalidKey,
+    Principal,
+    issue_token,
+    verify_token,
+)
+from domain.errors import Unauthenticated, ValidationFailed
+from domain.roles import Role
+
+SECRET = "s3cr3t-" + "x" * 40
+OTHER_SECRET = "other-" + "y" * 40
+
+
+@pytest.fixture(scope="module")
+def rsa_keys() -> tuple[str, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    return private, public
+
+
+def _issue(**overrides: object) -> str:
+    params: dict[str, object] = {
+        "user_id": "user-1",
+        "workspace_id": "ws-1",
+        "role": Role.ADMIN,
+        "ttl_seconds": 600,
+        "secret": SECRET,
+    }
+    params.update(overrides)
+    return issue_token(**params)  # type: ignore[arg-type]
+
+
+def _tamper_payload(token: str, **claims: object) -> str:
+    header, payload, signature = token.split(".")
+    data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    data.update(claims)
+    forged = base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+    return f"{header}.{forged}.{signature}"
+
+
+class TestHs256:
+    def test_round_trip_gives_back_user_workspace_and_role(self) -> None:
+        token = _issue(role="member")
+
+        assert verify_token(token, secret=SECRET) == Principal(
+            user_id="user-1", workspace_id="ws-1", role=Role.MEMBER, is_bootstrap=False
+        )
+
+    def test_token_carries_the_documented_claims(self) -> None:
+        issued = datetime(2030, 1, 1, tzinfo=UTC)
+        token = _issue(ttl_seconds=3600, now=issued)
+
+        claims = jwt.decode(token, options={"verify_signature": False})
+
+        assert claims == {
+            "sub": "user-1",
+            "ws": "ws-1",
+            "role": "ADMIN",
+            "iat": int(issued.timestamp()),
+            "exp": int(issued.timestamp()) + 3600,
+        }
+        assert jwt.get_unverified_header(token)["alg"] == "HS256"
+
+    def test_bootstrap_token_is_recognised(self) -> None:
+        token = _issue(workspace_id=BOOTSTRAP_WORKSPACE, role=Role.OWNER)
+
+        principal = verify_token(token, secret=SECRET)
+
+        assert principal.is_bootstrap
+        assert principal.workspace_id == "*"
+        assert principal.role is Role.OWNER
+
+    def test_expired_token_is_unauthenticated(self) -> None:
+        token = _issue(ttl_seconds=60, now=datetime.now(UTC) - timedelta(hours=1))
+
+        with pytest.raises(Unauthenticated, match="expired"):
+            verify_token(token, secret=SECRET)
+
+    def test_expired_token_within_leeway_is_accepted(self) -> None:
+        token = _issue(ttl_seconds=60, now=datetime.now(UTC) - timedelta(seconds=90))
+
+        assert verify_token(token, secret=SECRET, leeway_seconds=60).user_id == "user-1"
+
+    def test_tampered_claims_are_unauthenticated(self) -> None:
+        forged = _tamper_payload(_issue(role=Role.VIEWER), role="OWNER")
+
+        with pytest.raises(Unauthenticated, match="signature"):
+            verify_token(forged, secret=SECRET)
+
+    def test_token_signed_with_another_secret_is_unauthenticated(self) -> None:
+        with pytest.raises(Unauthenticated, match="signature"):
+            verify_token(_issue(secret=OTHER_SECRET), secret=SECRET)
+
+    @pytest.mark.parametrize("token", [None, "", "   "])
+    def test_missing_token_is_unauthenticated(self, token: str | None) -> None:
+        with pytest.raises(Unauthenticated, match="missing"):
+            verify_token(token, secret=SECRET)
+
+    @pytest.mark.parametrize("token", ["garbage", "a.b.c", "Bearer x.y.z"])
+    def test_malformed_token_is_unauthenticated(self, token: str) -> None:
+        with pytest.raises(Unauthenticated):
+            verify_token(token, secret=SECRET)
+
+    def test_unsigned_alg_none_token_is_unauthenticated(self) -> None:
+        unsigned = jwt.encode(
+            {"sub": "u", "ws": "w", "role": "OWNER", "iat": 0, "exp": 2**40},
+            key="",
+            algorithm="none",
+        )
+
+        with pytest.raises(Unauthenticated):
+            verify_token(unsigned, secret=SECRET)
+
+    @pytest.mark.parametrize("claim", ["sub", "ws", "role", "exp", "iat"])
+    def test_token_without_a_required_claim_is_unauthenticated(self, claim: str) -> None:
+        claims = {"sub": "u", "ws": "w", "role": "OWNER", "iat": 0, "exp": 2**40}
+        del claims[claim]
+        token = jwt.encode(claims, SECRET, algorithm="HS256")
+
+        with pytest.raises(Unauthenticated, match=claim):
+            verify_token(token, secret=SECRET)
+
+    def test_token_with_unknown_role_is_unauthenticated(self) -> None:
+        token = jwt.encode(
+            {"sub": "u", "ws": "w", "role": "GOD", "iat": 0, "exp": 2**40},
+            SECRET,
+            algorithm="HS256",
+        )
+
+        with pytest.raises(Unauthenticated, match="role"):
+            verify_token(token, secret=SECRET)
+
+    def test_short_secret_is_refused_when_signing(self) -> None:
+        with pytest.raises(InvalidKey, match="32 bytes"):
+            _issue(secret="too-short")
+
+
+class TestIssueValidation:
+    def test_unknown_role_is_a_validation_error(self) -> None:
+        with pytest.raises(ValidationFailed, match="unknown role"):
+            _issue(role="superuser")
+
+    @pytest.mark.parametrize("ttl", [0, -5])
+    def test_non_positive_ttl_is_a_validation_error(self, ttl: int) -> None:
+        with pytest.raises(ValidationFailed, match="positive"):
+            _issue(ttl_seconds=ttl)
+
+    @pytest.mark.parametrize("field", ["user_id", "workspace_id"])
+    def test_empty_ids_are_validation_errors(self, field: str) -> None:
+        with pytest.raises(ValidationFailed):
+            _issue(**{field: " "})
+
+    def test_exactly_one_key_is_required(self, rsa_keys: tuple[str, str]) -> None:
+        with pytest.raises(InvalidKey, match="exactly one"):
+            _issue(secret=None)
+        with pytest.raises(InvalidKey, match="exactly one"):
+            _issue(private_key=rsa_keys[0])
+        with pytest.raises(InvalidKey, match="exactly one"):
+            verify_token("x.y.z")
+
+
+class TestRs256:
+    def test_round_trip_with_a_generated_key_pair(self, rsa_keys: tuple[str, str]) -> None:
+        private, public = rsa_keys
+        token = _issue(secret=None, private_key=private, role="viewer")
+
+        principal = verify_token(token, public_key=public)
+
+        assert principal == Principal(
+            user_id="user-1", workspace_id="ws-1", role=Role.VIEWER, is_bootstrap=False
+        )
+        assert jwt.get_unverified_header(token)["alg"] == "RS256"
+
+    def test_token_from_another_key_pair_is_unauthenticated(
+        self, rsa_keys: tuple[str, str]
+    ) -> None:
+        other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        other_pem = other.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        token = _issue(secret=None, private_key=other_pem)
+
+        with pytest.raises(Unauthenticated, match="signature"):
+            verify_token(token, public_key=rsa_keys[1])
+
+    def test_hs256_token_is_refused_by_an_rs256_verifier(self, rsa_keys: tuple[str, str]) -> None:
+        # The classic confusion attack: an HS256 token "signed" with the public key as secret.
+        public = rsa_keys[1]
+        forged = jwt.api_jws.PyJWS().encode(
+            json.dumps({"sub": "u", "ws": "w", "role": "OWNER", "iat": 0, "exp": 2**40}).encode(),
+            b"irrelevant-secret-that-is-long-enough-32b",
+            algorithm="HS256",
+        )
+
+        with pytest.raises(Unauthenticated, match="RS256"):
+            verify_token(forged, public_key=public)
+
+    def test_expired_rs256_token_is_unauthenticated(self, rsa_keys: tuple[str, str]) -> None:
+        token = _issue(
+            secret=None,
+            private_key=rsa_keys[0],
+            ttl_seconds=1,
+            now=datetime.now(UTC) - timedelta(minutes=5),
+        )
+
+        with pytest.raises(Unauthenticated, match="expired"):
+            verify_token(token, public_key=rsa_keys[1])
+
+    def test_malformed_private_key_is_refused(self) -> None:
+        with pytest.raises(InvalidKey):
+            _issue(secret=None, private_key="not a pem")
