@@ -315,6 +315,8 @@ class AgentWorks(Application[UUID]):
             card = self._load(Card, cmd.card_id, actor, Role.MEMBER, "moveCard")
             _expect_version(card, cmd.expected_version)
             project = self._get(Project, card.project_id)
+            card.ensure_movable(cmd.to_lane, from_lane=project.current_lane(card.lane))
+            from_lane = project.lane_of(card.id)
             position = project.move_card(
                 card.id,
                 cmd.to_lane,
@@ -322,7 +324,7 @@ class AgentWorks(Application[UUID]):
                 before_card_id=cmd.before_card_id,
                 meta=meta,
             )
-            card.move(cmd.to_lane, position, meta=meta)
+            card.move(cmd.to_lane, position, from_lane=from_lane, meta=meta)
             return Decision(card, "card", [card, project])
 
         return self._execute(cmd, actor, self._scope_hint(actor), decide)
@@ -368,7 +370,7 @@ class AgentWorks(Application[UUID]):
         def decide(meta: EventMeta) -> Decision:
             card = self._load(Card, cmd.card_id, actor, Role.MEMBER, "restoreCard")
             project = self._get(Project, card.project_id)
-            lane = cmd.lane or card.lane
+            lane = cmd.lane or project.current_lane(card.lane)
             if not card.archived:
                 card.restore(lane, card.position, meta=meta)  # raises: not archived
             position = project.place_card(card.id, lane, meta=meta)

@@ -142,15 +142,26 @@ class Card(TenantAggregate):
         if (new_title, new_description) != (self.title, self.description):
             self._record(self.Edited, meta, title=new_title, description=new_description)
 
-    def move(self, to_lane: str, position: str, *, meta: EventMeta) -> None:
-        """Record a move the board has already admitted (WIP limit, neighbours)."""
+    def ensure_movable(self, to_lane: str, *, from_lane: str) -> None:
+        """Refuse a move this card's own state forbids; ``from_lane`` is the board's view."""
         self._live("move")
-        if self.blocked and to_lane != self.lane:
+        if self.blocked and to_lane != from_lane:
             raise InvalidTransition(
                 f"card {self.id} is blocked ({self.blocked_reason}); unblock it before moving "
                 "it to another lane"
             )
-        self._record(self.Moved, meta, from_lane=self.lane, to_lane=to_lane, position=position)
+
+    def move(
+        self, to_lane: str, position: str, *, from_lane: str | None = None, meta: EventMeta
+    ) -> None:
+        """Record a move the board has admitted (WIP limit, neighbours).
+
+        The board, not the card, knows the card's current lane name (a lane rename changes the
+        board only), so callers pass it as ``from_lane``; without it the card's own is used.
+        """
+        from_lane = self.lane if from_lane is None else from_lane
+        self.ensure_movable(to_lane, from_lane=from_lane)
+        self._record(self.Moved, meta, from_lane=from_lane, to_lane=to_lane, position=position)
 
     def assign(self, assignee: str | None, *, meta: EventMeta) -> None:
         self._live("assign")
@@ -174,8 +185,9 @@ class Card(TenantAggregate):
 
     def unlabel(self, label: str, *, meta: EventMeta) -> None:
         self._live("unlabel")
-        if label in self.labels:
-            self._record(self.Unlabelled, meta, label=label)
+        text = label.strip()
+        if text in self.labels:
+            self._record(self.Unlabelled, meta, label=text)
 
     def block(self, reason: str, *, meta: EventMeta) -> None:
         self._live("block")

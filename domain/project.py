@@ -56,6 +56,7 @@ class Project(TenantAggregate):
         archived: bool
         lanes: list[LaneSpec]
         placements: dict[UUID, Placement]
+        renamed: dict[str, str]
 
     class Created(TenantAggregate.Created):
         name: str
@@ -67,6 +68,7 @@ class Project(TenantAggregate):
             aggregate.archived = False
             aggregate.lanes = [LaneSpec(lane["name"], lane["wip_limit"]) for lane in self.lanes]
             aggregate.placements = {}
+            aggregate.renamed = {}
 
     class Renamed(TenantAggregate.Event):
         name: str
@@ -99,6 +101,11 @@ class Project(TenantAggregate):
                 card: Placement(self.name, p.position) if p.lane == self.lane else p
                 for card, p in aggregate.placements.items()
             }
+            aggregate.renamed = {
+                old: self.name if new == self.lane else new
+                for old, new in aggregate.renamed.items()
+            }
+            aggregate.renamed[self.lane] = self.name
 
     class LanesReordered(TenantAggregate.Event):
         order: list[str]
@@ -190,6 +197,13 @@ class Project(TenantAggregate):
                 return spec
         known = ", ".join(repr(s.name) for s in self.lanes)
         raise NotFound(f"project {self.id} has no lane {name!r}; lanes are {known}")
+
+    def current_lane(self, name: str) -> str:
+        """The lane's name today, following renames (cards remember the name they last saw)."""
+        return self.renamed.get(name, name)
+
+    def lane_of(self, card_id: UUID) -> str:
+        return self._placement(card_id).lane
 
     def cards_in(self, lane: str) -> list[tuple[str, UUID]]:
         """(position, card id) of the live cards of ``lane``, in board order."""

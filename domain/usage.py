@@ -7,7 +7,7 @@ Corrections are new compensating events (credit, refund), never edits.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from uuid import NAMESPACE_URL, UUID, uuid5
@@ -26,9 +26,11 @@ def charge_id_for(run_id: UUID, call_id: str) -> UUID:
 
 
 def month_of(at: datetime) -> str:
+    """The UTC calendar month of ``at``: billing months are UTC months wherever the caller is."""
     if at.tzinfo is None:
         raise ValidationFailed("times must be timezone-aware UTC")
-    return f"{at.year:04d}-{at.month:02d}"
+    utc = at.astimezone(UTC)
+    return f"{utc.year:04d}-{utc.month:02d}"
 
 
 def spend_id_for(workspace_id: UUID, month: str) -> UUID:

@@ -140,8 +140,10 @@ class Workspace(TenantAggregate):
         self._record(self.MemberRemoved, meta, user_id=user_id)
 
     def set_plan(self, *, markup: Decimal, billing_increment_micros: int, meta: EventMeta) -> None:
-        if markup <= 0:
-            raise ValidationFailed(f"markup must be positive, got {markup}")
+        if not markup.is_finite() or markup <= 0 or int(markup.as_tuple().exponent) < -6:
+            raise ValidationFailed(
+                f"markup must be a positive number with at most 6 decimals, got {markup}"
+            )
         if billing_increment_micros <= 0:
             raise ValidationFailed(
                 f"billing increment must be positive, got {format_usd(billing_increment_micros)}"
