@@ -29,17 +29,20 @@ from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import (
+    ApplicationRecorder,
     IntegrityError,
     InterfaceError,
     Notification,
     OperationalError,
     ProgrammingError,
     StoredEvent,
+    Subscription,
 )
 from eventsourcing.postgres import (
     PostgresApplicationRecorder,
     PostgresDatastore,
     PostgresFactory,
+    PostgresSubscription,
 )
 from eventsourcing.utils import Environment, EnvType, retry
 from psycopg.sql import SQL, Composed, Identifier
@@ -130,6 +133,11 @@ class EventStoreRecorder(PostgresApplicationRecorder):
             raise ProgrammingError(msg)
         return notification_ids
 
+    def subscribe(
+        self, gt: int | None = None, topics: Sequence[str] = ()
+    ) -> Subscription[ApplicationRecorder]:
+        return PollingSubscription(recorder=self, gt=gt, topics=topics)
+
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_positioned_events(
         self, originator_id: UUID, *, gt: int, lt: int | None = None
@@ -200,6 +208,28 @@ class EventStoreRecorder(PostgresApplicationRecorder):
                 )
                 for row in curs.fetchall()
             ]
+
+
+class PollingSubscription(PostgresSubscription):
+    """The library's LISTEN/NOTIFY subscription, also polling.
+
+    Under the reader horizon an event may become readable without a notification of its own (an
+    older transaction elsewhere ended), so waiting only for NOTIFY could stall until the next
+    write.
+    """
+
+    poll_interval = 0.25
+
+    def _loop_on_pull(self) -> None:
+        try:
+            self._pull()
+            while not self._has_been_stopped:
+                self._has_been_notified.wait(self.poll_interval)
+                self._pull()
+        except BaseException as e:
+            if self._thread_error is None:
+                self._thread_error = e
+            self.stop()
 
 
 def is_duplicate_command(error: IntegrityError) -> bool:

@@ -8,6 +8,8 @@ handler then reloads and decides again, a bounded number of times.
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -555,7 +557,8 @@ class AgentWorks(Application[UUID]):
         workspace_hint: UUID | None,
         decide: Callable[[EventMeta], Decision],
     ) -> CommandResult:
-        scope = actor.workspace_id
+        # Bootstrap credentials are not a tenant: each bootstrap user gets a scope of their own.
+        scope = actor.workspace_id if actor.workspace_id != "*" else f"*:{actor.user_id}"
         command_id = str(cmd.command_id) if cmd.command_id else None
         digest = fingerprint(cmd)
         if command_id is not None:
@@ -591,6 +594,8 @@ class AgentWorks(Application[UUID]):
                         f"{type(cmd).__name__} on {decision.kind} {decision.target.id} lost "
                         f"{self.retries + 1} races with concurrent writes; retry later"
                     ) from error
+                # Jittered backoff: writers that retry in lockstep collide again.
+                time.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311
                 continue
             return recordings
         raise AssertionError("unreachable")  # pragma: no cover

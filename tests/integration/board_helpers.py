@@ -1,0 +1,200 @@
+"""Helpers for write-side integration tests: a small board to work on, and reading the store back.
+
+Kept out of ``conftest.py`` so that spawned worker processes (which do not run pytest) can import
+them too.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+from uuid import UUID, uuid4
+
+import psycopg
+
+from commands import models as m
+from commands.handlers import Actor
+from domain.errors import Conflict, WipLimitExceeded
+from infra.bootstrap import build_write_side
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+    from commands.handlers import AgentWorks
+
+T = TypeVar("T")
+
+#: (name, WIP limit) of the board's lanes, in order.
+LANES: tuple[tuple[str, int | None], ...] = (("Todo", None), ("Doing", 3), ("Done", 5))
+
+
+@dataclass(frozen=True)
+class Board:
+    """Ids of a bootstrapped workspace and its project, and the owner acting in it."""
+
+    workspace_id: UUID
+    project_id: UUID
+    owner: Actor
+
+
+def bootstrap_board(
+    app: AgentWorks,
+    *,
+    owner: str = "alice",
+    lanes: tuple[tuple[str, int | None], ...] = LANES,
+) -> Board:
+    """A new workspace owned by ``owner`` with one project of the given lanes."""
+    created = app.create_workspace(
+        m.CreateWorkspace(name=f"{owner}'s workspace"), Actor(user_id=owner, workspace_id="*")
+    )
+    actor = Actor(user_id=owner, workspace_id=str(created.id))
+    project = app.create_project(
+        m.CreateProject(
+            workspace_id=created.id,
+            name="Line",
+            lanes=[m.LaneInput(name=name, wip_limit=limit) for name, limit in lanes],
+        ),
+        actor,
+    )
+    return Board(workspace_id=created.id, project_id=project.id, owner=actor)
+
+
+def add_cards(app: AgentWorks, board: Board, count: int, *, lane: str = "Todo") -> list[UUID]:
+    return [
+        app.create_card(
+            m.CreateCard(project_id=board.project_id, title=f"card {i}", lane=lane), board.owner
+        ).id
+        for i in range(count)
+    ]
+
+
+def fold(app: AgentWorks, aggregate_id: UUID) -> Iterator[tuple[Any, Any]]:
+    """(event, aggregate after it) for each stored event of an aggregate, in version order.
+
+    Folds the stored events directly (not through the repository and its cache); the same
+    aggregate object is yielded each time, changed by the next event, so look at it before
+    advancing.
+    """
+    aggregate: Any = None
+    for stored in app.recorder.select_events(aggregate_id):
+        event: Any = app.mapper.to_domain_event(stored)
+        aggregate = event.mutate(aggregate)
+        yield event, aggregate
+
+
+def stored_rows(database_url: str) -> list[tuple[int, UUID, int]]:
+    """(notification id, originator id, version) of every stored event, read as the superuser
+    without the reader horizon: what is really in the table."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT notification_id, originator_id, originator_version "
+            "FROM agentworks_events ORDER BY notification_id"
+        ).fetchall()
+    return [(int(r[0]), r[1], int(r[2])) for r in rows]
+
+
+def wait_for(read: Callable[[], Sequence[T]], count: int, timeout: float = 10.0) -> Sequence[T]:
+    """Read until at least ``count`` items are visible (or time is up), return the last read.
+
+    The recorder's reader horizon is server-wide: a transaction another test session holds open
+    at that moment (in another database) can hold our readers back for a short while.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        found = read()
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def max_position(database_url: str) -> int:
+    """The highest notification id in the table (0 when empty), horizon or not."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT coalesce(max(notification_id), 0) FROM agentworks_events")
+        value = row.fetchone()
+    assert value is not None
+    return int(value[0])
+
+
+def command_log_count(database_url: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT count(*) FROM command_log").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# -- concurrent movers -----------------------------------------------------------------------------
+
+
+@dataclass
+class Moves:
+    """What one worker's moves came to (picklable, so processes can send it back)."""
+
+    worker: str
+    accepted: list[tuple[UUID, UUID, int, int]] = field(default_factory=list)
+    """(command id, card id, card version, position) of every accepted move."""
+    refused: Counter[str] = field(default_factory=Counter)
+    """Error code → how many moves the rules refused (WIP_LIMIT, CONFLICT)."""
+    unexpected: list[str] = field(default_factory=list)
+
+
+def move_randomly(
+    app: AgentWorks, board: Board, card_ids: list[UUID], *, worker: str, seed: int, count: int
+) -> Moves:
+    """Move random cards to random lanes, ``count`` times; refusals are part of the game."""
+    rng = random.Random(seed)
+    lanes = [name for name, _ in LANES]
+    moves = Moves(worker=worker)
+    for _ in range(count):
+        command = m.MoveCard(
+            card_id=rng.choice(card_ids), to_lane=rng.choice(lanes), command_id=uuid4()
+        )
+        try:
+            result = app.move_card(command, board.owner)
+        except (WipLimitExceeded, Conflict) as refusal:
+            moves.refused[refusal.code] += 1
+        except Exception as error:  # reported to and asserted on by the test
+            moves.unexpected.append(f"{worker}: {error!r}")
+        else:
+            assert command.command_id is not None
+            moves.accepted.append((command.command_id, result.id, result.version, result.position))
+    return moves
+
+
+def move_in_own_process(
+    database_url: str,
+    board: Board,
+    card_ids: list[UUID],
+    worker: str,
+    seed: int,
+    count: int,
+    *,
+    ready: Any,
+    go: Any,
+    results: Any,
+) -> None:
+    """Entry point of a spawned worker process: its own write side, built from the URL.
+
+    Puts ``(worker, None)`` on ``ready`` once connected (or ``(worker, error)`` if it could not
+    start), waits for ``go``, then puts its :class:`Moves` on ``results``.
+    """
+    app = build_write_side(database_url, pool_size=2)
+    started = False
+    try:
+        app.card_at(card_ids[0], board.owner)  # connect and warm up before the race starts
+        ready.put((worker, None))
+        started = True
+        if not go.wait(timeout=120):
+            raise TimeoutError("the test never started the race")
+        results.put(move_randomly(app, board, card_ids, worker=worker, seed=seed, count=count))
+    except BaseException as error:
+        if started:
+            results.put(Moves(worker=worker, unexpected=[f"{worker} crashed: {error!r}"]))
+        else:
+            ready.put((worker, repr(error)))
+        raise
+    finally:
+        app.close()

@@ -1,0 +1,175 @@
+"""Commands with a ``command_id`` are idempotent, against the real event store.
+
+The idempotency record is written in the same transaction as the command's events (the
+``command_log`` table), scoped to the workspace of the sender's credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+from uuid import uuid4
+
+import pytest
+from board_helpers import add_cards, bootstrap_board, command_log_count, max_position
+
+from commands import models as m
+from commands.handlers import Actor
+from domain.errors import NotFound, ValidationFailed, WipLimitExceeded
+
+if TYPE_CHECKING:
+    from board_helpers import Board
+
+    from commands.handlers import AgentWorks, CommandResult
+
+
+def _same(result: CommandResult) -> tuple[object, ...]:
+    """What a replay must reproduce: everything but the ``replayed`` flag."""
+    return (
+        result.kind,
+        result.id,
+        result.version,
+        result.position,
+        json.dumps(result.extra, sort_keys=True),
+    )
+
+
+class TestRetry:
+    def test_retry_with_same_command_id_returns_first_result_and_appends_nothing(
+        self, write_side: AgentWorks, board: Board, database_url: str
+    ) -> None:
+        (card_id,) = add_cards(write_side, board, 1)
+        command = m.MoveCard(card_id=card_id, to_lane="Doing", command_id=uuid4())
+
+        first = write_side.move_card(command, board.owner)
+        position = max_position(database_url)
+        again = write_side.move_card(command, board.owner)
+
+        assert first.replayed is False
+        assert first.position == position
+        assert again.replayed is True
+        assert _same(again) == _same(first)
+        assert max_position(database_url) == position
+        assert write_side.card_at(card_id, board.owner).version == first.version
+
+    def test_retried_creation_returns_the_first_card_instead_of_a_second(
+        self, write_side: AgentWorks, board: Board, database_url: str
+    ) -> None:
+        command = m.CreateCard(project_id=board.project_id, title="once", command_id=uuid4())
+
+        first = write_side.create_card(command, board.owner)
+        position = max_position(database_url)
+        again = write_side.create_card(command, board.owner)
+
+        assert (again.replayed, _same(again)) == (True, _same(first))
+        assert max_position(database_url) == position
+        assert command_log_count(database_url) == 1
+
+    def test_same_command_id_sent_concurrently_from_8_threads_appends_once(
+        self, write_side: AgentWorks, board: Board, database_url: str
+    ) -> None:
+        command = m.CreateCard(project_id=board.project_id, title="racing", command_id=uuid4())
+        position_before = max_position(database_url)
+        start = threading.Barrier(8)
+
+        def send() -> CommandResult:
+            start.wait(timeout=30)
+            return write_side.create_card(command, board.owner)
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda _: send(), range(8), timeout=60))
+
+        assert len({_same(result) for result in results}) == 1
+        assert sorted(result.replayed for result in results) == [False] + [True] * 7
+        # One card created and placed on the board: two events, one command record.
+        assert max_position(database_url) == results[0].position
+        assert results[0].position - position_before == 2
+        assert command_log_count(database_url) == 1
+
+
+class TestReuse:
+    def test_same_command_id_with_different_content_is_refused(
+        self, write_side: AgentWorks, board: Board, database_url: str
+    ) -> None:
+        (card_id,) = add_cards(write_side, board, 1)
+        command_id = uuid4()
+        write_side.move_card(
+            m.MoveCard(card_id=card_id, to_lane="Doing", command_id=command_id), board.owner
+        )
+        position = max_position(database_url)
+
+        with pytest.raises(ValidationFailed, match=str(command_id)):
+            write_side.move_card(
+                m.MoveCard(card_id=card_id, to_lane="Done", command_id=command_id), board.owner
+            )
+        with pytest.raises(ValidationFailed, match="MoveCard"):
+            write_side.label_card(
+                m.LabelCard(card_id=card_id, label="urgent", command_id=command_id), board.owner
+            )
+        assert max_position(database_url) == position
+        assert write_side.card_at(card_id, board.owner).lane == "Doing"
+
+    def test_command_id_of_one_workspace_is_unknown_to_another(
+        self, write_side: AgentWorks, board: Board, database_url: str
+    ) -> None:
+        (card_id,) = add_cards(write_side, board, 1)
+        other = bootstrap_board(write_side, owner="bob")
+        command_id = uuid4()
+        move = m.MoveCard(card_id=card_id, to_lane="Doing", command_id=command_id)
+        write_side.move_card(move, board.owner)
+
+        # Bob repeating Alice's command word for word gets no replay of her result: in his
+        # workspace the card does not exist.
+        with pytest.raises(NotFound):
+            write_side.move_card(move, other.owner)
+
+        # In his own workspace the id is simply new: his command runs and is recorded.
+        position = max_position(database_url)
+        own = write_side.create_card(
+            m.CreateCard(project_id=other.project_id, title="bob's", command_id=command_id),
+            other.owner,
+        )
+        assert own.replayed is False
+        assert own.position > position
+        assert write_side.card_at(own.id, other.owner).project_id == other.project_id
+        again = write_side.create_card(
+            m.CreateCard(project_id=other.project_id, title="bob's", command_id=command_id),
+            other.owner,
+        )
+        assert (again.replayed, _same(again)) == (True, _same(own))
+
+    def test_bootstrap_command_id_of_one_user_is_not_replayed_to_another(
+        self, write_side: AgentWorks
+    ) -> None:
+        command = m.CreateWorkspace(name="Acme", command_id=uuid4())
+        alices = write_side.create_workspace(command, Actor(user_id="alice", workspace_id="*"))
+
+        mallorys = write_side.create_workspace(command, Actor(user_id="mallory", workspace_id="*"))
+
+        assert mallorys.id != alices.id
+        assert mallorys.replayed is False
+
+
+class TestRefusal:
+    def test_refused_command_stores_nothing_so_a_retry_after_freeing_the_lane_succeeds(
+        self, write_side: AgentWorks, board: Board, database_url: str
+    ) -> None:
+        *doing, waiting = add_cards(write_side, board, 4)
+        for card_id in doing:  # fills Doing, WIP limit 3
+            write_side.move_card(m.MoveCard(card_id=card_id, to_lane="Doing"), board.owner)
+        command = m.MoveCard(card_id=waiting, to_lane="Doing", command_id=uuid4())
+        position, records = max_position(database_url), command_log_count(database_url)
+
+        with pytest.raises(WipLimitExceeded):
+            write_side.move_card(command, board.owner)
+        assert max_position(database_url) == position
+        assert command_log_count(database_url) == records
+
+        write_side.move_card(m.MoveCard(card_id=doing[0], to_lane="Todo"), board.owner)
+        retried = write_side.move_card(command, board.owner)
+
+        assert retried.replayed is False
+        assert write_side.card_at(waiting, board.owner).lane == "Doing"
+        assert command_log_count(database_url) == records + 1
