@@ -154,10 +154,9 @@ class AgentWorks(Application[UUID]):
         return self._execute(cmd, actor, cmd.workspace_id, decide)
 
     def add_member(self, cmd: m.AddMember, actor: Actor) -> CommandResult:
-        role = Role.parse(cmd.role)
-
         def decide(meta: EventMeta) -> Decision:
             workspace = self._workspace_for(actor, cmd.workspace_id, Role.ADMIN, "addMember")
+            role = Role.parse(cmd.role)
             self._may_grant(workspace, actor, role)
             workspace.add_member(cmd.user_id, role, meta=meta)
             return Decision(workspace, "workspace", [workspace])
@@ -165,10 +164,9 @@ class AgentWorks(Application[UUID]):
         return self._execute(cmd, actor, cmd.workspace_id, decide)
 
     def change_role(self, cmd: m.ChangeRole, actor: Actor) -> CommandResult:
-        role = Role.parse(cmd.role)
-
         def decide(meta: EventMeta) -> Decision:
             workspace = self._workspace_for(actor, cmd.workspace_id, Role.ADMIN, "changeRole")
+            role = Role.parse(cmd.role)
             self._may_grant(workspace, actor, role)
             if workspace.role_of(cmd.user_id) is Role.OWNER:
                 self._may_grant(workspace, actor, Role.OWNER)
@@ -188,21 +186,19 @@ class AgentWorks(Application[UUID]):
         return self._execute(cmd, actor, cmd.workspace_id, decide)
 
     def set_spend_limit(self, cmd: m.SetSpendLimit, actor: Actor) -> CommandResult:
-        limit = None if cmd.monthly_limit is None else parse_usd(cmd.monthly_limit)
-
         def decide(meta: EventMeta) -> Decision:
             workspace = self._workspace_for(actor, cmd.workspace_id, Role.ADMIN, "setSpendLimit")
+            limit = None if cmd.monthly_limit is None else parse_usd(cmd.monthly_limit)
             workspace.set_spend_limit(limit, meta=meta)
             return Decision(workspace, "workspace", [workspace])
 
         return self._execute(cmd, actor, cmd.workspace_id, decide)
 
     def set_plan(self, cmd: m.SetPlan, actor: Actor) -> CommandResult:
-        markup = parse_markup(cmd.markup)
-        increment = parse_usd(cmd.billing_increment)
-
         def decide(meta: EventMeta) -> Decision:
             workspace = self._workspace_for(actor, cmd.workspace_id, Role.OWNER, "setPlan")
+            markup = parse_markup(cmd.markup)
+            increment = parse_usd(cmd.billing_increment)
             workspace.set_plan(markup=markup, billing_increment_micros=increment, meta=meta)
             return Decision(workspace, "workspace", [workspace])
 
@@ -317,8 +313,9 @@ class AgentWorks(Application[UUID]):
             card = self._load(Card, cmd.card_id, actor, Role.MEMBER, "moveCard")
             _expect_version(card, cmd.expected_version)
             project = self._get(Project, card.project_id)
-            card.ensure_movable(cmd.to_lane, from_lane=project.current_lane(card.lane))
+            card.ensure_live("move")
             from_lane = project.lane_of(card.id)
+            card.ensure_movable(cmd.to_lane, from_lane=from_lane)
             position = project.move_card(
                 card.id,
                 cmd.to_lane,
@@ -372,7 +369,7 @@ class AgentWorks(Application[UUID]):
         def decide(meta: EventMeta) -> Decision:
             card = self._load(Card, cmd.card_id, actor, Role.MEMBER, "restoreCard")
             project = self._get(Project, card.project_id)
-            lane = cmd.lane or project.current_lane(card.lane)
+            lane = cmd.lane or project.lane_to_restore(card.id)
             if not card.archived:
                 card.restore(lane, card.position, meta=meta)  # raises: not archived
             position = project.place_card(card.id, lane, meta=meta)
@@ -402,10 +399,9 @@ class AgentWorks(Application[UUID]):
     # -- agent runs -----------------------------------------------------------------------------
 
     def start_agent_run(self, cmd: m.StartAgentRun, actor: Actor) -> CommandResult:
-        max_cost = None if cmd.max_cost is None else parse_usd(cmd.max_cost)
-
         def decide(meta: EventMeta) -> Decision:
             card = self._load(Card, cmd.card_id, actor, Role.MEMBER, "startAgentRun")
+            max_cost = None if cmd.max_cost is None else parse_usd(cmd.max_cost)
             if card.archived:
                 raise InvalidTransition(f"card {card.id} is archived; restore it to run agents")
             workspace = self._get(Workspace, card.workspace_id)
@@ -513,10 +509,9 @@ class AgentWorks(Application[UUID]):
         return self._change_run(cmd, actor, Role.ADMIN, "finishRun", change)
 
     def credit_charge(self, cmd: m.CreditCharge, actor: Actor) -> CommandResult:
-        amount = parse_usd(cmd.amount)
-
         def decide(meta: EventMeta) -> Decision:
             charge = self._load(UsageCharge, cmd.charge_id, actor, Role.OWNER, "creditCharge")
+            amount = parse_usd(cmd.amount)
             if cmd.refund:
                 charge.refund(amount, cmd.reason, at=cmd.at, meta=meta)
             else:

@@ -214,6 +214,10 @@ class Card(TenantAggregate):
             raise InvalidTransition(f"card {self.id} is not archived")
         self._record(self.Restored, meta, lane=lane, position=position)
 
+    def ensure_live(self, action: str) -> None:
+        """Refuse ``action`` on an archived card."""
+        self._live(action)
+
     def _live(self, action: str) -> None:
         if self.archived:
             raise InvalidTransition(f"cannot {action} card {self.id}: it is archived")

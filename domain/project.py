@@ -56,7 +56,7 @@ class Project(TenantAggregate):
         archived: bool
         lanes: list[LaneSpec]
         placements: dict[UUID, Placement]
-        renamed: dict[str, str]
+        lifted: dict[UUID, str]
 
     class Created(TenantAggregate.Created):
         name: str
@@ -68,7 +68,7 @@ class Project(TenantAggregate):
             aggregate.archived = False
             aggregate.lanes = [LaneSpec(lane["name"], lane["wip_limit"]) for lane in self.lanes]
             aggregate.placements = {}
-            aggregate.renamed = {}
+            aggregate.lifted = {}
 
     class Renamed(TenantAggregate.Event):
         name: str
@@ -101,11 +101,10 @@ class Project(TenantAggregate):
                 card: Placement(self.name, p.position) if p.lane == self.lane else p
                 for card, p in aggregate.placements.items()
             }
-            aggregate.renamed = {
-                old: self.name if new == self.lane else new
-                for old, new in aggregate.renamed.items()
+            aggregate.lifted = {
+                card: self.name if lane == self.lane else lane
+                for card, lane in aggregate.lifted.items()
             }
-            aggregate.renamed[self.lane] = self.name
 
     class LanesReordered(TenantAggregate.Event):
         order: list[str]
@@ -139,6 +138,7 @@ class Project(TenantAggregate):
 
         def apply(self, aggregate: Any) -> None:
             aggregate.placements[self.card_id] = Placement(self.lane, self.position)
+            aggregate.lifted.pop(self.card_id, None)
 
     class CardMoved(TenantAggregate.Event):
         card_id: UUID
@@ -157,6 +157,7 @@ class Project(TenantAggregate):
 
         def apply(self, aggregate: Any) -> None:
             del aggregate.placements[self.card_id]
+            aggregate.lifted[self.card_id] = self.lane
 
     @classmethod
     def create(
@@ -198,9 +199,13 @@ class Project(TenantAggregate):
         known = ", ".join(repr(s.name) for s in self.lanes)
         raise NotFound(f"project {self.id} has no lane {name!r}; lanes are {known}")
 
-    def current_lane(self, name: str) -> str:
-        """The lane's name today, following renames (cards remember the name they last saw)."""
-        return self.renamed.get(name, name)
+    def lane_to_restore(self, card_id: UUID) -> str:
+        """Where an archived card goes back to: the lane it left (under its current name), or
+        the first lane when that lane is gone."""
+        lane = self.lifted.get(card_id)
+        if lane is not None and any(spec.name == lane for spec in self.lanes):
+            return lane
+        return self.lanes[0].name
 
     def lane_of(self, card_id: UUID) -> str:
         return self._placement(card_id).lane

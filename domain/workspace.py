@@ -13,6 +13,7 @@ from domain.money import DEFAULT_BILLING_INCREMENT_MICROS, DEFAULT_MARKUP, forma
 from domain.roles import Role
 
 MAX_NAME_LENGTH = 200
+MARKUP_QUANTUM = Decimal("0.000001")
 
 
 def clean_name(value: str, *, what: str) -> str:
@@ -127,6 +128,7 @@ class Workspace(TenantAggregate):
         self._record(self.MemberAdded, meta, user_id=user_id, role=role.value)
 
     def change_role(self, user_id: str, role: Role, *, meta: EventMeta) -> None:
+        user_id = user_id.strip()
         current = self._member(user_id)
         if current is role:
             return
@@ -135,12 +137,13 @@ class Workspace(TenantAggregate):
         self._record(self.RoleChanged, meta, user_id=user_id, role=role.value)
 
     def remove_member(self, user_id: str, *, meta: EventMeta) -> None:
+        user_id = user_id.strip()
         if self._member(user_id) is Role.OWNER:
             self._keep_an_owner(user_id, action="remove")
         self._record(self.MemberRemoved, meta, user_id=user_id)
 
     def set_plan(self, *, markup: Decimal, billing_increment_micros: int, meta: EventMeta) -> None:
-        if not markup.is_finite() or markup <= 0 or int(markup.as_tuple().exponent) < -6:
+        if not markup.is_finite() or markup <= 0 or markup != markup.quantize(MARKUP_QUANTUM):
             raise ValidationFailed(
                 f"markup must be a positive number with at most 6 decimals, got {markup}"
             )

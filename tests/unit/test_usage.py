@@ -1,0 +1,238 @@
+"""Usage charges, their corrections, and the monthly spend that guards the spend limit."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from uuid import uuid4
+
+import pytest
+from aw_builders import collect, meta
+
+from domain.errors import BudgetExceeded, InvalidTransition, ValidationFailed
+from domain.meta import EventMeta
+from domain.usage import MonthlySpend, UsageCharge, charge_id_for, month_of, spend_id_for
+
+AT = datetime(2025, 3, 14, 9, 0, tzinfo=UTC)
+
+
+def make_charge(billed: int = 1_000, *, at: datetime = AT) -> UsageCharge:
+    workspace_id = uuid4()
+    charge = UsageCharge.charge(
+        workspace_id=workspace_id,
+        project_id=uuid4(),
+        card_id=uuid4(),
+        run_id=uuid4(),
+        call_id="call-1",
+        provider="openai",
+        model="gpt-x",
+        input_tokens=10,
+        output_tokens=20,
+        provider_cost_micros=billed // 5,
+        markup=Decimal(5),
+        billed_micros=billed,
+        price_table_version="2025-01",
+        at=at,
+        meta=meta(workspace_id),
+    )
+    collect(charge)
+    return charge
+
+
+def m(aggregate: UsageCharge | MonthlySpend) -> EventMeta:
+    return meta(aggregate.workspace_id, actor="finance")
+
+
+# -- ids and months -------------------------------------------------------------------------------
+
+
+def test_charge_id_is_derived_from_run_and_call() -> None:
+    run_id = uuid4()
+    assert charge_id_for(run_id, "c1") == charge_id_for(run_id, "c1")
+    assert charge_id_for(run_id, "c1") != charge_id_for(run_id, "c2")
+    assert charge_id_for(run_id, "c1") != charge_id_for(uuid4(), "c1")
+
+
+def test_spend_id_is_one_per_workspace_and_month() -> None:
+    workspace_id = uuid4()
+    assert spend_id_for(workspace_id, "2025-03") == spend_id_for(workspace_id, "2025-03")
+    assert spend_id_for(workspace_id, "2025-03") != spend_id_for(workspace_id, "2025-04")
+    assert spend_id_for(workspace_id, "2025-03") != spend_id_for(uuid4(), "2025-03")
+
+
+@pytest.mark.parametrize(
+    ("at", "month"),
+    [
+        (datetime(2025, 1, 1, tzinfo=UTC), "2025-01"),
+        (datetime(2025, 12, 31, 23, 59, 59, tzinfo=UTC), "2025-12"),
+        (datetime(999, 7, 4, tzinfo=UTC), "0999-07"),
+    ],
+)
+def test_month_of_is_year_and_month_in_utc(at: datetime, month: str) -> None:
+    assert month_of(at) == month
+
+
+def test_month_of_refuses_a_naive_time() -> None:
+    with pytest.raises(ValidationFailed, match="timezone-aware"):
+        month_of(datetime(2025, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("utc", "offset_hours", "month"),
+    [
+        (datetime(2026, 12, 1, 1, 30, tzinfo=UTC), -2, "2026-12"),  # local: Nov 30th
+        (datetime(2026, 11, 30, 23, 30, tzinfo=UTC), 5, "2026-11"),  # local: Dec 1st
+        (datetime(2026, 1, 1, 0, 0, tzinfo=UTC), -1, "2026-01"),  # local: last year
+    ],
+)
+def test_month_of_is_the_utc_month_whatever_the_offset(
+    utc: datetime, offset_hours: int, month: str
+) -> None:
+    assert month_of(utc.astimezone(timezone(timedelta(hours=offset_hours)))) == month
+
+
+# -- charges --------------------------------------------------------------------------------------
+
+
+def test_charge_records_billing_facts_with_markup_as_text_and_the_call_time() -> None:
+    workspace_id = uuid4()
+    run_id = uuid4()
+    charge = UsageCharge.charge(
+        workspace_id=workspace_id,
+        project_id=uuid4(),
+        card_id=uuid4(),
+        run_id=run_id,
+        call_id="c7",
+        provider="anthropic",
+        model="claude",
+        input_tokens=1,
+        output_tokens=2,
+        provider_cost_micros=3,
+        markup=Decimal("1.5"),
+        billed_micros=5,
+        price_table_version="v9",
+        at=AT,
+        meta=meta(workspace_id),
+    )
+    (event,) = collect(charge)
+    assert charge.id == charge_id_for(run_id, "c7")
+    assert (event.markup, event.billed_micros, event.month) == ("1.5", 5, "2025-03")
+    assert event.timestamp == AT
+    assert (charge.billed_micros, charge.credited_micros, charge.net_micros) == (5, 0, 5)
+
+
+def test_credit_lowers_the_net_amount() -> None:
+    charge = make_charge(1_000)
+    charge.credit(300, "goodwill", at=AT, meta=m(charge))
+    (event,) = collect(charge)
+    assert isinstance(event, UsageCharge.Credited)
+    assert (event.amount_micros, event.reason, event.month) == (300, "goodwill", "2025-03")
+    assert charge.net_micros == 700
+
+
+def test_refund_lowers_the_net_amount_too() -> None:
+    charge = make_charge(1_000)
+    charge.refund(1_000, " outage ", at=AT + timedelta(days=40), meta=m(charge))
+    (event,) = collect(charge)
+    assert isinstance(event, UsageCharge.Refunded)
+    assert (event.reason, event.month) == ("outage", "2025-04")
+    assert charge.net_micros == 0
+
+
+def test_corrections_cannot_exceed_the_net_amount() -> None:
+    charge = make_charge(1_000)
+    charge.credit(600, "first", at=AT, meta=m(charge))
+    collect(charge)
+    with pytest.raises(InvalidTransition, match=str(charge.id)) as caught:
+        charge.refund(401, "second", at=AT, meta=m(charge))
+    assert "0.000400" in caught.value.message
+    assert "0.000401" in caught.value.message
+    assert charge.net_micros == 400
+    assert collect(charge) == []
+    charge.refund(400, "exactly the rest", at=AT, meta=m(charge))
+    assert charge.net_micros == 0
+
+
+def test_a_fully_corrected_charge_refuses_any_further_correction() -> None:
+    charge = make_charge(10)
+    charge.credit(10, "all", at=AT, meta=m(charge))
+    with pytest.raises(InvalidTransition, match=str(charge.id)):
+        charge.credit(1, "more", at=AT, meta=m(charge))
+
+
+@pytest.mark.parametrize("amount", [0, -5])
+def test_non_positive_correction_is_refused(amount: int) -> None:
+    charge = make_charge()
+    with pytest.raises(ValidationFailed, match="must be positive"):
+        charge.credit(amount, "x", at=AT, meta=m(charge))
+    assert charge.net_micros == 1_000
+
+
+def test_correction_without_a_reason_is_refused() -> None:
+    charge = make_charge()
+    with pytest.raises(ValidationFailed, match=str(charge.id)):
+        charge.credit(1, "   ", at=AT, meta=m(charge))
+    assert collect(charge) == []
+
+
+def test_correction_at_a_naive_time_is_refused() -> None:
+    charge = make_charge()
+    with pytest.raises(ValidationFailed, match="timezone-aware"):
+        charge.credit(1, "x", at=datetime(2025, 3, 1), meta=m(charge))
+    assert charge.net_micros == 1_000
+
+
+# -- monthly spend --------------------------------------------------------------------------------
+
+
+def make_spend(spent: int = 0) -> MonthlySpend:
+    workspace_id = uuid4()
+    spend = MonthlySpend.open(workspace_id=workspace_id, month="2025-03", meta=meta(workspace_id))
+    if spent:
+        spend.add(uuid4(), spent, meta=m(spend))
+    collect(spend)
+    return spend
+
+
+def test_monthly_spend_opens_empty_under_its_derived_id() -> None:
+    spend = make_spend()
+    assert spend.id == spend_id_for(spend.workspace_id, "2025-03")
+    assert (spend.month, spend.spent_micros) == ("2025-03", 0)
+
+
+def test_monthly_spend_adds_charges_exactly() -> None:
+    spend = make_spend()
+    for amount in (1, 250_000, 999_999):
+        spend.add(uuid4(), amount, meta=m(spend))
+    assert spend.spent_micros == 1_250_000
+
+
+def test_check_room_without_a_limit_always_passes() -> None:
+    make_spend(10**15).check_room(None, wanted_micros=10**15)
+
+
+def test_check_room_passes_below_the_limit() -> None:
+    spend = make_spend(999)
+    spend.check_room(1_000)
+    spend.check_room(1_000, wanted_micros=1)
+
+
+def test_check_room_refuses_once_the_limit_is_reached() -> None:
+    spend = make_spend(1_000)
+    with pytest.raises(BudgetExceeded, match=str(spend.workspace_id)) as caught:
+        spend.check_room(1_000)
+    assert "2025-03" in caught.value.message
+    assert "0.001000" in caught.value.message
+    assert "more would exceed" not in caught.value.message
+
+
+def test_check_room_refuses_a_wanted_amount_that_would_pass_the_limit() -> None:
+    spend = make_spend(900)
+    with pytest.raises(BudgetExceeded, match=r"0\.000101 more would exceed"):
+        spend.check_room(1_000, wanted_micros=101)
+    spend.check_room(1_000, wanted_micros=100)
+
+
+def test_zero_limit_refuses_even_an_empty_month() -> None:
+    with pytest.raises(BudgetExceeded):
+        make_spend().check_room(0)
