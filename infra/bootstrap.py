@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from psycopg.conninfo import conninfo_to_dict
 
 from adapters.eventstore import DB_ROLE_ENV, PostgresCommandLog
+from adapters.kafka import create_topics, make_producer
+from adapters.postgres import PROJECTOR_ROLE, make_pool
 from commands.handlers import AgentWorks
+from domain.errors import ValidationFailed
+from projections.registry import all_projectors, projector_named
+from projections.runner import ProjectionRunner
+from streams.envelope import TOPICS
+from streams.log import EventLog
+from streams.relay import Relay, RelayPositions
 
 if TYPE_CHECKING:
+    from psycopg import Connection
+    from psycopg.rows import DictRow
+    from psycopg_pool import ConnectionPool
+
     from infra.settings import Settings
+    from projections.base import Change
 
 
 def event_store_env(database_url: str, *, db_role: str, pool_size: int) -> dict[str, str]:
@@ -55,3 +70,61 @@ def write_side_from(settings: Settings, database_url: str) -> AgentWorks:
         pool_size=settings.pool_size,
         retries=settings.command_retries,
     )
+
+
+@dataclass
+class ReadSide:
+    """The log reader, the projector pool and one runner per projector, built once."""
+
+    write_side: AgentWorks
+    event_log: EventLog
+    pool: ConnectionPool[Connection[DictRow]]
+    runners: list[ProjectionRunner]
+
+    def runner(self, name: str) -> ProjectionRunner:
+        for runner in self.runners:
+            if runner.name == name:
+                return runner
+        raise ValidationFailed(
+            f"there is no projector named {name!r}; choose one of "
+            f"{', '.join(r.name for r in self.runners)}"
+        )
+
+    def close(self) -> None:
+        self.pool.close()
+        self.write_side.close()
+
+
+def build_read_side(
+    settings: Settings,
+    database_url: str,
+    *,
+    projector_names: list[str] | None = None,
+    on_commit: Callable[[list[Change]], None] | None = None,
+) -> ReadSide:
+    write_side = write_side_from(settings, database_url)
+    event_log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
+    pool = make_pool(database_url, role=PROJECTOR_ROLE, max_size=settings.pool_size)
+    projectors = (
+        [projector_named(name) for name in projector_names] if projector_names else all_projectors()
+    )
+    runners = [ProjectionRunner(p, pool, event_log, on_commit=on_commit) for p in projectors]
+    return ReadSide(write_side, event_log, pool, runners)
+
+
+def build_relay(settings: Settings, database_url: str) -> tuple[Relay, AgentWorks]:
+    """The relay and the write side whose log it tails (closed by the caller)."""
+    bootstrap = settings.kafka_bootstrap
+    if not bootstrap:
+        raise ValidationFailed("AGENTWORKS_KAFKA_BOOTSTRAP is not set; the relay needs Kafka")
+    create_topics(bootstrap, [settings.topic_prefix + t for t in TOPICS], settings.topic_partitions)
+    write_side = write_side_from(settings, database_url)
+    event_log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
+    relay = Relay(
+        event_log,
+        lambda: make_producer(bootstrap),
+        RelayPositions(database_url, role=settings.db_app_role),
+        topic_prefix=settings.topic_prefix,
+        listen_url=database_url,
+    )
+    return relay, write_side

@@ -18,12 +18,23 @@ anything the user should fix; :func:`main` turns them into one line and an exit 
 
 from __future__ import annotations
 
+import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from typer.exceptions import TyperException
 
@@ -184,6 +195,171 @@ def token_command(
         private_key=keys.private_key,
     )
     typer.echo(token)
+
+
+def _database_url(settings: Settings) -> str:
+    if settings.database_url is None:
+        raise CliError(
+            "AGENTWORKS_DATABASE_URL is not set; point it at the PostgreSQL that holds the "
+            "event store (or use `agentworks dev`)"
+        )
+    return settings.database_url
+
+
+def _stop_on_signals(stop: Callable[[], None]) -> None:
+    """SIGTERM and SIGINT ask a long-running loop to finish its batch and exit cleanly."""
+
+    def handle(signum: int, _frame: object) -> None:
+        stop()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+@app.command("relay")
+def relay_command() -> None:
+    """Publish the event log to Kafka, in order, resuming where the last run stopped."""
+    from infra.bootstrap import build_relay
+
+    settings = load_settings()
+    relay, write_side = build_relay(settings, _database_url(settings))
+    _stop_on_signals(relay.stop)
+    try:
+        relay.run_forever()
+    finally:
+        write_side.close()
+
+
+@app.command("worker")
+def worker_command(
+    projector: Annotated[
+        str | None,
+        typer.Option("--projector", help="Run only this projector (default: one process each)."),
+    ] = None,
+) -> None:
+    """Feed read models from Kafka: one consumer group per projector."""
+    settings = load_settings()
+    url = _database_url(settings)
+    if not settings.kafka_bootstrap:
+        raise CliError("AGENTWORKS_KAFKA_BOOTSTRAP is not set; workers consume from Kafka")
+    if projector is None:
+        _run_one_process_per_projector()
+        return
+    from infra.bootstrap import build_read_side
+    from streams.worker import run_worker
+
+    read_side = build_read_side(settings, url, projector_names=[projector])
+    try:
+        run_worker(
+            read_side.runners[0], settings.kafka_bootstrap, topic_prefix=settings.topic_prefix
+        )
+    finally:
+        read_side.close()
+
+
+def _run_one_process_per_projector() -> None:
+    import subprocess
+
+    from projections.registry import projector_names
+
+    children = [
+        subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "infra.cli", "worker", "--projector", name]
+        )
+        for name in projector_names()
+    ]
+
+    def stop() -> None:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+
+    _stop_on_signals(stop)
+    codes = [child.wait() for child in children]
+    if any(code not in (0, -signal.SIGTERM) for code in codes):
+        raise CliError(f"a projector worker failed (exit codes {codes})", exit_code=EXIT_FAILED)
+
+
+@app.command("rebuild")
+def rebuild_command(
+    name: Annotated[str, typer.Argument(help="Projector name, or 'all'.")],
+) -> None:
+    """Rebuild read models from the event log into fresh tables, then swap them in atomically.
+
+    The API keeps answering from the live tables meanwhile; an interrupted rebuild leaves them
+    untouched.
+    """
+    from infra.bootstrap import build_read_side
+    from projections.rebuild import rebuild
+
+    settings = load_settings()
+    names = None if name == "all" else [name]
+    read_side = build_read_side(settings, _database_url(settings), projector_names=names)
+    console = Console(stderr=True)
+    try:
+        head = read_side.event_log.head()
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} events/s"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=False) as progress:
+            for runner in read_side.runners:
+                task = progress.add_task(runner.name, total=max(head, 1), rate="-")
+                started = time.monotonic()
+
+                def advance(
+                    position: int, top: int, task: TaskID = task, t0: float = started
+                ) -> None:
+                    elapsed = max(time.monotonic() - t0, 1e-6)
+                    progress.update(
+                        task,
+                        completed=position,
+                        total=max(top, 1),
+                        rate=f"{position / elapsed:,.0f}",
+                    )
+
+                result = rebuild(
+                    runner.projector, read_side.pool, read_side.event_log, progress=advance
+                )
+                progress.update(
+                    task, completed=max(result.position, 1), total=max(result.position, 1)
+                )
+                console.print(
+                    f"{runner.name}: {result.events:,} events replayed, swapped in at position "
+                    f"{result.position:,}"
+                )
+    finally:
+        read_side.close()
+
+
+@app.command("status")
+def status_command() -> None:
+    """Where the log, the relay and every projector stand (lag in events)."""
+    import psycopg
+
+    settings = load_settings()
+    url = _database_url(settings)
+    with psycopg.connect(url) as conn:
+        head = conn.execute("SELECT coalesce(max(notification_id), 0) FROM agentworks_events")
+        head_position = int(head.fetchone()[0])  # type: ignore[index]
+        relays = conn.execute(
+            "SELECT relay, position FROM relay_positions ORDER BY relay"
+        ).fetchall()
+        projectors = conn.execute(
+            "SELECT projector, position FROM projection_positions "
+            "WHERE projector NOT LIKE '%#%' ORDER BY projector"
+        ).fetchall()
+    table = Table(title=f"event log head: {head_position:,}")
+    table.add_column("component")
+    table.add_column("position", justify="right")
+    table.add_column("lag", justify="right")
+    for kind, rows in (("relay", relays), ("projector", projectors)):
+        for component, position in rows:
+            table.add_row(f"{kind} {component}", f"{position:,}", f"{head_position - position:,}")
+    Console().print(table)
 
 
 # --- Entry point -------------------------------------------------------------------------------

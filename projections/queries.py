@@ -1,0 +1,346 @@
+"""Read-side queries: what the API asks of the read models, as plain values.
+
+Every function takes a connection that is already inside a transaction scoped to the caller's
+workspace (``SET LOCAL agentworks.workspace_id``), so row-level security confines it to that
+workspace; the functions filter by workspace too, which is what lets the indexes serve them.
+Money is integer micro-USD; turning it into the API's ``Money`` string is the API's business.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from psycopg.rows import dict_row
+
+from domain.errors import NotFound, ValidationFailed
+from domain.money import round_up_to_increment
+from domain.usage import month_of
+from projections.billing import UsageDimension
+
+if TYPE_CHECKING:
+    from psycopg import Connection
+
+MAX_LOG_PAGE = 10_000
+MAX_SEARCH_HITS = 500
+MAX_ACTIVITY_PAGE = 500
+
+_MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])", re.ASCII)
+
+
+# -- values ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class UsageRow:
+    key: str
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    provider_cost_micros: int
+    billed_micros: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatementLine:
+    project_id: UUID
+    description: str
+    billed_exact_micros: int
+    billed_micros: int
+    """``billed_exact_micros`` rounded up to the workspace's billing increment."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Statement:
+    workspace_id: UUID
+    month: str
+    billing_increment_micros: int
+    lines: list[StatementLine]
+    total_micros: int
+    """The sum of the rounded lines: what the invoice asks for."""
+    invoice_id: str | None = None
+    invoice_status: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogLine:
+    run_id: UUID
+    seq: int
+    at: datetime
+    stream: str
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogHit:
+    run_id: UUID
+    seq: int
+    at: datetime
+    stream: str
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivityItem:
+    position: int
+    at: datetime
+    actor: str
+    kind: str
+    summary: str
+    card_id: UUID | None
+    project_id: UUID | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivityPage:
+    items: list[ActivityItem]
+    has_next_page: bool
+    end_position: int | None
+    """Position of the last item: pass it as ``after_position`` for the next page."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSummary:
+    run_id: UUID
+    workspace_id: UUID
+    project_id: UUID
+    card_id: UUID
+    agent: str
+    status: str
+    provider: str | None
+    model: str | None
+    max_cost_micros: int | None
+    input_tokens: int
+    output_tokens: int
+    provider_cost_micros: int
+    billed_micros: int
+    llm_calls: int
+    requested_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    log_line_count: int
+    version: int
+
+
+_RUN_COLUMNS = ", ".join(RunSummary.__dataclass_fields__)
+
+
+# -- usage and billing -----------------------------------------------------------------------------
+
+
+def usage(
+    conn: Connection[Any],
+    workspace_id: UUID,
+    *,
+    from_: datetime,
+    to: datetime,
+    group_by: UsageDimension | str,
+) -> list[UsageRow]:
+    """Usage between ``from_`` and ``to`` grouped by one dimension, ordered by key.
+
+    Usage is kept per UTC day, so the window counts every day it touches: a day is in when it
+    overlaps ``[from_, to)``. With midnight bounds that is exactly the days in ``[from_, to)``.
+    Corrections lower ``billed`` only; calls, tokens and provider cost are what was used.
+    """
+    dimension = _dimension(group_by)
+    days = _days(from_, to)
+    if days is None:
+        return []
+    first_day, end_day = days
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT key, sum(calls) AS calls, sum(input_tokens) AS input_tokens,"
+            " sum(output_tokens) AS output_tokens,"
+            " sum(provider_cost_micros) AS provider_cost_micros,"
+            " sum(billed_micros) AS billed_micros"
+            " FROM rm_usage_daily"
+            " WHERE workspace_id = %s AND dimension = %s AND day >= %s AND day < %s"
+            " GROUP BY key ORDER BY key",
+            (workspace_id, dimension.value, first_day, end_day),
+        )
+        rows = cur.fetchall()
+    return [
+        UsageRow(
+            key=row["key"],
+            calls=int(row["calls"]),
+            input_tokens=int(row["input_tokens"]),
+            output_tokens=int(row["output_tokens"]),
+            provider_cost_micros=int(row["provider_cost_micros"]),
+            billed_micros=int(row["billed_micros"]),
+        )
+        for row in rows
+    ]
+
+
+def statement(conn: Connection[Any], workspace_id: UUID, month: str) -> Statement:
+    """The month's statement: one line per project, each rounded up to the billing increment.
+
+    Rounding is per line (``round_up_to_increment``), and the total is the sum of the rounded
+    lines, so the invoice equals what its lines show.
+    """
+    month = _month(month)
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT billing_increment_micros FROM rm_workspaces WHERE workspace_id = %s",
+            (workspace_id,),
+        )
+        workspace = cur.fetchone()
+        if workspace is None:
+            raise NotFound(f"workspace {workspace_id} does not exist")
+        increment = int(workspace["billing_increment_micros"])
+        cur.execute(
+            "SELECT s.project_id, s.billed_exact_micros, p.name"
+            " FROM rm_statement_lines AS s"
+            " LEFT JOIN rm_projects AS p ON p.project_id = s.project_id"
+            " WHERE s.workspace_id = %s AND s.month = %s"
+            " ORDER BY p.name, s.project_id",
+            (workspace_id, month),
+        )
+        rows = cur.fetchall()
+    lines = [
+        StatementLine(
+            project_id=row["project_id"],
+            description=f"Agent usage, {month}: "
+            + (row["name"] if row["name"] is not None else f"project {row['project_id']}"),
+            billed_exact_micros=int(row["billed_exact_micros"]),
+            billed_micros=round_up_to_increment(int(row["billed_exact_micros"]), increment),
+        )
+        for row in rows
+    ]
+    return Statement(
+        workspace_id=workspace_id,
+        month=month,
+        billing_increment_micros=increment,
+        lines=lines,
+        total_micros=sum(line.billed_micros for line in lines),
+    )
+
+
+def month_to_date_spend(
+    conn: Connection[Any], workspace_id: UUID, *, month: str | None = None
+) -> int:
+    """Net billed micro-USD of ``month`` (default: the current UTC month), credits deducted."""
+    month = _month(month) if month is not None else month_of(datetime.now(UTC))
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT billed_micros FROM rm_monthly_spend WHERE workspace_id = %s AND month = %s",
+            (workspace_id, month),
+        )
+        row = cur.fetchone()
+    return int(row["billed_micros"]) if row else 0
+
+
+# -- runs and their logs ---------------------------------------------------------------------------
+
+
+def agent_run(conn: Connection[Any], run_id: UUID) -> RunSummary | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(f"SELECT {_RUN_COLUMNS} FROM rm_runs WHERE run_id = %s", (run_id,))
+        row = cur.fetchone()
+    return RunSummary(**row) if row else None
+
+
+def run_logs(
+    conn: Connection[Any], run_id: UUID, *, after_seq: int | None = None, first: int = 500
+) -> list[LogLine]:
+    """Up to ``first`` lines of a run after ``after_seq`` (from the start when None), in order."""
+    _page_size(first, MAX_LOG_PAGE)
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT run_id, seq, at, stream, text FROM rm_log_lines"
+            " WHERE run_id = %s AND seq > %s ORDER BY seq LIMIT %s",
+            (run_id, after_seq or 0, first),
+        )
+        return [LogLine(**row) for row in cur.fetchall()]
+
+
+def search_logs(
+    conn: Connection[Any], workspace_id: UUID, *, query: str, first: int = 50
+) -> list[LogHit]:
+    """Log lines matching a web-search style query (``"exact phrase" -not or``), best first.
+
+    Words are matched whole and unstemmed (the ``simple`` configuration): logs are full of
+    identifiers and paths that a language's stemmer would mangle.
+    """
+    _page_size(first, MAX_SEARCH_HITS)
+    if not query.strip() or first == 0:
+        return []
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT l.run_id, l.seq, l.at, l.stream, l.text"
+            " FROM rm_log_lines AS l, websearch_to_tsquery('simple', %s) AS q"
+            " WHERE l.workspace_id = %s AND l.tsv @@ q"
+            " ORDER BY ts_rank(l.tsv, q) DESC, l.run_id, l.seq LIMIT %s",
+            (query, workspace_id, first),
+        )
+        return [LogHit(**row) for row in cur.fetchall()]
+
+
+# -- activity --------------------------------------------------------------------------------------
+
+
+def activity_page(
+    conn: Connection[Any],
+    workspace_id: UUID,
+    *,
+    first: int = 50,
+    after_position: int | None = None,
+) -> ActivityPage:
+    """The workspace's activity, newest first, ``first`` items after the cursor position."""
+    _page_size(first, MAX_ACTIVITY_PAGE)
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT position, at, actor, kind, summary, card_id, project_id FROM rm_activity"
+            " WHERE workspace_id = %s AND (%s::bigint IS NULL OR position < %s::bigint)"
+            " ORDER BY position DESC LIMIT %s",
+            (workspace_id, after_position, after_position, first + 1),
+        )
+        rows = cur.fetchall()
+    items = [ActivityItem(**row) for row in rows[:first]]
+    return ActivityPage(
+        items=items,
+        has_next_page=len(rows) > first,
+        end_position=items[-1].position if items else None,
+    )
+
+
+# -- argument checks -------------------------------------------------------------------------------
+
+
+def _dimension(group_by: UsageDimension | str) -> UsageDimension:
+    try:
+        return UsageDimension(group_by)
+    except ValueError:
+        valid = ", ".join(d.value for d in UsageDimension)
+        raise ValidationFailed(f"cannot group usage by {group_by!r}; use one of {valid}") from None
+
+
+def _days(from_: datetime, to: datetime) -> tuple[date, date] | None:
+    """The first UTC day touched by ``[from_, to)`` and the day after the last one (None when
+    the window is empty)."""
+    for name, value in (("from", from_), ("to", to)):
+        if value.tzinfo is None:
+            raise ValidationFailed(f"{name} must be a timezone-aware UTC time, got {value}")
+    try:
+        start, end = from_.astimezone(UTC), to.astimezone(UTC)
+    except OverflowError:
+        raise ValidationFailed(f"the window {from_} .. {to} is out of range") from None
+    if end <= start:
+        return None
+    last = (end - timedelta(microseconds=1)).date()
+    return start.date(), last + timedelta(days=1) if last < date.max else last
+
+
+def _month(month: str) -> str:
+    if not _MONTH.fullmatch(month):
+        raise ValidationFailed(f"month must look like 2025-01, got {month!r}")
+    return month
+
+
+def _page_size(first: int, most: int) -> None:
+    if not 0 <= first <= most:
+        raise ValidationFailed(f"first must be between 0 and {most}, got {first}")

@@ -1,0 +1,96 @@
+"""Projector workers: Kafka → read models, one faust app (one consumer group) per projector.
+
+Each worker consumes the topics carrying its projector's aggregates, takes messages in batches,
+orders each batch by global position and hands it to the same :class:`ProjectionRunner` the
+embedded path uses. Offsets are committed after a batch is processed, so a worker killed
+mid-batch sees that batch again and the runner skips what was already applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from adapters.kafka import faust_settings
+from streams.envelope import TOPIC_BY_AGGREGATE, EventEnvelope
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from projections.base import Projector
+    from projections.runner import ProjectionRunner
+
+log = structlog.get_logger(__name__)
+
+BATCH_SIZE = 500
+BATCH_WITHIN_SECONDS = 0.05
+RETRY_SECONDS = 1.0
+
+
+def projector_topics(projector: Projector, prefix: str = "") -> list[str]:
+    return sorted({prefix + TOPIC_BY_AGGREGATE[name] for name in projector.aggregates})
+
+
+def consumer_group(projector_name: str) -> str:
+    return f"agentworks-projector-{projector_name}"
+
+
+def decode_batch(values: Iterable[bytes]) -> list[EventEnvelope]:
+    """Envelopes of one delivered batch in global order (per-aggregate order follows)."""
+    return sorted((EventEnvelope.from_bytes(v) for v in values), key=lambda e: e.position)
+
+
+def build_worker_app(
+    runner: ProjectionRunner,
+    bootstrap: str,
+    *,
+    topic_prefix: str = "",
+    session_timeout: float = 6.0,
+) -> Any:
+    """The faust app (and consumer group) of one projector."""
+    import faust
+
+    app = faust.App(
+        consumer_group(runner.projector.name),
+        **faust_settings(bootstrap, session_timeout=session_timeout),
+    )
+    topics = app.topic(
+        *projector_topics(runner.projector, topic_prefix),
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+    @app.agent(topics, name=f"project-{runner.projector.name}")
+    async def project(stream: Any) -> None:
+        async for values in stream.take(BATCH_SIZE, within=BATCH_WITHIN_SECONDS):
+            envelopes = decode_batch(values)
+            while True:
+                try:
+                    outcome = await asyncio.to_thread(runner.process, envelopes)
+                except Exception:
+                    # The batch stays unacknowledged until it is applied: never skip events.
+                    log.exception("worker.batch_failed", projector=runner.name)
+                    await asyncio.sleep(RETRY_SECONDS)
+                    continue
+                log.debug(
+                    "worker.batch",
+                    projector=runner.name,
+                    applied=outcome.applied,
+                    duplicates=outcome.duplicates,
+                    healed=outcome.healed,
+                    position=outcome.position,
+                )
+                break
+
+    return app
+
+
+def run_worker(runner: ProjectionRunner, bootstrap: str, *, topic_prefix: str = "") -> None:
+    """Run one projector's worker until SIGTERM/SIGINT (faust leaves the group cleanly)."""
+    import faust
+
+    app = build_worker_app(runner, bootstrap, topic_prefix=topic_prefix)
+    log.info("worker.starting", projector=runner.name, group=consumer_group(runner.name))
+    faust.Worker(app, loglevel="warning").execute_from_commandline()
