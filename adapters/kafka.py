@@ -76,7 +76,7 @@ HeaderValue = str | bytes
 
 
 class KafkaSetupError(RuntimeError):
-    """Topics could not be created or did not show up in the broker's metadata in time."""
+    """The broker was unreachable, refused a topic, or the topics did not show up in time."""
 
 
 def create_topics(
@@ -100,11 +100,17 @@ def create_topics(
     if not wanted:
         return []
     deadline = time.monotonic() + timeout
-    admin = KafkaAdminClient(
-        bootstrap_servers=bootstrap,
-        client_id="agentworks-admin",
-        request_timeout_ms=int(timeout * 1000),
-    )
+    admin_config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "client_id": "agentworks-admin",
+        "request_timeout_ms": int(timeout * 1000),
+    }
+    if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG:  # kafka-python >= 3.0
+        admin_config["bootstrap_timeout_ms"] = int(timeout * 1000)
+    try:
+        admin = KafkaAdminClient(**admin_config)
+    except KafkaError as exc:
+        raise KafkaSetupError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
     try:
         existing = set(admin.list_topics())
         created: list[str] = []
@@ -118,13 +124,11 @@ def create_topics(
                 )
             except TopicAlreadyExistsError:
                 continue
-            except KafkaError as exc:
-                raise KafkaSetupError(
-                    f"cannot create topic {name!r} on {bootstrap}: {exc}"
-                ) from exc
             created.append(name)
         _wait_visible(admin, wanted, deadline, bootstrap)
         _warn_on_partition_mismatch(admin, [n for n in wanted if n not in created], partitions)
+    except KafkaError as exc:
+        raise KafkaSetupError(f"cannot create topics {wanted} on {bootstrap}: {exc}") from exc
     finally:
         admin.close()
     if created:
@@ -205,7 +209,10 @@ def producer_is_fatal(producer: KafkaProducer) -> bool:
     """True when ``producer`` can never deliver again and must be closed and rebuilt.
 
     Reads kafka-python's transaction manager (a private attribute, checked defensively); a
-    producer without one (not idempotent) is never fatal in that sense.
+    producer without one (not idempotent) is never fatal in that sense. After the broker lost
+    its memory the first failed future resolves while the epoch bump is still in flight, about
+    0.1 s before the fatal state is reached, so right after a failure this may still say False:
+    the safe rule for the relay is to discard the producer after *any* failed delivery.
     """
     manager = getattr(producer, "_transaction_manager", None)
     if manager is None:

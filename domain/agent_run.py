@@ -213,7 +213,7 @@ class AgentRun(TenantAggregate):
                     "seq": first + offset,
                     "at": at.isoformat(),
                     "stream": stream,
-                    "text": text[:MAX_LOG_LINE_LENGTH],
+                    "text": text[:MAX_LOG_LINE_LENGTH].replace("\x00", "\ufffd"),
                 }
             )
         self._record(self.LogChunkAppended, meta, first_seq=first, lines=payload)
@@ -283,7 +283,8 @@ class AgentRun(TenantAggregate):
 
     def fail(self, error: str, *, meta: EventMeta) -> None:
         self._expect(RunStatus.RUNNING, action="fail")
-        self._record(self.Failed, meta, error=(error.strip() or "unknown error")[:2000])
+        text = (error.strip() or "unknown error")[:2000].replace("\x00", "\ufffd")
+        self._record(self.Failed, meta, error=text)
 
     def time_out(self, after_seconds: int, *, meta: EventMeta) -> None:
         self._expect(RunStatus.RUNNING, action="time out")

@@ -224,6 +224,8 @@ class Card(TenantAggregate):
 
 
 def _description(value: str) -> str:
+    if "\x00" in value:
+        raise ValidationFailed("description must not contain NUL characters")
     if len(value) > MAX_DESCRIPTION_LENGTH:
         raise ValidationFailed(
             f"description is {len(value)} characters; at most {MAX_DESCRIPTION_LENGTH}"

@@ -163,6 +163,7 @@ class UsageCharge(TenantAggregate):
             amount_micros=amount_micros,
             reason=reason.strip(),
             month=month_of(at),
+            timestamp=at,
         )
 
 

@@ -21,6 +21,8 @@ def clean_name(value: str, *, what: str) -> str:
     name = value.strip()
     if not name:
         raise ValidationFailed(f"{what} must not be empty")
+    if "\x00" in name:
+        raise ValidationFailed(f"{what} must not contain NUL characters")
     if len(name) > MAX_NAME_LENGTH:
         raise ValidationFailed(f"{what} is {len(name)} characters; at most {MAX_NAME_LENGTH}")
     return name

@@ -241,11 +241,16 @@ class KanbanProjector(Projector):
         self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
     ) -> None:
         p = env.payload
+        # Upsert: run events (another topic) may already have left a row carrying run data.
         cur.execute(
             t.q(
                 "INSERT INTO {rm_cards} (workspace_id, card_id, project_id, title, description,"
                 " lane, position, version, created_at, updated_at)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (card_id) DO UPDATE SET project_id = EXCLUDED.project_id,"
+                " title = EXCLUDED.title, description = EXCLUDED.description,"
+                " lane = EXCLUDED.lane, position = EXCLUDED.position, version = EXCLUDED.version,"
+                " created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at"
             ),
             (
                 env.workspace_id,
@@ -324,9 +329,16 @@ class KanbanProjector(Projector):
     def _run_requested(
         self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
     ) -> None:
-        cur.execute(
-            t.q("UPDATE {rm_cards} SET last_run_id = %s WHERE card_id = %s"),
-            (env.originator_id, env.payload["card_id"]),
+        self._card_run_upsert(
+            cur,
+            t,
+            env,
+            "last_run_id = CASE WHEN EXCLUDED.last_run_position > c.last_run_position"
+            " THEN EXCLUDED.last_run_id ELSE c.last_run_id END,"
+            " last_run_position = GREATEST(c.last_run_position, EXCLUDED.last_run_position)",
+            last_run_id=env.originator_id,
+            last_run_position=env.position,
+            cost_micros=0,
         )
         self._run_changed(env, changes, env.payload["project_id"], env.payload["card_id"])
 
@@ -334,11 +346,52 @@ class KanbanProjector(Projector):
     def _run_cost(
         self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
     ) -> None:
-        cur.execute(
-            t.q("UPDATE {rm_cards} SET cost_micros = cost_micros + %s WHERE card_id = %s"),
-            (env.payload["billed_micros"], env.payload["card_id"]),
+        self._card_run_upsert(
+            cur,
+            t,
+            env,
+            "cost_micros = c.cost_micros + EXCLUDED.cost_micros",
+            last_run_id=None,
+            last_run_position=0,
+            cost_micros=int(env.payload["billed_micros"]),
         )
         self._run_changed(env, changes, env.payload["project_id"], env.payload["card_id"])
+
+    @staticmethod
+    def _card_run_upsert(
+        cur: Cursor[DictRow],
+        t: Tables,
+        env: EventEnvelope,
+        assignments: str,
+        *,
+        last_run_id: object,
+        last_run_position: int,
+        cost_micros: int,
+    ) -> None:
+        """Apply run data to the card whether or not the card's own events arrived yet.
+
+        A card not seen yet gets a placeholder row (empty lane, version 0) that its creation
+        event fills in; both updates commute, so any delivery order ends in the same row.
+        """
+        cur.execute(
+            t.q(
+                "INSERT INTO {rm_cards} AS c (workspace_id, card_id, project_id, title,"
+                " description, lane, position, version, created_at, updated_at, last_run_id,"
+                " last_run_position, cost_micros)"
+                " VALUES (%s, %s, %s, '', '', '', '', 0, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (card_id) DO UPDATE SET " + assignments
+            ),
+            (
+                env.workspace_id,
+                env.payload["card_id"],
+                env.payload["project_id"],
+                env.timestamp,
+                env.timestamp,
+                last_run_id,
+                last_run_position,
+                cost_micros,
+            ),
+        )
 
     @on("AgentRun.Started", "AgentRun.Succeeded", "AgentRun.Failed", "AgentRun.Cancelled",
         "AgentRun.TimedOut")  # fmt: skip

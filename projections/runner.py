@@ -104,7 +104,13 @@ class ProjectionRunner:
         outcome = BatchOutcome()
         followed = [env for env in envelopes if self.projector.follows(env)]
         ids = sorted({env.originator_id for env in followed})
-        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        with (
+            self.pool.connection() as conn,
+            conn.pipeline(),
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            # Pipeline mode: a batch's statements go out without waiting for each answer.
             # Shared with rebuild's swap, which takes it exclusively to switch tables safely.
             cur.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self._lock_key,))
             versions = self._lock_versions(cur, ids)
