@@ -21,6 +21,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -214,6 +215,74 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+
+
+@app.command("dev")
+def dev_command(
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Where the embedded database and dev secret live."),
+    ] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="Seed a demo workspace.")] = False,
+) -> None:
+    """Run everything in one process: database (embedded by default), API and projectors."""
+    from adapters.tokens import issue_token
+    from infra.demo import seed_demo
+    from infra.stack import build_dev_stack, serve_app
+    from read_api.app import create_app
+
+    overrides: dict[str, object] = {} if data_dir is None else {"data_dir": data_dir}
+    settings = load_settings(**overrides)
+    console = Console(stderr=True, soft_wrap=True)
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    stack = build_dev_stack(settings, settings.data_dir)
+    try:
+        stack.start()
+        where = "embedded PostgreSQL" if settings.database_url is None else "configured PostgreSQL"
+        console.print(
+            f"[bold]AgentWorks dev[/bold] on {where}, fan-out: {stack.mode}; "
+            f"data dir {settings.data_dir.resolve()}"
+        )
+        if demo:
+            seeded = seed_demo(stack.write)
+            keys = jwt_keys(settings, data_dir=settings.data_dir)
+            token = issue_token(
+                user_id=seeded.owner,
+                workspace_id=str(seeded.workspace_id),
+                role=Role.OWNER,
+                ttl_seconds=7 * 24 * 3600,
+                secret=keys.secret,
+                private_key=keys.private_key,
+            )
+            console.print(
+                f"Demo workspace {seeded.workspace_id}, project {seeded.project_id} "
+                f"({seeded.cards} cards). Token for {seeded.owner} (OWNER):"
+            )
+            typer.echo(token)
+        console.print(f"GraphQL: http://{host}:{port}/graphql  (Ctrl-C to stop)")
+        serve_app(create_app(stack.services), host=host, port=port)
+    finally:
+        stack.stop()
+        console.print("stopped")
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+) -> None:
+    """Run the GraphQL API alone against the configured PostgreSQL (and Redis)."""
+    from infra.stack import api_process, serve_app
+
+    settings = load_settings()
+    _database_url(settings)
+    app_, write_side = api_process(settings)
+    try:
+        serve_app(app_, host=host, port=port)
+    finally:
+        write_side.close()
 
 
 @app.command("relay")

