@@ -640,9 +640,14 @@ class AgentWorks(Application[UUID]):
         except ValueError:
             return None
 
-    def _get(self, cls: type[A], aggregate_id: UUID, *, version: int | None = None) -> A:
+    def _get(
+        self, cls: type[A], aggregate_id: UUID, *, version: int | None = None, copy: bool = True
+    ) -> A:
+        """Load an aggregate; ``copy=False`` shares the cached instance, for reading only."""
         try:
-            aggregate: Aggregate = self.repository.get(aggregate_id, version=version)
+            aggregate: Aggregate = self.repository.get(
+                aggregate_id, version=version, deepcopy_from_cache=copy
+            )
         except AggregateNotFoundError:
             raise NotFound(f"{_kind(cls)} {aggregate_id} does not exist") from None
         if not isinstance(aggregate, cls):
@@ -665,7 +670,7 @@ class AgentWorks(Application[UUID]):
         if str(workspace_id) != actor.workspace_id:
             raise NotFound(f"{_kind(cls)} {aggregate_id} does not exist")
         if not actor.is_service:
-            workspace = self._get(Workspace, workspace_id)
+            workspace = self._get(Workspace, workspace_id, copy=False)
             self._check_role(workspace, actor, needed, action)
         return aggregate
 
