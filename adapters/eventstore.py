@@ -47,6 +47,7 @@ from eventsourcing.postgres import (
 from eventsourcing.utils import Environment, EnvType, retry
 from psycopg.sql import SQL, Composed, Identifier
 
+from adapters.metrics import EVENTS_APPENDED
 from domain.idempotency import CommandRecord, StoredCommand
 
 DB_ROLE_ENV = "AGENTWORKS_DB_ROLE"
@@ -144,6 +145,7 @@ class EventStoreRecorder(PostgresApplicationRecorder):
                         failure = failure or e
                     if failure is None and stored_events:
                         conn.execute(self._notify_sql)
+                        EVENTS_APPENDED.inc(len(stored_events))
                 if failure is not None:
                     raise failure
             except BaseException:

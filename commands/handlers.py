@@ -11,9 +11,10 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -34,6 +35,17 @@ from domain.usage import MonthlySpend, UsageCharge, month_of, spend_id_for
 from domain.workspace import Workspace
 
 BOOTSTRAP_SCOPE = "*"
+
+
+class CommandObserver(Protocol):
+    """Wraps each command (timing, tracing); yields the ``traceparent`` its events carry."""
+
+    def __call__(self, command_type: str, traceparent: str) -> AbstractContextManager[str]: ...
+
+
+def _unobserved(command_type: str, traceparent: str) -> AbstractContextManager[str]:
+    return nullcontext(traceparent)
+
 
 A = TypeVar("A", bound=Aggregate)
 
@@ -125,10 +137,12 @@ class AgentWorks(Application[UUID]):
         *,
         command_log: CommandLog | None = None,
         retries: int = 5,
+        observe: CommandObserver = _unobserved,
     ) -> None:
         super().__init__(env)
         self.command_log = command_log
         self.retries = retries
+        self.observe = observe
 
     # -- workspaces ---------------------------------------------------------------------------
 
@@ -552,6 +566,17 @@ class AgentWorks(Application[UUID]):
         workspace_hint: UUID | None,
         decide: Callable[[EventMeta], Decision],
     ) -> CommandResult:
+        with self.observe(type(cmd).__name__, actor.traceparent) as traceparent:
+            return self._execute_observed(cmd, actor, workspace_hint, decide, traceparent)
+
+    def _execute_observed(
+        self,
+        cmd: m.Command,
+        actor: Actor,
+        workspace_hint: UUID | None,
+        decide: Callable[[EventMeta], Decision],
+        traceparent: str,
+    ) -> CommandResult:
         # Bootstrap credentials are not a tenant: each bootstrap user gets a scope of their own.
         scope = actor.workspace_id if actor.workspace_id != "*" else f"*:{actor.user_id}"
         command_id = str(cmd.command_id) if cmd.command_id else None
@@ -567,7 +592,7 @@ class AgentWorks(Application[UUID]):
             command_id=cmd.command_id or uuid4(),
             correlation_id=actor.correlation_id,
             causation_id=actor.causation_id,
-            traceparent=actor.traceparent,
+            traceparent=traceparent,
         )
         for attempt in range(self.retries + 1):
             decision = decide(meta)

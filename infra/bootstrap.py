@@ -10,6 +10,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from adapters.eventstore import DB_ROLE_ENV, PostgresCommandLog
 from adapters.kafka import create_topics, make_producer
+from adapters.metrics import observe_command
 from adapters.postgres import PROJECTOR_ROLE, make_pool
 from commands.handlers import AgentWorks
 from domain.errors import ValidationFailed
@@ -58,7 +59,7 @@ def build_write_side(
     database_url: str, *, db_role: str = "agentworks_app", pool_size: int = 10, retries: int = 5
 ) -> AgentWorks:
     env = event_store_env(database_url, db_role=db_role, pool_size=pool_size)
-    app = AgentWorks(env, retries=retries)
+    app = AgentWorks(env, retries=retries, observe=observe_command)
     app.command_log = PostgresCommandLog(app.factory.datastore)  # type: ignore[attr-defined]
     return app
 

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 import structlog
+from opentelemetry.trace import SpanKind
 
+from adapters.telemetry import continue_trace, current_traceparent
 from streams.wakeup import LogWakeup
 
 if TYPE_CHECKING:
@@ -84,11 +86,11 @@ def topic_for(envelope: EventEnvelope, prefix: str) -> str:
     return prefix + envelope.topic
 
 
-def headers_for(envelope: EventEnvelope) -> list[tuple[str, bytes]]:
+def headers_for(envelope: EventEnvelope, traceparent: str = "") -> list[tuple[str, bytes]]:
     return [
         ("type", envelope.type.encode()),
         ("position", str(envelope.position).encode()),
-        ("traceparent", envelope.traceparent.encode()),
+        ("traceparent", (traceparent or envelope.traceparent).encode()),
         ("workspace", str(envelope.workspace_id or "").encode()),
     ]
 
@@ -135,15 +137,24 @@ class Relay:
             return 0
         producer = self._producer()
         try:
-            deliveries = [
-                producer.send(
-                    topic_for(envelope, self.topic_prefix),
-                    value=envelope.to_bytes(),
-                    key=str(envelope.workspace_id or envelope.originator_id).encode(),
-                    headers=headers_for(envelope),
-                )
-                for envelope in batch
-            ]
+            deliveries = []
+            for envelope in batch:
+                # The relay's span continues the command's trace; its own traceparent travels
+                # in the Kafka headers so the projector's span hangs below it.
+                with continue_trace(
+                    "relay publish",
+                    envelope.traceparent or None,
+                    kind=SpanKind.PRODUCER,
+                    attributes={"agentworks.position": envelope.position},
+                ):
+                    deliveries.append(
+                        producer.send(
+                            topic_for(envelope, self.topic_prefix),
+                            value=envelope.to_bytes(),
+                            key=str(envelope.workspace_id or envelope.originator_id).encode(),
+                            headers=headers_for(envelope, current_traceparent()),
+                        )
+                    )
             producer.flush(timeout=self.flush_timeout)
             for delivery in deliveries:
                 delivery.get(timeout=self.flush_timeout)

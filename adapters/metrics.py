@@ -1,0 +1,91 @@
+"""Prometheus metrics: what commands cost, what was appended, how far behind fan-out is."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import psycopg
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from adapters.telemetry import continue_trace, current_traceparent
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
+COMMAND_SECONDS = Histogram(
+    "agentworks_command_seconds",
+    "Time to handle a command, by command type and outcome (ok or the error code).",
+    ["command", "outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+EVENTS_APPENDED = Counter(
+    "agentworks_events_appended_total", "Events appended to the event store by this process."
+)
+HTTP_RESPONSES = Counter(
+    "agentworks_http_responses_total", "HTTP responses by status code.", ["status"]
+)
+
+
+@contextmanager
+def observe_command(command_type: str, traceparent: str) -> Iterator[str]:
+    """Time and trace one command; yields the ``traceparent`` its events should carry."""
+    started = time.perf_counter()
+    outcome = "ok"
+    with continue_trace(f"command {command_type}", traceparent or None) as span:
+        span.set_attribute("agentworks.command", command_type)
+        try:
+            yield current_traceparent()
+        except Exception as error:
+            outcome = str(getattr(error, "code", type(error).__name__))
+            span.set_attribute("agentworks.error_code", outcome)
+            raise
+        finally:
+            COMMAND_SECONDS.labels(command_type, outcome).observe(time.perf_counter() - started)
+
+
+class LagCollector(Collector):
+    """Log head, relay and projector positions and lags, read from Postgres at scrape time."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+
+    def collect(self) -> Iterator[Metric]:
+        head = GaugeMetricFamily(
+            "agentworks_log_head_position", "Highest global position in the event log."
+        )
+        relay = GaugeMetricFamily(
+            "agentworks_relay_lag_events",
+            "Events appended but not yet published.",
+            labels=["relay"],
+        )
+        projector = GaugeMetricFamily(
+            "agentworks_projector_lag_events",
+            "Events appended but not yet applied, per projector.",
+            labels=["projector"],
+        )
+        try:
+            with psycopg.connect(self.database_url, connect_timeout=3) as conn:
+                row = conn.execute(
+                    "SELECT coalesce(max(notification_id), 0) FROM agentworks_events"
+                ).fetchone()
+                top = int(row[0]) if row else 0
+                relays = conn.execute("SELECT relay, position FROM relay_positions").fetchall()
+                projectors = conn.execute(
+                    "SELECT projector, position FROM projection_positions "
+                    "WHERE projector NOT LIKE '%#%'"
+                ).fetchall()
+        except psycopg.Error:
+            return
+        head.add_metric([], top)
+        for name, position in relays:
+            relay.add_metric([name], top - int(position))
+        for name, position in projectors:
+            projector.add_metric([name], top - int(position))
+        yield head
+        yield relay
+        yield projector
