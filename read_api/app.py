@@ -1,0 +1,464 @@
+"""The HTTP face of AgentWorks: GraphQL at ``/graphql``, health at ``/healthz`` and ``/readyz``.
+
+``POST /graphql`` runs queries and mutations; ``GET /graphql`` upgraded to a WebSocket with the
+``graphql-transport-ws`` subprotocol runs subscriptions. Before a POST runs: the body size is
+checked (413), the bearer token verified (401), the caller's rate limits counted (429), the body
+parsed (400), and with ``X-Consistency-Token`` the read models awaited. Every refusal is a
+GraphQL-shaped body ``{"errors": [{"message", "extensions": {"code"}}]}``; a 500 only ever comes
+from a bug and says nothing about it but the request id.
+
+Build it with :func:`create_app`; run it with uvicorn (``read_api.testing`` for tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import structlog
+from fastapi import FastAPI
+from fastapi.routing import APIWebSocketRoute
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
+from strawberry import Schema
+from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
+from strawberry.fastapi import GraphQLRouter
+from strawberry.schema.exceptions import (
+    CannotGetOperationTypeError,
+    InvalidOperationTypeError,
+)
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.types.execution import PreExecutionError
+from strawberry.types.graphql import OperationType
+from strawberry.types.unset import UnsetType
+
+from domain.errors import RateLimited, Unauthenticated, ValidationFailed
+from read_api.auth import (
+    authenticate,
+    request_id,
+    token_from_connection_params,
+    traceparent,
+)
+from read_api.consistency import ConsistencyToken
+from read_api.context import RequestContext
+from read_api.errors import (
+    INTERNAL_MESSAGE,
+    RATE_LIMITED,
+    UNAUTHENTICATED,
+    VALIDATION,
+    error_body,
+    shape_errors,
+)
+from read_api.ratelimit import limits_for
+from read_api.runtime import ApiRuntime
+from read_api.schema import build_schema
+from read_api.services import ApiServices, RequestStats
+
+log = structlog.get_logger(__name__)
+
+GRAPHQL_PATH = "/graphql"
+_HTTP_OPERATIONS = frozenset({OperationType.QUERY, OperationType.MUTATION})
+_HEALTH_TIMEOUT = 2.0
+
+
+def create_app(services: ApiServices) -> FastAPI:
+    """The API application over ``services``.
+
+    On shutdown the app closes what lives in its event loop: the broadcaster and the
+    ``services.redis`` client (asyncio clients belong to the loop that used them), and its worker
+    threads. The write side and the pool are the composition root's to close.
+    """
+    runtime = ApiRuntime.build(services)
+    schema = build_schema(services.query_limits)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await services.broadcaster.aclose()
+            if services.redis is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await services.redis.aclose()
+            runtime.offloader.shutdown()
+
+    app = FastAPI(
+        title="AgentWorks API",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.runtime = runtime
+    if services.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(services.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "X-Consistency-Token",
+                "X-Request-Id",
+                "traceparent",
+            ],
+            expose_headers=["Retry-After", "X-Request-Id"],
+            max_age=600,
+        )
+
+    endpoint = GraphQLEndpoint(runtime, schema)
+    app.add_api_route(GRAPHQL_PATH, endpoint.post, methods=["POST"], include_in_schema=False)
+    app.add_api_route(GRAPHQL_PATH, endpoint.get, methods=["GET"], include_in_schema=False)
+    app.include_router(SubscriptionRouter(runtime, schema))
+
+    health = Health(runtime)
+    app.add_api_route("/healthz", health.alive, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/readyz", health.ready, methods=["GET"], include_in_schema=False)
+
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    return app
+
+
+# -- POST /graphql --------------------------------------------------------------------------------
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400, code: str = VALIDATION) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+class GraphQLEndpoint:
+    """Queries and mutations over HTTP."""
+
+    def __init__(self, runtime: ApiRuntime, schema: Schema) -> None:
+        self.runtime = runtime
+        self.services = runtime.services
+        self.schema = schema
+
+    async def get(self, request: Request) -> Response:
+        rid = request_id(request.headers.get("x-request-id"))
+        return _json(
+            error_body(
+                "queries and mutations are POSTed as JSON; GET is for WebSocket subscriptions "
+                "(subprotocol graphql-transport-ws)",
+                VALIDATION,
+            ),
+            405,
+            rid,
+            extra_headers={"Allow": "POST"},
+        )
+
+    async def post(self, request: Request) -> Response:
+        started = time.perf_counter()
+        rid = request_id(request.headers.get("x-request-id"))
+        try:
+            _check_declared_size(request, self.services.max_body_bytes)
+            principal = authenticate(request.headers.get("authorization"), self.services.jwt)
+            await self.runtime.limiter.hit(
+                limits_for(
+                    self.services.rate_limits,
+                    user_id=principal.user_id,
+                    workspace_id=None if principal.is_bootstrap else principal.workspace_id,
+                )
+            )
+            body = await _read_body(request, self.services.max_body_bytes)
+            query, variables, operation_name = _parse_request(
+                body, request.headers.get("content-type")
+            )
+            consistency = request.headers.get("x-consistency-token")
+            token = ConsistencyToken.parse(consistency) if consistency else None
+        except BadRequest as error:
+            return _json(error_body(error.message, error.code), error.status, rid)
+        except Unauthenticated as error:
+            return _json(
+                error_body(error.message, UNAUTHENTICATED),
+                401,
+                rid,
+                extra_headers={"WWW-Authenticate": 'Bearer realm="agentworks"'},
+            )
+        except RateLimited as error:
+            retry = max(1, round(error.retry_after_seconds))
+            return _json(
+                error_body(error.message, RATE_LIMITED, retryAfter=retry),
+                429,
+                rid,
+                extra_headers={"Retry-After": str(retry)},
+            )
+        except ValidationFailed as error:
+            return _json(error_body(error.message, VALIDATION), 400, rid)
+
+        context = RequestContext(
+            self.runtime,
+            request_id=rid,
+            traceparent=traceparent(request.headers.get("traceparent")),
+        )
+        context.request = request
+        context.authenticate(principal)
+        try:
+            if token is not None and not await self.runtime.waiter.wait_for_token(token):
+                context.stale = True
+            result = await self.schema.execute(
+                query,
+                variable_values=variables,
+                context_value=context,
+                operation_name=operation_name,
+                allowed_operation_types=_HTTP_OPERATIONS,
+            )
+        except InvalidOperationTypeError:
+            return _json(
+                error_body(
+                    "subscriptions run over a WebSocket (GET /graphql, graphql-transport-ws)",
+                    VALIDATION,
+                ),
+                400,
+                rid,
+            )
+        except CannotGetOperationTypeError as error:
+            return _json(error_body(error.as_http_error_reason(), VALIDATION), 400, rid)
+        except MissingQueryError:
+            return _json(error_body("the request has no query", VALIDATION), 400, rid)
+        finally:
+            await context.close()
+            self._report(rid, operation_name, context, started)
+
+        payload: dict[str, Any] = {}
+        if not isinstance(result, PreExecutionError):
+            payload["data"] = result.data
+        if result.errors:
+            payload["errors"] = [error.formatted for error in shape_errors(result.errors)]
+        extensions = dict(result.extensions or {})
+        if context.stale:
+            extensions["stale"] = True
+        if extensions:
+            payload["extensions"] = extensions
+        return _json(payload, 200, rid)
+
+    def _report(
+        self, rid: str, operation: str | None, context: RequestContext, started: float
+    ) -> None:
+        hook = self.services.stats_hook
+        if hook is None:
+            return
+        try:
+            hook(
+                RequestStats(
+                    request_id=rid,
+                    operation_name=operation,
+                    statements=context.counter.count,
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                )
+            )
+        except Exception:
+            log.exception("api.stats_hook_failed")
+
+
+def _check_declared_size(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return
+    try:
+        size = int(declared)
+    except ValueError:
+        raise BadRequest("Content-Length is not a number") from None
+    if size > limit:
+        raise BadRequest(f"request body exceeds {limit} bytes", status=413)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(f"request body exceeds {limit} bytes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_request(
+    body: bytes, content_type: str | None
+) -> tuple[str, dict[str, Any] | None, str | None]:
+    media = (content_type or "application/json").split(";", 1)[0].strip().lower()
+    if media not in ("application/json", "application/graphql-response+json"):
+        raise BadRequest(f"send the request as application/json, not {media[:60]}", status=415)
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if isinstance(data, list):
+        raise BadRequest("batched requests are not supported; send one operation per request")
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object with a 'query'")
+    query = data.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise BadRequest("the request needs a 'query' string")
+    variables = data.get("variables")
+    if variables is not None and not isinstance(variables, dict):
+        raise BadRequest("'variables' must be a JSON object")
+    operation_name = data.get("operationName")
+    if operation_name is not None and not isinstance(operation_name, str):
+        raise BadRequest("'operationName' must be a string")
+    return query, variables, operation_name
+
+
+def _json(
+    payload: Mapping[str, Any],
+    status: int,
+    rid: str,
+    *,
+    extra_headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    headers = {"X-Request-Id": rid, **(extra_headers or {})}
+    return JSONResponse(dict(payload), status_code=status, headers=headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
+    detail = exc.detail if isinstance(exc, StarletteHTTPException) else "error"
+    code = {401: UNAUTHENTICATED, 404: "NOT_FOUND", 429: RATE_LIMITED}.get(status, VALIDATION)
+    return _json(
+        error_body(str(detail), code), status, request_id(request.headers.get("x-request-id"))
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    rid = request_id(request.headers.get("x-request-id"))
+    if isinstance(exc, psycopg.OperationalError):
+        log.warning("api.database_unavailable", request_id=rid, error=str(exc))
+        return _json(
+            error_body("the database is unavailable; retry shortly", "UNAVAILABLE"), 503, rid
+        )
+    log.error("api.unexpected", request_id=rid, exc_info=exc)
+    return _json(error_body(INTERNAL_MESSAGE, "INTERNAL"), 500, rid)
+
+
+# -- WebSocket subscriptions ----------------------------------------------------------------------
+
+
+class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
+    """Strawberry's graphql-transport-ws handling, with our authentication on connection_init.
+
+    Only its WebSocket route is mounted; queries and mutations go through :class:`GraphQLEndpoint`.
+    The token comes from the ``connection_init`` payload (``{"Authorization": "Bearer …"}``) or,
+    for clients that can set it, the handshake's ``Authorization`` header.
+    """
+
+    def __init__(self, runtime: ApiRuntime, schema: Schema) -> None:
+        self.runtime = runtime
+
+        async def context(connection: HTTPConnection) -> RequestContext:
+            return RequestContext(
+                runtime,
+                request_id=request_id(connection.headers.get("x-request-id")),
+                traceparent=traceparent(connection.headers.get("traceparent")),
+                websocket=True,
+            )
+
+        super().__init__(
+            schema,
+            path=GRAPHQL_PATH,
+            graphql_ide=None,
+            allow_queries_via_get=False,
+            context_getter=context,
+            subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
+            connection_init_wait_timeout=timedelta(seconds=10),
+            allowed_origins=runtime.services.cors_origins,
+            include_in_schema=False,
+        )
+        self.routes = [route for route in self.routes if isinstance(route, APIWebSocketRoute)]
+
+    async def on_ws_connect(self, context: RequestContext) -> UnsetType | dict[str, object] | None:
+        services = self.runtime.services
+        headers = context.request.headers if context.request is not None else {}
+        authorization = token_from_connection_params(context.connection_params) or headers.get(
+            "authorization"
+        )
+        try:
+            principal = authenticate(authorization, services.jwt)
+            await self.runtime.limiter.hit(
+                limits_for(
+                    services.rate_limits,
+                    user_id=principal.user_id,
+                    workspace_id=None if principal.is_bootstrap else principal.workspace_id,
+                )
+            )
+        except (Unauthenticated, RateLimited) as error:
+            raise ConnectionRejectionError(
+                {"message": error.message, "extensions": {"code": error.code}}
+            ) from error
+        context.authenticate(principal)
+        return {"requestId": context.request_id}
+
+
+# -- health ---------------------------------------------------------------------------------------
+
+
+class Health:
+    """Liveness (the process answers) and readiness (it can serve: database, Redis, lag)."""
+
+    def __init__(self, runtime: ApiRuntime) -> None:
+        self.runtime = runtime
+
+    async def alive(self) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self) -> Response:
+        services = self.runtime.services
+        checks: dict[str, Any] = {}
+        ready = True
+        try:
+            head, positions = await asyncio.wait_for(
+                self.runtime.offloader.run(self._positions), _HEALTH_TIMEOUT
+            )
+            checks["database"] = "ok"
+            lags = {}
+            for projector in services.projectors:
+                position = positions.get(projector.name, 0)
+                lags[projector.name] = {"position": position, "lag": max(0, head - position)}
+                if services.max_projector_lag is not None and (
+                    head - position > services.max_projector_lag
+                ):
+                    ready = False
+            checks["head"] = head
+            checks["projectors"] = lags
+        except (psycopg.Error, TimeoutError, OSError) as error:
+            checks["database"] = f"unavailable ({type(error).__name__})"
+            ready = False
+        if services.redis is None:
+            checks["redis"] = "not configured"
+        else:
+            try:
+                await asyncio.wait_for(services.redis.ping(), _HEALTH_TIMEOUT)
+                checks["redis"] = "ok"
+            except (RedisError, OSError, TimeoutError) as error:
+                checks["redis"] = f"unavailable ({type(error).__name__})"
+                ready = False
+        checks["status"] = "ready" if ready else "not ready"
+        return JSONResponse(checks, status_code=200 if ready else 503)
+
+    def _positions(self) -> tuple[int, dict[str, int]]:
+        pool = self.runtime.services.pool
+        with pool.connection(timeout=_HEALTH_TIMEOUT) as conn:
+            head_row = conn.execute(
+                "SELECT coalesce(max(notification_id), 0) AS head FROM agentworks_events"
+            ).fetchone()
+            rows = conn.execute("SELECT projector, position FROM projection_positions").fetchall()
+        head = int(head_row["head"]) if head_row else 0
+        return head, {row["projector"]: int(row["position"]) for row in rows}
+
+
+__all__ = ["ApiServices", "create_app"]

@@ -1,0 +1,80 @@
+"""Who is calling: bearer tokens, request ids and trace context from request headers."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any
+from uuid import UUID
+
+from adapters.tokens import BOOTSTRAP_WORKSPACE, Principal, verify_token
+from domain.errors import Unauthenticated
+from read_api.services import JwtVerification
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", re.ASCII)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value; ``None`` when absent."""
+    if authorization is None or not authorization.strip():
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("Authorization must be 'Bearer <token>'")
+    return token.strip()
+
+
+def authenticate(authorization: str | None, jwt: JwtVerification) -> Principal:
+    """Verify the bearer token and check its workspace claim names a workspace (or ``*``)."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise Unauthenticated("missing bearer token: send 'Authorization: Bearer <JWT>'")
+    principal = verify_token(
+        token, secret=jwt.secret, public_key=jwt.public_key, leeway_seconds=jwt.leeway_seconds
+    )
+    if not principal.is_bootstrap:
+        try:
+            UUID(principal.workspace_id)
+        except ValueError:
+            raise Unauthenticated("token 'ws' claim is neither a workspace id nor '*'") from None
+    return principal
+
+
+def token_from_connection_params(params: Mapping[str, Any] | None) -> str | None:
+    """An ``Authorization`` value from a graphql-transport-ws ``connection_init`` payload.
+
+    Browsers cannot set headers on a WebSocket handshake, so clients put the token in the
+    payload: ``{"Authorization": "Bearer <JWT>"}`` (any case) or ``{"token": "<JWT>"}``.
+    """
+    if not params:
+        return None
+    for key, value in params.items():
+        if isinstance(value, str) and key.lower() == "authorization":
+            return value
+    token = params.get("token")
+    if isinstance(token, str) and token:
+        return f"Bearer {token}"
+    return None
+
+
+def workspace_uuid(principal: Principal) -> UUID | None:
+    """The token's workspace; ``None`` for a bootstrap token."""
+    if principal.workspace_id == BOOTSTRAP_WORKSPACE:
+        return None
+    return UUID(principal.workspace_id)
+
+
+def request_id(incoming: str | None) -> str:
+    """The caller's ``X-Request-Id`` when it is a sane token, else a fresh one."""
+    if incoming and _REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return uuid.uuid4().hex
+
+
+def traceparent(incoming: str | None) -> str:
+    """A W3C ``traceparent`` worth propagating into event metadata, else ``""``."""
+    if incoming and _TRACEPARENT.fullmatch(incoming.strip().lower()):
+        return incoming.strip().lower()
+    return ""

@@ -1,0 +1,346 @@
+"""Live updates for GraphQL subscriptions: projectors publish after commit, subscribers listen.
+
+Two implementations of one :class:`Broadcaster` interface:
+
+* :class:`LocalBroadcaster` — in process, for the embedded mode: projector threads publish, each
+  subscriber's asyncio loop receives (``loop.call_soon_threadsafe``).
+* :class:`RedisBroadcaster` — Redis pub/sub, so any API instance serves any subscriber; one pub/sub
+  connection per API process carries every channel its subscribers listen to.
+
+Messages are hints, not the record: a subscriber that falls behind, or loses messages while Redis
+reconnects, is told so (:class:`MessagesLost`) and re-reads the read model, which holds
+everything a message could have said. Publishing never fails a projector's batch.
+
+:meth:`Broadcaster.publish_changes` is the projection runner's ``on_commit`` callback; a process
+that runs projectors without serving the API publishes with :class:`RedisChangePublisher`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import redis
+import redis.asyncio
+import structlog
+from redis.exceptions import RedisError
+
+if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+    from projections.base import Change
+
+log = structlog.get_logger(__name__)
+
+Payload = dict[str, Any]
+
+DEFAULT_QUEUE_SIZE = 1000
+DEFAULT_CHANNEL_PREFIX = "agentworks:"
+
+
+class MessagesLost(Exception):
+    """Some messages for this feed were dropped (slow consumer or a broken connection)."""
+
+
+class Feed:
+    """One subscriber's queue of messages on one channel, read in its own asyncio loop."""
+
+    def __init__(self, channel: str, *, loop: asyncio.AbstractEventLoop, maxsize: int) -> None:
+        self.channel = channel
+        self.loop = loop
+        # ``None`` in the queue marks the place where messages were dropped.
+        self._queue: asyncio.Queue[Payload | None] = asyncio.Queue(maxsize)
+
+    async def get(self) -> Payload:
+        """The next message; raises :class:`MessagesLost` where messages were dropped."""
+        payload = await self._queue.get()
+        if payload is None:
+            raise MessagesLost(self.channel)
+        return payload
+
+    def deliver(self, payload: Payload) -> None:
+        """Queue ``payload``; must run in :attr:`loop`."""
+        try:
+            self._queue.put_nowait(payload)
+        except asyncio.QueueFull:
+            self.mark_lost()
+
+    def mark_lost(self) -> None:
+        """Replace what is queued by a loss marker; must run in :attr:`loop`.
+
+        The reader re-reads the read model on the marker, which covers every dropped message.
+        """
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+
+
+class Broadcaster(Protocol):
+    """Channels of JSON-able payloads (``"board:<projectId>"``, ``"run:<runId>"``)."""
+
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[Feed]:
+        """A feed of ``channel``; messages published after the ``async with`` is entered arrive."""
+        ...
+
+    async def publish(self, channel: str, payload: Payload) -> None: ...
+
+    def publish_changes(self, changes: Sequence[Change]) -> None:
+        """Publish projector changes; synchronous and thread-safe (a runner's ``on_commit``)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class LocalBroadcaster:
+    """In-process channels: publish from any thread, receive in each subscriber's loop."""
+
+    def __init__(self, *, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+        self._queue_size = queue_size
+        self._feeds: dict[str, set[Feed]] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[Feed]:
+        feed = Feed(channel, loop=asyncio.get_running_loop(), maxsize=self._queue_size)
+        with self._lock:
+            self._feeds.setdefault(channel, set()).add(feed)
+        try:
+            yield feed
+        finally:
+            with self._lock:
+                feeds = self._feeds.get(channel)
+                if feeds is not None:
+                    feeds.discard(feed)
+                    if not feeds:
+                        del self._feeds[channel]
+
+    def publish_sync(self, channel: str, payload: Payload) -> None:
+        with self._lock:
+            feeds = list(self._feeds.get(channel, ()))
+        for feed in feeds:
+            try:
+                feed.loop.call_soon_threadsafe(feed.deliver, payload)
+            except RuntimeError:
+                # The subscriber's loop is closed: it is going away.
+                continue
+
+    async def publish(self, channel: str, payload: Payload) -> None:
+        self.publish_sync(channel, payload)
+
+    def publish_changes(self, changes: Sequence[Change]) -> None:
+        for change in changes:
+            self.publish_sync(change.channel, change.payload)
+
+    async def aclose(self) -> None:
+        with self._lock:
+            self._feeds.clear()
+
+
+def encode_payload(payload: Mapping[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), default=str)
+
+
+class RedisChangePublisher:
+    """Publishes projector changes to Redis from a synchronous thread (workers, fan-out)."""
+
+    def __init__(self, client: redis.Redis, *, channel_prefix: str = DEFAULT_CHANNEL_PREFIX):
+        self._client = client
+        self._prefix = channel_prefix
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, channel_prefix: str = DEFAULT_CHANNEL_PREFIX
+    ) -> RedisChangePublisher:
+        return cls(redis.Redis.from_url(url), channel_prefix=channel_prefix)
+
+    def publish_changes(self, changes: Sequence[Change]) -> None:
+        if not changes:
+            return
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for change in changes:
+                pipe.publish(self._prefix + change.channel, encode_payload(change.payload))
+            pipe.execute()
+        except RedisError as error:
+            # Subscribers re-read the read model after a quiet spell; a lost hint costs latency,
+            # while raising would make the runner re-apply a batch it already committed.
+            log.warning("broadcast.publish_failed", error=str(error), changes=len(changes))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class RedisBroadcaster:
+    """Redis pub/sub channels shared by every API instance.
+
+    One pub/sub connection per process, read by one task, fans messages out to local feeds.
+    Subscribing waits for Redis to confirm, so a message published after :meth:`subscribe`
+    returns is never missed — which lets a subscriber subscribe first and then read history.
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        publisher: RedisChangePublisher | None = None,
+        channel_prefix: str = DEFAULT_CHANNEL_PREFIX,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        confirm_timeout: float = 5.0,
+    ) -> None:
+        self._client = client
+        self._publisher = publisher
+        self._prefix = channel_prefix
+        self._queue_size = queue_size
+        self._confirm_timeout = confirm_timeout
+        self._feeds: dict[str, set[Feed]] = {}
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._pubsub: redis.asyncio.client.PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock: asyncio.Lock | None = None
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, channel_prefix: str = DEFAULT_CHANNEL_PREFIX, **kwargs: Any
+    ) -> RedisBroadcaster:
+        """A broadcaster with its own clients: async for subscribers, sync for publishing."""
+        return cls(
+            redis.asyncio.Redis.from_url(url),
+            publisher=RedisChangePublisher.from_url(url, channel_prefix=channel_prefix),
+            channel_prefix=channel_prefix,
+            **kwargs,
+        )
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[Feed]:
+        feed = Feed(channel, loop=asyncio.get_running_loop(), maxsize=self._queue_size)
+        await self._add(channel, feed)
+        try:
+            yield feed
+        finally:
+            await asyncio.shield(self._remove(channel, feed))
+
+    async def publish(self, channel: str, payload: Payload) -> None:
+        await self._client.publish(self._prefix + channel, encode_payload(payload))
+
+    def publish_changes(self, changes: Sequence[Change]) -> None:
+        if self._publisher is None:
+            raise RuntimeError("this RedisBroadcaster was built without a synchronous publisher")
+        self._publisher.publish_changes(changes)
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._pubsub = None
+        self._feeds.clear()
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.aclose()
+        if self._publisher is not None:
+            self._publisher.close()
+
+    # -- the shared connection ------------------------------------------------------------------
+
+    def _guard(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    async def _add(self, channel: str, feed: Feed) -> None:
+        async with self._guard():
+            feeds = self._feeds.get(channel)
+            if feeds:
+                feeds.add(feed)
+                return
+            if self._pubsub is None:
+                self._pubsub = self._client.pubsub()
+            confirmed = asyncio.get_running_loop().create_future()
+            self._confirmations[self._prefix + channel] = confirmed
+            self._feeds[channel] = {feed}
+            try:
+                await self._pubsub.subscribe(self._prefix + channel)
+                # The reader starts once the connection exists (after the first SUBSCRIBE).
+                self._ensure_reader(self._pubsub)
+                await asyncio.wait_for(confirmed, self._confirm_timeout)
+            except BaseException:
+                self._feeds.pop(channel, None)
+                self._confirmations.pop(self._prefix + channel, None)
+                raise
+
+    async def _remove(self, channel: str, feed: Feed) -> None:
+        async with self._guard():
+            feeds = self._feeds.get(channel)
+            if feeds is None:
+                return
+            feeds.discard(feed)
+            if feeds:
+                return
+            del self._feeds[channel]
+            if self._pubsub is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._pubsub.unsubscribe(self._prefix + channel)
+
+    def _ensure_reader(self, pubsub: redis.asyncio.client.PubSub) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read(pubsub), name="redis-broadcast")
+
+    async def _read(self, pubsub: redis.asyncio.client.PubSub) -> None:
+        failures = 0
+        while True:
+            try:
+                message = await pubsub.get_message(timeout=1.0)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                # Whatever broke the connection, subscribers must hear that messages may be lost;
+                # the reader itself must not die, or every feed would go quiet for good.
+                failures += 1
+                log.warning("broadcast.redis_read_failed", error=repr(error))
+                self._all_lost()
+                await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+                continue
+            if message is not None:
+                self._dispatch(message)
+
+    def _dispatch(self, message: Mapping[str, Any]) -> None:
+        kind = message.get("type")
+        channel = _text(message.get("channel"))
+        if kind == "subscribe":
+            confirmed = self._confirmations.pop(channel, None)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+            return
+        if kind != "message" or not channel.startswith(self._prefix):
+            return
+        feeds = self._feeds.get(channel[len(self._prefix) :])
+        if not feeds:
+            return
+        try:
+            payload = json.loads(_text(message.get("data")))
+        except ValueError:
+            log.warning("broadcast.bad_message", channel=channel)
+            return
+        if not isinstance(payload, dict):
+            return
+        for feed in list(feeds):
+            feed.deliver(payload)
+
+    def _all_lost(self) -> None:
+        for feeds in self._feeds.values():
+            for feed in feeds:
+                feed.mark_lost()
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return "" if value is None else str(value)

@@ -1,0 +1,139 @@
+"""Read-your-writes: waiting until the read models include a given write.
+
+A mutation answers with ``consistencyToken = "position:aggregate id:version"``. A read waits until
+every projector that follows that kind of aggregate has applied the aggregate up to ``version``
+(``projection_versions``) and has reached ``position`` (``projection_positions``). The version is
+what makes the wait correct through Kafka, where a projector can pass a position before an earlier
+event of another partition arrives; the position makes it cover the command's other events (a
+card move also changes the board) on the embedded path, where the log is applied in order.
+
+Waits are bounded (``consistency_wait_ms``); a read that gave up answers with what there is and
+``extensions.stale = true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from domain.errors import ValidationFailed
+
+if TYPE_CHECKING:
+    from psycopg import Connection
+    from psycopg.rows import DictRow
+    from psycopg_pool import ConnectionPool
+
+    from projections.base import Projector
+    from read_api.db import Offloader
+
+# Short first: an embedded projector usually applies a write within a few milliseconds.
+_BACKOFF = (0.001, 0.002, 0.003, 0.005, 0.008)
+_MAX_SLEEP = 0.015
+
+
+@dataclass(frozen=True)
+class ConsistencyToken:
+    position: int
+    aggregate_id: UUID
+    version: int
+
+    @classmethod
+    def parse(cls, text: str) -> ConsistencyToken:
+        parts = text.strip().split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError(text)
+            position, aggregate_id, version = int(parts[0]), UUID(parts[1]), int(parts[2])
+        except ValueError:
+            raise ValidationFailed(
+                f"X-Consistency-Token {text[:100]!r} is not a token a mutation returned "
+                "('position:aggregate id:version')"
+            ) from None
+        if position < 0 or version < 0:
+            raise ValidationFailed(f"X-Consistency-Token {text[:100]!r} has a negative number")
+        return cls(position, aggregate_id, version)
+
+    def __str__(self) -> str:
+        return f"{self.position}:{self.aggregate_id}:{self.version}"
+
+
+def followers(projectors: tuple[type[Projector], ...], aggregate: str) -> list[str]:
+    """Names of the projectors that follow ``aggregate`` (``"Card"``)."""
+    return sorted(p.name for p in projectors if aggregate in p.aggregates)
+
+
+class ConsistencyWaiter:
+    """Polls projector tracking until a write is visible, within a time budget."""
+
+    def __init__(
+        self,
+        *,
+        pool: ConnectionPool[Connection[DictRow]],
+        offloader: Offloader,
+        projectors: tuple[type[Projector], ...],
+        wait_ms: int,
+    ) -> None:
+        self._pool = pool
+        self._offloader = offloader
+        self._projectors = projectors
+        self._wait_seconds = wait_ms / 1000
+
+    def projectors_for(self, wanted: tuple[str, ...]) -> list[str]:
+        """The deployment's projectors among ``wanted``."""
+        known = {p.name for p in self._projectors}
+        return [name for name in wanted if name in known]
+
+    async def wait_for_token(self, token: ConsistencyToken) -> bool:
+        """Wait for every projector following the token's aggregate; ``False`` on timeout."""
+        aggregate = await self._offloader.run(self._aggregate_of, token.aggregate_id)
+        if aggregate is None:
+            return False
+        names = followers(self._projectors, aggregate)
+        return await self.wait_for(token, names)
+
+    async def wait_for(self, token: ConsistencyToken, projectors: list[str]) -> bool:
+        """Wait until each of ``projectors`` applied the token's write; ``False`` on timeout."""
+        if not projectors:
+            return True
+        deadline = time.monotonic() + self._wait_seconds
+        attempt = 0
+        while True:
+            if await self._offloader.run(self._caught_up, token, projectors):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            delay = _BACKOFF[attempt] if attempt < len(_BACKOFF) else _MAX_SLEEP
+            attempt += 1
+            await asyncio.sleep(min(delay, remaining))
+
+    def _caught_up(self, token: ConsistencyToken, projectors: list[str]) -> bool:
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT n.projector, coalesce(p.position, 0) AS position,"
+                " coalesce(v.version, 0) AS version"
+                " FROM unnest(%s::text[]) AS n(projector)"
+                " LEFT JOIN projection_positions AS p ON p.projector = n.projector"
+                " LEFT JOIN projection_versions AS v"
+                "   ON v.projector = n.projector AND v.originator_id = %s",
+                (projectors, token.aggregate_id),
+            ).fetchall()
+        return all(
+            int(row["position"]) >= token.position and int(row["version"]) >= token.version
+            for row in rows
+        )
+
+    def _aggregate_of(self, aggregate_id: UUID) -> str | None:
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "SELECT topic FROM agentworks_events WHERE originator_id = %s"
+                " ORDER BY originator_version LIMIT 1",
+                (aggregate_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        # Topics look like "domain.card:Card.Created".
+        return str(row["topic"]).rpartition(":")[2].split(".", 1)[0]

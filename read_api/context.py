@@ -1,0 +1,140 @@
+"""The per-request (or per-WebSocket-connection) context every resolver receives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ParamSpec, TypeAlias, TypeVar
+from uuid import UUID
+
+import strawberry
+from strawberry.fastapi import BaseContext
+
+from commands.handlers import Actor
+from domain.errors import NotFound, Unauthenticated
+from read_api.auth import workspace_uuid
+from read_api.db import ReadScope, StatementCounter
+
+if TYPE_CHECKING:
+    from adapters.tokens import Principal
+    from read_api.runtime import ApiRuntime
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated caller and where the request came from."""
+
+    principal: Principal
+    request_id: str
+    traceparent: str
+
+    @property
+    def workspace_id(self) -> UUID | None:
+        return workspace_uuid(self.principal)
+
+    def actor(self) -> Actor:
+        return Actor(
+            user_id=self.principal.user_id,
+            workspace_id=self.principal.workspace_id,
+            correlation_id=self.request_id,
+            traceparent=self.traceparent,
+        )
+
+
+class RequestContext(BaseContext):
+    """Resolvers' view of the request: who calls, the services, and read scopes.
+
+    An HTTP request keeps its read scopes (and their DataLoaders) until it ends. A WebSocket
+    connection has no long-lived scope: each subscription event reads in a fresh one
+    (:meth:`fresh_scope`), so nothing is cached across events.
+    """
+
+    def __init__(
+        self,
+        runtime: ApiRuntime,
+        *,
+        request_id: str,
+        traceparent: str,
+        websocket: bool = False,
+    ) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.websocket = websocket
+        """True for a WebSocket connection, which only carries subscriptions."""
+        self.request_id = request_id
+        self.traceparent = traceparent
+        self.caller: Caller | None = None
+        self.stale = False
+        self.counter = StatementCounter()
+        self._scopes: dict[UUID, ReadScope] = {}
+        self._granted: set[UUID] = set()
+
+    # -- who is calling ------------------------------------------------------------------------
+
+    def authenticate(self, principal: Principal) -> None:
+        self.caller = Caller(principal, self.request_id, self.traceparent)
+
+    @property
+    def who(self) -> Caller:
+        if self.caller is None:
+            raise Unauthenticated("missing bearer token")
+        return self.caller
+
+    def actor(self) -> Actor:
+        return self.who.actor()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def home_scope(self) -> ReadScope | None:
+        """The scope of the token's workspace; ``None`` for a bootstrap token."""
+        workspace_id = self.who.workspace_id
+        return None if workspace_id is None else self.scope(workspace_id)
+
+    def scope_for(self, workspace_id: UUID) -> ReadScope:
+        """The scope of ``workspace_id`` if the caller may read it, else :class:`NotFound`."""
+        if workspace_id != self.who.workspace_id and workspace_id not in self._granted:
+            raise NotFound(f"workspace {workspace_id} does not exist")
+        return self.scope(workspace_id)
+
+    def grant(self, workspace_id: UUID) -> None:
+        """Let this request read a workspace it just created (the token predates it)."""
+        self._granted.add(workspace_id)
+
+    def scope(self, workspace_id: UUID) -> ReadScope:
+        scope = self._scopes.get(workspace_id)
+        if scope is None:
+            scope = self.fresh_scope(workspace_id)
+            self._scopes[workspace_id] = scope
+        return scope
+
+    def fresh_scope(self, workspace_id: UUID | None = None) -> ReadScope:
+        """A new scope the caller closes itself (subscriptions: one per event)."""
+        target = self.who.workspace_id if workspace_id is None else workspace_id
+        if target is None:
+            raise NotFound("a bootstrap token sees no workspace; create one first")
+        runtime = self.runtime
+        return ReadScope(
+            pool=runtime.services.pool,
+            offloader=runtime.offloader,
+            workspace_id=target,
+            user_id=self.who.principal.user_id,
+            counter=self.counter,
+            statement_timeout_ms=runtime.services.statement_timeout_ms,
+        )
+
+    async def close(self) -> None:
+        scopes, self._scopes = list(self._scopes.values()), {}
+        for scope in scopes:
+            await scope.close()
+
+    # -- blocking work -------------------------------------------------------------------------
+
+    async def offload(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self.runtime.offloader.run(fn, *args, **kwargs)
+
+
+Info: TypeAlias = strawberry.Info[RequestContext, None]
+"""What resolvers declare as their ``info`` parameter."""

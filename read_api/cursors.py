@@ -1,0 +1,80 @@
+"""Opaque Relay cursors: a kind tag and the sort key of the last item, base64url JSON.
+
+Clients must treat cursors as opaque; the tag makes a cursor of one list useless on another
+(``VALIDATION``) instead of silently paging from a wrong place.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime
+from uuid import UUID
+
+from domain.errors import ValidationFailed
+
+MAX_CURSOR_LENGTH = 512
+
+
+def encode(kind: str, *key: str | int) -> str:
+    raw = json.dumps([kind, *key], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode(cursor: str, kind: str, arity: int) -> list[str | int]:
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise ValidationFailed("cursor is too long; pass an endCursor this API returned")
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = json.loads(raw)
+    except (binascii.Error, ValueError):
+        raise ValidationFailed(f"cursor {cursor[:40]!r} is not one this API returned") from None
+    if (
+        not isinstance(value, list)
+        or len(value) != arity + 1
+        or value[0] != kind
+        or not all(isinstance(part, str | int) and not isinstance(part, bool) for part in value)
+    ):
+        raise ValidationFailed(f"cursor {cursor[:40]!r} does not belong to this list")
+    return value[1:]
+
+
+def card_cursor(position: str, card_id: UUID) -> str:
+    return encode("card", position, str(card_id))
+
+
+def parse_card_cursor(cursor: str) -> tuple[str, UUID]:
+    position, card_id = decode(cursor, "card", 2)
+    return str(position), _uuid(card_id)
+
+
+def run_cursor(requested_at: datetime, run_id: UUID) -> str:
+    return encode("run", requested_at.isoformat(), str(run_id))
+
+
+def parse_run_cursor(cursor: str) -> tuple[datetime, UUID]:
+    at, run_id = decode(cursor, "run", 2)
+    try:
+        when = datetime.fromisoformat(str(at))
+    except ValueError:
+        raise ValidationFailed("cursor does not belong to this list") from None
+    return when, _uuid(run_id)
+
+
+def activity_cursor(position: int) -> str:
+    return encode("activity", position)
+
+
+def parse_activity_cursor(cursor: str) -> int:
+    (position,) = decode(cursor, "activity", 1)
+    if not isinstance(position, int):
+        raise ValidationFailed("cursor does not belong to this list")
+    return position
+
+
+def _uuid(value: str | int) -> UUID:
+    try:
+        return UUID(str(value))
+    except ValueError:
+        raise ValidationFailed("cursor does not belong to this list") from None

@@ -1,0 +1,191 @@
+"""Reading the read models as one caller in one workspace, row-level security doing the scoping.
+
+A :class:`ReadScope` is one caller's view of one workspace for one request (or one subscription
+event). On first use it takes a connection from the API-role pool, opens a transaction and sets
+``agentworks.workspace_id`` for it (``set_config(..., true)``), so every ``rm_*`` row of another
+workspace is invisible to every statement, whatever the Python around it does. It then checks
+that the caller is still a member of the workspace: a token outlives a removal, membership does
+not. All of a request's reads share that transaction (READ COMMITTED: each statement sees what
+is committed when it starts, which is what a read after a consistency wait needs).
+
+Blocking work (psycopg, the write side) runs on the API's worker threads (:class:`Offloader`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import DictRow
+
+from domain.errors import NotFound
+
+if TYPE_CHECKING:
+    from psycopg import Connection
+    from psycopg_pool import ConnectionPool
+
+    from read_api.loaders import Loaders
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+_thread = threading.local()
+
+
+class StatementCounter:
+    """Counts SQL statements run on behalf of one request."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+class CountingCursor(psycopg.Cursor[DictRow]):
+    """A cursor that counts its statements against the request running on this thread."""
+
+    def execute(self, *args: Any, **kwargs: Any) -> CountingCursor:
+        counter: StatementCounter | None = getattr(_thread, "counter", None)
+        if counter is not None:
+            counter.add()
+        super().execute(*args, **kwargs)
+        return self
+
+
+class Offloader:
+    """Runs blocking calls on a bounded pool of worker threads."""
+
+    def __init__(self, threads: int) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="api-io")
+
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class ReadScope:
+    """One caller's transaction-scoped view of one workspace's read models."""
+
+    def __init__(
+        self,
+        *,
+        pool: ConnectionPool[Connection[DictRow]],
+        offloader: Offloader,
+        workspace_id: UUID,
+        user_id: str,
+        counter: StatementCounter,
+        statement_timeout_ms: int,
+    ) -> None:
+        self.workspace_id = workspace_id
+        self.user_id = user_id
+        self._pool = pool
+        self._offloader = offloader
+        self._counter = counter
+        self._timeout = str(statement_timeout_ms)
+        self._conn: Connection[DictRow] | None = None
+        self._member: bool | None = None
+        self._closed = False
+        self._async_lock = asyncio.Lock()
+        self._sync_lock = threading.Lock()
+        self._loaders: Loaders | None = None
+
+    @property
+    def loaders(self) -> Loaders:
+        """This scope's DataLoaders: one batch query per kind of object per tick."""
+        if self._loaders is None:
+            from read_api.loaders import Loaders
+
+            self._loaders = Loaders(self)
+        return self._loaders
+
+    async def run(self, fn: Callable[[Connection[DictRow]], T]) -> T:
+        """Run ``fn`` with this scope's connection on a worker thread.
+
+        Raises :class:`NotFound` when the caller is not a member of the workspace, so that a
+        workspace one may not see looks exactly like one that does not exist.
+        """
+        async with self._async_lock:
+            return await self._offloader.run(self._run, fn)
+
+    async def is_member(self) -> bool:
+        try:
+            await self.run(lambda conn: None)
+        except NotFound:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """End the transaction and give the connection back; safe to call twice."""
+        self._closed = True
+        if self._conn is not None:
+            await asyncio.shield(self._offloader.run(self._release))
+
+    def _run(self, fn: Callable[[Connection[DictRow]], T]) -> T:
+        with self._sync_lock:
+            if self._closed:
+                raise RuntimeError("read scope used after its request ended")
+            _thread.counter = self._counter
+            try:
+                conn = self._connection()
+                if not self._member:
+                    raise NotFound(f"workspace {self.workspace_id} does not exist")
+                try:
+                    return fn(conn)
+                except psycopg.Error:
+                    # The transaction is aborted; the next call starts a fresh one.
+                    self._release_locked()
+                    raise
+            finally:
+                _thread.counter = None
+
+    def _connection(self) -> Connection[DictRow]:
+        if self._conn is not None:
+            return self._conn
+        conn = self._pool.getconn()
+        try:
+            conn.cursor_factory = CountingCursor
+            conn.execute(
+                "SELECT set_config('agentworks.workspace_id', %s, true),"
+                " set_config('statement_timeout', %s, true)",
+                (str(self.workspace_id), self._timeout),
+            )
+            if self._member is None:
+                row = conn.execute(
+                    "SELECT 1 AS member FROM rm_members WHERE workspace_id = %s AND user_id = %s",
+                    (self.workspace_id, self.user_id),
+                ).fetchone()
+                self._member = row is not None
+        except BaseException:
+            self._give_back(conn)
+            raise
+        self._conn = conn
+        return conn
+
+    def _release(self) -> None:
+        with self._sync_lock:
+            self._release_locked()
+
+    def _release_locked(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._give_back(conn)
+
+    def _give_back(self, conn: Connection[DictRow]) -> None:
+        try:
+            if not conn.closed:
+                conn.rollback()
+        except psycopg.Error:
+            pass  # a broken connection: the pool discards it
+        self._pool.putconn(conn)

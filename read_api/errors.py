@@ -1,0 +1,138 @@
+"""Turning every failure into a GraphQL error with a stable ``extensions.code``.
+
+This is the one place where our exceptions become API error codes (STYLE.md 9)::
+
+    AgentWorksError (domain.errors)       -> its ``code`` (NOT_FOUND, FORBIDDEN, ... RATE_LIMITED
+                                             with ``retryAfter``)
+    pydantic.ValidationError (commands)   -> VALIDATION, naming the camelCase input fields
+    GraphQL syntax / validation / variable
+    coercion (no resolver ran)            -> VALIDATION, graphql-core's message
+    anything else in a resolver            -> INTERNAL, a generic message; logged with its trace
+
+Clients never see a stack trace or an exception's text unless it is one of ours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pydantic
+import structlog
+from graphql import GraphQLError
+from strawberry.extensions import SchemaExtension
+from strawberry.types.execution import ExecutionContext
+
+from domain.errors import AgentWorksError, RateLimited
+
+log = structlog.get_logger(__name__)
+
+VALIDATION = "VALIDATION"
+INTERNAL = "INTERNAL"
+UNAUTHENTICATED = "UNAUTHENTICATED"
+RATE_LIMITED = "RATE_LIMITED"
+
+INTERNAL_MESSAGE = "internal error; the request id in X-Request-Id identifies it in our logs"
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def describe_validation_error(error: pydantic.ValidationError) -> str:
+    """Pydantic's report as one line in the API's vocabulary (camelCase fields)."""
+    problems = []
+    for item in error.errors(include_url=False):
+        where = ".".join(camel(str(part)) for part in item["loc"])
+        message = str(item["msg"]).removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where else message)
+    return "invalid input: " + "; ".join(problems)
+
+
+def error_extensions(error: BaseException) -> dict[str, Any]:
+    """``extensions`` for one of our exceptions (``code``, and ``retryAfter`` when limited)."""
+    if isinstance(error, RateLimited):
+        return {"code": error.code, "retryAfter": max(1, round(error.retry_after_seconds))}
+    if isinstance(error, AgentWorksError):
+        return {"code": error.code}
+    return {"code": INTERNAL}
+
+
+def _cause(error: GraphQLError) -> BaseException | None:
+    cause: BaseException | None = error.original_error
+    while isinstance(cause, GraphQLError) and cause.original_error is not None:
+        cause = cause.original_error
+    return cause
+
+
+def shape_error(error: GraphQLError) -> GraphQLError:
+    """The client-facing version of ``error``: our message and code, or a generic INTERNAL."""
+    cause = _cause(error)
+    extensions = dict(error.extensions or {})
+    if isinstance(cause, GraphQLError) and cause is not error:
+        extensions = {**dict(cause.extensions or {}), **extensions}
+    if isinstance(cause, AgentWorksError):
+        # Before execution (a scalar refusing a variable) graphql-core's message also says
+        # which variable and field; from a resolver our own message is the whole story.
+        message = error.message if error.path is None else cause.message
+        return _rebuilt(error, message, {**extensions, **error_extensions(cause)})
+    if isinstance(cause, pydantic.ValidationError):
+        return _rebuilt(error, describe_validation_error(cause), {**extensions, "code": VALIDATION})
+    if "code" in extensions and (cause is None or isinstance(cause, GraphQLError)):
+        return _rebuilt(error, error.message, extensions)
+    if cause is None or isinstance(cause, GraphQLError) or error.path is None:
+        # Nothing ran yet: the document or its variables were refused (graphql-core's messages
+        # name the problem and contain no server detail), or a scalar refused a value.
+        if cause is not None and not isinstance(cause, GraphQLError | ValueError | TypeError):
+            log.error("graphql.pre_execution_failure", exc_info=cause)
+            return _rebuilt(error, INTERNAL_MESSAGE, {"code": INTERNAL})
+        return _rebuilt(error, error.message, {**extensions, "code": VALIDATION})
+    log.error("graphql.resolver_failed", path=".".join(str(p) for p in error.path), exc_info=cause)
+    return _rebuilt(error, INTERNAL_MESSAGE, {"code": INTERNAL})
+
+
+def _rebuilt(error: GraphQLError, message: str, extensions: dict[str, Any]) -> GraphQLError:
+    return GraphQLError(
+        message,
+        nodes=error.nodes,
+        source=error.source,
+        positions=error.positions,
+        path=error.path,
+        original_error=None,
+        extensions=extensions,
+    )
+
+
+def shape_errors(errors: Sequence[GraphQLError]) -> list[GraphQLError]:
+    return [shape_error(error) for error in errors]
+
+
+def error_body(message: str, code: str, **extensions: Any) -> dict[str, Any]:
+    """A GraphQL-shaped response body for failures outside execution (401, 413, 429, 400)."""
+    return {"errors": [{"message": message, "extensions": {"code": code, **extensions}}]}
+
+
+class ErrorShaping(SchemaExtension):
+    """Applies :func:`shape_error` to every result, HTTP and WebSocket alike."""
+
+    def on_operation(self) -> Iterator[None]:
+        yield
+        result = self.execution_context.result
+        errors = getattr(result, "errors", None)
+        if result is not None and errors:
+            result.errors = shape_errors(errors)
+
+    def on_stream_result(self, result: Any) -> Iterator[None]:
+        errors = getattr(result, "errors", None)
+        if errors:
+            result.errors = shape_errors(errors)
+        yield None
+
+
+def log_unexpected(errors: Sequence[GraphQLError], context: ExecutionContext | None) -> None:
+    """Schema.process_errors replacement: refusals are normal, only bugs are logged loudly."""
+    for error in errors:
+        cause = _cause(error)
+        if cause is None or isinstance(cause, AgentWorksError | pydantic.ValidationError):
+            log.debug("graphql.refused", message=error.message)

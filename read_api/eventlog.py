@@ -1,0 +1,171 @@
+"""What the API reads from the event log itself: a card's history and billing reconciliation.
+
+Both answer questions the read models cannot be trusted with: what a card looked like at a
+version (only the log remembers), and whether the billing read model still adds up to the log.
+Events are read through the API pool (``agentworks_api`` may SELECT the event table) and decoded
+with the write side's mapper, so stored events are upcast exactly as the write side sees them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.utils import get_topic
+
+from domain.card import Card
+from domain.errors import NotFound, ValidationFailed
+from domain.usage import UsageCharge
+from streams.envelope import EventEnvelope, envelope_from_event
+
+if TYPE_CHECKING:
+    from eventsourcing.persistence import Mapper
+    from psycopg import Connection
+    from psycopg.rows import DictRow
+
+_CHARGED = get_topic(UsageCharge.Charged)
+_CREDITED = get_topic(UsageCharge.Credited)
+_REFUNDED = get_topic(UsageCharge.Refunded)
+_CARD_AGGREGATE = Card.__name__
+
+
+def _decode(mapper: Mapper[UUID], row: DictRow) -> EventEnvelope:
+    stored = StoredEvent(
+        originator_id=row["originator_id"],
+        originator_version=int(row["originator_version"]),
+        topic=row["topic"],
+        state=bytes(row["state"]),
+    )
+    return envelope_from_event(int(row["notification_id"]), mapper.to_domain_event(stored))
+
+
+# -- card history ---------------------------------------------------------------------------------
+
+
+def card_events(
+    conn: Connection[DictRow], mapper: Mapper[UUID], *, card_id: UUID, workspace_id: UUID
+) -> list[EventEnvelope]:
+    """Every event of a card of ``workspace_id``, in version order; NotFound for anything else."""
+    rows = conn.execute(
+        "SELECT originator_id, originator_version, topic, state, notification_id"
+        " FROM agentworks_events WHERE originator_id = %s ORDER BY originator_version",
+        (card_id,),
+    ).fetchall()
+    envelopes = [_decode(mapper, row) for row in rows]
+    if (
+        not envelopes
+        or envelopes[0].aggregate != _CARD_AGGREGATE
+        or envelopes[0].workspace_id != workspace_id
+    ):
+        raise NotFound(f"card {card_id} does not exist")
+    return envelopes
+
+
+def chosen_version(
+    envelopes: list[EventEnvelope], *, as_of_version: int | None, as_of: datetime | None
+) -> int:
+    """The version a history request asks for: explicit, the last one at ``as_of``, or now."""
+    latest = envelopes[-1].originator_version
+    if as_of_version is not None and as_of is not None:
+        raise ValidationFailed("give asOfVersion or asOf, not both")
+    if as_of_version is not None:
+        if not 1 <= as_of_version <= latest:
+            raise ValidationFailed(
+                f"asOfVersion must be between 1 and {latest} for this card, got {as_of_version}"
+            )
+        return as_of_version
+    if as_of is not None:
+        before = [e.originator_version for e in envelopes if e.timestamp <= as_of]
+        if not before:
+            raise NotFound(
+                f"card {envelopes[0].originator_id} did not exist at {as_of.isoformat()}"
+            )
+        return before[-1]
+    return latest
+
+
+# -- reconciliation -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerComparison:
+    event_log_total: int
+    read_model_total: int
+    event_log_by_project: dict[UUID, int]
+    ledger_by_project: dict[UUID, int]
+    statement_by_project: dict[UUID, int]
+
+
+def reconcile(
+    conn: Connection[DictRow],
+    mapper: Mapper[UUID],
+    *,
+    workspace_id: UUID,
+    month: str,
+    prefilter_json: bool,
+) -> LedgerComparison:
+    """Net billed per project for ``month`` by the event log, the ledger and the statement lines.
+
+    The log's figure: every ``UsageCharge`` of the workspace, ``Charged`` billed amounts minus
+    ``Credited`` and ``Refunded`` amounts, each counted in the month its event names. A
+    correction names no project, so it is filed under its charge's project (from the charge's
+    ``Charged`` event, whatever month that was).
+    """
+    conn_args: list[Any] = [[_CHARGED, _CREDITED, _REFUNDED]]
+    sql = (
+        "SELECT originator_id, originator_version, topic, state, notification_id"
+        " FROM agentworks_events WHERE topic = ANY(%s)"
+    )
+    if prefilter_json:
+        # Plain JSON state (no cipher or compression): let Postgres skip other workspaces.
+        sql += " AND convert_from(state, 'UTF8')::jsonb #>> '{meta,workspace_id}' = %s"
+        conn_args.append(str(workspace_id))
+    rows = conn.execute(sql + " ORDER BY notification_id", conn_args).fetchall()
+    project_of: dict[UUID, UUID] = {}
+    corrections: list[tuple[UUID, int]] = []
+    by_project: dict[UUID, int] = defaultdict(int)
+    for row in rows:
+        envelope = _decode(mapper, row)
+        if envelope.workspace_id != workspace_id:
+            continue
+        payload = envelope.payload
+        if envelope.type.endswith(".Charged"):
+            project = UUID(str(payload["project_id"]))
+            project_of[envelope.originator_id] = project
+            if payload["month"] == month:
+                by_project[project] += int(payload["billed_micros"])
+        elif payload["month"] == month:
+            corrections.append((envelope.originator_id, int(payload["amount_micros"])))
+    for charge_id, amount in corrections:
+        charged = project_of.get(charge_id)
+        if charged is None:
+            raise RuntimeError(f"usage charge {charge_id} is corrected but never charged")
+        by_project[charged] -= amount
+
+    ledger = {
+        row["project_id"]: int(row["billed"])
+        for row in conn.execute(
+            "SELECT project_id, sum(billed_micros) AS billed FROM rm_ledger_entries"
+            " WHERE workspace_id = %s AND month = %s GROUP BY project_id",
+            (workspace_id, month),
+        ).fetchall()
+    }
+    statement = {
+        row["project_id"]: int(row["billed_exact_micros"])
+        for row in conn.execute(
+            "SELECT project_id, billed_exact_micros FROM rm_statement_lines"
+            " WHERE workspace_id = %s AND month = %s",
+            (workspace_id, month),
+        ).fetchall()
+    }
+    return LedgerComparison(
+        event_log_total=sum(by_project.values()),
+        read_model_total=sum(ledger.values()),
+        event_log_by_project=dict(by_project),
+        ledger_by_project=ledger,
+        statement_by_project=statement,
+    )

@@ -1,0 +1,369 @@
+"""The ``Query`` root: thin resolvers that scope, parse, read and shape.
+
+Every read happens in the caller's workspace scope (row-level security); an id of another
+workspace reads as nothing: ``null`` for nullable roots, ``NOT_FOUND`` for non-null ones.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated
+from uuid import UUID
+
+import strawberry
+from strawberry.scalars import JSON
+
+from domain.card import Card as CardAggregate
+from domain.errors import NotFound
+from projections import queries
+from projections.billing import UsageDimension
+from read_api import cursors, eventlog
+from read_api import fields as described
+from read_api.context import Info
+from read_api.scalars import Money
+from read_api.types import (
+    ID,
+    MAX_ACTIVITY_PAGE,
+    MAX_LOG_PAGE,
+    MAX_SEARCH_PAGE,
+    ActivityConnection,
+    ActivityEdge,
+    ActivityItem,
+    AgentRun,
+    Board,
+    Card,
+    CardHistory,
+    Discrepancy,
+    HistoryEvent,
+    LogHit,
+    LogLine,
+    Project,
+    Reconciliation,
+    Statement,
+    StatementLine,
+    UsageGroupingEnum,
+    UsageRow,
+    Workspace,
+    page_info,
+    page_size,
+    parse_id,
+    parse_month,
+)
+
+if TYPE_CHECKING:
+    from psycopg import Connection
+    from psycopg.rows import DictRow
+
+    from read_api.context import RequestContext
+    from read_api.db import ReadScope
+    from streams.envelope import EventEnvelope
+
+
+def _home(ctx: RequestContext, workspace_id: UUID | None = None) -> ReadScope | None:
+    """The caller's scope, or ``None`` when ``workspace_id`` is not the caller's workspace."""
+    scope = ctx.home_scope()
+    if scope is None or (workspace_id is not None and workspace_id != scope.workspace_id):
+        return None
+    return scope
+
+
+def _workspace_scope(ctx: RequestContext, workspace_id: str) -> ReadScope:
+    """The scope of a ``workspaceId`` argument; NOT_FOUND unless it is the caller's."""
+    wanted = parse_id(workspace_id, "workspaceId")
+    scope = _home(ctx, wanted)
+    if scope is None:
+        raise NotFound(f"workspace {wanted} does not exist")
+    return scope
+
+
+async def _card_row_or_none(scope: ReadScope | None, card_id: UUID) -> dict[str, object] | None:
+    if scope is None or not await scope.is_member():
+        return None
+    return await scope.loaders.card.load(card_id)
+
+
+@strawberry.type
+class Query:
+    @strawberry.field
+    async def workspace(self, info: Info, id: ID) -> Workspace | None:
+        wanted = parse_id(id, "id")
+        scope = _home(info.context, wanted)
+        if scope is None or not await scope.is_member():
+            return None
+        row = await scope.loaders.workspace.load(wanted)
+        return None if row is None else Workspace.from_row(row, scope)
+
+    @strawberry.field
+    async def project(self, info: Info, id: ID) -> Project | None:
+        wanted = parse_id(id, "id")
+        scope = _home(info.context)
+        if scope is None or not await scope.is_member():
+            return None
+        row = await scope.loaders.project.load(wanted)
+        return None if row is None else Project.from_row(row, scope)
+
+    @strawberry.field
+    async def board(self, info: Info, project_id: ID) -> Board | None:
+        wanted = parse_id(project_id, "projectId")
+        scope = _home(info.context)
+        if scope is None or not await scope.is_member():
+            return None
+        row = await scope.loaders.project.load(wanted)
+        return None if row is None else Board.from_row(row, scope)
+
+    @strawberry.field
+    async def card(self, info: Info, id: ID) -> Card | None:
+        wanted = parse_id(id, "id")
+        scope = _home(info.context)
+        row = await _card_row_or_none(scope, wanted)
+        return None if row is None or scope is None else Card.from_row(row, scope)
+
+    @described.field("A card as it was at a version (or at a time), with the events up to it.")
+    async def card_history(
+        self,
+        info: Info,
+        card_id: ID,
+        as_of_version: int | None = None,
+        as_of: datetime | None = None,
+    ) -> CardHistory:
+        ctx = info.context
+        wanted = parse_id(card_id, "cardId")
+        scope = _home(ctx)
+        if scope is None or not await scope.is_member():
+            raise NotFound(f"card {wanted} does not exist")
+        write = ctx.runtime.services.write
+        workspace_id = scope.workspace_id
+        actor = ctx.actor()
+
+        def read(
+            conn: Connection[DictRow],
+        ) -> tuple[CardAggregate, list[EventEnvelope], int]:
+            envelopes = eventlog.card_events(
+                conn, write.mapper, card_id=wanted, workspace_id=workspace_id
+            )
+            version = eventlog.chosen_version(envelopes, as_of_version=as_of_version, as_of=as_of)
+            state = write.card_at(wanted, actor, version=version)
+            return state, envelopes[:version], version
+
+        state, envelopes, version = await scope.run(read)
+        cost = await scope.loaders.card_cost_until.load((wanted, state.modified_on))
+        card = _card_from_aggregate(state, scope, cost)
+        return CardHistory(
+            card_id=ID(str(wanted)),
+            version=version,
+            state=card,
+            events=[
+                HistoryEvent(
+                    version=e.originator_version,
+                    type=e.type,
+                    at=e.timestamp,
+                    actor=ID(e.metadata.get("actor", "")),
+                    position=str(e.position),
+                    data=JSON(e.payload),
+                )
+                for e in envelopes
+            ],
+        )
+
+    @strawberry.field
+    async def agent_run(self, info: Info, id: ID) -> AgentRun | None:
+        wanted = parse_id(id, "id")
+        scope = _home(info.context)
+        if scope is None or not await scope.is_member():
+            return None
+        row = await scope.loaders.run.load(wanted)
+        return None if row is None else AgentRun.from_row(row)
+
+    @described.field("A run's log lines after afterSeq, in order.")
+    async def agent_run_logs(
+        self, info: Info, run_id: ID, after_seq: int | None = None, first: int | None = 500
+    ) -> list[LogLine]:
+        wanted = parse_id(run_id, "runId")
+        size = page_size(first, most=MAX_LOG_PAGE, default=500)
+        scope = _home(info.context)
+        if scope is None or not await scope.is_member():
+            raise NotFound(f"agent run {wanted} does not exist")
+        if await scope.loaders.run.load(wanted) is None:
+            raise NotFound(f"agent run {wanted} does not exist")
+        lines = await scope.run(
+            lambda conn: queries.run_logs(conn, wanted, after_seq=after_seq, first=size)
+        )
+        return [
+            LogLine(run_id=ID(str(x.run_id)), seq=x.seq, at=x.at, stream=x.stream, text=x.text)
+            for x in lines
+        ]
+
+    @described.field("Log lines matching a web-search style query, best first.")
+    async def search_logs(
+        self, info: Info, workspace_id: ID, query: str, first: int | None = 50
+    ) -> list[LogHit]:
+        scope = _workspace_scope(info.context, workspace_id)
+        size = page_size(first, most=MAX_SEARCH_PAGE, default=50)
+        text = query[:1000]
+        hits = await scope.run(
+            lambda conn: queries.search_logs(conn, scope.workspace_id, query=text, first=size)
+        )
+        return [
+            LogHit(run_id=ID(str(h.run_id)), seq=h.seq, text=h.text, at=h.at, stream=h.stream)
+            for h in hits
+        ]
+
+    @strawberry.field
+    async def usage(
+        self,
+        info: Info,
+        workspace_id: ID,
+        from_: Annotated[datetime, strawberry.argument(name="from")],
+        to: datetime,
+        group_by: UsageGroupingEnum,
+    ) -> list[UsageRow]:
+        scope = _workspace_scope(info.context, workspace_id)
+        dimension = UsageDimension(group_by.value)
+        rows = await scope.run(
+            lambda conn: queries.usage(
+                conn, scope.workspace_id, from_=from_, to=to, group_by=dimension
+            )
+        )
+        return [
+            UsageRow(
+                key=r.key,
+                calls=r.calls,
+                input_tokens=r.input_tokens,
+                output_tokens=r.output_tokens,
+                provider_cost=_money(r.provider_cost_micros),
+                billed=_money(r.billed_micros),
+            )
+            for r in rows
+        ]
+
+    @described.field("The month's statement (month = YYYY-MM), lines rounded up.")
+    async def statement(self, info: Info, workspace_id: ID, month: str) -> Statement:
+        scope = _workspace_scope(info.context, workspace_id)
+        s = await scope.run(lambda conn: queries.statement(conn, scope.workspace_id, month))
+        return Statement(
+            workspace_id=ID(str(s.workspace_id)),
+            month=s.month,
+            billing_increment=_money(s.billing_increment_micros),
+            lines=[
+                StatementLine(
+                    project_id=ID(str(line.project_id)),
+                    description=line.description,
+                    billed_exact=_money(line.billed_exact_micros),
+                    billed=_money(line.billed_micros),
+                )
+                for line in s.lines
+            ],
+            total=_money(s.total_micros),
+            invoice_id=s.invoice_id,
+            invoice_status=s.invoice_status,
+        )
+
+    @described.field("The month's billing recomputed from the event log, compared.")
+    async def reconciliation(self, info: Info, workspace_id: ID, month: str) -> Reconciliation:
+        ctx = info.context
+        scope = _workspace_scope(ctx, workspace_id)
+        month = parse_month(month)
+        mapper = ctx.runtime.services.write.mapper
+        plain = mapper.cipher is None and mapper.compressor is None
+        comparison = await scope.run(
+            lambda conn: eventlog.reconcile(
+                conn, mapper, workspace_id=scope.workspace_id, month=month, prefilter_json=plain
+            )
+        )
+        discrepancies = _discrepancies(comparison)
+        return Reconciliation(
+            month=month,
+            event_log_total=_money(comparison.event_log_total),
+            read_model_total=_money(comparison.read_model_total),
+            invoiced_total=None,
+            ok=not discrepancies,
+            discrepancies=discrepancies,
+        )
+
+    @described.field("The workspace's activity feed, newest first.")
+    async def activity(
+        self, info: Info, workspace_id: ID, first: int | None = 50, after: str | None = None
+    ) -> ActivityConnection:
+        scope = _workspace_scope(info.context, workspace_id)
+        size = page_size(first, most=MAX_ACTIVITY_PAGE, default=50)
+        after_position = cursors.parse_activity_cursor(after) if after else None
+        page = await scope.run(
+            lambda conn: queries.activity_page(
+                conn, scope.workspace_id, first=size, after_position=after_position
+            )
+        )
+        edges = [
+            ActivityEdge(
+                cursor=cursors.activity_cursor(item.position),
+                node=ActivityItem(
+                    at=item.at,
+                    actor=ID(item.actor),
+                    kind=item.kind,
+                    summary=item.summary,
+                    card_id=None if item.card_id is None else ID(str(item.card_id)),
+                    project_id=None if item.project_id is None else ID(str(item.project_id)),
+                    position=str(item.position),
+                ),
+            )
+            for item in page.items
+        ]
+        return ActivityConnection(
+            edges=edges,
+            page_info=page_info(
+                [e.cursor for e in edges], has_next=page.has_next_page, has_previous=bool(after)
+            ),
+        )
+
+
+def _money(micros: int) -> Money:
+    return Money(micros)
+
+
+def _discrepancies(comparison: eventlog.LedgerComparison) -> list[Discrepancy]:
+    found = []
+    projects = (
+        set(comparison.event_log_by_project)
+        | set(comparison.ledger_by_project)
+        | set(comparison.statement_by_project)
+    )
+    for project in sorted(projects, key=str):
+        expected = comparison.event_log_by_project.get(project, 0)
+        for kind, figures in (
+            ("ledger", comparison.ledger_by_project),
+            ("statementLine", comparison.statement_by_project),
+        ):
+            actual = figures.get(project, 0)
+            if actual != expected:
+                found.append(
+                    Discrepancy(
+                        kind=kind,
+                        key=str(project),
+                        expected=_money(expected),
+                        actual=_money(actual),
+                    )
+                )
+    return found
+
+
+def _card_from_aggregate(card: CardAggregate, scope: ReadScope, cost_micros: int) -> Card:
+    """A card's historical state as the GraphQL type (the one place an aggregate is shown)."""
+    return Card(
+        id=ID(str(card.id)),
+        project_id=ID(str(card.project_id)),
+        title=card.title,
+        description=card.description,
+        lane=card.lane,
+        position=card.position,
+        assignee=None if card.assignee is None else ID(card.assignee),
+        labels=list(card.labels),
+        blocked_reason=card.blocked_reason,
+        archived=card.archived,
+        version=card.version,
+        created_at=card.created_on,
+        updated_at=card.modified_on,
+        scope=scope,
+        key=card.id,
+        cost=Money(cost_micros),
+        last_run_id=None,
+        as_of=card.modified_on,
+    )

@@ -1,0 +1,131 @@
+"""Request rate limits per user and per workspace, in fixed one-minute windows.
+
+With Redis every API instance shares the counters (one Lua script per request: ``INCR`` and
+``EXPIRE`` per limit); without it each process counts for itself. When Redis cannot be reached
+the request is let through and the failure logged: readiness reports Redis, and refusing all
+traffic because a counter store is down would turn a degraded dependency into an outage.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import structlog
+from redis.exceptions import RedisError
+
+from domain.errors import RateLimited
+
+if TYPE_CHECKING:
+    import redis.asyncio
+
+    from read_api.services import RateLimits
+
+log = structlog.get_logger(__name__)
+
+WINDOW_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class Limit:
+    key: str
+    allowed: int
+    what: str
+
+
+class RateLimiter(Protocol):
+    async def hit(self, limits: list[Limit]) -> None:
+        """Count one request against each limit; raise :class:`RateLimited` when one is spent."""
+        ...
+
+
+def limits_for(config: RateLimits, *, user_id: str, workspace_id: str | None) -> list[Limit]:
+    limits = []
+    if config.per_user_per_minute is not None:
+        limits.append(
+            Limit(f"{config.key_prefix}:user:{user_id}", config.per_user_per_minute, "user")
+        )
+    if config.per_workspace_per_minute is not None and workspace_id is not None:
+        limits.append(
+            Limit(
+                f"{config.key_prefix}:workspace:{workspace_id}",
+                config.per_workspace_per_minute,
+                "workspace",
+            )
+        )
+    return limits
+
+
+def _window(now: float) -> tuple[int, float]:
+    window = int(now // WINDOW_SECONDS)
+    return window, (window + 1) * WINDOW_SECONDS - now
+
+
+def _refuse(limit: Limit, retry_after: float) -> RateLimited:
+    return RateLimited(
+        f"rate limit of {limit.allowed} requests per minute for this {limit.what} reached; "
+        f"retry in {max(1, round(retry_after))}s",
+        retry_after_seconds=max(1.0, retry_after),
+    )
+
+
+# Counts one request against each limit in turn and stops at the first one spent, so a request
+# refused for its user does not also use up its workspace's budget. Returns the 1-based index of
+# the refusing limit, or 0.
+_HIT_SCRIPT = """
+for i, key in ipairs(KEYS) do
+  local count = redis.call('INCR', key)
+  if count == 1 then redis.call('EXPIRE', key, ARGV[1]) end
+  if count > tonumber(ARGV[i + 1]) then return i end
+end
+return 0
+"""
+
+
+class RedisRateLimiter:
+    """Shared fixed-window counters in Redis, counted atomically by one Lua script."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self._client = client
+        self._script = client.register_script(_HIT_SCRIPT)
+
+    async def hit(self, limits: list[Limit]) -> None:
+        if not limits:
+            return
+        window, remaining = _window(time.time())
+        keys = [f"{limit.key}:{window}" for limit in limits]
+        args = [WINDOW_SECONDS + 5, *(limit.allowed for limit in limits)]
+        try:
+            refused = int(await self._script(keys=keys, args=args))
+        except (RedisError, OSError) as error:
+            log.warning("ratelimit.redis_unavailable", error=str(error))
+            return
+        if refused:
+            raise _refuse(limits[refused - 1], remaining)
+
+
+class LocalRateLimiter:
+    """Per-process fixed-window counters, for a single API process without Redis."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, int], int] = {}
+        self._lock = threading.Lock()
+
+    async def hit(self, limits: list[Limit]) -> None:
+        if not limits:
+            return
+        window, remaining = _window(time.time())
+        refused: Limit | None = None
+        with self._lock:
+            if len(self._counts) > 10_000:
+                self._counts = {k: v for k, v in self._counts.items() if k[1] >= window}
+            for limit in limits:
+                count = self._counts.get((limit.key, window), 0) + 1
+                self._counts[(limit.key, window)] = count
+                if count > limit.allowed:
+                    refused = limit
+                    break
+        if refused is not None:
+            raise _refuse(refused, remaining)

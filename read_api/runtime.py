@@ -1,0 +1,36 @@
+"""What one running app holds besides the services: worker threads, waits, rate limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from read_api.consistency import ConsistencyWaiter
+from read_api.db import Offloader
+from read_api.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
+from read_api.services import ApiServices
+
+
+@dataclass
+class ApiRuntime:
+    services: ApiServices
+    offloader: Offloader
+    waiter: ConsistencyWaiter
+    limiter: RateLimiter
+
+    @classmethod
+    def build(cls, services: ApiServices) -> ApiRuntime:
+        offloader = Offloader(services.db_threads)
+        limiter: RateLimiter = (
+            RedisRateLimiter(services.redis) if services.redis is not None else LocalRateLimiter()
+        )
+        return cls(
+            services=services,
+            offloader=offloader,
+            waiter=ConsistencyWaiter(
+                pool=services.pool,
+                offloader=offloader,
+                projectors=services.projectors,
+                wait_ms=services.consistency_wait_ms,
+            ),
+            limiter=limiter,
+        )

@@ -1,0 +1,61 @@
+"""The GraphQL schema of API.md, with its protective extensions and error shaping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import strawberry
+from graphql import GraphQLError
+from strawberry.extensions import (
+    MaxAliasesLimiter,
+    MaxTokensLimiter,
+    QueryDepthLimiter,
+    SchemaExtension,
+)
+from strawberry.schema.config import StrawberryConfig
+from strawberry.types.execution import ExecutionContext
+
+from read_api.errors import ErrorShaping, log_unexpected
+from read_api.limits import CostLimiter, SubscriptionsOnlyOverWebSocket
+from read_api.mutation import Mutation
+from read_api.query import Query
+from read_api.scalars import SCALARS
+from read_api.services import QueryLimits
+from read_api.subscription import Subscription
+
+
+class AgentWorksSchema(strawberry.Schema):
+    """Logs refusals quietly and bugs loudly (the default logs every error with a trace)."""
+
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        log_unexpected(errors, execution_context)
+
+
+def build_schema(limits: QueryLimits | None = None) -> strawberry.Schema:
+    """The schema with its limits; extensions are factories so each request gets fresh ones."""
+    limits = limits or QueryLimits()
+    extensions: list[type[SchemaExtension] | Callable[[], SchemaExtension]] = [
+        ErrorShaping,
+        SubscriptionsOnlyOverWebSocket,
+        lambda: QueryDepthLimiter(max_depth=limits.max_depth),
+        lambda: MaxAliasesLimiter(max_alias_count=limits.max_aliases),
+        lambda: MaxTokensLimiter(max_token_count=limits.max_tokens),
+        lambda: CostLimiter(max_cost=limits.max_cost),
+    ]
+    return AgentWorksSchema(
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        extensions=extensions,
+        config=StrawberryConfig(scalar_map=SCALARS),
+    )
+
+
+def schema_sdl() -> str:
+    """The schema in SDL, for documentation and contract tests."""
+    return build_schema().as_str()
+
+
+__all__ = ["build_schema", "schema_sdl"]

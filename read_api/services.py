@@ -1,0 +1,107 @@
+"""What the GraphQL API needs from the rest of the system, handed in by the composition root.
+
+``infra`` builds one :class:`ApiServices` from settings (the write side, an API-role pool, Redis,
+JWT keys, limits) and passes it to :func:`read_api.app.create_app`. Nothing in ``read_api``
+reads the environment or connects to anything at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from projections.registry import ALL_PROJECTORS
+
+if TYPE_CHECKING:
+    import redis.asyncio
+    from psycopg import Connection
+    from psycopg.rows import DictRow
+    from psycopg_pool import ConnectionPool
+
+    from commands.handlers import AgentWorks
+    from projections.base import Projector
+    from read_api.broadcast import Broadcaster
+
+
+@dataclass(frozen=True, kw_only=True)
+class JwtVerification:
+    """How bearer tokens are checked: exactly one of an HS256 ``secret`` or an RS256 key."""
+
+    secret: str | None = None
+    public_key: str | None = None
+    leeway_seconds: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.secret is None) == (self.public_key is None):
+            raise ValueError("give exactly one of secret (HS256) and public_key (RS256)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimits:
+    """Requests allowed per fixed one-minute window; ``None`` switches a limit off.
+
+    Counted in Redis when the API has a client (so every instance shares the count), in process
+    otherwise. ``key_prefix`` namespaces the counters (several deployments on one Redis).
+    """
+
+    per_user_per_minute: int | None = 600
+    per_workspace_per_minute: int | None = 6000
+    key_prefix: str = "agentworks:ratelimit"
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueryLimits:
+    """Bounds on what one GraphQL document may ask for, checked before it runs."""
+
+    max_depth: int = 12
+    max_aliases: int = 30
+    max_tokens: int = 4000
+    max_cost: int = 100_000
+    """Estimated number of objects a document may resolve, lists counted at their page size."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestStats:
+    """What one GraphQL request cost, reported to :attr:`ApiServices.stats_hook`."""
+
+    request_id: str
+    operation_name: str | None
+    statements: int
+    """SQL statements run for the request on the API pool (consistency waits excluded)."""
+    duration_ms: float
+
+
+@dataclass(kw_only=True)
+class ApiServices:
+    """Everything the API uses, built once by the composition root.
+
+    The composition root closes the write side and the pool; the app closes, on shutdown, what
+    lives in its event loop: the broadcaster and the ``redis`` client.
+    """
+
+    write: AgentWorks
+    """The write side: commands go through its handlers, card history through ``card_at``."""
+    pool: ConnectionPool[Connection[DictRow]]
+    """A pool made with ``adapters.postgres.make_pool(url, role="agentworks_api")``."""
+    jwt: JwtVerification
+    broadcaster: Broadcaster
+    """``RedisBroadcaster`` when Redis is configured, else ``LocalBroadcaster``."""
+    redis: redis.asyncio.Redis | None = None
+    """Shared rate-limit counters and readiness; ``None`` = in-process limiter."""
+    consistency_wait_ms: int = 2000
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    query_limits: QueryLimits = field(default_factory=QueryLimits)
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 1_000_000
+    projectors: tuple[type[Projector], ...] = ALL_PROJECTORS
+    """The read models this deployment keeps: consistency waits and readiness look at these."""
+    max_projector_lag: int | None = 10_000
+    """``/readyz`` answers 503 when a projector is further behind the log head than this."""
+    db_threads: int = 32
+    """Worker threads for blocking database and write-side calls."""
+    statement_timeout_ms: int = 10_000
+    subscription_recheck_seconds: float = 5.0
+    """A quiet log subscription re-reads the read model this often, in case a message was lost."""
+    stats_hook: Callable[[RequestStats], None] | None = None
+    """Called after each HTTP GraphQL request (metrics, tests counting SQL statements)."""

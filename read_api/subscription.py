@@ -1,0 +1,197 @@
+"""The ``Subscription`` root: live board changes and run logs over graphql-transport-ws.
+
+Broadcast messages say *that* something changed; the read model says *what*. So a subscription
+checks access first (the project or run must be in the caller's workspace), subscribes, and then
+reads anything it has to show from the read model in a fresh scope per event.
+
+``agentRunLog`` subscribes before it replays: every line committed after the subscription
+started arrives as a message, every line committed before it is in ``rm_log_lines``, so replay
+then live has no gap; lines at or below the last sequence number sent are skipped, so there is no
+duplicate either. A message that shows a gap (lost while Redis reconnected, or dropped because
+the client was slow), a loss notice, or a quiet spell makes it re-read the read model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import strawberry
+
+from domain.errors import NotFound, ValidationFailed
+from projections import queries
+from projections.kanban import board_channel
+from projections.runs import run_channel
+from read_api import fields as described
+from read_api.broadcast import MessagesLost
+from read_api.context import Info
+from read_api.types import ID, BoardEvent, Card, LogLine, parse_id
+
+if TYPE_CHECKING:
+    from read_api.context import RequestContext
+    from read_api.db import ReadScope
+    from read_api.loaders import Row
+
+REPLAY_BATCH = 1000
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"})
+
+
+async def _visible(
+    ctx: RequestContext, load: Callable[[ReadScope], Awaitable[Row | None]]
+) -> Row | None:
+    scope = ctx.fresh_scope()
+    try:
+        if not await scope.is_member():
+            return None
+        return await load(scope)
+    finally:
+        await scope.close()
+
+
+async def _board_events(ctx: RequestContext, project_id: UUID) -> AsyncIterator[BoardEvent]:
+    async with ctx.runtime.services.broadcaster.subscribe(board_channel(project_id)) as feed:
+        while True:
+            try:
+                payload = await feed.get()
+            except MessagesLost:
+                payload = {"kind": "board.resync", "position": 0}
+            scope = ctx.fresh_scope()
+            try:
+                yield await _board_event(scope, payload)
+            finally:
+                await scope.close()
+
+
+async def _board_event(scope: ReadScope, payload: dict[str, Any]) -> BoardEvent:
+    card_id = _uuid_or_none(payload.get("cardId"))
+    run_id = _uuid_or_none(payload.get("runId"))
+    card = None
+    if card_id is not None:
+        row = await scope.loaders.card.load(card_id)
+        card = None if row is None else Card.from_row(row, scope)
+    return BoardEvent(
+        kind=str(payload.get("kind", "board.updated")),
+        card_id=None if card_id is None else ID(str(card_id)),
+        card=card,
+        run_id=None if run_id is None else ID(str(run_id)),
+        position=str(payload.get("position", "")),
+    )
+
+
+def _uuid_or_none(value: object) -> UUID | None:
+    if value is None:
+        return None
+    try:
+        return UUID(str(value))
+    except ValueError:
+        return None
+
+
+async def _stored_lines(
+    ctx: RequestContext, run_id: UUID, after_seq: int
+) -> tuple[list[LogLine], bool]:
+    """Up to a batch of stored lines after ``after_seq``, and whether the run had ended.
+
+    The status is read before the lines: a run's lines are all projected before its terminal
+    status, so when the status says it ended, the lines read next are complete.
+    """
+    scope = ctx.fresh_scope()
+    try:
+        run = await scope.loaders.run.load(run_id)
+        if run is None:
+            return [], True
+        lines = await scope.run(
+            lambda conn: queries.run_logs(conn, run_id, after_seq=after_seq, first=REPLAY_BATCH)
+        )
+    finally:
+        await scope.close()
+    return [
+        LogLine(run_id=ID(str(x.run_id)), seq=x.seq, at=x.at, stream=x.stream, text=x.text)
+        for x in lines
+    ], run["status"] in TERMINAL
+
+
+def _live_lines(run_id: UUID, payload: dict[str, Any]) -> list[LogLine]:
+    lines = []
+    for line in payload.get("lines") or ():
+        at = line["at"]
+        lines.append(
+            LogLine(
+                run_id=ID(str(run_id)),
+                seq=int(line["seq"]),
+                at=datetime.fromisoformat(at) if isinstance(at, str) else at,
+                stream=str(line["stream"]),
+                text=str(line["text"]),
+            )
+        )
+    return lines
+
+
+async def _run_log(ctx: RequestContext, run_id: UUID, after_seq: int) -> AsyncIterator[LogLine]:
+    last = after_seq
+    recheck = ctx.runtime.services.subscription_recheck_seconds
+    async with ctx.runtime.services.broadcaster.subscribe(run_channel(run_id)) as feed:
+        catch_up = True
+        while True:
+            if catch_up:
+                while True:
+                    lines, ended = await _stored_lines(ctx, run_id, last)
+                    for line in lines:
+                        yield line
+                        last = line.seq
+                    if len(lines) < REPLAY_BATCH:
+                        break
+                if ended:
+                    return
+                catch_up = False
+            try:
+                payload = await asyncio.wait_for(feed.get(), recheck)
+            except (TimeoutError, MessagesLost):
+                catch_up = True
+                continue
+            kind = payload.get("kind")
+            if kind == "status":
+                catch_up = payload.get("status") in TERMINAL
+                continue
+            if kind != "lines":
+                continue
+            lines = _live_lines(run_id, payload)
+            if lines and lines[0].seq > last + 1:
+                catch_up = True  # something between what we sent and this chunk went missing
+                continue
+            for line in lines:
+                if line.seq > last:
+                    yield line
+                    last = line.seq
+
+
+@strawberry.type
+class Subscription:
+    @described.subscription(
+        "Cards created, moved, updated or archived and run status changes on a "
+        "board. kind 'board.resync' means events were missed: re-read the board."
+    )
+    async def board_changed(self, info: Info, project_id: ID) -> AsyncIterator[BoardEvent]:
+        ctx = info.context
+        wanted = parse_id(project_id, "projectId")
+        if await _visible(ctx, lambda scope: scope.loaders.project.load(wanted)) is None:
+            raise NotFound(f"project {wanted} does not exist")
+        return _board_events(ctx, wanted)
+
+    @described.subscription(
+        "A run's log lines after afterSeq: the stored ones, then live ones as they "
+        "are written, without gap or duplicate; completes when the run has ended."
+    )
+    async def agent_run_log(
+        self, info: Info, run_id: ID, after_seq: int | None = None
+    ) -> AsyncIterator[LogLine]:
+        ctx = info.context
+        wanted = parse_id(run_id, "runId")
+        if after_seq is not None and after_seq < 0:
+            raise ValidationFailed(f"afterSeq must not be negative, got {after_seq}")
+        if await _visible(ctx, lambda scope: scope.loaders.run.load(wanted)) is None:
+            raise NotFound(f"agent run {wanted} does not exist")
+        return _run_log(ctx, wanted, after_seq or 0)

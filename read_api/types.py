@@ -1,0 +1,591 @@
+"""GraphQL object types, built from read-model rows (``from_row``), never from aggregates —
+except a card's historical state, which only the event log knows.
+
+Every object built from rows keeps the :class:`~read_api.db.ReadScope` it was read in, so its
+relations (a lane's cards, a card's last run) are read in the same transaction, workspace and
+DataLoaders — also in subscriptions, where each event has a scope of its own.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Any
+from uuid import UUID
+
+import strawberry
+from strawberry.scalars import JSON
+from strawberry.types.nodes import SelectedField, Selection
+
+from domain.errors import ValidationFailed
+from read_api import cursors
+from read_api import fields as described
+from read_api.db import ReadScope
+from read_api.loaders import LanePage, Row, RunPage
+from read_api.scalars import Money
+
+ID = strawberry.ID
+_MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])", re.ASCII)
+
+MAX_LANE_PAGE = 200
+MAX_RUN_PAGE = 200
+MAX_ACTIVITY_PAGE = 200
+MAX_LOG_PAGE = 1000
+MAX_SEARCH_PAGE = 200
+
+
+def parse_id(value: str, what: str) -> UUID:
+    """An ``ID`` argument as a UUID; anything else is a VALIDATION error naming the argument."""
+    try:
+        return UUID(str(value))
+    except ValueError:
+        raise ValidationFailed(f"{what} must be a UUID, got {str(value)[:60]!r}") from None
+
+
+def parse_month(month: str) -> str:
+    if not _MONTH.fullmatch(month):
+        raise ValidationFailed(f"month must look like 2025-01, got {month[:20]!r}")
+    return month
+
+
+def page_size(first: int | None, *, most: int, default: int, what: str = "first") -> int:
+    """A page size argument, ``default`` when null, VALIDATION outside ``0..most``."""
+    if first is None:
+        return default
+    if not 0 <= first <= most:
+        raise ValidationFailed(f"{what} must be between 0 and {most}, got {first}")
+    return first
+
+
+# -- enums ----------------------------------------------------------------------------------------
+
+
+@strawberry.enum(name="Role")
+class RoleEnum(Enum):
+    OWNER = "OWNER"
+    ADMIN = "ADMIN"
+    MEMBER = "MEMBER"
+    VIEWER = "VIEWER"
+
+
+@strawberry.enum(name="RunStatus")
+class RunStatusEnum(Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
+
+
+@strawberry.enum(name="UsageGrouping")
+class UsageGroupingEnum(Enum):
+    PROJECT = "PROJECT"
+    CARD = "CARD"
+    AGENT_RUN = "AGENT_RUN"
+    PROVIDER = "PROVIDER"
+    MODEL = "MODEL"
+    DAY = "DAY"
+
+
+# -- connections ----------------------------------------------------------------------------------
+
+
+@strawberry.type
+class PageInfo:
+    has_next_page: bool
+    has_previous_page: bool
+    start_cursor: str | None
+    end_cursor: str | None
+
+
+def page_info(cursors_: list[str], *, has_next: bool, has_previous: bool) -> PageInfo:
+    return PageInfo(
+        has_next_page=has_next,
+        has_previous_page=has_previous,
+        start_cursor=cursors_[0] if cursors_ else None,
+        end_cursor=cursors_[-1] if cursors_ else None,
+    )
+
+
+def _fields(selections: list[Selection]) -> list[SelectedField]:
+    found: list[SelectedField] = []
+    for selection in selections:
+        if isinstance(selection, SelectedField):
+            found.append(selection)
+        else:
+            found += _fields(selection.selections)
+    return found
+
+
+def selects(info: strawberry.Info, path: tuple[str, ...]) -> bool:
+    """Whether the query asks, below the current field, for ``path`` (fragments included)."""
+    level = [
+        child for field in _fields(info.selected_fields) for child in _fields(field.selections)
+    ]
+    for name in path[:-1]:
+        level = [child for field in level if field.name == name
+                 for child in _fields(field.selections)]  # fmt: skip
+    return any(field.name == path[-1] for field in level)
+
+
+# -- workspaces -----------------------------------------------------------------------------------
+
+
+@strawberry.type
+class Member:
+    user_id: ID
+    role: RoleEnum
+
+
+@strawberry.type
+class Workspace:
+    id: ID
+    name: str
+    markup: str
+    billing_increment: Money
+    monthly_limit: Money | None
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    scope: strawberry.Private[ReadScope]
+    key: strawberry.Private[UUID]
+
+    @classmethod
+    def from_row(cls, row: Row, scope: ReadScope) -> Workspace:
+        return cls(
+            id=ID(str(row["workspace_id"])),
+            name=row["name"],
+            markup=row["markup"],
+            billing_increment=Money(int(row["billing_increment_micros"])),
+            monthly_limit=None
+            if row["monthly_limit_micros"] is None
+            else Money(int(row["monthly_limit_micros"])),
+            version=int(row["version"]),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            scope=scope,
+            key=row["workspace_id"],
+        )
+
+    @strawberry.field
+    async def members(self) -> list[Member]:
+        rows = await self.scope.loaders.members.load(self.key)
+        return [Member(user_id=ID(row["user_id"]), role=RoleEnum(row["role"])) for row in rows]
+
+    @described.field("Net billed this UTC month, credits deducted.")
+    async def spent_this_month(self) -> Money:
+        return Money(await self.scope.loaders.spend_this_month.load(self.key))
+
+    @strawberry.field
+    async def projects(self, include_archived: bool = False) -> list[Project]:
+        rows = await self.scope.loaders.projects_of_workspace.load(self.key)
+        return [
+            Project.from_row(row, self.scope)
+            for row in rows
+            if include_archived or not row["archived"]
+        ]
+
+
+# -- projects and boards --------------------------------------------------------------------------
+
+
+@strawberry.type
+class Project:
+    id: ID
+    workspace_id: ID
+    name: str
+    archived: bool
+    created_at: datetime
+    scope: strawberry.Private[ReadScope]
+    row: strawberry.Private[Row]
+
+    @classmethod
+    def from_row(cls, row: Row, scope: ReadScope) -> Project:
+        return cls(
+            id=ID(str(row["project_id"])),
+            workspace_id=ID(str(row["workspace_id"])),
+            name=row["name"],
+            archived=bool(row["archived"]),
+            created_at=row["created_at"],
+            scope=scope,
+            row=row,
+        )
+
+    @strawberry.field
+    def board(self) -> Board:
+        return Board.from_row(self.row, self.scope)
+
+
+@strawberry.type
+class Board:
+    project_id: ID
+    version: int = strawberry.field(description="The project's version: changes with every move.")
+    scope: strawberry.Private[ReadScope]
+    key: strawberry.Private[UUID]
+
+    @classmethod
+    def from_row(cls, row: Row, scope: ReadScope) -> Board:
+        return cls(
+            project_id=ID(str(row["project_id"])),
+            version=int(row["version"]),
+            scope=scope,
+            key=row["project_id"],
+        )
+
+    @strawberry.field
+    async def lanes(self) -> list[Lane]:
+        rows = await self.scope.loaders.lanes.load(self.key)
+        return [Lane.from_row(row, self.scope) for row in rows]
+
+
+@strawberry.type
+class Lane:
+    name: str
+    wip_limit: int | None
+    count: int = strawberry.field(description="Live (not archived) cards in the lane.")
+    scope: strawberry.Private[ReadScope]
+    project_key: strawberry.Private[UUID]
+
+    @classmethod
+    def from_row(cls, row: Row, scope: ReadScope) -> Lane:
+        return cls(
+            name=row["name"],
+            wip_limit=row["wip_limit"],
+            count=int(row["card_count"]),
+            scope=scope,
+            project_key=row["project_id"],
+        )
+
+    @strawberry.field
+    async def cards(
+        self, info: strawberry.Info, first: int | None = 100, after: str | None = None
+    ) -> CardConnection:
+        size = page_size(first, most=MAX_LANE_PAGE, default=100)
+        position, card_id = cursors.parse_card_cursor(after) if after else (None, None)
+        rows = await self.scope.loaders.lane_cards.load(
+            LanePage(
+                project_id=self.project_key,
+                lane=self.name,
+                limit=size + 1,
+                after_position=position,
+                after_card_id=card_id,
+            )
+        )
+        cards = [Card.from_row(row, self.scope) for row in rows[:size]]
+        if selects(info, ("edges", "node", "lastRun")):
+            wanted = [card.last_run_id for card in cards if card.last_run_id is not None]
+            found = dict(zip(wanted, await self.scope.loaders.run.load_many(wanted), strict=True))
+            for card in cards:
+                row = found.get(card.last_run_id) if card.last_run_id else None
+                card.knowing_last_run(None if row is None else AgentRun.from_row(row))
+        edges = [CardEdge(cursor=cursors.card_cursor(card.position, card.key), node=card)
+                 for card in cards]  # fmt: skip
+        return CardConnection(
+            edges=edges,
+            page_info=page_info(
+                [e.cursor for e in edges], has_next=len(rows) > size, has_previous=after is not None
+            ),
+        )
+
+
+# -- runs -----------------------------------------------------------------------------------------
+
+
+@strawberry.type
+class AgentRun:
+    id: ID
+    card_id: ID
+    project_id: ID
+    agent: str
+    status: RunStatusEnum
+    provider: str | None
+    model: str | None
+    input_tokens: int
+    output_tokens: int
+    provider_cost: Money
+    billed: Money
+    max_cost: Money | None
+    llm_calls: int
+    requested_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    log_line_count: int
+    version: int
+
+    @classmethod
+    def from_row(cls, row: Row) -> AgentRun:
+        return cls(
+            id=ID(str(row["run_id"])),
+            card_id=ID(str(row["card_id"])),
+            project_id=ID(str(row["project_id"])),
+            agent=row["agent"],
+            status=RunStatusEnum(row["status"]),
+            provider=row["provider"],
+            model=row["model"],
+            input_tokens=int(row["input_tokens"]),
+            output_tokens=int(row["output_tokens"]),
+            provider_cost=Money(int(row["provider_cost_micros"])),
+            billed=Money(int(row["billed_micros"])),
+            max_cost=None if row["max_cost_micros"] is None else Money(int(row["max_cost_micros"])),
+            llm_calls=int(row["llm_calls"]),
+            requested_at=row["requested_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            error=row["error"],
+            log_line_count=int(row["log_line_count"]),
+            version=int(row["version"]),
+        )
+
+
+@strawberry.type
+class AgentRunEdge:
+    cursor: str
+    node: AgentRun
+
+
+@strawberry.type
+class AgentRunConnection:
+    edges: list[AgentRunEdge]
+    page_info: PageInfo
+
+
+@strawberry.type
+class LogLine:
+    run_id: ID
+    seq: int
+    at: datetime
+    stream: str
+    text: str
+
+
+@strawberry.type
+class LogHit:
+    run_id: ID
+    seq: int
+    text: str
+    at: datetime
+    stream: str
+
+
+# -- cards ----------------------------------------------------------------------------------------
+
+
+@strawberry.type
+class Card:
+    id: ID
+    project_id: ID
+    title: str
+    description: str
+    lane: str
+    position: str
+    assignee: ID | None
+    labels: list[str]
+    blocked_reason: str | None
+    archived: bool
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    cost: Money = strawberry.field(
+        description="Billed for the card's runs so far (for a historical state: by then)."
+    )
+    scope: strawberry.Private[ReadScope]
+    key: strawberry.Private[UUID]
+    last_run_id: strawberry.Private[UUID | None]
+    as_of: strawberry.Private[datetime | None]
+    """Set for a historical state: runs are then limited to those requested by then."""
+    known_last_run: strawberry.Private[AgentRun | None] = None
+    last_run_known: strawberry.Private[bool] = False
+    """The last run was read with the card's page (see :meth:`Lane.cards`)."""
+
+    @classmethod
+    def from_row(cls, row: Row, scope: ReadScope) -> Card:
+        return cls(
+            id=ID(str(row["card_id"])),
+            project_id=ID(str(row["project_id"])),
+            title=row["title"],
+            description=row["description"],
+            lane=row["lane"],
+            position=row["position"],
+            assignee=None if row["assignee"] is None else ID(row["assignee"]),
+            labels=list(row["labels"] or []),
+            blocked_reason=row["blocked_reason"],
+            archived=bool(row["archived"]),
+            version=int(row["version"]),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            cost=Money(int(row["cost_micros"])),
+            scope=scope,
+            key=row["card_id"],
+            last_run_id=row["last_run_id"],
+            as_of=None,
+        )
+
+    def knowing_last_run(self, run: AgentRun | None) -> Card:
+        self.known_last_run = run
+        self.last_run_known = True
+        return self
+
+    def _last_run(self) -> Any:
+        # Synchronous when the last run came with the card's page: a board of 200 cards then
+        # resolves its last runs without 200 awaitables.
+        if self.last_run_known:
+            return self.known_last_run
+        return self._load_last_run()
+
+    async def _load_last_run(self) -> AgentRun | None:
+        if self.as_of is not None:
+            rows = await self.scope.loaders.card_runs.load(
+                RunPage(card_id=self.key, limit=1, until=self.as_of)
+            )
+            return AgentRun.from_row(rows[0]) if rows else None
+        if self.last_run_id is None:
+            return None
+        row = await self.scope.loaders.run.load(self.last_run_id)
+        return None if row is None else AgentRun.from_row(row)
+
+    last_run: AgentRun | None = strawberry.field(resolver=_last_run, graphql_type=AgentRun | None)
+
+    @described.field("The card's runs, newest first.")
+    async def runs(self, first: int | None = 20, after: str | None = None) -> AgentRunConnection:
+        size = page_size(first, most=MAX_RUN_PAGE, default=20)
+        at, run_id = cursors.parse_run_cursor(after) if after else (None, None)
+        rows = await self.scope.loaders.card_runs.load(
+            RunPage(
+                card_id=self.key,
+                limit=size + 1,
+                after_requested_at=at,
+                after_run_id=run_id,
+                until=self.as_of,
+            )
+        )
+        edges = [
+            AgentRunEdge(cursor=cursors.run_cursor(row["requested_at"], row["run_id"]),
+                         node=AgentRun.from_row(row))
+            for row in rows[:size]
+        ]  # fmt: skip
+        return AgentRunConnection(
+            edges=edges,
+            page_info=page_info(
+                [e.cursor for e in edges], has_next=len(rows) > size, has_previous=after is not None
+            ),
+        )
+
+
+@strawberry.type
+class CardEdge:
+    cursor: str
+    node: Card
+
+
+@strawberry.type
+class CardConnection:
+    edges: list[CardEdge]
+    page_info: PageInfo
+
+
+# -- billing --------------------------------------------------------------------------------------
+
+
+@strawberry.type
+class UsageRow:
+    key: str
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    provider_cost: Money
+    billed: Money
+
+
+@strawberry.type
+class StatementLine:
+    project_id: ID
+    description: str
+    billed_exact: Money
+    billed: Money = strawberry.field(
+        description="billedExact rounded up to the workspace's billing increment."
+    )
+
+
+@strawberry.type
+class Statement:
+    workspace_id: ID
+    month: str
+    billing_increment: Money
+    lines: list[StatementLine]
+    total: Money
+    invoice_id: str | None
+    invoice_status: str | None
+
+
+@strawberry.type
+class Discrepancy:
+    kind: str
+    key: str
+    expected: Money = strawberry.field(description="What the event log says.")
+    actual: Money = strawberry.field(description="What the read model (or invoice) says.")
+
+
+@strawberry.type
+class Reconciliation:
+    month: str
+    event_log_total: Money
+    read_model_total: Money
+    invoiced_total: Money | None
+    ok: bool
+    discrepancies: list[Discrepancy]
+
+
+# -- history, activity, live events ---------------------------------------------------------------
+
+
+@strawberry.type
+class HistoryEvent:
+    version: int
+    type: str
+    at: datetime
+    actor: ID
+    position: str
+    data: JSON
+
+
+@strawberry.type
+class CardHistory:
+    card_id: ID
+    version: int
+    state: Card
+    events: list[HistoryEvent]
+
+
+@strawberry.type
+class ActivityItem:
+    at: datetime
+    actor: ID
+    kind: str
+    summary: str
+    card_id: ID | None
+    project_id: ID | None
+    position: str
+
+
+@strawberry.type
+class ActivityEdge:
+    cursor: str
+    node: ActivityItem
+
+
+@strawberry.type
+class ActivityConnection:
+    edges: list[ActivityEdge]
+    page_info: PageInfo
+
+
+@strawberry.type
+class BoardEvent:
+    kind: str
+    card_id: ID | None
+    card: Card | None
+    run_id: ID | None
+    position: str

@@ -1,0 +1,35 @@
+"""Fixtures of the end-to-end tests: the whole stack, per module or per test (see e2e_stack)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pg
+import pytest
+from e2e_stack import MakeStack, Stack, StackBuilder
+
+
+@pytest.fixture
+def make_stack(database_url: str, redis_url: str) -> Iterator[MakeStack]:
+    """Stacks of this test's own database, for tests that configure or stop parts of them."""
+    stacks = StackBuilder(redis_url)
+    yield lambda **options: stacks.build(database_url, **options)
+    stacks.close()
+
+
+@pytest.fixture(scope="module")
+def module_database_url(migrated_template: str) -> Iterator[str]:
+    name = pg.random_name("aw_e2e_")
+    url = pg.create_database(name, template=migrated_template)
+    try:
+        yield url
+    finally:
+        pg.drop_database(name)
+
+
+@pytest.fixture(scope="module")
+def stack(module_database_url: str, redis_url: str) -> Iterator[Stack]:
+    """One default stack per test module: tests keep apart by making their own workspaces."""
+    stacks = StackBuilder(redis_url)
+    yield stacks.build(module_database_url)
+    stacks.close()

@@ -1,0 +1,156 @@
+"""The whole stack in-process, as ``agentworks dev`` runs it, for tests that speak HTTP/WebSocket.
+
+* the write side (``build_write_side``) on a migrated database;
+* every projector from ``projections.registry`` fed by an ``EmbeddedFanout`` (LISTEN + polling),
+  each runner's ``on_commit`` publishing to the API's broadcaster;
+* the API (``read_api.app.create_app``) under uvicorn in a thread on a free port.
+
+``StackBuilder.build(url, broadcaster="redis")`` puts subscriptions and rate limits on Redis
+instead of in process; ``stack.token(...)`` signs JWTs the server accepts.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import redis.asyncio
+from api_client import ApiClient
+
+from adapters.postgres import make_pool
+from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
+from commands.handlers import AgentWorks
+from infra.bootstrap import build_write_side
+from projections.registry import ALL_PROJECTORS
+from projections.runner import ProjectionRunner
+from read_api.app import create_app
+from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
+from read_api.services import ApiServices, JwtVerification, RateLimits, RequestStats
+from read_api.testing import RunningServer, start_in_thread
+from streams.embedded import EmbeddedFanout
+from streams.log import EventLog
+
+MakeStack = Callable[..., "Stack"]
+
+
+@dataclass
+class Stack:
+    server: RunningServer
+    write: AgentWorks
+    fanout: EmbeddedFanout
+    services: ApiServices
+    secret: str
+    database_url: str
+    stats: list[RequestStats] = field(default_factory=list)
+    clients: list[ApiClient] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def ws_url(self) -> str:
+        return self.server.ws_url
+
+    def token(self, user: str, workspace: UUID | str, role: str = "OWNER") -> str:
+        return issue_token(
+            user_id=user, workspace_id=str(workspace), role=role, ttl_seconds=3600,
+            secret=self.secret,
+        )  # fmt: skip
+
+    def bootstrap_token(self, user: str) -> str:
+        return self.token(user, BOOTSTRAP_WORKSPACE, "OWNER")
+
+    def client(self, token: str | None) -> ApiClient:
+        client = ApiClient(self.url, token)
+        self.clients.append(client)
+        return client
+
+    def as_user(self, user: str, workspace: UUID | str, role: str = "OWNER") -> ApiClient:
+        return self.client(self.token(user, workspace, role))
+
+    def owner_with_workspace(
+        self, user: str = "alice", name: str = "Acme"
+    ) -> tuple[ApiClient, str]:
+        """A workspace created through the API by ``user``, and that owner's client."""
+        created = self.client(self.bootstrap_token(user)).create_workspace(name)
+        workspace_id = created["workspace"]["id"]
+        return self.as_user(user, workspace_id), workspace_id
+
+
+class StackBuilder:
+    """Builds stacks and takes them down again, last built first."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self._built: list[tuple[Stack, list[Any]]] = []
+
+    def build(
+        self,
+        database_url: str,
+        *,
+        broadcaster: str = "local",
+        secret: str | None = None,
+        **overrides: Any,
+    ) -> Stack:
+        secret = secret or secrets.token_urlsafe(48)
+        write = build_write_side(database_url, pool_size=4)
+        api_pool = make_pool(database_url, role="agentworks_api", max_size=10, name="api")
+        projector_pool = make_pool(
+            database_url, role="agentworks_projector", max_size=4, name="projectors"
+        )
+        namespace = f"aw-test:{secrets.token_hex(6)}"
+        hub: Broadcaster
+        redis_client = None
+        if broadcaster == "redis":
+            hub = RedisBroadcaster.from_url(self.redis_url, channel_prefix=f"{namespace}:")
+            redis_client = redis.asyncio.Redis.from_url(self.redis_url)
+        else:
+            hub = LocalBroadcaster()
+        log = EventLog(write.recorder, write.mapper)  # type: ignore[arg-type]
+        runners = [
+            ProjectionRunner(projector(), projector_pool, log, on_commit=hub.publish_changes)
+            for projector in ALL_PROJECTORS
+        ]
+        fanout = EmbeddedFanout(log, runners, listen_url=database_url, poll_interval=0.2)
+        fanout.start()
+        stats: list[RequestStats] = []
+        options: dict[str, Any] = {
+            "rate_limits": RateLimits(
+                per_user_per_minute=100_000, per_workspace_per_minute=100_000, key_prefix=namespace
+            ),
+            # Generous: projectors share the cluster-wide reader horizon with every other
+            # database on this server (CREATE/DROP DATABASE of parallel test sessions).
+            "consistency_wait_ms": 10_000,
+            "stats_hook": stats.append,
+            **overrides,
+        }
+        services = ApiServices(
+            write=write,
+            pool=api_pool,
+            jwt=JwtVerification(secret=secret),
+            broadcaster=hub,
+            redis=redis_client,
+            **options,
+        )
+        server = start_in_thread(create_app(services))
+        stack = Stack(
+            server=server, write=write, fanout=fanout, services=services, secret=secret,
+            database_url=database_url, stats=stats,
+        )  # fmt: skip
+        self._built.append((stack, [api_pool, projector_pool]))
+        return stack
+
+    def close(self) -> None:
+        while self._built:
+            stack, pools = self._built.pop()
+            for client in stack.clients:
+                client.close()
+            stack.fanout.stop()
+            stack.server.stop()
+            for pool in pools:
+                pool.close(timeout=1)
+            stack.write.close()

@@ -1,0 +1,216 @@
+"""Subscriptions over graphql-transport-ws, in process and through Redis pub/sub."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import pytest
+from api_client import PROTOCOL, Subscription, subscribe
+from e2e_stack import MakeStack, Stack
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from commands import models as m
+from commands.handlers import Actor
+
+BOARD_CHANGED = """
+subscription($id: ID!) {
+  boardChanged(projectId: $id) { kind cardId runId position card { id title lane } }
+}
+"""
+RUN_LOG = """
+subscription($id: ID!, $after: Int) { agentRunLog(runId: $id, afterSeq: $after) { seq text } }
+"""
+
+
+@pytest.fixture(params=["local", "redis"])
+def live_stack(request: pytest.FixtureRequest, make_stack: MakeStack) -> Stack:
+    return make_stack(broadcaster=request.param)
+
+
+def _first_event(
+    sub: Subscription, make_change: Callable[[], object], *, attempts: int = 20
+) -> dict[str, Any]:
+    """Cause changes until the (asynchronously started) subscription reports one."""
+    for _ in range(attempts):
+        make_change()
+        try:
+            return sub.next(timeout=1.0)
+        except TimeoutError:
+            continue
+    raise AssertionError("the subscription never reported a change")
+
+
+def test_board_changes_arrive_with_the_card_as_the_read_model_has_it(live_stack: Stack) -> None:
+    alice, ws = live_stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}, {"name": "Doing"}])["project"]["id"]
+    with subscribe(live_stack.ws_url, alice.token, BOARD_CHANGED, {"id": pid}) as sub:
+        first = _first_event(sub, lambda: alice.create_card(pid, "warm-up"))
+        assert first["data"]["boardChanged"]["kind"] == "card.created"
+
+        card = alice.create_card(pid, "spec")["card"]
+        event = _next_for(sub, card["id"], "card.created")
+        assert event["card"] == {"id": card["id"], "title": "spec", "lane": "Todo"}
+        assert int(event["position"]) > 0
+
+        alice.data(
+            'mutation($id: ID!) { moveCard(input: {cardId: $id, toLane: "Doing"}) {'
+            " card { id } } }",
+            {"id": card["id"]},
+        )
+        moved = _next_for(sub, card["id"], "card.moved")
+        assert moved["card"]["lane"] == "Doing"
+
+        run = alice.data(
+            'mutation($id: ID!) { startAgentRun(input: {cardId: $id, agent: "coder"}) {'
+            " run { id } } }",
+            {"id": card["id"]},
+        )["startAgentRun"]["run"]["id"]
+        requested = _next_for(sub, card["id"], "run.requested")
+        assert requested["runId"] == run
+
+
+def _next_for(sub: Subscription, card_id: str, kind: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        event: dict[str, Any] = sub.next(timeout=15)["data"]["boardChanged"]
+        if event["cardId"] == card_id and event["kind"] == kind:
+            return event
+    raise AssertionError(f"no {kind} event for card {card_id}")
+
+
+def test_a_run_log_replays_then_follows_live_without_gap_or_duplicate(live_stack: Stack) -> None:
+    alice, ws = live_stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(pid, "build")["card"]["id"]
+    run = alice.data(
+        'mutation($id: ID!) { startAgentRun(input: {cardId: $id, agent: "coder"}) { run { id } } }',
+        {"id": card},
+    )["startAgentRun"]["run"]["id"]
+    write = live_stack.write
+    service = Actor.service("orchestrator", ws)
+    run_id = UUID(run)
+    write.begin_run(m.BeginRun(run_id=run_id, worker="w1"), service)
+
+    def append(count: int, label: str) -> None:
+        now = datetime.now(UTC)
+        write.append_run_log(
+            m.AppendRunLog(
+                run_id=run_id,
+                lines=[m.LogLineInput(at=now, text=f"{label} {i}") for i in range(count)],
+            ),
+            service,
+        )
+
+    append(5, "before")
+    # Lines keep coming while the client subscribes and replays: the race the design covers.
+    stop = threading.Event()
+
+    def writer() -> None:
+        chunk = 0
+        while not stop.is_set() and chunk < 40:
+            append(3, f"chunk {chunk}")
+            chunk += 1
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seqs: list[int] = []
+    try:
+        with subscribe(live_stack.ws_url, alice.token, RUN_LOG, {"id": run, "after": 2}) as sub:
+            while len(seqs) < 40:
+                seqs.append(sub.next()["data"]["agentRunLog"]["seq"])
+            stop.set()
+            thread.join()
+            append(2, "after")
+            write.finish_run(m.FinishRun(run_id=run_id, outcome="SUCCEEDED"), service)
+            while True:
+                message = sub.next_message(timeout=15)
+                if message["type"] == "complete":
+                    break
+                assert message["type"] == "next", message
+                seqs.append(message["payload"]["data"]["agentRunLog"]["seq"])
+    finally:
+        stop.set()
+        thread.join()
+    total = alice.data("query($id: ID!) { agentRun(id: $id) { logLineCount } }", {"id": run})
+    last = total["agentRun"]["logLineCount"]
+    assert seqs == list(range(3, last + 1))
+
+
+def test_a_finished_runs_log_replays_and_completes(live_stack: Stack) -> None:
+    alice, ws = live_stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(pid, "build")["card"]["id"]
+    run_id = UUID(alice.data(
+        "mutation($id: ID!) { startAgentRun(input: {cardId: $id, agent: \"coder\"}) {"
+        " run { id } } }", {"id": card},
+    )["startAgentRun"]["run"]["id"])  # fmt: skip
+    service = Actor.service("orchestrator", ws)
+    live_stack.write.begin_run(m.BeginRun(run_id=run_id, worker="w1"), service)
+    live_stack.write.append_run_log(
+        m.AppendRunLog(
+            run_id=run_id,
+            lines=[m.LogLineInput(at=datetime.now(UTC), text=f"line {i}") for i in range(3)],
+        ),
+        service,
+    )
+    finished = live_stack.write.finish_run(
+        m.FinishRun(run_id=run_id, outcome="FAILED", error="boom"), service
+    )
+    alice.post(
+        "query($id: ID!) { agentRun(id: $id) { status } }",
+        {"id": str(run_id)},
+        headers={"X-Consistency-Token": finished.consistency_token},
+    )
+    with subscribe(live_stack.ws_url, alice.token, RUN_LOG, {"id": str(run_id)}) as sub:
+        seqs = [sub.next()["data"]["agentRunLog"]["seq"] for _ in range(3)]
+        assert sub.next_message()["type"] == "complete"
+    assert seqs == [1, 2, 3]
+
+
+def test_a_websocket_without_a_valid_token_is_refused(stack: Stack) -> None:
+    for payload in ({}, {"Authorization": "Bearer not-a-jwt"}):
+        with connect(f"{stack.ws_url}/graphql", subprotocols=[PROTOCOL]) as socket:
+            socket.send(json.dumps({"type": "connection_init", "payload": payload}))
+            with pytest.raises(ConnectionClosed) as closed:
+                socket.recv(timeout=10)
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 4403
+
+
+def test_a_token_in_the_handshake_header_also_authenticates(stack: Stack) -> None:
+    alice, ws = stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    with subscribe(
+        stack.ws_url, alice.token, BOARD_CHANGED, {"id": pid}, auth_in_payload=False
+    ) as sub:
+        event = _first_event(sub, lambda: alice.create_card(pid, "hello"))
+        assert event["data"]["boardChanged"]["kind"] == "card.created"
+
+
+def test_an_invalid_subscription_is_answered_with_a_validation_error(stack: Stack) -> None:
+    alice, _ = stack.owner_with_workspace()
+    with subscribe(
+        stack.ws_url, alice.token, 'subscription { agentRunLog(runId: "nope") { seq } }'
+    ) as sub:
+        message = sub.next_message()
+        errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
+        assert [e["extensions"]["code"] for e in errors] == ["VALIDATION"]
+        assert "Traceback" not in json.dumps(message)
+
+
+def test_queries_are_not_run_over_the_websocket(stack: Stack) -> None:
+    alice, ws = stack.owner_with_workspace()
+    with subscribe(
+        stack.ws_url, alice.token, "query($id: ID!) { workspace(id: $id) { id } }", {"id": ws}
+    ) as sub:
+        message = sub.next_message()
+        errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
+        assert [e["extensions"]["code"] for e in errors] == ["VALIDATION"]
