@@ -317,7 +317,13 @@ def worker_command(
     from infra.bootstrap import build_read_side
     from streams.worker import run_worker
 
-    read_side = build_read_side(settings, url, projector_names=[projector])
+    on_commit = None
+    if settings.redis_url:
+        from read_api.broadcast import RedisChangePublisher
+
+        # Subscribers on any API instance hear what this worker's projector committed.
+        on_commit = RedisChangePublisher.from_url(settings.redis_url).publish_changes
+    read_side = build_read_side(settings, url, projector_names=[projector], on_commit=on_commit)
     try:
         run_worker(
             read_side.runners[0], settings.kafka_bootstrap, topic_prefix=settings.topic_prefix

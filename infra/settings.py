@@ -84,6 +84,20 @@ class Settings(BaseSettings):
     """Base URL of the Stripe API (a local fake in tests); None means Stripe's own."""
 
     # --- behaviour -----------------------------------------------------------------------
+    # --- API ---------------------------------------------------------------------------
+    api_pool_size: int = Field(default=20, ge=1)
+    """Connections of the API role; a GraphQL request holds one while it reads."""
+    cors_origins: str = ""
+    """Comma-separated origins allowed by CORS (empty: same origin only)."""
+    rate_limit_per_user: int = Field(default=600, ge=0)
+    """Requests per minute per user; 0 switches the limit off."""
+    rate_limit_per_workspace: int = Field(default=6000, ge=0)
+    """Requests per minute per workspace; 0 switches the limit off."""
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    max_projector_lag: int = Field(default=10_000, ge=0)
+    """``/readyz`` answers 503 when a projector is further behind the log head than this."""
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP traces endpoint (``http://collector:4318/v1/traces``); None: no export."""
     consistency_wait_ms: int = Field(default=2000, ge=0)
     """Longest wait of a read that carries ``X-Consistency-Token``."""
     command_retries: int = Field(default=5, ge=0)

@@ -24,7 +24,7 @@ from infra.bootstrap import ReadSide, build_read_side, build_relay, write_side_f
 from infra.migrate import ensure_database, migrate
 from infra.settings import Settings, jwt_keys
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
-from read_api.services import ApiServices, JwtVerification
+from read_api.services import ApiServices, JwtVerification, RateLimits
 from streams.embedded import EmbeddedFanout
 
 if TYPE_CHECKING:
@@ -77,11 +77,18 @@ def api_services(
     )
     return ApiServices(
         write=write,
-        pool=make_pool(database_url, role=API_ROLE, max_size=settings.pool_size, name="api"),
+        pool=make_pool(database_url, role=API_ROLE, max_size=settings.api_pool_size, name="api"),
         jwt=verification,
         broadcaster=broadcaster,
         redis=redis.asyncio.Redis.from_url(settings.redis_url) if settings.redis_url else None,
         consistency_wait_ms=settings.consistency_wait_ms,
+        rate_limits=RateLimits(
+            per_user_per_minute=settings.rate_limit_per_user or None,
+            per_workspace_per_minute=settings.rate_limit_per_workspace or None,
+        ),
+        cors_origins=tuple(o.strip() for o in settings.cors_origins.split(",") if o.strip()),
+        max_body_bytes=settings.max_body_bytes,
+        max_projector_lag=settings.max_projector_lag,
     )
 
 
@@ -179,7 +186,15 @@ def _change_publisher(settings: Settings, broadcaster: Broadcaster) -> Any:
 def serve_app(app: FastAPI, *, host: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        ws="websockets-sansio",
+    )
 
 
 def api_process(settings: Settings) -> tuple[FastAPI, AgentWorks]:
