@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -130,6 +130,10 @@ class AgentWorks(Application[UUID]):
     """The AgentWorks write side (one bounded context, one event store)."""
 
     name = "AgentWorks"
+    # Cards are read at any past version for history and audit; a snapshot every 100 events
+    # bounds that to at most 99 events replayed. (Other aggregates hold enums and dataclasses
+    # the JSON transcoder does not round-trip, and are read at their latest version.)
+    snapshotting_intervals: ClassVar[dict[type[Any], int]] = {Card: 100}
 
     def __init__(
         self,
