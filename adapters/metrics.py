@@ -1,4 +1,9 @@
-"""Prometheus metrics: what commands cost, what was appended, how far behind fan-out is."""
+"""Prometheus metrics: what commands cost, what was appended, how far behind fan-out is.
+
+The counters and histograms are process-wide (the default registry): every component of a
+process records into them. :class:`LagCollector` reads positions from Postgres at scrape time,
+so it belongs to one deployment's database; :class:`Exposition` renders both for ``/metrics``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,14 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import psycopg
-from prometheus_client import Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -89,3 +101,24 @@ class LagCollector(Collector):
         yield head
         yield relay
         yield projector
+
+
+class Exposition:
+    """The Prometheus text exposition a ``/metrics`` endpoint answers with.
+
+    It holds the process-wide metrics (``registry``, the default one) and the ``collectors`` of
+    one deployment, such as its :class:`LagCollector`, in a registry of its own: an app (or
+    several, in tests) can add its database's lag without registering anything globally.
+    Rendering runs the collectors, which may query the database: call it off the event loop.
+    """
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, *collectors: Collector, registry: CollectorRegistry = REGISTRY) -> None:
+        self._process = registry
+        self._deployment = CollectorRegistry(auto_describe=False)
+        for collector in collectors:
+            self._deployment.register(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self._process) + generate_latest(self._deployment)

@@ -230,11 +230,14 @@ def dev_command(
     """Run everything in one process: database (embedded by default), API and projectors."""
     from adapters.tokens import issue_token
     from infra.demo import seed_demo
-    from infra.stack import build_dev_stack, serve_app
+    from infra.stack import build_dev_stack, serve_app, start_tracing
     from read_api.app import create_app
 
+    # SIGTERM stops the stack like Ctrl-C does, so the embedded PostgreSQL is stopped too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     overrides: dict[str, object] = {} if data_dir is None else {"data_dir": data_dir}
     settings = load_settings(**overrides)
+    start_tracing(settings, "agentworks-dev")
     console = Console(stderr=True, soft_wrap=True)
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     stack = build_dev_stack(settings, settings.data_dir)
@@ -274,10 +277,11 @@ def serve_command(
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
 ) -> None:
     """Run the GraphQL API alone against the configured PostgreSQL (and Redis)."""
-    from infra.stack import api_process, serve_app
+    from infra.stack import api_process, serve_app, start_tracing
 
     settings = load_settings()
     _database_url(settings)
+    start_tracing(settings, "agentworks-api")
     app_, write_side = api_process(settings)
     try:
         serve_app(app_, host=host, port=port)
@@ -289,8 +293,10 @@ def serve_command(
 def relay_command() -> None:
     """Publish the event log to Kafka, in order, resuming where the last run stopped."""
     from infra.bootstrap import build_relay
+    from infra.stack import start_tracing
 
     settings = load_settings()
+    start_tracing(settings, "agentworks-relay")
     relay, write_side = build_relay(settings, _database_url(settings))
     _stop_on_signals(relay.stop)
     try:
@@ -314,6 +320,9 @@ def worker_command(
     if projector is None:
         _run_one_process_per_projector()
         return
+    from infra.stack import start_tracing
+
+    start_tracing(settings, f"agentworks-worker-{projector}")
     from infra.bootstrap import build_read_side
     from streams.worker import run_worker
 

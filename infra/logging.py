@@ -4,6 +4,10 @@ Both our own ``structlog.get_logger()`` calls and the standard-library loggers o
 (psycopg, uvicorn, kafka, faust) go through one handler, so a process emits one uniform stream:
 JSON lines for log shippers by default, readable coloured lines with ``log_json=False``.
 Standard output stays free for what a command prints (``agentworks token`` prints the JWT alone).
+
+Every line carries what ties it to the rest of the system: ``trace_id``/``span_id`` of the span
+active where it was logged (:func:`add_trace_ids`), and whatever was bound with
+``structlog.contextvars`` — the API binds ``request_id`` and ``correlation_id`` per request.
 """
 
 from __future__ import annotations
@@ -14,10 +18,19 @@ from typing import TYPE_CHECKING, TextIO
 
 import structlog
 
+from adapters.telemetry import current_trace_ids
+
 if TYPE_CHECKING:
-    from structlog.typing import Processor
+    from structlog.typing import EventDict, Processor, WrappedLogger
 
 _HANDLER_NAME = "agentworks"
+
+
+def add_trace_ids(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Add ``trace_id`` and ``span_id`` of the active span (none when nothing is traced)."""
+    for key, value in current_trace_ids().items():
+        event_dict.setdefault(key, value)
+    return event_dict
 
 
 def configure_logging(
@@ -30,6 +43,7 @@ def configure_logging(
 
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.stdlib.add_logger_name,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

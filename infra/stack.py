@@ -4,13 +4,19 @@
 everything in one process: the embedded PostgreSQL unless a database is configured, migrations,
 the API, and the fan-out — straight from the log in-process, or, with Kafka configured, the relay
 and one faust worker per projector as in-process threads. Ctrl-C stops it all.
+
+Both expose ``/metrics`` with the lag of their database (:class:`~adapters.metrics.LagCollector`)
+and, when ``AGENTWORKS_OTLP_ENDPOINT`` is set, export traces (:func:`start_tracing`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,16 +24,21 @@ from typing import TYPE_CHECKING, Any
 import redis
 import redis.asyncio
 import structlog
+import uvicorn
 
+from adapters.metrics import LagCollector
 from adapters.postgres import API_ROLE, PROJECTOR_ROLE, make_pool
+from adapters.telemetry import configure_tracing
 from infra.bootstrap import ReadSide, build_read_side, build_relay, write_side_from
 from infra.migrate import ensure_database, migrate
-from infra.settings import Settings, jwt_keys
+from infra.settings import ConfigurationError, Settings, jwt_keys
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
 from read_api.services import ApiServices, JwtVerification, RateLimits
 from streams.embedded import EmbeddedFanout
 
 if TYPE_CHECKING:
+    import socket
+
     from fastapi import FastAPI
 
     from commands.handlers import AgentWorks
@@ -89,6 +100,7 @@ def api_services(
         cors_origins=tuple(o.strip() for o in settings.cors_origins.split(",") if o.strip()),
         max_body_bytes=settings.max_body_bytes,
         max_projector_lag=settings.max_projector_lag,
+        lag_collector=LagCollector(database_url),
     )
 
 
@@ -183,18 +195,108 @@ def _change_publisher(settings: Settings, broadcaster: Broadcaster) -> Any:
     return broadcaster.publish_changes
 
 
-def serve_app(app: FastAPI, *, host: str, port: int) -> None:
-    import uvicorn
+def start_tracing(settings: Settings, service_name: str) -> Any:
+    """Export this process's spans to ``AGENTWORKS_OTLP_ENDPOINT``; nothing when it is unset.
 
-    uvicorn.run(
+    Call once, at start: OpenTelemetry's tracer provider can only be installed once per process.
+    Returns the SDK tracer provider (it flushes at exit), or ``None``.
+    """
+    if not settings.otlp_endpoint:
+        return None
+    try:
+        return configure_tracing(service_name=service_name, otlp_endpoint=settings.otlp_endpoint)
+    except ImportError as error:
+        raise ConfigurationError(
+            "AGENTWORKS_OTLP_ENDPOINT is set but the OpenTelemetry SDK is not installed; "
+            "install the 'otel' extra (pip install 'agentworks[otel]')"
+        ) from error
+
+
+#: How long a stopping server waits for requests in flight before it cancels them.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
+def serve_app(
+    app: FastAPI, *, host: str, port: int, graceful_seconds: int = GRACEFUL_SHUTDOWN_SECONDS
+) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM, then stop cleanly and return.
+
+    uvicorn's own logging setup is skipped: its lines go through ours (JSON, with trace ids).
+    """
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        log_config=None,
         log_level="warning",
         access_log=False,
         lifespan="on",
         ws="websockets-sansio",
+        timeout_graceful_shutdown=graceful_seconds,
     )
+    server = _Server(config)
+    quiet = _CancelledAtShutdown(server)
+    uvicorn_logger = logging.getLogger("uvicorn.error")
+    uvicorn_logger.addFilter(quiet)
+    try:
+        server.run()
+    finally:
+        uvicorn_logger.removeFilter(quiet)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, made to stop on SIGINT/SIGTERM without tracebacks or leftovers.
+
+    uvicorn handles the signal, shuts down, and then raises the same signal again. A re-raised
+    SIGTERM killed ``agentworks dev`` before it stopped its stack and the embedded PostgreSQL.
+    Re-raised SIGINTs land in ``asyncio.run``'s own handler, which cancels the main task and, at
+    the second one, raises ``KeyboardInterrupt``; ``asyncio.run`` then cancels every task still
+    pending — the app's lifespan, which uvicorn skips on a forced exit, and hanging requests
+    (without a graceful-shutdown timeout a single hanging request kept Ctrl-C waiting until a
+    second one forced it) — and each printed a ``CancelledError`` traceback.
+
+    Here a signal only asks the server to stop, and the caller goes on to clean up and return;
+    on a forced exit the lifespan shutdown runs anyway (ours only closes clients).
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {
+            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets=sockets)
+        if self.force_exit:
+            await self.lifespan.shutdown()
+
+
+class _CancelledAtShutdown(logging.Filter):
+    """Turns uvicorn's traceback for a request cancelled at shutdown into one warning line.
+
+    Requests still running when the graceful-shutdown timeout ends (or at a second Ctrl-C) are
+    cancelled; that is the shutdown working, not a bug in the request.
+    """
+
+    def __init__(self, server: uvicorn.Server) -> None:
+        super().__init__()
+        self.server = server
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if self.server.should_exit and isinstance(error, asyncio.CancelledError):
+            record.msg, record.args = "a request still running at shutdown was cancelled", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def api_process(settings: Settings) -> tuple[FastAPI, AgentWorks]:
@@ -221,4 +323,5 @@ __all__ = [
     "build_dev_stack",
     "database_url_for",
     "serve_app",
+    "start_tracing",
 ]

@@ -1,4 +1,5 @@
-"""The HTTP face of AgentWorks: GraphQL at ``/graphql``, health at ``/healthz`` and ``/readyz``.
+"""The HTTP face of AgentWorks: GraphQL at ``/graphql``, health at ``/healthz`` and ``/readyz``,
+Prometheus metrics at ``/metrics``.
 
 ``POST /graphql`` runs queries and mutations; ``GET /graphql`` upgraded to a WebSocket with the
 ``graphql-transport-ws`` subprotocol runs subscriptions. Before a POST runs: the body size is
@@ -6,6 +7,11 @@ checked (413), the bearer token verified (401), the caller's rate limits counted
 parsed (400), and with ``X-Consistency-Token`` the read models awaited. Every refusal is a
 GraphQL-shaped body ``{"errors": [{"message", "extensions": {"code"}}]}``; a 500 only ever comes
 from a bug and says nothing about it but the request id.
+
+Observability: every GraphQL request runs in a span that continues the caller's ``traceparent``
+(the commands it sends carry that trace into the events, the relay and the projectors), with
+``request_id``/``correlation_id`` bound to every log line it causes; every HTTP response is
+counted by status (``agentworks_http_responses_total``).
 
 Build it with :func:`create_app`; run it with uvicorn (``read_api.testing`` for tests).
 """
@@ -17,6 +23,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Any
 
@@ -24,11 +31,14 @@ import psycopg
 import structlog
 from fastapi import FastAPI
 from fastapi.routing import APIWebSocketRoute
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry import Schema
 from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
 from strawberry.fastapi import GraphQLRouter
@@ -41,6 +51,8 @@ from strawberry.types.execution import PreExecutionError
 from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UnsetType
 
+from adapters.metrics import HTTP_RESPONSES, Exposition
+from adapters.telemetry import continue_trace, current_traceparent
 from domain.errors import RateLimited, Unauthenticated, ValidationFailed
 from read_api.auth import (
     authenticate,
@@ -66,6 +78,7 @@ from read_api.services import ApiServices, RequestStats
 log = structlog.get_logger(__name__)
 
 GRAPHQL_PATH = "/graphql"
+METRICS_PATH = "/metrics"
 _HTTP_OPERATIONS = frozenset({OperationType.QUERY, OperationType.MUTATION})
 _HEALTH_TIMEOUT = 2.0
 
@@ -92,7 +105,7 @@ def create_app(services: ApiServices) -> FastAPI:
                     await services.redis.aclose()
             runtime.offloader.shutdown()
 
-    app = FastAPI(
+    app = _AgentWorksApi(
         title="AgentWorks API",
         lifespan=lifespan,
         docs_url=None,
@@ -124,6 +137,8 @@ def create_app(services: ApiServices) -> FastAPI:
     health = Health(runtime)
     app.add_api_route("/healthz", health.alive, methods=["GET"], include_in_schema=False)
     app.add_api_route("/readyz", health.ready, methods=["GET"], include_in_schema=False)
+    metrics = Metrics(runtime)
+    app.add_api_route(METRICS_PATH, metrics.scrape, methods=["GET"], include_in_schema=False)
 
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
@@ -165,6 +180,23 @@ class GraphQLEndpoint:
     async def post(self, request: Request) -> Response:
         started = time.perf_counter()
         rid = request_id(request.headers.get("x-request-id"))
+        # Every log line this request causes, here or in the threads it offloads to, says which
+        # request it belongs to; the span puts it in the caller's trace.
+        with (
+            structlog.contextvars.bound_contextvars(request_id=rid, correlation_id=rid),
+            _request_span(request) as span,
+        ):
+            response = await self._answer(request, rid, started, span)
+            span.set_attribute("http.response.status_code", response.status_code)
+            log.debug(
+                "graphql.request",
+                operation=getattr(request.state, "operation_name", None),
+                status=response.status_code,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+            return response
+
+    async def _answer(self, request: Request, rid: str, started: float, span: Span) -> Response:
         try:
             _check_declared_size(request, self.services.max_body_bytes)
             principal = authenticate(request.headers.get("authorization"), self.services.jwt)
@@ -179,6 +211,10 @@ class GraphQLEndpoint:
             query, variables, operation_name = _parse_request(
                 body, request.headers.get("content-type")
             )
+            request.state.operation_name = operation_name
+            if operation_name:
+                span.update_name(f"graphql {operation_name}")
+                span.set_attribute("graphql.operation.name", operation_name)
             consistency = request.headers.get("x-consistency-token")
             token = ConsistencyToken.parse(consistency) if consistency else None
         except BadRequest as error:
@@ -204,7 +240,8 @@ class GraphQLEndpoint:
         context = RequestContext(
             self.runtime,
             request_id=rid,
-            traceparent=traceparent(request.headers.get("traceparent")),
+            # The request's span: commands sent by this request are its children.
+            traceparent=current_traceparent(),
         )
         context.request = request
         context.authenticate(principal)
@@ -245,6 +282,8 @@ class GraphQLEndpoint:
             extensions["stale"] = True
         if extensions:
             payload["extensions"] = extensions
+        if result.errors:
+            span.set_attribute("graphql.error_count", len(result.errors))
         return _json(payload, 200, rid)
 
     def _report(
@@ -264,6 +303,25 @@ class GraphQLEndpoint:
             )
         except Exception:
             log.exception("api.stats_hook_failed")
+
+
+def _request_span(request: Request) -> AbstractContextManager[Span]:
+    """The span of one GraphQL request.
+
+    It is the request's server span, continuing the caller's ``traceparent``, unless the
+    framework already opened one (FastAPI's own telemetry does once an SDK tracer provider is
+    installed): then it hangs below that span rather than start a second server span. Without an
+    SDK it records nothing, yet still carries the caller's ``traceparent`` on to the commands.
+    """
+    attributes = {"http.request.method": "POST", "url.path": GRAPHQL_PATH}
+    if trace.get_current_span().get_span_context().is_valid:
+        return continue_trace("graphql", None, attributes=attributes)
+    return continue_trace(
+        "graphql",
+        traceparent(request.headers.get("traceparent")) or None,
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+    )
 
 
 def _check_declared_size(request: Request, limit: int) -> None:
@@ -344,6 +402,57 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
         )
     log.error("api.unexpected", request_id=rid, exc_info=exc)
     return _json(error_body(INTERNAL_MESSAGE, "INTERNAL"), 500, rid)
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+class _AgentWorksApi(FastAPI):
+    """FastAPI with :class:`CountResponses` outside its whole middleware stack.
+
+    Outermost, so that responses sent by Starlette's server-error middleware (the 500 and 503 of
+    the catch-all handler) are counted too.
+    """
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return CountResponses(super().build_middleware_stack())
+
+
+class CountResponses:
+    """ASGI middleware counting every HTTP response by status code."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                HTTP_RESPONSES.labels(str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+class Metrics:
+    """``GET /metrics``: Prometheus text exposition, unauthenticated like the health checks.
+
+    Process-wide metrics (command latency, events appended, HTTP statuses) and, when the
+    composition root gave one, the lag collector of this deployment's database.
+    """
+
+    def __init__(self, runtime: ApiRuntime) -> None:
+        self.runtime = runtime
+        collector = runtime.services.lag_collector
+        self.exposition = Exposition() if collector is None else Exposition(collector)
+
+    async def scrape(self) -> Response:
+        # The lag collector queries Postgres: not on the event loop.
+        body = await self.runtime.offloader.run(self.exposition.render)
+        return Response(body, media_type=self.exposition.content_type)
 
 
 # -- WebSocket subscriptions ----------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ParamSpec, TypeAlias, TypeVar
@@ -10,6 +12,7 @@ from uuid import UUID
 import strawberry
 from strawberry.fastapi import BaseContext
 
+from adapters.telemetry import current_traceparent
 from commands.handlers import Actor
 from domain.errors import NotFound, Unauthenticated
 from read_api.auth import workspace_uuid
@@ -35,12 +38,14 @@ class Caller:
     def workspace_id(self) -> UUID | None:
         return workspace_uuid(self.principal)
 
-    def actor(self) -> Actor:
+    def actor(self, *, traceparent: str | None = None) -> Actor:
+        """The caller as a command's actor; ``traceparent`` (default: the request's) is the span
+        its command span continues."""
         return Actor(
             user_id=self.principal.user_id,
             workspace_id=self.principal.workspace_id,
             correlation_id=self.request_id,
-            traceparent=self.traceparent,
+            traceparent=traceparent or self.traceparent,
         )
 
 
@@ -84,7 +89,9 @@ class RequestContext(BaseContext):
         return self.caller
 
     def actor(self) -> Actor:
-        return self.who.actor()
+        """The caller as a command's actor, in the trace of the span active here (the request's,
+        or one opened below it), so the command and its events join the request's trace."""
+        return self.who.actor(traceparent=current_traceparent() or None)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -133,7 +140,10 @@ class RequestContext(BaseContext):
     # -- blocking work -------------------------------------------------------------------------
 
     async def offload(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await self.runtime.offloader.run(fn, *args, **kwargs)
+        """Run ``fn`` on a worker thread, in a copy of this request's context: the active span
+        and the log fields bound to the request (``request_id``…) follow it there."""
+        context = contextvars.copy_context()
+        return await self.runtime.offloader.run(context.run, functools.partial(fn, *args, **kwargs))
 
 
 Info: TypeAlias = strawberry.Info[RequestContext, None]

@@ -15,6 +15,7 @@ from projections.registry import ALL_PROJECTORS
 
 if TYPE_CHECKING:
     import redis.asyncio
+    from prometheus_client.registry import Collector
     from psycopg import Connection
     from psycopg.rows import DictRow
     from psycopg_pool import ConnectionPool
@@ -105,3 +106,7 @@ class ApiServices:
     """A quiet log subscription re-reads the read model this often, in case a message was lost."""
     stats_hook: Callable[[RequestStats], None] | None = None
     """Called after each HTTP GraphQL request (metrics, tests counting SQL statements)."""
+    lag_collector: Collector | None = None
+    """Log head, relay and projector lag of this deployment's database
+    (``adapters.metrics.LagCollector``), exposed at ``/metrics`` beside the process-wide metrics;
+    ``None``: ``/metrics`` has no lag gauges."""
