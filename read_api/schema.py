@@ -7,10 +7,13 @@ from collections.abc import Callable
 import strawberry
 from graphql import GraphQLError
 from strawberry.extensions import (
+    AddValidationRules,
     MaxAliasesLimiter,
     MaxTokensLimiter,
+    ParserCache,
     QueryDepthLimiter,
     SchemaExtension,
+    ValidationCache,
 )
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types.execution import ExecutionContext
@@ -34,15 +37,25 @@ class AgentWorksSchema(strawberry.Schema):
 
 
 def build_schema(limits: QueryLimits | None = None) -> strawberry.Schema:
-    """The schema with its limits; extensions are factories so each request gets fresh ones."""
+    """The schema with its limits; extensions are factories so each request gets fresh ones.
+
+    The depth and alias rules are built once: a rule class made per request would defeat the
+    validation cache, which keys on the rules (a board query then re-parses and re-validates on
+    every request).
+    """
     limits = limits or QueryLimits()
+    rules = [
+        *QueryDepthLimiter(max_depth=limits.max_depth).validation_rules,
+        *MaxAliasesLimiter(max_alias_count=limits.max_aliases).validation_rules,
+    ]
     extensions: list[type[SchemaExtension] | Callable[[], SchemaExtension]] = [
         ErrorShaping,
         SubscriptionsOnlyOverWebSocket,
-        lambda: QueryDepthLimiter(max_depth=limits.max_depth),
-        lambda: MaxAliasesLimiter(max_alias_count=limits.max_aliases),
+        lambda: AddValidationRules(rules),
         lambda: MaxTokensLimiter(max_token_count=limits.max_tokens),
         lambda: CostLimiter(max_cost=limits.max_cost),
+        lambda: ParserCache(maxsize=512),
+        lambda: ValidationCache(maxsize=512),
     ]
     return AgentWorksSchema(
         query=Query,
