@@ -12,12 +12,14 @@ This recorder keeps the guarantee with a shorter critical section and a reader-s
   then commits — so commits, and their fsyncs, overlap;
 * because ids and transaction ids are handed out under the same lock, a transaction with a lower
   transaction id always holds lower notification ids; a reader therefore only returns rows whose
-  ``transaction_id`` is older than the oldest transaction still running
-  (``pg_snapshot_xmin(pg_current_snapshot())``). Every transaction that could still commit a
-  lower id is newer than that horizon, so nothing returned can be overtaken.
+  ``transaction_id`` is older than the oldest transaction still running in the reader's
+  snapshot. Every transaction that could still commit a lower id is newer than that horizon, so
+  nothing returned can be overtaken.
 
-The cost is that a long-running writing transaction anywhere in the cluster holds back readers
-(not writers) until it ends; keep write transactions short.
+Transaction ids are server-wide, so the horizon leaves out transactions that ``pg_locks`` shows
+belong to another database: a long transaction elsewhere on the cluster does not stall fan-out.
+A long-running writing transaction in this database still holds readers (never writers) back
+until it ends; keep write transactions here short.
 """
 
 from __future__ import annotations
@@ -52,6 +54,19 @@ from domain.idempotency import CommandRecord, StoredCommand
 
 DB_ROLE_ENV = "AGENTWORKS_DB_ROLE"
 
+# The oldest transaction that was still running when this statement's snapshot was taken and is
+# not known to belong to another database (transaction ids are server-wide; a long transaction
+# in another database must not hold our readers back). One that ended since is kept, to be safe:
+# it delays this one read at most. With none, every committed row is final.
+_HORIZON = """transaction_id < (
+    SELECT coalesce(min(running), pg_snapshot_xmax(pg_current_snapshot()))
+    FROM pg_snapshot_xip(pg_current_snapshot()) AS running
+    WHERE mod(running::text::bigint, 4294967296) NOT IN (
+        SELECT lock.transactionid::text::bigint
+        FROM pg_locks AS lock JOIN pg_stat_activity AS backend ON backend.pid = lock.pid
+        WHERE lock.locktype = 'transactionid'
+          AND backend.datname IS DISTINCT FROM current_database()))"""
+
 
 class EventStoreRecorder(PostgresApplicationRecorder):
     """Application recorder with overlapping commits and a snapshot-horizon reader rule."""
@@ -64,7 +79,7 @@ class EventStoreRecorder(PostgresApplicationRecorder):
         key = zlib.crc32(f"{self.datastore.schema}.{self.events_table_name}".encode()) & 0x7FFFFFFF
         self._lock_sql = SQL("SELECT pg_advisory_lock({0})").format(key)
         self._unlock_sql = SQL("SELECT pg_advisory_unlock({0})").format(key)
-        self._horizon = SQL("transaction_id < pg_snapshot_xmin(pg_current_snapshot())")
+        self._horizon = SQL(_HORIZON)
         self._select_from = SQL(
             "SELECT notification_id, originator_id, originator_version, topic, state FROM {0}"
         ).format(table)
