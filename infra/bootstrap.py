@@ -119,7 +119,8 @@ def build_relay(settings: Settings, database_url: str) -> tuple[Relay, AgentWork
     if not bootstrap:
         raise ValidationFailed("AGENTWORKS_KAFKA_BOOTSTRAP is not set; the relay needs Kafka")
     create_topics(bootstrap, [settings.topic_prefix + t for t in TOPICS], settings.topic_partitions)
-    write_side = write_side_from(settings, database_url)
+    # The relay only reads the log: two connections are plenty.
+    write_side = build_write_side(database_url, db_role=settings.db_app_role, pool_size=2)
     event_log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
     relay = Relay(
         event_log,

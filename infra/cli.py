@@ -332,10 +332,23 @@ def worker_command(
 
         # Subscribers on any API instance hear what this worker's projector committed.
         on_commit = RedisChangePublisher.from_url(settings.redis_url).publish_changes
+    from adapters.kafka import create_topics
+    from streams.envelope import TOPICS
+
+    # Created here too, so a worker started before the relay does not let the broker
+    # auto-create them with its own partition count.
+    create_topics(
+        settings.kafka_bootstrap,
+        [settings.topic_prefix + topic for topic in TOPICS],
+        settings.topic_partitions,
+    )
     read_side = build_read_side(settings, url, projector_names=[projector], on_commit=on_commit)
     try:
         run_worker(
-            read_side.runners[0], settings.kafka_bootstrap, topic_prefix=settings.topic_prefix
+            read_side.runners[0],
+            settings.kafka_bootstrap,
+            topic_prefix=settings.topic_prefix,
+            loglevel=settings.log_level,
         )
     finally:
         read_side.close()

@@ -33,8 +33,9 @@ def projector_topics(projector: Projector, prefix: str = "") -> list[str]:
     return sorted({prefix + TOPIC_BY_AGGREGATE[name] for name in projector.aggregates})
 
 
-def consumer_group(projector_name: str) -> str:
-    return f"agentworks-projector-{projector_name}"
+def consumer_group(projector_name: str, prefix: str = "") -> str:
+    """One group per projector and deployment (the topic prefix tells deployments apart)."""
+    return f"{prefix}agentworks-projector-{projector_name}"
 
 
 def decode_batch(values: Iterable[bytes]) -> list[EventEnvelope]:
@@ -53,7 +54,7 @@ def build_worker_app(
     import faust
 
     app = faust.App(
-        consumer_group(runner.projector.name),
+        consumer_group(runner.projector.name, topic_prefix),
         **faust_settings(bootstrap, session_timeout=session_timeout),
     )
     topics = app.topic(
@@ -87,10 +88,13 @@ def build_worker_app(
     return app
 
 
-def run_worker(runner: ProjectionRunner, bootstrap: str, *, topic_prefix: str = "") -> None:
+def run_worker(
+    runner: ProjectionRunner, bootstrap: str, *, topic_prefix: str = "", loglevel: str = "info"
+) -> None:
     """Run one projector's worker until SIGTERM/SIGINT (faust leaves the group cleanly)."""
     import faust
 
     app = build_worker_app(runner, bootstrap, topic_prefix=topic_prefix)
-    log.info("worker.starting", projector=runner.name, group=consumer_group(runner.name))
-    faust.Worker(app, loglevel="warning").execute_from_commandline()
+    group = consumer_group(runner.name, topic_prefix)
+    log.info("worker.starting", projector=runner.name, group=group)
+    faust.Worker(app, loglevel=loglevel.lower()).execute_from_commandline()
