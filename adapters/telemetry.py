@@ -15,7 +15,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 TRACER_NAME = "agentworks"
@@ -51,13 +51,26 @@ def continue_trace(
     *,
     kind: SpanKind = SpanKind.INTERNAL,
     attributes: Mapping[str, Any] | None = None,
+    start_time: int | None = None,
+    end_time: int | None = None,
 ) -> Iterator[Span]:
-    """A span that continues the trace named by ``traceparent`` (or starts one)."""
+    """A span that continues the trace named by ``traceparent`` (or starts one).
+
+    ``start_time``/``end_time`` (ns since the epoch) record work that was timed elsewhere.
+    """
     parent = _propagator.extract({"traceparent": traceparent}) if traceparent else None
     token = otel_context.attach(parent) if parent is not None else None
     try:
-        with tracer().start_as_current_span(name, kind=kind, attributes=attributes) as span:
-            yield span
+        span = tracer().start_span(name, kind=kind, attributes=attributes, start_time=start_time)
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                yield span
+        except Exception as error:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+            raise
+        finally:
+            span.end(end_time=end_time)
     finally:
         if token is not None:
             otel_context.detach(token)

@@ -32,7 +32,6 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeRemainingColumn,
 )
@@ -387,12 +386,13 @@ def rebuild_command(
     untouched.
     """
     from infra.bootstrap import build_read_side
-    from projections.rebuild import rebuild
+    from projections.rebuild import rebuild_many
 
     settings = load_settings()
     names = None if name == "all" else [name]
     read_side = build_read_side(settings, _database_url(settings), projector_names=names)
     console = Console(stderr=True)
+    label = ", ".join(runner.name for runner in read_side.runners)
     try:
         head = read_side.event_log.head()
         columns = (
@@ -403,31 +403,29 @@ def rebuild_command(
             TimeRemainingColumn(),
         )
         with Progress(*columns, console=console, transient=False) as progress:
-            for runner in read_side.runners:
-                task = progress.add_task(runner.name, total=max(head, 1), rate="-")
-                started = time.monotonic()
+            task = progress.add_task(label, total=max(head, 1), rate="-")
+            started = time.monotonic()
 
-                def advance(
-                    position: int, top: int, task: TaskID = task, t0: float = started
-                ) -> None:
-                    elapsed = max(time.monotonic() - t0, 1e-6)
-                    progress.update(
-                        task,
-                        completed=position,
-                        total=max(top, 1),
-                        rate=f"{position / elapsed:,.0f}",
-                    )
-
-                result = rebuild(
-                    runner.projector, read_side.pool, read_side.event_log, progress=advance
-                )
+            def advance(position: int, top: int) -> None:
+                elapsed = max(time.monotonic() - started, 1e-6)
                 progress.update(
-                    task, completed=max(result.position, 1), total=max(result.position, 1)
+                    task, completed=position, total=max(top, 1), rate=f"{position / elapsed:,.0f}"
                 )
-                console.print(
-                    f"{runner.name}: {result.events:,} events replayed, swapped in at position "
-                    f"{result.position:,}"
-                )
+
+            # One pass over the log feeds every projector being rebuilt.
+            results = rebuild_many(
+                [runner.projector for runner in read_side.runners],
+                read_side.pool,
+                read_side.event_log,
+                progress=advance,
+            )
+            top = max((result.position for result in results), default=0)
+            progress.update(task, completed=max(top, 1), total=max(top, 1))
+        for result in results:
+            console.print(
+                f"{result.projector}: {result.events:,} events replayed, swapped in at position "
+                f"{result.position:,}"
+            )
     finally:
         read_side.close()
 

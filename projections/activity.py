@@ -12,11 +12,13 @@ reads another projector's tables, whose progress is not tied to its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
+from uuid import UUID
 
 from domain.money import format_usd
 from projections.base import Change, Projector, Tables, on
+from projections.batch import BatchContext, insert_rows
 
 if TYPE_CHECKING:
     from psycopg import Cursor
@@ -149,10 +151,41 @@ _INSERT = (
 )
 
 
+_COLUMNS = (
+    ("workspace_id", "uuid"),
+    ("position", "bigint"),
+    ("at", "timestamptz"),
+    ("actor", "text"),
+    ("kind", "text"),
+    ("summary", "text"),
+    ("card_id", "uuid"),
+    ("project_id", "uuid"),
+    ("subject_id", "uuid"),
+)
+
+#: Event type → (which aggregate family, kind, summary), for the batch path.
+_DESCRIBED: dict[str, tuple[str, str, Summary]] = {
+    **{t: ("workspace", kind, summary) for t, (kind, summary) in _WORKSPACE.items()},
+    **{t: ("project", kind, summary) for t, (kind, summary) in _PROJECT.items()},
+    **{t: ("card", kind, summary) for t, (kind, summary) in _CARD.items()},
+    **{t: ("run", kind, summary) for t, (kind, summary) in _RUN.items()},
+}
+
+Subject = tuple[str | None, str | None]
+"""The card and project (as text) of a subject's newest item."""
+
+_MEMO_SUBJECTS = "activity.subjects"
+#: How many subjects a rebuild remembers before it forgets them and asks the table instead.
+MEMO_LIMIT = 1_000_000
+
+
 class ActivityProjector(Projector):
     name: ClassVar[str] = "activity"
     aggregates: ClassVar[frozenset[str]] = frozenset({"Workspace", "Project", "Card", "AgentRun"})
     tables: ClassVar[tuple[str, ...]] = ("rm_activity",)
+    #: Tables the projector only ever inserts into, new rows only: a rebuild builds their keys
+    #: after loading them (see :mod:`projections.rebuild`).
+    insert_only: ClassVar[frozenset[str]] = frozenset({"rm_activity"})
 
     @on(*_WORKSPACE)
     def _workspace(
@@ -192,6 +225,84 @@ class ActivityProjector(Projector):
             project_id=env.payload.get("project_id"),
         )
 
+    # -- the batch path ----------------------------------------------------------------------------
+
+    def apply_batch(self, ctx: BatchContext, envelopes: Sequence[EventEnvelope]) -> None:
+        """All of a batch's items in one insert; the same rows :meth:`_record` would write.
+
+        An item that lacks its card or project takes them from the subject's newest earlier item:
+        one written earlier in this batch, or else the newest in the table (one query for all).
+        In a rebuild the table holds only what this runner wrote, so it remembers every
+        subject's newest item instead of asking.
+        """
+        remembered: dict[UUID, Subject] = (
+            ctx.memo.setdefault(_MEMO_SUBJECTS, {}) if ctx.copy and ctx.exclusive else {}
+        )
+        if len(remembered) > MEMO_LIMIT:
+            remembered.clear()
+            ctx.memo[_MEMO_SUBJECTS + ".partial"] = True
+        complete = ctx.copy and ctx.exclusive and _MEMO_SUBJECTS + ".partial" not in ctx.memo
+        items: list[tuple[EventEnvelope, str, str, Summary, str | None, str | None]] = []
+        ask: set[UUID] = set()
+        seen: set[UUID] = set()
+        for env in envelopes:
+            described = _DESCRIBED.get(env.type)
+            if described is None:
+                continue
+            workspace_id = env.workspace_id
+            if workspace_id is None and env.aggregate == "Workspace":
+                workspace_id = env.originator_id
+            if workspace_id is None:
+                continue
+            family, kind, summarise = described
+            card_id, project_id = _given(family, env)
+            subject = env.originator_id
+            if (
+                (card_id is None or project_id is None)
+                and subject not in seen
+                and subject not in remembered
+                and not complete
+            ):
+                ask.add(subject)
+            seen.add(subject)
+            items.append((env, str(workspace_id), kind, summarise, card_id, project_id))
+        if not items:
+            return
+        newest: dict[UUID, Subject] = remembered
+        if ask:
+            ctx.cur.execute(
+                ctx.tables.q(
+                    "SELECT DISTINCT ON (subject_id) subject_id, card_id, project_id"
+                    " FROM {rm_activity} WHERE subject_id = ANY(%s::uuid[])"
+                    " ORDER BY subject_id, position DESC"
+                ),
+                (list(ask),),
+            )
+            for row in ctx.cur.fetchall():
+                newest[row["subject_id"]] = (_text(row["card_id"]), _text(row["project_id"]))
+        rows = []
+        for env, ws, kind, summarise, card_id, project_id in items:
+            subject = env.originator_id
+            if card_id is None or project_id is None:
+                prior_card, prior_project = newest.get(subject, (None, None))
+                card_id = card_id if card_id is not None else prior_card
+                project_id = project_id if project_id is not None else prior_project
+            newest[subject] = (card_id, project_id)
+            rows.append(
+                (
+                    ws,
+                    env.position,
+                    env.timestamp,
+                    env.metadata.get("actor") or "unknown",
+                    kind,
+                    _short(summarise(env.payload)),
+                    card_id,
+                    project_id,
+                    str(subject),
+                )
+            )
+        insert_rows(ctx, "rm_activity", _COLUMNS, rows)
+
     @staticmethod
     def _record(
         cur: Cursor[DictRow],
@@ -222,6 +333,22 @@ class ActivityProjector(Projector):
                 "subject_id": env.originator_id,
             },
         )
+
+
+def _given(family: str, env: EventEnvelope) -> Subject:
+    """The card and project an event names itself (what the per-event handlers pass)."""
+    if family == "workspace":
+        return None, None
+    if family == "project":
+        return None, str(env.originator_id)
+    p = env.payload
+    if family == "card":
+        return str(env.originator_id), _text(p.get("project_id"))
+    return _text(p.get("card_id")), _text(p.get("project_id"))
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _q(text: object) -> str:

@@ -11,12 +11,15 @@ The day of an entry is the UTC date of its event; its month is the ``month`` its
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, date
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
+from uuid import UUID
 
 from projections.base import Change, Projector, Tables, on
+from projections.batch import BatchContext, columns_of, insert_rows
 
 if TYPE_CHECKING:
     from psycopg import Cursor, sql
@@ -108,6 +111,79 @@ _CHARGE_AND_POST = (
 )
 
 
+_CHARGE_COLUMNS = (
+    ("workspace_id", "uuid"),
+    ("charge_id", "uuid"),
+    ("project_id", "uuid"),
+    ("card_id", "uuid"),
+    ("run_id", "uuid"),
+    ("call_id", "text"),
+    ("provider", "text"),
+    ("model", "text"),
+    ("input_tokens", "bigint"),
+    ("output_tokens", "bigint"),
+    ("provider_cost_micros", "bigint"),
+    ("markup", "text"),
+    ("billed_micros", "bigint"),
+    ("credited_micros", "bigint"),
+    ("price_table_version", "text"),
+    ("month", "text"),
+    ("occurred_at", "timestamptz"),
+)
+_LEDGER_COLUMNS = (
+    ("workspace_id", "uuid"),
+    ("entry_position", "bigint"),
+    ("charge_id", "uuid"),
+    ("kind", "text"),
+    ("project_id", "uuid"),
+    ("card_id", "uuid"),
+    ("run_id", "uuid"),
+    ("provider", "text"),
+    ("model", "text"),
+    ("input_tokens", "bigint"),
+    ("output_tokens", "bigint"),
+    ("provider_cost_micros", "bigint"),
+    ("billed_micros", "bigint"),
+    ("month", "text"),
+    ("day", "date"),
+    ("at", "timestamptz"),
+)
+_DIMENSIONS = tuple(UsageDimension)
+
+#: Rollups take the batch's sums, added to what they hold (one row per key and statement).
+_ADD_USAGE = (
+    "INSERT INTO {rm_usage_daily} AS u (workspace_id, day, dimension, key, calls, input_tokens,"
+    " output_tokens, provider_cost_micros, billed_micros)"
+    " SELECT * FROM unnest(%s::uuid[], %s::date[], %s::text[], %s::text[], %s::bigint[],"
+    " %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[])"
+    " ON CONFLICT (workspace_id, day, dimension, key) DO UPDATE SET"
+    " calls = u.calls + EXCLUDED.calls,"
+    " input_tokens = u.input_tokens + EXCLUDED.input_tokens,"
+    " output_tokens = u.output_tokens + EXCLUDED.output_tokens,"
+    " provider_cost_micros = u.provider_cost_micros + EXCLUDED.provider_cost_micros,"
+    " billed_micros = u.billed_micros + EXCLUDED.billed_micros"
+)
+_ADD_LINES = (
+    "INSERT INTO {rm_statement_lines} AS s (workspace_id, month, project_id, billed_exact_micros)"
+    " SELECT * FROM unnest(%s::uuid[], %s::text[], %s::uuid[], %s::bigint[])"
+    " ON CONFLICT (workspace_id, month, project_id) DO UPDATE SET"
+    " billed_exact_micros = s.billed_exact_micros + EXCLUDED.billed_exact_micros"
+)
+_ADD_SPEND = (
+    "INSERT INTO {rm_monthly_spend} AS m (workspace_id, month, billed_micros)"
+    " SELECT * FROM unnest(%s::uuid[], %s::text[], %s::bigint[])"
+    " ON CONFLICT (workspace_id, month) DO UPDATE SET"
+    " billed_micros = m.billed_micros + EXCLUDED.billed_micros"
+)
+
+Dimensions = tuple[str, str, str, str, str]
+"""A charge's project, card, run (as text), provider and model: what its entries file under."""
+
+_MEMO_CHARGES = "billing.charges"
+#: How many charges a rebuild remembers before it forgets them and asks the table instead.
+MEMO_LIMIT = 1_000_000
+
+
 class BillingProjector(Projector):
     """Follows ``UsageCharge`` alone: a charge event carries its markup and billed amount, so the
     workspace's plan is not needed, and ``MonthlySpend`` (the write side's spend-limit guard)
@@ -122,6 +198,9 @@ class BillingProjector(Projector):
         "rm_statement_lines",
         "rm_monthly_spend",
     )
+    #: Tables the projector only ever inserts into, new rows only: a rebuild builds their keys
+    #: after loading them (see :mod:`projections.rebuild`).
+    insert_only: ClassVar[frozenset[str]] = frozenset({"rm_ledger_entries"})
 
     @on("UsageCharge.Charged")
     def _charged(
@@ -190,6 +269,172 @@ class BillingProjector(Projector):
             month=env.payload["month"],
         )
         self._post(cur, t.q("WITH " + _POST), env, entry)
+
+    # -- the batch path ----------------------------------------------------------------------------
+
+    def apply_batch(self, ctx: BatchContext, envelopes: Sequence[EventEnvelope]) -> None:
+        """A batch's charges, corrections, entries and rollups in a few statements.
+
+        The same rows as event by event: charges inserted (with the batch's corrections already
+        counted), older charges' ``credited_micros`` raised, every entry inserted, and each
+        rollup key raised once by the sum of the batch's entries under it. Corrections of
+        charges from earlier batches read those charges' dimensions in one query (a rebuild
+        remembers them instead).
+        """
+        remembered: dict[UUID, Dimensions] = (
+            ctx.memo.setdefault(_MEMO_CHARGES, {}) if ctx.copy and ctx.exclusive else {}
+        )
+        if len(remembered) > MEMO_LIMIT:
+            remembered.clear()
+            ctx.memo[_MEMO_CHARGES + ".partial"] = True
+        complete = ctx.copy and ctx.exclusive and _MEMO_CHARGES + ".partial" not in ctx.memo
+        corrections = ("UsageCharge.Credited", "UsageCharge.Refunded")
+        created: set[UUID] = set()
+        ask: set[UUID] = set()
+        for env in envelopes:
+            if env.type == "UsageCharge.Charged":
+                created.add(env.originator_id)
+            elif (
+                env.type in corrections
+                and env.originator_id not in created
+                and env.originator_id not in remembered
+            ):
+                ask.add(env.originator_id)
+        known: dict[UUID, Dimensions] = remembered
+        if ask and not complete:
+            ctx.cur.execute(
+                ctx.tables.q(
+                    "SELECT charge_id, project_id, card_id, run_id, provider, model"
+                    " FROM {rm_charges} WHERE charge_id = ANY(%s::uuid[])"
+                ),
+                (list(ask),),
+            )
+            for row in ctx.cur.fetchall():
+                known[row["charge_id"]] = (
+                    str(row["project_id"]),
+                    str(row["card_id"]),
+                    str(row["run_id"]),
+                    row["provider"],
+                    row["model"],
+                )
+        charges: dict[UUID, list[Any]] = {}
+        credited: dict[UUID, int] = {}
+        entries: list[tuple[Any, ...]] = []
+        usage: dict[tuple[str, date, str, str], list[int]] = {}
+        lines: dict[tuple[str, str, str], int] = {}
+        spend: dict[tuple[str, str], int] = {}
+        for env in envelopes:
+            p = env.payload
+            workspace_id = str(env.workspace_id) if env.workspace_id is not None else None
+            if env.type == "UsageCharge.Charged":
+                dims: Dimensions = (
+                    str(p["project_id"]),
+                    str(p["card_id"]),
+                    str(p["run_id"]),
+                    p["provider"],
+                    p["model"],
+                )
+                known[env.originator_id] = dims
+                charges[env.originator_id] = [
+                    workspace_id,
+                    str(env.originator_id),
+                    *dims[:3],
+                    p["call_id"],
+                    *dims[3:],
+                    p["input_tokens"],
+                    p["output_tokens"],
+                    p["provider_cost_micros"],
+                    p["markup"],
+                    p["billed_micros"],
+                    0,
+                    p["price_table_version"],
+                    p["month"],
+                    env.timestamp,
+                ]
+                kind = LedgerKind.CHARGE.value
+                calls, tokens_in, tokens_out = 1, p["input_tokens"], p["output_tokens"]
+                cost, billed = p["provider_cost_micros"], p["billed_micros"]
+            elif env.type in corrections:
+                found = known.get(env.originator_id)
+                if found is None:
+                    raise RuntimeError(
+                        f"{env.type} at position {env.position} corrects charge "
+                        f"{env.originator_id}, which the billing read model does not hold"
+                    )
+                dims = found
+                amount: int = p["amount_micros"]
+                charge = charges.get(env.originator_id)
+                if charge is not None:
+                    charge[13] += amount
+                else:
+                    credited[env.originator_id] = credited.get(env.originator_id, 0) + amount
+                kind = (
+                    LedgerKind.CREDIT.value
+                    if env.type == "UsageCharge.Credited"
+                    else LedgerKind.REFUND.value
+                )
+                calls, tokens_in, tokens_out, cost, billed = 0, 0, 0, 0, -amount
+            else:
+                continue
+            month: str = p["month"]
+            day = env.timestamp.astimezone(UTC).date()
+            project_id, card_id, run_id, provider, model = dims
+            entries.append(
+                (
+                    workspace_id,
+                    env.position,
+                    str(env.originator_id),
+                    kind,
+                    project_id,
+                    card_id,
+                    run_id,
+                    provider,
+                    model,
+                    tokens_in,
+                    tokens_out,
+                    cost,
+                    billed,
+                    month,
+                    day,
+                    env.timestamp,
+                )
+            )
+            amounts = (calls, tokens_in, tokens_out, cost, billed)
+            keys = (project_id, card_id, run_id, provider, model, day.isoformat())
+            for dimension, key in zip(_DIMENSIONS, keys, strict=True):
+                rollup = (workspace_id or "", day, dimension.value, str(key))
+                total = usage.get(rollup)
+                if total is None:
+                    usage[rollup] = list(amounts)
+                else:
+                    for i, amount_ in enumerate(amounts):
+                        total[i] += amount_
+            line = (workspace_id or "", month, project_id)
+            lines[line] = lines.get(line, 0) + billed
+            month_key = (workspace_id or "", month)
+            spend[month_key] = spend.get(month_key, 0) + billed
+        cur, t = ctx.cur, ctx.tables
+        insert_rows(ctx, "rm_charges", _CHARGE_COLUMNS, list(charges.values()))
+        if credited:
+            cur.execute(
+                t.q(
+                    "UPDATE {rm_charges} AS c SET credited_micros = c.credited_micros + v.amount"
+                    " FROM unnest(%s::uuid[], %s::bigint[]) AS v(id, amount)"
+                    " WHERE c.charge_id = v.id"
+                ),
+                (list(credited), list(credited.values())),
+            )
+        insert_rows(ctx, "rm_ledger_entries", _LEDGER_COLUMNS, entries)
+        if usage:
+            ordered = sorted(usage.items())
+            cur.execute(
+                t.q(_ADD_USAGE),
+                columns_of([(*k, *v) for k, v in ordered], 9),
+            )
+        if lines:
+            cur.execute(t.q(_ADD_LINES), columns_of([(*k, v) for k, v in sorted(lines.items())], 4))
+        if spend:
+            cur.execute(t.q(_ADD_SPEND), columns_of([(*k, v) for k, v in sorted(spend.items())], 3))
 
     @staticmethod
     def _post(

@@ -7,9 +7,25 @@ and searched by text. A chunk can hold 10,000 lines, so its lines go in with one
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
+from uuid import UUID
 
 from projections.base import Change, Projector, Tables, on
+from projections.batch import (
+    COPY_FIELDS_6,
+    COPY_NULL,
+    COPY_SIGNATURE,
+    COPY_TRAILER,
+    BatchContext,
+    columns_of,
+    copy_encoded,
+    copy_field,
+    insert_rows,
+)
 
 if TYPE_CHECKING:
     from psycopg import Cursor
@@ -30,10 +46,91 @@ def run_channel(run_id: object) -> str:
     return f"run:{run_id}"
 
 
+_RUN_COLUMNS = (
+    ("workspace_id", "uuid"),
+    ("run_id", "uuid"),
+    ("project_id", "uuid"),
+    ("card_id", "uuid"),
+    ("agent", "text"),
+    ("status", "text"),
+    ("provider", "text"),
+    ("model", "text"),
+    ("max_cost_micros", "bigint"),
+    ("input_tokens", "bigint"),
+    ("output_tokens", "bigint"),
+    ("provider_cost_micros", "bigint"),
+    ("billed_micros", "bigint"),
+    ("llm_calls", "integer"),
+    ("requested_at", "timestamptz"),
+    ("started_at", "timestamptz"),
+    ("finished_at", "timestamptz"),
+    ("error", "text"),
+    ("log_line_count", "integer"),
+    ("version", "bigint"),
+)
+_LINE_COLUMNS = (
+    ("workspace_id", "uuid"),
+    ("run_id", "uuid"),
+    ("seq", "integer"),
+    ("at", "timestamptz"),
+    ("stream", "text"),
+    ("text", "text"),
+)
+
+# What a batch did to runs requested before it: columns it set (NULL: left alone, except where a
+# flag says it was set) and amounts it added.
+_UPDATE_RUNS = (
+    "UPDATE {rm_runs} AS r SET"
+    " status = coalesce(v.status, r.status),"
+    " started_at = CASE WHEN v.started THEN v.started_at ELSE r.started_at END,"
+    " finished_at = CASE WHEN v.finished THEN v.finished_at ELSE r.finished_at END,"
+    " error = CASE WHEN v.finished THEN v.error ELSE r.error END,"
+    " provider = CASE WHEN v.called THEN v.provider ELSE r.provider END,"
+    " model = CASE WHEN v.called THEN v.model ELSE r.model END,"
+    " input_tokens = r.input_tokens + v.input_tokens,"
+    " output_tokens = r.output_tokens + v.output_tokens,"
+    " provider_cost_micros = r.provider_cost_micros + v.provider_cost_micros,"
+    " billed_micros = r.billed_micros + v.billed_micros,"
+    " llm_calls = r.llm_calls + v.llm_calls,"
+    " log_line_count = r.log_line_count + v.log_lines,"
+    " version = v.version"
+    " FROM unnest(%s::uuid[], %s::text[], %s::boolean[], %s::timestamptz[], %s::boolean[],"
+    " %s::timestamptz[], %s::text[], %s::boolean[], %s::text[], %s::text[], %s::bigint[],"
+    " %s::bigint[], %s::bigint[], %s::bigint[], %s::integer[], %s::integer[], %s::bigint[])"
+    " AS v(run_id, status, started, started_at, finished, finished_at, error, called, provider,"
+    " model, input_tokens, output_tokens, provider_cost_micros, billed_micros, llm_calls,"
+    " log_lines, version)"
+    " WHERE r.run_id = v.run_id"
+)
+
+
+@dataclass
+class _RunFold:
+    """What a batch's events do to one run's row, folded in order."""
+
+    requested: list[Any] | None = None
+    """The whole row, when the batch holds the request (the run's first event)."""
+    status: str | None = None
+    started_at: datetime | None = None
+    started: bool = False
+    finished_at: datetime | None = None
+    finished: bool = False
+    error: str | None = None
+    called: bool = False
+    provider: str | None = None
+    model: str | None = None
+    adds: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0, 0])
+    """input tokens, output tokens, provider cost, billed, LLM calls, log lines."""
+    version: int | None = None
+
+
 class RunsProjector(Projector):
     name: ClassVar[str] = "runs"
     aggregates: ClassVar[frozenset[str]] = frozenset({"AgentRun"})
     tables: ClassVar[tuple[str, ...]] = ("rm_runs", "rm_log_lines")
+    #: Tables the projector only ever inserts into, new rows only: a rebuild builds their keys
+    #: after loading them (see :mod:`projections.rebuild`).
+    insert_only: ClassVar[frozenset[str]] = frozenset({"rm_log_lines"})
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -168,6 +265,172 @@ class RunsProjector(Projector):
             )
         )
 
+    # -- the batch path ----------------------------------------------------------------------------
+
+    def apply_batch(self, ctx: BatchContext, envelopes: Sequence[EventEnvelope]) -> None:
+        """A batch's runs and lines in a few statements, the same rows as event by event.
+
+        Each run's events are folded in order: a run requested in this batch is inserted whole;
+        the others get one update that sets what the batch set and adds what it added. Every
+        log line of the batch goes in with one statement.
+        """
+        folds: dict[UUID, _RunFold] = {}
+        lines: list[tuple[Any, ...]] = []
+        chunks: list[tuple[UUID | None, UUID, list[dict[str, Any]]]] = []
+        for env in envelopes:
+            handler = self._handlers.get(env.type)
+            if handler is None:
+                continue
+            run = folds.get(env.originator_id)
+            if run is None:
+                run = folds[env.originator_id] = _RunFold()
+            p = env.payload
+            version = env.originator_version
+            kind = env.type
+            if kind == "AgentRun.LogChunkAppended":
+                ws, run_id = env.workspace_id, env.originator_id
+                if ctx.copy and ctx.changes is None:
+                    # A rebuild: the chunk's lines are encoded for COPY straight from the payload.
+                    chunks.append((ws, run_id, p["lines"]))
+                    run.adds[5] += len(p["lines"])
+                elif ctx.changes is None:
+                    added = len(lines)
+                    lines.extend(
+                        (ws, run_id, int(line["seq"]), line["at"], line["stream"], _pg_text(t))
+                        if type(t := line["text"]) is not str or "\x00" in t
+                        else (ws, run_id, int(line["seq"]), line["at"], line["stream"], t)
+                        for line in p["lines"]
+                    )
+                    run.adds[5] += len(lines) - added
+                else:
+                    stored = [_storable(line) for line in p["lines"]]
+                    lines.extend(
+                        (ws, run_id, line["seq"], line["at"], line["stream"], line["text"])
+                        for line in stored
+                    )
+                    run.adds[5] += len(stored)
+                    ctx.changes.append(
+                        Change(
+                            run_channel(env.originator_id),
+                            {
+                                "kind": "lines",
+                                "runId": str(env.originator_id),
+                                "lines": stored,
+                                "position": env.position,
+                            },
+                        )
+                    )
+            elif kind == "AgentRun.LlmCallCompleted":
+                run.called, run.provider, run.model = True, p["provider"], p["model"]
+                adds = run.adds
+                adds[0] += p["input_tokens"]
+                adds[1] += p["output_tokens"]
+                adds[2] += p["provider_cost_micros"]
+                adds[3] += p["billed_micros"]
+                adds[4] += 1
+            elif kind == "AgentRun.StepStarted":
+                pass
+            elif kind == "AgentRun.Requested":
+                run.requested = [
+                    _text(env.workspace_id),
+                    str(env.originator_id),
+                    p["project_id"],
+                    p["card_id"],
+                    p["agent"],
+                    "QUEUED",
+                    p["provider"],
+                    p["model"],
+                    p["max_cost_micros"],
+                    env.timestamp,
+                ]
+                run.status = "QUEUED"
+                self._status_changed_in(ctx, env, "QUEUED")
+            elif kind == "AgentRun.Started":
+                run.status, run.started, run.started_at = "RUNNING", True, env.timestamp
+                self._status_changed_in(ctx, env, "RUNNING")
+            else:
+                status = _TERMINAL[kind]
+                run.status, run.finished, run.finished_at = status, True, env.timestamp
+                run.error = _error(env)
+                self._status_changed_in(ctx, env, status)
+            run.version = version
+        inserts: list[list[Any]] = []
+        updates: list[tuple[Any, ...]] = []
+        for key, run in folds.items():
+            if run.version is None:
+                continue
+            if run.requested is not None:
+                (ws, rid, project, card, agent, _, provider, model, budget, at) = run.requested
+                if run.called:
+                    provider, model = run.provider, run.model
+                inserts.append(
+                    [
+                        ws,
+                        rid,
+                        project,
+                        card,
+                        agent,
+                        run.status,
+                        provider,
+                        model,
+                        budget,
+                        *run.adds[:5],
+                        at,
+                        run.started_at,
+                        run.finished_at,
+                        run.error,
+                        run.adds[5],
+                        run.version,
+                    ]
+                )
+            else:
+                updates.append(
+                    (
+                        str(key),
+                        run.status,
+                        run.started,
+                        run.started_at,
+                        run.finished,
+                        run.finished_at,
+                        run.error,
+                        run.called,
+                        run.provider,
+                        run.model,
+                        *run.adds,
+                        run.version,
+                    )
+                )
+        insert_rows(ctx, "rm_runs", _RUN_COLUMNS, inserts)
+        if updates:
+            updates.sort(key=lambda row: row[0])
+            ctx.cur.execute(ctx.tables.q(_UPDATE_RUNS), columns_of(updates, 17))
+        if chunks:
+            try:
+                encoded = _encode_chunks(chunks)
+            except (TypeError, ValueError, KeyError, OverflowError, struct.error):
+                encoded = None  # not the shape the encoder expects: the general path decides
+            if encoded is not None:
+                copy_encoded(ctx, "rm_log_lines", _LINE_COLUMNS, encoded)
+            else:
+                lines.extend(
+                    (
+                        ws,
+                        run_id,
+                        int(line["seq"]),
+                        line["at"],
+                        line["stream"],
+                        _pg_text(line["text"]),
+                    )
+                    for ws, run_id, chunk in chunks
+                    for line in chunk
+                )
+        insert_rows(ctx, "rm_log_lines", _LINE_COLUMNS, lines)
+
+    @staticmethod
+    def _status_changed_in(ctx: BatchContext, env: EventEnvelope, status: str) -> None:
+        if ctx.changes is not None:
+            RunsProjector._status_changed(env, ctx.changes, status)
+
     # -- helpers ---------------------------------------------------------------------------------
 
     @staticmethod
@@ -183,6 +446,46 @@ class RunsProjector(Projector):
                 },
             )
         )
+
+
+def _encode_chunks(chunks: list[tuple[UUID | None, UUID, list[dict[str, Any]]]]) -> bytes:
+    """The lines of log chunks as one binary COPY stream for ``rm_log_lines`` (the rows
+    :meth:`RunsProjector._log_chunk` inserts: NUL replaced, as :func:`_pg_text` does). A
+    chunk's ids are encoded once for all its lines; raises on any value of another shape."""
+    out = bytearray(COPY_SIGNATURE)
+    times: dict[str, bytes] = {}
+    for workspace_id, run_id, lines in chunks:
+        prefix = (
+            COPY_FIELDS_6
+            + (COPY_NULL if workspace_id is None else copy_field("uuid", workspace_id))
+            + copy_field("uuid", run_id)
+        )
+        for line in lines:
+            seq, at, stream, text = line["seq"], line["at"], line["stream"], line["text"]
+            if type(seq) is not int or type(stream) is not str or type(text) is not str:
+                raise TypeError("log line of an unexpected shape")
+            moment = times.get(at)
+            if moment is None:
+                moment = times[at] = copy_field("timestamptz", at)
+            if "\x00" in text:
+                text = text.replace("\x00", "\ufffd")
+            stream_bytes, text_bytes = stream.encode(), text.encode()
+            out += prefix
+            out += copy_field("integer", seq)
+            out += moment
+            out += _I32(len(stream_bytes))
+            out += stream_bytes
+            out += _I32(len(text_bytes))
+            out += text_bytes
+    out += COPY_TRAILER
+    return bytes(out)
+
+
+_I32 = struct.Struct("!i").pack
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _error(env: EventEnvelope) -> str | None:

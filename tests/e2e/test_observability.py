@@ -176,11 +176,6 @@ def test_a_request_without_traceparent_starts_its_own_trace(
     assert trace_id(top) == trace_id(command) != INCOMING_TRACE
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the projector span ('project <name>' in projections/runner.py, continuing the "
-    "envelope's traceparent) is not there yet; drop this mark when it is",
-)
 def test_the_projector_span_joins_the_mutations_trace(
     stack: Stack, exporter: InMemorySpanExporter
 ) -> None:

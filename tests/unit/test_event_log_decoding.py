@@ -1,0 +1,203 @@
+"""The event log's fast decoding gives exactly the envelopes the library's path gives.
+
+``EventLog`` parses stored JSON once, straight into the envelope's JSON-safe payload; the
+reference is the library's mapper followed by ``envelope_from_event``. Both must agree on every
+field (and on the JSON the relay sends), and whatever the fast path does not cover must take the
+reference path, errors included.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from aw_builders import new_app
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import StoredEvent
+
+from domain.agent_run import AgentRun
+from domain.card import Card
+from domain.meta import EventMeta
+from domain.project import LaneSpec, Project
+from domain.roles import Role
+from domain.usage import MonthlySpend, UsageCharge
+from domain.workspace import Workspace
+from streams.log import EventLog, Row
+
+
+class _NoRecorder:
+    """EventLog only needs a recorder to read; these tests hand it rows themselves."""
+
+
+def _log() -> EventLog:
+    app = new_app()
+    return EventLog(_NoRecorder(), app.mapper)  # type: ignore[arg-type]
+
+
+def _rows(log: EventLog, aggregates: list[Aggregate]) -> list[Row]:
+    rows: list[Row] = []
+    for aggregate in aggregates:
+        for event in aggregate.collect_events():
+            stored = log.mapper.to_stored_event(event)
+            rows.append(_row(len(rows) + 1, stored))
+    return rows
+
+
+def _row(position: int, stored: StoredEvent) -> Row:
+    originator_id = stored.originator_id
+    assert isinstance(originator_id, UUID)
+    return (position, originator_id, stored.originator_version, stored.topic, stored.state)
+
+
+def _every_kind_of_event() -> list[Aggregate]:
+    ws = uuid4()
+    meta = EventMeta.for_command(workspace_id=ws, actor="alice", traceparent="00-abc-def-01")
+    workspace = Workspace.create(workspace_id=ws, name="Acme", owner_id="alice", meta=meta)
+    workspace.add_member("bob", Role.MEMBER, meta=meta)
+    workspace.set_plan(markup=Decimal("3.5"), billing_increment_micros=100_000, meta=meta)
+    workspace.set_spend_limit(5_000_000, meta=meta)
+    project = Project.create(
+        project_id=uuid4(),
+        workspace_id=ws,
+        name="Board",
+        lanes=[LaneSpec("Todo"), LaneSpec("Doing", 3), LaneSpec("Done")],
+        meta=meta,
+    )
+    card_id = uuid4()
+    position = project.place_card(card_id, "Todo", meta=meta)
+    card = Card.create(
+        card_id=card_id,
+        workspace_id=ws,
+        project_id=project.id,
+        title="Ünïcödé \u2603 title",
+        description='quotes " and \\ backslashes \t tabs',
+        lane="Todo",
+        position=position,
+        meta=meta,
+    )
+    card.label("bug", meta=meta)
+    moved = project.move_card(card.id, "Doing", meta=meta)
+    card.move("Doing", moved, from_lane="Todo", meta=meta)
+    run = AgentRun.request(
+        run_id=uuid4(),
+        workspace_id=ws,
+        project_id=project.id,
+        card_id=card.id,
+        agent="coder",
+        provider=None,
+        model="gpt-4o",
+        max_cost_micros=None,
+        meta=meta,
+    )
+    run.start(worker="w1", meta=meta)
+    now = datetime.now(UTC)
+    run.append_log(
+        [(now, "stdout", "line with \x00 NUL"), (now + timedelta(seconds=1), "stderr", "✓ ok")],
+        meta=meta,
+    )
+    at = datetime(2025, 1, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    charge = UsageCharge.charge(
+        workspace_id=ws,
+        project_id=project.id,
+        card_id=card.id,
+        run_id=run.id,
+        call_id="call-1",
+        provider="openai",
+        model="gpt-4o",
+        input_tokens=1000,
+        output_tokens=10,
+        provider_cost_micros=1234,
+        markup=Decimal("3.5"),
+        billed_micros=4319,
+        price_table_version="v1",
+        at=at,
+        meta=meta,
+    )
+    run.record_llm_call(
+        call_id="call-1",
+        charge_id=charge.id,
+        provider="openai",
+        model="gpt-4o",
+        input_tokens=1000,
+        output_tokens=10,
+        latency_ms=50,
+        provider_cost_micros=1234,
+        billed_micros=4319,
+        meta=meta,
+    )
+    charge.credit(100, "sorry", at=at, meta=meta)
+    spend = MonthlySpend.open(workspace_id=ws, month="2025-01", meta=meta)
+    spend.add(charge.id, 4319, meta=meta)
+    run.fail("boom", meta=meta)
+    return [workspace, project, card, run, charge, spend]
+
+
+def _same(log: EventLog, row: Row) -> None:
+    fast = log._envelope(row)
+    slow = log.decode_slowly(row)
+    assert fast == slow
+    assert fast.model_dump_json() == slow.model_dump_json()
+    assert fast.model_fields_set == slow.model_fields_set
+    assert type(fast.timestamp) is type(slow.timestamp)
+    assert fast.timestamp.utcoffset() == slow.timestamp.utcoffset()
+
+
+def test_fast_and_library_paths_agree_on_every_kind_of_event() -> None:
+    log = _log()
+    assert log._fast is not None, "the application's mapper is what the fast path covers"
+    rows = _rows(log, _every_kind_of_event())
+    assert len({row[3] for row in rows}) >= 15
+    for row in rows:
+        _same(log, row)
+
+
+def _edited(row: Row, change: Any) -> Row:
+    state = json.loads(row[4])
+    change(state)
+    return (*row[:4], json.dumps(state).encode())  # type: ignore[return-value]
+
+
+def test_transcoded_values_below_the_top_level_are_found() -> None:
+    log = _log()
+    row = _rows(log, _every_kind_of_event())[0]
+    nested = {"_type_": "uuid_hex", "_data_": uuid4().hex}
+    when = {"_type_": "datetime_iso", "_data_": "2025-01-02T03:04:05+00:00"}
+    amount = {"_type_": "decimal_str", "_data_": "1.50"}
+    edited = _edited(row, lambda s: s.update(extra={"ids": [nested], "at": when, "x": amount}))
+    _same(log, edited)
+    payload = log._envelope(edited).payload["extra"]
+    assert payload["ids"] == [str(UUID(nested["_data_"]))]
+    assert payload["at"] == "2025-01-02T03:04:05+00:00"
+    assert payload["x"] == "1.50"
+
+
+def test_a_literal_type_key_in_text_does_not_confuse_the_fast_path() -> None:
+    log = _log()
+    row = _rows(log, _every_kind_of_event())[0]
+    _same(log, _edited(row, lambda s: s.update(name='{"_type_": "uuid_hex"} "_type_"')))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: s.update(weight=1.5),  # floats are refused
+        lambda s: s.update(odd={"_type_": "not_registered", "_data_": "x"}),
+        lambda s: s.update(timestamp={"_type_": "datetime_iso", "_data_": "not a time"}),
+    ],
+    ids=["float", "unknown transcoding", "bad datetime"],
+)
+def test_what_the_fast_path_does_not_cover_fails_as_the_library_does(change: Any) -> None:
+    log = _log()
+    row = _edited(_rows(log, _every_kind_of_event())[0], change)
+    try:
+        log.decode_slowly(row)
+    except Exception as error:  # whatever the library raises, the fast path must raise too
+        expected: type[Exception] = type(error)
+    else:
+        pytest.fail("the library's path accepted it")
+    with pytest.raises(expected):
+        log._envelope(row)
