@@ -22,8 +22,9 @@ from projections.runs import RunsProjector
 from read_api import fields as described
 from read_api.consistency import ConsistencyToken
 from read_api.context import Info
+from read_api.db import ReadScope
 from read_api.errors import describe_validation_error
-from read_api.loaders import forget
+from read_api.loaders import Row, forget
 from read_api.scalars import Money
 from read_api.types import ID, AgentRun, Card, Project, RoleEnum, Workspace
 
@@ -81,6 +82,24 @@ class WorkspacePayload:
         return None if row is None else Workspace.from_row(row, scope)
 
 
+async def _written(
+    info: Info, result: CommandResult, projectors: tuple[str, ...], loader: str, *stale: str
+) -> tuple[ReadScope, Row] | None:
+    """The object a command wrote, read back from the caller's workspace once it is projected.
+
+    ``loader`` (and the ``stale`` ones) are DataLoaders of the request whose cached rows the
+    write made out of date.
+    """
+    await _await_projection(info, result, projectors)
+    scope = info.context.home_scope()
+    if scope is None or not await scope.is_member():
+        return None
+    for name in (loader, *stale):
+        forget(getattr(scope.loaders, name), result.id)
+    row = await getattr(scope.loaders, loader).load(result.id)
+    return None if row is None else (scope, row)
+
+
 @strawberry.type
 class ProjectPayload:
     consistency_token: str
@@ -88,14 +107,8 @@ class ProjectPayload:
 
     @strawberry.field
     async def project(self, info: Info) -> Project | None:
-        await _await_projection(info, self.result, _KANBAN)
-        scope = info.context.home_scope()
-        if scope is None or not await scope.is_member():
-            return None
-        forget(scope.loaders.project, self.result.id)
-        forget(scope.loaders.lanes, self.result.id)
-        row = await scope.loaders.project.load(self.result.id)
-        return None if row is None else Project.from_row(row, scope)
+        found = await _written(info, self.result, _KANBAN, "project", "lanes")
+        return None if found is None else Project.from_row(found[1], found[0])
 
 
 @strawberry.type
@@ -105,13 +118,8 @@ class CardPayload:
 
     @strawberry.field
     async def card(self, info: Info) -> Card | None:
-        await _await_projection(info, self.result, _KANBAN)
-        scope = info.context.home_scope()
-        if scope is None or not await scope.is_member():
-            return None
-        forget(scope.loaders.card, self.result.id)
-        row = await scope.loaders.card.load(self.result.id)
-        return None if row is None else Card.from_row(row, scope)
+        found = await _written(info, self.result, _KANBAN, "card")
+        return None if found is None else Card.from_row(found[1], found[0])
 
 
 @strawberry.type
@@ -121,13 +129,8 @@ class AgentRunPayload:
 
     @strawberry.field
     async def run(self, info: Info) -> AgentRun | None:
-        await _await_projection(info, self.result, _RUNS)
-        scope = info.context.home_scope()
-        if scope is None or not await scope.is_member():
-            return None
-        forget(scope.loaders.run, self.result.id)
-        row = await scope.loaders.run.load(self.result.id)
-        return None if row is None else AgentRun.from_row(row)
+        found = await _written(info, self.result, _RUNS, "run")
+        return None if found is None else AgentRun.from_row(found[1])
 
 
 def _workspace_payload(result: CommandResult) -> WorkspacePayload:
