@@ -83,6 +83,12 @@ class EventStoreRecorder(PostgresApplicationRecorder):
         self._select_from = SQL(
             "SELECT notification_id, originator_id, originator_version, topic, state FROM {0}"
         ).format(table)
+        self._select_versions = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic FROM {0} WHERE "
+        ).format(table) + SQL(
+            _HORIZON + " AND notification_id > %s AND notification_id <= %s "
+            "ORDER BY notification_id LIMIT %s"
+        )
         self.max_notification_id_statement = SQL(
             "SELECT MAX(notification_id) FROM {0} WHERE {1}"
         ).format(table, self._horizon)
@@ -182,6 +188,24 @@ class EventStoreRecorder(PostgresApplicationRecorder):
         self, gt: int | None = None, topics: Sequence[str] = ()
     ) -> Subscription[ApplicationRecorder]:
         return PollingSubscription(recorder=self, gt=gt, topics=topics)
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def select_versions(
+        self, *, after: int, through: int, limit: int
+    ) -> list[tuple[int, UUID, int, str]]:
+        """Position, originator id, version and topic of the events in ``(after, through]``,
+        without their state: what a projector's sweep compares with its tracking."""
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._select_versions, (after, through, limit), prepare=True)
+            return [
+                (
+                    int(row["notification_id"]),
+                    row["originator_id"],
+                    int(row["originator_version"]),
+                    row["topic"],
+                )
+                for row in curs.fetchall()
+            ]
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_positioned_events(

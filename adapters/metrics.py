@@ -41,6 +41,17 @@ EVENTS_APPENDED = Counter(
 HTTP_RESPONSES = Counter(
     "agentworks_http_responses_total", "HTTP responses by status code.", ["status"]
 )
+SWEEP_HEALED = Counter(
+    "agentworks_sweep_healed_events_total",
+    "Events a projector's sweep found unapplied behind its watermark and applied from the store "
+    "(deliveries that never arrived).",
+    ["projector"],
+)
+BROKER_AMNESIA = Counter(
+    "agentworks_relay_broker_log_lost_total",
+    "Times the relay saw the broker acknowledge offsets below ones it had acknowledged before "
+    "(the broker lost its log) and republished from the projectors' watermark.",
+)
 
 
 @contextmanager

@@ -348,6 +348,7 @@ def worker_command(
             settings.kafka_bootstrap,
             topic_prefix=settings.topic_prefix,
             loglevel=settings.log_level,
+            sweep_interval=settings.sweep_interval,
         )
     finally:
         read_side.close()

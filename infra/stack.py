@@ -143,7 +143,12 @@ class DevStack:
         relay_thread.start()
         self.threads.append(relay_thread)
         for runner in self.read_side.runners:
-            app = build_worker_app(runner, bootstrap, topic_prefix=self.settings.topic_prefix)
+            app = build_worker_app(
+                runner,
+                bootstrap,
+                topic_prefix=self.settings.topic_prefix,
+                sweep_interval=self.settings.sweep_interval,
+            )
             loop = asyncio.new_event_loop()
             thread = threading.Thread(
                 target=_run_faust, args=(loop, app), name=f"worker-{runner.name}", daemon=True

@@ -329,6 +329,13 @@ def _swap(
             )
             conn.execute(sql.SQL("DROP TABLE {}").format(retired))
         tracking = scratch_tracking(projector)
+        # The rebuild read the log in order: everything up to here is applied, nothing to sweep.
+        conn.execute(
+            "INSERT INTO projection_positions (projector, position, swept_through)"
+            " VALUES (%s, %s, %s) ON CONFLICT (projector) DO UPDATE"
+            " SET swept_through = EXCLUDED.swept_through",
+            (tracking, position, position),
+        )
         for bookkeeping in ("projection_versions", "projection_positions"):
             ident = sql.Identifier(bookkeeping)
             conn.execute(

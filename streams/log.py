@@ -284,6 +284,18 @@ class EventLog:
             )
         ]
 
+    def versions(
+        self, *, after: int, through: int, limit: int, aggregates: frozenset[str] | set[str]
+    ) -> tuple[list[tuple[int, UUID, int]], int]:
+        """Position, originator id and version of the events of ``aggregates`` in
+        ``(after, through]``, reading at most ``limit`` events; and the position read up to."""
+        rows = self.recorder.select_versions(after=after, through=through, limit=limit)
+        if not rows:
+            return [], through
+        aggregate_of = self._aggregate_of
+        followed = [(p, o, v) for p, o, v, topic in rows if aggregate_of(topic) in aggregates]
+        return followed, (rows[-1][0] if len(rows) == limit else through)
+
     def head(self) -> int:
         return self.recorder.max_notification_id() or 0
 

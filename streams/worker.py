@@ -4,6 +4,9 @@ Each worker consumes the topics carrying its projector's aggregates, takes messa
 orders each batch by global position and hands it to the same :class:`ProjectionRunner` the
 embedded path uses. Offsets are committed after a batch is processed, so a worker killed
 mid-batch sees that batch again and the runner skips what was already applied.
+
+A timer sweeps the log behind the projector (:mod:`projections.sweep`) for events that were
+published an interval ago and never delivered: a dropped message, or a broker that lost its log.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from adapters.kafka import faust_settings
+from projections.sweep import ProjectionSweep
 from streams.envelope import TOPIC_BY_AGGREGATE, EventEnvelope
 
 if TYPE_CHECKING:
@@ -43,12 +47,36 @@ def decode_batch(values: Iterable[bytes]) -> list[EventEnvelope]:
     return sorted((EventEnvelope.from_bytes(v) for v in values), key=lambda e: e.position)
 
 
+class SweepSchedule:
+    """Sweeps up to what the relay had published at the previous tick: by then a delivery
+    had a whole interval to arrive, so what is still missing was lost, not late."""
+
+    def __init__(self, runner: ProjectionRunner) -> None:
+        self.sweep = ProjectionSweep(runner)
+        self.runner = runner
+        self.published_before = 0
+
+    def published(self) -> int:
+        with self.runner.pool.connection() as conn:
+            row = conn.execute("SELECT coalesce(min(position), 0) AS p FROM relay_positions")
+            found = row.fetchone()
+        return int(found["p"]) if found else 0
+
+    def tick(self) -> int:
+        """One sweep; returns how many events it applied."""
+        through, self.published_before = self.published_before, self.published()
+        if through <= 0:
+            return 0
+        return self.sweep.sweep(through).healed
+
+
 def build_worker_app(
     runner: ProjectionRunner,
     bootstrap: str,
     *,
     topic_prefix: str = "",
     session_timeout: float = 6.0,
+    sweep_interval: float = 10.0,
 ) -> Any:
     """The faust app (and consumer group) of one projector."""
     import faust
@@ -85,16 +113,32 @@ def build_worker_app(
                 )
                 break
 
+    schedule = SweepSchedule(runner)
+
+    @app.timer(interval=sweep_interval, name=f"sweep-{runner.projector.name}")  # type: ignore[untyped-decorator]
+    async def sweep() -> None:
+        try:
+            await asyncio.to_thread(schedule.tick)
+        except Exception:
+            log.exception("worker.sweep_failed", projector=runner.name)
+
     return app
 
 
 def run_worker(
-    runner: ProjectionRunner, bootstrap: str, *, topic_prefix: str = "", loglevel: str = "info"
+    runner: ProjectionRunner,
+    bootstrap: str,
+    *,
+    topic_prefix: str = "",
+    loglevel: str = "info",
+    sweep_interval: float = 10.0,
 ) -> None:
     """Run one projector's worker until SIGTERM/SIGINT (faust leaves the group cleanly)."""
     import faust
 
-    app = build_worker_app(runner, bootstrap, topic_prefix=topic_prefix)
+    app = build_worker_app(
+        runner, bootstrap, topic_prefix=topic_prefix, sweep_interval=sweep_interval
+    )
     group = consumer_group(runner.name, topic_prefix)
     log.info("worker.starting", projector=runner.name, group=group)
     faust.Worker(app, loglevel=loglevel.lower()).execute_from_commandline()

@@ -588,6 +588,7 @@ class KafkaFanout:
             # overflow) is plenty for a relay or a worker, and Postgres (max_connections=100) is
             # shared with other test sessions and benchmarks.
             "AGENTWORKS_POOL_SIZE": str(pool_size),
+            "AGENTWORKS_SWEEP_INTERVAL": "2",
             "PYTHONUNBUFFERED": "1",
         }
         self.topic_prefix = topic_prefix

@@ -1,0 +1,118 @@
+"""The sweep: a projector compares its tracking with the log and applies what never reached it.
+
+Gap healing in :class:`~projections.runner.ProjectionRunner` repairs a lost delivery when a later
+event of the same aggregate arrives. Nothing arrives after the *last* event of an aggregate, so a
+lost tail (a message dropped on the way, a broker that restarted and forgot what its consumers had
+not read yet) would stay lost. The sweep closes that hole: it walks the log behind a watermark
+(``projection_positions.swept_through``), asks the projector's tracking which of those events it
+has not applied, reads them from the store and applies them through the runner, which ignores
+whatever a delivery applied in the meantime. Everything at or below the watermark is applied.
+
+The sweep only looks at events published a while ago (the caller passes a ``through`` position
+that is one sweep interval old), so in steady state it finds nothing and reads only the log's
+small columns, never the event state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from adapters.metrics import SWEEP_HEALED
+
+if TYPE_CHECKING:
+    from uuid import UUID
+
+    from projections.runner import ProjectionRunner
+    from streams.envelope import EventEnvelope
+
+log = structlog.get_logger(__name__)
+
+PAGE = 5000
+
+
+@dataclass
+class SweepOutcome:
+    swept_through: int
+    healed: int
+
+
+class ProjectionSweep:
+    """Brings one projector's watermark up to a position, healing what it finds missing."""
+
+    def __init__(self, runner: ProjectionRunner, *, page: int = PAGE) -> None:
+        self.runner = runner
+        self.page = page
+
+    def watermark(self) -> int:
+        with self.runner.pool.connection() as conn:
+            row = conn.execute(
+                "SELECT swept_through FROM projection_positions WHERE projector = %s",
+                (self.runner.tracking_name,),
+            ).fetchone()
+        return int(row["swept_through"]) if row else 0
+
+    def sweep(self, through: int) -> SweepOutcome:
+        """Apply every followed event up to ``through`` that is not applied yet; advance the
+        watermark page by page (a failure keeps what was swept so far)."""
+        swept = self.watermark()
+        healed = 0
+        aggregates = self.runner.projector.aggregates
+        while swept < through:
+            events, read_up_to = self.runner.log.versions(
+                after=swept, through=through, limit=self.page, aggregates=aggregates
+            )
+            missing = self._unapplied(events)
+            if missing:
+                outcome = self.runner.process(missing)
+                healed += outcome.applied + outcome.healed
+            self._advance(read_up_to)
+            swept = read_up_to
+        if healed:
+            SWEEP_HEALED.labels(projector=self.runner.projector.name).inc(healed)
+            log.warning(
+                "projection.sweep_healed",
+                projector=self.runner.tracking_name,
+                events=healed,
+                through=swept,
+            )
+        return SweepOutcome(swept, healed)
+
+    def _unapplied(self, events: list[tuple[int, UUID, int]]) -> list[EventEnvelope]:
+        """The envelopes of ``events`` this projector's tracking has not reached, read from
+        the store (each lagging aggregate's versions from its tracked one up to the newest
+        in the page)."""
+        if not events:
+            return []
+        newest: dict[UUID, int] = {}
+        for _, originator_id, version in events:
+            newest[originator_id] = max(version, newest.get(originator_id, 0))
+        with self.runner.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT originator_id, version FROM projection_versions "
+                "WHERE projector = %s AND originator_id = ANY(%s::uuid[])",
+                (self.runner.tracking_name, list(newest)),
+            ).fetchall()
+        tracked = {row["originator_id"]: int(row["version"]) for row in rows}
+        found: list[EventEnvelope] = []
+        for originator_id, version in newest.items():
+            done = tracked.get(originator_id, 0)
+            if done < version:
+                found.extend(
+                    self.runner.log.between(
+                        originator_id, after_version=done, before_version=version + 1
+                    )
+                )
+        return sorted(found, key=lambda env: env.position)
+
+    def _advance(self, position: int) -> None:
+        with self.runner.pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO projection_positions (projector, swept_through) VALUES (%s, %s) "
+                "ON CONFLICT (projector) DO UPDATE SET "
+                "swept_through = GREATEST(projection_positions.swept_through, "
+                "EXCLUDED.swept_through)",
+                (self.runner.tracking_name, position),
+            )
