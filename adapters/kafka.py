@@ -15,7 +15,8 @@ know about, all verified by ``tests/integration/test_kafka_plumbing.py``:
   touches a topic before :func:`create_topics` runs fixes its partition count at 4. After a
   broker restart (memory lost) running clients re-create their topics that way within
   milliseconds; :func:`create_topics` then finds them present and logs a warning if the count
-  differs from the one asked for.
+  differs from the one asked for. Consumers pick up the new count at their next metadata
+  refresh (``metadata_max_age`` in :func:`faust_settings`) and rebalance.
 * **Idempotent producer after memory loss.** The broker forgets producer ids. The producer's
   next batch fails with ``UnknownProducerIdError``; kafka-python then tries to bump the epoch of
   its old producer id (KIP-360), tansu answers ``InitProducerId`` with error -1, and the producer
@@ -250,6 +251,7 @@ def faust_settings(
     *,
     session_timeout: float = 6.0,
     commit_interval: float = 1.0,
+    metadata_max_age: float = 10.0,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Keyword arguments for ``faust.App(app_id, **faust_settings(bootstrap))``.
@@ -259,6 +261,9 @@ def faust_settings(
     ``earliest`` offset reset (a projector must see a partition from its start when it has no
     committed offset, e.g. after the local broker lost its memory), and a short session timeout
     because tansu delays every JoinGroup by half of it (heartbeats every ``session_timeout/6``).
+    Metadata is refreshed every ``metadata_max_age`` seconds (Kafka's default is 5 minutes): a
+    consumer learns that a topic gained partitions only then, and the group rebalances so that
+    someone consumes them.
     """
     settings: dict[str, Any] = {
         "broker": f"kafka://{bootstrap}",
@@ -270,6 +275,7 @@ def faust_settings(
         "broker_rebalance_timeout": session_timeout,
         "broker_heartbeat_interval": session_timeout / 6,
         "broker_commit_interval": commit_interval,
+        "consumer_metadata_max_age_ms": int(metadata_max_age * 1000),
         "worker_redirect_stdouts": False,
     }
     settings.update(overrides)

@@ -65,9 +65,9 @@ class Settings(BaseSettings):
     """``host:port[,host:port…]``; None means in-process fan-out straight from the event log."""
     topic_prefix: str = ""
     topic_partitions: int = Field(default=6, ge=1)
-    sweep_interval: float = Field(default=10.0, gt=0)
+    sweep_interval: float = Field(default=10.0, ge=0)
     """Seconds between a worker's sweeps for events its deliveries never brought (a lost tail);
-    a sweep looks only at what the relay had published one interval earlier."""
+    a sweep looks only at what the relay had published one interval earlier. 0: no sweeps."""
     redis_url: str | None = None
     """``redis://host:port/db`` for subscriptions across API instances; None = in-process."""
 

@@ -4,10 +4,17 @@ It publishes a batch, waits until the broker has acknowledged all of it (``acks=
 then records the batch's last position in Postgres. A relay killed at any moment therefore
 resumes at or before the first unacknowledged event: delivery is at-least-once, and projectors
 turn that into an exactly-once effect.
+
+A broker can also lose what it acknowledged (one that keeps its log in memory and restarts, an
+unclean leader election). The relay notices: it records, with its position, the highest offset
+acknowledged on each topic-partition, and offsets only grow, so an acknowledgement at or below one
+of them means the log under it was lost. It then rewinds to the lowest sweep watermark of the
+projectors (below it, everything is applied everywhere) and publishes again from there.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -16,6 +23,7 @@ import psycopg
 import structlog
 from opentelemetry.trace import SpanKind
 
+from adapters.metrics import BROKER_AMNESIA
 from adapters.telemetry import continue_trace, current_traceparent
 from streams.wakeup import LogWakeup
 
@@ -24,6 +32,10 @@ if TYPE_CHECKING:
     from streams.log import EventLog
 
 log = structlog.get_logger(__name__)
+
+
+Offsets = dict[str, int]
+"""``"topic:partition"`` → the highest offset the broker acknowledged there."""
 
 
 class Delivery(Protocol):
@@ -47,7 +59,7 @@ class Producer(Protocol):
 
 
 class RelayPositions:
-    """The relay's published position, kept in Postgres."""
+    """The relay's published position and acknowledged offsets, kept in Postgres."""
 
     def __init__(self, database_url: str, *, role: str | None, relay: str = "relay") -> None:
         self._url = database_url
@@ -56,20 +68,37 @@ class RelayPositions:
         self._conn: psycopg.Connection[Any] | None = None
 
     def load(self) -> int:
+        return self.load_with_offsets()[0]
+
+    def load_with_offsets(self) -> tuple[int, Offsets]:
         row = (
             self._connection()
-            .execute("SELECT position FROM relay_positions WHERE relay = %s", (self.relay,))
+            .execute(
+                "SELECT position, offsets FROM relay_positions WHERE relay = %s", (self.relay,)
+            )
+            .fetchone()
+        )
+        if not row:
+            return 0, {}
+        return int(row[0]), {key: int(offset) for key, offset in (row[1] or {}).items()}
+
+    def save(self, position: int, offsets: Offsets | None = None) -> None:
+        self._connection().execute(
+            "INSERT INTO relay_positions (relay, position, offsets) VALUES (%s, %s, %s) "
+            "ON CONFLICT (relay) DO UPDATE SET position = EXCLUDED.position, "
+            "offsets = CASE WHEN %s THEN EXCLUDED.offsets ELSE relay_positions.offsets END, "
+            "updated_at = clock_timestamp()",
+            (self.relay, position, json.dumps(offsets or {}), offsets is not None),
+        )
+
+    def lowest_watermark(self) -> int:
+        """Below this position every projector has applied every event it follows."""
+        row = (
+            self._connection()
+            .execute("SELECT coalesce(min(swept_through), 0) FROM projection_positions")
             .fetchone()
         )
         return int(row[0]) if row else 0
-
-    def save(self, position: int) -> None:
-        self._connection().execute(
-            "INSERT INTO relay_positions (relay, position) VALUES (%s, %s) "
-            "ON CONFLICT (relay) DO UPDATE SET position = EXCLUDED.position, "
-            "updated_at = clock_timestamp()",
-            (self.relay, position),
-        )
 
     def close(self) -> None:
         if self._conn is not None:
@@ -121,7 +150,7 @@ class Relay:
         self.listen_url = listen_url
         self.channel = channel
         self.flush_timeout = flush_timeout
-        self.position = positions.load()
+        self.position, self.offsets = positions.load_with_offsets()
         self._stop = threading.Event()
         self._wake = threading.Event()
 
@@ -156,16 +185,44 @@ class Relay:
                         )
                     )
             producer.flush(timeout=self.flush_timeout)
-            for delivery in deliveries:
-                delivery.get(timeout=self.flush_timeout)
+            acknowledged = [delivery.get(timeout=self.flush_timeout) for delivery in deliveries]
         except Exception:
             self._discard_producer()
             self.position = self.positions.load()
             raise
-        self.position = batch[-1].position
-        self.positions.save(self.position)
+        lost = self._note_offsets(acknowledged)
+        if lost:
+            rewind = min(self.positions.lowest_watermark(), batch[-1].position)
+            BROKER_AMNESIA.inc()
+            log.error(
+                "relay.broker_log_lost",
+                partitions=lost,
+                position=batch[-1].position,
+                republish_from=rewind,
+            )
+            self.position = rewind
+        else:
+            self.position = batch[-1].position
+        self.positions.save(self.position, self.offsets)
         log.debug("relay.published", events=len(batch), position=self.position)
         return len(batch)
+
+    def _note_offsets(self, acknowledged: list[Any]) -> list[str]:
+        """Record the acknowledged offsets; return the partitions whose offsets went back."""
+        lowest: Offsets = {}
+        highest: Offsets = {}
+        for metadata in acknowledged:
+            offset = getattr(metadata, "offset", None)
+            if offset is None or offset < 0:
+                continue
+            key = f"{metadata.topic}:{metadata.partition}"
+            lowest[key] = min(offset, lowest.get(key, offset))
+            highest[key] = max(offset, highest.get(key, offset))
+        lost = sorted(key for key, offset in lowest.items() if offset <= self.offsets.get(key, -1))
+        if lost:
+            self.offsets = {}
+        self.offsets.update(highest)
+        return lost
 
     def _producer(self) -> Producer:
         if self.producer is None:

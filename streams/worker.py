@@ -70,6 +70,22 @@ class SweepSchedule:
         return self.sweep.sweep(through).healed
 
 
+def forget_read_offsets_of(consumer: Any, partitions: set[Any]) -> None:
+    """Let faust deliver every offset of ``partitions`` again, from wherever the consumer reads.
+
+    faust drops a message whose offset is below the last one it read from that partition (and
+    keeps that mark when a rebalance gives the partition back to the same member). After the
+    broker lost its log the partition restarts at offset 0, so everything republished there
+    would be dropped until it passed the old mark. The runner ignores real duplicates itself.
+    """
+    read_offsets = getattr(consumer, "_read_offset", None)
+    if read_offsets is None:
+        log.warning("worker.read_offsets_unknown", consumer=type(consumer).__name__)
+        return
+    for partition in partitions:
+        read_offsets.pop(partition, None)
+
+
 def build_worker_app(
     runner: ProjectionRunner,
     bootstrap: str,
@@ -113,6 +129,12 @@ def build_worker_app(
                 )
                 break
 
+    @app.on_partitions_assigned.connect  # type: ignore[untyped-decorator]
+    async def forget_read_offsets(app: Any, assigned: set[Any], **_: Any) -> None:
+        forget_read_offsets_of(app.consumer, assigned)
+
+    if sweep_interval <= 0:
+        return app
     schedule = SweepSchedule(runner)
 
     @app.timer(interval=sweep_interval, name=f"sweep-{runner.projector.name}")  # type: ignore[untyped-decorator]

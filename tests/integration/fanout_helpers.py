@@ -571,6 +571,7 @@ class KafkaFanout:
         log_level: str = "INFO",
         pool_size: int = 1,
         projectors: Sequence[str] | None = None,
+        sweep_interval: float = 0,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.database_url = database_url
@@ -588,7 +589,8 @@ class KafkaFanout:
             # overflow) is plenty for a relay or a worker, and Postgres (max_connections=100) is
             # shared with other test sessions and benchmarks.
             "AGENTWORKS_POOL_SIZE": str(pool_size),
-            "AGENTWORKS_SWEEP_INTERVAL": "2",
+            # Off unless a test asks: a sweep would hide a delivery the Kafka path failed.
+            "AGENTWORKS_SWEEP_INTERVAL": str(sweep_interval),
             "PYTHONUNBUFFERED": "1",
         }
         self.topic_prefix = topic_prefix
@@ -682,11 +684,14 @@ class KafkaStack:
         *,
         seed: int,
         converge_timeout: float = 120.0,
+        sweep_interval: float = 0,
     ) -> None:
         self.database_url = database_url
         self.broker = broker
         self.converge_timeout = converge_timeout
-        self.fanout = KafkaFanout(database_url, broker.bootstrap, workdir, partitions=3)
+        self.fanout = KafkaFanout(
+            database_url, broker.bootstrap, workdir, partitions=3, sweep_interval=sweep_interval
+        )
         self.app: AgentWorks = build_write_side(database_url, pool_size=2)
         self.workload = Workload(self.app, seed=seed)
 
@@ -716,13 +721,15 @@ class KafkaStack:
 
 
 @contextlib.contextmanager
-def kafka_stack(database_url: str, workdir: Path, *, seed: int) -> Iterator[KafkaStack]:
+def kafka_stack(
+    database_url: str, workdir: Path, *, seed: int, sweep_interval: float = 0
+) -> Iterator[KafkaStack]:
     """A :class:`KafkaStack` on a new :class:`LocalBroker`, all of it stopped on exit."""
     broker = LocalBroker()
     stack: KafkaStack | None = None
     try:
         broker.start()
-        stack = KafkaStack(database_url, broker, workdir, seed=seed)
+        stack = KafkaStack(database_url, broker, workdir, seed=seed, sweep_interval=sweep_interval)
         stack.fanout.start()
         yield stack
     finally:

@@ -1,0 +1,135 @@
+"""The relay notices a broker that lost acknowledged records, against a real broker and Postgres.
+
+The broker (tansu, memory storage) is restarted between two batches: it comes back empty, the
+relay's next acknowledgements start again at offset 0, below the offsets it recorded, and the relay
+rewinds to the projectors' lowest sweep watermark and publishes everything above it again.
+
+The topics have tansu's own partition count (4), which it gives them again when clients re-create
+them after the restart, and enough workspaces write before it that every partition has offsets:
+an acknowledgement on a partition the relay never wrote to proves nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from adapters.kafka import create_topics, make_producer
+from adapters.kafka_broker import LocalBroker
+from commands import models as m
+from commands.handlers import Actor, AgentWorks
+from streams.envelope import TOPICS
+from streams.log import EventLog
+from streams.relay import Relay, RelayPositions
+
+pytestmark = [
+    pytest.mark.slow,
+    # kafka-python never closes a socket whose connect() was refused (broker restarting).
+    pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
+]
+
+PREFIX = "loss-"
+
+
+@pytest.fixture
+def broker() -> Iterator[LocalBroker]:
+    started = LocalBroker()
+    started.start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def workspaces(app: AgentWorks, count: int, name: str) -> None:
+    olga = Actor(user_id="olga", workspace_id="*")
+    for i in range(count):
+        app.create_workspace(m.CreateWorkspace(name=f"{name} {i}"), olga)
+
+
+def catch_up(relay: Relay, head: int, *, timeout: float = 60.0) -> None:
+    """Publish until the relay has recorded ``head``, riding out a producer the restarted
+    broker no longer knows (the relay discards it and starts again from what it recorded)."""
+    deadline = time.monotonic() + timeout
+    while relay.position < head:
+        try:
+            relay.publish_once()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def published_positions(bootstrap: str, topic: str) -> list[int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        found: list[Any] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                found.extend(batch)
+        return sorted(int(dict(record.headers)["position"]) for record in found)
+    finally:
+        consumer.close()
+
+
+def test_acknowledged_offsets_going_back_rewind_the_relay_to_the_lowest_watermark(
+    write_side: AgentWorks, database_url: str, broker: LocalBroker
+) -> None:
+    create_topics(broker.bootstrap, [PREFIX + topic for topic in TOPICS], 4)
+    log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
+    positions = RelayPositions(database_url, role=None)
+    relay = Relay(
+        log,
+        lambda: make_producer(broker.bootstrap, delivery_timeout_ms=5000, request_timeout_ms=2000),
+        positions,
+        topic_prefix=PREFIX,
+        flush_timeout=10,
+    )
+    try:
+        workspaces(write_side, 40, "before")
+        first = log.read(after=0)
+        catch_up(relay, first[-1].position)
+        saved, offsets = positions.load_with_offsets()
+        assert saved == first[-1].position
+        assert sorted(offsets) == [f"{PREFIX}workspace-events:{p}" for p in range(4)]
+        assert sum(offsets.values()) == len(first) - 4
+
+        # Two projectors have swept up to different places; below the lower one, everything
+        # is applied everywhere, so that is where publishing must start again.
+        watermark = first[1].position
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO projection_positions (projector, position, swept_through)"
+                " VALUES ('kanban', %s, %s), ('activity', %s, %s)",
+                (saved, watermark, saved, first[2].position),
+            )
+
+        broker.restart()
+        workspaces(write_side, 1, "after")
+        head = log.read(after=saved)[-1].position
+        catch_up(relay, head)
+
+        assert relay.position == head
+        republished = published_positions(broker.bootstrap, f"{PREFIX}workspace-events")
+        # The batch that revealed the loss went out before the rewind: it is there twice.
+        assert sorted({p for p in republished if p > watermark}) == [
+            e.position for e in log.read(after=watermark)
+        ]
+        # A relay started now resumes with the new broker's offsets, not the lost ones.
+        restarted = Relay(log, lambda: make_producer(broker.bootstrap), positions)
+        assert restarted.position == head
+        assert restarted.offsets == positions.load_with_offsets()[1]
+    finally:
+        relay._discard_producer()
+        positions.close()
+        gc.collect()  # kafka-python's refused sockets are reported here, where they are ignored
