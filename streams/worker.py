@@ -129,9 +129,10 @@ def build_worker_app(
                 )
                 break
 
-    @app.on_partitions_assigned.connect  # type: ignore[untyped-decorator]
-    async def forget_read_offsets(app: Any, assigned: set[Any], **_: Any) -> None:
-        forget_read_offsets_of(app.consumer, assigned)
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # faust's stub rejects it
+    async def forget_read_offsets(app: Any, *assigned: Any, signal: Any = None, **_: Any) -> None:
+        for partitions in assigned:
+            forget_read_offsets_of(app.consumer, partitions)
 
     if sweep_interval <= 0:
         return app
