@@ -442,19 +442,25 @@ def status_command() -> None:
         head = conn.execute("SELECT coalesce(max(notification_id), 0) FROM agentworks_events")
         head_position = int(head.fetchone()[0])  # type: ignore[index]
         relays = conn.execute(
-            "SELECT relay, position FROM relay_positions ORDER BY relay"
+            "SELECT relay, position, NULL FROM relay_positions ORDER BY relay"
         ).fetchall()
         projectors = conn.execute(
-            "SELECT projector, position FROM projection_positions "
+            "SELECT projector, position, swept_through FROM projection_positions "
             "WHERE projector NOT LIKE '%#%' ORDER BY projector"
         ).fetchall()
     table = Table(title=f"event log head: {head_position:,}")
     table.add_column("component")
     table.add_column("position", justify="right")
     table.add_column("lag", justify="right")
+    table.add_column("swept through", justify="right")
     for kind, rows in (("relay", relays), ("projector", projectors)):
-        for component, position in rows:
-            table.add_row(f"{kind} {component}", f"{position:,}", f"{head_position - position:,}")
+        for component, position, swept in rows:
+            table.add_row(
+                f"{kind} {component}",
+                f"{position:,}",
+                f"{head_position - position:,}",
+                "" if swept is None else f"{swept:,}",
+            )
     Console().print(table)
 
 

@@ -308,3 +308,31 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
     )
 
     single_token(result)
+
+
+def test_status_shows_lag_and_sweep_watermarks(database_url: str, tmp_path: Path) -> None:
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO relay_positions (relay, position) VALUES ('relay', 0)")
+        conn.execute(
+            "INSERT INTO projection_positions (projector, position, swept_through)"
+            " VALUES ('kanban', 9, 7)"
+        )
+
+    result = agentworks(
+        "status",
+        cwd=tmp_path,
+        env={"AGENTWORKS_DATABASE_URL": database_url, "COLUMNS": "200"},
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "event log head: 0" in result.stdout
+    assert "swept through" in result.stdout
+
+    def cells(component: str) -> list[str]:
+        (line,) = [line for line in result.stdout.splitlines() if component in line]
+        return [cell.strip() for cell in line.split("│") if cell.strip()]
+
+    assert cells("projector kanban") == ["projector kanban", "9", "-9", "7"]
+    assert cells("relay relay") == ["relay relay", "0", "0"]
