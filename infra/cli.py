@@ -349,6 +349,7 @@ def worker_command(
             topic_prefix=settings.topic_prefix,
             loglevel=settings.log_level,
             sweep_interval=settings.sweep_interval,
+            fetch_wait_ms=settings.worker_fetch_wait_ms,
         )
     finally:
         read_side.close()

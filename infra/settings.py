@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(default=10.0, ge=0)
     """Seconds between a worker's sweeps for events its deliveries never brought (a lost tail);
     a sweep looks only at what the relay had published one interval earlier. 0: no sweeps."""
+    worker_fetch_wait_ms: int = Field(default=100, ge=0, le=60_000)
+    """Longest time a worker's fetch waits for records (faust's own is 1500 ms); bounds the
+    delay an event sees on a broker that holds a fetch for its whole wait."""
     redis_url: str | None = None
     """``redis://host:port/db`` for subscriptions across API instances; None = in-process."""
 

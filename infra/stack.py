@@ -148,6 +148,7 @@ class DevStack:
                 bootstrap,
                 topic_prefix=self.settings.topic_prefix,
                 sweep_interval=self.settings.sweep_interval,
+                fetch_wait_ms=self.settings.worker_fetch_wait_ms,
             )
             loop = asyncio.new_event_loop()
             thread = threading.Thread(

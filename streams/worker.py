@@ -93,12 +93,14 @@ def build_worker_app(
     topic_prefix: str = "",
     session_timeout: float = 6.0,
     sweep_interval: float = 10.0,
+    fetch_wait_ms: int = 100,
 ) -> Any:
     """The faust app (and consumer group) of one projector."""
-    import faust
+    from streams.faust_app import ProjectorApp
 
-    app = faust.App(
+    app = ProjectorApp(
         consumer_group(runner.projector.name, topic_prefix),
+        fetch_max_wait_ms=fetch_wait_ms,
         **faust_settings(bootstrap, session_timeout=session_timeout),
     )
     topics = app.topic(
@@ -155,12 +157,17 @@ def run_worker(
     topic_prefix: str = "",
     loglevel: str = "info",
     sweep_interval: float = 10.0,
+    fetch_wait_ms: int = 100,
 ) -> None:
     """Run one projector's worker until SIGTERM/SIGINT (faust leaves the group cleanly)."""
     import faust
 
     app = build_worker_app(
-        runner, bootstrap, topic_prefix=topic_prefix, sweep_interval=sweep_interval
+        runner,
+        bootstrap,
+        topic_prefix=topic_prefix,
+        sweep_interval=sweep_interval,
+        fetch_wait_ms=fetch_wait_ms,
     )
     group = consumer_group(runner.name, topic_prefix)
     log.info("worker.starting", projector=runner.name, group=group)

@@ -1,0 +1,58 @@
+"""The projector worker's faust app: its consumer group, topics and fetch wait. Nothing here
+connects to a broker. faust leaves event loops and sockets of its own open when an app is built
+and dropped, so the consumer is built in a child interpreter, as a worker process builds it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from projections.kanban import KanbanProjector
+from streams.worker import consumer_group, projector_topics
+
+BUILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from projections.kanban import KanbanProjector
+    from projections.runner import ProjectionRunner
+    from streams.worker import build_worker_app
+
+    options = {} if sys.argv[1] == "default" else {"fetch_wait_ms": int(sys.argv[1])}
+    runner = ProjectionRunner(KanbanProjector(), pool=None, log_reader=None)
+    app = build_worker_app(runner, "127.0.0.1:9", topic_prefix="t-", **options)
+
+    async def build():
+        consumer = app.consumer._new_consumer_thread()._create_worker_consumer(app.transport)
+        await consumer.stop()
+        return consumer._fetch_max_wait_ms, app.conf.id
+
+    print(*asyncio.run(build()))
+    """
+)
+
+
+def built(option: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", BUILD, option],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_the_consumer_waits_at_most_the_configured_fetch_wait() -> None:
+    assert built("70") == ["70", "t-agentworks-projector-kanban"]
+    assert built("default") == ["100", "t-agentworks-projector-kanban"]
+
+
+def test_one_group_per_projector_on_its_topics() -> None:
+    assert consumer_group("kanban", "t-") == "t-agentworks-projector-kanban"
+    assert projector_topics(KanbanProjector(), "t-") == [
+        "t-agent-runs",
+        "t-card-events",
+        "t-workspace-events",
+    ]
