@@ -55,9 +55,12 @@ with warnings.catch_warnings():
     from kafka import KafkaAdminClient, KafkaProducer
     from kafka.admin import NewTopic
     from kafka.errors import (
+        InvalidProducerEpochError,
         KafkaConfigurationError,
         KafkaError,
+        OutOfOrderSequenceNumberError,
         TopicAlreadyExistsError,
+        UnknownProducerIdError,
         UnsupportedVersionError,
     )
 
@@ -67,7 +70,9 @@ __all__ = [
     "faust_settings",
     "make_producer",
     "producer_is_fatal",
+    "producer_state_lost",
     "publish",
+    "topic_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -220,6 +225,38 @@ def producer_is_fatal(producer: KafkaProducer) -> bool:
         return False
     has_fatal = getattr(manager, "has_fatal_error", None)
     return bool(has_fatal()) if callable(has_fatal) else False
+
+
+def producer_state_lost(error: BaseException) -> bool:
+    """True when a delivery failed because the broker no longer knows the producer's id or its
+    sequence numbers: its log was lost or truncated under the producer (a broker restarted
+    without its storage), or the producer sat idle past the broker's producer-id expiry.
+
+    The relay takes that as a sign that acknowledged records may be gone. A transient failure
+    (a leader moving, a connection dropping) is not such a sign.
+    """
+    if isinstance(
+        error, UnknownProducerIdError | OutOfOrderSequenceNumberError | InvalidProducerEpochError
+    ):
+        return True
+    # kafka-python's epoch bump after UnknownProducerId fails on a broker that forgot the id,
+    # and every later send reports that as a plain KafkaError.
+    return isinstance(error, KafkaError) and "InitProducerId" in str(error)
+
+
+def topic_id(producer: KafkaProducer, topic: str) -> str | None:
+    """The id the broker gave ``topic``, as the producer's metadata last saw it; None when the
+    broker (before Kafka 2.8) or the client does not tell.
+
+    A topic deleted and created again under the same name gets a new id. kafka-python keeps
+    topic ids in its cluster metadata, which the producer holds privately: read defensively.
+    """
+    metadata = getattr(producer, "_metadata", None)
+    lookup = getattr(metadata, "topic_id", None)
+    if not callable(lookup):
+        return None
+    ident = lookup(topic)
+    return str(ident) if ident and int(getattr(ident, "int", 1)) != 0 else None
 
 
 def publish(

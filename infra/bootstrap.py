@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from psycopg.conninfo import conninfo_to_dict
 
 from adapters.eventstore import DB_ROLE_ENV, PostgresCommandLog
-from adapters.kafka import create_topics, make_producer
+from adapters.kafka import create_topics, make_producer, producer_state_lost, topic_id
 from adapters.metrics import observe_command
 from adapters.postgres import PROJECTOR_ROLE, make_pool
 from commands.handlers import AgentWorks
@@ -128,5 +128,7 @@ def build_relay(settings: Settings, database_url: str) -> tuple[Relay, AgentWork
         RelayPositions(database_url, role=settings.db_app_role),
         topic_prefix=settings.topic_prefix,
         listen_url=database_url,
+        state_lost=producer_state_lost,
+        topic_id=topic_id,
     )
     return relay, write_side

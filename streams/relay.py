@@ -6,10 +6,14 @@ resumes at or before the first unacknowledged event: delivery is at-least-once, 
 turn that into an exactly-once effect.
 
 A broker can also lose what it acknowledged (one that keeps its log in memory and restarts, an
-unclean leader election). The relay notices: it records, with its position, the highest offset
-acknowledged on each topic-partition, and offsets only grow, so an acknowledgement at or below one
-of them means the log under it was lost. It then rewinds to the lowest sweep watermark of the
-projectors (below it, everything is applied everywhere) and publishes again from there.
+unclean leader election, a topic deleted and created again). The relay keeps, with its position,
+marks of what the broker acknowledged (:class:`BrokerMarks`) and compares every acknowledgement
+with them: a topic whose id changed was re-created empty; an offset at or below one acknowledged
+before on the same partition means the log under it was lost (offsets only grow); and a delivery
+that failed because the broker no longer knew the producer (``state_lost``) says the same. Then,
+at its next successful batch, the relay rewinds to the lowest sweep watermark of the projectors
+(below it, everything is applied everywhere) and publishes again from there: republishing is
+always safe, projectors ignore what they have applied.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
@@ -34,8 +39,53 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-Offsets = dict[str, int]
-"""``"topic:partition"`` → the highest offset the broker acknowledged there."""
+@dataclass
+class BrokerMarks:
+    """What the broker acknowledged so far: enough to notice that it lost some of it."""
+
+    offsets: dict[str, int] = field(default_factory=dict)
+    """``"topic:partition"`` → the highest offset acknowledged there."""
+    topic_ids: dict[str, str] = field(default_factory=dict)
+    """Topic → the id the broker gave it (Kafka ≥ 2.8); a new id means a new, empty topic."""
+
+    def to_json(self) -> str:
+        return json.dumps({"offsets": self.offsets, "topic_ids": self.topic_ids})
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> BrokerMarks:
+        data = data or {}
+        return cls(
+            {key: int(offset) for key, offset in (data.get("offsets") or {}).items()},
+            {topic: str(ident) for topic, ident in (data.get("topic_ids") or {}).items()},
+        )
+
+    def note(self, acknowledged: list[Any], topic_ids: dict[str, str | None]) -> list[str]:
+        """Take in a batch's acknowledgements; return what they reveal was lost."""
+        lost = sorted(
+            f"{topic} (re-created)"
+            for topic, ident in topic_ids.items()
+            if ident and self.topic_ids.get(topic, ident) != ident
+        )
+        lowest: dict[str, int] = {}
+        highest: dict[str, int] = {}
+        for metadata in acknowledged:
+            offset = getattr(metadata, "offset", None)
+            if offset is None or offset < 0:
+                continue
+            key = f"{metadata.topic}:{metadata.partition}"
+            lowest[key] = min(offset, lowest.get(key, offset))
+            highest[key] = max(offset, highest.get(key, offset))
+        lost += sorted(key for key, offset in lowest.items() if offset <= self.offsets.get(key, -1))
+        if lost:
+            self.forget()
+        self.offsets.update(highest)
+        self.topic_ids.update({topic: ident for topic, ident in topic_ids.items() if ident})
+        return lost
+
+    def forget(self) -> None:
+        """The marks belong to a log the broker lost: start afresh."""
+        self.offsets.clear()
+        self.topic_ids.clear()
 
 
 class Delivery(Protocol):
@@ -59,7 +109,7 @@ class Producer(Protocol):
 
 
 class RelayPositions:
-    """The relay's published position and acknowledged offsets, kept in Postgres."""
+    """The relay's published position and its :class:`BrokerMarks`, kept in Postgres."""
 
     def __init__(self, database_url: str, *, role: str | None, relay: str = "relay") -> None:
         self._url = database_url
@@ -68,27 +118,29 @@ class RelayPositions:
         self._conn: psycopg.Connection[Any] | None = None
 
     def load(self) -> int:
-        return self.load_with_offsets()[0]
+        return self.load_with_marks()[0]
 
-    def load_with_offsets(self) -> tuple[int, Offsets]:
+    def load_with_marks(self) -> tuple[int, BrokerMarks]:
         row = (
             self._connection()
             .execute(
-                "SELECT position, offsets FROM relay_positions WHERE relay = %s", (self.relay,)
+                "SELECT position, broker_marks FROM relay_positions WHERE relay = %s",
+                (self.relay,),
             )
             .fetchone()
         )
         if not row:
-            return 0, {}
-        return int(row[0]), {key: int(offset) for key, offset in (row[1] or {}).items()}
+            return 0, BrokerMarks()
+        return int(row[0]), BrokerMarks.from_json(row[1])
 
-    def save(self, position: int, offsets: Offsets | None = None) -> None:
+    def save(self, position: int, marks: BrokerMarks | None = None) -> None:
         self._connection().execute(
-            "INSERT INTO relay_positions (relay, position, offsets) VALUES (%s, %s, %s) "
+            "INSERT INTO relay_positions (relay, position, broker_marks) "
+            "VALUES (%s, %s, coalesce(%s::jsonb, '{}')) "
             "ON CONFLICT (relay) DO UPDATE SET position = EXCLUDED.position, "
-            "offsets = CASE WHEN %s THEN EXCLUDED.offsets ELSE relay_positions.offsets END, "
+            "broker_marks = coalesce(%s::jsonb, relay_positions.broker_marks), "
             "updated_at = clock_timestamp()",
-            (self.relay, position, json.dumps(offsets or {}), offsets is not None),
+            (self.relay, position, *[marks.to_json() if marks else None] * 2),
         )
 
     def lowest_watermark(self) -> int:
@@ -139,6 +191,8 @@ class Relay:
         listen_url: str | None = None,
         channel: str = "agentworks_events",
         flush_timeout: float = 30.0,
+        state_lost: Callable[[BaseException], bool] = lambda error: False,
+        topic_id: Callable[[Any, str], str | None] = lambda producer, topic: None,
     ) -> None:
         self.log = event_log
         self.make_producer = make_producer
@@ -150,7 +204,10 @@ class Relay:
         self.listen_url = listen_url
         self.channel = channel
         self.flush_timeout = flush_timeout
-        self.position, self.offsets = positions.load_with_offsets()
+        self.state_lost = state_lost
+        self.topic_id = topic_id
+        self.position, self.marks = positions.load_with_marks()
+        self._broker_forgot = False
         self._stop = threading.Event()
         self._wake = threading.Event()
 
@@ -186,11 +243,21 @@ class Relay:
                     )
             producer.flush(timeout=self.flush_timeout)
             acknowledged = [delivery.get(timeout=self.flush_timeout) for delivery in deliveries]
-        except Exception:
+        except Exception as error:
             self._discard_producer()
             self.position = self.positions.load()
+            if self.state_lost(error):
+                self._broker_forgot = True
             raise
-        lost = self._note_offsets(acknowledged)
+        if self._broker_forgot:
+            self.marks.forget()
+        topics = {str(m.topic) for m in acknowledged if getattr(m, "topic", None)}
+        lost = self.marks.note(
+            acknowledged, {topic: self.topic_id(producer, topic) for topic in sorted(topics)}
+        )
+        if self._broker_forgot:
+            lost = lost or ["(the broker no longer knew the producer)"]
+            self._broker_forgot = False
         if lost:
             rewind = min(self.positions.lowest_watermark(), batch[-1].position)
             BROKER_AMNESIA.inc()
@@ -203,26 +270,9 @@ class Relay:
             self.position = rewind
         else:
             self.position = batch[-1].position
-        self.positions.save(self.position, self.offsets)
+        self.positions.save(self.position, self.marks)
         log.debug("relay.published", events=len(batch), position=self.position)
         return len(batch)
-
-    def _note_offsets(self, acknowledged: list[Any]) -> list[str]:
-        """Record the acknowledged offsets; return the partitions whose offsets went back."""
-        lowest: Offsets = {}
-        highest: Offsets = {}
-        for metadata in acknowledged:
-            offset = getattr(metadata, "offset", None)
-            if offset is None or offset < 0:
-                continue
-            key = f"{metadata.topic}:{metadata.partition}"
-            lowest[key] = min(offset, lowest.get(key, offset))
-            highest[key] = max(offset, highest.get(key, offset))
-        lost = sorted(key for key, offset in lowest.items() if offset <= self.offsets.get(key, -1))
-        if lost:
-            self.offsets = {}
-        self.offsets.update(highest)
-        return lost
 
     def _producer(self) -> Producer:
         if self.producer is None:

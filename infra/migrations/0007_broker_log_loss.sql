@@ -3,8 +3,9 @@
 -- this watermark and applies from the store what is missing (a lost tail of an aggregate).
 ALTER TABLE projection_positions ADD COLUMN swept_through bigint NOT NULL DEFAULT 0;
 
--- The highest offset the broker acknowledged per topic-partition. A later acknowledgement at or
--- below it means the broker lost part of its log (a restart without storage, an unclean leader
--- election): the relay then republishes from the lowest sweep watermark of the projectors.
-ALTER TABLE relay_positions ADD COLUMN offsets jsonb NOT NULL DEFAULT '{}';
+-- What the broker acknowledged: the highest offset per topic-partition and each topic's id. A
+-- later acknowledgement at or below such an offset, or a topic with another id, means the broker
+-- lost part of its log (a restart without storage, an unclean leader election, a re-created
+-- topic): the relay then republishes from the lowest sweep watermark of the projectors.
+ALTER TABLE relay_positions ADD COLUMN broker_marks jsonb NOT NULL DEFAULT '{}';
 GRANT SELECT ON projection_positions TO agentworks_app;

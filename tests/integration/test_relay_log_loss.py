@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from adapters.kafka import create_topics, make_producer
+from adapters.kafka import create_topics, make_producer, producer_state_lost, topic_id
 from adapters.kafka_broker import LocalBroker
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
@@ -99,10 +99,10 @@ def test_acknowledged_offsets_going_back_rewind_the_relay_to_the_lowest_watermar
         workspaces(write_side, 40, "before")
         first = log.read(after=0)
         catch_up(relay, first[-1].position)
-        saved, offsets = positions.load_with_offsets()
+        saved, marks = positions.load_with_marks()
         assert saved == first[-1].position
-        assert sorted(offsets) == [f"{PREFIX}workspace-events:{p}" for p in range(4)]
-        assert sum(offsets.values()) == len(first) - 4
+        assert sorted(marks.offsets) == [f"{PREFIX}workspace-events:{p}" for p in range(4)]
+        assert sum(marks.offsets.values()) == len(first) - 4
 
         # Two projectors have swept up to different places; below the lower one, everything
         # is applied everywhere, so that is where publishing must start again.
@@ -128,8 +128,54 @@ def test_acknowledged_offsets_going_back_rewind_the_relay_to_the_lowest_watermar
         # A relay started now resumes with the new broker's offsets, not the lost ones.
         restarted = Relay(log, lambda: make_producer(broker.bootstrap), positions)
         assert restarted.position == head
-        assert restarted.offsets == positions.load_with_offsets()[1]
+        assert restarted.marks == positions.load_with_marks()[1]
     finally:
         relay._discard_producer()
         positions.close()
         gc.collect()  # kafka-python's refused sockets are reported here, where they are ignored
+
+
+def test_a_re_created_topic_rewinds_the_relay_even_without_offsets_to_compare(
+    write_side: AgentWorks, database_url: str, broker: LocalBroker
+) -> None:
+    create_topics(broker.bootstrap, [PREFIX + topic for topic in TOPICS], 1)
+    log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
+    positions = RelayPositions(database_url, role=None)
+    relay = Relay(
+        log,
+        lambda: make_producer(broker.bootstrap, delivery_timeout_ms=5000, request_timeout_ms=2000),
+        positions,
+        topic_prefix=PREFIX,
+        flush_timeout=10,
+        state_lost=producer_state_lost,
+        topic_id=topic_id,
+    )
+    try:
+        workspaces(write_side, 3, "before")
+        first = log.read(after=0)
+        catch_up(relay, first[-1].position)
+        watermark = first[0].position
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO projection_positions (projector, position, swept_through)"
+                " VALUES ('kanban', %s, %s)",
+                (first[-1].position, watermark),
+            )
+        assert relay.marks.topic_ids.keys() == {f"{PREFIX}workspace-events"}
+        # As if the relay had never written to the partitions the next events land on (the
+        # re-created topics have 4): no offsets to compare, only the topic's id.
+        relay.marks.offsets.clear()
+
+        broker.restart()
+        workspaces(write_side, 1, "after")
+        head = log.read(after=first[-1].position)[-1].position
+        catch_up(relay, head)
+
+        republished = published_positions(broker.bootstrap, f"{PREFIX}workspace-events")
+        assert sorted({p for p in republished if p > watermark}) == [
+            e.position for e in log.read(after=watermark)
+        ]
+    finally:
+        relay._discard_producer()
+        positions.close()
+        gc.collect()
