@@ -139,19 +139,26 @@ class ProjectionRunner:
     # -- batches -----------------------------------------------------------------------------------
 
     def process(
-        self, envelopes: Sequence[EventEnvelope], *, through: int | None = None
+        self,
+        envelopes: Sequence[EventEnvelope],
+        *,
+        through: int | None = None,
+        read_after: int | None = None,
     ) -> BatchOutcome:
         """Apply a batch (in delivery order) in one transaction; safe to call with repeats.
 
         ``through``: the log position the batch covers, when that is past its last envelope
-        (a reader that left out events this projector does not follow).
+        (a reader that left out events this projector does not follow). ``read_after``: the
+        caller read the log itself, in order, from this position on, so if everything up to it
+        was applied (the sweep watermark of :mod:`projections.sweep` is there), everything up to
+        the batch's position now is, and the watermark moves with it.
         """
         if not envelopes and not through:
             return BatchOutcome()
         started = time.time_ns()
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                outcome = self._process_once(envelopes, through)
+                outcome = self._process_once(envelopes, through, read_after)
             except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected) as error:
                 # Another worker applied an overlapping delivery first; what it applied is now a
                 # duplicate for us, so a retry converges. (An exclusive runner has no such rival,
@@ -193,7 +200,7 @@ class ProjectionRunner:
                 pass
 
     def _process_once(
-        self, envelopes: Sequence[EventEnvelope], through: int | None
+        self, envelopes: Sequence[EventEnvelope], through: int | None, read_after: int | None
     ) -> BatchOutcome:
         if self._exclusive is not None:
             return self._process_exclusively(envelopes, through, self._exclusive)
@@ -250,11 +257,14 @@ class ProjectionRunner:
                     ([i for i, _ in changed], [v for _, v in changed], self.tracking_name),
                 )
             cur.execute(
-                "INSERT INTO projection_positions (projector, position) VALUES (%s, %s) "
-                "ON CONFLICT (projector) DO UPDATE SET "
+                "INSERT INTO projection_positions (projector, position, swept_through) "
+                "VALUES (%(name)s, %(position)s, CASE WHEN %(after)s = 0 THEN %(position)s "
+                "ELSE 0 END) ON CONFLICT (projector) DO UPDATE SET "
                 "position = GREATEST(projection_positions.position, EXCLUDED.position), "
-                "updated_at = clock_timestamp()",
-                (self.tracking_name, outcome.position),
+                "swept_through = CASE WHEN projection_positions.swept_through >= %(after)s "
+                "THEN GREATEST(projection_positions.swept_through, %(position)s) "
+                "ELSE projection_positions.swept_through END, updated_at = clock_timestamp()",
+                {"name": self.tracking_name, "position": outcome.position, "after": read_after},
             )
         return outcome
 

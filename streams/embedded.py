@@ -56,7 +56,7 @@ class EmbeddedFanout:
             done = self._position(runner)
             pending = [env for env in envelopes if env.position > done]
             if pending:
-                outcome = runner.process(pending)
+                outcome = runner.process(pending, read_after=done)
                 self._positions[runner.name] = max(done, outcome.position)
         return len(envelopes)
 
