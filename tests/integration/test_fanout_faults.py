@@ -284,3 +284,44 @@ def test_a_lost_message_is_healed_from_the_store(stack: Stack) -> None:
     assert stack.rows("SELECT lane, title FROM rm_cards WHERE card_id = %s", card) == [
         ("Review", "later")
     ]
+
+
+def test_a_lost_last_event_is_swept_in_by_the_workers(stack: Stack) -> None:
+    """The last event of an aggregate has no successor to reveal its loss: gap healing cannot
+    see it, the workers' sweep does."""
+    url, fanout = stack.database_url, stack.fanout
+    fanout.relay.stop()
+    start = relay_position(url)
+    tenant = stack.workload.tenant("tail", projects=1)
+    card, _run, _ = _busy_card(stack, tenant)
+    stack.app.update_card(m.UpdateCard(card_id=card, title="the last word"), tenant.owner)
+    events = envelopes_after(url, start)
+    (lost,) = [e for e in events if e.originator_id == card and e.type == "Card.Edited"][-1:]
+    assert lost.position == max(e.position for e in events if e.originator_id == card)
+    publish_envelopes(stack.broker.bootstrap, [e for e in events if e is not lost])
+    with connect(url) as conn:
+        conn.execute("UPDATE relay_positions SET position = %s", (events[-1].position,))
+    fanout.relay.start()
+
+    def title() -> str:
+        found = stack.rows("SELECT title FROM rm_cards WHERE card_id = %s", card)
+        return str(found[0][0]) if found else ""
+
+    wait_until(lambda: title() != "", timeout=60, what="the card in the read model")
+    time.sleep(2)
+    assert title() != "the last word", "the lost event arrived without a sweep"
+    assert lag(url)["kanban"] > 0
+
+    sweeping = {**fanout.env, "AGENTWORKS_SWEEP_INTERVAL": "1"}
+    try:
+        for worker in fanout.workers.values():
+            worker.stop()
+            worker.env = sweeping
+            worker.start()
+        stack.assert_equals_rebuild()
+        assert title() == "the last word"
+    finally:
+        for worker in fanout.workers.values():
+            worker.stop()
+            worker.env = fanout.env
+            worker.start()
