@@ -49,12 +49,20 @@ def decode_batch(values: Iterable[bytes]) -> list[EventEnvelope]:
 
 class SweepSchedule:
     """Sweeps up to what the relay had published at the previous tick: by then a delivery
-    had a whole interval to arrive, so what is still missing was lost, not late."""
+    had a whole interval to arrive, so what is still missing was lost, not late.
+
+    Unless the worker is catching up: while deliveries keep coming and have not yet reached
+    that position, what is missing is most likely still on its way through Kafka, and a sweep
+    would only race the deliveries for the same events. It waits for a quiet interval (nothing
+    more is coming) or for the deliveries to pass the position.
+    """
 
     def __init__(self, runner: ProjectionRunner) -> None:
         self.sweep = ProjectionSweep(runner)
         self.runner = runner
         self.published_before = 0
+        self.delivered = False
+        """Set by the worker whenever it applies a delivered batch."""
 
     def published(self) -> int:
         with self.runner.pool.connection() as conn:
@@ -63,9 +71,13 @@ class SweepSchedule:
         return int(found["p"]) if found else 0
 
     def tick(self) -> int:
-        """One sweep; returns how many events it applied."""
+        """One sweep, if it is time for one; returns how many events it applied."""
         through, self.published_before = self.published_before, self.published()
+        busy, self.delivered = self.delivered, False
         if through <= 0:
+            return 0
+        if busy and self.runner.position() < through:
+            log.debug("worker.sweep_deferred", projector=self.runner.name, through=through)
             return 0
         return self.sweep.sweep(through).healed
 
@@ -109,6 +121,8 @@ def build_worker_app(
         value_serializer="raw",
     )
 
+    schedule = SweepSchedule(runner)
+
     @app.agent(topics, name=f"project-{runner.projector.name}")
     async def project(stream: Any) -> None:
         async for values in stream.take(BATCH_SIZE, within=BATCH_WITHIN_SECONDS):
@@ -121,6 +135,7 @@ def build_worker_app(
                     log.exception("worker.batch_failed", projector=runner.name)
                     await asyncio.sleep(RETRY_SECONDS)
                     continue
+                schedule.delivered = True
                 log.debug(
                     "worker.batch",
                     projector=runner.name,
@@ -138,7 +153,6 @@ def build_worker_app(
 
     if sweep_interval <= 0:
         return app
-    schedule = SweepSchedule(runner)
 
     @app.timer(interval=sweep_interval, name=f"sweep-{runner.projector.name}")  # type: ignore[untyped-decorator]
     async def sweep() -> None:
