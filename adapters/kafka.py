@@ -29,6 +29,15 @@ know about, all verified by ``tests/integration/test_kafka_plumbing.py``:
   (rounded up to whole seconds; the rebalance timeout plays no part) before answering. faust's
   default 60 s session means a 30 s join, kafka-python's default 45 s a 22.5 s one (the "hang");
   :func:`faust_settings` defaults to 6 s: 3 s per join and per rebalance.
+* **Stale group assignments.** tansu keeps every consumer group at generation 0 and answers
+  SyncGroup with the assignment of the group's first sync: after a rebalance that should hand a
+  member more partitions (a topic re-created with more of them), the member keeps the old set and
+  nobody consumes the new partitions until the group empties (all its workers restart). The
+  workers' sweep (:mod:`projections.sweep`) still brings those events in from the store.
+  Observed in ``tests/integration/test_fanout_broker_restart.py``; a Kafka cluster bumps the
+  generation and hands the partitions out.
+* **Topic ids.** tansu gives every topic a UUID in Metadata responses, a new one when a topic is
+  created again; :func:`topic_id` reads it, and the relay compares it to notice a lost topic.
 * **ListOffsets(LATEST) is wrong.** tansu answers it with the base offset of the partition's last
   record batch + 1, too small whenever that batch held several records; ``end_offsets()`` and
   lag computed from it are unreliable. The high watermark in Fetch responses is right.
