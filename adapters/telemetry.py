@@ -44,6 +44,13 @@ def current_trace_ids() -> dict[str, str]:
     }
 
 
+def tracing_enabled() -> bool:
+    """Whether spans are recorded anywhere (a tracer provider other than the default no-op
+    one is installed); lets a hot loop skip building spans nobody records."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.NoOpTracerProvider | trace.ProxyTracerProvider)
+
+
 @contextmanager
 def continue_trace(
     name: str,

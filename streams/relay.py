@@ -29,7 +29,7 @@ import structlog
 from opentelemetry.trace import SpanKind
 
 from adapters.metrics import BROKER_AMNESIA
-from adapters.telemetry import continue_trace, current_traceparent
+from adapters.telemetry import continue_trace, current_traceparent, tracing_enabled
 from streams.wakeup import LogWakeup
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ class Relay:
         positions: RelayPositions,
         *,
         topic_prefix: str = "",
-        batch_size: int = 500,
+        batch_size: int = 2000,
         poll_interval: float = 0.2,
         listen_url: str | None = None,
         channel: str = "agentworks_events",
@@ -224,7 +224,11 @@ class Relay:
         producer = self._producer()
         try:
             deliveries = []
+            traced = tracing_enabled()
             for envelope in batch:
+                if not traced:
+                    deliveries.append(self._send(producer, envelope, envelope.traceparent))
+                    continue
                 # The relay's span continues the command's trace; its own traceparent travels
                 # in the Kafka headers so the projector's span hangs below it.
                 with continue_trace(
@@ -233,14 +237,7 @@ class Relay:
                     kind=SpanKind.PRODUCER,
                     attributes={"agentworks.position": envelope.position},
                 ):
-                    deliveries.append(
-                        producer.send(
-                            topic_for(envelope, self.topic_prefix),
-                            value=envelope.to_bytes(),
-                            key=str(envelope.workspace_id or envelope.originator_id).encode(),
-                            headers=headers_for(envelope, current_traceparent()),
-                        )
-                    )
+                    deliveries.append(self._send(producer, envelope, current_traceparent()))
             producer.flush(timeout=self.flush_timeout)
             acknowledged = [delivery.get(timeout=self.flush_timeout) for delivery in deliveries]
         except Exception as error:
@@ -273,6 +270,14 @@ class Relay:
         self.positions.save(self.position, self.marks)
         log.debug("relay.published", events=len(batch), position=self.position)
         return len(batch)
+
+    def _send(self, producer: Producer, envelope: EventEnvelope, traceparent: str) -> Delivery:
+        return producer.send(
+            topic_for(envelope, self.topic_prefix),
+            value=envelope.to_bytes(),
+            key=str(envelope.workspace_id or envelope.originator_id).encode(),
+            headers=headers_for(envelope, traceparent),
+        )
 
     def _producer(self) -> Producer:
         if self.producer is None:
