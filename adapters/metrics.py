@@ -91,6 +91,12 @@ class LagCollector(Collector):
             "Events appended but not yet applied, per projector.",
             labels=["projector"],
         )
+        unswept = GaugeMetricFamily(
+            "agentworks_projector_unswept_events",
+            "Events above a projector's sweep watermark: not yet checked for deliveries that "
+            "never arrived (grows without bound when its worker does not sweep).",
+            labels=["projector"],
+        )
         try:
             with psycopg.connect(self.database_url, connect_timeout=3) as conn:
                 row = conn.execute(
@@ -99,7 +105,7 @@ class LagCollector(Collector):
                 top = int(row[0]) if row else 0
                 relays = conn.execute("SELECT relay, position FROM relay_positions").fetchall()
                 projectors = conn.execute(
-                    "SELECT projector, position FROM projection_positions "
+                    "SELECT projector, position, swept_through FROM projection_positions "
                     "WHERE projector NOT LIKE '%#%'"
                 ).fetchall()
         except psycopg.Error:
@@ -107,11 +113,13 @@ class LagCollector(Collector):
         head.add_metric([], top)
         for name, position in relays:
             relay.add_metric([name], top - int(position))
-        for name, position in projectors:
+        for name, position, swept in projectors:
             projector.add_metric([name], top - int(position))
+            unswept.add_metric([name], top - int(swept))
         yield head
         yield relay
         yield projector
+        yield unswept
 
 
 class Exposition:

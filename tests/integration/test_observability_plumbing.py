@@ -195,6 +195,8 @@ def test_lag_collector_reports_head_relay_and_projector_lag(
     assert with_relay[("agentworks_relay_lag_events", (("relay", "lagging-relay"),))] == 1
     for name in projector_names():
         assert with_relay[projector_lag(name)] == 0
+        # The embedded fan-out reads the log in order: its watermark keeps up too.
+        assert with_relay[("agentworks_projector_unswept_events", (("projector", name),))] == 0
     new_head = log_head(database_url)
     assert new_head >= head + 3
     assert behind[HEAD] == new_head
@@ -202,6 +204,8 @@ def test_lag_collector_reports_head_relay_and_projector_lag(
     assert relay_lag == new_head - head + 1
     for name in projector_names():
         assert behind[projector_lag(name)] == new_head - head
+        unswept = ("agentworks_projector_unswept_events", (("projector", name),))
+        assert behind[unswept] == new_head - head
 
 
 HEAD = ("agentworks_log_head_position", ())
