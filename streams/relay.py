@@ -147,7 +147,11 @@ class RelayPositions:
         """Below this position every projector has applied every event it follows."""
         row = (
             self._connection()
-            .execute("SELECT coalesce(min(swept_through), 0) FROM projection_positions")
+            # A rebuild's scratch tracking ("name#rebuild") reads the log itself, not Kafka.
+            .execute(
+                "SELECT coalesce(min(swept_through), 0) FROM projection_positions "
+                "WHERE projector NOT LIKE '%#%'"
+            )
             .fetchone()
         )
         return int(row[0]) if row else 0

@@ -130,7 +130,7 @@ def test_acknowledged_offsets_going_back_rewind_the_relay_to_the_lowest_watermar
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO projection_positions (projector, position, swept_through)"
-                " VALUES ('kanban', %s, %s), ('activity', %s, %s)",
+                " VALUES ('kanban', %s, %s), ('activity', %s, %s), ('kanban#rebuild', 0, 0)",
                 (saved, watermark, saved, first[2].position),
             )
 
@@ -141,10 +141,9 @@ def test_acknowledged_offsets_going_back_rewind_the_relay_to_the_lowest_watermar
 
         assert relay.position == head
         republished = published_positions(broker.bootstrap, f"{PREFIX}workspace-events")
-        # The batch that revealed the loss went out before the rewind: it is there twice.
-        assert sorted({p for p in republished if p > watermark}) == [
-            e.position for e in log.read(after=watermark)
-        ]
+        # The batch that revealed the loss went out before the rewind: it is there twice. A
+        # rebuild's scratch tracking (it reads the log itself) does not pull the rewind lower.
+        assert sorted(set(republished)) == [e.position for e in log.read(after=watermark)]
         # A relay started now resumes with the new broker's offsets, not the lost ones.
         restarted = Relay(log, lambda: make_producer(broker.bootstrap), positions)
         assert restarted.position == head
