@@ -32,6 +32,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
 )
@@ -427,6 +428,52 @@ def rebuild_command(
             console.print(
                 f"{result.projector}: {result.events:,} events replayed, swapped in at position "
                 f"{result.position:,}"
+            )
+    finally:
+        read_side.close()
+
+
+@app.command("sweep")
+def sweep_command(
+    name: Annotated[str, typer.Argument(help="Projector name, or 'all'.")],
+    through: Annotated[
+        int | None,
+        typer.Option("--through", help="Log position to sweep up to (default: the log head)."),
+    ] = None,
+) -> None:
+    """Check read models against the event log and apply any event they never received.
+
+    What workers do every AGENTWORKS_SWEEP_INTERVAL, on demand: after an incident, or to confirm
+    that every projector is complete up to a position. Safe while workers run; each event takes
+    effect once.
+    """
+    from infra.bootstrap import build_read_side
+    from projections.sweep import ProjectionSweep
+
+    settings = load_settings()
+    names = None if name == "all" else [name]
+    read_side = build_read_side(settings, _database_url(settings), projector_names=names)
+    console = Console(stderr=True)
+    try:
+        target = read_side.event_log.head() if through is None else through
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
+        outcomes = []
+        with Progress(*columns, console=console, transient=False) as progress:
+            for runner in read_side.runners:
+                sweep = ProjectionSweep(runner)
+                task = progress.add_task(runner.name, total=max(target, 1))
+                progress.update(task, completed=min(sweep.watermark(), target))
+
+                def advance(position: int, task: TaskID = task) -> None:
+                    progress.update(task, completed=position)
+
+                outcome = sweep.sweep(target, progress=advance)
+                progress.update(task, completed=max(target, 1))
+                outcomes.append((runner.name, outcome))
+        for projector, outcome in outcomes:
+            console.print(
+                f"{projector}: swept through {outcome.swept_through:,}, "
+                f"{outcome.healed:,} missing events applied"
             )
     finally:
         read_side.close()

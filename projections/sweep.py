@@ -15,6 +15,7 @@ small columns, never the event state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,9 +55,10 @@ class ProjectionSweep:
             ).fetchone()
         return int(row["swept_through"]) if row else 0
 
-    def sweep(self, through: int) -> SweepOutcome:
+    def sweep(self, through: int, *, progress: Callable[[int], None] | None = None) -> SweepOutcome:
         """Apply every followed event up to ``through`` that is not applied yet; advance the
-        watermark page by page (a failure keeps what was swept so far)."""
+        watermark page by page (a failure keeps what was swept so far). ``progress`` hears the
+        watermark after each page."""
         swept = self.watermark()
         healed = 0
         aggregates = self.runner.projector.aggregates
@@ -70,6 +72,8 @@ class ProjectionSweep:
                 healed += outcome.applied + outcome.healed
             self._advance(read_up_to)
             swept = read_up_to
+            if progress is not None:
+                progress(swept)
         if healed:
             SWEEP_HEALED.labels(projector=self.runner.projector.name).inc(healed)
             log.warning(

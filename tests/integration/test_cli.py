@@ -336,3 +336,37 @@ def test_status_shows_lag_and_sweep_watermarks(database_url: str, tmp_path: Path
 
     assert cells("projector kanban") == ["projector kanban", "9", "-9", "7"]
     assert cells("relay relay") == ["relay relay", "0", "0"]
+
+
+def test_sweep_applies_what_a_projector_never_received(database_url: str, tmp_path: Path) -> None:
+    from commands import models as m
+    from commands.handlers import Actor
+    from infra.bootstrap import build_read_side
+    from infra.settings import Settings
+
+    settings = Settings(database_url=database_url)
+    read_side = build_read_side(settings, database_url, projector_names=["activity"])
+    try:
+        app = read_side.write_side
+        olga = Actor(user_id="olga", workspace_id="*")
+        created = app.create_workspace(m.CreateWorkspace(name="Swept"), olga)
+        app.rename_workspace(
+            m.RenameWorkspace(workspace_id=created.id, name="Swept again"),
+            Actor(user_id="olga", workspace_id=str(created.id)),
+        )
+        events = read_side.event_log.read(after=0)
+        read_side.runners[0].process(events[:-1])  # the rename never arrived
+    finally:
+        read_side.close()
+
+    result = agentworks("sweep", "all", cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": database_url})
+
+    assert result.returncode == 0, result.stderr
+    assert f"activity: swept through {events[-1].position:,}, 1 missing events applied" in (
+        result.stderr
+    )
+    assert "kanban: swept through" in result.stderr
+    again = agentworks(
+        "sweep", "activity", cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": database_url}
+    )
+    assert f"activity: swept through {events[-1].position:,}, 0 missing events" in again.stderr
