@@ -18,7 +18,7 @@ from projections.registry import all_projectors, projector_named
 from projections.runner import ProjectionRunner
 from streams.envelope import TOPICS
 from streams.log import EventLog
-from streams.relay import Relay, RelayPositions
+from streams.relay import Relay, RelayLease, RelayPositions
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -130,5 +130,6 @@ def build_relay(settings: Settings, database_url: str) -> tuple[Relay, AgentWork
         listen_url=database_url,
         state_lost=producer_state_lost,
         topic_id=topic_id,
+        lease=RelayLease(database_url, role=settings.db_app_role),
     )
     return relay, write_side

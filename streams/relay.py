@@ -18,8 +18,10 @@ always safe, projectors ignore what they have applied.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -167,6 +169,57 @@ class RelayPositions:
         return self._conn
 
 
+class RelayLease:
+    """The right to publish: a session advisory lock on a connection of its own.
+
+    Several ``agentworks relay`` processes may run against one event store; the one holding the
+    lease publishes, the others wait on standby and take over within their standby interval when
+    its session ends (process killed, connection lost). Two relays publishing at once for a
+    moment, when a lease is lost unnoticed, only duplicates messages, which projectors ignore.
+    """
+
+    def __init__(self, database_url: str, *, role: str | None, relay: str = "relay") -> None:
+        self._url = database_url
+        self._options = f"-c role={role}" if role else ""
+        self.key = zlib.crc32(f"agentworks relay {relay}".encode()) & 0x7FFFFFFF
+        self._conn: psycopg.Connection[Any] | None = None
+        self.held = False
+
+    def acquire(self) -> bool:
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self._url, autocommit=True, options=self._options)
+            row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+            self.held = bool(row and row[0])
+        except psycopg.Error:
+            self._drop()
+        return self.held
+
+    def still_held(self) -> bool:
+        """False once the session that holds the lock is gone (checked with a round trip)."""
+        if not self.held or self._conn is None or self._conn.closed:
+            self._drop()
+            return False
+        try:
+            self._conn.execute("SELECT 1")
+        except psycopg.Error:
+            self._drop()
+        return self.held
+
+    def release(self) -> None:
+        if self.held and self._conn is not None and not self._conn.closed:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+        self._drop()
+
+    def _drop(self) -> None:
+        self.held = False
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+
+
 def topic_for(envelope: EventEnvelope, prefix: str) -> str:
     return prefix + envelope.topic
 
@@ -197,6 +250,8 @@ class Relay:
         flush_timeout: float = 30.0,
         state_lost: Callable[[BaseException], bool] = lambda error: False,
         topic_id: Callable[[Any, str], str | None] = lambda producer, topic: None,
+        lease: RelayLease | None = None,
+        standby_interval: float = 2.0,
     ) -> None:
         self.log = event_log
         self.make_producer = make_producer
@@ -212,6 +267,9 @@ class Relay:
         self.topic_id = topic_id
         self.position, self.marks = positions.load_with_marks()
         self._broker_forgot = False
+        self.lease = lease
+        self.standby_interval = standby_interval
+        self._leading = False
         self._stop = threading.Event()
         self._wake = threading.Event()
 
@@ -303,9 +361,12 @@ class Relay:
             wakeup.start()
         log.info("relay.started", position=self.position)
         while not self._stop.is_set():
+            if not self._holds_lease():
+                self._stop.wait(self.standby_interval)
+                continue
             try:
                 while self.publish_once() == self.batch_size:
-                    if self._stop.is_set():
+                    if self._stop.is_set() or not self._holds_lease():
                         break
             except Exception:
                 log.exception("relay.publish_failed", position=self.position)
@@ -316,8 +377,28 @@ class Relay:
         if wakeup is not None:
             wakeup.stop()
         self._discard_producer()
+        if self.lease is not None:
+            self.lease.release()
         self.positions.close()
         log.info("relay.stopped", position=self.position)
+
+    def _holds_lease(self) -> bool:
+        """Whether this relay may publish now; takes the lease over when it is free, and then
+        resumes from what the previous holder recorded."""
+        if self.lease is None:
+            return True
+        if self.lease.still_held():
+            return True
+        if self._leading:
+            log.warning("relay.lease_lost", position=self.position)
+            self._leading = False
+            self._discard_producer()
+        if not self.lease.acquire():
+            return False
+        self.position, self.marks = self.positions.load_with_marks()
+        self._leading = True
+        log.info("relay.active", position=self.position)
+        return True
 
     def stop(self) -> None:
         self._stop.set()
