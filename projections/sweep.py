@@ -58,7 +58,11 @@ class ProjectionSweep:
     def sweep(self, through: int, *, progress: Callable[[int], None] | None = None) -> SweepOutcome:
         """Apply every followed event up to ``through`` that is not applied yet; advance the
         watermark page by page (a failure keeps what was swept so far). ``progress`` hears the
-        watermark after each page."""
+        watermark after each page.
+
+        Never past the log's readable head: a position beyond it may still be written, and the
+        watermark must not pass an event it has not seen."""
+        through = min(through, self.runner.log.head())
         swept = self.watermark()
         healed = 0
         aggregates = self.runner.projector.aggregates
