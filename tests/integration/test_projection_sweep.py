@@ -35,6 +35,10 @@ from streams.worker import SweepSchedule
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import Any
+    from uuid import UUID
+
+    from projections.runner import ProjectionRunner
+    from streams.envelope import EventEnvelope
 
 
 @pytest.fixture
@@ -54,15 +58,24 @@ def _watermark(side: ReadSide, projector: str) -> int:
     return int(found[0]["swept_through"]) if found else 0
 
 
-def test_a_lost_last_event_is_swept_in_from_the_store(side: ReadSide) -> None:
+def _card_whose_edit_was_lost(
+    side: ReadSide, first: str, second: str
+) -> tuple[UUID, list[EventEnvelope], ProjectionRunner]:
+    """A card created as ``first`` and renamed ``second``; the kanban runner was delivered
+    every event but the rename (the last one in the log)."""
     world = side.new_world()
-    card = create_card(side, world, title="first")
-    side.app.update_card(m.UpdateCard(card_id=card, title="second"), world.owner)
-    runner = side.runner(KanbanProjector())
+    card = create_card(side, world, title=first)
+    side.app.update_card(m.UpdateCard(card_id=card, title=second), world.owner)
     everything = side.envelopes()
-    lost = everything[-1]
-    assert (lost.originator_id, lost.type) == (card, "Card.Edited")
+    assert (everything[-1].originator_id, everything[-1].type) == (card, "Card.Edited")
+    runner = side.runner(KanbanProjector())
     runner.process(everything[:-1])
+    return card, everything, runner
+
+
+def test_a_lost_last_event_is_swept_in_from_the_store(side: ReadSide) -> None:
+    card, everything, runner = _card_whose_edit_was_lost(side, "first", "second")
+    lost = everything[-1]
     assert _title(side, card) == "first"
 
     outcome = ProjectionSweep(runner).sweep(through=lost.position)
@@ -107,12 +120,7 @@ def test_the_sweep_stops_at_through_and_pages_the_log(side: ReadSide) -> None:
 
 
 def test_a_sweep_after_late_deliveries_takes_effect_once(side: ReadSide) -> None:
-    world = side.new_world()
-    card = create_card(side, world, title="one")
-    side.app.update_card(m.UpdateCard(card_id=card, title="two"), world.owner)
-    everything = side.envelopes()
-    runner = side.runner(KanbanProjector())
-    runner.process(everything[:-1])
+    card, everything, runner = _card_whose_edit_was_lost(side, "one", "two")
     ProjectionSweep(runner).sweep(through=everything[-1].position)
 
     # The lost message turns up after all: a duplicate, ignored.
@@ -134,12 +142,7 @@ def test_a_rebuild_leaves_nothing_to_sweep_behind_it(side: ReadSide) -> None:
 
 
 def test_the_schedule_sweeps_what_was_published_one_tick_earlier(side: ReadSide) -> None:
-    world = side.new_world()
-    card = create_card(side, world, title="before")
-    side.app.update_card(m.UpdateCard(card_id=card, title="after"), world.owner)
-    everything = side.envelopes()
-    runner = side.runner(KanbanProjector())
-    runner.process(everything[:-1])
+    card, everything, runner = _card_whose_edit_was_lost(side, "before", "after")
     with psycopg.connect(side.database_url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO relay_positions (relay, position) VALUES ('relay', %s)",
@@ -241,3 +244,14 @@ def test_the_schedule_waits_while_deliveries_catch_up(side: ReadSide) -> None:
     # A quiet interval: nothing more is coming, so what is missing was lost.
     assert schedule.tick() == len([e for e in everything if e.position > first_card])
     assert len(side.rows("SELECT title FROM rm_cards")) == 3
+
+
+def test_the_watermark_never_passes_the_log_head(side: ReadSide) -> None:
+    card, everything, runner = _card_whose_edit_was_lost(side, "old", "new")
+    head = everything[-1].position
+
+    outcome = ProjectionSweep(runner).sweep(through=head + 1_000)
+
+    assert outcome.swept_through == head
+    assert _watermark(side, "kanban") == head
+    assert _title(side, card) == "new"
