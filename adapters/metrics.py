@@ -47,10 +47,11 @@ SWEEP_HEALED = Counter(
     "(deliveries that never arrived).",
     ["projector"],
 )
-BROKER_AMNESIA = Counter(
+BROKER_LOG_LOST = Counter(
     "agentworks_relay_broker_log_lost_total",
-    "Times the relay saw the broker acknowledge offsets below ones it had acknowledged before "
-    "(the broker lost its log) and republished from the projectors' watermark.",
+    "Times the relay found the broker had lost acknowledged records (offsets going back, a "
+    "re-created topic, a producer it no longer knew) and republished from the projectors' "
+    "lowest sweep watermark.",
 )
 
 

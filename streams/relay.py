@@ -30,7 +30,7 @@ import psycopg
 import structlog
 from opentelemetry.trace import SpanKind
 
-from adapters.metrics import BROKER_AMNESIA
+from adapters.metrics import BROKER_LOG_LOST
 from adapters.telemetry import continue_trace, current_traceparent, tracing_enabled
 from streams.wakeup import LogWakeup
 
@@ -324,7 +324,7 @@ class Relay:
             self._broker_forgot = False
         if lost:
             rewind = min(self.positions.lowest_watermark(), batch[-1].position)
-            BROKER_AMNESIA.inc()
+            BROKER_LOG_LOST.inc()
             log.error(
                 "relay.broker_log_lost",
                 partitions=lost,
