@@ -67,6 +67,22 @@ def broker() -> Iterator[LocalBroker]:
         started.stop()
 
 
+def relay_on(
+    broker: LocalBroker, app: AgentWorks, database_url: str, *, partitions: int, **options: Any
+) -> Relay:
+    """A relay publishing ``app``'s log to this module's topics (created with ``partitions``),
+    with a producer that gives up on a dead broker in seconds rather than minutes."""
+    create_topics(broker.bootstrap, [PREFIX + topic for topic in TOPICS], partitions)
+    return Relay(
+        EventLog(app.recorder, app.mapper),  # type: ignore[arg-type]
+        lambda: make_producer(broker.bootstrap, delivery_timeout_ms=5000, request_timeout_ms=2000),
+        RelayPositions(database_url, role=None),
+        topic_prefix=PREFIX,
+        flush_timeout=10,
+        **options,
+    )
+
+
 def workspaces(app: AgentWorks, count: int, name: str) -> None:
     olga = Actor(user_id="olga", workspace_id="*")
     for i in range(count):
@@ -105,16 +121,8 @@ def published_positions(bootstrap: str, topic: str) -> list[int]:
 def test_acknowledged_offsets_going_back_rewind_the_relay_to_the_lowest_watermark(
     write_side: AgentWorks, database_url: str, broker: LocalBroker
 ) -> None:
-    create_topics(broker.bootstrap, [PREFIX + topic for topic in TOPICS], 4)
-    log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
-    positions = RelayPositions(database_url, role=None)
-    relay = Relay(
-        log,
-        lambda: make_producer(broker.bootstrap, delivery_timeout_ms=5000, request_timeout_ms=2000),
-        positions,
-        topic_prefix=PREFIX,
-        flush_timeout=10,
-    )
+    relay = relay_on(broker, write_side, database_url, partitions=4)
+    log, positions = relay.log, relay.positions
     try:
         workspaces(write_side, 40, "before")
         first = log.read(after=0)
@@ -150,24 +158,21 @@ def test_acknowledged_offsets_going_back_rewind_the_relay_to_the_lowest_watermar
         assert restarted.marks == positions.load_with_marks()[1]
     finally:
         relay._discard_producer()
-        positions.close()
+        relay.positions.close()
 
 
 def test_a_re_created_topic_rewinds_the_relay_even_without_offsets_to_compare(
     write_side: AgentWorks, database_url: str, broker: LocalBroker
 ) -> None:
-    create_topics(broker.bootstrap, [PREFIX + topic for topic in TOPICS], 1)
-    log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
-    positions = RelayPositions(database_url, role=None)
-    relay = Relay(
-        log,
-        lambda: make_producer(broker.bootstrap, delivery_timeout_ms=5000, request_timeout_ms=2000),
-        positions,
-        topic_prefix=PREFIX,
-        flush_timeout=10,
+    relay = relay_on(
+        broker,
+        write_side,
+        database_url,
+        partitions=1,
         state_lost=producer_state_lost,
         topic_id=topic_id,
     )
+    log = relay.log
     try:
         workspaces(write_side, 3, "before")
         first = log.read(after=0)
@@ -195,4 +200,4 @@ def test_a_re_created_topic_rewinds_the_relay_even_without_offsets_to_compare(
         ]
     finally:
         relay._discard_producer()
-        positions.close()
+        relay.positions.close()
