@@ -1,6 +1,7 @@
 """Two relays on one event store: one publishes, the other waits on standby and takes over,
-from the recorded position, when the first one's session ends. Real Postgres; the producers
-record what they were given (the broker is not what is tested here)."""
+from the recorded position, when the first one's session ends. Real Postgres and a real broker;
+each relay's producer is a kafka-python producer that also notes the positions it was handed,
+so the test can tell which relay published what."""
 
 from __future__ import annotations
 
@@ -8,45 +9,42 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import pytest
 
+from adapters.kafka import create_topics, make_producer
+from adapters.kafka_broker import LocalBroker
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
+from streams.envelope import TOPICS
 from streams.log import EventLog
 from streams.relay import Relay, RelayLease, RelayPositions
 
-
-class Acknowledged(NamedTuple):
-    topic: str
-    partition: int
-    offset: int
+PREFIX = "standby-"
 
 
 @dataclass
 class RecordingProducer:
-    """Acknowledges every record at once, and remembers the positions it was handed."""
+    """A real producer, and the positions each relay handed it."""
 
+    bootstrap: str
     positions: list[int] = field(default_factory=list)
-    offset: int = 0
+    producer: Any = None
+
+    def __call__(self) -> RecordingProducer:
+        self.producer = make_producer(self.bootstrap)
+        return self
 
     def send(self, topic: str, value: Any = None, key: Any = None, headers: Any = None) -> Any:
         self.positions.append(int(dict(headers)["position"]))
-        self.offset += 1
-        acknowledgement = Acknowledged(topic, 0, self.offset)
-
-        class Done:
-            def get(self, timeout: float | None = None) -> Acknowledged:
-                return acknowledgement
-
-        return Done()
+        return self.producer.send(topic, value=value, key=key, headers=headers)
 
     def flush(self, timeout: float | None = None) -> None:
-        return None
+        self.producer.flush(timeout=timeout)
 
     def close(self, timeout: float | None = None) -> None:
-        return None
+        self.producer.close(timeout=timeout)
 
 
 @dataclass
@@ -57,15 +55,19 @@ class RunningRelay:
 
 
 @pytest.fixture
-def start_relay(write_side: AgentWorks, database_url: str) -> Iterator[Callable[[], RunningRelay]]:
+def start_relay(
+    write_side: AgentWorks, database_url: str, kafka_broker: LocalBroker
+) -> Iterator[Callable[[], RunningRelay]]:
+    create_topics(kafka_broker.bootstrap, [PREFIX + topic for topic in TOPICS], 1)
     started: list[RunningRelay] = []
 
     def start() -> RunningRelay:
-        producer = RecordingProducer()
+        producer = RecordingProducer(kafka_broker.bootstrap)
         relay = Relay(
             EventLog(write_side.recorder, write_side.mapper),  # type: ignore[arg-type]
-            lambda: producer,
+            producer,
             RelayPositions(database_url, role=None),
+            topic_prefix=PREFIX,
             lease=RelayLease(database_url, role=None),
             poll_interval=0.05,
             standby_interval=0.2,
