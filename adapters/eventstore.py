@@ -235,6 +235,33 @@ class EventStoreRecorder(PostgresApplicationRecorder):
                 for row in curs.fetchall()
             ]
 
+    def select_positioned_ranges(
+        self, ranges: Sequence[tuple[UUID, int, int]]
+    ) -> list[Notification]:
+        """Several aggregates' events, each between two versions (both bounds exclusive), in
+        log order and in one round trip: a sweep that finds many aggregates behind (a lost
+        partition) must not pay a query per aggregate."""
+        if not ranges:
+            return []
+        statement = self._select_from + SQL(
+            " AS e JOIN unnest(%s::uuid[], %s::bigint[], %s::bigint[]) AS r(id, gt, lt)"
+            " ON e.originator_id = r.id AND e.originator_version > r.gt"
+            " AND e.originator_version < r.lt ORDER BY e.notification_id"
+        )
+        ids, gts, lts = (list(column) for column in zip(*ranges, strict=True))
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (ids, gts, lts))
+            return [
+                Notification(
+                    id=row["notification_id"],
+                    originator_id=row["originator_id"],
+                    originator_version=row["originator_version"],
+                    topic=row["topic"],
+                    state=bytes(row["state"]),
+                )
+                for row in curs.fetchall()
+            ]
+
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_notifications(
         self,

@@ -104,16 +104,12 @@ class ProjectionSweep:
                 (self.runner.tracking_name, list(newest)),
             ).fetchall()
         tracked = {row["originator_id"]: int(row["version"]) for row in rows}
-        found: list[EventEnvelope] = []
-        for originator_id, version in newest.items():
-            done = tracked.get(originator_id, 0)
-            if done < version:
-                found.extend(
-                    self.runner.log.between(
-                        originator_id, after_version=done, before_version=version + 1
-                    )
-                )
-        return sorted(found, key=lambda env: env.position)
+        behind = [
+            (originator_id, tracked.get(originator_id, 0), version + 1)
+            for originator_id, version in newest.items()
+            if tracked.get(originator_id, 0) < version
+        ]
+        return self.runner.log.within(behind)
 
     def _advance(self, position: int) -> None:
         with self.runner.pool.connection() as conn:

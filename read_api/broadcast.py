@@ -239,7 +239,7 @@ class RedisBroadcaster:
             self._reader = None
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             self._pubsub = None
         self._feeds.clear()
         with contextlib.suppress(RedisError, OSError):

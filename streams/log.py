@@ -284,6 +284,11 @@ class EventLog:
             )
         ]
 
+    def within(self, ranges: Sequence[tuple[UUID, int, int]]) -> list[EventEnvelope]:
+        """The events of several aggregates, each ``(originator id, after version, before
+        version)`` with exclusive bounds, in log order."""
+        return [self._envelope(_row(n)) for n in self.recorder.select_positioned_ranges(ranges)]
+
     def versions(
         self, *, after: int, through: int, limit: int, aggregates: frozenset[str] | set[str]
     ) -> tuple[list[tuple[int, UUID, int]], int]:

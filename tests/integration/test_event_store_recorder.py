@@ -412,3 +412,23 @@ def test_duplicate_command_record_fails_the_whole_insert_and_releases_the_lock(
     assert _advisory_locks_held(database_url) == 0
     assert other_recorder.insert_events([event()]) is not None
     assert recorder.insert_events([event()]) is not None
+
+
+def test_ranged_read_returns_each_aggregates_versions_between_its_bounds_in_log_order(
+    recorder: EventStoreRecorder,
+) -> None:
+    first, second, untouched = uuid4(), uuid4(), uuid4()
+    for version in range(1, 5):
+        recorder.insert_events([event(first, version), event(second, version)])
+    recorder.insert_events([event(untouched, 1)])
+
+    found = recorder.select_positioned_ranges([(first, 1, 4), (second, 0, 3)])
+
+    assert [(n.originator_id, n.originator_version) for n in found] == [
+        (second, 1),
+        (first, 2),
+        (second, 2),
+        (first, 3),
+    ]
+    assert [n.id for n in found] == sorted(n.id for n in found)
+    assert recorder.select_positioned_ranges([]) == []
