@@ -19,6 +19,7 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.types.execution import ExecutionContext
 
 from read_api.errors import ErrorShaping, log_unexpected
+from read_api.execution import LeafShortcutExecution
 from read_api.limits import CostLimiter, SubscriptionsOnlyOverWebSocket
 from read_api.mutation import Mutation
 from read_api.query import Query
@@ -63,6 +64,7 @@ def build_schema(limits: QueryLimits | None = None) -> strawberry.Schema:
         subscription=Subscription,
         extensions=extensions,
         config=StrawberryConfig(scalar_map=SCALARS),
+        execution_context_class=LeafShortcutExecution,
     )
 
 

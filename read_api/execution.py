@@ -1,0 +1,155 @@
+"""GraphQL execution with a short way through plain leaf fields.
+
+A board answer holds some 3,000 fields, and most of them are a card's scalar read straight off
+its attribute (``title``, ``position``, ``cost``…). graphql-core treats each one like any other
+field: it builds a resolve-info record, looks up arguments, calls strawberry's wrapper, checks for
+an awaitable and walks the type wrappers to the scalar's serializer. That bookkeeping, not our
+SQL, was most of a board query's CPU (see the GraphQL section of BENCHMARKS.md).
+
+For a field that strawberry itself marks as basic (no resolver, no permission, no extension),
+that takes no arguments, whose type is a scalar or enum (or a list of them) and when no
+middleware wraps resolvers, the value is read and serialized directly. Anything unusual on the
+way — a missing attribute, a null where the schema says non-null, a value the scalar refuses —
+goes back to graphql-core's own path, so errors keep their exact message, location and path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter
+from typing import Any
+
+from graphql import (
+    GraphQLLeafType,
+    GraphQLList,
+    GraphQLNonNull,
+    GraphQLObjectType,
+    Undefined,
+    is_leaf_type,
+)
+from graphql.execution.collect_fields import FieldDetailsList
+from graphql.pyutils import Path
+from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
+from strawberry.schema.schema_converter import GraphQLCoreConverter
+from strawberry.types.field import StrawberryField
+
+
+@dataclass(frozen=True, slots=True)
+class _PlainLeaf:
+    """How to complete one plain leaf field without graphql-core's per-field machinery."""
+
+    read: Callable[[Any], Any]
+    leaf: GraphQLLeafType
+    nullable: bool
+    listed: bool
+    items_nullable: bool
+
+
+class LeafShortcutExecution(StrawberryGraphQLCoreExecutionContext):
+    """Strawberry's execution context, completing plain leaf fields directly."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plain: dict[tuple[str, str], _PlainLeaf | None] = {}
+
+    def execute_field(
+        self,
+        parent_type: GraphQLObjectType,
+        source: Any,
+        field_details_list: FieldDetailsList,
+        path: Path,
+        position_context: Any,
+    ) -> Any:
+        node = field_details_list[0].node
+        key = (parent_type.name, node.name.value)
+        try:
+            plain = self._plain[key]
+        except KeyError:
+            plain = self._plain[key] = self._plain_leaf(parent_type, node.name.value)
+        if plain is not None and not node.arguments and not node.directives:
+            completed = _complete(plain, source)
+            if completed is not _FALL_BACK:
+                return completed
+        return super().execute_field(
+            parent_type, source, field_details_list, path, position_context
+        )
+
+    def _plain_leaf(self, parent_type: GraphQLObjectType, name: str) -> _PlainLeaf | None:
+        field = parent_type.fields.get(name)
+        if field is None or field.args or not getattr(field.resolve, "_is_default", False):
+            return None
+        resolve = field.resolve
+        if (
+            self.middleware_manager is not None
+            and self.middleware_manager.get_field_resolver(resolve) is not resolve
+        ):
+            return None
+        definition = field.extensions.get(GraphQLCoreConverter.DEFINITION_BACKREF)
+        if isinstance(definition, StrawberryField) and definition.default_resolver is getattr:
+            # What strawberry's basic resolver does, minus its two calls per field.
+            read: Callable[[Any], Any] = attrgetter(definition.python_name)
+        else:
+            read = partial(_resolve_plainly, resolve)
+        kind = field.type
+        nullable = not isinstance(kind, GraphQLNonNull)
+        if not nullable:
+            kind = kind.of_type
+        listed = isinstance(kind, GraphQLList)
+        items_nullable = True
+        if listed:
+            kind = kind.of_type
+            items_nullable = not isinstance(kind, GraphQLNonNull)
+            if not items_nullable:
+                kind = kind.of_type
+        if not is_leaf_type(kind):
+            return None
+        return _PlainLeaf(read, kind, nullable, listed, items_nullable)
+
+
+_FALL_BACK = object()
+
+
+def _resolve_plainly(resolve: Callable[..., Any], source: Any) -> Any:
+    return resolve(source, None)
+
+
+def _complete(plain: _PlainLeaf, source: Any) -> Any:
+    try:
+        value = plain.read(source)
+    except Exception:  # graphql-core's own path reports it, located
+        return _FALL_BACK
+    if value is None:
+        return None if plain.nullable else _FALL_BACK
+    if isinstance(value, Exception):
+        return _FALL_BACK
+    if not plain.listed:
+        return _coerce(plain.leaf, value)
+    if not isinstance(value, list | tuple):
+        return _FALL_BACK
+    out: list[Any] = []
+    for item in value:
+        if item is None:
+            if not plain.items_nullable:
+                return _FALL_BACK
+            out.append(None)
+            continue
+        coerced = _coerce(plain.leaf, item)
+        if coerced is _FALL_BACK:
+            return _FALL_BACK
+        out.append(coerced)
+    return out
+
+
+def _coerce(leaf: GraphQLLeafType, value: Any) -> Any:
+    try:
+        coerced = leaf.coerce_output_value(value)
+    except Exception:  # graphql-core's own path reports it, located
+        return _FALL_BACK
+    if coerced is None or coerced is Undefined:
+        return _FALL_BACK
+    return coerced
+
+
+__all__ = ["LeafShortcutExecution"]
