@@ -206,6 +206,8 @@ def in_process_evidence(
         - validation
         - per_card_ms,
         "json_render (after execute)": timings["json_render"],
+        "saved by read_api.execution's leaf shortcut": timings["execute_without_leaf_shortcut"]
+        - total,
     }
     return {
         "sql": {"identical": api_sql == plain_sql, "api": api_sql, "baseline": plain_sql},
