@@ -149,6 +149,13 @@ def build_worker_app(
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # faust's stub rejects it
     async def forget_read_offsets(app: Any, *assigned: Any, signal: Any = None, **_: Any) -> None:
         for partitions in assigned:
+            # Which worker holds which partitions, after every rebalance: what an operator
+            # scaling a projector out (or back in) needs to see.
+            log.info(
+                "worker.partitions_assigned",
+                projector=runner.name,
+                partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in partitions),
+            )
             forget_read_offsets_of(app.consumer, partitions)
 
     if sweep_interval <= 0:
@@ -185,4 +192,6 @@ def run_worker(
     )
     group = consumer_group(runner.name, topic_prefix)
     log.info("worker.starting", projector=runner.name, group=group)
-    faust.Worker(app, loglevel=loglevel.lower()).execute_from_commandline()
+    # Our logging stays in place (JSON lines when configured): faust's own setup would replace
+    # the root handler and print our structured events as Python dicts.
+    faust.Worker(app, loglevel=loglevel.lower(), override_logging=False).execute_from_commandline()
