@@ -193,5 +193,8 @@ def run_worker(
     group = consumer_group(runner.name, topic_prefix)
     log.info("worker.starting", projector=runner.name, group=group)
     # Our logging stays in place (JSON lines when configured): faust's own setup would replace
-    # the root handler and print our structured events as Python dicts.
-    faust.Worker(app, loglevel=loglevel.lower(), override_logging=False).execute_from_commandline()
+    # the root handler and print our structured events as Python dicts. Nothing else may write
+    # to the console either: no banner, and no terminal spinner's escape codes between the lines.
+    worker = faust.Worker(app, loglevel=loglevel.lower(), override_logging=False, quiet=True)
+    worker.spinner = None
+    worker.execute_from_commandline()

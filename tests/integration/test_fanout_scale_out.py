@@ -58,6 +58,20 @@ def _holding(worker: Service) -> set[str] | None:
     return held
 
 
+def _not_json(worker: Service) -> list[str]:
+    """Console lines of the worker that are not JSON log records (the harness's own markers
+    and blank lines aside): faust's banner, its spinner, a dict-shaped record."""
+    found = []
+    for line in worker.log_tail(10**7).splitlines():
+        if not line.strip() or line.startswith("=== start"):
+            continue
+        try:
+            json.loads(line)
+        except ValueError:
+            found.append(line)
+    return found
+
+
 def _on_every_partition(stack: KafkaStack) -> list[Tenant]:
     """Tenants whose workspace keys land on every partition, so that both workers get work."""
     tenants: list[Tenant] = []
@@ -112,6 +126,8 @@ def test_two_workers_of_one_projector_split_the_partitions_and_survive_one_leavi
             stack.workload.mixed(tenant, 20)
         wait_until(lambda: lag(url)["kanban"] == 0, timeout=60, what="kanban caught up")
         stack.assert_equals_rebuild()
+        assert _not_json(first) == []
+        assert _not_json(second) == []
     finally:
         first.stop()
         second.stop()
