@@ -224,16 +224,7 @@ class EventStoreRecorder(PostgresApplicationRecorder):
         statement += SQL(" ORDER BY originator_version")
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(statement, params, prepare=True)
-            return [
-                Notification(
-                    id=row["notification_id"],
-                    originator_id=row["originator_id"],
-                    originator_version=row["originator_version"],
-                    topic=row["topic"],
-                    state=bytes(row["state"]),
-                )
-                for row in curs.fetchall()
-            ]
+            return [_notification(row) for row in curs.fetchall()]
 
     def select_positioned_ranges(
         self, ranges: Sequence[tuple[UUID, int, int]]
@@ -251,16 +242,7 @@ class EventStoreRecorder(PostgresApplicationRecorder):
         ids, gts, lts = (list(column) for column in zip(*ranges, strict=True))
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(statement, (ids, gts, lts))
-            return [
-                Notification(
-                    id=row["notification_id"],
-                    originator_id=row["originator_id"],
-                    originator_version=row["originator_version"],
-                    topic=row["topic"],
-                    state=bytes(row["state"]),
-                )
-                for row in curs.fetchall()
-            ]
+            return [_notification(row) for row in curs.fetchall()]
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_notifications(
@@ -294,16 +276,7 @@ class EventStoreRecorder(PostgresApplicationRecorder):
         params.append(limit)
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(statement, params, prepare=True)
-            return [
-                Notification(
-                    id=row["notification_id"],
-                    originator_id=row["originator_id"],
-                    originator_version=row["originator_version"],
-                    topic=row["topic"],
-                    state=bytes(row["state"]),
-                )
-                for row in curs.fetchall()
-            ]
+            return [_notification(row) for row in curs.fetchall()]
 
 
 class PollingSubscription(PostgresSubscription):
@@ -326,6 +299,17 @@ class PollingSubscription(PostgresSubscription):
             if self._thread_error is None:
                 self._thread_error = e
             self.stop()
+
+
+def _notification(row: Any) -> Notification:
+    """A row of ``_select_from`` as the library's notification (its position is its id)."""
+    return Notification(
+        id=row["notification_id"],
+        originator_id=row["originator_id"],
+        originator_version=row["originator_version"],
+        topic=row["topic"],
+        state=bytes(row["state"]),
+    )
 
 
 def _binary_columns(

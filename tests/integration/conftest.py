@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from board_helpers import LANES, Board, bootstrap_board
+from read_side_helpers import ReadSide, open_read_side
 
 from infra.bootstrap import build_write_side
 
@@ -37,3 +38,10 @@ def write_side(database_url: str) -> Iterator[AgentWorks]:
 @pytest.fixture
 def board(write_side: AgentWorks) -> Board:
     return bootstrap_board(write_side, lanes=LANES)
+
+
+@pytest.fixture
+def side(database_url: str) -> Iterator[ReadSide]:
+    """A read side on this test's own database (modules that share one override it)."""
+    with open_read_side(database_url) as read_side:
+        yield read_side

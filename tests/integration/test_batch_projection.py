@@ -11,10 +11,9 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from read_side_helpers import ReadSide, open_read_side
+from read_side_helpers import ReadSide
 from test_read_model_properties import (
     EVERYTHING_ONCE,
     Script,
@@ -29,15 +28,7 @@ from projections.registry import all_projectors
 from projections.runner import ProjectionRunner
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from projections.base import Change
-
-
-@pytest.fixture
-def side(database_url: str) -> Iterator[ReadSide]:
-    with open_read_side(database_url) as read_side:
-        yield read_side
 
 
 @settings(

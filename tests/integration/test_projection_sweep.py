@@ -11,10 +11,9 @@ import random
 from typing import TYPE_CHECKING
 
 import psycopg
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from read_side_helpers import ReadSide, create_card, open_read_side
+from read_side_helpers import ReadSide, create_card
 from test_read_model_properties import (
     EVERYTHING_ONCE,
     Script,
@@ -33,18 +32,11 @@ from streams.embedded import EmbeddedFanout
 from streams.worker import SweepSchedule
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from typing import Any
     from uuid import UUID
 
     from projections.runner import ProjectionRunner
     from streams.envelope import EventEnvelope
-
-
-@pytest.fixture
-def side(database_url: str) -> Iterator[ReadSide]:
-    with open_read_side(database_url) as read_side:
-        yield read_side
 
 
 def _title(side: ReadSide, card_id: object) -> str:

@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
@@ -28,7 +27,6 @@ from read_side_helpers import (
     append_log,
     correct,
     llm_call,
-    open_read_side,
 )
 
 from commands import models as m
@@ -40,8 +38,6 @@ from projections.rebuild import SCRATCH_SUFFIX, rebuild
 from projections.registry import all_projectors
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from projections.base import Projector
     from projections.runner import ProjectionRunner
     from streams.envelope import EventEnvelope
@@ -424,12 +420,6 @@ def assert_billing_adds_up(side: ReadSide, script: Script) -> None:
 
 
 # -- the properties --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def side(database_url: str) -> Iterator[ReadSide]:
-    with open_read_side(database_url) as read_side:
-        yield read_side
 
 
 @settings(
