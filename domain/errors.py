@@ -14,7 +14,9 @@ errors the same way without knowing the rule that raised them::
      ├── InvalidTransition   INVALID_TRANSITION  the aggregate's state does not allow it
      ├── BudgetExceeded      BUDGET_EXCEEDED     spend limit or run budget reached
      ├── RateLimited         RATE_LIMITED        too many requests
-     └── Duplicate           DUPLICATE           a name or member that already exists
+     ├── Duplicate           DUPLICATE           a name or member that already exists
+     └── Unavailable         UNAVAILABLE         a service we depend on is down or saturated; retry
+                                                 later (``outcome`` says whether a write happened)
 """
 
 from __future__ import annotations
@@ -80,6 +82,31 @@ class Duplicate(AgentWorksError):
     code = "DUPLICATE"
 
 
+class Unavailable(AgentWorksError):
+    """The database (or another dependency) cannot serve now; nothing about the input is wrong.
+
+    ``outcome`` is ``"unknown"`` when a write may or may not have been committed (the connection
+    broke around the commit and the server could not find out in time); the client retries with
+    ``command_id`` to learn the truth without writing twice. ``None`` means nothing was written.
+    """
+
+    code = "UNAVAILABLE"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_seconds: float = 1.0,
+        outcome: str | None = None,
+        command_id: str | None = None,
+        **details: object,
+    ) -> None:
+        super().__init__(message, retry_after_seconds=retry_after_seconds, **details)
+        self.retry_after_seconds = retry_after_seconds
+        self.outcome = outcome
+        self.command_id = command_id
+
+
 ERROR_CODES: tuple[str, ...] = tuple(
     cls.code
     for cls in (
@@ -93,5 +120,6 @@ ERROR_CODES: tuple[str, ...] = tuple(
         BudgetExceeded,
         RateLimited,
         Duplicate,
+        Unavailable,
     )
 )

@@ -3,7 +3,9 @@
 This is the one place where our exceptions become API error codes (STYLE.md 9)::
 
     AgentWorksError (domain.errors)       -> its ``code`` (NOT_FOUND, FORBIDDEN, ... RATE_LIMITED
-                                             with ``retryAfter``)
+                                             and UNAVAILABLE with ``retryAfter``; UNAVAILABLE
+                                             with ``outcome`` and ``commandId`` when a write's
+                                             fate is unknown)
     pydantic.ValidationError (commands)   -> VALIDATION, naming the camelCase input fields
     GraphQL syntax / validation / variable
     coercion (no resolver ran)            -> VALIDATION, graphql-core's message
@@ -23,7 +25,7 @@ from graphql import GraphQLError
 from strawberry.extensions import SchemaExtension
 from strawberry.types.execution import ExecutionContext
 
-from domain.errors import AgentWorksError, RateLimited
+from domain.errors import AgentWorksError, RateLimited, Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +56,16 @@ def error_extensions(error: BaseException) -> dict[str, Any]:
     """``extensions`` for one of our exceptions (``code``, and ``retryAfter`` when limited)."""
     if isinstance(error, RateLimited):
         return {"code": error.code, "retryAfter": max(1, round(error.retry_after_seconds))}
+    if isinstance(error, Unavailable):
+        extensions: dict[str, Any] = {
+            "code": error.code,
+            "retryAfter": max(1, round(error.retry_after_seconds)),
+        }
+        if error.outcome is not None:
+            extensions["outcome"] = error.outcome
+        if error.command_id is not None:
+            extensions["commandId"] = error.command_id
+        return extensions
     if isinstance(error, AgentWorksError):
         return {"code": error.code}
     return {"code": INTERNAL}
