@@ -44,6 +44,7 @@ class Caller:
         return Actor(
             user_id=self.principal.user_id,
             workspace_id=self.principal.workspace_id,
+            role=self.principal.role,
             correlation_id=self.request_id,
             traceparent=traceparent or self.traceparent,
         )
