@@ -246,7 +246,9 @@ class GraphQLEndpoint:
         context.request = request
         context.authenticate(principal)
         try:
-            if token is not None and not await self.runtime.waiter.wait_for_token(token):
+            if token is not None and not await self.runtime.waiter.wait_for_token(
+                token, context.who.workspace_id
+            ):
                 context.stale = True
             result = await self.schema.execute(
                 query,

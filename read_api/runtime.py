@@ -31,6 +31,7 @@ class ApiRuntime:
                 offloader=offloader,
                 projectors=services.projectors,
                 wait_ms=services.consistency_wait_ms,
+                mapper=services.write.mapper,
             ),
             limiter=limiter,
         )
