@@ -97,8 +97,10 @@ def api_services(
         rate_limits=RateLimits(
             per_user_per_minute=settings.rate_limit_per_user or None,
             per_workspace_per_minute=settings.rate_limit_per_workspace or None,
+            per_address_per_minute=settings.rate_limit_per_address or None,
         ),
         cors_origins=tuple(o.strip() for o in settings.cors_origins.split(",") if o.strip()),
+        trusted_proxies=tuple(p.strip() for p in settings.trusted_proxies.split(",") if p.strip()),
         max_body_bytes=settings.max_body_bytes,
         max_projector_lag=settings.max_projector_lag,
         lag_collector=LagCollector(database_url),
@@ -238,6 +240,9 @@ def serve_app(
         log_level="warning",
         access_log=False,
         lifespan="on",
+        # The app decides whose X-Forwarded-For to believe (AGENTWORKS_TRUSTED_PROXIES); uvicorn
+        # would believe any from 127.0.0.1.
+        proxy_headers=False,
         ws="websockets-sansio",
         timeout_graceful_shutdown=graceful_seconds,
     )

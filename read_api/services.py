@@ -48,6 +48,8 @@ class RateLimits:
 
     per_user_per_minute: int | None = 600
     per_workspace_per_minute: int | None = 6000
+    per_address_per_minute: int | None = 60
+    """Requests that fail authentication, per client address: a token guesser gets 429s."""
     key_prefix: str = "agentworks:ratelimit"
 
 
@@ -94,6 +96,8 @@ class ApiServices:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     query_limits: QueryLimits = field(default_factory=QueryLimits)
     cors_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    """Proxies (addresses or networks) whose ``X-Forwarded-For`` is believed; none by default."""
     max_body_bytes: int = 1_000_000
     projectors: tuple[type[Projector], ...] = ALL_PROJECTORS
     """The read models this deployment keeps: consistency waits and readiness look at these."""

@@ -120,7 +120,10 @@ class StackBuilder:
         stats: list[RequestStats] = []
         options: dict[str, Any] = {
             "rate_limits": RateLimits(
-                per_user_per_minute=100_000, per_workspace_per_minute=100_000, key_prefix=namespace
+                per_user_per_minute=100_000,
+                per_workspace_per_minute=100_000,
+                per_address_per_minute=100_000,
+                key_prefix=namespace,
             ),
             # Generous: projectors share the cluster-wide reader horizon with every other
             # database on this server (CREATE/DROP DATABASE of parallel test sessions).
