@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -48,6 +49,8 @@ from infra.settings import ConfigurationError, Settings, jwt_keys
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from infra.stack import DevStack
 
 PROG = "agentworks"
 
@@ -264,11 +267,24 @@ def dev_command(
                 f"({seeded.cards} cards). Token for {seeded.owner} (OWNER):"
             )
             typer.echo(token)
-        console.print(f"GraphQL: http://{host}:{port}/graphql  (Ctrl-C to stop)")
+        # The URL only once an event written now reaches the read models (through Kafka: the
+        # workers hold their partitions), so a client's first writes read back fresh.
+        announce = threading.Thread(
+            target=_announce_when_ready,
+            args=(stack, console, f"GraphQL: http://{host}:{port}/graphql  (Ctrl-C to stop)"),
+            name="dev-ready",
+            daemon=True,
+        )
+        announce.start()
         serve_app(create_app(stack.services), host=host, port=port)
     finally:
         stack.stop()
         console.print("stopped")
+
+
+def _announce_when_ready(stack: DevStack, console: Console, line: str) -> None:
+    stack.wait_until_ready()
+    console.print(line)
 
 
 @app.command("serve")

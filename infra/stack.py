@@ -17,6 +17,7 @@ import gc
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
     from commands.handlers import AgentWorks
     from streams.relay import Relay
+    from streams.worker import PartitionHolding
 
 log = structlog.get_logger(__name__)
 
@@ -121,6 +123,7 @@ class DevStack:
     relay_write: AgentWorks | None = None
     threads: list[threading.Thread] = field(default_factory=list)
     _worker_loops: list[tuple[asyncio.AbstractEventLoop, Any]] = field(default_factory=list)
+    _holdings: dict[str, PartitionHolding] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:
@@ -160,6 +163,30 @@ class DevStack:
             thread.start()
             self.threads.append(thread)
             self._worker_loops.append((loop, app))
+            self._holdings[runner.name] = app.holding
+
+    def readiness(self) -> dict[str, str]:
+        """What of the in-process fan-out could not deliver an event now: component -> ``"ok"``
+        or why not. Through Kafka: the relay holds its lease and every projector's worker
+        consumes all of its partitions; the embedded fan-out reads the log and is always ready."""
+        if self.relay is None:
+            return {}
+        checks = {"relay": "ok" if self.relay.leading else "waiting for the relay lease"}
+        for name, holding in self._holdings.items():
+            checks[f"worker {name}"] = holding.status
+        return checks
+
+    def ready(self) -> bool:
+        return all(status == "ok" for status in self.readiness().values())
+
+    def wait_until_ready(self, *, report_every: float = 10.0) -> None:
+        """Block until :meth:`ready`, logging what is still missing now and then."""
+        reported = time.monotonic()
+        while not self.ready():
+            if time.monotonic() - reported >= report_every:
+                log.info("dev.waiting_for_fanout", checks=self.readiness())
+                reported = time.monotonic()
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.fanout is not None:
@@ -192,7 +219,9 @@ def build_dev_stack(settings: Settings, data_dir: Path) -> DevStack:
     write = write_side_from(settings, url)
     read_side = build_read_side(settings, url, on_commit=change_publisher)
     services = api_services(settings, url, write=write, broadcaster=broadcaster, data_dir=data_dir)
-    return DevStack(settings, url, write, read_side, services)
+    stack = DevStack(settings, url, write, read_side, services)
+    services.fanout_readiness = stack.readiness
+    return stack
 
 
 def _change_publisher(settings: Settings, broadcaster: Broadcaster) -> Any:

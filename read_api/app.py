@@ -571,6 +571,11 @@ class Health:
         except (psycopg.Error, TimeoutError, OSError) as error:
             checks["database"] = f"unavailable ({type(error).__name__})"
             ready = False
+        if services.fanout_readiness is not None:
+            fanout = dict(services.fanout_readiness())
+            checks["fanout"] = fanout
+            if any(status != "ok" for status in fanout.values()):
+                ready = False
         if services.redis is None:
             checks["redis"] = "not configured"
         else:

@@ -7,7 +7,7 @@ reads the environment or connects to anything at import time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -110,6 +110,10 @@ class ApiServices:
     """A quiet log subscription re-reads the read model this often, in case a message was lost."""
     stats_hook: Callable[[RequestStats], None] | None = None
     """Called after each HTTP GraphQL request (metrics, tests counting SQL statements)."""
+    fanout_readiness: Callable[[], Mapping[str, str]] | None = None
+    """The fan-out running in this process (``agentworks dev`` with Kafka: relay and workers),
+    component -> ``"ok"`` or why it could not deliver an event now; ``/readyz`` is ready only
+    when every one says ``"ok"``. Must not block: it is called on the event loop."""
     lag_collector: Collector | None = None
     """Log head, relay and projector lag of this deployment's database
     (``adapters.metrics.LagCollector``), exposed at ``/metrics`` beside the process-wide metrics;
