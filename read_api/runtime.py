@@ -8,6 +8,7 @@ from read_api.consistency import ConsistencyWaiter
 from read_api.db import Offloader
 from read_api.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from read_api.services import ApiServices
+from read_api.subscription_limits import SubscriptionSlots
 
 
 @dataclass
@@ -16,6 +17,7 @@ class ApiRuntime:
     offloader: Offloader
     waiter: ConsistencyWaiter
     limiter: RateLimiter
+    subscriptions: SubscriptionSlots
 
     @classmethod
     def build(cls, services: ApiServices) -> ApiRuntime:
@@ -33,4 +35,8 @@ class ApiRuntime:
                 wait_ms=services.consistency_wait_ms,
             ),
             limiter=limiter,
+            subscriptions=SubscriptionSlots(
+                per_connection=services.max_subscriptions_per_connection,
+                per_user=services.max_subscriptions_per_user,
+            ),
         )
