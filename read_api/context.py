@@ -135,6 +135,7 @@ class RequestContext(BaseContext):
             counter=self.counter,
             statement_timeout_ms=runtime.services.statement_timeout_ms,
             keep_connection=not self.websocket,
+            gate=runtime.subscription_reads if self.websocket else None,
         )
 
     async def close(self) -> None:

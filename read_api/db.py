@@ -11,7 +11,10 @@ is committed when it starts, which is what a read after a consistency wait needs
 A subscription's scope does not keep its connection (``keep_connection=False``): each read
 takes one, sets the workspace, reads and gives it back. A subscription spends its life waiting
 (for a broadcast, or for a slow client to take what was sent); a connection held through that
-wait would be one the pool cannot lend, and enough subscriptions would drain it.
+wait would be one the pool cannot lend, and enough subscriptions would drain it. Their reads
+also pass a ``gate`` (a semaphore for a share of the pool), so that a burst of them (a storm of
+subscribes, a board change fanned out to many subscribers) waits in the event loop rather than
+taking every connection and worker thread from the queries.
 
 Blocking work (psycopg, the write side) runs on the API's worker threads (:class:`Offloader`).
 """
@@ -93,6 +96,7 @@ class ReadScope:
         counter: StatementCounter,
         statement_timeout_ms: int,
         keep_connection: bool = True,
+        gate: asyncio.Semaphore | None = None,
     ) -> None:
         self.workspace_id = workspace_id
         self.user_id = user_id
@@ -107,6 +111,7 @@ class ReadScope:
         self._sync_lock = threading.Lock()
         self._loaders: Loaders | None = None
         self._keep = keep_connection
+        self._gate = gate
 
     @property
     def loaders(self) -> Loaders:
@@ -124,7 +129,10 @@ class ReadScope:
         workspace one may not see looks exactly like one that does not exist.
         """
         async with self._async_lock:
-            return await self._offloader.run(self._run, fn)
+            if self._gate is None:
+                return await self._offloader.run(self._run, fn)
+            async with self._gate:
+                return await self._offloader.run(self._run, fn)
 
     async def is_member(self) -> bool:
         try:

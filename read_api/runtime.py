@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from read_api.consistency import ConsistencyWaiter
@@ -18,6 +19,8 @@ class ApiRuntime:
     waiter: ConsistencyWaiter
     limiter: RateLimiter
     subscriptions: SubscriptionSlots
+    subscription_reads: asyncio.Semaphore
+    """Reads of subscriptions at once: half the API pool, the other half stays for queries."""
 
     @classmethod
     def build(cls, services: ApiServices) -> ApiRuntime:
@@ -39,4 +42,5 @@ class ApiRuntime:
                 per_connection=services.max_subscriptions_per_connection,
                 per_user=services.max_subscriptions_per_user,
             ),
+            subscription_reads=asyncio.Semaphore(max(1, services.pool.max_size // 2)),
         )
