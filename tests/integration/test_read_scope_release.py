@@ -5,9 +5,10 @@ the read was still on its worker thread."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -50,10 +51,12 @@ def _scope(
     user: str,
     *,
     keep_connection: bool,
+    gate: asyncio.Semaphore | None = None,
 ) -> ReadScope:
     return ReadScope(
         pool=pool, offloader=offloader, workspace_id=workspace, user_id=user,
         counter=StatementCounter(), statement_timeout_ms=5000, keep_connection=keep_connection,
+        gate=gate,
     )  # fmt: skip
 
 
@@ -134,5 +137,46 @@ def test_a_scope_that_keeps_no_connection_holds_none_between_reads(
 
     try:
         asyncio.run(reads())
+    finally:
+        offloader.shutdown()
+
+
+def test_scopes_sharing_a_gate_read_one_at_a_time(
+    pool: ConnectionPool[Connection[DictRow]], member: tuple[uuid.UUID, str]
+) -> None:
+    offloader = Offloader(4)
+    first_in, second_in, let_go = threading.Event(), threading.Event(), threading.Event()
+
+    def read(entered: threading.Event) -> Callable[[Connection[DictRow]], object]:
+        def run(conn: Connection[DictRow]) -> object:
+            entered.set()
+            let_go.wait(5)
+            return conn.execute("SELECT 1 AS one").fetchone()
+
+        return run
+
+    async def two_reads() -> None:
+        gate = asyncio.Semaphore(1)
+        scopes = [
+            _scope(pool, offloader, *member, keep_connection=False, gate=gate) for _ in range(2)
+        ]
+        try:
+            first = asyncio.create_task(scopes[0].run(read(first_in)))
+            await asyncio.get_running_loop().run_in_executor(None, first_in.wait, 5)
+            second = asyncio.create_task(scopes[1].run(read(second_in)))
+            await asyncio.sleep(0.3)
+            # The pool could lend the second read a connection; the gate keeps it waiting.
+            assert not second_in.is_set()
+            assert pool.get_stats()["pool_available"] == 1
+            let_go.set()
+            await asyncio.gather(first, second)
+            assert second_in.is_set()
+        finally:
+            let_go.set()
+            for scope in scopes:
+                await scope.close()
+
+    try:
+        asyncio.run(two_reads())
     finally:
         offloader.shutdown()
