@@ -106,6 +106,8 @@ def api_services(
         max_body_bytes=settings.max_body_bytes,
         max_projector_lag=settings.max_projector_lag,
         lag_collector=LagCollector(database_url),
+        max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
+        max_subscriptions_per_user=settings.max_subscriptions_per_user,
     )
 
 

@@ -76,6 +76,7 @@ from read_api.ratelimit import address_limits, limits_for
 from read_api.runtime import ApiRuntime
 from read_api.schema import build_schema
 from read_api.services import ApiServices, RequestStats
+from read_api.transport_ws import LimitedTransportWSHandler
 
 log = structlog.get_logger(__name__)
 
@@ -487,8 +488,11 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
 
     Only its WebSocket route is mounted; queries and mutations go through :class:`GraphQLEndpoint`.
     The token comes from the ``connection_init`` payload (``{"Authorization": "Bearer …"}``) or,
-    for clients that can set it, the handshake's ``Authorization`` header.
+    for clients that can set it, the handshake's ``Authorization`` header. How many subscriptions
+    a caller may keep open is :class:`LimitedTransportWSHandler`'s to decide.
     """
+
+    graphql_transport_ws_handler_class = LimitedTransportWSHandler
 
     def __init__(self, runtime: ApiRuntime, schema: Schema) -> None:
         self.runtime = runtime
@@ -509,6 +513,7 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
             context_getter=context,
             subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
             connection_init_wait_timeout=timedelta(seconds=10),
+            max_subscriptions_per_connection=None,
             allowed_origins=runtime.services.cors_origins,
             include_in_schema=False,
         )

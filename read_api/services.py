@@ -118,3 +118,7 @@ class ApiServices:
     """Log head, relay and projector lag of this deployment's database
     (``adapters.metrics.LagCollector``), exposed at ``/metrics`` beside the process-wide metrics;
     ``None``: ``/metrics`` has no lag gauges."""
+    max_subscriptions_per_connection: int = 20
+    """Active subscriptions one WebSocket connection may hold; more are ``RATE_LIMITED``."""
+    max_subscriptions_per_user: int = 100
+    """Active subscriptions one user may hold over all connections to this API instance."""
