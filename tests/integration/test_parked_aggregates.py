@@ -108,6 +108,13 @@ class Scene:
             card(url, self.a2)[0] == "Doing"
             and card(url, self.b1)[2] == ["fine"]
             and len(parked(url)) == 1
+            and bool(
+                rows(
+                    url,
+                    "SELECT 1 FROM rm_activity WHERE subject_id = %s AND kind = 'card.labelled'",
+                    self.a1,
+                )
+            )
         )
 
     def assert_parked_alone(self, url: str, *, activity: bool = True) -> None:
