@@ -358,6 +358,9 @@ def test_after_a_poison_event_a_rebuild_in_small_batches_equals_the_live_read_mo
         board = scene.a if i % 2 else scene.b
         app.move_card(m.MoveCard(card_id=card_id, to_lane="Done"), board.owner)
         app.label_card(m.LabelCard(card_id=card_id, label=f"l{i}"), board.owner)
+    # Cards from before the failed batch, changed batches after it (what a memo forgets).
+    app.label_card(m.LabelCard(card_id=scene.b1, label="late"), scene.b.owner)
+    app.update_card(m.UpdateCard(card_id=scene.a2, title="renamed late"), scene.a.owner)
     path = EmbeddedPath(database_url)
     try:
         path.fanout.drain()
