@@ -429,6 +429,17 @@ def rebuild_command(
                 f"{result.projector}: {result.events:,} events replayed, swapped in at position "
                 f"{result.position:,}"
             )
+        with read_side.pool.connection() as conn:
+            parked = conn.execute(
+                "SELECT projector, count(*) AS n FROM projection_parked"
+                " WHERE projector = ANY(%s) GROUP BY projector ORDER BY projector",
+                ([result.projector for result in results],),
+            ).fetchall()
+        for row in parked:
+            console.print(
+                f"{row['projector']}: {row['n']:,} parked aggregate(s), events it could not "
+                f"apply (see '{PROG} parked list')"
+            )
     finally:
         read_side.close()
 

@@ -508,3 +508,14 @@ def test_metrics_and_readyz_show_parked_aggregates(
     assert body["projectors"]["activity"]["parked"] == 0
     assert 'agentworks_projector_parked_aggregates{projector="kanban"} 1.0' in metrics
     assert 'agentworks_projector_parked_aggregates{projector="activity"} 0.0' in metrics
+
+
+def test_agentworks_rebuild_completes_past_a_poison_event_and_reports_it(
+    database_url: str, app: AgentWorks
+) -> None:
+    scene = Scene(app)
+    scene.poison_and_go_on()
+    rebuilt = agentworks(database_url, "rebuild", "all")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "kanban: 1 parked aggregate(s)" in rebuilt.stderr
+    scene.assert_parked_alone(database_url)
