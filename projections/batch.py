@@ -260,7 +260,9 @@ def encode_binary_copy(rows: Sequence[Sequence[Any]], kinds: Sequence[str]) -> b
                     encoded = seen[key] = fields[i](value)
                 out += encoded
             elif fields[i] is text_field and type(value) is str:
-                data = storable_utf8(value)
+                # A lone surrogate fails to encode (ValueError): then psycopg's path, which
+                # stores it as projections.text does.
+                data = value.encode() if "\x00" not in value else storable_utf8(value)
                 out += _I32(len(data))
                 out += data
             else:

@@ -63,9 +63,17 @@ MAX_ATTEMPTS = 5
 #: Longest error text kept with a parked aggregate.
 MAX_ERROR_LENGTH = 2000
 
-#: Failures of the database or the connection to it, not of the events being applied: never
-#: a reason to park an aggregate.
-_INFRASTRUCTURE = (psycopg.OperationalError, psycopg.InterfaceError, MemoryError)
+#: Failures of the database, the connection to it or the deployment (a missing table or grant),
+#: not of the events being applied: never a reason to park an aggregate (it would park them all).
+_INFRASTRUCTURE = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedColumn,
+    psycopg.errors.UndefinedFunction,
+    MemoryError,
+)
 _RACES = (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected)
 
 

@@ -468,7 +468,8 @@ def _encode_chunks(chunks: list[tuple[UUID | None, UUID, list[dict[str, Any]]]])
             moment = times.get(at)
             if moment is None:
                 moment = times[at] = copy_field("timestamptz", at)
-            stream_bytes, text_bytes = storable_utf8(stream), storable_utf8(text)
+            stream_bytes = stream.encode() if "\x00" not in stream else storable_utf8(stream)
+            text_bytes = text.encode() if "\x00" not in text else storable_utf8(text)
             out += prefix
             out += copy_field("integer", seq)
             out += moment

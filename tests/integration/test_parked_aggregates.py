@@ -519,3 +519,48 @@ def test_agentworks_rebuild_completes_past_a_poison_event_and_reports_it(
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "kanban: 1 parked aggregate(s)" in rebuilt.stderr
     scene.assert_parked_alone(database_url)
+
+
+# -- what is not the events' fault ---------------------------------------------------------------
+
+
+class BrokenBatchPath(KanbanProjector):
+    """A projector whose batch path fails on every batch while its events apply one by one."""
+
+    def apply_batch(self, ctx: Any, envelopes: Any) -> None:
+        raise RuntimeError("the batch path is broken")
+
+
+class MissingTable(KanbanProjector):
+    """A deployment without one of the projector's tables: no event can be blamed for that."""
+
+    def apply_batch(self, ctx: Any, envelopes: Any) -> None:
+        ctx.cur.execute("SELECT FROM rm_no_such_table")
+
+    def apply(self, cur: Any, envelope: Any, tables: Any, changes: Any) -> None:
+        cur.execute("SELECT FROM rm_no_such_table")
+
+
+def test_a_batch_that_fails_only_as_a_whole_is_applied_event_by_event(
+    database_url: str, app: AgentWorks
+) -> None:
+    scene = Scene(app)
+    with projector_side(database_url) as (pool, log):
+        outcome = ProjectionRunner(BrokenBatchPath(), pool, log).process(
+            log.read(after=0, limit=10_000)
+        )
+    assert outcome.parked == []
+    assert parked(database_url) == []
+    assert card(database_url, scene.b1)[3] == 1
+
+
+def test_a_missing_table_is_raised_and_parks_nothing(database_url: str, app: AgentWorks) -> None:
+    import psycopg
+
+    Scene(app)
+    with projector_side(database_url) as (pool, log):
+        runner = ProjectionRunner(MissingTable(), pool, log)
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            runner.process(log.read(after=0, limit=10_000))
+        assert runner.position() == 0
+    assert parked(database_url) == []

@@ -38,3 +38,13 @@ def test_the_binary_copy_encoder_stores_the_same_text() -> None:
     encoded = encode_binary_copy([("a\x00b",)], ["text"])
     assert "a\ufffdb".encode() in encoded
     assert b"a\x00b" not in encoded
+
+
+def test_the_binary_copy_encoder_hands_a_lone_surrogate_over_to_psycopgs_path() -> None:
+    """It cannot encode it; its caller then lets psycopg dump the rows, through the runner's
+    storable dumpers."""
+    try:
+        encode_binary_copy([("x\ud800",)], ["text"])
+    except ValueError:
+        return
+    raise AssertionError("a lone surrogate was encoded")
