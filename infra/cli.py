@@ -612,10 +612,17 @@ def parked_retry_command(
                 f"--aggregate must be an aggregate id (a UUID), not {aggregate!r}"
             ) from None
     settings = load_settings()
+    on_commit = None
+    if settings.redis_url:
+        from read_api.broadcast import RedisChangePublisher
+
+        # Subscribers hear about the rows a retry finally wrote, as from a worker.
+        on_commit = RedisChangePublisher.from_url(settings.redis_url).publish_changes
     read_side = build_read_side(
         settings,
         _database_url(settings),
         projector_names=None if projector is None else [projector],
+        on_commit=on_commit,
     )
     try:
         results = [(runner.name, runner.retry_parked(ids)) for runner in read_side.runners]
