@@ -438,6 +438,7 @@ def parked_scene(database_url: str, app: AgentWorks) -> Scene:
     return scene
 
 
+@pytest.mark.slow
 def test_parked_list_and_retry_on_the_command_line(database_url: str, parked_scene: Scene) -> None:
     listed = agentworks(database_url, "parked", "list")
     assert listed.returncode == 0, listed.stderr
@@ -510,6 +511,7 @@ def test_metrics_and_readyz_show_parked_aggregates(
     assert 'agentworks_projector_parked_aggregates{projector="activity"} 0.0' in metrics
 
 
+@pytest.mark.slow
 def test_agentworks_rebuild_completes_past_a_poison_event_and_reports_it(
     database_url: str, app: AgentWorks
 ) -> None:
