@@ -546,7 +546,11 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
 
 
 class Health:
-    """Liveness (the process answers) and readiness (it can serve: database, Redis, lag)."""
+    """Liveness (the process answers) and readiness (it can serve: database, Redis, lag).
+
+    Aggregates a projector parked are shown (per projector, and which projectors have any) but
+    do not make the instance unready (see the comment in :meth:`ready`).
+    """
 
     def __init__(self, runtime: ApiRuntime) -> None:
         self.runtime = runtime
@@ -559,20 +563,28 @@ class Health:
         checks: dict[str, Any] = {}
         ready = True
         try:
-            head, positions = await asyncio.wait_for(
+            head, positions, parked = await asyncio.wait_for(
                 self.runtime.offloader.run(self._positions), _HEALTH_TIMEOUT
             )
             checks["database"] = "ok"
             lags = {}
             for projector in services.projectors:
                 position = positions.get(projector.name, 0)
-                lags[projector.name] = {"position": position, "lag": max(0, head - position)}
+                lags[projector.name] = {
+                    "position": position,
+                    "lag": max(0, head - position),
+                    "parked": parked.get(projector.name, 0),
+                }
                 if services.max_projector_lag is not None and (
                     head - position > services.max_projector_lag
                 ):
                     ready = False
             checks["head"] = head
             checks["projectors"] = lags
+            # Shown, not a reason to be unready: everything else is served (and fresh), and
+            # taking every instance out of the load balancer for one bad aggregate would turn
+            # it into the outage that parking exists to prevent.
+            checks["parked"] = {name: count for name, count in parked.items() if count}
         except (psycopg.Error, TimeoutError, OSError) as error:
             checks["database"] = f"unavailable ({type(error).__name__})"
             ready = False
@@ -593,15 +605,23 @@ class Health:
         checks["status"] = "ready" if ready else "not ready"
         return JSONResponse(checks, status_code=200 if ready else 503)
 
-    def _positions(self) -> tuple[int, dict[str, int]]:
+    def _positions(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        """Log head, projector positions and how many aggregates each projector parked."""
         pool = self.runtime.services.pool
         with pool.connection(timeout=_HEALTH_TIMEOUT) as conn:
             head_row = conn.execute(
                 "SELECT coalesce(max(notification_id), 0) AS head FROM agentworks_events"
             ).fetchone()
             rows = conn.execute("SELECT projector, position FROM projection_positions").fetchall()
+            parked = conn.execute(
+                "SELECT projector, count(*) AS parked FROM projection_parked GROUP BY projector"
+            ).fetchall()
         head = int(head_row["head"]) if head_row else 0
-        return head, {row["projector"]: int(row["position"]) for row in rows}
+        return (
+            head,
+            {row["projector"]: int(row["position"]) for row in rows},
+            {row["projector"]: int(row["parked"]) for row in parked},
+        )
 
 
 __all__ = ["ApiServices", "create_app"]

@@ -3,7 +3,10 @@
 Each worker consumes the topics carrying its projector's aggregates, takes messages in batches,
 orders each batch by global position and hands it to the same :class:`ProjectionRunner` the
 embedded path uses. Offsets are committed after a batch is processed, so a worker killed
-mid-batch sees that batch again and the runner skips what was already applied.
+mid-batch sees that batch again and the runner skips what was already applied. An event the
+projector cannot apply does not hold the batch (nor the partition) back: the runner parks its
+aggregate and applies the rest (see :mod:`projections.runner`); only a failure that is not the
+events' fault (the database away) leaves the batch to be retried.
 
 A timer sweeps the log behind the projector (:mod:`projections.sweep`) for events that were
 published an interval ago and never delivered: a dropped message, or a broker that lost its log.
