@@ -7,8 +7,12 @@ the card, newest last, so a coder sees the architect's design and a reviewer see
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
 
 from domain.errors import ValidationFailed
+from domain.money import billed_amount
+from domain.pricing import PriceTable, call_cost_micros
 
 #: How much of each earlier output a prompt quotes; long outputs would crowd out the card.
 EARLIER_OUTPUT_CHARS = 4_000
@@ -93,3 +97,37 @@ def build_prompt(
         {"role": "system", "content": spec.role},
         {"role": "user", "content": "\n".join(parts)},
     ]
+
+
+def rough_tokens(text: str) -> int:
+    """A tokenizer-free estimate (about four characters a token) for checks inside the domain;
+    the orchestrator counts with the real tokenizer before each call."""
+    return -(-len(text) // 4)
+
+
+def prompt_floor_micros(
+    spec: AgentSpec,
+    *,
+    title: str,
+    description: str,
+    prices: PriceTable,
+    provider: str | None,
+    model: str | None,
+    at: datetime,
+    markup: Decimal,
+) -> int:
+    """What the prompt alone of a first call will be billed at least: a run whose budget cannot
+    pay even that is refused before it starts."""
+    messages = build_prompt(spec, title=title, description=description, earlier=[])
+    tokens = sum(rough_tokens(m["content"]) for m in messages)
+    candidates = [
+        (p, m)
+        for p, m in prices.models()
+        if (provider is None or p == provider) and (model is None or m == model)
+    ]
+    costs = [
+        call_cost_micros(row, input_tokens=tokens, output_tokens=0)
+        for p, m in candidates
+        if (row := prices.in_force(p, m, at)) is not None
+    ]
+    return billed_amount(min(costs), markup) if costs else 0
