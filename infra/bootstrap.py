@@ -65,12 +65,16 @@ def build_write_side(
 
 
 def write_side_from(settings: Settings, database_url: str) -> AgentWorks:
-    return build_write_side(
+    from infra.orchestration import load_price_table
+
+    app = build_write_side(
         database_url,
         db_role=settings.db_app_role,
         pool_size=settings.pool_size,
         retries=settings.command_retries,
     )
+    app.prices = load_price_table(settings)
+    return app
 
 
 @dataclass

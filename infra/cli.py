@@ -321,6 +321,32 @@ def relay_command() -> None:
         write_side.close()
 
 
+@app.command("orchestrator")
+def orchestrator_command() -> None:
+    """Execute agent runs: follow the log for requested runs, call providers, meter and log."""
+    import asyncio
+
+    from infra.bootstrap import write_side_from
+    from infra.orchestration import build_orchestrator
+    from infra.stack import start_tracing
+
+    settings = load_settings()
+    start_tracing(settings, "agentworks-orchestrator")
+    write_side = write_side_from(settings, _database_url(settings))
+    orchestrator = build_orchestrator(settings, write_side)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, orchestrator.stop)
+        await orchestrator.run()
+
+    try:
+        asyncio.run(main())
+    finally:
+        write_side.close()
+
+
 @app.command("worker")
 def worker_command(
     projector: Annotated[
