@@ -44,13 +44,14 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
             output_tokens=settings.simulated_output_tokens,
         )
     }
-    if settings.openai_api_key is not None:
+    # An empty key (docker-compose passes unset variables as "") means no key.
+    if settings.openai_api_key is not None and settings.openai_api_key.get_secret_value():
         providers["openai"] = OpenAIProvider(
             api_key=settings.openai_api_key.get_secret_value(),
             base_url=settings.openai_base_url,
             timeout=timeout,
         )
-    if settings.anthropic_api_key is not None:
+    if settings.anthropic_api_key is not None and settings.anthropic_api_key.get_secret_value():
         providers["anthropic"] = AnthropicProvider(
             api_key=settings.anthropic_api_key.get_secret_value(),
             base_url=settings.anthropic_base_url,

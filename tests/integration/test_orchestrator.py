@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import Any
+from uuid import UUID
 
 import pytest
 from orchestrator_helpers import (
+    CardOnBoard,
     card_on_board,
     fast_simulated,
     finished,
@@ -18,6 +21,7 @@ from orchestrator_helpers import (
 )
 from provider_servers import FakeProviderServer, Reply, openai_events
 
+from adapters.providers.base import Provider
 from adapters.providers.openai import OpenAIProvider
 from commands import models as m
 from commands.handlers import AgentWorks
@@ -28,15 +32,12 @@ from domain.usage import UsageCharge, charge_id_for
 pytestmark = pytest.mark.slow
 
 
-def start(app: AgentWorks, card: object, **fields: object) -> object:
-    c = card  # CardOnBoard
-    return app.start_agent_run(
-        m.StartAgentRun(card_id=c.card_id, agent=fields.pop("agent", "coder"), **fields),  # type: ignore[attr-defined]
-        c.board.owner,  # type: ignore[attr-defined]
-    ).id
+def start(app: AgentWorks, card: CardOnBoard, **fields: Any) -> UUID:
+    fields.setdefault("agent", "coder")
+    return app.start_agent_run(m.StartAgentRun(card_id=card.card_id, **fields), card.board.owner).id
 
 
-def events_of(app: AgentWorks, run_id: object, kind: type) -> list[object]:
+def events_of(app: AgentWorks, run_id: UUID, kind: type) -> list[Any]:
     return [e for e in stored(app, run_id) if isinstance(e, kind)]
 
 
@@ -52,12 +53,9 @@ def test_a_run_completes_on_the_simulated_provider_with_output_log_and_one_charg
     assert run.attempts == 1
     chunks = events_of(write_side, run_id, AgentRun.LogChunkAppended)
     assert chunks
-    assert all(len(c.lines) <= 100 for c in chunks)  # type: ignore[attr-defined]
+    assert all(len(c.lines) <= 100 for c in chunks)
     logged = "\n".join(
-        line["text"]
-        for c in chunks
-        for line in c.lines
-        if line["stream"] == "stdout"  # type: ignore[attr-defined]
+        line["text"] for c in chunks for line in c.lines if line["stream"] == "stdout"
     )
     assert logged.strip() == run.output.strip()
     charge: UsageCharge = write_side.repository.get(charge_id_for(run_id, "attempt-1"))
@@ -117,20 +115,22 @@ def test_unpinned_run_falls_back_after_a_500_and_records_both_attempts(
 ) -> None:
     card = card_on_board(write_side)
     with FakeProviderServer([Reply(status=500, body=b"down")]) as server:
-        providers = {"openai": OpenAIProvider(api_key="k", base_url=server.url),
-                     "simulated": fast_simulated()}  # fmt: skip
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url),
+            "simulated": fast_simulated(),
+        }
         with orchestrator_thread(database_url, providers):
             run_id = start(write_side, card)
             run = wait_for(write_side, run_id, finished)
     assert run.status is RunStatus.SUCCEEDED, run.error
     attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
-    assert [(a.provider, a.status, a.http_status) for a in attempts] == [  # type: ignore[attr-defined]
+    assert [(a.provider, a.status, a.http_status) for a in attempts] == [
         ("openai", "failed", 500),
         ("simulated", "ok", None),
     ]
-    assert attempts[0].provider_cost_micros == 0  # type: ignore[attr-defined]
+    assert attempts[0].provider_cost_micros == 0
     lines = [ln["text"] for c in events_of(write_side, run_id, AgentRun.LogChunkAppended)
-             for ln in c.lines]  # type: ignore[attr-defined]  # fmt: skip
+             for ln in c.lines]  # fmt: skip
     assert any("falling back from openai/gpt-4o-mini to simulated/sim-1" in t for t in lines)
 
 
@@ -141,15 +141,17 @@ def test_pinned_run_retries_the_same_provider_after_retry_after(
     ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
     replies = [Reply(status=429, headers={"retry-after": "1"}, body=b"{}"), Reply(events=ok)]
     with FakeProviderServer(replies) as server:
-        providers = {"openai": OpenAIProvider(api_key="k", base_url=server.url),
-                     "simulated": fast_simulated()}  # fmt: skip
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url),
+            "simulated": fast_simulated(),
+        }
         with orchestrator_thread(database_url, providers):
             run_id = start(write_side, card, provider="openai")
             run = wait_for(write_side, run_id, finished)
     assert run.status is RunStatus.SUCCEEDED
     attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
-    assert [(a.provider, a.http_status) for a in attempts] == [("openai", 429), ("openai", None)]  # type: ignore[attr-defined]
-    gap = attempts[1].timestamp - attempts[0].timestamp  # type: ignore[attr-defined]
+    assert [(a.provider, a.http_status) for a in attempts] == [("openai", 429), ("openai", None)]
+    gap = attempts[1].timestamp - attempts[0].timestamp
     assert gap.total_seconds() >= 0.9  # the retry waited for retry-after
 
 
@@ -159,7 +161,9 @@ def test_a_stream_cut_midway_is_charged_from_estimates_never_zero(
     card = card_on_board(write_side)
     events = openai_events(["partial ", "answer ", "lost"], prompt_tokens=50, completion_tokens=3)
     with FakeProviderServer([Reply(events=events, cut_after=3)]) as server:
-        providers = {"openai": OpenAIProvider(api_key="k", base_url=server.url)}
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url)
+        }
         with orchestrator_thread(database_url, providers, max_attempts=2):
             run_id = start(write_side, card, provider="openai")
             run = wait_for(write_side, run_id, finished)
@@ -167,11 +171,11 @@ def test_a_stream_cut_midway_is_charged_from_estimates_never_zero(
     attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
     assert len(attempts) == 2
     for attempt in attempts:
-        assert attempt.estimated  # type: ignore[attr-defined]
-        assert attempt.input_tokens > 0  # type: ignore[attr-defined]
-        assert attempt.output_tokens > 0  # type: ignore[attr-defined]
-        assert attempt.provider_cost_micros > 0  # type: ignore[attr-defined]
-    assert run.provider_cost_micros == sum(a.provider_cost_micros for a in attempts)  # type: ignore[attr-defined]
+        assert attempt.estimated
+        assert attempt.input_tokens > 0
+        assert attempt.output_tokens > 0
+        assert attempt.provider_cost_micros > 0
+    assert run.provider_cost_micros == sum(a.provider_cost_micros for a in attempts)
 
 
 def test_cancel_stops_the_running_call_within_a_second(
@@ -212,7 +216,7 @@ def test_run_budget_reached_mid_stream_fails_with_budget_and_charges_what_was_us
     # Stopped at the first piece that reached the limit: at most one piece over.
     assert run.billed_micros <= 500 + 5 * 2 * 10
     [attempt] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
-    assert attempt.estimated  # type: ignore[attr-defined]
+    assert attempt.estimated
 
 
 def test_run_timeout_ends_timed_out(write_side: AgentWorks, database_url: str) -> None:
@@ -229,19 +233,19 @@ def test_two_orchestrators_share_a_backlog_and_never_run_a_run_twice(
 ) -> None:
     card = card_on_board(write_side)
     run_ids = [start(write_side, card) for _ in range(12)]
-    providers_a = {"simulated": fast_simulated(tokens_per_second=300)}
-    providers_b = {"simulated": fast_simulated(tokens_per_second=300)}
+    providers_a: dict[str, Provider] = {"simulated": fast_simulated(tokens_per_second=300)}
+    providers_b: dict[str, Provider] = {"simulated": fast_simulated(tokens_per_second=300)}
     with (
         orchestrator_thread(database_url, providers_a, concurrency=3, worker_id="A"),
         orchestrator_thread(database_url, providers_b, concurrency=3, worker_id="B"),
     ):
         runs = [wait_for(write_side, r, finished, timeout=60) for r in run_ids]
     assert all(r.status is RunStatus.SUCCEEDED for r in runs)
-    workers = Counter()
+    workers: Counter[str] = Counter()
     for run_id in run_ids:
         started = events_of(write_side, run_id, AgentRun.Started)
         assert len(started) == 1
         assert not events_of(write_side, run_id, AgentRun.Reclaimed)
         assert len(events_of(write_side, run_id, AgentRun.LlmCallCompleted)) == 1
-        workers[started[0].worker] += 1  # type: ignore[attr-defined]
+        workers[started[0].worker] += 1
     assert set(workers) == {"A", "B"}, workers

@@ -84,6 +84,6 @@ def test_a_killed_orchestrators_runs_are_taken_over_and_never_charged_twice(
         calls = [e for e in stored(write_side, run.id) if isinstance(e, AgentRun.LlmCallCompleted)]
         ids = Counter(c.call_id for c in calls)
         assert all(n == 1 for n in ids.values()), ids
-        charges = [write_side.repository.get(c.charge_id) for c in calls]
+        charges: list[UsageCharge] = [write_side.repository.get(c.charge_id) for c in calls]
         assert all(isinstance(c, UsageCharge) for c in charges)
         assert run.billed_micros == sum(c.billed_micros for c in charges)

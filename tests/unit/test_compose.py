@@ -13,7 +13,7 @@ import yaml  # type: ignore[import-untyped]
 from infra.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
-AGENTWORKS_SERVICES = ("serve", "relay", "worker")
+AGENTWORKS_SERVICES = ("serve", "relay", "worker", "orchestrator")
 
 
 @pytest.fixture(scope="module")

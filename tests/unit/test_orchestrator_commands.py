@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from commands import models as m
 from domain.agent_run import AgentRun, RunStatus
 from domain.errors import (
+    AgentWorksError,
     BudgetExceeded,
     Conflict,
     InvalidTransition,
@@ -140,7 +141,7 @@ def test_finishing_with_output_keeps_it_on_the_run() -> None:
     ],
 )
 def test_start_agent_run_refuses_bad_choices_up_front(
-    fields: dict[str, str], error: type[Exception], match: str
+    fields: dict[str, str], error: type[AgentWorksError], match: str
 ) -> None:
     world = World.build()
     cmd = m.StartAgentRun(card_id=world.card_id, **fields)

@@ -174,14 +174,13 @@ def test_pinned_run_never_routes_to_another_provider() -> None:
 
 def test_unknown_provider_model_or_policy_and_unpriced_models_are_refused() -> None:
     prices = built_in_price_table()
-    ok = {"prices": prices, "at": NOW}
-    validate_choice(provider="openai", model="gpt-4o-mini", policy=None, **ok)
+    validate_choice(provider="openai", model="gpt-4o-mini", policy=None, prices=prices, at=NOW)
     with pytest.raises(ValidationFailed, match="provider 'acme'"):
-        validate_choice(provider="acme", model=None, policy=None, **ok)
+        validate_choice(provider="acme", model=None, policy=None, prices=prices, at=NOW)
     with pytest.raises(ValidationFailed, match="not a known model"):
-        validate_choice(provider="openai", model="gpt-9", policy=None, **ok)
+        validate_choice(provider="openai", model="gpt-9", policy=None, prices=prices, at=NOW)
     with pytest.raises(ValidationFailed, match="policy 'random'"):
-        validate_choice(provider=None, model=None, policy="random", **ok)
+        validate_choice(provider=None, model=None, policy="random", prices=prices, at=NOW)
     with pytest.raises(ValidationFailed, match="no price in force"):
         validate_choice(provider="openai", model="gpt-4o-mini", policy=None, prices=prices,
                         at=datetime(2023, 1, 1, tzinfo=UTC))  # fmt: skip
@@ -196,7 +195,7 @@ def test_breaker_opens_after_threshold_and_half_opens_for_one_trial() -> None:
     assert breaker.failed(3) is BreakerState.OPEN
     assert not breaker.allows(5)
     assert breaker.allows(13)  # half-open: one trial goes through
-    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.state.value == "half-open"
     assert not breaker.allows(13.5)  # ... and only one
     assert breaker.failed(14) is BreakerState.OPEN  # a failed trial opens it again at once
     assert not breaker.allows(20)
