@@ -569,6 +569,7 @@ class AgentWorks(Application[UUID]):
             )
             spend = self._spend_for(workspace, cmd.at, meta)
             spend.add(charge.id, billed, meta=meta)
+            spend.note_thresholds(workspace.monthly_limit_micros, meta=meta)
             return Decision(
                 run, "run", [run, charge, spend], {"charge_id": str(charge.id), "billed": billed}
             )
@@ -651,6 +652,7 @@ class AgentWorks(Application[UUID]):
                 )  # fmt: skip
                 spend = self._spend_for(workspace, cmd.started_at, meta)
                 spend.add(charge.id, cost.billed_micros, meta=meta)
+                spend.note_thresholds(workspace.monthly_limit_micros, meta=meta)
                 changed += [charge, spend]
                 extra.update(charge_id=str(charge.id), billed=cost.billed_micros)
             return Decision(run, "run", changed, extra)

@@ -792,7 +792,8 @@ class TestActivityProjector:
         correct(side, world, call.extra["charge_id"], "0.00001")
         outcome = side.project(ActivityProjector())
 
-        assert outcome.applied == 3  # step, chunk and call: followed, but not shown
+        # step, chunk, call and the month's spend (opened, added): followed, but not shown
+        assert outcome.applied == 5
         assert side.rows("SELECT position FROM rm_activity ORDER BY position") == before
 
     def test_a_long_summary_is_cut_short_on_one_line(self, side: ReadSide, world: World) -> None:

@@ -155,3 +155,22 @@ def test_archived_card_refuses_runs_before_looking_at_the_agent() -> None:
     cmd = m.StartAgentRun(card_id=world.card_id, agent="poet")
     assert_refused(world.app, InvalidTransition,
                    lambda: world.app.start_agent_run(cmd, world.owner))  # fmt: skip
+
+
+def test_budget_thresholds_are_recorded_once_per_month_each() -> None:
+    world = World.build()
+    world.app.set_spend_limit(
+        m.SetSpendLimit(workspace_id=world.workspace_id, monthly_limit="0.010000"), world.owner
+    )
+    run_id = world.run(begin=True)
+    crossed: list[int] = []
+    # sim-1 x5: 1,000 input tokens = $0.0025 billed a call; 4 calls = 100 %.
+    for _ in range(5):
+        world.app.record_provider_attempt(attempt(run_id, tin=1000, tout=0), world.service())
+        spend: MonthlySpend = world.get(spend_id_for(world.workspace_id, month_of(NOW)))
+        crossed.append(len(spend.thresholds))
+    assert crossed == [0, 1, 1, 3, 3]
+    events = [
+        e for e in world.app.events.get(spend.id) if isinstance(e, MonthlySpend.ThresholdCrossed)
+    ]
+    assert [e.threshold for e in events] == [50, 80, 100]
