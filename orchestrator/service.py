@@ -68,6 +68,9 @@ T = TypeVar("T")
 
 _TERMINAL = {"Succeeded", "Failed", "Cancelled", "TimedOut"}
 
+#: Times a write lost to concurrent writers is retried before the run fails.
+WRITE_RACES = 30
+
 
 @dataclass(frozen=True, kw_only=True)
 class OrchestratorConfig:
@@ -371,19 +374,26 @@ class Orchestrator:
         await self._write(view, self.app.append_run_log, cmd)
 
     async def _write(self, view: RunView, handler: Callable[..., Any], cmd: m.Command) -> Any:
-        try:
-            result = await self._call(handler, cmd, self._actor(view))
-        except Conflict as error:
-            if "taken over" in error.message:
-                task = self.tasks.get(view.run_id)
-                if task is not None and task is not asyncio.current_task():
-                    task.cancel()
+        """Send a command for the run; a race lost to other writers (every charge of a workspace
+        saves its month's spend) is retried with jittered backoff, since nothing was written."""
+        for race in range(1, WRITE_RACES + 1):
+            try:
+                result = await self._call(handler, cmd, self._actor(view))
+            except Conflict as error:
+                if "taken over" in error.message:
+                    task = self.tasks.get(view.run_id)
+                    if task is not None and task is not asyncio.current_task():
+                        task.cancel()
+                    raise _Lost(error.message) from error
+                if race == WRITE_RACES:
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.01 * race))  # noqa: S311
+                continue
+            except InvalidTransition as error:
                 raise _Lost(error.message) from error
-            raise
-        except InvalidTransition as error:
-            raise _Lost(error.message) from error
-        self._last_write[view.run_id] = time.monotonic()
-        return result
+            self._last_write[view.run_id] = time.monotonic()
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _heartbeats(self, view: RunView) -> None:
         interval = self.config.heartbeat_interval
