@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import signal
 import socket
 import sys
@@ -28,7 +29,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -639,6 +640,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` and return the exit code instead of exiting."""
     command = typer.main.get_command(app)
+    _reflow_help(command)
     args = list(sys.argv[1:] if argv is None else argv)
     _end_on_signals()
     try:
@@ -658,6 +660,19 @@ def run(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return result if isinstance(result, int) else 0
+
+
+def _reflow_help(command: Any) -> None:
+    """Join the source line breaks inside each paragraph of every command's help.
+
+    Docstrings are wrapped at 100 columns in the source; typer keeps those breaks in every
+    paragraph after the first, so ``--help`` broke sentences mid-line on any other width.
+    """
+    if command.help:
+        paragraphs = inspect.cleandoc(command.help).split("\n\n")
+        command.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    for sub in getattr(command, "commands", {}).values():
+        _reflow_help(sub)
 
 
 def _end_on_signals() -> None:
