@@ -398,10 +398,40 @@ def serve_command(
         settings = settings.model_copy(update={"database_url": _database_url(settings)})
     start_tracing(settings, "agentworks-api")
     app_, write_side = api_process(settings)
+    _announce_serve(settings, host=host, port=port)
     try:
         serve_app(app_, host=host, port=port, sock=listener)
     finally:
         write_side.close()
+
+
+def _announce_serve(settings: Settings, *, host: str, port: int) -> None:
+    """Say what this process runs and what it counts on other processes for."""
+    import structlog
+
+    log = structlog.get_logger(__name__)
+    log.info(
+        "serving the GraphQL API only",
+        url=f"http://{host}:{port}/graphql",
+        database=_without_password(settings.database_url or ""),
+        redis="configured"
+        if settings.redis_url
+        else "not configured: subscriptions and rate limits are local to this process",
+    )
+    if settings.kafka_bootstrap:
+        expects = (
+            f"run `agentworks relay` and `agentworks worker` against {settings.kafka_bootstrap}"
+        )
+    else:
+        expects = (
+            "AGENTWORKS_KAFKA_BOOTSTRAP is not set, so only `agentworks dev` on this database "
+            "feeds the read models"
+        )
+    log.warning(
+        f"no projectors in this process: {expects}; until one runs, writes are accepted but "
+        "reads stay stale and /readyz answers 503",
+        projector_stall_seconds=settings.projector_stall_seconds,
+    )
 
 
 @app.command("relay")

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_projector_lag: int = Field(default=10_000, ge=0)
     """``/readyz`` answers 503 when a projector is further behind the log head than this."""
+    projector_stall_seconds: float = Field(default=30.0, ge=0)
+    """``/readyz`` answers 503 when a projector is behind and has not moved for this long
+    (nothing consumes the log: no worker runs); 0 switches the check off."""
     otlp_endpoint: str | None = None
     """OTLP/HTTP traces endpoint (``http://collector:4318/v1/traces``); None: no export."""
     consistency_wait_ms: int = Field(default=2000, ge=0)

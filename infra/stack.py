@@ -99,6 +99,7 @@ def api_services(
         cors_origins=tuple(o.strip() for o in settings.cors_origins.split(",") if o.strip()),
         max_body_bytes=settings.max_body_bytes,
         max_projector_lag=settings.max_projector_lag,
+        projector_stall_seconds=settings.projector_stall_seconds or None,
         lag_collector=LagCollector(database_url),
     )
 

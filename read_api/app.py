@@ -521,6 +521,8 @@ class Health:
 
     def __init__(self, runtime: ApiRuntime) -> None:
         self.runtime = runtime
+        self._behind_since: dict[str, tuple[int, float]] = {}
+        """Per projector seen behind the head: its position then and since when it sits there."""
 
     async def alive(self) -> Response:
         return JSONResponse({"status": "ok"})
@@ -534,13 +536,17 @@ class Health:
                 self.runtime.offloader.run(self._positions), _HEALTH_TIMEOUT
             )
             checks["database"] = "ok"
-            lags = {}
+            lags: dict[str, dict[str, Any]] = {}
             for projector in services.projectors:
                 position = positions.get(projector.name, 0)
                 lags[projector.name] = {"position": position, "lag": max(0, head - position)}
                 if services.max_projector_lag is not None and (
                     head - position > services.max_projector_lag
                 ):
+                    ready = False
+                stalled = self._stalled_seconds(projector.name, position, head)
+                if stalled is not None:
+                    lags[projector.name]["stalledSeconds"] = round(stalled, 1)
                     ready = False
             checks["head"] = head
             checks["projectors"] = lags
@@ -558,6 +564,24 @@ class Health:
                 ready = False
         checks["status"] = "ready" if ready else "not ready"
         return JSONResponse(checks, status_code=200 if ready else 503)
+
+    def _stalled_seconds(self, name: str, position: int, head: int) -> float | None:
+        """How long ``name`` has been behind without moving, once that exceeds the limit.
+
+        A lag that does not shrink means nothing consumes the log (``serve`` alone, every
+        worker down): writes would read stale forever while the lag alone looks harmless.
+        """
+        limit = self.runtime.services.projector_stall_seconds
+        if limit is None or position >= head:
+            self._behind_since.pop(name, None)
+            return None
+        now = time.monotonic()
+        seen = self._behind_since.get(name)
+        if seen is None or seen[0] != position:
+            self._behind_since[name] = (position, now)
+            return None
+        waited = now - seen[1]
+        return waited if waited >= limit else None
 
     def _positions(self) -> tuple[int, dict[str, int]]:
         pool = self.runtime.services.pool

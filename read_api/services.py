@@ -99,6 +99,9 @@ class ApiServices:
     """The read models this deployment keeps: consistency waits and readiness look at these."""
     max_projector_lag: int | None = 10_000
     """``/readyz`` answers 503 when a projector is further behind the log head than this."""
+    projector_stall_seconds: float | None = 30.0
+    """``/readyz`` answers 503 when a projector is behind and has not moved for this long:
+    nothing consumes (``serve`` alone, every worker down). ``None``: not checked."""
     db_threads: int = 32
     """Worker threads for blocking database and write-side calls."""
     statement_timeout_ms: int = 10_000
