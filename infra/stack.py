@@ -80,10 +80,11 @@ def api_services(
     data_dir: Path | None = None,
 ) -> ApiServices:
     keys = jwt_keys(settings, data_dir=data_dir)
+    hint = _signature_hint(settings, data_dir)
     verification = (
-        JwtVerification(public_key=keys.public_key)
+        JwtVerification(public_key=keys.public_key, signature_hint=hint)
         if keys.algorithm == "RS256"
-        else JwtVerification(secret=keys.secret)
+        else JwtVerification(secret=keys.secret, signature_hint=hint)
     )
     return ApiServices(
         write=write,
@@ -97,10 +98,36 @@ def api_services(
             per_workspace_per_minute=settings.rate_limit_per_workspace or None,
         ),
         cors_origins=tuple(o.strip() for o in settings.cors_origins.split(",") if o.strip()),
+        cors_origin_regex=(
+            DEV_CORS_ORIGIN_REGEX
+            if settings.env == "dev" and not settings.cors_origins.strip()
+            else None
+        ),
+        graphiql=settings.env == "dev",
         max_body_bytes=settings.max_body_bytes,
         max_projector_lag=settings.max_projector_lag,
         projector_stall_seconds=settings.projector_stall_seconds or None,
         lag_collector=LagCollector(database_url),
+    )
+
+
+#: CORS origins a dev server allows unless ``AGENTWORKS_CORS_ORIGINS`` is set: a SPA's dev server.
+DEV_CORS_ORIGIN_REGEX = r"http://(localhost|127\.0\.0\.1)(:\d+)?"
+
+
+def _signature_hint(settings: Settings, data_dir: Path | None) -> str | None:
+    """What a 401 for a foreign signature adds outside production: which key signs here."""
+    if settings.env == "prod":
+        return None
+    if settings.jwt_secret is None and settings.algorithm == "HS256":
+        where = (data_dir or settings.data_dir).resolve()
+        return (
+            f"this server uses the dev secret of data dir {where}; a token made for another "
+            f"data dir is refused here, get one with `agentworks token --data-dir {where} ...`"
+        )
+    return (
+        "this server verifies with the configured AGENTWORKS_JWT_* key; the token was signed "
+        "with another one"
     )
 
 

@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry import Schema
 from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
@@ -113,10 +113,11 @@ def create_app(services: ApiServices) -> FastAPI:
         openapi_url=None,
     )
     app.state.runtime = runtime
-    if services.cors_origins:
+    if services.cors_origins or services.cors_origin_regex:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(services.cors_origins),
+            allow_origin_regex=services.cors_origin_regex,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=[
                 "Authorization",
@@ -166,6 +167,10 @@ class GraphQLEndpoint:
 
     async def get(self, request: Request) -> Response:
         rid = request_id(request.headers.get("x-request-id"))
+        if self.services.graphiql and "text/html" in request.headers.get("accept", ""):
+            from strawberry.http.ides import get_graphql_ide_html
+
+            return HTMLResponse(get_graphql_ide_html("graphiql"))
         return _json(
             error_body(
                 "queries and mutations are POSTed as JSON; GET is for WebSocket subscriptions "

@@ -32,6 +32,8 @@ class JwtVerification:
     secret: str | None = None
     public_key: str | None = None
     leeway_seconds: int = 0
+    signature_hint: str | None = None
+    """Said after "token signature does not verify" (development only: which key signs here)."""
 
     def __post_init__(self) -> None:
         if (self.secret is None) == (self.public_key is None):
@@ -94,6 +96,10 @@ class ApiServices:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     query_limits: QueryLimits = field(default_factory=QueryLimits)
     cors_origins: tuple[str, ...] = ()
+    cors_origin_regex: str | None = None
+    """Origins allowed by CORS besides ``cors_origins`` (development: any localhost port)."""
+    graphiql: bool = False
+    """Answer a browser's ``GET /graphql`` with GraphiQL (development only)."""
     max_body_bytes: int = 1_000_000
     projectors: tuple[type[Projector], ...] = ALL_PROJECTORS
     """The read models this deployment keeps: consistency waits and readiness look at these."""
