@@ -160,7 +160,7 @@ class TestUsage:
         self, side: ReadSide, world: World, usage_world: dict[str, UUID]
     ) -> None:
         assert _usage(side, world, "DAY", MARCH, MARCH) == []
-        with pytest.raises(ValidationFailed, match="from .* is after to"):
+        with pytest.raises(ValidationFailed, match=r"from .* is after to"):
             _usage(side, world, "DAY", MARCH + timedelta(days=5), MARCH)
 
     def test_credits_lower_billed_but_not_what_was_used(self, side: ReadSide, world: World) -> None:
