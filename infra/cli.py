@@ -283,7 +283,6 @@ def _listen(host: str, port: int) -> socket.socket:
                 "choose another with --port"
             ) from exc
         raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-    listener.set_inheritable(True)
     return listener
 
 
