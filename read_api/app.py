@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry import Schema
 from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
@@ -116,10 +116,11 @@ def create_app(services: ApiServices) -> FastAPI:
         openapi_url=None,
     )
     app.state.runtime = runtime
-    if services.cors_origins:
+    if services.cors_origins or services.cors_origin_regex:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(services.cors_origins),
+            allow_origin_regex=services.cors_origin_regex,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=[
                 "Authorization",
@@ -187,6 +188,10 @@ class GraphQLEndpoint:
 
     async def get(self, request: Request) -> Response:
         rid = request_id(request.headers.get("x-request-id"))
+        if self.services.graphiql and "text/html" in request.headers.get("accept", ""):
+            from strawberry.http.ides import get_graphql_ide_html
+
+            return HTMLResponse(get_graphql_ide_html("graphiql"))
         return _json(
             error_body(
                 "queries and mutations are POSTed as JSON; GET is for WebSocket subscriptions "
@@ -554,6 +559,8 @@ class Health:
 
     def __init__(self, runtime: ApiRuntime) -> None:
         self.runtime = runtime
+        self._behind_since: dict[str, tuple[int, float]] = {}
+        """Per projector seen behind the head: its position then and since when it sits there."""
 
     async def alive(self) -> Response:
         return JSONResponse({"status": "ok"})
@@ -567,7 +574,7 @@ class Health:
                 self.runtime.offloader.run(self._positions), _HEALTH_TIMEOUT
             )
             checks["database"] = "ok"
-            lags = {}
+            lags: dict[str, dict[str, Any]] = {}
             for projector in services.projectors:
                 position = positions.get(projector.name, 0)
                 lags[projector.name] = {
@@ -578,6 +585,10 @@ class Health:
                 if services.max_projector_lag is not None and (
                     head - position > services.max_projector_lag
                 ):
+                    ready = False
+                stalled = self._stalled_seconds(projector.name, position, head)
+                if stalled is not None:
+                    lags[projector.name]["stalledSeconds"] = round(stalled, 1)
                     ready = False
             checks["head"] = head
             checks["projectors"] = lags
@@ -604,6 +615,24 @@ class Health:
                 ready = False
         checks["status"] = "ready" if ready else "not ready"
         return JSONResponse(checks, status_code=200 if ready else 503)
+
+    def _stalled_seconds(self, name: str, position: int, head: int) -> float | None:
+        """How long ``name`` has been behind without moving, once that exceeds the limit.
+
+        A lag that does not shrink means nothing consumes the log (``serve`` alone, every
+        worker down): writes would read stale forever while the lag alone looks harmless.
+        """
+        limit = self.runtime.services.projector_stall_seconds
+        if limit is None or position >= head:
+            self._behind_since.pop(name, None)
+            return None
+        now = time.monotonic()
+        seen = self._behind_since.get(name)
+        if seen is None or seen[0] != position:
+            self._behind_since[name] = (position, now)
+            return None
+        waited = now - seen[1]
+        return waited if waited >= limit else None
 
     def _positions(self) -> tuple[int, dict[str, int], dict[str, int]]:
         """Log head, projector positions and how many aggregates each projector parked."""

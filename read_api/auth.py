@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
-from adapters.tokens import BOOTSTRAP_WORKSPACE, Principal, verify_token
+from adapters.tokens import BOOTSTRAP_WORKSPACE, BadSignature, Principal, verify_token
 from domain.errors import Unauthenticated
 from read_api.services import JwtVerification
 
@@ -31,9 +31,14 @@ def authenticate(authorization: str | None, jwt: JwtVerification) -> Principal:
     token = bearer_token(authorization)
     if token is None:
         raise Unauthenticated("missing bearer token: send 'Authorization: Bearer <JWT>'")
-    principal = verify_token(
-        token, secret=jwt.secret, public_key=jwt.public_key, leeway_seconds=jwt.leeway_seconds
-    )
+    try:
+        principal = verify_token(
+            token, secret=jwt.secret, public_key=jwt.public_key, leeway_seconds=jwt.leeway_seconds
+        )
+    except BadSignature as exc:
+        if jwt.signature_hint is None:
+            raise
+        raise Unauthenticated(f"{exc}: {jwt.signature_hint}") from exc
     if not principal.is_bootstrap:
         try:
             UUID(principal.workspace_id)

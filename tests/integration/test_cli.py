@@ -258,10 +258,13 @@ class TestMigrate:
         assert '"event": "database.created"' in result.stderr
         assert "database.created" not in result.stdout
 
-    def test_without_a_database_url_is_a_usage_error(self, tmp_path: Path) -> None:
-        line = assert_one_line_error(agentworks("migrate", cwd=tmp_path))
+    def test_without_a_database_url_in_production_is_a_usage_error(self, tmp_path: Path) -> None:
+        line = assert_one_line_error(
+            agentworks("migrate", cwd=tmp_path, env={"AGENTWORKS_ENV": "prod"})
+        )
 
         assert "AGENTWORKS_DATABASE_URL" in line
+        assert not (tmp_path / ".agentworks").exists()
 
     def test_a_non_postgres_url_is_a_usage_error(self, tmp_path: Path) -> None:
         result = agentworks(

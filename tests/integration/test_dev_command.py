@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -170,14 +171,20 @@ def assert_postgres_stopped(data_dir: Path, timeout: float = 10.0) -> None:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    """An empty data dir that does not exist yet; whatever runs on it is stopped afterwards."""
-    path = tmp_path / "data"
-    yield path
-    for process in postgres_processes(path):  # only after a failed test
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-            process.wait(10)
+def data_dir() -> Iterator[Path]:
+    """An empty data dir that does not exist yet; whatever runs on it is stopped afterwards.
+
+    Outside pytest's base temp dir: run as root, the embedded server runs as another user who
+    must reach its data dir, and any pytest session starting meanwhile (a shared machine) resets
+    ``/tmp/pytest-of-root`` to mode 0700, which made stopping the server fail.
+    """
+    with tempfile.TemporaryDirectory(prefix="aw-dev-", ignore_cleanup_errors=True) as top:
+        path = Path(top) / "data"
+        yield path
+        for process in postgres_processes(path):  # only after a failed test
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+                process.wait(10)
 
 
 @pytest.fixture
