@@ -1,0 +1,73 @@
+"""Which dependencies are down, noticed and logged once per change rather than once per request.
+
+During a database restart every request, pool worker and tailer meets the same failure; logging
+each would bury the one line an operator needs. Components report what they see
+(:meth:`Outages.down` on a failure to reach a dependency, :meth:`Outages.up` on a success); the
+tracker logs ``dependency.down`` on the first failure and ``dependency.up`` (with how long it was
+down) on the first success after it, and keeps ``agentworks_dependency_up`` current.
+
+A dependency is named by what is down, e.g. ``postgresql 127.0.0.1:5432``: every pool and
+listener of one server shares one state, so a process says once that the server is gone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import structlog
+from prometheus_client import Gauge
+
+log = structlog.get_logger(__name__)
+
+DEPENDENCY_UP = Gauge(
+    "agentworks_dependency_up",
+    "1 while this process reaches the dependency, 0 from its first failure until it is back.",
+    ["dependency"],
+)
+
+
+class Outages:
+    """Up/down state per dependency, process-wide (every pool of a process shares it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down_since: dict[str, float] = {}
+
+    def down(self, dependency: str, error: BaseException | str) -> None:
+        """Report a failure to reach ``dependency``; logged only if it was up until now."""
+        with self._lock:
+            if dependency in self._down_since:
+                return
+            self._down_since[dependency] = time.monotonic()
+        DEPENDENCY_UP.labels(dependency).set(0)
+        log.warning("dependency.down", dependency=dependency, error=_one_line(error))
+
+    def up(self, dependency: str) -> None:
+        """Report a success with ``dependency``; logged only if it was down until now."""
+        if dependency not in self._down_since:  # the hot path: no lock while all is well
+            return
+        with self._lock:
+            since = self._down_since.pop(dependency, None)
+        if since is None:
+            return
+        DEPENDENCY_UP.labels(dependency).set(1)
+        log.warning(
+            "dependency.up", dependency=dependency, down_seconds=round(time.monotonic() - since, 3)
+        )
+
+    def is_down(self, dependency: str) -> bool:
+        return dependency in self._down_since
+
+    def down_now(self) -> list[str]:
+        with self._lock:
+            return sorted(self._down_since)
+
+
+def _one_line(error: BaseException | str) -> str:
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return " ".join(text.split())[:300]
+
+
+OUTAGES = Outages()
+"""The process's tracker (like the Prometheus registry, one per process)."""
