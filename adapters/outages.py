@@ -15,8 +15,12 @@ from __future__ import annotations
 import threading
 import time
 
+import psycopg
 import structlog
+from eventsourcing.persistence import InterfaceError, OperationalError
 from prometheus_client import Gauge
+
+from domain.errors import Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +66,15 @@ class Outages:
     def down_now(self) -> list[str]:
         with self._lock:
             return sorted(self._down_since)
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether ``error`` says a database could not be reached or could not serve (rather than
+    a bug): psycopg's and the event-sourcing library's operational errors, pool time-outs, and
+    our own UNAVAILABLE."""
+    return isinstance(
+        error, psycopg.OperationalError | InterfaceError | OperationalError | Unavailable
+    )
 
 
 def _one_line(error: BaseException | str) -> str:

@@ -53,7 +53,7 @@ from strawberry.types.unset import UnsetType
 
 from adapters.metrics import HTTP_RESPONSES, Exposition
 from adapters.telemetry import continue_trace, current_traceparent
-from domain.errors import RateLimited, Unauthenticated, ValidationFailed
+from domain.errors import RateLimited, Unauthenticated, Unavailable, ValidationFailed
 from read_api.auth import (
     authenticate,
     request_id,
@@ -66,8 +66,12 @@ from read_api.errors import (
     INTERNAL_MESSAGE,
     RATE_LIMITED,
     UNAUTHENTICATED,
+    UNAVAILABLE,
     VALIDATION,
     error_body,
+    error_extensions,
+    outage_of,
+    retry_after,
     shape_errors,
 )
 from read_api.ratelimit import limits_for
@@ -275,8 +279,11 @@ class GraphQLEndpoint:
         payload: dict[str, Any] = {}
         if not isinstance(result, PreExecutionError):
             payload["data"] = result.data
+        wait = None
         if result.errors:
-            payload["errors"] = [error.formatted for error in shape_errors(result.errors)]
+            shaped = shape_errors(result.errors)
+            payload["errors"] = [error.formatted for error in shaped]
+            wait = retry_after(shaped)
         extensions = dict(result.extensions or {})
         if context.stale:
             extensions["stale"] = True
@@ -284,6 +291,9 @@ class GraphQLEndpoint:
             payload["extensions"] = extensions
         if result.errors:
             span.set_attribute("graphql.error_count", len(result.errors))
+        if wait is not None:
+            # A dependency is down (or the pool full): an outage, answered as one.
+            return _json(payload, 503, rid, extra_headers={"Retry-After": str(wait)})
         return _json(payload, 200, rid)
 
     def _report(
@@ -393,13 +403,22 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
+def unavailable_response(error: Unavailable, rid: str) -> JSONResponse:
+    """HTTP 503 with ``Retry-After``: how every outage is answered outside GraphQL execution."""
+    extensions = error_extensions(error)
+    body = error_body(
+        error.message, UNAVAILABLE, **{k: v for k, v in extensions.items() if k != "code"}
+    )
+    return _json(body, 503, rid, extra_headers={"Retry-After": str(extensions["retryAfter"])})
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     rid = request_id(request.headers.get("x-request-id"))
-    if isinstance(exc, psycopg.OperationalError):
-        log.warning("api.database_unavailable", request_id=rid, error=str(exc))
-        return _json(
-            error_body("the database is unavailable; retry shortly", "UNAVAILABLE"), 503, rid
-        )
+    outage = outage_of(exc)
+    if outage is not None:
+        # Said once by the pool that saw it go (adapters.outages), not once per request.
+        log.debug("api.unavailable", request_id=rid, error=str(exc))
+        return unavailable_response(outage, rid)
     log.error("api.unexpected", request_id=rid, exc_info=exc)
     return _json(error_body(INTERNAL_MESSAGE, "INTERNAL"), 500, rid)
 
@@ -557,7 +576,9 @@ class Health:
                 checks["redis"] = f"unavailable ({type(error).__name__})"
                 ready = False
         checks["status"] = "ready" if ready else "not ready"
-        return JSONResponse(checks, status_code=200 if ready else 503)
+        if ready:
+            return JSONResponse(checks)
+        return JSONResponse(checks, status_code=503, headers={"Retry-After": "1"})
 
     def _positions(self) -> tuple[int, dict[str, int]]:
         pool = self.runtime.services.pool

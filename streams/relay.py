@@ -31,6 +31,7 @@ import structlog
 from opentelemetry.trace import SpanKind
 
 from adapters.metrics import BROKER_LOG_LOST
+from adapters.outages import is_outage
 from adapters.telemetry import continue_trace, current_traceparent, tracing_enabled
 from streams.wakeup import LogWakeup
 
@@ -373,9 +374,17 @@ class Relay:
                 while self.publish_once() == self.batch_size:
                     if self._stop.is_set() or not self._holds_lease():
                         break
-            except Exception:
-                log.exception("relay.publish_failed", position=self.position)
-                self._stop.wait(1.0)
+            except Exception as error:
+                if is_outage(error):
+                    # The database is down: said once by its pool (adapters.outages); try again
+                    # soon, from the recorded position, so publishing resumes within a second
+                    # of it being back.
+                    log.debug("relay.database_unavailable", error=str(error))
+                    self.positions.close()
+                    self._stop.wait(0.25)
+                else:
+                    log.exception("relay.publish_failed", position=self.position)
+                    self._stop.wait(1.0)
                 continue
             self._wake.wait(self.poll_interval)
             self._wake.clear()
