@@ -86,7 +86,7 @@ class ApiStack:
         for _ in range(count):
             project = self.post(
                 token,
-                "mutation($w: ID!) { createProject(input: {workspaceId: $w, name: \"P\"})"
+                'mutation($w: ID!) { createProject(input: {workspaceId: $w, name: "P"})'
                 " { consistencyToken } }",
                 {"w": workspace_id},
             ).json()
