@@ -67,28 +67,32 @@ class ResilientPool(LibraryPool[Any]):
 
     def getconn(self, timeout: float | None = None) -> Any:
         budget = self.timeout if timeout is None else timeout
-        down = OUTAGES.is_down(self.dependency)
-        if down:
+        if OUTAGES.is_down(self.dependency):
             budget = min(budget, OUTAGE_WAIT)
         deadline = time.monotonic() + budget
         while True:
-            try:
-                conn = super().getconn(max(0.0, deadline - time.monotonic()))
-            except PoolTimeout:
-                if down or OUTAGES.is_down(self.dependency):
-                    raise PoolTimeout(f"the database ({self.dependency}) is unavailable") from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if OUTAGES.is_down(self.dependency):
+                    raise PoolTimeout(f"the database ({self.dependency}) is unavailable")
                 raise PoolTimeout(
                     f"no database connection free within {budget:.2f} s "
                     f"(pool {self.name!r}, {self.max_size} connections)"
-                ) from None
+                )
+            try:
+                # In slices, so a wait that began before the server was seen to go ends as
+                # soon as it is (a reconnection attempt failed meanwhile).
+                conn = super().getconn(min(remaining, OUTAGE_WAIT))
+            except PoolTimeout:
+                if OUTAGES.is_down(self.dependency):
+                    raise PoolTimeout(f"the database ({self.dependency}) is unavailable") from None
+                continue
             try:
                 ConnectionPool.check_connection(conn)
             except psycopg.Error:
                 # Broken (the server restarted under it): returning it discards it and has the
                 # pool open a replacement; take the next one straight away.
                 self.putconn(conn)
-                if time.monotonic() >= deadline:
-                    raise PoolTimeout(f"the database ({self.dependency}) is unavailable") from None
                 continue
             OUTAGES.up(self.dependency)
             return conn
@@ -107,9 +111,11 @@ class ResilientPool(LibraryPool[Any]):
 
 
 def dependency_name(conninfo: str | dict[str, Any]) -> str:
-    """How outages name a server: ``postgresql host:port``."""
+    """How outages name a database: ``postgresql host:port/dbname`` (a database, not only its
+    server: one dropped or refusing its role is down for its users while others are not)."""
     parts = conninfo_to_dict(conninfo) if isinstance(conninfo, str) else conninfo
-    return f"postgresql {parts.get('host') or 'localhost'}:{parts.get('port') or 5432}"
+    host = parts.get("host") or "localhost"
+    return f"postgresql {host}:{parts.get('port') or 5432}/{parts.get('dbname') or ''}"
 
 
 def make_pool(

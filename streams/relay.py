@@ -190,6 +190,8 @@ class RelayLease:
         self.key = zlib.crc32(f"agentworks relay {relay}".encode()) & 0x7FFFFFFF
         self._conn: psycopg.Connection[Any] | None = None
         self.held = False
+        self.unreachable = False
+        """The last attempt could not reach the database (rather than finding the lease held)."""
 
     def acquire(self) -> bool:
         try:
@@ -197,8 +199,10 @@ class RelayLease:
                 self._conn = psycopg.connect(self._url, autocommit=True, options=self._options)
             row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
             self.held = bool(row and row[0])
+            self.unreachable = False
         except psycopg.Error:
             self._drop()
+            self.unreachable = True
         return self.held
 
     def still_held(self) -> bool:
@@ -368,7 +372,12 @@ class Relay:
         log.info("relay.started", position=self.position)
         while not self._stop.is_set():
             if not self._holds_lease():
-                self._stop.wait(self.standby_interval)
+                # A lease held by another relay is checked every standby interval; a database
+                # that is down, more often, to publish again soon after it is back.
+                unreachable = self.lease is not None and self.lease.unreachable
+                self._stop.wait(
+                    min(self.standby_interval, 0.25) if unreachable else self.standby_interval
+                )
                 continue
             try:
                 while self.publish_once() == self.batch_size:
