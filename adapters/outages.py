@@ -31,6 +31,10 @@ DEPENDENCY_UP = Gauge(
 )
 
 
+REDIS = "redis"
+"""How outages name the Redis of rate limits and subscriptions."""
+
+
 class Outages:
     """Up/down state per dependency, process-wide (every pool of a process shares it)."""
 

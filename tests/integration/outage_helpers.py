@@ -163,6 +163,8 @@ class Answer:
     sent_at: float
     answered_at: float
     card_id: str | None = None
+    position: int = 0
+    """For ``done``: where the write landed in the log."""
     retry_id: str | None = None
     """For ``unknown``: the commandId the answer said to retry with."""
     detail: str = ""
@@ -176,9 +178,8 @@ def classify(title: str, command_id: str | None, response: httpx.Response, sent:
         return Answer(title, command_id, "other", sent, now, detail=response.text[:200])
     data = (body.get("data") or {}).get("createCard")
     if response.status_code == 200 and data and not body.get("errors"):
-        return Answer(
-            title, command_id, "done", sent, now, card_id=data["consistencyToken"].split(":")[1]
-        )
+        position, card_id, _ = data["consistencyToken"].split(":")
+        return Answer(title, command_id, "done", sent, now, card_id=card_id, position=int(position))
     errors = body.get("errors") or []
     extensions = errors[0].get("extensions", {}) if errors else {}
     if (
@@ -225,6 +226,11 @@ class Writers:
     def counts(self) -> Counter[str]:
         with self._lock:
             return Counter(answer.kind for answer in self.answers)
+
+    def since(self, index: int) -> list[Answer]:
+        """The answers from the ``index``-th on, as they stand now."""
+        with self._lock:
+            return self.answers[index:]
 
     def first_done_after(self, instant: float) -> float | None:
         with self._lock:
