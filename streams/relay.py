@@ -124,20 +124,15 @@ class RelayPositions:
         return self.load_with_marks()[0]
 
     def load_with_marks(self) -> tuple[int, BrokerMarks]:
-        row = (
-            self._connection()
-            .execute(
-                "SELECT position, broker_marks FROM relay_positions WHERE relay = %s",
-                (self.relay,),
-            )
-            .fetchone()
-        )
+        row = self._execute(
+            "SELECT position, broker_marks FROM relay_positions WHERE relay = %s", (self.relay,)
+        ).fetchone()
         if not row:
             return 0, BrokerMarks()
         return int(row[0]), BrokerMarks.from_json(row[1])
 
     def save(self, position: int, marks: BrokerMarks | None = None) -> None:
-        self._connection().execute(
+        self._execute(
             "INSERT INTO relay_positions (relay, position, broker_marks) "
             "VALUES (%s, %s, coalesce(%s::jsonb, '{}')) "
             "ON CONFLICT (relay) DO UPDATE SET position = EXCLUDED.position, "
@@ -148,15 +143,11 @@ class RelayPositions:
 
     def lowest_watermark(self) -> int:
         """Below this position every projector has applied every event it follows."""
-        row = (
-            self._connection()
-            # A rebuild's scratch tracking ("name#rebuild") reads the log itself, not Kafka.
-            .execute(
-                "SELECT coalesce(min(swept_through), 0) FROM projection_positions "
-                "WHERE projector NOT LIKE '%#%'"
-            )
-            .fetchone()
-        )
+        # A rebuild's scratch tracking ("name#rebuild") reads the log itself, not Kafka.
+        row = self._execute(
+            "SELECT coalesce(min(swept_through), 0) FROM projection_positions "
+            "WHERE projector NOT LIKE '%#%'"
+        ).fetchone()
         return int(row[0]) if row else 0
 
     def close(self) -> None:
@@ -165,9 +156,19 @@ class RelayPositions:
             self._conn = None
 
     def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
+        if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = psycopg.connect(self._url, autocommit=True, options=self._options)
         return self._conn
+
+    def _execute(self, query: str, params: tuple[Any, ...] = ()) -> psycopg.Cursor[Any]:
+        """Run ``query``; a connection the server dropped (a restart) is replaced once."""
+        try:
+            return self._connection().execute(query, params)
+        except psycopg.OperationalError:
+            if self._conn is not None and not (self._conn.closed or self._conn.broken):
+                raise
+            self.close()
+            return self._connection().execute(query, params)
 
 
 class RelayLease:
@@ -371,7 +372,15 @@ class Relay:
             wakeup.start()
         log.info("relay.started", position=self.position)
         while not self._stop.is_set():
-            if not self._holds_lease():
+            try:
+                leading = self._holds_lease()
+            except Exception as error:
+                if not is_outage(error):
+                    raise
+                log.debug("relay.database_unavailable", error=str(error))
+                self._stop.wait(0.25)
+                continue
+            if not leading:
                 # A lease held by another relay is checked every standby interval; a database
                 # that is down, more often, to publish again soon after it is back.
                 unreachable = self.lease is not None and self.lease.unreachable

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import structlog
 from dedicated_postgres import DedicatedPostgres, dedicated_postgres
-from fanout_helpers import rebuild_differences, wait_converged
+from fanout_helpers import kafka_stack, rebuild_differences, wait_converged
 from outage_helpers import (
     ApiStack,
     Writers,
@@ -30,7 +30,11 @@ from infra.migrate import migrate
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # kafka-python never closes a socket whose connect() was refused (broker restarting).
+    pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
+]
 
 
 @pytest.fixture
@@ -117,3 +121,33 @@ def test_restart_under_load_every_answer_is_true_and_the_read_models_recover(
         f"\nanswers {dict(counts)}; down for {back_at - down_at:.2f} s; first write "
         f"{first_write - back_at:.2f} s after start returned"
     )
+
+
+def test_relay_and_workers_resume_from_their_positions_after_a_restart(
+    server: DedicatedPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The Kafka path as production runs it (``agentworks relay`` and one ``agentworks worker``
+    per projector, as processes): nobody restarts them, yet after the database is back they
+    publish and project what was written before and after, and the read models equal a
+    rebuild."""
+    url = server.create_database("agentworks")
+    migrate(url, app_role="agentworks_app")
+    with kafka_stack(url, tmp_path_factory.mktemp("pg-restart"), seed=5) as stack:
+        tenant = stack.workload.tenant("restart", projects=1)
+        stack.workload.mixed(tenant, 30)
+        stack.converge()
+
+        server.stop("fast")
+        time.sleep(2.0)
+        server.start()
+        back_at = time.monotonic()
+
+        stack.workload.mixed(tenant, 30)
+        stack.workload.finale(tenant)
+        waited = wait_converged(url, timeout=90, path=stack.fanout)
+        assert stack.fanout.dead() == []
+        assert rebuild_differences(url) == {}
+        print(
+            f"\nKafka path converged {time.monotonic() - back_at:.2f} s after the restart "
+            f"(of which {waited:.2f} s after the last write)"
+        )
