@@ -31,6 +31,7 @@ import psycopg
 import structlog
 from fastapi import FastAPI
 from fastapi.routing import APIWebSocketRoute
+from graphql import GraphQLError
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 from redis.exceptions import RedisError
@@ -283,7 +284,10 @@ class GraphQLEndpoint:
         if result.errors:
             shaped = shape_errors(result.errors)
             payload["errors"] = [error.formatted for error in shaped]
-            wait = retry_after(shaped)
+            # 503 when what was asked for is missing because of the outage; a mutation that
+            # went through but whose payload object could not be read back stays a 200 (its
+            # consistencyToken is the truth: the write happened).
+            wait = retry_after([e for e in shaped if _lost_root(e, result.data)])
         extensions = dict(result.extensions or {})
         if context.stale:
             extensions["stale"] = True
@@ -313,6 +317,13 @@ class GraphQLEndpoint:
             )
         except Exception:
             log.exception("api.stats_hook_failed")
+
+
+def _lost_root(error: GraphQLError, data: dict[str, Any] | None) -> bool:
+    """Whether ``error`` took the root field it belongs to (or the whole result) with it."""
+    if not data or not error.path:
+        return True
+    return data.get(str(error.path[0])) is None
 
 
 def _request_span(request: Request) -> AbstractContextManager[Span]:

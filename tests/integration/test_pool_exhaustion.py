@@ -79,3 +79,27 @@ def test_write_with_every_event_store_connection_taken_is_a_quick_503_and_writes
     assert card_titles_in_log(stack.database_url)["x1"] == 0
     again = stack.post(token, CREATE_CARD, {"input": {"projectId": project_id, "title": "x1"}})
     assert again.status_code == 200, again.text
+
+
+def test_write_that_happened_but_cannot_be_read_back_is_not_answered_as_an_outage(
+    stack: ApiStack,
+) -> None:
+    """The command went through (its own pool had room); only reading its object back found the
+    API's pool full: the answer is 200 with the consistencyToken (the truth: it was written) and
+    an UNAVAILABLE error on the object alone, not a 503 that would read as "not written"."""
+    token, (project_id,) = stack.boards(1)
+    query = """mutation($input: CreateCardInput!) {
+      createCard(input: $input) { consistencyToken card { id } } }"""
+    held = stack.services.pool.getconn()
+    try:
+        answer = stack.post(token, query, {"input": {"projectId": project_id, "title": "x2"}})
+    finally:
+        stack.services.pool.putconn(held)
+
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["data"]["createCard"]["consistencyToken"]
+    assert body["data"]["createCard"]["card"] is None
+    assert [e["extensions"]["code"] for e in body["errors"]] == ["UNAVAILABLE"]
+    assert body["errors"][0]["path"] == ["createCard", "card"]
+    assert card_titles_in_log(stack.database_url)["x2"] == 1
