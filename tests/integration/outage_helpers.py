@@ -26,6 +26,7 @@ from uuid import UUID, uuid4
 
 import httpx
 import psycopg
+import redis.asyncio
 
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
@@ -34,7 +35,7 @@ from infra.bootstrap import build_write_side
 from projections.registry import ALL_PROJECTORS
 from projections.runner import ProjectionRunner
 from read_api.app import create_app
-from read_api.broadcast import LocalBroadcaster
+from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
 from read_api.services import ApiServices, JwtVerification, RateLimits
 from read_api.testing import RunningServer, start_in_thread
 from streams.embedded import EmbeddedFanout
@@ -110,6 +111,7 @@ def start_api_stack(
     api_pool_size: int = 4,
     write_pool_size: int = 4,
     fanout: bool = True,
+    redis_url: str | None = None,
 ) -> ApiStack:
     secret = secrets.token_urlsafe(48)
     write = build_write_side(
@@ -123,7 +125,13 @@ def start_api_stack(
         timeout=pool_timeout,
     )  # fmt: skip
     pools: list[Any] = [api_pool]
-    hub = LocalBroadcaster()
+    hub: Broadcaster = LocalBroadcaster()
+    redis_client = None
+    limits = RateLimits(per_user_per_minute=None, per_workspace_per_minute=None)
+    if redis_url is not None:
+        hub = RedisBroadcaster.from_url(redis_url)
+        redis_client = redis.asyncio.Redis.from_url(redis_url)
+        limits = RateLimits(per_user_per_minute=1_000_000, per_workspace_per_minute=None)
     embedded = None
     if fanout:
         projector_pool = make_pool(
@@ -143,7 +151,8 @@ def start_api_stack(
         pool=api_pool,
         jwt=JwtVerification(secret=secret),
         broadcaster=hub,
-        rate_limits=RateLimits(per_user_per_minute=None, per_workspace_per_minute=None),
+        redis=redis_client,
+        rate_limits=limits,
         consistency_wait_ms=200,
     )
     server = start_in_thread(create_app(services))
