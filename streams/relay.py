@@ -160,7 +160,7 @@ class RelayPositions:
             self._conn = psycopg.connect(self._url, autocommit=True, options=self._options)
         return self._conn
 
-    def _execute(self, query: str, params: tuple[Any, ...] = ()) -> psycopg.Cursor[Any]:
+    def _execute(self, query: str, params: tuple[Any, ...] | None = None) -> psycopg.Cursor[Any]:
         """Run ``query``; a connection the server dropped (a restart) is replaced once."""
         try:
             return self._connection().execute(query, params)
