@@ -73,12 +73,21 @@ class Outages:
 
 
 def is_outage(error: BaseException) -> bool:
-    """Whether ``error`` says a database could not be reached or could not serve (rather than
-    a bug): psycopg's and the event-sourcing library's operational errors, pool time-outs, and
-    our own UNAVAILABLE."""
-    return isinstance(
-        error, psycopg.OperationalError | InterfaceError | OperationalError | Unavailable
-    )
+    """Whether ``error`` says a database could not be reached (rather than a bug, or a server
+    that answered with an error): our UNAVAILABLE, a pool with no connection to lend, a lost
+    or refused connection, a server shutting down or starting up. Loops that retry quietly on
+    an outage must not retry quietly on anything else (a full disk would go unnoticed)."""
+    if isinstance(error, Unavailable):
+        return True
+    cause: BaseException = error
+    if isinstance(error, InterfaceError | OperationalError) and error.__cause__ is not None:
+        cause = error.__cause__  # the library's translation of psycopg's error
+    if isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError):
+        state = cause.sqlstate
+        # No SQLSTATE: failed on our side of the socket (refused, closed, pool time-out);
+        # class 08: connection exception; 57P01-03: admin/crash shutdown, cannot connect now.
+        return state is None or state.startswith(("08", "57P"))
+    return isinstance(cause, InterfaceError | OperationalError)
 
 
 def _one_line(error: BaseException | str) -> str:

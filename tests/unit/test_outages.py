@@ -5,6 +5,7 @@ from __future__ import annotations
 import psycopg
 import structlog
 from eventsourcing.persistence import OperationalError
+from psycopg_pool import PoolTimeout
 
 from adapters.outages import Outages, is_outage
 from domain.errors import Unavailable, ValidationFailed
@@ -35,9 +36,18 @@ def test_dependencies_are_tracked_apart() -> None:
     assert outages.down_now() == ["redis"]
 
 
-def test_database_failures_are_outages_and_refusals_are_not() -> None:
-    assert is_outage(psycopg.OperationalError("gone"))
-    assert is_outage(OperationalError("pool timeout"))
+def test_unreachable_databases_are_outages_and_errors_it_answered_are_not() -> None:
+    assert is_outage(psycopg.OperationalError("connection refused"))
+    assert is_outage(PoolTimeout("no connection within 2 s"))
+    assert is_outage(psycopg.errors.AdminShutdown("terminating connection"))
     assert is_outage(Unavailable("down"))
+    translated = OperationalError("pool timeout")
+    translated.__cause__ = PoolTimeout("no connection within 2 s")
+    assert is_outage(translated)
+
     assert not is_outage(ValidationFailed("bad input"))
     assert not is_outage(psycopg.errors.UniqueViolation("dup"))
+    assert not is_outage(psycopg.errors.DiskFull("no space left"))
+    full = OperationalError("disk full")
+    full.__cause__ = psycopg.errors.DiskFull("no space left")
+    assert not is_outage(full)
