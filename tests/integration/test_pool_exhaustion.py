@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from outage_helpers import ApiStack
 
 BOARD = "query($p: ID!) { board(projectId: $p) { lanes { name } } }"
-#: Far above the 0.3 s pool timeout and far below the 30 s the issue saw: the bound that says
-#: the pool timeout applies, not the library's defaults.
-ANSWER_WITHIN = 5.0
+#: Far above the 0.3 s pool timeout (the machine may be loaded) and half the 30 s the issue saw:
+#: the bound that says the pool timeout applies, not the library's 30 s default.
+ANSWER_WITHIN = 15.0
 
 
 @pytest.fixture
