@@ -691,16 +691,19 @@ class AgentWorks(Application[UUID]):
                     break
                 committed = self.command_log.committed(transaction_id)
                 if committed is False:
+                    log.info("command.commit_settled: %s was not committed", command_id)
                     return None
                 if committed:
                     stored = self.command_log.find(scope, command_id)
                     if stored is not None:
+                        log.info("command.commit_settled: %s was committed", command_id)
                         return replace(CommandResult.from_stored(stored.result), replayed=False)
             except (Unavailable, OperationalError, InterfaceError):
                 pass  # the database is not back yet
             if time.monotonic() >= deadline:
                 break
             time.sleep(self.settle_poll_seconds)
+        log.warning("command.commit_unknown: %s, the client was told to retry with it", command_id)
         raise Unavailable(
             "the database connection was lost while this write was committing and the outcome "
             f"could not be learnt within {self.settle_seconds:g} s; retry with commandId "
