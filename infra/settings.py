@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     """Longest wait of a read that carries ``X-Consistency-Token``."""
     command_retries: int = Field(default=5, ge=0)
     """Retries of a command that lost an optimistic-concurrency race before it answers CONFLICT."""
+    pool_timeout: float = Field(default=2.0, gt=0, le=60)
+    """Longest wait for a free database connection before answering UNAVAILABLE (HTTP 503)."""
+    commit_settle_seconds: float = Field(default=5.0, ge=0, le=60)
+    """How long a write whose commit was interrupted waits to learn whether it committed, before
+    answering UNAVAILABLE with ``outcome: "unknown"`` and its commandId."""
     data_dir: Path = Path(".agentworks")
     env: Literal["dev", "test", "prod"] = "dev"
     log_level: str = "INFO"

@@ -90,7 +90,13 @@ def api_services(
     )
     return ApiServices(
         write=write,
-        pool=make_pool(database_url, role=API_ROLE, max_size=settings.api_pool_size, name="api"),
+        pool=make_pool(
+            database_url,
+            role=API_ROLE,
+            max_size=settings.api_pool_size,
+            name="api",
+            timeout=settings.pool_timeout,
+        ),
         jwt=verification,
         broadcaster=broadcaster,
         redis=redis.asyncio.Redis.from_url(settings.redis_url) if settings.redis_url else None,

@@ -31,6 +31,7 @@ import psycopg
 import structlog
 from fastapi import FastAPI
 from fastapi.routing import APIWebSocketRoute
+from graphql import GraphQLError
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 from redis.exceptions import RedisError
@@ -55,7 +56,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from adapters.metrics import HTTP_RESPONSES, Exposition
 from adapters.telemetry import continue_trace, current_traceparent
 from adapters.tokens import Principal
-from domain.errors import RateLimited, Unauthenticated, ValidationFailed
+from domain.errors import RateLimited, Unauthenticated, Unavailable, ValidationFailed
 from read_api.auth import (
     authenticate,
     request_id,
@@ -68,8 +69,12 @@ from read_api.errors import (
     INTERNAL_MESSAGE,
     RATE_LIMITED,
     UNAUTHENTICATED,
+    UNAVAILABLE,
     VALIDATION,
     error_body,
+    error_extensions,
+    outage_of,
+    retry_after,
     shape_errors,
 )
 from read_api.ratelimit import address_limits, limits_for
@@ -305,8 +310,14 @@ class GraphQLEndpoint:
         payload: dict[str, Any] = {}
         if not isinstance(result, PreExecutionError):
             payload["data"] = result.data
+        wait = None
         if result.errors:
-            payload["errors"] = [error.formatted for error in shape_errors(result.errors)]
+            shaped = shape_errors(result.errors)
+            payload["errors"] = [error.formatted for error in shaped]
+            # 503 when what was asked for is missing because of the outage; a mutation that
+            # went through but whose payload object could not be read back stays a 200 (its
+            # consistencyToken is the truth: the write happened).
+            wait = retry_after([e for e in shaped if _lost_root(e, result.data)])
         extensions = dict(result.extensions or {})
         if context.stale:
             extensions["stale"] = True
@@ -314,6 +325,9 @@ class GraphQLEndpoint:
             payload["extensions"] = extensions
         if result.errors:
             span.set_attribute("graphql.error_count", len(result.errors))
+        if wait is not None:
+            # A dependency is down (or the pool full): an outage, answered as one.
+            return _json(payload, 503, rid, extra_headers={"Retry-After": str(wait)})
         return _json(payload, 200, rid)
 
     def _report(
@@ -333,6 +347,13 @@ class GraphQLEndpoint:
             )
         except Exception:
             log.exception("api.stats_hook_failed")
+
+
+def _lost_root(error: GraphQLError, data: dict[str, Any] | None) -> bool:
+    """Whether ``error`` took the root field it belongs to (or the whole result) with it."""
+    if not data or not error.path:
+        return True
+    return data.get(str(error.path[0])) is None
 
 
 def _request_span(request: Request) -> AbstractContextManager[Span]:
@@ -423,13 +444,22 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
+def unavailable_response(error: Unavailable, rid: str) -> JSONResponse:
+    """HTTP 503 with ``Retry-After``: how every outage is answered outside GraphQL execution."""
+    extensions = error_extensions(error)
+    body = error_body(
+        error.message, UNAVAILABLE, **{k: v for k, v in extensions.items() if k != "code"}
+    )
+    return _json(body, 503, rid, extra_headers={"Retry-After": str(extensions["retryAfter"])})
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     rid = request_id(request.headers.get("x-request-id"))
-    if isinstance(exc, psycopg.OperationalError):
-        log.warning("api.database_unavailable", request_id=rid, error=str(exc))
-        return _json(
-            error_body("the database is unavailable; retry shortly", "UNAVAILABLE"), 503, rid
-        )
+    outage = outage_of(exc)
+    if outage is not None:
+        # Said once by the pool that saw it go (adapters.outages), not once per request.
+        log.debug("api.unavailable", request_id=rid, error=str(exc))
+        return unavailable_response(outage, rid)
     log.error("api.unexpected", request_id=rid, exc_info=exc)
     return _json(error_body(INTERNAL_MESSAGE, "INTERNAL"), 500, rid)
 
@@ -614,7 +644,9 @@ class Health:
                 checks["redis"] = f"unavailable ({type(error).__name__})"
                 ready = False
         checks["status"] = "ready" if ready else "not ready"
-        return JSONResponse(checks, status_code=200 if ready else 503)
+        if ready:
+            return JSONResponse(checks)
+        return JSONResponse(checks, status_code=503, headers={"Retry-After": "1"})
 
     def _stalled_seconds(self, name: str, position: int, head: int) -> float | None:
         """How long ``name`` has been behind without moving, once that exceeds the limit.
