@@ -504,3 +504,14 @@ def test_the_owner_and_members_are_listed_by_uuid(stack: Stack) -> None:
     )["workspace"]["members"]
     assert {"userId": mine.owner, "role": "OWNER"} in members
     assert {"userId": mine.member, "role": "MEMBER"} in members
+
+
+@pytest.mark.parametrize("name", ["\ud800", "a\x00"])
+def test_an_operation_name_that_is_not_text_is_validation_not_a_500(
+    stack: Stack, name: str
+) -> None:
+    mine = _worlds(stack).mine
+    body = {"query": "query A { __typename } query B { __typename }", "operationName": name}
+    response = mine.client.raw(json.dumps(body).encode())
+    assert response.status_code == 400, response.text
+    assert response.json()["errors"][0]["extensions"]["code"] == "VALIDATION"
