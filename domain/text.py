@@ -54,21 +54,34 @@ def find_unstorable(value: object, where: str = "") -> tuple[str, str] | None:
     if isinstance(value, str):
         problem = text_problem(value)
         return None if problem is None else (where, problem)
-    if isinstance(value, Mapping):
+    if isinstance(value, dict | Mapping):
         for key, item in value.items():
-            path = f"{where}.{key}" if where else str(key)
-            if isinstance(key, str) and (problem := text_problem(key)) is not None:
-                return (f"{where or 'a'} key {key!r}", problem)
-            found = find_unstorable(item, path)
+            if isinstance(key, str) and _UNSTORABLE.search(key) is not None:
+                return (f"{where or 'a'} key {key!r}", text_problem(key) or "")
+            if _nothing_to_find(item):
+                continue
+            found = find_unstorable(item, f"{where}.{key}" if where else str(key))
             if found is not None:
                 return found
         return None
     if isinstance(value, list | tuple | set | frozenset):
         for index, item in enumerate(value):
+            if _nothing_to_find(item):
+                continue
             found = find_unstorable(item, f"{where}.{index}" if where else str(index))
             if found is not None:
                 return found
     return None
+
+
+_SCALARS = (int, float, bool, type(None))
+
+
+def _nothing_to_find(item: object) -> bool:
+    """A cheap answer for the values a payload is mostly made of (plain text, numbers)."""
+    if type(item) is str:
+        return _UNSTORABLE.search(item) is None
+    return type(item) in _SCALARS
 
 
 def refuse_unstorable(value: object, *, what: str) -> None:
