@@ -16,7 +16,7 @@ from uuid import uuid4
 
 import httpx
 import pytest
-from api_client import ApiClient
+from api_client import ApiClient, subscribe
 from e2e_stack import Stack, user_id
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -515,3 +515,16 @@ def test_an_operation_name_that_is_not_text_is_validation_not_a_500(
     response = mine.client.raw(json.dumps(body).encode())
     assert response.status_code == 400, response.text
     assert response.json()["errors"][0]["extensions"]["code"] == "VALIDATION"
+
+
+def test_a_subscription_variable_that_is_not_text_is_refused_over_the_websocket(
+    stack: Stack,
+) -> None:
+    mine = _worlds(stack).mine
+    query = "subscription($p: ID!) { boardChanged(projectId: $p) { kind } }"
+    with subscribe(stack.ws_url, mine.client.token, query, {"p": "a\x00b"}) as sub:
+        message = sub.next_message()
+    assert message["type"] in ("error", "next"), message
+    errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
+    assert [e["extensions"]["code"] for e in errors] == ["VALIDATION"], message
+    assert "NUL" in errors[0]["message"]
