@@ -528,3 +528,28 @@ def test_a_subscription_variable_that_is_not_text_is_refused_over_the_websocket(
     errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
     assert [e["extensions"]["code"] for e in errors] == ["VALIDATION"], message
     assert "NUL" in errors[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"\xff\xfe", 400),  # not UTF-8 at all
+        (b"\xed\xa0\x80", 200),  # a surrogate encoded as UTF-8 bytes (CESU), which json accepts
+        (b"\xc0\x80", 400),  # an overlong NUL
+    ],
+)
+def test_a_body_that_is_not_valid_utf8_is_validation(stack: Stack, raw: bytes, status: int) -> None:
+    mine = _worlds(stack).mine
+    body = (
+        b'{"query": "mutation($input: BlockCardInput!) { blockCard(input: $input)'
+        b' { consistencyToken } }", "variables": {"input": {"cardId": "'
+        + mine.card.encode()
+        + b'", "reason": "a'
+        + raw
+        + b'b"}}}'
+    )
+    before = _head(stack)
+    response = mine.client.raw(body)
+    assert response.status_code == status, response.text
+    assert [e["extensions"]["code"] for e in response.json()["errors"]] == ["VALIDATION"]
+    assert _head(stack) == before
