@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from domain.text import find_unstorable, replace_unstorable
 
@@ -29,7 +29,7 @@ class Input(BaseModel):
 
     @field_validator("*", mode="after")
     @classmethod
-    def _storable_text(cls, value: object, info: ValidationInfo) -> object:
+    def _storable_text(cls, value: object) -> object:
         found = find_unstorable(value)
         if found is not None:
             path, problem = found
