@@ -315,8 +315,11 @@ def measure_freshness(
             if delay > 0:
                 time.sleep(delay)
             t0 = clock()
+            # Assignees are members: the owner, then nobody, in turn, so each command changes
+            # the card.
+            who = target.owner.user_id if (i // len(targets)) % 2 == 0 else None
             result = app.assign_card(
-                m.AssignCard(card_id=target.card_id, assignee=f"{tag}-{i}"), target.owner
+                m.AssignCard(card_id=target.card_id, assignee=who), target.owner
             )
             t1 = clock()
             watcher.expect(target.card_id, result.version, t1, i)

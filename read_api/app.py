@@ -57,6 +57,7 @@ from adapters.metrics import HTTP_RESPONSES, Exposition
 from adapters.telemetry import continue_trace, current_traceparent
 from adapters.tokens import Principal
 from domain.errors import RateLimited, Unauthenticated, Unavailable, ValidationFailed
+from domain.text import text_problem
 from read_api.auth import (
     authenticate,
     request_id,
@@ -421,6 +422,10 @@ def _parse_request(
     operation_name = data.get("operationName")
     if operation_name is not None and not isinstance(operation_name, str):
         raise BadRequest("'operationName' must be a string")
+    if operation_name is not None and (problem := text_problem(operation_name)) is not None:
+        # graphql-core would echo it in "Unknown operation named ..." and a lone surrogate
+        # cannot be encoded into the response.
+        raise BadRequest(f"'operationName' {problem}")
     return query, variables, operation_name
 
 

@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from uuid import UUID
+from uuid import NAMESPACE_URL, UUID, uuid5
 
 import redis.asyncio
 from api_client import ApiClient
@@ -39,6 +39,20 @@ MakeStack = Callable[..., "Stack"]
 API_APPLICATION_NAME = "agentworks-api"
 """``application_name`` of the API pool's connections, to find them in ``pg_stat_activity``."""
 
+_USERS = uuid5(NAMESPACE_URL, "https://agentworks.test/users")
+
+
+def user_id(name: str) -> str:
+    """The user id (a UUID, as every id of the API) of the test user called ``name``.
+
+    Tests call users by name ("alice"); the same name is the same user everywhere (tokens,
+    addMember, assignCard), and a UUID given as the name is used as it is.
+    """
+    try:
+        return str(UUID(name))
+    except ValueError:
+        return str(uuid5(_USERS, name))
+
 
 @dataclass
 class Stack:
@@ -61,7 +75,7 @@ class Stack:
 
     def token(self, user: str, workspace: UUID | str, role: str = "OWNER") -> str:
         return issue_token(
-            user_id=user, workspace_id=str(workspace), role=role, ttl_seconds=3600,
+            user_id=user_id(user), workspace_id=str(workspace), role=role, ttl_seconds=3600,
             secret=self.secret,
         )  # fmt: skip
 

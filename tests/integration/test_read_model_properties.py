@@ -128,6 +128,8 @@ class Script:
     charges: dict[UUID, int] = field(default_factory=dict)
     """Charge id → what is left of it to correct."""
     billed: int = 0
+    members: set[str] = field(default_factory=set)
+    """Users this script added (assignCard only takes members)."""
     corrected: int = 0
     lines: dict[UUID, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -182,6 +184,11 @@ def run_operation(side: ReadSide, script: Script, op: tuple[Any, ...]) -> None:
             app.update_card(m.UpdateCard(card_id=_card(side, script, i), title=title), owner)
         elif kind == "assign":
             i, who = args
+            if who is not None and who not in script.members:
+                app.add_member(
+                    m.AddMember(workspace_id=w.workspace_id, user_id=who, role="MEMBER"), owner
+                )
+                script.members.add(who)
             app.assign_card(m.AssignCard(card_id=_card(side, script, i), assignee=who), owner)
         elif kind == "label":
             i, label, add = args
