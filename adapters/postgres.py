@@ -3,9 +3,13 @@
 Every pool of every process (the event store's, the API's, the projectors') is a
 :class:`ResilientPool`:
 
-* a connection is checked (``ConnectionPool.check_connection``, one empty round trip) before it
-  is lent; a broken one (the server restarted under it) is dropped at once and the next one taken,
-  so the first request after a restart does not fail on a stale connection;
+* a connection that sat idle in the pool for more than :data:`CHECK_IDLE_AFTER` is checked
+  (``ConnectionPool.check_connection``, one empty round trip) before it is lent; a broken one (the
+  server restarted under it) is dropped at once and the next one taken, so the first request
+  after a restart does not fail on a stale connection. A connection given back moments ago is
+  lent unchecked (HikariCP's "alive bypass window"): a restart takes longer than that window, so
+  such a connection cannot have outlived its server unnoticed, and a busy pool does not pay an
+  extra round trip per request (a failure while it is used answers ``UNAVAILABLE`` all the same);
 * while the server is down the pool keeps trying to reconnect at most every half second (psycopg's
   own backoff doubles without bound, so after a minute's outage the pool would only notice the
   server was back up to a minute later);
@@ -23,6 +27,7 @@ connections broken by a restart would take many seconds to drain.
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any
 
 import psycopg
@@ -42,6 +47,8 @@ API_ROLE = "agentworks_api"
 DEFAULT_POOL_TIMEOUT = 2.0
 OUTAGE_WAIT = 0.25
 """How long a request waits for a connection while its server is known to be down."""
+CHECK_IDLE_AFTER = 0.25
+"""Seconds a connection may sit idle in the pool and still be lent without a check."""
 CONNECT_TIMEOUT = 3
 """Seconds a connection attempt may take (libpq's ``connect_timeout``): a server that does not
 answer at all (a dropped network rather than a refused port) fails like a refused one."""
@@ -63,7 +70,16 @@ class ResilientPool(LibraryPool[Any]):
 
     def __init__(self, *args: Any, dependency: str, **kwargs: Any) -> None:
         self.dependency = dependency
+        self._returned_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         super().__init__(*args, **kwargs)
+
+    def putconn(self, conn: Any) -> None:
+        self._returned_at[conn] = time.monotonic()
+        super().putconn(conn)
+
+    def _needs_check(self, conn: Any) -> bool:
+        returned = self._returned_at.get(conn)
+        return returned is None or time.monotonic() - returned > CHECK_IDLE_AFTER
 
     def getconn(self, timeout: float | None = None) -> Any:
         budget = self.timeout if timeout is None else timeout
@@ -88,7 +104,8 @@ class ResilientPool(LibraryPool[Any]):
                     raise PoolTimeout(f"the database ({self.dependency}) is unavailable") from None
                 continue
             try:
-                ConnectionPool.check_connection(conn)
+                if self._needs_check(conn):
+                    ConnectionPool.check_connection(conn)
             except psycopg.Error:
                 # Broken (the server restarted under it): returning it discards it and has the
                 # pool open a replacement; take the next one straight away.

@@ -15,11 +15,12 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from uuid import NAMESPACE_URL, UUID, uuid5
+from uuid import UUID
 
 import redis.asyncio
 from api_client import ApiClient
 from psycopg.conninfo import make_conninfo
+from users import user_id
 
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
@@ -38,20 +39,6 @@ MakeStack = Callable[..., "Stack"]
 
 API_APPLICATION_NAME = "agentworks-api"
 """``application_name`` of the API pool's connections, to find them in ``pg_stat_activity``."""
-
-_USERS = uuid5(NAMESPACE_URL, "https://agentworks.test/users")
-
-
-def user_id(name: str) -> str:
-    """The user id (a UUID, as every id of the API) of the test user called ``name``.
-
-    Tests call users by name ("alice"); the same name is the same user everywhere (tokens,
-    addMember, assignCard), and a UUID given as the name is used as it is.
-    """
-    try:
-        return str(UUID(name))
-    except ValueError:
-        return str(uuid5(_USERS, name))
 
 
 @dataclass
