@@ -21,7 +21,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from adapters.telemetry import continue_trace, current_traceparent
@@ -98,6 +98,12 @@ class LagCollector(Collector):
             "never arrived (grows without bound when its worker does not sweep).",
             labels=["projector"],
         )
+        healed = CounterMetricFamily(
+            "agentworks_projector_healed_events",
+            "Events a projector applied from the store instead of from a delivery (gaps filled "
+            "and sweeps), since its last rebuild: zero while no delivery is lost.",
+            labels=["projector"],
+        )
         try:
             with psycopg.connect(self.database_url, connect_timeout=3) as conn:
                 row = conn.execute(
@@ -106,7 +112,7 @@ class LagCollector(Collector):
                 top = int(row[0]) if row else 0
                 relays = conn.execute("SELECT relay, position FROM relay_positions").fetchall()
                 projectors = conn.execute(
-                    "SELECT projector, position, swept_through FROM projection_positions "
+                    "SELECT projector, position, swept_through, healed FROM projection_positions "
                     "WHERE projector NOT LIKE '%#%'"
                 ).fetchall()
         except psycopg.Error:
@@ -114,13 +120,15 @@ class LagCollector(Collector):
         head.add_metric([], top)
         for name, position in relays:
             relay.add_metric([name], top - int(position))
-        for name, position, swept in projectors:
+        for name, position, swept, from_store in projectors:
             projector.add_metric([name], top - int(position))
             unswept.add_metric([name], top - int(swept))
+            healed.add_metric([name], int(from_store))
         yield head
         yield relay
         yield projector
         yield unswept
+        yield healed
 
 
 class Exposition:

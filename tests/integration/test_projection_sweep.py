@@ -79,6 +79,37 @@ def test_a_lost_last_event_is_swept_in_from_the_store(side: ReadSide) -> None:
     assert_rebuild_matches(side, KanbanProjector())
 
 
+def _healed(side: ReadSide, projector: str) -> int:
+    found = side.rows("SELECT healed FROM projection_positions WHERE projector = %s", (projector,))
+    return int(found[0]["healed"]) if found else 0
+
+
+def test_the_healed_counter_counts_what_came_from_the_store_not_from_deliveries(
+    side: ReadSide,
+) -> None:
+    world = side.new_world()
+    card = create_card(side, world, title="one")
+    for title in ("two", "three", "four"):
+        side.app.update_card(m.UpdateCard(card_id=card, title=title), world.owner)
+    everything = side.envelopes()
+    edits = [e for e in everything if e.originator_id == card and e.type == "Card.Edited"]
+    runner = side.runner(KanbanProjector())
+
+    # Delivered in order, twice: nothing came from the store.
+    runner.process(everything[: -len(edits)])
+    runner.process(everything[: -len(edits)])
+    assert _healed(side, "kanban") == 0
+
+    # The first two edits lost on the way: the third reveals them and they are read back.
+    runner.process(edits[2:3])
+    assert (_healed(side, "kanban"), _title(side, card)) == (2, "four")
+    # The last edit lost too, a tail no successor reveals: the sweep brings it (one more).
+    side.app.update_card(m.UpdateCard(card_id=card, title="five"), world.owner)
+    head = side.envelopes()[-1].position
+    assert ProjectionSweep(runner).sweep(through=head).healed == 1
+    assert (_healed(side, "kanban"), _title(side, card)) == (3, "five")
+
+
 def test_nothing_to_sweep_when_everything_arrived(side: ReadSide) -> None:
     world = side.new_world()
     create_card(side, world)
