@@ -686,12 +686,17 @@ class KafkaStack:
         seed: int,
         converge_timeout: float = 120.0,
         sweep_interval: float = 0,
+        partitions: int = 3,
     ) -> None:
         self.database_url = database_url
         self.broker = broker
         self.converge_timeout = converge_timeout
         self.fanout = KafkaFanout(
-            database_url, broker.bootstrap, workdir, partitions=3, sweep_interval=sweep_interval
+            database_url,
+            broker.bootstrap,
+            workdir,
+            partitions=partitions,
+            sweep_interval=sweep_interval,
         )
         self.app: AgentWorks = build_write_side(database_url, pool_size=2)
         self.workload = Workload(self.app, seed=seed)
@@ -723,14 +728,21 @@ class KafkaStack:
 
 @contextlib.contextmanager
 def kafka_stack(
-    database_url: str, workdir: Path, *, seed: int, sweep_interval: float = 0
+    database_url: str, workdir: Path, *, seed: int, sweep_interval: float = 0, partitions: int = 3
 ) -> Iterator[KafkaStack]:
     """A :class:`KafkaStack` on a new :class:`LocalBroker`, all of it stopped on exit."""
     broker = LocalBroker()
     stack: KafkaStack | None = None
     try:
         broker.start()
-        stack = KafkaStack(database_url, broker, workdir, seed=seed, sweep_interval=sweep_interval)
+        stack = KafkaStack(
+            database_url,
+            broker,
+            workdir,
+            seed=seed,
+            sweep_interval=sweep_interval,
+            partitions=partitions,
+        )
         stack.fanout.start()
         yield stack
     finally:
