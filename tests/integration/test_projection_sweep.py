@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis_profiles import examples
 from read_side_helpers import ReadSide, create_card
 from test_read_model_properties import (
     EVERYTHING_ONCE,
@@ -182,7 +183,7 @@ def test_the_schedule_sweeps_what_was_published_one_tick_earlier(side: ReadSide)
 
 
 @settings(
-    max_examples=10,
+    max_examples=examples(dev=12, ci=20),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
