@@ -95,7 +95,8 @@ def rounds_note(count: int) -> str:
 #: The append run the summary cites: ``append.json`` is the run before the write-path changes.
 APPEND = "append_after_fixes.json"
 #: It was taken at 06:18 on a0c0d7d; the changes it measured were committed at 06:21 as 32ccf20
-#: ("Faster appends"). The results file records only the HEAD it ran on.
+#: ("Faster appends"). That results file records only the HEAD it ran on; later runs record
+#: whether the tree was clean (``provenance``), and then that is what the row says.
 APPEND_UNCOMMITTED = "a0c0d7d plus uncommitted changes (committed 3 min later as 32ccf20)"
 
 
@@ -105,10 +106,16 @@ def append_rows() -> list[Row]:
     rounds = len(scenarios["ours.assign/16"]["windows"])
     others = [s["other_busy_cores"] for s in run["scenarios"]]
     when = run["started_at"][:16].replace("T", " ")
+    prov = run.get("provenance")
+    commit = (
+        f"{prov['commit']}{' plus uncommitted changes' if prov['dirty'] else ''}"
+        if prov
+        else APPEND_UNCOMMITTED
+    )
     cite = (
-        f"{file_ref(APPEND)} · {APPEND_UNCOMMITTED} · {when} UTC · "
+        f"{file_ref(APPEND)} · {commit} · {when} UTC · "
         f"{rounds_note(rounds)} {TIMES} {run['settings']['seconds']:.0f} s · "
-        f"{loadavg(run['machine']['loadavg_at_start'])}, other processes busy "
+        f"{loadavg(run['machine']['loadavg_at_start'])}{busy_over_run(prov)}, other processes busy "
         f"{min(others):.1f}{DASH}{max(others):.1f} of 2 cores"
     )
 
@@ -182,9 +189,11 @@ def freshness_cite(entry: dict[str, Any], key: str, *, what: str) -> str:
     workers = entry.get("workers") or (
         "workers ran with sweeps off and WARNING logs (production: a sweep every 10 s, INFO)"
     )
+    dirty = " plus uncommitted changes" if entry.get("provenance", {}).get("dirty") else ""
     return (
-        f"{file_ref(FRESHNESS, key)} · {machine['git_head']} · {when} UTC · {rounds} · "
-        f"{loadavg(machine['loadavg_at_start'])} · PostgreSQL {machine['postgres'].split()[0]}"
+        f"{file_ref(FRESHNESS, key)} · {machine['git_head']}{dirty} · {when} UTC · {rounds} · "
+        f"{loadavg(machine['loadavg_at_start'])}{busy_over_run(entry.get('provenance'))} · "
+        f"PostgreSQL {machine['postgres'].split()[0]}"
         f" · {workers}"
     )
 
@@ -205,6 +214,11 @@ def freshness_rows() -> list[Row]:
     def p99(entry: dict[str, Any], path: str) -> float:
         return float(entry["freshness"][path]["freshness_ms"]["p99"])
 
+    def p99_text(entry: dict[str, Any], path: str) -> str:
+        rounds = [r["p99"] for r in entry["freshness"][path].get("per_round", [])]
+        text = f"p99 {ms(p99(entry, path))}"
+        return text + (f" ({spread(min(rounds), max(rounds), ms)} by round)" if rounds else "")
+
     def met(entry: dict[str, Any], path: str) -> str:
         return "yes" if p99(entry, path) <= entry["budgets_p99_ms"][path] else "no"
 
@@ -215,7 +229,7 @@ def freshness_rows() -> list[Row]:
     rows = [
         Row(
             f"freshness p99 ≤ {budgets['embedded']:.0f} ms, embedded fan-out",
-            f"p99 {ms(p99(private, 'embedded'))}, p50 "
+            f"{p99_text(private, 'embedded')}, p50 "
             f"{ms(fresh['embedded']['freshness_ms']['p50'])}{lost(private, 'embedded')}",
             f"raw Kafka produce → consume, 20 ms fetch wait: p99 {ms(raw_p99(private, 20))}",
             met(private, "embedded"),
@@ -223,7 +237,7 @@ def freshness_rows() -> list[Row]:
         ),
         Row(
             f"freshness p99 ≤ {budgets['kafka']:.0f} ms through Kafka",
-            f"p99 {ms(p99(private, 'kafka'))}, p50 {ms(fresh['kafka']['freshness_ms']['p50'])}"
+            f"{p99_text(private, 'kafka')}, p50 {ms(fresh['kafka']['freshness_ms']['p50'])}"
             f"{lost(private, 'kafka')} (workers' fetch wait 100 ms)",
             f"raw Kafka, fetch wait 1,500 ms: p99 {ms(raw_p99(private, 1500))}; 20 ms: p99 "
             f"{ms(raw_p99(private, 20))}",
@@ -232,7 +246,7 @@ def freshness_rows() -> list[Row]:
         ),
         Row(
             "the same two budgets on the machine's shared PostgreSQL 15",
-            f"embedded p99 {ms(p99(shared, 'embedded'))}, Kafka p99 {ms(p99(shared, 'kafka'))}",
+            f"embedded {p99_text(shared, 'embedded')}, Kafka {p99_text(shared, 'kafka')}",
             f"raw Kafka, 20 ms fetch wait: p99 {ms(raw_p99(shared, 20))}; 1,500 ms: p99 "
             f"{ms(raw_p99(shared, 1500))}",
             "yes" if met(shared, "embedded") == met(shared, "kafka") == "yes" else "no",
@@ -250,15 +264,22 @@ def freshness_rows() -> list[Row]:
             "times added (not overlapped, while the Kafka path overlaps them)"
         )
         raw_rate = raw["overlapped"]["events_per_s"] if overlapped else raw["events_per_s"]
+        by_round = thr.get("rounds", [])
+
+        def rate(path: str) -> str:
+            values = [r[path] for r in by_round]
+            text = n(thr[path]["events_per_s"])
+            return text + (f" ({spread(min(values), max(values))})" if len(values) > 1 else "")
+
         rows.append(
             Row(
                 f"fan-out throughput, {n(thr['backlog_events'])}-event backlog → kanban "
                 "(no budget; asked for next to raw Kafka)",
-                f"embedded {n(thr['embedded']['events_per_s'])} events/s "
+                f"embedded {rate('embedded')} events/s "
                 f"({x(thr['embedded']['events_per_s'] / raw_rate)}); Kafka relay + worker "
-                f"{n(thr['kafka']['events_per_s'])} events/s "
+                f"{rate('kafka')} events/s "
                 f"({x(thr['kafka']['events_per_s'] / raw_rate)})",
-                f"{raw_label}: {n(raw_rate)} events/s",
+                f"{raw_label}: {rate('raw_kafka') if overlapped else n(raw_rate)} events/s",
                 "—",
                 freshness_cite(private, "private", what="throughput"),
             )
@@ -273,16 +294,24 @@ def rebuild_rows() -> list[Row]:
     run = load(REBUILD)
     env, summary = run["environment"], run["summary"]
     commit = env["git"]
-    cite = (
-        f"{file_ref(REBUILD)} · {commit} · {env['date'][:16].replace('T', ' ')} UTC · "
-        f"{rounds_note(1)}, no spread · loadavg {env['loadavg_before']} before"
-        + (f" · not re-measured since {commit.split()[0]}" if "uncommitted" in commit else "")
-    )
+    rounds = [r["events_per_second"] for r in run.get("rebuild_all_rounds", [])]
+    prov = run.get("provenance")
+    if prov:
+        cite = provenance_cite(REBUILD, prov, rounds_note(len(rounds) or 1))
+    else:
+        cite = (
+            f"{file_ref(REBUILD)} · {commit} · {env['date'][:16].replace('T', ' ')} UTC · "
+            f"{rounds_note(1)}, no spread · loadavg {env['loadavg_before']} before"
+            + (f" · not re-measured since {commit.split()[0]}" if "uncommitted" in commit else "")
+        )
+    measured = n(summary["rebuild_all_events_per_second"])
+    if len(rounds) > 1:
+        measured += f" ({spread(min(rounds), max(rounds))})"
     return [
         Row(
             f"rebuild ≥ {n(summary['budget_events_per_second'])} events/s "
             f"(1M events < {1_000_000 / summary['budget_events_per_second']:.0f} s)",
-            f"{n(summary['rebuild_all_events_per_second'])} events/s "
+            f"{measured} events/s "
             f"({summary['rebuild_all_seconds']:.0f} s for {n(summary['events'])} events), "
             "`rebuild_many`, every projector from one read of the log",
             f"read + decode + `COPY` of the same rows, one after the other: "
@@ -304,9 +333,11 @@ def graphql_rows() -> list[Row]:
     plain = run["summary"]["targets"]["plain"][clients]
     ratios = run["summary"]["ratios_graphql_over_plain"][clients]
     rounds = run["config"]["repeats"]
-    when = run.get("started_at", "")
+    prov = run.get("provenance", {})
+    when = prov.get("started_at", "")
+    dirty = " plus uncommitted changes" if prov.get("dirty") else ""
     cite = (
-        f"{file_ref(GRAPHQL)} · {machine['git']} · "
+        f"{file_ref(GRAPHQL)} · {machine['git']}{dirty} · "
         + (f"{when[:16].replace('T', ' ')} UTC" if when else "date not recorded")
         + f" · {rounds_note(rounds)} {TIMES} {run['config']['seconds']:.0f} s · "
         f"{loadavg(machine['loadavg_at_start'])}, other processes "
@@ -332,17 +363,36 @@ def graphql_rows() -> list[Row]:
 HISTORY = "history.json"
 
 
+def busy_over_run(prov: dict[str, Any] | None) -> str:
+    busy = (prov or {}).get("machine_busy_cores")
+    return (
+        f", machine busy {busy:.2f} of {prov['cpus']} cores over the run" if prov and busy else ""
+    )
+
+
+def provenance_cite(name: str, prov: dict[str, Any], rounds: str) -> str:
+    """The run column for a results file that carries ``bench._provenance`` output."""
+    dirty = " plus uncommitted changes" if prov["dirty"] else ""
+    return (
+        f"{file_ref(name)} · {prov['commit']}{dirty} · "
+        f"{prov['started_at'][:16].replace('T', ' ')} UTC · {rounds} · "
+        f"{loadavg(prov['loadavg_at_start'])}{busy_over_run(prov)}"
+    )
+
+
 def history_rows() -> list[Row]:
     run = load(HISTORY)
     prov = run.get("provenance")
-    snap, full = run["snapshots_ms"], run["full_replay_ms"]
+    snap = run["snapshots_ms"]
+
+    def stat(kind: str, key: str) -> str:
+        values = [r[kind][key] for r in run.get("rounds", [])]
+        median = ms(run[kind][key])
+        return f"{median} ({spread(min(values), max(values), ms)})" if values else median
+
     if prov:
-        rounds = run["rounds"]
-        cite = (
-            f"{file_ref(HISTORY)} · {prov['commit']}{' + uncommitted' if prov['dirty'] else ''} · "
-            f"{prov['started_at'][:16].replace('T', ' ')} UTC · {rounds_note(len(rounds))} {TIMES} "
-            f"{run['samples']} samples · {loadavg(prov['loadavg_at_start'])}"
-        )
+        rounds = f"{rounds_note(len(run['rounds']))} {TIMES} {run['samples']} samples"
+        cite = provenance_cite(HISTORY, prov, rounds)
     else:
         cite = (
             f"{file_ref(HISTORY)} · commit, date and load not recorded by the script at the "
@@ -351,8 +401,10 @@ def history_rows() -> list[Row]:
     return [
         Row(
             f"card history: {n(run['events'])} events at any version ≤ 50 ms",
-            f"p50 {ms(snap['p50'])}, p99 {ms(snap['p99'])} (snapshots every 100 events)",
-            f"full replay of the same events: p50 {ms(full['p50'])}, p99 {ms(full['p99'])}",
+            f"p50 {stat('snapshots_ms', 'p50')}, p99 {stat('snapshots_ms', 'p99')} "
+            "(snapshots every 100 events)",
+            f"full replay of the same events: p50 {stat('full_replay_ms', 'p50')}, "
+            f"p99 {stat('full_replay_ms', 'p99')}",
             "yes" if snap["p99"] <= 50 else "no",
             cite,
         )
