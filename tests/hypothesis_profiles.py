@@ -5,10 +5,10 @@ incremental read models equal a rebuild, lost deliveries converge after a sweep)
 example against a real PostgreSQL, so they set their own count with :func:`examples`: a few more
 than the 8-15 they used to run locally, about twice that in CI (15, 30 and 20).
 
-Measured on the shared 2-core machine with seven other test sessions running (2026-12-06): 8.8 s
-per example for the batch property, 3.8 s for incremental == rebuild, 3.1 s for the sweep one;
-at those rates the ``ci`` counts take about 320 s for the three, against 170 s for the old
-counts (on a quieter machine both are about half).
+Measured on the shared 2-core machine with seven other test sessions running (2026-12-06, load
+average 6-9): the three properties took 98 s with the old counts (8, 15, 10), 119 s with the
+``dev`` counts and 168 s with the ``ci`` counts (batch 77 s, incremental 48 s, sweep 43 s); on a
+quieter machine all of these are shorter.
 """
 
 from __future__ import annotations
