@@ -14,10 +14,13 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
+import hypothesis_profiles
 import pg
 import pytest
 
 from infra.migrate import MigrationError, migrate
+
+hypothesis_profiles.load()
 
 # The memory-only Kafka-protocol broker fixture (`kafka_broker`), shared by every test module.
 pytest_plugins = ["kafka_fixtures"]
