@@ -46,13 +46,11 @@ from eventsourcing.postgres import (
     PostgresFactory,
     PostgresSubscription,
 )
-from eventsourcing.utils import Environment, EnvType, retry
+from eventsourcing.utils import retry
 from psycopg.sql import SQL, Composed, Identifier
 
 from adapters.metrics import EVENTS_APPENDED
 from domain.idempotency import CommandRecord, StoredCommand
-
-DB_ROLE_ENV = "AGENTWORKS_DB_ROLE"
 
 # The oldest transaction that was still running when this statement's snapshot was taken and is
 # not known to belong to another database (transaction ids are server-wide; a long transaction
@@ -102,8 +100,8 @@ class EventStoreRecorder(PostgresApplicationRecorder):
             "to_jsonb(currval(pg_get_serial_sequence({0}, 'notification_id')))))"
         ).format(f"{self.datastore.schema}.{self.events_table_name}")
         self._insert_binary_sql = SQL(
-            "INSERT INTO {0} (originator_id, originator_version, topic, state) "
-            "SELECT * FROM unnest(%b::uuid[], %b::int8[], %b::text[], %b::bytea[]) "
+            "INSERT INTO {0} (originator_id, originator_version, topic, state, workspace_id) "
+            "SELECT * FROM unnest(%b::uuid[], %b::int8[], %b::text[], %b::bytea[], %b::uuid[]) "
             "RETURNING notification_id"
         ).format(table)
         self._notify_sql = SQL("NOTIFY {0}").format(Identifier(self.channel_name))
@@ -314,8 +312,8 @@ def _notification(row: Any) -> Notification:
 
 def _binary_columns(
     stored_events: Sequence[StoredEvent],
-) -> tuple[list[UUID], list[int], list[str], list[bytes]]:
-    """The events as four typed arrays: sent in binary, they cost a fraction of composite text."""
+) -> tuple[list[UUID], list[int], list[str], list[bytes], list[UUID | None]]:
+    """The events as typed arrays: sent in binary, they cost a fraction of composite text."""
     return (
         [
             e.originator_id if isinstance(e.originator_id, UUID) else UUID(str(e.originator_id))
@@ -324,7 +322,22 @@ def _binary_columns(
         [e.originator_version for e in stored_events],
         [e.topic for e in stored_events],
         [e.state for e in stored_events],
+        [stored_workspace(e.state) for e in stored_events],
     )
+
+
+def stored_workspace(state: bytes) -> UUID | None:
+    """The workspace named in a stored event's metadata; None when its state names none.
+
+    The events table keeps it in a column of its own, which row-level security compares with
+    the workspace of the API's transaction. A state that is not our JSON (encrypted, compressed,
+    or foreign) names no workspace, so the API never sees it: the safe side.
+    """
+    try:
+        meta = json.loads(state).get("meta")
+        return UUID(meta["workspace_id"]) if isinstance(meta, dict) else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def is_duplicate_command(error: IntegrityError) -> bool:
@@ -332,19 +345,11 @@ def is_duplicate_command(error: IntegrityError) -> bool:
 
 
 class Factory(PostgresFactory):
-    """The library's postgres factory, with our recorder and the application's database role.
+    """The library's postgres factory, with our recorder.
 
-    Connections ``SET ROLE`` to the application role at start-up, so everything the application
-    does runs with that role's privileges: it may INSERT and SELECT events, never UPDATE or DELETE.
+    It logs in as ``POSTGRES_USER``, the component's own role (see ``infra.bootstrap``): the
+    write side's may INSERT and SELECT events, never UPDATE or DELETE them.
     """
-
-    def __init__(self, env: Environment | EnvType | None) -> None:
-        super().__init__(env)
-        role = self.env.get(DB_ROLE_ENV)
-        if role:
-            kwargs = self.datastore.pool.kwargs
-            assert isinstance(kwargs, dict)
-            kwargs["options"] = f"-c role={role}"
 
     application_recorder_class = EventStoreRecorder
 

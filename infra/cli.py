@@ -44,7 +44,7 @@ from domain.errors import AgentWorksError
 from domain.roles import Role
 from infra.logging import configure_logging
 from infra.migrate import MigrationError, discover, ensure_database, migrate
-from infra.settings import ConfigurationError, Settings, jwt_keys
+from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -107,7 +107,11 @@ def migrate_command(
         typer.Option("--create-database/--no-create-database", help="Create it if missing."),
     ] = True,
 ) -> None:
-    """Apply pending SQL migrations to the database (safe to run concurrently, idempotent)."""
+    """Apply pending SQL migrations to the database (safe to run concurrently, idempotent).
+
+    Run it as the database's owner: it also lets each component's role log in, with its password
+    from AGENTWORKS_DB_*_PASSWORD (outside production, generated and kept in the data dir).
+    """
     overrides: dict[str, object] = {} if database_url is None else {"database_url": database_url}
     settings = load_settings(**overrides)
     if settings.database_url is None:
@@ -118,7 +122,9 @@ def migrate_command(
     if create_database:
         ensure_database(settings.database_url)
     known = {m.version: m for m in discover()}
-    applied = migrate(settings.database_url, app_role=settings.db_app_role)
+    applied = migrate(
+        settings.database_url, app_role=settings.db_app_role, logins=db_logins(settings)
+    )
 
     console = Console()
     if not applied:

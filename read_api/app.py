@@ -246,7 +246,9 @@ class GraphQLEndpoint:
         context.request = request
         context.authenticate(principal)
         try:
-            if token is not None and not await self.runtime.waiter.wait_for_token(token):
+            if token is not None and not await self.runtime.waiter.wait_for_token(
+                token, None if principal.is_bootstrap else principal.workspace_id
+            ):
                 context.stale = True
             result = await self.schema.execute(
                 query,
@@ -562,9 +564,8 @@ class Health:
     def _positions(self) -> tuple[int, dict[str, int]]:
         pool = self.runtime.services.pool
         with pool.connection(timeout=_HEALTH_TIMEOUT) as conn:
-            head_row = conn.execute(
-                "SELECT coalesce(max(notification_id), 0) AS head FROM agentworks_events"
-            ).fetchone()
+            # Row-level security hides every event from this role; the function does not.
+            head_row = conn.execute("SELECT agentworks_log_head() AS head").fetchone()
             rows = conn.execute("SELECT projector, position FROM projection_positions").fetchall()
         head = int(head_row["head"]) if head_row else 0
         return head, {row["projector"]: int(row["position"]) for row in rows}

@@ -86,9 +86,19 @@ class ConsistencyWaiter:
         known = {p.name for p in self._projectors}
         return [name for name in wanted if name in known]
 
-    async def wait_for_token(self, token: ConsistencyToken) -> bool:
-        """Wait for every projector following the token's aggregate; ``False`` on timeout."""
-        aggregate = await self._offloader.run(self._aggregate_of, token.aggregate_id)
+    async def wait_for_token(self, token: ConsistencyToken, workspace_id: str | None) -> bool:
+        """Wait for every projector following the token's aggregate; ``False`` on timeout.
+
+        The aggregate is looked up among the events of the caller's ``workspace_id`` only (the
+        API's role sees no others), so a token naming anything else waits for nothing.
+        """
+        try:
+            workspace = UUID(workspace_id) if workspace_id is not None else None
+        except ValueError:
+            workspace = None
+        if workspace is None:
+            return False
+        aggregate = await self._offloader.run(self._aggregate_of, token.aggregate_id, workspace)
         if aggregate is None:
             return False
         names = followers(self._projectors, aggregate)
@@ -126,8 +136,11 @@ class ConsistencyWaiter:
             for row in rows
         )
 
-    def _aggregate_of(self, aggregate_id: UUID) -> str | None:
+    def _aggregate_of(self, aggregate_id: UUID, workspace_id: UUID) -> str | None:
         with self._pool.connection() as conn:
+            conn.execute(
+                "SELECT set_config('agentworks.workspace_id', %s, true)", (str(workspace_id),)
+            )
             row = conn.execute(
                 "SELECT topic FROM agentworks_events WHERE originator_id = %s"
                 " ORDER BY originator_version LIMIT 1",
