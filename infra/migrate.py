@@ -300,9 +300,12 @@ def _with_retries(
     attempts: int = 10,
 ) -> None:
     for attempt in range(1, attempts + 1):
-        if unless_role_exists is not None and conn.execute(
-            "SELECT 1 FROM pg_roles WHERE rolname = %s", (unless_role_exists,)
-        ).fetchone():
+        if (
+            unless_role_exists is not None
+            and conn.execute(
+                "SELECT 1 FROM pg_roles WHERE rolname = %s", (unless_role_exists,)
+            ).fetchone()
+        ):
             return
         try:
             conn.execute(statement)

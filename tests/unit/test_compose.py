@@ -87,3 +87,33 @@ def test_serve_listens_on_all_interfaces_on_its_published_port(compose: dict[str
     assert argv[argv.index("--host") + 1] == "0.0.0.0"
     port = argv[argv.index("--port") + 1]
     assert any(str(mapping).endswith(f":{port}") for mapping in serve["ports"])
+
+
+#: The database roles' passwords each service may hold: its own roles' only.
+DB_PASSWORDS = {
+    "migrate": {"WRITER", "API", "PROJECTOR", "RELAY"},
+    "serve": {"WRITER", "API"},
+    "relay": {"RELAY"},
+    "worker": {"PROJECTOR"},
+}
+
+
+def test_each_service_holds_only_its_own_database_roles_passwords(
+    compose: dict[str, Any],
+) -> None:
+    services = agentworks_services(compose)
+    assert set(services) == set(DB_PASSWORDS)
+    for name, service in services.items():
+        env = service["environment"]
+        held = {
+            key.removeprefix("AGENTWORKS_DB_").removesuffix("_PASSWORD")
+            for key in env
+            if key.startswith("AGENTWORKS_DB_") and key.endswith("_PASSWORD")
+        }
+        assert held == DB_PASSWORDS[name], name
+        for role in held:
+            # From the operator's environment, never written into the file.
+            assert env[f"AGENTWORKS_DB_{role}_PASSWORD"].startswith("${"), name
+        owner_password = "${POSTGRES_PASSWORD" in env["AGENTWORKS_DATABASE_URL"]
+        assert owner_password == (name == "migrate"), name
+        assert ("AGENTWORKS_JWT_SECRET" in env) == (name == "serve"), name
