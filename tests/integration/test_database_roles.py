@@ -295,7 +295,7 @@ class TestMigrate:
                     )
             migrate(url, logins=pg.LOGIN_PASSWORDS)
             with psycopg.connect(url) as conn:
-                rows = dict(
+                rows: dict[UUID, UUID | None] = dict(
                     conn.execute("SELECT originator_id, workspace_id FROM agentworks_events")
                 )
                 (left_alone,) = conn.execute(

@@ -27,7 +27,7 @@ URLS = (
 @pytest.mark.parametrize("url", URLS)
 @given(
     password=st.text(
-        st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+        st.characters(exclude_categories=["Cs"], exclude_characters="\x00"),
         min_size=1,
         max_size=40,
     )
