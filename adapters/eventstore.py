@@ -122,6 +122,8 @@ class EventStoreRecorder(PostgresApplicationRecorder):
             return []
         notification_ids: list[int] = []
         failure: Exception | None = None
+        # Built before the lock is requested: the pipeline may already hold it on the server.
+        columns = _binary_columns(stored_events) if stored_events else None
         with self.datastore.get_connection() as conn:
             try:
                 with conn.pipeline() as pipeline:
@@ -129,10 +131,10 @@ class EventStoreRecorder(PostgresApplicationRecorder):
                         with conn.transaction(), conn.cursor() as inserts, conn.cursor() as other:
                             try:
                                 other.execute(self._lock_sql, prepare=True)
-                                if stored_events:
+                                if columns is not None:
                                     inserts.execute(
                                         self._insert_binary_sql,
-                                        _binary_columns(stored_events),
+                                        columns,
                                         binary=False,
                                         prepare=True,
                                     )
