@@ -8,6 +8,7 @@ every role something it must not see or touch.
 from __future__ import annotations
 
 import shutil
+import threading
 from typing import TYPE_CHECKING
 from uuid import UUID, uuid4
 
@@ -345,3 +346,32 @@ class TestMigrate:
         finally:
             with pg.admin_connection() as admin:
                 admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+    def test_sessions_migrating_their_own_databases_at_once_all_set_up_the_logins(
+        self, postgres: None
+    ) -> None:
+        # Roles belong to the cluster: parallel test sessions (or deployments sharing a server)
+        # create and alter the same ones at the same moment.
+        names = [pg.random_name("aw_t_roles_") for _ in range(4)]
+        urls = [pg.create_database(name) for name in names]
+        errors: list[BaseException] = []
+
+        def run(url: str) -> None:
+            try:
+                migrate(url, logins=pg.LOGIN_PASSWORDS)
+            except BaseException as error:  # reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=run, args=(url,)) for url in urls]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            assert errors == []
+            for url in urls:
+                with psycopg.connect(pg.login_url_for(url, RELAY_ROLE)) as conn:
+                    assert conn.execute("SELECT agentworks_log_head()").fetchone() == (0,)
+        finally:
+            for name in names:
+                pg.drop_database(name)
