@@ -20,6 +20,7 @@ of another role: such a role would carry more than its own privileges.
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 import time
 from collections.abc import Mapping
@@ -297,7 +298,7 @@ def _with_retries(
     statement: sql.Composed,
     *,
     unless_role_exists: str | None = None,
-    attempts: int = 10,
+    attempts: int = 20,
 ) -> None:
     for attempt in range(1, attempts + 1):
         if (
@@ -313,7 +314,8 @@ def _with_retries(
         except _CONCURRENT_ROLE_CHANGE:
             if attempt == attempts:
                 raise
-            time.sleep(0.05 * attempt)
+            # Jittered: sessions that collided and retry in step would collide again.
+            time.sleep(random.uniform(0, 0.02 * attempt))  # noqa: S311
 
 
 def _maintenance_connection(
