@@ -98,6 +98,12 @@ class LagCollector(Collector):
             "never arrived (grows without bound when its worker does not sweep).",
             labels=["projector"],
         )
+        parked = GaugeMetricFamily(
+            "agentworks_projector_parked_aggregates",
+            "Aggregates a projector could not apply an event of: their events wait until "
+            "`agentworks parked retry` (see `agentworks parked list`).",
+            labels=["projector"],
+        )
         try:
             with psycopg.connect(self.database_url, connect_timeout=3) as conn:
                 # A function: the API's role, under row-level security, sees no event itself.
@@ -108,6 +114,12 @@ class LagCollector(Collector):
                     "SELECT projector, position, swept_through FROM projection_positions "
                     "WHERE projector NOT LIKE '%#%'"
                 ).fetchall()
+                parked_counts: dict[str, int] = dict(
+                    conn.execute(
+                        "SELECT projector, count(*) FROM projection_parked "
+                        "WHERE projector NOT LIKE '%#%' GROUP BY projector"
+                    ).fetchall()
+                )
         except psycopg.Error:
             return
         head.add_metric([], top)
@@ -116,10 +128,13 @@ class LagCollector(Collector):
         for name, position, swept in projectors:
             projector.add_metric([name], top - int(position))
             unswept.add_metric([name], top - int(swept))
+        for name in sorted({name for name, _, _ in projectors} | set(parked_counts)):
+            parked.add_metric([name], int(parked_counts.get(name, 0)))
         yield head
         yield relay
         yield projector
         yield unswept
+        yield parked
 
 
 class Exposition:

@@ -25,12 +25,12 @@ from commands import models as m
 from commands.idempotency import fingerprint
 from domain.agent_run import AgentRun
 from domain.card import Card
-from domain.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
+from domain.errors import Conflict, Forbidden, InvalidTransition, NotFound, ValidationFailed
 from domain.idempotency import CommandLog, CommandRecord
 from domain.meta import EventMeta
 from domain.money import billed_amount, parse_markup, parse_usd
 from domain.project import LaneSpec, Project
-from domain.roles import Role, require_role
+from domain.roles import Role, capped, require_role
 from domain.usage import MonthlySpend, UsageCharge, month_of, spend_id_for
 from domain.workspace import Workspace
 
@@ -55,11 +55,14 @@ class Actor:
     """Who sends a command, as their credentials say.
 
     ``workspace_id`` is the workspace the credentials are for (``"*"`` for a bootstrap token).
-    A service actor (the orchestrator) acts inside its workspace without being a member.
+    ``role`` is the credentials' role claim: a ceiling on the user's membership role, checked
+    against the workspace's members on every command (``None``: no claim, the membership alone
+    decides). A service actor (the orchestrator) acts inside its workspace without being a member.
     """
 
     user_id: str
     workspace_id: str
+    role: Role | None = None
     is_service: bool = False
     correlation_id: str | None = None
     causation_id: str | None = None
@@ -151,6 +154,14 @@ class AgentWorks(Application[UUID]):
     # -- workspaces ---------------------------------------------------------------------------
 
     def create_workspace(self, cmd: m.CreateWorkspace, actor: Actor) -> CommandResult:
+        if actor.workspace_id != BOOTSTRAP_SCOPE:
+            # Credentials for one workspace are a tenant's; they must not mint new tenants.
+            raise Forbidden(
+                "credentials for a workspace cannot create workspaces; "
+                "use a bootstrap token (agentworks token --bootstrap)",
+                user_id=actor.user_id,
+            )
+
         def decide(meta: EventMeta) -> Decision:
             workspace_id = uuid4()
             workspace = Workspace.create(
@@ -717,11 +728,11 @@ class AgentWorks(Application[UUID]):
         role = workspace.role_of(actor.user_id)
         if role is None:
             raise NotFound(f"workspace {workspace.id} does not exist")
-        require_role(role, needed, action=action, user_id=actor.user_id)
+        require_role(capped(role, actor.role), needed, action=action, user_id=actor.user_id)
 
     def _may_grant(self, workspace: Workspace, actor: Actor, role: Role) -> None:
         if role is Role.OWNER and not actor.is_service:
-            mine = workspace.role_of(actor.user_id) or Role.VIEWER
+            mine = capped(workspace.role_of(actor.user_id) or Role.VIEWER, actor.role)
             require_role(mine, Role.OWNER, action="granting or taking OWNER", user_id=actor.user_id)
 
     def _spend_for(self, workspace: Workspace, at: datetime, meta: EventMeta) -> MonthlySpend:

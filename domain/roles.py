@@ -36,6 +36,17 @@ class Role(StrEnum):
 _RANK = {Role.VIEWER: 0, Role.MEMBER: 1, Role.ADMIN: 2, Role.OWNER: 3}
 
 
+def capped(membership: Role, ceiling: Role | None) -> Role:
+    """The role a credential acts with: its claim caps the membership, it never raises it.
+
+    A token minted ``VIEWER`` for an owner reads only; a token minted ``OWNER`` for a member
+    acts as that member. ``ceiling=None`` is a credential without a role claim.
+    """
+    if ceiling is None or membership.rank <= ceiling.rank:
+        return membership
+    return ceiling
+
+
 def require_role(actual: Role, needed: Role, *, action: str, user_id: str) -> None:
     """Refuse ``action`` unless ``actual`` is at least ``needed``."""
     if not actual.at_least(needed):

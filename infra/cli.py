@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -48,6 +49,8 @@ from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from infra.stack import DevStack
 
 PROG = "agentworks"
 
@@ -270,11 +273,24 @@ def dev_command(
                 f"({seeded.cards} cards). Token for {seeded.owner} (OWNER):"
             )
             typer.echo(token)
-        console.print(f"GraphQL: http://{host}:{port}/graphql  (Ctrl-C to stop)")
+        # The URL only once an event written now reaches the read models (through Kafka: the
+        # workers hold their partitions), so a client's first writes read back fresh.
+        announce = threading.Thread(
+            target=_announce_when_ready,
+            args=(stack, console, f"GraphQL: http://{host}:{port}/graphql  (Ctrl-C to stop)"),
+            name="dev-ready",
+            daemon=True,
+        )
+        announce.start()
         serve_app(create_app(stack.services), host=host, port=port)
     finally:
         stack.stop()
         console.print("stopped")
+
+
+def _announce_when_ready(stack: DevStack, console: Console, line: str) -> None:
+    stack.wait_until_ready()
+    console.print(line)
 
 
 @app.command("serve")
@@ -435,6 +451,17 @@ def rebuild_command(
                 f"{result.projector}: {result.events:,} events replayed, swapped in at position "
                 f"{result.position:,}"
             )
+        with read_side.pool.connection() as conn:
+            parked = conn.execute(
+                "SELECT projector, count(*) AS n FROM projection_parked"
+                " WHERE projector = ANY(%s) GROUP BY projector ORDER BY projector",
+                ([result.projector for result in results],),
+            ).fetchall()
+        for row in parked:
+            console.print(
+                f"{row['projector']}: {row['n']:,} parked aggregate(s), events it could not "
+                f"apply (see '{PROG} parked list')"
+            )
     finally:
         read_side.close()
 
@@ -502,11 +529,18 @@ def status_command() -> None:
             "SELECT projector, position, swept_through FROM projection_positions "
             "WHERE projector NOT LIKE '%#%' ORDER BY projector"
         ).fetchall()
+        parked: dict[str, int] = dict(
+            conn.execute(
+                "SELECT projector, count(*) FROM projection_parked "
+                "WHERE projector NOT LIKE '%#%' GROUP BY projector"
+            ).fetchall()
+        )
     table = Table(title=f"event log head: {head_position:,}")
     table.add_column("component")
     table.add_column("position", justify="right")
     table.add_column("lag", justify="right")
     table.add_column("swept through", justify="right")
+    table.add_column("parked", justify="right")
     for kind, rows in (("relay", relays), ("projector", projectors)):
         for component, position, swept in rows:
             table.add_row(
@@ -514,8 +548,131 @@ def status_command() -> None:
                 f"{position:,}",
                 f"{head_position - position:,}",
                 "" if swept is None else f"{swept:,}",
+                "" if kind == "relay" else f"{parked.get(component, 0):,}",
             )
     Console().print(table)
+    if any(parked.values()):
+        Console(stderr=True).print(
+            f"{sum(parked.values()):,} parked aggregate(s): see '{PROG} parked list'"
+        )
+
+
+# --- parked aggregates ---------------------------------------------------------------------------
+
+parked_app = typer.Typer(
+    help="Aggregates a projector could not apply an event of (their events wait): list, retry.",
+    no_args_is_help=True,
+)
+app.add_typer(parked_app, name="parked")
+
+_ProjectorOption = Annotated[
+    str | None, typer.Option("--projector", help="Only this projector's parked aggregates.")
+]
+
+
+@parked_app.command("list")
+def parked_list_command(projector: _ProjectorOption = None) -> None:
+    """The parked aggregates: the event each stopped at, the error, how often it was tried."""
+    import psycopg
+
+    from projections.registry import projector_named
+
+    if projector is not None:
+        projector_named(projector)  # an unknown name is refused with the valid ones
+    settings = load_settings()
+    with psycopg.connect(_database_url(settings)) as conn:
+        rows = conn.execute(
+            "SELECT projector, originator_id, originator_version, position, event_type,"
+            " workspace_id, attempts, failed_at, error FROM projection_parked"
+            " WHERE projector NOT LIKE '%%#%%' AND (%s::text IS NULL OR projector = %s)"
+            " ORDER BY projector, position",
+            (projector, projector),
+        ).fetchall()
+    table = Table(title=f"parked aggregates: {len(rows):,}")
+    for column in ("projector", "aggregate", "version", "position", "event", "workspace"):
+        table.add_column(column, no_wrap=column in ("aggregate", "workspace"))
+    table.add_column("tries", justify="right")
+    table.add_column("last failed")
+    table.add_column("error", overflow="fold")
+    for name, aggregate, version, position, event, workspace, attempts, failed, error in rows:
+        table.add_row(
+            name,
+            str(aggregate),
+            str(version),
+            f"{position:,}",
+            event,
+            "" if workspace is None else str(workspace),
+            str(attempts),
+            failed.isoformat(timespec="seconds"),
+            error,
+        )
+    Console().print(table)
+
+
+@parked_app.command("retry")
+def parked_retry_command(
+    projector: _ProjectorOption = None,
+    aggregate: Annotated[
+        str | None, typer.Option("--aggregate", help="Only this aggregate (its id).")
+    ] = None,
+) -> None:
+    """Apply the parked aggregates' events again, in order, after a fix.
+
+    Safe while workers run. An aggregate that fails again stays parked with the new error;
+    then the command exits with 1.
+    """
+    from uuid import UUID
+
+    from infra.bootstrap import build_read_side
+
+    ids = None
+    if aggregate is not None:
+        try:
+            ids = [UUID(aggregate)]
+        except ValueError:
+            raise CliError(
+                f"--aggregate must be an aggregate id (a UUID), not {aggregate!r}"
+            ) from None
+    settings = load_settings()
+    on_commit = None
+    if settings.redis_url:
+        from read_api.broadcast import RedisChangePublisher
+
+        # Subscribers hear about the rows a retry finally wrote, as from a worker.
+        on_commit = RedisChangePublisher.from_url(settings.redis_url).publish_changes
+    read_side = build_read_side(
+        settings,
+        _database_url(settings),
+        projector_names=None if projector is None else [projector],
+        on_commit=on_commit,
+    )
+    try:
+        results = [(runner.name, runner.retry_parked(ids)) for runner in read_side.runners]
+    finally:
+        read_side.close()
+    table = Table(title="parked aggregates retried")
+    table.add_column("projector")
+    table.add_column("aggregate", no_wrap=True)
+    table.add_column("events applied", justify="right")
+    table.add_column("outcome", overflow="fold")
+    still = 0
+    for name, retried in results:
+        for one in retried:
+            if one.parked is None:
+                outcome = "applied; no longer parked"
+            else:
+                still += 1
+                outcome = (
+                    f"parked again at version {one.parked.originator_version}: {one.parked.error}"
+                )
+            table.add_row(name, str(one.originator_id), f"{one.applied:,}", outcome)
+    Console().print(table)
+    if still:
+        raise CliError(
+            f"{still} aggregate(s) still parked; fix the cause and retry "
+            f"(see '{PROG} parked list')",
+            exit_code=EXIT_FAILED,
+        )
 
 
 # --- Entry point -------------------------------------------------------------------------------

@@ -107,6 +107,16 @@ class Settings(BaseSettings):
     """Requests per minute per user; 0 switches the limit off."""
     rate_limit_per_workspace: int = Field(default=6000, ge=0)
     """Requests per minute per workspace; 0 switches the limit off."""
+    rate_limit_per_address: int = Field(default=60, ge=0)
+    """Requests without a valid token per minute per client address; 0 switches it off."""
+    trusted_proxies: str = ""
+    """Comma-separated addresses (or networks) of proxies whose ``X-Forwarded-For`` names the
+    client; empty: the header is ignored and the connecting address is the client."""
+    max_subscriptions_per_connection: int = Field(default=20, ge=1)
+    """Active subscriptions one WebSocket connection may hold; more get ``RATE_LIMITED``."""
+    max_subscriptions_per_user: int = Field(default=100, ge=1)
+    """Active subscriptions one user may hold over all their connections to one API instance
+    (counted per instance, not across instances); more get ``RATE_LIMITED``."""
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_projector_lag: int = Field(default=10_000, ge=0)
     """``/readyz`` answers 503 when a projector is further behind the log head than this."""

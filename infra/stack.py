@@ -17,6 +17,7 @@ import gc
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
     from commands.handlers import AgentWorks
     from streams.relay import Relay
+    from streams.worker import PartitionHolding
 
 log = structlog.get_logger(__name__)
 
@@ -105,11 +107,15 @@ def api_services(
         rate_limits=RateLimits(
             per_user_per_minute=settings.rate_limit_per_user or None,
             per_workspace_per_minute=settings.rate_limit_per_workspace or None,
+            per_address_per_minute=settings.rate_limit_per_address or None,
         ),
         cors_origins=tuple(o.strip() for o in settings.cors_origins.split(",") if o.strip()),
+        trusted_proxies=tuple(p.strip() for p in settings.trusted_proxies.split(",") if p.strip()),
         max_body_bytes=settings.max_body_bytes,
         max_projector_lag=settings.max_projector_lag,
         lag_collector=LagCollector(api_url),
+        max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
+        max_subscriptions_per_user=settings.max_subscriptions_per_user,
     )
 
 
@@ -130,6 +136,7 @@ class DevStack:
     data_dir: Path | None = None
     threads: list[threading.Thread] = field(default_factory=list)
     _worker_loops: list[tuple[asyncio.AbstractEventLoop, Any]] = field(default_factory=list)
+    _holdings: dict[str, PartitionHolding] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:
@@ -173,6 +180,30 @@ class DevStack:
             thread.start()
             self.threads.append(thread)
             self._worker_loops.append((loop, app))
+            self._holdings[runner.name] = app.holding
+
+    def readiness(self) -> dict[str, str]:
+        """What of the in-process fan-out could not deliver an event now: component -> ``"ok"``
+        or why not. Through Kafka: the relay holds its lease and every projector's worker
+        consumes all of its partitions; the embedded fan-out reads the log and is always ready."""
+        if self.relay is None:
+            return {}
+        checks = {"relay": "ok" if self.relay.leading else "waiting for the relay lease"}
+        for name, holding in self._holdings.items():
+            checks[f"worker {name}"] = holding.status
+        return checks
+
+    def ready(self) -> bool:
+        return all(status == "ok" for status in self.readiness().values())
+
+    def wait_until_ready(self, *, report_every: float = 10.0) -> None:
+        """Block until :meth:`ready`, logging what is still missing now and then."""
+        reported = time.monotonic()
+        while not self.ready():
+            if time.monotonic() - reported >= report_every:
+                log.info("dev.waiting_for_fanout", checks=self.readiness())
+                reported = time.monotonic()
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.fanout is not None:
@@ -205,7 +236,9 @@ def build_dev_stack(settings: Settings, data_dir: Path) -> DevStack:
     write = write_side_from(settings, url, data_dir=data_dir)
     read_side = build_read_side(settings, url, on_commit=change_publisher, data_dir=data_dir)
     services = api_services(settings, url, write=write, broadcaster=broadcaster, data_dir=data_dir)
-    return DevStack(settings, url, write, read_side, services, data_dir=data_dir)
+    stack = DevStack(settings, url, write, read_side, services, data_dir=data_dir)
+    services.fanout_readiness = stack.readiness
+    return stack
 
 
 def _change_publisher(settings: Settings, broadcaster: Broadcaster) -> Any:
@@ -253,6 +286,9 @@ def serve_app(
         log_level="warning",
         access_log=False,
         lifespan="on",
+        # The app decides whose X-Forwarded-For to believe (AGENTWORKS_TRUSTED_PROXIES); uvicorn
+        # would believe any from 127.0.0.1.
+        proxy_headers=False,
         ws="websockets-sansio",
         timeout_graceful_shutdown=graceful_seconds,
     )

@@ -18,7 +18,7 @@ from uuid import UUID
 
 from domain.money import format_usd
 from projections.base import Change, Projector, Tables, on
-from projections.batch import BatchContext, insert_rows
+from projections.batch import MEMO_DROPPED, BatchContext, insert_rows
 
 if TYPE_CHECKING:
     from psycopg import Cursor
@@ -241,7 +241,12 @@ class ActivityProjector(Projector):
         if len(remembered) > MEMO_LIMIT:
             remembered.clear()
             ctx.memo[_MEMO_SUBJECTS + ".partial"] = True
-        complete = ctx.copy and ctx.exclusive and _MEMO_SUBJECTS + ".partial" not in ctx.memo
+        complete = (
+            ctx.copy
+            and ctx.exclusive
+            and _MEMO_SUBJECTS + ".partial" not in ctx.memo
+            and MEMO_DROPPED not in ctx.memo
+        )
         items: list[tuple[EventEnvelope, str, str, Summary, str | None, str | None]] = []
         ask: set[UUID] = set()
         seen: set[UUID] = set()
@@ -360,8 +365,8 @@ def _wip(limit: object) -> str:
 
 
 def _short(summary: str) -> str:
-    """One line of at most ``MAX_SUMMARY_LENGTH`` characters, without NUL (``text`` refuses it)."""
-    line = " ".join(summary.replace("\x00", "\ufffd").split())
+    """One line of at most ``MAX_SUMMARY_LENGTH`` characters."""
+    line = " ".join(summary.split())
     if len(line) <= MAX_SUMMARY_LENGTH:
         return line
     return line[: MAX_SUMMARY_LENGTH - 1].rstrip() + "…"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from uuid import UUID
 
 from projections.base import Change, Tables
+from projections.text import storable_utf8
 
 if TYPE_CHECKING:
     from psycopg import Cursor
@@ -52,6 +53,13 @@ class BatchContext:
     @property
     def listening(self) -> bool:
         return self.changes is not None
+
+
+#: Set in a rebuild's ``memo`` when the runner dropped it: a batch failed and was rolled back
+#: (what the projectors remembered of it was never written), or events were applied one by one
+#: (rows the memo does not know). A projector must then read from the tables whatever its memo
+#: lacks, never take the memo for complete.
+MEMO_DROPPED = "runner.memo_dropped"
 
 
 @runtime_checkable
@@ -159,7 +167,7 @@ def _uuid_field(value: Any) -> bytes:
 def _text_field(value: Any) -> bytes:
     if type(value) is not str:
         raise TypeError(f"text column holds {type(value).__name__}")
-    data = value.encode()
+    data = storable_utf8(value)
     return _I32(len(data)) + data
 
 
@@ -252,7 +260,9 @@ def encode_binary_copy(rows: Sequence[Sequence[Any]], kinds: Sequence[str]) -> b
                     encoded = seen[key] = fields[i](value)
                 out += encoded
             elif fields[i] is text_field and type(value) is str:
-                data = value.encode()
+                # A lone surrogate fails to encode (ValueError): then psycopg's path, which
+                # stores it as projections.text does.
+                data = value.encode() if "\x00" not in value else storable_utf8(value)
                 out += _I32(len(data))
                 out += data
             else:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
 
 from projections.base import Change, Projector, Tables, on
-from projections.batch import BatchContext, columns_of, insert_rows
+from projections.batch import MEMO_DROPPED, BatchContext, columns_of, insert_rows
 
 if TYPE_CHECKING:
     from psycopg import Cursor, sql
@@ -287,7 +287,12 @@ class BillingProjector(Projector):
         if len(remembered) > MEMO_LIMIT:
             remembered.clear()
             ctx.memo[_MEMO_CHARGES + ".partial"] = True
-        complete = ctx.copy and ctx.exclusive and _MEMO_CHARGES + ".partial" not in ctx.memo
+        complete = (
+            ctx.copy
+            and ctx.exclusive
+            and _MEMO_CHARGES + ".partial" not in ctx.memo
+            and MEMO_DROPPED not in ctx.memo
+        )
         corrections = ("UsageCharge.Credited", "UsageCharge.Refunded")
         created: set[UUID] = set()
         ask: set[UUID] = set()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
 
 from projections.base import Change, Projector, Tables, on
-from projections.batch import BatchContext, columns_of
+from projections.batch import MEMO_DROPPED, BatchContext, columns_of
 
 if TYPE_CHECKING:
     from psycopg import Cursor
@@ -614,7 +614,7 @@ class KanbanProjector(Projector):
         memo: dict[str, dict[str, Any]] | None = None
         if ctx.exclusive and ctx.copy and not runs:
             memo = ctx.memo.setdefault(_MEMO_CARDS, {})
-            complete = ctx.memo.setdefault(_MEMO_COMPLETE, True)
+            complete = ctx.memo.setdefault(_MEMO_COMPLETE, MEMO_DROPPED not in ctx.memo)
             missing = set()
             for card_id in wanted:
                 row = memo.get(card_id)

@@ -21,6 +21,10 @@ A replay is a bulk load, and is run as one:
 * the replay runs without Python's cyclic garbage collector, which would otherwise keep walking
   everything the projectors remember, for nothing.
 
+An event a projector cannot apply parks its aggregate (see :mod:`projections.runner`) and the
+replay goes on; the parked aggregates go live with the tables, and ``agentworks parked retry``
+applies them after a fix.
+
 Then, per projector: the versions kept in memory are written to the tracking table, the
 indexes built, the tables secured and analysed, and the swap applies whatever arrived since
 the replay (the runner back in its normal, shared mode) before renaming the tables in.
@@ -297,6 +301,7 @@ def prepare_scratch(
                 )
         conn.execute("DELETE FROM projection_versions WHERE projector = %s", (tracking,))
         conn.execute("DELETE FROM projection_positions WHERE projector = %s", (tracking,))
+        conn.execute("DELETE FROM projection_parked WHERE projector = %s", (tracking,))
 
 
 def _swap(
@@ -336,7 +341,8 @@ def _swap(
             " SET swept_through = EXCLUDED.swept_through",
             (tracking, position, position),
         )
-        for bookkeeping in ("projection_versions", "projection_positions"):
+        # The rebuild's parked aggregates replace the live ones: it tried every event again.
+        for bookkeeping in ("projection_versions", "projection_positions", "projection_parked"):
             ident = sql.Identifier(bookkeeping)
             conn.execute(
                 sql.SQL("DELETE FROM {} WHERE projector = %s").format(ident), (projector.name,)

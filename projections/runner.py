@@ -15,13 +15,26 @@ its private tables and tracking, reading the log in order, so per-aggregate vers
 memory and written once at the end, batches commit without waiting for the disk (a crash only
 loses a rebuild that is redone anyway; the swap commits durably, and with it everything before),
 and plain inserts into the fresh tables may use ``COPY``.
+
+An event the projector cannot apply (a payload it cannot interpret, a value its tables refuse)
+must not stop the other aggregates, nor, being applied again and again, every tenant's read
+models. The runner *parks* its aggregate: it records the event and the error in
+``projection_parked`` and holds that aggregate's later events back (applying them would put its
+rows out of order), and applies everything else. A batch is one transaction, so on an error it
+is rolled back and applied again event by event, which names the event that fails; that
+aggregate is parked from there on and the batch applied once more without it, until it commits.
+An error that does not come back event by event is not the events' fault and is raised, as are
+the database's own failures (a lost connection, a timeout): those are retried by the caller, and
+parking on them would park healthy aggregates. :meth:`ProjectionRunner.retry_parked` applies a
+parked aggregate's events again, after a fix.
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -32,7 +45,8 @@ from opentelemetry.trace import SpanKind
 
 from adapters.telemetry import continue_trace
 from projections.base import Change, Projector, Tables
-from projections.batch import BatchContext, BatchProjector
+from projections.batch import MEMO_DROPPED, BatchContext, BatchProjector
+from projections.text import protect
 
 if TYPE_CHECKING:
     from psycopg import Connection, Cursor
@@ -46,6 +60,22 @@ log = structlog.get_logger(__name__)
 
 MAX_ATTEMPTS = 5
 
+#: Longest error text kept with a parked aggregate.
+MAX_ERROR_LENGTH = 2000
+
+#: Failures of the database, the connection to it or the deployment (a missing table or grant),
+#: not of the events being applied: never a reason to park an aggregate (it would park them all).
+_INFRASTRUCTURE = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedColumn,
+    psycopg.errors.UndefinedFunction,
+    MemoryError,
+)
+_RACES = (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected)
+
 
 @dataclass
 class BatchOutcome:
@@ -54,6 +84,74 @@ class BatchOutcome:
     healed: int = 0
     position: int = 0
     changes: list[Change] = field(default_factory=list)
+    held: int = 0
+    """Events not applied because their aggregate is parked (they wait behind it)."""
+    parked: list[Parked] = field(default_factory=list)
+    """Aggregates this batch parked (or, retrying, parked again)."""
+
+
+@dataclass(frozen=True)
+class Parked:
+    """An aggregate a projector could not apply an event of, and that event."""
+
+    originator_id: UUID
+    originator_version: int
+    position: int
+    event_type: str
+    workspace_id: UUID | None
+    error: str
+
+    @classmethod
+    def of(cls, envelope: EventEnvelope, error: BaseException) -> Parked:
+        text = f"{type(error).__name__}: {error}"
+        return cls(
+            envelope.originator_id,
+            envelope.originator_version,
+            envelope.position,
+            envelope.type,
+            envelope.workspace_id,
+            text[:MAX_ERROR_LENGTH],
+        )
+
+    def row(self, projector: str) -> tuple[Any, ...]:
+        return (
+            projector,
+            self.originator_id,
+            self.originator_version,
+            self.position,
+            self.event_type,
+            self.workspace_id,
+            self.error,
+        )
+
+
+@dataclass(frozen=True)
+class Retried:
+    """A parked aggregate tried again: how many of its events applied, and, when one failed
+    again, where it is parked now."""
+
+    originator_id: UUID
+    applied: int
+    parked: Parked | None
+
+
+class _Poisoned(Exception):
+    """Applying one event, on its own, failed: its aggregate is to be parked."""
+
+    def __init__(self, envelope: EventEnvelope, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.envelope = envelope
+        self.error = error
+
+
+@dataclass
+class _Attempt:
+    """How the next try at a batch goes: which aggregates it parks, and whether it applies the
+    events one by one (which tells which one fails)."""
+
+    one_by_one: bool
+    parking: dict[UUID, Parked] = field(default_factory=dict)
+    unpark: frozenset[UUID] = frozenset()
 
 
 @dataclass
@@ -62,6 +160,23 @@ class _Exclusive:
     """Aggregate (its UUID as an int, which hashes in C) → the version applied."""
     copy: bool
     memo: dict[str, Any] = field(default_factory=dict)
+    parked: dict[int, Parked] = field(default_factory=dict)
+    """Aggregates parked during the replay, written to ``projection_parked`` at the end."""
+
+    def drop_memo(self) -> None:
+        self.memo.clear()
+        self.memo[MEMO_DROPPED] = True
+
+
+_UPSERT_PARKED = (
+    "INSERT INTO projection_parked (projector, originator_id, originator_version, position,"
+    " event_type, workspace_id, error) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (projector, originator_id) DO UPDATE SET"
+    " originator_version = EXCLUDED.originator_version, position = EXCLUDED.position,"
+    " event_type = EXCLUDED.event_type, workspace_id = EXCLUDED.workspace_id,"
+    " error = EXCLUDED.error, attempts = projection_parked.attempts + 1,"
+    " failed_at = clock_timestamp()"
+)
 
 
 class ProjectionRunner:
@@ -100,6 +215,42 @@ class ProjectionRunner:
             ).fetchone()
         return int(row["position"]) if row else 0
 
+    # -- parked aggregates -------------------------------------------------------------------------
+
+    def retry_parked(self, originator_ids: Collection[UUID] | None = None) -> list[Retried]:
+        """Apply the events of parked aggregates again (all of them, or ``originator_ids``),
+        after a fix: each aggregate in a batch of its own, its events in order from the one it
+        stopped at. One that fails again stays parked, with the new error (and the event it now
+        stops at, if the fix got it further)."""
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT originator_id, originator_version FROM projection_parked"
+                " WHERE projector = %s AND (%s::uuid[] IS NULL OR originator_id = ANY(%s::uuid[]))"
+                " ORDER BY position",
+                (
+                    self.tracking_name,
+                    None if originator_ids is None else list(originator_ids),
+                    None if originator_ids is None else list(originator_ids),
+                ),
+            ).fetchall()
+        results = []
+        for row in rows:
+            oid = row["originator_id"]
+            events = self.log.between(
+                oid, after_version=int(row["originator_version"]) - 1, before_version=None
+            )
+            outcome = self.process(events, unpark=[oid])
+            again = next((p for p in outcome.parked if p.originator_id == oid), None)
+            log.info(
+                "projection.parked_retried",
+                projector=self.tracking_name,
+                originator_id=str(oid),
+                applied=outcome.applied + outcome.healed,
+                parked=again is not None,
+            )
+            results.append(Retried(oid, outcome.applied + outcome.healed, again))
+        return results
+
     # -- exclusive mode (rebuilds) -----------------------------------------------------------------
 
     def take_exclusive(self, *, copy: bool) -> None:
@@ -110,17 +261,28 @@ class ProjectionRunner:
                 "SELECT originator_id, version FROM projection_versions WHERE projector = %s",
                 (self.tracking_name,),
             ).fetchall()
+            parked = conn.execute(
+                "SELECT originator_id, originator_version, position, event_type, workspace_id,"
+                " error FROM projection_parked WHERE projector = %s",
+                (self.tracking_name,),
+            ).fetchall()
         self._exclusive = _Exclusive(
-            {r["originator_id"].int: int(r["version"]) for r in rows}, copy
+            {r["originator_id"].int: int(r["version"]) for r in rows},
+            copy,
+            parked={r["originator_id"].int: Parked(**r) for r in parked},
         )
 
     def release_exclusive(self, *, persist: bool = True) -> None:
-        """Back to shared mode, writing the versions kept in memory to the tracking table
-        (``persist=False``: dropping them, for a rebuild that is given up)."""
+        """Back to shared mode, writing the versions kept in memory (and the aggregates parked)
+        to the tracking tables (``persist=False``: dropping them, for a rebuild that is given
+        up)."""
         exclusive, self._exclusive = self._exclusive, None
-        if exclusive is None or not exclusive.versions or not persist:
+        if exclusive is None or not persist:
+            return
+        if not exclusive.versions and not exclusive.parked:
             return
         with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            protect(cur)
             cur.execute(
                 "CREATE TEMP TABLE projection_versions_load (originator_id uuid, version bigint)"
                 " ON COMMIT DROP"
@@ -135,6 +297,11 @@ class ProjectionRunner:
                 " SET version = GREATEST(projection_versions.version, EXCLUDED.version)",
                 (self.tracking_name,),
             )
+            if exclusive.parked:
+                cur.executemany(
+                    _UPSERT_PARKED,
+                    [parked.row(self.tracking_name) for parked in exclusive.parked.values()],
+                )
 
     # -- batches -----------------------------------------------------------------------------------
 
@@ -144,6 +311,7 @@ class ProjectionRunner:
         *,
         through: int | None = None,
         read_after: int | None = None,
+        unpark: Collection[UUID] = (),
     ) -> BatchOutcome:
         """Apply a batch (in delivery order) in one transaction; safe to call with repeats.
 
@@ -151,33 +319,83 @@ class ProjectionRunner:
         (a reader that left out events this projector does not follow). ``read_after``: the
         caller read the log itself, in order, from this position on, so if everything up to it
         was applied (the sweep watermark of :mod:`projections.sweep` is there), everything up to
-        the batch's position now is, and the watermark moves with it.
+        the batch's position now is, and the watermark moves with it. ``unpark``: parked
+        aggregates to try again (their rows in ``projection_parked`` go when they apply).
+
+        An event that cannot be applied parks its aggregate instead of failing the batch (see
+        the module's docstring); the outcome names what was parked.
         """
         if not envelopes and not through:
             return BatchOutcome()
         started = time.time_ns()
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        attempt = _Attempt(one_by_one=not self.batched, unpark=frozenset(unpark))
+        races = 0
+        while True:
             try:
-                outcome = self._process_once(envelopes, through, read_after)
-            except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected) as error:
-                # Another worker applied an overlapping delivery first; what it applied is now a
-                # duplicate for us, so a retry converges. (An exclusive runner has no such rival,
-                # and what its projector remembers across batches may no longer hold: no retry.)
-                log.warning(
-                    "projection.batch_retry",
+                outcome = self._process_once(envelopes, through, read_after, attempt)
+            except _Poisoned as poisoned:
+                if isinstance(poisoned.error, _RACES) and self._may_retry_race(races, poisoned):
+                    races += 1
+                    continue
+                parked = Parked.of(poisoned.envelope, poisoned.error)
+                attempt.parking[parked.originator_id] = parked
+                log.error(
+                    "projection.aggregate_parked",
                     projector=self.tracking_name,
-                    attempt=attempt,
-                    error=str(error),
+                    originator_id=str(parked.originator_id),
+                    originator_version=parked.originator_version,
+                    position=parked.position,
+                    event_type=parked.event_type,
+                    error=parked.error,
                 )
-                if attempt == MAX_ATTEMPTS or self._exclusive is not None:
+                continue
+            except _RACES as error:
+                if self._may_retry_race(races, error):
+                    races += 1
+                    continue
+                if attempt.one_by_one or isinstance(error, _INFRASTRUCTURE):
                     raise
+                self._one_by_one(attempt, error)
+                continue
+            except _INFRASTRUCTURE:
+                raise
+            except Exception as error:
+                if attempt.one_by_one:
+                    raise  # not the fault of any one event
+                self._one_by_one(attempt, error)
                 continue
             if self._exclusive is None:
                 self._trace(envelopes, started)
             if self.on_commit is not None and outcome.changes:
                 self.on_commit(outcome.changes)
             return outcome
-        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _may_retry_race(self, races: int, error: BaseException) -> bool:
+        """Another worker applied an overlapping delivery first; what it applied is now a
+        duplicate for us, so a retry converges. (An exclusive runner has no such rival, and what
+        its projector remembers across batches may no longer hold: no retry.)"""
+        if self._exclusive is not None or races + 1 >= MAX_ATTEMPTS:
+            return False
+        log.warning(
+            "projection.batch_retry",
+            projector=self.tracking_name,
+            attempt=races + 1,
+            error=str(error),
+        )
+        return True
+
+    def _one_by_one(self, attempt: _Attempt, error: BaseException) -> None:
+        """The batch failed as a whole: next, event by event, to find the event at fault."""
+        log.warning(
+            "projection.batch_failed",
+            projector=self.tracking_name,
+            error=f"{type(error).__name__}: {error}",
+            next="applying its events one by one",
+        )
+        attempt.one_by_one = True
+        if self._exclusive is not None:
+            # What the projector remembered of the rolled-back batch was never written.
+            self._exclusive.drop_memo()
 
     def _trace(self, envelopes: Sequence[EventEnvelope], started_ns: int) -> None:
         """One span per applied event, in the trace of the command that caused it.
@@ -200,52 +418,71 @@ class ProjectionRunner:
                 pass
 
     def _process_once(
-        self, envelopes: Sequence[EventEnvelope], through: int | None, read_after: int | None
+        self,
+        envelopes: Sequence[EventEnvelope],
+        through: int | None,
+        read_after: int | None,
+        attempt: _Attempt,
     ) -> BatchOutcome:
         if self._exclusive is not None:
-            return self._process_exclusively(envelopes, through, self._exclusive)
+            return self._process_exclusively(envelopes, through, self._exclusive, attempt)
         outcome = BatchOutcome()
         followed = [env for env in envelopes if self.projector.follows(env)]
         ids = sorted({env.originator_id for env in followed})
         with (
             self.pool.connection() as conn,
-            conn.pipeline(),
+            # Pipeline mode: a batch's statements go out without waiting for each answer. Not
+            # event by event: there an error must surface at the statement that caused it.
+            nullcontext() if attempt.one_by_one else conn.pipeline(),
             conn.transaction(),
             conn.cursor() as cur,
         ):
-            # Pipeline mode: a batch's statements go out without waiting for each answer.
+            protect(cur)
             # Shared with rebuild's swap, which takes it exclusively to switch tables safely.
             cur.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self._lock_key,))
-            versions = self._lock_versions(cur, ids)
+            versions, parked = self._lock_versions(cur, ids)
+            held = parked - attempt.unpark
             start = dict(versions)
             to_apply: list[EventEnvelope] = []
             for env in followed:
-                done = versions.get(env.originator_id, 0)
+                oid = env.originator_id
+                if oid in held:
+                    outcome.held += 1
+                    continue
+                done = versions.get(oid, 0)
                 if env.originator_version <= done:
                     outcome.duplicates += 1
                     continue
+                limit = attempt.parking.get(oid)
                 if env.originator_version > done + 1:
                     missing = self.log.between(
-                        env.originator_id,
-                        after_version=done,
-                        before_version=env.originator_version,
+                        oid, after_version=done, before_version=env.originator_version
                     )
                     self._check_contiguous(env, done, missing)
-                    to_apply.extend(missing)
-                    outcome.position = max([outcome.position, *(m.position for m in missing)])
-                    outcome.healed += len(missing)
-                    log.info(
-                        "projection.gap_healed",
-                        projector=self.tracking_name,
-                        originator_id=str(env.originator_id),
-                        from_version=done + 1,
-                        to_version=env.originator_version - 1,
-                    )
+                    if limit is not None:
+                        missing = [
+                            m for m in missing if m.originator_version < limit.originator_version
+                        ]
+                    if missing:
+                        to_apply.extend(missing)
+                        versions[oid] = missing[-1].originator_version
+                        outcome.position = max([outcome.position, *(m.position for m in missing)])
+                        outcome.healed += len(missing)
+                        log.info(
+                            "projection.gap_healed",
+                            projector=self.tracking_name,
+                            originator_id=str(oid),
+                            from_version=done + 1,
+                            to_version=missing[-1].originator_version,
+                        )
+                if limit is not None and env.originator_version >= limit.originator_version:
+                    outcome.held += 1
+                    continue
                 to_apply.append(env)
-                versions[env.originator_id] = env.originator_version
+                versions[oid] = env.originator_version
                 outcome.applied += 1
                 outcome.position = max(outcome.position, env.position)
-            self._apply(cur, to_apply, outcome.changes)
+            self._apply(cur, to_apply, outcome.changes, one_by_one=attempt.one_by_one)
             last = max((env.position for env in envelopes), default=0)
             outcome.position = max(outcome.position, last, through or 0)
             changed = [(i, v) for i, v in versions.items() if start.get(i) != v]
@@ -256,6 +493,7 @@ class ProjectionRunner:
                     "WHERE t.projector = %s AND t.originator_id = v.id",
                     ([i for i, _ in changed], [v for _, v in changed], self.tracking_name),
                 )
+            self._record_parking(cur, attempt, outcome)
             cur.execute(
                 "INSERT INTO projection_positions (projector, position, swept_through) "
                 "VALUES (%(name)s, %(position)s, CASE WHEN %(after)s = 0 THEN %(position)s "
@@ -268,12 +506,35 @@ class ProjectionRunner:
             )
         return outcome
 
+    def _record_parking(
+        self, cur: Cursor[DictRow], attempt: _Attempt, outcome: BatchOutcome
+    ) -> None:
+        """Park what this attempt found unappliable; forget what was retried and applied."""
+        if attempt.parking:
+            outcome.parked = list(attempt.parking.values())
+            cur.executemany(
+                _UPSERT_PARKED, [parked.row(self.tracking_name) for parked in outcome.parked]
+            )
+        released = sorted(attempt.unpark - attempt.parking.keys())
+        if released:
+            cur.execute(
+                "DELETE FROM projection_parked WHERE projector = %s"
+                " AND originator_id = ANY(%s::uuid[])",
+                (self.tracking_name, released),
+            )
+
     def _process_exclusively(
-        self, envelopes: Sequence[EventEnvelope], through: int | None, exclusive: _Exclusive
+        self,
+        envelopes: Sequence[EventEnvelope],
+        through: int | None,
+        exclusive: _Exclusive,
+        attempt: _Attempt,
     ) -> BatchOutcome:
         """:meth:`_process_once` for an exclusive runner: versions from memory, no locks."""
         outcome = BatchOutcome()
         known = exclusive.versions
+        held = exclusive.parked
+        parking = {oid.int: parked.originator_version for oid, parked in attempt.parking.items()}
         applied: dict[int, int] = {}
         to_apply: list[EventEnvelope] = []
         follows = self.projector.follows
@@ -281,18 +542,29 @@ class ProjectionRunner:
             if not follows(env):
                 continue
             key = env.originator_id.int
+            if held and key in held:
+                outcome.held += 1
+                continue
             done = applied.get(key) or known.get(key, 0)
             version = env.originator_version
             if version <= done:
                 outcome.duplicates += 1
                 continue
+            limit = parking.get(key) if parking else None
             if version > done + 1:
                 missing = self.log.between(
                     env.originator_id, after_version=done, before_version=version
                 )
                 self._check_contiguous(env, done, missing)
-                to_apply.extend(missing)
-                outcome.healed += len(missing)
+                if limit is not None:
+                    missing = [m for m in missing if m.originator_version < limit]
+                if missing:
+                    to_apply.extend(missing)
+                    applied[key] = missing[-1].originator_version
+                    outcome.healed += len(missing)
+            if limit is not None and version >= limit:
+                outcome.held += 1
+                continue
             to_apply.append(env)
             applied[key] = version
         outcome.applied = len(to_apply) - outcome.healed
@@ -303,9 +575,10 @@ class ProjectionRunner:
             conn.transaction(),
             conn.cursor() as cur,
         ):
+            protect(cur)
             cur.execute("SET LOCAL synchronous_commit = off")
             cur.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self._lock_key,))
-            self._apply(cur, to_apply, outcome.changes)
+            self._apply(cur, to_apply, outcome.changes, one_by_one=attempt.one_by_one)
             cur.execute(
                 "INSERT INTO projection_positions (projector, position) VALUES (%s, %s) "
                 "ON CONFLICT (projector) DO UPDATE SET "
@@ -314,15 +587,23 @@ class ProjectionRunner:
                 (self.tracking_name, outcome.position),
             )
         known.update(applied)
+        if attempt.parking:
+            outcome.parked = list(attempt.parking.values())
+            held.update({parked.originator_id.int: parked for parked in outcome.parked})
         return outcome
 
     def _apply(
-        self, cur: Cursor[DictRow], envelopes: list[EventEnvelope], changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        envelopes: list[EventEnvelope],
+        changes: list[Change],
+        *,
+        one_by_one: bool = False,
     ) -> None:
         if not envelopes:
             return
         exclusive = self._exclusive
-        if self.batched:
+        if self.batched and not one_by_one:
             assert isinstance(self.projector, BatchProjector)
             ctx = BatchContext(
                 cur,
@@ -334,17 +615,28 @@ class ProjectionRunner:
             )
             self.projector.apply_batch(ctx, envelopes)
             return
+        if exclusive is not None and self.batched:
+            exclusive.drop_memo()  # rows written behind the projector's memo
+        noted = changes if exclusive is None else []
         for env in envelopes:
-            self.projector.apply(cur, env, self.tables, changes)
+            try:
+                self.projector.apply(cur, env, self.tables, noted)
+            except _INFRASTRUCTURE:
+                raise
+            except Exception as error:
+                raise _Poisoned(env, error) from error
 
-    def _lock_versions(self, cur: Cursor[DictRow], ids: list[UUID]) -> dict[UUID, int]:
-        """Claim the tracking rows of the batch's aggregates (creating them at version 0).
+    def _lock_versions(
+        self, cur: Cursor[DictRow], ids: list[UUID]
+    ) -> tuple[dict[UUID, int], set[UUID]]:
+        """Claim the tracking rows of the batch's aggregates (creating them at version 0); and
+        which of them are parked.
 
         Inserting first makes two workers delivered the same new aggregate queue on its row
         instead of both applying its first event.
         """
         if not ids:
-            return {}
+            return {}, set()
         cur.execute(
             "INSERT INTO projection_versions (projector, originator_id, version) "
             "SELECT %s, id, 0 FROM unnest(%s::uuid[]) AS id ORDER BY id "
@@ -352,12 +644,16 @@ class ProjectionRunner:
             (self.tracking_name, ids),
         )
         cur.execute(
-            "SELECT originator_id, version FROM projection_versions "
+            "SELECT originator_id, version, EXISTS (SELECT FROM projection_parked AS p"
+            " WHERE p.projector = v.projector AND p.originator_id = v.originator_id) AS parked"
+            " FROM projection_versions AS v "
             "WHERE projector = %s AND originator_id = ANY(%s::uuid[]) "
             "ORDER BY originator_id FOR UPDATE",
             (self.tracking_name, ids),
         )
-        return {row["originator_id"]: int(row["version"]) for row in cur.fetchall()}
+        rows = cur.fetchall()
+        versions = {row["originator_id"]: int(row["version"]) for row in rows}
+        return versions, {row["originator_id"] for row in rows if row["parked"]}
 
     @staticmethod
     def _check_contiguous(env: EventEnvelope, done: int, missing: list[EventEnvelope]) -> None:

@@ -26,6 +26,7 @@ from projections.batch import (
     copy_field,
     insert_rows,
 )
+from projections.text import storable_utf8
 
 if TYPE_CHECKING:
     from psycopg import Cursor
@@ -296,8 +297,8 @@ class RunsProjector(Projector):
                 elif ctx.changes is None:
                     added = len(lines)
                     lines.extend(
-                        (ws, run_id, int(line["seq"]), line["at"], line["stream"], _pg_text(t))
-                        if type(t := line["text"]) is not str or "\x00" in t
+                        (ws, run_id, int(line["seq"]), line["at"], line["stream"], _str(t))
+                        if type(t := line["text"]) is not str
                         else (ws, run_id, int(line["seq"]), line["at"], line["stream"], t)
                         for line in p["lines"]
                     )
@@ -419,7 +420,7 @@ class RunsProjector(Projector):
                         int(line["seq"]),
                         line["at"],
                         line["stream"],
-                        _pg_text(line["text"]),
+                        _str(line["text"]),
                     )
                     for ws, run_id, chunk in chunks
                     for line in chunk
@@ -450,7 +451,7 @@ class RunsProjector(Projector):
 
 def _encode_chunks(chunks: list[tuple[UUID | None, UUID, list[dict[str, Any]]]]) -> bytes:
     """The lines of log chunks as one binary COPY stream for ``rm_log_lines`` (the rows
-    :meth:`RunsProjector._log_chunk` inserts: NUL replaced, as :func:`_pg_text` does). A
+    :meth:`RunsProjector._log_chunk` inserts, text as :mod:`projections.text` stores it). A
     chunk's ids are encoded once for all its lines; raises on any value of another shape."""
     out = bytearray(COPY_SIGNATURE)
     times: dict[str, bytes] = {}
@@ -467,9 +468,8 @@ def _encode_chunks(chunks: list[tuple[UUID | None, UUID, list[dict[str, Any]]]])
             moment = times.get(at)
             if moment is None:
                 moment = times[at] = copy_field("timestamptz", at)
-            if "\x00" in text:
-                text = text.replace("\x00", "\ufffd")
-            stream_bytes, text_bytes = stream.encode(), text.encode()
+            stream_bytes = stream.encode() if "\x00" not in stream else storable_utf8(stream)
+            text_bytes = text.encode() if "\x00" not in text else storable_utf8(text)
             out += prefix
             out += copy_field("integer", seq)
             out += moment
@@ -492,9 +492,9 @@ def _error(env: EventEnvelope) -> str | None:
     """The error text the run's aggregate keeps for a terminal event (None on success)."""
     p = env.payload
     if env.type == "AgentRun.Failed":
-        return _pg_text(p["error"])
+        return _str(p["error"])
     if env.type == "AgentRun.Cancelled":
-        return _pg_text(p["reason"])
+        return _str(p["reason"])
     if env.type == "AgentRun.TimedOut":
         return f"timed out after {p['after_seconds']}s"
     return None
@@ -505,15 +505,11 @@ def _storable(line: dict[str, Any]) -> dict[str, Any]:
         "seq": int(line["seq"]),
         "at": line["at"],
         "stream": line["stream"],
-        "text": _pg_text(line["text"]),
+        "text": _str(line["text"]),
     }
 
 
-def _pg_text(value: object) -> str:
-    """``value`` as Postgres ``text`` can hold it: that type refuses NUL characters.
-
-    The event keeps the original; only the read model's copy is changed, so one stray byte in a
-    tool's output cannot wedge the projector on an event it can never apply.
-    """
-    text = str(value)
-    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+def _str(value: object) -> str:
+    """``value`` as the text column holds it (NUL and the like are replaced where the runner
+    writes, see :mod:`projections.text`)."""
+    return value if type(value) is str else str(value)

@@ -6,7 +6,9 @@ lost tail (a message dropped on the way, a broker that restarted and forgot what
 not read yet) would stay lost. The sweep closes that hole: it walks the log behind a watermark
 (``projection_positions.swept_through``), asks the projector's tracking which of those events it
 has not applied, reads them from the store and applies them through the runner, which ignores
-whatever a delivery applied in the meantime. Everything at or below the watermark is applied.
+whatever a delivery applied in the meantime. Everything at or below the watermark is applied,
+or waits behind a parked aggregate (see :mod:`projections.runner`): the runner holds those events
+back, on this path as on every other.
 
 The sweep only looks at events published a while ago (the caller passes a ``through`` position
 that is one sweep interval old), so in steady state it finds nothing and reads only the log's

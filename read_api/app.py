@@ -50,9 +50,11 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types.execution import PreExecutionError
 from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UnsetType
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from adapters.metrics import HTTP_RESPONSES, Exposition
 from adapters.telemetry import continue_trace, current_traceparent
+from adapters.tokens import Principal
 from domain.errors import RateLimited, Unauthenticated, ValidationFailed
 from read_api.auth import (
     authenticate,
@@ -70,10 +72,11 @@ from read_api.errors import (
     error_body,
     shape_errors,
 )
-from read_api.ratelimit import limits_for
+from read_api.ratelimit import address_limits, limits_for
 from read_api.runtime import ApiRuntime
 from read_api.schema import build_schema
 from read_api.services import ApiServices, RequestStats
+from read_api.transport_ws import LimitedTransportWSHandler
 
 log = structlog.get_logger(__name__)
 
@@ -129,6 +132,10 @@ def create_app(services: ApiServices) -> FastAPI:
             max_age=600,
         )
 
+    if services.trusted_proxies:
+        # Only these proxies may say who the client is (rate limits count per client address).
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(services.trusted_proxies))
+
     endpoint = GraphQLEndpoint(runtime, schema)
     app.add_api_route(GRAPHQL_PATH, endpoint.post, methods=["POST"], include_in_schema=False)
     app.add_api_route(GRAPHQL_PATH, endpoint.get, methods=["GET"], include_in_schema=False)
@@ -143,6 +150,20 @@ def create_app(services: ApiServices) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     return app
+
+
+async def _authenticate(
+    runtime: ApiRuntime, authorization: str | None, connection: HTTPConnection | None
+) -> Principal:
+    """The caller of a request; a request that fails counts against its address's limit, so
+    guessing tokens ends in 429s (``RATE_LIMITED``) rather than an endless stream of 401s."""
+    try:
+        return authenticate(authorization, runtime.services.jwt)
+    except Unauthenticated:
+        client = connection.client if connection is not None else None
+        address = client.host if client is not None else None
+        await runtime.limiter.hit(address_limits(runtime.services.rate_limits, address))
+        raise
 
 
 # -- POST /graphql --------------------------------------------------------------------------------
@@ -199,7 +220,9 @@ class GraphQLEndpoint:
     async def _answer(self, request: Request, rid: str, started: float, span: Span) -> Response:
         try:
             _check_declared_size(request, self.services.max_body_bytes)
-            principal = authenticate(request.headers.get("authorization"), self.services.jwt)
+            principal = await _authenticate(
+                self.runtime, request.headers.get("authorization"), request
+            )
             await self.runtime.limiter.hit(
                 limits_for(
                     self.services.rate_limits,
@@ -247,7 +270,7 @@ class GraphQLEndpoint:
         context.authenticate(principal)
         try:
             if token is not None and not await self.runtime.waiter.wait_for_token(
-                token, None if principal.is_bootstrap else principal.workspace_id
+                token, context.who.workspace_id
             ):
                 context.stale = True
             result = await self.schema.execute(
@@ -465,8 +488,11 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
 
     Only its WebSocket route is mounted; queries and mutations go through :class:`GraphQLEndpoint`.
     The token comes from the ``connection_init`` payload (``{"Authorization": "Bearer …"}``) or,
-    for clients that can set it, the handshake's ``Authorization`` header.
+    for clients that can set it, the handshake's ``Authorization`` header. How many subscriptions
+    a caller may keep open is :class:`LimitedTransportWSHandler`'s to decide.
     """
+
+    graphql_transport_ws_handler_class = LimitedTransportWSHandler
 
     def __init__(self, runtime: ApiRuntime, schema: Schema) -> None:
         self.runtime = runtime
@@ -487,6 +513,7 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
             context_getter=context,
             subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
             connection_init_wait_timeout=timedelta(seconds=10),
+            max_subscriptions_per_connection=None,
             allowed_origins=runtime.services.cors_origins,
             include_in_schema=False,
         )
@@ -499,7 +526,7 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
             "authorization"
         )
         try:
-            principal = authenticate(authorization, services.jwt)
+            principal = await _authenticate(self.runtime, authorization, context.request)
             await self.runtime.limiter.hit(
                 limits_for(
                     services.rate_limits,
@@ -519,7 +546,11 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
 
 
 class Health:
-    """Liveness (the process answers) and readiness (it can serve: database, Redis, lag)."""
+    """Liveness (the process answers) and readiness (it can serve: database, Redis, lag).
+
+    Aggregates a projector parked are shown (per projector, and which projectors have any) but
+    do not make the instance unready (see the comment in :meth:`ready`).
+    """
 
     def __init__(self, runtime: ApiRuntime) -> None:
         self.runtime = runtime
@@ -532,23 +563,36 @@ class Health:
         checks: dict[str, Any] = {}
         ready = True
         try:
-            head, positions = await asyncio.wait_for(
+            head, positions, parked = await asyncio.wait_for(
                 self.runtime.offloader.run(self._positions), _HEALTH_TIMEOUT
             )
             checks["database"] = "ok"
             lags = {}
             for projector in services.projectors:
                 position = positions.get(projector.name, 0)
-                lags[projector.name] = {"position": position, "lag": max(0, head - position)}
+                lags[projector.name] = {
+                    "position": position,
+                    "lag": max(0, head - position),
+                    "parked": parked.get(projector.name, 0),
+                }
                 if services.max_projector_lag is not None and (
                     head - position > services.max_projector_lag
                 ):
                     ready = False
             checks["head"] = head
             checks["projectors"] = lags
+            # Shown, not a reason to be unready: everything else is served (and fresh), and
+            # taking every instance out of the load balancer for one bad aggregate would turn
+            # it into the outage that parking exists to prevent.
+            checks["parked"] = {name: count for name, count in parked.items() if count}
         except (psycopg.Error, TimeoutError, OSError) as error:
             checks["database"] = f"unavailable ({type(error).__name__})"
             ready = False
+        if services.fanout_readiness is not None:
+            fanout = dict(services.fanout_readiness())
+            checks["fanout"] = fanout
+            if any(status != "ok" for status in fanout.values()):
+                ready = False
         if services.redis is None:
             checks["redis"] = "not configured"
         else:
@@ -561,14 +605,22 @@ class Health:
         checks["status"] = "ready" if ready else "not ready"
         return JSONResponse(checks, status_code=200 if ready else 503)
 
-    def _positions(self) -> tuple[int, dict[str, int]]:
+    def _positions(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        """Log head, projector positions and how many aggregates each projector parked."""
         pool = self.runtime.services.pool
         with pool.connection(timeout=_HEALTH_TIMEOUT) as conn:
             # Row-level security hides every event from this role; the function does not.
             head_row = conn.execute("SELECT agentworks_log_head() AS head").fetchone()
             rows = conn.execute("SELECT projector, position FROM projection_positions").fetchall()
+            parked = conn.execute(
+                "SELECT projector, count(*) AS parked FROM projection_parked GROUP BY projector"
+            ).fetchall()
         head = int(head_row["head"]) if head_row else 0
-        return head, {row["projector"]: int(row["position"]) for row in rows}
+        return (
+            head,
+            {row["projector"]: int(row["position"]) for row in rows},
+            {row["projector"]: int(row["parked"]) for row in parked},
+        )
 
 
 __all__ = ["ApiServices", "create_app"]

@@ -273,6 +273,10 @@ class RedisBroadcaster:
             except BaseException:
                 self._feeds.pop(channel, None)
                 self._confirmations.pop(self._prefix + channel, None)
+                # The SUBSCRIBE may have gone out (the subscriber was cancelled, or Redis was slow
+                # to confirm): with no feed left nothing would ever unsubscribe the channel.
+                with contextlib.suppress(RedisError, OSError):
+                    await asyncio.shield(self._pubsub.unsubscribe(self._prefix + channel))
                 raise
 
     async def _remove(self, channel: str, feed: Feed) -> None:

@@ -9,6 +9,11 @@ card move also changes the board) on the embedded path, where the log is applied
 
 Waits are bounded (``consistency_wait_ms``); a read that gave up answers with what there is and
 ``extensions.stale = true``.
+
+A token is the client's to forge. One naming another workspace's aggregate is treated exactly like
+one naming no aggregate at all (stale at once): the waiter only ever polls tracking for an aggregate
+whose first event says it belongs to the caller's workspace, so how long a read waits never depends
+on another tenant's data.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from domain.errors import ValidationFailed
+from read_api import eventlog
 
 if TYPE_CHECKING:
+    from eventsourcing.persistence import Mapper
     from psycopg import Connection
     from psycopg.rows import DictRow
     from psycopg_pool import ConnectionPool
@@ -75,8 +82,10 @@ class ConsistencyWaiter:
         offloader: Offloader,
         projectors: tuple[type[Projector], ...],
         wait_ms: int,
+        mapper: Mapper[UUID],
     ) -> None:
         self._pool = pool
+        self._mapper = mapper
         self._offloader = offloader
         self._projectors = projectors
         self._wait_seconds = wait_ms / 1000
@@ -86,19 +95,12 @@ class ConsistencyWaiter:
         known = {p.name for p in self._projectors}
         return [name for name in wanted if name in known]
 
-    async def wait_for_token(self, token: ConsistencyToken, workspace_id: str | None) -> bool:
-        """Wait for every projector following the token's aggregate; ``False`` on timeout.
-
-        The aggregate is looked up among the events of the caller's ``workspace_id`` only (the
-        API's role sees no others), so a token naming anything else waits for nothing.
-        """
-        try:
-            workspace = UUID(workspace_id) if workspace_id is not None else None
-        except ValueError:
-            workspace = None
-        if workspace is None:
+    async def wait_for_token(self, token: ConsistencyToken, workspace_id: UUID | None) -> bool:
+        """Wait for every projector following the token's aggregate; ``False`` on timeout, and at
+        once when the aggregate is not one of ``workspace_id``'s (unknown, or another tenant's)."""
+        if workspace_id is None:
             return False
-        aggregate = await self._offloader.run(self._aggregate_of, token.aggregate_id, workspace)
+        aggregate = await self._offloader.run(self._aggregate_of, token.aggregate_id, workspace_id)
         if aggregate is None:
             return False
         names = followers(self._projectors, aggregate)
@@ -138,15 +140,11 @@ class ConsistencyWaiter:
 
     def _aggregate_of(self, aggregate_id: UUID, workspace_id: UUID) -> str | None:
         with self._pool.connection() as conn:
+            # Scoped like every API read: where the event store has row-level security, another
+            # workspace's events are not even visible to this statement.
             conn.execute(
                 "SELECT set_config('agentworks.workspace_id', %s, true)", (str(workspace_id),)
             )
-            row = conn.execute(
-                "SELECT topic FROM agentworks_events WHERE originator_id = %s"
-                " ORDER BY originator_version LIMIT 1",
-                (aggregate_id,),
-            ).fetchone()
-        if row is None:
-            return None
-        # Topics look like "domain.card:Card.Created".
-        return str(row["topic"]).rpartition(":")[2].split(".", 1)[0]
+            return eventlog.aggregate_in_workspace(
+                conn, self._mapper, aggregate_id=aggregate_id, workspace_id=workspace_id
+            )

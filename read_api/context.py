@@ -44,6 +44,7 @@ class Caller:
         return Actor(
             user_id=self.principal.user_id,
             workspace_id=self.principal.workspace_id,
+            role=self.principal.role,
             correlation_id=self.request_id,
             traceparent=traceparent or self.traceparent,
         )
@@ -54,7 +55,8 @@ class RequestContext(BaseContext):
 
     An HTTP request keeps its read scopes (and their DataLoaders) until it ends. A WebSocket
     connection has no long-lived scope: each subscription event reads in a fresh one
-    (:meth:`fresh_scope`), so nothing is cached across events.
+    (:meth:`fresh_scope`), so nothing is cached across events, and no connection is held
+    between reads.
     """
 
     def __init__(
@@ -118,7 +120,10 @@ class RequestContext(BaseContext):
         return scope
 
     def fresh_scope(self, workspace_id: UUID | None = None) -> ReadScope:
-        """A new scope the caller closes itself (subscriptions: one per event)."""
+        """A new scope the caller closes itself (subscriptions: one per event).
+
+        On a WebSocket the scope holds a connection only while it reads (see ``read_api.db``).
+        """
         target = self.who.workspace_id if workspace_id is None else workspace_id
         if target is None:
             raise NotFound("a bootstrap token sees no workspace; create one first")
@@ -130,6 +135,8 @@ class RequestContext(BaseContext):
             user_id=self.who.principal.user_id,
             counter=self.counter,
             statement_timeout_ms=runtime.services.statement_timeout_ms,
+            keep_connection=not self.websocket,
+            gate=runtime.subscription_reads if self.websocket else None,
         )
 
     async def close(self) -> None:

@@ -8,6 +8,14 @@ that the caller is still a member of the workspace: a token outlives a removal, 
 not. All of a request's reads share that transaction (READ COMMITTED: each statement sees what
 is committed when it starts, which is what a read after a consistency wait needs).
 
+A subscription's scope does not keep its connection (``keep_connection=False``): each read
+takes one, sets the workspace, reads and gives it back. A subscription spends its life waiting
+(for a broadcast, or for a slow client to take what was sent); a connection held through that
+wait would be one the pool cannot lend, and enough subscriptions would drain it. Their reads
+also pass a ``gate`` (a semaphore for a share of the pool), so that a burst of them (a storm of
+subscribes, a board change fanned out to many subscribers) waits in the event loop rather than
+taking every connection and worker thread from the queries.
+
 Blocking work (psycopg, the write side) runs on the API's worker threads (:class:`Offloader`).
 """
 
@@ -87,6 +95,8 @@ class ReadScope:
         user_id: str,
         counter: StatementCounter,
         statement_timeout_ms: int,
+        keep_connection: bool = True,
+        gate: asyncio.Semaphore | None = None,
     ) -> None:
         self.workspace_id = workspace_id
         self.user_id = user_id
@@ -100,6 +110,8 @@ class ReadScope:
         self._async_lock = asyncio.Lock()
         self._sync_lock = threading.Lock()
         self._loaders: Loaders | None = None
+        self._keep = keep_connection
+        self._gate = gate
 
     @property
     def loaders(self) -> Loaders:
@@ -117,7 +129,10 @@ class ReadScope:
         workspace one may not see looks exactly like one that does not exist.
         """
         async with self._async_lock:
-            return await self._offloader.run(self._run, fn)
+            if self._gate is None:
+                return await self._offloader.run(self._run, fn)
+            async with self._gate:
+                return await self._offloader.run(self._run, fn)
 
     async def is_member(self) -> bool:
         try:
@@ -127,7 +142,12 @@ class ReadScope:
         return True
 
     async def close(self) -> None:
-        """End the transaction and give the connection back; safe to call twice."""
+        """End the transaction and give the connection back; safe to call twice.
+
+        Also safe while a read is still running on a worker thread (the task that awaited it was
+        cancelled, a client having gone): that read sees the scope closed when it ends and gives
+        the connection back itself, so a cancelled read never leaves one idle in a transaction.
+        """
         self._closed = True
         if self._conn is not None:
             await asyncio.shield(self._offloader.run(self._release))
@@ -149,6 +169,8 @@ class ReadScope:
                     raise
             finally:
                 _thread.counter = None
+                if self._closed or not self._keep:
+                    self._release_locked()
 
     def _connection(self) -> Connection[DictRow]:
         if self._conn is not None:

@@ -44,6 +44,22 @@ def _decode(mapper: Mapper[UUID], row: DictRow) -> EventEnvelope:
     return envelope_from_event(int(row["notification_id"]), mapper.to_domain_event(stored))
 
 
+def aggregate_in_workspace(
+    conn: Connection[DictRow], mapper: Mapper[UUID], *, aggregate_id: UUID, workspace_id: UUID
+) -> str | None:
+    """The kind of aggregate (``"Card"``) ``aggregate_id`` is, if it belongs to ``workspace_id``;
+    ``None`` for an unknown id and for another workspace's alike."""
+    row = conn.execute(
+        "SELECT originator_id, originator_version, topic, state, notification_id"
+        " FROM agentworks_events WHERE originator_id = %s ORDER BY originator_version LIMIT 1",
+        (aggregate_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    first = _decode(mapper, row)
+    return first.aggregate if first.workspace_id == workspace_id else None
+
+
 # -- card history ---------------------------------------------------------------------------------
 
 

@@ -58,6 +58,19 @@ def limits_for(config: RateLimits, *, user_id: str, workspace_id: str | None) ->
     return limits
 
 
+def address_limits(config: RateLimits, address: str | None) -> list[Limit]:
+    """The limit of requests from ``address`` that failed authentication."""
+    if config.per_address_per_minute is None:
+        return []
+    return [
+        Limit(
+            f"{config.key_prefix}:address:{address or 'unknown'}",
+            config.per_address_per_minute,
+            "address without a valid token",
+        )
+    ]
+
+
 def _window(now: float) -> tuple[int, float]:
     window = int(now // WINDOW_SECONDS)
     return window, (window + 1) * WINDOW_SECONDS - now

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from read_api.consistency import ConsistencyWaiter
 from read_api.db import Offloader
 from read_api.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from read_api.services import ApiServices
+from read_api.subscription_limits import SubscriptionSlots
 
 
 @dataclass
@@ -16,6 +18,9 @@ class ApiRuntime:
     offloader: Offloader
     waiter: ConsistencyWaiter
     limiter: RateLimiter
+    subscriptions: SubscriptionSlots
+    subscription_reads: asyncio.Semaphore
+    """Reads of subscriptions at once: half the API pool, the other half stays for queries."""
 
     @classmethod
     def build(cls, services: ApiServices) -> ApiRuntime:
@@ -31,6 +36,12 @@ class ApiRuntime:
                 offloader=offloader,
                 projectors=services.projectors,
                 wait_ms=services.consistency_wait_ms,
+                mapper=services.write.mapper,
             ),
             limiter=limiter,
+            subscriptions=SubscriptionSlots(
+                per_connection=services.max_subscriptions_per_connection,
+                per_user=services.max_subscriptions_per_user,
+            ),
+            subscription_reads=asyncio.Semaphore(max(1, services.pool.max_size // 2)),
         )

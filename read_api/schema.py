@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import strawberry
 from graphql import GraphQLError
@@ -37,6 +37,27 @@ class AgentWorksSchema(strawberry.Schema):
         log_unexpected(errors, execution_context)
 
 
+class DocumentCache(ParserCache):
+    """Strawberry's parser cache, leaving a document that does not parse to strawberry's parser.
+
+    ``ParserCache.on_parse`` parses outside the guard that turns a syntax error into a GraphQL
+    error: over HTTP strawberry catches it later, but a subscription's stream raised it, and the
+    client got a bare ``complete`` (and the log a traceback) instead of an ``error`` message.
+    Strawberry's own parse, run next when no document is set, reports it as a pre-execution error
+    like any validation error.
+    """
+
+    def on_parse(self) -> Iterator[None]:
+        context = self.execution_context
+        try:
+            context.graphql_document = self.cached_parse_document(
+                context.query, **context.parse_options
+            )
+        except GraphQLError:
+            context.graphql_document = None
+        yield
+
+
 def build_schema(limits: QueryLimits | None = None) -> strawberry.Schema:
     """The schema with its limits; extensions are factories so each request gets fresh ones.
 
@@ -55,7 +76,7 @@ def build_schema(limits: QueryLimits | None = None) -> strawberry.Schema:
         lambda: AddValidationRules(rules),
         lambda: MaxTokensLimiter(max_token_count=limits.max_tokens),
         lambda: CostLimiter(max_cost=limits.max_cost),
-        lambda: ParserCache(maxsize=512),
+        lambda: DocumentCache(maxsize=512),
         lambda: ValidationCache(maxsize=512),
     ]
     return AgentWorksSchema(

@@ -7,7 +7,7 @@ reads the environment or connects to anything at import time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -48,6 +48,8 @@ class RateLimits:
 
     per_user_per_minute: int | None = 600
     per_workspace_per_minute: int | None = 6000
+    per_address_per_minute: int | None = 60
+    """Requests that fail authentication, per client address: a token guesser gets 429s."""
     key_prefix: str = "agentworks:ratelimit"
 
 
@@ -94,6 +96,8 @@ class ApiServices:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     query_limits: QueryLimits = field(default_factory=QueryLimits)
     cors_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    """Proxies (addresses or networks) whose ``X-Forwarded-For`` is believed; none by default."""
     max_body_bytes: int = 1_000_000
     projectors: tuple[type[Projector], ...] = ALL_PROJECTORS
     """The read models this deployment keeps: consistency waits and readiness look at these."""
@@ -106,7 +110,15 @@ class ApiServices:
     """A quiet log subscription re-reads the read model this often, in case a message was lost."""
     stats_hook: Callable[[RequestStats], None] | None = None
     """Called after each HTTP GraphQL request (metrics, tests counting SQL statements)."""
+    fanout_readiness: Callable[[], Mapping[str, str]] | None = None
+    """The fan-out running in this process (``agentworks dev`` with Kafka: relay and workers),
+    component -> ``"ok"`` or why it could not deliver an event now; ``/readyz`` is ready only
+    when every one says ``"ok"``. Must not block: it is called on the event loop."""
     lag_collector: Collector | None = None
     """Log head, relay and projector lag of this deployment's database
     (``adapters.metrics.LagCollector``), exposed at ``/metrics`` beside the process-wide metrics;
     ``None``: ``/metrics`` has no lag gauges."""
+    max_subscriptions_per_connection: int = 20
+    """Active subscriptions one WebSocket connection may hold; more are ``RATE_LIMITED``."""
+    max_subscriptions_per_user: int = 100
+    """Active subscriptions one user may hold over all connections to this API instance."""

@@ -50,7 +50,12 @@ def start_in_thread(
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, log_level="warning", lifespan="on", ws="websockets-sansio", access_log=False
+        app,
+        log_level="warning",
+        lifespan="on",
+        ws="websockets-sansio",
+        access_log=False,
+        proxy_headers=False,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(

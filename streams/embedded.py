@@ -3,6 +3,9 @@
 It wakes on the store's NOTIFY and also polls, because a notification can be missed (a dropped
 listener connection) and because the reader's horizon may hold an event back until an older
 transaction ends, which sends no notification of its own.
+
+An event a projector cannot apply parks its aggregate in the runner, so the loop below only ever
+retries failures of the database, never one bad event forever.
 """
 
 from __future__ import annotations

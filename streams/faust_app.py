@@ -40,6 +40,8 @@ class ProjectorApp(faust.App):
 
     def __init__(self, *args: Any, fetch_max_wait_ms: int = 100, **kwargs: Any) -> None:
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.holding: Any = None
+        """The worker's :class:`streams.worker.PartitionHolding`, set by ``build_worker_app``."""
         super().__init__(*args, **kwargs)
 
     def _new_transport(self) -> Any:

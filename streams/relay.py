@@ -407,6 +407,11 @@ class Relay:
         log.info("relay.active", position=self.position)
         return True
 
+    @property
+    def leading(self) -> bool:
+        """Whether this relay publishes: it holds the lease (or runs without one)."""
+        return self.lease is None or self._leading
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()

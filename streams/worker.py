@@ -3,7 +3,10 @@
 Each worker consumes the topics carrying its projector's aggregates, takes messages in batches,
 orders each batch by global position and hands it to the same :class:`ProjectionRunner` the
 embedded path uses. Offsets are committed after a batch is processed, so a worker killed
-mid-batch sees that batch again and the runner skips what was already applied.
+mid-batch sees that batch again and the runner skips what was already applied. An event the
+projector cannot apply does not hold the batch (nor the partition) back: the runner parks its
+aggregate and applies the rest (see :mod:`projections.runner`); only a failure that is not the
+events' fault (the database away) leaves the batch to be retried.
 
 A timer sweeps the log behind the projector (:mod:`projections.sweep`) for events that were
 published an interval ago and never delivered: a dropped message, or a broker that lost its log.
@@ -98,6 +101,44 @@ def forget_read_offsets_of(consumer: Any, partitions: set[Any]) -> None:
         read_offsets.pop(partition, None)
 
 
+class PartitionHolding:
+    """Whether a worker, alone in its consumer group, consumes every partition of its topics.
+
+    Until it does, an event published now may wait for a rebalance (against tansu a group join
+    alone takes half the session timeout) before it reaches the read model, so a read-your-writes
+    wait times out. Updated on the worker's event loop by faust's rebalance signal; read from any
+    thread (``agentworks dev`` answers ``/readyz`` from it).
+    """
+
+    def __init__(self, app: Any, topics: list[str]) -> None:
+        self._app = app
+        self._topics = topics
+        self._missing: tuple[str, ...] | None = None
+
+    def assigned(self, partitions: set[Any]) -> None:
+        held = {(tp.topic, tp.partition) for tp in partitions}
+        missing: list[str] = []
+        for topic in self._topics:
+            count = self._app.consumer.topic_partitions(topic)
+            if not count:
+                missing.append(f"{topic} (partitions unknown)")
+                continue
+            missing.extend(f"{topic}:{p}" for p in range(count) if (topic, p) not in held)
+        self._missing = tuple(missing)
+
+    @property
+    def status(self) -> str:
+        """``"ok"``, or why this worker would not deliver an event published now."""
+        missing = self._missing
+        if missing is None:
+            return "joining its consumer group"
+        if self._app.rebalancing:
+            return "rebalancing"
+        if missing:
+            return "does not hold " + ", ".join(missing)
+        return "ok"
+
+
 def build_worker_app(
     runner: ProjectionRunner,
     bootstrap: str,
@@ -122,6 +163,8 @@ def build_worker_app(
     )
 
     schedule = SweepSchedule(runner)
+    holding = PartitionHolding(app, projector_topics(runner.projector, topic_prefix))
+    app.holding = holding
 
     @app.agent(topics, name=f"project-{runner.projector.name}")
     async def project(stream: Any) -> None:
@@ -157,6 +200,7 @@ def build_worker_app(
                 partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in partitions),
             )
             forget_read_offsets_of(app.consumer, partitions)
+            holding.assigned(partitions)
 
     if sweep_interval <= 0:
         return app

@@ -19,6 +19,7 @@ from uuid import UUID
 
 import redis.asyncio
 from api_client import ApiClient
+from psycopg.conninfo import make_conninfo
 
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
@@ -34,6 +35,9 @@ from streams.embedded import EmbeddedFanout
 from streams.log import EventLog
 
 MakeStack = Callable[..., "Stack"]
+
+API_APPLICATION_NAME = "agentworks-api"
+"""``application_name`` of the API pool's connections, to find them in ``pg_stat_activity``."""
 
 
 @dataclass
@@ -98,7 +102,12 @@ class StackBuilder:
     ) -> Stack:
         secret = secret or secrets.token_urlsafe(48)
         write = build_write_side(database_url, pool_size=4)
-        api_pool = make_pool(database_url, role="agentworks_api", max_size=10, name="api")
+        api_pool = make_pool(
+            make_conninfo(database_url, application_name=API_APPLICATION_NAME),
+            role="agentworks_api",
+            max_size=10,
+            name="api",
+        )
         projector_pool = make_pool(
             database_url, role="agentworks_projector", max_size=4, name="projectors"
         )
@@ -120,7 +129,10 @@ class StackBuilder:
         stats: list[RequestStats] = []
         options: dict[str, Any] = {
             "rate_limits": RateLimits(
-                per_user_per_minute=100_000, per_workspace_per_minute=100_000, key_prefix=namespace
+                per_user_per_minute=100_000,
+                per_workspace_per_minute=100_000,
+                per_address_per_minute=100_000,
+                key_prefix=namespace,
             ),
             # Generous: projectors share the cluster-wide reader horizon with every other
             # database on this server (CREATE/DROP DATABASE of parallel test sessions).

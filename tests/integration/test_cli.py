@@ -334,7 +334,7 @@ def test_status_shows_lag_and_sweep_watermarks(database_url: str, tmp_path: Path
         (line,) = [line for line in result.stdout.splitlines() if component in line]
         return [cell.strip() for cell in line.split("│") if cell.strip()]
 
-    assert cells("projector kanban") == ["projector kanban", "9", "-9", "7"]
+    assert cells("projector kanban") == ["projector kanban", "9", "-9", "7", "0"]
     assert cells("relay relay") == ["relay relay", "0", "0"]
 
 

@@ -1,0 +1,66 @@
+"""How many subscriptions one caller may keep open: per WebSocket connection and per user.
+
+Each active subscription costs a task, a broadcaster listener and, while it reads, a pooled
+connection; without a bound one signed-in user could hold as many as they care to send. A
+``subscribe`` over either limit is refused with ``RATE_LIMITED`` and nothing else changes: the
+connection stays open and its other subscriptions go on.
+
+The per-user count is kept per API instance, in process: a user's subscriptions on one instance
+are bounded by ``per_user``, across N instances by N times that. Sharing the count through Redis
+would need a lease per subscription, renewed while it lives, so that an instance that dies does
+not leave its users' slots taken for good; the per-instance bound already protects each
+instance's pool, which is what the limit is for.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from domain.errors import RateLimited
+
+RETRY_AFTER_SECONDS = 1.0
+"""A slot frees as soon as one of the caller's own subscriptions ends: nothing to wait out."""
+
+
+@dataclass
+class SubscriptionSlots:
+    """Active subscriptions per user in this process; used from the API's event loop only."""
+
+    per_connection: int
+    per_user: int
+    _by_user: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        if self.per_connection < 1 or self.per_user < 1:
+            raise ValueError(
+                "subscription limits must be at least 1, got "
+                f"per connection {self.per_connection}, per user {self.per_user}"
+            )
+
+    def take(self, user_id: str, *, held_by_connection: int) -> None:
+        """Count one more subscription for ``user_id``, whose connection holds
+        ``held_by_connection`` already, or raise :class:`RateLimited`."""
+        if held_by_connection >= self.per_connection:
+            raise RateLimited(
+                f"this connection already has {self.per_connection} active subscriptions, the "
+                "most allowed; complete one before subscribing again",
+                retry_after_seconds=RETRY_AFTER_SECONDS,
+            )
+        if self._by_user[user_id] >= self.per_user:
+            raise RateLimited(
+                f"user {user_id} already has {self.per_user} active subscriptions, the most "
+                "allowed; complete one before subscribing again",
+                retry_after_seconds=RETRY_AFTER_SECONDS,
+            )
+        self._by_user[user_id] += 1
+
+    def give_back(self, user_id: str) -> None:
+        left = self._by_user[user_id] - 1
+        if left > 0:
+            self._by_user[user_id] = left
+        else:
+            del self._by_user[user_id]
+
+    def active(self, user_id: str) -> int:
+        return self._by_user[user_id]

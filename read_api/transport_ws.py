@@ -1,0 +1,64 @@
+"""Strawberry's graphql-transport-ws handler, with the subscription limits of
+:mod:`read_api.subscription_limits`.
+
+A ``subscribe`` takes a slot (per connection and per user) before its operation starts, and the
+operation's task gives it back when it ends, however it ends: ``complete`` from the client, the
+stream finishing, an error, or the connection going away (strawberry cancels every operation
+task of a connection when it closes, a dropped TCP connection included). A refused ``subscribe``
+gets the protocol's ``error`` message, with ``extensions.code`` ``RATE_LIMITED``; the connection
+and its other operations are left as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
+    BaseGraphQLTransportWSHandler,
+)
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import SubscribeMessage
+
+from domain.errors import RateLimited
+from read_api.context import RequestContext
+from read_api.errors import error_extensions
+
+
+class LimitedTransportWSHandler(BaseGraphQLTransportWSHandler[RequestContext, None]):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held = 0
+
+    async def handle_subscribe(self, message: SubscribeMessage) -> None:
+        if not self.connection_acknowledged or message["id"] in self.operations:
+            # Protocol violations: strawberry closes the connection.
+            await super().handle_subscribe(message)
+            return
+        slots = self.context.runtime.subscriptions
+        user_id = self.context.who.principal.user_id
+        try:
+            slots.take(user_id, held_by_connection=self._held)
+        except RateLimited as error:
+            await self.send_message(
+                {
+                    "id": message["id"],
+                    "type": "error",
+                    "payload": [{"message": error.message, "extensions": error_extensions(error)}],
+                }
+            )
+            return
+        self._held += 1
+
+        def give_back(_: object = None) -> None:
+            self._held -= 1
+            slots.give_back(user_id)
+
+        try:
+            await super().handle_subscribe(message)
+        finally:
+            operation = self.operations.get(message["id"])
+            task: asyncio.Task[None] | None = None if operation is None else operation.task
+            if task is None:
+                give_back()
+            else:
+                task.add_done_callback(give_back)

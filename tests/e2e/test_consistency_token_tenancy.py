@@ -1,0 +1,118 @@
+"""An ``X-Consistency-Token`` naming another workspace's write tells nothing about it: the read
+answers exactly as for a token naming no write at all."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+from uuid import UUID, uuid4
+
+from e2e_stack import MakeStack, Stack
+
+from read_api.consistency import ConsistencyToken, ConsistencyWaiter
+from read_api.db import Offloader
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+WORKSPACE = "query($id: ID!) { workspace(id: $id) { id name } }"
+CARD = "query($id: ID!) { card(id: $id) { id title } }"
+
+
+def _foreign_write(stack: Stack) -> ConsistencyToken:
+    """A write in bob's workspace, already in the read models."""
+    bob, ws = stack.owner_with_workspace(str(uuid4()), "Bob's")
+    pid = bob.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    card = bob.create_card(pid, "secret")
+    assert card["card"]["title"] == "secret"
+    return ConsistencyToken.parse(card["consistencyToken"])
+
+
+def _tokens(applied: ConsistencyToken) -> dict[str, ConsistencyToken]:
+    far = ConsistencyToken(applied.position + 1000, applied.aggregate_id, applied.version + 1000)
+    return {
+        "foreign, applied": applied,
+        "foreign, not yet": far,
+        "unknown, applied": ConsistencyToken(applied.position, uuid4(), applied.version),
+        "unknown, not yet": ConsistencyToken(far.position, uuid4(), far.version),
+    }
+
+
+def test_a_foreign_token_answers_like_an_unknown_one(make_stack: MakeStack) -> None:
+    stack = make_stack(consistency_wait_ms=1500)
+    applied = _foreign_write(stack)
+    alice, ws = stack.owner_with_workspace(str(uuid4()), "Alice's")
+    queries = {"own workspace": (WORKSPACE, {"id": ws}),
+               "bob's card": (CARD, {"id": str(applied.aggregate_id)})}  # fmt: skip
+
+    answers: dict[str, dict[str, tuple[int, Any, bool, list[str]]]] = {q: {} for q in queries}
+    took: dict[str, float] = {}
+    for name, token in _tokens(applied).items():
+        started = time.perf_counter()
+        for label, (query, variables) in queries.items():
+            answer = alice.post(query, variables, headers={"X-Consistency-Token": str(token)})
+            answers[label][name] = (answer.status, answer.data, answer.stale, answer.codes)
+        took[name] = time.perf_counter() - started
+    print("seconds per token kind:", {k: round(v, 3) for k, v in took.items()})
+
+    expected = {
+        "own workspace": (200, {"workspace": {"id": ws, "name": "Alice's"}}, True, []),
+        "bob's card": (200, {"card": None}, True, []),
+    }
+    for label, by_token in answers.items():
+        assert list(by_token.values()) == [expected[label]] * len(by_token), answers
+
+
+class _CountingOffloader(Offloader):
+    """Counts the blocking calls a wait makes (each one a round trip to the database)."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.calls = 0
+
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        self.calls += 1
+        return await super().run(fn, *args, **kwargs)
+
+
+def test_a_foreign_token_never_polls_the_foreign_aggregates_tracking(stack: Stack) -> None:
+    """Structural: whatever bob's aggregate's state, alice's wait does the same work as for an
+    id that does not exist (one look-up, no polling); an own token does poll."""
+    applied = _foreign_write(stack)
+    _, alice_ws = stack.owner_with_workspace(str(uuid4()), "Alice's")
+    offloader = _CountingOffloader()
+    waiter = ConsistencyWaiter(
+        pool=stack.services.pool,
+        offloader=offloader,
+        projectors=stack.services.projectors,
+        wait_ms=300,
+        mapper=stack.write.mapper,
+    )
+
+    async def calls(token: ConsistencyToken, workspace: UUID) -> tuple[bool, int]:
+        offloader.calls = 0
+        caught_up = await waiter.wait_for_token(token, workspace)
+        return caught_up, offloader.calls
+
+    try:
+        seen = {
+            name: asyncio.run(calls(token, UUID(alice_ws)))
+            for name, token in _tokens(applied).items()
+        }
+        own_far = ConsistencyToken(applied.position + 1000, applied.aggregate_id, applied.version)
+        bobs = asyncio.run(calls(applied, _workspace_of(stack, applied)))
+        bobs_far = asyncio.run(calls(own_far, _workspace_of(stack, applied)))
+    finally:
+        offloader.shutdown()
+    assert set(seen.values()) == {(False, 1)}, seen
+    assert bobs == (True, 2)
+    assert bobs_far[0] is False
+    assert bobs_far[1] > 2
+
+
+def _workspace_of(stack: Stack, token: ConsistencyToken) -> UUID:
+    workspace = stack.write.repository.get(token.aggregate_id).workspace_id
+    assert isinstance(workspace, UUID)
+    return workspace

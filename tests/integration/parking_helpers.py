@@ -1,0 +1,117 @@
+"""Helpers for the parked-aggregate tests: events planted below the API, and "the fix".
+
+A bad upgrade, a manual repair or an older writer can leave events in the log that today's
+projectors cannot apply; the tests plant such events straight through the recorder (the API
+would refuse them, or cannot produce them at all), as that would.
+
+:func:`install_fix` stands for the deployed fix: an upcaster in the kanban projector that turns
+the planted payload into one it can apply. Subprocesses (``agentworks parked retry``) install it
+through :data:`FIXED_CLI`. No pytest in here: subprocesses import this module.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from domain.card import Card
+from projections.kanban import KanbanProjector
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from psycopg import Cursor
+    from psycopg.rows import DictRow
+
+    from commands.handlers import AgentWorks
+    from projections.base import Change, Tables
+    from projections.batch import BatchContext
+    from streams.envelope import EventEnvelope
+
+#: What the planted move carries as its position: not the text a board position is.
+BAD_POSITION: dict[str, Any] = {"fractional": [1, 2]}
+
+#: ``python -c`` code running the CLI with :func:`install_fix` in place (the arguments follow).
+FIXED_CLI = (
+    "import sys, parking_helpers; parking_helpers.install_fix();"
+    " from infra.cli import run; sys.exit(run(sys.argv[1:]))"
+)
+
+
+def _last_meta(app: AgentWorks, card_id: UUID) -> tuple[int, dict[str, str]]:
+    (stored,) = app.recorder.select_events(card_id, desc=True, limit=1)
+    last = app.mapper.to_domain_event(stored)
+    return last.originator_version, dict(last.meta)  # type: ignore[attr-defined]
+
+
+def plant(app: AgentWorks, event: Any) -> None:
+    """Append ``event`` to the store below the API (no command, no aggregate rule)."""
+    app.recorder.insert_events([app.mapper.to_stored_event(event)])
+
+
+def plant_unprojectable_move(app: AgentWorks, card_id: UUID) -> int:
+    """A ``Card.Moved`` whose position the kanban projector cannot store; its version."""
+    version, meta = _last_meta(app, card_id)
+    plant(
+        app,
+        Card.Moved(  # type: ignore[call-arg]
+            originator_id=card_id,
+            originator_version=version + 1,
+            timestamp=datetime.now(UTC),
+            meta=meta,
+            from_lane="Todo",
+            to_lane="Doing",
+            position=BAD_POSITION,
+        ),
+    )
+    return version + 1
+
+
+def plant_block(app: AgentWorks, card_id: UUID, reason: str) -> int:
+    """A ``Card.Blocked`` with ``reason`` as given (NUL and all); its version."""
+    version, meta = _last_meta(app, card_id)
+    plant(
+        app,
+        Card.Blocked(  # type: ignore[call-arg]
+            originator_id=card_id,
+            originator_version=version + 1,
+            timestamp=datetime.now(UTC),
+            meta=meta,
+            reason=reason,
+        ),
+    )
+    return version + 1
+
+
+FIXED_POSITION = "V"
+
+
+def _upcast(envelope: EventEnvelope) -> EventEnvelope:
+    if envelope.type == "Card.Moved" and not isinstance(envelope.payload.get("position"), str):
+        return envelope.model_copy(
+            update={"payload": {**envelope.payload, "position": FIXED_POSITION}}
+        )
+    return envelope
+
+
+def install_fix() -> None:
+    """Teach the kanban projector the planted payload (both of its paths)."""
+    apply, apply_batch = KanbanProjector.apply, KanbanProjector.apply_batch
+
+    def fixed_apply(
+        self: KanbanProjector,
+        cur: Cursor[DictRow],
+        envelope: EventEnvelope,
+        tables: Tables,
+        changes: list[Change],
+    ) -> None:
+        apply(self, cur, _upcast(envelope), tables, changes)
+
+    def fixed_apply_batch(
+        self: KanbanProjector, ctx: BatchContext, envelopes: Sequence[EventEnvelope]
+    ) -> None:
+        apply_batch(self, ctx, [_upcast(env) for env in envelopes])
+
+    KanbanProjector.apply = fixed_apply  # type: ignore[method-assign,assignment]
+    KanbanProjector.apply_batch = fixed_apply_batch  # type: ignore[method-assign]

@@ -1,0 +1,568 @@
+"""An event a projector cannot apply parks its aggregate, and nothing else.
+
+The event is planted below the API, as a bad upgrade would leave it (a ``Card.Moved`` whose
+position is not text: the kanban projector cannot store it). On both fan-out paths (the embedded
+one in-process, and ``agentworks relay`` plus ``agentworks worker`` processes over a broker), on
+the sweep's path and in a rebuild: the kanban projector parks that card (recorded in
+``projection_parked``) and holds its later events back, while every other card of the same
+workspace and of other workspaces, and every other projector, keeps projecting.
+``agentworks parked retry`` after the fix applies the held events in order.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import pytest
+from board_helpers import Board, bootstrap_board
+from fanout_helpers import (
+    EmbeddedPath,
+    KafkaFanout,
+    connect,
+    describe_difference,
+    primary_key,
+    projector_side,
+    table_rows,
+    wait_until,
+)
+from parking_helpers import (
+    FIXED_CLI,
+    FIXED_POSITION,
+    install_fix,
+    plant_block,
+    plant_unprojectable_move,
+)
+
+from commands import models as m
+from infra.bootstrap import build_write_side
+from projections.kanban import KanbanProjector
+from projections.rebuild import SCRATCH_SUFFIX, rebuild, rebuild_many
+from projections.registry import all_projectors
+from projections.runner import ProjectionRunner
+from projections.sweep import ProjectionSweep
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from commands.handlers import AgentWorks
+
+pytest_plugins = ["kafka_fixtures"]
+
+HERE = Path(__file__).parent
+REPO = HERE.parent.parent
+
+
+def rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
+    with connect(url) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def parked(url: str) -> list[tuple[Any, ...]]:
+    return rows(
+        url,
+        "SELECT projector, originator_id, originator_version, event_type, error, attempts"
+        " FROM projection_parked WHERE projector NOT LIKE '%%#%%' ORDER BY projector",
+    )
+
+
+def card(url: str, card_id: UUID) -> tuple[Any, ...]:
+    (row,) = rows(
+        url,
+        "SELECT lane, position, labels, version FROM rm_cards WHERE card_id = %s",
+        card_id,
+    )
+    return row
+
+
+def new_card(app: AgentWorks, board: Board, title: str) -> UUID:
+    return app.create_card(m.CreateCard(project_id=board.project_id, title=title), board.owner).id
+
+
+class Scene:
+    """Two workspaces, three cards; card ``a1`` gets the planted event."""
+
+    def __init__(self, app: AgentWorks) -> None:
+        self.app = app
+        self.a = bootstrap_board(app, owner="alice")
+        self.b = bootstrap_board(app, owner="bob")
+        self.a1 = new_card(app, self.a, "poisoned")
+        self.a2 = new_card(app, self.a, "same workspace")
+        self.b1 = new_card(app, self.b, "other workspace")
+        self.bad_version = 0
+
+    def poison_and_go_on(self) -> None:
+        """The planted event, then later events of the same card and of the others."""
+        app = self.app
+        self.bad_version = plant_unprojectable_move(app, self.a1)
+        app.label_card(m.LabelCard(card_id=self.a1, label="after"), self.a.owner)
+        app.move_card(m.MoveCard(card_id=self.a2, to_lane="Doing"), self.a.owner)
+        app.label_card(m.LabelCard(card_id=self.b1, label="fine"), self.b.owner)
+
+    def others_projected(self, url: str) -> bool:
+        return (
+            card(url, self.a2)[0] == "Doing"
+            and card(url, self.b1)[2] == ["fine"]
+            and len(parked(url)) == 1
+            and bool(
+                rows(
+                    url,
+                    "SELECT 1 FROM rm_activity WHERE subject_id = %s AND kind = 'card.labelled'",
+                    self.a1,
+                )
+            )
+        )
+
+    def assert_parked_alone(self, url: str, *, activity: bool = True) -> None:
+        ((projector, originator, version, event_type, error, attempts),) = parked(url)
+        assert (projector, originator, version, event_type, attempts) == (
+            "kanban", self.a1, self.bad_version, "Card.Moved", 1,
+        )  # fmt: skip
+        assert error  # what went wrong, for the operator
+        # Nothing of the parked card after the planted event is applied (no later label).
+        lane, _, labels, version = card(url, self.a1)
+        assert (lane, labels, version) == ("Todo", [], self.bad_version - 1)
+        assert rows(
+            url,
+            "SELECT version FROM projection_versions WHERE projector = 'kanban'"
+            " AND originator_id = %s",
+            self.a1,
+        ) == [(self.bad_version - 1,)]
+        # The other cards, of both workspaces, went on.
+        assert card(url, self.a2)[0] == "Doing"
+        assert card(url, self.b1)[2] == ["fine"]
+        if not activity:
+            return
+        # Other projectors were not held: the activity feed has the planted move and after.
+        kinds = [
+            r[0]
+            for r in rows(
+                url,
+                "SELECT kind FROM rm_activity WHERE subject_id = %s ORDER BY position",
+                self.a1,
+            )
+        ]
+        assert kinds[-2:] == ["card.moved", "card.labelled"]
+
+    def assert_retried(self, url: str) -> None:
+        assert parked(url) == []
+        assert card(url, self.a1) == ("Doing", FIXED_POSITION, ["after"], self.bad_version + 1)
+
+
+def cli_env(url: str) -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWORKS_")}
+    env.update(
+        AGENTWORKS_DATABASE_URL=url,
+        AGENTWORKS_LOG_JSON="false",
+        AGENTWORKS_POOL_SIZE="2",
+        PYTHONPATH=os.pathsep.join([str(REPO), str(HERE)]),
+        COLUMNS="200",
+    )
+    return env
+
+
+def agentworks(url: str, *args: str, fixed: bool = False) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", FIXED_CLI] if fixed else [sys.executable, "-m", "infra.cli"]
+    return subprocess.run(
+        [*command, *args], env=cli_env(url), capture_output=True, text=True, timeout=120
+    )
+
+
+# -- the embedded path -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app(database_url: str) -> Iterator[AgentWorks]:
+    write_side = build_write_side(database_url, pool_size=2)
+    try:
+        yield write_side
+    finally:
+        write_side.close()
+
+
+def test_embedded_fanout_parks_only_the_aggregate_it_cannot_apply(
+    database_url: str, app: AgentWorks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scene = Scene(app)
+    path = EmbeddedPath(database_url)
+    try:
+        path.fanout.drain()
+        scene.poison_and_go_on()
+        path.fanout.drain()
+        scene.assert_parked_alone(database_url)
+
+        # Applied again (a restart, the next batch): still parked, still held, no loop.
+        path.fanout.drain()
+        app.label_card(m.LabelCard(card_id=scene.a1, label="while parked"), scene.a.owner)
+        path.fanout.drain()
+        assert card(database_url, scene.a1)[2:] == ([], scene.bad_version - 1)
+        assert len(parked(database_url)) == 1
+
+        # After the fix, a retry applies the held events in order, and the card is live again.
+        monkeypatch.setattr(KanbanProjector, "apply", KanbanProjector.apply)
+        monkeypatch.setattr(KanbanProjector, "apply_batch", KanbanProjector.apply_batch)
+        install_fix()
+        runner = ProjectionRunner(KanbanProjector(), path.pool, path.log)
+        (retried,) = runner.retry_parked()
+        assert (retried.originator_id, retried.applied, retried.parked) == (scene.a1, 3, None)
+        assert parked(database_url) == []
+        assert card(database_url, scene.a1) == (
+            "Doing", FIXED_POSITION, ["after", "while parked"], scene.bad_version + 2,
+        )  # fmt: skip
+        app.label_card(m.LabelCard(card_id=scene.a1, label="later"), scene.a.owner)
+        path.fanout.drain()
+        assert card(database_url, scene.a1)[2] == ["after", "later", "while parked"]
+    finally:
+        path.stop()
+
+
+def test_a_retry_that_fails_again_keeps_the_aggregate_parked_with_the_new_error(
+    database_url: str, app: AgentWorks
+) -> None:
+    scene = Scene(app)
+    with projector_side(database_url) as (pool, log):
+        runner = ProjectionRunner(KanbanProjector(), pool, log)
+        runner.process(log.read(after=0, limit=10_000))
+        scene.poison_and_go_on()
+        runner.process(log.read(after=runner.position(), limit=10_000))
+        scene.assert_parked_alone(database_url, activity=False)
+
+        (retried,) = runner.retry_parked([scene.a1])
+        assert retried.applied == 0
+        assert retried.parked is not None
+        assert retried.parked.originator_version == scene.bad_version
+        ((*_, attempts),) = parked(database_url)
+        assert attempts == 2
+        assert card(database_url, scene.a1)[3] == scene.bad_version - 1
+
+
+def test_the_sweep_holds_a_parked_aggregate_back_too(database_url: str, app: AgentWorks) -> None:
+    """Events that never reached the projector, applied by the sweep: the same parking."""
+    scene = Scene(app)
+    scene.poison_and_go_on()
+    with projector_side(database_url) as (pool, log):
+        runner = ProjectionRunner(KanbanProjector(), pool, log)
+        outcome = ProjectionSweep(runner).sweep(log.head())
+        assert outcome.swept_through == log.head()
+    assert card(database_url, scene.a2)[0] == "Doing"
+    assert card(database_url, scene.b1)[2] == ["fine"]
+    assert [(p[0], p[1], p[2]) for p in parked(database_url)] == [
+        ("kanban", scene.a1, scene.bad_version)
+    ]
+    assert card(database_url, scene.a1)[2:] == ([], scene.bad_version - 1)
+
+
+def test_gap_healing_stops_before_the_parked_event(database_url: str, app: AgentWorks) -> None:
+    """Only the card's newest event is delivered: healing reads the ones before it from the
+    store, applies those before the planted one, and holds the rest."""
+    scene = Scene(app)
+    with projector_side(database_url) as (pool, log):
+        runner = ProjectionRunner(KanbanProjector(), pool, log)
+        runner.process(log.read(after=0, limit=10_000))
+        scene.app.update_card(m.UpdateCard(card_id=scene.a1, title="edited before"), scene.a.owner)
+        scene.poison_and_go_on()
+        newest = [e for e in log.read(after=0, limit=10_000) if e.originator_id == scene.a1][-1]
+        outcome = runner.process([newest])
+        assert outcome.healed == 1  # the edit
+        assert outcome.held == 1  # the delivered label, behind the planted move
+    (row,) = rows(database_url, "SELECT title FROM rm_cards WHERE card_id = %s", scene.a1)
+    assert row == ("edited before",)
+    assert [(p[1], p[2]) for p in parked(database_url)] == [(scene.a1, scene.bad_version)]
+
+
+# -- the Kafka path --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kafka_workers_park_only_the_aggregate_they_cannot_apply(
+    database_url: str,
+    app: AgentWorks,
+    kafka_broker: Any,
+    tmp_path: Path,
+) -> None:
+    scene = Scene(app)
+    fanout = KafkaFanout(
+        database_url,
+        kafka_broker.bootstrap,
+        tmp_path,
+        topic_prefix=f"parking-{uuid.uuid4().hex[:8]}.",
+        partitions=2,
+        projectors=["kanban", "activity"],
+    )
+    fanout.start()
+    try:
+        wait_until(
+            lambda: len(rows(database_url, "SELECT 1 FROM rm_cards")) == 3,
+            timeout=90,
+            what="the workers project the first cards",
+            poll=0.2,
+        )
+        scene.poison_and_go_on()
+        wait_until(
+            lambda: scene.others_projected(database_url),
+            timeout=60,
+            what=f"the others are projected\n{fanout.diagnostics()}",
+            poll=0.2,
+        )
+        scene.assert_parked_alone(database_url)
+        assert fanout.dead() == []
+
+        # The retry runs beside the live worker, which keeps its hands off the parked card.
+        retried = agentworks(database_url, "parked", "retry", "--projector", "kanban", fixed=True)
+        assert retried.returncode == 0, retried.stderr
+        scene.assert_retried(database_url)
+        app.label_card(m.LabelCard(card_id=scene.a1, label="later"), scene.a.owner)
+        wait_until(
+            lambda: card(database_url, scene.a1)[2] == ["after", "later"],
+            timeout=60,
+            what="the worker applies the card's next event",
+            poll=0.2,
+        )
+    finally:
+        fanout.stop()
+
+
+# -- rebuild ---------------------------------------------------------------------------------------
+
+
+def test_a_rebuild_completes_past_a_poison_event_and_parks_it(
+    database_url: str, app: AgentWorks
+) -> None:
+    scene = Scene(app)
+    scene.poison_and_go_on()
+    for i in range(3):
+        new_card(app, scene.b, f"after {i}")
+    with projector_side(database_url) as (pool, log):
+        results = rebuild_many(all_projectors(), pool, log)
+    assert all(result.swapped for result in results)
+    scene.assert_parked_alone(database_url)
+    assert len(rows(database_url, "SELECT 1 FROM rm_cards")) == 6
+
+
+def test_after_a_poison_event_a_rebuild_in_small_batches_equals_the_live_read_models(
+    database_url: str, app: AgentWorks
+) -> None:
+    """A failed batch is rolled back and applied again event by event, and what the projectors
+    remembered of it is dropped: every batch after it still builds the same rows as the live
+    path (which parks the same aggregate)."""
+    scene = Scene(app)
+    scene.poison_and_go_on()
+    for i in range(6):
+        card_id = new_card(app, scene.a if i % 2 else scene.b, f"later {i}")
+        board = scene.a if i % 2 else scene.b
+        app.move_card(m.MoveCard(card_id=card_id, to_lane="Done"), board.owner)
+        app.label_card(m.LabelCard(card_id=card_id, label=f"l{i}"), board.owner)
+    # Cards from before the failed batch, changed batches after it (what a memo forgets).
+    app.label_card(m.LabelCard(card_id=scene.b1, label="late"), scene.b.owner)
+    app.update_card(m.UpdateCard(card_id=scene.a2, title="renamed late"), scene.a.owner)
+    path = EmbeddedPath(database_url)
+    try:
+        path.fanout.drain()
+    finally:
+        path.stop()
+    with projector_side(database_url) as (pool, log):
+        for projector in all_projectors():
+            rebuild(projector, pool, log, swap=False, batch_size=5)
+    differences = {}
+    with connect(database_url) as conn:
+        for projector in all_projectors():
+            for table in projector.tables:
+                key = primary_key(conn, table)
+                live = table_rows(conn, table, key)
+                fresh = table_rows(conn, table + SCRATCH_SUFFIX, key)
+                if live != fresh:
+                    differences[table] = describe_difference(live, fresh, len(key))
+    assert differences == {}
+    assert rows(
+        database_url,
+        "SELECT projector, originator_id, originator_version FROM projection_parked"
+        " ORDER BY projector",
+    ) == [
+        ("kanban", scene.a1, scene.bad_version),
+        ("kanban#rebuild", scene.a1, scene.bad_version),
+    ]
+
+
+# -- text PostgreSQL cannot store ------------------------------------------------------------------
+
+
+def test_an_event_with_nul_in_its_text_projects_with_a_replacement_character(
+    database_url: str, app: AgentWorks
+) -> None:
+    scene = Scene(app)
+    version = plant_block(app, scene.b1, "a\x00b")
+    path = EmbeddedPath(database_url)
+    try:
+        path.fanout.drain()
+        (stored,) = [
+            e for e in path.log.read(after=0, limit=10_000) if e.originator_id == scene.b1
+        ][-1:]
+    finally:
+        path.stop()
+    assert parked(database_url) == []
+    assert rows(
+        database_url, "SELECT blocked_reason, version FROM rm_cards WHERE card_id = %s", scene.b1
+    ) == [("a\ufffdb", version)]
+    assert rows(
+        database_url,
+        "SELECT summary FROM rm_activity WHERE subject_id = %s ORDER BY position DESC LIMIT 1",
+        scene.b1,
+    ) == [("blocked card: a\ufffdb",)]
+    assert stored.payload["reason"] == "a\x00b"  # the event itself is never changed
+
+    with projector_side(database_url) as (pool, log):
+        rebuild_many(all_projectors(), pool, log)
+    assert rows(
+        database_url, "SELECT blocked_reason FROM rm_cards WHERE card_id = %s", scene.b1
+    ) == [("a\ufffdb",)]
+    assert parked(database_url) == []
+
+
+# -- the CLI, status, metrics and readiness ----------------------------------------------------
+
+
+@pytest.fixture
+def parked_scene(database_url: str, app: AgentWorks) -> Scene:
+    scene = Scene(app)
+    scene.poison_and_go_on()
+    with projector_side(database_url) as (pool, log):
+        for projector in all_projectors():
+            ProjectionRunner(projector, pool, log).process(log.read(after=0, limit=10_000))
+    scene.assert_parked_alone(database_url)
+    return scene
+
+
+@pytest.mark.slow
+def test_parked_list_and_retry_on_the_command_line(database_url: str, parked_scene: Scene) -> None:
+    listed = agentworks(database_url, "parked", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert str(parked_scene.a1) in listed.stdout
+    assert "Card.Moved" in listed.stdout
+    assert "kanban" in listed.stdout
+    empty = agentworks(database_url, "parked", "list", "--projector", "activity")
+    assert empty.returncode == 0, empty.stderr
+    assert str(parked_scene.a1) not in empty.stdout
+
+    status = agentworks(database_url, "status")
+    assert status.returncode == 0, status.stderr
+    (kanban_line,) = [line for line in status.stdout.splitlines() if "projector kanban" in line]
+    assert kanban_line.split("│")[-2].strip() == "1"  # the "parked" column
+
+    # Without the fix the retry fails again: exit 1, still parked, the attempt counted.
+    again = agentworks(database_url, "parked", "retry", "--aggregate", str(parked_scene.a1))
+    assert again.returncode == 1, again.stderr
+    assert str(parked_scene.a1) in again.stdout
+    assert [p[-1] for p in parked(database_url)] == [2]
+
+    unknown = agentworks(database_url, "parked", "retry", "--projector", "nope")
+    assert unknown.returncode == 2
+    assert "no projector named 'nope'" in unknown.stderr
+
+    fixed = agentworks(database_url, "parked", "retry", fixed=True)
+    assert fixed.returncode == 0, fixed.stderr
+    parked_scene.assert_retried(database_url)
+    listed = agentworks(database_url, "parked", "list")
+    assert listed.returncode == 0
+    assert str(parked_scene.a1) not in listed.stdout
+
+
+def test_metrics_and_readyz_show_parked_aggregates(
+    database_url: str, app: AgentWorks, parked_scene: Scene
+) -> None:
+    """``/metrics`` has the parked aggregates per projector; ``/readyz`` names the projectors
+    that have any and stays ready (the decision documented in ``read_api.app.Health``)."""
+    import httpx
+
+    from adapters.metrics import LagCollector
+    from adapters.postgres import make_pool
+    from read_api.app import create_app
+    from read_api.broadcast import LocalBroadcaster
+    from read_api.services import ApiServices, JwtVerification
+    from read_api.testing import start_in_thread
+
+    pool = make_pool(database_url, role="agentworks_api", max_size=2, name="api")
+    services = ApiServices(
+        write=app,
+        pool=pool,
+        jwt=JwtVerification(secret="x" * 48),
+        broadcaster=LocalBroadcaster(),
+        lag_collector=LagCollector(database_url),
+    )
+    server = start_in_thread(create_app(services))
+    try:
+        ready = httpx.get(f"{server.url}/readyz", timeout=30)
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    finally:
+        server.stop()
+        pool.close()
+    assert ready.status_code == 200, ready.text
+    body = ready.json()
+    assert body["status"] == "ready"
+    assert body["parked"] == {"kanban": 1}
+    assert body["projectors"]["kanban"]["parked"] == 1
+    assert body["projectors"]["activity"]["parked"] == 0
+    assert 'agentworks_projector_parked_aggregates{projector="kanban"} 1.0' in metrics
+    assert 'agentworks_projector_parked_aggregates{projector="activity"} 0.0' in metrics
+
+
+@pytest.mark.slow
+def test_agentworks_rebuild_completes_past_a_poison_event_and_reports_it(
+    database_url: str, app: AgentWorks
+) -> None:
+    scene = Scene(app)
+    scene.poison_and_go_on()
+    rebuilt = agentworks(database_url, "rebuild", "all")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "kanban: 1 parked aggregate(s)" in rebuilt.stderr
+    scene.assert_parked_alone(database_url)
+
+
+# -- what is not the events' fault ---------------------------------------------------------------
+
+
+class BrokenBatchPath(KanbanProjector):
+    """A projector whose batch path fails on every batch while its events apply one by one."""
+
+    def apply_batch(self, ctx: Any, envelopes: Any) -> None:
+        raise RuntimeError("the batch path is broken")
+
+
+class MissingTable(KanbanProjector):
+    """A deployment without one of the projector's tables: no event can be blamed for that."""
+
+    def apply_batch(self, ctx: Any, envelopes: Any) -> None:
+        ctx.cur.execute("SELECT FROM rm_no_such_table")
+
+    def apply(self, cur: Any, envelope: Any, tables: Any, changes: Any) -> None:
+        cur.execute("SELECT FROM rm_no_such_table")
+
+
+def test_a_batch_that_fails_only_as_a_whole_is_applied_event_by_event(
+    database_url: str, app: AgentWorks
+) -> None:
+    scene = Scene(app)
+    with projector_side(database_url) as (pool, log):
+        outcome = ProjectionRunner(BrokenBatchPath(), pool, log).process(
+            log.read(after=0, limit=10_000)
+        )
+    assert outcome.parked == []
+    assert parked(database_url) == []
+    assert card(database_url, scene.b1)[3] == 1
+
+
+def test_a_missing_table_is_raised_and_parks_nothing(database_url: str, app: AgentWorks) -> None:
+    import psycopg
+
+    Scene(app)
+    with projector_side(database_url) as (pool, log):
+        runner = ProjectionRunner(MissingTable(), pool, log)
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            runner.process(log.read(after=0, limit=10_000))
+        assert runner.position() == 0
+    assert parked(database_url) == []
