@@ -10,6 +10,7 @@ from __future__ import annotations
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from psycopg import Connection
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
@@ -22,10 +23,17 @@ def login_url(database_url: str, role: str | None, password: str | None = None) 
     """``database_url`` logging in as ``role`` with ``password`` instead of its own user.
 
     Host, port, database and options are kept; ``user`` and ``password`` (in the authority and
-    in the query string alike) are replaced, percent-encoded. ``role=None`` keeps the URL as is.
+    in the query string alike) are replaced, percent-encoded. A ``key=value`` connection string
+    stays one, quoted as libpq wants. ``role=None`` keeps the URL as is.
     """
     if role is None:
         return database_url
+    if "://" not in database_url:
+        params = {k: v for k, v in conninfo_to_dict(database_url).items() if k != "password"}
+        params["user"] = role
+        if password is not None:
+            params["password"] = password
+        return make_conninfo("", **params)
     parts = urlsplit(database_url)
     hosts = parts.netloc.rpartition("@")[2]
     userinfo = quote(role, safe="")

@@ -21,6 +21,7 @@ URLS = (
     "postgres://owner@[::1]:5432/agentworks",
     "postgresql://postgres:@/agentworks?host=/tmp/socket-dir",
     "postgresql://h1:5432,h2:5433/agentworks?user=owner&password=secret&application_name=aw",
+    "host=127.0.0.1 port=5432 dbname=agentworks user=owner password='s e\\'cret' sslmode=prefer",
 )
 
 
