@@ -259,6 +259,15 @@ class TestComposition:
                     row = conn.execute("SELECT session_user::text AS u").fetchone()
                     assert row is not None
                     assert row["u"] == role
+            # /metrics reads lag as the API role: every gauge is there (a refused grant would
+            # make the collector yield nothing at all).
+            assert services.lag_collector is not None
+            gauges = {family.name for family in services.lag_collector.collect()}
+            assert {
+                "agentworks_log_head_position",
+                "agentworks_projector_lag_events",
+                "agentworks_projector_parked_aggregates",
+            } <= gauges
             relay_url = component_url(settings, database_url, "relay")
             with psycopg.connect(relay_url) as conn:
                 assert conn.execute("SELECT session_user::text").fetchone() == (RELAY_ROLE,)
