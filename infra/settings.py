@@ -4,9 +4,9 @@ Nothing outside :mod:`infra` reads the environment: the composition root loads o
 :class:`Settings` at start and hands the values it needs to each component.
 
 With nothing set, a process runs on the embedded development default (embedded PostgreSQL under
-``data_dir``, in-process fan-out instead of Kafka and Redis, a JWT secret generated and kept in
-``data_dir``). In ``env=prod`` the settings refuse what would be unsafe there, such as a short JWT
-secret.
+``data_dir``, in-process fan-out instead of Kafka and Redis, a JWT secret and the database roles'
+passwords generated and kept in ``data_dir``). In ``env=prod`` the settings refuse what would be
+unsafe there, such as a short JWT secret or a missing database password.
 """
 
 from __future__ import annotations
