@@ -112,9 +112,8 @@ class LagCollector(Collector):
         )
         try:
             with psycopg.connect(self.database_url, connect_timeout=3) as conn:
-                row = conn.execute(
-                    "SELECT coalesce(max(notification_id), 0) FROM agentworks_events"
-                ).fetchone()
+                # A function: the API's role, under row-level security, sees no event itself.
+                row = conn.execute("SELECT agentworks_log_head()").fetchone()
                 top = int(row[0]) if row else 0
                 relays = conn.execute("SELECT relay, position FROM relay_positions").fetchall()
                 projectors = conn.execute(

@@ -164,11 +164,12 @@ def drop_database(base: str, dbname: str) -> None:
 def prepare(scenario: Scenario, url: str, sample: dict[str, Any]) -> dict[str, Any]:
     """Create the scenario's schema and shared fixtures; return params common to all writers."""
     from infra.migrate import ensure_database, migrate
+    from infra.settings import Settings, db_logins
 
     ensure_database(url)
     common: dict[str, Any] = {"url": url, **scenario.params}
     if scenario.schema == "migrated":
-        migrate(url)
+        migrate(url, logins=db_logins(Settings.load()))
         from commands import models as m
         from commands.handlers import Actor
         from infra.bootstrap import build_write_side

@@ -70,6 +70,7 @@ from commands import models as m
 from commands.handlers import Actor
 from infra.bootstrap import build_write_side
 from infra.migrate import migrate
+from infra.settings import Settings, db_logins
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -158,7 +159,7 @@ def create_database(*, template: str | None = None) -> str:
                 )
             )
     if template is None:
-        migrate(url_for(name))
+        migrate(url_for(name), logins=db_logins(Settings.load()))
     return name
 
 

@@ -402,10 +402,11 @@ def main(argv: list[str] | None = None) -> int:
         from adapters.tokens import issue_token
         from infra.bootstrap import build_write_side
         from infra.migrate import ensure_database, migrate
+        from infra.settings import Settings, db_logins
 
         log(f"database {dbname}: migrate and seed")
         ensure_database(url)
-        migrate(url)
+        migrate(url, logins=db_logins(Settings.load()))
         write = build_write_side(url, pool_size=2)
         t0 = time.monotonic()
         seeded = seed(write)

@@ -27,6 +27,7 @@ from commands.handlers import Actor
 from domain.meta import EventMeta
 from infra.bootstrap import build_write_side
 from infra.migrate import migrate
+from infra.settings import Settings, db_logins
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -84,7 +85,7 @@ def main() -> None:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = f"{args.server}/{name}"
     try:
-        migrate(url)
+        migrate(url, logins=db_logins(Settings.load()))
         app = build_write_side(url)
         try:
             owner = Actor(user_id="bench", workspace_id="*")

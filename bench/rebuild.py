@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from infra.bootstrap import build_read_side
     from infra.migrate import migrate
-    from infra.settings import Settings
+    from infra.settings import Settings, db_logins
     from projections.rebuild import REBUILD_BATCH_SIZE
 
     batch = args.batch or REBUILD_BATCH_SIZE
@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         if owned:
             log(f"database {name}: generating ~{args.events:,} events")
             create_database(base, name)
-            migrate(url)
+            migrate(url, logins=db_logins(Settings.load()))
             result["log"] = generate_log(url, args.events, args.seed)
         else:
             with psycopg.connect(url) as conn:

@@ -50,7 +50,7 @@ from domain.errors import AgentWorksError
 from domain.roles import Role
 from infra.logging import configure_logging
 from infra.migrate import MigrationError, discover, ensure_database, migrate
-from infra.settings import ConfigurationError, Settings, jwt_keys
+from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
 from projections.registry import projector_names
 
 if TYPE_CHECKING:
@@ -160,14 +160,18 @@ def migrate_command(
     ] = True,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Apply pending SQL migrations to the database (safe to run concurrently, idempotent)."""
+    """Apply pending SQL migrations to the database (safe to run concurrently, idempotent).
+
+    Run it as the database's owner: it also lets each component's role log in, with its password
+    from AGENTWORKS_DB_*_PASSWORD (outside production, generated and kept in the data dir).
+    """
     overrides: dict[str, object] = {} if database_url is None else {"database_url": database_url}
     settings = settings_for(data_dir, **overrides)
     url = settings.database_url or _embedded_url(settings)
     if create_database:
         ensure_database(url)
     known = {m.version: m for m in discover()}
-    applied = migrate(url, app_role=settings.db_app_role)
+    applied = migrate(url, app_role=settings.db_app_role, logins=db_logins(settings))
 
     console = Console()
     if not applied:
@@ -271,7 +275,7 @@ def _embedded_url(settings: Settings) -> str:
     _resources.callback(embedded.close)
     url = embedded.url
     ensure_database(url)
-    migrate(url, app_role=settings.db_app_role)
+    migrate(url, app_role=settings.db_app_role, logins=db_logins(settings))
     structlog.get_logger(__name__).info(
         "using the embedded PostgreSQL of the data dir",
         data_dir=str(settings.data_dir.resolve()),

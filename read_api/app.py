@@ -675,9 +675,8 @@ class Health:
         """Log head, projector positions and how many aggregates each projector parked."""
         pool = self.runtime.services.pool
         with pool.connection(timeout=_HEALTH_TIMEOUT) as conn:
-            head_row = conn.execute(
-                "SELECT coalesce(max(notification_id), 0) AS head FROM agentworks_events"
-            ).fetchone()
+            # Row-level security hides every event from this role; the function does not.
+            head_row = conn.execute("SELECT agentworks_log_head() AS head").fetchone()
             rows = conn.execute("SELECT projector, position FROM projection_positions").fetchall()
             parked = conn.execute(
                 "SELECT projector, count(*) AS parked FROM projection_parked GROUP BY projector"

@@ -356,13 +356,13 @@ def test_status_shows_lag_and_sweep_watermarks(database_url: str, tmp_path: Path
 def test_sweep_applies_what_a_projector_never_received(database_url: str, tmp_path: Path) -> None:
     from commands import models as m
     from commands.handlers import Actor
-    from infra.bootstrap import build_read_side
+    from infra.bootstrap import build_read_side, build_write_side
     from infra.settings import Settings
 
-    settings = Settings(database_url=database_url)
+    settings = Settings(database_url=database_url, **pg.LOGIN_SETTINGS)
     read_side = build_read_side(settings, database_url, projector_names=["activity"])
+    app = build_write_side(database_url)
     try:
-        app = read_side.write_side
         olga = Actor(user_id="olga", workspace_id="*")
         created = app.create_workspace(m.CreateWorkspace(name="Swept"), olga)
         app.rename_workspace(
@@ -372,6 +372,7 @@ def test_sweep_applies_what_a_projector_never_received(database_url: str, tmp_pa
         events = read_side.event_log.read(after=0)
         read_side.runners[0].process(events[:-1])  # the rename never arrived
     finally:
+        app.close()
         read_side.close()
 
     result = agentworks("sweep", "all", cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": database_url})
