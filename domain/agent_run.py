@@ -275,7 +275,7 @@ class AgentRun(TenantAggregate):
         meta: EventMeta,
     ) -> int:
         """Record one provider attempt; returns its number (1-based, per run)."""
-        self._expect(RunStatus.RUNNING, action="record an attempt of")
+        self._expect_call_recordable(action="record an attempt of")
         if status not in ("ok", "failed"):
             raise ValidationFailed(f"attempt status must be ok or failed, got {status!r}")
         number = self.attempts + 1
@@ -350,7 +350,7 @@ class AgentRun(TenantAggregate):
         meta: EventMeta,
     ) -> None:
         """Record a completed call. A call that happened is always recorded, even past budget."""
-        self._expect(RunStatus.RUNNING, action="record an LLM call for")
+        self._expect_call_recordable(action="record an LLM call for")
         if call_id in self.call_ids:
             raise InvalidTransition(f"LLM call {call_id} of run {self.id} is already recorded")
         for name, value in (
@@ -413,6 +413,12 @@ class AgentRun(TenantAggregate):
                 "can be cancelled"
             )
         self._record(self.Cancelled, meta, reason=(reason.strip() or "cancelled")[:2000])
+
+    def _expect_call_recordable(self, *, action: str) -> None:
+        """A call that happened is recorded (and charged) even when the run was cancelled while
+        it streamed: the provider bills it either way."""
+        if self.status is not RunStatus.CANCELLED:
+            self._expect(RunStatus.RUNNING, action=action)
 
     def _expect(self, status: RunStatus, *, action: str) -> None:
         if self.status is not status:

@@ -549,6 +549,18 @@ class Orchestrator:
                         break
         except (TransientProviderError, PermanentProviderError) as caught:
             error = caught
+        except asyncio.CancelledError:
+            # Cancelled, timed out or stopping: what streamed so far was produced and is billed
+            # by the provider, so it is charged (estimated) before the cancellation goes on.
+            if text:
+                latency_ms = int((time.monotonic() - t0) * 1000)
+                partial = Usage(input_tokens, count_tokens("".join(text)), estimated=True)
+                with contextlib.suppress(_Lost, AgentWorksError):
+                    await self._attempt(
+                        view, option, "failed", None, "stopped: cancelled", latency_ms, partial,
+                        started_at,
+                    )  # fmt: skip
+            raise
         finally:
             self.reserved.get(view.workspace_id, {}).pop(view.run_id, None)
         latency_ms = int((time.monotonic() - t0) * 1000)

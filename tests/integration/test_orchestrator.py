@@ -199,6 +199,13 @@ def test_cancel_stops_the_running_call_within_a_second(
     print(f"cancel -> call stopped: {stopped_after * 1000:.0f} ms")
     run = write_side.run_snapshot(run_id)
     assert run.status is RunStatus.CANCELLED
+    # What streamed before the cancel was produced: charged from estimates, never zero.
+    [attempt] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert (attempt.status, attempt.error, attempt.estimated) == (
+        "failed", "stopped: cancelled", True,
+    )  # fmt: skip
+    assert attempt.output_tokens > 0
+    assert run.billed_micros > 0
 
 
 def test_run_budget_reached_mid_stream_fails_with_budget_and_charges_what_was_used(
@@ -226,6 +233,9 @@ def test_run_timeout_ends_timed_out(write_side: AgentWorks, database_url: str) -
         run_id = start(write_side, card)
         run = wait_for(write_side, run_id, finished)
     assert run.status is RunStatus.TIMED_OUT
+    [attempt] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert attempt.estimated
+    assert run.billed_micros > 0
 
 
 def test_two_orchestrators_share_a_backlog_and_never_run_a_run_twice(
