@@ -19,8 +19,9 @@ from orchestrator_helpers import (
     stored,
     wait_for,
 )
-from provider_servers import FakeProviderServer, Reply, openai_events
+from provider_servers import FakeProviderServer, Reply, anthropic_events, openai_events
 
+from adapters.providers.anthropic import AnthropicProvider
 from adapters.providers.base import Provider
 from adapters.providers.openai import OpenAIProvider
 from commands import models as m
@@ -108,6 +109,27 @@ def test_openai_compatible_server_given_by_settings_runs_and_is_charged_from_its
     assert run.provider_cost_micros == call_cost_micros(price, input_tokens=1234,
                                                         output_tokens=567)  # fmt: skip
     assert server.requests[0].path == "/v1/chat/completions"
+
+
+def test_anthropic_run_is_charged_from_message_start_and_message_delta(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    events = anthropic_events(["Plan:", " ship it"], input_tokens=321, output_tokens=45)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        providers: dict[str, Provider] = {
+            "anthropic": AnthropicProvider(api_key="ak", base_url=server.url)
+        }
+        with orchestrator_thread(database_url, providers):
+            run_id = start(write_side, card, provider="anthropic",
+                           model="claude-3-5-haiku-latest")  # fmt: skip
+            run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert run.output == "Plan: ship it"
+    assert (run.input_tokens, run.output_tokens) == (321, 45)
+    price = write_side.prices.require("anthropic", "claude-3-5-haiku-latest", run.modified_on)
+    assert run.provider_cost_micros == call_cost_micros(price, input_tokens=321, output_tokens=45)
+    assert server.requests[0].body["model"] == "claude-3-5-haiku-latest"
 
 
 def test_unpinned_run_falls_back_after_a_500_and_records_both_attempts(
