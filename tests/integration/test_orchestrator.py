@@ -281,3 +281,25 @@ def test_two_orchestrators_share_a_backlog_and_never_run_a_run_twice(
         assert len(events_of(write_side, run_id, AgentRun.LlmCallCompleted)) == 1
         workers[started[0].worker] += 1
     assert set(workers) == {"A", "B"}, workers
+
+
+def test_a_failing_provider_opens_its_circuit_and_the_run_log_says_so(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    with FakeProviderServer([Reply(status=503, body=b"unavailable")]) as server:
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url)
+        }
+        with orchestrator_thread(database_url, providers, max_attempts=4, breaker_threshold=3):
+            run_id = start(write_side, card, provider="openai")
+            run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.FAILED
+    assert "gave up after 4 attempts" in (run.error or "")
+    attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert [a.http_status for a in attempts] == [503, 503, 503, 503]
+    lines = [
+        ln["text"] for c in events_of(write_side, run_id, AgentRun.LogChunkAppended)
+        for ln in c.lines
+    ]  # fmt: skip
+    assert sum("circuit for openai is open" in t for t in lines) == 1
