@@ -756,7 +756,9 @@ _ProjectorOption = Annotated[
 
 
 @parked_app.command("list")
-def parked_list_command(projector: _ProjectorOption = None) -> None:
+def parked_list_command(
+    projector: _ProjectorOption = None, data_dir: DataDirOption = None
+) -> None:
     """The parked aggregates: the event each stopped at, the error, how often it was tried."""
     import psycopg
 
@@ -764,7 +766,7 @@ def parked_list_command(projector: _ProjectorOption = None) -> None:
 
     if projector is not None:
         projector_named(projector)  # an unknown name is refused with the valid ones
-    settings = load_settings()
+    settings = settings_for(data_dir)
     with psycopg.connect(_database_url(settings)) as conn:
         rows = conn.execute(
             "SELECT projector, originator_id, originator_version, position, event_type,"
@@ -800,6 +802,7 @@ def parked_retry_command(
     aggregate: Annotated[
         str | None, typer.Option("--aggregate", help="Only this aggregate (its id).")
     ] = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Apply the parked aggregates' events again, in order, after a fix.
 
@@ -818,7 +821,7 @@ def parked_retry_command(
             raise CliError(
                 f"--aggregate must be an aggregate id (a UUID), not {aggregate!r}"
             ) from None
-    settings = load_settings()
+    settings = settings_for(data_dir)
     on_commit = None
     if settings.redis_url:
         from read_api.broadcast import RedisChangePublisher

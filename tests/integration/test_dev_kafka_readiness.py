@@ -22,6 +22,8 @@ import httpx
 import pytest
 
 from adapters.kafka_broker import free_port
+from users import user_id
+
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
 
 if TYPE_CHECKING:
@@ -98,7 +100,7 @@ def test_the_first_write_after_dev_is_ready_reads_back_fresh(
     started = time.monotonic()
     ready = _ready(url, deadline)
 
-    bootstrap = issue_token(user_id="ada", workspace_id=BOOTSTRAP_WORKSPACE, role="OWNER",
+    bootstrap = issue_token(user_id=user_id("ada"), workspace_id=BOOTSTRAP_WORKSPACE, role="OWNER",
                             ttl_seconds=600, secret=SECRET)  # fmt: skip
     response = httpx.post(
         f"{url}/graphql",
