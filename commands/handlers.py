@@ -24,6 +24,7 @@ from eventsourcing.persistence import IntegrityError
 from commands import models as m
 from commands.idempotency import fingerprint
 from domain.agent_run import AgentRun
+from domain.billing import next_month
 from domain.card import Card
 from domain.errors import Conflict, Forbidden, InvalidTransition, NotFound, ValidationFailed
 from domain.idempotency import CommandLog, CommandRecord
@@ -489,6 +490,7 @@ class AgentWorks(Application[UUID]):
             run = self._load(AgentRun, cmd.run_id, actor, Role.ADMIN, "recordLlmCall")
             workspace = self._get(Workspace, run.workspace_id)
             billed = billed_amount(cmd.provider_cost_micros, workspace.markup)
+            spend = self._spend_for(workspace, cmd.at, meta)
             charge = UsageCharge.charge(
                 workspace_id=run.workspace_id,
                 project_id=run.project_id,
@@ -505,6 +507,7 @@ class AgentWorks(Application[UUID]):
                 price_table_version=cmd.price_table_version,
                 at=cmd.at,
                 meta=meta,
+                billed_month=spend.month,
             )
             run.record_llm_call(
                 call_id=cmd.call_id,
@@ -518,7 +521,6 @@ class AgentWorks(Application[UUID]):
                 billed_micros=billed,
                 meta=meta,
             )
-            spend = self._spend_for(workspace, cmd.at, meta)
             spend.add(charge.id, billed, meta=meta)
             return Decision(
                 run, "run", [run, charge, spend], {"charge_id": str(charge.id), "billed": billed}
@@ -736,11 +738,17 @@ class AgentWorks(Application[UUID]):
             require_role(mine, Role.OWNER, action="granting or taking OWNER", user_id=actor.user_id)
 
     def _spend_for(self, workspace: Workspace, at: datetime, meta: EventMeta) -> MonthlySpend:
+        """The spend of ``at``'s month, or of the first open month after it once that is closed
+        (late usage of a closed month is billed in the next statement)."""
         month = month_of(at)
-        try:
-            return self._get(MonthlySpend, spend_id_for(workspace.id, month))
-        except NotFound:
-            return MonthlySpend.open(workspace_id=workspace.id, month=month, meta=meta)
+        while True:
+            try:
+                spend = self._get(MonthlySpend, spend_id_for(workspace.id, month))
+            except NotFound:
+                return MonthlySpend.open(workspace_id=workspace.id, month=month, meta=meta)
+            if not spend.closed:
+                return spend
+            month = next_month(month)
 
 
 def _expect_version(aggregate: Aggregate, expected: int | None) -> None:

@@ -105,7 +105,9 @@ class UsageCharge(TenantAggregate):
         price_table_version: str,
         at: datetime,
         meta: EventMeta,
+        billed_month: str | None = None,
     ) -> UsageCharge:
+        """``billed_month``: the open month the charge is billed in when ``at``'s is closed."""
         return cls._create(
             cls.Charged,
             id=charge_id_for(run_id, call_id),
@@ -122,7 +124,7 @@ class UsageCharge(TenantAggregate):
             markup=str(markup),
             billed_micros=billed_micros,
             price_table_version=price_table_version,
-            month=month_of(at),
+            month=billed_month or month_of(at),
             timestamp=at,
             meta=meta.as_dict(),
         )
@@ -177,6 +179,7 @@ class MonthlySpend(TenantAggregate):
     if TYPE_CHECKING:
         month: str
         spent_micros: int
+        closed: bool
 
     class Opened(TenantAggregate.Created):
         month: str
@@ -185,6 +188,7 @@ class MonthlySpend(TenantAggregate):
             super().apply(aggregate)
             aggregate.month = self.month
             aggregate.spent_micros = 0
+            aggregate.closed = False
 
     class Added(TenantAggregate.Event):
         charge_id: UUID
@@ -192,6 +196,22 @@ class MonthlySpend(TenantAggregate):
 
         def apply(self, aggregate: Any) -> None:
             aggregate.spent_micros += self.billed_micros
+
+    class Closed(TenantAggregate.Event):
+        """The month takes no more charges or credits: its statement is final and can be
+        invoiced. Later usage of the month is billed in the next open month."""
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.closed = True
+
+    class CreditGranted(TenantAggregate.Event):
+        """A credit to the workspace (not to one charge): a negative line on this month's
+        statement. It does not lower ``spent_micros``, which counts usage for the spend limit."""
+
+        credit_id: UUID
+        amount_micros: int
+        reason: str
+        month: str
 
     @classmethod
     def open(cls, *, workspace_id: UUID, month: str, meta: EventMeta) -> MonthlySpend:
@@ -205,6 +225,28 @@ class MonthlySpend(TenantAggregate):
 
     def add(self, charge_id: UUID, billed_micros: int, *, meta: EventMeta) -> None:
         self._record(self.Added, meta, charge_id=charge_id, billed_micros=billed_micros)
+
+    def close(self, *, meta: EventMeta) -> None:
+        if not self.closed:
+            self._record(self.Closed, meta)
+
+    def grant_credit(
+        self, credit_id: UUID, amount_micros: int, reason: str, *, meta: EventMeta
+    ) -> None:
+        if self.closed:
+            raise InvalidTransition(f"{self.month} is closed; a credit goes to an open month")
+        if amount_micros <= 0:
+            raise ValidationFailed(f"a credit must be positive, got {format_usd(amount_micros)}")
+        if not reason.strip():
+            raise ValidationFailed("a credit needs a reason")
+        self._record(
+            self.CreditGranted,
+            meta,
+            credit_id=credit_id,
+            amount_micros=amount_micros,
+            reason=reason.strip(),
+            month=self.month,
+        )
 
     def check_room(self, limit_micros: int | None, *, wanted_micros: int = 0) -> None:
         """Refuse new spending once the month has reached the workspace's limit."""

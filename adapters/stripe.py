@@ -1,0 +1,142 @@
+"""Stripe through the official ``stripe`` package: customers, invoice items, invoices.
+
+Every object we create carries metadata naming what it is for (workspace, month, statement
+line), and every create is preceded by a look-up of that metadata, because idempotency must not
+rest on Stripe's ``Idempotency-Key`` (the test fake ignores it, and a key would not survive a
+crash of the process holding it anyway). Stripe's exceptions become :class:`StripeUnavailable`
+here, so callers handle one error of ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+import stripe
+
+from domain.billing import Line, RemoteInvoice, RemoteItem, whole_cents
+from domain.errors import Unavailable
+
+CURRENCY = "usd"
+
+
+class StripeUnavailable(Unavailable):
+    """Stripe could not be reached or refused a request; nothing about our input changed."""
+
+
+class StripeBilling:
+    """What invoicing needs from Stripe, each call one request (plus paging for look-ups)."""
+
+    def __init__(self, *, api_key: str, api_base: str | None = None, timeout: float = 10.0) -> None:
+        http_client = stripe.HTTPXClient(timeout=timeout, allow_sync_methods=True)
+        self._client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": api_base} if api_base else None,
+            max_network_retries=0,
+            http_client=http_client,
+        )
+        self._http = http_client
+
+    def close(self) -> None:
+        self._http.close()  # type: ignore[no-untyped-call]
+
+    def _call(self, what: str, request: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return request(*args, **kwargs)
+        except stripe.StripeError as error:
+            status = getattr(error, "http_status", None)
+            detail = error.user_message or str(error) or type(error).__name__
+            raise StripeUnavailable(
+                f"Stripe {what} failed"
+                + (f" (HTTP {status})" if status else "")
+                + f": {' '.join(detail.split())}"
+            ) from error
+
+    def find_customer(self, workspace_id: UUID) -> str | None:
+        customers = self._call("customer look-up", self._client.v1.customers.list, {"limit": 100})
+        for customer in customers.auto_paging_iter():
+            if (customer.metadata or {}).get("workspace_id") == str(workspace_id):
+                return str(customer.id)
+        return None
+
+    def create_customer(self, workspace_id: UUID, name: str) -> str:
+        customer = self._call(
+            "customer creation",
+            self._client.v1.customers.create,
+            {"name": name, "metadata": {"workspace_id": str(workspace_id)}},
+        )
+        return str(customer.id)
+
+    def pending_items(self, customer_id: str, key: str) -> dict[str, str]:
+        """Invoice items of ``key`` not yet on an invoice, by statement line key."""
+        items = self._call(
+            "invoice item look-up",
+            self._client.v1.invoice_items.list,
+            {"customer": customer_id, "limit": 100},
+        )
+        found: dict[str, str] = {}
+        for item in items.auto_paging_iter():
+            metadata = item.metadata or {}
+            if metadata.get("invoice_key") == key and getattr(item, "invoice", None) is None:
+                found[str(metadata.get("line_key"))] = str(item.id)
+        return found
+
+    def create_item(self, customer_id: str, key: str, line: Line) -> str:
+        item = self._call(
+            f"invoice item creation ({line.key})",
+            self._client.v1.invoice_items.create,
+            {
+                "customer": customer_id,
+                "amount": whole_cents(line.billed_micros),
+                "currency": CURRENCY,
+                "description": line.description,
+                "metadata": {"invoice_key": key, "line_key": line.key},
+            },
+        )
+        return str(item.id)
+
+    def find_invoice(self, customer_id: str, key: str) -> RemoteInvoice | None:
+        invoices = self._call(
+            "invoice look-up",
+            self._client.v1.invoices.list,
+            {"customer": customer_id, "limit": 100},
+        )
+        for invoice in invoices.auto_paging_iter():
+            if (invoice.metadata or {}).get("invoice_key") == key:
+                return self._with_items(invoice)
+        return None
+
+    def _with_items(self, invoice: Any) -> RemoteInvoice:
+        lines = self._call(
+            "invoice lines look-up",
+            self._client.v1.invoices.line_items.list,
+            invoice.id,
+            {"limit": 100},
+        )
+        items = [
+            RemoteItem(
+                id=str(getattr(line, "invoice_item", None) or line.id),
+                line_key=str((line.metadata or {}).get("line_key")),
+                amount_cents=int(line.amount),
+            )
+            for line in lines.auto_paging_iter()
+        ]
+        return RemoteInvoice(id=str(invoice.id), status=str(invoice.status), items=items)
+
+    def create_invoice(self, customer_id: str, key: str, description: str) -> str:
+        """The invoice, gathering the customer's pending items.
+
+        ``pending_invoice_items_behavior=include``: Stripe's default (``exclude`` since API
+        version 2022-08-01) would leave our items out of the invoice.
+        """
+        invoice = self._call(
+            "invoice creation",
+            self._client.v1.invoices.create,
+            {
+                "customer": customer_id,
+                "description": description,
+                "metadata": {"invoice_key": key},
+                "pending_invoice_items_behavior": "include",
+            },
+        )
+        return str(invoice.id)
