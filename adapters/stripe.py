@@ -20,6 +20,11 @@ from domain.errors import Unavailable
 CURRENCY = "usd"
 
 
+def _metadata(obj: Any) -> dict[str, str]:
+    found = getattr(obj, "metadata", None)
+    return {str(k): str(v) for k, v in found.to_dict().items()} if found else {}
+
+
 class StripeUnavailable(Unavailable):
     """Stripe could not be reached or refused a request; nothing about our input changed."""
 
@@ -28,7 +33,7 @@ class StripeBilling:
     """What invoicing needs from Stripe, each call one request (plus paging for look-ups)."""
 
     def __init__(self, *, api_key: str, api_base: str | None = None, timeout: float = 10.0) -> None:
-        http_client = stripe.HTTPXClient(timeout=timeout, allow_sync_methods=True)
+        http_client = stripe.RequestsClient(timeout=timeout)
         self._client = stripe.StripeClient(
             api_key,
             base_addresses={"api": api_base} if api_base else None,
@@ -55,7 +60,7 @@ class StripeBilling:
     def find_customer(self, workspace_id: UUID) -> str | None:
         customers = self._call("customer look-up", self._client.v1.customers.list, {"limit": 100})
         for customer in customers.auto_paging_iter():
-            if (customer.metadata or {}).get("workspace_id") == str(workspace_id):
+            if _metadata(customer).get("workspace_id") == str(workspace_id):
                 return str(customer.id)
         return None
 
@@ -76,7 +81,7 @@ class StripeBilling:
         )
         found: dict[str, str] = {}
         for item in items.auto_paging_iter():
-            metadata = item.metadata or {}
+            metadata = _metadata(item)
             if metadata.get("invoice_key") == key and getattr(item, "invoice", None) is None:
                 found[str(metadata.get("line_key"))] = str(item.id)
         return found
@@ -96,14 +101,22 @@ class StripeBilling:
         return str(item.id)
 
     def find_invoice(self, customer_id: str, key: str) -> RemoteInvoice | None:
+        """The customer's invoice of ``key``: by its metadata, or by the items it holds.
+
+        The items' metadata is what always survives (a fake may drop an invoice's), and an
+        invoice that swept our pending items in is ours whatever its own metadata says.
+        """
         invoices = self._call(
             "invoice look-up",
             self._client.v1.invoices.list,
             {"customer": customer_id, "limit": 100},
         )
         for invoice in invoices.auto_paging_iter():
-            if (invoice.metadata or {}).get("invoice_key") == key:
-                return self._with_items(invoice)
+            found = self._with_items(invoice)
+            if _metadata(invoice).get("invoice_key") == key or any(
+                item.invoice_key == key for item in found.items
+            ):
+                return found
         return None
 
     def _with_items(self, invoice: Any) -> RemoteInvoice:
@@ -116,8 +129,9 @@ class StripeBilling:
         items = [
             RemoteItem(
                 id=str(getattr(line, "invoice_item", None) or line.id),
-                line_key=str((line.metadata or {}).get("line_key")),
+                line_key=str(_metadata(line).get("line_key") or line.id),
                 amount_cents=int(line.amount),
+                invoice_key=_metadata(line).get("invoice_key"),
             )
             for line in lines.auto_paging_iter()
         ]

@@ -214,6 +214,7 @@ class RemoteItem:
     id: str
     line_key: str
     amount_cents: int
+    invoice_key: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

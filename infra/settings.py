@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     stripe_api_base: str | None = None
     """Base URL of the Stripe API (a local fake in tests); None means Stripe's own."""
+    stripe_webhook_secret: SecretStr | None = None
+    """Signing secret of the Stripe webhook endpoint (``POST /webhooks/stripe``)."""
 
     # --- behaviour -----------------------------------------------------------------------
     # --- API ---------------------------------------------------------------------------
@@ -150,7 +152,7 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return None if value is None or value.strip() == "" else value
 
-    @field_validator("jwt_secret", "stripe_api_key")
+    @field_validator("jwt_secret", "stripe_api_key", "stripe_webhook_secret")
     @classmethod
     def _empty_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None or value.get_secret_value().strip() == "" else value
