@@ -9,13 +9,15 @@ here, so callers handle one error of ours.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 import stripe
 
 from domain.billing import Line, RemoteInvoice, RemoteItem, whole_cents
-from domain.errors import Unavailable
+from domain.errors import Unavailable, ValidationFailed
 
 CURRENCY = "usd"
 
@@ -154,3 +156,52 @@ class StripeBilling:
             },
         )
         return str(invoice.id)
+
+
+class WebhookRefused(ValidationFailed):
+    """A webhook delivery whose signature does not hold, or whose timestamp is too old."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InvoiceEvent:
+    """What a Stripe invoice event tells us: which event, which invoice, which of ours."""
+
+    event_id: str
+    event_type: str
+    stripe_invoice_id: str
+    invoice_key: str | None
+
+
+#: How old a signed delivery may be: older ones are replays (Stripe's own default).
+WEBHOOK_TOLERANCE_SECONDS = 300
+
+
+def verify_webhook(payload: bytes, signature: str | None, secret: str) -> InvoiceEvent | None:
+    """A verified invoice event, ``None`` for a verified event of another kind.
+
+    The signature (HMAC-SHA256 of ``timestamp.payload``) and its timestamp are checked by the
+    ``stripe`` package; a delivery older than :data:`WEBHOOK_TOLERANCE_SECONDS` is refused.
+    """
+    if not signature:
+        raise WebhookRefused("the Stripe-Signature header is missing")
+    try:
+        stripe.WebhookSignature.verify_header(
+            payload.decode("utf-8"), signature, secret, WEBHOOK_TOLERANCE_SECONDS
+        )
+        event = json.loads(payload)
+    except stripe.SignatureVerificationError as error:
+        raise WebhookRefused(f"the Stripe signature does not hold: {error}") from error
+    except (UnicodeDecodeError, ValueError) as error:
+        raise WebhookRefused("the webhook body is not JSON") from error
+    if not isinstance(event, dict) or not str(event.get("type", "")).startswith("invoice."):
+        return None
+    invoice = (event.get("data") or {}).get("object") or {}
+    key = (invoice.get("metadata") or {}).get("invoice_key")
+    for line in ((invoice.get("lines") or {}).get("data")) or []:
+        key = key or (line.get("metadata") or {}).get("invoice_key")
+    return InvoiceEvent(
+        event_id=str(event.get("id")),
+        event_type=str(event["type"]),
+        stripe_invoice_id=str(invoice.get("id")),
+        invoice_key=key,
+    )

@@ -23,6 +23,7 @@ from commands import models as m
 from commands.handlers import Actor, AgentWorks, CommandResult, Decision
 from domain.billing import (
     Invoice,
+    InvoiceStatus,
     Line,
     MonthFold,
     Reconciliation,
@@ -197,6 +198,31 @@ class Billing:
         invoice.issue(stripe_id, meta=meta)
         self._save(invoice)
         return self._result(invoice, Outcome.ISSUED)
+
+    def settle(
+        self, key: str, stripe_invoice_id: str, outcome: InvoiceStatus, stripe_event_id: str
+    ) -> bool:
+        """Record Stripe's word that an invoice of ours was paid or voided.
+
+        ``False`` when this Stripe event was recorded before (a replayed delivery changes
+        nothing); ``NotFound`` for an invoice that is not ours or not the one we issued.
+        """
+        workspace_text, _, month = key.partition(":")
+        try:
+            workspace_id = UUID(workspace_text)
+        except ValueError:
+            raise NotFound(f"no invoice of ours is keyed {key!r}") from None
+        for _ in range(_SAVE_ATTEMPTS):
+            invoice = self.app._get(Invoice, invoice_id_for(workspace_id, month))
+            if invoice.stripe_invoice_id != stripe_invoice_id:
+                raise NotFound(
+                    f"Stripe invoice {stripe_invoice_id} is not the one issued for {key}"
+                )
+            if not invoice.settle(outcome, stripe_event_id, meta=self._meta(workspace_id)):
+                return False
+            if self._saved(invoice):
+                return True
+        raise Conflict(f"invoice {key} kept changing while {stripe_event_id} was recorded")
 
     def reconcile(
         self,

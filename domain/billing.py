@@ -467,6 +467,9 @@ class Discrepancy:
 
 @dataclass(frozen=True, kw_only=True)
 class Reconciliation:
+    """Totals are exact net amounts (to the micro), except ``invoiced_total_micros``: what
+    Stripe's invoice asks for, the lines rounded up."""
+
     workspace_id: UUID
     month: str
     event_log_total_micros: int
@@ -552,8 +555,8 @@ def reconcile(
     return Reconciliation(
         workspace_id=workspace_id,
         month=month,
-        event_log_total_micros=statement_total(log_lines),
-        read_model_total_micros=statement_total(read_model_lines),
+        event_log_total_micros=sum(line.exact_micros for line in log_lines),
+        read_model_total_micros=sum(line.exact_micros for line in read_model_lines),
         invoiced_total_micros=invoiced,
         discrepancies=found,
     )

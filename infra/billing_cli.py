@@ -8,6 +8,7 @@ stderr).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -166,9 +167,11 @@ def invoice_command(month: _Month, workspace: _Workspace = None) -> int:
 
 
 def _invoice_summary(month: str, done: list[InvoiceResult], failed: list[_Failure]) -> None:
+    from commands.billing import Outcome
+
     table = Table(title=f"Invoices for {month}")
     for column in ("workspace", "outcome", "invoice", "total"):
-        table.add_column(column, no_wrap=True)
+        table.add_column(column, overflow="fold")
     for result in done:
         table.add_row(
             str(result.workspace_id),
@@ -178,7 +181,11 @@ def _invoice_summary(month: str, done: list[InvoiceResult], failed: list[_Failur
         )
     Console().print(table)
     _report_failures(failed)
-    typer.echo(f"{len(done)} workspace(s) invoiced or up to date, {len(failed)} failed")
+    counts = Counter(result.outcome for result in done)
+    typer.echo(
+        ", ".join(f"{counts[outcome]} {outcome.value}" for outcome in Outcome)
+        + f", {len(failed)} failed"
+    )
 
 
 def _report_failures(failed: list[_Failure]) -> None:
@@ -270,7 +277,7 @@ def _reconcile_summary(
         console.print("AGENTWORKS_STRIPE_API_KEY is not set: Stripe was not compared")
     table = Table(title=f"Discrepancies in {month}")
     for column in ("workspace", "kind", "key", "expected (log)", "actual"):
-        table.add_column(column, no_wrap=True)
+        table.add_column(column, overflow="fold")
     for result in done:
         for d in result.discrepancies:
             table.add_row(

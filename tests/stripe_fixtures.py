@@ -17,9 +17,11 @@ import sys
 import tempfile
 import time
 from typing import TYPE_CHECKING
+from uuid import UUID
 
 import httpx
 import pytest
+import stripe
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -76,3 +78,31 @@ def localstripe(localstripe_server: str) -> str:
     """The fake's base URL, emptied for this test."""
     httpx.delete(f"{localstripe_server}/_config/data", timeout=5.0).raise_for_status()
     return localstripe_server
+
+
+def stripe_client(base: str) -> stripe.StripeClient:
+    return stripe.StripeClient(STRIPE_TEST_KEY, base_addresses={"api": base}, max_network_retries=0)
+
+
+def provision_customer(base: str, workspace_id: UUID) -> str:
+    """A Stripe customer of the workspace (found by our metadata look-up) with a $0 subscription.
+
+    localstripe creates an invoice only for a customer with a subscription (real Stripe invoices
+    pending items of any customer), so tests give each customer a free one; its $0 line adds
+    nothing to any total.
+    """
+    client = stripe_client(base)
+    customer = client.v1.customers.create(
+        {"name": "Acme", "metadata": {"workspace_id": str(workspace_id)}}
+    )
+    subscribe(base, customer.id)
+    return str(customer.id)
+
+
+def subscribe(base: str, customer_id: str) -> None:
+    client = stripe_client(base)
+    product = client.v1.products.create({"name": "AgentWorks"})
+    plan = client.v1.plans.create(
+        {"amount": 0, "currency": "usd", "interval": "month", "product": product.id}
+    )
+    client.v1.subscriptions.create({"customer": customer_id, "items": [{"plan": plan.id}]})
