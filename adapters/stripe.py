@@ -74,19 +74,23 @@ class StripeBilling:
         )
         return str(customer.id)
 
-    def pending_items(self, customer_id: str, key: str) -> dict[str, str]:
-        """Invoice items of ``key`` not yet on an invoice, by statement line key."""
+    def pending_items(self, customer_id: str) -> list[RemoteItem]:
+        """The customer's invoice items not yet on an invoice (the next invoice sweeps them in)."""
         items = self._call(
             "invoice item look-up",
             self._client.v1.invoice_items.list,
             {"customer": customer_id, "limit": 100},
         )
-        found: dict[str, str] = {}
-        for item in items.auto_paging_iter():
-            metadata = _metadata(item)
-            if metadata.get("invoice_key") == key and getattr(item, "invoice", None) is None:
-                found[str(metadata.get("line_key"))] = str(item.id)
-        return found
+        return [
+            RemoteItem(
+                id=str(item.id),
+                line_key=_metadata(item).get("line_key") or str(item.id),
+                amount_cents=int(item.amount),
+                invoice_key=_metadata(item).get("invoice_key"),
+            )
+            for item in items.auto_paging_iter()
+            if getattr(item, "invoice", None) is None
+        ]
 
     def create_item(self, customer_id: str, key: str, line: Line) -> str:
         item = self._call(

@@ -28,12 +28,13 @@ from domain.billing import (
     MonthFold,
     Reconciliation,
     RemoteInvoice,
+    RemoteItem,
     invoice_id_for,
     invoice_key,
     reconcile,
     require_ended,
 )
-from domain.errors import Conflict, NotFound
+from domain.errors import Conflict, InvalidTransition, NotFound
 from domain.meta import EventMeta
 from domain.money import parse_usd
 from domain.project import Project
@@ -72,7 +73,7 @@ class BillingPort(Protocol):
 
     def find_customer(self, workspace_id: UUID) -> str | None: ...
     def create_customer(self, workspace_id: UUID, name: str) -> str: ...
-    def pending_items(self, customer_id: str, key: str) -> dict[str, str]: ...
+    def pending_items(self, customer_id: str) -> list[RemoteItem]: ...
     def create_item(self, customer_id: str, key: str, line: Line) -> str: ...
     def find_invoice(self, customer_id: str, key: str) -> RemoteInvoice | None: ...
     def create_invoice(self, customer_id: str, key: str, description: str) -> str: ...
@@ -180,7 +181,15 @@ class Billing:
         meta = self._meta(workspace_id)
         found = stripe.find_invoice(customer, key)
         if found is None:
-            pending = stripe.pending_items(customer, key)
+            waiting = stripe.pending_items(customer)
+            foreign = sorted({str(item.invoice_key) for item in waiting} - {key})
+            if foreign:
+                # Stripe would sweep them into this invoice; their own invoice must go first.
+                raise InvalidTransition(
+                    f"customer {customer} has pending invoice items of {', '.join(foreign)}; "
+                    "invoice those (or remove the items in Stripe) before this month"
+                )
+            pending = {item.line_key: item.id for item in waiting}
             for line in billable:
                 if line.key in invoice.items:
                     continue

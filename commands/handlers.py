@@ -543,10 +543,12 @@ class AgentWorks(Application[UUID]):
         def decide(meta: EventMeta) -> Decision:
             charge = self._load(UsageCharge, cmd.charge_id, actor, Role.OWNER, "creditCharge")
             amount = parse_usd(cmd.amount)
+            # A closed month's statement is final: the correction goes to the first open month.
+            month = self._spend_for(self._get(Workspace, charge.workspace_id), cmd.at, meta).month
             if cmd.refund:
-                charge.refund(amount, cmd.reason, at=cmd.at, meta=meta)
+                charge.refund(amount, cmd.reason, at=cmd.at, meta=meta, billed_month=month)
             else:
-                charge.credit(amount, cmd.reason, at=cmd.at, meta=meta)
+                charge.credit(amount, cmd.reason, at=cmd.at, meta=meta, billed_month=month)
             return Decision(charge, "charge", [charge])
 
         return self._execute(cmd, actor, self._scope_hint(actor), decide)

@@ -538,11 +538,13 @@ def reconcile(
             )
         else:
             invoiced = remote.total_cents * MICROS_PER_CENT
-            found += _differences(
-                DiscrepancyKind.STRIPE_ITEM,
-                billed,
-                {item.line_key: item.amount_cents * MICROS_PER_CENT for item in remote.items},
-            )
+            held: dict[str, int] = {}
+            for item in remote.items:
+                # Items of another invoice (or none of ours) are never expected here.
+                mine = item.invoice_key == invoice_key(workspace_id, month)
+                line = item.line_key if mine else f"{item.invoice_key}/{item.line_key}"
+                held[line] = held.get(line, 0) + item.amount_cents * MICROS_PER_CENT
+            found += _differences(DiscrepancyKind.STRIPE_ITEM, billed, held)
             if remote.id != issued_invoice_id:
                 found.append(
                     Discrepancy(

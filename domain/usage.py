@@ -133,11 +133,32 @@ class UsageCharge(TenantAggregate):
     def net_micros(self) -> int:
         return self.billed_micros - self.credited_micros
 
-    def credit(self, amount_micros: int, reason: str, *, at: datetime, meta: EventMeta) -> None:
-        self._compensate(self.Credited, amount_micros, reason, at=at, meta=meta)
+    def credit(
+        self,
+        amount_micros: int,
+        reason: str,
+        *,
+        at: datetime,
+        meta: EventMeta,
+        billed_month: str | None = None,
+    ) -> None:
+        """``billed_month``: the open month the credit lands in when ``at``'s is closed."""
+        self._compensate(
+            self.Credited, amount_micros, reason, at=at, meta=meta, billed_month=billed_month
+        )
 
-    def refund(self, amount_micros: int, reason: str, *, at: datetime, meta: EventMeta) -> None:
-        self._compensate(self.Refunded, amount_micros, reason, at=at, meta=meta)
+    def refund(
+        self,
+        amount_micros: int,
+        reason: str,
+        *,
+        at: datetime,
+        meta: EventMeta,
+        billed_month: str | None = None,
+    ) -> None:
+        self._compensate(
+            self.Refunded, amount_micros, reason, at=at, meta=meta, billed_month=billed_month
+        )
 
     def _compensate(
         self,
@@ -147,6 +168,7 @@ class UsageCharge(TenantAggregate):
         *,
         at: datetime,
         meta: EventMeta,
+        billed_month: str | None = None,
     ) -> None:
         if amount_micros <= 0:
             raise ValidationFailed(
@@ -164,7 +186,7 @@ class UsageCharge(TenantAggregate):
             meta,
             amount_micros=amount_micros,
             reason=reason.strip(),
-            month=month_of(at),
+            month=billed_month or month_of(at),
             timestamp=at,
         )
 

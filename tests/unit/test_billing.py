@@ -16,6 +16,7 @@ from eventsourcing.application import AggregateNotFoundError
 from hypothesis import given
 from hypothesis import strategies as st
 
+from commands import models as m
 from commands.billing import Billing, GrantCredit, Outcome, fold_month
 from commands.handlers import Actor
 from domain.billing import (
@@ -27,6 +28,7 @@ from domain.billing import (
     RemoteInvoice,
     RemoteItem,
     invoice_id_for,
+    invoice_key,
     next_month,
     parse_month,
     reconcile,
@@ -202,12 +204,12 @@ class FakeStripe:
         self._after("create_customer")
         return customer
 
-    def pending_items(self, customer_id: str, key: str) -> dict[str, str]:
-        return {
-            line: item
-            for item, (cus, k, line, _, invoice) in self.items.items()
-            if cus == customer_id and k == key and invoice is None
-        }
+    def pending_items(self, customer_id: str) -> list[RemoteItem]:
+        return [
+            RemoteItem(id=item, line_key=line, amount_cents=cents, invoice_key=k)
+            for item, (cus, k, line, cents, invoice) in self.items.items()
+            if cus == customer_id and invoice is None
+        ]
 
     def create_item(self, customer_id: str, key: str, line: Line) -> str:
         item = f"ii_{len(self.items)}"
@@ -223,8 +225,8 @@ class FakeStripe:
                     id=invoice,
                     status="draft",
                     items=[
-                        RemoteItem(id=item, line_key=line, amount_cents=cents)
-                        for item, (_, _, line, cents, on) in self.items.items()
+                        RemoteItem(id=item, line_key=line, amount_cents=cents, invoice_key=k)
+                        for item, (_, k, line, cents, on) in self.items.items()
                         if on == invoice
                     ],
                 )
@@ -285,6 +287,19 @@ def test_a_crash_after_any_stripe_call_then_a_rerun_creates_nothing_twice(step: 
     assert set(invoice.items.values()) == set(stripe.items)
 
 
+def test_pending_items_of_another_month_stop_the_invoice_before_stripe_sweeps_them_in() -> None:
+    world = world_with_february_usage()
+    stripe = FakeStripe(crash_after="create_item")
+    with pytest.raises(Crash):
+        billing(world).invoice(stripe, world.workspace_id, "2026-02")
+    # Make the item left pending look like January's, as a crashed January run would leave it.
+    item, (customer, _, line, cents, _) = next(iter(stripe.items.items()))
+    stripe.items[item] = (customer, f"{world.workspace_id}:2026-01", line, cents, None)
+    with pytest.raises(InvalidTransition, match="2026-01"):
+        billing(world).invoice(stripe, world.workspace_id, "2026-02")
+    assert stripe.invoices == {}
+
+
 def test_an_invoice_keeps_its_drafted_lines_when_late_usage_arrives() -> None:
     world = world_with_february_usage()
     billing(world).invoice(FakeStripe(), world.workspace_id, "2026-02")
@@ -310,24 +325,27 @@ def test_an_invoice_is_not_issued_before_its_items() -> None:
 
 
 def test_reconcile_lists_each_disagreement_by_kind_and_key() -> None:
-    project = uuid4()
+    project, workspace_id = uuid4(), uuid4()
     log = statement_lines({project: 1_100_000}, [], month="2026-02", increment_micros=250_000)
     key = log[0].key
+    ours = invoice_key(workspace_id, "2026-02")
     clean = reconcile(
-        workspace_id=uuid4(),
+        workspace_id=workspace_id,
         month="2026-02",
         log_lines=log,
         read_model_lines=log,
         invoice_lines=log,
         issued_invoice_id="in_1",
         remote=RemoteInvoice(
-            id="in_1", status="open", items=[RemoteItem(id="ii", line_key=key, amount_cents=125)]
+            id="in_1",
+            status="open",
+            items=[RemoteItem(id="ii", line_key=key, amount_cents=125, invoice_key=ours)],
         ),
     )
     assert clean.ok
     assert clean.invoiced_total_micros == 1_250_000
     planted = reconcile(
-        workspace_id=uuid4(),
+        workspace_id=workspace_id,
         month="2026-02",
         log_lines=log,
         read_model_lines=statement_lines(
@@ -336,10 +354,31 @@ def test_reconcile_lists_each_disagreement_by_kind_and_key() -> None:
         invoice_lines=log,
         issued_invoice_id="in_1",
         remote=RemoteInvoice(
-            id="in_1", status="open", items=[RemoteItem(id="ii", line_key=key, amount_cents=100)]
+            id="in_1",
+            status="open",
+            items=[
+                RemoteItem(id="ii", line_key=key, amount_cents=100, invoice_key=ours),
+                RemoteItem(id="ij", line_key=key, amount_cents=50, invoice_key="other:2026-01"),
+            ],
         ),
     )
     assert [(d.kind, d.key, d.expected_micros, d.actual_micros) for d in planted.discrepancies] == [
         (DiscrepancyKind.READ_MODEL_LINE, key, 1_100_000, 1_000_000),
+        (DiscrepancyKind.STRIPE_ITEM, f"other:2026-01/{key}", 0, 500_000),
         (DiscrepancyKind.STRIPE_ITEM, key, 1_250_000, 1_000_000),
     ]
+
+
+def test_a_correction_dated_in_a_closed_month_lands_in_the_next_statement() -> None:
+    world = World.build()
+    run_id = world.run(begin=True)
+    charge_id = UUID(world.llm_call(run_id, cost=100_000, at=FEB).extra["charge_id"])
+    billing(world).close_month(world.workspace_id, "2026-02")
+    world.app.credit_charge(
+        m.CreditCharge(charge_id=charge_id, amount="0.10", reason="slow answer", at=FEB),
+        world.owner,
+    )
+    feb = fold_month(world.app, "2026-02").lines(world.workspace_id, increment_micros=250_000)
+    mar = fold_month(world.app, "2026-03").lines(world.workspace_id, increment_micros=250_000)
+    assert [line.exact_micros for line in feb] == [500_000]
+    assert [line.exact_micros for line in mar] == [-100_000]
