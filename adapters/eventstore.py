@@ -27,9 +27,12 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
+import psycopg
+import structlog
 from eventsourcing.persistence import (
     ApplicationRecorder,
     IntegrityError,
@@ -41,6 +44,7 @@ from eventsourcing.persistence import (
     Subscription,
 )
 from eventsourcing.postgres import (
+    PostgresAggregateRecorder,
     PostgresApplicationRecorder,
     PostgresDatastore,
     PostgresFactory,
@@ -50,9 +54,24 @@ from eventsourcing.utils import Environment, EnvType, retry
 from psycopg.sql import SQL, Composed, Identifier
 
 from adapters.metrics import EVENTS_APPENDED
+from adapters.postgres import (
+    CONNECT_TIMEOUT,
+    DEFAULT_POOL_TIMEOUT,
+    ResilientPool,
+    dependency_name,
+)
+from domain.errors import Unavailable
 from domain.idempotency import CommandRecord, StoredCommand
 
+if TYPE_CHECKING:
+    from psycopg import Connection
+    from psycopg.rows import DictRow
+
+log = structlog.get_logger(__name__)
+
 DB_ROLE_ENV = "AGENTWORKS_DB_ROLE"
+POOL_TIMEOUT_ENV = "AGENTWORKS_POOL_TIMEOUT"
+"""Longest wait for a free connection of the store's pool (seconds, may be fractional)."""
 
 # The oldest transaction that was still running when this statement's snapshot was taken and is
 # not known to belong to another database (transaction ids are server-wide; a long transaction
@@ -66,6 +85,28 @@ _HORIZON = """transaction_id < (
         FROM pg_locks AS lock JOIN pg_stat_activity AS backend ON backend.pid = lock.pid
         WHERE lock.locktype = 'transactionid'
           AND backend.datname IS DISTINCT FROM current_database()))"""
+
+
+@dataclass
+class _Attempt:
+    """How far one append got: what the caller needs to tell "not written" from "unknown"."""
+
+    phase: Literal["statements", "committing", "committed"] = "statements"
+    transaction_id: str | None = None
+    notification_ids: list[int] = field(default_factory=list)
+
+
+# The library retries reads ten times, 0.2 s apart, against stale pooled connections. Our pools
+# check connections before lending them, so a failure means the server is down: answering it at
+# once (UNAVAILABLE) beats holding a request for two seconds or more.
+_select_events_once = PostgresAggregateRecorder.select_events.__wrapped__
+
+
+class SnapshotRecorder(PostgresAggregateRecorder):
+    """The library's aggregate recorder (snapshots), reading without its retries."""
+
+    def select_events(self, originator_id: Any, **kwargs: Any) -> Sequence[StoredEvent]:
+        return _select_events_once(self, originator_id, **kwargs)  # type: ignore[no-any-return]
 
 
 class EventStoreRecorder(PostgresApplicationRecorder):
@@ -94,22 +135,22 @@ class EventStoreRecorder(PostgresApplicationRecorder):
         ).format(table, self._horizon)
         self._insert_command_sql = SQL(
             "INSERT INTO command_log (scope, command_id, command_type, fingerprint, actor, result) "
-            "VALUES (%s, %s, %s, %s, %s, %s::jsonb)"
+            "VALUES (%s, %s, %s, %s, %s, %s::jsonb) RETURNING pg_current_xact_id()::text AS xid"
         )
         self._insert_command_with_position_sql = SQL(
             "INSERT INTO command_log (scope, command_id, command_type, fingerprint, actor, result) "
             "VALUES (%s, %s, %s, %s, %s, jsonb_set(%s::jsonb, '{{position}}', "
-            "to_jsonb(currval(pg_get_serial_sequence({0}, 'notification_id')))))"
+            "to_jsonb(currval(pg_get_serial_sequence({0}, 'notification_id'))))) "
+            "RETURNING pg_current_xact_id()::text AS xid"
         ).format(f"{self.datastore.schema}.{self.events_table_name}")
         self._insert_binary_sql = SQL(
             "INSERT INTO {0} (originator_id, originator_version, topic, state) "
             "SELECT * FROM unnest(%b::uuid[], %b::int8[], %b::text[], %b::bytea[]) "
-            "RETURNING notification_id"
+            "RETURNING notification_id, transaction_id::text AS transaction_id"
         ).format(table)
         self._notify_sql = SQL("NOTIFY {0}").format(Identifier(self.channel_name))
         self.lock_table_statements = []
 
-    @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
@@ -118,67 +159,112 @@ class EventStoreRecorder(PostgresApplicationRecorder):
         Lock, insert, unlock and the command record go out in one pipelined round trip, so the
         advisory lock is never held while the client waits; the COMMIT (and its fsync) runs
         outside the lock, and NOTIFY follows the commit so it adds nothing to the commit path.
+
+        A failure before the COMMIT was sent wrote nothing and is raised as the library's
+        ``OperationalError``/``InterfaceError`` (or whatever the server refused). A connection
+        lost once the COMMIT was on its way leaves the outcome unknown to us: that is raised as
+        :class:`~domain.errors.Unavailable` with ``outcome="unknown"`` and the transaction's id
+        (``details["transaction_id"]``), which :meth:`PostgresCommandLog.committed` can settle
+        once the server answers again. Nothing here retries: a retry after an unknown outcome
+        could write twice, and a checked pool leaves no stale connection to retry around.
         """
         command: CommandRecord | None = kwargs.get("command_record")
         if not stored_events and command is None:
             return []
-        notification_ids: list[int] = []
-        failure: Exception | None = None
+        attempt = _Attempt()
         with self.datastore.get_connection() as conn:
             try:
-                with conn.pipeline() as pipeline:
-                    try:
-                        with conn.transaction(), conn.cursor() as inserts, conn.cursor() as other:
-                            try:
-                                other.execute(self._lock_sql, prepare=True)
-                                if stored_events:
-                                    inserts.execute(
-                                        self._insert_binary_sql,
-                                        _binary_columns(stored_events),
-                                        binary=False,
-                                        prepare=True,
-                                    )
-                                other.execute(self._unlock_sql, prepare=True)
-                                if command is not None:
-                                    other.execute(
-                                        self._command_sql(with_position=bool(stored_events)),
-                                        (
-                                            command.scope,
-                                            command.command_id,
-                                            command.command_type,
-                                            command.fingerprint,
-                                            command.actor,
-                                            json.dumps({**command.result, "position": 0}),
-                                        ),
-                                        prepare=True,
-                                    )
-                                pipeline.sync()
-                                if stored_events:
-                                    notification_ids = [
-                                        r["notification_id"] for r in inserts.fetchall()
-                                    ]
-                            except Exception as e:
-                                # Re-raised below, once the pipeline has been left cleanly.
-                                failure = e
-                    except Exception as e:
-                        # Statements queued behind a failed one make the transaction's end fail
-                        # too ("pipeline aborted"); the first error is the one that matters.
-                        failure = failure or e
-                    if failure is None and stored_events:
-                        conn.execute(self._notify_sql)
-                        EVENTS_APPENDED.inc(len(stored_events))
-                if failure is not None:
-                    raise failure
-            except BaseException:
+                self._insert_in_transaction(conn, stored_events, command, attempt)
+            except BaseException as error:
+                if attempt.phase == "committing" and (conn.closed or conn.broken):
+                    raise Unavailable(
+                        "the connection to the database was lost while the write was being "
+                        "committed; whether it was is not known yet",
+                        outcome="unknown",
+                        transaction_id=attempt.transaction_id,
+                    ) from error
                 # A failed statement aborts the transaction before the unlock runs; the lock is
                 # session-level, so release it here or the pooled connection would keep it.
                 if not conn.closed and not conn.broken:
                     conn.execute("SELECT pg_advisory_unlock_all()")
                 raise
+            if stored_events:
+                EVENTS_APPENDED.inc(len(stored_events))
+                try:
+                    conn.execute(self._notify_sql)
+                except psycopg.Error:
+                    # Committed already; tailers poll, so a lost wake-up only delays them.
+                    log.debug("eventstore.notify_failed", exc_info=True)
+        notification_ids = attempt.notification_ids
         if len(notification_ids) != len(stored_events):
             msg = f"expected {len(stored_events)} notification ids, got {len(notification_ids)}"
             raise ProgrammingError(msg)
         return notification_ids
+
+    def _insert_in_transaction(
+        self,
+        conn: Connection[DictRow],
+        stored_events: Sequence[StoredEvent],
+        command: CommandRecord | None,
+        attempt: _Attempt,
+    ) -> None:
+        failure: Exception | None = None
+        with conn.pipeline() as pipeline:
+            try:
+                with (
+                    conn.transaction(),
+                    conn.cursor() as inserts,
+                    conn.cursor() as other,
+                    conn.cursor() as record,
+                ):
+                    try:
+                        other.execute(self._lock_sql, prepare=True)
+                        if stored_events:
+                            inserts.execute(
+                                self._insert_binary_sql,
+                                _binary_columns(stored_events),
+                                binary=False,
+                                prepare=True,
+                            )
+                        other.execute(self._unlock_sql, prepare=True)
+                        if command is not None:
+                            record.execute(
+                                self._command_sql(with_position=bool(stored_events)),
+                                (
+                                    command.scope,
+                                    command.command_id,
+                                    command.command_type,
+                                    command.fingerprint,
+                                    command.actor,
+                                    json.dumps({**command.result, "position": 0}),
+                                ),
+                                prepare=True,
+                            )
+                        pipeline.sync()
+                        if stored_events:
+                            rows = inserts.fetchall()
+                            attempt.notification_ids = [r["notification_id"] for r in rows]
+                            attempt.transaction_id = str(rows[0]["transaction_id"])
+                        if command is not None:
+                            row = record.fetchone()
+                            attempt.transaction_id = str(row["xid"]) if row else None
+                        # Leaving the block sends COMMIT and waits for its answer.
+                        attempt.phase = "committing"
+                    except Exception as e:
+                        # Re-raised below, once the pipeline has been left cleanly.
+                        failure = e
+            except Exception as e:
+                # Statements queued behind a failed one make the transaction's end fail too
+                # ("pipeline aborted"); the first error is the one that matters.
+                failure = failure or e
+            else:
+                if failure is None:
+                    attempt.phase = "committed"
+        if failure is not None:
+            raise failure
+
+    def select_events(self, originator_id: Any, **kwargs: Any) -> Sequence[StoredEvent]:
+        return _select_events_once(self, originator_id, **kwargs)  # type: ignore[no-any-return]
 
     def _command_sql(self, *, with_position: bool) -> Composed | SQL:
         # The session's sequence value after the insert is the command's last position.
@@ -340,12 +426,30 @@ class Factory(PostgresFactory):
 
     def __init__(self, env: Environment | EnvType | None) -> None:
         super().__init__(env)
+        datastore = self.datastore
+        library_pool = datastore.pool
+        kwargs = dict(library_pool.kwargs) if isinstance(library_pool.kwargs, dict) else {}
         role = self.env.get(DB_ROLE_ENV)
         if role:
-            kwargs = self.datastore.pool.kwargs
-            assert isinstance(kwargs, dict)
             kwargs["options"] = f"-c role={role}"
+        kwargs.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        # The library's pool with our lending rules (see adapters.postgres), same sizes.
+        timeout = self.env.get(POOL_TIMEOUT_ENV)
+        datastore.pool = ResilientPool(
+            connection_class=library_pool.connection_class,
+            kwargs=kwargs,
+            min_size=library_pool.min_size,
+            max_size=library_pool.max_size,
+            open=False,
+            configure=datastore.after_connect_func(),
+            timeout=float(timeout) if timeout else DEFAULT_POOL_TIMEOUT,
+            max_waiting=library_pool.max_waiting,
+            max_lifetime=library_pool.max_lifetime,
+            name="eventstore",
+            dependency=dependency_name(kwargs),
+        )
 
+    aggregate_recorder_class = SnapshotRecorder
     application_recorder_class = EventStoreRecorder
 
 
@@ -356,16 +460,42 @@ class PostgresCommandLog:
         self._datastore = datastore
 
     def find(self, scope: str, command_id: str) -> StoredCommand | None:
-        with self._datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(
-                "SELECT command_type, fingerprint, result FROM command_log "
-                "WHERE scope = %s AND command_id = %s",
-                (scope, command_id),
-                prepare=True,
-            )
-            row = curs.fetchone()
+        try:
+            with self._datastore.get_connection() as conn, conn.cursor() as curs:
+                curs.execute(
+                    "SELECT command_type, fingerprint, result FROM command_log "
+                    "WHERE scope = %s AND command_id = %s",
+                    (scope, command_id),
+                    prepare=True,
+                )
+                row = curs.fetchone()
+        except (OperationalError, InterfaceError) as error:
+            raise _unavailable(error) from error
         if row is None:
             return None
         return StoredCommand(
             command_type=row["command_type"], fingerprint=row["fingerprint"], result=row["result"]
         )
+
+    def committed(self, transaction_id: str) -> bool | None:
+        """Whether the transaction committed (True), did not (False), or is still running
+        (None: a connection lost while committing does not stop the server finishing it).
+
+        PostgreSQL remembers the fate of recent transactions for exactly this question
+        (``pg_xact_status``); after a crash recovery it answers from the recovered log.
+        """
+        try:
+            with self._datastore.get_connection() as conn, conn.cursor() as curs:
+                curs.execute("SELECT pg_xact_status(%s::xid8) AS status", (transaction_id,))
+                row = curs.fetchone()
+        except (OperationalError, InterfaceError) as error:
+            raise _unavailable(error) from error
+        status = row["status"] if row else None
+        if status == "in progress":
+            return None
+        # NULL: too old to be remembered, which a transaction of a moment ago cannot be.
+        return status == "committed"
+
+
+def _unavailable(error: Exception) -> Unavailable:
+    return Unavailable(f"the event store cannot answer now ({type(error).__name__}); retry shortly")

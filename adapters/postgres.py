@@ -1,13 +1,138 @@
-"""PostgreSQL connection pools for the read side, each running as its own database role."""
+"""PostgreSQL connection pools that ride out a database restart.
+
+Every pool of every process (the event store's, the API's, the projectors') is a
+:class:`ResilientPool`:
+
+* a connection that sat idle in the pool for more than :data:`CHECK_IDLE_AFTER` is checked
+  (``ConnectionPool.check_connection``, one empty round trip) before it is lent; a broken one (the
+  server restarted under it) is dropped at once and the next one taken, so the first request
+  after a restart does not fail on a stale connection. A connection given back moments ago is
+  lent unchecked (HikariCP's "alive bypass window"): a restart takes longer than that window, so
+  such a connection cannot have outlived its server unnoticed, and a busy pool does not pay an
+  extra round trip per request (a failure while it is used answers ``UNAVAILABLE`` all the same);
+* while the server is down the pool keeps trying to reconnect at most every half second (psycopg's
+  own backoff doubles without bound, so after a minute's outage the pool would only notice the
+  server was back up to a minute later);
+* a request waits at most ``timeout`` for a connection (a busy pool, setting
+  ``AGENTWORKS_POOL_TIMEOUT``), and only :data:`OUTAGE_WAIT` while the server is known to be down,
+  then fails with :class:`~psycopg_pool.PoolTimeout`, which callers answer as ``UNAVAILABLE``;
+* what is down, and when it is back, is reported to :data:`adapters.outages.OUTAGES` (one log line
+  each way, not one per request).
+
+psycopg_pool's own ``check=`` option is not used: after a failed check it sleeps with its
+reconnection backoff (1 s, 2 s, 4 s …) before taking the next connection, so a pool full of
+connections broken by a restart would take many seconds to drain.
+"""
 
 from __future__ import annotations
 
+import time
+import weakref
+from typing import Any
+
+import psycopg
+from eventsourcing.postgres import ConnectionPool as LibraryPool
 from psycopg import Connection
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import PoolTimeout
+from psycopg_pool.base import AttemptWithBackoff
+from psycopg_pool.pool import ConnectionPool
+
+from adapters.outages import OUTAGES
 
 PROJECTOR_ROLE = "agentworks_projector"
 API_ROLE = "agentworks_api"
+
+DEFAULT_POOL_TIMEOUT = 2.0
+OUTAGE_WAIT = 0.25
+"""How long a request waits for a connection while its server is known to be down."""
+CHECK_IDLE_AFTER = 0.25
+"""Seconds a connection may sit idle in the pool and still be lent without a check."""
+CONNECT_TIMEOUT = 3
+"""Seconds a connection attempt may take (libpq's ``connect_timeout``): a server that does not
+answer at all (a dropped network rather than a refused port) fails like a refused one."""
+
+
+class _Reconnect(AttemptWithBackoff):
+    """psycopg's reconnection backoff, starting at 0.1 s and never above 0.5 s."""
+
+    INITIAL_DELAY = 0.1
+    MAX_DELAY = 0.5
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, self.MAX_DELAY)
+
+
+class ResilientPool(LibraryPool[Any]):
+    """A connection pool that checks before lending and reconnects promptly (module docstring)."""
+
+    def __init__(self, *args: Any, dependency: str, **kwargs: Any) -> None:
+        self.dependency = dependency
+        self._returned_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        super().__init__(*args, **kwargs)
+
+    def putconn(self, conn: Any) -> None:
+        self._returned_at[conn] = time.monotonic()
+        super().putconn(conn)
+
+    def _needs_check(self, conn: Any) -> bool:
+        returned = self._returned_at.get(conn)
+        return returned is None or time.monotonic() - returned > CHECK_IDLE_AFTER
+
+    def getconn(self, timeout: float | None = None) -> Any:
+        budget = self.timeout if timeout is None else timeout
+        if OUTAGES.is_down(self.dependency):
+            budget = min(budget, OUTAGE_WAIT)
+        deadline = time.monotonic() + budget
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if OUTAGES.is_down(self.dependency):
+                    raise PoolTimeout(f"the database ({self.dependency}) is unavailable")
+                raise PoolTimeout(
+                    f"no database connection free within {budget:.2f} s "
+                    f"(pool {self.name!r}, {self.max_size} connections)"
+                )
+            try:
+                # In slices, so a wait that began before the server was seen to go ends as
+                # soon as it is (a reconnection attempt failed meanwhile).
+                conn = super().getconn(min(remaining, OUTAGE_WAIT))
+            except PoolTimeout:
+                if OUTAGES.is_down(self.dependency):
+                    raise PoolTimeout(f"the database ({self.dependency}) is unavailable") from None
+                continue
+            try:
+                if self._needs_check(conn):
+                    ConnectionPool.check_connection(conn)
+            except psycopg.Error:
+                # Broken (the server restarted under it): returning it discards it and has the
+                # pool open a replacement; take the next one straight away.
+                self.putconn(conn)
+                continue
+            OUTAGES.up(self.dependency)
+            return conn
+
+    def _connect(self, timeout: float | None = None) -> Any:
+        try:
+            conn = super()._connect(timeout=timeout)
+        except psycopg.OperationalError as error:
+            OUTAGES.down(self.dependency, error)
+            raise
+        OUTAGES.up(self.dependency)
+        return conn
+
+    def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        super()._add_connection(attempt or _Reconnect(timeout=self.reconnect_timeout), growing)
+
+
+def dependency_name(conninfo: str | dict[str, Any]) -> str:
+    """How outages name a database: ``postgresql host:port/dbname`` (a database, not only its
+    server: one dropped or refusing its role is down for its users while others are not)."""
+    parts = conninfo_to_dict(conninfo) if isinstance(conninfo, str) else conninfo
+    host = parts.get("host") or "localhost"
+    return f"postgresql {host}:{parts.get('port') or 5432}/{parts.get('dbname') or ''}"
 
 
 def make_pool(
@@ -17,20 +142,28 @@ def make_pool(
     min_size: int = 1,
     max_size: int = 4,
     name: str = "agentworks",
+    timeout: float = DEFAULT_POOL_TIMEOUT,
 ) -> ConnectionPool[Connection[DictRow]]:
     """A pool whose sessions ``SET ROLE`` to ``role`` at connect time.
 
     Privileges and row-level security then apply to everything the component does, not only to
-    the queries someone remembered to scope.
+    the queries someone remembered to scope. ``timeout``: the longest a caller waits for a free
+    connection before the pool answers that it has none.
     """
-    pool: ConnectionPool[Connection[DictRow]] = ConnectionPool(
+    pool: ConnectionPool[Connection[DictRow]] = ResilientPool(
         database_url,
         min_size=min_size,
         max_size=max_size,
-        kwargs={"options": f"-c role={role}", "row_factory": dict_row},
+        kwargs={
+            "options": f"-c role={role}",
+            "row_factory": dict_row,
+            "connect_timeout": CONNECT_TIMEOUT,
+        },
         connection_class=Connection[DictRow],
         name=name,
         open=False,
+        timeout=timeout,
+        dependency=dependency_name(database_url),
     )
     pool.open(wait=True, timeout=30)
     return pool

@@ -84,6 +84,10 @@ def issue_token(
         raise InvalidKey(f"cannot sign a token with the configured {algorithm} key: {exc}") from exc
 
 
+class BadSignature(Unauthenticated):
+    """A well-formed token whose signature this key does not verify (another key signed it)."""
+
+
 def verify_token(
     token: str | None,
     *,
@@ -114,13 +118,17 @@ def verify_token(
     except jwt.exceptions.ImmatureSignatureError as exc:
         raise Unauthenticated("token is not valid yet (iat or nbf in the future)") from exc
     except jwt.exceptions.InvalidSignatureError as exc:
-        raise Unauthenticated("token signature does not verify") from exc
+        raise BadSignature("token signature does not verify") from exc
     except jwt.exceptions.MissingRequiredClaimError as exc:
         raise Unauthenticated(f"token lacks the {exc.claim!r} claim") from exc
     except jwt.exceptions.InvalidAlgorithmError as exc:
         raise Unauthenticated(f"token is not signed with {algorithm}") from exc
     except jwt.exceptions.DecodeError as exc:
-        raise Unauthenticated(f"token is malformed: {exc}") from exc
+        # The decoder's own words ("Invalid header padding", "Not enough segments") describe
+        # its internals, not what the caller sent.
+        raise Unauthenticated(
+            "malformed token: expected a JWT (three base64url parts joined by dots)"
+        ) from exc
     except jwt.exceptions.InvalidTokenError as exc:
         raise Unauthenticated(f"token is invalid: {exc}") from exc
     except jwt.exceptions.InvalidKeyError as exc:

@@ -8,6 +8,7 @@ handler then reloads and decides again, a bounded number of times.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -17,16 +18,25 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol, TypeVar
 from uuid import UUID, uuid4
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 
 from commands import models as m
 from commands.idempotency import fingerprint
 from domain.agent_run import AgentRun
 from domain.billing import next_month
 from domain.card import Card
-from domain.errors import Conflict, Forbidden, InvalidTransition, NotFound, ValidationFailed
+from domain.errors import (
+    AgentWorksError,
+    Conflict,
+    Forbidden,
+    InvalidTransition,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+    ValidationFailed,
+)
 from domain.idempotency import CommandLog, CommandRecord
 from domain.meta import EventMeta
 from domain.money import billed_amount, parse_markup, parse_usd
@@ -36,6 +46,8 @@ from domain.usage import MonthlySpend, UsageCharge, month_of, spend_id_for
 from domain.workspace import Workspace
 
 BOOTSTRAP_SCOPE = "*"
+
+log = logging.getLogger(__name__)
 
 
 class CommandObserver(Protocol):
@@ -146,11 +158,16 @@ class AgentWorks(Application[UUID]):
         command_log: CommandLog | None = None,
         retries: int = 5,
         observe: CommandObserver = _unobserved,
+        settle_seconds: float = 5.0,
     ) -> None:
         super().__init__(env)
         self.command_log = command_log
         self.retries = retries
         self.observe = observe
+        self.settle_seconds = settle_seconds
+        """How long a write whose commit was interrupted waits for the database to say whether
+        it committed, before answering UNAVAILABLE with ``outcome="unknown"``."""
+        self.settle_poll_seconds = 0.1
 
     # -- workspaces ---------------------------------------------------------------------------
 
@@ -359,10 +376,18 @@ class AgentWorks(Application[UUID]):
         return self._execute(cmd, actor, self._scope_hint(actor), decide)
 
     def assign_card(self, cmd: m.AssignCard, actor: Actor) -> CommandResult:
-        return self._change_card(
-            cmd, actor, "assignCard",
-            lambda card, meta: card.assign(cmd.assignee, meta=meta), cmd.expected_version,
-        )  # fmt: skip
+        def assign(card: Card, meta: EventMeta) -> None:
+            card.ensure_live("assign")
+            if cmd.assignee is not None:
+                workspace = self._get(Workspace, card.workspace_id, copy=False)
+                if workspace.role_of(cmd.assignee.strip()) is None:
+                    raise ValidationFailed(
+                        f"assignee {cmd.assignee.strip()[:100]!r} is not a member of workspace "
+                        f"{workspace.id}; add them with addMember first"
+                    )
+            card.assign(cmd.assignee, meta=meta)
+
+        return self._change_card(cmd, actor, "assignCard", assign, cmd.expected_version)
 
     def label_card(self, cmd: m.LabelCard, actor: Actor) -> CommandResult:
         return self._change_card(
@@ -598,12 +623,13 @@ class AgentWorks(Application[UUID]):
     ) -> CommandResult:
         # Bootstrap credentials are not a tenant: each bootstrap user gets a scope of their own.
         scope = actor.workspace_id if actor.workspace_id != "*" else f"*:{actor.user_id}"
-        command_id = str(cmd.command_id) if cmd.command_id else None
+        sent_id = cmd.command_id is not None
+        if not sent_id:
+            # Every write is recorded under an id, so that one whose commit was interrupted can
+            # be looked up and answered truthfully (see _settle).
+            cmd = cmd.model_copy(update={"command_id": uuid4()})
+        command_id = str(cmd.command_id)
         digest = fingerprint(cmd)
-        if command_id is not None:
-            earlier = self._earlier_result(scope, command_id, cmd, digest)
-            if earlier is not None:
-                return earlier
         meta = EventMeta.for_command(
             workspace_id=workspace_hint
             or (actor.workspace_id if actor.workspace_id != "*" else ""),
@@ -613,6 +639,30 @@ class AgentWorks(Application[UUID]):
             causation_id=actor.causation_id,
             traceparent=traceparent,
         )
+        try:
+            if sent_id:
+                earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
+                if earlier is not None:
+                    return earlier
+            return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
+        except (OperationalError, InterfaceError) as error:
+            # Loading or appending failed before anything was committed.
+            raise Unavailable(
+                "the database is unavailable or has no free connection; nothing was written, "
+                "retry shortly",
+                retry_after_seconds=1.0,
+            ) from error
+
+    def _attempts(
+        self,
+        cmd: m.Command,
+        actor: Actor,
+        scope: str,
+        command_id: str,
+        digest: str,
+        decide: Callable[[EventMeta], Decision],
+        meta: EventMeta,
+    ) -> CommandResult:
         for attempt in range(self.retries + 1):
             decision = decide(meta)
             changed = [agg for agg in decision.changed if agg.pending_events]
@@ -622,10 +672,24 @@ class AgentWorks(Application[UUID]):
                 extra=decision.extra,
             )  # fmt: skip
             try:
-                recordings = self._save_with_record(changed, scope, cmd, digest, actor, provisional)
+                return self._save_with_record(changed, scope, cmd, digest, actor, provisional)
+            except Unavailable as unknown:
+                if unknown.outcome != "unknown":
+                    raise
+                settled = self._settle(unknown, scope, command_id)
+                if settled is not None:
+                    return settled
+                # Not committed: nothing was written, so deciding again is safe.
+                if attempt == self.retries:
+                    raise Unavailable(
+                        f"{type(cmd).__name__} was not written: the database connection kept "
+                        "breaking; retry shortly",
+                        retry_after_seconds=1.0,
+                    ) from unknown
+                continue
             except IntegrityError as error:
-                if command_id is not None and "command_log_pkey" in str(error):
-                    earlier = self._earlier_result(scope, command_id, cmd, digest)
+                if "command_log_pkey" in str(error):
+                    earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
                     if earlier is not None:
                         return earlier
                 if attempt == self.retries:
@@ -636,8 +700,49 @@ class AgentWorks(Application[UUID]):
                 # Jittered backoff: writers that retry in lockstep collide again.
                 time.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311
                 continue
-            return recordings
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _settle(self, unknown: Unavailable, scope: str, command_id: str) -> CommandResult | None:
+        """The true outcome of a write whose commit was interrupted: its result if it committed,
+        None if it did not; if the store cannot tell within ``settle_seconds``, UNAVAILABLE with
+        ``outcome="unknown"`` and the commandId that a retry learns the truth with."""
+        transaction_id = unknown.details.get("transaction_id")
+        deadline = time.monotonic() + self.settle_seconds
+        while True:
+            try:
+                if self.command_log is None or not isinstance(transaction_id, str):
+                    break
+                committed = self.command_log.committed(transaction_id)
+                if committed is False:
+                    log.info("command.commit_settled: %s was not committed", command_id)
+                    return None
+                if committed:
+                    stored = self.command_log.find(scope, command_id)
+                    if stored is not None:
+                        log.info("command.commit_settled: %s was committed", command_id)
+                        return replace(CommandResult.from_stored(stored.result), replayed=False)
+            except (Unavailable, OperationalError, InterfaceError):
+                pass  # the database is not back yet
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(self.settle_poll_seconds)
+        log.warning("command.commit_unknown: %s, the client was told to retry with it", command_id)
+        raise Unavailable(
+            "the database connection was lost while this write was committing and the outcome "
+            f"could not be learnt within {self.settle_seconds:g} s; retry with commandId "
+            f"{command_id} to get its result without writing twice",
+            retry_after_seconds=1.0,
+            outcome="unknown",
+            command_id=command_id,
+        ) from unknown
+
+    def _take_snapshots(self, processing_event: ProcessingEvent[UUID]) -> None:
+        """Snapshots are a shortcut for reading, taken after the command committed: failing to
+        write one must not turn a committed command into a failure."""
+        try:
+            super()._take_snapshots(processing_event)
+        except (OperationalError, InterfaceError):
+            log.warning("command.snapshot_skipped: the database is unavailable")
 
     def _save_with_record(
         self,
@@ -648,24 +753,35 @@ class AgentWorks(Application[UUID]):
         actor: Actor,
         provisional: CommandResult,
     ) -> CommandResult:
-        """Save the events and, for an identified command, its idempotency record, atomically."""
-        record = None
-        if cmd.command_id is not None:
-            record = CommandRecord(
-                scope=scope,
-                command_id=str(cmd.command_id),
-                command_type=type(cmd).__name__,
-                fingerprint=digest,
-                actor=actor.user_id,
-                result=provisional.as_dict(),
-            )
+        """Save the events and the command's idempotency record, atomically."""
+        record = CommandRecord(
+            scope=scope,
+            command_id=str(cmd.command_id),
+            command_type=type(cmd).__name__,
+            fingerprint=digest,
+            actor=actor.user_id,
+            result=provisional.as_dict(),
+        )
         recordings = self.save(*changed, command_record=record)
         position = max((r.notification.id for r in recordings), default=0)
         return replace(provisional, position=position)
 
     def _earlier_result(
-        self, scope: str, command_id: str, cmd: m.Command, digest: str
+        self,
+        scope: str,
+        command_id: str,
+        cmd: m.Command,
+        digest: str,
+        decide: Callable[[EventMeta], Decision],
+        meta: EventMeta,
     ) -> CommandResult | None:
+        """The first result of a command sent again, for a caller who may run it now.
+
+        The replay re-runs the command's checks against the current state and writes nothing:
+        a refusal of who is asking (FORBIDDEN, NOT_FOUND) is the answer, so a VIEWER replaying an
+        owner's commandId learns nothing; a refusal of the state (the card has moved since, a
+        version moved on) is expected after the first run and the first result stands.
+        """
         if self.command_log is None:
             return None
         stored = self.command_log.find(scope, command_id)
@@ -676,6 +792,12 @@ class AgentWorks(Application[UUID]):
                 f"commandId {command_id} was already used for a different command "
                 f"({stored.command_type}); use a new commandId for a new command"
             )
+        try:
+            decide(meta)
+        except (Forbidden, NotFound, Unauthenticated, Unavailable):
+            raise
+        except AgentWorksError:
+            pass
         return CommandResult.from_stored(stored.result)
 
     def _scope_hint(self, actor: Actor) -> UUID | None:

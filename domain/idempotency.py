@@ -32,6 +32,13 @@ class StoredCommand:
 
 
 class CommandLog(Protocol):
+    """Raises :class:`~domain.errors.Unavailable` when the store cannot answer."""
+
     def find(self, scope: str, command_id: str) -> StoredCommand | None:
         """The record of an already accepted command, or None."""
+        ...
+
+    def committed(self, transaction_id: str) -> bool | None:
+        """Whether a write whose commit was interrupted committed: True, False, or None while
+        the store is still deciding."""
         ...

@@ -12,6 +12,7 @@ from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
 
@@ -35,25 +36,31 @@ EXIT_FAILED = 1
 _CLI_ACTOR = "billing-cli"
 
 _Month = Annotated[str, typer.Option("--month", help="Billing month, YYYY-MM (UTC).")]
+_DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Data dir whose embedded PostgreSQL to use when AGENTWORKS_DATABASE_URL is unset.",
+        show_default=False,
+    ),
+]
 _Workspace = Annotated[
     str | None,
     typer.Option("--workspace", help="Only this workspace (its id).", show_default=False),
 ]
 
 
-def _settings() -> Settings:
-    from infra.cli import load_settings
+def _settings(data_dir: Path | None) -> Settings:
+    from infra.cli import settings_for
 
-    return load_settings()
+    return settings_for(data_dir)
 
 
 def _database_url(settings: Settings) -> str:
-    if settings.database_url is None:
-        raise ValidationFailed(
-            "AGENTWORKS_DATABASE_URL is not set; point it at the PostgreSQL that holds the "
-            "event store"
-        )
-    return settings.database_url
+    """The configured database, else the data dir's embedded one (as every command does)."""
+    from infra.cli import _database_url as database_url
+
+    return database_url(settings)
 
 
 def _workspace_id(text: str) -> UUID:
@@ -88,13 +95,14 @@ def credit_command(
     workspace: Annotated[str, typer.Option("--workspace", help="Workspace id.")],
     amount: Annotated[str, typer.Option("--amount", help="USD to credit, e.g. 10.00.")],
     reason: Annotated[str, typer.Option("--reason", help="Why (shown on the statement).")],
+    data_dir: _DataDir = None,
 ) -> None:
     """Credit a workspace: a compensating event, a negative line on its next statement."""
     from commands.billing import Billing, GrantCredit
     from commands.handlers import Actor
     from infra.bootstrap import write_side_from
 
-    settings = _settings()
+    settings = _settings(data_dir)
     workspace_id = _workspace_id(workspace)
     app = write_side_from(settings, _database_url(settings))
     try:
@@ -137,12 +145,12 @@ def _over_workspaces(
     return done, failed
 
 
-def invoice_command(month: _Month, workspace: _Workspace = None) -> int:
+def invoice_command(month: _Month, workspace: _Workspace = None, data_dir: _DataDir = None) -> int:
     """Close the month and issue its Stripe invoice per workspace; re-runs create nothing twice."""
     from commands.billing import Billing, fold_month
     from infra.bootstrap import write_side_from
 
-    settings = _settings()
+    settings = _settings(data_dir)
     month = require_ended(parse_month(month), datetime.now(UTC))
     stripe = _stripe(settings)
     if stripe is None:
@@ -199,6 +207,7 @@ def reconcile_command(
     month: _Month,
     workspace: _Workspace = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    data_dir: _DataDir = None,
 ) -> int:
     """Recompute the month from the event log; compare with the read model and Stripe."""
     from adapters.postgres import PROJECTOR_ROLE, make_pool
@@ -206,7 +215,7 @@ def reconcile_command(
     from infra.bootstrap import write_side_from
     from projections.queries import statement, statement_as_lines
 
-    settings = _settings()
+    settings = _settings(data_dir)
     month = require_not_future(parse_month(month), datetime.now(UTC))
     database_url = _database_url(settings)
     with ExitStack() as stack:

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 from psycopg.conninfo import conninfo_to_dict
 
-from adapters.eventstore import DB_ROLE_ENV, PostgresCommandLog
+from adapters.eventstore import DB_ROLE_ENV, POOL_TIMEOUT_ENV, PostgresCommandLog
 from adapters.kafka import create_topics, make_producer, producer_state_lost, topic_id
 from adapters.metrics import observe_command
-from adapters.postgres import PROJECTOR_ROLE, make_pool
+from adapters.postgres import DEFAULT_POOL_TIMEOUT, PROJECTOR_ROLE, make_pool
 from commands.handlers import AgentWorks
 from domain.errors import ValidationFailed
 from projections.registry import all_projectors, projector_named
@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from projections.base import Change
 
 
-def event_store_env(database_url: str, *, db_role: str, pool_size: int) -> dict[str, str]:
+def event_store_env(
+    database_url: str, *, db_role: str, pool_size: int, pool_timeout: float = DEFAULT_POOL_TIMEOUT
+) -> dict[str, str]:
     """The eventsourcing library's configuration for our store, from a database URL.
 
     Tables come from migrations (``agentworks migrate``), never from the library: the application
@@ -46,7 +48,10 @@ def event_store_env(database_url: str, *, db_role: str, pool_size: int) -> dict[
         "POSTGRES_POOL_SIZE": str(pool_size),
         "POSTGRES_MAX_OVERFLOW": str(pool_size),
         "POSTGRES_CONN_MAX_AGE": "3600",
+        # Our pool checks every connection before lending it (adapters.postgres); the library's
+        # own pre-ping would check twice.
         "POSTGRES_PRE_PING": "n",
+        POOL_TIMEOUT_ENV: str(pool_timeout),
         "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "10",
         "CREATE_TABLE": "n",
         "AGGREGATE_CACHE_MAXSIZE": "10000",
@@ -56,10 +61,18 @@ def event_store_env(database_url: str, *, db_role: str, pool_size: int) -> dict[
 
 
 def build_write_side(
-    database_url: str, *, db_role: str = "agentworks_app", pool_size: int = 10, retries: int = 5
+    database_url: str,
+    *,
+    db_role: str = "agentworks_app",
+    pool_size: int = 10,
+    retries: int = 5,
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT,
+    settle_seconds: float = 5.0,
 ) -> AgentWorks:
-    env = event_store_env(database_url, db_role=db_role, pool_size=pool_size)
-    app = AgentWorks(env, retries=retries, observe=observe_command)
+    env = event_store_env(
+        database_url, db_role=db_role, pool_size=pool_size, pool_timeout=pool_timeout
+    )
+    app = AgentWorks(env, retries=retries, observe=observe_command, settle_seconds=settle_seconds)
     app.command_log = PostgresCommandLog(app.factory.datastore)  # type: ignore[attr-defined]
     return app
 
@@ -70,6 +83,8 @@ def write_side_from(settings: Settings, database_url: str) -> AgentWorks:
         db_role=settings.db_app_role,
         pool_size=settings.pool_size,
         retries=settings.command_retries,
+        pool_timeout=settings.pool_timeout,
+        settle_seconds=settings.commit_settle_seconds,
     )
 
 
@@ -105,7 +120,12 @@ def build_read_side(
 ) -> ReadSide:
     write_side = write_side_from(settings, database_url)
     event_log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
-    pool = make_pool(database_url, role=PROJECTOR_ROLE, max_size=settings.pool_size)
+    pool = make_pool(
+        database_url,
+        role=PROJECTOR_ROLE,
+        max_size=settings.pool_size,
+        timeout=settings.pool_timeout,
+    )
     projectors = (
         [projector_named(name) for name in projector_names] if projector_names else all_projectors()
     )
@@ -120,7 +140,12 @@ def build_relay(settings: Settings, database_url: str) -> tuple[Relay, AgentWork
         raise ValidationFailed("AGENTWORKS_KAFKA_BOOTSTRAP is not set; the relay needs Kafka")
     create_topics(bootstrap, [settings.topic_prefix + t for t in TOPICS], settings.topic_partitions)
     # The relay only reads the log: two connections are plenty.
-    write_side = build_write_side(database_url, db_role=settings.db_app_role, pool_size=2)
+    write_side = build_write_side(
+        database_url,
+        db_role=settings.db_app_role,
+        pool_size=2,
+        pool_timeout=settings.pool_timeout,
+    )
     event_log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
     relay = Relay(
         event_log,

@@ -18,14 +18,19 @@ anything the user should fix; :func:`main` turns them into one line and an exit 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import inspect
 import signal
+import socket
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
+from uuid import NAMESPACE_URL, UUID, uuid5
 
 import typer
 from rich.console import Console
@@ -47,6 +52,7 @@ from infra import billing_cli
 from infra.logging import configure_logging
 from infra.migrate import MigrationError, discover, ensure_database, migrate
 from infra.settings import ConfigurationError, Settings, jwt_keys
+from projections.registry import projector_names
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -55,8 +61,8 @@ if TYPE_CHECKING:
 
 PROG = "agentworks"
 
-#: ``sub`` of a bootstrap token when ``--user`` is not given.
-BOOTSTRAP_USER = "bootstrap"
+#: ``sub`` of a bootstrap token when ``--user`` is not given (user ids are UUIDs, API.md).
+BOOTSTRAP_USER = str(uuid5(NAMESPACE_URL, "https://agentworks.dev/users/bootstrap"))
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -85,8 +91,49 @@ def load_settings(**overrides: object) -> Settings:
     return settings
 
 
+#: ``--data-dir`` of every command: the embedded database (and dev JWT secret) it works on.
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Data dir whose embedded PostgreSQL (and dev JWT secret) to use when "
+        "AGENTWORKS_DATABASE_URL is unset; default AGENTWORKS_DATA_DIR, else .agentworks.",
+        show_default=False,
+    ),
+]
+
+#: What a command opened for its own use (the embedded server) and closes when it ends.
+_resources = contextlib.ExitStack()
+
+
+def settings_for(data_dir: Path | None, **overrides: object) -> Settings:
+    """:func:`load_settings` with ``--data-dir`` (when given) winning over the environment."""
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    return load_settings(**overrides)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"{PROG} {version('agentworks')}")
+        except PackageNotFoundError:
+            typer.echo(f"{PROG} (version unknown: not installed as a package)")
+        raise typer.Exit
+
+
 @app.callback(invoke_without_command=True)
-def _root(ctx: typer.Context) -> None:
+def _root(
+    ctx: typer.Context,
+    _show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     if ctx.invoked_subcommand is None:
         group = ctx.command
         names = group.list_commands(ctx) if isinstance(group, typer.core.TyperGroup) else []
@@ -94,6 +141,8 @@ def _root(ctx: typer.Context) -> None:
 
 
 # --- Subcommands -------------------------------------------------------------------------------
+
+_PROJECTOR_HELP = f"Projector name ({', '.join(projector_names())}), or 'all'."
 
 
 @app.command("migrate")
@@ -110,19 +159,16 @@ def migrate_command(
         bool,
         typer.Option("--create-database/--no-create-database", help="Create it if missing."),
     ] = True,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Apply pending SQL migrations to the database (safe to run concurrently, idempotent)."""
     overrides: dict[str, object] = {} if database_url is None else {"database_url": database_url}
-    settings = load_settings(**overrides)
-    if settings.database_url is None:
-        raise CliError(
-            "AGENTWORKS_DATABASE_URL is not set (or pass --database-url); "
-            "the embedded dev database is migrated by `agentworks dev` itself"
-        )
+    settings = settings_for(data_dir, **overrides)
+    url = settings.database_url or _embedded_url(settings)
     if create_database:
-        ensure_database(settings.database_url)
+        ensure_database(url)
     known = {m.version: m for m in discover()}
-    applied = migrate(settings.database_url, app_role=settings.db_app_role)
+    applied = migrate(url, app_role=settings.db_app_role)
 
     console = Console()
     if not applied:
@@ -148,22 +194,18 @@ def token_command(
     ] = None,
     user: Annotated[
         str | None,
-        typer.Option("--user", help="User id (the 'sub' claim).", show_default=False),
+        typer.Option(
+            "--user",
+            help=f"User id, a UUID (the 'sub' claim); with --bootstrap default {BOOTSTRAP_USER}.",
+            show_default=False,
+        ),
     ] = None,
     role: Annotated[
         str | None,
         typer.Option("--role", help="OWNER, ADMIN, MEMBER or VIEWER.", show_default=False),
     ] = None,
     ttl: Annotated[int, typer.Option("--ttl", help="Lifetime in seconds.", min=1)] = 3600,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--data-dir",
-            help="Dev data dir whose JWT secret to use when no key is configured; "
-            "default AGENTWORKS_DATA_DIR.",
-            show_default=False,
-        ),
-    ] = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Print a signed JWT for development and scripts (the token alone, on stdout)."""
     if bootstrap:
@@ -171,7 +213,8 @@ def token_command(
             raise CliError("--bootstrap and --workspace exclude each other")
         if role is not None and Role.parse(role) is not Role.OWNER:
             raise CliError("a --bootstrap token is always OWNER; drop --role")
-        workspace_id, user_id, parsed_role = BOOTSTRAP_WORKSPACE, user or BOOTSTRAP_USER, Role.OWNER
+        user_id = BOOTSTRAP_USER if user is None else _id_option("--user", user)
+        workspace_id, parsed_role = BOOTSTRAP_WORKSPACE, Role.OWNER
     else:
         if workspace is None or user is None or role is None:
             missing = [
@@ -182,9 +225,10 @@ def token_command(
             raise CliError(f"missing {', '.join(missing)} (or pass --bootstrap)")
         if workspace == BOOTSTRAP_WORKSPACE:
             raise CliError("--workspace '*' is the bootstrap workspace; use --bootstrap")
-        workspace_id, user_id, parsed_role = workspace, user, Role.parse(role)
+        workspace_id, user_id = _id_option("--workspace", workspace), _id_option("--user", user)
+        parsed_role = Role.parse(role)
 
-    settings = load_settings()
+    settings = settings_for(data_dir)
     keys = jwt_keys(settings, data_dir=data_dir)
     if not keys.can_sign:
         raise CliError(
@@ -202,13 +246,77 @@ def token_command(
     typer.echo(token)
 
 
+def _id_option(option: str, value: str) -> str:
+    """An id option as the API reads ids: a UUID, in canonical form; else a usage error."""
+    try:
+        return str(UUID(value))
+    except ValueError:
+        raise CliError(f"{option} must be a UUID, got {value[:60]!r}") from None
+
+
 def _database_url(settings: Settings) -> str:
-    if settings.database_url is None:
-        raise CliError(
-            "AGENTWORKS_DATABASE_URL is not set; point it at the PostgreSQL that holds the "
-            "event store (or use `agentworks dev`)"
-        )
-    return settings.database_url
+    """The configured database, else the data dir's embedded one (started for this command
+    when ``dev`` is not running, and stopped when the command ends)."""
+    return settings.database_url or _embedded_url(settings)
+
+
+def _embedded_url(settings: Settings) -> str:
+    """Join (or start) the embedded PostgreSQL of ``settings.data_dir``, created and migrated."""
+    import structlog
+
+    from infra.embedded import open_embedded
+
+    if settings.env == "prod":
+        raise CliError("AGENTWORKS_DATABASE_URL is not set; production has no embedded database")
+    embedded = open_embedded(settings.data_dir)
+    _resources.callback(embedded.close)
+    url = embedded.url
+    ensure_database(url)
+    migrate(url, app_role=settings.db_app_role)
+    structlog.get_logger(__name__).info(
+        "using the embedded PostgreSQL of the data dir",
+        data_dir=str(settings.data_dir.resolve()),
+        database_url=url,
+    )
+    return url
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound now so that a busy port is refused up front."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    family, kind, proto, _, address = infos[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+        listener.listen(2048)
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CliError(
+                f"port {port} on {host} is already in use (another agentworks?); "
+                "choose another with --port"
+            ) from exc
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return listener
+
+
+def _without_password(url: str) -> str:
+    """``url`` fit to print: a password in it is masked."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        parts = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "(unparsable database URL)"
+    if not parts.get("password"):
+        return url
+    parts["password"] = "***"  # noqa: S105 - the mask, not a password
+    return make_conninfo("", **parts)
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> None:
@@ -219,16 +327,14 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGHUP, handle)
 
 
 @app.command("dev")
 def dev_command(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option("--data-dir", help="Where the embedded database and dev secret live."),
-    ] = None,
+    data_dir: DataDirOption = None,
     demo: Annotated[bool, typer.Option("--demo", help="Seed a demo workspace.")] = False,
 ) -> None:
     """Run everything in one process: database (embedded by default), API and projectors."""
@@ -237,13 +343,20 @@ def dev_command(
     from infra.stack import build_dev_stack, serve_app, start_tracing
     from read_api.app import create_app
 
-    # SIGTERM stops the stack like Ctrl-C does, so the embedded PostgreSQL is stopped too.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    overrides: dict[str, object] = {} if data_dir is None else {"data_dir": data_dir}
-    settings = load_settings(**overrides)
+    settings = settings_for(data_dir)
+    # Before anything starts or is announced: a busy port is one line and exit 2.
+    listener = _listen(host, port)
+    _resources.callback(listener.close)
     start_tracing(settings, "agentworks-dev")
     console = Console(stderr=True, soft_wrap=True)
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    embedded = None
+    if settings.database_url is None:
+        from infra.embedded import open_embedded
+
+        # Held here so that the server stops when dev ends, whichever signal ends it.
+        embedded = open_embedded(settings.data_dir)
+        _resources.callback(embedded.close)
     stack = build_dev_stack(settings, settings.data_dir)
     try:
         stack.start()
@@ -252,6 +365,7 @@ def dev_command(
             f"[bold]AgentWorks dev[/bold] on {where}, fan-out: {stack.mode}; "
             f"data dir {settings.data_dir.resolve()}"
         )
+        console.print(f"Database: {_without_password(stack.database_url)}", highlight=False)
         if demo:
             seeded = seed_demo(stack.write)
             keys = jwt_keys(settings, data_dir=settings.data_dir)
@@ -268,6 +382,14 @@ def dev_command(
                 f"({seeded.cards} cards). Token for {seeded.owner} (OWNER):"
             )
             typer.echo(token)
+        else:
+            dir_option = f"--data-dir {settings.data_dir}"
+            console.print(
+                f"Tokens: `{PROG} token --bootstrap {dir_option}` (may create a workspace), then "
+                f"`{PROG} token --workspace ID --user ID --role OWNER {dir_option}`; "
+                "or restart with --demo for a seeded workspace and its token.",
+                highlight=False,
+            )
         # The URL only once an event written now reaches the read models (through Kafka: the
         # workers hold their partitions), so a client's first writes read back fresh.
         announce = threading.Thread(
@@ -277,9 +399,11 @@ def dev_command(
             daemon=True,
         )
         announce.start()
-        serve_app(create_app(stack.services), host=host, port=port)
+        serve_app(create_app(stack.services), host=host, port=port, sock=listener)
     finally:
         stack.stop()
+        if embedded is not None:
+            embedded.close()
         console.print("stopped")
 
 
@@ -292,27 +416,61 @@ def _announce_when_ready(stack: DevStack, console: Console, line: str) -> None:
 def serve_command(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Run the GraphQL API alone against the configured PostgreSQL (and Redis)."""
     from infra.stack import api_process, serve_app, start_tracing
 
-    settings = load_settings()
-    _database_url(settings)
+    settings = settings_for(data_dir)
+    listener = _listen(host, port)
+    _resources.callback(listener.close)
+    if settings.database_url is None:
+        settings = settings.model_copy(update={"database_url": _database_url(settings)})
     start_tracing(settings, "agentworks-api")
     app_, write_side = api_process(settings)
+    _announce_serve(settings, host=host, port=port)
     try:
-        serve_app(app_, host=host, port=port)
+        serve_app(app_, host=host, port=port, sock=listener)
     finally:
         write_side.close()
 
 
+def _announce_serve(settings: Settings, *, host: str, port: int) -> None:
+    """Say what this process runs and what it counts on other processes for."""
+    import structlog
+
+    log = structlog.get_logger(__name__)
+    log.info(
+        "serving the GraphQL API only",
+        url=f"http://{host}:{port}/graphql",
+        database=_without_password(settings.database_url or ""),
+        redis="configured"
+        if settings.redis_url
+        else "not configured: subscriptions and rate limits are local to this process",
+    )
+    if settings.kafka_bootstrap:
+        expects = (
+            f"run `agentworks relay` and `agentworks worker` against {settings.kafka_bootstrap}"
+        )
+    else:
+        expects = (
+            "AGENTWORKS_KAFKA_BOOTSTRAP is not set, so only `agentworks dev` on this database "
+            "feeds the read models"
+        )
+    log.warning(
+        f"no projectors in this process: {expects}; until one runs, writes are accepted but "
+        "reads stay stale and /readyz answers 503",
+        projector_stall_seconds=settings.projector_stall_seconds,
+    )
+
+
 @app.command("relay")
-def relay_command() -> None:
+def relay_command(data_dir: DataDirOption = None) -> None:
     """Publish the event log to Kafka, in order, resuming where the last run stopped."""
     from infra.bootstrap import build_relay
     from infra.stack import start_tracing
 
-    settings = load_settings()
+    settings = settings_for(data_dir)
     start_tracing(settings, "agentworks-relay")
     relay, write_side = build_relay(settings, _database_url(settings))
     _stop_on_signals(relay.stop)
@@ -328,14 +486,15 @@ def worker_command(
         str | None,
         typer.Option("--projector", help="Run only this projector (default: one process each)."),
     ] = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Feed read models from Kafka: one consumer group per projector."""
-    settings = load_settings()
-    url = _database_url(settings)
+    settings = settings_for(data_dir)
     if not settings.kafka_bootstrap:
         raise CliError("AGENTWORKS_KAFKA_BOOTSTRAP is not set; workers consume from Kafka")
+    url = _database_url(settings)
     if projector is None:
-        _run_one_process_per_projector()
+        _run_one_process_per_projector(data_dir)
         return
     from infra.stack import start_tracing
 
@@ -373,14 +532,13 @@ def worker_command(
         read_side.close()
 
 
-def _run_one_process_per_projector() -> None:
+def _run_one_process_per_projector(data_dir: Path | None) -> None:
     import subprocess
-
-    from projections.registry import projector_names
 
     children = [
         subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "infra.cli", "worker", "--projector", name]
+            + ([] if data_dir is None else ["--data-dir", str(data_dir)])
         )
         for name in projector_names()
     ]
@@ -398,7 +556,8 @@ def _run_one_process_per_projector() -> None:
 
 @app.command("rebuild")
 def rebuild_command(
-    name: Annotated[str, typer.Argument(help="Projector name, or 'all'.")],
+    name: Annotated[str, typer.Argument(help=_PROJECTOR_HELP, show_default=False)],
+    data_dir: DataDirOption = None,
 ) -> None:
     """Rebuild read models from the event log into fresh tables, then swap them in atomically.
 
@@ -408,7 +567,7 @@ def rebuild_command(
     from infra.bootstrap import build_read_side
     from projections.rebuild import rebuild_many
 
-    settings = load_settings()
+    settings = settings_for(data_dir)
     names = None if name == "all" else [name]
     read_side = build_read_side(settings, _database_url(settings), projector_names=names)
     console = Console(stderr=True)
@@ -463,11 +622,12 @@ def rebuild_command(
 
 @app.command("sweep")
 def sweep_command(
-    name: Annotated[str, typer.Argument(help="Projector name, or 'all'.")],
+    name: Annotated[str, typer.Argument(help=_PROJECTOR_HELP, show_default=False)],
     through: Annotated[
         int | None,
         typer.Option("--through", help="Log position to sweep up to (default: the log head)."),
     ] = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Check read models against the event log and apply any event they never received.
 
@@ -478,7 +638,7 @@ def sweep_command(
     from infra.bootstrap import build_read_side
     from projections.sweep import ProjectionSweep
 
-    settings = load_settings()
+    settings = settings_for(data_dir)
     names = None if name == "all" else [name]
     read_side = build_read_side(settings, _database_url(settings), projector_names=names)
     console = Console(stderr=True)
@@ -508,11 +668,11 @@ def sweep_command(
 
 
 @app.command("status")
-def status_command() -> None:
+def status_command(data_dir: DataDirOption = None) -> None:
     """Where the log, the relay and every projector stand (lag in events)."""
     import psycopg
 
-    settings = load_settings()
+    settings = settings_for(data_dir)
     url = _database_url(settings)
     with psycopg.connect(url) as conn:
         head = conn.execute("SELECT coalesce(max(notification_id), 0) FROM agentworks_events")
@@ -688,9 +848,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` and return the exit code instead of exiting."""
     command = typer.main.get_command(app)
+    _reflow_help(command)
     args = list(sys.argv[1:] if argv is None else argv)
+    _end_on_signals()
     try:
-        result = command.main(args=args, prog_name=PROG, standalone_mode=False)
+        with _resources:
+            result = command.main(args=args, prog_name=PROG, standalone_mode=False)
     except CliError as exc:
         return _fail(exc.message, exc.exit_code)
     except (ConfigurationError, AgentWorksError, InvalidKey) as exc:
@@ -705,6 +868,31 @@ def run(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return result if isinstance(result, int) else 0
+
+
+def _reflow_help(command: Any) -> None:
+    """Join the source line breaks inside each paragraph of every command's help.
+
+    Docstrings are wrapped at 100 columns in the source; typer keeps those breaks in every
+    paragraph after the first, so ``--help`` broke sentences mid-line on any other width.
+    """
+    if command.help:
+        paragraphs = inspect.cleandoc(command.help).split("\n\n")
+        command.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    for sub in getattr(command, "commands", {}).values():
+        _reflow_help(sub)
+
+
+def _end_on_signals() -> None:
+    """SIGTERM and SIGHUP (a closed terminal) end a command the way Ctrl-C does.
+
+    Their default action kills the process on the spot, leaving behind what it started (the
+    embedded PostgreSQL); as ``KeyboardInterrupt`` they unwind through every ``finally``.
+    Long-running commands install their own handlers on top.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.default_int_handler)
 
 
 def _usage_message(exc: TyperException) -> str:

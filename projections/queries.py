@@ -394,7 +394,9 @@ def _days(from_: datetime, to: datetime) -> tuple[date, date] | None:
         start, end = from_.astimezone(UTC), to.astimezone(UTC)
     except OverflowError:
         raise ValidationFailed(f"the window {from_} .. {to} is out of range") from None
-    if end <= start:
+    if end < start:
+        raise ValidationFailed(f"from ({from_.isoformat()}) is after to ({to.isoformat()})")
+    if end == start:
         return None
     last = (end - timedelta(microseconds=1)).date()
     return start.date(), last + timedelta(days=1) if last < date.max else last

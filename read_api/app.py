@@ -31,13 +31,14 @@ import psycopg
 import structlog
 from fastapi import FastAPI
 from fastapi.routing import APIWebSocketRoute
+from graphql import GraphQLError
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry import Schema
 from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
@@ -55,7 +56,8 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from adapters.metrics import HTTP_RESPONSES, Exposition
 from adapters.telemetry import continue_trace, current_traceparent
 from adapters.tokens import Principal
-from domain.errors import RateLimited, Unauthenticated, ValidationFailed
+from domain.errors import RateLimited, Unauthenticated, Unavailable, ValidationFailed
+from domain.text import text_problem
 from read_api.auth import (
     authenticate,
     request_id,
@@ -68,8 +70,12 @@ from read_api.errors import (
     INTERNAL_MESSAGE,
     RATE_LIMITED,
     UNAUTHENTICATED,
+    UNAVAILABLE,
     VALIDATION,
     error_body,
+    error_extensions,
+    outage_of,
+    retry_after,
     shape_errors,
 )
 from read_api.ratelimit import address_limits, limits_for
@@ -117,10 +123,11 @@ def create_app(services: ApiServices) -> FastAPI:
         openapi_url=None,
     )
     app.state.runtime = runtime
-    if services.cors_origins:
+    if services.cors_origins or services.cors_origin_regex:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(services.cors_origins),
+            allow_origin_regex=services.cors_origin_regex,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=[
                 "Authorization",
@@ -192,6 +199,10 @@ class GraphQLEndpoint:
 
     async def get(self, request: Request) -> Response:
         rid = request_id(request.headers.get("x-request-id"))
+        if self.services.graphiql and "text/html" in request.headers.get("accept", ""):
+            from strawberry.http.ides import get_graphql_ide_html
+
+            return HTMLResponse(get_graphql_ide_html("graphiql"))
         return _json(
             error_body(
                 "queries and mutations are POSTed as JSON; GET is for WebSocket subscriptions "
@@ -305,8 +316,14 @@ class GraphQLEndpoint:
         payload: dict[str, Any] = {}
         if not isinstance(result, PreExecutionError):
             payload["data"] = result.data
+        wait = None
         if result.errors:
-            payload["errors"] = [error.formatted for error in shape_errors(result.errors)]
+            shaped = shape_errors(result.errors)
+            payload["errors"] = [error.formatted for error in shaped]
+            # 503 when what was asked for is missing because of the outage; a mutation that
+            # went through but whose payload object could not be read back stays a 200 (its
+            # consistencyToken is the truth: the write happened).
+            wait = retry_after([e for e in shaped if _lost_root(e, result.data)])
         extensions = dict(result.extensions or {})
         if context.stale:
             extensions["stale"] = True
@@ -314,6 +331,9 @@ class GraphQLEndpoint:
             payload["extensions"] = extensions
         if result.errors:
             span.set_attribute("graphql.error_count", len(result.errors))
+        if wait is not None:
+            # A dependency is down (or the pool full): an outage, answered as one.
+            return _json(payload, 503, rid, extra_headers={"Retry-After": str(wait)})
         return _json(payload, 200, rid)
 
     def _report(
@@ -333,6 +353,13 @@ class GraphQLEndpoint:
             )
         except Exception:
             log.exception("api.stats_hook_failed")
+
+
+def _lost_root(error: GraphQLError, data: dict[str, Any] | None) -> bool:
+    """Whether ``error`` took the root field it belongs to (or the whole result) with it."""
+    if not data or not error.path:
+        return True
+    return data.get(str(error.path[0])) is None
 
 
 def _request_span(request: Request) -> AbstractContextManager[Span]:
@@ -400,6 +427,10 @@ def _parse_request(
     operation_name = data.get("operationName")
     if operation_name is not None and not isinstance(operation_name, str):
         raise BadRequest("'operationName' must be a string")
+    if operation_name is not None and (problem := text_problem(operation_name)) is not None:
+        # graphql-core would echo it in "Unknown operation named ..." and a lone surrogate
+        # cannot be encoded into the response.
+        raise BadRequest(f"'operationName' {problem}")
     return query, variables, operation_name
 
 
@@ -423,13 +454,22 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
+def unavailable_response(error: Unavailable, rid: str) -> JSONResponse:
+    """HTTP 503 with ``Retry-After``: how every outage is answered outside GraphQL execution."""
+    extensions = error_extensions(error)
+    body = error_body(
+        error.message, UNAVAILABLE, **{k: v for k, v in extensions.items() if k != "code"}
+    )
+    return _json(body, 503, rid, extra_headers={"Retry-After": str(extensions["retryAfter"])})
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     rid = request_id(request.headers.get("x-request-id"))
-    if isinstance(exc, psycopg.OperationalError):
-        log.warning("api.database_unavailable", request_id=rid, error=str(exc))
-        return _json(
-            error_body("the database is unavailable; retry shortly", "UNAVAILABLE"), 503, rid
-        )
+    outage = outage_of(exc)
+    if outage is not None:
+        # Said once by the pool that saw it go (adapters.outages), not once per request.
+        log.debug("api.unavailable", request_id=rid, error=str(exc))
+        return unavailable_response(outage, rid)
     log.error("api.unexpected", request_id=rid, exc_info=exc)
     return _json(error_body(INTERNAL_MESSAGE, "INTERNAL"), 500, rid)
 
@@ -559,6 +599,8 @@ class Health:
 
     def __init__(self, runtime: ApiRuntime) -> None:
         self.runtime = runtime
+        self._behind_since: dict[str, tuple[int, float]] = {}
+        """Per projector seen behind the head: its position then and since when it sits there."""
 
     async def alive(self) -> Response:
         return JSONResponse({"status": "ok"})
@@ -572,7 +614,7 @@ class Health:
                 self.runtime.offloader.run(self._positions), _HEALTH_TIMEOUT
             )
             checks["database"] = "ok"
-            lags = {}
+            lags: dict[str, dict[str, Any]] = {}
             for projector in services.projectors:
                 position = positions.get(projector.name, 0)
                 lags[projector.name] = {
@@ -583,6 +625,10 @@ class Health:
                 if services.max_projector_lag is not None and (
                     head - position > services.max_projector_lag
                 ):
+                    ready = False
+                stalled = self._stalled_seconds(projector.name, position, head)
+                if stalled is not None:
+                    lags[projector.name]["stalledSeconds"] = round(stalled, 1)
                     ready = False
             checks["head"] = head
             checks["projectors"] = lags
@@ -608,7 +654,27 @@ class Health:
                 checks["redis"] = f"unavailable ({type(error).__name__})"
                 ready = False
         checks["status"] = "ready" if ready else "not ready"
-        return JSONResponse(checks, status_code=200 if ready else 503)
+        if ready:
+            return JSONResponse(checks)
+        return JSONResponse(checks, status_code=503, headers={"Retry-After": "1"})
+
+    def _stalled_seconds(self, name: str, position: int, head: int) -> float | None:
+        """How long ``name`` has been behind without moving, once that exceeds the limit.
+
+        A lag that does not shrink means nothing consumes the log (``serve`` alone, every
+        worker down): writes would read stale forever while the lag alone looks harmless.
+        """
+        limit = self.runtime.services.projector_stall_seconds
+        if limit is None or position >= head:
+            self._behind_since.pop(name, None)
+            return None
+        now = time.monotonic()
+        seen = self._behind_since.get(name)
+        if seen is None or seen[0] != position:
+            self._behind_since[name] = (position, now)
+            return None
+        waited = now - seen[1]
+        return waited if waited >= limit else None
 
     def _positions(self) -> tuple[int, dict[str, int], dict[str, int]]:
         """Log head, projector positions and how many aggregates each projector parked."""

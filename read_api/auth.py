@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
-from adapters.tokens import BOOTSTRAP_WORKSPACE, Principal, verify_token
+from adapters.tokens import BOOTSTRAP_WORKSPACE, BadSignature, Principal, verify_token
 from domain.errors import Unauthenticated
 from read_api.services import JwtVerification
 
@@ -31,15 +32,26 @@ def authenticate(authorization: str | None, jwt: JwtVerification) -> Principal:
     token = bearer_token(authorization)
     if token is None:
         raise Unauthenticated("missing bearer token: send 'Authorization: Bearer <JWT>'")
-    principal = verify_token(
-        token, secret=jwt.secret, public_key=jwt.public_key, leeway_seconds=jwt.leeway_seconds
-    )
+    try:
+        principal = verify_token(
+            token, secret=jwt.secret, public_key=jwt.public_key, leeway_seconds=jwt.leeway_seconds
+        )
+    except BadSignature as exc:
+        if jwt.signature_hint is None:
+            raise
+        raise Unauthenticated(f"{exc}: {jwt.signature_hint}") from exc
     if not principal.is_bootstrap:
         try:
             UUID(principal.workspace_id)
         except ValueError:
             raise Unauthenticated("token 'ws' claim is neither a workspace id nor '*'") from None
-    return principal
+    # The user id becomes the actor of every event the caller causes and is what addMember and
+    # assignCard name, so it is a UUID like every id of the API, in one canonical spelling.
+    try:
+        user_id = str(UUID(principal.user_id))
+    except ValueError:
+        raise Unauthenticated("token 'sub' claim is not a user id (a UUID)") from None
+    return replace(principal, user_id=user_id)
 
 
 def token_from_connection_params(params: Mapping[str, Any] | None) -> str | None:

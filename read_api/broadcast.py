@@ -29,6 +29,8 @@ import redis.asyncio
 import structlog
 from redis.exceptions import RedisError
 
+from adapters.outages import OUTAGES, REDIS
+
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
@@ -168,7 +170,10 @@ class RedisChangePublisher:
         except RedisError as error:
             # Subscribers re-read the read model after a quiet spell; a lost hint costs latency,
             # while raising would make the runner re-apply a batch it already committed.
-            log.warning("broadcast.publish_failed", error=str(error), changes=len(changes))
+            OUTAGES.down(REDIS, error)
+            log.debug("broadcast.publish_failed", error=str(error), changes=len(changes))
+            return
+        OUTAGES.up(REDIS)
 
     def close(self) -> None:
         self._client.close()
@@ -301,16 +306,20 @@ class RedisBroadcaster:
         while True:
             try:
                 message = await pubsub.get_message(timeout=1.0)
+                if failures:
+                    OUTAGES.up(REDIS)
                 failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 # Whatever broke the connection, subscribers must hear that messages may be lost;
-                # the reader itself must not die, or every feed would go quiet for good.
+                # the reader itself must not die, or every feed would go quiet for good. Retried
+                # at most a second apart, so feeds resume within about a second of Redis.
                 failures += 1
-                log.warning("broadcast.redis_read_failed", error=repr(error))
+                OUTAGES.down(REDIS, error)
+                log.debug("broadcast.redis_read_failed", error=repr(error))
                 self._all_lost()
-                await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+                await asyncio.sleep(min(0.1 * 2**failures, 1.0))
                 continue
             if message is not None:
                 self._dispatch(message)

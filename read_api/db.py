@@ -32,7 +32,7 @@ from uuid import UUID
 import psycopg
 from psycopg.rows import DictRow
 
-from domain.errors import NotFound
+from domain.errors import NotFound, Unavailable
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -67,6 +67,13 @@ class CountingCursor(psycopg.Cursor[DictRow]):
             counter.add()
         super().execute(*args, **kwargs)
         return self
+
+
+def unavailable(error: BaseException) -> Unavailable:
+    """The answer to a read that the database could not serve."""
+    if "no database connection free" in str(error):
+        return Unavailable("the API is at its database connection limit; retry shortly")
+    return Unavailable("the database is unavailable; retry shortly")
 
 
 class Offloader:
@@ -167,6 +174,10 @@ class ReadScope:
                     # The transaction is aborted; the next call starts a fresh one.
                     self._release_locked()
                     raise
+            except psycopg.OperationalError as error:
+                # No connection free, the server gone, or a statement timed out: an outage or
+                # overload, not a bug; the client is told to come back (UNAVAILABLE, 503).
+                raise unavailable(error) from error
             finally:
                 _thread.counter = None
                 if self._closed or not self._keep:

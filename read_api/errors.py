@@ -19,8 +19,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import psycopg
 import pydantic
 import structlog
+from eventsourcing.persistence import InterfaceError as StoreInterfaceError
+from eventsourcing.persistence import OperationalError as StoreOperationalError
 from graphql import GraphQLError
 from strawberry.extensions import SchemaExtension
 from strawberry.types.execution import ExecutionContext
@@ -33,6 +36,7 @@ VALIDATION = "VALIDATION"
 INTERNAL = "INTERNAL"
 UNAUTHENTICATED = "UNAUTHENTICATED"
 RATE_LIMITED = "RATE_LIMITED"
+UNAVAILABLE = Unavailable.code
 
 INTERNAL_MESSAGE = "internal error; the request id in X-Request-Id identifies it in our logs"
 
@@ -78,9 +82,21 @@ def _cause(error: GraphQLError) -> BaseException | None:
     return cause
 
 
+def outage_of(error: BaseException | None) -> Unavailable | None:
+    """The UNAVAILABLE that a database failure which escaped translation stands for."""
+    if isinstance(error, Unavailable):
+        return error
+    if isinstance(error, psycopg.OperationalError | StoreOperationalError | StoreInterfaceError):
+        return Unavailable("the database is unavailable; retry shortly")
+    return None
+
+
 def shape_error(error: GraphQLError) -> GraphQLError:
     """The client-facing version of ``error``: our message and code, or a generic INTERNAL."""
     cause = _cause(error)
+    outage = outage_of(cause)
+    if outage is not None and outage is not cause:
+        cause = outage
     extensions = dict(error.extensions or {})
     if isinstance(cause, GraphQLError) and cause is not error:
         extensions = {**dict(cause.extensions or {}), **extensions}
@@ -120,6 +136,17 @@ def shape_errors(errors: Sequence[GraphQLError]) -> list[GraphQLError]:
     return [shape_error(error) for error in errors]
 
 
+def retry_after(errors: Sequence[GraphQLError]) -> int | None:
+    """Seconds to send as ``Retry-After`` when an error says a dependency is unavailable: the
+    HTTP answer is then 503, so clients and proxies treat it as the outage it is."""
+    waits = [
+        int((error.extensions or {}).get("retryAfter") or 1)
+        for error in errors
+        if (error.extensions or {}).get("code") == Unavailable.code
+    ]
+    return max(waits) if waits else None
+
+
 def error_body(message: str, code: str, **extensions: Any) -> dict[str, Any]:
     """A GraphQL-shaped response body for failures outside execution (401, 413, 429, 400)."""
     return {"errors": [{"message": message, "extensions": {"code": code, **extensions}}]}
@@ -148,3 +175,6 @@ def log_unexpected(errors: Sequence[GraphQLError], context: ExecutionContext | N
         cause = _cause(error)
         if cause is None or isinstance(cause, AgentWorksError | pydantic.ValidationError):
             log.debug("graphql.refused", message=error.message)
+        elif outage_of(cause) is not None:
+            # The pool reported the outage once (adapters.outages); not once per request.
+            log.debug("graphql.unavailable", message=str(cause))

@@ -1,8 +1,9 @@
 """Refusing documents too expensive to run: an estimate of how many objects a query resolves.
 
 Depth, aliases and tokens are bounded by strawberry's own extensions; this adds the one bound
-they miss, breadth: each field costs one per parent object, and a paginated field multiplies its
-children by its page size (``first``, or the field's default). A board of 200 lanes x 200 cards
+they miss, breadth: an estimate of the objects a document may resolve, each list counted at the
+page size it asks for (``first``, or the field's default). The board a client would draw (lanes,
+their cards, each card's runs, at the default page sizes) costs about 42,000; lanes x 200 cards
 x 200 runs is refused before a single row is read.
 """
 
@@ -97,6 +98,12 @@ class SubscriptionsOnlyOverWebSocket(SchemaExtension):
         yield
 
 
+#: Fields that only wrap the items of a connection: they add no object of their own.
+CONNECTION_WRAPPERS = frozenset({"edges", "node"})
+#: Fields resolved once per connection, not once per item.
+PER_CONNECTION = frozenset({"pageInfo"})
+
+
 def _cost(
     selection_set: SelectionSetNode | None,
     fragments: Mapping[str, FragmentDefinitionNode],
@@ -104,22 +111,47 @@ def _cost(
     *,
     multiplier: int,
     depth: int,
+    connections: int | None = None,
 ) -> int:
+    """Objects the selection may resolve when its parent stands for ``multiplier`` objects.
+
+    A list multiplies what is under it by the page size asked (``first``, else the field's
+    default); ``edges``/``node`` only wrap a connection's items and ``pageInfo`` comes once per
+    connection (``connections`` of them), so a board with its lanes, cards and runs costs what
+    it may return rather than a product of every nesting level. Scalars cost nothing of their
+    own: the objects that hold them were counted.
+    """
     if selection_set is None or depth > 50:
         return 0
     total = 0
     for selection in selection_set.selections:
         if isinstance(selection, FieldNode):
-            total += multiplier
+            if selection.selection_set is None:
+                continue
             field = selection.name.value
+            owner = multiplier
+            if field in CONNECTION_WRAPPERS:
+                total += _cost(
+                    selection.selection_set, fragments, variables,
+                    multiplier=multiplier, depth=depth + 1,
+                )  # fmt: skip
+                continue
+            if field in PER_CONNECTION and connections is not None:
+                owner = connections
             page = _page(selection, variables)
             if page is None and field in DEFAULT_PAGE:
                 page = DEFAULT_PAGE[field]
             if page is None and field in UNPAGED_FIELDS:
                 page = UNPAGED_LIST
-            inner = multiplier * max(page if page is not None else 1, 1)
+            inner = owner * max(page if page is not None else 1, 1)
+            total += inner
             total += _cost(
-                selection.selection_set, fragments, variables, multiplier=inner, depth=depth + 1
+                selection.selection_set,
+                fragments,
+                variables,
+                multiplier=inner,
+                depth=depth + 1,
+                connections=owner if page is not None else None,
             )
         elif isinstance(selection, InlineFragmentNode):
             total += _cost(
@@ -128,6 +160,7 @@ def _cost(
                 variables,
                 multiplier=multiplier,
                 depth=depth + 1,
+                connections=connections,
             )
         elif isinstance(selection, FragmentSpreadNode):
             fragment = fragments.get(selection.name.value)
@@ -138,6 +171,7 @@ def _cost(
                     variables,
                     multiplier=multiplier,
                     depth=depth + 1,
+                    connections=connections,
                 )
     return total
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 from redis.exceptions import RedisError
 
+from adapters.outages import OUTAGES, REDIS
 from domain.errors import RateLimited
 
 if TYPE_CHECKING:
@@ -113,8 +114,11 @@ class RedisRateLimiter:
         try:
             refused = int(await self._script(keys=keys, args=args))
         except (RedisError, OSError) as error:
-            log.warning("ratelimit.redis_unavailable", error=str(error))
+            # Degraded, not down: requests go on unlimited while Redis is away. Said once
+            # (adapters.outages), not at every request.
+            OUTAGES.down(REDIS, error)
             return
+        OUTAGES.up(REDIS)
         if refused:
             raise _refuse(limits[refused - 1], remaining)
 

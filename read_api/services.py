@@ -32,6 +32,8 @@ class JwtVerification:
     secret: str | None = None
     public_key: str | None = None
     leeway_seconds: int = 0
+    signature_hint: str | None = None
+    """Said after "token signature does not verify" (development only: which key signs here)."""
 
     def __post_init__(self) -> None:
         if (self.secret is None) == (self.public_key is None):
@@ -98,11 +100,18 @@ class ApiServices:
     cors_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     """Proxies (addresses or networks) whose ``X-Forwarded-For`` is believed; none by default."""
+    cors_origin_regex: str | None = None
+    """Origins allowed by CORS besides ``cors_origins`` (development: any localhost port)."""
+    graphiql: bool = False
+    """Answer a browser's ``GET /graphql`` with GraphiQL (development only)."""
     max_body_bytes: int = 1_000_000
     projectors: tuple[type[Projector], ...] = ALL_PROJECTORS
     """The read models this deployment keeps: consistency waits and readiness look at these."""
     max_projector_lag: int | None = 10_000
     """``/readyz`` answers 503 when a projector is further behind the log head than this."""
+    projector_stall_seconds: float | None = 30.0
+    """``/readyz`` answers 503 when a projector is behind and has not moved for this long:
+    nothing consumes (``serve`` alone, every worker down). ``None``: not checked."""
     db_threads: int = 32
     """Worker threads for blocking database and write-side calls."""
     statement_timeout_ms: int = 10_000

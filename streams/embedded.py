@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from adapters.outages import is_outage
 from streams.wakeup import LogWakeup
 
 if TYPE_CHECKING:
@@ -94,8 +95,14 @@ class EmbeddedFanout:
         while not self._stop.is_set():
             try:
                 self.drain()
-            except Exception:
-                log.exception("fanout.batch_failed")
+            except Exception as error:
+                if is_outage(error):
+                    # Logged once by whoever noticed it (adapters.outages); resumes from the
+                    # projectors' recorded positions when the database is back.
+                    log.debug("fanout.database_unavailable", error=str(error))
+                    self._positions.clear()
+                else:
+                    log.exception("fanout.batch_failed")
                 time.sleep(self.poll_interval)
             self._wake.wait(self.poll_interval)
             self._wake.clear()

@@ -31,6 +31,7 @@ import structlog
 from opentelemetry.trace import SpanKind
 
 from adapters.metrics import BROKER_LOG_LOST
+from adapters.outages import is_outage
 from adapters.telemetry import continue_trace, current_traceparent, tracing_enabled
 from streams.wakeup import LogWakeup
 
@@ -123,20 +124,15 @@ class RelayPositions:
         return self.load_with_marks()[0]
 
     def load_with_marks(self) -> tuple[int, BrokerMarks]:
-        row = (
-            self._connection()
-            .execute(
-                "SELECT position, broker_marks FROM relay_positions WHERE relay = %s",
-                (self.relay,),
-            )
-            .fetchone()
-        )
+        row = self._execute(
+            "SELECT position, broker_marks FROM relay_positions WHERE relay = %s", (self.relay,)
+        ).fetchone()
         if not row:
             return 0, BrokerMarks()
         return int(row[0]), BrokerMarks.from_json(row[1])
 
     def save(self, position: int, marks: BrokerMarks | None = None) -> None:
-        self._connection().execute(
+        self._execute(
             "INSERT INTO relay_positions (relay, position, broker_marks) "
             "VALUES (%s, %s, coalesce(%s::jsonb, '{}')) "
             "ON CONFLICT (relay) DO UPDATE SET position = EXCLUDED.position, "
@@ -147,15 +143,11 @@ class RelayPositions:
 
     def lowest_watermark(self) -> int:
         """Below this position every projector has applied every event it follows."""
-        row = (
-            self._connection()
-            # A rebuild's scratch tracking ("name#rebuild") reads the log itself, not Kafka.
-            .execute(
-                "SELECT coalesce(min(swept_through), 0) FROM projection_positions "
-                "WHERE projector NOT LIKE '%#%'"
-            )
-            .fetchone()
-        )
+        # A rebuild's scratch tracking ("name#rebuild") reads the log itself, not Kafka.
+        row = self._execute(
+            "SELECT coalesce(min(swept_through), 0) FROM projection_positions "
+            "WHERE projector NOT LIKE '%#%'"
+        ).fetchone()
         return int(row[0]) if row else 0
 
     def close(self) -> None:
@@ -164,9 +156,19 @@ class RelayPositions:
             self._conn = None
 
     def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
+        if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = psycopg.connect(self._url, autocommit=True, options=self._options)
         return self._conn
+
+    def _execute(self, query: str, params: tuple[Any, ...] | None = None) -> psycopg.Cursor[Any]:
+        """Run ``query``; a connection the server dropped (a restart) is replaced once."""
+        try:
+            return self._connection().execute(query, params)
+        except psycopg.OperationalError:
+            if self._conn is not None and not (self._conn.closed or self._conn.broken):
+                raise
+            self.close()
+            return self._connection().execute(query, params)
 
 
 class RelayLease:
@@ -189,6 +191,8 @@ class RelayLease:
         self.key = zlib.crc32(f"agentworks relay {relay}".encode()) & 0x7FFFFFFF
         self._conn: psycopg.Connection[Any] | None = None
         self.held = False
+        self.unreachable = False
+        """The last attempt could not reach the database (rather than finding the lease held)."""
 
     def acquire(self) -> bool:
         try:
@@ -196,8 +200,10 @@ class RelayLease:
                 self._conn = psycopg.connect(self._url, autocommit=True, options=self._options)
             row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
             self.held = bool(row and row[0])
+            self.unreachable = False
         except psycopg.Error:
             self._drop()
+            self.unreachable = True
         return self.held
 
     def still_held(self) -> bool:
@@ -366,16 +372,37 @@ class Relay:
             wakeup.start()
         log.info("relay.started", position=self.position)
         while not self._stop.is_set():
-            if not self._holds_lease():
-                self._stop.wait(self.standby_interval)
+            try:
+                leading = self._holds_lease()
+            except Exception as error:
+                if not is_outage(error):
+                    raise
+                log.debug("relay.database_unavailable", error=str(error))
+                self._stop.wait(0.25)
+                continue
+            if not leading:
+                # A lease held by another relay is checked every standby interval; a database
+                # that is down, more often, to publish again soon after it is back.
+                unreachable = self.lease is not None and self.lease.unreachable
+                self._stop.wait(
+                    min(self.standby_interval, 0.25) if unreachable else self.standby_interval
+                )
                 continue
             try:
                 while self.publish_once() == self.batch_size:
                     if self._stop.is_set() or not self._holds_lease():
                         break
-            except Exception:
-                log.exception("relay.publish_failed", position=self.position)
-                self._stop.wait(1.0)
+            except Exception as error:
+                if is_outage(error):
+                    # The database is down: said once by its pool (adapters.outages); try again
+                    # soon, from the recorded position, so publishing resumes within a second
+                    # of it being back.
+                    log.debug("relay.database_unavailable", error=str(error))
+                    self.positions.close()
+                    self._stop.wait(0.25)
+                else:
+                    log.exception("relay.publish_failed", position=self.position)
+                    self._stop.wait(1.0)
                 continue
             self._wake.wait(self.poll_interval)
             self._wake.clear()

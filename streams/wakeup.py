@@ -7,6 +7,9 @@ import threading
 import psycopg
 import structlog
 
+from adapters.outages import OUTAGES
+from adapters.postgres import CONNECT_TIMEOUT, dependency_name
+
 log = structlog.get_logger(__name__)
 
 
@@ -14,7 +17,10 @@ class LogWakeup:
     """LISTENs on the store's channel and sets ``wake`` on each notification.
 
     Tailers still poll: a notification can be lost with a dropped connection, and an event held
-    back by the reader's horizon becomes readable without any notification.
+    back by the reader's horizon becomes readable without any notification. When the connection
+    drops (a database restart) it subscribes again every ``retry_interval`` until the server is
+    back, and wakes the tailer once it is, to pick up what was written meanwhile; the outage
+    itself is logged once (:mod:`adapters.outages`), not at every attempt.
     """
 
     def __init__(
@@ -24,11 +30,14 @@ class LogWakeup:
         *,
         channel: str = "agentworks_events",
         check_interval: float = 0.5,
+        retry_interval: float = 0.25,
     ) -> None:
         self.url = url
         self.wake = wake
         self.channel = channel
         self.check_interval = check_interval
+        self.retry_interval = retry_interval
+        self.dependency = dependency_name(url)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -46,11 +55,16 @@ class LogWakeup:
     def _listen(self) -> None:
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True) as conn:
+                with psycopg.connect(
+                    self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+                ) as conn:
                     conn.execute(f'LISTEN "{self.channel}"')
+                    OUTAGES.up(self.dependency)
+                    self.wake.set()
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=self.check_interval, stop_after=1):
                             self.wake.set()
-            except psycopg.Error:
-                log.warning("wakeup.reconnect", channel=self.channel, exc_info=True)
-                self._stop.wait(1.0)
+            except psycopg.Error as error:
+                OUTAGES.down(self.dependency, error)
+                log.debug("wakeup.reconnect", channel=self.channel, error=str(error))
+                self._stop.wait(self.retry_interval)

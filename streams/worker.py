@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from adapters.kafka import faust_settings
+from adapters.outages import is_outage
 from projections.sweep import ProjectionSweep
 from streams.envelope import TOPIC_BY_AGGREGATE, EventEnvelope
 
@@ -34,6 +35,9 @@ log = structlog.get_logger(__name__)
 BATCH_SIZE = 500
 BATCH_WITHIN_SECONDS = 0.05
 RETRY_SECONDS = 1.0
+OUTAGE_RETRY_SECONDS = 0.25
+"""While the database is down a batch is retried this often, so it is applied (and the
+projector's lag is back to 0) within a second of the database being back."""
 
 
 def projector_topics(projector: Projector, prefix: str = "") -> list[str]:
@@ -92,11 +96,11 @@ def forget_read_offsets_of(consumer: Any, partitions: set[Any]) -> None:
     keeps that mark when a rebalance gives the partition back to the same member). After the
     broker lost its log the partition restarts at offset 0, so everything republished there
     would be dropped until it passed the old mark. The runner ignores real duplicates itself.
+    Raises :class:`~streams.faust_app.FaustInternalsChanged` if faust keeps no such marks.
     """
-    read_offsets = getattr(consumer, "_read_offset", None)
-    if read_offsets is None:
-        log.warning("worker.read_offsets_unknown", consumer=type(consumer).__name__)
-        return
+    from streams.faust_app import read_offsets_of
+
+    read_offsets = read_offsets_of(consumer)
     for partition in partitions:
         read_offsets.pop(partition, None)
 
@@ -173,8 +177,13 @@ def build_worker_app(
             while True:
                 try:
                     outcome = await asyncio.to_thread(runner.process, envelopes)
-                except Exception:
+                except Exception as error:
                     # The batch stays unacknowledged until it is applied: never skip events.
+                    if is_outage(error):
+                        # Said once by the pool that saw the database go (adapters.outages).
+                        log.debug("worker.database_unavailable", projector=runner.name)
+                        await asyncio.sleep(OUTAGE_RETRY_SECONDS)
+                        continue
                     log.exception("worker.batch_failed", projector=runner.name)
                     await asyncio.sleep(RETRY_SECONDS)
                     continue
@@ -209,7 +218,10 @@ def build_worker_app(
     async def sweep() -> None:
         try:
             await asyncio.to_thread(schedule.tick)
-        except Exception:
+        except Exception as error:
+            if is_outage(error):
+                log.debug("worker.sweep_skipped", projector=runner.name, error=str(error))
+                return
             log.exception("worker.sweep_failed", projector=runner.name)
 
     return app

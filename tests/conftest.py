@@ -9,14 +9,18 @@ The helpers behind them live in ``tests/pg.py`` (``import pg``).
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from typing import TYPE_CHECKING
 
+import hypothesis_profiles
 import pg
 import pytest
 
 from infra.migrate import MigrationError, migrate
+
+hypothesis_profiles.load()
 
 # The memory-only Kafka-protocol broker (`kafka_broker`) and the Stripe fake (`localstripe`)
 # fixtures, shared by every test module.
@@ -26,10 +30,45 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 
+#: Connections this session may hold at once on the shared PostgreSQL (README, "Tests"): the
+#: peak is measured from the server's side and a session above it fails.
+CONNECTION_BUDGET = int(os.environ.get("AGENTWORKS_TEST_CONNECTION_BUDGET", "40"))
+_gauge: pg.ConnectionGauge | None = None
+
+
 @pytest.fixture(scope="session")
 def postgres() -> None:
-    """PostgreSQL at 127.0.0.1:5432 accepts connections (started if it was down)."""
+    """PostgreSQL at 127.0.0.1:5432 accepts connections (started if it was down).
+
+    Also drops what crashed sessions left behind, and starts counting this session's
+    connections against :data:`CONNECTION_BUDGET`.
+    """
+    global _gauge
     pg.ensure_postgres()
+    if _gauge is None:
+        pg.drop_orphans()
+        _gauge = pg.ConnectionGauge()
+        _gauge.start()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _gauge is None:
+        return
+    _gauge.stop()
+    leaked = pg.drop_session_databases()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    over = _gauge.peak > CONNECTION_BUDGET
+    lines = [
+        f"PostgreSQL connections: peak {_gauge.peak} of a budget of {CONNECTION_BUDGET}"
+        " (AGENTWORKS_TEST_CONNECTION_BUDGET)" + (f", over it in: {_gauge.peak_at}" if over else "")
+    ]
+    if leaked:
+        lines.append(f"databases a failed teardown left behind, dropped now: {', '.join(leaked)}")
+    if over:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if reporter is not None:
+        for line in lines:
+            reporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import re
 import secrets
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -39,12 +42,24 @@ REDIS_CLAIM_KEY = "agentworks:test-session-claim"
 REDIS_CLAIM_SECONDS = 6 * 3600
 
 
+#: Prefix of every database the tests create; set ``AGENTWORKS_TEST_DB_PREFIX`` to keep apart
+#: from other users of a shared server (or from their own naming rules).
+DB_PREFIX = os.environ.get("AGENTWORKS_TEST_DB_PREFIX", "aw_")
+#: The test session's pid, inherited by the processes it spawns, names its databases:
+#: ``<DB_PREFIX><pid>_<kind><random>``. Connections are counted per session by it, and databases
+#: of a session that no longer runs are orphans (see :func:`drop_orphans`).
+SESSION_PID = int(os.environ.setdefault("AGENTWORKS_TEST_SESSION_PID", str(os.getpid())))
+SESSION_PREFIX = f"{DB_PREFIX}{SESSION_PID}_"
+_ORPHAN = re.compile(rf"{re.escape(DB_PREFIX)}(\d+)_")
+
+
 def url_for(dbname: str) -> str:
     return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{dbname}"
 
 
-def random_name(prefix: str) -> str:
-    return f"{prefix}{secrets.token_hex(6)}"
+def random_name(kind: str) -> str:
+    """A fresh name for this session's database of ``kind`` (``"t_"``; an ``aw_`` is dropped)."""
+    return f"{SESSION_PREFIX}{kind.removeprefix('aw_')}{secrets.token_hex(6)}"
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
@@ -93,12 +108,104 @@ def create_database(name: str, *, template: str | None = None) -> str:
             time.sleep(0.1)
 
 
-def drop_database(name: str) -> None:
-    """Drop ``name`` even while connections are open to it (they are terminated)."""
+def drop_database(name: str, *, timeout: float = 60.0) -> None:
+    """Drop ``name`` even while connections are open to it (they are terminated).
+
+    Retried when the server refuses the admin connection (``too many clients already`` on a
+    busy shared server): a teardown that gives up leaks the database.
+    """
+    statement = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with admin_connection() as conn:
+                conn.execute(statement)
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def session_databases() -> list[str]:
+    """Databases of this test session still on the server."""
     with admin_connection() as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (SESSION_PREFIX,)
+        ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def drop_session_databases() -> list[str]:
+    """Drop what this session left behind (a teardown that failed); the names dropped."""
+    left = session_databases()
+    for name in left:
+        drop_database(name)
+    return left
+
+
+def drop_orphans() -> list[str]:
+    """Drop databases of test sessions whose process no longer runs on this machine."""
+    with admin_connection() as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (DB_PREFIX,)
+        ).fetchall()
+    dropped = []
+    for (name,) in rows:
+        match = _ORPHAN.match(str(name))
+        if match and int(match.group(1)) != SESSION_PID and not _pid_alive(int(match.group(1))):
+            drop_database(str(name))
+            dropped.append(str(name))
+    return dropped
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ConnectionGauge:
+    """Samples how many connections this session's databases hold; keeps the peak.
+
+    The suite promises to stay within a connection budget on a shared server; this measures it
+    from the server's side (``pg_stat_activity``), whatever opened them: pools, subprocesses,
+    spawned workers.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self.peak_at = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pg-connection-gauge", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        try:
+            with admin_connection() as conn:
+                while not self._stop.wait(self.interval):
+                    row = conn.execute(
+                        "SELECT count(*), string_agg(DISTINCT datname, ',') FROM pg_stat_activity"
+                        " WHERE starts_with(datname, %s)",
+                        (SESSION_PREFIX,),
+                    ).fetchone()
+                    if row is not None and int(row[0]) > self.peak:
+                        self.peak, self.peak_at = int(row[0]), str(row[1])
+        except psycopg.Error:
+            return
 
 
 def database_exists(name: str) -> bool:

@@ -20,6 +20,7 @@ from uuid import UUID
 import redis.asyncio
 from api_client import ApiClient
 from psycopg.conninfo import make_conninfo
+from users import user_id
 
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
@@ -61,7 +62,7 @@ class Stack:
 
     def token(self, user: str, workspace: UUID | str, role: str = "OWNER") -> str:
         return issue_token(
-            user_id=user, workspace_id=str(workspace), role=role, ttl_seconds=3600,
+            user_id=user_id(user), workspace_id=str(workspace), role=role, ttl_seconds=3600,
             secret=self.secret,
         )  # fmt: skip
 

@@ -18,6 +18,7 @@ from uuid import UUID
 import httpx
 import pytest
 from stripe_fixtures import STRIPE_TEST_KEY, provision_customer
+from users import user_id
 
 from adapters.stripe import StripeBilling
 from commands import models as m
@@ -81,7 +82,8 @@ def invoiced_workspace(stack: Stack, localstripe: str) -> tuple[Any, str, str]:
     card = alice.create_card(project, "c")["card"]["id"]
     service = Actor.service("orchestrator", ws)
     run = stack.write.start_agent_run(
-        m.StartAgentRun(card_id=UUID(card), agent="coder"), Actor(user_id="alice", workspace_id=ws)
+        m.StartAgentRun(card_id=UUID(card), agent="coder"),
+        Actor(user_id=user_id("alice"), workspace_id=ws),
     ).id
     stack.write.begin_run(m.BeginRun(run_id=run, worker="w"), service)
     stack.write.record_llm_call(

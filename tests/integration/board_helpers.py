@@ -119,9 +119,13 @@ def max_position(database_url: str) -> int:
     return int(value[0])
 
 
-def command_log_count(database_url: str) -> int:
+def command_log_count(database_url: str, command_id: UUID | None = None) -> int:
+    """Records in the command log (of one command id, if given; every command has one)."""
     with psycopg.connect(database_url) as conn:
-        row = conn.execute("SELECT count(*) FROM command_log").fetchone()
+        row = conn.execute(
+            "SELECT count(*) FROM command_log WHERE %(id)s::uuid IS NULL OR command_id = %(id)s",
+            {"id": command_id},
+        ).fetchone()
     assert row is not None
     return int(row[0])
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 STOP_WITHIN = 15.0
 SECRET = "dev-command-test-secret-" + "q" * 32
+ADA = "2c7b8e1d-4a5f-4e6b-9c0d-3e2f1a0b9c04"
 
 pytestmark = pytest.mark.slow
 
@@ -170,14 +172,20 @@ def assert_postgres_stopped(data_dir: Path, timeout: float = 10.0) -> None:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    """An empty data dir that does not exist yet; whatever runs on it is stopped afterwards."""
-    path = tmp_path / "data"
-    yield path
-    for process in postgres_processes(path):  # only after a failed test
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-            process.wait(10)
+def data_dir() -> Iterator[Path]:
+    """An empty data dir that does not exist yet; whatever runs on it is stopped afterwards.
+
+    Outside pytest's base temp dir: run as root, the embedded server runs as another user who
+    must reach its data dir, and any pytest session starting meanwhile (a shared machine) resets
+    ``/tmp/pytest-of-root`` to mode 0700, which made stopping the server fail.
+    """
+    with tempfile.TemporaryDirectory(prefix="aw-dev-", ignore_cleanup_errors=True) as top:
+        path = Path(top) / "data"
+        yield path
+        for process in postgres_processes(path):  # only after a failed test
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+                process.wait(10)
 
 
 @pytest.fixture
@@ -243,12 +251,12 @@ def test_dev_tokens_from_the_cli_work_and_sigterm_stops_it_despite_a_hanging_req
         return result.stdout.strip()
 
     created = dev.graphql(
-        token("--bootstrap", "--user", "ada"),
+        token("--bootstrap", "--user", ADA),
         'mutation { createWorkspace(input: {name: "Dev"}) { workspace { id } } }',
         {},
     )
     workspace_id = created["createWorkspace"]["workspace"]["id"]
-    owner = token("--workspace", workspace_id, "--user", "ada", "--role", "OWNER")
+    owner = token("--workspace", workspace_id, "--user", ADA, "--role", "OWNER")
     seen = dev.graphql(
         owner, "query($id: ID!) { workspace(id: $id) { name } }", {"id": workspace_id}
     )
@@ -324,7 +332,7 @@ def test_serve_answers_on_the_configured_database_and_exports_traces_over_otlp(
 
     assert httpx.get(f"{serve.url}/healthz", timeout=5).json() == {"status": "ok"}
     bootstrap = issue_token(
-        user_id="otto",
+        user_id="5d1e0c9b-7a4f-4b3e-8d2c-1f0a9e8b7c03",
         workspace_id=BOOTSTRAP_WORKSPACE,
         role="OWNER",
         ttl_seconds=60,

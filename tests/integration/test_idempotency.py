@@ -17,7 +17,7 @@ from board_helpers import add_cards, bootstrap_board, command_log_count, max_pos
 
 from commands import models as m
 from commands.handlers import Actor
-from domain.errors import NotFound, ValidationFailed, WipLimitExceeded
+from domain.errors import Forbidden, NotFound, ValidationFailed, WipLimitExceeded
 
 if TYPE_CHECKING:
     from board_helpers import Board
@@ -65,7 +65,7 @@ class TestRetry:
 
         assert (again.replayed, _same(again)) == (True, _same(first))
         assert max_position(database_url) == position
-        assert command_log_count(database_url) == 1
+        assert command_log_count(database_url, command.command_id) == 1
 
     def test_same_command_id_sent_concurrently_from_8_threads_appends_once(
         self, write_side: AgentWorks, board: Board, database_url: str
@@ -86,7 +86,7 @@ class TestRetry:
         # One card created and placed on the board: two events, one command record.
         assert max_position(database_url) == results[0].position
         assert results[0].position - position_before == 2
-        assert command_log_count(database_url) == 1
+        assert command_log_count(database_url, command.command_id) == 1
 
 
 class TestReuse:
@@ -160,16 +160,88 @@ class TestRefusal:
         for card_id in doing:  # fills Doing, WIP limit 3
             write_side.move_card(m.MoveCard(card_id=card_id, to_lane="Doing"), board.owner)
         command = m.MoveCard(card_id=waiting, to_lane="Doing", command_id=uuid4())
-        position, records = max_position(database_url), command_log_count(database_url)
+        position = max_position(database_url)
 
         with pytest.raises(WipLimitExceeded):
             write_side.move_card(command, board.owner)
         assert max_position(database_url) == position
-        assert command_log_count(database_url) == records
+        assert command_log_count(database_url, command.command_id) == 0
 
         write_side.move_card(m.MoveCard(card_id=doing[0], to_lane="Todo"), board.owner)
         retried = write_side.move_card(command, board.owner)
 
         assert retried.replayed is False
         assert write_side.card_at(waiting, board.owner).lane == "Doing"
-        assert command_log_count(database_url) == records + 1
+        assert command_log_count(database_url, command.command_id) == 1
+
+
+class TestReplayRechecksTheCaller:
+    """API.md, "Tokens": a replayed commandId returns the first result only to a caller who
+    could run that command now."""
+
+    def test_viewer_replaying_an_owners_set_spend_limit_is_forbidden(
+        self, write_side: AgentWorks, board: Board
+    ) -> None:
+        viewer_id = str(uuid4())
+        write_side.add_member(
+            m.AddMember(workspace_id=board.workspace_id, user_id=viewer_id, role="VIEWER"),
+            board.owner,
+        )
+        command = m.SetSpendLimit(
+            workspace_id=board.workspace_id, monthly_limit="250.00", command_id=uuid4()
+        )
+        write_side.set_spend_limit(command, board.owner)
+        viewer = Actor(user_id=viewer_id, workspace_id=str(board.workspace_id))
+
+        with pytest.raises(Forbidden):
+            write_side.set_spend_limit(command, viewer)
+
+    def test_owner_demoted_since_gets_forbidden_on_replay(
+        self, write_side: AgentWorks, board: Board
+    ) -> None:
+        admin_id = str(uuid4())
+        write_side.add_member(
+            m.AddMember(workspace_id=board.workspace_id, user_id=admin_id, role="ADMIN"),
+            board.owner,
+        )
+        admin = Actor(user_id=admin_id, workspace_id=str(board.workspace_id))
+        command = m.SetSpendLimit(
+            workspace_id=board.workspace_id, monthly_limit="10.00", command_id=uuid4()
+        )
+        first = write_side.set_spend_limit(command, admin)
+        assert write_side.set_spend_limit(command, admin).replayed is True
+        write_side.change_role(
+            m.ChangeRole(workspace_id=board.workspace_id, user_id=admin_id, role="MEMBER"),
+            board.owner,
+        )
+
+        with pytest.raises(Forbidden):
+            write_side.set_spend_limit(command, admin)
+        assert first.replayed is False
+
+    def test_replay_after_the_state_moved_on_still_returns_the_first_result(
+        self, write_side: AgentWorks, board: Board
+    ) -> None:
+        (card_id,) = add_cards(write_side, board, 1)
+        command = m.MoveCard(
+            card_id=card_id, to_lane="Doing", expected_version=1, command_id=uuid4()
+        )
+        first = write_side.move_card(command, board.owner)
+        write_side.move_card(m.MoveCard(card_id=card_id, to_lane="Done"), board.owner)
+
+        again = write_side.move_card(command, board.owner)
+
+        assert again.replayed is True
+        assert _same(again) == _same(first)
+
+    def test_member_of_another_workspace_replaying_an_id_learns_nothing(
+        self, write_side: AgentWorks, board: Board
+    ) -> None:
+        command = m.SetSpendLimit(
+            workspace_id=board.workspace_id, monthly_limit="5.00", command_id=uuid4()
+        )
+        write_side.set_spend_limit(command, board.owner)
+        other = bootstrap_board(write_side, owner="mallory")
+
+        with pytest.raises(NotFound):
+            write_side.set_spend_limit(command, other.owner)

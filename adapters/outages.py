@@ -1,0 +1,99 @@
+"""Which dependencies are down, noticed and logged once per change rather than once per request.
+
+During a database restart every request, pool worker and tailer meets the same failure; logging
+each would bury the one line an operator needs. Components report what they see
+(:meth:`Outages.down` on a failure to reach a dependency, :meth:`Outages.up` on a success); the
+tracker logs ``dependency.down`` on the first failure and ``dependency.up`` (with how long it was
+down) on the first success after it, and keeps ``agentworks_dependency_up`` current.
+
+A dependency is named by what is down, e.g. ``postgresql 127.0.0.1:5432``: every pool and
+listener of one server shares one state, so a process says once that the server is gone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import structlog
+from eventsourcing.persistence import InterfaceError, OperationalError
+from prometheus_client import Gauge
+
+from domain.errors import Unavailable
+
+log = structlog.get_logger(__name__)
+
+DEPENDENCY_UP = Gauge(
+    "agentworks_dependency_up",
+    "1 while this process reaches the dependency, 0 from its first failure until it is back.",
+    ["dependency"],
+)
+
+
+REDIS = "redis"
+"""How outages name the Redis of rate limits and subscriptions."""
+
+
+class Outages:
+    """Up/down state per dependency, process-wide (every pool of a process shares it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._down_since: dict[str, float] = {}
+
+    def down(self, dependency: str, error: BaseException | str) -> None:
+        """Report a failure to reach ``dependency``; logged only if it was up until now."""
+        with self._lock:
+            if dependency in self._down_since:
+                return
+            self._down_since[dependency] = time.monotonic()
+        DEPENDENCY_UP.labels(dependency).set(0)
+        log.warning("dependency.down", dependency=dependency, error=_one_line(error))
+
+    def up(self, dependency: str) -> None:
+        """Report a success with ``dependency``; logged only if it was down until now."""
+        if dependency not in self._down_since:  # the hot path: no lock while all is well
+            return
+        with self._lock:
+            since = self._down_since.pop(dependency, None)
+        if since is None:
+            return
+        DEPENDENCY_UP.labels(dependency).set(1)
+        log.warning(
+            "dependency.up", dependency=dependency, down_seconds=round(time.monotonic() - since, 3)
+        )
+
+    def is_down(self, dependency: str) -> bool:
+        return dependency in self._down_since
+
+    def down_now(self) -> list[str]:
+        with self._lock:
+            return sorted(self._down_since)
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether ``error`` says a database could not be reached (rather than a bug, or a server
+    that answered with an error): our UNAVAILABLE, a pool with no connection to lend, a lost
+    or refused connection, a server shutting down or starting up. Loops that retry quietly on
+    an outage must not retry quietly on anything else (a full disk would go unnoticed)."""
+    if isinstance(error, Unavailable):
+        return True
+    cause: BaseException = error
+    if isinstance(error, InterfaceError | OperationalError) and error.__cause__ is not None:
+        cause = error.__cause__  # the library's translation of psycopg's error
+    if isinstance(cause, psycopg.OperationalError | psycopg.InterfaceError):
+        state = cause.sqlstate
+        # No SQLSTATE: failed on our side of the socket (refused, closed, pool time-out);
+        # class 08: connection exception; 57P01-03: admin/crash shutdown, cannot connect now.
+        return state is None or state.startswith(("08", "57P"))
+    return isinstance(cause, InterfaceError | OperationalError)
+
+
+def _one_line(error: BaseException | str) -> str:
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return " ".join(text.split())[:300]
+
+
+OUTAGES = Outages()
+"""The process's tracker (like the Prometheus registry, one per process)."""

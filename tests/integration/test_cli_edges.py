@@ -1,0 +1,68 @@
+"""The command line's edges a new user meets first: ``--version``, ``--help``, ``--data-dir``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import typer
+
+from infra.cli import app
+from projections.registry import projector_names
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def agentworks(*args: str, cwd: Path, columns: int = 200) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWORKS_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["COLUMNS"] = str(columns)
+    return subprocess.run(
+        [sys.executable, "-m", "infra.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def test_version_prints_the_package_version(tmp_path: Path) -> None:
+    result = agentworks("--version", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"agentworks {version('agentworks')}\n"
+
+
+@pytest.mark.parametrize("command", ["rebuild", "sweep"])
+def test_help_names_the_projectors_and_keeps_sentences_whole(tmp_path: Path, command: str) -> None:
+    result = agentworks(command, "--help", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    for name in projector_names():
+        assert name in result.stdout
+    # A paragraph is wrapped to the terminal only: on a wide one each sentence is one line.
+    paragraph_end = {
+        "rebuild": "meanwhile; an interrupted rebuild leaves them untouched.",
+        "sweep": "Safe while workers run; each event takes effect once.",
+    }[command]
+    assert paragraph_end in result.stdout, result.stdout
+
+
+def test_every_command_takes_a_data_dir() -> None:
+    group = typer.main.get_command(app)
+    commands = getattr(group, "commands", {})
+    assert commands
+    lacking = []
+    for name, command in commands.items():
+        subcommands = getattr(command, "commands", None)
+        for sub_name, sub in (subcommands or {name: command}).items():
+            if not any("--data-dir" in p.opts for p in sub.params):
+                lacking.append(sub_name if subcommands is None else f"{name} {sub_name}")
+    assert lacking == []

@@ -1,0 +1,147 @@
+"""A connection lost around a COMMIT: the answer is still the truth.
+
+A proxy (``fault_proxy``) between the write side and PostgreSQL cuts the connection exactly when
+a COMMIT goes out: after the server received it (the write exists, the client cannot know) or
+instead of it (the server rolls back). The write side must find out which before answering, and
+when it cannot (the database stays away), say so: UNAVAILABLE, ``outcome: "unknown"``, and the
+commandId whose retry returns the real result without writing twice.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from uuid import UUID, uuid4
+
+import pytest
+from board_helpers import LANES, bootstrap_board, command_log_count
+from fault_proxy import FaultProxy
+from outage_helpers import CREATE_CARD, card_ids_in_log, card_titles_in_log, start_api_stack
+
+from commands import models as m
+from domain.errors import Unavailable
+from infra.bootstrap import build_write_side
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from board_helpers import Board
+
+    from commands.handlers import AgentWorks
+
+
+@pytest.fixture
+def proxy(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
+    # The proxy reads the protocol: no TLS (the event store's pool takes no sslmode from URLs).
+    monkeypatch.setenv("PGSSLMODE", "disable")
+    running = FaultProxy("127.0.0.1", 5432)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@pytest.fixture
+def through_proxy(database_url: str, proxy: FaultProxy) -> Iterator[AgentWorks]:
+    app = build_write_side(proxy.url_for(database_url), pool_size=2, settle_seconds=5.0)
+    try:
+        yield app
+    finally:
+        app.close()
+
+
+@pytest.fixture
+def proxied_board(through_proxy: AgentWorks) -> Board:
+    return bootstrap_board(through_proxy, lanes=LANES)
+
+
+@pytest.mark.parametrize("command_id", [uuid4(), None], ids=["client id", "server id"])
+def test_commit_that_landed_before_the_connection_broke_answers_its_result(
+    through_proxy: AgentWorks,
+    proxied_board: Board,
+    proxy: FaultProxy,
+    database_url: str,
+    command_id: UUID | None,
+) -> None:
+    title = f"landed-{uuid4().hex[:8]}"
+    proxy.cut_after_commit()
+
+    result = through_proxy.create_card(
+        m.CreateCard(project_id=proxied_board.project_id, title=title, command_id=command_id),
+        proxied_board.owner,
+    )
+
+    assert proxy.cuts == 1
+    assert result.replayed is False
+    assert result.position > 0
+    assert card_titles_in_log(database_url)[title] == 1
+    assert through_proxy.card_at(result.id, proxied_board.owner).title == title
+
+
+def test_commit_that_never_reached_the_server_is_written_once_by_deciding_again(
+    through_proxy: AgentWorks, proxied_board: Board, proxy: FaultProxy, database_url: str
+) -> None:
+    title = f"lost-{uuid4().hex[:8]}"
+    command = m.CreateCard(project_id=proxied_board.project_id, title=title, command_id=uuid4())
+    proxy.cut_before_commit()
+
+    result = through_proxy.create_card(command, proxied_board.owner)
+
+    assert proxy.cuts == 1
+    assert card_titles_in_log(database_url)[title] == 1
+    assert command_log_count(database_url, command.command_id) == 1
+    assert through_proxy.card_at(result.id, proxied_board.owner).title == title
+
+
+def test_outcome_that_cannot_be_learnt_in_time_is_unknown_and_a_retry_with_its_id_answers_it(
+    database_url: str, proxy: FaultProxy
+) -> None:
+    """Over HTTP, with a client that sent no commandId: the answer carries the one to retry
+    with, and the retry returns the card that was written, once."""
+    stack = start_api_stack(
+        proxy.url_for(database_url), settle_seconds=0.5, pool_timeout=0.5, fanout=False
+    )
+    try:
+        token, (project_id,) = stack.boards(1)
+        title = f"unknown-{uuid4().hex[:8]}"
+        card = {"projectId": project_id, "title": title}
+        proxy.cut_after_commit(then_down=True)
+
+        first = stack.post(token, CREATE_CARD, {"input": card})
+
+        assert proxy.cuts == 1
+        assert first.status_code == 503
+        assert int(first.headers["retry-after"]) >= 1
+        (error,) = first.json()["errors"]
+        assert error["extensions"]["code"] == "UNAVAILABLE"
+        assert error["extensions"]["outcome"] == "unknown"
+        retry_with = error["extensions"]["commandId"]
+        assert UUID(retry_with)
+
+        proxy.refuse(False)
+        again = stack.post(token, CREATE_CARD, {"input": {**card, "commandId": retry_with}})
+
+        assert again.status_code == 200, again.text
+        card_id = again.json()["data"]["createCard"]["consistencyToken"].split(":")[1]
+        assert card_titles_in_log(database_url)[title] == 1
+        assert command_log_count(database_url, UUID(retry_with)) == 1
+        assert card_ids_in_log(database_url)[title] == UUID(card_id)
+    finally:
+        stack.close()
+
+
+def test_database_gone_before_the_commit_answers_unavailable_without_unknown(
+    through_proxy: AgentWorks, proxied_board: Board, proxy: FaultProxy, database_url: str
+) -> None:
+    """Nothing was sent to commit, so nothing was written: a plain UNAVAILABLE, no outcome."""
+    title = f"never-{uuid4().hex[:8]}"
+    proxy.refuse(True)
+    proxy.drop_all()
+
+    with pytest.raises(Unavailable) as refused:
+        through_proxy.create_card(
+            m.CreateCard(project_id=proxied_board.project_id, title=title), proxied_board.owner
+        )
+
+    assert refused.value.outcome is None
+    assert card_titles_in_log(database_url)[title] == 0
+    proxy.refuse(False)

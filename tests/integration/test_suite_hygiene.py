@@ -1,0 +1,134 @@
+"""The test suite on a shared PostgreSQL: its own database names, a connection budget it keeps,
+and no database left behind, even when a teardown fails or a session crashes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pg
+import psycopg
+import pytest
+
+TESTS = Path(__file__).resolve().parents[1]
+REPO = TESTS.parent
+
+pytestmark = pytest.mark.slow
+
+
+def run_session(
+    tmp_path: Path, body: str, *, prefix: str, budget: int = 40
+) -> subprocess.CompletedProcess[str]:
+    """Run a pytest session of its own on ``body``, with our fixtures, as CI would."""
+    test_file = tmp_path / "test_child.py"
+    test_file.write_text(textwrap.dedent(body))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWORKS_")}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]),
+        AGENTWORKS_TEST_DB_PREFIX=prefix,
+        AGENTWORKS_TEST_CONNECTION_BUDGET=str(budget),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+         "--rootdir", str(tmp_path), str(test_file)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+
+
+def databases_named(prefix: str) -> list[str]:
+    with pg.admin_connection() as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,)
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+def test_databases_carry_the_configured_prefix_and_this_sessions_pid() -> None:
+    name = pg.random_name("aw_t_")
+
+    assert name.startswith(f"{pg.DB_PREFIX}{pg.SESSION_PID}_t_")
+    assert len(name) < 64  # PostgreSQL's identifier limit
+
+
+def test_a_failed_teardown_leaks_no_database(tmp_path: Path, postgres: None) -> None:
+    prefix = f"awleak{os.getpid()}_"
+    result = run_session(
+        tmp_path,
+        """
+        import pg, pytest
+
+        @pytest.fixture
+        def careless():
+            pg.create_database(pg.random_name("t_"))
+            yield
+            raise RuntimeError("teardown failed before dropping its database")
+
+        def test_uses_it(careless, database_url):
+            assert database_url
+        """,
+        prefix=prefix,
+    )
+
+    assert "teardown failed" in result.stdout, result.stdout
+    assert "a failed teardown left behind, dropped now" in result.stdout, result.stdout
+    assert databases_named(prefix) == []
+
+
+def test_a_session_over_its_connection_budget_fails_and_says_where(
+    tmp_path: Path, postgres: None
+) -> None:
+    prefix = f"awbudget{os.getpid()}_"
+    result = run_session(
+        tmp_path,
+        """
+        import time, psycopg
+
+        def test_holds_five_connections(database_url):
+            conns = [psycopg.connect(database_url) for _ in range(5)]
+            time.sleep(1)
+            for conn in conns:
+                conn.close()
+        """,
+        prefix=prefix,
+        budget=3,
+    )
+
+    assert result.returncode == 1, result.stdout
+    assert "1 passed" in result.stdout
+    assert "peak 5 of a budget of 3" in result.stdout, result.stdout
+    assert f"over it in: {prefix}" in result.stdout
+    assert databases_named(prefix) == []
+
+
+def test_databases_of_a_crashed_session_are_dropped_by_the_next_one(postgres: None) -> None:
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_pid.wait()
+    orphan = f"{pg.DB_PREFIX}{dead_pid.pid}_t_orphan"
+    pg.create_database(orphan)
+    try:
+        dropped = pg.drop_orphans()
+
+        assert orphan in dropped
+        assert databases_named(orphan) == []
+    finally:
+        pg.drop_database(orphan)
+
+
+def test_the_gauge_counts_this_sessions_connections(database_url: str) -> None:
+    gauge = pg.ConnectionGauge(interval=0.02)
+    gauge.start()
+    conns = [psycopg.connect(database_url) for _ in range(3)]
+    try:
+        deadline = time.monotonic() + 10
+        while gauge.peak < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        for conn in conns:
+            conn.close()
+        gauge.stop()
+    assert gauge.peak >= 3
+    assert database_url.rsplit("/", 1)[1] in gauge.peak_at
