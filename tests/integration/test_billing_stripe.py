@@ -13,17 +13,18 @@ from uuid import UUID
 
 import psycopg
 import pytest
+from fanout_helpers import rebuild_differences
 from read_side_helpers import ReadSide, World, llm_call, running_run
 from stripe_fixtures import STRIPE_TEST_KEY, provision_customer, stripe_client, subscribe
 from test_cli import agentworks, assert_one_line_error
 
 from adapters.stripe import StripeBilling
-from commands.billing import Billing, Outcome
-from domain.billing import Invoice, Line, invoice_id_for, invoice_key, next_month
+from commands.billing import Billing, GrantCredit, Outcome
+from commands.handlers import Actor
+from domain.billing import Invoice, InvoiceStatus, Line, invoice_id_for, invoice_key, next_month
 from domain.usage import month_of
-from projections.billing import BillingProjector
-from projections.kanban import KanbanProjector
 from projections.queries import statement
+from projections.registry import all_projectors
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -71,8 +72,8 @@ def lines_of(base: str, invoice_id: str) -> list[Any]:
 
 
 def project_all(side: ReadSide) -> None:
-    side.project(KanbanProjector())
-    side.project(BillingProjector())
+    for projector in all_projectors():
+        side.project(projector)
 
 
 def test_invoice_command_issues_one_invoice_and_a_rerun_creates_nothing(
@@ -341,3 +342,32 @@ def test_the_invoice_request_asks_stripe_to_include_pending_items(localstripe: s
     (params,) = [s["params"] for s in sent if s["what"] == "invoice creation"]
     assert params["pending_invoice_items_behavior"] == "include"
     assert params["metadata"] == {"invoice_key": "k"}
+
+
+def test_credits_and_invoices_rebuild_into_the_same_rows(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    world = side.new_world()
+    usage(side, world)
+    provision_customer(localstripe, world.workspace_id)
+    billing = Billing(side.app)
+    billing.grant_credit(
+        GrantCredit(workspace_id=world.workspace_id, amount="2.00", reason="outage", at=NOW),
+        Actor.service("billing", world.workspace_id),
+    )
+    stripe = StripeBilling(api_key=STRIPE_TEST_KEY, api_base=localstripe)
+    try:
+        issued = billing.invoice(stripe, world.workspace_id, MONTH)
+    finally:
+        stripe.close()
+    assert issued.stripe_invoice_id is not None
+    key = invoice_key(world.workspace_id, MONTH)
+    assert billing.settle(key, issued.stripe_invoice_id, InvoiceStatus.PAID, "evt_1") is True
+    assert billing.settle(key, issued.stripe_invoice_id, InvoiceStatus.PAID, "evt_1") is False
+    project_all(side)
+    with side.pool.connection() as conn:
+        invoiced = statement(conn, world.workspace_id, MONTH)
+        current = statement(conn, world.workspace_id, month_of(NOW))
+    assert (invoiced.invoice_id, invoiced.invoice_status) == (issued.stripe_invoice_id, "paid")
+    assert [line.kind for line in current.lines] == ["credit"]
+    assert rebuild_differences(side.database_url) == {}
