@@ -371,3 +371,37 @@ def test_credits_and_invoices_rebuild_into_the_same_rows(
     assert (invoiced.invoice_id, invoiced.invoice_status) == (issued.stripe_invoice_id, "paid")
     assert [line.kind for line in current.lines] == ["credit"]
     assert rebuild_differences(side.database_url) == {}
+
+
+def test_stripe_refusing_fails_the_workspace_and_a_rerun_after_the_fix_resumes(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    """localstripe refuses (404) to invoice a customer without a subscription: a refusal in the
+    middle of the routine, after the items were created."""
+    world = side.new_world()
+    usage(side, world)
+    client = stripe_client(localstripe)
+    customer = client.v1.customers.create({"metadata": {"workspace_id": str(world.workspace_id)}})
+    environment = env(side.database_url, localstripe)
+    refused = agentworks("invoice", "--month", MONTH, cwd=tmp_path, env=environment)
+    assert refused.returncode == 1
+    (failure,) = [line for line in refused.stderr.splitlines() if line.startswith("workspace ")]
+    assert failure.startswith(f"workspace {world.workspace_id} failed: Stripe invoice creation")
+    assert "HTTP 404" in failure
+    recorded: Invoice = side.app.repository.get(invoice_id_for(world.workspace_id, MONTH))
+    pending = list(client.v1.invoice_items.list({"customer": customer.id}).auto_paging_iter())
+    assert set(recorded.items.values()) == {item.id for item in pending}
+    assert recorded.stripe_invoice_id is None
+
+    # The fix: a card and a subscription. Stripe (and localstripe) sweep the pending items into
+    # the subscription's first invoice; the re-run finds our items there and records that one.
+    token = client.v1.tokens.create(
+        {"card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}}
+    )
+    client.v1.customers.payment_sources.create(customer.id, {"source": token.id})
+    subscribe(localstripe, customer.id)
+    resumed = agentworks("invoice", "--month", MONTH, cwd=tmp_path, env=environment)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    (invoice,) = ours(localstripe)
+    billed = [line for line in lines_of(localstripe, invoice.id) if line.amount]
+    assert [line.metadata["line_key"] for line in billed] == [f"usage:{world.project_id}"]
