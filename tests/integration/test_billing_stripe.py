@@ -19,7 +19,7 @@ from stripe_fixtures import STRIPE_TEST_KEY, provision_customer, stripe_client, 
 from test_cli import agentworks, assert_one_line_error
 
 from adapters.stripe import StripeBilling
-from commands.billing import Billing, GrantCredit, Outcome
+from commands.billing import Billing, GrantCredit, Outcome, fold_month
 from commands.handlers import Actor
 from domain.billing import Invoice, InvoiceStatus, Line, invoice_id_for, invoice_key, next_month
 from domain.usage import month_of
@@ -405,3 +405,26 @@ def test_stripe_refusing_fails_the_workspace_and_a_rerun_after_the_fix_resumes(
     (invoice,) = ours(localstripe)
     billed = [line for line in lines_of(localstripe, invoice.id) if line.amount]
     assert [line.metadata["line_key"] for line in billed] == [f"usage:{world.project_id}"]
+
+
+def test_late_usage_of_a_closed_month_shows_on_the_next_statement_and_reconciles(
+    side: ReadSide,
+) -> None:
+    world = side.new_world()
+    usage(side, world)
+    billing = Billing(side.app)
+    billing.close_month(world.workspace_id, MONTH)
+    run_id = running_run(side, world)
+    llm_call(side, world, run_id, "late", cost=30_000, at=IN_MONTH)
+    project_all(side)
+    with side.pool.connection() as conn:
+        closed = statement(conn, world.workspace_id, MONTH)
+        current = statement(conn, world.workspace_id, month_of(NOW))
+    assert closed.total_micros == 6_000_000
+    (line,) = current.lines
+    assert (line.billed_exact_micros, line.billed_micros) == (150_000, 250_000)
+    assert "includes 0.150000 of late usage" in line.description
+    fold = fold_month(side.app, month_of(NOW))
+    log_lines = fold.lines(world.workspace_id, increment_micros=250_000, project_names=None)
+    assert [(x.key, x.exact_micros) for x in log_lines] == [(f"usage:{world.project_id}", 150_000)]
+    assert "late usage" in log_lines[0].description
