@@ -48,6 +48,7 @@ from typer.exceptions import TyperException
 from adapters.tokens import BOOTSTRAP_WORKSPACE, InvalidKey, issue_token
 from domain.errors import AgentWorksError
 from domain.roles import Role
+from infra import billing_cli
 from infra.logging import configure_logging
 from infra.migrate import MigrationError, discover, ensure_database, migrate
 from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
@@ -861,6 +862,13 @@ def parked_retry_command(
             f"(see '{PROG} parked list')",
             exit_code=EXIT_FAILED,
         )
+
+
+# --- Billing (infra/billing_cli.py) ----------------------------------------------------------
+
+app.command("credit")(billing_cli.credit_command)
+app.command("invoice")(billing_cli.invoice_command)
+app.command("reconcile")(billing_cli.reconcile_command)
 
 
 # --- Entry point -------------------------------------------------------------------------------

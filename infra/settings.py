@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     stripe_api_base: str | None = None
     """Base URL of the Stripe API (a local fake in tests); None means Stripe's own."""
+    stripe_webhook_secret: SecretStr | None = None
+    """Signing secret of the Stripe webhook endpoint (``POST /webhooks/stripe``)."""
 
     # --- behaviour -----------------------------------------------------------------------
     # --- API ---------------------------------------------------------------------------
@@ -201,6 +203,7 @@ class Settings(BaseSettings):
     @field_validator(
         "jwt_secret",
         "stripe_api_key",
+        "stripe_webhook_secret",
         "db_writer_password",
         "db_api_password",
         "db_projector_password",

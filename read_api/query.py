@@ -247,6 +247,7 @@ class Query:
             lines=[
                 StatementLine(
                     project_id=ID(str(line.project_id)),
+                    kind=line.kind,
                     description=line.description,
                     billed_exact=_money(line.billed_exact_micros),
                     billed=_money(line.billed_micros),
@@ -275,7 +276,9 @@ class Query:
             month=month,
             event_log_total=_money(comparison.event_log_total),
             read_model_total=_money(comparison.read_model_total),
-            invoiced_total=None,
+            invoiced_total=(
+                None if comparison.invoiced_total is None else _money(comparison.invoiced_total)
+            ),
             ok=not discrepancies,
             discrepancies=discrepancies,
         )
@@ -342,6 +345,17 @@ def _discrepancies(comparison: eventlog.LedgerComparison) -> list[Discrepancy]:
                         actual=_money(actual),
                     )
                 )
+    for credit in sorted(
+        set(comparison.event_log_credits) | set(comparison.read_model_credits), key=str
+    ):
+        expected = -comparison.event_log_credits.get(credit, 0)
+        actual = -comparison.read_model_credits.get(credit, 0)
+        if actual != expected:
+            found.append(
+                Discrepancy(
+                    kind="credit", key=str(credit), expected=_money(expected), actual=_money(actual)
+                )
+            )
     return found
 
 

@@ -555,7 +555,10 @@ class UsageRow:
 
 @strawberry.type
 class StatementLine:
-    project_id: ID
+    project_id: ID = strawberry.field(
+        description="The project of a usage line; the credit's id on a credit line."
+    )
+    kind: str = strawberry.field(description="usage or credit.")
     description: str
     billed_exact: Money
     billed: Money = strawberry.field(

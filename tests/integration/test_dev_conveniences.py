@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
-import psutil  # type: ignore[import-untyped]
 import pg
+import psutil  # type: ignore[import-untyped]
 import pytest
 from test_dev_command import Agentworks, assert_clean_exit, clean_env, free_port, postgres_processes
 

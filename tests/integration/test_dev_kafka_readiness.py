@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-
-from adapters.kafka_broker import free_port
 from users import user_id
 
+from adapters.kafka_broker import free_port
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
 
 if TYPE_CHECKING:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 from test_dev_command import Agentworks, clean_env, free_port
-
 from users import user_id
 
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
