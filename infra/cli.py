@@ -512,6 +512,18 @@ def status_command() -> None:
     Console().print(table)
 
 
+def _register_groups() -> None:
+    # Imported here, not at the top: the groups' module must not import this one (run as
+    # ``python -m infra.cli`` this module is ``__main__``, and a second copy would not be).
+    from infra.audit_cli import audit_app, replay_app
+
+    app.add_typer(audit_app, name="audit")
+    app.add_typer(replay_app, name="replay")
+
+
+_register_groups()
+
+
 # --- Entry point -------------------------------------------------------------------------------
 
 
