@@ -105,7 +105,9 @@ class TestExport:
         key_file = exported["data_dir"] / DEV_AUDIT_KEY_FILE
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
-    def test_round_trip_verifies_with_the_cli(self, exported: dict[str, Any], tmp_path: Path) -> None:
+    def test_round_trip_verifies_with_the_cli(
+        self, exported: dict[str, Any], tmp_path: Path
+    ) -> None:
         result = agentworks(
             "audit", "verify", str(exported["path"]), "--data-dir", str(exported["data_dir"]),
             cwd=tmp_path,
