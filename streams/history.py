@@ -7,13 +7,22 @@ written at an older ``class_version`` are upcast on the way, exactly as the writ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
-from domain.errors import ValidationFailed
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.utils import get_topic
+
+from domain.card import Card
+from domain.errors import NotFound, ValidationFailed
+from domain.project import Project
 
 if TYPE_CHECKING:
-    from domain.card import Card
+    from eventsourcing.persistence import Mapper
+    from psycopg import Connection
+
     from streams.envelope import EventEnvelope
 
 
@@ -59,3 +68,215 @@ def history_event(envelope: EventEnvelope) -> dict[str, Any]:
         "position": str(envelope.position),
         "data": envelope.payload,
     }
+
+
+# -- boards ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaneAt:
+    name: str
+    wip_limit: int | None
+    cards: list[dict[str, Any]]
+    """Live cards in board order (position, then id), each as :func:`card_state`."""
+
+    @property
+    def count(self) -> int:
+        return len(self.cards)
+
+
+@dataclass(frozen=True)
+class BoardAt:
+    """A board as it was at ``as_of``: what the Kanban read model showed right after the last
+    write before that instant (lanes, WIP limits, counts, cards in order, the board version)."""
+
+    project_id: UUID
+    workspace_id: UUID
+    as_of: datetime
+    version: int
+    lanes: list[LaneAt]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "projectId": str(self.project_id),
+            "asOf": self.as_of.isoformat(),
+            "version": self.version,
+            "lanes": [
+                {"name": lane.name, "wipLimit": lane.wip_limit, "count": lane.count,
+                 "cards": lane.cards}
+                for lane in self.lanes
+            ],
+        }  # fmt: skip
+
+
+#: Project events that only say where a card sits; the cards themselves say it too, so the
+#: board's lanes are folded without them (a busy board has one per move).
+_BOARD_ONLY = (Project.CardMoved, Project.CardLifted)
+_LANE_SETTING = (Card.Created, Card.Moved, Card.Restored)
+
+
+def board_as_of(
+    conn: Connection[Any], mapper: Mapper[UUID], *, project_id: UUID, as_of: datetime
+) -> BoardAt:
+    """The board of ``project_id`` at ``as_of``, folded from the event store.
+
+    Lanes come from the project's own events (not its per-move placements); the cards from
+    each card's latest snapshot at or before ``as_of`` plus the events after it, in one query
+    for all cards. An aggregate's event times rise with its versions (each is decided after
+    the one before was stored), which lets the board's version be found by bisection.
+    Raises NotFound when the project does not exist, :class:`NotYet` when it did not yet.
+    """
+    excluded = [get_topic(cls) for cls in _BOARD_ONLY]
+    rows = conn.execute(
+        "SELECT notification_id, originator_id, originator_version, topic, state"
+        " FROM agentworks_events WHERE originator_id = %s AND topic <> ALL(%s)"
+        " ORDER BY originator_version",
+        (project_id, excluded),
+    ).fetchall()
+    events = [(int(_col(r, 0)), _domain_event(mapper, r)) for r in rows]
+    if not events or not isinstance(events[0][1], Project.Created):
+        raise NotFound(f"project {project_id} does not exist")
+    if events[0][1].timestamp > as_of:
+        raise NotYet(f"project {project_id} did not exist at {as_of.isoformat()}")
+    project: Any = events[0][1].mutate(None)
+    renames: list[tuple[int, str, str]] = []
+    card_ids: dict[UUID, None] = {}
+    known_before, known_after = 1, None
+    for position, event in events[1:]:
+        if event.timestamp > as_of:
+            known_after = event.originator_version if known_after is None else known_after
+            continue
+        known_before = event.originator_version
+        event.apply(project)
+        if isinstance(event, Project.LaneRenamed):
+            renames.append((position, event.lane, event.name))
+        elif isinstance(event, Project.CardPlaced):
+            card_ids[event.card_id] = None
+    version = _version_at(conn, mapper, project_id, as_of, low=known_before, high=known_after)
+    cards = _cards_at(conn, mapper, list(card_ids), as_of)
+    by_lane: dict[str, list[dict[str, Any]]] = {spec.name: [] for spec in project.lanes}
+    for card, lane_set_at in cards:
+        if card.archived:
+            continue
+        state = card_state(card)
+        lane = card.lane
+        for position, old, new in renames:
+            if position > lane_set_at and lane == old:
+                lane = new
+        state["lane"] = lane
+        by_lane.setdefault(lane, []).append(state)
+    lanes = [
+        LaneAt(
+            name=spec.name,
+            wip_limit=spec.wip_limit,
+            cards=sorted(by_lane[spec.name], key=lambda c: (c["position"], UUID(c["id"]))),
+        )
+        for spec in project.lanes
+    ]
+    return BoardAt(
+        project_id=project_id,
+        workspace_id=project.workspace_id,
+        as_of=as_of,
+        version=version,
+        lanes=lanes,
+    )
+
+
+class NotYet(NotFound):
+    """The thing asked about exists, but not yet at the instant asked about."""
+
+
+def _col(row: Any, index: int) -> Any:
+    return row[index] if isinstance(row, tuple | list) else list(row.values())[index]
+
+
+def _domain_event(mapper: Mapper[UUID], row: Any) -> Any:
+    """A row ``(position, originator id, version, topic, state)`` as its domain event."""
+    return mapper.to_domain_event(
+        StoredEvent(
+            originator_id=_col(row, 1),
+            originator_version=int(_col(row, 2)),
+            topic=str(_col(row, 3)),
+            state=bytes(_col(row, 4)),
+        )
+    )
+
+
+def _version_at(
+    conn: Connection[Any],
+    mapper: Mapper[UUID],
+    aggregate_id: UUID,
+    as_of: datetime,
+    *,
+    low: int,
+    high: int | None,
+) -> int:
+    """The last version of an aggregate stored at or before ``as_of``, knowing that version
+    ``low`` was and version ``high`` (if any) was not."""
+    if high is None:
+        top = conn.execute(
+            "SELECT max(originator_version) FROM agentworks_events WHERE originator_id = %s",
+            (aggregate_id,),
+        ).fetchone()
+        high = int(_col(top, 0)) + 1
+    while high - low > 1:
+        middle = (low + high) // 2
+        row = conn.execute(
+            "SELECT notification_id, originator_id, originator_version, topic, state"
+            " FROM agentworks_events WHERE originator_id = %s AND originator_version = %s",
+            (aggregate_id, middle),
+        ).fetchone()
+        if _domain_event(mapper, row).timestamp <= as_of:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _cards_at(
+    conn: Connection[Any], mapper: Mapper[UUID], card_ids: list[UUID], as_of: datetime
+) -> list[tuple[Card, int]]:
+    """Each card as of ``as_of`` (those that existed), with the log position of the event that
+    last set its lane (0 when that is before the snapshot it was folded from)."""
+    if not card_ids:
+        return []
+    base: dict[UUID, Any] = {}
+    bound: dict[UUID, int] = {}
+    for row in conn.execute(
+        "SELECT 0, originator_id, originator_version, topic, state FROM agentworks_snapshots"
+        " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version",
+        (card_ids,),
+    ).fetchall():
+        snapshot = _domain_event(mapper, row)
+        if snapshot.timestamp <= as_of:
+            base[snapshot.originator_id] = snapshot
+        elif snapshot.originator_id not in bound:
+            bound[snapshot.originator_id] = snapshot.originator_version
+    after = [base[c].originator_version if c in base else 0 for c in card_ids]
+    upto = [bound.get(c) for c in card_ids]
+    folded: dict[UUID, tuple[Any, int]] = {
+        c: (base[c].mutate(None), 0) for c in card_ids if c in base
+    }
+    stopped: set[UUID] = set()
+    for row in conn.execute(
+        "SELECT e.notification_id, e.originator_id, e.originator_version, e.topic, e.state"
+        " FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[]) AS r(id, after, upto)"
+        " JOIN agentworks_events AS e ON e.originator_id = r.id"
+        " AND e.originator_version > r.after"
+        " AND (r.upto IS NULL OR e.originator_version <= r.upto)"
+        " ORDER BY e.originator_id, e.originator_version",
+        (card_ids, after, upto),
+    ).fetchall():
+        card_id = _col(row, 1)
+        if card_id in stopped:
+            continue
+        event = _domain_event(mapper, row)
+        if event.timestamp > as_of:
+            stopped.add(card_id)
+            continue
+        aggregate, lane_set_at = folded.get(card_id, (None, 0))
+        aggregate = event.mutate(aggregate)
+        if isinstance(event, _LANE_SETTING):
+            lane_set_at = int(_col(row, 0))
+        folded[card_id] = (aggregate, lane_set_at)
+    return [folded[c] for c in card_ids if c in folded]
