@@ -74,11 +74,23 @@ def history_event(envelope: EventEnvelope) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class CardAt:
+    """A card as it was, and the lane the board showed it in (a lane renamed since the card
+    entered it shows the new name; the card's own events never mention the rename)."""
+
+    card: Card
+    lane: str
+
+    def state(self) -> dict[str, Any]:
+        return card_state(self.card) | {"lane": self.lane}
+
+
+@dataclass(frozen=True)
 class LaneAt:
     name: str
     wip_limit: int | None
-    cards: list[dict[str, Any]]
-    """Live cards in board order (position, then id), each as :func:`card_state`."""
+    cards: list[CardAt]
+    """Live cards in board order (position, then id)."""
 
     @property
     def count(self) -> int:
@@ -103,7 +115,7 @@ class BoardAt:
             "version": self.version,
             "lanes": [
                 {"name": lane.name, "wipLimit": lane.wip_limit, "count": lane.count,
-                 "cards": lane.cards}
+                 "cards": [card.state() for card in lane.cards]}
                 for lane in self.lanes
             ],
         }  # fmt: skip
@@ -154,22 +166,20 @@ def board_as_of(
             card_ids[event.card_id] = None
     version = _version_at(conn, mapper, project_id, as_of, low=known_before, high=known_after)
     cards = _cards_at(conn, mapper, list(card_ids), as_of)
-    by_lane: dict[str, list[dict[str, Any]]] = {spec.name: [] for spec in project.lanes}
+    by_lane: dict[str, list[CardAt]] = {spec.name: [] for spec in project.lanes}
     for card, lane_set_at in cards:
         if card.archived:
             continue
-        state = card_state(card)
         lane = card.lane
         for position, old, new in renames:
             if position > lane_set_at and lane == old:
                 lane = new
-        state["lane"] = lane
-        by_lane.setdefault(lane, []).append(state)
+        by_lane.setdefault(lane, []).append(CardAt(card, lane))
     lanes = [
         LaneAt(
             name=spec.name,
             wip_limit=spec.wip_limit,
-            cards=sorted(by_lane[spec.name], key=lambda c: (c["position"], UUID(c["id"]))),
+            cards=sorted(by_lane[spec.name], key=lambda c: (c.card.position, c.card.id)),
         )
         for spec in project.lanes
     ]
