@@ -337,3 +337,47 @@ def _print_card(result: dict[str, Any]) -> None:
     for key, value in result["state"].items():
         state.add_row(key, "" if value is None else str(value))
     console.print(state)
+
+
+@replay_app.command("board")
+def replay_board_command(
+    project: Annotated[str, typer.Argument(help="Project id.")],
+    as_of: Annotated[str, typer.Option("--as-of", help="The board as of this ISO-8601 time.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """A board as it was at an instant, folded from the event store (not a read model)."""
+    import json
+
+    import psycopg
+
+    from streams.history import NotYet, board_as_of, parse_instant
+
+    project_id = _parse_id(project, "project")
+    instant = parse_instant(as_of, option="--as-of")
+    settings = _settings(data_dir)
+    url = _database_url(settings)
+    with ExitStack() as stack:
+        write = _write_side(settings, url)
+        stack.callback(write.close)
+        conn = stack.enter_context(psycopg.connect(url))
+        try:
+            board = board_as_of(conn, write.mapper, project_id=project_id, as_of=instant)
+        except NotYet as exc:
+            _failed(str(exc))
+    result = board.as_dict()
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    console = Console()
+    for lane in result["lanes"]:
+        limit = "" if lane["wipLimit"] is None else f" / WIP {lane['wipLimit']}"
+        table = Table(title=f"{lane['name']} ({lane['count']}{limit})")
+        table.add_column("card")
+        table.add_column("title")
+        table.add_column("assignee")
+        table.add_column("version", justify="right")
+        for card in lane["cards"]:
+            table.add_row(card["id"], card["title"], card["assignee"] or "", str(card["version"]))
+        console.print(table)
+    console.print(f"board version {result['version']} as of {result['asOf']}")

@@ -24,7 +24,11 @@ def card(write_side: AgentWorks, database_url: str, tmp_path: Path) -> dict[str,
     (card_id,) = add_cards(write_side, board, 1)
     write_side.move_card(m.MoveCard(card_id=card_id, to_lane="Doing"), board.owner)
     write_side.update_card(m.UpdateCard(card_id=card_id, title="renamed"), board.owner)
-    return {"id": str(card_id), "env": {"AGENTWORKS_DATABASE_URL": database_url}}
+    return {
+        "id": str(card_id),
+        "project": str(board.project_id),
+        "env": {"AGENTWORKS_DATABASE_URL": database_url},
+    }
 
 
 def replay(card: dict[str, Any], tmp_path: Path, *args: str) -> Any:
@@ -84,3 +88,25 @@ def test_bad_input_is_one_line_exit_2(
     card: dict[str, Any], tmp_path: Path, args: tuple[str, ...]
 ) -> None:
     assert_one_line_error(replay(card, tmp_path, *(a.format(card=card["id"]) for a in args)))
+
+
+def test_replay_board_before_and_after_the_move(card: dict[str, Any], tmp_path: Path) -> None:
+    events = json.loads(replay(card, tmp_path, card["id"], "--json").stdout)["events"]
+    created, moved = events[0]["at"], events[1]["at"]
+
+    def board_at(at: str) -> dict[str, Any]:
+        result = agentworks(
+            "replay", "board", card["project"], "--as-of", at, "--json",
+            cwd=tmp_path, env=card["env"],
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return {lane["name"]: [c["id"] for c in lane["cards"]]
+                for lane in json.loads(result.stdout)["lanes"]}  # fmt: skip
+
+    assert board_at(created)["Todo"] == [card["id"]]
+    assert board_at(moved) == {"Todo": [], "Doing": [card["id"]], "Done": []}
+    before = agentworks(
+        "replay", "board", card["project"], "--as-of", "2001-01-01T00:00:00Z",
+        cwd=tmp_path, env=card["env"],
+    )  # fmt: skip
+    assert "did not exist" in assert_one_line_error(before, code=1)
