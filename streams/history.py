@@ -14,6 +14,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic
+from psycopg.rows import tuple_row
 
 from domain.card import Card
 from domain.errors import NotFound, ValidationFailed
@@ -139,13 +140,14 @@ def board_as_of(
     Raises NotFound when the project does not exist, :class:`NotYet` when it did not yet.
     """
     excluded = [get_topic(cls) for cls in _BOARD_ONLY]
-    rows = conn.execute(
+    rows = _rows(
+        conn,
         "SELECT notification_id, originator_id, originator_version, topic, state"
         " FROM agentworks_events WHERE originator_id = %s AND topic <> ALL(%s)"
         " ORDER BY originator_version",
         (project_id, excluded),
-    ).fetchall()
-    events = [(int(_col(r, 0)), _domain_event(mapper, r)) for r in rows]
+    )
+    events = [(int(r[0]), _domain_event(mapper, r)) for r in rows]
     if not events or not isinstance(events[0][1], Project.Created):
         raise NotFound(f"project {project_id} does not exist")
     if events[0][1].timestamp > as_of:
@@ -196,18 +198,14 @@ class NotYet(NotFound):
     """The thing asked about exists, but not yet at the instant asked about."""
 
 
-def _col(row: Any, index: int) -> Any:
-    return row[index] if isinstance(row, tuple | list) else list(row.values())[index]
-
-
 def _domain_event(mapper: Mapper[UUID], row: Any) -> Any:
     """A row ``(position, originator id, version, topic, state)`` as its domain event."""
     return mapper.to_domain_event(
         StoredEvent(
-            originator_id=_col(row, 1),
-            originator_version=int(_col(row, 2)),
-            topic=str(_col(row, 3)),
-            state=bytes(_col(row, 4)),
+            originator_id=row[1],
+            originator_version=int(row[2]),
+            topic=str(row[3]),
+            state=bytes(row[4]),
         )
     )
 
@@ -224,18 +222,20 @@ def _version_at(
     """The last version of an aggregate stored at or before ``as_of``, knowing that version
     ``low`` was and version ``high`` (if any) was not."""
     if high is None:
-        top = conn.execute(
+        ((top,),) = _rows(
+            conn,
             "SELECT max(originator_version) FROM agentworks_events WHERE originator_id = %s",
             (aggregate_id,),
-        ).fetchone()
-        high = int(_col(top, 0)) + 1
+        )
+        high = int(top) + 1
     while high - low > 1:
         middle = (low + high) // 2
-        row = conn.execute(
+        (row,) = _rows(
+            conn,
             "SELECT notification_id, originator_id, originator_version, topic, state"
             " FROM agentworks_events WHERE originator_id = %s AND originator_version = %s",
             (aggregate_id, middle),
-        ).fetchone()
+        )
         if _domain_event(mapper, row).timestamp <= as_of:
             low = middle
         else:
@@ -247,37 +247,75 @@ def _cards_at(
     conn: Connection[Any], mapper: Mapper[UUID], card_ids: list[UUID], as_of: datetime
 ) -> list[tuple[Card, int]]:
     """Each card as of ``as_of`` (those that existed), with the log position of the event that
-    last set its lane (0 when that is before the snapshot it was folded from)."""
+    last set its lane (0 when that is before the snapshot it was folded from).
+
+    With plain JSON states PostgreSQL picks each card's snapshot and drops the events after
+    ``as_of`` (their times are in the state), so only what the fold needs crosses the wire;
+    otherwise every snapshot and event comes back and the times are compared here.
+    """
     if not card_ids:
         return []
+    plain = mapper.cipher is None and mapper.compressor is None
+    if plain:
+        snapshots = _rows(
+            conn,
+            "SELECT DISTINCT ON (originator_id) 0, originator_id, originator_version, topic,"
+            f" state FROM agentworks_snapshots WHERE originator_id = ANY(%s) AND {_AT} <= %s"
+            " ORDER BY originator_id, originator_version DESC",
+            (card_ids, as_of),
+        )
+    else:
+        snapshots = _rows(
+            conn,
+            "SELECT 0, originator_id, originator_version, topic, state FROM agentworks_snapshots"
+            " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version",
+            (card_ids,),
+        )
     base: dict[UUID, Any] = {}
-    bound: dict[UUID, int] = {}
-    for row in conn.execute(
-        "SELECT 0, originator_id, originator_version, topic, state FROM agentworks_snapshots"
-        " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version",
-        (card_ids,),
-    ).fetchall():
+    for row in snapshots:
         snapshot = _domain_event(mapper, row)
         if snapshot.timestamp <= as_of:
             base[snapshot.originator_id] = snapshot
-        elif snapshot.originator_id not in bound:
-            bound[snapshot.originator_id] = snapshot.originator_version
     after = [base[c].originator_version if c in base else 0 for c in card_ids]
-    upto = [bound.get(c) for c in card_ids]
+    # The snapshot after the chosen one was taken after ``as_of``, and so was every event past
+    # its version (each decided after that snapshot was saved): the fold stops there at the
+    # latest. (A snapshot's time is when it was taken, at or after its last event's.)
+    taken: dict[UUID, list[int]] = {}
+    for card_id, version in _rows(
+        conn,
+        "SELECT originator_id, originator_version FROM agentworks_snapshots"
+        " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version",
+        (card_ids,),
+    ):
+        taken.setdefault(card_id, []).append(int(version))
+    upto = [
+        next((v for v in taken.get(c, []) if v > low), None)
+        for c, low in zip(card_ids, after, strict=True)
+    ]
     folded: dict[UUID, tuple[Any, int]] = {
         c: (base[c].mutate(None), 0) for c in card_ids if c in base
     }
-    stopped: set[UUID] = set()
-    for row in conn.execute(
+    # One index range per card (a lateral subquery keeps the planner on the primary key).
+    sql = (
         "SELECT e.notification_id, e.originator_id, e.originator_version, e.topic, e.state"
-        " FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[]) AS r(id, after, upto)"
-        " JOIN agentworks_events AS e ON e.originator_id = r.id"
-        " AND e.originator_version > r.after"
-        " AND (r.upto IS NULL OR e.originator_version <= r.upto)"
-        " ORDER BY e.originator_id, e.originator_version",
-        (card_ids, after, upto),
-    ).fetchall():
-        card_id = _col(row, 1)
+        " FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[]) WITH ORDINALITY"
+        " AS r(id, after, upto, n)"
+        " CROSS JOIN LATERAL (SELECT notification_id, originator_id, originator_version,"
+        " topic, state FROM agentworks_events WHERE originator_id = r.id"
+        " AND originator_version > r.after"
+        " AND (r.upto IS NULL OR originator_version <= r.upto){until}"
+        " ORDER BY originator_version) AS e"
+        " ORDER BY r.n, e.originator_version"
+    )
+    params: tuple[Any, ...] = (card_ids, after, upto)
+    if plain:
+        sql = sql.format(until=f" AND {_AT} <= %s")
+        params = (*params, as_of)
+    else:
+        sql = sql.format(until="")
+    stopped: set[UUID] = set()
+    for row in _rows(conn, sql, params):
+        card_id = row[1]
         if card_id in stopped:
             continue
         event = _domain_event(mapper, row)
@@ -287,6 +325,16 @@ def _cards_at(
         aggregate, lane_set_at = folded.get(card_id, (None, 0))
         aggregate = event.mutate(aggregate)
         if isinstance(event, _LANE_SETTING):
-            lane_set_at = int(_col(row, 0))
+            lane_set_at = int(row[0])
         folded[card_id] = (aggregate, lane_set_at)
     return [folded[c] for c in card_ids if c in folded]
+
+
+#: An event's or snapshot's time, read by PostgreSQL from a plain JSON state.
+_AT = "(convert_from(state, 'UTF8')::json #>> '{timestamp,_data_}')::timestamptz"
+
+
+def _rows(conn: Connection[Any], sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    with conn.cursor(row_factory=tuple_row, binary=True) as cur:
+        cur.execute(sql, params)
+        return cur.fetchall()
