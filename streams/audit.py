@@ -69,8 +69,9 @@ def signed_part(*, count: int, head_hash: str, key: str) -> bytes:
     return canonical_json({"count": count, "headHash": head_hash, "keyId": key}).encode("utf-8")
 
 
-def event_line(envelope: EventEnvelope, prev_hash: str) -> dict[str, Any]:
-    line: dict[str, Any] = {
+def event_line(envelope: EventEnvelope, prev_hash: str) -> tuple[str, str]:
+    """An event's line (canonical JSON) and its hash."""
+    content = {
         "position": envelope.position,
         "originatorId": str(envelope.originator_id),
         "version": envelope.originator_version,
@@ -80,8 +81,14 @@ def event_line(envelope: EventEnvelope, prev_hash: str) -> dict[str, Any]:
         "data": envelope.payload,
         "prevHash": prev_hash,
     }
-    line["hash"] = line_hash(line)
-    return line
+    body = canonical_json(content)
+    digest = hashlib.sha256(prev_hash.encode("ascii"))
+    digest.update(body.encode("utf-8"))
+    line_hash_ = digest.hexdigest()
+    # Keys are sorted: "hash" goes right before the top-level "originatorId", which is the last
+    # occurrence of that key (only ids, numbers, hex and type names follow "data").
+    cut = body.rindex(',"originatorId":')
+    return f'{body[:cut]},"hash":"{line_hash_}"{body[cut:]}', line_hash_
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -145,10 +152,9 @@ def export_lines(
             until is not None and envelope.timestamp >= until
         ):
             continue
-        line = event_line(envelope, prev)
-        prev = line["hash"]
+        text, prev = event_line(envelope, prev)
         count += 1
-        yield canonical_json(line)
+        yield text
     signature = signer.sign(signed_part(count=count, head_hash=prev, key=signer.key_id))
     yield canonical_json(
         {"count": count, "headHash": prev, "keyId": signer.key_id, "signature": signature}

@@ -309,7 +309,7 @@ def _cards_at(
     )
     params: tuple[Any, ...] = (card_ids, after, upto)
     if plain:
-        sql = sql.format(until=f" AND {_AT} <= %s")
+        sql = sql.format(until=f" AND coalesce({_STAMPED} <= %s, true)")
         params = (*params, as_of)
     else:
         sql = sql.format(until="")
@@ -332,6 +332,16 @@ def _cards_at(
 
 #: An event's or snapshot's time, read by PostgreSQL from a plain JSON state.
 _AT = "(convert_from(state, 'UTF8')::json #>> '{timestamp,_data_}')::timestamptz"
+
+#: The same, cheaply, where the state starts as the library's JSON transcoder writes events
+#: (:data:`_STAMP_PREFIX`, then the ISO time);
+#: NULL for any other start, which the caller treats as "maybe": a filter, never a verdict.
+_STAMP_PREFIX = b'{"timestamp":{"_type_":"datetime_iso","_data_":"'
+_STAMPED = (
+    f"CASE WHEN substring(state from 1 for {len(_STAMP_PREFIX)})"
+    f" = '\\x{_STAMP_PREFIX.hex()}'::bytea THEN split_part(encode(substring(state from"
+    f" {len(_STAMP_PREFIX) + 1} for 40), 'escape'), '\"', 1)::timestamptz END"
+)
 
 
 def _rows(conn: Connection[Any], sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
