@@ -172,6 +172,10 @@ def board_as_of(
     for card, lane_set_at in cards:
         if card.archived:
             continue
+        if lane_set_at == 0 and any(old == card.lane for _, old, _ in renames):
+            # Folded from a snapshot that hides when the card entered its lane, and a lane of
+            # that name was renamed: fold this card from its start to know which lane it was.
+            ((card, lane_set_at),) = _cards_at(conn, mapper, [card.id], as_of, snapshots=False)
         lane = card.lane
         for position, old, new in renames:
             if position > lane_set_at and lane == old:
@@ -244,7 +248,12 @@ def _version_at(
 
 
 def _cards_at(
-    conn: Connection[Any], mapper: Mapper[UUID], card_ids: list[UUID], as_of: datetime
+    conn: Connection[Any],
+    mapper: Mapper[UUID],
+    card_ids: list[UUID],
+    as_of: datetime,
+    *,
+    snapshots: bool = True,
 ) -> list[tuple[Card, int]]:
     """Each card as of ``as_of`` (those that existed), with the log position of the event that
     last set its lane (0 when that is before the snapshot it was folded from).
@@ -256,8 +265,10 @@ def _cards_at(
     if not card_ids:
         return []
     plain = mapper.cipher is None and mapper.compressor is None
-    if plain:
-        snapshots = _rows(
+    if not snapshots:
+        taken_rows: list[tuple[Any, ...]] = []
+    elif plain:
+        taken_rows = _rows(
             conn,
             "SELECT DISTINCT ON (originator_id) 0, originator_id, originator_version, topic,"
             f" state FROM agentworks_snapshots WHERE originator_id = ANY(%s) AND {_AT} <= %s"
@@ -265,14 +276,14 @@ def _cards_at(
             (card_ids, as_of),
         )
     else:
-        snapshots = _rows(
+        taken_rows = _rows(
             conn,
             "SELECT 0, originator_id, originator_version, topic, state FROM agentworks_snapshots"
             " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version",
             (card_ids,),
         )
     base: dict[UUID, Any] = {}
-    for row in snapshots:
+    for row in taken_rows:
         snapshot = _domain_event(mapper, row)
         if snapshot.timestamp <= as_of:
             base[snapshot.originator_id] = snapshot
@@ -285,7 +296,7 @@ def _cards_at(
         conn,
         "SELECT originator_id, originator_version FROM agentworks_snapshots"
         " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version",
-        (card_ids,),
+        (card_ids if snapshots else [],),
     ):
         taken.setdefault(card_id, []).append(int(version))
     upto = [

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from commands.handlers import AgentWorks
 
 
+# Each test runs the CLI as separate processes (several seconds each on this machine).
+pytestmark = pytest.mark.slow
+
+
 def _activity(app: AgentWorks, board: Board) -> list[Any]:
     cards = add_cards(app, board, 3)
     app.move_card(m.MoveCard(card_id=cards[0], to_lane="Doing"), board.owner)

@@ -176,6 +176,17 @@ def test_board_as_of_each_write_equals_the_read_model_right_after_it(
         captured.append((instant, read_model_board(side, world.project_id)))
     for instant, shown in captured:
         assert folded_board(side, world.project_id, instant) == shown, instant
+        # Each card at the version the read model showed is the history's state at that version
+        # (the cardHistory path: the repository, from snapshots); lanes renamed since the card
+        # entered them are the board's business, not the card's.
+        for lane in shown["lanes"]:
+            for card in lane["cards"]:
+                then = card_state(
+                    side.app.card_at(UUID(card["id"]), world.owner, version=card["version"])
+                )
+                expected = card | {"createdAt": then["createdAt"], "updatedAt": then["updatedAt"]}
+                assert then | {"lane": card["lane"]} == expected
+                assert datetime.fromisoformat(then["updatedAt"]) == card["updatedAt"]
 
 
 def test_a_card_with_snapshots_is_folded_from_the_right_one(side: ReadSide) -> None:
@@ -211,3 +222,22 @@ def test_before_the_project_existed_is_not_yet(side: ReadSide) -> None:
             project_id=world.project_id,
             as_of=created - timedelta(days=1),
         )
+
+
+def test_a_snapshot_folded_card_in_a_reused_lane_name_stays_in_its_lane(side: ReadSide) -> None:
+    world = side.new_world()
+    app, actor, project = side.app, world.owner, world.project_id
+    old_todo = app.create_card(m.CreateCard(project_id=project, title="old", lane="Todo"), actor)
+    app.rename_lane(m.RenameLane(project_id=project, lane="Todo", name="Later"), actor)
+    app.add_lane(m.AddLane(project_id=project, name="Todo"), actor)
+    card_id = app.create_card(m.CreateCard(project_id=project, title="new", lane="Todo"), actor).id
+    for i in range(120):  # a snapshot at version 100 hides when the card entered "Todo"
+        app.update_card(m.UpdateCard(card_id=card_id, title=f"new {i}"), actor)
+    app.update_card(m.UpdateCard(card_id=old_todo.id, title="old, edited"), actor)
+    side.project(KanbanProjector())
+    instant = max(e.timestamp for e in side.envelopes()[-3:])
+    board = folded_board(side, project, instant)
+    assert board == read_model_board(side, project)
+    lanes = {lane["name"]: [c["title"] for c in lane["cards"]] for lane in board["lanes"]}
+    assert lanes["Todo"] == ["new 119"]
+    assert lanes["Later"] == ["old, edited"]

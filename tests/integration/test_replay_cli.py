@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from commands.handlers import AgentWorks
 
 
+# Each test runs the CLI as separate processes (several seconds each on this machine).
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture
 def card(write_side: AgentWorks, database_url: str, tmp_path: Path) -> dict[str, Any]:
     board = bootstrap_board(write_side)
