@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from e2e_stack import Stack
@@ -20,10 +20,10 @@ PAGE = (
 )
 
 
-def _titles(board: dict[str, object]) -> dict[str, list[str]]:
+def _titles(board: dict[str, Any]) -> dict[str, list[str]]:
     return {
-        lane["name"]: [e["node"]["title"] for e in lane["cards"]["edges"]]  # type: ignore[index]
-        for lane in board["lanes"]  # type: ignore[attr-defined]
+        lane["name"]: [e["node"]["title"] for e in lane["cards"]["edges"]]
+        for lane in board["lanes"]
     }
 
 
@@ -55,7 +55,8 @@ def test_board_as_of_shows_the_board_then_and_now(stack: Stack) -> None:
     assert now == live
     assert at_then["version"] < live["version"]
 
-    pages, after = [], None
+    pages: list[str] = []
+    after: str | None = None
     while True:
         lanes = alice.data(PAGE, {"id": pid, "at": then.isoformat(), "after": after})["board"][
             "lanes"

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from commands import models as m
 from domain.errors import AgentWorksError
+from domain.project import Project
 from projections.kanban import KanbanProjector
 from streams.history import NotYet, board_as_of, card_state
 
@@ -41,7 +42,8 @@ board_operations = st.one_of(
 def _send(side: ReadSide, world: World, cards: list[UUID], op: tuple[Any, ...]) -> bool:
     """Run one operation; False when the rules refused it (nothing written)."""
     app, actor, project = side.app, world.owner, world.project_id
-    lanes = [lane.name for lane in app.repository.get(project).lanes]
+    board: Project = app.repository.get(project)
+    lanes = [lane.name for lane in board.lanes]
     pick = cards[op[1] % len(cards)] if cards and isinstance(op[1], int) else None
     kind = op[0]
     try:
