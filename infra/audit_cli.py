@@ -39,10 +39,19 @@ if TYPE_CHECKING:
 PROG = "agentworks"
 EXIT_FAILED = 1
 
-audit_app = typer.Typer(
-    help="Signed, verifiable exports of a workspace's events.", no_args_is_help=True
-)
-replay_app = typer.Typer(help="Cards as they were, from the event store.", no_args_is_help=True)
+audit_app = typer.Typer(help="Signed, verifiable exports of a workspace's events.")
+replay_app = typer.Typer(help="Cards and boards as they were, from the event store.")
+
+
+@audit_app.callback(invoke_without_command=True)
+@replay_app.callback(invoke_without_command=True)
+def _group(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        group = ctx.command
+        names = group.list_commands(ctx) if isinstance(group, typer.core.TyperGroup) else []
+        raise ValidationFailed(
+            f"missing command, one of: {', '.join(names)} (see '{ctx.command_path} --help')"
+        )
 
 DataDir = Annotated[
     Path | None,

@@ -114,3 +114,8 @@ def test_replay_board_before_and_after_the_move(card: dict[str, Any], tmp_path: 
         cwd=tmp_path, env=card["env"],
     )  # fmt: skip
     assert "did not exist" in assert_one_line_error(before, code=1)
+
+
+@pytest.mark.parametrize("group", ["replay", "audit"])
+def test_a_group_without_its_command_is_one_line_exit_2(group: str, tmp_path: Path) -> None:
+    assert "missing command" in assert_one_line_error(agentworks(group, cwd=tmp_path))
