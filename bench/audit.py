@@ -1,8 +1,9 @@
 """Audit and time travel: a board as of any instant, and the signed export.
 
 ``python -m bench.audit [--cards 200] [--events 1000] [--samples 200]`` creates its own database,
-gives one board ``--cards`` cards of ``--events`` events each (edits, and every 100th a move, so
-the project records the moves too), rebuilds the Kanban read model, then times:
+gives one board ``--cards`` cards of ``--events`` events each (edits saved ``--batch`` at a time,
+round-robin over the cards, and a move every 100 events, which the project records too), rebuilds
+the Kanban read model, then times:
 
 * ``board_as_of`` at random instants across the whole history (p50/p99), next to reading the live
   board from the read model (lanes and their cards, what the ``board`` query reads);
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--cards", type=int, default=200)
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=10, help="edits per save")
     parser.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--json", default="bench/results/audit.json")
     args = parser.parse_args()
@@ -96,15 +98,17 @@ def main() -> None:
                 for i in range(args.cards)
             ]
             first_instant = datetime.now().astimezone()
-            # Round-robin over cards, so every instant finds every card mid-history.
-            for rnd in range(max(1, args.events // 100)):
+            # Round-robin over cards in saves of --batch edits (and a move every 100 events),
+            # so a random instant finds every card part way between two snapshots.
+            for rnd in range(max(1, args.events // args.batch)):
                 for n, card_id in enumerate(cards):
                     card: Card = app.repository.get(card_id)
-                    for i in range(99):
+                    for i in range(args.batch):
                         card.edit(title=f"c{n} r{rnd} e{i}", description=None, meta=meta)
                     app.save(card)  # takes the snapshots due at multiples of 100
-                    lane = LANES[(rnd + n + 1) % len(LANES)]
-                    app.move_card(m.MoveCard(card_id=card_id, to_lane=lane), actor)
+                    if (rnd + 1) * args.batch % 100 == 0:
+                        lane = LANES[(rnd + n + 1) % len(LANES)]
+                        app.move_card(m.MoveCard(card_id=card_id, to_lane=lane), actor)
             last_instant = datetime.now().astimezone()
             written = time.perf_counter() - started
             log = EventLog(app.recorder, app.mapper)  # type: ignore[arg-type]
@@ -184,6 +188,7 @@ def main() -> None:
         "events_per_card": args.events,
         "log_events": head,
         "samples": args.samples,
+        "edits_per_save": args.batch,
         "write_seconds": round(written, 1),
         "history_span_seconds": round(span, 1),
         "kanban_rebuild_seconds": round(rebuild_seconds, 1),
