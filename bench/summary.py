@@ -362,6 +362,7 @@ def graphql_rows() -> list[Row]:
 
 HISTORY = "history.json"
 RECOVERY = "recovery.json"
+AUDIT = "audit.json"
 
 
 def busy_over_run(prov: dict[str, Any] | None) -> str:
@@ -474,12 +475,43 @@ def recovery_rows() -> list[Row]:
     ]
 
 
+def audit_rows() -> list[Row]:
+    run = load(AUDIT)
+    then, live = run["board_as_of_ms"], run["live_board_ms"]
+    export, copy = run["export"], run["bare_copy"]
+    cite = (
+        f"{file_ref(AUDIT)} · commit and date not recorded by the script · 1 round of "
+        f"{run['samples']} samples (fewer than 3), no spread · "
+        f"{loadavg(run['load_average']['before'])}"
+    )
+    return [
+        Row(
+            f"board as of an instant, {run['cards']} cards {TIMES} {n(run['events_per_card'])} "
+            "events, p99 ≤ 100 ms",
+            f"p50 {ms(then['p50'])}, p99 {ms(then['p99'])}",
+            f"live board from the read model: p50 {ms(live['p50'])}, p99 {ms(live['p99'])}",
+            "yes" if then["p99"] <= 100 else "no",
+            cite,
+        ),
+        Row(
+            "audit export throughput (no budget; next to a bare COPY of the same rows)",
+            f"{n(export['events_per_second'])} events/s ({n(export['events'])} events, hash "
+            "chain and signature)",
+            f"bare `COPY` of the same rows: {n(copy['events_per_second'])} events/s "
+            f"({x(export['events_per_second'] / copy['events_per_second'])})",
+            "—",
+            cite,
+        ),
+    ]
+
+
 ROWS: tuple[Callable[[], list[Row]], ...] = (
     append_rows,
     freshness_rows,
     rebuild_rows,
     graphql_rows,
     history_rows,
+    audit_rows,
     reconcile_rows,
     recovery_rows,
 )

@@ -871,6 +871,18 @@ app.command("invoice")(billing_cli.invoice_command)
 app.command("reconcile")(billing_cli.reconcile_command)
 
 
+def _register_groups() -> None:
+    # Imported here, not at the top: the groups' module must not import this one (run as
+    # ``python -m infra.cli`` this module is ``__main__``, and a second copy would not be).
+    from infra.audit_cli import audit_app, replay_app
+
+    app.add_typer(audit_app, name="audit")
+    app.add_typer(replay_app, name="replay")
+
+
+_register_groups()
+
+
 # --- Entry point -------------------------------------------------------------------------------
 
 

@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     stripe_webhook_secret: SecretStr | None = None
     """Signing secret of the Stripe webhook endpoint (``POST /webhooks/stripe``)."""
 
+    # --- audit -------------------------------------------------------------------------
+    audit_signing_key: SecretStr | None = None
+    """Ed25519 private key (PEM) that signs audit exports; None: the dev key in ``data_dir``
+    (refused in ``prod``)."""
+
     # --- behaviour -----------------------------------------------------------------------
     # --- API ---------------------------------------------------------------------------
     api_pool_size: int = Field(default=20, ge=1)
@@ -221,6 +226,13 @@ class Settings(BaseSettings):
     @field_validator("jwt_private_key")
     @classmethod
     def _private_pem(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value().strip() == "":
+            return None
+        return SecretStr(_unescape_pem(value.get_secret_value()))
+
+    @field_validator("audit_signing_key")
+    @classmethod
+    def _audit_pem(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or value.get_secret_value().strip() == "":
             return None
         return SecretStr(_unescape_pem(value.get_secret_value()))

@@ -68,17 +68,24 @@ def card_events(
     conn: Connection[DictRow], mapper: Mapper[UUID], *, card_id: UUID, workspace_id: UUID
 ) -> list[EventEnvelope]:
     """Every event of a card of ``workspace_id``, in version order; NotFound for anything else."""
+    envelopes = card_log(conn, mapper, card_id=card_id)
+    if envelopes[0].workspace_id != workspace_id:
+        raise NotFound(f"card {card_id} does not exist")
+    return envelopes
+
+
+def card_log(
+    conn: Connection[DictRow], mapper: Mapper[UUID], *, card_id: UUID
+) -> list[EventEnvelope]:
+    """Every event of a card, whatever its workspace (for operators), in version order;
+    NotFound when ``card_id`` is no card."""
     rows = conn.execute(
         "SELECT originator_id, originator_version, topic, state, notification_id"
         " FROM agentworks_events WHERE originator_id = %s ORDER BY originator_version",
         (card_id,),
     ).fetchall()
     envelopes = [_decode(mapper, row) for row in rows]
-    if (
-        not envelopes
-        or envelopes[0].aggregate != _CARD_AGGREGATE
-        or envelopes[0].workspace_id != workspace_id
-    ):
+    if not envelopes or envelopes[0].aggregate != _CARD_AGGREGATE:
         raise NotFound(f"card {card_id} does not exist")
     return envelopes
 

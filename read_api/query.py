@@ -35,6 +35,7 @@ from read_api.types import (
     CardHistory,
     Discrepancy,
     HistoryEvent,
+    Lane,
     LogHit,
     LogLine,
     Project,
@@ -49,6 +50,7 @@ from read_api.types import (
     parse_id,
     parse_month,
 )
+from streams import history
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -102,12 +104,19 @@ class Query:
         row = await scope.loaders.project.load(wanted)
         return None if row is None else Project.from_row(row, scope)
 
-    @strawberry.field
-    async def board(self, info: Info, project_id: ID) -> Board | None:
+    @described.field(
+        "A project's board; with asOf, the board as it was at that instant, folded from the "
+        "event store (null when the project did not exist then)."
+    )
+    async def board(
+        self, info: Info, project_id: ID, as_of: datetime | None = None
+    ) -> Board | None:
         wanted = parse_id(project_id, "projectId")
         scope = _home(info.context)
         if scope is None or not await scope.is_member():
             return None
+        if as_of is not None:
+            return await _board_then(info.context, scope, wanted, as_of)
         row = await scope.loaders.project.load(wanted)
         return None if row is None else Board.from_row(row, scope)
 
@@ -357,6 +366,47 @@ def _discrepancies(comparison: eventlog.LedgerComparison) -> list[Discrepancy]:
                 )
             )
     return found
+
+
+async def _board_then(
+    ctx: RequestContext, scope: ReadScope, project_id: UUID, as_of: datetime
+) -> Board | None:
+    mapper = ctx.runtime.services.write.mapper
+    try:
+        then = await scope.run(
+            lambda conn: history.board_as_of(conn, mapper, project_id=project_id, as_of=as_of)
+        )
+    except NotFound:
+        return None
+    if then.workspace_id != scope.workspace_id:
+        return None
+    every = [card.card for lane in then.lanes for card in lane.cards]
+    costs = await scope.loaders.card_cost_until.load_many([(c.id, c.modified_on) for c in every])
+    cost_of = {card.id: cost for card, cost in zip(every, costs, strict=True)}
+    lanes = []
+    for lane in then.lanes:
+        cards = []
+        for shown in lane.cards:
+            card = _card_from_aggregate(shown.card, scope, cost_of[shown.card.id])
+            card.lane = shown.lane
+            cards.append(card)
+        lanes.append(
+            Lane(
+                name=lane.name,
+                wip_limit=lane.wip_limit,
+                count=lane.count,
+                scope=scope,
+                project_key=project_id,
+                cards_then=cards,
+            )
+        )
+    return Board(
+        project_id=ID(str(project_id)),
+        version=then.version,
+        scope=scope,
+        key=project_id,
+        lanes_then=lanes,
+    )
 
 
 def _card_from_aggregate(card: CardAggregate, scope: ReadScope, cost_micros: int) -> Card:
