@@ -71,12 +71,10 @@ def _settings(data_dir: Path | None) -> Settings:
 
 
 def _database_url(settings: Settings) -> str:
-    if settings.database_url is None:
-        raise ConfigurationError(
-            "AGENTWORKS_DATABASE_URL is not set; point it at the PostgreSQL that holds the "
-            "event store"
-        )
-    return settings.database_url
+    """The configured database, else the data dir's embedded one, as every command resolves it."""
+    from infra.cli import _database_url as resolve  # the CLI registers this module: no cycle
+
+    return resolve(settings)
 
 
 def _failed(message: str) -> NoReturn:

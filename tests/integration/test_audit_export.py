@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import agentworks, assert_one_line_error
+from users import user_id
 
 from adapters.audit_signing import DEV_AUDIT_KEY_FILE, load_public_key, public_pem
 from commands import models as m
@@ -38,7 +39,11 @@ def _activity(app: AgentWorks, board: Board) -> list[Any]:
     cards = add_cards(app, board, 3)
     app.move_card(m.MoveCard(card_id=cards[0], to_lane="Doing"), board.owner)
     app.update_card(m.UpdateCard(card_id=cards[1], title="Ünïcode — title"), board.owner)
-    app.assign_card(m.AssignCard(card_id=cards[2], assignee="bob"), board.owner)
+    bob = user_id("bob")
+    app.add_member(
+        m.AddMember(workspace_id=board.workspace_id, user_id=bob, role="MEMBER"), board.owner
+    )
+    app.assign_card(m.AssignCard(card_id=cards[2], assignee=bob), board.owner)
     return cards
 
 
