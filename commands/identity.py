@@ -72,7 +72,8 @@ class Sealer(Protocol):
 
 
 class AccessTokens(Protocol):
-    ttl_seconds: int
+    @property
+    def ttl_seconds(self) -> int: ...
 
     def issue(self, user_id: UUID) -> str: ...
 

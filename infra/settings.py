@@ -135,6 +135,18 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
+    # --- identity (sign-in for a SPA) -----------------------------------------------------
+    access_token_ttl: int = Field(default=900, ge=30, le=86_400)
+    """Seconds a user access token from ``/auth/login`` or ``/auth/refresh`` lives."""
+    refresh_token_ttl: int = Field(default=2_592_000, ge=300)
+    """Seconds a sign-in session lives, however often it is refreshed (default 30 days)."""
+    totp_encryption_key: SecretStr | None = None
+    """Fernet key sealing TOTP secrets; None: outside production, ``DATA_DIR/totp_key``."""
+    login_rate_per_account: int = Field(default=10, ge=0)
+    """Login attempts per minute per e-mail address; 0 switches the limit off."""
+    login_rate_per_address: int = Field(default=30, ge=0)
+    """Sign-in attempts (login, signup, failed refresh) per minute per client address; 0: off."""
+
     @classmethod
     def load(cls, **overrides: Any) -> Self:
         """Read the environment, apply ``overrides`` (which win), validate.

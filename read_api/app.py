@@ -77,6 +77,7 @@ from read_api.errors import (
     retry_after,
     shape_errors,
 )
+from read_api.identity import add_auth_routes
 from read_api.ratelimit import address_limits, limits_for
 from read_api.runtime import ApiRuntime
 from read_api.schema import build_schema
@@ -127,6 +128,7 @@ def create_app(services: ApiServices) -> FastAPI:
             allow_origins=list(services.cors_origins),
             allow_origin_regex=services.cors_origin_regex,
             allow_methods=["GET", "POST", "OPTIONS"],
+            allow_credentials=True,  # the aw_refresh cookie of /auth/refresh
             allow_headers=[
                 "Authorization",
                 "Content-Type",
@@ -146,6 +148,8 @@ def create_app(services: ApiServices) -> FastAPI:
     app.add_api_route(GRAPHQL_PATH, endpoint.post, methods=["POST"], include_in_schema=False)
     app.add_api_route(GRAPHQL_PATH, endpoint.get, methods=["GET"], include_in_schema=False)
     app.include_router(SubscriptionRouter(runtime, schema))
+    if services.auth is not None:
+        add_auth_routes(app, runtime, services.auth)
 
     health = Health(runtime)
     app.add_api_route("/healthz", health.alive, methods=["GET"], include_in_schema=False)
@@ -237,7 +241,11 @@ class GraphQLEndpoint:
                 limits_for(
                     self.services.rate_limits,
                     user_id=principal.user_id,
-                    workspace_id=None if principal.is_bootstrap else principal.workspace_id,
+                    workspace_id=(
+                        None
+                        if principal.is_bootstrap or principal.is_user
+                        else principal.workspace_id
+                    ),
                 )
             )
             body = await _read_body(request, self.services.max_body_bytes)
@@ -566,7 +574,11 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
                 limits_for(
                     services.rate_limits,
                     user_id=principal.user_id,
-                    workspace_id=None if principal.is_bootstrap else principal.workspace_id,
+                    workspace_id=(
+                        None
+                        if principal.is_bootstrap or principal.is_user
+                        else principal.workspace_id
+                    ),
                 )
             )
         except (Unauthenticated, RateLimited) as error:

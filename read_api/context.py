@@ -104,7 +104,11 @@ class RequestContext(BaseContext):
 
     def scope_for(self, workspace_id: UUID) -> ReadScope:
         """The scope of ``workspace_id`` if the caller may read it, else :class:`NotFound`."""
-        if workspace_id != self.who.workspace_id and workspace_id not in self._granted:
+        if (
+            workspace_id != self.who.workspace_id
+            and workspace_id not in self._granted
+            and not self.who.principal.is_user  # a user token reads where it is a member
+        ):
             raise NotFound(f"workspace {workspace_id} does not exist")
         return self.scope(workspace_id)
 

@@ -60,7 +60,11 @@ if TYPE_CHECKING:
 
 
 def _home(ctx: RequestContext, workspace_id: UUID | None = None) -> ReadScope | None:
-    """The caller's scope, or ``None`` when ``workspace_id`` is not the caller's workspace."""
+    """The caller's scope, or ``None`` when ``workspace_id`` is not the caller's workspace.
+
+    A user token has no home: it reads a named workspace if it is a member (the scope checks)."""
+    if workspace_id is not None and ctx.who.principal.is_user:
+        return ctx.scope(workspace_id)
     scope = ctx.home_scope()
     if scope is None or (workspace_id is not None and workspace_id != scope.workspace_id):
         return None

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from commands.handlers import AgentWorks
     from projections.base import Projector
     from read_api.broadcast import Broadcaster
+    from read_api.identity import AuthSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,3 +132,5 @@ class ApiServices:
     """Active subscriptions one WebSocket connection may hold; more are ``RATE_LIMITED``."""
     max_subscriptions_per_user: int = 100
     """Active subscriptions one user may hold over all connections to this API instance."""
+    auth: AuthSettings | None = None
+    """Sign-in (``/auth/*``); ``None``: this API only accepts tokens issued elsewhere."""

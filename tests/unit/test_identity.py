@@ -75,7 +75,7 @@ def identity(clock: Clock) -> Identity:
 
 def all_events(identity: Identity) -> list[object]:
     recorder = identity.app.recorder
-    return list(recorder.select_notifications(start=1, limit=10_000))  # type: ignore[attr-defined]
+    return list(recorder.select_notifications(start=1, limit=10_000))
 
 
 def test_signup_then_login_with_any_case_of_the_address(identity: Identity) -> None:
