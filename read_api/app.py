@@ -78,6 +78,7 @@ from read_api.errors import (
     shape_errors,
 )
 from read_api.identity import add_auth_routes
+from read_api.me import member_workspace_of
 from read_api.ratelimit import address_limits, limits_for
 from read_api.runtime import ApiRuntime
 from read_api.schema import build_schema
@@ -287,9 +288,12 @@ class GraphQLEndpoint:
         context.request = request
         context.authenticate(principal)
         try:
-            if token is not None and not await self.runtime.waiter.wait_for_token(
-                token, context.who.workspace_id
-            ):
+            waited_in = context.who.workspace_id
+            if token is not None and waited_in is None and principal.is_user:
+                waited_in = await self.runtime.offloader.run(
+                    member_workspace_of, self.services.write, token.aggregate_id, principal.user_id
+                )
+            if token is not None and not await self.runtime.waiter.wait_for_token(token, waited_in):
                 context.stale = True
             result = await self.schema.execute(
                 query,

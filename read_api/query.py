@@ -20,6 +20,7 @@ from projections.billing import UsageDimension
 from read_api import cursors, eventlog
 from read_api import fields as described
 from read_api.context import Info
+from read_api.me import Me, resolve_me
 from read_api.scalars import Money
 from read_api.types import (
     ID,
@@ -88,6 +89,10 @@ async def _card_row_or_none(scope: ReadScope | None, card_id: UUID) -> dict[str,
 
 @strawberry.type
 class Query:
+    @described.field("The signed-in user and the workspaces they belong to.")
+    async def me(self, info: Info) -> Me:
+        return await resolve_me(info)
+
     @strawberry.field
     async def workspace(self, info: Info, id: ID) -> Workspace | None:
         wanted = parse_id(id, "id")

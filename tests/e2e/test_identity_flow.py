@@ -20,6 +20,7 @@ import pytest
 from e2e_stack import Stack, StackBuilder
 
 PASSWORD = "correct horse battery"
+ME = "{ me { id email name mfaEnabled workspaces { id name role } } }"
 
 
 def rfc6238(secret_b32: str, at: float) -> str:
@@ -57,12 +58,14 @@ def error_of(answer: httpx.Response) -> tuple[int, str]:
     return answer.status_code, answer.json()["error"]["code"]
 
 
-def graphql(http: httpx.Client, token: str, query: str, **variables: Any) -> dict[str, Any]:
-    answer = http.post(
-        "/graphql",
-        json={"query": query, "variables": variables},
-        headers={"Authorization": f"Bearer {token}"},
-    )
+def graphql(
+    http: httpx.Client, token: str, query: str, *, after: str | None = None, **variables: Any
+) -> dict[str, Any]:
+    """``after``: a consistencyToken the read must include."""
+    headers = {"Authorization": f"Bearer {token}"}
+    if after is not None:
+        headers["X-Consistency-Token"] = after
+    answer = http.post("/graphql", json={"query": query, "variables": variables}, headers=headers)
     assert answer.status_code == 200, answer.text
     body: dict[str, Any] = answer.json()
     return body
@@ -118,6 +121,37 @@ def test_sign_up_log_in_refresh_reuse_and_log_out(http: httpx.Client) -> None:
     assert "errors" not in project, project
     seen = graphql(http, token, "query($w: ID!) { workspace(id: $w) { name } }", w=workspace_id)
     assert seen["data"]["workspace"] == {"name": "Ada's"}
+
+    # A colleague added by user id acts there at their membership's role, and sees it in `me`.
+    colleague_id = signup(http, "charles@example.com", "Charles")
+    colleague = login(http, "charles@example.com").json()["accessToken"]
+    assert graphql(http, colleague, ME)["data"]["me"]["workspaces"] == []
+    added = graphql(
+        http, token,
+        "mutation($w: ID!, $u: ID!) { addMember(input: {workspaceId: $w, userId: $u,"
+        " role: VIEWER}) { consistencyToken } }",
+        w=workspace_id, u=colleague_id,
+    )  # fmt: skip
+    assert "errors" not in added, added
+    written = added["data"]["addMember"]["consistencyToken"]
+    me = graphql(http, colleague, ME, after=written)["data"]["me"]
+    assert me == {
+        "id": colleague_id, "email": "charles@example.com", "name": "Charles",
+        "mfaEnabled": False,
+        "workspaces": [{"id": workspace_id, "name": "Ada's", "role": "VIEWER"}],
+    }  # fmt: skip
+    refused = graphql(
+        http, colleague,
+        "mutation($w: ID!) { createProject(input: {workspaceId: $w, name: \"Q\","
+        " lanes: [{name: \"Todo\"}]}) { project { id } } }",
+        w=workspace_id,
+    )  # fmt: skip
+    assert refused["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+    stranger = graphql(
+        http, colleague, "query($w: ID!) { workspace(id: $w) { name } }",
+        w="00000000-0000-0000-0000-00000000000f",
+    )  # fmt: skip
+    assert stranger["data"]["workspace"] is None
 
     # Refresh from the body, then from the cookie alone; each spends the token it got.
     second = http.post("/auth/refresh", json={"refreshToken": session["refreshToken"]})
