@@ -34,7 +34,8 @@ _EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
 
 def normalise_email(raw: str) -> str:
     """The address as compared and stored: NFKC, trimmed and case-folded (API.md: addresses
-    compare case-insensitively; case-folding also makes 'µ' and 'Μ' the same letter)."""
+    compare case-insensitively; unlike lower(), case-folding also equates the micro sign with
+    the Greek capital mu)."""
     email = unicodedata.normalize("NFKC", raw).strip().casefold()
     if len(email) > MAX_EMAIL_LENGTH:
         raise ValidationFailed(f"email is {len(email)} characters; at most {MAX_EMAIL_LENGTH}")

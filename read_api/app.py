@@ -57,8 +57,10 @@ from adapters.metrics import HTTP_RESPONSES, Exposition
 from adapters.telemetry import continue_trace, current_traceparent
 from adapters.tokens import Principal
 from domain.errors import RateLimited, Unauthenticated, Unavailable, ValidationFailed
+from read_api.access import api_key_principal, is_api_key
 from read_api.auth import (
     authenticate,
+    bearer_token,
     request_id,
     token_from_connection_params,
     traceparent,
@@ -169,6 +171,9 @@ async def _authenticate(
     """The caller of a request; a request that fails counts against its address's limit, so
     guessing tokens ends in 429s (``RATE_LIMITED``) rather than an endless stream of 401s."""
     try:
+        token = bearer_token(authorization)
+        if token is not None and is_api_key(token):
+            return await runtime.offloader.run(api_key_principal, runtime.services.write, token)
         return authenticate(authorization, runtime.services.jwt)
     except Unauthenticated:
         client = connection.client if connection is not None else None
