@@ -102,6 +102,19 @@ class RequestContext(BaseContext):
         workspace_id = self.who.workspace_id
         return None if workspace_id is None else self.scope(workspace_id)
 
+    async def scope_of(self, aggregate_id: UUID) -> ReadScope | None:
+        """The home scope; for a user token (no home), the scope of the workspace that holds
+        ``aggregate_id`` when the user is a member there, else ``None``."""
+        if not self.who.principal.is_user:
+            return self.home_scope()
+        from read_api.me import member_workspace_of
+
+        workspace_id = await self.runtime.offloader.run(
+            member_workspace_of, self.runtime.services.write, aggregate_id,
+            self.who.principal.user_id,
+        )  # fmt: skip
+        return None if workspace_id is None else self.scope(workspace_id)
+
     def scope_for(self, workspace_id: UUID) -> ReadScope:
         """The scope of ``workspace_id`` if the caller may read it, else :class:`NotFound`."""
         if (

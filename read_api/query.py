@@ -105,7 +105,7 @@ class Query:
     @strawberry.field
     async def project(self, info: Info, id: ID) -> Project | None:
         wanted = parse_id(id, "id")
-        scope = _home(info.context)
+        scope = await info.context.scope_of(wanted)
         if scope is None or not await scope.is_member():
             return None
         row = await scope.loaders.project.load(wanted)
@@ -114,7 +114,7 @@ class Query:
     @strawberry.field
     async def board(self, info: Info, project_id: ID) -> Board | None:
         wanted = parse_id(project_id, "projectId")
-        scope = _home(info.context)
+        scope = await info.context.scope_of(wanted)
         if scope is None or not await scope.is_member():
             return None
         row = await scope.loaders.project.load(wanted)
@@ -123,7 +123,7 @@ class Query:
     @strawberry.field
     async def card(self, info: Info, id: ID) -> Card | None:
         wanted = parse_id(id, "id")
-        scope = _home(info.context)
+        scope = await info.context.scope_of(wanted)
         row = await _card_row_or_none(scope, wanted)
         return None if row is None or scope is None else Card.from_row(row, scope)
 
@@ -137,7 +137,7 @@ class Query:
     ) -> CardHistory:
         ctx = info.context
         wanted = parse_id(card_id, "cardId")
-        scope = _home(ctx)
+        scope = await ctx.scope_of(wanted)
         if scope is None or not await scope.is_member():
             raise NotFound(f"card {wanted} does not exist")
         write = ctx.runtime.services.write
@@ -177,7 +177,7 @@ class Query:
     @strawberry.field
     async def agent_run(self, info: Info, id: ID) -> AgentRun | None:
         wanted = parse_id(id, "id")
-        scope = _home(info.context)
+        scope = await info.context.scope_of(wanted)
         if scope is None or not await scope.is_member():
             return None
         row = await scope.loaders.run.load(wanted)
@@ -189,7 +189,7 @@ class Query:
     ) -> list[LogLine]:
         wanted = parse_id(run_id, "runId")
         size = page_size(first, most=MAX_LOG_PAGE, default=500)
-        scope = _home(info.context)
+        scope = await info.context.scope_of(wanted)
         if scope is None or not await scope.is_member():
             raise NotFound(f"agent run {wanted} does not exist")
         if await scope.loaders.run.load(wanted) is None:

@@ -121,6 +121,20 @@ def test_sign_up_log_in_refresh_reuse_and_log_out(http: httpx.Client) -> None:
     assert "errors" not in project, project
     seen = graphql(http, token, "query($w: ID!) { workspace(id: $w) { name } }", w=workspace_id)
     assert seen["data"]["workspace"] == {"name": "Ada's"}
+    project_id = project["data"]["createProject"]["project"]["id"]
+    assert project["data"]["createProject"]["project"]["workspaceId"] == workspace_id
+    card = graphql(
+        http, token,
+        "mutation($p: ID!) { createCard(input: {projectId: $p, title: \"T\"})"
+        " { card { id lane } } }",
+        p=project_id,
+    )  # fmt: skip
+    assert card["data"]["createCard"]["card"]["lane"] == "Todo", card
+    board = graphql(
+        http, token, "query($p: ID!) { board(projectId: $p) { lanes { name count } } }",
+        p=project_id,
+    )  # fmt: skip
+    assert board["data"]["board"]["lanes"] == [{"name": "Todo", "count": 1}]
 
     # A colleague added by user id acts there at their membership's role, and sees it in `me`.
     colleague_id = signup(http, "charles@example.com", "Charles")
@@ -152,6 +166,12 @@ def test_sign_up_log_in_refresh_reuse_and_log_out(http: httpx.Client) -> None:
         w="00000000-0000-0000-0000-00000000000f",
     )  # fmt: skip
     assert stranger["data"]["workspace"] is None
+    signup(http, "mallory@example.com", "Mallory")  # a user who is no member there
+    mallory = login(http, "mallory@example.com").json()["accessToken"]
+    hidden = graphql(
+        http, mallory, "query($p: ID!) { board(projectId: $p) { version } }", p=project_id
+    )
+    assert hidden["data"]["board"] is None
 
     # Refresh from the body, then from the cookie alone; each spends the token it got.
     second = http.post("/auth/refresh", json={"refreshToken": session["refreshToken"]})
