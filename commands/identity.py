@@ -34,12 +34,14 @@ from domain.errors import (
 from domain.meta import EventMeta
 from domain.user import (
     EmailClaim,
+    OidcLink,
     Session,
     User,
     check_password,
     clean_user_name,
     email_claim_id,
     normalise_email,
+    oidc_link_id,
 )
 
 A = TypeVar("A", bound=Aggregate)
@@ -296,6 +298,57 @@ class Identity:
             return [user], None
 
         self._retrying(str(user_id), correlation_id, decide)
+
+    # -- external identity providers ---------------------------------------------------------
+
+    def external_user(
+        self,
+        *,
+        issuer: str,
+        subject: str,
+        email: str | None,
+        email_verified: bool,
+        name: str | None,
+    ) -> UUID:
+        """The user an identity provider's (issuer, subject) is, provisioned on first use.
+
+        A first sign-in whose address already has an account is linked to it only when the
+        provider says the address is verified; anyone could otherwise claim another's account.
+        """
+        link_id = oidc_link_id(issuer, subject)
+        for _ in range(self.retries + 1):
+            try:
+                return self._get(OidcLink, link_id).user_id
+            except NotFound:
+                pass
+            if email is None:
+                raise Unauthenticated("the provider's token has no email claim to sign up with")
+            address = normalise_email(email)
+            meta = self._meta(f"oidc:{subject}", "")
+            existing = self._user_by_email(address)
+            if existing is not None:
+                if not email_verified:
+                    raise Unauthenticated(
+                        f"{address} already has an account and the provider did not verify it"
+                    )
+                existing.link_oidc_subject(issuer, subject, meta=meta)
+                changed: list[Aggregate] = [existing]
+                user_id = existing.id
+            else:
+                user_id = uuid4()
+                user = User.register(
+                    user_id=user_id, email=address, name=clean_user_name(name or address),
+                    password_hash=None, meta=meta,
+                )  # fmt: skip
+                user.link_oidc_subject(issuer, subject, meta=meta)
+                changed = [user, EmailClaim.claim(email=address, user_id=user_id, meta=meta)]
+            link = OidcLink.link(issuer=issuer, subject=subject, user_id=user_id, meta=meta)
+            try:
+                self._save(*changed, link)
+            except IntegrityError:
+                continue  # a concurrent first sign-in linked it (or took the address): look again
+            return user_id
+        raise Conflict("too many concurrent first sign-ins for this identity; retry")
 
     # -- reading ------------------------------------------------------------------------------
 

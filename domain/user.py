@@ -352,3 +352,38 @@ class Session(IdentityAggregate):
 
     def holds(self, presented_hash: str) -> bool:
         return presented_hash == self.current_hash or presented_hash in self.spent_hashes
+
+
+def oidc_link_id(issuer: str, subject: str) -> UUID:
+    """The id of the link of an identity provider's subject: stable per (issuer, subject)."""
+    return uuid5(_EMAIL_NAMESPACE, f"oidc\n{issuer}\n{subject}")
+
+
+class OidcLink(IdentityAggregate):
+    """Which user an identity provider's (issuer, subject) signs in as. Created once."""
+
+    if TYPE_CHECKING:
+        issuer: str
+        subject: str
+        user_id: UUID
+
+    class Linked(IdentityAggregate.Created):
+        issuer: str
+        subject: str
+        user_id: UUID
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.issuer = self.issuer
+            aggregate.subject = self.subject
+            aggregate.user_id = self.user_id
+
+    @classmethod
+    def link(cls, *, issuer: str, subject: str, user_id: UUID, meta: EventMeta) -> OidcLink:
+        return cls._create(
+            cls.Linked,
+            id=oidc_link_id(issuer, subject),
+            issuer=issuer,
+            subject=subject,
+            user_id=user_id,
+            meta=meta.as_dict(),
+        )

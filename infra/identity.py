@@ -7,12 +7,14 @@ from pathlib import Path
 from uuid import UUID
 
 from adapters.credentials import Argon2Passwords, SecretBox, Totp, dev_totp_key
+from adapters.oidc import OidcVerifier
 from adapters.tokens import issue_user_token
 from commands.handlers import AgentWorks
 from commands.identity import Identity
 from domain.errors import Forbidden, Unavailable
-from infra.settings import JwtKeys, Settings
+from infra.settings import ConfigurationError, JwtKeys, Settings
 from read_api.identity import AuthSettings
+from read_api.oidc import OidcSignIn
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,19 @@ def build_auth(
         login_per_account_per_minute=settings.login_rate_per_account or None,
         login_per_address_per_minute=settings.login_rate_per_address or None,
     )
+
+
+def build_oidc(settings: Settings, identity: Identity) -> OidcSignIn | None:
+    """The OpenID Connect provider of settings; ``None`` when none is configured."""
+    if settings.oidc_issuer is None and settings.oidc_audience is None:
+        return None
+    if settings.oidc_issuer is None or settings.oidc_audience is None:
+        raise ConfigurationError(
+            "set both AGENTWORKS_OIDC_ISSUER and AGENTWORKS_OIDC_AUDIENCE (or neither)"
+        )
+    verifier = OidcVerifier(
+        issuer=settings.oidc_issuer,
+        audience=settings.oidc_audience,
+        jwks_url=settings.oidc_jwks_url,
+    )
+    return OidcSignIn(verifier, identity)

@@ -146,6 +146,12 @@ class Settings(BaseSettings):
     """Login attempts per minute per e-mail address; 0 switches the limit off."""
     login_rate_per_address: int = Field(default=30, ge=0)
     """Sign-in attempts (login, signup, failed refresh) per minute per client address; 0: off."""
+    oidc_issuer: str | None = None
+    """Issuer (``iss``) of an OpenID Connect provider whose tokens act as user tokens."""
+    oidc_audience: str | None = None
+    """Audience (``aud``) those tokens must carry; needed with ``oidc_issuer``."""
+    oidc_jwks_url: str | None = None
+    """JWKS URL of the provider; None: the ``jwks_uri`` of the issuer's discovery document."""
 
     @classmethod
     def load(cls, **overrides: Any) -> Self:

@@ -32,7 +32,7 @@ from adapters.metrics import LagCollector
 from adapters.postgres import API_ROLE, PROJECTOR_ROLE, make_pool
 from adapters.telemetry import configure_tracing
 from infra.bootstrap import ReadSide, build_read_side, build_relay, write_side_from
-from infra.identity import build_auth
+from infra.identity import build_auth, build_oidc
 from infra.migrate import ensure_database, migrate
 from infra.settings import ConfigurationError, Settings, jwt_keys
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
@@ -83,6 +83,7 @@ def api_services(
     data_dir: Path | None = None,
 ) -> ApiServices:
     keys = jwt_keys(settings, data_dir=data_dir)
+    auth = build_auth(settings, write, keys, data_dir)
     hint = _signature_hint(settings, data_dir)
     verification = (
         JwtVerification(public_key=keys.public_key, signature_hint=hint)
@@ -121,7 +122,8 @@ def api_services(
         lag_collector=LagCollector(database_url),
         max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
         max_subscriptions_per_user=settings.max_subscriptions_per_user,
-        auth=build_auth(settings, write, keys, data_dir),
+        auth=auth,
+        oidc=build_oidc(settings, auth.identity),
     )
 
 

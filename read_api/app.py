@@ -172,6 +172,9 @@ async def _authenticate(
     guessing tokens ends in 429s (``RATE_LIMITED``) rather than an endless stream of 401s."""
     try:
         token = bearer_token(authorization)
+        oidc = runtime.services.oidc
+        if token is not None and oidc is not None and oidc.issued_here(token):
+            return await runtime.offloader.run(oidc.principal, token)
         if token is not None and is_api_key(token):
             return await runtime.offloader.run(api_key_principal, runtime.services.write, token)
         return authenticate(authorization, runtime.services.jwt)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from projections.base import Projector
     from read_api.broadcast import Broadcaster
     from read_api.identity import AuthSettings
+    from read_api.oidc import OidcSignIn
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,3 +135,5 @@ class ApiServices:
     """Active subscriptions one user may hold over all connections to this API instance."""
     auth: AuthSettings | None = None
     """Sign-in (``/auth/*``); ``None``: this API only accepts tokens issued elsewhere."""
+    oidc: OidcSignIn | None = None
+    """Tokens of the configured OpenID Connect provider, accepted as user tokens."""

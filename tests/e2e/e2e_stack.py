@@ -23,6 +23,7 @@ from cryptography.fernet import Fernet
 from psycopg.conninfo import make_conninfo
 
 from adapters.credentials import Argon2Passwords, SecretBox, Totp
+from adapters.oidc import OidcVerifier
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
 from commands.handlers import AgentWorks
@@ -35,6 +36,7 @@ from projections.runner import ProjectionRunner
 from read_api.app import create_app
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
 from read_api.identity import AuthSettings
+from read_api.oidc import OidcSignIn
 from read_api.services import ApiServices, JwtVerification, RateLimits, RequestStats
 from read_api.testing import RunningServer, start_in_thread
 from streams.embedded import EmbeddedFanout
@@ -121,6 +123,7 @@ class StackBuilder:
         broadcaster: str = "local",
         secret: str | None = None,
         auth: dict[str, Any] | None = None,
+        oidc: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> Stack:
         """``auth``: serve ``/auth/*`` (``AuthSettings`` fields besides ``identity``, plus
@@ -167,6 +170,8 @@ class StackBuilder:
         }
         if auth is not None:
             options["auth"] = auth_settings(write, secret, namespace, **auth)
+            if oidc is not None:  # OidcVerifier's arguments
+                options["oidc"] = OidcSignIn(OidcVerifier(**oidc), options["auth"].identity)
         services = ApiServices(
             write=write,
             pool=api_pool,
