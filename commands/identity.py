@@ -355,6 +355,10 @@ class Identity:
     def user(self, user_id: UUID) -> UserView:
         return _view(self._user(user_id))
 
+    def user_id_of(self, email: str) -> UUID | None:
+        user = self._user_by_email(normalise_email(email))
+        return None if user is None else user.id
+
     # -- the machinery ------------------------------------------------------------------------
 
     def _second_factor(self, user: User, code: str | None, meta: EventMeta) -> str:
