@@ -69,7 +69,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-DB_ROLE_ENV = "AGENTWORKS_DB_ROLE"
 POOL_TIMEOUT_ENV = "AGENTWORKS_POOL_TIMEOUT"
 """Longest wait for a free connection of the store's pool (seconds, may be fractional)."""
 
@@ -144,8 +143,8 @@ class EventStoreRecorder(PostgresApplicationRecorder):
             "RETURNING pg_current_xact_id()::text AS xid"
         ).format(f"{self.datastore.schema}.{self.events_table_name}")
         self._insert_binary_sql = SQL(
-            "INSERT INTO {0} (originator_id, originator_version, topic, state) "
-            "SELECT * FROM unnest(%b::uuid[], %b::int8[], %b::text[], %b::bytea[]) "
+            "INSERT INTO {0} (originator_id, originator_version, topic, state, workspace_id) "
+            "SELECT * FROM unnest(%b::uuid[], %b::int8[], %b::text[], %b::bytea[], %b::uuid[]) "
             "RETURNING notification_id, transaction_id::text AS transaction_id"
         ).format(table)
         self._notify_sql = SQL("NOTIFY {0}").format(Identifier(self.channel_name))
@@ -172,9 +171,11 @@ class EventStoreRecorder(PostgresApplicationRecorder):
         if not stored_events and command is None:
             return []
         attempt = _Attempt()
+        # Built before the lock is requested: the pipeline may already hold it on the server.
+        columns = _binary_columns(stored_events) if stored_events else None
         with self.datastore.get_connection() as conn:
             try:
-                self._insert_in_transaction(conn, stored_events, command, attempt)
+                self._insert_in_transaction(conn, columns, command, attempt)
             except BaseException as error:
                 if attempt.phase == "committing" and (conn.closed or conn.broken):
                     raise Unavailable(
@@ -204,7 +205,7 @@ class EventStoreRecorder(PostgresApplicationRecorder):
     def _insert_in_transaction(
         self,
         conn: Connection[DictRow],
-        stored_events: Sequence[StoredEvent],
+        columns: tuple[list[Any], ...] | None,
         command: CommandRecord | None,
         attempt: _Attempt,
     ) -> None:
@@ -219,17 +220,17 @@ class EventStoreRecorder(PostgresApplicationRecorder):
                 ):
                     try:
                         other.execute(self._lock_sql, prepare=True)
-                        if stored_events:
+                        if columns is not None:
                             inserts.execute(
                                 self._insert_binary_sql,
-                                _binary_columns(stored_events),
+                                columns,
                                 binary=False,
                                 prepare=True,
                             )
                         other.execute(self._unlock_sql, prepare=True)
                         if command is not None:
                             record.execute(
-                                self._command_sql(with_position=bool(stored_events)),
+                                self._command_sql(with_position=columns is not None),
                                 (
                                     command.scope,
                                     command.command_id,
@@ -241,7 +242,7 @@ class EventStoreRecorder(PostgresApplicationRecorder):
                                 prepare=True,
                             )
                         pipeline.sync()
-                        if stored_events:
+                        if columns is not None:
                             rows = inserts.fetchall()
                             attempt.notification_ids = [r["notification_id"] for r in rows]
                             attempt.transaction_id = str(rows[0]["transaction_id"])
@@ -400,8 +401,8 @@ def _notification(row: Any) -> Notification:
 
 def _binary_columns(
     stored_events: Sequence[StoredEvent],
-) -> tuple[list[UUID], list[int], list[str], list[bytes]]:
-    """The events as four typed arrays: sent in binary, they cost a fraction of composite text."""
+) -> tuple[list[UUID], list[int], list[str], list[bytes], list[UUID | None]]:
+    """The events as typed arrays: sent in binary, they cost a fraction of composite text."""
     return (
         [
             e.originator_id if isinstance(e.originator_id, UUID) else UUID(str(e.originator_id))
@@ -410,7 +411,22 @@ def _binary_columns(
         [e.originator_version for e in stored_events],
         [e.topic for e in stored_events],
         [e.state for e in stored_events],
+        [stored_workspace(e.state) for e in stored_events],
     )
+
+
+def stored_workspace(state: bytes) -> UUID | None:
+    """The workspace named in a stored event's metadata; None when its state names none.
+
+    The events table keeps it in a column of its own, which row-level security compares with
+    the workspace of the API's transaction. A state that is not our JSON (encrypted, compressed,
+    or foreign) names no workspace, so the API never sees it: the safe side.
+    """
+    try:
+        meta = json.loads(state).get("meta")
+        return UUID(meta["workspace_id"]) if isinstance(meta, dict) else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def is_duplicate_command(error: IntegrityError) -> bool:
@@ -418,10 +434,10 @@ def is_duplicate_command(error: IntegrityError) -> bool:
 
 
 class Factory(PostgresFactory):
-    """The library's postgres factory, with our recorder and the application's database role.
+    """The library's postgres factory, with our recorder.
 
-    Connections ``SET ROLE`` to the application role at start-up, so everything the application
-    does runs with that role's privileges: it may INSERT and SELECT events, never UPDATE or DELETE.
+    It logs in as ``POSTGRES_USER``, the component's own role (see ``infra.bootstrap``): the
+    write side's may INSERT and SELECT events, never UPDATE or DELETE them.
     """
 
     def __init__(self, env: Environment | EnvType | None) -> None:
@@ -429,9 +445,6 @@ class Factory(PostgresFactory):
         datastore = self.datastore
         library_pool = datastore.pool
         kwargs = dict(library_pool.kwargs) if isinstance(library_pool.kwargs, dict) else {}
-        role = self.env.get(DB_ROLE_ENV)
-        if role:
-            kwargs["options"] = f"-c role={role}"
         kwargs.setdefault("connect_timeout", CONNECT_TIMEOUT)
         # The library's pool with our lending rules (see adapters.postgres), same sizes.
         timeout = self.env.get(POOL_TIMEOUT_ENV)

@@ -21,7 +21,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from adapters.telemetry import continue_trace, current_traceparent
@@ -104,15 +104,20 @@ class LagCollector(Collector):
             "`agentworks parked retry` (see `agentworks parked list`).",
             labels=["projector"],
         )
+        healed = CounterMetricFamily(
+            "agentworks_projector_healed_events",
+            "Events a projector applied from the store instead of from a delivery (gaps filled "
+            "and sweeps), since its last rebuild: zero while no delivery is lost.",
+            labels=["projector"],
+        )
         try:
             with psycopg.connect(self.database_url, connect_timeout=3) as conn:
-                row = conn.execute(
-                    "SELECT coalesce(max(notification_id), 0) FROM agentworks_events"
-                ).fetchone()
+                # A function: the API's role, under row-level security, sees no event itself.
+                row = conn.execute("SELECT agentworks_log_head()").fetchone()
                 top = int(row[0]) if row else 0
                 relays = conn.execute("SELECT relay, position FROM relay_positions").fetchall()
                 projectors = conn.execute(
-                    "SELECT projector, position, swept_through FROM projection_positions "
+                    "SELECT projector, position, swept_through, healed FROM projection_positions "
                     "WHERE projector NOT LIKE '%#%'"
                 ).fetchall()
                 parked_counts: dict[str, int] = dict(
@@ -126,16 +131,18 @@ class LagCollector(Collector):
         head.add_metric([], top)
         for name, position in relays:
             relay.add_metric([name], top - int(position))
-        for name, position, swept in projectors:
+        for name, position, swept, from_store in projectors:
             projector.add_metric([name], top - int(position))
             unswept.add_metric([name], top - int(swept))
-        for name in sorted({name for name, _, _ in projectors} | set(parked_counts)):
+            healed.add_metric([name], int(from_store))
+        for name in sorted({name for name, *_ in projectors} | set(parked_counts)):
             parked.add_metric([name], int(parked_counts.get(name, 0)))
         yield head
         yield relay
         yield projector
         yield unswept
         yield parked
+        yield healed
 
 
 class Exposition:

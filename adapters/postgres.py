@@ -3,9 +3,13 @@
 Every pool of every process (the event store's, the API's, the projectors') is a
 :class:`ResilientPool`:
 
-* a connection is checked (``ConnectionPool.check_connection``, one empty round trip) before it
-  is lent; a broken one (the server restarted under it) is dropped at once and the next one taken,
-  so the first request after a restart does not fail on a stale connection;
+* a connection that sat idle in the pool for more than :data:`CHECK_IDLE_AFTER` is checked
+  (``ConnectionPool.check_connection``, one empty round trip) before it is lent; a broken one (the
+  server restarted under it) is dropped at once and the next one taken, so the first request
+  after a restart does not fail on a stale connection. A connection given back moments ago is
+  lent unchecked (HikariCP's "alive bypass window"): a restart takes longer than that window, so
+  such a connection cannot have outlived its server unnoticed, and a busy pool does not pay an
+  extra round trip per request (a failure while it is used answers ``UNAVAILABLE`` all the same);
 * while the server is down the pool keeps trying to reconnect at most every half second (psycopg's
   own backoff doubles without bound, so after a minute's outage the pool would only notice the
   server was back up to a minute later);
@@ -18,17 +22,23 @@ Every pool of every process (the event store's, the API's, the projectors') is a
 psycopg_pool's own ``check=`` option is not used: after a failed check it sleeps with its
 reconnection backoff (1 s, 2 s, 4 s …) before taking the next connection, so a pool full of
 connections broken by a restart would take many seconds to drain.
+
+Each component (write side, API, projectors, relay) logs in as a role of its own rather than
+connecting as a powerful user and ``SET ROLE``-ing: a session can always ``RESET ROLE`` back to
+the user it logged in as, so only the login itself is a boundary (:func:`login_url`).
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import psycopg
 from eventsourcing.postgres import ConnectionPool as LibraryPool
 from psycopg import Connection
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
@@ -38,10 +48,41 @@ from adapters.outages import OUTAGES
 
 PROJECTOR_ROLE = "agentworks_projector"
 API_ROLE = "agentworks_api"
+RELAY_ROLE = "agentworks_relay"
+
+
+def login_url(database_url: str, role: str | None, password: str | None = None) -> str:
+    """``database_url`` logging in as ``role`` with ``password`` instead of its own user.
+
+    Host, port, database and options are kept; ``user`` and ``password`` (in the authority and
+    in the query string alike) are replaced, percent-encoded. A ``key=value`` connection string
+    stays one, quoted as libpq wants. ``role=None`` keeps the URL as is.
+    """
+    if role is None:
+        return database_url
+    if "://" not in database_url:
+        params = {k: v for k, v in conninfo_to_dict(database_url).items() if k != "password"}
+        params["user"] = role
+        if password is not None:
+            params["password"] = password
+        return make_conninfo("", **params)
+    parts = urlsplit(database_url)
+    hosts = parts.netloc.rpartition("@")[2]
+    userinfo = quote(role, safe="")
+    if password is not None:
+        userinfo += ":" + quote(password, safe="")
+    query = "&".join(
+        item
+        for item in parts.query.split("&")
+        if item and unquote(item.partition("=")[0]) not in ("user", "password")
+    )
+    return urlunsplit((parts.scheme, f"{userinfo}@{hosts}", parts.path, query, parts.fragment))
 
 DEFAULT_POOL_TIMEOUT = 2.0
 OUTAGE_WAIT = 0.25
 """How long a request waits for a connection while its server is known to be down."""
+CHECK_IDLE_AFTER = 0.25
+"""Seconds a connection may sit idle in the pool and still be lent without a check."""
 CONNECT_TIMEOUT = 3
 """Seconds a connection attempt may take (libpq's ``connect_timeout``): a server that does not
 answer at all (a dropped network rather than a refused port) fails like a refused one."""
@@ -63,7 +104,16 @@ class ResilientPool(LibraryPool[Any]):
 
     def __init__(self, *args: Any, dependency: str, **kwargs: Any) -> None:
         self.dependency = dependency
+        self._returned_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         super().__init__(*args, **kwargs)
+
+    def putconn(self, conn: Any) -> None:
+        self._returned_at[conn] = time.monotonic()
+        super().putconn(conn)
+
+    def _needs_check(self, conn: Any) -> bool:
+        returned = self._returned_at.get(conn)
+        return returned is None or time.monotonic() - returned > CHECK_IDLE_AFTER
 
     def getconn(self, timeout: float | None = None) -> Any:
         budget = self.timeout if timeout is None else timeout
@@ -88,7 +138,8 @@ class ResilientPool(LibraryPool[Any]):
                     raise PoolTimeout(f"the database ({self.dependency}) is unavailable") from None
                 continue
             try:
-                ConnectionPool.check_connection(conn)
+                if self._needs_check(conn):
+                    ConnectionPool.check_connection(conn)
             except psycopg.Error:
                 # Broken (the server restarted under it): returning it discards it and has the
                 # pool open a replacement; take the next one straight away.
@@ -121,27 +172,24 @@ def dependency_name(conninfo: str | dict[str, Any]) -> str:
 def make_pool(
     database_url: str,
     *,
-    role: str,
+    role: str | None = None,
+    password: str | None = None,
     min_size: int = 1,
     max_size: int = 4,
     name: str = "agentworks",
     timeout: float = DEFAULT_POOL_TIMEOUT,
 ) -> ConnectionPool[Connection[DictRow]]:
-    """A pool whose sessions ``SET ROLE`` to ``role`` at connect time.
+    """A pool whose sessions log in as ``role`` (default: the URL's own user).
 
     Privileges and row-level security then apply to everything the component does, not only to
     the queries someone remembered to scope. ``timeout``: the longest a caller waits for a free
     connection before the pool answers that it has none.
     """
     pool: ConnectionPool[Connection[DictRow]] = ResilientPool(
-        database_url,
+        login_url(database_url, role, password),
         min_size=min_size,
         max_size=max_size,
-        kwargs={
-            "options": f"-c role={role}",
-            "row_factory": dict_row,
-            "connect_timeout": CONNECT_TIMEOUT,
-        },
+        kwargs={"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT},
         connection_class=Connection[DictRow],
         name=name,
         open=False,

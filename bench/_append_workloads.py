@@ -120,18 +120,19 @@ class AssignCards(MoveCards):
 
     def __init__(self, params: dict[str, Any], index: int) -> None:
         super().__init__(params, index)
-        self.serial = 0
-        self.prefix = f"user-{index}-{uuid.uuid4().hex[:6]}-"
+        self.assigned: dict[UUID, bool] = {}
 
     def op(self) -> int:
         card = self.rng.choice(self.cards)
-        self.serial += 1  # a new assignee every time, so every command records an event
-        who = f"{self.prefix}{self.serial}"
+        # Assignees must be members: the writer assigns itself and unassigns in turn, so every
+        # command changes the card and records an event.
+        who = None if self.assigned.get(card) else self.actor.user_id
         try:
             self.app.assign_card(m.AssignCard(card_id=card, assignee=who), self.actor)
         except Conflict:
             self.counting.failures += 1
             return 0
+        self.assigned[card] = who is not None
         return 1
 
 

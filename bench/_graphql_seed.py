@@ -24,7 +24,7 @@ from commands.handlers import Actor, AgentWorks
 
 LANES = (("Backlog", None, 80), ("In progress", 60, 50), ("Review", 40, 30), ("Done", None, 40))
 LABELS = ("bug", "feature", "infra", "ui", "backend", "urgent", "docs")
-OWNER = "bench-owner"
+OWNER = "b3f1c2d4-0e5a-4b6c-8d7e-9f0a1b2c3d06"  # user ids are UUIDs, as tokens carry them
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,8 @@ def _board(
         commands += 1
     for i, card_id in enumerate(cards):
         if i % 2 == 0:
-            write.assign_card(m.AssignCard(card_id=card_id, assignee=f"user-{i % 7}"), owner)
+            # Assignees are members of the workspace; the owner is the one this seed has.
+            write.assign_card(m.AssignCard(card_id=card_id, assignee=owner.user_id), owner)
             commands += 1
         labels = rng.sample(LABELS, rng.randint(0, 3))
         if labels:

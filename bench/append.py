@@ -56,6 +56,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import _harness as h
+from bench._provenance import Provenance
 
 WORKLOADS = "bench._append_workloads"
 RESULTS = Path(__file__).parent / "results" / "append.json"
@@ -163,11 +164,12 @@ def drop_database(base: str, dbname: str) -> None:
 def prepare(scenario: Scenario, url: str, sample: dict[str, Any]) -> dict[str, Any]:
     """Create the scenario's schema and shared fixtures; return params common to all writers."""
     from infra.migrate import ensure_database, migrate
+    from infra.settings import Settings, db_logins
 
     ensure_database(url)
     common: dict[str, Any] = {"url": url, **scenario.params}
     if scenario.schema == "migrated":
-        migrate(url)
+        migrate(url, logins=db_logins(Settings.load()))
         from commands import models as m
         from commands.handlers import Actor
         from infra.bootstrap import build_write_side
@@ -550,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scenarios = plan(args)
     started = time.monotonic()
+    provenance = Provenance.start()
     report: dict[str, Any] = {
         "command": "python -m bench.append " + " ".join(sys.argv[1:] if argv is None else argv),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -608,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     report["ratios"] = ratios(rows, args.writers, args.bulk_writers)
     report["budgets"] = budgets(rows, report["ratios"], args.writers, args.bulk_writers)
     report["total_seconds"] = round(time.monotonic() - started, 1)
+    report["provenance"] = provenance.finish()
     render(report)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")

@@ -1,10 +1,13 @@
 """Fan-out: end-to-end freshness and throughput of both paths, next to raw Kafka in the same run.
 
-    python -m bench.freshness [--commands 400] [--rate 20] [--rounds 2] [--backlog 50000]
+    python -m bench.freshness [--commands 400] [--rate 20] [--rounds 3] [--backlog 50000]
+                              [--throughput-rounds 3]
 
 Everything runs against its own fresh databases (``aw_bench_fresh_<hex>``, dropped afterwards),
 its own tansu brokers (``LocalBroker``) and its own processes, started as production starts them
-(``agentworks relay``, ``agentworks worker --projector NAME``); the embedded path runs the
+(``agentworks relay``, ``agentworks worker --projector NAME``, with the production defaults of
+``infra.settings.Settings`` for what differs between test and production: the workers sweep every
+``sweep_interval`` and log at ``log_level``); the embedded path runs the
 in-process fan-out (:class:`streams.embedded.EmbeddedFanout`) in a process of its own
 (``python -m bench.freshness _embedded``), so neither path shares an interpreter with the load
 generator.
@@ -16,7 +19,8 @@ generator.
     ``end to end`` adds the command itself. Every projector runs (all four workers on the Kafka
     path, all four runners in the embedded fan-out), as in production. The two paths run side by
     side on databases of their own, interleaved in ``--rounds`` rounds so that drift in the
-    machine's load hits both alike; percentiles are over all samples of a path.
+    machine's load hits both alike; percentiles are over all samples of a path, and each round's
+    own p50/p99 are kept for the spread.
 (2) Throughput. A backlog of ``--backlog`` events (card moves: ``Card.Moved`` +
     ``Project.CardMoved`` pairs, appended in bulk) is copied into one database per path; then
     only the kanban projector is fed: embedded (one process) or relay + kanban worker (the worker
@@ -24,7 +28,11 @@ generator.
     applied / time from the first applied batch (embedded) or the relay's first recorded batch
     (Kafka) until the kanban read model holds every version. Baseline, same run, same broker,
     same bytes: the backlog's envelopes produced by kafka-python (the relay's producer settings)
-    to a topic of 3 partitions, then consumed by aiokafka without a group.
+    to a topic of 3 partitions while aiokafka, without a group, consumes them: overlapped, as the
+    relay and the worker overlap on the Kafka path (rate = events / first send → last receipt).
+    The older sequential figure (produce, then consume, the two times added) is kept beside it.
+    The whole of (2) runs ``--throughput-rounds`` times; the median round (by the Kafka path's
+    rate) stands for the run and every round is kept.
 
 Results: rich tables on stdout and ``bench/results/freshness.json``.
 """
@@ -57,10 +65,12 @@ from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
+from bench._provenance import Provenance
 from commands import models as m
 from commands.handlers import Actor
 from infra.bootstrap import build_write_side
 from infra.migrate import migrate
+from infra.settings import Settings, db_logins
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -81,6 +91,25 @@ PARTITIONS = 3
 ALL = ["kanban", "runs", "billing", "activity"]
 #: A command whose row has not shown up after this long counts as lost (reported, not hidden).
 VISIBLE_TIMEOUT = 10.0
+
+
+def production_workers() -> dict[str, Any]:
+    """How the Kafka path's processes run here: production's defaults for what tests change."""
+    from infra.settings import Settings
+
+    fields = Settings.model_fields
+    return {
+        "sweep_interval": float(fields["sweep_interval"].default),
+        "log_level": str(fields["log_level"].default),
+        "fetch_wait_ms": int(fields["worker_fetch_wait_ms"].default),
+    }
+
+
+def describe_workers(workers: dict[str, Any]) -> str:
+    return (
+        f"workers with production settings: a sweep every {workers['sweep_interval']:g} s, "
+        f"{workers['log_level']} logs, fetch wait {workers['fetch_wait_ms']} ms"
+    )
 
 
 def helpers() -> ModuleType:
@@ -130,7 +159,7 @@ def create_database(*, template: str | None = None) -> str:
                 )
             )
     if template is None:
-        migrate(url_for(name))
+        migrate(url_for(name), logins=db_logins(Settings.load()))
     return name
 
 
@@ -315,8 +344,11 @@ def measure_freshness(
             if delay > 0:
                 time.sleep(delay)
             t0 = clock()
+            # Assignees are members: the owner, then nobody, in turn, so each command changes
+            # the card.
+            who = target.owner.user_id if (i // len(targets)) % 2 == 0 else None
             result = app.assign_card(
-                m.AssignCard(card_id=target.card_id, assignee=f"{tag}-{i}"), target.owner
+                m.AssignCard(card_id=target.card_id, assignee=who), target.owner
             )
             t1 = clock()
             watcher.expect(target.card_id, result.version, t1, i)
@@ -366,14 +398,16 @@ def freshness(args: argparse.Namespace, fh: ModuleType, make_db: Callable[..., s
     apps: dict[str, AgentWorks] = {}
     urls = {path: url_for(make_db()) for path in PATHS}
     samples: dict[str, list[tuple[float, float | None]]] = {path: [] for path in PATHS}
+    rounds: dict[str, list[dict[str, Any]]] = {path: [] for path in PATHS}
     try:
         broker.start()
         services["embedded"] = EmbeddedService(
             embedded_service(fh, urls["embedded"], work / "fresh-embedded", ALL)
         ).start()
+        workers = production_workers()
         services["kafka"] = fh.KafkaFanout(
             urls["kafka"], broker.bootstrap, work / "fresh-kafka", partitions=PARTITIONS,
-            log_level="WARNING",
+            log_level=workers["log_level"], sweep_interval=workers["sweep_interval"],
         ).start()  # fmt: skip
         targets: dict[str, list[Target]] = {}
         for path in PATHS:
@@ -400,10 +434,12 @@ def freshness(args: argparse.Namespace, fh: ModuleType, make_db: Callable[..., s
             order = PATHS if r % 2 == 0 else tuple(reversed(PATHS))
             for path in order:
                 console.log(f"freshness round {r + 1}/{args.rounds}: {path}, {per_round} commands")
-                samples[path] += measure_freshness(
+                taken = measure_freshness(
                     apps[path], urls[path], targets[path], commands=per_round, rate=args.rate,
                     tag=f"r{r}",
                 )  # fmt: skip
+                samples[path] += taken
+                rounds[path].append(summarize(taken))
         for service in services.values():
             service.stop()
         # Baseline in the same run: the broker alone, with faust's fetch wait and a short one.
@@ -419,7 +455,15 @@ def freshness(args: argparse.Namespace, fh: ModuleType, make_db: Callable[..., s
             service.stop()
         broker.stop()
     return {
-        **{path: summarize(samples[path]) for path in PATHS},
+        **{
+            path: {
+                **summarize(samples[path]),
+                "per_round": [
+                    {k: r["freshness_ms"][k] for k in ("p50", "p99")} for r in rounds[path]
+                ],
+            }
+            for path in PATHS
+        },
         "raw_kafka_latency_ms": baseline,
     }
 
@@ -614,8 +658,10 @@ def throughput(args: argparse.Namespace, fh: ModuleType, make_db: Callable[..., 
         broker.start()
         # Kafka: the kanban worker joins first, then the relay publishes the backlog.
         url = url_for(make_db(template=backlog))
+        workers = production_workers()
         fanout = fh.KafkaFanout(url, broker.bootstrap, work / "thr-kafka", partitions=PARTITIONS,
-                                projectors=["kanban"], log_level="WARNING")  # fmt: skip
+                                projectors=["kanban"], log_level=workers["log_level"],
+                                sweep_interval=workers["sweep_interval"])  # fmt: skip
         relay_read = position_reader(url, "SELECT max(position) FROM relay_positions", ())
         reader = position_reader(url, fh_position_sql(), ("kanban",))
         try:
@@ -646,9 +692,11 @@ def throughput(args: argparse.Namespace, fh: ModuleType, make_db: Callable[..., 
 
 
 def raw_kafka(database_url: str, bootstrap: str) -> dict[str, Any]:
-    """kafka-python produce, then aiokafka consume, of the backlog's envelopes (same bytes)."""
+    """kafka-python produce and aiokafka consume of the backlog's envelopes (same bytes): once
+    overlapped (the consumer reading while the producer sends, as relay and worker do), once one
+    after the other (the figure of the older runs)."""
     fh = helpers()
-    from adapters.kafka import create_topics, make_producer
+    from adapters.kafka import create_topics
 
     envelopes = fh.envelopes_after(database_url, 0)
     records = [
@@ -659,27 +707,66 @@ def raw_kafka(database_url: str, bootstrap: str) -> dict[str, Any]:
         )
         for env in envelopes
     ]
-    topic = f"raw-{secrets.token_hex(4)}"
-    create_topics(bootstrap, [topic], PARTITIONS)
-    producer = make_producer(bootstrap, client_id="bench-raw")
-    t0 = time.perf_counter()
-    for value, key, headers in records:
-        producer.send(topic, value=value, key=key, headers=headers)
-    producer.flush(timeout=120)
-    produce_seconds = time.perf_counter() - t0
-    producer.close(timeout=5)
-    consume_seconds, received = asyncio.run(_consume(bootstrap, topic, len(records)))
-    total = produce_seconds + consume_seconds
+    sequential_topic, overlapped_topic = (f"raw-{secrets.token_hex(4)}" for _ in range(2))
+    create_topics(bootstrap, [sequential_topic, overlapped_topic], PARTITIONS)
+
+    _, produce_seconds = _produce(bootstrap, sequential_topic, records)
+    consumed = asyncio.run(_consume(bootstrap, sequential_topic, len(records)))
+    consume_seconds = consumed["last_at"] - consumed["started_at"]
+
+    ready = threading.Event()
+    overlapped: dict[str, Any] = {}
+
+    def consume() -> None:
+        overlapped.update(
+            asyncio.run(_consume(bootstrap, overlapped_topic, len(records), ready=ready))
+        )
+
+    consumer = threading.Thread(target=consume, name="raw-consumer")
+    consumer.start()
+    if not ready.wait(60):
+        raise RuntimeError("the raw consumer did not start")
+    started, _ = _produce(bootstrap, overlapped_topic, records)
+    consumer.join(180)
+    overlapped_seconds = overlapped["last_at"] - started
     return {
         "events": len(records),
         "bytes": sum(len(v) for v, _, _ in records),
         "produce_events_per_s": len(records) / produce_seconds,
-        "consume_events_per_s": received / consume_seconds,
-        "events_per_s": len(records) / total,
+        "consume_events_per_s": consumed["received"] / consume_seconds,
+        "sequential_events_per_s": len(records) / (produce_seconds + consume_seconds),
+        "overlapped": {
+            "received": overlapped["received"],
+            "seconds": overlapped_seconds,
+            "events_per_s": overlapped["received"] / overlapped_seconds,
+        },
+        # The baseline the Kafka path is compared with.
+        "events_per_s": overlapped["received"] / overlapped_seconds,
     }
 
 
-async def _consume(bootstrap: str, topic: str, expected: int) -> tuple[float, int]:
+def _produce(
+    bootstrap: str, topic: str, records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]]
+) -> tuple[float, float]:
+    """Send every record and wait for the acknowledgements: (start time, seconds taken)."""
+    from adapters.kafka import make_producer
+
+    producer = make_producer(bootstrap, client_id="bench-raw")
+    try:
+        t0 = time.perf_counter()
+        for value, key, headers in records:
+            producer.send(topic, value=value, key=key, headers=headers)
+        producer.flush(timeout=120)
+        return t0, time.perf_counter() - t0
+    finally:
+        producer.close(timeout=5)
+
+
+async def _consume(
+    bootstrap: str, topic: str, expected: int, *, ready: threading.Event | None = None
+) -> dict[str, Any]:
+    """Read ``topic`` from the beginning until ``expected`` records arrived (or 120 s passed):
+    how many, when it started reading, and when the last one arrived (perf_counter)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from aiokafka import AIOKafkaConsumer
@@ -694,11 +781,17 @@ async def _consume(bootstrap: str, topic: str, expected: int) -> tuple[float, in
     await consumer.start()
     try:
         received, started = 0, time.perf_counter()
+        last_at = started
+        if ready is not None:
+            ready.set()
         deadline = started + 120
         while received < expected and time.perf_counter() < deadline:
             batches = await consumer.getmany(timeout_ms=500, max_records=10_000)
-            received += sum(len(batch) for batch in batches.values())
-        return time.perf_counter() - started, received
+            got = sum(len(batch) for batch in batches.values())
+            if got:
+                received += got
+                last_at = time.perf_counter()
+        return {"received": received, "started_at": started, "last_at": last_at}
     finally:
         await consumer.stop()
 
@@ -762,7 +855,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.freshness", description=__doc__)
     parser.add_argument("--commands", type=int, default=400, help="per path, over all rounds")
     parser.add_argument("--rate", type=float, default=20.0, help="commands per second")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--throughput-rounds", type=int, default=3, help="runs of the throughput part"
+    )
     parser.add_argument("--backlog", type=int, default=50_000, help="events; 0 skips throughput")
     parser.add_argument("--skip-freshness", action="store_true")
     parser.add_argument(
@@ -780,7 +876,9 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "settings": vars(args),
         "budgets_p99_ms": BUDGET_P99_MS,
+        "workers": describe_workers(production_workers()),
     }
+    provenance = Provenance.start()
     work = Path(tempfile.mkdtemp(prefix="aw-freshness-"))
     cluster = private_postgres() if args.postgres == "private" else contextlib.nullcontext()
     with cluster, databases() as make_db:
@@ -788,7 +886,20 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_freshness:
             results["freshness"] = freshness(args, fh, make_db, work, console)
         if args.backlog:
-            results["throughput"] = throughput(args, fh, make_db, work, console)
+            runs = []
+            for r in range(args.throughput_rounds):
+                console.log(f"throughput round {r + 1}/{args.throughput_rounds}")
+                runs.append(throughput(args, fh, make_db, work, console))
+            # The median round (by the Kafka path's rate) stands for the run.
+            median = sorted(runs, key=lambda t: t["kafka"]["events_per_s"])[len(runs) // 2]
+            results["throughput"] = {
+                **median,
+                "rounds": [
+                    {path: t[path]["events_per_s"] for path in ("embedded", "kafka", "raw_kafka")}
+                    for t in runs
+                ],
+            }
+    results["provenance"] = provenance.finish()
     shutil.rmtree(work)  # kept, with the processes' logs, when the run fails
     # One entry per --postgres mode: a run on the shared server keeps the private run's figures.
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

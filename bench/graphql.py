@@ -48,6 +48,7 @@ import psycopg
 
 from bench import _graphql_load as load
 from bench._graphql_seed import Seeded, admin_url, drop_database, new_database_name, seed
+from bench._provenance import Provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "graphql.json"
@@ -372,6 +373,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    provenance = Provenance.start()
     clients = [int(x) for x in args.clients.split(",") if x.strip()]
     base = args.database_url.rstrip("/")
     dbname = new_database_name()
@@ -400,10 +402,11 @@ def main(argv: list[str] | None = None) -> int:
         from adapters.tokens import issue_token
         from infra.bootstrap import build_write_side
         from infra.migrate import ensure_database, migrate
+        from infra.settings import Settings, db_logins
 
         log(f"database {dbname}: migrate and seed")
         ensure_database(url)
-        migrate(url)
+        migrate(url, logins=db_logins(Settings.load()))
         write = build_write_side(url, pool_size=2)
         t0 = time.monotonic()
         seeded = seed(write)
@@ -514,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             write.close()
         drop_database(base, dbname)
         report["elapsed_seconds"] = round(time.monotonic() - started, 1)
+        report["provenance"] = provenance.finish()
         args.output.parent.mkdir(parents=True, exist_ok=True)
         if "summary" in report:
             args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")

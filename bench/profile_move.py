@@ -33,6 +33,7 @@ from commands import models as m
 from commands.handlers import Actor
 from infra.bootstrap import build_write_side
 from infra.migrate import ensure_database, migrate
+from infra.settings import Settings, db_logins
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     url = f"{base}/{dbname}"
     try:
         ensure_database(url)
-        migrate(url)
+        migrate(url, logins=db_logins(Settings.load()))
         app = build_write_side(url, pool_size=1)
         boot = Actor(user_id="alice", workspace_id="*")
         ws = app.create_workspace(m.CreateWorkspace(name="Profile"), boot)

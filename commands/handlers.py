@@ -377,10 +377,18 @@ class AgentWorks(Application[UUID]):
         return self._execute(cmd, actor, self._scope_hint(actor), decide)
 
     def assign_card(self, cmd: m.AssignCard, actor: Actor) -> CommandResult:
-        return self._change_card(
-            cmd, actor, "assignCard",
-            lambda card, meta: card.assign(cmd.assignee, meta=meta), cmd.expected_version,
-        )  # fmt: skip
+        def assign(card: Card, meta: EventMeta) -> None:
+            card.ensure_live("assign")
+            if cmd.assignee is not None:
+                workspace = self._get(Workspace, card.workspace_id, copy=False)
+                if workspace.role_of(cmd.assignee.strip()) is None:
+                    raise ValidationFailed(
+                        f"assignee {cmd.assignee.strip()[:100]!r} is not a member of workspace "
+                        f"{workspace.id}; add them with addMember first"
+                    )
+            card.assign(cmd.assignee, meta=meta)
+
+        return self._change_card(cmd, actor, "assignCard", assign, cmd.expected_version)
 
     def label_card(self, cmd: m.LabelCard, actor: Actor) -> CommandResult:
         return self._change_card(

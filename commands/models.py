@@ -2,21 +2,42 @@
 
 Each model validates its own shape (pydantic); rules that need state live in the aggregates.
 Every command may carry a ``command_id``: repeating a command with the same id returns the first
-result and appends nothing.
+result and appends nothing. Every text a command carries, however deeply nested (labels, lanes,
+log lines), is text PostgreSQL can store (:mod:`domain.text`): the check sits on the base class,
+so a field added later cannot forget it.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from domain.text import find_unstorable, replace_unstorable
+
+ToolOutput = Annotated[str, AfterValidator(replace_unstorable)]
+"""Text a tool or model produced (log lines, a run's error): kept, with U+FFFD for what text
+cannot hold, rather than refused like what a person typed."""
 
 
-class Command(BaseModel):
+class Input(BaseModel):
+    """Base of every command and of the models nested in one: text it holds can be stored."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable_text(cls, value: object) -> object:
+        found = find_unstorable(value)
+        if found is not None:
+            path, problem = found
+            raise ValueError(f"item {path} {problem}" if path else problem)
+        return value
+
+
+class Command(Input):
     command_id: UUID | None = None
 
 
@@ -63,9 +84,7 @@ class SetPlan(Command):
 # -- projects and boards -------------------------------------------------------------------------
 
 
-class LaneInput(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class LaneInput(Input):
     name: str = Field(max_length=200)
     wip_limit: int | None = None
 
@@ -209,12 +228,10 @@ class StartRunStep(Command):
     name: str = Field(max_length=200)
 
 
-class LogLineInput(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class LogLineInput(Input):
     at: datetime
     stream: str = "stdout"
-    text: str
+    text: ToolOutput
 
 
 class AppendRunLog(Command):
@@ -240,7 +257,7 @@ class RecordLlmCall(Command):
 class FinishRun(Command):
     run_id: UUID
     outcome: Literal["SUCCEEDED", "FAILED", "TIMED_OUT"]
-    error: str | None = None
+    error: ToolOutput | None = None
     after_seconds: int | None = None
 
 

@@ -19,6 +19,7 @@ from domain.base import TenantAggregate
 from domain.errors import BudgetExceeded, InvalidTransition, ValidationFailed
 from domain.meta import EventMeta
 from domain.money import format_usd
+from domain.text import replace_unstorable
 
 MAX_LOG_LINES_PER_CHUNK = 10_000
 MAX_LOG_LINE_LENGTH = 16_384
@@ -213,7 +214,7 @@ class AgentRun(TenantAggregate):
                     "seq": first + offset,
                     "at": at.isoformat(),
                     "stream": stream,
-                    "text": text[:MAX_LOG_LINE_LENGTH].replace("\x00", "\ufffd"),
+                    "text": replace_unstorable(text[:MAX_LOG_LINE_LENGTH]),
                 }
             )
         self._record(self.LogChunkAppended, meta, first_seq=first, lines=payload)
@@ -283,7 +284,7 @@ class AgentRun(TenantAggregate):
 
     def fail(self, error: str, *, meta: EventMeta) -> None:
         self._expect(RunStatus.RUNNING, action="fail")
-        text = (error.strip() or "unknown error")[:2000].replace("\x00", "\ufffd")
+        text = replace_unstorable((error.strip() or "unknown error")[:2000])
         self._record(self.Failed, meta, error=text)
 
     def time_out(self, after_seconds: int, *, meta: EventMeta) -> None:

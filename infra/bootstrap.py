@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 from psycopg.conninfo import conninfo_to_dict
 
-from adapters.eventstore import DB_ROLE_ENV, POOL_TIMEOUT_ENV, PostgresCommandLog
+from adapters.eventstore import POOL_TIMEOUT_ENV, PostgresCommandLog
 from adapters.kafka import create_topics, make_producer, producer_state_lost, topic_id
 from adapters.metrics import observe_command
-from adapters.postgres import DEFAULT_POOL_TIMEOUT, PROJECTOR_ROLE, make_pool
+from adapters.postgres import DEFAULT_POOL_TIMEOUT, login_url, make_pool
 from commands.handlers import AgentWorks
 from domain.errors import ValidationFailed
 from projections.registry import all_projectors, projector_named
@@ -21,23 +21,30 @@ from streams.log import EventLog
 from streams.relay import Relay, RelayLease, RelayPositions
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from psycopg import Connection
     from psycopg.rows import DictRow
     from psycopg_pool import ConnectionPool
 
-    from infra.settings import Settings
+    from infra.settings import DbComponent, Settings
     from projections.base import Change
 
 
 def event_store_env(
-    database_url: str, *, db_role: str, pool_size: int, pool_timeout: float = DEFAULT_POOL_TIMEOUT
+    database_url: str,
+    *,
+    db_role: str | None,
+    pool_size: int,
+    db_password: str | None = None,
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT,
 ) -> dict[str, str]:
-    """The eventsourcing library's configuration for our store, from a database URL.
+    """The eventsourcing library's configuration for our store, logging in as ``db_role``.
 
     Tables come from migrations (``agentworks migrate``), never from the library: the application
     role may not create, alter, update or delete anything in the store.
     """
-    parts = conninfo_to_dict(database_url)
+    parts = conninfo_to_dict(login_url(database_url, db_role, db_password))
     return {
         "PERSISTENCE_MODULE": "adapters.eventstore:Factory",
         "POSTGRES_DBNAME": str(parts.get("dbname") or ""),
@@ -48,7 +55,7 @@ def event_store_env(
         "POSTGRES_POOL_SIZE": str(pool_size),
         "POSTGRES_MAX_OVERFLOW": str(pool_size),
         "POSTGRES_CONN_MAX_AGE": "3600",
-        # Our pool checks every connection before lending it (adapters.postgres); the library's
+        # Our pool checks connections before lending them (adapters.postgres); the library's
         # own pre-ping would check twice.
         "POSTGRES_PRE_PING": "n",
         POOL_TIMEOUT_ENV: str(pool_timeout),
@@ -56,32 +63,59 @@ def event_store_env(
         "CREATE_TABLE": "n",
         "AGGREGATE_CACHE_MAXSIZE": "10000",
         "AGGREGATE_CACHE_FASTFORWARD": "y",
-        DB_ROLE_ENV: db_role,
     }
 
 
 def build_write_side(
     database_url: str,
     *,
-    db_role: str = "agentworks_app",
+    db_role: str | None = "agentworks_app",
+    db_password: str | None = None,
     pool_size: int = 10,
     retries: int = 5,
     pool_timeout: float = DEFAULT_POOL_TIMEOUT,
     settle_seconds: float = 5.0,
 ) -> AgentWorks:
+    """The application, logged in as ``db_role`` (``None``: as the URL's own user).
+
+    Components that only read the log (projectors, the relay) build it with their own role:
+    the store refuses their appends.
+    """
     env = event_store_env(
-        database_url, db_role=db_role, pool_size=pool_size, pool_timeout=pool_timeout
+        database_url,
+        db_role=db_role,
+        db_password=db_password,
+        pool_size=pool_size,
+        pool_timeout=pool_timeout,
     )
     app = AgentWorks(env, retries=retries, observe=observe_command, settle_seconds=settle_seconds)
     app.command_log = PostgresCommandLog(app.factory.datastore)  # type: ignore[attr-defined]
     return app
 
 
-def write_side_from(settings: Settings, database_url: str) -> AgentWorks:
+def component_url(
+    settings: Settings, database_url: str, component: DbComponent, *, data_dir: Path | None = None
+) -> str:
+    """``database_url`` logging in as ``component``'s own role, with its password."""
+    from infra.settings import db_login
+
+    login = db_login(settings, component, data_dir=data_dir)
+    return login_url(database_url, login.role, login.password)
+
+
+def write_side_from(
+    settings: Settings,
+    database_url: str,
+    *,
+    component: DbComponent = "writer",
+    pool_size: int | None = None,
+    data_dir: Path | None = None,
+) -> AgentWorks:
+    """The application as ``component`` (the writer, or a reader of the log) logs in."""
     return build_write_side(
-        database_url,
-        db_role=settings.db_app_role,
-        pool_size=settings.pool_size,
+        component_url(settings, database_url, component, data_dir=data_dir),
+        db_role=None,
+        pool_size=settings.pool_size if pool_size is None else pool_size,
         retries=settings.command_retries,
         pool_timeout=settings.pool_timeout,
         settle_seconds=settings.commit_settle_seconds,
@@ -117,15 +151,13 @@ def build_read_side(
     *,
     projector_names: list[str] | None = None,
     on_commit: Callable[[list[Change]], None] | None = None,
+    data_dir: Path | None = None,
 ) -> ReadSide:
-    write_side = write_side_from(settings, database_url)
+    """Projectors and the log they read, all logged in as the projector role."""
+    write_side = write_side_from(settings, database_url, component="projector", data_dir=data_dir)
     event_log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
-    pool = make_pool(
-        database_url,
-        role=PROJECTOR_ROLE,
-        max_size=settings.pool_size,
-        timeout=settings.pool_timeout,
-    )
+    url = component_url(settings, database_url, "projector", data_dir=data_dir)
+    pool = make_pool(url, max_size=settings.pool_size, timeout=settings.pool_timeout)
     projectors = (
         [projector_named(name) for name in projector_names] if projector_names else all_projectors()
     )
@@ -133,28 +165,29 @@ def build_read_side(
     return ReadSide(write_side, event_log, pool, runners)
 
 
-def build_relay(settings: Settings, database_url: str) -> tuple[Relay, AgentWorks]:
-    """The relay and the write side whose log it tails (closed by the caller)."""
+def build_relay(
+    settings: Settings, database_url: str, *, data_dir: Path | None = None
+) -> tuple[Relay, AgentWorks]:
+    """The relay and the application whose log it tails (closed by the caller), both logged in
+    as the relay role."""
     bootstrap = settings.kafka_bootstrap
     if not bootstrap:
         raise ValidationFailed("AGENTWORKS_KAFKA_BOOTSTRAP is not set; the relay needs Kafka")
     create_topics(bootstrap, [settings.topic_prefix + t for t in TOPICS], settings.topic_partitions)
     # The relay only reads the log: two connections are plenty.
-    write_side = build_write_side(
-        database_url,
-        db_role=settings.db_app_role,
-        pool_size=2,
-        pool_timeout=settings.pool_timeout,
+    write_side = write_side_from(
+        settings, database_url, component="relay", pool_size=2, data_dir=data_dir
     )
     event_log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
+    url = component_url(settings, database_url, "relay", data_dir=data_dir)
     relay = Relay(
         event_log,
         lambda: make_producer(bootstrap),
-        RelayPositions(database_url, role=settings.db_app_role),
+        RelayPositions(url, role=None),
         topic_prefix=settings.topic_prefix,
-        listen_url=database_url,
+        listen_url=url,
         state_lost=producer_state_lost,
         topic_id=topic_id,
-        lease=RelayLease(database_url, role=settings.db_app_role),
+        lease=RelayLease(url, role=None),
     )
     return relay, write_side

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
+from uuid import NAMESPACE_URL, UUID, uuid5
 
 import typer
 from rich.console import Console
@@ -49,7 +50,7 @@ from domain.errors import AgentWorksError
 from domain.roles import Role
 from infra.logging import configure_logging
 from infra.migrate import MigrationError, discover, ensure_database, migrate
-from infra.settings import ConfigurationError, Settings, jwt_keys
+from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
 from projections.registry import projector_names
 
 if TYPE_CHECKING:
@@ -59,8 +60,8 @@ if TYPE_CHECKING:
 
 PROG = "agentworks"
 
-#: ``sub`` of a bootstrap token when ``--user`` is not given.
-BOOTSTRAP_USER = "bootstrap"
+#: ``sub`` of a bootstrap token when ``--user`` is not given (user ids are UUIDs, API.md).
+BOOTSTRAP_USER = str(uuid5(NAMESPACE_URL, "https://agentworks.dev/users/bootstrap"))
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -159,14 +160,18 @@ def migrate_command(
     ] = True,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Apply pending SQL migrations to the database (safe to run concurrently, idempotent)."""
+    """Apply pending SQL migrations to the database (safe to run concurrently, idempotent).
+
+    Run it as the database's owner: it also lets each component's role log in, with its password
+    from AGENTWORKS_DB_*_PASSWORD (outside production, generated and kept in the data dir).
+    """
     overrides: dict[str, object] = {} if database_url is None else {"database_url": database_url}
     settings = settings_for(data_dir, **overrides)
     url = settings.database_url or _embedded_url(settings)
     if create_database:
         ensure_database(url)
     known = {m.version: m for m in discover()}
-    applied = migrate(url, app_role=settings.db_app_role)
+    applied = migrate(url, app_role=settings.db_app_role, logins=db_logins(settings))
 
     console = Console()
     if not applied:
@@ -192,7 +197,11 @@ def token_command(
     ] = None,
     user: Annotated[
         str | None,
-        typer.Option("--user", help="User id (the 'sub' claim).", show_default=False),
+        typer.Option(
+            "--user",
+            help=f"User id, a UUID (the 'sub' claim); with --bootstrap default {BOOTSTRAP_USER}.",
+            show_default=False,
+        ),
     ] = None,
     role: Annotated[
         str | None,
@@ -207,7 +216,8 @@ def token_command(
             raise CliError("--bootstrap and --workspace exclude each other")
         if role is not None and Role.parse(role) is not Role.OWNER:
             raise CliError("a --bootstrap token is always OWNER; drop --role")
-        workspace_id, user_id, parsed_role = BOOTSTRAP_WORKSPACE, user or BOOTSTRAP_USER, Role.OWNER
+        user_id = BOOTSTRAP_USER if user is None else _id_option("--user", user)
+        workspace_id, parsed_role = BOOTSTRAP_WORKSPACE, Role.OWNER
     else:
         if workspace is None or user is None or role is None:
             missing = [
@@ -218,7 +228,8 @@ def token_command(
             raise CliError(f"missing {', '.join(missing)} (or pass --bootstrap)")
         if workspace == BOOTSTRAP_WORKSPACE:
             raise CliError("--workspace '*' is the bootstrap workspace; use --bootstrap")
-        workspace_id, user_id, parsed_role = workspace, user, Role.parse(role)
+        workspace_id, user_id = _id_option("--workspace", workspace), _id_option("--user", user)
+        parsed_role = Role.parse(role)
 
     settings = settings_for(data_dir)
     keys = jwt_keys(settings, data_dir=data_dir)
@@ -236,6 +247,14 @@ def token_command(
         private_key=keys.private_key,
     )
     typer.echo(token)
+
+
+def _id_option(option: str, value: str) -> str:
+    """An id option as the API reads ids: a UUID, in canonical form; else a usage error."""
+    try:
+        return str(UUID(value))
+    except ValueError:
+        raise CliError(f"{option} must be a UUID, got {value[:60]!r}") from None
 
 
 def _database_url(settings: Settings) -> str:
@@ -256,7 +275,7 @@ def _embedded_url(settings: Settings) -> str:
     _resources.callback(embedded.close)
     url = embedded.url
     ensure_database(url)
-    migrate(url, app_role=settings.db_app_role)
+    migrate(url, app_role=settings.db_app_role, logins=db_logins(settings))
     structlog.get_logger(__name__).info(
         "using the embedded PostgreSQL of the data dir",
         data_dir=str(settings.data_dir.resolve()),

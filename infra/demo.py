@@ -18,8 +18,10 @@ from commands.handlers import Actor, AgentWorks
 from commands.identity import Identity
 from domain.errors import Duplicate
 
-DEMO_OWNER = "demo-owner"
 _NS = uuid5(NAMESPACE_URL, "https://agentworks.dev/demo")
+# User ids are UUIDs (API.md), like the ones tokens carry.
+DEMO_OWNER = str(uuid5(_NS, "user:demo-owner"))
+DEMO_MEMBER = str(uuid5(_NS, "user:demo-member"))
 
 LANES = (("Backlog", None), ("In progress", 3), ("Review", 2), ("Done", None))
 CARDS = (
@@ -66,7 +68,7 @@ def seed_demo(app: AgentWorks) -> Demo:
     app.add_member(
         m.AddMember(
             workspace_id=workspace.id,
-            user_id="demo-member",
+            user_id=DEMO_MEMBER,
             role="MEMBER",
             command_id=_id("member"),
         ),

@@ -10,13 +10,20 @@ A migration file must not contain transaction control (``BEGIN``/``COMMIT``) nor
 refuse to run inside a transaction block (``CREATE INDEX CONCURRENTLY``). While it runs, the
 setting ``agentworks.app_role`` holds the application's role name, for SQL that grants to it:
 ``current_setting('agentworks.app_role')``.
+
+Migrations create the roles each process logs in as (NOLOGIN); given ``logins``, :func:`migrate`
+then lets each of them log in with its password, every run (so a changed password takes
+effect), and refuses a login role that is a superuser, bypasses row-level security or is a member
+of another role: such a role would carry more than its own privileges.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -38,6 +45,7 @@ __all__ = [
     "default_directory",
     "discover",
     "ensure_database",
+    "ensure_logins",
     "migrate",
 ]
 
@@ -116,12 +124,14 @@ def migrate(
     *,
     directory: Traversable | None = None,
     app_role: str = DEFAULT_APP_ROLE,
+    logins: Mapping[str, str] | None = None,
     connect_timeout: int = 10,
 ) -> list[str]:
     """Apply every migration not yet applied to the database at ``url``; return their versions.
 
-    Idempotent and safe to run concurrently (see the module docstring). Raises
-    :class:`MigrationError` when a migration fails; the ones before it stay applied.
+    Idempotent and safe to run concurrently (see the module docstring). ``logins`` maps role
+    names to passwords: see :func:`ensure_logins`. Raises :class:`MigrationError` when a
+    migration fails; the ones before it stay applied.
     """
     migrations = discover(directory)
     try:
@@ -134,7 +144,10 @@ def migrate(
         except psycopg.Error as exc:
             raise MigrationError(f"cannot take the migration lock: {exc}") from exc
         try:
-            return _apply_pending(conn, migrations, app_role=app_role)
+            applied = _apply_pending(conn, migrations, app_role=app_role)
+            if logins:
+                ensure_logins(conn, logins)
+            return applied
         except psycopg.Error as exc:
             raise MigrationError(f"cannot migrate {_redacted(url)}: {exc}") from exc
         finally:
@@ -225,6 +238,84 @@ def _apply_pending(
         )
         applied.append(migration.version)
     return applied
+
+
+def ensure_logins(conn: psycopg.Connection[TupleRow], logins: Mapping[str, str]) -> None:
+    """Let each role of ``logins`` log in with its password; create the roles that are missing.
+
+    Roles belong to the whole cluster, so test sessions migrating databases of their own race
+    here: a role created or altered concurrently is retried. Passwords travel already hashed by
+    the client (as ``psql``'s ``\\password`` does), so they never appear in the server's log.
+    Raises :class:`MigrationError` for a role that would hold more than its own privileges.
+    """
+    for role, password in logins.items():
+        if not password:
+            raise MigrationError(f"no password for database role {role!r}")
+        hashed = conn.pgconn.encrypt_password(password.encode(), role.encode()).decode()
+        _with_retries(
+            conn,
+            sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)),
+            unless_role_exists=role,
+        )
+        _with_retries(
+            conn,
+            sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(hashed)
+            ),
+        )
+    rows = conn.execute(
+        "SELECT r.rolname, r.rolsuper, r.rolbypassrls,"
+        " array(SELECT g.rolname::text FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid"
+        "       WHERE m.member = r.oid ORDER BY 1)"
+        " FROM pg_roles r WHERE r.rolname = ANY(%s) ORDER BY 1",
+        (list(logins),),
+    ).fetchall()
+    for role, superuser, bypassrls, member_of in rows:
+        if superuser or bypassrls:
+            raise MigrationError(
+                f"database role {role!r} is a superuser or bypasses row-level security; "
+                f"a process must not log in with it (ALTER ROLE {role} NOSUPERUSER NOBYPASSRLS)"
+            )
+        if member_of:
+            raise MigrationError(
+                f"database role {role!r} is a member of {', '.join(member_of)}; a process's "
+                f"login role must hold only its own privileges (REVOKE ... FROM {role})"
+            )
+    _log.info("database.logins", roles=sorted(logins))
+
+
+#: Errors of two sessions creating or altering the same role at once (``tuple concurrently
+#: updated`` is an internal error; a concurrent CREATE ROLE ends as a unique violation).
+_CONCURRENT_ROLE_CHANGE = (
+    psycopg.errors.DuplicateObject,
+    psycopg.errors.UniqueViolation,
+    psycopg.errors.InternalError_,
+)
+
+
+def _with_retries(
+    conn: psycopg.Connection[TupleRow],
+    statement: sql.Composed,
+    *,
+    unless_role_exists: str | None = None,
+    attempts: int = 20,
+) -> None:
+    for attempt in range(1, attempts + 1):
+        if (
+            unless_role_exists is not None
+            and conn.execute(
+                "SELECT 1 FROM pg_roles WHERE rolname = %s", (unless_role_exists,)
+            ).fetchone()
+        ):
+            return
+        try:
+            conn.execute(statement)
+            return
+        except _CONCURRENT_ROLE_CHANGE:
+            if attempt == attempts:
+                raise
+            # Jittered: sessions that collided and retry in step would collide again.
+            time.sleep(random.uniform(0, 0.02 * attempt))  # noqa: S311
 
 
 def _maintenance_connection(

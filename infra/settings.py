@@ -4,9 +4,9 @@ Nothing outside :mod:`infra` reads the environment: the composition root loads o
 :class:`Settings` at start and hands the values it needs to each component.
 
 With nothing set, a process runs on the embedded development default (embedded PostgreSQL under
-``data_dir``, in-process fan-out instead of Kafka and Redis, a JWT secret generated and kept in
-``data_dir``). In ``env=prod`` the settings refuse what would be unsafe there, such as a short JWT
-secret.
+``data_dir``, in-process fan-out instead of Kafka and Redis, a JWT secret and the database roles'
+passwords generated and kept in ``data_dir``). In ``env=prod`` the settings refuse what would be
+unsafe there, such as a short JWT secret or a missing database password.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -58,7 +58,15 @@ class Settings(BaseSettings):
     database_url: str | None = None
     """``postgresql://user[:password]@host[:port]/dbname``; None runs the embedded dev database."""
     db_app_role: str = "agentworks_app"
-    """Role the application ``SET ROLE``s to after connecting (INSERT/SELECT on the event store)."""
+    """Role the write side logs in as (INSERT/SELECT on the event store and command log)."""
+    db_writer_password: SecretStr | None = None
+    """Password of ``db_app_role``; outside production, generated and kept in ``data_dir``."""
+    db_api_password: SecretStr | None = None
+    """Password of ``agentworks_api`` (the API's reads); generated outside production."""
+    db_projector_password: SecretStr | None = None
+    """Password of ``agentworks_projector`` (workers, rebuild); generated outside production."""
+    db_relay_password: SecretStr | None = None
+    """Password of ``agentworks_relay``; generated outside production."""
     pool_size: int = Field(default=10, ge=1)
     database_password: SecretStr | None = None
     """Password put into ``database_url`` (percent-encoded), so that one holding ``@``, ``/`` or
@@ -181,7 +189,14 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return None if value is None or value.strip() == "" else value
 
-    @field_validator("jwt_secret", "stripe_api_key")
+    @field_validator(
+        "jwt_secret",
+        "stripe_api_key",
+        "db_writer_password",
+        "db_api_password",
+        "db_projector_password",
+        "db_relay_password",
+    )
     @classmethod
     def _empty_secret_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
         return None if value is None or value.get_secret_value().strip() == "" else value
@@ -281,6 +296,58 @@ def jwt_keys(settings: Settings, *, data_dir: Path | None = None) -> JwtKeys:
     return JwtKeys(algorithm="HS256", secret=dev_jwt_secret(data_dir or settings.data_dir))
 
 
+DbComponent = Literal["writer", "api", "projector", "relay"]
+
+#: The role each component logs in as, but the writer's (``Settings.db_app_role``).
+DB_ROLES: dict[DbComponent, str] = {
+    "api": "agentworks_api",
+    "projector": "agentworks_projector",
+    "relay": "agentworks_relay",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DbLogin:
+    """The PostgreSQL role one component logs in as, and its password."""
+
+    role: str
+    password: str = field(repr=False)
+
+
+def db_login(
+    settings: Settings, component: DbComponent, *, data_dir: Path | None = None
+) -> DbLogin:
+    """Who ``component`` logs in as: its role and its password.
+
+    The password is ``AGENTWORKS_DB_<COMPONENT>_PASSWORD``; outside production, when unset, one
+    generated on first use and kept in ``data_dir`` (``db_password_<component>``, mode 0600),
+    shared by ``agentworks migrate``, which sets it, and the processes that log in with it.
+    Raises :class:`ConfigurationError` when production has none.
+    """
+    role = settings.db_app_role if component == "writer" else DB_ROLES[component]
+    configured: SecretStr | None = getattr(settings, f"db_{component}_password")
+    if configured is not None:
+        return DbLogin(role, configured.get_secret_value())
+    if settings.env == "prod":
+        raise ConfigurationError(
+            f"{ENV_PREFIX}DB_{component.upper()}_PASSWORD is not set; production needs the "
+            f"password of the database role {role!r}"
+        )
+    folder = data_dir or settings.data_dir
+    try:
+        return DbLogin(role, _keep_dev_secret(folder, f"db_password_{component}"))
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot keep the dev database password in {folder}: {exc}"
+        ) from exc
+
+
+def db_logins(settings: Settings, *, data_dir: Path | None = None) -> dict[str, str]:
+    """Every component's role and password, for ``agentworks migrate`` to set."""
+    logins = (db_login(settings, c, data_dir=data_dir) for c in ("writer", *DB_ROLES))
+    return {login.role: login.password for login in logins}
+
+
 def dev_jwt_secret(data_dir: Path) -> str:
     """The development JWT secret kept in ``data_dir/jwt_secret``, generated on first use.
 
@@ -295,14 +362,14 @@ def dev_jwt_secret(data_dir: Path) -> str:
         raise ConfigurationError(f"cannot keep the dev JWT secret in {data_dir}: {exc}") from exc
 
 
-def _keep_dev_secret(data_dir: Path) -> str:
+def _keep_dev_secret(data_dir: Path, name: str = DEV_JWT_SECRET_FILE) -> str:
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = data_dir / DEV_JWT_SECRET_FILE
+    path = data_dir / name
     existing = _read_secret(path)
     if existing is not None:
         return existing
     secret = secrets.token_urlsafe(48)
-    temp = data_dir / f".{DEV_JWT_SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+    temp = data_dir / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="ascii") as handle:
@@ -329,9 +396,9 @@ def _read_secret(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"cannot read the dev JWT secret {path}: {exc}") from exc
+        raise ConfigurationError(f"cannot read the dev secret {path}: {exc}") from exc
     if not text:
-        raise ConfigurationError(f"{path} is empty; delete it to generate a new dev JWT secret")
+        raise ConfigurationError(f"{path} is empty; delete it to generate a new dev secret")
     return text
 
 

@@ -29,12 +29,18 @@ import structlog
 import uvicorn
 
 from adapters.metrics import LagCollector
-from adapters.postgres import API_ROLE, PROJECTOR_ROLE, make_pool
+from adapters.postgres import PROJECTOR_ROLE, make_pool
 from adapters.telemetry import configure_tracing
-from infra.bootstrap import ReadSide, build_read_side, build_relay, write_side_from
+from infra.bootstrap import (
+    ReadSide,
+    build_read_side,
+    build_relay,
+    component_url,
+    write_side_from,
+)
 from infra.identity import build_auth, build_oidc
 from infra.migrate import ensure_database, migrate
-from infra.settings import ConfigurationError, Settings, jwt_keys
+from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
 from read_api.services import ApiServices, JwtVerification, RateLimits
 from streams.embedded import EmbeddedFanout
@@ -61,10 +67,11 @@ def embedded_database_url(data_dir: Path) -> str:
 
 
 def database_url_for(settings: Settings, data_dir: Path) -> str:
-    """The configured database, else the embedded one; created and migrated either way."""
+    """The configured database, else the embedded one; created and migrated either way, with
+    every component's login role set up."""
     url = settings.database_url or embedded_database_url(data_dir)
     ensure_database(url)
-    migrate(url, app_role=settings.db_app_role)
+    migrate(url, app_role=settings.db_app_role, logins=db_logins(settings, data_dir=data_dir))
     return url
 
 
@@ -85,6 +92,7 @@ def api_services(
     keys = jwt_keys(settings, data_dir=data_dir)
     auth = build_auth(settings, write, keys, data_dir)
     hint = _signature_hint(settings, data_dir)
+    api_url = component_url(settings, database_url, "api", data_dir=data_dir)
     verification = (
         JwtVerification(public_key=keys.public_key, signature_hint=hint)
         if keys.algorithm == "RS256"
@@ -93,11 +101,7 @@ def api_services(
     return ApiServices(
         write=write,
         pool=make_pool(
-            database_url,
-            role=API_ROLE,
-            max_size=settings.api_pool_size,
-            name="api",
-            timeout=settings.pool_timeout,
+            api_url, max_size=settings.api_pool_size, name="api", timeout=settings.pool_timeout
         ),
         jwt=verification,
         broadcaster=broadcaster,
@@ -119,7 +123,7 @@ def api_services(
         max_body_bytes=settings.max_body_bytes,
         max_projector_lag=settings.max_projector_lag,
         projector_stall_seconds=settings.projector_stall_seconds or None,
-        lag_collector=LagCollector(database_url),
+        lag_collector=LagCollector(api_url),
         max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
         max_subscriptions_per_user=settings.max_subscriptions_per_user,
         auth=auth,
@@ -153,12 +157,15 @@ class DevStack:
 
     settings: Settings
     database_url: str
+    """The database, as the URL of the user that migrated it; components log in as their own
+    roles (``infra.bootstrap.component_url``)."""
     write: AgentWorks
     read_side: ReadSide
     services: ApiServices
     fanout: EmbeddedFanout | None = None
     relay: Relay | None = None
     relay_write: AgentWorks | None = None
+    data_dir: Path | None = None
     threads: list[threading.Thread] = field(default_factory=list)
     _worker_loops: list[tuple[asyncio.AbstractEventLoop, Any]] = field(default_factory=list)
     _holdings: dict[str, PartitionHolding] = field(default_factory=dict)
@@ -174,7 +181,9 @@ class DevStack:
             self.fanout = EmbeddedFanout(
                 self.read_side.event_log,
                 self.read_side.runners,
-                listen_url=self.database_url,
+                listen_url=component_url(
+                    self.settings, self.database_url, "projector", data_dir=self.data_dir
+                ),
                 poll_interval=0.2,
             )
             self.fanout.start()
@@ -182,7 +191,9 @@ class DevStack:
     def _start_kafka_path(self, bootstrap: str) -> None:
         from streams.worker import build_worker_app
 
-        self.relay, self.relay_write = build_relay(self.settings, self.database_url)
+        self.relay, self.relay_write = build_relay(
+            self.settings, self.database_url, data_dir=self.data_dir
+        )
         relay_thread = threading.Thread(target=self.relay.run_forever, name="relay", daemon=True)
         relay_thread.start()
         self.threads.append(relay_thread)
@@ -254,10 +265,10 @@ def build_dev_stack(settings: Settings, data_dir: Path) -> DevStack:
     url = database_url_for(settings, data_dir)
     broadcaster = make_broadcaster(settings)
     change_publisher = _change_publisher(settings, broadcaster)
-    write = write_side_from(settings, url)
-    read_side = build_read_side(settings, url, on_commit=change_publisher)
+    write = write_side_from(settings, url, data_dir=data_dir)
+    read_side = build_read_side(settings, url, on_commit=change_publisher, data_dir=data_dir)
     services = api_services(settings, url, write=write, broadcaster=broadcaster, data_dir=data_dir)
-    stack = DevStack(settings, url, write, read_side, services)
+    stack = DevStack(settings, url, write, read_side, services, data_dir=data_dir)
     services.fanout_readiness = stack.readiness
     return stack
 

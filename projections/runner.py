@@ -495,14 +495,21 @@ class ProjectionRunner:
                 )
             self._record_parking(cur, attempt, outcome)
             cur.execute(
-                "INSERT INTO projection_positions (projector, position, swept_through) "
+                "INSERT INTO projection_positions (projector, position, swept_through, healed) "
                 "VALUES (%(name)s, %(position)s, CASE WHEN %(after)s = 0 THEN %(position)s "
-                "ELSE 0 END) ON CONFLICT (projector) DO UPDATE SET "
+                "ELSE 0 END, %(healed)s) ON CONFLICT (projector) DO UPDATE SET "
                 "position = GREATEST(projection_positions.position, EXCLUDED.position), "
                 "swept_through = CASE WHEN projection_positions.swept_through >= %(after)s "
                 "THEN GREATEST(projection_positions.swept_through, %(position)s) "
-                "ELSE projection_positions.swept_through END, updated_at = clock_timestamp()",
-                {"name": self.tracking_name, "position": outcome.position, "after": read_after},
+                "ELSE projection_positions.swept_through END, "
+                "healed = projection_positions.healed + EXCLUDED.healed, "
+                "updated_at = clock_timestamp()",
+                {
+                    "name": self.tracking_name,
+                    "position": outcome.position,
+                    "after": read_after,
+                    "healed": outcome.healed,
+                },
             )
         return outcome
 

@@ -73,10 +73,13 @@ class ProjectionSweep:
                 after=swept, through=through, limit=self.page, aggregates=aggregates
             )
             missing = self._unapplied(events)
+            from_store = 0
             if missing:
                 outcome = self.runner.process(missing)
+                # The runner counts the gaps it filled itself; what it applied came from here.
+                from_store = outcome.applied
                 healed += outcome.applied + outcome.healed
-            self._advance(read_up_to)
+            self._advance(read_up_to, from_store)
             swept = read_up_to
             if progress is not None:
                 progress(swept)
@@ -113,12 +116,12 @@ class ProjectionSweep:
         ]
         return self.runner.log.within(behind)
 
-    def _advance(self, position: int) -> None:
+    def _advance(self, position: int, healed: int = 0) -> None:
         with self.runner.pool.connection() as conn:
             conn.execute(
-                "INSERT INTO projection_positions (projector, swept_through) VALUES (%s, %s) "
-                "ON CONFLICT (projector) DO UPDATE SET "
+                "INSERT INTO projection_positions (projector, swept_through, healed) "
+                "VALUES (%s, %s, %s) ON CONFLICT (projector) DO UPDATE SET "
                 "swept_through = GREATEST(projection_positions.swept_through, "
-                "EXCLUDED.swept_through)",
-                (self.runner.tracking_name, position),
+                "EXCLUDED.swept_through), healed = projection_positions.healed + EXCLUDED.healed",
+                (self.runner.tracking_name, position, healed),
             )

@@ -57,6 +57,7 @@ from adapters.metrics import HTTP_RESPONSES, Exposition
 from adapters.telemetry import continue_trace, current_traceparent
 from adapters.tokens import Principal
 from domain.errors import RateLimited, Unauthenticated, Unavailable, ValidationFailed
+from domain.text import text_problem
 from read_api.access import api_key_principal, is_api_key
 from read_api.auth import (
     authenticate,
@@ -441,6 +442,10 @@ def _parse_request(
     operation_name = data.get("operationName")
     if operation_name is not None and not isinstance(operation_name, str):
         raise BadRequest("'operationName' must be a string")
+    if operation_name is not None and (problem := text_problem(operation_name)) is not None:
+        # graphql-core would echo it in "Unknown operation named ..." and a lone surrogate
+        # cannot be encoded into the response.
+        raise BadRequest(f"'operationName' {problem}")
     return query, variables, operation_name
 
 
@@ -694,9 +699,8 @@ class Health:
         """Log head, projector positions and how many aggregates each projector parked."""
         pool = self.runtime.services.pool
         with pool.connection(timeout=_HEALTH_TIMEOUT) as conn:
-            head_row = conn.execute(
-                "SELECT coalesce(max(notification_id), 0) AS head FROM agentworks_events"
-            ).fetchone()
+            # Row-level security hides every event from this role; the function does not.
+            head_row = conn.execute("SELECT agentworks_log_head() AS head").fetchone()
             rows = conn.execute("SELECT projector, position FROM projection_positions").fetchall()
             parked = conn.execute(
                 "SELECT projector, count(*) AS parked FROM projection_parked GROUP BY projector"

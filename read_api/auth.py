@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
@@ -44,7 +45,13 @@ def authenticate(authorization: str | None, jwt: JwtVerification) -> Principal:
             UUID(principal.workspace_id)
         except ValueError:
             raise Unauthenticated("token 'ws' claim is neither a workspace id nor '*'") from None
-    return principal
+    # The user id becomes the actor of every event the caller causes and is what addMember and
+    # assignCard name, so it is a UUID like every id of the API, in one canonical spelling.
+    try:
+        user_id = str(UUID(principal.user_id))
+    except ValueError:
+        raise Unauthenticated("token 'sub' claim is not a user id (a UUID)") from None
+    return replace(principal, user_id=user_id)
 
 
 def token_from_connection_params(params: Mapping[str, Any] | None) -> str | None:

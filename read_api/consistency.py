@@ -61,6 +61,8 @@ class ConsistencyToken:
             ) from None
         if position < 0 or version < 0:
             raise ValidationFailed(f"X-Consistency-Token {text[:100]!r} has a negative number")
+        if max(position, version) > 2**63 - 1:
+            raise ValidationFailed(f"X-Consistency-Token {text[:100]!r} has too large a number")
         return cls(position, aggregate_id, version)
 
     def __str__(self) -> str:

@@ -13,8 +13,10 @@ from datetime import datetime
 from uuid import UUID
 
 from domain.errors import ValidationFailed
+from domain.text import text_problem
 
 MAX_CURSOR_LENGTH = 512
+MAX_BIGINT = 2**63 - 1
 
 
 def encode(kind: str, *key: str | int) -> str:
@@ -34,10 +36,21 @@ def decode(cursor: str, kind: str, arity: int) -> list[str | int]:
         not isinstance(value, list)
         or len(value) != arity + 1
         or value[0] != kind
-        or not all(isinstance(part, str | int) and not isinstance(part, bool) for part in value)
+        or not all(_sane(part) for part in value)
     ):
         raise ValidationFailed(f"cursor {cursor[:40]!r} does not belong to this list")
     return value[1:]
+
+
+def _sane(part: object) -> bool:
+    """A sort key the database can compare: text it can hold, a number a bigint can hold.
+
+    A forged cursor is decoded JSON, so it can hold NUL, lone surrogates or 10^30; without this
+    they would reach SQL and fail there (INTERNAL) instead of being refused as input.
+    """
+    if isinstance(part, str):
+        return text_problem(part) is None
+    return isinstance(part, int) and not isinstance(part, bool) and 0 <= part <= MAX_BIGINT
 
 
 def card_cursor(position: str, card_id: UUID) -> str:

@@ -2,7 +2,8 @@
 
 Both answer questions the read models cannot be trusted with: what a card looked like at a
 version (only the log remembers), and whether the billing read model still adds up to the log.
-Events are read through the API pool (``agentworks_api`` may SELECT the event table) and decoded
+Events are read through the API pool (``agentworks_api`` sees the events of the workspace set for
+its transaction only, by row-level security on their ``workspace_id`` column) and decoded
 with the write side's mapper, so stored events are upcast exactly as the write side sees them.
 """
 

@@ -26,7 +26,7 @@ from read_api.db import ReadScope
 from read_api.errors import describe_validation_error
 from read_api.loaders import Row, forget
 from read_api.scalars import Money
-from read_api.types import ID, AgentRun, Card, Project, RoleEnum, Workspace
+from read_api.types import ID, AgentRun, Card, Project, RoleEnum, Workspace, parse_id
 
 C = TypeVar("C", bound=m.Command)
 
@@ -54,6 +54,11 @@ async def _await_projection(info: Info, result: CommandResult, projectors: tuple
     token = ConsistencyToken(result.position, result.id, result.version)
     if not await waiter.wait_for(token, waiter.projectors_for(projectors)):
         info.context.stale = True
+
+
+def _user_id(value: str, what: str = "userId") -> str:
+    """A user id argument: a UUID (API.md), in the canonical form tokens and members use."""
+    return str(parse_id(value, what))
 
 
 def _money_text(value: Money | None) -> str | None:
@@ -379,7 +384,7 @@ class Mutation:
         command = _command(
             m.AddMember,
             workspace_id=input.workspace_id,
-            user_id=input.user_id,
+            user_id=_user_id(input.user_id),
             role=input.role.value,
             command_id=input.command_id,
         )
@@ -391,7 +396,7 @@ class Mutation:
         command = _command(
             m.ChangeRole,
             workspace_id=input.workspace_id,
-            user_id=input.user_id,
+            user_id=_user_id(input.user_id),
             role=input.role.value,
             command_id=input.command_id,
         )
@@ -403,7 +408,7 @@ class Mutation:
         command = _command(
             m.RemoveMember,
             workspace_id=input.workspace_id,
-            user_id=input.user_id,
+            user_id=_user_id(input.user_id),
             command_id=input.command_id,
         )
         write = info.context.runtime.services.write
@@ -559,7 +564,7 @@ class Mutation:
         command = _command(
             m.AssignCard,
             card_id=input.card_id,
-            assignee=input.assignee,
+            assignee=None if input.assignee is None else _user_id(input.assignee, "assignee"),
             expected_version=input.expected_version,
             command_id=input.command_id,
         )

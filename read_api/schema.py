@@ -22,6 +22,7 @@ from strawberry.types.execution import ExecutionContext
 from read_api.access import AccessMutation
 from read_api.errors import ErrorShaping, log_unexpected
 from read_api.execution import LeafShortcutExecution
+from read_api.input_checks import ExplicitOperation, StorableTextOnly
 from read_api.limits import CostLimiter, SubscriptionsOnlyOverWebSocket
 from read_api.mutation import Mutation
 from read_api.query import Query
@@ -75,6 +76,8 @@ def build_schema(limits: QueryLimits | None = None) -> strawberry.Schema:
     extensions: list[type[SchemaExtension] | Callable[[], SchemaExtension]] = [
         ErrorShaping,
         SubscriptionsOnlyOverWebSocket,
+        ExplicitOperation,
+        StorableTextOnly,
         lambda: AddValidationRules(rules),
         lambda: MaxTokensLimiter(max_token_count=limits.max_tokens),
         lambda: CostLimiter(max_cost=limits.max_cost),

@@ -10,12 +10,40 @@ construction and change that one number.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import faust
+from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as driver
 
-__all__ = ["ProjectorApp"]
+__all__ = ["FaustInternalsChanged", "ProjectorApp", "read_offsets_of"]
+
+
+class FaustInternalsChanged(RuntimeError):
+    """The installed faust no longer works the way the worker relies on: fail at start-up, not
+    later with events silently dropped."""
+
+
+def read_offsets_of(consumer: Any) -> MutableMapping[Any, Any]:
+    """faust's per-partition read marks (``Consumer._read_offset``, private): the last offset
+    read from each partition, below which faust drops what it fetches.
+
+    After a broker lost its log, a partition restarts at offset 0 and everything republished
+    there would be dropped until it passed the old mark, so the worker clears the marks of
+    assigned partitions. That needs faust both to keep the marks in this mapping and to read
+    them where it filters fetched messages; if either changed, raise instead of running a
+    worker that quietly skips the republished events.
+    """
+    marks = getattr(consumer, "_read_offset", None)
+    filters_by_marks = "_read_offset" in faust_consumer.Consumer._drain_messages.__code__.co_names
+    if not isinstance(marks, MutableMapping) or not filters_by_marks:
+        raise FaustInternalsChanged(
+            f"faust {faust.__version__}: {type(consumer).__name__} has no per-partition read "
+            "marks at Consumer._read_offset (or no longer filters fetched messages by them); "
+            "streams.worker.forget_read_offsets_of must be adapted to this faust version"
+        )
+    return marks
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
@@ -27,6 +55,10 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
 
 
 class _Consumer(driver.Consumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        read_offsets_of(self)  # at start-up: refuse to run on a faust that changed underneath
+
     def _new_consumer_thread(self) -> _ConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 

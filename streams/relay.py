@@ -32,6 +32,7 @@ from opentelemetry.trace import SpanKind
 
 from adapters.metrics import BROKER_LOG_LOST
 from adapters.outages import is_outage
+from adapters.postgres import login_url
 from adapters.telemetry import continue_trace, current_traceparent, tracing_enabled
 from streams.wakeup import LogWakeup
 
@@ -115,8 +116,8 @@ class RelayPositions:
     """The relay's published position and its :class:`BrokerMarks`, kept in Postgres."""
 
     def __init__(self, database_url: str, *, role: str | None, relay: str = "relay") -> None:
-        self._url = database_url
-        self._options = f"-c role={role}" if role else ""
+        """Logs in as ``role`` (``None``: the URL's own user)."""
+        self._url = login_url(database_url, role)
         self.relay = relay
         self._conn: psycopg.Connection[Any] | None = None
 
@@ -157,7 +158,7 @@ class RelayPositions:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = psycopg.connect(self._url, autocommit=True, options=self._options)
+            self._conn = psycopg.connect(self._url, autocommit=True)
         return self._conn
 
     def _execute(self, query: str, params: tuple[Any, ...] | None = None) -> psycopg.Cursor[Any]:
@@ -186,8 +187,9 @@ class RelayLease:
     KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
 
     def __init__(self, database_url: str, *, role: str | None, relay: str = "relay") -> None:
-        self._url = database_url
-        self._options = self.KEEPALIVES + (f" -c role={role}" if role else "")
+        """Logs in as ``role`` (``None``: the URL's own user)."""
+        self._url = login_url(database_url, role)
+        self._options = self.KEEPALIVES
         self.key = zlib.crc32(f"agentworks relay {relay}".encode()) & 0x7FFFFFFF
         self._conn: psycopg.Connection[Any] | None = None
         self.held = False

@@ -96,11 +96,11 @@ def forget_read_offsets_of(consumer: Any, partitions: set[Any]) -> None:
     keeps that mark when a rebalance gives the partition back to the same member). After the
     broker lost its log the partition restarts at offset 0, so everything republished there
     would be dropped until it passed the old mark. The runner ignores real duplicates itself.
+    Raises :class:`~streams.faust_app.FaustInternalsChanged` if faust keeps no such marks.
     """
-    read_offsets = getattr(consumer, "_read_offset", None)
-    if read_offsets is None:
-        log.warning("worker.read_offsets_unknown", consumer=type(consumer).__name__)
-        return
+    from streams.faust_app import read_offsets_of
+
+    read_offsets = read_offsets_of(consumer)
     for partition in partitions:
         read_offsets.pop(partition, None)
 

@@ -14,10 +14,13 @@ import secrets
 import time
 from typing import TYPE_CHECKING
 
+import hypothesis_profiles
 import pg
 import pytest
 
 from infra.migrate import MigrationError, migrate
+
+hypothesis_profiles.load()
 
 # The memory-only Kafka-protocol broker fixture (`kafka_broker`), shared by every test module.
 pytest_plugins = ["kafka_fixtures"]
@@ -105,10 +108,11 @@ def redis_url() -> Iterator[str]:
 def _migrate_with_retry(url: str, attempts: int = 3) -> None:
     # Migrations create cluster-wide objects (roles) with IF NOT EXISTS checks that can race
     # with another test session migrating its own template at the same moment; each migration
-    # is one transaction, so running again after such a failure is safe.
+    # is one transaction, so running again after such a failure is safe. The components' roles
+    # become LOGIN roles with the test passwords, as `agentworks migrate` makes them.
     for attempt in range(1, attempts + 1):
         try:
-            migrate(url)
+            migrate(url, logins=pg.LOGIN_PASSWORDS)
             return
         except MigrationError:
             if attempt == attempts:

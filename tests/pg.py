@@ -52,9 +52,35 @@ SESSION_PID = int(os.environ.setdefault("AGENTWORKS_TEST_SESSION_PID", str(os.ge
 SESSION_PREFIX = f"{DB_PREFIX}{SESSION_PID}_"
 _ORPHAN = re.compile(rf"{re.escape(DB_PREFIX)}(\d+)_")
 
+#: The password each component's role gets from the test sessions' migrations. The machine's
+#: PostgreSQL trusts local connections and does not check them, but they are set, as in production.
+LOGIN_PASSWORDS = {
+    "agentworks_app": "test-writer-password",
+    "agentworks_api": "test-api-password",
+    "agentworks_projector": "test-projector-password",
+    "agentworks_relay": "test-relay-password",
+}
+
+_COMPONENT_OF = {
+    "agentworks_app": "writer",
+    "agentworks_api": "api",
+    "agentworks_projector": "projector",
+    "agentworks_relay": "relay",
+}
+#: The same passwords as ``Settings`` fields and as the environment of a process under test.
+LOGIN_SETTINGS = {f"db_{_COMPONENT_OF[r]}_password": p for r, p in LOGIN_PASSWORDS.items()}
+LOGIN_ENV = {f"AGENTWORKS_{key.upper()}": value for key, value in LOGIN_SETTINGS.items()}
+
 
 def url_for(dbname: str) -> str:
     return f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{dbname}"
+
+
+def login_url_for(database_url: str, role: str) -> str:
+    """``database_url`` logging in as ``role``, with its password, as a component does."""
+    from adapters.postgres import login_url
+
+    return login_url(database_url, role, LOGIN_PASSWORDS[role])
 
 
 def random_name(kind: str) -> str:

@@ -21,6 +21,7 @@ import redis.asyncio
 from api_client import ApiClient
 from cryptography.fernet import Fernet
 from psycopg.conninfo import make_conninfo
+from users import user_id
 
 from adapters.credentials import Argon2Passwords, SecretBox, Totp
 from adapters.oidc import OidcVerifier
@@ -69,7 +70,7 @@ class Stack:
 
     def token(self, user: str, workspace: UUID | str, role: str = "OWNER") -> str:
         return issue_token(
-            user_id=user, workspace_id=str(workspace), role=role, ttl_seconds=3600,
+            user_id=user_id(user), workspace_id=str(workspace), role=role, ttl_seconds=3600,
             secret=self.secret,
         )  # fmt: skip
 

@@ -6,7 +6,7 @@ from typing import Any
 from uuid import UUID
 
 from api_client import ApiClient
-from e2e_stack import Stack
+from e2e_stack import Stack, user_id
 
 from commands import models as m
 from commands.handlers import Actor
@@ -57,7 +57,7 @@ def _statements_for(
 
 def test_a_board_of_200_cards_costs_as_many_statements_as_one_of_20(stack: Stack) -> None:
     owner, ws = stack.owner_with_workspace("dora", "Loaders")
-    actor = Actor(user_id="dora", workspace_id=ws)
+    actor = Actor(user_id=user_id("dora"), workspace_id=ws)
     small, small_token = _board_with(stack, actor, UUID(ws), 20)
     large, large_token = _board_with(stack, actor, UUID(ws), 200)
 

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from api_client import ApiClient
-from e2e_stack import MakeStack, Stack
+from e2e_stack import MakeStack, Stack, user_id
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -235,10 +235,13 @@ def test_a_domain_refusal_keeps_its_code(stack: Stack) -> None:
     )
     assert alice.data(limit, {"ws": ws})["setSpendLimit"]["workspace"]["monthlyLimit"] == "0.010000"
     duplicate = (
-        'mutation($ws: ID!) { addMember(input: {workspaceId: $ws, userId: "alice",'
+        "mutation($ws: ID!, $alice: ID!) { addMember(input: {workspaceId: $ws, userId: $alice,"
         " role: MEMBER}) { consistencyToken } }"
     )
-    assert alice.error_codes(duplicate, {"ws": ws}) in (["DUPLICATE"], ["INVALID_TRANSITION"])
+    assert alice.error_codes(duplicate, {"ws": ws, "alice": user_id("alice")}) in (
+        ["DUPLICATE"],
+        ["INVALID_TRANSITION"],
+    )
 
 
 def test_health_and_readiness(make_stack: MakeStack) -> None:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from uuid import UUID
 
-from e2e_stack import MakeStack, Stack
+from e2e_stack import MakeStack, Stack, user_id
 
 from commands import models as m
 from commands.handlers import Actor
@@ -18,7 +18,7 @@ def test_a_read_with_the_token_of_a_write_sees_that_write(stack: Stack) -> None:
     alice, ws = stack.owner_with_workspace()
     pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
     card = alice.create_card(pid, "v0")["card"]["id"]
-    actor = Actor(user_id="alice", workspace_id=ws)
+    actor = Actor(user_id=user_id("alice"), workspace_id=ws)
     for i in range(1, 9):
         # Straight to the write side: nothing in the API waited for the projector.
         result = stack.write.update_card(m.UpdateCard(card_id=UUID(card), title=f"v{i}"), actor)
@@ -56,9 +56,9 @@ def test_a_read_that_times_out_answers_with_what_there_is_and_says_stale(
     make_stack: MakeStack,
 ) -> None:
     stack = make_stack(consistency_wait_ms=300)
-    boot = Actor(user_id="alice", workspace_id="*")
+    boot = Actor(user_id=user_id("alice"), workspace_id="*")
     ws = stack.write.create_workspace(m.CreateWorkspace(name="Acme"), boot).id
-    actor = Actor(user_id="alice", workspace_id=str(ws))
+    actor = Actor(user_id=user_id("alice"), workspace_id=str(ws))
     pid = stack.write.create_project(m.CreateProject(workspace_id=ws, name="P"), actor).id
     created = stack.write.create_card(m.CreateCard(project_id=pid, title="before"), actor)
     card = str(created.id)

@@ -12,7 +12,7 @@ from uuid import UUID, uuid4
 
 import pytest
 from api_client import ApiClient, subscribe
-from e2e_stack import Stack
+from e2e_stack import Stack, user_id
 
 from commands import models as m
 from commands.handlers import Actor
@@ -69,9 +69,9 @@ QUERIES_ANSWERING_NOT_FOUND = [
 
 MUTATIONS: list[tuple[str, dict[str, Any]]] = [
     ("renameWorkspace", {"workspaceId": "workspace", "name": "mine now"}),
-    ("addMember", {"workspaceId": "workspace", "userId": "mallory", "role": "OWNER"}),
-    ("changeRole", {"workspaceId": "workspace", "userId": "bob", "role": "VIEWER"}),
-    ("removeMember", {"workspaceId": "workspace", "userId": "bob"}),
+    ("addMember", {"workspaceId": "workspace", "userId": user_id("mallory"), "role": "OWNER"}),
+    ("changeRole", {"workspaceId": "workspace", "userId": user_id("bob"), "role": "VIEWER"}),
+    ("removeMember", {"workspaceId": "workspace", "userId": user_id("bob")}),
     ("setSpendLimit", {"workspaceId": "workspace", "monthlyLimit": "1.00"}),
     ("setPlan", {"workspaceId": "workspace", "markup": "1", "billingIncrement": "0.01"}),
     ("createProject", {"workspaceId": "workspace", "name": "intruder"}),
@@ -84,7 +84,7 @@ MUTATIONS: list[tuple[str, dict[str, Any]]] = [
     ("createCard", {"projectId": "project", "title": "planted"}),
     ("updateCard", {"cardId": "card", "title": "defaced"}),
     ("moveCard", {"cardId": "card", "toLane": "Doing"}),
-    ("assignCard", {"cardId": "card", "assignee": "mallory"}),
+    ("assignCard", {"cardId": "card", "assignee": user_id("mallory")}),
     ("archiveCard", {"cardId": "card"}),
     ("restoreCard", {"cardId": "card"}),
     ("blockCard", {"cardId": "card", "reason": "mine"}),
@@ -168,13 +168,13 @@ def test_a_bootstrap_token_sees_no_workspace(stack: Stack) -> None:
 
 def test_a_removed_member_sees_nothing_even_with_a_valid_token(stack: Stack) -> None:
     owner = _tenant(stack, "alice", "Alpha")
-    owner.client.add_member(owner.workspace, "bob", "MEMBER")
+    owner.client.add_member(owner.workspace, user_id("bob"), "MEMBER")
     bob = stack.as_user("bob", owner.workspace, "MEMBER")
     assert bob.data("query($id: ID!) { card(id: $id) { id } }", {"id": owner.card})["card"]
     owner.client.data(
-        'mutation($ws: ID!) { removeMember(input: {workspaceId: $ws, userId: "bob"}) {'
+        "mutation($ws: ID!, $bob: ID!) { removeMember(input: {workspaceId: $ws, userId: $bob}) {"
         " workspace { members { userId } } } }",
-        {"ws": owner.workspace},
+        {"ws": owner.workspace, "bob": user_id("bob")},
     )
     assert bob.data("query($id: ID!) { card(id: $id) { id } }", {"id": owner.card}) == {
         "card": None
@@ -193,7 +193,7 @@ def test_row_level_security_hides_other_workspaces_without_any_filter(stack: Sta
     async def count_all() -> dict[str, int]:
         scope = ReadScope(
             pool=services.pool, offloader=offloader, workspace_id=UUID(mine.workspace),
-            user_id="alice", counter=StatementCounter(), statement_timeout_ms=5000,
+            user_id=user_id("alice"), counter=StatementCounter(), statement_timeout_ms=5000,
         )  # fmt: skip
         try:
             counts = {}
@@ -231,7 +231,7 @@ class Fixtures:
         self.write = stack.write
         self.workspace = UUID(workspace)
         self.project = UUID(project)
-        self.owner = Actor(user_id="alice", workspace_id=workspace)
+        self.owner = Actor(user_id=user_id("alice"), workspace_id=workspace)
         self.counter = itertools.count()
 
     def card(self) -> str:
@@ -255,7 +255,7 @@ class Fixtures:
         ).id)  # fmt: skip
 
     def member(self) -> str:
-        user = f"user-{next(self.counter)}"
+        user = user_id(f"user-{next(self.counter)}")
         self.write.add_member(
             m.AddMember(workspace_id=self.workspace, user_id=user, role="MEMBER"), self.owner
         )
@@ -281,7 +281,7 @@ Case = tuple[str, str, Callable[[Fixtures], dict[str, Any]]]
 ROLE_CASES: list[Case] = [
     ("renameWorkspace", "ADMIN", lambda f: {"workspaceId": str(f.workspace), "name": "Renamed"}),
     ("addMember", "ADMIN", lambda f: {"workspaceId": str(f.workspace),
-                                      "userId": f"new-{uuid4().hex[:6]}", "role": "MEMBER"}),
+                                      "userId": str(uuid4()), "role": "MEMBER"}),
     ("changeRole", "ADMIN", lambda f: {"workspaceId": str(f.workspace), "userId": f.member(),
                                        "role": "VIEWER"}),
     ("removeMember", "ADMIN", lambda f: {"workspaceId": str(f.workspace), "userId": f.member()}),
@@ -303,7 +303,7 @@ ROLE_CASES: list[Case] = [
     ("createCard", "MEMBER", lambda f: {"projectId": str(f.project), "title": "new"}),
     ("updateCard", "MEMBER", lambda f: {"cardId": f.card(), "title": "edited"}),
     ("moveCard", "MEMBER", lambda f: {"cardId": f.card(), "toLane": "Doing"}),
-    ("assignCard", "MEMBER", lambda f: {"cardId": f.card(), "assignee": "carol"}),
+    ("assignCard", "MEMBER", lambda f: {"cardId": f.card(), "assignee": user_id("carol")}),
     ("archiveCard", "MEMBER", lambda f: {"cardId": f.card()}),
     ("restoreCard", "MEMBER", lambda f: {"cardId": f.archived_card()}),
     ("blockCard", "MEMBER", lambda f: {"cardId": f.card(), "reason": "needs input"}),
@@ -317,7 +317,7 @@ def test_every_mutation_checks_the_callers_role(stack: Stack) -> None:
     owner, ws = stack.owner_with_workspace("alice")
     pid = owner.create_project(ws, "Roles", [{"name": "Todo"}, {"name": "Doing"}])["project"]["id"]
     for user, role in (("bob", "ADMIN"), ("carol", "MEMBER"), ("dave", "VIEWER")):
-        owner.add_member(ws, user, role)
+        owner.add_member(ws, user_id(user), role)
     # A token's role claim is not what counts: the workspace's membership is.
     clients = {
         "OWNER": owner,
@@ -340,13 +340,13 @@ def test_every_mutation_checks_the_callers_role(stack: Stack) -> None:
 @pytest.mark.parametrize("granted", ["OWNER"])
 def test_only_an_owner_may_grant_owner(stack: Stack, granted: str) -> None:
     owner, ws = stack.owner_with_workspace("alice")
-    owner.add_member(ws, "bob", "ADMIN")
+    owner.add_member(ws, user_id("bob"), "ADMIN")
     admin = stack.as_user("bob", ws, "ADMIN")
     answer = admin.post(
         _mutation("addMember"),
-        {"input": {"workspaceId": ws, "userId": "eve", "role": granted}},
+        {"input": {"workspaceId": ws, "userId": user_id("eve"), "role": granted}},
     )
     assert answer.codes == ["FORBIDDEN"]
-    assert owner.add_member(ws, "eve", granted)["workspace"]["members"][-1] == {
-        "userId": "eve", "role": "OWNER",
+    assert owner.add_member(ws, user_id("eve"), granted)["workspace"]["members"][-1] == {
+        "userId": user_id("eve"), "role": "OWNER",
     }  # fmt: skip

@@ -46,6 +46,7 @@ from projections.rebuild import SCRATCH_SUFFIX, rebuild
 from projections.registry import all_projectors, projector_names
 from projections.runner import ProjectionRunner
 from streams.embedded import EmbeddedFanout
+from streams.envelope import TOPICS
 from streams.log import EventLog
 from streams.relay import headers_for, topic_for
 
@@ -685,12 +686,17 @@ class KafkaStack:
         seed: int,
         converge_timeout: float = 120.0,
         sweep_interval: float = 0,
+        partitions: int = 3,
     ) -> None:
         self.database_url = database_url
         self.broker = broker
         self.converge_timeout = converge_timeout
         self.fanout = KafkaFanout(
-            database_url, broker.bootstrap, workdir, partitions=3, sweep_interval=sweep_interval
+            database_url,
+            broker.bootstrap,
+            workdir,
+            partitions=partitions,
+            sweep_interval=sweep_interval,
         )
         self.app: AgentWorks = build_write_side(database_url, pool_size=2)
         self.workload = Workload(self.app, seed=seed)
@@ -722,14 +728,21 @@ class KafkaStack:
 
 @contextlib.contextmanager
 def kafka_stack(
-    database_url: str, workdir: Path, *, seed: int, sweep_interval: float = 0
+    database_url: str, workdir: Path, *, seed: int, sweep_interval: float = 0, partitions: int = 3
 ) -> Iterator[KafkaStack]:
     """A :class:`KafkaStack` on a new :class:`LocalBroker`, all of it stopped on exit."""
     broker = LocalBroker()
     stack: KafkaStack | None = None
     try:
         broker.start()
-        stack = KafkaStack(database_url, broker, workdir, seed=seed, sweep_interval=sweep_interval)
+        stack = KafkaStack(
+            database_url,
+            broker,
+            workdir,
+            seed=seed,
+            sweep_interval=sweep_interval,
+            partitions=partitions,
+        )
         stack.fanout.start()
         yield stack
     finally:
@@ -937,6 +950,51 @@ def publish_envelopes(
         producer.close(timeout=5)
 
 
+def published_positions(bootstrap: str, *, topic_prefix: str = "") -> set[int]:
+    """The global positions of every record on the event topics, read from the beginning up to
+    each partition's end offset (what the broker holds now, duplicates folded)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        topics = {topic_prefix + topic for topic in (*TOPICS, "other-events")}
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in sorted(topics & consumer.topics())
+            for p in consumer.partitions_for_topic(topic) or ()
+        ]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        found: set[int] = set()
+        deadline = time.monotonic() + 60
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the topics were not read to their end offsets within 60s")
+            for records in consumer.poll(timeout_ms=500).values():
+                found.update(int(dict(record.headers)["position"]) for record in records)
+        return found
+    finally:
+        consumer.close()
+
+
+def positions_in_store(database_url: str, *, after: int) -> set[int]:
+    with connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT notification_id FROM agentworks_events WHERE notification_id > %s", (after,)
+        ).fetchall()
+    return {int(row[0]) for row in rows}
+
+
+def healed_from_store(database_url: str) -> dict[str, int]:
+    """Per projector, the events it applied from the store instead of from a delivery."""
+    with connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT projector, healed FROM projection_positions WHERE projector NOT LIKE '%#%'"
+        ).fetchall()
+    return {str(name): int(count) for name, count in rows}
+
+
 # == small database helpers =======================================================================
 
 
@@ -970,6 +1028,17 @@ def head(database_url: str) -> int:
 
 def relay_position(database_url: str) -> int:
     return int(scalar(database_url, "SELECT coalesce(max(position), 0) FROM relay_positions"))
+
+
+def record_relay_position(database_url: str, position: int) -> None:
+    """As if the relay had published everything up to ``position``: an upsert, so it holds
+    also for a relay that never recorded a position (it would start from 0 and publish all)."""
+    with connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO relay_positions (relay, position) VALUES ('relay', %s) "
+            "ON CONFLICT (relay) DO UPDATE SET position = EXCLUDED.position",
+            (position,),
+        )
 
 
 def projector_position(database_url: str, projector: str) -> int:

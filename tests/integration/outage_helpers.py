@@ -27,6 +27,7 @@ from uuid import UUID, uuid4
 import httpx
 import psycopg
 import redis.asyncio
+from users import user_id
 
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
@@ -61,7 +62,11 @@ class ApiStack:
 
     def token(self, user: str, workspace: str, role: str = "OWNER") -> str:
         return issue_token(
-            user_id=user, workspace_id=workspace, role=role, ttl_seconds=3600, secret=self.secret
+            user_id=user_id(user),
+            workspace_id=workspace,
+            role=role,
+            ttl_seconds=3600,
+            secret=self.secret,
         )
 
     def post(

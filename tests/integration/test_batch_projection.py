@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from hypothesis_profiles import examples
 from read_side_helpers import ReadSide
 from test_read_model_properties import (
     EVERYTHING_ONCE,
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 
 @settings(
-    max_examples=8,
+    max_examples=examples(dev=10, ci=15),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

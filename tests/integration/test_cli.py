@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from adapters.tokens import verify_token
 from domain.roles import Role
+from infra.cli import BOOTSTRAP_USER
 from infra.migrate import applied_versions, discover
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "cli-test-secret-" + "z" * 40
+WS = "6b0c2a4e-3f4d-4c2b-9a51-0d5e8f7a1c01"
+USER = "0f3e9d2c-5b6a-4e1f-8c7d-2a9b4e6f8d02"
 
 
 def agentworks(
@@ -77,7 +80,7 @@ class TestToken:
         assert principal.is_bootstrap
         assert principal.workspace_id == "*"
         assert principal.role is Role.OWNER
-        assert principal.user_id == "bootstrap"
+        assert principal.user_id == BOOTSTRAP_USER
 
     def test_later_runs_reuse_the_kept_dev_secret(self, tmp_path: Path) -> None:
         data_dir = str(tmp_path / "data")
@@ -88,7 +91,7 @@ class TestToken:
 
         second = single_token(
             agentworks(
-                "token", "--workspace", "w1", "--user", "u1", "--role", "viewer",
+                "token", "--workspace", WS, "--user", USER, "--role", "viewer",
                 "--data-dir", data_dir, cwd=tmp_path,
             )
         )  # fmt: skip
@@ -100,26 +103,26 @@ class TestToken:
     def test_default_data_dir_comes_from_settings(self, tmp_path: Path) -> None:
         token = single_token(
             agentworks(
-                "token", "--bootstrap", "--user", "alice", cwd=tmp_path,
+                "token", "--bootstrap", "--user", USER, cwd=tmp_path,
                 env={"AGENTWORKS_DATA_DIR": str(tmp_path / "configured")},
             )
         )  # fmt: skip
 
         secret = (tmp_path / "configured" / "jwt_secret").read_text().strip()
-        assert verify_token(token, secret=secret).user_id == "alice"
+        assert verify_token(token, secret=secret).user_id == USER
 
     def test_workspace_token_with_configured_secret_and_ttl(self, tmp_path: Path) -> None:
         token = single_token(
             agentworks(
-                "token", "--workspace", "ws-9", "--user", "u-9", "--role", "member",
+                "token", "--workspace", WS, "--user", USER, "--role", "member",
                 "--ttl", "120", cwd=tmp_path, env={"AGENTWORKS_JWT_SECRET": SECRET},
             )
         )  # fmt: skip
 
         principal = verify_token(token, secret=SECRET)
         assert (principal.workspace_id, principal.user_id, principal.role) == (
-            "ws-9",
-            "u-9",
+            WS,
+            USER,
             Role.MEMBER,
         )
         claims = jwt.decode(token, options={"verify_signature": False})
@@ -145,7 +148,7 @@ class TestToken:
 
         token = single_token(
             agentworks(
-                "token", "--workspace", "w", "--user", "u", "--role", "ADMIN", cwd=tmp_path,
+                "token", "--workspace", WS, "--user", USER, "--role", "ADMIN", cwd=tmp_path,
                 env={"AGENTWORKS_JWT_PRIVATE_KEY": escaped},
             )
         )  # fmt: skip
@@ -158,7 +161,16 @@ class TestToken:
         [
             (["token"], "missing --workspace, --user, --role"),
             (["token", "--workspace", "w", "--role", "OWNER"], "missing --user"),
-            (["token", "--workspace", "w", "--user", "u", "--role", "KING"], "unknown role"),
+            (["token", "--workspace", WS, "--user", USER, "--role", "KING"], "unknown role"),
+            (
+                ["token", "--workspace", WS, "--user", "bob", "--role", "OWNER"],
+                "--user must be a UUID",
+            ),
+            (
+                ["token", "--workspace", "w", "--user", USER, "--role", "OWNER"],
+                "--workspace must be a UUID",
+            ),
+            (["token", "--bootstrap", "--user", "a\x01b"], "--user must be a UUID"),
             (["token", "--bootstrap", "--workspace", "w"], "exclude each other"),
             (["token", "--bootstrap", "--role", "VIEWER"], "always OWNER"),
             (["token", "--workspace", "*", "--user", "u", "--role", "OWNER"], "--bootstrap"),
@@ -344,13 +356,13 @@ def test_status_shows_lag_and_sweep_watermarks(database_url: str, tmp_path: Path
 def test_sweep_applies_what_a_projector_never_received(database_url: str, tmp_path: Path) -> None:
     from commands import models as m
     from commands.handlers import Actor
-    from infra.bootstrap import build_read_side
+    from infra.bootstrap import build_read_side, build_write_side
     from infra.settings import Settings
 
-    settings = Settings(database_url=database_url)
+    settings = Settings(database_url=database_url, **pg.LOGIN_SETTINGS)
     read_side = build_read_side(settings, database_url, projector_names=["activity"])
+    app = build_write_side(database_url)
     try:
-        app = read_side.write_side
         olga = Actor(user_id="olga", workspace_id="*")
         created = app.create_workspace(m.CreateWorkspace(name="Swept"), olga)
         app.rename_workspace(
@@ -360,6 +372,7 @@ def test_sweep_applies_what_a_projector_never_received(database_url: str, tmp_pa
         events = read_side.event_log.read(after=0)
         read_side.runners[0].process(events[:-1])  # the rename never arrived
     finally:
+        app.close()
         read_side.close()
 
     result = agentworks("sweep", "all", cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": database_url})

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[2]
 STOP_WITHIN = 15.0
 SECRET = "dev-command-test-secret-" + "q" * 32
+ADA = "2c7b8e1d-4a5f-4e6b-9c0d-3e2f1a0b9c04"
 
 pytestmark = pytest.mark.slow
 
@@ -260,12 +261,12 @@ def test_dev_tokens_from_the_cli_work_and_sigterm_stops_it_despite_a_hanging_req
         return result.stdout.strip()
 
     created = dev.graphql(
-        token("--bootstrap", "--user", "ada"),
+        token("--bootstrap", "--user", ADA),
         'mutation { createWorkspace(input: {name: "Dev"}) { workspace { id } } }',
         {},
     )
     workspace_id = created["createWorkspace"]["workspace"]["id"]
-    owner = token("--workspace", workspace_id, "--user", "ada", "--role", "OWNER")
+    owner = token("--workspace", workspace_id, "--user", ADA, "--role", "OWNER")
     seen = dev.graphql(
         owner, "query($id: ID!) { workspace(id: $id) { name } }", {"id": workspace_id}
     )
@@ -341,7 +342,7 @@ def test_serve_answers_on_the_configured_database_and_exports_traces_over_otlp(
 
     assert httpx.get(f"{serve.url}/healthz", timeout=5).json() == {"status": "ok"}
     bootstrap = issue_token(
-        user_id="otto",
+        user_id="5d1e0c9b-7a4f-4b3e-8d2c-1f0a9e8b7c03",
         workspace_id=BOOTSTRAP_WORKSPACE,
         role="OWNER",
         ttl_seconds=60,

@@ -20,6 +20,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
+import pg
 import psycopg
 import pytest
 from board_helpers import wait_for
@@ -72,8 +73,8 @@ else:
 def make_datastore(
     database_url: str, *, pool_size: int = 2, max_overflow: int = 2, options: str = ""
 ) -> PostgresDatastore:
-    """A library datastore on ``database_url`` whose connections run as the application role."""
-    parts = conninfo_to_dict(database_url)
+    """A library datastore on ``database_url`` whose connections log in as the application role."""
+    parts = conninfo_to_dict(pg.login_url_for(database_url, APP_ROLE))
     datastore = PostgresDatastore(
         dbname=str(parts["dbname"]),
         host=str(parts.get("host") or "127.0.0.1"),
@@ -85,7 +86,8 @@ def make_datastore(
     )
     kwargs = datastore.pool.kwargs
     assert isinstance(kwargs, dict)
-    kwargs["options"] = f"-c role={APP_ROLE} {options}".strip()
+    if options:
+        kwargs["options"] = options
     return datastore
 
 

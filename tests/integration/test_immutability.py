@@ -1,7 +1,7 @@
 """The database, not convention, keeps stored events immutable.
 
 The application's role may only INSERT and SELECT the events table; a trigger refuses UPDATE,
-DELETE and TRUNCATE even to the table's owner. The write side itself connects as that role.
+DELETE and TRUNCATE even to the table's owner. The write side itself logs in as that role.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from uuid import uuid4
 
+import pg
 import psycopg
 import pytest
 from board_helpers import stored_rows
@@ -32,9 +33,8 @@ CHANGES = {
 
 @pytest.fixture
 def as_app(database_url: str) -> Iterator[psycopg.Connection]:
-    """A connection as the superuser that switched to the application's role."""
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f"SET ROLE {APP_ROLE}")
+    """A connection logged in as the application's role."""
+    with psycopg.connect(pg.login_url_for(database_url, APP_ROLE), autocommit=True) as conn:
         yield conn
 
 
@@ -94,10 +94,10 @@ class TestApplicationRole:
         ).fetchone()
         assert row == ("inserted", APP_ROLE)
 
-    def test_write_side_connects_as_app_role(self, write_side: AgentWorks) -> None:
+    def test_write_side_logs_in_as_app_role(self, write_side: AgentWorks) -> None:
         with write_side.factory.datastore.get_connection() as conn:  # type: ignore[attr-defined]
             row = conn.execute("SELECT current_user, session_user").fetchone()
-        assert row == {"current_user": APP_ROLE, "session_user": "postgres"}
+        assert row == {"current_user": APP_ROLE, "session_user": APP_ROLE}
 
     def test_write_side_connections_cannot_change_events(
         self, write_side: AgentWorks, board: Board, database_url: str

@@ -156,8 +156,11 @@ class Scene:
 def cli_env(url: str) -> dict[str, str]:
     import os
 
+    import pg
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWORKS_")}
     env.update(
+        pg.LOGIN_ENV,  # as a deployment sets them (and no dev passwords left in the cwd)
         AGENTWORKS_DATABASE_URL=url,
         AGENTWORKS_LOG_JSON="false",
         AGENTWORKS_POOL_SIZE="2",

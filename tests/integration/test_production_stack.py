@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
     from adapters.kafka_broker import LocalBroker
 
+ALICE = "8e4f2a1b-6c3d-4f5e-9a0b-7c1d2e3f4a05"
+
 pytestmark = pytest.mark.slow
 
 
@@ -68,7 +70,7 @@ def test_serve_relay_and_workers_serve_a_client_through_kafka_and_redis(
             time.sleep(0.2)
 
         boot = issue_token(
-            user_id="alice", workspace_id=BOOTSTRAP_WORKSPACE, role="OWNER", ttl_seconds=600,
+            user_id=ALICE, workspace_id=BOOTSTRAP_WORKSPACE, role="OWNER", ttl_seconds=600,
             secret=secret,
         )  # fmt: skip
         created = _graphql(
@@ -76,7 +78,7 @@ def test_serve_relay_and_workers_serve_a_client_through_kafka_and_redis(
         )
         workspace_id = created["createWorkspace"]["workspace"]["id"]
         token = issue_token(
-            user_id="alice", workspace_id=workspace_id, role="OWNER", ttl_seconds=600,
+            user_id=ALICE, workspace_id=workspace_id, role="OWNER", ttl_seconds=600,
             secret=secret,
         )  # fmt: skip
         project = _graphql(

@@ -9,9 +9,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from fanout_helpers import (
+    KafkaFanout,
+    Service,
+    cli,
+    positions_in_store,
+    published_positions,
+    relay_position,
+)
 
 from adapters.kafka import create_topics, make_producer
 from adapters.kafka_broker import LocalBroker
@@ -20,6 +28,9 @@ from commands.handlers import Actor, AgentWorks
 from streams.envelope import TOPICS
 from streams.log import EventLog
 from streams.relay import Relay, RelayLease, RelayPositions
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PREFIX = "standby-"
 
@@ -130,3 +141,65 @@ def test_one_relay_publishes_and_the_standby_takes_over_where_it_stopped(
     assert not set(after) & set(first.producer.positions)
     # It resumed from what the first one recorded, not from the start of the log.
     assert sorted(second.producer.positions) == sorted(after)
+
+
+# == the real case: the lease holder's process killed ============================================
+
+
+@pytest.fixture
+def relay_processes(
+    database_url: str, kafka_broker: LocalBroker, tmp_path: Path
+) -> Iterator[Callable[[str], Service]]:
+    """``agentworks relay`` subprocesses on this test's database and topics of their own."""
+    env = KafkaFanout(database_url, kafka_broker.bootstrap, tmp_path, topic_prefix=KILL_PREFIX).env
+    started: list[Service] = []
+
+    def start(name: str) -> Service:
+        started.append(Service(name, cli("relay"), env=env, cwd=tmp_path).start())
+        return started[-1]
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+KILL_PREFIX = "standby-kill-"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_standby_takes_over_when_the_holders_process_is_killed(
+    write_side: AgentWorks,
+    database_url: str,
+    kafka_broker: LocalBroker,
+    relay_processes: Callable[[str], Service],
+    record_property: Callable[[str, object], None],
+) -> None:
+    """SIGKILL of the relay that holds the lease, on this host: its kernel closes the lease's
+    socket, so the server ends the session (and frees the advisory lock) at once, and the
+    standby takes over at its next look (``standby_interval``, 2 s). The TCP keepalive bound
+    (about 11 s) is for a holder whose host vanished without closing the socket; that needs
+    packets dropped, which this test cannot do here."""
+    first = relay_processes("relay-first")
+    wait_until(lambda: "relay.active" in first.log_tail(), "the first relay leads", 60)
+    second = relay_processes("relay-second")
+    wait_until(lambda: "relay.started" in second.log_tail(), "the second relay starts", 60)
+    before = workspaces(write_side, 20)
+    wait_until(lambda: relay_position(database_url) >= max(before), "the first publishes", 60)
+    time.sleep(1)
+    assert "relay.active" not in second.log_tail(), "the standby published while on standby"
+
+    first.kill()
+    killed = time.monotonic()
+    after = workspaces(write_side, 20)
+    wait_until(lambda: relay_position(database_url) >= max(after), "the standby takes over", 60)
+    took_over = time.monotonic() - killed
+    record_property("relay_takeover_seconds", round(took_over, 3))
+    print(f"relay take-over after SIGKILL of the lease holder: {took_over:.2f} s")
+
+    assert "relay.active" in second.log_tail()
+    # Nothing lost: every event of the log is on its topic (duplicates allowed).
+    stored = positions_in_store(database_url, after=0)
+    assert set(before) | set(after) <= stored
+    missing = stored - published_positions(kafka_broker.bootstrap, topic_prefix=KILL_PREFIX)
+    assert not missing, f"never published: {sorted(missing)[:10]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
+import pg
 import psycopg
 import pytest
 from board_helpers import LANES, bootstrap_board
@@ -42,7 +43,7 @@ READ_MODELS = (
 
 @pytest.fixture
 def read_side(database_url: str) -> Iterator[ReadSide]:
-    side = build_read_side(Settings.load(), database_url)
+    side = build_read_side(Settings.load(**pg.LOGIN_SETTINGS), database_url)
     try:
         yield side
     finally:
@@ -65,19 +66,19 @@ def _visible(conn: psycopg.Connection[tuple[object, ...]], table: str) -> set[st
 
 
 def test_api_role_without_a_workspace_setting_sees_no_rows(
-    database_url: str, read_side: ReadSide
+    database_url: str, read_side: ReadSide, write_side: AgentWorks
 ) -> None:
-    _two_tenants(read_side.write_side, read_side)
-    with psycopg.connect(database_url, options=f"-c role={API_ROLE}") as conn:
+    _two_tenants(write_side, read_side)
+    with psycopg.connect(pg.login_url_for(database_url, API_ROLE)) as conn:
         for table in READ_MODELS:
             assert _visible(conn, table) == set(), table
 
 
 def test_api_role_sees_only_the_workspace_of_its_transaction(
-    database_url: str, read_side: ReadSide
+    database_url: str, read_side: ReadSide, write_side: AgentWorks
 ) -> None:
-    first, second = _two_tenants(read_side.write_side, read_side)
-    with psycopg.connect(database_url, options=f"-c role={API_ROLE}") as conn:
+    first, second = _two_tenants(write_side, read_side)
+    with psycopg.connect(pg.login_url_for(database_url, API_ROLE)) as conn:
         populated = 0
         for table in READ_MODELS:
             with conn.transaction():
@@ -90,9 +91,11 @@ def test_api_role_sees_only_the_workspace_of_its_transaction(
         assert _visible(conn, "rm_cards") == set()
 
 
-def test_api_role_cannot_write_read_models(database_url: str, read_side: ReadSide) -> None:
-    first, _ = _two_tenants(read_side.write_side, read_side)
-    with psycopg.connect(database_url, options=f"-c role={API_ROLE}") as conn:
+def test_api_role_cannot_write_read_models(
+    database_url: str, read_side: ReadSide, write_side: AgentWorks
+) -> None:
+    first, _ = _two_tenants(write_side, read_side)
+    with psycopg.connect(pg.login_url_for(database_url, API_ROLE)) as conn:
         conn.execute("SELECT set_config('agentworks.workspace_id', %s, false)", (first,))
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("UPDATE rm_cards SET title = 'hacked'")
@@ -104,9 +107,9 @@ def _rows(database_url: str, table: str) -> list[tuple[object, ...]]:
 
 
 def test_rebuild_swaps_in_tables_equal_to_the_incremental_ones(
-    database_url: str, read_side: ReadSide
+    database_url: str, read_side: ReadSide, write_side: AgentWorks
 ) -> None:
-    _two_tenants(read_side.write_side, read_side)
+    _two_tenants(write_side, read_side)
     before = {t: _rows(database_url, t) for t in KanbanProjector.tables}
     result = rebuild(KanbanProjector(), read_side.pool, read_side.event_log)
     assert result.swapped
@@ -125,9 +128,9 @@ def test_rebuild_swaps_in_tables_equal_to_the_incremental_ones(
 
 
 def test_interrupted_rebuild_leaves_the_live_tables_untouched(
-    database_url: str, read_side: ReadSide
+    database_url: str, read_side: ReadSide, write_side: AgentWorks
 ) -> None:
-    _two_tenants(read_side.write_side, read_side)
+    _two_tenants(write_side, read_side)
     before = _rows(database_url, "rm_cards")
 
     def crash(position: int, head: int) -> None:
@@ -148,9 +151,9 @@ def test_interrupted_rebuild_leaves_the_live_tables_untouched(
 
 @pytest.mark.slow
 def test_reads_keep_answering_and_writes_keep_landing_during_a_rebuild(
-    database_url: str, read_side: ReadSide
+    database_url: str, read_side: ReadSide, write_side: AgentWorks
 ) -> None:
-    app = read_side.write_side
+    app = write_side
     board = bootstrap_board(app, lanes=LANES)
     for i in range(150):
         app.create_card(m.CreateCard(project_id=board.project_id, title=f"c{i}"), board.owner)

@@ -8,8 +8,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from projections.kanban import KanbanProjector
-from streams.worker import consumer_group, projector_topics
+from streams.faust_app import FaustInternalsChanged, read_offsets_of
+from streams.worker import consumer_group, forget_read_offsets_of, projector_topics
 
 BUILD = textwrap.dedent(
     """
@@ -56,3 +59,52 @@ def test_one_group_per_projector_on_its_topics() -> None:
         "t-card-events",
         "t-workspace-events",
     ]
+
+
+FORGET = textwrap.dedent(
+    """
+    import asyncio
+    from faust.types import TP
+    from projections.kanban import KanbanProjector
+    from projections.runner import ProjectionRunner
+    from streams.worker import build_worker_app, forget_read_offsets_of
+
+    runner = ProjectionRunner(KanbanProjector(), pool=None, log_reader=None)
+    app = build_worker_app(runner, "127.0.0.1:9")
+
+    async def forget():
+        consumer = app.consumer
+        kept, forgotten = TP("card-events", 0), TP("card-events", 1)
+        consumer._read_offset[kept] = 41
+        consumer._read_offset[forgotten] = 42
+        forget_read_offsets_of(consumer, {forgotten})
+        return dict(consumer._read_offset)
+
+    print(asyncio.run(forget()))
+    """
+)
+
+
+def test_forgetting_read_offsets_clears_faust_marks_of_the_assigned_partitions_only() -> None:
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", FORGET],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "{TP(topic='card-events', partition=0): 41}"
+
+
+def test_a_faust_without_read_marks_is_refused_loudly() -> None:
+    """The worker's recovery after a broker lost its log leans on faust's private read marks:
+    if faust stops keeping them, the worker must not start (nor carry on with a warning)."""
+
+    class ConsumerOfAnotherFaust:
+        pass
+
+    with pytest.raises(FaustInternalsChanged, match="_read_offset"):
+        forget_read_offsets_of(ConsumerOfAnotherFaust(), set())
+    with pytest.raises(FaustInternalsChanged):
+        read_offsets_of(ConsumerOfAnotherFaust())

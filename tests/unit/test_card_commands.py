@@ -91,7 +91,9 @@ SPECS = [
     Spec(
         "assignCard",
         Role.MEMBER,
-        lambda w, a: w.app.assign_card(m.AssignCard(card_id=w.card_id, assignee="bob"), a),
+        lambda w, a: w.app.assign_card(
+            m.AssignCard(card_id=w.card_id, assignee=w.owner.user_id), a
+        ),
     ),
     Spec(
         "labelCard",
@@ -462,7 +464,8 @@ VERSIONED: dict[str, Callable[[World, int], Callable[[], CommandResult]]] = {
     ),
     "assignCard": lambda w, v: (
         lambda: w.app.assign_card(
-            m.AssignCard(card_id=w.card_id, assignee="bob", expected_version=v), w.owner
+            m.AssignCard(card_id=w.card_id, assignee=w.owner.user_id, expected_version=v),
+            w.owner,
         )
     ),
     "archiveCard": lambda w, v: (

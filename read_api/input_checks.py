@@ -1,0 +1,118 @@
+"""Checks of what a GraphQL request brings in, before any resolver runs.
+
+* :class:`ExplicitOperation`: a document with several operations names the one to run
+  (``operationName``), as the GraphQL spec requires; nothing is guessed.
+* :class:`StorableTextOnly`: one gate for every text an operation brings in, variables and the
+  document's literals.
+
+Arguments of queries, mutations and subscriptions alike (names, labels, search queries, cursors,
+ids) pass here before any resolver runs, so no argument added later can let text through that
+PostgreSQL cannot hold (:mod:`domain.text`). The refusal is ``VALIDATION`` and names the variable
+or the field and argument that held it. Commands check again (``commands.models.Input``), and
+aggregates once more before recording, for callers that are not GraphQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from graphql import (
+    ArgumentNode,
+    DocumentNode,
+    FieldNode,
+    GraphQLError,
+    ObjectFieldNode,
+    OperationDefinitionNode,
+    StringValueNode,
+    Visitor,
+    visit,
+)
+from strawberry.extensions import SchemaExtension
+
+from domain.text import find_unstorable, text_problem
+
+
+class ExplicitOperation(SchemaExtension):
+    """Refuses a document of several operations that does not say which one to run.
+
+    Strawberry would otherwise run the first one, so a client's mistake silently runs a
+    different operation than it meant (``VALIDATION``).
+    """
+
+    def on_execute(self) -> Iterator[None]:
+        context = self.execution_context
+        document = context.graphql_document
+        if document is not None and context._provided_operation_name is None:
+            operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+            if len(operations) > 1:
+                raise GraphQLError(
+                    f"the document holds {len(operations)} operations; name the one to run "
+                    "in operationName",
+                    extensions={"code": "VALIDATION"},
+                )
+        yield
+
+
+class StorableTextOnly(SchemaExtension):
+    """Refuses an operation whose variables or literals hold text PostgreSQL cannot store."""
+
+    def on_execute(self) -> Iterator[None]:
+        context = self.execution_context
+        found = find_unstorable(context.variables or {})
+        if found is not None:
+            path, problem = found
+            raise GraphQLError(f"variable ${path} {problem}", extensions={"code": "VALIDATION"})
+        query = context.query or ""
+        # Literals can only hide such text behind an escape (\u0000) or hold it raw; a document
+        # with neither, as nearly every real one is, needs no walk.
+        document = context.graphql_document
+        if document is not None and ("\\" in query or text_problem(query) is not None):
+            literal = _unstorable_literal(document)
+            if literal is not None:
+                where, problem, node = literal
+                raise GraphQLError(
+                    f"{where} {problem}", nodes=[node], extensions={"code": "VALIDATION"}
+                )
+        yield
+
+
+def _unstorable_literal(document: DocumentNode) -> tuple[str, str, StringValueNode] | None:
+    finder = _LiteralFinder()
+    visit(document, finder)
+    return finder.found
+
+
+class _LiteralFinder(Visitor):
+    """Finds the first string literal that cannot be stored, with the names leading to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.found: tuple[str, str, StringValueNode] | None = None
+
+    def enter_field(self, node: FieldNode, *_: Any) -> None:
+        self.names.append(node.name.value)
+
+    def leave_field(self, node: FieldNode, *_: Any) -> None:
+        self.names.pop()
+
+    def enter_argument(self, node: ArgumentNode, *_: Any) -> None:
+        self.names.append(node.name.value)
+
+    def leave_argument(self, node: ArgumentNode, *_: Any) -> None:
+        self.names.pop()
+
+    def enter_object_field(self, node: ObjectFieldNode, *_: Any) -> None:
+        self.names.append(node.name.value)
+
+    def leave_object_field(self, node: ObjectFieldNode, *_: Any) -> None:
+        self.names.pop()
+
+    def enter_string_value(self, node: StringValueNode, *_: Any) -> Any:
+        problem = text_problem(node.value)
+        if problem is not None and self.found is None:
+            where = ".".join(self.names) or "a string literal"
+            self.found = (where, problem, node)
+            return self.BREAK
+        return None
