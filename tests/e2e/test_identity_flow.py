@@ -202,7 +202,9 @@ def test_sign_up_log_in_refresh_reuse_and_log_out(http: httpx.Client) -> None:
     )
 
 
-def test_mfa_enrol_confirm_and_log_in_with_codes(http: httpx.Client, auth_stack: Stack) -> None:
+def test_mfa_enrol_confirm_and_log_in_with_codes(
+    http: httpx.Client, auth_stack: Stack, capfd: pytest.CaptureFixture[str]
+) -> None:
     signup(http, "grace@example.com", "Grace")
     token = login(http, "grace@example.com").json()["accessToken"]
     auth = {"Authorization": f"Bearer {token}"}
@@ -256,6 +258,13 @@ def test_mfa_enrol_confirm_and_log_in_with_codes(http: httpx.Client, auth_stack:
         assert plain.encode() not in stored
     assert any(t.endswith("User.LoginFailed") for t in topics)
     assert any(t.endswith("User.LoginSucceeded") for t in topics)
+
+    # Nor in anything the server logged while this test ran (its threads write here).
+    out, err = capfd.readouterr()
+    logged = out + err
+    assert "auth.refused" in logged or "graphql.request" in logged  # the capture saw the server
+    for plain in [PASSWORD, "not the password", secret, *recovery, token]:
+        assert plain not in logged
 
 
 def test_bad_bodies_are_validation_errors(http: httpx.Client) -> None:
