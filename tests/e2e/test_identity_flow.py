@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from api_client import subscribe
 from e2e_stack import Stack, StackBuilder
 
 PASSWORD = "correct horse battery"
@@ -71,7 +72,7 @@ def graphql(
     return body
 
 
-def test_sign_up_log_in_refresh_reuse_and_log_out(http: httpx.Client) -> None:
+def test_sign_up_log_in_refresh_reuse_and_log_out(http: httpx.Client, auth_stack: Stack) -> None:
     user_id = signup(http, "Ada.Lovelace@Example.com")
     assert error_of(
         http.post("/auth/signup", json={"email": "ada.lovelace@example.COM", "password": PASSWORD,
@@ -135,6 +136,19 @@ def test_sign_up_log_in_refresh_reuse_and_log_out(http: httpx.Client) -> None:
         p=project_id,
     )  # fmt: skip
     assert board["data"]["board"]["lanes"] == [{"name": "Todo", "count": 1}]
+    # Subscriptions too: the board's changes reach a user token's WebSocket.
+    with subscribe(
+        auth_stack.ws_url, token,
+        "subscription($p: ID!) { boardChanged(projectId: $p) { kind card { title } } }",
+        {"p": project_id},
+    ) as changes:  # fmt: skip
+        graphql(
+            http, token,
+            "mutation($p: ID!) { createCard(input: {projectId: $p, title: \"Live\"})"
+            " { card { id } } }",
+            p=project_id,
+        )  # fmt: skip
+        assert changes.next()["data"]["boardChanged"]["card"] == {"title": "Live"}
 
     # A colleague added by user id acts there at their membership's role, and sees it in `me`.
     colleague_id = signup(http, "charles@example.com", "Charles")
