@@ -253,6 +253,25 @@ class Identity:
         except NotFound:
             return
 
+    def change_password(
+        self, user_id: UUID, *, current: str, new: str, correlation_id: str = ""
+    ) -> None:
+        """Replace the password after checking the current one (a stolen access token alone
+        cannot lock the owner out)."""
+        check_password(new)
+        user = self._user(user_id)
+        if not self.passwords.verify(user.password_hash, current):
+            self._record_failure(user.id, "wrong password on password change", correlation_id)
+            raise Unauthenticated("the current password is wrong")
+        new_hash = self.passwords.hash(new)
+
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
+            latest = self._user(user_id)
+            latest.change_password(new_hash, meta=meta)
+            return [latest], None
+
+        self._retrying(str(user_id), correlation_id, decide)
+
     # -- TOTP ---------------------------------------------------------------------------------
 
     def mfa_enroll(self, user_id: UUID, *, correlation_id: str = "") -> tuple[str, str]:

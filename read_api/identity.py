@@ -75,6 +75,7 @@ def add_auth_routes(app: FastAPI, runtime: ApiRuntime, auth: AuthSettings) -> No
         ("/auth/mfa/enroll", routes.mfa_enroll),
         ("/auth/mfa/confirm", routes.mfa_confirm),
         ("/auth/mfa/disable", routes.mfa_disable),
+        ("/auth/password", routes.change_password),
     ]:
         app.add_api_route(path, _answering(handler), methods=["POST"], include_in_schema=False)
 
@@ -191,6 +192,18 @@ class _AuthRoutes:
         )
         return Response(status_code=204)
 
+    async def change_password(self, request: Request, rid: str) -> Response:
+        user_id = await self._user(request)
+        body = await _body(request)
+        current, new = _text(body, "currentPassword"), _text(body, "newPassword")
+        await self._limit_address(request)
+        await self.runtime.offloader.run(
+            lambda: self.identity.change_password(
+                user_id, current=current, new=new, correlation_id=rid
+            )
+        )
+        return Response(status_code=204)
+
     # -- helpers ------------------------------------------------------------------------------
 
     def _session(self, grant: SessionGrant) -> Response:
@@ -224,7 +237,7 @@ class _AuthRoutes:
             await self._limit_address(request)
             raise
         if not principal.is_user:
-            raise Forbidden("MFA settings need a user token (from /auth/login)")
+            raise Forbidden("this needs a user token (from /auth/login)")
         try:
             return UUID(principal.user_id)
         except ValueError:

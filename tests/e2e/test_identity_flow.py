@@ -35,7 +35,8 @@ def rfc6238(secret_b32: str, at: float) -> str:
 @pytest.fixture(scope="module")
 def auth_stack(module_database_url: str, redis_url: str) -> Iterator[Stack]:
     stacks = StackBuilder(redis_url)
-    yield stacks.build(module_database_url, auth={})
+    # Every test here signs in from 127.0.0.1: the per-address limit has its own test below.
+    yield stacks.build(module_database_url, auth={"login_per_address_per_minute": 10_000})
     stacks.close()
 
 
@@ -322,3 +323,26 @@ def test_logins_are_limited_per_account_and_per_address(
             assert answers[-1] == 429  # six attempts from this address in the window
     finally:
         stacks.close()
+
+
+def test_change_password_over_http(http: httpx.Client) -> None:
+    signup(http, "hopper@example.com", "Grace Hopper")
+    token = login(http, "hopper@example.com").json()["accessToken"]
+    auth = {"Authorization": f"Bearer {token}"}
+    wrong = http.post(
+        "/auth/password",
+        headers=auth,
+        json={"currentPassword": "not the password", "newPassword": "a brand new password"},
+    )
+    assert error_of(wrong) == (401, "UNAUTHENTICATED")
+    changed = http.post(
+        "/auth/password",
+        headers=auth,
+        json={"currentPassword": PASSWORD, "newPassword": "a brand new password"},
+    )
+    assert changed.status_code == 204, changed.text
+    assert error_of(login(http, "hopper@example.com")) == (401, "UNAUTHENTICATED")
+    renewed = http.post(
+        "/auth/login", json={"email": "hopper@example.com", "password": "a brand new password"}
+    )
+    assert renewed.status_code == 200

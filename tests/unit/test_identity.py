@@ -252,3 +252,15 @@ def test_session_rotation_rules_directly() -> None:
     assert not session.rotate("a", "c", now=now, meta=meta)
     assert session.revoked
     assert not session.rotate("b", "c", now=now, meta=meta)
+
+
+def test_changing_the_password_needs_the_current_one(identity: Identity) -> None:
+    user_id = identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    with pytest.raises(Unauthenticated):
+        identity.change_password(user_id, current="wrong password!", new="a new password")
+    with pytest.raises(ValidationFailed):
+        identity.change_password(user_id, current=PASSWORD, new="short")
+    identity.change_password(user_id, current=PASSWORD, new="a new password")
+    with pytest.raises(Unauthenticated):
+        identity.login(email="ada@example.com", password=PASSWORD)
+    assert identity.login(email="ada@example.com", password="a new password")
