@@ -36,7 +36,8 @@ def normalise_email(raw: str) -> str:
     """The address as compared and stored: NFKC, trimmed and case-folded (API.md: addresses
     compare case-insensitively; unlike lower(), case-folding also equates the micro sign with
     the Greek capital mu)."""
-    email = unicodedata.normalize("NFKC", raw).strip().casefold()
+    folded = unicodedata.normalize("NFKC", raw).strip().casefold()
+    email = unicodedata.normalize("NFKC", folded)  # folding may decompose (U+0390): compose again
     if len(email) > MAX_EMAIL_LENGTH:
         raise ValidationFailed(f"email is {len(email)} characters; at most {MAX_EMAIL_LENGTH}")
     if not _EMAIL.fullmatch(email):

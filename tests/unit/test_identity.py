@@ -227,12 +227,32 @@ def test_no_secret_is_stored_in_the_clear(identity: Identity, clock: Clock) -> N
 
 
 @given(st.text(min_size=1, max_size=20).filter(lambda s: "@" not in s and s.strip() == s))
-def test_email_claims_ignore_case(local: str) -> None:
+def test_normalising_an_address_twice_changes_nothing(local: str) -> None:
+    """One address, one claim: whatever form it was typed in, its normal form is a fixed point
+    (else a second sign-up in another form would get another claim id)."""
     try:
         email = normalise_email(f"{local}@Example.org")
     except ValidationFailed:
         return
-    assert email_claim_id(email) == email_claim_id(normalise_email(email.upper()))
+    assert normalise_email(email) == email
+    assert email_claim_id(normalise_email(email.swapcase())) == email_claim_id(
+        normalise_email(normalise_email(email.swapcase()))
+    )
+
+
+@given(st.from_regex(r"[A-Za-z0-9._%+-]{1,30}", fullmatch=True), st.booleans())
+def test_ascii_addresses_ignore_case(local: str, upper: bool) -> None:
+    typed = f"{local.upper() if upper else local.lower()}@EXAMPLE.org"
+    assert email_claim_id(normalise_email(typed)) == email_claim_id(
+        normalise_email(f"{local}@example.ORG")
+    )
+
+
+@pytest.mark.parametrize(
+    ("one", "other"), [("\u00b5@x.io", "\u039c@x.io"), ("\u0390@x.io", "\u03aa\u0301@x.io")]
+)
+def test_unicode_case_variants_are_one_address(one: str, other: str) -> None:
+    assert normalise_email(one) == normalise_email(other)
 
 
 def test_session_rotation_rules_directly() -> None:
