@@ -96,7 +96,9 @@ def _board(
     for i, card_id in enumerate(with_runs):
         for _ in range(2 if i < round(15 * scale) else 1):
             run = write.start_agent_run(
-                m.StartAgentRun(card_id=card_id, agent=rng.choice(("coder", "reviewer", "prd"))),
+                m.StartAgentRun(
+                    card_id=card_id, agent=rng.choice(("coder", "reviewer", "prd_writer"))
+                ),
                 owner,
             )
             runs += 1

@@ -208,6 +208,7 @@ class StartAgentRun(Command):
     provider: str | None = None
     model: str | None = None
     max_cost: str | None = Field(default=None, description="USD budget for this run")
+    policy: str | None = Field(default=None, max_length=20)
 
 
 class CancelAgentRun(Command):
@@ -237,6 +238,7 @@ class LogLineInput(Input):
 class AppendRunLog(Command):
     run_id: UUID
     lines: list[LogLineInput] = Field(min_length=1, max_length=10_000)
+    worker: str | None = Field(default=None, max_length=200)
 
 
 class RecordLlmCall(Command):
@@ -259,6 +261,8 @@ class FinishRun(Command):
     outcome: Literal["SUCCEEDED", "FAILED", "TIMED_OUT"]
     error: ToolOutput | None = None
     after_seconds: int | None = None
+    worker: str | None = Field(default=None, max_length=200)
+    output: str | None = None
 
 
 class CreditCharge(Command):
@@ -269,3 +273,36 @@ class CreditCharge(Command):
     reason: str = Field(min_length=1, max_length=1000)
     refund: bool = False
     at: datetime
+
+
+# -- the orchestrator's commands -------------------------------------------------------------------
+
+
+class RecordRunHeartbeat(Command):
+    run_id: UUID
+    worker: str = Field(min_length=1, max_length=200)
+
+
+class ReclaimRun(Command):
+    """Take over a RUNNING run whose worker looks dead, as of the version the caller judged."""
+
+    run_id: UUID
+    worker: str = Field(min_length=1, max_length=200)
+    expected_version: int = Field(ge=1)
+
+
+class RecordProviderAttempt(Command):
+    """One provider attempt; with tokens it is also a charged LLM call (key: run + attempt)."""
+
+    run_id: UUID
+    worker: str = Field(min_length=1, max_length=200)
+    provider: str = Field(min_length=1, max_length=100)
+    model: str = Field(min_length=1, max_length=100)
+    status: Literal["ok", "failed"]
+    http_status: int | None = None
+    error: str | None = Field(default=None, max_length=2000)
+    latency_ms: int = Field(ge=0)
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    estimated: bool = False
+    started_at: datetime

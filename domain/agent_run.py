@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from domain.base import TenantAggregate
-from domain.errors import BudgetExceeded, InvalidTransition, ValidationFailed
+from domain.errors import BudgetExceeded, Conflict, InvalidTransition, ValidationFailed
 from domain.meta import EventMeta
 from domain.money import format_usd
 from domain.text import replace_unstorable
@@ -57,6 +57,11 @@ class AgentRun(TenantAggregate):
         billed_micros: int
         call_ids: set[str]
         error: str | None
+        policy: str
+        worker: str | None
+        attempts: int
+        reclaims: int
+        output: str | None
 
     class Requested(TenantAggregate.Created):
         project_id: UUID
@@ -65,9 +70,15 @@ class AgentRun(TenantAggregate):
         provider: str | None
         model: str | None
         max_cost_micros: int | None
+        policy: str = "cheapest"
 
         def apply(self, aggregate: Any) -> None:
             super().apply(aggregate)
+            aggregate.policy = self.policy
+            aggregate.worker = None
+            aggregate.attempts = 0
+            aggregate.reclaims = 0
+            aggregate.output = None
             aggregate.project_id = self.project_id
             aggregate.card_id = self.card_id
             aggregate.agent = self.agent
@@ -88,6 +99,46 @@ class AgentRun(TenantAggregate):
 
         def apply(self, aggregate: Any) -> None:
             aggregate.status = RunStatus.RUNNING
+            aggregate.worker = self.worker
+
+    class Heartbeat(TenantAggregate.Event):
+        """The worker running the run is alive (written when it has written nothing else)."""
+
+        worker: str
+
+    class Reclaimed(TenantAggregate.Event):
+        """Another worker took over a run whose worker stopped showing signs of life."""
+
+        worker: str
+        previous_worker: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.worker = self.worker
+            aggregate.reclaims += 1
+
+    class AttemptRecorded(TenantAggregate.Event):
+        """One call to a provider, whatever its outcome (``status`` ``ok`` or ``failed``)."""
+
+        attempt: int
+        provider: str
+        model: str
+        status: str
+        http_status: int | None
+        error: str | None
+        latency_ms: int
+        input_tokens: int
+        output_tokens: int
+        provider_cost_micros: int
+        estimated: bool
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.attempts = max(aggregate.attempts, self.attempt)
+
+    class OutputRecorded(TenantAggregate.Event):
+        output: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.output = self.output
 
     class StepStarted(TenantAggregate.Event):
         step: int
@@ -162,6 +213,7 @@ class AgentRun(TenantAggregate):
         model: str | None,
         max_cost_micros: int | None,
         meta: EventMeta,
+        policy: str | None = None,
     ) -> AgentRun:
         agent_name = agent.strip()
         if not agent_name or len(agent_name) > 100:
@@ -178,12 +230,75 @@ class AgentRun(TenantAggregate):
             provider=_optional(provider, "provider"),
             model=_optional(model, "model"),
             max_cost_micros=max_cost_micros,
+            policy=policy or "cheapest",
             meta=meta.as_dict(),
         )
 
     def start(self, *, worker: str, meta: EventMeta) -> None:
         self._expect(RunStatus.QUEUED, action="start")
         self._record(self.Started, meta, worker=worker)
+
+    def expect_worker(self, worker: str | None) -> None:
+        """Refuse a write from a worker that no longer runs this run (it was reclaimed)."""
+        if worker is not None and self.worker != worker:
+            raise Conflict(
+                f"run {self.id} is run by {self.worker}, not {worker}; it was taken over",
+                worker=self.worker,
+            )
+
+    def heartbeat(self, *, worker: str, meta: EventMeta) -> None:
+        self._expect(RunStatus.RUNNING, action="record a heartbeat of")
+        self.expect_worker(worker)
+        self._record(self.Heartbeat, meta, worker=worker)
+
+    def reclaim(self, *, worker: str, meta: EventMeta) -> None:
+        """Take over a RUNNING run from a worker presumed dead (the caller decides staleness and
+        saves with the version it judged, so a live worker's heartbeat makes this conflict)."""
+        self._expect(RunStatus.RUNNING, action="reclaim")
+        if self.worker == worker:
+            raise InvalidTransition(f"run {self.id} is already run by {worker}")
+        self._record(self.Reclaimed, meta, worker=worker, previous_worker=self.worker or "")
+
+    def record_attempt(
+        self,
+        *,
+        provider: str,
+        model: str,
+        status: str,
+        http_status: int | None,
+        error: str | None,
+        latency_ms: int,
+        input_tokens: int,
+        output_tokens: int,
+        provider_cost_micros: int,
+        estimated: bool,
+        meta: EventMeta,
+    ) -> int:
+        """Record one provider attempt; returns its number (1-based, per run)."""
+        self._expect_call_recordable(action="record an attempt of")
+        if status not in ("ok", "failed"):
+            raise ValidationFailed(f"attempt status must be ok or failed, got {status!r}")
+        number = self.attempts + 1
+        self._record(
+            self.AttemptRecorded,
+            meta,
+            attempt=number,
+            provider=provider,
+            model=model,
+            status=status,
+            http_status=http_status,
+            error=None if error is None else error[:2000],
+            latency_ms=max(0, latency_ms),
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            provider_cost_micros=provider_cost_micros,
+            estimated=estimated,
+        )
+        return number
+
+    def record_output(self, output: str, *, meta: EventMeta) -> None:
+        self._expect(RunStatus.RUNNING, action="record the output of")
+        self._record(self.OutputRecorded, meta, output=output.replace("\x00", "\ufffd"))
 
     def start_step(self, step: int, name: str, *, meta: EventMeta) -> None:
         self._expect(RunStatus.RUNNING, action="start a step of")
@@ -235,7 +350,7 @@ class AgentRun(TenantAggregate):
         meta: EventMeta,
     ) -> None:
         """Record a completed call. A call that happened is always recorded, even past budget."""
-        self._expect(RunStatus.RUNNING, action="record an LLM call for")
+        self._expect_call_recordable(action="record an LLM call for")
         if call_id in self.call_ids:
             raise InvalidTransition(f"LLM call {call_id} of run {self.id} is already recorded")
         for name, value in (
@@ -298,6 +413,12 @@ class AgentRun(TenantAggregate):
                 "can be cancelled"
             )
         self._record(self.Cancelled, meta, reason=(reason.strip() or "cancelled")[:2000])
+
+    def _expect_call_recordable(self, *, action: str) -> None:
+        """A call that happened is recorded (and charged) even when the run was cancelled while
+        it streamed: the provider bills it either way."""
+        if self.status is not RunStatus.CANCELLED:
+            self._expect(RunStatus.RUNNING, action=action)
 
     def _expect(self, status: RunStatus, *, action: str) -> None:
         if self.status is not status:

@@ -20,6 +20,9 @@ from domain.money import format_usd
 _CHARGES = uuid5(NAMESPACE_URL, "https://agentworks.dev/ns/usage-charge")
 _SPEND = uuid5(NAMESPACE_URL, "https://agentworks.dev/ns/monthly-spend")
 
+#: Percentages of the monthly limit recorded once per month each (activity ``budget.threshold``).
+BUDGET_THRESHOLDS = (50, 80, 100)
+
 
 def charge_id_for(run_id: UUID, call_id: str) -> UUID:
     return uuid5(_CHARGES, f"{run_id}:{call_id}")
@@ -177,6 +180,7 @@ class MonthlySpend(TenantAggregate):
     if TYPE_CHECKING:
         month: str
         spent_micros: int
+        thresholds: set[int]
 
     class Opened(TenantAggregate.Created):
         month: str
@@ -185,6 +189,18 @@ class MonthlySpend(TenantAggregate):
             super().apply(aggregate)
             aggregate.month = self.month
             aggregate.spent_micros = 0
+            aggregate.thresholds = set()
+
+    class ThresholdCrossed(TenantAggregate.Event):
+        """The month's spend reached ``threshold`` percent of the limit (once per threshold)."""
+
+        threshold: int
+        limit_micros: int
+        spent_micros: int
+        month: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.thresholds.add(self.threshold)
 
     class Added(TenantAggregate.Event):
         charge_id: UUID
@@ -205,6 +221,23 @@ class MonthlySpend(TenantAggregate):
 
     def add(self, charge_id: UUID, billed_micros: int, *, meta: EventMeta) -> None:
         self._record(self.Added, meta, charge_id=charge_id, billed_micros=billed_micros)
+
+    def note_thresholds(self, limit_micros: int | None, *, meta: EventMeta) -> list[int]:
+        """Record each of 50, 80 and 100 % of the limit the spend has reached for the first
+        time this month; returns the thresholds recorded now."""
+        crossed: list[int] = []
+        if not limit_micros:
+            return crossed
+        for threshold in BUDGET_THRESHOLDS:
+            if threshold in self.thresholds:
+                continue
+            if self.spent_micros * 100 >= threshold * limit_micros:
+                self._record(
+                    self.ThresholdCrossed, meta, threshold=threshold, limit_micros=limit_micros,
+                    spent_micros=self.spent_micros, month=self.month,
+                )  # fmt: skip
+                crossed.append(threshold)
+        return crossed
 
     def check_room(self, limit_micros: int | None, *, wanted_micros: int = 0) -> None:
         """Refuse new spending once the month has reached the workspace's limit."""

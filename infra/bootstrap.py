@@ -112,7 +112,9 @@ def write_side_from(
     data_dir: Path | None = None,
 ) -> AgentWorks:
     """The application as ``component`` (the writer, or a reader of the log) logs in."""
-    return build_write_side(
+    from infra.orchestration import load_price_table
+
+    app = build_write_side(
         component_url(settings, database_url, component, data_dir=data_dir),
         db_role=None,
         pool_size=settings.pool_size if pool_size is None else pool_size,
@@ -120,6 +122,8 @@ def write_side_from(
         pool_timeout=settings.pool_timeout,
         settle_seconds=settings.commit_settle_seconds,
     )
+    app.prices = load_price_table(settings)
+    return app
 
 
 @dataclass

@@ -490,6 +490,33 @@ def relay_command(data_dir: DataDirOption = None) -> None:
         write_side.close()
 
 
+@app.command("orchestrator")
+def orchestrator_command(data_dir: DataDirOption = None) -> None:
+    """Execute agent runs: follow the log for requested runs, call providers, meter and log."""
+    import asyncio
+
+    from infra.bootstrap import write_side_from
+    from infra.orchestration import build_orchestrator
+    from infra.stack import start_tracing
+
+    settings = settings_for(data_dir)
+    start_tracing(settings, "agentworks-orchestrator")
+    # The orchestrator writes events: it logs in as the writer (no role of its own yet).
+    write_side = write_side_from(settings, _database_url(settings), data_dir=settings.data_dir)
+    orchestrator = build_orchestrator(settings, write_side)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, orchestrator.stop)
+        await orchestrator.run()
+
+    try:
+        asyncio.run(main())
+    finally:
+        write_side.close()
+
+
 @app.command("worker")
 def worker_command(
     projector: Annotated[

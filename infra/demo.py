@@ -90,7 +90,7 @@ def seed_demo(app: AgentWorks) -> Demo:
     if first_card is not None:
         app.start_agent_run(
             m.StartAgentRun(
-                card_id=first_card.id, agent="prd-writer", max_cost="2.00", command_id=_id("run")
+                card_id=first_card.id, agent="prd_writer", max_cost="2.00", command_id=_id("run")
             ),
             owner,
         )

@@ -143,6 +143,32 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
+    # --- agent runs (orchestrator, providers, prices) -----------------------------------------
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: SecretStr | None = None
+    """Without a key the router never picks OpenAI."""
+    anthropic_base_url: str = "https://api.anthropic.com"
+    anthropic_api_key: SecretStr | None = None
+    price_table: Path | None = None
+    """JSON or YAML price table replacing the built-in one (see API.md)."""
+    provider_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a provider may stay silent (first byte or between chunks) before a call fails."""
+    simulated_tokens_per_second: float = Field(default=60.0, ge=0)
+    """Speed of the built-in simulated provider; 0 streams as fast as it can."""
+    simulated_output_tokens: int = Field(default=120, ge=1)
+    orchestrator_concurrency: int = Field(default=20, ge=1)
+    """Runs one orchestrator executes at once; more wait QUEUED (for it or another one)."""
+    run_timeout: float = Field(default=300.0, gt=0)
+    """Seconds a run may take from its start before it ends TIMED_OUT."""
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    stale_after: float = Field(default=30.0, gt=0)
+    """A RUNNING run whose events stopped this long ago is taken over by another orchestrator."""
+    max_reclaims: int = Field(default=2, ge=0)
+    """Takeovers of one run before it is failed instead (a run that kills its workers)."""
+    provider_max_attempts: int = Field(default=4, ge=1)
+    """Provider calls (retries and fallbacks included) one run may make before it fails."""
+    orchestrator_in_dev: bool = True
+    """``agentworks dev`` runs an orchestrator in-process."""
     # --- identity (sign-in for a SPA) -----------------------------------------------------
     access_token_ttl: int = Field(default=900, ge=30, le=86_400)
     """Seconds a user access token from ``/auth/login`` or ``/auth/refresh`` lives."""

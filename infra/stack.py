@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from commands.handlers import AgentWorks
+    from orchestrator.service import OrchestratorThread
     from streams.relay import Relay
     from streams.worker import PartitionHolding
 
@@ -169,6 +170,8 @@ class DevStack:
     threads: list[threading.Thread] = field(default_factory=list)
     _worker_loops: list[tuple[asyncio.AbstractEventLoop, Any]] = field(default_factory=list)
     _holdings: dict[str, PartitionHolding] = field(default_factory=dict)
+    orchestrator: OrchestratorThread | None = None
+    orchestrator_write: AgentWorks | None = None
 
     @property
     def mode(self) -> str:
@@ -187,6 +190,22 @@ class DevStack:
                 poll_interval=0.2,
             )
             self.fanout.start()
+        if self.settings.orchestrator_in_dev:
+            self._start_orchestrator()
+
+    def _start_orchestrator(self) -> None:
+        """Agent runs executed in-process, through a write side of the orchestrator's own."""
+        from infra.orchestration import build_orchestrator
+        from orchestrator.service import OrchestratorThread
+
+        # The orchestrator writes events: it logs in as the writer (no role of its own yet).
+        self.orchestrator_write = write_side_from(
+            self.settings, self.database_url, data_dir=self.data_dir
+        )
+        self.orchestrator = OrchestratorThread(
+            build_orchestrator(self.settings, self.orchestrator_write)
+        )
+        self.orchestrator.start()
 
     def _start_kafka_path(self, bootstrap: str) -> None:
         from streams.worker import build_worker_app
@@ -238,6 +257,10 @@ class DevStack:
             time.sleep(0.05)
 
     def stop(self) -> None:
+        if self.orchestrator is not None:
+            self.orchestrator.stop()
+        if self.orchestrator_write is not None:
+            self.orchestrator_write.close()
         if self.fanout is not None:
             self.fanout.stop()
         if self.relay is not None:

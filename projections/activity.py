@@ -136,6 +136,16 @@ _RUN: dict[str, tuple[str, Summary]] = {
     ),
 }
 
+_SPEND: dict[str, tuple[str, Summary]] = {
+    "MonthlySpend.ThresholdCrossed": (
+        "budget.threshold",
+        lambda p: (
+            f"spend in {p['month']} reached {p['threshold']}% of the monthly limit "
+            f"({format_usd(int(p['spent_micros']))} of {format_usd(int(p['limit_micros']))})"
+        ),
+    ),
+}
+
 # The subject's card and project, when the event does not carry them, come from the newest
 # earlier item about the same subject.
 _INSERT = (
@@ -169,6 +179,7 @@ _DESCRIBED: dict[str, tuple[str, str, Summary]] = {
     **{t: ("project", kind, summary) for t, (kind, summary) in _PROJECT.items()},
     **{t: ("card", kind, summary) for t, (kind, summary) in _CARD.items()},
     **{t: ("run", kind, summary) for t, (kind, summary) in _RUN.items()},
+    **{t: ("spend", kind, summary) for t, (kind, summary) in _SPEND.items()},
 }
 
 Subject = tuple[str | None, str | None]
@@ -181,7 +192,9 @@ MEMO_LIMIT = 1_000_000
 
 class ActivityProjector(Projector):
     name: ClassVar[str] = "activity"
-    aggregates: ClassVar[frozenset[str]] = frozenset({"Workspace", "Project", "Card", "AgentRun"})
+    aggregates: ClassVar[frozenset[str]] = frozenset(
+        {"Workspace", "Project", "Card", "AgentRun", "MonthlySpend"}
+    )
     tables: ClassVar[tuple[str, ...]] = ("rm_activity",)
     #: Tables the projector only ever inserts into, new rows only: a rebuild builds their keys
     #: after loading them (see :mod:`projections.rebuild`).
@@ -224,6 +237,12 @@ class ActivityProjector(Projector):
             card_id=env.payload.get("card_id"),
             project_id=env.payload.get("project_id"),
         )
+
+    @on(*_SPEND)
+    def _spend(
+        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+    ) -> None:
+        self._record(cur, t, env, _SPEND[env.type])
 
     # -- the batch path ----------------------------------------------------------------------------
 

@@ -78,6 +78,38 @@ _LINE_COLUMNS = (
     ("text", "text"),
 )
 
+_ATTEMPT_COLUMNS = (
+    ("workspace_id", "uuid"),
+    ("run_id", "uuid"),
+    ("attempt", "integer"),
+    ("at", "timestamptz"),
+    ("provider", "text"),
+    ("model", "text"),
+    ("status", "text"),
+    ("http_status", "integer"),
+    ("error", "text"),
+    ("latency_ms", "integer"),
+    ("input_tokens", "bigint"),
+    ("output_tokens", "bigint"),
+    ("provider_cost_micros", "bigint"),
+    ("estimated", "boolean"),
+)
+_OUTPUT_COLUMNS = (("workspace_id", "uuid"), ("run_id", "uuid"), ("output", "text"))
+
+
+def _attempt_row(env: EventEnvelope) -> tuple[Any, ...]:
+    p = env.payload
+    return (
+        env.workspace_id, env.originator_id, p["attempt"], env.timestamp, p["provider"],
+        p["model"], p["status"], p["http_status"], p["error"], p["latency_ms"],
+        p["input_tokens"], p["output_tokens"], p["provider_cost_micros"], p["estimated"],
+    )  # fmt: skip
+
+
+def _output_row(env: EventEnvelope) -> tuple[Any, ...]:
+    return (env.workspace_id, env.originator_id, _str(env.payload["output"]))
+
+
 # What a batch did to runs requested before it: columns it set (NULL: left alone, except where a
 # flag says it was set) and amounts it added.
 _UPDATE_RUNS = (
@@ -128,10 +160,14 @@ class _RunFold:
 class RunsProjector(Projector):
     name: ClassVar[str] = "runs"
     aggregates: ClassVar[frozenset[str]] = frozenset({"AgentRun"})
-    tables: ClassVar[tuple[str, ...]] = ("rm_runs", "rm_log_lines")
+    tables: ClassVar[tuple[str, ...]] = (
+        "rm_runs", "rm_log_lines", "rm_run_attempts", "rm_run_outputs",
+    )  # fmt: skip
     #: Tables the projector only ever inserts into, new rows only: a rebuild builds their keys
     #: after loading them (see :mod:`projections.rebuild`).
-    insert_only: ClassVar[frozenset[str]] = frozenset({"rm_log_lines"})
+    insert_only: ClassVar[frozenset[str]] = frozenset(
+        {"rm_log_lines", "rm_run_attempts", "rm_run_outputs"}
+    )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -196,6 +232,38 @@ class RunsProjector(Projector):
             (status, env.timestamp, _error(env), env.originator_version, env.originator_id),
         )
         self._status_changed(env, changes, status)
+
+    @on("AgentRun.Heartbeat", "AgentRun.Reclaimed")
+    def _touched(
+        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+    ) -> None:
+        cur.execute(
+            t.q("UPDATE {rm_runs} SET version = %s WHERE run_id = %s"),
+            (env.originator_version, env.originator_id),
+        )
+
+    @on("AgentRun.AttemptRecorded")
+    def _attempt(
+        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+    ) -> None:
+        cur.execute(
+            t.q(
+                f"INSERT INTO {{rm_run_attempts}} ({', '.join(n for n, _ in _ATTEMPT_COLUMNS)})"
+                f" VALUES ({', '.join(['%s'] * len(_ATTEMPT_COLUMNS))})"
+            ),
+            _attempt_row(env),
+        )
+        self._touched(cur, env, t, changes)
+
+    @on("AgentRun.OutputRecorded")
+    def _output(
+        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+    ) -> None:
+        cur.execute(
+            t.q("INSERT INTO {rm_run_outputs} (workspace_id, run_id, output) VALUES (%s, %s, %s)"),
+            _output_row(env),
+        )
+        self._touched(cur, env, t, changes)
 
     # -- what the run did ------------------------------------------------------------------------
 
@@ -276,6 +344,8 @@ class RunsProjector(Projector):
         log line of the batch goes in with one statement.
         """
         folds: dict[UUID, _RunFold] = {}
+        attempts: list[tuple[Any, ...]] = []
+        outputs: list[tuple[Any, ...]] = []
         lines: list[tuple[Any, ...]] = []
         chunks: list[tuple[UUID | None, UUID, list[dict[str, Any]]]] = []
         for env in envelopes:
@@ -329,8 +399,12 @@ class RunsProjector(Projector):
                 adds[2] += p["provider_cost_micros"]
                 adds[3] += p["billed_micros"]
                 adds[4] += 1
-            elif kind == "AgentRun.StepStarted":
+            elif kind in ("AgentRun.StepStarted", "AgentRun.Heartbeat", "AgentRun.Reclaimed"):
                 pass
+            elif kind == "AgentRun.AttemptRecorded":
+                attempts.append(_attempt_row(env))
+            elif kind == "AgentRun.OutputRecorded":
+                outputs.append(_output_row(env))
             elif kind == "AgentRun.Requested":
                 run.requested = [
                     _text(env.workspace_id),
@@ -426,6 +500,8 @@ class RunsProjector(Projector):
                     for line in chunk
                 )
         insert_rows(ctx, "rm_log_lines", _LINE_COLUMNS, lines)
+        insert_rows(ctx, "rm_run_attempts", _ATTEMPT_COLUMNS, attempts)
+        insert_rows(ctx, "rm_run_outputs", _OUTPUT_COLUMNS, outputs)
 
     @staticmethod
     def _status_changed_in(ctx: BatchContext, env: EventEnvelope, status: str) -> None:

@@ -98,6 +98,8 @@ class Loaders:
         self.card: DataLoader[UUID, Row | None] = DataLoader(load_fn=self._cards)
         self.run: DataLoader[UUID, Row | None] = DataLoader(load_fn=self._runs)
         self.card_runs: DataLoader[RunPage, list[Row]] = DataLoader(load_fn=self._card_runs)
+        self.run_output: DataLoader[UUID, Row | None] = DataLoader(load_fn=self._run_outputs)
+        self.run_attempts: DataLoader[UUID, list[Row]] = DataLoader(load_fn=self._run_attempts)
         self.spend_this_month: DataLoader[UUID, int] = DataLoader(load_fn=self._spend_this_month)
         self.card_cost_until: DataLoader[tuple[UUID, datetime | None], int] = DataLoader(
             load_fn=self._card_cost_until
@@ -142,6 +144,23 @@ class Loaders:
         )
         found = _by_key(rows, "run_id")
         return [found.get(i) for i in ids]
+
+    async def _run_outputs(self, ids: list[UUID]) -> list[Row | None]:
+        rows = await self._query(
+            "SELECT run_id, output FROM rm_run_outputs WHERE run_id = ANY(%s)", (ids,)
+        )
+        found = _by_key(rows, "run_id")
+        return [found.get(i) for i in ids]
+
+    async def _run_attempts(self, ids: list[UUID]) -> list[list[Row]]:
+        rows = await self._query(
+            "SELECT run_id, attempt, provider, model, status, http_status, error, latency_ms,"
+            " input_tokens, output_tokens, provider_cost_micros, estimated"
+            " FROM rm_run_attempts WHERE run_id = ANY(%s) ORDER BY run_id, attempt",
+            (ids,),
+        )
+        groups = _grouped(rows, "run_id")
+        return [groups.get(i, []) for i in ids]
 
     async def _spend_this_month(self, ids: list[UUID]) -> list[int]:
         month = month_of(datetime.now(UTC))

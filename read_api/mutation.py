@@ -345,6 +345,9 @@ class StartAgentRunInput:
     model: str | None = None
     max_cost: Money | None = strawberry.field(default=None, description="Budget of the run.")
     command_id: ID | None = None
+    policy: str | None = strawberry.field(
+        default=None, description="cheapest (default), fastest or pinned."
+    )
 
 
 @strawberry.input
@@ -618,6 +621,7 @@ class Mutation:
             model=input.model,
             max_cost=_money_text(input.max_cost),
             command_id=input.command_id,
+            policy=input.policy,
         )
         write = info.context.runtime.services.write
         return _run_payload(await _execute(info, write.start_agent_run, command))

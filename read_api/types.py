@@ -295,6 +295,39 @@ class Lane:
 
 
 @strawberry.type
+class ProviderAttempt:
+    """One call to a provider on behalf of a run, whatever its outcome."""
+
+    attempt: int
+    provider: str
+    model: str
+    status: str
+    http_status: int | None
+    error: str | None
+    latency_ms: int
+    input_tokens: int
+    output_tokens: int
+    provider_cost: Money
+    estimated: bool
+
+    @classmethod
+    def from_row(cls, row: Row) -> ProviderAttempt:
+        return cls(
+            attempt=int(row["attempt"]),
+            provider=row["provider"],
+            model=row["model"],
+            status=row["status"],
+            http_status=row["http_status"],
+            error=row["error"],
+            latency_ms=int(row["latency_ms"]),
+            input_tokens=int(row["input_tokens"]),
+            output_tokens=int(row["output_tokens"]),
+            provider_cost=Money(int(row["provider_cost_micros"])),
+            estimated=bool(row["estimated"]),
+        )
+
+
+@strawberry.type
 class AgentRun:
     id: ID
     card_id: ID
@@ -315,6 +348,22 @@ class AgentRun:
     error: str | None
     log_line_count: int
     version: int
+
+    @described.field("The run's final text, once it succeeded.")
+    async def output(self, info: strawberry.Info) -> str | None:
+        scope = info.context.home_scope()
+        if scope is None:
+            return None
+        row = await scope.loaders.run_output.load(UUID(str(self.id)))
+        return None if row is None else str(row["output"])
+
+    @described.field("Every provider call of the run, in order.")
+    async def attempts(self, info: strawberry.Info) -> list[ProviderAttempt]:
+        scope = info.context.home_scope()
+        if scope is None:
+            return []
+        rows = await scope.loaders.run_attempts.load(UUID(str(self.id)))
+        return [ProviderAttempt.from_row(row) for row in rows]
 
     @classmethod
     def from_row(cls, row: Row) -> AgentRun:

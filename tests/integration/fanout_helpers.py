@@ -145,7 +145,9 @@ class Workload:
     def running_run(self, tenant: Tenant, card_id: UUID | None = None) -> UUID:
         card = card_id or self.card(tenant, "run me")
         run_id = self.app.start_agent_run(
-            m.StartAgentRun(card_id=card, agent="coder", model="sim-small", max_cost="50.00"),
+            m.StartAgentRun(
+                card_id=card, agent="coder", provider="simulated", model="sim-1", max_cost="50.00"
+            ),
             tenant.owner,
         ).id
         self.app.begin_run(m.BeginRun(run_id=run_id, worker="worker-1"), tenant.orchestrator)

@@ -363,3 +363,46 @@ def test_serve_answers_on_the_configured_database_and_exports_traces_over_otlp(
     exported = b"".join(collector.bodies)
     assert b"command CreateWorkspace" in exported
     assert b"agentworks-api" in exported
+
+
+DEMO_RUNS = """
+query Board($id: ID!) {
+  board(projectId: $id) {
+    lanes { cards { edges { node { id lastRun { id status output attempts { provider } } } } } }
+  }
+}
+"""
+
+
+def test_dev_runs_agents_in_process_the_demo_run_succeeds_on_the_simulated_provider(
+    tmp_path: Path, data_dir: Path, running: list[Agentworks]
+) -> None:
+    port = free_port()
+    dev = Agentworks.start(
+        tmp_path,
+        "dev", "--port", str(port), "--data-dir", str(data_dir), "--demo",
+        env=clean_env(AGENTWORKS_SIMULATED_TOKENS_PER_SECOND="200"),
+        port=port,
+    )  # fmt: skip
+    running.append(dev)
+    dev.wait_until_serving()
+    token = dev.stdout.strip().splitlines()[-1]
+    match = re.search(r"project ([0-9a-f-]{36})", dev.stderr)
+    assert match, dev.stderr
+    deadline = time.monotonic() + 60
+    while True:
+        board = dev.graphql(token, DEMO_RUNS, {"id": match.group(1)})["board"]
+        runs = [
+            edge["node"]["lastRun"]
+            for lane in board["lanes"]
+            for edge in lane["cards"]["edges"]
+            if edge["node"]["lastRun"] is not None
+        ]
+        assert runs, board
+        if all(run["status"] == "SUCCEEDED" for run in runs):
+            break
+        assert time.monotonic() < deadline, runs
+        time.sleep(0.5)
+    assert all(run["output"] and run["attempts"] == [{"provider": "simulated"}] for run in runs)
+    code, _ = dev.stop(signal.SIGINT)
+    assert_clean_exit(code, dev.stderr)

@@ -212,7 +212,7 @@ class TestRunsProjector:
     def test_llm_calls_add_up_tokens_cost_and_billing_on_the_run(
         self, side: ReadSide, world: World
     ) -> None:
-        run_id = running_run(side, world, model="policy-model")
+        run_id = running_run(side, world, provider="openai", model="gpt-4o")
         first = llm_call(side, world, run_id, "call-1", cost=1_234, model="sim-small",
                          input_tokens=100, output_tokens=40)  # fmt: skip
         second = llm_call(side, world, run_id, "call-2", cost=5_001, provider="anthropic",
@@ -614,7 +614,8 @@ def _finish(outcome: str, **fields: Any) -> Setup:
 
 
 def _request(side: ReadSide, world: World) -> None:
-    request_run(side, world, create_card(side, world), agent="coder", model="gpt-4o-mini")
+    card = create_card(side, world)
+    request_run(side, world, card, agent="coder", provider="openai", model="gpt-4o-mini")
 
 
 ACTIVITY_CASES: list[tuple[str, Setup, str, str, str]] = [
@@ -793,7 +794,8 @@ class TestActivityProjector:
         correct(side, world, call.extra["charge_id"], "0.00001")
         outcome = side.project(ActivityProjector())
 
-        assert outcome.applied == 3  # step, chunk and call: followed, but not shown
+        # step, chunk, call and the month's spend (opened, added): followed, but not shown
+        assert outcome.applied == 5
         assert side.rows("SELECT position FROM rm_activity ORDER BY position") == before
 
     def test_a_long_summary_is_cut_short_on_one_line(self, side: ReadSide, world: World) -> None:

@@ -356,7 +356,7 @@ class TestRunsAndActivity:
     def test_agent_run_reads_the_summary_row_of_the_callers_workspace_only(
         self, side: ReadSide, world: World
     ) -> None:
-        run_id = running_run(side, world, model="gpt-4o")
+        run_id = running_run(side, world, provider="openai", model="gpt-4o")
         llm_call(side, world, run_id, "a", cost=10, model="gpt-4o")
         other = side.new_world(owner="mallory")
         other_run = running_run(side, other)

@@ -168,7 +168,8 @@ ALLOWED: dict[RunStatus, dict[str, RunStatus]] = {
     },
     RunStatus.SUCCEEDED: {},
     RunStatus.FAILED: {},
-    RunStatus.CANCELLED: {},
+    # A call cancelled mid-stream happened; it is still recorded and charged.
+    RunStatus.CANCELLED: {"record_llm_call": RunStatus.CANCELLED},
     RunStatus.TIMED_OUT: {},
 }
 

@@ -17,7 +17,7 @@ from infra.cli import app
 from infra.settings import ConfigurationError, Settings
 
 REPO = Path(__file__).resolve().parents[2]
-AGENTWORKS_SERVICES = ("serve", "relay", "worker")
+AGENTWORKS_SERVICES = ("serve", "relay", "worker", "orchestrator")
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +191,7 @@ DB_PASSWORDS = {
     "serve": {"WRITER", "API"},
     "relay": {"RELAY"},
     "worker": {"PROJECTOR"},
+    "orchestrator": {"WRITER"},
 }
 
 

@@ -61,7 +61,7 @@ SPECS = [
         "startAgentRun",
         Role.MEMBER,
         lambda w: w.card_id,
-        lambda w, card, a: w.app.start_agent_run(m.StartAgentRun(card_id=card, agent="pm"), a),
+        lambda w, card, a: w.app.start_agent_run(m.StartAgentRun(card_id=card, agent="coder"), a),
     ),
     Spec(
         "cancelAgentRun",

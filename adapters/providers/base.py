@@ -1,0 +1,152 @@
+"""What every provider adapter shares: the request, the streamed pieces, and the errors.
+
+Exceptions raised by adapters::
+
+    AgentWorksError
+     ├── Unavailable
+     │    └── TransientProviderError   429 (with retry-after), 5xx, timeouts, connect errors
+     │         └── StreamBroken        the stream ended before the provider said it was done
+     └── PermanentProviderError        4xx other than 429 (bad key, unknown model, bad request)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Protocol
+
+import httpx
+
+from domain.errors import AgentWorksError, Unavailable
+
+
+class TransientProviderError(Unavailable):
+    """The provider could not answer now; the same call may succeed later (or elsewhere)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        http_status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retry_after_seconds=retry_after or 1.0)
+        self.provider = provider
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+
+class StreamBroken(TransientProviderError):
+    """The response stream stopped mid-way: what arrived was produced (and will be billed by
+    the provider) but no usage block came, so the call is charged from token estimates."""
+
+
+class PermanentProviderError(AgentWorksError):
+    code = "PROVIDER_REFUSED"
+
+    def __init__(self, message: str, *, provider: str, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.http_status = http_status
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: list[dict[str, str]]
+    max_tokens: int = 1024
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one call; ``estimated`` when we counted them ourselves."""
+
+    input_tokens: int
+    output_tokens: int
+    estimated: bool = False
+
+
+class Provider(Protocol):
+    """A provider streams text pieces (``str``) and ends with exactly one :class:`Usage`."""
+
+    name: str
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[str | Usage]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+async def raise_for_status(response: httpx.Response, provider: str) -> None:
+    """Turn an error response into our errors, with the provider's own message when it sent one."""
+    status = response.status_code
+    if status < 400:
+        return
+    body = (await response.aread()).decode("utf-8", "replace")[:500]
+    message = f"{provider} answered HTTP {status}: {body or response.reason_phrase}"
+    if status == 429:
+        raise TransientProviderError(
+            message,
+            provider=provider,
+            http_status=status,
+            retry_after=retry_after_seconds(response.headers.get("retry-after")),
+        )
+    if status >= 500 or status in (408, 409):
+        raise TransientProviderError(message, provider=provider, http_status=status)
+    raise PermanentProviderError(message, provider=provider, http_status=status)
+
+
+def translate(error: httpx.HTTPError, provider: str, *, streaming: bool) -> TransientProviderError:
+    """An httpx failure as ours: timeouts and lost connections are worth another try."""
+    if isinstance(error, httpx.TimeoutException):
+        return TransientProviderError(
+            f"{provider} timed out ({type(error).__name__})", provider=provider
+        )
+    if streaming:
+        return StreamBroken(
+            f"{provider} stream broke off: {type(error).__name__}: {error}", provider=provider
+        )
+    return TransientProviderError(
+        f"{provider} unreachable: {type(error).__name__}: {error}", provider=provider
+    )
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """Server-sent events as ``(event name, data)``; the name is ``message`` when unnamed."""
+    event, data = "message", list[str]()
+    async for line in response.aiter_lines():
+        if line == "":
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", list[str]()
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+    if data:
+        yield event, "\n".join(data)

@@ -1,0 +1,79 @@
+"""Wiring of agent runs: the price table, the providers and the orchestrator, from settings."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import httpx
+import yaml  # type: ignore[import-untyped]
+
+from adapters.providers.anthropic import AnthropicProvider
+from adapters.providers.openai import OpenAIProvider
+from adapters.providers.simulated import SimulatedProvider
+from domain.errors import ValidationFailed
+from domain.pricing import PriceTable, built_in_price_table
+from infra.settings import ConfigurationError
+from orchestrator.service import Orchestrator, OrchestratorConfig
+
+if TYPE_CHECKING:
+    from adapters.providers.base import Provider
+    from commands.handlers import AgentWorks
+    from infra.settings import Settings
+
+
+def load_price_table(settings: Settings) -> PriceTable:
+    """The built-in prices, or the whole table from ``AGENTWORKS_PRICE_TABLE`` (JSON or YAML)."""
+    path = settings.price_table
+    if path is None:
+        return built_in_price_table()
+    try:
+        text = path.read_text(encoding="utf-8")
+        document = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        return PriceTable.from_document(document)
+    except (OSError, ValueError, yaml.YAMLError, ValidationFailed) as error:
+        raise ConfigurationError(f"AGENTWORKS_PRICE_TABLE {path}: {error}") from error
+
+
+def build_providers(settings: Settings) -> dict[str, Provider]:
+    """``simulated`` always; OpenAI and Anthropic only with an API key."""
+    timeout = httpx.Timeout(settings.provider_timeout, connect=min(10.0, settings.provider_timeout))
+    providers: dict[str, Provider] = {
+        "simulated": SimulatedProvider(
+            tokens_per_second=settings.simulated_tokens_per_second,
+            output_tokens=settings.simulated_output_tokens,
+        )
+    }
+    # An empty key (docker-compose passes unset variables as "") means no key.
+    if settings.openai_api_key is not None and settings.openai_api_key.get_secret_value():
+        providers["openai"] = OpenAIProvider(
+            api_key=settings.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url,
+            timeout=timeout,
+        )
+    if settings.anthropic_api_key is not None and settings.anthropic_api_key.get_secret_value():
+        providers["anthropic"] = AnthropicProvider(
+            api_key=settings.anthropic_api_key.get_secret_value(),
+            base_url=settings.anthropic_base_url,
+            timeout=timeout,
+        )
+    return providers
+
+
+def orchestrator_config(settings: Settings) -> OrchestratorConfig:
+    return OrchestratorConfig(
+        concurrency=settings.orchestrator_concurrency,
+        run_timeout=settings.run_timeout,
+        heartbeat_interval=settings.heartbeat_interval,
+        stale_after=settings.stale_after,
+        max_reclaims=settings.max_reclaims,
+        max_attempts=settings.provider_max_attempts,
+    )
+
+
+def build_orchestrator(settings: Settings, write: AgentWorks) -> Orchestrator:
+    """An orchestrator writing through ``write`` and following its event log."""
+    from streams.log import EventLog
+
+    event_log = EventLog(write.recorder, write.mapper)  # type: ignore[arg-type]
+    return Orchestrator(write, event_log, build_providers(settings), orchestrator_config(settings))

@@ -1,0 +1,637 @@
+"""The orchestrator loop: follow the log, claim runs, execute them, recover orphans.
+
+Claiming is the ``Started`` event itself: ``BeginRun`` saves the run at the version it was
+QUEUED at, so of two orchestrators that saw the same request only one start is stored; the
+other's command is refused and it moves on. A run whose worker died is noticed by its events
+stopping (heartbeats, log chunks, attempts); another orchestrator takes it over with a
+``Reclaimed`` event saved at the version it judged stale, so a live worker's next heartbeat (or a
+second rescuer) makes that takeover conflict. Every later write names the worker, and a worker
+whose run was taken over is refused and stops.
+
+Calls are charged once: each attempt's charge id derives from (run, attempt number) and the run
+aggregate refuses a number it has recorded, so a restarted orchestrator cannot bill twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
+from uuid import UUID, uuid4
+
+import structlog
+
+from adapters.providers.base import (
+    ChatRequest,
+    PermanentProviderError,
+    Provider,
+    StreamBroken,
+    TransientProviderError,
+    Usage,
+)
+from adapters.tokenizer import count_message_tokens, count_tokens
+from commands import models as m
+from commands.handlers import Actor
+from domain.agents import EarlierRun, agent_named, build_prompt
+from domain.errors import AgentWorksError, Conflict, InvalidTransition, NotFound
+from domain.money import billed_amount, format_usd
+from domain.pricing import call_cost_micros
+from domain.routing import (
+    Breakers,
+    BreakerState,
+    LatencyTracker,
+    ModelOption,
+    RouteRequest,
+    backoff_seconds,
+    route,
+)
+from orchestrator.logbatch import Line, LogBatcher
+
+if TYPE_CHECKING:
+    from commands.handlers import AgentWorks
+    from streams.envelope import EventEnvelope
+    from streams.log import EventLog
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+_TERMINAL = {"Succeeded", "Failed", "Cancelled", "TimedOut"}
+
+#: Times a write lost to concurrent writers is retried before the run fails.
+WRITE_RACES = 30
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrchestratorConfig:
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:6]}"
+    )
+    concurrency: int = 20
+    run_timeout: float = 300.0
+    heartbeat_interval: float = 5.0
+    stale_after: float = 30.0
+    max_reclaims: int = 2
+    max_attempts: int = 4
+    poll_interval: float = 0.1
+    log_interval: float = 0.2
+    log_max_lines: int = 100
+    backoff_base: float = 0.2
+    backoff_cap: float = 10.0
+    breaker_threshold: int = 3
+    breaker_cooldown: float = 30.0
+
+
+@dataclass
+class RunView:
+    """What the log has told us about a run."""
+
+    run_id: UUID
+    workspace_id: UUID
+    card_id: UUID
+    agent: str
+    provider: str | None
+    model: str | None
+    policy: str
+    status: str = "QUEUED"
+    version: int = 1
+    last_event_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    worker: str | None = None
+    reclaims: int = 0
+
+
+class RunFailed(Exception):
+    """The run ends FAILED with this message."""
+
+
+class _Lost(Exception):
+    """Another worker owns the run now; stop without writing."""
+
+
+@dataclass
+class _Outcome:
+    ok: bool
+    text: str = ""
+    retry_after: float | None = None
+    error: str = ""
+    permanent: bool = False
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        app: AgentWorks,
+        event_log: EventLog,
+        providers: Mapping[str, Provider],
+        config: OrchestratorConfig | None = None,
+    ) -> None:
+        self.app = app
+        self.log = event_log
+        self.providers = dict(providers)
+        self.config = config or OrchestratorConfig()
+        self.worker = self.config.worker_id
+        self.views: dict[UUID, RunView] = {}
+        self.outputs: dict[UUID, list[tuple[UUID, EarlierRun]]] = {}
+        self.queue: deque[UUID] = deque()
+        self.tasks: dict[UUID, asyncio.Task[None]] = {}
+        self.cancelled: set[UUID] = set()
+        self.position = 0
+        self.caught_up = False
+        self.latency = LatencyTracker()
+        self.breakers = Breakers(
+            threshold=self.config.breaker_threshold,
+            cooldown_seconds=self.config.breaker_cooldown,
+        )
+        self.reserved: dict[UUID, dict[UUID, int]] = {}
+        self._last_write: dict[UUID, float] = {}
+        self._executor = ThreadPoolExecutor(
+            max_workers=min(64, self.config.concurrency + 4), thread_name_prefix="orchestrator"
+        )
+        self._stop = asyncio.Event()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Follow the log and execute runs until :meth:`stop`; runs in flight are abandoned at
+        stop (another orchestrator takes them over once their heartbeats stop)."""
+        last_stale_check = 0.0
+        try:
+            while not self._stop.is_set():
+                try:
+                    read = await self._tail()
+                except Exception:
+                    log.exception("orchestrator.tail_failed")
+                    read = 0
+                    await asyncio.sleep(1.0)
+                if self.caught_up:
+                    self._schedule()
+                    if time.monotonic() - last_stale_check >= min(1.0, self.config.stale_after):
+                        last_stale_check = time.monotonic()
+                        await self._recover_stale()
+                if read < 1000:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), self.config.poll_interval)
+        finally:
+            for task in list(self.tasks.values()):
+                task.cancel()
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            await asyncio.gather(
+                *(p.aclose() for p in self.providers.values()), return_exceptions=True
+            )
+            self._executor.shutdown(wait=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(fn, *args))
+
+    async def _tail(self) -> int:
+        envelopes, upto, read = await self._call(
+            self.log.read_following, self.position, 1000, frozenset({"AgentRun"})
+        )
+        for env in envelopes:
+            self._fold(env)
+        self.position = max(self.position, upto)
+        if read < 1000:
+            self.caught_up = True
+        return int(read)
+
+    def _fold(self, env: EventEnvelope) -> None:
+        kind = env.type.split(".", 1)[1]
+        p = env.payload
+        run_id = env.originator_id
+        if kind == "Requested":
+            requested = RunView(
+                run_id=run_id,
+                workspace_id=UUID(str(env.workspace_id)),
+                card_id=UUID(str(p["card_id"])),
+                agent=str(p["agent"]),
+                provider=p.get("provider"),
+                model=p.get("model"),
+                policy=str(p.get("policy") or "cheapest"),
+            )
+            self.views[run_id] = requested
+            self.queue.append(run_id)
+        view = self.views.get(run_id)
+        if view is None:
+            return
+        view.version = env.originator_version
+        view.last_event_at = env.timestamp
+        if kind == "Started":
+            view.status, view.worker = "RUNNING", str(p["worker"])
+        elif kind == "Reclaimed":
+            view.worker = str(p["worker"])
+            view.reclaims += 1
+        elif kind == "OutputRecorded":
+            self.outputs.setdefault(view.card_id, []).append(
+                (run_id, EarlierRun(view.agent, str(p["output"])))
+            )
+        elif kind in _TERMINAL:
+            view.status = kind
+            task = self.tasks.get(run_id)
+            if task is not None and kind == "Cancelled":
+                self.cancelled.add(run_id)
+                task.cancel()
+            # Finished runs need no watching; keep what later prompts and takeovers need.
+            if run_id not in self.tasks:
+                self.views.pop(run_id, None)
+
+    def _schedule(self) -> None:
+        while self.queue and len(self.tasks) < self.config.concurrency:
+            run_id = self.queue.popleft()
+            view = self.views.get(run_id)
+            if view is None or view.status != "QUEUED":
+                continue
+            self._spawn(view, claim=True)
+
+    def _spawn(self, view: RunView, *, claim: bool) -> None:
+        task = asyncio.create_task(self._own(view, claim=claim), name=f"run-{view.run_id}")
+        self.tasks[view.run_id] = task
+        run_id = view.run_id
+        task.add_done_callback(lambda _task: self._done(run_id))
+
+    def _done(self, run_id: UUID) -> None:
+        self.tasks.pop(run_id, None)
+        self.cancelled.discard(run_id)
+        self._last_write.pop(run_id, None)
+        view = self.views.get(run_id)
+        if view is not None and view.status in _TERMINAL:
+            self.views.pop(run_id, None)
+
+    async def _recover_stale(self) -> None:
+        """Take over RUNNING runs whose worker has written nothing for ``stale_after``."""
+        horizon = datetime.now(UTC) - timedelta(seconds=self.config.stale_after)
+        for view in list(self.views.values()):
+            if len(self.tasks) >= self.config.concurrency:
+                return
+            if view.status != "RUNNING" or view.run_id in self.tasks:
+                continue
+            if view.last_event_at > horizon:
+                continue
+            self._spawn(view, claim=False)
+
+    # -- one run -------------------------------------------------------------------------------
+
+    def _actor(self, view: RunView) -> Actor:
+        return Actor.service("orchestrator", view.workspace_id)
+
+    async def _own(self, view: RunView, *, claim: bool) -> None:
+        actor = self._actor(view)
+        try:
+            if claim:
+                await self._call(
+                    self.app.begin_run, m.BeginRun(run_id=view.run_id, worker=self.worker), actor
+                )
+            else:
+                await self._call(
+                    self.app.reclaim_run,
+                    m.ReclaimRun(
+                        run_id=view.run_id, worker=self.worker, expected_version=view.version
+                    ),
+                    actor,
+                )
+                log.info("orchestrator.reclaimed", run_id=str(view.run_id), previous=view.worker)
+        except (Conflict, InvalidTransition, NotFound):
+            return  # another orchestrator was first, or the run ended meanwhile
+        except Exception:
+            log.exception("orchestrator.claim_failed", run_id=str(view.run_id))
+            return
+        self._last_write[view.run_id] = time.monotonic()
+        if not claim and view.reclaims + 1 > self.config.max_reclaims:
+            await self._finish(
+                view,
+                "FAILED",
+                error=f"run abandoned: its worker stopped {view.reclaims + 1} times "
+                f"(stale heartbeat; at most {self.config.max_reclaims} takeovers)",
+            )
+            return
+        await self._execute(view, reclaimed=not claim)
+
+    async def _execute(self, view: RunView, *, reclaimed: bool) -> None:
+        batcher = LogBatcher(
+            partial(self._write_lines, view),
+            max_lines=self.config.log_max_lines,
+            interval=self.config.log_interval,
+        )
+        batcher.start()
+        heartbeat = asyncio.create_task(self._heartbeats(view))
+        started = time.monotonic()
+        try:
+            if reclaimed:
+                batcher.system(f"taken over by {self.worker} (the previous worker went silent)")
+            async with asyncio.timeout(self.config.run_timeout):
+                output = await self._work(view, batcher)
+                await batcher.close()
+            await self._finish(view, "SUCCEEDED", output=output)
+        except TimeoutError:
+            await self._close_quietly(batcher, f"timed out after {self.config.run_timeout:g}s")
+            await self._finish(view, "TIMED_OUT", after=int(time.monotonic() - started))
+        except RunFailed as failure:
+            await self._close_quietly(batcher, f"failed: {failure}")
+            await self._finish(view, "FAILED", error=str(failure))
+        except _Lost:
+            batcher.abandon()
+            log.warning("orchestrator.lost_run", run_id=str(view.run_id))
+        except asyncio.CancelledError:
+            batcher.abandon()
+            if view.run_id not in self.cancelled:
+                raise
+            log.info("orchestrator.cancelled", run_id=str(view.run_id))
+        except Exception as error:
+            log.exception("orchestrator.run_crashed", run_id=str(view.run_id))
+            await self._close_quietly(batcher, f"internal error: {type(error).__name__}")
+            await self._finish(view, "FAILED", error=f"internal error: {error}")
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _close_quietly(self, batcher: LogBatcher, line: str) -> None:
+        batcher.system(line)
+        try:
+            await batcher.close()
+        except Exception:
+            log.exception("orchestrator.log_flush_failed")
+
+    async def _write_lines(self, view: RunView, lines: list[Line]) -> None:
+        cmd = m.AppendRunLog(
+            run_id=view.run_id,
+            worker=self.worker,
+            lines=[m.LogLineInput(at=at, stream=stream, text=text) for at, stream, text in lines],
+        )
+        await self._write(view, self.app.append_run_log, cmd)
+
+    async def _write(self, view: RunView, handler: Callable[..., Any], cmd: m.Command) -> Any:
+        """Send a command for the run; a race lost to other writers (every charge of a workspace
+        saves its month's spend) is retried with jittered backoff, since nothing was written."""
+        for race in range(1, WRITE_RACES + 1):
+            try:
+                result = await self._call(handler, cmd, self._actor(view))
+            except Conflict as error:
+                if "taken over" in error.message:
+                    task = self.tasks.get(view.run_id)
+                    if task is not None and task is not asyncio.current_task():
+                        task.cancel()
+                    raise _Lost(error.message) from error
+                if race == WRITE_RACES:
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.01 * race))  # noqa: S311
+                continue
+            except InvalidTransition as error:
+                raise _Lost(error.message) from error
+            self._last_write[view.run_id] = time.monotonic()
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _heartbeats(self, view: RunView) -> None:
+        interval = self.config.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval / 2)
+            if time.monotonic() - self._last_write.get(view.run_id, 0.0) < interval:
+                continue
+            try:
+                await self._write(
+                    view,
+                    self.app.record_run_heartbeat,
+                    m.RecordRunHeartbeat(run_id=view.run_id, worker=self.worker),
+                )
+            except _Lost:
+                task = self.tasks.get(view.run_id)
+                if task is not None:
+                    task.cancel()
+                return
+            except Exception:
+                log.exception("orchestrator.heartbeat_failed", run_id=str(view.run_id))
+
+    async def _finish(
+        self, view: RunView, outcome: str, *, output: str | None = None, error: str | None = None,
+        after: int | None = None,
+    ) -> None:  # fmt: skip
+        cmd = m.FinishRun(
+            run_id=view.run_id, outcome=outcome, worker=self.worker, output=output,
+            error=error, after_seconds=after,
+        )  # fmt: skip
+        try:
+            await self._write(view, self.app.finish_run, cmd)
+        except _Lost:
+            return
+        except AgentWorksError:
+            log.exception("orchestrator.finish_refused", run_id=str(view.run_id))
+
+    # -- the agent's work ----------------------------------------------------------------------
+
+    async def _work(self, view: RunView, batcher: LogBatcher) -> str:
+        try:
+            spec = agent_named(view.agent)
+            card = await self._call(self.app.card_snapshot, view.card_id)
+        except AgentWorksError as error:
+            raise RunFailed(error.message) from error
+        earlier = [run for rid, run in self.outputs.get(view.card_id, []) if rid != view.run_id]
+        messages = build_prompt(
+            spec, title=card.title, description=card.description, earlier=earlier
+        )
+        request = RouteRequest(
+            policy=view.policy if view.provider is None else "pinned",
+            provider=view.provider,
+            model=view.model,
+            needs=spec.needs,
+        )
+        try:
+            chain = route(
+                request,
+                available=self.providers,
+                prices=self.app.prices,
+                at=datetime.now(UTC),
+                latency_ms=self.latency.means,
+            )
+        except AgentWorksError as error:
+            raise RunFailed(error.message) from error
+        last_error = ""
+        index = 0
+        for attempt in range(1, self.config.max_attempts + 1):
+            option, index = self._pick(chain, index, request.pinned)
+            batcher.system(f"calling {option.provider}/{option.model} (attempt {attempt})")
+            outcome = await self._call_once(view, option, messages, spec.max_output_tokens, batcher)
+            if outcome.ok:
+                return outcome.text
+            last_error = outcome.error
+            if outcome.permanent and request.pinned:
+                raise RunFailed(f"{option.provider} refused the call: {outcome.error}")
+            if attempt == self.config.max_attempts:
+                break
+            wait = backoff_seconds(
+                attempt, retry_after=outcome.retry_after, base=self.config.backoff_base,
+                cap=self.config.backoff_cap, jitter=random.random(),  # noqa: S311
+            )  # fmt: skip
+            if not request.pinned and len(chain) > 1:
+                index = (index + 1) % len(chain)
+                nxt = chain[index]
+                batcher.system(
+                    f"falling back from {option.provider}/{option.model} to "
+                    f"{nxt.provider}/{nxt.model}: {outcome.error}"
+                )
+                wait = min(wait, self.config.backoff_base)
+            else:
+                batcher.system(f"retrying in {wait:.1f}s: {outcome.error}")
+            await asyncio.sleep(wait)
+        raise RunFailed(f"gave up after {self.config.max_attempts} attempts: {last_error}")
+
+    def _pick(self, chain: list[ModelOption], index: int, pinned: bool) -> tuple[ModelOption, int]:
+        """The next candidate whose breaker lets a call through (a pinned run has one)."""
+        now = time.monotonic()
+        for step in range(len(chain)):
+            at = (index + step) % len(chain)
+            if self.breakers.of(chain[at].provider).allows(now):
+                return chain[at], at
+        return chain[index % len(chain)], index % len(chain)
+
+    async def _call_once(
+        self,
+        view: RunView,
+        option: ModelOption,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        batcher: LogBatcher,
+    ) -> _Outcome:
+        provider = self.providers[option.provider]
+        started_at = datetime.now(UTC)
+        price = self.app.prices.require(option.provider, option.model, started_at)
+        input_tokens = count_message_tokens(messages)
+        budget = await self._call(self.app.run_budget, view.run_id, started_at)
+        others = sum(
+            amount
+            for run_id, amount in self.reserved.get(view.workspace_id, {}).items()
+            if run_id != view.run_id
+        )
+        room = budget.room_micros(reserved_elsewhere=others)
+
+        def billed(output_tokens: int) -> int:
+            cost = call_cost_micros(price, input_tokens=input_tokens, output_tokens=output_tokens)
+            return billed_amount(cost, budget.markup)
+
+        if room is not None and billed(0) > room:
+            raise RunFailed(
+                f"budget reached: {format_usd(max(room, 0))} left, the prompt alone would be "
+                f"billed {format_usd(billed(0))}"
+            )
+        reservation = billed(max_tokens) if room is None else min(billed(max_tokens), room)
+        self.reserved.setdefault(view.workspace_id, {})[view.run_id] = reservation
+        text: list[str] = []
+        output_tokens = 0
+        usage: Usage | None = None
+        error: Exception | None = None
+        budget_hit = False
+        t0 = time.monotonic()
+        try:
+            stream = provider.stream(ChatRequest(option.model, messages, max_tokens))
+            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                async for piece in stream:
+                    if isinstance(piece, Usage):
+                        usage = piece
+                        break
+                    text.append(piece)
+                    batcher.add(piece)
+                    output_tokens += count_tokens(piece)
+                    if room is not None and billed(output_tokens) >= room:
+                        budget_hit = True
+                        break
+        except (TransientProviderError, PermanentProviderError) as caught:
+            error = caught
+        except asyncio.CancelledError:
+            # Cancelled, timed out or stopping: what streamed so far was produced and is billed
+            # by the provider, so it is charged (estimated) before the cancellation goes on.
+            if text:
+                latency_ms = int((time.monotonic() - t0) * 1000)
+                partial = Usage(input_tokens, count_tokens("".join(text)), estimated=True)
+                with contextlib.suppress(_Lost, AgentWorksError):
+                    await self._attempt(
+                        view, option, "failed", None, "stopped: cancelled", latency_ms, partial,
+                        started_at,
+                    )  # fmt: skip
+            raise
+        finally:
+            self.reserved.get(view.workspace_id, {}).pop(view.run_id, None)
+        latency_ms = int((time.monotonic() - t0) * 1000)
+        received = "".join(text)
+        breaker = self.breakers.of(option.provider)
+        if usage is not None:
+            self.latency.observe(option.provider, option.model, latency_ms)
+            breaker.succeeded()
+            await self._attempt(view, option, "ok", None, None, latency_ms, usage, started_at)
+            return _Outcome(ok=True, text=received)
+        # No usage block: what was sent and received is charged from our own counts.
+        streamed = bool(text) or isinstance(error, StreamBroken) or budget_hit
+        estimate = Usage(input_tokens, count_tokens(received), estimated=True)
+        if budget_hit:
+            await self._attempt(
+                view, option, "failed", None, "stopped: budget reached", latency_ms, estimate,
+                started_at,
+            )  # fmt: skip
+            raise RunFailed(
+                f"budget reached mid-stream after {estimate.output_tokens} output tokens "
+                f"({format_usd(max(room or 0, 0))} was left)"
+            )
+        assert error is not None
+        http_status = getattr(error, "http_status", None)
+        await self._attempt(
+            view, option, "failed", http_status, str(error), latency_ms,
+            estimate if streamed else Usage(0, 0), started_at,
+        )  # fmt: skip
+        before = breaker.state
+        after = breaker.failed(time.monotonic())
+        if after is not before and after is BreakerState.OPEN:
+            batcher.system(f"circuit for {option.provider} is open")
+        if isinstance(error, PermanentProviderError):
+            return _Outcome(ok=False, error=str(error), permanent=True)
+        assert isinstance(error, TransientProviderError)
+        return _Outcome(ok=False, error=str(error), retry_after=error.retry_after)
+
+    async def _attempt(
+        self, view: RunView, option: ModelOption, status: str, http_status: int | None,
+        error: str | None, latency_ms: int, usage: Usage, started_at: datetime,
+    ) -> None:  # fmt: skip
+        cmd = m.RecordProviderAttempt(
+            run_id=view.run_id, worker=self.worker, provider=option.provider,
+            model=option.model, status=status, http_status=http_status,
+            error=None if error is None else error[:2000], latency_ms=latency_ms,
+            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+            estimated=usage.estimated, started_at=started_at,
+        )  # fmt: skip
+        await self._write(view, self.app.record_provider_attempt, cmd)
+
+
+class OrchestratorThread:
+    """An orchestrator on an event loop of its own thread (``agentworks dev``, tests)."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self.orchestrator = orchestrator
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name="orchestrator", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self.orchestrator.stop)
+            self._thread.join(timeout)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self.orchestrator.run())
+        finally:
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()

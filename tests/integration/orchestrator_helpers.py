@@ -1,0 +1,92 @@
+"""Helpers for orchestrator tests: a board with a card, orchestrators in threads, waiting."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from board_helpers import Board, bootstrap_board
+
+from adapters.providers.base import Provider
+from adapters.providers.simulated import SimulatedProvider
+from commands import models as m
+from commands.handlers import AgentWorks
+from domain.agent_run import AgentRun, RunStatus
+from infra.bootstrap import build_write_side
+from orchestrator.service import Orchestrator, OrchestratorConfig, OrchestratorThread
+from streams.log import EventLog
+
+
+@dataclass
+class CardOnBoard:
+    board: Board
+    card_id: UUID
+
+
+def card_on_board(app: AgentWorks, *, title: str = "Login page") -> CardOnBoard:
+    board = bootstrap_board(app)
+    card = app.create_card(
+        m.CreateCard(project_id=board.project_id, title=title,
+                     description="Users sign in with e-mail and password."),
+        board.owner,
+    )  # fmt: skip
+    return CardOnBoard(board, card.id)
+
+
+def fast_simulated(**kwargs: Any) -> SimulatedProvider:
+    return SimulatedProvider(tokens_per_second=kwargs.pop("tokens_per_second", 500), **kwargs)
+
+
+@contextmanager
+def orchestrator_thread(
+    database_url: str,
+    providers: Mapping[str, Provider] | None = None,
+    **config: Any,
+) -> Iterator[Orchestrator]:
+    """An orchestrator with a write side of its own, running in a thread until the block ends."""
+    write = build_write_side(database_url)
+    event_log = EventLog(write.recorder, write.mapper)  # type: ignore[arg-type]
+    settings = {"heartbeat_interval": 1.0, "stale_after": 30.0, "backoff_base": 0.05, **config}
+    orchestrator = Orchestrator(
+        write, event_log, providers or {"simulated": fast_simulated()},
+        OrchestratorConfig(**settings),
+    )  # fmt: skip
+    thread = OrchestratorThread(orchestrator)
+    thread.start()
+    try:
+        yield orchestrator
+    finally:
+        thread.stop()
+        write.close()
+
+
+def wait_for(
+    app: AgentWorks, run_id: UUID, done: Callable[[AgentRun], bool], *, timeout: float = 30.0
+) -> AgentRun:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = app.run_snapshot(run_id)
+        if done(run):
+            return run
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"run {run_id} is {run.status} (error {run.error!r}) after {timeout}s"
+            )
+        time.sleep(0.05)
+
+
+def finished(run: AgentRun) -> bool:
+    return run.status.terminal
+
+
+def running_with_lines(run: AgentRun) -> bool:
+    return run.status is RunStatus.RUNNING and run.next_seq > 3
+
+
+def stored(app: AgentWorks, run_id: UUID) -> list[Any]:
+    """Every stored event of a run, in order."""
+    return list(app.events.get(run_id))

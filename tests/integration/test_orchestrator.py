@@ -1,0 +1,305 @@
+"""The orchestrator on a real event store: runs complete, fall back, stop on cancel, budgets and
+timeouts, and several orchestrators share a backlog without running a run twice."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+from uuid import UUID
+
+import pytest
+from orchestrator_helpers import (
+    CardOnBoard,
+    card_on_board,
+    fast_simulated,
+    finished,
+    orchestrator_thread,
+    running_with_lines,
+    stored,
+    wait_for,
+)
+from provider_servers import FakeProviderServer, Reply, anthropic_events, openai_events
+
+from adapters.providers.anthropic import AnthropicProvider
+from adapters.providers.base import Provider
+from adapters.providers.openai import OpenAIProvider
+from commands import models as m
+from commands.handlers import AgentWorks
+from domain.agent_run import AgentRun, RunStatus
+from domain.pricing import call_cost_micros
+from domain.usage import UsageCharge, charge_id_for
+
+pytestmark = pytest.mark.slow
+
+
+def start(app: AgentWorks, card: CardOnBoard, **fields: Any) -> UUID:
+    fields.setdefault("agent", "coder")
+    return app.start_agent_run(m.StartAgentRun(card_id=card.card_id, **fields), card.board.owner).id
+
+
+def events_of(app: AgentWorks, run_id: UUID, kind: type) -> list[Any]:
+    return [e for e in stored(app, run_id) if isinstance(e, kind)]
+
+
+def test_a_run_completes_on_the_simulated_provider_with_output_log_and_one_charge(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    run_id = start(write_side, card)
+    with orchestrator_thread(database_url):
+        run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert run.output
+    assert run.attempts == 1
+    chunks = events_of(write_side, run_id, AgentRun.LogChunkAppended)
+    assert chunks
+    assert all(len(c.lines) <= 100 for c in chunks)
+    logged = "\n".join(
+        line["text"] for c in chunks for line in c.lines if line["stream"] == "stdout"
+    )
+    assert logged.strip() == run.output.strip()
+    charge: UsageCharge = write_side.repository.get(charge_id_for(run_id, "attempt-1"))
+    price = write_side.prices.require("simulated", "sim-1", run.modified_on)
+    expected = call_cost_micros(price, input_tokens=run.input_tokens,
+                                output_tokens=run.output_tokens)  # fmt: skip
+    assert run.provider_cost_micros == expected
+    assert charge.billed_micros == run.billed_micros == expected * 5
+    assert len(events_of(write_side, run_id, AgentRun.Started)) == 1
+
+
+def test_a_later_agent_sees_the_earlier_runs_output_in_its_prompt(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    design = openai_events(["design: use JWT"], prompt_tokens=9, completion_tokens=4)
+    with FakeProviderServer([Reply(events=design)]) as server:
+        openai = OpenAIProvider(api_key="k", base_url=server.url)
+        with orchestrator_thread(database_url, {"openai": openai}):
+            first = start(write_side, card, agent="architect", provider="openai")
+            wait_for(write_side, first, finished)
+            second = start(write_side, card, agent="coder", provider="openai")
+            run = wait_for(write_side, second, finished)
+    assert run.status is RunStatus.SUCCEEDED
+    prompt = server.requests[-1].body["messages"][1]["content"]
+    assert "design: use JWT" in prompt
+    assert "Login page" in prompt
+
+
+def test_openai_compatible_server_given_by_settings_runs_and_is_charged_from_its_usage(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    from infra.orchestration import build_providers
+    from infra.settings import Settings
+
+    card = card_on_board(write_side)
+    events = openai_events(["Hello", " from", " a", " fake\n", "server"], prompt_tokens=1234,
+                           completion_tokens=567)  # fmt: skip
+    with FakeProviderServer([Reply(events=events, event_delay=0.01)]) as server:
+        settings = Settings(openai_api_key="sk-local", openai_base_url=server.url + "/v1")
+        providers = build_providers(settings)
+        assert set(providers) == {"simulated", "openai"}
+        with orchestrator_thread(database_url, providers):
+            run_id = start(write_side, card, provider="openai", model="gpt-4o-mini")
+            run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert run.output == "Hello from a fake\nserver"
+    assert (run.input_tokens, run.output_tokens) == (1234, 567)
+    price = write_side.prices.require("openai", "gpt-4o-mini", run.modified_on)
+    assert run.provider_cost_micros == call_cost_micros(price, input_tokens=1234,
+                                                        output_tokens=567)  # fmt: skip
+    assert server.requests[0].path == "/v1/chat/completions"
+
+
+def test_anthropic_run_is_charged_from_message_start_and_message_delta(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    events = anthropic_events(["Plan:", " ship it"], input_tokens=321, output_tokens=45)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        providers: dict[str, Provider] = {
+            "anthropic": AnthropicProvider(api_key="ak", base_url=server.url)
+        }
+        with orchestrator_thread(database_url, providers):
+            run_id = start(write_side, card, provider="anthropic",
+                           model="claude-3-5-haiku-latest")  # fmt: skip
+            run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert run.output == "Plan: ship it"
+    assert (run.input_tokens, run.output_tokens) == (321, 45)
+    price = write_side.prices.require("anthropic", "claude-3-5-haiku-latest", run.modified_on)
+    assert run.provider_cost_micros == call_cost_micros(price, input_tokens=321, output_tokens=45)
+    assert server.requests[0].body["model"] == "claude-3-5-haiku-latest"
+
+
+def test_unpinned_run_falls_back_after_a_500_and_records_both_attempts(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    with FakeProviderServer([Reply(status=500, body=b"down")]) as server:
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url),
+            "simulated": fast_simulated(),
+        }
+        with orchestrator_thread(database_url, providers):
+            run_id = start(write_side, card)
+            run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert [(a.provider, a.status, a.http_status) for a in attempts] == [
+        ("openai", "failed", 500),
+        ("simulated", "ok", None),
+    ]
+    assert attempts[0].provider_cost_micros == 0
+    lines = [ln["text"] for c in events_of(write_side, run_id, AgentRun.LogChunkAppended)
+             for ln in c.lines]  # fmt: skip
+    assert any("falling back from openai/gpt-4o-mini to simulated/sim-1" in t for t in lines)
+
+
+def test_pinned_run_retries_the_same_provider_after_retry_after(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
+    replies = [Reply(status=429, headers={"retry-after": "1"}, body=b"{}"), Reply(events=ok)]
+    with FakeProviderServer(replies) as server:
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url),
+            "simulated": fast_simulated(),
+        }
+        with orchestrator_thread(database_url, providers):
+            run_id = start(write_side, card, provider="openai")
+            run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.SUCCEEDED
+    attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert [(a.provider, a.http_status) for a in attempts] == [("openai", 429), ("openai", None)]
+    gap = attempts[1].timestamp - attempts[0].timestamp
+    assert gap.total_seconds() >= 0.9  # the retry waited for retry-after
+
+
+def test_a_stream_cut_midway_is_charged_from_estimates_never_zero(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    events = openai_events(["partial ", "answer ", "lost"], prompt_tokens=50, completion_tokens=3)
+    with FakeProviderServer([Reply(events=events, cut_after=3)]) as server:
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url)
+        }
+        with orchestrator_thread(database_url, providers, max_attempts=2):
+            run_id = start(write_side, card, provider="openai")
+            run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.FAILED
+    attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert len(attempts) == 2
+    for attempt in attempts:
+        assert attempt.estimated
+        assert attempt.input_tokens > 0
+        assert attempt.output_tokens > 0
+        assert attempt.provider_cost_micros > 0
+    assert run.provider_cost_micros == sum(a.provider_cost_micros for a in attempts)
+
+
+def test_cancel_stops_the_running_call_within_a_second(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    slow = fast_simulated(tokens_per_second=20, output_tokens=2000)
+    with orchestrator_thread(database_url, {"simulated": slow}) as orchestrator:
+        run_id = start(write_side, card)
+        wait_for(write_side, run_id, running_with_lines)
+        cancelled_at = time.monotonic()
+        write_side.cancel_agent_run(m.CancelAgentRun(run_id=run_id, reason="enough"),
+                                    card.board.owner)  # fmt: skip
+        while run_id in orchestrator.tasks and time.monotonic() - cancelled_at < 5:
+            time.sleep(0.01)
+        stopped_after = time.monotonic() - cancelled_at
+        assert run_id not in orchestrator.tasks
+        count = len(stored(write_side, run_id))
+        time.sleep(1.0)
+        assert len(stored(write_side, run_id)) == count  # nothing written after the stop
+    print(f"cancel -> call stopped: {stopped_after * 1000:.0f} ms")
+    run = write_side.run_snapshot(run_id)
+    assert run.status is RunStatus.CANCELLED
+    # What streamed before the cancel was produced: charged from estimates, never zero.
+    [attempt] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert (attempt.status, attempt.error, attempt.estimated) == (
+        "failed", "stopped: cancelled", True,
+    )  # fmt: skip
+    assert attempt.output_tokens > 0
+    assert run.billed_micros > 0
+
+
+def test_run_budget_reached_mid_stream_fails_with_budget_and_charges_what_was_used(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    # The prompt (~80 tokens) fits in $0.0005 at sim-1 x 5; 200 output tokens do not.
+    slow = fast_simulated(tokens_per_second=400, output_tokens=400)
+    with orchestrator_thread(database_url, {"simulated": slow}):
+        run_id = start(write_side, card, max_cost="0.0005")
+        run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.FAILED
+    assert "budget" in (run.error or "")
+    assert run.billed_micros > 0
+    # Stopped at the first piece that reached the limit: at most one piece over.
+    assert run.billed_micros <= 500 + 5 * 2 * 10
+    [attempt] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert attempt.estimated
+
+
+def test_run_timeout_ends_timed_out(write_side: AgentWorks, database_url: str) -> None:
+    card = card_on_board(write_side)
+    slow = fast_simulated(tokens_per_second=10, output_tokens=2000)
+    with orchestrator_thread(database_url, {"simulated": slow}, run_timeout=1.0):
+        run_id = start(write_side, card)
+        run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.TIMED_OUT
+    [attempt] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert attempt.estimated
+    assert run.billed_micros > 0
+
+
+def test_two_orchestrators_share_a_backlog_and_never_run_a_run_twice(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    run_ids = [start(write_side, card) for _ in range(12)]
+    providers_a: dict[str, Provider] = {"simulated": fast_simulated(tokens_per_second=300)}
+    providers_b: dict[str, Provider] = {"simulated": fast_simulated(tokens_per_second=300)}
+    with (
+        orchestrator_thread(database_url, providers_a, concurrency=3, worker_id="A"),
+        orchestrator_thread(database_url, providers_b, concurrency=3, worker_id="B"),
+    ):
+        runs = [wait_for(write_side, r, finished, timeout=60) for r in run_ids]
+    assert all(r.status is RunStatus.SUCCEEDED for r in runs)
+    workers: Counter[str] = Counter()
+    for run_id in run_ids:
+        started = events_of(write_side, run_id, AgentRun.Started)
+        assert len(started) == 1
+        assert not events_of(write_side, run_id, AgentRun.Reclaimed)
+        assert len(events_of(write_side, run_id, AgentRun.LlmCallCompleted)) == 1
+        workers[started[0].worker] += 1
+    assert set(workers) == {"A", "B"}, workers
+
+
+def test_a_failing_provider_opens_its_circuit_and_the_run_log_says_so(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    with FakeProviderServer([Reply(status=503, body=b"unavailable")]) as server:
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url)
+        }
+        with orchestrator_thread(database_url, providers, max_attempts=4, breaker_threshold=3):
+            run_id = start(write_side, card, provider="openai")
+            run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.FAILED
+    assert "gave up after 4 attempts" in (run.error or "")
+    attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert [a.http_status for a in attempts] == [503, 503, 503, 503]
+    lines = [
+        ln["text"] for c in events_of(write_side, run_id, AgentRun.LogChunkAppended)
+        for ln in c.lines
+    ]  # fmt: skip
+    assert sum("circuit for openai is open" in t for t in lines) == 1

@@ -1,0 +1,194 @@
+"""Provider adapters against local servers speaking each real wire format."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from provider_servers import FakeProviderServer, Reply, anthropic_events, openai_events
+
+from adapters.providers.anthropic import AnthropicProvider
+from adapters.providers.base import (
+    ChatRequest,
+    PermanentProviderError,
+    StreamBroken,
+    TransientProviderError,
+    Usage,
+    retry_after_seconds,
+)
+from adapters.providers.openai import OpenAIProvider
+from adapters.providers.simulated import SimulatedProvider
+from adapters.tokenizer import count_tokens
+
+REQUEST = ChatRequest(
+    model="gpt-4o-mini",
+    messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+    max_tokens=64,
+)
+FAST = httpx.Timeout(2.0, connect=2.0)
+
+
+async def collect(provider: Any, request: ChatRequest = REQUEST) -> tuple[str, Usage]:
+    text, usage = "", None
+    async for piece in provider.stream(request):
+        if isinstance(piece, Usage):
+            usage = piece
+        else:
+            text += piece
+    assert usage is not None
+    return text, usage
+
+
+def run_openai(server: FakeProviderServer, **kwargs: Any) -> tuple[str, Usage]:
+    async def go() -> tuple[str, Usage]:
+        provider = OpenAIProvider(api_key="sk-test", base_url=server.url + "/v1", timeout=FAST)
+        try:
+            return await collect(provider, **kwargs)
+        finally:
+            await provider.aclose()
+
+    return asyncio.run(go())
+
+
+def run_anthropic(server: FakeProviderServer) -> tuple[str, Usage]:
+    async def go() -> tuple[str, Usage]:
+        provider = AnthropicProvider(api_key="ak-test", base_url=server.url, timeout=FAST)
+        try:
+            return await collect(provider)
+        finally:
+            await provider.aclose()
+
+    return asyncio.run(go())
+
+
+def test_openai_streams_text_and_takes_usage_from_the_final_chunk() -> None:
+    events = openai_events(["Hel", "lo ", "world"], prompt_tokens=17, completion_tokens=3)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        text, usage = run_openai(server)
+    assert text == "Hello world"
+    assert usage == Usage(17, 3, estimated=False)
+    sent = server.requests[0]
+    assert sent.path == "/v1/chat/completions"
+    assert sent.headers["authorization"] == "Bearer sk-test"
+    assert sent.body["stream"] is True
+    assert sent.body["stream_options"] == {"include_usage": True}
+    assert sent.body["model"] == "gpt-4o-mini"
+
+
+def test_openai_429_is_transient_and_carries_retry_after() -> None:
+    reply = Reply(status=429, headers={"retry-after": "3"}, body=b'{"error":"slow down"}')
+    with FakeProviderServer([reply]) as server, pytest.raises(TransientProviderError) as caught:
+        run_openai(server)
+    assert caught.value.http_status == 429
+    assert caught.value.retry_after == 3.0
+    assert "slow down" in caught.value.message
+
+
+def test_openai_500_is_transient_and_401_permanent() -> None:
+    with FakeProviderServer([Reply(status=500, body=b"boom")]) as server:
+        with pytest.raises(TransientProviderError) as caught:
+            run_openai(server)
+        assert caught.value.http_status == 500
+        server.script([Reply(status=401, body=b'{"error":"bad key"}')])
+        with pytest.raises(PermanentProviderError) as refused:
+            run_openai(server)
+        assert refused.value.http_status == 401
+
+
+def test_openai_stream_cut_midway_is_a_broken_stream_after_the_text_so_far() -> None:
+    events = openai_events(["one ", "two ", "three"], prompt_tokens=5, completion_tokens=3)
+    received: list[str] = []
+
+    async def go(server: FakeProviderServer) -> None:
+        provider = OpenAIProvider(api_key="k", base_url=server.url, timeout=FAST)
+        try:
+            async for piece in provider.stream(REQUEST):
+                assert isinstance(piece, str)
+                received.append(piece)
+        finally:
+            await provider.aclose()
+
+    with (
+        FakeProviderServer([Reply(events=events, cut_after=3)]) as server,
+        pytest.raises(StreamBroken),
+    ):
+        asyncio.run(go(server))
+    assert "".join(received) == "one two "
+
+
+def test_openai_stream_without_usage_block_is_broken() -> None:
+    events = openai_events(["x"], prompt_tokens=1, completion_tokens=1, usage=False)
+    with (
+        FakeProviderServer([Reply(events=events)]) as server,
+        pytest.raises(StreamBroken, match="usage"),
+    ):
+        run_openai(server)
+
+
+def test_slow_first_byte_times_out_as_transient() -> None:
+    events = openai_events(["late"], prompt_tokens=1, completion_tokens=1)
+
+    async def go(server: FakeProviderServer) -> None:
+        provider = OpenAIProvider(
+            api_key="k", base_url=server.url, timeout=httpx.Timeout(0.3, connect=2.0)
+        )
+        try:
+            await collect(provider)
+        finally:
+            await provider.aclose()
+
+    with (
+        FakeProviderServer([Reply(events=events, first_byte_delay=1.5)]) as server,
+        pytest.raises(TransientProviderError, match="timed out"),
+    ):
+        asyncio.run(go(server))
+
+
+def test_anthropic_takes_input_from_message_start_and_output_from_message_delta() -> None:
+    events = anthropic_events(["Bon", "jour"], input_tokens=21, output_tokens=2)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        text, usage = run_anthropic(server)
+    assert text == "Bonjour"
+    assert usage == Usage(21, 2)
+    sent = server.requests[0]
+    assert sent.path == "/v1/messages"
+    assert sent.headers["x-api-key"] == "ak-test"
+    assert sent.headers["anthropic-version"] == "2023-06-01"
+    assert sent.body["stream"] is True
+    assert sent.body["system"] == "be brief"
+    assert sent.body["messages"] == [{"role": "user", "content": "hello"}]
+
+
+def test_anthropic_overloaded_error_event_and_cut_stream_are_transient() -> None:
+    frames = anthropic_events(["a"], input_tokens=3, output_tokens=1)
+    overloaded = [*frames[:3], 'event: error\ndata: {"type": "error", "error": '
+                  '{"type": "overloaded_error", "message": "Overloaded"}}']  # fmt: skip
+    with FakeProviderServer([Reply(events=overloaded)]) as server:
+        with pytest.raises(TransientProviderError, match="overloaded"):
+            run_anthropic(server)
+        server.script([Reply(events=frames, cut_after=4)])
+        with pytest.raises(StreamBroken):
+            run_anthropic(server)
+        server.script([Reply(status=529, body=b"overloaded")])
+        with pytest.raises(TransientProviderError):
+            run_anthropic(server)
+
+
+def test_simulated_provider_is_deterministic_and_reports_tokenizer_counts() -> None:
+    provider = SimulatedProvider(tokens_per_second=0, output_tokens=50)
+    first = asyncio.run(collect(provider))
+    second = asyncio.run(collect(provider))
+    assert first == second
+    text, usage = first
+    assert usage.output_tokens == count_tokens(text)
+    assert 40 <= usage.output_tokens <= 50
+    assert usage.input_tokens > count_tokens("be brief hello")
+
+
+def test_retry_after_accepts_seconds_and_http_dates() -> None:
+    assert retry_after_seconds("2.5") == 2.5
+    assert retry_after_seconds(None) is None
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert retry_after_seconds("soon") is None

@@ -1,0 +1,176 @@
+"""The commands the orchestrator sends: attempts and their charges, takeovers, output, refusals."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from aw_builders import World, assert_refused
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from commands import models as m
+from domain.agent_run import AgentRun, RunStatus
+from domain.errors import (
+    AgentWorksError,
+    BudgetExceeded,
+    Conflict,
+    InvalidTransition,
+    ValidationFailed,
+)
+from domain.pricing import call_cost_micros
+from domain.usage import MonthlySpend, UsageCharge, charge_id_for, month_of, spend_id_for
+
+NOW = datetime.now(UTC)
+
+
+def attempt(run_id: object, *, worker: str = "w1", status: str = "ok", tin: int = 100,
+            tout: int = 50, estimated: bool = False) -> m.RecordProviderAttempt:  # fmt: skip
+    return m.RecordProviderAttempt(
+        run_id=run_id, worker=worker, provider="simulated", model="sim-1", status=status,
+        latency_ms=12, input_tokens=tin, output_tokens=tout, estimated=estimated,
+        started_at=NOW,
+    )  # fmt: skip
+
+
+def test_an_attempt_with_tokens_is_charged_at_the_price_in_force_times_markup() -> None:
+    world = World.build()
+    run_id = world.run(begin=True)
+    result = world.app.record_provider_attempt(attempt(run_id), world.service())
+    price = world.app.prices.require("simulated", "sim-1", NOW)
+    cost = call_cost_micros(price, input_tokens=100, output_tokens=50)
+    charge: UsageCharge = world.get(charge_id_for(run_id, "attempt-1"))
+    assert charge.billed_micros == result.extra["billed"] == cost * 5
+    run: AgentRun = world.get(run_id)
+    assert (run.attempts, run.input_tokens, run.output_tokens) == (1, 100, 50)
+    assert (run.provider_cost_micros, run.billed_micros) == (cost, cost * 5)
+    spend: MonthlySpend = world.get(spend_id_for(world.workspace_id, month_of(NOW)))
+    assert spend.spent_micros == cost * 5
+
+
+def test_a_failed_attempt_without_tokens_is_recorded_and_not_charged() -> None:
+    world = World.build()
+    run_id = world.run(begin=True)
+    cmd = m.RecordProviderAttempt(
+        run_id=run_id, worker="w1", provider="openai", model="gpt-4o-mini", status="failed",
+        http_status=429, error="slow down", latency_ms=3, input_tokens=0, output_tokens=0,
+        started_at=NOW,
+    )  # fmt: skip
+    result = world.app.record_provider_attempt(cmd, world.service())
+    assert result.extra == {"attempt": 1, "billed": 0}
+    run: AgentRun = world.get(run_id)
+    assert (run.attempts, run.billed_micros, run.call_ids) == (1, 0, set())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)), min_size=1, max_size=6))
+def test_run_totals_equal_the_sum_of_their_charges(calls: list[tuple[int, int]]) -> None:
+    world = World.build()
+    run_id = world.run(begin=True)
+    billed = []
+    for tin, tout in calls:
+        result = world.app.record_provider_attempt(attempt(run_id, tin=tin, tout=tout),
+                                                   world.service())  # fmt: skip
+        billed.append(result.extra["billed"])
+    run: AgentRun = world.get(run_id)
+    charges = [
+        world.get(charge_id_for(run_id, f"attempt-{n}"))
+        for n in range(1, len(calls) + 1)
+        if calls[n - 1] != (0, 0)
+    ]
+    assert run.billed_micros == sum(billed) == sum(c.billed_micros for c in charges)
+    assert run.input_tokens == sum(t for t, _ in calls)
+    price = world.app.prices.require("simulated", "sim-1", NOW)
+    assert run.provider_cost_micros == sum(
+        call_cost_micros(price, input_tokens=i, output_tokens=o) for i, o in calls
+    )
+    assert all(c.billed_micros == c.net_micros for c in charges)
+    assert Decimal(run.billed_micros) == Decimal(run.provider_cost_micros) * 5
+
+
+def test_a_taken_over_run_refuses_writes_from_its_old_worker() -> None:
+    world = World.build()
+    run_id = world.run(begin=True)
+    version = world.get(run_id).version
+    world.app.reclaim_run(m.ReclaimRun(run_id=run_id, worker="w2", expected_version=version),
+                          world.service())  # fmt: skip
+    for send in (
+        lambda: world.app.record_provider_attempt(attempt(run_id), world.service()),
+        lambda: world.app.finish_run(
+            m.FinishRun(run_id=run_id, outcome="SUCCEEDED", worker="w1"), world.service()
+        ),
+        lambda: world.app.append_run_log(
+            m.AppendRunLog(run_id=run_id, worker="w1", lines=[m.LogLineInput(at=NOW, text="x")]),
+            world.service(),
+        ),
+    ):
+        assert_refused(world.app, Conflict, send)
+    world.app.record_provider_attempt(attempt(run_id, worker="w2"), world.service())
+    assert world.get(run_id).reclaims == 1
+
+
+def test_a_takeover_judged_on_an_old_version_conflicts() -> None:
+    world = World.build()
+    run_id = world.run(begin=True)
+    version = world.get(run_id).version
+    world.app.record_run_heartbeat(m.RecordRunHeartbeat(run_id=run_id, worker="w1"),
+                                   world.service())  # fmt: skip
+    cmd = m.ReclaimRun(run_id=run_id, worker="w2", expected_version=version)
+    assert_refused(world.app, Conflict, lambda: world.app.reclaim_run(cmd, world.service()))
+    assert world.get(run_id).worker == "w1"
+
+
+def test_finishing_with_output_keeps_it_on_the_run() -> None:
+    world = World.build()
+    run_id = world.run(begin=True)
+    world.app.finish_run(m.FinishRun(run_id=run_id, outcome="SUCCEEDED", worker="w1",
+                                     output="done."), world.service())  # fmt: skip
+    run: AgentRun = world.get(run_id)
+    assert (run.status, run.output) == (RunStatus.SUCCEEDED, "done.")
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "match"),
+    [
+        ({"agent": "poet"}, ValidationFailed, "agent 'poet'"),
+        ({"agent": "coder", "provider": "acme"}, ValidationFailed, "provider 'acme'"),
+        ({"agent": "coder", "provider": "openai", "model": "gpt-9"}, ValidationFailed, "gpt-9"),
+        ({"agent": "coder", "policy": "random"}, ValidationFailed, "policy"),
+        ({"agent": "coder", "max_cost": "0.000001"}, BudgetExceeded, "budget|prompt"),
+    ],
+)
+def test_start_agent_run_refuses_bad_choices_up_front(
+    fields: dict[str, str], error: type[AgentWorksError], match: str
+) -> None:
+    world = World.build()
+    cmd = m.StartAgentRun(card_id=world.card_id, **fields)
+    refused = assert_refused(world.app, error, lambda: world.app.start_agent_run(cmd, world.owner))
+    assert refused is not None
+
+
+def test_archived_card_refuses_runs_before_looking_at_the_agent() -> None:
+    world = World.build()
+    world.app.archive_card(m.ArchiveCard(card_id=world.card_id), world.owner)
+    cmd = m.StartAgentRun(card_id=world.card_id, agent="poet")
+    assert_refused(world.app, InvalidTransition,
+                   lambda: world.app.start_agent_run(cmd, world.owner))  # fmt: skip
+
+
+def test_budget_thresholds_are_recorded_once_per_month_each() -> None:
+    world = World.build()
+    world.app.set_spend_limit(
+        m.SetSpendLimit(workspace_id=world.workspace_id, monthly_limit="0.010000"), world.owner
+    )
+    run_id = world.run(begin=True)
+    crossed: list[int] = []
+    # sim-1 x5: 1,000 input tokens = $0.0025 billed a call; 4 calls = 100 %.
+    for _ in range(5):
+        world.app.record_provider_attempt(attempt(run_id, tin=1000, tout=0), world.service())
+        spend: MonthlySpend = world.get(spend_id_for(world.workspace_id, month_of(NOW)))
+        crossed.append(len(spend.thresholds))
+    assert crossed == [0, 1, 1, 3, 3]
+    events = [
+        e for e in world.app.events.get(spend.id) if isinstance(e, MonthlySpend.ThresholdCrossed)
+    ]
+    assert [e.threshold for e in events] == [50, 80, 100]

@@ -1,0 +1,232 @@
+"""Prices, exact call costs, the router's choices, fallbacks and circuit breakers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from fractions import Fraction
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from domain.agents import AGENTS, EarlierRun, agent_named, build_prompt
+from domain.errors import ValidationFailed
+from domain.money import billed_amount
+from domain.pricing import PriceRow, PriceTable, built_in_price_table, call_cost_micros
+from domain.routing import (
+    BreakerState,
+    CircuitBreaker,
+    LatencyTracker,
+    RouteRequest,
+    backoff_seconds,
+    route,
+    validate_choice,
+)
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+prices_st = st.decimals(min_value=0, max_value=1000, places=6, allow_nan=False)
+tokens_st = st.integers(min_value=0, max_value=10**9)
+markup_st = st.decimals(min_value=Decimal("0.000001"), max_value=100, places=6)
+
+
+def row(provider: str, model: str, at: datetime, inp: str, out: str) -> PriceRow:
+    return PriceRow(
+        provider=provider,
+        model=model,
+        effective_from=at,
+        input_per_mtok=Decimal(inp),
+        output_per_mtok=Decimal(out),
+    )
+
+
+@given(prices_st, prices_st, tokens_st, tokens_st)
+def test_call_cost_is_the_exact_price_rounded_up_once(
+    inp: Decimal, out: Decimal, tin: int, tout: int
+) -> None:
+    price = PriceRow(
+        provider="p", model="m", effective_from=T0, input_per_mtok=inp, output_per_mtok=out
+    )
+    exact_micros = Fraction(tin) * Fraction(inp) + Fraction(tout) * Fraction(
+        out
+    )  # USD/Mtok x tokens = micro-USD
+    cost = call_cost_micros(price, input_tokens=tin, output_tokens=tout)
+    assert cost >= exact_micros
+    assert cost - exact_micros < 1
+
+
+@given(
+    prices_st,
+    prices_st,
+    markup_st,
+    st.lists(st.tuples(tokens_st, tokens_st), min_size=1, max_size=20),
+)
+def test_run_totals_are_the_sum_of_their_calls(
+    inp: Decimal, out: Decimal, markup: Decimal, calls: list[tuple[int, int]]
+) -> None:
+    table = PriceTable(
+        [PriceRow(provider="p", model="m", effective_from=T0, input_per_mtok=inp,
+                  output_per_mtok=out)]
+    )  # fmt: skip
+    costs = [
+        table.cost("p", "m", at=T0, input_tokens=i, output_tokens=o, markup=markup)
+        for i, o in calls
+    ]
+    for c, (_i, _o) in zip(costs, calls, strict=True):
+        assert c.billed_micros == billed_amount(c.provider_cost_micros, markup)
+        assert c.billed_micros >= Fraction(c.provider_cost_micros) * Fraction(markup)
+        assert c.billed_micros - Fraction(c.provider_cost_micros) * Fraction(markup) < 1
+    run_cost = sum(c.provider_cost_micros for c in costs)
+    exact = sum(Fraction(i) * Fraction(inp) + Fraction(o) * Fraction(out) for i, o in calls)
+    # Rounded once per call: the run is off the exact sum by less than a micro per call.
+    assert exact <= run_cost < exact + len(calls)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=1000), min_size=1, max_size=8, unique=True),
+       st.integers(min_value=-10, max_value=1100))  # fmt: skip
+def test_row_in_force_is_the_latest_at_or_before_the_call(days: list[int], at_day: int) -> None:
+    table = PriceTable(row("p", "m", T0 + timedelta(days=d), str(d), "1") for d in days)
+    found = table.in_force("p", "m", T0 + timedelta(days=at_day))
+    earlier = [d for d in days if d <= at_day]
+    if not earlier:
+        assert found is None
+    else:
+        assert found is not None
+        assert found.input_per_mtok == Decimal(max(earlier))
+
+
+def test_price_change_never_alters_a_past_call() -> None:
+    table = PriceTable(
+        [row("p", "m", T0, "1", "2"), row("p", "m", T0 + timedelta(days=30), "9", "9")]
+    )
+    before = table.cost("p", "m", at=T0 + timedelta(days=1), input_tokens=10**6,
+                        output_tokens=10**6, markup=Decimal(5))  # fmt: skip
+    assert before.provider_cost_micros == 3_000_000
+    assert before.billed_micros == 15_000_000
+
+
+def test_price_table_from_document_refuses_floats_and_missing_fields() -> None:
+    good = {"prices": [{"provider": "openai", "model": "gpt-4o-mini",
+                        "effective_from": "2024-07-18T00:00:00Z", "input_per_mtok": "0.15",
+                        "output_per_mtok": "0.60"}]}  # fmt: skip
+    table = PriceTable.from_document(good)
+    assert table.require("openai", "gpt-4o-mini", T0).output_per_mtok == Decimal("0.60")
+    bad_float = {"prices": [{**good["prices"][0], "input_per_mtok": 0.15}]}
+    with pytest.raises(ValidationFailed, match="input_per_mtok"):
+        PriceTable.from_document(bad_float)
+    missing = {"prices": [{"provider": "x", "model": "y"}]}
+    with pytest.raises(ValidationFailed, match="lacks effective_from"):
+        PriceTable.from_document(missing)
+    with pytest.raises(ValidationFailed, match="no price in force"):
+        table.require("openai", "gpt-4o-mini", datetime(2020, 1, 1, tzinfo=UTC))
+
+
+def test_price_table_version_changes_with_content() -> None:
+    a = PriceTable([row("p", "m", T0, "1", "2")])
+    b = PriceTable([row("p", "m", T0, "1", "3")])
+    assert a.version != b.version
+    assert a.version == PriceTable([row("p", "m", T0, "1", "2")]).version
+
+
+# -- the router -------------------------------------------------------------------------------
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_cheapest_orders_available_models_by_price() -> None:
+    chain = route(RouteRequest(), available={"simulated", "openai", "anthropic"},
+                  prices=built_in_price_table(), at=NOW)  # fmt: skip
+    names = [(o.provider, o.model) for o in chain]
+    assert names[0] == ("openai", "gpt-4o-mini")
+    assert names[-1] == ("anthropic", "claude-3-5-sonnet-latest")
+    assert len(names) == 5
+
+
+def test_providers_without_a_key_are_not_routed_to() -> None:
+    chain = route(RouteRequest(), available={"simulated"}, prices=built_in_price_table(), at=NOW)
+    assert [(o.provider, o.model) for o in chain] == [("simulated", "sim-1")]
+
+
+def test_fastest_prefers_observed_low_latency_and_unknown_last() -> None:
+    tracker = LatencyTracker()
+    tracker.observe("anthropic", "claude-3-5-sonnet-latest", 100)
+    tracker.observe("openai", "gpt-4o-mini", 900)
+    chain = route(RouteRequest(policy="fastest"), available={"openai", "anthropic", "simulated"},
+                  prices=built_in_price_table(), at=NOW, latency_ms=tracker.means)  # fmt: skip
+    assert [(o.provider, o.model) for o in chain[:2]] == [
+        ("anthropic", "claude-3-5-sonnet-latest"),
+        ("openai", "gpt-4o-mini"),
+    ]
+
+
+def test_pinned_run_never_routes_to_another_provider() -> None:
+    chain = route(RouteRequest(provider="anthropic"), available={"openai", "anthropic"},
+                  prices=built_in_price_table(), at=NOW)  # fmt: skip
+    assert {o.provider for o in chain} == {"anthropic"}
+    pinned = route(RouteRequest(provider="openai", model="gpt-4o"), available={"openai"},
+                   prices=built_in_price_table(), at=NOW)  # fmt: skip
+    assert [(o.provider, o.model) for o in pinned] == [("openai", "gpt-4o")]
+    with pytest.raises(ValidationFailed, match="no model is available"):
+        route(RouteRequest(provider="openai"), available={"simulated"},
+              prices=built_in_price_table(), at=NOW)  # fmt: skip
+
+
+def test_unknown_provider_model_or_policy_and_unpriced_models_are_refused() -> None:
+    prices = built_in_price_table()
+    validate_choice(provider="openai", model="gpt-4o-mini", policy=None, prices=prices, at=NOW)
+    with pytest.raises(ValidationFailed, match="provider 'acme'"):
+        validate_choice(provider="acme", model=None, policy=None, prices=prices, at=NOW)
+    with pytest.raises(ValidationFailed, match="not a known model"):
+        validate_choice(provider="openai", model="gpt-9", policy=None, prices=prices, at=NOW)
+    with pytest.raises(ValidationFailed, match="policy 'random'"):
+        validate_choice(provider=None, model=None, policy="random", prices=prices, at=NOW)
+    with pytest.raises(ValidationFailed, match="no price in force"):
+        validate_choice(provider="openai", model="gpt-4o-mini", policy=None, prices=prices,
+                        at=datetime(2023, 1, 1, tzinfo=UTC))  # fmt: skip
+
+
+def test_breaker_opens_after_threshold_and_half_opens_for_one_trial() -> None:
+    breaker = CircuitBreaker(threshold=3, cooldown_seconds=10)
+    assert breaker.allows(0)
+    breaker.failed(1)
+    breaker.failed(2)
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.failed(3) is BreakerState.OPEN
+    assert not breaker.allows(5)
+    assert breaker.allows(13)  # half-open: one trial goes through
+    assert breaker.state.value == "half-open"
+    assert not breaker.allows(13.5)  # ... and only one
+    assert breaker.failed(14) is BreakerState.OPEN  # a failed trial opens it again at once
+    assert not breaker.allows(20)
+    assert breaker.allows(24.5)
+    assert breaker.succeeded() is BreakerState.CLOSED
+    assert breaker.allows(25)
+    assert breaker.allows(25)
+
+
+def test_success_resets_the_failure_count() -> None:
+    breaker = CircuitBreaker(threshold=2)
+    breaker.failed(0)
+    breaker.succeeded()
+    assert breaker.failed(1) is BreakerState.CLOSED
+
+
+@given(st.integers(min_value=1, max_value=30), st.floats(min_value=0, max_value=0.999))
+def test_backoff_is_jittered_capped_and_honours_retry_after(attempt: int, jitter: float) -> None:
+    wait = backoff_seconds(attempt, retry_after=None, base=0.2, cap=10, jitter=jitter)
+    assert 0 <= wait <= min(10, 0.2 * 2 ** (attempt - 1))
+    assert backoff_seconds(attempt, retry_after=7.5, jitter=jitter) == 7.5
+
+
+def test_every_agent_has_a_prompt_over_the_card_and_earlier_outputs() -> None:
+    assert set(AGENTS) == {"ceo_copilot", "prd_writer", "architect", "coder", "reviewer"}
+    messages = build_prompt(agent_named("reviewer"), title="Login page",
+                            description="OAuth login",
+                            earlier=[EarlierRun("coder", "def login(): ...")])  # fmt: skip
+    user = messages[1]["content"]
+    assert "Login page" in user
+    assert "OAuth login" in user
+    assert "def login()" in user
+    with pytest.raises(ValidationFailed, match="agent 'poet'"):
+        agent_named("poet")
