@@ -79,7 +79,7 @@ def test_racing_refreshes_with_one_token_rotate_once_and_revoke_on_reuse(
     assert len(winners) <= 1, outcomes
     assert all(isinstance(o, Unauthenticated) for o in outcomes if o not in winners), outcomes
     session_id = UUID(hex=grant.refresh_token.split(".")[0])
-    session = write_side.repository.get(session_id)
+    session: object = write_side.repository.get(session_id)
     assert isinstance(session, Session)
     # Every loser either saw the token spent (reuse: the session is revoked) or the session
     # already revoked; with more than one presenter the session cannot stay usable.
