@@ -74,6 +74,7 @@ def build_auth(
         refresh_ttl_seconds=settings.refresh_token_ttl,
         login_per_account_per_minute=settings.login_rate_per_account or None,
         login_per_address_per_minute=settings.login_rate_per_address or None,
+        invitation_ttl_seconds=settings.invitation_ttl,
     )
 
 

@@ -186,6 +186,8 @@ class Settings(BaseSettings):
     """Audience (``aud``) those tokens must carry; needed with ``oidc_issuer``."""
     oidc_jwks_url: str | None = None
     """JWKS URL of the provider; None: the ``jwks_uri`` of the issuer's discovery document."""
+    invitation_ttl: int = Field(default=604_800, ge=60)
+    """Seconds an invitation can be accepted (default 7 days)."""
 
     @classmethod
     def load(cls, **overrides: Any) -> Self:

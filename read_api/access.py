@@ -6,7 +6,7 @@ the command just decided, and a secret is only in the first answer.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import strawberry
@@ -15,6 +15,7 @@ from strawberry import ID
 from adapters.tokens import Principal
 from commands.access import (
     API_KEY_PREFIX,
+    INVITATION_TTL,
     AcceptInvitation,
     CreateApiKey,
     InviteMember,
@@ -159,8 +160,10 @@ class AccessMutation:
             role=input.role.value, command_id=input.command_id,
         )  # fmt: skip
         ctx = info.context
+        auth = ctx.runtime.services.auth
+        ttl = INVITATION_TTL if auth is None else timedelta(seconds=auth.invitation_ttl_seconds)
         issued: Issued = await ctx.offload(
-            invite_member, ctx.runtime.services.write, command, ctx.actor()
+            invite_member, ctx.runtime.services.write, command, ctx.actor(), ttl=ttl
         )
         return _invitation_payload(issued.result, issued.secret)
 

@@ -62,6 +62,8 @@ class AuthSettings:
     refresh_ttl_seconds: int = 30 * 86400
     login_per_account_per_minute: int | None = 10
     login_per_address_per_minute: int | None = 30
+    invitation_ttl_seconds: int = 7 * 86400
+    """How long an invitation can be accepted (``inviteMember``)."""
     key_prefix: str = "agentworks:ratelimit"
 
 

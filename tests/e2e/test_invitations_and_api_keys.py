@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -92,6 +93,8 @@ def test_invite_accept_twice_and_revoke(http: httpx.Client, auth_stack: Stack) -
     payload = invited["inviteMember"]
     assert payload["invitation"]["email"] == "invitee@invite.test"
     assert payload["invitation"]["acceptedAt"] is None
+    expires = datetime.fromisoformat(payload["invitation"]["expiresAt"])
+    assert abs(expires - (datetime.now(UTC) + timedelta(days=7))) < timedelta(minutes=10)
     token = payload["acceptToken"]
     assert token
 
@@ -124,7 +127,6 @@ def test_invite_accept_twice_and_revoke(http: httpx.Client, auth_stack: Stack) -
 
 
 def test_an_expired_invitation_cannot_be_accepted(http: httpx.Client, auth_stack: Stack) -> None:
-    from datetime import timedelta
     from uuid import UUID
 
     from commands.access import InviteMember, invite_member
