@@ -105,15 +105,26 @@ class ResilientPool(LibraryPool[Any]):
     def __init__(self, *args: Any, dependency: str, **kwargs: Any) -> None:
         self.dependency = dependency
         self._returned_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._doubt_since = 0.0
+        """Connections given back before this moment are checked whatever their idle time: the
+        server failed a connection or an attempt since (it may have restarted under them)."""
         super().__init__(*args, **kwargs)
 
     def putconn(self, conn: Any) -> None:
-        self._returned_at[conn] = time.monotonic()
+        now = time.monotonic()
+        if conn.broken:
+            # It failed in use: its siblings given back until now may be just as dead.
+            self._doubt_since = now
+        self._returned_at[conn] = now
         super().putconn(conn)
 
     def _needs_check(self, conn: Any) -> bool:
         returned = self._returned_at.get(conn)
-        return returned is None or time.monotonic() - returned > CHECK_IDLE_AFTER
+        return (
+            returned is None
+            or returned <= self._doubt_since
+            or time.monotonic() - returned > CHECK_IDLE_AFTER
+        )
 
     def getconn(self, timeout: float | None = None) -> Any:
         budget = self.timeout if timeout is None else timeout
@@ -137,12 +148,16 @@ class ResilientPool(LibraryPool[Any]):
                 if OUTAGES.is_down(self.dependency):
                     raise PoolTimeout(f"the database ({self.dependency}) is unavailable") from None
                 continue
+            if not self._needs_check(conn):
+                # Lent unchecked: it says nothing about the server, so it marks nothing up.
+                return conn
             try:
-                if self._needs_check(conn):
-                    ConnectionPool.check_connection(conn)
+                ConnectionPool.check_connection(conn)
             except psycopg.Error:
                 # Broken (the server restarted under it): returning it discards it and has the
-                # pool open a replacement; take the next one straight away.
+                # pool open a replacement; take the next one straight away. Every other
+                # connection given back until now is in doubt too.
+                self._doubt_since = time.monotonic()
                 self.putconn(conn)
                 continue
             OUTAGES.up(self.dependency)
@@ -152,6 +167,7 @@ class ResilientPool(LibraryPool[Any]):
         try:
             conn = super()._connect(timeout=timeout)
         except psycopg.OperationalError as error:
+            self._doubt_since = time.monotonic()
             OUTAGES.down(self.dependency, error)
             raise
         OUTAGES.up(self.dependency)

@@ -130,7 +130,11 @@ def main() -> None:
         url = server.create_database("agentworks")
         from infra.migrate import migrate
 
-        migrate(url, app_role="agentworks_app")
+        # A fresh cluster: its component roles may log in only once migrate says so (any password
+        # serves: the dedicated server trusts local connections).
+        logins = {role: "bench" for role in ("agentworks_app", "agentworks_api")}
+        logins |= {role: "bench" for role in ("agentworks_projector", "agentworks_relay")}
+        migrate(url, app_role="agentworks_app", logins=logins)
         stack = outage.start_api_stack(url, pool_timeout=1.0, settle_seconds=5.0)
         try:
             token, projects = stack.boards(1)

@@ -27,6 +27,7 @@ from commands import models as m
 from commands.idempotency import fingerprint
 from domain.agent_run import AgentRun
 from domain.agents import agent_named, prompt_floor_micros
+from domain.billing import next_month
 from domain.card import Card
 from domain.errors import (
     AgentWorksError,
@@ -559,6 +560,7 @@ class AgentWorks(Application[UUID]):
             run = self._load(AgentRun, cmd.run_id, actor, Role.ADMIN, "recordLlmCall")
             workspace = self._get(Workspace, run.workspace_id)
             billed = billed_amount(cmd.provider_cost_micros, workspace.markup)
+            spend = self._spend_for(workspace, cmd.at, meta)
             charge = UsageCharge.charge(
                 workspace_id=run.workspace_id,
                 project_id=run.project_id,
@@ -575,6 +577,7 @@ class AgentWorks(Application[UUID]):
                 price_table_version=cmd.price_table_version,
                 at=cmd.at,
                 meta=meta,
+                billed_month=spend.month,
             )
             run.record_llm_call(
                 call_id=cmd.call_id,
@@ -588,7 +591,6 @@ class AgentWorks(Application[UUID]):
                 billed_micros=billed,
                 meta=meta,
             )
-            spend = self._spend_for(workspace, cmd.at, meta)
             spend.add(charge.id, billed, meta=meta)
             spend.note_thresholds(workspace.monthly_limit_micros, meta=meta)
             return Decision(
@@ -708,10 +710,12 @@ class AgentWorks(Application[UUID]):
         def decide(meta: EventMeta) -> Decision:
             charge = self._load(UsageCharge, cmd.charge_id, actor, Role.OWNER, "creditCharge")
             amount = parse_usd(cmd.amount)
+            # A closed month's statement is final: the correction goes to the first open month.
+            month = self._spend_for(self._get(Workspace, charge.workspace_id), cmd.at, meta).month
             if cmd.refund:
-                charge.refund(amount, cmd.reason, at=cmd.at, meta=meta)
+                charge.refund(amount, cmd.reason, at=cmd.at, meta=meta, billed_month=month)
             else:
-                charge.credit(amount, cmd.reason, at=cmd.at, meta=meta)
+                charge.credit(amount, cmd.reason, at=cmd.at, meta=meta, billed_month=month)
             return Decision(charge, "charge", [charge])
 
         return self._execute(cmd, actor, self._scope_hint(actor), decide)
@@ -1019,11 +1023,17 @@ class AgentWorks(Application[UUID]):
             require_role(mine, Role.OWNER, action="granting or taking OWNER", user_id=actor.user_id)
 
     def _spend_for(self, workspace: Workspace, at: datetime, meta: EventMeta) -> MonthlySpend:
+        """The spend of ``at``'s month, or of the first open month after it once that is closed
+        (late usage of a closed month is billed in the next statement)."""
         month = month_of(at)
-        try:
-            return self._get(MonthlySpend, spend_id_for(workspace.id, month))
-        except NotFound:
-            return MonthlySpend.open(workspace_id=workspace.id, month=month, meta=meta)
+        while True:
+            try:
+                spend = self._get(MonthlySpend, spend_id_for(workspace.id, month))
+            except NotFound:
+                return MonthlySpend.open(workspace_id=workspace.id, month=month, meta=meta)
+            if not spend.closed:
+                return spend
+            month = next_month(month)
 
 
 _TARGETS: tuple[tuple[str, type[Aggregate]], ...] = (

@@ -108,7 +108,9 @@ class UsageCharge(TenantAggregate):
         price_table_version: str,
         at: datetime,
         meta: EventMeta,
+        billed_month: str | None = None,
     ) -> UsageCharge:
+        """``billed_month``: the open month the charge is billed in when ``at``'s is closed."""
         return cls._create(
             cls.Charged,
             id=charge_id_for(run_id, call_id),
@@ -125,7 +127,7 @@ class UsageCharge(TenantAggregate):
             markup=str(markup),
             billed_micros=billed_micros,
             price_table_version=price_table_version,
-            month=month_of(at),
+            month=billed_month or month_of(at),
             timestamp=at,
             meta=meta.as_dict(),
         )
@@ -134,11 +136,32 @@ class UsageCharge(TenantAggregate):
     def net_micros(self) -> int:
         return self.billed_micros - self.credited_micros
 
-    def credit(self, amount_micros: int, reason: str, *, at: datetime, meta: EventMeta) -> None:
-        self._compensate(self.Credited, amount_micros, reason, at=at, meta=meta)
+    def credit(
+        self,
+        amount_micros: int,
+        reason: str,
+        *,
+        at: datetime,
+        meta: EventMeta,
+        billed_month: str | None = None,
+    ) -> None:
+        """``billed_month``: the open month the credit lands in when ``at``'s is closed."""
+        self._compensate(
+            self.Credited, amount_micros, reason, at=at, meta=meta, billed_month=billed_month
+        )
 
-    def refund(self, amount_micros: int, reason: str, *, at: datetime, meta: EventMeta) -> None:
-        self._compensate(self.Refunded, amount_micros, reason, at=at, meta=meta)
+    def refund(
+        self,
+        amount_micros: int,
+        reason: str,
+        *,
+        at: datetime,
+        meta: EventMeta,
+        billed_month: str | None = None,
+    ) -> None:
+        self._compensate(
+            self.Refunded, amount_micros, reason, at=at, meta=meta, billed_month=billed_month
+        )
 
     def _compensate(
         self,
@@ -148,6 +171,7 @@ class UsageCharge(TenantAggregate):
         *,
         at: datetime,
         meta: EventMeta,
+        billed_month: str | None = None,
     ) -> None:
         if amount_micros <= 0:
             raise ValidationFailed(
@@ -165,7 +189,7 @@ class UsageCharge(TenantAggregate):
             meta,
             amount_micros=amount_micros,
             reason=reason.strip(),
-            month=month_of(at),
+            month=billed_month or month_of(at),
             timestamp=at,
         )
 
@@ -181,6 +205,7 @@ class MonthlySpend(TenantAggregate):
         month: str
         spent_micros: int
         thresholds: set[int]
+        closed: bool
 
     class Opened(TenantAggregate.Created):
         month: str
@@ -190,6 +215,7 @@ class MonthlySpend(TenantAggregate):
             aggregate.month = self.month
             aggregate.spent_micros = 0
             aggregate.thresholds = set()
+            aggregate.closed = False
 
     class ThresholdCrossed(TenantAggregate.Event):
         """The month's spend reached ``threshold`` percent of the limit (once per threshold)."""
@@ -208,6 +234,22 @@ class MonthlySpend(TenantAggregate):
 
         def apply(self, aggregate: Any) -> None:
             aggregate.spent_micros += self.billed_micros
+
+    class Closed(TenantAggregate.Event):
+        """The month takes no more charges or credits: its statement is final and can be
+        invoiced. Later usage of the month is billed in the next open month."""
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.closed = True
+
+    class CreditGranted(TenantAggregate.Event):
+        """A credit to the workspace (not to one charge): a negative line on this month's
+        statement. It does not lower ``spent_micros``, which counts usage for the spend limit."""
+
+        credit_id: UUID
+        amount_micros: int
+        reason: str
+        month: str
 
     @classmethod
     def open(cls, *, workspace_id: UUID, month: str, meta: EventMeta) -> MonthlySpend:
@@ -238,6 +280,28 @@ class MonthlySpend(TenantAggregate):
                 )  # fmt: skip
                 crossed.append(threshold)
         return crossed
+
+    def close(self, *, meta: EventMeta) -> None:
+        if not self.closed:
+            self._record(self.Closed, meta)
+
+    def grant_credit(
+        self, credit_id: UUID, amount_micros: int, reason: str, *, meta: EventMeta
+    ) -> None:
+        if self.closed:
+            raise InvalidTransition(f"{self.month} is closed; a credit goes to an open month")
+        if amount_micros <= 0:
+            raise ValidationFailed(f"a credit must be positive, got {format_usd(amount_micros)}")
+        if not reason.strip():
+            raise ValidationFailed("a credit needs a reason")
+        self._record(
+            self.CreditGranted,
+            meta,
+            credit_id=credit_id,
+            amount_micros=amount_micros,
+            reason=reason.strip(),
+            month=self.month,
+        )
 
     def check_room(self, limit_micros: int | None, *, wanted_micros: int = 0) -> None:
         """Refuse new spending once the month has reached the workspace's limit."""

@@ -48,6 +48,7 @@ from typer.exceptions import TyperException
 from adapters.tokens import BOOTSTRAP_WORKSPACE, InvalidKey, issue_token
 from domain.errors import AgentWorksError
 from domain.roles import Role
+from infra import billing_cli
 from infra.logging import configure_logging
 from infra.migrate import MigrationError, discover, ensure_database, migrate
 from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
@@ -763,7 +764,9 @@ _ProjectorOption = Annotated[
 
 
 @parked_app.command("list")
-def parked_list_command(projector: _ProjectorOption = None) -> None:
+def parked_list_command(
+    projector: _ProjectorOption = None, data_dir: DataDirOption = None
+) -> None:
     """The parked aggregates: the event each stopped at, the error, how often it was tried."""
     import psycopg
 
@@ -771,7 +774,7 @@ def parked_list_command(projector: _ProjectorOption = None) -> None:
 
     if projector is not None:
         projector_named(projector)  # an unknown name is refused with the valid ones
-    settings = load_settings()
+    settings = settings_for(data_dir)
     with psycopg.connect(_database_url(settings)) as conn:
         rows = conn.execute(
             "SELECT projector, originator_id, originator_version, position, event_type,"
@@ -807,6 +810,7 @@ def parked_retry_command(
     aggregate: Annotated[
         str | None, typer.Option("--aggregate", help="Only this aggregate (its id).")
     ] = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Apply the parked aggregates' events again, in order, after a fix.
 
@@ -825,7 +829,7 @@ def parked_retry_command(
             raise CliError(
                 f"--aggregate must be an aggregate id (a UUID), not {aggregate!r}"
             ) from None
-    settings = load_settings()
+    settings = settings_for(data_dir)
     on_commit = None
     if settings.redis_url:
         from read_api.broadcast import RedisChangePublisher
@@ -865,6 +869,25 @@ def parked_retry_command(
             f"(see '{PROG} parked list')",
             exit_code=EXIT_FAILED,
         )
+
+
+# --- Billing (infra/billing_cli.py) ----------------------------------------------------------
+
+app.command("credit")(billing_cli.credit_command)
+app.command("invoice")(billing_cli.invoice_command)
+app.command("reconcile")(billing_cli.reconcile_command)
+
+
+def _register_groups() -> None:
+    # Imported here, not at the top: the groups' module must not import this one (run as
+    # ``python -m infra.cli`` this module is ``__main__``, and a second copy would not be).
+    from infra.audit_cli import audit_app, replay_app
+
+    app.add_typer(audit_app, name="audit")
+    app.add_typer(replay_app, name="replay")
+
+
+_register_groups()
 
 
 # --- Entry point -------------------------------------------------------------------------------

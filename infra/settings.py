@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     stripe_api_base: str | None = None
     """Base URL of the Stripe API (a local fake in tests); None means Stripe's own."""
+    stripe_webhook_secret: SecretStr | None = None
+    """Signing secret of the Stripe webhook endpoint (``POST /webhooks/stripe``)."""
+
+    # --- audit -------------------------------------------------------------------------
+    audit_signing_key: SecretStr | None = None
+    """Ed25519 private key (PEM) that signs audit exports; None: the dev key in ``data_dir``
+    (refused in ``prod``)."""
 
     # --- behaviour -----------------------------------------------------------------------
     # --- API ---------------------------------------------------------------------------
@@ -220,6 +227,7 @@ class Settings(BaseSettings):
     @field_validator(
         "jwt_secret",
         "stripe_api_key",
+        "stripe_webhook_secret",
         "db_writer_password",
         "db_api_password",
         "db_projector_password",
@@ -237,6 +245,13 @@ class Settings(BaseSettings):
     @field_validator("jwt_private_key")
     @classmethod
     def _private_pem(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value().strip() == "":
+            return None
+        return SecretStr(_unescape_pem(value.get_secret_value()))
+
+    @field_validator("audit_signing_key")
+    @classmethod
+    def _audit_pem(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or value.get_secret_value().strip() == "":
             return None
         return SecretStr(_unescape_pem(value.get_secret_value()))

@@ -127,6 +127,11 @@ def api_services(
         lag_collector=LagCollector(api_url),
         max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
         max_subscriptions_per_user=settings.max_subscriptions_per_user,
+        stripe_webhook_secret=(
+            settings.stripe_webhook_secret.get_secret_value()
+            if settings.stripe_webhook_secret
+            else None
+        ),
         auth=auth,
         oidc=build_oidc(settings, auth.identity),
     )

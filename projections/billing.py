@@ -18,6 +18,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
 
+from psycopg.types.json import Jsonb
+
 from projections.base import Change, Projector, Tables, on
 from projections.batch import MEMO_DROPPED, BatchContext, columns_of, insert_rows
 
@@ -190,13 +192,15 @@ class BillingProjector(Projector):
     ignores corrections, which the read side's monthly spend must include."""
 
     name: ClassVar[str] = "billing"
-    aggregates: ClassVar[frozenset[str]] = frozenset({"UsageCharge"})
+    aggregates: ClassVar[frozenset[str]] = frozenset({"UsageCharge", "MonthlySpend", "Invoice"})
     tables: ClassVar[tuple[str, ...]] = (
         "rm_charges",
         "rm_ledger_entries",
         "rm_usage_daily",
         "rm_statement_lines",
         "rm_monthly_spend",
+        "rm_billing_credits",
+        "rm_invoices",
     )
     #: Tables the projector only ever inserts into, new rows only: a rebuild builds their keys
     #: after loading them (see :mod:`projections.rebuild`).
@@ -270,6 +274,47 @@ class BillingProjector(Projector):
         )
         self._post(cur, t.q("WITH " + _POST), env, entry)
 
+    @on("MonthlySpend.CreditGranted")
+    def _credit_granted(
+        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+    ) -> None:
+        p = env.payload
+        cur.execute(
+            t.q(
+                "INSERT INTO {rm_billing_credits} (workspace_id, credit_id, month, amount_micros,"
+                " reason, at) VALUES (%s, %s, %s, %s, %s, %s)"
+            ),
+            (env.workspace_id, p["credit_id"], p["month"], p["amount_micros"], p["reason"],
+             env.timestamp),
+        )  # fmt: skip
+
+    @on("Invoice.Drafted")
+    def _invoice_drafted(
+        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+    ) -> None:
+        p = env.payload
+        cur.execute(
+            t.q(
+                "INSERT INTO {rm_invoices} (workspace_id, month, invoice_id, lines, total_micros,"
+                " status) VALUES (%s, %s, %s, %s, %s, 'drafted')"
+            ),
+            (env.workspace_id, p["month"], env.originator_id, Jsonb(p["lines"]),
+             p["total_micros"]),
+        )  # fmt: skip
+
+    @on("Invoice.Issued", "Invoice.Paid", "Invoice.Voided")
+    def _invoice_status(
+        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+    ) -> None:
+        status = {"Invoice.Issued": "open", "Invoice.Paid": "paid", "Invoice.Voided": "void"}
+        cur.execute(
+            t.q(
+                "UPDATE {rm_invoices} SET status = %s,"
+                " stripe_invoice_id = coalesce(%s, stripe_invoice_id) WHERE invoice_id = %s"
+            ),
+            (status[env.type], env.payload.get("stripe_invoice_id"), env.originator_id),
+        )
+
     # -- the batch path ----------------------------------------------------------------------------
 
     def apply_batch(self, ctx: BatchContext, envelopes: Sequence[EventEnvelope]) -> None:
@@ -293,6 +338,10 @@ class BillingProjector(Projector):
             and _MEMO_CHARGES + ".partial" not in ctx.memo
             and MEMO_DROPPED not in ctx.memo
         )
+        for env in envelopes:
+            # Credits and invoices are a handful a month: event by event is plenty.
+            if env.aggregate != "UsageCharge":
+                self.apply(ctx.cur, env, ctx.tables, [])
         corrections = ("UsageCharge.Credited", "UsageCharge.Refunded")
         created: set[UUID] = set()
         ask: set[UUID] = set()

@@ -16,8 +16,15 @@ from uuid import UUID
 
 from psycopg.rows import dict_row
 
+from domain.billing import (
+    Credit,
+    Line,
+    LineKind,
+    credit_line,
+    statement_total,
+    usage_line,
+)
 from domain.errors import NotFound, ValidationFailed
-from domain.money import round_up_to_increment
 from domain.usage import month_of
 from projections.billing import UsageDimension
 
@@ -51,6 +58,8 @@ class StatementLine:
     billed_exact_micros: int
     billed_micros: int
     """``billed_exact_micros`` rounded up to the workspace's billing increment."""
+    kind: str = "usage"
+    """``usage`` (``project_id`` is the project) or ``credit`` (it is the credit's id)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,7 +189,8 @@ def statement(conn: Connection[Any], workspace_id: UUID, month: str) -> Statemen
     """The month's statement: one line per project, each rounded up to the billing increment.
 
     Rounding is per line (``round_up_to_increment``), and the total is the sum of the rounded
-    lines, so the invoice equals what its lines show.
+    lines, so the invoice equals what its lines show. Credits follow the projects as negative
+    lines; usage billed late (its call was in an earlier, closed month) is named in its line.
     """
     month = _month(month)
     with conn.cursor(row_factory=dict_row) as cur:
@@ -201,23 +211,78 @@ def statement(conn: Connection[Any], workspace_id: UUID, month: str) -> Statemen
             (workspace_id, month),
         )
         rows = cur.fetchall()
-    lines = [
-        StatementLine(
-            project_id=row["project_id"],
-            description=f"Agent usage, {month}: "
-            + (row["name"] if row["name"] is not None else f"project {row['project_id']}"),
-            billed_exact_micros=int(row["billed_exact_micros"]),
-            billed_micros=round_up_to_increment(int(row["billed_exact_micros"]), increment),
+        cur.execute(
+            "SELECT project_id, sum(billed_micros) AS late FROM rm_charges"
+            " WHERE workspace_id = %s AND month = %s"
+            " AND to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM') <> month"
+            " GROUP BY project_id",
+            (workspace_id, month),
+        )
+        late = {row["project_id"]: int(row["late"]) for row in cur.fetchall()}
+        cur.execute(
+            "SELECT credit_id, amount_micros, reason FROM rm_billing_credits"
+            " WHERE workspace_id = %s AND month = %s ORDER BY at, credit_id",
+            (workspace_id, month),
+        )
+        credits = [
+            Credit(
+                credit_id=row["credit_id"],
+                amount_micros=int(row["amount_micros"]),
+                reason=row["reason"],
+            )
+            for row in cur.fetchall()
+        ]
+        cur.execute(
+            "SELECT stripe_invoice_id, status FROM rm_invoices"
+            " WHERE workspace_id = %s AND month = %s",
+            (workspace_id, month),
+        )
+        invoice = cur.fetchone()
+    figures = [
+        usage_line(
+            row["project_id"],
+            int(row["billed_exact_micros"]),
+            month=month,
+            project_name=row["name"],
+            increment_micros=increment,
+            late_micros=late.get(row["project_id"], 0),
         )
         for row in rows
+    ] + [credit_line(credit, increment_micros=increment) for credit in credits]
+    lines = [
+        StatementLine(
+            project_id=line.ref_id,
+            description=line.description,
+            billed_exact_micros=line.exact_micros,
+            billed_micros=line.billed_micros,
+            kind=line.kind.value,
+        )
+        for line in figures
     ]
     return Statement(
         workspace_id=workspace_id,
         month=month,
         billing_increment_micros=increment,
         lines=lines,
-        total_micros=sum(line.billed_micros for line in lines),
+        total_micros=statement_total(figures),
+        invoice_id=invoice["stripe_invoice_id"] if invoice else None,
+        invoice_status=invoice["status"] if invoice and invoice["stripe_invoice_id"] else None,
     )
+
+
+def statement_as_lines(statement: Statement) -> list[Line]:
+    """A read-model statement as the domain's lines, keyed as the log's are (for reconciling)."""
+    return [
+        Line(
+            key=f"{line.kind}:{line.project_id}",
+            kind=LineKind(line.kind),
+            ref_id=line.project_id,
+            description=line.description,
+            exact_micros=line.billed_exact_micros,
+            billed_micros=line.billed_micros,
+        )
+        for line in statement.lines
+    ]
 
 
 def month_to_date_spend(

@@ -87,6 +87,7 @@ from read_api.runtime import ApiRuntime
 from read_api.schema import build_schema
 from read_api.services import ApiServices, RequestStats
 from read_api.transport_ws import LimitedTransportWSHandler
+from read_api.webhooks import STRIPE_WEBHOOK_PATH, StripeWebhook
 
 log = structlog.get_logger(__name__)
 
@@ -160,6 +161,10 @@ def create_app(services: ApiServices) -> FastAPI:
     app.add_api_route("/readyz", health.ready, methods=["GET"], include_in_schema=False)
     metrics = Metrics(runtime)
     app.add_api_route(METRICS_PATH, metrics.scrape, methods=["GET"], include_in_schema=False)
+    stripe_webhook = StripeWebhook(runtime)
+    app.add_api_route(
+        STRIPE_WEBHOOK_PATH, stripe_webhook.receive, methods=["POST"], include_in_schema=False
+    )
 
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -20,7 +20,7 @@ from eventsourcing.utils import get_topic
 
 from domain.card import Card
 from domain.errors import NotFound, ValidationFailed
-from domain.usage import UsageCharge
+from domain.usage import MonthlySpend, UsageCharge
 from streams.envelope import EventEnvelope, envelope_from_event
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 _CHARGED = get_topic(UsageCharge.Charged)
 _CREDITED = get_topic(UsageCharge.Credited)
 _REFUNDED = get_topic(UsageCharge.Refunded)
+_CREDIT_GRANTED = get_topic(MonthlySpend.CreditGranted)
 _CARD_AGGREGATE = Card.__name__
 
 
@@ -67,17 +68,24 @@ def card_events(
     conn: Connection[DictRow], mapper: Mapper[UUID], *, card_id: UUID, workspace_id: UUID
 ) -> list[EventEnvelope]:
     """Every event of a card of ``workspace_id``, in version order; NotFound for anything else."""
+    envelopes = card_log(conn, mapper, card_id=card_id)
+    if envelopes[0].workspace_id != workspace_id:
+        raise NotFound(f"card {card_id} does not exist")
+    return envelopes
+
+
+def card_log(
+    conn: Connection[DictRow], mapper: Mapper[UUID], *, card_id: UUID
+) -> list[EventEnvelope]:
+    """Every event of a card, whatever its workspace (for operators), in version order;
+    NotFound when ``card_id`` is no card."""
     rows = conn.execute(
         "SELECT originator_id, originator_version, topic, state, notification_id"
         " FROM agentworks_events WHERE originator_id = %s ORDER BY originator_version",
         (card_id,),
     ).fetchall()
     envelopes = [_decode(mapper, row) for row in rows]
-    if (
-        not envelopes
-        or envelopes[0].aggregate != _CARD_AGGREGATE
-        or envelopes[0].workspace_id != workspace_id
-    ):
+    if not envelopes or envelopes[0].aggregate != _CARD_AGGREGATE:
         raise NotFound(f"card {card_id} does not exist")
     return envelopes
 
@@ -115,6 +123,11 @@ class LedgerComparison:
     event_log_by_project: dict[UUID, int]
     ledger_by_project: dict[UUID, int]
     statement_by_project: dict[UUID, int]
+    event_log_credits: dict[UUID, int]
+    """Workspace credits granted in the month, by credit id (positive amounts)."""
+    read_model_credits: dict[UUID, int]
+    invoiced_total: int | None
+    """The rounded total of the month's invoice as issued (what was sent to Stripe), if any."""
 
 
 def reconcile(
@@ -125,14 +138,15 @@ def reconcile(
     month: str,
     prefilter_json: bool,
 ) -> LedgerComparison:
-    """Net billed per project for ``month`` by the event log, the ledger and the statement lines.
+    """Net billed per project for ``month`` by the event log, the ledger and the statement lines,
+    and the month's workspace credits by the log and by the read model.
 
     The log's figure: every ``UsageCharge`` of the workspace, ``Charged`` billed amounts minus
     ``Credited`` and ``Refunded`` amounts, each counted in the month its event names. A
     correction names no project, so it is filed under its charge's project (from the charge's
     ``Charged`` event, whatever month that was).
     """
-    conn_args: list[Any] = [[_CHARGED, _CREDITED, _REFUNDED]]
+    conn_args: list[Any] = [[_CHARGED, _CREDITED, _REFUNDED, _CREDIT_GRANTED]]
     sql = (
         "SELECT originator_id, originator_version, topic, state, notification_id"
         " FROM agentworks_events WHERE topic = ANY(%s)"
@@ -145,12 +159,16 @@ def reconcile(
     project_of: dict[UUID, UUID] = {}
     corrections: list[tuple[UUID, int]] = []
     by_project: dict[UUID, int] = defaultdict(int)
+    credits: dict[UUID, int] = {}
     for row in rows:
         envelope = _decode(mapper, row)
         if envelope.workspace_id != workspace_id:
             continue
         payload = envelope.payload
-        if envelope.type.endswith(".Charged"):
+        if envelope.type == "MonthlySpend.CreditGranted":
+            if payload["month"] == month:
+                credits[UUID(str(payload["credit_id"]))] = int(payload["amount_micros"])
+        elif envelope.type.endswith(".Charged"):
             project = UUID(str(payload["project_id"]))
             project_of[envelope.originator_id] = project
             if payload["month"] == month:
@@ -179,10 +197,26 @@ def reconcile(
             (workspace_id, month),
         ).fetchall()
     }
+    read_model_credits = {
+        row["credit_id"]: int(row["amount_micros"])
+        for row in conn.execute(
+            "SELECT credit_id, amount_micros FROM rm_billing_credits"
+            " WHERE workspace_id = %s AND month = %s",
+            (workspace_id, month),
+        ).fetchall()
+    }
+    invoice = conn.execute(
+        "SELECT total_micros FROM rm_invoices"
+        " WHERE workspace_id = %s AND month = %s AND stripe_invoice_id IS NOT NULL",
+        (workspace_id, month),
+    ).fetchone()
     return LedgerComparison(
-        event_log_total=sum(by_project.values()),
-        read_model_total=sum(ledger.values()),
+        event_log_total=sum(by_project.values()) - sum(credits.values()),
+        read_model_total=sum(ledger.values()) - sum(read_model_credits.values()),
         event_log_by_project=dict(by_project),
         ledger_by_project=ledger,
         statement_by_project=statement,
+        event_log_credits=credits,
+        read_model_credits=read_model_credits,
+        invoiced_total=int(invoice["total_micros"]) if invoice else None,
     )

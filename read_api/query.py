@@ -36,6 +36,7 @@ from read_api.types import (
     CardHistory,
     Discrepancy,
     HistoryEvent,
+    Lane,
     LogHit,
     LogLine,
     Project,
@@ -50,6 +51,7 @@ from read_api.types import (
     parse_id,
     parse_month,
 )
+from streams import history
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -111,12 +113,19 @@ class Query:
         row = await scope.loaders.project.load(wanted)
         return None if row is None else Project.from_row(row, scope)
 
-    @strawberry.field
-    async def board(self, info: Info, project_id: ID) -> Board | None:
+    @described.field(
+        "A project's board; with asOf, the board as it was at that instant, folded from the "
+        "event store (null when the project did not exist then)."
+    )
+    async def board(
+        self, info: Info, project_id: ID, as_of: datetime | None = None
+    ) -> Board | None:
         wanted = parse_id(project_id, "projectId")
         scope = await info.context.scope_of(wanted)
         if scope is None or not await scope.is_member():
             return None
+        if as_of is not None:
+            return await _board_then(info.context, scope, wanted, as_of)
         row = await scope.loaders.project.load(wanted)
         return None if row is None else Board.from_row(row, scope)
 
@@ -256,6 +265,7 @@ class Query:
             lines=[
                 StatementLine(
                     project_id=ID(str(line.project_id)),
+                    kind=line.kind,
                     description=line.description,
                     billed_exact=_money(line.billed_exact_micros),
                     billed=_money(line.billed_micros),
@@ -284,7 +294,9 @@ class Query:
             month=month,
             event_log_total=_money(comparison.event_log_total),
             read_model_total=_money(comparison.read_model_total),
-            invoiced_total=None,
+            invoiced_total=(
+                None if comparison.invoiced_total is None else _money(comparison.invoiced_total)
+            ),
             ok=not discrepancies,
             discrepancies=discrepancies,
         )
@@ -351,7 +363,59 @@ def _discrepancies(comparison: eventlog.LedgerComparison) -> list[Discrepancy]:
                         actual=_money(actual),
                     )
                 )
+    for credit in sorted(
+        set(comparison.event_log_credits) | set(comparison.read_model_credits), key=str
+    ):
+        expected = -comparison.event_log_credits.get(credit, 0)
+        actual = -comparison.read_model_credits.get(credit, 0)
+        if actual != expected:
+            found.append(
+                Discrepancy(
+                    kind="credit", key=str(credit), expected=_money(expected), actual=_money(actual)
+                )
+            )
     return found
+
+
+async def _board_then(
+    ctx: RequestContext, scope: ReadScope, project_id: UUID, as_of: datetime
+) -> Board | None:
+    mapper = ctx.runtime.services.write.mapper
+    try:
+        then = await scope.run(
+            lambda conn: history.board_as_of(conn, mapper, project_id=project_id, as_of=as_of)
+        )
+    except NotFound:
+        return None
+    if then.workspace_id != scope.workspace_id:
+        return None
+    every = [card.card for lane in then.lanes for card in lane.cards]
+    costs = await scope.loaders.card_cost_until.load_many([(c.id, c.modified_on) for c in every])
+    cost_of = {card.id: cost for card, cost in zip(every, costs, strict=True)}
+    lanes = []
+    for lane in then.lanes:
+        cards = []
+        for shown in lane.cards:
+            card = _card_from_aggregate(shown.card, scope, cost_of[shown.card.id])
+            card.lane = shown.lane
+            cards.append(card)
+        lanes.append(
+            Lane(
+                name=lane.name,
+                wip_limit=lane.wip_limit,
+                count=lane.count,
+                scope=scope,
+                project_key=project_id,
+                cards_then=cards,
+            )
+        )
+    return Board(
+        project_id=ID(str(project_id)),
+        version=then.version,
+        scope=scope,
+        key=project_id,
+        lanes_then=lanes,
+    )
 
 
 def _card_from_aggregate(card: CardAggregate, scope: ReadScope, cost_micros: int) -> Card:

@@ -133,6 +133,8 @@ class ApiServices:
     """Active subscriptions one WebSocket connection may hold; more are ``RATE_LIMITED``."""
     max_subscriptions_per_user: int = 100
     """Active subscriptions one user may hold over all connections to this API instance."""
+    stripe_webhook_secret: str | None = None
+    """Signing secret of ``POST /webhooks/stripe``; ``None``: the route answers 404."""
     auth: AuthSettings | None = None
     """Sign-in (``/auth/*``); ``None``: this API only accepts tokens issued elsewhere."""
     oidc: OidcSignIn | None = None

@@ -224,6 +224,8 @@ class Board:
     version: int = strawberry.field(description="The project's version: changes with every move.")
     scope: strawberry.Private[ReadScope]
     key: strawberry.Private[UUID]
+    lanes_then: strawberry.Private[list[Lane] | None] = None
+    """Set for a board as it was (``asOf``): its lanes, folded from the event store."""
 
     @classmethod
     def from_row(cls, row: Row, scope: ReadScope) -> Board:
@@ -236,6 +238,8 @@ class Board:
 
     @strawberry.field
     async def lanes(self) -> list[Lane]:
+        if self.lanes_then is not None:
+            return self.lanes_then
         rows = await self.scope.loaders.lanes.load(self.key)
         return [Lane.from_row(row, self.scope) for row in rows]
 
@@ -247,6 +251,8 @@ class Lane:
     count: int = strawberry.field(description="Live (not archived) cards in the lane.")
     scope: strawberry.Private[ReadScope]
     project_key: strawberry.Private[UUID]
+    cards_then: strawberry.Private[list[Card] | None] = None
+    """Set for a lane as it was: its live cards in board order."""
 
     @classmethod
     def from_row(cls, row: Row, scope: ReadScope) -> Lane:
@@ -264,6 +270,8 @@ class Lane:
     ) -> CardConnection:
         size = page_size(first, most=MAX_LANE_PAGE, default=100)
         position, card_id = cursors.parse_card_cursor(after) if after else (None, None)
+        if self.cards_then is not None:
+            return _cards_page(self.cards_then, size, position, card_id)
         rows = await self.scope.loaders.lane_cards.load(
             LanePage(
                 project_id=self.project_key,
@@ -289,6 +297,26 @@ class Lane:
                 has_previous=after is not None,
             ),
         )
+
+
+def _cards_page(
+    cards: list[Card], size: int, position: str | None, card_id: UUID | None
+) -> CardConnection:
+    """A page of a lane as it was (already in board order), after the cursor's card."""
+    after = [
+        c
+        for c in cards
+        if position is None or card_id is None or (c.position, c.key) > (position, card_id)
+    ]
+    page = after[:size]
+    return CardConnection(
+        edges=[CardEdge(node=card) for card in page],
+        page_info=page_info(
+            [cursors.card_cursor(c.position, c.key) for c in page[:1] + page[1:][-1:]],
+            has_next=len(after) > size,
+            has_previous=position is not None,
+        ),
+    )
 
 
 # -- runs -----------------------------------------------------------------------------------------
@@ -555,7 +583,10 @@ class UsageRow:
 
 @strawberry.type
 class StatementLine:
-    project_id: ID
+    project_id: ID = strawberry.field(
+        description="The project of a usage line; the credit's id on a credit line."
+    )
+    kind: str = strawberry.field(description="usage or credit.")
     description: str
     billed_exact: Money
     billed: Money = strawberry.field(

@@ -25,6 +25,7 @@ TOPIC_BY_AGGREGATE: dict[str, str] = {
     "AgentRun": "agent-runs",
     "UsageCharge": "usage-events",
     "MonthlySpend": "usage-events",
+    "Invoice": "usage-events",
 }
 TOPICS: tuple[str, ...] = tuple(sorted(set(TOPIC_BY_AGGREGATE.values())))
 

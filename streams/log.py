@@ -325,6 +325,10 @@ class EventLog:
             return self._fast.describe(topic)[0]
         return str(resolve_topic(topic).__qualname__).split(".", 1)[0]
 
+    def decode(self, row: Row) -> EventEnvelope:
+        """One stored row as an envelope (upcast like every other read of the log)."""
+        return self._envelope(row)
+
     def _envelope(self, row: Row) -> EventEnvelope:
         if self._fast is not None:
             try:

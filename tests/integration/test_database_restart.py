@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 import httpx
+import pg
 import pytest
 import structlog
 from dedicated_postgres import DedicatedPostgres, dedicated_postgres
@@ -46,7 +47,7 @@ def server() -> Iterator[DedicatedPostgres]:
 @pytest.fixture
 def stack(server: DedicatedPostgres) -> Iterator[ApiStack]:
     url = server.create_database("agentworks")
-    migrate(url, app_role="agentworks_app")
+    migrate(url, app_role="agentworks_app", logins=pg.LOGIN_PASSWORDS)
     api = start_api_stack(url, pool_timeout=1.0, settle_seconds=10.0)
     try:
         yield api
@@ -131,7 +132,7 @@ def test_relay_and_workers_resume_from_their_positions_after_a_restart(
     publish and project what was written before and after, and the read models equal a
     rebuild."""
     url = server.create_database("agentworks")
-    migrate(url, app_role="agentworks_app")
+    migrate(url, app_role="agentworks_app", logins=pg.LOGIN_PASSWORDS)
     with kafka_stack(url, tmp_path_factory.mktemp("pg-restart"), seed=5) as stack:
         tenant = stack.workload.tenant("restart", projects=1)
         stack.workload.mixed(tenant, 30)

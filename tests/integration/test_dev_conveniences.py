@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
+import pg
 import psutil  # type: ignore[import-untyped]
 import pytest
 from test_dev_command import Agentworks, assert_clean_exit, clean_env, free_port, postgres_processes
@@ -126,7 +127,7 @@ def test_prod_offers_no_dev_conveniences_and_configured_origins_replace_localhos
 ) -> None:
     servers = {}
     for name, extra in (
-        ("prod", {"AGENTWORKS_ENV": "prod"}),
+        ("prod", {"AGENTWORKS_ENV": "prod", **pg.LOGIN_ENV}),
         ("dev-with-origins", {"AGENTWORKS_CORS_ORIGINS": "https://app.example"}),
     ):
         port = free_port()

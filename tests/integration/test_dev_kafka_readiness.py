@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from users import user_id
 
 from adapters.kafka_broker import free_port
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
@@ -98,7 +99,7 @@ def test_the_first_write_after_dev_is_ready_reads_back_fresh(
     started = time.monotonic()
     ready = _ready(url, deadline)
 
-    bootstrap = issue_token(user_id="ada", workspace_id=BOOTSTRAP_WORKSPACE, role="OWNER",
+    bootstrap = issue_token(user_id=user_id("ada"), workspace_id=BOOTSTRAP_WORKSPACE, role="OWNER",
                             ttl_seconds=600, secret=SECRET)  # fmt: skip
     response = httpx.post(
         f"{url}/graphql",

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 from test_dev_command import Agentworks, clean_env, free_port
+from users import user_id
 
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
 
@@ -52,7 +53,7 @@ def test_serve_alone_names_what_it_lacks_and_turns_not_ready_when_lag_stops_movi
     assert readyz(serve).status_code == 200  # an empty log: nothing to be behind on
 
     bootstrap = issue_token(
-        user_id="ops", workspace_id=BOOTSTRAP_WORKSPACE, role="OWNER", ttl_seconds=60,
+        user_id=user_id("ops"), workspace_id=BOOTSTRAP_WORKSPACE, role="OWNER", ttl_seconds=60,
         secret=SECRET,
     )  # fmt: skip
     serve.graphql(

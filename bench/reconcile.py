@@ -1,0 +1,212 @@
+"""Reconciliation: recomputing a month's billing from the event log, next to a bare SQL SUM.
+
+``python -m bench.reconcile [--events 1000000] [--workspaces 200] [--projects 5]`` creates its own
+database and appends ``--events`` usage events of one month (charges, and a correction of every
+20th one) through the application's recorder. Then, in the same run:
+
+1. **reconcile**: ``commands.billing.fold_month`` — every ``UsageCharge`` and credit event read
+   back in log order, decoded by the write side's mapper (upcasting included) and folded into
+   exact per-project, per-workspace figures — then each workspace's statement lines;
+2. **baseline**: one ``SELECT sum(...)`` over the same rows, the billed amounts pulled out of the
+   stored JSON by PostgreSQL itself.
+
+Both totals must agree to the micro-dollar in every round (the script fails otherwise). The
+machine is shared: each round records the load average, the results file the run's provenance.
+Budget (DESIGN.md): reconciliation of 1M usage events in <= 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from uuid import uuid4
+
+import psycopg
+from eventsourcing.utils import get_topic
+
+from bench._provenance import Provenance
+from commands.billing import fold_month
+from domain.billing import statement_total
+from domain.meta import EventMeta
+from domain.usage import UsageCharge, month_of
+from infra.bootstrap import build_write_side
+from infra.migrate import migrate
+
+if TYPE_CHECKING:
+    from eventsourcing.persistence import StoredEvent
+
+    from commands.handlers import AgentWorks
+
+MONTH_START = datetime(2026, 10, 1, tzinfo=UTC)
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def generate(app: AgentWorks, events: int, workspaces: int, projects: int, seed: int = 7) -> int:
+    """Append about ``events`` usage events of one month; returns how many were appended."""
+    rnd = random.Random(seed)
+    tenants = [(uuid4(), [uuid4() for _ in range(projects)]) for _ in range(workspaces)]
+    metas = {ws: EventMeta.for_command(workspace_id=ws, actor="bench") for ws, _ in tenants}
+    to_stored = app.mapper.to_stored_event
+    pending: list[StoredEvent] = []
+    written = 0
+    n = 0
+    while written + len(pending) < events:
+        n += 1
+        workspace_id, project_ids = tenants[rnd.randrange(workspaces)]
+        cost = rnd.randrange(1, 50_000)
+        at = MONTH_START + timedelta(seconds=rnd.randrange(28 * 86_400))
+        charge = UsageCharge.charge(
+            workspace_id=workspace_id,
+            project_id=project_ids[rnd.randrange(projects)],
+            card_id=workspace_id,
+            run_id=uuid4(),
+            call_id="c",
+            provider="simulated",
+            model="sim-1",
+            input_tokens=rnd.randrange(10, 4000),
+            output_tokens=rnd.randrange(10, 2000),
+            provider_cost_micros=cost,
+            markup=Decimal(5),
+            billed_micros=cost * 5,
+            price_table_version="bench",
+            at=at,
+            meta=metas[workspace_id],
+        )
+        if n % 20 == 0:
+            charge.credit(cost, "bench correction", at=at, meta=metas[workspace_id])
+        pending.extend(to_stored(event) for event in charge.collect_events())
+        if len(pending) >= 5_000:
+            app.recorder.insert_events(pending)
+            written += len(pending)
+            pending = []
+            if written % 100_000 < 5_000:
+                _log(f"  {written:,} events appended")
+    if pending:
+        app.recorder.insert_events(pending)
+        written += len(pending)
+    return written
+
+
+def _reconcile(app: AgentWorks, month: str) -> tuple[float, int, int]:
+    """Seconds, events folded and exact net total of the month by the log, via the fold."""
+    t0 = time.perf_counter()
+    fold = fold_month(app, month)
+    for workspace_id in fold.workspaces:
+        statement_total(fold.lines(workspace_id, increment_micros=250_000))
+    seconds = time.perf_counter() - t0
+    exact = sum(sum(figures.usage.values()) for figures in fold.workspaces.values())
+    return seconds, fold.events, exact
+
+
+def _sql_sum(url: str) -> tuple[float, int, int]:
+    """Seconds, rows and net total of the same events by one SQL aggregate."""
+    t0 = time.perf_counter()
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*), sum(CASE WHEN topic = %(charged)s"
+            " THEN (convert_from(state, 'UTF8')::jsonb ->> 'billed_micros')::bigint"
+            " ELSE -(convert_from(state, 'UTF8')::jsonb ->> 'amount_micros')::bigint END)"
+            " FROM agentworks_events WHERE topic = ANY(%(topics)s)",
+            {
+                "charged": get_topic(UsageCharge.Charged),
+                "topics": [get_topic(UsageCharge.Charged), get_topic(UsageCharge.Credited)],
+            },
+        ).fetchone()
+    assert row is not None
+    return time.perf_counter() - t0, int(row[0]), int(row[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--workspaces", type=int, default=200)
+    parser.add_argument("--projects", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument("--json", default="bench/results/reconcile.json")
+    args = parser.parse_args()
+
+    provenance = Provenance.start()
+    name = f"aw_bench_{uuid4().hex[:10]}"
+    admin = f"{args.server}/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"{args.server}/{name}"
+    month = month_of(MONTH_START)
+    rounds: list[dict[str, Any]] = []
+    try:
+        migrate(url)
+        app = build_write_side(url, pool_size=2)
+        try:
+            started = time.perf_counter()
+            appended = generate(app, args.events, args.workspaces, args.projects)
+            _log(f"appended {appended:,} events in {time.perf_counter() - started:.1f}s")
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("VACUUM ANALYZE agentworks_events")
+            for number in range(1, args.rounds + 1):
+                load = os.getloadavg()[0]
+                seconds, events, exact = _reconcile(app, month)
+                sql_seconds, rows, sql_total = _sql_sum(url)
+                if rows != events or sql_total != exact:
+                    raise SystemExit(
+                        f"MISMATCH: the fold saw {events:,} events totalling {exact}, "
+                        f"SQL {rows:,} rows totalling {sql_total}"
+                    )
+                rounds.append(
+                    {
+                        "events": events,
+                        "exact_total_micros": exact,
+                        "reconcile_seconds": round(seconds, 2),
+                        "reconcile_events_per_second": round(events / seconds),
+                        "sql_sum_seconds": round(sql_seconds, 2),
+                        "sql_sum_rows_per_second": round(rows / sql_seconds),
+                        "ratio_reconcile_over_sql": round(seconds / sql_seconds, 2),
+                        "loadavg_1m_at_start": round(load, 2),
+                    }
+                )
+                _log(f"round {number}: {json.dumps(rounds[-1])}")
+        finally:
+            app.close()
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def median(key: str) -> float:
+        return float(statistics.median(r[key] for r in rounds))
+
+    result: dict[str, Any] = {
+        "events": rounds[0]["events"],
+        "workspaces": args.workspaces,
+        "projects_per_workspace": args.projects,
+        "budget_seconds_per_million": 10.0,
+        "medians": {
+            key: median(key)
+            for key in (
+                "reconcile_seconds",
+                "reconcile_events_per_second",
+                "sql_sum_seconds",
+                "sql_sum_rows_per_second",
+                "ratio_reconcile_over_sql",
+            )
+        },
+        "rounds": rounds,
+        "provenance": provenance.finish(),
+    }
+    _log(json.dumps(result["medians"], indent=2))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Billing commands: credits, closing a month, and the monthly invoicing routine.
+
+Invoicing talks to Stripe between saves, so it cannot be one transaction. It is a sequence of
+steps each of which first looks for its result (in our events, then in Stripe by metadata) and
+only then acts, and records what it did as an event right after doing it. A crash between any
+two steps leaves a state the next run recognises, so nothing is created twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol
+from uuid import UUID, uuid4
+
+from eventsourcing.persistence import IntegrityError
+from eventsourcing.utils import get_topic
+from pydantic import Field
+
+from commands import models as m
+from commands.handlers import Actor, AgentWorks, CommandResult, Decision
+from domain.billing import (
+    Invoice,
+    InvoiceStatus,
+    Line,
+    MonthFold,
+    Reconciliation,
+    RemoteInvoice,
+    RemoteItem,
+    invoice_id_for,
+    invoice_key,
+    reconcile,
+    require_ended,
+)
+from domain.errors import Conflict, InvalidTransition, NotFound
+from domain.meta import EventMeta
+from domain.money import parse_usd
+from domain.project import Project
+from domain.roles import Role
+from domain.usage import MonthlySpend, UsageCharge, spend_id_for
+from domain.workspace import Workspace
+
+if TYPE_CHECKING:
+    from eventsourcing.domain import Aggregate
+
+BILLING_ACTOR = "billing"
+_BILLING_TOPICS = [
+    get_topic(event)
+    for event in (
+        UsageCharge.Charged,
+        UsageCharge.Credited,
+        UsageCharge.Refunded,
+        MonthlySpend.CreditGranted,
+    )
+]
+_WORKSPACE_CREATED = get_topic(Workspace.Created)
+_SAVE_ATTEMPTS = 5
+
+
+class GrantCredit(m.Command):
+    """A credit to a workspace: a compensating event, a negative line on the open statement."""
+
+    workspace_id: UUID
+    amount: str
+    reason: str = Field(min_length=1, max_length=1000)
+    at: datetime
+
+
+class BillingPort(Protocol):
+    """What invoicing needs from Stripe (``adapters.stripe.StripeBilling``)."""
+
+    def find_customer(self, workspace_id: UUID) -> str | None: ...
+    def create_customer(self, workspace_id: UUID, name: str) -> str: ...
+    def pending_items(self, customer_id: str) -> list[RemoteItem]: ...
+    def create_item(self, customer_id: str, key: str, line: Line) -> str: ...
+    def find_invoice(self, customer_id: str, key: str) -> RemoteInvoice | None: ...
+    def create_invoice(self, customer_id: str, key: str, description: str) -> str: ...
+
+
+class Outcome(StrEnum):
+    ISSUED = "issued"
+    ALREADY_ISSUED = "already issued"
+    NOTHING_TO_BILL = "nothing to bill"
+
+
+@dataclass(frozen=True, kw_only=True)
+class InvoiceResult:
+    workspace_id: UUID
+    outcome: Outcome
+    stripe_invoice_id: str | None
+    total_micros: int
+    lines: int
+
+
+def billing_events(app: AgentWorks) -> Iterable[object]:
+    """Every usage-charge and monthly-spend event in log order, decoded by the write side."""
+    topics = _BILLING_TOPICS
+    start = 1
+    while True:
+        batch = app.recorder.select_notifications(start, 5000, topics=topics)
+        if not batch:
+            return
+        for notification in batch:
+            yield app.mapper.to_domain_event(notification)
+        start = batch[-1].id + 1
+
+
+def fold_month(app: AgentWorks, month: str) -> MonthFold:
+    fold = MonthFold(month)
+    for event in billing_events(app):
+        fold.add(event)
+    return fold
+
+
+class Billing:
+    """Billing's application service over the write side (one ``save`` per recorded step)."""
+
+    def __init__(self, app: AgentWorks, *, clock: Callable[[], datetime] | None = None) -> None:
+        self.app = app
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    # -- credits ----------------------------------------------------------------------------------
+
+    def grant_credit(self, cmd: GrantCredit, actor: Actor) -> CommandResult:
+        app = self.app
+
+        def decide(meta: EventMeta) -> Decision:
+            workspace = app._workspace_for(actor, cmd.workspace_id, Role.OWNER, "credit")
+            spend = app._spend_for(workspace, cmd.at, meta)
+            credit_id = uuid4()
+            spend.grant_credit(credit_id, parse_usd(cmd.amount), cmd.reason, meta=meta)
+            return Decision(
+                spend, "credit", [spend], {"credit_id": str(credit_id), "month": spend.month}
+            )
+
+        return app._execute(cmd, actor, cmd.workspace_id, decide)
+
+    # -- months and invoices ----------------------------------------------------------------------
+
+    def workspace(self, workspace_id: UUID) -> Workspace:
+        return self.app._get(Workspace, workspace_id)
+
+    def close_month(self, workspace_id: UUID, month: str) -> None:
+        """Close ``month`` (it must have ended): later usage goes to the next statement."""
+        require_ended(month, self.clock())
+        meta = self._meta(workspace_id)
+        for _ in range(_SAVE_ATTEMPTS):
+            try:
+                spend = self.app._get(MonthlySpend, spend_id_for(workspace_id, month))
+            except NotFound:
+                spend = MonthlySpend.open(workspace_id=workspace_id, month=month, meta=meta)
+            if spend.closed:
+                return
+            spend.close(meta=meta)
+            if self._saved(spend):
+                return
+        raise Conflict(f"closing {month} of workspace {workspace_id} kept racing with charges")
+
+    def invoice(
+        self,
+        stripe: BillingPort,
+        workspace_id: UUID,
+        month: str,
+        *,
+        fold: MonthFold | None = None,
+    ) -> InvoiceResult:
+        """Issue ``month``'s invoice of one workspace, resuming wherever an earlier run stopped."""
+        require_ended(month, self.clock())
+        workspace = self.workspace(workspace_id)
+        self.close_month(workspace_id, month)
+        invoice = self._drafted(workspace, month, fold)
+        key = invoice_key(workspace_id, month)
+        billable = invoice.billable_lines()
+        if invoice.stripe_invoice_id is not None:
+            return self._result(invoice, Outcome.ALREADY_ISSUED)
+        if not billable:
+            return self._result(invoice, Outcome.NOTHING_TO_BILL)
+        customer = self._customer(stripe, workspace)
+        meta = self._meta(workspace_id)
+        found = stripe.find_invoice(customer, key)
+        if found is None:
+            waiting = stripe.pending_items(customer)
+            foreign = sorted({str(item.invoice_key) for item in waiting} - {key})
+            if foreign:
+                # Stripe would sweep them into this invoice; their own invoice must go first.
+                raise InvalidTransition(
+                    f"customer {customer} has pending invoice items of {', '.join(foreign)}; "
+                    "invoice those (or remove the items in Stripe) before this month"
+                )
+            pending = {item.line_key: item.id for item in waiting}
+            for line in billable:
+                if line.key in invoice.items:
+                    continue
+                item_id = pending.get(line.key) or stripe.create_item(customer, key, line)
+                invoice.item_sent(line.key, item_id, meta=meta)
+                self._save(invoice)
+            stripe_id = stripe.create_invoice(
+                customer, key, f"AgentWorks usage {month} ({workspace.name})"
+            )
+        else:
+            for item in found.items:
+                if item.line_key in {line.key for line in billable}:
+                    invoice.item_sent(item.line_key, item.id, meta=meta)
+            stripe_id = found.id
+        invoice.issue(stripe_id, meta=meta)
+        self._save(invoice)
+        return self._result(invoice, Outcome.ISSUED)
+
+    def settle(
+        self, key: str, stripe_invoice_id: str, outcome: InvoiceStatus, stripe_event_id: str
+    ) -> bool:
+        """Record Stripe's word that an invoice of ours was paid or voided.
+
+        ``False`` when this Stripe event was recorded before (a replayed delivery changes
+        nothing); ``NotFound`` for an invoice that is not ours or not the one we issued.
+        """
+        workspace_text, _, month = key.partition(":")
+        try:
+            workspace_id = UUID(workspace_text)
+        except ValueError:
+            raise NotFound(f"no invoice of ours is keyed {key!r}") from None
+        for _ in range(_SAVE_ATTEMPTS):
+            invoice = self.app._get(Invoice, invoice_id_for(workspace_id, month))
+            if invoice.stripe_invoice_id != stripe_invoice_id:
+                raise NotFound(
+                    f"Stripe invoice {stripe_invoice_id} is not the one issued for {key}"
+                )
+            if not invoice.settle(outcome, stripe_event_id, meta=self._meta(workspace_id)):
+                return False
+            if self._saved(invoice):
+                return True
+        raise Conflict(f"invoice {key} kept changing while {stripe_event_id} was recorded")
+
+    def reconcile(
+        self,
+        stripe: BillingPort | None,
+        workspace_id: UUID,
+        month: str,
+        *,
+        fold: MonthFold,
+        read_model_lines: Sequence[Line],
+    ) -> Reconciliation:
+        """The month of one workspace by the log, against the read model, our invoice record and
+        (when ``stripe`` is given) what Stripe holds."""
+        workspace = self.workspace(workspace_id)
+        log_lines = fold.lines(workspace_id, increment_micros=workspace.billing_increment_micros)
+        try:
+            invoice: Invoice | None = self.app._get(Invoice, invoice_id_for(workspace_id, month))
+        except NotFound:
+            invoice = None
+        issued = invoice.stripe_invoice_id if invoice is not None else None
+        remote = None
+        if stripe is not None and issued is not None and workspace.stripe_customer_id:
+            remote = stripe.find_invoice(
+                workspace.stripe_customer_id, invoice_key(workspace_id, month)
+            )
+        return reconcile(
+            workspace_id=workspace_id,
+            month=month,
+            log_lines=log_lines,
+            read_model_lines=read_model_lines,
+            invoice_lines=invoice.lines if invoice is not None else None,
+            issued_invoice_id=issued if stripe is not None else None,
+            remote=remote,
+        )
+
+    def workspace_ids(self) -> list[UUID]:
+        """Every workspace, in creation order, as the log knows them."""
+        ids: list[UUID] = []
+        start = 1
+        while True:
+            batch = self.app.recorder.select_notifications(start, 5000, topics=[_WORKSPACE_CREATED])
+            if not batch:
+                return ids
+            ids += [UUID(str(notification.originator_id)) for notification in batch]
+            start = batch[-1].id + 1
+
+    def _drafted(self, workspace: Workspace, month: str, fold: MonthFold | None) -> Invoice:
+        """The invoice as first drafted; its lines are recorded once and never recomputed."""
+        invoice_id = invoice_id_for(workspace.id, month)
+        try:
+            return self.app._get(Invoice, invoice_id)
+        except NotFound:
+            pass
+        # The month is closed: from now on the log holds every figure of it.
+        fold = fold_month(self.app, month) if fold is None else fold
+        figures = fold.workspaces.get(workspace.id)
+        names = {
+            project: name
+            for project in (figures.usage if figures else {})
+            if (name := self._project_name(project)) is not None
+        }
+        lines = fold.lines(
+            workspace.id,
+            increment_micros=workspace.billing_increment_micros,
+            project_names=names,
+        )
+        invoice = Invoice.draft(
+            workspace_id=workspace.id, month=month, lines=lines, meta=self._meta(workspace.id)
+        )
+        if not self._saved(invoice):
+            return self.app._get(Invoice, invoice_id)
+        return invoice
+
+    def _project_name(self, project_id: UUID) -> str | None:
+        try:
+            return self.app._get(Project, project_id, copy=False).name
+        except NotFound:
+            return None
+
+    def _customer(self, stripe: BillingPort, workspace: Workspace) -> str:
+        if workspace.stripe_customer_id is not None:
+            return workspace.stripe_customer_id
+        customer = stripe.find_customer(workspace.id) or stripe.create_customer(
+            workspace.id, workspace.name
+        )
+        workspace.link_stripe_customer(customer, meta=self._meta(workspace.id))
+        self._save(workspace)
+        return customer
+
+    def _result(self, invoice: Invoice, outcome: Outcome) -> InvoiceResult:
+        return InvoiceResult(
+            workspace_id=invoice.workspace_id,
+            outcome=outcome,
+            stripe_invoice_id=invoice.stripe_invoice_id,
+            total_micros=invoice.total_micros,
+            lines=len(invoice.lines),
+        )
+
+    def _meta(self, workspace_id: UUID) -> EventMeta:
+        return EventMeta.for_command(workspace_id=workspace_id, actor=BILLING_ACTOR)
+
+    def _saved(self, aggregate: Aggregate) -> bool:
+        """Save; ``False`` when a concurrent write got there first (the caller reloads)."""
+        try:
+            self.app.save(aggregate)
+        except IntegrityError:
+            return False
+        return True
+
+    def _save(self, aggregate: Aggregate) -> None:
+        if not self._saved(aggregate):
+            raise Conflict(
+                f"{type(aggregate).__name__} {aggregate.id} changed while it was being invoiced;"
+                " run the command again"
+            )

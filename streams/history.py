@@ -1,0 +1,361 @@
+"""Time travel: cards and boards as they were, folded from the event store (never a read model).
+
+A read model shows the present; an audit asks about the past. Everything here reads the log
+through the write side's repository and mapper, so snapshots shorten the fold and stored events
+written at an older ``class_version`` are upcast on the way, exactly as the write side sees them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+from eventsourcing.utils import get_topic
+from psycopg.rows import tuple_row
+
+from domain.card import Card
+from domain.errors import NotFound, ValidationFailed
+from domain.project import Project
+
+if TYPE_CHECKING:
+    from eventsourcing.persistence import Mapper
+    from psycopg import Connection
+
+    from streams.envelope import EventEnvelope
+
+
+def parse_instant(text: str, *, option: str) -> datetime:
+    """An ISO-8601 instant as tz-aware UTC; one without an offset is read as UTC."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValidationFailed(
+            f"{option}: malformed time {text!r}; give ISO-8601 such as 2026-01-31T12:00:00Z"
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def card_state(card: Card) -> dict[str, Any]:
+    """A card aggregate as plain JSON (the fields of the API's ``Card`` that the card holds)."""
+    return {
+        "id": str(card.id),
+        "projectId": str(card.project_id),
+        "title": card.title,
+        "description": card.description,
+        "lane": card.lane,
+        "position": card.position,
+        "assignee": card.assignee,
+        "labels": list(card.labels),
+        "blockedReason": card.blocked_reason,
+        "archived": card.archived,
+        "version": card.version,
+        "createdAt": card.created_on.isoformat(),
+        "updatedAt": card.modified_on.isoformat(),
+    }
+
+
+def history_event(envelope: EventEnvelope) -> dict[str, Any]:
+    """One event of a history as plain JSON (the fields of the API's ``HistoryEvent``)."""
+    return {
+        "version": envelope.originator_version,
+        "type": envelope.type,
+        "at": envelope.timestamp.isoformat(),
+        "actor": envelope.metadata.get("actor", ""),
+        "position": str(envelope.position),
+        "data": envelope.payload,
+    }
+
+
+# -- boards ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CardAt:
+    """A card as it was, and the lane the board showed it in (a lane renamed since the card
+    entered it shows the new name; the card's own events never mention the rename)."""
+
+    card: Card
+    lane: str
+
+    def state(self) -> dict[str, Any]:
+        return card_state(self.card) | {"lane": self.lane}
+
+
+@dataclass(frozen=True)
+class LaneAt:
+    name: str
+    wip_limit: int | None
+    cards: list[CardAt]
+    """Live cards in board order (position, then id)."""
+
+    @property
+    def count(self) -> int:
+        return len(self.cards)
+
+
+@dataclass(frozen=True)
+class BoardAt:
+    """A board as it was at ``as_of``: what the Kanban read model showed right after the last
+    write before that instant (lanes, WIP limits, counts, cards in order, the board version)."""
+
+    project_id: UUID
+    workspace_id: UUID
+    as_of: datetime
+    version: int
+    lanes: list[LaneAt]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "projectId": str(self.project_id),
+            "asOf": self.as_of.isoformat(),
+            "version": self.version,
+            "lanes": [
+                {"name": lane.name, "wipLimit": lane.wip_limit, "count": lane.count,
+                 "cards": [card.state() for card in lane.cards]}
+                for lane in self.lanes
+            ],
+        }  # fmt: skip
+
+
+#: Project events that only say where a card sits; the cards themselves say it too, so the
+#: board's lanes are folded without them (a busy board has one per move).
+_BOARD_ONLY = (Project.CardMoved, Project.CardLifted)
+_LANE_SETTING = (Card.Created, Card.Moved, Card.Restored)
+
+
+def board_as_of(
+    conn: Connection[Any], mapper: Mapper[UUID], *, project_id: UUID, as_of: datetime
+) -> BoardAt:
+    """The board of ``project_id`` at ``as_of``, folded from the event store.
+
+    Lanes come from the project's own events (not its per-move placements); the cards from
+    each card's latest snapshot at or before ``as_of`` plus the events after it, in one query
+    for all cards. An aggregate's event times rise with its versions (each is decided after
+    the one before was stored), which lets the board's version be found by bisection.
+    Raises NotFound when the project does not exist, :class:`NotYet` when it did not yet.
+    """
+    excluded = [get_topic(cls) for cls in _BOARD_ONLY]
+    rows = _rows(
+        conn,
+        "SELECT notification_id, originator_id, originator_version, topic, state"
+        " FROM agentworks_events WHERE originator_id = %s AND topic <> ALL(%s)"
+        " ORDER BY originator_version",
+        (project_id, excluded),
+    )
+    events = [(int(r[0]), _domain_event(mapper, r)) for r in rows]
+    if not events or not isinstance(events[0][1], Project.Created):
+        raise NotFound(f"project {project_id} does not exist")
+    if events[0][1].timestamp > as_of:
+        raise NotYet(f"project {project_id} did not exist at {as_of.isoformat()}")
+    project: Any = events[0][1].mutate(None)
+    renames: list[tuple[int, str, str]] = []
+    card_ids: dict[UUID, None] = {}
+    known_before, known_after = 1, None
+    for position, event in events[1:]:
+        if event.timestamp > as_of:
+            known_after = event.originator_version if known_after is None else known_after
+            continue
+        known_before = event.originator_version
+        event.apply(project)
+        if isinstance(event, Project.LaneRenamed):
+            renames.append((position, event.lane, event.name))
+        elif isinstance(event, Project.CardPlaced):
+            card_ids[event.card_id] = None
+    version = _version_at(conn, mapper, project_id, as_of, low=known_before, high=known_after)
+    cards = _cards_at(conn, mapper, list(card_ids), as_of)
+    by_lane: dict[str, list[CardAt]] = {spec.name: [] for spec in project.lanes}
+    for card, lane_set_at in cards:
+        if card.archived:
+            continue
+        if lane_set_at == 0 and any(old == card.lane for _, old, _ in renames):
+            # Folded from a snapshot that hides when the card entered its lane, and a lane of
+            # that name was renamed: fold this card from its start to know which lane it was.
+            ((card, lane_set_at),) = _cards_at(conn, mapper, [card.id], as_of, snapshots=False)
+        lane = card.lane
+        for position, old, new in renames:
+            if position > lane_set_at and lane == old:
+                lane = new
+        by_lane.setdefault(lane, []).append(CardAt(card, lane))
+    lanes = [
+        LaneAt(
+            name=spec.name,
+            wip_limit=spec.wip_limit,
+            cards=sorted(by_lane[spec.name], key=lambda c: (c.card.position, c.card.id)),
+        )
+        for spec in project.lanes
+    ]
+    return BoardAt(
+        project_id=project_id,
+        workspace_id=project.workspace_id,
+        as_of=as_of,
+        version=version,
+        lanes=lanes,
+    )
+
+
+class NotYet(NotFound):
+    """The thing asked about exists, but not yet at the instant asked about."""
+
+
+def _domain_event(mapper: Mapper[UUID], row: Any) -> Any:
+    """A row ``(position, originator id, version, topic, state)`` as its domain event."""
+    return mapper.to_domain_event(
+        StoredEvent(
+            originator_id=row[1],
+            originator_version=int(row[2]),
+            topic=str(row[3]),
+            state=bytes(row[4]),
+        )
+    )
+
+
+def _version_at(
+    conn: Connection[Any],
+    mapper: Mapper[UUID],
+    aggregate_id: UUID,
+    as_of: datetime,
+    *,
+    low: int,
+    high: int | None,
+) -> int:
+    """The last version of an aggregate stored at or before ``as_of``, knowing that version
+    ``low`` was and version ``high`` (if any) was not."""
+    if high is None:
+        ((top,),) = _rows(
+            conn,
+            "SELECT max(originator_version) FROM agentworks_events WHERE originator_id = %s",
+            (aggregate_id,),
+        )
+        high = int(top) + 1
+    while high - low > 1:
+        middle = (low + high) // 2
+        (row,) = _rows(
+            conn,
+            "SELECT notification_id, originator_id, originator_version, topic, state"
+            " FROM agentworks_events WHERE originator_id = %s AND originator_version = %s",
+            (aggregate_id, middle),
+        )
+        if _domain_event(mapper, row).timestamp <= as_of:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _cards_at(
+    conn: Connection[Any],
+    mapper: Mapper[UUID],
+    card_ids: list[UUID],
+    as_of: datetime,
+    *,
+    snapshots: bool = True,
+) -> list[tuple[Card, int]]:
+    """Each card as of ``as_of`` (those that existed), with the log position of the event that
+    last set its lane (0 when that is before the snapshot it was folded from).
+
+    With plain JSON states PostgreSQL picks each card's snapshot and drops the events after
+    ``as_of`` (their times are in the state), so only what the fold needs crosses the wire;
+    otherwise every snapshot and event comes back and the times are compared here.
+    """
+    if not card_ids:
+        return []
+    plain = mapper.cipher is None and mapper.compressor is None
+    if not snapshots:
+        taken_rows: list[tuple[Any, ...]] = []
+    elif plain:
+        taken_rows = _rows(
+            conn,
+            "SELECT DISTINCT ON (originator_id) 0, originator_id, originator_version, topic,"
+            f" state FROM agentworks_snapshots WHERE originator_id = ANY(%s) AND {_AT} <= %s"
+            " ORDER BY originator_id, originator_version DESC",
+            (card_ids, as_of),
+        )
+    else:
+        taken_rows = _rows(
+            conn,
+            "SELECT 0, originator_id, originator_version, topic, state FROM agentworks_snapshots"
+            " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version",
+            (card_ids,),
+        )
+    base: dict[UUID, Any] = {}
+    for row in taken_rows:
+        snapshot = _domain_event(mapper, row)
+        if snapshot.timestamp <= as_of:
+            base[snapshot.originator_id] = snapshot
+    after = [base[c].originator_version if c in base else 0 for c in card_ids]
+    # The snapshot after the chosen one was taken after ``as_of``, and so was every event past
+    # its version (each decided after that snapshot was saved): the fold stops there at the
+    # latest. (A snapshot's time is when it was taken, at or after its last event's.)
+    taken: dict[UUID, list[int]] = {}
+    for card_id, version in _rows(
+        conn,
+        "SELECT originator_id, originator_version FROM agentworks_snapshots"
+        " WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version",
+        (card_ids if snapshots else [],),
+    ):
+        taken.setdefault(card_id, []).append(int(version))
+    upto = [
+        next((v for v in taken.get(c, []) if v > low), None)
+        for c, low in zip(card_ids, after, strict=True)
+    ]
+    folded: dict[UUID, tuple[Any, int]] = {
+        c: (base[c].mutate(None), 0) for c in card_ids if c in base
+    }
+    # One index range per card (a lateral subquery keeps the planner on the primary key).
+    sql = (
+        "SELECT e.notification_id, e.originator_id, e.originator_version, e.topic, e.state"
+        " FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[]) WITH ORDINALITY"
+        " AS r(id, after, upto, n)"
+        " CROSS JOIN LATERAL (SELECT notification_id, originator_id, originator_version,"
+        " topic, state FROM agentworks_events WHERE originator_id = r.id"
+        " AND originator_version > r.after"
+        " AND (r.upto IS NULL OR originator_version <= r.upto){until}"
+        " ORDER BY originator_version) AS e"
+        " ORDER BY r.n, e.originator_version"
+    )
+    params: tuple[Any, ...] = (card_ids, after, upto)
+    if plain:
+        sql = sql.format(until=f" AND coalesce({_STAMPED} <= %s, true)")
+        params = (*params, as_of)
+    else:
+        sql = sql.format(until="")
+    stopped: set[UUID] = set()
+    for row in _rows(conn, sql, params):
+        card_id = row[1]
+        if card_id in stopped:
+            continue
+        event = _domain_event(mapper, row)
+        if event.timestamp > as_of:
+            stopped.add(card_id)
+            continue
+        aggregate, lane_set_at = folded.get(card_id, (None, 0))
+        aggregate = event.mutate(aggregate)
+        if isinstance(event, _LANE_SETTING):
+            lane_set_at = int(row[0])
+        folded[card_id] = (aggregate, lane_set_at)
+    return [folded[c] for c in card_ids if c in folded]
+
+
+#: An event's or snapshot's time, read by PostgreSQL from a plain JSON state.
+_AT = "(convert_from(state, 'UTF8')::json #>> '{timestamp,_data_}')::timestamptz"
+
+#: The same, cheaply, where the state starts as the library's JSON transcoder writes events
+#: (:data:`_STAMP_PREFIX`, then the ISO time);
+#: NULL for any other start, which the caller treats as "maybe": a filter, never a verdict.
+_STAMP_PREFIX = b'{"timestamp":{"_type_":"datetime_iso","_data_":"'
+_STAMPED = (
+    f"CASE WHEN substring(state from 1 for {len(_STAMP_PREFIX)})"
+    f" = '\\x{_STAMP_PREFIX.hex()}'::bytea THEN split_part(encode(substring(state from"
+    f" {len(_STAMP_PREFIX) + 1} for 40), 'escape'), '\"', 1)::timestamptz END"
+)
+
+
+def _rows(conn: Connection[Any], sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    with conn.cursor(row_factory=tuple_row, binary=True) as cur:
+        cur.execute(sql, params)
+        return cur.fetchall()

@@ -1,0 +1,290 @@
+"""``agentworks audit export`` / ``audit verify``: a signed hash chain an auditor checks offline.
+
+The CLI runs as a user runs it (a separate process); the tamper properties run the same
+``verify`` in-process over a real export, so Hypothesis can try every line.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from board_helpers import add_cards, bootstrap_board
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_cli import agentworks, assert_one_line_error
+
+from adapters.audit_signing import DEV_AUDIT_KEY_FILE, load_public_key, public_pem
+from commands import models as m
+from streams.audit import GENESIS, canonical_json, line_hash, verify
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from board_helpers import Board
+
+    from commands.handlers import AgentWorks
+
+
+# Each test runs the CLI as separate processes (several seconds each on this machine).
+pytestmark = pytest.mark.slow
+
+
+def _activity(app: AgentWorks, board: Board) -> list[Any]:
+    cards = add_cards(app, board, 3)
+    app.move_card(m.MoveCard(card_id=cards[0], to_lane="Doing"), board.owner)
+    app.update_card(m.UpdateCard(card_id=cards[1], title="Ünïcode — title"), board.owner)
+    app.assign_card(m.AssignCard(card_id=cards[2], assignee="bob"), board.owner)
+    return cards
+
+
+@pytest.fixture
+def exported(write_side: AgentWorks, database_url: str, tmp_path: Path) -> dict[str, Any]:
+    """Two workspaces with activity; the first one exported by the CLI into a file."""
+    board = bootstrap_board(write_side)
+    other = bootstrap_board(write_side, owner="mallory")
+    _activity(write_side, board)
+    _activity(write_side, other)
+    data_dir = tmp_path / "data"
+    env = {"AGENTWORKS_DATABASE_URL": database_url}
+    result = agentworks(
+        "audit", "export", "--workspace", str(board.workspace_id), "--data-dir", str(data_dir),
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "export.jsonl"
+    path.write_text(result.stdout, encoding="utf-8")
+    key = load_public_key((data_dir / DEV_AUDIT_KEY_FILE).read_text(), source="dev key")
+    return {
+        "board": board,
+        "other": other,
+        "path": path,
+        "lines": result.stdout.splitlines(),
+        "key": key,
+        "data_dir": data_dir,
+        "env": env,
+    }
+
+
+def _workspace_positions(database_url: str, workspace_id: object) -> list[int]:
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT notification_id FROM agentworks_events"
+            " WHERE convert_from(state, 'UTF8')::jsonb #>> '{meta,workspace_id}' = %s"
+            " ORDER BY notification_id",
+            (str(workspace_id),),
+        ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+class TestExport:
+    def test_export_holds_exactly_the_workspaces_events_chained_and_signed(
+        self, exported: dict[str, Any], database_url: str, tmp_path: Path
+    ) -> None:
+        lines = [json.loads(text) for text in exported["lines"]]
+        events, trailer = lines[:-1], lines[-1]
+        assert [e["position"] for e in events] == _workspace_positions(
+            database_url, exported["board"].workspace_id
+        )
+        assert all(text == canonical_json(json.loads(text)) for text in exported["lines"])
+        prev = GENESIS
+        for event in events:
+            assert set(event) == {
+                "position", "originatorId", "version", "type", "at", "actor", "data",
+                "prevHash", "hash",
+            }  # fmt: skip
+            assert event["prevHash"] == prev
+            assert event["hash"] == line_hash({k: v for k, v in event.items() if k != "hash"})
+            prev = event["hash"]
+        assert trailer["count"] == len(events)
+        assert trailer["headHash"] == prev
+        assert {e["actor"] for e in events} == {"alice"}
+        assert "Ünïcode — title" in exported["path"].read_text(encoding="utf-8")
+        key_file = exported["data_dir"] / DEV_AUDIT_KEY_FILE
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+    def test_round_trip_verifies_with_the_cli(
+        self, exported: dict[str, Any], tmp_path: Path
+    ) -> None:
+        result = agentworks(
+            "audit", "verify", str(exported["path"]), "--data-dir", str(exported["data_dir"]),
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert f"{len(exported['lines']) - 1} events" in result.stdout
+
+    def test_verify_with_the_printed_public_key(
+        self, exported: dict[str, Any], tmp_path: Path
+    ) -> None:
+        printed = agentworks(
+            "audit", "public-key", "--data-dir", str(exported["data_dir"]), cwd=tmp_path
+        )
+        assert printed.returncode == 0, printed.stderr
+        pem = tmp_path / "audit.pub"
+        pem.write_text(printed.stdout)
+        # No data dir: only the given public key can verify.
+        result = agentworks(
+            "audit", "verify", str(exported["path"]), "--public-key", str(pem), cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr
+
+    def test_tampered_file_exits_1_naming_the_line(
+        self, exported: dict[str, Any], tmp_path: Path
+    ) -> None:
+        lines = list(exported["lines"])
+        lines[2] = lines[2].replace('"alice"', '"eve"')
+        tampered = tmp_path / "tampered.jsonl"
+        tampered.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        result = agentworks(
+            "audit", "verify", str(tampered), "--data-dir", str(exported["data_dir"]), cwd=tmp_path
+        )
+        line = assert_one_line_error(result, code=1)
+        assert "line 3:" in line
+
+    def test_wrong_key_exits_1(self, exported: dict[str, Any], tmp_path: Path) -> None:
+        pem = tmp_path / "other.pub"
+        pem.write_text(public_pem(Ed25519PrivateKey.generate().public_key()))
+        result = agentworks(
+            "audit", "verify", str(exported["path"]), "--public-key", str(pem), cwd=tmp_path
+        )
+        line = assert_one_line_error(result, code=1)
+        assert f"line {len(exported['lines'])}:" in line
+
+    def test_time_window_exports_a_chain_of_its_own(
+        self, exported: dict[str, Any], tmp_path: Path
+    ) -> None:
+        events = [json.loads(text) for text in exported["lines"][:-1]]
+        cut = datetime.fromisoformat(events[4]["at"])
+        result = agentworks(
+            "audit", "export", "--workspace", str(exported["board"].workspace_id),
+            "--from", cut.isoformat(), "--to", (cut + timedelta(days=1)).isoformat(),
+            "--data-dir", str(exported["data_dir"]), cwd=tmp_path, env=exported["env"],
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        window = [json.loads(text) for text in result.stdout.splitlines()]
+        assert [e["position"] for e in window[:-1]] == [
+            e["position"] for e in events if datetime.fromisoformat(e["at"]) >= cut
+        ]
+        assert window[0]["prevHash"] == GENESIS
+        assert verify(result.stdout.splitlines(), exported["key"]).ok
+
+
+class TestBadInput:
+    def test_unknown_workspace_is_exit_2(self, database_url: str, tmp_path: Path) -> None:
+        result = agentworks(
+            "audit", "export", "--workspace", "00000000-0000-0000-0000-000000000001",
+            "--data-dir", str(tmp_path), cwd=tmp_path,
+            env={"AGENTWORKS_DATABASE_URL": database_url},
+        )  # fmt: skip
+        assert "does not exist" in assert_one_line_error(result)
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ("--workspace", "not-a-uuid"),
+            ("--workspace", "00000000-0000-0000-0000-000000000001", "--from", "yesterday"),
+        ],
+    )
+    def test_malformed_input_is_exit_2(
+        self, args: tuple[str, ...], database_url: str, tmp_path: Path
+    ) -> None:
+        result = agentworks(
+            "audit", "export", *args, "--data-dir", str(tmp_path), cwd=tmp_path,
+            env={"AGENTWORKS_DATABASE_URL": database_url},
+        )  # fmt: skip
+        assert_one_line_error(result)
+
+    def test_unreadable_file_is_exit_2(self, tmp_path: Path) -> None:
+        pem = tmp_path / "k.pub"
+        pem.write_text(public_pem(Ed25519PrivateKey.generate().public_key()))
+        result = agentworks(
+            "audit", "verify", str(tmp_path / "missing.jsonl"), "--public-key", str(pem),
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert "cannot read" in assert_one_line_error(result)
+
+
+# -- every single-line tamper is caught ----------------------------------------------------------
+
+_EXAMPLES = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def _first_bad(lines: list[str], key: Any) -> int | None:
+    verdict = verify(lines, key)
+    return None if verdict.ok else verdict.line
+
+
+class TestTamper:
+    @_EXAMPLES
+    @given(data=st.data())
+    def test_an_edited_line_is_named(self, exported: dict[str, Any], data: st.DataObject) -> None:
+        lines = list(exported["lines"])
+        index = data.draw(st.integers(0, len(lines) - 1), label="line")
+        text = lines[index]
+        at = data.draw(st.integers(0, len(text) - 1), label="char")
+        replacement = data.draw(st.characters(codec="utf-8").filter(lambda c: c != text[at]))
+        lines[index] = text[:at] + replacement + text[at + 1 :]
+        assert _first_bad(lines, exported["key"]) == index + 1
+
+    @_EXAMPLES
+    @given(data=st.data())
+    def test_a_removed_line_is_caught(self, exported: dict[str, Any], data: st.DataObject) -> None:
+        lines = list(exported["lines"])
+        index = data.draw(st.integers(0, len(lines) - 1), label="line")
+        del lines[index]
+        # The line after the gap no longer chains (or the trailer no longer adds up, or is gone).
+        assert _first_bad(lines, exported["key"]) == index + 1
+
+    @_EXAMPLES
+    @given(data=st.data())
+    def test_two_swapped_lines_are_caught(
+        self, exported: dict[str, Any], data: st.DataObject
+    ) -> None:
+        lines = list(exported["lines"])
+        i = data.draw(st.integers(0, len(lines) - 2), label="first")
+        j = data.draw(st.integers(i + 1, len(lines) - 1), label="second")
+        trailer_moved_up = j == len(lines) - 1
+        lines[i], lines[j] = lines[j], lines[i]
+        # A trailer moved up ends the export early: the line after it is the first that cannot be.
+        assert _first_bad(lines, exported["key"]) == (i + 2 if trailer_moved_up else i + 1)
+
+    @_EXAMPLES
+    @given(data=st.data())
+    def test_an_inserted_line_is_caught(
+        self, exported: dict[str, Any], data: st.DataObject
+    ) -> None:
+        lines = list(exported["lines"])
+        index = data.draw(st.integers(0, len(lines)), label="where")
+        source = json.loads(lines[data.draw(st.integers(0, len(lines) - 2), label="copy of")])
+        # A well-formed line chained onto its predecessor: only the chain after it can tell.
+        prev = GENESIS if index == 0 else json.loads(lines[index - 1]).get("hash", GENESIS)
+        forged = {k: v for k, v in source.items() if k != "hash"} | {"prevHash": prev}
+        forged["hash"] = line_hash(forged)
+        after_trailer = index == len(lines)
+        lines.insert(index, canonical_json(forged))
+        # The forged line chains; the one after it (or the trailer's count) does not.
+        assert _first_bad(lines, exported["key"]) == (index + 1 if after_trailer else index + 2)
+
+    def test_a_wrong_key_is_caught(self, exported: dict[str, Any]) -> None:
+        other = Ed25519PrivateKey.generate().public_key()
+        assert _first_bad(list(exported["lines"]), other) == len(exported["lines"])
+
+    def test_the_untouched_export_verifies(self, exported: dict[str, Any]) -> None:
+        verdict = verify(list(exported["lines"]), exported["key"])
+        assert verdict.ok, verdict.describe()
+        assert verdict.count == len(exported["lines"]) - 1
+
+
+def test_canonical_json_is_sorted_compact_utf8() -> None:
+    assert canonical_json({"b": 1, "a": ["é", {"d": None, "c": True}]}) == (
+        '{"a":["é",{"c":true,"d":null}],"b":1}'
+    )
+    assert datetime(2026, 1, 1, tzinfo=UTC).isoformat() == "2026-01-01T00:00:00+00:00"

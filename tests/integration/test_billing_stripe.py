@@ -1,0 +1,430 @@
+"""Invoicing, credits and reconciliation end to end: real PostgreSQL, localstripe, the CLI.
+
+localstripe (see tests/stripe_fixtures.py) ignores ``Idempotency-Key``, so every "nothing twice"
+here holds by our own look-ups and recorded events alone.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import psycopg
+import pytest
+from fanout_helpers import rebuild_differences
+from read_side_helpers import ReadSide, World, llm_call, running_run
+from stripe_fixtures import STRIPE_TEST_KEY, provision_customer, stripe_client, subscribe
+from test_cli import agentworks, assert_one_line_error
+
+from adapters.stripe import StripeBilling
+from commands.billing import Billing, GrantCredit, Outcome, fold_month
+from commands.handlers import Actor
+from domain.billing import Invoice, InvoiceStatus, Line, invoice_id_for, invoice_key, next_month
+from domain.usage import month_of
+from projections.queries import statement
+from projections.registry import all_projectors
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.slow
+
+NOW = datetime.now(UTC)
+MONTH = month_of(NOW.replace(day=1) - timedelta(days=1))
+IN_MONTH = datetime.fromisoformat(f"{MONTH}-15T12:00:00+00:00")
+
+
+def env(database_url: str, base: str) -> dict[str, str]:
+    return {
+        "AGENTWORKS_DATABASE_URL": database_url,
+        "AGENTWORKS_STRIPE_API_KEY": STRIPE_TEST_KEY,
+        "AGENTWORKS_STRIPE_API_BASE": base,
+        "AGENTWORKS_LOG_LEVEL": "WARNING",
+    }
+
+
+def usage(side: ReadSide, world: World) -> None:
+    """Last month's usage of the world's project: $5.80 exact, billed $6.00."""
+    run_id = running_run(side, world)
+    llm_call(side, world, run_id, "a", cost=100_000, at=IN_MONTH)
+    llm_call(side, world, run_id, "b", cost=50_000, at=IN_MONTH)
+    llm_call(side, world, run_id, "c", cost=1_010_000, at=IN_MONTH)
+
+
+def invoices_of(base: str) -> list[Any]:
+    return list(stripe_client(base).v1.invoices.list({"limit": 100}).auto_paging_iter())
+
+
+def ours(base: str) -> list[Any]:
+    """Invoices holding our items (not the subscriptions' own $0 ones)."""
+    return [
+        invoice
+        for invoice in invoices_of(base)
+        if any(line.metadata.to_dict().get("invoice_key") for line in lines_of(base, invoice.id))
+    ]
+
+
+def lines_of(base: str, invoice_id: str) -> list[Any]:
+    client = stripe_client(base)
+    return list(client.v1.invoices.line_items.list(invoice_id, {"limit": 100}).auto_paging_iter())
+
+
+def project_all(side: ReadSide) -> None:
+    for projector in all_projectors():
+        side.project(projector)
+
+
+def test_invoice_command_issues_one_invoice_and_a_rerun_creates_nothing(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    world = side.new_world()
+    usage(side, world)
+    provision_customer(localstripe, world.workspace_id)
+    first = agentworks(
+        "invoice", "--month", MONTH, cwd=tmp_path, env=env(side.database_url, localstripe)
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "1 issued, 0 already issued, 0 nothing to bill, 0 failed" in first.stdout
+    (invoice,) = ours(localstripe)
+    (line,) = [line for line in lines_of(localstripe, invoice.id) if line.amount]
+    # 1,160,000 micros of provider cost x 5 = $5.80 exact, rounded up to $6.00.
+    assert line.amount == 600
+    assert line.metadata["line_key"] == f"usage:{world.project_id}"
+    again = agentworks(
+        "invoice", "--month", MONTH, cwd=tmp_path, env=env(side.database_url, localstripe)
+    )
+    assert again.returncode == 0, again.stderr
+    assert "0 issued, 1 already issued, 0 nothing to bill, 0 failed" in again.stdout
+    assert len(ours(localstripe)) == 1
+    customers = list(stripe_client(localstripe).v1.customers.list().auto_paging_iter())
+    assert len(customers) == 1
+
+    project_all(side)
+    with side.pool.connection() as conn:
+        shown = statement(conn, world.workspace_id, MONTH)
+    assert (shown.invoice_id, shown.invoice_status) == (invoice.id, "open")
+    assert shown.total_micros == 6_000_000
+
+
+class CrashAfter(StripeBilling):
+    """Dies (as a killed process would) right after one Stripe call succeeded."""
+
+    def __init__(self, step: str, *, api_base: str) -> None:
+        super().__init__(api_key=STRIPE_TEST_KEY, api_base=api_base)
+        self.step = step
+        self.base = api_base
+
+    def create_customer(self, workspace_id: UUID, name: str) -> str:
+        found = super().create_customer(workspace_id, name)
+        subscribe(self.base, found)  # for localstripe's sake, see provision_customer
+        self._maybe_crash("create_customer")
+        return found
+
+    def create_item(self, customer_id: str, key: str, line: Line) -> str:
+        found = super().create_item(customer_id, key, line)
+        self._maybe_crash("create_item")
+        return found
+
+    def create_invoice(self, customer_id: str, key: str, description: str) -> str:
+        found = super().create_invoice(customer_id, key, description)
+        self._maybe_crash("create_invoice")
+        return found
+
+    def _maybe_crash(self, step: str) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt(f"crashed after {step}")
+
+
+@pytest.mark.parametrize("step", ["create_customer", "create_item", "create_invoice"])
+def test_a_crash_between_stripe_calls_then_a_rerun_duplicates_nothing(
+    side: ReadSide, localstripe: str, step: str
+) -> None:
+    world = side.new_world()
+    usage(side, world)
+    second = side.new_world(owner="bob")
+    run_id = running_run(side, second)
+    llm_call(side, second, run_id, "x", cost=12_345, at=IN_MONTH)
+    billing = Billing(side.app)
+    provision_customer(localstripe, second.workspace_id)
+    crashing = CrashAfter(step, api_base=localstripe)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            billing.invoice(crashing, world.workspace_id, MONTH)
+    finally:
+        crashing.close()
+    stripe = StripeBilling(api_key=STRIPE_TEST_KEY, api_base=localstripe)
+    try:
+        assert billing.invoice(stripe, world.workspace_id, MONTH).outcome is Outcome.ISSUED
+        assert billing.invoice(stripe, second.workspace_id, MONTH).outcome is Outcome.ISSUED
+    finally:
+        stripe.close()
+    invoices = ours(localstripe)
+    assert len(invoices) == 2
+    keys = [
+        line.metadata["line_key"]
+        for invoice in invoices
+        for line in lines_of(localstripe, invoice.id)
+        if line.amount
+    ]
+    assert sorted(keys) == sorted({f"usage:{world.project_id}", f"usage:{second.project_id}"})
+    customers = list(stripe_client(localstripe).v1.customers.list().auto_paging_iter())
+    assert len(customers) == 2
+    recorded: Invoice = side.app.repository.get(invoice_id_for(world.workspace_id, MONTH))
+    assert recorded.stripe_invoice_id in {invoice.id for invoice in invoices}
+
+
+def test_stripe_unreachable_fails_the_workspace_with_exit_1_and_records_no_stripe_step(
+    side: ReadSide, tmp_path: Path
+) -> None:
+    world = side.new_world()
+    usage(side, world)
+    closed_port = "http://127.0.0.1:9"
+    result = agentworks(
+        "invoice", "--month", MONTH, cwd=tmp_path, env=env(side.database_url, closed_port)
+    )
+    assert result.returncode == 1
+    (failure,) = [line for line in result.stderr.splitlines() if line.startswith("workspace ")]
+    assert failure.startswith(f"workspace {world.workspace_id} failed: Stripe customer look-up")
+    recorded: Invoice = side.app.repository.get(invoice_id_for(world.workspace_id, MONTH))
+    assert (recorded.items, recorded.stripe_invoice_id) == ({}, None)
+    with psycopg.connect(side.database_url) as conn:
+        topics = [
+            row[0]
+            for row in conn.execute(
+                "SELECT topic FROM agentworks_events WHERE topic LIKE %s", ("%Invoice.%",)
+            )
+        ]
+    assert [topic.rsplit(".", 1)[1] for topic in topics] == ["Drafted"]
+
+
+def test_bad_input_exits_2_with_one_line(side: ReadSide, localstripe: str, tmp_path: Path) -> None:
+    environment = env(side.database_url, localstripe)
+    for args, message in [
+        (("invoice", "--month", "2026-1"), "YYYY-MM"),
+        (("invoice", "--month", next_month(month_of(NOW))), "future"),
+        (("invoice", "--month", month_of(NOW)), "not ended"),
+        (("reconcile", "--month", "13-2026"), "YYYY-MM"),
+        (
+            ("invoice", "--month", MONTH, "--workspace", "00000000-0000-0000-0000-000000000001"),
+            "does not exist",
+        ),
+        (
+            (
+                "credit",
+                "--workspace",
+                "00000000-0000-0000-0000-000000000001",
+                "--amount",
+                "1",
+                "--reason",
+                "x",
+            ),
+            "does not exist",
+        ),
+        (("credit", "--workspace", "nope", "--amount", "1", "--reason", "x"), "UUID"),
+    ]:
+        line = assert_one_line_error(agentworks(*args, cwd=tmp_path, env=environment))
+        assert message in line, (args, line)
+
+
+def test_credit_shows_as_a_negative_line_and_reconcile_finds_planted_discrepancies(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    world = side.new_world()
+    usage(side, world)
+    provision_customer(localstripe, world.workspace_id)
+    environment = env(side.database_url, localstripe)
+    credit = agentworks(
+        "credit", "--workspace", str(world.workspace_id), "--amount", "10.00", "--reason", "outage",
+        cwd=tmp_path, env=environment,
+    )  # fmt: skip
+    assert credit.returncode == 0, credit.stderr
+    project_all(side)
+    with side.pool.connection() as conn:
+        current = statement(conn, world.workspace_id, month_of(NOW))
+    (line,) = current.lines
+    assert (line.kind, line.billed_exact_micros, line.billed_micros) == (
+        "credit",
+        -10_000_000,
+        -10_000_000,
+    )
+    assert current.total_micros == -10_000_000
+
+    assert agentworks("invoice", "--month", MONTH, cwd=tmp_path, env=environment).returncode == 0
+    project_all(side)
+    clean = agentworks("reconcile", "--month", MONTH, "--json", cwd=tmp_path, env=environment)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    report = json.loads(clean.stdout)
+    assert report["ok"] is True
+    (mine,) = [w for w in report["workspaces"] if w["workspaceId"] == str(world.workspace_id)]
+    assert (mine["eventLogTotal"], mine["readModelTotal"], mine["invoicedTotal"]) == (
+        "5.800000",
+        "5.800000",
+        "6.000000",
+    )
+
+    with psycopg.connect(side.database_url) as conn:
+        conn.execute(
+            "UPDATE rm_statement_lines SET billed_exact_micros = billed_exact_micros - 1"
+            " WHERE workspace_id = %s AND month = %s",
+            (world.workspace_id, MONTH),
+        )
+    planted = agentworks(
+        "reconcile", "--month", MONTH, "--workspace", str(world.workspace_id), "--json",
+        cwd=tmp_path, env=environment,
+    )  # fmt: skip
+    assert planted.returncode == 1
+    (found,) = json.loads(planted.stdout)["workspaces"][0]["discrepancies"]
+    assert found == {
+        "kind": "readModelLine",
+        "key": f"usage:{world.project_id}",
+        "expected": "5.800000",
+        "actual": "5.799999",
+    }
+
+
+def test_reconcile_finds_an_item_added_in_stripe_by_hand(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    world = side.new_world()
+    usage(side, world)
+    environment = env(side.database_url, localstripe)
+    billing = Billing(side.app)
+    stripe = StripeBilling(api_key=STRIPE_TEST_KEY, api_base=localstripe)
+    try:
+        customer = provision_customer(localstripe, world.workspace_id)
+        stripe_client(localstripe).v1.invoice_items.create(
+            {
+                "customer": customer,
+                "amount": 199,
+                "currency": "usd",
+                "metadata": {
+                    "invoice_key": invoice_key(world.workspace_id, MONTH),
+                    "line_key": "manual",
+                },
+            }
+        )
+        assert billing.invoice(stripe, world.workspace_id, MONTH).outcome is Outcome.ISSUED
+    finally:
+        stripe.close()
+    project_all(side)
+    result = agentworks("reconcile", "--month", MONTH, "--json", cwd=tmp_path, env=environment)
+    assert result.returncode == 1
+    (found,) = json.loads(result.stdout)["workspaces"][0]["discrepancies"]
+    assert found == {
+        "kind": "stripeItem",
+        "key": "manual",
+        "expected": "0.000000",
+        "actual": "1.990000",
+    }
+
+
+def test_the_invoice_request_asks_stripe_to_include_pending_items(localstripe: str) -> None:
+    """localstripe always sweeps pending items into a new invoice; real Stripe does so only when
+    asked (``pending_invoice_items_behavior=include``), so this checks the request we send."""
+    sent: list[dict[str, Any]] = []
+
+    class Recording(StripeBilling):
+        def _call(self, what: str, request: Any, *args: Any, **kwargs: Any) -> Any:
+            sent.append({"what": what, "params": args[-1] if args else None})
+            return super()._call(what, request, *args, **kwargs)
+
+    stripe = Recording(api_key=STRIPE_TEST_KEY, api_base=localstripe)
+    try:
+        customer = provision_customer(localstripe, UUID(int=1))
+        stripe_client(localstripe).v1.invoice_items.create(
+            {"customer": customer, "amount": 100, "currency": "usd"}
+        )
+        stripe.create_invoice(customer, "k", "usage")
+    finally:
+        stripe.close()
+    (params,) = [s["params"] for s in sent if s["what"] == "invoice creation"]
+    assert params["pending_invoice_items_behavior"] == "include"
+    assert params["metadata"] == {"invoice_key": "k"}
+
+
+def test_credits_and_invoices_rebuild_into_the_same_rows(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    world = side.new_world()
+    usage(side, world)
+    provision_customer(localstripe, world.workspace_id)
+    billing = Billing(side.app)
+    billing.grant_credit(
+        GrantCredit(workspace_id=world.workspace_id, amount="2.00", reason="outage", at=NOW),
+        Actor.service("billing", world.workspace_id),
+    )
+    stripe = StripeBilling(api_key=STRIPE_TEST_KEY, api_base=localstripe)
+    try:
+        issued = billing.invoice(stripe, world.workspace_id, MONTH)
+    finally:
+        stripe.close()
+    assert issued.stripe_invoice_id is not None
+    key = invoice_key(world.workspace_id, MONTH)
+    assert billing.settle(key, issued.stripe_invoice_id, InvoiceStatus.PAID, "evt_1") is True
+    assert billing.settle(key, issued.stripe_invoice_id, InvoiceStatus.PAID, "evt_1") is False
+    project_all(side)
+    with side.pool.connection() as conn:
+        invoiced = statement(conn, world.workspace_id, MONTH)
+        current = statement(conn, world.workspace_id, month_of(NOW))
+    assert (invoiced.invoice_id, invoiced.invoice_status) == (issued.stripe_invoice_id, "paid")
+    assert [line.kind for line in current.lines] == ["credit"]
+    assert rebuild_differences(side.database_url) == {}
+
+
+def test_stripe_refusing_fails_the_workspace_and_a_rerun_after_the_fix_resumes(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    """localstripe refuses (404) to invoice a customer without a subscription: a refusal in the
+    middle of the routine, after the items were created."""
+    world = side.new_world()
+    usage(side, world)
+    client = stripe_client(localstripe)
+    customer = client.v1.customers.create({"metadata": {"workspace_id": str(world.workspace_id)}})
+    environment = env(side.database_url, localstripe)
+    refused = agentworks("invoice", "--month", MONTH, cwd=tmp_path, env=environment)
+    assert refused.returncode == 1
+    (failure,) = [line for line in refused.stderr.splitlines() if line.startswith("workspace ")]
+    assert failure.startswith(f"workspace {world.workspace_id} failed: Stripe invoice creation")
+    assert "HTTP 404" in failure
+    recorded: Invoice = side.app.repository.get(invoice_id_for(world.workspace_id, MONTH))
+    pending = list(client.v1.invoice_items.list({"customer": customer.id}).auto_paging_iter())
+    assert set(recorded.items.values()) == {item.id for item in pending}
+    assert recorded.stripe_invoice_id is None
+
+    # The fix: a card and a subscription. Stripe (and localstripe) sweep the pending items into
+    # the subscription's first invoice; the re-run finds our items there and records that one.
+    token = client.v1.tokens.create(
+        {"card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}}
+    )
+    client.v1.customers.payment_sources.create(customer.id, {"source": token.id})
+    subscribe(localstripe, customer.id)
+    resumed = agentworks("invoice", "--month", MONTH, cwd=tmp_path, env=environment)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    (invoice,) = ours(localstripe)
+    billed = [line for line in lines_of(localstripe, invoice.id) if line.amount]
+    assert [line.metadata["line_key"] for line in billed] == [f"usage:{world.project_id}"]
+
+
+def test_late_usage_of_a_closed_month_shows_on_the_next_statement_and_reconciles(
+    side: ReadSide,
+) -> None:
+    world = side.new_world()
+    usage(side, world)
+    billing = Billing(side.app)
+    billing.close_month(world.workspace_id, MONTH)
+    run_id = running_run(side, world)
+    llm_call(side, world, run_id, "late", cost=30_000, at=IN_MONTH)
+    project_all(side)
+    with side.pool.connection() as conn:
+        closed = statement(conn, world.workspace_id, MONTH)
+        current = statement(conn, world.workspace_id, month_of(NOW))
+    assert closed.total_micros == 6_000_000
+    (line,) = current.lines
+    assert (line.billed_exact_micros, line.billed_micros) == (150_000, 250_000)
+    assert "includes 0.150000 of late usage" in line.description
+    fold = fold_month(side.app, month_of(NOW))
+    log_lines = fold.lines(world.workspace_id, increment_micros=250_000, project_names=None)
+    assert [(x.key, x.exact_micros) for x in log_lines] == [(f"usage:{world.project_id}", 150_000)]
+    assert "late usage" in log_lines[0].description
