@@ -49,3 +49,14 @@ def test_oidc_needs_issuer_and_audience_together(tmp_path: Path) -> None:
     made = build_oidc(Settings(oidc_issuer="https://idp.example", oidc_audience="spa"), identity)
     assert made is not None
     assert made.verifier.issuer == "https://idp.example"
+
+
+def test_processes_starting_together_agree_on_one_dev_sealing_key(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adapters.credentials import dev_totp_key
+
+    with ThreadPoolExecutor(8) as pool:
+        keys = set(pool.map(lambda _: dev_totp_key(tmp_path), range(32)))
+    assert len(keys) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["totp_key"]
