@@ -24,7 +24,12 @@ BOOTSTRAP_WORKSPACE = "*"
 HS256 = "HS256"
 RS256 = "RS256"
 
-_REQUIRED_CLAIMS = ("sub", "ws", "role", "exp", "iat")
+#: ``ws`` of a user token's principal: no claim, the user acts wherever they are a member.
+USER_SCOPE = ""
+
+# API.md "Tokens": only ``sub`` and ``exp`` are required (an identity provider's tokens may lack
+# ``iat``); a token without ``ws`` is a user token.
+_REQUIRED_CLAIMS = ("sub", "exp")
 
 # PyJWT only warns about an HMAC secret shorter than the hash (or an RSA key under 2048 bits);
 # refusing is safer, and a warning would be lost in a server's log.
@@ -41,8 +46,13 @@ class Principal:
 
     user_id: str
     workspace_id: str
-    role: Role
+    role: Role | None
     is_bootstrap: bool
+
+    @property
+    def is_user(self) -> bool:
+        """A user token (login, OIDC): no workspace claim, membership decides everywhere."""
+        return self.workspace_id == USER_SCOPE
 
 
 def issue_token(
@@ -75,6 +85,31 @@ def issue_token(
         "sub": user_id,
         "ws": workspace_id,
         "role": parsed_role.value,
+        "iat": int(issued.timestamp()),
+        "exp": int((issued + timedelta(seconds=ttl_seconds)).timestamp()),
+    }
+    try:
+        return _jwt.encode(claims, key, algorithm=algorithm)
+    except (jwt.exceptions.InvalidKeyError, ValueError, TypeError) as exc:
+        raise InvalidKey(f"cannot sign a token with the configured {algorithm} key: {exc}") from exc
+
+
+def issue_user_token(
+    *,
+    user_id: str,
+    ttl_seconds: int,
+    secret: str | None = None,
+    private_key: str | None = None,
+    now: datetime | None = None,
+) -> str:
+    """Sign a user token (no ``ws``/``role``): it acts in every workspace ``user_id`` belongs to,
+    at the membership's role."""
+    key, algorithm = _one_key(secret=secret, asymmetric=private_key, asymmetric_name="private_key")
+    if ttl_seconds <= 0:
+        raise ValidationFailed(f"token lifetime must be positive, got {ttl_seconds} seconds")
+    issued = now or datetime.now(UTC)
+    claims = {
+        "sub": user_id,
         "iat": int(issued.timestamp()),
         "exp": int((issued + timedelta(seconds=ttl_seconds)).timestamp()),
     }
@@ -139,9 +174,14 @@ def verify_token(
 
 
 def _principal(claims: dict[str, Any]) -> Principal:
-    user_id, workspace_id, role = claims["sub"], claims["ws"], claims["role"]
+    user_id = claims["sub"]
     if not isinstance(user_id, str) or not user_id:
         raise Unauthenticated("token 'sub' claim must be a non-empty string")
+    if "ws" not in claims:
+        return Principal(user_id=user_id, workspace_id=USER_SCOPE, role=None, is_bootstrap=False)
+    workspace_id, role = claims["ws"], claims.get("role")
+    if role is None:
+        raise Unauthenticated("token lacks the 'role' claim (a token with 'ws' needs one)")
     if not isinstance(workspace_id, str) or not workspace_id:
         raise Unauthenticated("token 'ws' claim must be a non-empty string")
     if not isinstance(role, str):

@@ -51,6 +51,8 @@ from domain.usage import MonthlySpend, UsageCharge, month_of, spend_id_for
 from domain.workspace import Workspace
 
 BOOTSTRAP_SCOPE = "*"
+#: ``Actor.workspace_id`` of a user token: no workspace claim, membership decides everywhere.
+USER_SCOPE = ""
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +200,7 @@ class AgentWorks(Application[UUID]):
     # -- workspaces ---------------------------------------------------------------------------
 
     def create_workspace(self, cmd: m.CreateWorkspace, actor: Actor) -> CommandResult:
-        if actor.workspace_id != BOOTSTRAP_SCOPE:
+        if actor.workspace_id not in (BOOTSTRAP_SCOPE, USER_SCOPE):
             # Credentials for one workspace are a tenant's; they must not mint new tenants.
             raise Forbidden(
                 "credentials for a workspace cannot create workspaces; "
@@ -763,6 +765,9 @@ class AgentWorks(Application[UUID]):
     ) -> CommandResult:
         # Bootstrap credentials are not a tenant: each bootstrap user gets a scope of their own.
         scope = actor.workspace_id if actor.workspace_id != "*" else f"*:{actor.user_id}"
+        if actor.workspace_id == USER_SCOPE:
+            scope = f"user:{actor.user_id}"
+            workspace_hint = workspace_hint or self._target_workspace(cmd)
         sent_id = cmd.command_id is not None
         if not sent_id:
             # Every write is recorded under an id, so that one whose commit was interrupted can
@@ -940,6 +945,22 @@ class AgentWorks(Application[UUID]):
             pass
         return CommandResult.from_stored(stored.result)
 
+    def _target_workspace(self, cmd: m.Command) -> UUID | None:
+        """The workspace a user token's command acts in, from the object it names: user tokens
+        carry no workspace, and every event must still be stamped with its tenant."""
+        direct = getattr(cmd, "workspace_id", None)
+        if isinstance(direct, UUID):
+            return direct
+        for field_name, cls in _TARGETS:
+            target = getattr(cmd, field_name, None)
+            if isinstance(target, UUID):
+                try:
+                    owner: UUID = self._get(cls, target, copy=False).workspace_id  # type: ignore[attr-defined]
+                except NotFound:
+                    return None
+                return owner
+        return None
+
     def _scope_hint(self, actor: Actor) -> UUID | None:
         try:
             return UUID(actor.workspace_id)
@@ -973,7 +994,7 @@ class AgentWorks(Application[UUID]):
         """An aggregate the actor may act on; another workspace's ids look like missing ones."""
         aggregate = self._get(cls, aggregate_id, version=version)
         workspace_id = aggregate.workspace_id  # type: ignore[attr-defined]
-        if str(workspace_id) != actor.workspace_id:
+        if actor.workspace_id != USER_SCOPE and str(workspace_id) != actor.workspace_id:
             raise NotFound(f"{_kind(cls)} {aggregate_id} does not exist")
         if not actor.is_service:
             workspace = self._get(Workspace, workspace_id, copy=False)
@@ -983,7 +1004,7 @@ class AgentWorks(Application[UUID]):
     def _workspace_for(
         self, actor: Actor, workspace_id: UUID, needed: Role, action: str
     ) -> Workspace:
-        if str(workspace_id) != actor.workspace_id:
+        if actor.workspace_id != USER_SCOPE and str(workspace_id) != actor.workspace_id:
             raise NotFound(f"workspace {workspace_id} does not exist")
         workspace = self._get(Workspace, workspace_id)
         if not actor.is_service:
@@ -1013,6 +1034,14 @@ class AgentWorks(Application[UUID]):
             if not spend.closed:
                 return spend
             month = next_month(month)
+
+
+_TARGETS: tuple[tuple[str, type[Aggregate]], ...] = (
+    ("card_id", Card),
+    ("project_id", Project),
+    ("run_id", AgentRun),
+    ("charge_id", UsageCharge),
+)
 
 
 def _expect_version(aggregate: Aggregate, expected: int | None) -> None:

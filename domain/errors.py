@@ -50,6 +50,12 @@ class Unauthenticated(AgentWorksError):
     code = "UNAUTHENTICATED"
 
 
+class MfaRequired(Unauthenticated):
+    """The password was right but the account needs a (valid, unused) TOTP or recovery code."""
+
+    code = "MFA_REQUIRED"
+
+
 class ValidationFailed(AgentWorksError):
     code = "VALIDATION"
 
@@ -121,5 +127,6 @@ ERROR_CODES: tuple[str, ...] = tuple(
         RateLimited,
         Duplicate,
         Unavailable,
+        MfaRequired,
     )
 )

@@ -343,7 +343,7 @@ def dev_command(
 ) -> None:
     """Run everything in one process: database (embedded by default), API and projectors."""
     from adapters.tokens import issue_token
-    from infra.demo import seed_demo
+    from infra.demo import seed_demo, seed_demo_user
     from infra.stack import build_dev_stack, serve_app, start_tracing
     from read_api.app import create_app
 
@@ -381,6 +381,13 @@ def dev_command(
                 secret=keys.secret,
                 private_key=keys.private_key,
             )
+            if stack.services.auth is not None:
+                email, password = seed_demo_user(
+                    stack.write, stack.services.auth.identity, seeded, settings.data_dir
+                )
+                console.print(
+                    f"Demo user: {email} / {password} (POST /auth/login)", highlight=False
+                )
             console.print(
                 f"Demo workspace {seeded.workspace_id}, project {seeded.project_id} "
                 f"({seeded.cards} cards). Token for {seeded.owner} (OWNER):"

@@ -6,11 +6,17 @@ dir replays the first results and writes nothing new.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
+from commands.identity import Identity
+from domain.errors import Duplicate
 
 _NS = uuid5(NAMESPACE_URL, "https://agentworks.dev/demo")
 # User ids are UUIDs (API.md), like the ones tokens carry.
@@ -89,3 +95,48 @@ def seed_demo(app: AgentWorks) -> Demo:
             owner,
         )
     return Demo(workspace.id, project.id, DEMO_OWNER, len(CARDS))
+
+
+DEMO_EMAIL = "demo@agentworks.dev"
+
+
+def seed_demo_user(
+    app: AgentWorks, identity: Identity, demo: Demo, data_dir: Path
+) -> tuple[str, str]:
+    """A demo user who signs in at ``/auth/login`` and owns the demo workspace with its seeder.
+
+    The password is made on first use and kept in ``DATA_DIR/demo_password`` (mode 0600), so
+    seeding again prints the same one.
+    """
+    password = _demo_password(data_dir)
+    with contextlib.suppress(Duplicate):  # seeded before
+        identity.signup(email=DEMO_EMAIL, password=password, name="Demo user")
+    user_id = identity.user_id_of(DEMO_EMAIL)
+    if user_id is not None:
+        app.add_member(
+            m.AddMember(
+                workspace_id=demo.workspace_id, user_id=str(user_id), role="OWNER",
+                command_id=_id("demo-user"),
+            ),
+            Actor(user_id=DEMO_OWNER, workspace_id=str(demo.workspace_id)),
+        )  # fmt: skip
+    return DEMO_EMAIL, password
+
+
+def _demo_password(data_dir: Path) -> str:
+    path = data_dir / "demo_password"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(12)
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(password)
+    try:
+        os.link(partial, path)  # published whole; another process may have won the race
+    except FileExistsError:
+        pass
+    finally:
+        partial.unlink()
+    return path.read_text().strip()

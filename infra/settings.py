@@ -176,6 +176,25 @@ class Settings(BaseSettings):
     """Provider calls (retries and fallbacks included) one run may make before it fails."""
     orchestrator_in_dev: bool = True
     """``agentworks dev`` runs an orchestrator in-process."""
+    # --- identity (sign-in for a SPA) -----------------------------------------------------
+    access_token_ttl: int = Field(default=900, ge=30, le=86_400)
+    """Seconds a user access token from ``/auth/login`` or ``/auth/refresh`` lives."""
+    refresh_token_ttl: int = Field(default=2_592_000, ge=300)
+    """Seconds a sign-in session lives, however often it is refreshed (default 30 days)."""
+    totp_encryption_key: SecretStr | None = None
+    """Fernet key sealing TOTP secrets; None: outside production, ``DATA_DIR/totp_key``."""
+    login_rate_per_account: int = Field(default=10, ge=0)
+    """Login attempts per minute per e-mail address; 0 switches the limit off."""
+    login_rate_per_address: int = Field(default=30, ge=0)
+    """Sign-in attempts (login, signup, failed refresh) per minute per client address; 0: off."""
+    oidc_issuer: str | None = None
+    """Issuer (``iss``) of an OpenID Connect provider whose tokens act as user tokens."""
+    oidc_audience: str | None = None
+    """Audience (``aud``) those tokens must carry; needed with ``oidc_issuer``."""
+    oidc_jwks_url: str | None = None
+    """JWKS URL of the provider; None: the ``jwks_uri`` of the issuer's discovery document."""
+    invitation_ttl: int = Field(default=604_800, ge=60)
+    """Seconds an invitation can be accepted (default 7 days)."""
 
     @classmethod
     def load(cls, **overrides: Any) -> Self:

@@ -38,6 +38,7 @@ from infra.bootstrap import (
     component_url,
     write_side_from,
 )
+from infra.identity import build_auth, build_oidc
 from infra.migrate import ensure_database, migrate
 from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
@@ -90,6 +91,7 @@ def api_services(
     data_dir: Path | None = None,
 ) -> ApiServices:
     keys = jwt_keys(settings, data_dir=data_dir)
+    auth = build_auth(settings, write, keys, data_dir)
     hint = _signature_hint(settings, data_dir)
     api_url = component_url(settings, database_url, "api", data_dir=data_dir)
     verification = (
@@ -130,6 +132,8 @@ def api_services(
             if settings.stripe_webhook_secret
             else None
         ),
+        auth=auth,
+        oidc=build_oidc(settings, auth.identity),
     )
 
 

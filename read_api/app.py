@@ -58,8 +58,10 @@ from adapters.telemetry import continue_trace, current_traceparent
 from adapters.tokens import Principal
 from domain.errors import RateLimited, Unauthenticated, Unavailable, ValidationFailed
 from domain.text import text_problem
+from read_api.access import api_key_principal, is_api_key
 from read_api.auth import (
     authenticate,
+    bearer_token,
     request_id,
     token_from_connection_params,
     traceparent,
@@ -78,6 +80,8 @@ from read_api.errors import (
     retry_after,
     shape_errors,
 )
+from read_api.identity import add_auth_routes
+from read_api.me import member_workspace_of
 from read_api.ratelimit import address_limits, limits_for
 from read_api.runtime import ApiRuntime
 from read_api.schema import build_schema
@@ -129,6 +133,7 @@ def create_app(services: ApiServices) -> FastAPI:
             allow_origins=list(services.cors_origins),
             allow_origin_regex=services.cors_origin_regex,
             allow_methods=["GET", "POST", "OPTIONS"],
+            allow_credentials=True,  # the aw_refresh cookie of /auth/refresh
             allow_headers=[
                 "Authorization",
                 "Content-Type",
@@ -148,6 +153,8 @@ def create_app(services: ApiServices) -> FastAPI:
     app.add_api_route(GRAPHQL_PATH, endpoint.post, methods=["POST"], include_in_schema=False)
     app.add_api_route(GRAPHQL_PATH, endpoint.get, methods=["GET"], include_in_schema=False)
     app.include_router(SubscriptionRouter(runtime, schema))
+    if services.auth is not None:
+        add_auth_routes(app, runtime, services.auth)
 
     health = Health(runtime)
     app.add_api_route("/healthz", health.alive, methods=["GET"], include_in_schema=False)
@@ -170,6 +177,12 @@ async def _authenticate(
     """The caller of a request; a request that fails counts against its address's limit, so
     guessing tokens ends in 429s (``RATE_LIMITED``) rather than an endless stream of 401s."""
     try:
+        token = bearer_token(authorization)
+        oidc = runtime.services.oidc
+        if token is not None and oidc is not None and oidc.issued_here(token):
+            return await runtime.offloader.run(oidc.principal, token)
+        if token is not None and is_api_key(token):
+            return await runtime.offloader.run(api_key_principal, runtime.services.write, token)
         return authenticate(authorization, runtime.services.jwt)
     except Unauthenticated:
         client = connection.client if connection is not None else None
@@ -243,7 +256,11 @@ class GraphQLEndpoint:
                 limits_for(
                     self.services.rate_limits,
                     user_id=principal.user_id,
-                    workspace_id=None if principal.is_bootstrap else principal.workspace_id,
+                    workspace_id=(
+                        None
+                        if principal.is_bootstrap or principal.is_user
+                        else principal.workspace_id
+                    ),
                 )
             )
             body = await _read_body(request, self.services.max_body_bytes)
@@ -285,9 +302,12 @@ class GraphQLEndpoint:
         context.request = request
         context.authenticate(principal)
         try:
-            if token is not None and not await self.runtime.waiter.wait_for_token(
-                token, context.who.workspace_id
-            ):
+            waited_in = context.who.workspace_id
+            if token is not None and waited_in is None and principal.is_user:
+                waited_in = await self.runtime.offloader.run(
+                    member_workspace_of, self.services.write, token.aggregate_id, principal.user_id
+                )
+            if token is not None and not await self.runtime.waiter.wait_for_token(token, waited_in):
                 context.stale = True
             result = await self.schema.execute(
                 query,
@@ -576,7 +596,11 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
                 limits_for(
                     services.rate_limits,
                     user_id=principal.user_id,
-                    workspace_id=None if principal.is_bootstrap else principal.workspace_id,
+                    workspace_id=(
+                        None
+                        if principal.is_bootstrap or principal.is_user
+                        else principal.workspace_id
+                    ),
                 )
             )
         except (Unauthenticated, RateLimited) as error:

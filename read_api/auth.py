@@ -40,7 +40,7 @@ def authenticate(authorization: str | None, jwt: JwtVerification) -> Principal:
         if jwt.signature_hint is None:
             raise
         raise Unauthenticated(f"{exc}: {jwt.signature_hint}") from exc
-    if not principal.is_bootstrap:
+    if not principal.is_bootstrap and not principal.is_user:
         try:
             UUID(principal.workspace_id)
         except ValueError:
@@ -72,8 +72,8 @@ def token_from_connection_params(params: Mapping[str, Any] | None) -> str | None
 
 
 def workspace_uuid(principal: Principal) -> UUID | None:
-    """The token's workspace; ``None`` for a bootstrap token."""
-    if principal.workspace_id == BOOTSTRAP_WORKSPACE:
+    """The token's workspace; ``None`` for a bootstrap or a user token."""
+    if principal.workspace_id == BOOTSTRAP_WORKSPACE or principal.is_user:
         return None
     return UUID(principal.workspace_id)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ class RequestContext(BaseContext):
         self.counter = StatementCounter()
         self._scopes: dict[UUID, ReadScope] = {}
         self._granted: set[UUID] = set()
+        self._pinned: UUID | None = None
+        """Where a user token's subscription reads (see :meth:`for_object`)."""
 
     # -- who is calling ------------------------------------------------------------------------
 
@@ -102,9 +105,41 @@ class RequestContext(BaseContext):
         workspace_id = self.who.workspace_id
         return None if workspace_id is None else self.scope(workspace_id)
 
+    async def for_object(self, aggregate_id: UUID) -> RequestContext:
+        """This context; for a user token, a copy whose fresh scopes read the workspace that
+        holds ``aggregate_id`` (a subscription's project or run) when the user is a member."""
+        if not self.who.principal.is_user:
+            return self
+        from read_api.me import member_workspace_of
+
+        workspace_id = await self.runtime.offloader.run(
+            member_workspace_of, self.runtime.services.write, aggregate_id,
+            self.who.principal.user_id,
+        )  # fmt: skip
+        pinned = copy.copy(self)
+        pinned._pinned = workspace_id
+        return pinned
+
+    async def scope_of(self, aggregate_id: UUID) -> ReadScope | None:
+        """The home scope; for a user token (no home), the scope of the workspace that holds
+        ``aggregate_id`` when the user is a member there, else ``None``."""
+        if not self.who.principal.is_user:
+            return self.home_scope()
+        from read_api.me import member_workspace_of
+
+        workspace_id = await self.runtime.offloader.run(
+            member_workspace_of, self.runtime.services.write, aggregate_id,
+            self.who.principal.user_id,
+        )  # fmt: skip
+        return None if workspace_id is None else self.scope(workspace_id)
+
     def scope_for(self, workspace_id: UUID) -> ReadScope:
         """The scope of ``workspace_id`` if the caller may read it, else :class:`NotFound`."""
-        if workspace_id != self.who.workspace_id and workspace_id not in self._granted:
+        if (
+            workspace_id != self.who.workspace_id
+            and workspace_id not in self._granted
+            and not self.who.principal.is_user  # a user token reads where it is a member
+        ):
             raise NotFound(f"workspace {workspace_id} does not exist")
         return self.scope(workspace_id)
 
@@ -125,6 +160,7 @@ class RequestContext(BaseContext):
         On a WebSocket the scope holds a connection only while it reads (see ``read_api.db``).
         """
         target = self.who.workspace_id if workspace_id is None else workspace_id
+        target = target or self._pinned
         if target is None:
             raise NotFound("a bootstrap token sees no workspace; create one first")
         runtime = self.runtime

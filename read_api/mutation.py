@@ -96,7 +96,7 @@ async def _written(
     write made out of date.
     """
     await _await_projection(info, result, projectors)
-    scope = info.context.home_scope()
+    scope = await info.context.scope_of(result.id)
     if scope is None or not await scope.is_member():
         return None
     for name in (loader, *stale):

@@ -20,6 +20,7 @@ from projections.billing import UsageDimension
 from read_api import cursors, eventlog
 from read_api import fields as described
 from read_api.context import Info
+from read_api.me import Me, resolve_me
 from read_api.scalars import Money
 from read_api.types import (
     ID,
@@ -62,7 +63,11 @@ if TYPE_CHECKING:
 
 
 def _home(ctx: RequestContext, workspace_id: UUID | None = None) -> ReadScope | None:
-    """The caller's scope, or ``None`` when ``workspace_id`` is not the caller's workspace."""
+    """The caller's scope, or ``None`` when ``workspace_id`` is not the caller's workspace.
+
+    A user token has no home: it reads a named workspace if it is a member (the scope checks)."""
+    if workspace_id is not None and ctx.who.principal.is_user:
+        return ctx.scope(workspace_id)
     scope = ctx.home_scope()
     if scope is None or (workspace_id is not None and workspace_id != scope.workspace_id):
         return None
@@ -86,6 +91,10 @@ async def _card_row_or_none(scope: ReadScope | None, card_id: UUID) -> dict[str,
 
 @strawberry.type
 class Query:
+    @described.field("The signed-in user and the workspaces they belong to.")
+    async def me(self, info: Info) -> Me:
+        return await resolve_me(info)
+
     @strawberry.field
     async def workspace(self, info: Info, id: ID) -> Workspace | None:
         wanted = parse_id(id, "id")
@@ -98,7 +107,7 @@ class Query:
     @strawberry.field
     async def project(self, info: Info, id: ID) -> Project | None:
         wanted = parse_id(id, "id")
-        scope = _home(info.context)
+        scope = await info.context.scope_of(wanted)
         if scope is None or not await scope.is_member():
             return None
         row = await scope.loaders.project.load(wanted)
@@ -112,7 +121,7 @@ class Query:
         self, info: Info, project_id: ID, as_of: datetime | None = None
     ) -> Board | None:
         wanted = parse_id(project_id, "projectId")
-        scope = _home(info.context)
+        scope = await info.context.scope_of(wanted)
         if scope is None or not await scope.is_member():
             return None
         if as_of is not None:
@@ -123,7 +132,7 @@ class Query:
     @strawberry.field
     async def card(self, info: Info, id: ID) -> Card | None:
         wanted = parse_id(id, "id")
-        scope = _home(info.context)
+        scope = await info.context.scope_of(wanted)
         row = await _card_row_or_none(scope, wanted)
         return None if row is None or scope is None else Card.from_row(row, scope)
 
@@ -137,7 +146,7 @@ class Query:
     ) -> CardHistory:
         ctx = info.context
         wanted = parse_id(card_id, "cardId")
-        scope = _home(ctx)
+        scope = await ctx.scope_of(wanted)
         if scope is None or not await scope.is_member():
             raise NotFound(f"card {wanted} does not exist")
         write = ctx.runtime.services.write
@@ -177,7 +186,7 @@ class Query:
     @strawberry.field
     async def agent_run(self, info: Info, id: ID) -> AgentRun | None:
         wanted = parse_id(id, "id")
-        scope = _home(info.context)
+        scope = await info.context.scope_of(wanted)
         if scope is None or not await scope.is_member():
             return None
         row = await scope.loaders.run.load(wanted)
@@ -189,7 +198,7 @@ class Query:
     ) -> list[LogLine]:
         wanted = parse_id(run_id, "runId")
         size = page_size(first, most=MAX_LOG_PAGE, default=500)
-        scope = _home(info.context)
+        scope = await info.context.scope_of(wanted)
         if scope is None or not await scope.is_member():
             raise NotFound(f"agent run {wanted} does not exist")
         if await scope.loaders.run.load(wanted) is None:

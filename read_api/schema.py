@@ -16,8 +16,10 @@ from strawberry.extensions import (
     ValidationCache,
 )
 from strawberry.schema.config import StrawberryConfig
+from strawberry.tools import merge_types
 from strawberry.types.execution import ExecutionContext
 
+from read_api.access import AccessMutation
 from read_api.errors import ErrorShaping, log_unexpected
 from read_api.execution import LeafShortcutExecution
 from read_api.input_checks import ExplicitOperation, StorableTextOnly
@@ -84,7 +86,7 @@ def build_schema(limits: QueryLimits | None = None) -> strawberry.Schema:
     ]
     return AgentWorksSchema(
         query=Query,
-        mutation=Mutation,
+        mutation=merge_types("Mutation", (Mutation, AccessMutation)),
         subscription=Subscription,
         extensions=extensions,
         config=StrawberryConfig(scalar_map=SCALARS),

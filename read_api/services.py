@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from commands.handlers import AgentWorks
     from projections.base import Projector
     from read_api.broadcast import Broadcaster
+    from read_api.identity import AuthSettings
+    from read_api.oidc import OidcSignIn
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,3 +135,7 @@ class ApiServices:
     """Active subscriptions one user may hold over all connections to this API instance."""
     stripe_webhook_secret: str | None = None
     """Signing secret of ``POST /webhooks/stripe``; ``None``: the route answers 404."""
+    auth: AuthSettings | None = None
+    """Sign-in (``/auth/*``); ``None``: this API only accepts tokens issued elsewhere."""
+    oidc: OidcSignIn | None = None
+    """Tokens of the configured OpenID Connect provider, accepted as user tokens."""

@@ -175,8 +175,8 @@ class Subscription:
         "board. kind 'board.resync' means events were missed: re-read the board."
     )
     async def board_changed(self, info: Info, project_id: ID) -> AsyncIterator[BoardEvent]:
-        ctx = info.context
         wanted = parse_id(project_id, "projectId")
+        ctx = await info.context.for_object(wanted)
         if await _visible(ctx, lambda scope: scope.loaders.project.load(wanted)) is None:
             raise NotFound(f"project {wanted} does not exist")
         return _board_events(ctx, wanted)
@@ -188,8 +188,8 @@ class Subscription:
     async def agent_run_log(
         self, info: Info, run_id: ID, after_seq: int | None = None
     ) -> AsyncIterator[LogLine]:
-        ctx = info.context
         wanted = parse_id(run_id, "runId")
+        ctx = await info.context.for_object(wanted)
         if after_seq is not None and after_seq < 0:
             raise ValidationFailed(f"afterSeq must not be negative, got {after_seq}")
         if await _visible(ctx, lambda scope: scope.loaders.run.load(wanted)) is None:

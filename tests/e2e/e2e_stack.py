@@ -19,17 +19,25 @@ from uuid import UUID
 
 import redis.asyncio
 from api_client import ApiClient
+from cryptography.fernet import Fernet
 from psycopg.conninfo import make_conninfo
 from users import user_id
 
+from adapters.credentials import Argon2Passwords, SecretBox, Totp
+from adapters.oidc import OidcVerifier
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
 from commands.handlers import AgentWorks
+from commands.identity import Identity
 from infra.bootstrap import build_write_side
+from infra.identity import UserTokenIssuer
+from infra.settings import JwtKeys
 from projections.registry import ALL_PROJECTORS
 from projections.runner import ProjectionRunner
 from read_api.app import create_app
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
+from read_api.identity import AuthSettings
+from read_api.oidc import OidcSignIn
 from read_api.services import ApiServices, JwtVerification, RateLimits, RequestStats
 from read_api.testing import RunningServer, start_in_thread
 from streams.embedded import EmbeddedFanout
@@ -86,6 +94,22 @@ class Stack:
         return self.as_user(user, workspace_id), workspace_id
 
 
+def auth_settings(
+    write: AgentWorks, secret: str, namespace: str, *, access_token_ttl: int = 900, **fields: Any
+) -> AuthSettings:
+    """Sign-in as ``infra.identity.build_auth`` wires it, on this stack's secret."""
+    identity = Identity(
+        write,
+        passwords=Argon2Passwords(),
+        totp=Totp(),
+        sealer=SecretBox(Fernet.generate_key().decode()),
+        access_tokens=UserTokenIssuer(JwtKeys(algorithm="HS256", secret=secret), access_token_ttl),
+    )
+    return AuthSettings(
+        identity=identity, secure_cookie=False, key_prefix=f"{namespace}:auth", **fields
+    )
+
+
 class StackBuilder:
     """Builds stacks and takes them down again, last built first."""
 
@@ -99,8 +123,12 @@ class StackBuilder:
         *,
         broadcaster: str = "local",
         secret: str | None = None,
+        auth: dict[str, Any] | None = None,
+        oidc: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> Stack:
+        """``auth``: serve ``/auth/*`` (``AuthSettings`` fields besides ``identity``, plus
+        ``access_token_ttl``); ``None``: no sign-in routes, as before identity existed."""
         secret = secret or secrets.token_urlsafe(48)
         write = build_write_side(database_url, pool_size=4)
         api_pool = make_pool(
@@ -141,6 +169,10 @@ class StackBuilder:
             "stats_hook": stats.append,
             **overrides,
         }
+        if auth is not None:
+            options["auth"] = auth_settings(write, secret, namespace, **auth)
+            if oidc is not None:  # OidcVerifier's arguments
+                options["oidc"] = OidcSignIn(OidcVerifier(**oidc), options["auth"].identity)
         services = ApiServices(
             write=write,
             pool=api_pool,

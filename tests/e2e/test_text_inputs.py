@@ -141,6 +141,11 @@ def _base_inputs(w: World) -> dict[str, dict[str, Any]]:
             "maxCost": "1.00",
         },
         "cancelAgentRun": {"runId": w.run, "reason": "r"},
+        "inviteMember": {"workspaceId": ws, "email": "someone@example.com", "role": "VIEWER"},
+        "acceptInvitation": {"token": f"{uuid4().hex}.secret"},
+        "revokeInvitation": {"invitationId": str(uuid4())},
+        "createApiKey": {"workspaceId": ws, "name": "k", "role": "VIEWER"},
+        "revokeApiKey": {"apiKeyId": str(uuid4())},
     }
 
 

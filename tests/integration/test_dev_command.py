@@ -216,6 +216,16 @@ def test_dev_demo_on_embedded_postgres_serves_the_board_and_stops_cleanly_on_ctr
     filled = [lane for lane in board["lanes"] if lane["count"] > 0]
     assert len(filled) >= 3, board
     assert all(len(lane["cards"]["edges"]) == lane["count"] for lane in filled)
+    user = re.search(r"Demo user: (\S+) / (\S+)", dev.stderr)
+    assert user, dev.stderr
+    session = httpx.post(
+        f"http://127.0.0.1:{port}/auth/login",
+        json={"email": user.group(1), "password": user.group(2)},
+        timeout=30,
+    )
+    assert session.status_code == 200, session.text
+    me = dev.graphql(session.json()["accessToken"], "{ me { workspaces { role } } }", {})
+    assert me["me"]["workspaces"] == [{"role": "OWNER"}]
     assert postgres_processes(data_dir), "the embedded PostgreSQL should be running"
 
     code, took = dev.stop(signal.SIGINT)

@@ -16,6 +16,7 @@ from adapters.tokens import (
     InvalidKey,
     Principal,
     issue_token,
+    issue_user_token,
     verify_token,
 )
 from domain.errors import Unauthenticated, ValidationFailed
@@ -134,7 +135,7 @@ class TestHs256:
         with pytest.raises(Unauthenticated):
             verify_token(unsigned, secret=SECRET)
 
-    @pytest.mark.parametrize("claim", ["sub", "ws", "role", "exp", "iat"])
+    @pytest.mark.parametrize("claim", ["sub", "role", "exp"])
     def test_token_without_a_required_claim_is_unauthenticated(self, claim: str) -> None:
         claims = {"sub": "u", "ws": "w", "role": "OWNER", "iat": 0, "exp": 2**40}
         del claims[claim]
@@ -142,6 +143,18 @@ class TestHs256:
 
         with pytest.raises(Unauthenticated, match=claim):
             verify_token(token, secret=SECRET)
+
+    def test_iat_is_optional_and_no_ws_makes_a_user_token(self) -> None:
+        """API.md "Tokens": only sub and exp are required; without ws the token is a user's."""
+        workspace = jwt.encode({"sub": "u", "ws": "w", "role": "OWNER", "exp": 2**40}, SECRET)
+        assert verify_token(workspace, secret=SECRET).workspace_id == "w"
+        user = verify_token(jwt.encode({"sub": "u", "exp": 2**40, "x": 1}, SECRET), secret=SECRET)
+        assert user.is_user
+        assert user.role is None
+        assert not user.is_bootstrap
+        issued = issue_user_token(user_id="u2", ttl_seconds=60, secret=SECRET)
+        assert verify_token(issued, secret=SECRET).user_id == "u2"
+        assert "ws" not in jwt.decode(issued, SECRET, algorithms=["HS256"])
 
     def test_token_with_unknown_role_is_unauthenticated(self) -> None:
         token = jwt.encode(

@@ -1,0 +1,123 @@
+"""Credential primitives: argon2id passwords, TOTP codes, sealed TOTP secrets, token digests.
+
+Argon2id parameters (OWASP's second recommended set): memory 19 MiB (19456 KiB), 2 passes,
+parallelism 1, 16-byte salt, 32-byte hash. On this 2-core machine one verification costs about
+25-35 ms of CPU (BENCHMARKS.md), under the 100 ms budget of a login. Hashes carry their
+parameters, so raising them later only affects new hashes (``needs_rehash``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+import argon2
+import pyotp
+from cryptography.fernet import Fernet, InvalidToken
+
+TOTP_PERIOD = 30
+TOTP_DIGITS = 6
+
+ARGON2_TIME_COST = 2
+ARGON2_MEMORY_KIB = 19456
+ARGON2_PARALLELISM = 1
+
+
+class Argon2Passwords:
+    """Hash and verify passwords with argon2id."""
+
+    def __init__(
+        self,
+        *,
+        time_cost: int = ARGON2_TIME_COST,
+        memory_kib: int = ARGON2_MEMORY_KIB,
+        parallelism: int = ARGON2_PARALLELISM,
+    ) -> None:
+        self._hasher = argon2.PasswordHasher(
+            time_cost=time_cost,
+            memory_cost=memory_kib,
+            parallelism=parallelism,
+            hash_len=32,
+            salt_len=16,
+            type=argon2.Type.ID,
+        )
+        # Checked against when the e-mail is unknown, so that answer costs what a wrong
+        # password costs and timing does not tell which addresses have accounts.
+        self._decoy = self._hasher.hash(secrets.token_urlsafe(16))
+
+    def hash(self, password: str) -> str:
+        return self._hasher.hash(password)
+
+    def verify(self, password_hash: str | None, password: str) -> bool:
+        try:
+            return self._hasher.verify(password_hash or self._decoy, password) and (
+                password_hash is not None
+            )
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            return False
+
+
+class Totp:
+    """RFC 6238 codes: SHA-1, 6 digits, 30-second steps, one step of drift either way."""
+
+    def new_secret(self) -> str:
+        return pyotp.random_base32()
+
+    def uri(self, secret: str, *, account: str, issuer: str) -> str:
+        return pyotp.TOTP(secret).provisioning_uri(name=account, issuer_name=issuer)
+
+    def matching_step(self, secret: str, code: str, *, now: float) -> int | None:
+        """The time step whose code ``code`` is (now, one before or one after), else ``None``."""
+        code = code.strip().replace(" ", "")
+        if len(code) != TOTP_DIGITS or not code.isdigit():
+            return None
+        totp = pyotp.TOTP(secret)
+        current = int(now // TOTP_PERIOD)
+        for step in (current - 1, current, current + 1):
+            if hmac.compare_digest(totp.at(step * TOTP_PERIOD), code):
+                return step
+        return None
+
+
+class SecretBox:
+    """Seals TOTP secrets with Fernet (AES-128-CBC + HMAC-SHA256) under a key from settings."""
+
+    def __init__(self, key: str) -> None:
+        try:
+            self._fernet = Fernet(key.encode())
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                "AGENTWORKS_TOTP_ENCRYPTION_KEY must be 32 url-safe base64-encoded bytes "
+                "(python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key())')"
+            ) from exc
+
+    def seal(self, plaintext: str) -> str:
+        return self._fernet.encrypt(plaintext.encode()).decode()
+
+    def open(self, sealed: str) -> str:
+        try:
+            return self._fernet.decrypt(sealed.encode()).decode()
+        except InvalidToken as exc:
+            raise ValueError("a TOTP secret does not open with the configured key") from exc
+
+
+def dev_totp_key(data_dir: Path) -> str:
+    """The development sealing key kept in ``DATA_DIR/totp_key`` (made on first use, 0600)."""
+    path = data_dir / "totp_key"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = Fernet.generate_key().decode()
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
+    try:
+        os.link(partial, path)  # published whole; another process may have won the race
+    except FileExistsError:
+        pass
+    finally:
+        partial.unlink()
+    return path.read_text().strip()

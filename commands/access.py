@@ -1,0 +1,221 @@
+"""Invitations and API keys: the commands, and the check of an API key on each request.
+
+They run through the write side's machinery (idempotency, retries, one save per command). A
+secret (an invitation's accept token, an API key) is returned beside the result and never put
+in it: results are kept in the command log, and a replayed ``commandId`` gets no secret back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from uuid import UUID, uuid4
+
+from eventsourcing.application import AggregateNotFoundError
+from pydantic import Field
+
+from commands import models as m
+from commands.handlers import USER_SCOPE, Actor, AgentWorks, CommandResult, Decision
+from domain.access import ApiKey, Invitation
+from domain.errors import Forbidden, NotFound, Unauthenticated
+from domain.meta import EventMeta
+from domain.roles import Role, capped, require_role
+from domain.user import User, normalise_email
+from domain.workspace import Workspace
+
+INVITATION_TTL = timedelta(days=7)
+API_KEY_PREFIX = "awk_"
+
+
+class InviteMember(m.Command):
+    workspace_id: UUID
+    email: str = Field(min_length=3, max_length=254)
+    role: str
+
+
+class AcceptInvitation(m.Command):
+    token: str = Field(min_length=1, max_length=200)
+
+
+class RevokeInvitation(m.Command):
+    invitation_id: UUID
+
+
+class CreateApiKey(m.Command):
+    workspace_id: UUID
+    name: str = Field(max_length=200)
+    role: str
+
+
+class RevokeApiKey(m.Command):
+    api_key_id: UUID
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A command's result and the secret it made, ``None`` when the command was a replay."""
+
+    result: CommandResult
+    secret: str | None
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _invitation_extra(invitation: Invitation) -> dict[str, object]:
+    return {
+        "email": invitation.email,
+        "role": invitation.role.value,
+        "expires_at": invitation.expires_at.isoformat(),
+        "accepted_at": invitation.accepted_at.isoformat() if invitation.accepted_at else None,
+    }
+
+
+def _key_extra(key: ApiKey) -> dict[str, object]:
+    return {
+        "name": key.name,
+        "role": key.role.value,
+        "created_at": key.created_on.isoformat(),
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+    }
+
+
+# Module functions rather than methods: AgentWorks's machinery is reused as is, and the shared
+# handlers module stays small (they use its underscored helpers: the same package).
+
+
+def invite_member(
+    app: AgentWorks, cmd: InviteMember, actor: Actor, *, ttl: timedelta = INVITATION_TTL
+) -> Issued:
+    invitation_id = uuid4()
+    secret = secrets.token_urlsafe(32)
+
+    def decide(meta: EventMeta) -> Decision:
+        workspace = app._workspace_for(actor, cmd.workspace_id, Role.ADMIN, "inviteMember")
+        role = Role.parse(cmd.role)
+        app._may_grant(workspace, actor, role)
+        invitation = Invitation.create(
+            invitation_id=invitation_id,
+            workspace_id=workspace.id,
+            email=normalise_email(cmd.email),
+            role=role,
+            token_hash=_digest(secret),
+            expires_at=datetime.now(UTC) + ttl,
+            invited_by=actor.user_id,
+            meta=meta.in_workspace(workspace.id),
+        )
+        return Decision(invitation, "invitation", [invitation], _invitation_extra(invitation))
+
+    result = app._execute(cmd, actor, cmd.workspace_id, decide)
+    return Issued(result, None if result.replayed else f"{invitation_id.hex}.{secret}")
+
+
+def accept_invitation(app: AgentWorks, cmd: AcceptInvitation, actor: Actor) -> CommandResult:
+    """Join the invitation's workspace at its role; accepting again is answered, not refused."""
+    if actor.workspace_id != USER_SCOPE:
+        raise Forbidden("accepting an invitation needs a user token (from /auth/login)")
+    invitation_hex, _, secret = cmd.token.strip().partition(".")
+    try:
+        invitation_id = UUID(hex=invitation_hex)
+    except ValueError:
+        raise NotFound("no invitation has this token") from None
+
+    def decide(meta: EventMeta) -> Decision:
+        invitation = app._get(Invitation, invitation_id)
+        if not secrets.compare_digest(invitation.token_hash, _digest(secret)):
+            raise NotFound("no invitation has this token")
+        meta = meta.in_workspace(invitation.workspace_id)
+        user = _user(app, actor.user_id)
+        workspace = app._get(Workspace, invitation.workspace_id)
+        accepted = invitation.accept(actor.user_id, user.email, now=datetime.now(UTC), meta=meta)
+        if accepted and workspace.role_of(actor.user_id) is None:
+            workspace.add_member(actor.user_id, invitation.role, meta=meta)
+        return Decision(workspace, "workspace", [invitation, workspace])
+
+    return app._execute(cmd, actor, None, decide)
+
+
+def revoke_invitation(app: AgentWorks, cmd: RevokeInvitation, actor: Actor) -> CommandResult:
+    def decide(meta: EventMeta) -> Decision:
+        invitation = app._load(Invitation, cmd.invitation_id, actor, Role.ADMIN, "revokeInvitation")
+        invitation.revoke(meta=meta.in_workspace(invitation.workspace_id))
+        return Decision(invitation, "invitation", [invitation], _invitation_extra(invitation))
+
+    return app._execute(cmd, actor, None, decide)
+
+
+def create_api_key(app: AgentWorks, cmd: CreateApiKey, actor: Actor) -> Issued:
+    key_id = uuid4()
+    secret = secrets.token_urlsafe(32)
+
+    def decide(meta: EventMeta) -> Decision:
+        workspace = app._workspace_for(actor, cmd.workspace_id, Role.ADMIN, "createApiKey")
+        role = Role.parse(cmd.role)
+        mine = capped(workspace.role_of(actor.user_id) or Role.VIEWER, actor.role)
+        require_role(mine, role, action=f"creating a {role.value} API key", user_id=actor.user_id)
+        key = ApiKey.create(
+            key_id=key_id,
+            workspace_id=workspace.id,
+            name=cmd.name,
+            role=role,
+            created_by=actor.user_id,
+            secret_hash=_digest(secret),
+            meta=meta.in_workspace(workspace.id),
+        )
+        return Decision(key, "api_key", [key], _key_extra(key))
+
+    result = app._execute(cmd, actor, cmd.workspace_id, decide)
+    return Issued(result, None if result.replayed else f"{API_KEY_PREFIX}{key_id.hex}_{secret}")
+
+
+def revoke_api_key(app: AgentWorks, cmd: RevokeApiKey, actor: Actor) -> CommandResult:
+    def decide(meta: EventMeta) -> Decision:
+        key = app._load(ApiKey, cmd.api_key_id, actor, Role.ADMIN, "revokeApiKey")
+        key.revoke(meta=meta.in_workspace(key.workspace_id))
+        return Decision(key, "api_key", [key], _key_extra(key))
+
+    return app._execute(cmd, actor, None, decide)
+
+
+@dataclass(frozen=True)
+class KeyHolder:
+    """Who an API key speaks for: its creator, in its workspace, at most at its role."""
+
+    user_id: str
+    workspace_id: UUID
+    role: Role
+
+
+def check_api_key(app: AgentWorks, presented: str) -> KeyHolder:
+    """The holder of a live key; UNAUTHENTICATED for an unknown, forged or revoked one.
+
+    Read from the event store on every request, so a revocation holds from the next request on.
+    """
+    body = presented.strip().removeprefix(API_KEY_PREFIX)
+    key_hex, _, secret = body.partition("_")
+    try:
+        key_id = UUID(hex=key_hex)
+    except ValueError:
+        raise Unauthenticated("API key is not valid") from None
+    try:
+        key = app._get(ApiKey, key_id)
+    except NotFound:
+        raise Unauthenticated("API key is not valid") from None
+    if not secrets.compare_digest(key.secret_hash, _digest(secret)):
+        raise Unauthenticated("API key is not valid")
+    if key.revoked_at is not None:
+        raise Unauthenticated(f"API key {key.id} was revoked")
+    return KeyHolder(user_id=key.created_by, workspace_id=key.workspace_id, role=key.role)
+
+
+def _user(app: AgentWorks, user_id: str) -> User:
+    try:
+        user: object = app.repository.get(UUID(user_id))
+    except (ValueError, AggregateNotFoundError):
+        raise Forbidden("this token's user has no account; sign up first") from None
+    if not isinstance(user, User):
+        raise Forbidden("this token's user has no account; sign up first")
+    return user

@@ -1,0 +1,490 @@
+"""Sign-up, login, sessions and TOTP: the identity use cases, on the same event store.
+
+Credentials are checked by adapters handed in by the composition root (argon2id, TOTP, the
+sealing key, the access-token signer); this module decides and saves. Every answer a guesser
+could learn from is the same for an unknown address and a wrong password, and both cost one
+argon2 verification.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol, TypeVar
+from uuid import UUID, uuid4
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
+
+from domain.errors import (
+    Conflict,
+    Duplicate,
+    MfaRequired,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+    ValidationFailed,
+)
+from domain.meta import EventMeta
+from domain.user import (
+    EmailClaim,
+    OidcLink,
+    Session,
+    User,
+    check_password,
+    clean_user_name,
+    email_claim_id,
+    normalise_email,
+    oidc_link_id,
+)
+
+A = TypeVar("A", bound=Aggregate)
+T = TypeVar("T")
+
+RECOVERY_CODE_COUNT = 10
+_WRONG_CREDENTIALS = "email or password is wrong"
+
+
+class Passwords(Protocol):
+    def hash(self, password: str) -> str: ...
+
+    def verify(self, password_hash: str | None, password: str) -> bool:
+        """True when ``password`` matches; with ``None`` costs the same and answers False."""
+        ...
+
+
+class TotpCodes(Protocol):
+    def new_secret(self) -> str: ...
+
+    def uri(self, secret: str, *, account: str, issuer: str) -> str: ...
+
+    def matching_step(self, secret: str, code: str, *, now: float) -> int | None: ...
+
+
+class Sealer(Protocol):
+    def seal(self, plaintext: str) -> str: ...
+
+    def open(self, sealed: str) -> str: ...
+
+
+class AccessTokens(Protocol):
+    @property
+    def ttl_seconds(self) -> int: ...
+
+    def issue(self, user_id: UUID) -> str: ...
+
+
+@dataclass(frozen=True)
+class UserView:
+    id: UUID
+    email: str
+    name: str
+    mfa_enabled: bool
+
+
+@dataclass(frozen=True)
+class SessionGrant:
+    """What a successful login or refresh answers (API.md ``Session``)."""
+
+    access_token: str
+    expires_in: int
+    refresh_token: str
+    user: UserView
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "accessToken": self.access_token,
+            "expiresIn": self.expires_in,
+            "refreshToken": self.refresh_token,
+            "user": {"id": str(self.user.id), "email": self.user.email, "name": self.user.name},
+        }
+
+
+def digest(secret: str) -> str:
+    """SHA-256 of a high-entropy secret: enough for random tokens, unlike for passwords."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_recovery_codes() -> list[str]:
+    """Ten codes of 16 base32 characters (80 bits each), in groups of four."""
+    codes = []
+    for _ in range(RECOVERY_CODE_COUNT):
+        raw = base64.b32encode(secrets.token_bytes(10)).decode().lower()
+        codes.append("-".join(raw[i : i + 4] for i in range(0, 16, 4)))
+    return codes
+
+
+def recovery_code_digest(code: str) -> str:
+    compact = code.strip().lower().replace("-", "").replace(" ", "")
+    return digest("-".join(compact[i : i + 4] for i in range(0, len(compact), 4)))
+
+
+def _view(user: User) -> UserView:
+    return UserView(id=user.id, email=user.email, name=user.name, mfa_enabled=user.mfa_enabled)
+
+
+class Identity:
+    """The identity use cases. ``app`` is the write side's event-sourced application."""
+
+    def __init__(
+        self,
+        app: Application[UUID],
+        *,
+        passwords: Passwords,
+        totp: TotpCodes,
+        sealer: Sealer,
+        access_tokens: AccessTokens,
+        refresh_ttl_seconds: int = 30 * 86400,
+        issuer_name: str = "AgentWorks",
+        clock: Callable[[], float] = time.time,
+        retries: int = 5,
+    ) -> None:
+        self.app = app
+        self.passwords = passwords
+        self.totp = totp
+        self.sealer = sealer
+        self.access_tokens = access_tokens
+        self.refresh_ttl_seconds = refresh_ttl_seconds
+        self.issuer_name = issuer_name
+        self.clock = clock
+        self.retries = retries
+
+    # -- sign-up and login --------------------------------------------------------------------
+
+    def signup(self, *, email: str, password: str, name: str, correlation_id: str = "") -> UUID:
+        address = normalise_email(email)
+        check_password(password)
+        display = clean_user_name(name)
+        user_id = uuid4()
+        meta = self._meta(str(user_id), correlation_id)
+        password_hash = self.passwords.hash(password)
+        user = User.register(
+            user_id=user_id, email=address, name=display, password_hash=password_hash, meta=meta
+        )
+        claim = EmailClaim.claim(email=address, user_id=user_id, meta=meta)
+        try:
+            self._save(user, claim)
+        except IntegrityError as error:
+            raise Duplicate(f"an account for {address} already exists") from error
+        return user_id
+
+    def login(
+        self, *, email: str, password: str, totp: str | None = None, correlation_id: str = ""
+    ) -> SessionGrant:
+        try:
+            address = normalise_email(email)
+        except ValidationFailed:
+            address = None
+        user = self._user_by_email(address) if address is not None else None
+        if not self.passwords.verify(user.password_hash if user else None, password) or not user:
+            if user is not None:
+                self._record_failure(user.id, "wrong password", correlation_id)
+            raise Unauthenticated(_WRONG_CREDENTIALS)
+
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], T_Grant]:
+            current = self._get(User, user.id)
+            method = "password"
+            if current.mfa_enabled:
+                method = self._second_factor(current, totp, meta)
+            token = secrets.token_urlsafe(32)
+            session = Session.start(
+                session_id=uuid4(),
+                user_id=current.id,
+                token_hash=digest(token),
+                expires_at=self._now() + timedelta(seconds=self.refresh_ttl_seconds),
+                meta=meta,
+            )
+            current.record_login(session.id, method, meta=meta)
+            return [current, session], (current, session.id, token)
+
+        try:
+            current, session_id, token = self._retrying(str(user.id), correlation_id, decide)
+        except MfaRequired as refused:
+            reason = str(refused.details.get("reason", "second factor"))
+            self._record_failure(user.id, reason, correlation_id)
+            raise
+        return self._grant(current, session_id, token)
+
+    def refresh(self, refresh_token: str, *, correlation_id: str = "") -> SessionGrant:
+        session_id, secret = _parse_refresh(refresh_token)
+        presented = digest(secret)
+        new_secret = secrets.token_urlsafe(32)
+
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], bool]:
+            session = self._get(Session, session_id)
+            rotated = session.rotate(presented, digest(new_secret), now=self._now(), meta=meta)
+            return [session], rotated
+
+        try:
+            rotated = self._retrying(str(session_id), correlation_id, decide)
+        except NotFound:
+            raise Unauthenticated("refresh token is not valid") from None
+        if not rotated:
+            raise Unauthenticated("refresh token is not valid, spent or revoked; log in again")
+        session = self._get(Session, session_id)
+        try:
+            user = self._get(User, session.user_id)
+        except NotFound:
+            raise Unauthenticated("refresh token is not valid") from None
+        return self._grant(user, session_id, new_secret)
+
+    def logout(self, refresh_token: str, *, correlation_id: str = "") -> None:
+        """Revoke the session the token belongs to; an unknown token is already logged out."""
+        try:
+            session_id, secret = _parse_refresh(refresh_token)
+        except Unauthenticated:
+            return
+        presented = digest(secret)
+
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
+            session = self._get(Session, session_id)
+            if session.holds(presented):
+                session.revoke("logged out", meta=meta)
+            return [session], None
+
+        try:
+            self._retrying(str(session_id), correlation_id, decide)
+        except NotFound:
+            return
+
+    def change_password(
+        self, user_id: UUID, *, current: str, new: str, correlation_id: str = ""
+    ) -> None:
+        """Replace the password after checking the current one (a stolen access token alone
+        cannot lock the owner out)."""
+        check_password(new)
+        user = self._user(user_id)
+        if not self.passwords.verify(user.password_hash, current):
+            self._record_failure(user.id, "wrong password on password change", correlation_id)
+            raise Unauthenticated("the current password is wrong")
+        new_hash = self.passwords.hash(new)
+
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
+            latest = self._user(user_id)
+            latest.change_password(new_hash, meta=meta)
+            return [latest], None
+
+        self._retrying(str(user_id), correlation_id, decide)
+
+    # -- TOTP ---------------------------------------------------------------------------------
+
+    def mfa_enroll(self, user_id: UUID, *, correlation_id: str = "") -> tuple[str, str]:
+        """A new TOTP secret and its ``otpauth://`` URI; MFA is on after :meth:`mfa_confirm`."""
+        secret = self.totp.new_secret()
+
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], str]:
+            user = self._user(user_id)
+            user.start_mfa_enrolment(self.sealer.seal(secret), meta=meta)
+            return [user], user.email
+
+        email = self._retrying(str(user_id), correlation_id, decide)
+        return secret, self.totp.uri(secret, account=email, issuer=self.issuer_name)
+
+    def mfa_confirm(self, user_id: UUID, code: str, *, correlation_id: str = "") -> list[str]:
+        codes = new_recovery_codes()
+
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
+            user = self._user(user_id)
+            if user.pending_totp_secret_sealed is None:
+                user.enable_mfa(totp_step=0, recovery_code_hashes=[], meta=meta)  # raises
+            secret = self.sealer.open(user.pending_totp_secret_sealed or "")
+            step = self.totp.matching_step(secret, code, now=self.clock())
+            if step is None:
+                raise ValidationFailed("code does not match the enrolled secret; check the clock")
+            user.enable_mfa(
+                totp_step=step,
+                recovery_code_hashes=[recovery_code_digest(c) for c in codes],
+                meta=meta,
+            )
+            return [user], None
+
+        self._retrying(str(user_id), correlation_id, decide)
+        return codes
+
+    def mfa_disable(self, user_id: UUID, code: str, *, correlation_id: str = "") -> None:
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
+            user = self._user(user_id)
+            if not user.mfa_enabled:
+                user.disable_mfa(meta=meta)  # raises: not on
+            self._second_factor(user, code, meta)
+            user.disable_mfa(meta=meta)
+            return [user], None
+
+        self._retrying(str(user_id), correlation_id, decide)
+
+    # -- external identity providers ---------------------------------------------------------
+
+    def external_user(
+        self,
+        *,
+        issuer: str,
+        subject: str,
+        email: str | None,
+        email_verified: bool,
+        name: str | None,
+    ) -> UUID:
+        """The user an identity provider's (issuer, subject) is, provisioned on first use.
+
+        A first sign-in whose address already has an account is linked to it only when the
+        provider says the address is verified; anyone could otherwise claim another's account.
+        """
+        link_id = oidc_link_id(issuer, subject)
+        for _ in range(self.retries + 1):
+            try:
+                return self._get(OidcLink, link_id).user_id
+            except NotFound:
+                pass
+            if email is None:
+                raise Unauthenticated("the provider's token has no email claim to sign up with")
+            address = normalise_email(email)
+            meta = self._meta(f"oidc:{subject}", "")
+            existing = self._user_by_email(address)
+            if existing is not None:
+                if not email_verified:
+                    raise Unauthenticated(
+                        f"{address} already has an account and the provider did not verify it"
+                    )
+                existing.link_oidc_subject(issuer, subject, meta=meta)
+                changed: list[Aggregate] = [existing]
+                user_id = existing.id
+            else:
+                user_id = uuid4()
+                user = User.register(
+                    user_id=user_id, email=address, name=clean_user_name(name or address),
+                    password_hash=None, meta=meta,
+                )  # fmt: skip
+                user.link_oidc_subject(issuer, subject, meta=meta)
+                changed = [user, EmailClaim.claim(email=address, user_id=user_id, meta=meta)]
+            link = OidcLink.link(issuer=issuer, subject=subject, user_id=user_id, meta=meta)
+            try:
+                self._save(*changed, link)
+            except IntegrityError:
+                continue  # a concurrent first sign-in linked it (or took the address): look again
+            return user_id
+        raise Conflict("too many concurrent first sign-ins for this identity; retry")
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def user(self, user_id: UUID) -> UserView:
+        return _view(self._user(user_id))
+
+    def user_id_of(self, email: str) -> UUID | None:
+        user = self._user_by_email(normalise_email(email))
+        return None if user is None else user.id
+
+    # -- the machinery ------------------------------------------------------------------------
+
+    def _second_factor(self, user: User, code: str | None, meta: EventMeta) -> str:
+        """Spend a TOTP step or a recovery code of ``user``; MFA_REQUIRED when neither fits."""
+        if code is None or not code.strip():
+            raise MfaRequired("this account needs a TOTP code (totp)", reason="code missing")
+        secret = self.sealer.open(user.totp_secret_sealed or "")
+        step = self.totp.matching_step(secret, code, now=self.clock())
+        if step is not None:
+            if step <= user.last_totp_step:
+                raise MfaRequired("this TOTP code was already used", reason="code replayed")
+            user.use_totp_step(step, meta=meta)
+            return "password+totp"
+        code_hash = recovery_code_digest(code)
+        if code_hash in user.recovery_code_hashes:
+            user.use_recovery_code(code_hash, meta=meta)
+            return "password+recovery_code"
+        raise MfaRequired("the TOTP code is wrong", reason="wrong code")
+
+    def _record_failure(self, user_id: UUID, reason: str, correlation_id: str) -> None:
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
+            user = self._get(User, user_id)
+            user.record_failed_login(reason, meta=meta)
+            return [user], None
+
+        self._retrying(str(user_id), correlation_id, decide)
+
+    def _grant(self, user: User, session_id: UUID, secret: str) -> SessionGrant:
+        return SessionGrant(
+            access_token=self.access_tokens.issue(user.id),
+            expires_in=self.access_tokens.ttl_seconds,
+            refresh_token=f"{session_id.hex}.{secret}",
+            user=_view(user),
+        )
+
+    def _user_by_email(self, address: str) -> User | None:
+        try:
+            claim = self._get(EmailClaim, email_claim_id(address))
+            return self._get(User, claim.user_id)
+        except NotFound:
+            return None
+
+    def _user(self, user_id: UUID) -> User:
+        try:
+            return self._get(User, user_id)
+        except NotFound:
+            raise Unauthenticated("the user of this token no longer exists") from None
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    def _meta(self, actor: str, correlation_id: str) -> EventMeta:
+        return EventMeta.for_command(
+            workspace_id="", actor=actor, correlation_id=correlation_id or None
+        )
+
+    def _retrying(
+        self,
+        actor: str,
+        correlation_id: str,
+        decide: Callable[[EventMeta], tuple[list[Aggregate], T]],
+    ) -> T:
+        """Decide and save; after a concurrent write to the same aggregates, decide again."""
+        for attempt in range(self.retries + 1):
+            meta = self._meta(actor, correlation_id)
+            changed, answer = decide(meta)
+            try:
+                self._save(*[agg for agg in changed if agg.pending_events])
+            except IntegrityError as error:
+                if attempt == self.retries:
+                    raise Conflict("too many concurrent changes to this account; retry") from error
+                continue
+            return answer
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _save(self, *aggregates: Aggregate) -> None:
+        if not aggregates:
+            return
+        try:
+            self.app.save(*aggregates)
+        except (OperationalError, InterfaceError) as error:
+            raise Unavailable(
+                "the database is unavailable; nothing was written, retry shortly",
+                retry_after_seconds=1.0,
+            ) from error
+
+    def _get(self, cls: type[A], aggregate_id: UUID) -> A:
+        try:
+            aggregate: Aggregate = self.app.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            raise NotFound(f"{cls.__name__} {aggregate_id} does not exist") from None
+        except (OperationalError, InterfaceError) as error:
+            raise Unavailable("the database is unavailable; retry shortly") from error
+        if not isinstance(aggregate, cls):
+            raise NotFound(f"{cls.__name__} {aggregate_id} does not exist")
+        return aggregate
+
+
+T_Grant = tuple[User, UUID, str]
+
+
+def _parse_refresh(token: str) -> tuple[UUID, str]:
+    session_hex, dot, secret = token.strip().partition(".")
+    try:
+        session_id = UUID(hex=session_hex)
+    except ValueError:
+        raise Unauthenticated("refresh token is not valid") from None
+    if not dot or not secret:
+        raise Unauthenticated("refresh token is not valid")
+    return session_id, secret

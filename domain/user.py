@@ -1,0 +1,390 @@
+"""Users, the e-mail addresses they claim, and their sign-in sessions.
+
+Users are event-sourced like every tenant object so that the audit trail shows sign-ins and
+security changes. Nothing secret is in an event in the clear: passwords arrive as argon2id
+hashes, the TOTP secret as ciphertext, recovery codes and refresh tokens as SHA-256 digests
+(both are long random strings, so a fast hash is enough), all computed outside the domain.
+
+E-mail uniqueness under concurrent sign-ups is an aggregate of its own: :class:`EmailClaim`,
+whose id is derived from the normalised address. Two sign-ups for one address both try to create
+version 1 of the same claim; the event store's primary key lets exactly one succeed.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID, uuid5
+
+from eventsourcing.domain import Aggregate
+
+from domain.errors import InvalidTransition, Unauthenticated, ValidationFailed
+from domain.meta import EventMeta
+
+MIN_PASSWORD_LENGTH = 10
+MAX_PASSWORD_LENGTH = 1024
+MAX_EMAIL_LENGTH = 254
+MAX_NAME_LENGTH = 200
+
+_EMAIL_NAMESPACE = UUID("6f1e3a52-8d0c-4a7e-9b57-2a1f3c4d5e60")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
+
+
+def normalise_email(raw: str) -> str:
+    """The address as compared and stored: NFKC, trimmed and case-folded (API.md: addresses
+    compare case-insensitively; unlike lower(), case-folding also equates the micro sign with
+    the Greek capital mu)."""
+    folded = unicodedata.normalize("NFKC", raw).strip().casefold()
+    email = unicodedata.normalize("NFKC", folded)  # folding may decompose (U+0390): compose again
+    if len(email) > MAX_EMAIL_LENGTH:
+        raise ValidationFailed(f"email is {len(email)} characters; at most {MAX_EMAIL_LENGTH}")
+    if not _EMAIL.fullmatch(email):
+        raise ValidationFailed("email must look like name@example.com")
+    return email
+
+
+def email_claim_id(email: str) -> UUID:
+    """The id of the claim on a normalised address: the same address always gives the same id."""
+    return uuid5(_EMAIL_NAMESPACE, email)
+
+
+def check_password(password: str) -> None:
+    """Length rules only: at least 10 characters (API.md), bounded so hashing stays cheap."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValidationFailed(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
+    if len(password) > MAX_PASSWORD_LENGTH:
+        raise ValidationFailed(f"password must be at most {MAX_PASSWORD_LENGTH} characters")
+
+
+def clean_user_name(raw: str) -> str:
+    name = raw.strip()
+    if not name:
+        raise ValidationFailed("name must not be empty")
+    if len(name) > MAX_NAME_LENGTH or "\x00" in name:
+        raise ValidationFailed(f"name must be at most {MAX_NAME_LENGTH} characters, without NUL")
+    return name
+
+
+class IdentityAggregate(Aggregate):
+    """An aggregate outside any workspace; its events carry :class:`EventMeta` like the rest."""
+
+    class Event(Aggregate.Event):
+        meta: dict[str, str]
+
+    class Created(Event, Aggregate.Created):
+        pass
+
+    def _record(self, event_class: type[Aggregate.Event], meta: EventMeta, **payload: Any) -> None:
+        self.trigger_event(event_class, meta=meta.as_dict(), **payload)
+
+
+class EmailClaim(IdentityAggregate):
+    """Who holds an e-mail address. Exists once per address; never changes hands."""
+
+    if TYPE_CHECKING:
+        email: str
+        user_id: UUID
+
+    class Claimed(IdentityAggregate.Created):
+        email: str
+        user_id: UUID
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.email = self.email
+            aggregate.user_id = self.user_id
+
+    @classmethod
+    def claim(cls, *, email: str, user_id: UUID, meta: EventMeta) -> EmailClaim:
+        return cls._create(
+            cls.Claimed,
+            id=email_claim_id(email),
+            email=email,
+            user_id=user_id,
+            meta=meta.as_dict(),
+        )
+
+
+class User(IdentityAggregate):
+    """A person who signs in. Holds the hashes and ciphertexts that check their credentials.
+
+    ``last_totp_step`` is the last 30-second TOTP step accepted: a code is only taken for a later
+    step, so each code works once (RFC 6238 section 5.2).
+    """
+
+    if TYPE_CHECKING:
+        email: str
+        name: str
+        password_hash: str | None
+        mfa_enabled: bool
+        totp_secret_sealed: str | None
+        pending_totp_secret_sealed: str | None
+        recovery_code_hashes: list[str]
+        last_totp_step: int
+        oidc_subjects: list[str]
+
+    class Registered(IdentityAggregate.Created):
+        email: str
+        name: str
+        password_hash: str | None
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.email = self.email
+            aggregate.name = self.name
+            aggregate.password_hash = self.password_hash
+            aggregate.mfa_enabled = False
+            aggregate.totp_secret_sealed = None
+            aggregate.pending_totp_secret_sealed = None
+            aggregate.recovery_code_hashes = []
+            aggregate.last_totp_step = -1
+            aggregate.oidc_subjects = []
+
+    class PasswordChanged(IdentityAggregate.Event):
+        password_hash: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.password_hash = self.password_hash
+
+    class MfaEnrolmentStarted(IdentityAggregate.Event):
+        totp_secret_sealed: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.pending_totp_secret_sealed = self.totp_secret_sealed
+
+    class MfaEnabled(IdentityAggregate.Event):
+        totp_secret_sealed: str
+        recovery_code_hashes: list[str]
+        totp_step: int
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.mfa_enabled = True
+            aggregate.totp_secret_sealed = self.totp_secret_sealed
+            aggregate.pending_totp_secret_sealed = None
+            aggregate.recovery_code_hashes = list(self.recovery_code_hashes)
+            aggregate.last_totp_step = self.totp_step
+
+    class MfaDisabled(IdentityAggregate.Event):
+        def apply(self, aggregate: Any) -> None:
+            aggregate.mfa_enabled = False
+            aggregate.totp_secret_sealed = None
+            aggregate.recovery_code_hashes = []
+
+    class TotpCodeUsed(IdentityAggregate.Event):
+        totp_step: int
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.last_totp_step = self.totp_step
+
+    class RecoveryCodeUsed(IdentityAggregate.Event):
+        code_hash: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.recovery_code_hashes = [
+                h for h in aggregate.recovery_code_hashes if h != self.code_hash
+            ]
+
+    class OidcSubjectLinked(IdentityAggregate.Event):
+        issuer: str
+        subject: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.oidc_subjects = [*aggregate.oidc_subjects, f"{self.issuer} {self.subject}"]
+
+    class LoginSucceeded(IdentityAggregate.Event):
+        session_id: UUID
+        method: str
+
+        def apply(self, aggregate: Any) -> None:
+            pass
+
+    class LoginFailed(IdentityAggregate.Event):
+        reason: str
+
+        def apply(self, aggregate: Any) -> None:
+            pass
+
+    @classmethod
+    def register(
+        cls,
+        *,
+        user_id: UUID,
+        email: str,
+        name: str,
+        password_hash: str | None,
+        meta: EventMeta,
+    ) -> User:
+        return cls._create(
+            cls.Registered,
+            id=user_id,
+            email=normalise_email(email),
+            name=clean_user_name(name),
+            password_hash=password_hash,
+            meta=meta.as_dict(),
+        )
+
+    def change_password(self, password_hash: str, *, meta: EventMeta) -> None:
+        self._record(self.PasswordChanged, meta, password_hash=password_hash)
+
+    def start_mfa_enrolment(self, totp_secret_sealed: str, *, meta: EventMeta) -> None:
+        if self.mfa_enabled:
+            raise InvalidTransition("MFA is already on; disable it before enrolling again")
+        self._record(self.MfaEnrolmentStarted, meta, totp_secret_sealed=totp_secret_sealed)
+
+    def enable_mfa(
+        self, *, totp_step: int, recovery_code_hashes: list[str], meta: EventMeta
+    ) -> None:
+        """Turn MFA on with the pending secret, once a code from it was checked (``totp_step``)."""
+        if self.mfa_enabled:
+            raise InvalidTransition("MFA is already on")
+        if self.pending_totp_secret_sealed is None:
+            raise InvalidTransition("no MFA enrolment is pending; call /auth/mfa/enroll first")
+        self._record(
+            self.MfaEnabled,
+            meta,
+            totp_secret_sealed=self.pending_totp_secret_sealed,
+            recovery_code_hashes=list(recovery_code_hashes),
+            totp_step=totp_step,
+        )
+
+    def disable_mfa(self, *, meta: EventMeta) -> None:
+        if not self.mfa_enabled:
+            raise InvalidTransition("MFA is not on")
+        self._record(self.MfaDisabled, meta)
+
+    def use_totp_step(self, step: int, *, meta: EventMeta) -> None:
+        """Spend a TOTP step; a step at or before the last one spent is a replayed code."""
+        if step <= self.last_totp_step:
+            raise Unauthenticated("this code was already used; wait for the next one")
+        self._record(self.TotpCodeUsed, meta, totp_step=step)
+
+    def use_recovery_code(self, code_hash: str, *, meta: EventMeta) -> None:
+        if code_hash not in self.recovery_code_hashes:
+            raise Unauthenticated("recovery code is not valid or was already used")
+        self._record(self.RecoveryCodeUsed, meta, code_hash=code_hash)
+
+    def link_oidc_subject(self, issuer: str, subject: str, *, meta: EventMeta) -> None:
+        if f"{issuer} {subject}" not in self.oidc_subjects:
+            self._record(self.OidcSubjectLinked, meta, issuer=issuer, subject=subject)
+
+    def record_login(self, session_id: UUID, method: str, *, meta: EventMeta) -> None:
+        self._record(self.LoginSucceeded, meta, session_id=session_id, method=method)
+
+    def record_failed_login(self, reason: str, *, meta: EventMeta) -> None:
+        self._record(self.LoginFailed, meta, reason=reason)
+
+
+class Session(IdentityAggregate):
+    """One sign-in: the chain of refresh tokens it handed out, only as digests.
+
+    Presenting the current token rotates it; presenting an earlier (spent) one means two parties
+    hold the chain, so the whole session is revoked (OAuth 2.0 Security BCP, refresh token
+    rotation). ``expires_at`` bounds the session however often it is refreshed.
+    """
+
+    if TYPE_CHECKING:
+        user_id: UUID
+        current_hash: str
+        spent_hashes: list[str]
+        expires_at: datetime
+        revoked: bool
+
+    class Started(IdentityAggregate.Created):
+        user_id: UUID
+        token_hash: str
+        expires_at: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.user_id = self.user_id
+            aggregate.current_hash = self.token_hash
+            aggregate.spent_hashes = []
+            aggregate.expires_at = datetime.fromisoformat(self.expires_at)
+            aggregate.revoked = False
+
+    class Rotated(IdentityAggregate.Event):
+        token_hash: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.spent_hashes = [*aggregate.spent_hashes, aggregate.current_hash]
+            aggregate.current_hash = self.token_hash
+
+    class Revoked(IdentityAggregate.Event):
+        reason: str
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.revoked = True
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        session_id: UUID,
+        user_id: UUID,
+        token_hash: str,
+        expires_at: datetime,
+        meta: EventMeta,
+    ) -> Session:
+        if expires_at.tzinfo is None:
+            raise ValueError("expires_at must be timezone-aware")
+        return cls._create(
+            cls.Started,
+            id=session_id,
+            user_id=user_id,
+            token_hash=token_hash,
+            expires_at=expires_at.isoformat(),
+            meta=meta.as_dict(),
+        )
+
+    def rotate(self, presented_hash: str, new_hash: str, *, now: datetime, meta: EventMeta) -> bool:
+        """Rotate on the current token. Returns False (after revoking, for a spent token) when
+        the presented token may not refresh; the caller answers 401 after saving."""
+        if self.revoked or now >= self.expires_at:
+            return False
+        if presented_hash == self.current_hash:
+            self._record(self.Rotated, meta, token_hash=new_hash)
+            return True
+        if presented_hash in self.spent_hashes:
+            self._record(self.Revoked, meta, reason="a spent refresh token was presented again")
+        return False
+
+    def revoke(self, reason: str, *, meta: EventMeta) -> None:
+        if not self.revoked:
+            self._record(self.Revoked, meta, reason=reason)
+
+    def holds(self, presented_hash: str) -> bool:
+        return presented_hash == self.current_hash or presented_hash in self.spent_hashes
+
+
+def oidc_link_id(issuer: str, subject: str) -> UUID:
+    """The id of the link of an identity provider's subject: stable per (issuer, subject)."""
+    return uuid5(_EMAIL_NAMESPACE, f"oidc\n{issuer}\n{subject}")
+
+
+class OidcLink(IdentityAggregate):
+    """Which user an identity provider's (issuer, subject) signs in as. Created once."""
+
+    if TYPE_CHECKING:
+        issuer: str
+        subject: str
+        user_id: UUID
+
+    class Linked(IdentityAggregate.Created):
+        issuer: str
+        subject: str
+        user_id: UUID
+
+        def apply(self, aggregate: Any) -> None:
+            aggregate.issuer = self.issuer
+            aggregate.subject = self.subject
+            aggregate.user_id = self.user_id
+
+    @classmethod
+    def link(cls, *, issuer: str, subject: str, user_id: UUID, meta: EventMeta) -> OidcLink:
+        return cls._create(
+            cls.Linked,
+            id=oidc_link_id(issuer, subject),
+            issuer=issuer,
+            subject=subject,
+            user_id=user_id,
+            meta=meta.as_dict(),
+        )

@@ -1,0 +1,209 @@
+"""Invitations and API keys in GraphQL (API.md "Identity"), and API-key authentication.
+
+The payloads answer from the command's result rather than a read model: what they show is what
+the command just decided, and a secret is only in the first answer.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import strawberry
+from strawberry import ID
+
+from adapters.tokens import Principal
+from commands.access import (
+    API_KEY_PREFIX,
+    INVITATION_TTL,
+    AcceptInvitation,
+    CreateApiKey,
+    InviteMember,
+    Issued,
+    RevokeApiKey,
+    RevokeInvitation,
+    accept_invitation,
+    check_api_key,
+    create_api_key,
+    invite_member,
+    revoke_api_key,
+    revoke_invitation,
+)
+from read_api.context import Info
+from read_api.mutation import WorkspacePayload, _command
+from read_api.types import RoleEnum
+
+if TYPE_CHECKING:
+    from commands.handlers import AgentWorks, CommandResult
+
+
+def is_api_key(token: str) -> bool:
+    return token.startswith(API_KEY_PREFIX)
+
+
+def api_key_principal(write: AgentWorks, token: str) -> Principal:
+    """The principal of an API key: its creator, in its workspace, with the key's role as the
+    ceiling (the handlers cap it by the creator's current membership on every command)."""
+    holder = check_api_key(write, token)
+    return Principal(
+        user_id=holder.user_id,
+        workspace_id=str(holder.workspace_id),
+        role=holder.role,
+        is_bootstrap=False,
+    )
+
+
+@strawberry.type
+class Invitation:
+    id: ID
+    email: str
+    role: RoleEnum
+    expires_at: datetime
+    accepted_at: datetime | None
+
+
+@strawberry.type
+class InvitationPayload:
+    invitation: Invitation | None
+    accept_token: str | None
+    consistency_token: str
+
+
+@strawberry.type
+class ApiKey:
+    id: ID
+    name: str
+    role: RoleEnum
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+@strawberry.type
+class ApiKeyPayload:
+    api_key: ApiKey | None
+    secret: str | None
+    consistency_token: str
+
+
+@strawberry.input
+class InviteMemberInput:
+    workspace_id: ID
+    email: str
+    role: RoleEnum
+    command_id: ID | None = None
+
+
+@strawberry.input
+class AcceptInvitationInput:
+    token: str
+    command_id: ID | None = None
+
+
+@strawberry.input
+class RevokeInvitationInput:
+    invitation_id: ID
+    command_id: ID | None = None
+
+
+@strawberry.input
+class CreateApiKeyInput:
+    workspace_id: ID
+    name: str
+    role: RoleEnum
+    command_id: ID | None = None
+
+
+@strawberry.input
+class RevokeApiKeyInput:
+    api_key_id: ID
+    command_id: ID | None = None
+
+
+def _when(value: Any) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(str(value))
+
+
+def _invitation_payload(result: CommandResult, secret: str | None) -> InvitationPayload:
+    x = result.extra
+    invitation = Invitation(
+        id=ID(str(result.id)),
+        email=str(x["email"]),
+        role=RoleEnum(x["role"]),
+        expires_at=datetime.fromisoformat(str(x["expires_at"])),
+        accepted_at=_when(x.get("accepted_at")),
+    )
+    return InvitationPayload(
+        invitation=invitation, accept_token=secret, consistency_token=result.consistency_token
+    )
+
+
+def _key_payload(result: CommandResult, secret: str | None) -> ApiKeyPayload:
+    x = result.extra
+    key = ApiKey(
+        id=ID(str(result.id)),
+        name=str(x["name"]),
+        role=RoleEnum(x["role"]),
+        created_at=datetime.fromisoformat(str(x["created_at"])),
+        last_used_at=None,
+        revoked_at=_when(x.get("revoked_at")),
+    )
+    return ApiKeyPayload(api_key=key, secret=secret, consistency_token=result.consistency_token)
+
+
+@strawberry.type
+class AccessMutation:
+    @strawberry.mutation
+    async def invite_member(self, info: Info, input: InviteMemberInput) -> InvitationPayload:
+        command = _command(
+            InviteMember, workspace_id=input.workspace_id, email=input.email,
+            role=input.role.value, command_id=input.command_id,
+        )  # fmt: skip
+        ctx = info.context
+        auth = ctx.runtime.services.auth
+        ttl = INVITATION_TTL if auth is None else timedelta(seconds=auth.invitation_ttl_seconds)
+        issued: Issued = await ctx.offload(
+            invite_member, ctx.runtime.services.write, command, ctx.actor(), ttl=ttl
+        )
+        return _invitation_payload(issued.result, issued.secret)
+
+    @strawberry.mutation
+    async def accept_invitation(self, info: Info, input: AcceptInvitationInput) -> WorkspacePayload:
+        command = _command(AcceptInvitation, token=input.token, command_id=input.command_id)
+        ctx = info.context
+        result = await ctx.offload(
+            accept_invitation, ctx.runtime.services.write, command, ctx.actor()
+        )
+        return WorkspacePayload(consistency_token=result.consistency_token, result=result)
+
+    @strawberry.mutation
+    async def revoke_invitation(
+        self, info: Info, input: RevokeInvitationInput
+    ) -> InvitationPayload:
+        command = _command(
+            RevokeInvitation, invitation_id=input.invitation_id, command_id=input.command_id
+        )
+        ctx = info.context
+        result = await ctx.offload(
+            revoke_invitation, ctx.runtime.services.write, command, ctx.actor()
+        )
+        return _invitation_payload(result, None)
+
+    @strawberry.mutation
+    async def create_api_key(self, info: Info, input: CreateApiKeyInput) -> ApiKeyPayload:
+        command = _command(
+            CreateApiKey, workspace_id=input.workspace_id, name=input.name,
+            role=input.role.value, command_id=input.command_id,
+        )  # fmt: skip
+        ctx = info.context
+        issued: Issued = await ctx.offload(
+            create_api_key, ctx.runtime.services.write, command, ctx.actor()
+        )
+        return _key_payload(issued.result, issued.secret)
+
+    @strawberry.mutation
+    async def revoke_api_key(self, info: Info, input: RevokeApiKeyInput) -> ApiKeyPayload:
+        command = _command(RevokeApiKey, api_key_id=input.api_key_id, command_id=input.command_id)
+        ctx = info.context
+        result = await ctx.offload(revoke_api_key, ctx.runtime.services.write, command, ctx.actor())
+        return _key_payload(result, None)

@@ -1,0 +1,320 @@
+"""``/auth/*``: what a single-page app needs to sign people in (API.md "Identity").
+
+JSON in, JSON out, errors as ``{"error": {"code", "message"}}``. The refresh token is also set as
+the ``aw_refresh`` cookie (HttpOnly, SameSite=Strict, path ``/auth``, Secure outside dev), so a
+SPA need not keep it in script-readable storage; ``/auth/refresh`` and ``/auth/logout`` take it
+from there when the body has none. Logins are limited per account and per client address.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import structlog
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from domain.errors import (
+    AgentWorksError,
+    Forbidden,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+    ValidationFailed,
+)
+from domain.user import normalise_email
+from read_api.auth import authenticate, request_id
+from read_api.ratelimit import Limit
+
+if TYPE_CHECKING:
+    from commands.identity import Identity, SessionGrant
+    from read_api.runtime import ApiRuntime
+
+log = structlog.get_logger(__name__)
+
+REFRESH_COOKIE = "aw_refresh"
+_STATUS = {
+    "VALIDATION": 400,
+    "UNAUTHENTICATED": 401,
+    "MFA_REQUIRED": 401,
+    "FORBIDDEN": 403,
+    "NOT_FOUND": 404,
+    "DUPLICATE": 409,
+    "CONFLICT": 409,
+    "INVALID_TRANSITION": 409,
+    "RATE_LIMITED": 429,
+    "UNAVAILABLE": 503,
+}
+_MAX_BODY = 16_384
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthSettings:
+    """How ``/auth`` behaves, from settings (the composition root builds it)."""
+
+    identity: Identity
+    secure_cookie: bool = True
+    refresh_ttl_seconds: int = 30 * 86400
+    login_per_account_per_minute: int | None = 10
+    login_per_address_per_minute: int | None = 30
+    invitation_ttl_seconds: int = 7 * 86400
+    """How long an invitation can be accepted (``inviteMember``)."""
+    key_prefix: str = "agentworks:ratelimit"
+
+
+def add_auth_routes(app: FastAPI, runtime: ApiRuntime, auth: AuthSettings) -> None:
+    routes = _AuthRoutes(runtime, auth)
+    for path, handler in [
+        ("/auth/signup", routes.signup),
+        ("/auth/login", routes.login),
+        ("/auth/refresh", routes.refresh),
+        ("/auth/logout", routes.logout),
+        ("/auth/mfa/enroll", routes.mfa_enroll),
+        ("/auth/mfa/confirm", routes.mfa_confirm),
+        ("/auth/mfa/disable", routes.mfa_disable),
+        ("/auth/password", routes.change_password),
+    ]:
+        app.add_api_route(path, _answering(handler), methods=["POST"], include_in_schema=False)
+
+
+def _answering(
+    handler: Callable[[Request, str], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """Turns refusals into the ``{"error": ...}`` bodies of API.md; nothing else escapes."""
+
+    async def endpoint(request: Request) -> Response:
+        rid = request_id(request.headers.get("x-request-id"))
+        with structlog.contextvars.bound_contextvars(request_id=rid):
+            try:
+                response = await handler(request, rid)
+            except AgentWorksError as error:
+                response = _error(error, rid)
+            response.headers["X-Request-Id"] = rid
+            response.headers["Cache-Control"] = "no-store"
+            return response
+
+    return endpoint
+
+
+def _error(error: AgentWorksError, rid: str) -> Response:
+    status = _STATUS.get(error.code, 400)
+    headers: dict[str, str] = {}
+    if isinstance(error, RateLimited | Unavailable):
+        headers["Retry-After"] = str(max(1, round(error.retry_after_seconds)))
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="agentworks"'
+    log.info("auth.refused", code=error.code, status=status)
+    body = {"error": {"code": error.code, "message": error.message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _AuthRoutes:
+    def __init__(self, runtime: ApiRuntime, auth: AuthSettings) -> None:
+        self.runtime = runtime
+        self.auth = auth
+        self.identity = auth.identity
+
+    async def signup(self, request: Request, rid: str) -> Response:
+        body = await _body(request)
+        await self._limit_address(request)
+        user_id = await self.runtime.offloader.run(
+            lambda: self.identity.signup(
+                email=_text(body, "email"),
+                password=_text(body, "password"),
+                name=_text(body, "name"),
+                correlation_id=rid,
+            )
+        )
+        return JSONResponse({"userId": str(user_id)}, status_code=201)
+
+    async def login(self, request: Request, rid: str) -> Response:
+        body = await _body(request)
+        email, password = _text(body, "email"), _text(body, "password")
+        totp = _optional_text(body, "totp")
+        await self._limit_login(request, email)
+        grant = await self.runtime.offloader.run(
+            lambda: self.identity.login(
+                email=email, password=password, totp=totp, correlation_id=rid
+            )
+        )
+        return self._session(grant)
+
+    async def refresh(self, request: Request, rid: str) -> Response:
+        token = await self._refresh_token(request)
+        try:
+            grant = await self.runtime.offloader.run(
+                lambda: self.identity.refresh(token, correlation_id=rid)
+            )
+        except Unauthenticated:
+            await self._limit_address(request)
+            raise
+        return self._session(grant)
+
+    async def logout(self, request: Request, rid: str) -> Response:
+        try:
+            token = await self._refresh_token(request)
+        except Unauthenticated:
+            token = None
+        if token is not None:
+            await self.runtime.offloader.run(
+                lambda: self.identity.logout(token, correlation_id=rid)
+            )
+        response = Response(status_code=204)
+        response.delete_cookie(
+            REFRESH_COOKIE, path="/auth", secure=self.auth.secure_cookie, httponly=True,
+            samesite="strict",
+        )  # fmt: skip
+        return response
+
+    async def mfa_enroll(self, request: Request, rid: str) -> Response:
+        user_id = await self._user(request)
+        secret, uri = await self.runtime.offloader.run(
+            lambda: self.identity.mfa_enroll(user_id, correlation_id=rid)
+        )
+        return JSONResponse({"secret": secret, "otpauthUri": uri})
+
+    async def mfa_confirm(self, request: Request, rid: str) -> Response:
+        user_id = await self._user(request)
+        code = _text(await _body(request), "code")
+        codes = await self.runtime.offloader.run(
+            lambda: self.identity.mfa_confirm(user_id, code, correlation_id=rid)
+        )
+        return JSONResponse({"recoveryCodes": codes})
+
+    async def mfa_disable(self, request: Request, rid: str) -> Response:
+        user_id = await self._user(request)
+        code = _text(await _body(request), "code")
+        await self.runtime.offloader.run(
+            lambda: self.identity.mfa_disable(user_id, code, correlation_id=rid)
+        )
+        return Response(status_code=204)
+
+    async def change_password(self, request: Request, rid: str) -> Response:
+        user_id = await self._user(request)
+        body = await _body(request)
+        current, new = _text(body, "currentPassword"), _text(body, "newPassword")
+        await self._limit_address(request)
+        await self.runtime.offloader.run(
+            lambda: self.identity.change_password(
+                user_id, current=current, new=new, correlation_id=rid
+            )
+        )
+        return Response(status_code=204)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _session(self, grant: SessionGrant) -> Response:
+        response = JSONResponse(grant.as_json())
+        response.set_cookie(
+            REFRESH_COOKIE,
+            grant.refresh_token,
+            max_age=self.auth.refresh_ttl_seconds,
+            path="/auth",
+            secure=self.auth.secure_cookie,
+            httponly=True,
+            samesite="strict",
+        )
+        return response
+
+    async def _refresh_token(self, request: Request) -> str:
+        body = await _body(request, optional=True)
+        token = body.get("refreshToken")
+        if token is None:
+            token = request.cookies.get(REFRESH_COOKIE)
+        if not isinstance(token, str) or not token:
+            raise Unauthenticated(f"send refreshToken in the body or the {REFRESH_COOKIE} cookie")
+        return token
+
+    async def _user(self, request: Request) -> UUID:
+        try:
+            principal = authenticate(
+                request.headers.get("authorization"), self.runtime.services.jwt
+            )
+        except Unauthenticated:
+            await self._limit_address(request)
+            raise
+        if not principal.is_user:
+            raise Forbidden("this needs a user token (from /auth/login)")
+        try:
+            return UUID(principal.user_id)
+        except ValueError:
+            raise Forbidden("this token's user has no account here") from None
+
+    async def _limit_login(self, request: Request, email: str) -> None:
+        try:
+            account = normalise_email(email)
+        except ValidationFailed:
+            account = email.strip().casefold()
+        limits = []
+        if self.auth.login_per_account_per_minute is not None:
+            limits.append(
+                Limit(
+                    f"{self.auth.key_prefix}:login-account:{account}",
+                    self.auth.login_per_account_per_minute,
+                    "account's logins",
+                )
+            )
+        if self.auth.login_per_address_per_minute is not None:
+            limits.append(
+                Limit(
+                    f"{self.auth.key_prefix}:login-address:{_address(request)}",
+                    self.auth.login_per_address_per_minute,
+                    "address's logins",
+                )
+            )
+        await self.runtime.limiter.hit(limits)
+
+    async def _limit_address(self, request: Request) -> None:
+        if self.auth.login_per_address_per_minute is None:
+            return
+        await self.runtime.limiter.hit(
+            [
+                Limit(
+                    f"{self.auth.key_prefix}:login-address:{_address(request)}",
+                    self.auth.login_per_address_per_minute,
+                    "address's sign-in attempts",
+                )
+            ]
+        )
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
+
+
+async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > _MAX_BODY:
+        raise ValidationFailed(f"request body is larger than {_MAX_BODY} bytes")
+    if not raw.strip():
+        if optional:
+            return {}
+        raise ValidationFailed("send a JSON object body")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValidationFailed("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ValidationFailed("request body must be a JSON object")
+    return body
+
+
+def _text(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise ValidationFailed(f"{name} is required and must be a string")
+    return value
+
+
+def _optional_text(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationFailed(f"{name} must be a string")
+    return value

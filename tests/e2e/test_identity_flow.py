@@ -1,0 +1,348 @@
+"""Signing in as a single-page app does it, over HTTP: sign up, log in, refresh, MFA, log out.
+
+TOTP codes are computed here by the RFC 6238 algorithm itself (HMAC-SHA-1, dynamic truncation),
+not by the library the server uses.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from api_client import subscribe
+from e2e_stack import Stack, StackBuilder
+
+PASSWORD = "correct horse battery"
+ME = "{ me { id email name mfaEnabled workspaces { id name role } } }"
+
+
+def rfc6238(secret_b32: str, at: float) -> str:
+    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
+    mac = hmac.new(key, struct.pack(">Q", int(at // 30)), hashlib.sha1).digest()
+    offset = mac[-1] & 0x0F
+    value = struct.unpack(">I", mac[offset : offset + 4])[0] & 0x7FFFFFFF
+    return f"{value % 1_000_000:06d}"
+
+
+@pytest.fixture(scope="module")
+def auth_stack(module_database_url: str, redis_url: str) -> Iterator[Stack]:
+    stacks = StackBuilder(redis_url)
+    # Every test here signs in from 127.0.0.1: the per-address limit has its own test below.
+    yield stacks.build(module_database_url, auth={"login_per_address_per_minute": 10_000})
+    stacks.close()
+
+
+@pytest.fixture
+def http(auth_stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=auth_stack.url, timeout=15.0) as client:
+        yield client
+
+
+def signup(http: httpx.Client, email: str, name: str = "Ada") -> str:
+    answer = http.post("/auth/signup", json={"email": email, "password": PASSWORD, "name": name})
+    assert answer.status_code == 201, answer.text
+    return str(answer.json()["userId"])
+
+
+def login(http: httpx.Client, email: str, **extra: Any) -> httpx.Response:
+    return http.post("/auth/login", json={"email": email, "password": PASSWORD, **extra})
+
+
+def error_of(answer: httpx.Response) -> tuple[int, str]:
+    return answer.status_code, answer.json()["error"]["code"]
+
+
+def graphql(
+    http: httpx.Client, token: str, query: str, *, after: str | None = None, **variables: Any
+) -> dict[str, Any]:
+    """``after``: a consistencyToken the read must include."""
+    headers = {"Authorization": f"Bearer {token}"}
+    if after is not None:
+        headers["X-Consistency-Token"] = after
+    answer = http.post("/graphql", json={"query": query, "variables": variables}, headers=headers)
+    assert answer.status_code == 200, answer.text
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def test_sign_up_log_in_refresh_reuse_and_log_out(http: httpx.Client, auth_stack: Stack) -> None:
+    user_id = signup(http, "Ada.Lovelace@Example.com")
+    assert error_of(
+        http.post("/auth/signup", json={"email": "ada.lovelace@example.COM", "password": PASSWORD,
+                                        "name": "Eve"})
+    ) == (409, "DUPLICATE")  # fmt: skip
+    assert error_of(
+        http.post("/auth/signup", json={"email": "nope", "password": PASSWORD, "name": "X"})
+    ) == (400, "VALIDATION")
+    assert error_of(
+        http.post("/auth/signup", json={"email": "x@example.com", "password": "short", "name": "X"})
+    ) == (400, "VALIDATION")
+
+    wrong = http.post(
+        "/auth/login", json={"email": "ada.lovelace@example.com", "password": "not the password"}
+    )
+    unknown = login(http, "nobody@example.com")
+    assert wrong.status_code == unknown.status_code == 401
+    assert wrong.json() == unknown.json()
+    assert wrong.json()["error"]["code"] == "UNAUTHENTICATED"
+
+    first = login(http, "ADA.LOVELACE@example.com")
+    assert first.status_code == 200, first.text
+    session = first.json()
+    assert session["user"] == {"id": user_id, "email": "ada.lovelace@example.com", "name": "Ada"}
+    assert session["expiresIn"] == 900
+    cookie = first.headers["set-cookie"]
+    assert cookie.startswith(f"aw_refresh={session['refreshToken']}")
+    assert "HttpOnly" in cookie
+    assert "samesite=strict" in cookie.lower()
+    assert "Secure" not in cookie  # a dev stack; build_auth sets Secure outside dev
+
+    # The access token is a user token: it creates a workspace and then acts in it.
+    token = session["accessToken"]
+    created = graphql(
+        http, token,
+        "mutation($n: String!) { createWorkspace(input: {name: $n}) { workspace { id } } }",
+        n="Ada's",
+    )  # fmt: skip
+    assert "errors" not in created, created
+    workspace_id = created["data"]["createWorkspace"]["workspace"]["id"]
+    project = graphql(
+        http, token,
+        "mutation($w: ID!) { createProject(input: {workspaceId: $w, name: \"P\","
+        " lanes: [{name: \"Todo\"}]}) { project { id workspaceId } } }",
+        w=workspace_id,
+    )  # fmt: skip
+    assert "errors" not in project, project
+    seen = graphql(http, token, "query($w: ID!) { workspace(id: $w) { name } }", w=workspace_id)
+    assert seen["data"]["workspace"] == {"name": "Ada's"}
+    project_id = project["data"]["createProject"]["project"]["id"]
+    assert project["data"]["createProject"]["project"]["workspaceId"] == workspace_id
+    card = graphql(
+        http, token,
+        "mutation($p: ID!) { createCard(input: {projectId: $p, title: \"T\"})"
+        " { card { id lane } } }",
+        p=project_id,
+    )  # fmt: skip
+    assert card["data"]["createCard"]["card"]["lane"] == "Todo", card
+    board = graphql(
+        http, token, "query($p: ID!) { board(projectId: $p) { lanes { name count } } }",
+        p=project_id,
+    )  # fmt: skip
+    assert board["data"]["board"]["lanes"] == [{"name": "Todo", "count": 1}]
+    # Subscriptions too: the board's changes reach a user token's WebSocket.
+    with subscribe(
+        auth_stack.ws_url, token,
+        "subscription($p: ID!) { boardChanged(projectId: $p) { kind card { title } } }",
+        {"p": project_id},
+    ) as changes:  # fmt: skip
+        graphql(
+            http, token,
+            "mutation($p: ID!) { createCard(input: {projectId: $p, title: \"Live\"})"
+            " { card { id } } }",
+            p=project_id,
+        )  # fmt: skip
+        assert changes.next()["data"]["boardChanged"]["card"] == {"title": "Live"}
+
+    # A colleague added by user id acts there at their membership's role, and sees it in `me`.
+    colleague_id = signup(http, "charles@example.com", "Charles")
+    colleague = login(http, "charles@example.com").json()["accessToken"]
+    assert graphql(http, colleague, ME)["data"]["me"]["workspaces"] == []
+    added = graphql(
+        http, token,
+        "mutation($w: ID!, $u: ID!) { addMember(input: {workspaceId: $w, userId: $u,"
+        " role: VIEWER}) { consistencyToken } }",
+        w=workspace_id, u=colleague_id,
+    )  # fmt: skip
+    assert "errors" not in added, added
+    written = added["data"]["addMember"]["consistencyToken"]
+    me = graphql(http, colleague, ME, after=written)["data"]["me"]
+    assert me == {
+        "id": colleague_id, "email": "charles@example.com", "name": "Charles",
+        "mfaEnabled": False,
+        "workspaces": [{"id": workspace_id, "name": "Ada's", "role": "VIEWER"}],
+    }  # fmt: skip
+    refused = graphql(
+        http, colleague,
+        "mutation($w: ID!) { createProject(input: {workspaceId: $w, name: \"Q\","
+        " lanes: [{name: \"Todo\"}]}) { project { id } } }",
+        w=workspace_id,
+    )  # fmt: skip
+    assert refused["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+    stranger = graphql(
+        http, colleague, "query($w: ID!) { workspace(id: $w) { name } }",
+        w="00000000-0000-0000-0000-00000000000f",
+    )  # fmt: skip
+    assert stranger["data"]["workspace"] is None
+    signup(http, "mallory@example.com", "Mallory")  # a user who is no member there
+    mallory = login(http, "mallory@example.com").json()["accessToken"]
+    hidden = graphql(
+        http, mallory, "query($p: ID!) { board(projectId: $p) { version } }", p=project_id
+    )
+    assert hidden["data"]["board"] is None
+
+    # Refresh from the body, then from the cookie alone; each spends the token it got.
+    second = http.post("/auth/refresh", json={"refreshToken": session["refreshToken"]})
+    assert second.status_code == 200, second.text
+    assert second.json()["refreshToken"] != session["refreshToken"]
+    http.cookies.clear()
+    http.cookies.set("aw_refresh", second.json()["refreshToken"], path="/auth")
+    third = http.post("/auth/refresh")
+    assert third.status_code == 200, third.text
+    http.cookies.clear()
+
+    # A spent token presented again: the whole session is revoked, the newest token too.
+    reuse = http.post("/auth/refresh", json={"refreshToken": session["refreshToken"]})
+    assert error_of(reuse) == (401, "UNAUTHENTICATED")
+    newest = http.post("/auth/refresh", json={"refreshToken": third.json()["refreshToken"]})
+    assert error_of(newest) == (401, "UNAUTHENTICATED")
+
+    # Logging out ends that session only.
+    other = login(http, "ada.lovelace@example.com").json()
+    kept = login(http, "ada.lovelace@example.com").json()
+    assert (
+        http.post("/auth/logout", json={"refreshToken": other["refreshToken"]}).status_code == 204
+    )
+    gone = http.post("/auth/refresh", json={"refreshToken": other["refreshToken"]})
+    assert error_of(gone) == (401, "UNAUTHENTICATED")
+    assert (
+        http.post("/auth/refresh", json={"refreshToken": kept["refreshToken"]}).status_code == 200
+    )
+
+
+def test_mfa_enrol_confirm_and_log_in_with_codes(
+    http: httpx.Client, auth_stack: Stack, capfd: pytest.CaptureFixture[str]
+) -> None:
+    signup(http, "grace@example.com", "Grace")
+    token = login(http, "grace@example.com").json()["accessToken"]
+    auth = {"Authorization": f"Bearer {token}"}
+    assert error_of(http.post("/auth/mfa/enroll")) == (401, "UNAUTHENTICATED")
+    workspace_token = auth_stack.token("grace", "00000000-0000-0000-0000-000000000001")
+    assert error_of(
+        http.post("/auth/mfa/enroll", headers={"Authorization": f"Bearer {workspace_token}"})
+    ) == (403, "FORBIDDEN")
+
+    enrolled = http.post("/auth/mfa/enroll", headers=auth)
+    assert enrolled.status_code == 200, enrolled.text
+    secret = enrolled.json()["secret"]
+    assert enrolled.json()["otpauthUri"].startswith("otpauth://totp/")
+    bad = http.post("/auth/mfa/confirm", headers=auth, json={"code": "12345"})
+    assert error_of(bad) == (400, "VALIDATION")
+    confirmed = http.post(
+        "/auth/mfa/confirm", headers=auth, json={"code": rfc6238(secret, time.time())}
+    )
+    assert confirmed.status_code == 200, confirmed.text
+    recovery = confirmed.json()["recoveryCodes"]
+    assert len(recovery) == 10
+
+    assert error_of(login(http, "grace@example.com")) == (401, "MFA_REQUIRED")
+    near = {rfc6238(secret, time.time() + drift) for drift in (-30, 0, 30)}
+    wrong_code = next(f"{n:06d}" for n in range(10) if f"{n:06d}" not in near)
+    assert error_of(login(http, "grace@example.com", totp=wrong_code)) == (401, "MFA_REQUIRED")
+    # The confirming code spent the current step: the next step's code (one step of drift).
+    code = rfc6238(secret, time.time() + 30)
+    with_code = login(http, "grace@example.com", totp=code)
+    assert with_code.status_code == 200, with_code.text
+    assert error_of(login(http, "grace@example.com", totp=code)) == (401, "MFA_REQUIRED")
+    assert login(http, "grace@example.com", totp=recovery[0]).status_code == 200
+    assert error_of(login(http, "grace@example.com", totp=recovery[0])) == (401, "MFA_REQUIRED")
+    # A wrong password is never told that MFA is on.
+    wrong = http.post(
+        "/auth/login",
+        json={"email": "grace@example.com", "password": "not the password", "totp": recovery[1]},
+    )
+    assert error_of(wrong) == (401, "UNAUTHENTICATED")
+
+    assert (
+        http.post("/auth/mfa/disable", headers=auth, json={"code": recovery[1]}).status_code == 204
+    )
+    assert login(http, "grace@example.com").status_code == 200
+
+    # Nothing secret is in the event log in the clear.
+    with psycopg.connect(auth_stack.database_url) as conn:
+        stored = b"".join(row[0] for row in conn.execute("SELECT state FROM agentworks_events"))
+        topics = [row[0] for row in conn.execute("SELECT topic FROM agentworks_events")]
+    for plain in [PASSWORD, secret, *recovery, with_code.json()["refreshToken"].split(".")[1]]:
+        assert plain.encode() not in stored
+    assert any(t.endswith("User.LoginFailed") for t in topics)
+    assert any(t.endswith("User.LoginSucceeded") for t in topics)
+
+    # Nor in anything the server logged while this test ran (its threads write here).
+    out, err = capfd.readouterr()
+    logged = out + err
+    assert "auth.refused" in logged or "graphql.request" in logged  # the capture saw the server
+    for plain in [PASSWORD, "not the password", secret, *recovery, token]:
+        assert plain not in logged
+
+
+def test_bad_bodies_are_validation_errors(http: httpx.Client) -> None:
+    assert error_of(http.post("/auth/login", content=b"{nope")) == (400, "VALIDATION")
+    assert error_of(http.post("/auth/login", json=[1])) == (400, "VALIDATION")
+    assert error_of(http.post("/auth/login", json={"email": 3, "password": PASSWORD})) == (
+        400,
+        "VALIDATION",
+    )
+    assert error_of(http.post("/auth/refresh", json={})) == (401, "UNAUTHENTICATED")
+    assert error_of(http.post("/auth/refresh", json={"refreshToken": "x.y"})) == (
+        401,
+        "UNAUTHENTICATED",
+    )
+
+
+def test_logins_are_limited_per_account_and_per_address(
+    module_database_url: str, redis_url: str
+) -> None:
+    stacks = StackBuilder(redis_url)
+    try:
+        stack = stacks.build(
+            module_database_url,
+            broadcaster="redis",
+            auth={"login_per_account_per_minute": 3, "login_per_address_per_minute": 6},
+        )
+        if time.time() % 60 > 50:  # keep every attempt in one fixed one-minute window
+            time.sleep(60 - time.time() % 60)
+        with httpx.Client(base_url=stack.url, timeout=15.0) as http:
+            signup(http, "target@example.com")
+            for _ in range(3):
+                assert error_of(
+                    http.post(
+                        "/auth/login", json={"email": "TARGET@example.com", "password": "guess"}
+                    )
+                ) == (401, "UNAUTHENTICATED")
+            limited = login(http, "target@example.com")  # even the right password now
+            assert error_of(limited) == (429, "RATE_LIMITED")
+            assert int(limited.headers["retry-after"]) >= 1
+            answers = [error_of(login(http, f"other{i}@example.com"))[0] for i in range(3)]
+            assert answers[-1] == 429  # six attempts from this address in the window
+    finally:
+        stacks.close()
+
+
+def test_change_password_over_http(http: httpx.Client) -> None:
+    signup(http, "hopper@example.com", "Grace Hopper")
+    token = login(http, "hopper@example.com").json()["accessToken"]
+    auth = {"Authorization": f"Bearer {token}"}
+    wrong = http.post(
+        "/auth/password",
+        headers=auth,
+        json={"currentPassword": "not the password", "newPassword": "a brand new password"},
+    )
+    assert error_of(wrong) == (401, "UNAUTHENTICATED")
+    changed = http.post(
+        "/auth/password",
+        headers=auth,
+        json={"currentPassword": PASSWORD, "newPassword": "a brand new password"},
+    )
+    assert changed.status_code == 204, changed.text
+    assert error_of(login(http, "hopper@example.com")) == (401, "UNAUTHENTICATED")
+    renewed = http.post(
+        "/auth/login", json={"email": "hopper@example.com", "password": "a brand new password"}
+    )
+    assert renewed.status_code == 200

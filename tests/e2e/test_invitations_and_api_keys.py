@@ -1,0 +1,217 @@
+"""Inviting a colleague by e-mail, and automating with API keys, over HTTP as a client would."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from e2e_stack import Stack, StackBuilder
+
+PASSWORD = "correct horse battery"
+INVITE = """mutation($w: ID!, $e: String!, $r: Role!) {
+  inviteMember(input: {workspaceId: $w, email: $e, role: $r}) {
+    invitation { id email role expiresAt acceptedAt } acceptToken consistencyToken } }"""
+ACCEPT = """mutation($t: String!) {
+  acceptInvitation(input: {token: $t}) { workspace { id name } consistencyToken } }"""
+REVOKE_INVITATION = """mutation($i: ID!) {
+  revokeInvitation(input: {invitationId: $i}) { invitation { id } } }"""
+CREATE_KEY = """mutation($w: ID!, $n: String!, $r: Role!, $c: ID) {
+  createApiKey(input: {workspaceId: $w, name: $n, role: $r, commandId: $c}) {
+    apiKey { id name role createdAt lastUsedAt revokedAt } secret consistencyToken } }"""
+REVOKE_KEY = """mutation($k: ID!) {
+  revokeApiKey(input: {apiKeyId: $k}) { apiKey { id revokedAt } secret } }"""
+CREATE_PROJECT = """mutation($w: ID!, $n: String!) {
+  createProject(input: {workspaceId: $w, name: $n, lanes: [{name: "Todo"}]}) { project { id } } }"""
+ME = "{ me { id workspaces { id name role } } }"
+
+
+@pytest.fixture(scope="module")
+def auth_stack(module_database_url: str, redis_url: str) -> Iterator[Stack]:
+    stacks = StackBuilder(redis_url)
+    yield stacks.build(module_database_url, auth={})
+    stacks.close()
+
+
+@pytest.fixture
+def http(auth_stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=auth_stack.url, timeout=15.0) as client:
+        yield client
+
+
+def user(http: httpx.Client, email: str) -> tuple[str, str]:
+    """A signed-up user's id and access token."""
+    made = http.post("/auth/signup", json={"email": email, "password": PASSWORD, "name": email})
+    assert made.status_code == 201, made.text
+    session = http.post("/auth/login", json={"email": email, "password": PASSWORD})
+    assert session.status_code == 200, session.text
+    return str(made.json()["userId"]), str(session.json()["accessToken"])
+
+
+def gql(
+    http: httpx.Client, token: str, query: str, *, after: str | None = None, **variables: Any
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"}
+    if after:
+        headers["X-Consistency-Token"] = after
+    return http.post("/graphql", json={"query": query, "variables": variables}, headers=headers)
+
+
+def data(answer: httpx.Response) -> Any:
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert "errors" not in body, body
+    return body["data"]
+
+
+def code(answer: httpx.Response) -> str:
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["errors"][0]["extensions"]["code"])
+
+
+def workspace_of(http: httpx.Client, token: str, name: str) -> str:
+    made = data(
+        gql(
+            http, token,
+            "mutation($n: String!) { createWorkspace(input: {name: $n}) { workspace { id } } }",
+            n=name,
+        )
+    )  # fmt: skip
+    return str(made["createWorkspace"]["workspace"]["id"])
+
+
+def test_invite_accept_twice_and_revoke(http: httpx.Client, auth_stack: Stack) -> None:
+    _, owner = user(http, "owner@invite.test")
+    workspace_id = workspace_of(http, owner, "Invites")
+    invitee_id, invitee = user(http, "invitee@invite.test")
+    _, stranger = user(http, "stranger@invite.test")
+
+    invited = data(gql(http, owner, INVITE, w=workspace_id, e="Invitee@Invite.test", r="MEMBER"))
+    payload = invited["inviteMember"]
+    assert payload["invitation"]["email"] == "invitee@invite.test"
+    assert payload["invitation"]["acceptedAt"] is None
+    expires = datetime.fromisoformat(payload["invitation"]["expiresAt"])
+    assert abs(expires - (datetime.now(UTC) + timedelta(days=7))) < timedelta(minutes=10)
+    token = payload["acceptToken"]
+    assert token
+
+    assert code(gql(http, stranger, ACCEPT, t=token)) == "FORBIDDEN"  # another address
+    assert code(gql(http, invitee, ACCEPT, t=token + "x")) == "NOT_FOUND"
+    workspace_token = auth_stack.token(invitee_id, workspace_id, "OWNER")
+    assert code(gql(http, workspace_token, ACCEPT, t=token)) == "FORBIDDEN"
+
+    accepted = data(gql(http, invitee, ACCEPT, t=token))["acceptInvitation"]
+    assert accepted["workspace"] == {"id": workspace_id, "name": "Invites"}
+    again = data(gql(http, invitee, ACCEPT, t=token))["acceptInvitation"]  # harmless
+    assert again["workspace"]["id"] == workspace_id
+    me = data(gql(http, invitee, ME, after=again["consistencyToken"]))["me"]
+    assert me["workspaces"] == [{"id": workspace_id, "name": "Invites", "role": "MEMBER"}]
+    assert data(gql(http, invitee, CREATE_PROJECT, w=workspace_id, n="By invitee"))
+
+    # A MEMBER may not invite; a revoked invitation cannot be accepted.
+    assert code(gql(http, invitee, INVITE, w=workspace_id, e="x@invite.test", r="VIEWER")) == (
+        "FORBIDDEN"
+    )
+    second = data(gql(http, owner, INVITE, w=workspace_id, e="stranger@invite.test", r="VIEWER"))
+    invitation_id = second["inviteMember"]["invitation"]["id"]
+    data(gql(http, owner, REVOKE_INVITATION, i=invitation_id))
+    assert code(gql(http, stranger, ACCEPT, t=second["inviteMember"]["acceptToken"])) == (
+        "INVALID_TRANSITION"
+    )
+    assert code(gql(http, owner, INVITE, w=workspace_id, e="not-an-address", r="VIEWER")) == (
+        "VALIDATION"
+    )
+
+
+def test_an_expired_invitation_cannot_be_accepted(http: httpx.Client, auth_stack: Stack) -> None:
+    from uuid import UUID
+
+    from commands.access import InviteMember, invite_member
+    from commands.handlers import USER_SCOPE, Actor
+
+    owner_id, owner = user(http, "owner@expiry.test")
+    workspace_id = workspace_of(http, owner, "Expiry")
+    _, invitee = user(http, "late@expiry.test")
+    issued = invite_member(
+        auth_stack.write,
+        InviteMember(workspace_id=UUID(workspace_id), email="late@expiry.test", role="VIEWER"),
+        Actor(user_id=owner_id, workspace_id=USER_SCOPE),
+        ttl=timedelta(seconds=-1),
+    )
+    assert issued.secret is not None
+    assert code(gql(http, invitee, ACCEPT, t=issued.secret)) == "INVALID_TRANSITION"
+
+
+def test_api_key_acts_at_its_role_capped_by_its_creator_and_dies_on_revoke(
+    http: httpx.Client, auth_stack: Stack
+) -> None:
+    _, owner = user(http, "owner@keys.test")
+    workspace_id = workspace_of(http, owner, "Keys")
+    admin_id, admin = user(http, "admin@keys.test")
+    data(
+        gql(
+            http, owner,
+            "mutation($w: ID!, $u: ID!) { addMember(input: {workspaceId: $w, userId: $u,"
+            " role: ADMIN}) { consistencyToken } }",
+            w=workspace_id, u=admin_id,
+        )
+    )  # fmt: skip
+
+    assert code(gql(http, admin, CREATE_KEY, w=workspace_id, n="too high", r="OWNER")) == (
+        "FORBIDDEN"
+    )
+    command_id = "6d3c2f7e-0d4b-4b8e-9d57-6f0c1d2e3a4b"
+    created = data(gql(http, admin, CREATE_KEY, w=workspace_id, n="ci", r="ADMIN", c=command_id))
+    key = created["createApiKey"]
+    secret = key["secret"]
+    assert secret.startswith("awk_")
+    assert key["apiKey"]["role"] == "ADMIN"
+    assert key["apiKey"]["revokedAt"] is None
+    replay = data(gql(http, admin, CREATE_KEY, w=workspace_id, n="ci", r="ADMIN", c=command_id))
+    assert replay["createApiKey"]["secret"] is None  # shown once
+    assert replay["createApiKey"]["apiKey"]["id"] == key["apiKey"]["id"]
+
+    # The key acts as its creator at its role: an ADMIN may set a WIP limit's project up.
+    assert data(gql(http, secret, CREATE_PROJECT, w=workspace_id, n="By key"))
+    seen = data(gql(http, secret, "query($w: ID!) { workspace(id: $w) { name } }", w=workspace_id))
+    assert seen["workspace"] == {"name": "Keys"}
+
+    # Capped by the creator's current role: demoted to VIEWER, the key can only read.
+    data(
+        gql(
+            http, owner,
+            "mutation($w: ID!, $u: ID!) { changeRole(input: {workspaceId: $w, userId: $u,"
+            " role: VIEWER}) { consistencyToken } }",
+            w=workspace_id, u=admin_id,
+        )
+    )  # fmt: skip
+    assert code(gql(http, secret, CREATE_PROJECT, w=workspace_id, n="Refused")) == "FORBIDDEN"
+
+    # Revocation holds from the next request on.
+    data(
+        gql(
+            http, owner,
+            "mutation($w: ID!, $u: ID!) { changeRole(input: {workspaceId: $w, userId: $u,"
+            " role: ADMIN}) { consistencyToken } }",
+            w=workspace_id, u=admin_id,
+        )
+    )  # fmt: skip
+    revoked = data(gql(http, owner, REVOKE_KEY, k=key["apiKey"]["id"]))["revokeApiKey"]
+    assert revoked["apiKey"]["revokedAt"] is not None
+    assert revoked["secret"] is None
+    after = gql(http, secret, CREATE_PROJECT, w=workspace_id, n="After revoke")
+    assert after.status_code == 401
+    assert after.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+    forged = gql(http, secret[:-2] + "zz", ME)
+    assert forged.status_code == 401
+
+    with psycopg.connect(auth_stack.database_url) as conn:
+        stored = b"".join(row[0] for row in conn.execute("SELECT state FROM agentworks_events"))
+        logged = b"".join(
+            str(row[0]).encode() for row in conn.execute("SELECT result FROM command_log")
+        )
+    assert secret.split("_", 2)[2].encode() not in stored
+    assert secret.split("_", 2)[2].encode() not in logged

@@ -1,0 +1,195 @@
+"""Tokens of an external OpenID Connect provider, served here by a local discovery + JWKS server.
+
+RS256 and ES256 keys are generated per test module; tokens are signed with PyJWT as a provider
+would. The API finds the keys through the discovery document, fetches them again when a token
+names a new ``kid`` (rotation), and provisions each (issuer, subject) once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from e2e_stack import Stack, StackBuilder
+
+AUDIENCE = "agentworks-spa"
+ME = "{ me { id email name workspaces { id } } }"
+
+
+class Provider:
+    """A minimal OIDC provider: a discovery document and a JWKS that tests can rotate."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, Any] = {}
+        self.fetches = 0
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/.well-known/openid-configuration":
+                    body: dict[str, Any] = {"issuer": provider.issuer, "jwks_uri": provider.jwks}
+                elif self.path == "/jwks.json":
+                    provider.fetches += 1
+                    body = {"keys": [provider.public_jwk(k) for k in provider.keys]}
+                else:
+                    self.send_error(404)
+                    return
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.jwks = f"{self.issuer}/jwks.json"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+    def add_key(self, kid: str, kind: str) -> None:
+        if kind == "RS256":
+            self.keys[kid] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        else:
+            self.keys[kid] = ec.generate_private_key(ec.SECP256R1())
+
+    def public_jwk(self, kid: str) -> dict[str, Any]:
+        key = self.keys[kid]
+        algorithm = jwt.algorithms.RSAAlgorithm if isinstance(key, rsa.RSAPrivateKey) else (
+            jwt.algorithms.ECAlgorithm
+        )  # fmt: skip
+        jwk: dict[str, Any] = json.loads(algorithm.to_jwk(key.public_key()))
+        jwk.update(kid=kid, use="sig")
+        return jwk
+
+    def token(self, kid: str, *, audience: str = AUDIENCE, ttl: int = 300, **claims: Any) -> str:
+        key = self.keys[kid]
+        algorithm = "RS256" if isinstance(key, rsa.RSAPrivateKey) else "ES256"
+        now = int(time.time())
+        body = {"iss": self.issuer, "aud": audience, "exp": now + ttl, **claims}
+        return jwt.encode(body, key, algorithm=algorithm, headers={"kid": kid})
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[Provider]:
+    made = Provider()
+    made.add_key("rsa-1", "RS256")
+    made.add_key("ec-1", "ES256")
+    yield made
+    made.close()
+
+
+@pytest.fixture(scope="module")
+def oidc_stack(module_database_url: str, redis_url: str, provider: Provider) -> Iterator[Stack]:
+    stacks = StackBuilder(redis_url)
+    yield stacks.build(
+        module_database_url,
+        auth={},
+        oidc={"issuer": provider.issuer, "audience": AUDIENCE, "refresh_cooldown_seconds": 0},
+    )
+    stacks.close()
+
+
+def ask(stack: Stack, token: str, query: str = ME) -> httpx.Response:
+    return httpx.post(
+        f"{stack.url}/graphql",
+        json={"query": query},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=15.0,
+    )
+
+
+def me(stack: Stack, token: str) -> dict[str, Any]:
+    answer = ask(stack, token)
+    assert answer.status_code == 200, answer.text
+    assert "errors" not in answer.json(), answer.text
+    found: dict[str, Any] = answer.json()["data"]["me"]
+    return found
+
+
+def test_rs256_and_es256_tokens_act_as_one_provisioned_user(
+    oidc_stack: Stack, provider: Provider
+) -> None:
+    first = me(oidc_stack, provider.token("rsa-1", sub="sub-1", email="Oidc@Example.com"))
+    assert first["email"] == "oidc@example.com"
+    assert first["workspaces"] == []
+    again = me(oidc_stack, provider.token("ec-1", sub="sub-1", email="ignored@example.com"))
+    assert again["id"] == first["id"]  # linked by (iss, sub), not by e-mail
+    created = ask(
+        oidc_stack,
+        provider.token("ec-1", sub="sub-1"),
+        'mutation { createWorkspace(input: {name: "From the IdP"}) { workspace { id } } }',
+    )
+    assert "errors" not in created.json(), created.text
+    assert me(oidc_stack, provider.token("rsa-1", sub="sub-1"))["workspaces"] == [
+        {"id": created.json()["data"]["createWorkspace"]["workspace"]["id"]}
+    ]
+
+
+def test_a_rotated_key_is_fetched_when_a_token_names_it(
+    oidc_stack: Stack, provider: Provider
+) -> None:
+    me(oidc_stack, provider.token("rsa-1", sub="sub-rot", email="rot@example.com"))
+    fetched = provider.fetches
+    provider.add_key("rsa-2", "RS256")
+    rotated = me(oidc_stack, provider.token("rsa-2", sub="sub-rot"))
+    assert rotated["email"] == "rot@example.com"
+    assert provider.fetches == fetched + 1
+
+
+@pytest.mark.parametrize(
+    ("case", "make"),
+    [
+        ("wrong audience", lambda p: p.token("rsa-1", sub="s", email="a@b.co", audience="other")),
+        ("expired", lambda p: p.token("rsa-1", sub="s", email="a@b.co", ttl=-120)),
+        ("unknown key", lambda p: jwt.encode(
+            {"iss": p.issuer, "aud": AUDIENCE, "sub": "s", "exp": int(time.time()) + 60},
+            rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            algorithm="RS256", headers={"kid": "rsa-1"},
+        )),
+        ("HS256 with a guessed secret", lambda p: jwt.encode(
+            {"iss": p.issuer, "aud": AUDIENCE, "sub": "s", "exp": int(time.time()) + 60},
+            "a guessed secret that is long enough for HS256",
+            algorithm="HS256", headers={"kid": "rsa-1"},
+        )),
+    ],
+)  # fmt: skip
+def test_bad_provider_tokens_are_unauthenticated(
+    oidc_stack: Stack, provider: Provider, case: str, make: Any
+) -> None:
+    answer = ask(oidc_stack, make(provider))
+    assert answer.status_code == 401, (case, answer.text)
+    assert answer.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+
+
+def test_an_existing_address_is_linked_only_when_the_provider_verified_it(
+    oidc_stack: Stack, provider: Provider
+) -> None:
+    signed_up = httpx.post(
+        f"{oidc_stack.url}/auth/signup",
+        json={"email": "local@example.com", "password": "correct horse battery", "name": "L"},
+    )
+    assert signed_up.status_code == 201
+    unverified = ask(oidc_stack, provider.token("rsa-1", sub="x-1", email="local@example.com"))
+    assert unverified.status_code == 401
+    verified = me(
+        oidc_stack,
+        provider.token("rsa-1", sub="x-2", email="local@example.com", email_verified=True),
+    )
+    assert verified["id"] == signed_up.json()["userId"]

@@ -1,0 +1,89 @@
+"""Identity under concurrent writers, on the real event store.
+
+* Sign-ups of one address in any case from many threads at once: exactly one account.
+* Refreshes racing with one refresh token: at most one gets a new token, and the session ends up
+  revoked when a second presenter was seen (a spent token presented again is reuse).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from uuid import UUID
+
+import pytest
+from cryptography.fernet import Fernet
+
+from adapters.credentials import Argon2Passwords, SecretBox, Totp
+from commands.handlers import AgentWorks
+from commands.identity import Identity, SessionGrant
+from domain.errors import AgentWorksError, Duplicate, Unauthenticated
+from domain.user import Session
+
+PASSWORD = "correct horse battery"
+WRITERS = 8
+
+
+class Tokens:
+    ttl_seconds = 900
+
+    def issue(self, user_id: UUID) -> str:
+        return f"access-{user_id}"
+
+
+@pytest.fixture
+def identity(write_side: AgentWorks) -> Identity:
+    return Identity(
+        write_side,
+        passwords=Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1),
+        totp=Totp(),
+        sealer=SecretBox(Fernet.generate_key().decode()),
+        access_tokens=Tokens(),
+    )
+
+
+def _all_at_once(n: int, work: object) -> list[object]:
+    barrier = threading.Barrier(n)
+
+    def one(i: int) -> object:
+        barrier.wait()
+        try:
+            return work(i)  # type: ignore[operator]
+        except AgentWorksError as error:
+            return error
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_concurrent_sign_ups_of_one_address_make_one_account(identity: Identity) -> None:
+    spellings = ["ada@example.com", "ADA@example.com", "Ada@Example.Com", " ada@EXAMPLE.com "]
+    outcomes = _all_at_once(
+        WRITERS,
+        lambda i: identity.signup(email=spellings[i % 4], password=PASSWORD, name=f"Ada {i}"),
+    )
+    accounts = [o for o in outcomes if isinstance(o, UUID)]
+    assert len(accounts) == 1, outcomes
+    assert all(isinstance(o, Duplicate) for o in outcomes if not isinstance(o, UUID)), outcomes
+    assert identity.user_id_of("ADA@EXAMPLE.COM") == accounts[0]
+    assert identity.login(email="ada@example.com", password=PASSWORD).user.id == accounts[0]
+
+
+def test_racing_refreshes_with_one_token_rotate_once_and_revoke_on_reuse(
+    identity: Identity, write_side: AgentWorks
+) -> None:
+    identity.signup(email="bob@example.com", password=PASSWORD, name="Bob")
+    grant = identity.login(email="bob@example.com", password=PASSWORD)
+    outcomes = _all_at_once(WRITERS, lambda _: identity.refresh(grant.refresh_token))
+    winners = [o for o in outcomes if isinstance(o, SessionGrant)]
+    assert len(winners) <= 1, outcomes
+    assert all(isinstance(o, Unauthenticated) for o in outcomes if o not in winners), outcomes
+    session_id = UUID(hex=grant.refresh_token.split(".")[0])
+    session: object = write_side.repository.get(session_id)
+    assert isinstance(session, Session)
+    # Every loser either saw the token spent (reuse: the session is revoked) or the session
+    # already revoked; with more than one presenter the session cannot stay usable.
+    assert session.revoked
+    for winner in winners:
+        with pytest.raises(Unauthenticated):
+            identity.refresh(winner.refresh_token)

@@ -1,0 +1,65 @@
+"""Invitation and API-key rules, pure."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from uuid import UUID, uuid4
+
+import pytest
+
+from domain.access import ApiKey, Invitation
+from domain.errors import Forbidden, InvalidTransition, ValidationFailed
+from domain.meta import EventMeta
+from domain.roles import Role
+
+WORKSPACE = UUID(int=7)
+META = EventMeta.for_command(workspace_id=WORKSPACE, actor="owner")
+NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+
+def invitation(expires_in: timedelta = timedelta(days=7)) -> Invitation:
+    return Invitation.create(
+        invitation_id=uuid4(), workspace_id=WORKSPACE, email="a@example.com", role=Role.MEMBER,
+        token_hash="h", expires_at=NOW + expires_in, invited_by="owner", meta=META,
+    )  # fmt: skip
+
+
+def test_accepting_twice_is_harmless_but_not_by_someone_else() -> None:
+    made = invitation()
+    assert made.accept("u1", "a@example.com", now=NOW, meta=META) is True
+    assert made.accept("u1", "a@example.com", now=NOW, meta=META) is False
+    with pytest.raises(InvalidTransition):
+        made.accept("u2", "a@example.com", now=NOW, meta=META)
+    with pytest.raises(InvalidTransition):
+        made.revoke(meta=META)
+
+
+def test_expired_revoked_and_misaddressed_invitations_are_refused() -> None:
+    with pytest.raises(InvalidTransition, match="expired"):
+        invitation(timedelta(seconds=-1)).accept("u1", "a@example.com", now=NOW, meta=META)
+    with pytest.raises(Forbidden):
+        invitation().accept("u1", "b@example.com", now=NOW, meta=META)
+    revoked = invitation()
+    revoked.revoke(meta=META)
+    revoked.revoke(meta=META)  # again: nothing more happens
+    assert len(list(revoked.collect_events())) == 2
+    with pytest.raises(InvalidTransition, match="revoked"):
+        revoked.accept("u1", "a@example.com", now=NOW, meta=META)
+
+
+def test_api_key_names_are_checked_and_revocation_is_idempotent() -> None:
+    with pytest.raises(ValidationFailed):
+        ApiKey.create(
+            key_id=uuid4(), workspace_id=WORKSPACE, name="  ", role=Role.ADMIN,
+            created_by="owner", secret_hash="h", meta=META,
+        )  # fmt: skip
+    key = ApiKey.create(
+        key_id=uuid4(), workspace_id=WORKSPACE, name=" ci ", role=Role.ADMIN,
+        created_by="owner", secret_hash="h", meta=META,
+    )  # fmt: skip
+    assert key.name == "ci"
+    key.revoke(meta=META)
+    first = key.revoked_at
+    key.revoke(meta=META)
+    assert key.revoked_at == first
+    assert first is not None

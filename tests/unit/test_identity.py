@@ -1,0 +1,286 @@
+"""The identity use cases on the in-memory store: sign-up, login, refresh rotation, TOTP.
+
+Real argon2id (at its cheapest parameters, to keep the unit tests fast), real pyotp codes
+computed by the RFC 6238 algorithm, real Fernet sealing; only the clock is the test's.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import struct
+from uuid import UUID
+
+import pytest
+from cryptography.fernet import Fernet
+from hypothesis import given
+from hypothesis import strategies as st
+
+from adapters.credentials import Argon2Passwords, SecretBox, Totp
+from commands.identity import Identity, SessionGrant
+from domain.errors import (
+    Duplicate,
+    InvalidTransition,
+    MfaRequired,
+    Unauthenticated,
+    ValidationFailed,
+)
+from domain.user import Session, email_claim_id, normalise_email
+from tests.unit.aw_builders import new_app
+
+PASSWORD = "correct horse battery"
+
+
+class Tokens:
+    ttl_seconds = 900
+
+    def issue(self, user_id: UUID) -> str:
+        return f"access-for-{user_id}"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rfc6238(secret_b32: str, at: float) -> str:
+    """TOTP by the RFC's own steps (HMAC-SHA-1 over the 30-second counter, dynamic truncation)."""
+    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
+    mac = hmac.new(key, struct.pack(">Q", int(at // 30)), hashlib.sha1).digest()
+    offset = mac[-1] & 0x0F
+    value = struct.unpack(">I", mac[offset : offset + 4])[0] & 0x7FFFFFFF
+    return f"{value % 1_000_000:06d}"
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def identity(clock: Clock) -> Identity:
+    return Identity(
+        new_app(),
+        passwords=Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1),
+        totp=Totp(),
+        sealer=SecretBox(Fernet.generate_key().decode()),
+        access_tokens=Tokens(),
+        clock=clock,
+    )
+
+
+def all_events(identity: Identity) -> list[object]:
+    recorder = identity.app.recorder
+    return list(recorder.select_notifications(start=1, limit=10_000))
+
+
+def test_signup_then_login_with_any_case_of_the_address(identity: Identity) -> None:
+    user_id = identity.signup(email=" Ada@Example.COM ", password=PASSWORD, name="Ada")
+    grant = identity.login(email="ada@example.com", password=PASSWORD)
+    assert grant.user.id == user_id
+    assert grant.user.email == "ada@example.com"
+    assert grant.access_token == f"access-for-{user_id}"
+    assert grant.expires_in == 900
+
+
+def test_a_second_signup_for_the_same_address_is_a_duplicate(identity: Identity) -> None:
+    identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    with pytest.raises(Duplicate):
+        identity.signup(email="ADA@example.com", password="another password!", name="Eve")
+
+
+@pytest.mark.parametrize(
+    ("email", "password", "name"),
+    [("not-an-email", PASSWORD, "Ada"), ("a@b.co", "short", "Ada"), ("a@b.co", PASSWORD, " ")],
+)
+def test_bad_signup_input_is_refused(
+    identity: Identity, email: str, password: str, name: str
+) -> None:
+    with pytest.raises(ValidationFailed):
+        identity.signup(email=email, password=password, name=name)
+
+
+def test_unknown_address_and_wrong_password_get_the_same_answer(identity: Identity) -> None:
+    identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    answers = []
+    for email, password in [("ada@example.com", "wrong password!"), ("bob@example.com", PASSWORD)]:
+        with pytest.raises(Unauthenticated) as refused:
+            identity.login(email=email, password=password)
+        answers.append((type(refused.value), refused.value.code, refused.value.message))
+    assert answers[0] == answers[1]
+
+
+def test_refresh_rotates_and_a_spent_token_revokes_the_whole_session(identity: Identity) -> None:
+    identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    first = identity.login(email="ada@example.com", password=PASSWORD)
+    second = identity.refresh(first.refresh_token)
+    assert second.refresh_token != first.refresh_token
+    third = identity.refresh(second.refresh_token)
+    with pytest.raises(Unauthenticated):
+        identity.refresh(first.refresh_token)  # reuse of a spent token
+    with pytest.raises(Unauthenticated):
+        identity.refresh(third.refresh_token)  # the session is revoked: the newest one too
+
+
+def test_logout_stops_every_token_of_the_session(identity: Identity) -> None:
+    identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    first = identity.login(email="ada@example.com", password=PASSWORD)
+    other = identity.login(email="ada@example.com", password=PASSWORD)
+    second = identity.refresh(first.refresh_token)
+    identity.logout(second.refresh_token)
+    with pytest.raises(Unauthenticated):
+        identity.refresh(second.refresh_token)
+    assert identity.refresh(other.refresh_token).user.email == "ada@example.com"
+    identity.logout("garbage")  # an unknown token is already logged out
+
+
+def test_refresh_after_the_session_expired_is_refused(identity: Identity, clock: Clock) -> None:
+    identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    grant = identity.login(email="ada@example.com", password=PASSWORD)
+    clock.now += identity.refresh_ttl_seconds + 1
+    with pytest.raises(Unauthenticated):
+        identity.refresh(grant.refresh_token)
+
+
+def _enrolled(identity: Identity, clock: Clock) -> tuple[UUID, str, list[str]]:
+    user_id = identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    secret, uri = identity.mfa_enroll(user_id)
+    assert uri.startswith("otpauth://totp/")
+    assert f"secret={secret}" in uri
+    with pytest.raises(ValidationFailed):
+        identity.mfa_confirm(user_id, "000000" if rfc6238(secret, clock.now) != "000000" else "1")
+    codes = identity.mfa_confirm(user_id, rfc6238(secret, clock.now))
+    assert len(codes) == 10
+    assert len(set(codes)) == 10
+    return user_id, secret, codes
+
+
+def test_mfa_login_needs_a_fresh_code_each_time(identity: Identity, clock: Clock) -> None:
+    _, secret, _ = _enrolled(identity, clock)
+    with pytest.raises(MfaRequired):
+        identity.login(email="ada@example.com", password=PASSWORD)
+    with pytest.raises(MfaRequired):  # the confirming code was spent by confirm
+        identity.login(email="ada@example.com", password=PASSWORD, totp=rfc6238(secret, clock.now))
+    clock.now += 30
+    code = rfc6238(secret, clock.now)
+    assert isinstance(
+        identity.login(email="ada@example.com", password=PASSWORD, totp=code), SessionGrant
+    )
+    with pytest.raises(MfaRequired):  # each code works once
+        identity.login(email="ada@example.com", password=PASSWORD, totp=code)
+    clock.now += 60  # one step of drift either way is accepted
+    assert identity.login(
+        email="ada@example.com", password=PASSWORD, totp=rfc6238(secret, clock.now - 30)
+    )
+    clock.now += 120
+    with pytest.raises(MfaRequired):
+        identity.login(
+            email="ada@example.com", password=PASSWORD, totp=rfc6238(secret, clock.now - 60)
+        )
+    with pytest.raises(Unauthenticated) as wrong:  # a wrong password is not told MFA is on
+        identity.login(email="ada@example.com", password="wrong password!", totp="123456")
+    assert not isinstance(wrong.value, MfaRequired)
+
+
+def test_each_recovery_code_works_once(identity: Identity, clock: Clock) -> None:
+    _, _, codes = _enrolled(identity, clock)
+    assert identity.login(email="ada@example.com", password=PASSWORD, totp=codes[3].upper())
+    with pytest.raises(MfaRequired):
+        identity.login(email="ada@example.com", password=PASSWORD, totp=codes[3])
+    assert identity.login(email="ada@example.com", password=PASSWORD, totp=codes[4])
+
+
+def test_disable_needs_a_code_and_then_login_needs_none(identity: Identity, clock: Clock) -> None:
+    user_id, secret, _ = _enrolled(identity, clock)
+    with pytest.raises(MfaRequired):
+        identity.mfa_disable(user_id, "nonsense")
+    clock.now += 30
+    identity.mfa_disable(user_id, rfc6238(secret, clock.now))
+    assert not identity.user(user_id).mfa_enabled
+    assert identity.login(email="ada@example.com", password=PASSWORD)
+    with pytest.raises(InvalidTransition):
+        identity.mfa_disable(user_id, rfc6238(secret, clock.now))
+
+
+def test_no_secret_is_stored_in_the_clear(identity: Identity, clock: Clock) -> None:
+    user_id, secret, codes = _enrolled(identity, clock)
+    with pytest.raises(Unauthenticated):
+        identity.login(email="ada@example.com", password="wrong password!")
+    clock.now += 30
+    grant = identity.login(
+        email="ada@example.com", password=PASSWORD, totp=rfc6238(secret, clock.now)
+    )
+    refreshed = identity.refresh(grant.refresh_token)
+    stored = b"".join(n.state for n in all_events(identity))  # type: ignore[attr-defined]
+    for plain in [PASSWORD, secret, *codes, grant.refresh_token.split(".")[1],
+                  refreshed.refresh_token.split(".")[1]]:  # fmt: skip
+        assert plain.encode() not in stored
+    topics = [n.topic for n in all_events(identity)]  # type: ignore[attr-defined]
+    assert any(t.endswith("User.LoginFailed") for t in topics)
+    assert any(t.endswith("User.LoginSucceeded") for t in topics)
+    assert any(t.endswith("User.MfaEnabled") for t in topics)
+    assert identity.app.repository.get(user_id).email == "ada@example.com"
+
+
+@given(st.text(min_size=1, max_size=20).filter(lambda s: "@" not in s and s.strip() == s))
+def test_normalising_an_address_twice_changes_nothing(local: str) -> None:
+    """One address, one claim: whatever form it was typed in, its normal form is a fixed point
+    (else a second sign-up in another form would get another claim id)."""
+    try:
+        email = normalise_email(f"{local}@Example.org")
+    except ValidationFailed:
+        return
+    assert normalise_email(email) == email
+    assert email_claim_id(normalise_email(email.swapcase())) == email_claim_id(
+        normalise_email(normalise_email(email.swapcase()))
+    )
+
+
+@given(st.from_regex(r"[A-Za-z0-9._%+-]{1,30}", fullmatch=True), st.booleans())
+def test_ascii_addresses_ignore_case(local: str, upper: bool) -> None:
+    typed = f"{local.upper() if upper else local.lower()}@EXAMPLE.org"
+    assert email_claim_id(normalise_email(typed)) == email_claim_id(
+        normalise_email(f"{local}@example.ORG")
+    )
+
+
+@pytest.mark.parametrize(
+    ("one", "other"), [("\u00b5@x.io", "\u039c@x.io"), ("\u0390@x.io", "\u03aa\u0301@x.io")]
+)
+def test_unicode_case_variants_are_one_address(one: str, other: str) -> None:
+    assert normalise_email(one) == normalise_email(other)
+
+
+def test_session_rotation_rules_directly() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from domain.meta import EventMeta
+
+    meta = EventMeta.for_command(workspace_id="", actor="u")
+    now = datetime.now(UTC)
+    session = Session.start(
+        session_id=UUID(int=1), user_id=UUID(int=2), token_hash="a",
+        expires_at=now + timedelta(days=1), meta=meta,
+    )  # fmt: skip
+    assert session.rotate("a", "b", now=now, meta=meta)
+    assert not session.rotate("x", "c", now=now, meta=meta)
+    assert not session.revoked
+    assert not session.rotate("a", "c", now=now, meta=meta)
+    assert session.revoked
+    assert not session.rotate("b", "c", now=now, meta=meta)
+
+
+def test_changing_the_password_needs_the_current_one(identity: Identity) -> None:
+    user_id = identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    with pytest.raises(Unauthenticated):
+        identity.change_password(user_id, current="wrong password!", new="a new password")
+    with pytest.raises(ValidationFailed):
+        identity.change_password(user_id, current=PASSWORD, new="short")
+    identity.change_password(user_id, current=PASSWORD, new="a new password")
+    with pytest.raises(Unauthenticated):
+        identity.login(email="ada@example.com", password=PASSWORD)
+    assert identity.login(email="ada@example.com", password="a new password")
