@@ -105,10 +105,26 @@ def workspace_exists(conn: Connection[Any], workspace_id: UUID) -> bool:
     return str(resolve_topic(str(topic)).__qualname__) == "Workspace.Created"
 
 
+#: Identity events an auditor of a workspace sees for its members (DESIGN.md: "the audit export
+#: shows sign-ins"). Users belong to no workspace; a member's sign-ins while a member are shown,
+#: nothing else of theirs (no e-mail address, no credential change).
+SIGN_IN_TYPES = frozenset({"User.LoginSucceeded", "User.LoginFailed"})
+_MEMBERSHIP_CHANGES = frozenset({"Workspace.Created", "Workspace.MemberAdded"})
+
+
+def _sign_in_topics() -> list[str]:
+    from eventsourcing.utils import get_topic
+
+    from domain.user import User
+
+    return [get_topic(User.LoginSucceeded), get_topic(User.LoginFailed)]
+
+
 def workspace_rows(
     conn: Connection[Any], *, workspace_id: UUID, json_prefilter: bool
 ) -> Iterator[Row]:
-    """Every stored event of ``workspace_id`` in log order, through a server-side cursor.
+    """Every stored event of ``workspace_id``, and every sign-in event, in log order, through a
+    server-side cursor (:func:`export_lines` keeps the sign-ins of the workspace's members).
 
     Run inside a transaction (REPEATABLE READ gives one consistent snapshot of the log). With
     plain JSON states Postgres skips other workspaces' rows; otherwise every row comes back and
@@ -120,8 +136,11 @@ def workspace_rows(
     )
     params: tuple[Any, ...] = ()
     if json_prefilter:
-        sql += " WHERE convert_from(state, 'UTF8')::jsonb #>> '{meta,workspace_id}' = %s"
-        params = (str(workspace_id),)
+        sql += (
+            " WHERE convert_from(state, 'UTF8')::jsonb #>> '{meta,workspace_id}' = %s"
+            " OR topic = ANY(%s)"
+        )
+        params = (str(workspace_id), _sign_in_topics())
     with conn.cursor(name="audit_export", row_factory=tuple_row, binary=True) as cur:
         cur.itersize = PAGE
         cur.execute(sql + " ORDER BY notification_id", params)
@@ -139,15 +158,22 @@ def export_lines(
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[str]:
     """The export's lines (without newlines): one per event of the workspace whose time is in
-    ``[since, until)``, then the signed trailer. Holds one row at a time."""
+    ``[since, until)``, and one per sign-in of a user while a member of it, then the signed
+    trailer. Holds one row at a time (and the set of current members)."""
     prev = GENESIS
     count = 0
+    members: set[str] = set()
     for row in rows:
         envelope = decode(row)
         if progress is not None:
             progress(envelope.position)
-        if envelope.workspace_id != workspace_id:
+        if envelope.workspace_id is None and envelope.type in SIGN_IN_TYPES:
+            if str(envelope.originator_id) not in members:
+                continue
+        elif envelope.workspace_id != workspace_id:
             continue
+        else:
+            _follow_membership(envelope, members)
         if (since is not None and envelope.timestamp < since) or (
             until is not None and envelope.timestamp >= until
         ):
@@ -159,6 +185,14 @@ def export_lines(
     yield canonical_json(
         {"count": count, "headHash": prev, "keyId": signer.key_id, "signature": signature}
     )
+
+
+def _follow_membership(envelope: EventEnvelope, members: set[str]) -> None:
+    payload = envelope.payload
+    if envelope.type in _MEMBERSHIP_CHANGES:
+        members.add(str(payload.get("owner_id") or payload.get("user_id")))
+    elif envelope.type == "Workspace.MemberRemoved":
+        members.discard(str(payload.get("user_id")))
 
 
 # -- verify ---------------------------------------------------------------------------------------

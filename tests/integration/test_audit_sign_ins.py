@@ -1,0 +1,86 @@
+"""The audit export shows sign-ins (DESIGN.md, Identity): a member's logins and failed logins
+while a member of the workspace, never a stranger's, never one from before joining or after
+leaving, and the chain still verifies."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+import pytest
+from board_helpers import bootstrap_board
+from cryptography.fernet import Fernet
+from test_cli import agentworks
+
+from adapters.audit_signing import DEV_AUDIT_KEY_FILE, load_public_key
+from adapters.credentials import Argon2Passwords, SecretBox, Totp
+from commands import models as m
+from commands.identity import Identity
+from domain.errors import Unauthenticated
+from streams.audit import verify
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from commands.handlers import AgentWorks
+
+pytestmark = pytest.mark.slow
+
+PASSWORD = "correct horse battery"
+
+
+class Tokens:
+    ttl_seconds = 900
+
+    def issue(self, user_id: UUID) -> str:
+        return f"access-{user_id}"
+
+
+def test_export_holds_members_sign_ins_only_while_they_are_members(
+    write_side: AgentWorks, database_url: str, tmp_path: Path
+) -> None:
+    identity = Identity(
+        write_side,
+        passwords=Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1),
+        totp=Totp(),
+        sealer=SecretBox(Fernet.generate_key().decode()),
+        access_tokens=Tokens(),
+    )
+    board = bootstrap_board(write_side)
+    ada = identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    eve = identity.signup(email="eve@example.com", password=PASSWORD, name="Eve")
+
+    def log_in(email: str, password: str = PASSWORD) -> None:
+        with contextlib.suppress(Unauthenticated):
+            identity.login(email=email, password=password)
+
+    log_in("ada@example.com")  # before joining: not the workspace's business
+    add = m.AddMember(workspace_id=board.workspace_id, user_id=str(ada), role="MEMBER")
+    write_side.add_member(add, board.owner)
+    log_in("ada@example.com")
+    log_in("ada@example.com", "wrong password!")
+    log_in("eve@example.com")  # never a member
+    remove = m.RemoveMember(workspace_id=board.workspace_id, user_id=str(ada))
+    write_side.remove_member(remove, board.owner)
+    log_in("ada@example.com")  # after leaving
+
+    data_dir = tmp_path / "data"
+    result = agentworks(
+        "audit", "export", "--workspace", str(board.workspace_id), "--data-dir", str(data_dir),
+        cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": database_url},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    events = [json.loads(text) for text in lines[:-1]]
+
+    sign_ins = [e for e in events if e["type"].startswith("User.")]
+    assert [(e["type"], e["originatorId"]) for e in sign_ins] == [
+        ("User.LoginSucceeded", str(ada)),
+        ("User.LoginFailed", str(ada)),
+    ]
+    assert str(eve) not in result.stdout
+    assert "ada@example.com" not in result.stdout  # sign-ins only, no address or credential
+    key = load_public_key((data_dir / DEV_AUDIT_KEY_FILE).read_text(), source="dev key")
+    assert verify(lines, key).ok
