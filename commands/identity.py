@@ -218,6 +218,11 @@ class Identity:
 
         def decide(meta: EventMeta) -> tuple[list[Aggregate], bool]:
             session = self._get(Session, session_id)
+            if session.holds(presented) and session.outlived_password(
+                self._get(User, session.user_id)
+            ):
+                session.revoke("the password was changed since this sign-in", meta=meta)
+                return [session], False
             rotated = session.rotate(presented, digest(new_secret), now=self._now(), meta=meta)
             return [session], rotated
 
@@ -257,7 +262,8 @@ class Identity:
         self, user_id: UUID, *, current: str, new: str, correlation_id: str = ""
     ) -> None:
         """Replace the password after checking the current one (a stolen access token alone
-        cannot lock the owner out)."""
+        cannot lock the owner out). Every session begun before it stops refreshing: whoever
+        knew the old password may hold one; access tokens already issued live out their TTL."""
         check_password(new)
         user = self._user(user_id)
         if not self.passwords.verify(user.password_hash, current):

@@ -123,6 +123,7 @@ class User(IdentityAggregate):
         recovery_code_hashes: list[str]
         last_totp_step: int
         oidc_subjects: list[str]
+        password_changed_at: datetime | None
 
     class Registered(IdentityAggregate.Created):
         email: str
@@ -139,12 +140,14 @@ class User(IdentityAggregate):
             aggregate.recovery_code_hashes = []
             aggregate.last_totp_step = -1
             aggregate.oidc_subjects = []
+            aggregate.password_changed_at = None
 
     class PasswordChanged(IdentityAggregate.Event):
         password_hash: str
 
         def apply(self, aggregate: Any) -> None:
             aggregate.password_hash = self.password_hash
+            aggregate.password_changed_at = self.timestamp
 
     class MfaEnrolmentStarted(IdentityAggregate.Event):
         totp_secret_sealed: str
@@ -350,6 +353,12 @@ class Session(IdentityAggregate):
     def revoke(self, reason: str, *, meta: EventMeta) -> None:
         if not self.revoked:
             self._record(self.Revoked, meta, reason=reason)
+
+    def outlived_password(self, user: User) -> bool:
+        """Whether this session began before its user's last password change: a new password
+        signs every earlier session out (whoever knew the old one may hold one of them)."""
+        changed: datetime | None = getattr(user, "password_changed_at", None)
+        return changed is not None and self.created_on <= changed
 
     def holds(self, presented_hash: str) -> bool:
         return presented_hash == self.current_hash or presented_hash in self.spent_hashes

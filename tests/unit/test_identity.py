@@ -284,3 +284,18 @@ def test_changing_the_password_needs_the_current_one(identity: Identity) -> None
     with pytest.raises(Unauthenticated):
         identity.login(email="ada@example.com", password=PASSWORD)
     assert identity.login(email="ada@example.com", password="a new password")
+
+
+def test_a_new_password_signs_out_every_earlier_session(identity: Identity) -> None:
+    user_id = identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    laptop = identity.login(email="ada@example.com", password=PASSWORD)
+    phone = identity.login(email="ada@example.com", password=PASSWORD)
+    phone = identity.refresh(phone.refresh_token)
+
+    identity.change_password(user_id, current=PASSWORD, new="a new password")
+
+    for earlier in (laptop, phone):
+        with pytest.raises(Unauthenticated):
+            identity.refresh(earlier.refresh_token)
+    fresh = identity.login(email="ada@example.com", password="a new password")
+    assert identity.refresh(fresh.refresh_token).refresh_token != fresh.refresh_token
