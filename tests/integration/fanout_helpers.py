@@ -38,6 +38,7 @@ from psycopg import sql
 from adapters.kafka_broker import LocalBroker
 from adapters.postgres import PROJECTOR_ROLE, make_pool
 from commands import models as m
+from commands.billing import Billing, GrantCredit
 from commands.handlers import Actor
 from domain.errors import AgentWorksError
 from domain.meta import EventMeta
@@ -189,9 +190,37 @@ class Workload:
                 m.ArchiveProject(project_id=tenant.projects[-1]),
                 tenant.owner,
             )
+        self._do(
+            Billing(self.app).grant_credit,
+            GrantCredit(
+                workspace_id=tenant.workspace_id,
+                amount="2.50",
+                reason="goodwill",
+                at=datetime.now(UTC),
+            ),
+            tenant.owner,
+        )
         outcomes = ["SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED"]
         for index, run_id in enumerate(list(tenant.running)):
             outcome = outcomes[index % len(outcomes)]
+            # A provider refused one attempt (no tokens, nothing charged): the attempts model.
+            self._do(
+                self.app.record_provider_attempt,
+                m.RecordProviderAttempt(
+                    run_id=run_id,
+                    worker=self.app.repository.get(run_id).worker,
+                    provider="simulated",
+                    model="sim-1",
+                    status="failed",
+                    http_status=503,
+                    error="overloaded",
+                    latency_ms=self.rng.randint(5, 500),
+                    input_tokens=0,
+                    output_tokens=0,
+                    started_at=datetime.now(UTC),
+                ),
+                tenant.orchestrator,
+            )
             if outcome == "CANCELLED":
                 self._do(
                     self.app.cancel_agent_run,
@@ -201,7 +230,13 @@ class Workload:
             else:
                 self._do(
                     self.app.finish_run,
-                    m.FinishRun(run_id=run_id, outcome=outcome, error="boom", after_seconds=30),
+                    m.FinishRun(
+                        run_id=run_id,
+                        outcome=outcome,
+                        error="boom",
+                        after_seconds=30,
+                        output=f"output of run {index}" if outcome == "SUCCEEDED" else None,
+                    ),
                     tenant.orchestrator,
                 )
         tenant.running.clear()

@@ -119,8 +119,10 @@ def test_a_mixed_workload_builds_the_same_read_models_as_a_rebuild(fanout: Fanou
 
     fanout.assert_equals_rebuild()
 
-    # The workload reached every read model (a suite that compared empty tables proves nothing).
-    for table in READ_MODELS:
+    # The workload reached every read model (a suite that compared empty tables proves nothing),
+    # but invoices: issuing one needs Stripe (tests/integration/test_billing_stripe.py holds its
+    # read model equal to a rebuild).
+    for table in (t for t in READ_MODELS if t != "rm_invoices"):
         (count,) = fanout.rows(f"SELECT count(*) FROM {table}")[0]
         assert count, f"{table} is empty"
     statuses = {row[0] for row in fanout.rows("SELECT DISTINCT status FROM rm_runs")}
