@@ -34,6 +34,7 @@ import psycopg
 
 from adapters.providers.base import ChatRequest, Usage
 from adapters.providers.simulated import SimulatedProvider
+from bench._provenance import Provenance
 from commands import models as m
 from commands.handlers import Actor
 from domain.agent_run import AgentRun
@@ -127,7 +128,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--tokens-per-second", type=float, default=60.0)
     parser.add_argument("--output-tokens", type=int, default=120)
+    parser.add_argument("--json", default="bench/results/agents.json")
     args = parser.parse_args()
+    provenance = Provenance.start()
     name = "aw_bench_agents_" + secrets.token_hex(4)
     url = f"postgresql://postgres@127.0.0.1:5432/{name}"
     ensure_database(url)
@@ -145,7 +148,10 @@ def main() -> None:
             "added_p99_s": orch["p99_s"] - base["p99_s"],
             "overhead_p50_pct": 100 * (orch["p50_s"] - base["p50_s"]) / base["p50_s"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "provenance": provenance.finish(),
         }  # fmt: skip
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
     finally:
         with psycopg.connect(ADMIN, autocommit=True) as conn:

@@ -31,6 +31,7 @@ from psycopg import IsolationLevel
 
 from adapters.audit_signing import Signer
 from adapters.postgres import PROJECTOR_ROLE, make_pool
+from bench._provenance import Provenance
 from commands import models as m
 from commands.handlers import Actor
 from domain.card import Card
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--json", default="bench/results/audit.json")
     args = parser.parse_args()
+    provenance = Provenance.start()
 
     name = f"aw_bench_{uuid4().hex[:10]}"
     admin = f"{args.server}/postgres"
@@ -210,6 +212,7 @@ def main() -> None:
             "after": [round(x, 2) for x in os.getloadavg()],
         },
         "cpus": os.cpu_count(),
+        "provenance": provenance.finish(),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

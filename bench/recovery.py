@@ -33,14 +33,16 @@ from typing import Any
 
 import psycopg
 
+from bench._provenance import Provenance
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _helper(name: str) -> ModuleType:
     """A test helper module (no pytest in it), shared with tests/integration."""
-    path = str(ROOT / "tests" / "integration")
-    if path not in sys.path:
-        sys.path.insert(0, path)
+    for path in (str(ROOT / "tests"), str(ROOT / "tests" / "integration")):
+        if path not in sys.path:
+            sys.path.insert(0, path)
     return importlib.import_module(name)
 
 
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--down", type=float, default=2.0, help="seconds the database stays down")
     parser.add_argument("--json", default="bench/results/recovery.json")
     args = parser.parse_args()
+    provenance = Provenance.start()
 
     dedicated = _helper("dedicated_postgres")
     outage = _helper("outage_helpers")
@@ -171,6 +174,7 @@ def main() -> None:
         "rounds": rounds,
         "medians": medians,
         "answers_neither_result_nor_unavailable": others[:5],
+        "provenance": provenance.finish(),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
