@@ -85,7 +85,15 @@ class FaultProxy:
                 _close(client)
                 continue
             with self._lock:
-                self._sockets.update((client, server))
+                # Checked again under the lock: a cut with ``then_down`` may have begun while
+                # this connection was being made, after its snapshot of the open sockets.
+                refused = self._refusing
+                if not refused:
+                    self._sockets.update((client, server))
+            if refused:
+                _close(client)
+                _close(server)
+                continue
             threading.Thread(target=self._pump_up, args=(client, server), daemon=True).start()
             threading.Thread(target=self._pump_down, args=(server, client), daemon=True).start()
 
@@ -98,17 +106,19 @@ class FaultProxy:
                     self._armed = None
                     self.cuts += 1
                     if armed == "after":
+                        # "Down" must begin before the client can notice its cut: otherwise it
+                        # could reconnect in between and learn the outcome after all.
+                        if self._then_down:
+                            with self._lock:
+                                self._refusing = True
+                                others = [s for s in self._sockets if s not in (client, server)]
+                            for sock in others:
+                                _close(sock)
                         # The client loses its connection before any answer can reach it; the
                         # server gets the COMMIT, and its socket a moment longer, and commits.
                         _close(client)
                         server.sendall(data)
                         threading.Timer(0.5, _close, args=(server,)).start()
-                        if self._then_down:
-                            self._refusing = True
-                            with self._lock:
-                                others = [s for s in self._sockets if s not in (client, server)]
-                            for sock in others:
-                                _close(sock)
                     else:
                         _close(client)
                         _close(server)
