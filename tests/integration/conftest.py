@@ -12,10 +12,13 @@ which do not run pytest, can import them too.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 from board_helpers import LANES, Board, bootstrap_board
+from cli_process import Agentworks, stop_postgres_under
 from read_side_helpers import ReadSide, open_read_side
 
 from infra.bootstrap import build_write_side
@@ -45,3 +48,25 @@ def side(database_url: str) -> Iterator[ReadSide]:
     """A read side on this test's own database (modules that share one override it)."""
     with open_read_side(database_url) as read_side:
         yield read_side
+
+
+@pytest.fixture
+def running() -> Iterator[list[Agentworks]]:
+    """``agentworks`` processes a test started: killed (with their process group) at its end."""
+    started: list[Agentworks] = []
+    yield started
+    for process in started:
+        process.kill()
+
+
+@pytest.fixture
+def embedded_dir() -> Iterator[Path]:
+    """An empty folder for embedded PostgreSQL data dirs, outside pytest's base temp dir.
+
+    Run as root, the embedded server runs as another user who must reach its data dir, and any
+    pytest session starting meanwhile (a shared machine) resets ``/tmp/pytest-of-root`` to mode
+    0700, which locked the server out. Whatever a failed test left running there is stopped.
+    """
+    with tempfile.TemporaryDirectory(prefix="aw-embedded-", ignore_cleanup_errors=True) as top:
+        yield Path(top)
+        stop_postgres_under(Path(top))

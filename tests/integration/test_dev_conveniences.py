@@ -8,24 +8,21 @@ Everywhere: a garbage token is "malformed token", not the decoder's internals.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 import pg
-import psutil  # type: ignore[import-untyped]
 import pytest
-from test_dev_command import Agentworks, assert_clean_exit, clean_env, free_port, postgres_processes
+from cli_process import Agentworks, assert_clean_exit, clean_env, free_port
 
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    pass
 
 pytestmark = pytest.mark.slow
 
@@ -34,21 +31,8 @@ QUERY = {"query": "{ __typename }"}
 
 
 @pytest.fixture
-def data_dirs() -> Iterator[tuple[Path, Path]]:
-    with tempfile.TemporaryDirectory(prefix="aw-dev-", ignore_cleanup_errors=True) as top:
-        yield Path(top) / "mine", Path(top) / "other"
-        for process in postgres_processes(Path(top)):  # only after a failed test
-            with contextlib.suppress(psutil.Error):
-                process.terminate()
-                process.wait(10)
-
-
-@pytest.fixture
-def running() -> Iterator[list[Agentworks]]:
-    started: list[Agentworks] = []
-    yield started
-    for process in started:
-        process.kill()
+def data_dirs(embedded_dir: Path) -> tuple[Path, Path]:
+    return embedded_dir / "mine", embedded_dir / "other"
 
 
 def cli_token(tmp_path: Path, data_dir: Path) -> str:

@@ -8,19 +8,16 @@ stops it when it ends. Every signal that ends ``dev`` stops its server; a server
 
 from __future__ import annotations
 
-import contextlib
 import re
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import psutil  # type: ignore[import-untyped]
 import pytest
-from test_dev_command import (
+from cli_process import (
     Agentworks,
     assert_clean_exit,
     assert_postgres_stopped,
@@ -30,9 +27,14 @@ from test_dev_command import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    pass
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def data_dir(embedded_dir: Path) -> Path:
+    return embedded_dir / "data"
 
 
 def agentworks(
@@ -54,30 +56,6 @@ def log_head(status_stdout: str) -> int:
     match = re.search(r"event log head: ([\d,]+)", status_stdout)
     assert match, status_stdout
     return int(match.group(1).replace(",", ""))
-
-
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    """A data dir that does not exist yet, outside pytest's base temp dir.
-
-    Run as root, the embedded server runs as another user who must reach its data dir; a pytest
-    session starting meanwhile resets ``/tmp/pytest-of-root`` to mode 0700, locking it out.
-    """
-    with tempfile.TemporaryDirectory(prefix="aw-embedded-", ignore_cleanup_errors=True) as top:
-        path = Path(top) / "data"
-        yield path
-        for process in postgres_processes(path):  # only after a failed test
-            with contextlib.suppress(psutil.Error):
-                process.terminate()
-                process.wait(10)
-
-
-@pytest.fixture
-def running() -> Iterator[list[Agentworks]]:
-    started: list[Agentworks] = []
-    yield started
-    for process in started:
-        process.kill()
 
 
 def start_dev(tmp_path: Path, data_dir: Path, *args: str) -> Agentworks:

@@ -10,25 +10,17 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-from test_dev_command import Agentworks, clean_env, free_port
+from cli_process import Agentworks, clean_env, free_port
 from users import user_id
 
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    pass
 
 pytestmark = pytest.mark.slow
 
 SECRET = "serve-alone-test-secret-" + "s" * 32
-
-
-@pytest.fixture
-def running() -> Iterator[list[Agentworks]]:
-    started: list[Agentworks] = []
-    yield started
-    for process in started:
-        process.kill()
 
 
 def readyz(serve: Agentworks) -> httpx.Response:
