@@ -6,8 +6,10 @@ import json
 from typing import TYPE_CHECKING
 
 import httpx
+import redis.asyncio
 import yaml  # type: ignore[import-untyped]
 
+from adapters.budget_holds import RedisBudgetHolds
 from adapters.providers.anthropic import AnthropicProvider
 from adapters.providers.openai import OpenAIProvider
 from adapters.providers.simulated import SimulatedProvider
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from adapters.providers.base import Provider
     from commands.handlers import AgentWorks
     from infra.settings import Settings
+    from orchestrator.holds import BudgetHolds
 
 
 def load_price_table(settings: Settings) -> PriceTable:
@@ -76,4 +79,18 @@ def build_orchestrator(settings: Settings, write: AgentWorks) -> Orchestrator:
     from streams.log import EventLog
 
     event_log = EventLog(write.recorder, write.mapper)  # type: ignore[arg-type]
-    return Orchestrator(write, event_log, build_providers(settings), orchestrator_config(settings))
+    return Orchestrator(
+        write,
+        event_log,
+        build_providers(settings),
+        orchestrator_config(settings),
+        holds=build_budget_holds(settings),
+    )
+
+
+def build_budget_holds(settings: Settings) -> BudgetHolds | None:
+    """Holds shared through Redis when it is configured, so several orchestrators never
+    together overshoot a month; without it each orchestrator holds for its own runs."""
+    if settings.redis_url is None:
+        return None
+    return RedisBudgetHolds(redis.asyncio.Redis.from_url(settings.redis_url))

@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     """Longest time a worker's fetch waits for records (faust's own is 1500 ms); bounds the
     delay an event sees on a broker that holds a fetch for its whole wait."""
     redis_url: str | None = None
-    """``redis://host:port/db`` for subscriptions across API instances; None = in-process."""
+    """``redis://host:port/db`` for subscriptions and rate limits across API instances and
+    budget holds shared by orchestrators; None = in-process."""
 
     # --- auth ----------------------------------------------------------------------------
     jwt_secret: SecretStr | None = None

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -44,6 +44,7 @@ from adapters.tokenizer import count_message_tokens, count_tokens
 from commands import models as m
 from commands.handlers import Actor
 from domain.agents import EarlierRun, agent_named, build_prompt
+from domain.budget_holds import Hold, HoldRequest
 from domain.errors import AgentWorksError, Conflict, InvalidTransition, NotFound
 from domain.money import billed_amount, format_usd
 from domain.pricing import call_cost_micros
@@ -56,6 +57,8 @@ from domain.routing import (
     backoff_seconds,
     route,
 )
+from domain.usage import month_of
+from orchestrator.holds import BudgetHolds, LocalHolds
 from orchestrator.logbatch import Line, LogBatcher
 
 if TYPE_CHECKING:
@@ -118,6 +121,18 @@ class _Lost(Exception):
     """Another worker owns the run now; stop without writing."""
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One provider call under way: what its charge and its budget checks need."""
+
+    view: RunView
+    option: ModelOption
+    input_tokens: int
+    started_at: datetime
+    billed: Callable[[int], int]
+    room: int | None
+
+
 @dataclass
 class _Outcome:
     ok: bool
@@ -134,6 +149,7 @@ class Orchestrator:
         event_log: EventLog,
         providers: Mapping[str, Provider],
         config: OrchestratorConfig | None = None,
+        holds: BudgetHolds | None = None,
     ) -> None:
         self.app = app
         self.log = event_log
@@ -152,7 +168,10 @@ class Orchestrator:
             threshold=self.config.breaker_threshold,
             cooldown_seconds=self.config.breaker_cooldown,
         )
-        self.reserved: dict[UUID, dict[UUID, int]] = {}
+        # Also where holds go while a shared store cannot be reached: this process's own runs
+        # still hold against each other, and the next call tries the shared store again.
+        self._local_holds = LocalHolds()
+        self.holds: BudgetHolds = holds if holds is not None else self._local_holds
         self._last_write: dict[UUID, float] = {}
         self._executor = ThreadPoolExecutor(
             max_workers=min(64, self.config.concurrency + 4), thread_name_prefix="orchestrator"
@@ -186,7 +205,9 @@ class Orchestrator:
                 task.cancel()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
             await asyncio.gather(
-                *(p.aclose() for p in self.providers.values()), return_exceptions=True
+                *(p.aclose() for p in self.providers.values()),
+                self.holds.aclose(),
+                return_exceptions=True,
             )
             self._executor.shutdown(wait=True)
 
@@ -510,24 +531,50 @@ class Orchestrator:
         price = self.app.prices.require(option.provider, option.model, started_at)
         input_tokens = count_message_tokens(messages)
         budget = await self._call(self.app.run_budget, view.run_id, started_at)
-        others = sum(
-            amount
-            for run_id, amount in self.reserved.get(view.workspace_id, {}).items()
-            if run_id != view.run_id
-        )
-        room = budget.room_micros(reserved_elsewhere=others)
 
         def billed(output_tokens: int) -> int:
             cost = call_cost_micros(price, input_tokens=input_tokens, output_tokens=output_tokens)
             return billed_amount(cost, budget.markup)
 
-        if room is not None and billed(0) > room:
-            raise RunFailed(
-                f"budget reached: {format_usd(max(room, 0))} left, the prompt alone would be "
-                f"billed {format_usd(billed(0))}"
+        month = month_of(started_at)
+        hold = await self._hold(
+            HoldRequest(
+                workspace_id=view.workspace_id,
+                month=month,
+                run_id=view.run_id,
+                want=billed(max_tokens),
+                floor=billed(0),
+                spent=budget.month_spent_micros,
+                limit=budget.month_limit_micros,
+                run_room=None
+                if budget.run_max_micros is None
+                else budget.run_max_micros - budget.run_billed_micros,
             )
-        reservation = billed(max_tokens) if room is None else min(billed(max_tokens), room)
-        self.reserved.setdefault(view.workspace_id, {})[view.run_id] = reservation
+        )
+        room = hold.room
+        if hold.granted is None:
+            raise RunFailed(
+                f"budget reached: {format_usd(max(room or 0, 0))} left, the prompt alone would "
+                f"be billed {format_usd(billed(0))}"
+            )
+        try:
+            return await self._stream(
+                _Call(view, option, input_tokens, started_at, billed, room),
+                provider.stream(ChatRequest(option.model, messages, max_tokens)),
+                batcher,
+            )
+        finally:
+            # Released only once the call's charge is written (or could not be): until then
+            # neither the month's spend nor the holds would count the call.
+            await self._release(view, month)
+
+    async def _stream(
+        self, call: _Call, stream: AsyncIterator[str | Usage], batcher: LogBatcher
+    ) -> _Outcome:
+        view, option, input_tokens, started_at = (
+            call.view, call.option, call.input_tokens, call.started_at
+        )  # fmt: skip
+        billed, room = call.billed, call.room
         text: list[str] = []
         output_tokens = 0
         usage: Usage | None = None
@@ -535,7 +582,6 @@ class Orchestrator:
         budget_hit = False
         t0 = time.monotonic()
         try:
-            stream = provider.stream(ChatRequest(option.model, messages, max_tokens))
             async with contextlib.aclosing(stream):  # type: ignore[type-var]
                 async for piece in stream:
                     if isinstance(piece, Usage):
@@ -561,8 +607,6 @@ class Orchestrator:
                         started_at,
                     )  # fmt: skip
             raise
-        finally:
-            self.reserved.get(view.workspace_id, {}).pop(view.run_id, None)
         latency_ms = int((time.monotonic() - t0) * 1000)
         received = "".join(text)
         breaker = self.breakers.of(option.provider)
@@ -597,6 +641,26 @@ class Orchestrator:
             return _Outcome(ok=False, error=str(error), permanent=True)
         assert isinstance(error, TransientProviderError)
         return _Outcome(ok=False, error=str(error), retry_after=error.retry_after)
+
+    async def _hold(self, request: HoldRequest) -> Hold:
+        # A hold outlives no run: the run's timeout bounds its calls, and its takeover by
+        # another orchestrator starts after ``stale_after``.
+        ttl = self.config.run_timeout + self.config.stale_after
+        if self.holds is not self._local_holds:
+            try:
+                return await self.holds.hold(request, ttl=ttl)
+            except Exception:
+                log.warning("orchestrator.shared_holds_unavailable", exc_info=True)
+        return await self._local_holds.hold(request, ttl=ttl)
+
+    async def _release(self, view: RunView, month: str) -> None:
+        await self._local_holds.release(view.workspace_id, month, view.run_id)
+        if self.holds is not self._local_holds:
+            try:
+                await self.holds.release(view.workspace_id, month, view.run_id)
+            except Exception:
+                # The hold lapses on its own (see ``_hold``); until then it only holds back.
+                log.warning("orchestrator.hold_release_failed", exc_info=True)
 
     async def _attempt(
         self, view: RunView, option: ModelOption, status: str, http_status: int | None,

@@ -17,6 +17,7 @@ from commands import models as m
 from commands.handlers import AgentWorks
 from domain.agent_run import AgentRun, RunStatus
 from infra.bootstrap import build_write_side
+from orchestrator.holds import BudgetHolds
 from orchestrator.service import Orchestrator, OrchestratorConfig, OrchestratorThread
 from streams.log import EventLog
 
@@ -45,6 +46,7 @@ def fast_simulated(**kwargs: Any) -> SimulatedProvider:
 def orchestrator_thread(
     database_url: str,
     providers: Mapping[str, Provider] | None = None,
+    holds: BudgetHolds | None = None,
     **config: Any,
 ) -> Iterator[Orchestrator]:
     """An orchestrator with a write side of its own, running in a thread until the block ends."""
@@ -53,7 +55,7 @@ def orchestrator_thread(
     settings = {"heartbeat_interval": 1.0, "stale_after": 30.0, "backoff_base": 0.05, **config}
     orchestrator = Orchestrator(
         write, event_log, providers or {"simulated": fast_simulated()},
-        OrchestratorConfig(**settings),
+        OrchestratorConfig(**settings), holds=holds,
     )  # fmt: skip
     thread = OrchestratorThread(orchestrator)
     thread.start()

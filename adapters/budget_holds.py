@@ -1,0 +1,116 @@
+"""Budget holds in Redis, shared by every orchestrator that points at the same Redis.
+
+One hash per workspace-month (``agentworks:holds:<workspace>:<month>``); each field is a run
+holding budget for its call in flight, valued ``<micro-USD>:<lapses at, ms since the epoch>``.
+The decision runs inside Redis as one Lua script, so deciding and recording are atomic across
+processes: two orchestrators can never both take the same room. The script mirrors
+``domain.budget_holds.decide_hold`` exactly; a test holds the two equal.
+
+Expired fields (a dead orchestrator's holds) are dropped by the next decision on that month.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from domain.budget_holds import Hold, HoldRequest
+
+if TYPE_CHECKING:
+    from uuid import UUID
+
+    import redis.asyncio
+
+#: KEYS[1] the month's hash. ARGV: run, want, floor, spent, limit (-1: none),
+#: run_room ("none" or an integer that may be negative), now ms, ttl ms.
+#: Returns {granted or -1, room or "none"}.
+_HOLD = """
+local key = KEYS[1]
+local run = ARGV[1]
+local want = tonumber(ARGV[2])
+local floor = tonumber(ARGV[3])
+local spent = tonumber(ARGV[4])
+local limit = tonumber(ARGV[5])
+local run_room = ARGV[6]
+local now = tonumber(ARGV[7])
+local ttl = tonumber(ARGV[8])
+local elsewhere = 0
+local latest = now + ttl
+local fields = redis.call('HGETALL', key)
+for i = 1, #fields, 2 do
+  local sep = string.find(fields[i + 1], ':', 1, true)
+  local amount = tonumber(string.sub(fields[i + 1], 1, sep - 1))
+  local lapses = tonumber(string.sub(fields[i + 1], sep + 1))
+  if lapses <= now then
+    redis.call('HDEL', key, fields[i])
+  elseif fields[i] ~= run then
+    elsewhere = elsewhere + amount
+    if lapses > latest then latest = lapses end
+  end
+end
+local room = nil
+if limit >= 0 then room = limit - spent - elsewhere end
+if run_room ~= 'none' then
+  local r = tonumber(run_room)
+  if room == nil or r < room then room = r end
+end
+if room == nil then
+  redis.call('HSET', key, run, want .. ':' .. (now + ttl))
+  redis.call('PEXPIREAT', key, latest)
+  return {want, 'none'}
+end
+if floor > room then return {-1, tostring(room)} end
+local granted = want
+if room < granted then granted = room end
+redis.call('HSET', key, run, granted .. ':' .. (now + ttl))
+redis.call('PEXPIREAT', key, latest)
+return {granted, tostring(room)}
+"""
+
+
+def holds_key(workspace_id: UUID, month: str) -> str:
+    return f"agentworks:holds:{workspace_id}:{month}"
+
+
+class RedisBudgetHolds:
+    """Holds kept in Redis (see the module docstring). Amounts stay integers end to end: Lua
+    numbers are doubles, exact for integers below 2**53 micro-USD (about 9 billion USD)."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self._client = client
+        self._script = client.register_script(_HOLD)
+
+    async def hold(self, request: HoldRequest, *, ttl: float) -> Hold:
+        now_ms = int(await self._now_ms())
+        answer = await self._script(
+            keys=[holds_key(request.workspace_id, request.month)],
+            args=[
+                str(request.run_id),
+                request.want,
+                request.floor,
+                request.spent,
+                -1 if request.limit is None else request.limit,
+                "none" if request.run_room is None else request.run_room,
+                now_ms,
+                max(1, int(ttl * 1000)),
+            ],
+        )
+        granted, room = int(answer[0]), _text(answer[1])
+        return Hold(
+            granted=None if granted < 0 else granted,
+            room=None if room == "none" else int(room),
+        )
+
+    async def release(self, workspace_id: UUID, month: str, run_id: UUID) -> None:
+        await self._client.hdel(holds_key(workspace_id, month), str(run_id))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _now_ms(self) -> int:
+        """Redis's own clock, so holds lapse on one clock whichever host decided them."""
+        seconds, micros = await self._client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _text(value: bytes | str | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

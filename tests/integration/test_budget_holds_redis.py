@@ -1,0 +1,148 @@
+"""Budget holds in Redis: the same decisions as the pure function, atomic across processes, and
+several orchestrators on one backlog never together overshoot a month by more than a piece of
+output per call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from uuid import UUID, uuid4
+
+import pytest
+import redis
+import redis.asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from orchestrator_helpers import (
+    card_on_board,
+    fast_simulated,
+    finished,
+    orchestrator_thread,
+    wait_for,
+)
+
+from adapters.budget_holds import RedisBudgetHolds, holds_key
+from commands import models as m
+from commands.handlers import AgentWorks
+from domain.agent_run import RunStatus
+from domain.budget_holds import Hold, HoldRequest, decide_hold
+
+MONTH = "2026-12"
+amounts = st.integers(min_value=0, max_value=10**12)
+
+
+@pytest.fixture
+def flushed(redis_url: str) -> Iterator[str]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield redis_url
+    client.flushdb()
+    client.close()
+
+
+def request(workspace: UUID, *, want: int, limit: int | None, floor: int = 0, spent: int = 0,
+            run_room: int | None = None, run_id: UUID | None = None) -> HoldRequest:  # fmt: skip
+    return HoldRequest(
+        workspace_id=workspace, month=MONTH, run_id=run_id or uuid4(), want=want, floor=floor,
+        spent=spent, limit=limit, run_room=run_room,
+    )  # fmt: skip
+
+
+async def _hold_all(url: str, requests: list[HoldRequest], *, stores: int = 1) -> list[Hold]:
+    """Every request at once, spread over ``stores`` clients (processes, in production)."""
+    clients = [RedisBudgetHolds(redis.asyncio.Redis.from_url(url)) for _ in range(stores)]
+    try:
+        return list(
+            await asyncio.gather(
+                *(clients[i % stores].hold(r, ttl=60) for i, r in enumerate(requests))
+            )
+        )
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    extra=amounts, floor=amounts, spent=amounts, elsewhere=amounts,
+    limit=st.none() | amounts, run_room=st.none() | st.integers(-(10**6), 10**12),
+)  # fmt: skip
+def test_redis_decides_exactly_as_the_pure_function(
+    flushed: str, extra: int, floor: int, spent: int, elsewhere: int, limit: int | None,
+    run_room: int | None,
+) -> None:  # fmt: skip
+    workspace = uuid4()
+    # Another run already holds ``elsewhere`` (no limit, so it is granted in full).
+    asyncio.run(_hold_all(flushed, [request(workspace, want=elsewhere, limit=None)]))
+    asked = request(workspace, want=floor + extra, floor=floor, spent=spent, limit=limit,
+                    run_room=run_room)  # fmt: skip
+    [held] = asyncio.run(_hold_all(flushed, [asked]))
+    assert held == decide_hold(asked, elsewhere)
+
+
+def test_holds_from_several_clients_at_once_never_add_up_past_the_month(flushed: str) -> None:
+    workspace = uuid4()
+    asked = [request(workspace, want=300, floor=10, limit=10_000, spent=1_000) for _ in range(60)]
+    held = asyncio.run(_hold_all(flushed, asked, stores=4))
+    granted = [h.granted for h in held if h.granted is not None]
+    assert sum(granted) == 9_000  # 30 full holds; the rest refused: nothing left for a prompt
+    assert len(granted) == 30
+    stored = redis.Redis.from_url(flushed).hgetall(holds_key(workspace, MONTH))
+    assert sum(int(v.split(b":")[0]) for v in stored.values()) == 9_000
+
+
+def test_released_and_lapsed_holds_give_their_room_back(flushed: str) -> None:
+    workspace, first = uuid4(), uuid4()
+
+    async def scenario() -> list[int | None]:
+        store = RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed))
+        try:
+            a = await store.hold(request(workspace, want=800, limit=1000, run_id=first), ttl=60)
+            b = await store.hold(request(workspace, want=800, limit=1000), ttl=0.2)
+            await store.release(workspace, MONTH, first)
+            c = await store.hold(request(workspace, want=900, limit=1000), ttl=60)
+            await asyncio.sleep(0.3)  # b's hold lapses: a dead process stops holding back
+            d = await store.hold(request(workspace, want=900, limit=1000), ttl=60)
+            return [a.granted, b.granted, c.granted, d.granted]
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(scenario()) == [800, 200, 800, 200]
+
+
+def test_two_orchestrators_sharing_holds_stay_within_the_monthly_limit(
+    write_side: AgentWorks, database_url: str, flushed: str
+) -> None:
+    card = card_on_board(write_side)
+    owner = card.board.owner
+    write_side.set_spend_limit(
+        m.SetSpendLimit(workspace_id=card.board.workspace_id, monthly_limit="0.010000"), owner
+    )
+    # sim-1 x 5: a coder call wants up to 2,000 output tokens ($0.0152 billed): more than the
+    # month's $0.01, so only what the shared holds leave may be spent.
+    run_ids = [
+        write_side.start_agent_run(m.StartAgentRun(card_id=card.card_id, agent="coder"), owner).id
+        for _ in range(8)
+    ]
+    with (
+        orchestrator_thread(
+            database_url, {"simulated": fast_simulated(tokens_per_second=2000, output_tokens=1000)},
+            holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)), concurrency=4,
+            worker_id="A",
+        ),
+        orchestrator_thread(
+            database_url, {"simulated": fast_simulated(tokens_per_second=2000, output_tokens=1000)},
+            holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)), concurrency=4,
+            worker_id="B",
+        ),
+    ):  # fmt: skip
+        runs = [wait_for(write_side, run_id, finished, timeout=60) for run_id in run_ids]
+    billed = sum(run.billed_micros for run in runs)
+    # Each call may pass its room by the one piece of output (a word: a few tokens) that
+    # crossed it; without shared holds each orchestrator would spend the whole month itself.
+    assert 7_000 < billed <= 10_000 + len(runs) * 5 * 8
+    refused = [run for run in runs if run.status is RunStatus.FAILED]
+    assert refused
+    assert all("budget" in (run.error or "") for run in refused)

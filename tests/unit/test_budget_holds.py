@@ -1,0 +1,140 @@
+"""Budget holds: the pure decision and the in-process store.
+
+Whatever order calls ask in, the holds granted for a month never add up to more than the month
+leaves, and no call starts that could not pay for its prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from uuid import UUID, uuid4
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from domain.budget_holds import Hold, HoldRequest, decide_hold
+from orchestrator.holds import LocalHolds
+
+WORKSPACE = UUID("6a1f0d2e-3b4c-4d5e-8f60-718293a4b5c6")
+MONTH = "2026-12"
+amounts = st.integers(min_value=0, max_value=10**12)
+
+
+def request(
+    *, want: int, floor: int = 0, spent: int = 0, limit: int | None = None,
+    run_room: int | None = None, run_id: UUID | None = None, month: str = MONTH,
+) -> HoldRequest:  # fmt: skip
+    return HoldRequest(
+        workspace_id=WORKSPACE, month=month, run_id=run_id or uuid4(), want=want,
+        floor=floor, spent=spent, limit=limit, run_room=run_room,
+    )  # fmt: skip
+
+
+@given(
+    extra=amounts, floor=amounts, spent=amounts, elsewhere=amounts,
+    limit=st.none() | amounts, run_room=st.none() | st.integers(-(10**6), 10**12),
+)  # fmt: skip
+def test_a_grant_fits_every_limit_and_covers_the_prompt(
+    extra: int, floor: int, spent: int, elsewhere: int, limit: int | None, run_room: int | None
+) -> None:
+    """A call always wants at least its prompt (``want = floor + extra``)."""
+    decided = decide_hold(
+        request(want=floor + extra, floor=floor, spent=spent, limit=limit, run_room=run_room),
+        elsewhere,
+    )
+    want = floor + extra
+    if limit is None and run_room is None:
+        assert decided == Hold(granted=want, room=None)
+        return
+    assert decided.room is not None
+    if decided.granted is None:
+        assert floor > decided.room
+        return
+    assert floor <= decided.granted == min(want, decided.room)
+    assert decided.granted <= decided.room
+    if limit is not None:
+        assert spent + elsewhere + decided.granted <= limit
+    if run_room is not None:
+        assert decided.granted <= run_room
+
+
+def test_no_limit_holds_what_the_call_could_cost() -> None:
+    assert decide_hold(request(want=900, floor=100), 10**9) == Hold(900, None)
+
+
+def test_the_smaller_room_decides_and_a_prompt_that_does_not_fit_is_refused() -> None:
+    assert decide_hold(request(want=900, limit=1000, spent=200, run_room=500), 100) == Hold(
+        500, 500
+    )
+    assert decide_hold(request(want=900, floor=50, limit=1000, spent=960), 0) == Hold(None, 40)
+
+
+@given(
+    limit=amounts,
+    spent=amounts,
+    calls=st.lists(st.tuples(amounts, st.integers(0, 10**4)), min_size=1, max_size=30),
+)
+def test_concurrent_holds_never_add_up_past_the_month(
+    limit: int, spent: int, calls: list[tuple[int, int]]
+) -> None:
+    holds = LocalHolds()
+
+    async def ask_all() -> list[Hold]:
+        return list(
+            await asyncio.gather(
+                *(
+                    holds.hold(request(want=want, floor=floor, spent=spent, limit=limit), ttl=60)
+                    for want, floor in calls
+                )
+            )
+        )
+
+    decided = asyncio.run(ask_all())
+    granted = sum(hold.granted or 0 for hold in decided)
+    assert granted == holds.held(WORKSPACE, MONTH)
+    assert granted <= max(limit - spent, 0)
+
+
+def test_a_released_hold_gives_its_room_back_and_a_lapsed_one_too() -> None:
+    now = [0.0]
+    holds = LocalHolds(clock=lambda: now[0])
+    first, second, third = uuid4(), uuid4(), uuid4()
+
+    async def scenario() -> list[int | None]:
+        granted = []
+        a = await holds.hold(request(want=800, limit=1000, run_id=first), ttl=10)
+        b = await holds.hold(request(want=800, limit=1000, run_id=second), ttl=10)
+        granted += [a.granted, b.granted]
+        await holds.release(WORKSPACE, MONTH, first)
+        c = await holds.hold(request(want=800, limit=1000, run_id=third), ttl=10)
+        granted.append(c.granted)
+        now[0] = 11.0  # every hold lapsed: a dead process's holds stop holding back
+        d = await holds.hold(request(want=800, limit=1000, run_id=first), ttl=10)
+        granted.append(d.granted)
+        return granted
+
+    assert asyncio.run(scenario()) == [800, 200, 800, 800]
+
+
+def test_a_run_asking_again_replaces_its_own_hold_rather_than_adding_to_it() -> None:
+    holds = LocalHolds()
+    run_id = uuid4()
+
+    async def twice() -> tuple[Hold, Hold]:
+        first = await holds.hold(request(want=600, limit=1000, run_id=run_id), ttl=10)
+        again = await holds.hold(request(want=600, limit=1000, run_id=run_id), ttl=10)
+        return first, again
+
+    assert asyncio.run(twice()) == (Hold(600, 1000), Hold(600, 1000))
+    assert holds.held(WORKSPACE, MONTH) == 600
+
+
+def test_months_and_workspaces_hold_apart() -> None:
+    holds = LocalHolds()
+
+    async def apart() -> tuple[Hold, Hold]:
+        december = await holds.hold(request(want=1000, limit=1000), ttl=10)
+        january = await holds.hold(request(want=1000, limit=1000, month="2027-01"), ttl=10)
+        return december, january
+
+    assert asyncio.run(apart()) == (Hold(1000, 1000), Hold(1000, 1000))
