@@ -173,6 +173,7 @@ class Orchestrator:
         self._local_holds = LocalHolds()
         self.holds: BudgetHolds = holds if holds is not None else self._local_holds
         self._last_write: dict[UUID, float] = {}
+        self._charging: dict[UUID, asyncio.Lock] = {}
         self._executor = ThreadPoolExecutor(
             max_workers=min(64, self.config.concurrency + 4), thread_name_prefix="orchestrator"
         )
@@ -673,7 +674,16 @@ class Orchestrator:
             input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
             estimated=usage.estimated, started_at=started_at,
         )  # fmt: skip
-        await self._write(view, self.app.record_provider_attempt, cmd)
+        # Every charge of a workspace saves its month's spend: charges sent at once from here
+        # would only conflict on it, and a conflict holds the store's append lock while it
+        # waits for the other commit. One at a time per workspace, they do not.
+        lock = self._charging.setdefault(view.workspace_id, asyncio.Lock())
+        try:
+            async with lock:
+                await self._write(view, self.app.record_provider_attempt, cmd)
+        finally:
+            if not lock.locked() and self._charging.get(view.workspace_id) is lock:
+                del self._charging[view.workspace_id]
 
 
 class OrchestratorThread:
