@@ -1,6 +1,7 @@
 """Agent-run benchmark: orchestrator overhead next to calling the simulated adapter directly.
 
-    PYTHONPATH=. python bench/agents.py [--runs 200] [--tokens-per-second 60] [--output-tokens 120]
+    PYTHONPATH=. python bench/agents.py [--runs 200] [--rounds 3] [--tokens-per-second 60]
+                                        [--output-tokens 120]
 
 Same provider settings on both sides, measured in the same run (a ratio, the machine is noisy):
 
@@ -22,6 +23,7 @@ import asyncio
 import json
 import resource
 import secrets
+import statistics
 import sys
 import time
 from datetime import datetime
@@ -126,6 +128,7 @@ async def orchestrated(url: str, provider: SimulatedProvider, runs: int) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens-per-second", type=float, default=60.0)
     parser.add_argument("--output-tokens", type=int, default=120)
     parser.add_argument("--json", default="bench/results/agents.json")
@@ -138,15 +141,34 @@ def main() -> None:
     try:
         provider = SimulatedProvider(tokens_per_second=args.tokens_per_second,
                                      output_tokens=args.output_tokens)  # fmt: skip
-        base = asyncio.run(direct(provider, args.runs))
-        orch = asyncio.run(orchestrated(url, provider, args.runs))
+        rounds = []
+        for number in range(1, args.rounds + 1):
+            base = asyncio.run(direct(provider, args.runs))
+            orch = asyncio.run(orchestrated(url, provider, args.runs))
+            rounds.append({
+                "direct": base, "orchestrated": orch,
+                "throughput_ratio": orch["runs_per_s"] / base["calls_per_s"],
+                "added_p50_s": orch["p50_s"] - base["p50_s"],
+                "added_p99_s": orch["p99_s"] - base["p99_s"],
+                "overhead_p50_pct": 100 * (orch["p50_s"] - base["p50_s"]) / base["p50_s"],
+            })  # fmt: skip
+            print(f"round {number}: ratio {rounds[-1]['throughput_ratio']:.3f}", file=sys.stderr)
+
+        def median(key: str) -> float:
+            return statistics.median(r[key] for r in rounds)
+
         result = {
             "runs": args.runs, "tokens_per_second": args.tokens_per_second,
-            "output_tokens": args.output_tokens, "direct": base, "orchestrated": orch,
-            "throughput_ratio": orch["runs_per_s"] / base["calls_per_s"],
-            "added_p50_s": orch["p50_s"] - base["p50_s"],
-            "added_p99_s": orch["p99_s"] - base["p99_s"],
-            "overhead_p50_pct": 100 * (orch["p50_s"] - base["p50_s"]) / base["p50_s"],
+            "output_tokens": args.output_tokens, "rounds": rounds,
+            "medians": {key: median(key) for key in
+                        ("throughput_ratio", "added_p50_s", "added_p99_s", "overhead_p50_pct")},
+            "direct_calls_per_s": statistics.median(r["direct"]["calls_per_s"] for r in rounds),
+            "orchestrated_runs_per_s": statistics.median(
+                r["orchestrated"]["runs_per_s"] for r in rounds
+            ),
+            "token_to_stored_p99_ms": statistics.median(
+                r["orchestrated"]["token_to_stored_p99_ms"] for r in rounds
+            ),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "provenance": provenance.finish(),
         }  # fmt: skip
