@@ -26,7 +26,7 @@ from projections import kanban_queries as kanban
 from projections import queries
 from projections import runs_queries as runs
 from projections.kanban_queries import LanePage
-from projections.runs_queries import RunPage
+from projections.runs_queries import RunPage, RunSummary
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -73,8 +73,8 @@ class Loaders:
         self.lanes: DataLoader[UUID, list[Row]] = DataLoader(load_fn=self._lanes)
         self.lane_cards: DataLoader[LanePage, list[Row]] = DataLoader(load_fn=self._lane_cards)
         self.card: DataLoader[UUID, Row | None] = DataLoader(load_fn=self._cards)
-        self.run: DataLoader[UUID, Row | None] = DataLoader(load_fn=self._runs)
-        self.card_runs: DataLoader[RunPage, list[Row]] = DataLoader(load_fn=self._card_runs)
+        self.run: DataLoader[UUID, RunSummary | None] = DataLoader(load_fn=self._runs)
+        self.card_runs: DataLoader[RunPage, list[RunSummary]] = DataLoader(load_fn=self._card_runs)
         self.run_output: DataLoader[UUID, Row | None] = DataLoader(load_fn=self._run_outputs)
         self.run_attempts: DataLoader[UUID, list[Row]] = DataLoader(load_fn=self._run_attempts)
         self.spend_this_month: DataLoader[UUID, int] = DataLoader(load_fn=self._spend_this_month)
@@ -122,8 +122,11 @@ class Loaders:
     async def _cards(self, ids: list[UUID]) -> list[Row | None]:
         return await self._one_per_key(kanban.cards, "card_id", ids)
 
-    async def _runs(self, ids: list[UUID]) -> list[Row | None]:
-        return await self._one_per_key(runs.runs, "run_id", ids)
+    async def _runs(self, ids: list[UUID]) -> list[RunSummary | None]:
+        found = {
+            row["run_id"]: RunSummary.from_row(row) for row in await self._query(runs.runs, ids)
+        }
+        return [found.get(i) for i in ids]
 
     async def _run_outputs(self, ids: list[UUID]) -> list[Row | None]:
         return await self._one_per_key(runs.run_outputs, "run_id", ids)
@@ -156,8 +159,11 @@ class Loaders:
     async def _lane_cards(self, pages: list[LanePage]) -> list[list[Row]]:
         return await self._pages(kanban.lane_cards, pages)
 
-    async def _card_runs(self, pages: list[RunPage]) -> list[list[Row]]:
-        return await self._pages(runs.card_runs, pages)
+    async def _card_runs(self, pages: list[RunPage]) -> list[list[RunSummary]]:
+        return [
+            [RunSummary.from_row(row) for row in page]
+            for page in await self._pages(runs.card_runs, pages)
+        ]
 
 
 __all__ = ["LanePage", "Loaders", "Reader", "Row", "RunPage", "forget"]

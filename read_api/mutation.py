@@ -8,9 +8,12 @@ differently, and :func:`read_api.writes.perform` does the rest.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
+from uuid import UUID
 
 import strawberry
+from strawberry.dataloader import DataLoader
 
 from commands import models as m
 from commands.handlers import AgentWorks, CommandResult
@@ -22,10 +25,12 @@ from read_api import fields as described
 from read_api.consistency import ConsistencyToken
 from read_api.context import Info
 from read_api.db import ReadScope
-from read_api.loaders import Row, forget
+from read_api.loaders import Loaders, forget
 from read_api.scalars import Money
 from read_api.types import ID, AgentRun, Card, Project, RoleEnum, Workspace, parse_id
 from read_api.writes import DEFAULT, perform
+
+V = TypeVar("V")
 
 #: The projectors whose tables a payload's object is read from.
 _KANBAN = (KanbanProjector.name,)
@@ -71,20 +76,24 @@ class WorkspacePayload:
 
 
 async def _written(
-    info: Info, result: CommandResult, projectors: tuple[str, ...], loader: str, *stale: str
-) -> tuple[ReadScope, Row] | None:
+    info: Info,
+    result: CommandResult,
+    projectors: tuple[str, ...],
+    loader: Callable[[Loaders], DataLoader[UUID, V | None]],
+    *stale: Callable[[Loaders], DataLoader[UUID, Any]],
+) -> tuple[ReadScope, V] | None:
     """The object a command wrote, read back from the caller's workspace once it is projected.
 
-    ``loader`` (and the ``stale`` ones) are DataLoaders of the request whose cached rows the
+    ``loader`` (and the ``stale`` ones) pick DataLoaders of the request whose cached rows the
     write made out of date.
     """
     await _await_projection(info, result, projectors)
     scope = await info.context.scope_of(result.id)
     if scope is None or not await scope.is_member():
         return None
-    for name in (loader, *stale):
-        forget(getattr(scope.loaders, name), result.id)
-    row = await getattr(scope.loaders, loader).load(result.id)
+    for pick in (loader, *stale):
+        forget(pick(scope.loaders), result.id)
+    row = await loader(scope.loaders).load(result.id)
     return None if row is None else (scope, row)
 
 
@@ -95,7 +104,7 @@ class ProjectPayload:
 
     @strawberry.field
     async def project(self, info: Info) -> Project | None:
-        found = await _written(info, self.result, _KANBAN, "project", "lanes")
+        found = await _written(info, self.result, _KANBAN, lambda x: x.project, lambda x: x.lanes)
         return None if found is None else Project.from_row(found[1], found[0])
 
 
@@ -106,7 +115,7 @@ class CardPayload:
 
     @strawberry.field
     async def card(self, info: Info) -> Card | None:
-        found = await _written(info, self.result, _KANBAN, "card")
+        found = await _written(info, self.result, _KANBAN, lambda x: x.card)
         return None if found is None else Card.from_row(found[1], found[0])
 
 
@@ -117,8 +126,8 @@ class AgentRunPayload:
 
     @strawberry.field
     async def run(self, info: Info) -> AgentRun | None:
-        found = await _written(info, self.result, _RUNS, "run")
-        return None if found is None else AgentRun.from_row(found[1])
+        found = await _written(info, self.result, _RUNS, lambda x: x.run)
+        return None if found is None else AgentRun.from_summary(found[1])
 
 
 P = TypeVar("P", WorkspacePayload, ProjectPayload, CardPayload, AgentRunPayload)
