@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import strawberry
 from strawberry import ID
@@ -121,7 +121,7 @@ class RevokeApiKeyInput:
     command_id: ID | None = None
 
 
-def _when(value: Any) -> datetime | None:
+def _when(value: object) -> datetime | None:
     return None if value is None else datetime.fromisoformat(str(value))
 
 

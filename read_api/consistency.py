@@ -43,6 +43,12 @@ _BACKOFF = (0.001, 0.002, 0.003, 0.005, 0.008)
 _MAX_SLEEP = 0.015
 
 
+def _fields(parts: list[str]) -> tuple[int, UUID, int]:
+    if len(parts) != 3:
+        raise ValueError(":".join(parts))
+    return int(parts[0]), UUID(parts[1]), int(parts[2])
+
+
 @dataclass(frozen=True)
 class ConsistencyToken:
     position: int
@@ -53,9 +59,7 @@ class ConsistencyToken:
     def parse(cls, text: str) -> ConsistencyToken:
         parts = text.strip().split(":")
         try:
-            if len(parts) != 3:
-                raise ValueError(text)
-            position, aggregate_id, version = int(parts[0]), UUID(parts[1]), int(parts[2])
+            position, aggregate_id, version = _fields(parts)
         except ValueError:
             raise ValidationFailed(
                 f"X-Consistency-Token {text[:100]!r} is not a token a mutation returned "
