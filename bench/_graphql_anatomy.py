@@ -373,17 +373,17 @@ def call_counts(ip: InProcess, loop: asyncio.AbstractEventLoop, n: int = 10) -> 
 def micro(pool: Any, workspace_id: UUID, project_id: UUID, n: int = 20) -> dict[str, float]:
     """CPU ms per board of the per-card Python work ``Lane.cards`` does, on the real rows."""
     from domain.money import format_usd
+    from projections.columns import CARD_SELECT, RUN_SELECT
     from read_api import cursors
-    from read_api.loaders import _CARD_COLUMNS, _RUN_COLUMNS
 
     with pool.connection() as conn:
         conn.execute("SELECT set_config('agentworks.workspace_id', %s, true)", (str(workspace_id),))
         cards = [dict(r) for r in conn.execute(
-            f"SELECT {_CARD_COLUMNS} FROM rm_cards WHERE project_id = %s", (project_id,)
+            f"SELECT {CARD_SELECT} FROM rm_cards WHERE project_id = %s", (project_id,)
         ).fetchall()]  # fmt: skip
         ids = [c["last_run_id"] for c in cards if c["last_run_id"] is not None]
         runs = [dict(r) for r in conn.execute(
-            f"SELECT {_RUN_COLUMNS} FROM rm_runs WHERE run_id = ANY(%s)", (ids,)
+            f"SELECT {RUN_SELECT} FROM rm_runs WHERE run_id = ANY(%s)", (ids,)
         ).fetchall()]  # fmt: skip
         conn.rollback()
     return {

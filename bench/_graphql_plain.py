@@ -38,6 +38,7 @@ from starlette.responses import JSONResponse, Response
 from adapters.postgres import API_ROLE, make_pool
 from domain.errors import Unauthenticated
 from domain.money import format_usd
+from projections.columns import CARD_SELECT, RUN_SELECT
 from read_api.auth import authenticate, workspace_uuid
 from read_api.services import JwtVerification
 
@@ -59,28 +60,19 @@ LANES = (
     "SELECT project_id, name, ord, wip_limit, card_count FROM rm_lanes"
     " WHERE project_id = ANY(%s) ORDER BY project_id, ord"
 )
-_CARD_COLUMNS = (
-    "workspace_id, card_id, project_id, title, description, lane, position, assignee, labels,"
-    " blocked_reason, archived, version, created_at, updated_at, last_run_id, cost_micros"
-)
-_RUN_COLUMNS = (
-    "workspace_id, run_id, project_id, card_id, agent, status, provider, model, max_cost_micros,"
-    " input_tokens, output_tokens, provider_cost_micros, billed_micros, llm_calls, requested_at,"
-    " started_at, finished_at, error, log_line_count, version"
-)
 LANE_CARDS = (
     "SELECT k.ord AS page_index, c.* FROM unnest("
     "%s::uuid[], %s::text[], %s::text[], %s::uuid[], %s::int[]"
     ") WITH ORDINALITY AS k(project_id, lane, after_position, after_card_id, lim, ord)"
     " CROSS JOIN LATERAL ("
-    f"  SELECT {_CARD_COLUMNS} FROM rm_cards AS c"
+    f"  SELECT {CARD_SELECT} FROM rm_cards AS c"
     "   WHERE c.project_id = k.project_id AND c.lane = k.lane AND NOT c.archived"
     "   AND (k.after_position IS NULL OR (c.position, c.card_id)"
     '        > (k.after_position COLLATE "C", k.after_card_id))'
     "   ORDER BY c.position, c.card_id LIMIT k.lim"
     " ) AS c ORDER BY k.ord, c.position, c.card_id"
 )
-RUNS = f"SELECT {_RUN_COLUMNS} FROM rm_runs WHERE run_id = ANY(%s)"
+RUNS = f"SELECT {RUN_SELECT} FROM rm_runs WHERE run_id = ANY(%s)"
 
 #: What one board read sends, in order; ``bench.graphql`` checks the API sends the same.
 STATEMENTS = (SET_SCOPE, MEMBER, PROJECT, LANES, LANE_CARDS, RUNS)

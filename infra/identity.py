@@ -13,8 +13,8 @@ from commands.handlers import AgentWorks
 from commands.identity import Identity
 from domain.errors import Forbidden, Unavailable
 from infra.settings import ConfigurationError, JwtKeys, Settings
-from read_api.identity import AuthSettings
 from read_api.oidc import OidcSignIn
+from read_api.services import AuthSettings
 
 
 @dataclass(frozen=True)

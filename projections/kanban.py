@@ -10,6 +10,7 @@ from uuid import UUID
 
 from projections.base import Change, Projector, Tables, on
 from projections.batch import MEMO_DROPPED, BatchContext, columns_of
+from projections.columns import CARD_COLUMNS as _CARD_COLUMNS
 
 if TYPE_CHECKING:
     from psycopg import Cursor
@@ -22,26 +23,6 @@ def board_channel(project_id: object) -> str:
     return f"board:{project_id}"
 
 
-#: rm_cards as the batch path reads and writes it, with each column's SQL type.
-_CARD_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("workspace_id", "uuid"),
-    ("card_id", "uuid"),
-    ("project_id", "uuid"),
-    ("title", "text"),
-    ("description", "text"),
-    ("lane", "text"),
-    ("position", "text"),
-    ("assignee", "text"),
-    ("labels", "jsonb"),  # sent as JSON: unnest cannot carry one array per row
-    ("blocked_reason", "text"),
-    ("archived", "boolean"),
-    ("version", "bigint"),
-    ("created_at", "timestamptz"),
-    ("updated_at", "timestamptz"),
-    ("last_run_id", "uuid"),
-    ("last_run_position", "bigint"),
-    ("cost_micros", "bigint"),
-)
 _CARD_NAMES = tuple(name for name, _ in _CARD_COLUMNS)
 _UUID_COLUMNS = ("workspace_id", "card_id", "project_id", "last_run_id")
 

@@ -27,9 +27,14 @@ from domain.billing import (
 from domain.errors import NotFound, ValidationFailed
 from domain.usage import month_of
 from projections.billing import UsageDimension
+from projections.columns import RUN_SELECT
+from projections.runs_queries import RunSummary
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from psycopg import Connection
+    from psycopg.rows import DictRow
 
 MAX_LOG_PAGE = 10_000
 MAX_SEARCH_HITS = 500
@@ -109,33 +114,6 @@ class ActivityPage:
     has_next_page: bool
     end_position: int | None
     """Position of the last item: pass it as ``after_position`` for the next page."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunSummary:
-    run_id: UUID
-    workspace_id: UUID
-    project_id: UUID
-    card_id: UUID
-    agent: str
-    status: str
-    provider: str | None
-    model: str | None
-    max_cost_micros: int | None
-    input_tokens: int
-    output_tokens: int
-    provider_cost_micros: int
-    billed_micros: int
-    llm_calls: int
-    requested_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    error: str | None
-    log_line_count: int
-    version: int
-
-
-_RUN_COLUMNS = ", ".join(RunSummary.__dataclass_fields__)
 
 
 # -- usage and billing -----------------------------------------------------------------------------
@@ -299,12 +277,38 @@ def month_to_date_spend(
     return int(row["billed_micros"]) if row else 0
 
 
+def spend_of_month(
+    conn: Connection[DictRow], workspace_ids: Sequence[UUID], month: str
+) -> list[DictRow]:
+    """``workspace_id`` and net ``billed_micros`` of ``month`` for each workspace that spent."""
+    return conn.execute(
+        "SELECT workspace_id, billed_micros FROM rm_monthly_spend"
+        " WHERE workspace_id = ANY(%s) AND month = %s",
+        (workspace_ids, month),
+    ).fetchall()
+
+
+def card_costs_until(
+    conn: Connection[DictRow], keys: Sequence[tuple[UUID, datetime | None]]
+) -> list[DictRow]:
+    """Billed micro-USD of each ``(card, until)`` (``None``: so far), as ``ord`` (the key's
+    place, from 1) and ``billed``; a card without charges has a row with 0."""
+    return conn.execute(
+        "SELECT k.ord, coalesce(sum(e.billed_micros), 0) AS billed"
+        " FROM unnest(%s::uuid[], %s::timestamptz[]) WITH ORDINALITY AS k(card_id, until, ord)"
+        " LEFT JOIN rm_ledger_entries AS e"
+        "   ON e.card_id = k.card_id AND (k.until IS NULL OR e.at <= k.until)"
+        " GROUP BY k.ord",
+        ([card for card, _ in keys], [until for _, until in keys]),
+    ).fetchall()
+
+
 # -- runs and their logs ---------------------------------------------------------------------------
 
 
 def agent_run(conn: Connection[Any], run_id: UUID) -> RunSummary | None:
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(f"SELECT {_RUN_COLUMNS} FROM rm_runs WHERE run_id = %s", (run_id,))
+        cur.execute(f"SELECT {RUN_SELECT} FROM rm_runs WHERE run_id = %s", (run_id,))
         row = cur.fetchone()
     return RunSummary(**row) if row else None
 

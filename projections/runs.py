@@ -26,6 +26,7 @@ from projections.batch import (
     copy_field,
     insert_rows,
 )
+from projections.columns import RUN_COLUMNS as _RUN_COLUMNS
 from projections.text import storable_utf8
 
 if TYPE_CHECKING:
@@ -47,28 +48,6 @@ def run_channel(run_id: object) -> str:
     return f"run:{run_id}"
 
 
-_RUN_COLUMNS = (
-    ("workspace_id", "uuid"),
-    ("run_id", "uuid"),
-    ("project_id", "uuid"),
-    ("card_id", "uuid"),
-    ("agent", "text"),
-    ("status", "text"),
-    ("provider", "text"),
-    ("model", "text"),
-    ("max_cost_micros", "bigint"),
-    ("input_tokens", "bigint"),
-    ("output_tokens", "bigint"),
-    ("provider_cost_micros", "bigint"),
-    ("billed_micros", "bigint"),
-    ("llm_calls", "integer"),
-    ("requested_at", "timestamptz"),
-    ("started_at", "timestamptz"),
-    ("finished_at", "timestamptz"),
-    ("error", "text"),
-    ("log_line_count", "integer"),
-    ("version", "bigint"),
-)
 _LINE_COLUMNS = (
     ("workspace_id", "uuid"),
     ("run_id", "uuid"),

@@ -6,8 +6,9 @@ the command just decided, and a secret is only in the first answer.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import strawberry
 from strawberry import ID
@@ -19,7 +20,6 @@ from commands.access import (
     AcceptInvitation,
     CreateApiKey,
     InviteMember,
-    Issued,
     RevokeApiKey,
     RevokeInvitation,
     accept_invitation,
@@ -30,8 +30,9 @@ from commands.access import (
     revoke_invitation,
 )
 from read_api.context import Info
-from read_api.mutation import WorkspacePayload, _command
+from read_api.mutation import WorkspacePayload, answer
 from read_api.types import RoleEnum
+from read_api.writes import perform
 
 if TYPE_CHECKING:
     from commands.handlers import AgentWorks, CommandResult
@@ -120,7 +121,7 @@ class RevokeApiKeyInput:
     command_id: ID | None = None
 
 
-def _when(value: Any) -> datetime | None:
+def _when(value: object) -> datetime | None:
     return None if value is None else datetime.fromisoformat(str(value))
 
 
@@ -155,55 +156,32 @@ def _key_payload(result: CommandResult, secret: str | None) -> ApiKeyPayload:
 class AccessMutation:
     @strawberry.mutation
     async def invite_member(self, info: Info, input: InviteMemberInput) -> InvitationPayload:
-        command = _command(
-            InviteMember, workspace_id=input.workspace_id, email=input.email,
-            role=input.role.value, command_id=input.command_id,
-        )  # fmt: skip
-        ctx = info.context
-        auth = ctx.runtime.services.auth
+        auth = info.context.runtime.services.auth
         ttl = INVITATION_TTL if auth is None else timedelta(seconds=auth.invitation_ttl_seconds)
-        issued: Issued = await ctx.offload(
-            invite_member, ctx.runtime.services.write, command, ctx.actor(), ttl=ttl
-        )
+        issued = await perform(
+            info, functools.partial(invite_member, ttl=ttl), InviteMember, input,
+            role=input.role.value,
+        )  # fmt: skip
         return _invitation_payload(issued.result, issued.secret)
 
     @strawberry.mutation
     async def accept_invitation(self, info: Info, input: AcceptInvitationInput) -> WorkspacePayload:
-        command = _command(AcceptInvitation, token=input.token, command_id=input.command_id)
-        ctx = info.context
-        result = await ctx.offload(
-            accept_invitation, ctx.runtime.services.write, command, ctx.actor()
-        )
-        return WorkspacePayload(consistency_token=result.consistency_token, result=result)
+        result = await perform(info, accept_invitation, AcceptInvitation, input)
+        return answer(WorkspacePayload, result)
 
     @strawberry.mutation
     async def revoke_invitation(
         self, info: Info, input: RevokeInvitationInput
     ) -> InvitationPayload:
-        command = _command(
-            RevokeInvitation, invitation_id=input.invitation_id, command_id=input.command_id
-        )
-        ctx = info.context
-        result = await ctx.offload(
-            revoke_invitation, ctx.runtime.services.write, command, ctx.actor()
-        )
+        result = await perform(info, revoke_invitation, RevokeInvitation, input)
         return _invitation_payload(result, None)
 
     @strawberry.mutation
     async def create_api_key(self, info: Info, input: CreateApiKeyInput) -> ApiKeyPayload:
-        command = _command(
-            CreateApiKey, workspace_id=input.workspace_id, name=input.name,
-            role=input.role.value, command_id=input.command_id,
-        )  # fmt: skip
-        ctx = info.context
-        issued: Issued = await ctx.offload(
-            create_api_key, ctx.runtime.services.write, command, ctx.actor()
-        )
+        issued = await perform(info, create_api_key, CreateApiKey, input, role=input.role.value)
         return _key_payload(issued.result, issued.secret)
 
     @strawberry.mutation
     async def revoke_api_key(self, info: Info, input: RevokeApiKeyInput) -> ApiKeyPayload:
-        command = _command(RevokeApiKey, api_key_id=input.api_key_id, command_id=input.command_id)
-        ctx = info.context
-        result = await ctx.offload(revoke_api_key, ctx.runtime.services.write, command, ctx.actor())
+        result = await perform(info, revoke_api_key, RevokeApiKey, input)
         return _key_payload(result, None)

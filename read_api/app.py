@@ -58,6 +58,7 @@ from adapters.telemetry import continue_trace, current_traceparent
 from adapters.tokens import Principal
 from domain.errors import RateLimited, Unauthenticated, Unavailable, ValidationFailed
 from domain.text import text_problem
+from projections import progress_queries
 from read_api.access import api_key_principal, is_api_key
 from read_api.auth import (
     authenticate,
@@ -81,7 +82,7 @@ from read_api.errors import (
     shape_errors,
 )
 from read_api.identity import add_auth_routes
-from read_api.me import member_workspace_of
+from read_api.membership import member_workspace_of
 from read_api.ratelimit import address_limits, limits_for
 from read_api.runtime import ApiRuntime
 from read_api.schema import build_schema
@@ -704,18 +705,8 @@ class Health:
         """Log head, projector positions and how many aggregates each projector parked."""
         pool = self.runtime.services.pool
         with pool.connection(timeout=_HEALTH_TIMEOUT) as conn:
-            # Row-level security hides every event from this role; the function does not.
-            head_row = conn.execute("SELECT agentworks_log_head() AS head").fetchone()
-            rows = conn.execute("SELECT projector, position FROM projection_positions").fetchall()
-            parked = conn.execute(
-                "SELECT projector, count(*) AS parked FROM projection_parked GROUP BY projector"
-            ).fetchall()
-        head = int(head_row["head"]) if head_row else 0
-        return (
-            head,
-            {row["projector"]: int(row["position"]) for row in rows},
-            {row["projector"]: int(row["parked"]) for row in parked},
-        )
+            found = progress_queries.progress(conn)
+        return found.head, found.positions, found.parked
 
 
 __all__ = ["ApiServices", "create_app"]

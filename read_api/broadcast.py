@@ -149,7 +149,9 @@ def encode_payload(payload: Mapping[str, Any]) -> str:
 class RedisChangePublisher:
     """Publishes projector changes to Redis from a synchronous thread (workers, fan-out)."""
 
-    def __init__(self, client: redis.Redis, *, channel_prefix: str = DEFAULT_CHANNEL_PREFIX):
+    def __init__(
+        self, client: redis.Redis, *, channel_prefix: str = DEFAULT_CHANNEL_PREFIX
+    ) -> None:
         self._client = client
         self._prefix = channel_prefix
 

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from domain.errors import ValidationFailed
+from projections import progress_queries
+from projections.kanban_queries import scope_to_workspace
 from read_api import eventlog
 
 if TYPE_CHECKING:
@@ -41,6 +43,12 @@ _BACKOFF = (0.001, 0.002, 0.003, 0.005, 0.008)
 _MAX_SLEEP = 0.015
 
 
+def _fields(parts: list[str]) -> tuple[int, UUID, int]:
+    if len(parts) != 3:
+        raise ValueError(":".join(parts))
+    return int(parts[0]), UUID(parts[1]), int(parts[2])
+
+
 @dataclass(frozen=True)
 class ConsistencyToken:
     position: int
@@ -51,9 +59,7 @@ class ConsistencyToken:
     def parse(cls, text: str) -> ConsistencyToken:
         parts = text.strip().split(":")
         try:
-            if len(parts) != 3:
-                raise ValueError(text)
-            position, aggregate_id, version = int(parts[0]), UUID(parts[1]), int(parts[2])
+            position, aggregate_id, version = _fields(parts)
         except ValueError:
             raise ValidationFailed(
                 f"X-Consistency-Token {text[:100]!r} is not a token a mutation returned "
@@ -126,27 +132,16 @@ class ConsistencyWaiter:
 
     def _caught_up(self, token: ConsistencyToken, projectors: list[str]) -> bool:
         with self._pool.connection() as conn:
-            rows = conn.execute(
-                "SELECT n.projector, coalesce(p.position, 0) AS position,"
-                " coalesce(v.version, 0) AS version"
-                " FROM unnest(%s::text[]) AS n(projector)"
-                " LEFT JOIN projection_positions AS p ON p.projector = n.projector"
-                " LEFT JOIN projection_versions AS v"
-                "   ON v.projector = n.projector AND v.originator_id = %s",
-                (projectors, token.aggregate_id),
-            ).fetchall()
-        return all(
-            int(row["position"]) >= token.position and int(row["version"]) >= token.version
-            for row in rows
-        )
+            return progress_queries.include(
+                conn, projectors, aggregate_id=token.aggregate_id, position=token.position,
+                version=token.version,
+            )  # fmt: skip
 
     def _aggregate_of(self, aggregate_id: UUID, workspace_id: UUID) -> str | None:
         with self._pool.connection() as conn:
             # Scoped like every API read: where the event store has row-level security, another
             # workspace's events are not even visible to this statement.
-            conn.execute(
-                "SELECT set_config('agentworks.workspace_id', %s, true)", (str(workspace_id),)
-            )
+            scope_to_workspace(conn, workspace_id)
             return eventlog.aggregate_in_workspace(
                 conn, self._mapper, aggregate_id=aggregate_id, workspace_id=workspace_id
             )

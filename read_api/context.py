@@ -18,6 +18,7 @@ from commands.handlers import Actor
 from domain.errors import NotFound, Unauthenticated
 from read_api.auth import workspace_uuid
 from read_api.db import ReadScope, StatementCounter
+from read_api.membership import member_workspace_of
 
 if TYPE_CHECKING:
     from adapters.tokens import Principal
@@ -110,8 +111,6 @@ class RequestContext(BaseContext):
         holds ``aggregate_id`` (a subscription's project or run) when the user is a member."""
         if not self.who.principal.is_user:
             return self
-        from read_api.me import member_workspace_of
-
         workspace_id = await self.runtime.offloader.run(
             member_workspace_of, self.runtime.services.write, aggregate_id,
             self.who.principal.user_id,
@@ -125,8 +124,6 @@ class RequestContext(BaseContext):
         ``aggregate_id`` when the user is a member there, else ``None``."""
         if not self.who.principal.is_user:
             return self.home_scope()
-        from read_api.me import member_workspace_of
-
         workspace_id = await self.runtime.offloader.run(
             member_workspace_of, self.runtime.services.write, aggregate_id,
             self.who.principal.user_id,

@@ -33,12 +33,12 @@ import psycopg
 from psycopg.rows import DictRow
 
 from domain.errors import NotFound, Unavailable
+from projections.kanban_queries import is_member, scope_to_workspace
+from read_api.loaders import Loaders
 
 if TYPE_CHECKING:
     from psycopg import Connection
     from psycopg_pool import ConnectionPool
-
-    from read_api.loaders import Loaders
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -110,7 +110,7 @@ class ReadScope:
         self._pool = pool
         self._offloader = offloader
         self._counter = counter
-        self._timeout = str(statement_timeout_ms)
+        self._timeout = statement_timeout_ms
         self._conn: Connection[DictRow] | None = None
         self._member: bool | None = None
         self._closed = False
@@ -124,8 +124,6 @@ class ReadScope:
     def loaders(self) -> Loaders:
         """This scope's DataLoaders: one batch query per kind of object per tick."""
         if self._loaders is None:
-            from read_api.loaders import Loaders
-
             self._loaders = Loaders(self)
         return self._loaders
 
@@ -189,17 +187,9 @@ class ReadScope:
         conn = self._pool.getconn()
         try:
             conn.cursor_factory = CountingCursor
-            conn.execute(
-                "SELECT set_config('agentworks.workspace_id', %s, true),"
-                " set_config('statement_timeout', %s, true)",
-                (str(self.workspace_id), self._timeout),
-            )
+            scope_to_workspace(conn, self.workspace_id, statement_timeout_ms=self._timeout)
             if self._member is None:
-                row = conn.execute(
-                    "SELECT 1 AS member FROM rm_members WHERE workspace_id = %s AND user_id = %s",
-                    (self.workspace_id, self.user_id),
-                ).fetchone()
-                self._member = row is not None
+                self._member = is_member(conn, self.workspace_id, self.user_id)
         except BaseException:
             self._give_back(conn)
             raise

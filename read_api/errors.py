@@ -147,7 +147,7 @@ def retry_after(errors: Sequence[GraphQLError]) -> int | None:
     return max(waits) if waits else None
 
 
-def error_body(message: str, code: str, **extensions: Any) -> dict[str, Any]:
+def error_body(message: str, code: str, **extensions: object) -> dict[str, Any]:
     """A GraphQL-shaped response body for failures outside execution (401, 413, 429, 400)."""
     return {"errors": [{"message": message, "extensions": {"code": code, **extensions}}]}
 

@@ -15,6 +15,7 @@ goes back to graphql-core's own path, so errors keep their exact message, locati
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -30,7 +31,7 @@ from graphql import (
     is_leaf_type,
 )
 from graphql.execution.collect_fields import FieldDetailsList
-from graphql.pyutils import Path
+from graphql.pyutils import AwaitableOrValue, Path
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 from strawberry.schema.schema_converter import GraphQLCoreConverter
 from strawberry.types.field import StrawberryField
@@ -50,18 +51,19 @@ class _PlainLeaf:
 class LeafShortcutExecution(StrawberryGraphQLCoreExecutionContext):
     """Strawberry's execution context, completing plain leaf fields directly."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._plain: dict[tuple[str, str], _PlainLeaf | None] = {}
+    @functools.cached_property
+    def _plain(self) -> dict[tuple[str, str], _PlainLeaf | None]:
+        """Per field of a type: how to complete it directly, or ``None`` (the general path)."""
+        return {}
 
     def execute_field(
         self,
         parent_type: GraphQLObjectType,
-        source: Any,
+        source: object,
         field_details_list: FieldDetailsList,
         path: Path,
         position_context: Any,
-    ) -> Any:
+    ) -> AwaitableOrValue[Any]:
         node = field_details_list[0].node
         key = (parent_type.name, node.name.value)
         try:
@@ -111,14 +113,14 @@ class LeafShortcutExecution(StrawberryGraphQLCoreExecutionContext):
 _FALL_BACK = object()
 
 
-def _resolve_plainly(resolve: Callable[..., Any], source: Any) -> Any:
+def _resolve_plainly(resolve: Callable[..., object], source: object) -> object:
     return resolve(source, None)
 
 
-def _complete(plain: _PlainLeaf, source: Any) -> Any:
+def _complete(plain: _PlainLeaf, source: object) -> object:
     try:
         value = plain.read(source)
-    except Exception:  # graphql-core's own path reports it, located
+    except Exception:
         return _FALL_BACK
     if value is None:
         return None if plain.nullable else _FALL_BACK
@@ -142,10 +144,10 @@ def _complete(plain: _PlainLeaf, source: Any) -> Any:
     return out
 
 
-def _coerce(leaf: GraphQLLeafType, value: Any) -> Any:
+def _coerce(leaf: GraphQLLeafType, value: object) -> object:
     try:
         coerced = leaf.coerce_output_value(value)
-    except Exception:  # graphql-core's own path reports it, located
+    except Exception:
         return _FALL_BACK
     if coerced is None or coerced is Undefined:
         return _FALL_BACK

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -30,9 +29,10 @@ from domain.errors import (
 from domain.user import normalise_email
 from read_api.auth import authenticate, request_id
 from read_api.ratelimit import Limit
+from read_api.services import AuthSettings
 
 if TYPE_CHECKING:
-    from commands.identity import Identity, SessionGrant
+    from commands.identity import SessionGrant
     from read_api.runtime import ApiRuntime
 
 log = structlog.get_logger(__name__)
@@ -51,20 +51,6 @@ _STATUS = {
     "UNAVAILABLE": 503,
 }
 _MAX_BODY = 16_384
-
-
-@dataclass(frozen=True, kw_only=True)
-class AuthSettings:
-    """How ``/auth`` behaves, from settings (the composition root builds it)."""
-
-    identity: Identity
-    secure_cookie: bool = True
-    refresh_ttl_seconds: int = 30 * 86400
-    login_per_account_per_minute: int | None = 10
-    login_per_address_per_minute: int | None = 30
-    invitation_ttl_seconds: int = 7 * 86400
-    """How long an invitation can be accepted (``inviteMember``)."""
-    key_prefix: str = "agentworks:ratelimit"
 
 
 def add_auth_routes(app: FastAPI, runtime: ApiRuntime, auth: AuthSettings) -> None:

@@ -15,7 +15,6 @@ aggregates once more before recording, for callers that are not GraphQL.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from graphql import (
     ArgumentNode,
@@ -91,25 +90,25 @@ class _LiteralFinder(Visitor):
         self.names: list[str] = []
         self.found: tuple[str, str, StringValueNode] | None = None
 
-    def enter_field(self, node: FieldNode, *_: Any) -> None:
+    def enter_field(self, node: FieldNode, *_: object) -> None:
         self.names.append(node.name.value)
 
-    def leave_field(self, node: FieldNode, *_: Any) -> None:
+    def leave_field(self, node: FieldNode, *_: object) -> None:
         self.names.pop()
 
-    def enter_argument(self, node: ArgumentNode, *_: Any) -> None:
+    def enter_argument(self, node: ArgumentNode, *_: object) -> None:
         self.names.append(node.name.value)
 
-    def leave_argument(self, node: ArgumentNode, *_: Any) -> None:
+    def leave_argument(self, node: ArgumentNode, *_: object) -> None:
         self.names.pop()
 
-    def enter_object_field(self, node: ObjectFieldNode, *_: Any) -> None:
+    def enter_object_field(self, node: ObjectFieldNode, *_: object) -> None:
         self.names.append(node.name.value)
 
-    def leave_object_field(self, node: ObjectFieldNode, *_: Any) -> None:
+    def leave_object_field(self, node: ObjectFieldNode, *_: object) -> None:
         self.names.pop()
 
-    def enter_string_value(self, node: StringValueNode, *_: Any) -> Any:
+    def enter_string_value(self, node: StringValueNode, *_: object) -> object:
         problem = text_problem(node.value)
         if problem is not None and self.found is None:
             where = ".".join(self.names) or "a string literal"

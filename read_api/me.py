@@ -6,18 +6,15 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 import strawberry
-from eventsourcing.application import AggregateNotFoundError
 from strawberry import ID
 
 from domain.errors import Unauthenticated
-from domain.workspace import Workspace
+from projections.kanban_queries import user_workspaces
 from read_api.types import RoleEnum
 
 if TYPE_CHECKING:
-    from psycopg import Connection
     from psycopg.rows import DictRow
 
-    from commands.handlers import AgentWorks
     from read_api.context import Info
 
 
@@ -54,7 +51,7 @@ async def resolve_me(info: Info) -> Me:
 
     def memberships() -> list[DictRow]:
         with pool.connection() as conn:
-            return _rows(conn, principal.user_id)
+            return user_workspaces(conn, principal.user_id)
 
     rows = await ctx.runtime.offloader.run(memberships)
     if not principal.is_user and not principal.is_bootstrap:
@@ -72,25 +69,3 @@ async def resolve_me(info: Info) -> Me:
             for r in rows
         ],
     )
-
-
-def _rows(conn: Connection[DictRow], user_id: str) -> list[DictRow]:
-    return conn.execute(
-        "SELECT workspace_id, name, role FROM agentworks_user_workspaces(%s)", (user_id,)
-    ).fetchall()
-
-
-def member_workspace_of(write: AgentWorks, aggregate_id: UUID, user_id: str) -> UUID | None:
-    """The workspace of an aggregate a user token wrote (its consistency token names only the
-    aggregate), when ``user_id`` is a member there; else ``None`` (no wait, as for strangers)."""
-    try:
-        aggregate: object = write.repository.get(aggregate_id, deepcopy_from_cache=False)
-        workspace_id = getattr(aggregate, "workspace_id", None)
-        if not isinstance(workspace_id, UUID):
-            return None
-        workspace: object = write.repository.get(workspace_id, deepcopy_from_cache=False)
-    except AggregateNotFoundError:
-        return None
-    if not isinstance(workspace, Workspace) or workspace.role_of(user_id) is None:
-        return None
-    return workspace_id

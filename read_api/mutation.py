@@ -2,20 +2,22 @@
 with a payload whose object is read back from the read model once it includes the write.
 
 No rule lives here: the handlers decide (roles from the workspace's membership, WIP limits,
-transitions); this module parses input, picks the handler and maps nothing but shapes.
+transitions); a resolver names its command and handler and shapes what GraphQL spells
+differently, and :func:`read_api.writes.perform` does the rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+from uuid import UUID
 
-import pydantic
 import strawberry
+from strawberry.dataloader import DataLoader
 
 from commands import models as m
-from commands.handlers import Actor, CommandResult
-from domain.errors import NotFound, ValidationFailed
+from commands.handlers import AgentWorks, CommandResult
+from domain.errors import NotFound
 from domain.money import format_usd
 from projections.kanban import KanbanProjector
 from projections.runs import RunsProjector
@@ -23,30 +25,16 @@ from read_api import fields as described
 from read_api.consistency import ConsistencyToken
 from read_api.context import Info
 from read_api.db import ReadScope
-from read_api.errors import describe_validation_error
-from read_api.loaders import Row, forget
+from read_api.loaders import Loaders, forget
 from read_api.scalars import Money
 from read_api.types import ID, AgentRun, Card, Project, RoleEnum, Workspace, parse_id
+from read_api.writes import DEFAULT, perform
 
-C = TypeVar("C", bound=m.Command)
+V = TypeVar("V")
 
 #: The projectors whose tables a payload's object is read from.
 _KANBAN = (KanbanProjector.name,)
 _RUNS = (RunsProjector.name, KanbanProjector.name)
-
-
-def _command(kind: type[C], /, **fields: object) -> C:
-    try:
-        return kind(**fields)
-    except pydantic.ValidationError as error:
-        raise ValidationFailed(describe_validation_error(error)) from error
-
-
-async def _execute(
-    info: Info, handler: Callable[[C, Actor], CommandResult], command: C
-) -> CommandResult:
-    ctx = info.context
-    return await ctx.offload(handler, command, ctx.actor())
 
 
 async def _await_projection(info: Info, result: CommandResult, projectors: tuple[str, ...]) -> None:
@@ -88,20 +76,24 @@ class WorkspacePayload:
 
 
 async def _written(
-    info: Info, result: CommandResult, projectors: tuple[str, ...], loader: str, *stale: str
-) -> tuple[ReadScope, Row] | None:
+    info: Info,
+    result: CommandResult,
+    projectors: tuple[str, ...],
+    loader: Callable[[Loaders], DataLoader[UUID, V | None]],
+    *stale: Callable[[Loaders], DataLoader[UUID, Any]],
+) -> tuple[ReadScope, V] | None:
     """The object a command wrote, read back from the caller's workspace once it is projected.
 
-    ``loader`` (and the ``stale`` ones) are DataLoaders of the request whose cached rows the
+    ``loader`` (and the ``stale`` ones) pick DataLoaders of the request whose cached rows the
     write made out of date.
     """
     await _await_projection(info, result, projectors)
     scope = await info.context.scope_of(result.id)
     if scope is None or not await scope.is_member():
         return None
-    for name in (loader, *stale):
-        forget(getattr(scope.loaders, name), result.id)
-    row = await getattr(scope.loaders, loader).load(result.id)
+    for pick in (loader, *stale):
+        forget(pick(scope.loaders), result.id)
+    row = await loader(scope.loaders).load(result.id)
     return None if row is None else (scope, row)
 
 
@@ -112,7 +104,7 @@ class ProjectPayload:
 
     @strawberry.field
     async def project(self, info: Info) -> Project | None:
-        found = await _written(info, self.result, _KANBAN, "project", "lanes")
+        found = await _written(info, self.result, _KANBAN, lambda x: x.project, lambda x: x.lanes)
         return None if found is None else Project.from_row(found[1], found[0])
 
 
@@ -123,7 +115,7 @@ class CardPayload:
 
     @strawberry.field
     async def card(self, info: Info) -> Card | None:
-        found = await _written(info, self.result, _KANBAN, "card")
+        found = await _written(info, self.result, _KANBAN, lambda x: x.card)
         return None if found is None else Card.from_row(found[1], found[0])
 
 
@@ -134,24 +126,16 @@ class AgentRunPayload:
 
     @strawberry.field
     async def run(self, info: Info) -> AgentRun | None:
-        found = await _written(info, self.result, _RUNS, "run")
-        return None if found is None else AgentRun.from_row(found[1])
+        found = await _written(info, self.result, _RUNS, lambda x: x.run)
+        return None if found is None else AgentRun.from_summary(found[1])
 
 
-def _workspace_payload(result: CommandResult) -> WorkspacePayload:
-    return WorkspacePayload(consistency_token=result.consistency_token, result=result)
+P = TypeVar("P", WorkspacePayload, ProjectPayload, CardPayload, AgentRunPayload)
 
 
-def _project_payload(result: CommandResult) -> ProjectPayload:
-    return ProjectPayload(consistency_token=result.consistency_token, result=result)
-
-
-def _card_payload(result: CommandResult) -> CardPayload:
-    return CardPayload(consistency_token=result.consistency_token, result=result)
-
-
-def _run_payload(result: CommandResult) -> AgentRunPayload:
-    return AgentRunPayload(consistency_token=result.consistency_token, result=result)
+def answer(payload: type[P], result: CommandResult) -> P:
+    """The payload of a written object; its field reads the object back once projected."""
+    return payload(consistency_token=result.consistency_token, result=result)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -366,246 +350,138 @@ class Mutation:
 
     @described.mutation("Create a workspace; the caller becomes its OWNER.")
     async def create_workspace(self, info: Info, input: CreateWorkspaceInput) -> WorkspacePayload:
-        command = _command(m.CreateWorkspace, name=input.name, command_id=input.command_id)
-        result = await _execute(info, info.context.runtime.services.write.create_workspace, command)
+        result = await perform(info, AgentWorks.create_workspace, m.CreateWorkspace, input)
         info.context.grant(result.id)
-        return _workspace_payload(result)
+        return answer(WorkspacePayload, result)
 
     @strawberry.mutation
     async def rename_workspace(self, info: Info, input: RenameWorkspaceInput) -> WorkspacePayload:
-        command = _command(
-            m.RenameWorkspace,
-            workspace_id=input.workspace_id,
-            name=input.name,
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _workspace_payload(await _execute(info, write.rename_workspace, command))
+        result = await perform(info, AgentWorks.rename_workspace, m.RenameWorkspace, input)
+        return answer(WorkspacePayload, result)
 
     @strawberry.mutation
     async def add_member(self, info: Info, input: AddMemberInput) -> WorkspacePayload:
-        command = _command(
-            m.AddMember,
-            workspace_id=input.workspace_id,
-            user_id=_user_id(input.user_id),
-            role=input.role.value,
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _workspace_payload(await _execute(info, write.add_member, command))
+        result = await perform(
+            info, AgentWorks.add_member, m.AddMember, input,
+            user_id=_user_id(input.user_id), role=input.role.value,
+        )  # fmt: skip
+        return answer(WorkspacePayload, result)
 
     @strawberry.mutation
     async def change_role(self, info: Info, input: ChangeRoleInput) -> WorkspacePayload:
-        command = _command(
-            m.ChangeRole,
-            workspace_id=input.workspace_id,
-            user_id=_user_id(input.user_id),
-            role=input.role.value,
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _workspace_payload(await _execute(info, write.change_role, command))
+        result = await perform(
+            info, AgentWorks.change_role, m.ChangeRole, input,
+            user_id=_user_id(input.user_id), role=input.role.value,
+        )  # fmt: skip
+        return answer(WorkspacePayload, result)
 
     @strawberry.mutation
     async def remove_member(self, info: Info, input: RemoveMemberInput) -> WorkspacePayload:
-        command = _command(
-            m.RemoveMember,
-            workspace_id=input.workspace_id,
-            user_id=_user_id(input.user_id),
-            command_id=input.command_id,
+        result = await perform(
+            info, AgentWorks.remove_member, m.RemoveMember, input, user_id=_user_id(input.user_id)
         )
-        write = info.context.runtime.services.write
-        return _workspace_payload(await _execute(info, write.remove_member, command))
+        return answer(WorkspacePayload, result)
 
     @strawberry.mutation
     async def set_spend_limit(self, info: Info, input: SetSpendLimitInput) -> WorkspacePayload:
-        command = _command(
-            m.SetSpendLimit,
-            workspace_id=input.workspace_id,
+        result = await perform(
+            info, AgentWorks.set_spend_limit, m.SetSpendLimit, input,
             monthly_limit=_money_text(input.monthly_limit),
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _workspace_payload(await _execute(info, write.set_spend_limit, command))
+        )  # fmt: skip
+        return answer(WorkspacePayload, result)
 
     @described.mutation("Set markup and billing increment (OWNER only).")
     async def set_plan(self, info: Info, input: SetPlanInput) -> WorkspacePayload:
-        command = _command(
-            m.SetPlan,
-            workspace_id=input.workspace_id,
-            markup=input.markup,
+        result = await perform(
+            info, AgentWorks.set_plan, m.SetPlan, input,
             billing_increment=format_usd(input.billing_increment),
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _workspace_payload(await _execute(info, write.set_plan, command))
+        )  # fmt: skip
+        return answer(WorkspacePayload, result)
 
     # -- projects and boards --
 
     @strawberry.mutation
     async def create_project(self, info: Info, input: CreateProjectInput) -> ProjectPayload:
-        fields: dict[str, object] = {
-            "workspace_id": input.workspace_id,
-            "name": input.name,
-            "command_id": input.command_id,
-        }
-        if input.lanes is not None:
-            fields["lanes"] = [{"name": x.name, "wip_limit": x.wip_limit} for x in input.lanes]
-        command = _command(m.CreateProject, **fields)
-        write = info.context.runtime.services.write
-        return _project_payload(await _execute(info, write.create_project, command))
+        lanes = (
+            DEFAULT
+            if input.lanes is None
+            else [{"name": x.name, "wip_limit": x.wip_limit} for x in input.lanes]
+        )
+        result = await perform(info, AgentWorks.create_project, m.CreateProject, input, lanes=lanes)
+        return answer(ProjectPayload, result)
 
     @strawberry.mutation
     async def set_wip_limit(self, info: Info, input: SetWipLimitInput) -> ProjectPayload:
-        command = _command(
-            m.SetWipLimit,
-            project_id=input.project_id,
-            lane=input.lane,
-            wip_limit=input.wip_limit,
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _project_payload(await _execute(info, write.set_wip_limit, command))
+        result = await perform(info, AgentWorks.set_wip_limit, m.SetWipLimit, input)
+        return answer(ProjectPayload, result)
 
     @strawberry.mutation
     async def add_lane(self, info: Info, input: AddLaneInput) -> ProjectPayload:
-        command = _command(
-            m.AddLane,
-            project_id=input.project_id,
-            name=input.name,
-            wip_limit=input.wip_limit,
-            index=input.index,
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _project_payload(await _execute(info, write.add_lane, command))
+        result = await perform(info, AgentWorks.add_lane, m.AddLane, input)
+        return answer(ProjectPayload, result)
 
     @strawberry.mutation
     async def rename_lane(self, info: Info, input: RenameLaneInput) -> ProjectPayload:
-        command = _command(
-            m.RenameLane,
-            project_id=input.project_id,
-            lane=input.lane,
-            name=input.name,
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _project_payload(await _execute(info, write.rename_lane, command))
+        result = await perform(info, AgentWorks.rename_lane, m.RenameLane, input)
+        return answer(ProjectPayload, result)
 
     @strawberry.mutation
     async def reorder_lanes(self, info: Info, input: ReorderLanesInput) -> ProjectPayload:
-        command = _command(
-            m.ReorderLanes,
-            project_id=input.project_id,
-            order=input.order,
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _project_payload(await _execute(info, write.reorder_lanes, command))
+        result = await perform(info, AgentWorks.reorder_lanes, m.ReorderLanes, input)
+        return answer(ProjectPayload, result)
 
     @strawberry.mutation
     async def remove_lane(self, info: Info, input: RemoveLaneInput) -> ProjectPayload:
-        command = _command(
-            m.RemoveLane, project_id=input.project_id, lane=input.lane, command_id=input.command_id
-        )
-        write = info.context.runtime.services.write
-        return _project_payload(await _execute(info, write.remove_lane, command))
+        result = await perform(info, AgentWorks.remove_lane, m.RemoveLane, input)
+        return answer(ProjectPayload, result)
 
     @strawberry.mutation
     async def archive_project(self, info: Info, input: ArchiveProjectInput) -> ProjectPayload:
-        command = _command(
-            m.ArchiveProject, project_id=input.project_id, command_id=input.command_id
-        )
-        write = info.context.runtime.services.write
-        return _project_payload(await _execute(info, write.archive_project, command))
+        result = await perform(info, AgentWorks.archive_project, m.ArchiveProject, input)
+        return answer(ProjectPayload, result)
 
     # -- cards --
 
     @strawberry.mutation
     async def create_card(self, info: Info, input: CreateCardInput) -> CardPayload:
-        command = _command(
-            m.CreateCard,
-            project_id=input.project_id,
-            title=input.title,
-            description=input.description,
-            lane=input.lane,
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _card_payload(await _execute(info, write.create_card, command))
+        result = await perform(info, AgentWorks.create_card, m.CreateCard, input)
+        return answer(CardPayload, result)
 
     @strawberry.mutation
     async def update_card(self, info: Info, input: UpdateCardInput) -> CardPayload:
-        command = _command(
-            m.UpdateCard,
-            card_id=input.card_id,
-            title=input.title,
-            description=input.description,
-            labels=input.labels,
-            expected_version=input.expected_version,
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _card_payload(await _execute(info, write.update_card, command))
+        result = await perform(info, AgentWorks.update_card, m.UpdateCard, input)
+        return answer(CardPayload, result)
 
     @described.mutation("Move a card into toLane between two neighbours.")
     async def move_card(self, info: Info, input: MoveCardInput) -> CardPayload:
-        command = _command(
-            m.MoveCard,
-            card_id=input.card_id,
-            to_lane=input.to_lane,
-            before_card_id=input.before_card_id,
-            after_card_id=input.after_card_id,
-            expected_version=input.expected_version,
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _card_payload(await _execute(info, write.move_card, command))
+        result = await perform(info, AgentWorks.move_card, m.MoveCard, input)
+        return answer(CardPayload, result)
 
     @strawberry.mutation
     async def assign_card(self, info: Info, input: AssignCardInput) -> CardPayload:
-        command = _command(
-            m.AssignCard,
-            card_id=input.card_id,
-            assignee=None if input.assignee is None else _user_id(input.assignee, "assignee"),
-            expected_version=input.expected_version,
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _card_payload(await _execute(info, write.assign_card, command))
+        assignee = None if input.assignee is None else _user_id(input.assignee, "assignee")
+        result = await perform(info, AgentWorks.assign_card, m.AssignCard, input, assignee=assignee)
+        return answer(CardPayload, result)
 
     @strawberry.mutation
     async def archive_card(self, info: Info, input: ArchiveCardInput) -> CardPayload:
-        command = _command(
-            m.ArchiveCard,
-            card_id=input.card_id,
-            expected_version=input.expected_version,
-            command_id=input.command_id,
-        )
-        write = info.context.runtime.services.write
-        return _card_payload(await _execute(info, write.archive_card, command))
+        result = await perform(info, AgentWorks.archive_card, m.ArchiveCard, input)
+        return answer(CardPayload, result)
 
     @strawberry.mutation
     async def restore_card(self, info: Info, input: RestoreCardInput) -> CardPayload:
-        command = _command(
-            m.RestoreCard, card_id=input.card_id, lane=input.lane, command_id=input.command_id
-        )
-        write = info.context.runtime.services.write
-        return _card_payload(await _execute(info, write.restore_card, command))
+        result = await perform(info, AgentWorks.restore_card, m.RestoreCard, input)
+        return answer(CardPayload, result)
 
     @strawberry.mutation
     async def block_card(self, info: Info, input: BlockCardInput) -> CardPayload:
-        command = _command(
-            m.BlockCard, card_id=input.card_id, reason=input.reason, command_id=input.command_id
-        )
-        write = info.context.runtime.services.write
-        return _card_payload(await _execute(info, write.block_card, command))
+        result = await perform(info, AgentWorks.block_card, m.BlockCard, input)
+        return answer(CardPayload, result)
 
     @strawberry.mutation
     async def unblock_card(self, info: Info, input: UnblockCardInput) -> CardPayload:
-        command = _command(m.UnblockCard, card_id=input.card_id, command_id=input.command_id)
-        write = info.context.runtime.services.write
-        return _card_payload(await _execute(info, write.unblock_card, command))
+        result = await perform(info, AgentWorks.unblock_card, m.UnblockCard, input)
+        return answer(CardPayload, result)
 
     # -- agent runs --
 
@@ -613,27 +489,19 @@ class Mutation:
         "Request an agent run on a card; it stays QUEUED until an orchestrator picks it up."
     )
     async def start_agent_run(self, info: Info, input: StartAgentRunInput) -> AgentRunPayload:
-        command = _command(
-            m.StartAgentRun,
-            card_id=input.card_id,
-            agent=input.agent,
-            provider=input.provider,
-            model=input.model,
+        result = await perform(
+            info, AgentWorks.start_agent_run, m.StartAgentRun, input,
             max_cost=_money_text(input.max_cost),
-            command_id=input.command_id,
-            policy=input.policy,
-        )
-        write = info.context.runtime.services.write
-        return _run_payload(await _execute(info, write.start_agent_run, command))
+        )  # fmt: skip
+        return answer(AgentRunPayload, result)
 
     @strawberry.mutation
     async def cancel_agent_run(self, info: Info, input: CancelAgentRunInput) -> AgentRunPayload:
-        fields: dict[str, object] = {"run_id": input.run_id, "command_id": input.command_id}
-        if input.reason is not None:
-            fields["reason"] = input.reason
-        command = _command(m.CancelAgentRun, **fields)
-        write = info.context.runtime.services.write
-        return _run_payload(await _execute(info, write.cancel_agent_run, command))
+        reason = DEFAULT if input.reason is None else input.reason
+        result = await perform(
+            info, AgentWorks.cancel_agent_run, m.CancelAgentRun, input, reason=reason
+        )
+        return answer(AgentRunPayload, result)
 
 
 __all__ = ["Mutation"]

@@ -43,7 +43,6 @@ from read_api.types import (
     Reconciliation,
     Statement,
     StatementLine,
-    UsageGroupingEnum,
     UsageRow,
     Workspace,
     page_info,
@@ -189,8 +188,8 @@ class Query:
         scope = await info.context.scope_of(wanted)
         if scope is None or not await scope.is_member():
             return None
-        row = await scope.loaders.run.load(wanted)
-        return None if row is None else AgentRun.from_row(row)
+        run = await scope.loaders.run.load(wanted)
+        return None if run is None else AgentRun.from_summary(run)
 
     @described.field("A run's log lines after afterSeq, in order.")
     async def agent_run_logs(
@@ -233,13 +232,12 @@ class Query:
         workspace_id: ID,
         from_: Annotated[datetime, strawberry.argument(name="from")],
         to: datetime,
-        group_by: UsageGroupingEnum,
+        group_by: UsageDimension,
     ) -> list[UsageRow]:
         scope = _workspace_scope(info.context, workspace_id)
-        dimension = UsageDimension(group_by.value)
         rows = await scope.run(
             lambda conn: queries.usage(
-                conn, scope.workspace_id, from_=from_, to=to, group_by=dimension
+                conn, scope.workspace_id, from_=from_, to=to, group_by=group_by
             )
         )
         return [

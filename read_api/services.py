@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
 
     from commands.handlers import AgentWorks
+    from commands.identity import Identity
     from projections.base import Projector
     from read_api.broadcast import Broadcaster
-    from read_api.identity import AuthSettings
     from read_api.oidc import OidcSignIn
 
 
@@ -77,6 +77,20 @@ class RequestStats:
     statements: int
     """SQL statements run for the request on the API pool (consistency waits excluded)."""
     duration_ms: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthSettings:
+    """How ``/auth`` behaves, from settings (the composition root builds it)."""
+
+    identity: Identity
+    secure_cookie: bool = True
+    refresh_ttl_seconds: int = 30 * 86400
+    login_per_account_per_minute: int | None = 10
+    login_per_address_per_minute: int | None = 30
+    invitation_ttl_seconds: int = 7 * 86400
+    """How long an invitation can be accepted (``inviteMember``)."""
+    key_prefix: str = "agentworks:ratelimit"
 
 
 @dataclass(kw_only=True)

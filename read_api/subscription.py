@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 import strawberry
@@ -33,15 +33,17 @@ from read_api.types import ID, BoardEvent, Card, LogLine, parse_id
 if TYPE_CHECKING:
     from read_api.context import RequestContext
     from read_api.db import ReadScope
-    from read_api.loaders import Row
 
 REPLAY_BATCH = 1000
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"})
 
 
+T = TypeVar("T")
+
+
 async def _visible(
-    ctx: RequestContext, load: Callable[[ReadScope], Awaitable[Row | None]]
-) -> Row | None:
+    ctx: RequestContext, load: Callable[[ReadScope], Awaitable[T | None]]
+) -> T | None:
     scope = ctx.fresh_scope()
     try:
         if not await scope.is_member():
@@ -111,7 +113,7 @@ async def _stored_lines(
     return [
         LogLine(run_id=ID(str(x.run_id)), seq=x.seq, at=x.at, stream=x.stream, text=x.text)
         for x in lines
-    ], run["status"] in TERMINAL
+    ], run.status in TERMINAL
 
 
 def _live_lines(run_id: UUID, payload: dict[str, Any]) -> list[LogLine]:

@@ -12,7 +12,6 @@ and its other operations are left as they were.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
@@ -25,9 +24,8 @@ from read_api.errors import error_extensions
 
 
 class LimitedTransportWSHandler(BaseGraphQLTransportWSHandler[RequestContext, None]):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._held = 0
+    _held: int = 0
+    """Subscriptions this connection holds (an instance's own count from its first change)."""
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
         if not self.connection_acknowledged or message["id"] in self.operations:

@@ -19,6 +19,8 @@ from strawberry.scalars import JSON
 from strawberry.types.nodes import SelectedField, Selection
 
 from domain.errors import ValidationFailed
+from projections.billing import UsageDimension
+from projections.runs_queries import RunSummary
 from read_api import cursors
 from read_api import fields as described
 from read_api.db import ReadScope
@@ -79,14 +81,8 @@ class RunStatusEnum(Enum):
     TIMED_OUT = "TIMED_OUT"
 
 
-@strawberry.enum(name="UsageGrouping")
-class UsageGroupingEnum(Enum):
-    PROJECT = "PROJECT"
-    CARD = "CARD"
-    AGENT_RUN = "AGENT_RUN"
-    PROVIDER = "PROVIDER"
-    MODEL = "MODEL"
-    DAY = "DAY"
+UsageGroupingEnum = strawberry.enum(UsageDimension, name="UsageGrouping")
+"""GraphQL's ``UsageGrouping`` is the billing read model's own dimension (one list of them)."""
 
 
 # -- connections ----------------------------------------------------------------------------------
@@ -286,8 +282,8 @@ class Lane:
             wanted = [card.last_run_id for card in cards if card.last_run_id is not None]
             found = dict(zip(wanted, await self.scope.loaders.run.load_many(wanted), strict=True))
             for card in cards:
-                row = found.get(card.last_run_id) if card.last_run_id else None
-                card.knowing_last_run(None if row is None else AgentRun.from_row(row))
+                run = found.get(card.last_run_id) if card.last_run_id else None
+                card.knowing_last_run(None if run is None else AgentRun.from_summary(run))
         edges = [CardEdge(node=card) for card in cards]
         return CardConnection(
             edges=edges,
@@ -394,27 +390,28 @@ class AgentRun:
         return [ProviderAttempt.from_row(row) for row in rows]
 
     @classmethod
-    def from_row(cls, row: Row) -> AgentRun:
+    def from_summary(cls, run: RunSummary) -> AgentRun:
+        """The API's view of the read model's row: ids as ``ID``, micro-USD as ``Money``."""
         return cls(
-            id=ID(str(row["run_id"])),
-            card_id=ID(str(row["card_id"])),
-            project_id=ID(str(row["project_id"])),
-            agent=row["agent"],
-            status=RunStatusEnum(row["status"]),
-            provider=row["provider"],
-            model=row["model"],
-            input_tokens=int(row["input_tokens"]),
-            output_tokens=int(row["output_tokens"]),
-            provider_cost=Money(int(row["provider_cost_micros"])),
-            billed=Money(int(row["billed_micros"])),
-            max_cost=None if row["max_cost_micros"] is None else Money(int(row["max_cost_micros"])),
-            llm_calls=int(row["llm_calls"]),
-            requested_at=row["requested_at"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            error=row["error"],
-            log_line_count=int(row["log_line_count"]),
-            version=int(row["version"]),
+            id=ID(str(run.run_id)),
+            card_id=ID(str(run.card_id)),
+            project_id=ID(str(run.project_id)),
+            agent=run.agent,
+            status=RunStatusEnum(run.status),
+            provider=run.provider,
+            model=run.model,
+            input_tokens=int(run.input_tokens),
+            output_tokens=int(run.output_tokens),
+            provider_cost=Money(int(run.provider_cost_micros)),
+            billed=Money(int(run.billed_micros)),
+            max_cost=None if run.max_cost_micros is None else Money(int(run.max_cost_micros)),
+            llm_calls=int(run.llm_calls),
+            requested_at=run.requested_at,
+            started_at=run.started_at,
+            finished_at=run.finished_at,
+            error=run.error,
+            log_line_count=int(run.log_line_count),
+            version=int(run.version),
         )
 
 
@@ -518,11 +515,11 @@ class Card:
             rows = await self.scope.loaders.card_runs.load(
                 RunPage(card_id=self.key, limit=1, until=self.as_of)
             )
-            return AgentRun.from_row(rows[0]) if rows else None
+            return AgentRun.from_summary(rows[0]) if rows else None
         if self.last_run_id is None:
             return None
-        row = await self.scope.loaders.run.load(self.last_run_id)
-        return None if row is None else AgentRun.from_row(row)
+        run = await self.scope.loaders.run.load(self.last_run_id)
+        return None if run is None else AgentRun.from_summary(run)
 
     last_run: AgentRun | None = strawberry.field(resolver=_last_run, graphql_type=AgentRun | None)
 
@@ -540,9 +537,9 @@ class Card:
             )
         )
         edges = [
-            AgentRunEdge(cursor=cursors.run_cursor(row["requested_at"], row["run_id"]),
-                         node=AgentRun.from_row(row))
-            for row in rows[:size]
+            AgentRunEdge(cursor=cursors.run_cursor(run.requested_at, run.run_id),
+                         node=AgentRun.from_summary(run))
+            for run in rows[:size]
         ]  # fmt: skip
         return AgentRunConnection(
             edges=edges,

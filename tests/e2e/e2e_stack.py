@@ -36,9 +36,8 @@ from projections.registry import ALL_PROJECTORS
 from projections.runner import ProjectionRunner
 from read_api.app import create_app
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
-from read_api.identity import AuthSettings
 from read_api.oidc import OidcSignIn
-from read_api.services import ApiServices, JwtVerification, RateLimits, RequestStats
+from read_api.services import ApiServices, AuthSettings, JwtVerification, RateLimits, RequestStats
 from read_api.testing import RunningServer, start_in_thread
 from streams.embedded import EmbeddedFanout
 from streams.log import EventLog

@@ -1,0 +1,133 @@
+"""What the API reads of the Kanban read model (``rm_workspaces``, ``rm_members``,
+``rm_projects``, ``rm_lanes``, ``rm_cards``), a batch of keys per statement.
+
+Every function takes a connection inside a transaction scoped to the caller's workspace
+(:func:`scope_to_workspace`), so row-level security confines it there. The API's DataLoaders
+group the rows by key; a board of any size costs a fixed number of statements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from projections.columns import CARD_SELECT
+
+if TYPE_CHECKING:
+    from psycopg import Connection
+    from psycopg.rows import DictRow
+
+
+@dataclass(frozen=True)
+class LanePage:
+    """Which page of a lane's cards: after ``(position, card id)``, at most ``limit`` rows."""
+
+    project_id: UUID
+    lane: str
+    limit: int
+    after_position: str | None = None
+    after_card_id: UUID | None = None
+
+
+def scope_to_workspace(
+    conn: Connection[DictRow], workspace_id: UUID, *, statement_timeout_ms: int | None = None
+) -> None:
+    """Confine the rest of this transaction to ``workspace_id`` (row-level security reads it)."""
+    if statement_timeout_ms is None:
+        conn.execute("SELECT set_config('agentworks.workspace_id', %s, true)", (str(workspace_id),))
+    else:
+        conn.execute(
+            "SELECT set_config('agentworks.workspace_id', %s, true),"
+            " set_config('statement_timeout', %s, true)",
+            (str(workspace_id), str(statement_timeout_ms)),
+        )
+
+
+def is_member(conn: Connection[DictRow], workspace_id: UUID, user_id: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 AS member FROM rm_members WHERE workspace_id = %s AND user_id = %s",
+        (workspace_id, user_id),
+    ).fetchone()
+    return row is not None
+
+
+def user_workspaces(conn: Connection[DictRow], user_id: str) -> list[DictRow]:
+    """Every workspace ``user_id`` belongs to, with its name and the user's role there (a
+    security-definer function: the API role sees no other workspace's rows)."""
+    return conn.execute(
+        "SELECT workspace_id, name, role FROM agentworks_user_workspaces(%s)", (user_id,)
+    ).fetchall()
+
+
+def workspaces(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
+    return conn.execute(
+        "SELECT workspace_id, name, markup, billing_increment_micros, monthly_limit_micros,"
+        " version, created_at, updated_at FROM rm_workspaces WHERE workspace_id = ANY(%s)",
+        (ids,),
+    ).fetchall()
+
+
+def members(conn: Connection[DictRow], workspace_ids: Sequence[UUID]) -> list[DictRow]:
+    return conn.execute(
+        "SELECT workspace_id, user_id, role FROM rm_members WHERE workspace_id = ANY(%s)"
+        " ORDER BY workspace_id, user_id",
+        (workspace_ids,),
+    ).fetchall()
+
+
+def projects(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
+    return conn.execute(
+        "SELECT workspace_id, project_id, name, archived, version, created_at, updated_at"
+        " FROM rm_projects WHERE project_id = ANY(%s)",
+        (ids,),
+    ).fetchall()
+
+
+def projects_of_workspaces(
+    conn: Connection[DictRow], workspace_ids: Sequence[UUID]
+) -> list[DictRow]:
+    return conn.execute(
+        "SELECT workspace_id, project_id, name, archived, version, created_at, updated_at"
+        " FROM rm_projects WHERE workspace_id = ANY(%s) ORDER BY created_at, project_id",
+        (workspace_ids,),
+    ).fetchall()
+
+
+def lanes(conn: Connection[DictRow], project_ids: Sequence[UUID]) -> list[DictRow]:
+    return conn.execute(
+        "SELECT project_id, name, ord, wip_limit, card_count FROM rm_lanes"
+        " WHERE project_id = ANY(%s) ORDER BY project_id, ord",
+        (project_ids,),
+    ).fetchall()
+
+
+def cards(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
+    return conn.execute(
+        f"SELECT {CARD_SELECT} FROM rm_cards WHERE card_id = ANY(%s)", (ids,)
+    ).fetchall()
+
+
+def lane_cards(conn: Connection[DictRow], pages: Sequence[LanePage]) -> list[DictRow]:
+    """One page of live cards per lane page asked for, in board order; ``page_index`` (from 1)
+    says which page a row answers (one LATERAL join, each lane with its own cursor and size)."""
+    return conn.execute(
+        "SELECT k.ord AS page_index, c.* FROM unnest("
+        "%s::uuid[], %s::text[], %s::text[], %s::uuid[], %s::int[]"
+        ") WITH ORDINALITY AS k(project_id, lane, after_position, after_card_id, lim, ord)"
+        " CROSS JOIN LATERAL ("
+        f"  SELECT {CARD_SELECT} FROM rm_cards AS c"
+        "   WHERE c.project_id = k.project_id AND c.lane = k.lane AND NOT c.archived"
+        "   AND (k.after_position IS NULL OR (c.position, c.card_id)"
+        '        > (k.after_position COLLATE "C", k.after_card_id))'
+        "   ORDER BY c.position, c.card_id LIMIT k.lim"
+        " ) AS c ORDER BY k.ord, c.position, c.card_id",
+        (
+            [p.project_id for p in pages],
+            [p.lane for p in pages],
+            [p.after_position for p in pages],
+            [p.after_card_id for p in pages],
+            [p.limit for p in pages],
+        ),
+    ).fetchall()

@@ -1,0 +1,56 @@
+"""What the API reads of the projectors' own bookkeeping (``projection_positions``,
+``projection_versions``, ``projection_parked``): how far each read model is, for
+read-your-writes waits and readiness."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+if TYPE_CHECKING:
+    from psycopg import Connection
+    from psycopg.rows import DictRow
+
+
+@dataclass(frozen=True)
+class Progress:
+    head: int
+    """The event log's last committed position."""
+    positions: dict[str, int]
+    """Projector name -> the log position it has applied up to."""
+    parked: dict[str, int]
+    """Projector name -> aggregates it parked (dead-lettered)."""
+
+
+def include(
+    conn: Connection[DictRow], projectors: Sequence[str], *, aggregate_id: UUID, position: int,
+    version: int,
+) -> bool:  # fmt: skip
+    """Whether every one of ``projectors`` has applied the log up to ``position`` and
+    ``aggregate_id`` up to ``version`` (a projector never seen counts as at 0)."""
+    rows = conn.execute(
+        "SELECT n.projector, coalesce(p.position, 0) AS position,"
+        " coalesce(v.version, 0) AS version"
+        " FROM unnest(%s::text[]) AS n(projector)"
+        " LEFT JOIN projection_positions AS p ON p.projector = n.projector"
+        " LEFT JOIN projection_versions AS v"
+        "   ON v.projector = n.projector AND v.originator_id = %s",
+        (list(projectors), aggregate_id),
+    ).fetchall()
+    return all(int(row["position"]) >= position and int(row["version"]) >= version for row in rows)
+
+
+def progress(conn: Connection[DictRow]) -> Progress:
+    # Row-level security hides every event from the API role; the head function does not.
+    head_row = conn.execute("SELECT agentworks_log_head() AS head").fetchone()
+    rows = conn.execute("SELECT projector, position FROM projection_positions").fetchall()
+    parked = conn.execute(
+        "SELECT projector, count(*) AS parked FROM projection_parked GROUP BY projector"
+    ).fetchall()
+    return Progress(
+        head=int(head_row["head"]) if head_row else 0,
+        positions={row["projector"]: int(row["position"]) for row in rows},
+        parked={row["projector"]: int(row["parked"]) for row in parked},
+    )

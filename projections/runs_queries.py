@@ -1,0 +1,111 @@
+"""What the API reads of the runs read model (``rm_runs``, ``rm_run_outputs``,
+``rm_run_attempts``), a batch of keys per statement.
+
+Every function takes a connection inside a transaction scoped to the caller's workspace, so
+row-level security confines it there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from projections.columns import RUN_SELECT
+
+if TYPE_CHECKING:
+    from psycopg import Connection
+    from psycopg.rows import DictRow
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSummary:
+    """One ``rm_runs`` row: the run as the read model keeps it (money in micro-USD)."""
+
+    run_id: UUID
+    workspace_id: UUID
+    project_id: UUID
+    card_id: UUID
+    agent: str
+    status: str
+    provider: str | None
+    model: str | None
+    max_cost_micros: int | None
+    input_tokens: int
+    output_tokens: int
+    provider_cost_micros: int
+    billed_micros: int
+    llm_calls: int
+    requested_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    log_line_count: int
+    version: int
+
+    @classmethod
+    def from_row(cls, row: DictRow | dict[str, Any]) -> RunSummary:
+        """The summary in a row that may carry more (a page's ``page_index``)."""
+        return cls(**{name: row[name] for name in _FIELDS})
+
+
+_FIELDS = tuple(RunSummary.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class RunPage:
+    """Which page of a card's runs, newest first, after ``(requested_at, run id)``."""
+
+    card_id: UUID
+    limit: int
+    after_requested_at: datetime | None = None
+    after_run_id: UUID | None = None
+    until: datetime | None = None
+    """Only runs requested at or before this instant (a card's historical state)."""
+
+
+def runs(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
+    return conn.execute(
+        f"SELECT {RUN_SELECT} FROM rm_runs WHERE run_id = ANY(%s)", (ids,)
+    ).fetchall()
+
+
+def card_runs(conn: Connection[DictRow], pages: Sequence[RunPage]) -> list[DictRow]:
+    """One page of runs per card page asked for, newest first; ``page_index`` (from 1) says
+    which page a row answers."""
+    return conn.execute(
+        "SELECT k.ord AS page_index, r.* FROM unnest("
+        "%s::uuid[], %s::timestamptz[], %s::uuid[], %s::timestamptz[], %s::int[]"
+        ") WITH ORDINALITY AS k(card_id, after_at, after_run_id, until, lim, ord)"
+        " CROSS JOIN LATERAL ("
+        f"  SELECT {RUN_SELECT} FROM rm_runs AS r WHERE r.card_id = k.card_id"
+        "   AND (k.after_at IS NULL"
+        "        OR (r.requested_at, r.run_id) < (k.after_at, k.after_run_id))"
+        "   AND (k.until IS NULL OR r.requested_at <= k.until)"
+        "   ORDER BY r.requested_at DESC, r.run_id DESC LIMIT k.lim"
+        " ) AS r ORDER BY k.ord, r.requested_at DESC, r.run_id DESC",
+        (
+            [p.card_id for p in pages],
+            [p.after_requested_at for p in pages],
+            [p.after_run_id for p in pages],
+            [p.until for p in pages],
+            [p.limit for p in pages],
+        ),
+    ).fetchall()
+
+
+def run_outputs(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
+    return conn.execute(
+        "SELECT run_id, output FROM rm_run_outputs WHERE run_id = ANY(%s)", (ids,)
+    ).fetchall()
+
+
+def run_attempts(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
+    return conn.execute(
+        "SELECT run_id, attempt, provider, model, status, http_status, error, latency_ms,"
+        " input_tokens, output_tokens, provider_cost_micros, estimated"
+        " FROM rm_run_attempts WHERE run_id = ANY(%s) ORDER BY run_id, attempt",
+        (ids,),
+    ).fetchall()
