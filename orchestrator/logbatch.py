@@ -1,10 +1,17 @@
-"""Streamed text into log lines, written as chunks of at most ``max_lines`` lines or
-``interval`` seconds, whichever comes first, so a subscriber sees output as it is produced
-without one event per token."""
+"""Streamed text into log lines, written as log chunks the way a database group-commits.
+
+A complete line is written at once when no chunk write is under way; lines that complete while
+one is under way wait for it and go together in the next chunk (at most ``max_lines`` a chunk).
+So a subscriber sees a line one write after it was produced, not after a fixed batching window,
+and the chunk rate adapts by itself: one line a chunk while writes are quick, many when they are
+slow — never one event per token. A line without its newline yet is written as it is after
+``PARTIAL_LINE_SECONDS``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -21,11 +28,9 @@ class LogBatcher:
         write: Callable[[list[Line]], Awaitable[None]],
         *,
         max_lines: int = 100,
-        interval: float = 0.2,
     ) -> None:
         self._write = write
         self.max_lines = max_lines
-        self.interval = interval
         self._pending: list[Line] = []
         self._partial = ""
         self._partial_since = 0.0
@@ -74,17 +79,19 @@ class LogBatcher:
 
     async def _run(self) -> None:
         while True:
-            await self._wake.wait()
+            due: float | None = None
+            if self._partial and not self._pending and not self._closed:
+                due = max(0.0, PARTIAL_LINE_SECONDS - (time.monotonic() - self._partial_since))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), due)
             self._wake.clear()
-            if not self._closed and len(self._pending) < self.max_lines:
-                # Give the chunk up to one interval to fill.
-                await asyncio.sleep(self.interval)
             if (
                 self._partial
                 and not self._pending
                 and time.monotonic() - self._partial_since >= PARTIAL_LINE_SECONDS
             ):
                 self._take_partial()
+            # What completed while a chunk was being written goes in the very next one.
             while self._pending:
                 batch, self._pending = (
                     self._pending[: self.max_lines],
@@ -94,6 +101,3 @@ class LogBatcher:
                 self.lines_written += len(batch)
             if self._closed:
                 return
-            if self._partial:
-                self._wake.set()
-                await asyncio.sleep(self.interval)

@@ -87,7 +87,6 @@ class OrchestratorConfig:
     max_reclaims: int = 2
     max_attempts: int = 4
     poll_interval: float = 0.1
-    log_interval: float = 0.2
     log_max_lines: int = 100
     backoff_base: float = 0.2
     backoff_cap: float = 10.0
@@ -345,7 +344,6 @@ class Orchestrator:
         batcher = LogBatcher(
             partial(self._write_lines, view),
             max_lines=self.config.log_max_lines,
-            interval=self.config.log_interval,
         )
         batcher.start()
         heartbeat = asyncio.create_task(self._heartbeats(view))
