@@ -54,7 +54,13 @@ class Provenance:
             started=time.monotonic(),
             jiffies=_cpu_jiffies(),
             commit=_git("rev-parse", "--short", "HEAD").strip() or "unknown",
-            dirty=sorted(line[3:] for line in status.splitlines() if line.strip()),
+            # Results files are what benchmarks write, often while another one runs: they are
+            # not code the measurement ran on.
+            dirty=sorted(
+                path
+                for path in (line[3:] for line in status.splitlines() if line.strip())
+                if not path.startswith("bench/results/")
+            ),
             loadavg_at_start=[round(v, 2) for v in os.getloadavg()],
         )
 
