@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from psycopg import Cursor, sql
     from psycopg.rows import DictRow
 
-    from streams.envelope import EventEnvelope
+    from domain.envelope import EventEnvelope
 
 
 class UsageDimension(StrEnum):

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from psycopg import Cursor
     from psycopg.rows import DictRow
 
-    from streams.envelope import EventEnvelope
+    from domain.envelope import EventEnvelope
 
 #: Terminal status and the error text (if any) each terminal event records.
 _TERMINAL: dict[str, str] = {

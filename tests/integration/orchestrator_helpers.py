@@ -11,6 +11,7 @@ from uuid import UUID
 
 from board_helpers import Board, bootstrap_board
 
+from adapters.eventlog import EventLog
 from adapters.providers.base import Provider
 from adapters.providers.simulated import SimulatedProvider
 from commands import models as m
@@ -18,7 +19,6 @@ from commands.handlers import AgentWorks
 from domain.agent_run import AgentRun, RunStatus
 from infra.bootstrap import build_write_side
 from orchestrator.service import Orchestrator, OrchestratorConfig, OrchestratorThread
-from streams.log import EventLog
 
 
 @dataclass
