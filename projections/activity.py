@@ -454,7 +454,7 @@ class ActivityProjector(Projector):
                     env.timestamp,
                     env.metadata.get("actor") or "unknown",
                     kind,
-                    _short(summarise(ev)),
+                    _short(summarise(env.event)),
                     card_id,
                     project_id,
                     str(subject),

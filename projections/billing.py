@@ -402,7 +402,6 @@ class BillingProjector(Projector):
             and MEMO_DROPPED not in ctx.memo
         )
         for env in envelopes:
-            ev = env.event
             # Credits and invoices are a handful a month: event by event is plenty.
             if env.aggregate != "UsageCharge":
                 self.apply(ctx.cur, env, ctx.tables, [])

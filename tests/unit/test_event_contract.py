@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from eventsourcing.domain import Aggregate
 
-from domain.events import PAYLOAD_TYPES, EventPayload, UnlistedEvent, payload_of
+from domain.events import PAYLOAD_TYPES, CardMoved, EventPayload, UnlistedEvent, payload_of
+from projections.base import Projector
 from projections.registry import ALL_PROJECTORS
 
 DOMAIN = Path(__file__).resolve().parents[2] / "domain"
@@ -35,6 +36,7 @@ def _domain_events() -> dict[str, type[Aggregate.Event]]:
                 continue
             if aggregate.__subclasses__():
                 continue  # a base (TenantAggregate): its events are its subclasses'
+            assert isinstance(node, ast.ClassDef)
             for inner in node.body:
                 if isinstance(inner, ast.ClassDef) and inner.name != "Event":
                     event = getattr(aggregate, inner.name)
@@ -73,7 +75,7 @@ def test_a_payload_class_has_its_events_fields_as_the_json_carries_them(event_ty
 
 
 @pytest.mark.parametrize("projector", ALL_PROJECTORS, ids=lambda p: p.name)
-def test_a_projector_handles_only_events_of_the_contract(projector: type) -> None:
+def test_a_projector_handles_only_events_of_the_contract(projector: type[Projector]) -> None:
     contract = set(PAYLOAD_TYPES.values())
     assert projector.handled() <= contract
     assert projector.ignores <= contract
@@ -81,7 +83,9 @@ def test_a_projector_handles_only_events_of_the_contract(projector: type) -> Non
 
 
 @pytest.mark.parametrize("projector", ALL_PROJECTORS, ids=lambda p: p.name)
-def test_a_projector_handles_or_ignores_every_domain_event_and_not_both(projector: type) -> None:
+def test_a_projector_handles_or_ignores_every_domain_event_and_not_both(
+    projector: type[Projector],
+) -> None:
     handled, ignored = projector.handled(), projector.ignores
     assert not handled & ignored, sorted(kind.event_type for kind in handled & ignored)
     undecided = set(PAYLOAD_TYPES.values()) - handled - ignored
@@ -91,10 +95,10 @@ def test_a_projector_handles_or_ignores_every_domain_event_and_not_both(projecto
 def test_a_payload_is_a_read_only_view_of_the_json() -> None:
     payload = {"from_lane": "Todo", "to_lane": "Doing", "position": "a0"}
     moved = payload_of("Card.Moved", payload)
-    assert type(moved) is PAYLOAD_TYPES["Card.Moved"]
-    assert (moved.from_lane, moved.to_lane, moved.position) == ("Todo", "Doing", "a0")  # type: ignore[attr-defined]
+    assert isinstance(moved, CardMoved)
+    assert (moved.from_lane, moved.to_lane, moved.position) == ("Todo", "Doing", "a0")
     with pytest.raises(AttributeError):
-        moved.to_lane = "Done"  # type: ignore[attr-defined]
+        moved.to_lane = "Done"
     assert moved == payload_of("Card.Moved", dict(payload))
     assert moved != payload_of("Card.Restored", payload)
 
