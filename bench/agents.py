@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psycopg
 
+from adapters.eventlog import EventLog
 from adapters.providers.base import ChatRequest, Usage
 from adapters.providers.simulated import SimulatedProvider
 from bench._provenance import Provenance
@@ -44,7 +45,6 @@ from domain.agents import agent_named, build_prompt
 from infra.bootstrap import build_write_side
 from infra.migrate import ensure_database, migrate
 from orchestrator.service import Orchestrator, OrchestratorConfig
-from streams.log import EventLog
 
 ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 

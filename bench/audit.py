@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg import IsolationLevel
 
 from adapters.audit_signing import Signer
+from adapters.eventlog import EventLog
 from adapters.postgres import PROJECTOR_ROLE, make_pool
 from bench._provenance import Provenance
 from commands import models as m
@@ -38,11 +39,10 @@ from domain.card import Card
 from domain.meta import EventMeta
 from infra.bootstrap import build_write_side
 from infra.migrate import migrate
+from projections.history import board_as_of
 from projections.kanban import KanbanProjector
 from projections.rebuild import rebuild
 from streams.audit import export_lines, workspace_rows
-from streams.history import board_as_of
-from streams.log import EventLog
 
 LANES = ("Todo", "Doing", "Done")
 

@@ -198,12 +198,12 @@ def scalar(url: str, query: str, params: tuple[Any, ...] = ()) -> Any:
 
 def embedded_main(database_url: str, projectors: list[str]) -> None:
     """``python -m bench.freshness _embedded URL NAMES``: the in-process fan-out until SIGTERM."""
+    from adapters.eventlog import EventLog
     from adapters.eventstore import EventStoreRecorder
     from adapters.postgres import PROJECTOR_ROLE, make_pool
     from projections.registry import projector_named
     from projections.runner import ProjectionRunner
     from streams.embedded import EmbeddedFanout
-    from streams.log import EventLog
 
     app = build_write_side(database_url, pool_size=2)
     pool = make_pool(database_url, role=PROJECTOR_ROLE, max_size=2)
@@ -559,7 +559,7 @@ def wait_until_consuming(fh: ModuleType, url: str, bootstrap: str, timeout: floa
     """Until the kanban worker has joined its group and applies what arrives: it is handed the
     log's first event directly (the relay will publish it again, a harmless duplicate)."""
     from adapters.kafka import create_topics
-    from streams.envelope import TOPICS
+    from domain.envelope import TOPICS
 
     create_topics(bootstrap, list(TOPICS), PARTITIONS)
     with fh.projector_side(url) as (_, event_log):

@@ -195,7 +195,7 @@ def generate_log(url: str, events: int, seed: int) -> dict[str, Any]:
 
 
 def measure_reads(side: ReadSide, batch: int) -> dict[str, Any]:
-    from streams.envelope import envelope_from_event
+    from domain.envelope import envelope_from_event
 
     recorder = side.event_log.recorder
     mapper = side.event_log.mapper

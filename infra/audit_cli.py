@@ -1,7 +1,7 @@
 """``agentworks audit`` and ``agentworks replay``: what an auditor and an operator run.
 
 A thin edge like the rest of the CLI (see :mod:`infra.cli`, which registers these groups): parse,
-resolve keys from settings, hand over to :mod:`streams.audit` and :mod:`streams.history`, print.
+resolve keys from settings, hand over to :mod:`streams.audit` and :mod:`projections.history`, print.
 Bad input raises :class:`~domain.errors.AgentWorksError` (exit 2, one line); a verdict that the
 user asked for and got — a tampered export, a card that did not exist yet — exits 1 with one
 line naming what failed.
@@ -165,9 +165,9 @@ def export_command(
     import psycopg
     from psycopg import IsolationLevel
 
+    from adapters.eventlog import EventLog
+    from projections.history import parse_instant
     from streams.audit import export_lines, workspace_exists, workspace_rows
-    from streams.history import parse_instant
-    from streams.log import EventLog
 
     workspace_id = _parse_id(workspace, "--workspace")
     start = None if since is None else parse_instant(since, option="--from")
@@ -291,8 +291,8 @@ def replay_card_command(
     from psycopg.rows import dict_row
 
     from commands.handlers import Actor
+    from projections.history import card_state, history_event, parse_instant
     from read_api.eventlog import card_log, chosen_version
-    from streams.history import card_state, history_event, parse_instant
 
     card_id = _parse_id(card, "card")
     instant = None if as_of is None else parse_instant(as_of, option="--as-of")
@@ -358,7 +358,7 @@ def replay_board_command(
 
     import psycopg
 
-    from streams.history import NotYet, board_as_of, parse_instant
+    from projections.history import NotYet, board_as_of, parse_instant
 
     project_id = _parse_id(project, "project")
     instant = parse_instant(as_of, option="--as-of")

@@ -8,16 +8,16 @@ from typing import TYPE_CHECKING
 
 from psycopg.conninfo import conninfo_to_dict
 
+from adapters.eventlog import EventLog
 from adapters.eventstore import POOL_TIMEOUT_ENV, PostgresCommandLog
 from adapters.kafka import create_topics, make_producer, producer_state_lost, topic_id
 from adapters.metrics import observe_command
 from adapters.postgres import DEFAULT_POOL_TIMEOUT, login_url, make_pool
 from commands.handlers import AgentWorks
+from domain.envelope import TOPICS
 from domain.errors import ValidationFailed
 from projections.registry import all_projectors, projector_named
 from projections.runner import ProjectionRunner
-from streams.envelope import TOPICS
-from streams.log import EventLog
 from streams.relay import Relay, RelayLease, RelayPositions
 
 if TYPE_CHECKING:

@@ -547,7 +547,7 @@ def worker_command(
         # Subscribers on any API instance hear what this worker's projector committed.
         on_commit = RedisChangePublisher.from_url(settings.redis_url).publish_changes
     from adapters.kafka import create_topics
-    from streams.envelope import TOPICS
+    from domain.envelope import TOPICS
 
     # Created here too, so a worker started before the relay does not let the broker
     # auto-create them with its own partition count.

@@ -76,7 +76,7 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
 
 def build_orchestrator(settings: Settings, write: AgentWorks) -> Orchestrator:
     """An orchestrator writing through ``write`` and following its event log."""
-    from streams.log import EventLog
+    from adapters.eventlog import EventLog
 
     event_log = EventLog(write.recorder, write.mapper)  # type: ignore[arg-type]
     return Orchestrator(

@@ -62,9 +62,9 @@ from orchestrator.holds import BudgetHolds, LocalHolds
 from orchestrator.logbatch import Line, LogBatcher
 
 if TYPE_CHECKING:
+    from adapters.eventlog import EventLog
     from commands.handlers import AgentWorks
-    from streams.envelope import EventEnvelope
-    from streams.log import EventLog
+    from domain.envelope import EventEnvelope
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

@@ -13,9 +13,60 @@ reads another projector's tables, whose progress is not tied to its own.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from uuid import UUID
 
+from domain.events import (
+    AgentRunAttemptRecorded,
+    AgentRunCancelled,
+    AgentRunFailed,
+    AgentRunHeartbeat,
+    AgentRunLlmCallCompleted,
+    AgentRunLogChunkAppended,
+    AgentRunOutputRecorded,
+    AgentRunReclaimed,
+    AgentRunRequested,
+    AgentRunStarted,
+    AgentRunStepStarted,
+    AgentRunSucceeded,
+    AgentRunTimedOut,
+    CardArchived,
+    CardAssigned,
+    CardBlocked,
+    CardCreated,
+    CardEdited,
+    CardLabelled,
+    CardMoved,
+    CardRestored,
+    CardUnblocked,
+    CardUnlabelled,
+    EventPayload,
+    MonthlySpendAdded,
+    MonthlySpendClosed,
+    MonthlySpendCreditGranted,
+    MonthlySpendOpened,
+    MonthlySpendThresholdCrossed,
+    ProjectArchived,
+    ProjectCardLifted,
+    ProjectCardMoved,
+    ProjectCardPlaced,
+    ProjectCreated,
+    ProjectLaneAdded,
+    ProjectLaneRemoved,
+    ProjectLaneRenamed,
+    ProjectLanesReordered,
+    ProjectRenamed,
+    ProjectWipLimitSet,
+    WorkspaceCreated,
+    WorkspaceMemberAdded,
+    WorkspaceMemberRemoved,
+    WorkspacePlanSet,
+    WorkspaceRenamed,
+    WorkspaceRoleChanged,
+    WorkspaceSpendLimitSet,
+    WorkspaceStripeCustomerLinked,
+    events_of,
+)
 from domain.money import format_usd
 from projections.base import Change, Projector, Tables, on
 from projections.batch import MEMO_DROPPED, BatchContext, insert_rows
@@ -24,127 +75,157 @@ if TYPE_CHECKING:
     from psycopg import Cursor
     from psycopg.rows import DictRow
 
-    from streams.envelope import EventEnvelope
+    from domain.envelope import EventEnvelope
 
 MAX_SUMMARY_LENGTH = 240
 
-Summary = Callable[[dict[str, Any]], str]
+Summary = Callable[[Any], str]
+"""A payload → its one-line summary; typed per event where it is registered (:func:`_kind`)."""
 
-#: Event type → (kind, summary from the payload).
-_WORKSPACE: dict[str, tuple[str, Summary]] = {
-    "Workspace.Created": ("workspace.created", lambda p: f"created workspace {_q(p['name'])}"),
-    "Workspace.Renamed": ("workspace.renamed", lambda p: f"renamed workspace to {_q(p['name'])}"),
-    "Workspace.MemberAdded": (
-        "member.added",
-        lambda p: f"added {p['user_id']} as {p['role']}",
-    ),
-    "Workspace.RoleChanged": (
-        "member.role_changed",
-        lambda p: f"changed the role of {p['user_id']} to {p['role']}",
-    ),
-    "Workspace.MemberRemoved": ("member.removed", lambda p: f"removed member {p['user_id']}"),
-    "Workspace.PlanSet": (
-        "workspace.plan_set",
-        lambda p: (
-            f"set the plan to markup {p['markup']}x, billed in increments of"
-            f" ${format_usd(p['billing_increment_micros'])}"
-        ),
-    ),
-    "Workspace.SpendLimitSet": (
-        "workspace.spend_limit_set",
-        lambda p: (
-            "removed the monthly spend limit"
-            if p["monthly_limit_micros"] is None
-            else f"set the monthly spend limit to ${format_usd(p['monthly_limit_micros'])}"
-        ),
-    ),
-}
+E = TypeVar("E", bound=EventPayload)
 
-_PROJECT: dict[str, tuple[str, Summary]] = {
-    "Project.Created": (
-        "project.created",
-        lambda p: (
-            f"created project {_q(p['name'])} with lanes "
-            + ", ".join(lane["name"] for lane in p["lanes"])
-        ),
-    ),
-    "Project.Renamed": ("project.renamed", lambda p: f"renamed project to {_q(p['name'])}"),
-    "Project.Archived": ("project.archived", lambda p: "archived the project"),
-    "Project.LaneAdded": (
-        "lane.added",
-        lambda p: f"added lane {_q(p['name'])}" + _wip(p["wip_limit"]),
-    ),
-    "Project.LaneRenamed": (
-        "lane.renamed",
-        lambda p: f"renamed lane {_q(p['lane'])} to {_q(p['name'])}",
-    ),
-    "Project.LanesReordered": (
-        "lanes.reordered",
-        lambda p: "reordered lanes: " + ", ".join(p["order"]),
-    ),
-    "Project.LaneRemoved": ("lane.removed", lambda p: f"removed lane {_q(p['lane'])}"),
-    "Project.WipLimitSet": (
-        "lane.wip_limit_set",
-        lambda p: (
-            f"removed the WIP limit of {p['lane']}"
-            if p["wip_limit"] is None
-            else f"set the WIP limit of {p['lane']} to {p['wip_limit']}"
-        ),
-    ),
-}
 
-_CARD: dict[str, tuple[str, Summary]] = {
-    "Card.Created": (
-        "card.created",
-        lambda p: f"created card {_q(p['title'])} in {p['lane']}",
-    ),
-    "Card.Edited": ("card.edited", lambda p: f"edited card {_q(p['title'])}"),
-    "Card.Moved": (
-        "card.moved",
-        lambda p: (
-            f"moved card from {p['from_lane']} to {p['to_lane']}"
-            if p["from_lane"] != p["to_lane"]
-            else f"reordered card within {p['to_lane']}"
-        ),
-    ),
-    "Card.Assigned": (
-        "card.assigned",
-        lambda p: (
-            "unassigned card" if p["assignee"] is None else f"assigned card to {p['assignee']}"
-        ),
-    ),
-    "Card.Labelled": ("card.labelled", lambda p: f"labelled card {_q(p['label'])}"),
-    "Card.Unlabelled": ("card.unlabelled", lambda p: f"removed label {_q(p['label'])} from card"),
-    "Card.Blocked": ("card.blocked", lambda p: f"blocked card: {p['reason']}"),
-    "Card.Unblocked": ("card.unblocked", lambda p: "unblocked card"),
-    "Card.Archived": ("card.archived", lambda p: "archived card"),
-    "Card.Restored": ("card.restored", lambda p: f"restored card to {p['lane']}"),
-}
+def _kind(
+    event: type[E], kind: str, summary: Callable[[E], str]
+) -> tuple[type[EventPayload], tuple[str, Summary]]:
+    """One feed entry: ``summary`` is type-checked against ``event``'s fields."""
+    return event, (kind, summary)
 
-_RUN: dict[str, tuple[str, Summary]] = {
-    "AgentRun.Requested": (
-        "run.requested",
-        lambda p: f"requested agent {_q(p['agent'])}" + (f" on {p['model']}" if p["model"] else ""),
-    ),
-    "AgentRun.Started": ("run.started", lambda p: f"agent run started on {p['worker']}"),
-    "AgentRun.Succeeded": ("run.succeeded", lambda p: "agent run succeeded"),
-    "AgentRun.Failed": ("run.failed", lambda p: f"agent run failed: {p['error']}"),
-    "AgentRun.Cancelled": ("run.cancelled", lambda p: f"agent run cancelled: {p['reason']}"),
-    "AgentRun.TimedOut": (
-        "run.timed_out",
-        lambda p: f"agent run timed out after {p['after_seconds']}s",
-    ),
-}
 
-_SPEND: dict[str, tuple[str, Summary]] = {
-    "MonthlySpend.ThresholdCrossed": (
-        "budget.threshold",
-        lambda p: (
-            f"spend in {p['month']} reached {p['threshold']}% of the monthly limit "
-            f"({format_usd(int(p['spent_micros']))} of {format_usd(int(p['limit_micros']))})"
+#: Event → (kind, summary from the payload).
+_WORKSPACE: dict[type[EventPayload], tuple[str, Summary]] = dict(
+    [
+        _kind(WorkspaceCreated, "workspace.created", lambda p: f"created workspace {_q(p.name)}"),
+        _kind(
+            WorkspaceRenamed, "workspace.renamed", lambda p: f"renamed workspace to {_q(p.name)}"
         ),
-    ),
-}
+        _kind(WorkspaceMemberAdded, "member.added", lambda p: f"added {p.user_id} as {p.role}"),
+        _kind(
+            WorkspaceRoleChanged,
+            "member.role_changed",
+            lambda p: f"changed the role of {p.user_id} to {p.role}",
+        ),
+        _kind(WorkspaceMemberRemoved, "member.removed", lambda p: f"removed member {p.user_id}"),
+        _kind(
+            WorkspacePlanSet,
+            "workspace.plan_set",
+            lambda p: (
+                f"set the plan to markup {p.markup}x, billed in increments of"
+                f" ${format_usd(p.billing_increment_micros)}"
+            ),
+        ),
+        _kind(
+            WorkspaceSpendLimitSet,
+            "workspace.spend_limit_set",
+            lambda p: (
+                "removed the monthly spend limit"
+                if p.monthly_limit_micros is None
+                else f"set the monthly spend limit to ${format_usd(p.monthly_limit_micros)}"
+            ),
+        ),
+    ]
+)
+
+_PROJECT: dict[type[EventPayload], tuple[str, Summary]] = dict(
+    [
+        _kind(
+            ProjectCreated,
+            "project.created",
+            lambda p: (
+                f"created project {_q(p.name)} with lanes "
+                + ", ".join(lane["name"] for lane in p.lanes)
+            ),
+        ),
+        _kind(ProjectRenamed, "project.renamed", lambda p: f"renamed project to {_q(p.name)}"),
+        _kind(ProjectArchived, "project.archived", lambda p: "archived the project"),
+        _kind(
+            ProjectLaneAdded,
+            "lane.added",
+            lambda p: f"added lane {_q(p.name)}" + _wip(p.wip_limit),
+        ),
+        _kind(
+            ProjectLaneRenamed,
+            "lane.renamed",
+            lambda p: f"renamed lane {_q(p.lane)} to {_q(p.name)}",
+        ),
+        _kind(
+            ProjectLanesReordered,
+            "lanes.reordered",
+            lambda p: "reordered lanes: " + ", ".join(p.order),
+        ),
+        _kind(ProjectLaneRemoved, "lane.removed", lambda p: f"removed lane {_q(p.lane)}"),
+        _kind(
+            ProjectWipLimitSet,
+            "lane.wip_limit_set",
+            lambda p: (
+                f"removed the WIP limit of {p.lane}"
+                if p.wip_limit is None
+                else f"set the WIP limit of {p.lane} to {p.wip_limit}"
+            ),
+        ),
+    ]
+)
+
+_CARD: dict[type[EventPayload], tuple[str, Summary]] = dict(
+    [
+        _kind(CardCreated, "card.created", lambda p: f"created card {_q(p.title)} in {p.lane}"),
+        _kind(CardEdited, "card.edited", lambda p: f"edited card {_q(p.title)}"),
+        _kind(
+            CardMoved,
+            "card.moved",
+            lambda p: (
+                f"moved card from {p.from_lane} to {p.to_lane}"
+                if p.from_lane != p.to_lane
+                else f"reordered card within {p.to_lane}"
+            ),
+        ),
+        _kind(
+            CardAssigned,
+            "card.assigned",
+            lambda p: "unassigned card" if p.assignee is None else f"assigned card to {p.assignee}",
+        ),
+        _kind(CardLabelled, "card.labelled", lambda p: f"labelled card {_q(p.label)}"),
+        _kind(
+            CardUnlabelled, "card.unlabelled", lambda p: f"removed label {_q(p.label)} from card"
+        ),
+        _kind(CardBlocked, "card.blocked", lambda p: f"blocked card: {p.reason}"),
+        _kind(CardUnblocked, "card.unblocked", lambda p: "unblocked card"),
+        _kind(CardArchived, "card.archived", lambda p: "archived card"),
+        _kind(CardRestored, "card.restored", lambda p: f"restored card to {p.lane}"),
+    ]
+)
+
+_RUN: dict[type[EventPayload], tuple[str, Summary]] = dict(
+    [
+        _kind(
+            AgentRunRequested,
+            "run.requested",
+            lambda p: f"requested agent {_q(p.agent)}" + (f" on {p.model}" if p.model else ""),
+        ),
+        _kind(AgentRunStarted, "run.started", lambda p: f"agent run started on {p.worker}"),
+        _kind(AgentRunSucceeded, "run.succeeded", lambda p: "agent run succeeded"),
+        _kind(AgentRunFailed, "run.failed", lambda p: f"agent run failed: {p.error}"),
+        _kind(AgentRunCancelled, "run.cancelled", lambda p: f"agent run cancelled: {p.reason}"),
+        _kind(
+            AgentRunTimedOut,
+            "run.timed_out",
+            lambda p: f"agent run timed out after {p.after_seconds}s",
+        ),
+    ]
+)
+
+_SPEND: dict[type[EventPayload], tuple[str, Summary]] = dict(
+    [
+        _kind(
+            MonthlySpendThresholdCrossed,
+            "budget.threshold",
+            lambda p: (
+                f"spend in {p.month} reached {p.threshold}% of the monthly limit "
+                f"({format_usd(int(p.spent_micros))} of {format_usd(int(p.limit_micros))})"
+            ),
+        ),
+    ]
+)
 
 # The subject's card and project, when the event does not carry them, come from the newest
 # earlier item about the same subject.
@@ -174,7 +255,7 @@ _COLUMNS = (
 )
 
 #: Event type → (which aggregate family, kind, summary), for the batch path.
-_DESCRIBED: dict[str, tuple[str, str, Summary]] = {
+_DESCRIBED: dict[type[EventPayload], tuple[str, str, Summary]] = {
     **{t: ("workspace", kind, summary) for t, (kind, summary) in _WORKSPACE.items()},
     **{t: ("project", kind, summary) for t, (kind, summary) in _PROJECT.items()},
     **{t: ("card", kind, summary) for t, (kind, summary) in _CARD.items()},
@@ -196,53 +277,106 @@ class ActivityProjector(Projector):
         {"Workspace", "Project", "Card", "AgentRun", "MonthlySpend"}
     )
     tables: ClassVar[tuple[str, ...]] = ("rm_activity",)
+    ignores: ClassVar[frozenset[type[EventPayload]]] = frozenset(
+        {
+            AgentRunAttemptRecorded,
+            AgentRunHeartbeat,
+            AgentRunLlmCallCompleted,
+            AgentRunLogChunkAppended,
+            AgentRunOutputRecorded,
+            AgentRunReclaimed,
+            AgentRunStepStarted,
+            MonthlySpendAdded,
+            MonthlySpendClosed,
+            MonthlySpendCreditGranted,
+            MonthlySpendOpened,
+            ProjectCardLifted,
+            ProjectCardMoved,
+            ProjectCardPlaced,
+            WorkspaceStripeCustomerLinked,
+        }
+    ) | events_of(
+        "ApiKey",
+        "EmailClaim",
+        "Invitation",
+        "Invoice",
+        "OidcLink",
+        "Session",
+        "UsageCharge",
+        "User",
+    )
     #: Tables the projector only ever inserts into, new rows only: a rebuild builds their keys
     #: after loading them (see :mod:`projections.rebuild`).
     insert_only: ClassVar[frozenset[str]] = frozenset({"rm_activity"})
 
     @on(*_WORKSPACE)
     def _workspace(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: EventPayload,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        self._record(cur, t, env, _WORKSPACE[env.type])
+        self._record(cur, t, env, _WORKSPACE[type(ev)])
 
     @on(*_PROJECT)
     def _project(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: EventPayload,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        self._record(cur, t, env, _PROJECT[env.type], project_id=env.originator_id)
+        self._record(cur, t, env, _PROJECT[type(ev)], project_id=env.originator_id)
 
     @on(*_CARD)
     def _card(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: EventPayload,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         self._record(
             cur,
             t,
             env,
-            _CARD[env.type],
+            _CARD[type(ev)],
             card_id=env.originator_id,
-            project_id=env.payload.get("project_id"),
+            project_id=ev.project_id if isinstance(ev, CardCreated) else None,
         )
 
     @on(*_RUN)
     def _run(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: EventPayload,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         self._record(
             cur,
             t,
             env,
-            _RUN[env.type],
-            card_id=env.payload.get("card_id"),
-            project_id=env.payload.get("project_id"),
+            _RUN[type(ev)],
+            card_id=ev.card_id if isinstance(ev, AgentRunRequested) else None,
+            project_id=ev.project_id if isinstance(ev, AgentRunRequested) else None,
         )
 
     @on(*_SPEND)
     def _spend(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: EventPayload,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        self._record(cur, t, env, _SPEND[env.type])
+        self._record(cur, t, env, _SPEND[type(ev)])
 
     # -- the batch path ----------------------------------------------------------------------------
 
@@ -270,7 +404,8 @@ class ActivityProjector(Projector):
         ask: set[UUID] = set()
         seen: set[UUID] = set()
         for env in envelopes:
-            described = _DESCRIBED.get(env.type)
+            ev = env.event
+            described = _DESCRIBED.get(type(ev))
             if described is None:
                 continue
             workspace_id = env.workspace_id
@@ -319,7 +454,7 @@ class ActivityProjector(Projector):
                     env.timestamp,
                     env.metadata.get("actor") or "unknown",
                     kind,
-                    _short(summarise(env.payload)),
+                    _short(summarise(env.event)),
                     card_id,
                     project_id,
                     str(subject),
@@ -351,7 +486,7 @@ class ActivityProjector(Projector):
                 "at": env.timestamp,
                 "actor": env.metadata.get("actor") or "unknown",
                 "kind": kind,
-                "summary": _short(summarise(env.payload)),
+                "summary": _short(summarise(env.event)),
                 "card_id": card_id,
                 "project_id": project_id,
                 "subject_id": env.originator_id,
@@ -365,10 +500,12 @@ def _given(family: str, env: EventEnvelope) -> Subject:
         return None, None
     if family == "project":
         return None, str(env.originator_id)
-    p = env.payload
+    ev = env.event
     if family == "card":
-        return str(env.originator_id), _text(p.get("project_id"))
-    return _text(p.get("card_id")), _text(p.get("project_id"))
+        return str(env.originator_id), _text(ev.project_id if isinstance(ev, CardCreated) else None)
+    if isinstance(ev, AgentRunRequested):
+        return _text(ev.card_id), _text(ev.project_id)
+    return None, None
 
 
 def _text(value: object) -> str | None:

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from psycopg import Cursor
     from psycopg.rows import DictRow
 
-    from streams.envelope import EventEnvelope
+    from domain.envelope import EventEnvelope
+    from domain.events import EventPayload
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,12 @@ def _placeholders(template: str) -> set[str]:
 HandlerMethod = Callable[..., None]
 
 
-def on(*event_types: str) -> Callable[[HandlerMethod], HandlerMethod]:
-    """Mark a projector method as the handler of the given event types (``"Card.Moved"``)."""
+def on(*events: type[EventPayload]) -> Callable[[HandlerMethod], HandlerMethod]:
+    """Mark a projector method as the handler of the given events (``CardMoved``); it is called
+    as ``method(cur, envelope, event, tables, changes)`` with the envelope's typed payload."""
 
     def mark(method: HandlerMethod) -> HandlerMethod:
-        method.__dict__["_handles"] = event_types
+        method.__dict__["_handles"] = events
         return method
 
     return mark
@@ -70,23 +72,32 @@ def on(*event_types: str) -> Callable[[HandlerMethod], HandlerMethod]:
 class Projector:
     """A named read model: the aggregates it follows, the tables it owns, its event handlers.
 
-    Events of a followed aggregate without a handler still advance the projector's version of
-    that aggregate, which is what lets gaps be detected.
+    Every domain event is either handled (``@on``) or named in ``ignores``, so a new event makes
+    each projector's owner decide (``tests/unit/test_event_contract.py``). Events of a followed
+    aggregate without a handler still advance the projector's version of that aggregate, which
+    is what lets gaps be detected.
     """
 
     name: ClassVar[str]
     aggregates: ClassVar[frozenset[str]]
     tables: ClassVar[tuple[str, ...]]
-    _handlers: ClassVar[dict[str, str]] = {}
+    ignores: ClassVar[frozenset[type[EventPayload]]]
+    """Domain events this projector has nothing to do with, named so that none is overlooked."""
+    _handlers: ClassVar[dict[type[EventPayload], str]] = {}
 
     def __init_subclass__(cls) -> None:
         super().__init_subclass__()
-        handlers: dict[str, str] = {}
+        handlers: dict[type[EventPayload], str] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
-                for event_type in getattr(value, "_handles", ()):
-                    handlers[event_type] = attr
+                for event in getattr(value, "_handles", ()):
+                    handlers[event] = attr
         cls._handlers = handlers
+
+    @classmethod
+    def handled(cls) -> frozenset[type[EventPayload]]:
+        """The domain events this projector applies."""
+        return frozenset(cls._handlers)
 
     def follows(self, envelope: EventEnvelope) -> bool:
         return envelope.aggregate in self.aggregates
@@ -98,6 +109,7 @@ class Projector:
         tables: Tables,
         changes: list[Change],
     ) -> None:
-        method = self._handlers.get(envelope.type)
+        event = envelope.event
+        method = self._handlers.get(type(event))
         if method is not None:
-            getattr(self, method)(cur, envelope, tables, changes)
+            getattr(self, method)(cur, envelope, event, tables, changes)

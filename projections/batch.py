@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from psycopg import Cursor
     from psycopg.rows import DictRow
 
-    from streams.envelope import EventEnvelope
+    from domain.envelope import EventEnvelope
 
 
 @dataclass

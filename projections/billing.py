@@ -20,6 +20,23 @@ from uuid import UUID
 
 from psycopg.types.json import Jsonb
 
+from domain.events import (
+    EventPayload,
+    InvoiceDrafted,
+    InvoiceIssued,
+    InvoiceItemSent,
+    InvoicePaid,
+    InvoiceVoided,
+    MonthlySpendAdded,
+    MonthlySpendClosed,
+    MonthlySpendCreditGranted,
+    MonthlySpendOpened,
+    MonthlySpendThresholdCrossed,
+    UsageChargeCharged,
+    UsageChargeCredited,
+    UsageChargeRefunded,
+    events_of,
+)
 from projections.base import Change, Projector, Tables, on
 from projections.batch import MEMO_DROPPED, BatchContext, columns_of, insert_rows
 
@@ -27,7 +44,7 @@ if TYPE_CHECKING:
     from psycopg import Cursor, sql
     from psycopg.rows import DictRow
 
-    from streams.envelope import EventEnvelope
+    from domain.envelope import EventEnvelope
 
 
 class UsageDimension(StrEnum):
@@ -202,45 +219,74 @@ class BillingProjector(Projector):
         "rm_billing_credits",
         "rm_invoices",
     )
+    ignores: ClassVar[frozenset[type[EventPayload]]] = frozenset(
+        {
+            InvoiceItemSent,
+            MonthlySpendAdded,
+            MonthlySpendClosed,
+            MonthlySpendOpened,
+            MonthlySpendThresholdCrossed,
+        }
+    ) | events_of(
+        "AgentRun",
+        "ApiKey",
+        "Card",
+        "EmailClaim",
+        "Invitation",
+        "OidcLink",
+        "Project",
+        "Session",
+        "User",
+        "Workspace",
+    )
     #: Tables the projector only ever inserts into, new rows only: a rebuild builds their keys
     #: after loading them (see :mod:`projections.rebuild`).
     insert_only: ClassVar[frozenset[str]] = frozenset({"rm_ledger_entries"})
 
-    @on("UsageCharge.Charged")
+    @on(UsageChargeCharged)
     def _charged(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: UsageChargeCharged,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        p = env.payload
         entry = _Entry(
             kind=LedgerKind.CHARGE,
             charge_id=env.originator_id,
-            project_id=p["project_id"],
-            card_id=p["card_id"],
-            run_id=p["run_id"],
-            provider=p["provider"],
-            model=p["model"],
+            project_id=ev.project_id,
+            card_id=ev.card_id,
+            run_id=ev.run_id,
+            provider=ev.provider,
+            model=ev.model,
             calls=1,
-            input_tokens=p["input_tokens"],
-            output_tokens=p["output_tokens"],
-            provider_cost_micros=p["provider_cost_micros"],
-            billed_micros=p["billed_micros"],
-            month=p["month"],
+            input_tokens=ev.input_tokens,
+            output_tokens=ev.output_tokens,
+            provider_cost_micros=ev.provider_cost_micros,
+            billed_micros=ev.billed_micros,
+            month=ev.month,
         )
         self._post(
             cur,
             t.q(_CHARGE_AND_POST),
             env,
             entry,
-            call_id=p["call_id"],
-            markup=p["markup"],
-            price_table_version=p["price_table_version"],
+            call_id=ev.call_id,
+            markup=ev.markup,
+            price_table_version=ev.price_table_version,
         )
 
-    @on("UsageCharge.Credited", "UsageCharge.Refunded")
+    @on(UsageChargeCredited, UsageChargeRefunded)
     def _corrected(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: UsageChargeCredited | UsageChargeRefunded,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        amount: int = env.payload["amount_micros"]
+        amount: int = ev.amount_micros
         cur.execute(
             t.q(
                 "UPDATE {rm_charges} SET credited_micros = credited_micros + %s"
@@ -258,7 +304,7 @@ class BillingProjector(Projector):
                 "which the billing read model does not hold"
             )
         entry = _Entry(
-            kind=LedgerKind.CREDIT if env.type == "UsageCharge.Credited" else LedgerKind.REFUND,
+            kind=LedgerKind.CREDIT if isinstance(ev, UsageChargeCredited) else LedgerKind.REFUND,
             charge_id=env.originator_id,
             project_id=charge["project_id"],
             card_id=charge["card_id"],
@@ -270,49 +316,66 @@ class BillingProjector(Projector):
             output_tokens=0,
             provider_cost_micros=0,
             billed_micros=-amount,
-            month=env.payload["month"],
+            month=ev.month,
         )
         self._post(cur, t.q("WITH " + _POST), env, entry)
 
-    @on("MonthlySpend.CreditGranted")
+    @on(MonthlySpendCreditGranted)
     def _credit_granted(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: MonthlySpendCreditGranted,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        p = env.payload
         cur.execute(
             t.q(
                 "INSERT INTO {rm_billing_credits} (workspace_id, credit_id, month, amount_micros,"
                 " reason, at) VALUES (%s, %s, %s, %s, %s, %s)"
             ),
-            (env.workspace_id, p["credit_id"], p["month"], p["amount_micros"], p["reason"],
+            (env.workspace_id, ev.credit_id, ev.month, ev.amount_micros, ev.reason,
              env.timestamp),
         )  # fmt: skip
 
-    @on("Invoice.Drafted")
+    @on(InvoiceDrafted)
     def _invoice_drafted(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: InvoiceDrafted,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        p = env.payload
         cur.execute(
             t.q(
                 "INSERT INTO {rm_invoices} (workspace_id, month, invoice_id, lines, total_micros,"
                 " status) VALUES (%s, %s, %s, %s, %s, 'drafted')"
             ),
-            (env.workspace_id, p["month"], env.originator_id, Jsonb(p["lines"]),
-             p["total_micros"]),
+            (env.workspace_id, ev.month, env.originator_id, Jsonb(ev.lines),
+             ev.total_micros),
         )  # fmt: skip
 
-    @on("Invoice.Issued", "Invoice.Paid", "Invoice.Voided")
+    @on(InvoiceIssued, InvoicePaid, InvoiceVoided)
     def _invoice_status(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: InvoiceIssued | InvoicePaid | InvoiceVoided,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        status = {"Invoice.Issued": "open", "Invoice.Paid": "paid", "Invoice.Voided": "void"}
+        status = {InvoiceIssued: "open", InvoicePaid: "paid", InvoiceVoided: "void"}
         cur.execute(
             t.q(
                 "UPDATE {rm_invoices} SET status = %s,"
                 " stripe_invoice_id = coalesce(%s, stripe_invoice_id) WHERE invoice_id = %s"
             ),
-            (status[env.type], env.payload.get("stripe_invoice_id"), env.originator_id),
+            (
+                status[type(ev)],
+                ev.stripe_invoice_id if isinstance(ev, InvoiceIssued) else None,
+                env.originator_id,
+            ),
         )
 
     # -- the batch path ----------------------------------------------------------------------------
@@ -342,14 +405,14 @@ class BillingProjector(Projector):
             # Credits and invoices are a handful a month: event by event is plenty.
             if env.aggregate != "UsageCharge":
                 self.apply(ctx.cur, env, ctx.tables, [])
-        corrections = ("UsageCharge.Credited", "UsageCharge.Refunded")
         created: set[UUID] = set()
         ask: set[UUID] = set()
         for env in envelopes:
-            if env.type == "UsageCharge.Charged":
+            ev = env.event
+            if isinstance(ev, UsageChargeCharged):
                 created.add(env.originator_id)
             elif (
-                env.type in corrections
+                isinstance(ev, UsageChargeCredited | UsageChargeRefunded)
                 and env.originator_id not in created
                 and env.originator_id not in remembered
             ):
@@ -378,37 +441,37 @@ class BillingProjector(Projector):
         lines: dict[tuple[str, str, str], int] = {}
         spend: dict[tuple[str, str], int] = {}
         for env in envelopes:
-            p = env.payload
+            ev = env.event
             workspace_id = str(env.workspace_id) if env.workspace_id is not None else None
-            if env.type == "UsageCharge.Charged":
+            if isinstance(ev, UsageChargeCharged):
                 dims: Dimensions = (
-                    str(p["project_id"]),
-                    str(p["card_id"]),
-                    str(p["run_id"]),
-                    p["provider"],
-                    p["model"],
+                    str(ev.project_id),
+                    str(ev.card_id),
+                    str(ev.run_id),
+                    ev.provider,
+                    ev.model,
                 )
                 known[env.originator_id] = dims
                 charges[env.originator_id] = [
                     workspace_id,
                     str(env.originator_id),
                     *dims[:3],
-                    p["call_id"],
+                    ev.call_id,
                     *dims[3:],
-                    p["input_tokens"],
-                    p["output_tokens"],
-                    p["provider_cost_micros"],
-                    p["markup"],
-                    p["billed_micros"],
+                    ev.input_tokens,
+                    ev.output_tokens,
+                    ev.provider_cost_micros,
+                    ev.markup,
+                    ev.billed_micros,
                     0,
-                    p["price_table_version"],
-                    p["month"],
+                    ev.price_table_version,
+                    ev.month,
                     env.timestamp,
                 ]
                 kind = LedgerKind.CHARGE.value
-                calls, tokens_in, tokens_out = 1, p["input_tokens"], p["output_tokens"]
-                cost, billed = p["provider_cost_micros"], p["billed_micros"]
-            elif env.type in corrections:
+                calls, tokens_in, tokens_out = 1, ev.input_tokens, ev.output_tokens
+                cost, billed = ev.provider_cost_micros, ev.billed_micros
+            elif isinstance(ev, UsageChargeCredited | UsageChargeRefunded):
                 found = known.get(env.originator_id)
                 if found is None:
                     raise RuntimeError(
@@ -416,7 +479,7 @@ class BillingProjector(Projector):
                         f"{env.originator_id}, which the billing read model does not hold"
                     )
                 dims = found
-                amount: int = p["amount_micros"]
+                amount: int = ev.amount_micros
                 charge = charges.get(env.originator_id)
                 if charge is not None:
                     charge[13] += amount
@@ -424,13 +487,13 @@ class BillingProjector(Projector):
                     credited[env.originator_id] = credited.get(env.originator_id, 0) + amount
                 kind = (
                     LedgerKind.CREDIT.value
-                    if env.type == "UsageCharge.Credited"
+                    if isinstance(ev, UsageChargeCredited)
                     else LedgerKind.REFUND.value
                 )
                 calls, tokens_in, tokens_out, cost, billed = 0, 0, 0, 0, -amount
             else:
                 continue
-            month: str = p["month"]
+            month: str = ev.month
             day = env.timestamp.astimezone(UTC).date()
             project_id, card_id, run_id, provider, model = dims
             entries.append(

@@ -8,6 +8,52 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
 
+from domain.events import (
+    AgentRunAttemptRecorded,
+    AgentRunCancelled,
+    AgentRunFailed,
+    AgentRunHeartbeat,
+    AgentRunLlmCallCompleted,
+    AgentRunLogChunkAppended,
+    AgentRunOutputRecorded,
+    AgentRunReclaimed,
+    AgentRunRequested,
+    AgentRunStarted,
+    AgentRunStepStarted,
+    AgentRunSucceeded,
+    AgentRunTimedOut,
+    CardArchived,
+    CardAssigned,
+    CardBlocked,
+    CardCreated,
+    CardEdited,
+    CardLabelled,
+    CardMoved,
+    CardRestored,
+    CardUnblocked,
+    CardUnlabelled,
+    EventPayload,
+    ProjectArchived,
+    ProjectCardLifted,
+    ProjectCardMoved,
+    ProjectCardPlaced,
+    ProjectCreated,
+    ProjectLaneAdded,
+    ProjectLaneRemoved,
+    ProjectLaneRenamed,
+    ProjectLanesReordered,
+    ProjectRenamed,
+    ProjectWipLimitSet,
+    WorkspaceCreated,
+    WorkspaceMemberAdded,
+    WorkspaceMemberRemoved,
+    WorkspacePlanSet,
+    WorkspaceRenamed,
+    WorkspaceRoleChanged,
+    WorkspaceSpendLimitSet,
+    WorkspaceStripeCustomerLinked,
+    events_of,
+)
 from projections.base import Change, Projector, Tables, on
 from projections.batch import MEMO_DROPPED, BatchContext, columns_of
 from projections.columns import CARD_COLUMNS as _CARD_COLUMNS
@@ -16,7 +62,7 @@ if TYPE_CHECKING:
     from psycopg import Cursor
     from psycopg.rows import DictRow
 
-    from streams.envelope import EventEnvelope
+    from domain.envelope import EventEnvelope
 
 
 def board_channel(project_id: object) -> str:
@@ -61,41 +107,63 @@ _UPDATE_CARDS = (
 
 #: Card and run events the batch path folds; every other handled event is applied on its own,
 #: in its place, after what came before it has been written.
-_CARD_SETS: dict[str, tuple[tuple[str, str], ...]] = {
-    "Card.Edited": (("title", "title"), ("description", "description")),
-    "Card.Moved": (("lane", "to_lane"), ("position", "position")),
-    "Card.Assigned": (("assignee", "assignee"),),
-    "Card.Blocked": (("blocked_reason", "reason"),),
-    "Card.Unblocked": (),
-    "Card.Archived": (),
-    "Card.Restored": (("lane", "lane"), ("position", "position")),
-}
-_CARD_KIND = {
-    "Card.Moved": "card.moved",
-    "Card.Archived": "card.archived",
-    "Card.Restored": "card.restored",
+CardUpdate = (
+    CardEdited
+    | CardMoved
+    | CardAssigned
+    | CardBlocked
+    | CardUnblocked
+    | CardArchived
+    | CardRestored
+)
+_CARD_UPDATES: frozenset[type[EventPayload]] = frozenset(
+    {CardEdited, CardMoved, CardAssigned, CardBlocked, CardUnblocked, CardArchived, CardRestored}
+)
+
+
+def _card_columns(ev: CardUpdate) -> dict[str, Any]:
+    """The card columns an update event sets, and their new values."""
+    if isinstance(ev, CardEdited):
+        return {"title": ev.title, "description": ev.description}
+    if isinstance(ev, CardMoved):
+        return {"lane": ev.to_lane, "position": ev.position}
+    if isinstance(ev, CardAssigned):
+        return {"assignee": ev.assignee}
+    if isinstance(ev, CardBlocked):
+        return {"blocked_reason": ev.reason}
+    if isinstance(ev, CardUnblocked):
+        return {"blocked_reason": None}
+    if isinstance(ev, CardArchived):
+        return {"archived": True}
+    return {"archived": False, "lane": ev.lane, "position": ev.position}
+
+
+_CARD_KIND: dict[type[EventPayload], str] = {
+    CardMoved: "card.moved",
+    CardArchived: "card.archived",
+    CardRestored: "card.restored",
 }
 _RUN_STATUS = frozenset(
     {
-        "AgentRun.Started",
-        "AgentRun.Succeeded",
-        "AgentRun.Failed",
-        "AgentRun.Cancelled",
-        "AgentRun.TimedOut",
+        AgentRunStarted,
+        AgentRunSucceeded,
+        AgentRunFailed,
+        AgentRunCancelled,
+        AgentRunTimedOut,
     }
 )
 _FOLDED = frozenset(
     {
-        "Card.Created",
-        "Card.Labelled",
-        "Card.Unlabelled",
-        *_CARD_SETS,
-        "AgentRun.Requested",
-        "AgentRun.LlmCallCompleted",
+        CardCreated,
+        CardLabelled,
+        CardUnlabelled,
+        *_CARD_UPDATES,
+        AgentRunRequested,
+        AgentRunLlmCallCompleted,
         *_RUN_STATUS,
-        "Project.CardPlaced",
-        "Project.CardMoved",
-        "Project.CardLifted",
+        ProjectCardPlaced,
+        ProjectCardMoved,
+        ProjectCardLifted,
     }
 )
 
@@ -131,79 +199,125 @@ class KanbanProjector(Projector):
         "rm_lanes",
         "rm_cards",
     )
+    ignores: ClassVar[frozenset[type[EventPayload]]] = frozenset(
+        {
+            AgentRunAttemptRecorded,
+            AgentRunHeartbeat,
+            AgentRunLogChunkAppended,
+            AgentRunOutputRecorded,
+            AgentRunReclaimed,
+            AgentRunStepStarted,
+        }
+    ) | events_of(
+        "ApiKey",
+        "EmailClaim",
+        "Invitation",
+        "Invoice",
+        "MonthlySpend",
+        "OidcLink",
+        "Session",
+        "UsageCharge",
+        "User",
+    )
 
     # -- workspaces ---------------------------------------------------------------------------
 
-    @on("Workspace.Created")
+    @on(WorkspaceCreated)
     def _workspace_created(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: WorkspaceCreated,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        p = env.payload
         cur.execute(
             t.q(
                 "INSERT INTO {rm_workspaces} (workspace_id, name, markup, billing_increment_micros,"
                 " monthly_limit_micros, stripe_customer_id, version, created_at, updated_at)"
                 " VALUES (%s, %s, '5', 250000, NULL, NULL, %s, %s, %s)"
             ),
-            (env.originator_id, p["name"], env.originator_version, env.timestamp, env.timestamp),
+            (env.originator_id, ev.name, env.originator_version, env.timestamp, env.timestamp),
         )
         cur.execute(
             t.q("INSERT INTO {rm_members} (workspace_id, user_id, role) VALUES (%s, %s, 'OWNER')"),
-            (env.originator_id, p["owner_id"]),
+            (env.originator_id, ev.owner_id),
         )
 
     @on(
-        "Workspace.Renamed",
-        "Workspace.PlanSet",
-        "Workspace.SpendLimitSet",
-        "Workspace.StripeCustomerLinked",
+        WorkspaceRenamed,
+        WorkspacePlanSet,
+        WorkspaceSpendLimitSet,
+        WorkspaceStripeCustomerLinked,
     )
     def _workspace_changed(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: WorkspaceRenamed
+        | WorkspacePlanSet
+        | WorkspaceSpendLimitSet
+        | WorkspaceStripeCustomerLinked,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        columns = {
-            "Workspace.Renamed": {"name": env.payload.get("name")},
-            "Workspace.PlanSet": {
-                "markup": env.payload.get("markup"),
-                "billing_increment_micros": env.payload.get("billing_increment_micros"),
-            },
-            "Workspace.SpendLimitSet": {
-                "monthly_limit_micros": env.payload.get("monthly_limit_micros")
-            },
-            "Workspace.StripeCustomerLinked": {
-                "stripe_customer_id": env.payload.get("customer_id")
-            },
-        }[env.type]
+        columns: dict[str, Any]
+        if isinstance(ev, WorkspaceRenamed):
+            columns = {"name": ev.name}
+        elif isinstance(ev, WorkspacePlanSet):
+            columns = {
+                "markup": ev.markup,
+                "billing_increment_micros": ev.billing_increment_micros,
+            }
+        elif isinstance(ev, WorkspaceSpendLimitSet):
+            columns = {"monthly_limit_micros": ev.monthly_limit_micros}
+        else:
+            columns = {"stripe_customer_id": ev.customer_id}
         self._touch(cur, t, "rm_workspaces", "workspace_id", env, columns)
 
-    @on("Workspace.MemberAdded", "Workspace.RoleChanged")
+    @on(WorkspaceMemberAdded, WorkspaceRoleChanged)
     def _member_set(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: WorkspaceMemberAdded | WorkspaceRoleChanged,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         cur.execute(
             t.q(
                 "INSERT INTO {rm_members} (workspace_id, user_id, role) VALUES (%s, %s, %s)"
                 " ON CONFLICT (workspace_id, user_id) DO UPDATE SET role = EXCLUDED.role"
             ),
-            (env.originator_id, env.payload["user_id"], env.payload["role"]),
+            (env.originator_id, ev.user_id, ev.role),
         )
         self._touch(cur, t, "rm_workspaces", "workspace_id", env, {})
 
-    @on("Workspace.MemberRemoved")
+    @on(WorkspaceMemberRemoved)
     def _member_removed(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: WorkspaceMemberRemoved,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         cur.execute(
             t.q("DELETE FROM {rm_members} WHERE workspace_id = %s AND user_id = %s"),
-            (env.originator_id, env.payload["user_id"]),
+            (env.originator_id, ev.user_id),
         )
         self._touch(cur, t, "rm_workspaces", "workspace_id", env, {})
 
     # -- projects and lanes -------------------------------------------------------------------
 
-    @on("Project.Created")
+    @on(ProjectCreated)
     def _project_created(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: ProjectCreated,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         cur.execute(
             t.q(
@@ -213,13 +327,13 @@ class KanbanProjector(Projector):
             (
                 env.workspace_id,
                 env.originator_id,
-                env.payload["name"],
+                ev.name,
                 env.originator_version,
                 env.timestamp,
                 env.timestamp,
             ),
         )
-        lanes: list[dict[str, Any]] = env.payload["lanes"]
+        lanes: list[dict[str, Any]] = ev.lanes
         cur.executemany(
             t.q(
                 "INSERT INTO {rm_lanes} (workspace_id, project_id, name, ord, wip_limit,"
@@ -232,39 +346,53 @@ class KanbanProjector(Projector):
         )
         self._board_changed(env, changes, "board.created")
 
-    @on("Project.Renamed", "Project.Archived")
+    @on(ProjectRenamed, ProjectArchived)
     def _project_changed(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: ProjectRenamed | ProjectArchived,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         columns: dict[str, Any] = (
-            {"name": env.payload["name"]} if env.type == "Project.Renamed" else {"archived": True}
+            {"name": ev.name} if isinstance(ev, ProjectRenamed) else {"archived": True}
         )
         self._touch(cur, t, "rm_projects", "project_id", env, columns)
         self._board_changed(env, changes, "board.updated")
 
-    @on("Project.LaneAdded")
+    @on(ProjectLaneAdded)
     def _lane_added(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: ProjectLaneAdded,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        p = env.payload
         cur.execute(
             t.q("UPDATE {rm_lanes} SET ord = ord + 1 WHERE project_id = %s AND ord >= %s"),
-            (env.originator_id, p["index"]),
+            (env.originator_id, ev.index),
         )
         cur.execute(
             t.q(
                 "INSERT INTO {rm_lanes} (workspace_id, project_id, name, ord, wip_limit,"
                 " card_count) VALUES (%s, %s, %s, %s, %s, 0)"
             ),
-            (env.workspace_id, env.originator_id, p["name"], p["index"], p["wip_limit"]),
+            (env.workspace_id, env.originator_id, ev.name, ev.index, ev.wip_limit),
         )
         self._board_version(cur, t, env, changes, "lane.added")
 
-    @on("Project.LaneRenamed")
+    @on(ProjectLaneRenamed)
     def _lane_renamed(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: ProjectLaneRenamed,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        args = (env.payload["name"], env.originator_id, env.payload["lane"])
+        args = (ev.name, env.originator_id, ev.lane)
         cur.execute(
             t.q("UPDATE {rm_lanes} SET name = %s WHERE project_id = %s AND name = %s"), args
         )
@@ -273,11 +401,16 @@ class KanbanProjector(Projector):
         )
         self._board_version(cur, t, env, changes, "lane.renamed")
 
-    @on("Project.LanesReordered")
+    @on(ProjectLanesReordered)
     def _lanes_reordered(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: ProjectLanesReordered,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        order: list[str] = env.payload["order"]
+        order: list[str] = ev.order
         cur.execute(
             t.q(
                 "UPDATE {rm_lanes} AS l SET ord = o.ord - 1"
@@ -288,13 +421,18 @@ class KanbanProjector(Projector):
         )
         self._board_version(cur, t, env, changes, "lanes.reordered")
 
-    @on("Project.LaneRemoved")
+    @on(ProjectLaneRemoved)
     def _lane_removed(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: ProjectLaneRemoved,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         cur.execute(
             t.q("DELETE FROM {rm_lanes} WHERE project_id = %s AND name = %s RETURNING ord"),
-            (env.originator_id, env.payload["lane"]),
+            (env.originator_id, ev.lane),
         )
         removed = cur.fetchone()
         if removed is not None:
@@ -304,46 +442,70 @@ class KanbanProjector(Projector):
             )
         self._board_version(cur, t, env, changes, "lane.removed")
 
-    @on("Project.WipLimitSet")
+    @on(ProjectWipLimitSet)
     def _wip_limit_set(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: ProjectWipLimitSet,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         cur.execute(
             t.q("UPDATE {rm_lanes} SET wip_limit = %s WHERE project_id = %s AND name = %s"),
-            (env.payload["wip_limit"], env.originator_id, env.payload["lane"]),
+            (ev.wip_limit, env.originator_id, ev.lane),
         )
         self._board_version(cur, t, env, changes, "lane.wip_limit")
 
-    @on("Project.CardPlaced")
+    @on(ProjectCardPlaced)
     def _card_placed(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: ProjectCardPlaced,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        self._count(cur, t, env, env.payload["lane"], +1)
+        self._count(cur, t, env, ev.lane, +1)
         self._board_version(cur, t, env, None, "")
 
-    @on("Project.CardMoved")
+    @on(ProjectCardMoved)
     def _card_moved_on_board(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: ProjectCardMoved,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        if env.payload["from_lane"] != env.payload["to_lane"]:
-            self._count(cur, t, env, env.payload["from_lane"], -1)
-            self._count(cur, t, env, env.payload["to_lane"], +1)
+        if ev.from_lane != ev.to_lane:
+            self._count(cur, t, env, ev.from_lane, -1)
+            self._count(cur, t, env, ev.to_lane, +1)
         self._board_version(cur, t, env, None, "")
 
-    @on("Project.CardLifted")
+    @on(ProjectCardLifted)
     def _card_lifted(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: ProjectCardLifted,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        self._count(cur, t, env, env.payload["lane"], -1)
+        self._count(cur, t, env, ev.lane, -1)
         self._board_version(cur, t, env, None, "")
 
     # -- cards ----------------------------------------------------------------------------------
 
-    @on("Card.Created")
+    @on(CardCreated)
     def _card_created(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: CardCreated,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        p = env.payload
         # Upsert: run events (another topic) may already have left a row carrying run data.
         cur.execute(
             t.q(
@@ -358,61 +520,59 @@ class KanbanProjector(Projector):
             (
                 env.workspace_id,
                 env.originator_id,
-                p["project_id"],
-                p["title"],
-                p["description"],
-                p["lane"],
-                p["position"],
+                ev.project_id,
+                ev.title,
+                ev.description,
+                ev.lane,
+                ev.position,
                 env.originator_version,
                 env.timestamp,
                 env.timestamp,
             ),
         )
-        self._card_changed(env, changes, "card.created", p["project_id"], p["position"])
+        self._card_changed(env, changes, "card.created", ev.project_id)
 
     @on(
-        "Card.Edited",
-        "Card.Moved",
-        "Card.Assigned",
-        "Card.Blocked",
-        "Card.Unblocked",
-        "Card.Archived",
-        "Card.Restored",
+        CardEdited,
+        CardMoved,
+        CardAssigned,
+        CardBlocked,
+        CardUnblocked,
+        CardArchived,
+        CardRestored,
     )
     def _card_updated(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: CardEdited
+        | CardMoved
+        | CardAssigned
+        | CardBlocked
+        | CardUnblocked
+        | CardArchived
+        | CardRestored,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        p = env.payload
-        by_type: dict[str, dict[str, Any]] = {
-            "Card.Edited": {"title": p.get("title"), "description": p.get("description")},
-            "Card.Moved": {"lane": p.get("to_lane"), "position": p.get("position")},
-            "Card.Assigned": {"assignee": p.get("assignee")},
-            "Card.Blocked": {"blocked_reason": p.get("reason")},
-            "Card.Unblocked": {"blocked_reason": None},
-            "Card.Archived": {"archived": True},
-            "Card.Restored": {
-                "archived": False,
-                "lane": p.get("lane"),
-                "position": p.get("position"),
-            },
-        }
-        columns = by_type[env.type]
+        columns = _card_columns(ev)
         project_id = self._touch(
             cur, t, "rm_cards", "card_id", env, columns, returning="project_id"
         )
-        kind = {
-            "Card.Moved": "card.moved",
-            "Card.Archived": "card.archived",
-            "Card.Restored": "card.restored",
-        }.get(env.type, "card.updated")
-        self._card_changed(env, changes, kind, project_id, p.get("position"))
+        kind = _CARD_KIND.get(type(ev), "card.updated")
+        self._card_changed(env, changes, kind, project_id)
 
-    @on("Card.Labelled", "Card.Unlabelled")
+    @on(CardLabelled, CardUnlabelled)
     def _card_labels(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: CardLabelled | CardUnlabelled,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        label = env.payload["label"]
-        if env.type == "Card.Labelled":
+        label = ev.label
+        if isinstance(ev, CardLabelled):
             expression = "ARRAY(SELECT DISTINCT x FROM unnest(labels || %s::text) AS x ORDER BY x)"
         else:
             expression = "array_remove(labels, %s::text)"
@@ -424,18 +584,24 @@ class KanbanProjector(Projector):
             (label, env.originator_version, env.timestamp, env.originator_id),
         )
         row = cur.fetchone()
-        self._card_changed(env, changes, "card.updated", row["project_id"] if row else None, None)
+        self._card_changed(env, changes, "card.updated", row["project_id"] if row else None)
 
     # -- runs as the board shows them ------------------------------------------------------------
 
-    @on("AgentRun.Requested")
+    @on(AgentRunRequested)
     def _run_requested(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: AgentRunRequested,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         self._card_run_upsert(
             cur,
             t,
             env,
+            ev,
             "last_run_id = CASE WHEN EXCLUDED.last_run_position > c.last_run_position"
             " THEN EXCLUDED.last_run_id ELSE c.last_run_id END,"
             " last_run_position = GREATEST(c.last_run_position, EXCLUDED.last_run_position)",
@@ -443,28 +609,35 @@ class KanbanProjector(Projector):
             last_run_position=env.position,
             cost_micros=0,
         )
-        self._run_changed(env, changes, env.payload["project_id"], env.payload["card_id"])
+        self._run_changed(env, changes, ev.project_id, ev.card_id)
 
-    @on("AgentRun.LlmCallCompleted")
+    @on(AgentRunLlmCallCompleted)
     def _run_cost(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: AgentRunLlmCallCompleted,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         self._card_run_upsert(
             cur,
             t,
             env,
+            ev,
             "cost_micros = c.cost_micros + EXCLUDED.cost_micros",
             last_run_id=None,
             last_run_position=0,
-            cost_micros=int(env.payload["billed_micros"]),
+            cost_micros=int(ev.billed_micros),
         )
-        self._run_changed(env, changes, env.payload["project_id"], env.payload["card_id"])
+        self._run_changed(env, changes, ev.project_id, ev.card_id)
 
     @staticmethod
     def _card_run_upsert(
         cur: Cursor[DictRow],
         t: Tables,
         env: EventEnvelope,
+        ev: AgentRunRequested | AgentRunLlmCallCompleted,
         assignments: str,
         *,
         last_run_id: object,
@@ -486,8 +659,8 @@ class KanbanProjector(Projector):
             ),
             (
                 env.workspace_id,
-                env.payload["card_id"],
-                env.payload["project_id"],
+                ev.card_id,
+                ev.project_id,
                 env.timestamp,
                 env.timestamp,
                 last_run_id,
@@ -496,10 +669,19 @@ class KanbanProjector(Projector):
             ),
         )
 
-    @on("AgentRun.Started", "AgentRun.Succeeded", "AgentRun.Failed", "AgentRun.Cancelled",
-        "AgentRun.TimedOut")  # fmt: skip
+    @on(AgentRunStarted, AgentRunSucceeded, AgentRunFailed, AgentRunCancelled,
+        AgentRunTimedOut)  # fmt: skip
     def _run_status(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: AgentRunStarted
+        | AgentRunSucceeded
+        | AgentRunFailed
+        | AgentRunCancelled
+        | AgentRunTimedOut,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         cur.execute(
             t.q("SELECT project_id, card_id FROM {rm_cards} WHERE last_run_id = %s"),
@@ -523,17 +705,18 @@ class KanbanProjector(Projector):
         segment: list[EventEnvelope] = []
         throwaway: list[Change] = []
         for env in envelopes:
-            if env.type in _FOLDED:
+            ev = env.event
+            if type(ev) in _FOLDED:
                 segment.append(env)
                 continue
-            method = self._handlers.get(env.type)
+            method = self._handlers.get(type(ev))
             if method is None:
                 continue
             self._fold(ctx, segment)
             segment = []
             changes = ctx.changes if ctx.changes is not None else throwaway
-            getattr(self, method)(ctx.cur, env, ctx.tables, changes)
-            if env.type == "Project.LaneRenamed":
+            getattr(self, method)(ctx.cur, env, ev, ctx.tables, changes)
+            if isinstance(ev, ProjectLaneRenamed):
                 ctx.memo.pop(_MEMO_CARDS, None)  # it rewrote cards behind the memo's back
                 ctx.memo[_MEMO_COMPLETE] = False
             throwaway.clear()
@@ -545,38 +728,37 @@ class KanbanProjector(Projector):
         seg = _Segment(ctx)
         self._load_cards(seg, envelopes)
         for env in envelopes:
-            kind = env.type
-            if kind in _CARD_SETS:
-                self._fold_card_update(seg, env)
-            elif kind == "Project.CardMoved":
-                p = env.payload
-                if p["from_lane"] != p["to_lane"]:
-                    self._fold_count(seg, env, p["from_lane"], -1)
-                    self._fold_count(seg, env, p["to_lane"], +1)
+            ev = env.event
+            if isinstance(ev, CardUpdate):
+                self._fold_card_update(seg, env, ev)
+            elif isinstance(ev, ProjectCardMoved):
+                if ev.from_lane != ev.to_lane:
+                    self._fold_count(seg, env, ev.from_lane, -1)
+                    self._fold_count(seg, env, ev.to_lane, +1)
                 seg.touched[str(env.originator_id)] = (env.originator_version, env.timestamp)
-            elif kind == "AgentRun.LlmCallCompleted":
-                self._fold_run(seg, env, None, 0, int(env.payload["billed_micros"]))
-                self._run_changed_in(ctx, env, env.payload["project_id"], env.payload["card_id"])
-            elif kind == "Card.Labelled" or kind == "Card.Unlabelled":
-                self._fold_labels(seg, env)
-            elif kind in _RUN_STATUS:
+            elif isinstance(ev, AgentRunLlmCallCompleted):
+                self._fold_run(seg, env, ev, None, 0, int(ev.billed_micros))
+                self._run_changed_in(ctx, env, ev.project_id, ev.card_id)
+            elif isinstance(ev, CardLabelled | CardUnlabelled):
+                self._fold_labels(seg, env, ev)
+            elif type(ev) in _RUN_STATUS:
                 if ctx.changes is not None:
                     run_id = str(env.originator_id)
                     card_id = seg.by_run.get(run_id)
                     row = seg.cards.get(card_id) if card_id is not None else None
                     if row is not None and row["last_run_id"] == run_id:
                         self._run_changed(env, ctx.changes, row["project_id"], row["card_id"])
-            elif kind == "Project.CardPlaced":
-                self._fold_count(seg, env, env.payload["lane"], +1)
+            elif isinstance(ev, ProjectCardPlaced):
+                self._fold_count(seg, env, ev.lane, +1)
                 seg.touched[str(env.originator_id)] = (env.originator_version, env.timestamp)
-            elif kind == "Project.CardLifted":
-                self._fold_count(seg, env, env.payload["lane"], -1)
+            elif isinstance(ev, ProjectCardLifted):
+                self._fold_count(seg, env, ev.lane, -1)
                 seg.touched[str(env.originator_id)] = (env.originator_version, env.timestamp)
-            elif kind == "Card.Created":
-                self._fold_card_created(seg, env)
-            elif kind == "AgentRun.Requested":
-                self._fold_run(seg, env, str(env.originator_id), env.position, 0)
-                self._run_changed_in(ctx, env, env.payload["project_id"], env.payload["card_id"])
+            elif isinstance(ev, CardCreated):
+                self._fold_card_created(seg, env, ev)
+            elif isinstance(ev, AgentRunRequested):
+                self._fold_run(seg, env, ev, str(env.originator_id), env.position, 0)
+                self._run_changed_in(ctx, env, ev.project_id, ev.card_id)
         self._write_segment(seg)
 
     def _load_cards(self, seg: _Segment, envelopes: list[EventEnvelope]) -> None:
@@ -586,11 +768,12 @@ class KanbanProjector(Projector):
         wanted: set[str] = set()
         runs: set[str] = set()
         for env in envelopes:
+            ev = env.event
             if env.aggregate == "Card":
                 wanted.add(str(env.originator_id))
-            elif env.type == "AgentRun.Requested" or env.type == "AgentRun.LlmCallCompleted":
-                wanted.add(_card_key(env.payload["card_id"]))
-            elif env.type in _RUN_STATUS and ctx.changes is not None:
+            elif isinstance(ev, AgentRunRequested | AgentRunLlmCallCompleted):
+                wanted.add(_card_key(ev.card_id))
+            elif type(ev) in _RUN_STATUS and ctx.changes is not None:
                 runs.add(str(env.originator_id))
         memo: dict[str, dict[str, Any]] | None = None
         if ctx.exclusive and ctx.copy and not runs:
@@ -639,16 +822,15 @@ class KanbanProjector(Projector):
                     memo[card_id] = row
 
     @staticmethod
-    def _fold_card_created(seg: _Segment, env: EventEnvelope) -> None:
-        p = env.payload
+    def _fold_card_created(seg: _Segment, env: EventEnvelope, ev: CardCreated) -> None:
         card_id = str(env.originator_id)
         row = seg.cards.get(card_id)
         values = {
-            "project_id": _card_key(p["project_id"]),
-            "title": p["title"],
-            "description": p["description"],
-            "lane": p["lane"],
-            "position": p["position"],
+            "project_id": _card_key(ev.project_id),
+            "title": ev.title,
+            "description": ev.description,
+            "lane": ev.lane,
+            "position": ev.position,
             "version": env.originator_version,
             "created_at": env.timestamp,
             "updated_at": env.timestamp,
@@ -671,40 +853,30 @@ class KanbanProjector(Projector):
             row.update(values)
         seg.dirty.add(card_id)
         if seg.ctx.changes is not None:
-            KanbanProjector._card_changed(
-                env, seg.ctx.changes, "card.created", p["project_id"], p["position"]
-            )
+            KanbanProjector._card_changed(env, seg.ctx.changes, "card.created", ev.project_id)
 
     @staticmethod
-    def _fold_card_update(seg: _Segment, env: EventEnvelope) -> None:
+    def _fold_card_update(seg: _Segment, env: EventEnvelope, ev: CardUpdate) -> None:
         card_id = str(env.originator_id)
         row = seg.cards.get(card_id)
-        p = env.payload
         if row is not None:
-            for column, key in _CARD_SETS[env.type]:
-                row[column] = p.get(key)
-            if env.type == "Card.Unblocked":
-                row["blocked_reason"] = None
-            elif env.type == "Card.Archived":
-                row["archived"] = True
-            elif env.type == "Card.Restored":
-                row["archived"] = False
+            row.update(_card_columns(ev))
             row["version"] = env.originator_version
             row["updated_at"] = env.timestamp
             seg.dirty.add(card_id)
         if seg.ctx.changes is not None:
-            kind = _CARD_KIND.get(env.type, "card.updated")
+            kind = _CARD_KIND.get(type(ev), "card.updated")
             project_id = row["project_id"] if row is not None else None
-            KanbanProjector._card_changed(env, seg.ctx.changes, kind, project_id, p.get("position"))
+            KanbanProjector._card_changed(env, seg.ctx.changes, kind, project_id)
 
     @staticmethod
-    def _fold_labels(seg: _Segment, env: EventEnvelope) -> None:
+    def _fold_labels(seg: _Segment, env: EventEnvelope, ev: CardLabelled | CardUnlabelled) -> None:
         card_id = str(env.originator_id)
         row = seg.cards.get(card_id)
         if row is not None:
-            label = env.payload["label"]
+            label = ev.label
             labels: list[str] = [x for x in row["labels"] if x != label]
-            if env.type == "Card.Labelled":
+            if isinstance(ev, CardLabelled):
                 labels.append(label)
                 seg.sort_labels.add(card_id)
             row["labels"] = labels
@@ -713,22 +885,26 @@ class KanbanProjector(Projector):
             seg.dirty.add(card_id)
         if seg.ctx.changes is not None:
             project_id = row["project_id"] if row is not None else None
-            KanbanProjector._card_changed(env, seg.ctx.changes, "card.updated", project_id, None)
+            KanbanProjector._card_changed(env, seg.ctx.changes, "card.updated", project_id)
 
     @staticmethod
     def _fold_run(
-        seg: _Segment, env: EventEnvelope, run_id: str | None, position: int, cost: int
+        seg: _Segment,
+        env: EventEnvelope,
+        ev: AgentRunRequested | AgentRunLlmCallCompleted,
+        run_id: str | None,
+        position: int,
+        cost: int,
     ) -> None:
         """:meth:`_card_run_upsert`, in memory: a request names the card's last run if it is
         the newest in the log; a call adds its cost; a card not seen yet gets a placeholder."""
-        p = env.payload
-        card_id = _card_key(p["card_id"])
+        card_id = _card_key(ev.card_id)
         row = seg.cards.get(card_id)
         if row is None:
             row = {
                 "workspace_id": _text(env.workspace_id),
                 "card_id": card_id,
-                "project_id": _card_key(p["project_id"]),
+                "project_id": _card_key(ev.project_id),
                 "title": "",
                 "description": "",
                 "lane": "",
@@ -887,7 +1063,6 @@ class KanbanProjector(Projector):
         changes: list[Change],
         kind: str,
         project_id: object,
-        _card_position: object,
     ) -> None:
         if project_id is None:
             return

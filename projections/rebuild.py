@@ -50,9 +50,9 @@ if TYPE_CHECKING:
     from psycopg.rows import DictRow
     from psycopg_pool import ConnectionPool
 
+    from adapters.eventlog import EventLog
+    from domain.envelope import EventEnvelope
     from projections.base import Projector
-    from streams.envelope import EventEnvelope
-    from streams.log import EventLog
 
 log = structlog.get_logger(__name__)
 

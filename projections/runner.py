@@ -53,8 +53,8 @@ if TYPE_CHECKING:
     from psycopg.rows import DictRow
     from psycopg_pool import ConnectionPool
 
-    from streams.envelope import EventEnvelope
-    from streams.log import EventLog
+    from adapters.eventlog import EventLog
+    from domain.envelope import EventEnvelope
 
 log = structlog.get_logger(__name__)
 

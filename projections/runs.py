@@ -14,6 +14,23 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
 
+from domain.events import (
+    AgentRunAttemptRecorded,
+    AgentRunCancelled,
+    AgentRunFailed,
+    AgentRunHeartbeat,
+    AgentRunLlmCallCompleted,
+    AgentRunLogChunkAppended,
+    AgentRunOutputRecorded,
+    AgentRunReclaimed,
+    AgentRunRequested,
+    AgentRunStarted,
+    AgentRunStepStarted,
+    AgentRunSucceeded,
+    AgentRunTimedOut,
+    EventPayload,
+    events_of,
+)
 from projections.base import Change, Projector, Tables, on
 from projections.batch import (
     COPY_FIELDS_6,
@@ -33,14 +50,14 @@ if TYPE_CHECKING:
     from psycopg import Cursor
     from psycopg.rows import DictRow
 
-    from streams.envelope import EventEnvelope
+    from domain.envelope import EventEnvelope
 
 #: Terminal status and the error text (if any) each terminal event records.
-_TERMINAL: dict[str, str] = {
-    "AgentRun.Succeeded": "SUCCEEDED",
-    "AgentRun.Failed": "FAILED",
-    "AgentRun.Cancelled": "CANCELLED",
-    "AgentRun.TimedOut": "TIMED_OUT",
+_TERMINAL: dict[type[EventPayload], str] = {
+    AgentRunSucceeded: "SUCCEEDED",
+    AgentRunFailed: "FAILED",
+    AgentRunCancelled: "CANCELLED",
+    AgentRunTimedOut: "TIMED_OUT",
 }
 
 
@@ -76,17 +93,16 @@ _ATTEMPT_COLUMNS = (
 _OUTPUT_COLUMNS = (("workspace_id", "uuid"), ("run_id", "uuid"), ("output", "text"))
 
 
-def _attempt_row(env: EventEnvelope) -> tuple[Any, ...]:
-    p = env.payload
+def _attempt_row(env: EventEnvelope, ev: AgentRunAttemptRecorded) -> tuple[Any, ...]:
     return (
-        env.workspace_id, env.originator_id, p["attempt"], env.timestamp, p["provider"],
-        p["model"], p["status"], p["http_status"], p["error"], p["latency_ms"],
-        p["input_tokens"], p["output_tokens"], p["provider_cost_micros"], p["estimated"],
+        env.workspace_id, env.originator_id, ev.attempt, env.timestamp, ev.provider,
+        ev.model, ev.status, ev.http_status, ev.error, ev.latency_ms,
+        ev.input_tokens, ev.output_tokens, ev.provider_cost_micros, ev.estimated,
     )  # fmt: skip
 
 
-def _output_row(env: EventEnvelope) -> tuple[Any, ...]:
-    return (env.workspace_id, env.originator_id, _str(env.payload["output"]))
+def _output_row(env: EventEnvelope, ev: AgentRunOutputRecorded) -> tuple[Any, ...]:
+    return (env.workspace_id, env.originator_id, _str(ev.output))
 
 
 # What a batch did to runs requested before it: columns it set (NULL: left alone, except where a
@@ -142,6 +158,20 @@ class RunsProjector(Projector):
     tables: ClassVar[tuple[str, ...]] = (
         "rm_runs", "rm_log_lines", "rm_run_attempts", "rm_run_outputs",
     )  # fmt: skip
+    ignores: ClassVar[frozenset[type[EventPayload]]] = events_of(
+        "ApiKey",
+        "Card",
+        "EmailClaim",
+        "Invitation",
+        "Invoice",
+        "MonthlySpend",
+        "OidcLink",
+        "Project",
+        "Session",
+        "UsageCharge",
+        "User",
+        "Workspace",
+    )
     #: Tables the projector only ever inserts into, new rows only: a rebuild builds their keys
     #: after loading them (see :mod:`projections.rebuild`).
     insert_only: ClassVar[frozenset[str]] = frozenset(
@@ -150,11 +180,15 @@ class RunsProjector(Projector):
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    @on("AgentRun.Requested")
+    @on(AgentRunRequested)
     def _requested(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: AgentRunRequested,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        p = env.payload
         cur.execute(
             t.q(
                 "INSERT INTO {rm_runs} (workspace_id, run_id, project_id, card_id, agent, status,"
@@ -164,21 +198,26 @@ class RunsProjector(Projector):
             (
                 env.workspace_id,
                 env.originator_id,
-                p["project_id"],
-                p["card_id"],
-                p["agent"],
-                p["provider"],
-                p["model"],
-                p["max_cost_micros"],
+                ev.project_id,
+                ev.card_id,
+                ev.agent,
+                ev.provider,
+                ev.model,
+                ev.max_cost_micros,
                 env.timestamp,
                 env.originator_version,
             ),
         )
         self._status_changed(env, changes, "QUEUED")
 
-    @on("AgentRun.Started")
+    @on(AgentRunStarted)
     def _started(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: AgentRunStarted,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         cur.execute(
             t.q(
@@ -189,9 +228,14 @@ class RunsProjector(Projector):
         )
         self._status_changed(env, changes, "RUNNING")
 
-    @on("AgentRun.StepStarted")
+    @on(AgentRunStepStarted)
     def _step_started(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: AgentRunStepStarted,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         cur.execute(
             t.q("UPDATE {rm_runs} SET version = %s WHERE run_id = %s"),
@@ -200,57 +244,81 @@ class RunsProjector(Projector):
 
     @on(*_TERMINAL)
     def _finished(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: EventPayload,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        status = _TERMINAL[env.type]
+        status = _TERMINAL[type(ev)]
         cur.execute(
             t.q(
                 "UPDATE {rm_runs} SET status = %s, finished_at = %s, error = %s, version = %s"
                 " WHERE run_id = %s"
             ),
-            (status, env.timestamp, _error(env), env.originator_version, env.originator_id),
+            (status, env.timestamp, _error(ev), env.originator_version, env.originator_id),
         )
         self._status_changed(env, changes, status)
 
-    @on("AgentRun.Heartbeat", "AgentRun.Reclaimed")
+    @on(AgentRunHeartbeat, AgentRunReclaimed)
     def _touched(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: AgentRunHeartbeat | AgentRunReclaimed,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         cur.execute(
             t.q("UPDATE {rm_runs} SET version = %s WHERE run_id = %s"),
             (env.originator_version, env.originator_id),
         )
 
-    @on("AgentRun.AttemptRecorded")
+    @on(AgentRunAttemptRecorded)
     def _attempt(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: AgentRunAttemptRecorded,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         cur.execute(
             t.q(
                 f"INSERT INTO {{rm_run_attempts}} ({', '.join(n for n, _ in _ATTEMPT_COLUMNS)})"
                 f" VALUES ({', '.join(['%s'] * len(_ATTEMPT_COLUMNS))})"
             ),
-            _attempt_row(env),
+            _attempt_row(env, ev),
         )
         self._touched(cur, env, t, changes)
 
-    @on("AgentRun.OutputRecorded")
+    @on(AgentRunOutputRecorded)
     def _output(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: AgentRunOutputRecorded,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
         cur.execute(
             t.q("INSERT INTO {rm_run_outputs} (workspace_id, run_id, output) VALUES (%s, %s, %s)"),
-            _output_row(env),
+            _output_row(env, ev),
         )
         self._touched(cur, env, t, changes)
 
     # -- what the run did ------------------------------------------------------------------------
 
-    @on("AgentRun.LlmCallCompleted")
+    @on(AgentRunLlmCallCompleted)
     def _llm_call(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: AgentRunLlmCallCompleted,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        p = env.payload
         cur.execute(
             t.q(
                 "UPDATE {rm_runs} SET provider = %s, model = %s,"
@@ -260,22 +328,27 @@ class RunsProjector(Projector):
                 " WHERE run_id = %s"
             ),
             (
-                p["provider"],
-                p["model"],
-                p["input_tokens"],
-                p["output_tokens"],
-                p["provider_cost_micros"],
-                p["billed_micros"],
+                ev.provider,
+                ev.model,
+                ev.input_tokens,
+                ev.output_tokens,
+                ev.provider_cost_micros,
+                ev.billed_micros,
                 env.originator_version,
                 env.originator_id,
             ),
         )
 
-    @on("AgentRun.LogChunkAppended")
+    @on(AgentRunLogChunkAppended)
     def _log_chunk(
-        self, cur: Cursor[DictRow], env: EventEnvelope, t: Tables, changes: list[Change]
+        self,
+        cur: Cursor[DictRow],
+        env: EventEnvelope,
+        ev: AgentRunLogChunkAppended,
+        t: Tables,
+        changes: list[Change],
     ) -> None:
-        lines = [_storable(line) for line in env.payload["lines"]]
+        lines = [_storable(line) for line in ev.lines]
         # One statement for the whole chunk (COPY would be faster but refuses tables with row-level
         # security); every line is new because the runner applies each chunk exactly once.
         cur.execute(
@@ -328,32 +401,31 @@ class RunsProjector(Projector):
         lines: list[tuple[Any, ...]] = []
         chunks: list[tuple[UUID | None, UUID, list[dict[str, Any]]]] = []
         for env in envelopes:
-            handler = self._handlers.get(env.type)
+            ev = env.event
+            handler = self._handlers.get(type(ev))
             if handler is None:
                 continue
             run = folds.get(env.originator_id)
             if run is None:
                 run = folds[env.originator_id] = _RunFold()
-            p = env.payload
             version = env.originator_version
-            kind = env.type
-            if kind == "AgentRun.LogChunkAppended":
+            if isinstance(ev, AgentRunLogChunkAppended):
                 ws, run_id = env.workspace_id, env.originator_id
                 if ctx.copy and ctx.changes is None:
                     # A rebuild: the chunk's lines are encoded for COPY straight from the payload.
-                    chunks.append((ws, run_id, p["lines"]))
-                    run.adds[5] += len(p["lines"])
+                    chunks.append((ws, run_id, ev.lines))
+                    run.adds[5] += len(ev.lines)
                 elif ctx.changes is None:
                     added = len(lines)
                     lines.extend(
                         (ws, run_id, int(line["seq"]), line["at"], line["stream"], _str(t))
                         if type(t := line["text"]) is not str
                         else (ws, run_id, int(line["seq"]), line["at"], line["stream"], t)
-                        for line in p["lines"]
+                        for line in ev.lines
                     )
                     run.adds[5] += len(lines) - added
                 else:
-                    stored = [_storable(line) for line in p["lines"]]
+                    stored = [_storable(line) for line in ev.lines]
                     lines.extend(
                         (ws, run_id, line["seq"], line["at"], line["stream"], line["text"])
                         for line in stored
@@ -370,42 +442,42 @@ class RunsProjector(Projector):
                             },
                         )
                     )
-            elif kind == "AgentRun.LlmCallCompleted":
-                run.called, run.provider, run.model = True, p["provider"], p["model"]
+            elif isinstance(ev, AgentRunLlmCallCompleted):
+                run.called, run.provider, run.model = True, ev.provider, ev.model
                 adds = run.adds
-                adds[0] += p["input_tokens"]
-                adds[1] += p["output_tokens"]
-                adds[2] += p["provider_cost_micros"]
-                adds[3] += p["billed_micros"]
+                adds[0] += ev.input_tokens
+                adds[1] += ev.output_tokens
+                adds[2] += ev.provider_cost_micros
+                adds[3] += ev.billed_micros
                 adds[4] += 1
-            elif kind in ("AgentRun.StepStarted", "AgentRun.Heartbeat", "AgentRun.Reclaimed"):
+            elif isinstance(ev, AgentRunStepStarted | AgentRunHeartbeat | AgentRunReclaimed):
                 pass
-            elif kind == "AgentRun.AttemptRecorded":
-                attempts.append(_attempt_row(env))
-            elif kind == "AgentRun.OutputRecorded":
-                outputs.append(_output_row(env))
-            elif kind == "AgentRun.Requested":
+            elif isinstance(ev, AgentRunAttemptRecorded):
+                attempts.append(_attempt_row(env, ev))
+            elif isinstance(ev, AgentRunOutputRecorded):
+                outputs.append(_output_row(env, ev))
+            elif isinstance(ev, AgentRunRequested):
                 run.requested = [
                     _text(env.workspace_id),
                     str(env.originator_id),
-                    p["project_id"],
-                    p["card_id"],
-                    p["agent"],
+                    ev.project_id,
+                    ev.card_id,
+                    ev.agent,
                     "QUEUED",
-                    p["provider"],
-                    p["model"],
-                    p["max_cost_micros"],
+                    ev.provider,
+                    ev.model,
+                    ev.max_cost_micros,
                     env.timestamp,
                 ]
                 run.status = "QUEUED"
                 self._status_changed_in(ctx, env, "QUEUED")
-            elif kind == "AgentRun.Started":
+            elif isinstance(ev, AgentRunStarted):
                 run.status, run.started, run.started_at = "RUNNING", True, env.timestamp
                 self._status_changed_in(ctx, env, "RUNNING")
             else:
-                status = _TERMINAL[kind]
+                status = _TERMINAL[type(ev)]
                 run.status, run.finished, run.finished_at = status, True, env.timestamp
-                run.error = _error(env)
+                run.error = _error(ev)
                 self._status_changed_in(ctx, env, status)
             run.version = version
         inserts: list[list[Any]] = []
@@ -543,15 +615,14 @@ def _text(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-def _error(env: EventEnvelope) -> str | None:
+def _error(ev: EventPayload) -> str | None:
     """The error text the run's aggregate keeps for a terminal event (None on success)."""
-    p = env.payload
-    if env.type == "AgentRun.Failed":
-        return _str(p["error"])
-    if env.type == "AgentRun.Cancelled":
-        return _str(p["reason"])
-    if env.type == "AgentRun.TimedOut":
-        return f"timed out after {p['after_seconds']}s"
+    if isinstance(ev, AgentRunFailed):
+        return _str(ev.error)
+    if isinstance(ev, AgentRunCancelled):
+        return _str(ev.reason)
+    if isinstance(ev, AgentRunTimedOut):
+        return f"timed out after {ev.after_seconds}s"
     return None
 
 

@@ -28,8 +28,8 @@ from adapters.metrics import SWEEP_HEALED
 if TYPE_CHECKING:
     from uuid import UUID
 
+    from domain.envelope import EventEnvelope
     from projections.runner import ProjectionRunner
-    from streams.envelope import EventEnvelope
 
 log = structlog.get_logger(__name__)
 

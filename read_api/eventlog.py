@@ -19,9 +19,9 @@ from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic
 
 from domain.card import Card
+from domain.envelope import EventEnvelope, envelope_from_event
 from domain.errors import NotFound, ValidationFailed
 from domain.usage import MonthlySpend, UsageCharge
-from streams.envelope import EventEnvelope, envelope_from_event
 
 if TYPE_CHECKING:
     from eventsourcing.persistence import Mapper

@@ -15,7 +15,7 @@ from strawberry.scalars import JSON
 
 from domain.card import Card as CardAggregate
 from domain.errors import NotFound
-from projections import queries
+from projections import history, queries
 from projections.billing import UsageDimension
 from read_api import cursors, eventlog
 from read_api import fields as described
@@ -50,15 +50,14 @@ from read_api.types import (
     parse_id,
     parse_month,
 )
-from streams import history
 
 if TYPE_CHECKING:
     from psycopg import Connection
     from psycopg.rows import DictRow
 
+    from domain.envelope import EventEnvelope
     from read_api.context import RequestContext
     from read_api.db import ReadScope
-    from streams.envelope import EventEnvelope
 
 
 def _home(ctx: RequestContext, workspace_id: UUID | None = None) -> ReadScope | None:

@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from psycopg import Connection
 
     from adapters.audit_signing import Signer
-    from streams.envelope import EventEnvelope
-    from streams.log import Row
+    from adapters.eventlog import Row
+    from domain.envelope import EventEnvelope
 
 GENESIS = "0" * 64
 EVENT_FIELDS = frozenset(

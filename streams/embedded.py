@@ -20,8 +20,8 @@ from adapters.outages import is_outage
 from streams.wakeup import LogWakeup
 
 if TYPE_CHECKING:
+    from adapters.eventlog import EventLog
     from projections.runner import ProjectionRunner
-    from streams.log import EventLog
 
 log = structlog.get_logger(__name__)
 

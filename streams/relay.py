@@ -37,8 +37,8 @@ from adapters.telemetry import continue_trace, current_traceparent, tracing_enab
 from streams.wakeup import LogWakeup
 
 if TYPE_CHECKING:
-    from streams.envelope import EventEnvelope
-    from streams.log import EventLog
+    from adapters.eventlog import EventLog
+    from domain.envelope import EventEnvelope
 
 log = structlog.get_logger(__name__)
 

@@ -21,8 +21,8 @@ import structlog
 
 from adapters.kafka import faust_settings
 from adapters.outages import is_outage
+from domain.envelope import TOPIC_BY_AGGREGATE, EventEnvelope
 from projections.sweep import ProjectionSweep
-from streams.envelope import TOPIC_BY_AGGREGATE, EventEnvelope
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

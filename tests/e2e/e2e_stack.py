@@ -24,6 +24,7 @@ from psycopg.conninfo import make_conninfo
 from users import user_id
 
 from adapters.credentials import Argon2Passwords, SecretBox, Totp
+from adapters.eventlog import EventLog
 from adapters.oidc import OidcVerifier
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
@@ -40,7 +41,6 @@ from read_api.oidc import OidcSignIn
 from read_api.services import ApiServices, AuthSettings, JwtVerification, RateLimits, RequestStats
 from read_api.testing import RunningServer, start_in_thread
 from streams.embedded import EmbeddedFanout
-from streams.log import EventLog
 
 MakeStack = Callable[..., "Stack"]
 

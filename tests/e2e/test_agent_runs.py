@@ -13,10 +13,10 @@ import pytest
 from api_client import ApiClient, subscribe
 from e2e_stack import MakeStack, Stack
 
+from adapters.eventlog import EventLog
 from adapters.providers.simulated import SimulatedProvider
 from infra.bootstrap import build_write_side
 from orchestrator.service import Orchestrator, OrchestratorConfig, OrchestratorThread
-from streams.log import EventLog
 
 pytestmark = pytest.mark.slow
 

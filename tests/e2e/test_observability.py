@@ -33,11 +33,11 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.util._once import Once
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters.eventlog import EventLog
 from adapters.metrics import LagCollector
 from adapters.telemetry import configure_tracing
 from infra.logging import configure_logging
 from projections.registry import projector_names
-from streams.log import EventLog
 from streams.relay import RelayPositions
 
 CREATE_CARD = (

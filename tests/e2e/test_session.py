@@ -12,9 +12,9 @@ import psycopg
 from api_client import ApiClient
 from e2e_stack import Stack, user_id
 
+from adapters.eventlog import EventLog
 from commands import models as m
 from commands.handlers import Actor
-from streams.log import EventLog
 
 T = TypeVar("T")
 

@@ -35,11 +35,13 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
+from adapters.eventlog import EventLog
 from adapters.kafka_broker import LocalBroker
 from adapters.postgres import PROJECTOR_ROLE, make_pool
 from commands import models as m
 from commands.billing import Billing, GrantCredit
 from commands.handlers import Actor
+from domain.envelope import TOPICS
 from domain.errors import AgentWorksError
 from domain.meta import EventMeta
 from infra.bootstrap import build_write_side
@@ -47,8 +49,6 @@ from projections.rebuild import SCRATCH_SUFFIX, rebuild
 from projections.registry import all_projectors, projector_names
 from projections.runner import ProjectionRunner
 from streams.embedded import EmbeddedFanout
-from streams.envelope import TOPICS
-from streams.log import EventLog
 from streams.relay import headers_for, topic_for
 
 if TYPE_CHECKING:
@@ -60,8 +60,8 @@ if TYPE_CHECKING:
 
     from adapters.eventstore import EventStoreRecorder
     from commands.handlers import AgentWorks
+    from domain.envelope import EventEnvelope
     from projections.base import Projector
-    from streams.envelope import EventEnvelope
 
 #: Per-process log files and faust's data directories go under the directory a fan-out runs in.
 LANES = (("Todo", None), ("Doing", 4), ("Review", None), ("Done", None))

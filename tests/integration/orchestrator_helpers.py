@@ -11,6 +11,7 @@ from uuid import UUID
 
 from board_helpers import Board, bootstrap_board
 
+from adapters.eventlog import EventLog
 from adapters.providers.base import Provider
 from adapters.providers.simulated import SimulatedProvider
 from commands import models as m
@@ -19,7 +20,6 @@ from domain.agent_run import AgentRun, RunStatus
 from infra.bootstrap import build_write_side
 from orchestrator.holds import BudgetHolds
 from orchestrator.service import Orchestrator, OrchestratorConfig, OrchestratorThread
-from streams.log import EventLog
 
 
 @dataclass

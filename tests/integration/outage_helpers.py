@@ -29,6 +29,7 @@ import psycopg
 import redis.asyncio
 from users import user_id
 
+from adapters.eventlog import EventLog
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
 from commands.handlers import AgentWorks
@@ -40,7 +41,6 @@ from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
 from read_api.services import ApiServices, JwtVerification, RateLimits
 from read_api.testing import RunningServer, start_in_thread
 from streams.embedded import EmbeddedFanout
-from streams.log import EventLog
 
 CREATE_CARD = """mutation($input: CreateCardInput!) {
   createCard(input: $input) { consistencyToken } }"""

@@ -25,9 +25,9 @@ if TYPE_CHECKING:
     from psycopg.rows import DictRow
 
     from commands.handlers import AgentWorks
+    from domain.envelope import EventEnvelope
     from projections.base import Change, Tables
     from projections.batch import BatchContext
-    from streams.envelope import EventEnvelope
 
 #: What the planted move carries as its position: not the text a board position is.
 BAD_POSITION: dict[str, Any] = {"fractional": [1, 2]}

@@ -19,12 +19,12 @@ import psycopg
 from board_helpers import LANES, bootstrap_board, max_position
 from psycopg.rows import dict_row
 
+from adapters.eventlog import EventLog
 from adapters.postgres import make_pool
 from commands import models as m
 from commands.handlers import Actor, CommandResult
 from infra.bootstrap import build_write_side
 from projections.runner import BatchOutcome, ProjectionRunner
-from streams.log import EventLog
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
     from adapters.eventstore import EventStoreRecorder
     from commands.handlers import AgentWorks
+    from domain.envelope import EventEnvelope
     from projections.base import Projector
-    from streams.envelope import EventEnvelope
 
 
 @dataclass

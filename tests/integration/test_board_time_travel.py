@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from commands import models as m
 from domain.errors import AgentWorksError
 from domain.project import Project
+from projections.history import NotYet, board_as_of, card_state
 from projections.kanban import KanbanProjector
-from streams.history import NotYet, board_as_of, card_state
 
 if TYPE_CHECKING:
     from read_side_helpers import ReadSide, World

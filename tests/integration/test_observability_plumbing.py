@@ -30,6 +30,7 @@ from opentelemetry.util._once import Once
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters.eventlog import EventLog
 from adapters.kafka import create_topics, make_producer
 from adapters.kafka_broker import LocalBroker
 from adapters.metrics import LagCollector
@@ -37,12 +38,11 @@ from adapters.postgres import PROJECTOR_ROLE, make_pool
 from adapters.telemetry import configure_tracing, continue_trace, current_traceparent
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
+from domain.envelope import TOPICS
 from infra.logging import configure_logging
 from projections.registry import all_projectors, projector_names
 from projections.runner import ProjectionRunner
 from streams.embedded import EmbeddedFanout
-from streams.envelope import TOPICS
-from streams.log import EventLog
 from streams.relay import Relay, RelayPositions, topic_for
 
 

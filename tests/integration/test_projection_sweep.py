@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from typing import Any
     from uuid import UUID
 
+    from domain.envelope import EventEnvelope
     from projections.runner import ProjectionRunner
-    from streams.envelope import EventEnvelope
 
 
 def _title(side: ReadSide, card_id: object) -> str:

@@ -46,9 +46,9 @@ from projections.rebuild import SCRATCH_SUFFIX, rebuild
 from projections.registry import all_projectors
 
 if TYPE_CHECKING:
+    from domain.envelope import EventEnvelope
     from projections.base import Projector
     from projections.runner import ProjectionRunner
-    from streams.envelope import EventEnvelope
 
 LANES = ["Todo", "Doing", "Done"]
 EPOCH = datetime(2025, 1, 30, 12, 0, tzinfo=UTC)

@@ -21,12 +21,12 @@ import psycopg
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from adapters.eventlog import EventLog
 from adapters.kafka import create_topics, make_producer, producer_state_lost, topic_id
 from adapters.kafka_broker import LocalBroker
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
-from streams.envelope import TOPICS
-from streams.log import EventLog
+from domain.envelope import TOPICS
 from streams.relay import Relay, RelayPositions
 
 pytestmark = [

@@ -21,12 +21,12 @@ from fanout_helpers import (
     relay_position,
 )
 
+from adapters.eventlog import EventLog
 from adapters.kafka import create_topics, make_producer
 from adapters.kafka_broker import LocalBroker
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
-from streams.envelope import TOPICS
-from streams.log import EventLog
+from domain.envelope import TOPICS
 from streams.relay import Relay, RelayLease, RelayPositions
 
 if TYPE_CHECKING:

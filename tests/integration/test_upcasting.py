@@ -21,6 +21,7 @@ from psycopg import IsolationLevel
 from psycopg.rows import dict_row
 
 from adapters.audit_signing import Signer
+from adapters.eventlog import EventLog
 from commands import models as m
 from commands.handlers import Actor
 from domain.card import Card
@@ -29,7 +30,6 @@ from projections.kanban import KanbanProjector
 from projections.rebuild import rebuild
 from read_api.eventlog import card_events
 from streams.audit import export_lines, verify, workspace_rows
-from streams.log import EventLog
 
 if TYPE_CHECKING:
     from read_side_helpers import ReadSide

@@ -11,8 +11,8 @@ from uuid import UUID
 from hypothesis import given
 from hypothesis import strategies as st
 
+from domain.envelope import EventEnvelope
 from streams.audit import GENESIS, canonical_json, event_line, line_hash
-from streams.envelope import EventEnvelope
 
 keys = st.sampled_from(["originatorId", "hash", "data", "a", "zz", "é", ',"originatorId":'])
 values = st.recursive(

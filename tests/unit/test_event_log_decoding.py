@@ -19,6 +19,7 @@ from aw_builders import new_app
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import StoredEvent
 
+from adapters.eventlog import EventLog, Row
 from domain.agent_run import AgentRun
 from domain.card import Card
 from domain.meta import EventMeta
@@ -26,7 +27,6 @@ from domain.project import LaneSpec, Project
 from domain.roles import Role
 from domain.usage import MonthlySpend, UsageCharge
 from domain.workspace import Workspace
-from streams.log import EventLog, Row
 
 
 class _NoRecorder:

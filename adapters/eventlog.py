@@ -2,7 +2,7 @@
 
 Decoding is on the path of every projector, the relay and every rebuild, so it has a fast path.
 The library's way is two passes: the mapper turns the stored JSON into a domain event (UUIDs,
-datetimes and decimals as objects), then :func:`~streams.envelope.envelope_from_event` turns
+datetimes and decimals as objects), then :func:`~domain.envelope.envelope_from_event` turns
 those objects back into JSON-safe strings and validates the envelope. The fast path parses the
 stored JSON once, straight into the JSON-safe form, and builds the envelope without validating
 what it already knows to be well-typed. It covers exactly what the library's JSON transcoder
@@ -38,7 +38,7 @@ from eventsourcing.utils import resolve_topic, retry
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed
 
-from streams.envelope import ENVELOPE_SCHEMA_VERSION, EventEnvelope, envelope_from_event
+from domain.envelope import ENVELOPE_SCHEMA_VERSION, EventEnvelope, envelope_from_event
 
 if TYPE_CHECKING:
     from eventsourcing.persistence import Mapper

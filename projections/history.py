@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from eventsourcing.persistence import Mapper
     from psycopg import Connection
 
-    from streams.envelope import EventEnvelope
+    from domain.envelope import EventEnvelope
 
 
 def parse_instant(text: str, *, option: str) -> datetime:

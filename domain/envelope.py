@@ -15,6 +15,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
+from domain.events import EventPayload, payload_of
+
 ENVELOPE_SCHEMA_VERSION = 1
 
 #: Kafka topic (before the configurable prefix) for each aggregate's events.
@@ -28,6 +30,9 @@ TOPIC_BY_AGGREGATE: dict[str, str] = {
     "Invoice": "usage-events",
 }
 TOPICS: tuple[str, ...] = tuple(sorted(set(TOPIC_BY_AGGREGATE.values())))
+
+#: Where an envelope keeps its decoded payload (outside the model's fields: never serialised).
+_EVENT = "_typed_event"
 
 _BASE_FIELDS = frozenset(
     {"originator_id", "originator_version", "timestamp", "meta", "originator_topic"}
@@ -50,6 +55,19 @@ class EventEnvelope(BaseModel):
     workspace_id: UUID | None
     metadata: dict[str, str]
     payload: dict[str, Any]
+
+    @property
+    def event(self) -> EventPayload:
+        """The payload, typed (see :mod:`domain.events`): what projectors dispatch on.
+
+        Decoded on first use and kept on the envelope, so the projectors sharing an envelope
+        decode it once; a copy with another type or payload (``model_copy``) decodes again.
+        """
+        cached: tuple[str, EventPayload] | None = self.__dict__.get(_EVENT)
+        if cached is None or cached[0] is not self.type or cached[1].__dict__ is not self.payload:
+            cached = (self.type, payload_of(self.type, self.payload))
+            self.__dict__[_EVENT] = cached
+        return cached[1]
 
     @property
     def topic(self) -> str:
