@@ -51,6 +51,7 @@ from e2e_stack import Stack, StackBuilder  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from adapters.eventlog import EventLog  # noqa: E402
 from adapters.providers.base import ChatRequest, Usage  # noqa: E402
 from adapters.providers.simulated import SimulatedProvider  # noqa: E402
 from bench._provenance import Provenance  # noqa: E402
@@ -58,7 +59,6 @@ from domain.agent_run import AgentRun  # noqa: E402
 from infra.bootstrap import build_write_side  # noqa: E402
 from infra.migrate import migrate  # noqa: E402
 from orchestrator.service import Orchestrator, OrchestratorConfig, OrchestratorThread  # noqa: E402
-from streams.log import EventLog  # noqa: E402
 
 RUN_LOG = "subscription($id: ID!) { agentRunLog(runId: $id) { seq stream text } }"
 START = "mutation($input: StartAgentRunInput!) { startAgentRun(input: $input) { run { id } } }"
