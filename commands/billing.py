@@ -15,7 +15,6 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 from uuid import UUID, uuid4
 
-from eventsourcing.persistence import IntegrityError
 from eventsourcing.utils import get_topic
 from pydantic import Field
 
@@ -336,7 +335,7 @@ class Billing:
         """Save; ``False`` when a concurrent write got there first (the caller reloads)."""
         try:
             self.app.save(aggregate)
-        except IntegrityError:
+        except Conflict:
             return False
         return True
 

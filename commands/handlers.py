@@ -21,7 +21,6 @@ from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 
 from commands import models as m
 from commands.idempotency import fingerprint
@@ -33,6 +32,7 @@ from domain.errors import (
     AgentWorksError,
     BudgetExceeded,
     Conflict,
+    DuplicateCommand,
     Forbidden,
     InvalidTransition,
     NotFound,
@@ -784,19 +784,13 @@ class AgentWorks(Application[UUID]):
             causation_id=actor.causation_id,
             traceparent=traceparent,
         )
-        try:
-            if sent_id:
-                earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
-                if earlier is not None:
-                    return earlier
-            return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
-        except (OperationalError, InterfaceError) as error:
-            # Loading or appending failed before anything was committed.
-            raise Unavailable(
-                "the database is unavailable or has no free connection; nothing was written, "
-                "retry shortly",
-                retry_after_seconds=1.0,
-            ) from error
+        # The store raises UNAVAILABLE itself when loading or appending fails before anything
+        # was committed.
+        if sent_id:
+            earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
+            if earlier is not None:
+                return earlier
+        return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
 
     def _attempts(
         self,
@@ -832,8 +826,8 @@ class AgentWorks(Application[UUID]):
                         retry_after_seconds=1.0,
                     ) from unknown
                 continue
-            except IntegrityError as error:
-                if "command_log_pkey" in str(error):
+            except Conflict as error:
+                if isinstance(error, DuplicateCommand):
                     earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
                     if earlier is not None:
                         return earlier
@@ -866,7 +860,7 @@ class AgentWorks(Application[UUID]):
                     if stored is not None:
                         log.info("command.commit_settled: %s was committed", command_id)
                         return replace(CommandResult.from_stored(stored.result), replayed=False)
-            except (Unavailable, OperationalError, InterfaceError):
+            except Unavailable:
                 pass  # the database is not back yet
             if time.monotonic() >= deadline:
                 break
@@ -886,7 +880,7 @@ class AgentWorks(Application[UUID]):
         write one must not turn a committed command into a failure."""
         try:
             super()._take_snapshots(processing_event)
-        except (OperationalError, InterfaceError):
+        except Unavailable:
             log.warning("command.snapshot_skipped: the database is unavailable")
 
     def _save_with_record(

@@ -64,6 +64,11 @@ class Conflict(AgentWorksError):
     code = "CONFLICT"
 
 
+class DuplicateCommand(Conflict):
+    """The command's id is in the command log already: a copy of the same command committed
+    while this one was deciding. The first one's result is the answer, never this error."""
+
+
 class WipLimitExceeded(AgentWorksError):
     code = "WIP_LIMIT"
 
