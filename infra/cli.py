@@ -258,7 +258,7 @@ def _id_option(option: str, value: str) -> str:
         raise CliError(f"{option} must be a UUID, got {value[:60]!r}") from None
 
 
-def _database_url(settings: Settings) -> str:
+def database_url_for(settings: Settings) -> str:
     """The configured database, else the data dir's embedded one (started for this command
     when ``dev`` is not running, and stopped when the command ends)."""
     return settings.database_url or _embedded_url(settings)
@@ -436,7 +436,7 @@ def serve_command(
     listener = _listen(host, port)
     _resources.callback(listener.close)
     if settings.database_url is None:
-        settings = settings.model_copy(update={"database_url": _database_url(settings)})
+        settings = settings.model_copy(update={"database_url": database_url_for(settings)})
     start_tracing(settings, "agentworks-api")
     app_, write_side = api_process(settings)
     _announce_serve(settings, host=host, port=port)
@@ -483,7 +483,7 @@ def relay_command(data_dir: DataDirOption = None) -> None:
 
     settings = settings_for(data_dir)
     start_tracing(settings, "agentworks-relay")
-    relay, write_side = build_relay(settings, _database_url(settings))
+    relay, write_side = build_relay(settings, database_url_for(settings))
     _stop_on_signals(relay.stop)
     try:
         relay.run_forever()
@@ -503,7 +503,7 @@ def orchestrator_command(data_dir: DataDirOption = None) -> None:
     settings = settings_for(data_dir)
     start_tracing(settings, "agentworks-orchestrator")
     # The orchestrator writes events: it logs in as the writer (no role of its own yet).
-    write_side = write_side_from(settings, _database_url(settings), data_dir=settings.data_dir)
+    write_side = write_side_from(settings, database_url_for(settings), data_dir=settings.data_dir)
     orchestrator = build_orchestrator(settings, write_side)
 
     async def main() -> None:
@@ -530,7 +530,7 @@ def worker_command(
     settings = settings_for(data_dir)
     if not settings.kafka_bootstrap:
         raise CliError("AGENTWORKS_KAFKA_BOOTSTRAP is not set; workers consume from Kafka")
-    url = _database_url(settings)
+    url = database_url_for(settings)
     if projector is None:
         _run_one_process_per_projector(data_dir)
         return
@@ -607,7 +607,7 @@ def rebuild_command(
 
     settings = settings_for(data_dir)
     names = None if name == "all" else [name]
-    read_side = build_read_side(settings, _database_url(settings), projector_names=names)
+    read_side = build_read_side(settings, database_url_for(settings), projector_names=names)
     console = Console(stderr=True)
     label = ", ".join(runner.name for runner in read_side.runners)
     try:
@@ -678,7 +678,7 @@ def sweep_command(
 
     settings = settings_for(data_dir)
     names = None if name == "all" else [name]
-    read_side = build_read_side(settings, _database_url(settings), projector_names=names)
+    read_side = build_read_side(settings, database_url_for(settings), projector_names=names)
     console = Console(stderr=True)
     try:
         target = read_side.event_log.head() if through is None else through
@@ -711,7 +711,7 @@ def status_command(data_dir: DataDirOption = None) -> None:
     import psycopg
 
     settings = settings_for(data_dir)
-    url = _database_url(settings)
+    url = database_url_for(settings)
     with psycopg.connect(url) as conn:
         head = conn.execute("SELECT coalesce(max(notification_id), 0) FROM agentworks_events")
         head_position = int(head.fetchone()[0])  # type: ignore[index]
@@ -775,7 +775,7 @@ def parked_list_command(
     if projector is not None:
         projector_named(projector)  # an unknown name is refused with the valid ones
     settings = settings_for(data_dir)
-    with psycopg.connect(_database_url(settings)) as conn:
+    with psycopg.connect(database_url_for(settings)) as conn:
         rows = conn.execute(
             "SELECT projector, originator_id, originator_version, position, event_type,"
             " workspace_id, attempts, failed_at, error FROM projection_parked"
@@ -838,7 +838,7 @@ def parked_retry_command(
         on_commit = RedisChangePublisher.from_url(settings.redis_url).publish_changes
     read_side = build_read_side(
         settings,
-        _database_url(settings),
+        database_url_for(settings),
         projector_names=None if projector is None else [projector],
         on_commit=on_commit,
     )
