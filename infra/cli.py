@@ -45,13 +45,13 @@ from rich.progress import (
 from rich.table import Table
 from typer.exceptions import TyperException
 
-from adapters.tokens import BOOTSTRAP_WORKSPACE, InvalidKey, issue_token
-from domain.errors import AgentWorksError
+from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
+from domain.errors import AgentWorksError, ConfigurationError, SetupError, UsageError
 from domain.roles import Role
 from infra import billing_cli
 from infra.logging import configure_logging
 from infra.migrate import MigrationError, discover, ensure_database, migrate
-from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
+from infra.settings import Settings, db_logins, jwt_keys
 from projections.registry import projector_names
 
 if TYPE_CHECKING:
@@ -75,12 +75,11 @@ app = typer.Typer(
 )
 
 
-class CliError(Exception):
+class CliError(UsageError):
     """A problem the user can fix; printed as one line on stderr with ``exit_code``."""
 
     def __init__(self, message: str, *, exit_code: int = EXIT_USAGE) -> None:
         super().__init__(message)
-        self.message = message
         self.exit_code = exit_code
 
 
@@ -909,10 +908,12 @@ def run(argv: Sequence[str] | None = None) -> int:
             result = command.main(args=args, prog_name=PROG, standalone_mode=False)
     except CliError as exc:
         return _fail(exc.message, exc.exit_code)
-    except (ConfigurationError, AgentWorksError, InvalidKey) as exc:
-        return _fail(str(exc), EXIT_USAGE)
     except MigrationError as exc:
         return _fail(str(exc), EXIT_FAILED)
+    except AgentWorksError as exc:
+        if isinstance(exc, SetupError) and not isinstance(exc, ConfigurationError):
+            raise  # Kafka or the local broker could not be set up: the traceback tells
+        return _fail(str(exc), EXIT_USAGE)  # a refused command, the configuration, a key
     except TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         code = getattr(exc, "exit_code", EXIT_USAGE)
         return _fail(_usage_message(exc), code if isinstance(code, int) else EXIT_USAGE)

@@ -34,6 +34,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
+from domain.errors import SetupError
+
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
@@ -66,8 +68,10 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 _log = structlog.get_logger(__name__)
 
 
-class MigrationError(Exception):
+class MigrationError(SetupError):
     """Migrations could not be found, read or applied; the message names the file at fault."""
+
+    code = "MIGRATION"
 
 
 @dataclass(frozen=True, slots=True)
