@@ -331,10 +331,10 @@ class EventStoreRecorder(PostgresApplicationRecorder):
                             attempt.transaction_id = str(row["xid"]) if row else None
                         # Leaving the block sends COMMIT and waits for its answer.
                         attempt.phase = "committing"
-                    except Exception as e:
+                    except Exception as e:  # noqa: BLE001 - kept, re-raised after the pipeline
                         # Re-raised below, once the pipeline has been left cleanly.
                         failure = e
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - kept, re-raised after the pipeline
                 # Statements queued behind a failed one make the transaction's end fail too
                 # ("pipeline aborted"); the first error is the one that matters.
                 failure = failure or e
@@ -470,13 +470,13 @@ class PollingSubscription(PostgresSubscription):
             while not self._has_been_stopped:
                 self._has_been_notified.wait(self.poll_interval)
                 self._pull()
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - handed to the reading thread, as the library does
             if self._thread_error is None:
                 self._thread_error = e
             self.stop()
 
 
-def _notification(row: Any) -> Notification:
+def _notification(row: DictRow) -> Notification:
     """A row of ``_select_from`` as the library's notification (its position is its id)."""
     return Notification(
         id=row["notification_id"],

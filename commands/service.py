@@ -88,8 +88,20 @@ class Actor:
     traceparent: str = ""
 
     @classmethod
-    def service(cls, name: str, workspace_id: UUID | str, **kwargs: Any) -> Actor:
-        return cls(user_id=name, workspace_id=str(workspace_id), is_service=True, **kwargs)
+    def service(
+        cls,
+        name: str,
+        workspace_id: UUID | str,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        traceparent: str = "",
+    ) -> Actor:
+        """A service acting inside ``workspace_id`` without being one of its members."""
+        return cls(
+            user_id=name, workspace_id=str(workspace_id), is_service=True,
+            correlation_id=correlation_id, causation_id=causation_id, traceparent=traceparent,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

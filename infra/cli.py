@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Protocol
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 import typer
@@ -763,9 +763,7 @@ _ProjectorOption = Annotated[
 
 
 @parked_app.command("list")
-def parked_list_command(
-    projector: _ProjectorOption = None, data_dir: DataDirOption = None
-) -> None:
+def parked_list_command(projector: _ProjectorOption = None, data_dir: DataDirOption = None) -> None:
     """The parked aggregates: the event each stopped at, the error, how often it was tried."""
     import psycopg
 
@@ -924,7 +922,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
-def _reflow_help(command: Any) -> None:
+class _Documented(Protocol):
+    """A click command as help reflowing sees it (typer vendors its own click)."""
+
+    help: str | None
+
+
+def _reflow_help(command: _Documented) -> None:
     """Join the source line breaks inside each paragraph of every command's help.
 
     Docstrings are wrapped at 100 columns in the source; typer keeps those breaks in every
