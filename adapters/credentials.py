@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import argon2
@@ -105,15 +106,22 @@ class SecretBox:
 
 def dev_totp_key(data_dir: Path) -> str:
     """The development sealing key kept in ``DATA_DIR/totp_key`` (made on first use, 0600)."""
-    path = data_dir / "totp_key"
+    return kept_secret(data_dir / "totp_key", lambda: Fernet.generate_key().decode())
+
+
+def kept_secret(path: Path, make: Callable[[], str]) -> str:
+    """The secret kept in ``path`` (mode 0600), made with ``make`` and written on first use.
+
+    Processes that start together (``dev`` and a ``token`` command) may race to make it: it is
+    published whole, the first one written wins and every caller reads that one.
+    """
     if path.exists():
         return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    key = Fernet.generate_key().decode()
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write(key)
+        handle.write(make())
     try:
         os.link(partial, path)  # published whole; another process may have won the race
     except FileExistsError:

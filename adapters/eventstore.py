@@ -60,7 +60,7 @@ from adapters.postgres import (
     ResilientPool,
     dependency_name,
 )
-from domain.errors import Unavailable
+from domain.errors import Conflict, DuplicateCommand, Unavailable
 from domain.idempotency import CommandRecord, StoredCommand
 
 if TYPE_CHECKING:
@@ -95,17 +95,85 @@ class _Attempt:
     notification_ids: list[int] = field(default_factory=list)
 
 
+class StaleVersion(Conflict, IntegrityError):
+    """An aggregate version this write appends was taken by a concurrent write.
+
+    Also the library's ``IntegrityError``, so the recorder keeps the contract of the library's
+    recorder test cases; our own code catches it as :class:`~domain.errors.Conflict`.
+    """
+
+
+class CommandAlreadyRecorded(DuplicateCommand, IntegrityError):
+    """The command log holds this command's id already (its primary key refused the insert)."""
+
+
+class StoreUnavailable(Unavailable, OperationalError):
+    """The store could not be reached or lent no connection; nothing was written."""
+
+
+NOTHING_WRITTEN = (
+    "the database is unavailable or has no free connection; nothing was written, retry shortly"
+)
+
+
+def _translated(error: Exception) -> Exception:
+    """The error of ours that a library persistence error raised by a write or load means."""
+    if isinstance(error, IntegrityError):
+        if "command_log_pkey" in str(error):
+            return CommandAlreadyRecorded(str(error))
+        return StaleVersion(str(error))
+    if isinstance(error, OperationalError | InterfaceError):
+        return StoreUnavailable(NOTHING_WRITTEN, retry_after_seconds=1.0)
+    return error
+
+
 # The library retries reads ten times, 0.2 s apart, against stale pooled connections. Our pools
 # check connections before lending them, so a failure means the server is down: answering it at
 # once (UNAVAILABLE) beats holding a request for two seconds or more.
 _select_events_once = PostgresAggregateRecorder.select_events.__wrapped__
 
 
-class SnapshotRecorder(PostgresAggregateRecorder):
-    """The library's aggregate recorder (snapshots), reading without its retries."""
+def _select_events(
+    recorder: PostgresAggregateRecorder,
+    originator_id: UUID | str,
+    *,
+    gt: int | None,
+    lte: int | None,
+    desc: bool,
+    limit: int | None,
+) -> Sequence[StoredEvent]:
+    try:
+        events: Sequence[StoredEvent] = _select_events_once(
+            recorder, originator_id, gt=gt, lte=lte, desc=desc, limit=limit
+        )
+    except (OperationalError, InterfaceError) as error:
+        raise _translated(error) from error
+    return events
 
-    def select_events(self, originator_id: Any, **kwargs: Any) -> Sequence[StoredEvent]:
-        return _select_events_once(self, originator_id, **kwargs)  # type: ignore[no-any-return]
+
+class SnapshotRecorder(PostgresAggregateRecorder):
+    """The library's aggregate recorder (snapshots), reading without its retries and raising
+    our errors (:class:`StoreUnavailable`, :class:`StaleVersion`)."""
+
+    def select_events(
+        self,
+        originator_id: UUID | str,
+        *,
+        gt: int | None = None,
+        lte: int | None = None,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> Sequence[StoredEvent]:
+        return _select_events(self, originator_id, gt=gt, lte=lte, desc=desc, limit=limit)
+
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: object
+    ) -> Sequence[int] | None:
+        try:
+            ids: Sequence[int] | None = super().insert_events(stored_events, **kwargs)
+        except (IntegrityError, OperationalError, InterfaceError) as error:
+            raise _translated(error) from error
+        return ids
 
 
 class EventStoreRecorder(PostgresApplicationRecorder):
@@ -151,7 +219,7 @@ class EventStoreRecorder(PostgresApplicationRecorder):
         self.lock_table_statements = []
 
     def insert_events(
-        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+        self, stored_events: Sequence[StoredEvent], **kwargs: object
     ) -> Sequence[int] | None:
         """Append events (and a command's idempotency record) in one transaction.
 
@@ -159,17 +227,29 @@ class EventStoreRecorder(PostgresApplicationRecorder):
         advisory lock is never held while the client waits; the COMMIT (and its fsync) runs
         outside the lock, and NOTIFY follows the commit so it adds nothing to the commit path.
 
-        A failure before the COMMIT was sent wrote nothing and is raised as the library's
-        ``OperationalError``/``InterfaceError`` (or whatever the server refused). A connection
+        A failure before the COMMIT was sent wrote nothing: an unreachable store is raised as
+        :class:`StoreUnavailable`, a version taken by a concurrent write as
+        :class:`StaleVersion`, a command id recorded already as :class:`CommandAlreadyRecorded`
+        (each also the library's error of that kind, so its recorder contract holds). A connection
         lost once the COMMIT was on its way leaves the outcome unknown to us: that is raised as
         :class:`~domain.errors.Unavailable` with ``outcome="unknown"`` and the transaction's id
         (``details["transaction_id"]``), which :meth:`PostgresCommandLog.committed` can settle
         once the server answers again. Nothing here retries: a retry after an unknown outcome
         could write twice, and a checked pool leaves no stale connection to retry around.
         """
-        command: CommandRecord | None = kwargs.get("command_record")
+        command = kwargs.get("command_record")
+        if not isinstance(command, CommandRecord):
+            command = None
         if not stored_events and command is None:
             return []
+        try:
+            return self._append(stored_events, command)
+        except (IntegrityError, OperationalError, InterfaceError) as error:
+            raise _translated(error) from error
+
+    def _append(
+        self, stored_events: Sequence[StoredEvent], command: CommandRecord | None
+    ) -> Sequence[int]:
         attempt = _Attempt()
         # Built before the lock is requested: the pipeline may already hold it on the server.
         columns = _binary_columns(stored_events) if stored_events else None
@@ -251,10 +331,10 @@ class EventStoreRecorder(PostgresApplicationRecorder):
                             attempt.transaction_id = str(row["xid"]) if row else None
                         # Leaving the block sends COMMIT and waits for its answer.
                         attempt.phase = "committing"
-                    except Exception as e:
+                    except Exception as e:  # noqa: BLE001 - kept, re-raised after the pipeline
                         # Re-raised below, once the pipeline has been left cleanly.
                         failure = e
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - kept, re-raised after the pipeline
                 # Statements queued behind a failed one make the transaction's end fail too
                 # ("pipeline aborted"); the first error is the one that matters.
                 failure = failure or e
@@ -264,8 +344,16 @@ class EventStoreRecorder(PostgresApplicationRecorder):
         if failure is not None:
             raise failure
 
-    def select_events(self, originator_id: Any, **kwargs: Any) -> Sequence[StoredEvent]:
-        return _select_events_once(self, originator_id, **kwargs)  # type: ignore[no-any-return]
+    def select_events(
+        self,
+        originator_id: UUID | str,
+        *,
+        gt: int | None = None,
+        lte: int | None = None,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> Sequence[StoredEvent]:
+        return _select_events(self, originator_id, gt=gt, lte=lte, desc=desc, limit=limit)
 
     def _command_sql(self, *, with_position: bool) -> Composed | SQL:
         # The session's sequence value after the insert is the command's last position.
@@ -382,13 +470,13 @@ class PollingSubscription(PostgresSubscription):
             while not self._has_been_stopped:
                 self._has_been_notified.wait(self.poll_interval)
                 self._pull()
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - handed to the reading thread, as the library does
             if self._thread_error is None:
                 self._thread_error = e
             self.stop()
 
 
-def _notification(row: Any) -> Notification:
+def _notification(row: DictRow) -> Notification:
     """A row of ``_select_from`` as the library's notification (its position is its id)."""
     return Notification(
         id=row["notification_id"],
@@ -427,10 +515,6 @@ def stored_workspace(state: bytes) -> UUID | None:
         return UUID(meta["workspace_id"]) if isinstance(meta, dict) else None
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
-
-
-def is_duplicate_command(error: IntegrityError) -> bool:
-    return "command_log_pkey" in str(error)
 
 
 class Factory(PostgresFactory):

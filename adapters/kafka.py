@@ -51,6 +51,8 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from domain.errors import SetupError
+
 # kafka-python 3.0 loads its protocol schemas at import time with importlib.resources.read_text /
 # open_text, both deprecated since Python 3.11. The open_text warning is attributed to
 # importlib.resources._legacy, not to kafka, so it escapes "ignore::DeprecationWarning:kafka.*"
@@ -90,8 +92,10 @@ log = logging.getLogger(__name__)
 HeaderValue = str | bytes
 
 
-class KafkaSetupError(RuntimeError):
+class KafkaSetupError(SetupError, RuntimeError):
     """The broker was unreachable, refused a topic, or the topics did not show up in time."""
+
+    code = "KAFKA_SETUP"
 
 
 def create_topics(

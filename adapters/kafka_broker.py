@@ -30,6 +30,8 @@ import time
 import weakref
 from typing import IO, TYPE_CHECKING
 
+from domain.errors import SetupError
+
 if TYPE_CHECKING:
     from types import TracebackType
 
@@ -53,8 +55,10 @@ _LOG_TAIL_BYTES = 4000
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class BrokerError(RuntimeError):
+class BrokerError(SetupError, RuntimeError):
     """The local broker could not be started (binary missing, exited early, never became ready)."""
+
+    code = "BROKER"
 
 
 class _ExitedEarly(BrokerError):

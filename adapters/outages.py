@@ -17,7 +17,7 @@ import time
 
 import psycopg
 import structlog
-from eventsourcing.persistence import InterfaceError, OperationalError
+from eventsourcing.persistence import InterfaceError, OperationalError, PersistenceError
 from prometheus_client import Gauge
 
 from domain.errors import Unavailable
@@ -88,6 +88,51 @@ def is_outage(error: BaseException) -> bool:
         # class 08: connection exception; 57P01-03: admin/crash shutdown, cannot connect now.
         return state is None or state.startswith(("08", "57P"))
     return isinstance(cause, InterfaceError | OperationalError)
+
+
+# Code outside adapters/ meets the driver's and the store library's errors on connections it
+# holds itself (projectors, the relay's position and lease, readiness checks). It asks these
+# questions instead of naming psycopg's or eventsourcing's classes, so what counts as which
+# stays decided here.
+
+#: Failures of the database, the connection to it or the deployment (a missing table or grant),
+#: not of the data a statement carried.
+_INFRASTRUCTURE: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedColumn,
+    psycopg.errors.UndefinedFunction,
+    MemoryError,
+)
+_RACES: tuple[type[BaseException], ...] = (
+    psycopg.errors.UniqueViolation,
+    psycopg.errors.DeadlockDetected,
+)
+
+
+def is_database_error(error: BaseException) -> bool:
+    """Whether ``error`` is the database's (or the connection's) answer, of any kind."""
+    return isinstance(error, psycopg.Error | PersistenceError)
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """Whether the connection failed or was dropped (a restart, a timeout), not a statement."""
+    return isinstance(error, psycopg.OperationalError)
+
+
+def is_infrastructure_failure(error: BaseException) -> bool:
+    """Whether ``error`` says the database, the connection or the deployment failed (a missing
+    table or grant, no memory) rather than the data being written: retrying other data cannot
+    help, so it is never a reason to set one item aside."""
+    return isinstance(error, _INFRASTRUCTURE)
+
+
+def is_write_race(error: BaseException) -> bool:
+    """Whether ``error`` is a race with a concurrent writer (a unique key taken meanwhile, a
+    deadlock): the same write, tried again, may succeed."""
+    return isinstance(error, _RACES)
 
 
 def _one_line(error: BaseException | str) -> str:

@@ -78,6 +78,7 @@ def login_url(database_url: str, role: str | None, password: str | None = None) 
     )
     return urlunsplit((parts.scheme, f"{userinfo}@{hosts}", parts.path, query, parts.fragment))
 
+
 DEFAULT_POOL_TIMEOUT = 2.0
 OUTAGE_WAIT = 0.25
 """How long a request waits for a connection while its server is known to be down."""
@@ -110,7 +111,7 @@ class ResilientPool(LibraryPool[Any]):
         server failed a connection or an attempt since (it may have restarted under them)."""
         super().__init__(*args, **kwargs)
 
-    def putconn(self, conn: Any) -> None:
+    def putconn(self, conn: Connection[Any]) -> None:
         now = time.monotonic()
         if conn.broken:
             # It failed in use: its siblings given back until now may be just as dead.
@@ -118,7 +119,7 @@ class ResilientPool(LibraryPool[Any]):
         self._returned_at[conn] = now
         super().putconn(conn)
 
-    def _needs_check(self, conn: Any) -> bool:
+    def _needs_check(self, conn: Connection[Any]) -> bool:
         returned = self._returned_at.get(conn)
         return (
             returned is None
@@ -126,7 +127,7 @@ class ResilientPool(LibraryPool[Any]):
             or time.monotonic() - returned > CHECK_IDLE_AFTER
         )
 
-    def getconn(self, timeout: float | None = None) -> Any:
+    def getconn(self, timeout: float | None = None) -> Connection[Any]:
         budget = self.timeout if timeout is None else timeout
         if OUTAGES.is_down(self.dependency):
             budget = min(budget, OUTAGE_WAIT)
@@ -143,7 +144,7 @@ class ResilientPool(LibraryPool[Any]):
             try:
                 # In slices, so a wait that began before the server was seen to go ends as
                 # soon as it is (a reconnection attempt failed meanwhile).
-                conn = super().getconn(min(remaining, OUTAGE_WAIT))
+                conn: Connection[Any] = super().getconn(min(remaining, OUTAGE_WAIT))
             except PoolTimeout:
                 if OUTAGES.is_down(self.dependency):
                     raise PoolTimeout(f"the database ({self.dependency}) is unavailable") from None
@@ -163,9 +164,9 @@ class ResilientPool(LibraryPool[Any]):
             OUTAGES.up(self.dependency)
             return conn
 
-    def _connect(self, timeout: float | None = None) -> Any:
+    def _connect(self, timeout: float | None = None) -> Connection[Any]:
         try:
-            conn = super()._connect(timeout=timeout)
+            conn: Connection[Any] = super()._connect(timeout=timeout)
         except psycopg.OperationalError as error:
             self._doubt_since = time.monotonic()
             OUTAGES.down(self.dependency, error)

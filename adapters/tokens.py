@@ -15,7 +15,7 @@ from typing import Any
 
 import jwt
 
-from domain.errors import Unauthenticated, ValidationFailed
+from domain.errors import ConfigurationError, Unauthenticated, ValidationFailed
 from domain.roles import Role
 
 #: ``ws`` claim of a bootstrap token: no workspace yet, may only create one.
@@ -36,8 +36,10 @@ _REQUIRED_CLAIMS = ("sub", "exp")
 _jwt = jwt.PyJWT(options={"enforce_minimum_key_length": True})
 
 
-class InvalidKey(ValueError):
+class InvalidKey(ConfigurationError, ValueError):
     """The configured signing or verification key is unusable (malformed PEM, too short)."""
+
+    code = "INVALID_KEY"
 
 
 @dataclass(frozen=True, slots=True)

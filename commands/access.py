@@ -83,8 +83,8 @@ def _key_extra(key: ApiKey) -> dict[str, object]:
     }
 
 
-# Module functions rather than methods: AgentWorks's machinery is reused as is, and the shared
-# handlers module stays small (they use its underscored helpers: the same package).
+# Module functions rather than methods: AgentWorks's machinery is reused through its public
+# methods (execute, load, workspace_for, may_grant), like billing's.
 
 
 def invite_member(
@@ -94,9 +94,9 @@ def invite_member(
     secret = secrets.token_urlsafe(32)
 
     def decide(meta: EventMeta) -> Decision:
-        workspace = app._workspace_for(actor, cmd.workspace_id, Role.ADMIN, "inviteMember")
+        workspace = app.workspace_for(actor, cmd.workspace_id, Role.ADMIN, "inviteMember")
         role = Role.parse(cmd.role)
-        app._may_grant(workspace, actor, role)
+        app.may_grant(workspace, actor, role)
         invitation = Invitation.create(
             invitation_id=invitation_id,
             workspace_id=workspace.id,
@@ -109,7 +109,7 @@ def invite_member(
         )
         return Decision(invitation, "invitation", [invitation], _invitation_extra(invitation))
 
-    result = app._execute(cmd, actor, cmd.workspace_id, decide)
+    result = app.execute(cmd, actor, cmd.workspace_id, decide)
     return Issued(result, None if result.replayed else f"{invitation_id.hex}.{secret}")
 
 
@@ -124,27 +124,27 @@ def accept_invitation(app: AgentWorks, cmd: AcceptInvitation, actor: Actor) -> C
         raise NotFound("no invitation has this token") from None
 
     def decide(meta: EventMeta) -> Decision:
-        invitation = app._get(Invitation, invitation_id)
+        invitation = app.aggregate(Invitation, invitation_id)
         if not secrets.compare_digest(invitation.token_hash, _digest(secret)):
             raise NotFound("no invitation has this token")
         meta = meta.in_workspace(invitation.workspace_id)
         user = _user(app, actor.user_id)
-        workspace = app._get(Workspace, invitation.workspace_id)
+        workspace = app.aggregate(Workspace, invitation.workspace_id)
         accepted = invitation.accept(actor.user_id, user.email, now=datetime.now(UTC), meta=meta)
         if accepted and workspace.role_of(actor.user_id) is None:
             workspace.add_member(actor.user_id, invitation.role, meta=meta)
         return Decision(workspace, "workspace", [invitation, workspace])
 
-    return app._execute(cmd, actor, None, decide)
+    return app.execute(cmd, actor, None, decide)
 
 
 def revoke_invitation(app: AgentWorks, cmd: RevokeInvitation, actor: Actor) -> CommandResult:
     def decide(meta: EventMeta) -> Decision:
-        invitation = app._load(Invitation, cmd.invitation_id, actor, Role.ADMIN, "revokeInvitation")
+        invitation = app.load(Invitation, cmd.invitation_id, actor, Role.ADMIN, "revokeInvitation")
         invitation.revoke(meta=meta.in_workspace(invitation.workspace_id))
         return Decision(invitation, "invitation", [invitation], _invitation_extra(invitation))
 
-    return app._execute(cmd, actor, None, decide)
+    return app.execute(cmd, actor, None, decide)
 
 
 def create_api_key(app: AgentWorks, cmd: CreateApiKey, actor: Actor) -> Issued:
@@ -152,7 +152,7 @@ def create_api_key(app: AgentWorks, cmd: CreateApiKey, actor: Actor) -> Issued:
     secret = secrets.token_urlsafe(32)
 
     def decide(meta: EventMeta) -> Decision:
-        workspace = app._workspace_for(actor, cmd.workspace_id, Role.ADMIN, "createApiKey")
+        workspace = app.workspace_for(actor, cmd.workspace_id, Role.ADMIN, "createApiKey")
         role = Role.parse(cmd.role)
         mine = capped(workspace.role_of(actor.user_id) or Role.VIEWER, actor.role)
         require_role(mine, role, action=f"creating a {role.value} API key", user_id=actor.user_id)
@@ -167,17 +167,17 @@ def create_api_key(app: AgentWorks, cmd: CreateApiKey, actor: Actor) -> Issued:
         )
         return Decision(key, "api_key", [key], _key_extra(key))
 
-    result = app._execute(cmd, actor, cmd.workspace_id, decide)
+    result = app.execute(cmd, actor, cmd.workspace_id, decide)
     return Issued(result, None if result.replayed else f"{API_KEY_PREFIX}{key_id.hex}_{secret}")
 
 
 def revoke_api_key(app: AgentWorks, cmd: RevokeApiKey, actor: Actor) -> CommandResult:
     def decide(meta: EventMeta) -> Decision:
-        key = app._load(ApiKey, cmd.api_key_id, actor, Role.ADMIN, "revokeApiKey")
+        key = app.load(ApiKey, cmd.api_key_id, actor, Role.ADMIN, "revokeApiKey")
         key.revoke(meta=meta.in_workspace(key.workspace_id))
         return Decision(key, "api_key", [key], _key_extra(key))
 
-    return app._execute(cmd, actor, None, decide)
+    return app.execute(cmd, actor, None, decide)
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,7 @@ def check_api_key(app: AgentWorks, presented: str) -> KeyHolder:
     except ValueError:
         raise Unauthenticated("API key is not valid") from None
     try:
-        key = app._get(ApiKey, key_id)
+        key = app.aggregate(ApiKey, key_id)
     except NotFound:
         raise Unauthenticated("API key is not valid") from None
     if not secrets.compare_digest(key.secret_hash, _digest(secret)):

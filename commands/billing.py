@@ -15,7 +15,6 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 from uuid import UUID, uuid4
 
-from eventsourcing.persistence import IntegrityError
 from eventsourcing.utils import get_topic
 from pydantic import Field
 
@@ -127,20 +126,20 @@ class Billing:
         app = self.app
 
         def decide(meta: EventMeta) -> Decision:
-            workspace = app._workspace_for(actor, cmd.workspace_id, Role.OWNER, "credit")
-            spend = app._spend_for(workspace, cmd.at, meta)
+            workspace = app.workspace_for(actor, cmd.workspace_id, Role.OWNER, "credit")
+            spend = app.spend_for(workspace, cmd.at, meta)
             credit_id = uuid4()
             spend.grant_credit(credit_id, parse_usd(cmd.amount), cmd.reason, meta=meta)
             return Decision(
                 spend, "credit", [spend], {"credit_id": str(credit_id), "month": spend.month}
             )
 
-        return app._execute(cmd, actor, cmd.workspace_id, decide)
+        return app.execute(cmd, actor, cmd.workspace_id, decide)
 
     # -- months and invoices ----------------------------------------------------------------------
 
     def workspace(self, workspace_id: UUID) -> Workspace:
-        return self.app._get(Workspace, workspace_id)
+        return self.app.aggregate(Workspace, workspace_id)
 
     def close_month(self, workspace_id: UUID, month: str) -> None:
         """Close ``month`` (it must have ended): later usage goes to the next statement."""
@@ -148,7 +147,7 @@ class Billing:
         meta = self._meta(workspace_id)
         for _ in range(_SAVE_ATTEMPTS):
             try:
-                spend = self.app._get(MonthlySpend, spend_id_for(workspace_id, month))
+                spend = self.app.aggregate(MonthlySpend, spend_id_for(workspace_id, month))
             except NotFound:
                 spend = MonthlySpend.open(workspace_id=workspace_id, month=month, meta=meta)
             if spend.closed:
@@ -222,7 +221,7 @@ class Billing:
         except ValueError:
             raise NotFound(f"no invoice of ours is keyed {key!r}") from None
         for _ in range(_SAVE_ATTEMPTS):
-            invoice = self.app._get(Invoice, invoice_id_for(workspace_id, month))
+            invoice = self.app.aggregate(Invoice, invoice_id_for(workspace_id, month))
             if invoice.stripe_invoice_id != stripe_invoice_id:
                 raise NotFound(
                     f"Stripe invoice {stripe_invoice_id} is not the one issued for {key}"
@@ -247,7 +246,8 @@ class Billing:
         workspace = self.workspace(workspace_id)
         log_lines = fold.lines(workspace_id, increment_micros=workspace.billing_increment_micros)
         try:
-            invoice: Invoice | None = self.app._get(Invoice, invoice_id_for(workspace_id, month))
+            invoice_id = invoice_id_for(workspace_id, month)
+            invoice: Invoice | None = self.app.aggregate(Invoice, invoice_id)
         except NotFound:
             invoice = None
         issued = invoice.stripe_invoice_id if invoice is not None else None
@@ -281,7 +281,7 @@ class Billing:
         """The invoice as first drafted; its lines are recorded once and never recomputed."""
         invoice_id = invoice_id_for(workspace.id, month)
         try:
-            return self.app._get(Invoice, invoice_id)
+            return self.app.aggregate(Invoice, invoice_id)
         except NotFound:
             pass
         # The month is closed: from now on the log holds every figure of it.
@@ -301,12 +301,12 @@ class Billing:
             workspace_id=workspace.id, month=month, lines=lines, meta=self._meta(workspace.id)
         )
         if not self._saved(invoice):
-            return self.app._get(Invoice, invoice_id)
+            return self.app.aggregate(Invoice, invoice_id)
         return invoice
 
     def _project_name(self, project_id: UUID) -> str | None:
         try:
-            return self.app._get(Project, project_id, copy=False).name
+            return self.app.aggregate(Project, project_id, copy=False).name
         except NotFound:
             return None
 
@@ -336,7 +336,7 @@ class Billing:
         """Save; ``False`` when a concurrent write got there first (the caller reloads)."""
         try:
             self.app.save(aggregate)
-        except IntegrityError:
+        except Conflict:
             return False
         return True
 

@@ -20,7 +20,6 @@ from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 
 from domain.errors import (
     Conflict,
@@ -28,7 +27,6 @@ from domain.errors import (
     MfaRequired,
     NotFound,
     Unauthenticated,
-    Unavailable,
     ValidationFailed,
 )
 from domain.meta import EventMeta
@@ -168,10 +166,14 @@ class Identity:
             user_id=user_id, email=address, name=display, password_hash=password_hash, meta=meta
         )
         claim = EmailClaim.claim(email=address, user_id=user_id, meta=meta)
+        taken = f"an account for {address} already exists"
+        if self._user_by_email(address) is not None:
+            raise Duplicate(taken)
         try:
             self._save(user, claim)
-        except IntegrityError as error:
-            raise Duplicate(f"an account for {address} already exists") from error
+        except Conflict as error:
+            # A concurrent sign-up claimed the address since the look-up above.
+            raise Duplicate(taken) from error
         return user_id
 
     def login(
@@ -370,7 +372,7 @@ class Identity:
             link = OidcLink.link(issuer=issuer, subject=subject, user_id=user_id, meta=meta)
             try:
                 self._save(*changed, link)
-            except IntegrityError:
+            except Conflict:
                 continue  # a concurrent first sign-in linked it (or took the address): look again
             return user_id
         raise Conflict("too many concurrent first sign-ins for this identity; retry")
@@ -452,7 +454,7 @@ class Identity:
             changed, answer = decide(meta)
             try:
                 self._save(*[agg for agg in changed if agg.pending_events])
-            except IntegrityError as error:
+            except Conflict as error:
                 if attempt == self.retries:
                     raise Conflict("too many concurrent changes to this account; retry") from error
                 continue
@@ -460,23 +462,16 @@ class Identity:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _save(self, *aggregates: Aggregate) -> None:
-        if not aggregates:
-            return
-        try:
+        """Save together; the store raises CONFLICT for a concurrent write and UNAVAILABLE when
+        it cannot be reached (nothing was written)."""
+        if aggregates:
             self.app.save(*aggregates)
-        except (OperationalError, InterfaceError) as error:
-            raise Unavailable(
-                "the database is unavailable; nothing was written, retry shortly",
-                retry_after_seconds=1.0,
-            ) from error
 
     def _get(self, cls: type[A], aggregate_id: UUID) -> A:
         try:
             aggregate: Aggregate = self.app.repository.get(aggregate_id)
         except AggregateNotFoundError:
             raise NotFound(f"{cls.__name__} {aggregate_id} does not exist") from None
-        except (OperationalError, InterfaceError) as error:
-            raise Unavailable("the database is unavailable; retry shortly") from error
         if not isinstance(aggregate, cls):
             raise NotFound(f"{cls.__name__} {aggregate_id} does not exist")
         return aggregate

@@ -7,7 +7,7 @@ domain): the accept token of an invitation and the secret of an API key are show
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from domain.base import TenantAggregate
@@ -38,8 +38,8 @@ class Invitation(TenantAggregate):
         expires_at: str
         invited_by: str
 
-        def apply(self, aggregate: Any) -> None:
-            super().apply(aggregate)
+        def apply(self, aggregate: Invitation) -> None:
+            aggregate.workspace_id = self.workspace_id
             aggregate.email = self.email
             aggregate.role = Role(self.role)
             aggregate.token_hash = self.token_hash
@@ -52,12 +52,12 @@ class Invitation(TenantAggregate):
     class Accepted(TenantAggregate.Event):
         user_id: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Invitation) -> None:
             aggregate.accepted_by = self.user_id
             aggregate.accepted_at = self.timestamp
 
     class Revoked(TenantAggregate.Event):
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Invitation) -> None:
             aggregate.revoked = True
 
     @classmethod
@@ -131,8 +131,8 @@ class ApiKey(TenantAggregate):
         created_by: str
         secret_hash: str
 
-        def apply(self, aggregate: Any) -> None:
-            super().apply(aggregate)
+        def apply(self, aggregate: ApiKey) -> None:
+            aggregate.workspace_id = self.workspace_id
             aggregate.name = self.name
             aggregate.role = Role(self.role)
             aggregate.created_by = self.created_by
@@ -140,7 +140,7 @@ class ApiKey(TenantAggregate):
             aggregate.revoked_at = None
 
     class Revoked(TenantAggregate.Event):
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: ApiKey) -> None:
             aggregate.revoked_at = self.timestamp
 
     @classmethod

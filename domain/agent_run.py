@@ -72,8 +72,8 @@ class AgentRun(TenantAggregate):
         max_cost_micros: int | None
         policy: str = "cheapest"
 
-        def apply(self, aggregate: Any) -> None:
-            super().apply(aggregate)
+        def apply(self, aggregate: AgentRun) -> None:
+            aggregate.workspace_id = self.workspace_id
             aggregate.policy = self.policy
             aggregate.worker = None
             aggregate.attempts = 0
@@ -97,7 +97,7 @@ class AgentRun(TenantAggregate):
     class Started(TenantAggregate.Event):
         worker: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: AgentRun) -> None:
             aggregate.status = RunStatus.RUNNING
             aggregate.worker = self.worker
 
@@ -112,7 +112,7 @@ class AgentRun(TenantAggregate):
         worker: str
         previous_worker: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: AgentRun) -> None:
             aggregate.worker = self.worker
             aggregate.reclaims += 1
 
@@ -131,13 +131,13 @@ class AgentRun(TenantAggregate):
         provider_cost_micros: int
         estimated: bool
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: AgentRun) -> None:
             aggregate.attempts = max(aggregate.attempts, self.attempt)
 
     class OutputRecorded(TenantAggregate.Event):
         output: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: AgentRun) -> None:
             aggregate.output = self.output
 
     class StepStarted(TenantAggregate.Event):
@@ -150,7 +150,7 @@ class AgentRun(TenantAggregate):
         first_seq: int
         lines: list[dict[str, Any]]
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: AgentRun) -> None:
             aggregate.next_seq = self.first_seq + len(self.lines)
 
     class LlmCallCompleted(TenantAggregate.Event):
@@ -166,7 +166,7 @@ class AgentRun(TenantAggregate):
         provider_cost_micros: int
         billed_micros: int
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: AgentRun) -> None:
             aggregate.call_ids.add(self.call_id)
             aggregate.provider = self.provider
             aggregate.model = self.model
@@ -176,27 +176,27 @@ class AgentRun(TenantAggregate):
             aggregate.billed_micros += self.billed_micros
 
     class Succeeded(TenantAggregate.Event):
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: AgentRun) -> None:
             aggregate.status = RunStatus.SUCCEEDED
 
     class Failed(TenantAggregate.Event):
         error: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: AgentRun) -> None:
             aggregate.status = RunStatus.FAILED
             aggregate.error = self.error
 
     class Cancelled(TenantAggregate.Event):
         reason: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: AgentRun) -> None:
             aggregate.status = RunStatus.CANCELLED
             aggregate.error = self.reason
 
     class TimedOut(TenantAggregate.Event):
         after_seconds: int
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: AgentRun) -> None:
             aggregate.status = RunStatus.TIMED_OUT
             aggregate.error = f"timed out after {self.after_seconds}s"
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from copy import copy
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Self
 from uuid import UUID
 
-from eventsourcing.domain import Aggregate
+from eventsourcing.domain import Aggregate, CanInitAggregate
 
 from domain.meta import EventMeta
 from domain.text import refuse_unstorable
@@ -28,12 +28,12 @@ class TenantAggregate(Aggregate):
         meta: dict[str, str]
 
     class Created(Event, Aggregate.Created):
+        """Each subclass's ``apply`` sets ``workspace_id`` with the rest of its aggregate's state
+        (typed by that aggregate, which a shared ``apply`` here could not be)."""
+
         workspace_id: UUID
 
-        def apply(self, aggregate: Any) -> None:
-            aggregate.workspace_id = self.workspace_id
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+    def __deepcopy__(self, memo: dict[int, object]) -> Self:
         """Copy for a command: new containers, shared contents.
 
         The repository hands every command a copy of the cached aggregate. Aggregate state holds
@@ -47,17 +47,25 @@ class TenantAggregate(Aggregate):
         return clone
 
     @classmethod
-    def _create(cls, event_class: Any, *, id: Any = None, **kwargs: Any) -> Self:
+    def _create(
+        cls,
+        event_class: type[CanInitAggregate[UUID]],
+        *,
+        id: UUID | None = None,
+        **kwargs: object,
+    ) -> Self:
         # The last gate before the log: whatever an edge let through, an event whose text no
         # read model could hold is never recorded (see domain.text).
         refuse_unstorable(kwargs, what=_event_name(event_class))
         return super()._create(event_class, id=id, **kwargs)
 
-    def _record(self, event_class: type[Aggregate.Event], meta: EventMeta, **payload: Any) -> None:
+    def _record(
+        self, event_class: type[Aggregate.Event], meta: EventMeta, **payload: object
+    ) -> None:
         recorded = meta.as_dict()
         refuse_unstorable({**payload, "meta": recorded}, what=_event_name(event_class))
         self.trigger_event(event_class, meta=recorded, **payload)
 
 
-def _event_name(event_class: type[Any]) -> str:
+def _event_name(event_class: type[object]) -> str:
     return event_class.__qualname__

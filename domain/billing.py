@@ -263,8 +263,8 @@ class Invoice(TenantAggregate):
         lines: list[dict[str, Any]]
         total_micros: int
 
-        def apply(self, aggregate: Any) -> None:
-            super().apply(aggregate)
+        def apply(self, aggregate: Invoice) -> None:
+            aggregate.workspace_id = self.workspace_id
             aggregate.month = self.month
             aggregate.lines = tuple(Line.from_payload(line) for line in self.lines)
             aggregate.total_micros = self.total_micros
@@ -277,7 +277,7 @@ class Invoice(TenantAggregate):
         line_key: str
         stripe_item_id: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Invoice) -> None:
             aggregate.items[self.line_key] = self.stripe_item_id
 
     class Issued(TenantAggregate.Event):
@@ -286,21 +286,21 @@ class Invoice(TenantAggregate):
         stripe_invoice_id: str
         total_cents: int
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Invoice) -> None:
             aggregate.stripe_invoice_id = self.stripe_invoice_id
             aggregate.status = InvoiceStatus.OPEN
 
     class Paid(TenantAggregate.Event):
         stripe_event_id: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Invoice) -> None:
             aggregate.status = InvoiceStatus.PAID
             aggregate.stripe_events.add(self.stripe_event_id)
 
     class Voided(TenantAggregate.Event):
         stripe_event_id: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Invoice) -> None:
             aggregate.status = InvoiceStatus.VOID
             aggregate.stripe_events.add(self.stripe_event_id)
 

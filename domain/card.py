@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from domain.base import TenantAggregate
@@ -36,8 +36,8 @@ class Card(TenantAggregate):
         lane: str
         position: str
 
-        def apply(self, aggregate: Any) -> None:
-            super().apply(aggregate)
+        def apply(self, aggregate: Card) -> None:
+            aggregate.workspace_id = self.workspace_id
             aggregate.project_id = self.project_id
             aggregate.title = self.title
             aggregate.description = self.description
@@ -52,7 +52,7 @@ class Card(TenantAggregate):
         title: str
         description: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Card) -> None:
             aggregate.title = self.title
             aggregate.description = self.description
 
@@ -61,47 +61,47 @@ class Card(TenantAggregate):
         to_lane: str
         position: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Card) -> None:
             aggregate.lane = self.to_lane
             aggregate.position = self.position
 
     class Assigned(TenantAggregate.Event):
         assignee: str | None
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Card) -> None:
             aggregate.assignee = self.assignee
 
     class Labelled(TenantAggregate.Event):
         label: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Card) -> None:
             aggregate.labels = sorted({*aggregate.labels, self.label})
 
     class Unlabelled(TenantAggregate.Event):
         label: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Card) -> None:
             aggregate.labels = [label for label in aggregate.labels if label != self.label]
 
     class Blocked(TenantAggregate.Event):
         reason: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Card) -> None:
             aggregate.blocked_reason = self.reason
 
     class Unblocked(TenantAggregate.Event):
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Card) -> None:
             aggregate.blocked_reason = None
 
     class Archived(TenantAggregate.Event):
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Card) -> None:
             aggregate.archived = True
 
     class Restored(TenantAggregate.Event):
         lane: str
         position: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Card) -> None:
             aggregate.archived = False
             aggregate.lane = self.lane
             aggregate.position = self.position

@@ -2,21 +2,48 @@
 
 Every rule that refuses a command raises a subclass of :class:`AgentWorksError`. Each subclass has a
 stable ``code`` (the ``extensions.code`` of API.md), so every edge — GraphQL, CLI, workers — maps
-errors the same way without knowing the rule that raised them::
+errors the same way without knowing the rule that raised them. Library errors never cross a
+package edge: ``adapters/`` translates them into these (``raise … from``). The whole tree, with
+the module of each class that does not live here::
 
-    AgentWorksError
-     ├── NotFound            NOT_FOUND           unknown id, or an id of another workspace
-     ├── Forbidden           FORBIDDEN           the actor's role does not allow the command
-     ├── Unauthenticated     UNAUTHENTICATED     no or invalid credentials
-     ├── ValidationFailed    VALIDATION          malformed or out-of-range input
-     ├── Conflict            CONFLICT            stale expectedVersion or a concurrent write
-     ├── WipLimitExceeded    WIP_LIMIT           the target lane is full
-     ├── InvalidTransition   INVALID_TRANSITION  the aggregate's state does not allow it
-     ├── BudgetExceeded      BUDGET_EXCEEDED     spend limit or run budget reached
-     ├── RateLimited         RATE_LIMITED        too many requests
-     ├── Duplicate           DUPLICATE           a name or member that already exists
-     └── Unavailable         UNAVAILABLE         a service we depend on is down or saturated; retry
-                                                 later (``outcome`` says whether a write happened)
+    AgentWorksError                  INTERNAL
+     ├── NotFound                    NOT_FOUND           unknown id, or an id of another workspace
+     │    └── NotYet                 NOT_FOUND           streams.history: not in the log yet
+     ├── Forbidden                   FORBIDDEN           the actor's role does not allow it
+     ├── Unauthenticated             UNAUTHENTICATED     no or invalid credentials
+     │    ├── MfaRequired            MFA_REQUIRED        password right, second factor missing
+     │    └── BadSignature           UNAUTHENTICATED     adapters.tokens: a token's signature
+     ├── ValidationFailed            VALIDATION          malformed or out-of-range input
+     │    ├── WebhookRefused         VALIDATION          adapters.stripe: unsigned or stale webhook
+     │    └── BadKey                 VALIDATION          adapters.audit_signing: unusable key
+     ├── Conflict                    CONFLICT            stale expectedVersion or a concurrent write
+     │    ├── StaleVersion           CONFLICT            adapters.eventstore: version taken
+     │    └── DuplicateCommand       CONFLICT            the command id was recorded meanwhile
+     │         └── CommandAlreadyRecorded                adapters.eventstore: its primary key
+     ├── WipLimitExceeded            WIP_LIMIT           the target lane is full
+     ├── InvalidTransition           INVALID_TRANSITION  the aggregate's state does not allow it
+     ├── BudgetExceeded              BUDGET_EXCEEDED     spend limit or run budget reached
+     ├── RateLimited                 RATE_LIMITED        too many requests
+     ├── Duplicate                   DUPLICATE           a name or member that already exists
+     ├── Unavailable                 UNAVAILABLE         a dependency is down or saturated; retry
+     │    │                                              later (``outcome``: was it written?)
+     │    ├── StoreUnavailable       UNAVAILABLE         adapters.eventstore: no database
+     │    ├── StripeUnavailable      UNAVAILABLE         adapters.stripe
+     │    └── TransientProviderError UNAVAILABLE         adapters.providers.base: 429, 5xx, timeout
+     │         └── StreamBroken      UNAVAILABLE         the stream stopped before its usage
+     ├── PermanentProviderError      PROVIDER_REFUSED    adapters.providers.base: 4xx of a provider
+     ├── UsageError                  USAGE               infra.cli (CliError): a CLI invocation
+     └── SetupError                  SETUP               the process cannot run as deployed; an
+          │                                              operator fixes it, no client can
+          ├── ConfigurationError     CONFIGURATION       infra.settings: an AGENTWORKS_* variable
+          │    └── InvalidKey        INVALID_KEY         adapters.tokens: a signing key
+          ├── MigrationError         MIGRATION           infra.migrate: a migration file
+          ├── KafkaSetupError        KAFKA_SETUP         adapters.kafka: topics not created
+          └── BrokerError            BROKER              adapters.kafka_broker: local broker
+
+The classes of ``adapters/`` that are also a library's error (``StaleVersion`` is the
+eventsourcing ``IntegrityError`` too, ``InvalidKey`` a ``ValueError``) keep that library's or
+Python's contract for code that is not ours.
 """
 
 from __future__ import annotations
@@ -62,6 +89,11 @@ class ValidationFailed(AgentWorksError):
 
 class Conflict(AgentWorksError):
     code = "CONFLICT"
+
+
+class DuplicateCommand(Conflict):
+    """The command's id is in the command log already: a copy of the same command committed
+    while this one was deciding. The first one's result is the answer, never this error."""
 
 
 class WipLimitExceeded(AgentWorksError):
@@ -111,6 +143,27 @@ class Unavailable(AgentWorksError):
         self.retry_after_seconds = retry_after_seconds
         self.outcome = outcome
         self.command_id = command_id
+
+
+class UsageError(AgentWorksError):
+    """A command line the user can correct (a missing option, an unknown id)."""
+
+    code = "USAGE"
+
+
+class SetupError(AgentWorksError):
+    """The process cannot start or run as deployed (configuration, keys, schema, broker)."""
+
+    code = "SETUP"
+
+
+class ConfigurationError(SetupError):
+    """The environment describes a configuration this process cannot run with.
+
+    The message is one line that names the ``AGENTWORKS_*`` variable at fault, fit for a CLI.
+    """
+
+    code = "CONFIGURATION"
 
 
 ERROR_CODES: tuple[str, ...] = tuple(

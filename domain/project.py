@@ -62,8 +62,8 @@ class Project(TenantAggregate):
         name: str
         lanes: list[dict[str, Any]]
 
-        def apply(self, aggregate: Any) -> None:
-            super().apply(aggregate)
+        def apply(self, aggregate: Project) -> None:
+            aggregate.workspace_id = self.workspace_id
             aggregate.name = self.name
             aggregate.archived = False
             aggregate.lanes = [LaneSpec(lane["name"], lane["wip_limit"]) for lane in self.lanes]
@@ -73,11 +73,11 @@ class Project(TenantAggregate):
     class Renamed(TenantAggregate.Event):
         name: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Project) -> None:
             aggregate.name = self.name
 
     class Archived(TenantAggregate.Event):
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Project) -> None:
             aggregate.archived = True
 
     class LaneAdded(TenantAggregate.Event):
@@ -85,14 +85,14 @@ class Project(TenantAggregate):
         wip_limit: int | None
         index: int
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Project) -> None:
             aggregate.lanes.insert(self.index, LaneSpec(self.name, self.wip_limit))
 
     class LaneRenamed(TenantAggregate.Event):
         lane: str
         name: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Project) -> None:
             aggregate.lanes = [
                 LaneSpec(self.name, spec.wip_limit) if spec.name == self.lane else spec
                 for spec in aggregate.lanes
@@ -109,21 +109,21 @@ class Project(TenantAggregate):
     class LanesReordered(TenantAggregate.Event):
         order: list[str]
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Project) -> None:
             by_name = {spec.name: spec for spec in aggregate.lanes}
             aggregate.lanes = [by_name[name] for name in self.order]
 
     class LaneRemoved(TenantAggregate.Event):
         lane: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Project) -> None:
             aggregate.lanes = [spec for spec in aggregate.lanes if spec.name != self.lane]
 
     class WipLimitSet(TenantAggregate.Event):
         lane: str
         wip_limit: int | None
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Project) -> None:
             aggregate.lanes = [
                 LaneSpec(spec.name, self.wip_limit) if spec.name == self.lane else spec
                 for spec in aggregate.lanes
@@ -136,7 +136,7 @@ class Project(TenantAggregate):
         lane: str
         position: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Project) -> None:
             aggregate.placements[self.card_id] = Placement(self.lane, self.position)
             aggregate.lifted.pop(self.card_id, None)
 
@@ -146,7 +146,7 @@ class Project(TenantAggregate):
         to_lane: str
         position: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Project) -> None:
             aggregate.placements[self.card_id] = Placement(self.to_lane, self.position)
 
     class CardLifted(TenantAggregate.Event):
@@ -155,7 +155,7 @@ class Project(TenantAggregate):
         card_id: UUID
         lane: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Project) -> None:
             del aggregate.placements[self.card_id]
             aggregate.lifted[self.card_id] = self.lane
 

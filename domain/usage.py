@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from domain.base import TenantAggregate
@@ -63,8 +63,8 @@ class UsageCharge(TenantAggregate):
         price_table_version: str
         month: str
 
-        def apply(self, aggregate: Any) -> None:
-            super().apply(aggregate)
+        def apply(self, aggregate: UsageCharge) -> None:
+            aggregate.workspace_id = self.workspace_id
             aggregate.run_id = self.run_id
             aggregate.billed_micros = self.billed_micros
             aggregate.credited_micros = 0
@@ -76,7 +76,7 @@ class UsageCharge(TenantAggregate):
         reason: str
         month: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: UsageCharge) -> None:
             aggregate.credited_micros += self.amount_micros
 
     class Refunded(TenantAggregate.Event):
@@ -86,7 +86,7 @@ class UsageCharge(TenantAggregate):
         reason: str
         month: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: UsageCharge) -> None:
             aggregate.credited_micros += self.amount_micros
 
     @classmethod
@@ -210,8 +210,8 @@ class MonthlySpend(TenantAggregate):
     class Opened(TenantAggregate.Created):
         month: str
 
-        def apply(self, aggregate: Any) -> None:
-            super().apply(aggregate)
+        def apply(self, aggregate: MonthlySpend) -> None:
+            aggregate.workspace_id = self.workspace_id
             aggregate.month = self.month
             aggregate.spent_micros = 0
             aggregate.thresholds = set()
@@ -225,21 +225,21 @@ class MonthlySpend(TenantAggregate):
         spent_micros: int
         month: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: MonthlySpend) -> None:
             aggregate.thresholds.add(self.threshold)
 
     class Added(TenantAggregate.Event):
         charge_id: UUID
         billed_micros: int
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: MonthlySpend) -> None:
             aggregate.spent_micros += self.billed_micros
 
     class Closed(TenantAggregate.Event):
         """The month takes no more charges or credits: its statement is final and can be
         invoiced. Later usage of the month is billed in the next open month."""
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: MonthlySpend) -> None:
             aggregate.closed = True
 
     class CreditGranted(TenantAggregate.Event):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate
@@ -76,7 +76,9 @@ class IdentityAggregate(Aggregate):
     class Created(Event, Aggregate.Created):
         pass
 
-    def _record(self, event_class: type[Aggregate.Event], meta: EventMeta, **payload: Any) -> None:
+    def _record(
+        self, event_class: type[Aggregate.Event], meta: EventMeta, **payload: object
+    ) -> None:
         self.trigger_event(event_class, meta=meta.as_dict(), **payload)
 
 
@@ -91,7 +93,7 @@ class EmailClaim(IdentityAggregate):
         email: str
         user_id: UUID
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: EmailClaim) -> None:
             aggregate.email = self.email
             aggregate.user_id = self.user_id
 
@@ -130,7 +132,7 @@ class User(IdentityAggregate):
         name: str
         password_hash: str | None
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: User) -> None:
             aggregate.email = self.email
             aggregate.name = self.name
             aggregate.password_hash = self.password_hash
@@ -145,14 +147,14 @@ class User(IdentityAggregate):
     class PasswordChanged(IdentityAggregate.Event):
         password_hash: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: User) -> None:
             aggregate.password_hash = self.password_hash
             aggregate.password_changed_at = self.timestamp
 
     class MfaEnrolmentStarted(IdentityAggregate.Event):
         totp_secret_sealed: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: User) -> None:
             aggregate.pending_totp_secret_sealed = self.totp_secret_sealed
 
     class MfaEnabled(IdentityAggregate.Event):
@@ -160,7 +162,7 @@ class User(IdentityAggregate):
         recovery_code_hashes: list[str]
         totp_step: int
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: User) -> None:
             aggregate.mfa_enabled = True
             aggregate.totp_secret_sealed = self.totp_secret_sealed
             aggregate.pending_totp_secret_sealed = None
@@ -168,7 +170,7 @@ class User(IdentityAggregate):
             aggregate.last_totp_step = self.totp_step
 
     class MfaDisabled(IdentityAggregate.Event):
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: User) -> None:
             aggregate.mfa_enabled = False
             aggregate.totp_secret_sealed = None
             aggregate.recovery_code_hashes = []
@@ -176,13 +178,13 @@ class User(IdentityAggregate):
     class TotpCodeUsed(IdentityAggregate.Event):
         totp_step: int
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: User) -> None:
             aggregate.last_totp_step = self.totp_step
 
     class RecoveryCodeUsed(IdentityAggregate.Event):
         code_hash: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: User) -> None:
             aggregate.recovery_code_hashes = [
                 h for h in aggregate.recovery_code_hashes if h != self.code_hash
             ]
@@ -191,20 +193,20 @@ class User(IdentityAggregate):
         issuer: str
         subject: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: User) -> None:
             aggregate.oidc_subjects = [*aggregate.oidc_subjects, f"{self.issuer} {self.subject}"]
 
     class LoginSucceeded(IdentityAggregate.Event):
         session_id: UUID
         method: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: User) -> None:
             pass
 
     class LoginFailed(IdentityAggregate.Event):
         reason: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: User) -> None:
             pass
 
     @classmethod
@@ -297,7 +299,7 @@ class Session(IdentityAggregate):
         token_hash: str
         expires_at: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Session) -> None:
             aggregate.user_id = self.user_id
             aggregate.current_hash = self.token_hash
             aggregate.spent_hashes = []
@@ -307,14 +309,14 @@ class Session(IdentityAggregate):
     class Rotated(IdentityAggregate.Event):
         token_hash: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Session) -> None:
             aggregate.spent_hashes = [*aggregate.spent_hashes, aggregate.current_hash]
             aggregate.current_hash = self.token_hash
 
     class Revoked(IdentityAggregate.Event):
         reason: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Session) -> None:
             aggregate.revoked = True
 
     @classmethod
@@ -382,7 +384,7 @@ class OidcLink(IdentityAggregate):
         subject: str
         user_id: UUID
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: OidcLink) -> None:
             aggregate.issuer = self.issuer
             aggregate.subject = self.subject
             aggregate.user_id = self.user_id

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from domain.base import TenantAggregate
@@ -46,8 +46,8 @@ class Workspace(TenantAggregate):
         name: str
         owner_id: str
 
-        def apply(self, aggregate: Any) -> None:
-            super().apply(aggregate)
+        def apply(self, aggregate: Workspace) -> None:
+            aggregate.workspace_id = self.workspace_id
             aggregate.name = self.name
             aggregate.members = {self.owner_id: Role.OWNER}
             aggregate.markup = DEFAULT_MARKUP
@@ -58,47 +58,47 @@ class Workspace(TenantAggregate):
     class Renamed(TenantAggregate.Event):
         name: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Workspace) -> None:
             aggregate.name = self.name
 
     class MemberAdded(TenantAggregate.Event):
         user_id: str
         role: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Workspace) -> None:
             aggregate.members[self.user_id] = Role(self.role)
 
     class RoleChanged(TenantAggregate.Event):
         user_id: str
         role: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Workspace) -> None:
             aggregate.members[self.user_id] = Role(self.role)
 
     class MemberRemoved(TenantAggregate.Event):
         user_id: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Workspace) -> None:
             del aggregate.members[self.user_id]
 
     class PlanSet(TenantAggregate.Event):
         markup: str
         billing_increment_micros: int
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Workspace) -> None:
             aggregate.markup = Decimal(self.markup)
             aggregate.billing_increment_micros = self.billing_increment_micros
 
     class SpendLimitSet(TenantAggregate.Event):
         monthly_limit_micros: int | None
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Workspace) -> None:
             aggregate.monthly_limit_micros = self.monthly_limit_micros
 
     class StripeCustomerLinked(TenantAggregate.Event):
         customer_id: str
 
-        def apply(self, aggregate: Any) -> None:
+        def apply(self, aggregate: Workspace) -> None:
             aggregate.stripe_customer_id = self.customer_id
 
     @classmethod

@@ -72,9 +72,9 @@ def _settings(data_dir: Path | None) -> Settings:
 
 def _database_url(settings: Settings) -> str:
     """The configured database, else the data dir's embedded one, as every command resolves it."""
-    from infra.cli import _database_url as resolve  # the CLI registers this module: no cycle
+    from infra.cli import database_url_for  # the CLI registers this module: no cycle
 
-    return resolve(settings)
+    return database_url_for(settings)
 
 
 def _failed(message: str) -> NoReturn:

@@ -58,9 +58,9 @@ def _settings(data_dir: Path | None) -> Settings:
 
 def _database_url(settings: Settings) -> str:
     """The configured database, else the data dir's embedded one (as every command does)."""
-    from infra.cli import _database_url as database_url
+    from infra.cli import database_url_for  # the CLI registers this module: no cycle
 
-    return database_url(settings)
+    return database_url_for(settings)
 
 
 def _workspace_id(text: str) -> UUID:

@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Protocol
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 import typer
@@ -45,13 +45,13 @@ from rich.progress import (
 from rich.table import Table
 from typer.exceptions import TyperException
 
-from adapters.tokens import BOOTSTRAP_WORKSPACE, InvalidKey, issue_token
-from domain.errors import AgentWorksError
+from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
+from domain.errors import AgentWorksError, ConfigurationError, SetupError, UsageError
 from domain.roles import Role
 from infra import billing_cli
 from infra.logging import configure_logging
 from infra.migrate import MigrationError, discover, ensure_database, migrate
-from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
+from infra.settings import Settings, db_logins, jwt_keys
 from projections.registry import projector_names
 
 if TYPE_CHECKING:
@@ -75,12 +75,11 @@ app = typer.Typer(
 )
 
 
-class CliError(Exception):
+class CliError(UsageError):
     """A problem the user can fix; printed as one line on stderr with ``exit_code``."""
 
     def __init__(self, message: str, *, exit_code: int = EXIT_USAGE) -> None:
         super().__init__(message)
-        self.message = message
         self.exit_code = exit_code
 
 
@@ -258,7 +257,7 @@ def _id_option(option: str, value: str) -> str:
         raise CliError(f"{option} must be a UUID, got {value[:60]!r}") from None
 
 
-def _database_url(settings: Settings) -> str:
+def database_url_for(settings: Settings) -> str:
     """The configured database, else the data dir's embedded one (started for this command
     when ``dev`` is not running, and stopped when the command ends)."""
     return settings.database_url or _embedded_url(settings)
@@ -436,7 +435,7 @@ def serve_command(
     listener = _listen(host, port)
     _resources.callback(listener.close)
     if settings.database_url is None:
-        settings = settings.model_copy(update={"database_url": _database_url(settings)})
+        settings = settings.model_copy(update={"database_url": database_url_for(settings)})
     start_tracing(settings, "agentworks-api")
     app_, write_side = api_process(settings)
     _announce_serve(settings, host=host, port=port)
@@ -483,7 +482,7 @@ def relay_command(data_dir: DataDirOption = None) -> None:
 
     settings = settings_for(data_dir)
     start_tracing(settings, "agentworks-relay")
-    relay, write_side = build_relay(settings, _database_url(settings))
+    relay, write_side = build_relay(settings, database_url_for(settings))
     _stop_on_signals(relay.stop)
     try:
         relay.run_forever()
@@ -503,7 +502,7 @@ def orchestrator_command(data_dir: DataDirOption = None) -> None:
     settings = settings_for(data_dir)
     start_tracing(settings, "agentworks-orchestrator")
     # The orchestrator writes events: it logs in as the writer (no role of its own yet).
-    write_side = write_side_from(settings, _database_url(settings), data_dir=settings.data_dir)
+    write_side = write_side_from(settings, database_url_for(settings), data_dir=settings.data_dir)
     orchestrator = build_orchestrator(settings, write_side)
 
     async def main() -> None:
@@ -530,7 +529,7 @@ def worker_command(
     settings = settings_for(data_dir)
     if not settings.kafka_bootstrap:
         raise CliError("AGENTWORKS_KAFKA_BOOTSTRAP is not set; workers consume from Kafka")
-    url = _database_url(settings)
+    url = database_url_for(settings)
     if projector is None:
         _run_one_process_per_projector(data_dir)
         return
@@ -607,7 +606,7 @@ def rebuild_command(
 
     settings = settings_for(data_dir)
     names = None if name == "all" else [name]
-    read_side = build_read_side(settings, _database_url(settings), projector_names=names)
+    read_side = build_read_side(settings, database_url_for(settings), projector_names=names)
     console = Console(stderr=True)
     label = ", ".join(runner.name for runner in read_side.runners)
     try:
@@ -678,7 +677,7 @@ def sweep_command(
 
     settings = settings_for(data_dir)
     names = None if name == "all" else [name]
-    read_side = build_read_side(settings, _database_url(settings), projector_names=names)
+    read_side = build_read_side(settings, database_url_for(settings), projector_names=names)
     console = Console(stderr=True)
     try:
         target = read_side.event_log.head() if through is None else through
@@ -711,7 +710,7 @@ def status_command(data_dir: DataDirOption = None) -> None:
     import psycopg
 
     settings = settings_for(data_dir)
-    url = _database_url(settings)
+    url = database_url_for(settings)
     with psycopg.connect(url) as conn:
         head = conn.execute("SELECT coalesce(max(notification_id), 0) FROM agentworks_events")
         head_position = int(head.fetchone()[0])  # type: ignore[index]
@@ -764,9 +763,7 @@ _ProjectorOption = Annotated[
 
 
 @parked_app.command("list")
-def parked_list_command(
-    projector: _ProjectorOption = None, data_dir: DataDirOption = None
-) -> None:
+def parked_list_command(projector: _ProjectorOption = None, data_dir: DataDirOption = None) -> None:
     """The parked aggregates: the event each stopped at, the error, how often it was tried."""
     import psycopg
 
@@ -775,7 +772,7 @@ def parked_list_command(
     if projector is not None:
         projector_named(projector)  # an unknown name is refused with the valid ones
     settings = settings_for(data_dir)
-    with psycopg.connect(_database_url(settings)) as conn:
+    with psycopg.connect(database_url_for(settings)) as conn:
         rows = conn.execute(
             "SELECT projector, originator_id, originator_version, position, event_type,"
             " workspace_id, attempts, failed_at, error FROM projection_parked"
@@ -838,7 +835,7 @@ def parked_retry_command(
         on_commit = RedisChangePublisher.from_url(settings.redis_url).publish_changes
     read_side = build_read_side(
         settings,
-        _database_url(settings),
+        database_url_for(settings),
         projector_names=None if projector is None else [projector],
         on_commit=on_commit,
     )
@@ -909,10 +906,12 @@ def run(argv: Sequence[str] | None = None) -> int:
             result = command.main(args=args, prog_name=PROG, standalone_mode=False)
     except CliError as exc:
         return _fail(exc.message, exc.exit_code)
-    except (ConfigurationError, AgentWorksError, InvalidKey) as exc:
-        return _fail(str(exc), EXIT_USAGE)
     except MigrationError as exc:
         return _fail(str(exc), EXIT_FAILED)
+    except AgentWorksError as exc:
+        if isinstance(exc, SetupError) and not isinstance(exc, ConfigurationError):
+            raise  # Kafka or the local broker could not be set up: the traceback tells
+        return _fail(str(exc), EXIT_USAGE)  # a refused command, the configuration, a key
     except TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         code = getattr(exc, "exit_code", EXIT_USAGE)
         return _fail(_usage_message(exc), code if isinstance(code, int) else EXIT_USAGE)
@@ -923,7 +922,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
-def _reflow_help(command: Any) -> None:
+class _Documented(Protocol):
+    """A click command as help reflowing sees it (typer vendors its own click)."""
+
+    help: str | None
+
+
+def _reflow_help(command: _Documented) -> None:
     """Join the source line breaks inside each paragraph of every command's help.
 
     Docstrings are wrapped at 100 columns in the source; typer keeps those breaks in every

@@ -7,12 +7,12 @@ dir replays the first results and writes nothing new.
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import NAMESPACE_URL, UUID, uuid5
 
+from adapters.credentials import kept_secret
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
 from commands.identity import Identity
@@ -124,19 +124,4 @@ def seed_demo_user(
 
 
 def _demo_password(data_dir: Path) -> str:
-    path = data_dir / "demo_password"
-    if path.exists():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    password = secrets.token_urlsafe(12)
-    partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(password)
-    try:
-        os.link(partial, path)  # published whole; another process may have won the race
-    except FileExistsError:
-        pass
-    finally:
-        partial.unlink()
-    return path.read_text().strip()
+    return kept_secret(data_dir / "demo_password", lambda: secrets.token_urlsafe(12))

@@ -34,6 +34,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
+from domain.errors import SetupError
+
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
@@ -66,8 +68,10 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 _log = structlog.get_logger(__name__)
 
 
-class MigrationError(Exception):
+class MigrationError(SetupError):
     """Migrations could not be found, read or applied; the message names the file at fault."""
+
+    code = "MIGRATION"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +151,10 @@ def migrate(
             applied = _apply_pending(conn, migrations, app_role=app_role)
             if logins:
                 ensure_logins(conn, logins)
-            return applied
         except psycopg.Error as exc:
             raise MigrationError(f"cannot migrate {_redacted(url)}: {exc}") from exc
+        else:
+            return applied
         finally:
             # Closing the session releases the lock too; unlock early so waiters go on at once.
             with contextlib.suppress(psycopg.Error):
@@ -310,12 +315,13 @@ def _with_retries(
             return
         try:
             conn.execute(statement)
-            return
         except _CONCURRENT_ROLE_CHANGE:
             if attempt == attempts:
                 raise
             # Jittered: sessions that collided and retry in step would collide again.
             time.sleep(random.uniform(0, 0.02 * attempt))  # noqa: S311
+        else:
+            return
 
 
 def _maintenance_connection(

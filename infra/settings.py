@@ -24,6 +24,9 @@ from cryptography.hazmat.primitives import serialization
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Re-exported: callers of the settings import it from here.
+from domain.errors import ConfigurationError as ConfigurationError
+
 ENV_PREFIX = "AGENTWORKS_"
 
 #: HS256 signs with SHA-256; a shorter secret than its 32-byte output is guessable offline.
@@ -35,13 +38,6 @@ DEV_JWT_SECRET_FILE = "jwt_secret"  # noqa: S105 - a file name, not a secret
 JwtAlgorithm = Literal["HS256", "RS256"]
 
 _LOG_LEVELS = frozenset(logging.getLevelNamesMapping())
-
-
-class ConfigurationError(Exception):
-    """The environment describes a configuration this process cannot run with.
-
-    The message is one line that names the ``AGENTWORKS_*`` variable at fault, fit for a CLI.
-    """
 
 
 class Settings(BaseSettings):

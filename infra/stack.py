@@ -18,7 +18,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
     from commands.handlers import AgentWorks
     from orchestrator.service import OrchestratorThread
+    from projections.base import Change
     from streams.relay import Relay
     from streams.worker import PartitionHolding
 
@@ -301,7 +302,9 @@ def build_dev_stack(settings: Settings, data_dir: Path) -> DevStack:
     return stack
 
 
-def _change_publisher(settings: Settings, broadcaster: Broadcaster) -> Any:
+def _change_publisher(
+    settings: Settings, broadcaster: Broadcaster
+) -> Callable[[list[Change]], None]:
     """Projectors publish through Redis when it is configured, so every API instance hears."""
     if settings.redis_url:
         from read_api.broadcast import RedisChangePublisher

@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-import psycopg
 import structlog
 from opentelemetry.trace import SpanKind
 
+from adapters.outages import is_infrastructure_failure, is_write_race
 from adapters.telemetry import continue_trace
 from projections.base import Change, Projector, Tables
 from projections.batch import MEMO_DROPPED, BatchContext, BatchProjector
@@ -62,19 +62,6 @@ MAX_ATTEMPTS = 5
 
 #: Longest error text kept with a parked aggregate.
 MAX_ERROR_LENGTH = 2000
-
-#: Failures of the database, the connection to it or the deployment (a missing table or grant),
-#: not of the events being applied: never a reason to park an aggregate (it would park them all).
-_INFRASTRUCTURE = (
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    psycopg.errors.InsufficientPrivilege,
-    psycopg.errors.UndefinedTable,
-    psycopg.errors.UndefinedColumn,
-    psycopg.errors.UndefinedFunction,
-    MemoryError,
-)
-_RACES = (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected)
 
 
 @dataclass
@@ -334,7 +321,7 @@ class ProjectionRunner:
             try:
                 outcome = self._process_once(envelopes, through, read_after, attempt)
             except _Poisoned as poisoned:
-                if isinstance(poisoned.error, _RACES) and self._may_retry_race(races, poisoned):
+                if is_write_race(poisoned.error) and self._may_retry_race(races, poisoned):
                     races += 1
                     continue
                 parked = Parked.of(poisoned.envelope, poisoned.error)
@@ -349,18 +336,11 @@ class ProjectionRunner:
                     error=parked.error,
                 )
                 continue
-            except _RACES as error:
-                if self._may_retry_race(races, error):
+            except Exception as error:
+                if is_write_race(error) and self._may_retry_race(races, error):
                     races += 1
                     continue
-                if attempt.one_by_one or isinstance(error, _INFRASTRUCTURE):
-                    raise
-                self._one_by_one(attempt, error)
-                continue
-            except _INFRASTRUCTURE:
-                raise
-            except Exception as error:
-                if attempt.one_by_one:
+                if attempt.one_by_one or is_infrastructure_failure(error):
                     raise  # not the fault of any one event
                 self._one_by_one(attempt, error)
                 continue
@@ -628,9 +608,9 @@ class ProjectionRunner:
         for env in envelopes:
             try:
                 self.projector.apply(cur, env, self.tables, noted)
-            except _INFRASTRUCTURE:
-                raise
             except Exception as error:
+                if is_infrastructure_failure(error):
+                    raise
                 raise _Poisoned(env, error) from error
 
     def _lock_versions(

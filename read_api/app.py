@@ -27,7 +27,6 @@ from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import Any
 
-import psycopg
 import structlog
 from fastapi import FastAPI
 from fastapi.routing import APIWebSocketRoute
@@ -54,6 +53,7 @@ from strawberry.types.unset import UnsetType
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from adapters.metrics import HTTP_RESPONSES, Exposition
+from adapters.outages import is_database_error
 from adapters.telemetry import continue_trace, current_traceparent
 from adapters.tokens import Principal
 from domain.errors import RateLimited, Unauthenticated, Unavailable, ValidationFailed
@@ -661,7 +661,9 @@ class Health:
             # taking every instance out of the load balancer for one bad aggregate would turn
             # it into the outage that parking exists to prevent.
             checks["parked"] = {name: count for name, count in parked.items() if count}
-        except (psycopg.Error, TimeoutError, OSError) as error:
+        except Exception as error:
+            if not (is_database_error(error) or isinstance(error, TimeoutError | OSError)):
+                raise
             checks["database"] = f"unavailable ({type(error).__name__})"
             ready = False
         if services.fanout_readiness is not None:

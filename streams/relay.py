@@ -18,7 +18,6 @@ always safe, projectors ignore what they have applied.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import zlib
@@ -31,7 +30,7 @@ import structlog
 from opentelemetry.trace import SpanKind
 
 from adapters.metrics import BROKER_LOG_LOST
-from adapters.outages import is_outage
+from adapters.outages import is_connection_error, is_database_error, is_outage
 from adapters.postgres import login_url
 from adapters.telemetry import continue_trace, current_traceparent, tracing_enabled
 from streams.wakeup import LogWakeup
@@ -165,7 +164,9 @@ class RelayPositions:
         """Run ``query``; a connection the server dropped (a restart) is replaced once."""
         try:
             return self._connection().execute(query, params)
-        except psycopg.OperationalError:
+        except Exception as error:
+            if not is_connection_error(error):
+                raise
             if self._conn is not None and not (self._conn.closed or self._conn.broken):
                 raise
             self.close()
@@ -203,7 +204,9 @@ class RelayLease:
             row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
             self.held = bool(row and row[0])
             self.unreachable = False
-        except psycopg.Error:
+        except Exception as error:
+            if not is_database_error(error):
+                raise
             self._drop()
             self.unreachable = True
         return self.held
@@ -215,21 +218,29 @@ class RelayLease:
             return False
         try:
             self._conn.execute("SELECT 1")
-        except psycopg.Error:
+        except Exception as error:
+            if not is_database_error(error):
+                raise
             self._drop()
         return self.held
 
     def release(self) -> None:
         if self.held and self._conn is not None and not self._conn.closed:
-            with contextlib.suppress(psycopg.Error):
+            try:
                 self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+            except Exception as error:
+                if not is_database_error(error):
+                    raise
         self._drop()
 
     def _drop(self) -> None:
         self.held = False
         if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
+            try:
                 self._conn.close()
+            except Exception as error:
+                if not is_database_error(error):
+                    raise
             self._conn = None
 
 

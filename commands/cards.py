@@ -1,0 +1,172 @@
+"""Card commands. A move, creation, archive or restore changes the card and the board's lane
+membership together (one save), so WIP limits hold under concurrent moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from uuid import UUID, uuid4
+
+from commands import models as m
+from commands.service import Actor, CommandResult, Decision, WriteSide, expect_version
+from domain.card import Card
+from domain.errors import ValidationFailed
+from domain.meta import EventMeta
+from domain.project import Project
+from domain.roles import Role
+from domain.workspace import Workspace
+
+
+class CardCommands(WriteSide):
+    """Commands on a :class:`~domain.card.Card`."""
+
+    def create_card(self, cmd: m.CreateCard, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            project = self.load(Project, cmd.project_id, actor, Role.MEMBER, "createCard")
+            lane = cmd.lane if cmd.lane is not None else project.lanes[0].name
+            card_id = uuid4()
+            position = project.place_card(card_id, lane, meta=meta)
+            card = Card.create(
+                card_id=card_id,
+                workspace_id=project.workspace_id,
+                project_id=project.id,
+                title=cmd.title,
+                description=cmd.description,
+                lane=lane,
+                position=position,
+                meta=meta,
+            )
+            return Decision(card, "card", [card, project])
+
+        return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def update_card(self, cmd: m.UpdateCard, actor: Actor) -> CommandResult:
+        def change(card: Card, meta: EventMeta) -> None:
+            card.edit(title=cmd.title, description=cmd.description, meta=meta)
+            if cmd.labels is not None:
+                wanted = {label.strip() for label in cmd.labels}
+                for label in sorted(set(card.labels) - wanted):
+                    card.unlabel(label, meta=meta)
+                for label in sorted(wanted - set(card.labels)):
+                    card.label(label, meta=meta)
+
+        return self._change_card(
+            cmd, cmd.card_id, actor, "updateCard", change, cmd.expected_version
+        )
+
+    def move_card(self, cmd: m.MoveCard, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, "moveCard")
+            expect_version(card, cmd.expected_version)
+            project = self.aggregate(Project, card.project_id)
+            card.ensure_live("move")
+            from_lane = project.lane_of(card.id)
+            card.ensure_movable(cmd.to_lane, from_lane=from_lane)
+            position = project.move_card(
+                card.id,
+                cmd.to_lane,
+                after_card_id=cmd.after_card_id,
+                before_card_id=cmd.before_card_id,
+                meta=meta,
+            )
+            card.move(cmd.to_lane, position, from_lane=from_lane, meta=meta)
+            return Decision(card, "card", [card, project])
+
+        return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def assign_card(self, cmd: m.AssignCard, actor: Actor) -> CommandResult:
+        def assign(card: Card, meta: EventMeta) -> None:
+            card.ensure_live("assign")
+            if cmd.assignee is not None:
+                workspace = self.aggregate(Workspace, card.workspace_id, copy=False)
+                if workspace.role_of(cmd.assignee.strip()) is None:
+                    raise ValidationFailed(
+                        f"assignee {cmd.assignee.strip()[:100]!r} is not a member of workspace "
+                        f"{workspace.id}; add them with addMember first"
+                    )
+            card.assign(cmd.assignee, meta=meta)
+
+        return self._change_card(
+            cmd, cmd.card_id, actor, "assignCard", assign, cmd.expected_version
+        )
+
+    def label_card(self, cmd: m.LabelCard, actor: Actor) -> CommandResult:
+        return self._change_card(
+            cmd,
+            cmd.card_id,
+            actor,
+            "labelCard",
+            lambda card, meta: card.label(cmd.label, meta=meta),
+        )
+
+    def unlabel_card(self, cmd: m.UnlabelCard, actor: Actor) -> CommandResult:
+        return self._change_card(
+            cmd,
+            cmd.card_id,
+            actor,
+            "unlabelCard",
+            lambda card, meta: card.unlabel(cmd.label, meta=meta),
+        )
+
+    def block_card(self, cmd: m.BlockCard, actor: Actor) -> CommandResult:
+        return self._change_card(
+            cmd,
+            cmd.card_id,
+            actor,
+            "blockCard",
+            lambda card, meta: card.block(cmd.reason, meta=meta),
+        )
+
+    def unblock_card(self, cmd: m.UnblockCard, actor: Actor) -> CommandResult:
+        return self._change_card(
+            cmd, cmd.card_id, actor, "unblockCard",
+            lambda card, meta: card.unblock(meta=meta),
+        )  # fmt: skip
+
+    def archive_card(self, cmd: m.ArchiveCard, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, "archiveCard")
+            expect_version(card, cmd.expected_version)
+            card.archive(meta=meta)
+            project = self.aggregate(Project, card.project_id)
+            project.lift_card(card.id, meta=meta)
+            return Decision(card, "card", [card, project])
+
+        return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def restore_card(self, cmd: m.RestoreCard, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, "restoreCard")
+            project = self.aggregate(Project, card.project_id)
+            lane = cmd.lane or project.lane_to_restore(card.id)
+            if not card.archived:
+                card.restore(lane, card.position, meta=meta)  # raises: not archived
+            position = project.place_card(card.id, lane, meta=meta)
+            card.restore(lane, position, meta=meta)
+            return Decision(card, "card", [card, project])
+
+        return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def _change_card(
+        self,
+        cmd: m.Command,
+        card_id: UUID,
+        actor: Actor,
+        action: str,
+        change: Callable[[Card, EventMeta], object],
+        expected_version: int | None = None,
+    ) -> CommandResult:
+        """A change of the card alone (not of its place on the board), by a MEMBER."""
+        return self._change(
+            Card, "card", card_id, cmd, actor,
+            needed=Role.MEMBER, action=action, change=change, expected_version=expected_version,
+        )  # fmt: skip
+
+    # -- reading the write model ------------------------------------------------------------------
+
+    def card_at(self, card_id: UUID, actor: Actor, *, version: int | None = None) -> Card:
+        """A card as it was at ``version`` (or now), for history and audit."""
+        return self.load(Card, card_id, actor, Role.VIEWER, "read card", version=version)
+
+    def card_snapshot(self, card_id: UUID) -> Card:
+        return self.aggregate(Card, card_id)

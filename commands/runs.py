@@ -1,0 +1,307 @@
+"""Agent-run commands: requesting, running and finishing a run, and the usage it charges.
+
+A recorded LLM call saves the run, its charge and the month's spend together, so the spend a
+budget check reads never lags the charges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID, uuid4
+
+from eventsourcing.domain import Aggregate
+
+from commands import models as m
+from commands.service import Actor, CommandResult, Decision, WriteSide, expect_version
+from domain.agent_run import AgentRun
+from domain.agents import agent_named, prompt_floor_micros
+from domain.card import Card
+from domain.errors import BudgetExceeded, InvalidTransition, NotFound
+from domain.meta import EventMeta
+from domain.money import billed_amount, format_usd, parse_usd
+from domain.roles import Role
+from domain.routing import validate_choice
+from domain.usage import MonthlySpend, UsageCharge, month_of, spend_id_for
+from domain.workspace import Workspace
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunBudget:
+    """A run's room to spend, in billed micro-USD (``None``: no limit)."""
+
+    markup: Decimal
+    run_billed_micros: int
+    run_max_micros: int | None
+    month_spent_micros: int
+    month_limit_micros: int | None
+
+    def room_micros(self, *, reserved_elsewhere: int = 0) -> int | None:
+        rooms = []
+        if self.run_max_micros is not None:
+            rooms.append(self.run_max_micros - self.run_billed_micros)
+        if self.month_limit_micros is not None:
+            rooms.append(self.month_limit_micros - self.month_spent_micros - reserved_elsewhere)
+        return min(rooms) if rooms else None
+
+
+class RunCommands(WriteSide):
+    """Commands on an :class:`~domain.agent_run.AgentRun` and the usage charges it records."""
+
+    def start_agent_run(self, cmd: m.StartAgentRun, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, "startAgentRun")
+            max_cost = None if cmd.max_cost is None else parse_usd(cmd.max_cost)
+            now = datetime.now(UTC)
+            if card.archived:
+                raise InvalidTransition(f"card {card.id} is archived; restore it to run agents")
+            spec = agent_named(cmd.agent.strip())
+            validate_choice(
+                provider=cmd.provider, model=cmd.model, policy=cmd.policy, prices=self.prices,
+                at=now,
+            )  # fmt: skip
+            workspace = self.aggregate(Workspace, card.workspace_id)
+            spend = self.spend_for(workspace, now, meta)
+            spend.check_room(workspace.monthly_limit_micros, wanted_micros=0)
+            run = AgentRun.request(
+                run_id=uuid4(),
+                workspace_id=card.workspace_id,
+                project_id=card.project_id,
+                card_id=card.id,
+                agent=cmd.agent,
+                provider=cmd.provider,
+                model=cmd.model,
+                max_cost_micros=max_cost,
+                meta=meta,
+                policy=cmd.policy,
+            )
+            floor = prompt_floor_micros(
+                spec, title=card.title, description=card.description, prices=self.prices,
+                provider=cmd.provider, model=cmd.model, at=now, markup=workspace.markup,
+            )  # fmt: skip
+            if max_cost is not None and floor > max_cost:
+                raise BudgetExceeded(
+                    f"maxCost {format_usd(max_cost)} cannot pay even for the prompt of "
+                    f"{spec.name} on card {card.id} (about {format_usd(floor)})"
+                )
+            return Decision(run, "run", [run])
+
+        return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def cancel_agent_run(self, cmd: m.CancelAgentRun, actor: Actor) -> CommandResult:
+        return self._change_run(
+            cmd, cmd.run_id, actor, Role.MEMBER, "cancelAgentRun",
+            lambda run, meta: run.cancel(cmd.reason, meta=meta),
+        )  # fmt: skip
+
+    def begin_run(self, cmd: m.BeginRun, actor: Actor) -> CommandResult:
+        return self._change_run(
+            cmd,
+            cmd.run_id,
+            actor,
+            Role.ADMIN,
+            "beginRun",
+            lambda run, meta: run.start(worker=cmd.worker, meta=meta),
+        )
+
+    def start_run_step(self, cmd: m.StartRunStep, actor: Actor) -> CommandResult:
+        return self._change_run(
+            cmd, cmd.run_id, actor, Role.ADMIN, "startRunStep",
+            lambda run, meta: run.start_step(cmd.step, cmd.name, meta=meta),
+        )  # fmt: skip
+
+    def append_run_log(self, cmd: m.AppendRunLog, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, "appendRunLog")
+            run.expect_worker(cmd.worker)
+            first, last = run.append_log(
+                [(line.at, line.stream, line.text) for line in cmd.lines], meta=meta
+            )
+            return Decision(run, "run", [run], {"first_seq": first, "last_seq": last})
+
+        return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def record_llm_call(self, cmd: m.RecordLlmCall, actor: Actor) -> CommandResult:
+        """Record a finished LLM call, its charge and the month's new spend, atomically."""
+
+        def decide(meta: EventMeta) -> Decision:
+            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, "recordLlmCall")
+            workspace = self.aggregate(Workspace, run.workspace_id)
+            billed = billed_amount(cmd.provider_cost_micros, workspace.markup)
+            spend = self.spend_for(workspace, cmd.at, meta)
+            charge = UsageCharge.charge(
+                workspace_id=run.workspace_id,
+                project_id=run.project_id,
+                card_id=run.card_id,
+                run_id=run.id,
+                call_id=cmd.call_id,
+                provider=cmd.provider,
+                model=cmd.model,
+                input_tokens=cmd.input_tokens,
+                output_tokens=cmd.output_tokens,
+                provider_cost_micros=cmd.provider_cost_micros,
+                markup=workspace.markup,
+                billed_micros=billed,
+                price_table_version=cmd.price_table_version,
+                at=cmd.at,
+                meta=meta,
+                billed_month=spend.month,
+            )
+            run.record_llm_call(
+                call_id=cmd.call_id,
+                charge_id=charge.id,
+                provider=cmd.provider,
+                model=cmd.model,
+                input_tokens=cmd.input_tokens,
+                output_tokens=cmd.output_tokens,
+                latency_ms=cmd.latency_ms,
+                provider_cost_micros=cmd.provider_cost_micros,
+                billed_micros=billed,
+                meta=meta,
+            )
+            spend.add(charge.id, billed, meta=meta)
+            spend.note_thresholds(workspace.monthly_limit_micros, meta=meta)
+            return Decision(
+                run, "run", [run, charge, spend], {"charge_id": str(charge.id), "billed": billed}
+            )
+
+        return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def finish_run(self, cmd: m.FinishRun, actor: Actor) -> CommandResult:
+        def change(run: AgentRun, meta: EventMeta) -> None:
+            run.expect_worker(cmd.worker)
+            if cmd.output is not None:
+                run.record_output(cmd.output, meta=meta)
+            if cmd.outcome == "SUCCEEDED":
+                run.succeed(meta=meta)
+            elif cmd.outcome == "FAILED":
+                run.fail(cmd.error or "unknown error", meta=meta)
+            else:
+                run.time_out(cmd.after_seconds or 0, meta=meta)
+
+        return self._change_run(cmd, cmd.run_id, actor, Role.ADMIN, "finishRun", change)
+
+    def record_run_heartbeat(self, cmd: m.RecordRunHeartbeat, actor: Actor) -> CommandResult:
+        return self._change_run(
+            cmd, cmd.run_id, actor, Role.ADMIN, "recordRunHeartbeat",
+            lambda run, meta: run.heartbeat(worker=cmd.worker, meta=meta),
+        )  # fmt: skip
+
+    def reclaim_run(self, cmd: m.ReclaimRun, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, "reclaimRun")
+            expect_version(run, cmd.expected_version)
+            run.reclaim(worker=cmd.worker, meta=meta)
+            return Decision(run, "run", [run])
+
+        return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def record_provider_attempt(self, cmd: m.RecordProviderAttempt, actor: Actor) -> CommandResult:
+        """One provider attempt and, when it used tokens, its charge and the month's spend, in
+        one save. The charge's id derives from (run, attempt number), and the run refuses a
+        recorded call id, so a restarted worker can never charge an attempt twice."""
+
+        def decide(meta: EventMeta) -> Decision:
+            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, "recordProviderAttempt")
+            run.expect_worker(cmd.worker)
+            workspace = self.aggregate(Workspace, run.workspace_id)
+            charged = cmd.input_tokens > 0 or cmd.output_tokens > 0
+            cost = (
+                self.prices.cost(
+                    cmd.provider, cmd.model, at=cmd.started_at, input_tokens=cmd.input_tokens,
+                    output_tokens=cmd.output_tokens, markup=workspace.markup,
+                )
+                if charged
+                else None
+            )  # fmt: skip
+            number = run.record_attempt(
+                provider=cmd.provider, model=cmd.model, status=cmd.status,
+                http_status=cmd.http_status, error=cmd.error, latency_ms=cmd.latency_ms,
+                input_tokens=cmd.input_tokens, output_tokens=cmd.output_tokens,
+                provider_cost_micros=cost.provider_cost_micros if cost else 0,
+                estimated=cmd.estimated, meta=meta,
+            )  # fmt: skip
+            changed: list[Aggregate] = [run]
+            extra: dict[str, Any] = {"attempt": number, "billed": 0}
+            if cost is not None:
+                call_id = f"attempt-{number}"
+                charge = UsageCharge.charge(
+                    workspace_id=run.workspace_id, project_id=run.project_id,
+                    card_id=run.card_id, run_id=run.id, call_id=call_id,
+                    provider=cmd.provider, model=cmd.model, input_tokens=cmd.input_tokens,
+                    output_tokens=cmd.output_tokens,
+                    provider_cost_micros=cost.provider_cost_micros, markup=workspace.markup,
+                    billed_micros=cost.billed_micros, price_table_version=self.prices.version,
+                    at=cmd.started_at, meta=meta,
+                )  # fmt: skip
+                run.record_llm_call(
+                    call_id=call_id, charge_id=charge.id, provider=cmd.provider,
+                    model=cmd.model, input_tokens=cmd.input_tokens,
+                    output_tokens=cmd.output_tokens, latency_ms=cmd.latency_ms,
+                    provider_cost_micros=cost.provider_cost_micros,
+                    billed_micros=cost.billed_micros, meta=meta,
+                )  # fmt: skip
+                spend = self.spend_for(workspace, cmd.started_at, meta)
+                spend.add(charge.id, cost.billed_micros, meta=meta)
+                spend.note_thresholds(workspace.monthly_limit_micros, meta=meta)
+                changed += [charge, spend]
+                extra.update(charge_id=str(charge.id), billed=cost.billed_micros)
+            return Decision(run, "run", changed, extra)
+
+        return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def run_budget(self, run_id: UUID, at: datetime) -> RunBudget:
+        """What a running run may still spend: its own budget and its workspace's month."""
+        run = self.aggregate(AgentRun, run_id, copy=False)
+        workspace = self.aggregate(Workspace, run.workspace_id, copy=False)
+        try:
+            spent = self.aggregate(
+                MonthlySpend, spend_id_for(workspace.id, month_of(at)), copy=False
+            )
+            month_spent = spent.spent_micros
+        except NotFound:
+            month_spent = 0
+        return RunBudget(
+            markup=workspace.markup,
+            run_billed_micros=run.billed_micros,
+            run_max_micros=run.max_cost_micros,
+            month_spent_micros=month_spent,
+            month_limit_micros=workspace.monthly_limit_micros,
+        )
+
+    def run_snapshot(self, run_id: UUID) -> AgentRun:
+        """The run as the write model holds it now (read only)."""
+        return self.aggregate(AgentRun, run_id)
+
+    def credit_charge(self, cmd: m.CreditCharge, actor: Actor) -> CommandResult:
+        def decide(meta: EventMeta) -> Decision:
+            charge = self.load(UsageCharge, cmd.charge_id, actor, Role.OWNER, "creditCharge")
+            amount = parse_usd(cmd.amount)
+            # A closed month's statement is final: the correction goes to the first open month.
+            month = self.spend_for(
+                self.aggregate(Workspace, charge.workspace_id), cmd.at, meta
+            ).month
+            if cmd.refund:
+                charge.refund(amount, cmd.reason, at=cmd.at, meta=meta, billed_month=month)
+            else:
+                charge.credit(amount, cmd.reason, at=cmd.at, meta=meta, billed_month=month)
+            return Decision(charge, "charge", [charge])
+
+        return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def _change_run(
+        self,
+        cmd: m.Command,
+        run_id: UUID,
+        actor: Actor,
+        needed: Role,
+        action: str,
+        change: Callable[[AgentRun, EventMeta], object],
+    ) -> CommandResult:
+        """A change of the run alone (its worker's progress, or a member cancelling it)."""
+        return self._change(
+            AgentRun, "run", run_id, cmd, actor, needed=needed, action=action, change=change
+        )

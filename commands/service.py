@@ -1,0 +1,530 @@
+"""The write side's machinery: who sends a command, what it did, and how every command runs.
+
+Each command loads what it touches, checks the actor may do it, lets the aggregates decide, and
+saves every changed aggregate in one transaction together with the command's idempotency record.
+A concurrent write to any of them makes the save collide on a version (the store raises
+CONFLICT); the command then reloads and decides again, a bounded number of times.
+
+The commands themselves live beside their aggregate (:mod:`commands.workspaces`,
+:mod:`commands.boards`, :mod:`commands.cards`, :mod:`commands.runs`); billing, identity and
+access reuse this machinery through its public methods (:meth:`WriteSide.execute`,
+:meth:`WriteSide.load`, :meth:`WriteSide.workspace_for` …).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, ClassVar, Protocol, TypeVar
+from uuid import UUID, uuid4
+
+from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
+from eventsourcing.domain import Aggregate
+
+from commands import models as m
+from commands.idempotency import fingerprint
+from domain.agent_run import AgentRun
+from domain.billing import next_month
+from domain.card import Card
+from domain.errors import (
+    AgentWorksError,
+    Conflict,
+    DuplicateCommand,
+    Forbidden,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+    ValidationFailed,
+)
+from domain.idempotency import CommandLog, CommandRecord
+from domain.meta import EventMeta
+from domain.pricing import PriceTable, built_in_price_table
+from domain.project import Project
+from domain.roles import Role, capped, require_role
+from domain.usage import MonthlySpend, UsageCharge, month_of, spend_id_for
+from domain.workspace import Workspace
+
+BOOTSTRAP_SCOPE = "*"
+#: ``Actor.workspace_id`` of a user token: no workspace claim, membership decides everywhere.
+USER_SCOPE = ""
+
+log = logging.getLogger(__name__)
+
+
+class CommandObserver(Protocol):
+    """Wraps each command (timing, tracing); yields the ``traceparent`` its events carry."""
+
+    def __call__(self, command_type: str, traceparent: str) -> AbstractContextManager[str]: ...
+
+
+def _unobserved(command_type: str, traceparent: str) -> AbstractContextManager[str]:
+    return nullcontext(traceparent)
+
+
+A = TypeVar("A", bound=Aggregate)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Actor:
+    """Who sends a command, as their credentials say.
+
+    ``workspace_id`` is the workspace the credentials are for (``"*"`` for a bootstrap token).
+    ``role`` is the credentials' role claim: a ceiling on the user's membership role, checked
+    against the workspace's members on every command (``None``: no claim, the membership alone
+    decides). A service actor (the orchestrator) acts inside its workspace without being a member.
+    """
+
+    user_id: str
+    workspace_id: str
+    role: Role | None = None
+    is_service: bool = False
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    traceparent: str = ""
+
+    @classmethod
+    def service(
+        cls,
+        name: str,
+        workspace_id: UUID | str,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        traceparent: str = "",
+    ) -> Actor:
+        """A service acting inside ``workspace_id`` without being one of its members."""
+        return cls(
+            user_id=name, workspace_id=str(workspace_id), is_service=True,
+            correlation_id=correlation_id, causation_id=causation_id, traceparent=traceparent,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommandResult:
+    """What a command did: the object it touched, its new version and where its events landed.
+
+    ``position`` is the highest global position the command wrote (0 when it changed nothing);
+    a read that waits until the read models reached it sees the command's effect.
+    """
+
+    kind: str
+    id: UUID
+    version: int
+    position: int
+    replayed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def consistency_token(self) -> str:
+        """``position:aggregate id:version``: enough for a reader to wait for this write.
+
+        On the embedded path projectors apply the log in order, so the position alone tells; through
+        Kafka partitions a projector may pass a position before an earlier one arrives, so readers
+        check the aggregate's version in the projector's tracking instead.
+        """
+        return f"{self.position}:{self.id}:{self.version}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "id": str(self.id),
+            "version": self.version,
+            "position": self.position,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> CommandResult:
+        return cls(
+            kind=str(data["kind"]),
+            id=UUID(str(data["id"])),
+            version=int(data["version"]),
+            position=int(data["position"]),
+            replayed=True,
+            extra=dict(data.get("extra") or {}),
+        )
+
+
+@dataclass
+class Decision:
+    """What one attempt at a command decided: the aggregates to save and the one it reports."""
+
+    target: Aggregate
+    kind: str
+    changed: list[Aggregate]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class WriteSide(Application[UUID]):
+    """The machinery every command runs through; :class:`commands.handlers.AgentWorks` adds the
+    commands of each aggregate on top of it."""
+
+    name = "AgentWorks"
+    # Cards are read at any past version for history and audit; a snapshot every 100 events
+    # bounds that to at most 99 events replayed. (Other aggregates hold enums and dataclasses
+    # the JSON transcoder does not round-trip, and are read at their latest version.)
+    snapshotting_intervals: ClassVar[dict[type[Any], int]] = {Card: 100}
+
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        *,
+        command_log: CommandLog | None = None,
+        retries: int = 5,
+        observe: CommandObserver = _unobserved,
+        prices: PriceTable | None = None,
+        settle_seconds: float = 5.0,
+    ) -> None:
+        super().__init__(env)
+        self.prices = prices or built_in_price_table()
+        self.command_log = command_log
+        self.retries = retries
+        self.observe = observe
+        self.settle_seconds = settle_seconds
+        """How long a write whose commit was interrupted waits for the database to say whether
+        it committed, before answering UNAVAILABLE with ``outcome="unknown"``."""
+        self.settle_poll_seconds = 0.1
+
+    # -- the machinery --------------------------------------------------------------------------
+
+    def _change(
+        self,
+        cls: type[A],
+        kind: str,
+        aggregate_id: UUID,
+        cmd: m.Command,
+        actor: Actor,
+        *,
+        needed: Role,
+        action: str,
+        change: Callable[[A, EventMeta], object],
+        expected_version: int | None = None,
+    ) -> CommandResult:
+        """The shape most commands have: load one aggregate the actor may change, check its
+        version, let it decide, save it alone."""
+
+        def decide(meta: EventMeta) -> Decision:
+            target = self.load(cls, aggregate_id, actor, needed, action)
+            expect_version(target, expected_version)
+            change(target, meta)
+            return Decision(target, kind, [target])
+
+        return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def execute(
+        self,
+        cmd: m.Command,
+        actor: Actor,
+        workspace_hint: UUID | None,
+        decide: Callable[[EventMeta], Decision],
+    ) -> CommandResult:
+        with self.observe(type(cmd).__name__, actor.traceparent) as traceparent:
+            return self._execute_observed(cmd, actor, workspace_hint, decide, traceparent)
+
+    def _execute_observed(
+        self,
+        cmd: m.Command,
+        actor: Actor,
+        workspace_hint: UUID | None,
+        decide: Callable[[EventMeta], Decision],
+        traceparent: str,
+    ) -> CommandResult:
+        # Bootstrap credentials are not a tenant: each bootstrap user gets a scope of their own.
+        scope = actor.workspace_id if actor.workspace_id != "*" else f"*:{actor.user_id}"
+        if actor.workspace_id == USER_SCOPE:
+            scope = f"user:{actor.user_id}"
+            workspace_hint = workspace_hint or self._target_workspace(cmd)
+        sent_id = cmd.command_id is not None
+        if not sent_id:
+            # Every write is recorded under an id, so that one whose commit was interrupted can
+            # be looked up and answered truthfully (see _settle).
+            cmd = cmd.model_copy(update={"command_id": uuid4()})
+        command_id = str(cmd.command_id)
+        digest = fingerprint(cmd)
+        meta = EventMeta.for_command(
+            workspace_id=workspace_hint
+            or (actor.workspace_id if actor.workspace_id != "*" else ""),
+            actor=actor.user_id,
+            command_id=cmd.command_id or uuid4(),
+            correlation_id=actor.correlation_id,
+            causation_id=actor.causation_id,
+            traceparent=traceparent,
+        )
+        # The store raises UNAVAILABLE itself when loading or appending fails before anything
+        # was committed.
+        if sent_id:
+            earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
+            if earlier is not None:
+                return earlier
+        return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
+
+    def _attempts(
+        self,
+        cmd: m.Command,
+        actor: Actor,
+        scope: str,
+        command_id: str,
+        digest: str,
+        decide: Callable[[EventMeta], Decision],
+        meta: EventMeta,
+    ) -> CommandResult:
+        for attempt in range(self.retries + 1):
+            decision = decide(meta)
+            changed = [agg for agg in decision.changed if agg.pending_events]
+            version = decision.target.version
+            provisional = CommandResult(
+                kind=decision.kind, id=decision.target.id, version=version, position=0,
+                extra=decision.extra,
+            )  # fmt: skip
+            try:
+                return self._save_with_record(changed, scope, cmd, digest, actor, provisional)
+            except Unavailable as unknown:
+                if unknown.outcome != "unknown":
+                    raise
+                settled = self._settle(unknown, scope, command_id)
+                if settled is not None:
+                    return settled
+                # Not committed: nothing was written, so deciding again is safe.
+                if attempt == self.retries:
+                    raise Unavailable(
+                        f"{type(cmd).__name__} was not written: the database connection kept "
+                        "breaking; retry shortly",
+                        retry_after_seconds=1.0,
+                    ) from unknown
+                continue
+            except Conflict as error:
+                if isinstance(error, DuplicateCommand):
+                    earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
+                    if earlier is not None:
+                        return earlier
+                if attempt == self.retries:
+                    raise Conflict(
+                        f"{type(cmd).__name__} on {decision.kind} {decision.target.id} lost "
+                        f"{self.retries + 1} races with concurrent writes; retry later"
+                    ) from error
+                # Jittered backoff: writers that retry in lockstep collide again.
+                time.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311
+                continue
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _settle(self, unknown: Unavailable, scope: str, command_id: str) -> CommandResult | None:
+        """The true outcome of a write whose commit was interrupted: its result if it committed,
+        None if it did not; if the store cannot tell within ``settle_seconds``, UNAVAILABLE with
+        ``outcome="unknown"`` and the commandId that a retry learns the truth with."""
+        transaction_id = unknown.details.get("transaction_id")
+        deadline = time.monotonic() + self.settle_seconds
+        while True:
+            try:
+                if self.command_log is None or not isinstance(transaction_id, str):
+                    break
+                committed = self.command_log.committed(transaction_id)
+                if committed is False:
+                    log.info("command.commit_settled: %s was not committed", command_id)
+                    return None
+                if committed:
+                    stored = self.command_log.find(scope, command_id)
+                    if stored is not None:
+                        log.info("command.commit_settled: %s was committed", command_id)
+                        return replace(CommandResult.from_stored(stored.result), replayed=False)
+            except Unavailable:
+                pass  # the database is not back yet
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(self.settle_poll_seconds)
+        log.warning("command.commit_unknown: %s, the client was told to retry with it", command_id)
+        raise Unavailable(
+            "the database connection was lost while this write was committing and the outcome "
+            f"could not be learnt within {self.settle_seconds:g} s; retry with commandId "
+            f"{command_id} to get its result without writing twice",
+            retry_after_seconds=1.0,
+            outcome="unknown",
+            command_id=command_id,
+        ) from unknown
+
+    def _take_snapshots(self, processing_event: ProcessingEvent[UUID]) -> None:
+        """Snapshots are a shortcut for reading, taken after the command committed: failing to
+        write one must not turn a committed command into a failure."""
+        try:
+            super()._take_snapshots(processing_event)
+        except Unavailable:
+            log.warning("command.snapshot_skipped: the database is unavailable")
+
+    def _save_with_record(
+        self,
+        changed: list[Aggregate],
+        scope: str,
+        cmd: m.Command,
+        digest: str,
+        actor: Actor,
+        provisional: CommandResult,
+    ) -> CommandResult:
+        """Save the events and the command's idempotency record, atomically."""
+        record = CommandRecord(
+            scope=scope,
+            command_id=str(cmd.command_id),
+            command_type=type(cmd).__name__,
+            fingerprint=digest,
+            actor=actor.user_id,
+            result=provisional.as_dict(),
+        )
+        recordings = self.save(*changed, command_record=record)
+        position = max((r.notification.id for r in recordings), default=0)
+        return replace(provisional, position=position)
+
+    def _earlier_result(
+        self,
+        scope: str,
+        command_id: str,
+        cmd: m.Command,
+        digest: str,
+        decide: Callable[[EventMeta], Decision],
+        meta: EventMeta,
+    ) -> CommandResult | None:
+        """The first result of a command sent again, for a caller who may run it now.
+
+        The replay re-runs the command's checks against the current state and writes nothing:
+        a refusal of who is asking (FORBIDDEN, NOT_FOUND) is the answer, so a VIEWER replaying an
+        owner's commandId learns nothing; a refusal of the state (the card has moved since, a
+        version moved on) is expected after the first run and the first result stands.
+        """
+        if self.command_log is None:
+            return None
+        stored = self.command_log.find(scope, command_id)
+        if stored is None:
+            return None
+        if stored.command_type != type(cmd).__name__ or stored.fingerprint != digest:
+            raise ValidationFailed(
+                f"commandId {command_id} was already used for a different command "
+                f"({stored.command_type}); use a new commandId for a new command"
+            )
+        try:
+            decide(meta)
+        except (Forbidden, NotFound, Unauthenticated, Unavailable):
+            raise
+        except AgentWorksError:
+            pass
+        return CommandResult.from_stored(stored.result)
+
+    def _target_workspace(self, cmd: m.Command) -> UUID | None:
+        """The workspace a user token's command acts in, from the object it names: user tokens
+        carry no workspace, and every event must still be stamped with its tenant."""
+        direct = getattr(cmd, "workspace_id", None)
+        if isinstance(direct, UUID):
+            return direct
+        for field_name, cls in _TARGETS:
+            target = getattr(cmd, field_name, None)
+            if isinstance(target, UUID):
+                try:
+                    owner: UUID = self.aggregate(cls, target, copy=False).workspace_id  # type: ignore[attr-defined]
+                except NotFound:
+                    return None
+                return owner
+        return None
+
+    def _scope_hint(self, actor: Actor) -> UUID | None:
+        try:
+            return UUID(actor.workspace_id)
+        except ValueError:
+            return None
+
+    def aggregate(
+        self, cls: type[A], aggregate_id: UUID, *, version: int | None = None, copy: bool = True
+    ) -> A:
+        """Load an aggregate; ``copy=False`` shares the cached instance, for reading only."""
+        try:
+            aggregate: Aggregate = self.repository.get(
+                aggregate_id, version=version, deepcopy_from_cache=copy
+            )
+        except AggregateNotFoundError:
+            raise NotFound(f"{kind_of(cls)} {aggregate_id} does not exist") from None
+        if not isinstance(aggregate, cls):
+            raise NotFound(f"{kind_of(cls)} {aggregate_id} does not exist")
+        return aggregate
+
+    def load(
+        self,
+        cls: type[A],
+        aggregate_id: UUID,
+        actor: Actor,
+        needed: Role,
+        action: str,
+        *,
+        version: int | None = None,
+    ) -> A:
+        """An aggregate the actor may act on; another workspace's ids look like missing ones."""
+        aggregate = self.aggregate(cls, aggregate_id, version=version)
+        workspace_id = aggregate.workspace_id  # type: ignore[attr-defined]
+        if actor.workspace_id != USER_SCOPE and str(workspace_id) != actor.workspace_id:
+            raise NotFound(f"{kind_of(cls)} {aggregate_id} does not exist")
+        if not actor.is_service:
+            workspace = self.aggregate(Workspace, workspace_id, copy=False)
+            self._check_role(workspace, actor, needed, action)
+        return aggregate
+
+    def workspace_for(
+        self, actor: Actor, workspace_id: UUID, needed: Role, action: str
+    ) -> Workspace:
+        if actor.workspace_id != USER_SCOPE and str(workspace_id) != actor.workspace_id:
+            raise NotFound(f"workspace {workspace_id} does not exist")
+        workspace = self.aggregate(Workspace, workspace_id)
+        if not actor.is_service:
+            self._check_role(workspace, actor, needed, action)
+        return workspace
+
+    def _check_role(self, workspace: Workspace, actor: Actor, needed: Role, action: str) -> None:
+        role = workspace.role_of(actor.user_id)
+        if role is None:
+            raise NotFound(f"workspace {workspace.id} does not exist")
+        require_role(capped(role, actor.role), needed, action=action, user_id=actor.user_id)
+
+    def may_grant(self, workspace: Workspace, actor: Actor, role: Role) -> None:
+        if role is Role.OWNER and not actor.is_service:
+            mine = capped(workspace.role_of(actor.user_id) or Role.VIEWER, actor.role)
+            require_role(mine, Role.OWNER, action="granting or taking OWNER", user_id=actor.user_id)
+
+    def spend_for(self, workspace: Workspace, at: datetime, meta: EventMeta) -> MonthlySpend:
+        """The spend of ``at``'s month, or of the first open month after it once that is closed
+        (late usage of a closed month is billed in the next statement)."""
+        month = month_of(at)
+        while True:
+            try:
+                spend = self.aggregate(MonthlySpend, spend_id_for(workspace.id, month))
+            except NotFound:
+                return MonthlySpend.open(workspace_id=workspace.id, month=month, meta=meta)
+            if not spend.closed:
+                return spend
+            month = next_month(month)
+
+
+_TARGETS: tuple[tuple[str, type[Aggregate]], ...] = (
+    ("card_id", Card),
+    ("project_id", Project),
+    ("run_id", AgentRun),
+    ("charge_id", UsageCharge),
+)
+
+
+def expect_version(aggregate: Aggregate, expected: int | None) -> None:
+    if expected is not None and aggregate.version != expected:
+        raise Conflict(
+            f"{kind_of(type(aggregate))} {aggregate.id} is at version {aggregate.version}, "
+            f"not the expected {expected}; reload it and retry",
+            expected=expected,
+            actual=aggregate.version,
+        )
+
+
+def kind_of(cls: type[Aggregate]) -> str:
+    return {
+        "Workspace": "workspace",
+        "Project": "project",
+        "Card": "card",
+        "AgentRun": "agent run",
+        "UsageCharge": "usage charge",
+        "MonthlySpend": "monthly spend",
+    }.get(cls.__name__, cls.__name__.lower())
