@@ -241,6 +241,29 @@ class AppendRunLog(Command):
     worker: str | None = Field(default=None, max_length=200)
 
 
+class RunLogChunk(Input):
+    run_id: UUID
+    lines: list[LogLineInput] = Field(min_length=1, max_length=10_000)
+
+
+class AppendRunLogs(Command):
+    """Log chunks of several runs of one workspace, saved in one transaction: how an
+    orchestrator writes the output of all its runs without one command per chunk."""
+
+    chunks: list[RunLogChunk] = Field(min_length=1, max_length=1_000)
+    worker: str | None = Field(default=None, max_length=200)
+
+    @field_validator("chunks")
+    @classmethod
+    def _one_chunk_a_run(cls, chunks: list[RunLogChunk]) -> list[RunLogChunk]:
+        seen: set[UUID] = set()
+        for chunk in chunks:
+            if chunk.run_id in seen:
+                raise ValueError(f"run {chunk.run_id} has more than one chunk; send one a run")
+            seen.add(chunk.run_id)
+        return chunks
+
+
 class RecordLlmCall(Command):
     """A provider call finished; its provider-reported usage and cost are authoritative."""
 

@@ -124,6 +124,25 @@ class RunCommands(WriteSide):
 
         return self.execute(cmd, actor, self._scope_hint(actor), decide)
 
+    def append_run_logs(self, cmd: m.AppendRunLogs, actor: Actor) -> CommandResult:
+        """Several runs' chunks in one transaction; all or nothing (a run that refuses its chunk
+        fails the command, and the sender writes the chunks one by one to learn which)."""
+
+        def decide(meta: EventMeta) -> Decision:
+            runs: list[AgentRun] = []
+            seqs: dict[str, list[int]] = {}
+            for chunk in cmd.chunks:
+                run = self.load(AgentRun, chunk.run_id, actor, Role.ADMIN, "appendRunLogs")
+                run.expect_worker(cmd.worker)
+                first, last = run.append_log(
+                    [(line.at, line.stream, line.text) for line in chunk.lines], meta=meta
+                )
+                runs.append(run)
+                seqs[str(run.id)] = [first, last]
+            return Decision(runs[0], "run", list(runs), {"seqs": seqs})
+
+        return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
     def record_llm_call(self, cmd: m.RecordLlmCall, actor: Actor) -> CommandResult:
         """Record a finished LLM call, its charge and the month's new spend, atomically."""
 

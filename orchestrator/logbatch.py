@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from uuid import UUID
 
 Line = tuple[datetime, str, str]
 
@@ -101,3 +103,121 @@ class LogBatcher:
                 self.lines_written += len(batch)
             if self._closed:
                 return
+
+
+@dataclass
+class _Chunk:
+    workspace_id: UUID
+    run_id: UUID
+    lines: list[Line]
+    alone: Callable[[], Awaitable[None]]
+    done: asyncio.Future[None]
+
+
+#: Chunks in one group write at the most (each run has at most one chunk waiting).
+GROUP_MAX_CHUNKS = 200
+
+
+class RunLogWriter:
+    """Every run's log chunks of one orchestrator, written together: a group commit across runs.
+
+    Each run's batcher hands its chunk over and waits for it (so a run's chunks stay in order);
+    whatever chunks are waiting when the writer is free go out as one command per workspace —
+    one transaction for all of that workspace's runs instead of one per chunk. A group that is
+    refused (one of its runs was taken over, cancelled or ended, or it kept losing races to the
+    runs' other writes) is written again chunk by chunk through each chunk's ``alone`` writer, so
+    every run learns its own outcome. A group whose outcome the store could not tell
+    (``Unavailable``) is not written again: the error goes to every run in it, as a single
+    chunk's would.
+    """
+
+    def __init__(
+        self,
+        write_group: Callable[[UUID, list[tuple[UUID, list[Line]]]], Awaitable[None]],
+        *,
+        retry_alone: Callable[[BaseException], bool],
+    ) -> None:
+        self._write_group = write_group
+        self._retry_alone = retry_alone
+        self._waiting: list[_Chunk] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.groups_written = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="run-log-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for chunk in self._waiting:
+            chunk.done.cancel()
+        self._waiting.clear()
+
+    async def write(
+        self,
+        workspace_id: UUID,
+        run_id: UUID,
+        lines: list[Line],
+        alone: Callable[[], Awaitable[None]],
+    ) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Chunk(workspace_id, run_id, lines, alone, done))
+        self._wake.set()
+        await done
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                taken, self._waiting = self._waiting, []
+                groups: dict[UUID, list[_Chunk]] = {}
+                for chunk in taken:
+                    if not chunk.done.cancelled():
+                        groups.setdefault(chunk.workspace_id, []).append(chunk)
+                writes = [
+                    self._write(chunks[at : at + GROUP_MAX_CHUNKS])
+                    for chunks in groups.values()
+                    for at in range(0, len(chunks), GROUP_MAX_CHUNKS)
+                ]
+                await asyncio.gather(*writes)
+
+    async def _write(self, chunks: list[_Chunk]) -> None:
+        if len(chunks) == 1:
+            await self._settle(chunks[0], chunks[0].alone())
+            return
+        try:
+            await self._write_group(
+                chunks[0].workspace_id, [(chunk.run_id, chunk.lines) for chunk in chunks]
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - handed on to every waiting run, not swallowed
+            if not self._retry_alone(error):
+                for chunk in chunks:
+                    if not chunk.done.done():
+                        chunk.done.set_exception(error)
+                return
+            await asyncio.gather(*(self._settle(chunk, chunk.alone()) for chunk in chunks))
+            return
+        self.groups_written += 1
+        for chunk in chunks:
+            if not chunk.done.done():
+                chunk.done.set_result(None)
+
+    async def _settle(self, chunk: _Chunk, write: Awaitable[None]) -> None:
+        try:
+            await write
+        except asyncio.CancelledError:
+            if not chunk.done.done():
+                chunk.done.cancel()
+            raise
+        except Exception as error:  # noqa: BLE001 - handed on to the run that waits for it
+            if not chunk.done.done():
+                chunk.done.set_exception(error)
+        else:
+            if not chunk.done.done():
+                chunk.done.set_result(None)

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from uuid import UUID, uuid4
 
 import structlog
@@ -42,10 +42,10 @@ from adapters.providers.base import (
 )
 from adapters.tokenizer import count_message_tokens, count_tokens
 from commands import models as m
-from commands.handlers import Actor
+from commands.handlers import Actor, CommandResult
 from domain.agents import EarlierRun, agent_named, build_prompt
 from domain.budget_holds import Hold, HoldRequest
-from domain.errors import AgentWorksError, Conflict, InvalidTransition, NotFound
+from domain.errors import AgentWorksError, Conflict, InvalidTransition, NotFound, Unavailable
 from domain.money import billed_amount, format_usd
 from domain.pricing import call_cost_micros
 from domain.routing import (
@@ -59,7 +59,7 @@ from domain.routing import (
 )
 from domain.usage import month_of
 from orchestrator.holds import BudgetHolds, LocalHolds
-from orchestrator.logbatch import Line, LogBatcher
+from orchestrator.logbatch import Line, LogBatcher, RunLogWriter
 
 if TYPE_CHECKING:
     from adapters.eventlog import EventLog
@@ -173,6 +173,11 @@ class Orchestrator:
         self.holds: BudgetHolds = holds if holds is not None else self._local_holds
         self._last_write: dict[UUID, float] = {}
         self._charging: dict[UUID, asyncio.Lock] = {}
+        # A refused group is written chunk by chunk, each with its run's own outcome; a group
+        # the store may have written (UNAVAILABLE) is not written twice.
+        self._log_writer = RunLogWriter(
+            self._write_log_group, retry_alone=lambda error: not isinstance(error, Unavailable)
+        )
         self._executor = ThreadPoolExecutor(
             max_workers=min(64, self.config.concurrency + 4), thread_name_prefix="orchestrator"
         )
@@ -184,6 +189,7 @@ class Orchestrator:
         """Follow the log and execute runs until :meth:`stop`; runs in flight are abandoned at
         stop (another orchestrator takes them over once their heartbeats stop)."""
         last_stale_check = 0.0
+        self._log_writer.start()
         try:
             while not self._stop.is_set():
                 try:
@@ -204,6 +210,7 @@ class Orchestrator:
             for task in list(self.tasks.values()):
                 task.cancel()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            await self._log_writer.stop()
             await asyncio.gather(
                 *(p.aclose() for p in self.providers.values()),
                 self.holds.aclose(),
@@ -214,7 +221,7 @@ class Orchestrator:
     def stop(self) -> None:
         self._stop.set()
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, partial(fn, *args))
 
@@ -386,14 +393,31 @@ class Orchestrator:
             log.exception("orchestrator.log_flush_failed")
 
     async def _write_lines(self, view: RunView, lines: list[Line]) -> None:
-        cmd = m.AppendRunLog(
-            run_id=view.run_id,
-            worker=self.worker,
-            lines=[m.LogLineInput(at=at, stream=stream, text=text) for at, stream, text in lines],
+        await self._log_writer.write(
+            view.workspace_id, view.run_id, lines, partial(self._write_lines_alone, view, lines)
         )
+
+    async def _write_lines_alone(self, view: RunView, lines: list[Line]) -> None:
+        cmd = m.AppendRunLog(run_id=view.run_id, worker=self.worker, lines=_line_inputs(lines))
         await self._write(view, self.app.append_run_log, cmd)
 
-    async def _write(self, view: RunView, handler: Callable[..., Any], cmd: m.Command) -> Any:
+    async def _write_log_group(
+        self, workspace_id: UUID, chunks: list[tuple[UUID, list[Line]]]
+    ) -> None:
+        cmd = m.AppendRunLogs(
+            worker=self.worker,
+            chunks=[
+                m.RunLogChunk(run_id=run_id, lines=_line_inputs(lines)) for run_id, lines in chunks
+            ],
+        )
+        await self._call(self.app.append_run_logs, cmd, Actor.service("orchestrator", workspace_id))
+        written = time.monotonic()
+        for run_id, _ in chunks:
+            self._last_write[run_id] = written
+
+    async def _write(
+        self, view: RunView, handler: Callable[..., CommandResult], cmd: m.Command
+    ) -> CommandResult:
         """Send a command for the run; a race lost to other writers (every charge of a workspace
         saves its month's spend) is retried with jittered backoff, since nothing was written."""
         for race in range(1, WRITE_RACES + 1):
@@ -682,6 +706,10 @@ class Orchestrator:
         finally:
             if not lock.locked() and self._charging.get(view.workspace_id) is lock:
                 del self._charging[view.workspace_id]
+
+
+def _line_inputs(lines: list[Line]) -> list[m.LogLineInput]:
+    return [m.LogLineInput(at=at, stream=stream, text=text) for at, stream, text in lines]
 
 
 class OrchestratorThread:

@@ -4,13 +4,16 @@ complete during a write share the next chunk, nothing is lost, duplicated or reo
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from uuid import UUID, uuid4
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator import logbatch
-from orchestrator.logbatch import Line, LogBatcher
+from orchestrator.logbatch import Line, LogBatcher, RunLogWriter
 
 
 class Sink:
@@ -135,3 +138,125 @@ def test_every_line_is_written_once_in_order(
     assert [text for stream, text in written if stream == "system"] == [
         f"system {i}" for i in sorted(system_at) if i < len(pieces)
     ]
+
+
+WS_A = UUID("1b2c3d4e-5f60-4172-8394-a5b6c7d8e9f0")
+WS_B = UUID("2c3d4e5f-6071-4283-94a5-b6c7d8e9f0a1")
+
+
+class Store:
+    """Group and single writes as the orchestrator sends them; a group may be refused."""
+
+    def __init__(self, refuse_groups: BaseException | None = None) -> None:
+        self.groups: list[tuple[UUID, list[UUID]]] = []
+        self.alone: list[UUID] = []
+        self.refuse_groups = refuse_groups
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def write_group(self, workspace: UUID, chunks: list[tuple[UUID, list[Line]]]) -> None:
+        await self.gate.wait()
+        if self.refuse_groups is not None:
+            raise self.refuse_groups
+        self.groups.append((workspace, [run for run, _ in chunks]))
+
+    def alone_writer(self, run: UUID, fail: bool = False) -> Callable[[], Awaitable[None]]:
+        async def write() -> None:
+            await self.gate.wait()
+            if fail:
+                raise LookupError(f"run {run} was taken over")
+            self.alone.append(run)
+
+        return write
+
+
+def lines(text: str) -> list[Line]:
+    return [(datetime.now(UTC), "stdout", text)]
+
+
+def test_chunks_waiting_together_go_out_as_one_write_per_workspace() -> None:
+    runs = [uuid4() for _ in range(5)]
+
+    async def scenario() -> Store:
+        store = Store()
+        writer = RunLogWriter(store.write_group, retry_alone=lambda error: True)
+        writer.start()
+        store.gate.clear()
+        first = asyncio.create_task(
+            writer.write(WS_A, runs[0], lines("a"), store.alone_writer(runs[0]))
+        )
+        await settle()  # the first chunk is being written (alone: nothing else waited)
+        rest = [
+            asyncio.create_task(
+                writer.write(WS_A if i < 3 else WS_B, run, lines("b"), store.alone_writer(run))
+            )
+            for i, run in enumerate(runs[1:], start=1)
+        ]
+        await settle()
+        store.gate.set()
+        await asyncio.gather(first, *rest)
+        await writer.stop()
+        return store
+
+    store = asyncio.run(scenario())
+    assert store.alone == [runs[0]]
+    assert sorted(store.groups) == sorted([(WS_A, runs[1:3]), (WS_B, runs[3:])])
+
+
+def test_a_refused_group_is_written_chunk_by_chunk_and_each_run_gets_its_own_outcome() -> None:
+    ok, lost, other = uuid4(), uuid4(), uuid4()
+
+    async def scenario() -> tuple[Store, list[BaseException | None]]:
+        store = Store(refuse_groups=LookupError("one run of the group was taken over"))
+        writer = RunLogWriter(store.write_group, retry_alone=lambda error: True)
+        writer.start()
+        store.gate.clear()
+        warmup = asyncio.create_task(
+            writer.write(WS_A, other, lines("w"), store.alone_writer(other))
+        )
+        await settle()
+        tasks = [
+            asyncio.create_task(writer.write(WS_A, ok, lines("x"), store.alone_writer(ok))),
+            asyncio.create_task(
+                writer.write(WS_A, lost, lines("y"), store.alone_writer(lost, fail=True))
+            ),
+        ]
+        await settle()
+        store.gate.set()
+        outcomes = await asyncio.gather(warmup, *tasks, return_exceptions=True)
+        await writer.stop()
+        return store, list(outcomes)
+
+    store, outcomes = asyncio.run(scenario())
+    assert store.groups == []
+    assert sorted(store.alone) == sorted([other, ok])
+    assert outcomes[:2] == [None, None]
+    assert isinstance(outcomes[2], LookupError)
+
+
+def test_a_group_the_store_may_have_written_is_not_written_again() -> None:
+    runs = [uuid4() for _ in range(3)]
+
+    async def scenario() -> tuple[Store, list[BaseException | None]]:
+        store = Store(refuse_groups=TimeoutError("outcome unknown"))
+        writer = RunLogWriter(
+            store.write_group, retry_alone=lambda error: not isinstance(error, TimeoutError)
+        )
+        writer.start()
+        store.gate.clear()
+        tasks = [
+            asyncio.create_task(writer.write(WS_A, run, lines("z"), store.alone_writer(run)))
+            for run in runs
+        ]
+        await settle()
+        store.gate.set()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        await writer.stop()
+        return store, list(outcomes)
+
+    store, outcomes = asyncio.run(scenario())
+    # All three waited together, as one group: it is neither written again as a group nor
+    # chunk by chunk, and every run learns that its chunk's fate is unknown.
+    assert store.alone == []
+    assert store.groups == []
+    assert all(isinstance(outcome, TimeoutError) for outcome in outcomes)

@@ -89,6 +89,17 @@ SPECS = [
             m.AppendRunLog(run_id=run, lines=[m.LogLineInput(at=NOW, text="hi")]), a
         ),
     ),
+    Spec(
+        "appendRunLogs",
+        Role.ADMIN,
+        running,
+        lambda w, run, a: w.app.append_run_logs(
+            m.AppendRunLogs(
+                chunks=[m.RunLogChunk(run_id=run, lines=[m.LogLineInput(at=NOW, text="hi")])]
+            ),
+            a,
+        ),
+    ),
     Spec("recordLlmCall", Role.ADMIN, running, lambda w, run, a: w.llm_call(run, actor=a)),
     Spec(
         "finishRun",
@@ -398,3 +409,50 @@ def test_last_months_spend_does_not_count_against_this_month() -> None:
     run_id = world.run(begin=True)
     world.llm_call(run_id, cost=1_000, at=NOW - timedelta(days=40))
     world.app.start_agent_run(m.StartAgentRun(card_id=world.card_id, agent="coder"), world.owner)
+
+
+def test_several_runs_chunks_are_saved_in_one_command_with_their_own_sequences() -> None:
+    world = World.build()
+    first, second = world.run(begin=True), world.run(begin=True)
+    world.app.append_run_log(
+        m.AppendRunLog(run_id=first, lines=[m.LogLineInput(at=NOW, text="before")]),
+        world.service(),
+    )
+    lines = [m.LogLineInput(at=NOW, text=f"l{i}") for i in range(2)]
+    result = world.app.append_run_logs(
+        m.AppendRunLogs(
+            worker="w1",
+            chunks=[
+                m.RunLogChunk(run_id=first, lines=lines),
+                m.RunLogChunk(run_id=second, lines=lines),
+            ],
+        ),
+        world.service(),
+    )
+    assert result.extra == {"seqs": {str(first): [2, 3], str(second): [1, 2]}}
+    for run_id, count in ((first, 3), (second, 2)):
+        run: AgentRun = world.get(run_id)
+        assert run.next_seq == count + 1
+
+
+def test_a_group_with_one_refusing_run_writes_nothing() -> None:
+    world = World.build()
+    live, ended = world.run(begin=True), world.run(begin=True)
+    world.app.cancel_agent_run(m.CancelAgentRun(run_id=ended), world.owner)
+    lines = [m.LogLineInput(at=NOW, text="x")]
+    cmd = m.AppendRunLogs(
+        worker="w1",
+        chunks=[m.RunLogChunk(run_id=live, lines=lines), m.RunLogChunk(run_id=ended, lines=lines)],
+    )
+    assert_refused(
+        world.app, InvalidTransition, lambda: world.app.append_run_logs(cmd, world.service())
+    )
+    run: AgentRun = world.get(live)
+    assert run.next_seq == 1
+
+
+def test_a_group_names_each_run_once() -> None:
+    lines = [m.LogLineInput(at=NOW, text="x")]
+    run_id = UUID("0f6d1c4e-2a3b-4c5d-8e9f-a0b1c2d3e4f5")
+    with pytest.raises(ValueError, match="more than one chunk"):
+        m.AppendRunLogs(chunks=[m.RunLogChunk(run_id=run_id, lines=lines)] * 2)
