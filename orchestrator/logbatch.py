@@ -115,7 +115,7 @@ class _Chunk:
 
 
 #: Chunks in one group write at the most (each run has at most one chunk waiting).
-GROUP_MAX_CHUNKS = 200
+GROUP_MAX_CHUNKS = 50
 
 
 class RunLogWriter:
@@ -136,9 +136,11 @@ class RunLogWriter:
         write_group: Callable[[UUID, list[tuple[UUID, list[Line]]]], Awaitable[None]],
         *,
         retry_alone: Callable[[BaseException], bool],
+        run_lock: Callable[[UUID], asyncio.Lock],
     ) -> None:
         self._write_group = write_group
         self._retry_alone = retry_alone
+        self._run_lock = run_lock
         self._waiting: list[_Chunk] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -189,13 +191,22 @@ class RunLogWriter:
         if len(chunks) == 1:
             await self._settle(chunks[0], chunks[0].alone())
             return
-        try:
-            await self._write_group(
-                chunks[0].workspace_id, [(chunk.run_id, chunk.lines) for chunk in chunks]
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # noqa: BLE001 - handed on to every waiting run, not swallowed
+        # The runs' other writes (attempts, output, heartbeats) take the same locks, so a group
+        # never loses a race to them; the locks are taken in one order, so never in a cycle.
+        async with contextlib.AsyncExitStack() as locks:
+            for chunk in sorted(chunks, key=lambda chunk: chunk.run_id):
+                await locks.enter_async_context(self._run_lock(chunk.run_id))
+            try:
+                await self._write_group(
+                    chunks[0].workspace_id, [(chunk.run_id, chunk.lines) for chunk in chunks]
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as caught:  # noqa: BLE001 - handed on to the runs, not swallowed
+                error: Exception | None = caught
+            else:
+                error = None
+        if error is not None:
             if not self._retry_alone(error):
                 for chunk in chunks:
                     if not chunk.done.done():

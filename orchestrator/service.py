@@ -175,8 +175,11 @@ class Orchestrator:
         self._charging: dict[UUID, asyncio.Lock] = {}
         # A refused group is written chunk by chunk, each with its run's own outcome; a group
         # the store may have written (UNAVAILABLE) is not written twice.
+        self._run_locks: dict[UUID, asyncio.Lock] = {}
         self._log_writer = RunLogWriter(
-            self._write_log_group, retry_alone=lambda error: not isinstance(error, Unavailable)
+            self._write_log_group,
+            retry_alone=lambda error: not isinstance(error, Unavailable),
+            run_lock=self._run_lock,
         )
         self._executor = ThreadPoolExecutor(
             max_workers=min(64, self.config.concurrency + 4), thread_name_prefix="orchestrator"
@@ -292,6 +295,7 @@ class Orchestrator:
 
     def _done(self, run_id: UUID) -> None:
         self.tasks.pop(run_id, None)
+        self._run_locks.pop(run_id, None)
         self.cancelled.discard(run_id)
         self._last_write.pop(run_id, None)
         view = self.views.get(run_id)
@@ -415,7 +419,17 @@ class Orchestrator:
         for run_id, _ in chunks:
             self._last_write[run_id] = written
 
+    def _run_lock(self, run_id: UUID) -> asyncio.Lock:
+        """Held by every write of the run from here: they would only race each other."""
+        return self._run_locks.setdefault(run_id, asyncio.Lock())
+
     async def _write(
+        self, view: RunView, handler: Callable[..., CommandResult], cmd: m.Command
+    ) -> CommandResult:
+        async with self._run_lock(view.run_id):
+            return await self._write_unlocked(view, handler, cmd)
+
+    async def _write_unlocked(
         self, view: RunView, handler: Callable[..., CommandResult], cmd: m.Command
     ) -> CommandResult:
         """Send a command for the run; a race lost to other writers (every charge of a workspace

@@ -170,6 +170,11 @@ class Store:
         return write
 
 
+def locks() -> Callable[[UUID], asyncio.Lock]:
+    held: dict[UUID, asyncio.Lock] = {}
+    return lambda run: held.setdefault(run, asyncio.Lock())
+
+
 def lines(text: str) -> list[Line]:
     return [(datetime.now(UTC), "stdout", text)]
 
@@ -179,7 +184,7 @@ def test_chunks_waiting_together_go_out_as_one_write_per_workspace() -> None:
 
     async def scenario() -> Store:
         store = Store()
-        writer = RunLogWriter(store.write_group, retry_alone=lambda error: True)
+        writer = RunLogWriter(store.write_group, retry_alone=lambda error: True, run_lock=locks())
         writer.start()
         store.gate.clear()
         first = asyncio.create_task(
@@ -208,7 +213,7 @@ def test_a_refused_group_is_written_chunk_by_chunk_and_each_run_gets_its_own_out
 
     async def scenario() -> tuple[Store, list[BaseException | None]]:
         store = Store(refuse_groups=LookupError("one run of the group was taken over"))
-        writer = RunLogWriter(store.write_group, retry_alone=lambda error: True)
+        writer = RunLogWriter(store.write_group, retry_alone=lambda error: True, run_lock=locks())
         writer.start()
         store.gate.clear()
         warmup = asyncio.create_task(
@@ -240,7 +245,9 @@ def test_a_group_the_store_may_have_written_is_not_written_again() -> None:
     async def scenario() -> tuple[Store, list[BaseException | None]]:
         store = Store(refuse_groups=TimeoutError("outcome unknown"))
         writer = RunLogWriter(
-            store.write_group, retry_alone=lambda error: not isinstance(error, TimeoutError)
+            store.write_group,
+            retry_alone=lambda error: not isinstance(error, TimeoutError),
+            run_lock=locks(),
         )
         writer.start()
         store.gate.clear()
@@ -260,3 +267,32 @@ def test_a_group_the_store_may_have_written_is_not_written_again() -> None:
     assert store.alone == []
     assert store.groups == []
     assert all(isinstance(outcome, TimeoutError) for outcome in outcomes)
+
+
+def test_a_group_waits_for_its_runs_other_writes_instead_of_racing_them() -> None:
+    busy, free = uuid4(), uuid4()
+
+    async def scenario() -> list[str]:
+        order: list[str] = []
+        held: dict[UUID, asyncio.Lock] = {}
+
+        def run_lock(run: UUID) -> asyncio.Lock:
+            return held.setdefault(run, asyncio.Lock())
+
+        async def write_group(workspace: UUID, chunks: list[tuple[UUID, list[Line]]]) -> None:
+            order.append("group")
+
+        writer = RunLogWriter(write_group, retry_alone=lambda error: True, run_lock=run_lock)
+        writer.start()
+        async with run_lock(busy):  # the busy run's charge is being written
+            tasks = [
+                asyncio.create_task(writer.write(WS_A, run, lines("x"), Store().alone_writer(run)))
+                for run in (busy, free)
+            ]
+            await settle()
+            order.append("charge written")
+        await asyncio.gather(*tasks)
+        await writer.stop()
+        return order
+
+    assert asyncio.run(scenario()) == ["charge written", "group"]
