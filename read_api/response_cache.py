@@ -147,6 +147,8 @@ UNCACHEABLE_ARGUMENTS: Mapping[tuple[str, str], frozenset[str]] = {
 DEFAULT_MAX_ENTRIES = 512
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 _MAX_DOCUMENTS = 1024
+_MAX_DOCUMENT_CHARS = 32_768
+"""Longer documents execute: their keys would cost more memory than they save CPU."""
 
 
 def render(value: object) -> bytes:
@@ -163,6 +165,8 @@ class Entry:
     data: bytes
     """``data`` of the answer, rendered."""
     extensions: dict[str, Any]
+    size: int
+    """Bytes it holds: the rendered data and the key's document and variables."""
 
 
 Key = tuple[str, str | None, str, str, str]
@@ -204,13 +208,20 @@ class ResponseCache:
         operation_name: str | None,
     ) -> Key | None:
         """The key of this request's answer; ``None`` when it must execute."""
-        if not self.enabled or workspace_id is None or principal.is_user:
+        if (
+            not self.enabled
+            or workspace_id is None
+            or principal.is_user
+            or len(query) > _MAX_DOCUMENT_CHARS
+        ):
             return None
         if not self.cacheable(query, operation_name):
             return None
         try:
             canonical = json.dumps(variables, sort_keys=True, separators=(",", ":"))
         except (TypeError, ValueError):
+            return None
+        if len(canonical) > _MAX_DOCUMENT_CHARS:
             return None
         return (query, operation_name, canonical, str(workspace_id), str(principal.role))
 
@@ -225,20 +236,25 @@ class ResponseCache:
 
     def put(self, key: Key, version: str, data: object, extensions: Mapping[str, Any]) -> None:
         rendered = render(data)
-        if len(rendered) > self._max_bytes:
+        entry = Entry(
+            version, rendered, dict(extensions), len(rendered) + len(key[0]) + len(key[2])
+        )
+        if entry.size > self._max_bytes:
             return
         old = self._entries.pop(key, None)
         if old is not None:
-            self._bytes -= len(old.data)
-        self._entries[key] = Entry(version, rendered, dict(extensions))
-        self._bytes += len(rendered)
+            self._bytes -= old.size
+        self._entries[key] = entry
+        self._bytes += entry.size
         while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
             _, evicted = self._entries.popitem(last=False)
-            self._bytes -= len(evicted.data)
+            self._bytes -= evicted.size
 
     def cacheable(self, query: str, operation_name: str | None) -> bool:
         """Whether the operation only selects :data:`CACHEABLE_FIELDS` (decided once per
         document)."""
+        if len(query) > _MAX_DOCUMENT_CHARS:
+            return False
         memo = (query, operation_name)
         known = self._documents.get(memo)
         if known is None:

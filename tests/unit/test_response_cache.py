@@ -143,3 +143,11 @@ def test_rendering_matches_starlette() -> None:
 
     payload = {"data": {"t": "ünï", "n": [1, None, True]}}
     assert JSONResponse(payload).body == b'{"data":' + render(payload["data"]) + b"}"
+
+
+def test_huge_documents_and_variables_are_not_kept() -> None:
+    workspace = uuid4()
+    principal = member(workspace=str(workspace))
+    padded = BOARD + " " * 40_000
+    assert cache().key(principal, workspace, padded, {"id": "p"}, None) is None
+    assert cache().key(principal, workspace, BOARD, {"id": "p" * 40_000}, None) is None
