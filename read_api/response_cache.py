@@ -44,6 +44,7 @@ from graphql import (
     get_named_type,
     parse,
 )
+from prometheus_client import Counter
 
 if TYPE_CHECKING:
     from graphql import GraphQLSchema
@@ -144,6 +145,15 @@ UNCACHEABLE_ARGUMENTS: Mapping[tuple[str, str], frozenset[str]] = {
     ("Query", "board"): frozenset({"asOf"}),
 }
 
+LOOKUPS = Counter(
+    "agentworks_graphql_response_cache_total",
+    "Lookups of the GraphQL response cache by outcome: hit, or miss (not kept, or kept at an "
+    "older read-model version); queries it may not answer are not counted.",
+    ["outcome"],
+)
+_HIT = LOOKUPS.labels("hit")
+_MISS = LOOKUPS.labels("miss")
+
 DEFAULT_MAX_ENTRIES = 512
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 _MAX_DOCUMENTS = 1024
@@ -229,9 +239,11 @@ class ResponseCache:
         entry = self._entries.get(key)
         if entry is None or entry.version != version:
             self.misses += 1
+            _MISS.inc()
             return None
         self._entries.move_to_end(key)
         self.hits += 1
+        _HIT.inc()
         return entry
 
     def put(self, key: Key, version: str, data: object, extensions: Mapping[str, Any]) -> None:
