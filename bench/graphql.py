@@ -507,9 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
             report["response_cache"] = {
                 outcome: count - cache_before.get(outcome, 0)
-                for outcome, count in response_cache_lookups(
-                    f"http://127.0.0.1:{api_port}"
-                ).items()
+                for outcome, count in response_cache_lookups(f"http://127.0.0.1:{api_port}").items()
             }
             log(f"response cache lookups during the load: {report['response_cache']}")
             report["runs"] = [load.as_dict(r) for r in runs]
