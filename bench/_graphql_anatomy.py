@@ -295,7 +295,8 @@ _COUNTED = (
      "build_resolve_info"),
     ("strawberry StrawberryField.get_result (field resolver wrapper)", "strawberry/types/field.py",
      "get_result"),
-    ("read_api Card.from_row + AgentRun.from_row", "read_api/types.py", "from_row"),
+    ("read_api Card.from_row", "read_api/types.py", "from_row"),
+    ("read_api AgentRun.from_summary", "read_api/types.py", "from_summary"),
 )  # fmt: skip
 
 
@@ -374,6 +375,7 @@ def micro(pool: Any, workspace_id: UUID, project_id: UUID, n: int = 20) -> dict[
     """CPU ms per board of the per-card Python work ``Lane.cards`` does, on the real rows."""
     from domain.money import format_usd
     from projections.columns import CARD_SELECT, RUN_SELECT
+    from projections.runs_queries import RunSummary
     from read_api import cursors
 
     with pool.connection() as conn:
@@ -390,11 +392,11 @@ def micro(pool: Any, workspace_id: UUID, project_id: UUID, n: int = 20) -> dict[
         "cards": len(cards),
         "runs": len(runs),
         "Card.from_row_all_cards": _per_call_ms(
-            lambda: [api_types.Card.from_row(c, None) for c in cards],
-            n,  # type: ignore[arg-type]
+            lambda: [api_types.Card.from_row(c, None) for c in cards],  # type: ignore[arg-type]
+            n,
         ),
-        "AgentRun.from_row_all_last_runs": _per_call_ms(
-            lambda: [api_types.AgentRun.from_row(r) for r in runs], n
+        "AgentRun.from_summary_all_last_runs": _per_call_ms(
+            lambda: [api_types.AgentRun.from_summary(RunSummary.from_row(r)) for r in runs], n
         ),
         "card_cursor_all_cards": _per_call_ms(
             lambda: [cursors.card_cursor(c["position"], c["card_id"]) for c in cards], n

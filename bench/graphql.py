@@ -223,6 +223,20 @@ def in_process_evidence(
     }
 
 
+def response_cache_lookups(url: str) -> dict[str, int]:
+    """The API's ``agentworks_graphql_response_cache_total`` by outcome (hit, miss): every
+    request of the load is the same board, so this says how many were answered from the cache
+    (``read_api.response_cache``), without a write in between, all but the first."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("agentworks_graphql_response_cache_total{"):
+            labels, value = line.rsplit(" ", 1)
+            outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
+            found[outcome] = int(float(value))
+    return found
+
+
 def check_answers(gql: load.Target, plain: load.Target) -> dict[str, Any]:
     headers = {"Authorization": gql.authorization, "Content-Type": "application/json"}
     a = httpx.post(gql.url, content=gql.body, headers=headers, timeout=30)
@@ -472,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         backends = load.Backends(admin_url(base), dbname)
+        cache_before = response_cache_lookups(f"http://127.0.0.1:{api_port}")
         runs: list[load.RunResult] = []
         with load.workdir() as tmp:
             load.prepare_scripts([gql, base_target], tmp)
@@ -490,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
                             f"  server {result.server_cpu_ms_per_req:5.2f} ms CPU/req"
                             f"  errors {result.errors}"
                         )
+            report["response_cache"] = {
+                outcome: count - cache_before.get(outcome, 0)
+                for outcome, count in response_cache_lookups(f"http://127.0.0.1:{api_port}").items()
+            }
+            log(f"response cache lookups during the load: {report['response_cache']}")
             report["runs"] = [load.as_dict(r) for r in runs]
             report["summary"] = summarise(runs, clients)
             report["budget"] = budget(report["summary"], clients)

@@ -356,6 +356,44 @@ def graphql_rows() -> list[Row]:
             f"({spread(plain['p95_ms']['min'], plain['p95_ms']['max'], ms)})",
             "yes" if budget["p95_met"] and budget["ratio_met"] else "no",
             cite,
+        ),
+        *graphql_issue_17_rows(run, cite),
+    ]
+
+
+def graphql_issue_17_rows(run: dict[str, Any], cite: str) -> list[Row]:
+    """Issue 17's ratios: server CPU per request, throughput at 10 and 50 clients, p95 at 50."""
+    ratios = run["summary"]["ratios_graphql_over_plain"]
+    targets = run["summary"]["targets"]
+    if not {"10", "50"} <= set(ratios):
+        return []
+    cpu = {c: ratios[c]["server_cpu_ms_per_req"]["median"] for c in ratios}
+    rps = {c: ratios[c]["rps"]["median"] for c in ("10", "50")}
+    p95 = ratios["50"]["p95_ms"]["median"]
+    met = max(cpu.values()) <= 1.5 and min(rps.values()) >= 0.7 and p95 <= 1.5
+    cache = run.get("response_cache")
+    served = (
+        f"; {n(cache.get('hit', 0))} of {n(cache.get('hit', 0) + cache.get('miss', 0))} "
+        "requests answered from the response cache (no writes during the load)"
+        if cache
+        else ""
+    )
+    per_clients = ", ".join(
+        f"{ms(targets['graphql'][c]['server_cpu_ms_per_req']['median'])} against "
+        f"{ms(targets['plain'][c]['server_cpu_ms_per_req']['median'])} at {c}"
+        for c in ratios
+    )
+    return [
+        Row(
+            f"GraphQL board (issue 17): server CPU per request ≤ 1.5{TIMES} plain JSON, "
+            f"throughput ≥ 0.7{TIMES} at 10 and 50 clients, p95 at 50 clients ≤ 1.5{TIMES}",
+            f"server CPU {', '.join(f'{x(v)} at {c}' for c, v in cpu.items())} ({per_clients}); "
+            f"throughput {x(rps['10'])} at 10, {x(rps['50'])} at 50; p95 at 50 {x(p95)}{served}",
+            f"plain FastAPI endpoint, same rows: "
+            f"{n(targets['plain']['10']['rps']['median'])} req/s at 10, "
+            f"{n(targets['plain']['50']['rps']['median'])} at 50",
+            "yes" if met else "no",
+            cite,
         )
     ]
 

@@ -54,3 +54,24 @@ def progress(conn: Connection[DictRow]) -> Progress:
         positions={row["projector"]: int(row["position"]) for row in rows},
         parked={row["projector"]: int(row["parked"]) for row in parked},
     )
+
+
+def scope_reading_version(
+    conn: Connection[DictRow], workspace_id: UUID, *, statement_timeout_ms: int
+) -> str:
+    """``kanban_queries.scope_to_workspace`` with a timeout, and in the same statement the read
+    models' version (``read_api.response_cache`` keys answers on it).
+
+    Every projector transaction that writes read-model rows (a batch, a parked retry, a
+    rebuild's swap) also rewrites its ``projection_positions`` row, even where the position
+    stays (``GREATEST``, out-of-order Kafka deliveries), so that row's ``xmin`` changes with
+    every commit that can change what a later statement of this transaction reads.
+    """
+    row = conn.execute(
+        "SELECT set_config('agentworks.workspace_id', %s, true),"
+        " set_config('statement_timeout', %s, true),"
+        " (SELECT coalesce(string_agg(projector || '@' || xmin::text, ',' ORDER BY projector), '')"
+        "  FROM projection_positions) AS version",
+        (str(workspace_id), str(statement_timeout_ms)),
+    ).fetchone()
+    return str(row["version"]) if row is not None else ""

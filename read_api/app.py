@@ -47,7 +47,7 @@ from strawberry.schema.exceptions import (
     InvalidOperationTypeError,
 )
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
-from strawberry.types.execution import PreExecutionError
+from strawberry.types.execution import ExecutionResult, PreExecutionError
 from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UnsetType
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -84,6 +84,7 @@ from read_api.errors import (
 from read_api.identity import add_auth_routes
 from read_api.membership import member_workspace_of
 from read_api.ratelimit import address_limits, limits_for
+from read_api.response_cache import Entry, ResponseCache, render
 from read_api.runtime import ApiRuntime
 from read_api.schema import build_schema
 from read_api.services import ApiServices, RequestStats
@@ -107,6 +108,11 @@ def create_app(services: ApiServices) -> FastAPI:
     """
     runtime = ApiRuntime.build(services)
     schema = build_schema(services.query_limits)
+    cache = ResponseCache(
+        schema._schema,
+        max_entries=services.response_cache_entries,
+        max_bytes=services.response_cache_bytes,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -128,6 +134,7 @@ def create_app(services: ApiServices) -> FastAPI:
         openapi_url=None,
     )
     app.state.runtime = runtime
+    app.state.response_cache = cache
     if services.cors_origins or services.cors_origin_regex:
         app.add_middleware(
             CORSMiddleware,
@@ -150,7 +157,7 @@ def create_app(services: ApiServices) -> FastAPI:
         # Only these proxies may say who the client is (rate limits count per client address).
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(services.trusted_proxies))
 
-    endpoint = GraphQLEndpoint(runtime, schema)
+    endpoint = GraphQLEndpoint(runtime, schema, cache)
     app.add_api_route(GRAPHQL_PATH, endpoint.post, methods=["POST"], include_in_schema=False)
     app.add_api_route(GRAPHQL_PATH, endpoint.get, methods=["GET"], include_in_schema=False)
     app.include_router(SubscriptionRouter(runtime, schema))
@@ -206,10 +213,11 @@ class BadRequest(Exception):
 class GraphQLEndpoint:
     """Queries and mutations over HTTP."""
 
-    def __init__(self, runtime: ApiRuntime, schema: Schema) -> None:
+    def __init__(self, runtime: ApiRuntime, schema: Schema, cache: ResponseCache) -> None:
         self.runtime = runtime
         self.services = runtime.services
         self.schema = schema
+        self.cache = cache
 
     async def get(self, request: Request) -> Response:
         rid = request_id(request.headers.get("x-request-id"))
@@ -302,6 +310,7 @@ class GraphQLEndpoint:
         )
         context.request = request
         context.authenticate(principal)
+        hit: Entry | None = None
         try:
             waited_in = context.who.workspace_id
             if token is not None and waited_in is None and principal.is_user:
@@ -310,13 +319,23 @@ class GraphQLEndpoint:
                 )
             if token is not None and not await self.runtime.waiter.wait_for_token(token, waited_in):
                 context.stale = True
-            result = await self.schema.execute(
-                query,
-                variable_values=variables,
-                context_value=context,
-                operation_name=operation_name,
-                allowed_operation_types=_HTTP_OPERATIONS,
+            # After the wait: the version read next is then one that includes the token's write.
+            key = self.cache.key(
+                principal, context.who.workspace_id, query, variables, operation_name
             )
+            version = None if key is None else await context.read_model_version()
+            if key is not None and version is not None:
+                hit = self.cache.get(key, version)
+            if hit is None:
+                result = await self.schema.execute(
+                    query,
+                    variable_values=variables,
+                    context_value=context,
+                    operation_name=operation_name,
+                    allowed_operation_types=_HTTP_OPERATIONS,
+                )
+                if key is not None and version is not None and _cacheable_result(result):
+                    self.cache.put(key, version, result.data, result.extensions or {})
         except InvalidOperationTypeError:
             return _json(
                 error_body(
@@ -334,6 +353,8 @@ class GraphQLEndpoint:
             await context.close()
             self._report(rid, operation_name, context, started)
 
+        if hit is not None:
+            return _cached_response(hit, context.stale, rid)
         payload: dict[str, Any] = {}
         if not isinstance(result, PreExecutionError):
             payload["data"] = result.data
@@ -374,6 +395,24 @@ class GraphQLEndpoint:
             )
         except Exception:
             log.exception("api.stats_hook_failed")
+
+
+def _cacheable_result(result: ExecutionResult | PreExecutionError) -> bool:
+    """Only complete answers are kept: errors (refusals, outages) are produced afresh."""
+    return not isinstance(result, PreExecutionError) and not result.errors and bool(result.data)
+
+
+def _cached_response(entry: Entry, stale: bool, rid: str) -> Response:
+    """The answer an execution would render (same bytes as :func:`_json` of its payload)."""
+    extensions = dict(entry.extensions)
+    if stale:
+        extensions["stale"] = True
+    body = b'{"data":' + entry.data
+    if extensions:
+        body += b',"extensions":' + render(extensions)
+    return Response(
+        body + b"}", status_code=200, media_type="application/json", headers={"X-Request-Id": rid}
+    )
 
 
 def _lost_root(error: GraphQLError, data: dict[str, Any] | None) -> bool:

@@ -15,7 +15,7 @@ from strawberry.fastapi import BaseContext
 
 from adapters.telemetry import current_traceparent
 from commands.handlers import Actor
-from domain.errors import NotFound, Unauthenticated
+from domain.errors import NotFound, Unauthenticated, Unavailable
 from read_api.auth import workspace_uuid
 from read_api.db import ReadScope, StatementCounter
 from read_api.membership import member_workspace_of
@@ -151,7 +151,26 @@ class RequestContext(BaseContext):
             self._scopes[workspace_id] = scope
         return scope
 
-    def fresh_scope(self, workspace_id: UUID | None = None) -> ReadScope:
+    async def read_model_version(self) -> str | None:
+        """Open the home scope, reading the read models' version in its first statement (what
+        ``read_api.response_cache`` keys answers on); ``None`` without a home workspace, when
+        the caller is no member there, or when the database cannot say: the request then runs
+        as it would without a cache, and answers (or fails) exactly as it always did."""
+        workspace_id = self.who.workspace_id
+        if workspace_id is None or workspace_id in self._scopes:
+            return None
+        scope = self.fresh_scope(workspace_id, versioned=True)
+        self._scopes[workspace_id] = scope
+        try:
+            if not await scope.is_member():
+                return None
+        except Unavailable:
+            return None
+        return scope.version
+
+    def fresh_scope(
+        self, workspace_id: UUID | None = None, *, versioned: bool = False
+    ) -> ReadScope:
         """A new scope the caller closes itself (subscriptions: one per event).
 
         On a WebSocket the scope holds a connection only while it reads (see ``read_api.db``).
@@ -170,6 +189,7 @@ class RequestContext(BaseContext):
             statement_timeout_ms=runtime.services.statement_timeout_ms,
             keep_connection=not self.websocket,
             gate=runtime.subscription_reads if self.websocket else None,
+            versioned=versioned,
         )
 
     async def close(self) -> None:

@@ -34,6 +34,7 @@ from psycopg.rows import DictRow
 
 from domain.errors import NotFound, Unavailable
 from projections.kanban_queries import is_member, scope_to_workspace
+from projections.progress_queries import scope_reading_version
 from read_api.loaders import Loaders
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ class ReadScope:
         statement_timeout_ms: int,
         keep_connection: bool = True,
         gate: asyncio.Semaphore | None = None,
+        versioned: bool = False,
     ) -> None:
         self.workspace_id = workspace_id
         self.user_id = user_id
@@ -119,6 +121,11 @@ class ReadScope:
         self._loaders: Loaders | None = None
         self._keep = keep_connection
         self._gate = gate
+        self._versioned = versioned
+        self.version: str | None = None
+        """With ``versioned``: the read models' version when the scope's first transaction
+        began, read in its first statement, so every row it reads afterwards is at least as new
+        (``read_api.response_cache``)."""
 
     @property
     def loaders(self) -> Loaders:
@@ -187,7 +194,12 @@ class ReadScope:
         conn = self._pool.getconn()
         try:
             conn.cursor_factory = CountingCursor
-            scope_to_workspace(conn, self.workspace_id, statement_timeout_ms=self._timeout)
+            if self._versioned and self.version is None:
+                self.version = scope_reading_version(
+                    conn, self.workspace_id, statement_timeout_ms=self._timeout
+                )
+            else:
+                scope_to_workspace(conn, self.workspace_id, statement_timeout_ms=self._timeout)
             if self._member is None:
                 self._member = is_member(conn, self.workspace_id, self.user_id)
         except BaseException:

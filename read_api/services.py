@@ -153,3 +153,8 @@ class ApiServices:
     """Sign-in (``/auth/*``); ``None``: this API only accepts tokens issued elsewhere."""
     oidc: OidcSignIn | None = None
     """Tokens of the configured OpenID Connect provider, accepted as user tokens."""
+    response_cache_entries: int = 512
+    """Answers of read-model queries kept per read-model version (``read_api.response_cache``);
+    0 switches the cache off."""
+    response_cache_bytes: int = 64 * 1024 * 1024
+    """Bound on the rendered answers the response cache keeps."""
