@@ -16,6 +16,7 @@ from typing import Any
 import faust
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as driver
+from faust.types import TP, TransportT
 
 __all__ = ["FaustInternalsChanged", "ProjectorApp", "read_offsets_of"]
 
@@ -25,7 +26,7 @@ class FaustInternalsChanged(RuntimeError):
     later with events silently dropped."""
 
 
-def read_offsets_of(consumer: Any) -> MutableMapping[Any, Any]:
+def read_offsets_of(consumer: object) -> MutableMapping[TP, int]:
     """faust's per-partition read marks (``Consumer._read_offset``, private): the last offset
     read from each partition, below which faust drops what it fetches.
 
@@ -47,7 +48,7 @@ def read_offsets_of(consumer: Any) -> MutableMapping[Any, Any]:
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport: Any) -> Any:
+    def _create_worker_consumer(self, transport: driver.Transport) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # Read by AIOKafkaConsumer.start() when it builds its fetcher; set before start.
         consumer._fetch_max_wait_ms = getattr(self.app, "fetch_max_wait_ms", 1500)
@@ -76,5 +77,5 @@ class ProjectorApp(faust.App):
         """The worker's :class:`streams.worker.PartitionHolding`, set by ``build_worker_app``."""
         super().__init__(*args, **kwargs)
 
-    def _new_transport(self) -> Any:
+    def _new_transport(self) -> TransportT:
         return _Transport(self.conf.broker_consumer, self)
