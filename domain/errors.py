@@ -39,11 +39,13 @@ the module of each class that does not live here::
           │    └── InvalidKey        INVALID_KEY         adapters.tokens: a signing key
           ├── MigrationError         MIGRATION           infra.migrate: a migration file
           ├── KafkaSetupError        KAFKA_SETUP         adapters.kafka: topics not created
-          └── BrokerError            BROKER              adapters.kafka_broker: local broker
+          ├── BrokerError            BROKER              adapters.kafka_broker: local broker
+          └── FaustInternalsChanged  FAUST_INTERNALS     streams.faust_app: faust no longer keeps
+                                                         what the worker relies on
 
-The classes of ``adapters/`` that are also a library's error (``StaleVersion`` is the
-eventsourcing ``IntegrityError`` too, ``InvalidKey`` a ``ValueError``) keep that library's or
-Python's contract for code that is not ours.
+The classes outside ``domain/`` that are also a library's error (``StaleVersion`` is the
+eventsourcing ``IntegrityError`` too, ``InvalidKey`` a ``ValueError``, ``FaustInternalsChanged`` a
+``RuntimeError``) keep that library's or Python's contract for code that is not ours.
 """
 
 from __future__ import annotations

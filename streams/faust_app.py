@@ -18,12 +18,17 @@ from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, TransportT
 
+from domain.errors import SetupError
+
 __all__ = ["FaustInternalsChanged", "ProjectorApp", "read_offsets_of"]
 
 
-class FaustInternalsChanged(RuntimeError):
+class FaustInternalsChanged(SetupError, RuntimeError):
     """The installed faust no longer works the way the worker relies on: fail at start-up, not
-    later with events silently dropped."""
+    later with events silently dropped. An operator pins faust or adapts the worker; still a
+    ``RuntimeError`` for faust's own handling of what its consumer raises."""
+
+    code = "FAUST_INTERNALS"
 
 
 def read_offsets_of(consumer: object) -> MutableMapping[TP, int]:
