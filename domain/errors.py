@@ -32,7 +32,7 @@ the module of each class that does not live here::
      │    └── TransientProviderError UNAVAILABLE         adapters.providers.base: 429, 5xx, timeout
      │         └── StreamBroken      UNAVAILABLE         the stream stopped before its usage
      ├── PermanentProviderError      PROVIDER_REFUSED    adapters.providers.base: 4xx of a provider
-     ├── UsageError                  USAGE               infra.cli_common (CliError): a CLI invocation
+     ├── UsageError                  USAGE               infra.cli_common (CliError): a CLI call
      └── SetupError                  SETUP               the process cannot run as deployed; an
           │                                              operator fixes it, no client can
           ├── ConfigurationError     CONFIGURATION       infra.settings: an AGENTWORKS_* variable
