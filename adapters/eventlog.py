@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from uuid import UUID
 
 from eventsourcing.persistence import (
@@ -67,7 +67,7 @@ class _Fallback(Exception):
     """The fast path does not cover this stored event; use the library's."""
 
 
-def _refuse_float(text: str) -> Any:
+def _refuse_float(text: str) -> NoReturn:
     raise _Fallback  # the library's path refuses floats in payloads with its own error
 
 
@@ -109,7 +109,7 @@ class _FastDecoder:
             raise _Fallback from None
         raise _Fallback
 
-    def _object(self, d: dict[str, Any]) -> Any:
+    def _object(self, d: dict[str, object]) -> object:
         # The library's rule: a two-key object {_type_, _data_} is a transcoded value.
         if len(d) == 2 and "_type_" in d and "_data_" in d:
             return self._value(d["_type_"], d["_data_"])
@@ -232,7 +232,7 @@ class _FastDecoder:
                 and built.model_dump_json() == validated.model_dump_json()
                 and built.model_fields_set == validated.model_fields_set
             )
-        except Exception:  # any surprise means: validate instead
+        except Exception:  # noqa: BLE001 - a probe: any surprise means validate instead
             return False
 
 
@@ -333,7 +333,7 @@ class EventLog:
         if self._fast is not None:
             try:
                 return self._fast.envelope(row)
-            except Exception:  # noqa: S110 - _Fallback, or malformed: the library's path
+            except Exception:  # noqa: S110, BLE001 - _Fallback, or malformed: the library's path
                 pass  # decides, and reports any error in its own words
         return self.decode_slowly(row)
 

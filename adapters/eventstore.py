@@ -133,27 +133,8 @@ def _translated(error: Exception) -> Exception:
 _select_events_once = PostgresAggregateRecorder.select_events.__wrapped__
 
 
-def _select_events(
-    recorder: PostgresAggregateRecorder,
-    originator_id: UUID | str,
-    *,
-    gt: int | None,
-    lte: int | None,
-    desc: bool,
-    limit: int | None,
-) -> Sequence[StoredEvent]:
-    try:
-        events: Sequence[StoredEvent] = _select_events_once(
-            recorder, originator_id, gt=gt, lte=lte, desc=desc, limit=limit
-        )
-    except (OperationalError, InterfaceError) as error:
-        raise _translated(error) from error
-    return events
-
-
-class SnapshotRecorder(PostgresAggregateRecorder):
-    """The library's aggregate recorder (snapshots), reading without its retries and raising
-    our errors (:class:`StoreUnavailable`, :class:`StaleVersion`)."""
+class _ReadsOnce(PostgresAggregateRecorder):
+    """The library's aggregate reads, without its retries, raising :class:`StoreUnavailable`."""
 
     def select_events(
         self,
@@ -164,7 +145,18 @@ class SnapshotRecorder(PostgresAggregateRecorder):
         desc: bool = False,
         limit: int | None = None,
     ) -> Sequence[StoredEvent]:
-        return _select_events(self, originator_id, gt=gt, lte=lte, desc=desc, limit=limit)
+        try:
+            events: Sequence[StoredEvent] = _select_events_once(
+                self, originator_id, gt=gt, lte=lte, desc=desc, limit=limit
+            )
+        except (OperationalError, InterfaceError) as error:
+            raise _translated(error) from error
+        return events
+
+
+class SnapshotRecorder(_ReadsOnce):
+    """The library's aggregate recorder (snapshots), reading without its retries and raising
+    our errors (:class:`StoreUnavailable`, :class:`StaleVersion`)."""
 
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: object
@@ -176,7 +168,7 @@ class SnapshotRecorder(PostgresAggregateRecorder):
         return ids
 
 
-class EventStoreRecorder(PostgresApplicationRecorder):
+class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
     """Application recorder with overlapping commits and a snapshot-horizon reader rule."""
 
     def __init__(
@@ -343,17 +335,6 @@ class EventStoreRecorder(PostgresApplicationRecorder):
                     attempt.phase = "committed"
         if failure is not None:
             raise failure
-
-    def select_events(
-        self,
-        originator_id: UUID | str,
-        *,
-        gt: int | None = None,
-        lte: int | None = None,
-        desc: bool = False,
-        limit: int | None = None,
-    ) -> Sequence[StoredEvent]:
-        return _select_events(self, originator_id, gt=gt, lte=lte, desc=desc, limit=limit)
 
     def _command_sql(self, *, with_position: bool) -> Composed | SQL:
         # The session's sequence value after the insert is the command's last position.

@@ -125,7 +125,7 @@ def _serve(conn: Connection) -> None:
                 conn.send(("aborted", None))
             elif kind == "stop":
                 break
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - the parent is told of any failure, then decides
             if runner is not None:
                 with contextlib.suppress(Exception):
                     runner.close()

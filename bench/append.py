@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                 key = st.scenario.key
                 try:
                     run_round(pool, st, args, sample)
-                except Exception as exc:  # a broken scenario must not lose the others' figures
+                except Exception as exc:  # noqa: BLE001 - a broken scenario must not lose the others' figures
                     st.error = str(exc)[-3000:]
                     console.log(f"[red]{key} failed[/red]: {st.error}")
                     continue

@@ -23,7 +23,6 @@ import statistics
 import time
 from datetime import datetime
 from pathlib import Path
-from uuid import uuid4
 
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -32,6 +31,7 @@ from psycopg import IsolationLevel
 from adapters.audit_signing import Signer
 from adapters.eventlog import EventLog
 from adapters.postgres import PROJECTOR_ROLE, make_pool
+from bench._database import fresh_database
 from bench._provenance import Provenance
 from commands import models as m
 from commands.handlers import Actor
@@ -71,13 +71,8 @@ def main() -> None:
     args = parser.parse_args()
     provenance = Provenance.start()
 
-    name = f"aw_bench_{uuid4().hex[:10]}"
-    admin = f"{args.server}/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"{args.server}/{name}"
     load_before = os.getloadavg()
-    try:
+    with fresh_database(args.server) as url:
         migrate(url)
         app = build_write_side(url)
         pool = make_pool(url, role=PROJECTOR_ROLE, max_size=2)
@@ -180,9 +175,6 @@ def main() -> None:
         finally:
             pool.close()
             app.close()
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     events = exported - 1
     result = {

@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
-import psycopg
-
+from bench._database import fresh_database
 from bench._provenance import Provenance
 from commands import models as m
 from commands.handlers import Actor
@@ -79,12 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     provenance = Provenance.start()
 
-    name = f"aw_bench_{uuid4().hex[:10]}"
-    admin = f"{args.server}/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"{args.server}/{name}"
-    try:
+    with fresh_database(args.server) as url:
         migrate(url, logins=db_logins(Settings.load()))
         app = build_write_side(url)
         try:
@@ -108,9 +102,6 @@ def main() -> None:
             ]
         finally:
             app.close()
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def over_rounds(kind: str, stat: str) -> float:
         return round(float(statistics.median(r[kind][stat] for r in rounds)), 2)

@@ -32,6 +32,7 @@ from uuid import uuid4
 import psycopg
 from eventsourcing.utils import get_topic
 
+from bench._database import fresh_database
 from bench._provenance import Provenance
 from commands.billing import fold_month
 from domain.billing import statement_total
@@ -138,14 +139,9 @@ def main() -> None:
     args = parser.parse_args()
 
     provenance = Provenance.start()
-    name = f"aw_bench_{uuid4().hex[:10]}"
-    admin = f"{args.server}/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"{args.server}/{name}"
     month = month_of(MONTH_START)
     rounds: list[dict[str, Any]] = []
-    try:
+    with fresh_database(args.server) as url:
         migrate(url)
         app = build_write_side(url, pool_size=2)
         try:
@@ -178,9 +174,6 @@ def main() -> None:
                 _log(f"round {number}: {json.dumps(rounds[-1])}")
         finally:
             app.close()
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def median(key: str) -> float:
         return float(statistics.median(r[key] for r in rounds))

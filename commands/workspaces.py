@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from uuid import uuid4
+from collections.abc import Callable
+from uuid import UUID, uuid4
 
 from commands import models as m
 from commands.service import BOOTSTRAP_SCOPE, USER_SCOPE, Actor, CommandResult, Decision, WriteSide
@@ -38,60 +39,73 @@ class WorkspaceCommands(WriteSide):
         return self.execute(cmd, actor, None, decide)
 
     def rename_workspace(self, cmd: m.RenameWorkspace, actor: Actor) -> CommandResult:
-        def decide(meta: EventMeta) -> Decision:
-            workspace = self.workspace_for(actor, cmd.workspace_id, Role.ADMIN, "rename workspace")
-            workspace.rename(cmd.name, meta=meta)
-            return Decision(workspace, "workspace", [workspace])
-
-        return self.execute(cmd, actor, cmd.workspace_id, decide)
+        return self._change_workspace(
+            cmd, actor, cmd.workspace_id, Role.ADMIN, "rename workspace",
+            lambda workspace, meta: workspace.rename(cmd.name, meta=meta),
+        )  # fmt: skip
 
     def add_member(self, cmd: m.AddMember, actor: Actor) -> CommandResult:
-        def decide(meta: EventMeta) -> Decision:
-            workspace = self.workspace_for(actor, cmd.workspace_id, Role.ADMIN, "addMember")
+        def add(workspace: Workspace, meta: EventMeta) -> None:
             role = Role.parse(cmd.role)
             self.may_grant(workspace, actor, role)
             workspace.add_member(cmd.user_id, role, meta=meta)
-            return Decision(workspace, "workspace", [workspace])
 
-        return self.execute(cmd, actor, cmd.workspace_id, decide)
+        return self._change_workspace(cmd, actor, cmd.workspace_id, Role.ADMIN, "addMember", add)
 
     def change_role(self, cmd: m.ChangeRole, actor: Actor) -> CommandResult:
-        def decide(meta: EventMeta) -> Decision:
-            workspace = self.workspace_for(actor, cmd.workspace_id, Role.ADMIN, "changeRole")
+        def change(workspace: Workspace, meta: EventMeta) -> None:
             role = Role.parse(cmd.role)
             self.may_grant(workspace, actor, role)
             if workspace.role_of(cmd.user_id) is Role.OWNER:
                 self.may_grant(workspace, actor, Role.OWNER)
             workspace.change_role(cmd.user_id, role, meta=meta)
-            return Decision(workspace, "workspace", [workspace])
 
-        return self.execute(cmd, actor, cmd.workspace_id, decide)
+        return self._change_workspace(
+            cmd, actor, cmd.workspace_id, Role.ADMIN, "changeRole", change
+        )
 
     def remove_member(self, cmd: m.RemoveMember, actor: Actor) -> CommandResult:
-        def decide(meta: EventMeta) -> Decision:
-            workspace = self.workspace_for(actor, cmd.workspace_id, Role.ADMIN, "removeMember")
+        def remove(workspace: Workspace, meta: EventMeta) -> None:
             if workspace.role_of(cmd.user_id) is Role.OWNER:
                 self.may_grant(workspace, actor, Role.OWNER)
             workspace.remove_member(cmd.user_id, meta=meta)
-            return Decision(workspace, "workspace", [workspace])
 
-        return self.execute(cmd, actor, cmd.workspace_id, decide)
+        return self._change_workspace(
+            cmd, actor, cmd.workspace_id, Role.ADMIN, "removeMember", remove
+        )
 
     def set_spend_limit(self, cmd: m.SetSpendLimit, actor: Actor) -> CommandResult:
-        def decide(meta: EventMeta) -> Decision:
-            workspace = self.workspace_for(actor, cmd.workspace_id, Role.ADMIN, "setSpendLimit")
+        def set_limit(workspace: Workspace, meta: EventMeta) -> None:
             limit = None if cmd.monthly_limit is None else parse_usd(cmd.monthly_limit)
             workspace.set_spend_limit(limit, meta=meta)
-            return Decision(workspace, "workspace", [workspace])
 
-        return self.execute(cmd, actor, cmd.workspace_id, decide)
+        return self._change_workspace(
+            cmd, actor, cmd.workspace_id, Role.ADMIN, "setSpendLimit", set_limit
+        )
 
     def set_plan(self, cmd: m.SetPlan, actor: Actor) -> CommandResult:
-        def decide(meta: EventMeta) -> Decision:
-            workspace = self.workspace_for(actor, cmd.workspace_id, Role.OWNER, "setPlan")
+        def set_plan(workspace: Workspace, meta: EventMeta) -> None:
             markup = parse_markup(cmd.markup)
             increment = parse_usd(cmd.billing_increment)
             workspace.set_plan(markup=markup, billing_increment_micros=increment, meta=meta)
+
+        return self._change_workspace(cmd, actor, cmd.workspace_id, Role.OWNER, "setPlan", set_plan)
+
+    def _change_workspace(
+        self,
+        cmd: m.Command,
+        actor: Actor,
+        workspace_id: UUID,
+        needed: Role,
+        action: str,
+        change: Callable[[Workspace, EventMeta], object],
+    ) -> CommandResult:
+        """A change of the workspace alone, by an actor holding ``needed`` in it (a service
+        needs no role); the workspace is saved alone."""
+
+        def decide(meta: EventMeta) -> Decision:
+            workspace = self.workspace_for(actor, workspace_id, needed, action)
+            change(workspace, meta)
             return Decision(workspace, "workspace", [workspace])
 
-        return self.execute(cmd, actor, cmd.workspace_id, decide)
+        return self.execute(cmd, actor, workspace_id, decide)

@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any
 from uuid import UUID
 
+from eventsourcing.domain import DomainEventProtocol
 from pydantic import BaseModel, ConfigDict
 
 from domain.events import EventPayload, payload_of
@@ -85,15 +86,21 @@ class EventEnvelope(BaseModel):
         return cls.model_validate_json(raw)
 
 
-def envelope_from_event(position: int, event: Any) -> EventEnvelope:
-    """Wrap a decoded domain event that the store gave ``position``."""
+def envelope_from_event(position: int, event: DomainEventProtocol[UUID]) -> EventEnvelope:
+    """Wrap a decoded domain event that the store gave ``position``.
+
+    The event's fields are its instance attributes (the library's events are dataclasses): the
+    payload is all of them but the base fields, and ``timestamp`` is one of those the library's
+    protocol does not name.
+    """
+    state = vars(event)
     event_class = type(event)
     qualname = event_class.__qualname__
     aggregate = qualname.split(".", 1)[0]
     meta: dict[str, str] = dict(getattr(event, "meta", {}) or {})
     workspace = meta.get("workspace_id") or None
     payload = {
-        key: json_safe(value) for key, value in vars(event).items() if key not in _BASE_FIELDS
+        key: json_safe(value) for key, value in state.items() if key not in _BASE_FIELDS
     }
     return EventEnvelope(
         position=position,
@@ -102,14 +109,14 @@ def envelope_from_event(position: int, event: Any) -> EventEnvelope:
         aggregate=aggregate,
         type=qualname,
         event_version=int(getattr(event_class, "class_version", 1)),
-        timestamp=event.timestamp,
+        timestamp=state["timestamp"],
         workspace_id=UUID(workspace) if workspace else None,
         metadata=meta,
         payload=payload,
     )
 
 
-def json_safe(value: Any) -> Any:
+def json_safe(value: object) -> object:
     """Plain JSON values only: ids and money become strings, never floats."""
     if isinstance(value, UUID | Decimal):
         return str(value)
@@ -122,7 +129,9 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     if isinstance(value, set | frozenset):
-        return sorted(json_safe(v) for v in value)
+        # Members of one set are of one kind, so their JSON forms order as they do.
+        members: list[Any] = [json_safe(v) for v in value]
+        return sorted(members)
     if isinstance(value, float):
         raise TypeError(f"float {value!r} in an event payload; money and counts are exact")
     return value

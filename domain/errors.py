@@ -32,18 +32,20 @@ the module of each class that does not live here::
      │    └── TransientProviderError UNAVAILABLE         adapters.providers.base: 429, 5xx, timeout
      │         └── StreamBroken      UNAVAILABLE         the stream stopped before its usage
      ├── PermanentProviderError      PROVIDER_REFUSED    adapters.providers.base: 4xx of a provider
-     ├── UsageError                  USAGE               infra.cli (CliError): a CLI invocation
+     ├── UsageError                  USAGE               infra.cli_common (CliError): a CLI call
      └── SetupError                  SETUP               the process cannot run as deployed; an
           │                                              operator fixes it, no client can
           ├── ConfigurationError     CONFIGURATION       infra.settings: an AGENTWORKS_* variable
           │    └── InvalidKey        INVALID_KEY         adapters.tokens: a signing key
           ├── MigrationError         MIGRATION           infra.migrate: a migration file
           ├── KafkaSetupError        KAFKA_SETUP         adapters.kafka: topics not created
-          └── BrokerError            BROKER              adapters.kafka_broker: local broker
+          ├── BrokerError            BROKER              adapters.kafka_broker: local broker
+          └── FaustInternalsChanged  FAUST_INTERNALS     streams.faust_app: faust no longer keeps
+                                                         what the worker relies on
 
-The classes of ``adapters/`` that are also a library's error (``StaleVersion`` is the
-eventsourcing ``IntegrityError`` too, ``InvalidKey`` a ``ValueError``) keep that library's or
-Python's contract for code that is not ours.
+The classes outside ``domain/`` that are also a library's error (``StaleVersion`` is the
+eventsourcing ``IntegrityError`` too, ``InvalidKey`` a ``ValueError``, ``FaustInternalsChanged`` a
+``RuntimeError``) keep that library's or Python's contract for code that is not ours.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ class EventPayload:
     event_type: ClassVar[str]
     aggregate: ClassVar[str]
 
-    def __init_subclass__(cls, *, event: str | None = None, **kwargs: Any) -> None:
+    def __init_subclass__(cls, *, event: str | None = None, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if event is None:
             return

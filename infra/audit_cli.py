@@ -28,7 +28,7 @@ from adapters.audit_signing import (
     load_public_key,
 )
 from domain.errors import NotFound, ValidationFailed
-from infra.logging import configure_logging
+from infra.cli_common import EXIT_FAILED, PROG, database_url_for, settings_for
 from infra.settings import ConfigurationError, Settings
 
 if TYPE_CHECKING:
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
     from commands.handlers import AgentWorks
 
-PROG = "agentworks"
-EXIT_FAILED = 1
 
 audit_app = typer.Typer(help="Signed, verifiable exports of a workspace's events.")
 replay_app = typer.Typer(help="Cards and boards as they were, from the event store.")
@@ -61,20 +59,6 @@ DataDir = Annotated[
         show_default=False,
     ),
 ]
-
-
-def _settings(data_dir: Path | None) -> Settings:
-    overrides: dict[str, object] = {} if data_dir is None else {"data_dir": data_dir}
-    settings = Settings.load(**overrides)
-    configure_logging(level=settings.log_level, json=settings.log_json)
-    return settings
-
-
-def _database_url(settings: Settings) -> str:
-    """The configured database, else the data dir's embedded one, as every command resolves it."""
-    from infra.cli import database_url_for  # the CLI registers this module: no cycle
-
-    return database_url_for(settings)
 
 
 def _failed(message: str) -> NoReturn:
@@ -174,8 +158,8 @@ def export_command(
     end = None if until is None else parse_instant(until, option="--to")
     if start is not None and end is not None and end <= start:
         raise ValidationFailed("--to must be after --from")
-    settings = _settings(data_dir)
-    url = _database_url(settings)
+    settings = settings_for(data_dir)
+    url = database_url_for(settings)
     signer = audit_signer(settings)
     console = Console(stderr=True)
     with ExitStack() as stack:
@@ -245,7 +229,7 @@ def verify_command(
     """Check an export's hash chain and signature; exit 1 naming the first bad line."""
     from streams.audit import verify
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     key = _verifying_key(settings, public_key)
     try:
         if file == "-":
@@ -263,7 +247,7 @@ def verify_command(
 @audit_app.command("public-key")
 def public_key_command(data_dir: DataDir = None) -> None:
     """Print the public key (PEM) that verifies this deployment's exports, for auditors."""
-    signer = audit_signer(_settings(data_dir))
+    signer = audit_signer(settings_for(data_dir))
     typer.echo(signer.public_pem(), nl=False)
 
 
@@ -298,8 +282,8 @@ def replay_card_command(
     instant = None if as_of is None else parse_instant(as_of, option="--as-of")
     if as_of_version is not None and instant is not None:
         raise ValidationFailed("give --as-of-version or --as-of, not both")
-    settings = _settings(data_dir)
-    url = _database_url(settings)
+    settings = settings_for(data_dir)
+    url = database_url_for(settings)
     with ExitStack() as stack:
         write = _write_side(settings, url)
         stack.callback(write.close)
@@ -362,8 +346,8 @@ def replay_board_command(
 
     project_id = _parse_id(project, "project")
     instant = parse_instant(as_of, option="--as-of")
-    settings = _settings(data_dir)
-    url = _database_url(settings)
+    settings = settings_for(data_dir)
+    url = database_url_for(settings)
     with ExitStack() as stack:
         write = _write_side(settings, url)
         stack.callback(write.close)

@@ -24,6 +24,7 @@ from rich.table import Table
 from domain.billing import Reconciliation, parse_month, require_ended, require_not_future
 from domain.errors import AgentWorksError, ValidationFailed
 from domain.money import format_usd
+from infra.cli_common import EXIT_FAILED, database_url_for, settings_for
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from commands.billing import Billing, InvoiceResult
     from infra.settings import Settings
 
-EXIT_FAILED = 1
 _CLI_ACTOR = "billing-cli"
 
 _Month = Annotated[str, typer.Option("--month", help="Billing month, YYYY-MM (UTC).")]
@@ -48,19 +48,6 @@ _Workspace = Annotated[
     str | None,
     typer.Option("--workspace", help="Only this workspace (its id).", show_default=False),
 ]
-
-
-def _settings(data_dir: Path | None) -> Settings:
-    from infra.cli import settings_for
-
-    return settings_for(data_dir)
-
-
-def _database_url(settings: Settings) -> str:
-    """The configured database, else the data dir's embedded one (as every command does)."""
-    from infra.cli import database_url_for  # the CLI registers this module: no cycle
-
-    return database_url_for(settings)
 
 
 def _workspace_id(text: str) -> UUID:
@@ -102,9 +89,9 @@ def credit_command(
     from commands.handlers import Actor
     from infra.bootstrap import write_side_from
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     workspace_id = _workspace_id(workspace)
-    app = write_side_from(settings, _database_url(settings))
+    app = write_side_from(settings, database_url_for(settings))
     try:
         result = Billing(app).grant_credit(
             GrantCredit(
@@ -150,14 +137,14 @@ def invoice_command(month: _Month, workspace: _Workspace = None, data_dir: _Data
     from commands.billing import Billing, fold_month
     from infra.bootstrap import write_side_from
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     month = require_ended(parse_month(month), datetime.now(UTC))
     stripe = _stripe(settings)
     if stripe is None:
         raise ValidationFailed("AGENTWORKS_STRIPE_API_KEY is not set; invoicing needs Stripe")
     with ExitStack() as stack:
         stack.callback(stripe.close)
-        app = write_side_from(settings, _database_url(settings))
+        app = write_side_from(settings, database_url_for(settings))
         stack.callback(app.close)
         billing = Billing(app)
         workspace_ids = _workspaces(billing, workspace)
@@ -215,9 +202,9 @@ def reconcile_command(
     from infra.bootstrap import write_side_from
     from projections.queries import statement, statement_as_lines
 
-    settings = _settings(data_dir)
+    settings = settings_for(data_dir)
     month = require_not_future(parse_month(month), datetime.now(UTC))
-    database_url = _database_url(settings)
+    database_url = database_url_for(settings)
     with ExitStack() as stack:
         stripe = _stripe(settings)
         if stripe is not None:

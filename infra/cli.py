@@ -11,14 +11,14 @@ application and maps errors to exit codes; no business rule lives here. Exit cod
 Adding a subcommand (``dev``, ``serve``, ``relay``, ``worker``, ``orchestrator``, ``rebuild``,
 ``replay``, ``invoice``, ``reconcile``, ``audit``): write a function decorated with
 ``@app.command()`` in the section "Subcommands" below (or a module of its own registered with
-``app.add_typer``), get settings with :func:`load_settings`, raise :class:`CliError`,
+``app.add_typer``, taking what it shares with this module from :mod:`infra.cli_common`), get
+settings with :func:`~infra.cli_common.settings_for`, raise :class:`~infra.cli_common.CliError`,
 :class:`~domain.errors.AgentWorksError` or :class:`~infra.settings.ConfigurationError` for
 anything the user should fix; :func:`main` turns them into one line and an exit code.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import inspect
 import signal
@@ -46,10 +46,19 @@ from rich.table import Table
 from typer.exceptions import TyperException
 
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
-from domain.errors import AgentWorksError, ConfigurationError, SetupError, UsageError
+from domain.errors import AgentWorksError, ConfigurationError, SetupError
 from domain.roles import Role
 from infra import billing_cli
-from infra.logging import configure_logging
+from infra.cli_common import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    PROG,
+    CliError,
+    DataDirOption,
+    database_url_for,
+    resources,
+    settings_for,
+)
 from infra.migrate import MigrationError, discover, ensure_database, migrate
 from infra.settings import Settings, db_logins, jwt_keys
 from projections.registry import projector_names
@@ -59,13 +68,8 @@ if TYPE_CHECKING:
 
     from infra.stack import DevStack
 
-PROG = "agentworks"
-
 #: ``sub`` of a bootstrap token when ``--user`` is not given (user ids are UUIDs, API.md).
 BOOTSTRAP_USER = str(uuid5(NAMESPACE_URL, "https://agentworks.dev/users/bootstrap"))
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 app = typer.Typer(
     name=PROG,
@@ -73,43 +77,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-class CliError(UsageError):
-    """A problem the user can fix; printed as one line on stderr with ``exit_code``."""
-
-    def __init__(self, message: str, *, exit_code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def load_settings(**overrides: object) -> Settings:
-    """Settings from the environment (plus ``overrides``), with logging configured from them."""
-    settings = Settings.load(**overrides)
-    configure_logging(level=settings.log_level, json=settings.log_json)
-    return settings
-
-
-#: ``--data-dir`` of every command: the embedded database (and dev JWT secret) it works on.
-DataDirOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Data dir whose embedded PostgreSQL (and dev JWT secret) to use when "
-        "AGENTWORKS_DATABASE_URL is unset; default AGENTWORKS_DATA_DIR, else .agentworks.",
-        show_default=False,
-    ),
-]
-
-#: What a command opened for its own use (the embedded server) and closes when it ends.
-_resources = contextlib.ExitStack()
-
-
-def settings_for(data_dir: Path | None, **overrides: object) -> Settings:
-    """:func:`load_settings` with ``--data-dir`` (when given) winning over the environment."""
-    if data_dir is not None:
-        overrides["data_dir"] = data_dir
-    return load_settings(**overrides)
 
 
 def _version(value: bool) -> None:
@@ -167,7 +134,7 @@ def migrate_command(
     """
     overrides: dict[str, object] = {} if database_url is None else {"database_url": database_url}
     settings = settings_for(data_dir, **overrides)
-    url = settings.database_url or _embedded_url(settings)
+    url = database_url_for(settings)
     if create_database:
         ensure_database(url)
     known = {m.version: m for m in discover()}
@@ -257,33 +224,6 @@ def _id_option(option: str, value: str) -> str:
         raise CliError(f"{option} must be a UUID, got {value[:60]!r}") from None
 
 
-def database_url_for(settings: Settings) -> str:
-    """The configured database, else the data dir's embedded one (started for this command
-    when ``dev`` is not running, and stopped when the command ends)."""
-    return settings.database_url or _embedded_url(settings)
-
-
-def _embedded_url(settings: Settings) -> str:
-    """Join (or start) the embedded PostgreSQL of ``settings.data_dir``, created and migrated."""
-    import structlog
-
-    from infra.embedded import open_embedded
-
-    if settings.env == "prod":
-        raise CliError("AGENTWORKS_DATABASE_URL is not set; production has no embedded database")
-    embedded = open_embedded(settings.data_dir)
-    _resources.callback(embedded.close)
-    url = embedded.url
-    ensure_database(url)
-    migrate(url, app_role=settings.db_app_role, logins=db_logins(settings))
-    structlog.get_logger(__name__).info(
-        "using the embedded PostgreSQL of the data dir",
-        data_dir=str(settings.data_dir.resolve()),
-        database_url=url,
-    )
-    return url
-
-
 def _listen(host: str, port: int) -> socket.socket:
     """The server's listening socket, bound now so that a busy port is refused up front."""
     try:
@@ -349,7 +289,7 @@ def dev_command(
     settings = settings_for(data_dir)
     # Before anything starts or is announced: a busy port is one line and exit 2.
     listener = _listen(host, port)
-    _resources.callback(listener.close)
+    resources.callback(listener.close)
     start_tracing(settings, "agentworks-dev")
     console = Console(stderr=True, soft_wrap=True)
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
@@ -359,7 +299,7 @@ def dev_command(
 
         # Held here so that the server stops when dev ends, whichever signal ends it.
         embedded = open_embedded(settings.data_dir)
-        _resources.callback(embedded.close)
+        resources.callback(embedded.close)
     stack = build_dev_stack(settings, settings.data_dir)
     try:
         stack.start()
@@ -433,7 +373,7 @@ def serve_command(
 
     settings = settings_for(data_dir)
     listener = _listen(host, port)
-    _resources.callback(listener.close)
+    resources.callback(listener.close)
     if settings.database_url is None:
         settings = settings.model_copy(update={"database_url": database_url_for(settings)})
     start_tracing(settings, "agentworks-api")
@@ -902,7 +842,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     _end_on_signals()
     try:
-        with _resources:
+        with resources:
             result = command.main(args=args, prog_name=PROG, standalone_mode=False)
     except CliError as exc:
         return _fail(exc.message, exc.exit_code)

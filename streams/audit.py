@@ -54,7 +54,7 @@ TRAILER_FIELDS = frozenset({"count", "headHash", "keyId", "signature"})
 PAGE = 2000
 
 
-def canonical_json(value: Any) -> str:
+def canonical_json(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 

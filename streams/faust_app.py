@@ -16,16 +16,22 @@ from typing import Any
 import faust
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as driver
+from faust.types import TP, TransportT
+
+from domain.errors import SetupError
 
 __all__ = ["FaustInternalsChanged", "ProjectorApp", "read_offsets_of"]
 
 
-class FaustInternalsChanged(RuntimeError):
+class FaustInternalsChanged(SetupError, RuntimeError):
     """The installed faust no longer works the way the worker relies on: fail at start-up, not
-    later with events silently dropped."""
+    later with events silently dropped. An operator pins faust or adapts the worker; still a
+    ``RuntimeError`` for faust's own handling of what its consumer raises."""
+
+    code = "FAUST_INTERNALS"
 
 
-def read_offsets_of(consumer: Any) -> MutableMapping[Any, Any]:
+def read_offsets_of(consumer: object) -> MutableMapping[TP, int]:
     """faust's per-partition read marks (``Consumer._read_offset``, private): the last offset
     read from each partition, below which faust drops what it fetches.
 
@@ -47,7 +53,7 @@ def read_offsets_of(consumer: Any) -> MutableMapping[Any, Any]:
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport: Any) -> Any:
+    def _create_worker_consumer(self, transport: driver.Transport) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # Read by AIOKafkaConsumer.start() when it builds its fetcher; set before start.
         consumer._fetch_max_wait_ms = getattr(self.app, "fetch_max_wait_ms", 1500)
@@ -76,5 +82,5 @@ class ProjectorApp(faust.App):
         """The worker's :class:`streams.worker.PartitionHolding`, set by ``build_worker_app``."""
         super().__init__(*args, **kwargs)
 
-    def _new_transport(self) -> Any:
+    def _new_transport(self) -> TransportT:
         return _Transport(self.conf.broker_consumer, self)

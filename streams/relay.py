@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -62,7 +62,9 @@ class BrokerMarks:
             {topic: str(ident) for topic, ident in (data.get("topic_ids") or {}).items()},
         )
 
-    def note(self, acknowledged: list[Any], topic_ids: dict[str, str | None]) -> list[str]:
+    def note(
+        self, acknowledged: Sequence[Acknowledgement], topic_ids: dict[str, str | None]
+    ) -> list[str]:
         """Take in a batch's acknowledgements; return what they reveal was lost."""
         lost = sorted(
             f"{topic} (re-created)"
@@ -91,8 +93,21 @@ class BrokerMarks:
         self.topic_ids.clear()
 
 
+class Acknowledgement(Protocol):
+    """Where the broker put a record: the part of kafka-python's ``RecordMetadata`` read here."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+
 class Delivery(Protocol):
-    def get(self, timeout: float | None = ...) -> Any: ...
+    def get(self, timeout: float | None = ...) -> Acknowledgement: ...
 
 
 class Producer(Protocol):

@@ -15,7 +15,7 @@ published an interval ago and never delivered: a dropped message, or a broker th
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -27,8 +27,11 @@ from projections.sweep import ProjectionSweep
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from faust.types import TP, AppT, StreamT
+
     from projections.base import Projector
     from projections.runner import ProjectionRunner
+    from streams.faust_app import ProjectorApp
 
 log = structlog.get_logger(__name__)
 
@@ -89,7 +92,7 @@ class SweepSchedule:
         return self.sweep.sweep(through).healed
 
 
-def forget_read_offsets_of(consumer: Any, partitions: set[Any]) -> None:
+def forget_read_offsets_of(consumer: object, partitions: Iterable[TP]) -> None:
     """Let faust deliver every offset of ``partitions`` again, from wherever the consumer reads.
 
     faust drops a message whose offset is below the last one it read from that partition (and
@@ -114,12 +117,12 @@ class PartitionHolding:
     thread (``agentworks dev`` answers ``/readyz`` from it).
     """
 
-    def __init__(self, app: Any, topics: list[str]) -> None:
+    def __init__(self, app: AppT, topics: list[str]) -> None:
         self._app = app
         self._topics = topics
         self._missing: tuple[str, ...] | None = None
 
-    def assigned(self, partitions: set[Any]) -> None:
+    def assigned(self, partitions: Iterable[TP]) -> None:
         held = {(tp.topic, tp.partition) for tp in partitions}
         missing: list[str] = []
         for topic in self._topics:
@@ -151,7 +154,7 @@ def build_worker_app(
     session_timeout: float = 6.0,
     sweep_interval: float = 10.0,
     fetch_wait_ms: int = 100,
-) -> Any:
+) -> ProjectorApp:
     """The faust app (and consumer group) of one projector."""
     from streams.faust_app import ProjectorApp
 
@@ -171,7 +174,7 @@ def build_worker_app(
     app.holding = holding
 
     @app.agent(topics, name=f"project-{runner.projector.name}")
-    async def project(stream: Any) -> None:
+    async def project(stream: StreamT[bytes]) -> None:
         async for values in stream.take(BATCH_SIZE, within=BATCH_WITHIN_SECONDS):
             envelopes = decode_batch(values)
             while True:
@@ -199,7 +202,9 @@ def build_worker_app(
                 break
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # faust's stub rejects it
-    async def forget_read_offsets(app: Any, *assigned: Any, signal: Any = None, **_: Any) -> None:
+    async def forget_read_offsets(
+        app: AppT, *assigned: set[TP], signal: object = None, **_: object
+    ) -> None:
         for partitions in assigned:
             # Which worker holds which partitions, after every rebalance: what an operator
             # scaling a projector out (or back in) needs to see.

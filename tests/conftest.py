@@ -114,8 +114,9 @@ def _migrate_with_retry(url: str, attempts: int = 3) -> None:
     for attempt in range(1, attempts + 1):
         try:
             migrate(url, logins=pg.LOGIN_PASSWORDS)
-            return
         except MigrationError:
             if attempt == attempts:
                 raise
             time.sleep(0.2 * attempt)
+        else:
+            return

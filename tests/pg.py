@@ -146,11 +146,12 @@ def drop_database(name: str, *, timeout: float = 60.0) -> None:
         try:
             with admin_connection() as conn:
                 conn.execute(statement)
-            return
         except psycopg.OperationalError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+        else:
+            return
 
 
 def session_databases() -> list[str]:

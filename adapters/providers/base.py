@@ -11,6 +11,8 @@ Exceptions raised by adapters::
 
 from __future__ import annotations
 
+import json
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -150,3 +152,64 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
                 data.append(value)
     if data:
         yield event, "\n".join(data)
+
+
+class SseProvider(ABC):
+    """A provider that answers one ``POST`` with server-sent events: its client, the call, and
+    what a failure on the wire or an event we cannot read becomes. A subclass says what to send
+    (:meth:`_body`) and reads its API's events (:meth:`_read`).
+
+    The usage comes last, once the response is closed, so a caller that stops at it leaves no
+    connection open.
+    """
+
+    name: str
+    path: str
+    """Where the call goes, below ``base_url``."""
+    event_noun: str
+    """One event as the provider's API calls it ("a chunk"), for the message of one we cannot
+    read."""
+
+    def __init__(
+        self, *, base_url: str, headers: dict[str, str], timeout: httpx.Timeout | None
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            timeout=timeout or httpx.Timeout(30.0, connect=5.0), headers=headers
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    @abstractmethod
+    def _body(self, request: ChatRequest) -> dict[str, object]:
+        """The JSON body of the call."""
+
+    @abstractmethod
+    def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[str | Usage]:
+        """Text pieces, then the usage; raises :class:`StreamBroken` if the events end before
+        the provider said it was done."""
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[str | Usage]:
+        usage: Usage | None = None
+        started = False
+        try:
+            async with self._client.stream(
+                "POST", f"{self.base_url}{self.path}", json=self._body(request)
+            ) as response:
+                await raise_for_status(response, self.name)
+                started = True
+                async for piece in self._read(sse_events(response)):
+                    if isinstance(piece, Usage):
+                        usage = piece
+                    else:
+                        yield piece
+        except httpx.HTTPError as error:
+            raise translate(error, self.name, streaming=started) from error
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise StreamBroken(
+                f"{self.name} sent {self.event_noun} we cannot read: {error}", provider=self.name
+            ) from error
+        if usage is None:
+            raise StreamBroken(f"{self.name} stream ended without its usage", provider=self.name)
+        yield usage

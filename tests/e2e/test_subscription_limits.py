@@ -242,7 +242,7 @@ def test_a_viewer_dropping_storms_of_subscriptions_starves_no_one(
         while not stop.is_set():
             try:
                 during[phase[0]].append(board())
-            except BaseException as error:  # reported by the test thread
+            except BaseException as error:  # noqa: BLE001 - any error, reported by the test thread
                 failures.append(error)
                 return
 

@@ -160,12 +160,17 @@ def move_randomly(
             result = app.move_card(command, board.owner)
         except (WipLimitExceeded, Conflict) as refusal:
             moves.refused[refusal.code] += 1
-        except Exception as error:  # reported to and asserted on by the test
+        except Exception as error:  # noqa: BLE001 - any error is reported to the test, asserted there
             moves.unexpected.append(f"{worker}: {error!r}")
         else:
             assert command.command_id is not None
             moves.accepted.append((command.command_id, result.id, result.version, result.position))
     return moves
+
+
+def _wait_for_the_start(go: Any) -> None:
+    if not go.wait(timeout=120):
+        raise TimeoutError("the test never started the race")
 
 
 def move_in_own_process(
@@ -191,8 +196,7 @@ def move_in_own_process(
         app.card_at(card_ids[0], board.owner)  # connect and warm up before the race starts
         ready.put((worker, None))
         started = True
-        if not go.wait(timeout=120):
-            raise TimeoutError("the test never started the race")
+        _wait_for_the_start(go)
         results.put(move_randomly(app, board, card_ids, worker=worker, seed=seed, count=count))
     except BaseException as error:
         if started:

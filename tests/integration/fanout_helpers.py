@@ -486,7 +486,7 @@ class Appender:
                 self.workload.mixed(self.tenant, 5)
                 if self.pause:
                     self._stop.wait(self.pause)
-        except BaseException as error:  # reported by stop()
+        except BaseException as error:  # noqa: BLE001 - any error, reported by stop()
             self.error = error
 
     def stop(self) -> int:
@@ -663,7 +663,7 @@ class KafkaFanout:
         for service in self.services:
             try:
                 service.stop()
-            except BaseException as error:  # stop them all, whatever happens to one
+            except BaseException as error:  # noqa: BLE001 - stop them all, whatever happens to one
                 errors.append(error)
         if errors:
             raise errors[0]

@@ -368,7 +368,7 @@ class TestMigrate:
         def run(url: str) -> None:
             try:
                 migrate(url, logins=pg.LOGIN_PASSWORDS)
-            except BaseException as error:  # reported below
+            except BaseException as error:  # noqa: BLE001 - any error, reported below
                 errors.append(error)
 
         threads = [threading.Thread(target=run, args=(url,)) for url in urls]

@@ -152,7 +152,7 @@ class TestConcurrency:
             start.wait()
             try:
                 results.append(migrate(empty_database, directory=directory))
-            except BaseException as exc:  # reported below
+            except BaseException as exc:  # noqa: BLE001 - any error, reported below
                 errors.append(exc)
 
         threads = [threading.Thread(target=run) for _ in range(4)]

@@ -175,7 +175,7 @@ def test_reads_keep_answering_and_writes_keep_landing_during_a_rebuild(
                     )
                     row = conn.execute("SELECT count(*) AS n FROM rm_cards").fetchone()
                     answers.append(int(row["n"]) if row else -1)
-            except BaseException as error:  # the test fails on any error a client would see
+            except BaseException as error:  # noqa: BLE001 - the test fails on any error a client would see
                 failures.append(error)
                 return
 

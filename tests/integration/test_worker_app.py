@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from domain.errors import SetupError
 from projections.kanban import KanbanProjector
 from streams.faust_app import FaustInternalsChanged, read_offsets_of
 from streams.worker import consumer_group, forget_read_offsets_of, projector_topics
@@ -108,3 +109,12 @@ def test_a_faust_without_read_marks_is_refused_loudly() -> None:
         forget_read_offsets_of(ConsumerOfAnotherFaust(), set())
     with pytest.raises(FaustInternalsChanged):
         read_offsets_of(ConsumerOfAnotherFaust())
+
+
+def test_a_changed_faust_is_a_setup_error_with_its_own_code() -> None:
+    """An operator's problem, told the way every other deployment problem is (and still the
+    ``RuntimeError`` it was)."""
+    with pytest.raises(SetupError) as refused:
+        read_offsets_of(object())
+    assert isinstance(refused.value, RuntimeError)
+    assert refused.value.code == "FAUST_INTERNALS"

@@ -16,7 +16,7 @@ import pytest
 
 from commands import models as m
 from commands.handlers import Actor, AgentWorks, CommandResult
-from domain.errors import AgentWorksError
+from domain.errors import AgentWorksError, Forbidden
 from domain.meta import EventMeta
 from domain.roles import Role
 
@@ -171,3 +171,34 @@ class World:
 
     def get(self, aggregate_id: UUID) -> Any:
         return self.app.repository.get(aggregate_id)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One command, the least role it needs, and how to send it in a given world."""
+
+    name: str
+    needed: Role
+    send: Callable[[World, Actor], CommandResult]
+    prepare: Callable[[World], object] = lambda world: None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def assert_role_matrix(
+    world: World, role: Role, needed: Role, send: Callable[[Actor], CommandResult]
+) -> Forbidden | None:
+    """``send`` by a member holding ``role`` writes when that is at least ``needed``; else it is
+    refused, naming the user and the role needed, and writes nothing. Returns the refusal."""
+    actor = world.owner if role is Role.OWNER else world.member(f"user-{role}", role)
+    if role.at_least(needed):
+        before = position_of_log(world.app)
+        result = send(actor)
+        assert result.position > before
+        return None
+    error = assert_refused(world.app, Forbidden, lambda: send(actor))
+    assert actor.user_id in error.message
+    assert needed.value in error.message
+    assert isinstance(error, Forbidden)
+    return error

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from uuid import UUID, uuid4
 
 import pytest
 from aw_builders import (
+    Spec,
     World,
     assert_refused,
+    assert_role_matrix,
     position_of_log,
     stored_events,
 )
@@ -19,7 +20,6 @@ from commands.handlers import Actor, CommandResult
 from domain.card import Card
 from domain.errors import (
     Conflict,
-    Forbidden,
     InvalidTransition,
     NotFound,
     WipLimitExceeded,
@@ -47,17 +47,6 @@ def agree(world: World) -> None:
         card: Card = world.get(card_id)
         assert not card.archived
         assert (card.lane, card.position) == (placement.lane, placement.position)
-
-
-@dataclass(frozen=True)
-class Spec:
-    name: str
-    needed: Role
-    send: Callable[[World, Actor], CommandResult]
-    prepare: Callable[[World], object] = lambda world: None
-
-    def __str__(self) -> str:
-        return self.name
 
 
 def _block(world: World) -> None:
@@ -176,15 +165,7 @@ def build() -> World:
 def test_role_matrix_of_card_and_board_commands(spec: Spec, role: Role) -> None:
     world = build()
     spec.prepare(world)
-    actor = world.owner if role is Role.OWNER else world.member(f"user-{role}", role)
-    if role.at_least(spec.needed):
-        before = position_of_log(world.app)
-        result = spec.send(world, actor)
-        assert result.position > before
-    else:
-        error = assert_refused(world.app, Forbidden, lambda: spec.send(world, actor))
-        assert actor.user_id in error.message
-        assert spec.needed.value in error.message
+    assert_role_matrix(world, role, spec.needed, lambda actor: spec.send(world, actor))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from uuid import UUID, uuid4
 
 import pytest
-from aw_builders import OWNER, World, assert_refused, new_app, position_of_log, stored_events
+from aw_builders import (
+    OWNER,
+    Spec,
+    World,
+    assert_refused,
+    assert_role_matrix,
+    new_app,
+    position_of_log,
+    stored_events,
+)
 
 from commands import models as m
-from commands.handlers import Actor, CommandResult
+from commands.handlers import Actor
 from domain.errors import (
     Duplicate,
     Forbidden,
@@ -23,19 +30,6 @@ from domain.roles import Role
 from domain.workspace import Workspace
 
 ROLES = list(Role)
-
-
-@dataclass(frozen=True)
-class Spec:
-    """One command, the least role it needs, and how to send it in a given world."""
-
-    name: str
-    needed: Role
-    send: Callable[[World, Actor], CommandResult]
-    prepare: Callable[[World], object] = lambda world: None
-
-    def __str__(self) -> str:
-        return self.name
 
 
 def _add_target(world: World) -> None:
@@ -102,16 +96,9 @@ SPECS = [
 def test_role_matrix_of_workspace_commands(spec: Spec, role: Role) -> None:
     world = World.build()
     spec.prepare(world)
-    actor = world.owner if role is Role.OWNER else world.member(f"user-{role}", role)
-    if role.at_least(spec.needed):
-        before = position_of_log(world.app)
-        result = spec.send(world, actor)
-        assert result.position > before
-    else:
-        error = assert_refused(world.app, Forbidden, lambda: spec.send(world, actor))
-        assert actor.user_id in error.message
+    error = assert_role_matrix(world, role, spec.needed, lambda actor: spec.send(world, actor))
+    if error is not None:
         assert role.value in error.message
-        assert spec.needed.value in error.message
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
