@@ -35,16 +35,21 @@ BUILD = textwrap.dedent(
 )
 
 
-def built(option: str) -> list[str]:
+def _run_child(script: str, *args: str) -> str:
+    """What ``script`` printed, run in a child interpreter (see the module's docstring)."""
     done = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", BUILD, option],
+        [sys.executable, "-W", "ignore", "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    return done.stdout.split()
+    return done.stdout.strip()
+
+
+def built(option: str) -> list[str]:
+    return _run_child(BUILD, option).split()
 
 
 def test_the_consumer_waits_at_most_the_configured_fetch_wait() -> None:
@@ -86,15 +91,7 @@ FORGET = textwrap.dedent(
 
 
 def test_forgetting_read_offsets_clears_faust_marks_of_the_assigned_partitions_only() -> None:
-    done = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", FORGET],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "{TP(topic='card-events', partition=0): 41}"
+    assert _run_child(FORGET) == "{TP(topic='card-events', partition=0): 41}"
 
 
 def test_a_faust_without_read_marks_is_refused_loudly() -> None:
@@ -108,18 +105,6 @@ def test_a_faust_without_read_marks_is_refused_loudly() -> None:
         forget_read_offsets_of(ConsumerOfAnotherFaust(), set())
     with pytest.raises(FaustInternalsChanged):
         read_offsets_of(ConsumerOfAnotherFaust())
-
-
-def _run_child(script: str) -> list[str]:
-    done = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()
 
 
 EARLIER_GENERATION = textwrap.dedent(
@@ -195,7 +180,7 @@ def test_what_was_read_before_a_rebalance_or_outside_the_group_is_never_committe
     republished there. Every revocation and assignment starts a generation (tansu keeps every
     group at generation 0), an acknowledgement from an earlier one is not kept for a commit, and
     no commit goes out while the consumer is not a member of its group."""
-    rebalances, acknowledgements, commits = _run_child(EARLIER_GENERATION)
+    rebalances, acknowledgements, commits = _run_child(EARLIER_GENERATION).splitlines()
     assert rebalances == "[('revoked', 1), ('assigned', 2, 2), ('revoked', 3), ('assigned', 4, 4)]"
     # The earlier generation's record is settled (nothing waits for it) but not to be committed.
     assert acknowledgements == "((True, False), True, [7])"
