@@ -26,8 +26,7 @@ if TYPE_CHECKING:
 
     from commands.handlers import AgentWorks
     from domain.envelope import EventEnvelope
-    from projections.base import Change, Tables
-    from projections.batch import BatchContext
+    from projections.base import BatchContext, Change, Tables
 
 #: What the planted move carries as its position: not the text a board position is.
 BAD_POSITION: dict[str, Any] = {"fractional": [1, 2]}
