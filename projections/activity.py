@@ -237,7 +237,7 @@ _COLUMNS = (
 )
 
 #: Event type → (which aggregate family, kind, summary): what the feed shows of an event.
-_DESCRIBED: dict[type[EventPayload], tuple[str, str, Summary]] = {
+DESCRIBED: dict[type[EventPayload], tuple[str, str, Summary]] = {
     **{t: ("workspace", kind, summary) for t, (kind, summary) in _WORKSPACE.items()},
     **{t: ("project", kind, summary) for t, (kind, summary) in _PROJECT.items()},
     **{t: ("card", kind, summary) for t, (kind, summary) in _CARD.items()},
@@ -259,7 +259,7 @@ class ActivityProjector(Projector):
         {"Workspace", "Project", "Card", "AgentRun", "MonthlySpend"}
     )
     tables: ClassVar[tuple[str, ...]] = ("rm_activity",)
-    handles: ClassVar[frozenset[type[EventPayload]]] = frozenset(_DESCRIBED)
+    handles: ClassVar[frozenset[type[EventPayload]]] = frozenset(DESCRIBED)
     ignores: ClassVar[frozenset[type[EventPayload]]] = frozenset(
         {
             AgentRunAttemptRecorded,
@@ -319,7 +319,7 @@ class ActivityProjector(Projector):
         seen: set[UUID] = set()
         for env in envelopes:
             ev = env.event
-            described = _DESCRIBED.get(type(ev))
+            described = DESCRIBED.get(type(ev))
             if described is None:
                 continue
             workspace_id = env.workspace_id
@@ -368,7 +368,7 @@ class ActivityProjector(Projector):
                     env.timestamp,
                     env.metadata.get("actor") or "unknown",
                     kind,
-                    _short(summarise(env.event)),
+                    one_line(summarise(env.event)),
                     card_id,
                     project_id,
                     str(subject),
@@ -403,7 +403,7 @@ def _wip(limit: object) -> str:
     return "" if limit is None else f" (WIP {limit})"
 
 
-def _short(summary: str) -> str:
+def one_line(summary: str) -> str:
     """One line of at most ``MAX_SUMMARY_LENGTH`` characters."""
     line = " ".join(summary.split())
     if len(line) <= MAX_SUMMARY_LENGTH:

@@ -134,7 +134,7 @@ _CARD_UPDATES: frozenset[type[EventPayload]] = frozenset(
 )
 
 
-def _card_columns(ev: CardUpdate) -> dict[str, Any]:
+def card_columns(ev: CardUpdate) -> dict[str, Any]:
     """The card columns an update event sets, and their new values."""
     if isinstance(ev, CardEdited):
         return {"title": ev.title, "description": ev.description}
@@ -151,7 +151,7 @@ def _card_columns(ev: CardUpdate) -> dict[str, Any]:
     return {"archived": False, "lane": ev.lane, "position": ev.position}
 
 
-_CARD_KIND: dict[type[EventPayload], str] = {
+CARD_CHANGE_KINDS: dict[type[EventPayload], str] = {
     CardMoved: "card.moved",
     CardArchived: "card.archived",
     CardRestored: "card.restored",
@@ -421,12 +421,12 @@ class KanbanProjector(Projector):
         card_id = str(env.originator_id)
         row = seg.cards.get(card_id)
         if row is not None:
-            row.update(_card_columns(ev))
+            row.update(card_columns(ev))
             row["version"] = env.originator_version
             row["updated_at"] = env.timestamp
             seg.dirty.add(card_id)
         if seg.ctx.changes is not None:
-            kind = _CARD_KIND.get(type(ev), "card.updated")
+            kind = CARD_CHANGE_KINDS.get(type(ev), "card.updated")
             project_id = row["project_id"] if row is not None else None
             card_changed(env, seg.ctx.changes, kind, project_id)
 

@@ -70,7 +70,7 @@ _LINE_COLUMNS = (
     ("text", "text"),
 )
 
-_ATTEMPT_COLUMNS = (
+ATTEMPT_COLUMNS = (
     ("workspace_id", "uuid"),
     ("run_id", "uuid"),
     ("attempt", "integer"),
@@ -345,7 +345,7 @@ class RunsProjector(Projector):
                     for line in chunk
                 )
         insert_rows(ctx, "rm_log_lines", _LINE_COLUMNS, lines)
-        insert_rows(ctx, "rm_run_attempts", _ATTEMPT_COLUMNS, attempts)
+        insert_rows(ctx, "rm_run_attempts", ATTEMPT_COLUMNS, attempts)
         insert_rows(ctx, "rm_run_outputs", _OUTPUT_COLUMNS, outputs)
 
 
