@@ -89,13 +89,23 @@ HandlerMethod = Callable[..., None]
 
 def on(*events: type[EventPayload]) -> Callable[[HandlerMethod], HandlerMethod]:
     """Mark a reference method as the handler of the given events; it is called as
-    ``method(cur, envelope, event, tables, changes)``."""
+    ``method(At(cur, envelope, tables, changes), event)``."""
 
     def mark(method: HandlerMethod) -> HandlerMethod:
         method.__dict__["_handles"] = events
         return method
 
     return mark
+
+
+@dataclass(frozen=True)
+class At:
+    """Where a reference handler applies its event, and where it notes the changes."""
+
+    cur: Cursor[DictRow]
+    env: EventEnvelope
+    t: Tables
+    changes: list[Change]
 
 
 class Reference(Projector):
@@ -131,7 +141,7 @@ class Reference(Projector):
             ev = env.event
             method = self._handlers.get(type(ev))
             if method is not None:
-                getattr(self, method)(ctx.cur, env, ev, ctx.tables, changes)
+                getattr(self, method)(At(ctx.cur, env, ctx.tables, changes), ev)
             elif type(ev) in self.through_fold:
                 self.fold().apply_batch(BatchContext(ctx.cur, ctx.tables, ctx.changes), [env])
 
@@ -168,55 +178,26 @@ class KanbanReference(Reference, KanbanProjector):
     )
 
     @on(ProjectCardPlaced)
-    def _card_placed(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: ProjectCardPlaced,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._count(cur, t, env, ev.lane, +1)
-        kanban_sql.touch_board(cur, t, env)
+    def _card_placed(self, at: At, ev: ProjectCardPlaced) -> None:
+        self._count(at.cur, at.t, at.env, ev.lane, +1)
+        kanban_sql.touch_board(at.cur, at.t, at.env)
 
     @on(ProjectCardMoved)
-    def _card_moved_on_board(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: ProjectCardMoved,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
+    def _card_moved_on_board(self, at: At, ev: ProjectCardMoved) -> None:
         if ev.from_lane != ev.to_lane:
-            self._count(cur, t, env, ev.from_lane, -1)
-            self._count(cur, t, env, ev.to_lane, +1)
-        kanban_sql.touch_board(cur, t, env)
+            self._count(at.cur, at.t, at.env, ev.from_lane, -1)
+            self._count(at.cur, at.t, at.env, ev.to_lane, +1)
+        kanban_sql.touch_board(at.cur, at.t, at.env)
 
     @on(ProjectCardLifted)
-    def _card_lifted(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: ProjectCardLifted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._count(cur, t, env, ev.lane, -1)
-        kanban_sql.touch_board(cur, t, env)
+    def _card_lifted(self, at: At, ev: ProjectCardLifted) -> None:
+        self._count(at.cur, at.t, at.env, ev.lane, -1)
+        kanban_sql.touch_board(at.cur, at.t, at.env)
 
     @on(CardCreated)
-    def _card_created(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: CardCreated,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        # Upsert: run events (another topic) may already have left a row carrying run data.
-        cur.execute(
-            t.q(
+    def _card_created(self, at: At, ev: CardCreated) -> None:
+        at.cur.execute(
+            at.t.q(
                 "INSERT INTO {rm_cards} (workspace_id, card_id, project_id, title, description,"
                 " lane, position, version, created_at, updated_at)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -226,19 +207,19 @@ class KanbanReference(Reference, KanbanProjector):
                 " created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at"
             ),
             (
-                env.workspace_id,
-                env.originator_id,
+                at.env.workspace_id,
+                at.env.originator_id,
                 ev.project_id,
                 ev.title,
                 ev.description,
                 ev.lane,
                 ev.position,
-                env.originator_version,
-                env.timestamp,
-                env.timestamp,
+                at.env.originator_version,
+                at.env.timestamp,
+                at.env.timestamp,
             ),
         )
-        card_changed(env, changes, "card.created", ev.project_id)
+        card_changed(at.env, at.changes, "card.created", ev.project_id)
 
     @on(
         CardEdited,
@@ -251,8 +232,7 @@ class KanbanReference(Reference, KanbanProjector):
     )
     def _card_updated(
         self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
+        at: At,
         ev: CardEdited
         | CardMoved
         | CardAssigned
@@ -260,83 +240,60 @@ class KanbanReference(Reference, KanbanProjector):
         | CardUnblocked
         | CardArchived
         | CardRestored,
-        t: Tables,
-        changes: list[Change],
     ) -> None:
         columns = card_columns(ev)
-        project_id = self._touch(cur, t, env, columns)
+        project_id = self._touch(at.cur, at.t, at.env, columns)
         kind = CARD_CHANGE_KINDS.get(type(ev), "card.updated")
-        card_changed(env, changes, kind, project_id)
+        card_changed(at.env, at.changes, kind, project_id)
 
     @on(CardLabelled, CardUnlabelled)
-    def _card_labels(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: CardLabelled | CardUnlabelled,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
+    def _card_labels(self, at: At, ev: CardLabelled | CardUnlabelled) -> None:
         label = ev.label
         if isinstance(ev, CardLabelled):
             expression = "ARRAY(SELECT DISTINCT x FROM unnest(labels || %s::text) AS x ORDER BY x)"
         else:
             expression = "array_remove(labels, %s::text)"
-        cur.execute(
-            t.q(
+        at.cur.execute(
+            at.t.q(
                 "UPDATE {rm_cards} SET labels = " + expression + ", version = %s, updated_at = %s"
                 " WHERE card_id = %s RETURNING project_id"
             ),
-            (label, env.originator_version, env.timestamp, env.originator_id),
+            (label, at.env.originator_version, at.env.timestamp, at.env.originator_id),
         )
-        row = cur.fetchone()
-        card_changed(env, changes, "card.updated", row["project_id"] if row else None)
+        row = at.cur.fetchone()
+        card_changed(at.env, at.changes, "card.updated", row["project_id"] if row else None)
 
     # -- runs as the board shows them ------------------------------------------------------------
 
     @on(AgentRunRequested)
-    def _run_requested(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunRequested,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
+    def _run_requested(self, at: At, ev: AgentRunRequested) -> None:
         self._card_run_upsert(
-            cur,
-            t,
-            env,
+            at.cur,
+            at.t,
+            at.env,
             ev,
             "last_run_id = CASE WHEN EXCLUDED.last_run_position > c.last_run_position"
             " THEN EXCLUDED.last_run_id ELSE c.last_run_id END,"
             " last_run_position = GREATEST(c.last_run_position, EXCLUDED.last_run_position)",
-            last_run_id=env.originator_id,
-            last_run_position=env.position,
+            last_run_id=at.env.originator_id,
+            last_run_position=at.env.position,
             cost_micros=0,
         )
-        run_changed(env, changes, ev.project_id, ev.card_id)
+        run_changed(at.env, at.changes, ev.project_id, ev.card_id)
 
     @on(AgentRunLlmCallCompleted)
-    def _run_cost(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunLlmCallCompleted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
+    def _run_cost(self, at: At, ev: AgentRunLlmCallCompleted) -> None:
         self._card_run_upsert(
-            cur,
-            t,
-            env,
+            at.cur,
+            at.t,
+            at.env,
             ev,
             "cost_micros = c.cost_micros + EXCLUDED.cost_micros",
             last_run_id=None,
             last_run_position=0,
             cost_micros=int(ev.billed_micros),
         )
-        run_changed(env, changes, ev.project_id, ev.card_id)
+        run_changed(at.env, at.changes, ev.project_id, ev.card_id)
 
     @staticmethod
     def _card_run_upsert(
@@ -379,23 +336,20 @@ class KanbanReference(Reference, KanbanProjector):
         AgentRunTimedOut)  # fmt: skip
     def _run_status(
         self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
+        at: At,
         ev: AgentRunStarted
         | AgentRunSucceeded
         | AgentRunFailed
         | AgentRunCancelled
         | AgentRunTimedOut,
-        t: Tables,
-        changes: list[Change],
     ) -> None:
-        cur.execute(
-            t.q("SELECT project_id, card_id FROM {rm_cards} WHERE last_run_id = %s"),
-            (env.originator_id,),
+        at.cur.execute(
+            at.t.q("SELECT project_id, card_id FROM {rm_cards} WHERE last_run_id = %s"),
+            (at.env.originator_id,),
         )
-        row = cur.fetchone()
+        row = at.cur.fetchone()
         if row is not None:
-            run_changed(env, changes, row["project_id"], row["card_id"])
+            run_changed(at.env, at.changes, row["project_id"], row["card_id"])
 
     @staticmethod
     def _touch(
@@ -436,146 +390,102 @@ class RunsReference(Reference, RunsProjector):
     # -- lifecycle -------------------------------------------------------------------------------
 
     @on(AgentRunRequested)
-    def _requested(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunRequested,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
+    def _requested(self, at: At, ev: AgentRunRequested) -> None:
+        at.cur.execute(
+            at.t.q(
                 "INSERT INTO {rm_runs} (workspace_id, run_id, project_id, card_id, agent, status,"
                 " provider, model, max_cost_micros, requested_at, version)"
                 " VALUES (%s, %s, %s, %s, %s, 'QUEUED', %s, %s, %s, %s, %s)"
             ),
             (
-                env.workspace_id,
-                env.originator_id,
+                at.env.workspace_id,
+                at.env.originator_id,
                 ev.project_id,
                 ev.card_id,
                 ev.agent,
                 ev.provider,
                 ev.model,
                 ev.max_cost_micros,
-                env.timestamp,
-                env.originator_version,
+                at.env.timestamp,
+                at.env.originator_version,
             ),
         )
-        status_changed(env, changes, "QUEUED")
+        status_changed(at.env, at.changes, "QUEUED")
 
     @on(AgentRunStarted)
-    def _started(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunStarted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
+    def _started(self, at: At, ev: AgentRunStarted) -> None:
+        at.cur.execute(
+            at.t.q(
                 "UPDATE {rm_runs} SET status = 'RUNNING', started_at = %s, version = %s"
                 " WHERE run_id = %s"
             ),
-            (env.timestamp, env.originator_version, env.originator_id),
+            (at.env.timestamp, at.env.originator_version, at.env.originator_id),
         )
-        status_changed(env, changes, "RUNNING")
+        status_changed(at.env, at.changes, "RUNNING")
 
     @on(AgentRunStepStarted)
-    def _step_started(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunStepStarted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q("UPDATE {rm_runs} SET version = %s WHERE run_id = %s"),
-            (env.originator_version, env.originator_id),
+    def _step_started(self, at: At, ev: AgentRunStepStarted) -> None:
+        at.cur.execute(
+            at.t.q("UPDATE {rm_runs} SET version = %s WHERE run_id = %s"),
+            (at.env.originator_version, at.env.originator_id),
         )
 
     @on(*TERMINAL)
-    def _finished(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: EventPayload,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
+    def _finished(self, at: At, ev: EventPayload) -> None:
         status = TERMINAL[type(ev)]
-        cur.execute(
-            t.q(
+        at.cur.execute(
+            at.t.q(
                 "UPDATE {rm_runs} SET status = %s, finished_at = %s, error = %s, version = %s"
                 " WHERE run_id = %s"
             ),
-            (status, env.timestamp, terminal_error(ev), env.originator_version, env.originator_id),
+            (
+                status,
+                at.env.timestamp,
+                terminal_error(ev),
+                at.env.originator_version,
+                at.env.originator_id,
+            ),
         )
-        status_changed(env, changes, status)
+        status_changed(at.env, at.changes, status)
 
     @on(AgentRunHeartbeat, AgentRunReclaimed)
-    def _touched(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunHeartbeat | AgentRunReclaimed,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q("UPDATE {rm_runs} SET version = %s WHERE run_id = %s"),
-            (env.originator_version, env.originator_id),
+    def _touched(self, at: At, ev: AgentRunHeartbeat | AgentRunReclaimed) -> None:
+        self._touch_run(at)
+
+    @staticmethod
+    def _touch_run(at: At) -> None:
+        at.cur.execute(
+            at.t.q("UPDATE {rm_runs} SET version = %s WHERE run_id = %s"),
+            (at.env.originator_version, at.env.originator_id),
         )
 
     @on(AgentRunAttemptRecorded)
-    def _attempt(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunAttemptRecorded,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
+    def _attempt(self, at: At, ev: AgentRunAttemptRecorded) -> None:
+        at.cur.execute(
+            at.t.q(
                 f"INSERT INTO {{rm_run_attempts}} ({', '.join(n for n, _ in ATTEMPT_COLUMNS)})"
                 f" VALUES ({', '.join(['%s'] * len(ATTEMPT_COLUMNS))})"
             ),
-            attempt_row(env, ev),
+            attempt_row(at.env, ev),
         )
-        self._touched(cur, env, ev, t, changes)
+        self._touch_run(at)
 
     @on(AgentRunOutputRecorded)
-    def _output(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunOutputRecorded,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q("INSERT INTO {rm_run_outputs} (workspace_id, run_id, output) VALUES (%s, %s, %s)"),
-            output_row(env, ev),
+    def _output(self, at: At, ev: AgentRunOutputRecorded) -> None:
+        at.cur.execute(
+            at.t.q(
+                "INSERT INTO {rm_run_outputs} (workspace_id, run_id, output) VALUES (%s, %s, %s)"
+            ),
+            output_row(at.env, ev),
         )
-        self._touched(cur, env, ev, t, changes)
+        self._touch_run(at)
 
     # -- what the run did ------------------------------------------------------------------------
 
     @on(AgentRunLlmCallCompleted)
-    def _llm_call(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunLlmCallCompleted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
+    def _llm_call(self, at: At, ev: AgentRunLlmCallCompleted) -> None:
+        at.cur.execute(
+            at.t.q(
                 "UPDATE {rm_runs} SET provider = %s, model = %s,"
                 " input_tokens = input_tokens + %s, output_tokens = output_tokens + %s,"
                 " provider_cost_micros = provider_cost_micros + %s,"
@@ -589,47 +499,40 @@ class RunsReference(Reference, RunsProjector):
                 ev.output_tokens,
                 ev.provider_cost_micros,
                 ev.billed_micros,
-                env.originator_version,
-                env.originator_id,
+                at.env.originator_version,
+                at.env.originator_id,
             ),
         )
 
     @on(AgentRunLogChunkAppended)
-    def _log_chunk(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunLogChunkAppended,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
+    def _log_chunk(self, at: At, ev: AgentRunLogChunkAppended) -> None:
         lines = [storable_line(line) for line in ev.lines]
         # One statement for the whole chunk (COPY would be faster but refuses tables with row-level
         # security); every line is new because the runner applies each chunk exactly once.
-        cur.execute(
-            t.q(
+        at.cur.execute(
+            at.t.q(
                 "INSERT INTO {rm_log_lines} (workspace_id, run_id, seq, at, stream, text)"
                 " SELECT %s, %s, l.seq, l.at, l.stream, l.text"
                 " FROM unnest(%s::integer[], %s::timestamptz[], %s::text[], %s::text[])"
                 " AS l(seq, at, stream, text)"
             ),
             (
-                env.workspace_id,
-                env.originator_id,
+                at.env.workspace_id,
+                at.env.originator_id,
                 [line["seq"] for line in lines],
                 [line["at"] for line in lines],
                 [line["stream"] for line in lines],
                 [line["text"] for line in lines],
             ),
         )
-        cur.execute(
-            t.q(
+        at.cur.execute(
+            at.t.q(
                 "UPDATE {rm_runs} SET log_line_count = log_line_count + %s, version = %s"
                 " WHERE run_id = %s"
             ),
-            (len(lines), env.originator_version, env.originator_id),
+            (len(lines), at.env.originator_version, at.env.originator_id),
         )
-        lines_changed(env, changes, lines)
+        lines_changed(at.env, at.changes, lines)
 
 
 # -- activity --------------------------------------------------------------------------------------
@@ -662,73 +565,38 @@ class ActivityReference(Reference, ActivityProjector):
     fold = ActivityProjector
 
     @on(*_family("workspace"))
-    def _workspace(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: EventPayload,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._record(cur, t, env, _described(ev))
+    def _workspace(self, at: At, ev: EventPayload) -> None:
+        self._record(at.cur, at.t, at.env, _described(ev))
 
     @on(*_family("project"))
-    def _project(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: EventPayload,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._record(cur, t, env, _described(ev), project_id=env.originator_id)
+    def _project(self, at: At, ev: EventPayload) -> None:
+        self._record(at.cur, at.t, at.env, _described(ev), project_id=at.env.originator_id)
 
     @on(*_family("card"))
-    def _card(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: EventPayload,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
+    def _card(self, at: At, ev: EventPayload) -> None:
         self._record(
-            cur,
-            t,
-            env,
+            at.cur,
+            at.t,
+            at.env,
             _described(ev),
-            card_id=env.originator_id,
+            card_id=at.env.originator_id,
             project_id=ev.project_id if isinstance(ev, CardCreated) else None,
         )
 
     @on(*_family("run"))
-    def _run(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: EventPayload,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
+    def _run(self, at: At, ev: EventPayload) -> None:
         self._record(
-            cur,
-            t,
-            env,
+            at.cur,
+            at.t,
+            at.env,
             _described(ev),
             card_id=ev.card_id if isinstance(ev, AgentRunRequested) else None,
             project_id=ev.project_id if isinstance(ev, AgentRunRequested) else None,
         )
 
     @on(*_family("spend"))
-    def _spend(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: EventPayload,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._record(cur, t, env, _described(ev))
+    def _spend(self, at: At, ev: EventPayload) -> None:
+        self._record(at.cur, at.t, at.env, _described(ev))
 
     @staticmethod
     def _record(
@@ -835,17 +703,10 @@ class BillingReference(Reference, BillingProjector):
     fold = BillingProjector
 
     @on(UsageChargeCharged)
-    def _charged(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: UsageChargeCharged,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
+    def _charged(self, at: At, ev: UsageChargeCharged) -> None:
         entry = _Entry(
             kind=LedgerKind.CHARGE,
-            charge_id=env.originator_id,
+            charge_id=at.env.originator_id,
             project_id=ev.project_id,
             card_id=ev.card_id,
             run_id=ev.run_id,
@@ -859,9 +720,9 @@ class BillingReference(Reference, BillingProjector):
             month=ev.month,
         )
         self._post(
-            cur,
-            t.q(_CHARGE_AND_POST),
-            env,
+            at.cur,
+            at.t.q(_CHARGE_AND_POST),
+            at.env,
             entry,
             call_id=ev.call_id,
             markup=ev.markup,
@@ -869,34 +730,28 @@ class BillingReference(Reference, BillingProjector):
         )
 
     @on(UsageChargeCredited, UsageChargeRefunded)
-    def _corrected(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: UsageChargeCredited | UsageChargeRefunded,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
+    def _corrected(self, at: At, ev: UsageChargeCredited | UsageChargeRefunded) -> None:
         amount: int = ev.amount_micros
-        cur.execute(
-            t.q(
+        at.cur.execute(
+            at.t.q(
                 "UPDATE {rm_charges} SET credited_micros = credited_micros + %s"
                 " WHERE charge_id = %s"
                 " RETURNING project_id, card_id, run_id, provider, model"
             ),
-            (amount, env.originator_id),
+            (amount, at.env.originator_id),
         )
-        charge = cur.fetchone()
+        charge = at.cur.fetchone()
         if charge is None:
             # The runner applies a charge's events in version order, so its Charged row exists;
             # without it the correction's dimensions are unknown and guessing would misfile money.
             raise RuntimeError(
-                f"{env.type} at position {env.position} corrects charge {env.originator_id}, "
+                f"{at.env.type} at position {at.env.position} corrects charge"
+                f" {at.env.originator_id}, "
                 "which the billing read model does not hold"
             )
         entry = _Entry(
             kind=LedgerKind.CREDIT if isinstance(ev, UsageChargeCredited) else LedgerKind.REFUND,
-            charge_id=env.originator_id,
+            charge_id=at.env.originator_id,
             project_id=charge["project_id"],
             card_id=charge["card_id"],
             run_id=charge["run_id"],
@@ -909,62 +764,41 @@ class BillingReference(Reference, BillingProjector):
             billed_micros=-amount,
             month=ev.month,
         )
-        self._post(cur, t.q("WITH " + _POST), env, entry)
+        self._post(at.cur, at.t.q("WITH " + _POST), at.env, entry)
 
     @on(MonthlySpendCreditGranted)
-    def _credit_granted(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: MonthlySpendCreditGranted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
+    def _credit_granted(self, at: At, ev: MonthlySpendCreditGranted) -> None:
+        at.cur.execute(
+            at.t.q(
                 "INSERT INTO {rm_billing_credits} (workspace_id, credit_id, month, amount_micros,"
                 " reason, at) VALUES (%s, %s, %s, %s, %s, %s)"
             ),
-            (env.workspace_id, ev.credit_id, ev.month, ev.amount_micros, ev.reason,
-             env.timestamp),
+            (at.env.workspace_id, ev.credit_id, ev.month, ev.amount_micros, ev.reason,
+             at.env.timestamp),
         )  # fmt: skip
 
     @on(InvoiceDrafted)
-    def _invoice_drafted(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: InvoiceDrafted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
+    def _invoice_drafted(self, at: At, ev: InvoiceDrafted) -> None:
+        at.cur.execute(
+            at.t.q(
                 "INSERT INTO {rm_invoices} (workspace_id, month, invoice_id, lines, total_micros,"
                 " status) VALUES (%s, %s, %s, %s, %s, 'drafted')"
             ),
-            (env.workspace_id, ev.month, env.originator_id, Jsonb(ev.lines),
+            (at.env.workspace_id, ev.month, at.env.originator_id, Jsonb(ev.lines),
              ev.total_micros),
         )  # fmt: skip
 
     @on(InvoiceIssued, InvoicePaid, InvoiceVoided)
-    def _invoice_status(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: InvoiceIssued | InvoicePaid | InvoiceVoided,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
+    def _invoice_status(self, at: At, ev: InvoiceIssued | InvoicePaid | InvoiceVoided) -> None:
+        at.cur.execute(
+            at.t.q(
                 "UPDATE {rm_invoices} SET status = %s,"
                 " stripe_invoice_id = coalesce(%s, stripe_invoice_id) WHERE invoice_id = %s"
             ),
             (
                 INVOICE_STATUS[type(ev)],
                 ev.stripe_invoice_id if isinstance(ev, InvoiceIssued) else None,
-                env.originator_id,
+                at.env.originator_id,
             ),
         )
 
