@@ -21,12 +21,12 @@ must not stop the other aggregates, nor, being applied again and again, every te
 models. The runner *parks* its aggregate: it records the event and the error in
 ``projection_parked`` and holds that aggregate's later events back (applying them would put its
 rows out of order), and applies everything else. A batch is one transaction, so on an error it
-is rolled back and applied again event by event (batches of one event each, in one
-transaction), which names the event that fails; that aggregate is parked from there on and the
-batch applied once more without it, until it commits. An error that does not come back event by
-event is not the events' fault and is raised, as are
-the database's own failures (a lost connection, a timeout): those are retried by the caller, and
-parking on them would park healthy aggregates. :meth:`ProjectionRunner.retry_parked` applies a
+is rolled back and applied again event by event (the fold given one event at a time, still in
+one transaction), which names the event that fails; that aggregate is parked from there on and
+the batch applied once more without it, until it commits. An error that does not come back
+event by event is not the events' fault and is raised, as are the database's own failures (a
+lost connection, a timeout): those are retried by the caller, and parking on them would park
+healthy aggregates. :meth:`ProjectionRunner.retry_parked` applies a
 parked aggregate's events again, after a fix.
 """
 
