@@ -51,6 +51,7 @@ def _group(ctx: typer.Context) -> None:
             f"missing command, one of: {', '.join(names)} (see '{ctx.command_path} --help')"
         )
 
+
 DataDir = Annotated[
     Path | None,
     typer.Option(

@@ -443,7 +443,7 @@ def orchestrator_command(data_dir: DataDirOption = None) -> None:
     start_tracing(settings, "agentworks-orchestrator")
     # The orchestrator writes events: it logs in as the writer (no role of its own yet).
     write_side = write_side_from(settings, database_url_for(settings), data_dir=settings.data_dir)
-    orchestrator = build_orchestrator(settings, write_side)
+    orchestrator = build_orchestrator(settings, write_side, write_side.event_log())
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -19,8 +19,9 @@ from infra.settings import ConfigurationError
 from orchestrator.service import Orchestrator, OrchestratorConfig
 
 if TYPE_CHECKING:
+    from adapters.eventlog import EventLog
     from adapters.providers.base import Provider
-    from infra.bootstrap import StoredAgentWorks
+    from commands.handlers import AgentWorks
     from infra.settings import Settings
     from orchestrator.holds import BudgetHolds
 
@@ -74,11 +75,11 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
     )
 
 
-def build_orchestrator(settings: Settings, write: StoredAgentWorks) -> Orchestrator:
-    """An orchestrator writing through ``write`` and following its event log."""
+def build_orchestrator(settings: Settings, write: AgentWorks, event_log: EventLog) -> Orchestrator:
+    """An orchestrator writing through ``write`` and following ``event_log`` (its own)."""
     return Orchestrator(
         write,
-        write.event_log(),
+        event_log,
         build_providers(settings),
         orchestrator_config(settings),
         holds=build_budget_holds(settings),

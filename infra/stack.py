@@ -210,7 +210,9 @@ class DevStack:
             self.settings, self.database_url, data_dir=self.data_dir
         )
         self.orchestrator = OrchestratorThread(
-            build_orchestrator(self.settings, self.orchestrator_write)
+            build_orchestrator(
+                self.settings, self.orchestrator_write, self.orchestrator_write.event_log()
+            )
         )
         self.orchestrator.start()
 
