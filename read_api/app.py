@@ -203,12 +203,13 @@ async def _authenticate(
 # -- POST /graphql --------------------------------------------------------------------------------
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400, code: str = VALIDATION) -> None:
+class BadRequest(ValidationFailed):
+    """A request the endpoint cannot read as one GraphQL operation (answered before any
+    execution, with its own HTTP status: 400, 413 or 415)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
-        self.message = message
         self.status = status
-        self.code = code
 
 
 class GraphQLEndpoint:
