@@ -4,7 +4,9 @@ them) in this same process, so the API's cached answers are invalidated as a liv
 
     python -m bench._graphql_writes --rate 20 --target WORKSPACE:USER [--target …]
 
-Runs until SIGTERM, then prints one JSON line: the writes made and the seconds they took.
+Runs until SIGTERM, then prints one JSON line: the writes made, the seconds they took, and how
+far the projectors got (``projected_through``, the lowest projector position, against the log's
+``log_head``: equal when every write was applied before the end).
 """
 
 from __future__ import annotations
@@ -83,7 +85,20 @@ def main(argv: list[str] | None = None) -> int:
         fanout.stop()
         write.close()
         read_side.close()
-    print(json.dumps({"writes": writes, "seconds": round(elapsed, 2)}), flush=True)
+    with psycopg.connect(url) as conn:
+        head = conn.execute("SELECT agentworks_log_head()").fetchone()
+        applied = conn.execute("SELECT min(position) FROM projection_positions").fetchone()
+    print(
+        json.dumps(
+            {
+                "writes": writes,
+                "seconds": round(elapsed, 2),
+                "log_head": head[0] if head else None,
+                "projected_through": applied[0] if applied else None,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
