@@ -387,10 +387,14 @@ def graphql_issue_17_rows(run: dict[str, Any], cite: str) -> list[Row]:
     cache = run.get("response_cache")
     config = run["config"]
     writes = run.get("writes")
+    where = {
+        "neighbour": "the neighbouring workspace",
+        "same": "the benchmarked workspace",
+        "both": "both workspaces",
+    }
     during = (
-        f"{writes['per_second']:g} card renames/s in the "
-        f"{'neighbouring' if config['writes_in'] == 'neighbour' else config['writes_in']} "
-        "workspace(s) during the load, projectors running"
+        f"{writes['per_second']:g} card renames/s in {where[config['writes_in']]} "
+        "during the load, projectors running"
         if writes
         else "no writes during the load"
     )
