@@ -19,7 +19,7 @@ statement and horizon rule (see :mod:`adapters.eventstore`), when the recorder o
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -34,7 +34,7 @@ from eventsourcing.persistence import (
     OperationalError,
     UUIDAsHex,
 )
-from eventsourcing.utils import resolve_topic, retry
+from eventsourcing.utils import Environment, resolve_topic, retry
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed
 
@@ -44,6 +44,10 @@ if TYPE_CHECKING:
     from eventsourcing.persistence import Mapper
 
     from adapters.eventstore import EventStoreRecorder
+
+#: The write side's application name: the prefix eventsourcing accepts on its settings
+#: (``AGENTWORKS_POSTGRES_HOST`` next to ``POSTGRES_HOST``), so the log reads the same ones.
+EVENT_STORE_NAME = "AgentWorks"
 
 #: Keys of a stored event's state that are not its payload (``envelope_from_event`` drops the
 #: same, together with the originator id and version, which the state does not hold).
@@ -250,9 +254,16 @@ def _fast_path_applies(mapper: Mapper[UUID]) -> bool:
 class EventLog:
     """The store's notification log, decoded into envelopes."""
 
-    def __init__(self, recorder: EventStoreRecorder, mapper: Mapper[UUID]) -> None:
+    def __init__(
+        self,
+        recorder: EventStoreRecorder,
+        mapper: Mapper[UUID],
+        *,
+        close: Callable[[], None] | None = None,
+    ) -> None:
         self.recorder = recorder
         self.mapper = mapper
+        self._close = close
         self._fast = _FastDecoder() if _fast_path_applies(mapper) else None
         self._select = _log_statement(recorder)
 
@@ -325,6 +336,11 @@ class EventLog:
             return self._fast.describe(topic)[0]
         return str(resolve_topic(topic).__qualname__).split(".", 1)[0]
 
+    def close(self) -> None:
+        """Close the connections of a log opened on its own (:func:`open_event_log`)."""
+        if self._close is not None:
+            self._close()
+
     def decode(self, row: Row) -> EventEnvelope:
         """One stored row as an envelope (upcast like every other read of the log)."""
         return self._envelope(row)
@@ -375,3 +391,24 @@ def _log_statement(recorder: EventStoreRecorder) -> Composed | None:
         + horizon
         + SQL(" AND notification_id > %s ORDER BY notification_id LIMIT %s")
     )
+
+
+def open_event_log(env: Mapping[str, str]) -> EventLog:
+    """The event log alone, on connections of its own, for components that never write (the
+    projectors, the relay): no application is built around it.
+
+    ``env`` is the store's configuration as for the write side (``infra.bootstrap``); the mapper
+    decodes with the transcodings the write side encodes with, those of eventsourcing's
+    ``Application`` (UUIDs, Decimals and datetimes), which the write side does not change.
+    """
+    from adapters.eventstore import EventStoreRecorder, Factory
+
+    factory = Factory(Environment(EVENT_STORE_NAME, dict(env)))
+    recorder = factory.application_recorder()
+    if not isinstance(recorder, EventStoreRecorder):  # pragma: no cover - Factory's own class
+        raise TypeError(f"expected the event store's recorder, got {type(recorder).__name__}")
+    transcoder = factory.transcoder()
+    if isinstance(transcoder, JSONTranscoder):
+        for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO()):
+            transcoder.register(transcoding)
+    return EventLog(recorder, factory.mapper(transcoder=transcoder), close=factory.close)

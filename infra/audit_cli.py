@@ -34,7 +34,7 @@ from infra.settings import ConfigurationError, Settings
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from commands.handlers import AgentWorks
+    from infra.bootstrap import StoredAgentWorks
 
 
 audit_app = typer.Typer(help="Signed, verifiable exports of a workspace's events.")
@@ -74,7 +74,7 @@ def _parse_id(text: str, what: str) -> UUID:
         raise ValidationFailed(f"{what} {text!r} is not a UUID") from None
 
 
-def _write_side(settings: Settings, url: str) -> AgentWorks:
+def _write_side(settings: Settings, url: str) -> StoredAgentWorks:
     from infra.bootstrap import write_side_from
 
     return write_side_from(settings, url)
@@ -149,7 +149,6 @@ def export_command(
     import psycopg
     from psycopg import IsolationLevel
 
-    from adapters.eventlog import EventLog
     from projections.history import parse_instant
     from streams.audit import export_lines, workspace_exists, workspace_rows
 
@@ -165,7 +164,7 @@ def export_command(
     with ExitStack() as stack:
         write = _write_side(settings, url)
         stack.callback(write.close)
-        decode = EventLog(write.recorder, write.mapper).decode  # type: ignore[arg-type]
+        decode = write.event_log().decode
         plain = write.mapper.cipher is None and write.mapper.compressor is None
         conn = stack.enter_context(psycopg.connect(url))
         conn.isolation_level = IsolationLevel.REPEATABLE_READ

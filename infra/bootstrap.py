@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from psycopg.conninfo import conninfo_to_dict
 
-from adapters.eventlog import EventLog
-from adapters.eventstore import POOL_TIMEOUT_ENV, PostgresCommandLog
+from adapters.eventlog import EventLog, open_event_log
+from adapters.eventstore import POOL_TIMEOUT_ENV, EventStoreRecorder, Factory, PostgresCommandLog
 from adapters.kafka import create_topics, make_producer, producer_state_lost, topic_id
 from adapters.metrics import observe_command
 from adapters.postgres import DEFAULT_POOL_TIMEOUT, login_url, make_pool
@@ -23,10 +23,13 @@ from streams.relay import Relay, RelayLease, RelayPositions
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from eventsourcing.persistence import InfrastructureFactory, TrackingRecorder
+    from eventsourcing.utils import Environment
     from psycopg import Connection
     from psycopg.rows import DictRow
     from psycopg_pool import ConnectionPool
 
+    from commands.service import CommandObserver
     from infra.settings import DbComponent, Settings
     from projections.base import Change
 
@@ -46,7 +49,6 @@ def event_store_env(
     """
     parts = conninfo_to_dict(login_url(database_url, db_role, db_password))
     return {
-        "PERSISTENCE_MODULE": "adapters.eventstore:Factory",
         "POSTGRES_DBNAME": str(parts.get("dbname") or ""),
         "POSTGRES_HOST": str(parts.get("host") or "127.0.0.1"),
         "POSTGRES_PORT": str(parts.get("port") or "5432"),
@@ -75,7 +77,7 @@ def build_write_side(
     retries: int = 5,
     pool_timeout: float = DEFAULT_POOL_TIMEOUT,
     settle_seconds: float = 5.0,
-) -> AgentWorks:
+) -> StoredAgentWorks:
     """The application, logged in as ``db_role`` (``None``: as the URL's own user).
 
     Components that only read the log (projectors, the relay) build it with their own role:
@@ -88,9 +90,56 @@ def build_write_side(
         pool_size=pool_size,
         pool_timeout=pool_timeout,
     )
-    app = AgentWorks(env, retries=retries, observe=observe_command, settle_seconds=settle_seconds)
-    app.command_log = PostgresCommandLog(app.factory.datastore)  # type: ignore[attr-defined]
-    return app
+    return StoredAgentWorks(
+        env, retries=retries, observe=observe_command, settle_seconds=settle_seconds
+    )
+
+
+class StoredAgentWorks(AgentWorks):
+    """AgentWorks on our PostgreSQL event store, with its command log in the same database: the
+    one place where the write side's persistence is chosen."""
+
+    # The library names the store's tables after the application: the same as AgentWorks'.
+    name = AgentWorks.name
+
+    def __init__(
+        self, env: dict[str, str], *, retries: int, observe: CommandObserver, settle_seconds: float
+    ) -> None:
+        super().__init__(env, retries=retries, observe=observe, settle_seconds=settle_seconds)
+        self.command_log = PostgresCommandLog(self.store.datastore)
+
+    def construct_factory(self, env: Environment) -> InfrastructureFactory[TrackingRecorder]:
+        self.store = Factory(env)
+        # The library types factories by their tracking recorder, invariantly: ours is the
+        # postgres factory's, a TrackingRecorder.
+        return cast("InfrastructureFactory[TrackingRecorder]", self.store)
+
+    def event_log(self) -> EventLog:
+        """The log as this application reads it (for those that write and follow, like the
+        orchestrator); components that only read open their own (``open_event_log``)."""
+        recorder = self.recorder
+        if not isinstance(recorder, EventStoreRecorder):  # pragma: no cover - Factory's class
+            raise TypeError(f"expected the event store's recorder, got {type(recorder).__name__}")
+        return EventLog(recorder, self.mapper)
+
+
+def event_log_from(
+    settings: Settings,
+    database_url: str,
+    component: DbComponent,
+    *,
+    pool_size: int,
+    data_dir: Path | None = None,
+) -> EventLog:
+    """The event log, read as ``component`` logs in, on connections of its own."""
+    return open_event_log(
+        event_store_env(
+            component_url(settings, database_url, component, data_dir=data_dir),
+            db_role=None,
+            pool_size=pool_size,
+            pool_timeout=settings.pool_timeout,
+        )
+    )
 
 
 def component_url(
@@ -110,7 +159,7 @@ def write_side_from(
     component: DbComponent = "writer",
     pool_size: int | None = None,
     data_dir: Path | None = None,
-) -> AgentWorks:
+) -> StoredAgentWorks:
     """The application as ``component`` (the writer, or a reader of the log) logs in."""
     from infra.orchestration import load_price_table
 
@@ -130,7 +179,6 @@ def write_side_from(
 class ReadSide:
     """The log reader, the projector pool and one runner per projector, built once."""
 
-    write_side: AgentWorks
     event_log: EventLog
     pool: ConnectionPool[Connection[DictRow]]
     runners: list[ProjectionRunner]
@@ -146,7 +194,7 @@ class ReadSide:
 
     def close(self) -> None:
         self.pool.close()
-        self.write_side.close()
+        self.event_log.close()
 
 
 def build_read_side(
@@ -158,31 +206,29 @@ def build_read_side(
     data_dir: Path | None = None,
 ) -> ReadSide:
     """Projectors and the log they read, all logged in as the projector role."""
-    write_side = write_side_from(settings, database_url, component="projector", data_dir=data_dir)
-    event_log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
+    event_log = event_log_from(
+        settings, database_url, "projector", pool_size=settings.pool_size, data_dir=data_dir
+    )
     url = component_url(settings, database_url, "projector", data_dir=data_dir)
     pool = make_pool(url, max_size=settings.pool_size, timeout=settings.pool_timeout)
     projectors = (
         [projector_named(name) for name in projector_names] if projector_names else all_projectors()
     )
     runners = [ProjectionRunner(p, pool, event_log, on_commit=on_commit) for p in projectors]
-    return ReadSide(write_side, event_log, pool, runners)
+    return ReadSide(event_log, pool, runners)
 
 
 def build_relay(
     settings: Settings, database_url: str, *, data_dir: Path | None = None
-) -> tuple[Relay, AgentWorks]:
-    """The relay and the application whose log it tails (closed by the caller), both logged in
-    as the relay role."""
+) -> tuple[Relay, EventLog]:
+    """The relay and the log it tails (closed by the caller), both logged in as the relay
+    role."""
     bootstrap = settings.kafka_bootstrap
     if not bootstrap:
         raise ValidationFailed("AGENTWORKS_KAFKA_BOOTSTRAP is not set; the relay needs Kafka")
     create_topics(bootstrap, [settings.topic_prefix + t for t in TOPICS], settings.topic_partitions)
     # The relay only reads the log: two connections are plenty.
-    write_side = write_side_from(
-        settings, database_url, component="relay", pool_size=2, data_dir=data_dir
-    )
-    event_log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
+    event_log = event_log_from(settings, database_url, "relay", pool_size=2, data_dir=data_dir)
     url = component_url(settings, database_url, "relay", data_dir=data_dir)
     relay = Relay(
         event_log,
@@ -194,4 +240,4 @@ def build_relay(
         topic_id=topic_id,
         lease=RelayLease(url, role=None),
     )
-    return relay, write_side
+    return relay, event_log

@@ -422,12 +422,12 @@ def relay_command(data_dir: DataDirOption = None) -> None:
 
     settings = settings_for(data_dir)
     start_tracing(settings, "agentworks-relay")
-    relay, write_side = build_relay(settings, database_url_for(settings))
+    relay, event_log = build_relay(settings, database_url_for(settings))
     _stop_on_signals(relay.stop)
     try:
         relay.run_forever()
     finally:
-        write_side.close()
+        event_log.close()
 
 
 @app.command("orchestrator")

@@ -20,7 +20,7 @@ from orchestrator.service import Orchestrator, OrchestratorConfig
 
 if TYPE_CHECKING:
     from adapters.providers.base import Provider
-    from commands.handlers import AgentWorks
+    from infra.bootstrap import StoredAgentWorks
     from infra.settings import Settings
     from orchestrator.holds import BudgetHolds
 
@@ -74,14 +74,11 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
     )
 
 
-def build_orchestrator(settings: Settings, write: AgentWorks) -> Orchestrator:
+def build_orchestrator(settings: Settings, write: StoredAgentWorks) -> Orchestrator:
     """An orchestrator writing through ``write`` and following its event log."""
-    from adapters.eventlog import EventLog
-
-    event_log = EventLog(write.recorder, write.mapper)  # type: ignore[arg-type]
     return Orchestrator(
         write,
-        event_log,
+        write.event_log(),
         build_providers(settings),
         orchestrator_config(settings),
         holds=build_budget_holds(settings),

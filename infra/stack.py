@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
     from fastapi import FastAPI
 
+    from adapters.eventlog import EventLog
     from commands.handlers import AgentWorks
     from orchestrator.service import OrchestratorThread
     from projections.base import Change
@@ -171,7 +172,7 @@ class DevStack:
     services: ApiServices
     fanout: EmbeddedFanout | None = None
     relay: Relay | None = None
-    relay_write: AgentWorks | None = None
+    relay_log: EventLog | None = None
     data_dir: Path | None = None
     threads: list[threading.Thread] = field(default_factory=list)
     _worker_loops: list[tuple[asyncio.AbstractEventLoop, Any]] = field(default_factory=list)
@@ -216,7 +217,7 @@ class DevStack:
     def _start_kafka_path(self, bootstrap: str) -> None:
         from streams.worker import build_worker_app
 
-        self.relay, self.relay_write = build_relay(
+        self.relay, self.relay_log = build_relay(
             self.settings, self.database_url, data_dir=self.data_dir
         )
         relay_thread = threading.Thread(target=self.relay.run_forever, name="relay", daemon=True)
@@ -279,8 +280,8 @@ class DevStack:
             thread.join(timeout=15)
         self.services.pool.close()
         self.read_side.close()
-        if self.relay_write is not None:
-            self.relay_write.close()
+        if self.relay_log is not None:
+            self.relay_log.close()
         self.write.close()
 
 

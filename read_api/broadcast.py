@@ -191,6 +191,13 @@ class RedisBroadcaster:
     One pub/sub connection per process, read by one task, fans messages out to local feeds.
     Subscribing waits for Redis to confirm, so a message published after :meth:`subscribe`
     returns is never missed — which lets a subscriber subscribe first and then read history.
+
+    Which channels have feeds is decided synchronously, and the SUBSCRIBE and UNSUBSCRIBE that
+    follow are sent by one task of the broadcaster's own, in that order. Subscribers never send
+    them: redis-py writes a command under ``asyncio.wait_for`` (its socket timeout), which on
+    Python 3.11 drops a cancellation that arrives as the write completes. A subscriber whose
+    client vanished would then carry on, holding its feed and the channel subscribed for good;
+    and a subscriber cancelled mid-command could leave its command to race the next one's.
     """
 
     def __init__(
@@ -209,9 +216,11 @@ class RedisBroadcaster:
         self._confirm_timeout = confirm_timeout
         self._feeds: dict[str, set[Feed]] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
+        """Redis channel → done once Redis confirmed the SUBSCRIBE of its current feeds."""
         self._pubsub: redis.asyncio.client.PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._lock: asyncio.Lock | None = None
+        self._commands: asyncio.Queue[tuple[str, str]] | None = None
+        self._sender: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(
@@ -234,11 +243,15 @@ class RedisBroadcaster:
     @contextlib.asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[Feed]:
         feed = Feed(channel, loop=asyncio.get_running_loop(), maxsize=self._queue_size)
-        await self._add(channel, feed)
+        confirmed = self._add(channel, feed)
         try:
+            # Shielded: the confirmation is shared with the channel's other feeds.
+            async with asyncio.timeout(self._confirm_timeout):
+                await asyncio.shield(confirmed)
             yield feed
         finally:
-            await asyncio.shield(self._remove(channel, feed))
+            # Synchronous: however this subscriber ends, nothing can interrupt its removal.
+            self._remove(channel, feed)
 
     async def publish(self, channel: str, payload: Payload) -> None:
         await self._client.publish(self._prefix + channel, encode_payload(payload))
@@ -249,16 +262,19 @@ class RedisBroadcaster:
         self._publisher.publish_changes(changes)
 
     async def aclose(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
+        for task in (self._sender, self._reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sender = self._reader = None
+        self._commands = None
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             self._pubsub = None
         self._feeds.clear()
+        self._confirmations.clear()
         with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()
         if self._publisher is not None:
@@ -266,48 +282,62 @@ class RedisBroadcaster:
 
     # -- the shared connection ------------------------------------------------------------------
 
-    def _guard(self) -> asyncio.Lock:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
+    def _add(self, channel: str, feed: Feed) -> asyncio.Future[None]:
+        """Add ``feed``; returns what tells when Redis has confirmed its channel."""
+        key = self._prefix + channel
+        feeds = self._feeds.get(channel)
+        if feeds:
+            feeds.add(feed)
+            return self._confirmations[key]
+        self._feeds[channel] = {feed}
+        confirmed = self._confirmations[key] = asyncio.get_running_loop().create_future()
+        self._send("subscribe", key)
+        return confirmed
 
-    async def _add(self, channel: str, feed: Feed) -> None:
-        async with self._guard():
-            feeds = self._feeds.get(channel)
-            if feeds:
-                feeds.add(feed)
-                return
+    def _remove(self, channel: str, feed: Feed) -> None:
+        feeds = self._feeds.get(channel)
+        if feeds is None:
+            return
+        feeds.discard(feed)
+        if feeds:
+            return
+        del self._feeds[channel]
+        key = self._prefix + channel
+        self._confirmations.pop(key, None)
+        # Sent after the channel's SUBSCRIBE, even when that is still queued: Redis ends up not
+        # subscribed, whenever this subscriber went (before or after the confirmation).
+        self._send("unsubscribe", key)
+
+    def _send(self, command: str, key: str) -> None:
+        if self._commands is None:
+            self._commands = asyncio.Queue()
+        self._commands.put_nowait((command, key))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(
+                self._send_commands(self._commands), name="redis-broadcast-commands"
+            )
+
+    async def _send_commands(self, commands: asyncio.Queue[tuple[str, str]]) -> None:
+        """Send SUBSCRIBE and UNSUBSCRIBE one at a time, in the order they were decided."""
+        while True:
+            command, key = await commands.get()
             if self._pubsub is None:
                 self._pubsub = self._client.pubsub()
-            confirmed = asyncio.get_running_loop().create_future()
-            self._confirmations[self._prefix + channel] = confirmed
-            self._feeds[channel] = {feed}
             try:
-                await self._pubsub.subscribe(self._prefix + channel)
-                # The reader starts once the connection exists (after the first SUBSCRIBE).
-                self._ensure_reader(self._pubsub)
-                await asyncio.wait_for(confirmed, self._confirm_timeout)
-            except BaseException:
-                self._feeds.pop(channel, None)
-                self._confirmations.pop(self._prefix + channel, None)
-                # The SUBSCRIBE may have gone out (the subscriber was cancelled, or Redis was slow
-                # to confirm): with no feed left nothing would ever unsubscribe the channel.
-                with contextlib.suppress(RedisError, OSError):
-                    await asyncio.shield(self._pubsub.unsubscribe(self._prefix + channel))
-                raise
-
-    async def _remove(self, channel: str, feed: Feed) -> None:
-        async with self._guard():
-            feeds = self._feeds.get(channel)
-            if feeds is None:
-                return
-            feeds.discard(feed)
-            if feeds:
-                return
-            del self._feeds[channel]
-            if self._pubsub is not None:
-                with contextlib.suppress(RedisError, OSError):
-                    await self._pubsub.unsubscribe(self._prefix + channel)
+                if command == "subscribe":
+                    await self._pubsub.subscribe(key)
+                    # The reader starts once the connection exists (after the first SUBSCRIBE).
+                    self._ensure_reader(self._pubsub)
+                else:
+                    await self._pubsub.unsubscribe(key)
+            except Exception as error:
+                # Whatever failed, the commands after it must still go out: this task is the only
+                # one that sends them.
+                log.debug("broadcast.command_failed", command=command, error=repr(error))
+                confirmed = self._confirmations.get(key)
+                if command == "subscribe" and confirmed is not None and not confirmed.done():
+                    # Its subscribers fail (and remove their feeds, which unsubscribes).
+                    confirmed.set_exception(error)
 
     def _ensure_reader(self, pubsub: redis.asyncio.client.PubSub) -> None:
         if self._reader is None or self._reader.done():
@@ -340,7 +370,7 @@ class RedisBroadcaster:
         kind = message.get("type")
         channel = _text(message.get("channel"))
         if kind == "subscribe":
-            confirmed = self._confirmations.pop(channel, None)
+            confirmed = self._confirmations.get(channel)
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
             return

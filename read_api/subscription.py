@@ -150,7 +150,10 @@ async def _run_log(ctx: RequestContext, run_id: UUID, after_seq: int) -> AsyncIt
                     return
                 catch_up = False
             try:
-                payload = await asyncio.wait_for(feed.get(), recheck)
+                # Not ``asyncio.wait_for``: on Python 3.11 it drops a cancellation (the client
+                # went away) that comes as a message arrives, and this loop would go on for good.
+                async with asyncio.timeout(recheck):
+                    payload = await feed.get()
             except (TimeoutError, MessagesLost):
                 catch_up = True
                 continue

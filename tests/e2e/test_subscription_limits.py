@@ -267,7 +267,7 @@ def test_a_viewer_dropping_storms_of_subscriptions_starves_no_one(
         if broadcaster == "redis":
             _wait_for(
                 lambda: not _redis_channels(redis_url, f"*{board_channel(project)}"),
-                timeout=30,
+                timeout=10,
                 what="the API unsubscribed from the dropped subscriptions' Redis channel",
             )
         phase[0] = "refill"

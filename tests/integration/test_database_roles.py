@@ -249,7 +249,7 @@ class TestComposition:
         try:
             with write.factory.datastore.get_connection() as conn:  # type: ignore[attr-defined]
                 assert conn.execute("SELECT session_user::text AS u").fetchone()["u"] == WRITER_ROLE
-            log_store = read_side.write_side.factory.datastore  # type: ignore[attr-defined]
+            log_store = read_side.event_log.recorder.datastore
             with log_store.get_connection() as conn:
                 assert conn.execute("SELECT session_user::text AS u").fetchone()["u"] == (
                     PROJECTOR_ROLE
