@@ -330,7 +330,7 @@ class RedisBroadcaster:
                     self._ensure_reader(self._pubsub)
                 else:
                     await self._pubsub.unsubscribe(key)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 — the only sender must go on sending
                 # Whatever failed, the commands after it must still go out: this task is the only
                 # one that sends them.
                 log.debug("broadcast.command_failed", command=command, error=repr(error))
