@@ -303,10 +303,10 @@ class ResponseCache:
             return hit
         flight = self._flights.get((key, version))
         if flight is not None:
-            self.shared += 1
-            _SHARED.inc()
             hit = await flight.wait()
             if hit is not None:
+                self.shared += 1
+                _SHARED.inc()
                 return hit
             # It kept nothing (an error, a refusal, its client gone): execute as without a cache.
             result = await execute()

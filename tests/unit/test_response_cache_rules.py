@@ -224,6 +224,7 @@ def test_waiters_execute_themselves_when_the_first_keeps_nothing() -> None:
         assert await first is None
         assert await second is None
         assert failing.runs == 2
+        assert c.shared == 0  # nobody was answered by the other's execution
 
     asyncio.run(scenario())
 
