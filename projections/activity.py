@@ -68,13 +68,10 @@ from domain.events import (
     events_of,
 )
 from domain.money import format_usd
-from projections.base import Change, Projector, Tables, on
-from projections.batch import MEMO_DROPPED, BatchContext, insert_rows
+from projections.base import MEMO_DROPPED, BatchContext, Projector
+from projections.batch import insert_rows
 
 if TYPE_CHECKING:
-    from psycopg import Cursor
-    from psycopg.rows import DictRow
-
     from domain.envelope import EventEnvelope
 
 MAX_SUMMARY_LENGTH = 240
@@ -227,21 +224,6 @@ _SPEND: dict[type[EventPayload], tuple[str, Summary]] = dict(
     ]
 )
 
-# The subject's card and project, when the event does not carry them, come from the newest
-# earlier item about the same subject.
-_INSERT = (
-    "INSERT INTO {rm_activity} (workspace_id, position, at, actor, kind, summary, card_id,"
-    " project_id, subject_id)"
-    " SELECT %(ws)s, %(position)s, %(at)s, %(actor)s, %(kind)s, %(summary)s,"
-    " coalesce(%(card_id)s::uuid, prior.card_id), coalesce(%(project_id)s::uuid, prior.project_id),"
-    " %(subject_id)s"
-    " FROM (SELECT) AS one LEFT JOIN LATERAL ("
-    "  SELECT card_id, project_id FROM {rm_activity} WHERE subject_id = %(subject_id)s"
-    "  ORDER BY position DESC LIMIT 1"
-    " ) AS prior ON true"
-)
-
-
 _COLUMNS = (
     ("workspace_id", "uuid"),
     ("position", "bigint"),
@@ -254,8 +236,8 @@ _COLUMNS = (
     ("subject_id", "uuid"),
 )
 
-#: Event type → (which aggregate family, kind, summary), for the batch path.
-_DESCRIBED: dict[type[EventPayload], tuple[str, str, Summary]] = {
+#: Event type → (which aggregate family, kind, summary): what the feed shows of an event.
+DESCRIBED: dict[type[EventPayload], tuple[str, str, Summary]] = {
     **{t: ("workspace", kind, summary) for t, (kind, summary) in _WORKSPACE.items()},
     **{t: ("project", kind, summary) for t, (kind, summary) in _PROJECT.items()},
     **{t: ("card", kind, summary) for t, (kind, summary) in _CARD.items()},
@@ -277,6 +259,7 @@ class ActivityProjector(Projector):
         {"Workspace", "Project", "Card", "AgentRun", "MonthlySpend"}
     )
     tables: ClassVar[tuple[str, ...]] = ("rm_activity",)
+    handles: ClassVar[frozenset[type[EventPayload]]] = frozenset(DESCRIBED)
     ignores: ClassVar[frozenset[type[EventPayload]]] = frozenset(
         {
             AgentRunAttemptRecorded,
@@ -309,79 +292,10 @@ class ActivityProjector(Projector):
     #: after loading them (see :mod:`projections.rebuild`).
     insert_only: ClassVar[frozenset[str]] = frozenset({"rm_activity"})
 
-    @on(*_WORKSPACE)
-    def _workspace(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: EventPayload,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._record(cur, t, env, _WORKSPACE[type(ev)])
-
-    @on(*_PROJECT)
-    def _project(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: EventPayload,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._record(cur, t, env, _PROJECT[type(ev)], project_id=env.originator_id)
-
-    @on(*_CARD)
-    def _card(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: EventPayload,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._record(
-            cur,
-            t,
-            env,
-            _CARD[type(ev)],
-            card_id=env.originator_id,
-            project_id=ev.project_id if isinstance(ev, CardCreated) else None,
-        )
-
-    @on(*_RUN)
-    def _run(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: EventPayload,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._record(
-            cur,
-            t,
-            env,
-            _RUN[type(ev)],
-            card_id=ev.card_id if isinstance(ev, AgentRunRequested) else None,
-            project_id=ev.project_id if isinstance(ev, AgentRunRequested) else None,
-        )
-
-    @on(*_SPEND)
-    def _spend(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: EventPayload,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._record(cur, t, env, _SPEND[type(ev)])
-
     # -- the batch path ----------------------------------------------------------------------------
 
     def apply_batch(self, ctx: BatchContext, envelopes: Sequence[EventEnvelope]) -> None:
-        """All of a batch's items in one insert; the same rows :meth:`_record` would write.
+        """All of a batch's items in one insert.
 
         An item that lacks its card or project takes them from the subject's newest earlier item:
         one written earlier in this batch, or else the newest in the table (one query for all).
@@ -405,7 +319,7 @@ class ActivityProjector(Projector):
         seen: set[UUID] = set()
         for env in envelopes:
             ev = env.event
-            described = _DESCRIBED.get(type(ev))
+            described = DESCRIBED.get(type(ev))
             if described is None:
                 continue
             workspace_id = env.workspace_id
@@ -454,7 +368,7 @@ class ActivityProjector(Projector):
                     env.timestamp,
                     env.metadata.get("actor") or "unknown",
                     kind,
-                    _short(summarise(env.event)),
+                    one_line(summarise(env.event)),
                     card_id,
                     project_id,
                     str(subject),
@@ -462,40 +376,9 @@ class ActivityProjector(Projector):
             )
         insert_rows(ctx, "rm_activity", _COLUMNS, rows)
 
-    @staticmethod
-    def _record(
-        cur: Cursor[DictRow],
-        t: Tables,
-        env: EventEnvelope,
-        described: tuple[str, Summary],
-        *,
-        card_id: object = None,
-        project_id: object = None,
-    ) -> None:
-        workspace_id = env.workspace_id
-        if workspace_id is None and env.aggregate == "Workspace":
-            workspace_id = env.originator_id
-        if workspace_id is None:
-            return  # not tenant-owned, so no feed can show it
-        kind, summarise = described
-        cur.execute(
-            t.q(_INSERT),
-            {
-                "ws": workspace_id,
-                "position": env.position,
-                "at": env.timestamp,
-                "actor": env.metadata.get("actor") or "unknown",
-                "kind": kind,
-                "summary": _short(summarise(env.event)),
-                "card_id": card_id,
-                "project_id": project_id,
-                "subject_id": env.originator_id,
-            },
-        )
-
 
 def _given(family: str, env: EventEnvelope) -> Subject:
-    """The card and project an event names itself (what the per-event handlers pass)."""
+    """The card and project an event names itself; its subject's earlier items give the rest."""
     if family == "workspace":
         return None, None
     if family == "project":
@@ -520,7 +403,7 @@ def _wip(limit: object) -> str:
     return "" if limit is None else f" (WIP {limit})"
 
 
-def _short(summary: str) -> str:
+def one_line(summary: str) -> str:
     """One line of at most ``MAX_SUMMARY_LENGTH`` characters."""
     line = " ".join(summary.split())
     if len(line) <= MAX_SUMMARY_LENGTH:

@@ -8,8 +8,9 @@ rebuild, fresh copies that are swapped in afterwards.
 from __future__ import annotations
 
 import string
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from psycopg import sql
@@ -55,61 +56,54 @@ def _placeholders(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
-HandlerMethod = Callable[..., None]
+@dataclass
+class BatchContext:
+    """Where and how a batch is applied."""
+
+    cur: Cursor[DictRow]
+    tables: Tables
+    changes: list[Change] | None
+    """Where to append changes for subscribers; None when nobody listens (a rebuild)."""
+    copy: bool = False
+    """The tables are a rebuild's private, fresh copies, written by this runner alone and not yet
+    under row-level security: plain inserts may use ``COPY``, and no pipeline is open."""
+    memo: dict[str, Any] = field(default_factory=dict)
+    """A projector's scratch space. Fresh for every batch, except in a rebuild (``exclusive``),
+    where it lives for the whole replay: nothing else writes the tables, so what a projector
+    remembers of them stays true."""
+    exclusive: bool = False
 
 
-def on(*events: type[EventPayload]) -> Callable[[HandlerMethod], HandlerMethod]:
-    """Mark a projector method as the handler of the given events (``CardMoved``); it is called
-    as ``method(cur, envelope, event, tables, changes)`` with the envelope's typed payload."""
-
-    def mark(method: HandlerMethod) -> HandlerMethod:
-        method.__dict__["_handles"] = events
-        return method
-
-    return mark
+#: Set in a rebuild's ``memo`` when the runner dropped it: a batch failed and was rolled back
+#: (what the projectors remembered of it was never written). A projector must then read from the
+#: tables whatever its memo lacks, never take the memo for complete.
+MEMO_DROPPED = "runner.memo_dropped"
 
 
-class Projector:
-    """A named read model: the aggregates it follows, the tables it owns, its event handlers.
+class Projector(ABC):
+    """A named read model: the aggregates it follows, the tables it owns, and its fold.
 
-    Every domain event is either handled (``@on``) or named in ``ignores``, so a new event makes
-    each projector's owner decide (``tests/unit/test_event_contract.py``). Events of a followed
-    aggregate without a handler still advance the projector's version of that aggregate, which
-    is what lets gaps be detected.
+    The fold (:meth:`apply_batch`) is the projector's one implementation: the runner hands it
+    every batch, and a batch of one event when it must tell which event fails. Every domain event
+    is either in ``handles`` or in ``ignores``, so a new event makes each projector's owner
+    decide (``tests/unit/test_event_contract.py``). Events of a followed aggregate that are not
+    handled still advance the projector's version of that aggregate, which is what lets gaps be
+    detected.
     """
 
     name: ClassVar[str]
     aggregates: ClassVar[frozenset[str]]
     tables: ClassVar[tuple[str, ...]]
+    handles: ClassVar[frozenset[type[EventPayload]]]
+    """Domain events the fold applies: the keys of the tables it dispatches on, so that what is
+    declared here is what runs."""
     ignores: ClassVar[frozenset[type[EventPayload]]]
     """Domain events this projector has nothing to do with, named so that none is overlooked."""
-    _handlers: ClassVar[dict[type[EventPayload], str]] = {}
-
-    def __init_subclass__(cls) -> None:
-        super().__init_subclass__()
-        handlers: dict[type[EventPayload], str] = {}
-        for klass in reversed(cls.__mro__):
-            for attr, value in vars(klass).items():
-                for event in getattr(value, "_handles", ()):
-                    handlers[event] = attr
-        cls._handlers = handlers
-
-    @classmethod
-    def handled(cls) -> frozenset[type[EventPayload]]:
-        """The domain events this projector applies."""
-        return frozenset(cls._handlers)
 
     def follows(self, envelope: EventEnvelope) -> bool:
         return envelope.aggregate in self.aggregates
 
-    def apply(
-        self,
-        cur: Cursor[DictRow],
-        envelope: EventEnvelope,
-        tables: Tables,
-        changes: list[Change],
-    ) -> None:
-        event = envelope.event
-        method = self._handlers.get(type(event))
-        if method is not None:
-            getattr(self, method)(cur, envelope, event, tables, changes)
+    @abstractmethod
+    def apply_batch(self, ctx: BatchContext, envelopes: Sequence[EventEnvelope]) -> None:
+        """Apply ``envelopes`` (in log order, none of them applied before) to the tables of
+        ``ctx``, and note the changes subscribers are told about, in event order."""

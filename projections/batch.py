@@ -1,70 +1,26 @@
-"""Applying a batch of envelopes at once: what a batch-capable projector sees, and shared SQL.
+"""Applying a batch of envelopes at once: what a projector's fold sees, and shared SQL.
 
-A projector's ``apply(cur, envelope, ...)`` is the reference: one event, a few statements. A
-projector may also offer ``apply_batch(ctx, envelopes)``, which must leave exactly the rows and
-emit exactly the changes (same order) that applying the envelopes one by one would. It turns
-thousands of per-event statements into a handful of set-based ones (``INSERT ... SELECT FROM
-unnest(...)``, ``UPDATE ... FROM unnest(...)``, ``COPY``), which is what makes a rebuild fast.
-
-The runner hands every batch to ``apply_batch`` when the projector has one; the per-event path
-remains for projectors without, and as the reference the tests compare against.
+A projector's ``apply_batch(ctx, envelopes)`` must leave exactly the rows and emit exactly the
+changes (same order) whatever the envelopes are cut into: one batch, several, or one event each.
+It turns thousands of per-event statements into a handful of set-based ones (``INSERT ... SELECT
+FROM unnest(...)``, ``UPDATE ... FROM unnest(...)``, ``COPY``), which is what makes a rebuild
+fast. The tests hold every fold to an event-by-event reference kept beside them
+(``tests/integration/projection_reference.py``).
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from projections.base import Change, Tables
+from projections.base import BatchContext
 from projections.text import storable_utf8
 
 if TYPE_CHECKING:
-    from psycopg import Cursor
-    from psycopg.rows import DictRow
-
-    from domain.envelope import EventEnvelope
-
-
-@dataclass
-class BatchContext:
-    """Where and how a batch is applied."""
-
-    cur: Cursor[DictRow]
-    tables: Tables
-    changes: list[Change] | None
-    """Where to append changes for subscribers; None when nobody listens (a rebuild)."""
-    copy: bool = False
-    """The tables are a rebuild's private, fresh copies, written by this runner alone and not yet
-    under row-level security: plain inserts may use ``COPY``, and no pipeline is open."""
-    memo: dict[str, Any] = field(default_factory=dict)
-    """A projector's scratch space. Fresh for every batch, except in a rebuild (``exclusive``),
-    where it lives for the whole replay: nothing else writes the tables, so what a projector
-    remembers of them stays true."""
-    exclusive: bool = False
-
-    def note(self, change: Change) -> None:
-        if self.changes is not None:
-            self.changes.append(change)
-
-    @property
-    def listening(self) -> bool:
-        return self.changes is not None
-
-
-#: Set in a rebuild's ``memo`` when the runner dropped it: a batch failed and was rolled back
-#: (what the projectors remembered of it was never written), or events were applied one by one
-#: (rows the memo does not know). A projector must then read from the tables whatever its memo
-#: lacks, never take the memo for complete.
-MEMO_DROPPED = "runner.memo_dropped"
-
-
-@runtime_checkable
-class BatchProjector(Protocol):
-    def apply_batch(self, ctx: BatchContext, envelopes: Sequence[EventEnvelope]) -> None: ...
+    pass
 
 
 def insert_rows(
@@ -160,43 +116,43 @@ _LEN_I32 = struct.Struct("!ii").pack  # length 4, then the value
 _LEN_I64 = struct.Struct("!iq").pack  # length 8, then the value
 
 
-def _uuid_field(value: Any) -> bytes:
+def _uuid_field(value: object) -> bytes:
     return b"\x00\x00\x00\x10" + as_uuid(value).bytes
 
 
-def _text_field(value: Any) -> bytes:
+def _text_field(value: object) -> bytes:
     if type(value) is not str:
         raise TypeError(f"text column holds {type(value).__name__}")
     data = storable_utf8(value)
     return _I32(len(data)) + data
 
 
-def _int4_field(value: Any) -> bytes:
+def _int4_field(value: object) -> bytes:
     if type(value) is not int:
         raise TypeError(f"integer column holds {type(value).__name__}")
     return _LEN_I32(4, value)
 
 
-def _int8_field(value: Any) -> bytes:
+def _int8_field(value: object) -> bytes:
     if type(value) is not int:
         raise TypeError(f"bigint column holds {type(value).__name__}")
     return _LEN_I64(8, value)
 
 
-def _bool_field(value: Any) -> bytes:
+def _bool_field(value: object) -> bytes:
     if type(value) is not bool:
         raise TypeError(f"boolean column holds {type(value).__name__}")
     return b"\x00\x00\x00\x01\x01" if value else b"\x00\x00\x00\x01\x00"
 
 
-def _timestamptz_field(value: Any) -> bytes:
+def _timestamptz_field(value: object) -> bytes:
     moment = _as_datetime(value)
     if moment.tzinfo is None:
         raise ValueError("naive datetime for a timestamptz column")
     return _LEN_I64(8, (moment - _PG_EPOCH) // _MICROSECOND)
 
 
-def _date_field(value: Any) -> bytes:
+def _date_field(value: object) -> bytes:
     day = _as_date(value)
     if isinstance(day, datetime):
         raise TypeError("datetime for a date column")
@@ -214,7 +170,7 @@ _FIELD: dict[str, Callable[[Any], bytes]] = {
 }
 
 
-def copy_field(kind: str, value: Any) -> bytes:
+def copy_field(kind: str, value: object) -> bytes:
     """One non-NULL value of SQL type ``kind`` as binary COPY writes it (length and bytes)."""
     return _FIELD[kind](value)
 

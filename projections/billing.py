@@ -12,7 +12,6 @@ The day of an entry is the UTC date of its event; its month is the ``month`` its
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, date
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,13 +36,10 @@ from domain.events import (
     UsageChargeRefunded,
     events_of,
 )
-from projections.base import Change, Projector, Tables, on
-from projections.batch import MEMO_DROPPED, BatchContext, columns_of, insert_rows
+from projections.base import MEMO_DROPPED, BatchContext, Projector
+from projections.batch import columns_of, insert_rows
 
 if TYPE_CHECKING:
-    from psycopg import Cursor, sql
-    from psycopg.rows import DictRow
-
     from domain.envelope import EventEnvelope
 
 
@@ -62,72 +58,6 @@ class LedgerKind(StrEnum):
     CHARGE = "CHARGE"
     CREDIT = "CREDIT"
     REFUND = "REFUND"
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Entry:
-    """One ledger entry with the dimensions it rolls up under."""
-
-    kind: LedgerKind
-    charge_id: object
-    project_id: object
-    card_id: object
-    run_id: object
-    provider: str
-    model: str
-    calls: int
-    input_tokens: int
-    output_tokens: int
-    provider_cost_micros: int
-    billed_micros: int
-    month: str
-
-
-# A ledger entry and all its rollups, as common table expressions of one statement: fewer round
-# trips in a rebuild, and no way to post an entry without its rollups.
-_POST = (
-    "entry AS ("
-    " INSERT INTO {rm_ledger_entries} (workspace_id, entry_position, charge_id, kind, project_id,"
-    " card_id, run_id, provider, model, input_tokens, output_tokens, provider_cost_micros,"
-    " billed_micros, month, day, at)"
-    " VALUES (%(ws)s, %(position)s, %(charge_id)s, %(kind)s, %(project_id)s, %(card_id)s,"
-    " %(run_id)s, %(provider)s, %(model)s, %(input_tokens)s, %(output_tokens)s, %(cost)s,"
-    " %(billed)s, %(month)s, %(day)s, %(at)s)"
-    "), usage AS ("
-    " INSERT INTO {rm_usage_daily} AS u (workspace_id, day, dimension, key, calls, input_tokens,"
-    " output_tokens, provider_cost_micros, billed_micros)"
-    " SELECT %(ws)s, %(day)s, d.dimension, d.key, %(calls)s, %(input_tokens)s,"
-    " %(output_tokens)s, %(cost)s, %(billed)s"
-    " FROM unnest(%(dimensions)s::text[], %(keys)s::text[]) AS d(dimension, key)"
-    " ON CONFLICT (workspace_id, day, dimension, key) DO UPDATE SET"
-    " calls = u.calls + EXCLUDED.calls,"
-    " input_tokens = u.input_tokens + EXCLUDED.input_tokens,"
-    " output_tokens = u.output_tokens + EXCLUDED.output_tokens,"
-    " provider_cost_micros = u.provider_cost_micros + EXCLUDED.provider_cost_micros,"
-    " billed_micros = u.billed_micros + EXCLUDED.billed_micros"
-    "), line AS ("
-    " INSERT INTO {rm_statement_lines} AS s (workspace_id, month, project_id,"
-    " billed_exact_micros) VALUES (%(ws)s, %(month)s, %(project_id)s, %(billed)s)"
-    " ON CONFLICT (workspace_id, month, project_id) DO UPDATE SET"
-    " billed_exact_micros = s.billed_exact_micros + EXCLUDED.billed_exact_micros"
-    ")"
-    " INSERT INTO {rm_monthly_spend} AS m (workspace_id, month, billed_micros)"
-    " VALUES (%(ws)s, %(month)s, %(billed)s)"
-    " ON CONFLICT (workspace_id, month) DO UPDATE SET"
-    " billed_micros = m.billed_micros + EXCLUDED.billed_micros"
-)
-
-# A new charge: its row, then its entry and rollups, in the same statement.
-_CHARGE_AND_POST = (
-    "WITH charge AS ("
-    " INSERT INTO {rm_charges} (workspace_id, charge_id, project_id, card_id, run_id, call_id,"
-    " provider, model, input_tokens, output_tokens, provider_cost_micros, markup, billed_micros,"
-    " price_table_version, month, occurred_at)"
-    " VALUES (%(ws)s, %(charge_id)s, %(project_id)s, %(card_id)s, %(run_id)s, %(call_id)s,"
-    " %(provider)s, %(model)s, %(input_tokens)s, %(output_tokens)s, %(cost)s, %(markup)s,"
-    " %(billed)s, %(price_table_version)s, %(month)s, %(at)s)"
-    "), " + _POST
-)
 
 
 _CHARGE_COLUMNS = (
@@ -168,6 +98,29 @@ _LEDGER_COLUMNS = (
     ("at", "timestamptz"),
 )
 _DIMENSIONS = tuple(UsageDimension)
+_CREDIT_COLUMNS = (
+    ("workspace_id", "uuid"),
+    ("credit_id", "uuid"),
+    ("month", "text"),
+    ("amount_micros", "bigint"),
+    ("reason", "text"),
+    ("at", "timestamptz"),
+)
+_INVOICE_COLUMNS = (
+    ("workspace_id", "uuid"),
+    ("month", "text"),
+    ("invoice_id", "uuid"),
+    ("lines", "jsonb"),
+    ("total_micros", "bigint"),
+    ("stripe_invoice_id", "text"),
+    ("status", "text"),
+)
+#: The status an invoice's event leaves it in.
+INVOICE_STATUS: dict[type[EventPayload], str] = {
+    InvoiceIssued: "open",
+    InvoicePaid: "paid",
+    InvoiceVoided: "void",
+}
 
 #: Rollups take the batch's sums, added to what they hold (one row per key and statement).
 _ADD_USAGE = (
@@ -239,144 +192,19 @@ class BillingProjector(Projector):
         "User",
         "Workspace",
     )
+    handles: ClassVar[frozenset[type[EventPayload]]] = frozenset(
+        {
+            UsageChargeCharged,
+            UsageChargeCredited,
+            UsageChargeRefunded,
+            MonthlySpendCreditGranted,
+            *INVOICE_STATUS,
+            InvoiceDrafted,
+        }
+    )
     #: Tables the projector only ever inserts into, new rows only: a rebuild builds their keys
     #: after loading them (see :mod:`projections.rebuild`).
     insert_only: ClassVar[frozenset[str]] = frozenset({"rm_ledger_entries"})
-
-    @on(UsageChargeCharged)
-    def _charged(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: UsageChargeCharged,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        entry = _Entry(
-            kind=LedgerKind.CHARGE,
-            charge_id=env.originator_id,
-            project_id=ev.project_id,
-            card_id=ev.card_id,
-            run_id=ev.run_id,
-            provider=ev.provider,
-            model=ev.model,
-            calls=1,
-            input_tokens=ev.input_tokens,
-            output_tokens=ev.output_tokens,
-            provider_cost_micros=ev.provider_cost_micros,
-            billed_micros=ev.billed_micros,
-            month=ev.month,
-        )
-        self._post(
-            cur,
-            t.q(_CHARGE_AND_POST),
-            env,
-            entry,
-            call_id=ev.call_id,
-            markup=ev.markup,
-            price_table_version=ev.price_table_version,
-        )
-
-    @on(UsageChargeCredited, UsageChargeRefunded)
-    def _corrected(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: UsageChargeCredited | UsageChargeRefunded,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        amount: int = ev.amount_micros
-        cur.execute(
-            t.q(
-                "UPDATE {rm_charges} SET credited_micros = credited_micros + %s"
-                " WHERE charge_id = %s"
-                " RETURNING project_id, card_id, run_id, provider, model"
-            ),
-            (amount, env.originator_id),
-        )
-        charge = cur.fetchone()
-        if charge is None:
-            # The runner applies a charge's events in version order, so its Charged row exists;
-            # without it the correction's dimensions are unknown and guessing would misfile money.
-            raise RuntimeError(
-                f"{env.type} at position {env.position} corrects charge {env.originator_id}, "
-                "which the billing read model does not hold"
-            )
-        entry = _Entry(
-            kind=LedgerKind.CREDIT if isinstance(ev, UsageChargeCredited) else LedgerKind.REFUND,
-            charge_id=env.originator_id,
-            project_id=charge["project_id"],
-            card_id=charge["card_id"],
-            run_id=charge["run_id"],
-            provider=charge["provider"],
-            model=charge["model"],
-            calls=0,
-            input_tokens=0,
-            output_tokens=0,
-            provider_cost_micros=0,
-            billed_micros=-amount,
-            month=ev.month,
-        )
-        self._post(cur, t.q("WITH " + _POST), env, entry)
-
-    @on(MonthlySpendCreditGranted)
-    def _credit_granted(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: MonthlySpendCreditGranted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
-                "INSERT INTO {rm_billing_credits} (workspace_id, credit_id, month, amount_micros,"
-                " reason, at) VALUES (%s, %s, %s, %s, %s, %s)"
-            ),
-            (env.workspace_id, ev.credit_id, ev.month, ev.amount_micros, ev.reason,
-             env.timestamp),
-        )  # fmt: skip
-
-    @on(InvoiceDrafted)
-    def _invoice_drafted(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: InvoiceDrafted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
-                "INSERT INTO {rm_invoices} (workspace_id, month, invoice_id, lines, total_micros,"
-                " status) VALUES (%s, %s, %s, %s, %s, 'drafted')"
-            ),
-            (env.workspace_id, ev.month, env.originator_id, Jsonb(ev.lines),
-             ev.total_micros),
-        )  # fmt: skip
-
-    @on(InvoiceIssued, InvoicePaid, InvoiceVoided)
-    def _invoice_status(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: InvoiceIssued | InvoicePaid | InvoiceVoided,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        status = {InvoiceIssued: "open", InvoicePaid: "paid", InvoiceVoided: "void"}
-        cur.execute(
-            t.q(
-                "UPDATE {rm_invoices} SET status = %s,"
-                " stripe_invoice_id = coalesce(%s, stripe_invoice_id) WHERE invoice_id = %s"
-            ),
-            (
-                status[type(ev)],
-                ev.stripe_invoice_id if isinstance(ev, InvoiceIssued) else None,
-                env.originator_id,
-            ),
-        )
 
     # -- the batch path ----------------------------------------------------------------------------
 
@@ -401,10 +229,7 @@ class BillingProjector(Projector):
             and _MEMO_CHARGES + ".partial" not in ctx.memo
             and MEMO_DROPPED not in ctx.memo
         )
-        for env in envelopes:
-            # Credits and invoices are a handful a month: event by event is plenty.
-            if env.aggregate != "UsageCharge":
-                self.apply(ctx.cur, env, ctx.tables, [])
+        self._fold_credits_and_invoices(ctx, envelopes)
         created: set[UUID] = set()
         ask: set[UUID] = set()
         for env in envelopes:
@@ -442,6 +267,8 @@ class BillingProjector(Projector):
         spend: dict[tuple[str, str], int] = {}
         for env in envelopes:
             ev = env.event
+            if type(ev) not in self.handles:
+                continue
             workspace_id = str(env.workspace_id) if env.workspace_id is not None else None
             if isinstance(ev, UsageChargeCharged):
                 dims: Dimensions = (
@@ -553,46 +380,53 @@ class BillingProjector(Projector):
         if spend:
             cur.execute(t.q(_ADD_SPEND), columns_of([(*k, v) for k, v in sorted(spend.items())], 3))
 
-    @staticmethod
-    def _post(
-        cur: Cursor[DictRow],
-        statement: sql.Composed,
-        env: EventEnvelope,
-        entry: _Entry,
-        **more: object,
+    def _fold_credits_and_invoices(
+        self, ctx: BatchContext, envelopes: Sequence[EventEnvelope]
     ) -> None:
-        """Run ``statement`` (which posts ``entry``) with the entry's values and ``more``."""
-        day = env.timestamp.astimezone(UTC).date()
-        keys: dict[UsageDimension, Any] = {
-            UsageDimension.PROJECT: entry.project_id,
-            UsageDimension.CARD: entry.card_id,
-            UsageDimension.AGENT_RUN: entry.run_id,
-            UsageDimension.PROVIDER: entry.provider,
-            UsageDimension.MODEL: entry.model,
-            UsageDimension.DAY: day.isoformat(),
-        }
-        cur.execute(
-            statement,
-            {
-                "ws": env.workspace_id,
-                "position": env.position,
-                "charge_id": entry.charge_id,
-                "kind": entry.kind.value,
-                "project_id": entry.project_id,
-                "card_id": entry.card_id,
-                "run_id": entry.run_id,
-                "provider": entry.provider,
-                "model": entry.model,
-                "calls": entry.calls,
-                "input_tokens": entry.input_tokens,
-                "output_tokens": entry.output_tokens,
-                "cost": entry.provider_cost_micros,
-                "billed": entry.billed_micros,
-                "month": entry.month,
-                "day": day,
-                "at": env.timestamp,
-                "dimensions": [dimension.value for dimension in keys],
-                "keys": [str(key) for key in keys.values()],
-                **more,
-            },
-        )
+        """Credits granted and invoices drafted are inserted; an invoice's later events set its
+        status (and Stripe's id, once known) on the row drafted in this batch, or else on the
+        table's with one update."""
+        credits: list[tuple[Any, ...]] = []
+        drafted: dict[UUID, list[Any]] = {}
+        # An invoice drafted before this batch → [its last status, Stripe's id (None: keep)].
+        later: dict[UUID, list[Any]] = {}
+        for env in envelopes:
+            ev = env.event
+            if isinstance(ev, MonthlySpendCreditGranted):
+                credits.append(
+                    (env.workspace_id, ev.credit_id, ev.month, ev.amount_micros, ev.reason,
+                     env.timestamp)
+                )  # fmt: skip
+            elif isinstance(ev, InvoiceDrafted):
+                drafted[env.originator_id] = [
+                    env.workspace_id, ev.month, env.originator_id, Jsonb(ev.lines),
+                    ev.total_micros, None, "drafted",
+                ]  # fmt: skip
+            elif isinstance(ev, InvoiceIssued | InvoicePaid | InvoiceVoided):
+                stripe_id = ev.stripe_invoice_id if isinstance(ev, InvoiceIssued) else None
+                row = drafted.get(env.originator_id)
+                if row is not None:
+                    row[5] = stripe_id if stripe_id is not None else row[5]
+                    row[6] = INVOICE_STATUS[type(ev)]
+                else:
+                    known = later.setdefault(env.originator_id, [None, None])
+                    known[0] = INVOICE_STATUS[type(ev)]
+                    known[1] = stripe_id if stripe_id is not None else known[1]
+        insert_rows(ctx, "rm_billing_credits", _CREDIT_COLUMNS, credits)
+        insert_rows(ctx, "rm_invoices", _INVOICE_COLUMNS, list(drafted.values()))
+        if later:
+            ordered = sorted(later.items())
+            ctx.cur.execute(
+                ctx.tables.q(
+                    "UPDATE {rm_invoices} AS i SET status = v.status,"
+                    " stripe_invoice_id = coalesce(v.stripe_invoice_id, i.stripe_invoice_id)"
+                    " FROM unnest(%s::uuid[], %s::text[], %s::text[])"
+                    " AS v(invoice_id, status, stripe_invoice_id)"
+                    " WHERE i.invoice_id = v.invoice_id"
+                ),
+                (
+                    [key for key, _ in ordered],
+                    [status for _, (status, _) in ordered],
+                    [stripe_id for _, (_, stripe_id) in ordered],
+                ),
+            )

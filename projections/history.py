@@ -202,8 +202,11 @@ class NotYet(NotFound):
     """The thing asked about exists, but not yet at the instant asked about."""
 
 
-def _domain_event(mapper: Mapper[UUID], row: Any) -> Any:
-    """A row ``(position, originator id, version, topic, state)`` as its domain event."""
+def _domain_event(mapper: Mapper[UUID], row: tuple[Any, ...]) -> Any:  # noqa: ANN401
+    """A row ``(position, originator id, version, topic, state)`` as its domain event.
+
+    Any: the row is an aggregate's event or its snapshot, and each caller folds what it asked
+    for (events have ``apply``, snapshots only ``mutate``); the mapper types neither."""
     return mapper.to_domain_event(
         StoredEvent(
             originator_id=row[1],

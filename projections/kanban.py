@@ -1,11 +1,14 @@
 """The Kanban read model: workspaces and members, projects, lanes with live counts, cards in
-board order with their last run and cost so far."""
+board order with their last run and cost so far.
+
+This module is the fold (what each event does to the rows, and what subscribers are told);
+:mod:`projections.kanban_sql` holds the statements that write them.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from uuid import UUID
 
 from domain.events import (
@@ -54,56 +57,66 @@ from domain.events import (
     WorkspaceStripeCustomerLinked,
     events_of,
 )
-from projections.base import Change, Projector, Tables, on
-from projections.batch import MEMO_DROPPED, BatchContext, columns_of
-from projections.columns import CARD_COLUMNS as _CARD_COLUMNS
+from projections import kanban_sql as sql
+from projections.base import MEMO_DROPPED, BatchContext, Change, Projector
 
 if TYPE_CHECKING:
     from psycopg import Cursor
     from psycopg.rows import DictRow
 
     from domain.envelope import EventEnvelope
+    from projections.base import Tables
 
 
 def board_channel(project_id: object) -> str:
     return f"board:{project_id}"
 
 
-_CARD_NAMES = tuple(name for name, _ in _CARD_COLUMNS)
-_UUID_COLUMNS = ("workspace_id", "card_id", "project_id", "last_run_id")
-
-# Labels as the per-event statements leave them: sorted and distinct (in the database's
-# collation) after an add; in their order, less the removed one, after removals only.
-_LABELS = (
-    "CASE WHEN v.sort_labels"
-    " THEN ARRAY(SELECT DISTINCT x FROM jsonb_array_elements_text(v.labels) AS x ORDER BY x)"
-    " ELSE ARRAY(SELECT x FROM jsonb_array_elements_text(v.labels) WITH ORDINALITY AS e(x, i)"
-    " ORDER BY i) END"
-)
-_CARD_VALUES = (
-    " FROM unnest("
-    + ", ".join(f"%s::{kind}[]" for _, kind in _CARD_COLUMNS)
-    + ", %s::boolean[]) AS v("
-    + ", ".join(_CARD_NAMES)
-    + ", sort_labels)"
-)
-_INSERT_CARDS = (
-    "INSERT INTO {rm_cards} ("
-    + ", ".join(_CARD_NAMES)
-    + ") SELECT "
-    + ", ".join(_LABELS if name == "labels" else f"v.{name}" for name in _CARD_NAMES)
-    + _CARD_VALUES
-)
-_UPDATE_CARDS = (
-    "UPDATE {rm_cards} AS c SET "
-    + ", ".join(
-        f"{name} = " + (_LABELS if name == "labels" else f"v.{name}")
-        for name in _CARD_NAMES
-        if name not in ("workspace_id", "card_id")
+def board_changed(env: EventEnvelope, changes: list[Change], kind: str) -> None:
+    """A board-wide change (lanes, the project itself) for the board's subscribers."""
+    changes.append(
+        Change(
+            board_channel(env.originator_id),
+            {"kind": kind, "cardId": None, "runId": None, "position": env.position},
+        )
     )
-    + _CARD_VALUES
-    + " WHERE c.card_id = v.card_id"
-)
+
+
+def card_changed(env: EventEnvelope, changes: list[Change], kind: str, project_id: object) -> None:
+    """A card event, for the subscribers of its board (none known: nobody to tell)."""
+    if project_id is None:
+        return
+    changes.append(
+        Change(
+            board_channel(project_id),
+            {
+                "kind": kind,
+                "cardId": str(env.originator_id),
+                "runId": None,
+                "position": env.position,
+            },
+        )
+    )
+
+
+def run_changed(
+    env: EventEnvelope, changes: list[Change], project_id: object, card_id: object
+) -> None:
+    """A run event, for the subscribers of the board of the run's card."""
+    if project_id is None:
+        return
+    changes.append(
+        Change(
+            board_channel(project_id),
+            {
+                "kind": f"run.{env.type.split('.', 1)[1].lower()}",
+                "cardId": str(card_id) if card_id else None,
+                "runId": str(env.originator_id),
+                "position": env.position,
+            },
+        )
+    )
+
 
 #: Card and run events the batch path folds; every other handled event is applied on its own,
 #: in its place, after what came before it has been written.
@@ -121,7 +134,7 @@ _CARD_UPDATES: frozenset[type[EventPayload]] = frozenset(
 )
 
 
-def _card_columns(ev: CardUpdate) -> dict[str, Any]:
+def card_columns(ev: CardUpdate) -> dict[str, Any]:
     """The card columns an update event sets, and their new values."""
     if isinstance(ev, CardEdited):
         return {"title": ev.title, "description": ev.description}
@@ -138,12 +151,12 @@ def _card_columns(ev: CardUpdate) -> dict[str, Any]:
     return {"archived": False, "lane": ev.lane, "position": ev.position}
 
 
-_CARD_KIND: dict[type[EventPayload], str] = {
+CARD_CHANGE_KINDS: dict[type[EventPayload], str] = {
     CardMoved: "card.moved",
     CardArchived: "card.archived",
     CardRestored: "card.restored",
 }
-_RUN_STATUS = frozenset(
+_RUN_STATUS: frozenset[type[EventPayload]] = frozenset(
     {
         AgentRunStarted,
         AgentRunSucceeded,
@@ -152,7 +165,7 @@ _RUN_STATUS = frozenset(
         AgentRunTimedOut,
     }
 )
-_FOLDED = frozenset(
+_FOLDED: frozenset[type[EventPayload]] = frozenset(
     {
         CardCreated,
         CardLabelled,
@@ -189,6 +202,41 @@ class _Segment:
         self.counts: dict[tuple[str, str], int] = {}
 
 
+E = TypeVar("E", bound=EventPayload)
+_Write = Callable[["Cursor[DictRow]", "Tables", "EventEnvelope", Any], None]
+
+
+def _step(event: type[E], write: Callable[[Cursor[DictRow], Tables, EventEnvelope, E], None],
+          change: str = "") -> tuple[type[EventPayload], tuple[_Write, str]]:  # fmt: skip
+    """One event applied on its own: ``write`` is type-checked against ``event``'s fields;
+    ``change``, the kind of board change it tells subscribers of (none if empty)."""
+    return event, (write, change)
+
+
+#: The rare events, applied one at a time in their place (see :meth:`KanbanProjector.apply_batch`):
+#: event → (its statements, the board change it makes).
+_APPLIED: dict[type[EventPayload], tuple[_Write, str]] = dict(
+    [
+        _step(WorkspaceCreated, sql.workspace_created),
+        _step(WorkspaceRenamed, sql.workspace_changed),
+        _step(WorkspacePlanSet, sql.workspace_changed),
+        _step(WorkspaceSpendLimitSet, sql.workspace_changed),
+        _step(WorkspaceStripeCustomerLinked, sql.workspace_changed),
+        _step(WorkspaceMemberAdded, sql.member_set),
+        _step(WorkspaceRoleChanged, sql.member_set),
+        _step(WorkspaceMemberRemoved, sql.member_removed),
+        _step(ProjectCreated, sql.project_created, "board.created"),
+        _step(ProjectRenamed, sql.project_changed, "board.updated"),
+        _step(ProjectArchived, sql.project_changed, "board.updated"),
+        _step(ProjectLaneAdded, sql.lane_added, "lane.added"),
+        _step(ProjectLaneRenamed, sql.lane_renamed, "lane.renamed"),
+        _step(ProjectLanesReordered, sql.lanes_reordered, "lanes.reordered"),
+        _step(ProjectLaneRemoved, sql.lane_removed, "lane.removed"),
+        _step(ProjectWipLimitSet, sql.wip_limit_set, "lane.wip_limit"),
+    ]
+)
+
+
 class KanbanProjector(Projector):
     name: ClassVar[str] = "kanban"
     aggregates: ClassVar[frozenset[str]] = frozenset({"Workspace", "Project", "Card", "AgentRun"})
@@ -199,6 +247,7 @@ class KanbanProjector(Projector):
         "rm_lanes",
         "rm_cards",
     )
+    handles: ClassVar[frozenset[type[EventPayload]]] = _FOLDED | frozenset(_APPLIED)
     ignores: ClassVar[frozenset[type[EventPayload]]] = frozenset(
         {
             AgentRunAttemptRecorded,
@@ -220,481 +269,10 @@ class KanbanProjector(Projector):
         "User",
     )
 
-    # -- workspaces ---------------------------------------------------------------------------
-
-    @on(WorkspaceCreated)
-    def _workspace_created(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: WorkspaceCreated,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
-                "INSERT INTO {rm_workspaces} (workspace_id, name, markup, billing_increment_micros,"
-                " monthly_limit_micros, stripe_customer_id, version, created_at, updated_at)"
-                " VALUES (%s, %s, '5', 250000, NULL, NULL, %s, %s, %s)"
-            ),
-            (env.originator_id, ev.name, env.originator_version, env.timestamp, env.timestamp),
-        )
-        cur.execute(
-            t.q("INSERT INTO {rm_members} (workspace_id, user_id, role) VALUES (%s, %s, 'OWNER')"),
-            (env.originator_id, ev.owner_id),
-        )
-
-    @on(
-        WorkspaceRenamed,
-        WorkspacePlanSet,
-        WorkspaceSpendLimitSet,
-        WorkspaceStripeCustomerLinked,
-    )
-    def _workspace_changed(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: WorkspaceRenamed
-        | WorkspacePlanSet
-        | WorkspaceSpendLimitSet
-        | WorkspaceStripeCustomerLinked,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        columns: dict[str, Any]
-        if isinstance(ev, WorkspaceRenamed):
-            columns = {"name": ev.name}
-        elif isinstance(ev, WorkspacePlanSet):
-            columns = {
-                "markup": ev.markup,
-                "billing_increment_micros": ev.billing_increment_micros,
-            }
-        elif isinstance(ev, WorkspaceSpendLimitSet):
-            columns = {"monthly_limit_micros": ev.monthly_limit_micros}
-        else:
-            columns = {"stripe_customer_id": ev.customer_id}
-        self._touch(cur, t, "rm_workspaces", "workspace_id", env, columns)
-
-    @on(WorkspaceMemberAdded, WorkspaceRoleChanged)
-    def _member_set(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: WorkspaceMemberAdded | WorkspaceRoleChanged,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
-                "INSERT INTO {rm_members} (workspace_id, user_id, role) VALUES (%s, %s, %s)"
-                " ON CONFLICT (workspace_id, user_id) DO UPDATE SET role = EXCLUDED.role"
-            ),
-            (env.originator_id, ev.user_id, ev.role),
-        )
-        self._touch(cur, t, "rm_workspaces", "workspace_id", env, {})
-
-    @on(WorkspaceMemberRemoved)
-    def _member_removed(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: WorkspaceMemberRemoved,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q("DELETE FROM {rm_members} WHERE workspace_id = %s AND user_id = %s"),
-            (env.originator_id, ev.user_id),
-        )
-        self._touch(cur, t, "rm_workspaces", "workspace_id", env, {})
-
-    # -- projects and lanes -------------------------------------------------------------------
-
-    @on(ProjectCreated)
-    def _project_created(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: ProjectCreated,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
-                "INSERT INTO {rm_projects} (workspace_id, project_id, name, archived, version,"
-                " created_at, updated_at) VALUES (%s, %s, %s, false, %s, %s, %s)"
-            ),
-            (
-                env.workspace_id,
-                env.originator_id,
-                ev.name,
-                env.originator_version,
-                env.timestamp,
-                env.timestamp,
-            ),
-        )
-        lanes: list[dict[str, Any]] = ev.lanes
-        cur.executemany(
-            t.q(
-                "INSERT INTO {rm_lanes} (workspace_id, project_id, name, ord, wip_limit,"
-                " card_count) VALUES (%s, %s, %s, %s, %s, 0)"
-            ),
-            [
-                (env.workspace_id, env.originator_id, lane["name"], i, lane["wip_limit"])
-                for i, lane in enumerate(lanes)
-            ],
-        )
-        self._board_changed(env, changes, "board.created")
-
-    @on(ProjectRenamed, ProjectArchived)
-    def _project_changed(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: ProjectRenamed | ProjectArchived,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        columns: dict[str, Any] = (
-            {"name": ev.name} if isinstance(ev, ProjectRenamed) else {"archived": True}
-        )
-        self._touch(cur, t, "rm_projects", "project_id", env, columns)
-        self._board_changed(env, changes, "board.updated")
-
-    @on(ProjectLaneAdded)
-    def _lane_added(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: ProjectLaneAdded,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q("UPDATE {rm_lanes} SET ord = ord + 1 WHERE project_id = %s AND ord >= %s"),
-            (env.originator_id, ev.index),
-        )
-        cur.execute(
-            t.q(
-                "INSERT INTO {rm_lanes} (workspace_id, project_id, name, ord, wip_limit,"
-                " card_count) VALUES (%s, %s, %s, %s, %s, 0)"
-            ),
-            (env.workspace_id, env.originator_id, ev.name, ev.index, ev.wip_limit),
-        )
-        self._board_version(cur, t, env, changes, "lane.added")
-
-    @on(ProjectLaneRenamed)
-    def _lane_renamed(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: ProjectLaneRenamed,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        args = (ev.name, env.originator_id, ev.lane)
-        cur.execute(
-            t.q("UPDATE {rm_lanes} SET name = %s WHERE project_id = %s AND name = %s"), args
-        )
-        cur.execute(
-            t.q("UPDATE {rm_cards} SET lane = %s WHERE project_id = %s AND lane = %s"), args
-        )
-        self._board_version(cur, t, env, changes, "lane.renamed")
-
-    @on(ProjectLanesReordered)
-    def _lanes_reordered(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: ProjectLanesReordered,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        order: list[str] = ev.order
-        cur.execute(
-            t.q(
-                "UPDATE {rm_lanes} AS l SET ord = o.ord - 1"
-                " FROM unnest(%s::text[]) WITH ORDINALITY AS o(name, ord)"
-                " WHERE l.project_id = %s AND l.name = o.name"
-            ),
-            (order, env.originator_id),
-        )
-        self._board_version(cur, t, env, changes, "lanes.reordered")
-
-    @on(ProjectLaneRemoved)
-    def _lane_removed(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: ProjectLaneRemoved,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q("DELETE FROM {rm_lanes} WHERE project_id = %s AND name = %s RETURNING ord"),
-            (env.originator_id, ev.lane),
-        )
-        removed = cur.fetchone()
-        if removed is not None:
-            cur.execute(
-                t.q("UPDATE {rm_lanes} SET ord = ord - 1 WHERE project_id = %s AND ord > %s"),
-                (env.originator_id, removed["ord"]),
-            )
-        self._board_version(cur, t, env, changes, "lane.removed")
-
-    @on(ProjectWipLimitSet)
-    def _wip_limit_set(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: ProjectWipLimitSet,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q("UPDATE {rm_lanes} SET wip_limit = %s WHERE project_id = %s AND name = %s"),
-            (ev.wip_limit, env.originator_id, ev.lane),
-        )
-        self._board_version(cur, t, env, changes, "lane.wip_limit")
-
-    @on(ProjectCardPlaced)
-    def _card_placed(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: ProjectCardPlaced,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._count(cur, t, env, ev.lane, +1)
-        self._board_version(cur, t, env, None, "")
-
-    @on(ProjectCardMoved)
-    def _card_moved_on_board(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: ProjectCardMoved,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        if ev.from_lane != ev.to_lane:
-            self._count(cur, t, env, ev.from_lane, -1)
-            self._count(cur, t, env, ev.to_lane, +1)
-        self._board_version(cur, t, env, None, "")
-
-    @on(ProjectCardLifted)
-    def _card_lifted(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: ProjectCardLifted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._count(cur, t, env, ev.lane, -1)
-        self._board_version(cur, t, env, None, "")
-
-    # -- cards ----------------------------------------------------------------------------------
-
-    @on(CardCreated)
-    def _card_created(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: CardCreated,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        # Upsert: run events (another topic) may already have left a row carrying run data.
-        cur.execute(
-            t.q(
-                "INSERT INTO {rm_cards} (workspace_id, card_id, project_id, title, description,"
-                " lane, position, version, created_at, updated_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (card_id) DO UPDATE SET project_id = EXCLUDED.project_id,"
-                " title = EXCLUDED.title, description = EXCLUDED.description,"
-                " lane = EXCLUDED.lane, position = EXCLUDED.position, version = EXCLUDED.version,"
-                " created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at"
-            ),
-            (
-                env.workspace_id,
-                env.originator_id,
-                ev.project_id,
-                ev.title,
-                ev.description,
-                ev.lane,
-                ev.position,
-                env.originator_version,
-                env.timestamp,
-                env.timestamp,
-            ),
-        )
-        self._card_changed(env, changes, "card.created", ev.project_id)
-
-    @on(
-        CardEdited,
-        CardMoved,
-        CardAssigned,
-        CardBlocked,
-        CardUnblocked,
-        CardArchived,
-        CardRestored,
-    )
-    def _card_updated(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: CardEdited
-        | CardMoved
-        | CardAssigned
-        | CardBlocked
-        | CardUnblocked
-        | CardArchived
-        | CardRestored,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        columns = _card_columns(ev)
-        project_id = self._touch(
-            cur, t, "rm_cards", "card_id", env, columns, returning="project_id"
-        )
-        kind = _CARD_KIND.get(type(ev), "card.updated")
-        self._card_changed(env, changes, kind, project_id)
-
-    @on(CardLabelled, CardUnlabelled)
-    def _card_labels(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: CardLabelled | CardUnlabelled,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        label = ev.label
-        if isinstance(ev, CardLabelled):
-            expression = "ARRAY(SELECT DISTINCT x FROM unnest(labels || %s::text) AS x ORDER BY x)"
-        else:
-            expression = "array_remove(labels, %s::text)"
-        cur.execute(
-            t.q(
-                "UPDATE {rm_cards} SET labels = " + expression + ", version = %s, updated_at = %s"
-                " WHERE card_id = %s RETURNING project_id"
-            ),
-            (label, env.originator_version, env.timestamp, env.originator_id),
-        )
-        row = cur.fetchone()
-        self._card_changed(env, changes, "card.updated", row["project_id"] if row else None)
-
-    # -- runs as the board shows them ------------------------------------------------------------
-
-    @on(AgentRunRequested)
-    def _run_requested(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunRequested,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._card_run_upsert(
-            cur,
-            t,
-            env,
-            ev,
-            "last_run_id = CASE WHEN EXCLUDED.last_run_position > c.last_run_position"
-            " THEN EXCLUDED.last_run_id ELSE c.last_run_id END,"
-            " last_run_position = GREATEST(c.last_run_position, EXCLUDED.last_run_position)",
-            last_run_id=env.originator_id,
-            last_run_position=env.position,
-            cost_micros=0,
-        )
-        self._run_changed(env, changes, ev.project_id, ev.card_id)
-
-    @on(AgentRunLlmCallCompleted)
-    def _run_cost(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunLlmCallCompleted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        self._card_run_upsert(
-            cur,
-            t,
-            env,
-            ev,
-            "cost_micros = c.cost_micros + EXCLUDED.cost_micros",
-            last_run_id=None,
-            last_run_position=0,
-            cost_micros=int(ev.billed_micros),
-        )
-        self._run_changed(env, changes, ev.project_id, ev.card_id)
-
-    @staticmethod
-    def _card_run_upsert(
-        cur: Cursor[DictRow],
-        t: Tables,
-        env: EventEnvelope,
-        ev: AgentRunRequested | AgentRunLlmCallCompleted,
-        assignments: str,
-        *,
-        last_run_id: object,
-        last_run_position: int,
-        cost_micros: int,
-    ) -> None:
-        """Apply run data to the card whether or not the card's own events arrived yet.
-
-        A card not seen yet gets a placeholder row (empty lane, version 0) that its creation
-        event fills in; both updates commute, so any delivery order ends in the same row.
-        """
-        cur.execute(
-            t.q(
-                "INSERT INTO {rm_cards} AS c (workspace_id, card_id, project_id, title,"
-                " description, lane, position, version, created_at, updated_at, last_run_id,"
-                " last_run_position, cost_micros)"
-                " VALUES (%s, %s, %s, '', '', '', '', 0, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (card_id) DO UPDATE SET " + assignments
-            ),
-            (
-                env.workspace_id,
-                ev.card_id,
-                ev.project_id,
-                env.timestamp,
-                env.timestamp,
-                last_run_id,
-                last_run_position,
-                cost_micros,
-            ),
-        )
-
-    @on(AgentRunStarted, AgentRunSucceeded, AgentRunFailed, AgentRunCancelled,
-        AgentRunTimedOut)  # fmt: skip
-    def _run_status(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunStarted
-        | AgentRunSucceeded
-        | AgentRunFailed
-        | AgentRunCancelled
-        | AgentRunTimedOut,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q("SELECT project_id, card_id FROM {rm_cards} WHERE last_run_id = %s"),
-            (env.originator_id,),
-        )
-        row = cur.fetchone()
-        if row is not None:
-            self._run_changed(env, changes, row["project_id"], row["card_id"])
-
     # -- the batch path ---------------------------------------------------------------------------
 
     def apply_batch(self, ctx: BatchContext, envelopes: Sequence[EventEnvelope]) -> None:
-        """The same rows and changes as event by event, with a few statements per batch.
+        """The board's rows and changes for a batch, with a few statements per batch.
 
         Card, run and board-counter events are folded: the cards they touch are read once (and
         locked), changed in memory in log order, and written back with one insert and one
@@ -703,23 +281,23 @@ class KanbanProjector(Projector):
         after writing what the events before it did.
         """
         segment: list[EventEnvelope] = []
-        throwaway: list[Change] = []
         for env in envelopes:
             ev = env.event
             if type(ev) in _FOLDED:
                 segment.append(env)
                 continue
-            method = self._handlers.get(type(ev))
-            if method is None:
+            applied = _APPLIED.get(type(ev))
+            if applied is None:
                 continue
             self._fold(ctx, segment)
             segment = []
-            changes = ctx.changes if ctx.changes is not None else throwaway
-            getattr(self, method)(ctx.cur, env, ev, ctx.tables, changes)
+            write, change = applied
+            write(ctx.cur, ctx.tables, env, ev)
+            if change and ctx.changes is not None:
+                board_changed(env, ctx.changes, change)
             if isinstance(ev, ProjectLaneRenamed):
                 ctx.memo.pop(_MEMO_CARDS, None)  # it rewrote cards behind the memo's back
                 ctx.memo[_MEMO_COMPLETE] = False
-            throwaway.clear()
         self._fold(ctx, segment)
 
     def _fold(self, ctx: BatchContext, envelopes: list[EventEnvelope]) -> None:
@@ -747,7 +325,7 @@ class KanbanProjector(Projector):
                     card_id = seg.by_run.get(run_id)
                     row = seg.cards.get(card_id) if card_id is not None else None
                     if row is not None and row["last_run_id"] == run_id:
-                        self._run_changed(env, ctx.changes, row["project_id"], row["card_id"])
+                        run_changed(env, ctx.changes, row["project_id"], row["card_id"])
             elif isinstance(ev, ProjectCardPlaced):
                 self._fold_count(seg, env, ev.lane, +1)
                 seg.touched[str(env.originator_id)] = (env.originator_version, env.timestamp)
@@ -791,24 +369,7 @@ class KanbanProjector(Projector):
                     missing.add(card_id)
             wanted = missing
         if wanted or runs:
-            statement = (
-                "SELECT " + ", ".join(_CARD_NAMES) + " FROM {rm_cards}"
-                " WHERE card_id = ANY(%s::uuid[])"
-            )
-            params: list[Any] = [sorted(wanted)]
-            if runs:
-                statement += " OR last_run_id = ANY(%s::uuid[])"
-                params.append(sorted(runs))
-            statement += " ORDER BY card_id"
-            if not ctx.exclusive:
-                statement += " FOR UPDATE"
-            ctx.cur.execute(ctx.tables.q(statement), params)
-            for found in ctx.cur.fetchall():
-                row = dict(found)
-                for column in _UUID_COLUMNS:
-                    if row[column] is not None:
-                        row[column] = str(row[column])
-                row["labels"] = list(row["labels"])
+            for row in sql.select_cards(ctx.cur, ctx.tables, wanted, runs, lock=not ctx.exclusive):
                 seg.cards[row["card_id"]] = row
                 seg.existing.add(row["card_id"])
                 if row["last_run_id"] is not None:
@@ -853,21 +414,21 @@ class KanbanProjector(Projector):
             row.update(values)
         seg.dirty.add(card_id)
         if seg.ctx.changes is not None:
-            KanbanProjector._card_changed(env, seg.ctx.changes, "card.created", ev.project_id)
+            card_changed(env, seg.ctx.changes, "card.created", ev.project_id)
 
     @staticmethod
     def _fold_card_update(seg: _Segment, env: EventEnvelope, ev: CardUpdate) -> None:
         card_id = str(env.originator_id)
         row = seg.cards.get(card_id)
         if row is not None:
-            row.update(_card_columns(ev))
+            row.update(card_columns(ev))
             row["version"] = env.originator_version
             row["updated_at"] = env.timestamp
             seg.dirty.add(card_id)
         if seg.ctx.changes is not None:
-            kind = _CARD_KIND.get(type(ev), "card.updated")
+            kind = CARD_CHANGE_KINDS.get(type(ev), "card.updated")
             project_id = row["project_id"] if row is not None else None
-            KanbanProjector._card_changed(env, seg.ctx.changes, kind, project_id)
+            card_changed(env, seg.ctx.changes, kind, project_id)
 
     @staticmethod
     def _fold_labels(seg: _Segment, env: EventEnvelope, ev: CardLabelled | CardUnlabelled) -> None:
@@ -885,7 +446,7 @@ class KanbanProjector(Projector):
             seg.dirty.add(card_id)
         if seg.ctx.changes is not None:
             project_id = row["project_id"] if row is not None else None
-            KanbanProjector._card_changed(env, seg.ctx.changes, "card.updated", project_id)
+            card_changed(env, seg.ctx.changes, "card.updated", project_id)
 
     @staticmethod
     def _fold_run(
@@ -940,26 +501,17 @@ class KanbanProjector(Projector):
         ctx: BatchContext, env: EventEnvelope, project_id: object, card_id: object
     ) -> None:
         if ctx.changes is not None:
-            KanbanProjector._run_changed(env, ctx.changes, project_id, card_id)
+            run_changed(env, ctx.changes, project_id, card_id)
 
     @staticmethod
     def _write_segment(seg: _Segment) -> None:
         cur, t = seg.ctx.cur, seg.ctx.tables
-        inserts: list[tuple[Any, ...]] = []
-        updates: list[tuple[Any, ...]] = []
+        rows: list[tuple[sql.CardRow, bool]] = []
         for card_id in sorted(seg.dirty):
             row = seg.cards[card_id]
             assert row is not None
-            values = (
-                *(json.dumps(row[name]) if name == "labels" else row[name] for name in _CARD_NAMES),
-                card_id in seg.sort_labels or _SORTED in row,
-            )
-            (updates if card_id in seg.existing else inserts).append(values)
-        width = len(_CARD_COLUMNS) + 1
-        if inserts:
-            cur.execute(t.q(_INSERT_CARDS), columns_of(inserts, width))
-        if updates:
-            cur.execute(t.q(_UPDATE_CARDS), columns_of(updates, width))
+            rows.append((row, card_id in seg.sort_labels or _SORTED in row))
+        sql.write_cards(cur, t, rows, seg.existing)
         if seg.ctx.exclusive and seg.ctx.copy and _MEMO_CARDS in seg.ctx.memo:
             memo: dict[str, dict[str, Any]] = seg.ctx.memo[_MEMO_CARDS]
             for card_id in seg.dirty:
@@ -973,128 +525,8 @@ class KanbanProjector(Projector):
             if len(memo) > MEMO_CARDS_LIMIT:
                 memo.clear()
                 seg.ctx.memo[_MEMO_COMPLETE] = False
-        if seg.touched:
-            touched = sorted(seg.touched.items())
-            cur.execute(
-                t.q(
-                    "UPDATE {rm_projects} AS p SET version = v.version, updated_at = v.at"
-                    " FROM unnest(%s::uuid[], %s::bigint[], %s::timestamptz[])"
-                    " AS v(id, version, at) WHERE p.project_id = v.id"
-                ),
-                (
-                    [k for k, _ in touched],
-                    [v for _, (v, _) in touched],
-                    [a for _, (_, a) in touched],
-                ),
-            )
-        counts = sorted((k, d) for k, d in seg.counts.items() if d)
-        if counts:
-            cur.execute(
-                t.q(
-                    "UPDATE {rm_lanes} AS l SET card_count = l.card_count + v.delta"
-                    " FROM unnest(%s::uuid[], %s::text[], %s::integer[]) AS v(id, name, delta)"
-                    " WHERE l.project_id = v.id AND l.name = v.name"
-                ),
-                ([k[0] for k, _ in counts], [k[1] for k, _ in counts], [d for _, d in counts]),
-            )
-
-    # -- helpers -----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _touch(
-        cur: Cursor[DictRow],
-        t: Tables,
-        table: str,
-        key: str,
-        env: EventEnvelope,
-        columns: dict[str, Any],
-        *,
-        returning: str | None = None,
-    ) -> Any:
-        assignments = "".join(f"{column} = %s, " for column in columns)
-        statement = (
-            f"UPDATE {{{table}}} SET {assignments}version = %s, updated_at = %s WHERE {key} = %s"
-        )
-        if returning:
-            statement += f" RETURNING {returning}"
-        cur.execute(
-            t.q(statement),
-            (*columns.values(), env.originator_version, env.timestamp, env.originator_id),
-        )
-        if returning:
-            row = cur.fetchone()
-            return row[returning] if row else None
-        return None
-
-    @staticmethod
-    def _count(cur: Cursor[DictRow], t: Tables, env: EventEnvelope, lane: str, delta: int) -> None:
-        cur.execute(
-            t.q(
-                "UPDATE {rm_lanes} SET card_count = card_count + %s"
-                " WHERE project_id = %s AND name = %s"
-            ),
-            (delta, env.originator_id, lane),
-        )
-
-    def _board_version(
-        self,
-        cur: Cursor[DictRow],
-        t: Tables,
-        env: EventEnvelope,
-        changes: list[Change] | None,
-        kind: str,
-    ) -> None:
-        self._touch(cur, t, "rm_projects", "project_id", env, {})
-        if changes is not None and kind:
-            self._board_changed(env, changes, kind)
-
-    @staticmethod
-    def _board_changed(env: EventEnvelope, changes: list[Change], kind: str) -> None:
-        changes.append(
-            Change(
-                board_channel(env.originator_id),
-                {"kind": kind, "cardId": None, "runId": None, "position": env.position},
-            )
-        )
-
-    @staticmethod
-    def _card_changed(
-        env: EventEnvelope,
-        changes: list[Change],
-        kind: str,
-        project_id: object,
-    ) -> None:
-        if project_id is None:
-            return
-        changes.append(
-            Change(
-                board_channel(project_id),
-                {
-                    "kind": kind,
-                    "cardId": str(env.originator_id),
-                    "runId": None,
-                    "position": env.position,
-                },
-            )
-        )
-
-    @staticmethod
-    def _run_changed(
-        env: EventEnvelope, changes: list[Change], project_id: object, card_id: object
-    ) -> None:
-        if project_id is None:
-            return
-        changes.append(
-            Change(
-                board_channel(project_id),
-                {
-                    "kind": f"run.{env.type.split('.', 1)[1].lower()}",
-                    "cardId": str(card_id) if card_id else None,
-                    "runId": str(env.originator_id),
-                    "position": env.position,
-                },
-            )
-        )
+        sql.set_board_versions(cur, t, sorted(seg.touched.items()))
+        sql.add_card_counts(cur, t, sorted((k, d) for k, d in seg.counts.items() if d))
 
 
 def _text(value: object) -> str | None:

@@ -7,8 +7,8 @@ reveals lost or reordered deliveries, and the missing events are read from the s
 first. So any mix of duplicates, restarts and lost messages converges on the same rows a rebuild
 from scratch produces.
 
-The envelopes a batch leaves to apply go to the projector together (``apply_batch``, see
-:mod:`projections.batch`) when it can take them so, else one by one; either way in log order.
+The envelopes a batch leaves to apply go to the projector together, in log order
+(``apply_batch``, see :mod:`projections.batch`): a projector has that one way of applying events.
 
 A rebuild makes its runner *exclusive* (:meth:`ProjectionRunner.take_exclusive`): it alone writes
 its private tables and tracking, reading the log in order, so per-aggregate versions are kept in
@@ -21,11 +21,12 @@ must not stop the other aggregates, nor, being applied again and again, every te
 models. The runner *parks* its aggregate: it records the event and the error in
 ``projection_parked`` and holds that aggregate's later events back (applying them would put its
 rows out of order), and applies everything else. A batch is one transaction, so on an error it
-is rolled back and applied again event by event, which names the event that fails; that
-aggregate is parked from there on and the batch applied once more without it, until it commits.
-An error that does not come back event by event is not the events' fault and is raised, as are
-the database's own failures (a lost connection, a timeout): those are retried by the caller, and
-parking on them would park healthy aggregates. :meth:`ProjectionRunner.retry_parked` applies a
+is rolled back and applied again event by event (the fold given one event at a time, still in
+one transaction), which names the event that fails; that aggregate is parked from there on and
+the batch applied once more without it, until it commits. An error that does not come back
+event by event is not the events' fault and is raised, as are the database's own failures (a
+lost connection, a timeout): those are retried by the caller, and parking on them would park
+healthy aggregates. :meth:`ProjectionRunner.retry_parked` applies a
 parked aggregate's events again, after a fix.
 """
 
@@ -44,8 +45,7 @@ from opentelemetry.trace import SpanKind
 
 from adapters.outages import is_infrastructure_failure, is_write_race
 from adapters.telemetry import continue_trace
-from projections.base import Change, Projector, Tables
-from projections.batch import MEMO_DROPPED, BatchContext, BatchProjector
+from projections.base import MEMO_DROPPED, BatchContext, Change, Projector, Tables
 from projections.read_versions import bump as bump_read_versions
 from projections.text import protect
 
@@ -179,7 +179,6 @@ class ProjectionRunner:
         tracking_name: str | None = None,
         tables: Tables | None = None,
         on_commit: Callable[[list[Change]], None] | None = None,
-        batched: bool = True,
     ) -> None:
         self.projector = projector
         self.pool = pool
@@ -187,7 +186,6 @@ class ProjectionRunner:
         self.tracking_name = tracking_name or projector.name
         self.tables = tables or Tables()
         self.on_commit = on_commit
-        self.batched = batched and isinstance(projector, BatchProjector)
         self._lock_key = zlib.crc32(f"projector:{self.tracking_name}".encode()) & 0x7FFFFFFF
         self._exclusive: _Exclusive | None = None
 
@@ -316,26 +314,19 @@ class ProjectionRunner:
         if not envelopes and not through:
             return BatchOutcome()
         started = time.time_ns()
-        attempt = _Attempt(one_by_one=not self.batched, unpark=frozenset(unpark))
+        attempt = _Attempt(one_by_one=False, unpark=frozenset(unpark))
         races = 0
         while True:
             try:
                 outcome = self._process_once(envelopes, through, read_after, attempt)
             except _Poisoned as poisoned:
+                if self._exclusive is not None:
+                    # The events applied before it in this transaction were rolled back with it.
+                    self._exclusive.drop_memo()
                 if is_write_race(poisoned.error) and self._may_retry_race(races, poisoned):
                     races += 1
                     continue
-                parked = Parked.of(poisoned.envelope, poisoned.error)
-                attempt.parking[parked.originator_id] = parked
-                log.error(
-                    "projection.aggregate_parked",
-                    projector=self.tracking_name,
-                    originator_id=str(parked.originator_id),
-                    originator_version=parked.originator_version,
-                    position=parked.position,
-                    event_type=parked.event_type,
-                    error=parked.error,
-                )
+                self._park(attempt, Parked.of(poisoned.envelope, poisoned.error))
                 continue
             except Exception as error:
                 if is_write_race(error) and self._may_retry_race(races, error):
@@ -350,6 +341,20 @@ class ProjectionRunner:
             if self.on_commit is not None and outcome.changes:
                 self.on_commit(outcome.changes)
             return outcome
+
+    def _park(self, attempt: _Attempt, parked: Parked) -> None:
+        """The next try parks ``parked``'s aggregate. Logged as an error without a traceback:
+        the error's text is what is kept, the traceback would only show the runner."""
+        attempt.parking[parked.originator_id] = parked
+        log.error(
+            "projection.aggregate_parked",
+            projector=self.tracking_name,
+            originator_id=str(parked.originator_id),
+            originator_version=parked.originator_version,
+            position=parked.position,
+            event_type=parked.event_type,
+            error=parked.error,
+        )
 
     def _may_retry_race(self, races: int, error: BaseException) -> bool:
         """Another worker applied an overlapping delivery first; what it applied is now a
@@ -589,31 +594,33 @@ class ProjectionRunner:
         *,
         one_by_one: bool = False,
     ) -> None:
+        """Hand ``envelopes`` to the projector: all at once, or (``one_by_one``) each in a
+        batch of its own, so that the event an error comes from is known."""
         if not envelopes:
             return
-        exclusive = self._exclusive
-        if self.batched and not one_by_one:
-            assert isinstance(self.projector, BatchProjector)
-            ctx = BatchContext(
-                cur,
-                self.tables,
-                changes=None if exclusive is not None else changes,
-                copy=exclusive is not None and exclusive.copy,
-                memo=exclusive.memo if exclusive is not None else {},
-                exclusive=exclusive is not None,
-            )
-            self.projector.apply_batch(ctx, envelopes)
+        if not one_by_one:
+            self.projector.apply_batch(self._context(cur, changes), envelopes)
             return
-        if exclusive is not None and self.batched:
-            exclusive.drop_memo()  # rows written behind the projector's memo
-        noted = changes if exclusive is None else []
         for env in envelopes:
             try:
-                self.projector.apply(cur, env, self.tables, noted)
+                self.projector.apply_batch(self._context(cur, changes), [env])
             except Exception as error:
                 if is_infrastructure_failure(error):
                     raise
                 raise _Poisoned(env, error) from error
+
+    def _context(self, cur: Cursor[DictRow], changes: list[Change]) -> BatchContext:
+        exclusive = self._exclusive
+        if exclusive is None:
+            return BatchContext(cur, self.tables, changes=changes)
+        return BatchContext(
+            cur,
+            self.tables,
+            changes=None,
+            copy=exclusive.copy,
+            memo=exclusive.memo,
+            exclusive=True,
+        )
 
     def _lock_versions(
         self, cur: Cursor[DictRow], ids: list[UUID]

@@ -31,13 +31,12 @@ from domain.events import (
     EventPayload,
     events_of,
 )
-from projections.base import Change, Projector, Tables, on
+from projections.base import BatchContext, Change, Projector
 from projections.batch import (
     COPY_FIELDS_6,
     COPY_NULL,
     COPY_SIGNATURE,
     COPY_TRAILER,
-    BatchContext,
     columns_of,
     copy_encoded,
     copy_field,
@@ -47,13 +46,10 @@ from projections.columns import RUN_COLUMNS as _RUN_COLUMNS
 from projections.text import storable_utf8
 
 if TYPE_CHECKING:
-    from psycopg import Cursor
-    from psycopg.rows import DictRow
-
     from domain.envelope import EventEnvelope
 
 #: Terminal status and the error text (if any) each terminal event records.
-_TERMINAL: dict[type[EventPayload], str] = {
+TERMINAL: dict[type[EventPayload], str] = {
     AgentRunSucceeded: "SUCCEEDED",
     AgentRunFailed: "FAILED",
     AgentRunCancelled: "CANCELLED",
@@ -74,7 +70,7 @@ _LINE_COLUMNS = (
     ("text", "text"),
 )
 
-_ATTEMPT_COLUMNS = (
+ATTEMPT_COLUMNS = (
     ("workspace_id", "uuid"),
     ("run_id", "uuid"),
     ("attempt", "integer"),
@@ -93,7 +89,7 @@ _ATTEMPT_COLUMNS = (
 _OUTPUT_COLUMNS = (("workspace_id", "uuid"), ("run_id", "uuid"), ("output", "text"))
 
 
-def _attempt_row(env: EventEnvelope, ev: AgentRunAttemptRecorded) -> tuple[Any, ...]:
+def attempt_row(env: EventEnvelope, ev: AgentRunAttemptRecorded) -> tuple[Any, ...]:
     return (
         env.workspace_id, env.originator_id, ev.attempt, env.timestamp, ev.provider,
         ev.model, ev.status, ev.http_status, ev.error, ev.latency_ms,
@@ -101,7 +97,7 @@ def _attempt_row(env: EventEnvelope, ev: AgentRunAttemptRecorded) -> tuple[Any, 
     )  # fmt: skip
 
 
-def _output_row(env: EventEnvelope, ev: AgentRunOutputRecorded) -> tuple[Any, ...]:
+def output_row(env: EventEnvelope, ev: AgentRunOutputRecorded) -> tuple[Any, ...]:
     return (env.workspace_id, env.originator_id, _str(ev.output))
 
 
@@ -158,6 +154,20 @@ class RunsProjector(Projector):
     tables: ClassVar[tuple[str, ...]] = (
         "rm_runs", "rm_log_lines", "rm_run_attempts", "rm_run_outputs",
     )  # fmt: skip
+    handles: ClassVar[frozenset[type[EventPayload]]] = frozenset(
+        {
+            AgentRunRequested,
+            AgentRunStarted,
+            AgentRunStepStarted,
+            *TERMINAL,
+            AgentRunHeartbeat,
+            AgentRunReclaimed,
+            AgentRunAttemptRecorded,
+            AgentRunOutputRecorded,
+            AgentRunLlmCallCompleted,
+            AgentRunLogChunkAppended,
+        }
+    )
     ignores: ClassVar[frozenset[type[EventPayload]]] = events_of(
         "ApiKey",
         "Card",
@@ -178,218 +188,10 @@ class RunsProjector(Projector):
         {"rm_log_lines", "rm_run_attempts", "rm_run_outputs"}
     )
 
-    # -- lifecycle -------------------------------------------------------------------------------
-
-    @on(AgentRunRequested)
-    def _requested(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunRequested,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
-                "INSERT INTO {rm_runs} (workspace_id, run_id, project_id, card_id, agent, status,"
-                " provider, model, max_cost_micros, requested_at, version)"
-                " VALUES (%s, %s, %s, %s, %s, 'QUEUED', %s, %s, %s, %s, %s)"
-            ),
-            (
-                env.workspace_id,
-                env.originator_id,
-                ev.project_id,
-                ev.card_id,
-                ev.agent,
-                ev.provider,
-                ev.model,
-                ev.max_cost_micros,
-                env.timestamp,
-                env.originator_version,
-            ),
-        )
-        self._status_changed(env, changes, "QUEUED")
-
-    @on(AgentRunStarted)
-    def _started(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunStarted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
-                "UPDATE {rm_runs} SET status = 'RUNNING', started_at = %s, version = %s"
-                " WHERE run_id = %s"
-            ),
-            (env.timestamp, env.originator_version, env.originator_id),
-        )
-        self._status_changed(env, changes, "RUNNING")
-
-    @on(AgentRunStepStarted)
-    def _step_started(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunStepStarted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q("UPDATE {rm_runs} SET version = %s WHERE run_id = %s"),
-            (env.originator_version, env.originator_id),
-        )
-
-    @on(*_TERMINAL)
-    def _finished(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: EventPayload,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        status = _TERMINAL[type(ev)]
-        cur.execute(
-            t.q(
-                "UPDATE {rm_runs} SET status = %s, finished_at = %s, error = %s, version = %s"
-                " WHERE run_id = %s"
-            ),
-            (status, env.timestamp, _error(ev), env.originator_version, env.originator_id),
-        )
-        self._status_changed(env, changes, status)
-
-    @on(AgentRunHeartbeat, AgentRunReclaimed)
-    def _touched(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunHeartbeat | AgentRunReclaimed,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q("UPDATE {rm_runs} SET version = %s WHERE run_id = %s"),
-            (env.originator_version, env.originator_id),
-        )
-
-    @on(AgentRunAttemptRecorded)
-    def _attempt(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunAttemptRecorded,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
-                f"INSERT INTO {{rm_run_attempts}} ({', '.join(n for n, _ in _ATTEMPT_COLUMNS)})"
-                f" VALUES ({', '.join(['%s'] * len(_ATTEMPT_COLUMNS))})"
-            ),
-            _attempt_row(env, ev),
-        )
-        self._touched(cur, env, t, changes)
-
-    @on(AgentRunOutputRecorded)
-    def _output(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunOutputRecorded,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q("INSERT INTO {rm_run_outputs} (workspace_id, run_id, output) VALUES (%s, %s, %s)"),
-            _output_row(env, ev),
-        )
-        self._touched(cur, env, t, changes)
-
-    # -- what the run did ------------------------------------------------------------------------
-
-    @on(AgentRunLlmCallCompleted)
-    def _llm_call(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunLlmCallCompleted,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        cur.execute(
-            t.q(
-                "UPDATE {rm_runs} SET provider = %s, model = %s,"
-                " input_tokens = input_tokens + %s, output_tokens = output_tokens + %s,"
-                " provider_cost_micros = provider_cost_micros + %s,"
-                " billed_micros = billed_micros + %s, llm_calls = llm_calls + 1, version = %s"
-                " WHERE run_id = %s"
-            ),
-            (
-                ev.provider,
-                ev.model,
-                ev.input_tokens,
-                ev.output_tokens,
-                ev.provider_cost_micros,
-                ev.billed_micros,
-                env.originator_version,
-                env.originator_id,
-            ),
-        )
-
-    @on(AgentRunLogChunkAppended)
-    def _log_chunk(
-        self,
-        cur: Cursor[DictRow],
-        env: EventEnvelope,
-        ev: AgentRunLogChunkAppended,
-        t: Tables,
-        changes: list[Change],
-    ) -> None:
-        lines = [_storable(line) for line in ev.lines]
-        # One statement for the whole chunk (COPY would be faster but refuses tables with row-level
-        # security); every line is new because the runner applies each chunk exactly once.
-        cur.execute(
-            t.q(
-                "INSERT INTO {rm_log_lines} (workspace_id, run_id, seq, at, stream, text)"
-                " SELECT %s, %s, l.seq, l.at, l.stream, l.text"
-                " FROM unnest(%s::integer[], %s::timestamptz[], %s::text[], %s::text[])"
-                " AS l(seq, at, stream, text)"
-            ),
-            (
-                env.workspace_id,
-                env.originator_id,
-                [line["seq"] for line in lines],
-                [line["at"] for line in lines],
-                [line["stream"] for line in lines],
-                [line["text"] for line in lines],
-            ),
-        )
-        cur.execute(
-            t.q(
-                "UPDATE {rm_runs} SET log_line_count = log_line_count + %s, version = %s"
-                " WHERE run_id = %s"
-            ),
-            (len(lines), env.originator_version, env.originator_id),
-        )
-        changes.append(
-            Change(
-                run_channel(env.originator_id),
-                {
-                    "kind": "lines",
-                    "runId": str(env.originator_id),
-                    "lines": lines,
-                    "position": env.position,
-                },
-            )
-        )
-
     # -- the batch path ----------------------------------------------------------------------------
 
     def apply_batch(self, ctx: BatchContext, envelopes: Sequence[EventEnvelope]) -> None:
-        """A batch's runs and lines in a few statements, the same rows as event by event.
+        """A batch's runs and lines in a few statements, the same rows however it is cut.
 
         Each run's events are folded in order: a run requested in this batch is inserted whole;
         the others get one update that sets what the batch set and adds what it added. Every
@@ -402,8 +204,7 @@ class RunsProjector(Projector):
         chunks: list[tuple[UUID | None, UUID, list[dict[str, Any]]]] = []
         for env in envelopes:
             ev = env.event
-            handler = self._handlers.get(type(ev))
-            if handler is None:
+            if type(ev) not in self.handles:
                 continue
             run = folds.get(env.originator_id)
             if run is None:
@@ -425,23 +226,13 @@ class RunsProjector(Projector):
                     )
                     run.adds[5] += len(lines) - added
                 else:
-                    stored = [_storable(line) for line in ev.lines]
+                    stored = [storable_line(line) for line in ev.lines]
                     lines.extend(
                         (ws, run_id, line["seq"], line["at"], line["stream"], line["text"])
                         for line in stored
                     )
                     run.adds[5] += len(stored)
-                    ctx.changes.append(
-                        Change(
-                            run_channel(env.originator_id),
-                            {
-                                "kind": "lines",
-                                "runId": str(env.originator_id),
-                                "lines": stored,
-                                "position": env.position,
-                            },
-                        )
-                    )
+                    lines_changed(env, ctx.changes, stored)
             elif isinstance(ev, AgentRunLlmCallCompleted):
                 run.called, run.provider, run.model = True, ev.provider, ev.model
                 adds = run.adds
@@ -453,9 +244,9 @@ class RunsProjector(Projector):
             elif isinstance(ev, AgentRunStepStarted | AgentRunHeartbeat | AgentRunReclaimed):
                 pass
             elif isinstance(ev, AgentRunAttemptRecorded):
-                attempts.append(_attempt_row(env, ev))
+                attempts.append(attempt_row(env, ev))
             elif isinstance(ev, AgentRunOutputRecorded):
-                outputs.append(_output_row(env, ev))
+                outputs.append(output_row(env, ev))
             elif isinstance(ev, AgentRunRequested):
                 run.requested = [
                     _text(env.workspace_id),
@@ -470,15 +261,18 @@ class RunsProjector(Projector):
                     env.timestamp,
                 ]
                 run.status = "QUEUED"
-                self._status_changed_in(ctx, env, "QUEUED")
+                if ctx.changes is not None:
+                    status_changed(env, ctx.changes, "QUEUED")
             elif isinstance(ev, AgentRunStarted):
                 run.status, run.started, run.started_at = "RUNNING", True, env.timestamp
-                self._status_changed_in(ctx, env, "RUNNING")
+                if ctx.changes is not None:
+                    status_changed(env, ctx.changes, "RUNNING")
             else:
-                status = _TERMINAL[type(ev)]
+                status = TERMINAL[type(ev)]
                 run.status, run.finished, run.finished_at = status, True, env.timestamp
-                run.error = _error(ev)
-                self._status_changed_in(ctx, env, status)
+                run.error = terminal_error(ev)
+                if ctx.changes is not None:
+                    status_changed(env, ctx.changes, status)
             run.version = version
         inserts: list[list[Any]] = []
         updates: list[tuple[Any, ...]] = []
@@ -551,34 +345,43 @@ class RunsProjector(Projector):
                     for line in chunk
                 )
         insert_rows(ctx, "rm_log_lines", _LINE_COLUMNS, lines)
-        insert_rows(ctx, "rm_run_attempts", _ATTEMPT_COLUMNS, attempts)
+        insert_rows(ctx, "rm_run_attempts", ATTEMPT_COLUMNS, attempts)
         insert_rows(ctx, "rm_run_outputs", _OUTPUT_COLUMNS, outputs)
 
-    @staticmethod
-    def _status_changed_in(ctx: BatchContext, env: EventEnvelope, status: str) -> None:
-        if ctx.changes is not None:
-            RunsProjector._status_changed(env, ctx.changes, status)
 
-    # -- helpers ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _status_changed(env: EventEnvelope, changes: list[Change], status: str) -> None:
-        changes.append(
-            Change(
-                run_channel(env.originator_id),
-                {
-                    "kind": "status",
-                    "runId": str(env.originator_id),
-                    "status": status,
-                    "position": env.position,
-                },
-            )
+def status_changed(env: EventEnvelope, changes: list[Change], status: str) -> None:
+    """The run's new status, for the run's subscribers."""
+    changes.append(
+        Change(
+            run_channel(env.originator_id),
+            {
+                "kind": "status",
+                "runId": str(env.originator_id),
+                "status": status,
+                "position": env.position,
+            },
         )
+    )
+
+
+def lines_changed(env: EventEnvelope, changes: list[Change], lines: list[dict[str, Any]]) -> None:
+    """A chunk's lines (as stored), for the run's subscribers."""
+    changes.append(
+        Change(
+            run_channel(env.originator_id),
+            {
+                "kind": "lines",
+                "runId": str(env.originator_id),
+                "lines": lines,
+                "position": env.position,
+            },
+        )
+    )
 
 
 def _encode_chunks(chunks: list[tuple[UUID | None, UUID, list[dict[str, Any]]]]) -> bytes:
-    """The lines of log chunks as one binary COPY stream for ``rm_log_lines`` (the rows
-    :meth:`RunsProjector._log_chunk` inserts, text as :mod:`projections.text` stores it). A
+    """The lines of log chunks as one binary COPY stream for ``rm_log_lines`` (the rows the
+    fold inserts otherwise, text as :mod:`projections.text` stores it). A
     chunk's ids are encoded once for all its lines; raises on any value of another shape."""
     out = bytearray(COPY_SIGNATURE)
     times: dict[str, bytes] = {}
@@ -615,7 +418,7 @@ def _text(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-def _error(ev: EventPayload) -> str | None:
+def terminal_error(ev: EventPayload) -> str | None:
     """The error text the run's aggregate keeps for a terminal event (None on success)."""
     if isinstance(ev, AgentRunFailed):
         return _str(ev.error)
@@ -626,7 +429,7 @@ def _error(ev: EventPayload) -> str | None:
     return None
 
 
-def _storable(line: dict[str, Any]) -> dict[str, Any]:
+def storable_line(line: dict[str, Any]) -> dict[str, Any]:
     return {
         "seq": int(line["seq"]),
         "at": line["at"],

@@ -21,13 +21,9 @@ from projections.kanban import KanbanProjector
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from psycopg import Cursor
-    from psycopg.rows import DictRow
-
     from commands.handlers import AgentWorks
     from domain.envelope import EventEnvelope
-    from projections.base import Change, Tables
-    from projections.batch import BatchContext
+    from projections.base import BatchContext
 
 #: What the planted move carries as its position: not the text a board position is.
 BAD_POSITION: dict[str, Any] = {"fractional": [1, 2]}
@@ -96,22 +92,12 @@ def _upcast(envelope: EventEnvelope) -> EventEnvelope:
 
 
 def install_fix() -> None:
-    """Teach the kanban projector the planted payload (both of its paths)."""
-    apply, apply_batch = KanbanProjector.apply, KanbanProjector.apply_batch
-
-    def fixed_apply(
-        self: KanbanProjector,
-        cur: Cursor[DictRow],
-        envelope: EventEnvelope,
-        tables: Tables,
-        changes: list[Change],
-    ) -> None:
-        apply(self, cur, _upcast(envelope), tables, changes)
+    """Teach the kanban projector's fold the planted payload."""
+    apply_batch = KanbanProjector.apply_batch
 
     def fixed_apply_batch(
         self: KanbanProjector, ctx: BatchContext, envelopes: Sequence[EventEnvelope]
     ) -> None:
         apply_batch(self, ctx, [_upcast(env) for env in envelopes])
 
-    KanbanProjector.apply = fixed_apply  # type: ignore[method-assign,assignment]
     KanbanProjector.apply_batch = fixed_apply_batch  # type: ignore[method-assign]

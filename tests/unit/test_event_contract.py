@@ -77,16 +77,16 @@ def test_a_payload_class_has_its_events_fields_as_the_json_carries_them(event_ty
 @pytest.mark.parametrize("projector", ALL_PROJECTORS, ids=lambda p: p.name)
 def test_a_projector_handles_only_events_of_the_contract(projector: type[Projector]) -> None:
     contract = set(PAYLOAD_TYPES.values())
-    assert projector.handled() <= contract
+    assert projector.handles <= contract
     assert projector.ignores <= contract
-    assert {event.aggregate for event in projector.handled()} <= projector.aggregates
+    assert {event.aggregate for event in projector.handles} <= projector.aggregates
 
 
 @pytest.mark.parametrize("projector", ALL_PROJECTORS, ids=lambda p: p.name)
 def test_a_projector_handles_or_ignores_every_domain_event_and_not_both(
     projector: type[Projector],
 ) -> None:
-    handled, ignored = projector.handled(), projector.ignores
+    handled, ignored = projector.handles, projector.ignores
     assert not handled & ignored, sorted(kind.event_type for kind in handled & ignored)
     undecided = set(PAYLOAD_TYPES.values()) - handled - ignored
     assert not undecided, sorted(kind.event_type for kind in undecided)
@@ -108,4 +108,4 @@ def test_an_event_type_outside_the_contract_is_no_projectors_business() -> None:
     assert type(unknown) is UnlistedEvent
     assert isinstance(unknown, EventPayload)
     for projector in ALL_PROJECTORS:
-        assert UnlistedEvent not in projector.handled()
+        assert UnlistedEvent not in projector.handles

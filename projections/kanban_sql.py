@@ -1,0 +1,370 @@
+"""The Kanban read model's writes: every statement the kanban fold sends, and how card rows
+travel between the table and the fold's memory.
+
+The fold (:mod:`projections.kanban`) decides what the events do; this module knows the tables.
+Cards, lane counts and board versions are written set-based, a batch's worth at a time; the rare
+events (a workspace or project created or changed, lanes added, renamed, reordered, removed) are
+written each with its own few statements, in their place in the log.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from domain.events import (
+    ProjectArchived,
+    ProjectCreated,
+    ProjectLaneAdded,
+    ProjectLaneRemoved,
+    ProjectLaneRenamed,
+    ProjectLanesReordered,
+    ProjectRenamed,
+    ProjectWipLimitSet,
+    WorkspaceCreated,
+    WorkspaceMemberAdded,
+    WorkspaceMemberRemoved,
+    WorkspacePlanSet,
+    WorkspaceRenamed,
+    WorkspaceRoleChanged,
+    WorkspaceSpendLimitSet,
+    WorkspaceStripeCustomerLinked,
+)
+from projections.batch import columns_of
+from projections.columns import CARD_COLUMNS
+
+if TYPE_CHECKING:
+    from psycopg import Cursor
+    from psycopg.rows import DictRow
+
+    from domain.envelope import EventEnvelope
+    from projections.base import Tables
+
+CardRow = dict[str, Any]
+"""A card as the fold holds it: ``rm_cards``' columns, ids as their canonical text, labels as a
+list."""
+
+CARD_NAMES = tuple(name for name, _ in CARD_COLUMNS)
+_UUID_COLUMNS = ("workspace_id", "card_id", "project_id", "last_run_id")
+
+# Labels as the fold leaves them: sorted and distinct (in the database's collation) after an
+# add; in their order, less the removed one, after removals only.
+_LABELS = (
+    "CASE WHEN v.sort_labels"
+    " THEN ARRAY(SELECT DISTINCT x FROM jsonb_array_elements_text(v.labels) AS x ORDER BY x)"
+    " ELSE ARRAY(SELECT x FROM jsonb_array_elements_text(v.labels) WITH ORDINALITY AS e(x, i)"
+    " ORDER BY i) END"
+)
+_CARD_VALUES = (
+    " FROM unnest("
+    + ", ".join(f"%s::{kind}[]" for _, kind in CARD_COLUMNS)
+    + ", %s::boolean[]) AS v("
+    + ", ".join(CARD_NAMES)
+    + ", sort_labels)"
+)
+_INSERT_CARDS = (
+    "INSERT INTO {rm_cards} ("
+    + ", ".join(CARD_NAMES)
+    + ") SELECT "
+    + ", ".join(_LABELS if name == "labels" else f"v.{name}" for name in CARD_NAMES)
+    + _CARD_VALUES
+)
+_UPDATE_CARDS = (
+    "UPDATE {rm_cards} AS c SET "
+    + ", ".join(
+        f"{name} = " + (_LABELS if name == "labels" else f"v.{name}")
+        for name in CARD_NAMES
+        if name not in ("workspace_id", "card_id")
+    )
+    + _CARD_VALUES
+    + " WHERE c.card_id = v.card_id"
+)
+
+# -- cards, counts and board versions, a batch at a time ----------------------------------------
+
+
+def select_cards(
+    cur: Cursor[DictRow],
+    t: Tables,
+    card_ids: set[str],
+    run_ids: set[str],
+    *,
+    lock: bool,
+) -> list[CardRow]:
+    """The cards of ``card_ids`` and those whose last run is one of ``run_ids``, in card order
+    (locked for the transaction when ``lock``: another worker may be folding them too)."""
+    statement = (
+        "SELECT " + ", ".join(CARD_NAMES) + " FROM {rm_cards} WHERE card_id = ANY(%s::uuid[])"
+    )
+    params: list[Any] = [sorted(card_ids)]
+    if run_ids:
+        statement += " OR last_run_id = ANY(%s::uuid[])"
+        params.append(sorted(run_ids))
+    statement += " ORDER BY card_id"
+    if lock:
+        statement += " FOR UPDATE"
+    cur.execute(t.q(statement), params)
+    rows = []
+    for found in cur.fetchall():
+        row = dict(found)
+        for column in _UUID_COLUMNS:
+            if row[column] is not None:
+                row[column] = str(row[column])
+        row["labels"] = list(row["labels"])
+        rows.append(row)
+    return rows
+
+
+def write_cards(
+    cur: Cursor[DictRow],
+    t: Tables,
+    rows: Sequence[tuple[CardRow, bool]],
+    existing: set[str],
+) -> None:
+    """Write each card row (with whether its labels are to be sorted in the table): one insert
+    for the new cards, one update for those in ``existing``."""
+    inserts: list[tuple[Any, ...]] = []
+    updates: list[tuple[Any, ...]] = []
+    for row, sort_labels in rows:
+        values = (
+            *(json.dumps(row[name]) if name == "labels" else row[name] for name in CARD_NAMES),
+            sort_labels,
+        )
+        (updates if row["card_id"] in existing else inserts).append(values)
+    width = len(CARD_COLUMNS) + 1
+    if inserts:
+        cur.execute(t.q(_INSERT_CARDS), columns_of(inserts, width))
+    if updates:
+        cur.execute(t.q(_UPDATE_CARDS), columns_of(updates, width))
+
+
+def set_board_versions(
+    cur: Cursor[DictRow], t: Tables, versions: Sequence[tuple[str, tuple[int, Any]]]
+) -> None:
+    """Projects (id → their new version and when) as their boards' events leave them."""
+    if not versions:
+        return
+    cur.execute(
+        t.q(
+            "UPDATE {rm_projects} AS p SET version = v.version, updated_at = v.at"
+            " FROM unnest(%s::uuid[], %s::bigint[], %s::timestamptz[])"
+            " AS v(id, version, at) WHERE p.project_id = v.id"
+        ),
+        (
+            [k for k, _ in versions],
+            [v for _, (v, _) in versions],
+            [a for _, (_, a) in versions],
+        ),
+    )
+
+
+def add_card_counts(
+    cur: Cursor[DictRow], t: Tables, counts: Sequence[tuple[tuple[str, str], int]]
+) -> None:
+    """Add ``delta`` to the card count of each (project, lane)."""
+    if not counts:
+        return
+    cur.execute(
+        t.q(
+            "UPDATE {rm_lanes} AS l SET card_count = l.card_count + v.delta"
+            " FROM unnest(%s::uuid[], %s::text[], %s::integer[]) AS v(id, name, delta)"
+            " WHERE l.project_id = v.id AND l.name = v.name"
+        ),
+        ([k[0] for k, _ in counts], [k[1] for k, _ in counts], [d for _, d in counts]),
+    )
+
+
+# -- the rare events, each on its own -------------------------------------------------------------
+
+
+def touch(
+    cur: Cursor[DictRow],
+    t: Tables,
+    table: str,
+    key: str,
+    env: EventEnvelope,
+    columns: dict[str, Any],
+) -> None:
+    """Set ``columns`` of the aggregate's row, and its version and update time to the event's."""
+    assignments = "".join(f"{column} = %s, " for column in columns)
+    cur.execute(
+        t.q(f"UPDATE {{{table}}} SET {assignments}version = %s, updated_at = %s WHERE {key} = %s"),
+        (*columns.values(), env.originator_version, env.timestamp, env.originator_id),
+    )
+
+
+def touch_board(cur: Cursor[DictRow], t: Tables, env: EventEnvelope) -> None:
+    touch(cur, t, "rm_projects", "project_id", env, {})
+
+
+def workspace_created(
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: WorkspaceCreated
+) -> None:
+    cur.execute(
+        t.q(
+            "INSERT INTO {rm_workspaces} (workspace_id, name, markup, billing_increment_micros,"
+            " monthly_limit_micros, stripe_customer_id, version, created_at, updated_at)"
+            " VALUES (%s, %s, '5', 250000, NULL, NULL, %s, %s, %s)"
+        ),
+        (env.originator_id, ev.name, env.originator_version, env.timestamp, env.timestamp),
+    )
+    cur.execute(
+        t.q("INSERT INTO {rm_members} (workspace_id, user_id, role) VALUES (%s, %s, 'OWNER')"),
+        (env.originator_id, ev.owner_id),
+    )
+
+
+def workspace_changed(
+    cur: Cursor[DictRow],
+    t: Tables,
+    env: EventEnvelope,
+    ev: WorkspaceRenamed
+    | WorkspacePlanSet
+    | WorkspaceSpendLimitSet
+    | WorkspaceStripeCustomerLinked,
+) -> None:
+    columns: dict[str, Any]
+    if isinstance(ev, WorkspaceRenamed):
+        columns = {"name": ev.name}
+    elif isinstance(ev, WorkspacePlanSet):
+        columns = {
+            "markup": ev.markup,
+            "billing_increment_micros": ev.billing_increment_micros,
+        }
+    elif isinstance(ev, WorkspaceSpendLimitSet):
+        columns = {"monthly_limit_micros": ev.monthly_limit_micros}
+    else:
+        columns = {"stripe_customer_id": ev.customer_id}
+    touch(cur, t, "rm_workspaces", "workspace_id", env, columns)
+
+
+def member_set(
+    cur: Cursor[DictRow],
+    t: Tables,
+    env: EventEnvelope,
+    ev: WorkspaceMemberAdded | WorkspaceRoleChanged,
+) -> None:
+    cur.execute(
+        t.q(
+            "INSERT INTO {rm_members} (workspace_id, user_id, role) VALUES (%s, %s, %s)"
+            " ON CONFLICT (workspace_id, user_id) DO UPDATE SET role = EXCLUDED.role"
+        ),
+        (env.originator_id, ev.user_id, ev.role),
+    )
+    touch(cur, t, "rm_workspaces", "workspace_id", env, {})
+
+
+def member_removed(
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: WorkspaceMemberRemoved
+) -> None:
+    cur.execute(
+        t.q("DELETE FROM {rm_members} WHERE workspace_id = %s AND user_id = %s"),
+        (env.originator_id, ev.user_id),
+    )
+    touch(cur, t, "rm_workspaces", "workspace_id", env, {})
+
+
+def project_created(
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectCreated
+) -> None:
+    cur.execute(
+        t.q(
+            "INSERT INTO {rm_projects} (workspace_id, project_id, name, archived, version,"
+            " created_at, updated_at) VALUES (%s, %s, %s, false, %s, %s, %s)"
+        ),
+        (
+            env.workspace_id,
+            env.originator_id,
+            ev.name,
+            env.originator_version,
+            env.timestamp,
+            env.timestamp,
+        ),
+    )
+    lanes: list[dict[str, Any]] = ev.lanes
+    cur.executemany(
+        t.q(
+            "INSERT INTO {rm_lanes} (workspace_id, project_id, name, ord, wip_limit,"
+            " card_count) VALUES (%s, %s, %s, %s, %s, 0)"
+        ),
+        [
+            (env.workspace_id, env.originator_id, lane["name"], i, lane["wip_limit"])
+            for i, lane in enumerate(lanes)
+        ],
+    )
+
+
+def project_changed(
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectRenamed | ProjectArchived
+) -> None:
+    columns: dict[str, Any] = (
+        {"name": ev.name} if isinstance(ev, ProjectRenamed) else {"archived": True}
+    )
+    touch(cur, t, "rm_projects", "project_id", env, columns)
+
+
+def lane_added(cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectLaneAdded) -> None:
+    cur.execute(
+        t.q("UPDATE {rm_lanes} SET ord = ord + 1 WHERE project_id = %s AND ord >= %s"),
+        (env.originator_id, ev.index),
+    )
+    cur.execute(
+        t.q(
+            "INSERT INTO {rm_lanes} (workspace_id, project_id, name, ord, wip_limit,"
+            " card_count) VALUES (%s, %s, %s, %s, %s, 0)"
+        ),
+        (env.workspace_id, env.originator_id, ev.name, ev.index, ev.wip_limit),
+    )
+    touch_board(cur, t, env)
+
+
+def lane_renamed(
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectLaneRenamed
+) -> None:
+    """Renames the lane and moves its cards' rows to the new name (behind the fold's memory)."""
+    args = (ev.name, env.originator_id, ev.lane)
+    cur.execute(t.q("UPDATE {rm_lanes} SET name = %s WHERE project_id = %s AND name = %s"), args)
+    cur.execute(t.q("UPDATE {rm_cards} SET lane = %s WHERE project_id = %s AND lane = %s"), args)
+    touch_board(cur, t, env)
+
+
+def lanes_reordered(
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectLanesReordered
+) -> None:
+    order: list[str] = ev.order
+    cur.execute(
+        t.q(
+            "UPDATE {rm_lanes} AS l SET ord = o.ord - 1"
+            " FROM unnest(%s::text[]) WITH ORDINALITY AS o(name, ord)"
+            " WHERE l.project_id = %s AND l.name = o.name"
+        ),
+        (order, env.originator_id),
+    )
+    touch_board(cur, t, env)
+
+
+def lane_removed(
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectLaneRemoved
+) -> None:
+    cur.execute(
+        t.q("DELETE FROM {rm_lanes} WHERE project_id = %s AND name = %s RETURNING ord"),
+        (env.originator_id, ev.lane),
+    )
+    removed = cur.fetchone()
+    if removed is not None:
+        cur.execute(
+            t.q("UPDATE {rm_lanes} SET ord = ord - 1 WHERE project_id = %s AND ord > %s"),
+            (env.originator_id, removed["ord"]),
+        )
+    touch_board(cur, t, env)
+
+
+def wip_limit_set(
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectWipLimitSet
+) -> None:
+    cur.execute(
+        t.q("UPDATE {rm_lanes} SET wip_limit = %s WHERE project_id = %s AND name = %s"),
+        (ev.wip_limit, env.originator_id, ev.lane),
+    )
+    touch_board(cur, t, env)

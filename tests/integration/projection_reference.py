@@ -1,0 +1,858 @@
+"""Event-by-event references for the projectors' folds: the oracle the folds are held to.
+
+A projector has one implementation, its fold (``apply_batch``), which turns a batch into a few
+set-based statements. Here each handled event is written the obvious way instead, a statement or
+two per event, as the projectors once did it. ``reference_of(projector)`` is that projector
+applying every event on its own through these handlers (the rare kanban events, which the fold
+itself applies one at a time with the statements of :mod:`projections.kanban_sql`, go through
+the fold in batches of one). ``test_batch_projection`` feeds a reference and the projector the
+same deliveries and wants the same rows and the same changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from psycopg.types.json import Jsonb
+
+from domain.events import (
+    AgentRunAttemptRecorded,
+    AgentRunCancelled,
+    AgentRunFailed,
+    AgentRunHeartbeat,
+    AgentRunLlmCallCompleted,
+    AgentRunLogChunkAppended,
+    AgentRunOutputRecorded,
+    AgentRunReclaimed,
+    AgentRunRequested,
+    AgentRunStarted,
+    AgentRunStepStarted,
+    AgentRunSucceeded,
+    AgentRunTimedOut,
+    CardArchived,
+    CardAssigned,
+    CardBlocked,
+    CardCreated,
+    CardEdited,
+    CardLabelled,
+    CardMoved,
+    CardRestored,
+    CardUnblocked,
+    CardUnlabelled,
+    EventPayload,
+    InvoiceDrafted,
+    InvoiceIssued,
+    InvoicePaid,
+    InvoiceVoided,
+    MonthlySpendCreditGranted,
+    ProjectCardLifted,
+    ProjectCardMoved,
+    ProjectCardPlaced,
+    UsageChargeCharged,
+    UsageChargeCredited,
+    UsageChargeRefunded,
+)
+from projections import kanban_sql
+from projections.activity import DESCRIBED, ActivityProjector, Summary, one_line
+from projections.base import BatchContext, Change, Projector, Tables
+from projections.billing import INVOICE_STATUS, BillingProjector, LedgerKind, UsageDimension
+from projections.kanban import (
+    CARD_CHANGE_KINDS,
+    KanbanProjector,
+    card_changed,
+    card_columns,
+    run_changed,
+)
+from projections.runs import (
+    ATTEMPT_COLUMNS,
+    TERMINAL,
+    RunsProjector,
+    attempt_row,
+    lines_changed,
+    output_row,
+    status_changed,
+    storable_line,
+    terminal_error,
+)
+
+if TYPE_CHECKING:
+    from psycopg import Cursor, sql
+    from psycopg.rows import DictRow
+
+    from domain.envelope import EventEnvelope
+
+HandlerMethod = Callable[..., None]
+
+
+def on(*events: type[EventPayload]) -> Callable[[HandlerMethod], HandlerMethod]:
+    """Mark a reference method as the handler of the given events; it is called as
+    ``method(At(cur, envelope, tables, changes), event)``."""
+
+    def mark(method: HandlerMethod) -> HandlerMethod:
+        method.__dict__["_handles"] = events
+        return method
+
+    return mark
+
+
+@dataclass(frozen=True)
+class At:
+    """Where a reference handler applies its event, and where it notes the changes."""
+
+    cur: Cursor[DictRow]
+    env: EventEnvelope
+    t: Tables
+    changes: list[Change]
+
+
+class Reference(Projector):
+    """A projector applied event by event through its ``@on`` handlers.
+
+    ``through_fold`` names the handled events the reference leaves to the projector's fold (in a
+    batch of one); every other handled event must have a handler here, so a projector that
+    starts handling a new event cannot be compared with a reference that skips it.
+    """
+
+    through_fold: ClassVar[frozenset[type[EventPayload]]] = frozenset()
+    fold: ClassVar[type[Projector]]
+    """The projector this is the reference of."""
+    _handlers: ClassVar[dict[type[EventPayload], str]] = {}
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        handlers: dict[type[EventPayload], str] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                for event in getattr(value, "_handles", ()):
+                    handlers[event] = attr
+        cls._handlers = handlers
+        covered = set(handlers) | cls.through_fold
+        assert covered == cls.handles, (
+            f"{cls.__name__} does not cover {sorted(e.event_type for e in cls.handles - covered)}"
+            f" and covers {sorted(e.event_type for e in covered - cls.handles)} besides"
+        )
+
+    def apply_batch(self, ctx: BatchContext, envelopes: Sequence[EventEnvelope]) -> None:
+        changes = ctx.changes if ctx.changes is not None else []
+        for env in envelopes:
+            ev = env.event
+            method = self._handlers.get(type(ev))
+            if method is not None:
+                getattr(self, method)(At(ctx.cur, env, ctx.tables, changes), ev)
+            elif type(ev) in self.through_fold:
+                self.fold().apply_batch(BatchContext(ctx.cur, ctx.tables, ctx.changes), [env])
+
+
+# -- kanban ----------------------------------------------------------------------------------------
+
+
+class KanbanReference(Reference, KanbanProjector):
+    fold = KanbanProjector
+
+    through_fold: ClassVar[frozenset[type[EventPayload]]] = KanbanProjector.handles - frozenset(
+        {
+            ProjectCardPlaced,
+            ProjectCardMoved,
+            ProjectCardLifted,
+            CardCreated,
+            CardEdited,
+            CardMoved,
+            CardAssigned,
+            CardBlocked,
+            CardUnblocked,
+            CardArchived,
+            CardRestored,
+            CardLabelled,
+            CardUnlabelled,
+            AgentRunRequested,
+            AgentRunLlmCallCompleted,
+            AgentRunStarted,
+            AgentRunSucceeded,
+            AgentRunFailed,
+            AgentRunCancelled,
+            AgentRunTimedOut,
+        }
+    )
+
+    @on(ProjectCardPlaced)
+    def _card_placed(self, at: At, ev: ProjectCardPlaced) -> None:
+        self._count(at.cur, at.t, at.env, ev.lane, +1)
+        kanban_sql.touch_board(at.cur, at.t, at.env)
+
+    @on(ProjectCardMoved)
+    def _card_moved_on_board(self, at: At, ev: ProjectCardMoved) -> None:
+        if ev.from_lane != ev.to_lane:
+            self._count(at.cur, at.t, at.env, ev.from_lane, -1)
+            self._count(at.cur, at.t, at.env, ev.to_lane, +1)
+        kanban_sql.touch_board(at.cur, at.t, at.env)
+
+    @on(ProjectCardLifted)
+    def _card_lifted(self, at: At, ev: ProjectCardLifted) -> None:
+        self._count(at.cur, at.t, at.env, ev.lane, -1)
+        kanban_sql.touch_board(at.cur, at.t, at.env)
+
+    @on(CardCreated)
+    def _card_created(self, at: At, ev: CardCreated) -> None:
+        at.cur.execute(
+            at.t.q(
+                "INSERT INTO {rm_cards} (workspace_id, card_id, project_id, title, description,"
+                " lane, position, version, created_at, updated_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (card_id) DO UPDATE SET project_id = EXCLUDED.project_id,"
+                " title = EXCLUDED.title, description = EXCLUDED.description,"
+                " lane = EXCLUDED.lane, position = EXCLUDED.position, version = EXCLUDED.version,"
+                " created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at"
+            ),
+            (
+                at.env.workspace_id,
+                at.env.originator_id,
+                ev.project_id,
+                ev.title,
+                ev.description,
+                ev.lane,
+                ev.position,
+                at.env.originator_version,
+                at.env.timestamp,
+                at.env.timestamp,
+            ),
+        )
+        card_changed(at.env, at.changes, "card.created", ev.project_id)
+
+    @on(
+        CardEdited,
+        CardMoved,
+        CardAssigned,
+        CardBlocked,
+        CardUnblocked,
+        CardArchived,
+        CardRestored,
+    )
+    def _card_updated(
+        self,
+        at: At,
+        ev: CardEdited
+        | CardMoved
+        | CardAssigned
+        | CardBlocked
+        | CardUnblocked
+        | CardArchived
+        | CardRestored,
+    ) -> None:
+        columns = card_columns(ev)
+        project_id = self._touch(at.cur, at.t, at.env, columns)
+        kind = CARD_CHANGE_KINDS.get(type(ev), "card.updated")
+        card_changed(at.env, at.changes, kind, project_id)
+
+    @on(CardLabelled, CardUnlabelled)
+    def _card_labels(self, at: At, ev: CardLabelled | CardUnlabelled) -> None:
+        label = ev.label
+        if isinstance(ev, CardLabelled):
+            expression = "ARRAY(SELECT DISTINCT x FROM unnest(labels || %s::text) AS x ORDER BY x)"
+        else:
+            expression = "array_remove(labels, %s::text)"
+        at.cur.execute(
+            at.t.q(
+                "UPDATE {rm_cards} SET labels = " + expression + ", version = %s, updated_at = %s"
+                " WHERE card_id = %s RETURNING project_id"
+            ),
+            (label, at.env.originator_version, at.env.timestamp, at.env.originator_id),
+        )
+        row = at.cur.fetchone()
+        card_changed(at.env, at.changes, "card.updated", row["project_id"] if row else None)
+
+    # -- runs as the board shows them ------------------------------------------------------------
+
+    @on(AgentRunRequested)
+    def _run_requested(self, at: At, ev: AgentRunRequested) -> None:
+        self._card_run_upsert(
+            at.cur,
+            at.t,
+            at.env,
+            ev,
+            "last_run_id = CASE WHEN EXCLUDED.last_run_position > c.last_run_position"
+            " THEN EXCLUDED.last_run_id ELSE c.last_run_id END,"
+            " last_run_position = GREATEST(c.last_run_position, EXCLUDED.last_run_position)",
+            last_run_id=at.env.originator_id,
+            last_run_position=at.env.position,
+            cost_micros=0,
+        )
+        run_changed(at.env, at.changes, ev.project_id, ev.card_id)
+
+    @on(AgentRunLlmCallCompleted)
+    def _run_cost(self, at: At, ev: AgentRunLlmCallCompleted) -> None:
+        self._card_run_upsert(
+            at.cur,
+            at.t,
+            at.env,
+            ev,
+            "cost_micros = c.cost_micros + EXCLUDED.cost_micros",
+            last_run_id=None,
+            last_run_position=0,
+            cost_micros=int(ev.billed_micros),
+        )
+        run_changed(at.env, at.changes, ev.project_id, ev.card_id)
+
+    @staticmethod
+    def _card_run_upsert(
+        cur: Cursor[DictRow],
+        t: Tables,
+        env: EventEnvelope,
+        ev: AgentRunRequested | AgentRunLlmCallCompleted,
+        assignments: str,
+        *,
+        last_run_id: object,
+        last_run_position: int,
+        cost_micros: int,
+    ) -> None:
+        """Apply run data to the card whether or not the card's own events arrived yet.
+
+        A card not seen yet gets a placeholder row (empty lane, version 0) that its creation
+        event fills in; both updates commute, so any delivery order ends in the same row.
+        """
+        cur.execute(
+            t.q(
+                "INSERT INTO {rm_cards} AS c (workspace_id, card_id, project_id, title,"
+                " description, lane, position, version, created_at, updated_at, last_run_id,"
+                " last_run_position, cost_micros)"
+                " VALUES (%s, %s, %s, '', '', '', '', 0, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (card_id) DO UPDATE SET " + assignments
+            ),
+            (
+                env.workspace_id,
+                ev.card_id,
+                ev.project_id,
+                env.timestamp,
+                env.timestamp,
+                last_run_id,
+                last_run_position,
+                cost_micros,
+            ),
+        )
+
+    @on(AgentRunStarted, AgentRunSucceeded, AgentRunFailed, AgentRunCancelled,
+        AgentRunTimedOut)  # fmt: skip
+    def _run_status(
+        self,
+        at: At,
+        ev: AgentRunStarted
+        | AgentRunSucceeded
+        | AgentRunFailed
+        | AgentRunCancelled
+        | AgentRunTimedOut,
+    ) -> None:
+        at.cur.execute(
+            at.t.q("SELECT project_id, card_id FROM {rm_cards} WHERE last_run_id = %s"),
+            (at.env.originator_id,),
+        )
+        row = at.cur.fetchone()
+        if row is not None:
+            run_changed(at.env, at.changes, row["project_id"], row["card_id"])
+
+    @staticmethod
+    def _touch(
+        cur: Cursor[DictRow],
+        t: Tables,
+        env: EventEnvelope,
+        columns: dict[str, Any],
+    ) -> Any:
+        """The card's ``columns``, version and update time set; its project (None: no card)."""
+        assignments = "".join(f"{column} = %s, " for column in columns)
+        cur.execute(
+            t.q(
+                f"UPDATE {{rm_cards}} SET {assignments}version = %s, updated_at = %s"
+                " WHERE card_id = %s RETURNING project_id"
+            ),
+            (*columns.values(), env.originator_version, env.timestamp, env.originator_id),
+        )
+        row = cur.fetchone()
+        return row["project_id"] if row else None
+
+    @staticmethod
+    def _count(cur: Cursor[DictRow], t: Tables, env: EventEnvelope, lane: str, delta: int) -> None:
+        cur.execute(
+            t.q(
+                "UPDATE {rm_lanes} SET card_count = card_count + %s"
+                " WHERE project_id = %s AND name = %s"
+            ),
+            (delta, env.originator_id, lane),
+        )
+
+
+# -- runs ------------------------------------------------------------------------------------------
+
+
+class RunsReference(Reference, RunsProjector):
+    fold = RunsProjector
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @on(AgentRunRequested)
+    def _requested(self, at: At, ev: AgentRunRequested) -> None:
+        at.cur.execute(
+            at.t.q(
+                "INSERT INTO {rm_runs} (workspace_id, run_id, project_id, card_id, agent, status,"
+                " provider, model, max_cost_micros, requested_at, version)"
+                " VALUES (%s, %s, %s, %s, %s, 'QUEUED', %s, %s, %s, %s, %s)"
+            ),
+            (
+                at.env.workspace_id,
+                at.env.originator_id,
+                ev.project_id,
+                ev.card_id,
+                ev.agent,
+                ev.provider,
+                ev.model,
+                ev.max_cost_micros,
+                at.env.timestamp,
+                at.env.originator_version,
+            ),
+        )
+        status_changed(at.env, at.changes, "QUEUED")
+
+    @on(AgentRunStarted)
+    def _started(self, at: At, ev: AgentRunStarted) -> None:
+        at.cur.execute(
+            at.t.q(
+                "UPDATE {rm_runs} SET status = 'RUNNING', started_at = %s, version = %s"
+                " WHERE run_id = %s"
+            ),
+            (at.env.timestamp, at.env.originator_version, at.env.originator_id),
+        )
+        status_changed(at.env, at.changes, "RUNNING")
+
+    @on(AgentRunStepStarted)
+    def _step_started(self, at: At, ev: AgentRunStepStarted) -> None:
+        at.cur.execute(
+            at.t.q("UPDATE {rm_runs} SET version = %s WHERE run_id = %s"),
+            (at.env.originator_version, at.env.originator_id),
+        )
+
+    @on(*TERMINAL)
+    def _finished(self, at: At, ev: EventPayload) -> None:
+        status = TERMINAL[type(ev)]
+        at.cur.execute(
+            at.t.q(
+                "UPDATE {rm_runs} SET status = %s, finished_at = %s, error = %s, version = %s"
+                " WHERE run_id = %s"
+            ),
+            (
+                status,
+                at.env.timestamp,
+                terminal_error(ev),
+                at.env.originator_version,
+                at.env.originator_id,
+            ),
+        )
+        status_changed(at.env, at.changes, status)
+
+    @on(AgentRunHeartbeat, AgentRunReclaimed)
+    def _touched(self, at: At, ev: AgentRunHeartbeat | AgentRunReclaimed) -> None:
+        self._touch_run(at)
+
+    @staticmethod
+    def _touch_run(at: At) -> None:
+        at.cur.execute(
+            at.t.q("UPDATE {rm_runs} SET version = %s WHERE run_id = %s"),
+            (at.env.originator_version, at.env.originator_id),
+        )
+
+    @on(AgentRunAttemptRecorded)
+    def _attempt(self, at: At, ev: AgentRunAttemptRecorded) -> None:
+        at.cur.execute(
+            at.t.q(
+                f"INSERT INTO {{rm_run_attempts}} ({', '.join(n for n, _ in ATTEMPT_COLUMNS)})"
+                f" VALUES ({', '.join(['%s'] * len(ATTEMPT_COLUMNS))})"
+            ),
+            attempt_row(at.env, ev),
+        )
+        self._touch_run(at)
+
+    @on(AgentRunOutputRecorded)
+    def _output(self, at: At, ev: AgentRunOutputRecorded) -> None:
+        at.cur.execute(
+            at.t.q(
+                "INSERT INTO {rm_run_outputs} (workspace_id, run_id, output) VALUES (%s, %s, %s)"
+            ),
+            output_row(at.env, ev),
+        )
+        self._touch_run(at)
+
+    # -- what the run did ------------------------------------------------------------------------
+
+    @on(AgentRunLlmCallCompleted)
+    def _llm_call(self, at: At, ev: AgentRunLlmCallCompleted) -> None:
+        at.cur.execute(
+            at.t.q(
+                "UPDATE {rm_runs} SET provider = %s, model = %s,"
+                " input_tokens = input_tokens + %s, output_tokens = output_tokens + %s,"
+                " provider_cost_micros = provider_cost_micros + %s,"
+                " billed_micros = billed_micros + %s, llm_calls = llm_calls + 1, version = %s"
+                " WHERE run_id = %s"
+            ),
+            (
+                ev.provider,
+                ev.model,
+                ev.input_tokens,
+                ev.output_tokens,
+                ev.provider_cost_micros,
+                ev.billed_micros,
+                at.env.originator_version,
+                at.env.originator_id,
+            ),
+        )
+
+    @on(AgentRunLogChunkAppended)
+    def _log_chunk(self, at: At, ev: AgentRunLogChunkAppended) -> None:
+        lines = [storable_line(line) for line in ev.lines]
+        # One statement for the whole chunk (COPY would be faster but refuses tables with row-level
+        # security); every line is new because the runner applies each chunk exactly once.
+        at.cur.execute(
+            at.t.q(
+                "INSERT INTO {rm_log_lines} (workspace_id, run_id, seq, at, stream, text)"
+                " SELECT %s, %s, l.seq, l.at, l.stream, l.text"
+                " FROM unnest(%s::integer[], %s::timestamptz[], %s::text[], %s::text[])"
+                " AS l(seq, at, stream, text)"
+            ),
+            (
+                at.env.workspace_id,
+                at.env.originator_id,
+                [line["seq"] for line in lines],
+                [line["at"] for line in lines],
+                [line["stream"] for line in lines],
+                [line["text"] for line in lines],
+            ),
+        )
+        at.cur.execute(
+            at.t.q(
+                "UPDATE {rm_runs} SET log_line_count = log_line_count + %s, version = %s"
+                " WHERE run_id = %s"
+            ),
+            (len(lines), at.env.originator_version, at.env.originator_id),
+        )
+        lines_changed(at.env, at.changes, lines)
+
+
+# -- activity --------------------------------------------------------------------------------------
+
+# The subject's card and project, when the event does not carry them, come from the newest
+# earlier item about the same subject.
+_INSERT = (
+    "INSERT INTO {rm_activity} (workspace_id, position, at, actor, kind, summary, card_id,"
+    " project_id, subject_id)"
+    " SELECT %(ws)s, %(position)s, %(at)s, %(actor)s, %(kind)s, %(summary)s,"
+    " coalesce(%(card_id)s::uuid, prior.card_id), coalesce(%(project_id)s::uuid, prior.project_id),"
+    " %(subject_id)s"
+    " FROM (SELECT) AS one LEFT JOIN LATERAL ("
+    "  SELECT card_id, project_id FROM {rm_activity} WHERE subject_id = %(subject_id)s"
+    "  ORDER BY position DESC LIMIT 1"
+    " ) AS prior ON true"
+)
+
+
+def _family(name: str) -> list[type[EventPayload]]:
+    return [event for event, (family, _, _) in DESCRIBED.items() if family == name]
+
+
+def _described(ev: EventPayload) -> tuple[str, Callable[[Any], str]]:
+    _, kind, summarise = DESCRIBED[type(ev)]
+    return kind, summarise
+
+
+class ActivityReference(Reference, ActivityProjector):
+    fold = ActivityProjector
+
+    @on(*_family("workspace"))
+    def _workspace(self, at: At, ev: EventPayload) -> None:
+        self._record(at.cur, at.t, at.env, _described(ev))
+
+    @on(*_family("project"))
+    def _project(self, at: At, ev: EventPayload) -> None:
+        self._record(at.cur, at.t, at.env, _described(ev), project_id=at.env.originator_id)
+
+    @on(*_family("card"))
+    def _card(self, at: At, ev: EventPayload) -> None:
+        self._record(
+            at.cur,
+            at.t,
+            at.env,
+            _described(ev),
+            card_id=at.env.originator_id,
+            project_id=ev.project_id if isinstance(ev, CardCreated) else None,
+        )
+
+    @on(*_family("run"))
+    def _run(self, at: At, ev: EventPayload) -> None:
+        self._record(
+            at.cur,
+            at.t,
+            at.env,
+            _described(ev),
+            card_id=ev.card_id if isinstance(ev, AgentRunRequested) else None,
+            project_id=ev.project_id if isinstance(ev, AgentRunRequested) else None,
+        )
+
+    @on(*_family("spend"))
+    def _spend(self, at: At, ev: EventPayload) -> None:
+        self._record(at.cur, at.t, at.env, _described(ev))
+
+    @staticmethod
+    def _record(
+        cur: Cursor[DictRow],
+        t: Tables,
+        env: EventEnvelope,
+        described: tuple[str, Summary],
+        *,
+        card_id: object = None,
+        project_id: object = None,
+    ) -> None:
+        workspace_id = env.workspace_id
+        if workspace_id is None and env.aggregate == "Workspace":
+            workspace_id = env.originator_id
+        if workspace_id is None:
+            return  # not tenant-owned, so no feed can show it
+        kind, summarise = described
+        cur.execute(
+            t.q(_INSERT),
+            {
+                "ws": workspace_id,
+                "position": env.position,
+                "at": env.timestamp,
+                "actor": env.metadata.get("actor") or "unknown",
+                "kind": kind,
+                "summary": one_line(summarise(env.event)),
+                "card_id": card_id,
+                "project_id": project_id,
+                "subject_id": env.originator_id,
+            },
+        )
+
+
+# -- billing ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Entry:
+    """One ledger entry with the dimensions it rolls up under."""
+
+    kind: LedgerKind
+    charge_id: object
+    project_id: object
+    card_id: object
+    run_id: object
+    provider: str
+    model: str
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    provider_cost_micros: int
+    billed_micros: int
+    month: str
+
+
+# A ledger entry and all its rollups, as common table expressions of one statement: fewer round
+# trips in a rebuild, and no way to post an entry without its rollups.
+_POST = (
+    "entry AS ("
+    " INSERT INTO {rm_ledger_entries} (workspace_id, entry_position, charge_id, kind, project_id,"
+    " card_id, run_id, provider, model, input_tokens, output_tokens, provider_cost_micros,"
+    " billed_micros, month, day, at)"
+    " VALUES (%(ws)s, %(position)s, %(charge_id)s, %(kind)s, %(project_id)s, %(card_id)s,"
+    " %(run_id)s, %(provider)s, %(model)s, %(input_tokens)s, %(output_tokens)s, %(cost)s,"
+    " %(billed)s, %(month)s, %(day)s, %(at)s)"
+    "), usage AS ("
+    " INSERT INTO {rm_usage_daily} AS u (workspace_id, day, dimension, key, calls, input_tokens,"
+    " output_tokens, provider_cost_micros, billed_micros)"
+    " SELECT %(ws)s, %(day)s, d.dimension, d.key, %(calls)s, %(input_tokens)s,"
+    " %(output_tokens)s, %(cost)s, %(billed)s"
+    " FROM unnest(%(dimensions)s::text[], %(keys)s::text[]) AS d(dimension, key)"
+    " ON CONFLICT (workspace_id, day, dimension, key) DO UPDATE SET"
+    " calls = u.calls + EXCLUDED.calls,"
+    " input_tokens = u.input_tokens + EXCLUDED.input_tokens,"
+    " output_tokens = u.output_tokens + EXCLUDED.output_tokens,"
+    " provider_cost_micros = u.provider_cost_micros + EXCLUDED.provider_cost_micros,"
+    " billed_micros = u.billed_micros + EXCLUDED.billed_micros"
+    "), line AS ("
+    " INSERT INTO {rm_statement_lines} AS s (workspace_id, month, project_id,"
+    " billed_exact_micros) VALUES (%(ws)s, %(month)s, %(project_id)s, %(billed)s)"
+    " ON CONFLICT (workspace_id, month, project_id) DO UPDATE SET"
+    " billed_exact_micros = s.billed_exact_micros + EXCLUDED.billed_exact_micros"
+    ")"
+    " INSERT INTO {rm_monthly_spend} AS m (workspace_id, month, billed_micros)"
+    " VALUES (%(ws)s, %(month)s, %(billed)s)"
+    " ON CONFLICT (workspace_id, month) DO UPDATE SET"
+    " billed_micros = m.billed_micros + EXCLUDED.billed_micros"
+)
+
+# A new charge: its row, then its entry and rollups, in the same statement.
+_CHARGE_AND_POST = (
+    "WITH charge AS ("
+    " INSERT INTO {rm_charges} (workspace_id, charge_id, project_id, card_id, run_id, call_id,"
+    " provider, model, input_tokens, output_tokens, provider_cost_micros, markup, billed_micros,"
+    " price_table_version, month, occurred_at)"
+    " VALUES (%(ws)s, %(charge_id)s, %(project_id)s, %(card_id)s, %(run_id)s, %(call_id)s,"
+    " %(provider)s, %(model)s, %(input_tokens)s, %(output_tokens)s, %(cost)s, %(markup)s,"
+    " %(billed)s, %(price_table_version)s, %(month)s, %(at)s)"
+    "), " + _POST
+)
+
+
+class BillingReference(Reference, BillingProjector):
+    fold = BillingProjector
+
+    @on(UsageChargeCharged)
+    def _charged(self, at: At, ev: UsageChargeCharged) -> None:
+        entry = _Entry(
+            kind=LedgerKind.CHARGE,
+            charge_id=at.env.originator_id,
+            project_id=ev.project_id,
+            card_id=ev.card_id,
+            run_id=ev.run_id,
+            provider=ev.provider,
+            model=ev.model,
+            calls=1,
+            input_tokens=ev.input_tokens,
+            output_tokens=ev.output_tokens,
+            provider_cost_micros=ev.provider_cost_micros,
+            billed_micros=ev.billed_micros,
+            month=ev.month,
+        )
+        self._post(
+            at.cur,
+            at.t.q(_CHARGE_AND_POST),
+            at.env,
+            entry,
+            call_id=ev.call_id,
+            markup=ev.markup,
+            price_table_version=ev.price_table_version,
+        )
+
+    @on(UsageChargeCredited, UsageChargeRefunded)
+    def _corrected(self, at: At, ev: UsageChargeCredited | UsageChargeRefunded) -> None:
+        amount: int = ev.amount_micros
+        at.cur.execute(
+            at.t.q(
+                "UPDATE {rm_charges} SET credited_micros = credited_micros + %s"
+                " WHERE charge_id = %s"
+                " RETURNING project_id, card_id, run_id, provider, model"
+            ),
+            (amount, at.env.originator_id),
+        )
+        charge = at.cur.fetchone()
+        if charge is None:
+            # The runner applies a charge's events in version order, so its Charged row exists;
+            # without it the correction's dimensions are unknown and guessing would misfile money.
+            raise RuntimeError(
+                f"{at.env.type} at position {at.env.position} corrects charge"
+                f" {at.env.originator_id}, "
+                "which the billing read model does not hold"
+            )
+        entry = _Entry(
+            kind=LedgerKind.CREDIT if isinstance(ev, UsageChargeCredited) else LedgerKind.REFUND,
+            charge_id=at.env.originator_id,
+            project_id=charge["project_id"],
+            card_id=charge["card_id"],
+            run_id=charge["run_id"],
+            provider=charge["provider"],
+            model=charge["model"],
+            calls=0,
+            input_tokens=0,
+            output_tokens=0,
+            provider_cost_micros=0,
+            billed_micros=-amount,
+            month=ev.month,
+        )
+        self._post(at.cur, at.t.q("WITH " + _POST), at.env, entry)
+
+    @on(MonthlySpendCreditGranted)
+    def _credit_granted(self, at: At, ev: MonthlySpendCreditGranted) -> None:
+        at.cur.execute(
+            at.t.q(
+                "INSERT INTO {rm_billing_credits} (workspace_id, credit_id, month, amount_micros,"
+                " reason, at) VALUES (%s, %s, %s, %s, %s, %s)"
+            ),
+            (at.env.workspace_id, ev.credit_id, ev.month, ev.amount_micros, ev.reason,
+             at.env.timestamp),
+        )  # fmt: skip
+
+    @on(InvoiceDrafted)
+    def _invoice_drafted(self, at: At, ev: InvoiceDrafted) -> None:
+        at.cur.execute(
+            at.t.q(
+                "INSERT INTO {rm_invoices} (workspace_id, month, invoice_id, lines, total_micros,"
+                " status) VALUES (%s, %s, %s, %s, %s, 'drafted')"
+            ),
+            (at.env.workspace_id, ev.month, at.env.originator_id, Jsonb(ev.lines),
+             ev.total_micros),
+        )  # fmt: skip
+
+    @on(InvoiceIssued, InvoicePaid, InvoiceVoided)
+    def _invoice_status(self, at: At, ev: InvoiceIssued | InvoicePaid | InvoiceVoided) -> None:
+        at.cur.execute(
+            at.t.q(
+                "UPDATE {rm_invoices} SET status = %s,"
+                " stripe_invoice_id = coalesce(%s, stripe_invoice_id) WHERE invoice_id = %s"
+            ),
+            (
+                INVOICE_STATUS[type(ev)],
+                ev.stripe_invoice_id if isinstance(ev, InvoiceIssued) else None,
+                at.env.originator_id,
+            ),
+        )
+
+    @staticmethod
+    def _post(
+        cur: Cursor[DictRow],
+        statement: sql.Composed,
+        env: EventEnvelope,
+        entry: _Entry,
+        **more: object,
+    ) -> None:
+        """Run ``statement`` (which posts ``entry``) with the entry's values and ``more``."""
+        day = env.timestamp.astimezone(UTC).date()
+        keys: dict[UsageDimension, Any] = {
+            UsageDimension.PROJECT: entry.project_id,
+            UsageDimension.CARD: entry.card_id,
+            UsageDimension.AGENT_RUN: entry.run_id,
+            UsageDimension.PROVIDER: entry.provider,
+            UsageDimension.MODEL: entry.model,
+            UsageDimension.DAY: day.isoformat(),
+        }
+        cur.execute(
+            statement,
+            {
+                "ws": env.workspace_id,
+                "position": env.position,
+                "charge_id": entry.charge_id,
+                "kind": entry.kind.value,
+                "project_id": entry.project_id,
+                "card_id": entry.card_id,
+                "run_id": entry.run_id,
+                "provider": entry.provider,
+                "model": entry.model,
+                "calls": entry.calls,
+                "input_tokens": entry.input_tokens,
+                "output_tokens": entry.output_tokens,
+                "cost": entry.provider_cost_micros,
+                "billed": entry.billed_micros,
+                "month": entry.month,
+                "day": day,
+                "at": env.timestamp,
+                "dimensions": [dimension.value for dimension in keys],
+                "keys": [str(key) for key in keys.values()],
+                **more,
+            },
+        )
+
+
+REFERENCES: dict[str, type[Reference]] = {
+    reference.name: reference
+    for reference in (KanbanReference, RunsReference, ActivityReference, BillingReference)
+}
+
+
+def reference_of(projector: Projector) -> Projector:
+    """``projector``'s read model, every event applied on its own by the reference handlers."""
+    return REFERENCES[projector.name]()
