@@ -25,6 +25,7 @@ from commands.handlers import Actor, AgentWorks
 LANES = (("Backlog", None, 80), ("In progress", 60, 50), ("Review", 40, 30), ("Done", None, 40))
 LABELS = ("bug", "feature", "infra", "ui", "backend", "urgent", "docs")
 OWNER = "b3f1c2d4-0e5a-4b6c-8d7e-9f0a1b2c3d06"  # user ids are UUIDs, as tokens carry them
+OTHER_OWNER = "other-owner"
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,9 @@ def seed(write: AgentWorks, *, seed_value: int = 7) -> Seeded:
     owner = Actor(user_id=OWNER, workspace_id=str(ws.id))
     project_id, cards, runs, commands = _board(write, owner, ws.id, "Board of 200", rng, 1.0)
 
-    other_boot = Actor(user_id="other-owner", workspace_id="*")
+    other_boot = Actor(user_id=OTHER_OWNER, workspace_id="*")
     other = write.create_workspace(m.CreateWorkspace(name="Neighbour"), other_boot)
-    other_owner = Actor(user_id="other-owner", workspace_id=str(other.id))
+    other_owner = Actor(user_id=OTHER_OWNER, workspace_id=str(other.id))
     _, _, _, more = _board(write, other_owner, other.id, "Neighbour board", rng, 0.5)
     return Seeded(
         workspace_id=ws.id,

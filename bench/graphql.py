@@ -1,6 +1,7 @@
 """GraphQL board query latency, next to a plain JSON endpoint reading the same rows, same run.
 
     python -m bench.graphql [--seconds 8] [--repeats 3] [--clients 1,10,50]
+        [--writes-per-second N [--writes-in neighbour|same|both]]
 
 What it does, in order (everything it creates is removed at the end):
 
@@ -23,7 +24,13 @@ What it does, in order (everything it creates is removed at the end):
    of server, PostgreSQL backends and load generator comes from /proc;
 6. py-spy of each server's event-loop thread under the largest client count.
 
-Results: a table on stdout and ``bench/results/graphql.json``.
+With ``--writes-per-second N``, a third process (``bench/_graphql_writes.py``) renames cards at N
+per second in the neighbouring workspace, the benchmarked one, or both (``--writes-in``), and runs
+the projectors (embedded fan-out) for the whole load, both targets alike: the response cache then
+answers under invalidation, and the report says how many lookups hit.
+
+Results: a table on stdout and ``bench/results/graphql.json`` (with writes:
+``bench/results/graphql_writes.json``).
 """
 
 from __future__ import annotations
@@ -47,11 +54,19 @@ import httpx
 import psycopg
 
 from bench import _graphql_load as load
-from bench._graphql_seed import Seeded, admin_url, drop_database, new_database_name, seed
+from bench._graphql_seed import (
+    OTHER_OWNER,
+    Seeded,
+    admin_url,
+    drop_database,
+    new_database_name,
+    seed,
+)
 from bench._provenance import Provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "graphql.json"
+RESULTS_WITH_WRITES = ROOT / "bench" / "results" / "graphql_writes.json"
 
 BOARD_QUERY = (
     "query Board($id: ID!) { board(projectId: $id) { lanes { name wipLimit count"
@@ -115,6 +130,31 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+
+def start_writer(
+    env: dict[str, str], seeded: Seeded, rate: float, where: str
+) -> subprocess.Popen[bytes]:
+    targets = {
+        "neighbour": [(seeded.other_workspace_id, OTHER_OWNER)],
+        "same": [(seeded.workspace_id, seeded.user_id)],
+    }
+    chosen = targets["neighbour"] + targets["same"] if where == "both" else targets[where]
+    command = [sys.executable, "-m", "bench._graphql_writes", "--rate", str(rate)]
+    for workspace, user in chosen:
+        command += ["--target", f"{workspace}:{user}"]
+    return subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE)
+
+
+def stop_writer(writer: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """Stop the writer; what it wrote, and at what rate."""
+    writer.terminate()
+    out, _ = writer.communicate(timeout=30)
+    if writer.returncode != 0 or not out.strip():
+        raise RuntimeError(f"the writer exited with {writer.returncode}")
+    done: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    done["per_second"] = round(done["writes"] / max(done["seconds"], 1e-9), 1)
+    return done
 
 
 def fill_read_models(database_url: str, env: dict[str, str]) -> dict[str, Any]:
@@ -381,12 +421,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", default="1,10,50", help="concurrent clients, comma-separated")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of load before round 1")
     p.add_argument("--profile-seconds", type=float, default=12.0, help="0 skips the py-spy step")
-    p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument(
+        "--writes-per-second",
+        type=float,
+        default=0.0,
+        help="card renames per second (per workspace written) during the load, projectors running",
+    )
+    p.add_argument(
+        "--writes-in",
+        choices=("neighbour", "same", "both"),
+        default="neighbour",
+        help="where the writes go: the neighbouring workspace, the benchmarked one, or both",
+    )
+    p.add_argument("--output", type=Path, default=None)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.output is None:
+        args.output = RESULTS_WITH_WRITES if args.writes_per_second > 0 else RESULTS
     provenance = Provenance.start()
     clients = [int(x) for x in args.clients.split(",") if x.strip()]
     base = args.database_url.rstrip("/")
@@ -407,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             "clients": clients,
             "warmup": args.warmup,
             "database": dbname,
+            "writes_per_second": args.writes_per_second,
+            "writes_in": args.writes_in if args.writes_per_second > 0 else None,
         },
         "machine": machine(admin_url(base)),
     }
@@ -486,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         backends = load.Backends(admin_url(base), dbname)
+        writer = None
+        if args.writes_per_second > 0:
+            writer = start_writer(env, seeded, args.writes_per_second, args.writes_in)
+            procs.append(writer)
+            log(f"writer pid {writer.pid}: {args.writes_per_second:g}/s in {args.writes_in}")
         cache_before = response_cache_lookups(f"http://127.0.0.1:{api_port}")
         runs: list[load.RunResult] = []
         with load.workdir() as tmp:
@@ -510,6 +571,9 @@ def main(argv: list[str] | None = None) -> int:
                 for outcome, count in response_cache_lookups(f"http://127.0.0.1:{api_port}").items()
             }
             log(f"response cache lookups during the load: {report['response_cache']}")
+            if writer is not None:
+                report["writes"] = stop_writer(writer)
+                log(f"writes during the load: {report['writes']}")
             report["runs"] = [load.as_dict(r) for r in runs]
             report["summary"] = summarise(runs, clients)
             report["budget"] = budget(report["summary"], clients)

@@ -15,6 +15,8 @@ the module of each class that does not live here::
      │    └── BadSignature           UNAUTHENTICATED     adapters.tokens: a token's signature
      ├── ValidationFailed            VALIDATION          malformed or out-of-range input
      │    ├── WebhookRefused         VALIDATION          adapters.stripe: unsigned or stale webhook
+     │    ├── BadRequest             VALIDATION          read_api.app: not one operation (400,
+     │    │                                              413 too large, 415 not JSON)
      │    └── BadKey                 VALIDATION          adapters.audit_signing: unusable key
      ├── Conflict                    CONFLICT            stale expectedVersion or a concurrent write
      │    ├── StaleVersion           CONFLICT            adapters.eventstore: version taken

@@ -59,19 +59,20 @@ def progress(conn: Connection[DictRow]) -> Progress:
 def scope_reading_version(
     conn: Connection[DictRow], workspace_id: UUID, *, statement_timeout_ms: int
 ) -> str:
-    """``kanban_queries.scope_to_workspace`` with a timeout, and in the same statement the read
-    models' version (``read_api.response_cache`` keys answers on it).
+    """``kanban_queries.scope_to_workspace`` with a timeout, and in the same statement the
+    version of the workspace's read models (``read_api.response_cache`` keys answers on it): the
+    global epoch and the workspace's counters (``projections.read_versions``).
 
-    Every projector transaction that writes read-model rows (a batch, a parked retry, a
-    rebuild's swap) also rewrites its ``projection_positions`` row, even where the position
-    stays (``GREATEST``, out-of-order Kafka deliveries), so that row's ``xmin`` changes with
-    every commit that can change what a later statement of this transaction reads.
+    The counters are read after the scope is set (the subquery depends on the value that
+    ``set_config`` returns), so row-level security, which the counters are under like every read
+    model, shows this workspace's.
     """
     row = conn.execute(
-        "SELECT set_config('agentworks.workspace_id', %s, true),"
-        " set_config('statement_timeout', %s, true),"
-        " (SELECT coalesce(string_agg(projector || '@' || xmin::text, ',' ORDER BY projector), '')"
-        "  FROM projection_positions) AS version",
+        "SELECT (SELECT epoch FROM read_model_epoch)::text || ':' || coalesce("
+        "  (SELECT string_agg(v.projector || '@' || v.version::text, ',' ORDER BY v.projector)"
+        "   FROM rm_workspace_versions AS v WHERE v.workspace_id = s.workspace_id), '')"
+        " AS version FROM (SELECT set_config('agentworks.workspace_id', %s, true)::uuid"
+        "  AS workspace_id, set_config('statement_timeout', %s, true)) AS s",
         (str(workspace_id), str(statement_timeout_ms)),
     ).fetchone()
     return str(row["version"]) if row is not None else ""

@@ -43,6 +43,7 @@ import structlog
 from psycopg import sql
 
 from projections.base import Tables
+from projections.read_versions import bump_epoch
 from projections.runner import ProjectionRunner
 
 if TYPE_CHECKING:
@@ -341,6 +342,8 @@ def _swap(
             " SET swept_through = EXCLUDED.swept_through",
             (tracking, position, position),
         )
+        # Every workspace's rows were just replaced: no cached answer read them.
+        bump_epoch(conn)
         # The rebuild's parked aggregates replace the live ones: it tried every event again.
         for bookkeeping in ("projection_versions", "projection_positions", "projection_parked"):
             ident = sql.Identifier(bookkeeping)

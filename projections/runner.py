@@ -46,6 +46,7 @@ from opentelemetry.trace import SpanKind
 from adapters.outages import is_infrastructure_failure, is_write_race
 from adapters.telemetry import continue_trace
 from projections.base import MEMO_DROPPED, BatchContext, Change, Projector, Tables
+from projections.read_versions import bump as bump_read_versions
 from projections.text import protect
 
 if TYPE_CHECKING:
@@ -468,6 +469,7 @@ class ProjectionRunner:
                 outcome.applied += 1
                 outcome.position = max(outcome.position, env.position)
             self._apply(cur, to_apply, outcome.changes, one_by_one=attempt.one_by_one)
+            bump_read_versions(cur, self.projector.name, to_apply)
             last = max((env.position for env in envelopes), default=0)
             outcome.position = max(outcome.position, last, through or 0)
             changed = [(i, v) for i, v in versions.items() if start.get(i) != v]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -84,7 +85,7 @@ from read_api.errors import (
 from read_api.identity import add_auth_routes
 from read_api.membership import member_workspace_of
 from read_api.ratelimit import address_limits, limits_for
-from read_api.response_cache import Entry, ResponseCache, render
+from read_api.response_cache import Entry, Key, ResponseCache, render
 from read_api.runtime import ApiRuntime
 from read_api.schema import build_schema
 from read_api.services import ApiServices, RequestStats
@@ -202,12 +203,13 @@ async def _authenticate(
 # -- POST /graphql --------------------------------------------------------------------------------
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400, code: str = VALIDATION) -> None:
+class BadRequest(ValidationFailed):
+    """A request the endpoint cannot read as one GraphQL operation (answered before any
+    execution, with its own HTTP status: 400, 413 or 415)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
-        self.message = message
         self.status = status
-        self.code = code
 
 
 class GraphQLEndpoint:
@@ -324,18 +326,24 @@ class GraphQLEndpoint:
                 principal, context.who.workspace_id, query, variables, operation_name
             )
             version = None if key is None else await context.read_model_version()
-            if key is not None and version is not None:
-                hit = self.cache.get(key, version)
-            if hit is None:
-                result = await self.schema.execute(
-                    query,
-                    variable_values=variables,
-                    context_value=context,
-                    operation_name=operation_name,
-                    allowed_operation_types=_HTTP_OPERATIONS,
+            execute = functools.partial(
+                self.schema.execute,
+                query,
+                variable_values=variables,
+                context_value=context,
+                operation_name=operation_name,
+                allowed_operation_types=_HTTP_OPERATIONS,
+            )
+            if key is None or version is None:
+                result = await execute()
+            else:
+                answer = await self.cache.serve(
+                    key, version, execute, functools.partial(self._keep, key, version)
                 )
-                if key is not None and version is not None and _cacheable_result(result):
-                    self.cache.put(key, version, result.data, result.extensions or {})
+                if isinstance(answer, Entry):
+                    hit = answer
+                else:
+                    result = answer
         except InvalidOperationTypeError:
             return _json(
                 error_body(
@@ -377,6 +385,13 @@ class GraphQLEndpoint:
             # A dependency is down (or the pool full): an outage, answered as one.
             return _json(payload, 503, rid, extra_headers={"Retry-After": str(wait)})
         return _json(payload, 200, rid)
+
+    def _keep(
+        self, key: Key, version: str, result: ExecutionResult | PreExecutionError
+    ) -> Entry | None:
+        if not _cacheable_result(result):
+            return None
+        return self.cache.put(key, version, result.data, result.extensions or {})
 
     def _report(
         self, rid: str, operation: str | None, context: RequestContext, started: float

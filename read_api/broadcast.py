@@ -45,7 +45,11 @@ DEFAULT_CHANNEL_PREFIX = "agentworks:"
 
 
 class MessagesLost(Exception):
-    """Some messages for this feed were dropped (slow consumer or a broken connection)."""
+    """Some messages for this feed were dropped (slow consumer or a broken connection).
+
+    Not an :class:`~domain.errors.AgentWorksError`: no caller ever sees it. Subscriptions turn
+    it into a resync (the board) or a catch-up read (run logs) of the read model.
+    """
 
 
 class Feed:
@@ -220,14 +224,20 @@ class RedisBroadcaster:
 
     @classmethod
     def from_url(
-        cls, url: str, *, channel_prefix: str = DEFAULT_CHANNEL_PREFIX, **kwargs: Any
+        cls,
+        url: str,
+        *,
+        channel_prefix: str = DEFAULT_CHANNEL_PREFIX,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        confirm_timeout: float = 5.0,
     ) -> RedisBroadcaster:
         """A broadcaster with its own clients: async for subscribers, sync for publishing."""
         return cls(
             redis.asyncio.Redis.from_url(url),
             publisher=RedisChangePublisher.from_url(url, channel_prefix=channel_prefix),
             channel_prefix=channel_prefix,
-            **kwargs,
+            queue_size=queue_size,
+            confirm_timeout=confirm_timeout,
         )
 
     @contextlib.asynccontextmanager
@@ -320,7 +330,7 @@ class RedisBroadcaster:
                     self._ensure_reader(self._pubsub)
                 else:
                     await self._pubsub.unsubscribe(key)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 — the only sender must go on sending
                 # Whatever failed, the commands after it must still go out: this task is the only
                 # one that sends them.
                 log.debug("broadcast.command_failed", command=command, error=repr(error))
@@ -343,7 +353,7 @@ class RedisBroadcaster:
                 failures = 0
             except asyncio.CancelledError:
                 raise
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 — the reader must outlive any failure
                 # Whatever broke the connection, subscribers must hear that messages may be lost;
                 # the reader itself must not die, or every feed would go quiet for good. Retried
                 # at most a second apart, so feeds resume within about a second of Redis.

@@ -26,7 +26,7 @@ import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, Self, TypeVar, cast, overload
 from uuid import UUID
 
 import psycopg
@@ -39,6 +39,8 @@ from read_api.loaders import Loaders
 
 if TYPE_CHECKING:
     from psycopg import Connection
+    from psycopg._compat import Template
+    from psycopg.abc import Params, Query, QueryNoTemplate
     from psycopg_pool import ConnectionPool
 
 T = TypeVar("T")
@@ -62,12 +64,36 @@ class StatementCounter:
 class CountingCursor(psycopg.Cursor[DictRow]):
     """A cursor that counts its statements against the request running on this thread."""
 
-    def execute(self, *args: Any, **kwargs: Any) -> CountingCursor:
+    @overload
+    def execute(
+        self,
+        query: QueryNoTemplate,
+        params: Params | None = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> Self: ...
+
+    @overload
+    def execute(
+        self, query: Template, *, prepare: bool | None = None, binary: bool | None = None
+    ) -> Self: ...
+
+    def execute(
+        self,
+        query: Query,
+        params: Params | None = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> Self:
         counter: StatementCounter | None = getattr(_thread, "counter", None)
         if counter is not None:
             counter.add()
-        super().execute(*args, **kwargs)
-        return self
+        # psycopg's own implementation takes either kind of query; only its overloads split them.
+        return super().execute(
+            cast("QueryNoTemplate", query), params, prepare=prepare, binary=binary
+        )
 
 
 def unavailable(error: BaseException) -> Unavailable:

@@ -25,8 +25,9 @@ import structlog
 from eventsourcing.persistence import InterfaceError as StoreInterfaceError
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from graphql import GraphQLError
+from graphql.execution import SubsequentIncrementalExecutionResult
 from strawberry.extensions import SchemaExtension
-from strawberry.types.execution import ExecutionContext
+from strawberry.types.execution import ExecutionContext, StreamExecutionResult
 
 from domain.errors import AgentWorksError, RateLimited, Unavailable
 
@@ -162,10 +163,10 @@ class ErrorShaping(SchemaExtension):
         if result is not None and errors:
             result.errors = shape_errors(errors)
 
-    def on_stream_result(self, result: Any) -> Iterator[None]:
-        errors = getattr(result, "errors", None)
-        if errors:
-            result.errors = shape_errors(errors)
+    def on_stream_result(self, result: StreamExecutionResult) -> Iterator[None]:
+        # A subsequent incremental result carries no errors of its own.
+        if not isinstance(result, SubsequentIncrementalExecutionResult) and result.errors:
+            result.errors = shape_errors(result.errors)
         yield None
 
 

@@ -30,8 +30,10 @@ from graphql import (
     Undefined,
     is_leaf_type,
 )
-from graphql.execution.collect_fields import FieldDetailsList
+from graphql.execution.collect_fields import DeferUsage, FieldDetailsList
+from graphql.execution.incremental.incremental_executor import DeliveryGroup
 from graphql.pyutils import AwaitableOrValue, Path
+from graphql.pyutils.ref_map import RefMap
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 from strawberry.schema.schema_converter import GraphQLCoreConverter
 from strawberry.types.field import StrawberryField
@@ -62,7 +64,7 @@ class LeafShortcutExecution(StrawberryGraphQLCoreExecutionContext):
         source: object,
         field_details_list: FieldDetailsList,
         path: Path,
-        position_context: Any,
+        position_context: RefMap[DeferUsage, DeliveryGroup] | None,
     ) -> AwaitableOrValue[Any]:
         node = field_details_list[0].node
         key = (parent_type.name, node.name.value)
@@ -120,7 +122,7 @@ def _resolve_plainly(resolve: Callable[..., object], source: object) -> object:
 def _complete(plain: _PlainLeaf, source: object) -> object:
     try:
         value = plain.read(source)
-    except Exception:
+    except Exception:  # noqa: BLE001 — graphql-core's path raises it again, with its path
         return _FALL_BACK
     if value is None:
         return None if plain.nullable else _FALL_BACK
@@ -147,7 +149,7 @@ def _complete(plain: _PlainLeaf, source: object) -> object:
 def _coerce(leaf: GraphQLLeafType, value: object) -> object:
     try:
         coerced = leaf.coerce_output_value(value)
-    except Exception:
+    except Exception:  # noqa: BLE001 — graphql-core's path raises it again, with its path
         return _FALL_BACK
     if coerced is None or coerced is Undefined:
         return _FALL_BACK

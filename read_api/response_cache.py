@@ -4,12 +4,12 @@ board every client polls) costs a cache lookup instead of an execution.
 Why it is never stale: an answer is stored under the read models' version that its request read
 *first*, in the first statement of its transaction (``ReadScope(versioned=True)``,
 ``projections.progress_queries.scope_reading_version``), and served only to a request that reads
-that same version. Every projector transaction that changes read-model rows also rewrites its
-``projection_positions`` row, so an unchanged version means no such commit happened in between:
-the stored answer is what executing the query now would read (or newer, never older). Nothing
-depends on change notifications arriving, so it is equally right on every API instance, and a
-consistency token needs nothing more: the wait for it happens before the version is read, and a
-version read after the projectors applied the write cannot be one from before it.
+that same version. Every projector transaction that changes read-model rows of a workspace also
+bumps that workspace's version, so an unchanged version means no such commit happened in
+between: the stored answer is what executing the query now would read (or newer, never older).
+Nothing depends on change notifications arriving, so it is equally right on every API instance,
+and a consistency token needs nothing more: the wait for it happens before the version is read,
+and a version read after the projectors applied the write cannot be one from before it.
 
 What may be cached is decided once per document, from the fields it selects
 (:data:`CACHEABLE_FIELDS`): queries whose every field is read from read-model rows of the
@@ -21,15 +21,27 @@ workspace is resolved per object, from the write side). Membership is still chec
 request, in the same transaction that reads the version (a removed member reads nothing, as
 before); authentication, rate limits and consistency waits all happen before the cache is asked.
 Only answers without errors are kept: errors, outages and refusals are produced afresh each time.
+
+The version is the caller's workspace's (``projections.read_versions``): a counter per projector
+bumped by every projector commit that applied an event of that workspace, and a global epoch
+bumped by a rebuild's swap and by events of no workspace. An answer reads rows of the caller's
+workspace only (row-level security), so a commit in another workspace cannot change it, and does
+not evict it: a busy tenant leaves its neighbours' answers served.
+
+Concurrent misses of one key at one version execute once (:meth:`ResponseCache.serve`): the first
+executes, the others wait for its answer, which is the one they would have read (same version). If
+it keeps nothing (an error, a refusal, a cancelled request), each executes on its own, as it
+would without a cache.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from graphql import (
     FieldNode,
@@ -148,11 +160,14 @@ UNCACHEABLE_ARGUMENTS: Mapping[tuple[str, str], frozenset[str]] = {
 LOOKUPS = Counter(
     "agentworks_graphql_response_cache_total",
     "Lookups of the GraphQL response cache by outcome: hit, or miss (not kept, or kept at an "
-    "older read-model version); queries it may not answer are not counted.",
+    "older read-model version); queries it may not answer are not counted. shared: misses "
+    "answered by a concurrent execution of the same query at the same version (counted among "
+    "the misses too).",
     ["outcome"],
 )
 _HIT = LOOKUPS.labels("hit")
 _MISS = LOOKUPS.labels("miss")
+_SHARED = LOOKUPS.labels("shared")
 
 DEFAULT_MAX_ENTRIES = 512
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -180,6 +195,30 @@ class Entry:
 
 
 Key = tuple[str, str | None, str, str, str]
+T = TypeVar("T")
+
+
+class Flight:
+    """One execution under way of a key at a version, that concurrent misses of the same wait
+    for instead of executing it again."""
+
+    __slots__ = ("_landed", "entry")
+
+    def __init__(self) -> None:
+        self._landed = asyncio.Event()
+        self.entry: Entry | None = None
+
+    async def wait(self) -> Entry | None:
+        """The entry the execution kept, once it ends (``None``: it kept nothing).
+
+        Each waiter waits on the event, not on a shared future: one cancelled waiter (its client
+        gone) cancels nobody else."""
+        await self._landed.wait()
+        return self.entry
+
+    def land(self, entry: Entry | None) -> None:
+        self.entry = entry
+        self._landed.set()
 
 
 class ResponseCache:
@@ -202,8 +241,10 @@ class ResponseCache:
         self._entries: OrderedDict[Key, Entry] = OrderedDict()
         self._bytes = 0
         self._documents: OrderedDict[tuple[str, str | None], bool] = OrderedDict()
+        self._flights: dict[tuple[Key, str], Flight] = {}
         self.hits = 0
         self.misses = 0
+        self.shared = 0
 
     @property
     def enabled(self) -> bool:
@@ -246,13 +287,51 @@ class ResponseCache:
         _HIT.inc()
         return entry
 
-    def put(self, key: Key, version: str, data: object, extensions: Mapping[str, Any]) -> None:
+    async def serve(
+        self,
+        key: Key,
+        version: str,
+        execute: Callable[[], Awaitable[T]],
+        keep: Callable[[T], Entry | None],
+    ) -> Entry | T:
+        """The answer of ``key`` at ``version``: the one kept, else the one a concurrent
+        execution of the same keeps (it is waited for), else ``execute()``'s result, which
+        ``keep`` may keep (returning the entry kept) for later requests and for the ones that
+        waited."""
+        hit = self.get(key, version)
+        if hit is not None:
+            return hit
+        flight = self._flights.get((key, version))
+        if flight is not None:
+            hit = await flight.wait()
+            if hit is not None:
+                self.shared += 1
+                _SHARED.inc()
+                return hit
+            # It kept nothing (an error, a refusal, its client gone): execute as without a cache.
+            result = await execute()
+            keep(result)
+            return result
+        flight = self._flights[(key, version)] = Flight()
+        kept: Entry | None = None
+        try:
+            result = await execute()
+            kept = keep(result)
+            return result
+        finally:
+            del self._flights[(key, version)]
+            flight.land(kept)
+
+    def put(
+        self, key: Key, version: str, data: object, extensions: Mapping[str, Any]
+    ) -> Entry | None:
+        """Keep an answer; the entry kept (``None``: too large to keep)."""
         rendered = render(data)
         entry = Entry(
             version, rendered, dict(extensions), len(rendered) + len(key[0]) + len(key[2])
         )
         if entry.size > self._max_bytes:
-            return
+            return None
         old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= old.size
@@ -261,6 +340,7 @@ class ResponseCache:
         while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
             _, evicted = self._entries.popitem(last=False)
             self._bytes -= evicted.size
+        return entry
 
     def cacheable(self, query: str, operation_name: str | None) -> bool:
         """Whether the operation only selects :data:`CACHEABLE_FIELDS` (decided once per
@@ -341,4 +421,4 @@ def _reads_only_read_models(
     return True
 
 
-__all__ = ["CACHEABLE_FIELDS", "Entry", "ResponseCache", "render"]
+__all__ = ["CACHEABLE_FIELDS", "Entry", "Flight", "Key", "ResponseCache", "render"]

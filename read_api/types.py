@@ -9,9 +9,9 @@ DataLoaders — also in subscriptions, where each event has a scope of its own.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable
 from datetime import datetime
 from enum import Enum
-from typing import Any
 from uuid import UUID
 
 import strawberry
@@ -503,7 +503,7 @@ class Card:
         self.last_run_known = True
         return self
 
-    def _last_run(self) -> Any:
+    def _last_run(self) -> Awaitable[AgentRun | None] | AgentRun | None:
         # Synchronous when the last run came with the card's page: a board of 200 cards then
         # resolves its last runs without 200 awaitables.
         if self.last_run_known:
@@ -521,7 +521,9 @@ class Card:
         run = await self.scope.loaders.run.load(self.last_run_id)
         return None if run is None else AgentRun.from_summary(run)
 
-    last_run: AgentRun | None = strawberry.field(resolver=_last_run, graphql_type=AgentRun | None)
+    last_run: Awaitable[AgentRun | None] | AgentRun | None = strawberry.field(
+        resolver=_last_run, graphql_type=AgentRun | None
+    )
 
     @described.field("The card's runs, newest first.")
     async def runs(self, first: int | None = 20, after: str | None = None) -> AgentRunConnection:

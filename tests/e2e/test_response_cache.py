@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 
 from commands import models as m
 from commands.handlers import Actor
-from projections.progress_queries import scope_reading_version
+from projections.progress_queries import progress, scope_reading_version
 from read_api.app import create_app
 from read_api.broadcast import LocalBroadcaster
 from read_api.response_cache import ResponseCache
@@ -218,3 +218,56 @@ def test_cached_answers_equal_uncached_ones_under_concurrent_writes(
     assert compared >= 2 * len(asks())
     for client in uncached.values():
         client.close()
+
+
+def _settle(database_url: str) -> None:
+    """Until every projector has applied the whole log (what was set up is all projected)."""
+    deadline = time.monotonic() + 30
+    while True:
+        with psycopg.connect(database_url, row_factory=dict_row) as conn:
+            now = progress(conn)
+        if now.positions and min(now.positions.values()) >= now.head:
+            return
+        assert time.monotonic() < deadline, now
+        time.sleep(0.05)
+
+
+def test_a_write_in_one_workspace_leaves_another_workspaces_answers_cached(
+    make_stack: MakeStack,
+) -> None:
+    stack = make_stack()
+    a = _tenant(stack, "ada", "A")
+    b = _tenant(stack, "bo", "B")
+    ada = stack.client(stack.token("ada", a.workspace))
+    bo = stack.client(stack.token("bo", b.workspace))
+    cache: ResponseCache = stack.server.server.config.app.state.response_cache
+    _settle(stack.database_url)
+    for client, tenant in ((ada, a), (bo, b)):
+        client.post(BOARD, {"id": tenant.project})
+        client.post(CARD, {"id": tenant.cards[0]})
+    a_version = _version(stack.database_url, a.workspace)
+    b_version = _version(stack.database_url, b.workspace)
+    before = ada.post(BOARD, {"id": a.project}).body
+
+    rng = random.Random(3)
+    _write(stack, b, rng, 0)  # a card created in B
+    token = _write(stack, b, rng, 1)  # and one renamed (kind 1 renames a random card of B)
+    misses = cache.misses
+    fresh = bo.post(BOARD, {"id": b.project}, headers={"X-Consistency-Token": token})
+    assert cache.misses == misses + 1  # B's board: read again
+    shown = {
+        e["node"]["id"]: e["node"]["title"]
+        for lane in fresh.data["board"]["lanes"]
+        for e in lane["cards"]["edges"]
+    }
+    assert set(shown) == set(b.cards)
+    assert "renamed 1" in shown.values()
+    assert bo.post(CARD, {"id": b.cards[0]}).data["card"] is not None
+    assert cache.misses == misses + 2  # B's card too: every answer of B is refreshed
+
+    hits, misses = cache.hits, cache.misses
+    assert ada.post(BOARD, {"id": a.project}).body == before
+    ada.post(CARD, {"id": a.cards[0]})
+    assert (cache.hits, cache.misses) == (hits + 2, misses)  # A's answers: still served
+    assert _version(stack.database_url, a.workspace) == a_version
+    assert _version(stack.database_url, b.workspace) != b_version

@@ -1,25 +1,33 @@
-"""Tenancy at the database, and rebuilding read models without disturbing the live ones."""
+"""Tenancy at the database, and rebuilding read models without disturbing the live ones; the
+read-model versions the response cache keys on (``projections.read_versions``): a projector
+commit bumps the workspaces it applied events of and no others, a rebuild's swap bumps every
+workspace, and the API role reads its own workspace's version."""
 
 from __future__ import annotations
 
 import threading
 from typing import TYPE_CHECKING
+from uuid import UUID
 
 import pg
 import psycopg
 import pytest
 from board_helpers import LANES, bootstrap_board
+from psycopg.rows import dict_row
 
 from adapters.postgres import API_ROLE, make_pool
 from commands import models as m
 from infra.bootstrap import build_read_side
 from infra.settings import Settings
 from projections.kanban import KanbanProjector
+from projections.progress_queries import scope_reading_version
 from projections.rebuild import SCRATCH_SUFFIX, rebuild
 from streams.embedded import EmbeddedFanout
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from board_helpers import Board
 
     from commands.handlers import AgentWorks
     from infra.bootstrap import ReadSide
@@ -205,3 +213,54 @@ def test_reads_keep_answering_and_writes_keep_landing_during_a_rebuild(
 def _rows_after_fresh_rebuild(read_side: ReadSide, database_url: str) -> list[tuple[object, ...]]:
     rebuild(KanbanProjector(), read_side.pool, read_side.event_log, swap=False)
     return _rows(database_url, "rm_cards" + SCRATCH_SUFFIX)
+
+
+def _read_version(url: str, workspace: UUID) -> str:
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        return scope_reading_version(conn, workspace, statement_timeout_ms=10_000)
+
+
+def _two_boards(app: AgentWorks, read_side: ReadSide) -> tuple[Board, Board]:
+    first = bootstrap_board(app, lanes=LANES)
+    second = bootstrap_board(app, lanes=LANES)
+    for board in (first, second):
+        app.create_card(m.CreateCard(project_id=board.project_id, title="t"), board.owner)
+    EmbeddedFanout(read_side.event_log, read_side.runners).drain()
+    return first, second
+
+
+def test_a_commit_bumps_the_workspaces_it_applied_and_no_other(
+    database_url: str, read_side: ReadSide, write_side: AgentWorks
+) -> None:
+    first, second = _two_boards(write_side, read_side)
+    before = {b.workspace_id: _read_version(database_url, b.workspace_id) for b in (first, second)}
+    assert "kanban@" in before[first.workspace_id]
+    write_side.create_card(m.CreateCard(project_id=first.project_id, title="u"), first.owner)
+    EmbeddedFanout(read_side.event_log, read_side.runners).drain()
+    assert _read_version(database_url, first.workspace_id) != before[first.workspace_id]
+    assert _read_version(database_url, second.workspace_id) == before[second.workspace_id]
+
+
+def test_the_api_role_reads_its_own_workspaces_version(
+    database_url: str, read_side: ReadSide, write_side: AgentWorks
+) -> None:
+    first, second = _two_boards(write_side, read_side)
+    write_side.create_card(m.CreateCard(project_id=first.project_id, title="u"), first.owner)
+    EmbeddedFanout(read_side.event_log, read_side.runners).drain()
+    api_url = pg.login_url_for(database_url, API_ROLE)
+    seen = {b.workspace_id: _read_version(api_url, b.workspace_id) for b in (first, second)}
+    # Row-level security hides other workspaces' counters, never the scope's own.
+    assert seen == {w: _read_version(database_url, w) for w in seen}
+    assert seen[first.workspace_id] != seen[second.workspace_id]
+
+
+def test_a_rebuilds_swap_changes_every_workspaces_version(
+    database_url: str, read_side: ReadSide, write_side: AgentWorks
+) -> None:
+    first, second = _two_boards(write_side, read_side)
+    before = {b.workspace_id: _read_version(database_url, b.workspace_id) for b in (first, second)}
+    rebuild(KanbanProjector(), read_side.pool, read_side.event_log, swap=False)
+    assert {b: _read_version(database_url, b) for b in before} == before
+    rebuild(KanbanProjector(), read_side.pool, read_side.event_log)
+    for workspace, version in before.items():
+        assert _read_version(database_url, workspace) != version

@@ -3,6 +3,8 @@ served at the read-model version it was read at."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from uuid import uuid4
 
 import pytest
@@ -10,7 +12,7 @@ from graphql import GraphQLObjectType
 
 from adapters.tokens import USER_SCOPE, Principal
 from domain.roles import Role
-from read_api.response_cache import CACHEABLE_FIELDS, ResponseCache, render
+from read_api.response_cache import CACHEABLE_FIELDS, Entry, Key, ResponseCache, render
 from read_api.schema import build_schema
 
 SCHEMA = build_schema()
@@ -151,3 +153,123 @@ def test_huge_documents_and_variables_are_not_kept() -> None:
     padded = BOARD + " " * 40_000
     assert cache().key(principal, workspace, padded, {"id": "p"}, None) is None
     assert cache().key(principal, workspace, BOARD, {"id": "p" * 40_000}, None) is None
+
+
+def _board_key(c: ResponseCache) -> Key:
+    workspace = uuid4()
+    key = c.key(member(workspace=str(workspace)), workspace, BOARD, {"id": "p"}, None)
+    assert key is not None
+    return key
+
+
+class _Execution:
+    """An execution that ends when the test says so, counting how often it ran."""
+
+    def __init__(self, answer: dict[str, object] | None) -> None:
+        self.answer = answer
+        self.runs = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self) -> dict[str, object] | None:
+        self.runs += 1
+        await self.release.wait()
+        return self.answer
+
+
+def _keeper(c: ResponseCache, key: Key, version: str) -> Callable[[object], Entry | None]:
+    def keep(result: object) -> Entry | None:
+        return None if result is None else c.put(key, version, result, {})
+
+    return keep
+
+
+def test_concurrent_misses_of_one_key_execute_once() -> None:
+    async def scenario() -> None:
+        c = cache()
+        key = _board_key(c)
+        execution = _Execution({"board": {"lanes": []}})
+        keep = _keeper(c, key, "v1")
+        waiting = [asyncio.create_task(c.serve(key, "v1", execution, keep)) for _ in range(5)]
+        await asyncio.sleep(0)
+        # Another version is another answer: it does not wait for the first.
+        other = _Execution({"board": None})
+        newer = asyncio.create_task(c.serve(key, "v2", other, _keeper(c, key, "v2")))
+        await asyncio.sleep(0)
+        assert (execution.runs, other.runs) == (1, 1)
+        execution.release.set()
+        other.release.set()
+        answers = await asyncio.gather(*waiting)
+        assert answers[0] == {"board": {"lanes": []}}  # the one that executed
+        for answer in answers[1:]:
+            assert isinstance(answer, Entry)
+            assert answer.data == render({"board": {"lanes": []}})
+        assert await newer == {"board": None}
+        assert execution.runs == 1
+        assert (c.misses, c.shared, c.hits) == (6, 4, 0)
+
+    asyncio.run(scenario())
+
+
+def test_waiters_execute_themselves_when_the_first_keeps_nothing() -> None:
+    async def scenario() -> None:
+        c = cache()
+        key = _board_key(c)
+        failing = _Execution(None)  # an answer with errors: not kept
+        first = asyncio.create_task(c.serve(key, "v", failing, _keeper(c, key, "v")))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(c.serve(key, "v", failing, _keeper(c, key, "v")))
+        await asyncio.sleep(0)
+        assert failing.runs == 1
+        failing.release.set()
+        assert await first is None
+        assert await second is None
+        assert failing.runs == 2
+        assert c.shared == 0  # nobody was answered by the other's execution
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_first_execution_releases_its_waiters() -> None:
+    async def scenario() -> None:
+        c = cache()
+        key = _board_key(c)
+        stuck = _Execution({"board": None})
+        first = asyncio.create_task(c.serve(key, "v", stuck, _keeper(c, key, "v")))
+        await asyncio.sleep(0)
+        answer = {"board": {"lanes": []}}
+
+        async def fresh() -> dict[str, object]:
+            return answer
+
+        second = asyncio.create_task(c.serve(key, "v", fresh, _keeper(c, key, "v")))
+        await asyncio.sleep(0)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert await second == answer
+        # And a later miss leads again instead of waiting for the cancelled one.
+        hit = await c.serve(key, "v", stuck, _keeper(c, key, "v"))
+        assert isinstance(hit, Entry)
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_waiter_leaves_the_others_waiting() -> None:
+    async def scenario() -> None:
+        c = cache()
+        key = _board_key(c)
+        execution = _Execution({"board": None})
+        keep = _keeper(c, key, "v")
+        first = asyncio.create_task(c.serve(key, "v", execution, keep))
+        await asyncio.sleep(0)
+        gone, staying = (asyncio.create_task(c.serve(key, "v", execution, keep)) for _ in "ab")
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        execution.release.set()
+        assert await first == {"board": None}
+        assert isinstance(await staying, Entry)
+        assert gone.cancelled()
+        assert execution.runs == 1
+
+    asyncio.run(scenario())
