@@ -13,6 +13,7 @@ checks every one against the aggregate's own method, which the unit test runs).
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left, insort
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,7 +88,8 @@ class HotCard:
 class WorkspaceGenerator(LogGenerator):
     """One workspace: ``cards`` card lives (a few hundred at a time, as ``LogGenerator``
     interleaves them), continued until the log also holds ``events`` events, and a hot card
-    with ``hot_card_events`` events whose edits are spread evenly over the expected log."""
+    with ``hot_card_events`` events whose edits are spread evenly over the expected log. Past
+    ``deadline`` (``time.monotonic()``) no card is started: the size is then what fitted."""
 
     def __init__(
         self,
@@ -98,6 +100,7 @@ class WorkspaceGenerator(LogGenerator):
         hot_card_events: int,
         projects: int = 3,
         verify: bool = False,
+        deadline: float | None = None,
     ) -> None:
         super().__init__(seed)
         self.projects_per_tenant = projects
@@ -105,6 +108,8 @@ class WorkspaceGenerator(LogGenerator):
         self.events_target = events
         self.hot_card_events = hot_card_events
         self.verify = verify
+        self.deadline = deadline
+        self.stopped_by_deadline = False
         self.emitted = 0
         self.hot: HotCard | None = None
 
@@ -168,9 +173,7 @@ class WorkspaceGenerator(LogGenerator):
         while True:
             if self.hot.events < self.hot_card_events and self.emitted >= self.hot.events * step:
                 yield self._hot_edit()
-            while len(live) < self.concurrent_cards and (
-                started < self.cards_target or self.emitted < self.events_target
-            ):
+            while len(live) < self.concurrent_cards and self._wants_more(started):
                 live.append(self._card_life(self.tenant))
                 started += 1
             if not live:
@@ -184,6 +187,15 @@ class WorkspaceGenerator(LogGenerator):
         while self.hot.events < self.hot_card_events:
             yield self._hot_edit()
 
+    def _wants_more(self, started: int) -> bool:
+        """Whether to start another card: until both targets are met, or the time is up."""
+        if started >= self.cards_target and self.emitted >= self.events_target:
+            return False
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.stopped_by_deadline = True
+            return False
+        return True
+
     def describe(self) -> dict[str, Any]:
         assert self.hot is not None
         tenant = self.tenant
@@ -196,4 +208,5 @@ class WorkspaceGenerator(LogGenerator):
             },
             "hot_card": str(self.hot.card.id),
             "hot_card_events": self.hot.events,
+            "stopped_by_time_budget": self.stopped_by_deadline,
         }

@@ -148,8 +148,13 @@ def prepare(url: str, args: argparse.Namespace) -> dict[str, Any]:
         ("big", args.seed, args.cards, args.events),
     ):
         log(f"generating the {name} workspace: {cards:,} cards, >= {events:,} events")
+        budget = args.generate_seconds if name == "big" else None
         generator = WorkspaceGenerator(
-            seed, cards=cards, events=events, hot_card_events=args.hot_card_events
+            seed,
+            cards=cards,
+            events=events,
+            hot_card_events=args.hot_card_events,
+            deadline=None if budget is None else time.monotonic() + budget,
         )
         generated = generate_log(url, 1 << 62, seed, generator=generator)
         generated.update(generator.describe())
@@ -237,7 +242,7 @@ def targets(
         }
         for query, body in bodies.items():
             out[(query, ws)] = load.Target(
-                f"{query}/{ws}", f"{api_url}/graphql", body, f"Bearer {token}", pid
+                f"{query}.{ws}", f"{api_url}/graphql", body, f"Bearer {token}", pid
             )
     return out
 
@@ -365,7 +370,7 @@ def summarise(runs: list[load.RunResult], clients: list[int]) -> dict[str, Any]:
     for query in QUERIES:
         for c in clients:
             for ws in WORKSPACES:
-                mine = [r for r in runs if r.target == f"{query}/{ws}" and r.clients == c]
+                mine = [r for r in runs if r.target == f"{query}.{ws}" and r.clients == c]
                 cells[f"{query}/{ws}/{c}"] = {
                     k: {
                         "median": round(statistics.median(getattr(r, k) for r in mine), 3),
@@ -380,9 +385,9 @@ def summarise(runs: list[load.RunResult], clients: list[int]) -> dict[str, Any]:
                 per_round = []
                 for rnd in sorted({r.round for r in runs}):
                     big = [r for r in runs
-                           if r.target == f"{query}/big" and r.clients == c and r.round == rnd]
+                           if r.target == f"{query}.big" and r.clients == c and r.round == rnd]
                     small = [r for r in runs
-                             if r.target == f"{query}/small" and r.clients == c and r.round == rnd]  # fmt: skip
+                             if r.target == f"{query}.small" and r.clients == c and r.round == rnd]  # fmt: skip
                     if big and small and getattr(small[0], k) > 0:
                         per_round.append(getattr(big[0], k) / getattr(small[0], k))
                 ratio[k] = {
@@ -446,6 +451,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cards", type=int, default=100_000)
     p.add_argument("--events", type=int, default=5_000_000)
     p.add_argument("--hot-card-events", type=int, default=500)
+    p.add_argument(
+        "--generate-seconds",
+        type=float,
+        help="time budget for generating the big workspace: no card is started after it",
+    )
     p.add_argument("--seconds", type=float, default=5.0, help="length of one measured cell")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", default="1,50")
