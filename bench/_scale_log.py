@@ -203,9 +203,7 @@ class WorkspaceGenerator(LogGenerator):
             "workspace_id": str(tenant.workspace.id),
             "owner": tenant.users[0],
             "projects": [str(p.id) for p in tenant.projects],
-            "cards_per_project": {
-                str(p.id): len(p.placements) for p in tenant.projects
-            },
+            "cards_per_project": {str(p.id): len(p.placements) for p in tenant.projects},
             "hot_card": str(self.hot.card.id),
             "hot_card_events": self.hot.events,
             "stopped_by_time_budget": self.stopped_by_deadline,

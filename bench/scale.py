@@ -45,7 +45,7 @@ from typing import Any
 from uuid import UUID
 
 import httpx
-import psutil
+import psutil  # type: ignore[import-untyped]
 import psycopg
 
 from bench import _graphql_load as load
@@ -130,7 +130,9 @@ def _sizes(url: str) -> dict[str, Any]:
         ).fetchall()
     return {
         "database_mb": round(int(db[0]) / 1e6) if db else None,
-        "largest_tables": {name: {"rows": int(n), "mb": round(int(b) / 1e6)} for name, n, b in rows},
+        "largest_tables": {
+            name: {"rows": int(n), "mb": round(int(b) / 1e6)} for name, n, b in rows
+        },
     }
 
 
@@ -288,7 +290,7 @@ def check_answers(all_targets: dict[tuple[str, str], load.Target]) -> dict[str, 
 
 
 def cache_lookups(api_url: str) -> dict[str, int]:
-    text = httpx.get(f"{api_url}/metrics", timeout=10).text
+    text = httpx.get(f"{api_url}/metrics", timeout=120).text
     found: dict[str, int] = {}
     for line in text.splitlines():
         if line.startswith("agentworks_graphql_response_cache_total{"):
@@ -296,6 +298,19 @@ def cache_lookups(api_url: str) -> dict[str, int]:
             outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
             found[outcome] = found.get(outcome, 0) + int(float(value))
     return found
+
+
+def settle(pid: int, timeout: float = 60.0) -> float:
+    """Wait until the API process is idle (under 10 % of a core over half a second): wrk stops
+    sending at the end of a cell, but the server still works through what it had accepted,
+    which would land on the next cell. Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        before = load.proc_cpu_seconds(pid)
+        time.sleep(0.5)
+        if load.proc_cpu_seconds(pid) - before < 0.05:
+            break
+    return time.monotonic() - started
 
 
 def measure(url: str, meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -314,6 +329,7 @@ def measure(url: str, meta: dict[str, Any], args: argparse.Namespace) -> dict[st
         backends = load.Backends(admin_url(base), dbname)
         clients = [int(c) for c in args.clients.split(",")]
         runs: list[load.RunResult] = []
+        settled: list[float] = []
         with RssSampler(api.pid) as rss, load.workdir() as tmp:
             write_scripts(all_targets, tmp)
             rss.label = "answers"
@@ -331,6 +347,7 @@ def measure(url: str, meta: dict[str, Any], args: argparse.Namespace) -> dict[st
                         for ws in pair:
                             rss.label = f"round {rnd} c={c} {query}/{ws}"
                             target = all_targets[(query, ws)]
+                            settled.append(settle(api.pid))
                             result = load.timed_run(target, c, args.seconds, rnd, backends)
                             runs.append(result)
                             log(
@@ -345,6 +362,10 @@ def measure(url: str, meta: dict[str, Any], args: argparse.Namespace) -> dict[st
             after = cache_lookups(api_url)
         report["response_cache_during_load"] = {
             k: v - cache_before.get(k, 0) for k, v in after.items()
+        }
+        report["settle_seconds_before_cells"] = {
+            "total": round(sum(settled), 1),
+            "max": round(max(settled), 1),
         }
         report["runs"] = [load.as_dict(r) for r in runs]
         report["summary"] = summarise(runs, clients)
@@ -384,10 +405,16 @@ def summarise(runs: list[load.RunResult], clients: list[int]) -> dict[str, Any]:
             for k in RATIO_KEYS:
                 per_round = []
                 for rnd in sorted({r.round for r in runs}):
-                    big = [r for r in runs
-                           if r.target == f"{query}.big" and r.clients == c and r.round == rnd]
-                    small = [r for r in runs
-                             if r.target == f"{query}.small" and r.clients == c and r.round == rnd]  # fmt: skip
+                    big = [
+                        r
+                        for r in runs
+                        if r.target == f"{query}.big" and r.clients == c and r.round == rnd
+                    ]
+                    small = [
+                        r
+                        for r in runs
+                        if r.target == f"{query}.small" and r.clients == c and r.round == rnd
+                    ]
                     if big and small and getattr(small[0], k) > 0:
                         per_round.append(getattr(big[0], k) / getattr(small[0], k))
                 ratio[k] = {
@@ -436,11 +463,11 @@ def print_table(summary: dict[str, Any], clients: list[int]) -> None:
                     f" {t['pg_cpu_ms_per_req']['median']:>8.2f}"
                 )
             r = summary["ratios_big_over_small"][f"{query}/{c}"]
-            print(
-                f"{query:15} {c:>3} {'ratio':6} {r['rps']['median']:>8.2f}"
-                f" {r['p50_ms']['median']:>9.2f} {r['p95_ms']['median']:>9.2f}"
-                f" {r['p99_ms']['median']:>9.2f}"
+            cells = " ".join(
+                f"{r[k]['median']:>8.2f}" if r[k]["median"] is not None else f"{'-':>8}"
+                for k in ("rps", "p50_ms", "p95_ms", "p99_ms")
             )
+            print(f"{query:15} {c:>3} {'ratio':6} {cells}")
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -480,8 +507,12 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "scale: board, card history, search on a big and a small workspace",
         "command": "python -m bench.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "queries": {"board": BOARD_QUERY, "history": HISTORY_QUERY, "search": SEARCH_QUERY,
-                    "search_term": SEARCH_TERM},  # fmt: skip
+        "queries": {
+            "board": BOARD_QUERY,
+            "history": HISTORY_QUERY,
+            "search": SEARCH_QUERY,
+            "search_term": SEARCH_TERM,
+        },
         "cpus": os.cpu_count(),
     }
     try:
