@@ -300,16 +300,27 @@ def cache_lookups(api_url: str) -> dict[str, int]:
     return found
 
 
-def settle(pid: int, timeout: float = 60.0) -> float:
-    """Wait until the API process is idle (under 10 % of a core over half a second): wrk stops
-    sending at the end of a cell, but the server still works through what it had accepted,
-    which would land on the next cell. Returns the seconds waited."""
+def settle(pid: int, backends: load.Backends, admin: str, dbname: str) -> float:
+    """Wait until the API is done with the previous cell: its process and PostgreSQL backends
+    idle (together under 10 % of a core over half a second) and none of its database sessions
+    inside a transaction. wrk stops sending at the end of a cell, but requests it abandoned go
+    on (under 50 clients some hold a transaction open for seconds, waiting their turn), and
+    would land on the next cell. Returns the seconds waited (at most 120)."""
+
+    def busy() -> float:
+        return load.proc_cpu_seconds(pid) + sum(backends.snapshot().values())
+
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        before = load.proc_cpu_seconds(pid)
-        time.sleep(0.5)
-        if load.proc_cpu_seconds(pid) - before < 0.05:
-            break
+    with psycopg.connect(admin, autocommit=True) as conn:
+        while time.monotonic() - started < 120:
+            before = busy()
+            time.sleep(0.5)
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state <> 'idle'",
+                (dbname,),
+            ).fetchone()
+            if busy() - before < 0.05 and row is not None and row[0] == 0:
+                break
     return time.monotonic() - started
 
 
@@ -347,7 +358,7 @@ def measure(url: str, meta: dict[str, Any], args: argparse.Namespace) -> dict[st
                         for ws in pair:
                             rss.label = f"round {rnd} c={c} {query}/{ws}"
                             target = all_targets[(query, ws)]
-                            settled.append(settle(api.pid))
+                            settled.append(settle(api.pid, backends, admin_url(base), dbname))
                             result = load.timed_run(target, c, args.seconds, rnd, backends)
                             runs.append(result)
                             log(
