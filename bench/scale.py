@@ -324,6 +324,53 @@ def settle(pid: int, backends: load.Backends, admin: str, dbname: str) -> float:
     return time.monotonic() - started
 
 
+#: ``projections.queries.search_logs``'s statement, for EXPLAIN.
+SEARCH_SQL = (
+    "SELECT l.run_id, l.seq, l.at, l.stream, l.text"
+    " FROM rm_log_lines AS l, websearch_to_tsquery('simple', %s) AS q"
+    " WHERE l.workspace_id = %s AND l.tsv @@ q"
+    " ORDER BY ts_rank(l.tsv, q) DESC, l.run_id, l.seq LIMIT 50"
+)
+#: ``read_api.eventlog.card_log``'s statement.
+HISTORY_SQL = (
+    "SELECT originator_id, originator_version, topic, state, notification_id"
+    " FROM agentworks_events WHERE originator_id = %s ORDER BY originator_version"
+)
+
+
+def explain(url: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """What bounds search and history in each workspace: EXPLAIN (ANALYZE, BUFFERS) of their
+    statements (second run, caches warm), and how many log lines the search term matches."""
+    out: dict[str, Any] = {}
+    with psycopg.connect(url, autocommit=True) as conn:
+        for ws in WORKSPACES:
+            info = meta[ws]
+            row = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE tsv @@ websearch_to_tsquery('simple', %s))"
+                " FROM rm_log_lines WHERE workspace_id = %s",
+                (SEARCH_TERM, info["workspace_id"]),
+            ).fetchone()
+            entry: dict[str, Any] = {
+                "log_lines": int(row[0]) if row else 0,
+                "lines_matching_search_term": int(row[1]) if row else 0,
+            }
+            for name, statement, params in (
+                ("search", SEARCH_SQL, (SEARCH_TERM, info["workspace_id"])),
+                ("history", HISTORY_SQL, (info["hot_card"],)),
+            ):
+                for _ in range(2):
+                    plan = [
+                        str(r[0])
+                        for r in conn.execute(
+                            "EXPLAIN (ANALYZE, BUFFERS) " + statement,
+                            params,
+                        ).fetchall()
+                    ]
+                entry[f"{name}_plan"] = plan
+            out[ws] = entry
+    return out
+
+
 def measure(url: str, meta: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     base, dbname = url.rsplit("/", 1)
     secret = secrets.token_urlsafe(48)
@@ -378,6 +425,7 @@ def measure(url: str, meta: dict[str, Any], args: argparse.Namespace) -> dict[st
             "total": round(sum(settled), 1),
             "max": round(max(settled), 1),
         }
+        report["explain"] = explain(url, meta)
         report["runs"] = [load.as_dict(r) for r in runs]
         report["summary"] = summarise(runs, clients)
         report["rss"] = rss_report(rss, args.rounds, max(clients))
