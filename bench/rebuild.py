@@ -579,16 +579,16 @@ def markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, notes: str) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (or append it), re-reading the file
+def write_section(text: str, notes: str, section: str = SECTION) -> None:
+    """Replace a benchmark's section of BENCHMARKS.md (or append it), re-reading the file
     right before writing: others append their sections too."""
     current = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
     block = text.rstrip() + "\n\n" + notes.strip() + "\n"
-    start = current.find(SECTION)
+    start = current.find(section)
     if start == -1:
         updated = current.rstrip() + "\n\n" + block
     else:
-        following = current.find("\n## ", start + len(SECTION))
+        following = current.find("\n## ", start + len(section))
         rest = current[following + 1 :] if following != -1 else ""
         updated = current[:start] + block + ("\n" + rest if rest else "")
     BENCHMARKS.write_text(updated)
