@@ -51,7 +51,15 @@ import psycopg
 from bench import _graphql_load as load
 from bench._graphql_seed import admin_url, drop_database
 from bench._provenance import Provenance
-from bench.graphql import BOARD_QUERY, agentworks_cli, child_env, free_port, stop, wait_healthy
+from bench.graphql import (
+    BOARD_QUERY,
+    agentworks_cli,
+    child_env,
+    free_port,
+    response_cache_lookups,
+    stop,
+    wait_healthy,
+)
 from bench.rebuild import (
     create_database,
     generate_log,
@@ -296,41 +304,6 @@ def check_answers(all_targets: dict[tuple[str, str], load.Target]) -> dict[str, 
     return out
 
 
-def cache_lookups(api_url: str) -> dict[str, int]:
-    text = httpx.get(f"{api_url}/metrics", timeout=120).text
-    found: dict[str, int] = {}
-    for line in text.splitlines():
-        if line.startswith("agentworks_graphql_response_cache_total{"):
-            labels, value = line.rsplit(" ", 1)
-            outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
-            found[outcome] = found.get(outcome, 0) + int(float(value))
-    return found
-
-
-def settle(pid: int, backends: load.Backends, admin: str, dbname: str) -> float:
-    """Wait until the API is done with the previous cell: its process and PostgreSQL backends
-    idle (together under 10 % of a core over half a second) and none of its database sessions
-    inside a transaction. wrk stops sending at the end of a cell, but requests it abandoned go
-    on (under 50 clients some hold a transaction open for seconds, waiting their turn), and
-    would land on the next cell. Returns the seconds waited (at most 120)."""
-
-    def busy() -> float:
-        return load.proc_cpu_seconds(pid) + sum(backends.snapshot().values())
-
-    started = time.monotonic()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        while time.monotonic() - started < 120:
-            before = busy()
-            time.sleep(0.5)
-            row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state <> 'idle'",
-                (dbname,),
-            ).fetchone()
-            if busy() - before < 0.05 and row is not None and row[0] == 0:
-                break
-    return time.monotonic() - started
-
-
 #: ``projections.queries.search_logs``'s statement, for EXPLAIN.
 SEARCH_SQL = (
     "SELECT l.run_id, l.seq, l.at, l.stream, l.text"
@@ -404,7 +377,7 @@ def measure(url: str, meta: dict[str, Any], args: argparse.Namespace) -> dict[st
             for target in all_targets.values():
                 load.load(target, max(clients), args.warmup)
             report["rss_after_warmup_mb"] = round(rss.samples[-1][2] / 1e6, 1)
-            cache_before = cache_lookups(api_url)
+            cache_before = response_cache_lookups(api_url, timeout=120)
             for rnd in range(1, args.rounds + 1):
                 for c in clients:
                     for query in QUERIES:
@@ -424,7 +397,7 @@ def measure(url: str, meta: dict[str, Any], args: argparse.Namespace) -> dict[st
                             )
             rss.label = "end"
             time.sleep(0.5)
-            after = cache_lookups(api_url)
+            after = response_cache_lookups(api_url, timeout=120)
         report["response_cache_during_load"] = {
             k: v - cache_before.get(k, 0) for k, v in after.items()
         }
