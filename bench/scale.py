@@ -304,6 +304,30 @@ def check_answers(all_targets: dict[tuple[str, str], load.Target]) -> dict[str, 
     return out
 
 
+def settle(pid: int, backends: load.Backends, admin: str, dbname: str) -> float:
+    """Wait until the API is done with the previous cell: its process and PostgreSQL backends
+    idle (together under 10 % of a core over half a second) and none of its database sessions
+    inside a transaction. wrk stops sending at the end of a cell, but requests it abandoned go
+    on (under 50 clients some hold a transaction open for seconds, waiting their turn), and
+    would land on the next cell. Returns the seconds waited (at most 120)."""
+
+    def busy() -> float:
+        return load.proc_cpu_seconds(pid) + sum(backends.snapshot().values())
+
+    started = time.monotonic()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        while time.monotonic() - started < 120:
+            before = busy()
+            time.sleep(0.5)
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state <> 'idle'",
+                (dbname,),
+            ).fetchone()
+            if busy() - before < 0.05 and row is not None and row[0] == 0:
+                break
+    return time.monotonic() - started
+
+
 #: ``projections.queries.search_logs``'s statement, for EXPLAIN.
 SEARCH_SQL = (
     "SELECT l.run_id, l.seq, l.at, l.stream, l.text"
