@@ -575,8 +575,8 @@ def markdown(report: dict[str, Any]) -> str:
         f" events** ({big['runs']:,} agent runs, {big['log_lines']:,} log lines,"
         f" {big['charges']:,} charges), generated in {big['generation_seconds']:,.0f} s"
         + (
-            f" — the time budget (`--generate-seconds {config['generate_seconds']:g}`) stopped"
-            " it short of the target, see below"
+            " — the preparing run's time budget (`--generate-seconds`) stopped it short of"
+            " the target, see below"
             if big.get("stopped_by_time_budget")
             else ""
         )
@@ -623,7 +623,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"**API memory (RSS)** under {max(clients)} clients: peak per round"
         f" {', '.join(f'{v:,.0f}' for v in peaks)} MB (growth from the first round to the last:"
         f" {rss['growth_first_to_last_round_mb']:+,.0f} MB: **"
-        + ("bounded" if rss["bounded"] else "not bounded")
+        + ("bounded" if rss["bounded"] else "not shown bounded")
         + f"**); {rss['start_mb']:,.0f} MB at start, {report['rss_after_warmup_mb']:,.0f} MB after"
         f" the warm-up, {rss['peak_mb']:,.0f} MB at most, {rss['end_mb']:,.0f} MB at the end."
         f" Response cache during the load: {report['response_cache_during_load']}.",

@@ -627,7 +627,7 @@ def scale_rows() -> list[Row]:
             f"{n(small['cards'])}-card workspace, same database and API process, interleaved: p95 "
             + "; ".join(f"{names[q]} {small_p95(q)}" for q in names),
             ", ".join(f"{names[q]} {'yes' if met[q] else 'no'}" for q in names)
-            + f"; RSS {'bounded' if rss['bounded'] else 'not bounded'}"
+            + f"; RSS {'bounded' if rss['bounded'] else 'not shown bounded'}"
             + ("; size not reached" if short else ""),
             provenance_cite(
                 SCALE,
