@@ -154,6 +154,9 @@ class LogStats:
 class LogGenerator:
     """Yields groups of aggregates changed together (one "command" each), interleaved."""
 
+    #: Projects (boards) each new workspace gets.
+    projects_per_tenant = 3
+
     def __init__(self, seed: int = 7, *, concurrent_cards: int = 400) -> None:
         self.rnd = random.Random(seed)
         self.lines = _line_pool(self.rnd)
@@ -178,19 +181,22 @@ class LogGenerator:
             workspace_id=workspace_id, actor=actor, command_id=self._uuid()
         )
 
+    def _user_id(self, number: int) -> str:
+        return f"user-{number}"
+
     # -- tenants --------------------------------------------------------------------------------
 
     def _new_tenant(self) -> Iterator[list[Aggregate]]:
         rnd = self.rnd
         ws_id = self._uuid()
-        owner = f"user-{len(self.tenants) * 10}"
+        owner = self._user_id(len(self.tenants) * 10)
         meta = self._meta(None, owner, ws_id)
         workspace = Workspace.create(
             workspace_id=ws_id, name=f"Workspace {len(self.tenants)}", owner_id=owner, meta=meta
         )
         users = [owner]
         for i, role in enumerate((Role.ADMIN, Role.MEMBER, Role.MEMBER, Role.VIEWER)):
-            user = f"user-{len(self.tenants) * 10 + i + 1}"
+            user = self._user_id(len(self.tenants) * 10 + i + 1)
             workspace.add_member(user, role, meta=meta)
             users.append(user)
         markup = Decimal(rnd.choice(("5", "5", "3.5", "4.25")))
@@ -198,7 +204,7 @@ class LogGenerator:
         if rnd.random() < 0.5:
             workspace.set_spend_limit(500_000_000_000, meta=meta)
         projects = []
-        for p in range(3):
+        for p in range(self.projects_per_tenant):
             project = Project.create(
                 project_id=self._uuid(),
                 workspace_id=ws_id,
@@ -208,10 +214,14 @@ class LogGenerator:
             )
             projects.append(project)
         tenant = _Tenant(workspace, projects, users, markup)
+        self._created(tenant)
         self.tenants.append(tenant)
         self.stats.workspaces += 1
         self.stats.projects += len(projects)
         yield [workspace, *projects]
+
+    def _created(self, tenant: _Tenant) -> None:
+        """Called for each new workspace before its first event is stored."""
 
     # -- one card's life --------------------------------------------------------------------------
 
@@ -423,9 +433,11 @@ def generate(
     seed: int = 7,
     chunk: int = 5_000,
     progress: Callable[[int], None] | None = None,
+    generator: LogGenerator | None = None,
 ) -> LogStats:
-    """Append about ``events`` events (whole commands only, so a few more) to ``app``'s store."""
-    generator = LogGenerator(seed)
+    """Append about ``events`` events (whole commands only, so a few more) to ``app``'s store,
+    or fewer when ``generator``'s groups run out first."""
+    generator = generator or LogGenerator(seed)
     stats = generator.stats
     to_stored = app.mapper.to_stored_event
     pending: list[StoredEvent] = []

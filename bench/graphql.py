@@ -263,11 +263,11 @@ def in_process_evidence(
     }
 
 
-def response_cache_lookups(url: str) -> dict[str, int]:
+def response_cache_lookups(url: str, timeout: float = 10) -> dict[str, int]:
     """The API's ``agentworks_graphql_response_cache_total`` by outcome (hit, miss): every
     request of the load is the same board, so this says how many were answered from the cache
     (``read_api.response_cache``), without a write in between, all but the first."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    text = httpx.get(f"{url}/metrics", timeout=timeout).text
     found: dict[str, int] = {}
     for line in text.splitlines():
         if line.startswith("agentworks_graphql_response_cache_total{"):

@@ -55,6 +55,7 @@ from bench._provenance import Provenance
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from bench._rebuild_log import LogGenerator
     from infra.bootstrap import ReadSide
 
 RESULTS = Path(__file__).parent / "results" / "rebuild.json"
@@ -147,7 +148,9 @@ def server_settings(url: str) -> dict[str, str]:
     return out
 
 
-def generate_log(url: str, events: int, seed: int) -> dict[str, Any]:
+def generate_log(
+    url: str, events: int, seed: int, generator: LogGenerator | None = None
+) -> dict[str, Any]:
     from bench._rebuild_log import describe, generate
     from infra.bootstrap import build_write_side
 
@@ -171,7 +174,7 @@ def generate_log(url: str, events: int, seed: int) -> dict[str, Any]:
             log(f"  generated {done:,} events ({done / (now - started):,.0f}/s)")
 
     try:
-        stats = generate(app, events, seed=seed, progress=progress)
+        stats = generate(app, events, seed=seed, progress=progress, generator=generator)
     finally:
         app.close()
     seconds = time.perf_counter() - started
@@ -576,16 +579,16 @@ def markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, notes: str) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (or append it), re-reading the file
+def write_section(text: str, notes: str, section: str = SECTION) -> None:
+    """Replace a benchmark's section of BENCHMARKS.md (or append it), re-reading the file
     right before writing: others append their sections too."""
     current = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
     block = text.rstrip() + "\n\n" + notes.strip() + "\n"
-    start = current.find(SECTION)
+    start = current.find(section)
     if start == -1:
         updated = current.rstrip() + "\n\n" + block
     else:
-        following = current.find("\n## ", start + len(SECTION))
+        following = current.find("\n## ", start + len(section))
         rest = current[following + 1 :] if following != -1 else ""
         updated = current[:start] + block + ("\n" + rest if rest else "")
     BENCHMARKS.write_text(updated)

@@ -621,6 +621,55 @@ def run_log_rows() -> list[Row]:
     ]
 
 
+SCALE = "scale.json"
+
+
+def scale_rows() -> list[Row]:
+    """Issue 17's scale target: big workspace against a 200-card one, same run."""
+    if not (RESULTS / SCALE).exists():
+        return []
+    run = load(SCALE)
+    big, small = run["prepared"]["big"], run["prepared"]["small"]
+    summary, rss, config = run["summary"], run["rss"], run["config"]
+    clients = [c.strip() for c in str(config["clients"]).split(",")]
+    ratios = summary["ratios_big_over_small"]
+    names = {"board": "board", "board_uncached": "board executed each time",
+             "history": "`cardHistory`", "search": "`searchLogs`"}  # fmt: skip
+
+    def p95(query: str) -> str:
+        return ", ".join(f"{x(ratios[f'{query}/{c}']['p95_ms']['median'])} at {c}" for c in clients)
+
+    def small_p95(query: str) -> str:
+        return ", ".join(
+            f"{ms(summary['cells'][f'{query}/small/{c}']['p95_ms']['median'])} at {c}"
+            for c in clients
+        )
+
+    met = summary["p95_within_target"]
+    size = f"{n(big['cards'])} cards and {n(big['events'])} events"
+    short = big["cards"] < 100_000 or big["events"] < 5_000_000
+    return [
+        Row(
+            f"scale (issue 17): 100,000 cards and 5M events, board, card history and search p95 "
+            f"≤ 1.5{TIMES} a 200-card workspace at 1 and 50 clients; API RSS bounded under 50",
+            f"{size}{' (short of the target: time budget)' if short else ''}; p95 big ÷ small: "
+            + "; ".join(f"{names[q]} {p95(q)}" for q in names)
+            + f"; RSS peak {rss['peak_mb']:,.0f} MB, first to last round "
+            f"{rss['growth_first_to_last_round_mb']:+,.0f} MB",
+            f"{n(small['cards'])}-card workspace, same database and API process, interleaved: p95 "
+            + "; ".join(f"{names[q]} {small_p95(q)}" for q in names),
+            ", ".join(f"{names[q]} {'yes' if met[q] else 'no'}" for q in names)
+            + f"; RSS {'bounded' if rss['bounded'] else 'not shown bounded'}"
+            + ("; size not reached" if short else ""),
+            provenance_cite(
+                SCALE,
+                run["provenance"],
+                f"{rounds_note(config['rounds'])} {TIMES} {config['seconds']:g} s per cell",
+            ),
+        )
+    ]
+
+
 ROWS: tuple[Callable[[], list[Row]], ...] = (
     append_rows,
     freshness_rows,
@@ -633,6 +682,7 @@ ROWS: tuple[Callable[[], list[Row]], ...] = (
     recovery_rows,
     agents_rows,
     run_log_rows,
+    scale_rows,
 )
 
 
