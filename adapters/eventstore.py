@@ -249,7 +249,15 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
             try:
                 self._insert_in_transaction(conn, columns, command, attempt)
             except BaseException as error:
-                if attempt.phase == "committing" and (conn.closed or conn.broken):
+                # Once the COMMIT is on its way, a lost or refused connection means the server
+                # may have committed: it can shut down (57P01) or drop us after the commit is
+                # durable and before its answer arrives, and psycopg need not have marked the
+                # connection broken yet. The settle step (pg_xact_status) learns the truth.
+                if attempt.phase == "committing" and (
+                    conn.closed
+                    or conn.broken
+                    or isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+                ):
                     raise Unavailable(
                         "the connection to the database was lost while the write was being "
                         "committed; whether it was is not known yet",
