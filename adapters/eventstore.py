@@ -207,6 +207,11 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
             "SELECT * FROM unnest(%b::uuid[], %b::int8[], %b::text[], %b::bytea[], %b::uuid[]) "
             "RETURNING notification_id, transaction_id::text AS transaction_id"
         ).format(table)
+        self._moved_on_sql = SQL(
+            "SELECT r.id FROM unnest(%b::uuid[], %b::int8[]) AS r(id, version) WHERE EXISTS "
+            "(SELECT FROM {0} WHERE originator_id = r.id AND originator_version > r.version) "
+            "LIMIT 1"
+        ).format(table)
         self._notify_sql = SQL("NOTIFY {0}").format(Identifier(self.channel_name))
         self.lock_table_statements = []
 
@@ -218,6 +223,10 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         Lock, insert, unlock and the command record go out in one pipelined round trip, so the
         advisory lock is never held while the client waits; the COMMIT (and its fsync) runs
         outside the lock, and NOTIFY follows the commit so it adds nothing to the commit path.
+
+        ``unchanged_since`` (aggregate id -> version) names aggregates the write's decision read
+        without changing: when one of them has a later version in the store, nothing is written
+        and :class:`StaleVersion` is raised, as when a changed aggregate's version was taken.
 
         A failure before the COMMIT was sent wrote nothing: an unreachable store is raised as
         :class:`StoreUnavailable`, a version taken by a concurrent write as
@@ -232,22 +241,27 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         command = kwargs.get("command_record")
         if not isinstance(command, CommandRecord):
             command = None
+        unchanged = kwargs.get("unchanged_since")
+        reads = _versions(unchanged) if isinstance(unchanged, dict) and unchanged else None
         if not stored_events and command is None:
             return []
         try:
-            return self._append(stored_events, command)
+            return self._append(stored_events, command, reads)
         except (IntegrityError, OperationalError, InterfaceError) as error:
             raise _translated(error) from error
 
     def _append(
-        self, stored_events: Sequence[StoredEvent], command: CommandRecord | None
+        self,
+        stored_events: Sequence[StoredEvent],
+        command: CommandRecord | None,
+        reads: tuple[list[UUID], list[int]] | None,
     ) -> Sequence[int]:
         attempt = _Attempt()
         # Built before the lock is requested: the pipeline may already hold it on the server.
         columns = _binary_columns(stored_events) if stored_events else None
         with self.datastore.get_connection() as conn:
             try:
-                self._insert_in_transaction(conn, columns, command, attempt)
+                self._insert_in_transaction(conn, columns, command, reads, attempt)
             except BaseException as error:
                 if attempt.phase == "committing" and (conn.closed or conn.broken):
                     raise Unavailable(
@@ -279,6 +293,7 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         conn: Connection[DictRow],
         columns: tuple[list[Any], ...] | None,
         command: CommandRecord | None,
+        reads: tuple[list[UUID], list[int]] | None,
         attempt: _Attempt,
     ) -> None:
         failure: Exception | None = None
@@ -289,6 +304,7 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
                     conn.cursor() as inserts,
                     conn.cursor() as other,
                     conn.cursor() as record,
+                    conn.cursor() as moved_on,
                 ):
                     try:
                         other.execute(self._lock_sql, prepare=True)
@@ -313,6 +329,9 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
                                 ),
                                 prepare=True,
                             )
+                        if reads is not None:
+                            # Last, so that it sees every write committed while this one waited.
+                            moved_on.execute(self._moved_on_sql, reads, prepare=True)
                         pipeline.sync()
                         if columns is not None:
                             rows = inserts.fetchall()
@@ -321,11 +340,18 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
                         if command is not None:
                             row = record.fetchone()
                             attempt.transaction_id = str(row["xid"]) if row else None
-                        # Leaving the block sends COMMIT and waits for its answer.
-                        attempt.phase = "committing"
+                        if reads is not None and (stale := moved_on.fetchone()) is not None:
+                            failure = StaleVersion(
+                                f"aggregate {stale['id']} has moved on since this write's "
+                                "decision read it"
+                            )
+                        else:
+                            # Leaving the block sends COMMIT and waits for its answer.
+                            attempt.phase = "committing"
                     except Exception as e:  # noqa: BLE001 - kept, re-raised after the pipeline
                         # Re-raised below, once the pipeline has been left cleanly.
                         failure = e
+                    _raise_if_stale(failure)  # rolls the transaction back: nothing is written
             except Exception as e:  # noqa: BLE001 - kept, re-raised after the pipeline
                 # Statements queued behind a failed one make the transaction's end fail too
                 # ("pipeline aborted"); the first error is the one that matters.
@@ -482,6 +508,17 @@ def _binary_columns(
         [e.state for e in stored_events],
         [stored_workspace(e.state) for e in stored_events],
     )
+
+
+def _raise_if_stale(failure: Exception | None) -> None:
+    if isinstance(failure, StaleVersion):
+        raise failure
+
+
+def _versions(unchanged: dict[Any, Any]) -> tuple[list[UUID], list[int]]:
+    """``unchanged_since`` as the two typed arrays the check takes."""
+    ids = [i if isinstance(i, UUID) else UUID(str(i)) for i in unchanged]
+    return ids, [int(v) for v in unchanged.values()]
 
 
 def stored_workspace(state: bytes) -> UUID | None:
