@@ -302,8 +302,10 @@ class WriteSide(Application[UUID]):
         decide: Callable[[EventMeta], Decision],
         meta: EventMeta,
     ) -> CommandResult:
-        for attempt in range(self.retries + 1):
-            decision, reads = self._decide(decide, meta, from_cache=attempt == 0)
+        attempt, from_cache = 0, True
+        while True:
+            decision, reads = self._decide(decide, meta, from_cache=from_cache)
+            from_cache = False
             changed = [agg for agg in decision.changed if agg.pending_events]
             version = decision.target.version
             provisional = CommandResult(
@@ -327,12 +329,17 @@ class WriteSide(Application[UUID]):
                         "breaking; retry shortly",
                         retry_after_seconds=1.0,
                     ) from unknown
+                attempt += 1
                 continue
             except Conflict as error:
                 if isinstance(error, DuplicateCommand):
                     earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
                     if earlier is not None:
                         return earlier
+                elif reads.served_from_cache:
+                    # The cache was behind the store, which is no race lost: decide again at
+                    # once on the store's state, without spending a retry.
+                    continue
                 if attempt == self.retries:
                     raise Conflict(
                         f"{type(cmd).__name__} on {decision.kind} {decision.target.id} lost "
@@ -340,8 +347,7 @@ class WriteSide(Application[UUID]):
                     ) from error
                 # Jittered backoff: writers that retry in lockstep collide again.
                 time.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311
-                continue
-        raise AssertionError("unreachable")  # pragma: no cover
+                attempt += 1
 
     def _decide(
         self, decide: Callable[[EventMeta], Decision], meta: EventMeta, *, from_cache: bool
