@@ -52,6 +52,8 @@ from eventsourcing.postgres import (
     PostgresSubscription,
 )
 from eventsourcing.utils import Environment, EnvType, retry
+from psycopg import pq
+from psycopg.pq import TransactionStatus
 from psycopg.sql import SQL, Composed, Identifier
 
 from adapters.metrics import EVENTS_APPENDED
@@ -65,7 +67,7 @@ from domain.errors import Conflict, DuplicateCommand, Unavailable
 from domain.idempotency import CommandRecord, StoredCommand
 
 if TYPE_CHECKING:
-    from psycopg import Connection
+    from psycopg import Connection, Cursor
     from psycopg.rows import DictRow
 
 log = structlog.get_logger(__name__)
@@ -77,6 +79,8 @@ POOL_TIMEOUT_ENV = "AGENTWORKS_POOL_TIMEOUT"
 # not known to belong to another database (transaction ids are server-wide; a long transaction
 # in another database must not hold our readers back). One that ended since is kept, to be safe:
 # it delays this one read at most. With none, every committed row is final.
+_BEGIN, _COMMIT = SQL("BEGIN"), SQL("COMMIT")
+
 _HORIZON = """transaction_id < (
     SELECT coalesce(min(running), pg_snapshot_xmax(pg_current_snapshot()))
     FROM pg_snapshot_xip(pg_current_snapshot()) AS running
@@ -274,15 +278,12 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
                 # A failed statement aborts the transaction before the unlock runs; the lock is
                 # session-level, so release it here or the pooled connection would keep it.
                 if not conn.closed and not conn.broken:
+                    if conn.info.transaction_status != TransactionStatus.IDLE:
+                        conn.execute("ROLLBACK")
                     conn.execute("SELECT pg_advisory_unlock_all()")
                 raise
             if stored_events:
                 EVENTS_APPENDED.inc(len(stored_events))
-                try:
-                    conn.execute(self._notify_sql)
-                except psycopg.Error:
-                    # Committed already; tailers poll, so a lost wake-up only delays them.
-                    log.debug("eventstore.notify_failed", exc_info=True)
         notification_ids = attempt.notification_ids
         if len(notification_ids) != len(stored_events):
             msg = f"expected {len(stored_events)} notification ids, got {len(notification_ids)}"
@@ -297,71 +298,67 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         reads: tuple[list[UUID], list[int]] | None,
         attempt: _Attempt,
     ) -> None:
-        failure: Exception | None = None
-        with conn.pipeline() as pipeline:
+        """Two round trips on one pipeline: BEGIN, lock, insert, unlock, command record and the
+        read check, then (after their results were read) COMMIT and NOTIFY.
+
+        The transaction is begun and ended by statements rather than psycopg's ``transaction()``,
+        whose nested pipelines add a synchronisation, each a round trip, at every boundary.
+        NOTIFY runs after the COMMIT, in its own implicit transaction, so it adds nothing to the
+        commit path; it fails alone, and then the write stands (tailers poll).
+        """
+        with (
+            conn.cursor() as inserts,
+            conn.cursor() as other,
+            conn.cursor() as record,
+            conn.cursor() as moved_on,
+            conn.cursor() as commit,
+        ):
             try:
-                with (
-                    conn.transaction(),
-                    conn.cursor() as inserts,
-                    conn.cursor() as other,
-                    conn.cursor() as record,
-                    conn.cursor() as moved_on,
-                ):
-                    try:
-                        other.execute(self._lock_sql, prepare=True)
-                        if columns is not None:
-                            inserts.execute(
-                                self._insert_binary_sql,
-                                columns,
-                                binary=False,
-                                prepare=True,
-                            )
-                        other.execute(self._unlock_sql, prepare=True)
-                        if command is not None:
-                            record.execute(
-                                self._command_sql(with_position=columns is not None),
-                                (
-                                    command.scope,
-                                    command.command_id,
-                                    command.command_type,
-                                    command.fingerprint,
-                                    command.actor,
-                                    json.dumps({**command.result, "position": 0}),
-                                ),
-                                prepare=True,
-                            )
-                        if reads is not None:
-                            # Last, so that it sees every write committed while this one waited.
-                            moved_on.execute(self._moved_on_sql, reads, prepare=True)
-                        pipeline.sync()
-                        if columns is not None:
-                            rows = inserts.fetchall()
-                            attempt.notification_ids = [r["notification_id"] for r in rows]
-                            attempt.transaction_id = str(rows[0]["transaction_id"])
-                        if command is not None:
-                            row = record.fetchone()
-                            attempt.transaction_id = str(row["xid"]) if row else None
-                        if reads is not None and (stale := moved_on.fetchone()) is not None:
-                            failure = StaleVersion(
-                                f"aggregate {stale['id']} has moved on since this write's "
-                                "decision read it"
-                            )
-                        else:
-                            # Leaving the block sends COMMIT and waits for its answer.
-                            attempt.phase = "committing"
-                    except Exception as e:  # noqa: BLE001 - kept, re-raised after the pipeline
-                        # Re-raised below, once the pipeline has been left cleanly.
-                        failure = e
-                    _raise_if_stale(failure)  # rolls the transaction back: nothing is written
-            except Exception as e:  # noqa: BLE001 - kept, re-raised after the pipeline
-                # Statements queued behind a failed one make the transaction's end fail too
-                # ("pipeline aborted"); the first error is the one that matters.
-                failure = failure or e
-            else:
-                if failure is None:
-                    attempt.phase = "committed"
-        if failure is not None:
-            raise failure
+                with conn.pipeline() as pipeline:
+                    other.execute(_BEGIN)
+                    other.execute(self._lock_sql, prepare=True)
+                    if columns is not None:
+                        inserts.execute(self._insert_binary_sql, columns, prepare=True)
+                    other.execute(self._unlock_sql, prepare=True)
+                    if command is not None:
+                        record.execute(
+                            self._command_sql(with_position=columns is not None),
+                            (
+                                command.scope,
+                                command.command_id,
+                                command.command_type,
+                                command.fingerprint,
+                                command.actor,
+                                json.dumps({**command.result, "position": 0}),
+                            ),
+                            prepare=True,
+                        )
+                    if reads is not None:
+                        # Last, so that it sees every write committed while this one waited.
+                        moved_on.execute(self._moved_on_sql, reads, prepare=True)
+                    pipeline.sync()
+                    if columns is not None:
+                        rows = inserts.fetchall()
+                        attempt.notification_ids = [r["notification_id"] for r in rows]
+                        attempt.transaction_id = str(rows[0]["transaction_id"])
+                    if command is not None:
+                        row = record.fetchone()
+                        attempt.transaction_id = str(row["xid"]) if row else None
+                    if reads is not None and (stale := moved_on.fetchone()) is not None:
+                        msg = f"aggregate {stale['id']} has moved on since this write read it"
+                        raise StaleVersion(msg)  # the caller rolls the transaction back
+                    attempt.phase = "committing"
+                    commit.execute(_COMMIT)
+                    if columns is not None:
+                        other.execute(self._notify_sql)
+                    # Leaving the pipeline sends both and waits for their answers.
+            except psycopg.Error:
+                if attempt.phase != "committing" or not _succeeded(commit):
+                    raise
+                # Committed; the NOTIFY after it failed. Tailers poll: a lost wake-up only
+                # delays them.
+                log.debug("eventstore.notify_failed", exc_info=True)
+        attempt.phase = "committed"
 
     def _command_sql(self, *, with_position: bool) -> Composed | SQL:
         # The session's sequence value after the insert is the command's last position.
@@ -540,9 +537,10 @@ def _workspace_of(state: bytes, known: dict[bytes, UUID]) -> UUID | None:
     return workspace
 
 
-def _raise_if_stale(failure: Exception | None) -> None:
-    if isinstance(failure, StaleVersion):
-        raise failure
+def _succeeded(cursor: Cursor[DictRow]) -> bool:
+    """Whether the statement ``cursor`` ran last completed (its result came back without error)."""
+    result = cursor.pgresult
+    return result is not None and result.status == pq.ExecStatus.COMMAND_OK
 
 
 def _versions(unchanged: dict[Any, Any]) -> tuple[list[UUID], list[int]]:
