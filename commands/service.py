@@ -407,9 +407,26 @@ class WriteSide(Application[UUID]):
         """Snapshots are a shortcut for reading, taken after the command committed: failing to
         write one must not turn a committed command into a failure."""
         try:
-            super()._take_snapshots(processing_event)
+            self._snapshot_saved(processing_event)
         except Unavailable:
             log.warning("command.snapshot_skipped: the database is unavailable")
+
+    def _snapshot_saved(self, processing_event: ProcessingEvent[UUID]) -> None:
+        """The library's snapshots, taken from the aggregate just saved where it is at the
+        snapshot's version: its state is the fold of its stored events, which the library would
+        read back (up to an interval of them) and replay for every snapshot."""
+        if self.snapshots is None or not self.snapshotting_intervals:
+            return
+        for event in processing_event.events:
+            aggregate = processing_event.aggregates.get(event.originator_id)
+            interval = self.snapshotting_intervals.get(type(aggregate))
+            if aggregate is None or interval is None or event.originator_version % interval:
+                continue
+            if aggregate.version != event.originator_version or self.snapshot_class is None:
+                self.take_snapshot(event.originator_id, version=event.originator_version)
+                continue
+            snapshot_class = getattr(type(aggregate), "Snapshot", self.snapshot_class)
+            self.snapshots.put([snapshot_class.take(aggregate)])
 
     def _save_with_record(
         self,
