@@ -25,6 +25,7 @@ until it ends; keep write transactions here short.
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ from eventsourcing.postgres import (
     PostgresSubscription,
 )
 from eventsourcing.utils import Environment, EnvType, retry
+from psycopg import pq
+from psycopg.pq import TransactionStatus
 from psycopg.sql import SQL, Composed, Identifier
 
 from adapters.metrics import EVENTS_APPENDED
@@ -64,7 +67,7 @@ from domain.errors import Conflict, DuplicateCommand, Unavailable
 from domain.idempotency import CommandRecord, StoredCommand
 
 if TYPE_CHECKING:
-    from psycopg import Connection
+    from psycopg import Connection, Cursor
     from psycopg.rows import DictRow
 
 log = structlog.get_logger(__name__)
@@ -76,6 +79,8 @@ POOL_TIMEOUT_ENV = "AGENTWORKS_POOL_TIMEOUT"
 # not known to belong to another database (transaction ids are server-wide; a long transaction
 # in another database must not hold our readers back). One that ended since is kept, to be safe:
 # it delays this one read at most. With none, every committed row is final.
+_BEGIN, _COMMIT = SQL("BEGIN"), SQL("COMMIT")
+
 _HORIZON = """transaction_id < (
     SELECT coalesce(min(running), pg_snapshot_xmax(pg_current_snapshot()))
     FROM pg_snapshot_xip(pg_current_snapshot()) AS running
@@ -207,6 +212,11 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
             "SELECT * FROM unnest(%b::uuid[], %b::int8[], %b::text[], %b::bytea[], %b::uuid[]) "
             "RETURNING notification_id, transaction_id::text AS transaction_id"
         ).format(table)
+        self._moved_on_sql = SQL(
+            "SELECT r.id FROM unnest(%b::uuid[], %b::int8[]) AS r(id, version) WHERE EXISTS "
+            "(SELECT FROM {0} WHERE originator_id = r.id AND originator_version > r.version) "
+            "LIMIT 1"
+        ).format(table)
         self._notify_sql = SQL("NOTIFY {0}").format(Identifier(self.channel_name))
         self.lock_table_statements = []
 
@@ -218,6 +228,10 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         Lock, insert, unlock and the command record go out in one pipelined round trip, so the
         advisory lock is never held while the client waits; the COMMIT (and its fsync) runs
         outside the lock, and NOTIFY follows the commit so it adds nothing to the commit path.
+
+        ``unchanged_since`` (aggregate id -> version) names aggregates the write's decision read
+        without changing: when one of them has a later version in the store, nothing is written
+        and :class:`StaleVersion` is raised, as when a changed aggregate's version was taken.
 
         A failure before the COMMIT was sent wrote nothing: an unreachable store is raised as
         :class:`StoreUnavailable`, a version taken by a concurrent write as
@@ -232,22 +246,27 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         command = kwargs.get("command_record")
         if not isinstance(command, CommandRecord):
             command = None
+        unchanged = kwargs.get("unchanged_since")
+        reads = _versions(unchanged) if isinstance(unchanged, dict) and unchanged else None
         if not stored_events and command is None:
             return []
         try:
-            return self._append(stored_events, command)
+            return self._append(stored_events, command, reads)
         except (IntegrityError, OperationalError, InterfaceError) as error:
             raise _translated(error) from error
 
     def _append(
-        self, stored_events: Sequence[StoredEvent], command: CommandRecord | None
+        self,
+        stored_events: Sequence[StoredEvent],
+        command: CommandRecord | None,
+        reads: tuple[list[UUID], list[int]] | None,
     ) -> Sequence[int]:
         attempt = _Attempt()
         # Built before the lock is requested: the pipeline may already hold it on the server.
         columns = _binary_columns(stored_events) if stored_events else None
         with self.datastore.get_connection() as conn:
             try:
-                self._insert_in_transaction(conn, columns, command, attempt)
+                self._insert_in_transaction(conn, columns, command, reads, attempt)
             except BaseException as error:
                 # Once the COMMIT is on its way, a lost or refused connection means the server
                 # may have committed: it can shut down (57P01) or drop us after the commit is
@@ -267,15 +286,12 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
                 # A failed statement aborts the transaction before the unlock runs; the lock is
                 # session-level, so release it here or the pooled connection would keep it.
                 if not conn.closed and not conn.broken:
+                    if conn.info.transaction_status != TransactionStatus.IDLE:
+                        conn.execute("ROLLBACK")
                     conn.execute("SELECT pg_advisory_unlock_all()")
                 raise
             if stored_events:
                 EVENTS_APPENDED.inc(len(stored_events))
-                try:
-                    conn.execute(self._notify_sql)
-                except psycopg.Error:
-                    # Committed already; tailers poll, so a lost wake-up only delays them.
-                    log.debug("eventstore.notify_failed", exc_info=True)
         notification_ids = attempt.notification_ids
         if len(notification_ids) != len(stored_events):
             msg = f"expected {len(stored_events)} notification ids, got {len(notification_ids)}"
@@ -287,62 +303,70 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         conn: Connection[DictRow],
         columns: tuple[list[Any], ...] | None,
         command: CommandRecord | None,
+        reads: tuple[list[UUID], list[int]] | None,
         attempt: _Attempt,
     ) -> None:
-        failure: Exception | None = None
-        with conn.pipeline() as pipeline:
+        """Two round trips on one pipeline: BEGIN, lock, insert, unlock, command record and the
+        read check, then (after their results were read) COMMIT and NOTIFY.
+
+        The transaction is begun and ended by statements rather than psycopg's ``transaction()``,
+        whose nested pipelines add a synchronisation, each a round trip, at every boundary.
+        NOTIFY runs after the COMMIT, in its own implicit transaction, so it adds nothing to the
+        commit path; it fails alone, and then the write stands (tailers poll).
+        """
+        with (
+            conn.cursor() as inserts,
+            conn.cursor() as other,
+            conn.cursor() as record,
+            conn.cursor() as moved_on,
+            conn.cursor() as commit,
+        ):
             try:
-                with (
-                    conn.transaction(),
-                    conn.cursor() as inserts,
-                    conn.cursor() as other,
-                    conn.cursor() as record,
-                ):
-                    try:
-                        other.execute(self._lock_sql, prepare=True)
-                        if columns is not None:
-                            inserts.execute(
-                                self._insert_binary_sql,
-                                columns,
-                                binary=False,
-                                prepare=True,
-                            )
-                        other.execute(self._unlock_sql, prepare=True)
-                        if command is not None:
-                            record.execute(
-                                self._command_sql(with_position=columns is not None),
-                                (
-                                    command.scope,
-                                    command.command_id,
-                                    command.command_type,
-                                    command.fingerprint,
-                                    command.actor,
-                                    json.dumps({**command.result, "position": 0}),
-                                ),
-                                prepare=True,
-                            )
-                        pipeline.sync()
-                        if columns is not None:
-                            rows = inserts.fetchall()
-                            attempt.notification_ids = [r["notification_id"] for r in rows]
-                            attempt.transaction_id = str(rows[0]["transaction_id"])
-                        if command is not None:
-                            row = record.fetchone()
-                            attempt.transaction_id = str(row["xid"]) if row else None
-                        # Leaving the block sends COMMIT and waits for its answer.
-                        attempt.phase = "committing"
-                    except Exception as e:  # noqa: BLE001 - kept, re-raised after the pipeline
-                        # Re-raised below, once the pipeline has been left cleanly.
-                        failure = e
-            except Exception as e:  # noqa: BLE001 - kept, re-raised after the pipeline
-                # Statements queued behind a failed one make the transaction's end fail too
-                # ("pipeline aborted"); the first error is the one that matters.
-                failure = failure or e
-            else:
-                if failure is None:
-                    attempt.phase = "committed"
-        if failure is not None:
-            raise failure
+                with conn.pipeline() as pipeline:
+                    other.execute(_BEGIN)
+                    other.execute(self._lock_sql, prepare=True)
+                    if columns is not None:
+                        inserts.execute(self._insert_binary_sql, columns, prepare=True)
+                    other.execute(self._unlock_sql, prepare=True)
+                    if command is not None:
+                        record.execute(
+                            self._command_sql(with_position=columns is not None),
+                            (
+                                command.scope,
+                                command.command_id,
+                                command.command_type,
+                                command.fingerprint,
+                                command.actor,
+                                json.dumps({**command.result, "position": 0}),
+                            ),
+                            prepare=True,
+                        )
+                    if reads is not None:
+                        # Last, so that it sees every write committed while this one waited.
+                        moved_on.execute(self._moved_on_sql, reads, prepare=True)
+                    pipeline.sync()
+                    if columns is not None:
+                        rows = inserts.fetchall()
+                        attempt.notification_ids = [r["notification_id"] for r in rows]
+                        attempt.transaction_id = str(rows[0]["transaction_id"])
+                    if command is not None:
+                        row = record.fetchone()
+                        attempt.transaction_id = str(row["xid"]) if row else None
+                    if reads is not None and (stale := moved_on.fetchone()) is not None:
+                        msg = f"aggregate {stale['id']} has moved on since this write read it"
+                        raise StaleVersion(msg)  # the caller rolls the transaction back
+                    attempt.phase = "committing"
+                    commit.execute(_COMMIT)
+                    if columns is not None:
+                        other.execute(self._notify_sql)
+                    # Leaving the pipeline sends both and waits for their answers.
+            except psycopg.Error:
+                if attempt.phase != "committing" or not _succeeded(commit):
+                    raise
+                # Committed; the NOTIFY after it failed. Tailers poll: a lost wake-up only
+                # delays them.
+                log.debug("eventstore.notify_failed", exc_info=True)
+        attempt.phase = "committed"
 
     def _command_sql(self, *, with_position: bool) -> Composed | SQL:
         # The session's sequence value after the insert is the command's last position.
@@ -480,6 +504,7 @@ def _binary_columns(
     stored_events: Sequence[StoredEvent],
 ) -> tuple[list[UUID], list[int], list[str], list[bytes], list[UUID | None]]:
     """The events as typed arrays: sent in binary, they cost a fraction of composite text."""
+    workspaces: dict[bytes, UUID] = {}
     return (
         [
             e.originator_id if isinstance(e.originator_id, UUID) else UUID(str(e.originator_id))
@@ -488,8 +513,48 @@ def _binary_columns(
         [e.originator_version for e in stored_events],
         [e.topic for e in stored_events],
         [e.state for e in stored_events],
-        [stored_workspace(e.state) for e in stored_events],
+        [_workspace_of(e.state, workspaces) for e in stored_events],
     )
+
+
+# How the library's JSON transcoder begins each of our events: the timestamp, then the metadata
+# with the workspace first (domain.meta). Anchored at the start, a match can only be the
+# top-level "meta".
+_LEADING_WORKSPACE = re.compile(
+    rb'\{"timestamp":\{"_type_":"datetime_iso","_data_":"[^"\\]*"\},'
+    rb'"meta":\{"workspace_id":"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"'
+)
+
+
+def _workspace_of(state: bytes, known: dict[bytes, UUID]) -> UUID | None:
+    """:func:`stored_workspace`, without parsing the whole state when it begins as ours do.
+
+    A bulk append's client CPU went mostly to ``json.loads`` of every event for this one
+    column. The short cut is taken only where it cannot disagree with the full parse of a JSON
+    document: the leading ``meta`` is the only key of that name and its ``workspace_id`` the
+    only one anywhere (``json.loads`` would take the last of repeated keys). Anything else, a
+    creation event carrying its ``workspace_id`` as payload among them, is parsed in full.
+    """
+    found = _LEADING_WORKSPACE.match(state)
+    if found is None or state.count(b'"meta":') != 1 or state.count(b'"workspace_id":') != 1:
+        return stored_workspace(state)
+    text = found.group(1)
+    workspace = known.get(text)
+    if workspace is None:
+        workspace = known[text] = UUID(text.decode())
+    return workspace
+
+
+def _succeeded(cursor: Cursor[DictRow]) -> bool:
+    """Whether the statement ``cursor`` ran last completed (its result came back without error)."""
+    result = cursor.pgresult
+    return result is not None and result.status == pq.ExecStatus.COMMAND_OK
+
+
+def _versions(unchanged: dict[Any, Any]) -> tuple[list[UUID], list[int]]:
+    """``unchanged_since`` as the two typed arrays the check takes."""
+    ids = [i if isinstance(i, UUID) else UUID(str(i)) for i in unchanged]
+    return ids, [int(v) for v in unchanged.values()]
 
 
 def stored_workspace(state: bytes) -> UUID | None:

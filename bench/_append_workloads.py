@@ -9,15 +9,22 @@ from __future__ import annotations
 import random
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import psycopg
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError, StoredEvent
+from eventsourcing.persistence import (
+    InfrastructureFactory,
+    IntegrityError,
+    StoredEvent,
+    TrackingRecorder,
+)
+from eventsourcing.utils import Environment
 from psycopg.conninfo import conninfo_to_dict
 
+from adapters.eventstore import Factory
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
 from domain.errors import Conflict
@@ -241,11 +248,20 @@ def bare_app(url: str, *, recorder: str, create_table: bool = False) -> BareApp:
     if recorder == "library":
         return BareApp(library_env(url, create_table=create_table))
     # Our recorder on the migrated schema: the application must be named like ours so the
-    # factory picks the agentworks_events table.
-    app_class = type("AgentWorks", (BareApp,), {"name": "AgentWorks"})
+    # factory picks the agentworks_events table, and its factory is chosen in code (as
+    # infra.bootstrap.StoredAgentWorks does): the env names no persistence module, so without
+    # it the library would fall back to its in-memory store.
     env = event_store_env(url, db_role="agentworks_app", pool_size=1)
-    app: BareApp = app_class(env)
-    return app
+    return OurStoreBareApp(env)
+
+
+class OurStoreBareApp(BareApp):
+    """The bare application on our event store (``adapters.eventstore.Factory``)."""
+
+    name = "AgentWorks"
+
+    def construct_factory(self, env: Environment) -> InfrastructureFactory[TrackingRecorder]:
+        return cast("InfrastructureFactory[TrackingRecorder]", Factory(env))
 
 
 class BareSaves:

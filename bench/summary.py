@@ -92,11 +92,14 @@ def rounds_note(count: int) -> str:
 # == the rows =====================================================================================
 
 
-#: The append run the summary cites: ``append.json`` is the run before the write-path changes.
-APPEND = "append_after_fixes.json"
-#: It was taken at 06:18 on a0c0d7d; the changes it measured were committed at 06:21 as 32ccf20
-#: ("Faster appends"). That results file records only the HEAD it ran on; later runs record
-#: whether the tree was clean (``provenance``), and then that is what the row says.
+#: The append run the summary cites (issue 17's write path, 2026-12-06); ``append_main.json`` is
+#: the same command on main just before it, ``append.json`` and ``append_after_fixes.json`` the
+#: runs of 2026-11-26 (see BENCHMARKS.md).
+APPEND = "append_issue17.json"
+APPEND_BEFORE = "append_main.json"
+#: Results files written before ``bench._provenance`` record only the HEAD they ran on:
+#: ``append_after_fixes.json`` was taken at 06:18 on a0c0d7d with the changes committed at 06:21
+#: as 32ccf20 ("Faster appends").
 APPEND_UNCOMMITTED = "a0c0d7d plus uncommitted changes (committed 3 min later as 32ccf20)"
 
 
@@ -140,6 +143,11 @@ def append_rows() -> list[Row]:
     def met(measure: str) -> str:
         return "yes" if budgets[measure]["met"] else "no"
 
+    before = load(APPEND_BEFORE)
+    main_commands = before["ratios"]["ours.move/16 ÷ es.save/16"]
+    assign = scenarios["ours.assign/16"]["median"]["ops_per_s"]
+    issue_met = commands >= 1.5 and assign >= 1000  # issue 17's targets
+
     return [
         Row(
             "append ≥ 3,000 single-event commands/s at 16 writers",
@@ -157,6 +165,21 @@ def append_rows() -> list[Row]:
             "the library's recorder (`es.save/16`), same rounds",
             f"recorder {met('ours.save/16 ÷ es.save/16 (recorder only)')}, commands "
             f"{met('ours.move/16 ÷ es.save/16 (commands)')}",
+            cite,
+        ),
+        Row(
+            f"commands (issue 17): whole command path ≥ 1.5{TIMES} bare eventsourcing at 16 "
+            "writers and ≥ 1,000 single-event commands/s",
+            f"`ours.move/16 ÷ es.save/16`: {per_round(command_rounds)} per round (median "
+            f"{commands:.2f}); {rate('ours.assign/16', '`assign_card`')}; CPU ceiling (both "
+            f"cores to itself) {n(scenarios['ours.assign/16']['cpu_ceiling_ops_per_s'])} "
+            "`assign_card`/s",
+            f"bare eventsourcing `save()`, same rounds: {rate('es.save/16', 'saves')}; main "
+            f"before this change, same command ({file_ref(APPEND_BEFORE)}, "
+            f"{before['provenance']['started_at'][11:16]} UTC, "
+            f"{loadavg(before['provenance']['loadavg_at_start'])}): "
+            f"{per_round(main_commands['per_round'])} (median {main_commands['median']:.2f})",
+            "yes" if issue_met else "no",
             cite,
         ),
         Row(

@@ -18,6 +18,8 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from contextvars import ContextVar
+from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -151,6 +153,28 @@ class CommandResult:
 
 
 @dataclass
+class _Reads:
+    """What one attempt at a command loaded, and at which versions.
+
+    With ``from_cache`` the attempt takes cached aggregates as they are, without asking the store
+    whether they moved on; the save then has the store check, in its transaction, that every
+    aggregate the attempt read but did not change is still at the version read (those it changed
+    are checked by their own new versions), and a stale read is a conflict like any other.
+    """
+
+    from_cache: bool
+    versions: dict[UUID, int] = field(default_factory=dict)
+    served_from_cache: bool = False
+
+    def unchanged_since(self, changed: list[Aggregate]) -> dict[UUID, int]:
+        written = {aggregate.id for aggregate in changed}
+        return {i: v for i, v in self.versions.items() if i not in written}
+
+
+_READS: ContextVar[_Reads | None] = ContextVar("agentworks_command_reads", default=None)
+
+
+@dataclass
 class Decision:
     """What one attempt at a command decided: the aggregates to save and the one it reports."""
 
@@ -179,8 +203,13 @@ class WriteSide(Application[UUID]):
         observe: CommandObserver = _unobserved,
         prices: PriceTable | None = None,
         settle_seconds: float = 5.0,
+        cached_reads: bool = False,
     ) -> None:
         super().__init__(env)
+        self.cached_reads = cached_reads and self.repository.cache is not None
+        """A command's first attempt decides on the cached aggregates without a round trip per
+        load, and its save has the store check what it read (``unchanged_since``). Only for a
+        store that makes that check: :class:`adapters.eventstore.EventStoreRecorder` does."""
         self.prices = prices or built_in_price_table()
         self.command_log = command_log
         self.retries = retries
@@ -273,8 +302,10 @@ class WriteSide(Application[UUID]):
         decide: Callable[[EventMeta], Decision],
         meta: EventMeta,
     ) -> CommandResult:
-        for attempt in range(self.retries + 1):
-            decision = decide(meta)
+        attempt, from_cache = 0, True
+        while True:
+            decision, reads = self._decide(decide, meta, from_cache=from_cache)
+            from_cache = False
             changed = [agg for agg in decision.changed if agg.pending_events]
             version = decision.target.version
             provisional = CommandResult(
@@ -282,7 +313,9 @@ class WriteSide(Application[UUID]):
                 extra=decision.extra,
             )  # fmt: skip
             try:
-                return self._save_with_record(changed, scope, cmd, digest, actor, provisional)
+                return self._save_with_record(
+                    changed, scope, cmd, digest, actor, provisional, reads
+                )
             except Unavailable as unknown:
                 if unknown.outcome != "unknown":
                     raise
@@ -296,12 +329,17 @@ class WriteSide(Application[UUID]):
                         "breaking; retry shortly",
                         retry_after_seconds=1.0,
                     ) from unknown
+                attempt += 1
                 continue
             except Conflict as error:
                 if isinstance(error, DuplicateCommand):
                     earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
                     if earlier is not None:
                         return earlier
+                elif reads.served_from_cache:
+                    # The cache was behind the store, which is no race lost: decide again at
+                    # once on the store's state, without spending a retry.
+                    continue
                 if attempt == self.retries:
                     raise Conflict(
                         f"{type(cmd).__name__} on {decision.kind} {decision.target.id} lost "
@@ -309,8 +347,27 @@ class WriteSide(Application[UUID]):
                     ) from error
                 # Jittered backoff: writers that retry in lockstep collide again.
                 time.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311
-                continue
-        raise AssertionError("unreachable")  # pragma: no cover
+                attempt += 1
+
+    def _decide(
+        self, decide: Callable[[EventMeta], Decision], meta: EventMeta, *, from_cache: bool
+    ) -> tuple[Decision, _Reads]:
+        """One decision, and what it read. A refusal decided on cached aggregates is decided again
+        on the store's: only current state may refuse a command (a stale version, a member added
+        elsewhere a moment ago)."""
+        reads = _Reads(from_cache=from_cache and self.cached_reads)
+        token = _READS.set(reads)
+        try:
+            try:
+                return decide(meta), reads
+            except AgentWorksError:
+                if not reads.served_from_cache:
+                    raise
+            reads = _Reads(from_cache=False)
+            _READS.set(reads)
+            return decide(meta), reads
+        finally:
+            _READS.reset(token)
 
     def _settle(self, unknown: Unavailable, scope: str, command_id: str) -> CommandResult | None:
         """The true outcome of a write whose commit was interrupted: its result if it committed,
@@ -350,9 +407,26 @@ class WriteSide(Application[UUID]):
         """Snapshots are a shortcut for reading, taken after the command committed: failing to
         write one must not turn a committed command into a failure."""
         try:
-            super()._take_snapshots(processing_event)
+            self._snapshot_saved(processing_event)
         except Unavailable:
             log.warning("command.snapshot_skipped: the database is unavailable")
+
+    def _snapshot_saved(self, processing_event: ProcessingEvent[UUID]) -> None:
+        """The library's snapshots, taken from the aggregate just saved where it is at the
+        snapshot's version: its state is the fold of its stored events, which the library would
+        read back (up to an interval of them) and replay for every snapshot."""
+        if self.snapshots is None or not self.snapshotting_intervals:
+            return
+        for event in processing_event.events:
+            aggregate = processing_event.aggregates.get(event.originator_id)
+            interval = self.snapshotting_intervals.get(type(aggregate))
+            if aggregate is None or interval is None or event.originator_version % interval:
+                continue
+            if aggregate.version != event.originator_version or self.snapshot_class is None:
+                self.take_snapshot(event.originator_id, version=event.originator_version)
+                continue
+            snapshot_class = getattr(type(aggregate), "Snapshot", self.snapshot_class)
+            self.snapshots.put([snapshot_class.take(aggregate)])
 
     def _save_with_record(
         self,
@@ -362,8 +436,10 @@ class WriteSide(Application[UUID]):
         digest: str,
         actor: Actor,
         provisional: CommandResult,
+        reads: _Reads,
     ) -> CommandResult:
-        """Save the events and the command's idempotency record, atomically."""
+        """Save the events and the command's idempotency record, atomically; and, when the
+        decision read cached aggregates, the store's check that they were current."""
         record = CommandRecord(
             scope=scope,
             command_id=str(cmd.command_id),
@@ -372,9 +448,30 @@ class WriteSide(Application[UUID]):
             actor=actor.user_id,
             result=provisional.as_dict(),
         )
-        recordings = self.save(*changed, command_record=record)
+        if reads.served_from_cache:
+            unchanged = reads.unchanged_since(changed)
+            recordings = self.save(*changed, command_record=record, unchanged_since=unchanged)
+        else:
+            recordings = self.save(*changed, command_record=record)
+        if self.cached_reads:
+            self._cache_saved(changed)
         position = max((r.notification.id for r in recordings), default=0)
         return replace(provisional, position=position)
+
+    def _cache_saved(self, saved: list[Aggregate]) -> None:
+        """Put copies of what a command saved in the cache: the next command on them then needs
+        no round trip to the store. (A fast-forwarding cache is otherwise only updated by reads;
+        copies, because the caller may go on changing its own instances.)"""
+        cache = self.repository.cache
+        assert cache is not None  # cached_reads needs one
+        for aggregate in saved:
+            try:
+                current = cache.get(aggregate.id).version
+            except KeyError:
+                current = 0
+            # Another thread may have cached a later version meanwhile; never go back.
+            if current < aggregate.version:
+                cache.put(aggregate.id, deepcopy(aggregate))
 
     def _earlier_result(
         self,
@@ -435,16 +532,39 @@ class WriteSide(Application[UUID]):
     def aggregate(
         self, cls: type[A], aggregate_id: UUID, *, version: int | None = None, copy: bool = True
     ) -> A:
-        """Load an aggregate; ``copy=False`` shares the cached instance, for reading only."""
+        """Load an aggregate; ``copy=False`` shares the cached instance, for reading only.
+
+        Inside a command's decision the load is noted (see :class:`_Reads`), and on a first
+        attempt with ``cached_reads`` a cached aggregate is taken without asking the store.
+        """
+        reads = _READS.get() if version is None else None
         try:
-            aggregate: Aggregate = self.repository.get(
-                aggregate_id, version=version, deepcopy_from_cache=copy
+            aggregate = (
+                self._cached(aggregate_id, copy=copy) if reads and reads.from_cache else None
             )
+            if aggregate is None:
+                aggregate = self.repository.get(
+                    aggregate_id, version=version, deepcopy_from_cache=copy
+                )
+            elif reads is not None:
+                reads.served_from_cache = True
         except AggregateNotFoundError:
             raise NotFound(f"{kind_of(cls)} {aggregate_id} does not exist") from None
         if not isinstance(aggregate, cls):
             raise NotFound(f"{kind_of(cls)} {aggregate_id} does not exist")
+        if reads is not None:
+            reads.versions.setdefault(aggregate.id, aggregate.version)
         return aggregate
+
+    def _cached(self, aggregate_id: UUID, *, copy: bool) -> Aggregate | None:
+        cache = self.repository.cache
+        try:
+            cached = cache.get(aggregate_id) if cache is not None else None
+        except KeyError:
+            return None
+        if not isinstance(cached, Aggregate):
+            return None
+        return deepcopy(cached) if copy and self.repository.deepcopy_from_cache else cached
 
     def load(
         self,

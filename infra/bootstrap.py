@@ -105,7 +105,14 @@ class StoredAgentWorks(AgentWorks):
     def __init__(
         self, env: dict[str, str], *, retries: int, observe: CommandObserver, settle_seconds: float
     ) -> None:
-        super().__init__(env, retries=retries, observe=observe, settle_seconds=settle_seconds)
+        # Our recorder checks a command's cached reads in its transaction (unchanged_since).
+        super().__init__(
+            env,
+            retries=retries,
+            observe=observe,
+            settle_seconds=settle_seconds,
+            cached_reads=True,
+        )
         self.command_log = PostgresCommandLog(self.store.datastore)
 
     def construct_factory(self, env: Environment) -> InfrastructureFactory[TrackingRecorder]:

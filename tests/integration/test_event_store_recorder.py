@@ -17,6 +17,7 @@ import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
@@ -28,7 +29,7 @@ from eventsourcing.persistence import IntegrityError, StoredEvent
 from eventsourcing.postgres import PostgresDatastore
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from adapters.eventstore import EventStoreRecorder
+from adapters.eventstore import EventStoreRecorder, StaleVersion
 from domain.idempotency import CommandRecord
 
 if TYPE_CHECKING:
@@ -434,3 +435,47 @@ def test_ranged_read_returns_each_aggregates_versions_between_its_bounds_in_log_
     ]
     assert [n.id for n in found] == sorted(n.id for n in found)
     assert recorder.select_positioned_ranges([]) == []
+
+
+# -- a write whose decision read an aggregate that moved on writes nothing -------------------------
+
+
+def test_write_is_refused_when_an_aggregate_it_read_has_moved_on(
+    database_url: str, datastores: list[PostgresDatastore]
+) -> None:
+    single = make_datastore(database_url, pool_size=1, max_overflow=0)
+    datastores.append(single)
+    recorder = make_recorder(single)
+    read = event()
+    recorder.insert_events([read])
+    record = CommandRecord(
+        scope="ws",
+        command_id=str(uuid4()),
+        command_type="MoveCard",
+        fingerprint="f",
+        actor="alice",
+        result={"kind": "card"},
+    )
+    # Current at version 1: the write goes through.
+    written = event()
+    recorder.insert_events(
+        [written], command_record=record, unchanged_since={read.originator_id: 1}
+    )
+    assert len(recorder.select_events(written.originator_id)) == 1
+
+    # The read aggregate moves on to version 2; a write that read version 1 is refused whole.
+    recorder.insert_events([event(read.originator_id, version=2)])
+    lost = event()
+    late = replace(record, command_id=str(uuid4()))
+    with pytest.raises(StaleVersion, match=str(read.originator_id)):
+        recorder.insert_events(
+            [lost], command_record=late, unchanged_since={read.originator_id: 1, uuid4(): 0}
+        )
+    assert recorder.select_events(lost.originator_id) == []
+    with psycopg.connect(database_url) as conn:
+        logged = conn.execute(
+            "SELECT count(*) FROM command_log WHERE command_id = %s", (late.command_id,)
+        ).fetchone()
+    assert logged == (0,)
+    assert _advisory_locks_held(database_url) == 0
+    assert recorder.insert_events([event()], unchanged_since={read.originator_id: 2}) is not None

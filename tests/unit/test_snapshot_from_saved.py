@@ -1,0 +1,25 @@
+"""Card snapshots are taken from the card just saved, not replayed from the store: they must be
+exactly the snapshots the library's replay would take."""
+
+from __future__ import annotations
+
+from aw_builders import World
+
+from commands import models as m
+from domain.card import Card
+
+
+def test_a_snapshot_taken_from_the_saved_card_is_the_replayed_one() -> None:
+    world = World.build()
+    app = world.app
+    lanes = ["Review", "Done", "In progress"]
+    for i in range(230):  # the card's version passes 100 and 200
+        app.move_card(m.MoveCard(card_id=world.card_id, to_lane=lanes[i % 3]), world.owner)
+    assert app.snapshots is not None
+    stored = list(app.snapshots.get(world.card_id))
+    assert [s.originator_version for s in stored] == [100, 200]
+    for snapshot in stored:
+        replayed = app.repository.get(world.card_id, version=snapshot.originator_version)
+        expected = Card.Snapshot.take(replayed)
+        assert (snapshot.topic, snapshot.state) == (expected.topic, expected.state)
+        assert snapshot.originator_version == replayed.version
