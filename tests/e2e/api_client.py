@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -196,3 +196,18 @@ def subscribe(
             )
         )
         yield Subscription(socket, "1")
+
+
+def first_change(
+    sub: Subscription, make_change: Callable[[], object], *, attempts: int = 20
+) -> dict[str, Any]:
+    """Cause changes until the subscription reports one: graphql-transport-ws says nothing when a
+    subscription has started on the server, so a change made right after subscribing may come
+    before it listens."""
+    for _ in range(attempts):
+        make_change()
+        try:
+            return sub.next(timeout=1.0)
+        except TimeoutError:
+            continue
+    raise AssertionError("the subscription never reported a change")

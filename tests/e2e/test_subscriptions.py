@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import pytest
-from api_client import PROTOCOL, Subscription, subscribe
+from api_client import PROTOCOL, Subscription, first_change, subscribe
 from e2e_stack import MakeStack, Stack
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -34,24 +33,11 @@ def live_stack(request: pytest.FixtureRequest, make_stack: MakeStack) -> Stack:
     return make_stack(broadcaster=request.param)
 
 
-def _first_event(
-    sub: Subscription, make_change: Callable[[], object], *, attempts: int = 20
-) -> dict[str, Any]:
-    """Cause changes until the (asynchronously started) subscription reports one."""
-    for _ in range(attempts):
-        make_change()
-        try:
-            return sub.next(timeout=1.0)
-        except TimeoutError:
-            continue
-    raise AssertionError("the subscription never reported a change")
-
-
 def test_board_changes_arrive_with_the_card_as_the_read_model_has_it(live_stack: Stack) -> None:
     alice, ws = live_stack.owner_with_workspace()
     pid = alice.create_project(ws, "P", [{"name": "Todo"}, {"name": "Doing"}])["project"]["id"]
     with subscribe(live_stack.ws_url, alice.token, BOARD_CHANGED, {"id": pid}) as sub:
-        first = _first_event(sub, lambda: alice.create_card(pid, "warm-up"))
+        first = first_change(sub, lambda: alice.create_card(pid, "warm-up"))
         assert first["data"]["boardChanged"]["kind"] == "card.created"
 
         card = alice.create_card(pid, "spec")["card"]
@@ -191,7 +177,7 @@ def test_a_token_in_the_handshake_header_also_authenticates(stack: Stack) -> Non
     with subscribe(
         stack.ws_url, alice.token, BOARD_CHANGED, {"id": pid}, auth_in_payload=False
     ) as sub:
-        event = _first_event(sub, lambda: alice.create_card(pid, "hello"))
+        event = first_change(sub, lambda: alice.create_card(pid, "hello"))
         assert event["data"]["boardChanged"]["kind"] == "card.created"
 
 
