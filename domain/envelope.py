@@ -99,9 +99,7 @@ def envelope_from_event(position: int, event: DomainEventProtocol[UUID]) -> Even
     aggregate = qualname.split(".", 1)[0]
     meta: dict[str, str] = dict(getattr(event, "meta", {}) or {})
     workspace = meta.get("workspace_id") or None
-    payload = {
-        key: json_safe(value) for key, value in state.items() if key not in _BASE_FIELDS
-    }
+    payload = {key: json_safe(value) for key, value in state.items() if key not in _BASE_FIELDS}
     return EventEnvelope(
         position=position,
         originator_id=event.originator_id,
