@@ -50,7 +50,9 @@ def orchestrator_thread(
     **config: Any,
 ) -> Iterator[Orchestrator]:
     """An orchestrator with a write side of its own, running in a thread until the block ends."""
-    write = build_write_side(database_url)
+    # Few connections: the tests run two orchestrators beside the fixture's write side, and
+    # the session keeps within its connection budget (tests/conftest.py).
+    write = build_write_side(database_url, pool_size=4)
     event_log = EventLog(write.recorder, write.mapper)  # type: ignore[arg-type]
     settings = {"heartbeat_interval": 1.0, "stale_after": 30.0, "backoff_base": 0.05, **config}
     orchestrator = Orchestrator(
