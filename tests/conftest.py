@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 
 #: Connections this session may hold at once on the shared PostgreSQL (README, "Tests"): the
 #: peak is measured from the server's side and a session above it fails.
-CONNECTION_BUDGET = int(os.environ.get("AGENTWORKS_TEST_CONNECTION_BUDGET", "40"))
+CONNECTION_BUDGET = int(os.environ.get("AGENTWORKS_TEST_CONNECTION_BUDGET", "48"))
 _gauge: pg.ConnectionGauge | None = None
+#: The test each per-test database belongs to, so that a peak names its test, not a random name.
+_database_owner: dict[str, str] = {}
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +62,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     over = _gauge.peak > CONNECTION_BUDGET
     lines = [
         f"PostgreSQL connections: peak {_gauge.peak} of a budget of {CONNECTION_BUDGET}"
-        " (AGENTWORKS_TEST_CONNECTION_BUDGET)" + (f", over it in: {_gauge.peak_at}" if over else "")
+        " (AGENTWORKS_TEST_CONNECTION_BUDGET), at its peak most in: "
+        f"{_gauge.peak_at} ({_database_owner.get(_gauge.peak_at, 'a session-wide database')})"
     ]
     if leaked:
         lines.append(f"databases a failed teardown left behind, dropped now: {', '.join(leaked)}")
@@ -84,9 +87,10 @@ def migrated_template(postgres: None) -> Iterator[str]:
 
 
 @pytest.fixture
-def database_url(migrated_template: str) -> Iterator[str]:
+def database_url(migrated_template: str, request: pytest.FixtureRequest) -> Iterator[str]:
     """URL of a fresh, migrated database of this test's own; dropped (connections and all)."""
     name = pg.random_name("aw_t_")
+    _database_owner[name] = request.node.nodeid
     url = pg.create_database(name, template=migrated_template)
     try:
         yield url
