@@ -100,7 +100,7 @@ def test_a_session_over_its_connection_budget_fails_and_says_where(
     assert result.returncode == 1, result.stdout
     assert "1 passed" in result.stdout
     assert "peak 5 of a budget of 3" in result.stdout, result.stdout
-    assert f"over it in: {prefix}" in result.stdout
+    assert f"at its peak most in: {prefix}" in result.stdout
     assert databases_named(prefix) == []
 
 
