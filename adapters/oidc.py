@@ -17,6 +17,7 @@ from typing import Any
 
 import jwt
 
+from adapters.tokens import refused
 from domain.errors import Unauthenticated, Unavailable
 
 ALGORITHMS = ("RS256", "ES256")
@@ -80,14 +81,8 @@ class OidcVerifier:
                 leeway=self._leeway,
                 options={"require": ["sub", "exp", "iss", "aud"]},
             )
-        except jwt.exceptions.ExpiredSignatureError as exc:
-            raise Unauthenticated("token has expired") from exc
-        except jwt.exceptions.InvalidAudienceError as exc:
-            raise Unauthenticated("token is not meant for this API (aud)") from exc
-        except jwt.exceptions.InvalidAlgorithmError as exc:
-            raise Unauthenticated("token must be signed with RS256 or ES256") from exc
         except jwt.exceptions.InvalidTokenError as exc:
-            raise Unauthenticated(f"token is invalid: {exc}") from exc
+            raise refused(exc, algorithms=" or ".join(ALGORITHMS)) from exc
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject:
             raise Unauthenticated("token 'sub' claim must be a non-empty string")

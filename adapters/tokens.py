@@ -82,18 +82,8 @@ def issue_token(
     if ttl_seconds <= 0:
         raise ValidationFailed(f"token lifetime must be positive, got {ttl_seconds} seconds")
     parsed_role = role if isinstance(role, Role) else Role.parse(role)
-    issued = now or datetime.now(UTC)
-    claims: dict[str, Any] = {
-        "sub": user_id,
-        "ws": workspace_id,
-        "role": parsed_role.value,
-        "iat": int(issued.timestamp()),
-        "exp": int((issued + timedelta(seconds=ttl_seconds)).timestamp()),
-    }
-    try:
-        return _jwt.encode(claims, key, algorithm=algorithm)
-    except (jwt.exceptions.InvalidKeyError, ValueError, TypeError) as exc:
-        raise InvalidKey(f"cannot sign a token with the configured {algorithm} key: {exc}") from exc
+    claims = {"sub": user_id, "ws": workspace_id, "role": parsed_role.value}
+    return _sign(claims, key, algorithm, issued=now or datetime.now(UTC), ttl_seconds=ttl_seconds)
 
 
 def issue_user_token(
@@ -109,14 +99,18 @@ def issue_user_token(
     key, algorithm = _one_key(secret=secret, asymmetric=private_key, asymmetric_name="private_key")
     if ttl_seconds <= 0:
         raise ValidationFailed(f"token lifetime must be positive, got {ttl_seconds} seconds")
-    issued = now or datetime.now(UTC)
-    claims = {
-        "sub": user_id,
-        "iat": int(issued.timestamp()),
-        "exp": int((issued + timedelta(seconds=ttl_seconds)).timestamp()),
-    }
+    claims = {"sub": user_id}
+    return _sign(claims, key, algorithm, issued=now or datetime.now(UTC), ttl_seconds=ttl_seconds)
+
+
+def _sign(
+    claims: dict[str, str], key: str, algorithm: str, *, issued: datetime, ttl_seconds: int
+) -> str:
+    """``claims`` signed, with ``iat`` and ``exp`` for a lifetime of ``ttl_seconds``."""
+    expires = issued + timedelta(seconds=ttl_seconds)
+    timed = {**claims, "iat": int(issued.timestamp()), "exp": int(expires.timestamp())}
     try:
-        return _jwt.encode(claims, key, algorithm=algorithm)
+        return _jwt.encode(timed, key, algorithm=algorithm)
     except (jwt.exceptions.InvalidKeyError, ValueError, TypeError) as exc:
         raise InvalidKey(f"cannot sign a token with the configured {algorithm} key: {exc}") from exc
 
@@ -150,29 +144,38 @@ def verify_token(
             leeway=leeway_seconds,
             options={"require": list(_REQUIRED_CLAIMS)},
         )
-    except jwt.exceptions.ExpiredSignatureError as exc:
-        raise Unauthenticated("token has expired") from exc
-    except jwt.exceptions.ImmatureSignatureError as exc:
-        raise Unauthenticated("token is not valid yet (iat or nbf in the future)") from exc
-    except jwt.exceptions.InvalidSignatureError as exc:
-        raise BadSignature("token signature does not verify") from exc
-    except jwt.exceptions.MissingRequiredClaimError as exc:
-        raise Unauthenticated(f"token lacks the {exc.claim!r} claim") from exc
-    except jwt.exceptions.InvalidAlgorithmError as exc:
-        raise Unauthenticated(f"token is not signed with {algorithm}") from exc
-    except jwt.exceptions.DecodeError as exc:
-        # The decoder's own words ("Invalid header padding", "Not enough segments") describe
-        # its internals, not what the caller sent.
-        raise Unauthenticated(
-            "malformed token: expected a JWT (three base64url parts joined by dots)"
-        ) from exc
     except jwt.exceptions.InvalidTokenError as exc:
-        raise Unauthenticated(f"token is invalid: {exc}") from exc
+        raise refused(exc, algorithms=algorithm) from exc
     except jwt.exceptions.InvalidKeyError as exc:
         raise InvalidKey(
             f"cannot verify tokens with the configured {algorithm} key: {exc}"
         ) from exc
     return _principal(claims)
+
+
+def refused(exc: jwt.exceptions.InvalidTokenError, *, algorithms: str) -> Unauthenticated:
+    """Why PyJWT refused a token, in the API's words; ``algorithms``: those it accepts, as
+    text. Shared with :mod:`adapters.oidc`, so both kinds of token are refused alike."""
+    match exc:
+        case jwt.exceptions.ExpiredSignatureError():
+            return Unauthenticated("token has expired")
+        case jwt.exceptions.ImmatureSignatureError():
+            return Unauthenticated("token is not valid yet (iat or nbf in the future)")
+        case jwt.exceptions.InvalidAudienceError():
+            return Unauthenticated("token is not meant for this API (aud)")
+        case jwt.exceptions.InvalidSignatureError():
+            return BadSignature("token signature does not verify")
+        case jwt.exceptions.MissingRequiredClaimError():
+            return Unauthenticated(f"token lacks the {exc.claim!r} claim")
+        case jwt.exceptions.InvalidAlgorithmError():
+            return Unauthenticated(f"token is not signed with {algorithms}")
+        case jwt.exceptions.DecodeError():
+            # The decoder's own words ("Invalid header padding", "Not enough segments")
+            # describe its internals, not what the caller sent.
+            return Unauthenticated(
+                "malformed token: expected a JWT (three base64url parts joined by dots)"
+            )
+    return Unauthenticated(f"token is invalid: {exc}")
 
 
 def _principal(claims: dict[str, Any]) -> Principal:

@@ -8,22 +8,15 @@ rule it implements (we round charges *up*, so we never under-bill).
 
 from __future__ import annotations
 
+import decimal
 import re
 from decimal import (
     MAX_EMAX,
     MIN_EMIN,
     ROUND_CEILING,
-    Clamped,
     Context,
     Decimal,
     DecimalException,
-    DivisionByZero,
-    Inexact,
-    InvalidOperation,
-    Overflow,
-    Rounded,
-    Subnormal,
-    Underflow,
     localcontext,
 )
 from typing import Final
@@ -41,14 +34,14 @@ _MAX_TEXT_LENGTH: Final[int] = 40
 _USD_PATTERN: Final[re.Pattern[str]] = re.compile(r"-?[0-9]+(?:\.[0-9]+)?", re.ASCII)
 _MARKUP_PATTERN: Final[re.Pattern[str]] = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
 _ALL_SIGNALS: Final[list[type[DecimalException]]] = [
-    Clamped,
-    DivisionByZero,
-    Inexact,
-    InvalidOperation,
-    Overflow,
-    Rounded,
-    Subnormal,
-    Underflow,
+    decimal.Clamped,
+    decimal.DivisionByZero,
+    decimal.Inexact,
+    decimal.InvalidOperation,
+    decimal.Overflow,
+    decimal.Rounded,
+    decimal.Subnormal,
+    decimal.Underflow,
 ]
 
 
