@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 from prometheus_client import (
@@ -72,6 +73,46 @@ def observe_command(command_type: str, traceparent: str) -> Iterator[str]:
             COMMAND_SECONDS.labels(command_type, outcome).observe(time.perf_counter() - started)
 
 
+class ProjectorStanding(NamedTuple):
+    name: str
+    position: int
+    swept_through: int
+    healed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """Where the log head, each relay and each projector stand, by name: what the lag metrics
+    export and ``agentworks status`` shows. Temporary projectors (a rebuild's ``name#…``) are
+    not listed."""
+
+    head: int
+    relays: list[tuple[str, int]]
+    projectors: list[ProjectorStanding]
+    parked: dict[str, int]
+    """Parked aggregates per projector, for those that have any."""
+
+
+def read_standing(conn: psycopg.Connection[Any]) -> Standing:
+    # A function: the API's role, under row-level security, sees no event itself.
+    row = conn.execute("SELECT agentworks_log_head()").fetchone()
+    relays = conn.execute("SELECT relay, position FROM relay_positions ORDER BY relay")
+    projectors = conn.execute(
+        "SELECT projector, position, swept_through, healed FROM projection_positions "
+        "WHERE projector NOT LIKE '%#%' ORDER BY projector"
+    )
+    parked = conn.execute(
+        "SELECT projector, count(*) FROM projection_parked "
+        "WHERE projector NOT LIKE '%#%' GROUP BY projector"
+    )
+    return Standing(
+        head=int(row[0]) if row else 0,
+        relays=[(name, int(position)) for name, position in relays],
+        projectors=[ProjectorStanding(n, int(p), int(s), int(h)) for n, p, s, h in projectors],
+        parked={name: int(count) for name, count in parked},
+    )
+
+
 class LagCollector(Collector):
     """Log head, relay and projector positions and lags, read from Postgres at scrape time."""
 
@@ -112,31 +153,20 @@ class LagCollector(Collector):
         )
         try:
             with psycopg.connect(self.database_url, connect_timeout=3) as conn:
-                # A function: the API's role, under row-level security, sees no event itself.
-                row = conn.execute("SELECT agentworks_log_head()").fetchone()
-                top = int(row[0]) if row else 0
-                relays = conn.execute("SELECT relay, position FROM relay_positions").fetchall()
-                projectors = conn.execute(
-                    "SELECT projector, position, swept_through, healed FROM projection_positions "
-                    "WHERE projector NOT LIKE '%#%'"
-                ).fetchall()
-                parked_counts: dict[str, int] = dict(
-                    conn.execute(
-                        "SELECT projector, count(*) FROM projection_parked "
-                        "WHERE projector NOT LIKE '%#%' GROUP BY projector"
-                    ).fetchall()
-                )
+                standing = read_standing(conn)
         except psycopg.Error:
             return
+        top = standing.head
         head.add_metric([], top)
-        for name, position in relays:
-            relay.add_metric([name], top - int(position))
-        for name, position, swept, from_store in projectors:
-            projector.add_metric([name], top - int(position))
-            unswept.add_metric([name], top - int(swept))
-            healed.add_metric([name], int(from_store))
-        for name in sorted({name for name, *_ in projectors} | set(parked_counts)):
-            parked.add_metric([name], int(parked_counts.get(name, 0)))
+        for name, position in standing.relays:
+            relay.add_metric([name], top - position)
+        for name, position, swept, from_store in standing.projectors:
+            projector.add_metric([name], top - position)
+            unswept.add_metric([name], top - swept)
+            healed.add_metric([name], from_store)
+        parked_counts = standing.parked
+        for name in sorted({name for name, *_ in standing.projectors} | set(parked_counts)):
+            parked.add_metric([name], parked_counts.get(name, 0))
         yield head
         yield relay
         yield projector

@@ -649,39 +649,30 @@ def status_command(data_dir: DataDirOption = None) -> None:
     """Where the log, the relay and every projector stand (lag in events)."""
     import psycopg
 
+    from adapters.metrics import read_standing
+
     settings = settings_for(data_dir)
-    url = database_url_for(settings)
-    with psycopg.connect(url) as conn:
-        head = conn.execute("SELECT coalesce(max(notification_id), 0) FROM agentworks_events")
-        head_position = int(head.fetchone()[0])  # type: ignore[index]
-        relays = conn.execute(
-            "SELECT relay, position, NULL FROM relay_positions ORDER BY relay"
-        ).fetchall()
-        projectors = conn.execute(
-            "SELECT projector, position, swept_through FROM projection_positions "
-            "WHERE projector NOT LIKE '%#%' ORDER BY projector"
-        ).fetchall()
-        parked: dict[str, int] = dict(
-            conn.execute(
-                "SELECT projector, count(*) FROM projection_parked "
-                "WHERE projector NOT LIKE '%#%' GROUP BY projector"
-            ).fetchall()
-        )
+    with psycopg.connect(database_url_for(settings)) as conn:
+        standing = read_standing(conn)
+    head_position, parked = standing.head, standing.parked
+    rows: list[tuple[str, str, int, int | None]] = [
+        *(("relay", name, position, None) for name, position in standing.relays),
+        *(("projector", p.name, p.position, p.swept_through) for p in standing.projectors),
+    ]
     table = Table(title=f"event log head: {head_position:,}")
     table.add_column("component")
     table.add_column("position", justify="right")
     table.add_column("lag", justify="right")
     table.add_column("swept through", justify="right")
     table.add_column("parked", justify="right")
-    for kind, rows in (("relay", relays), ("projector", projectors)):
-        for component, position, swept in rows:
-            table.add_row(
-                f"{kind} {component}",
-                f"{position:,}",
-                f"{head_position - position:,}",
-                "" if swept is None else f"{swept:,}",
-                "" if kind == "relay" else f"{parked.get(component, 0):,}",
-            )
+    for kind, component, position, swept in rows:
+        table.add_row(
+            f"{kind} {component}",
+            f"{position:,}",
+            f"{head_position - position:,}",
+            "" if swept is None else f"{swept:,}",
+            "" if kind == "relay" else f"{parked.get(component, 0):,}",
+        )
     Console().print(table)
     if any(parked.values()):
         Console(stderr=True).print(
