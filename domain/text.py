@@ -13,7 +13,7 @@ it is stored with U+FFFD in place of such characters (:func:`replace_unstorable`
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from domain.errors import ValidationFailed
 
@@ -54,23 +54,21 @@ def find_unstorable(value: object, where: str = "") -> tuple[str, str] | None:
     if isinstance(value, str):
         problem = text_problem(value)
         return None if problem is None else (where, problem)
+    entries: Iterable[tuple[object, object]]
     if isinstance(value, dict | Mapping):
-        for key, item in value.items():
-            if isinstance(key, str) and _UNSTORABLE.search(key) is not None:
-                return (f"{where or 'a'} key {key!r}", text_problem(key) or "")
-            if _nothing_to_find(item):
-                continue
-            found = find_unstorable(item, f"{where}.{key}" if where else str(key))
-            if found is not None:
-                return found
+        entries = value.items()
+    elif isinstance(value, list | tuple | set | frozenset):
+        entries = enumerate(value)
+    else:
         return None
-    if isinstance(value, list | tuple | set | frozenset):
-        for index, item in enumerate(value):
-            if _nothing_to_find(item):
-                continue
-            found = find_unstorable(item, f"{where}.{index}" if where else str(index))
-            if found is not None:
-                return found
+    for key, item in entries:
+        if isinstance(key, str) and _UNSTORABLE.search(key) is not None:
+            return (f"{where or 'a'} key {key!r}", text_problem(key) or "")
+        if _nothing_to_find(item):
+            continue
+        found = find_unstorable(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
     return None
 
 

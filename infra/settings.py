@@ -239,16 +239,9 @@ class Settings(BaseSettings):
     def _public_pem(cls, value: str | None) -> str | None:
         return None if value is None or value.strip() == "" else _unescape_pem(value)
 
-    @field_validator("jwt_private_key")
+    @field_validator("jwt_private_key", "audit_signing_key")
     @classmethod
     def _private_pem(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None or value.get_secret_value().strip() == "":
-            return None
-        return SecretStr(_unescape_pem(value.get_secret_value()))
-
-    @field_validator("audit_signing_key")
-    @classmethod
-    def _audit_pem(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or value.get_secret_value().strip() == "":
             return None
         return SecretStr(_unescape_pem(value.get_secret_value()))
