@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-import httpx
-
 from adapters.providers.base import (
     ChatRequest,
     SseProvider,
@@ -26,16 +24,12 @@ API_VERSION = "2023-06-01"
 
 class AnthropicProvider(SseProvider):
     name = "anthropic"
+    default_base_url = DEFAULT_BASE_URL
     path = "/v1/messages"
     event_noun = "an event"
 
-    def __init__(self, *, api_key: str, base_url: str = DEFAULT_BASE_URL,
-                 timeout: httpx.Timeout | None = None) -> None:  # fmt: skip
-        super().__init__(
-            base_url=base_url,
-            headers={"x-api-key": api_key, "anthropic-version": API_VERSION},
-            timeout=timeout,
-        )
+    def _headers(self, api_key: str) -> dict[str, str]:
+        return {"x-api-key": api_key, "anthropic-version": API_VERSION}
 
     def _body(self, request: ChatRequest) -> dict[str, object]:
         system = "\n".join(m["content"] for m in request.messages if m["role"] == "system")

@@ -164,6 +164,8 @@ class SseProvider(ABC):
     """
 
     name: str
+    default_base_url: str
+    """The provider's own API, for when no ``base_url`` is configured."""
     path: str
     """Where the call goes, below ``base_url``."""
     event_noun: str
@@ -171,15 +173,19 @@ class SseProvider(ABC):
     read."""
 
     def __init__(
-        self, *, base_url: str, headers: dict[str, str], timeout: httpx.Timeout | None
+        self, *, api_key: str, base_url: str | None = None, timeout: httpx.Timeout | None = None
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.base_url = (base_url or self.default_base_url).rstrip("/")
         self._client = httpx.AsyncClient(
-            timeout=timeout or httpx.Timeout(30.0, connect=5.0), headers=headers
+            timeout=timeout or httpx.Timeout(30.0, connect=5.0), headers=self._headers(api_key)
         )
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    @abstractmethod
+    def _headers(self, api_key: str) -> dict[str, str]:
+        """The headers of every call: how ``api_key`` authenticates, and any API version."""
 
     @abstractmethod
     def _body(self, request: ChatRequest) -> dict[str, object]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-import httpx
-
 from adapters.providers.base import ChatRequest, SseProvider, StreamBroken, Usage
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -18,14 +16,12 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 class OpenAIProvider(SseProvider):
     name = "openai"
+    default_base_url = DEFAULT_BASE_URL
     path = "/chat/completions"
     event_noun = "a chunk"
 
-    def __init__(self, *, api_key: str, base_url: str = DEFAULT_BASE_URL,
-                 timeout: httpx.Timeout | None = None) -> None:  # fmt: skip
-        super().__init__(
-            base_url=base_url, headers={"authorization": f"Bearer {api_key}"}, timeout=timeout
-        )
+    def _headers(self, api_key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {api_key}"}
 
     def _body(self, request: ChatRequest) -> dict[str, object]:
         return {
