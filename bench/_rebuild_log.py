@@ -323,9 +323,9 @@ class LogGenerator:
                 at = self._charge_time()
                 meta = self._meta(tenant, tenant.users[0])
                 if rnd.random() < 0.5:
-                    charge.credit(amount, "goodwill credit", at=at, meta=meta)
+                    charge.correct(amount, "goodwill credit", refund=False, at=at, meta=meta)
                 else:
-                    charge.refund(amount, "refund after review", at=at, meta=meta)
+                    charge.correct(amount, "refund after review", refund=True, at=at, meta=meta)
                 self.stats.corrections += 1
                 yield [charge]
         outcome = rnd.random()

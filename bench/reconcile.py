@@ -85,7 +85,7 @@ def generate(app: AgentWorks, events: int, workspaces: int, projects: int, seed:
             meta=metas[workspace_id],
         )
         if n % 20 == 0:
-            charge.credit(cost, "bench correction", at=at, meta=metas[workspace_id])
+            charge.correct(cost, "bench correction", refund=False, at=at, meta=metas[workspace_id])
         pending.extend(to_stored(event) for event in charge.collect_events())
         if len(pending) >= 5_000:
             app.recorder.insert_events(pending)

@@ -303,10 +303,9 @@ class RunCommands(WriteSide):
             month = self.spend_for(
                 self.aggregate(Workspace, charge.workspace_id), cmd.at, meta
             ).month
-            if cmd.refund:
-                charge.refund(amount, cmd.reason, at=cmd.at, meta=meta, billed_month=month)
-            else:
-                charge.credit(amount, cmd.reason, at=cmd.at, meta=meta, billed_month=month)
+            charge.correct(
+                amount, cmd.reason, refund=cmd.refund, at=cmd.at, meta=meta, billed_month=month
+            )
             return Decision(charge, "charge", [charge])
 
         return self.execute(cmd, actor, self._scope_hint(actor), decide)

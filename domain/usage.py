@@ -40,6 +40,18 @@ def spend_id_for(workspace_id: UUID, month: str) -> UUID:
     return uuid5(_SPEND, f"{workspace_id}:{month}")
 
 
+class _Correction(TenantAggregate.Event):
+    """What a charge's two corrections share; each names its own (the aggregate's events are
+    its nested classes, so this base stays outside)."""
+
+    amount_micros: int
+    reason: str
+    month: str
+
+    def apply(self, aggregate: UsageCharge) -> None:
+        aggregate.credited_micros += self.amount_micros
+
+
 class UsageCharge(TenantAggregate):
     """What one LLM call cost us and what we bill for it, plus any later corrections."""
 
@@ -69,25 +81,11 @@ class UsageCharge(TenantAggregate):
             aggregate.billed_micros = self.billed_micros
             aggregate.credited_micros = 0
 
-    class Credited(TenantAggregate.Event):
+    class Credited(_Correction):
         """A compensating credit: lowers what this charge bills, by an exact amount."""
 
-        amount_micros: int
-        reason: str
-        month: str
-
-        def apply(self, aggregate: UsageCharge) -> None:
-            aggregate.credited_micros += self.amount_micros
-
-    class Refunded(TenantAggregate.Event):
+    class Refunded(_Correction):
         """Money given back after invoicing; the amount leaves the workspace's balance."""
-
-        amount_micros: int
-        reason: str
-        month: str
-
-        def apply(self, aggregate: UsageCharge) -> None:
-            aggregate.credited_micros += self.amount_micros
 
     @classmethod
     def charge(
@@ -136,43 +134,18 @@ class UsageCharge(TenantAggregate):
     def net_micros(self) -> int:
         return self.billed_micros - self.credited_micros
 
-    def credit(
+    def correct(
         self,
         amount_micros: int,
         reason: str,
         *,
+        refund: bool,
         at: datetime,
         meta: EventMeta,
         billed_month: str | None = None,
     ) -> None:
-        """``billed_month``: the open month the credit lands in when ``at``'s is closed."""
-        self._compensate(
-            self.Credited, amount_micros, reason, at=at, meta=meta, billed_month=billed_month
-        )
-
-    def refund(
-        self,
-        amount_micros: int,
-        reason: str,
-        *,
-        at: datetime,
-        meta: EventMeta,
-        billed_month: str | None = None,
-    ) -> None:
-        self._compensate(
-            self.Refunded, amount_micros, reason, at=at, meta=meta, billed_month=billed_month
-        )
-
-    def _compensate(
-        self,
-        event_class: type[TenantAggregate.Event],
-        amount_micros: int,
-        reason: str,
-        *,
-        at: datetime,
-        meta: EventMeta,
-        billed_month: str | None = None,
-    ) -> None:
+        """Lower what this charge bills: a credit, or a ``refund`` once it was invoiced.
+        ``billed_month``: the open month the correction lands in when ``at``'s is closed."""
         if amount_micros <= 0:
             raise ValidationFailed(
                 f"a correction must be positive, got {format_usd(amount_micros)}"
@@ -185,7 +158,7 @@ class UsageCharge(TenantAggregate):
         if not reason.strip():
             raise ValidationFailed(f"a correction of charge {self.id} needs a reason")
         self._record(
-            event_class,
+            self.Refunded if refund else self.Credited,
             meta,
             amount_micros=amount_micros,
             reason=reason.strip(),

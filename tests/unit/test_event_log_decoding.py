@@ -129,7 +129,7 @@ def _every_kind_of_event() -> list[Aggregate]:
         billed_micros=4319,
         meta=meta,
     )
-    charge.credit(100, "sorry", at=at, meta=meta)
+    charge.correct(100, "sorry", refund=False, at=at, meta=meta)
     spend = MonthlySpend.open(workspace_id=ws, month="2025-01", meta=meta)
     spend.add(charge.id, 4319, meta=meta)
     run.fail("boom", meta=meta)

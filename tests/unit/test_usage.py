@@ -123,7 +123,7 @@ def test_charge_records_billing_facts_with_markup_as_text_and_the_call_time() ->
 
 def test_credit_lowers_the_net_amount() -> None:
     charge = make_charge(1_000)
-    charge.credit(300, "goodwill", at=AT, meta=m(charge))
+    charge.correct(300, "goodwill", refund=False, at=AT, meta=m(charge))
     (event,) = collect(charge)
     assert isinstance(event, UsageCharge.Credited)
     assert (event.amount_micros, event.reason, event.month) == (300, "goodwill", "2025-03")
@@ -132,7 +132,7 @@ def test_credit_lowers_the_net_amount() -> None:
 
 def test_refund_lowers_the_net_amount_too() -> None:
     charge = make_charge(1_000)
-    charge.refund(1_000, " outage ", at=AT + timedelta(days=40), meta=m(charge))
+    charge.correct(1_000, " outage ", refund=True, at=AT + timedelta(days=40), meta=m(charge))
     (event,) = collect(charge)
     assert isinstance(event, UsageCharge.Refunded)
     assert (event.reason, event.month) == ("outage", "2025-04")
@@ -141,44 +141,44 @@ def test_refund_lowers_the_net_amount_too() -> None:
 
 def test_corrections_cannot_exceed_the_net_amount() -> None:
     charge = make_charge(1_000)
-    charge.credit(600, "first", at=AT, meta=m(charge))
+    charge.correct(600, "first", refund=False, at=AT, meta=m(charge))
     collect(charge)
     with pytest.raises(InvalidTransition, match=str(charge.id)) as caught:
-        charge.refund(401, "second", at=AT, meta=m(charge))
+        charge.correct(401, "second", refund=True, at=AT, meta=m(charge))
     assert "0.000400" in caught.value.message
     assert "0.000401" in caught.value.message
     assert charge.net_micros == 400
     assert collect(charge) == []
-    charge.refund(400, "exactly the rest", at=AT, meta=m(charge))
+    charge.correct(400, "exactly the rest", refund=True, at=AT, meta=m(charge))
     assert charge.net_micros == 0
 
 
 def test_a_fully_corrected_charge_refuses_any_further_correction() -> None:
     charge = make_charge(10)
-    charge.credit(10, "all", at=AT, meta=m(charge))
+    charge.correct(10, "all", refund=False, at=AT, meta=m(charge))
     with pytest.raises(InvalidTransition, match=str(charge.id)):
-        charge.credit(1, "more", at=AT, meta=m(charge))
+        charge.correct(1, "more", refund=False, at=AT, meta=m(charge))
 
 
 @pytest.mark.parametrize("amount", [0, -5])
 def test_non_positive_correction_is_refused(amount: int) -> None:
     charge = make_charge()
     with pytest.raises(ValidationFailed, match="must be positive"):
-        charge.credit(amount, "x", at=AT, meta=m(charge))
+        charge.correct(amount, "x", refund=False, at=AT, meta=m(charge))
     assert charge.net_micros == 1_000
 
 
 def test_correction_without_a_reason_is_refused() -> None:
     charge = make_charge()
     with pytest.raises(ValidationFailed, match=str(charge.id)):
-        charge.credit(1, "   ", at=AT, meta=m(charge))
+        charge.correct(1, "   ", refund=False, at=AT, meta=m(charge))
     assert collect(charge) == []
 
 
 def test_correction_at_a_naive_time_is_refused() -> None:
     charge = make_charge()
     with pytest.raises(ValidationFailed, match="timezone-aware"):
-        charge.credit(1, "x", at=datetime(2025, 3, 1), meta=m(charge))
+        charge.correct(1, "x", refund=False, at=datetime(2025, 3, 1), meta=m(charge))
     assert charge.net_micros == 1_000
 
 
