@@ -19,7 +19,7 @@ from uuid import UUID
 from domain import events as ev
 from domain.events import EventPayload, events_of
 from domain.money import format_usd
-from projections.base import MEMO_DROPPED, BatchContext, Projector
+from projections.base import BatchContext, Projector, rebuild_memo
 from projections.batch import insert_rows
 
 if TYPE_CHECKING:
@@ -255,18 +255,8 @@ class ActivityProjector(Projector):
         In a rebuild the table holds only what this runner wrote, so it remembers every
         subject's newest item instead of asking.
         """
-        remembered: dict[UUID, Subject] = (
-            ctx.memo.setdefault(_MEMO_SUBJECTS, {}) if ctx.copy and ctx.exclusive else {}
-        )
-        if len(remembered) > MEMO_LIMIT:
-            remembered.clear()
-            ctx.memo[_MEMO_SUBJECTS + ".partial"] = True
-        complete = (
-            ctx.copy
-            and ctx.exclusive
-            and _MEMO_SUBJECTS + ".partial" not in ctx.memo
-            and MEMO_DROPPED not in ctx.memo
-        )
+        remembered: dict[UUID, Subject]
+        remembered, complete = rebuild_memo(ctx, _MEMO_SUBJECTS, MEMO_LIMIT)
         items: list[tuple[EventEnvelope, str, str, Summary, str | None, str | None]] = []
         ask: set[UUID] = set()
         seen: set[UUID] = set()

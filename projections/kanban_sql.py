@@ -134,11 +134,7 @@ def set_board_versions(
             " FROM unnest(%s::uuid[], %s::bigint[], %s::timestamptz[])"
             " AS v(id, version, at) WHERE p.project_id = v.id"
         ),
-        (
-            [k for k, _ in versions],
-            [v for _, (v, _) in versions],
-            [a for _, (_, a) in versions],
-        ),
+        columns_of([(k, v, a) for k, (v, a) in versions], 3),
     )
 
 
@@ -154,7 +150,7 @@ def add_card_counts(
             " FROM unnest(%s::uuid[], %s::text[], %s::integer[]) AS v(id, name, delta)"
             " WHERE l.project_id = v.id AND l.name = v.name"
         ),
-        ([k[0] for k, _ in counts], [k[1] for k, _ in counts], [d for _, d in counts]),
+        columns_of([(project, lane, d) for (project, lane), d in counts], 3),
     )
 
 
