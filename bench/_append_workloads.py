@@ -29,6 +29,7 @@ from commands import models as m
 from commands.handlers import Actor, AgentWorks
 from domain.errors import Conflict
 from infra.bootstrap import build_write_side, event_store_env
+from projections.batch import columns_of
 
 LANES = ("Todo", "Doing", "Review", "Done")
 CARDS_PER_BOARD = 20
@@ -349,63 +350,63 @@ class RawInserts:
 # -- (d) bulk ------------------------------------------------------------------------------------
 
 
-def _batch_rows(
-    rng: random.Random, payloads: list[bytes], topics: list[str], batch: int
-) -> list[StoredEvent]:
-    """``batch`` stored events: 10 originators (think: agent runs) x batch/10 new versions."""
-    originators = [UUID(int=rng.getrandbits(128), version=4) for _ in range(10)]
-    per = batch // len(originators)
-    return [
-        StoredEvent(
-            originator_id=oid,
-            originator_version=v,
-            topic=topics[(i * per + v) % len(topics)],
-            state=payloads[(i * per + v) % len(payloads)],
-        )
-        for i, oid in enumerate(originators)
-        for v in range(1, per + 1)
-    ]
+class _Batches:
+    """What the bulk runners share: each round, ``batch`` stored events of 10 fresh originators
+    (think: agent runs) x batch/10 new versions."""
 
-
-class RecorderBatches:
-    """``app.recorder.insert_events([...])`` of ``batch`` StoredEvents per call (our recorder)."""
-
-    def __init__(self, params: dict[str, Any], index: int) -> None:
-        self.app = build_write_side(params["url"], pool_size=1)
+    def __init__(self, params: dict[str, Any]) -> None:
         self.payloads = [bytes(p) for p in params["payloads"]]
         self.topics = list(params["topics"])
         self.batch = int(params["batch"])
         self.rng = random.Random(uuid.uuid4().int)  # fresh ids in every round
         self.info: dict[str, Any] = {}
 
-    def op(self) -> int:
-        rows = _batch_rows(self.rng, self.payloads, self.topics, self.batch)
-        ids = self.app.recorder.insert_events(rows)
-        return len(ids or ())
+    def rows(self) -> list[StoredEvent]:
+        originators = [UUID(int=self.rng.getrandbits(128), version=4) for _ in range(10)]
+        per = self.batch // len(originators)
+        payloads, topics = self.payloads, self.topics
+        return [
+            StoredEvent(
+                originator_id=oid,
+                originator_version=v,
+                topic=topics[(i * per + v) % len(topics)],
+                state=payloads[(i * per + v) % len(payloads)],
+            )
+            for i, oid in enumerate(originators)
+            for v in range(1, per + 1)
+        ]
 
     def counters(self) -> dict[str, int]:
         return {}
+
+
+class RecorderBatches(_Batches):
+    """``app.recorder.insert_events([...])`` of ``batch`` StoredEvents per call (our recorder)."""
+
+    def __init__(self, params: dict[str, Any], index: int) -> None:
+        super().__init__(params)
+        self.app = build_write_side(params["url"], pool_size=1)
+
+    def op(self) -> int:
+        ids = self.app.recorder.insert_events(self.rows())
+        return len(ids or ())
 
     def close(self) -> None:
         self.app.close()
 
 
-class RawBatches:
+class RawBatches(_Batches):
     """The same rows by raw psycopg: ``COPY ... FROM STDIN`` or one multi-row INSERT of four
     binary-format arrays through ``unnest`` (psycopg's text dumping of large arrays costs more
     client CPU than the server spends inserting)."""
 
     def __init__(self, params: dict[str, Any], index: int) -> None:
+        super().__init__(params)
         self.conn = psycopg.connect(params["url"])
         self.mode = params["mode"]
-        self.payloads = [bytes(p) for p in params["payloads"]]
-        self.topics = list(params["topics"])
-        self.batch = int(params["batch"])
-        self.rng = random.Random(uuid.uuid4().int)  # fresh ids in every round
-        self.info: dict[str, Any] = {}
 
     def op(self) -> int:
-        rows = _batch_rows(self.rng, self.payloads, self.topics, self.batch)
+        rows = [(r.originator_id, r.originator_version, r.topic, r.state) for r in self.rows()]
         with self.conn.cursor() as cur:
             if self.mode == "copy":
                 with cur.copy(
@@ -413,25 +414,17 @@ class RawBatches:
                     "FROM STDIN (FORMAT BINARY)"
                 ) as copy:
                     copy.set_types(["uuid", "int8", "text", "bytea"])
-                    for r in rows:
-                        copy.write_row((r.originator_id, r.originator_version, r.topic, r.state))
+                    for row in rows:
+                        copy.write_row(row)
             else:
                 cur.execute(
                     "INSERT INTO bench_raw (originator_id, originator_version, topic, state) "
                     "SELECT * FROM unnest(%b::uuid[], %b::bigint[], %b::text[], %b::bytea[])",
-                    (
-                        [r.originator_id for r in rows],
-                        [r.originator_version for r in rows],
-                        [r.topic for r in rows],
-                        [r.state for r in rows],
-                    ),
+                    columns_of(rows, 4),
                     prepare=True,
                 )
         self.conn.commit()
         return len(rows)
-
-    def counters(self) -> dict[str, int]:
-        return {}
 
     def close(self) -> None:
         self.conn.close()

@@ -38,7 +38,14 @@ from starlette.responses import JSONResponse, Response
 from adapters.postgres import API_ROLE, make_pool
 from domain.errors import Unauthenticated
 from domain.money import format_usd
-from projections.columns import CARD_SELECT, RUN_SELECT
+from projections.kanban_queries import (
+    LANE_CARDS_SQL,
+    LANES_SQL,
+    MEMBER_SQL,
+    PROJECTS_SQL,
+    SCOPE_SQL,
+)
+from projections.runs_queries import RUNS_SQL
 from read_api.auth import authenticate, workspace_uuid
 from read_api.services import JwtVerification
 
@@ -47,35 +54,9 @@ if TYPE_CHECKING:
     from psycopg.rows import DictRow
     from psycopg_pool import ConnectionPool
 
-SET_SCOPE = (
-    "SELECT set_config('agentworks.workspace_id', %s, true),"
-    " set_config('statement_timeout', %s, true)"
-)
-MEMBER = "SELECT 1 AS member FROM rm_members WHERE workspace_id = %s AND user_id = %s"
-PROJECT = (
-    "SELECT workspace_id, project_id, name, archived, version, created_at, updated_at"
-    " FROM rm_projects WHERE project_id = ANY(%s)"
-)
-LANES = (
-    "SELECT project_id, name, ord, wip_limit, card_count FROM rm_lanes"
-    " WHERE project_id = ANY(%s) ORDER BY project_id, ord"
-)
-LANE_CARDS = (
-    "SELECT k.ord AS page_index, c.* FROM unnest("
-    "%s::uuid[], %s::text[], %s::text[], %s::uuid[], %s::int[]"
-    ") WITH ORDINALITY AS k(project_id, lane, after_position, after_card_id, lim, ord)"
-    " CROSS JOIN LATERAL ("
-    f"  SELECT {CARD_SELECT} FROM rm_cards AS c"
-    "   WHERE c.project_id = k.project_id AND c.lane = k.lane AND NOT c.archived"
-    "   AND (k.after_position IS NULL OR (c.position, c.card_id)"
-    '        > (k.after_position COLLATE "C", k.after_card_id))'
-    "   ORDER BY c.position, c.card_id LIMIT k.lim"
-    " ) AS c ORDER BY k.ord, c.position, c.card_id"
-)
-RUNS = f"SELECT {RUN_SELECT} FROM rm_runs WHERE run_id = ANY(%s)"
-
-#: What one board read sends, in order; ``bench.graphql`` checks the API sends the same.
-STATEMENTS = (SET_SCOPE, MEMBER, PROJECT, LANES, LANE_CARDS, RUNS)
+#: What one board read sends, in order: the API's own statements; ``bench.graphql`` checks the
+#: API sends these, in this order.
+STATEMENTS = (SCOPE_SQL, MEMBER_SQL, PROJECTS_SQL, LANES_SQL, LANE_CARDS_SQL, RUNS_SQL)
 
 PAGE = 100  # cards(first: 100); the API reads one more row to know hasNextPage
 STATEMENT_TIMEOUT_MS = "10000"  # ApiServices.statement_timeout_ms
@@ -91,15 +72,15 @@ def read_board(
     """The board's JSON (``data.board`` of the GraphQL answer), read as ``ReadScope`` reads."""
     conn = pool.getconn()
     try:
-        conn.execute(SET_SCOPE, (str(workspace_id), STATEMENT_TIMEOUT_MS))
-        if conn.execute(MEMBER, (workspace_id, user_id)).fetchone() is None:
+        conn.execute(SCOPE_SQL, (str(workspace_id), STATEMENT_TIMEOUT_MS))
+        if conn.execute(MEMBER_SQL, (workspace_id, user_id)).fetchone() is None:
             return None
-        if not conn.execute(PROJECT, ([project_id],)).fetchall():
+        if not conn.execute(PROJECTS_SQL, ([project_id],)).fetchall():
             return None
-        lanes = conn.execute(LANES, ([project_id],)).fetchall()
+        lanes = conn.execute(LANES_SQL, ([project_id],)).fetchall()
         n = len(lanes)
         rows = conn.execute(
-            LANE_CARDS,
+            LANE_CARDS_SQL,
             ([project_id] * n, [lane["name"] for lane in lanes], [None] * n, [None] * n,
              [PAGE + 1] * n),
         ).fetchall()  # fmt: skip
@@ -112,7 +93,7 @@ def read_board(
             for row in pages[i][:PAGE]
             if row["last_run_id"] is not None
         ]
-        runs = {r["run_id"]: r for r in conn.execute(RUNS, (run_ids,)).fetchall()}
+        runs = {r["run_id"]: r for r in conn.execute(RUNS_SQL, (run_ids,)).fetchall()}
     finally:
         conn.rollback()
         pool.putconn(conn)

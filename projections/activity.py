@@ -16,59 +16,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from uuid import UUID
 
-from domain.events import (
-    AgentRunAttemptRecorded,
-    AgentRunCancelled,
-    AgentRunFailed,
-    AgentRunHeartbeat,
-    AgentRunLlmCallCompleted,
-    AgentRunLogChunkAppended,
-    AgentRunOutputRecorded,
-    AgentRunReclaimed,
-    AgentRunRequested,
-    AgentRunStarted,
-    AgentRunStepStarted,
-    AgentRunSucceeded,
-    AgentRunTimedOut,
-    CardArchived,
-    CardAssigned,
-    CardBlocked,
-    CardCreated,
-    CardEdited,
-    CardLabelled,
-    CardMoved,
-    CardRestored,
-    CardUnblocked,
-    CardUnlabelled,
-    EventPayload,
-    MonthlySpendAdded,
-    MonthlySpendClosed,
-    MonthlySpendCreditGranted,
-    MonthlySpendOpened,
-    MonthlySpendThresholdCrossed,
-    ProjectArchived,
-    ProjectCardLifted,
-    ProjectCardMoved,
-    ProjectCardPlaced,
-    ProjectCreated,
-    ProjectLaneAdded,
-    ProjectLaneRemoved,
-    ProjectLaneRenamed,
-    ProjectLanesReordered,
-    ProjectRenamed,
-    ProjectWipLimitSet,
-    WorkspaceCreated,
-    WorkspaceMemberAdded,
-    WorkspaceMemberRemoved,
-    WorkspacePlanSet,
-    WorkspaceRenamed,
-    WorkspaceRoleChanged,
-    WorkspaceSpendLimitSet,
-    WorkspaceStripeCustomerLinked,
-    events_of,
-)
+from domain import events as ev
+from domain.events import EventPayload, events_of
 from domain.money import format_usd
-from projections.base import MEMO_DROPPED, BatchContext, Projector
+from projections.base import BatchContext, Projector, rebuild_memo
 from projections.batch import insert_rows
 
 if TYPE_CHECKING:
@@ -92,19 +43,21 @@ def _kind(
 #: Event → (kind, summary from the payload).
 _WORKSPACE: dict[type[EventPayload], tuple[str, Summary]] = dict(
     [
-        _kind(WorkspaceCreated, "workspace.created", lambda p: f"created workspace {_q(p.name)}"),
         _kind(
-            WorkspaceRenamed, "workspace.renamed", lambda p: f"renamed workspace to {_q(p.name)}"
+            ev.WorkspaceCreated, "workspace.created", lambda p: f"created workspace {_q(p.name)}"
         ),
-        _kind(WorkspaceMemberAdded, "member.added", lambda p: f"added {p.user_id} as {p.role}"),
         _kind(
-            WorkspaceRoleChanged,
+            ev.WorkspaceRenamed, "workspace.renamed", lambda p: f"renamed workspace to {_q(p.name)}"
+        ),
+        _kind(ev.WorkspaceMemberAdded, "member.added", lambda p: f"added {p.user_id} as {p.role}"),
+        _kind(
+            ev.WorkspaceRoleChanged,
             "member.role_changed",
             lambda p: f"changed the role of {p.user_id} to {p.role}",
         ),
-        _kind(WorkspaceMemberRemoved, "member.removed", lambda p: f"removed member {p.user_id}"),
+        _kind(ev.WorkspaceMemberRemoved, "member.removed", lambda p: f"removed member {p.user_id}"),
         _kind(
-            WorkspacePlanSet,
+            ev.WorkspacePlanSet,
             "workspace.plan_set",
             lambda p: (
                 f"set the plan to markup {p.markup}x, billed in increments of"
@@ -112,7 +65,7 @@ _WORKSPACE: dict[type[EventPayload], tuple[str, Summary]] = dict(
             ),
         ),
         _kind(
-            WorkspaceSpendLimitSet,
+            ev.WorkspaceSpendLimitSet,
             "workspace.spend_limit_set",
             lambda p: (
                 "removed the monthly spend limit"
@@ -126,33 +79,33 @@ _WORKSPACE: dict[type[EventPayload], tuple[str, Summary]] = dict(
 _PROJECT: dict[type[EventPayload], tuple[str, Summary]] = dict(
     [
         _kind(
-            ProjectCreated,
+            ev.ProjectCreated,
             "project.created",
             lambda p: (
                 f"created project {_q(p.name)} with lanes "
                 + ", ".join(lane["name"] for lane in p.lanes)
             ),
         ),
-        _kind(ProjectRenamed, "project.renamed", lambda p: f"renamed project to {_q(p.name)}"),
-        _kind(ProjectArchived, "project.archived", lambda p: "archived the project"),
+        _kind(ev.ProjectRenamed, "project.renamed", lambda p: f"renamed project to {_q(p.name)}"),
+        _kind(ev.ProjectArchived, "project.archived", lambda p: "archived the project"),
         _kind(
-            ProjectLaneAdded,
+            ev.ProjectLaneAdded,
             "lane.added",
             lambda p: f"added lane {_q(p.name)}" + _wip(p.wip_limit),
         ),
         _kind(
-            ProjectLaneRenamed,
+            ev.ProjectLaneRenamed,
             "lane.renamed",
             lambda p: f"renamed lane {_q(p.lane)} to {_q(p.name)}",
         ),
         _kind(
-            ProjectLanesReordered,
+            ev.ProjectLanesReordered,
             "lanes.reordered",
             lambda p: "reordered lanes: " + ", ".join(p.order),
         ),
-        _kind(ProjectLaneRemoved, "lane.removed", lambda p: f"removed lane {_q(p.lane)}"),
+        _kind(ev.ProjectLaneRemoved, "lane.removed", lambda p: f"removed lane {_q(p.lane)}"),
         _kind(
-            ProjectWipLimitSet,
+            ev.ProjectWipLimitSet,
             "lane.wip_limit_set",
             lambda p: (
                 f"removed the WIP limit of {p.lane}"
@@ -165,10 +118,10 @@ _PROJECT: dict[type[EventPayload], tuple[str, Summary]] = dict(
 
 _CARD: dict[type[EventPayload], tuple[str, Summary]] = dict(
     [
-        _kind(CardCreated, "card.created", lambda p: f"created card {_q(p.title)} in {p.lane}"),
-        _kind(CardEdited, "card.edited", lambda p: f"edited card {_q(p.title)}"),
+        _kind(ev.CardCreated, "card.created", lambda p: f"created card {_q(p.title)} in {p.lane}"),
+        _kind(ev.CardEdited, "card.edited", lambda p: f"edited card {_q(p.title)}"),
         _kind(
-            CardMoved,
+            ev.CardMoved,
             "card.moved",
             lambda p: (
                 f"moved card from {p.from_lane} to {p.to_lane}"
@@ -177,34 +130,34 @@ _CARD: dict[type[EventPayload], tuple[str, Summary]] = dict(
             ),
         ),
         _kind(
-            CardAssigned,
+            ev.CardAssigned,
             "card.assigned",
             lambda p: "unassigned card" if p.assignee is None else f"assigned card to {p.assignee}",
         ),
-        _kind(CardLabelled, "card.labelled", lambda p: f"labelled card {_q(p.label)}"),
+        _kind(ev.CardLabelled, "card.labelled", lambda p: f"labelled card {_q(p.label)}"),
         _kind(
-            CardUnlabelled, "card.unlabelled", lambda p: f"removed label {_q(p.label)} from card"
+            ev.CardUnlabelled, "card.unlabelled", lambda p: f"removed label {_q(p.label)} from card"
         ),
-        _kind(CardBlocked, "card.blocked", lambda p: f"blocked card: {p.reason}"),
-        _kind(CardUnblocked, "card.unblocked", lambda p: "unblocked card"),
-        _kind(CardArchived, "card.archived", lambda p: "archived card"),
-        _kind(CardRestored, "card.restored", lambda p: f"restored card to {p.lane}"),
+        _kind(ev.CardBlocked, "card.blocked", lambda p: f"blocked card: {p.reason}"),
+        _kind(ev.CardUnblocked, "card.unblocked", lambda p: "unblocked card"),
+        _kind(ev.CardArchived, "card.archived", lambda p: "archived card"),
+        _kind(ev.CardRestored, "card.restored", lambda p: f"restored card to {p.lane}"),
     ]
 )
 
 _RUN: dict[type[EventPayload], tuple[str, Summary]] = dict(
     [
         _kind(
-            AgentRunRequested,
+            ev.AgentRunRequested,
             "run.requested",
             lambda p: f"requested agent {_q(p.agent)}" + (f" on {p.model}" if p.model else ""),
         ),
-        _kind(AgentRunStarted, "run.started", lambda p: f"agent run started on {p.worker}"),
-        _kind(AgentRunSucceeded, "run.succeeded", lambda p: "agent run succeeded"),
-        _kind(AgentRunFailed, "run.failed", lambda p: f"agent run failed: {p.error}"),
-        _kind(AgentRunCancelled, "run.cancelled", lambda p: f"agent run cancelled: {p.reason}"),
+        _kind(ev.AgentRunStarted, "run.started", lambda p: f"agent run started on {p.worker}"),
+        _kind(ev.AgentRunSucceeded, "run.succeeded", lambda p: "agent run succeeded"),
+        _kind(ev.AgentRunFailed, "run.failed", lambda p: f"agent run failed: {p.error}"),
+        _kind(ev.AgentRunCancelled, "run.cancelled", lambda p: f"agent run cancelled: {p.reason}"),
         _kind(
-            AgentRunTimedOut,
+            ev.AgentRunTimedOut,
             "run.timed_out",
             lambda p: f"agent run timed out after {p.after_seconds}s",
         ),
@@ -214,7 +167,7 @@ _RUN: dict[type[EventPayload], tuple[str, Summary]] = dict(
 _SPEND: dict[type[EventPayload], tuple[str, Summary]] = dict(
     [
         _kind(
-            MonthlySpendThresholdCrossed,
+            ev.MonthlySpendThresholdCrossed,
             "budget.threshold",
             lambda p: (
                 f"spend in {p.month} reached {p.threshold}% of the monthly limit "
@@ -262,21 +215,21 @@ class ActivityProjector(Projector):
     handles: ClassVar[frozenset[type[EventPayload]]] = frozenset(DESCRIBED)
     ignores: ClassVar[frozenset[type[EventPayload]]] = frozenset(
         {
-            AgentRunAttemptRecorded,
-            AgentRunHeartbeat,
-            AgentRunLlmCallCompleted,
-            AgentRunLogChunkAppended,
-            AgentRunOutputRecorded,
-            AgentRunReclaimed,
-            AgentRunStepStarted,
-            MonthlySpendAdded,
-            MonthlySpendClosed,
-            MonthlySpendCreditGranted,
-            MonthlySpendOpened,
-            ProjectCardLifted,
-            ProjectCardMoved,
-            ProjectCardPlaced,
-            WorkspaceStripeCustomerLinked,
+            ev.AgentRunAttemptRecorded,
+            ev.AgentRunHeartbeat,
+            ev.AgentRunLlmCallCompleted,
+            ev.AgentRunLogChunkAppended,
+            ev.AgentRunOutputRecorded,
+            ev.AgentRunReclaimed,
+            ev.AgentRunStepStarted,
+            ev.MonthlySpendAdded,
+            ev.MonthlySpendClosed,
+            ev.MonthlySpendCreditGranted,
+            ev.MonthlySpendOpened,
+            ev.ProjectCardLifted,
+            ev.ProjectCardMoved,
+            ev.ProjectCardPlaced,
+            ev.WorkspaceStripeCustomerLinked,
         }
     ) | events_of(
         "ApiKey",
@@ -302,24 +255,14 @@ class ActivityProjector(Projector):
         In a rebuild the table holds only what this runner wrote, so it remembers every
         subject's newest item instead of asking.
         """
-        remembered: dict[UUID, Subject] = (
-            ctx.memo.setdefault(_MEMO_SUBJECTS, {}) if ctx.copy and ctx.exclusive else {}
-        )
-        if len(remembered) > MEMO_LIMIT:
-            remembered.clear()
-            ctx.memo[_MEMO_SUBJECTS + ".partial"] = True
-        complete = (
-            ctx.copy
-            and ctx.exclusive
-            and _MEMO_SUBJECTS + ".partial" not in ctx.memo
-            and MEMO_DROPPED not in ctx.memo
-        )
+        remembered: dict[UUID, Subject]
+        remembered, complete = rebuild_memo(ctx, _MEMO_SUBJECTS, MEMO_LIMIT)
         items: list[tuple[EventEnvelope, str, str, Summary, str | None, str | None]] = []
         ask: set[UUID] = set()
         seen: set[UUID] = set()
         for env in envelopes:
-            ev = env.event
-            described = DESCRIBED.get(type(ev))
+            event = env.event
+            described = DESCRIBED.get(type(event))
             if described is None:
                 continue
             workspace_id = env.workspace_id
@@ -383,11 +326,13 @@ def _given(family: str, env: EventEnvelope) -> Subject:
         return None, None
     if family == "project":
         return None, str(env.originator_id)
-    ev = env.event
+    event = env.event
     if family == "card":
-        return str(env.originator_id), _text(ev.project_id if isinstance(ev, CardCreated) else None)
-    if isinstance(ev, AgentRunRequested):
-        return _text(ev.card_id), _text(ev.project_id)
+        return str(env.originator_id), _text(
+            event.project_id if isinstance(event, ev.CardCreated) else None
+        )
+    if isinstance(event, ev.AgentRunRequested):
+        return _text(event.card_id), _text(event.project_id)
     return None, None
 
 

@@ -80,6 +80,23 @@ class BatchContext:
 MEMO_DROPPED = "runner.memo_dropped"
 
 
+def rebuild_memo(ctx: BatchContext, key: str, limit: int) -> tuple[dict[Any, Any], bool]:
+    """A projector's memory of the rows it wrote, kept in ``ctx.memo`` under ``key``, and whether
+    it holds all of them (then what it lacks is not in the tables either).
+
+    Only a rebuild (``copy`` and ``exclusive``) remembers across batches; any other batch gets a
+    fresh, empty memory that knows nothing. Past ``limit`` entries the memory is emptied and is
+    never complete again, nor once the runner dropped it (:data:`MEMO_DROPPED`).
+    """
+    if not (ctx.copy and ctx.exclusive):
+        return {}, False
+    remembered: dict[Any, Any] = ctx.memo.setdefault(key, {})
+    if len(remembered) > limit:
+        remembered.clear()
+        ctx.memo[key + ".partial"] = True
+    return remembered, key + ".partial" not in ctx.memo and MEMO_DROPPED not in ctx.memo
+
+
 class Projector(ABC):
     """A named read model: the aggregates it follows, the tables it owns, and its fold.
 

@@ -11,52 +11,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from uuid import UUID
 
-from domain.events import (
-    AgentRunAttemptRecorded,
-    AgentRunCancelled,
-    AgentRunFailed,
-    AgentRunHeartbeat,
-    AgentRunLlmCallCompleted,
-    AgentRunLogChunkAppended,
-    AgentRunOutputRecorded,
-    AgentRunReclaimed,
-    AgentRunRequested,
-    AgentRunStarted,
-    AgentRunStepStarted,
-    AgentRunSucceeded,
-    AgentRunTimedOut,
-    CardArchived,
-    CardAssigned,
-    CardBlocked,
-    CardCreated,
-    CardEdited,
-    CardLabelled,
-    CardMoved,
-    CardRestored,
-    CardUnblocked,
-    CardUnlabelled,
-    EventPayload,
-    ProjectArchived,
-    ProjectCardLifted,
-    ProjectCardMoved,
-    ProjectCardPlaced,
-    ProjectCreated,
-    ProjectLaneAdded,
-    ProjectLaneRemoved,
-    ProjectLaneRenamed,
-    ProjectLanesReordered,
-    ProjectRenamed,
-    ProjectWipLimitSet,
-    WorkspaceCreated,
-    WorkspaceMemberAdded,
-    WorkspaceMemberRemoved,
-    WorkspacePlanSet,
-    WorkspaceRenamed,
-    WorkspaceRoleChanged,
-    WorkspaceSpendLimitSet,
-    WorkspaceStripeCustomerLinked,
-    events_of,
-)
+from domain import events as ev
+from domain.events import EventPayload, events_of
 from projections import kanban_sql as sql
 from projections.base import MEMO_DROPPED, BatchContext, Change, Projector
 
@@ -121,62 +77,70 @@ def run_changed(
 #: Card and run events the batch path folds; every other handled event is applied on its own,
 #: in its place, after what came before it has been written.
 CardUpdate = (
-    CardEdited
-    | CardMoved
-    | CardAssigned
-    | CardBlocked
-    | CardUnblocked
-    | CardArchived
-    | CardRestored
+    ev.CardEdited
+    | ev.CardMoved
+    | ev.CardAssigned
+    | ev.CardBlocked
+    | ev.CardUnblocked
+    | ev.CardArchived
+    | ev.CardRestored
 )
 _CARD_UPDATES: frozenset[type[EventPayload]] = frozenset(
-    {CardEdited, CardMoved, CardAssigned, CardBlocked, CardUnblocked, CardArchived, CardRestored}
+    {
+        ev.CardEdited,
+        ev.CardMoved,
+        ev.CardAssigned,
+        ev.CardBlocked,
+        ev.CardUnblocked,
+        ev.CardArchived,
+        ev.CardRestored,
+    }
 )
 
 
-def card_columns(ev: CardUpdate) -> dict[str, Any]:
+def card_columns(event: CardUpdate) -> dict[str, Any]:
     """The card columns an update event sets, and their new values."""
-    if isinstance(ev, CardEdited):
-        return {"title": ev.title, "description": ev.description}
-    if isinstance(ev, CardMoved):
-        return {"lane": ev.to_lane, "position": ev.position}
-    if isinstance(ev, CardAssigned):
-        return {"assignee": ev.assignee}
-    if isinstance(ev, CardBlocked):
-        return {"blocked_reason": ev.reason}
-    if isinstance(ev, CardUnblocked):
+    if isinstance(event, ev.CardEdited):
+        return {"title": event.title, "description": event.description}
+    if isinstance(event, ev.CardMoved):
+        return {"lane": event.to_lane, "position": event.position}
+    if isinstance(event, ev.CardAssigned):
+        return {"assignee": event.assignee}
+    if isinstance(event, ev.CardBlocked):
+        return {"blocked_reason": event.reason}
+    if isinstance(event, ev.CardUnblocked):
         return {"blocked_reason": None}
-    if isinstance(ev, CardArchived):
+    if isinstance(event, ev.CardArchived):
         return {"archived": True}
-    return {"archived": False, "lane": ev.lane, "position": ev.position}
+    return {"archived": False, "lane": event.lane, "position": event.position}
 
 
 CARD_CHANGE_KINDS: dict[type[EventPayload], str] = {
-    CardMoved: "card.moved",
-    CardArchived: "card.archived",
-    CardRestored: "card.restored",
+    ev.CardMoved: "card.moved",
+    ev.CardArchived: "card.archived",
+    ev.CardRestored: "card.restored",
 }
 _RUN_STATUS: frozenset[type[EventPayload]] = frozenset(
     {
-        AgentRunStarted,
-        AgentRunSucceeded,
-        AgentRunFailed,
-        AgentRunCancelled,
-        AgentRunTimedOut,
+        ev.AgentRunStarted,
+        ev.AgentRunSucceeded,
+        ev.AgentRunFailed,
+        ev.AgentRunCancelled,
+        ev.AgentRunTimedOut,
     }
 )
 _FOLDED: frozenset[type[EventPayload]] = frozenset(
     {
-        CardCreated,
-        CardLabelled,
-        CardUnlabelled,
+        ev.CardCreated,
+        ev.CardLabelled,
+        ev.CardUnlabelled,
         *_CARD_UPDATES,
-        AgentRunRequested,
-        AgentRunLlmCallCompleted,
+        ev.AgentRunRequested,
+        ev.AgentRunLlmCallCompleted,
         *_RUN_STATUS,
-        ProjectCardPlaced,
-        ProjectCardMoved,
-        ProjectCardLifted,
+        ev.ProjectCardPlaced,
+        ev.ProjectCardMoved,
+        ev.ProjectCardLifted,
     }
 )
 
@@ -217,22 +181,22 @@ def _step(event: type[E], write: Callable[[Cursor[DictRow], Tables, EventEnvelop
 #: event → (its statements, the board change it makes).
 _APPLIED: dict[type[EventPayload], tuple[_Write, str]] = dict(
     [
-        _step(WorkspaceCreated, sql.workspace_created),
-        _step(WorkspaceRenamed, sql.workspace_changed),
-        _step(WorkspacePlanSet, sql.workspace_changed),
-        _step(WorkspaceSpendLimitSet, sql.workspace_changed),
-        _step(WorkspaceStripeCustomerLinked, sql.workspace_changed),
-        _step(WorkspaceMemberAdded, sql.member_set),
-        _step(WorkspaceRoleChanged, sql.member_set),
-        _step(WorkspaceMemberRemoved, sql.member_removed),
-        _step(ProjectCreated, sql.project_created, "board.created"),
-        _step(ProjectRenamed, sql.project_changed, "board.updated"),
-        _step(ProjectArchived, sql.project_changed, "board.updated"),
-        _step(ProjectLaneAdded, sql.lane_added, "lane.added"),
-        _step(ProjectLaneRenamed, sql.lane_renamed, "lane.renamed"),
-        _step(ProjectLanesReordered, sql.lanes_reordered, "lanes.reordered"),
-        _step(ProjectLaneRemoved, sql.lane_removed, "lane.removed"),
-        _step(ProjectWipLimitSet, sql.wip_limit_set, "lane.wip_limit"),
+        _step(ev.WorkspaceCreated, sql.workspace_created),
+        _step(ev.WorkspaceRenamed, sql.workspace_changed),
+        _step(ev.WorkspacePlanSet, sql.workspace_changed),
+        _step(ev.WorkspaceSpendLimitSet, sql.workspace_changed),
+        _step(ev.WorkspaceStripeCustomerLinked, sql.workspace_changed),
+        _step(ev.WorkspaceMemberAdded, sql.member_set),
+        _step(ev.WorkspaceRoleChanged, sql.member_set),
+        _step(ev.WorkspaceMemberRemoved, sql.member_removed),
+        _step(ev.ProjectCreated, sql.project_created, "board.created"),
+        _step(ev.ProjectRenamed, sql.project_changed, "board.updated"),
+        _step(ev.ProjectArchived, sql.project_changed, "board.updated"),
+        _step(ev.ProjectLaneAdded, sql.lane_added, "lane.added"),
+        _step(ev.ProjectLaneRenamed, sql.lane_renamed, "lane.renamed"),
+        _step(ev.ProjectLanesReordered, sql.lanes_reordered, "lanes.reordered"),
+        _step(ev.ProjectLaneRemoved, sql.lane_removed, "lane.removed"),
+        _step(ev.ProjectWipLimitSet, sql.wip_limit_set, "lane.wip_limit"),
     ]
 )
 
@@ -250,12 +214,12 @@ class KanbanProjector(Projector):
     handles: ClassVar[frozenset[type[EventPayload]]] = _FOLDED | frozenset(_APPLIED)
     ignores: ClassVar[frozenset[type[EventPayload]]] = frozenset(
         {
-            AgentRunAttemptRecorded,
-            AgentRunHeartbeat,
-            AgentRunLogChunkAppended,
-            AgentRunOutputRecorded,
-            AgentRunReclaimed,
-            AgentRunStepStarted,
+            ev.AgentRunAttemptRecorded,
+            ev.AgentRunHeartbeat,
+            ev.AgentRunLogChunkAppended,
+            ev.AgentRunOutputRecorded,
+            ev.AgentRunReclaimed,
+            ev.AgentRunStepStarted,
         }
     ) | events_of(
         "ApiKey",
@@ -282,20 +246,20 @@ class KanbanProjector(Projector):
         """
         segment: list[EventEnvelope] = []
         for env in envelopes:
-            ev = env.event
-            if type(ev) in _FOLDED:
+            event = env.event
+            if type(event) in _FOLDED:
                 segment.append(env)
                 continue
-            applied = _APPLIED.get(type(ev))
+            applied = _APPLIED.get(type(event))
             if applied is None:
                 continue
             self._fold(ctx, segment)
             segment = []
             write, change = applied
-            write(ctx.cur, ctx.tables, env, ev)
+            write(ctx.cur, ctx.tables, env, event)
             if change and ctx.changes is not None:
                 board_changed(env, ctx.changes, change)
-            if isinstance(ev, ProjectLaneRenamed):
+            if isinstance(event, ev.ProjectLaneRenamed):
                 ctx.memo.pop(_MEMO_CARDS, None)  # it rewrote cards behind the memo's back
                 ctx.memo[_MEMO_COMPLETE] = False
         self._fold(ctx, segment)
@@ -306,37 +270,37 @@ class KanbanProjector(Projector):
         seg = _Segment(ctx)
         self._load_cards(seg, envelopes)
         for env in envelopes:
-            ev = env.event
-            if isinstance(ev, CardUpdate):
-                self._fold_card_update(seg, env, ev)
-            elif isinstance(ev, ProjectCardMoved):
-                if ev.from_lane != ev.to_lane:
-                    self._fold_count(seg, env, ev.from_lane, -1)
-                    self._fold_count(seg, env, ev.to_lane, +1)
+            event = env.event
+            if isinstance(event, CardUpdate):
+                self._fold_card_update(seg, env, event)
+            elif isinstance(event, ev.ProjectCardMoved):
+                if event.from_lane != event.to_lane:
+                    self._fold_count(seg, env, event.from_lane, -1)
+                    self._fold_count(seg, env, event.to_lane, +1)
                 seg.touched[str(env.originator_id)] = (env.originator_version, env.timestamp)
-            elif isinstance(ev, AgentRunLlmCallCompleted):
-                self._fold_run(seg, env, ev, None, 0, int(ev.billed_micros))
-                self._run_changed_in(ctx, env, ev.project_id, ev.card_id)
-            elif isinstance(ev, CardLabelled | CardUnlabelled):
-                self._fold_labels(seg, env, ev)
-            elif type(ev) in _RUN_STATUS:
+            elif isinstance(event, ev.AgentRunLlmCallCompleted):
+                self._fold_run(seg, env, event, None, 0, int(event.billed_micros))
+                self._run_changed_in(ctx, env, event.project_id, event.card_id)
+            elif isinstance(event, ev.CardLabelled | ev.CardUnlabelled):
+                self._fold_labels(seg, env, event)
+            elif type(event) in _RUN_STATUS:
                 if ctx.changes is not None:
                     run_id = str(env.originator_id)
                     card_id = seg.by_run.get(run_id)
                     row = seg.cards.get(card_id) if card_id is not None else None
                     if row is not None and row["last_run_id"] == run_id:
                         run_changed(env, ctx.changes, row["project_id"], row["card_id"])
-            elif isinstance(ev, ProjectCardPlaced):
-                self._fold_count(seg, env, ev.lane, +1)
+            elif isinstance(event, ev.ProjectCardPlaced):
+                self._fold_count(seg, env, event.lane, +1)
                 seg.touched[str(env.originator_id)] = (env.originator_version, env.timestamp)
-            elif isinstance(ev, ProjectCardLifted):
-                self._fold_count(seg, env, ev.lane, -1)
+            elif isinstance(event, ev.ProjectCardLifted):
+                self._fold_count(seg, env, event.lane, -1)
                 seg.touched[str(env.originator_id)] = (env.originator_version, env.timestamp)
-            elif isinstance(ev, CardCreated):
-                self._fold_card_created(seg, env, ev)
-            elif isinstance(ev, AgentRunRequested):
-                self._fold_run(seg, env, ev, str(env.originator_id), env.position, 0)
-                self._run_changed_in(ctx, env, ev.project_id, ev.card_id)
+            elif isinstance(event, ev.CardCreated):
+                self._fold_card_created(seg, env, event)
+            elif isinstance(event, ev.AgentRunRequested):
+                self._fold_run(seg, env, event, str(env.originator_id), env.position, 0)
+                self._run_changed_in(ctx, env, event.project_id, event.card_id)
         self._write_segment(seg)
 
     def _load_cards(self, seg: _Segment, envelopes: list[EventEnvelope]) -> None:
@@ -346,12 +310,12 @@ class KanbanProjector(Projector):
         wanted: set[str] = set()
         runs: set[str] = set()
         for env in envelopes:
-            ev = env.event
+            event = env.event
             if env.aggregate == "Card":
                 wanted.add(str(env.originator_id))
-            elif isinstance(ev, AgentRunRequested | AgentRunLlmCallCompleted):
-                wanted.add(_card_key(ev.card_id))
-            elif type(ev) in _RUN_STATUS and ctx.changes is not None:
+            elif isinstance(event, ev.AgentRunRequested | ev.AgentRunLlmCallCompleted):
+                wanted.add(_card_key(event.card_id))
+            elif type(event) in _RUN_STATUS and ctx.changes is not None:
                 runs.add(str(env.originator_id))
         memo: dict[str, dict[str, Any]] | None = None
         if ctx.exclusive and ctx.copy and not runs:
@@ -383,15 +347,15 @@ class KanbanProjector(Projector):
                     memo[card_id] = row
 
     @staticmethod
-    def _fold_card_created(seg: _Segment, env: EventEnvelope, ev: CardCreated) -> None:
+    def _fold_card_created(seg: _Segment, env: EventEnvelope, event: ev.CardCreated) -> None:
         card_id = str(env.originator_id)
         row = seg.cards.get(card_id)
         values = {
-            "project_id": _card_key(ev.project_id),
-            "title": ev.title,
-            "description": ev.description,
-            "lane": ev.lane,
-            "position": ev.position,
+            "project_id": _card_key(event.project_id),
+            "title": event.title,
+            "description": event.description,
+            "lane": event.lane,
+            "position": event.position,
             "version": env.originator_version,
             "created_at": env.timestamp,
             "updated_at": env.timestamp,
@@ -414,30 +378,32 @@ class KanbanProjector(Projector):
             row.update(values)
         seg.dirty.add(card_id)
         if seg.ctx.changes is not None:
-            card_changed(env, seg.ctx.changes, "card.created", ev.project_id)
+            card_changed(env, seg.ctx.changes, "card.created", event.project_id)
 
     @staticmethod
-    def _fold_card_update(seg: _Segment, env: EventEnvelope, ev: CardUpdate) -> None:
+    def _fold_card_update(seg: _Segment, env: EventEnvelope, event: CardUpdate) -> None:
         card_id = str(env.originator_id)
         row = seg.cards.get(card_id)
         if row is not None:
-            row.update(card_columns(ev))
+            row.update(card_columns(event))
             row["version"] = env.originator_version
             row["updated_at"] = env.timestamp
             seg.dirty.add(card_id)
         if seg.ctx.changes is not None:
-            kind = CARD_CHANGE_KINDS.get(type(ev), "card.updated")
+            kind = CARD_CHANGE_KINDS.get(type(event), "card.updated")
             project_id = row["project_id"] if row is not None else None
             card_changed(env, seg.ctx.changes, kind, project_id)
 
     @staticmethod
-    def _fold_labels(seg: _Segment, env: EventEnvelope, ev: CardLabelled | CardUnlabelled) -> None:
+    def _fold_labels(
+        seg: _Segment, env: EventEnvelope, event: ev.CardLabelled | ev.CardUnlabelled
+    ) -> None:
         card_id = str(env.originator_id)
         row = seg.cards.get(card_id)
         if row is not None:
-            label = ev.label
+            label = event.label
             labels: list[str] = [x for x in row["labels"] if x != label]
-            if isinstance(ev, CardLabelled):
+            if isinstance(event, ev.CardLabelled):
                 labels.append(label)
                 seg.sort_labels.add(card_id)
             row["labels"] = labels
@@ -452,20 +418,20 @@ class KanbanProjector(Projector):
     def _fold_run(
         seg: _Segment,
         env: EventEnvelope,
-        ev: AgentRunRequested | AgentRunLlmCallCompleted,
+        event: ev.AgentRunRequested | ev.AgentRunLlmCallCompleted,
         run_id: str | None,
         position: int,
         cost: int,
     ) -> None:
         """:meth:`_card_run_upsert`, in memory: a request names the card's last run if it is
         the newest in the log; a call adds its cost; a card not seen yet gets a placeholder."""
-        card_id = _card_key(ev.card_id)
+        card_id = _card_key(event.card_id)
         row = seg.cards.get(card_id)
         if row is None:
             row = {
                 "workspace_id": _text(env.workspace_id),
                 "card_id": card_id,
-                "project_id": _card_key(ev.project_id),
+                "project_id": _card_key(event.project_id),
                 "title": "",
                 "description": "",
                 "lane": "",

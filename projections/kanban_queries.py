@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from uuid import UUID
 
+from projections.batch import columns_of
 from projections.columns import CARD_SELECT
 
 if TYPE_CHECKING:
@@ -31,6 +32,34 @@ class LanePage:
     after_card_id: UUID | None = None
 
 
+# The statements a board read sends, named: ``bench._graphql_plain`` reads a board with them too.
+SCOPE_SQL = (
+    "SELECT set_config('agentworks.workspace_id', %s, true),"
+    " set_config('statement_timeout', %s, true)"
+)
+MEMBER_SQL = "SELECT 1 AS member FROM rm_members WHERE workspace_id = %s AND user_id = %s"
+PROJECTS_SQL = (
+    "SELECT workspace_id, project_id, name, archived, version, created_at, updated_at"
+    " FROM rm_projects WHERE project_id = ANY(%s)"
+)
+LANES_SQL = (
+    "SELECT project_id, name, ord, wip_limit, card_count FROM rm_lanes"
+    " WHERE project_id = ANY(%s) ORDER BY project_id, ord"
+)
+LANE_CARDS_SQL = (
+    "SELECT k.ord AS page_index, c.* FROM unnest("
+    "%s::uuid[], %s::text[], %s::text[], %s::uuid[], %s::int[]"
+    ") WITH ORDINALITY AS k(project_id, lane, after_position, after_card_id, lim, ord)"
+    " CROSS JOIN LATERAL ("
+    f"  SELECT {CARD_SELECT} FROM rm_cards AS c"
+    "   WHERE c.project_id = k.project_id AND c.lane = k.lane AND NOT c.archived"
+    "   AND (k.after_position IS NULL OR (c.position, c.card_id)"
+    '        > (k.after_position COLLATE "C", k.after_card_id))'
+    "   ORDER BY c.position, c.card_id LIMIT k.lim"
+    " ) AS c ORDER BY k.ord, c.position, c.card_id"
+)
+
+
 def scope_to_workspace(
     conn: Connection[DictRow], workspace_id: UUID, *, statement_timeout_ms: int | None = None
 ) -> None:
@@ -38,19 +67,11 @@ def scope_to_workspace(
     if statement_timeout_ms is None:
         conn.execute("SELECT set_config('agentworks.workspace_id', %s, true)", (str(workspace_id),))
     else:
-        conn.execute(
-            "SELECT set_config('agentworks.workspace_id', %s, true),"
-            " set_config('statement_timeout', %s, true)",
-            (str(workspace_id), str(statement_timeout_ms)),
-        )
+        conn.execute(SCOPE_SQL, (str(workspace_id), str(statement_timeout_ms)))
 
 
 def is_member(conn: Connection[DictRow], workspace_id: UUID, user_id: str) -> bool:
-    row = conn.execute(
-        "SELECT 1 AS member FROM rm_members WHERE workspace_id = %s AND user_id = %s",
-        (workspace_id, user_id),
-    ).fetchone()
-    return row is not None
+    return conn.execute(MEMBER_SQL, (workspace_id, user_id)).fetchone() is not None
 
 
 def user_workspaces(conn: Connection[DictRow], user_id: str) -> list[DictRow]:
@@ -78,11 +99,7 @@ def members(conn: Connection[DictRow], workspace_ids: Sequence[UUID]) -> list[Di
 
 
 def projects(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
-    return conn.execute(
-        "SELECT workspace_id, project_id, name, archived, version, created_at, updated_at"
-        " FROM rm_projects WHERE project_id = ANY(%s)",
-        (ids,),
-    ).fetchall()
+    return conn.execute(PROJECTS_SQL, (ids,)).fetchall()
 
 
 def projects_of_workspaces(
@@ -96,11 +113,7 @@ def projects_of_workspaces(
 
 
 def lanes(conn: Connection[DictRow], project_ids: Sequence[UUID]) -> list[DictRow]:
-    return conn.execute(
-        "SELECT project_id, name, ord, wip_limit, card_count FROM rm_lanes"
-        " WHERE project_id = ANY(%s) ORDER BY project_id, ord",
-        (project_ids,),
-    ).fetchall()
+    return conn.execute(LANES_SQL, (project_ids,)).fetchall()
 
 
 def cards(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
@@ -112,22 +125,5 @@ def cards(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
 def lane_cards(conn: Connection[DictRow], pages: Sequence[LanePage]) -> list[DictRow]:
     """One page of live cards per lane page asked for, in board order; ``page_index`` (from 1)
     says which page a row answers (one LATERAL join, each lane with its own cursor and size)."""
-    return conn.execute(
-        "SELECT k.ord AS page_index, c.* FROM unnest("
-        "%s::uuid[], %s::text[], %s::text[], %s::uuid[], %s::int[]"
-        ") WITH ORDINALITY AS k(project_id, lane, after_position, after_card_id, lim, ord)"
-        " CROSS JOIN LATERAL ("
-        f"  SELECT {CARD_SELECT} FROM rm_cards AS c"
-        "   WHERE c.project_id = k.project_id AND c.lane = k.lane AND NOT c.archived"
-        "   AND (k.after_position IS NULL OR (c.position, c.card_id)"
-        '        > (k.after_position COLLATE "C", k.after_card_id))'
-        "   ORDER BY c.position, c.card_id LIMIT k.lim"
-        " ) AS c ORDER BY k.ord, c.position, c.card_id",
-        (
-            [p.project_id for p in pages],
-            [p.lane for p in pages],
-            [p.after_position for p in pages],
-            [p.after_card_id for p in pages],
-            [p.limit for p in pages],
-        ),
-    ).fetchall()
+    rows = [(p.project_id, p.lane, p.after_position, p.after_card_id, p.limit) for p in pages]
+    return conn.execute(LANE_CARDS_SQL, columns_of(rows, 5)).fetchall()

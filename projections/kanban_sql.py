@@ -13,24 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from domain.events import (
-    ProjectArchived,
-    ProjectCreated,
-    ProjectLaneAdded,
-    ProjectLaneRemoved,
-    ProjectLaneRenamed,
-    ProjectLanesReordered,
-    ProjectRenamed,
-    ProjectWipLimitSet,
-    WorkspaceCreated,
-    WorkspaceMemberAdded,
-    WorkspaceMemberRemoved,
-    WorkspacePlanSet,
-    WorkspaceRenamed,
-    WorkspaceRoleChanged,
-    WorkspaceSpendLimitSet,
-    WorkspaceStripeCustomerLinked,
-)
+from domain import events as ev
 from projections.batch import columns_of
 from projections.columns import CARD_COLUMNS
 
@@ -151,11 +134,7 @@ def set_board_versions(
             " FROM unnest(%s::uuid[], %s::bigint[], %s::timestamptz[])"
             " AS v(id, version, at) WHERE p.project_id = v.id"
         ),
-        (
-            [k for k, _ in versions],
-            [v for _, (v, _) in versions],
-            [a for _, (_, a) in versions],
-        ),
+        columns_of([(k, v, a) for k, (v, a) in versions], 3),
     )
 
 
@@ -171,7 +150,7 @@ def add_card_counts(
             " FROM unnest(%s::uuid[], %s::text[], %s::integer[]) AS v(id, name, delta)"
             " WHERE l.project_id = v.id AND l.name = v.name"
         ),
-        ([k[0] for k, _ in counts], [k[1] for k, _ in counts], [d for _, d in counts]),
+        columns_of([(project, lane, d) for (project, lane), d in counts], 3),
     )
 
 
@@ -199,7 +178,7 @@ def touch_board(cur: Cursor[DictRow], t: Tables, env: EventEnvelope) -> None:
 
 
 def workspace_created(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: WorkspaceCreated
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.WorkspaceCreated
 ) -> None:
     cur.execute(
         t.q(
@@ -207,11 +186,11 @@ def workspace_created(
             " monthly_limit_micros, stripe_customer_id, version, created_at, updated_at)"
             " VALUES (%s, %s, '5', 250000, NULL, NULL, %s, %s, %s)"
         ),
-        (env.originator_id, ev.name, env.originator_version, env.timestamp, env.timestamp),
+        (env.originator_id, event.name, env.originator_version, env.timestamp, env.timestamp),
     )
     cur.execute(
         t.q("INSERT INTO {rm_members} (workspace_id, user_id, role) VALUES (%s, %s, 'OWNER')"),
-        (env.originator_id, ev.owner_id),
+        (env.originator_id, event.owner_id),
     )
 
 
@@ -219,23 +198,23 @@ def workspace_changed(
     cur: Cursor[DictRow],
     t: Tables,
     env: EventEnvelope,
-    ev: WorkspaceRenamed
-    | WorkspacePlanSet
-    | WorkspaceSpendLimitSet
-    | WorkspaceStripeCustomerLinked,
+    event: ev.WorkspaceRenamed
+    | ev.WorkspacePlanSet
+    | ev.WorkspaceSpendLimitSet
+    | ev.WorkspaceStripeCustomerLinked,
 ) -> None:
     columns: dict[str, Any]
-    if isinstance(ev, WorkspaceRenamed):
-        columns = {"name": ev.name}
-    elif isinstance(ev, WorkspacePlanSet):
+    if isinstance(event, ev.WorkspaceRenamed):
+        columns = {"name": event.name}
+    elif isinstance(event, ev.WorkspacePlanSet):
         columns = {
-            "markup": ev.markup,
-            "billing_increment_micros": ev.billing_increment_micros,
+            "markup": event.markup,
+            "billing_increment_micros": event.billing_increment_micros,
         }
-    elif isinstance(ev, WorkspaceSpendLimitSet):
-        columns = {"monthly_limit_micros": ev.monthly_limit_micros}
+    elif isinstance(event, ev.WorkspaceSpendLimitSet):
+        columns = {"monthly_limit_micros": event.monthly_limit_micros}
     else:
-        columns = {"stripe_customer_id": ev.customer_id}
+        columns = {"stripe_customer_id": event.customer_id}
     touch(cur, t, "rm_workspaces", "workspace_id", env, columns)
 
 
@@ -243,30 +222,30 @@ def member_set(
     cur: Cursor[DictRow],
     t: Tables,
     env: EventEnvelope,
-    ev: WorkspaceMemberAdded | WorkspaceRoleChanged,
+    event: ev.WorkspaceMemberAdded | ev.WorkspaceRoleChanged,
 ) -> None:
     cur.execute(
         t.q(
             "INSERT INTO {rm_members} (workspace_id, user_id, role) VALUES (%s, %s, %s)"
             " ON CONFLICT (workspace_id, user_id) DO UPDATE SET role = EXCLUDED.role"
         ),
-        (env.originator_id, ev.user_id, ev.role),
+        (env.originator_id, event.user_id, event.role),
     )
     touch(cur, t, "rm_workspaces", "workspace_id", env, {})
 
 
 def member_removed(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: WorkspaceMemberRemoved
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.WorkspaceMemberRemoved
 ) -> None:
     cur.execute(
         t.q("DELETE FROM {rm_members} WHERE workspace_id = %s AND user_id = %s"),
-        (env.originator_id, ev.user_id),
+        (env.originator_id, event.user_id),
     )
     touch(cur, t, "rm_workspaces", "workspace_id", env, {})
 
 
 def project_created(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectCreated
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.ProjectCreated
 ) -> None:
     cur.execute(
         t.q(
@@ -276,13 +255,13 @@ def project_created(
         (
             env.workspace_id,
             env.originator_id,
-            ev.name,
+            event.name,
             env.originator_version,
             env.timestamp,
             env.timestamp,
         ),
     )
-    lanes: list[dict[str, Any]] = ev.lanes
+    lanes: list[dict[str, Any]] = event.lanes
     cur.executemany(
         t.q(
             "INSERT INTO {rm_lanes} (workspace_id, project_id, name, ord, wip_limit,"
@@ -296,43 +275,48 @@ def project_created(
 
 
 def project_changed(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectRenamed | ProjectArchived
+    cur: Cursor[DictRow],
+    t: Tables,
+    env: EventEnvelope,
+    event: ev.ProjectRenamed | ev.ProjectArchived,
 ) -> None:
     columns: dict[str, Any] = (
-        {"name": ev.name} if isinstance(ev, ProjectRenamed) else {"archived": True}
+        {"name": event.name} if isinstance(event, ev.ProjectRenamed) else {"archived": True}
     )
     touch(cur, t, "rm_projects", "project_id", env, columns)
 
 
-def lane_added(cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectLaneAdded) -> None:
+def lane_added(
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.ProjectLaneAdded
+) -> None:
     cur.execute(
         t.q("UPDATE {rm_lanes} SET ord = ord + 1 WHERE project_id = %s AND ord >= %s"),
-        (env.originator_id, ev.index),
+        (env.originator_id, event.index),
     )
     cur.execute(
         t.q(
             "INSERT INTO {rm_lanes} (workspace_id, project_id, name, ord, wip_limit,"
             " card_count) VALUES (%s, %s, %s, %s, %s, 0)"
         ),
-        (env.workspace_id, env.originator_id, ev.name, ev.index, ev.wip_limit),
+        (env.workspace_id, env.originator_id, event.name, event.index, event.wip_limit),
     )
     touch_board(cur, t, env)
 
 
 def lane_renamed(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectLaneRenamed
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.ProjectLaneRenamed
 ) -> None:
     """Renames the lane and moves its cards' rows to the new name (behind the fold's memory)."""
-    args = (ev.name, env.originator_id, ev.lane)
+    args = (event.name, env.originator_id, event.lane)
     cur.execute(t.q("UPDATE {rm_lanes} SET name = %s WHERE project_id = %s AND name = %s"), args)
     cur.execute(t.q("UPDATE {rm_cards} SET lane = %s WHERE project_id = %s AND lane = %s"), args)
     touch_board(cur, t, env)
 
 
 def lanes_reordered(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectLanesReordered
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.ProjectLanesReordered
 ) -> None:
-    order: list[str] = ev.order
+    order: list[str] = event.order
     cur.execute(
         t.q(
             "UPDATE {rm_lanes} AS l SET ord = o.ord - 1"
@@ -345,11 +329,11 @@ def lanes_reordered(
 
 
 def lane_removed(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectLaneRemoved
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.ProjectLaneRemoved
 ) -> None:
     cur.execute(
         t.q("DELETE FROM {rm_lanes} WHERE project_id = %s AND name = %s RETURNING ord"),
-        (env.originator_id, ev.lane),
+        (env.originator_id, event.lane),
     )
     removed = cur.fetchone()
     if removed is not None:
@@ -361,10 +345,10 @@ def lane_removed(
 
 
 def wip_limit_set(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, ev: ProjectWipLimitSet
+    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.ProjectWipLimitSet
 ) -> None:
     cur.execute(
         t.q("UPDATE {rm_lanes} SET wip_limit = %s WHERE project_id = %s AND name = %s"),
-        (ev.wip_limit, env.originator_id, ev.lane),
+        (event.wip_limit, env.originator_id, event.lane),
     )
     touch_board(cur, t, env)

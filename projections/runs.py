@@ -14,23 +14,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
 
-from domain.events import (
-    AgentRunAttemptRecorded,
-    AgentRunCancelled,
-    AgentRunFailed,
-    AgentRunHeartbeat,
-    AgentRunLlmCallCompleted,
-    AgentRunLogChunkAppended,
-    AgentRunOutputRecorded,
-    AgentRunReclaimed,
-    AgentRunRequested,
-    AgentRunStarted,
-    AgentRunStepStarted,
-    AgentRunSucceeded,
-    AgentRunTimedOut,
-    EventPayload,
-    events_of,
-)
+from domain import events as ev
+from domain.events import EventPayload, events_of
 from projections.base import BatchContext, Change, Projector
 from projections.batch import (
     COPY_FIELDS_6,
@@ -50,10 +35,10 @@ if TYPE_CHECKING:
 
 #: Terminal status and the error text (if any) each terminal event records.
 TERMINAL: dict[type[EventPayload], str] = {
-    AgentRunSucceeded: "SUCCEEDED",
-    AgentRunFailed: "FAILED",
-    AgentRunCancelled: "CANCELLED",
-    AgentRunTimedOut: "TIMED_OUT",
+    ev.AgentRunSucceeded: "SUCCEEDED",
+    ev.AgentRunFailed: "FAILED",
+    ev.AgentRunCancelled: "CANCELLED",
+    ev.AgentRunTimedOut: "TIMED_OUT",
 }
 
 
@@ -89,16 +74,16 @@ ATTEMPT_COLUMNS = (
 _OUTPUT_COLUMNS = (("workspace_id", "uuid"), ("run_id", "uuid"), ("output", "text"))
 
 
-def attempt_row(env: EventEnvelope, ev: AgentRunAttemptRecorded) -> tuple[Any, ...]:
+def attempt_row(env: EventEnvelope, event: ev.AgentRunAttemptRecorded) -> tuple[Any, ...]:
     return (
-        env.workspace_id, env.originator_id, ev.attempt, env.timestamp, ev.provider,
-        ev.model, ev.status, ev.http_status, ev.error, ev.latency_ms,
-        ev.input_tokens, ev.output_tokens, ev.provider_cost_micros, ev.estimated,
+        env.workspace_id, env.originator_id, event.attempt, env.timestamp, event.provider,
+        event.model, event.status, event.http_status, event.error, event.latency_ms,
+        event.input_tokens, event.output_tokens, event.provider_cost_micros, event.estimated,
     )  # fmt: skip
 
 
-def output_row(env: EventEnvelope, ev: AgentRunOutputRecorded) -> tuple[Any, ...]:
-    return (env.workspace_id, env.originator_id, _str(ev.output))
+def output_row(env: EventEnvelope, event: ev.AgentRunOutputRecorded) -> tuple[Any, ...]:
+    return (env.workspace_id, env.originator_id, _str(event.output))
 
 
 # What a batch did to runs requested before it: columns it set (NULL: left alone, except where a
@@ -156,16 +141,16 @@ class RunsProjector(Projector):
     )  # fmt: skip
     handles: ClassVar[frozenset[type[EventPayload]]] = frozenset(
         {
-            AgentRunRequested,
-            AgentRunStarted,
-            AgentRunStepStarted,
+            ev.AgentRunRequested,
+            ev.AgentRunStarted,
+            ev.AgentRunStepStarted,
             *TERMINAL,
-            AgentRunHeartbeat,
-            AgentRunReclaimed,
-            AgentRunAttemptRecorded,
-            AgentRunOutputRecorded,
-            AgentRunLlmCallCompleted,
-            AgentRunLogChunkAppended,
+            ev.AgentRunHeartbeat,
+            ev.AgentRunReclaimed,
+            ev.AgentRunAttemptRecorded,
+            ev.AgentRunOutputRecorded,
+            ev.AgentRunLlmCallCompleted,
+            ev.AgentRunLogChunkAppended,
         }
     )
     ignores: ClassVar[frozenset[type[EventPayload]]] = events_of(
@@ -203,74 +188,76 @@ class RunsProjector(Projector):
         lines: list[tuple[Any, ...]] = []
         chunks: list[tuple[UUID | None, UUID, list[dict[str, Any]]]] = []
         for env in envelopes:
-            ev = env.event
-            if type(ev) not in self.handles:
+            event = env.event
+            if type(event) not in self.handles:
                 continue
             run = folds.get(env.originator_id)
             if run is None:
                 run = folds[env.originator_id] = _RunFold()
             version = env.originator_version
-            if isinstance(ev, AgentRunLogChunkAppended):
+            if isinstance(event, ev.AgentRunLogChunkAppended):
                 ws, run_id = env.workspace_id, env.originator_id
                 if ctx.copy and ctx.changes is None:
                     # A rebuild: the chunk's lines are encoded for COPY straight from the payload.
-                    chunks.append((ws, run_id, ev.lines))
-                    run.adds[5] += len(ev.lines)
+                    chunks.append((ws, run_id, event.lines))
+                    run.adds[5] += len(event.lines)
                 elif ctx.changes is None:
                     added = len(lines)
                     lines.extend(
                         (ws, run_id, int(line["seq"]), line["at"], line["stream"], _str(t))
                         if type(t := line["text"]) is not str
                         else (ws, run_id, int(line["seq"]), line["at"], line["stream"], t)
-                        for line in ev.lines
+                        for line in event.lines
                     )
                     run.adds[5] += len(lines) - added
                 else:
-                    stored = [storable_line(line) for line in ev.lines]
+                    stored = [storable_line(line) for line in event.lines]
                     lines.extend(
                         (ws, run_id, line["seq"], line["at"], line["stream"], line["text"])
                         for line in stored
                     )
                     run.adds[5] += len(stored)
                     lines_changed(env, ctx.changes, stored)
-            elif isinstance(ev, AgentRunLlmCallCompleted):
-                run.called, run.provider, run.model = True, ev.provider, ev.model
+            elif isinstance(event, ev.AgentRunLlmCallCompleted):
+                run.called, run.provider, run.model = True, event.provider, event.model
                 adds = run.adds
-                adds[0] += ev.input_tokens
-                adds[1] += ev.output_tokens
-                adds[2] += ev.provider_cost_micros
-                adds[3] += ev.billed_micros
+                adds[0] += event.input_tokens
+                adds[1] += event.output_tokens
+                adds[2] += event.provider_cost_micros
+                adds[3] += event.billed_micros
                 adds[4] += 1
-            elif isinstance(ev, AgentRunStepStarted | AgentRunHeartbeat | AgentRunReclaimed):
+            elif isinstance(
+                event, ev.AgentRunStepStarted | ev.AgentRunHeartbeat | ev.AgentRunReclaimed
+            ):
                 pass
-            elif isinstance(ev, AgentRunAttemptRecorded):
-                attempts.append(attempt_row(env, ev))
-            elif isinstance(ev, AgentRunOutputRecorded):
-                outputs.append(output_row(env, ev))
-            elif isinstance(ev, AgentRunRequested):
+            elif isinstance(event, ev.AgentRunAttemptRecorded):
+                attempts.append(attempt_row(env, event))
+            elif isinstance(event, ev.AgentRunOutputRecorded):
+                outputs.append(output_row(env, event))
+            elif isinstance(event, ev.AgentRunRequested):
                 run.requested = [
                     _text(env.workspace_id),
                     str(env.originator_id),
-                    ev.project_id,
-                    ev.card_id,
-                    ev.agent,
+                    event.project_id,
+                    event.card_id,
+                    event.agent,
                     "QUEUED",
-                    ev.provider,
-                    ev.model,
-                    ev.max_cost_micros,
+                    event.provider,
+                    event.model,
+                    event.max_cost_micros,
                     env.timestamp,
                 ]
                 run.status = "QUEUED"
                 if ctx.changes is not None:
                     status_changed(env, ctx.changes, "QUEUED")
-            elif isinstance(ev, AgentRunStarted):
+            elif isinstance(event, ev.AgentRunStarted):
                 run.status, run.started, run.started_at = "RUNNING", True, env.timestamp
                 if ctx.changes is not None:
                     status_changed(env, ctx.changes, "RUNNING")
             else:
-                status = TERMINAL[type(ev)]
+                status = TERMINAL[type(event)]
                 run.status, run.finished, run.finished_at = status, True, env.timestamp
-                run.error = terminal_error(ev)
+                run.error = terminal_error(event)
                 if ctx.changes is not None:
                     status_changed(env, ctx.changes, status)
             run.version = version
@@ -418,14 +405,14 @@ def _text(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-def terminal_error(ev: EventPayload) -> str | None:
+def terminal_error(event: EventPayload) -> str | None:
     """The error text the run's aggregate keeps for a terminal event (None on success)."""
-    if isinstance(ev, AgentRunFailed):
-        return _str(ev.error)
-    if isinstance(ev, AgentRunCancelled):
-        return _str(ev.reason)
-    if isinstance(ev, AgentRunTimedOut):
-        return f"timed out after {ev.after_seconds}s"
+    if isinstance(event, ev.AgentRunFailed):
+        return _str(event.error)
+    if isinstance(event, ev.AgentRunCancelled):
+        return _str(event.reason)
+    if isinstance(event, ev.AgentRunTimedOut):
+        return f"timed out after {event.after_seconds}s"
     return None
 
 

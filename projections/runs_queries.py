@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from projections.batch import columns_of
 from projections.columns import RUN_SELECT
 
 if TYPE_CHECKING:
@@ -66,15 +67,17 @@ class RunPage:
     """Only runs requested at or before this instant (a card's historical state)."""
 
 
+RUNS_SQL = f"SELECT {RUN_SELECT} FROM rm_runs WHERE run_id = ANY(%s)"
+
+
 def runs(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
-    return conn.execute(
-        f"SELECT {RUN_SELECT} FROM rm_runs WHERE run_id = ANY(%s)", (ids,)
-    ).fetchall()
+    return conn.execute(RUNS_SQL, (ids,)).fetchall()
 
 
 def card_runs(conn: Connection[DictRow], pages: Sequence[RunPage]) -> list[DictRow]:
     """One page of runs per card page asked for, newest first; ``page_index`` (from 1) says
     which page a row answers."""
+    rows = [(p.card_id, p.after_requested_at, p.after_run_id, p.until, p.limit) for p in pages]
     return conn.execute(
         "SELECT k.ord AS page_index, r.* FROM unnest("
         "%s::uuid[], %s::timestamptz[], %s::uuid[], %s::timestamptz[], %s::int[]"
@@ -86,13 +89,7 @@ def card_runs(conn: Connection[DictRow], pages: Sequence[RunPage]) -> list[DictR
         "   AND (k.until IS NULL OR r.requested_at <= k.until)"
         "   ORDER BY r.requested_at DESC, r.run_id DESC LIMIT k.lim"
         " ) AS r ORDER BY k.ord, r.requested_at DESC, r.run_id DESC",
-        (
-            [p.card_id for p in pages],
-            [p.after_requested_at for p in pages],
-            [p.after_run_id for p in pages],
-            [p.until for p in pages],
-            [p.limit for p in pages],
-        ),
+        columns_of(rows, 5),
     ).fetchall()
 
 

@@ -130,6 +130,14 @@ class RequestContext(BaseContext):
         )  # fmt: skip
         return None if workspace_id is None else self.scope(workspace_id)
 
+    async def member_scope_of(self, aggregate_id: UUID) -> ReadScope | None:
+        """:meth:`scope_of`, ``None`` too when the caller is not (or no longer) a member of its
+        workspace: what a read of one object by its id starts with."""
+        scope = await self.scope_of(aggregate_id)
+        if scope is None or not await scope.is_member():
+            return None
+        return scope
+
     def scope_for(self, workspace_id: UUID) -> ReadScope:
         """The scope of ``workspace_id`` if the caller may read it, else :class:`NotFound`."""
         if (

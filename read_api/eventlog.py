@@ -181,30 +181,23 @@ def reconcile(
             raise RuntimeError(f"usage charge {charge_id} is corrected but never charged")
         by_project[charged] -= amount
 
-    ledger = {
-        row["project_id"]: int(row["billed"])
-        for row in conn.execute(
-            "SELECT project_id, sum(billed_micros) AS billed FROM rm_ledger_entries"
-            " WHERE workspace_id = %s AND month = %s GROUP BY project_id",
-            (workspace_id, month),
-        ).fetchall()
-    }
-    statement = {
-        row["project_id"]: int(row["billed_exact_micros"])
-        for row in conn.execute(
-            "SELECT project_id, billed_exact_micros FROM rm_statement_lines"
-            " WHERE workspace_id = %s AND month = %s",
-            (workspace_id, month),
-        ).fetchall()
-    }
-    read_model_credits = {
-        row["credit_id"]: int(row["amount_micros"])
-        for row in conn.execute(
-            "SELECT credit_id, amount_micros FROM rm_billing_credits"
-            " WHERE workspace_id = %s AND month = %s",
-            (workspace_id, month),
-        ).fetchall()
-    }
+    def month_figures(query: str) -> dict[UUID, int]:
+        """The workspace's ``(key, micros)`` rows of the month that ``query`` selects."""
+        rows = conn.execute(query, (workspace_id, month)).fetchall()
+        return {row["key"]: int(row["micros"]) for row in rows}
+
+    ledger = month_figures(
+        "SELECT project_id AS key, sum(billed_micros) AS micros FROM rm_ledger_entries"
+        " WHERE workspace_id = %s AND month = %s GROUP BY project_id"
+    )
+    statement = month_figures(
+        "SELECT project_id AS key, billed_exact_micros AS micros FROM rm_statement_lines"
+        " WHERE workspace_id = %s AND month = %s"
+    )
+    read_model_credits = month_figures(
+        "SELECT credit_id AS key, amount_micros AS micros FROM rm_billing_credits"
+        " WHERE workspace_id = %s AND month = %s"
+    )
     invoice = conn.execute(
         "SELECT total_micros FROM rm_invoices"
         " WHERE workspace_id = %s AND month = %s AND stripe_invoice_id IS NOT NULL",

@@ -88,8 +88,8 @@ async def _written(
     write made out of date.
     """
     await _await_projection(info, result, projectors)
-    scope = await info.context.scope_of(result.id)
-    if scope is None or not await scope.is_member():
+    scope = await info.context.member_scope_of(result.id)
+    if scope is None:
         return None
     for pick in (loader, *stale):
         forget(pick(scope.loaders), result.id)

@@ -6,8 +6,9 @@ workspace reads as nothing: ``null`` for nullable roots, ``NOT_FOUND`` for non-n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 from uuid import UUID
 
 import strawberry
@@ -54,10 +55,15 @@ from read_api.types import (
 if TYPE_CHECKING:
     from psycopg import Connection
     from psycopg.rows import DictRow
+    from strawberry.dataloader import DataLoader
 
     from domain.envelope import EventEnvelope
     from read_api.context import RequestContext
     from read_api.db import ReadScope
+    from read_api.loaders import Loaders
+
+R = TypeVar("R")
+T = TypeVar("T")
 
 
 def _home(ctx: RequestContext, workspace_id: UUID | None = None) -> ReadScope | None:
@@ -81,10 +87,19 @@ def _workspace_scope(ctx: RequestContext, workspace_id: str) -> ReadScope:
     return scope
 
 
-async def _card_row_or_none(scope: ReadScope | None, card_id: UUID) -> dict[str, object] | None:
-    if scope is None or not await scope.is_member():
+async def _by_id(
+    ctx: RequestContext,
+    wanted: UUID,
+    loader: Callable[[Loaders], DataLoader[UUID, R | None]],
+    build: Callable[[R, ReadScope], T],
+) -> T | None:
+    """The object ``wanted`` as the caller may see it: ``None`` when it does not exist or its
+    workspace is not one the caller is a member of."""
+    scope = await ctx.member_scope_of(wanted)
+    if scope is None:
         return None
-    return await scope.loaders.card.load(card_id)
+    row = await loader(scope.loaders).load(wanted)
+    return None if row is None else build(row, scope)
 
 
 @strawberry.type
@@ -104,12 +119,7 @@ class Query:
 
     @strawberry.field
     async def project(self, info: Info, id: ID) -> Project | None:
-        wanted = parse_id(id, "id")
-        scope = await info.context.scope_of(wanted)
-        if scope is None or not await scope.is_member():
-            return None
-        row = await scope.loaders.project.load(wanted)
-        return None if row is None else Project.from_row(row, scope)
+        return await _by_id(info.context, parse_id(id, "id"), lambda x: x.project, Project.from_row)
 
     @described.field(
         "A project's board; with asOf, the board as it was at that instant, folded from the "
@@ -119,8 +129,8 @@ class Query:
         self, info: Info, project_id: ID, as_of: datetime | None = None
     ) -> Board | None:
         wanted = parse_id(project_id, "projectId")
-        scope = await info.context.scope_of(wanted)
-        if scope is None or not await scope.is_member():
+        scope = await info.context.member_scope_of(wanted)
+        if scope is None:
             return None
         if as_of is not None:
             return await _board_then(info.context, scope, wanted, as_of)
@@ -129,10 +139,7 @@ class Query:
 
     @strawberry.field
     async def card(self, info: Info, id: ID) -> Card | None:
-        wanted = parse_id(id, "id")
-        scope = await info.context.scope_of(wanted)
-        row = await _card_row_or_none(scope, wanted)
-        return None if row is None or scope is None else Card.from_row(row, scope)
+        return await _by_id(info.context, parse_id(id, "id"), lambda x: x.card, Card.from_row)
 
     @described.field("A card as it was at a version (or at a time), with the events up to it.")
     async def card_history(
@@ -144,8 +151,8 @@ class Query:
     ) -> CardHistory:
         ctx = info.context
         wanted = parse_id(card_id, "cardId")
-        scope = await ctx.scope_of(wanted)
-        if scope is None or not await scope.is_member():
+        scope = await ctx.member_scope_of(wanted)
+        if scope is None:
             raise NotFound(f"card {wanted} does not exist")
         write = ctx.runtime.services.write
         workspace_id = scope.workspace_id
@@ -183,12 +190,12 @@ class Query:
 
     @strawberry.field
     async def agent_run(self, info: Info, id: ID) -> AgentRun | None:
-        wanted = parse_id(id, "id")
-        scope = await info.context.scope_of(wanted)
-        if scope is None or not await scope.is_member():
-            return None
-        run = await scope.loaders.run.load(wanted)
-        return None if run is None else AgentRun.from_summary(run)
+        return await _by_id(
+            info.context,
+            parse_id(id, "id"),
+            lambda x: x.run,
+            lambda run, _: AgentRun.from_summary(run),
+        )
 
     @described.field("A run's log lines after afterSeq, in order.")
     async def agent_run_logs(
@@ -196,10 +203,8 @@ class Query:
     ) -> list[LogLine]:
         wanted = parse_id(run_id, "runId")
         size = page_size(first, most=MAX_LOG_PAGE, default=500)
-        scope = await info.context.scope_of(wanted)
-        if scope is None or not await scope.is_member():
-            raise NotFound(f"agent run {wanted} does not exist")
-        if await scope.loaders.run.load(wanted) is None:
+        scope = await info.context.member_scope_of(wanted)
+        if scope is None or await scope.loaders.run.load(wanted) is None:
             raise NotFound(f"agent run {wanted} does not exist")
         lines = await scope.run(
             lambda conn: queries.run_logs(conn, wanted, after_seq=after_seq, first=size)
