@@ -185,6 +185,30 @@ class Spec:
     def __str__(self) -> str:
         return self.name
 
+    @classmethod
+    def of(
+        cls,
+        needed: Role,
+        handler: Callable[[AgentWorks, Any, Actor], CommandResult],
+        kind: type[m.Command],
+        prepare: Callable[[World], object] = lambda world: None,
+        **fields: object,
+    ) -> Spec:
+        """The command ``kind`` with ``fields``, aimed at the world's own workspace, project or
+        card (whichever id the command carries), and named as GraphQL names its mutation, so
+        a table of specs reads as the schema's list of mutations and the role each needs."""
+        (target,) = [name for name in _TARGETS if name in kind.model_fields]
+        first, *rest = handler.__name__.split("_")
+        name = first + "".join(word.title() for word in rest)
+
+        def send(world: World, actor: Actor) -> CommandResult:
+            return handler(world.app, kind(**{target: getattr(world, target)}, **fields), actor)
+
+        return cls(name, needed, send, prepare)
+
+
+_TARGETS = ("workspace_id", "project_id", "card_id")
+
 
 def assert_role_matrix(
     world: World, role: Role, needed: Role, send: Callable[[Actor], CommandResult]

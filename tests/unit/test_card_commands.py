@@ -7,6 +7,7 @@ from uuid import UUID, uuid4
 
 import pytest
 from aw_builders import (
+    OWNER,
     Spec,
     World,
     assert_refused,
@@ -16,7 +17,7 @@ from aw_builders import (
 )
 
 from commands import models as m
-from commands.handlers import Actor, CommandResult
+from commands.handlers import Actor, AgentWorks, CommandResult
 from domain.card import Card
 from domain.errors import (
     Conflict,
@@ -62,97 +63,22 @@ def _label(world: World) -> None:
 
 
 SPECS = [
-    Spec(
-        "createCard",
-        Role.MEMBER,
-        lambda w, a: w.app.create_card(m.CreateCard(project_id=w.project_id, title="New"), a),
-    ),
-    Spec(
-        "updateCard",
-        Role.MEMBER,
-        lambda w, a: w.app.update_card(m.UpdateCard(card_id=w.card_id, title="Edited"), a),
-    ),
-    Spec(
-        "moveCard",
-        Role.MEMBER,
-        lambda w, a: w.app.move_card(m.MoveCard(card_id=w.card_id, to_lane="Done"), a),
-    ),
-    Spec(
-        "assignCard",
-        Role.MEMBER,
-        lambda w, a: w.app.assign_card(
-            m.AssignCard(card_id=w.card_id, assignee=w.owner.user_id), a
-        ),
-    ),
-    Spec(
-        "labelCard",
-        Role.MEMBER,
-        lambda w, a: w.app.label_card(m.LabelCard(card_id=w.card_id, label="ux"), a),
-    ),
-    Spec(
-        "unlabelCard",
-        Role.MEMBER,
-        lambda w, a: w.app.unlabel_card(m.UnlabelCard(card_id=w.card_id, label="api"), a),
-        _label,
-    ),
-    Spec(
-        "blockCard",
-        Role.MEMBER,
-        lambda w, a: w.app.block_card(m.BlockCard(card_id=w.card_id, reason="why"), a),
-    ),
-    Spec(
-        "unblockCard",
-        Role.MEMBER,
-        lambda w, a: w.app.unblock_card(m.UnblockCard(card_id=w.card_id), a),
-        _block,
-    ),
-    Spec(
-        "archiveCard",
-        Role.MEMBER,
-        lambda w, a: w.app.archive_card(m.ArchiveCard(card_id=w.card_id), a),
-    ),
-    Spec(
-        "restoreCard",
-        Role.MEMBER,
-        lambda w, a: w.app.restore_card(m.RestoreCard(card_id=w.card_id), a),
-        _archive,
-    ),
-    Spec(
-        "setWipLimit",
-        Role.ADMIN,
-        lambda w, a: w.app.set_wip_limit(
-            m.SetWipLimit(project_id=w.project_id, lane="Done", wip_limit=5), a
-        ),
-    ),
-    Spec(
-        "addLane",
-        Role.ADMIN,
-        lambda w, a: w.app.add_lane(m.AddLane(project_id=w.project_id, name="QA"), a),
-    ),
-    Spec(
-        "renameLane",
-        Role.ADMIN,
-        lambda w, a: w.app.rename_lane(
-            m.RenameLane(project_id=w.project_id, lane="Done", name="Shipped"), a
-        ),
-    ),
-    Spec(
-        "reorderLanes",
-        Role.ADMIN,
-        lambda w, a: w.app.reorder_lanes(
-            m.ReorderLanes(project_id=w.project_id, order=["Done", "Doing", "Todo"]), a
-        ),
-    ),
-    Spec(
-        "removeLane",
-        Role.ADMIN,
-        lambda w, a: w.app.remove_lane(m.RemoveLane(project_id=w.project_id, lane="Done"), a),
-    ),
-    Spec(
-        "archiveProject",
-        Role.ADMIN,
-        lambda w, a: w.app.archive_project(m.ArchiveProject(project_id=w.project_id), a),
-    ),
+    Spec.of(Role.MEMBER, AgentWorks.create_card, m.CreateCard, title="New"),
+    Spec.of(Role.MEMBER, AgentWorks.update_card, m.UpdateCard, title="Edited"),
+    Spec.of(Role.MEMBER, AgentWorks.move_card, m.MoveCard, to_lane="Done"),
+    Spec.of(Role.MEMBER, AgentWorks.assign_card, m.AssignCard, assignee=OWNER),
+    Spec.of(Role.MEMBER, AgentWorks.label_card, m.LabelCard, label="ux"),
+    Spec.of(Role.MEMBER, AgentWorks.unlabel_card, m.UnlabelCard, _label, label="api"),
+    Spec.of(Role.MEMBER, AgentWorks.block_card, m.BlockCard, reason="why"),
+    Spec.of(Role.MEMBER, AgentWorks.unblock_card, m.UnblockCard, _block),
+    Spec.of(Role.MEMBER, AgentWorks.archive_card, m.ArchiveCard),
+    Spec.of(Role.MEMBER, AgentWorks.restore_card, m.RestoreCard, _archive),
+    Spec.of(Role.ADMIN, AgentWorks.set_wip_limit, m.SetWipLimit, lane="Done", wip_limit=5),
+    Spec.of(Role.ADMIN, AgentWorks.add_lane, m.AddLane, name="QA"),
+    Spec.of(Role.ADMIN, AgentWorks.rename_lane, m.RenameLane, lane="Done", name="Shipped"),
+    Spec.of(Role.ADMIN, AgentWorks.reorder_lanes, m.ReorderLanes, order=["Done", "Doing", "Todo"]),
+    Spec.of(Role.ADMIN, AgentWorks.remove_lane, m.RemoveLane, lane="Done"),
+    Spec.of(Role.ADMIN, AgentWorks.archive_project, m.ArchiveProject),
 ]
 
 

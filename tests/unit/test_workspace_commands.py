@@ -17,7 +17,7 @@ from aw_builders import (
 )
 
 from commands import models as m
-from commands.handlers import Actor
+from commands.handlers import Actor, AgentWorks
 from domain.errors import (
     Duplicate,
     Forbidden,
@@ -37,57 +37,20 @@ def _add_target(world: World) -> None:
 
 
 SPECS = [
-    Spec(
-        "renameWorkspace",
+    Spec.of(Role.ADMIN, AgentWorks.rename_workspace, m.RenameWorkspace, name="Renamed"),
+    Spec.of(Role.ADMIN, AgentWorks.add_member, m.AddMember, user_id="newbie", role="MEMBER"),
+    Spec.of(
         Role.ADMIN,
-        lambda w, a: w.app.rename_workspace(
-            m.RenameWorkspace(workspace_id=w.workspace_id, name="Renamed"), a
-        ),
-    ),
-    Spec(
-        "addMember",
-        Role.ADMIN,
-        lambda w, a: w.app.add_member(
-            m.AddMember(workspace_id=w.workspace_id, user_id="newbie", role="MEMBER"), a
-        ),
-    ),
-    Spec(
-        "changeRole",
-        Role.ADMIN,
-        lambda w, a: w.app.change_role(
-            m.ChangeRole(workspace_id=w.workspace_id, user_id="target", role="VIEWER"), a
-        ),
+        AgentWorks.change_role,
+        m.ChangeRole,
         _add_target,
+        user_id="target",
+        role="VIEWER",
     ),
-    Spec(
-        "removeMember",
-        Role.ADMIN,
-        lambda w, a: w.app.remove_member(
-            m.RemoveMember(workspace_id=w.workspace_id, user_id="target"), a
-        ),
-        _add_target,
-    ),
-    Spec(
-        "setSpendLimit",
-        Role.ADMIN,
-        lambda w, a: w.app.set_spend_limit(
-            m.SetSpendLimit(workspace_id=w.workspace_id, monthly_limit="100.00"), a
-        ),
-    ),
-    Spec(
-        "setPlan",
-        Role.OWNER,
-        lambda w, a: w.app.set_plan(
-            m.SetPlan(workspace_id=w.workspace_id, markup="2", billing_increment="0.10"), a
-        ),
-    ),
-    Spec(
-        "createProject",
-        Role.MEMBER,
-        lambda w, a: w.app.create_project(
-            m.CreateProject(workspace_id=w.workspace_id, name="Another"), a
-        ),
-    ),
+    Spec.of(Role.ADMIN, AgentWorks.remove_member, m.RemoveMember, _add_target, user_id="target"),
+    Spec.of(Role.ADMIN, AgentWorks.set_spend_limit, m.SetSpendLimit, monthly_limit="100.00"),
+    Spec.of(Role.OWNER, AgentWorks.set_plan, m.SetPlan, markup="2", billing_increment="0.10"),
+    Spec.of(Role.MEMBER, AgentWorks.create_project, m.CreateProject, name="Another"),
 ]
 
 
