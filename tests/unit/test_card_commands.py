@@ -58,6 +58,11 @@ def _archive(world: World) -> None:
     world.app.archive_card(m.ArchiveCard(card_id=world.card_id), world.owner)
 
 
+def _rename_lane(world: World, lane: str, name: str) -> None:
+    cmd = m.RenameLane(project_id=world.project_id, lane=lane, name=name)
+    world.app.rename_lane(cmd, world.owner)
+
+
 def _label(world: World) -> None:
     world.app.label_card(m.LabelCard(card_id=world.card_id, label="api"), world.owner)
 
@@ -283,9 +288,7 @@ def test_blocked_card_can_be_reordered_within_its_renamed_lane() -> None:
     world = build()
     other = world.card("other")
     _block(world)
-    world.app.rename_lane(
-        m.RenameLane(project_id=world.project_id, lane="Todo", name="Backlog"), world.owner
-    )
+    _rename_lane(world, "Todo", "Backlog")
     cmd = m.MoveCard(card_id=world.card_id, to_lane="Backlog", after_card_id=other)
     world.app.move_card(cmd, world.owner)
     assert board(world, "Backlog") == [other, world.card_id]
@@ -294,9 +297,7 @@ def test_blocked_card_can_be_reordered_within_its_renamed_lane() -> None:
 def test_restore_without_a_lane_returns_the_card_to_its_renamed_lane() -> None:
     world = build()
     _archive(world)
-    world.app.rename_lane(
-        m.RenameLane(project_id=world.project_id, lane="Todo", name="Backlog"), world.owner
-    )
+    _rename_lane(world, "Todo", "Backlog")
     world.app.restore_card(m.RestoreCard(card_id=world.card_id), world.owner)
     assert board(world, "Backlog") == [world.card_id]
 
@@ -304,21 +305,15 @@ def test_restore_without_a_lane_returns_the_card_to_its_renamed_lane() -> None:
 def test_a_card_archived_before_a_rename_restores_into_the_renamed_lane() -> None:
     world = build()
     _archive(world)
-    world.app.rename_lane(
-        m.RenameLane(project_id=world.project_id, lane="Todo", name="Backlog"), world.owner
-    )
-    world.app.rename_lane(
-        m.RenameLane(project_id=world.project_id, lane="Backlog", name="Icebox"), world.owner
-    )
+    _rename_lane(world, "Todo", "Backlog")
+    _rename_lane(world, "Backlog", "Icebox")
     world.app.restore_card(m.RestoreCard(card_id=world.card_id), world.owner)
     assert board(world, "Icebox") == [world.card_id]
 
 
 def test_moves_after_a_rename_record_the_lanes_current_name() -> None:
     world = build()
-    world.app.rename_lane(
-        m.RenameLane(project_id=world.project_id, lane="Todo", name="Backlog"), world.owner
-    )
+    _rename_lane(world, "Todo", "Backlog")
     before = position_of_log(world.app)
     world.app.move_card(m.MoveCard(card_id=world.card_id, to_lane="Done"), world.owner)
     moved = [e for e in stored_events(world.app)[before:] if e.originator_id == world.card_id]
@@ -327,12 +322,11 @@ def test_moves_after_a_rename_record_the_lanes_current_name() -> None:
 
 def reuse_old_name(world: World, how: str) -> None:
     """Rename Todo to Backlog, then give the freed name Todo to another lane."""
-    app, owner, pid = world.app, world.owner, world.project_id
-    app.rename_lane(m.RenameLane(project_id=pid, lane="Todo", name="Backlog"), owner)
+    _rename_lane(world, "Todo", "Backlog")
     if how == "add":
-        app.add_lane(m.AddLane(project_id=pid, name="Todo"), owner)
+        world.app.add_lane(m.AddLane(project_id=world.project_id, name="Todo"), world.owner)
     else:
-        app.rename_lane(m.RenameLane(project_id=pid, lane="Done", name="Todo"), owner)
+        _rename_lane(world, "Done", "Todo")
 
 
 @pytest.mark.parametrize("how", ["add", "rename"])
@@ -528,9 +522,7 @@ def test_removing_a_lane_that_holds_cards_is_refused() -> None:
 
 def test_renaming_a_lane_keeps_its_cards_on_the_board() -> None:
     world = build()
-    world.app.rename_lane(
-        m.RenameLane(project_id=world.project_id, lane="Todo", name="Backlog"), world.owner
-    )
+    _rename_lane(world, "Todo", "Backlog")
     assert board(world, "Backlog") == [world.card_id]
 
 
