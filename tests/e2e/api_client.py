@@ -11,13 +11,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 PROTOCOL = Subprotocol("graphql-transport-ws")
+
+T = TypeVar("T")
 
 
 class GraphQLFailed(AssertionError):
@@ -211,3 +213,16 @@ def first_change(
         except TimeoutError:
             continue
     raise AssertionError("the subscription never reported a change")
+
+
+def wait_for(check: Callable[[], T], timeout: float = 10.0) -> T:
+    """Poll ``check`` until it answers something truthy, and return that answer: the read side
+    catches up with a write asynchronously, so a client sees the write only after a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
