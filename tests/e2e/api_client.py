@@ -127,6 +127,12 @@ class ApiClient:
             {"input": {"projectId": project_id, "title": title, "lane": lane}},
         )["createCard"]
 
+    def start_agent_run(self, card_id: str, agent: str = "coder") -> Any:
+        return self.data(
+            "mutation($input: StartAgentRunInput!) { startAgentRun(input: $input) { run { id } } }",
+            {"input": {"cardId": card_id, "agent": agent}},
+        )["startAgentRun"]
+
     def add_member(self, workspace_id: str, user_id: str, role: str) -> Any:
         return self.data(
             "mutation($input: AddMemberInput!) { addMember(input: $input) {"

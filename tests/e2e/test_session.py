@@ -330,10 +330,7 @@ def test_reconciliation_reports_a_read_model_that_drifted_from_the_log(stack: St
     alice, ws = stack.owner_with_workspace("rita", "Drift")
     pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
     card = alice.create_card(pid, "c")["card"]["id"]
-    run = UUID(alice.data(
-        "mutation($id: ID!) { startAgentRun(input: {cardId: $id, agent: \"coder\"}) {"
-        " run { id } } }", {"id": card},
-    )["startAgentRun"]["run"]["id"])  # fmt: skip
+    run = UUID(alice.start_agent_run(card)["run"]["id"])
     service = Actor.service("orchestrator", ws)
     stack.write.begin_run(m.BeginRun(run_id=run, worker="w"), service)
     now = datetime.now(UTC)
