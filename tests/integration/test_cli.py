@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import jwt
 import pg
 import pytest
-from pem_keys import rsa_pem_pair
+from credentials import rsa_pem_pair
 
 from adapters.tokens import verify_token
 from domain.roles import Role

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import jwt
 import pytest
-from pem_keys import rsa_pem_pair
+from credentials import rsa_pem_pair
 
 from adapters.tokens import (
     BOOTSTRAP_WORKSPACE,
