@@ -7,6 +7,7 @@ import base64
 import json
 import re
 import typing
+from collections.abc import Callable
 from typing import Any
 from uuid import uuid4
 
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from commands import models as m
 from domain.card import Card
 from domain.errors import ValidationFailed
+from domain.meta import EventMeta
 from domain.roles import Role
 from domain.text import find_unstorable, storable_text, text_problem
 from domain.workspace import Workspace
@@ -172,18 +174,27 @@ def _types_in(annotation: Any) -> list[Any]:
 class TestAggregatesRefuseToRecordIt:
     """The last gate: whatever reaches an aggregate, an event holding such text is not recorded."""
 
-    def test_a_card_is_not_blocked_with_a_nul_in_the_reason(self) -> None:
+    @pytest.mark.parametrize(
+        ("record", "refusal"),
+        [
+            (
+                lambda card, mt: card.block("a\x00b", meta=mt),
+                r"Card\.Blocked\.reason must not contain NUL",
+            ),
+            (
+                lambda card, mt: card.label("x\ud800", meta=mt),
+                r"Card\.Labelled\.label must be valid Unicode",
+            ),
+        ],
+        ids=["nul-in-a-block-reason", "lone-surrogate-in-a-label"],
+    )
+    def test_a_card_records_no_event_holding_such_text(
+        self, record: Callable[[Card, EventMeta], object], refusal: str
+    ) -> None:
         world = World.build()
         card: Card = world.get(world.card_id)
-        with pytest.raises(ValidationFailed, match=r"Card\.Blocked\.reason must not contain NUL"):
-            card.block("a\x00b", meta=meta(world.workspace_id))
-        assert not card.pending_events
-
-    def test_a_label_with_a_lone_surrogate_is_not_recorded(self) -> None:
-        world = World.build()
-        card: Card = world.get(world.card_id)
-        with pytest.raises(ValidationFailed, match=r"Card\.Labelled\.label must be valid Unicode"):
-            card.label("x\ud800", meta=meta(world.workspace_id))
+        with pytest.raises(ValidationFailed, match=refusal):
+            record(card, meta(world.workspace_id))
         assert not card.pending_events
 
     def test_an_actor_with_a_nul_is_not_recorded_in_the_metadata(self) -> None:
