@@ -172,6 +172,18 @@ class World:
     def get(self, aggregate_id: UUID) -> Any:
         return self.app.repository.get(aggregate_id)
 
+    def refuses(
+        self,
+        error: type[AgentWorksError],
+        handler: Callable[[Any, Actor], CommandResult],
+        cmd: m.Command,
+        actor: Actor | None = None,
+    ) -> AgentWorksError:
+        """``handler`` refuses ``cmd`` sent by ``actor`` (the owner unless named) with ``error``,
+        and nothing at all is appended to the event store."""
+        sender = self.owner if actor is None else actor
+        return assert_refused(self.app, error, lambda: handler(cmd, sender))
+
 
 @dataclass(frozen=True)
 class Spec:

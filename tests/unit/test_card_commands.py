@@ -120,14 +120,10 @@ def test_cross_tenant_answer_is_the_same_as_for_an_unknown_id() -> None:
     world = build()
     intruder = World.build(app=world.app, owner="mallory").owner
     ghost = uuid4()
-    theirs = assert_refused(
-        world.app,
-        NotFound,
-        lambda: world.app.assign_card(m.AssignCard(card_id=world.card_id), intruder),
+    theirs = world.refuses(
+        NotFound, world.app.assign_card, m.AssignCard(card_id=world.card_id), intruder
     )
-    unknown = assert_refused(
-        world.app, NotFound, lambda: world.app.assign_card(m.AssignCard(card_id=ghost), intruder)
-    )
+    unknown = world.refuses(NotFound, world.app.assign_card, m.AssignCard(card_id=ghost), intruder)
     assert theirs.message == f"card {world.card_id} does not exist"
     assert unknown.message == f"card {ghost} does not exist"
 
@@ -178,7 +174,7 @@ def test_create_card_without_a_lane_goes_to_the_first_lane() -> None:
 def test_create_card_in_an_unknown_lane_is_not_found() -> None:
     world = build()
     cmd = m.CreateCard(project_id=world.project_id, title="x", lane="Ghost")
-    error = assert_refused(world.app, NotFound, lambda: world.app.create_card(cmd, world.owner))
+    error = world.refuses(NotFound, world.app.create_card, cmd)
     assert "'Ghost'" in error.message
 
 
@@ -187,9 +183,7 @@ def test_create_card_in_a_full_lane_is_refused_and_writes_nothing() -> None:
     world.card("a", lane="Doing")
     world.card("b", lane="Doing")
     cmd = m.CreateCard(project_id=world.project_id, title="c", lane="Doing")
-    error = assert_refused(
-        world.app, WipLimitExceeded, lambda: world.app.create_card(cmd, world.owner)
-    )
+    error = world.refuses(WipLimitExceeded, world.app.create_card, cmd)
     assert "'Doing'" in error.message
     assert len(board(world, "Doing")) == 2
 
@@ -198,9 +192,7 @@ def test_create_card_in_an_archived_project_is_refused() -> None:
     world = build()
     world.app.archive_project(m.ArchiveProject(project_id=world.project_id), world.owner)
     cmd = m.CreateCard(project_id=world.project_id, title="c")
-    error = assert_refused(
-        world.app, InvalidTransition, lambda: world.app.create_card(cmd, world.owner)
-    )
+    error = world.refuses(InvalidTransition, world.app.create_card, cmd)
     assert str(world.project_id) in error.message
 
 
@@ -222,9 +214,7 @@ def test_move_into_full_lane_is_refused_and_writes_nothing() -> None:
     world.card("a", lane="Doing")
     world.card("b", lane="Doing")
     cmd = m.MoveCard(card_id=world.card_id, to_lane="Doing")
-    error = assert_refused(
-        world.app, WipLimitExceeded, lambda: world.app.move_card(cmd, world.owner)
-    )
+    error = world.refuses(WipLimitExceeded, world.app.move_card, cmd)
     assert str(world.card_id) in error.message
     assert world.get(world.card_id).lane == "Todo"
 
@@ -251,7 +241,7 @@ def test_move_with_non_adjacent_neighbours_is_a_conflict_and_writes_nothing() ->
     a, b = world.card("a"), world.card("b")
     mover = world.card("c", lane="Done")
     cmd = m.MoveCard(card_id=mover, to_lane="Todo", after_card_id=world.card_id, before_card_id=b)
-    error = assert_refused(world.app, Conflict, lambda: world.app.move_card(cmd, world.owner))
+    error = world.refuses(Conflict, world.app.move_card, cmd)
     assert str(world.card_id) in error.message
     assert str(b) in error.message
     assert board(world, "Todo") == [world.card_id, a, b]
@@ -261,7 +251,7 @@ def test_move_with_a_neighbour_from_another_lane_is_a_conflict() -> None:
     world = build()
     elsewhere = world.card("x", lane="Done")
     cmd = m.MoveCard(card_id=world.card_id, to_lane="Doing", after_card_id=elsewhere)
-    error = assert_refused(world.app, Conflict, lambda: world.app.move_card(cmd, world.owner))
+    error = world.refuses(Conflict, world.app.move_card, cmd)
     assert str(elsewhere) in error.message
 
 
@@ -269,9 +259,7 @@ def test_blocked_card_cannot_change_lane_and_the_board_is_not_saved_either() -> 
     world = build()
     _block(world)
     cmd = m.MoveCard(card_id=world.card_id, to_lane="Done")
-    error = assert_refused(
-        world.app, InvalidTransition, lambda: world.app.move_card(cmd, world.owner)
-    )
+    error = world.refuses(InvalidTransition, world.app.move_card, cmd)
     assert str(world.card_id) in error.message
     assert board(world, "Todo") == [world.card_id]
     agree(world)
@@ -281,7 +269,7 @@ def test_moving_an_archived_card_is_an_invalid_transition() -> None:
     world = build()
     _archive(world)
     cmd = m.MoveCard(card_id=world.card_id, to_lane="Done")
-    assert_refused(world.app, InvalidTransition, lambda: world.app.move_card(cmd, world.owner))
+    world.refuses(InvalidTransition, world.app.move_card, cmd)
 
 
 def test_blocked_card_can_be_reordered_within_its_renamed_lane() -> None:
@@ -404,10 +392,8 @@ def test_archive_lifts_the_card_off_the_board_and_frees_its_slot() -> None:
 def test_archiving_an_archived_card_is_refused() -> None:
     world = build()
     _archive(world)
-    error = assert_refused(
-        world.app,
-        InvalidTransition,
-        lambda: world.app.archive_card(m.ArchiveCard(card_id=world.card_id), world.owner),
+    error = world.refuses(
+        InvalidTransition, world.app.archive_card, m.ArchiveCard(card_id=world.card_id)
     )
     assert str(world.card_id) in error.message
 
@@ -451,16 +437,14 @@ def test_restore_into_a_full_lane_is_refused_and_writes_nothing() -> None:
     world.card("a", lane="Doing")
     world.card("b", lane="Doing")
     cmd = m.RestoreCard(card_id=world.card_id, lane="Doing")
-    assert_refused(world.app, WipLimitExceeded, lambda: world.app.restore_card(cmd, world.owner))
+    world.refuses(WipLimitExceeded, world.app.restore_card, cmd)
     assert world.get(world.card_id).archived is True
 
 
 def test_restoring_a_live_card_is_refused() -> None:
     world = build()
     cmd = m.RestoreCard(card_id=world.card_id)
-    error = assert_refused(
-        world.app, InvalidTransition, lambda: world.app.restore_card(cmd, world.owner)
-    )
+    error = world.refuses(InvalidTransition, world.app.restore_card, cmd)
     assert f"card {world.card_id} is not archived" in error.message
 
 
@@ -482,7 +466,7 @@ def test_update_card_replaces_the_label_set() -> None:
 def test_unblock_of_an_unblocked_card_is_refused() -> None:
     world = build()
     cmd = m.UnblockCard(card_id=world.card_id)
-    assert_refused(world.app, InvalidTransition, lambda: world.app.unblock_card(cmd, world.owner))
+    world.refuses(InvalidTransition, world.app.unblock_card, cmd)
 
 
 def test_card_history_can_be_read_at_any_version() -> None:
@@ -505,18 +489,14 @@ def test_wip_limit_below_the_current_count_is_refused_and_writes_nothing() -> No
     world.card("a")
     world.card("b")
     cmd = m.SetWipLimit(project_id=world.project_id, lane="Todo", wip_limit=2)
-    error = assert_refused(
-        world.app, WipLimitExceeded, lambda: world.app.set_wip_limit(cmd, world.owner)
-    )
+    error = world.refuses(WipLimitExceeded, world.app.set_wip_limit, cmd)
     assert "holds 3 cards" in error.message
 
 
 def test_removing_a_lane_that_holds_cards_is_refused() -> None:
     world = build()
     cmd = m.RemoveLane(project_id=world.project_id, lane="Todo")
-    error = assert_refused(
-        world.app, InvalidTransition, lambda: world.app.remove_lane(cmd, world.owner)
-    )
+    error = world.refuses(InvalidTransition, world.app.remove_lane, cmd)
     assert "'Todo'" in error.message
 
 
@@ -532,9 +512,7 @@ def test_service_actor_acts_without_membership_but_only_in_its_workspace() -> No
     service = Actor.service("orchestrator", world.workspace_id)
     world.app.label_card(m.LabelCard(card_id=world.card_id, label="bot"), service)
     assert world.get(world.card_id).labels == ["bot"]
-    assert_refused(
-        world.app,
-        NotFound,
-        lambda: world.app.label_card(m.LabelCard(card_id=other.card_id, label="x"), service),
+    world.refuses(
+        NotFound, world.app.label_card, m.LabelCard(card_id=other.card_id, label="x"), service
     )
     assert world.get(other.card_id).labels == []

@@ -13,7 +13,7 @@ from uuid import uuid4
 
 import pydantic
 import pytest
-from aw_builders import World, assert_refused, meta
+from aw_builders import World, meta
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -216,9 +216,7 @@ class TestAggregatesRefuseToRecordIt:
         world = World.build()
         # model_construct skips validation, as a caller bypassing the command models would.
         command = m.BlockCard.model_construct(card_id=world.card_id, reason="a\x00b")
-        assert_refused(
-            world.app, ValidationFailed, lambda: world.app.block_card(command, world.owner)
-        )
+        world.refuses(ValidationFailed, world.app.block_card, command)
 
 
 class TestAssignCard:
@@ -235,12 +233,10 @@ class TestAssignCard:
     def test_assigning_someone_who_is_not_a_member_is_refused(self) -> None:
         world = World.build()
         stranger = str(uuid4())
-        error = assert_refused(
-            world.app,
+        error = world.refuses(
             ValidationFailed,
-            lambda: world.app.assign_card(
-                m.AssignCard(card_id=world.card_id, assignee=stranger), world.owner
-            ),
+            world.app.assign_card,
+            m.AssignCard(card_id=world.card_id, assignee=stranger),
         )
         assert stranger in error.message
         assert "not a member" in error.message
@@ -248,12 +244,10 @@ class TestAssignCard:
     def test_a_member_of_another_workspace_is_not_a_member_here(self) -> None:
         world = World.build()
         other = World.build(app=world.app, owner="mallory")
-        assert_refused(
-            world.app,
+        world.refuses(
             ValidationFailed,
-            lambda: world.app.assign_card(
-                m.AssignCard(card_id=world.card_id, assignee="mallory"), world.owner
-            ),
+            world.app.assign_card,
+            m.AssignCard(card_id=world.card_id, assignee="mallory"),
         )
         assert other.get(other.workspace_id).role_of("mallory") is not None
 
