@@ -221,14 +221,22 @@ def first_change(
     raise AssertionError("the subscription never reported a change")
 
 
-def wait_for(check: Callable[[], T], timeout: float = 10.0) -> T:
-    """Poll ``check`` until it answers something truthy, and return that answer: the read side
-    catches up with a write asynchronously, so a client sees the write only after a while."""
+def wait_for(
+    read: Callable[[], T],
+    timeout: float = 10.0,
+    *,
+    until: Callable[[T], object] = bool,
+    every: float = 0.05,
+    what: str = "condition not met",
+) -> T:
+    """Call ``read`` until ``until`` holds for its answer, and return that answer: the read side
+    catches up with a write asynchronously, so a client sees the write only after a while. Past
+    ``timeout`` it fails, saying ``what`` it waited for and the last answer read."""
     deadline = time.monotonic() + timeout
     while True:
-        value = check()
-        if value:
+        value = read()
+        if until(value):
             return value
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
+            raise AssertionError(f"{what} within {timeout}s; last read: {value!r}")
+        time.sleep(every)
