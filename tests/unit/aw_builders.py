@@ -185,6 +185,10 @@ class World:
         return assert_refused(self.app, error, lambda: handler(cmd, sender))
 
 
+#: The ids a command may be aimed by, one of which each command carries.
+_TARGETS = ("workspace_id", "project_id", "card_id")
+
+
 @dataclass(frozen=True)
 class Spec:
     """One command, the least role it needs, and how to send it in a given world."""
@@ -217,9 +221,6 @@ class Spec:
             return handler(world.app, kind(**{target: getattr(world, target)}, **fields), actor)
 
         return cls(name, needed, send, prepare)
-
-
-_TARGETS = ("workspace_id", "project_id", "card_id")
 
 
 def assert_role_matrix(
