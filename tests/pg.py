@@ -154,6 +154,16 @@ def drop_database(name: str, *, timeout: float = 60.0) -> None:
             return
 
 
+@contextlib.contextmanager
+def database_from(template: str, name: str) -> Iterator[str]:
+    """Database ``name``, copied from ``template``, for the block: its URL; dropped after it."""
+    url = create_database(name, template=template)
+    try:
+        yield url
+    finally:
+        drop_database(name)
+
+
 def session_databases() -> list[str]:
     """Databases of this test session still on the server."""
     with admin_connection() as conn:

@@ -11,13 +11,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 PROTOCOL = Subprotocol("graphql-transport-ws")
+
+T = TypeVar("T")
 
 
 class GraphQLFailed(AssertionError):
@@ -125,6 +127,12 @@ class ApiClient:
             {"input": {"projectId": project_id, "title": title, "lane": lane}},
         )["createCard"]
 
+    def start_agent_run(self, card_id: str, agent: str = "coder") -> Any:
+        return self.data(
+            "mutation($input: StartAgentRunInput!) { startAgentRun(input: $input) { run { id } } }",
+            {"input": {"cardId": card_id, "agent": agent}},
+        )["startAgentRun"]
+
     def add_member(self, workspace_id: str, user_id: str, role: str) -> Any:
         return self.data(
             "mutation($input: AddMemberInput!) { addMember(input: $input) {"
@@ -211,3 +219,24 @@ def first_change(
         except TimeoutError:
             continue
     raise AssertionError("the subscription never reported a change")
+
+
+def wait_for(
+    read: Callable[[], T],
+    timeout: float = 10.0,
+    *,
+    until: Callable[[T], object] = bool,
+    every: float = 0.05,
+    what: str = "condition not met",
+) -> T:
+    """Call ``read`` until ``until`` holds for its answer, and return that answer: the read side
+    catches up with a write asynchronously, so a client sees the write only after a while. Past
+    ``timeout`` it fails, saying ``what`` it waited for and the last answer read."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if until(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout}s; last read: {value!r}")
+        time.sleep(every)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from api_client import ApiClient, subscribe
+from api_client import ApiClient, subscribe, wait_for
 from e2e_stack import MakeStack, Stack
 
 from adapters.eventlog import EventLog
@@ -57,13 +57,14 @@ def start_run(client: ApiClient, card: str, **extra: Any) -> Any:
 
 
 def wait_run(client: ApiClient, run: str, *, timeout: float = 30) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found: dict[str, Any] = client.data(RUN, {"id": run})["agentRun"]
-        if found["status"] not in ("QUEUED", "RUNNING") and found["attempts"]:
-            return found
-        assert time.monotonic() < deadline, found
-        time.sleep(0.1)
+    found: dict[str, Any] = wait_for(
+        lambda: client.data(RUN, {"id": run})["agentRun"],
+        timeout=timeout,
+        until=lambda run: run["status"] not in ("QUEUED", "RUNNING") and run["attempts"],
+        every=0.1,
+        what="the run ended",
+    )
+    return found
 
 
 def test_a_run_started_from_graphql_streams_its_log_live_and_is_charged(

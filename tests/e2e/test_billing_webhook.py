@@ -17,6 +17,7 @@ from uuid import UUID
 
 import httpx
 import pytest
+from api_client import wait_for
 from stripe_fixtures import STRIPE_TEST_KEY, provision_customer
 from users import user_id
 
@@ -64,17 +65,6 @@ def invoice_event(event_id: str, kind: str, stripe_invoice_id: str, key: str) ->
     ).encode()
 
 
-def wait_for(check: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
 def invoiced_workspace(stack: Stack, localstripe: str) -> tuple[Any, str, str]:
     """A workspace with last month's usage, invoiced in localstripe; its owner's client."""
     alice, ws = stack.owner_with_workspace("alice", "Acme")
@@ -104,14 +94,22 @@ def invoiced_workspace(stack: Stack, localstripe: str) -> tuple[Any, str, str]:
     return alice, ws, result.stripe_invoice_id
 
 
-def test_an_invoiced_statement_shows_its_invoice_and_a_paid_webhook_marks_it_paid(
-    make_stack: MakeStack, localstripe: str
-) -> None:
+@pytest.fixture
+def invoiced(make_stack: MakeStack, localstripe: str) -> tuple[Stack, Any, str, str]:
+    """A stack that takes Stripe's webhook, with a workspace from ``invoiced_workspace``."""
     stack = make_stack(stripe_webhook_secret=SECRET)
-    alice, ws, stripe_invoice = invoiced_workspace(stack, localstripe)
-    shown = wait_for(
-        lambda: (s := alice.data(STATEMENT, {"ws": ws, "m": MONTH})["statement"])["invoiceId"] and s
-    )
+    return (stack, *invoiced_workspace(stack, localstripe))
+
+
+def statement(alice: Any, ws: str) -> Any:
+    return alice.data(STATEMENT, {"ws": ws, "m": MONTH})["statement"]
+
+
+def test_an_invoiced_statement_shows_its_invoice_and_a_paid_webhook_marks_it_paid(
+    invoiced: tuple[Stack, Any, str, str],
+) -> None:
+    stack, alice, ws, stripe_invoice = invoiced
+    shown = wait_for(lambda: (s := statement(alice, ws))["invoiceId"] and s, timeout=15.0)
     assert shown["invoiceStatus"] == "open"
     assert shown["total"] == "1.250000"
     assert [(line["kind"], line["billedExact"], line["billed"]) for line in shown["lines"]] == [
@@ -125,21 +123,16 @@ def test_an_invoiced_statement_shows_its_invoice_and_a_paid_webhook_marks_it_pai
     first = httpx.post(url, content=paid, headers=signed(paid))
     assert first.status_code == 200, first.text
     assert first.json() == {"received": True, "recorded": True}
-    wait_for(
-        lambda: (
-            alice.data(STATEMENT, {"ws": ws, "m": MONTH})["statement"]["invoiceStatus"] == "paid"
-        )
-    )
+    wait_for(lambda: statement(alice, ws)["invoiceStatus"] == "paid", timeout=15.0)
     # The same event again, freshly signed: acknowledged, nothing recorded.
     again = httpx.post(url, content=paid, headers=signed(paid))
     assert again.json() == {"received": True, "recorded": False}
 
 
 def test_webhook_refuses_bad_signatures_and_old_deliveries(
-    make_stack: MakeStack, localstripe: str
+    invoiced: tuple[Stack, Any, str, str],
 ) -> None:
-    stack = make_stack(stripe_webhook_secret=SECRET)
-    alice, ws, stripe_invoice = invoiced_workspace(stack, localstripe)
+    stack, alice, ws, stripe_invoice = invoiced
     voided = invoice_event(
         "evt_void_1", "invoice.voided", stripe_invoice, invoice_key(UUID(ws), MONTH)
     )
@@ -155,11 +148,7 @@ def test_webhook_refuses_bad_signatures_and_old_deliveries(
         assert refused.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
     accepted = httpx.post(url, content=voided, headers=signed(voided))
     assert accepted.json() == {"received": True, "recorded": True}
-    wait_for(
-        lambda: (
-            alice.data(STATEMENT, {"ws": ws, "m": MONTH})["statement"]["invoiceStatus"] == "void"
-        )
-    )
+    wait_for(lambda: statement(alice, ws)["invoiceStatus"] == "void", timeout=15.0)
 
 
 def test_without_a_secret_the_webhook_route_is_not_there(make_stack: MakeStack) -> None:

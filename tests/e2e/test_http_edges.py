@@ -375,11 +375,7 @@ def _fuzz_world(stack: Stack) -> tuple[ApiClient, dict[str, str]]:
         project = client.create_project(ws, "P", [{"name": "Todo"}, {"name": "Doing"}])
         pid = project["project"]["id"]
         card = client.create_card(pid, "fuzzed")["card"]["id"]
-        run = client.data(
-            'mutation($id: ID!) { startAgentRun(input: {cardId: $id, agent: "coder"}) {'
-            " run { id } } }",
-            {"id": card},
-        )["startAgentRun"]["run"]["id"]
+        run = client.start_agent_run(card)["run"]["id"]
         cached = (client, {"workspace": ws, "project": pid, "card": card, "run": run})
         _FUZZ_WORLDS[id(stack)] = cached
     return cached

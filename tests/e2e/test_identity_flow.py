@@ -1,15 +1,11 @@
 """Signing in as a single-page app does it, over HTTP: sign up, log in, refresh, MFA, log out.
 
-TOTP codes are computed here by the RFC 6238 algorithm itself (HMAC-SHA-1, dynamic truncation),
-not by the library the server uses.
+TOTP codes are computed by the RFC 6238 algorithm itself (HMAC-SHA-1, dynamic truncation, in
+``credentials.rfc6238``), not by the library the server uses.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,18 +14,11 @@ import httpx
 import psycopg
 import pytest
 from api_client import first_change, subscribe
+from credentials import rfc6238
 from e2e_stack import Stack, StackBuilder
 
 PASSWORD = "correct horse battery"
 ME = "{ me { id email name mfaEnabled workspaces { id name role } } }"
-
-
-def rfc6238(secret_b32: str, at: float) -> str:
-    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
-    mac = hmac.new(key, struct.pack(">Q", int(at // 30)), hashlib.sha1).digest()
-    offset = mac[-1] & 0x0F
-    value = struct.unpack(">I", mac[offset : offset + 4])[0] & 0x7FFFFFFF
-    return f"{value % 1_000_000:06d}"
 
 
 @pytest.fixture(scope="module")

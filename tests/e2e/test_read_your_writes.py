@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from uuid import UUID
 
+from api_client import wait_for
 from e2e_stack import MakeStack, Stack, user_id
 
 from commands import models as m
@@ -63,7 +62,7 @@ def test_a_read_that_times_out_answers_with_what_there_is_and_says_stale(
     created = stack.write.create_card(m.CreateCard(project_id=pid, title="before"), actor)
     card = str(created.id)
     alice = stack.as_user("alice", ws)
-    _eventually(lambda: alice.data(CARD, {"id": card})["card"])
+    wait_for(lambda: alice.data(CARD, {"id": card})["card"], timeout=20.0)
 
     stack.fanout.stop()
     result = stack.write.update_card(m.UpdateCard(card_id=UUID(card), title="after"), actor)
@@ -83,16 +82,9 @@ def test_a_read_that_times_out_answers_with_what_there_is_and_says_stale(
     assert created_now.data["createCard"]["consistencyToken"]
 
     stack.fanout.start()
-    _eventually(lambda: not alice.post(CARD, {"id": card}, headers=token).stale)
+    wait_for(lambda: not alice.post(CARD, {"id": card}, headers=token).stale, timeout=20.0)
     answer = alice.post(CARD, {"id": card}, headers=token)
     assert answer.data["card"]["title"] == "after"
-
-
-def _eventually(check: Callable[[], object], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_a_malformed_consistency_token_is_refused(stack: Stack) -> None:

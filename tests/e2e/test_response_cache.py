@@ -21,13 +21,13 @@ from uuid import UUID
 
 import psycopg
 import pytest
-from api_client import ApiClient
+from api_client import ApiClient, wait_for
 from e2e_stack import MakeStack, Stack, user_id
 from psycopg.rows import dict_row
 
 from commands import models as m
 from commands.handlers import Actor
-from projections.progress_queries import progress, scope_reading_version
+from projections.progress_queries import Progress, progress, scope_reading_version
 from read_api.app import create_app
 from read_api.broadcast import LocalBroadcaster
 from read_api.response_cache import ResponseCache
@@ -222,14 +222,17 @@ def test_cached_answers_equal_uncached_ones_under_concurrent_writes(
 
 def _settle(database_url: str) -> None:
     """Until every projector has applied the whole log (what was set up is all projected)."""
-    deadline = time.monotonic() + 30
-    while True:
+
+    def read() -> Progress:
         with psycopg.connect(database_url, row_factory=dict_row) as conn:
-            now = progress(conn)
-        if now.positions and min(now.positions.values()) >= now.head:
-            return
-        assert time.monotonic() < deadline, now
-        time.sleep(0.05)
+            return progress(conn)
+
+    wait_for(
+        read,
+        timeout=30,
+        until=lambda now: now.positions and min(now.positions.values()) >= now.head,
+        what="every projector at the head of the log",
+    )
 
 
 def test_a_write_in_one_workspace_leaves_another_workspaces_answers_cached(

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
 from uuid import UUID
 
 import psycopg
-from api_client import ApiClient
+from api_client import ApiClient, wait_for
 from e2e_stack import Stack, user_id
 
 from adapters.eventlog import EventLog
 from commands import models as m
 from commands.handlers import Actor
-
-T = TypeVar("T")
 
 BOARD = """
 query($id: ID!) {
@@ -29,17 +25,6 @@ query($id: ID!) {
   }
 }
 """
-
-
-def _wait_for(check: Callable[[], T], timeout: float = 10.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def test_a_client_session_from_bootstrap_to_reconciled_statement(stack: Stack) -> None:
@@ -138,7 +123,7 @@ def test_a_client_session_from_bootstrap_to_reconciled_statement(stack: Stack) -
     assert hits == [{"runId": run["id"], "seq": 1}]
 
     month = now.strftime("%Y-%m")
-    _wait_for(
+    wait_for(
         lambda: (
             alice.data(
                 "query($ws: ID!, $m: String!) { statement(workspaceId: $ws, month: $m) { total } }",
@@ -345,10 +330,7 @@ def test_reconciliation_reports_a_read_model_that_drifted_from_the_log(stack: St
     alice, ws = stack.owner_with_workspace("rita", "Drift")
     pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
     card = alice.create_card(pid, "c")["card"]["id"]
-    run = UUID(alice.data(
-        "mutation($id: ID!) { startAgentRun(input: {cardId: $id, agent: \"coder\"}) {"
-        " run { id } } }", {"id": card},
-    )["startAgentRun"]["run"]["id"])  # fmt: skip
+    run = UUID(alice.start_agent_run(card)["run"]["id"])
     service = Actor.service("orchestrator", ws)
     stack.write.begin_run(m.BeginRun(run_id=run, worker="w"), service)
     now = datetime.now(UTC)
@@ -365,7 +347,7 @@ def test_reconciliation_reports_a_read_model_that_drifted_from_the_log(stack: St
         " eventLogTotal readModelTotal ok discrepancies { kind key expected actual } } }"
     )
     charge = UUID(call.extra["charge_id"])
-    _wait_for(lambda: alice.data(query, {"ws": ws, "m": month})["reconciliation"]["readModelTotal"]
+    wait_for(lambda: alice.data(query, {"ws": ws, "m": month})["reconciliation"]["readModelTotal"]
               == "1.000000")  # fmt: skip
     assert alice.data(query, {"ws": ws, "m": month})["reconciliation"]["ok"] is True
 

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
-from api_client import PROTOCOL, ApiClient
+from api_client import PROTOCOL, ApiClient, wait_for
 from e2e_stack import API_APPLICATION_NAME, MakeStack, Stack
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
@@ -133,14 +133,6 @@ class RawConnection:
 
 def _codes(message: dict[str, Any]) -> list[str]:
     return [error["extensions"]["code"] for error in message["payload"]]
-
-
-def _wait_for(check: Callable[[], bool], *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.1)
 
 
 def _tenant_with_viewer(stack: Stack, owner: str) -> tuple[ApiClient, str, ApiClient]:
@@ -257,17 +249,19 @@ def test_a_viewer_dropping_storms_of_subscriptions_starves_no_one(
             attacker.drop()
             assert len(refused) == 200 - per_connection
             assert {code for message in refused for code in _codes(message)} <= {"RATE_LIMITED"}
-        _wait_for(
+        wait_for(
             lambda: (
                 _pool_fully_available(stack) and not _api_connections_idle_in_transaction(stack)
             ),
             timeout=30,
+            every=0.1,
             what="every API connection back in the pool, none idle in a transaction",
         )
         if broadcaster == "redis":
-            _wait_for(
+            wait_for(
                 lambda: not _redis_channels(redis_url, f"*{board_channel(project)}"),
                 timeout=10,
+                every=0.1,
                 what="the API unsubscribed from the dropped subscriptions' Redis channel",
             )
         phase[0] = "refill"
@@ -277,9 +271,10 @@ def test_a_viewer_dropping_storms_of_subscriptions_starves_no_one(
         reader.join()
     assert not failures, failures
     assert during["storms"], "the other tenant's board was never read during the storms"
-    _wait_for(
+    wait_for(
         lambda: _pool_fully_available(stack) and not _api_connections_idle_in_transaction(stack),
         timeout=30,
+        every=0.1,
         what="every API connection back in the pool after the last connections closed",
     )
     print(
@@ -314,11 +309,12 @@ def _the_user_has_every_slot_again(
     """The user can hold ``per_user`` subscriptions again, and not one more: whatever dropped
     connections held, their operations have ended and given their slots back (they may still be
     unwinding at first: try again for a while)."""
-    deadline = time.monotonic() + 15
-    while not _fill_every_slot(stack, user, project, per_connection, per_user):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the user never had {per_user} subscription slots again")
-        time.sleep(0.2)
+    wait_for(
+        lambda: _fill_every_slot(stack, user, project, per_connection, per_user),
+        timeout=15,
+        every=0.2,
+        what=f"the user had {per_user} subscription slots again",
+    )
 
 
 def _fill_every_slot(
@@ -343,9 +339,10 @@ def _fill_every_slot(
         [one_too_many] = extra.sync()
         assert _codes(one_too_many) == ["RATE_LIMITED"]
         # All of them are now waiting for a change, and none holds a pooled connection for that.
-        _wait_for(
+        wait_for(
             lambda: _pool_fully_available(stack),
             timeout=30,
+            every=0.1,
             what=f"{per_user} waiting subscriptions holding no pooled connection",
         )
         return True

@@ -53,11 +53,7 @@ def test_board_changes_arrive_with_the_card_as_the_read_model_has_it(live_stack:
         moved = _next_for(sub, card["id"], "card.moved")
         assert moved["card"]["lane"] == "Doing"
 
-        run = alice.data(
-            'mutation($id: ID!) { startAgentRun(input: {cardId: $id, agent: "coder"}) {'
-            " run { id } } }",
-            {"id": card["id"]},
-        )["startAgentRun"]["run"]["id"]
+        run = alice.start_agent_run(card["id"])["run"]["id"]
         requested = _next_for(sub, card["id"], "run.requested")
         assert requested["runId"] == run
 
@@ -75,10 +71,7 @@ def test_a_run_log_replays_then_follows_live_without_gap_or_duplicate(live_stack
     alice, ws = live_stack.owner_with_workspace()
     pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
     card = alice.create_card(pid, "build")["card"]["id"]
-    run = alice.data(
-        'mutation($id: ID!) { startAgentRun(input: {cardId: $id, agent: "coder"}) { run { id } } }',
-        {"id": card},
-    )["startAgentRun"]["run"]["id"]
+    run = alice.start_agent_run(card)["run"]["id"]
     write = live_stack.write
     service = Actor.service("orchestrator", ws)
     run_id = UUID(run)
@@ -134,10 +127,7 @@ def test_a_finished_runs_log_replays_and_completes(live_stack: Stack) -> None:
     alice, ws = live_stack.owner_with_workspace()
     pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
     card = alice.create_card(pid, "build")["card"]["id"]
-    run_id = UUID(alice.data(
-        "mutation($id: ID!) { startAgentRun(input: {cardId: $id, agent: \"coder\"}) {"
-        " run { id } } }", {"id": card},
-    )["startAgentRun"]["run"]["id"])  # fmt: skip
+    run_id = UUID(alice.start_agent_run(card)["run"]["id"])
     service = Actor.service("orchestrator", ws)
     live_stack.write.begin_run(m.BeginRun(run_id=run_id, worker="w1"), service)
     live_stack.write.append_run_log(

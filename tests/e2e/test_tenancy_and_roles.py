@@ -36,10 +36,7 @@ def _tenant(stack: Stack, user: str, name: str) -> Tenant:
     project = client.create_project(ws, f"{name} project", [{"name": "Todo"}, {"name": "Doing"}])
     pid = project["project"]["id"]
     card = client.create_card(pid, f"{name} card")["card"]["id"]
-    run = client.data(
-        'mutation($id: ID!) { startAgentRun(input: {cardId: $id, agent: "coder"}) { run { id } } }',
-        {"id": card},
-    )["startAgentRun"]["run"]["id"]
+    run = client.start_agent_run(card)["run"]["id"]
     return Tenant(client, ws, pid, card, run)
 
 

@@ -91,10 +91,7 @@ def _world(stack: Stack, name: str) -> World:
     client, ws = stack.owner_with_workspace(name, name)
     pid = client.create_project(ws, "P", [{"name": "Todo"}, {"name": "Doing"}])["project"]["id"]
     card = client.create_card(pid, "card")["card"]["id"]
-    run = client.data(
-        'mutation($id: ID!) { startAgentRun(input: {cardId: $id, agent: "coder"}) { run { id } } }',
-        {"id": card},
-    )["startAgentRun"]["run"]["id"]
+    run = client.start_agent_run(card)["run"]["id"]
     member = str(uuid4())
     client.add_member(ws, member, "MEMBER")
     return World(client, user_id(name), ws, pid, card, run, member)

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 import jwt
 import pg
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from credentials import rsa_pem_pair
 
 from adapters.tokens import verify_token
 from domain.roles import Role
@@ -130,19 +129,7 @@ class TestToken:
         assert not (tmp_path / ".agentworks").exists()
 
     def test_rs256_private_key_from_the_environment(self, tmp_path: Path) -> None:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        private = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode()
-        public = (
-            key.public_key()
-            .public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            .decode()
-        )
+        private, public = rsa_pem_pair()
         # As docker and CI often pass it: one line with literal "\n" escapes.
         escaped = private.strip().replace("\n", "\\n")
 
@@ -202,14 +189,7 @@ class TestToken:
         assert not (tmp_path / ".agentworks").exists()
 
     def test_public_key_alone_cannot_sign(self, tmp_path: Path) -> None:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        public = (
-            key.public_key()
-            .public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            .decode()
-        )
+        _, public = rsa_pem_pair()
 
         result = agentworks(
             "token", "--bootstrap", cwd=tmp_path, env={"AGENTWORKS_JWT_PUBLIC_KEY": public}

@@ -172,6 +172,22 @@ class World:
     def get(self, aggregate_id: UUID) -> Any:
         return self.app.repository.get(aggregate_id)
 
+    def refuses(
+        self,
+        error: type[AgentWorksError],
+        handler: Callable[[Any, Actor], CommandResult],
+        cmd: m.Command,
+        actor: Actor | None = None,
+    ) -> AgentWorksError:
+        """``handler`` refuses ``cmd`` sent by ``actor`` (the owner unless named) with ``error``,
+        and nothing at all is appended to the event store."""
+        sender = self.owner if actor is None else actor
+        return assert_refused(self.app, error, lambda: handler(cmd, sender))
+
+
+#: The ids a command may be aimed by, one of which each command carries.
+_TARGETS = ("workspace_id", "project_id", "card_id")
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -184,6 +200,27 @@ class Spec:
 
     def __str__(self) -> str:
         return self.name
+
+    @classmethod
+    def of(
+        cls,
+        needed: Role,
+        handler: Callable[[AgentWorks, Any, Actor], CommandResult],
+        kind: type[m.Command],
+        prepare: Callable[[World], object] = lambda world: None,
+        **fields: object,
+    ) -> Spec:
+        """The command ``kind`` with ``fields``, aimed at the world's own workspace, project or
+        card (whichever id the command carries), and named as GraphQL names its mutation, so
+        a table of specs reads as the schema's list of mutations and the role each needs."""
+        (target,) = [name for name in _TARGETS if name in kind.model_fields]
+        first, *rest = handler.__name__.split("_")
+        name = first + "".join(word.title() for word in rest)
+
+        def send(world: World, actor: Actor) -> CommandResult:
+            return handler(world.app, kind(**{target: getattr(world, target)}, **fields), actor)
+
+        return cls(name, needed, send, prepare)
 
 
 def assert_role_matrix(

@@ -17,19 +17,30 @@ from domain.meta import EventMeta
 NOW = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
 
 
-def make_run(*, max_cost: int | None = None) -> AgentRun:
+def request_run(
+    *,
+    agent: str = "coder",
+    provider: str | None = None,
+    model: str | None = None,
+    max_cost: int | None = None,
+) -> AgentRun:
+    """``AgentRun.request`` for a card of a fresh workspace, with its events still pending."""
     workspace_id = uuid4()
-    run = AgentRun.request(
+    return AgentRun.request(
         run_id=uuid4(),
         workspace_id=workspace_id,
         project_id=uuid4(),
         card_id=uuid4(),
-        agent=" coder ",
-        provider=None,
-        model=" gpt-x ",
+        agent=agent,
+        provider=provider,
+        model=model,
         max_cost_micros=max_cost,
         meta=meta(workspace_id),
     )
+
+
+def make_run(*, max_cost: int | None = None) -> AgentRun:
+    run = request_run(agent=" coder ", model=" gpt-x ", max_cost=max_cost)
     collect(run)
     return run
 
@@ -93,53 +104,20 @@ def test_requested_run_is_queued_with_nothing_spent() -> None:
 
 @pytest.mark.parametrize("agent", ["", "   ", "a" * 101])
 def test_blank_or_overlong_agent_is_refused(agent: str) -> None:
-    workspace_id = uuid4()
     with pytest.raises(ValidationFailed, match="agent"):
-        AgentRun.request(
-            run_id=uuid4(),
-            workspace_id=workspace_id,
-            project_id=uuid4(),
-            card_id=uuid4(),
-            agent=agent,
-            provider=None,
-            model=None,
-            max_cost_micros=None,
-            meta=meta(workspace_id),
-        )
+        request_run(agent=agent)
 
 
 @pytest.mark.parametrize("max_cost", [0, -1])
 def test_non_positive_run_budget_is_refused(max_cost: int) -> None:
-    workspace_id = uuid4()
     with pytest.raises(ValidationFailed, match="maxCost"):
-        AgentRun.request(
-            run_id=uuid4(),
-            workspace_id=workspace_id,
-            project_id=uuid4(),
-            card_id=uuid4(),
-            agent="coder",
-            provider=None,
-            model=None,
-            max_cost_micros=max_cost,
-            meta=meta(workspace_id),
-        )
+        request_run(max_cost=max_cost)
 
 
 @pytest.mark.parametrize(("what", "value"), [("provider", "  "), ("model", "m" * 101)])
 def test_blank_or_overlong_provider_or_model_is_refused(what: str, value: str) -> None:
-    workspace_id = uuid4()
-    kwargs = {"provider": None, "model": None, what: value}
     with pytest.raises(ValidationFailed, match=what):
-        AgentRun.request(
-            run_id=uuid4(),
-            workspace_id=workspace_id,
-            project_id=uuid4(),
-            card_id=uuid4(),
-            agent="coder",
-            max_cost_micros=None,
-            meta=meta(workspace_id),
-            **kwargs,
-        )
+        request_run(**{what: value})
 
 
 # -- the state machine --------------------------------------------------------------------------

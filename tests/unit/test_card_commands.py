@@ -7,6 +7,7 @@ from uuid import UUID, uuid4
 
 import pytest
 from aw_builders import (
+    OWNER,
     Spec,
     World,
     assert_refused,
@@ -16,7 +17,7 @@ from aw_builders import (
 )
 
 from commands import models as m
-from commands.handlers import Actor, CommandResult
+from commands.handlers import Actor, AgentWorks, CommandResult
 from domain.card import Card
 from domain.errors import (
     Conflict,
@@ -57,102 +58,32 @@ def _archive(world: World) -> None:
     world.app.archive_card(m.ArchiveCard(card_id=world.card_id), world.owner)
 
 
+def _rename_lane(world: World, lane: str, name: str) -> None:
+    cmd = m.RenameLane(project_id=world.project_id, lane=lane, name=name)
+    world.app.rename_lane(cmd, world.owner)
+
+
 def _label(world: World) -> None:
     world.app.label_card(m.LabelCard(card_id=world.card_id, label="api"), world.owner)
 
 
 SPECS = [
-    Spec(
-        "createCard",
-        Role.MEMBER,
-        lambda w, a: w.app.create_card(m.CreateCard(project_id=w.project_id, title="New"), a),
-    ),
-    Spec(
-        "updateCard",
-        Role.MEMBER,
-        lambda w, a: w.app.update_card(m.UpdateCard(card_id=w.card_id, title="Edited"), a),
-    ),
-    Spec(
-        "moveCard",
-        Role.MEMBER,
-        lambda w, a: w.app.move_card(m.MoveCard(card_id=w.card_id, to_lane="Done"), a),
-    ),
-    Spec(
-        "assignCard",
-        Role.MEMBER,
-        lambda w, a: w.app.assign_card(
-            m.AssignCard(card_id=w.card_id, assignee=w.owner.user_id), a
-        ),
-    ),
-    Spec(
-        "labelCard",
-        Role.MEMBER,
-        lambda w, a: w.app.label_card(m.LabelCard(card_id=w.card_id, label="ux"), a),
-    ),
-    Spec(
-        "unlabelCard",
-        Role.MEMBER,
-        lambda w, a: w.app.unlabel_card(m.UnlabelCard(card_id=w.card_id, label="api"), a),
-        _label,
-    ),
-    Spec(
-        "blockCard",
-        Role.MEMBER,
-        lambda w, a: w.app.block_card(m.BlockCard(card_id=w.card_id, reason="why"), a),
-    ),
-    Spec(
-        "unblockCard",
-        Role.MEMBER,
-        lambda w, a: w.app.unblock_card(m.UnblockCard(card_id=w.card_id), a),
-        _block,
-    ),
-    Spec(
-        "archiveCard",
-        Role.MEMBER,
-        lambda w, a: w.app.archive_card(m.ArchiveCard(card_id=w.card_id), a),
-    ),
-    Spec(
-        "restoreCard",
-        Role.MEMBER,
-        lambda w, a: w.app.restore_card(m.RestoreCard(card_id=w.card_id), a),
-        _archive,
-    ),
-    Spec(
-        "setWipLimit",
-        Role.ADMIN,
-        lambda w, a: w.app.set_wip_limit(
-            m.SetWipLimit(project_id=w.project_id, lane="Done", wip_limit=5), a
-        ),
-    ),
-    Spec(
-        "addLane",
-        Role.ADMIN,
-        lambda w, a: w.app.add_lane(m.AddLane(project_id=w.project_id, name="QA"), a),
-    ),
-    Spec(
-        "renameLane",
-        Role.ADMIN,
-        lambda w, a: w.app.rename_lane(
-            m.RenameLane(project_id=w.project_id, lane="Done", name="Shipped"), a
-        ),
-    ),
-    Spec(
-        "reorderLanes",
-        Role.ADMIN,
-        lambda w, a: w.app.reorder_lanes(
-            m.ReorderLanes(project_id=w.project_id, order=["Done", "Doing", "Todo"]), a
-        ),
-    ),
-    Spec(
-        "removeLane",
-        Role.ADMIN,
-        lambda w, a: w.app.remove_lane(m.RemoveLane(project_id=w.project_id, lane="Done"), a),
-    ),
-    Spec(
-        "archiveProject",
-        Role.ADMIN,
-        lambda w, a: w.app.archive_project(m.ArchiveProject(project_id=w.project_id), a),
-    ),
+    Spec.of(Role.MEMBER, AgentWorks.create_card, m.CreateCard, title="New"),
+    Spec.of(Role.MEMBER, AgentWorks.update_card, m.UpdateCard, title="Edited"),
+    Spec.of(Role.MEMBER, AgentWorks.move_card, m.MoveCard, to_lane="Done"),
+    Spec.of(Role.MEMBER, AgentWorks.assign_card, m.AssignCard, assignee=OWNER),
+    Spec.of(Role.MEMBER, AgentWorks.label_card, m.LabelCard, label="ux"),
+    Spec.of(Role.MEMBER, AgentWorks.unlabel_card, m.UnlabelCard, _label, label="api"),
+    Spec.of(Role.MEMBER, AgentWorks.block_card, m.BlockCard, reason="why"),
+    Spec.of(Role.MEMBER, AgentWorks.unblock_card, m.UnblockCard, _block),
+    Spec.of(Role.MEMBER, AgentWorks.archive_card, m.ArchiveCard),
+    Spec.of(Role.MEMBER, AgentWorks.restore_card, m.RestoreCard, _archive),
+    Spec.of(Role.ADMIN, AgentWorks.set_wip_limit, m.SetWipLimit, lane="Done", wip_limit=5),
+    Spec.of(Role.ADMIN, AgentWorks.add_lane, m.AddLane, name="QA"),
+    Spec.of(Role.ADMIN, AgentWorks.rename_lane, m.RenameLane, lane="Done", name="Shipped"),
+    Spec.of(Role.ADMIN, AgentWorks.reorder_lanes, m.ReorderLanes, order=["Done", "Doing", "Todo"]),
+    Spec.of(Role.ADMIN, AgentWorks.remove_lane, m.RemoveLane, lane="Done"),
+    Spec.of(Role.ADMIN, AgentWorks.archive_project, m.ArchiveProject),
 ]
 
 
@@ -189,14 +120,10 @@ def test_cross_tenant_answer_is_the_same_as_for_an_unknown_id() -> None:
     world = build()
     intruder = World.build(app=world.app, owner="mallory").owner
     ghost = uuid4()
-    theirs = assert_refused(
-        world.app,
-        NotFound,
-        lambda: world.app.assign_card(m.AssignCard(card_id=world.card_id), intruder),
+    theirs = world.refuses(
+        NotFound, world.app.assign_card, m.AssignCard(card_id=world.card_id), intruder
     )
-    unknown = assert_refused(
-        world.app, NotFound, lambda: world.app.assign_card(m.AssignCard(card_id=ghost), intruder)
-    )
+    unknown = world.refuses(NotFound, world.app.assign_card, m.AssignCard(card_id=ghost), intruder)
     assert theirs.message == f"card {world.card_id} does not exist"
     assert unknown.message == f"card {ghost} does not exist"
 
@@ -247,7 +174,7 @@ def test_create_card_without_a_lane_goes_to_the_first_lane() -> None:
 def test_create_card_in_an_unknown_lane_is_not_found() -> None:
     world = build()
     cmd = m.CreateCard(project_id=world.project_id, title="x", lane="Ghost")
-    error = assert_refused(world.app, NotFound, lambda: world.app.create_card(cmd, world.owner))
+    error = world.refuses(NotFound, world.app.create_card, cmd)
     assert "'Ghost'" in error.message
 
 
@@ -256,9 +183,7 @@ def test_create_card_in_a_full_lane_is_refused_and_writes_nothing() -> None:
     world.card("a", lane="Doing")
     world.card("b", lane="Doing")
     cmd = m.CreateCard(project_id=world.project_id, title="c", lane="Doing")
-    error = assert_refused(
-        world.app, WipLimitExceeded, lambda: world.app.create_card(cmd, world.owner)
-    )
+    error = world.refuses(WipLimitExceeded, world.app.create_card, cmd)
     assert "'Doing'" in error.message
     assert len(board(world, "Doing")) == 2
 
@@ -267,9 +192,7 @@ def test_create_card_in_an_archived_project_is_refused() -> None:
     world = build()
     world.app.archive_project(m.ArchiveProject(project_id=world.project_id), world.owner)
     cmd = m.CreateCard(project_id=world.project_id, title="c")
-    error = assert_refused(
-        world.app, InvalidTransition, lambda: world.app.create_card(cmd, world.owner)
-    )
+    error = world.refuses(InvalidTransition, world.app.create_card, cmd)
     assert str(world.project_id) in error.message
 
 
@@ -291,9 +214,7 @@ def test_move_into_full_lane_is_refused_and_writes_nothing() -> None:
     world.card("a", lane="Doing")
     world.card("b", lane="Doing")
     cmd = m.MoveCard(card_id=world.card_id, to_lane="Doing")
-    error = assert_refused(
-        world.app, WipLimitExceeded, lambda: world.app.move_card(cmd, world.owner)
-    )
+    error = world.refuses(WipLimitExceeded, world.app.move_card, cmd)
     assert str(world.card_id) in error.message
     assert world.get(world.card_id).lane == "Todo"
 
@@ -320,7 +241,7 @@ def test_move_with_non_adjacent_neighbours_is_a_conflict_and_writes_nothing() ->
     a, b = world.card("a"), world.card("b")
     mover = world.card("c", lane="Done")
     cmd = m.MoveCard(card_id=mover, to_lane="Todo", after_card_id=world.card_id, before_card_id=b)
-    error = assert_refused(world.app, Conflict, lambda: world.app.move_card(cmd, world.owner))
+    error = world.refuses(Conflict, world.app.move_card, cmd)
     assert str(world.card_id) in error.message
     assert str(b) in error.message
     assert board(world, "Todo") == [world.card_id, a, b]
@@ -330,7 +251,7 @@ def test_move_with_a_neighbour_from_another_lane_is_a_conflict() -> None:
     world = build()
     elsewhere = world.card("x", lane="Done")
     cmd = m.MoveCard(card_id=world.card_id, to_lane="Doing", after_card_id=elsewhere)
-    error = assert_refused(world.app, Conflict, lambda: world.app.move_card(cmd, world.owner))
+    error = world.refuses(Conflict, world.app.move_card, cmd)
     assert str(elsewhere) in error.message
 
 
@@ -338,9 +259,7 @@ def test_blocked_card_cannot_change_lane_and_the_board_is_not_saved_either() -> 
     world = build()
     _block(world)
     cmd = m.MoveCard(card_id=world.card_id, to_lane="Done")
-    error = assert_refused(
-        world.app, InvalidTransition, lambda: world.app.move_card(cmd, world.owner)
-    )
+    error = world.refuses(InvalidTransition, world.app.move_card, cmd)
     assert str(world.card_id) in error.message
     assert board(world, "Todo") == [world.card_id]
     agree(world)
@@ -350,16 +269,14 @@ def test_moving_an_archived_card_is_an_invalid_transition() -> None:
     world = build()
     _archive(world)
     cmd = m.MoveCard(card_id=world.card_id, to_lane="Done")
-    assert_refused(world.app, InvalidTransition, lambda: world.app.move_card(cmd, world.owner))
+    world.refuses(InvalidTransition, world.app.move_card, cmd)
 
 
 def test_blocked_card_can_be_reordered_within_its_renamed_lane() -> None:
     world = build()
     other = world.card("other")
     _block(world)
-    world.app.rename_lane(
-        m.RenameLane(project_id=world.project_id, lane="Todo", name="Backlog"), world.owner
-    )
+    _rename_lane(world, "Todo", "Backlog")
     cmd = m.MoveCard(card_id=world.card_id, to_lane="Backlog", after_card_id=other)
     world.app.move_card(cmd, world.owner)
     assert board(world, "Backlog") == [other, world.card_id]
@@ -368,9 +285,7 @@ def test_blocked_card_can_be_reordered_within_its_renamed_lane() -> None:
 def test_restore_without_a_lane_returns_the_card_to_its_renamed_lane() -> None:
     world = build()
     _archive(world)
-    world.app.rename_lane(
-        m.RenameLane(project_id=world.project_id, lane="Todo", name="Backlog"), world.owner
-    )
+    _rename_lane(world, "Todo", "Backlog")
     world.app.restore_card(m.RestoreCard(card_id=world.card_id), world.owner)
     assert board(world, "Backlog") == [world.card_id]
 
@@ -378,21 +293,15 @@ def test_restore_without_a_lane_returns_the_card_to_its_renamed_lane() -> None:
 def test_a_card_archived_before_a_rename_restores_into_the_renamed_lane() -> None:
     world = build()
     _archive(world)
-    world.app.rename_lane(
-        m.RenameLane(project_id=world.project_id, lane="Todo", name="Backlog"), world.owner
-    )
-    world.app.rename_lane(
-        m.RenameLane(project_id=world.project_id, lane="Backlog", name="Icebox"), world.owner
-    )
+    _rename_lane(world, "Todo", "Backlog")
+    _rename_lane(world, "Backlog", "Icebox")
     world.app.restore_card(m.RestoreCard(card_id=world.card_id), world.owner)
     assert board(world, "Icebox") == [world.card_id]
 
 
 def test_moves_after_a_rename_record_the_lanes_current_name() -> None:
     world = build()
-    world.app.rename_lane(
-        m.RenameLane(project_id=world.project_id, lane="Todo", name="Backlog"), world.owner
-    )
+    _rename_lane(world, "Todo", "Backlog")
     before = position_of_log(world.app)
     world.app.move_card(m.MoveCard(card_id=world.card_id, to_lane="Done"), world.owner)
     moved = [e for e in stored_events(world.app)[before:] if e.originator_id == world.card_id]
@@ -401,12 +310,11 @@ def test_moves_after_a_rename_record_the_lanes_current_name() -> None:
 
 def reuse_old_name(world: World, how: str) -> None:
     """Rename Todo to Backlog, then give the freed name Todo to another lane."""
-    app, owner, pid = world.app, world.owner, world.project_id
-    app.rename_lane(m.RenameLane(project_id=pid, lane="Todo", name="Backlog"), owner)
+    _rename_lane(world, "Todo", "Backlog")
     if how == "add":
-        app.add_lane(m.AddLane(project_id=pid, name="Todo"), owner)
+        world.app.add_lane(m.AddLane(project_id=world.project_id, name="Todo"), world.owner)
     else:
-        app.rename_lane(m.RenameLane(project_id=pid, lane="Done", name="Todo"), owner)
+        _rename_lane(world, "Done", "Todo")
 
 
 @pytest.mark.parametrize("how", ["add", "rename"])
@@ -484,10 +392,8 @@ def test_archive_lifts_the_card_off_the_board_and_frees_its_slot() -> None:
 def test_archiving_an_archived_card_is_refused() -> None:
     world = build()
     _archive(world)
-    error = assert_refused(
-        world.app,
-        InvalidTransition,
-        lambda: world.app.archive_card(m.ArchiveCard(card_id=world.card_id), world.owner),
+    error = world.refuses(
+        InvalidTransition, world.app.archive_card, m.ArchiveCard(card_id=world.card_id)
     )
     assert str(world.card_id) in error.message
 
@@ -531,16 +437,14 @@ def test_restore_into_a_full_lane_is_refused_and_writes_nothing() -> None:
     world.card("a", lane="Doing")
     world.card("b", lane="Doing")
     cmd = m.RestoreCard(card_id=world.card_id, lane="Doing")
-    assert_refused(world.app, WipLimitExceeded, lambda: world.app.restore_card(cmd, world.owner))
+    world.refuses(WipLimitExceeded, world.app.restore_card, cmd)
     assert world.get(world.card_id).archived is True
 
 
 def test_restoring_a_live_card_is_refused() -> None:
     world = build()
     cmd = m.RestoreCard(card_id=world.card_id)
-    error = assert_refused(
-        world.app, InvalidTransition, lambda: world.app.restore_card(cmd, world.owner)
-    )
+    error = world.refuses(InvalidTransition, world.app.restore_card, cmd)
     assert f"card {world.card_id} is not archived" in error.message
 
 
@@ -562,7 +466,7 @@ def test_update_card_replaces_the_label_set() -> None:
 def test_unblock_of_an_unblocked_card_is_refused() -> None:
     world = build()
     cmd = m.UnblockCard(card_id=world.card_id)
-    assert_refused(world.app, InvalidTransition, lambda: world.app.unblock_card(cmd, world.owner))
+    world.refuses(InvalidTransition, world.app.unblock_card, cmd)
 
 
 def test_card_history_can_be_read_at_any_version() -> None:
@@ -585,26 +489,20 @@ def test_wip_limit_below_the_current_count_is_refused_and_writes_nothing() -> No
     world.card("a")
     world.card("b")
     cmd = m.SetWipLimit(project_id=world.project_id, lane="Todo", wip_limit=2)
-    error = assert_refused(
-        world.app, WipLimitExceeded, lambda: world.app.set_wip_limit(cmd, world.owner)
-    )
+    error = world.refuses(WipLimitExceeded, world.app.set_wip_limit, cmd)
     assert "holds 3 cards" in error.message
 
 
 def test_removing_a_lane_that_holds_cards_is_refused() -> None:
     world = build()
     cmd = m.RemoveLane(project_id=world.project_id, lane="Todo")
-    error = assert_refused(
-        world.app, InvalidTransition, lambda: world.app.remove_lane(cmd, world.owner)
-    )
+    error = world.refuses(InvalidTransition, world.app.remove_lane, cmd)
     assert "'Todo'" in error.message
 
 
 def test_renaming_a_lane_keeps_its_cards_on_the_board() -> None:
     world = build()
-    world.app.rename_lane(
-        m.RenameLane(project_id=world.project_id, lane="Todo", name="Backlog"), world.owner
-    )
+    _rename_lane(world, "Todo", "Backlog")
     assert board(world, "Backlog") == [world.card_id]
 
 
@@ -614,9 +512,7 @@ def test_service_actor_acts_without_membership_but_only_in_its_workspace() -> No
     service = Actor.service("orchestrator", world.workspace_id)
     world.app.label_card(m.LabelCard(card_id=world.card_id, label="bot"), service)
     assert world.get(world.card_id).labels == ["bot"]
-    assert_refused(
-        world.app,
-        NotFound,
-        lambda: world.app.label_card(m.LabelCard(card_id=other.card_id, label="x"), service),
+    world.refuses(
+        NotFound, world.app.label_card, m.LabelCard(card_id=other.card_id, label="x"), service
     )
     assert world.get(other.card_id).labels == []

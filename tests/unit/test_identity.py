@@ -6,13 +6,10 @@ computed by the RFC 6238 algorithm, real Fernet sealing; only the clock is the t
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import struct
 from uuid import UUID
 
 import pytest
+from credentials import rfc6238
 from cryptography.fernet import Fernet
 from hypothesis import given
 from hypothesis import strategies as st
@@ -45,15 +42,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def rfc6238(secret_b32: str, at: float) -> str:
-    """TOTP by the RFC's own steps (HMAC-SHA-1 over the 30-second counter, dynamic truncation)."""
-    key = base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
-    mac = hmac.new(key, struct.pack(">Q", int(at // 30)), hashlib.sha1).digest()
-    offset = mac[-1] & 0x0F
-    value = struct.unpack(">I", mac[offset : offset + 4])[0] & 0x7FFFFFFF
-    return f"{value % 1_000_000:06d}"
 
 
 @pytest.fixture

@@ -117,7 +117,7 @@ def test_a_takeover_judged_on_an_old_version_conflicts() -> None:
     world.app.record_run_heartbeat(m.RecordRunHeartbeat(run_id=run_id, worker="w1"),
                                    world.service())  # fmt: skip
     cmd = m.ReclaimRun(run_id=run_id, worker="w2", expected_version=version)
-    assert_refused(world.app, Conflict, lambda: world.app.reclaim_run(cmd, world.service()))
+    world.refuses(Conflict, world.app.reclaim_run, cmd, world.service())
     assert world.get(run_id).worker == "w1"
 
 
@@ -145,7 +145,7 @@ def test_start_agent_run_refuses_bad_choices_up_front(
 ) -> None:
     world = World.build()
     cmd = m.StartAgentRun(card_id=world.card_id, **fields)
-    refused = assert_refused(world.app, error, lambda: world.app.start_agent_run(cmd, world.owner))
+    refused = world.refuses(error, world.app.start_agent_run, cmd)
     assert refused is not None
 
 
@@ -153,8 +153,7 @@ def test_archived_card_refuses_runs_before_looking_at_the_agent() -> None:
     world = World.build()
     world.app.archive_card(m.ArchiveCard(card_id=world.card_id), world.owner)
     cmd = m.StartAgentRun(card_id=world.card_id, agent="poet")
-    assert_refused(world.app, InvalidTransition,
-                   lambda: world.app.start_agent_run(cmd, world.owner))  # fmt: skip
+    world.refuses(InvalidTransition, world.app.start_agent_run, cmd)  # fmt: skip
 
 
 def test_budget_thresholds_are_recorded_once_per_month_each() -> None:

@@ -8,28 +8,27 @@ from uuid import UUID, uuid4
 import pytest
 from aw_builders import collect, meta
 
-from domain.errors import (
-    Conflict,
-    Duplicate,
-    InvalidTransition,
-    NotFound,
-    ValidationFailed,
-    WipLimitExceeded,
-)
+from domain import errors
 from domain.meta import EventMeta
 from domain.positions import is_valid_position
 from domain.project import MAX_LANES, MAX_WIP_LIMIT, LaneSpec, Project
 
 
-def make_project(*lanes: LaneSpec) -> Project:
+def new_project(lanes: list[LaneSpec], name: str = "P") -> Project:
+    """``Project.create`` in a fresh workspace, with its events still pending."""
     workspace_id = uuid4()
-    project = Project.create(
+    return Project.create(
         project_id=uuid4(),
         workspace_id=workspace_id,
-        name=" Rocket ",
-        lanes=list(lanes) or [LaneSpec("Todo"), LaneSpec("Doing", 2), LaneSpec("Done")],
+        name=name,
+        lanes=lanes,
         meta=meta(workspace_id),
     )
+
+
+def make_project(*lanes: LaneSpec) -> Project:
+    default = [LaneSpec("Todo"), LaneSpec("Doing", 2), LaneSpec("Done")]
+    project = new_project(list(lanes) or default, name=" Rocket ")
     collect(project)
     return project
 
@@ -62,53 +61,25 @@ def test_new_project_has_its_lanes_in_order_and_an_empty_board() -> None:
 
 
 def test_project_without_lanes_is_refused() -> None:
-    workspace_id = uuid4()
-    with pytest.raises(ValidationFailed, match="at least one lane"):
-        Project.create(
-            project_id=uuid4(),
-            workspace_id=workspace_id,
-            name="P",
-            lanes=[],
-            meta=meta(workspace_id),
-        )
+    with pytest.raises(errors.ValidationFailed, match="at least one lane"):
+        new_project([])
 
 
 def test_project_with_too_many_lanes_is_refused() -> None:
-    workspace_id = uuid4()
     lanes = [LaneSpec(f"L{i}") for i in range(MAX_LANES + 1)]
-    with pytest.raises(ValidationFailed, match=str(MAX_LANES + 1)):
-        Project.create(
-            project_id=uuid4(),
-            workspace_id=workspace_id,
-            name="P",
-            lanes=lanes,
-            meta=meta(workspace_id),
-        )
+    with pytest.raises(errors.ValidationFailed, match=str(MAX_LANES + 1)):
+        new_project(lanes)
 
 
 def test_duplicate_lane_names_after_trimming_are_refused() -> None:
-    workspace_id = uuid4()
-    with pytest.raises(Duplicate, match="'Todo'"):
-        Project.create(
-            project_id=uuid4(),
-            workspace_id=workspace_id,
-            name="P",
-            lanes=[LaneSpec("Todo"), LaneSpec(" Todo ")],
-            meta=meta(workspace_id),
-        )
+    with pytest.raises(errors.Duplicate, match="'Todo'"):
+        new_project([LaneSpec("Todo"), LaneSpec(" Todo ")])
 
 
 @pytest.mark.parametrize("limit", [0, -1, MAX_WIP_LIMIT + 1])
 def test_out_of_range_wip_limit_at_creation_is_refused(limit: int) -> None:
-    workspace_id = uuid4()
-    with pytest.raises(ValidationFailed, match=str(limit)):
-        Project.create(
-            project_id=uuid4(),
-            workspace_id=workspace_id,
-            name="P",
-            lanes=[LaneSpec("Todo", limit)],
-            meta=meta(workspace_id),
-        )
+    with pytest.raises(errors.ValidationFailed, match=str(limit)):
+        new_project([LaneSpec("Todo", limit)])
 
 
 # -- lanes ----------------------------------------------------------------------------------------
@@ -116,7 +87,7 @@ def test_out_of_range_wip_limit_at_creation_is_refused(limit: int) -> None:
 
 def test_unknown_lane_is_not_found_and_lists_the_lanes() -> None:
     project = make_project()
-    with pytest.raises(NotFound, match="'Nope'") as caught:
+    with pytest.raises(errors.NotFound, match="'Nope'") as caught:
         project.lane("Nope")
     assert "'Todo', 'Doing', 'Done'" in caught.value.message
     assert str(project.id) in caught.value.message
@@ -132,21 +103,21 @@ def test_add_lane_appends_by_default_and_inserts_at_an_index() -> None:
 
 def test_adding_an_existing_lane_is_refused_as_duplicate() -> None:
     project = make_project()
-    with pytest.raises(Duplicate, match="'Doing'"):
+    with pytest.raises(errors.Duplicate, match="'Doing'"):
         project.add_lane(" Doing ", wip_limit=None, index=None, meta=m(project))
 
 
 @pytest.mark.parametrize("index", [-1, 4])
 def test_adding_a_lane_outside_the_lane_range_is_refused(index: int) -> None:
     project = make_project()
-    with pytest.raises(ValidationFailed, match=f"lane index {index}"):
+    with pytest.raises(errors.ValidationFailed, match=f"lane index {index}"):
         project.add_lane("QA", wip_limit=None, index=index, meta=m(project))
     assert len(project.lanes) == 3
 
 
 def test_adding_a_lane_beyond_the_maximum_is_refused() -> None:
     project = make_project(*[LaneSpec(f"L{i}") for i in range(MAX_LANES)])
-    with pytest.raises(ValidationFailed, match=str(MAX_LANES)):
+    with pytest.raises(errors.ValidationFailed, match=str(MAX_LANES)):
         project.add_lane("One more", wip_limit=None, index=None, meta=m(project))
 
 
@@ -179,19 +150,19 @@ def test_archived_card_of_a_removed_lane_is_restored_to_the_first_lane() -> None
 def test_lane_of_a_card_not_on_the_board_is_not_found() -> None:
     project = make_project()
     ghost = uuid4()
-    with pytest.raises(NotFound, match=str(ghost)):
+    with pytest.raises(errors.NotFound, match=str(ghost)):
         project.lane_of(ghost)
 
 
 def test_renaming_a_lane_onto_another_lane_name_is_refused() -> None:
     project = make_project()
-    with pytest.raises(Duplicate, match="'Done'"):
+    with pytest.raises(errors.Duplicate, match="'Done'"):
         project.rename_lane("Todo", "Done", meta=m(project))
 
 
 def test_renaming_an_unknown_lane_is_not_found() -> None:
     project = make_project()
-    with pytest.raises(NotFound, match="'Ghost'"):
+    with pytest.raises(errors.NotFound, match="'Ghost'"):
         project.rename_lane("Ghost", "Other", meta=m(project))
 
 
@@ -214,7 +185,7 @@ def test_reorder_lanes_records_the_new_order() -> None:
 )
 def test_reorder_that_does_not_name_each_lane_once_is_refused(new_order: list[str]) -> None:
     project = make_project()
-    with pytest.raises(ValidationFailed, match="exactly once"):
+    with pytest.raises(errors.ValidationFailed, match="exactly once"):
         project.reorder_lanes(new_order, meta=m(project))
     assert [spec.name for spec in project.lanes] == ["Todo", "Doing", "Done"]
 
@@ -228,7 +199,7 @@ def test_removing_an_empty_lane_is_recorded() -> None:
 def test_removing_a_lane_that_holds_cards_is_refused() -> None:
     project = make_project()
     place(project, "Doing", 2)
-    with pytest.raises(InvalidTransition, match="'Doing'") as caught:
+    with pytest.raises(errors.InvalidTransition, match="'Doing'") as caught:
         project.remove_lane("Doing", meta=m(project))
     assert "2 card(s)" in caught.value.message
     assert project.count("Doing") == 2
@@ -244,7 +215,7 @@ def test_a_lane_emptied_by_archiving_can_be_removed() -> None:
 
 def test_removing_the_last_lane_is_refused() -> None:
     project = make_project(LaneSpec("Only"))
-    with pytest.raises(InvalidTransition, match="last lane"):
+    with pytest.raises(errors.InvalidTransition, match="last lane"):
         project.remove_lane("Only", meta=m(project))
 
 
@@ -255,7 +226,7 @@ def test_placing_into_a_full_lane_is_refused() -> None:
     project = make_project()
     place(project, "Doing", 2)
     newcomer = uuid4()
-    with pytest.raises(WipLimitExceeded, match="'Doing'") as caught:
+    with pytest.raises(errors.WipLimitExceeded, match="'Doing'") as caught:
         project.place_card(newcomer, "Doing", meta=m(project))
     assert str(newcomer) in caught.value.message
     assert caught.value.details == {"lane": "Doing", "wip_limit": 2}
@@ -266,7 +237,7 @@ def test_move_into_full_lane_is_refused() -> None:
     project = make_project()
     place(project, "Doing", 2)
     (card,) = place(project, "Todo")
-    with pytest.raises(WipLimitExceeded, match=str(card)):
+    with pytest.raises(errors.WipLimitExceeded, match=str(card)):
         project.move_card(card, "Doing", meta=m(project))
     assert project.placements[card].lane == "Todo"
     assert project.count("Doing") == 2
@@ -300,7 +271,7 @@ def test_archived_cards_do_not_count_against_the_wip_limit() -> None:
 def test_setting_a_wip_limit_below_the_current_count_is_refused() -> None:
     project = make_project()
     place(project, "Todo", 3)
-    with pytest.raises(WipLimitExceeded, match="'Todo'") as caught:
+    with pytest.raises(errors.WipLimitExceeded, match="'Todo'") as caught:
         project.set_wip_limit("Todo", 2, meta=m(project))
     assert "holds 3 cards" in caught.value.message
     assert project.lane("Todo").wip_limit is None
@@ -311,7 +282,7 @@ def test_setting_a_wip_limit_equal_to_the_current_count_is_allowed() -> None:
     place(project, "Todo", 3)
     project.set_wip_limit("Todo", 3, meta=m(project))
     assert project.lane("Todo").wip_limit == 3
-    with pytest.raises(WipLimitExceeded):
+    with pytest.raises(errors.WipLimitExceeded):
         place(project, "Todo")
 
 
@@ -326,7 +297,7 @@ def test_clearing_a_wip_limit_lets_cards_in_again() -> None:
 @pytest.mark.parametrize("limit", [0, -3, MAX_WIP_LIMIT + 1])
 def test_out_of_range_wip_limit_is_refused(limit: int) -> None:
     project = make_project()
-    with pytest.raises(ValidationFailed, match=str(limit)):
+    with pytest.raises(errors.ValidationFailed, match=str(limit)):
         project.set_wip_limit("Todo", limit, meta=m(project))
 
 
@@ -338,7 +309,7 @@ def test_setting_the_same_wip_limit_records_nothing() -> None:
 
 def test_wip_limit_of_an_unknown_lane_is_not_found() -> None:
     project = make_project()
-    with pytest.raises(NotFound, match="'Ghost'"):
+    with pytest.raises(errors.NotFound, match="'Ghost'"):
         project.set_wip_limit("Ghost", 3, meta=m(project))
 
 
@@ -355,13 +326,13 @@ def test_cards_placed_without_neighbours_go_to_the_end_in_order() -> None:
 def test_placing_a_card_already_on_the_board_is_a_duplicate() -> None:
     project = make_project()
     (card,) = place(project, "Todo")
-    with pytest.raises(Duplicate, match=str(card)):
+    with pytest.raises(errors.Duplicate, match=str(card)):
         project.place_card(card, "Done", meta=m(project))
 
 
 def test_placing_into_an_unknown_lane_is_not_found() -> None:
     project = make_project()
-    with pytest.raises(NotFound, match="'Ghost'"):
+    with pytest.raises(errors.NotFound, match="'Ghost'"):
         project.place_card(uuid4(), "Ghost", meta=m(project))
 
 
@@ -401,7 +372,7 @@ def test_move_to_another_lane_records_from_and_to_lane() -> None:
 def test_neighbours_that_are_not_adjacent_are_a_conflict() -> None:
     project = make_project()
     a, _b, c, d = place(project, "Todo", 4)
-    with pytest.raises(Conflict, match="not adjacent") as caught:
+    with pytest.raises(errors.Conflict, match="not adjacent") as caught:
         project.move_card(d, "Todo", after_card_id=a, before_card_id=c, meta=m(project))
     assert str(a) in caught.value.message
     assert str(c) in caught.value.message
@@ -410,7 +381,7 @@ def test_neighbours_that_are_not_adjacent_are_a_conflict() -> None:
 def test_neighbours_in_the_wrong_order_are_a_conflict() -> None:
     project = make_project()
     a, b, c = place(project, "Todo", 3)
-    with pytest.raises(Conflict, match="not adjacent"):
+    with pytest.raises(errors.Conflict, match="not adjacent"):
         project.move_card(c, "Todo", after_card_id=b, before_card_id=a, meta=m(project))
 
 
@@ -418,7 +389,7 @@ def test_neighbour_from_another_lane_is_a_conflict() -> None:
     project = make_project()
     (card,) = place(project, "Todo")
     (elsewhere,) = place(project, "Done")
-    with pytest.raises(Conflict, match=str(elsewhere)) as caught:
+    with pytest.raises(errors.Conflict, match=str(elsewhere)) as caught:
         project.move_card(card, "Doing", after_card_id=elsewhere, meta=m(project))
     assert "'Doing'" in caught.value.message
     assert project.placements[card].lane == "Todo"
@@ -428,28 +399,28 @@ def test_unknown_neighbour_is_a_conflict() -> None:
     project = make_project()
     (card,) = place(project, "Todo")
     ghost = uuid4()
-    with pytest.raises(Conflict, match=str(ghost)):
+    with pytest.raises(errors.Conflict, match=str(ghost)):
         project.move_card(card, "Todo", before_card_id=ghost, meta=m(project))
 
 
 def test_placing_next_to_itself_is_refused() -> None:
     project = make_project()
     _, b = place(project, "Todo", 2)
-    with pytest.raises(ValidationFailed, match=str(b)):
+    with pytest.raises(errors.ValidationFailed, match=str(b)):
         project.move_card(b, "Todo", after_card_id=b, meta=m(project))
 
 
 def test_moving_a_card_that_is_not_on_the_board_is_not_found() -> None:
     project = make_project()
     ghost = uuid4()
-    with pytest.raises(NotFound, match=str(ghost)):
+    with pytest.raises(errors.NotFound, match=str(ghost)):
         project.move_card(ghost, "Todo", meta=m(project))
 
 
 def test_lifting_a_card_that_is_not_on_the_board_is_not_found() -> None:
     project = make_project()
     ghost = uuid4()
-    with pytest.raises(NotFound, match=str(ghost)):
+    with pytest.raises(errors.NotFound, match=str(ghost)):
         project.lift_card(ghost, meta=m(project))
 
 
@@ -482,7 +453,7 @@ def test_archived_project_refuses_board_changes() -> None:
     ]
     collect(project)
     for attempt in attempts:
-        with pytest.raises(InvalidTransition, match=pid):
+        with pytest.raises(errors.InvalidTransition, match=pid):
             attempt()
     assert collect(project) == []
 

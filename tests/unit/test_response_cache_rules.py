@@ -4,7 +4,8 @@ served at the read-model version it was read at."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -176,6 +177,12 @@ class _Execution:
         return self.answer
 
 
+def _on_one_key(scenario: Callable[[ResponseCache, Key], Coroutine[Any, Any, None]]) -> None:
+    """Run ``scenario`` in an event loop on a fresh cache and the key of one board query."""
+    c = cache()
+    asyncio.run(scenario(c, _board_key(c)))
+
+
 def _keeper(c: ResponseCache, key: Key, version: str) -> Callable[[object], Entry | None]:
     def keep(result: object) -> Entry | None:
         return None if result is None else c.put(key, version, result, {})
@@ -184,9 +191,7 @@ def _keeper(c: ResponseCache, key: Key, version: str) -> Callable[[object], Entr
 
 
 def test_concurrent_misses_of_one_key_execute_once() -> None:
-    async def scenario() -> None:
-        c = cache()
-        key = _board_key(c)
+    async def scenario(c: ResponseCache, key: Key) -> None:
         execution = _Execution({"board": {"lanes": []}})
         keep = _keeper(c, key, "v1")
         waiting = [asyncio.create_task(c.serve(key, "v1", execution, keep)) for _ in range(5)]
@@ -207,13 +212,11 @@ def test_concurrent_misses_of_one_key_execute_once() -> None:
         assert execution.runs == 1
         assert (c.misses, c.shared, c.hits) == (6, 4, 0)
 
-    asyncio.run(scenario())
+    _on_one_key(scenario)
 
 
 def test_waiters_execute_themselves_when_the_first_keeps_nothing() -> None:
-    async def scenario() -> None:
-        c = cache()
-        key = _board_key(c)
+    async def scenario(c: ResponseCache, key: Key) -> None:
         failing = _Execution(None)  # an answer with errors: not kept
         first = asyncio.create_task(c.serve(key, "v", failing, _keeper(c, key, "v")))
         await asyncio.sleep(0)
@@ -226,13 +229,11 @@ def test_waiters_execute_themselves_when_the_first_keeps_nothing() -> None:
         assert failing.runs == 2
         assert c.shared == 0  # nobody was answered by the other's execution
 
-    asyncio.run(scenario())
+    _on_one_key(scenario)
 
 
 def test_a_cancelled_first_execution_releases_its_waiters() -> None:
-    async def scenario() -> None:
-        c = cache()
-        key = _board_key(c)
+    async def scenario(c: ResponseCache, key: Key) -> None:
         stuck = _Execution({"board": None})
         first = asyncio.create_task(c.serve(key, "v", stuck, _keeper(c, key, "v")))
         await asyncio.sleep(0)
@@ -251,13 +252,11 @@ def test_a_cancelled_first_execution_releases_its_waiters() -> None:
         hit = await c.serve(key, "v", stuck, _keeper(c, key, "v"))
         assert isinstance(hit, Entry)
 
-    asyncio.run(scenario())
+    _on_one_key(scenario)
 
 
 def test_a_cancelled_waiter_leaves_the_others_waiting() -> None:
-    async def scenario() -> None:
-        c = cache()
-        key = _board_key(c)
+    async def scenario(c: ResponseCache, key: Key) -> None:
         execution = _Execution({"board": None})
         keep = _keeper(c, key, "v")
         first = asyncio.create_task(c.serve(key, "v", execution, keep))
@@ -272,4 +271,4 @@ def test_a_cancelled_waiter_leaves_the_others_waiting() -> None:
         assert gone.cancelled()
         assert execution.runs == 1
 
-    asyncio.run(scenario())
+    _on_one_key(scenario)

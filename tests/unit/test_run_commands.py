@@ -204,9 +204,7 @@ def test_beginning_a_run_twice_is_refused_and_names_the_run() -> None:
     world = World.build()
     run_id = world.run(begin=True)
     cmd = m.BeginRun(run_id=run_id, worker="w2")
-    error = assert_refused(
-        world.app, InvalidTransition, lambda: world.app.begin_run(cmd, world.service())
-    )
+    error = world.refuses(InvalidTransition, world.app.begin_run, cmd, world.service())
     assert str(run_id) in error.message
 
 
@@ -215,9 +213,7 @@ def test_cancelling_a_finished_run_is_refused() -> None:
     run_id = world.run(begin=True)
     world.app.finish_run(m.FinishRun(run_id=run_id, outcome="SUCCEEDED"), world.service())
     cmd = m.CancelAgentRun(run_id=run_id)
-    error = assert_refused(
-        world.app, InvalidTransition, lambda: world.app.cancel_agent_run(cmd, world.owner)
-    )
+    error = world.refuses(InvalidTransition, world.app.cancel_agent_run, cmd)
     assert str(run_id) in error.message
 
 
@@ -237,17 +233,13 @@ def test_log_lines_for_a_queued_run_are_refused() -> None:
     world = World.build()
     run_id = world.run()
     cmd = m.AppendRunLog(run_id=run_id, lines=[m.LogLineInput(at=NOW, text="x")])
-    assert_refused(
-        world.app, InvalidTransition, lambda: world.app.append_run_log(cmd, world.service())
-    )
+    world.refuses(InvalidTransition, world.app.append_run_log, cmd, world.service())
 
 
 def test_start_agent_run_rejects_a_non_positive_budget() -> None:
     world = World.build()
     cmd = m.StartAgentRun(card_id=world.card_id, agent="coder", max_cost="0")
-    error = assert_refused(
-        world.app, ValidationFailed, lambda: world.app.start_agent_run(cmd, world.owner)
-    )
+    error = world.refuses(ValidationFailed, world.app.start_agent_run, cmd)
     assert "maxCost" in error.message
 
 
@@ -327,9 +319,7 @@ def test_credit_cannot_exceed_what_the_charge_still_bills() -> None:
     refund = m.CreditCharge(
         charge_id=charge_id, amount="0.002001", reason="outage", refund=True, at=NOW
     )
-    error = assert_refused(
-        world.app, InvalidTransition, lambda: world.app.credit_charge(refund, world.owner)
-    )
+    error = world.refuses(InvalidTransition, world.app.credit_charge, refund)
     assert str(charge_id) in error.message
     assert world.get(charge_id).net_micros == 2_000
 
@@ -338,7 +328,7 @@ def test_negative_credit_is_refused() -> None:
     world = World.build()
     charge_id = charged(world)
     cmd = m.CreditCharge(charge_id=charge_id, amount="-1", reason="r", at=NOW)
-    assert_refused(world.app, ValidationFailed, lambda: world.app.credit_charge(cmd, world.owner))
+    world.refuses(ValidationFailed, world.app.credit_charge, cmd)
 
 
 # -- spend limit ------------------------------------------------------------------------------
@@ -358,9 +348,7 @@ def test_start_agent_run_is_refused_once_the_months_spend_reached_the_limit() ->
     world.run()
     world.llm_call(run_id, cost=1)  # billed 5: exactly at the limit
     cmd = m.StartAgentRun(card_id=world.card_id, agent="coder")
-    error = assert_refused(
-        world.app, BudgetExceeded, lambda: world.app.start_agent_run(cmd, world.owner)
-    )
+    error = world.refuses(BudgetExceeded, world.app.start_agent_run, cmd)
     assert str(world.workspace_id) in error.message
     assert month_of(NOW) in error.message
 
@@ -380,7 +368,7 @@ def test_raising_or_clearing_the_limit_lets_runs_start_again() -> None:
     run_id = world.run(begin=True)
     world.llm_call(run_id, cost=2)
     cmd = m.StartAgentRun(card_id=world.card_id, agent="coder")
-    assert_refused(world.app, BudgetExceeded, lambda: world.app.start_agent_run(cmd, world.owner))
+    world.refuses(BudgetExceeded, world.app.start_agent_run, cmd)
     set_limit(world, "0.000011")
     world.app.start_agent_run(cmd, world.owner)
     set_limit(world, None)
@@ -391,7 +379,7 @@ def test_zero_limit_refuses_every_run() -> None:
     world = World.build()
     set_limit(world, "0")
     cmd = m.StartAgentRun(card_id=world.card_id, agent="coder")
-    assert_refused(world.app, BudgetExceeded, lambda: world.app.start_agent_run(cmd, world.owner))
+    world.refuses(BudgetExceeded, world.app.start_agent_run, cmd)
 
 
 def test_last_months_spend_does_not_count_against_this_month() -> None:
@@ -435,9 +423,7 @@ def test_a_group_with_one_refusing_run_writes_nothing() -> None:
         worker="w1",
         chunks=[m.RunLogChunk(run_id=live, lines=lines), m.RunLogChunk(run_id=ended, lines=lines)],
     )
-    assert_refused(
-        world.app, InvalidTransition, lambda: world.app.append_run_logs(cmd, world.service())
-    )
+    world.refuses(InvalidTransition, world.app.append_run_logs, cmd, world.service())
     run: AgentRun = world.get(live)
     assert run.next_seq == 1
 

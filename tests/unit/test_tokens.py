@@ -8,8 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from credentials import rsa_pem_pair
 
 from adapters.tokens import (
     BOOTSTRAP_WORKSPACE,
@@ -28,18 +27,7 @@ OTHER_SECRET = "other-" + "y" * 40
 
 @pytest.fixture(scope="module")
 def rsa_keys() -> tuple[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private, public
+    return rsa_pem_pair()
 
 
 def _issue(**overrides: object) -> str:
@@ -210,12 +198,7 @@ class TestRs256:
     def test_token_from_another_key_pair_is_unauthenticated(
         self, rsa_keys: tuple[str, str]
     ) -> None:
-        other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        other_pem = other.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode()
+        other_pem, _ = rsa_pem_pair()
         token = _issue(secret=None, private_key=other_pem)
 
         with pytest.raises(Unauthenticated, match="signature"):

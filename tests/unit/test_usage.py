@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from aw_builders import collect, meta
@@ -16,25 +16,37 @@ from domain.usage import MonthlySpend, UsageCharge, charge_id_for, month_of, spe
 AT = datetime(2025, 3, 14, 9, 0, tzinfo=UTC)
 
 
-def make_charge(billed: int = 1_000, *, at: datetime = AT) -> UsageCharge:
+def new_charge(
+    billed: int = 1_000,
+    *,
+    at: datetime = AT,
+    run_id: UUID | None = None,
+    call_id: str = "call-1",
+    markup: Decimal = Decimal(5),
+) -> UsageCharge:
+    """A charge for one call of a fresh workspace's run, with its events still pending."""
     workspace_id = uuid4()
-    charge = UsageCharge.charge(
+    return UsageCharge.charge(
         workspace_id=workspace_id,
         project_id=uuid4(),
         card_id=uuid4(),
-        run_id=uuid4(),
-        call_id="call-1",
+        run_id=run_id or uuid4(),
+        call_id=call_id,
         provider="openai",
         model="gpt-x",
         input_tokens=10,
         output_tokens=20,
         provider_cost_micros=billed // 5,
-        markup=Decimal(5),
+        markup=markup,
         billed_micros=billed,
         price_table_version="2025-01",
         at=at,
         meta=meta(workspace_id),
     )
+
+
+def make_charge(billed: int = 1_000, *, at: datetime = AT) -> UsageCharge:
+    charge = new_charge(billed, at=at)
     collect(charge)
     return charge
 
@@ -95,25 +107,8 @@ def test_month_of_is_the_utc_month_whatever_the_offset(
 
 
 def test_charge_records_billing_facts_with_markup_as_text_and_the_call_time() -> None:
-    workspace_id = uuid4()
     run_id = uuid4()
-    charge = UsageCharge.charge(
-        workspace_id=workspace_id,
-        project_id=uuid4(),
-        card_id=uuid4(),
-        run_id=run_id,
-        call_id="c7",
-        provider="anthropic",
-        model="claude",
-        input_tokens=1,
-        output_tokens=2,
-        provider_cost_micros=3,
-        markup=Decimal("1.5"),
-        billed_micros=5,
-        price_table_version="v9",
-        at=AT,
-        meta=meta(workspace_id),
-    )
+    charge = new_charge(5, run_id=run_id, call_id="c7", markup=Decimal("1.5"))
     (event,) = collect(charge)
     assert charge.id == charge_id_for(run_id, "c7")
     assert (event.markup, event.billed_micros, event.month) == ("1.5", 5, "2025-03")

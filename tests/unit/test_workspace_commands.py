@@ -17,7 +17,7 @@ from aw_builders import (
 )
 
 from commands import models as m
-from commands.handlers import Actor
+from commands.handlers import Actor, AgentWorks
 from domain.errors import (
     Duplicate,
     Forbidden,
@@ -37,57 +37,20 @@ def _add_target(world: World) -> None:
 
 
 SPECS = [
-    Spec(
-        "renameWorkspace",
+    Spec.of(Role.ADMIN, AgentWorks.rename_workspace, m.RenameWorkspace, name="Renamed"),
+    Spec.of(Role.ADMIN, AgentWorks.add_member, m.AddMember, user_id="newbie", role="MEMBER"),
+    Spec.of(
         Role.ADMIN,
-        lambda w, a: w.app.rename_workspace(
-            m.RenameWorkspace(workspace_id=w.workspace_id, name="Renamed"), a
-        ),
-    ),
-    Spec(
-        "addMember",
-        Role.ADMIN,
-        lambda w, a: w.app.add_member(
-            m.AddMember(workspace_id=w.workspace_id, user_id="newbie", role="MEMBER"), a
-        ),
-    ),
-    Spec(
-        "changeRole",
-        Role.ADMIN,
-        lambda w, a: w.app.change_role(
-            m.ChangeRole(workspace_id=w.workspace_id, user_id="target", role="VIEWER"), a
-        ),
+        AgentWorks.change_role,
+        m.ChangeRole,
         _add_target,
+        user_id="target",
+        role="VIEWER",
     ),
-    Spec(
-        "removeMember",
-        Role.ADMIN,
-        lambda w, a: w.app.remove_member(
-            m.RemoveMember(workspace_id=w.workspace_id, user_id="target"), a
-        ),
-        _add_target,
-    ),
-    Spec(
-        "setSpendLimit",
-        Role.ADMIN,
-        lambda w, a: w.app.set_spend_limit(
-            m.SetSpendLimit(workspace_id=w.workspace_id, monthly_limit="100.00"), a
-        ),
-    ),
-    Spec(
-        "setPlan",
-        Role.OWNER,
-        lambda w, a: w.app.set_plan(
-            m.SetPlan(workspace_id=w.workspace_id, markup="2", billing_increment="0.10"), a
-        ),
-    ),
-    Spec(
-        "createProject",
-        Role.MEMBER,
-        lambda w, a: w.app.create_project(
-            m.CreateProject(workspace_id=w.workspace_id, name="Another"), a
-        ),
-    ),
+    Spec.of(Role.ADMIN, AgentWorks.remove_member, m.RemoveMember, _add_target, user_id="target"),
+    Spec.of(Role.ADMIN, AgentWorks.set_spend_limit, m.SetSpendLimit, monthly_limit="100.00"),
+    Spec.of(Role.OWNER, AgentWorks.set_plan, m.SetPlan, markup="2", billing_increment="0.10"),
+    Spec.of(Role.MEMBER, AgentWorks.create_project, m.CreateProject, name="Another"),
 ]
 
 
@@ -124,14 +87,14 @@ def test_bootstrap_credentials_cannot_act_inside_a_workspace() -> None:
     world = World.build()
     boot = Actor(user_id=OWNER, workspace_id="*")
     cmd = m.RenameWorkspace(workspace_id=world.workspace_id, name="X")
-    assert_refused(world.app, NotFound, lambda: world.app.rename_workspace(cmd, boot))
+    world.refuses(NotFound, world.app.rename_workspace, cmd, boot)
 
 
 def test_a_project_id_is_not_a_workspace_id() -> None:
     world = World.build()
     actor = Actor(user_id=OWNER, workspace_id=str(world.project_id))
     cmd = m.RenameWorkspace(workspace_id=world.project_id, name="X")
-    error = assert_refused(world.app, NotFound, lambda: world.app.rename_workspace(cmd, actor))
+    error = world.refuses(NotFound, world.app.rename_workspace, cmd, actor)
     assert str(world.project_id) in error.message
 
 
@@ -171,7 +134,7 @@ def test_admin_can_add_members_and_admins_but_not_owners() -> None:
             m.AddMember(workspace_id=world.workspace_id, user_id=user, role=role), admin
         )
     cmd = m.AddMember(workspace_id=world.workspace_id, user_id="o2", role="OWNER")
-    error = assert_refused(world.app, Forbidden, lambda: world.app.add_member(cmd, admin))
+    error = world.refuses(Forbidden, world.app.add_member, cmd, admin)
     assert "OWNER" in error.message
     workspace = world.get(world.workspace_id)
     assert workspace.role_of("a1") is Role.ADMIN
@@ -183,7 +146,7 @@ def test_only_an_owner_can_grant_owner() -> None:
     world.member("bob", Role.MEMBER)
     admin = world.member("ada", Role.ADMIN)
     promote = m.ChangeRole(workspace_id=world.workspace_id, user_id="bob", role="OWNER")
-    assert_refused(world.app, Forbidden, lambda: world.app.change_role(promote, admin))
+    world.refuses(Forbidden, world.app.change_role, promote, admin)
     world.app.change_role(promote, world.owner)
     assert world.get(world.workspace_id).role_of("bob") is Role.OWNER
 
@@ -192,7 +155,7 @@ def test_admin_cannot_promote_themselves_to_owner() -> None:
     world = World.build()
     admin = world.member("ada", Role.ADMIN)
     cmd = m.ChangeRole(workspace_id=world.workspace_id, user_id="ada", role="OWNER")
-    assert_refused(world.app, Forbidden, lambda: world.app.change_role(cmd, admin))
+    world.refuses(Forbidden, world.app.change_role, cmd, admin)
 
 
 def test_admin_cannot_demote_or_remove_an_owner() -> None:
@@ -200,8 +163,8 @@ def test_admin_cannot_demote_or_remove_an_owner() -> None:
     admin = world.member("ada", Role.ADMIN)
     demote = m.ChangeRole(workspace_id=world.workspace_id, user_id=OWNER, role="MEMBER")
     remove = m.RemoveMember(workspace_id=world.workspace_id, user_id=OWNER)
-    assert_refused(world.app, Forbidden, lambda: world.app.change_role(demote, admin))
-    assert_refused(world.app, Forbidden, lambda: world.app.remove_member(remove, admin))
+    world.refuses(Forbidden, world.app.change_role, demote, admin)
+    world.refuses(Forbidden, world.app.remove_member, remove, admin)
     assert world.get(world.workspace_id).role_of(OWNER) is Role.OWNER
 
 
@@ -239,7 +202,7 @@ def test_adding_an_existing_member_is_a_duplicate_and_writes_nothing() -> None:
     world = World.build()
     world.member("bob", Role.MEMBER)
     cmd = m.AddMember(workspace_id=world.workspace_id, user_id="bob", role="ADMIN")
-    error = assert_refused(world.app, Duplicate, lambda: world.app.add_member(cmd, world.owner))
+    error = world.refuses(Duplicate, world.app.add_member, cmd)
     assert "bob" in error.message
     assert world.get(world.workspace_id).role_of("bob") is Role.MEMBER
 
@@ -247,9 +210,7 @@ def test_adding_an_existing_member_is_a_duplicate_and_writes_nothing() -> None:
 def test_unknown_role_is_refused_and_lists_the_roles() -> None:
     world = World.build()
     cmd = m.AddMember(workspace_id=world.workspace_id, user_id="bob", role="GOD")
-    error = assert_refused(
-        world.app, ValidationFailed, lambda: world.app.add_member(cmd, world.owner)
-    )
+    error = world.refuses(ValidationFailed, world.app.add_member, cmd)
     assert "'GOD'" in error.message
     assert "OWNER, ADMIN, MEMBER, VIEWER" in error.message
 
@@ -261,13 +222,13 @@ def test_removed_member_loses_access() -> None:
         m.RemoveMember(workspace_id=world.workspace_id, user_id="bob"), world.owner
     )
     cmd = m.CreateProject(workspace_id=world.workspace_id, name="P2")
-    assert_refused(world.app, NotFound, lambda: world.app.create_project(cmd, bob))
+    world.refuses(NotFound, world.app.create_project, cmd, bob)
 
 
 def test_removing_a_non_member_is_not_found() -> None:
     world = World.build()
     cmd = m.RemoveMember(workspace_id=world.workspace_id, user_id="ghost")
-    error = assert_refused(world.app, NotFound, lambda: world.app.remove_member(cmd, world.owner))
+    error = world.refuses(NotFound, world.app.remove_member, cmd)
     assert "ghost" in error.message
 
 
@@ -288,9 +249,7 @@ def test_set_spend_limit_stores_exact_micros_and_can_clear_it() -> None:
 def test_negative_or_malformed_spend_limit_is_refused(limit: str) -> None:
     world = World.build()
     cmd = m.SetSpendLimit(workspace_id=world.workspace_id, monthly_limit=limit)
-    error = assert_refused(
-        world.app, ValidationFailed, lambda: world.app.set_spend_limit(cmd, world.owner)
-    )
+    error = world.refuses(ValidationFailed, world.app.set_spend_limit, cmd)
     assert limit in error.message
 
 
@@ -309,7 +268,7 @@ def test_set_plan_stores_markup_and_increment() -> None:
 def test_plan_with_zero_markup_or_increment_is_refused(markup: str, increment: str) -> None:
     world = World.build()
     cmd = m.SetPlan(workspace_id=world.workspace_id, markup=markup, billing_increment=increment)
-    assert_refused(world.app, ValidationFailed, lambda: world.app.set_plan(cmd, world.owner))
+    world.refuses(ValidationFailed, world.app.set_plan, cmd)
 
 
 # -- projects -------------------------------------------------------------------------------------
@@ -332,7 +291,7 @@ def test_project_with_duplicate_lanes_is_refused_and_writes_nothing() -> None:
     world = World.build()
     lanes = [m.LaneInput(name="A"), m.LaneInput(name="A")]
     cmd = m.CreateProject(workspace_id=world.workspace_id, name="P", lanes=lanes)
-    assert_refused(world.app, Duplicate, lambda: world.app.create_project(cmd, world.owner))
+    world.refuses(Duplicate, world.app.create_project, cmd)
 
 
 def test_results_report_the_new_version_and_global_position() -> None:
