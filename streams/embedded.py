@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import structlog
@@ -21,13 +22,20 @@ from streams.wakeup import LogWakeup
 
 if TYPE_CHECKING:
     from adapters.eventlog import EventLog
-    from projections.runner import ProjectionRunner
+    from domain.envelope import EventEnvelope
+    from projections.runner import BatchOutcome, ProjectionRunner
 
 log = structlog.get_logger(__name__)
 
 
 class EmbeddedFanout:
-    """Reads the log once per batch and hands each projector what it has not applied yet."""
+    """Reads the log once per batch and hands each projector what it has not applied yet.
+
+    The projectors apply a batch side by side, each in its own transaction on its own
+    connection: one after another, a change reached its readers only after every projector
+    ahead of it had committed (a run's log line waited for the board, the ledger and the
+    activity feed), and the database's waits of one projector left the other core idle.
+    """
 
     def __init__(
         self,
@@ -48,21 +56,50 @@ class EmbeddedFanout:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._wakeup: LogWakeup | None = None
+        self._appliers: ThreadPoolExecutor | None = None
 
     def positions(self) -> dict[str, int]:
         return {r.name: self._position(r) for r in self.runners}
 
     def run_once(self) -> int:
-        """Apply one batch to every projector that is behind; returns how many events were read."""
+        """Apply one batch to every projector that is behind; returns how many events were read.
+
+        A projector that fails (the database went away) does not undo what the others applied:
+        their positions are kept and the first failure is raised once all have finished."""
         start = min((self._position(r) for r in self.runners), default=0)
         envelopes = self.log.read(after=start, limit=self.batch_size)
+        work: list[tuple[ProjectionRunner, int, list[EventEnvelope]]] = []
         for runner in self.runners:
             done = self._position(runner)
             pending = [env for env in envelopes if env.position > done]
             if pending:
-                outcome = runner.process(pending, read_after=done)
-                self._positions[runner.name] = max(done, outcome.position)
+                work.append((runner, done, pending))
+        if len(work) == 1:
+            runner, done, pending = work[0]
+            outcome = runner.process(pending, read_after=done)
+            self._positions[runner.name] = max(done, outcome.position)
+            return len(envelopes)
+        applying: list[tuple[ProjectionRunner, int, Future[BatchOutcome]]] = [
+            (runner, done, self._executor().submit(runner.process, pending, read_after=done))
+            for runner, done, pending in work
+        ]
+        failure: BaseException | None = None
+        for runner, done, future in applying:
+            error = future.exception()
+            if error is None:
+                self._positions[runner.name] = max(done, future.result().position)
+            elif failure is None:
+                failure = error
+        if failure is not None:
+            raise failure
         return len(envelopes)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._appliers is None:
+            self._appliers = ThreadPoolExecutor(
+                max_workers=max(1, len(self.runners)), thread_name_prefix="embedded-projector"
+            )
+        return self._appliers
 
     def drain(self) -> int:
         """Apply everything the log holds now; returns how many events were read."""
@@ -90,6 +127,9 @@ class EmbeddedFanout:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._appliers is not None:
+            self._appliers.shutdown(wait=True)
+            self._appliers = None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
