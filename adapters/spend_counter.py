@@ -155,7 +155,9 @@ class RedisSpendCounter:
 class RedisSpend:
     """Spend checks' side: the counter when it is there; on a missing key the read model's
     usage (``fallback``), which also seeds the counter through the same max-keeping script; on
-    a Redis failure the read model alone."""
+    a Redis failure the read model alone. Which ``pending`` charges are counted only the read
+    model knows (the counter's own holds are dropped in Redis), so it is asked when there are
+    any: holds an orchestrator kept in-process while Redis was away."""
 
     def __init__(self, client: redis.Redis, fallback: SpendReader) -> None:
         self._client = client
@@ -169,7 +171,12 @@ class RedisSpend:
             return self._fall_back(workspace_id, month, pending, error)
         if stored is not None:
             OUTAGES.up(REDIS)
-            return SpendReading(int(stored))
+            if not pending:
+                return SpendReading(int(stored))
+            # Holds kept in-process while Redis was away: only the read model can say which
+            # charges it counts, and its usage is then the one that counts them.
+            reading = self._fallback.read(workspace_id, month, pending)
+            return SpendReading(max(int(stored), reading.spent), reading.counted)
         reading = self._fallback.read(workspace_id, month, pending)
         try:
             keys, args = _feed_call(CountedSpend(workspace_id, month, reading.spent))

@@ -32,7 +32,7 @@ from adapters.metrics import SPEND_COUNTER_FAILURES
 from adapters.postgres import make_pool
 from adapters.spend_counter import RedisSpend, RedisSpendCounter, counter_key, holds_key
 from commands import models as m
-from domain.budget_holds import HoldRequest
+from domain.budget_holds import HoldRequest, SpendReading
 from domain.errors import BudgetExceeded
 from domain.usage import charge_id_for, month_of
 from projections.billing import BillingProjector
@@ -272,3 +272,19 @@ def test_the_read_model_says_which_pending_charges_it_counts(
     reading = read_model.read(world.workspace_id, "2025-03", [counted, not_yet])
     assert reading.counted == {counted}
     assert reading.spent == charged(side, world.workspace_id, "2025-03")
+
+
+def test_holds_kept_in_process_while_redis_was_away_are_counted_from_the_read_model(
+    side: ReadSide, world: World, client: redis.Redis, read_model: ReadModelSpend
+) -> None:
+    run_id = running_run(side, world)
+    llm_call(side, world, run_id, "call-1", cost=1_000, at=MARCH)
+    side.project(BillingProjector())
+    usage = charged(side, world.workspace_id, "2025-03")
+    counted = charge_id_for(run_id, "call-1")
+    # A counter behind the read model (its last feed failed): the reading that says the
+    # charge is counted must also count it.
+    client.set(counter_key(world.workspace_id, "2025-03"), usage - 1)
+    reading = RedisSpend(client, read_model).read(world.workspace_id, "2025-03", [counted])
+    assert reading == SpendReading(usage, frozenset({counted}))
+    assert RedisSpend(client, read_model).read(world.workspace_id, "2025-03").spent == usage - 1
