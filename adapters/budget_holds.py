@@ -1,10 +1,15 @@
 """Budget holds in Redis, shared by every orchestrator that points at the same Redis.
 
-One hash per workspace-month (``agentworks:holds:<workspace>:<month>``); each field is a run
-holding budget for its call in flight, valued ``<micro-USD>:<lapses at, ms since the epoch>``.
-The decision runs inside Redis as one Lua script, so deciding and recording are atomic across
-processes: two orchestrators can never both take the same room. The script mirrors
+One hash per workspace-month (``agentworks:holds:<workspace>:<month>``); each field is a hold
+(named by the id its call's charge will have), valued ``<micro-USD>:<lapses at, ms since the
+epoch>``. The decision runs inside Redis as one Lua script, so deciding and recording are atomic
+across processes: two orchestrators can never both take the same room. The script mirrors
 ``domain.budget_holds.decide_hold`` exactly; a test holds the two equal.
+
+The month's usage is the larger of the request's reading and the spend counter beside the holds
+(``adapters.spend_counter``), read in the same script: the billing projector raises that counter
+and drops the holds of the charges it counted in one step of its own, so at any instant each
+charge is in the counter or in a hold, never in neither.
 
 Expired fields (a dead orchestrator's holds) are dropped by the next decision on that month.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from adapters.spend_counter import counter_key, holds_key
 from domain.budget_holds import Hold, HoldRequest
 
 if TYPE_CHECKING:
@@ -20,8 +26,8 @@ if TYPE_CHECKING:
 
     import redis.asyncio
 
-#: KEYS[1] the month's hash. ARGV: run, want, floor, spent, limit (-1: none),
-#: run_room ("none" or an integer that may be negative), now ms, ttl ms.
+#: KEYS[1] the month's holds, KEYS[2] its spend counter. ARGV: hold, want, floor, spent,
+#: limit (-1: none), run_room ("none" or an integer that may be negative), now ms, ttl ms.
 #: Returns {granted or -1, room or "none"}.
 _HOLD = """
 local key = KEYS[1]
@@ -33,6 +39,8 @@ local limit = tonumber(ARGV[5])
 local run_room = ARGV[6]
 local now = tonumber(ARGV[7])
 local ttl = tonumber(ARGV[8])
+local counted = tonumber(redis.call('GET', KEYS[2]) or '0')
+if counted > spent then spent = counted end
 local elsewhere = 0
 local latest = now + ttl
 local fields = redis.call('HGETALL', key)
@@ -66,9 +74,18 @@ redis.call('PEXPIREAT', key, latest)
 return {granted, tostring(room)}
 """
 
-
-def holds_key(workspace_id: UUID, month: str) -> str:
-    return f"agentworks:holds:{workspace_id}:{month}"
+#: KEYS[1] the month's holds. ARGV: hold, billed, now ms, ttl ms. A hold the projector already
+#: dropped (its charge counted) is not brought back.
+_SETTLE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local lapses = tonumber(ARGV[3]) + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. lapses)
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl >= 0 and tonumber(ARGV[3]) + pttl < lapses then
+  redis.call('PEXPIREAT', KEYS[1], lapses)
+end
+return 1
+"""
 
 
 class RedisBudgetHolds:
@@ -77,14 +94,18 @@ class RedisBudgetHolds:
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._client = client
-        self._script = client.register_script(_HOLD)
+        self._hold = client.register_script(_HOLD)
+        self._settle = client.register_script(_SETTLE)
 
     async def hold(self, request: HoldRequest, *, ttl: float) -> Hold:
         now_ms = int(await self._now_ms())
-        answer = await self._script(
-            keys=[holds_key(request.workspace_id, request.month)],
+        answer = await self._hold(
+            keys=[
+                holds_key(request.workspace_id, request.month),
+                counter_key(request.workspace_id, request.month),
+            ],
             args=[
-                str(request.run_id),
+                str(request.hold_id),
                 request.want,
                 request.floor,
                 request.spent,
@@ -100,8 +121,16 @@ class RedisBudgetHolds:
             room=None if room == "none" else int(room),
         )
 
-    async def release(self, workspace_id: UUID, month: str, run_id: UUID) -> None:
-        await self._client.hdel(holds_key(workspace_id, month), str(run_id))
+    async def settle(
+        self, workspace_id: UUID, month: str, hold_id: UUID, *, billed: int, ttl: float
+    ) -> None:
+        await self._settle(
+            keys=[holds_key(workspace_id, month)],
+            args=[str(hold_id), billed, await self._now_ms(), max(1, int(ttl * 1000))],
+        )
+
+    async def release(self, workspace_id: UUID, month: str, hold_id: UUID) -> None:
+        await self._client.hdel(holds_key(workspace_id, month), str(hold_id))
 
     async def aclose(self) -> None:
         await self._client.aclose()

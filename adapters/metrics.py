@@ -55,6 +55,14 @@ BROKER_LOG_LOST = Counter(
     "lowest sweep watermark.",
 )
 
+SPEND_COUNTER_FAILURES = Counter(
+    "agentworks_spend_counter_failures_total",
+    "Times the Redis spend counter could not be reached: ``feed`` (the billing projector kept "
+    "the totals to write next time and went on), ``read`` (a spend check read the billing read "
+    "model instead).",
+    ["operation"],
+)
+
 
 @contextmanager
 def observe_command(command_type: str, traceparent: str) -> Iterator[str]:

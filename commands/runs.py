@@ -1,7 +1,10 @@
 """Agent-run commands: requesting, running and finishing a run, and the usage it charges.
 
-A recorded LLM call saves the run, its charge and the month's spend together, so the spend a
-budget check reads never lags the charges.
+A recorded LLM call saves the run, its charge and the month's spend together: the write side's
+``MonthlySpend`` decides the 50/80/100 % thresholds exactly. Spend *checks* (refusing a run up
+front, holding budget for a call) read the month's usage through ``spend``, the Redis counter
+or the billing read model, which trail the log; budget holds cover that lag
+(``orchestrator.holds``).
 """
 
 from __future__ import annotations
@@ -20,32 +23,31 @@ from commands.service import Actor, CommandResult, Decision, WriteSide, expect_v
 from domain.agent_run import AgentRun
 from domain.agents import agent_named, prompt_floor_micros
 from domain.card import Card
-from domain.errors import BudgetExceeded, InvalidTransition, NotFound
+from domain.errors import BudgetExceeded, InvalidTransition
 from domain.meta import EventMeta
 from domain.money import billed_amount, format_usd, parse_usd
 from domain.roles import Role
 from domain.routing import validate_choice
-from domain.usage import MonthlySpend, UsageCharge, month_of, spend_id_for
+from domain.usage import UsageCharge, check_month_room
 from domain.workspace import Workspace
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunBudget:
-    """A run's room to spend, in billed micro-USD (``None``: no limit)."""
+    """What a running run may spend (billed micro-USD; ``None``: no limit), and the number its
+    next provider attempt will get (its charge's, and so its budget hold's, id derives from
+    it). The month's usage is not here: spend checks read it through the write side's
+    ``spend`` reader."""
 
     markup: Decimal
     run_billed_micros: int
     run_max_micros: int | None
-    month_spent_micros: int
     month_limit_micros: int | None
+    next_attempt: int
 
-    def room_micros(self, *, reserved_elsewhere: int = 0) -> int | None:
-        rooms = []
-        if self.run_max_micros is not None:
-            rooms.append(self.run_max_micros - self.run_billed_micros)
-        if self.month_limit_micros is not None:
-            rooms.append(self.month_limit_micros - self.month_spent_micros - reserved_elsewhere)
-        return min(rooms) if rooms else None
+    @property
+    def run_room_micros(self) -> int | None:
+        return None if self.run_max_micros is None else self.run_max_micros - self.run_billed_micros
 
 
 class RunCommands(WriteSide):
@@ -64,8 +66,12 @@ class RunCommands(WriteSide):
                 at=now,
             )  # fmt: skip
             workspace = self.aggregate(Workspace, card.workspace_id)
-            spend = self.spend_for(workspace, now, meta)
-            spend.check_room(workspace.monthly_limit_micros, wanted_micros=0)
+            if workspace.monthly_limit_micros is not None:
+                month = self.spend_for(workspace, now, meta).month
+                check_month_room(
+                    workspace.id, month, self.spend.read(workspace.id, month).spent,
+                    workspace.monthly_limit_micros,
+                )  # fmt: skip
             run = AgentRun.request(
                 run_id=uuid4(),
                 workspace_id=card.workspace_id,
@@ -272,23 +278,16 @@ class RunCommands(WriteSide):
 
         return self.execute(cmd, actor, self._scope_hint(actor), decide)
 
-    def run_budget(self, run_id: UUID, at: datetime) -> RunBudget:
-        """What a running run may still spend: its own budget and its workspace's month."""
+    def run_budget(self, run_id: UUID) -> RunBudget:
+        """What a running run may still spend of its own budget, and its month's limit."""
         run = self.aggregate(AgentRun, run_id, copy=False)
         workspace = self.aggregate(Workspace, run.workspace_id, copy=False)
-        try:
-            spent = self.aggregate(
-                MonthlySpend, spend_id_for(workspace.id, month_of(at)), copy=False
-            )
-            month_spent = spent.spent_micros
-        except NotFound:
-            month_spent = 0
         return RunBudget(
             markup=workspace.markup,
             run_billed_micros=run.billed_micros,
             run_max_micros=run.max_cost_micros,
-            month_spent_micros=month_spent,
             month_limit_micros=workspace.monthly_limit_micros,
+            next_attempt=run.attempts + 1,
         )
 
     def run_snapshot(self, run_id: UUID) -> AgentRun:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from copy import deepcopy
@@ -32,6 +32,7 @@ from commands import models as m
 from commands.idempotency import fingerprint
 from domain.agent_run import AgentRun
 from domain.billing import next_month
+from domain.budget_holds import SpendReader, SpendReading
 from domain.card import Card
 from domain.errors import (
     AgentWorksError,
@@ -218,6 +219,10 @@ class WriteSide(Application[UUID]):
         """How long a write whose commit was interrupted waits for the database to say whether
         it committed, before answering UNAVAILABLE with ``outcome="unknown"``."""
         self.settle_poll_seconds = 0.1
+        self.spend: SpendReader = WriteModelSpend(self)
+        """Where spend checks read a month's usage. The composition root sets the Redis counter
+        or the billing read model; a write side built without a read side (tests, tools) reads
+        its own ``MonthlySpend``."""
 
     # -- the machinery --------------------------------------------------------------------------
 
@@ -627,6 +632,21 @@ _TARGETS: tuple[tuple[str, type[Aggregate]], ...] = (
     ("run_id", AgentRun),
     ("charge_id", UsageCharge),
 )
+
+
+class WriteModelSpend:
+    """A month's usage as the write side's ``MonthlySpend`` holds it. Every charge updates it in
+    its own transaction, so it counts each charge (and every pending hold's) at once."""
+
+    def __init__(self, app: WriteSide) -> None:
+        self._app = app
+
+    def read(self, workspace_id: UUID, month: str, pending: Collection[UUID] = ()) -> SpendReading:
+        try:
+            spend = self._app.aggregate(MonthlySpend, spend_id_for(workspace_id, month), copy=False)
+        except NotFound:
+            return SpendReading(0, frozenset(pending))
+        return SpendReading(spend.spent_micros, frozenset(pending))
 
 
 def expect_version(aggregate: Aggregate, expected: int | None) -> None:

@@ -278,11 +278,27 @@ class MonthlySpend(TenantAggregate):
 
     def check_room(self, limit_micros: int | None, *, wanted_micros: int = 0) -> None:
         """Refuse new spending once the month has reached the workspace's limit."""
-        if limit_micros is None:
-            return
-        if self.spent_micros >= limit_micros or self.spent_micros + wanted_micros > limit_micros:
-            raise BudgetExceeded(
-                f"workspace {self.workspace_id} has spent {format_usd(self.spent_micros)} in "
-                f"{self.month} of its {format_usd(limit_micros)} monthly limit"
-                + (f"; {format_usd(wanted_micros)} more would exceed it" if wanted_micros else "")
-            )
+        check_month_room(
+            self.workspace_id, self.month, self.spent_micros, limit_micros,
+            wanted_micros=wanted_micros,
+        )  # fmt: skip
+
+
+def check_month_room(
+    workspace_id: UUID,
+    month: str,
+    spent_micros: int,
+    limit_micros: int | None,
+    *,
+    wanted_micros: int = 0,
+) -> None:
+    """Refuse new spending once ``spent_micros`` (the month's usage, as whoever read it saw it)
+    has reached the workspace's limit."""
+    if limit_micros is None:
+        return
+    if spent_micros >= limit_micros or spent_micros + wanted_micros > limit_micros:
+        raise BudgetExceeded(
+            f"workspace {workspace_id} has spent {format_usd(spent_micros)} in "
+            f"{month} of its {format_usd(limit_micros)} monthly limit"
+            + (f"; {format_usd(wanted_micros)} more would exceed it" if wanted_micros else "")
+        )

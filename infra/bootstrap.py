@@ -13,6 +13,7 @@ from adapters.eventstore import POOL_TIMEOUT_ENV, EventStoreRecorder, Factory, P
 from adapters.kafka import create_topics, make_producer, producer_state_lost, topic_id
 from adapters.metrics import observe_command
 from adapters.postgres import DEFAULT_POOL_TIMEOUT, login_url, make_pool
+from adapters.spend_counter import RedisSpendCounter
 from commands.handlers import AgentWorks
 from domain.envelope import TOPICS
 from domain.errors import ValidationFailed
@@ -189,6 +190,7 @@ class ReadSide:
     event_log: EventLog
     pool: ConnectionPool[Connection[DictRow]]
     runners: list[ProjectionRunner]
+    spend_counter: RedisSpendCounter | None = None
 
     def runner(self, name: str) -> ProjectionRunner:
         for runner in self.runners:
@@ -202,6 +204,8 @@ class ReadSide:
     def close(self) -> None:
         self.pool.close()
         self.event_log.close()
+        if self.spend_counter is not None:
+            self.spend_counter.close()
 
 
 def build_read_side(
@@ -212,7 +216,9 @@ def build_read_side(
     on_commit: Callable[[list[Change]], None] | None = None,
     data_dir: Path | None = None,
 ) -> ReadSide:
-    """Projectors and the log they read, all logged in as the projector role."""
+    """Projectors and the log they read, all logged in as the projector role. With Redis
+    configured, what the billing projector commits feeds the spend counter that spend checks
+    read."""
     event_log = event_log_from(
         settings, database_url, "projector", pool_size=settings.pool_size, data_dir=data_dir
     )
@@ -221,8 +227,30 @@ def build_read_side(
     projectors = (
         [projector_named(name) for name in projector_names] if projector_names else all_projectors()
     )
-    runners = [ProjectionRunner(p, pool, event_log, on_commit=on_commit) for p in projectors]
-    return ReadSide(event_log, pool, runners)
+    counter = spend_counter(settings)
+    runners = [
+        ProjectionRunner(
+            p,
+            pool,
+            event_log,
+            on_commit=on_commit,
+            on_spend=None if counter is None else counter.feed,
+        )
+        for p in projectors
+    ]
+    return ReadSide(event_log, pool, runners, counter)
+
+
+def spend_counter(settings: Settings) -> RedisSpendCounter | None:
+    """The feed of the Redis spend counter, when Redis is configured. Short timeouts: a Redis
+    that does not answer must hold a projector up for a moment, not for a socket's default."""
+    if settings.redis_url is None:
+        return None
+    import redis
+
+    return RedisSpendCounter(
+        redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    )
 
 
 def build_relay(

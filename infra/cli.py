@@ -435,15 +435,24 @@ def orchestrator_command(data_dir: DataDirOption = None) -> None:
     """Execute agent runs: follow the log for requested runs, call providers, meter and log."""
     import asyncio
 
-    from infra.bootstrap import write_side_from
+    from adapters.postgres import make_pool
+    from infra.bootstrap import component_url, write_side_from
     from infra.orchestration import build_orchestrator
     from infra.stack import start_tracing
 
     settings = settings_for(data_dir)
     start_tracing(settings, "agentworks-orchestrator")
-    # The orchestrator writes events: it logs in as the writer (no role of its own yet).
-    write_side = write_side_from(settings, database_url_for(settings), data_dir=settings.data_dir)
-    orchestrator = build_orchestrator(settings, write_side, write_side.event_log())
+    url = database_url_for(settings)
+    # The orchestrator writes events: it logs in as the writer (no role of its own yet); its
+    # spend checks read the billing read model as the API does, one workspace at a time.
+    write_side = write_side_from(settings, url, data_dir=settings.data_dir)
+    read_pool = make_pool(
+        component_url(settings, url, "api", data_dir=settings.data_dir),
+        max_size=2,
+        name="orchestrator-reads",
+        timeout=settings.pool_timeout,
+    )
+    orchestrator = build_orchestrator(settings, write_side, write_side.event_log(), read_pool)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -454,6 +463,7 @@ def orchestrator_command(data_dir: DataDirOption = None) -> None:
     try:
         asyncio.run(main())
     finally:
+        read_pool.close()
         write_side.close()
 
 

@@ -13,15 +13,22 @@ from adapters.budget_holds import RedisBudgetHolds
 from adapters.providers.anthropic import AnthropicProvider
 from adapters.providers.openai import OpenAIProvider
 from adapters.providers.simulated import SimulatedProvider
+from adapters.spend_counter import RedisSpend
 from domain.errors import ValidationFailed
 from domain.pricing import PriceTable, built_in_price_table
 from infra.settings import ConfigurationError
 from orchestrator.service import Orchestrator, OrchestratorConfig
+from projections.spend import ReadModelSpend
 
 if TYPE_CHECKING:
+    from psycopg import Connection
+    from psycopg.rows import DictRow
+    from psycopg_pool import ConnectionPool
+
     from adapters.eventlog import EventLog
     from adapters.providers.base import Provider
     from commands.handlers import AgentWorks
+    from domain.budget_holds import SpendReader
     from infra.settings import Settings
     from orchestrator.holds import BudgetHolds
 
@@ -75,8 +82,15 @@ def orchestrator_config(settings: Settings) -> OrchestratorConfig:
     )
 
 
-def build_orchestrator(settings: Settings, write: AgentWorks, event_log: EventLog) -> Orchestrator:
-    """An orchestrator writing through ``write`` and following ``event_log`` (its own)."""
+def build_orchestrator(
+    settings: Settings,
+    write: AgentWorks,
+    event_log: EventLog,
+    read_pool: ConnectionPool[Connection[DictRow]],
+) -> Orchestrator:
+    """An orchestrator writing through ``write`` and following ``event_log`` (its own), whose
+    spend checks read the billing read model through ``read_pool`` (or the Redis counter)."""
+    write.spend = build_spend_reader(settings, read_pool)
     return Orchestrator(
         write,
         event_log,
@@ -92,3 +106,19 @@ def build_budget_holds(settings: Settings) -> BudgetHolds | None:
     if settings.redis_url is None:
         return None
     return RedisBudgetHolds(redis.asyncio.Redis.from_url(settings.redis_url))
+
+
+def build_spend_reader(
+    settings: Settings, read_pool: ConnectionPool[Connection[DictRow]]
+) -> SpendReader:
+    """Spend checks read the Redis counter the billing projector feeds when Redis is
+    configured (the read model on a missing key or a failure), else the billing read model.
+    ``read_pool``: read-model connections (the API's role will do: reads are scoped to their
+    workspace)."""
+    read_model = ReadModelSpend(read_pool)
+    if settings.redis_url is None:
+        return read_model
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+    )
+    return RedisSpend(client, read_model)

@@ -101,11 +101,16 @@ def api_services(
         if keys.algorithm == "RS256"
         else JwtVerification(secret=keys.secret, signature_hint=hint)
     )
+    pool = make_pool(
+        api_url, max_size=settings.api_pool_size, name="api", timeout=settings.pool_timeout
+    )
+    from infra.orchestration import build_spend_reader
+
+    # startAgentRun refuses a run over the month's limit from what spend checks read.
+    write.spend = build_spend_reader(settings, pool)
     return ApiServices(
         write=write,
-        pool=make_pool(
-            api_url, max_size=settings.api_pool_size, name="api", timeout=settings.pool_timeout
-        ),
+        pool=pool,
         jwt=verification,
         broadcaster=broadcaster,
         redis=redis.asyncio.Redis.from_url(settings.redis_url) if settings.redis_url else None,
@@ -211,7 +216,10 @@ class DevStack:
         )
         self.orchestrator = OrchestratorThread(
             build_orchestrator(
-                self.settings, self.orchestrator_write, self.orchestrator_write.event_log()
+                self.settings,
+                self.orchestrator_write,
+                self.orchestrator_write.event_log(),
+                self.services.pool,
             )
         )
         self.orchestrator.start()

@@ -57,7 +57,7 @@ from domain.routing import (
     backoff_seconds,
     route,
 )
-from domain.usage import month_of
+from domain.usage import charge_id_for, month_of
 from orchestrator.holds import BudgetHolds, LocalHolds
 from orchestrator.logbatch import Line, LogBatcher, RunLogWriter
 
@@ -120,6 +120,16 @@ class _Lost(Exception):
     """Another worker owns the run now; stop without writing."""
 
 
+@dataclass
+class _Charged:
+    """What became of a call's charge, which decides what becomes of its budget hold."""
+
+    billed: int = 0
+    """Billed micro-USD of the charge written (0: none, or none yet)."""
+    unsure: bool = False
+    """A charge was sent and its write may have committed (the store did not say)."""
+
+
 @dataclass(frozen=True)
 class _Call:
     """One provider call under way: what its charge and its budget checks need."""
@@ -130,6 +140,7 @@ class _Call:
     started_at: datetime
     billed: Callable[[int], int]
     room: int | None
+    charged: _Charged = field(default_factory=_Charged)
 
 
 @dataclass
@@ -567,25 +578,33 @@ class Orchestrator:
         started_at = datetime.now(UTC)
         price = self.app.prices.require(option.provider, option.model, started_at)
         input_tokens = count_message_tokens(messages)
-        budget = await self._call(self.app.run_budget, view.run_id, started_at)
+        budget = await self._call(self.app.run_budget, view.run_id)
 
         def billed(output_tokens: int) -> int:
             cost = call_cost_micros(price, input_tokens=input_tokens, output_tokens=output_tokens)
             return billed_amount(cost, budget.markup)
 
         month = month_of(started_at)
-        hold = await self._hold(
+        # The hold is named after the charge this attempt will write, so that whoever counts
+        # the charge can drop the hold.
+        hold_id = charge_id_for(view.run_id, f"attempt-{budget.next_attempt}")
+        reading = await self._call(
+            self.app.spend.read,
+            view.workspace_id,
+            month,
+            self._local_holds.settled(view.workspace_id, month),
+        )
+        hold, store = await self._hold(
             HoldRequest(
                 workspace_id=view.workspace_id,
                 month=month,
-                run_id=view.run_id,
+                hold_id=hold_id,
                 want=billed(max_tokens),
                 floor=billed(0),
-                spent=budget.month_spent_micros,
+                spent=reading.spent,
+                counted=reading.counted,
                 limit=budget.month_limit_micros,
-                run_room=None
-                if budget.run_max_micros is None
-                else budget.run_max_micros - budget.run_billed_micros,
+                run_room=budget.run_room_micros,
             )
         )
         room = hold.room
@@ -594,16 +613,13 @@ class Orchestrator:
                 f"budget reached: {format_usd(max(room or 0, 0))} left, the prompt alone would "
                 f"be billed {format_usd(billed(0))}"
             )
+        call = _Call(view, option, input_tokens, started_at, billed, room)
         try:
             return await self._stream(
-                _Call(view, option, input_tokens, started_at, billed, room),
-                provider.stream(ChatRequest(option.model, messages, max_tokens)),
-                batcher,
+                call, provider.stream(ChatRequest(option.model, messages, max_tokens)), batcher
             )
         finally:
-            # Released only once the call's charge is written (or could not be): until then
-            # neither the month's spend nor the holds would count the call.
-            await self._release(view, month)
+            await self._settle(store, view, month, hold_id, call.charged)
 
     async def _stream(
         self, call: _Call, stream: AsyncIterator[str | Usage], batcher: LogBatcher
@@ -641,7 +657,7 @@ class Orchestrator:
                 with contextlib.suppress(_Lost, AgentWorksError):
                     await self._attempt(
                         view, option, "failed", None, "stopped: cancelled", latency_ms, partial,
-                        started_at,
+                        started_at, charged=call.charged,
                     )  # fmt: skip
             raise
         latency_ms = int((time.monotonic() - t0) * 1000)
@@ -650,7 +666,10 @@ class Orchestrator:
         if usage is not None:
             self.latency.observe(option.provider, option.model, latency_ms)
             breaker.succeeded()
-            await self._attempt(view, option, "ok", None, None, latency_ms, usage, started_at)
+            await self._attempt(
+                view, option, "ok", None, None, latency_ms, usage, started_at,
+                charged=call.charged,
+            )  # fmt: skip
             return _Outcome(ok=True, text=received)
         # No usage block: what was sent and received is charged from our own counts.
         streamed = bool(text) or isinstance(error, StreamBroken) or budget_hit
@@ -658,7 +677,7 @@ class Orchestrator:
         if budget_hit:
             await self._attempt(
                 view, option, "failed", None, "stopped: budget reached", latency_ms, estimate,
-                started_at,
+                started_at, charged=call.charged,
             )  # fmt: skip
             raise RunFailed(
                 f"budget reached mid-stream after {estimate.output_tokens} output tokens "
@@ -668,7 +687,7 @@ class Orchestrator:
         http_status = getattr(error, "http_status", None)
         await self._attempt(
             view, option, "failed", http_status, str(error), latency_ms,
-            estimate if streamed else Usage(0, 0), started_at,
+            estimate if streamed else Usage(0, 0), started_at, charged=call.charged,
         )  # fmt: skip
         before = breaker.state
         after = breaker.failed(time.monotonic())
@@ -679,29 +698,44 @@ class Orchestrator:
         assert isinstance(error, TransientProviderError)
         return _Outcome(ok=False, error=str(error), retry_after=error.retry_after)
 
-    async def _hold(self, request: HoldRequest) -> Hold:
-        # A hold outlives no run: the run's timeout bounds its calls, and its takeover by
-        # another orchestrator starts after ``stale_after``.
-        ttl = self.config.run_timeout + self.config.stale_after
+    @property
+    def _hold_ttl(self) -> float:
+        """A hold outlives no run: the run's timeout bounds its calls, and its takeover by
+        another orchestrator starts after ``stale_after``. A settled hold gets as long again
+        for its charge to be counted."""
+        return self.config.run_timeout + self.config.stale_after
+
+    async def _hold(self, request: HoldRequest) -> tuple[Hold, BudgetHolds]:
+        """The hold, and the store that keeps it (the shared one, or this process's own while
+        the shared one cannot be reached)."""
         if self.holds is not self._local_holds:
             try:
-                return await self.holds.hold(request, ttl=ttl)
+                return await self.holds.hold(request, ttl=self._hold_ttl), self.holds
             except Exception:
                 log.warning("orchestrator.shared_holds_unavailable", exc_info=True)
-        return await self._local_holds.hold(request, ttl=ttl)
+        return await self._local_holds.hold(request, ttl=self._hold_ttl), self._local_holds
 
-    async def _release(self, view: RunView, month: str) -> None:
-        await self._local_holds.release(view.workspace_id, month, view.run_id)
-        if self.holds is not self._local_holds:
-            try:
-                await self.holds.release(view.workspace_id, month, view.run_id)
-            except Exception:
-                # The hold lapses on its own (see ``_hold``); until then it only holds back.
-                log.warning("orchestrator.hold_release_failed", exc_info=True)
+    async def _settle(
+        self, store: BudgetHolds, view: RunView, month: str, hold_id: UUID, charged: _Charged
+    ) -> None:
+        """A charged call's hold stays, at the amount billed, until the usage spend checks read
+        counts the charge (``orchestrator.holds``); an uncharged call's goes now. One whose
+        charge may or may not have been written stays as it is and lapses."""
+        try:
+            if charged.billed > 0:
+                await store.settle(
+                    view.workspace_id, month, hold_id, billed=charged.billed, ttl=self._hold_ttl
+                )
+            elif not charged.unsure:
+                await store.release(view.workspace_id, month, hold_id)
+        except Exception:
+            # The hold lapses on its own (see ``_hold_ttl``); until then it only holds back.
+            log.warning("orchestrator.hold_settle_failed", exc_info=True)
 
     async def _attempt(
         self, view: RunView, option: ModelOption, status: str, http_status: int | None,
-        error: str | None, latency_ms: int, usage: Usage, started_at: datetime,
+        error: str | None, latency_ms: int, usage: Usage, started_at: datetime, *,
+        charged: _Charged,
     ) -> None:  # fmt: skip
         cmd = m.RecordProviderAttempt(
             run_id=view.run_id, worker=self.worker, provider=option.provider,
@@ -716,7 +750,16 @@ class Orchestrator:
         lock = self._charging.setdefault(view.workspace_id, asyncio.Lock())
         try:
             async with lock:
-                await self._write(view, self.app.record_provider_attempt, cmd)
+                result = await self._write(view, self.app.record_provider_attempt, cmd)
+            charged.billed = int(result.extra.get("billed", 0))
+        except BaseException as failure:
+            # Refused (or taken over): nothing was written. Anything else may have committed.
+            refused = isinstance(failure, _Lost) or (
+                isinstance(failure, AgentWorksError) and not isinstance(failure, Unavailable)
+            )
+            if usage.input_tokens or usage.output_tokens:
+                charged.unsure = not refused
+            raise
         finally:
             if not lock.locked() and self._charging.get(view.workspace_id) is lock:
                 del self._charging[view.workspace_id]

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from psycopg import Cursor
     from psycopg.rows import DictRow
 
+    from domain.budget_holds import CountedSpend
     from domain.envelope import EventEnvelope
     from domain.events import EventPayload
 
@@ -72,6 +73,9 @@ class BatchContext:
     where it lives for the whole replay: nothing else writes the tables, so what a projector
     remembers of them stays true."""
     exclusive: bool = False
+    spend: list[CountedSpend] | None = None
+    """Where the billing projector notes each workspace-month's usage it committed, for the
+    Redis spend counter; None in a rebuild (its tables are not the live ones yet)."""
 
 
 #: Set in a rebuild's ``memo`` when the runner dropped it: a batch failed and was rolled back

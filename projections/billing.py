@@ -7,6 +7,11 @@ card, run, provider, model). Each entry is added to every rollup in the same sta
 rollup is always exactly the sum of the ledger entries under it. Amounts are integer micro-USD.
 
 The day of an entry is the UTC date of its event; its month is the ``month`` its event carries.
+
+``rm_monthly_spend`` keeps two totals: ``billed_micros``, net of corrections (statements), and
+``charged_micros``, the month's usage that spend limits count (charges only, so it only grows).
+After each commit the runner hands the new usage totals, and the charges they count, to whoever
+feeds the Redis spend counter (``BatchContext.spend``; ``adapters.spend_counter``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from uuid import UUID
 
 from psycopg.types.json import Jsonb
 
+from domain.budget_holds import CountedSpend
 from domain.events import (
     EventPayload,
     InvoiceDrafted,
@@ -36,6 +42,7 @@ from domain.events import (
     UsageChargeRefunded,
     events_of,
 )
+from domain.usage import month_of
 from projections.base import MEMO_DROPPED, BatchContext, Projector
 from projections.batch import columns_of, insert_rows
 
@@ -142,10 +149,12 @@ _ADD_LINES = (
     " billed_exact_micros = s.billed_exact_micros + EXCLUDED.billed_exact_micros"
 )
 _ADD_SPEND = (
-    "INSERT INTO {rm_monthly_spend} AS m (workspace_id, month, billed_micros)"
-    " SELECT * FROM unnest(%s::uuid[], %s::text[], %s::bigint[])"
+    "INSERT INTO {rm_monthly_spend} AS m (workspace_id, month, billed_micros, charged_micros)"
+    " SELECT * FROM unnest(%s::uuid[], %s::text[], %s::bigint[], %s::bigint[])"
     " ON CONFLICT (workspace_id, month) DO UPDATE SET"
-    " billed_micros = m.billed_micros + EXCLUDED.billed_micros"
+    " billed_micros = m.billed_micros + EXCLUDED.billed_micros,"
+    " charged_micros = m.charged_micros + EXCLUDED.charged_micros"
+    " RETURNING workspace_id, month, charged_micros"
 )
 
 Dimensions = tuple[str, str, str, str, str]
@@ -264,7 +273,8 @@ class BillingProjector(Projector):
         entries: list[tuple[Any, ...]] = []
         usage: dict[tuple[str, date, str, str], list[int]] = {}
         lines: dict[tuple[str, str, str], int] = {}
-        spend: dict[tuple[str, str], int] = {}
+        spend: dict[tuple[str, str], list[int]] = {}
+        counted: dict[tuple[str, str], list[tuple[str, UUID]]] = {}
         for env in envelopes:
             ev = env.event
             if type(ev) not in self.handles:
@@ -356,7 +366,13 @@ class BillingProjector(Projector):
             line = (workspace_id or "", month, project_id)
             lines[line] = lines.get(line, 0) + billed
             month_key = (workspace_id or "", month)
-            spend[month_key] = spend.get(month_key, 0) + billed
+            month_spend = spend.setdefault(month_key, [0, 0])
+            month_spend[0] += billed
+            if kind == LedgerKind.CHARGE.value:
+                month_spend[1] += billed
+                counted.setdefault(month_key, []).append(
+                    (month_of(env.timestamp), env.originator_id)
+                )
         cur, t = ctx.cur, ctx.tables
         insert_rows(ctx, "rm_charges", _CHARGE_COLUMNS, list(charges.values()))
         if credited:
@@ -378,7 +394,20 @@ class BillingProjector(Projector):
         if lines:
             cur.execute(t.q(_ADD_LINES), columns_of([(*k, v) for k, v in sorted(lines.items())], 4))
         if spend:
-            cur.execute(t.q(_ADD_SPEND), columns_of([(*k, v) for k, v in sorted(spend.items())], 3))
+            cur.execute(
+                t.q(_ADD_SPEND), columns_of([(*k, *v) for k, v in sorted(spend.items())], 4)
+            )
+            if ctx.spend is not None:
+                for row in cur.fetchall():
+                    of_month = counted.get((str(row["workspace_id"]), row["month"]), [])
+                    ctx.spend.append(
+                        CountedSpend(
+                            row["workspace_id"],
+                            row["month"],
+                            int(row["charged_micros"]),
+                            tuple(of_month),
+                        )
+                    )
 
     def _fold_credits_and_invoices(
         self, ctx: BatchContext, envelopes: Sequence[EventEnvelope]

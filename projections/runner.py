@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
 
     from adapters.eventlog import EventLog
+    from domain.budget_holds import CountedSpend
     from domain.envelope import EventEnvelope
 
 log = structlog.get_logger(__name__)
@@ -76,6 +77,8 @@ class BatchOutcome:
     """Events not applied because their aggregate is parked (they wait behind it)."""
     parked: list[Parked] = field(default_factory=list)
     """Aggregates this batch parked (or, retrying, parked again)."""
+    spend: list[CountedSpend] = field(default_factory=list)
+    """Workspace-months whose usage this batch changed, as committed (billing only)."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ class ProjectionRunner:
         tracking_name: str | None = None,
         tables: Tables | None = None,
         on_commit: Callable[[list[Change]], None] | None = None,
+        on_spend: Callable[[list[CountedSpend]], None] | None = None,
     ) -> None:
         self.projector = projector
         self.pool = pool
@@ -186,6 +190,8 @@ class ProjectionRunner:
         self.tracking_name = tracking_name or projector.name
         self.tables = tables or Tables()
         self.on_commit = on_commit
+        self.on_spend = on_spend
+        """Told, after each commit, the usage totals the batch committed (the spend counter)."""
         self._lock_key = zlib.crc32(f"projector:{self.tracking_name}".encode()) & 0x7FFFFFFF
         self._exclusive: _Exclusive | None = None
 
@@ -340,6 +346,8 @@ class ProjectionRunner:
                 self._trace(envelopes, started)
             if self.on_commit is not None and outcome.changes:
                 self.on_commit(outcome.changes)
+            if self.on_spend is not None and outcome.spend:
+                self.on_spend(outcome.spend)
             return outcome
 
     def _park(self, attempt: _Attempt, parked: Parked) -> None:
@@ -468,7 +476,9 @@ class ProjectionRunner:
                 versions[oid] = env.originator_version
                 outcome.applied += 1
                 outcome.position = max(outcome.position, env.position)
-            self._apply(cur, to_apply, outcome.changes, one_by_one=attempt.one_by_one)
+            self._apply(
+                cur, to_apply, outcome.changes, outcome.spend, one_by_one=attempt.one_by_one
+            )
             bump_read_versions(cur, self.projector.name, to_apply)
             last = max((env.position for env in envelopes), default=0)
             outcome.position = max(outcome.position, last, through or 0)
@@ -572,7 +582,7 @@ class ProjectionRunner:
             protect(cur)
             cur.execute("SET LOCAL synchronous_commit = off")
             cur.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self._lock_key,))
-            self._apply(cur, to_apply, outcome.changes, one_by_one=attempt.one_by_one)
+            self._apply(cur, to_apply, outcome.changes, None, one_by_one=attempt.one_by_one)
             cur.execute(
                 "INSERT INTO projection_positions (projector, position) VALUES (%s, %s) "
                 "ON CONFLICT (projector) DO UPDATE SET "
@@ -591,6 +601,7 @@ class ProjectionRunner:
         cur: Cursor[DictRow],
         envelopes: list[EventEnvelope],
         changes: list[Change],
+        spend: list[CountedSpend] | None,
         *,
         one_by_one: bool = False,
     ) -> None:
@@ -599,20 +610,22 @@ class ProjectionRunner:
         if not envelopes:
             return
         if not one_by_one:
-            self.projector.apply_batch(self._context(cur, changes), envelopes)
+            self.projector.apply_batch(self._context(cur, changes, spend), envelopes)
             return
         for env in envelopes:
             try:
-                self.projector.apply_batch(self._context(cur, changes), [env])
+                self.projector.apply_batch(self._context(cur, changes, spend), [env])
             except Exception as error:
                 if is_infrastructure_failure(error):
                     raise
                 raise _Poisoned(env, error) from error
 
-    def _context(self, cur: Cursor[DictRow], changes: list[Change]) -> BatchContext:
+    def _context(
+        self, cur: Cursor[DictRow], changes: list[Change], spend: list[CountedSpend] | None
+    ) -> BatchContext:
         exclusive = self._exclusive
         if exclusive is None:
-            return BatchContext(cur, self.tables, changes=changes)
+            return BatchContext(cur, self.tables, changes=changes, spend=spend)
         return BatchContext(
             cur,
             self.tables,

@@ -17,6 +17,7 @@ from adapters.providers.simulated import SimulatedProvider
 from commands import models as m
 from commands.handlers import AgentWorks
 from domain.agent_run import AgentRun, RunStatus
+from domain.budget_holds import SpendReader
 from infra.bootstrap import build_write_side
 from orchestrator.holds import BudgetHolds
 from orchestrator.service import Orchestrator, OrchestratorConfig, OrchestratorThread
@@ -47,13 +48,17 @@ def orchestrator_thread(
     database_url: str,
     providers: Mapping[str, Provider] | None = None,
     holds: BudgetHolds | None = None,
+    spend: SpendReader | None = None,
     **config: Any,
 ) -> Iterator[Orchestrator]:
-    """An orchestrator with a write side of its own, running in a thread until the block ends."""
+    """An orchestrator with a write side of its own, running in a thread until the block ends.
+    ``spend``: where its spend checks read the month's usage (default: its write model)."""
     # Few connections: the tests run two orchestrators beside the fixture's write side, and
     # the session keeps within its connection budget (tests/conftest.py).
     write = build_write_side(database_url, pool_size=4)
     event_log = EventLog(write.recorder, write.mapper)  # type: ignore[arg-type]
+    if spend is not None:
+        write.spend = spend
     settings = {"heartbeat_interval": 1.0, "stale_after": 30.0, "backoff_base": 0.05, **config}
     orchestrator = Orchestrator(
         write, event_log, providers or {"simulated": fast_simulated()},

@@ -680,10 +680,11 @@ _POST = (
     " ON CONFLICT (workspace_id, month, project_id) DO UPDATE SET"
     " billed_exact_micros = s.billed_exact_micros + EXCLUDED.billed_exact_micros"
     ")"
-    " INSERT INTO {rm_monthly_spend} AS m (workspace_id, month, billed_micros)"
-    " VALUES (%(ws)s, %(month)s, %(billed)s)"
+    " INSERT INTO {rm_monthly_spend} AS m (workspace_id, month, billed_micros, charged_micros)"
+    " VALUES (%(ws)s, %(month)s, %(billed)s, %(charged)s)"
     " ON CONFLICT (workspace_id, month) DO UPDATE SET"
-    " billed_micros = m.billed_micros + EXCLUDED.billed_micros"
+    " billed_micros = m.billed_micros + EXCLUDED.billed_micros,"
+    " charged_micros = m.charged_micros + EXCLUDED.charged_micros"
 )
 
 # A new charge: its row, then its entry and rollups, in the same statement.
@@ -837,6 +838,8 @@ class BillingReference(Reference, BillingProjector):
                 "output_tokens": entry.output_tokens,
                 "cost": entry.provider_cost_micros,
                 "billed": entry.billed_micros,
+                # Usage, which spend limits count: charges only.
+                "charged": entry.billed_micros if entry.kind is LedgerKind.CHARGE else 0,
                 "month": entry.month,
                 "day": day,
                 "at": env.timestamp,

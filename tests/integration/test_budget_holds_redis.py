@@ -5,7 +5,10 @@ output per call."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
 import pytest
@@ -21,11 +24,18 @@ from orchestrator_helpers import (
     wait_for,
 )
 
-from adapters.budget_holds import RedisBudgetHolds, holds_key
+from adapters.budget_holds import RedisBudgetHolds
+from adapters.eventlog import EventLog
+from adapters.postgres import make_pool
+from adapters.spend_counter import RedisSpend, RedisSpendCounter, counter_key, holds_key
 from commands import models as m
 from commands.handlers import AgentWorks
 from domain.agent_run import RunStatus
 from domain.budget_holds import Hold, HoldRequest, decide_hold
+from domain.usage import month_of
+from projections.billing import BillingProjector
+from projections.runner import ProjectionRunner
+from projections.spend import ReadModelSpend
 
 MONTH = "2026-12"
 amounts = st.integers(min_value=0, max_value=10**12)
@@ -41,9 +51,9 @@ def flushed(redis_url: str) -> Iterator[str]:
 
 
 def request(workspace: UUID, *, want: int, limit: int | None, floor: int = 0, spent: int = 0,
-            run_room: int | None = None, run_id: UUID | None = None) -> HoldRequest:  # fmt: skip
+            run_room: int | None = None, hold_id: UUID | None = None) -> HoldRequest:  # fmt: skip
     return HoldRequest(
-        workspace_id=workspace, month=MONTH, run_id=run_id or uuid4(), want=want, floor=floor,
+        workspace_id=workspace, month=MONTH, hold_id=hold_id or uuid4(), want=want, floor=floor,
         spent=spent, limit=limit, run_room=run_room,
     )  # fmt: skip
 
@@ -99,7 +109,7 @@ def test_released_and_lapsed_holds_give_their_room_back(flushed: str) -> None:
     async def scenario() -> list[int | None]:
         store = RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed))
         try:
-            a = await store.hold(request(workspace, want=800, limit=1000, run_id=first), ttl=60)
+            a = await store.hold(request(workspace, want=800, limit=1000, hold_id=first), ttl=60)
             b = await store.hold(request(workspace, want=800, limit=1000), ttl=0.2)
             await store.release(workspace, MONTH, first)
             c = await store.hold(request(workspace, want=900, limit=1000), ttl=60)
@@ -110,6 +120,43 @@ def test_released_and_lapsed_holds_give_their_room_back(flushed: str) -> None:
             await store.aclose()
 
     assert asyncio.run(scenario()) == [800, 200, 800, 200]
+
+
+def test_the_decision_reads_the_spend_counter_when_it_knows_more_than_the_request(
+    flushed: str,
+) -> None:
+    """The counter may have moved since the orchestrator read it (the projector counted a
+    charge and dropped its hold): the script takes the larger of the two."""
+    workspace = uuid4()
+    redis.Redis.from_url(flushed).set(counter_key(workspace, MONTH), 700)
+    [held] = asyncio.run(_hold_all(flushed, [request(workspace, want=900, limit=1000, spent=0)]))
+    assert held == Hold(300, 300)
+    [held] = asyncio.run(
+        _hold_all(flushed, [request(workspace, want=900, limit=1000, spent=800, floor=250)])
+    )
+    assert held == Hold(None, -100)
+
+
+def test_a_settled_hold_holds_what_was_billed_and_is_not_revived_once_dropped(
+    flushed: str,
+) -> None:
+    workspace, charge = uuid4(), uuid4()
+
+    async def scenario() -> list[int | None]:
+        store = RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed))
+        try:
+            await store.hold(request(workspace, want=800, limit=1000, hold_id=charge), ttl=60)
+            await store.settle(workspace, MONTH, charge, billed=300, ttl=60)
+            after_settling = await store.hold(request(workspace, want=900, limit=1000), ttl=60)
+            await store.release(workspace, MONTH, charge)  # as the projector drops it
+            await store.settle(workspace, MONTH, charge, billed=300, ttl=60)
+            return [after_settling.granted]
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(scenario()) == [700]
+    stored = redis.Redis.from_url(flushed).hgetall(holds_key(workspace, MONTH))
+    assert str(charge).encode() not in stored
 
 
 def test_two_orchestrators_sharing_holds_stay_within_the_monthly_limit(
@@ -126,19 +173,25 @@ def test_two_orchestrators_sharing_holds_stay_within_the_monthly_limit(
         write_side.start_agent_run(m.StartAgentRun(card_id=card.card_id, agent="coder"), owner).id
         for _ in range(8)
     ]
+    # As deployed: spend checks read the Redis counter (missing here: no projector runs, so
+    # the read model's zero seeds it), and settled holds stand for the charges it has not
+    # counted.
+    read_pool = make_pool(database_url, role="agentworks_api", max_size=1)
+    spend = RedisSpend(redis.Redis.from_url(flushed), ReadModelSpend(read_pool))
     with (
         orchestrator_thread(
             database_url, {"simulated": fast_simulated(tokens_per_second=2000, output_tokens=1000)},
-            holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)), concurrency=4,
-            worker_id="A",
+            holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)), spend=spend,
+            concurrency=4, worker_id="A",
         ),
         orchestrator_thread(
             database_url, {"simulated": fast_simulated(tokens_per_second=2000, output_tokens=1000)},
-            holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)), concurrency=4,
-            worker_id="B",
+            holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)), spend=spend,
+            concurrency=4, worker_id="B",
         ),
     ):  # fmt: skip
         runs = [wait_for(write_side, run_id, finished, timeout=60) for run_id in run_ids]
+    read_pool.close()
     billed = sum(run.billed_micros for run in runs)
     # Each call may pass its room by the one piece of output (a word: a few tokens) that
     # crossed it; without shared holds each orchestrator would spend the whole month itself.
@@ -146,3 +199,72 @@ def test_two_orchestrators_sharing_holds_stay_within_the_monthly_limit(
     refused = [run for run in runs if run.status is RunStatus.FAILED]
     assert refused
     assert all("budget" in (run.error or "") for run in refused)
+
+
+def test_with_the_projector_counting_charges_two_orchestrators_still_stay_within_the_month(
+    write_side: AgentWorks, database_url: str, flushed: str
+) -> None:
+    """As deployed, end to end: the billing projector raises the counter and drops the holds of
+    the charges it counts while two orchestrators spend; the month is still not overshot by
+    more than a piece of output per call. One run at a time on each: a call holds what it
+    could cost (twice what it bills here), so the runs after the first two can only start
+    once the counter has taken over their predecessors' holds."""
+    card = card_on_board(write_side)
+    owner = card.board.owner
+    write_side.set_spend_limit(
+        m.SetSpendLimit(workspace_id=card.board.workspace_id, monthly_limit="0.030000"), owner
+    )
+    run_ids = [
+        write_side.start_agent_run(m.StartAgentRun(card_id=card.card_id, agent="coder"), owner).id
+        for _ in range(10)
+    ]
+    projector_pool = make_pool(database_url, role="agentworks_projector", max_size=2)
+    feed = RedisSpendCounter(redis.Redis.from_url(flushed))
+    runner = ProjectionRunner(
+        BillingProjector(), projector_pool, EventLog(write_side.recorder, write_side.mapper),
+        on_spend=feed.feed,
+    )  # fmt: skip
+    stop = threading.Event()
+
+    def project() -> None:
+        while not stop.is_set():
+            runner.process(runner.log.read(after=runner.position(), limit=1000))
+            stop.wait(0.02)
+
+    projecting = threading.Thread(target=project, daemon=True)
+    projecting.start()
+    read_pool = make_pool(database_url, role="agentworks_api", max_size=1)
+    spend = RedisSpend(redis.Redis.from_url(flushed), ReadModelSpend(read_pool))
+    try:
+        with (
+            orchestrator_thread(
+                database_url,
+                {"simulated": fast_simulated(tokens_per_second=2000, output_tokens=1000)},
+                holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)), spend=spend,
+                concurrency=1, worker_id="A",
+            ),
+            orchestrator_thread(
+                database_url,
+                {"simulated": fast_simulated(tokens_per_second=2000, output_tokens=1000)},
+                holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)), spend=spend,
+                concurrency=1, worker_id="B",
+            ),
+        ):  # fmt: skip
+            runs = [wait_for(write_side, run_id, finished, timeout=90) for run_id in run_ids]
+        billed = sum(run.billed_micros for run in runs)
+        month = month_of(datetime.now(UTC))
+        deadline = time.monotonic() + 10
+        while (counted := spend.read(card.board.workspace_id, month).spent) < billed:
+            assert time.monotonic() < deadline, f"the counter stayed at {counted} of {billed}"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        projecting.join(10)
+        projector_pool.close()
+        read_pool.close()
+        feed.close()
+    assert 20_000 < billed <= 30_000 + len(runs) * 5 * 8
+    assert counted == billed
+    assert any(run.status is RunStatus.FAILED and "budget" in (run.error or "") for run in runs)
+    # Every charge counted: no hold of a charged call is left behind.
+    assert not redis.Redis.from_url(flushed).hgetall(holds_key(card.board.workspace_id, month))

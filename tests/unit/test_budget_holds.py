@@ -22,11 +22,12 @@ amounts = st.integers(min_value=0, max_value=10**12)
 
 def request(
     *, want: int, floor: int = 0, spent: int = 0, limit: int | None = None,
-    run_room: int | None = None, run_id: UUID | None = None, month: str = MONTH,
+    run_room: int | None = None, hold_id: UUID | None = None, month: str = MONTH,
+    counted: frozenset[UUID] = frozenset(),
 ) -> HoldRequest:  # fmt: skip
     return HoldRequest(
-        workspace_id=WORKSPACE, month=month, run_id=run_id or uuid4(), want=want,
-        floor=floor, spent=spent, limit=limit, run_room=run_room,
+        workspace_id=WORKSPACE, month=month, hold_id=hold_id or uuid4(), want=want,
+        floor=floor, spent=spent, limit=limit, run_room=run_room, counted=counted,
     )  # fmt: skip
 
 
@@ -102,27 +103,27 @@ def test_a_released_hold_gives_its_room_back_and_a_lapsed_one_too() -> None:
 
     async def scenario() -> list[int | None]:
         granted = []
-        a = await holds.hold(request(want=800, limit=1000, run_id=first), ttl=10)
-        b = await holds.hold(request(want=800, limit=1000, run_id=second), ttl=10)
+        a = await holds.hold(request(want=800, limit=1000, hold_id=first), ttl=10)
+        b = await holds.hold(request(want=800, limit=1000, hold_id=second), ttl=10)
         granted += [a.granted, b.granted]
         await holds.release(WORKSPACE, MONTH, first)
-        c = await holds.hold(request(want=800, limit=1000, run_id=third), ttl=10)
+        c = await holds.hold(request(want=800, limit=1000, hold_id=third), ttl=10)
         granted.append(c.granted)
         now[0] = 11.0  # every hold lapsed: a dead process's holds stop holding back
-        d = await holds.hold(request(want=800, limit=1000, run_id=first), ttl=10)
+        d = await holds.hold(request(want=800, limit=1000, hold_id=first), ttl=10)
         granted.append(d.granted)
         return granted
 
     assert asyncio.run(scenario()) == [800, 200, 800, 800]
 
 
-def test_a_run_asking_again_replaces_its_own_hold_rather_than_adding_to_it() -> None:
+def test_a_hold_asked_for_again_replaces_itself_rather_than_adding_to_it() -> None:
     holds = LocalHolds()
-    run_id = uuid4()
+    hold_id = uuid4()
 
     async def twice() -> tuple[Hold, Hold]:
-        first = await holds.hold(request(want=600, limit=1000, run_id=run_id), ttl=10)
-        again = await holds.hold(request(want=600, limit=1000, run_id=run_id), ttl=10)
+        first = await holds.hold(request(want=600, limit=1000, hold_id=hold_id), ttl=10)
+        again = await holds.hold(request(want=600, limit=1000, hold_id=hold_id), ttl=10)
         return first, again
 
     assert asyncio.run(twice()) == (Hold(600, 1000), Hold(600, 1000))
@@ -138,3 +139,75 @@ def test_months_and_workspaces_hold_apart() -> None:
         return december, january
 
     assert asyncio.run(apart()) == (Hold(1000, 1000), Hold(1000, 1000))
+
+
+def test_a_store_that_knows_a_later_usage_decides_with_it() -> None:
+    asked = request(want=900, limit=1000, spent=200)
+    assert decide_hold(asked, 0, spent=700) == Hold(300, 300)
+    assert decide_hold(asked, 0, spent=100) == Hold(800, 800)
+
+
+def test_a_settled_hold_holds_what_was_billed_until_a_reading_counts_its_charge() -> None:
+    holds = LocalHolds()
+    charge = uuid4()
+
+    async def scenario() -> list[Hold]:
+        decided = [await holds.hold(request(want=800, limit=1000, hold_id=charge), ttl=10)]
+        await holds.settle(WORKSPACE, MONTH, charge, billed=300, ttl=10)
+        assert holds.settled(WORKSPACE, MONTH) == {charge}
+        # The read model has not counted the charge yet: its hold still holds what it billed.
+        decided.append(await holds.hold(request(want=900, limit=1000, spent=0), ttl=10))
+        # Now it has: the reading includes the 300 and the hold goes, so it is not counted twice.
+        counted = frozenset({charge})
+        decided.append(await holds.hold(request(want=900, limit=1000, spent=300,
+                                                counted=counted), ttl=10))  # fmt: skip
+        return decided
+
+    first, behind, caught_up = asyncio.run(scenario())
+    assert first == Hold(800, 1000)
+    assert behind == Hold(700, 700)
+    # 300 counted; the 700 granted just before is still held.
+    assert caught_up == Hold(0, 0)
+    assert holds.settled(WORKSPACE, MONTH) == frozenset()
+
+
+def test_a_reading_older_than_one_already_seen_cannot_lose_a_dropped_hold() -> None:
+    """Two calls read the usage, then decide in the other order: the newer reading dropped the
+    settled hold its charge is counted in, and the older reading does not count that charge."""
+    holds = LocalHolds()
+    charge = uuid4()
+
+    async def scenario() -> Hold:
+        await holds.hold(request(want=400, limit=1000, hold_id=charge), ttl=10)
+        await holds.settle(WORKSPACE, MONTH, charge, billed=400, ttl=10)
+        await holds.hold(request(want=100, limit=1000, spent=400,
+                                 counted=frozenset({charge})), ttl=10)  # fmt: skip
+        return await holds.hold(request(want=900, limit=1000, spent=0), ttl=10)
+
+    assert asyncio.run(scenario()) == Hold(500, 500)
+
+
+def test_settling_a_hold_already_dropped_does_not_bring_it_back() -> None:
+    holds = LocalHolds()
+    charge = uuid4()
+
+    async def scenario() -> None:
+        await holds.hold(request(want=400, limit=1000, hold_id=charge), ttl=10)
+        await holds.release(WORKSPACE, MONTH, charge)
+        await holds.settle(WORKSPACE, MONTH, charge, billed=400, ttl=10)
+
+    asyncio.run(scenario())
+    assert holds.held(WORKSPACE, MONTH) == 0
+
+
+def test_an_unsettled_hold_is_not_dropped_by_a_reading_that_names_it() -> None:
+    """Only a written charge can be counted; a hold still in flight keeps its room."""
+    holds = LocalHolds()
+    charge = uuid4()
+
+    async def scenario() -> Hold:
+        await holds.hold(request(want=400, limit=1000, hold_id=charge), ttl=10)
+        return await holds.hold(request(want=900, limit=1000, counted=frozenset({charge})),
+                                ttl=10)  # fmt: skip
+
+    assert asyncio.run(scenario()) == Hold(600, 600)

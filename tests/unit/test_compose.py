@@ -191,7 +191,7 @@ DB_PASSWORDS = {
     "serve": {"WRITER", "API"},
     "relay": {"RELAY"},
     "worker": {"PROJECTOR"},
-    "orchestrator": {"WRITER"},
+    "orchestrator": {"WRITER", "API"},
 }
 
 
