@@ -408,6 +408,10 @@ class WriteSide(Application[UUID]):
             command_id=command_id,
         ) from unknown
 
+    def close(self) -> None:
+        self.spend.close()
+        super().close()
+
     def _take_snapshots(self, processing_event: ProcessingEvent[UUID]) -> None:
         """Snapshots are a shortcut for reading, taken after the command committed: failing to
         write one must not turn a committed command into a failure."""
@@ -647,6 +651,9 @@ class WriteModelSpend:
         except NotFound:
             return SpendReading(0, frozenset(pending))
         return SpendReading(spend.spent_micros, frozenset(pending))
+
+    def close(self) -> None:
+        """Nothing of its own: it reads through the write side that closes it."""
 
 
 def expect_version(aggregate: Aggregate, expected: int | None) -> None:

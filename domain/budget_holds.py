@@ -84,6 +84,10 @@ class SpendReader(Protocol):
         self, workspace_id: UUID, month: str, pending: Collection[UUID] = ()
     ) -> SpendReading: ...
 
+    def close(self) -> None:
+        """Release what the reader itself opened (a Redis connection); a pool it was given
+        stays its owner's. The write side closes its reader when it closes."""
+
 
 @dataclass(frozen=True)
 class CountedSpend:

@@ -37,6 +37,9 @@ class ReadModelSpend:
     def __init__(self, pool: ConnectionPool[Connection[DictRow]]) -> None:
         self._pool = pool
 
+    def close(self) -> None:
+        """The pool is its owner's (the API's or the orchestrator's), closed by them."""
+
     def read(self, workspace_id: UUID, month: str, pending: Collection[UUID] = ()) -> SpendReading:
         with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             cur.execute(
