@@ -99,6 +99,7 @@ def orchestrator(stack: Stack, provider: SimulatedProvider, runs: int) -> Iterat
         EventLog(write.recorder, write.mapper),  # type: ignore[arg-type]
         {"simulated": provider},
         OrchestratorConfig(concurrency=runs, heartbeat_interval=5.0),
+        listen_url=stack.database_url,
     )
     thread = OrchestratorThread(orch)
     thread.start()

@@ -452,7 +452,13 @@ def orchestrator_command(data_dir: DataDirOption = None) -> None:
         name="orchestrator-reads",
         timeout=settings.pool_timeout,
     )
-    orchestrator = build_orchestrator(settings, write_side, write_side.event_log(), read_pool)
+    orchestrator = build_orchestrator(
+        settings,
+        write_side,
+        write_side.event_log(),
+        read_pool,
+        listen_url=component_url(settings, url, "writer", data_dir=settings.data_dir),
+    )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -87,9 +87,12 @@ def build_orchestrator(
     write: AgentWorks,
     event_log: EventLog,
     read_pool: ConnectionPool[Connection[DictRow]],
+    *,
+    listen_url: str | None = None,
 ) -> Orchestrator:
     """An orchestrator writing through ``write`` and following ``event_log`` (its own), whose
-    spend checks read the billing read model through ``read_pool`` (or the Redis counter)."""
+    spend checks read the billing read model through ``read_pool`` (or the Redis counter);
+    ``listen_url`` wakes it on the store's NOTIFY as soon as runs are requested."""
     write.spend = build_spend_reader(settings, read_pool)
     return Orchestrator(
         write,
@@ -97,6 +100,7 @@ def build_orchestrator(
         build_providers(settings),
         orchestrator_config(settings),
         holds=build_budget_holds(settings),
+        listen_url=listen_url,
     )
 
 

@@ -220,6 +220,9 @@ class DevStack:
                 self.orchestrator_write,
                 self.orchestrator_write.event_log(),
                 self.services.pool,
+                listen_url=component_url(
+                    self.settings, self.database_url, "writer", data_dir=self.data_dir
+                ),
             )
         )
         self.orchestrator.start()

@@ -41,6 +41,7 @@ from adapters.providers.base import (
     Usage,
 )
 from adapters.tokenizer import count_message_tokens, count_tokens
+from adapters.wakeup import LogWakeup
 from commands import models as m
 from commands.handlers import Actor, CommandResult
 from domain.agents import EarlierRun, agent_named, build_prompt
@@ -152,6 +153,18 @@ class _Outcome:
     permanent: bool = False
 
 
+class _LoopWake:
+    """Sets an event of the orchestrator's loop from the listener's thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        self._loop = loop
+        self._event = event
+
+    def set(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._event.set)
+
+
 class Orchestrator:
     def __init__(
         self,
@@ -160,9 +173,13 @@ class Orchestrator:
         providers: Mapping[str, Provider],
         config: OrchestratorConfig | None = None,
         holds: BudgetHolds | None = None,
+        listen_url: str | None = None,
     ) -> None:
+        """``listen_url``: the store's database, to wake on its NOTIFY when events are appended
+        rather than only at the next poll (a run was picked up 50 ms late on average)."""
         self.app = app
         self.log = event_log
+        self.listen_url = listen_url
         self.providers = dict(providers)
         self.config = config or OrchestratorConfig()
         self.worker = self.config.worker_id
@@ -196,6 +213,7 @@ class Orchestrator:
             max_workers=min(64, self.config.concurrency + 4), thread_name_prefix="orchestrator"
         )
         self._stop = asyncio.Event()
+        self._woken = asyncio.Event()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -204,8 +222,17 @@ class Orchestrator:
         stop (another orchestrator takes them over once their heartbeats stop)."""
         last_stale_check = 0.0
         self._log_writer.start()
+        wakeup = (
+            LogWakeup(self.listen_url, _LoopWake(asyncio.get_running_loop(), self._woken))
+            if self.listen_url
+            else None
+        )
+        if wakeup is not None:
+            wakeup.start()
         try:
             while not self._stop.is_set():
+                # Cleared before reading: an append during the read wakes the next wait at once.
+                self._woken.clear()
                 try:
                     read = await self._tail()
                 except Exception:
@@ -219,8 +246,10 @@ class Orchestrator:
                         await self._recover_stale()
                 if read < 1000:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), self.config.poll_interval)
+                        await asyncio.wait_for(self._woken.wait(), self.config.poll_interval)
         finally:
+            if wakeup is not None:
+                await asyncio.to_thread(wakeup.stop)
             for task in list(self.tasks.values()):
                 task.cancel()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
@@ -234,6 +263,7 @@ class Orchestrator:
 
     def stop(self) -> None:
         self._stop.set()
+        self._woken.set()
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()

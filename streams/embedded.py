@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from adapters.outages import is_outage
-from streams.wakeup import LogWakeup
+from adapters.wakeup import LogWakeup
 
 if TYPE_CHECKING:
     from adapters.eventlog import EventLog

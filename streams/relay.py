@@ -33,7 +33,7 @@ from adapters.metrics import BROKER_LOG_LOST
 from adapters.outages import is_connection_error, is_database_error, is_outage
 from adapters.postgres import login_url
 from adapters.telemetry import continue_trace, current_traceparent, tracing_enabled
-from streams.wakeup import LogWakeup
+from adapters.wakeup import LogWakeup
 
 if TYPE_CHECKING:
     from adapters.eventlog import EventLog

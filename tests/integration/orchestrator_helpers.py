@@ -49,6 +49,7 @@ def orchestrator_thread(
     providers: Mapping[str, Provider] | None = None,
     holds: BudgetHolds | None = None,
     spend: SpendReader | None = None,
+    listen_url: str | None = None,
     **config: Any,
 ) -> Iterator[Orchestrator]:
     """An orchestrator with a write side of its own, running in a thread until the block ends.
@@ -62,7 +63,7 @@ def orchestrator_thread(
     settings = {"heartbeat_interval": 1.0, "stale_after": 30.0, "backoff_base": 0.05, **config}
     orchestrator = Orchestrator(
         write, event_log, providers or {"simulated": fast_simulated()},
-        OrchestratorConfig(**settings), holds=holds,
+        OrchestratorConfig(**settings), holds=holds, listen_url=listen_url,
     )  # fmt: skip
     thread = OrchestratorThread(orchestrator)
     thread.start()

@@ -68,6 +68,21 @@ def test_a_run_completes_on_the_simulated_provider_with_output_log_and_one_charg
     assert len(events_of(write_side, run_id, AgentRun.Started)) == 1
 
 
+def test_a_requested_run_wakes_a_listening_orchestrator_before_its_next_poll(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    with orchestrator_thread(database_url, listen_url=database_url, poll_interval=60.0) as orch:
+        deadline = time.monotonic() + 20
+        while not orch.caught_up:
+            assert time.monotonic() < deadline, "the orchestrator never caught up with the log"
+            time.sleep(0.05)
+        time.sleep(0.3)  # it has read the log and now waits out its 60-s poll
+        run_id = start(write_side, card)
+        run = wait_for(write_side, run_id, finished, timeout=10.0)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+
+
 def test_a_later_agent_sees_the_earlier_runs_output_in_its_prompt(
     write_side: AgentWorks, database_url: str
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Protocol
 
 import psycopg
 import structlog
@@ -11,6 +12,12 @@ from adapters.outages import OUTAGES
 from adapters.postgres import CONNECT_TIMEOUT, dependency_name
 
 log = structlog.get_logger(__name__)
+
+
+class Wakeable(Protocol):
+    """What a notification wakes: a ``threading.Event``, or a bridge into an event loop."""
+
+    def set(self) -> None: ...
 
 
 class LogWakeup:
@@ -26,7 +33,7 @@ class LogWakeup:
     def __init__(
         self,
         url: str,
-        wake: threading.Event,
+        wake: Wakeable,
         *,
         channel: str = "agentworks_events",
         check_interval: float = 0.5,
