@@ -70,3 +70,9 @@ def embedded_dir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="aw-embedded-", ignore_cleanup_errors=True) as top:
         yield Path(top)
         stop_postgres_under(Path(top))
+
+
+@pytest.fixture
+def data_dir(embedded_dir: Path) -> Path:
+    """An empty data dir that does not exist yet."""
+    return embedded_dir / "data"
