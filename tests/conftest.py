@@ -22,9 +22,9 @@ from infra.migrate import MigrationError, migrate
 
 hypothesis_profiles.load()
 
-# The memory-only Kafka-protocol broker (`kafka_broker`) and the Stripe fake (`localstripe`)
-# fixtures, shared by every test module.
-pytest_plugins = ["kafka_fixtures", "stripe_fixtures"]
+# The memory-only Kafka-protocol broker (`kafka_broker`), the Stripe fake (`localstripe`) and the
+# in-memory spans and log lines (`exporter`, `log_lines`) fixtures, shared by every test module.
+pytest_plugins = ["kafka_fixtures", "stripe_fixtures", "telemetry_fixtures"]
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

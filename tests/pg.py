@@ -241,6 +241,14 @@ def database_exists(name: str) -> bool:
         return row is not None
 
 
+def log_head(database_url: str) -> int:
+    """The position of the newest event in a test database's event log (not empty)."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT max(notification_id) FROM agentworks_events").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 # --- Redis ---------------------------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from kafka_helpers import read_topic
 
 from adapters.kafka_broker import LocalBroker
 
@@ -35,7 +36,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings(
         "ignore", "open_text is deprecated", DeprecationWarning, "importlib.resources._legacy"
     )
-    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+    from kafka import KafkaAdminClient, KafkaConsumer
     from kafka.errors import KafkaConfigurationError, KafkaError
 
 from adapters import kafka as kafka_adapter
@@ -257,29 +258,12 @@ def log_end_offsets(bootstrap: str, topic: str, expected: int) -> dict[int, int]
     Not ``end_offsets()``: tansu answers ListOffsets(LATEST) with the base offset of the last
     record batch + 1, which is too small whenever that batch held several records.
     """
-    records = read_all(bootstrap, topic, expected)
+    records = read_topic(bootstrap, topic, expected)
     assert len(records) == expected
     ends = dict.fromkeys(range(partition_count(bootstrap, topic)), 0)
     for record in records:
         ends[record.partition] = max(ends[record.partition], record.offset + 1)
     return ends
-
-
-def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 10.0) -> list[Any]:
-    """Every record of ``topic`` via manual assignment (no consumer group)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout
-        while len(records) < expected and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +348,7 @@ def test_idempotent_producer_sends_keyed_records_with_headers(kafka_broker: Loca
         by_key.setdefault(f"card-{i % 4}", set()).add(meta.partition)
     assert all(len(parts) == 1 for parts in by_key.values())
 
-    records = read_all(kafka_broker.bootstrap, topic, expected=20)
+    records = read_topic(kafka_broker.bootstrap, topic, expected=20)
     assert len(records) == 20
     for record in records:
         headers = dict(record.headers)
