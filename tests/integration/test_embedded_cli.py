@@ -12,15 +12,14 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import test_cli
 from cli_process import (
     Agentworks,
     assert_clean_exit,
     assert_postgres_stopped,
-    clean_env,
     postgres_processes,
     start_dev,
 )
@@ -31,15 +30,11 @@ pytestmark = pytest.mark.slow
 def agentworks(
     tmp_path: Path, *args: str, timeout: float = 120, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "infra.cli", *args],
+    return test_cli.agentworks(
+        *args,
         cwd=tmp_path,
-        env=clean_env(**{"AGENTWORKS_LOG_LEVEL": "WARNING", "COLUMNS": "200", **env}),
-        capture_output=True,
-        text=True,
+        env={"AGENTWORKS_LOG_LEVEL": "WARNING", "COLUMNS": "200", **env},
         timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
     )
 
 
