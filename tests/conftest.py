@@ -91,11 +91,8 @@ def database_url(migrated_template: str, request: pytest.FixtureRequest) -> Iter
     """URL of a fresh, migrated database of this test's own; dropped (connections and all)."""
     name = pg.random_name("aw_t_")
     _database_owner[name] = request.node.nodeid
-    url = pg.create_database(name, template=migrated_template)
-    try:
+    with pg.temporary_database(name, template=migrated_template) as url:
         yield url
-    finally:
-        pg.drop_database(name)
 
 
 @pytest.fixture(scope="session")

@@ -113,6 +113,16 @@ def admin_connection() -> Iterator[psycopg.Connection[TupleRow]]:
         yield conn
 
 
+@contextlib.contextmanager
+def temporary_database(name: str, *, template: str | None = None) -> Iterator[str]:
+    """Database ``name`` (a copy of ``template``) while the block runs, dropped after; its URL."""
+    url = create_database(name, template=template)
+    try:
+        yield url
+    finally:
+        drop_database(name)
+
+
 def create_database(name: str, *, template: str | None = None) -> str:
     """Create database ``name`` (as a copy of ``template``) and return its URL."""
     statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))

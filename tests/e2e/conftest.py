@@ -19,12 +19,8 @@ def make_stack(database_url: str, redis_url: str) -> Iterator[MakeStack]:
 
 @pytest.fixture(scope="module")
 def module_database_url(migrated_template: str) -> Iterator[str]:
-    name = pg.random_name("aw_e2e_")
-    url = pg.create_database(name, template=migrated_template)
-    try:
+    with pg.temporary_database(pg.random_name("aw_e2e_"), template=migrated_template) as url:
         yield url
-    finally:
-        pg.drop_database(name)
 
 
 @pytest.fixture(scope="module")

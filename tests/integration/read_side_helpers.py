@@ -126,12 +126,11 @@ def open_read_side(database_url: str) -> Iterator[ReadSide]:
 def shared_read_side(migrated_template: str) -> Iterator[ReadSide]:
     """A read side on a database of its own for many tests, which keep apart by workspace."""
     name = pg.random_name("aw_t_shared_")
-    url = pg.create_database(name, template=migrated_template)
-    try:
-        with open_read_side(url) as side:
-            yield side
-    finally:
-        pg.drop_database(name)
+    with (
+        pg.temporary_database(name, template=migrated_template) as url,
+        open_read_side(url) as side,
+    ):
+        yield side
 
 
 @contextlib.contextmanager
