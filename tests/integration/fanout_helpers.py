@@ -944,6 +944,13 @@ def describe_difference(
 # == talking to Kafka as the relay does ===========================================================
 
 
+#: A run's line count as the runs read model keeps it, and how many lines it holds for the run.
+LOG_LINE_COUNTS = (
+    "SELECT log_line_count, (SELECT count(*) FROM rm_log_lines l WHERE l.run_id = r.run_id)"
+    " FROM rm_runs r WHERE run_id = %s"
+)
+
+
 def envelopes_after(database_url: str, after: int, *, timeout: float = 30.0) -> list[EventEnvelope]:
     """Every event after position ``after`` up to the current head, as the relay reads them.
 

@@ -1,11 +1,21 @@
-"""Reading what a test's relay or producer wrote to a topic of the Kafka-protocol broker."""
+"""Kafka in integration tests: what a test's relay or producer wrote to a topic, and the marks
+of tests that take a broker (or what the relay reads from) away."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+import pytest
 from kafka import KafkaConsumer, TopicPartition
+
+#: kafka-python (3.0.12, kafka/net/inet.py connect) never closes a socket whose connect() was
+#: refused; while a broker is down or restarting each retry leaks one, reported at GC time.
+IGNORE_REFUSED_SOCKETS = pytest.mark.filterwarnings(
+    "ignore:unclosed <socket.socket:ResourceWarning"
+)
+#: The marks of a slow test during which a broker, or the database, is away for a while.
+OUTAGE_TEST = [pytest.mark.slow, IGNORE_REFUSED_SOCKETS]
 
 
 def read_topic(

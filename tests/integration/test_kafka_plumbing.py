@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from kafka_helpers import read_topic
+from kafka_helpers import IGNORE_REFUSED_SOCKETS, read_topic
 
 from adapters.kafka_broker import LocalBroker
 
@@ -54,11 +54,7 @@ if TYPE_CHECKING:
     #: The ``workers`` fixture: ``workers(name, bootstrap, app_id, topic)`` starts one.
     StartWorker = Callable[[str, str, str, str], "Worker"]
 
-pytestmark = pytest.mark.filterwarnings(
-    # kafka-python 3.0.12 (kafka/net/inet.py connect) never closes a socket whose connect() was
-    # refused; when the broker is down (restart) each retry leaks one, reported at GC time.
-    "ignore:unclosed <socket.socket:ResourceWarning",
-)
+pytestmark = IGNORE_REFUSED_SOCKETS
 
 # Registers the session-wide ``kafka_broker`` fixture (tests/kafka_fixtures.py). Not imported
 # by name: pytest must import the plugin itself (assertion rewriting), and the fixture parameter
@@ -211,6 +207,13 @@ def workers(tmp_path: Path) -> Iterator[StartWorker]:
 
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def worker_topic(bootstrap: str) -> tuple[str, str]:
+    """A new event topic of ``PARTITIONS`` partitions, and a new consumer group to read it."""
+    topic, group = unique_name("ev"), unique_name("projector")
+    create_topics(bootstrap, [topic], PARTITIONS)
+    return topic, group
 
 
 def produce(bootstrap: str, topic: str, values: range, producer: Any = None) -> None:
@@ -407,8 +410,7 @@ def test_faust_worker_commits_and_resumes_from_committed_offsets(
     kafka_broker: LocalBroker, workers: StartWorker
 ) -> None:
     bootstrap = kafka_broker.bootstrap
-    topic, group = unique_name("ev"), unique_name("projector")
-    create_topics(bootstrap, [topic], PARTITIONS)
+    topic, group = worker_topic(bootstrap)
     produce(bootstrap, topic, range(12))
 
     # 1. A worker consumes everything produced by kafka-python, keys and headers intact.
@@ -457,8 +459,7 @@ def test_two_faust_workers_split_partitions(
     kafka_broker: LocalBroker, workers: StartWorker
 ) -> None:
     bootstrap = kafka_broker.bootstrap
-    topic, group = unique_name("ev"), unique_name("projector")
-    create_topics(bootstrap, [topic], PARTITIONS)
+    topic, group = worker_topic(bootstrap)
 
     one = workers("one", bootstrap, group, topic)
     two = workers("two", bootstrap, group, topic)
@@ -499,8 +500,7 @@ def test_broker_restart_loses_memory_and_clients_recover(
     caplog.set_level(logging.CRITICAL, logger="kafka")
     with LocalBroker() as broker:
         bootstrap = broker.bootstrap
-        topic, group = unique_name("ev"), unique_name("projector")
-        create_topics(bootstrap, [topic], PARTITIONS)
+        topic, group = worker_topic(bootstrap)
         producer = make_producer(bootstrap)
         worker = workers("survivor", bootstrap, group, topic)
         produce(bootstrap, topic, range(6), producer)

@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from kafka_helpers import read_topic
+from kafka_helpers import OUTAGE_TEST, read_topic
 
 from adapters.eventlog import EventLog
 from adapters.kafka import create_topics, make_producer, producer_state_lost, topic_id
@@ -29,11 +29,7 @@ from commands.handlers import Actor, AgentWorks
 from domain.envelope import TOPICS
 from streams.relay import Relay, RelayPositions
 
-pytestmark = [
-    pytest.mark.slow,
-    # kafka-python never closes a socket whose connect() was refused (broker restarting).
-    pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
-]
+pytestmark = OUTAGE_TEST
 
 PREFIX = "loss-"
 
