@@ -22,9 +22,9 @@ from infra.migrate import MigrationError, migrate
 
 hypothesis_profiles.load()
 
-# The memory-only Kafka-protocol broker (`kafka_broker`) and the Stripe fake (`localstripe`)
-# fixtures, shared by every test module.
-pytest_plugins = ["kafka_fixtures", "stripe_fixtures"]
+# The memory-only Kafka-protocol broker (`kafka_broker`), the Stripe fake (`localstripe`) and the
+# in-memory spans and log lines (`exporter`, `log_lines`) fixtures, shared by every test module.
+pytest_plugins = ["kafka_fixtures", "stripe_fixtures", "telemetry_fixtures"]
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -91,7 +91,7 @@ def database_url(migrated_template: str, request: pytest.FixtureRequest) -> Iter
     """URL of a fresh, migrated database of this test's own; dropped (connections and all)."""
     name = pg.random_name("aw_t_")
     _database_owner[name] = request.node.nodeid
-    with pg.database_from(migrated_template, name) as url:
+    with pg.temporary_database(name, template=migrated_template) as url:
         yield url
 
 

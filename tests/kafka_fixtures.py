@@ -36,9 +36,5 @@ def unique_name(prefix: str) -> str:
 @pytest.fixture(scope="session")
 def kafka_broker() -> Iterator[LocalBroker]:
     """A memory-only Kafka-protocol broker on a free loopback port, stopped at session end."""
-    broker = LocalBroker()
-    broker.start()
-    try:
+    with LocalBroker() as broker:
         yield broker
-    finally:
-        broker.stop()

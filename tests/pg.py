@@ -113,6 +113,16 @@ def admin_connection() -> Iterator[psycopg.Connection[TupleRow]]:
         yield conn
 
 
+@contextlib.contextmanager
+def temporary_database(name: str, *, template: str | None = None) -> Iterator[str]:
+    """Database ``name`` (a copy of ``template``) while the block runs, dropped after; its URL."""
+    url = create_database(name, template=template)
+    try:
+        yield url
+    finally:
+        drop_database(name)
+
+
 def create_database(name: str, *, template: str | None = None) -> str:
     """Create database ``name`` (as a copy of ``template``) and return its URL."""
     statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
@@ -152,16 +162,6 @@ def drop_database(name: str, *, timeout: float = 60.0) -> None:
             time.sleep(0.5)
         else:
             return
-
-
-@contextlib.contextmanager
-def database_from(template: str, name: str) -> Iterator[str]:
-    """Database ``name``, copied from ``template``, for the block: its URL; dropped after it."""
-    url = create_database(name, template=template)
-    try:
-        yield url
-    finally:
-        drop_database(name)
 
 
 def session_databases() -> list[str]:
@@ -249,6 +249,202 @@ def database_exists(name: str) -> bool:
     with admin_connection() as conn:
         row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         return row is not None
+
+
+def log_head(database_url: str) -> int:
+    """The position of the newest event in a test database's event log (not empty)."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT max(notification_id) FROM agentworks_events").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# --- Redis ---------------------------------------------------------------------------------------
+
+
+def redis_command(*args: str | int, db: int | None = None, timeout: float = 5.0) -> object:
+    """Send one command over RESP and return the reply (enough for the fixtures' needs)."""
+    with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=timeout) as sock:
+        stream = sock.makefile("rwb")
+        if db is not None:
+            stream.write(_resp("SELECT", db))
+        stream.write(_resp(*args))
+        stream.flush()
+        if db is not None:
+            _read_reply(stream)
+        return _read_reply(stream)
+
+
+def redis_is_up() -> bool:
+    try:
+        return redis_command("PING", timeout=2) == "PONG"
+    except OSError:
+        return False
+
+
+def ensure_redis(timeout: float = 30.0) -> None:
+    """Make sure Redis answers PING, starting a local server if it does not."""
+    if redis_is_up():
+        return
+    if shutil.which("redis-server") is None:
+        raise RuntimeError("Redis is down and redis-server is not installed")
+    subprocess.run(REDIS_START, shell=True, check=False, timeout=timeout)
+    _wait_until(redis_is_up, timeout=timeout, what=f"Redis at {REDIS_HOST}:{REDIS_PORT}")
+
+
+def claim_redis_db(session_id: str) -> int:
+    """Reserve a Redis db index 1..15 for this test session and return it.
+
+    Concurrent test sessions (several engineers, CI) share one Redis; each claims a db with
+    ``SET key NX EX`` so no two use the same one. A crashed session's claim expires.
+    """
+    indexes = list(range(1, 16))
+    secrets.SystemRandom().shuffle(indexes)
+    for index in indexes:
+        reply = redis_command(
+            "SET", REDIS_CLAIM_KEY, session_id, "NX", "EX", REDIS_CLAIM_SECONDS, db=index
+        )
+        if reply == "OK":
+            return index
+    raise RuntimeError("all Redis dbs 1..15 are claimed by other test sessions")
+
+
+def release_redis_db(index: int, session_id: str) -> None:
+    """Empty the claimed db (what the session left behind) if the claim is still ours."""
+    if redis_command("GET", REDIS_CLAIM_KEY, db=index) == session_id:
+        redis_command("FLUSHDB", db=index)
+
+
+def _resp(*args: str | int) -> bytes:
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def _read_reply(stream: io.BufferedIOBase) -> object:
+    line = stream.readline()
+    if not line:
+        raise ConnectionError("Redis closed the connection")
+    kind, body = line[:1], line[1:-2].decode()
+    if kind == b"+":
+        return body
+    if kind == b"-":
+        raise RuntimeError(f"Redis error: {body}")
+    if kind == b":":
+        return int(body)
+    if kind == b"$":
+        size = int(body)
+        if size < 0:
+            return None
+        data = stream.read(size + 2)
+        return data[:-2].decode()
+    if kind == b"*":
+        count = int(body)
+        return None if count < 0 else [_read_reply(stream) for _ in range(count)]
+    raise ConnectionError(f"unexpected Redis reply {line!r}")
+
+
+def _wait_until(check: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not come up within {timeout:.0f}s")def session_databases() -> list[str]:
+    """Databases of this test session still on the server."""
+    with admin_connection() as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (SESSION_PREFIX,)
+        ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def drop_session_databases() -> list[str]:
+    """Drop what this session left behind (a teardown that failed); the names dropped."""
+    left = session_databases()
+    for name in left:
+        drop_database(name)
+    return left
+
+
+def drop_orphans() -> list[str]:
+    """Drop databases of test sessions whose process no longer runs on this machine."""
+    with admin_connection() as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (DB_PREFIX,)
+        ).fetchall()
+    dropped = []
+    for (name,) in rows:
+        match = _ORPHAN.match(str(name))
+        if match and int(match.group(1)) != SESSION_PID and not _pid_alive(int(match.group(1))):
+            drop_database(str(name))
+            dropped.append(str(name))
+    return dropped
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ConnectionGauge:
+    """Samples how many connections this session's databases hold; keeps the peak.
+
+    The suite promises to stay within a connection budget on a shared server; this measures it
+    from the server's side (``pg_stat_activity``), whatever opened them: pools, subprocesses,
+    spawned workers.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self.peak_at = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pg-connection-gauge", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        try:
+            with admin_connection() as conn:
+                while not self._stop.wait(self.interval):
+                    row = conn.execute(
+                        "SELECT count(*), string_agg(DISTINCT datname, ',') FROM pg_stat_activity"
+                        " WHERE starts_with(datname, %s)",
+                        (SESSION_PREFIX,),
+                    ).fetchone()
+                    if row is not None and int(row[0]) > self.peak:
+                        self.peak, self.peak_at = int(row[0]), str(row[1])
+        except psycopg.Error:
+            return
+
+
+def database_exists(name: str) -> bool:
+    with admin_connection() as conn:
+        row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        return row is not None
+
+
+def log_head(database_url: str) -> int:
+    """The position of the newest event in a test database's event log (not empty)."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT max(notification_id) FROM agentworks_events").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 # --- Redis ---------------------------------------------------------------------------------------

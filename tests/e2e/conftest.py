@@ -19,7 +19,7 @@ def make_stack(database_url: str, redis_url: str) -> Iterator[MakeStack]:
 
 @pytest.fixture(scope="module")
 def module_database_url(migrated_template: str) -> Iterator[str]:
-    with pg.database_from(migrated_template, pg.random_name("aw_e2e_")) as url:
+    with pg.temporary_database(pg.random_name("aw_e2e_"), template=migrated_template) as url:
         yield url
 
 

@@ -20,11 +20,11 @@ from uuid import UUID
 import redis.asyncio
 from api_client import ApiClient
 from cryptography.fernet import Fernet
+from embedded_fanout import start_embedded_fanout
 from psycopg.conninfo import make_conninfo
 from users import user_id
 
 from adapters.credentials import Argon2Passwords, SecretBox, Totp
-from adapters.eventlog import EventLog
 from adapters.oidc import OidcVerifier
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
@@ -33,8 +33,6 @@ from commands.identity import Identity
 from infra.bootstrap import build_write_side
 from infra.identity import UserTokenIssuer
 from infra.settings import JwtKeys
-from projections.registry import ALL_PROJECTORS
-from projections.runner import ProjectionRunner
 from read_api.app import create_app
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
 from read_api.oidc import OidcSignIn
@@ -147,13 +145,7 @@ class StackBuilder:
             redis_client = redis.asyncio.Redis.from_url(self.redis_url)
         else:
             hub = LocalBroadcaster()
-        log = EventLog(write.recorder, write.mapper)  # type: ignore[arg-type]
-        runners = [
-            ProjectionRunner(projector(), projector_pool, log, on_commit=hub.publish_changes)
-            for projector in ALL_PROJECTORS
-        ]
-        fanout = EmbeddedFanout(log, runners, listen_url=database_url, poll_interval=0.2)
-        fanout.start()
+        fanout = start_embedded_fanout(write, projector_pool, database_url, hub)
         stats: list[RequestStats] = []
         options: dict[str, Any] = {
             "rate_limits": RateLimits(

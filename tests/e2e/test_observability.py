@@ -8,35 +8,26 @@
   ``trace_id``/``span_id`` of the request's span.
 
 Spans are recorded with an SDK tracer provider and an in-memory exporter, installed for this
-module only (see :func:`spans`).
+module only (the ``spans`` fixture of ``tests/telemetry_fixtures.py``).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
 import time
-from collections.abc import Iterator
 from uuid import UUID
 
 import httpx
-import psycopg
-import pytest
-import structlog
+import pg
 from e2e_stack import MakeStack, Stack
-from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from opentelemetry.util._once import Once
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.eventlog import EventLog
 from adapters.metrics import LagCollector
-from adapters.telemetry import configure_tracing
-from infra.logging import configure_logging
 from projections.registry import projector_names
 from streams.relay import RelayPositions
 
@@ -49,37 +40,6 @@ INCOMING = f"00-{INCOMING_TRACE}-00f067aa0ba902b7-01"
 
 
 # -- tracing for this module ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def spans() -> Iterator[InMemorySpanExporter]:
-    """Finished spans of this process, kept in memory while this module runs.
-
-    OpenTelemetry lets a process install its tracer provider once. If one is installed already,
-    the exporter is added to it; otherwise this module installs one and, when done, uninstalls it
-    the way OpenTelemetry's own test utilities do, so that later tests run untraced as they
-    expect (with an SDK provider every command span gets a span id of its own).
-    """
-    exporter = InMemorySpanExporter()
-    current = trace.get_tracer_provider()
-    installed = None
-    if isinstance(current, TracerProvider):
-        current.add_span_processor(SimpleSpanProcessor(exporter))
-    else:
-        installed = configure_tracing(service_name="agentworks-e2e", exporter=exporter)
-        assert trace.get_tracer_provider() is installed
-    yield exporter
-    exporter.shutdown()
-    if installed is not None:
-        installed.shutdown()
-        trace._TRACER_PROVIDER = None
-        trace._TRACER_PROVIDER_SET_ONCE = Once()
-
-
-@pytest.fixture
-def exporter(spans: InMemorySpanExporter) -> InMemorySpanExporter:
-    spans.clear()
-    return spans
 
 
 def trace_id(span: ReadableSpan) -> str:
@@ -190,19 +150,6 @@ def test_the_projector_span_joins_the_mutations_trace(
 # -- logs ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """Everything logged (JSON, DEBUG and up) while the test runs."""
-    root = logging.getLogger()
-    handlers, level, config = list(root.handlers), root.level, structlog.get_config()
-    stream = io.StringIO()
-    configure_logging(level="DEBUG", json=True, stream=stream)
-    yield stream
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**config)
-
-
 def test_a_log_line_written_during_a_request_carries_request_and_trace_ids(
     stack: Stack, log_lines: io.StringIO
 ) -> None:
@@ -246,13 +193,6 @@ def value(
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def log_head(database_url: str) -> int:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute("SELECT max(notification_id) FROM agentworks_events").fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def test_metrics_expose_commands_appends_lag_and_http_statuses(
     make_stack: MakeStack, database_url: str
 ) -> None:
@@ -265,7 +205,7 @@ def test_metrics_expose_commands_appends_lag_and_http_statuses(
         alice.create_card(pid, title)
     refused = stack.client("not-a-token").post("{ __typename }")
     assert refused.status == 401
-    head = log_head(database_url)
+    head = pg.log_head(database_url)
     relay = RelayPositions(database_url, role=None, relay="e2e-relay")
     try:
         relay.save(head - 2)  # as if a relay had published all but the last two events

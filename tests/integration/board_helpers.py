@@ -23,7 +23,9 @@ from infra.bootstrap import build_write_side
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
+    from adapters.eventlog import EventLog
     from commands.handlers import AgentWorks
+    from domain.envelope import EventEnvelope
 
 T = TypeVar("T")
 
@@ -60,6 +62,14 @@ def bootstrap_board(
         actor,
     )
     return Board(workspace_id=created.id, project_id=project.id, owner=actor)
+
+
+def add_member(app: AgentWorks, board: Board, user_id: str, role: str) -> Actor:
+    """``user_id`` added to the board's workspace by its owner, with ``role``; as an actor."""
+    app.add_member(
+        m.AddMember(workspace_id=board.workspace_id, user_id=user_id, role=role), board.owner
+    )
+    return Actor(user_id=user_id, workspace_id=str(board.workspace_id))
 
 
 def add_cards(app: AgentWorks, board: Board, count: int, *, lane: str = "Todo") -> list[UUID]:
@@ -117,6 +127,28 @@ def max_position(database_url: str) -> int:
         value = row.fetchone()
     assert value is not None
     return int(value[0])
+
+
+def read_log_to(
+    event_log: EventLog, after: int, head: int, *, timeout: float
+) -> list[EventEnvelope]:
+    """Every event of ``event_log`` after position ``after`` up to ``head``, in log order.
+
+    The log holds an event back while an older transaction anywhere in the cluster is open, so
+    this keeps reading until it reaches ``head`` (a position the table already shows).
+    """
+    found: list[EventEnvelope] = []
+    deadline = time.monotonic() + timeout
+    while after < head:
+        batch = event_log.read(after=after, limit=1000)
+        if batch:
+            found.extend(batch)
+            after = batch[-1].position
+        elif time.monotonic() > deadline:
+            raise TimeoutError(f"the event log stayed behind position {head} for {timeout:g}s")
+        else:
+            time.sleep(0.01)
+    return found
 
 
 def command_log_count(database_url: str, command_id: UUID | None = None) -> int:

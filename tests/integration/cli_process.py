@@ -31,6 +31,7 @@ __all__ = [
     "clean_env",
     "free_port",
     "postgres_processes",
+    "start_dev",
     "stop_postgres_under",
 ]
 
@@ -124,6 +125,31 @@ class Agentworks:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
+
+
+def start_dev(
+    tmp_path: Path,
+    data_dir: Path,
+    *args: str,
+    running: list[Agentworks],
+    env: dict[str, str] | None = None,
+) -> Agentworks:
+    """``agentworks dev --data-dir data_dir *args``, serving on a free port.
+
+    It is in ``running`` before the wait, so the test's end kills it even when it never answers,
+    and it runs in a folder of its own below ``tmp_path``, so that the output files of several
+    in one test stay apart.
+    """
+    port = free_port()
+    run_dir = tmp_path / f"dev-{port}"
+    run_dir.mkdir()
+    dev = Agentworks.start(
+        run_dir, "dev", "--port", str(port), "--data-dir", str(data_dir), *args,
+        env=clean_env() if env is None else env, port=port,
+    )  # fmt: skip
+    running.append(dev)
+    dev.wait_until_serving()
+    return dev
 
 
 def assert_clean_exit(code: int, stderr: str) -> None:

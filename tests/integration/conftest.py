@@ -12,6 +12,7 @@ which do not run pytest, can import them too.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 from board_helpers import LANES, Board, bootstrap_board
 from cli_process import Agentworks, stop_postgres_under
-from read_side_helpers import ReadSide, open_read_side
+from read_side_helpers import ReadSide, World, open_read_side, shared_read_side
 
 from infra.bootstrap import build_write_side
 
@@ -31,11 +32,8 @@ if TYPE_CHECKING:
 
 @pytest.fixture
 def write_side(database_url: str) -> Iterator[AgentWorks]:
-    app = build_write_side(database_url)
-    try:
+    with contextlib.closing(build_write_side(database_url)) as app:
         yield app
-    finally:
-        app.close()
 
 
 @pytest.fixture
@@ -45,9 +43,23 @@ def board(write_side: AgentWorks) -> Board:
 
 @pytest.fixture
 def side(database_url: str) -> Iterator[ReadSide]:
-    """A read side on this test's own database (modules that share one override it)."""
+    """A read side on this test's own database (modules that share one override it with
+    ``shared_side``)."""
     with open_read_side(database_url) as read_side:
         yield read_side
+
+
+@pytest.fixture(scope="module")
+def shared_side(migrated_template: str) -> Iterator[ReadSide]:
+    """A read side on one database for all of a module's tests, which keep apart by workspace."""
+    with shared_read_side(migrated_template) as read_side:
+        yield read_side
+
+
+@pytest.fixture
+def world(side: ReadSide) -> World:
+    """A new workspace with a board on ``side``."""
+    return side.new_world()
 
 
 @pytest.fixture
@@ -70,3 +82,9 @@ def embedded_dir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="aw-embedded-", ignore_cleanup_errors=True) as top:
         yield Path(top)
         stop_postgres_under(Path(top))
+
+
+@pytest.fixture
+def data_dir(embedded_dir: Path) -> Path:
+    """An empty data dir that does not exist yet."""
+    return embedded_dir / "data"

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
 import psycopg
+from board_helpers import read_log_to
 from psycopg import sql
 
 from adapters.eventlog import EventLog
@@ -45,7 +46,7 @@ from domain.envelope import TOPICS
 from domain.errors import AgentWorksError
 from domain.meta import EventMeta
 from infra.bootstrap import build_write_side
-from projections.rebuild import SCRATCH_SUFFIX, rebuild
+from projections.rebuild import REBUILD_BATCH_SIZE, SCRATCH_SUFFIX, rebuild
 from projections.registry import all_projectors, projector_names
 from projections.runner import ProjectionRunner
 from streams.embedded import EmbeddedFanout
@@ -893,7 +894,9 @@ def projector_side(
         app.close()
 
 
-def rebuild_differences(database_url: str) -> dict[str, str]:
+def rebuild_differences(
+    database_url: str, *, batch_size: int = REBUILD_BATCH_SIZE
+) -> dict[str, str]:
     """Rebuild every projector from position 0 into ``<table>__rebuild`` and compare each live
     table with its rebuild, ``SELECT * ... ORDER BY <primary key>``; returns what differs
     (table → a description of the first differing rows), empty when all are equal."""
@@ -901,7 +904,7 @@ def rebuild_differences(database_url: str) -> dict[str, str]:
     projectors = all_projectors()
     with projector_side(database_url) as (pool, event_log):
         for projector in projectors:
-            rebuild(projector, pool, event_log, swap=False)
+            rebuild(projector, pool, event_log, swap=False, batch_size=batch_size)
     with connect(database_url) as conn:
         for projector in projectors:
             for table in projector.tables:
@@ -941,6 +944,13 @@ def describe_difference(
 # == talking to Kafka as the relay does ===========================================================
 
 
+#: A run's line count as the runs read model keeps it, and how many lines it holds for the run.
+LOG_LINE_COUNTS = (
+    "SELECT log_line_count, (SELECT count(*) FROM rm_log_lines l WHERE l.run_id = r.run_id)"
+    " FROM rm_runs r WHERE run_id = %s"
+)
+
+
 def envelopes_after(database_url: str, after: int, *, timeout: float = 30.0) -> list[EventEnvelope]:
     """Every event after position ``after`` up to the current head, as the relay reads them.
 
@@ -948,19 +958,8 @@ def envelopes_after(database_url: str, after: int, *, timeout: float = 30.0) -> 
     this keeps reading until it reaches the head the table shows now.
     """
     target = head(database_url)
-    found: list[EventEnvelope] = []
     with projector_side(database_url) as (_, event_log):
-        deadline = time.monotonic() + timeout
-        while after < target:
-            batch = event_log.read(after=after, limit=1000)
-            if batch:
-                found.extend(batch)
-                after = batch[-1].position
-            elif time.monotonic() > deadline:
-                raise TimeoutError(f"the event log stayed behind position {target}")
-            else:
-                time.sleep(0.01)
-    return found
+        return read_log_to(event_log, after, target, timeout=timeout)
 
 
 def publish_envelopes(

@@ -27,15 +27,13 @@ from uuid import UUID, uuid4
 import httpx
 import psycopg
 import redis.asyncio
+from embedded_fanout import start_embedded_fanout
 from users import user_id
 
-from adapters.eventlog import EventLog
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
 from commands.handlers import AgentWorks
 from infra.bootstrap import build_write_side
-from projections.registry import ALL_PROJECTORS
-from projections.runner import ProjectionRunner
 from read_api.app import create_app
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
 from read_api.services import ApiServices, JwtVerification, RateLimits
@@ -144,13 +142,7 @@ def start_api_stack(
             timeout=pool_timeout,
         )  # fmt: skip
         pools.append(projector_pool)
-        log = EventLog(write.recorder, write.mapper)  # type: ignore[arg-type]
-        runners = [
-            ProjectionRunner(p(), projector_pool, log, on_commit=hub.publish_changes)
-            for p in ALL_PROJECTORS
-        ]
-        embedded = EmbeddedFanout(log, runners, listen_url=database_url, poll_interval=0.2)
-        embedded.start()
+        embedded = start_embedded_fanout(write, projector_pool, database_url, hub)
     services = ApiServices(
         write=write,
         pool=api_pool,
@@ -290,23 +282,22 @@ class Writers:
         return resolved
 
 
-def card_titles_in_log(database_url: str) -> Counter[str]:
-    """How many times each card title was created, according to the event log."""
-    with contextlib.closing(psycopg.connect(database_url)) as conn:
-        rows = conn.execute(
-            "SELECT convert_from(state, 'UTF8')::jsonb ->> 'title' FROM agentworks_events "
-            "WHERE topic LIKE %s",
-            ("%Card.Created",),
-        ).fetchall()
-    return Counter(str(row[0]) for row in rows)
-
-
-def card_ids_in_log(database_url: str) -> dict[str, UUID]:
-    """Title → the id of the card created with it (titles are unique in these tests)."""
+def _cards_created_in_log(database_url: str) -> list[tuple[str, UUID]]:
+    """(title, card id) of every ``Card.Created`` event in the log."""
     with contextlib.closing(psycopg.connect(database_url)) as conn:
         rows = conn.execute(
             "SELECT convert_from(state, 'UTF8')::jsonb ->> 'title', originator_id "
             "FROM agentworks_events WHERE topic LIKE %s",
             ("%Card.Created",),
         ).fetchall()
-    return {str(title): originator_id for title, originator_id in rows}
+    return [(str(title), originator_id) for title, originator_id in rows]
+
+
+def card_titles_in_log(database_url: str) -> Counter[str]:
+    """How many times each card title was created, according to the event log."""
+    return Counter(title for title, _ in _cards_created_in_log(database_url))
+
+
+def card_ids_in_log(database_url: str) -> dict[str, UUID]:
+    """Title → the id of the card created with it (titles are unique in these tests)."""
+    return dict(_cards_created_in_log(database_url))

@@ -46,38 +46,33 @@ def plant(app: AgentWorks, event: Any) -> None:
     app.recorder.insert_events([app.mapper.to_stored_event(event)])
 
 
-def plant_unprojectable_move(app: AgentWorks, card_id: UUID) -> int:
-    """A ``Card.Moved`` whose position the kanban projector cannot store; its version."""
+def _plant_next(app: AgentWorks, card_id: UUID, event_class: Any, **fields: Any) -> int:
+    """An ``event_class`` event with ``fields``, planted as the card's next version with its
+    last event's metadata; that version."""
     version, meta = _last_meta(app, card_id)
     plant(
         app,
-        Card.Moved(  # type: ignore[call-arg]
+        event_class(
             originator_id=card_id,
             originator_version=version + 1,
             timestamp=datetime.now(UTC),
             meta=meta,
-            from_lane="Todo",
-            to_lane="Doing",
-            position=BAD_POSITION,
+            **fields,
         ),
     )
     return version + 1
+
+
+def plant_unprojectable_move(app: AgentWorks, card_id: UUID) -> int:
+    """A ``Card.Moved`` whose position the kanban projector cannot store; its version."""
+    return _plant_next(
+        app, card_id, Card.Moved, from_lane="Todo", to_lane="Doing", position=BAD_POSITION
+    )
 
 
 def plant_block(app: AgentWorks, card_id: UUID, reason: str) -> int:
     """A ``Card.Blocked`` with ``reason`` as given (NUL and all); its version."""
-    version, meta = _last_meta(app, card_id)
-    plant(
-        app,
-        Card.Blocked(  # type: ignore[call-arg]
-            originator_id=card_id,
-            originator_version=version + 1,
-            timestamp=datetime.now(UTC),
-            meta=meta,
-            reason=reason,
-        ),
-    )
-    return version + 1
+    return _plant_next(app, card_id, Card.Blocked, reason=reason)
 
 
 FIXED_POSITION = "V"

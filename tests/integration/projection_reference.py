@@ -11,56 +11,21 @@ same deliveries and wants the same rows and the same changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, get_args
 
 from psycopg.types.json import Jsonb
 
-from domain.events import (
-    AgentRunAttemptRecorded,
-    AgentRunCancelled,
-    AgentRunFailed,
-    AgentRunHeartbeat,
-    AgentRunLlmCallCompleted,
-    AgentRunLogChunkAppended,
-    AgentRunOutputRecorded,
-    AgentRunReclaimed,
-    AgentRunRequested,
-    AgentRunStarted,
-    AgentRunStepStarted,
-    AgentRunSucceeded,
-    AgentRunTimedOut,
-    CardArchived,
-    CardAssigned,
-    CardBlocked,
-    CardCreated,
-    CardEdited,
-    CardLabelled,
-    CardMoved,
-    CardRestored,
-    CardUnblocked,
-    CardUnlabelled,
-    EventPayload,
-    InvoiceDrafted,
-    InvoiceIssued,
-    InvoicePaid,
-    InvoiceVoided,
-    MonthlySpendCreditGranted,
-    ProjectCardLifted,
-    ProjectCardMoved,
-    ProjectCardPlaced,
-    UsageChargeCharged,
-    UsageChargeCredited,
-    UsageChargeRefunded,
-)
+from domain import events
 from projections import kanban_sql
-from projections.activity import DESCRIBED, ActivityProjector, Summary, one_line
+from projections.activity import DESCRIBED, ActivityProjector, one_line
 from projections.base import BatchContext, Change, Projector, Tables
 from projections.billing import INVOICE_STATUS, BillingProjector, LedgerKind, UsageDimension
 from projections.kanban import (
     CARD_CHANGE_KINDS,
+    CardUpdate,
     KanbanProjector,
     card_changed,
     card_columns,
@@ -87,12 +52,12 @@ if TYPE_CHECKING:
 HandlerMethod = Callable[..., None]
 
 
-def on(*events: type[EventPayload]) -> Callable[[HandlerMethod], HandlerMethod]:
+def on(*handled: type[events.EventPayload]) -> Callable[[HandlerMethod], HandlerMethod]:
     """Mark a reference method as the handler of the given events; it is called as
     ``method(At(cur, envelope, tables, changes), event)``."""
 
     def mark(method: HandlerMethod) -> HandlerMethod:
-        method.__dict__["_handles"] = events
+        method.__dict__["_handles"] = handled
         return method
 
     return mark
@@ -116,14 +81,14 @@ class Reference(Projector):
     starts handling a new event cannot be compared with a reference that skips it.
     """
 
-    through_fold: ClassVar[frozenset[type[EventPayload]]] = frozenset()
+    through_fold: ClassVar[frozenset[type[events.EventPayload]]] = frozenset()
     fold: ClassVar[type[Projector]]
     """The projector this is the reference of."""
-    _handlers: ClassVar[dict[type[EventPayload], str]] = {}
+    _handlers: ClassVar[dict[type[events.EventPayload], str]] = {}
 
     def __init_subclass__(cls) -> None:
         super().__init_subclass__()
-        handlers: dict[type[EventPayload], str] = {}
+        handlers: dict[type[events.EventPayload], str] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
                 for event in getattr(value, "_handles", ()):
@@ -148,54 +113,56 @@ class Reference(Projector):
 
 # -- kanban ----------------------------------------------------------------------------------------
 
+#: The run events that change no card column, only what the board shows of the card's last run.
+_RunStatus = (
+    events.AgentRunStarted
+    | events.AgentRunSucceeded
+    | events.AgentRunFailed
+    | events.AgentRunCancelled
+    | events.AgentRunTimedOut
+)
+
 
 class KanbanReference(Reference, KanbanProjector):
     fold = KanbanProjector
 
-    through_fold: ClassVar[frozenset[type[EventPayload]]] = KanbanProjector.handles - frozenset(
-        {
-            ProjectCardPlaced,
-            ProjectCardMoved,
-            ProjectCardLifted,
-            CardCreated,
-            CardEdited,
-            CardMoved,
-            CardAssigned,
-            CardBlocked,
-            CardUnblocked,
-            CardArchived,
-            CardRestored,
-            CardLabelled,
-            CardUnlabelled,
-            AgentRunRequested,
-            AgentRunLlmCallCompleted,
-            AgentRunStarted,
-            AgentRunSucceeded,
-            AgentRunFailed,
-            AgentRunCancelled,
-            AgentRunTimedOut,
-        }
+    through_fold: ClassVar[frozenset[type[events.EventPayload]]] = (
+        KanbanProjector.handles
+        - frozenset(
+            {
+                events.ProjectCardPlaced,
+                events.ProjectCardMoved,
+                events.ProjectCardLifted,
+                events.CardCreated,
+                *get_args(CardUpdate),
+                events.CardLabelled,
+                events.CardUnlabelled,
+                events.AgentRunRequested,
+                events.AgentRunLlmCallCompleted,
+                *get_args(_RunStatus),
+            }
+        )
     )
 
-    @on(ProjectCardPlaced)
-    def _card_placed(self, at: At, ev: ProjectCardPlaced) -> None:
+    @on(events.ProjectCardPlaced)
+    def _card_placed(self, at: At, ev: events.ProjectCardPlaced) -> None:
         self._count(at.cur, at.t, at.env, ev.lane, +1)
         kanban_sql.touch_board(at.cur, at.t, at.env)
 
-    @on(ProjectCardMoved)
-    def _card_moved_on_board(self, at: At, ev: ProjectCardMoved) -> None:
+    @on(events.ProjectCardMoved)
+    def _card_moved_on_board(self, at: At, ev: events.ProjectCardMoved) -> None:
         if ev.from_lane != ev.to_lane:
             self._count(at.cur, at.t, at.env, ev.from_lane, -1)
             self._count(at.cur, at.t, at.env, ev.to_lane, +1)
         kanban_sql.touch_board(at.cur, at.t, at.env)
 
-    @on(ProjectCardLifted)
-    def _card_lifted(self, at: At, ev: ProjectCardLifted) -> None:
+    @on(events.ProjectCardLifted)
+    def _card_lifted(self, at: At, ev: events.ProjectCardLifted) -> None:
         self._count(at.cur, at.t, at.env, ev.lane, -1)
         kanban_sql.touch_board(at.cur, at.t, at.env)
 
-    @on(CardCreated)
-    def _card_created(self, at: At, ev: CardCreated) -> None:
+    @on(events.CardCreated)
+    def _card_created(self, at: At, ev: events.CardCreated) -> None:
         at.cur.execute(
             at.t.q(
                 "INSERT INTO {rm_cards} (workspace_id, card_id, project_id, title, description,"
@@ -221,52 +188,28 @@ class KanbanReference(Reference, KanbanProjector):
         )
         card_changed(at.env, at.changes, "card.created", ev.project_id)
 
-    @on(
-        CardEdited,
-        CardMoved,
-        CardAssigned,
-        CardBlocked,
-        CardUnblocked,
-        CardArchived,
-        CardRestored,
-    )
-    def _card_updated(
-        self,
-        at: At,
-        ev: CardEdited
-        | CardMoved
-        | CardAssigned
-        | CardBlocked
-        | CardUnblocked
-        | CardArchived
-        | CardRestored,
-    ) -> None:
+    @on(*get_args(CardUpdate))
+    def _card_updated(self, at: At, ev: CardUpdate) -> None:
         columns = card_columns(ev)
-        project_id = self._touch(at.cur, at.t, at.env, columns)
+        assignments = "".join(f"{column} = %s, " for column in columns)
+        project_id = self._update_card(at, assignments, columns.values())
         kind = CARD_CHANGE_KINDS.get(type(ev), "card.updated")
         card_changed(at.env, at.changes, kind, project_id)
 
-    @on(CardLabelled, CardUnlabelled)
-    def _card_labels(self, at: At, ev: CardLabelled | CardUnlabelled) -> None:
+    @on(events.CardLabelled, events.CardUnlabelled)
+    def _card_labels(self, at: At, ev: events.CardLabelled | events.CardUnlabelled) -> None:
         label = ev.label
-        if isinstance(ev, CardLabelled):
+        if isinstance(ev, events.CardLabelled):
             expression = "ARRAY(SELECT DISTINCT x FROM unnest(labels || %s::text) AS x ORDER BY x)"
         else:
             expression = "array_remove(labels, %s::text)"
-        at.cur.execute(
-            at.t.q(
-                "UPDATE {rm_cards} SET labels = " + expression + ", version = %s, updated_at = %s"
-                " WHERE card_id = %s RETURNING project_id"
-            ),
-            (label, at.env.originator_version, at.env.timestamp, at.env.originator_id),
-        )
-        row = at.cur.fetchone()
-        card_changed(at.env, at.changes, "card.updated", row["project_id"] if row else None)
+        project_id = self._update_card(at, f"labels = {expression}, ", (label,))
+        card_changed(at.env, at.changes, "card.updated", project_id)
 
     # -- runs as the board shows them ------------------------------------------------------------
 
-    @on(AgentRunRequested)
-    def _run_requested(self, at: At, ev: AgentRunRequested) -> None:
+    @on(events.AgentRunRequested)
+    def _run_requested(self, at: At, ev: events.AgentRunRequested) -> None:
         self._card_run_upsert(
             at.cur,
             at.t,
@@ -281,8 +224,8 @@ class KanbanReference(Reference, KanbanProjector):
         )
         run_changed(at.env, at.changes, ev.project_id, ev.card_id)
 
-    @on(AgentRunLlmCallCompleted)
-    def _run_cost(self, at: At, ev: AgentRunLlmCallCompleted) -> None:
+    @on(events.AgentRunLlmCallCompleted)
+    def _run_cost(self, at: At, ev: events.AgentRunLlmCallCompleted) -> None:
         self._card_run_upsert(
             at.cur,
             at.t,
@@ -300,7 +243,7 @@ class KanbanReference(Reference, KanbanProjector):
         cur: Cursor[DictRow],
         t: Tables,
         env: EventEnvelope,
-        ev: AgentRunRequested | AgentRunLlmCallCompleted,
+        ev: events.AgentRunRequested | events.AgentRunLlmCallCompleted,
         assignments: str,
         *,
         last_run_id: object,
@@ -332,17 +275,8 @@ class KanbanReference(Reference, KanbanProjector):
             ),
         )
 
-    @on(AgentRunStarted, AgentRunSucceeded, AgentRunFailed, AgentRunCancelled,
-        AgentRunTimedOut)  # fmt: skip
-    def _run_status(
-        self,
-        at: At,
-        ev: AgentRunStarted
-        | AgentRunSucceeded
-        | AgentRunFailed
-        | AgentRunCancelled
-        | AgentRunTimedOut,
-    ) -> None:
+    @on(*get_args(_RunStatus))
+    def _run_status(self, at: At, ev: _RunStatus) -> None:
         at.cur.execute(
             at.t.q("SELECT project_id, card_id FROM {rm_cards} WHERE last_run_id = %s"),
             (at.env.originator_id,),
@@ -352,22 +286,17 @@ class KanbanReference(Reference, KanbanProjector):
             run_changed(at.env, at.changes, row["project_id"], row["card_id"])
 
     @staticmethod
-    def _touch(
-        cur: Cursor[DictRow],
-        t: Tables,
-        env: EventEnvelope,
-        columns: dict[str, Any],
-    ) -> Any:
-        """The card's ``columns``, version and update time set; its project (None: no card)."""
-        assignments = "".join(f"{column} = %s, " for column in columns)
-        cur.execute(
-            t.q(
-                f"UPDATE {{rm_cards}} SET {assignments}version = %s, updated_at = %s"
+    def _update_card(at: At, assignments: str, values: Iterable[object]) -> Any:
+        """The card updated by ``assignments`` (each ending in a comma, their parameters
+        ``values``), its version and update time set; its project (None: no card)."""
+        at.cur.execute(
+            at.t.q(
+                "UPDATE {rm_cards} SET " + assignments + "version = %s, updated_at = %s"
                 " WHERE card_id = %s RETURNING project_id"
             ),
-            (*columns.values(), env.originator_version, env.timestamp, env.originator_id),
+            (*values, at.env.originator_version, at.env.timestamp, at.env.originator_id),
         )
-        row = cur.fetchone()
+        row = at.cur.fetchone()
         return row["project_id"] if row else None
 
     @staticmethod
@@ -389,8 +318,8 @@ class RunsReference(Reference, RunsProjector):
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    @on(AgentRunRequested)
-    def _requested(self, at: At, ev: AgentRunRequested) -> None:
+    @on(events.AgentRunRequested)
+    def _requested(self, at: At, ev: events.AgentRunRequested) -> None:
         at.cur.execute(
             at.t.q(
                 "INSERT INTO {rm_runs} (workspace_id, run_id, project_id, card_id, agent, status,"
@@ -412,8 +341,8 @@ class RunsReference(Reference, RunsProjector):
         )
         status_changed(at.env, at.changes, "QUEUED")
 
-    @on(AgentRunStarted)
-    def _started(self, at: At, ev: AgentRunStarted) -> None:
+    @on(events.AgentRunStarted)
+    def _started(self, at: At, ev: events.AgentRunStarted) -> None:
         at.cur.execute(
             at.t.q(
                 "UPDATE {rm_runs} SET status = 'RUNNING', started_at = %s, version = %s"
@@ -423,15 +352,8 @@ class RunsReference(Reference, RunsProjector):
         )
         status_changed(at.env, at.changes, "RUNNING")
 
-    @on(AgentRunStepStarted)
-    def _step_started(self, at: At, ev: AgentRunStepStarted) -> None:
-        at.cur.execute(
-            at.t.q("UPDATE {rm_runs} SET version = %s WHERE run_id = %s"),
-            (at.env.originator_version, at.env.originator_id),
-        )
-
     @on(*TERMINAL)
-    def _finished(self, at: At, ev: EventPayload) -> None:
+    def _finished(self, at: At, ev: events.EventPayload) -> None:
         status = TERMINAL[type(ev)]
         at.cur.execute(
             at.t.q(
@@ -448,8 +370,12 @@ class RunsReference(Reference, RunsProjector):
         )
         status_changed(at.env, at.changes, status)
 
-    @on(AgentRunHeartbeat, AgentRunReclaimed)
-    def _touched(self, at: At, ev: AgentRunHeartbeat | AgentRunReclaimed) -> None:
+    @on(events.AgentRunStepStarted, events.AgentRunHeartbeat, events.AgentRunReclaimed)
+    def _touched(
+        self,
+        at: At,
+        ev: events.AgentRunStepStarted | events.AgentRunHeartbeat | events.AgentRunReclaimed,
+    ) -> None:
         self._touch_run(at)
 
     @staticmethod
@@ -459,31 +385,33 @@ class RunsReference(Reference, RunsProjector):
             (at.env.originator_version, at.env.originator_id),
         )
 
-    @on(AgentRunAttemptRecorded)
-    def _attempt(self, at: At, ev: AgentRunAttemptRecorded) -> None:
-        at.cur.execute(
-            at.t.q(
-                f"INSERT INTO {{rm_run_attempts}} ({', '.join(n for n, _ in ATTEMPT_COLUMNS)})"
-                f" VALUES ({', '.join(['%s'] * len(ATTEMPT_COLUMNS))})"
-            ),
+    @on(events.AgentRunAttemptRecorded)
+    def _attempt(self, at: At, ev: events.AgentRunAttemptRecorded) -> None:
+        self._add_run_row(
+            at,
+            f"INSERT INTO {{rm_run_attempts}} ({', '.join(n for n, _ in ATTEMPT_COLUMNS)})"
+            f" VALUES ({', '.join(['%s'] * len(ATTEMPT_COLUMNS))})",
             attempt_row(at.env, ev),
         )
-        self._touch_run(at)
 
-    @on(AgentRunOutputRecorded)
-    def _output(self, at: At, ev: AgentRunOutputRecorded) -> None:
-        at.cur.execute(
-            at.t.q(
-                "INSERT INTO {rm_run_outputs} (workspace_id, run_id, output) VALUES (%s, %s, %s)"
-            ),
+    @on(events.AgentRunOutputRecorded)
+    def _output(self, at: At, ev: events.AgentRunOutputRecorded) -> None:
+        self._add_run_row(
+            at,
+            "INSERT INTO {rm_run_outputs} (workspace_id, run_id, output) VALUES (%s, %s, %s)",
             output_row(at.env, ev),
         )
-        self._touch_run(at)
+
+    @classmethod
+    def _add_run_row(cls, at: At, statement: str, row: tuple[Any, ...]) -> None:
+        """A row of a run's own child table; the run's version moves with it."""
+        at.cur.execute(at.t.q(statement), row)
+        cls._touch_run(at)
 
     # -- what the run did ------------------------------------------------------------------------
 
-    @on(AgentRunLlmCallCompleted)
-    def _llm_call(self, at: At, ev: AgentRunLlmCallCompleted) -> None:
+    @on(events.AgentRunLlmCallCompleted)
+    def _llm_call(self, at: At, ev: events.AgentRunLlmCallCompleted) -> None:
         at.cur.execute(
             at.t.q(
                 "UPDATE {rm_runs} SET provider = %s, model = %s,"
@@ -504,8 +432,8 @@ class RunsReference(Reference, RunsProjector):
             ),
         )
 
-    @on(AgentRunLogChunkAppended)
-    def _log_chunk(self, at: At, ev: AgentRunLogChunkAppended) -> None:
+    @on(events.AgentRunLogChunkAppended)
+    def _log_chunk(self, at: At, ev: events.AgentRunLogChunkAppended) -> None:
         lines = [storable_line(line) for line in ev.lines]
         # One statement for the whole chunk (COPY would be faster but refuses tables with row-level
         # security); every line is new because the runner applies each chunk exactly once.
@@ -552,70 +480,48 @@ _INSERT = (
 )
 
 
-def _family(name: str) -> list[type[EventPayload]]:
+def _family(name: str) -> list[type[events.EventPayload]]:
     return [event for event, (family, _, _) in DESCRIBED.items() if family == name]
-
-
-def _described(ev: EventPayload) -> tuple[str, Callable[[Any], str]]:
-    _, kind, summarise = DESCRIBED[type(ev)]
-    return kind, summarise
 
 
 class ActivityReference(Reference, ActivityProjector):
     fold = ActivityProjector
 
     @on(*_family("workspace"))
-    def _workspace(self, at: At, ev: EventPayload) -> None:
-        self._record(at.cur, at.t, at.env, _described(ev))
+    def _workspace(self, at: At, ev: events.EventPayload) -> None:
+        self._record(at)
 
     @on(*_family("project"))
-    def _project(self, at: At, ev: EventPayload) -> None:
-        self._record(at.cur, at.t, at.env, _described(ev), project_id=at.env.originator_id)
+    def _project(self, at: At, ev: events.EventPayload) -> None:
+        self._record(at, project_id=at.env.originator_id)
 
     @on(*_family("card"))
-    def _card(self, at: At, ev: EventPayload) -> None:
-        self._record(
-            at.cur,
-            at.t,
-            at.env,
-            _described(ev),
-            card_id=at.env.originator_id,
-            project_id=ev.project_id if isinstance(ev, CardCreated) else None,
-        )
+    def _card(self, at: At, ev: events.EventPayload) -> None:
+        project_id = ev.project_id if isinstance(ev, events.CardCreated) else None
+        self._record(at, card_id=at.env.originator_id, project_id=project_id)
 
     @on(*_family("run"))
-    def _run(self, at: At, ev: EventPayload) -> None:
-        self._record(
-            at.cur,
-            at.t,
-            at.env,
-            _described(ev),
-            card_id=ev.card_id if isinstance(ev, AgentRunRequested) else None,
-            project_id=ev.project_id if isinstance(ev, AgentRunRequested) else None,
-        )
+    def _run(self, at: At, ev: events.EventPayload) -> None:
+        if isinstance(ev, events.AgentRunRequested):
+            self._record(at, card_id=ev.card_id, project_id=ev.project_id)
+        else:
+            self._record(at)
 
     @on(*_family("spend"))
-    def _spend(self, at: At, ev: EventPayload) -> None:
-        self._record(at.cur, at.t, at.env, _described(ev))
+    def _spend(self, at: At, ev: events.EventPayload) -> None:
+        self._record(at)
 
     @staticmethod
-    def _record(
-        cur: Cursor[DictRow],
-        t: Tables,
-        env: EventEnvelope,
-        described: tuple[str, Summary],
-        *,
-        card_id: object = None,
-        project_id: object = None,
-    ) -> None:
+    def _record(at: At, *, card_id: object = None, project_id: object = None) -> None:
+        env = at.env
         workspace_id = env.workspace_id
         if workspace_id is None and env.aggregate == "Workspace":
             workspace_id = env.originator_id
         if workspace_id is None:
             return  # not tenant-owned, so no feed can show it
-        kind, summarise = described
-        cur.execute(
-            t.q(_INSERT),
+        _, kind, summarise = DESCRIBED[type(env.event)]
+        at.cur.execute(
+            at.t.q(_INSERT),
             {
                 "ws": workspace_id,
                 "position": env.position,
@@ -703,8 +609,8 @@ _CHARGE_AND_POST = (
 class BillingReference(Reference, BillingProjector):
     fold = BillingProjector
 
-    @on(UsageChargeCharged)
-    def _charged(self, at: At, ev: UsageChargeCharged) -> None:
+    @on(events.UsageChargeCharged)
+    def _charged(self, at: At, ev: events.UsageChargeCharged) -> None:
         entry = _Entry(
             kind=LedgerKind.CHARGE,
             charge_id=at.env.originator_id,
@@ -730,8 +636,10 @@ class BillingReference(Reference, BillingProjector):
             price_table_version=ev.price_table_version,
         )
 
-    @on(UsageChargeCredited, UsageChargeRefunded)
-    def _corrected(self, at: At, ev: UsageChargeCredited | UsageChargeRefunded) -> None:
+    @on(events.UsageChargeCredited, events.UsageChargeRefunded)
+    def _corrected(
+        self, at: At, ev: events.UsageChargeCredited | events.UsageChargeRefunded
+    ) -> None:
         amount: int = ev.amount_micros
         at.cur.execute(
             at.t.q(
@@ -751,7 +659,9 @@ class BillingReference(Reference, BillingProjector):
                 "which the billing read model does not hold"
             )
         entry = _Entry(
-            kind=LedgerKind.CREDIT if isinstance(ev, UsageChargeCredited) else LedgerKind.REFUND,
+            kind=LedgerKind.CREDIT
+            if isinstance(ev, events.UsageChargeCredited)
+            else LedgerKind.REFUND,
             charge_id=at.env.originator_id,
             project_id=charge["project_id"],
             card_id=charge["card_id"],
@@ -767,8 +677,8 @@ class BillingReference(Reference, BillingProjector):
         )
         self._post(at.cur, at.t.q("WITH " + _POST), at.env, entry)
 
-    @on(MonthlySpendCreditGranted)
-    def _credit_granted(self, at: At, ev: MonthlySpendCreditGranted) -> None:
+    @on(events.MonthlySpendCreditGranted)
+    def _credit_granted(self, at: At, ev: events.MonthlySpendCreditGranted) -> None:
         at.cur.execute(
             at.t.q(
                 "INSERT INTO {rm_billing_credits} (workspace_id, credit_id, month, amount_micros,"
@@ -778,8 +688,8 @@ class BillingReference(Reference, BillingProjector):
              at.env.timestamp),
         )  # fmt: skip
 
-    @on(InvoiceDrafted)
-    def _invoice_drafted(self, at: At, ev: InvoiceDrafted) -> None:
+    @on(events.InvoiceDrafted)
+    def _invoice_drafted(self, at: At, ev: events.InvoiceDrafted) -> None:
         at.cur.execute(
             at.t.q(
                 "INSERT INTO {rm_invoices} (workspace_id, month, invoice_id, lines, total_micros,"
@@ -789,8 +699,10 @@ class BillingReference(Reference, BillingProjector):
              ev.total_micros),
         )  # fmt: skip
 
-    @on(InvoiceIssued, InvoicePaid, InvoiceVoided)
-    def _invoice_status(self, at: At, ev: InvoiceIssued | InvoicePaid | InvoiceVoided) -> None:
+    @on(events.InvoiceIssued, events.InvoicePaid, events.InvoiceVoided)
+    def _invoice_status(
+        self, at: At, ev: events.InvoiceIssued | events.InvoicePaid | events.InvoiceVoided
+    ) -> None:
         at.cur.execute(
             at.t.q(
                 "UPDATE {rm_invoices} SET status = %s,"
@@ -798,7 +710,7 @@ class BillingReference(Reference, BillingProjector):
             ),
             (
                 INVOICE_STATUS[type(ev)],
-                ev.stripe_invoice_id if isinstance(ev, InvoiceIssued) else None,
+                ev.stripe_invoice_id if isinstance(ev, events.InvoiceIssued) else None,
                 at.env.originator_id,
             ),
         )

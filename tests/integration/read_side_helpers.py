@@ -8,7 +8,6 @@ projectors see exactly what the relay and the embedded fan-out would hand them.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -16,7 +15,7 @@ from uuid import UUID
 
 import pg
 import psycopg
-from board_helpers import LANES, bootstrap_board, max_position
+from board_helpers import LANES, bootstrap_board, max_position, read_log_to
 from psycopg.rows import dict_row
 
 from adapters.eventlog import EventLog
@@ -72,19 +71,7 @@ class ReadSide:
         The log holds an event back while any older transaction in the cluster is still open
         (another test session's, say), so this waits until it reaches what the table holds.
         """
-        head = max_position(self.database_url)
-        found: list[EventEnvelope] = []
-        deadline = time.monotonic() + 30
-        while after < head:
-            batch = self.log.read(after=after, limit=1000)
-            if batch:
-                found.extend(batch)
-                after = batch[-1].position
-            elif time.monotonic() > deadline:
-                raise TimeoutError(f"the event log stayed behind position {head} for 30s")
-            else:
-                time.sleep(0.01)
-        return found
+        return read_log_to(self.log, after, max_position(self.database_url), timeout=30)
 
     def runner(self, projector: Projector) -> ProjectionRunner:
         return ProjectionRunner(projector, self.pool, self.log)
@@ -139,12 +126,11 @@ def open_read_side(database_url: str) -> Iterator[ReadSide]:
 def shared_read_side(migrated_template: str) -> Iterator[ReadSide]:
     """A read side on a database of its own for many tests, which keep apart by workspace."""
     name = pg.random_name("aw_t_shared_")
-    url = pg.create_database(name, template=migrated_template)
-    try:
-        with open_read_side(url) as side:
-            yield side
-    finally:
-        pg.drop_database(name)
+    with (
+        pg.temporary_database(name, template=migrated_template) as url,
+        open_read_side(url) as side,
+    ):
+        yield side
 
 
 @contextlib.contextmanager

@@ -13,17 +13,16 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid4
 
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
-from hypothesis_profiles import examples
+from hypothesis_profiles import expensive_property
 from projection_reference import reference_of
 from read_side_helpers import ReadSide
 from test_read_model_properties import (
-    EVERYTHING_ONCE,
     Script,
     deliver,
-    operations,
     run_operation,
+    script_property,
     table_rows,
 )
 
@@ -36,13 +35,7 @@ if TYPE_CHECKING:
     from projections.base import Change
 
 
-@settings(
-    max_examples=examples(dev=10, ci=15),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(ops=st.lists(operations, min_size=6, max_size=40), seed=st.integers(0, 2**32))
-@example(ops=EVERYTHING_ONCE, seed=7)
+@script_property(dev=10, ci=15)
 def test_batches_leave_the_rows_and_changes_single_events_do(
     side: ReadSide, ops: list[tuple[Any, ...]], seed: int
 ) -> None:
@@ -224,11 +217,7 @@ def _interleave(
     return envelopes
 
 
-@settings(
-    max_examples=examples(dev=10, ci=15),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@expensive_property(dev=10, ci=15)
 @given(plan=aggregates, seed=st.integers(0, 2**32))
 # Seed 2 delivers the draft alone, then its issue and payment together: the payment must keep
 # the Stripe id the issue set in the same batch.

@@ -45,12 +45,14 @@ def env(database_url: str, base: str) -> dict[str, str]:
     }
 
 
-def usage(side: ReadSide, world: World) -> None:
-    """Last month's usage of the world's project: $5.80 exact, billed $6.00."""
+def world_with_usage(side: ReadSide) -> World:
+    """A new world with last month's usage of its project: $5.80 exact, billed $6.00."""
+    world = side.new_world()
     run_id = running_run(side, world)
     llm_call(side, world, run_id, "a", cost=100_000, at=IN_MONTH)
     llm_call(side, world, run_id, "b", cost=50_000, at=IN_MONTH)
     llm_call(side, world, run_id, "c", cost=1_010_000, at=IN_MONTH)
+    return world
 
 
 def invoices_of(base: str) -> list[Any]:
@@ -79,8 +81,7 @@ def project_all(side: ReadSide) -> None:
 def test_invoice_command_issues_one_invoice_and_a_rerun_creates_nothing(
     side: ReadSide, localstripe: str, tmp_path: Path
 ) -> None:
-    world = side.new_world()
-    usage(side, world)
+    world = world_with_usage(side)
     provision_customer(localstripe, world.workspace_id)
     first = agentworks(
         "invoice", "--month", MONTH, cwd=tmp_path, env=env(side.database_url, localstripe)
@@ -141,8 +142,7 @@ class CrashAfter(StripeBilling):
 def test_a_crash_between_stripe_calls_then_a_rerun_duplicates_nothing(
     side: ReadSide, localstripe: str, step: str
 ) -> None:
-    world = side.new_world()
-    usage(side, world)
+    world = world_with_usage(side)
     second = side.new_world(owner="bob")
     run_id = running_run(side, second)
     llm_call(side, second, run_id, "x", cost=12_345, at=IN_MONTH)
@@ -178,8 +178,7 @@ def test_a_crash_between_stripe_calls_then_a_rerun_duplicates_nothing(
 def test_stripe_unreachable_fails_the_workspace_with_exit_1_and_records_no_stripe_step(
     side: ReadSide, tmp_path: Path
 ) -> None:
-    world = side.new_world()
-    usage(side, world)
+    world = world_with_usage(side)
     closed_port = "http://127.0.0.1:9"
     result = agentworks(
         "invoice", "--month", MONTH, cwd=tmp_path, env=env(side.database_url, closed_port)
@@ -231,8 +230,7 @@ def test_bad_input_exits_2_with_one_line(side: ReadSide, localstripe: str, tmp_p
 def test_credit_shows_as_a_negative_line_and_reconcile_finds_planted_discrepancies(
     side: ReadSide, localstripe: str, tmp_path: Path
 ) -> None:
-    world = side.new_world()
-    usage(side, world)
+    world = world_with_usage(side)
     provision_customer(localstripe, world.workspace_id)
     environment = env(side.database_url, localstripe)
     credit = agentworks(
@@ -287,8 +285,7 @@ def test_credit_shows_as_a_negative_line_and_reconcile_finds_planted_discrepanci
 def test_reconcile_finds_an_item_added_in_stripe_by_hand(
     side: ReadSide, localstripe: str, tmp_path: Path
 ) -> None:
-    world = side.new_world()
-    usage(side, world)
+    world = world_with_usage(side)
     environment = env(side.database_url, localstripe)
     billing = Billing(side.app)
     stripe = StripeBilling(api_key=STRIPE_TEST_KEY, api_base=localstripe)
@@ -347,8 +344,7 @@ def test_the_invoice_request_asks_stripe_to_include_pending_items(localstripe: s
 def test_credits_and_invoices_rebuild_into_the_same_rows(
     side: ReadSide, localstripe: str, tmp_path: Path
 ) -> None:
-    world = side.new_world()
-    usage(side, world)
+    world = world_with_usage(side)
     provision_customer(localstripe, world.workspace_id)
     billing = Billing(side.app)
     billing.grant_credit(
@@ -378,8 +374,7 @@ def test_stripe_refusing_fails_the_workspace_and_a_rerun_after_the_fix_resumes(
 ) -> None:
     """localstripe refuses (404) to invoice a customer without a subscription: a refusal in the
     middle of the routine, after the items were created."""
-    world = side.new_world()
-    usage(side, world)
+    world = world_with_usage(side)
     client = stripe_client(localstripe)
     customer = client.v1.customers.create({"metadata": {"workspace_id": str(world.workspace_id)}})
     environment = env(side.database_url, localstripe)
@@ -410,8 +405,7 @@ def test_stripe_refusing_fails_the_workspace_and_a_rerun_after_the_fix_resumes(
 def test_late_usage_of_a_closed_month_shows_on_the_next_statement_and_reconciles(
     side: ReadSide,
 ) -> None:
-    world = side.new_world()
-    usage(side, world)
+    world = world_with_usage(side)
     billing = Billing(side.app)
     billing.close_month(world.workspace_id, MONTH)
     run_id = running_run(side, world)

@@ -9,8 +9,9 @@ from uuid import UUID
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
+from hypothesis_profiles import expensive_property
 
 from commands import models as m
 from domain.errors import AgentWorksError
@@ -140,11 +141,7 @@ def folded_board(side: ReadSide, project_id: UUID, as_of: datetime) -> dict[str,
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@expensive_property(dev=40, ci=40)
 @given(operations=st.lists(board_operations, min_size=1, max_size=14))
 @example(  # a lane renamed, its old name reused by a new lane, cards in both
     operations=[

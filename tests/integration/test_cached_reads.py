@@ -8,15 +8,14 @@ changes, the other's stale cache must not override.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import pytest
-from board_helpers import Board, add_cards, fold, stored_rows
+from board_helpers import Board, add_cards, add_member, fold, stored_rows
 
 from commands import models as m
-from commands.handlers import Actor
 from domain.errors import NotFound, WipLimitExceeded
-from domain.roles import Role
 from infra.bootstrap import build_write_side
 
 if TYPE_CHECKING:
@@ -28,26 +27,15 @@ if TYPE_CHECKING:
 @pytest.fixture
 def other(database_url: str) -> Iterator[AgentWorks]:
     """A second replica of the write side on the same database, with a cache of its own."""
-    app = build_write_side(database_url, pool_size=2)
-    try:
+    with contextlib.closing(build_write_side(database_url, pool_size=2)) as app:
         yield app
-    finally:
-        app.close()
-
-
-def member(app: AgentWorks, board: Board, user_id: str, role: Role) -> Actor:
-    app.add_member(
-        m.AddMember(workspace_id=board.workspace_id, user_id=user_id, role=role.value),
-        board.owner,
-    )
-    return Actor(user_id=user_id, workspace_id=str(board.workspace_id))
 
 
 def test_a_member_removed_by_another_replica_is_refused_at_once(
     write_side: AgentWorks, board: Board, other: AgentWorks, database_url: str
 ) -> None:
     [card] = add_cards(write_side, board, 1)
-    bob = member(write_side, board, "bob", Role.MEMBER)
+    bob = add_member(write_side, board, "bob", "MEMBER")
     write_side.move_card(m.MoveCard(card_id=card, to_lane="Doing"), bob)  # bob's reads cached
     assert write_side.cached_reads
 
@@ -95,7 +83,7 @@ def test_an_assignee_added_by_another_replica_is_accepted(
 ) -> None:
     [card] = add_cards(write_side, board, 1)
     write_side.assign_card(m.AssignCard(card_id=card, assignee="alice"), board.owner)
-    member(other, board, "carol", Role.MEMBER)
+    add_member(other, board, "carol", "MEMBER")
     # This replica's cached workspace has no carol: a refusal on the cache is decided again.
     write_side.assign_card(m.AssignCard(card_id=card, assignee="carol"), board.owner)
     _, stored = list(fold(write_side, card))[-1]

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import test_cli
 import typer
 
 from infra.cli import app
 from projections.registry import projector_names
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def agentworks(*args: str, cwd: Path, columns: int = 200) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWORKS_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["COLUMNS"] = str(columns)
-    return subprocess.run(
-        [sys.executable, "-m", "infra.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+def agentworks(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return test_cli.agentworks(*args, cwd=cwd, env={"COLUMNS": "200"})
 
 
 def test_version_prints_the_package_version(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ commandId whose retry returns the real result without writing twice.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 from uuid import UUID, uuid4
 
@@ -42,11 +43,10 @@ def proxy(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultP
 
 @pytest.fixture
 def through_proxy(database_url: str, proxy: FaultProxy) -> Iterator[AgentWorks]:
-    app = build_write_side(proxy.url_for(database_url), pool_size=2, settle_seconds=5.0)
-    try:
+    with contextlib.closing(
+        build_write_side(proxy.url_for(database_url), pool_size=2, settle_seconds=5.0)
+    ) as app:
         yield app
-    finally:
-        app.close()
 
 
 @pytest.fixture

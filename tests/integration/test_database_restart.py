@@ -17,6 +17,7 @@ import pytest
 import structlog
 from dedicated_postgres import DedicatedPostgres, dedicated_postgres
 from fanout_helpers import kafka_stack, rebuild_differences, wait_converged
+from kafka_helpers import OUTAGE_TEST
 from outage_helpers import (
     ApiStack,
     Writers,
@@ -31,11 +32,7 @@ from infra.migrate import migrate
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-pytestmark = [
-    pytest.mark.slow,
-    # kafka-python never closes a socket whose connect() was refused (broker restarting).
-    pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
-]
+pytestmark = OUTAGE_TEST
 
 
 @pytest.fixture

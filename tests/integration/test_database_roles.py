@@ -322,39 +322,39 @@ class TestMigrate:
             pg.drop_database(name)
             shutil.rmtree(earlier, ignore_errors=True)
 
-    def test_a_login_role_that_is_a_member_of_another_is_refused(self, database_url: str) -> None:
-        role = pg.random_name("aw_t_login_")
+    @pytest.fixture
+    def role(self, database_url: str) -> Iterator[str]:
+        """A login role name no other test uses; the role is dropped at the end if it exists."""
+        name = pg.random_name("aw_t_login_")
+        yield name
+        with pg.admin_connection() as admin:
+            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+    def test_a_login_role_that_is_a_member_of_another_is_refused(
+        self, database_url: str, role: str
+    ) -> None:
         with pg.admin_connection() as admin:
             admin.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
             admin.execute(sql.SQL("GRANT agentworks_app TO {}").format(sql.Identifier(role)))
-        try:
-            with pytest.raises(MigrationError, match="member of agentworks_app"):
-                migrate(database_url, logins={role: "pw"})
-        finally:
-            with pg.admin_connection() as admin:
-                admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+        with pytest.raises(MigrationError, match="member of agentworks_app"):
+            migrate(database_url, logins={role: "pw"})
 
     def test_a_missing_login_role_is_created_with_a_hashed_password_reset_each_run(
-        self, database_url: str
+        self, database_url: str, role: str
     ) -> None:
-        role = pg.random_name("aw_t_login_")
         query = "SELECT rolcanlogin, rolsuper, rolpassword FROM pg_authid WHERE rolname = %s"
-        try:
-            migrate(database_url, logins={role: "first"})
-            with pg.admin_connection() as admin:
-                first = admin.execute(query, (role,)).fetchone()
-            migrate(database_url, logins={role: "second"})
-            with pg.admin_connection() as admin:
-                second = admin.execute(query, (role,)).fetchone()
-            assert first is not None
-            assert second is not None
-            assert first[:2] == second[:2] == (True, False)
-            assert first[2].startswith("SCRAM-SHA-256$")
-            assert "first" not in first[2]
-            assert second[2] != first[2]
-        finally:
-            with pg.admin_connection() as admin:
-                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        migrate(database_url, logins={role: "first"})
+        with pg.admin_connection() as admin:
+            first = admin.execute(query, (role,)).fetchone()
+        migrate(database_url, logins={role: "second"})
+        with pg.admin_connection() as admin:
+            second = admin.execute(query, (role,)).fetchone()
+        assert first is not None
+        assert second is not None
+        assert first[:2] == second[:2] == (True, False)
+        assert first[2].startswith("SCRAM-SHA-256$")
+        assert "first" not in first[2]
+        assert second[2] != first[2]
 
     def test_sessions_migrating_their_own_databases_at_once_all_set_up_the_logins(
         self, postgres: None

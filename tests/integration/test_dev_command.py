@@ -30,6 +30,7 @@ from cli_process import (
     clean_env,
     free_port,
     postgres_processes,
+    start_dev,
 )
 
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
@@ -43,10 +44,12 @@ ADA = "2c7b8e1d-4a5f-4e6b-9c0d-3e2f1a0b9c04"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def data_dir(embedded_dir: Path) -> Path:
-    """An empty data dir that does not exist yet."""
-    return embedded_dir / "data"
+def demo_project(dev: Agentworks) -> tuple[str, str]:
+    """The token ``dev --demo`` prints last, and the id of the demo project it names."""
+    token = dev.stdout.strip().splitlines()[-1]
+    match = re.search(r"project ([0-9a-f-]{36})", dev.stderr)
+    assert match, dev.stderr
+    return token, match.group(1)
 
 
 BOARD = """
@@ -59,27 +62,17 @@ query Board($id: ID!) {
 def test_dev_demo_on_embedded_postgres_serves_the_board_and_stops_cleanly_on_ctrl_c(
     tmp_path: Path, data_dir: Path, running: list[Agentworks]
 ) -> None:
-    port = free_port()
-    dev = Agentworks.start(
-        tmp_path,
-        "dev", "--port", str(port), "--data-dir", str(data_dir), "--demo",
-        env=clean_env(),
-        port=port,
-    )  # fmt: skip
-    running.append(dev)
-    dev.wait_until_serving()
+    dev = start_dev(tmp_path, data_dir, "--demo", running=running)
 
-    token = dev.stdout.strip().splitlines()[-1]
-    match = re.search(r"project ([0-9a-f-]{36})", dev.stderr)
-    assert match, dev.stderr
-    board = dev.graphql(token, BOARD, {"id": match.group(1)})["board"]
+    token, project_id = demo_project(dev)
+    board = dev.graphql(token, BOARD, {"id": project_id})["board"]
     filled = [lane for lane in board["lanes"] if lane["count"] > 0]
     assert len(filled) >= 3, board
     assert all(len(lane["cards"]["edges"]) == lane["count"] for lane in filled)
     user = re.search(r"Demo user: (\S+) / (\S+)", dev.stderr)
     assert user, dev.stderr
     session = httpx.post(
-        f"http://127.0.0.1:{port}/auth/login",
+        f"{dev.url}/auth/login",
         json={"email": user.group(1), "password": user.group(2)},
         timeout=30,
     )
@@ -98,15 +91,7 @@ def test_dev_demo_on_embedded_postgres_serves_the_board_and_stops_cleanly_on_ctr
 def test_dev_tokens_from_the_cli_work_and_sigterm_stops_it_despite_a_hanging_request(
     tmp_path: Path, data_dir: Path, running: list[Agentworks]
 ) -> None:
-    port = free_port()
-    dev = Agentworks.start(
-        tmp_path,
-        "dev", "--port", str(port), "--data-dir", str(data_dir),
-        env=clean_env(),
-        port=port,
-    )  # fmt: skip
-    running.append(dev)
-    dev.wait_until_serving()
+    dev = start_dev(tmp_path, data_dir, running=running)
 
     def token(*args: str) -> str:
         result = subprocess.run(
@@ -133,7 +118,7 @@ def test_dev_tokens_from_the_cli_work_and_sigterm_stops_it_despite_a_hanging_req
     assert seen["workspace"]["name"] == "Dev"
 
     # A request whose body never arrives: the server gives it a grace period, then cancels it.
-    with socket.create_connection(("127.0.0.1", port)) as hanging:
+    with socket.create_connection(("127.0.0.1", dev.port)) as hanging:
         hanging.sendall(
             b"POST /graphql HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Authorization: Bearer " + owner.encode() + b"\r\nContent-Length: 100\r\n\r\n{"
@@ -237,21 +222,17 @@ query Board($id: ID!) {
 def test_dev_runs_agents_in_process_the_demo_run_succeeds_on_the_simulated_provider(
     tmp_path: Path, data_dir: Path, running: list[Agentworks]
 ) -> None:
-    port = free_port()
-    dev = Agentworks.start(
+    dev = start_dev(
         tmp_path,
-        "dev", "--port", str(port), "--data-dir", str(data_dir), "--demo",
+        data_dir,
+        "--demo",
+        running=running,
         env=clean_env(AGENTWORKS_SIMULATED_TOKENS_PER_SECOND="200"),
-        port=port,
-    )  # fmt: skip
-    running.append(dev)
-    dev.wait_until_serving()
-    token = dev.stdout.strip().splitlines()[-1]
-    match = re.search(r"project ([0-9a-f-]{36})", dev.stderr)
-    assert match, dev.stderr
+    )
+    token, project_id = demo_project(dev)
     deadline = time.monotonic() + 60
     while True:
-        board = dev.graphql(token, DEMO_RUNS, {"id": match.group(1)})["board"]
+        board = dev.graphql(token, DEMO_RUNS, {"id": project_id})["board"]
         runs = [
             edge["node"]["lastRun"]
             for lane in board["lanes"]

@@ -12,17 +12,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 import pg
 import pytest
-from cli_process import Agentworks, assert_clean_exit, clean_env, free_port
+from cli_process import Agentworks, assert_clean_exit, clean_env, free_port, start_dev
 
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
-
-if TYPE_CHECKING:
-    pass
 
 pytestmark = pytest.mark.slow
 
@@ -72,12 +68,7 @@ def test_dev_helps_with_tokens_graphiql_and_cors_from_localhost(
     tmp_path: Path, data_dirs: tuple[Path, Path], running: list[Agentworks]
 ) -> None:
     mine, other = data_dirs
-    port = free_port()
-    dev = Agentworks.start(
-        tmp_path, "dev", "--port", str(port), "--data-dir", str(mine), env=clean_env(), port=port
-    )
-    running.append(dev)
-    dev.wait_until_serving()
+    dev = start_dev(tmp_path, mine, running=running)
     assert f"agentworks token --bootstrap --data-dir {mine}" in dev.stderr
 
     assert post(dev, cli_token(tmp_path, mine)).status_code == 200

@@ -12,43 +12,29 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
+import test_cli
 from cli_process import (
     Agentworks,
     assert_clean_exit,
     assert_postgres_stopped,
-    clean_env,
-    free_port,
     postgres_processes,
+    start_dev,
 )
 
-if TYPE_CHECKING:
-    pass
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def data_dir(embedded_dir: Path) -> Path:
-    return embedded_dir / "data"
 
 
 def agentworks(
     tmp_path: Path, *args: str, timeout: float = 120, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "infra.cli", *args],
+    return test_cli.agentworks(
+        *args,
         cwd=tmp_path,
-        env=clean_env(**{"AGENTWORKS_LOG_LEVEL": "WARNING", "COLUMNS": "200", **env}),
-        capture_output=True,
-        text=True,
+        env={"AGENTWORKS_LOG_LEVEL": "WARNING", "COLUMNS": "200", **env},
         timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
     )
 
 
@@ -56,18 +42,6 @@ def log_head(status_stdout: str) -> int:
     match = re.search(r"event log head: ([\d,]+)", status_stdout)
     assert match, status_stdout
     return int(match.group(1).replace(",", ""))
-
-
-def start_dev(tmp_path: Path, data_dir: Path, *args: str) -> Agentworks:
-    port = free_port()
-    run_dir = tmp_path / f"dev-{port}"
-    run_dir.mkdir()
-    dev = Agentworks.start(
-        run_dir, "dev", "--port", str(port), "--data-dir", str(data_dir), *args,
-        env=clean_env(), port=port,
-    )  # fmt: skip
-    dev.wait_until_serving()
-    return dev
 
 
 def test_admin_commands_start_the_embedded_database_for_themselves_and_stop_it_after(
@@ -90,8 +64,7 @@ def test_admin_commands_start_the_embedded_database_for_themselves_and_stop_it_a
 def test_admin_commands_use_the_running_dev_database_and_leave_it_running(
     tmp_path: Path, data_dir: Path, running: list[Agentworks]
 ) -> None:
-    dev = start_dev(tmp_path, data_dir, "--demo")
-    running.append(dev)
+    dev = start_dev(tmp_path, data_dir, "--demo", running=running)
     printed = re.search(r"Database: (postgresql://\S+)", dev.stderr)
     assert printed, dev.stderr
     assert str(data_dir.resolve()) in printed.group(1)
@@ -120,8 +93,7 @@ def test_sigterm_and_sighup_stop_dev_and_its_database(
     tmp_path: Path, data_dir: Path, running: list[Agentworks]
 ) -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        dev = start_dev(tmp_path, data_dir)
-        running.append(dev)
+        dev = start_dev(tmp_path, data_dir, running=running)
         assert postgres_processes(data_dir)
 
         code, _ = dev.stop(sig)
@@ -133,15 +105,13 @@ def test_sigterm_and_sighup_stop_dev_and_its_database(
 def test_a_server_left_by_a_killed_dev_is_adopted_with_one_line_and_stopped_after(
     tmp_path: Path, data_dir: Path, running: list[Agentworks]
 ) -> None:
-    crashed = start_dev(tmp_path, data_dir)
-    running.append(crashed)
+    crashed = start_dev(tmp_path, data_dir, running=running)
     crashed.process.send_signal(signal.SIGKILL)  # dev alone: its PostgreSQL runs on
     crashed.process.wait(10)
     left = postgres_processes(data_dir)
     assert left, "a killed dev leaves its PostgreSQL running"
 
-    dev = start_dev(tmp_path, data_dir)
-    running.append(dev)
+    dev = start_dev(tmp_path, data_dir, running=running)
     adopted = [line for line in dev.stderr.splitlines() if "left running" in line]
     assert len(adopted) == 1, dev.stderr
     assert any(f"pid {p.pid}" in adopted[0] for p in left), (adopted, left)

@@ -111,6 +111,18 @@ def event(originator_id: Any = None, version: int = 1, topic: str = "topic") -> 
     )
 
 
+def command_record() -> CommandRecord:
+    """The idempotency record of a new command (a command id of its own)."""
+    return CommandRecord(
+        scope="ws",
+        command_id=str(uuid4()),
+        command_type="MoveCard",
+        fingerprint="f",
+        actor="alice",
+        result={"kind": "card"},
+    )
+
+
 @pytest.fixture
 def datastores(database_url: str) -> Iterator[list[PostgresDatastore]]:
     """Datastores a test opens, closed at its end (before its database is dropped)."""
@@ -367,16 +379,23 @@ def _advisory_locks_held(database_url: str) -> int:
     return int(row[0])
 
 
-def test_failed_insert_releases_the_advisory_lock(
+@pytest.fixture
+def two_sessions(
     database_url: str, datastores: list[PostgresDatastore]
-) -> None:
-    # One connection, so the failed insert and the next one share a session; another datastore
-    # is another session, which would wait for a leaked lock: lock_timeout turns a hang into
-    # an error.
+) -> tuple[EventStoreRecorder, EventStoreRecorder]:
+    """A recorder on one connection, so a failed insert and the next one share a session, and a
+    recorder on another session, which would wait for a lock the first one leaked: its
+    lock_timeout turns that hang into an error."""
     single = make_datastore(database_url, pool_size=1, max_overflow=0)
     other = make_datastore(database_url, pool_size=1, max_overflow=0, options="-c lock_timeout=2s")
     datastores.extend([single, other])
-    recorder, other_recorder = make_recorder(single), make_recorder(other)
+    return make_recorder(single), make_recorder(other)
+
+
+def test_failed_insert_releases_the_advisory_lock(
+    database_url: str, two_sessions: tuple[EventStoreRecorder, EventStoreRecorder]
+) -> None:
+    recorder, other_recorder = two_sessions
 
     taken = event()
     recorder.insert_events([taken])
@@ -390,20 +409,10 @@ def test_failed_insert_releases_the_advisory_lock(
 
 
 def test_duplicate_command_record_fails_the_whole_insert_and_releases_the_lock(
-    database_url: str, datastores: list[PostgresDatastore]
+    database_url: str, two_sessions: tuple[EventStoreRecorder, EventStoreRecorder]
 ) -> None:
-    single = make_datastore(database_url, pool_size=1, max_overflow=0)
-    other = make_datastore(database_url, pool_size=1, max_overflow=0, options="-c lock_timeout=2s")
-    datastores.extend([single, other])
-    recorder, other_recorder = make_recorder(single), make_recorder(other)
-    record = CommandRecord(
-        scope="ws",
-        command_id=str(uuid4()),
-        command_type="MoveCard",
-        fingerprint="f",
-        actor="alice",
-        result={"kind": "card"},
-    )
+    recorder, other_recorder = two_sessions
+    record = command_record()
 
     recorder.insert_events([event()], command_record=record)
     lost = event()
@@ -448,14 +457,7 @@ def test_write_is_refused_when_an_aggregate_it_read_has_moved_on(
     recorder = make_recorder(single)
     read = event()
     recorder.insert_events([read])
-    record = CommandRecord(
-        scope="ws",
-        command_id=str(uuid4()),
-        command_type="MoveCard",
-        fingerprint="f",
-        actor="alice",
-        result={"kind": "card"},
-    )
+    record = command_record()
     # Current at version 1: the write goes through.
     written = event()
     recorder.insert_events(

@@ -49,6 +49,7 @@ from fanout_helpers import (
     scalar,
     wait_until,
 )
+from kafka_helpers import OUTAGE_TEST
 
 from commands import models as m
 
@@ -56,11 +57,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
-pytestmark = [
-    pytest.mark.slow,
-    # kafka-python never closes a socket whose connect() was refused (broker restarting).
-    pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
-]
+pytestmark = OUTAGE_TEST
 
 
 #: tansu creates a topic that a client asks for before it exists with this many partitions.
@@ -72,14 +69,13 @@ def _stack(
     migrated_template: str, workdir: Path, *, sweep_interval: float, partitions: int
 ) -> Iterator[KafkaStack]:
     name = pg.random_name("aw_t_amnesia_")
-    url = pg.create_database(name, template=migrated_template)
-    try:
-        with kafka_stack(
+    with (
+        pg.temporary_database(name, template=migrated_template) as url,
+        kafka_stack(
             url, workdir, seed=9, sweep_interval=sweep_interval, partitions=partitions
-        ) as built:
-            yield built
-    finally:
-        pg.drop_database(name)
+        ) as built,
+    ):
+        yield built
 
 
 @pytest.fixture

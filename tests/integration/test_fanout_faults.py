@@ -23,6 +23,7 @@ from uuid import UUID
 import pg
 import pytest
 from fanout_helpers import (
+    LOG_LINE_COUNTS,
     Appender,
     KafkaStack,
     Tenant,
@@ -39,6 +40,7 @@ from fanout_helpers import (
     relay_position,
     wait_until,
 )
+from kafka_helpers import OUTAGE_TEST
 
 from commands import models as m
 from projections.registry import all_projectors
@@ -48,11 +50,7 @@ if TYPE_CHECKING:
 
     from adapters.kafka_broker import LocalBroker
 
-pytestmark = [
-    pytest.mark.slow,
-    # kafka-python never closes a socket whose connect() was refused (broker unreachable).
-    pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
-]
+pytestmark = OUTAGE_TEST
 
 Stack = KafkaStack
 
@@ -76,12 +74,11 @@ def shared_stack(
     migrated_template: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     name = pg.random_name("aw_t_faults_")
-    url = pg.create_database(name, template=migrated_template)
-    try:
-        with kafka_stack(url, tmp_path_factory.mktemp("faults"), seed=5) as stack:
-            yield stack
-    finally:
-        pg.drop_database(name)
+    with (
+        pg.temporary_database(name, template=migrated_template) as url,
+        kafka_stack(url, tmp_path_factory.mktemp("faults"), seed=5) as stack,
+    ):
+        yield stack
 
 
 @pytest.fixture
@@ -168,11 +165,7 @@ def test_worker_killed_mid_batch_restarts_without_double_effect(stack: Stack) ->
 
     stack.assert_equals_rebuild()
     # The counters a redelivered batch would have doubled.
-    assert stack.rows(
-        "SELECT log_line_count, (SELECT count(*) FROM rm_log_lines l WHERE l.run_id = r.run_id)"
-        " FROM rm_runs r WHERE run_id = %s",
-        bulk_run,
-    ) == [(BACKLOG, BACKLOG)]
+    assert stack.rows(LOG_LINE_COUNTS, bulk_run) == [(BACKLOG, BACKLOG)]
 
 
 # == (d) the same message twice ===================================================================

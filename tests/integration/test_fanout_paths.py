@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import pg
 import pytest
 from fanout_helpers import (
+    LOG_LINE_COUNTS,
     EmbeddedPath,
     KafkaFanout,
     Workload,
@@ -195,9 +196,5 @@ def test_a_backlog_appended_in_bulk_arrives_whole(fanout: Fanout) -> None:
     (run,) = tenant.running
     fanout.converge()
 
-    assert fanout.rows(
-        "SELECT log_line_count, (SELECT count(*) FROM rm_log_lines l WHERE l.run_id = r.run_id)"
-        " FROM rm_runs r WHERE run_id = %s",
-        run,
-    ) == [(written, written)]
+    assert fanout.rows(LOG_LINE_COUNTS, run) == [(written, written)]
     fanout.assert_equals_rebuild()

@@ -14,6 +14,7 @@ import pg
 import pytest
 from fanout_helpers import Service, cli, kafka_stack, lag, wait_until
 from kafka.partitioner.default import murmur2
+from kafka_helpers import OUTAGE_TEST
 
 from projections.registry import all_projectors
 from streams.worker import projector_topics
@@ -25,10 +26,7 @@ if TYPE_CHECKING:
 
     from fanout_helpers import KafkaStack, Tenant
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
-]
+pytestmark = OUTAGE_TEST
 
 PARTITIONS = 3  # what KafkaStack creates its topics with
 
@@ -36,12 +34,11 @@ PARTITIONS = 3  # what KafkaStack creates its topics with
 @pytest.fixture
 def stack(migrated_template: str, tmp_path: Path) -> Iterator[KafkaStack]:
     name = pg.random_name("aw_t_scale_")
-    url = pg.create_database(name, template=migrated_template)
-    try:
-        with kafka_stack(url, tmp_path / "stack", seed=9) as stack:
-            yield stack
-    finally:
-        pg.drop_database(name)
+    with (
+        pg.temporary_database(name, template=migrated_template) as url,
+        kafka_stack(url, tmp_path / "stack", seed=9) as stack,
+    ):
+        yield stack
 
 
 def _kanban_worker(stack: KafkaStack, name: str, workdir: Path) -> Service:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from uuid import uuid4
 
 import pytest
-from board_helpers import add_cards, bootstrap_board, command_log_count, max_position
+from board_helpers import add_cards, add_member, bootstrap_board, command_log_count, max_position
 
 from commands import models as m
 from commands.handlers import Actor
@@ -175,6 +175,11 @@ class TestRefusal:
         assert command_log_count(database_url, command.command_id) == 1
 
 
+def spend_limit_to_replay(board: Board, limit: str) -> m.SetSpendLimit:
+    """A spend-limit command with a command id, so that sending it again is a replay."""
+    return m.SetSpendLimit(workspace_id=board.workspace_id, monthly_limit=limit, command_id=uuid4())
+
+
 class TestReplayRechecksTheCaller:
     """API.md, "Tokens": a replayed commandId returns the first result only to a caller who
     could run that command now."""
@@ -182,16 +187,9 @@ class TestReplayRechecksTheCaller:
     def test_viewer_replaying_an_owners_set_spend_limit_is_forbidden(
         self, write_side: AgentWorks, board: Board
     ) -> None:
-        viewer_id = str(uuid4())
-        write_side.add_member(
-            m.AddMember(workspace_id=board.workspace_id, user_id=viewer_id, role="VIEWER"),
-            board.owner,
-        )
-        command = m.SetSpendLimit(
-            workspace_id=board.workspace_id, monthly_limit="250.00", command_id=uuid4()
-        )
+        viewer = add_member(write_side, board, str(uuid4()), "VIEWER")
+        command = spend_limit_to_replay(board, "250.00")
         write_side.set_spend_limit(command, board.owner)
-        viewer = Actor(user_id=viewer_id, workspace_id=str(board.workspace_id))
 
         with pytest.raises(Forbidden):
             write_side.set_spend_limit(command, viewer)
@@ -199,19 +197,12 @@ class TestReplayRechecksTheCaller:
     def test_owner_demoted_since_gets_forbidden_on_replay(
         self, write_side: AgentWorks, board: Board
     ) -> None:
-        admin_id = str(uuid4())
-        write_side.add_member(
-            m.AddMember(workspace_id=board.workspace_id, user_id=admin_id, role="ADMIN"),
-            board.owner,
-        )
-        admin = Actor(user_id=admin_id, workspace_id=str(board.workspace_id))
-        command = m.SetSpendLimit(
-            workspace_id=board.workspace_id, monthly_limit="10.00", command_id=uuid4()
-        )
+        admin = add_member(write_side, board, str(uuid4()), "ADMIN")
+        command = spend_limit_to_replay(board, "10.00")
         first = write_side.set_spend_limit(command, admin)
         assert write_side.set_spend_limit(command, admin).replayed is True
         write_side.change_role(
-            m.ChangeRole(workspace_id=board.workspace_id, user_id=admin_id, role="MEMBER"),
+            m.ChangeRole(workspace_id=board.workspace_id, user_id=admin.user_id, role="MEMBER"),
             board.owner,
         )
 
@@ -237,9 +228,7 @@ class TestReplayRechecksTheCaller:
     def test_member_of_another_workspace_replaying_an_id_learns_nothing(
         self, write_side: AgentWorks, board: Board
     ) -> None:
-        command = m.SetSpendLimit(
-            workspace_id=board.workspace_id, monthly_limit="5.00", command_id=uuid4()
-        )
+        command = spend_limit_to_replay(board, "5.00")
         write_side.set_spend_limit(command, board.owner)
         other = bootstrap_board(write_side, owner="mallory")
 

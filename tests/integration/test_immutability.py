@@ -6,6 +6,7 @@ DELETE and TRUNCATE even to the table's owner. The write side itself logs in as 
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 from uuid import uuid4
 
@@ -55,18 +56,26 @@ def _insert(conn: psycopg.Connection) -> int:
     return int(row[0])
 
 
+@contextlib.contextmanager
+def events_unchanged(database_url: str) -> Iterator[None]:
+    """The block leaves every stored event as it was."""
+    before = stored_rows(database_url)
+    yield
+    assert stored_rows(database_url) == before
+
+
 class TestApplicationRole:
     @pytest.mark.parametrize("change", sorted(CHANGES))
     def test_app_role_cannot_change_stored_events(
         self, board: Board, as_app: psycopg.Connection, database_url: str, change: str
     ) -> None:
-        before = stored_rows(database_url)
-        assert before
+        assert stored_rows(database_url)
 
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
+        with (
+            events_unchanged(database_url),
+            pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"),
+        ):
             as_app.execute(CHANGES[change])
-
-        assert stored_rows(database_url) == before
 
     @pytest.mark.parametrize(
         "statement",
@@ -102,18 +111,15 @@ class TestApplicationRole:
     def test_write_side_connections_cannot_change_events(
         self, write_side: AgentWorks, board: Board, database_url: str
     ) -> None:
-        before = stored_rows(database_url)
-
-        for statement in CHANGES.values():
-            # The library's datastore translates psycopg's errors into its own.
-            with (
-                pytest.raises(ProgrammingError, match="permission denied") as refused,
-                write_side.factory.datastore.get_connection() as conn,  # type: ignore[attr-defined]
-            ):
-                conn.execute(statement)
-            assert isinstance(refused.value.__cause__, psycopg.errors.InsufficientPrivilege)
-
-        assert stored_rows(database_url) == before
+        with events_unchanged(database_url):
+            for statement in CHANGES.values():
+                # The library's datastore translates psycopg's errors into its own.
+                with (
+                    pytest.raises(ProgrammingError, match="permission denied") as refused,
+                    write_side.factory.datastore.get_connection() as conn,  # type: ignore[attr-defined]
+                ):
+                    conn.execute(statement)
+                assert isinstance(refused.value.__cause__, psycopg.errors.InsufficientPrivilege)
 
 
 class TestTableOwner:
@@ -121,12 +127,11 @@ class TestTableOwner:
     def test_trigger_refuses_changes_even_to_the_owner(
         self, board: Board, as_owner: psycopg.Connection, database_url: str, change: str
     ) -> None:
-        before = stored_rows(database_url)
-
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="immutable"):
+        with (
+            events_unchanged(database_url),
+            pytest.raises(psycopg.errors.InsufficientPrivilege, match="immutable"),
+        ):
             as_owner.execute(CHANGES[change])
-
-        assert stored_rows(database_url) == before
 
     def test_owner_may_still_append(self, as_owner: psycopg.Connection) -> None:
         assert _insert(as_owner) >= 1

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from kafka_helpers import IGNORE_REFUSED_SOCKETS, read_topic
 
 from adapters.kafka_broker import LocalBroker
 
@@ -35,7 +36,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings(
         "ignore", "open_text is deprecated", DeprecationWarning, "importlib.resources._legacy"
     )
-    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+    from kafka import KafkaAdminClient, KafkaConsumer
     from kafka.errors import KafkaConfigurationError, KafkaError
 
 from adapters import kafka as kafka_adapter
@@ -53,11 +54,7 @@ if TYPE_CHECKING:
     #: The ``workers`` fixture: ``workers(name, bootstrap, app_id, topic)`` starts one.
     StartWorker = Callable[[str, str, str, str], "Worker"]
 
-pytestmark = pytest.mark.filterwarnings(
-    # kafka-python 3.0.12 (kafka/net/inet.py connect) never closes a socket whose connect() was
-    # refused; when the broker is down (restart) each retry leaks one, reported at GC time.
-    "ignore:unclosed <socket.socket:ResourceWarning",
-)
+pytestmark = IGNORE_REFUSED_SOCKETS
 
 # Registers the session-wide ``kafka_broker`` fixture (tests/kafka_fixtures.py). Not imported
 # by name: pytest must import the plugin itself (assertion rewriting), and the fixture parameter
@@ -212,6 +209,13 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+def worker_topic(bootstrap: str) -> tuple[str, str]:
+    """A new event topic of ``PARTITIONS`` partitions, and a new consumer group to read it."""
+    topic, group = unique_name("ev"), unique_name("projector")
+    create_topics(bootstrap, [topic], PARTITIONS)
+    return topic, group
+
+
 def produce(bootstrap: str, topic: str, values: range, producer: Any = None) -> None:
     """Publish ``v<i>`` with key ``k<i>`` and headers, and wait for every ack."""
     owned = producer is None
@@ -257,29 +261,12 @@ def log_end_offsets(bootstrap: str, topic: str, expected: int) -> dict[int, int]
     Not ``end_offsets()``: tansu answers ListOffsets(LATEST) with the base offset of the last
     record batch + 1, which is too small whenever that batch held several records.
     """
-    records = read_all(bootstrap, topic, expected)
+    records = read_topic(bootstrap, topic, expected)
     assert len(records) == expected
     ends = dict.fromkeys(range(partition_count(bootstrap, topic)), 0)
     for record in records:
         ends[record.partition] = max(ends[record.partition], record.offset + 1)
     return ends
-
-
-def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 10.0) -> list[Any]:
-    """Every record of ``topic`` via manual assignment (no consumer group)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout
-        while len(records) < expected and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +351,7 @@ def test_idempotent_producer_sends_keyed_records_with_headers(kafka_broker: Loca
         by_key.setdefault(f"card-{i % 4}", set()).add(meta.partition)
     assert all(len(parts) == 1 for parts in by_key.values())
 
-    records = read_all(kafka_broker.bootstrap, topic, expected=20)
+    records = read_topic(kafka_broker.bootstrap, topic, expected=20)
     assert len(records) == 20
     for record in records:
         headers = dict(record.headers)
@@ -423,8 +410,7 @@ def test_faust_worker_commits_and_resumes_from_committed_offsets(
     kafka_broker: LocalBroker, workers: StartWorker
 ) -> None:
     bootstrap = kafka_broker.bootstrap
-    topic, group = unique_name("ev"), unique_name("projector")
-    create_topics(bootstrap, [topic], PARTITIONS)
+    topic, group = worker_topic(bootstrap)
     produce(bootstrap, topic, range(12))
 
     # 1. A worker consumes everything produced by kafka-python, keys and headers intact.
@@ -473,8 +459,7 @@ def test_two_faust_workers_split_partitions(
     kafka_broker: LocalBroker, workers: StartWorker
 ) -> None:
     bootstrap = kafka_broker.bootstrap
-    topic, group = unique_name("ev"), unique_name("projector")
-    create_topics(bootstrap, [topic], PARTITIONS)
+    topic, group = worker_topic(bootstrap)
 
     one = workers("one", bootstrap, group, topic)
     two = workers("two", bootstrap, group, topic)
@@ -515,8 +500,7 @@ def test_broker_restart_loses_memory_and_clients_recover(
     caplog.set_level(logging.CRITICAL, logger="kafka")
     with LocalBroker() as broker:
         bootstrap = broker.bootstrap
-        topic, group = unique_name("ev"), unique_name("projector")
-        create_topics(bootstrap, [topic], PARTITIONS)
+        topic, group = worker_topic(bootstrap)
         producer = make_producer(bootstrap)
         worker = workers("survivor", bootstrap, group, topic)
         produce(bootstrap, topic, range(6), producer)

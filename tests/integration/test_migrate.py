@@ -25,12 +25,8 @@ if TYPE_CHECKING:
 @pytest.fixture
 def empty_database(postgres: None) -> Iterator[str]:
     """A database with nothing in it (no migrations), dropped afterwards."""
-    name = pg.random_name("aw_t_")
-    url = pg.create_database(name)
-    try:
+    with pg.temporary_database(pg.random_name("aw_t_")) as url:
         yield url
-    finally:
-        pg.drop_database(name)
 
 
 def _write(directory: Path, files: dict[str, str]) -> Path:

@@ -14,19 +14,13 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
-from typing import Any
 
-import psycopg
-import pytest
+import pg
 import structlog
-from kafka import KafkaConsumer, TopicPartition
-from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from kafka_helpers import read_topic
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from opentelemetry.util._once import Once
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -35,41 +29,14 @@ from adapters.kafka import create_topics, make_producer
 from adapters.kafka_broker import LocalBroker
 from adapters.metrics import LagCollector
 from adapters.postgres import PROJECTOR_ROLE, make_pool
-from adapters.telemetry import configure_tracing, continue_trace, current_traceparent
+from adapters.telemetry import continue_trace, current_traceparent
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
 from domain.envelope import TOPICS
-from infra.logging import configure_logging
 from projections.registry import all_projectors, projector_names
 from projections.runner import ProjectionRunner
 from streams.embedded import EmbeddedFanout
 from streams.relay import Relay, RelayPositions, topic_for
-
-
-@pytest.fixture(scope="module")
-def spans() -> Iterator[InMemorySpanExporter]:
-    """Finished spans of this process while this module runs (as in the e2e module)."""
-    exporter = InMemorySpanExporter()
-    current = trace.get_tracer_provider()
-    installed = None
-    if isinstance(current, TracerProvider):
-        current.add_span_processor(SimpleSpanProcessor(exporter))
-    else:
-        installed = configure_tracing(service_name="agentworks-integration", exporter=exporter)
-    yield exporter
-    exporter.shutdown()
-    if installed is not None:
-        # OpenTelemetry installs a provider once per process; undo it as its own test utilities
-        # do, so that later tests run untraced.
-        installed.shutdown()
-        trace._TRACER_PROVIDER = None
-        trace._TRACER_PROVIDER_SET_ONCE = Once()
-
-
-@pytest.fixture
-def exporter(spans: InMemorySpanExporter) -> InMemorySpanExporter:
-    spans.clear()
-    return spans
 
 
 def ids(span: ReadableSpan) -> tuple[str, str]:
@@ -86,22 +53,6 @@ def parent_of(traceparent: str) -> tuple[str, str]:
     version, trace_id, span_id, _flags = traceparent.split("-")
     assert version == "00"
     return trace_id, span_id
-
-
-def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 10.0) -> list[Any]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout
-        while len(records) < expected and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close()
 
 
 # -- the trace through the relay and Kafka -------------------------------------------------------
@@ -178,7 +129,7 @@ def test_lag_collector_reports_head_relay_and_projector_lag(
     log = EventLog(write_side.recorder, write_side.mapper)  # type: ignore[arg-type]
     fanout = EmbeddedFanout(log, [ProjectionRunner(p, pool, log) for p in all_projectors()])
     try:
-        head = log_head(database_url)
+        head = pg.log_head(database_url)
         caught_up = projected_up_to(fanout, database_url, head)
         relay = RelayPositions(database_url, role=None, relay="lagging-relay")
         relay.save(head - 1)
@@ -197,7 +148,7 @@ def test_lag_collector_reports_head_relay_and_projector_lag(
         assert with_relay[projector_lag(name)] == 0
         # The embedded fan-out reads the log in order: its watermark keeps up too.
         assert with_relay[("agentworks_projector_unswept_events", (("projector", name),))] == 0
-    new_head = log_head(database_url)
+    new_head = pg.log_head(database_url)
     assert new_head >= head + 3
     assert behind[HEAD] == new_head
     relay_lag = behind[("agentworks_relay_lag_events", (("relay", "lagging-relay"),))]
@@ -213,13 +164,6 @@ HEAD = ("agentworks_log_head_position", ())
 
 def projector_lag(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     return ("agentworks_projector_lag_events", (("projector", name),))
-
-
-def log_head(database_url: str) -> int:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute("SELECT max(notification_id) FROM agentworks_events").fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def projected_up_to(
@@ -242,19 +186,6 @@ def test_lag_collector_reports_nothing_when_the_database_is_unreachable() -> Non
 
 
 # -- logs ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """Everything logged (JSON, DEBUG and up) while the test runs; logging restored after."""
-    root = logging.getLogger()
-    handlers, level, config = list(root.handlers), root.level, structlog.get_config()
-    stream = io.StringIO()
-    configure_logging(level="DEBUG", json=True, stream=stream)
-    yield stream
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**config)
 
 
 def test_log_lines_carry_the_active_spans_ids_and_bound_request_ids(

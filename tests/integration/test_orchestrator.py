@@ -33,6 +33,15 @@ from domain.usage import UsageCharge, charge_id_for
 pytestmark = pytest.mark.slow
 
 
+def openai_at(server: FakeProviderServer, *, then_simulated: bool = False) -> dict[str, Provider]:
+    """The orchestrator's providers: OpenAI at ``server`` (then the simulated one, to fall back
+    to, if ``then_simulated``)."""
+    providers: dict[str, Provider] = {"openai": OpenAIProvider(api_key="k", base_url=server.url)}
+    if then_simulated:
+        providers["simulated"] = fast_simulated()
+    return providers
+
+
 def start(app: AgentWorks, card: CardOnBoard, **fields: Any) -> UUID:
     fields.setdefault("agent", "coder")
     return app.start_agent_run(m.StartAgentRun(card_id=card.card_id, **fields), card.board.owner).id
@@ -88,13 +97,14 @@ def test_a_later_agent_sees_the_earlier_runs_output_in_its_prompt(
 ) -> None:
     card = card_on_board(write_side)
     design = openai_events(["design: use JWT"], prompt_tokens=9, completion_tokens=4)
-    with FakeProviderServer([Reply(events=design)]) as server:
-        openai = OpenAIProvider(api_key="k", base_url=server.url)
-        with orchestrator_thread(database_url, {"openai": openai}):
-            first = start(write_side, card, agent="architect", provider="openai")
-            wait_for(write_side, first, finished)
-            second = start(write_side, card, agent="coder", provider="openai")
-            run = wait_for(write_side, second, finished)
+    with (
+        FakeProviderServer([Reply(events=design)]) as server,
+        orchestrator_thread(database_url, openai_at(server)),
+    ):
+        first = start(write_side, card, agent="architect", provider="openai")
+        wait_for(write_side, first, finished)
+        second = start(write_side, card, agent="coder", provider="openai")
+        run = wait_for(write_side, second, finished)
     assert run.status is RunStatus.SUCCEEDED
     prompt = server.requests[-1].body["messages"][1]["content"]
     assert "design: use JWT" in prompt
@@ -151,14 +161,12 @@ def test_unpinned_run_falls_back_after_a_500_and_records_both_attempts(
     write_side: AgentWorks, database_url: str
 ) -> None:
     card = card_on_board(write_side)
-    with FakeProviderServer([Reply(status=500, body=b"down")]) as server:
-        providers: dict[str, Provider] = {
-            "openai": OpenAIProvider(api_key="k", base_url=server.url),
-            "simulated": fast_simulated(),
-        }
-        with orchestrator_thread(database_url, providers):
-            run_id = start(write_side, card)
-            run = wait_for(write_side, run_id, finished)
+    with (
+        FakeProviderServer([Reply(status=500, body=b"down")]) as server,
+        orchestrator_thread(database_url, openai_at(server, then_simulated=True)),
+    ):
+        run_id = start(write_side, card)
+        run = wait_for(write_side, run_id, finished)
     assert run.status is RunStatus.SUCCEEDED, run.error
     attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
     assert [(a.provider, a.status, a.http_status) for a in attempts] == [
@@ -177,14 +185,12 @@ def test_pinned_run_retries_the_same_provider_after_retry_after(
     card = card_on_board(write_side)
     ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
     replies = [Reply(status=429, headers={"retry-after": "1"}, body=b"{}"), Reply(events=ok)]
-    with FakeProviderServer(replies) as server:
-        providers: dict[str, Provider] = {
-            "openai": OpenAIProvider(api_key="k", base_url=server.url),
-            "simulated": fast_simulated(),
-        }
-        with orchestrator_thread(database_url, providers):
-            run_id = start(write_side, card, provider="openai")
-            run = wait_for(write_side, run_id, finished)
+    with (
+        FakeProviderServer(replies) as server,
+        orchestrator_thread(database_url, openai_at(server, then_simulated=True)),
+    ):
+        run_id = start(write_side, card, provider="openai")
+        run = wait_for(write_side, run_id, finished)
     assert run.status is RunStatus.SUCCEEDED
     attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
     assert [(a.provider, a.http_status) for a in attempts] == [("openai", 429), ("openai", None)]
@@ -197,13 +203,12 @@ def test_a_stream_cut_midway_is_charged_from_estimates_never_zero(
 ) -> None:
     card = card_on_board(write_side)
     events = openai_events(["partial ", "answer ", "lost"], prompt_tokens=50, completion_tokens=3)
-    with FakeProviderServer([Reply(events=events, cut_after=3)]) as server:
-        providers: dict[str, Provider] = {
-            "openai": OpenAIProvider(api_key="k", base_url=server.url)
-        }
-        with orchestrator_thread(database_url, providers, max_attempts=2):
-            run_id = start(write_side, card, provider="openai")
-            run = wait_for(write_side, run_id, finished)
+    with (
+        FakeProviderServer([Reply(events=events, cut_after=3)]) as server,
+        orchestrator_thread(database_url, openai_at(server), max_attempts=2),
+    ):
+        run_id = start(write_side, card, provider="openai")
+        run = wait_for(write_side, run_id, finished)
     assert run.status is RunStatus.FAILED
     attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
     assert len(attempts) == 2
@@ -302,13 +307,12 @@ def test_a_failing_provider_opens_its_circuit_and_the_run_log_says_so(
     write_side: AgentWorks, database_url: str
 ) -> None:
     card = card_on_board(write_side)
-    with FakeProviderServer([Reply(status=503, body=b"unavailable")]) as server:
-        providers: dict[str, Provider] = {
-            "openai": OpenAIProvider(api_key="k", base_url=server.url)
-        }
-        with orchestrator_thread(database_url, providers, max_attempts=4, breaker_threshold=3):
-            run_id = start(write_side, card, provider="openai")
-            run = wait_for(write_side, run_id, finished)
+    with (
+        FakeProviderServer([Reply(status=503, body=b"unavailable")]) as server,
+        orchestrator_thread(database_url, openai_at(server), max_attempts=4, breaker_threshold=3),
+    ):
+        run_id = start(write_side, card, provider="openai")
+        run = wait_for(write_side, run_id, finished)
     assert run.status is RunStatus.FAILED
     assert "gave up after 4 attempts" in (run.error or "")
     attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)

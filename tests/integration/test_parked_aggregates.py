@@ -11,6 +11,7 @@ workspace and of other workspaces, and every other projector, keeps projecting.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import uuid
@@ -24,10 +25,8 @@ from fanout_helpers import (
     EmbeddedPath,
     KafkaFanout,
     connect,
-    describe_difference,
-    primary_key,
     projector_side,
-    table_rows,
+    rebuild_differences,
     wait_until,
 )
 from parking_helpers import (
@@ -41,7 +40,7 @@ from parking_helpers import (
 from commands import models as m
 from infra.bootstrap import build_write_side
 from projections.kanban import KanbanProjector
-from projections.rebuild import SCRATCH_SUFFIX, rebuild, rebuild_many
+from projections.rebuild import rebuild_many
 from projections.registry import all_projectors
 from projections.runner import ProjectionRunner
 from projections.sweep import ProjectionSweep
@@ -182,11 +181,8 @@ def agentworks(url: str, *args: str, fixed: bool = False) -> subprocess.Complete
 
 @pytest.fixture
 def app(database_url: str) -> Iterator[AgentWorks]:
-    write_side = build_write_side(database_url, pool_size=2)
-    try:
+    with contextlib.closing(build_write_side(database_url, pool_size=2)) as write_side:
         yield write_side
-    finally:
-        write_side.close()
 
 
 def test_embedded_fanout_parks_only_the_aggregate_it_cannot_apply(
@@ -368,19 +364,7 @@ def test_after_a_poison_event_a_rebuild_in_small_batches_equals_the_live_read_mo
         path.fanout.drain()
     finally:
         path.stop()
-    with projector_side(database_url) as (pool, log):
-        for projector in all_projectors():
-            rebuild(projector, pool, log, swap=False, batch_size=5)
-    differences = {}
-    with connect(database_url) as conn:
-        for projector in all_projectors():
-            for table in projector.tables:
-                key = primary_key(conn, table)
-                live = table_rows(conn, table, key)
-                fresh = table_rows(conn, table + SCRATCH_SUFFIX, key)
-                if live != fresh:
-                    differences[table] = describe_difference(live, fresh, len(key))
-    assert differences == {}
+    assert rebuild_differences(database_url, batch_size=5) == {}
     assert rows(
         database_url,
         "SELECT projector, originator_id, originator_version FROM projection_parked"

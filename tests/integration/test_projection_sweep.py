@@ -11,9 +11,9 @@ import random
 from typing import TYPE_CHECKING
 
 import psycopg
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis_profiles import examples
+from hypothesis_profiles import expensive_property
 from read_side_helpers import ReadSide, create_card
 from test_read_model_properties import (
     EVERYTHING_ONCE,
@@ -182,11 +182,7 @@ def test_the_schedule_sweeps_what_was_published_one_tick_earlier(side: ReadSide)
     assert _title(side, card) == "after"
 
 
-@settings(
-    max_examples=examples(dev=12, ci=20),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@expensive_property(dev=12, ci=20)
 @given(
     ops=st.lists(operations, min_size=6, max_size=30),
     seed=st.integers(0, 2**32),

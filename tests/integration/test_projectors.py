@@ -25,7 +25,6 @@ from read_side_helpers import (
     llm_call,
     request_run,
     running_run,
-    shared_read_side,
 )
 
 from commands import models as m
@@ -36,20 +35,17 @@ from projections.billing import BillingProjector
 from projections.runs import RunsProjector
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from projections.runner import BatchOutcome
 
 
-@pytest.fixture(scope="module")
-def side(migrated_template: str) -> Iterator[ReadSide]:
-    with shared_read_side(migrated_template) as read_side:
-        yield read_side
-
-
 @pytest.fixture
-def world(side: ReadSide) -> World:
-    return side.new_world()
+def side(shared_side: ReadSide) -> ReadSide:
+    return shared_side
+
+
+def _run(side: ReadSide, run_id: UUID, columns: str = "*") -> dict[str, Any]:
+    """``columns`` of the run's ``rm_runs`` row."""
+    return side.row(f"SELECT {columns} FROM rm_runs WHERE run_id = %s", (run_id,))
 
 
 def _run_changes(outcome: BatchOutcome, run_id: UUID) -> list[Change]:
@@ -78,7 +74,7 @@ class TestRunsProjector:
         outcome = side.project(RunsProjector())
 
         requested = side.envelope_at(side.position_of("AgentRun.Requested"))
-        run = side.row("SELECT * FROM rm_runs WHERE run_id = %s", (run_id,))
+        run = _run(side, run_id)
         assert run == {
             "workspace_id": world.workspace_id,
             "run_id": run_id,
@@ -112,9 +108,7 @@ class TestRunsProjector:
         outcome = side.project(RunsProjector())
 
         started = side.envelope_at(side.position_of("AgentRun.Started"))
-        run = side.row(
-            "SELECT status, started_at, version FROM rm_runs WHERE run_id = %s", (run_id,)
-        )
+        run = _run(side, run_id, "status, started_at, version")
         assert run == {"status": "RUNNING", "started_at": started.timestamp, "version": 2}
         assert _run_changes(outcome, run_id)[-1] == _status_change(
             run_id, "RUNNING", started.position
@@ -123,14 +117,14 @@ class TestRunsProjector:
     def test_step_started_only_advances_the_version(self, side: ReadSide, world: World) -> None:
         run_id = running_run(side, world)
         side.project(RunsProjector())
-        before = side.row("SELECT * FROM rm_runs WHERE run_id = %s", (run_id,))
+        before = _run(side, run_id)
 
         side.app.start_run_step(
             m.StartRunStep(run_id=run_id, step=1, name="plan"), world.orchestrator
         )
         outcome = side.project(RunsProjector())
 
-        after = side.row("SELECT * FROM rm_runs WHERE run_id = %s", (run_id,))
+        after = _run(side, run_id)
         assert after == {**before, "version": 3}
         assert _run_changes(outcome, run_id) == []
 
@@ -156,7 +150,7 @@ class TestRunsProjector:
             {"workspace_id": world.workspace_id, "seq": 3, "at": at, "stream": "stderr",
              "text": "warning: deprecated"},
         ]  # fmt: skip
-        run = side.row("SELECT log_line_count, version FROM rm_runs WHERE run_id = %s", (run_id,))
+        run = _run(side, run_id, "log_line_count, version")
         assert run == {"log_line_count": 3, "version": 4}
 
         chunks = [c for c in _run_changes(outcome, run_id) if c.payload["kind"] == "lines"]
@@ -189,7 +183,7 @@ class TestRunsProjector:
             (run_id,),
         )
         assert stored == {"lines": 10_000, "first": 1, "last": 10_000, "texts": 10_000}
-        run = side.row("SELECT log_line_count FROM rm_runs WHERE run_id = %s", (run_id,))
+        run = _run(side, run_id, "log_line_count")
         assert run["log_line_count"] == 10_000
 
     def test_nul_characters_from_tool_output_do_not_wedge_the_projector(
@@ -206,7 +200,7 @@ class TestRunsProjector:
         assert line["text"] == "binary\ufffdgarbage"
         chunk = _run_changes(outcome, run_id)[-2]
         assert chunk.payload["lines"][0]["text"] == "binary\ufffdgarbage"
-        run = side.row("SELECT status, error FROM rm_runs WHERE run_id = %s", (run_id,))
+        run = _run(side, run_id, "status, error")
         assert run == {"status": "FAILED", "error": "exit\ufffd 1"}
 
     def test_llm_calls_add_up_tokens_cost_and_billing_on_the_run(
@@ -219,10 +213,11 @@ class TestRunsProjector:
                           model="claude-x", input_tokens=7, output_tokens=3)  # fmt: skip
         side.project(RunsProjector())
 
-        run = side.row(
-            "SELECT provider, model, input_tokens, output_tokens, provider_cost_micros,"
-            " billed_micros, llm_calls, version FROM rm_runs WHERE run_id = %s",
-            (run_id,),
+        run = _run(
+            side,
+            run_id,
+            "provider, model, input_tokens, output_tokens, provider_cost_micros, billed_micros,"
+            " llm_calls, version",
         )
         assert run == {
             "provider": "anthropic",
@@ -269,9 +264,7 @@ class TestRunsProjector:
         changes = _run_changes(side.project(RunsProjector()), run_id)
 
         finished = side.envelope_at(side.position_of(event_type))
-        run = side.row(
-            "SELECT status, finished_at, error, version FROM rm_runs WHERE run_id = %s", (run_id,)
-        )
+        run = _run(side, run_id, "status, finished_at, error, version")
         assert run == {
             "status": status,
             "finished_at": finished.timestamp,
@@ -287,11 +280,7 @@ class TestRunsProjector:
         side.app.cancel_agent_run(m.CancelAgentRun(run_id=run_id), world.owner)
         side.project(RunsProjector())
 
-        run = side.row(
-            "SELECT status, started_at, finished_at IS NOT NULL AS finished, error"
-            " FROM rm_runs WHERE run_id = %s",
-            (run_id,),
-        )
+        run = _run(side, run_id, "status, started_at, finished_at IS NOT NULL AS finished, error")
         assert run == {
             "status": "CANCELLED",
             "started_at": None,

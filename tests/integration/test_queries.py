@@ -21,7 +21,6 @@ from read_side_helpers import (
     create_card,
     llm_call,
     running_run,
-    shared_read_side,
 )
 
 from commands import models as m
@@ -32,25 +31,14 @@ from projections.billing import UsageDimension
 from projections.registry import all_projectors
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    pass
 
 MARCH = datetime(2025, 3, 1, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def shared_side(migrated_template: str) -> Iterator[ReadSide]:
-    with shared_read_side(migrated_template) as read_side:
-        yield read_side
 
 
 @pytest.fixture
 def side(shared_side: ReadSide) -> ReadSide:
     return shared_side
-
-
-@pytest.fixture
-def world(side: ReadSide) -> World:
-    return side.new_world()
 
 
 def project_all(side: ReadSide) -> None:

@@ -14,12 +14,12 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
-from hypothesis_profiles import examples
+from hypothesis_profiles import expensive_property
 from psycopg import sql
 from read_side_helpers import (
     ReadSide,
@@ -46,6 +46,8 @@ from projections.rebuild import SCRATCH_SUFFIX, rebuild
 from projections.registry import all_projectors
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from domain.envelope import EventEnvelope
     from projections.base import Projector
     from projections.runner import ProjectionRunner
@@ -92,6 +94,9 @@ run_operations = st.one_of(
     st.tuples(st.just("cancel"), index, st.booleans()),
 )
 operations = st.one_of(run_operations, card_operations)
+#: What one example does: enough operations to touch most projectors, few enough to stay fast.
+scripts = st.lists(operations, min_size=6, max_size=40)
+TestFunction = TypeVar("TestFunction", bound="Callable[..., None]")
 
 #: A fixed example that touches every event type the projectors handle.
 EVERYTHING_ONCE: list[tuple[Any, ...]] = [
@@ -122,6 +127,18 @@ EVERYTHING_ONCE: list[tuple[Any, ...]] = [
     ("archive", 1, True),
     ("archive", 1, False),
 ]
+
+
+def script_property(*, dev: int, ci: int) -> Callable[[TestFunction], TestFunction]:
+    """A property of random operation scripts (``ops``) and delivery seeds (``seed``), the
+    script that does everything once always among its examples."""
+
+    def decorate(test: TestFunction) -> TestFunction:
+        test = example(ops=EVERYTHING_ONCE, seed=7)(test)
+        test = given(ops=scripts, seed=st.integers(0, 2**32))(test)
+        return expensive_property(dev=dev, ci=ci)(test)
+
+    return decorate
 
 
 @dataclass
@@ -450,13 +467,7 @@ def assert_billing_adds_up(side: ReadSide, script: Script) -> None:
 # -- the properties --------------------------------------------------------------------------------
 
 
-@settings(
-    max_examples=examples(dev=20, ci=30),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(ops=st.lists(operations, min_size=6, max_size=40), seed=st.integers(0, 2**32))
-@example(ops=EVERYTHING_ONCE, seed=7)
+@script_property(dev=20, ci=30)
 def test_incremental_read_models_equal_a_rebuild_and_billing_adds_up(
     side: ReadSide, ops: list[tuple[Any, ...]], seed: int
 ) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka_helpers import OUTAGE_TEST, read_topic
 
 from adapters.eventlog import EventLog
 from adapters.kafka import create_topics, make_producer, producer_state_lost, topic_id
@@ -29,11 +29,7 @@ from commands.handlers import Actor, AgentWorks
 from domain.envelope import TOPICS
 from streams.relay import Relay, RelayPositions
 
-pytestmark = [
-    pytest.mark.slow,
-    # kafka-python never closes a socket whose connect() was refused (broker restarting).
-    pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning"),
-]
+pytestmark = OUTAGE_TEST
 
 PREFIX = "loss-"
 
@@ -59,12 +55,8 @@ def close_refused_sockets() -> Iterator[None]:
 
 @pytest.fixture
 def broker() -> Iterator[LocalBroker]:
-    started = LocalBroker()
-    started.start()
-    try:
+    with LocalBroker() as started:
         yield started
-    finally:
-        started.stop()
 
 
 def relay_on(
@@ -103,19 +95,8 @@ def catch_up(relay: Relay, head: int, *, timeout: float = 60.0) -> None:
 
 
 def published_positions(bootstrap: str, topic: str) -> list[int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        found: list[Any] = []
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=200).values():
-                found.extend(batch)
-        return sorted(int(dict(record.headers)["position"]) for record in found)
-    finally:
-        consumer.close()
+    found = read_topic(bootstrap, topic, timeout=5)
+    return sorted(int(dict(record.headers)["position"]) for record in found)
 
 
 def test_acknowledged_offsets_going_back_rewind_the_relay_to_the_lowest_watermark(

@@ -3,11 +3,10 @@ the event-by-event and the batch path (a rebuild must equal the incremental tabl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
-from read_side_helpers import ReadSide, World, running_run, shared_read_side
+from read_side_helpers import ReadSide, World, running_run
 
 from commands import models as m
 from projections.activity import ActivityProjector
@@ -16,10 +15,9 @@ from projections.runs import RunsProjector
 NOW = datetime.now(UTC)
 
 
-@pytest.fixture(scope="module")
-def side(migrated_template: str) -> Iterator[ReadSide]:
-    with shared_read_side(migrated_template) as read_side:
-        yield read_side
+@pytest.fixture
+def side(shared_side: ReadSide) -> ReadSide:
+    return shared_side
 
 
 def attempt(run_id: object, status: str, tin: int, tout: int, **extra: object) -> m.Command:
