@@ -59,7 +59,9 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def direct(provider: SimulatedProvider, runs: int) -> dict[str, float]:
+async def direct_calls(provider: SimulatedProvider, calls: int) -> list[float]:
+    """``calls`` calls of the adapter at once, the prompt a first ``coder`` run gets; each one's
+    seconds until its usage block."""
     messages = build_prompt(agent_named("coder"), title="Login page",
                             description="Users sign in.", earlier=[])  # fmt: skip
 
@@ -70,8 +72,12 @@ async def direct(provider: SimulatedProvider, runs: int) -> dict[str, float]:
                 break
         return time.monotonic() - t0
 
+    return list(await asyncio.gather(*(one() for _ in range(calls))))
+
+
+async def direct(provider: SimulatedProvider, runs: int) -> dict[str, float]:
     t0 = time.monotonic()
-    latencies = await asyncio.gather(*(one() for _ in range(runs)))
+    latencies = await direct_calls(provider, runs)
     wall = time.monotonic() - t0
     return {"wall_s": wall, "calls_per_s": runs / wall, "p50_s": pct(latencies, 0.5),
             "p99_s": pct(latencies, 0.99)}  # fmt: skip
@@ -162,18 +168,8 @@ async def per_call(url: str, provider: SimulatedProvider, level: int, waves: int
     latency is the store's ``Requested`` → ``Succeeded`` (pickup from the log, claim, prompt, the
     call, log chunks, attempt + charge, output, finish); a direct call's is the call alone."""
     direct_latencies: list[float] = []
-    messages = build_prompt(agent_named("coder"), title="Login page",
-                            description="Users sign in.", earlier=[])  # fmt: skip
-
-    async def one() -> float:
-        t0 = time.monotonic()
-        async for piece in provider.stream(ChatRequest("sim-1", messages, 2000)):
-            if isinstance(piece, Usage):
-                break
-        return time.monotonic() - t0
-
     for _ in range(waves):
-        direct_latencies += await asyncio.gather(*(one() for _ in range(level)))
+        direct_latencies += await direct_calls(provider, level)
     run_latencies: list[float] = []
     statuses: dict[str, int] = {}
     async with BenchRuns(url, provider, level) as bench:
