@@ -16,6 +16,11 @@ This recorder keeps the guarantee with a shorter critical section and a reader-s
   snapshot. Every transaction that could still commit a lower id is newer than that horizon, so
   nothing returned can be overtaken.
 
+Appends that arrive while another is being written are written next as one group, in one
+transaction (:class:`GroupCommit`): the fixed cost of a transaction (round trips, statements,
+the commit's WAL flush) is shared by the group, while each append keeps its own notification ids,
+command record, version checks and read check, and fails alone when it conflicts.
+
 Transaction ids are server-wide, so the horizon leaves out transactions that ``pg_locks`` shows
 belong to another database: a long transaction elsewhere on the cluster does not stall fan-out.
 A long-running writing transaction in this database still holds readers (never writers) back
@@ -152,6 +157,11 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._queue: list[_Pending] = []
         self._leading = False
+
+    def written(self) -> Counter[int]:
+        """A copy of :attr:`sizes`, safe to take while appends are being written."""
+        with self._lock:
+            return self.sizes.copy()
 
     @property
     def waiting(self) -> int:

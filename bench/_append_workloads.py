@@ -83,7 +83,7 @@ def group_counters(app: Any) -> dict[str, int]:
     recorder = getattr(app, "recorder", None)
     if not isinstance(recorder, EventStoreRecorder):
         return {}
-    sizes = dict(recorder.group_commit.sizes)
+    sizes = recorder.group_commit.written()
     return {
         "group_transactions": sum(sizes.values()),
         "grouped_appends": sum(size * n for size, n in sizes.items()),
