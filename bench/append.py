@@ -399,7 +399,7 @@ def ratio_pairs(
             (f"ours.move/{shape}", f"es.save/{shape}", "ops_per_s"),
             (f"ours.assign/{shape}", f"es.save/{shape}", "ops_per_s"),
             (f"ours.save/{shape}", f"es.save/{shape}", "ops_per_s"),
-            # Against the library in the shape it does best in (one thread per process).
+            # Against the library in the usual shape (one thread per process), too.
             (f"ours.move/{shape}", f"es.save/{processes * threads}", "ops_per_s"),
             (f"ours.assign/{shape}", f"es.save/{processes * threads}", "ops_per_s"),
             (f"ours.move/{shape}", f"ours.move/{processes * threads}", "ops_per_s"),

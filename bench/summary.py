@@ -238,7 +238,8 @@ def group_commit_rows() -> list[Row]:
             f"commands (issue 17), API-shaped ({shape}: processes {TIMES} threads sharing one "
             f"app, group commit): whole command path ≥ 1.5{TIMES} bare eventsourcing and "
             "≥ 1,000 single-event commands/s",
-            f"{ratio(f'ours.move/{shape} ÷ es.save/{shape}')}; against the library's best shape, "
+            f"{ratio(f'ours.move/{shape} ÷ es.save/{shape}')}; against the library in "
+            f"{writers} single-threaded processes, "
             f"{ratio(f'ours.move/{shape} ÷ es.save/{writers}')}; "
             f"{rate(f'ours.assign/{shape}', '`assign_card`')}, "
             f"{rate(f'ours.move/{shape}', '`move_card`')}; mean group "
