@@ -199,13 +199,18 @@ def test_appends_queued_behind_a_write_go_as_one_transaction(
 def test_a_conflicting_append_fails_alone_and_the_rest_of_its_group_commits(
     database_url: str, recorder: EventStoreRecorder
 ) -> None:
+    """A version taken, an aggregate read that moved on, a command recorded before: each
+    refuses the group's transaction, and then only the append concerned fails."""
     taken, read = event(), event()
     recorder.insert_events([taken])
     recorder.insert_events([read])
     recorder.insert_events([event(read.originator_id, 2)])
+    recorded_before = record()
+    recorder.insert_events([event()], command_record=recorded_before)
     good = [([event()], record()) for _ in range(4)]
     clash = ([event(taken.originator_id, 1)], record())
     stale = ([event()], record())
+    again = ([event()], recorded_before)
 
     calls = [
         (lambda e=events, r=rec: recorder.insert_events(e, command_record=r))
@@ -217,13 +222,16 @@ def test_a_conflicting_append_fails_alone_and_the_rest_of_its_group_commits(
         )
     )
     calls.append(lambda: recorder.insert_events(good[3][0], command_record=good[3][1]))
+    calls.append(lambda: recorder.insert_events(again[0], command_record=again[1]))
     _, queued = grouped(database_url, recorder, lambda: recorder.insert_events([event()]), calls)
 
-    assert recorder.group_commit.sizes == {1: 1, 6: 1}
+    assert recorder.group_commit.sizes == {1: 1, 7: 1}
     with pytest.raises(IntegrityError):
         queued[1].result()
     with pytest.raises(StaleVersion, match=str(read.originator_id)):
         queued[4].result()
+    with pytest.raises(CommandAlreadyRecorded):
+        queued[6].result()
     rows = stored(database_url)
     positions = recorded_positions(database_url)
     for (events, rec), future in zip(
@@ -234,6 +242,7 @@ def test_a_conflicting_append_fails_alone_and_the_rest_of_its_group_commits(
     assert clash[1].command_id not in positions
     assert stale[1].command_id not in positions
     assert (stale[0][0].originator_id, 1) not in rows
+    assert (again[0][0].originator_id, 1) not in rows
     assert _advisory_locks_held(database_url) == 0
 
 
@@ -241,11 +250,9 @@ def test_duplicates_inside_one_group_are_written_one_after_the_other(
     database_url: str, recorder: EventStoreRecorder
 ) -> None:
     """Two records of one command, or two appends to one aggregate, never share a group: the
-    second waits for the next one and then meets the first as a lone append would."""
+    second waits for the next group, and meets the first as a lone append would."""
     twice = record()
     aggregate = uuid4()
-    recorded_before = record()
-    recorder.insert_events([event()], command_record=recorded_before)
     first_copy, second_copy = [event()], [event()]
     calls = [
         lambda: recorder.insert_events(first_copy, command_record=twice),
@@ -253,19 +260,15 @@ def test_duplicates_inside_one_group_are_written_one_after_the_other(
         lambda: recorder.insert_events(second_copy, command_record=twice),
         lambda: recorder.insert_events([event(aggregate, 2)], command_record=record()),
         lambda: recorder.insert_events([event()], command_record=record()),
-        lambda: recorder.insert_events([event()], command_record=recorded_before),
     ]
 
     _, queued = grouped(database_url, recorder, lambda: recorder.insert_events([event()]), calls)
 
-    # The first alone; a group of four (the second copy and the aggregate's second version
-    # left for the next), refused for the command recorded before it and each of its appends
-    # written alone; then the two left over as a group of two.
-    assert recorder.group_commit.sizes == {1: 1, 4: 1, 2: 1}
+    # The first alone; a group of three; the second copy and the aggregate's second version
+    # left for the next group, of two, refused for the copy; then each of those two alone.
+    assert recorder.group_commit.sizes == {1: 1, 3: 1, 2: 1}
     with pytest.raises(CommandAlreadyRecorded):
         queued[2].result()
-    with pytest.raises(CommandAlreadyRecorded):
-        queued[5].result()
     for index in (0, 1, 3, 4):
         assert queued[index].result()
     rows = stored(database_url)
