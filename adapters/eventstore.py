@@ -16,6 +16,11 @@ This recorder keeps the guarantee with a shorter critical section and a reader-s
   snapshot. Every transaction that could still commit a lower id is newer than that horizon, so
   nothing returned can be overtaken.
 
+Appends that arrive while another is being written are written next as one group, in one
+transaction (:class:`GroupCommit`): the fixed cost of a transaction (round trips, statements,
+the commit's WAL flush) is shared by the group, while each append keeps its own notification ids,
+command record, version checks and read check, and fails alone when it conflicts.
+
 Transaction ids are server-wide, so the horizon leaves out transactions that ``pg_locks`` shows
 belong to another database: a long transaction elsewhere on the cluster does not stall fan-out.
 A long-running writing transaction in this database still holds readers (never writers) back
@@ -26,8 +31,10 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import zlib
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
@@ -56,7 +63,7 @@ from psycopg import pq
 from psycopg.pq import TransactionStatus
 from psycopg.sql import SQL, Composed, Identifier
 
-from adapters.metrics import EVENTS_APPENDED
+from adapters.metrics import COMMIT_GROUP_SIZE, EVENTS_APPENDED
 from adapters.postgres import (
     CONNECT_TIMEOUT,
     DEFAULT_POOL_TIMEOUT,
@@ -98,6 +105,142 @@ class _Attempt:
     phase: Literal["statements", "committing", "committed"] = "statements"
     transaction_id: str | None = None
     notification_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One caller's append while it waits to be written, alone or in a group, and its outcome."""
+
+    count: int
+    columns: tuple[list[Any], ...] | None
+    command: CommandRecord | None
+    reads: tuple[list[UUID], list[int]] | None
+    woken: threading.Event = field(default_factory=threading.Event)
+    promoted: bool = False
+    done: bool = False
+    alone: bool = False
+    notification_ids: list[int] = field(default_factory=list)
+    error: BaseException | None = None
+
+    @property
+    def writes(self) -> set[UUID]:
+        return set(self.columns[0]) if self.columns is not None else set()
+
+    @property
+    def read_ids(self) -> set[UUID]:
+        return set(self.reads[0]) if self.reads is not None else set()
+
+    @property
+    def key(self) -> tuple[str, str] | None:
+        return (self.command.scope, self.command.command_id) if self.command else None
+
+
+class GroupCommit:
+    """Leader/follower group commit: the appends that arrive while one is being written are
+    written next, together, in one transaction.
+
+    Each transaction pays a fixed cost (round trips, psycopg's work per statement, the server's
+    per-statement and commit work, one WAL flush) that is most of a small command's; a group
+    divides it by its size. An append that finds nothing being written is written at once by
+    its own thread (no added latency when alone); those arriving meanwhile queue, and when the
+    write ends the first of them leads the next group, so no extra thread is needed. A group
+    never holds two appends to one aggregate, two records of one command, or an append next to
+    one that read what it writes (those wait for a later group), so within a group nothing can
+    conflict; what conflicts with a writer elsewhere is found by the group's transaction.
+    """
+
+    def __init__(self, *, max_appends: int, max_events: int) -> None:
+        self.max_appends = max_appends
+        self.max_events = max_events
+        self.sizes: Counter[int] = Counter()
+        """How many transactions wrote how many appends, since this recorder was made."""
+        self._lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._leading = False
+
+    def written(self) -> Counter[int]:
+        """A copy of :attr:`sizes`, safe to take while appends are being written."""
+        with self._lock:
+            return self.sizes.copy()
+
+    @property
+    def waiting(self) -> int:
+        """Appends queued for the next group (the one being written is not counted)."""
+        with self._lock:
+            return len(self._queue)
+
+    def submit(self, pending: _Pending, write: Callable[[list[_Pending]], None]) -> None:
+        """Wait until ``pending`` was written (by this thread or a leader); its outcome is on it.
+
+        ``write`` takes a group and records each member's outcome on it; it raises nothing.
+        """
+        with self._lock:
+            self._queue.append(pending)
+            lead = not self._leading
+            self._leading = True
+        while not pending.done:
+            if lead:
+                lead = self._lead(pending, write)
+                continue
+            pending.woken.wait()
+            with self._lock:
+                pending.woken.clear()
+                lead, pending.promoted = pending.promoted, False
+
+    def _lead(self, pending: _Pending, write: Callable[[list[_Pending]], None]) -> bool:
+        """Write the next group; hand the lead on. True when this thread leads the next too."""
+        with self._lock:
+            group = self._take()
+        try:
+            write(group)
+        except BaseException as error:  # noqa: BLE001 - each member's caller raises it
+            for member in group:
+                member.error = member.error or error
+        COMMIT_GROUP_SIZE.observe(len(group))
+        with self._lock:
+            self.sizes[len(group)] += 1
+            for member in group:
+                member.done = True
+                if member is not pending:
+                    member.woken.set()
+            if not self._queue:
+                self._leading = False
+                return False
+            following = self._queue[0]
+            if following is pending:
+                return True
+            following.promoted = True
+            following.woken.set()
+            return False
+
+    def _take(self) -> list[_Pending]:
+        """The next group, in arrival order; what cannot join it stays queued, in order."""
+        group: list[_Pending] = []
+        rest: list[_Pending] = []
+        writes: set[UUID] = set()
+        reads: set[UUID] = set()
+        commands: set[tuple[str, str]] = set()
+        events = 0
+        for member in self._queue:
+            member_writes, member_reads, key = member.writes, member.read_ids, member.key
+            if (
+                len(group) >= self.max_appends
+                or (group and events + member.count > self.max_events)
+                or not member_writes.isdisjoint(writes)
+                or not member_writes.isdisjoint(reads)
+                or not member_reads.isdisjoint(writes)
+                or (key is not None and key in commands)
+            ):
+                rest.append(member)
+                continue
+            group.append(member)
+            writes |= member_writes
+            reads |= member_reads
+            events += member.count
+            if key is not None:
+                commands.add(key)
+        self._queue = rest
+        return group
 
 
 class StaleVersion(Conflict, IntegrityError):
@@ -174,7 +317,13 @@ class SnapshotRecorder(_ReadsOnce):
 
 
 class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
-    """Application recorder with overlapping commits and a snapshot-horizon reader rule."""
+    """Application recorder with overlapping commits, group commit and a snapshot-horizon
+    reader rule."""
+
+    group_max_appends = 32
+    """Most appends (commands) written in one transaction by :class:`GroupCommit`."""
+    group_max_events = 5000
+    """Most events in one group transaction (a single larger append is still written)."""
 
     def __init__(
         self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"
@@ -218,7 +367,28 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
             "LIMIT 1"
         ).format(table)
         self._notify_sql = SQL("NOTIFY {0}").format(Identifier(self.channel_name))
+        # A group's command records, each with the position of its own last event (looked up
+        # by the primary key: the group's events went in as one statement).
+        self._insert_group_commands_sql = SQL(
+            "INSERT INTO command_log (scope, command_id, command_type, fingerprint, actor, result) "
+            "SELECT c.scope, c.command_id, c.command_type, c.fingerprint, c.actor, "
+            "jsonb_set(c.result::jsonb, '{{position}}', to_jsonb(coalesce(e.notification_id, 0))) "
+            "FROM unnest(%s::text[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], "
+            "%s::uuid[], %s::int8[]) AS c(scope, command_id, command_type, fingerprint, actor, "
+            "result, last_id, last_version) "
+            "LEFT JOIN {0} AS e ON e.originator_id = c.last_id "
+            "AND e.originator_version = c.last_version "
+            "RETURNING pg_current_xact_id()::text AS xid"
+        ).format(table)
+        self._group_moved_on_sql = SQL(
+            "SELECT DISTINCT r.item FROM unnest(%b::uuid[], %b::int8[], %b::int8[]) "
+            "AS r(id, version, item) WHERE EXISTS (SELECT FROM {0} "
+            "WHERE originator_id = r.id AND originator_version > r.version)"
+        ).format(table)
         self.lock_table_statements = []
+        self.group_commit = GroupCommit(
+            max_appends=self.group_max_appends, max_events=self.group_max_events
+        )
 
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: object
@@ -261,42 +431,134 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         command: CommandRecord | None,
         reads: tuple[list[UUID], list[int]] | None,
     ) -> Sequence[int]:
+        # Built before the lock is requested (the pipeline may already hold it on the server),
+        # and by each caller's own thread rather than by the group's leader.
+        pending = _Pending(
+            count=len(stored_events),
+            columns=_binary_columns(stored_events) if stored_events else None,
+            command=command,
+            reads=reads,
+        )
+        self.group_commit.submit(pending, self._write_group)
+        if pending.alone:
+            return self._append_alone(pending)
+        if pending.error is not None:
+            raise pending.error
+        if len(pending.notification_ids) != pending.count:
+            msg = f"expected {pending.count} notification ids, got {len(pending.notification_ids)}"
+            raise ProgrammingError(msg)
+        return pending.notification_ids
+
+    def _write_group(self, group: list[_Pending]) -> None:
+        """Write a group and record each member's outcome on it.
+
+        A group of one is written as a lone append always was. A larger group is one
+        transaction; if it is refused before its COMMIT (a version or command id taken by a
+        writer elsewhere, an aggregate read that moved on, any statement failing), nothing of
+        it was written and each member is written again on its own by its own thread, so that
+        only the appends that conflict fail, each with its own error. A connection lost while
+        the COMMIT was on its way leaves every member's outcome unknown, under the group's one
+        transaction id.
+        """
+        if len(group) == 1:
+            (only,) = group
+            try:
+                only.notification_ids = self._append_alone(only)
+            except BaseException as error:  # noqa: BLE001 - raised by its caller's thread
+                only.error = error
+            return
         attempt = _Attempt()
-        # Built before the lock is requested: the pipeline may already hold it on the server.
-        columns = _binary_columns(stored_events) if stored_events else None
+        try:
+            with self.datastore.get_connection() as conn:
+                try:
+                    self._insert_group_in_transaction(conn, group, attempt)
+                except BaseException as error:
+                    if _outcome_unknown(conn, attempt, error):
+                        for member in group:
+                            member.error = _unknown_outcome(attempt)
+                        return
+                    _release(conn)
+                    raise
+        except (OperationalError, InterfaceError):
+            for member in group:
+                member.error = StoreUnavailable(NOTHING_WRITTEN, retry_after_seconds=1.0)
+            return
+        except Exception:  # each member finds its own outcome alone
+            log.debug("eventstore.group_refused", appends=len(group), exc_info=True)
+            for member in group:
+                member.alone = True
+            return
+        ids = attempt.notification_ids
+        offset = 0
+        for member in group:
+            member.notification_ids = ids[offset : offset + member.count]
+            offset += member.count
+        if ids:
+            EVENTS_APPENDED.inc(len(ids))
+
+    def _append_alone(self, pending: _Pending) -> list[int]:
+        """One append in a transaction of its own."""
+        attempt = _Attempt()
+        columns, command, reads = pending.columns, pending.command, pending.reads
         with self.datastore.get_connection() as conn:
             try:
                 self._insert_in_transaction(conn, columns, command, reads, attempt)
             except BaseException as error:
-                # Once the COMMIT is on its way, a lost or refused connection means the server
-                # may have committed: it can shut down (57P01) or drop us after the commit is
-                # durable and before its answer arrives, and psycopg need not have marked the
-                # connection broken yet. The settle step (pg_xact_status) learns the truth.
-                if attempt.phase == "committing" and (
-                    conn.closed
-                    or conn.broken
-                    or isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
-                ):
-                    raise Unavailable(
-                        "the connection to the database was lost while the write was being "
-                        "committed; whether it was is not known yet",
-                        outcome="unknown",
-                        transaction_id=attempt.transaction_id,
-                    ) from error
-                # A failed statement aborts the transaction before the unlock runs; the lock is
-                # session-level, so release it here or the pooled connection would keep it.
-                if not conn.closed and not conn.broken:
-                    if conn.info.transaction_status != TransactionStatus.IDLE:
-                        conn.execute("ROLLBACK")
-                    conn.execute("SELECT pg_advisory_unlock_all()")
+                if _outcome_unknown(conn, attempt, error):
+                    raise _unknown_outcome(attempt) from error
+                _release(conn)
                 raise
-            if stored_events:
-                EVENTS_APPENDED.inc(len(stored_events))
-        notification_ids = attempt.notification_ids
-        if len(notification_ids) != len(stored_events):
-            msg = f"expected {len(stored_events)} notification ids, got {len(notification_ids)}"
-            raise ProgrammingError(msg)
-        return notification_ids
+            if pending.count:
+                EVENTS_APPENDED.inc(pending.count)
+        return attempt.notification_ids
+
+    def _insert_group_in_transaction(
+        self, conn: Connection[DictRow], group: list[_Pending], attempt: _Attempt
+    ) -> None:
+        """A group's appends as one transaction, in the two round trips of a lone append: the
+        events of all in one insert, the command records in one, the read checks in one."""
+        columns = _joined([m.columns for m in group if m.columns is not None])
+        commands = _group_commands([m for m in group if m.command is not None])
+        reads = _group_reads(group)
+        with (
+            conn.cursor() as inserts,
+            conn.cursor() as other,
+            conn.cursor() as record,
+            conn.cursor() as moved_on,
+            conn.cursor() as commit,
+        ):
+            try:
+                with conn.pipeline() as pipeline:
+                    other.execute(_BEGIN)
+                    other.execute(self._lock_sql, prepare=True)
+                    if columns is not None:
+                        inserts.execute(self._insert_binary_sql, columns, prepare=True)
+                    other.execute(self._unlock_sql, prepare=True)
+                    if commands is not None:
+                        record.execute(self._insert_group_commands_sql, commands, prepare=True)
+                    if reads is not None:
+                        moved_on.execute(self._group_moved_on_sql, reads, prepare=True)
+                    pipeline.sync()
+                    if columns is not None:
+                        rows = inserts.fetchall()
+                        attempt.notification_ids = [r["notification_id"] for r in rows]
+                        attempt.transaction_id = str(rows[0]["transaction_id"])
+                    if commands is not None:
+                        row = record.fetchone()
+                        attempt.transaction_id = str(row["xid"]) if row else None
+                    if reads is not None and (stale := moved_on.fetchall()):
+                        items = ", ".join(str(r["item"]) for r in stale)
+                        msg = f"appends {items} of the group read aggregates that moved on"
+                        raise StaleVersion(msg)  # the caller rolls the transaction back
+                    attempt.phase = "committing"
+                    commit.execute(_COMMIT)
+                    if columns is not None:
+                        other.execute(self._notify_sql)
+            except psycopg.Error:
+                if attempt.phase != "committing" or not _succeeded(commit):
+                    raise
+                log.debug("eventstore.notify_failed", exc_info=True)
+        attempt.phase = "committed"
 
     def _insert_in_transaction(
         self,
@@ -543,6 +805,85 @@ def _workspace_of(state: bytes, known: dict[bytes, UUID]) -> UUID | None:
     if workspace is None:
         workspace = known[text] = UUID(text.decode())
     return workspace
+
+
+def _outcome_unknown(conn: Connection[DictRow], attempt: _Attempt, error: BaseException) -> bool:
+    """Whether a write failed once its COMMIT was on its way, by losing the connection.
+
+    Then the server may have committed: it can shut down (57P01) or drop us after the commit is
+    durable and before its answer arrives, and psycopg need not have marked the connection
+    broken yet. The settle step (pg_xact_status) learns the truth.
+    """
+    return attempt.phase == "committing" and (
+        conn.closed
+        or conn.broken
+        or isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+    )
+
+
+def _unknown_outcome(attempt: _Attempt) -> Unavailable:
+    return Unavailable(
+        "the connection to the database was lost while the write was being committed; whether "
+        "it was is not known yet",
+        outcome="unknown",
+        transaction_id=attempt.transaction_id,
+    )
+
+
+def _release(conn: Connection[DictRow]) -> None:
+    """Roll back a failed write and give its advisory lock back.
+
+    A failed statement aborts the transaction before the unlock runs; the lock is
+    session-level, so the pooled connection would keep it.
+    """
+    if not conn.closed and not conn.broken:
+        if conn.info.transaction_status != TransactionStatus.IDLE:
+            conn.execute("ROLLBACK")
+        conn.execute("SELECT pg_advisory_unlock_all()")
+
+
+def _joined(parts: list[tuple[list[Any], ...]]) -> tuple[list[Any], ...] | None:
+    """Several appends' typed columns as one insert's."""
+    if not parts:
+        return None
+    return tuple([value for part in parts for value in part[i]] for i in range(len(parts[0])))
+
+
+def _group_commands(members: list[_Pending]) -> tuple[list[Any], ...] | None:
+    """The group's command records as the arrays its one insert takes, each naming its own last
+    event (whose position it records)."""
+    if not members:
+        return None
+    rows = []
+    for member in members:
+        command = member.command
+        assert command is not None
+        last = (member.columns[0][-1], member.columns[1][-1]) if member.columns else (None, None)
+        rows.append(
+            (
+                command.scope,
+                command.command_id,
+                command.command_type,
+                command.fingerprint,
+                command.actor,
+                json.dumps({**command.result, "position": 0}),
+                *last,
+            )
+        )
+    return tuple(list(column) for column in zip(*rows, strict=True))
+
+
+def _group_reads(group: list[_Pending]) -> tuple[list[UUID], list[int], list[int]] | None:
+    """Every member's read check as one statement's arrays, each row naming its member."""
+    ids: list[UUID] = []
+    versions: list[int] = []
+    items: list[int] = []
+    for item, member in enumerate(group):
+        if member.reads is not None:
+            ids.extend(member.reads[0])
+            versions.extend(member.reads[1])
+            items.extend([item] * len(member.reads[0]))
+    return (ids, versions, items) if ids else None
 
 
 def _succeeded(cursor: Cursor[DictRow]) -> bool:

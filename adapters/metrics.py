@@ -39,6 +39,11 @@ COMMAND_SECONDS = Histogram(
 EVENTS_APPENDED = Counter(
     "agentworks_events_appended_total", "Events appended to the event store by this process."
 )
+COMMIT_GROUP_SIZE = Histogram(
+    "agentworks_commit_group_appends",
+    "Appends (commands) written together in one transaction by the event store's group commit.",
+    buckets=(1, 2, 4, 8, 16, 32),
+)
 HTTP_RESPONSES = Counter(
     "agentworks_http_responses_total", "HTTP responses by status code.", ["status"]
 )

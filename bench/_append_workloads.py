@@ -7,9 +7,11 @@ returns the number of events (rows) it stored, 0 when the operation failed.
 from __future__ import annotations
 
 import random
+import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 from uuid import UUID
 
 import psycopg
@@ -24,7 +26,7 @@ from eventsourcing.persistence import (
 from eventsourcing.utils import Environment
 from psycopg.conninfo import conninfo_to_dict
 
-from adapters.eventstore import Factory
+from adapters.eventstore import EventStoreRecorder, Factory
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
 from domain.errors import Conflict
@@ -45,6 +47,48 @@ CREATE TABLE IF NOT EXISTS bench_raw (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS bench_raw_notification_id_idx ON bench_raw (notification_id);
 """
+
+
+class _Shared:
+    """What the writer threads of one worker process share: one application, as the API's
+    thread pool shares one (``params["threads"]`` > 1). Each thread's runner takes a reference;
+    the last to close closes it."""
+
+    _lock = threading.Lock()
+    _open: ClassVar[dict[str, _Shared]] = {}
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.refs = 0
+        self.counting = _Counting(app) if isinstance(app, AgentWorks) else None
+
+    @classmethod
+    def take(cls, key: str, make: Callable[[], Any]) -> _Shared:
+        with cls._lock:
+            shared = cls._open.get(key)
+            if shared is None:
+                shared = cls._open[key] = cls(make())
+            shared.refs += 1
+            return shared
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self.refs -= 1
+            if self.refs == 0:
+                del self._open[key]
+                self.app.close()
+
+
+def group_counters(app: Any) -> dict[str, int]:
+    """Transactions written by the process's group commit, and the appends they held."""
+    recorder = getattr(app, "recorder", None)
+    if not isinstance(recorder, EventStoreRecorder):
+        return {}
+    sizes = recorder.group_commit.written()
+    return {
+        "group_transactions": sum(sizes.values()),
+        "grouped_appends": sum(size * n for size, n in sizes.items()),
+    }
 
 
 class _Counting:
@@ -92,7 +136,20 @@ class MoveCards:
     """``move_card`` of a random card of the board to another lane: card + project, 2 events."""
 
     def __init__(self, params: dict[str, Any], index: int) -> None:
-        self.app = build_write_side(params["url"], pool_size=1)
+        threads = int(params.get("threads", 1))
+        self.shared: _Shared | None = None
+        # One thread of each process reports the counters the process's threads share.
+        self.reports = index % threads == 0
+        if threads > 1:
+            self.shared = _Shared.take(
+                "agentworks", lambda: build_write_side(params["url"], pool_size=threads)
+            )
+            self.app: AgentWorks = self.shared.app
+            assert self.shared.counting is not None
+            self.counting = self.shared.counting
+        else:
+            self.app = build_write_side(params["url"], pool_size=1)
+            self.counting = _Counting(self.app)
         self.actor = Actor(user_id=params["user"], workspace_id=params["workspace_id"])
         if params.get("project_id"):
             project_id, cards = UUID(params["project_id"]), [UUID(c) for c in params["cards"]]
@@ -101,7 +158,6 @@ class MoveCards:
         self.cards = cards
         self.lane_of = dict.fromkeys(cards, LANES[0])
         self.rng = random.Random(index)
-        self.counting = _Counting(self.app)
         # Later rounds reuse this board (see bench/append.py) instead of building another.
         self.info = {"reuse": {"project_id": str(project_id), "cards": [str(c) for c in cards]}}
 
@@ -117,10 +173,15 @@ class MoveCards:
         return 2
 
     def counters(self) -> dict[str, int]:
-        return self.counting.counters()
+        if not self.reports:
+            return {}
+        return {**self.counting.counters(), **group_counters(self.app)}
 
     def close(self) -> None:
-        self.app.close()
+        if self.shared is not None:
+            self.shared.release("agentworks")
+        else:
+            self.app.close()
 
 
 class AssignCards(MoveCards):
@@ -245,14 +306,14 @@ def library_env(url: str, *, create_table: bool, pool_size: int = 1) -> dict[str
     }
 
 
-def bare_app(url: str, *, recorder: str, create_table: bool = False) -> BareApp:
+def bare_app(url: str, *, recorder: str, create_table: bool = False, pool_size: int = 1) -> BareApp:
     if recorder == "library":
-        return BareApp(library_env(url, create_table=create_table))
+        return BareApp(library_env(url, create_table=create_table, pool_size=pool_size))
     # Our recorder on the migrated schema: the application must be named like ours so the
     # factory picks the agentworks_events table, and its factory is chosen in code (as
     # infra.bootstrap.StoredAgentWorks does): the env names no persistence module, so without
     # it the library would fall back to its in-memory store.
-    env = event_store_env(url, db_role="agentworks_app", pool_size=1)
+    env = event_store_env(url, db_role="agentworks_app", pool_size=pool_size)
     return OurStoreBareApp(env)
 
 
@@ -269,7 +330,17 @@ class BareSaves:
     """Two aggregates, one event each, one ``save(card, board)`` per operation."""
 
     def __init__(self, params: dict[str, Any], index: int) -> None:
-        self.app = bare_app(params["url"], recorder=params["recorder"])
+        threads = int(params.get("threads", 1))
+        self.shared: _Shared | None = None
+        self.reports = index % threads == 0
+        if threads > 1:
+            self.shared = _Shared.take(
+                "bare",
+                lambda: bare_app(params["url"], recorder=params["recorder"], pool_size=threads),
+            )
+            self.app: BareApp = self.shared.app
+        else:
+            self.app = bare_app(params["url"], recorder=params["recorder"])
         self.workspace_id = str(uuid.uuid4())
         self.rng = random.Random(index)
         self.board = BenchBoard._create(BenchBoard.Created, meta=_meta(self.workspace_id))
@@ -303,10 +374,13 @@ class BareSaves:
         return 2
 
     def counters(self) -> dict[str, int]:
-        return {}
+        return group_counters(self.app) if self.reports else {}
 
     def close(self) -> None:
-        self.app.close()
+        if self.shared is not None:
+            self.shared.release("bare")
+        else:
+            self.app.close()
 
 
 # -- (c) raw psycopg -----------------------------------------------------------------------------

@@ -16,6 +16,12 @@ Protocol (one duplex pipe per worker)::
 operation failed, e.g. a command that lost all its retries). All workers start together on
 "go", warm up until ``measure_from`` and then record every completed operation until
 ``end_at``; the parent cuts that record into equal windows, the repetitions.
+
+API-shaped scenarios set ``params["threads"]`` (T > 1): the worker then builds T runners, one per
+thread, which share what the workload shares within a process (the API runs commands in a thread
+pool over one application), and drives them together; its result merges theirs, and its CPU is
+the whole process's. ``params["thread_reuse"]`` gives each thread back what its runner's
+``info["reuse"]`` asked to keep between rounds.
 """
 
 from __future__ import annotations
@@ -96,9 +102,61 @@ def _drive(runner: Runner, measure_from: float, end_at: float) -> WorkerResult:
     )
 
 
+class _Threads:
+    """T runners of one worker process, each driven by its own thread."""
+
+    def __init__(self, factory: Callable[[dict[str, Any], int], Runner], params: dict[str, Any],
+                 index: int) -> None:  # fmt: skip
+        threads = int(params["threads"])
+        reuse: list[dict[str, Any]] = params.get("thread_reuse") or [{}] * threads
+        self.runners = [
+            factory({**params, **reuse[k]}, index * threads + k) for k in range(threads)
+        ]
+        self.info: dict[str, Any] = {
+            "reuse": {"thread_reuse": [r.info.get("reuse", {}) for r in self.runners]}
+        }
+
+    def drive(self, measure_from: float, end_at: float) -> WorkerResult:
+        results: list[WorkerResult | None] = [None] * len(self.runners)
+
+        def run(k: int) -> None:
+            results[k] = _drive(self.runners[k], measure_from, end_at)
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(len(self.runners))]
+        for thread in threads:
+            thread.start()
+        # The process's CPU over the measured period, all threads together.
+        time.sleep(max(0.0, measure_from - time.monotonic()))
+        cpu0 = time.process_time()
+        for thread in threads:
+            thread.join()
+        cpu1 = time.process_time()
+        done = [r for r in results if r is not None]
+        if len(done) != len(results):
+            raise RuntimeError("a writer thread failed")
+        ends, latencies, events = array("d"), array("d"), array("l")
+        counters: Counter[str] = Counter()
+        for r in done:
+            ends.frombytes(r.ends)
+            latencies.frombytes(r.latencies)
+            events.frombytes(r.events)
+            counters.update(r.counters)
+        return WorkerResult(
+            ends=ends.tobytes(),
+            latencies=latencies.tobytes(),
+            events=events.tobytes(),
+            cpu_seconds=cpu1 - cpu0,
+            counters=dict(counters),
+        )
+
+    def close(self) -> None:
+        for runner in self.runners:
+            runner.close()
+
+
 def _serve(conn: Connection) -> None:
     """The body of a worker process."""
-    runner: Runner | None = None
+    runner: Runner | _Threads | None = None
     while True:
         try:
             message = conn.recv()
@@ -108,12 +166,21 @@ def _serve(conn: Connection) -> None:
         try:
             if kind == "setup":
                 _, target, params, index = message
-                runner = _resolve(target)(params, index)
+                factory = _resolve(target)
+                runner = (
+                    _Threads(factory, params, index)
+                    if int(params.get("threads", 1)) > 1
+                    else factory(params, index)
+                )
                 conn.send(("ready", runner.info))
             elif kind == "go":
                 _, measure_from, end_at = message
                 assert runner is not None
-                result = _drive(runner, measure_from, end_at)
+                result = (
+                    runner.drive(measure_from, end_at)
+                    if isinstance(runner, _Threads)
+                    else _drive(runner, measure_from, end_at)
+                )
                 runner.close()
                 runner = None
                 conn.send(("done", result))

@@ -17,12 +17,19 @@ Scenarios (each in its own fresh database ``aw_bench_<hex>``, dropped afterwards
 (c) ``raw.insert``   psycopg: BEGIN, INSERT two rows of the sampled event sizes, COMMIT, one round
                      trip, into a plain table with the same columns and indexes.
     ``raw.insert+notify`` the same plus ``NOTIFY`` in the transaction, as both recorders do.
+(e) API-shaped (``--api-shapes``, e.g. ``2x8``: 2 processes of 8 threads each, the threads of a
+    process sharing one application as the API's thread pool does): ``ours.move/2x8``,
+    ``ours.assign/2x8``, ``ours.save/2x8`` and the bare library's ``es.save/2x8`` in the same
+    shape. Only here can the event store's group commit form groups (commands of one process
+    arriving while one is being written); the counters report its transactions and the appends
+    they held.
 (d) ``ours.runlog``  ``append_run_log`` with many lines per command (one event per command).
     ``ours.batch``   ``app.recorder.insert_events`` of 1000 stored events per call.
     ``raw.copy`` / ``raw.multirow`` the same rows by ``COPY ... FROM STDIN (FORMAT BINARY)`` and
                      by one ``INSERT ... SELECT FROM unnest(...)``.
 
-Writers are worker processes (spawn), one thread and one connection each (see bench/_harness.py
+Writers are worker processes (spawn), one thread and one connection each (the API-shaped
+scenarios aside) (see bench/_harness.py
 for why). Repetitions are interleaved: round r runs every scenario once (warm-up, then one
 window of ``--seconds``), so a slow drift in the machine's background load hits all scenarios
 alike; round 1 builds each scenario's database and fixtures, later rounds reuse them. Figures
@@ -85,6 +92,7 @@ class Scenario:
     unit: str  # what one operation is
     params: dict[str, Any] = field(default_factory=dict)
     shared_board: bool = False
+    threads: int = 1  # per writer process; > 1: API-shaped, one application per process
 
 
 def plan(args: argparse.Namespace) -> list[Scenario]:
@@ -140,6 +148,23 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
             Scenario(f"raw.multirow/{w}", "d", f"psycopg INSERT unnest, {args.batch} rows/txn",
                      f"{WORKLOADS}:RawBatches", w, "raw", "txn",
                      {"batch": args.batch, "mode": "multirow"}),
+        ]  # fmt: skip
+    for processes, threads in args.api_shapes:
+        shape = f"{processes}x{threads}"
+        api = {"threads": threads}
+        out += [
+            Scenario(f"ours.move/{shape}", "e", f"move_card, {shape} threads sharing an app",
+                     f"{WORKLOADS}:MoveCards", processes, "migrated", "command", api,
+                     threads=threads),
+            Scenario(f"ours.assign/{shape}", "e", f"assign_card, {shape} threads sharing an app",
+                     f"{WORKLOADS}:AssignCards", processes, "migrated", "command", api,
+                     threads=threads),
+            Scenario(f"es.save/{shape}", "e", f"bare eventsourcing save(card, board), {shape}",
+                     f"{WORKLOADS}:BareSaves", processes, "library", "save",
+                     {**api, "recorder": "library"}, threads=threads),
+            Scenario(f"ours.save/{shape}", "e", f"bare save(card, board) on OUR recorder, {shape}",
+                     f"{WORKLOADS}:BareSaves", processes, "migrated", "save",
+                     {**api, "recorder": "ours"}, threads=threads),
         ]  # fmt: skip
     if args.only:
         wanted = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -303,6 +328,7 @@ def summarise(st: State, args: argparse.Namespace, stats: dict[str, Any]) -> dic
         "group": scenario.group,
         "what": scenario.what,
         "writers": scenario.writers,
+        "threads": scenario.threads,
         "unit": scenario.unit,
     }
     if st.error is not None or not st.windows:
@@ -350,6 +376,10 @@ def summarise(st: State, args: argparse.Namespace, stats: dict[str, Any]) -> dic
         "stored": stats,
         "setup_seconds": round(st.setup_seconds, 1),
     }
+    if counters.get("group_transactions"):
+        out["mean_group_size"] = round(
+            counters["grouped_appends"] / counters["group_transactions"], 2
+        )
     if scenario.key.startswith("ours.runlog"):
         out["median"]["lines_per_s"] = round(med["ops_per_s"] * args.log_lines, 1)
     return out
@@ -358,9 +388,23 @@ def summarise(st: State, args: argparse.Namespace, stats: dict[str, Any]) -> dic
 # -- reporting ----------------------------------------------------------------------------------
 
 
-def ratio_pairs(writers: list[int], bulk: list[int]) -> list[tuple[str, str, str]]:
+def ratio_pairs(
+    writers: list[int], bulk: list[int], shapes: list[tuple[int, int]] | None = None
+) -> list[tuple[str, str, str]]:
     """(numerator, denominator, metric) pairs reported as ratios."""
     pairs: list[tuple[str, str, str]] = []
+    for processes, threads in shapes or []:
+        shape = f"{processes}x{threads}"
+        pairs += [
+            (f"ours.move/{shape}", f"es.save/{shape}", "ops_per_s"),
+            (f"ours.assign/{shape}", f"es.save/{shape}", "ops_per_s"),
+            (f"ours.save/{shape}", f"es.save/{shape}", "ops_per_s"),
+            # Against the library in the usual shape (one thread per process), too.
+            (f"ours.move/{shape}", f"es.save/{processes * threads}", "ops_per_s"),
+            (f"ours.assign/{shape}", f"es.save/{processes * threads}", "ops_per_s"),
+            (f"ours.move/{shape}", f"ours.move/{processes * threads}", "ops_per_s"),
+            (f"es.save/{shape}", f"es.save/{processes * threads}", "ops_per_s"),
+        ]
     for w in writers:
         pairs += [
             (f"ours.move/{w}", f"es.save/{w}", "ops_per_s"),
@@ -378,11 +422,16 @@ def ratio_pairs(writers: list[int], bulk: list[int]) -> list[tuple[str, str, str
     return pairs
 
 
-def ratios(rows: dict[str, dict[str, Any]], writers: list[int], bulk: list[int]) -> dict[str, Any]:
+def ratios(
+    rows: dict[str, dict[str, Any]],
+    writers: list[int],
+    bulk: list[int],
+    shapes: list[tuple[int, int]] | None = None,
+) -> dict[str, Any]:
     """Median over rounds of the per-round ratio: both sides of a ratio ran minutes apart at
     most, so slow drifts of the machine's background load cancel out within a round."""
     out: dict[str, Any] = {}
-    for num, den, metric in ratio_pairs(writers, bulk):
+    for num, den, metric in ratio_pairs(writers, bulk, shapes):
         a, b = rows.get(num, {}).get("windows"), rows.get(den, {}).get("windows")
         if not a or not b:
             continue
@@ -401,6 +450,7 @@ def budgets(
     ratio_rows: dict[str, Any],
     writers: list[int],
     bulk: list[int],
+    shapes: list[tuple[int, int]] | None = None,
 ) -> list[dict[str, Any]]:
     top = max(writers)
     out: list[dict[str, Any]] = []
@@ -424,6 +474,16 @@ def budgets(
         if name in ratio_rows:
             add(">= 2x bare eventsourcing", f"{name} ({note})", ratio_rows[name]["median"],
                 BUDGET_VS_LIBRARY)  # fmt: skip
+    for processes, threads in shapes or []:
+        shape = f"{processes}x{threads}"
+        value = med(f"ours.assign/{shape}")
+        if value is not None:
+            add(">= 1,000 single-event commands/s (issue 17)",
+                f"ours.assign/{shape} (API-shaped, group commit)", round(value), 1_000)  # fmt: skip
+        name = f"ours.move/{shape} ÷ es.save/{shape}"
+        if name in ratio_rows:
+            add(">= 1.5x bare eventsourcing (issue 17)", f"{name} (commands, API-shaped)",
+                ratio_rows[name]["median"], 1.5)  # fmt: skip
     best = max((med(f"ours.batch/{w}", "events_per_s") or 0.0 for w in bulk), default=0.0)
     if best:
         add(">= 50,000 events/s bulk", f"ours.batch (writers {bulk}, best)", round(best),
@@ -443,7 +503,7 @@ def render(report: dict[str, Any]) -> None:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for row in report["scenarios"]:
         if "error" in row:
-            table.add_row(row["key"], str(row["writers"]), "[red]error[/red]", *[""] * 9)
+            table.add_row(row["key"], _writers(row), "[red]error[/red]", *[""] * 9)
             continue
         med = row["median"]
         c = row["counters"]
@@ -452,9 +512,11 @@ def render(report: dict[str, Any]) -> None:
             if "conflict_retries" in c
             else ""
         )
+        if row.get("mean_group_size"):
+            retries += f" (group {row['mean_group_size']:.1f})"
         table.add_row(
             row["key"],
-            str(row["writers"]),
+            _writers(row),
             f"{med['ops_per_s']:,.0f}",
             f"{row['ops_range'][0]:,.0f}-{row['ops_range'][1]:,.0f}",
             f"{med['events_per_s']:,.0f}",
@@ -497,6 +559,11 @@ def render(report: dict[str, Any]) -> None:
     console.print(wt)
 
 
+def _writers(row: dict[str, Any]) -> str:
+    threads = int(row.get("threads") or 1)
+    return f"{row['writers']}x{threads}" if threads > 1 else str(row["writers"])
+
+
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
 
@@ -530,12 +597,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     def ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
 
+    def shapes(text: str) -> list[tuple[int, int]]:
+        pairs = [x.strip().split("x") for x in text.split(",") if x.strip()]
+        return [(int(p), int(t)) for p, t in pairs]
+
     p = argparse.ArgumentParser(prog="python -m bench.append", description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=10.0, help="seconds per window (default 10)")
     p.add_argument("--repeats", type=int, default=3, help="rounds (windows per scenario)")
     p.add_argument("--warmup", type=float, default=0.5, help="seconds before each window")
     p.add_argument("--writers", type=ints, default=[1, 16], help='writer counts, default "1,16"')
     p.add_argument("--bulk-writers", type=ints, default=[1], help='bulk writer counts ("1")')
+    p.add_argument(
+        "--api-shapes",
+        type=shapes,
+        default=[(2, 8)],
+        help='API-shaped scenarios, processes x threads sharing one app ("2x8"; "" for none)',
+    )
     p.add_argument("--batch", type=int, default=1000, help="events per bulk call (1000)")
     p.add_argument("--log-lines", type=int, default=100, help="lines per append_run_log (100)")
     p.add_argument(
@@ -560,8 +637,10 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "seconds": args.seconds, "repeats": args.repeats, "warmup": args.warmup,
             "writers": args.writers, "bulk_writers": args.bulk_writers, "batch": args.batch,
+            "api_shapes": [f"{p}x{t}" for p, t in args.api_shapes],
             "log_lines": args.log_lines,
-            "concurrency": "one spawned process per writer, one thread, one connection",
+            "concurrency": "one spawned process per writer, one thread, one connection; "
+            "API-shaped PxT: P processes of T threads sharing one application",
             "rounds": "repetitions interleaved: round r runs every scenario once, in order",
         },
     }  # fmt: skip
@@ -608,8 +687,10 @@ def main(argv: list[str] | None = None) -> int:
         "topics": sample["topics"],
         "bytes": [len(p) for p in sample["payloads"]],
     }
-    report["ratios"] = ratios(rows, args.writers, args.bulk_writers)
-    report["budgets"] = budgets(rows, report["ratios"], args.writers, args.bulk_writers)
+    report["ratios"] = ratios(rows, args.writers, args.bulk_writers, args.api_shapes)
+    report["budgets"] = budgets(
+        rows, report["ratios"], args.writers, args.bulk_writers, args.api_shapes
+    )
     report["total_seconds"] = round(time.monotonic() - started, 1)
     report["provenance"] = provenance.finish()
     render(report)

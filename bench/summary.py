@@ -195,6 +195,65 @@ def append_rows() -> list[Row]:
     ]
 
 
+#: Issue 17's group commit: the API-shaped run (2 processes of 8 threads sharing one app) next to
+#: the 16 single-threaded writers, both ours and the bare library's, in one run.
+APPEND_GROUP = "append_groupcommit.json"
+
+
+def group_commit_rows() -> list[Row]:
+    run = load(APPEND_GROUP)
+    scenarios = {s["key"]: s for s in run["scenarios"]}
+    shape = run["settings"]["api_shapes"][0]
+    writers = max(run["settings"]["writers"])
+    rounds = len(scenarios[f"ours.assign/{shape}"]["windows"])
+    others = [s["other_busy_cores"] for s in run["scenarios"]]
+    prov = run["provenance"]
+    cite = (
+        provenance_cite(
+            APPEND_GROUP,
+            prov,
+            f"{rounds_note(rounds)} {TIMES} {run['settings']['seconds']:.0f} s",
+        )
+        + f", other processes busy {min(others):.1f}{DASH}{max(others):.1f} of 2 cores"
+    )
+
+    def rate(key: str, label: str) -> str:
+        s = scenarios[key]
+        low, high = s["ops_range"]
+        return f"{n(s['median']['ops_per_s'])} {label}/s ({spread(low, high)})"
+
+    def ratio(name: str) -> str:
+        r = run["ratios"][name]
+        return (
+            f"`{name}`: " + ", ".join(f"{v:.2f}" for v in r["per_round"])
+            + f" (median {r['median']:.2f})"
+        )  # fmt: skip
+
+    same_shape = run["ratios"][f"ours.move/{shape} ÷ es.save/{shape}"]["median"]
+    best_shape = run["ratios"][f"ours.move/{shape} ÷ es.save/{writers}"]["median"]
+    assign = scenarios[f"ours.assign/{shape}"]
+    met = min(same_shape, best_shape) >= 1.5 and assign["median"]["ops_per_s"] >= 1000
+    return [
+        Row(
+            f"commands (issue 17), API-shaped ({shape}: processes {TIMES} threads sharing one "
+            f"app, group commit): whole command path ≥ 1.5{TIMES} bare eventsourcing and "
+            "≥ 1,000 single-event commands/s",
+            f"{ratio(f'ours.move/{shape} ÷ es.save/{shape}')}; against the library in "
+            f"{writers} single-threaded processes, "
+            f"{ratio(f'ours.move/{shape} ÷ es.save/{writers}')}; "
+            f"{rate(f'ours.assign/{shape}', '`assign_card`')}, "
+            f"{rate(f'ours.move/{shape}', '`move_card`')}; mean group "
+            f"{assign['mean_group_size']:.1f} commands per transaction",
+            f"bare eventsourcing `save()`, same rounds: {rate(f'es.save/{shape}', 'saves')} at "
+            f"{shape}, {rate(f'es.save/{writers}', 'saves')} at {writers} processes; our "
+            f"{writers} single-threaded writers (no groups can form): "
+            f"{ratio(f'ours.move/{writers} ÷ es.save/{writers}')}",
+            "yes" if met else "no",
+            cite,
+        )
+    ]
+
+
 FRESHNESS = "freshness.json"
 
 
@@ -731,6 +790,7 @@ def scale_rows() -> list[Row]:
 
 ROWS: tuple[Callable[[], list[Row]], ...] = (
     append_rows,
+    group_commit_rows,
     freshness_rows,
     rebuild_rows,
     graphql_rows,

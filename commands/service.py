@@ -1,7 +1,9 @@
 """The write side's machinery: who sends a command, what it did, and how every command runs.
 
 Each command loads what it touches, checks the actor may do it, lets the aggregates decide, and
-saves every changed aggregate in one transaction together with the command's idempotency record.
+saves every changed aggregate in one transaction together with the command's idempotency record
+(the event store may write the saves of concurrent commands in one transaction, group commit,
+each still checked on its own and failing alone).
 A concurrent write to any of them makes the save collide on a version (the store raises
 CONFLICT); the command then reloads and decides again, a bounded number of times.
 

@@ -1,0 +1,499 @@
+"""Group commit: appends that arrive while one is being written go together, in one transaction.
+
+A group forms only while a write is in progress, so these tests make one form for certain: they
+hold the store's advisory lock from a session of their own, start one append (which leads, alone,
+and waits on the lock), queue the others behind it and then let the lock go. The first commits
+alone and the queued ones are written as one group. Every append must still get what a lone
+append gets: its own notification ids, its own command record with its own position, its own
+conflict (only it fails) and the truth about a commit whose answer was lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+from uuid import UUID, uuid4
+
+import pg
+import psycopg
+import pytest
+from board_helpers import Board, add_cards, bootstrap_board, command_log_count
+from eventsourcing.persistence import IntegrityError, StoredEvent
+from eventsourcing.postgres import PostgresDatastore
+from fault_proxy import FaultProxy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg.conninfo import conninfo_to_dict
+
+from adapters.eventstore import CommandAlreadyRecorded, EventStoreRecorder, StaleVersion
+from commands import models as m
+from domain.idempotency import CommandRecord
+from infra.bootstrap import build_write_side
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from commands.handlers import AgentWorks
+    from commands.service import CommandResult
+
+T = TypeVar("T")
+EVENTS_TABLE = "agentworks_events"
+LOCK_KEY = zlib.crc32(f"public.{EVENTS_TABLE}".encode()) & 0x7FFFFFFF
+
+
+# -- making a group form ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def store_locked(database_url: str) -> Iterator[None]:
+    """The store's advisory lock, held by a session of the test's own until the block ends."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.01)
+
+
+def lock_waiters(database_url: str) -> int:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def grouped(
+    database_url: str,
+    recorder: EventStoreRecorder,
+    first: Callable[[], Any],
+    rest: list[Callable[[], T]],
+    *,
+    before_release: Callable[[], None] = lambda: None,
+) -> tuple[Future[Any], list[Future[T]]]:
+    """Run ``first`` alone while the lock is held, queue ``rest`` behind it, then let go.
+
+    The recorder's count of group sizes starts again from nothing here.
+    """
+    recorder.group_commit.sizes.clear()
+    pool = ThreadPoolExecutor(max_workers=len(rest) + 1)
+    try:
+        with store_locked(database_url):
+            leading = pool.submit(first)
+            until(lambda: lock_waiters(database_url) == 1, "the first append waits on the lock")
+            queued = [pool.submit(call) for call in rest]
+            until(
+                lambda: recorder.group_commit.waiting == len(rest),
+                f"{len(rest)} appends are queued",
+            )
+            before_release()
+        for future in [leading, *queued]:
+            with contextlib.suppress(Exception):
+                future.result(timeout=60)
+        return leading, queued
+    finally:
+        pool.shutdown(wait=True)
+
+
+# -- the recorder alone ----------------------------------------------------------------------------
+
+
+def make_datastore(database_url: str, *, pool_size: int = 2) -> PostgresDatastore:
+    parts = conninfo_to_dict(pg.login_url_for(database_url, "agentworks_app"))
+    return PostgresDatastore(
+        dbname=str(parts["dbname"]),
+        host=str(parts.get("host") or "127.0.0.1"),
+        port=str(parts.get("port") or "5432"),
+        user=str(parts.get("user") or "postgres"),
+        password=str(parts.get("password") or ""),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+    )
+
+
+@pytest.fixture
+def recorder(database_url: str) -> Iterator[EventStoreRecorder]:
+    datastore = make_datastore(database_url)
+    try:
+        yield EventStoreRecorder(datastore, events_table_name=EVENTS_TABLE)
+    finally:
+        datastore.close()
+
+
+def event(originator_id: UUID | None = None, version: int = 1) -> StoredEvent:
+    return StoredEvent(
+        originator_id=originator_id or uuid4(), originator_version=version, topic="t", state=b"{}"
+    )
+
+
+def record(command_id: str | None = None) -> CommandRecord:
+    return CommandRecord(
+        scope="ws",
+        command_id=command_id or str(uuid4()),
+        command_type="MoveCard",
+        fingerprint="f",
+        actor="alice",
+        result={"kind": "card"},
+    )
+
+
+def stored(database_url: str) -> dict[tuple[UUID, int], tuple[int, int]]:
+    """(originator id, version) -> (notification id, transaction id) of every stored event."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            f"SELECT originator_id, originator_version, notification_id, "
+            f"transaction_id::text::bigint FROM {EVENTS_TABLE}"
+        ).fetchall()
+    return {(r[0], r[1]): (r[2], r[3]) for r in rows}
+
+
+def recorded_positions(database_url: str) -> dict[str, int]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT command_id::text, result FROM command_log").fetchall()
+    return {str(r[0]): int(r[1]["position"]) for r in rows}
+
+
+def test_appends_queued_behind_a_write_go_as_one_transaction(
+    database_url: str, recorder: EventStoreRecorder
+) -> None:
+    appends = [([event(), event()] if i % 2 else [event()], record()) for i in range(8)]
+
+    first, queued = grouped(
+        database_url,
+        recorder,
+        lambda: recorder.insert_events([event()], command_record=record()),
+        [
+            (lambda e=events, r=rec: recorder.insert_events(e, command_record=r))
+            for events, rec in appends
+        ],
+    )
+
+    assert recorder.group_commit.sizes == {1: 1, 8: 1}
+    rows = stored(database_url)
+    positions = recorded_positions(database_url)
+    transactions = set()
+    for (events, rec), future in zip(appends, queued, strict=True):
+        ids = list(future.result())
+        assert ids == [rows[(e.originator_id, e.originator_version)][0] for e in events]
+        assert positions[rec.command_id] == max(ids)
+        transactions |= {rows[(e.originator_id, e.originator_version)][1] for e in events}
+    assert len(transactions) == 1, "the group's appends were not one transaction"
+    all_ids = [i for future in queued for i in future.result()]
+    assert all_ids == sorted(all_ids)
+    assert first.result()[0] < all_ids[0]
+
+
+def test_a_conflicting_append_fails_alone_and_the_rest_of_its_group_commits(
+    database_url: str, recorder: EventStoreRecorder
+) -> None:
+    """A version taken, an aggregate read that moved on, a command recorded before: each
+    refuses the group's transaction, and then only the append concerned fails."""
+    taken, read = event(), event()
+    recorder.insert_events([taken])
+    recorder.insert_events([read])
+    recorder.insert_events([event(read.originator_id, 2)])
+    recorded_before = record()
+    recorder.insert_events([event()], command_record=recorded_before)
+    good = [([event()], record()) for _ in range(4)]
+    clash = ([event(taken.originator_id, 1)], record())
+    stale = ([event()], record())
+    again = ([event()], recorded_before)
+
+    calls = [
+        (lambda e=events, r=rec: recorder.insert_events(e, command_record=r))
+        for events, rec in [good[0], clash, good[1], good[2]]
+    ]
+    calls.append(
+        lambda: recorder.insert_events(
+            stale[0], command_record=stale[1], unchanged_since={read.originator_id: 1}
+        )
+    )
+    calls.append(lambda: recorder.insert_events(good[3][0], command_record=good[3][1]))
+    calls.append(lambda: recorder.insert_events(again[0], command_record=again[1]))
+    _, queued = grouped(database_url, recorder, lambda: recorder.insert_events([event()]), calls)
+
+    assert recorder.group_commit.sizes == {1: 1, 7: 1}
+    with pytest.raises(IntegrityError):
+        queued[1].result()
+    with pytest.raises(StaleVersion, match=str(read.originator_id)):
+        queued[4].result()
+    with pytest.raises(CommandAlreadyRecorded):
+        queued[6].result()
+    rows = stored(database_url)
+    positions = recorded_positions(database_url)
+    for (events, rec), future in zip(
+        good, [queued[0], queued[2], queued[3], queued[5]], strict=True
+    ):
+        assert list(future.result()) == [rows[(events[0].originator_id, 1)][0]]
+        assert positions[rec.command_id] == future.result()[0]
+    assert clash[1].command_id not in positions
+    assert stale[1].command_id not in positions
+    assert (stale[0][0].originator_id, 1) not in rows
+    assert (again[0][0].originator_id, 1) not in rows
+    assert _advisory_locks_held(database_url) == 0
+
+
+def test_duplicates_inside_one_group_are_written_one_after_the_other(
+    database_url: str, recorder: EventStoreRecorder
+) -> None:
+    """Two records of one command, or two appends to one aggregate, never share a group: the
+    second waits for the next group, and meets the first as a lone append would."""
+    twice = record()
+    aggregate = uuid4()
+    first_copy, second_copy = [event()], [event()]
+    calls = [
+        lambda: recorder.insert_events(first_copy, command_record=twice),
+        lambda: recorder.insert_events([event(aggregate, 1)], command_record=record()),
+        lambda: recorder.insert_events(second_copy, command_record=twice),
+        lambda: recorder.insert_events([event(aggregate, 2)], command_record=record()),
+        lambda: recorder.insert_events([event()], command_record=record()),
+    ]
+
+    _, queued = grouped(database_url, recorder, lambda: recorder.insert_events([event()]), calls)
+
+    # The first alone; a group of three; the second copy and the aggregate's second version
+    # left for the next group, of two, refused for the copy; then each of those two alone.
+    assert recorder.group_commit.sizes == {1: 1, 3: 1, 2: 1}
+    with pytest.raises(CommandAlreadyRecorded):
+        queued[2].result()
+    for index in (0, 1, 3, 4):
+        assert queued[index].result()
+    rows = stored(database_url)
+    assert (first_copy[0].originator_id, 1) in rows
+    assert (second_copy[0].originator_id, 1) not in rows
+    assert rows[(aggregate, 1)][0] < rows[(aggregate, 2)][0]
+
+
+def _advisory_locks_held(database_url: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# -- commands through the write side ---------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
+    monkeypatch.setenv("PGSSLMODE", "disable")  # the proxy reads the protocol
+    running = FaultProxy("127.0.0.1", 5432)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def store_recorder(app: AgentWorks) -> EventStoreRecorder:
+    recorder = app.recorder
+    assert isinstance(recorder, EventStoreRecorder)
+    return recorder
+
+
+def rename(app: AgentWorks, board: Board, card_id: UUID, title: str) -> Callable[[], Any]:
+    command = m.UpdateCard(card_id=card_id, title=title, command_id=uuid4())
+    return lambda: app.update_card(command, board.owner)
+
+
+def versions(database_url: str, ids: list[UUID]) -> dict[UUID, int]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            f"SELECT originator_id, max(originator_version) FROM {EVENTS_TABLE} "
+            "WHERE originator_id = ANY(%s) GROUP BY originator_id",
+            (ids,),
+        ).fetchall()
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def test_concurrent_commands_are_grouped_and_each_gets_its_own_result(
+    database_url: str, write_side: AgentWorks, board: Board
+) -> None:
+    recorder = store_recorder(write_side)
+    lone, *cards = add_cards(write_side, board, 7)
+
+    _, queued = grouped(
+        database_url,
+        recorder,
+        rename(write_side, board, lone, "alone"),
+        [rename(write_side, board, card, f"renamed {i}") for i, card in enumerate(cards)],
+    )
+
+    assert recorder.group_commit.sizes == {1: 1, 6: 1}
+    results: list[CommandResult] = [future.result() for future in queued]
+    rows = stored(database_url)
+    for card, result in zip(cards, results, strict=True):
+        assert result.id == card
+        assert result.version == 2
+        assert result.position == rows[(card, 2)][0]
+        assert write_side.card_at(card, board.owner).title.startswith("renamed")
+    assert len({rows[(card, 2)][1] for card in cards}) == 1
+
+
+def test_a_command_whose_group_conflicts_decides_again_and_the_others_commit(
+    database_url: str, write_side: AgentWorks, board: Board
+) -> None:
+    """A card renamed by another replica meanwhile: this side's cached copy is stale, so its
+    append in the group takes a version that is taken; the group is refused, the other commands
+    commit on their own and the stale one decides again on the store's state, in its own retry
+    loop, as it would alone."""
+    recorder = store_recorder(write_side)
+    lone, stale, *cards = add_cards(write_side, board, 6)
+    other = build_write_side(database_url, pool_size=2)
+    try:
+        other.update_card(m.UpdateCard(card_id=stale, title="elsewhere"), board.owner)
+    finally:
+        other.close()
+
+    _, queued = grouped(
+        database_url,
+        recorder,
+        rename(write_side, board, lone, "alone"),
+        [rename(write_side, board, card, f"renamed {card}") for card in [stale, *cards]],
+    )
+
+    assert recorder.group_commit.sizes[5] == 1
+    results: list[CommandResult] = [future.result() for future in queued]
+    assert results[0].version == 3  # after the other replica's rename
+    assert write_side.card_at(stale, board.owner).title == f"renamed {stale}"
+    assert versions(database_url, [stale, *cards]) == {stale: 3} | {card: 2 for card in cards}
+
+
+@pytest.mark.parametrize("cut", ["after", "before"])
+def test_a_group_whose_commit_answer_was_lost_settles_for_every_command(
+    database_url: str, proxy: FaultProxy, cut: str
+) -> None:
+    """The connection is cut as the group's COMMIT goes out (after the server got it, or
+    instead of it): every command of the group learns the truth by the group's transaction id,
+    and each is written exactly once."""
+    app = build_write_side(proxy.url_for(database_url), pool_size=3, settle_seconds=5.0)
+    try:
+        board = bootstrap_board(app)
+        cards = add_cards(app, board, 5)
+        recorder = store_recorder(app)
+        taken = event(cards[0], 1)  # refused at once, so the first write sends no COMMIT
+        commands = [
+            m.UpdateCard(card_id=card, title=f"{cut} {card}", command_id=uuid4()) for card in cards
+        ]
+
+        first, queued = grouped(
+            database_url,
+            recorder,
+            lambda: recorder.insert_events([taken]),
+            [(lambda c=command: app.update_card(c, board.owner)) for command in commands],
+            before_release=proxy.cut_after_commit if cut == "after" else proxy.cut_before_commit,
+        )
+
+        with pytest.raises(IntegrityError):
+            first.result()
+        assert proxy.cuts == 1
+        assert recorder.group_commit.sizes[5] == 1
+        for command, future in zip(commands, queued, strict=True):
+            result = future.result()
+            assert result.replayed is False
+            assert result.version == 2
+            assert command_log_count(database_url, command.command_id) == 1
+        assert versions(database_url, cards) == dict.fromkeys(cards, 2)
+    finally:
+        app.close()
+
+
+# Appends over a few aggregates at random versions (some taken, some not, some twice), each with
+# its own command id or a shared one, some with a read check: whatever the group does, each append
+# must end as it would alone, all or nothing, and what was stored must be a consistent log.
+APPEND = st.tuples(
+    st.integers(0, 3),  # aggregate
+    st.integers(1, 3),  # version
+    st.integers(0, 5),  # command id (ten appends over six ids: some share one)
+    st.none() | st.tuples(st.integers(0, 3), st.integers(0, 3)),  # read check
+).filter(lambda spec: spec[3] is None or spec[3][0] != spec[0])  # as the write side sends them
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(appends=st.lists(APPEND, min_size=2, max_size=10))
+def test_each_append_of_a_group_ends_as_it_would_alone(
+    database_url: str, recorder: EventStoreRecorder, appends: list[Any]
+) -> None:
+    aggregates = [uuid4() for _ in range(4)]
+    for aggregate in aggregates[:2]:  # two of them exist already, at version 1
+        recorder.insert_events([event(aggregate, 1)])
+    command_ids = [str(uuid4()) for _ in range(6)]
+
+    def append(spec: Any) -> Any:
+        index, version, command, read = spec
+        extra = {}
+        if read is not None:
+            extra["unchanged_since"] = {aggregates[read[0]]: read[1]}
+        rec = record(command_ids[command])
+        return recorder.insert_events(
+            [event(aggregates[index], version)], command_record=rec, **extra
+        )
+
+    _, queued = grouped(
+        database_url,
+        recorder,
+        lambda: recorder.insert_events([event()]),
+        [(lambda s=spec: append(s)) for spec in appends],
+    )
+
+    if _independent(appends):
+        assert recorder.group_commit.sizes == {1: 1, len(appends): 1}
+    rows = stored(database_url)
+    positions = recorded_positions(database_url)
+    succeeded = [
+        (spec, f.result()) for spec, f in zip(appends, queued, strict=True) if not f.exception()
+    ]
+    for future in queued:
+        error = future.exception()
+        assert error is None or isinstance(error, IntegrityError), error
+    # Every success is stored under the ids it was given, with its own command record.
+    for (index, version, command, _), ids in succeeded:
+        assert list(ids) == [rows[(aggregates[index], version)][0]]
+        assert positions[command_ids[command]] == ids[0]
+    # One success per command id at most, and each stored (aggregate, version) by one append.
+    assert len({spec[2] for spec, _ in succeeded}) == len(succeeded)
+    assert len({(spec[0], spec[1]) for spec, _ in succeeded}) == len(succeeded)
+    # A command record exists only for a success.
+    for command, command_id in enumerate(command_ids):
+        assert (command_id in positions) == any(spec[2] == command for spec, _ in succeeded)
+    # No append failed without a reason of its own: its version was taken, its command id was
+    # recorded, or an aggregate it read had moved on.
+    for spec, future in zip(appends, queued, strict=True):
+        if future.exception() is None:
+            continue
+        index, version, command, read = spec
+        taken = (aggregates[index], version) in rows
+        recorded = command_ids[command] in positions
+        moved_on = read is not None and any(
+            key[0] == aggregates[read[0]] and key[1] > read[1] for key in rows
+        )
+        assert taken or recorded or moved_on, f"{spec} failed for no reason of its own"
+    assert _advisory_locks_held(database_url) == 0
+
+
+def _independent(appends: list[Any]) -> bool:
+    """Whether no two appends share an aggregate or a command, or read what another writes."""
+    written = [spec[0] for spec in appends]
+    read = [spec[3][0] for spec in appends if spec[3] is not None]
+    return (
+        len(set(written)) == len(written)
+        and len({spec[2] for spec in appends}) == len(appends)
+        and not set(read) & set(written)
+    )
