@@ -136,27 +136,35 @@ class _Pending:
 
 
 class GroupCommit:
-    """Leader/follower group commit: the appends that arrive while one is being written are
-    written next, together, in one transaction.
+    """Leader/follower group commit: the appends that arrive while the writers are busy are
+    written next, together, in one transaction each.
 
     Each transaction pays a fixed cost (round trips, psycopg's work per statement, the server's
     per-statement and commit work, one WAL flush) that is most of a small command's; a group
-    divides it by its size. An append that finds nothing being written is written at once by
-    its own thread (no added latency when alone); those arriving meanwhile queue, and when the
-    write ends the first of them leads the next group, so no extra thread is needed. A group
-    never holds two appends to one aggregate, two records of one command, or an append next to
-    one that read what it writes (those wait for a later group), so within a group nothing can
-    conflict; what conflicts with a writer elsewhere is found by the group's transaction.
+    divides it by its size. Up to ``max_in_flight`` transactions are written at once, each by
+    a caller's own thread (its leader): an append that finds a writer free is written at once
+    (no added latency when alone), those arriving while every writer is busy queue, and when a
+    write ends the first of them leads the next group, so no extra thread is needed. With one
+    writer, appends that must wait for each other (below) would also hold up every independent
+    append of the process behind them: a workload of many commands on a few hot aggregates (an
+    orchestrator's runs on one card, charging one month) ran at a third of its rate.
+
+    A group never holds two appends to one aggregate, two records of one command, or an append
+    next to one that read what it writes, and never one that touches what a transaction in
+    flight writes or reads (those wait for a later group): within the process nothing can
+    conflict, and what conflicts with a writer elsewhere is found by the group's transaction.
     """
 
-    def __init__(self, *, max_appends: int, max_events: int) -> None:
+    def __init__(self, *, max_appends: int, max_events: int, max_in_flight: int = 1) -> None:
         self.max_appends = max_appends
         self.max_events = max_events
+        self.max_in_flight = max(1, max_in_flight)
         self.sizes: Counter[int] = Counter()
         """How many transactions wrote how many appends, since this recorder was made."""
         self._lock = threading.Lock()
         self._queue: list[_Pending] = []
-        self._leading = False
+        self._leaders = 0
+        self._in_flight: list[list[_Pending]] = []
 
     def written(self) -> Counter[int]:
         """A copy of :attr:`sizes`, safe to take while appends are being written."""
@@ -165,9 +173,15 @@ class GroupCommit:
 
     @property
     def waiting(self) -> int:
-        """Appends queued for the next group (the one being written is not counted)."""
+        """Appends queued for a later group (those being written are not counted)."""
         with self._lock:
             return len(self._queue)
+
+    @property
+    def leading(self) -> int:
+        """Threads writing (or about to write) a group now."""
+        with self._lock:
+            return self._leaders
 
     def submit(self, pending: _Pending, write: Callable[[list[_Pending]], None]) -> None:
         """Wait until ``pending`` was written (by this thread or a leader); its outcome is on it.
@@ -176,8 +190,9 @@ class GroupCommit:
         """
         with self._lock:
             self._queue.append(pending)
-            lead = not self._leading
-            self._leading = True
+            lead = self._leaders < self.max_in_flight
+            if lead:
+                self._leaders += 1
         while not pending.done:
             if lead:
                 lead = self._lead(pending, write)
@@ -191,6 +206,12 @@ class GroupCommit:
         """Write the next group; hand the lead on. True when this thread leads the next too."""
         with self._lock:
             group = self._take()
+            if not group:
+                # Everything queued waits for a transaction in flight, whose leader hands the
+                # lead on when it ends.
+                self._leaders -= 1
+                return False
+            self._in_flight.append(group)
         try:
             write(group)
         except BaseException as error:  # noqa: BLE001 - each member's caller raises it
@@ -198,15 +219,17 @@ class GroupCommit:
                 member.error = member.error or error
         COMMIT_GROUP_SIZE.observe(len(group))
         with self._lock:
+            self._in_flight.remove(group)
             self.sizes[len(group)] += 1
             for member in group:
                 member.done = True
                 if member is not pending:
                     member.woken.set()
-            if not self._queue:
-                self._leading = False
+            waiting = [member for member in self._queue if not member.promoted]
+            if not waiting:
+                self._leaders -= 1
                 return False
-            following = self._queue[0]
+            following = waiting[0]
             if following is pending:
                 return True
             following.promoted = True
@@ -220,11 +243,18 @@ class GroupCommit:
         writes: set[UUID] = set()
         reads: set[UUID] = set()
         commands: set[tuple[str, str]] = set()
+        for flying in self._in_flight:
+            for member in flying:
+                writes |= member.writes
+                reads |= member.read_ids
+                if member.key is not None:
+                    commands.add(member.key)
         events = 0
         for member in self._queue:
             member_writes, member_reads, key = member.writes, member.read_ids, member.key
             if (
-                len(group) >= self.max_appends
+                member.promoted  # handed a writer's place: it leads its own group
+                or len(group) >= self.max_appends
                 or (group and events + member.count > self.max_events)
                 or not member_writes.isdisjoint(writes)
                 or not member_writes.isdisjoint(reads)
@@ -324,6 +354,8 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
     """Most appends (commands) written in one transaction by :class:`GroupCommit`."""
     group_max_events = 5000
     """Most events in one group transaction (a single larger append is still written)."""
+    group_max_in_flight = 4
+    """Most group transactions written at once by one recorder (each on its own connection)."""
 
     def __init__(
         self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"
@@ -387,7 +419,9 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         ).format(table)
         self.lock_table_statements = []
         self.group_commit = GroupCommit(
-            max_appends=self.group_max_appends, max_events=self.group_max_events
+            max_appends=self.group_max_appends,
+            max_events=self.group_max_events,
+            max_in_flight=self.group_max_in_flight,
         )
 
     def insert_events(

@@ -86,9 +86,11 @@ def grouped(
 ) -> tuple[Future[Any], list[Future[T]]]:
     """Run ``first`` alone while the lock is held, queue ``rest`` behind it, then let go.
 
-    The recorder's count of group sizes starts again from nothing here.
+    The recorder's count of group sizes starts again from nothing here, and it writes one
+    transaction at a time, so that everything queues behind the first.
     """
     recorder.group_commit.sizes.clear()
+    recorder.group_commit.max_in_flight = 1
     pool = ThreadPoolExecutor(max_workers=len(rest) + 1)
     try:
         with store_locked(database_url):

@@ -6,6 +6,7 @@ by one thread at a time; the database's side is in tests/integration/test_group_
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from typing import Any
@@ -121,7 +122,60 @@ def test_every_append_is_written_once_by_one_leader_at_a_time_and_groups_form() 
     assert sum(size * n for size, n in commit.sizes.items()) == len(appends)
     assert max(commit.sizes) > 1
     assert commit.waiting == 0
-    assert not commit._leading
+    assert commit.leading == 0
+
+
+def test_several_writers_at_once_never_share_an_aggregate_and_write_every_append_once() -> None:
+    commit = GroupCommit(max_appends=8, max_events=1000, max_in_flight=3)
+    hot = [uuid4() for _ in range(3)]
+    flying: list[tuple[set[UUID], set[UUID]]] = []
+    most_at_once = 0
+    state = threading.Lock()
+    written: list[_Pending] = []
+
+    def write(group: list[_Pending]) -> None:
+        nonlocal most_at_once
+        writes = set().union(*(member.writes for member in group))
+        reads = set().union(*(member.read_ids for member in group))
+        touched = (writes, reads)
+        with state:
+            for other_writes, other_reads in flying:
+                assert other_writes.isdisjoint(writes | reads), "one writes what another touches"
+                assert writes.isdisjoint(other_reads), "one writes what another read"
+            flying.append(touched)
+            most_at_once = max(most_at_once, len(flying))
+        time.sleep(0.002)
+        with state:
+            flying.remove(touched)
+            written.extend(group)
+        for member in group:
+            member.notification_ids = [1]
+
+    rng = random.Random(7)
+    appends = [
+        pending([rng.choice(hot)] if k % 3 == 0 else [uuid4()], reads=[rng.choice(hot)])
+        for k in range(300)
+    ]
+    start = threading.Barrier(16)
+
+    def client(k: int) -> None:
+        start.wait()
+        for p in appends[k::16]:
+            commit.submit(p, write)
+            assert p.done
+            assert p.notification_ids == [1]
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "an append was never written"
+
+    assert sorted(map(id, written)) == sorted(map(id, appends))
+    assert 1 < most_at_once <= 3
+    assert commit.waiting == 0
+    assert commit.leading == 0
 
 
 def test_an_error_of_the_write_reaches_every_member_and_the_lead_passes_on() -> None:
@@ -136,7 +190,7 @@ def test_an_error_of_the_write_reaches_every_member_and_the_lead_passes_on() -> 
 
     assert first.done
     assert first.error is boom
-    assert not commit._leading
+    assert commit.leading == 0
     second = pending([uuid4()])
     commit.submit(second, lambda group: None)
     assert second.done
