@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid4
@@ -17,6 +18,7 @@ from psycopg.rows import dict_row
 from read_side_helpers import ReadSide, api_connection, append_log, running_run
 
 from projections import queries
+from projections.rebuild import rebuild
 from projections.runs import RunsProjector
 
 if TYPE_CHECKING:
@@ -175,3 +177,18 @@ def test_results_and_pages_across_two_workspaces(
     for first in range(1, 6):
         assert search(mine.workspace_id, first) == newest_five[:first]
     assert search(theirs.workspace_id, 2) == ["needle needle needle"] * 2
+
+    # A rebuild builds both indexes again (under its scratch tables' names) and answers alike.
+    rebuild(RunsProjector(), side.pool, side.log)
+    definitions = {
+        re.sub(r"INDEX \S+ ON", "INDEX ON", str(row["definition"]))
+        for row in side.rows(
+            "SELECT pg_get_indexdef(indexrelid) AS definition FROM pg_index"
+            " WHERE indrelid = 'rm_log_lines'::regclass AND NOT indisprimary"
+        )
+    }
+    assert definitions == {
+        "CREATE INDEX ON public.rm_log_lines USING gin (workspace_id, tsv)",
+        "CREATE INDEX ON public.rm_log_lines USING btree (workspace_id, at, run_id, seq)",
+    }
+    assert search(mine.workspace_id, 50) == newest_five
