@@ -785,6 +785,17 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _short_site(site: str, frames: int = 4) -> str:
+    """An allocation site's innermost frames, paths relative to the package or repository."""
+    out = []
+    for frame in site.split(" <- ")[:frames]:
+        for marker in ("site-packages/", "/lib/python3.11/", f"{ROOT}/"):
+            if marker in frame:
+                frame = frame.split(marker, 1)[1]
+        out.append(frame)
+    return " <- ".join(out)
+
+
 def _memory_markdown(mem: dict[str, Any]) -> list[str]:
     rounds = mem["rounds"]
     lines = [
@@ -812,7 +823,8 @@ def _memory_markdown(mem: dict[str, Any]) -> list[str]:
             "",
             "```",
             *(
-                f"{g['growth_bytes'] / 1e3:+10,.1f} kB {g['growth_blocks']:+8,} blocks  {g['site']}"
+                f"{g['growth_bytes'] / 1e3:+10,.1f} kB {g['growth_blocks']:+8,} blocks "
+                f" {_short_site(g['site'])}"
                 for g in last["growth_since_first_by_site"][:8]
             ),
             "```",
