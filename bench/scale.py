@@ -70,6 +70,7 @@ from bench.rebuild import (
     write_section,
 )
 from bench.summary import TIMES
+from projections.queries import SEARCH_CANDIDATES, SEARCH_STATEMENT
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "scale.json"
@@ -89,6 +90,7 @@ SEARCH_QUERY = (
     " { runId seq text } }"
 )
 SEARCH_TERM = "pytest"
+SEARCH_PAGE = 50
 QUERIES = ("board", "board_uncached", "history", "search")
 WORKSPACES = ("big", "small")
 
@@ -332,13 +334,9 @@ def settle(pid: int, backends: load.Backends, admin: str, dbname: str) -> float:
     return time.monotonic() - started
 
 
-#: ``projections.queries.search_logs``'s statement, for EXPLAIN.
-SEARCH_SQL = (
-    "SELECT l.run_id, l.seq, l.at, l.stream, l.text"
-    " FROM rm_log_lines AS l, websearch_to_tsquery('simple', %s) AS q"
-    " WHERE l.workspace_id = %s AND l.tsv @@ q"
-    " ORDER BY ts_rank(l.tsv, q) DESC, l.run_id, l.seq LIMIT 50"
-)
+#: ``projections.queries.search_logs``'s statement, for EXPLAIN (parameters: the term, the
+#: workspace, the window of newest matches it ranks, the page size).
+SEARCH_SQL = SEARCH_STATEMENT
 #: ``read_api.eventlog.card_log``'s statement.
 HISTORY_SQL = (
     "SELECT originator_id, originator_version, topic, state, notification_id"
@@ -364,7 +362,11 @@ def explain(url: str, meta: dict[str, Any]) -> dict[str, Any]:
                 "lines_matching_search_term": int(row[1]) if row else 0,
             }
             for name, statement, params in (
-                ("search", SEARCH_SQL, (SEARCH_TERM, info["workspace_id"])),
+                (
+                    "search",
+                    SEARCH_SQL,
+                    (SEARCH_TERM, info["workspace_id"], SEARCH_CANDIDATES, SEARCH_PAGE),
+                ),
                 ("history", HISTORY_SQL, (info["hot_card"],)),
             ):
                 plans = [

@@ -329,6 +329,17 @@ def run_logs(
         return [LogLine(**row) for row in cur.fetchall()]
 
 
+#: ``search_logs``' statement; parameters: the query, the workspace, the window, the page size.
+SEARCH_STATEMENT = (
+    "SELECT c.run_id, c.seq, c.at, c.stream, c.text FROM ("
+    "  SELECT l.run_id, l.seq, l.at, l.stream, l.text, ts_rank(l.tsv, q) AS rank"
+    "  FROM rm_log_lines AS l, websearch_to_tsquery('simple', %s) AS q"
+    "  WHERE l.workspace_id = %s AND l.tsv @@ q"
+    "  ORDER BY l.at DESC, l.run_id DESC, l.seq DESC LIMIT %s"
+    ") AS c ORDER BY c.rank DESC, c.run_id, c.seq LIMIT %s"
+)
+
+
 def search_logs(
     conn: Connection[Any], workspace_id: UUID, *, query: str, first: int = 50
 ) -> list[LogHit]:
@@ -352,14 +363,7 @@ def search_logs(
         # the text index, a common one through the time-ordered index, stopping early), and a
         # generic plan would fix one of them for every word.
         cur.execute(
-            "SELECT c.run_id, c.seq, c.at, c.stream, c.text FROM ("
-            "  SELECT l.run_id, l.seq, l.at, l.stream, l.text, ts_rank(l.tsv, q) AS rank"
-            "  FROM rm_log_lines AS l, websearch_to_tsquery('simple', %s) AS q"
-            "  WHERE l.workspace_id = %s AND l.tsv @@ q"
-            "  ORDER BY l.at DESC, l.run_id DESC, l.seq DESC LIMIT %s"
-            ") AS c ORDER BY c.rank DESC, c.run_id, c.seq LIMIT %s",
-            (query, workspace_id, SEARCH_CANDIDATES, first),
-            prepare=False,
+            SEARCH_STATEMENT, (query, workspace_id, SEARCH_CANDIDATES, first), prepare=False
         )
         return [LogHit(**row) for row in cur.fetchall()]
 
