@@ -7,11 +7,13 @@ The bench asks by creating files in the directory: ``start`` starts tracing (so 
 before it run untraced, at full speed), ``snap-<name>`` answers ``snap-<name>.json``: the traced
 heap now, tracemalloc's own memory, and the heap by allocation site (the innermost six frames of
 each allocation's traceback). Sites are kept as plain statistics, not snapshots, so what the process
-holds for the bench stays small. Nothing here is imported by the product.
+holds for the bench stays small. ``trim`` answers ``trim.json``: RSS before and after glibc's
+``malloc_trim``. Nothing here is imported by the product.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -61,6 +63,22 @@ def _answer(directory: Path, name: str) -> None:
     part.rename(directory / f"{name}.json")
 
 
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim(directory: Path) -> None:
+    """Hand the C allocator's free memory back to the system (glibc ``malloc_trim``): what RSS
+    drops by was freed memory the allocator kept, not memory anything holds."""
+    gc.collect()
+    before = _rss_bytes()
+    trimmed = ctypes.CDLL("libc.so.6").malloc_trim(0)
+    doc = {"rss_before_bytes": before, "rss_after_bytes": _rss_bytes(), "released": trimmed}
+    part = directory / "trim.json.part"
+    part.write_text(json.dumps(doc))
+    part.rename(directory / "trim.json")
+
+
 def _watch(directory: Path) -> None:
     while True:
         for request in sorted(directory.iterdir()):
@@ -68,6 +86,9 @@ def _watch(directory: Path) -> None:
                 tracemalloc.start(FRAMES)
                 request.unlink()
                 (directory / "started").write_text("")
+            elif request.name == "trim":
+                request.unlink()
+                _trim(directory)
             elif request.name.startswith("snap-") and not request.name.endswith(("json", "part")):
                 request.unlink()
                 _answer(directory, request.name)

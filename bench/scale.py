@@ -556,9 +556,18 @@ def memory_rounds(
             f" {entry['tracemalloc_own_mb']} MB"
         )
     heaps = [r["traced_heap_mb"] for r in rounds]
+    trim = _ask_heap(heap_dir, "trim")
+    log(
+        f"malloc_trim: RSS {trim['rss_before_bytes'] / 1e6:.1f}"
+        f" -> {trim['rss_after_bytes'] / 1e6:.1f} MB"
+    )
     return {
         "clients": clients,
         "rounds": rounds,
+        "malloc_trim_after_last_round": {
+            "rss_before_mb": round(trim["rss_before_bytes"] / 1e6, 1),
+            "rss_after_mb": round(trim["rss_after_bytes"] / 1e6, 1),
+        },
         "traced_heap_growth_first_to_last_mb": round(heaps[-1] - heaps[0], 2) if heaps else None,
         "note": "tracemalloc started after the measured rounds; the heap is what Python objects"
         " allocated since then hold after each round, with the API idle; sites are the innermost"
@@ -817,6 +826,13 @@ def _memory_markdown(mem: dict[str, Any]) -> list[str]:
         ),
         "",
     ]
+    trim = mem.get("malloc_trim_after_last_round")
+    if trim:
+        lines += [
+            f"After the last round, glibc's `malloc_trim(0)` in the API process took RSS from"
+            f" {trim['rss_before_mb']:,.0f} MB to {trim['rss_after_mb']:,.0f} MB.",
+            "",
+        ]
     last = rounds[-1]
     if "growth_since_first_by_site" in last:
         lines += [
