@@ -564,6 +564,9 @@ def memory_rounds(
     return {
         "clients": clients,
         "rounds": rounds,
+        "api_allocator_environment": {
+            k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "PYTHONMALLOC"))
+        },
         "malloc_trim_after_last_round": {
             "rss_before_mb": round(trim["rss_before_bytes"] / 1e6, 1),
             "rss_after_mb": round(trim["rss_after_bytes"] / 1e6, 1),
@@ -812,7 +815,11 @@ def _memory_markdown(mem: dict[str, Any]) -> list[str]:
     lines = [
         f"**API heap by allocation site** ({len(rounds)} more rounds of every cell at"
         f" {mem['clients']} clients after the measured ones, `tracemalloc` on in the API from"
-        " their start, `--memory-rounds`; heap read after each round with the API idle):",
+        " their start, `--memory-rounds`; heap read after each round with the API idle"
+        + "".join(
+            f"; `{k}={v}`" for k, v in sorted(mem.get("api_allocator_environment", {}).items())
+        )
+        + "):",
         "",
         "| round | requests | RSS peak / settled MB | traced Python heap MB (peak) |"
         " tracemalloc's own MB | gc objects |",
