@@ -536,8 +536,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
             )
         total = each["sequential_total"]["seconds"]
         lines.append(
-            f"| the four one after another (what `agentworks rebuild all` in `infra/cli.py`"
-            f" still does) | {total:.1f} |"
+            f"| the four one after another (what `agentworks rebuild all` did before `57b6f12`)"
+            f" | {total:.1f} |"
             f" {eps(total)} | {total / rebuild['seconds']:.2f} |"
         )
     lines += [

@@ -35,9 +35,11 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -68,11 +70,14 @@ from bench.rebuild import (
     write_section,
 )
 from bench.summary import TIMES
+from projections.queries import SEARCH_CANDIDATES, SEARCH_STATEMENT
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 
 SMALL_CARDS = 200
+#: Allocation sites ``bench._traced_api`` reports per snapshot (by size).
+TRACED_SITES = 400
 LATENCY_RATIO_TARGET = 1.5
 #: RSS is "bounded" when the last round's peak is within this share of the first round's.
 RSS_GROWTH_TOLERANCE = 0.10
@@ -85,6 +90,7 @@ SEARCH_QUERY = (
     " { runId seq text } }"
 )
 SEARCH_TERM = "pytest"
+SEARCH_PAGE = 50
 QUERIES = ("board", "board_uncached", "history", "search")
 WORKSPACES = ("big", "small")
 
@@ -328,13 +334,9 @@ def settle(pid: int, backends: load.Backends, admin: str, dbname: str) -> float:
     return time.monotonic() - started
 
 
-#: ``projections.queries.search_logs``'s statement, for EXPLAIN.
-SEARCH_SQL = (
-    "SELECT l.run_id, l.seq, l.at, l.stream, l.text"
-    " FROM rm_log_lines AS l, websearch_to_tsquery('simple', %s) AS q"
-    " WHERE l.workspace_id = %s AND l.tsv @@ q"
-    " ORDER BY ts_rank(l.tsv, q) DESC, l.run_id, l.seq LIMIT 50"
-)
+#: ``projections.queries.search_logs``'s statement, for EXPLAIN (parameters: the term, the
+#: workspace, the window of newest matches it ranks, the page size).
+SEARCH_SQL = SEARCH_STATEMENT
 #: ``read_api.eventlog.card_log``'s statement.
 HISTORY_SQL = (
     "SELECT originator_id, originator_version, topic, state, notification_id"
@@ -360,7 +362,11 @@ def explain(url: str, meta: dict[str, Any]) -> dict[str, Any]:
                 "lines_matching_search_term": int(row[1]) if row else 0,
             }
             for name, statement, params in (
-                ("search", SEARCH_SQL, (SEARCH_TERM, info["workspace_id"])),
+                (
+                    "search",
+                    SEARCH_SQL,
+                    (SEARCH_TERM, info["workspace_id"], SEARCH_CANDIDATES, SEARCH_PAGE),
+                ),
                 ("history", HISTORY_SQL, (info["hot_card"],)),
             ):
                 plans = [
@@ -384,7 +390,14 @@ def measure(url: str, meta: dict[str, Any], args: argparse.Namespace) -> dict[st
     env = child_env(url, secret)
     port = free_port()
     api_url = f"http://127.0.0.1:{port}"
-    api = subprocess.Popen([*agentworks_cli(), "serve", "--port", str(port)], env=env, cwd=ROOT)
+    heap_dir: Path | None = None
+    command = [*agentworks_cli(), "serve", "--port", str(port)]
+    if args.memory_rounds:
+        heap_dir = Path(tempfile.mkdtemp(prefix="aw-bench-heap-"))
+        env["AW_BENCH_TRACEMALLOC_DIR"] = str(heap_dir)
+        env["AW_BENCH_TRACEMALLOC_SITES"] = str(TRACED_SITES)
+        command = [sys.executable, "-m", "bench._traced_api", "serve", "--port", str(port)]
+    api = subprocess.Popen(command, env=env, cwd=ROOT)
     backends = None
     report: dict[str, Any] = {}
     try:
@@ -422,6 +435,12 @@ def measure(url: str, meta: dict[str, Any], args: argparse.Namespace) -> dict[st
                                 f" {result.server_cpu_ms_per_req:6.2f} ms CPU/req"
                                 f"  errors {result.errors}"
                             )
+            if heap_dir is not None:
+                report["memory_rounds"] = memory_rounds(
+                    args, all_targets, max(clients), heap_dir, rss,
+                    lambda: settled.append(settle(api.pid, backends, admin_url(base), dbname)),
+                    backends,
+                )  # fmt: skip
             rss.label = "end"
             time.sleep(0.5)
             after = response_cache_lookups(api_url, timeout=120)
@@ -440,7 +459,123 @@ def measure(url: str, meta: dict[str, Any], args: argparse.Namespace) -> dict[st
         stop(api)
         if backends is not None:
             backends.close()
+        if heap_dir is not None:
+            shutil.rmtree(heap_dir, ignore_errors=True)
     return report
+
+
+# -- memory rounds --------------------------------------------------------------------------------
+
+
+def _ask_heap(heap_dir: Path, name: str, timeout: float = 600) -> dict[str, Any]:
+    """Ask ``bench._traced_api`` in the API process for its heap by allocation site."""
+    (heap_dir / name).write_text("")
+    answer = heap_dir / f"{name}.json"
+    deadline = time.monotonic() + timeout
+    while not answer.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the API did not answer {name} within {timeout:.0f} s")
+        time.sleep(0.2)
+    doc: dict[str, Any] = json.loads(answer.read_text())
+    answer.unlink()
+    return doc
+
+
+def _growth(
+    before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]], top: int
+) -> list[dict[str, Any]]:
+    keys = set(before) | set(after)
+    rows = [
+        {
+            "site": key,
+            "bytes": after.get(key, {}).get("bytes", 0),
+            "growth_bytes": after.get(key, {}).get("bytes", 0)
+            - before.get(key, {}).get("bytes", 0),
+            "growth_blocks": after.get(key, {}).get("blocks", 0)
+            - before.get(key, {}).get("blocks", 0),
+        }
+        for key in keys
+    ]
+    rows.sort(key=lambda r: -r["growth_bytes"])
+    return rows[:top]
+
+
+def memory_rounds(
+    args: argparse.Namespace,
+    all_targets: dict[tuple[str, str], load.Target],
+    clients: int,
+    heap_dir: Path,
+    rss: RssSampler,
+    settle_now: Any,
+    backends: load.Backends,
+) -> dict[str, Any]:
+    """More rounds of every cell at ``clients``, with tracemalloc on in the API from their start:
+    the Python heap after each round (settled), and which allocation sites it grew at from the
+    first of these rounds to each later one. The measured rounds ran before tracing started."""
+    (heap_dir / "start").write_text("")
+    while not (heap_dir / "started").exists():
+        time.sleep(0.2)
+    rounds: list[dict[str, Any]] = []
+    first: dict[str, Any] | None = None
+    for rnd in range(1, args.memory_rounds + 1):
+        started = time.monotonic()
+        requests = 0
+        for query in QUERIES:
+            for ws in WORKSPACES if rnd % 2 else WORKSPACES[::-1]:
+                rss.label = f"memory {rnd} {query}/{ws}"
+                settle_now()
+                result = load.timed_run(
+                    all_targets[(query, ws)], clients, args.seconds, rnd, backends
+                )
+                requests += result.requests
+        rss.label = f"memory {rnd} settled"
+        settle_now()
+        heap = _ask_heap(heap_dir, f"snap-{rnd}")
+        entry: dict[str, Any] = {
+            "round": rnd,
+            "requests": requests,
+            "seconds": round(time.monotonic() - started, 1),
+            "rss_peak_mb": rss.peak_mb(f"memory {rnd} "),
+            "rss_settled_mb": round(rss.samples[-1][2] / 1e6, 1),
+            "traced_heap_mb": round(heap["traced_current_bytes"] / 1e6, 2),
+            "traced_peak_mb": round(heap["traced_peak_bytes"] / 1e6, 2),
+            "tracemalloc_own_mb": round(heap["tracemalloc_own_bytes"] / 1e6, 2),
+            "gc_objects": heap["gc_objects"],
+            "snapshot_seconds": heap["snapshot_seconds"],
+        }
+        if first is None:
+            first = heap
+        else:
+            entry["growth_since_first_by_site"] = _growth(first["sites"], heap["sites"], 12)
+            entry["growth_since_first_by_file"] = _growth(first["files"], heap["files"], 12)
+        rounds.append(entry)
+        log(
+            f"memory round {rnd}: RSS peak {entry['rss_peak_mb']} MB, settled"
+            f" {entry['rss_settled_mb']} MB, traced heap {entry['traced_heap_mb']} MB"
+            f" (peak {entry['traced_peak_mb']}), tracemalloc's own"
+            f" {entry['tracemalloc_own_mb']} MB"
+        )
+    heaps = [r["traced_heap_mb"] for r in rounds]
+    trim = _ask_heap(heap_dir, "trim")
+    log(
+        f"malloc_trim: RSS {trim['rss_before_bytes'] / 1e6:.1f}"
+        f" -> {trim['rss_after_bytes'] / 1e6:.1f} MB"
+    )
+    return {
+        "clients": clients,
+        "rounds": rounds,
+        "api_allocator_environment": {
+            k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "PYTHONMALLOC"))
+        },
+        "malloc_trim_after_last_round": {
+            "rss_before_mb": round(trim["rss_before_bytes"] / 1e6, 1),
+            "rss_after_mb": round(trim["rss_after_bytes"] / 1e6, 1),
+        },
+        "traced_heap_growth_first_to_last_mb": round(heaps[-1] - heaps[0], 2) if heaps else None,
+        "note": "tracemalloc started after the measured rounds; the heap is what Python objects"
+        " allocated since then hold after each round, with the API idle; sites are the innermost"
+        f" frames of each allocation (top {TRACED_SITES} sites by size per snapshot, all files)",
+    }
 
 
 # -- figures --------------------------------------------------------------------------------------
@@ -629,6 +764,8 @@ def markdown(report: dict[str, Any]) -> str:
         f" Response cache during the load: {report['response_cache_during_load']}.",
         "",
     ]
+    if report.get("memory_rounds"):
+        lines += _memory_markdown(report["memory_rounds"])
     ex = report["explain"]
     lines += [
         "**Search, EXPLAIN (ANALYZE, BUFFERS)** of `projections.queries.search_logs` (second run):"
@@ -662,6 +799,65 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _short_site(site: str, frames: int = 4) -> str:
+    """An allocation site's innermost frames, paths relative to the package or repository."""
+    out = []
+    for frame in site.split(" <- ")[:frames]:
+        for marker in ("site-packages/", "/lib/python3.11/", f"{ROOT}/"):
+            if marker in frame:
+                frame = frame.split(marker, 1)[1]
+        out.append(frame)
+    return " <- ".join(out)
+
+
+def _memory_markdown(mem: dict[str, Any]) -> list[str]:
+    rounds = mem["rounds"]
+    lines = [
+        f"**API heap by allocation site** ({len(rounds)} more rounds of every cell at"
+        f" {mem['clients']} clients after the measured ones, `tracemalloc` on in the API from"
+        " their start, `--memory-rounds`; heap read after each round with the API idle"
+        + "".join(
+            f"; `{k}={v}`" for k, v in sorted(mem.get("api_allocator_environment", {}).items())
+        )
+        + "):",
+        "",
+        "| round | requests | RSS peak / settled MB | traced Python heap MB (peak) |"
+        " tracemalloc's own MB | gc objects |",
+        "|--:|--:|--:|--:|--:|--:|",
+        *(
+            f"| {r['round']} | {r['requests']:,} | {r['rss_peak_mb']:,.0f} /"
+            f" {r['rss_settled_mb']:,.0f} | {r['traced_heap_mb']:,.1f}"
+            f" ({r['traced_peak_mb']:,.1f}) | {r['tracemalloc_own_mb']:,.1f} |"
+            f" {r['gc_objects']:,} |"
+            for r in rounds
+        ),
+        "",
+    ]
+    trim = mem.get("malloc_trim_after_last_round")
+    if trim:
+        lines += [
+            f"After the last round, glibc's `malloc_trim(0)` in the API process took RSS from"
+            f" {trim['rss_before_mb']:,.0f} MB to {trim['rss_after_mb']:,.0f} MB.",
+            "",
+        ]
+    last = rounds[-1]
+    if "growth_since_first_by_site" in last:
+        lines += [
+            f"Largest growth of the traced heap from round 1 to round {last['round']}, by"
+            " allocation site (innermost frames first):",
+            "",
+            "```",
+            *(
+                f"{g['growth_bytes'] / 1e3:+10,.1f} kB {g['growth_blocks']:+8,} blocks "
+                f" {_short_site(g['site'])}"
+                for g in last["growth_since_first_by_site"][:8]
+            ),
+            "```",
+            "",
+        ]
+    return lines
+
+
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -679,6 +875,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", default="1,50")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load per cell, once")
+    p.add_argument(
+        "--memory-rounds",
+        type=int,
+        default=0,
+        help="after the measured rounds, this many more at the largest client count with"
+        " tracemalloc on in the API, its heap by allocation site after each",
+    )
     p.add_argument("--seed", type=int, default=17)
     p.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432")
     p.add_argument("--keep", action="store_true", help="keep the database")

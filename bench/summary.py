@@ -773,7 +773,8 @@ def scale_rows() -> list[Row]:
             f"{size}{' (short of the target: time budget)' if short else ''}; p95 big ÷ small: "
             + "; ".join(f"{names[q]} {p95(q)}" for q in names)
             + f"; RSS peak {rss['peak_mb']:,.0f} MB, first to last round "
-            f"{rss['growth_first_to_last_round_mb']:+,.0f} MB",
+            f"{rss['growth_first_to_last_round_mb']:+,.0f} MB"
+            + _scale_heap(run.get("memory_rounds")),
             f"{n(small['cards'])}-card workspace, same database and API process, interleaved: p95 "
             + "; ".join(f"{names[q]} {small_p95(q)}" for q in names),
             ", ".join(f"{names[q]} {'yes' if met[q] else 'no'}" for q in names)
@@ -786,6 +787,19 @@ def scale_rows() -> list[Row]:
             ),
         )
     ]
+
+
+def _scale_heap(memory: dict[str, Any] | None) -> str:
+    """The memory rounds' Python heap (tracemalloc in the API), when the run had them."""
+    if not memory:
+        return ""
+    rounds = memory["rounds"]
+    heap = " → ".join(f"{r['traced_heap_mb']:,.1f}" for r in rounds)
+    settled = " → ".join(f"{r['rss_settled_mb']:,.0f}" for r in rounds)
+    return (
+        f"; {len(rounds)} more rounds at {memory['clients']} clients with tracemalloc: traced"
+        f" Python heap {heap} MB, RSS settled {settled} MB"
+    )
 
 
 ROWS: tuple[Callable[[], list[Row]], ...] = (

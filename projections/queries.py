@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 MAX_LOG_PAGE = 10_000
 MAX_SEARCH_HITS = 500
+#: How many of the newest matching lines a search ranks (``search_logs``).
+SEARCH_CANDIDATES = 1_000
 MAX_ACTIVITY_PAGE = 500
 
 _MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])", re.ASCII)
@@ -327,24 +329,41 @@ def run_logs(
         return [LogLine(**row) for row in cur.fetchall()]
 
 
+#: ``search_logs``' statement; parameters: the query, the workspace, the window, the page size.
+SEARCH_STATEMENT = (
+    "SELECT c.run_id, c.seq, c.at, c.stream, c.text FROM ("
+    "  SELECT l.run_id, l.seq, l.at, l.stream, l.text, ts_rank(l.tsv, q) AS rank"
+    "  FROM rm_log_lines AS l, websearch_to_tsquery('simple', %s) AS q"
+    "  WHERE l.workspace_id = %s AND l.tsv @@ q"
+    "  ORDER BY l.at DESC, l.run_id DESC, l.seq DESC LIMIT %s"
+    ") AS c ORDER BY c.rank DESC, c.run_id, c.seq LIMIT %s"
+)
+
+
 def search_logs(
     conn: Connection[Any], workspace_id: UUID, *, query: str, first: int = 50
 ) -> list[LogHit]:
-    """Log lines matching a web-search style query (``"exact phrase" -not or``), best first.
+    """Log lines matching a web-search style query (``"exact phrase" -not or``), best first
+    among the newest ``SEARCH_CANDIDATES`` matches.
 
     Words are matched whole and unstemmed (the ``simple`` configuration): logs are full of
     identifiers and paths that a language's stemmer would mangle.
+
+    Ranking every match made a search's work grow with the log (a common word matches a fixed
+    share of every line ever written); ranking a window of the newest matches bounds it by the
+    window, a constant above the largest page. A workspace with no more matches than the window
+    gets the exact ranking of all of them; the window does not depend on ``first``, so a smaller
+    page is always a prefix of a larger one.
     """
     _page_size(first, MAX_SEARCH_HITS)
     if not query.strip() or first == 0:
         return []
     with conn.cursor(row_factory=dict_row) as cur:
+        # Never prepared: the right plan depends on how common the words are (a rare one through
+        # the text index, a common one through the time-ordered index, stopping early), and a
+        # generic plan would fix one of them for every word.
         cur.execute(
-            "SELECT l.run_id, l.seq, l.at, l.stream, l.text"
-            " FROM rm_log_lines AS l, websearch_to_tsquery('simple', %s) AS q"
-            " WHERE l.workspace_id = %s AND l.tsv @@ q"
-            " ORDER BY ts_rank(l.tsv, q) DESC, l.run_id, l.seq LIMIT %s",
-            (query, workspace_id, first),
+            SEARCH_STATEMENT, (query, workspace_id, SEARCH_CANDIDATES, first), prepare=False
         )
         return [LogHit(**row) for row in cur.fetchall()]
 

@@ -214,7 +214,9 @@ class Query:
             for x in lines
         ]
 
-    @described.field("Log lines matching a web-search style query, best first.")
+    @described.field(
+        "Log lines matching a web-search style query, best first among the newest 1,000 matches."
+    )
     async def search_logs(
         self, info: Info, workspace_id: ID, query: str, first: int | None = 50
     ) -> list[LogHit]:
