@@ -158,7 +158,9 @@ class GroupCommit:
     def __init__(self, *, max_appends: int, max_events: int, max_in_flight: int = 1) -> None:
         self.max_appends = max_appends
         self.max_events = max_events
-        self.max_in_flight = max(1, max_in_flight)
+        self.max_in_flight = max(0, max_in_flight)
+        """Most transactions written at once; 0 writes every append at once, alone, by its own
+        thread (no group commit)."""
         self.sizes: Counter[int] = Counter()
         """How many transactions wrote how many appends, since this recorder was made."""
         self._lock = threading.Lock()
@@ -188,6 +190,13 @@ class GroupCommit:
 
         ``write`` takes a group and records each member's outcome on it; it raises nothing.
         """
+        if not self.max_in_flight:
+            write([pending])
+            pending.done = True
+            COMMIT_GROUP_SIZE.observe(1)
+            with self._lock:
+                self.sizes[1] += 1
+            return
         with self._lock:
             self._queue.append(pending)
             lead = self._leaders < self.max_in_flight
@@ -354,8 +363,9 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
     """Most appends (commands) written in one transaction by :class:`GroupCommit`."""
     group_max_events = 5000
     """Most events in one group transaction (a single larger append is still written)."""
-    group_max_in_flight = 4
-    """Most group transactions written at once by one recorder (each on its own connection)."""
+    group_max_in_flight = 2
+    """Most group transactions written at once by one recorder (each on its own connection);
+    0 turns group commit off (see :meth:`StoredAgentWorks.write_each_command_alone`)."""
 
     def __init__(
         self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"

@@ -88,6 +88,7 @@ class BenchRuns:
 
     def __init__(self, url: str, provider: SimulatedProvider, concurrency: int) -> None:
         self.write = build_write_side(url, pool_size=20)
+        self.write.write_each_command_alone()  # as `agentworks orchestrator`'s write side
         ws = self.write.create_workspace(m.CreateWorkspace(name="bench"),
                                          Actor(user_id="b", workspace_id="*")).id  # fmt: skip
         self.owner = Actor(user_id="b", workspace_id=str(ws))

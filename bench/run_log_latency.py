@@ -94,6 +94,7 @@ def pct(values: list[float], q: float) -> float:
 @contextmanager
 def orchestrator(stack: Stack, provider: SimulatedProvider, runs: int) -> Iterator[None]:
     write = build_write_side(stack.database_url, pool_size=8)
+    write.write_each_command_alone()  # as `agentworks orchestrator`'s write side
     orch = Orchestrator(
         write,
         EventLog(write.recorder, write.mapper),  # type: ignore[arg-type]

@@ -122,6 +122,16 @@ class StoredAgentWorks(AgentWorks):
         # postgres factory's, a TrackingRecorder.
         return cast("InfrastructureFactory[TrackingRecorder]", self.store)
 
+    def write_each_command_alone(self) -> None:
+        """Turn group commit off for this write side: each command is written at once in its own
+        transaction. For the orchestrator, whose concurrent commands mostly wait on one another
+        (a run's own steps, a workspace's charges, runs on one card): queued behind groups they
+        ran at 0.20-0.28x the direct calls' rate in its 200-run bench, against 0.43x alone."""
+        recorder = self.recorder
+        if not isinstance(recorder, EventStoreRecorder):  # pragma: no cover - Factory's class
+            raise TypeError(f"expected the event store's recorder, got {type(recorder).__name__}")
+        recorder.group_commit.max_in_flight = 0
+
     def event_log(self) -> EventLog:
         """The log as this application reads it (for those that write and follow, like the
         orchestrator); components that only read open their own (``open_event_log``)."""

@@ -446,6 +446,7 @@ def orchestrator_command(data_dir: DataDirOption = None) -> None:
     # The orchestrator writes events: it logs in as the writer (no role of its own yet); its
     # spend checks read the billing read model as the API does, one workspace at a time.
     write_side = write_side_from(settings, url, data_dir=settings.data_dir)
+    write_side.write_each_command_alone()
     read_pool = make_pool(
         component_url(settings, url, "api", data_dir=settings.data_dir),
         max_size=2,

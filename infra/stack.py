@@ -214,6 +214,7 @@ class DevStack:
         self.orchestrator_write = write_side_from(
             self.settings, self.database_url, data_dir=self.data_dir
         )
+        self.orchestrator_write.write_each_command_alone()
         self.orchestrator = OrchestratorThread(
             build_orchestrator(
                 self.settings,

@@ -57,6 +57,7 @@ def orchestrator_thread(
     # Few connections: the tests run two orchestrators beside the fixture's write side, and
     # the session keeps within its connection budget (tests/conftest.py).
     write = build_write_side(database_url, pool_size=4)
+    write.write_each_command_alone()  # as `agentworks orchestrator`'s write side
     event_log = EventLog(write.recorder, write.mapper)  # type: ignore[arg-type]
     if spend is not None:
         write.spend = spend

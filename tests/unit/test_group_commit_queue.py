@@ -178,6 +178,31 @@ def test_several_writers_at_once_never_share_an_aggregate_and_write_every_append
     assert commit.leading == 0
 
 
+def test_without_group_commit_every_append_is_written_alone_at_once() -> None:
+    commit = GroupCommit(max_appends=8, max_events=1000, max_in_flight=0)
+    both_writing = threading.Barrier(2, timeout=10)
+    groups: list[list[_Pending]] = []
+
+    def write(group: list[_Pending]) -> None:
+        groups.append(group)
+        both_writing.wait()  # neither waits for the other to finish: no queue, no leader
+        for member in group:
+            member.notification_ids = [1]
+
+    appends = [pending([uuid4()]), pending([uuid4()])]
+    threads = [threading.Thread(target=commit.submit, args=(p, write)) for p in appends]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+
+    assert all(p.done and p.notification_ids == [1] for p in appends)
+    assert sorted(len(group) for group in groups) == [1, 1]
+    assert commit.sizes == {1: 2}
+    assert commit.waiting == 0
+    assert commit.leading == 0
+
+
 def test_an_error_of_the_write_reaches_every_member_and_the_lead_passes_on() -> None:
     commit = GroupCommit(max_appends=8, max_events=1000)
     boom = RuntimeError("write failed")
