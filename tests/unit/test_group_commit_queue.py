@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -41,6 +42,33 @@ SPEC = st.tuples(
     st.none() | st.sampled_from(["c1", "c2", "c3"]),
     st.lists(st.sampled_from(AGGREGATES), max_size=2, unique=True),
 )
+
+
+def submit_from_threads(
+    commit: GroupCommit, appends: list[_Pending], write: Callable[[list[_Pending]], None]
+) -> None:
+    """16 clients at once, each submitting every 16th append in turn; every append must come
+    back written, and no client may be left waiting."""
+    start = threading.Barrier(16)
+    failures: list[BaseException] = []
+
+    def client(k: int) -> None:
+        start.wait()
+        try:
+            for p in appends[k::16]:
+                commit.submit(p, write)
+                assert p.done
+                assert p.notification_ids == [1]
+        except BaseException as error:  # noqa: BLE001 - reported by the test's thread
+            failures.append(error)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "an append was never written"
+    assert not failures, failures
 
 
 @given(specs=st.lists(SPEC, min_size=1, max_size=12), cap=st.integers(1, 8))
@@ -103,20 +131,7 @@ def test_every_append_is_written_once_by_one_leader_at_a_time_and_groups_form() 
             writing.release()
 
     appends = [pending([uuid4()], command=str(uuid4())) for _ in range(200)]
-    start = threading.Barrier(16)
-
-    def client(k: int) -> None:
-        start.wait()
-        for p in appends[k::16]:
-            commit.submit(p, write)
-            assert p.done
-            assert p.notification_ids == [1]
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    submit_from_threads(commit, appends, write)
 
     assert sorted(map(id, written)) == sorted(map(id, appends))
     assert sum(size * n for size, n in commit.sizes.items()) == len(appends)
@@ -156,21 +171,7 @@ def test_several_writers_at_once_never_share_an_aggregate_and_write_every_append
         pending([rng.choice(hot)] if k % 3 == 0 else [uuid4()], reads=[rng.choice(hot)])
         for k in range(300)
     ]
-    start = threading.Barrier(16)
-
-    def client(k: int) -> None:
-        start.wait()
-        for p in appends[k::16]:
-            commit.submit(p, write)
-            assert p.done
-            assert p.notification_ids == [1]
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads), "an append was never written"
+    submit_from_threads(commit, appends, write)
 
     assert sorted(map(id, written)) == sorted(map(id, appends))
     assert 1 < most_at_once <= 3
