@@ -561,48 +561,19 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
     ) -> None:
         """A group's appends as one transaction, in the two round trips of a lone append: the
         events of all in one insert, the command records in one, the read checks in one."""
-        columns = _joined([m.columns for m in group if m.columns is not None])
         commands = _group_commands([m for m in group if m.command is not None])
         reads = _group_reads(group)
-        with (
-            conn.cursor() as inserts,
-            conn.cursor() as other,
-            conn.cursor() as record,
-            conn.cursor() as moved_on,
-            conn.cursor() as commit,
-        ):
-            try:
-                with conn.pipeline() as pipeline:
-                    other.execute(_BEGIN)
-                    other.execute(self._lock_sql, prepare=True)
-                    if columns is not None:
-                        inserts.execute(self._insert_binary_sql, columns, prepare=True)
-                    other.execute(self._unlock_sql, prepare=True)
-                    if commands is not None:
-                        record.execute(self._insert_group_commands_sql, commands, prepare=True)
-                    if reads is not None:
-                        moved_on.execute(self._group_moved_on_sql, reads, prepare=True)
-                    pipeline.sync()
-                    if columns is not None:
-                        rows = inserts.fetchall()
-                        attempt.notification_ids = [r["notification_id"] for r in rows]
-                        attempt.transaction_id = str(rows[0]["transaction_id"])
-                    if commands is not None:
-                        row = record.fetchone()
-                        attempt.transaction_id = str(row["xid"]) if row else None
-                    if reads is not None and (stale := moved_on.fetchall()):
-                        items = ", ".join(str(r["item"]) for r in stale)
-                        msg = f"appends {items} of the group read aggregates that moved on"
-                        raise StaleVersion(msg)  # the caller rolls the transaction back
-                    attempt.phase = "committing"
-                    commit.execute(_COMMIT)
-                    if columns is not None:
-                        other.execute(self._notify_sql)
-            except psycopg.Error:
-                if attempt.phase != "committing" or not _succeeded(commit):
-                    raise
-                log.debug("eventstore.notify_failed", exc_info=True)
-        attempt.phase = "committed"
+        self._transact(
+            conn,
+            attempt,
+            columns=_joined([m.columns for m in group if m.columns is not None]),
+            record=None if commands is None else (self._insert_group_commands_sql, commands),
+            moved_on=None if reads is None else (self._group_moved_on_sql, reads),
+            stale=lambda rows: (
+                f"appends {', '.join(str(r['item']) for r in rows)} of the group read "
+                "aggregates that moved on"
+            ),
+        )
 
     def _insert_in_transaction(
         self,
@@ -612,19 +583,53 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         reads: tuple[list[UUID], list[int]] | None,
         attempt: _Attempt,
     ) -> None:
-        """Two round trips on one pipeline: BEGIN, lock, insert, unlock, command record and the
+        """One append as one transaction."""
+        record = None
+        if command is not None:
+            record = (
+                self._command_sql(with_position=columns is not None),
+                (
+                    command.scope,
+                    command.command_id,
+                    command.command_type,
+                    command.fingerprint,
+                    command.actor,
+                    json.dumps({**command.result, "position": 0}),
+                ),
+            )
+        self._transact(
+            conn,
+            attempt,
+            columns=columns,
+            record=record,
+            moved_on=None if reads is None else (self._moved_on_sql, reads),
+            stale=lambda rows: f"aggregate {rows[0]['id']} has moved on since this write read it",
+        )
+
+    def _transact(
+        self,
+        conn: Connection[DictRow],
+        attempt: _Attempt,
+        *,
+        columns: tuple[list[Any], ...] | None,
+        record: tuple[Composed | SQL, Any] | None,
+        moved_on: tuple[Composed | SQL, Any] | None,
+        stale: Callable[[list[DictRow]], str],
+    ) -> None:
+        """Two round trips on one pipeline: BEGIN, lock, insert, unlock, command record(s) and the
         read check, then (after their results were read) COMMIT and NOTIFY.
 
         The transaction is begun and ended by statements rather than psycopg's ``transaction()``,
         whose nested pipelines add a synchronisation, each a round trip, at every boundary.
         NOTIFY runs after the COMMIT, in its own implicit transaction, so it adds nothing to the
-        commit path; it fails alone, and then the write stands (tailers poll).
+        commit path; it fails alone, and then the write stands (tailers poll). ``stale`` words
+        the refusal from the read check's rows.
         """
         with (
             conn.cursor() as inserts,
             conn.cursor() as other,
-            conn.cursor() as record,
-            conn.cursor() as moved_on,
+            conn.cursor() as recorded,
+            conn.cursor() as checked,
             conn.cursor() as commit,
         ):
             try:
@@ -634,33 +639,21 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
                     if columns is not None:
                         inserts.execute(self._insert_binary_sql, columns, prepare=True)
                     other.execute(self._unlock_sql, prepare=True)
-                    if command is not None:
-                        record.execute(
-                            self._command_sql(with_position=columns is not None),
-                            (
-                                command.scope,
-                                command.command_id,
-                                command.command_type,
-                                command.fingerprint,
-                                command.actor,
-                                json.dumps({**command.result, "position": 0}),
-                            ),
-                            prepare=True,
-                        )
-                    if reads is not None:
+                    if record is not None:
+                        recorded.execute(*record, prepare=True)
+                    if moved_on is not None:
                         # Last, so that it sees every write committed while this one waited.
-                        moved_on.execute(self._moved_on_sql, reads, prepare=True)
+                        checked.execute(*moved_on, prepare=True)
                     pipeline.sync()
                     if columns is not None:
                         rows = inserts.fetchall()
                         attempt.notification_ids = [r["notification_id"] for r in rows]
                         attempt.transaction_id = str(rows[0]["transaction_id"])
-                    if command is not None:
-                        row = record.fetchone()
+                    if record is not None:
+                        row = recorded.fetchone()
                         attempt.transaction_id = str(row["xid"]) if row else None
-                    if reads is not None and (stale := moved_on.fetchone()) is not None:
-                        msg = f"aggregate {stale['id']} has moved on since this write read it"
-                        raise StaleVersion(msg)  # the caller rolls the transaction back
+                    if moved_on is not None and (rows := checked.fetchall()):
+                        raise StaleVersion(stale(rows))  # the caller rolls the transaction back
                     attempt.phase = "committing"
                     commit.execute(_COMMIT)
                     if columns is not None:
