@@ -586,17 +586,7 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         """One append as one transaction."""
         record = None
         if command is not None:
-            record = (
-                self._command_sql(with_position=columns is not None),
-                (
-                    command.scope,
-                    command.command_id,
-                    command.command_type,
-                    command.fingerprint,
-                    command.actor,
-                    json.dumps({**command.result, "position": 0}),
-                ),
-            )
+            record = (self._command_sql(with_position=columns is not None), _record_row(command))
         self._transact(
             conn,
             attempt,
@@ -896,18 +886,20 @@ def _group_commands(members: list[_Pending]) -> tuple[list[Any], ...] | None:
         command = member.command
         assert command is not None
         last = (member.columns[0][-1], member.columns[1][-1]) if member.columns else (None, None)
-        rows.append(
-            (
-                command.scope,
-                command.command_id,
-                command.command_type,
-                command.fingerprint,
-                command.actor,
-                json.dumps({**command.result, "position": 0}),
-                *last,
-            )
-        )
+        rows.append((*_record_row(command), *last))
     return tuple(list(column) for column in zip(*rows, strict=True))
+
+
+def _record_row(command: CommandRecord) -> tuple[str, ...]:
+    """A command record's columns; its position (0 here) is set by the statement."""
+    return (
+        command.scope,
+        command.command_id,
+        command.command_type,
+        command.fingerprint,
+        command.actor,
+        json.dumps({**command.result, "position": 0}),
+    )
 
 
 def _group_reads(group: list[_Pending]) -> tuple[list[UUID], list[int], list[int]] | None:
