@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
@@ -17,6 +18,7 @@ import redis.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from orchestrator_helpers import (
+    CardOnBoard,
     card_on_board,
     fast_simulated,
     finished,
@@ -159,37 +161,55 @@ def test_a_settled_hold_holds_what_was_billed_and_is_not_revived_once_dropped(
     assert str(charge).encode() not in stored
 
 
-def test_two_orchestrators_sharing_holds_stay_within_the_monthly_limit(
-    write_side: AgentWorks, database_url: str, flushed: str
-) -> None:
+def runs_under_a_limit(
+    write_side: AgentWorks, limit: str, count: int
+) -> tuple[CardOnBoard, list[UUID]]:
+    """A card whose workspace may spend ``limit`` USD a month, and ``count`` coder runs on it."""
     card = card_on_board(write_side)
     owner = card.board.owner
     write_side.set_spend_limit(
-        m.SetSpendLimit(workspace_id=card.board.workspace_id, monthly_limit="0.010000"), owner
+        m.SetSpendLimit(workspace_id=card.board.workspace_id, monthly_limit=limit), owner
     )
-    # sim-1 x 5: a coder call wants up to 2,000 output tokens ($0.0152 billed): more than the
-    # month's $0.01, so only what the shared holds leave may be spent.
     run_ids = [
         write_side.start_agent_run(m.StartAgentRun(card_id=card.card_id, agent="coder"), owner).id
-        for _ in range(8)
+        for _ in range(count)
     ]
+    return card, run_ids
+
+
+@contextmanager
+def two_orchestrators(
+    database_url: str, redis_url: str, spend: RedisSpend, concurrency: int
+) -> Iterator[None]:
+    """Orchestrators A and B sharing holds through one Redis, each call wanting up to 1,000
+    output tokens."""
+    with (
+        orchestrator_thread(
+            database_url, {"simulated": fast_simulated(tokens_per_second=2000, output_tokens=1000)},
+            holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(redis_url)), spend=spend,
+            concurrency=concurrency, worker_id="A",
+        ),
+        orchestrator_thread(
+            database_url, {"simulated": fast_simulated(tokens_per_second=2000, output_tokens=1000)},
+            holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(redis_url)), spend=spend,
+            concurrency=concurrency, worker_id="B",
+        ),
+    ):  # fmt: skip
+        yield
+
+
+def test_two_orchestrators_sharing_holds_stay_within_the_monthly_limit(
+    write_side: AgentWorks, database_url: str, flushed: str
+) -> None:
+    # sim-1 x 5: a coder call wants up to 2,000 output tokens ($0.0152 billed): more than the
+    # month's $0.01, so only what the shared holds leave may be spent.
+    _, run_ids = runs_under_a_limit(write_side, "0.010000", 8)
     # As deployed: spend checks read the Redis counter (missing here: no projector runs, so
     # the read model's zero seeds it), and settled holds stand for the charges it has not
     # counted.
     read_pool = make_pool(database_url, role="agentworks_api", max_size=1)
     spend = RedisSpend(redis.Redis.from_url(flushed), ReadModelSpend(read_pool))
-    with (
-        orchestrator_thread(
-            database_url, {"simulated": fast_simulated(tokens_per_second=2000, output_tokens=1000)},
-            holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)), spend=spend,
-            concurrency=4, worker_id="A",
-        ),
-        orchestrator_thread(
-            database_url, {"simulated": fast_simulated(tokens_per_second=2000, output_tokens=1000)},
-            holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)), spend=spend,
-            concurrency=4, worker_id="B",
-        ),
-    ):  # fmt: skip
+    with two_orchestrators(database_url, flushed, spend, concurrency=4):
         runs = [wait_for(write_side, run_id, finished, timeout=60) for run_id in run_ids]
     read_pool.close()
     billed = sum(run.billed_micros for run in runs)
@@ -209,15 +229,7 @@ def test_with_the_projector_counting_charges_two_orchestrators_still_stay_within
     more than a piece of output per call. One run at a time on each: a call holds what it
     could cost (twice what it bills here), so the runs after the first two can only start
     once the counter has taken over their predecessors' holds."""
-    card = card_on_board(write_side)
-    owner = card.board.owner
-    write_side.set_spend_limit(
-        m.SetSpendLimit(workspace_id=card.board.workspace_id, monthly_limit="0.030000"), owner
-    )
-    run_ids = [
-        write_side.start_agent_run(m.StartAgentRun(card_id=card.card_id, agent="coder"), owner).id
-        for _ in range(10)
-    ]
+    card, run_ids = runs_under_a_limit(write_side, "0.030000", 10)
     projector_pool = make_pool(database_url, role="agentworks_projector", max_size=2)
     feed = RedisSpendCounter(redis.Redis.from_url(flushed))
     runner = ProjectionRunner(
@@ -236,20 +248,7 @@ def test_with_the_projector_counting_charges_two_orchestrators_still_stay_within
     read_pool = make_pool(database_url, role="agentworks_api", max_size=1)
     spend = RedisSpend(redis.Redis.from_url(flushed), ReadModelSpend(read_pool))
     try:
-        with (
-            orchestrator_thread(
-                database_url,
-                {"simulated": fast_simulated(tokens_per_second=2000, output_tokens=1000)},
-                holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)), spend=spend,
-                concurrency=1, worker_id="A",
-            ),
-            orchestrator_thread(
-                database_url,
-                {"simulated": fast_simulated(tokens_per_second=2000, output_tokens=1000)},
-                holds=RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)), spend=spend,
-                concurrency=1, worker_id="B",
-            ),
-        ):  # fmt: skip
+        with two_orchestrators(database_url, flushed, spend, concurrency=1):
             runs = [wait_for(write_side, run_id, finished, timeout=90) for run_id in run_ids]
         billed = sum(run.billed_micros for run in runs)
         month = month_of(datetime.now(UTC))
