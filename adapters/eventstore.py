@@ -36,6 +36,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
 
@@ -122,13 +123,14 @@ class _Pending:
     notification_ids: list[int] = field(default_factory=list)
     error: BaseException | None = None
 
-    @property
-    def writes(self) -> set[UUID]:
-        return set(self.columns[0]) if self.columns is not None else set()
+    # Cached: every group taken while this append waits compares them again.
+    @cached_property
+    def writes(self) -> frozenset[UUID]:
+        return frozenset(self.columns[0]) if self.columns is not None else frozenset()
 
-    @property
-    def read_ids(self) -> set[UUID]:
-        return set(self.reads[0]) if self.reads is not None else set()
+    @cached_property
+    def read_ids(self) -> frozenset[UUID]:
+        return frozenset(self.reads[0]) if self.reads is not None else frozenset()
 
     @property
     def key(self) -> tuple[str, str] | None:
