@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -34,25 +34,18 @@ class ExternalIdentity:
     name: str | None
 
 
+@dataclass(kw_only=True, eq=False)
 class OidcVerifier:
-    def __init__(
-        self,
-        *,
-        issuer: str,
-        audience: str,
-        jwks_url: str | None = None,
-        leeway_seconds: int = 0,
-        refresh_cooldown_seconds: float = 5.0,
-        timeout_seconds: float = 5.0,
-    ) -> None:
-        self.issuer = issuer
-        self.audience = audience
-        self._jwks_url = jwks_url
-        self._leeway = leeway_seconds
-        self._cooldown = refresh_cooldown_seconds
-        self._timeout = timeout_seconds
-        self._client: jwt.PyJWKClient | None = None
-        self._lock = threading.Lock()
+    """Checks bearer tokens that ``issuer`` signed for ``audience``; shared by every request."""
+
+    issuer: str
+    audience: str
+    jwks_url: str | None = None
+    leeway_seconds: int = 0
+    refresh_cooldown_seconds: float = 5.0
+    timeout_seconds: float = 5.0
+    _client: jwt.PyJWKClient | None = field(init=False, default=None, repr=False)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
 
     def issued_here(self, token: str) -> bool:
         """Whether ``token`` claims this provider as its issuer (not yet verified)."""
@@ -78,7 +71,7 @@ class OidcVerifier:
                 algorithms=list(ALGORITHMS),
                 audience=self.audience,
                 issuer=self.issuer,
-                leeway=self._leeway,
+                leeway=self.leeway_seconds,
                 options={"require": ["sub", "exp", "iss", "aud"]},
             )
         except jwt.exceptions.InvalidTokenError as exc:
@@ -99,10 +92,10 @@ class OidcVerifier:
     def _keys(self) -> jwt.PyJWKClient:
         with self._lock:
             if self._client is None:
-                url = self._jwks_url or self._discover()
+                url = self.jwks_url or self._discover()
                 self._client = jwt.PyJWKClient(
-                    url, cache_jwk_set=True, lifespan=3600, timeout=self._timeout,
-                    cooldown_duration=self._cooldown,
+                    url, cache_jwk_set=True, lifespan=3600, timeout=self.timeout_seconds,
+                    cooldown_duration=self.refresh_cooldown_seconds,
                 )  # fmt: skip
             return self._client
 
@@ -111,7 +104,7 @@ class OidcVerifier:
         if not url.startswith(("https://", "http://")):
             raise Unavailable(f"the OIDC issuer {self.issuer!r} is not an http(s) URL")
         try:
-            with urllib.request.urlopen(url, timeout=self._timeout) as answer:  # noqa: S310
+            with urllib.request.urlopen(url, timeout=self.timeout_seconds) as answer:  # noqa: S310
                 document = json.load(answer)
         except (OSError, ValueError) as exc:
             raise Unavailable(f"the OIDC discovery document {url} cannot be read") from exc

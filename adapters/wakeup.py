@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Protocol
 
 import psycopg
@@ -20,6 +21,7 @@ class Wakeable(Protocol):
     def set(self) -> None: ...
 
 
+@dataclass(eq=False)
 class LogWakeup:
     """LISTENs on the store's channel and sets ``wake`` on each notification.
 
@@ -30,23 +32,18 @@ class LogWakeup:
     itself is logged once (:mod:`adapters.outages`), not at every attempt.
     """
 
-    def __init__(
-        self,
-        url: str,
-        wake: Wakeable,
-        *,
-        channel: str = "agentworks_events",
-        check_interval: float = 0.5,
-        retry_interval: float = 0.25,
-    ) -> None:
-        self.url = url
-        self.wake = wake
-        self.channel = channel
-        self.check_interval = check_interval
-        self.retry_interval = retry_interval
-        self.dependency = dependency_name(url)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    url: str = field(repr=False)  # may carry a password
+    wake: Wakeable
+    _: KW_ONLY
+    channel: str = "agentworks_events"
+    check_interval: float = 0.5
+    retry_interval: float = 0.25
+    dependency: str = field(init=False)
+    _stop: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.dependency = dependency_name(self.url)
 
     def start(self) -> None:
         self._stop.clear()

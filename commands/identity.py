@@ -13,7 +13,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, TypeVar
 from uuid import UUID, uuid4
@@ -127,31 +127,20 @@ def _view(user: User) -> UserView:
     return UserView(id=user.id, email=user.email, name=user.name, mfa_enabled=user.mfa_enabled)
 
 
+@dataclass(eq=False)
 class Identity:
     """The identity use cases. ``app`` is the write side's event-sourced application."""
 
-    def __init__(
-        self,
-        app: Application[UUID],
-        *,
-        passwords: Passwords,
-        totp: TotpCodes,
-        sealer: Sealer,
-        access_tokens: AccessTokens,
-        refresh_ttl_seconds: int = 30 * 86400,
-        issuer_name: str = "AgentWorks",
-        clock: Callable[[], float] = time.time,
-        retries: int = 5,
-    ) -> None:
-        self.app = app
-        self.passwords = passwords
-        self.totp = totp
-        self.sealer = sealer
-        self.access_tokens = access_tokens
-        self.refresh_ttl_seconds = refresh_ttl_seconds
-        self.issuer_name = issuer_name
-        self.clock = clock
-        self.retries = retries
+    app: Application[UUID]
+    _: KW_ONLY
+    passwords: Passwords
+    totp: TotpCodes
+    sealer: Sealer = field(repr=False)
+    access_tokens: AccessTokens = field(repr=False)
+    refresh_ttl_seconds: int = 30 * 86400
+    issuer_name: str = "AgentWorks"
+    clock: Callable[[], float] = time.time
+    retries: int = 5
 
     # -- sign-up and login --------------------------------------------------------------------
 

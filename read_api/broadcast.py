@@ -22,6 +22,7 @@ import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
@@ -101,17 +102,17 @@ class Broadcaster(Protocol):
     async def aclose(self) -> None: ...
 
 
+@dataclass(kw_only=True, eq=False)
 class LocalBroadcaster:
     """In-process channels: publish from any thread, receive in each subscriber's loop."""
 
-    def __init__(self, *, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
-        self._queue_size = queue_size
-        self._feeds: dict[str, set[Feed]] = {}
-        self._lock = threading.Lock()
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    _feeds: dict[str, set[Feed]] = field(init=False, default_factory=dict, repr=False)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
 
     @contextlib.asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[Feed]:
-        feed = Feed(channel, loop=asyncio.get_running_loop(), maxsize=self._queue_size)
+        feed = Feed(channel, loop=asyncio.get_running_loop(), maxsize=self.queue_size)
         with self._lock:
             self._feeds.setdefault(channel, set()).add(feed)
         try:
@@ -150,14 +151,13 @@ def encode_payload(payload: Mapping[str, Any]) -> str:
     return json.dumps(payload, separators=(",", ":"), default=str)
 
 
+@dataclass(eq=False)
 class RedisChangePublisher:
     """Publishes projector changes to Redis from a synchronous thread (workers, fan-out)."""
 
-    def __init__(
-        self, client: redis.Redis, *, channel_prefix: str = DEFAULT_CHANNEL_PREFIX
-    ) -> None:
-        self._client = client
-        self._prefix = channel_prefix
+    client: redis.Redis
+    _: KW_ONLY
+    channel_prefix: str = DEFAULT_CHANNEL_PREFIX
 
     @classmethod
     def from_url(
@@ -169,9 +169,9 @@ class RedisChangePublisher:
         if not changes:
             return
         try:
-            pipe = self._client.pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=False)
             for change in changes:
-                pipe.publish(self._prefix + change.channel, encode_payload(change.payload))
+                pipe.publish(self.channel_prefix + change.channel, encode_payload(change.payload))
             pipe.execute()
         except RedisError as error:
             # Subscribers re-read the read model after a quiet spell; a lost hint costs latency,
@@ -182,9 +182,10 @@ class RedisChangePublisher:
         OUTAGES.up(REDIS)
 
     def close(self) -> None:
-        self._client.close()
+        self.client.close()
 
 
+@dataclass(eq=False)
 class RedisBroadcaster:
     """Redis pub/sub channels shared by every API instance.
 
@@ -200,27 +201,21 @@ class RedisBroadcaster:
     and a subscriber cancelled mid-command could leave its command to race the next one's.
     """
 
-    def __init__(
-        self,
-        client: redis.asyncio.Redis,
-        *,
-        publisher: RedisChangePublisher | None = None,
-        channel_prefix: str = DEFAULT_CHANNEL_PREFIX,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
-        confirm_timeout: float = 5.0,
-    ) -> None:
-        self._client = client
-        self._publisher = publisher
-        self._prefix = channel_prefix
-        self._queue_size = queue_size
-        self._confirm_timeout = confirm_timeout
-        self._feeds: dict[str, set[Feed]] = {}
-        self._confirmations: dict[str, asyncio.Future[None]] = {}
-        """Redis channel → done once Redis confirmed the SUBSCRIBE of its current feeds."""
-        self._pubsub: redis.asyncio.client.PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._commands: asyncio.Queue[tuple[str, str]] | None = None
-        self._sender: asyncio.Task[None] | None = None
+    client: redis.asyncio.Redis
+    _: KW_ONLY
+    publisher: RedisChangePublisher | None = None
+    channel_prefix: str = DEFAULT_CHANNEL_PREFIX
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    confirm_timeout: float = 5.0
+    _feeds: dict[str, set[Feed]] = field(init=False, default_factory=dict, repr=False)
+    _confirmations: dict[str, asyncio.Future[None]] = field(
+        init=False, default_factory=dict, repr=False
+    )
+    """Redis channel → done once Redis confirmed the SUBSCRIBE of its current feeds."""
+    _pubsub: redis.asyncio.client.PubSub | None = field(init=False, default=None, repr=False)
+    _reader: asyncio.Task[None] | None = field(init=False, default=None, repr=False)
+    _commands: asyncio.Queue[tuple[str, str]] | None = field(init=False, default=None, repr=False)
+    _sender: asyncio.Task[None] | None = field(init=False, default=None, repr=False)
 
     @classmethod
     def from_url(
@@ -242,11 +237,11 @@ class RedisBroadcaster:
 
     @contextlib.asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[Feed]:
-        feed = Feed(channel, loop=asyncio.get_running_loop(), maxsize=self._queue_size)
+        feed = Feed(channel, loop=asyncio.get_running_loop(), maxsize=self.queue_size)
         confirmed = self._add(channel, feed)
         try:
             # Shielded: the confirmation is shared with the channel's other feeds.
-            async with asyncio.timeout(self._confirm_timeout):
+            async with asyncio.timeout(self.confirm_timeout):
                 await asyncio.shield(confirmed)
             yield feed
         finally:
@@ -254,12 +249,12 @@ class RedisBroadcaster:
             self._remove(channel, feed)
 
     async def publish(self, channel: str, payload: Payload) -> None:
-        await self._client.publish(self._prefix + channel, encode_payload(payload))
+        await self.client.publish(self.channel_prefix + channel, encode_payload(payload))
 
     def publish_changes(self, changes: Sequence[Change]) -> None:
-        if self._publisher is None:
+        if self.publisher is None:
             raise RuntimeError("this RedisBroadcaster was built without a synchronous publisher")
-        self._publisher.publish_changes(changes)
+        self.publisher.publish_changes(changes)
 
     async def aclose(self) -> None:
         for task in (self._sender, self._reader):
@@ -276,15 +271,15 @@ class RedisBroadcaster:
         self._feeds.clear()
         self._confirmations.clear()
         with contextlib.suppress(RedisError, OSError):
-            await self._client.aclose()
-        if self._publisher is not None:
-            self._publisher.close()
+            await self.client.aclose()
+        if self.publisher is not None:
+            self.publisher.close()
 
     # -- the shared connection ------------------------------------------------------------------
 
     def _add(self, channel: str, feed: Feed) -> asyncio.Future[None]:
         """Add ``feed``; returns what tells when Redis has confirmed its channel."""
-        key = self._prefix + channel
+        key = self.channel_prefix + channel
         feeds = self._feeds.get(channel)
         if feeds:
             feeds.add(feed)
@@ -302,7 +297,7 @@ class RedisBroadcaster:
         if feeds:
             return
         del self._feeds[channel]
-        key = self._prefix + channel
+        key = self.channel_prefix + channel
         self._confirmations.pop(key, None)
         # Sent after the channel's SUBSCRIBE, even when that is still queued: Redis ends up not
         # subscribed, whenever this subscriber went (before or after the confirmation).
@@ -322,7 +317,7 @@ class RedisBroadcaster:
         while True:
             command, key = await commands.get()
             if self._pubsub is None:
-                self._pubsub = self._client.pubsub()
+                self._pubsub = self.client.pubsub()
             try:
                 if command == "subscribe":
                     await self._pubsub.subscribe(key)
@@ -374,9 +369,9 @@ class RedisBroadcaster:
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
             return
-        if kind != "message" or not channel.startswith(self._prefix):
+        if kind != "message" or not channel.startswith(self.channel_prefix):
             return
-        feeds = self._feeds.get(channel[len(self._prefix) :])
+        feeds = self._feeds.get(channel[len(self.channel_prefix) :])
         if not feeds:
             return
         try:

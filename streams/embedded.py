@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
+@dataclass(eq=False)
 class EmbeddedFanout:
     """Reads the log once per batch and hands each projector what it has not applied yet.
 
@@ -37,26 +39,18 @@ class EmbeddedFanout:
     activity feed), and the database's waits of one projector left the other core idle.
     """
 
-    def __init__(
-        self,
-        event_log: EventLog,
-        runners: list[ProjectionRunner],
-        *,
-        listen_url: str | None = None,
-        poll_interval: float = 0.5,
-        batch_size: int = 500,
-    ) -> None:
-        self.log = event_log
-        self.runners = runners
-        self.listen_url = listen_url
-        self.poll_interval = poll_interval
-        self.batch_size = batch_size
-        self._positions: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._wakeup: LogWakeup | None = None
-        self._appliers: ThreadPoolExecutor | None = None
+    event_log: EventLog
+    runners: list[ProjectionRunner]
+    _: KW_ONLY
+    listen_url: str | None = field(default=None, repr=False)  # may carry a password
+    poll_interval: float = 0.5
+    batch_size: int = 500
+    _positions: dict[str, int] = field(init=False, default_factory=dict, repr=False)
+    _stop: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
+    _wake: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
+    _thread: threading.Thread | None = field(init=False, default=None, repr=False)
+    _wakeup: LogWakeup | None = field(init=False, default=None, repr=False)
+    _appliers: ThreadPoolExecutor | None = field(init=False, default=None, repr=False)
 
     def positions(self) -> dict[str, int]:
         return {r.name: self._position(r) for r in self.runners}
@@ -67,7 +61,7 @@ class EmbeddedFanout:
         A projector that fails (the database went away) does not undo what the others applied:
         their positions are kept and the first failure is raised once all have finished."""
         start = min((self._position(r) for r in self.runners), default=0)
-        envelopes = self.log.read(after=start, limit=self.batch_size)
+        envelopes = self.event_log.read(after=start, limit=self.batch_size)
         work: list[tuple[ProjectionRunner, int, list[EventEnvelope]]] = []
         for runner in self.runners:
             done = self._position(runner)
