@@ -26,6 +26,7 @@ import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ParamSpec, Self, TypeVar, cast, overload
 from uuid import UUID
 
@@ -117,41 +118,29 @@ class Offloader:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+@dataclass(kw_only=True, eq=False)
 class ReadScope:
     """One caller's transaction-scoped view of one workspace's read models."""
 
-    def __init__(
-        self,
-        *,
-        pool: ConnectionPool[Connection[DictRow]],
-        offloader: Offloader,
-        workspace_id: UUID,
-        user_id: str,
-        counter: StatementCounter,
-        statement_timeout_ms: int,
-        keep_connection: bool = True,
-        gate: asyncio.Semaphore | None = None,
-        versioned: bool = False,
-    ) -> None:
-        self.workspace_id = workspace_id
-        self.user_id = user_id
-        self._pool = pool
-        self._offloader = offloader
-        self._counter = counter
-        self._timeout = statement_timeout_ms
-        self._conn: Connection[DictRow] | None = None
-        self._member: bool | None = None
-        self._closed = False
-        self._async_lock = asyncio.Lock()
-        self._sync_lock = threading.Lock()
-        self._loaders: Loaders | None = None
-        self._keep = keep_connection
-        self._gate = gate
-        self._versioned = versioned
-        self.version: str | None = None
-        """With ``versioned``: the read models' version when the scope's first transaction
-        began, read in its first statement, so every row it reads afterwards is at least as new
-        (``read_api.response_cache``)."""
+    pool: ConnectionPool[Connection[DictRow]] = field(repr=False)
+    offloader: Offloader = field(repr=False)
+    workspace_id: UUID
+    user_id: str
+    counter: StatementCounter = field(repr=False)
+    statement_timeout_ms: int
+    keep_connection: bool = True
+    gate: asyncio.Semaphore | None = field(default=None, repr=False)
+    versioned: bool = False
+    version: str | None = field(init=False, default=None)
+    """With ``versioned``: the read models' version when the scope's first transaction
+    began, read in its first statement, so every row it reads afterwards is at least as new
+    (``read_api.response_cache``)."""
+    _conn: Connection[DictRow] | None = field(init=False, default=None, repr=False)
+    _member: bool | None = field(init=False, default=None, repr=False)
+    _closed: bool = field(init=False, default=False, repr=False)
+    _async_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock, repr=False)
+    _sync_lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
+    _loaders: Loaders | None = field(init=False, default=None, repr=False)
 
     @property
     def loaders(self) -> Loaders:
@@ -167,10 +156,10 @@ class ReadScope:
         workspace one may not see looks exactly like one that does not exist.
         """
         async with self._async_lock:
-            if self._gate is None:
-                return await self._offloader.run(self._run, fn)
-            async with self._gate:
-                return await self._offloader.run(self._run, fn)
+            if self.gate is None:
+                return await self.offloader.run(self._run, fn)
+            async with self.gate:
+                return await self.offloader.run(self._run, fn)
 
     async def is_member(self) -> bool:
         try:
@@ -188,13 +177,13 @@ class ReadScope:
         """
         self._closed = True
         if self._conn is not None:
-            await asyncio.shield(self._offloader.run(self._release))
+            await asyncio.shield(self.offloader.run(self._release))
 
     def _run(self, fn: Callable[[Connection[DictRow]], T]) -> T:
         with self._sync_lock:
             if self._closed:
                 raise RuntimeError("read scope used after its request ended")
-            _thread.counter = self._counter
+            _thread.counter = self.counter
             try:
                 conn = self._connection()
                 if not self._member:
@@ -211,21 +200,23 @@ class ReadScope:
                 raise unavailable(error) from error
             finally:
                 _thread.counter = None
-                if self._closed or not self._keep:
+                if self._closed or not self.keep_connection:
                     self._release_locked()
 
     def _connection(self) -> Connection[DictRow]:
         if self._conn is not None:
             return self._conn
-        conn = self._pool.getconn()
+        conn = self.pool.getconn()
         try:
             conn.cursor_factory = CountingCursor
-            if self._versioned and self.version is None:
+            if self.versioned and self.version is None:
                 self.version = scope_reading_version(
-                    conn, self.workspace_id, statement_timeout_ms=self._timeout
+                    conn, self.workspace_id, statement_timeout_ms=self.statement_timeout_ms
                 )
             else:
-                scope_to_workspace(conn, self.workspace_id, statement_timeout_ms=self._timeout)
+                scope_to_workspace(
+                    conn, self.workspace_id, statement_timeout_ms=self.statement_timeout_ms
+                )
             if self._member is None:
                 self._member = is_member(conn, self.workspace_id, self.user_id)
         except BaseException:
@@ -249,4 +240,4 @@ class ReadScope:
                 conn.rollback()
         except psycopg.Error:
             pass  # a broken connection: the pool discards it
-        self._pool.putconn(conn)
+        self.pool.putconn(conn)

@@ -22,7 +22,7 @@ import json
 import threading
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
@@ -272,45 +272,34 @@ def headers_for(envelope: EventEnvelope, traceparent: str = "") -> list[tuple[st
     ]
 
 
+@dataclass(eq=False)
 class Relay:
     """Tails the log and publishes it; run :meth:`run_forever` in its own process or thread."""
 
-    def __init__(
-        self,
-        event_log: EventLog,
-        make_producer: Callable[[], Producer],
-        positions: RelayPositions,
-        *,
-        topic_prefix: str = "",
-        batch_size: int = 2000,
-        poll_interval: float = 0.2,
-        listen_url: str | None = None,
-        channel: str = "agentworks_events",
-        flush_timeout: float = 30.0,
-        state_lost: Callable[[BaseException], bool] = lambda error: False,
-        topic_id: Callable[[Any, str], str | None] = lambda producer, topic: None,
-        lease: RelayLease | None = None,
-        standby_interval: float = 2.0,
-    ) -> None:
-        self.log = event_log
-        self.make_producer = make_producer
-        self.producer: Producer | None = None
-        self.positions = positions
-        self.topic_prefix = topic_prefix
-        self.batch_size = batch_size
-        self.poll_interval = poll_interval
-        self.listen_url = listen_url
-        self.channel = channel
-        self.flush_timeout = flush_timeout
-        self.state_lost = state_lost
-        self.topic_id = topic_id
-        self.position, self.marks = positions.load_with_marks()
-        self._broker_forgot = False
-        self.lease = lease
-        self.standby_interval = standby_interval
-        self._leading = False
-        self._stop = threading.Event()
-        self._wake = threading.Event()
+    event_log: EventLog
+    make_producer: Callable[[], Producer]
+    positions: RelayPositions
+    _: KW_ONLY
+    topic_prefix: str = ""
+    batch_size: int = 2000
+    poll_interval: float = 0.2
+    listen_url: str | None = field(default=None, repr=False)  # may carry a password
+    channel: str = "agentworks_events"
+    flush_timeout: float = 30.0
+    state_lost: Callable[[BaseException], bool] = lambda error: False
+    topic_id: Callable[[Any, str], str | None] = lambda producer, topic: None
+    lease: RelayLease | None = None
+    standby_interval: float = 2.0
+    producer: Producer | None = field(init=False, default=None, repr=False)
+    position: int = field(init=False)
+    marks: BrokerMarks = field(init=False, repr=False)
+    _broker_forgot: bool = field(init=False, default=False, repr=False)
+    _leading: bool = field(init=False, default=False, repr=False)
+    _stop: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
+    _wake: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        self.position, self.marks = self.positions.load_with_marks()
 
     def publish_once(self) -> int:
         """Publish the next batch and record it; returns how many events it held.
@@ -319,7 +308,7 @@ class Relay:
         its id never recovers) and rewinds to the last recorded position, so the batch is sent
         again, whole, by a fresh producer.
         """
-        batch = self.log.read(after=self.position, limit=self.batch_size)
+        batch = self.event_log.read(after=self.position, limit=self.batch_size)
         if not batch:
             return 0
         producer = self._producer()

@@ -103,7 +103,7 @@ def test_acknowledged_offsets_going_back_rewind_the_relay_to_the_lowest_watermar
     write_side: AgentWorks, database_url: str, broker: LocalBroker
 ) -> None:
     relay = relay_on(broker, write_side, database_url, partitions=4)
-    log, positions = relay.log, relay.positions
+    log, positions = relay.event_log, relay.positions
     try:
         workspaces(write_side, 40, "before")
         first = log.read(after=0)
@@ -153,7 +153,7 @@ def test_a_re_created_topic_rewinds_the_relay_even_without_offsets_to_compare(
         state_lost=producer_state_lost,
         topic_id=topic_id,
     )
-    log = relay.log
+    log = relay.event_log
     try:
         workspaces(write_side, 3, "before")
         first = log.read(after=0)
