@@ -12,6 +12,7 @@ from uuid import UUID
 
 from domain.base import TenantAggregate
 from domain.errors import Forbidden, InvalidTransition, ValidationFailed
+from domain.instants import instant_text
 from domain.meta import EventMeta
 from domain.roles import Role
 
@@ -73,8 +74,6 @@ class Invitation(TenantAggregate):
         invited_by: str,
         meta: EventMeta,
     ) -> Invitation:
-        if expires_at.tzinfo is None:
-            raise ValueError("expires_at must be timezone-aware")
         return cls._create(
             cls.Created,
             id=invitation_id,
@@ -82,7 +81,7 @@ class Invitation(TenantAggregate):
             email=email,
             role=role.value,
             token_hash=token_hash,
-            expires_at=expires_at.isoformat(),
+            expires_at=instant_text(expires_at, what="expires_at"),
             invited_by=invited_by,
             meta=meta.as_dict(),
         )

@@ -18,8 +18,8 @@ from uuid import UUID
 from domain.base import TenantAggregate
 from domain.errors import BudgetExceeded, Conflict, InvalidTransition, ValidationFailed
 from domain.meta import EventMeta
-from domain.money import format_usd
-from domain.text import replace_unstorable
+from domain.money import format_usd, positive_micros
+from domain.text import replace_unstorable, trimmed
 
 MAX_LOG_LINES_PER_CHUNK = 10_000
 MAX_LOG_LINE_LENGTH = 16_384
@@ -215,11 +215,9 @@ class AgentRun(TenantAggregate):
         meta: EventMeta,
         policy: str | None = None,
     ) -> AgentRun:
-        agent_name = agent.strip()
-        if not agent_name or len(agent_name) > 100:
-            raise ValidationFailed(f"agent {agent!r} must be 1..100 characters")
-        if max_cost_micros is not None and max_cost_micros <= 0:
-            raise ValidationFailed(f"maxCost must be positive, got {format_usd(max_cost_micros)}")
+        agent_name = trimmed(agent, what="agent", at_most=100)
+        if max_cost_micros is not None:
+            positive_micros(max_cost_micros, "maxCost")
         return cls._create(
             cls.Requested,
             id=run_id,
@@ -428,9 +426,4 @@ class AgentRun(TenantAggregate):
 
 
 def _optional(value: str | None, what: str) -> str | None:
-    if value is None:
-        return None
-    text = value.strip()
-    if not text or len(text) > 100:
-        raise ValidationFailed(f"{what} {value!r} must be 1..100 characters")
-    return text
+    return None if value is None else trimmed(value, what=what, at_most=100)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from domain.base import TenantAggregate
@@ -241,6 +241,18 @@ class InvoiceStatus(StrEnum):
     VOID = "void"
 
 
+class _Settlement(TenantAggregate.Event):
+    """What paying and voiding an invoice share: Stripe's word, which ``outcome`` each names (the
+    aggregate's events are its nested classes, so this base stays outside)."""
+
+    outcome: ClassVar[InvoiceStatus]
+    stripe_event_id: str
+
+    def apply(self, aggregate: Invoice) -> None:
+        aggregate.status = self.outcome
+        aggregate.stripe_events.add(self.stripe_event_id)
+
+
 class Invoice(TenantAggregate):
     """One workspace's invoice for one month, and every Stripe object made for it.
 
@@ -290,19 +302,11 @@ class Invoice(TenantAggregate):
             aggregate.stripe_invoice_id = self.stripe_invoice_id
             aggregate.status = InvoiceStatus.OPEN
 
-    class Paid(TenantAggregate.Event):
-        stripe_event_id: str
+    class Paid(_Settlement):
+        outcome = InvoiceStatus.PAID
 
-        def apply(self, aggregate: Invoice) -> None:
-            aggregate.status = InvoiceStatus.PAID
-            aggregate.stripe_events.add(self.stripe_event_id)
-
-    class Voided(TenantAggregate.Event):
-        stripe_event_id: str
-
-        def apply(self, aggregate: Invoice) -> None:
-            aggregate.status = InvoiceStatus.VOID
-            aggregate.stripe_events.add(self.stripe_event_id)
+    class Voided(_Settlement):
+        outcome = InvoiceStatus.VOID
 
     @classmethod
     def draft(
@@ -352,12 +356,10 @@ class Invoice(TenantAggregate):
             return False
         if self.stripe_invoice_id is None:
             raise InvalidTransition(f"invoice {self.id} was never issued")
-        if outcome is InvoiceStatus.PAID:
-            self._record(self.Paid, meta, stripe_event_id=stripe_event_id)
-        elif outcome is InvoiceStatus.VOID:
-            self._record(self.Voided, meta, stripe_event_id=stripe_event_id)
-        else:
+        event = {InvoiceStatus.PAID: self.Paid, InvoiceStatus.VOID: self.Voided}.get(outcome)
+        if event is None:
             raise ValidationFailed(f"an invoice is settled as paid or void, not {outcome}")
+        self._record(event, meta, stripe_event_id=stripe_event_id)
         return True
 
 

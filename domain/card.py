@@ -8,6 +8,7 @@ from uuid import UUID
 from domain.base import TenantAggregate
 from domain.errors import InvalidTransition, ValidationFailed
 from domain.meta import EventMeta
+from domain.text import trimmed
 from domain.workspace import clean_name
 
 MAX_DESCRIPTION_LENGTH = 100_000
@@ -166,17 +167,13 @@ class Card(TenantAggregate):
     def assign(self, assignee: str | None, *, meta: EventMeta) -> None:
         self._live("assign")
         if assignee is not None:
-            assignee = assignee.strip()
-            if not assignee or len(assignee) > 200:
-                raise ValidationFailed(f"assignee {assignee!r} must be 1..200 characters")
+            assignee = trimmed(assignee, what="assignee", at_most=200)
         if assignee != self.assignee:
             self._record(self.Assigned, meta, assignee=assignee)
 
     def label(self, label: str, *, meta: EventMeta) -> None:
         self._live("label")
-        text = label.strip()
-        if not text or len(text) > MAX_LABEL_LENGTH:
-            raise ValidationFailed(f"label {label!r} must be 1..{MAX_LABEL_LENGTH} characters")
+        text = trimmed(label, what="label", at_most=MAX_LABEL_LENGTH)
         if text in self.labels:
             return
         if len(self.labels) >= MAX_LABELS:

@@ -126,6 +126,13 @@ def format_usd(micros: int) -> str:
     return f"{sign}{whole}.{fraction:0{MONEY_DECIMALS}d}"
 
 
+def positive_micros(micros: int, what: str) -> int:
+    """``micros`` when above zero; VALIDATION naming ``what`` and the amount otherwise."""
+    if micros <= 0:
+        raise ValidationFailed(f"{what} must be positive, got {format_usd(micros)}")
+    return micros
+
+
 def _require_markup(markup: object) -> Decimal:
     if not isinstance(markup, Decimal):
         raise ValidationFailed(f"markup must be a Decimal, got {type(markup).__name__} {markup!r}")

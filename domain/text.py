@@ -42,6 +42,15 @@ def storable_text(value: str, *, what: str) -> str:
     return value
 
 
+def trimmed(value: str, *, what: str, at_most: int) -> str:
+    """``value`` without surrounding white space, refused unless 1 to ``at_most`` characters
+    remain: the rule for short identifying text (an agent, a user id, a label)."""
+    text = value.strip()
+    if not text or len(text) > at_most:
+        raise ValidationFailed(f"{what} {value!r} must be 1..{at_most} characters")
+    return text
+
+
 def replace_unstorable(value: str) -> str:
     """``value`` with every NUL and lone surrogate replaced by U+FFFD, for text nobody typed
     (tool and model output in run logs) that is worth keeping even when it holds them."""

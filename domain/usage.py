@@ -15,7 +15,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from domain.base import TenantAggregate
 from domain.errors import BudgetExceeded, InvalidTransition, ValidationFailed
 from domain.meta import EventMeta
-from domain.money import format_usd
+from domain.money import format_usd, positive_micros
 
 _CHARGES = uuid5(NAMESPACE_URL, "https://agentworks.dev/ns/usage-charge")
 _SPEND = uuid5(NAMESPACE_URL, "https://agentworks.dev/ns/monthly-spend")
@@ -146,10 +146,7 @@ class UsageCharge(TenantAggregate):
     ) -> None:
         """Lower what this charge bills: a credit, or a ``refund`` once it was invoiced.
         ``billed_month``: the open month the correction lands in when ``at``'s is closed."""
-        if amount_micros <= 0:
-            raise ValidationFailed(
-                f"a correction must be positive, got {format_usd(amount_micros)}"
-            )
+        positive_micros(amount_micros, "a correction")
         if amount_micros > self.net_micros:
             raise InvalidTransition(
                 f"charge {self.id} has {format_usd(self.net_micros)} left to correct; "
@@ -263,8 +260,7 @@ class MonthlySpend(TenantAggregate):
     ) -> None:
         if self.closed:
             raise InvalidTransition(f"{self.month} is closed; a credit goes to an open month")
-        if amount_micros <= 0:
-            raise ValidationFailed(f"a credit must be positive, got {format_usd(amount_micros)}")
+        positive_micros(amount_micros, "a credit")
         if not reason.strip():
             raise ValidationFailed("a credit needs a reason")
         self._record(

@@ -21,6 +21,7 @@ from uuid import UUID, uuid5
 from eventsourcing.domain import Aggregate
 
 from domain.errors import InvalidTransition, Unauthenticated, ValidationFailed
+from domain.instants import instant_text
 from domain.meta import EventMeta
 
 MIN_PASSWORD_LENGTH = 10
@@ -329,14 +330,12 @@ class Session(IdentityAggregate):
         expires_at: datetime,
         meta: EventMeta,
     ) -> Session:
-        if expires_at.tzinfo is None:
-            raise ValueError("expires_at must be timezone-aware")
         return cls._create(
             cls.Started,
             id=session_id,
             user_id=user_id,
             token_hash=token_hash,
-            expires_at=expires_at.isoformat(),
+            expires_at=instant_text(expires_at, what="expires_at"),
             meta=meta.as_dict(),
         )
 

@@ -9,8 +9,14 @@ from uuid import UUID
 from domain.base import TenantAggregate
 from domain.errors import Duplicate, InvalidTransition, NotFound, ValidationFailed
 from domain.meta import EventMeta
-from domain.money import DEFAULT_BILLING_INCREMENT_MICROS, DEFAULT_MARKUP, format_usd
+from domain.money import (
+    DEFAULT_BILLING_INCREMENT_MICROS,
+    DEFAULT_MARKUP,
+    format_usd,
+    positive_micros,
+)
 from domain.roles import Role
+from domain.text import trimmed
 
 MAX_NAME_LENGTH = 200
 MARKUP_QUANTUM = Decimal("0.000001")
@@ -149,15 +155,11 @@ class Workspace(TenantAggregate):
             raise ValidationFailed(
                 f"markup must be a positive number with at most 6 decimals, got {markup}"
             )
-        if billing_increment_micros <= 0:
-            raise ValidationFailed(
-                f"billing increment must be positive, got {format_usd(billing_increment_micros)}"
-            )
         self._record(
             self.PlanSet,
             meta,
             markup=str(markup),
-            billing_increment_micros=billing_increment_micros,
+            billing_increment_micros=positive_micros(billing_increment_micros, "billing increment"),
         )
 
     def set_spend_limit(self, monthly_limit_micros: int | None, *, meta: EventMeta) -> None:
@@ -194,7 +196,4 @@ class Workspace(TenantAggregate):
 
 
 def _user_id(value: str) -> str:
-    user = value.strip()
-    if not user or len(user) > 200:
-        raise ValidationFailed(f"user id {value!r} must be 1..200 characters")
-    return user
+    return trimmed(value, what="user id", at_most=200)
