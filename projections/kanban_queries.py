@@ -1,16 +1,16 @@
 """What the API reads of the Kanban read model (``rm_workspaces``, ``rm_members``,
 ``rm_projects``, ``rm_lanes``, ``rm_cards``), a batch of keys per statement.
 
-Every function takes a connection inside a transaction scoped to the caller's workspace
+Every read takes a connection inside a transaction scoped to the caller's workspace
 (:func:`scope_to_workspace`), so row-level security confines it there. The API's DataLoaders
 group the rows by key; a board of any size costs a fixed number of statements.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from projections.batch import columns_of
@@ -19,6 +19,8 @@ from projections.columns import CARD_SELECT
 if TYPE_CHECKING:
     from psycopg import Connection
     from psycopg.rows import DictRow
+
+    BatchRead = Callable[[Connection[DictRow], Sequence[Any]], list[DictRow]]
 
 
 @dataclass(frozen=True)
@@ -82,44 +84,32 @@ def user_workspaces(conn: Connection[DictRow], user_id: str) -> list[DictRow]:
     ).fetchall()
 
 
-def workspaces(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
-    return conn.execute(
-        "SELECT workspace_id, name, markup, billing_increment_micros, monthly_limit_micros,"
-        " version, created_at, updated_at FROM rm_workspaces WHERE workspace_id = ANY(%s)",
-        (ids,),
-    ).fetchall()
+def batch_read(sql: str) -> BatchRead:
+    """The read of a batch of keys by ``sql``, whose one parameter is the keys' array
+    (``= ANY(%s)``)."""
+
+    def read(conn: Connection[DictRow], keys: Sequence[Any]) -> list[DictRow]:
+        return conn.execute(sql, (keys,)).fetchall()
+
+    return read
 
 
-def members(conn: Connection[DictRow], workspace_ids: Sequence[UUID]) -> list[DictRow]:
-    return conn.execute(
-        "SELECT workspace_id, user_id, role FROM rm_members WHERE workspace_id = ANY(%s)"
-        " ORDER BY workspace_id, user_id",
-        (workspace_ids,),
-    ).fetchall()
-
-
-def projects(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
-    return conn.execute(PROJECTS_SQL, (ids,)).fetchall()
-
-
-def projects_of_workspaces(
-    conn: Connection[DictRow], workspace_ids: Sequence[UUID]
-) -> list[DictRow]:
-    return conn.execute(
-        "SELECT workspace_id, project_id, name, archived, version, created_at, updated_at"
-        " FROM rm_projects WHERE workspace_id = ANY(%s) ORDER BY created_at, project_id",
-        (workspace_ids,),
-    ).fetchall()
-
-
-def lanes(conn: Connection[DictRow], project_ids: Sequence[UUID]) -> list[DictRow]:
-    return conn.execute(LANES_SQL, (project_ids,)).fetchall()
-
-
-def cards(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
-    return conn.execute(
-        f"SELECT {CARD_SELECT} FROM rm_cards WHERE card_id = ANY(%s)", (ids,)
-    ).fetchall()
+# The reads by key: ``ANY(%s)`` names the column the keys are of.
+workspaces = batch_read(
+    "SELECT workspace_id, name, markup, billing_increment_micros, monthly_limit_micros,"
+    " version, created_at, updated_at FROM rm_workspaces WHERE workspace_id = ANY(%s)"
+)
+members = batch_read(
+    "SELECT workspace_id, user_id, role FROM rm_members WHERE workspace_id = ANY(%s)"
+    " ORDER BY workspace_id, user_id"
+)
+projects = batch_read(PROJECTS_SQL)
+projects_of_workspaces = batch_read(
+    "SELECT workspace_id, project_id, name, archived, version, created_at, updated_at"
+    " FROM rm_projects WHERE workspace_id = ANY(%s) ORDER BY created_at, project_id"
+)
+lanes = batch_read(LANES_SQL)
+cards = batch_read(f"SELECT {CARD_SELECT} FROM rm_cards WHERE card_id = ANY(%s)")
 
 
 def lane_cards(conn: Connection[DictRow], pages: Sequence[LanePage]) -> list[DictRow]:

@@ -83,15 +83,8 @@ class Statement:
 
 @dataclass(frozen=True, kw_only=True)
 class LogLine:
-    run_id: UUID
-    seq: int
-    at: datetime
-    stream: str
-    text: str
+    """One line of a run's log, as a page of the log and a search both return it."""
 
-
-@dataclass(frozen=True, kw_only=True)
-class LogHit:
     run_id: UUID
     seq: int
     at: datetime
@@ -342,7 +335,7 @@ SEARCH_STATEMENT = (
 
 def search_logs(
     conn: Connection[Any], workspace_id: UUID, *, query: str, first: int = 50
-) -> list[LogHit]:
+) -> list[LogLine]:
     """Log lines matching a web-search style query (``"exact phrase" -not or``), best first
     among the newest ``SEARCH_CANDIDATES`` matches.
 
@@ -365,7 +358,7 @@ def search_logs(
         cur.execute(
             SEARCH_STATEMENT, (query, workspace_id, SEARCH_CANDIDATES, first), prepare=False
         )
-        return [LogHit(**row) for row in cur.fetchall()]
+        return [LogLine(**row) for row in cur.fetchall()]
 
 
 # -- activity --------------------------------------------------------------------------------------

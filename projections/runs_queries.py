@@ -1,7 +1,7 @@
 """What the API reads of the runs read model (``rm_runs``, ``rm_run_outputs``,
 ``rm_run_attempts``), a batch of keys per statement.
 
-Every function takes a connection inside a transaction scoped to the caller's workspace, so
+Every read takes a connection inside a transaction scoped to the caller's workspace, so
 row-level security confines it there.
 """
 
@@ -15,6 +15,7 @@ from uuid import UUID
 
 from projections.batch import columns_of
 from projections.columns import RUN_SELECT
+from projections.kanban_queries import batch_read
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -68,10 +69,7 @@ class RunPage:
 
 
 RUNS_SQL = f"SELECT {RUN_SELECT} FROM rm_runs WHERE run_id = ANY(%s)"
-
-
-def runs(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
-    return conn.execute(RUNS_SQL, (ids,)).fetchall()
+runs = batch_read(RUNS_SQL)
 
 
 def card_runs(conn: Connection[DictRow], pages: Sequence[RunPage]) -> list[DictRow]:
@@ -93,16 +91,9 @@ def card_runs(conn: Connection[DictRow], pages: Sequence[RunPage]) -> list[DictR
     ).fetchall()
 
 
-def run_outputs(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
-    return conn.execute(
-        "SELECT run_id, output FROM rm_run_outputs WHERE run_id = ANY(%s)", (ids,)
-    ).fetchall()
-
-
-def run_attempts(conn: Connection[DictRow], ids: Sequence[UUID]) -> list[DictRow]:
-    return conn.execute(
-        "SELECT run_id, attempt, provider, model, status, http_status, error, latency_ms,"
-        " input_tokens, output_tokens, provider_cost_micros, estimated"
-        " FROM rm_run_attempts WHERE run_id = ANY(%s) ORDER BY run_id, attempt",
-        (ids,),
-    ).fetchall()
+run_outputs = batch_read("SELECT run_id, output FROM rm_run_outputs WHERE run_id = ANY(%s)")
+run_attempts = batch_read(
+    "SELECT run_id, attempt, provider, model, status, http_status, error, latency_ms,"
+    " input_tokens, output_tokens, provider_cost_micros, estimated"
+    " FROM rm_run_attempts WHERE run_id = ANY(%s) ORDER BY run_id, attempt"
+)

@@ -29,9 +29,9 @@ from commands.access import (
     revoke_api_key,
     revoke_invitation,
 )
+from domain.roles import Role
 from read_api.context import Info
 from read_api.mutation import WorkspacePayload, answer
-from read_api.types import RoleEnum
 from read_api.writes import perform
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def api_key_principal(write: AgentWorks, token: str) -> Principal:
 class Invitation:
     id: ID
     email: str
-    role: RoleEnum
+    role: Role
     expires_at: datetime
     accepted_at: datetime | None
 
@@ -74,7 +74,7 @@ class InvitationPayload:
 class ApiKey:
     id: ID
     name: str
-    role: RoleEnum
+    role: Role
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
@@ -91,7 +91,7 @@ class ApiKeyPayload:
 class InviteMemberInput:
     workspace_id: ID
     email: str
-    role: RoleEnum
+    role: Role
     command_id: ID | None = None
 
 
@@ -111,7 +111,7 @@ class RevokeInvitationInput:
 class CreateApiKeyInput:
     workspace_id: ID
     name: str
-    role: RoleEnum
+    role: Role
     command_id: ID | None = None
 
 
@@ -130,7 +130,7 @@ def _invitation_payload(result: CommandResult, secret: str | None) -> Invitation
     invitation = Invitation(
         id=ID(str(result.id)),
         email=str(x["email"]),
-        role=RoleEnum(x["role"]),
+        role=Role(x["role"]),
         expires_at=datetime.fromisoformat(str(x["expires_at"])),
         accepted_at=_when(x.get("accepted_at")),
     )
@@ -144,7 +144,7 @@ def _key_payload(result: CommandResult, secret: str | None) -> ApiKeyPayload:
     key = ApiKey(
         id=ID(str(result.id)),
         name=str(x["name"]),
-        role=RoleEnum(x["role"]),
+        role=Role(x["role"]),
         created_at=datetime.fromisoformat(str(x["created_at"])),
         last_used_at=None,
         revoked_at=_when(x.get("revoked_at")),

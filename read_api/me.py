@@ -9,8 +9,8 @@ import strawberry
 from strawberry import ID
 
 from domain.errors import Unauthenticated
+from domain.roles import Role
 from projections.kanban_queries import user_workspaces
-from read_api.types import RoleEnum
 
 if TYPE_CHECKING:
     from psycopg.rows import DictRow
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class MyWorkspace:
     id: ID
     name: str
-    role: RoleEnum
+    role: Role
 
 
 @strawberry.type
@@ -65,7 +65,7 @@ async def resolve_me(info: Info) -> Me:
         name=user.name,
         mfa_enabled=user.mfa_enabled,
         workspaces=[
-            MyWorkspace(id=ID(str(r["workspace_id"])), name=r["name"], role=RoleEnum(r["role"]))
+            MyWorkspace(id=ID(str(r["workspace_id"])), name=r["name"], role=Role(r["role"]))
             for r in rows
         ],
     )

@@ -19,6 +19,7 @@ from commands import models as m
 from commands.handlers import AgentWorks, CommandResult
 from domain.errors import NotFound
 from domain.money import format_usd
+from domain.roles import Role
 from projections.kanban import KanbanProjector
 from projections.runs import RunsProjector
 from read_api import fields as described
@@ -27,7 +28,7 @@ from read_api.context import Info
 from read_api.db import ReadScope
 from read_api.loaders import Loaders, forget
 from read_api.scalars import Money
-from read_api.types import ID, AgentRun, Card, Project, RoleEnum, Workspace, parse_id
+from read_api.types import ID, AgentRun, Card, Project, Workspace, parse_id
 from read_api.writes import DEFAULT, perform
 
 V = TypeVar("V")
@@ -158,7 +159,7 @@ class RenameWorkspaceInput:
 class AddMemberInput:
     workspace_id: ID
     user_id: ID
-    role: RoleEnum
+    role: Role
     command_id: ID | None = None
 
 
@@ -166,7 +167,7 @@ class AddMemberInput:
 class ChangeRoleInput:
     workspace_id: ID
     user_id: ID
-    role: RoleEnum
+    role: Role
     command_id: ID | None = None
 
 

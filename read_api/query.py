@@ -252,8 +252,8 @@ class Query:
                 calls=r.calls,
                 input_tokens=r.input_tokens,
                 output_tokens=r.output_tokens,
-                provider_cost=_money(r.provider_cost_micros),
-                billed=_money(r.billed_micros),
+                provider_cost=Money(r.provider_cost_micros),
+                billed=Money(r.billed_micros),
             )
             for r in rows
         ]
@@ -265,18 +265,18 @@ class Query:
         return Statement(
             workspace_id=ID(str(s.workspace_id)),
             month=s.month,
-            billing_increment=_money(s.billing_increment_micros),
+            billing_increment=Money(s.billing_increment_micros),
             lines=[
                 StatementLine(
                     project_id=ID(str(line.project_id)),
                     kind=line.kind,
                     description=line.description,
-                    billed_exact=_money(line.billed_exact_micros),
-                    billed=_money(line.billed_micros),
+                    billed_exact=Money(line.billed_exact_micros),
+                    billed=Money(line.billed_micros),
                 )
                 for line in s.lines
             ],
-            total=_money(s.total_micros),
+            total=Money(s.total_micros),
             invoice_id=s.invoice_id,
             invoice_status=s.invoice_status,
         )
@@ -296,10 +296,10 @@ class Query:
         discrepancies = _discrepancies(comparison)
         return Reconciliation(
             month=month,
-            event_log_total=_money(comparison.event_log_total),
-            read_model_total=_money(comparison.read_model_total),
+            event_log_total=Money(comparison.event_log_total),
+            read_model_total=Money(comparison.read_model_total),
             invoiced_total=(
-                None if comparison.invoiced_total is None else _money(comparison.invoiced_total)
+                None if comparison.invoiced_total is None else Money(comparison.invoiced_total)
             ),
             ok=not discrepancies,
             discrepancies=discrepancies,
@@ -340,10 +340,6 @@ class Query:
         )
 
 
-def _money(micros: int) -> Money:
-    return Money(micros)
-
-
 def _discrepancies(comparison: eventlog.LedgerComparison) -> list[Discrepancy]:
     found = []
     projects = (
@@ -363,8 +359,8 @@ def _discrepancies(comparison: eventlog.LedgerComparison) -> list[Discrepancy]:
                     Discrepancy(
                         kind=kind,
                         key=str(project),
-                        expected=_money(expected),
-                        actual=_money(actual),
+                        expected=Money(expected),
+                        actual=Money(actual),
                     )
                 )
     for credit in sorted(
@@ -375,7 +371,7 @@ def _discrepancies(comparison: eventlog.LedgerComparison) -> list[Discrepancy]:
         if actual != expected:
             found.append(
                 Discrepancy(
-                    kind="credit", key=str(credit), expected=_money(expected), actual=_money(actual)
+                    kind="credit", key=str(credit), expected=Money(expected), actual=Money(actual)
                 )
             )
     return found

@@ -11,14 +11,15 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable
 from datetime import datetime
-from enum import Enum
 from uuid import UUID
 
 import strawberry
 from strawberry.scalars import JSON
 from strawberry.types.nodes import SelectedField, Selection
 
+from domain.agent_run import RunStatus
 from domain.errors import ValidationFailed
+from domain.roles import Role
 from projections.billing import UsageDimension
 from projections.runs_queries import RunSummary
 from read_api import cursors
@@ -63,26 +64,10 @@ def page_size(first: int | None, *, most: int, default: int, what: str = "first"
 # -- enums ----------------------------------------------------------------------------------------
 
 
-@strawberry.enum(name="Role")
-class RoleEnum(Enum):
-    OWNER = "OWNER"
-    ADMIN = "ADMIN"
-    MEMBER = "MEMBER"
-    VIEWER = "VIEWER"
-
-
-@strawberry.enum(name="RunStatus")
-class RunStatusEnum(Enum):
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    TIMED_OUT = "TIMED_OUT"
-
-
+RoleEnum = strawberry.enum(Role, name="Role")
+RunStatusEnum = strawberry.enum(RunStatus, name="RunStatus")
 UsageGroupingEnum = strawberry.enum(UsageDimension, name="UsageGrouping")
-"""GraphQL's ``UsageGrouping`` is the billing read model's own dimension (one list of them)."""
+"""GraphQL's enums are the domain's and the billing read model's own (one list of each)."""
 
 
 # -- connections ----------------------------------------------------------------------------------
@@ -132,7 +117,7 @@ def selects(info: strawberry.Info, path: tuple[str, ...]) -> bool:
 @strawberry.type
 class Member:
     user_id: ID
-    role: RoleEnum
+    role: Role
 
 
 @strawberry.type
@@ -168,7 +153,7 @@ class Workspace:
     @strawberry.field
     async def members(self) -> list[Member]:
         rows = await self.scope.loaders.members.load(self.key)
-        return [Member(user_id=ID(row["user_id"]), role=RoleEnum(row["role"])) for row in rows]
+        return [Member(user_id=ID(row["user_id"]), role=Role(row["role"])) for row in rows]
 
     @described.field("Net billed this UTC month, credits deducted.")
     async def spent_this_month(self) -> Money:
@@ -357,7 +342,7 @@ class AgentRun:
     card_id: ID
     project_id: ID
     agent: str
-    status: RunStatusEnum
+    status: RunStatus
     provider: str | None
     model: str | None
     input_tokens: int
@@ -397,7 +382,7 @@ class AgentRun:
             card_id=ID(str(run.card_id)),
             project_id=ID(str(run.project_id)),
             agent=run.agent,
-            status=RunStatusEnum(run.status),
+            status=RunStatus(run.status),
             provider=run.provider,
             model=run.model,
             input_tokens=int(run.input_tokens),
