@@ -99,25 +99,18 @@ class RunCommands(WriteSide):
 
     def cancel_agent_run(self, cmd: m.CancelAgentRun, actor: Actor) -> CommandResult:
         return self._change_run(
-            cmd, cmd.run_id, actor, Role.MEMBER, "cancelAgentRun",
-            lambda run, meta: run.cancel(cmd.reason, meta=meta),
-        )  # fmt: skip
+            cmd, actor, Role.MEMBER, lambda run, meta: run.cancel(cmd.reason, meta=meta)
+        )
 
     def begin_run(self, cmd: m.BeginRun, actor: Actor) -> CommandResult:
         return self._change_run(
-            cmd,
-            cmd.run_id,
-            actor,
-            Role.ADMIN,
-            "beginRun",
-            lambda run, meta: run.start(worker=cmd.worker, meta=meta),
+            cmd, actor, Role.ADMIN, lambda run, meta: run.start(worker=cmd.worker, meta=meta)
         )
 
     def start_run_step(self, cmd: m.StartRunStep, actor: Actor) -> CommandResult:
         return self._change_run(
-            cmd, cmd.run_id, actor, Role.ADMIN, "startRunStep",
-            lambda run, meta: run.start_step(cmd.step, cmd.name, meta=meta),
-        )  # fmt: skip
+            cmd, actor, Role.ADMIN, lambda run, meta: run.start_step(cmd.step, cmd.name, meta=meta)
+        )
 
     def append_run_log(self, cmd: m.AppendRunLog, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
@@ -207,13 +200,12 @@ class RunCommands(WriteSide):
             else:
                 run.time_out(cmd.after_seconds or 0, meta=meta)
 
-        return self._change_run(cmd, cmd.run_id, actor, Role.ADMIN, "finishRun", change)
+        return self._change_run(cmd, actor, Role.ADMIN, change)
 
     def record_run_heartbeat(self, cmd: m.RecordRunHeartbeat, actor: Actor) -> CommandResult:
         return self._change_run(
-            cmd, cmd.run_id, actor, Role.ADMIN, "recordRunHeartbeat",
-            lambda run, meta: run.heartbeat(worker=cmd.worker, meta=meta),
-        )  # fmt: skip
+            cmd, actor, Role.ADMIN, lambda run, meta: run.heartbeat(worker=cmd.worker, meta=meta)
+        )
 
     def reclaim_run(self, cmd: m.ReclaimRun, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
@@ -311,14 +303,10 @@ class RunCommands(WriteSide):
 
     def _change_run(
         self,
-        cmd: m.Command,
-        run_id: UUID,
+        cmd: m.RunCommand,
         actor: Actor,
         needed: Role,
-        action: str,
         change: Callable[[AgentRun, EventMeta], object],
     ) -> CommandResult:
         """A change of the run alone (its worker's progress, or a member cancelling it)."""
-        return self._change(
-            AgentRun, "run", run_id, cmd, actor, needed=needed, action=action, change=change
-        )
+        return self._change(AgentRun, "run", cmd.run_id, cmd, actor, needed=needed, change=change)
