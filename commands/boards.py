@@ -17,7 +17,7 @@ class ProjectCommands(WriteSide):
 
     def create_project(self, cmd: m.CreateProject, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            workspace = self.workspace_for(actor, cmd.workspace_id, Role.MEMBER, "createProject")
+            workspace = self.workspace_for(actor, cmd.workspace_id, Role.MEMBER, cmd.action)
             project = Project.create(
                 project_id=uuid4(),
                 workspace_id=workspace.id,

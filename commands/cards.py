@@ -22,7 +22,7 @@ class CardCommands(WriteSide):
 
     def create_card(self, cmd: m.CreateCard, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            project = self.load(Project, cmd.project_id, actor, Role.MEMBER, "createCard")
+            project = self.load(Project, cmd.project_id, actor, Role.MEMBER, cmd.action)
             lane = cmd.lane if cmd.lane is not None else project.lanes[0].name
             card_id = uuid4()
             position = project.place_card(card_id, lane, meta=meta)
@@ -54,7 +54,7 @@ class CardCommands(WriteSide):
 
     def move_card(self, cmd: m.MoveCard, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, "moveCard")
+            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, cmd.action)
             expect_version(card, cmd.expected_version)
             project = self.aggregate(Project, card.project_id)
             card.ensure_live("move")
@@ -100,7 +100,7 @@ class CardCommands(WriteSide):
 
     def archive_card(self, cmd: m.ArchiveCard, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, "archiveCard")
+            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, cmd.action)
             expect_version(card, cmd.expected_version)
             card.archive(meta=meta)
             project = self.aggregate(Project, card.project_id)
@@ -111,7 +111,7 @@ class CardCommands(WriteSide):
 
     def restore_card(self, cmd: m.RestoreCard, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, "restoreCard")
+            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, cmd.action)
             project = self.aggregate(Project, card.project_id)
             lane = cmd.lane or project.lane_to_restore(card.id)
             if not card.archived:

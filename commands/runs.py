@@ -55,7 +55,7 @@ class RunCommands(WriteSide):
 
     def start_agent_run(self, cmd: m.StartAgentRun, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, "startAgentRun")
+            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, cmd.action)
             max_cost = None if cmd.max_cost is None else parse_usd(cmd.max_cost)
             now = datetime.now(UTC)
             if card.archived:
@@ -114,7 +114,7 @@ class RunCommands(WriteSide):
 
     def append_run_log(self, cmd: m.AppendRunLog, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, "appendRunLog")
+            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, cmd.action)
             run.expect_worker(cmd.worker)
             first, last = run.append_log(
                 [(line.at, line.stream, line.text) for line in cmd.lines], meta=meta
@@ -131,7 +131,7 @@ class RunCommands(WriteSide):
             runs: list[AgentRun] = []
             seqs: dict[str, list[int]] = {}
             for chunk in cmd.chunks:
-                run = self.load(AgentRun, chunk.run_id, actor, Role.ADMIN, "appendRunLogs")
+                run = self.load(AgentRun, chunk.run_id, actor, Role.ADMIN, cmd.action)
                 run.expect_worker(cmd.worker)
                 first, last = run.append_log(
                     [(line.at, line.stream, line.text) for line in chunk.lines], meta=meta
@@ -146,7 +146,7 @@ class RunCommands(WriteSide):
         """Record a finished LLM call, its charge and the month's new spend, atomically."""
 
         def decide(meta: EventMeta) -> Decision:
-            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, "recordLlmCall")
+            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, cmd.action)
             workspace = self.aggregate(Workspace, run.workspace_id)
             billed = billed_amount(cmd.provider_cost_micros, workspace.markup)
             spend = self.spend_for(workspace, cmd.at, meta)
@@ -209,7 +209,7 @@ class RunCommands(WriteSide):
 
     def reclaim_run(self, cmd: m.ReclaimRun, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, "reclaimRun")
+            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, cmd.action)
             expect_version(run, cmd.expected_version)
             run.reclaim(worker=cmd.worker, meta=meta)
             return Decision(run, "run", [run])
@@ -222,7 +222,7 @@ class RunCommands(WriteSide):
         recorded call id, so a restarted worker can never charge an attempt twice."""
 
         def decide(meta: EventMeta) -> Decision:
-            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, "recordProviderAttempt")
+            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, cmd.action)
             run.expect_worker(cmd.worker)
             workspace = self.aggregate(Workspace, run.workspace_id)
             charged = cmd.input_tokens > 0 or cmd.output_tokens > 0
@@ -288,7 +288,7 @@ class RunCommands(WriteSide):
 
     def credit_charge(self, cmd: m.CreditCharge, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            charge = self.load(UsageCharge, cmd.charge_id, actor, Role.OWNER, "creditCharge")
+            charge = self.load(UsageCharge, cmd.charge_id, actor, Role.OWNER, cmd.action)
             amount = parse_usd(cmd.amount)
             # A closed month's statement is final: the correction goes to the first open month.
             month = self.spend_for(
