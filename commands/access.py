@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError
@@ -27,6 +29,8 @@ from domain.workspace import Workspace
 
 INVITATION_TTL = timedelta(days=7)
 API_KEY_PREFIX = "awk_"
+
+_Grant = TypeVar("_Grant", Invitation, ApiKey)
 
 
 class InviteMember(m.Command):
@@ -93,9 +97,7 @@ def invite_member(
     invitation_id = uuid4()
     secret = secrets.token_urlsafe(32)
 
-    def decide(meta: EventMeta) -> Decision:
-        workspace = app.workspace_for(actor, cmd.workspace_id, Role.ADMIN, "inviteMember")
-        role = Role.parse(cmd.role)
+    def issue(workspace: Workspace, role: Role, meta: EventMeta) -> Decision:
         app.may_grant(workspace, actor, role)
         invitation = Invitation.create(
             invitation_id=invitation_id,
@@ -109,8 +111,7 @@ def invite_member(
         )
         return Decision(invitation, "invitation", [invitation], _invitation_extra(invitation))
 
-    result = app.execute(cmd, actor, cmd.workspace_id, decide)
-    return Issued(result, None if result.replayed else f"{invitation_id.hex}.{secret}")
+    return _issue(app, cmd, actor, issue, secret=f"{invitation_id.hex}.{secret}")
 
 
 def accept_invitation(app: AgentWorks, cmd: AcceptInvitation, actor: Actor) -> CommandResult:
@@ -139,21 +140,16 @@ def accept_invitation(app: AgentWorks, cmd: AcceptInvitation, actor: Actor) -> C
 
 
 def revoke_invitation(app: AgentWorks, cmd: RevokeInvitation, actor: Actor) -> CommandResult:
-    def decide(meta: EventMeta) -> Decision:
-        invitation = app.load(Invitation, cmd.invitation_id, actor, Role.ADMIN, "revokeInvitation")
-        invitation.revoke(meta=meta.in_workspace(invitation.workspace_id))
-        return Decision(invitation, "invitation", [invitation], _invitation_extra(invitation))
-
-    return app.execute(cmd, actor, None, decide)
+    return _revoke(
+        app, cmd, actor, Invitation, cmd.invitation_id, kind="invitation", extra=_invitation_extra
+    )
 
 
 def create_api_key(app: AgentWorks, cmd: CreateApiKey, actor: Actor) -> Issued:
     key_id = uuid4()
     secret = secrets.token_urlsafe(32)
 
-    def decide(meta: EventMeta) -> Decision:
-        workspace = app.workspace_for(actor, cmd.workspace_id, Role.ADMIN, "createApiKey")
-        role = Role.parse(cmd.role)
+    def issue(workspace: Workspace, role: Role, meta: EventMeta) -> Decision:
         mine = capped(workspace.role_of(actor.user_id) or Role.VIEWER, actor.role)
         require_role(mine, role, action=f"creating a {role.value} API key", user_id=actor.user_id)
         key = ApiKey.create(
@@ -167,15 +163,49 @@ def create_api_key(app: AgentWorks, cmd: CreateApiKey, actor: Actor) -> Issued:
         )
         return Decision(key, "api_key", [key], _key_extra(key))
 
-    result = app.execute(cmd, actor, cmd.workspace_id, decide)
-    return Issued(result, None if result.replayed else f"{API_KEY_PREFIX}{key_id.hex}_{secret}")
+    return _issue(app, cmd, actor, issue, secret=f"{API_KEY_PREFIX}{key_id.hex}_{secret}")
 
 
 def revoke_api_key(app: AgentWorks, cmd: RevokeApiKey, actor: Actor) -> CommandResult:
+    return _revoke(app, cmd, actor, ApiKey, cmd.api_key_id, kind="api_key", extra=_key_extra)
+
+
+def _issue(
+    app: AgentWorks,
+    cmd: InviteMember | CreateApiKey,
+    actor: Actor,
+    issue: Callable[[Workspace, Role, EventMeta], Decision],
+    *,
+    secret: str,
+) -> Issued:
+    """An ADMIN's grant of ``cmd.role`` in ``cmd.workspace_id`` that a secret proves: ``issue``
+    checks the actor may grant the role and creates the grant. The secret goes back to the caller
+    only on the first run, never on a replay (results are kept in the command log)."""
+
     def decide(meta: EventMeta) -> Decision:
-        key = app.load(ApiKey, cmd.api_key_id, actor, Role.ADMIN, "revokeApiKey")
-        key.revoke(meta=meta.in_workspace(key.workspace_id))
-        return Decision(key, "api_key", [key], _key_extra(key))
+        workspace = app.workspace_for(actor, cmd.workspace_id, Role.ADMIN, cmd.action)
+        return issue(workspace, Role.parse(cmd.role), meta)
+
+    result = app.execute(cmd, actor, cmd.workspace_id, decide)
+    return Issued(result, None if result.replayed else secret)
+
+
+def _revoke(
+    app: AgentWorks,
+    cmd: m.Command,
+    actor: Actor,
+    cls: type[_Grant],
+    grant_id: UUID,
+    *,
+    kind: str,
+    extra: Callable[[_Grant], dict[str, object]],
+) -> CommandResult:
+    """An ADMIN revokes an invitation or an API key of their workspace."""
+
+    def decide(meta: EventMeta) -> Decision:
+        grant = app.load(cls, grant_id, actor, Role.ADMIN, cmd.action)
+        grant.revoke(meta=meta.in_workspace(grant.workspace_id))
+        return Decision(grant, kind, [grant], extra(grant))
 
     return app.execute(cmd, actor, None, decide)
 

@@ -8,7 +8,7 @@ two steps leaves a state the next run recognises, so nothing is created twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -43,6 +43,7 @@ from domain.workspace import Workspace
 
 if TYPE_CHECKING:
     from eventsourcing.domain import Aggregate
+    from eventsourcing.persistence import Notification
 
 BILLING_ACTOR = "billing"
 _BILLING_TOPICS = [
@@ -93,17 +94,21 @@ class InvoiceResult:
     lines: int
 
 
-def billing_events(app: AgentWorks) -> Iterable[object]:
-    """Every usage-charge and monthly-spend event in log order, decoded by the write side."""
-    topics = _BILLING_TOPICS
+def _notifications(app: AgentWorks, topics: Sequence[str]) -> Iterator[Notification]:
+    """The log's notifications of these topics, in log order, read a page at a time."""
     start = 1
     while True:
         batch = app.recorder.select_notifications(start, 5000, topics=topics)
         if not batch:
             return
-        for notification in batch:
-            yield app.mapper.to_domain_event(notification)
+        yield from batch
         start = batch[-1].id + 1
+
+
+def billing_events(app: AgentWorks) -> Iterable[object]:
+    """Every usage-charge and monthly-spend event in log order, decoded by the write side."""
+    for notification in _notifications(app, _BILLING_TOPICS):
+        yield app.mapper.to_domain_event(notification)
 
 
 def fold_month(app: AgentWorks, month: str) -> MonthFold:
@@ -268,14 +273,10 @@ class Billing:
 
     def workspace_ids(self) -> list[UUID]:
         """Every workspace, in creation order, as the log knows them."""
-        ids: list[UUID] = []
-        start = 1
-        while True:
-            batch = self.app.recorder.select_notifications(start, 5000, topics=[_WORKSPACE_CREATED])
-            if not batch:
-                return ids
-            ids += [UUID(str(notification.originator_id)) for notification in batch]
-            start = batch[-1].id + 1
+        return [
+            UUID(str(notification.originator_id))
+            for notification in _notifications(self.app, [_WORKSPACE_CREATED])
+        ]
 
     def _drafted(self, workspace: Workspace, month: str, fold: MonthFold | None) -> Invoice:
         """The invoice as first drafted; its lines are recorded once and never recomputed."""

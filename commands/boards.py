@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 from commands import models as m
 from commands.service import Actor, CommandResult, Decision, WriteSide
@@ -17,7 +17,7 @@ class ProjectCommands(WriteSide):
 
     def create_project(self, cmd: m.CreateProject, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            workspace = self.workspace_for(actor, cmd.workspace_id, Role.MEMBER, "createProject")
+            workspace = self.workspace_for(actor, cmd.workspace_id, Role.MEMBER, cmd.action)
             project = Project.create(
                 project_id=uuid4(),
                 workspace_id=workspace.id,
@@ -31,51 +31,38 @@ class ProjectCommands(WriteSide):
 
     def set_wip_limit(self, cmd: m.SetWipLimit, actor: Actor) -> CommandResult:
         return self._change_project(
-            cmd, cmd.project_id, actor, "setWipLimit",
-            lambda p, meta: p.set_wip_limit(cmd.lane, cmd.wip_limit, meta=meta),
-        )  # fmt: skip
+            cmd, actor, lambda p, meta: p.set_wip_limit(cmd.lane, cmd.wip_limit, meta=meta)
+        )
 
     def add_lane(self, cmd: m.AddLane, actor: Actor) -> CommandResult:
         return self._change_project(
-            cmd, cmd.project_id, actor, "addLane",
+            cmd,
+            actor,
             lambda p, meta: p.add_lane(
                 cmd.name, wip_limit=cmd.wip_limit, index=cmd.index, meta=meta
             ),
-        )  # fmt: skip
+        )
 
     def rename_lane(self, cmd: m.RenameLane, actor: Actor) -> CommandResult:
         return self._change_project(
-            cmd, cmd.project_id, actor, "renameLane",
-            lambda p, meta: p.rename_lane(cmd.lane, cmd.name, meta=meta),
-        )  # fmt: skip
+            cmd, actor, lambda p, meta: p.rename_lane(cmd.lane, cmd.name, meta=meta)
+        )
 
     def reorder_lanes(self, cmd: m.ReorderLanes, actor: Actor) -> CommandResult:
         return self._change_project(
-            cmd, cmd.project_id, actor, "reorderLanes",
-            lambda p, meta: p.reorder_lanes(cmd.order, meta=meta),
-        )  # fmt: skip
-
-    def remove_lane(self, cmd: m.RemoveLane, actor: Actor) -> CommandResult:
-        return self._change_project(
-            cmd, cmd.project_id, actor, "removeLane",
-            lambda p, meta: p.remove_lane(cmd.lane, meta=meta),
-        )  # fmt: skip
-
-    def archive_project(self, cmd: m.ArchiveProject, actor: Actor) -> CommandResult:
-        return self._change_project(
-            cmd, cmd.project_id, actor, "archiveProject", lambda p, meta: p.archive(meta=meta)
+            cmd, actor, lambda p, meta: p.reorder_lanes(cmd.order, meta=meta)
         )
 
+    def remove_lane(self, cmd: m.RemoveLane, actor: Actor) -> CommandResult:
+        return self._change_project(cmd, actor, lambda p, meta: p.remove_lane(cmd.lane, meta=meta))
+
+    def archive_project(self, cmd: m.ArchiveProject, actor: Actor) -> CommandResult:
+        return self._change_project(cmd, actor, lambda p, meta: p.archive(meta=meta))
+
     def _change_project(
-        self,
-        cmd: m.Command,
-        project_id: UUID,
-        actor: Actor,
-        action: str,
-        change: Callable[[Project, EventMeta], object],
+        self, cmd: m.ProjectCommand, actor: Actor, change: Callable[[Project, EventMeta], object]
     ) -> CommandResult:
         """A board setting, changed by an ADMIN; the project is saved alone."""
         return self._change(
-            Project, "project", project_id, cmd, actor,
-            needed=Role.ADMIN, action=action, change=change,
-        )  # fmt: skip
+            Project, "project", cmd.project_id, cmd, actor, needed=Role.ADMIN, change=change
+        )

@@ -22,7 +22,7 @@ class CardCommands(WriteSide):
 
     def create_card(self, cmd: m.CreateCard, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            project = self.load(Project, cmd.project_id, actor, Role.MEMBER, "createCard")
+            project = self.load(Project, cmd.project_id, actor, Role.MEMBER, cmd.action)
             lane = cmd.lane if cmd.lane is not None else project.lanes[0].name
             card_id = uuid4()
             position = project.place_card(card_id, lane, meta=meta)
@@ -50,13 +50,11 @@ class CardCommands(WriteSide):
                 for label in sorted(wanted - set(card.labels)):
                     card.label(label, meta=meta)
 
-        return self._change_card(
-            cmd, cmd.card_id, actor, "updateCard", change, cmd.expected_version
-        )
+        return self._change_card(cmd, actor, change, expected_version=cmd.expected_version)
 
     def move_card(self, cmd: m.MoveCard, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, "moveCard")
+            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, cmd.action)
             expect_version(card, cmd.expected_version)
             project = self.aggregate(Project, card.project_id)
             card.ensure_live("move")
@@ -86,46 +84,23 @@ class CardCommands(WriteSide):
                     )
             card.assign(cmd.assignee, meta=meta)
 
-        return self._change_card(
-            cmd, cmd.card_id, actor, "assignCard", assign, cmd.expected_version
-        )
+        return self._change_card(cmd, actor, assign, expected_version=cmd.expected_version)
 
     def label_card(self, cmd: m.LabelCard, actor: Actor) -> CommandResult:
-        return self._change_card(
-            cmd,
-            cmd.card_id,
-            actor,
-            "labelCard",
-            lambda card, meta: card.label(cmd.label, meta=meta),
-        )
+        return self._change_card(cmd, actor, lambda card, meta: card.label(cmd.label, meta=meta))
 
     def unlabel_card(self, cmd: m.UnlabelCard, actor: Actor) -> CommandResult:
-        return self._change_card(
-            cmd,
-            cmd.card_id,
-            actor,
-            "unlabelCard",
-            lambda card, meta: card.unlabel(cmd.label, meta=meta),
-        )
+        return self._change_card(cmd, actor, lambda card, meta: card.unlabel(cmd.label, meta=meta))
 
     def block_card(self, cmd: m.BlockCard, actor: Actor) -> CommandResult:
-        return self._change_card(
-            cmd,
-            cmd.card_id,
-            actor,
-            "blockCard",
-            lambda card, meta: card.block(cmd.reason, meta=meta),
-        )
+        return self._change_card(cmd, actor, lambda card, meta: card.block(cmd.reason, meta=meta))
 
     def unblock_card(self, cmd: m.UnblockCard, actor: Actor) -> CommandResult:
-        return self._change_card(
-            cmd, cmd.card_id, actor, "unblockCard",
-            lambda card, meta: card.unblock(meta=meta),
-        )  # fmt: skip
+        return self._change_card(cmd, actor, lambda card, meta: card.unblock(meta=meta))
 
     def archive_card(self, cmd: m.ArchiveCard, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, "archiveCard")
+            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, cmd.action)
             expect_version(card, cmd.expected_version)
             card.archive(meta=meta)
             project = self.aggregate(Project, card.project_id)
@@ -136,7 +111,7 @@ class CardCommands(WriteSide):
 
     def restore_card(self, cmd: m.RestoreCard, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, "restoreCard")
+            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, cmd.action)
             project = self.aggregate(Project, card.project_id)
             lane = cmd.lane or project.lane_to_restore(card.id)
             if not card.archived:
@@ -149,17 +124,16 @@ class CardCommands(WriteSide):
 
     def _change_card(
         self,
-        cmd: m.Command,
-        card_id: UUID,
+        cmd: m.CardCommand,
         actor: Actor,
-        action: str,
         change: Callable[[Card, EventMeta], object],
+        *,
         expected_version: int | None = None,
     ) -> CommandResult:
         """A change of the card alone (not of its place on the board), by a MEMBER."""
         return self._change(
-            Card, "card", card_id, cmd, actor,
-            needed=Role.MEMBER, action=action, change=change, expected_version=expected_version,
+            Card, "card", cmd.card_id, cmd, actor,
+            needed=Role.MEMBER, change=change, expected_version=expected_version,
         )  # fmt: skip
 
     # -- reading the write model ------------------------------------------------------------------

@@ -40,6 +40,31 @@ class Input(BaseModel):
 class Command(Input):
     command_id: UUID | None = None
 
+    @property
+    def action(self) -> str:
+        """The command as the API names it (``MoveCard``: ``moveCard``), for what a refusal says
+        was refused."""
+        name = type(self).__name__
+        return name[0].lower() + name[1:]
+
+
+class ProjectCommand(Command):
+    """A command on one project and its board."""
+
+    project_id: UUID
+
+
+class CardCommand(Command):
+    """A command on one card."""
+
+    card_id: UUID
+
+
+class RunCommand(Command):
+    """A command on one agent run."""
+
+    run_id: UUID
+
 
 # -- workspaces ----------------------------------------------------------------------------------
 
@@ -103,107 +128,92 @@ class CreateProject(Command):
     )
 
 
-class SetWipLimit(Command):
-    project_id: UUID
+class SetWipLimit(ProjectCommand):
     lane: str
     wip_limit: int | None = None
 
 
-class AddLane(Command):
-    project_id: UUID
+class AddLane(ProjectCommand):
     name: str = Field(max_length=200)
     wip_limit: int | None = None
     index: int | None = None
 
 
-class RenameLane(Command):
-    project_id: UUID
+class RenameLane(ProjectCommand):
     lane: str
     name: str = Field(max_length=200)
 
 
-class ReorderLanes(Command):
-    project_id: UUID
+class ReorderLanes(ProjectCommand):
     order: list[str] = Field(max_length=50)
 
 
-class RemoveLane(Command):
-    project_id: UUID
+class RemoveLane(ProjectCommand):
     lane: str
 
 
-class ArchiveProject(Command):
-    project_id: UUID
+class ArchiveProject(ProjectCommand):
+    """Archive the project; archiving it again changes nothing."""
 
 
 # -- cards ---------------------------------------------------------------------------------------
 
 
-class CreateCard(Command):
-    project_id: UUID
+class CreateCard(ProjectCommand):
     title: str = Field(max_length=200)
     description: str = Field(default="", max_length=100_000)
     lane: str | None = Field(default=None, description="defaults to the first lane")
 
 
-class UpdateCard(Command):
-    card_id: UUID
+class UpdateCard(CardCommand):
     title: str | None = Field(default=None, max_length=200)
     description: str | None = Field(default=None, max_length=100_000)
     labels: list[str] | None = Field(default=None, max_length=50)
     expected_version: int | None = None
 
 
-class MoveCard(Command):
+class MoveCard(CardCommand):
     """Move a card into ``to_lane``, after ``after_card_id`` and before ``before_card_id``."""
 
-    card_id: UUID
     to_lane: str
     before_card_id: UUID | None = None
     after_card_id: UUID | None = None
     expected_version: int | None = None
 
 
-class AssignCard(Command):
-    card_id: UUID
+class AssignCard(CardCommand):
     assignee: str | None = None
     expected_version: int | None = None
 
 
-class LabelCard(Command):
-    card_id: UUID
+class LabelCard(CardCommand):
     label: str
 
 
-class UnlabelCard(Command):
-    card_id: UUID
+class UnlabelCard(CardCommand):
     label: str
 
 
-class BlockCard(Command):
-    card_id: UUID
+class BlockCard(CardCommand):
     reason: str = Field(max_length=1000)
 
 
-class UnblockCard(Command):
-    card_id: UUID
+class UnblockCard(CardCommand):
+    """Lift the card's block."""
 
 
-class ArchiveCard(Command):
-    card_id: UUID
+class ArchiveCard(CardCommand):
     expected_version: int | None = None
 
 
-class RestoreCard(Command):
-    card_id: UUID
+class RestoreCard(CardCommand):
     lane: str | None = None
 
 
 # -- agent runs ----------------------------------------------------------------------------------
 
 
-class StartAgentRun(Command):
-    card_id: UUID
+class StartAgentRun(CardCommand):
     agent: str = Field(max_length=100)
     provider: str | None = None
     model: str | None = None
@@ -211,20 +221,17 @@ class StartAgentRun(Command):
     policy: str | None = Field(default=None, max_length=20)
 
 
-class CancelAgentRun(Command):
-    run_id: UUID
+class CancelAgentRun(RunCommand):
     reason: str = Field(default="cancelled by user", max_length=2000)
 
 
-class BeginRun(Command):
+class BeginRun(RunCommand):
     """The orchestrator picked the run up."""
 
-    run_id: UUID
     worker: str = Field(max_length=200)
 
 
-class StartRunStep(Command):
-    run_id: UUID
+class StartRunStep(RunCommand):
     step: int = Field(ge=1)
     name: str = Field(max_length=200)
 
@@ -235,8 +242,7 @@ class LogLineInput(Input):
     text: ToolOutput
 
 
-class AppendRunLog(Command):
-    run_id: UUID
+class AppendRunLog(RunCommand):
     lines: list[LogLineInput] = Field(min_length=1, max_length=10_000)
     worker: str | None = Field(default=None, max_length=200)
 
@@ -264,10 +270,9 @@ class AppendRunLogs(Command):
         return chunks
 
 
-class RecordLlmCall(Command):
+class RecordLlmCall(RunCommand):
     """A provider call finished; its provider-reported usage and cost are authoritative."""
 
-    run_id: UUID
     call_id: str = Field(min_length=1, max_length=200)
     provider: str = Field(min_length=1, max_length=100)
     model: str = Field(min_length=1, max_length=100)
@@ -279,8 +284,7 @@ class RecordLlmCall(Command):
     at: datetime
 
 
-class FinishRun(Command):
-    run_id: UUID
+class FinishRun(RunCommand):
     outcome: Literal["SUCCEEDED", "FAILED", "TIMED_OUT"]
     error: ToolOutput | None = None
     after_seconds: int | None = None
@@ -301,23 +305,20 @@ class CreditCharge(Command):
 # -- the orchestrator's commands -------------------------------------------------------------------
 
 
-class RecordRunHeartbeat(Command):
-    run_id: UUID
+class RecordRunHeartbeat(RunCommand):
     worker: str = Field(min_length=1, max_length=200)
 
 
-class ReclaimRun(Command):
+class ReclaimRun(RunCommand):
     """Take over a RUNNING run whose worker looks dead, as of the version the caller judged."""
 
-    run_id: UUID
     worker: str = Field(min_length=1, max_length=200)
     expected_version: int = Field(ge=1)
 
 
-class RecordProviderAttempt(Command):
+class RecordProviderAttempt(RunCommand):
     """One provider attempt; with tokens it is also a charged LLM call (key: run + attempt)."""
 
-    run_id: UUID
     worker: str = Field(min_length=1, max_length=200)
     provider: str = Field(min_length=1, max_length=100)
     model: str = Field(min_length=1, max_length=100)

@@ -55,7 +55,7 @@ class RunCommands(WriteSide):
 
     def start_agent_run(self, cmd: m.StartAgentRun, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, "startAgentRun")
+            card = self.load(Card, cmd.card_id, actor, Role.MEMBER, cmd.action)
             max_cost = None if cmd.max_cost is None else parse_usd(cmd.max_cost)
             now = datetime.now(UTC)
             if card.archived:
@@ -99,29 +99,22 @@ class RunCommands(WriteSide):
 
     def cancel_agent_run(self, cmd: m.CancelAgentRun, actor: Actor) -> CommandResult:
         return self._change_run(
-            cmd, cmd.run_id, actor, Role.MEMBER, "cancelAgentRun",
-            lambda run, meta: run.cancel(cmd.reason, meta=meta),
-        )  # fmt: skip
+            cmd, actor, Role.MEMBER, lambda run, meta: run.cancel(cmd.reason, meta=meta)
+        )
 
     def begin_run(self, cmd: m.BeginRun, actor: Actor) -> CommandResult:
         return self._change_run(
-            cmd,
-            cmd.run_id,
-            actor,
-            Role.ADMIN,
-            "beginRun",
-            lambda run, meta: run.start(worker=cmd.worker, meta=meta),
+            cmd, actor, Role.ADMIN, lambda run, meta: run.start(worker=cmd.worker, meta=meta)
         )
 
     def start_run_step(self, cmd: m.StartRunStep, actor: Actor) -> CommandResult:
         return self._change_run(
-            cmd, cmd.run_id, actor, Role.ADMIN, "startRunStep",
-            lambda run, meta: run.start_step(cmd.step, cmd.name, meta=meta),
-        )  # fmt: skip
+            cmd, actor, Role.ADMIN, lambda run, meta: run.start_step(cmd.step, cmd.name, meta=meta)
+        )
 
     def append_run_log(self, cmd: m.AppendRunLog, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, "appendRunLog")
+            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, cmd.action)
             run.expect_worker(cmd.worker)
             first, last = run.append_log(
                 [(line.at, line.stream, line.text) for line in cmd.lines], meta=meta
@@ -138,7 +131,7 @@ class RunCommands(WriteSide):
             runs: list[AgentRun] = []
             seqs: dict[str, list[int]] = {}
             for chunk in cmd.chunks:
-                run = self.load(AgentRun, chunk.run_id, actor, Role.ADMIN, "appendRunLogs")
+                run = self.load(AgentRun, chunk.run_id, actor, Role.ADMIN, cmd.action)
                 run.expect_worker(cmd.worker)
                 first, last = run.append_log(
                     [(line.at, line.stream, line.text) for line in chunk.lines], meta=meta
@@ -153,7 +146,7 @@ class RunCommands(WriteSide):
         """Record a finished LLM call, its charge and the month's new spend, atomically."""
 
         def decide(meta: EventMeta) -> Decision:
-            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, "recordLlmCall")
+            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, cmd.action)
             workspace = self.aggregate(Workspace, run.workspace_id)
             billed = billed_amount(cmd.provider_cost_micros, workspace.markup)
             spend = self.spend_for(workspace, cmd.at, meta)
@@ -207,17 +200,16 @@ class RunCommands(WriteSide):
             else:
                 run.time_out(cmd.after_seconds or 0, meta=meta)
 
-        return self._change_run(cmd, cmd.run_id, actor, Role.ADMIN, "finishRun", change)
+        return self._change_run(cmd, actor, Role.ADMIN, change)
 
     def record_run_heartbeat(self, cmd: m.RecordRunHeartbeat, actor: Actor) -> CommandResult:
         return self._change_run(
-            cmd, cmd.run_id, actor, Role.ADMIN, "recordRunHeartbeat",
-            lambda run, meta: run.heartbeat(worker=cmd.worker, meta=meta),
-        )  # fmt: skip
+            cmd, actor, Role.ADMIN, lambda run, meta: run.heartbeat(worker=cmd.worker, meta=meta)
+        )
 
     def reclaim_run(self, cmd: m.ReclaimRun, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, "reclaimRun")
+            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, cmd.action)
             expect_version(run, cmd.expected_version)
             run.reclaim(worker=cmd.worker, meta=meta)
             return Decision(run, "run", [run])
@@ -230,7 +222,7 @@ class RunCommands(WriteSide):
         recorded call id, so a restarted worker can never charge an attempt twice."""
 
         def decide(meta: EventMeta) -> Decision:
-            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, "recordProviderAttempt")
+            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, cmd.action)
             run.expect_worker(cmd.worker)
             workspace = self.aggregate(Workspace, run.workspace_id)
             charged = cmd.input_tokens > 0 or cmd.output_tokens > 0
@@ -296,7 +288,7 @@ class RunCommands(WriteSide):
 
     def credit_charge(self, cmd: m.CreditCharge, actor: Actor) -> CommandResult:
         def decide(meta: EventMeta) -> Decision:
-            charge = self.load(UsageCharge, cmd.charge_id, actor, Role.OWNER, "creditCharge")
+            charge = self.load(UsageCharge, cmd.charge_id, actor, Role.OWNER, cmd.action)
             amount = parse_usd(cmd.amount)
             # A closed month's statement is final: the correction goes to the first open month.
             month = self.spend_for(
@@ -311,14 +303,10 @@ class RunCommands(WriteSide):
 
     def _change_run(
         self,
-        cmd: m.Command,
-        run_id: UUID,
+        cmd: m.RunCommand,
         actor: Actor,
         needed: Role,
-        action: str,
         change: Callable[[AgentRun, EventMeta], object],
     ) -> CommandResult:
         """A change of the run alone (its worker's progress, or a member cancelling it)."""
-        return self._change(
-            AgentRun, "run", run_id, cmd, actor, needed=needed, action=action, change=change
-        )
+        return self._change(AgentRun, "run", cmd.run_id, cmd, actor, needed=needed, change=change)

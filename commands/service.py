@@ -237,7 +237,6 @@ class WriteSide(Application[UUID]):
         actor: Actor,
         *,
         needed: Role,
-        action: str,
         change: Callable[[A, EventMeta], object],
         expected_version: int | None = None,
     ) -> CommandResult:
@@ -245,7 +244,7 @@ class WriteSide(Application[UUID]):
         version, let it decide, save it alone."""
 
         def decide(meta: EventMeta) -> Decision:
-            target = self.load(cls, aggregate_id, actor, needed, action)
+            target = self.load(cls, aggregate_id, actor, needed, cmd.action)
             expect_version(target, expected_version)
             change(target, meta)
             return Decision(target, kind, [target])
