@@ -11,7 +11,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast
 from uuid import UUID
 
 import psycopg
@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS bench_raw (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS bench_raw_notification_id_idx ON bench_raw (notification_id);
 """
+
+
+_App = TypeVar("_App", bound=Application[UUID])
 
 
 class _Shared:
@@ -132,24 +135,45 @@ def make_board(app: AgentWorks, actor: Actor, name: str) -> tuple[UUID, list[UUI
     return project.id, cards
 
 
-class MoveCards:
-    """``move_card`` of a random card of the board to another lane: card + project, 2 events."""
+class _AppRunner(Generic[_App]):
+    """A runner on one application: its own, or (``params["threads"]`` > 1) the one the writer
+    threads of its process share, which the last of them to close closes."""
 
-    def __init__(self, params: dict[str, Any], index: int) -> None:
+    key: ClassVar[str]  # the shared application's name in _Shared
+
+    def __init__(self, params: dict[str, Any], index: int, make: Callable[[int], _App]) -> None:
+        """``make(pool_size)`` builds the application."""
         threads = int(params.get("threads", 1))
         self.shared: _Shared | None = None
         # One thread of each process reports the counters the process's threads share.
         self.reports = index % threads == 0
         if threads > 1:
-            self.shared = _Shared.take(
-                "agentworks", lambda: build_write_side(params["url"], pool_size=threads)
-            )
-            self.app: AgentWorks = self.shared.app
+            self.shared = _Shared.take(self.key, lambda: make(threads))
+            self.app: _App = self.shared.app
+        else:
+            self.app = make(1)
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.release(self.key)
+        else:
+            self.app.close()
+
+
+class MoveCards(_AppRunner[AgentWorks]):
+    """``move_card`` of a random card of the board to another lane: card + project, 2 events."""
+
+    key = "agentworks"
+
+    def __init__(self, params: dict[str, Any], index: int) -> None:
+        super().__init__(
+            params, index, lambda pool_size: build_write_side(params["url"], pool_size=pool_size)
+        )
+        if self.shared is None:
+            self.counting = _Counting(self.app)
+        else:
             assert self.shared.counting is not None
             self.counting = self.shared.counting
-        else:
-            self.app = build_write_side(params["url"], pool_size=1)
-            self.counting = _Counting(self.app)
         self.actor = Actor(user_id=params["user"], workspace_id=params["workspace_id"])
         if params.get("project_id"):
             project_id, cards = UUID(params["project_id"]), [UUID(c) for c in params["cards"]]
@@ -176,12 +200,6 @@ class MoveCards:
         if not self.reports:
             return {}
         return {**self.counting.counters(), **group_counters(self.app)}
-
-    def close(self) -> None:
-        if self.shared is not None:
-            self.shared.release("agentworks")
-        else:
-            self.app.close()
 
 
 class AssignCards(MoveCards):
@@ -326,21 +344,19 @@ class OurStoreBareApp(BareApp):
         return cast("InfrastructureFactory[TrackingRecorder]", Factory(env))
 
 
-class BareSaves:
+class BareSaves(_AppRunner[BareApp]):
     """Two aggregates, one event each, one ``save(card, board)`` per operation."""
 
+    key = "bare"
+
     def __init__(self, params: dict[str, Any], index: int) -> None:
-        threads = int(params.get("threads", 1))
-        self.shared: _Shared | None = None
-        self.reports = index % threads == 0
-        if threads > 1:
-            self.shared = _Shared.take(
-                "bare",
-                lambda: bare_app(params["url"], recorder=params["recorder"], pool_size=threads),
-            )
-            self.app: BareApp = self.shared.app
-        else:
-            self.app = bare_app(params["url"], recorder=params["recorder"])
+        super().__init__(
+            params,
+            index,
+            lambda pool_size: bare_app(
+                params["url"], recorder=params["recorder"], pool_size=pool_size
+            ),
+        )
         self.workspace_id = str(uuid.uuid4())
         self.rng = random.Random(index)
         self.board = BenchBoard._create(BenchBoard.Created, meta=_meta(self.workspace_id))
@@ -375,12 +391,6 @@ class BareSaves:
 
     def counters(self) -> dict[str, int]:
         return group_counters(self.app) if self.reports else {}
-
-    def close(self) -> None:
-        if self.shared is not None:
-            self.shared.release("bare")
-        else:
-            self.app.close()
 
 
 # -- (c) raw psycopg -----------------------------------------------------------------------------

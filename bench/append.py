@@ -388,38 +388,34 @@ def summarise(st: State, args: argparse.Namespace, stats: dict[str, Any]) -> dic
 # -- reporting ----------------------------------------------------------------------------------
 
 
+# Scenarios compared at the same number of writers: (numerator, denominator) kinds.
+WRITER_RATIOS = (
+    ("ours.move", "es.save"),
+    ("ours.move", "raw.insert"),
+    ("ours.save", "es.save"),
+    ("ours.save", "raw.insert"),
+    ("es.save", "raw.insert"),
+    ("raw.insert+notify", "raw.insert"),
+)
+BULK_RATIOS = (("ours.batch", "raw.copy"), ("ours.batch", "raw.multirow"))
+
+
 def ratio_pairs(
     writers: list[int], bulk: list[int], shapes: list[tuple[int, int]] | None = None
 ) -> list[tuple[str, str, str]]:
     """(numerator, denominator, metric) pairs reported as ratios."""
-    pairs: list[tuple[str, str, str]] = []
+    ops: list[tuple[str, str]] = []
     for processes, threads in shapes or []:
-        shape = f"{processes}x{threads}"
-        pairs += [
-            (f"ours.move/{shape}", f"es.save/{shape}", "ops_per_s"),
-            (f"ours.assign/{shape}", f"es.save/{shape}", "ops_per_s"),
-            (f"ours.save/{shape}", f"es.save/{shape}", "ops_per_s"),
-            # Against the library in the usual shape (one thread per process), too.
-            (f"ours.move/{shape}", f"es.save/{processes * threads}", "ops_per_s"),
-            (f"ours.assign/{shape}", f"es.save/{processes * threads}", "ops_per_s"),
-            (f"ours.move/{shape}", f"ours.move/{processes * threads}", "ops_per_s"),
-            (f"es.save/{shape}", f"es.save/{processes * threads}", "ops_per_s"),
-        ]
-    for w in writers:
-        pairs += [
-            (f"ours.move/{w}", f"es.save/{w}", "ops_per_s"),
-            (f"ours.move/{w}", f"raw.insert/{w}", "ops_per_s"),
-            (f"ours.save/{w}", f"es.save/{w}", "ops_per_s"),
-            (f"ours.save/{w}", f"raw.insert/{w}", "ops_per_s"),
-            (f"es.save/{w}", f"raw.insert/{w}", "ops_per_s"),
-            (f"raw.insert+notify/{w}", f"raw.insert/{w}", "ops_per_s"),
-        ]
-    for w in bulk:
-        pairs += [
-            (f"ours.batch/{w}", f"raw.copy/{w}", "events_per_s"),
-            (f"ours.batch/{w}", f"raw.multirow/{w}", "events_per_s"),
-        ]
-    return pairs
+        shape, flat = f"{processes}x{threads}", processes * threads
+        ops += [(f"ours.{cmd}/{shape}", f"es.save/{shape}") for cmd in ("move", "assign", "save")]
+        # Against the library in the usual shape (one thread per process), too.
+        ops += [(f"ours.{cmd}/{shape}", f"es.save/{flat}") for cmd in ("move", "assign")]
+        ops += [(f"{kind}/{shape}", f"{kind}/{flat}") for kind in ("ours.move", "es.save")]
+    ops += [(f"{num}/{w}", f"{den}/{w}") for w in writers for num, den in WRITER_RATIOS]
+    events = [(f"{num}/{w}", f"{den}/{w}") for w in bulk for num, den in BULK_RATIOS]
+    return [(num, den, "ops_per_s") for num, den in ops] + [
+        (num, den, "events_per_s") for num, den in events
+    ]
 
 
 def ratios(

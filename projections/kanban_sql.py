@@ -10,8 +10,8 @@ written each with its own few statements, in their place in the log.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from domain import events as ev
 from projections.batch import columns_of
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
     from domain.envelope import EventEnvelope
     from projections.base import Tables
+
+E = TypeVar("E", bound=ev.EventPayload)
+Params = Callable[["EventEnvelope", E], tuple[Any, ...]]
+"""A statement's parameters, drawn from the envelope and the event."""
 
 CardRow = dict[str, Any]
 """A card as the fold holds it: ``rm_cards``' columns, ids as their canonical text, labels as a
@@ -157,15 +161,21 @@ def add_card_counts(
 # -- the rare events, each on its own -------------------------------------------------------------
 
 
+#: The rows of the aggregates whose rare events the read model applies: (table, key column).
+WORKSPACE = ("rm_workspaces", "workspace_id")
+BOARD = ("rm_projects", "project_id")
+
+
 def touch(
     cur: Cursor[DictRow],
     t: Tables,
-    table: str,
-    key: str,
+    row: tuple[str, str],
     env: EventEnvelope,
     columns: dict[str, Any],
 ) -> None:
-    """Set ``columns`` of the aggregate's row, and its version and update time to the event's."""
+    """Set ``columns`` of the aggregate's ``row``, and its version and update time to the
+    event's."""
+    table, key = row
     assignments = "".join(f"{column} = %s, " for column in columns)
     cur.execute(
         t.q(f"UPDATE {{{table}}} SET {assignments}version = %s, updated_at = %s WHERE {key} = %s"),
@@ -174,24 +184,50 @@ def touch(
 
 
 def touch_board(cur: Cursor[DictRow], t: Tables, env: EventEnvelope) -> None:
-    touch(cur, t, "rm_projects", "project_id", env, {})
+    touch(cur, t, BOARD, env, {})
 
 
-def workspace_created(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.WorkspaceCreated
-) -> None:
-    cur.execute(
-        t.q(
-            "INSERT INTO {rm_workspaces} (workspace_id, name, markup, billing_increment_micros,"
-            " monthly_limit_micros, stripe_customer_id, version, created_at, updated_at)"
-            " VALUES (%s, %s, '5', 250000, NULL, NULL, %s, %s, %s)"
+class Writes(Generic[E]):
+    """A rare event's statements, run in order, each with its parameters drawn from the envelope
+    and the event; then, if it ``touches`` an aggregate's row (``WORKSPACE`` or ``BOARD``), that
+    row's version and update time set to the event's."""
+
+    def __init__(
+        self, *statements: tuple[str, Params[E]], touches: tuple[str, str] | None = None
+    ) -> None:
+        self.statements = statements
+        self.touches = touches
+
+    def __call__(self, cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: E) -> None:
+        for statement, params in self.statements:
+            cur.execute(t.q(statement), params(env, event))
+        if self.touches is not None:
+            touch(cur, t, self.touches, env, {})
+
+
+_INSERT_LANE = (
+    "INSERT INTO {rm_lanes} (workspace_id, project_id, name, ord, wip_limit, card_count)"
+    " VALUES (%s, %s, %s, %s, %s, 0)"
+)
+
+workspace_created = Writes[ev.WorkspaceCreated](
+    (
+        "INSERT INTO {rm_workspaces} (workspace_id, name, markup, billing_increment_micros,"
+        " monthly_limit_micros, stripe_customer_id, version, created_at, updated_at)"
+        " VALUES (%s, %s, '5', 250000, NULL, NULL, %s, %s, %s)",
+        lambda env, event: (
+            env.originator_id,
+            event.name,
+            env.originator_version,
+            env.timestamp,
+            env.timestamp,
         ),
-        (env.originator_id, event.name, env.originator_version, env.timestamp, env.timestamp),
-    )
-    cur.execute(
-        t.q("INSERT INTO {rm_members} (workspace_id, user_id, role) VALUES (%s, %s, 'OWNER')"),
-        (env.originator_id, event.owner_id),
-    )
+    ),
+    (
+        "INSERT INTO {rm_members} (workspace_id, user_id, role) VALUES (%s, %s, 'OWNER')",
+        lambda env, event: (env.originator_id, event.owner_id),
+    ),
+)
 
 
 def workspace_changed(
@@ -215,33 +251,25 @@ def workspace_changed(
         columns = {"monthly_limit_micros": event.monthly_limit_micros}
     else:
         columns = {"stripe_customer_id": event.customer_id}
-    touch(cur, t, "rm_workspaces", "workspace_id", env, columns)
+    touch(cur, t, WORKSPACE, env, columns)
 
 
-def member_set(
-    cur: Cursor[DictRow],
-    t: Tables,
-    env: EventEnvelope,
-    event: ev.WorkspaceMemberAdded | ev.WorkspaceRoleChanged,
-) -> None:
-    cur.execute(
-        t.q(
-            "INSERT INTO {rm_members} (workspace_id, user_id, role) VALUES (%s, %s, %s)"
-            " ON CONFLICT (workspace_id, user_id) DO UPDATE SET role = EXCLUDED.role"
-        ),
-        (env.originator_id, event.user_id, event.role),
-    )
-    touch(cur, t, "rm_workspaces", "workspace_id", env, {})
+member_set = Writes[ev.WorkspaceMemberAdded | ev.WorkspaceRoleChanged](
+    (
+        "INSERT INTO {rm_members} (workspace_id, user_id, role) VALUES (%s, %s, %s)"
+        " ON CONFLICT (workspace_id, user_id) DO UPDATE SET role = EXCLUDED.role",
+        lambda env, event: (env.originator_id, event.user_id, event.role),
+    ),
+    touches=WORKSPACE,
+)
 
-
-def member_removed(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.WorkspaceMemberRemoved
-) -> None:
-    cur.execute(
-        t.q("DELETE FROM {rm_members} WHERE workspace_id = %s AND user_id = %s"),
-        (env.originator_id, event.user_id),
-    )
-    touch(cur, t, "rm_workspaces", "workspace_id", env, {})
+member_removed = Writes[ev.WorkspaceMemberRemoved](
+    (
+        "DELETE FROM {rm_members} WHERE workspace_id = %s AND user_id = %s",
+        lambda env, event: (env.originator_id, event.user_id),
+    ),
+    touches=WORKSPACE,
+)
 
 
 def project_created(
@@ -263,10 +291,7 @@ def project_created(
     )
     lanes: list[dict[str, Any]] = event.lanes
     cur.executemany(
-        t.q(
-            "INSERT INTO {rm_lanes} (workspace_id, project_id, name, ord, wip_limit,"
-            " card_count) VALUES (%s, %s, %s, %s, %s, 0)"
-        ),
+        t.q(_INSERT_LANE),
         [
             (env.workspace_id, env.originator_id, lane["name"], i, lane["wip_limit"])
             for i, lane in enumerate(lanes)
@@ -283,49 +308,57 @@ def project_changed(
     columns: dict[str, Any] = (
         {"name": event.name} if isinstance(event, ev.ProjectRenamed) else {"archived": True}
     )
-    touch(cur, t, "rm_projects", "project_id", env, columns)
+    touch(cur, t, BOARD, env, columns)
 
 
-def lane_added(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.ProjectLaneAdded
-) -> None:
-    cur.execute(
-        t.q("UPDATE {rm_lanes} SET ord = ord + 1 WHERE project_id = %s AND ord >= %s"),
-        (env.originator_id, event.index),
-    )
-    cur.execute(
-        t.q(
-            "INSERT INTO {rm_lanes} (workspace_id, project_id, name, ord, wip_limit,"
-            " card_count) VALUES (%s, %s, %s, %s, %s, 0)"
+lane_added = Writes[ev.ProjectLaneAdded](
+    (
+        "UPDATE {rm_lanes} SET ord = ord + 1 WHERE project_id = %s AND ord >= %s",
+        lambda env, event: (env.originator_id, event.index),
+    ),
+    (
+        _INSERT_LANE,
+        lambda env, event: (
+            env.workspace_id,
+            env.originator_id,
+            event.name,
+            event.index,
+            event.wip_limit,
         ),
-        (env.workspace_id, env.originator_id, event.name, event.index, event.wip_limit),
-    )
-    touch_board(cur, t, env)
+    ),
+    touches=BOARD,
+)
 
 
-def lane_renamed(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.ProjectLaneRenamed
-) -> None:
-    """Renames the lane and moves its cards' rows to the new name (behind the fold's memory)."""
-    args = (event.name, env.originator_id, event.lane)
-    cur.execute(t.q("UPDATE {rm_lanes} SET name = %s WHERE project_id = %s AND name = %s"), args)
-    cur.execute(t.q("UPDATE {rm_cards} SET lane = %s WHERE project_id = %s AND lane = %s"), args)
-    touch_board(cur, t, env)
+def _renamed(env: EventEnvelope, event: ev.ProjectLaneRenamed) -> tuple[Any, ...]:
+    """(new name, project, old name): the lane's and its cards' renames take the same."""
+    return (event.name, env.originator_id, event.lane)
 
 
-def lanes_reordered(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.ProjectLanesReordered
-) -> None:
-    order: list[str] = event.order
-    cur.execute(
-        t.q(
-            "UPDATE {rm_lanes} AS l SET ord = o.ord - 1"
-            " FROM unnest(%s::text[]) WITH ORDINALITY AS o(name, ord)"
-            " WHERE l.project_id = %s AND l.name = o.name"
-        ),
-        (order, env.originator_id),
-    )
-    touch_board(cur, t, env)
+#: Renames the lane and moves its cards' rows to the new name (behind the fold's memory).
+lane_renamed = Writes[ev.ProjectLaneRenamed](
+    ("UPDATE {rm_lanes} SET name = %s WHERE project_id = %s AND name = %s", _renamed),
+    ("UPDATE {rm_cards} SET lane = %s WHERE project_id = %s AND lane = %s", _renamed),
+    touches=BOARD,
+)
+
+lanes_reordered = Writes[ev.ProjectLanesReordered](
+    (
+        "UPDATE {rm_lanes} AS l SET ord = o.ord - 1"
+        " FROM unnest(%s::text[]) WITH ORDINALITY AS o(name, ord)"
+        " WHERE l.project_id = %s AND l.name = o.name",
+        lambda env, event: (event.order, env.originator_id),
+    ),
+    touches=BOARD,
+)
+
+wip_limit_set = Writes[ev.ProjectWipLimitSet](
+    (
+        "UPDATE {rm_lanes} SET wip_limit = %s WHERE project_id = %s AND name = %s",
+        lambda env, event: (event.wip_limit, env.originator_id, event.lane),
+    ),
+    touches=BOARD,
+)
 
 
 def lane_removed(
@@ -341,14 +374,4 @@ def lane_removed(
             t.q("UPDATE {rm_lanes} SET ord = ord - 1 WHERE project_id = %s AND ord > %s"),
             (env.originator_id, removed["ord"]),
         )
-    touch_board(cur, t, env)
-
-
-def wip_limit_set(
-    cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.ProjectWipLimitSet
-) -> None:
-    cur.execute(
-        t.q("UPDATE {rm_lanes} SET wip_limit = %s WHERE project_id = %s AND name = %s"),
-        (event.wip_limit, env.originator_id, event.lane),
-    )
     touch_board(cur, t, env)

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import gc
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -132,7 +133,8 @@ def rebuild_many(
         scratch.prepare()
         runner.take_exclusive(copy=True)
     try:
-        position, events = _replay(runners, event_log, batch_size, progress, parallel)
+        with _cyclic_gc_paused():
+            position, events = _replay(runners, event_log, batch_size, progress, parallel)
     except BaseException:
         for runner in runners:
             runner.release_exclusive(persist=False)
@@ -154,6 +156,21 @@ def rebuild_many(
     return results
 
 
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the block (on again after, if it was). A replay makes
+    millions of short-lived objects without cycles (refcounting frees them) while holding large
+    long-lived ones (what the projectors remember): the collector would keep walking the latter
+    for nothing."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def _replay(
     runners: list[ProjectionRunner],
     event_log: EventLog,
@@ -162,25 +179,6 @@ def _replay(
     parallel: bool,
 ) -> tuple[int, int]:
     """Feed the whole log to every runner; returns (position reached, events read)."""
-    collecting = gc.isenabled()
-    # A replay makes millions of short-lived objects without cycles (refcounting frees them)
-    # while holding large long-lived ones (what the projectors remember): the cyclic collector
-    # would keep walking the latter for nothing.
-    gc.disable()
-    try:
-        return _replay_all(runners, event_log, batch_size, progress, parallel)
-    finally:
-        if collecting:
-            gc.enable()
-
-
-def _replay_all(
-    runners: list[ProjectionRunner],
-    event_log: EventLog,
-    batch_size: int,
-    progress: Progress | None,
-    parallel: bool,
-) -> tuple[int, int]:
     aggregates = frozenset().union(*(r.projector.aggregates for r in runners))
     position, events = 0, 0
     head = event_log.head()
