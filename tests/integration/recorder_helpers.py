@@ -64,7 +64,9 @@ def open_recorder(database_url: str) -> Iterator[EventStoreRecorder]:
         datastore.close()
 
 
-def event(originator_id: UUID | None = None, version: int = 1, topic: str = "topic") -> StoredEvent:
+def event(
+    originator_id: UUID | str | None = None, version: int = 1, topic: str = "topic"
+) -> StoredEvent:
     return StoredEvent(
         originator_id=originator_id or uuid4(),
         originator_version=version,
