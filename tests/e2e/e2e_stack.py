@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-import redis.asyncio
 from api_client import ApiClient
 from cryptography.fernet import Fernet
-from embedded_fanout import start_embedded_fanout
+from in_process_api import broadcasting, serve_api, start_embedded_fanout
 from psycopg.conninfo import make_conninfo
 from users import user_id
 
@@ -33,11 +32,9 @@ from commands.identity import Identity
 from infra.bootstrap import build_write_side
 from infra.identity import UserTokenIssuer
 from infra.settings import JwtKeys
-from read_api.app import create_app
-from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
 from read_api.oidc import OidcSignIn
-from read_api.services import ApiServices, AuthSettings, JwtVerification, RateLimits, RequestStats
-from read_api.testing import RunningServer, start_in_thread
+from read_api.services import ApiServices, AuthSettings, RateLimits, RequestStats
+from read_api.testing import RunningServer
 from streams.embedded import EmbeddedFanout
 
 MakeStack = Callable[..., "Stack"]
@@ -138,13 +135,9 @@ class StackBuilder:
             database_url, role="agentworks_projector", max_size=4, name="projectors"
         )
         namespace = f"aw-test:{secrets.token_hex(6)}"
-        hub: Broadcaster
-        redis_client = None
-        if broadcaster == "redis":
-            hub = RedisBroadcaster.from_url(self.redis_url, channel_prefix=f"{namespace}:")
-            redis_client = redis.asyncio.Redis.from_url(self.redis_url)
-        else:
-            hub = LocalBroadcaster()
+        hub, redis_client = broadcasting(
+            self.redis_url if broadcaster == "redis" else None, channel_prefix=f"{namespace}:"
+        )
         fanout = start_embedded_fanout(write, projector_pool, database_url, hub)
         stats: list[RequestStats] = []
         options: dict[str, Any] = {
@@ -164,15 +157,9 @@ class StackBuilder:
             options["auth"] = auth_settings(write, secret, namespace, **auth)
             if oidc is not None:  # OidcVerifier's arguments
                 options["oidc"] = OidcSignIn(OidcVerifier(**oidc), options["auth"].identity)
-        services = ApiServices(
-            write=write,
-            pool=api_pool,
-            jwt=JwtVerification(secret=secret),
-            broadcaster=hub,
-            redis=redis_client,
-            **options,
+        services, server = serve_api(
+            write, api_pool, secret=secret, hub=hub, redis_client=redis_client, **options
         )
-        server = start_in_thread(create_app(services))
         stack = Stack(
             server=server, write=write, fanout=fanout, services=services, secret=secret,
             database_url=database_url, stats=stats,

@@ -39,6 +39,12 @@ def card_on_board(app: AgentWorks, *, title: str = "Login page") -> CardOnBoard:
     return CardOnBoard(board, card.id)
 
 
+def start(app: AgentWorks, card: CardOnBoard, **fields: Any) -> UUID:
+    """Start a run on ``card`` (by the coder agent unless ``fields`` say otherwise)."""
+    fields.setdefault("agent", "coder")
+    return app.start_agent_run(m.StartAgentRun(card_id=card.card_id, **fields), card.board.owner).id
+
+
 def fast_simulated(**kwargs: Any) -> SimulatedProvider:
     return SimulatedProvider(tokens_per_second=kwargs.pop("tokens_per_second", 500), **kwargs)
 
@@ -101,3 +107,8 @@ def running_with_lines(run: AgentRun) -> bool:
 def stored(app: AgentWorks, run_id: UUID) -> list[Any]:
     """Every stored event of a run, in order."""
     return list(app.events.get(run_id))
+
+
+def events_of(app: AgentWorks, run_id: UUID, kind: type) -> list[Any]:
+    """The stored events of a run of one class, in order."""
+    return [e for e in stored(app, run_id) if isinstance(e, kind)]

@@ -26,18 +26,15 @@ from uuid import UUID, uuid4
 
 import httpx
 import psycopg
-import redis.asyncio
-from embedded_fanout import start_embedded_fanout
+from in_process_api import broadcasting, serve_api, start_embedded_fanout
 from users import user_id
 
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
 from commands.handlers import AgentWorks
 from infra.bootstrap import build_write_side
-from read_api.app import create_app
-from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
-from read_api.services import ApiServices, JwtVerification, RateLimits
-from read_api.testing import RunningServer, start_in_thread
+from read_api.services import ApiServices, RateLimits
+from read_api.testing import RunningServer
 from streams.embedded import EmbeddedFanout
 
 CREATE_CARD = """mutation($input: CreateCardInput!) {
@@ -128,12 +125,9 @@ def start_api_stack(
         timeout=pool_timeout,
     )  # fmt: skip
     pools: list[Any] = [api_pool]
-    hub: Broadcaster = LocalBroadcaster()
-    redis_client = None
+    hub, redis_client = broadcasting(redis_url)
     limits = RateLimits(per_user_per_minute=None, per_workspace_per_minute=None)
     if redis_url is not None:
-        hub = RedisBroadcaster.from_url(redis_url)
-        redis_client = redis.asyncio.Redis.from_url(redis_url)
         limits = RateLimits(per_user_per_minute=1_000_000, per_workspace_per_minute=None)
     embedded = None
     if fanout:
@@ -143,16 +137,15 @@ def start_api_stack(
         )  # fmt: skip
         pools.append(projector_pool)
         embedded = start_embedded_fanout(write, projector_pool, database_url, hub)
-    services = ApiServices(
-        write=write,
-        pool=api_pool,
-        jwt=JwtVerification(secret=secret),
-        broadcaster=hub,
-        redis=redis_client,
+    services, server = serve_api(
+        write,
+        api_pool,
+        secret=secret,
+        hub=hub,
+        redis_client=redis_client,
         rate_limits=limits,
         consistency_wait_ms=200,
     )
-    server = start_in_thread(create_app(services))
     return ApiStack(database_url, write, services, embedded, server, secret, pools)
 
 

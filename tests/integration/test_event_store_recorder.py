@@ -21,24 +21,28 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
-import pg
 import psycopg
 import pytest
 from board_helpers import wait_for
-from eventsourcing.persistence import IntegrityError, StoredEvent
-from eventsourcing.postgres import PostgresDatastore
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from eventsourcing.persistence import IntegrityError
+from psycopg.conninfo import make_conninfo
+from recorder_helpers import (
+    EVENTS_TABLE,
+    advisory_locks,
+    command_record,
+    event,
+    make_datastore,
+    make_recorder,
+    open_recorder,
+)
 
 from adapters.eventstore import EventStoreRecorder, StaleVersion
-from domain.idempotency import CommandRecord
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
     from eventsourcing.persistence import Notification
-
-EVENTS_TABLE = "agentworks_events"
-APP_ROLE = "agentworks_app"
+    from eventsourcing.postgres import PostgresDatastore
 
 
 def _import_library_cases() -> types.ModuleType:
@@ -71,56 +75,8 @@ else:
     library_cases = _import_library_cases()
 
 
-def make_datastore(
-    database_url: str, *, pool_size: int = 2, max_overflow: int = 2, options: str = ""
-) -> PostgresDatastore:
-    """A library datastore on ``database_url`` whose connections log in as the application role."""
-    parts = conninfo_to_dict(pg.login_url_for(database_url, APP_ROLE))
-    datastore = PostgresDatastore(
-        dbname=str(parts["dbname"]),
-        host=str(parts.get("host") or "127.0.0.1"),
-        port=str(parts.get("port") or "5432"),
-        user=str(parts.get("user") or "postgres"),
-        password=str(parts.get("password") or ""),
-        pool_size=pool_size,
-        max_overflow=max_overflow,
-    )
-    kwargs = datastore.pool.kwargs
-    assert isinstance(kwargs, dict)
-    if options:
-        kwargs["options"] = options
-    return datastore
-
-
 def _other_database(database_url: str) -> str:
     return make_conninfo(database_url, dbname="postgres")
-
-
-def make_recorder(datastore: PostgresDatastore) -> EventStoreRecorder:
-    # The table, its composite type and the grants come from the migration: the application
-    # role may not create anything, so ``create_table()`` is never called.
-    return EventStoreRecorder(datastore, events_table_name=EVENTS_TABLE)
-
-
-def event(originator_id: Any = None, version: int = 1, topic: str = "topic") -> StoredEvent:
-    return StoredEvent(
-        originator_id=originator_id or uuid4(),
-        originator_version=version,
-        topic=topic,
-        state=b"{}",
-    )
-
-
-def command_record() -> CommandRecord:
-    """The idempotency record of a new command (a command id of its own)."""
-    return CommandRecord(
-        scope="ws",
-        command_id=str(uuid4()),
-        command_type="MoveCard",
-        fingerprint="f",
-        actor="alice",
-        result={"kind": "card"},
-    )
 
 
 @pytest.fixture
@@ -133,10 +89,9 @@ def datastores(database_url: str) -> Iterator[list[PostgresDatastore]]:
 
 
 @pytest.fixture
-def recorder(database_url: str, datastores: list[PostgresDatastore]) -> EventStoreRecorder:
-    datastore = make_datastore(database_url)
-    datastores.append(datastore)
-    return make_recorder(datastore)
+def recorder(database_url: str) -> Iterator[EventStoreRecorder]:
+    with open_recorder(database_url) as opened:
+        yield opened
 
 
 # -- the library's own recorder test cases ---------------------------------------------------------
@@ -369,16 +324,6 @@ def test_subscription_delivers_an_event_the_horizon_held_back_at_its_notificatio
 # -- the advisory lock is given back when an insert fails ------------------------------------------
 
 
-def _advisory_locks_held(database_url: str) -> int:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 @pytest.fixture
 def two_sessions(
     database_url: str, datastores: list[PostgresDatastore]
@@ -402,7 +347,7 @@ def test_failed_insert_releases_the_advisory_lock(
     with pytest.raises(IntegrityError):
         recorder.insert_events([event(taken.originator_id, version=1)])
 
-    assert _advisory_locks_held(database_url) == 0
+    assert advisory_locks(database_url, granted=True) == 0
     assert other_recorder.insert_events([event()]) is not None  # would hit lock_timeout
     assert recorder.insert_events([event()]) is not None
     assert len(wait_for(lambda: recorder.select_notifications(None, 10), 3)) == 3
@@ -421,7 +366,7 @@ def test_duplicate_command_record_fails_the_whole_insert_and_releases_the_lock(
 
     # Events and command record are one transaction: the events of the refused one are gone.
     assert recorder.select_events(lost.originator_id) == []
-    assert _advisory_locks_held(database_url) == 0
+    assert advisory_locks(database_url, granted=True) == 0
     assert other_recorder.insert_events([event()]) is not None
     assert recorder.insert_events([event()]) is not None
 
@@ -479,5 +424,5 @@ def test_write_is_refused_when_an_aggregate_it_read_has_moved_on(
             "SELECT count(*) FROM command_log WHERE command_id = %s", (late.command_id,)
         ).fetchone()
     assert logged == (0,)
-    assert _advisory_locks_held(database_url) == 0
+    assert advisory_locks(database_url, granted=True) == 0
     assert recorder.insert_events([event()], unchanged_since={read.originator_id: 2}) is not None

@@ -17,20 +17,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID, uuid4
 
-import pg
 import psycopg
 import pytest
 from board_helpers import Board, add_cards, bootstrap_board, command_log_count
-from eventsourcing.persistence import IntegrityError, StoredEvent
-from eventsourcing.postgres import PostgresDatastore
+from eventsourcing.persistence import IntegrityError
 from fault_proxy import FaultProxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from psycopg.conninfo import conninfo_to_dict
+from recorder_helpers import (
+    EVENTS_TABLE,
+    advisory_locks,
+    command_record,
+    event,
+    open_recorder,
+)
 
 from adapters.eventstore import CommandAlreadyRecorded, EventStoreRecorder, StaleVersion
 from commands import models as m
-from domain.idempotency import CommandRecord
 from infra.bootstrap import build_write_side
 
 if TYPE_CHECKING:
@@ -40,7 +43,6 @@ if TYPE_CHECKING:
     from commands.service import CommandResult
 
 T = TypeVar("T")
-EVENTS_TABLE = "agentworks_events"
 LOCK_KEY = zlib.crc32(f"public.{EVENTS_TABLE}".encode()) & 0x7FFFFFFF
 
 
@@ -66,16 +68,6 @@ def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
         time.sleep(0.01)
 
 
-def lock_waiters(database_url: str) -> int:
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def grouped(
     database_url: str,
     recorder: EventStoreRecorder,
@@ -95,7 +87,10 @@ def grouped(
     try:
         with store_locked(database_url):
             leading = pool.submit(first)
-            until(lambda: lock_waiters(database_url) == 1, "the first append waits on the lock")
+            until(
+                lambda: advisory_locks(database_url, granted=False) == 1,
+                "the first append waits on the lock",
+            )
             queued = [pool.submit(call) for call in rest]
             until(
                 lambda: recorder.group_commit.waiting == len(rest),
@@ -113,43 +108,10 @@ def grouped(
 # -- the recorder alone ----------------------------------------------------------------------------
 
 
-def make_datastore(database_url: str, *, pool_size: int = 2) -> PostgresDatastore:
-    parts = conninfo_to_dict(pg.login_url_for(database_url, "agentworks_app"))
-    return PostgresDatastore(
-        dbname=str(parts["dbname"]),
-        host=str(parts.get("host") or "127.0.0.1"),
-        port=str(parts.get("port") or "5432"),
-        user=str(parts.get("user") or "postgres"),
-        password=str(parts.get("password") or ""),
-        pool_size=pool_size,
-        max_overflow=pool_size,
-    )
-
-
 @pytest.fixture
 def recorder(database_url: str) -> Iterator[EventStoreRecorder]:
-    datastore = make_datastore(database_url)
-    try:
-        yield EventStoreRecorder(datastore, events_table_name=EVENTS_TABLE)
-    finally:
-        datastore.close()
-
-
-def event(originator_id: UUID | None = None, version: int = 1) -> StoredEvent:
-    return StoredEvent(
-        originator_id=originator_id or uuid4(), originator_version=version, topic="t", state=b"{}"
-    )
-
-
-def record(command_id: str | None = None) -> CommandRecord:
-    return CommandRecord(
-        scope="ws",
-        command_id=command_id or str(uuid4()),
-        command_type="MoveCard",
-        fingerprint="f",
-        actor="alice",
-        result={"kind": "card"},
-    )
+    with open_recorder(database_url) as opened:
+        yield opened
 
 
 def stored(database_url: str) -> dict[tuple[UUID, int], tuple[int, int]]:
@@ -171,12 +133,12 @@ def recorded_positions(database_url: str) -> dict[str, int]:
 def test_appends_queued_behind_a_write_go_as_one_transaction(
     database_url: str, recorder: EventStoreRecorder
 ) -> None:
-    appends = [([event(), event()] if i % 2 else [event()], record()) for i in range(8)]
+    appends = [([event(), event()] if i % 2 else [event()], command_record()) for i in range(8)]
 
     first, queued = grouped(
         database_url,
         recorder,
-        lambda: recorder.insert_events([event()], command_record=record()),
+        lambda: recorder.insert_events([event()], command_record=command_record()),
         [
             (lambda e=events, r=rec: recorder.insert_events(e, command_record=r))
             for events, rec in appends
@@ -207,11 +169,11 @@ def test_a_conflicting_append_fails_alone_and_the_rest_of_its_group_commits(
     recorder.insert_events([taken])
     recorder.insert_events([read])
     recorder.insert_events([event(read.originator_id, 2)])
-    recorded_before = record()
+    recorded_before = command_record()
     recorder.insert_events([event()], command_record=recorded_before)
-    good = [([event()], record()) for _ in range(4)]
-    clash = ([event(taken.originator_id, 1)], record())
-    stale = ([event()], record())
+    good = [([event()], command_record()) for _ in range(4)]
+    clash = ([event(taken.originator_id, 1)], command_record())
+    stale = ([event()], command_record())
     again = ([event()], recorded_before)
 
     calls = [
@@ -245,7 +207,7 @@ def test_a_conflicting_append_fails_alone_and_the_rest_of_its_group_commits(
     assert stale[1].command_id not in positions
     assert (stale[0][0].originator_id, 1) not in rows
     assert (again[0][0].originator_id, 1) not in rows
-    assert _advisory_locks_held(database_url) == 0
+    assert advisory_locks(database_url, granted=True) == 0
 
 
 def test_duplicates_inside_one_group_are_written_one_after_the_other(
@@ -253,15 +215,15 @@ def test_duplicates_inside_one_group_are_written_one_after_the_other(
 ) -> None:
     """Two records of one command, or two appends to one aggregate, never share a group: the
     second waits for the next group, and meets the first as a lone append would."""
-    twice = record()
+    twice = command_record()
     aggregate = uuid4()
     first_copy, second_copy = [event()], [event()]
     calls = [
         lambda: recorder.insert_events(first_copy, command_record=twice),
-        lambda: recorder.insert_events([event(aggregate, 1)], command_record=record()),
+        lambda: recorder.insert_events([event(aggregate, 1)], command_record=command_record()),
         lambda: recorder.insert_events(second_copy, command_record=twice),
-        lambda: recorder.insert_events([event(aggregate, 2)], command_record=record()),
-        lambda: recorder.insert_events([event()], command_record=record()),
+        lambda: recorder.insert_events([event(aggregate, 2)], command_record=command_record()),
+        lambda: recorder.insert_events([event()], command_record=command_record()),
     ]
 
     _, queued = grouped(database_url, recorder, lambda: recorder.insert_events([event()]), calls)
@@ -277,16 +239,6 @@ def test_duplicates_inside_one_group_are_written_one_after_the_other(
     assert (first_copy[0].originator_id, 1) in rows
     assert (second_copy[0].originator_id, 1) not in rows
     assert rows[(aggregate, 1)][0] < rows[(aggregate, 2)][0]
-
-
-def _advisory_locks_held(database_url: str) -> int:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 # -- commands through the write side ---------------------------------------------------------------
@@ -443,7 +395,7 @@ def test_each_append_of_a_group_ends_as_it_would_alone(
         extra = {}
         if read is not None:
             extra["unchanged_since"] = {aggregates[read[0]]: read[1]}
-        rec = record(command_ids[command])
+        rec = command_record(command_ids[command])
         return recorder.insert_events(
             [event(aggregates[index], version)], command_record=rec, **extra
         )
@@ -487,7 +439,7 @@ def test_each_append_of_a_group_ends_as_it_would_alone(
             key[0] == aggregates[read[0]] and key[1] > read[1] for key in rows
         )
         assert taken or recorded or moved_on, f"{spec} failed for no reason of its own"
-    assert _advisory_locks_held(database_url) == 0
+    assert advisory_locks(database_url, granted=True) == 0
 
 
 def _independent(appends: list[Any]) -> bool:

@@ -1,21 +1,29 @@
 """The orchestrator on a real event store: runs complete, fall back, stop on cancel, budgets and
-timeouts, and several orchestrators share a backlog without running a run twice."""
+timeouts, several orchestrators share a backlog without running a run twice, and the runs of an
+orchestrator process SIGKILLed mid-run are taken over by another, never charged twice."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import pg
 import pytest
+from cli_process import clean_env
 from orchestrator_helpers import (
-    CardOnBoard,
     card_on_board,
+    events_of,
     fast_simulated,
     finished,
     orchestrator_thread,
     running_with_lines,
+    start,
     stored,
     wait_for,
 )
@@ -42,13 +50,32 @@ def openai_at(server: FakeProviderServer, *, then_simulated: bool = False) -> di
     return providers
 
 
-def start(app: AgentWorks, card: CardOnBoard, **fields: Any) -> UUID:
-    fields.setdefault("agent", "coder")
-    return app.start_agent_run(m.StartAgentRun(card_id=card.card_id, **fields), card.board.owner).id
+def run_on_fake_openai(
+    app: AgentWorks,
+    database_url: str,
+    replies: list[Reply],
+    *,
+    pinned: bool = True,
+    then_simulated: bool = False,
+    **config: Any,
+) -> AgentRun:
+    """One run on a new card, finished by an orchestrator (``config``) whose OpenAI is a fake
+    server giving ``replies``: pinned to OpenAI, or unpinned, with the simulated provider to fall
+    back to if ``then_simulated``."""
+    card = card_on_board(app)
+    fields = {"provider": "openai"} if pinned else {}
+    with (
+        FakeProviderServer(replies) as server,
+        orchestrator_thread(
+            database_url, openai_at(server, then_simulated=then_simulated), **config
+        ),
+    ):
+        return wait_for(app, start(app, card, **fields), finished)
 
 
-def events_of(app: AgentWorks, run_id: UUID, kind: type) -> list[Any]:
-    return [e for e in stored(app, run_id) if isinstance(e, kind)]
+def log_lines(app: AgentWorks, run_id: UUID) -> list[str]:
+    """The text of every line of a run's log, in order."""
+    return [ln["text"] for c in events_of(app, run_id, AgentRun.LogChunkAppended) for ln in c.lines]
 
 
 def test_a_run_completes_on_the_simulated_provider_with_output_log_and_one_charge(
@@ -160,39 +187,27 @@ def test_anthropic_run_is_charged_from_message_start_and_message_delta(
 def test_unpinned_run_falls_back_after_a_500_and_records_both_attempts(
     write_side: AgentWorks, database_url: str
 ) -> None:
-    card = card_on_board(write_side)
-    with (
-        FakeProviderServer([Reply(status=500, body=b"down")]) as server,
-        orchestrator_thread(database_url, openai_at(server, then_simulated=True)),
-    ):
-        run_id = start(write_side, card)
-        run = wait_for(write_side, run_id, finished)
+    down = [Reply(status=500, body=b"down")]
+    run = run_on_fake_openai(write_side, database_url, down, pinned=False, then_simulated=True)
     assert run.status is RunStatus.SUCCEEDED, run.error
-    attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
     assert [(a.provider, a.status, a.http_status) for a in attempts] == [
         ("openai", "failed", 500),
         ("simulated", "ok", None),
     ]
     assert attempts[0].provider_cost_micros == 0
-    lines = [ln["text"] for c in events_of(write_side, run_id, AgentRun.LogChunkAppended)
-             for ln in c.lines]  # fmt: skip
+    lines = log_lines(write_side, run.id)
     assert any("falling back from openai/gpt-4o-mini to simulated/sim-1" in t for t in lines)
 
 
 def test_pinned_run_retries_the_same_provider_after_retry_after(
     write_side: AgentWorks, database_url: str
 ) -> None:
-    card = card_on_board(write_side)
     ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
     replies = [Reply(status=429, headers={"retry-after": "1"}, body=b"{}"), Reply(events=ok)]
-    with (
-        FakeProviderServer(replies) as server,
-        orchestrator_thread(database_url, openai_at(server, then_simulated=True)),
-    ):
-        run_id = start(write_side, card, provider="openai")
-        run = wait_for(write_side, run_id, finished)
+    run = run_on_fake_openai(write_side, database_url, replies, then_simulated=True)
     assert run.status is RunStatus.SUCCEEDED
-    attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
     assert [(a.provider, a.http_status) for a in attempts] == [("openai", 429), ("openai", None)]
     gap = attempts[1].timestamp - attempts[0].timestamp
     assert gap.total_seconds() >= 0.9  # the retry waited for retry-after
@@ -201,16 +216,11 @@ def test_pinned_run_retries_the_same_provider_after_retry_after(
 def test_a_stream_cut_midway_is_charged_from_estimates_never_zero(
     write_side: AgentWorks, database_url: str
 ) -> None:
-    card = card_on_board(write_side)
     events = openai_events(["partial ", "answer ", "lost"], prompt_tokens=50, completion_tokens=3)
-    with (
-        FakeProviderServer([Reply(events=events, cut_after=3)]) as server,
-        orchestrator_thread(database_url, openai_at(server), max_attempts=2),
-    ):
-        run_id = start(write_side, card, provider="openai")
-        run = wait_for(write_side, run_id, finished)
+    cut = [Reply(events=events, cut_after=3)]
+    run = run_on_fake_openai(write_side, database_url, cut, max_attempts=2)
     assert run.status is RunStatus.FAILED
-    attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
     assert len(attempts) == 2
     for attempt in attempts:
         assert attempt.estimated
@@ -306,19 +316,68 @@ def test_two_orchestrators_share_a_backlog_and_never_run_a_run_twice(
 def test_a_failing_provider_opens_its_circuit_and_the_run_log_says_so(
     write_side: AgentWorks, database_url: str
 ) -> None:
-    card = card_on_board(write_side)
-    with (
-        FakeProviderServer([Reply(status=503, body=b"unavailable")]) as server,
-        orchestrator_thread(database_url, openai_at(server), max_attempts=4, breaker_threshold=3),
-    ):
-        run_id = start(write_side, card, provider="openai")
-        run = wait_for(write_side, run_id, finished)
+    unavailable = [Reply(status=503, body=b"unavailable")]
+    run = run_on_fake_openai(
+        write_side, database_url, unavailable, max_attempts=4, breaker_threshold=3
+    )
     assert run.status is RunStatus.FAILED
     assert "gave up after 4 attempts" in (run.error or "")
-    attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
     assert [a.http_status for a in attempts] == [503, 503, 503, 503]
-    lines = [
-        ln["text"] for c in events_of(write_side, run_id, AgentRun.LogChunkAppended)
-        for ln in c.lines
-    ]  # fmt: skip
-    assert sum("circuit for openai is open" in t for t in lines) == 1
+    assert sum("circuit for openai is open" in t for t in log_lines(write_side, run.id)) == 1
+
+
+# -- an orchestrator process killed mid-run --------------------------------------------------------
+
+
+def orchestrator_process(database_url: str, tmp_path: Path) -> subprocess.Popen[bytes]:
+    env = clean_env(
+        **pg.LOGIN_ENV,
+        AGENTWORKS_DATABASE_URL=database_url,
+        AGENTWORKS_SIMULATED_TOKENS_PER_SECOND="30",
+        AGENTWORKS_SIMULATED_OUTPUT_TOKENS="400",
+        AGENTWORKS_HEARTBEAT_INTERVAL="0.5",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "orchestrator"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_a_killed_orchestrators_runs_are_taken_over_and_never_charged_twice(
+    write_side: AgentWorks, database_url: str, tmp_path: Path
+) -> None:
+    card = card_on_board(write_side)
+    first = start(write_side, card)
+    process = orchestrator_process(database_url, tmp_path)
+    try:
+        wait_for(write_side, first, running_with_lines, timeout=60)
+        # A second run the dead process had finished one call of would show a double charge.
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    killed_worker = write_side.run_snapshot(first).worker
+    lines_before = write_side.run_snapshot(first).next_seq
+    second = start(write_side, card, agent="reviewer")
+    with orchestrator_thread(database_url, {"simulated": fast_simulated()}, stale_after=1.5,
+                             worker_id="rescuer"):  # fmt: skip
+        runs = [wait_for(write_side, r, finished, timeout=60) for r in (first, second)]
+    assert [r.status for r in runs] == [RunStatus.SUCCEEDED, RunStatus.SUCCEEDED]
+    rescued = runs[0]
+    [reclaimed] = events_of(write_side, first, AgentRun.Reclaimed)
+    assert (reclaimed.previous_worker, reclaimed.worker) == (killed_worker, "rescuer")
+    assert rescued.next_seq > lines_before  # the log went on after the takeover
+    for run in runs:
+        calls = events_of(write_side, run.id, AgentRun.LlmCallCompleted)
+        ids = Counter(c.call_id for c in calls)
+        assert all(n == 1 for n in ids.values()), ids
+        charges: list[UsageCharge] = [write_side.repository.get(c.charge_id) for c in calls]
+        assert all(isinstance(c, UsageCharge) for c in charges)
+        assert run.billed_micros == sum(c.billed_micros for c in charges)

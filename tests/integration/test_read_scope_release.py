@@ -44,6 +44,16 @@ def member(database_url: str) -> tuple[uuid.UUID, str]:
     return workspace, user
 
 
+@pytest.fixture
+def offloader() -> Iterator[Offloader]:
+    """The worker threads of the test's read scopes, shut down at its end."""
+    offloader = Offloader(4)
+    try:
+        yield offloader
+    finally:
+        offloader.shutdown()
+
+
 def _scope(
     pool: ConnectionPool[Connection[DictRow]],
     offloader: Offloader,
@@ -75,11 +85,11 @@ def _all_back(pool: ConnectionPool[Connection[DictRow]], timeout: float = 5.0) -
 def test_a_read_still_waiting_for_a_connection_when_its_scope_closes_gives_it_back(
     pool: ConnectionPool[Connection[DictRow]],
     member: tuple[uuid.UUID, str],
+    offloader: Offloader,
     keep_connection: bool,
 ) -> None:
     """The storm case: the pool is busy, a read's worker thread waits for a connection, the
     client goes away, its task is cancelled and its scope closed; then the thread gets one."""
-    offloader = Offloader(2)
     busy = [pool.getconn(), pool.getconn()]
 
     async def cancel_while_waiting() -> None:
@@ -101,17 +111,12 @@ def test_a_read_still_waiting_for_a_connection_when_its_scope_closes_gives_it_ba
     finally:
         for conn in busy:
             pool.putconn(conn)
-    try:
-        assert _all_back(pool), pool.get_stats()
-    finally:
-        offloader.shutdown()
+    assert _all_back(pool), pool.get_stats()
 
 
 def test_a_scope_that_keeps_no_connection_holds_none_between_reads(
-    pool: ConnectionPool[Connection[DictRow]], member: tuple[uuid.UUID, str]
+    pool: ConnectionPool[Connection[DictRow]], member: tuple[uuid.UUID, str], offloader: Offloader
 ) -> None:
-    offloader = Offloader(2)
-
     async def reads() -> None:
         scope = _scope(pool, offloader, *member, keep_connection=False)
         outsider = _scope(pool, offloader, member[0], "eve", keep_connection=False)
@@ -135,16 +140,12 @@ def test_a_scope_that_keeps_no_connection_holds_none_between_reads(
             await scope.close()
             await outsider.close()
 
-    try:
-        asyncio.run(reads())
-    finally:
-        offloader.shutdown()
+    asyncio.run(reads())
 
 
 def test_scopes_sharing_a_gate_read_one_at_a_time(
-    pool: ConnectionPool[Connection[DictRow]], member: tuple[uuid.UUID, str]
+    pool: ConnectionPool[Connection[DictRow]], member: tuple[uuid.UUID, str], offloader: Offloader
 ) -> None:
-    offloader = Offloader(4)
     first_in, second_in, let_go = threading.Event(), threading.Event(), threading.Event()
 
     def read(entered: threading.Event) -> Callable[[Connection[DictRow]], object]:
@@ -176,7 +177,4 @@ def test_scopes_sharing_a_gate_read_one_at_a_time(
             for scope in scopes:
                 await scope.close()
 
-    try:
-        asyncio.run(two_reads())
-    finally:
-        offloader.shutdown()
+    asyncio.run(two_reads())

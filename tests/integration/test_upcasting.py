@@ -74,26 +74,22 @@ def _store_old_events(side: ReadSide, card_id: UUID) -> list[bytes]:
 
 
 def _stored_states(side: ReadSide, card_id: UUID) -> list[bytes]:
-    with psycopg.connect(side.database_url) as conn:
-        rows = conn.execute(
-            "SELECT state FROM agentworks_events WHERE originator_id = %s"
-            " AND originator_version IN (2, 3) ORDER BY originator_version",
-            (card_id,),
-        ).fetchall()
-    return [bytes(state) for (state,) in rows]
+    rows = side.rows(
+        "SELECT state FROM agentworks_events WHERE originator_id = %s"
+        " AND originator_version IN (2, 3) ORDER BY originator_version",
+        (card_id,),
+    )
+    return [bytes(row["state"]) for row in rows]
 
 
 def card_events_of(side: ReadSide, card_id: UUID) -> list[Any]:
+    created = side.row(
+        "SELECT convert_from(state, 'UTF8')::jsonb #>> '{meta,workspace_id}' AS ws"
+        " FROM agentworks_events WHERE originator_id = %s AND originator_version = 1",
+        (card_id,),
+    )
     with psycopg.connect(side.database_url, row_factory=dict_row) as conn:
-        world_workspace = conn.execute(
-            "SELECT convert_from(state, 'UTF8')::jsonb #>> '{meta,workspace_id}' AS ws"
-            " FROM agentworks_events WHERE originator_id = %s AND originator_version = 1",
-            (card_id,),
-        ).fetchone()
-        assert world_workspace is not None
-        return card_events(
-            conn, side.app.mapper, card_id=card_id, workspace_id=UUID(world_workspace["ws"])
-        )
+        return card_events(conn, side.app.mapper, card_id=card_id, workspace_id=UUID(created["ws"]))
 
 
 @pytest.mark.usefixtures("evolved")
