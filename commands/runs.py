@@ -25,6 +25,7 @@ from domain.agents import agent_named, prompt_floor_micros
 from domain.card import Card
 from domain.errors import BudgetExceeded, InvalidTransition
 from domain.meta import EventMeta
+from domain.metering import LlmCall, charge_llm_call
 from domain.money import billed_amount, format_usd, parse_usd
 from domain.roles import Role
 from domain.routing import validate_choice
@@ -150,27 +151,8 @@ class RunCommands(WriteSide):
             workspace = self.aggregate(Workspace, run.workspace_id)
             billed = billed_amount(cmd.provider_cost_micros, workspace.markup)
             spend = self.spend_for(workspace, cmd.at, meta)
-            charge = UsageCharge.charge(
-                workspace_id=run.workspace_id,
-                project_id=run.project_id,
-                card_id=run.card_id,
-                run_id=run.id,
+            call = LlmCall(
                 call_id=cmd.call_id,
-                provider=cmd.provider,
-                model=cmd.model,
-                input_tokens=cmd.input_tokens,
-                output_tokens=cmd.output_tokens,
-                provider_cost_micros=cmd.provider_cost_micros,
-                markup=workspace.markup,
-                billed_micros=billed,
-                price_table_version=cmd.price_table_version,
-                at=cmd.at,
-                meta=meta,
-                billed_month=spend.month,
-            )
-            run.record_llm_call(
-                call_id=cmd.call_id,
-                charge_id=charge.id,
                 provider=cmd.provider,
                 model=cmd.model,
                 input_tokens=cmd.input_tokens,
@@ -178,10 +160,10 @@ class RunCommands(WriteSide):
                 latency_ms=cmd.latency_ms,
                 provider_cost_micros=cmd.provider_cost_micros,
                 billed_micros=billed,
-                meta=meta,
+                price_table_version=cmd.price_table_version,
+                at=cmd.at,
             )
-            spend.add(charge.id, billed, meta=meta)
-            spend.note_thresholds(workspace.monthly_limit_micros, meta=meta)
+            charge = charge_llm_call(run, workspace, spend, call, meta=meta)
             return Decision(
                 run, "run", [run, charge, spend], {"charge_id": str(charge.id), "billed": billed}
             )
@@ -244,26 +226,15 @@ class RunCommands(WriteSide):
             changed: list[Aggregate] = [run]
             extra: dict[str, Any] = {"attempt": number, "billed": 0}
             if cost is not None:
-                call_id = f"attempt-{number}"
-                charge = UsageCharge.charge(
-                    workspace_id=run.workspace_id, project_id=run.project_id,
-                    card_id=run.card_id, run_id=run.id, call_id=call_id,
-                    provider=cmd.provider, model=cmd.model, input_tokens=cmd.input_tokens,
-                    output_tokens=cmd.output_tokens,
-                    provider_cost_micros=cost.provider_cost_micros, markup=workspace.markup,
-                    billed_micros=cost.billed_micros, price_table_version=self.prices.version,
-                    at=cmd.started_at, meta=meta,
-                )  # fmt: skip
-                run.record_llm_call(
-                    call_id=call_id, charge_id=charge.id, provider=cmd.provider,
-                    model=cmd.model, input_tokens=cmd.input_tokens,
-                    output_tokens=cmd.output_tokens, latency_ms=cmd.latency_ms,
-                    provider_cost_micros=cost.provider_cost_micros,
-                    billed_micros=cost.billed_micros, meta=meta,
-                )  # fmt: skip
                 spend = self.spend_for(workspace, cmd.started_at, meta)
-                spend.add(charge.id, cost.billed_micros, meta=meta)
-                spend.note_thresholds(workspace.monthly_limit_micros, meta=meta)
+                call = LlmCall(
+                    call_id=f"attempt-{number}", provider=cmd.provider, model=cmd.model,
+                    input_tokens=cmd.input_tokens, output_tokens=cmd.output_tokens,
+                    latency_ms=cmd.latency_ms, provider_cost_micros=cost.provider_cost_micros,
+                    billed_micros=cost.billed_micros, price_table_version=self.prices.version,
+                    at=cmd.started_at,
+                )  # fmt: skip
+                charge = charge_llm_call(run, workspace, spend, call, meta=meta)
                 changed += [charge, spend]
                 extra.update(charge_id=str(charge.id), billed=cost.billed_micros)
             return Decision(run, "run", changed, extra)

@@ -6,11 +6,12 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from aw_builders import World, assert_refused
+from aw_builders import World, assert_refused, stored_events
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from commands import models as m
+from commands.billing import Billing, fold_month
 from domain.agent_run import AgentRun, RunStatus
 from domain.errors import (
     AgentWorksError,
@@ -26,11 +27,12 @@ NOW = datetime.now(UTC)
 
 
 def attempt(run_id: object, *, worker: str = "w1", status: str = "ok", tin: int = 100,
-            tout: int = 50, estimated: bool = False) -> m.RecordProviderAttempt:  # fmt: skip
+            tout: int = 50, estimated: bool = False,
+            at: datetime = NOW) -> m.RecordProviderAttempt:  # fmt: skip
     return m.RecordProviderAttempt(
         run_id=run_id, worker=worker, provider="simulated", model="sim-1", status=status,
         latency_ms=12, input_tokens=tin, output_tokens=tout, estimated=estimated,
-        started_at=NOW,
+        started_at=at,
     )  # fmt: skip
 
 
@@ -47,6 +49,24 @@ def test_an_attempt_with_tokens_is_charged_at_the_price_in_force_times_markup() 
     assert (run.provider_cost_micros, run.billed_micros) == (cost, cost * 5)
     spend: MonthlySpend = world.get(spend_id_for(world.workspace_id, month_of(NOW)))
     assert spend.spent_micros == cost * 5
+
+
+def test_an_attempt_of_a_closed_month_is_billed_in_the_open_month_whose_spend_it_adds_to() -> None:
+    world = World.build()
+    run_id = world.run(begin=True)
+    feb = datetime(2026, 2, 14, 9, 0, tzinfo=UTC)
+    Billing(world.app, clock=lambda: datetime(2026, 3, 10, tzinfo=UTC)).close_month(
+        world.workspace_id, "2026-02"
+    )
+    result = world.app.record_provider_attempt(attempt(run_id, at=feb), world.service())
+    events = stored_events(world.app)
+    (charged,) = [e for e in events if isinstance(e, UsageCharge.Charged)]
+    (added,) = [e for e in events if isinstance(e, MonthlySpend.Added)]
+    spend: MonthlySpend = world.get(added.originator_id)
+    assert added.charge_id == charged.originator_id == charge_id_for(run_id, "attempt-1")
+    assert (spend.month, spend.spent_micros) == ("2026-03", result.extra["billed"])
+    assert charged.month == spend.month
+    assert fold_month(world.app, "2026-02").lines(world.workspace_id, increment_micros=1) == []
 
 
 def test_a_failed_attempt_without_tokens_is_recorded_and_not_charged() -> None:
