@@ -31,6 +31,7 @@ from uuid import UUID
 from domain.agent_run import AgentRun
 from domain.card import Card
 from domain.meta import EventMeta
+from domain.metering import LlmCall, charge_llm_call
 from domain.money import billed_amount
 from domain.project import LaneSpec, Project
 from domain.roles import Role
@@ -358,27 +359,14 @@ class LogGenerator:
         cost = (input_tokens * in_price + output_tokens * out_price) // 1_000
         billed = billed_amount(cost, tenant.markup)
         at = self._charge_time()
-        call_id = f"call-{self.stats.charges}"
-        charge = UsageCharge.charge(
-            workspace_id=tenant.workspace.id,
-            project_id=run.project_id,
-            card_id=run.card_id,
-            run_id=run.id,
-            call_id=call_id,
-            provider=provider,
-            model=model,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            provider_cost_micros=cost,
-            markup=tenant.markup,
-            billed_micros=billed,
-            price_table_version="2025-01",
-            at=at,
-            meta=meta,
-        )
-        run.record_llm_call(
-            call_id=call_id,
-            charge_id=charge.id,
+        month = month_of(at)
+        spend = tenant.spends.get(month)
+        if spend is None:
+            spend = MonthlySpend.open(workspace_id=tenant.workspace.id, month=month, meta=meta)
+            assert spend.id == spend_id_for(tenant.workspace.id, month)
+            tenant.spends[month] = spend
+        call = LlmCall(
+            call_id=f"call-{self.stats.charges}",
             provider=provider,
             model=model,
             input_tokens=input_tokens,
@@ -386,22 +374,15 @@ class LogGenerator:
             latency_ms=rnd.randint(200, 9_000),
             provider_cost_micros=cost,
             billed_micros=billed,
-            meta=meta,
+            price_table_version="2025-01",
+            at=at,
         )
-        month = month_of(at)
-        spend = tenant.spends.get(month)
-        changed: list[Aggregate] = [run, charge]
-        if spend is None:
-            spend = MonthlySpend.open(workspace_id=tenant.workspace.id, month=month, meta=meta)
-            assert spend.id == spend_id_for(tenant.workspace.id, month)
-            tenant.spends[month] = spend
-        spend.add(charge.id, billed, meta=meta)
-        changed.append(spend)
+        charge = charge_llm_call(run, tenant.workspace, spend, call, meta=meta)
         tenant.charges.append(charge)
         if len(tenant.charges) > 200:
             del tenant.charges[:100]
         self.stats.charges += 1
-        return changed
+        return [run, charge, spend]
 
     # -- the interleaved stream -------------------------------------------------------------------
 
