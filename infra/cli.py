@@ -45,6 +45,7 @@ from rich.progress import (
 from rich.table import Table
 from typer.exceptions import TyperException
 
+from adapters.allocator import cap_malloc_arenas
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
 from domain.errors import AgentWorksError, ConfigurationError, SetupError
 from domain.roles import Role
@@ -287,6 +288,7 @@ def dev_command(
     from read_api.app import create_app
 
     settings = settings_for(data_dir)
+    cap_malloc_arenas(settings.malloc_arena_max)
     # Before anything starts or is announced: a busy port is one line and exit 2.
     listener = _listen(host, port)
     resources.callback(listener.close)
@@ -372,6 +374,7 @@ def serve_command(
     from infra.stack import api_process, serve_app, start_tracing
 
     settings = settings_for(data_dir)
+    cap_malloc_arenas(settings.malloc_arena_max)
     listener = _listen(host, port)
     resources.callback(listener.close)
     if settings.database_url is None:

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     # --- API ---------------------------------------------------------------------------
     api_pool_size: int = Field(default=20, ge=1)
     """Connections of the API role; a GraphQL request holds one while it reads."""
+    malloc_arena_max: int = Field(default=2, ge=0)
+    """Arenas glibc may give the API's threads (``agentworks serve`` and ``dev``); each keeps
+    its high-water mark, so fewer bound RSS. 0 keeps glibc's default (8 per core); an
+    operator's ``MALLOC_ARENA_MAX`` wins."""
     cors_origins: str = ""
     """Comma-separated origins allowed by CORS (empty: same origin only)."""
     rate_limit_per_user: int = Field(default=600, ge=0)
