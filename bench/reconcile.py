@@ -4,14 +4,19 @@
 database and appends ``--events`` usage events of one month (charges, and a correction of every
 20th one) through the application's recorder. Then, in the same run:
 
-1. **reconcile**: ``commands.billing.fold_month`` — every ``UsageCharge`` and credit event read
-   back in log order, decoded by the write side's mapper (upcasting included) and folded into
-   exact per-project, per-workspace figures — then each workspace's statement lines;
+1. **reconcile**: ``commands.billing.fold_month`` with the log reader ``agentworks invoice`` and
+   ``agentworks reconcile`` use (``adapters.billing_log``): the month's ``UsageCharge`` and
+   credit events read back in log order, only the fields the fold uses read from the stored
+   JSON, folded into exact per-project, per-workspace figures — then each workspace's statement
+   lines;
 2. **baseline**: one ``SELECT sum(...)`` over the same rows, the billed amounts pulled out of the
-   stored JSON by PostgreSQL itself.
+   stored JSON by PostgreSQL itself;
+3. **mapper fold** (the first ``--reference-rounds`` rounds): the same fold with every event
+   decoded by the write side's mapper, as before the fast reader: the reference it must equal.
 
-Both totals must agree to the micro-dollar in every round (the script fails otherwise). The
-machine is shared: each round records the load average, the results file the run's provenance.
+Both totals must agree to the micro-dollar in every round, and the fast fold must equal the
+mapper's, workspace by workspace (the script fails otherwise). The machine is shared: each round
+records the load average, the results file the run's provenance.
 Budget (DESIGN.md): reconciliation of 1M usage events in <= 10 s.
 """
 
@@ -32,9 +37,10 @@ from uuid import uuid4
 import psycopg
 from eventsourcing.utils import get_topic
 
+from adapters.billing_log import billing_log_for
 from bench._database import fresh_database
 from bench._provenance import Provenance
-from commands.billing import fold_month
+from commands.billing import BillingLog, fold_month
 from domain.billing import statement_total
 from domain.meta import EventMeta
 from domain.usage import UsageCharge, month_of
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
     from eventsourcing.persistence import StoredEvent
 
     from commands.handlers import AgentWorks
+    from domain.billing import MonthFold
 
 MONTH_START = datetime(2026, 10, 1, tzinfo=UTC)
 
@@ -99,15 +106,17 @@ def generate(app: AgentWorks, events: int, workspaces: int, projects: int, seed:
     return written
 
 
-def _reconcile(app: AgentWorks, month: str) -> tuple[float, int, int]:
-    """Seconds, events folded and exact net total of the month by the log, via the fold."""
+def _reconcile(app: AgentWorks, month: str, log: BillingLog | None) -> tuple[float, MonthFold]:
+    """Seconds taken and the month's fold by the log (through ``log``, or the mapper)."""
     t0 = time.perf_counter()
-    fold = fold_month(app, month)
+    fold = fold_month(app, month, log=log)
     for workspace_id in fold.workspaces:
         statement_total(fold.lines(workspace_id, increment_micros=250_000))
-    seconds = time.perf_counter() - t0
-    exact = sum(sum(figures.usage.values()) for figures in fold.workspaces.values())
-    return seconds, fold.events, exact
+    return time.perf_counter() - t0, fold
+
+
+def _net(fold: MonthFold) -> int:
+    return sum(sum(figures.usage.values()) for figures in fold.workspaces.values())
 
 
 def _sql_sum(url: str) -> tuple[float, int, int]:
@@ -134,6 +143,12 @@ def main() -> None:
     parser.add_argument("--workspaces", type=int, default=200)
     parser.add_argument("--projects", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--reference-rounds",
+        type=int,
+        default=1,
+        help="rounds that also time the mapper's fold and compare it with the fast one",
+    )
     parser.add_argument("--server", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--json", default="bench/results/reconcile.json")
     args = parser.parse_args()
@@ -150,9 +165,13 @@ def main() -> None:
             _log(f"appended {appended:,} events in {time.perf_counter() - started:.1f}s")
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute("VACUUM ANALYZE agentworks_events")
+            log = billing_log_for(app.recorder, app.mapper)
+            if log is None or not log.fast:
+                raise SystemExit("the bench's store is not one the fast reader reads")
             for number in range(1, args.rounds + 1):
                 load = os.getloadavg()[0]
-                seconds, events, exact = _reconcile(app, month)
+                seconds, fold = _reconcile(app, month, log)
+                events, exact = fold.events, _net(fold)
                 sql_seconds, rows, sql_total = _sql_sum(url)
                 if rows != events or sql_total != exact:
                     raise SystemExit(
@@ -171,6 +190,16 @@ def main() -> None:
                         "loadavg_1m_at_start": round(load, 2),
                     }
                 )
+                if number <= args.reference_rounds:
+                    mapper_seconds, reference = _reconcile(app, month, None)
+                    if reference.workspaces != fold.workspaces or reference.events != events:
+                        raise SystemExit("MISMATCH: the fast fold differs from the mapper's")
+                    rounds[-1] |= {
+                        "mapper_fold_seconds": round(mapper_seconds, 2),
+                        "mapper_fold_events_per_second": round(events / mapper_seconds),
+                        "speedup_over_mapper_fold": round(mapper_seconds / seconds, 2),
+                        "fast_fold_equals_mapper_fold": True,
+                    }
                 _log(f"round {number}: {json.dumps(rounds[-1])}")
         finally:
             app.close()
