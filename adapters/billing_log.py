@@ -25,7 +25,8 @@ the same events, in the same order, reading only the fields the fold uses:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -138,12 +139,20 @@ class BillingLog:
             raise ValueError(fold.month)
         needle = f'"{fold.month}"'.encode() if self.month_filter else None
         folding = _Folding(self, fold, (int(month[1]), int(month[2])), lookup=needle is not None)
-        after = 0
-        while rows := self._rows(after, needle):
+        for rows in self._pages(needle):
             for row in rows:
                 folding.row(row)
-            after = rows[-1][0]
         folding.finish()
+
+    def _pages(self, needle: bytes | None) -> Iterator[Sequence[Row]]:
+        """The rows in log order, a page at a time; the next page is read (by the database and
+        psycopg, mostly without the GIL) while the caller folds this one."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="billing-log") as reader:
+            rows = self._rows(0, needle)
+            while rows:
+                following = reader.submit(self._rows, rows[-1][0], needle)
+                yield rows
+                rows = following.result()
 
     def learn_charge(self, fold: MonthFold, charge_id: UUID, *, before: int) -> None:
         """The project of a charge the month filter left out (billed in another month), from
