@@ -1,25 +1,30 @@
 """Reading the log's usage and credit events into one month's billing fold, fast.
 
-The write side's way (``commands.billing.billing_events``) decodes every event of the whole log
-through the mapper: the transcoder's object hook builds every UUID, datetime and nested object of
-every event, and a million events took minutes. This reader gives ``domain.billing.MonthFold``
-the same events, in the same order, reading only the fields the fold uses:
+The write side's way (``commands.billing.billing_events``) decodes every billing event of the
+whole log through the mapper: the transcoder's object hook builds every UUID, datetime and nested
+object of every event, and a million events took minutes. This reader gives
+``domain.billing.MonthFold`` the same figures, reading only the fields the fold uses:
 
 * **a second reading of the stored format, only where it provably agrees with the mapper's.** A
   row is read fast when the mapper is the library's JSON transcoder with its standard UUID and
   datetime transcodings and no cipher or compressor, the event was stored at its class's
-  current version (nothing to upcast), its state parses (orjson) to an object, every transcoded
-  value in it is one of those the fold's event type carries at the top level, well-formed (so
-  the mapper would decode it without error), and the fields the fold reads have the types the
-  mapper's event would give them. Anything else (an older version to upcast, a monthly credit, an
-  unexpected shape) is decoded by the mapper and folded with ``MonthFold.add``, as before: the
-  result, and any error, is the same either way. ``tests/integration/test_billing_log.py`` holds
-  the two folds equal over generated logs.
+  current version (nothing to upcast), its state parses (orjson) to an object whose text holds
+  exactly as many ``{`` as the objects checked (so the mapper's hook meets no other transcoded
+  value, nor one it would fail on), every transcoded value is well-formed, and the fields the
+  fold reads have the types the mapper's event would give them. Any other row (an older version
+  to upcast, a monthly credit, an unexpected shape) is decoded by the mapper and folded with
+  ``MonthFold.add``, as before: the result, and any error, is the same either way.
 * **the month, filtered in SQL.** When no usage event class has a version to upcast from, a row
   whose state does not hold the month's text (``"2026-10"``, which the JSON encoder always
   writes as is) cannot name that month, and the fold would use it only to learn a charge's
   project for a correction: those few charges (corrected in a later month) are looked up when
-  their correction is met. A month's reconciliation reads the month, not the whole log.
+  their correction is met. A month's reconciliation decodes the month, not the whole log
+  (``MonthFold.events`` then counts the rows read).
+
+The month's charges read fast are summed per workspace and project and handed to the fold once
+each (integer sums: the order of the additions cannot change them); corrections and every row the
+mapper decodes are folded in log order. ``tests/integration/test_billing_log.py`` holds this fold
+equal to the mapper's over generated logs, upcasting included.
 """
 
 from __future__ import annotations

@@ -388,6 +388,8 @@ class MonthFold:
         self.workspaces: dict[UUID, WorkspaceMonth] = {}
         self._project_of: dict[UUID, UUID] = {}
         self.events = 0
+        """Events folded: every billing event of the log, or only the rows that can touch the
+        month where the log is read filtered by month."""
 
     def _of(self, workspace_id: UUID) -> WorkspaceMonth:
         found = self.workspaces.get(workspace_id)
