@@ -111,8 +111,21 @@ def billing_events(app: AgentWorks) -> Iterable[object]:
         yield app.mapper.to_domain_event(notification)
 
 
-def fold_month(app: AgentWorks, month: str) -> MonthFold:
+class BillingLog(Protocol):
+    """A reader of the log that folds the month's billing events itself, the same events in
+    the same order as :func:`billing_events` (``adapters.billing_log.BillingLog``: it reads only
+    the fields the fold uses, and only the month's events)."""
+
+    def fold(self, fold: MonthFold) -> None: ...
+
+
+def fold_month(app: AgentWorks, month: str, *, log: BillingLog | None = None) -> MonthFold:
+    """``month``'s figures of every workspace, by the log: through ``log`` when given, else
+    every billing event decoded by the write side's mapper (the reference ``log`` must equal)."""
     fold = MonthFold(month)
+    if log is not None:
+        log.fold(fold)
+        return fold
     for event in billing_events(app):
         fold.add(event)
     return fold

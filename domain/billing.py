@@ -388,6 +388,8 @@ class MonthFold:
         self.workspaces: dict[UUID, WorkspaceMonth] = {}
         self._project_of: dict[UUID, UUID] = {}
         self.events = 0
+        """Events folded: every billing event of the log, or only the rows that can touch the
+        month where the log is read filtered by month."""
 
     def _of(self, workspace_id: UUID) -> WorkspaceMonth:
         found = self.workspaces.get(workspace_id)
@@ -396,25 +398,24 @@ class MonthFold:
         return found
 
     def add(self, event: object) -> None:
+        """Fold one event as the write side's mapper decodes it (any event: others only count).
+
+        Each event's fields are read only where today's rule needs them, in this order, so a
+        malformed event fails here exactly where it always did.
+        """
         self.events += 1
         if isinstance(event, UsageCharge.Charged):
-            self._project_of[event.originator_id] = event.project_id
+            self.charge(event.originator_id, event.project_id)
             if event.month == self.month:
-                figures = self._of(event.workspace_id)
-                project = event.project_id
-                figures.usage[project] = figures.usage.get(project, 0) + event.billed_micros
-                if month_of(event.timestamp) != event.month:
-                    figures.late[project] = figures.late.get(project, 0) + event.billed_micros
+                self.bill(
+                    event.workspace_id,
+                    event.project_id,
+                    event.billed_micros,
+                    late=month_of(event.timestamp) != event.month,
+                )
         elif isinstance(event, UsageCharge.Credited | UsageCharge.Refunded):
             if event.month == self.month:
-                corrected = self._project_of.get(event.originator_id)
-                if corrected is None:
-                    raise InvalidTransition(
-                        f"usage charge {event.originator_id} is corrected but never charged"
-                    )
-                workspace_id = UUID(str(event.meta["workspace_id"]))
-                figures = self._of(workspace_id)
-                figures.usage[corrected] = figures.usage.get(corrected, 0) - event.amount_micros
+                self.correct(event.originator_id, event.meta, event.amount_micros)
         elif isinstance(event, MonthlySpend.CreditGranted):
             workspace_id = UUID(str(event.meta["workspace_id"]))
             if event.originator_id == spend_id_for(workspace_id, self.month):
@@ -425,6 +426,33 @@ class MonthFold:
                         reason=event.reason,
                     )
                 )
+
+    # The steps of ``add`` for usage charges, also taken by readers of the log that decode only
+    # the fields the fold needs (``adapters.billing_log``); they do not count ``events``.
+
+    def charge(self, charge_id: UUID, project_id: UUID) -> None:
+        """A charge of any month: its project is where its corrections are filed."""
+        self._project_of[charge_id] = project_id
+
+    def knows_charge(self, charge_id: UUID) -> bool:
+        return charge_id in self._project_of
+
+    def bill(self, workspace_id: UUID, project_id: UUID, billed_micros: int, *, late: bool) -> None:
+        """A charge of this month (``late``: recorded for a month that was closed by then)."""
+        figures = self._of(workspace_id)
+        figures.usage[project_id] = figures.usage.get(project_id, 0) + billed_micros
+        if late:
+            figures.late[project_id] = figures.late.get(project_id, 0) + billed_micros
+
+    def correct(self, charge_id: UUID, meta: Mapping[str, object], amount_micros: int) -> None:
+        """A credit or refund of this month of charge ``charge_id``, whose event's metadata is
+        ``meta``: filed under the charge's project."""
+        corrected = self._project_of.get(charge_id)
+        if corrected is None:
+            raise InvalidTransition(f"usage charge {charge_id} is corrected but never charged")
+        workspace_id = UUID(str(meta["workspace_id"]))
+        figures = self._of(workspace_id)
+        figures.usage[corrected] = figures.usage.get(corrected, 0) - amount_micros
 
     def lines(
         self,

@@ -134,6 +134,7 @@ def _over_workspaces(
 
 def invoice_command(month: _Month, workspace: _Workspace = None, data_dir: _DataDir = None) -> int:
     """Close the month and issue its Stripe invoice per workspace; re-runs create nothing twice."""
+    from adapters.billing_log import billing_log_for
     from commands.billing import Billing, fold_month
     from infra.bootstrap import write_side_from
 
@@ -151,7 +152,7 @@ def invoice_command(month: _Month, workspace: _Workspace = None, data_dir: _Data
         for workspace_id in workspace_ids:
             billing.close_month(workspace_id, month)
         # Every figure of a closed month is in the log: one pass serves every workspace.
-        fold = fold_month(app, month)
+        fold = fold_month(app, month, log=billing_log_for(app.recorder, app.mapper))
         done, failed = _over_workspaces(
             f"invoicing {month}",
             workspace_ids,
@@ -197,6 +198,7 @@ def reconcile_command(
     data_dir: _DataDir = None,
 ) -> int:
     """Recompute the month from the event log; compare with the read model and Stripe."""
+    from adapters.billing_log import billing_log_for
     from adapters.postgres import PROJECTOR_ROLE, make_pool
     from commands.billing import Billing, fold_month
     from infra.bootstrap import write_side_from
@@ -215,7 +217,7 @@ def reconcile_command(
         stack.callback(pool.close)
         billing = Billing(app)
         workspace_ids = _workspaces(billing, workspace)
-        fold = fold_month(app, month)
+        fold = fold_month(app, month, log=billing_log_for(app.recorder, app.mapper))
 
         def one(workspace_id: UUID) -> Reconciliation:
             with pool.connection() as conn:
