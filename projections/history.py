@@ -365,36 +365,44 @@ def _cards_at(
     one after it), then each card's events after its snapshot, one primary-key range per card.
     With plain JSON states PostgreSQL picks the snapshot and drops the events after ``as_of``
     (their times are in the state), so only what the fold needs crosses the wire; otherwise
-    every snapshot comes back and the times are compared here.
+    every snapshot, and every event after the chosen one, comes back and the times are
+    compared here.
     """
     if not card_ids:
         return []
-    base, upto = (
+    base, later = (
         _snapshots_at(conn, decode, card_ids, as_of) if snapshots else ({}, [None] * len(card_ids))
     )
-    # The snapshot after the chosen one was taken after ``as_of``, and so was every event past
-    # its version (each decided after that snapshot was saved): the fold stops there at the
-    # latest. (A snapshot's time is when it was taken, at or after its last event's.)
     folded: dict[int, tuple[Any, int]] = {n: (s.mutate(None), 0) for n, s in base.items()}
     after = [base[n].originator_version if n in base else 0 for n in range(len(card_ids))]
-    # One index range per card (a lateral subquery keeps the planner on the primary key); rows
-    # name their card by its place in ``card_ids``.
+    # A card's event times rise with its versions, so its events up to ``as_of`` are the ones
+    # before the first event stamped later, ``stop``. That one is looked for from the card's
+    # next snapshot on (taken after ``as_of``, the events past it almost always were too: the
+    # search reads a row or two); not bounded by that snapshot's version itself, because the
+    # events saved with the one it was taken at, or by a command that raced it, can be older
+    # than the snapshot. Each card's events are one index range (a lateral subquery keeps the
+    # planner on the primary key); rows name their card by its place in ``card_ids``.
+    if decode.plain:
+        stop = (
+            "coalesce((SELECT originator_version FROM agentworks_events"
+            " WHERE originator_id = r.id AND originator_version > coalesce(r.later, r.after)"
+            f" AND {_STAMPED} > %(as_of)s ORDER BY originator_version LIMIT 1), {_UNBOUNDED})"
+        )
+        until = f" AND coalesce({_STAMPED} <= %(as_of)s, true)"
+    else:
+        stop, until = str(_UNBOUNDED), ""
     sql = (
         "SELECT r.n, e.notification_id, e.originator_version, e.topic, e.state"
-        " FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[]) WITH ORDINALITY"
-        " AS r(id, after, upto, n)"
+        " FROM unnest(%(ids)s::uuid[], %(after)s::bigint[], %(later)s::bigint[])"
+        " WITH ORDINALITY AS r(id, after, later, n)"
+        f" CROSS JOIN LATERAL (SELECT {stop} AS version) AS stop"
         " CROSS JOIN LATERAL (SELECT notification_id, originator_version, topic, state"
         " FROM agentworks_events WHERE originator_id = r.id"
-        " AND originator_version > r.after AND originator_version <= r.upto{until}"
+        f" AND originator_version > r.after AND originator_version < stop.version{until}"
         " ORDER BY originator_version) AS e"
         " ORDER BY r.n, e.originator_version"
     )
-    params: tuple[Any, ...] = (card_ids, after, [_UNBOUNDED if u is None else u for u in upto])
-    if decode.plain:
-        sql = sql.format(until=f" AND coalesce({_STAMPED} <= %s, true)")
-        params = (*params, as_of)
-    else:
-        sql = sql.format(until="")
+    params = {"ids": card_ids, "after": after, "later": later, "as_of": as_of}
     stopped: set[int] = set()
     for n, position, version, topic, state in _rows(conn, sql, params):
         card = n - 1
@@ -475,7 +483,9 @@ _STAMPED = (
 )
 
 
-def _rows(conn: Connection[Any], sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+def _rows(
+    conn: Connection[Any], sql: str, params: tuple[Any, ...] | dict[str, Any]
+) -> list[tuple[Any, ...]]:
     with conn.cursor(row_factory=tuple_row, binary=True) as cur:
         cur.execute(sql, params)
         return cur.fetchall()
