@@ -323,8 +323,29 @@ def _version_at(
     high: int | None,
 ) -> int:
     """The last version of an aggregate stored at or before ``as_of``, knowing that version
-    ``low`` was and version ``high`` (if any) was not."""
-    if high is None:
+    ``low`` was and version ``high`` (if any) was not.
+
+    With plain JSON states PostgreSQL bisects, reading the time in each probed state, in one
+    statement; it leaves the rest (if any) to the loop here when a state does not start as
+    :data:`_STAMP_PREFIX` (or the states are not plain), which decodes each probed event."""
+    if decode.plain:
+        ((low, high),) = _rows(
+            conn,
+            "WITH RECURSIVE probe(low, high) AS ("
+            " SELECT %(low)s::bigint, coalesce(%(high)s::bigint, (SELECT max(originator_version)"
+            "  + 1 FROM agentworks_events WHERE originator_id = %(id)s))"
+            " UNION ALL"
+            " SELECT CASE WHEN e.early THEN m.mid ELSE m.low END,"
+            "  CASE WHEN e.early THEN m.high ELSE m.mid END"
+            " FROM (SELECT low, high, (low + high) / 2 AS mid FROM probe WHERE high - low > 1)"
+            "  AS m CROSS JOIN LATERAL (SELECT "
+            f"{_STAMPED} <= %(as_of)s AS early FROM agentworks_events"
+            "  WHERE originator_id = %(id)s AND originator_version = m.mid) AS e"
+            " WHERE e.early IS NOT NULL)"
+            " SELECT low, high FROM probe ORDER BY high - low LIMIT 1",
+            {"id": aggregate_id, "low": low, "high": high, "as_of": as_of},
+        )
+    elif high is None:
         ((top,),) = _rows(
             conn,
             "SELECT max(originator_version) FROM agentworks_events WHERE originator_id = %s",
