@@ -5,7 +5,7 @@ PostgreSQL drops by their time, however it decodes them."""
 from __future__ import annotations
 
 import random
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -17,11 +17,9 @@ from commands import models as m
 from domain.card import Card
 from domain.errors import AgentWorksError
 from domain.meta import EventMeta
-from projections.history import board_as_of, card_state
+from projections.history import _EARLY, _instant, board_as_of, card_state
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from read_side_helpers import ReadSide, World
 
 LANES = ["Todo", "Doing", "Done"]
@@ -132,3 +130,35 @@ def test_each_card_on_a_board_as_of_is_its_whole_history_folded(
                 if card is not None and not card.archived:
                     expected[card_id] = card_state(card)
             assert shown == expected, instant
+
+
+_INSTANT = datetime(2026, 3, 4, 5, 6, 7, 500000, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        _INSTANT,
+        _INSTANT - timedelta(microseconds=1),
+        _INSTANT + timedelta(microseconds=1),
+        _INSTANT.replace(microsecond=0),  # written without its fraction
+        _INSTANT + timedelta(seconds=1) - timedelta(microseconds=500000),
+        _INSTANT.astimezone(timezone(timedelta(hours=2))),  # another offset, the same time
+        _INSTANT.astimezone(timezone(timedelta(hours=-5))) + timedelta(microseconds=1),
+        datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("as_of", [_INSTANT, _INSTANT.astimezone(timezone(timedelta(hours=9)))])
+def test_postgresql_compares_a_stored_time_with_the_instant_as_python_does(
+    database_url: str, stamp: datetime, as_of: datetime
+) -> None:
+    stamped = b'{"timestamp":{"_type_":"datetime_iso","_data_":"%s"},"title":"t"}'
+    other = b'{"title":"t","timestamp":{"_type_":"datetime_iso","_data_":"%s"}}'
+    with psycopg.connect(database_url) as conn:
+        for state, expected in [(stamped, stamp <= as_of), (other, None)]:
+            row = conn.execute(
+                f"SELECT {_EARLY} FROM (SELECT %(state)s::bytea AS state) AS stored",
+                {"state": state % stamp.isoformat().encode(), **_instant(as_of)},
+            ).fetchone()
+            assert row == (expected,), state
