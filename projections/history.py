@@ -240,9 +240,9 @@ class _Decoder:
 
     Most of a board's fold is card edits whose only transcoded value is their timestamp (a
     state that starts with :data:`_STAMP_PREFIX` and names ``"_type_"`` once). Those are read
-    with one plain JSON parse (``json.loads`` without its hooks) and the timestamp
-    converted as the library's ``DatetimeAsISO`` does, which spares a Python hook per JSON
-    object and the mapper's per-event bookkeeping.
+    with one plain JSON parse (no object hook) and the timestamp converted as the library's
+    ``DatetimeAsISO`` does, which spares the mapper's Python hook per JSON object and its
+    per-event bookkeeping.
     Anything else (other transcoded values, an event stored at an older ``class_version``, a
     cipher or compressor, a state the plain read refuses) goes through the mapper, so its
     result or error is the mapper's. ``tests/unit/test_history_decoding.py`` holds the two ways
