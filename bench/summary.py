@@ -631,9 +631,12 @@ def audit_rows() -> list[Row]:
     run = load(AUDIT)
     then, live = run["board_as_of_ms"], run["live_board_ms"]
     export, copy = run["export"], run["bare_copy"]
+    samples = f"1 round of {run['samples']} samples (fewer than 3), no spread"
+    prov = run.get("provenance")
     cite = (
-        f"{file_ref(AUDIT)} · commit and date not recorded by the script · 1 round of "
-        f"{run['samples']} samples (fewer than 3), no spread · "
+        provenance_cite(AUDIT, prov, samples)
+        if prov
+        else f"{file_ref(AUDIT)} · commit and date not recorded by the script · {samples} · "
         f"{loadavg(run['load_average']['before'])}"
     )
     return [
