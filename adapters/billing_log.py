@@ -127,7 +127,7 @@ class BillingLog:
         self._page = (
             columns
             + SQL(" WHERE ")
-            + recorder._horizon
+            + recorder.horizon
             + SQL(" AND notification_id > %s AND topic = ANY(%s)")
         )
         self._charge_before = columns + SQL(

@@ -381,8 +381,8 @@ def _row(notification: Notification) -> Row:
 def _log_statement(recorder: EventStoreRecorder) -> Composed | None:
     """The recorder's log query (its columns and its horizon rule), for plain rows; None when
     the recorder does not expose its parts (then :meth:`select_notifications` serves)."""
-    select_from = getattr(recorder, "_select_from", None)
-    horizon = getattr(recorder, "_horizon", None)
+    select_from = getattr(recorder, "select_from", None)
+    horizon = getattr(recorder, "horizon", None)
     if not isinstance(select_from, Composed) or not isinstance(horizon, SQL):
         return None
     return (

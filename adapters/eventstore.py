@@ -377,10 +377,14 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         key = zlib.crc32(f"{self.datastore.schema}.{self.events_table_name}".encode()) & 0x7FFFFFFF
         self._lock_sql = SQL("SELECT pg_advisory_lock({0})").format(key)
         self._unlock_sql = SQL("SELECT pg_advisory_unlock({0})").format(key)
-        self._horizon = SQL(_HORIZON)
-        self._select_from = SQL(
+        self.horizon = SQL(_HORIZON)
+        """The rule every reader of the log in global order applies: never past a position that
+        a transaction still open may fill (see ``_HORIZON``)."""
+        self.select_from = SQL(
             "SELECT notification_id, originator_id, originator_version, topic, state FROM {0}"
         ).format(table)
+        """The log's columns as its readers take them: position, originator id and version,
+        topic, state."""
         self._select_versions = SQL(
             "SELECT notification_id, originator_id, originator_version, topic FROM {0} WHERE "
         ).format(table) + SQL(
@@ -389,7 +393,7 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         )
         self.max_notification_id_statement = SQL(
             "SELECT MAX(notification_id) FROM {0} WHERE {1}"
-        ).format(table, self._horizon)
+        ).format(table, self.horizon)
         self._insert_command_sql = SQL(
             "INSERT INTO command_log (scope, command_id, command_type, fingerprint, actor, result) "
             "VALUES (%s, %s, %s, %s, %s, %s::jsonb) RETURNING pg_current_xact_id()::text AS xid"
@@ -695,7 +699,7 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         Projectors use it to heal a gap in what they were delivered; the events of one aggregate
         are committed in version order, so no horizon is needed here.
         """
-        statement = self._select_from + SQL(" WHERE originator_id = %s AND originator_version > %s")
+        statement = self.select_from + SQL(" WHERE originator_id = %s AND originator_version > %s")
         params: list[Any] = [originator_id, gt]
         if lt is not None:
             statement += SQL(" AND originator_version < %s")
@@ -713,7 +717,7 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         partition) must not pay a query per aggregate."""
         if not ranges:
             return []
-        statement = self._select_from + SQL(
+        statement = self.select_from + SQL(
             " AS e JOIN unnest(%s::uuid[], %s::bigint[], %s::bigint[]) AS r(id, gt, lt)"
             " ON e.originator_id = r.id AND e.originator_version > r.gt"
             " AND e.originator_version < r.lt ORDER BY e.notification_id"
@@ -733,7 +737,7 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         *,
         inclusive_of_start: bool = True,
     ) -> Sequence[Notification]:
-        conditions: list[Composed | SQL] = [self._horizon]
+        conditions: list[Composed | SQL] = [self.horizon]
         params: list[Any] = []
         if start is not None:
             conditions.append(
@@ -747,7 +751,7 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
             conditions.append(SQL("topic = ANY(%s)"))
             params.append(list(topics))
         statement = (
-            self._select_from
+            self.select_from
             + SQL(" WHERE ")
             + SQL(" AND ").join(conditions)
             + SQL(" ORDER BY notification_id LIMIT %s")
@@ -781,7 +785,7 @@ class PollingSubscription(PostgresSubscription):
 
 
 def _notification(row: DictRow) -> Notification:
-    """A row of ``_select_from`` as the library's notification (its position is its id)."""
+    """A row of ``select_from`` as the library's notification (its position is its id)."""
     return Notification(
         id=row["notification_id"],
         originator_id=row["originator_id"],
