@@ -49,17 +49,17 @@ from eventsourcing.utils import get_topic, resolve_topic, retry
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed, Identifier
 
-from domain.usage import MonthlySpend, UsageCharge, month_of
+from domain.billing import MonthFold
+from domain.usage import UsageCharge, month_of
 
 if TYPE_CHECKING:
     from eventsourcing.persistence import ApplicationRecorder, Mapper
 
     from adapters.eventstore import EventStoreRecorder
-    from domain.billing import MonthFold
 
 _CHARGED = get_topic(UsageCharge.Charged)
 _CORRECTIONS = frozenset({get_topic(UsageCharge.Credited), get_topic(UsageCharge.Refunded)})
-BILLING_TOPICS = (_CHARGED, *sorted(_CORRECTIONS), get_topic(MonthlySpend.CreditGranted))
+BILLING_TOPICS = tuple(get_topic(event) for event in MonthFold.FOLDS)
 """The events a month's fold reads, as ``commands.billing`` selects them."""
 
 _USAGE_CLASSES = (UsageCharge.Charged, UsageCharge.Credited, UsageCharge.Refunded)

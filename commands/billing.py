@@ -38,7 +38,7 @@ from domain.meta import EventMeta
 from domain.money import parse_usd
 from domain.project import Project
 from domain.roles import Role
-from domain.usage import MonthlySpend, UsageCharge, spend_id_for
+from domain.usage import MonthlySpend, spend_id_for
 from domain.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -46,15 +46,7 @@ if TYPE_CHECKING:
     from eventsourcing.persistence import Notification
 
 BILLING_ACTOR = "billing"
-_BILLING_TOPICS = [
-    get_topic(event)
-    for event in (
-        UsageCharge.Charged,
-        UsageCharge.Credited,
-        UsageCharge.Refunded,
-        MonthlySpend.CreditGranted,
-    )
-]
+_BILLING_TOPICS = [get_topic(event) for event in MonthFold.FOLDS]
 _WORKSPACE_CREATED = get_topic(Workspace.Created)
 _SAVE_ATTEMPTS = 5
 

@@ -383,6 +383,14 @@ class MonthFold:
     charge was billed in), in the month the correction carries.
     """
 
+    FOLDS: ClassVar[tuple[type[TenantAggregate.Event], ...]] = (
+        UsageCharge.Charged,
+        UsageCharge.Credited,
+        UsageCharge.Refunded,
+        MonthlySpend.CreditGranted,
+    )
+    """The events :meth:`add` folds: what every reader of the log selects for a month."""
+
     def __init__(self, month: str) -> None:
         self.month = parse_month(month)
         self.workspaces: dict[UUID, WorkspaceMonth] = {}

@@ -9,7 +9,6 @@ with the write side's mapper, so stored events are upcast exactly as the write s
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -17,21 +16,19 @@ from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic
+from psycopg.rows import tuple_row
 
+from domain.billing import MonthFold, WorkspaceMonth
 from domain.card import Card
 from domain.envelope import EventEnvelope, envelope_from_event
 from domain.errors import NotFound, ValidationFailed
-from domain.usage import MonthlySpend, UsageCharge
 
 if TYPE_CHECKING:
     from eventsourcing.persistence import Mapper
     from psycopg import Connection
     from psycopg.rows import DictRow
 
-_CHARGED = get_topic(UsageCharge.Charged)
-_CREDITED = get_topic(UsageCharge.Credited)
-_REFUNDED = get_topic(UsageCharge.Refunded)
-_CREDIT_GRANTED = get_topic(MonthlySpend.CreditGranted)
+_BILLING_TOPICS = [get_topic(event) for event in MonthFold.FOLDS]
 _CARD_AGGREGATE = Card.__name__
 
 
@@ -141,45 +138,40 @@ def reconcile(
     """Net billed per project for ``month`` by the event log, the ledger and the statement lines,
     and the month's workspace credits by the log and by the read model.
 
-    The log's figure: every ``UsageCharge`` of the workspace, ``Charged`` billed amounts minus
-    ``Credited`` and ``Refunded`` amounts, each counted in the month its event names. A
-    correction names no project, so it is filed under its charge's project (from the charge's
-    ``Charged`` event, whatever month that was).
+    The log's figure is :class:`~domain.billing.MonthFold`'s, as the write side's statements and
+    ``agentworks billing reconcile`` compute it: ``Charged`` billed amounts minus ``Credited``
+    and ``Refunded`` amounts, each counted in the month its event names, a correction filed under
+    its charge's project. The events are streamed, not held, whatever the workspace's history.
     """
-    conn_args: list[Any] = [[_CHARGED, _CREDITED, _REFUNDED, _CREDIT_GRANTED]]
+    conn_args: list[Any] = [_BILLING_TOPICS]
     sql = (
-        "SELECT originator_id, originator_version, topic, state, notification_id"
+        "SELECT originator_id, originator_version, topic, state"
         " FROM agentworks_events WHERE topic = ANY(%s)"
     )
     if prefilter_json:
         # Plain JSON state (no cipher or compression): let Postgres skip other workspaces.
         sql += " AND convert_from(state, 'UTF8')::jsonb #>> '{meta,workspace_id}' = %s"
         conn_args.append(str(workspace_id))
-    rows = conn.execute(sql + " ORDER BY notification_id", conn_args).fetchall()
-    project_of: dict[UUID, UUID] = {}
-    corrections: list[tuple[UUID, int]] = []
-    by_project: dict[UUID, int] = defaultdict(int)
-    credits: dict[UUID, int] = {}
-    for row in rows:
-        envelope = _decode(mapper, row)
-        if envelope.workspace_id != workspace_id:
-            continue
-        payload = envelope.payload
-        if envelope.type == "MonthlySpend.CreditGranted":
-            if payload["month"] == month:
-                credits[UUID(str(payload["credit_id"]))] = int(payload["amount_micros"])
-        elif envelope.type.endswith(".Charged"):
-            project = UUID(str(payload["project_id"]))
-            project_of[envelope.originator_id] = project
-            if payload["month"] == month:
-                by_project[project] += int(payload["billed_micros"])
-        elif payload["month"] == month:
-            corrections.append((envelope.originator_id, int(payload["amount_micros"])))
-    for charge_id, amount in corrections:
-        charged = project_of.get(charge_id)
-        if charged is None:
-            raise RuntimeError(f"usage charge {charge_id} is corrected but never charged")
-        by_project[charged] -= amount
+    # The write side's own fold of the log (statements and the CLI's reconciliation rest on
+    # it), fed the mapper's events; row-level security has already kept other workspaces out.
+    fold = MonthFold(month)
+    with conn.cursor(row_factory=tuple_row) as cur:
+        for originator_id, version, topic, state in cur.stream(
+            sql + " ORDER BY notification_id", conn_args, size=1000
+        ):
+            fold.add(
+                mapper.to_domain_event(
+                    StoredEvent(
+                        originator_id=originator_id,
+                        originator_version=version,
+                        topic=topic,
+                        state=bytes(state),
+                    )
+                )
+            )
+    figures = fold.workspaces.get(workspace_id, WorkspaceMonth({}, {}, []))
+    by_project = dict(figures.usage)
+    credits = {credit.credit_id: credit.amount_micros for credit in figures.credits}
 
     def month_figures(query: str) -> dict[UUID, int]:
         """The workspace's ``(key, micros)`` rows of the month that ``query`` selects."""
@@ -206,7 +198,7 @@ def reconcile(
     return LedgerComparison(
         event_log_total=sum(by_project.values()) - sum(credits.values()),
         read_model_total=sum(ledger.values()) - sum(read_model_credits.values()),
-        event_log_by_project=dict(by_project),
+        event_log_by_project=by_project,
         ledger_by_project=ledger,
         statement_by_project=statement,
         event_log_credits=credits,
