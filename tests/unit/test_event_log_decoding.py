@@ -17,15 +17,15 @@ from uuid import UUID, uuid4
 
 import pytest
 from aw_builders import new_app
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import StoredEvent
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from adapters.eventlog import EventLog, Row
-from domain.envelope import EventEnvelope
 from domain.agent_run import AgentRun
 from domain.card import Card
+from domain.envelope import EventEnvelope
 from domain.meta import EventMeta
 from domain.project import LaneSpec, Project
 from domain.roles import Role
@@ -277,15 +277,13 @@ _PLAIN = _json(st.one_of(st.none(), st.booleans(), _INT64, _TEXT))
 """Values the fast path must decode itself: no float, integers within 64 bits, no object with a
 "_type_" key (the keys' text is still anything else)."""
 _ANY = _json(
-    st.one_of(
-        st.none(), st.booleans(), _INT64, _BIG_INTS, _TEXT, st.floats(), _TRANSCODED
-    )
+    st.one_of(st.none(), st.booleans(), _INT64, _BIG_INTS, _TEXT, st.floats(), _TRANSCODED)
 )
 
 
 def _with(row: Row, state: dict[str, Any], **dumps: Any) -> Row:
     raw = json.dumps(state, ensure_ascii=False, **dumps).encode()
-    return (*row[:4], raw)  # type: ignore[return-value]
+    return (*row[:4], raw)
 
 
 def _outcome(decode: Any, row: Row) -> Any:
@@ -399,7 +397,7 @@ def test_floats_and_integers_beyond_64_bits_take_the_library_path(
         b'{"x":"1.5","y":12345678901234567890123}',
         b'\xef\xbb\xbf{"x":1}',
         b'{"x":"\xff"}',
-        b'[1]',
+        b"[1]",
     ],
 )
 def test_texts_the_library_reads_otherwise_than_orjson(raw: bytes) -> None:
@@ -410,4 +408,4 @@ def test_texts_the_library_reads_otherwise_than_orjson(raw: bytes) -> None:
         extra = raw[1:]
         raw = json.dumps(state, ensure_ascii=False, separators=(",", ":")).encode()[:-1]
         raw += b"," + extra
-    _agree(log, (*row[:4], raw))  # type: ignore[arg-type]
+    _agree(log, (*row[:4], raw))
