@@ -4,13 +4,13 @@ Decoding is on the path of every projector, the relay and every rebuild, so it h
 The library's way is two passes: the mapper turns the stored JSON into a domain event (UUIDs,
 datetimes and decimals as objects), then :func:`~domain.envelope.envelope_from_event` turns
 those objects back into JSON-safe strings and validates the envelope. The fast path parses the
-stored JSON once, straight into the JSON-safe form, and builds the envelope without validating
-what it already knows to be well-typed. It covers exactly what the library's JSON transcoder
-with its standard transcodings (UUID, datetime, Decimal) writes, with no cipher or compressor
-and no upcasting to do; anything else (an unknown transcoding, an event stored at an older
-``class_version``, a float, a malformed state) takes the library's path, so the result, and any
-error, is the same either way. ``tests/unit/test_event_log_decoding.py`` holds the two paths to
-the same envelopes.
+stored JSON once with ``orjson``, replaces the transcoded values with their JSON-safe form, and
+builds the envelope without validating what it already knows to be well-typed. It covers
+exactly what the library's JSON transcoder with its standard transcodings (UUID, datetime,
+Decimal) writes, with no cipher or compressor and no upcasting to do; anything else (an unknown
+transcoding, an event stored at an older ``class_version``, a float, an integer beyond 64 bits,
+a malformed state) takes the library's path, so the result, and any error, is the same either
+way. ``tests/unit/test_event_log_decoding.py`` holds the two paths to the same envelopes.
 
 Reading in global order fetches plain rows (binary, no per-row objects) with the recorder's own
 statement and horizon rule (see :mod:`adapters.eventstore`), when the recorder offers them.
@@ -18,13 +18,15 @@ statement and horizon rule (see :mod:`adapters.eventstore`), when the recorder o
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, NoReturn
+from itertools import chain, repeat
+from operator import contains
+from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
+import orjson
 from eventsourcing.persistence import (
     DatetimeAsISO,
     DecimalAsStr,
@@ -49,9 +51,10 @@ if TYPE_CHECKING:
 #: (``AGENTWORKS_POSTGRES_HOST`` next to ``POSTGRES_HOST``), so the log reads the same ones.
 EVENT_STORE_NAME = "AgentWorks"
 
-#: Keys of a stored event's state that are not its payload (``envelope_from_event`` drops the
-#: same, together with the originator id and version, which the state does not hold).
-_NOT_PAYLOAD = frozenset({"timestamp", "meta", "originator_topic"})
+#: Keys of a stored state that are not payload, besides ``class_version``, ``timestamp`` and
+#: ``meta``: the mapper sets ``originator_id`` and ``originator_version`` from the row, and
+#: ``envelope_from_event`` drops them and ``originator_topic``.
+_NOT_PAYLOAD = ("originator_topic", "originator_id", "originator_version")
 
 #: The transcodings the fast path reproduces, by name, with the class the library uses for each.
 _STANDARD = {
@@ -59,6 +62,12 @@ _STANDARD = {
     "datetime_iso": DatetimeAsISO,
     "decimal_str": DecimalAsStr,
 }
+
+#: What ``orjson`` parses a JSON value to, apart from ``dict``, ``list`` and ``float``.
+_SCALARS = frozenset({str, int, bool, type(None)})
+_STR = frozenset({str})
+_DICT = frozenset({dict})
+_TYPE = "_type_"
 
 _CACHE_LIMIT = 200_000
 
@@ -71,8 +80,28 @@ class _Fallback(Exception):
     """The fast path does not cover this stored event; use the library's."""
 
 
-def _refuse_float(text: str) -> NoReturn:
-    raise _Fallback  # the library's path refuses floats in payloads with its own error
+def _plain(values: Collection[object]) -> bool:
+    """Whether JSON values as ``orjson`` parses them hold, at any depth, neither a float nor
+    an object with a ``"_type_"`` key: then the library's decoder gives exactly these values.
+
+    ``orjson`` parses a number the library's ``json`` reads as an ``int`` into a ``float`` when
+    it does not fit 64 bits, so a float here may be an integer; it is left to the library too.
+    The containers are looked at a level at a time, their types collected by C loops.
+    """
+    while True:
+        types = set(map(type, values))
+        if types <= _SCALARS:
+            return True
+        if float in types:
+            return False
+        dicts = cast(
+            "Collection[dict[str, object]]",
+            values if types == _DICT else [v for v in values if type(v) is dict],
+        )
+        if any(map(contains, dicts, repeat(_TYPE))):
+            return False
+        lists = [v for v in values if type(v) is list] if list in types else ()
+        values = list(chain(chain.from_iterable(map(dict.values, dicts)), *lists))
 
 
 class _FastDecoder:
@@ -82,8 +111,6 @@ class _FastDecoder:
         self._uuids: dict[str, str] = {}
         self._workspaces: dict[str, UUID] = {}
         self._topics: dict[str, tuple[str, str, int]] = {}
-        self._flat = json.JSONDecoder(parse_float=_refuse_float)
-        self._hooked = json.JSONDecoder(object_hook=self._object, parse_float=_refuse_float)
         self._fields = frozenset(EventEnvelope.model_fields) - {"schema_version"}
         self._raw = self._raw_construction_works()
 
@@ -91,7 +118,7 @@ class _FastDecoder:
 
     def _value(self, name: object, data: object) -> str:
         """A transcoded value as ``json_safe`` writes the object the library decodes it to."""
-        if not isinstance(data, str):
+        if type(data) is not str:
             raise _Fallback
         if name == "uuid_hex":
             text = self._uuids.get(data)
@@ -113,35 +140,25 @@ class _FastDecoder:
             raise _Fallback from None
         raise _Fallback
 
-    def _object(self, d: dict[str, object]) -> object:
-        # The library's rule: a two-key object {_type_, _data_} is a transcoded value.
-        if len(d) == 2 and "_type_" in d and "_data_" in d:
-            return self._value(d["_type_"], d["_data_"])
-        return d
-
-    def _state(self, raw: bytes) -> dict[str, Any]:
-        """The stored state with transcoded values replaced.
-
-        Transcoded values sit at the top level in nearly every event; a plain parse and a look
-        at the top level finds them, and counting ``"_type_"`` in the raw text proves there are
-        no others (else the parse is redone, looking into every object).
-        """
-        text = raw.decode("utf8")
-        state = self._flat.decode(text)
-        if not isinstance(state, dict):
-            raise _Fallback
-        found = 0
-        for key, value in state.items():
-            if type(value) is dict and "_type_" in value:
-                if len(value) != 2 or "_data_" not in value:
-                    raise _Fallback  # shaped like none of ours: let the library judge
-                state[key] = self._value(value["_type_"], value["_data_"])
-                found += 1
-        if raw.count(b'"_type_"') != found:
-            state = self._hooked.decode(text)
-            if not isinstance(state, dict):
+    def _transcode(self, value: dict[str, Any] | list[Any]) -> None:
+        """Replace, in place, the transcoded values nested in ``value`` (the library's rule: an
+        object of exactly the keys ``_type_`` and ``_data_``); a float anywhere falls back."""
+        items: Iterable[tuple[Any, object]] = (
+            value.items() if type(value) is dict else enumerate(value)
+        )
+        for key, item in items:
+            kind = type(item)
+            if kind is dict:
+                assert isinstance(item, dict)
+                if len(item) == 2 and _TYPE in item and "_data_" in item:
+                    value[key] = self._value(item[_TYPE], item["_data_"])
+                else:
+                    self._transcode(item)
+            elif kind is list:
+                assert isinstance(item, list)
+                self._transcode(item)
+            elif kind is float:
                 raise _Fallback
-        return state
 
     # -- envelopes --------------------------------------------------------------------------------
 
@@ -169,21 +186,60 @@ class _FastDecoder:
         return workspace
 
     def envelope(self, row: Row) -> EventEnvelope:
+        """The envelope of a stored event; raises (``_Fallback`` or whatever the parse raises)
+        where the library's path must decide.
+
+        The state parsed by ``orjson`` is what the library's ``json`` decoder gives before its
+        object hook, as long as it holds no float (``json`` gives a float for the same text,
+        or an ``int`` for an integer beyond 64 bits) and the parse succeeds (``orjson`` refuses
+        ``NaN``, ``Infinity`` and lone surrogates, which ``json`` reads): both are checked on
+        the parsed values, so a float or a ``"_type_"`` inside a string costs nothing. The
+        parsed state, less the keys that are not payload, is the payload.
+        """
         position, originator_id, originator_version, topic, raw = row
         aggregate, qualname, class_version = self.describe(topic)
-        state = self._state(raw)
-        if state.pop("class_version", 1) != class_version:
+        if type(originator_id) is not UUID or type(originator_version) is not int:
+            raise _Fallback
+        state = orjson.loads(raw)
+        if type(state) is not dict:
+            raise _Fallback
+        pop = state.pop
+        if pop("class_version", 1) != class_version:
             raise _Fallback  # stored at an older version: the mapper upcasts it
-        meta = state.get("meta") or {}
-        timestamp = state.get("timestamp")
+        timestamp = pop("timestamp", None)
+        meta = pop("meta", None)
+        for key in _NOT_PAYLOAD:
+            if type(pop(key, None)) not in _SCALARS:
+                raise _Fallback  # (the library's decoder reads it, and may fail on it)
         if (
-            type(meta) is not dict
-            or type(timestamp) is not str
-            or type(originator_id) is not UUID
-            or type(originator_version) is not int
-            or not all(type(v) is str for v in meta.values())
+            type(timestamp) is not dict
+            or len(timestamp) != 2
+            or timestamp.get(_TYPE) != "datetime_iso"
+            or type(when := timestamp.get("_data_")) is not str
         ):
             raise _Fallback
+        if meta is None:
+            meta = {}
+        elif (
+            type(meta) is not dict
+            or _TYPE in meta  # (the library would read a transcoded value, then fail)
+            or not _STR.issuperset(map(type, meta.values()))
+        ):
+            raise _Fallback
+        nested: list[object] = []
+        for key, value in state.items():
+            kind = type(value)
+            if kind is dict:
+                if len(value) == 2 and _TYPE in value and "_data_" in value:
+                    state[key] = self._value(value[_TYPE], value["_data_"])
+                else:
+                    nested.append(value)
+            elif kind is list:
+                nested.append(value)
+            elif kind is float:
+                raise _Fallback
+        if nested and not _plain(nested):
+            self._transcode(state)
         workspace = meta.get("workspace_id")
         fields = {
             "schema_version": ENVELOPE_SCHEMA_VERSION,
@@ -193,10 +249,10 @@ class _FastDecoder:
             "aggregate": aggregate,
             "type": qualname,
             "event_version": class_version,
-            "timestamp": datetime.fromisoformat(timestamp),
+            "timestamp": datetime.fromisoformat(when),
             "workspace_id": self._workspace(workspace) if workspace else None,
-            "metadata": dict(meta),
-            "payload": {k: v for k, v in state.items() if k not in _NOT_PAYLOAD},
+            "metadata": meta,
+            "payload": state,
         }
         if self._raw:
             return self._construct(fields)

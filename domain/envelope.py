@@ -64,10 +64,17 @@ class EventEnvelope(BaseModel):
         Decoded on first use and kept on the envelope, so the projectors sharing an envelope
         decode it once; a copy with another type or payload (``model_copy``) decodes again.
         """
-        cached: tuple[str, EventPayload] | None = self.__dict__.get(_EVENT)
-        if cached is None or cached[0] is not self.type or cached[1].__dict__ is not self.payload:
-            cached = (self.type, payload_of(self.type, self.payload))
-            self.__dict__[_EVENT] = cached
+        fields = self.__dict__  # (read directly: the projectors ask every envelope, often)
+        cached: tuple[str, EventPayload] | None = fields.get(_EVENT)
+        if (
+            cached is None
+            or cached[0] is not fields["type"]
+            or cached[1].__dict__ is not fields["payload"]
+        ):
+            cached = fields[_EVENT] = (
+                fields["type"],
+                payload_of(fields["type"], fields["payload"]),
+            )
         return cached[1]
 
     @property
