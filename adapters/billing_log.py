@@ -33,22 +33,15 @@ import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
 import orjson
-from eventsourcing.persistence import (
-    DatetimeAsISO,
-    InterfaceError,
-    JSONTranscoder,
-    Notification,
-    OperationalError,
-    UUIDAsHex,
-)
-from eventsourcing.utils import get_topic, resolve_topic, retry
-from psycopg.rows import tuple_row
+from eventsourcing.persistence import Notification
+from eventsourcing.utils import get_topic, resolve_topic
 from psycopg.sql import SQL, Composed, Identifier
 
+from adapters.eventlog import fetch_rows, writes_library_json
 from domain.billing import MonthFold
 from domain.usage import UsageCharge, month_of
 
@@ -87,19 +80,6 @@ class _Fallback(Exception):
     """This row is not one the fast reading covers: the mapper decodes it."""
 
 
-def fast_reading_applies(mapper: Mapper[UUID]) -> bool:
-    """Whether the mapper stores events as the fast reading reads them: the library's JSON
-    transcoder with its own UUID and datetime transcodings, no cipher, no compressor."""
-    transcoder = mapper.transcoder
-    return (
-        mapper.cipher is None
-        and mapper.compressor is None
-        and type(transcoder) is JSONTranscoder
-        and type(transcoder.names.get("uuid_hex")) is UUIDAsHex
-        and type(transcoder.names.get("datetime_iso")) is DatetimeAsISO
-    )
-
-
 class BillingLog:
     """The usage-charge and credit events of the log, folded into a ``MonthFold``."""
 
@@ -108,7 +88,7 @@ class BillingLog:
     def __init__(self, recorder: EventStoreRecorder, mapper: Mapper[UUID]) -> None:
         self.recorder = recorder
         self.mapper = mapper
-        self.fast = fast_reading_applies(mapper)
+        self.fast = writes_library_json(mapper, ("uuid_hex", "datetime_iso"), only=False)
         # The month is filtered in SQL only where no stored usage event is upcast on reading.
         self.month_filter = self.fast and all(
             getattr(cls, "class_version", 1) == 1 for cls in _USAGE_CLASSES
@@ -162,14 +142,10 @@ class BillingLog:
     def learn_charge(self, fold: MonthFold, charge_id: UUID, *, before: int) -> None:
         """The project of a charge the month filter left out (billed in another month), from
         its last ``Charged`` event before ``before``, as reading the whole log would have."""
-        with (
-            self.recorder.datastore.get_connection() as conn,
-            conn.cursor(row_factory=tuple_row, binary=True) as cur,
-        ):
-            cur.execute(self._charge_before, (charge_id, _CHARGED, before))
-            row = cur.fetchone()
-        if row is None:
+        found = fetch_rows(self.recorder, self._charge_before, (charge_id, _CHARGED, before))
+        if not found:
             return  # the fold reports the correction of a charge it never saw
+        row = cast("Row", found[0])
         charge = self.read_charge(row[4])
         if charge is None:
             event = self.decode(row)
@@ -180,7 +156,6 @@ class BillingLog:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def _rows(self, after: int, needle: bytes | None) -> Sequence[Row]:
         statement: Composed = self._page
         params: list[Any] = [after, list(BILLING_TOPICS)]
@@ -196,12 +171,7 @@ class BillingLog:
             params += [[_CHARGED, *_CORRECTIONS], needle, needle]
         statement += SQL(" ORDER BY notification_id LIMIT %s")
         params.append(self.page_size)
-        with (
-            self.recorder.datastore.get_connection() as conn,
-            conn.cursor(row_factory=tuple_row, binary=True) as cur,
-        ):
-            cur.execute(statement, params, prepare=True)
-            return cur.fetchall()
+        return cast("list[Row]", fetch_rows(self.recorder, statement, params))
 
     def decode(self, row: Row) -> object:
         """The mapper's event of a row (the write side's reading, upcasting included)."""

@@ -296,15 +296,33 @@ class _FastDecoder:
             return False
 
 
-def _fast_path_applies(mapper: Mapper[UUID]) -> bool:
+def writes_library_json(mapper: Mapper[UUID], names: Collection[str], *, only: bool) -> bool:
+    """Whether ``mapper`` stores events as the library's JSON transcoder writes them, with no
+    cipher or compressor and the library's own transcoding for each of ``names`` (and, with
+    ``only``, no other): what any reader of the stored bytes that bypasses the mapper needs.
+    """
     transcoder = mapper.transcoder
     return (
         mapper.cipher is None
         and mapper.compressor is None
         and type(transcoder) is JSONTranscoder
-        and set(transcoder.names) == set(_STANDARD)
-        and all(type(transcoder.names[name]) is cls for name, cls in _STANDARD.items())
+        and (not only or set(transcoder.names) == set(names))
+        and all(type(transcoder.names.get(name)) is _STANDARD[name] for name in names)
     )
+
+
+@retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+def fetch_rows(
+    recorder: EventStoreRecorder, statement: Composed, params: Sequence[object]
+) -> list[tuple[Any, ...]]:
+    """Plain rows of a query of the store (binary, prepared), retried across a lost connection
+    like the library's own reads."""
+    with (
+        recorder.datastore.get_connection() as conn,
+        conn.cursor(row_factory=tuple_row, binary=True) as cur,
+    ):
+        cur.execute(statement, params, prepare=True)
+        return cur.fetchall()
 
 
 class EventLog:
@@ -320,7 +338,7 @@ class EventLog:
         self.recorder = recorder
         self.mapper = mapper
         self._close = close
-        self._fast = _FastDecoder() if _fast_path_applies(mapper) else None
+        self._fast = _FastDecoder() if writes_library_json(mapper, _STANDARD, only=True) else None
         self._select = _log_statement(recorder)
 
     def read(self, after: int, limit: int = 1000) -> list[EventEnvelope]:
@@ -371,7 +389,6 @@ class EventLog:
     def head(self) -> int:
         return self.recorder.max_notification_id() or 0
 
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def _rows(self, after: int, limit: int) -> Sequence[Row]:
         if self._select is None:
             return [
@@ -380,12 +397,7 @@ class EventLog:
                     start=after, limit=limit, inclusive_of_start=False
                 )
             ]
-        with (
-            self.recorder.datastore.get_connection() as conn,
-            conn.cursor(row_factory=tuple_row, binary=True) as cur,
-        ):
-            cur.execute(self._select, (after, limit), prepare=True)
-            return cur.fetchall()
+        return cast("list[Row]", fetch_rows(self.recorder, self._select, (after, limit)))
 
     def _aggregate_of(self, topic: str) -> str:
         if self._fast is not None:
