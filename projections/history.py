@@ -18,7 +18,7 @@ from eventsourcing.persistence import DatetimeAsISO, JSONTranscoder, StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
 from psycopg.rows import tuple_row
 
-from domain.card import Card
+from domain.card import OVERWRITING_EVENTS, Card
 from domain.errors import NotFound, ValidationFailed
 from domain.project import Project
 
@@ -385,9 +385,11 @@ def _cards_at(
     Two statements for the whole board: each card's chosen snapshot (and the version of the
     one after it), then each card's events after its snapshot, one primary-key range per card.
     With plain JSON states PostgreSQL picks the snapshot and drops the events after ``as_of``
-    (their times are in the state), so only what the fold needs crosses the wire; otherwise
-    every snapshot, and every event after the chosen one, comes back and the times are
-    compared here.
+    (their times are in the state), and of the overwriting events
+    (:data:`domain.card.OVERWRITING_EVENTS`: edits, moves ...) all but the latest of each kind,
+    so only what the fold needs crosses the wire: a few rows a card, however far its snapshot
+    is behind. Otherwise every snapshot, and every event after the chosen one, comes back and
+    the times are compared here.
     """
     if not card_ids:
         return []
@@ -403,27 +405,46 @@ def _cards_at(
     # events saved with the one it was taken at, or by a command that raced it, can be older
     # than the snapshot. Each card's events are one index range (a lateral subquery keeps the
     # planner on the primary key); rows name their card by its place in ``card_ids``.
+    columns = "notification_id, originator_version, topic, state"
     if decode.plain:
         stop = (
             "coalesce((SELECT originator_version FROM agentworks_events"
             " WHERE originator_id = r.id AND originator_version > coalesce(r.later, r.after)"
             f" AND NOT ({_EARLY}) ORDER BY originator_version LIMIT 1), {_UNBOUNDED})"
         )
-        until = f" AND coalesce({_EARLY}, true)"
+        # An overwriting event is dropped where a later one of its kind is surely at or before
+        # the instant (so is it, and every event between: the card's times rise); one whose
+        # time PostgreSQL cannot read ("maybe") is kept for the fold here to decide.
+        events = (
+            f"SELECT {columns} FROM (SELECT {columns}, max(originator_version)"
+            " FILTER (WHERE early) OVER (PARTITION BY topic) AS last_sure"
+            f" FROM (SELECT {columns}, {_EARLY} AS early FROM agentworks_events"
+            " WHERE originator_id = r.id AND originator_version > r.after"
+            " AND originator_version < stop.version) AS range WHERE early IS NOT false) AS kept"
+            " WHERE originator_version >= coalesce(last_sure, 0)"
+            " OR topic <> ALL(%(overwriting)s::text[])"
+        )
     else:
-        stop, until = str(_UNBOUNDED), ""
+        stop = str(_UNBOUNDED)
+        events = (
+            f"SELECT {columns} FROM agentworks_events WHERE originator_id = r.id"
+            " AND originator_version > r.after AND originator_version < stop.version"
+        )
     sql = (
         "SELECT r.n, e.notification_id, e.originator_version, e.topic, e.state"
         " FROM unnest(%(ids)s::uuid[], %(after)s::bigint[], %(later)s::bigint[])"
         " WITH ORDINALITY AS r(id, after, later, n)"
         f" CROSS JOIN LATERAL (SELECT {stop} AS version) AS stop"
-        " CROSS JOIN LATERAL (SELECT notification_id, originator_version, topic, state"
-        " FROM agentworks_events WHERE originator_id = r.id"
-        f" AND originator_version > r.after AND originator_version < stop.version{until}"
-        " ORDER BY originator_version) AS e"
+        f" CROSS JOIN LATERAL ({events} ORDER BY originator_version) AS e"
         " ORDER BY r.n, e.originator_version"
     )
-    params = {"ids": card_ids, "after": after, "later": later, **_instant(as_of)}
+    params = {
+        "ids": card_ids,
+        "after": after,
+        "later": later,
+        "overwriting": [get_topic(cls) for cls in OVERWRITING_EVENTS],
+        **_instant(as_of),
+    }
     stopped: set[int] = set()
     for n, position, version, topic, state in _rows(conn, sql, params):
         card = n - 1
@@ -434,6 +455,8 @@ def _cards_at(
             stopped.add(card)
             continue
         aggregate, lane_set_at = folded.get(card, (None, 0))
+        if aggregate is not None and version > aggregate.version + 1:
+            aggregate.version = version - 1  # the events between were overwritten, and dropped
         aggregate = event.mutate(aggregate)
         if isinstance(event, _LANE_SETTING):
             lane_set_at = position
