@@ -220,6 +220,22 @@ class Card(TenantAggregate):
             raise InvalidTransition(f"cannot {action} card {self.id}: it is archived")
 
 
+#: Card events whose ``apply`` sets the same attributes from the event's own values, whatever the
+#: card was, where no card event's ``apply`` reads those attributes: of several of one kind, the
+#: latest decides the card (version and time aside). A reader folding many events (a board as of
+#: an instant) may skip all but the latest of each kind. ``tests/unit/test_card_superseding.py``
+#: holds every kind of card event to this.
+OVERWRITING_EVENTS: tuple[type[TenantAggregate.Event], ...] = (
+    Card.Edited,
+    Card.Moved,
+    Card.Assigned,
+    Card.Blocked,
+    Card.Unblocked,
+    Card.Archived,
+    Card.Restored,
+)
+
+
 def _description(value: str) -> str:
     if "\x00" in value:
         raise ValidationFailed("description must not contain NUL characters")

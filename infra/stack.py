@@ -377,7 +377,7 @@ def serve_app(
         ws="websockets-sansio",
         timeout_graceful_shutdown=graceful_seconds,
     )
-    _tune_garbage_collection()
+    tune_garbage_collection()
     server = _Server(config)
     quiet = _CancelledAtShutdown(server)
     uvicorn_logger = logging.getLogger("uvicorn.error")
@@ -391,7 +391,7 @@ def serve_app(
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
-def _tune_garbage_collection() -> None:
+def tune_garbage_collection() -> None:
     """Keep the cyclic collector from eating a busy API's CPU.
 
     A board query allocates tens of thousands of short-lived objects; at CPython's default

@@ -18,12 +18,12 @@ from eventsourcing.persistence import DatetimeAsISO, JSONTranscoder, StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
 from psycopg.rows import tuple_row
 
-from domain.card import Card
+from domain.card import OVERWRITING_EVENTS, Card
 from domain.errors import NotFound, ValidationFailed
 from domain.project import Project
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Generator, Iterator
 
     from eventsourcing.persistence import Mapper
     from psycopg import Connection
@@ -152,23 +152,29 @@ def _board_as_of(
     conn: Connection[Any], decode: _Decoder, project_id: UUID, as_of: datetime
 ) -> BoardAt:
     excluded = [get_topic(cls) for cls in _BOARD_ONLY]
-    rows = _rows(
+    rows = _stream(
         conn,
         "SELECT notification_id, originator_id, originator_version, topic, state"
         " FROM agentworks_events WHERE originator_id = %s AND topic <> ALL(%s)"
         " ORDER BY originator_version",
         (project_id, excluded),
     )
-    events = [(int(r[0]), decode.row(r)) for r in rows]
-    if not events or not isinstance(events[0][1], Project.Created):
+    # Decoded one at a time: a board's worth of events held at once is what sets off the
+    # cyclic garbage collector (and a full collection costs more than the whole board).
+    first = next(rows, None)
+    created = None if first is None else decode.row(first)
+    if not isinstance(created, Project.Created):
+        rows.close()
         raise NotFound(f"project {project_id} does not exist")
-    if events[0][1].timestamp > as_of:
+    if created.timestamp > as_of:
+        rows.close()
         raise NotYet(f"project {project_id} did not exist at {as_of.isoformat()}")
-    project: Any = events[0][1].mutate(None)
+    project: Any = created.mutate(None)
     renames: list[tuple[int, str, str]] = []
     card_ids: dict[UUID, None] = {}
     known_before, known_after = 1, None
-    for position, event in events[1:]:
+    for row in rows:
+        position, event = int(row[0]), decode.row(row)
         if event.timestamp > as_of:
             known_after = event.originator_version if known_after is None else known_after
             continue
@@ -385,17 +391,20 @@ def _cards_at(
     Two statements for the whole board: each card's chosen snapshot (and the version of the
     one after it), then each card's events after its snapshot, one primary-key range per card.
     With plain JSON states PostgreSQL picks the snapshot and drops the events after ``as_of``
-    (their times are in the state), so only what the fold needs crosses the wire; otherwise
-    every snapshot, and every event after the chosen one, comes back and the times are
-    compared here.
+    (their times are in the state), and of the overwriting events
+    (:data:`domain.card.OVERWRITING_EVENTS`: edits, moves ...) all but the latest of each kind,
+    so only what the fold needs crosses the wire: a few rows a card, however far its snapshot
+    is behind. Otherwise every snapshot, and every event after the chosen one, comes back and
+    the times are compared here.
     """
     if not card_ids:
         return []
     base, later = (
         _snapshots_at(conn, decode, card_ids, as_of) if snapshots else ({}, [None] * len(card_ids))
     )
-    folded: dict[int, tuple[Any, int]] = {n: (s.mutate(None), 0) for n, s in base.items()}
-    after = [base[n].originator_version if n in base else 0 for n in range(len(card_ids))]
+    folded: dict[int, tuple[Any, int]] = {n: (card, 0) for n, card in base.items()}
+    after = [base[n].version if n in base else 0 for n in range(len(card_ids))]
+    del base
     # A card's event times rise with its versions, so its events up to ``as_of`` are the ones
     # before the first event stamped later, ``stop``. That one is looked for from the card's
     # next snapshot on (taken after ``as_of``, the events past it almost always were too: the
@@ -403,29 +412,48 @@ def _cards_at(
     # events saved with the one it was taken at, or by a command that raced it, can be older
     # than the snapshot. Each card's events are one index range (a lateral subquery keeps the
     # planner on the primary key); rows name their card by its place in ``card_ids``.
+    columns = "notification_id, originator_version, topic, state"
     if decode.plain:
         stop = (
             "coalesce((SELECT originator_version FROM agentworks_events"
             " WHERE originator_id = r.id AND originator_version > coalesce(r.later, r.after)"
             f" AND NOT ({_EARLY}) ORDER BY originator_version LIMIT 1), {_UNBOUNDED})"
         )
-        until = f" AND coalesce({_EARLY}, true)"
+        # An overwriting event is dropped where a later one of its kind is surely at or before
+        # the instant (so is it, and every event between: the card's times rise); one whose
+        # time PostgreSQL cannot read ("maybe") is kept for the fold here to decide.
+        events = (
+            f"SELECT {columns} FROM (SELECT {columns}, max(originator_version)"
+            " FILTER (WHERE early) OVER (PARTITION BY topic) AS last_sure"
+            f" FROM (SELECT {columns}, {_EARLY} AS early FROM agentworks_events"
+            " WHERE originator_id = r.id AND originator_version > r.after"
+            " AND originator_version < stop.version) AS range WHERE early IS NOT false) AS kept"
+            " WHERE originator_version >= coalesce(last_sure, 0)"
+            " OR topic <> ALL(%(overwriting)s::text[])"
+        )
     else:
-        stop, until = str(_UNBOUNDED), ""
+        stop = str(_UNBOUNDED)
+        events = (
+            f"SELECT {columns} FROM agentworks_events WHERE originator_id = r.id"
+            " AND originator_version > r.after AND originator_version < stop.version"
+        )
     sql = (
         "SELECT r.n, e.notification_id, e.originator_version, e.topic, e.state"
         " FROM unnest(%(ids)s::uuid[], %(after)s::bigint[], %(later)s::bigint[])"
         " WITH ORDINALITY AS r(id, after, later, n)"
         f" CROSS JOIN LATERAL (SELECT {stop} AS version) AS stop"
-        " CROSS JOIN LATERAL (SELECT notification_id, originator_version, topic, state"
-        " FROM agentworks_events WHERE originator_id = r.id"
-        f" AND originator_version > r.after AND originator_version < stop.version{until}"
-        " ORDER BY originator_version) AS e"
+        f" CROSS JOIN LATERAL ({events} ORDER BY originator_version) AS e"
         " ORDER BY r.n, e.originator_version"
     )
-    params = {"ids": card_ids, "after": after, "later": later, **_instant(as_of)}
+    params = {
+        "ids": card_ids,
+        "after": after,
+        "later": later,
+        "overwriting": [get_topic(cls) for cls in OVERWRITING_EVENTS],
+        **_instant(as_of),
+    }
     stopped: set[int] = set()
-    for n, position, version, topic, state in _rows(conn, sql, params):
+    for n, position, version, topic, state in _stream(conn, sql, params):
         card = n - 1
         if card in stopped:
             continue
@@ -434,6 +462,8 @@ def _cards_at(
             stopped.add(card)
             continue
         aggregate, lane_set_at = folded.get(card, (None, 0))
+        if aggregate is not None and version > aggregate.version + 1:
+            aggregate.version = version - 1  # the events between were overwritten, and dropped
         aggregate = event.mutate(aggregate)
         if isinstance(event, _LANE_SETTING):
             lane_set_at = position
@@ -444,11 +474,11 @@ def _cards_at(
 def _snapshots_at(
     conn: Connection[Any], decode: _Decoder, card_ids: list[UUID], as_of: datetime
 ) -> tuple[dict[int, Any], list[int | None]]:
-    """Each card's latest snapshot at or before ``as_of`` (by the card's place in
+    """Each card as its latest snapshot at or before ``as_of`` has it (by the card's place in
     ``card_ids``), and the version of the card's next snapshot (None: there is none)."""
     if decode.plain:
         # Newest first, the time read from each snapshot's state until one is old enough.
-        rows = _rows(
+        rows = _stream(
             conn,
             "SELECT r.n - 1, s.originator_version, s.topic, s.state,"
             " (SELECT min(originator_version) FROM agentworks_snapshots"
@@ -462,12 +492,13 @@ def _snapshots_at(
             " ORDER BY r.n",
             {"ids": card_ids, **_instant(as_of)},
         )
-        chosen = {
-            n: decode(card_ids[n], version, topic, state)
-            for n, version, topic, state, _ in rows
-            if version is not None
-        }
-        return chosen, [None if upto is None else int(upto) for *_, upto in rows]
+        chosen: dict[int, Any] = {}
+        following: list[int | None] = []
+        for n, version, topic, state, next_version in rows:
+            if version is not None:
+                chosen[n] = decode(card_ids[n], version, topic, state).mutate(None)
+            following.append(None if next_version is None else int(next_version))
+        return chosen, following
     place = {card_id: n for n, card_id in enumerate(card_ids)}
     taken: dict[int, list[Any]] = {}
     for card_id, version, topic, state in _rows(
@@ -482,8 +513,8 @@ def _snapshots_at(
     for n, snapshots in taken.items():
         before = [s for s in snapshots if s.timestamp <= as_of]
         if before:
-            base[n] = before[-1]
-        low = base[n].originator_version if n in base else 0
+            base[n] = before[-1].mutate(None)
+        low = base[n].version if n in base else 0
         upto[n] = next(
             (s.originator_version for s in snapshots if s.originator_version > low), None
         )
@@ -532,3 +563,13 @@ def _rows(
     with conn.cursor(row_factory=tuple_row, binary=True) as cur:
         cur.execute(sql, params)
         return cur.fetchall()
+
+
+def _stream(
+    conn: Connection[Any], sql: str, params: tuple[Any, ...] | dict[str, Any]
+) -> Generator[tuple[Any, ...], None, None]:
+    """The rows of a statement, made into Python tuples one at a time (the result is read
+    whole, as by :func:`_rows`)."""
+    with conn.cursor(row_factory=tuple_row, binary=True) as cur:
+        cur.execute(sql, params)
+        yield from cur

@@ -81,14 +81,33 @@ class _Unchanged:
         return data
 
 
+def _rewrite_some_states(database_url: str, cards: list[UUID]) -> None:
+    """Store a third of the cards' events and snapshots as JSON that does not start with their
+    time (as another writer might): PostgreSQL cannot read their times, so it may neither drop
+    them by time nor drop an earlier event of their kind for them; the fold decides."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")  # past the immutability trigger
+        for table in ("agentworks_events", "agentworks_snapshots"):
+            conn.execute(
+                f"UPDATE {table} SET state = convert_to(convert_from(state, 'UTF8')::jsonb::text,"
+                " 'UTF8') WHERE originator_id = ANY(%s) AND originator_version %% 3 = 0",
+                (cards,),
+            )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("interval", "opaque"),
-    [(100, False), (7, False), (7, True)],
-    ids=["snapshots every 100", "every 7", "every 7, states read in Python"],
+    ("interval", "opaque", "rewritten"),
+    [(100, False, False), (7, False, False), (7, True, False), (7, False, True)],
+    ids=[
+        "snapshots every 100",
+        "every 7",
+        "every 7, states read in Python",
+        "every 7, some states not read by PostgreSQL",
+    ],
 )
 def test_each_card_on_a_board_as_of_is_its_whole_history_folded(
-    side: ReadSide, monkeypatch: pytest.MonkeyPatch, interval: int, opaque: bool
+    side: ReadSide, monkeypatch: pytest.MonkeyPatch, interval: int, opaque: bool, rewritten: bool
 ) -> None:
     monkeypatch.setattr(side.app, "snapshotting_intervals", {Card: interval})
     mapper = side.app.mapper
@@ -103,6 +122,8 @@ def test_each_card_on_a_board_as_of_is_its_whole_history_folded(
     ]
     for _ in range(60):
         _work(side, world, cards, rng)
+    if rewritten:
+        _rewrite_some_states(side.database_url, cards)
     histories = {
         card_id: [app.mapper.to_domain_event(s) for s in app.recorder.select_events(card_id)]
         for card_id in cards
