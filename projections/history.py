@@ -452,6 +452,8 @@ def _cards_at(
         "overwriting": [get_topic(cls) for cls in OVERWRITING_EVENTS],
         **_instant(as_of),
     }
+    # Only the plain path drops rows; elsewhere the library's own check on versions stands.
+    dropping = decode.plain
     stopped: set[int] = set()
     for n, position, version, topic, state in _stream(conn, sql, params):
         card = n - 1
@@ -462,7 +464,7 @@ def _cards_at(
             stopped.add(card)
             continue
         aggregate, lane_set_at = folded.get(card, (None, 0))
-        if aggregate is not None and version > aggregate.version + 1:
+        if dropping and aggregate is not None and version > aggregate.version + 1:
             aggregate.version = version - 1  # the events between were overwritten, and dropped
         aggregate = event.mutate(aggregate)
         if isinstance(event, _LANE_SETTING):
