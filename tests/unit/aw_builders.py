@@ -16,6 +16,7 @@ import pytest
 
 from commands import models as m
 from commands.handlers import Actor, AgentWorks, CommandResult
+from domain.card import Card
 from domain.errors import AgentWorksError, Forbidden
 from domain.meta import EventMeta
 from domain.roles import Role
@@ -26,6 +27,23 @@ OWNER = "owner-1"
 
 def meta(workspace_id: UUID | str, actor: str = "u1") -> EventMeta:
     return EventMeta.for_command(workspace_id=workspace_id, actor=actor)
+
+
+def new_card(
+    *, lane: str = "Todo", title: str = "  Write PRD ", description: str = "first draft"
+) -> Card:
+    """A card of a new workspace and project, its creation event still pending."""
+    workspace_id = uuid4()
+    return Card.create(
+        card_id=uuid4(),
+        workspace_id=workspace_id,
+        project_id=uuid4(),
+        title=title,
+        description=description,
+        lane=lane,
+        position="V1",
+        meta=meta(workspace_id),
+    )
 
 
 def collect(aggregate: Any) -> list[Any]:

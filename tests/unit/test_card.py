@@ -6,7 +6,7 @@ from collections.abc import Callable
 from uuid import uuid4
 
 import pytest
-from aw_builders import collect, meta
+from aw_builders import collect, meta, new_card
 
 from domain.card import MAX_DESCRIPTION_LENGTH, MAX_LABEL_LENGTH, MAX_LABELS, Card
 from domain.errors import InvalidTransition, ValidationFailed
@@ -14,17 +14,7 @@ from domain.meta import EventMeta
 
 
 def make_card(*, lane: str = "Todo") -> Card:
-    workspace_id = uuid4()
-    card = Card.create(
-        card_id=uuid4(),
-        workspace_id=workspace_id,
-        project_id=uuid4(),
-        title="  Write PRD ",
-        description="first draft",
-        lane=lane,
-        position="V1",
-        meta=meta(workspace_id),
-    )
+    card = new_card(lane=lane)
     collect(card)
     return card
 

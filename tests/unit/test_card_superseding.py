@@ -8,9 +8,8 @@ make the card that folding everything makes, at every point of any history.
 from __future__ import annotations
 
 from typing import Any
-from uuid import uuid4
 
-from aw_builders import meta
+from aw_builders import meta, new_card
 from eventsourcing.domain import Aggregate
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,18 +29,8 @@ _STEPS = st.lists(
 
 
 def _history(steps: list[tuple[str, int]]) -> list[Aggregate.Event]:
-    workspace_id = uuid4()
-    card = Card.create(
-        card_id=uuid4(),
-        workspace_id=workspace_id,
-        project_id=uuid4(),
-        title="t",
-        description="d",
-        lane="Todo",
-        position="V1",
-        meta=meta(workspace_id),
-    )
-    m = meta(workspace_id)
+    card = new_card(title="t", description="d")
+    m = meta(card.workspace_id)
     lanes, people, labels = ["Todo", "Doing", "Done"], [None, "bob", "carol"], ["bug", "ui", "x"]
     for step, n in steps:
         try:
