@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from eventsourcing.persistence import DatetimeAsISO, JSONTranscoder, StoredEvent
+from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
 from psycopg.rows import tuple_row
 
+from adapters.eventlog import writes_library_json
 from domain.card import OVERWRITING_EVENTS, Card
 from domain.errors import NotFound, ValidationFailed
 from domain.project import Project
@@ -256,14 +257,9 @@ class _Decoder:
 
     def __init__(self, mapper: Mapper[UUID]) -> None:
         self.mapper = mapper
-        transcoder = mapper.transcoder
         self.plain = mapper.cipher is None and mapper.compressor is None
         """Stored states are the transcoder's JSON as is: PostgreSQL can read times in them."""
-        self._fast = (
-            self.plain
-            and type(transcoder) is JSONTranscoder
-            and type(transcoder.names.get("datetime_iso")) is DatetimeAsISO
-        )
+        self._fast = writes_library_json(mapper, ("datetime_iso",), only=False)
 
     def row(self, row: tuple[Any, ...]) -> Any:  # noqa: ANN401
         """A row ``(position, originator id, version, topic, state)`` as its domain event."""

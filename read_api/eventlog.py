@@ -16,7 +16,6 @@ from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic
-from psycopg.rows import tuple_row
 
 from domain.billing import MonthFold, WorkspaceMonth
 from domain.card import Card
@@ -24,6 +23,7 @@ from domain.envelope import EventEnvelope, envelope_from_event
 from domain.errors import NotFound, ValidationFailed
 
 if TYPE_CHECKING:
+    from eventsourcing.domain import DomainEventProtocol
     from eventsourcing.persistence import Mapper
     from psycopg import Connection
     from psycopg.rows import DictRow
@@ -32,14 +32,19 @@ _BILLING_TOPICS = [get_topic(event) for event in MonthFold.FOLDS]
 _CARD_AGGREGATE = Card.__name__
 
 
-def _decode(mapper: Mapper[UUID], row: DictRow) -> EventEnvelope:
-    stored = StoredEvent(
-        originator_id=row["originator_id"],
-        originator_version=int(row["originator_version"]),
-        topic=row["topic"],
-        state=bytes(row["state"]),
+def _domain_event(mapper: Mapper[UUID], row: DictRow) -> DomainEventProtocol[UUID]:
+    return mapper.to_domain_event(
+        StoredEvent(
+            originator_id=row["originator_id"],
+            originator_version=int(row["originator_version"]),
+            topic=row["topic"],
+            state=bytes(row["state"]),
+        )
     )
-    return envelope_from_event(int(row["notification_id"]), mapper.to_domain_event(stored))
+
+
+def _decode(mapper: Mapper[UUID], row: DictRow) -> EventEnvelope:
+    return envelope_from_event(int(row["notification_id"]), _domain_event(mapper, row))
 
 
 def aggregate_in_workspace(
@@ -155,20 +160,9 @@ def reconcile(
     # The write side's own fold of the log (statements and the CLI's reconciliation rest on
     # it), fed the mapper's events; row-level security has already kept other workspaces out.
     fold = MonthFold(month)
-    with conn.cursor(row_factory=tuple_row) as cur:
-        for originator_id, version, topic, state in cur.stream(
-            sql + " ORDER BY notification_id", conn_args, size=1000
-        ):
-            fold.add(
-                mapper.to_domain_event(
-                    StoredEvent(
-                        originator_id=originator_id,
-                        originator_version=version,
-                        topic=topic,
-                        state=bytes(state),
-                    )
-                )
-            )
+    with conn.cursor() as cur:
+        for row in cur.stream(sql + " ORDER BY notification_id", conn_args, size=1000):
+            fold.add(_domain_event(mapper, row))
     figures = fold.workspaces.get(workspace_id, WorkspaceMonth({}, {}, []))
     by_project = dict(figures.usage)
     credits = {credit.credit_id: credit.amount_micros for credit in figures.credits}
