@@ -226,7 +226,7 @@ class _FastDecoder:
             or not _STR.issuperset(map(type, meta.values()))
         ):
             raise _Fallback
-        nested: list[object] = []
+        nested: list[dict[str, Any] | list[Any]] = []
         for key, value in state.items():
             kind = type(value)
             if kind is dict:
@@ -239,7 +239,8 @@ class _FastDecoder:
             elif kind is float:
                 raise _Fallback
         if nested and not _plain(nested):
-            self._transcode(state)
+            for value in nested:  # (the top level is done)
+                self._transcode(value)
         workspace = meta.get("workspace_id")
         fields = {
             "schema_version": ENVELOPE_SCHEMA_VERSION,
