@@ -102,14 +102,12 @@ class BillingLog:
             "SELECT notification_id, uuid_send(originator_id), originator_version, topic, state"
             " FROM {0}"
         ).format(table)
-        # The recorder's horizon rule (see adapters.eventstore): a page never passes a position
-        # that a transaction still open may fill.
-        self._page = (
-            columns
-            + SQL(" WHERE ")
-            + recorder.horizon
-            + SQL(" AND notification_id > %s AND topic = ANY(%s)")
-        )
+        # Every committed row, not the recorder's horizon (see adapters.eventstore): that rule
+        # is for tailing the log, and hides every row committed after the oldest transaction
+        # still open in the database began. A fold is no tail: a month's invoice is drafted
+        # from it once (the month closed, its every event committed before the close), so a
+        # row it did not see would never be billed.
+        self._page = columns + SQL(" WHERE notification_id > %s AND topic = ANY(%s)")
         self._charge_before = columns + SQL(
             " WHERE originator_id = %s AND topic = %s AND notification_id < %s"
             " ORDER BY notification_id DESC LIMIT 1"

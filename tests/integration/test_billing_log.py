@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid4
 
+import psycopg
 import pytest
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic
@@ -232,6 +233,23 @@ def test_a_month_reads_its_own_rows_and_learns_the_charges_corrected_in_it(
     project = writer.workspaces[0][1][0]
     assert fast.workspaces[writer.workspaces[0][0]].usage == {project: -500_000}
     assert (fast.events, reference.events) == (2, 4)  # January's charges were not read
+
+
+def test_a_months_fold_reads_every_committed_row_while_an_older_transaction_is_open(
+    app: AgentWorks, database_url: str
+) -> None:
+    """The log's horizon is for tailing it; a month's fold (an invoice is drafted from it once
+    and for all) must not lose a charge committed after some older transaction began."""
+    writer = _Writer(app)
+    january = datetime(2026, 1, 20, 9, 0, tzinfo=UTC)
+    writer.charge(0, 0, january, 1_000_000, False, "sim-1")
+    with psycopg.connect(database_url, autocommit=False) as older:
+        older.execute("SELECT pg_current_xact_id()")  # a transaction id, older than what follows
+        writer.charge(0, 0, january, 2_000_000, False, "sim-1")
+        fold = fold_month(app, "2026-01", log=_log(app))
+        older.rollback()
+    workspace_id, projects = writer.workspaces[0]
+    assert fold.workspaces[workspace_id].usage == {projects[0]: 3_000_000}
 
 
 def _insert_raw(
