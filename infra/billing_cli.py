@@ -24,7 +24,7 @@ from rich.table import Table
 from domain.billing import Reconciliation, parse_month, require_ended, require_not_future
 from domain.errors import AgentWorksError, ValidationFailed
 from domain.money import format_usd
-from infra.cli_common import EXIT_FAILED, database_url_for, settings_for
+from infra.cli_common import EXIT_FAILED, CliError, database_url_for, settings_for
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -143,9 +143,11 @@ def invoice_command(month: _Month, workspace: _Workspace = None, data_dir: _Data
     stripe = _stripe(settings)
     if stripe is None:
         raise ValidationFailed("AGENTWORKS_STRIPE_API_KEY is not set; invoicing needs Stripe")
+    database_url = database_url_for(settings)
     with ExitStack() as stack:
         stack.callback(stripe.close)
-        app = write_side_from(settings, database_url_for(settings))
+        _hold_invoicing_lock(stack, database_url)
+        app = write_side_from(settings, database_url)
         stack.callback(app.close)
         billing = Billing(app)
         workspace_ids = _workspaces(billing, workspace)
@@ -160,6 +162,30 @@ def invoice_command(month: _Month, workspace: _Workspace = None, data_dir: _Data
         )
     _invoice_summary(month, done, failed)
     return EXIT_FAILED if failed else 0
+
+
+#: Key of the advisory lock held by an invoicing run for as long as it talks to Stripe.
+INVOICE_LOCK_KEY = 0x61_77_2D_69_6E_76_6F_69  # "aw-invoi"
+
+
+def _hold_invoicing_lock(stack: ExitStack, database_url: str) -> None:
+    """Take the invoicing lock for the rest of ``stack`` (its session ends with it), or refuse.
+
+    Each step of an invoice looks Stripe up before it creates anything, which makes a re-run
+    safe, not two runs at once: both would find no item for a line, both create one, and the
+    invoice sweeps every pending item of the customer in, billing the line twice (and a run of
+    another month could sweep this month's items into its own invoice).
+    """
+    import psycopg
+
+    conn = stack.enter_context(psycopg.connect(database_url, autocommit=True))
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (INVOICE_LOCK_KEY,)).fetchone()
+    if row is None or not row[0]:
+        raise CliError(
+            "another 'agentworks invoice' is running on this database; run this one again "
+            "once it has finished",
+            exit_code=EXIT_FAILED,
+        )
 
 
 def _invoice_summary(month: str, done: list[InvoiceResult], failed: list[_Failure]) -> None:

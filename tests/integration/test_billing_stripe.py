@@ -109,6 +109,32 @@ def test_invoice_command_issues_one_invoice_and_a_rerun_creates_nothing(
     assert shown.total_micros == 6_000_000
 
 
+def test_an_invoice_run_while_another_is_running_refuses_and_touches_nothing(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    """Two runs at once would each create an item for a line before either recorded it, and
+    the invoice would sweep both in: while one runs, another stops before Stripe."""
+    from infra.billing_cli import INVOICE_LOCK_KEY
+
+    world = world_with_usage(side)
+    provision_customer(localstripe, world.workspace_id)
+    with psycopg.connect(side.database_url, autocommit=True) as running:
+        running.execute("SELECT pg_advisory_lock(%s)", (INVOICE_LOCK_KEY,))
+        refused = agentworks(
+            "invoice", "--month", MONTH, cwd=tmp_path, env=env(side.database_url, localstripe)
+        )
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "another 'agentworks invoice' is running" in refused.stderr
+        assert ours(localstripe) == []
+        assert list(stripe_client(localstripe).v1.invoice_items.list().auto_paging_iter()) == []
+    after = agentworks(
+        "invoice", "--month", MONTH, cwd=tmp_path, env=env(side.database_url, localstripe)
+    )
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert "1 issued, 0 already issued, 0 nothing to bill, 0 failed" in after.stdout
+    assert len(ours(localstripe)) == 1
+
+
 class CrashAfter(StripeBilling):
     """Dies (as a killed process would) right after one Stripe call succeeded."""
 
