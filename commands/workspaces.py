@@ -7,6 +7,7 @@ from uuid import UUID, uuid4
 
 from commands import models as m
 from commands.service import BOOTSTRAP_SCOPE, USER_SCOPE, Actor, CommandResult, Decision, WriteSide
+from domain.billing import whole_cents
 from domain.errors import Forbidden
 from domain.meta import EventMeta
 from domain.money import parse_markup, parse_usd
@@ -87,6 +88,9 @@ class WorkspaceCommands(WriteSide):
         def set_plan(workspace: Workspace, meta: EventMeta) -> None:
             markup = parse_markup(cmd.markup)
             increment = parse_usd(cmd.billing_increment)
+            # Stripe bills whole cents: a finer increment would leave every invoice of the
+            # workspace unissuable (Invoice.draft refuses its lines).
+            whole_cents(increment)
             workspace.set_plan(markup=markup, billing_increment_micros=increment, meta=meta)
 
         return self._change_workspace(cmd, actor, cmd.workspace_id, Role.OWNER, "setPlan", set_plan)

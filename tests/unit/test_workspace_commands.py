@@ -271,6 +271,14 @@ def test_plan_with_zero_markup_or_increment_is_refused(markup: str, increment: s
     world.refuses(ValidationFailed, world.app.set_plan, cmd)
 
 
+@pytest.mark.parametrize("increment", ["0.000001", "0.005", "0.255"])
+def test_plan_with_an_increment_finer_than_a_cent_is_refused(increment: str) -> None:
+    """Stripe bills whole cents: no invoice of the workspace could be issued with it."""
+    world = World.build()
+    cmd = m.SetPlan(workspace_id=world.workspace_id, markup="5", billing_increment=increment)
+    world.refuses(ValidationFailed, world.app.set_plan, cmd)
+
+
 # -- projects -------------------------------------------------------------------------------------
 
 
