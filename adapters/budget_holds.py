@@ -39,6 +39,9 @@ local limit = tonumber(ARGV[5])
 local run_room = ARGV[6]
 local now = tonumber(ARGV[7])
 local ttl = tonumber(ARGV[8])
+-- Lua writes a number with 14 significant digits ("1e+14"): amounts go out as %.0f, exact
+-- for every integer a double holds exactly.
+local function text(n) return string.format('%.0f', n) end
 local counted = tonumber(redis.call('GET', KEYS[2]) or '0')
 if counted > spent then spent = counted end
 local elsewhere = 0
@@ -62,16 +65,16 @@ if run_room ~= 'none' then
   if room == nil or r < room then room = r end
 end
 if room == nil then
-  redis.call('HSET', key, run, want .. ':' .. (now + ttl))
+  redis.call('HSET', key, run, text(want) .. ':' .. text(now + ttl))
   redis.call('PEXPIREAT', key, latest)
   return {want, 'none'}
 end
-if floor > room then return {-1, tostring(room)} end
+if floor > room then return {-1, text(room)} end
 local granted = want
 if room < granted then granted = room end
-redis.call('HSET', key, run, granted .. ':' .. (now + ttl))
+redis.call('HSET', key, run, text(granted) .. ':' .. text(now + ttl))
 redis.call('PEXPIREAT', key, latest)
-return {granted, tostring(room)}
+return {granted, text(room)}
 """
 
 #: KEYS[1] the month's holds. ARGV: hold, billed, now ms, ttl ms. A hold the projector already
@@ -79,7 +82,7 @@ return {granted, tostring(room)}
 _SETTLE = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 local lapses = tonumber(ARGV[3]) + tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. lapses)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. string.format('%.0f', lapses))
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl >= 0 and tonumber(ARGV[3]) + pttl < lapses then
   redis.call('PEXPIREAT', KEYS[1], lapses)

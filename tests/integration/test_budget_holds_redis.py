@@ -94,6 +94,18 @@ def test_redis_decides_exactly_as_the_pure_function(
     assert held == decide_hold(asked, elsewhere)
 
 
+@pytest.mark.parametrize("limit", [10**14 + 11, 10**15 + 7, 2**53 - 1])
+def test_redis_decides_exactly_for_amounts_past_fourteen_digits(flushed: str, limit: int) -> None:
+    """A monthly limit of $100,000,000 and more: Lua writes such numbers as "1e+14" unless told
+    otherwise, which the answer's reader (and a hold's amount) cannot take exactly."""
+    workspace = uuid4()
+    asked = request(workspace, want=limit // 2 + 3, floor=1, spent=11, limit=limit)
+    [held] = asyncio.run(_hold_all(flushed, [asked]))
+    assert held == decide_hold(asked, 0)
+    stored = redis.Redis.from_url(flushed).hgetall(holds_key(workspace, MONTH))
+    assert [int(v.split(b":")[0]) for v in stored.values()] == [limit // 2 + 3]
+
+
 def test_holds_from_several_clients_at_once_never_add_up_past_the_month(flushed: str) -> None:
     workspace = uuid4()
     asked = [request(workspace, want=300, floor=10, limit=10_000, spent=1_000) for _ in range(60)]
