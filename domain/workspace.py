@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import TYPE_CHECKING
 from uuid import UUID
 
@@ -151,7 +151,14 @@ class Workspace(TenantAggregate):
         self._record(self.MemberRemoved, meta, user_id=user_id)
 
     def set_plan(self, *, markup: Decimal, billing_increment_micros: int, meta: EventMeta) -> None:
-        if not markup.is_finite() or markup <= 0 or markup != markup.quantize(MARKUP_QUANTUM):
+        if (
+            not markup.is_finite()
+            or markup <= 0
+            # A context wide enough for the markup's digits and six decimals: the default one
+            # (28 digits) raised InvalidOperation for a markup of 23 digits or more.
+            or markup
+            != markup.quantize(MARKUP_QUANTUM, context=Context(prec=max(28, markup.adjusted() + 8)))
+        ):
             raise ValidationFailed(
                 f"markup must be a positive number with at most 6 decimals, got {markup}"
             )

@@ -221,6 +221,15 @@ def test_non_positive_billing_increment_is_refused(increment: int) -> None:
         workspace.set_plan(markup=Decimal(2), billing_increment_micros=increment, meta=m(workspace))
 
 
+@pytest.mark.parametrize("markup", ["9" * 23, "9" * 33 + ".5", "1E+38"])
+def test_a_markup_of_many_digits_is_decided_exactly_not_crashed_on(markup: str) -> None:
+    """``parse_markup`` takes up to 40 characters; the check of six decimals used the default
+    decimal context (28 digits) and raised InvalidOperation (INTERNAL) past 22 digits."""
+    workspace = make_workspace()
+    workspace.set_plan(markup=Decimal(markup), billing_increment_micros=250_000, meta=m(workspace))
+    assert workspace.markup == Decimal(markup)
+
+
 @pytest.mark.parametrize("markup", ["Infinity", "-Infinity", "1.0000001", "NaN", "sNaN"])
 def test_markup_that_billing_cannot_use_is_refused(markup: str) -> None:
     workspace = make_workspace()
