@@ -223,7 +223,9 @@ class Billing:
         """Record Stripe's word that an invoice of ours was paid or voided.
 
         ``False`` when this Stripe event was recorded before (a replayed delivery changes
-        nothing); ``NotFound`` for an invoice that is not ours or not the one we issued.
+        nothing); ``NotFound`` for an invoice that is not ours or not the one we issued;
+        ``Conflict`` while our invoice is drafted but its issue not yet recorded (a run stopped
+        after Stripe made the invoice, and its re-run records it): the delivery must come again.
         """
         workspace_text, _, month = key.partition(":")
         try:
@@ -232,6 +234,12 @@ class Billing:
             raise NotFound(f"no invoice of ours is keyed {key!r}") from None
         for _ in range(_SAVE_ATTEMPTS):
             invoice = self.app.aggregate(Invoice, invoice_id_for(workspace_id, month))
+            if invoice.stripe_invoice_id is None:
+                raise Conflict(
+                    f"invoice {key} is not recorded as issued yet (an invoicing run stopped "
+                    f"after Stripe made it; its re-run records it): {stripe_event_id} must be "
+                    "delivered again"
+                )
             if invoice.stripe_invoice_id != stripe_invoice_id:
                 raise NotFound(
                     f"Stripe invoice {stripe_invoice_id} is not the one issued for {key}"

@@ -3,6 +3,8 @@
 The signature is checked with ``AGENTWORKS_STRIPE_WEBHOOK_SECRET`` before anything is read; a
 delivery signed more than five minutes ago is refused (a replay), and an event id already
 recorded is acknowledged without effect, so a replay within the window changes nothing either.
+An event of an invoice of ours whose issue is not recorded yet (an invoicing run stopped after
+Stripe made it) is answered 409, so that Stripe delivers it again once the re-run recorded it.
 Without a configured secret the route answers 404: unsigned billing events are never trusted.
 """
 
@@ -17,7 +19,7 @@ from fastapi.responses import JSONResponse
 from adapters.stripe import WebhookRefused, verify_webhook
 from commands.billing import Billing
 from domain.billing import InvoiceStatus
-from domain.errors import NotFound
+from domain.errors import Conflict, NotFound
 from read_api.errors import error_body
 
 if TYPE_CHECKING:
@@ -63,6 +65,10 @@ class StripeWebhook:
                 "stripe.webhook_unknown_invoice", event_id=event.event_id, error=str(missing)
             )
             return JSONResponse({"received": True, "recorded": False})
+        except Conflict as busy:
+            # Not recorded, and it must be: any answer but a 2xx has Stripe deliver it again.
+            log.warning("stripe.webhook_not_yet", event_id=event.event_id, error=str(busy))
+            return JSONResponse(error_body(str(busy), busy.code), 409)
         log.info(
             "stripe.webhook_recorded" if recorded else "stripe.webhook_duplicate",
             event_id=event.event_id,

@@ -27,6 +27,7 @@ from commands.billing import Billing, Outcome
 from commands.handlers import Actor
 from domain.billing import invoice_key
 from domain.usage import month_of
+from domain.workspace import Workspace
 
 if TYPE_CHECKING:
     from e2e_stack import MakeStack, Stack
@@ -149,6 +150,58 @@ def test_webhook_refuses_bad_signatures_and_old_deliveries(
     accepted = httpx.post(url, content=voided, headers=signed(voided))
     assert accepted.json() == {"received": True, "recorded": True}
     wait_for(lambda: statement(alice, ws)["invoiceStatus"] == "void", timeout=15.0)
+
+
+class _StopsAfterCreatingTheInvoice(StripeBilling):
+    """A run that dies right after Stripe made the invoice, before recording its issue."""
+
+    def create_invoice(self, customer_id: str, key: str, description: str) -> str:
+        super().create_invoice(customer_id, key, description)
+        raise KeyboardInterrupt("stopped after create_invoice")
+
+
+def test_a_payment_before_the_issue_is_recorded_is_asked_for_again(
+    make_stack: MakeStack, localstripe: str
+) -> None:
+    stack = make_stack(stripe_webhook_secret=SECRET)
+    alice, ws = stack.owner_with_workspace("alice", "Acme")
+    project = alice.create_project(ws, "Rocket", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(project, "c")["card"]["id"]
+    service = Actor.service("orchestrator", ws)
+    run = stack.write.start_agent_run(
+        m.StartAgentRun(card_id=UUID(card), agent="coder"),
+        Actor(user_id=user_id("alice"), workspace_id=ws),
+    ).id
+    stack.write.begin_run(m.BeginRun(run_id=run, worker="w"), service)
+    stack.write.record_llm_call(
+        m.RecordLlmCall(
+            run_id=run, call_id="c1", provider="p", model="m", input_tokens=1, output_tokens=1,
+            latency_ms=1, provider_cost_micros=210_000, price_table_version="v1", at=IN_MONTH,
+        ),
+        service,
+    )  # fmt: skip
+    provision_customer(localstripe, UUID(ws))
+    stopping = _StopsAfterCreatingTheInvoice(api_key=STRIPE_TEST_KEY, api_base=localstripe)
+    stripe = StripeBilling(api_key=STRIPE_TEST_KEY, api_base=localstripe)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Billing(stack.write).invoice(stopping, UUID(ws), MONTH)
+        key = invoice_key(UUID(ws), MONTH)
+        customer = stack.write.aggregate(Workspace, UUID(ws)).stripe_customer_id
+        found = stripe.find_invoice(str(customer), key)
+        assert found is not None
+        paid = invoice_event("evt_paid_early", "invoice.paid", found.id, key)
+        url = f"{stack.url}/webhooks/stripe"
+        early = httpx.post(url, content=paid, headers=signed(paid))
+        assert early.status_code == 409, early.text  # not 2xx: Stripe delivers it again
+        assert early.json()["errors"][0]["extensions"]["code"] == "CONFLICT"
+        assert Billing(stack.write).invoice(stripe, UUID(ws), MONTH).outcome is Outcome.ISSUED
+    finally:
+        stopping.close()
+        stripe.close()
+    again = httpx.post(url, content=paid, headers=signed(paid))
+    assert again.json() == {"received": True, "recorded": True}
+    wait_for(lambda: statement(alice, ws)["invoiceStatus"] == "paid", timeout=15.0)
 
 
 def test_without_a_secret_the_webhook_route_is_not_there(make_stack: MakeStack) -> None:

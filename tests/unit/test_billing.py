@@ -24,6 +24,7 @@ from domain.billing import (
     Credit,
     DiscrepancyKind,
     Invoice,
+    InvoiceStatus,
     Line,
     RemoteInvoice,
     RemoteItem,
@@ -37,7 +38,7 @@ from domain.billing import (
     statement_lines,
     statement_total,
 )
-from domain.errors import InvalidTransition, NotFound, ValidationFailed
+from domain.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
 from domain.usage import MonthlySpend, UsageCharge, month_of, spend_id_for
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -285,6 +286,25 @@ def test_a_crash_after_any_stripe_call_then_a_rerun_creates_nothing_twice(step: 
     invoice: Invoice = world.get(invoice_id_for(world.workspace_id, "2026-02"))
     assert invoice.stripe_invoice_id in stripe.invoices
     assert set(invoice.items.values()) == set(stripe.items)
+
+
+def test_stripes_word_on_an_invoice_not_yet_recorded_as_issued_is_asked_for_again() -> None:
+    """A run stopped right after Stripe made the invoice: a payment event arriving before the
+    re-run records the issue must be delivered again (a 2xx would drop it for good)."""
+    world = world_with_february_usage()
+    stripe = FakeStripe(crash_after="create_invoice")
+    with pytest.raises(Crash):
+        billing(world).invoice(stripe, world.workspace_id, "2026-02")
+    key = invoice_key(world.workspace_id, "2026-02")
+    (stripe_id,) = stripe.invoices
+    with pytest.raises(Conflict):
+        billing(world).settle(key, stripe_id, InvoiceStatus.PAID, "evt_paid")
+    assert billing(world).invoice(stripe, world.workspace_id, "2026-02").outcome is Outcome.ISSUED
+    assert billing(world).settle(key, stripe_id, InvoiceStatus.PAID, "evt_paid") is True
+    invoice: Invoice = world.get(invoice_id_for(world.workspace_id, "2026-02"))
+    assert invoice.status is InvoiceStatus.PAID
+    with pytest.raises(NotFound):
+        billing(world).settle(key, "in_someone_elses", InvoiceStatus.PAID, "evt_other")
 
 
 def test_pending_items_of_another_month_stop_the_invoice_before_stripe_sweeps_them_in() -> None:
