@@ -147,7 +147,9 @@ class StripeBilling:
         """The invoice, gathering the customer's pending items.
 
         ``pending_invoice_items_behavior=include``: Stripe's default (``exclude`` since API
-        version 2022-08-01) would leave our items out of the invoice.
+        version 2022-08-01) would leave our items out of the invoice. ``auto_advance``: an
+        invoice made through the API stays a draft (never finalized, sent or collected) unless
+        asked to advance; Stripe then finalizes it after an hour and collects it.
         """
         invoice = self._call(
             "invoice creation",
@@ -157,6 +159,7 @@ class StripeBilling:
                 "description": description,
                 "metadata": {"invoice_key": key},
                 "pending_invoice_items_behavior": "include",
+                "auto_advance": True,
             },
         )
         return str(invoice.id)
