@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
 
+import pydantic
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -91,14 +92,19 @@ def credit_command(
 
     settings = settings_for(data_dir)
     workspace_id = _workspace_id(workspace)
+    try:
+        cmd = GrantCredit(
+            workspace_id=workspace_id, amount=amount, reason=reason, at=datetime.now(UTC)
+        )
+    except pydantic.ValidationError as error:
+        # A traceback (exit 1) otherwise: bad input is one line and exit 2, as everywhere.
+        problems = "; ".join(
+            f"--{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()
+        )
+        raise ValidationFailed(problems) from None
     app = write_side_from(settings, database_url_for(settings))
     try:
-        result = Billing(app).grant_credit(
-            GrantCredit(
-                workspace_id=workspace_id, amount=amount, reason=reason, at=datetime.now(UTC)
-            ),
-            Actor.service(_CLI_ACTOR, workspace_id),
-        )
+        result = Billing(app).grant_credit(cmd, Actor.service(_CLI_ACTOR, workspace_id))
     finally:
         app.close()
     typer.echo(

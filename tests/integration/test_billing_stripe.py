@@ -253,6 +253,19 @@ def test_bad_input_exits_2_with_one_line(side: ReadSide, localstripe: str, tmp_p
         assert message in line, (args, line)
 
 
+def test_a_credit_reason_empty_or_too_long_exits_2_with_one_line(
+    side: ReadSide, tmp_path: Path
+) -> None:
+    world = side.new_world()
+    environment = {"AGENTWORKS_DATABASE_URL": side.database_url, "AGENTWORKS_LOG_LEVEL": "WARNING"}
+    for reason in ("", "x" * 1001):
+        args = ("credit", "--workspace", str(world.workspace_id), "--amount", "1")
+        line = assert_one_line_error(
+            agentworks(*args, "--reason", reason, cwd=tmp_path, env=environment)
+        )
+        assert "--reason" in line, line
+
+
 def test_credit_shows_as_a_negative_line_and_reconcile_finds_planted_discrepancies(
     side: ReadSide, localstripe: str, tmp_path: Path
 ) -> None:
