@@ -25,7 +25,8 @@ from domain.money import format_usd, round_up_to_increment
 from domain.usage import MonthlySpend, UsageCharge, month_of, spend_id_for
 
 _INVOICES = uuid5(NAMESPACE_URL, "https://agentworks.dev/ns/invoice")
-_MONTH: Final[re.Pattern[str]] = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])", re.ASCII)
+#: Year 0000 is no year (``datetime`` starts at 1): it would fail later, as a ValueError.
+_MONTH: Final[re.Pattern[str]] = re.compile(r"(?!0000)([0-9]{4})-(0[1-9]|1[0-2])", re.ASCII)
 MICROS_PER_CENT: Final[int] = 10_000
 
 

@@ -101,6 +101,16 @@ def test_a_malformed_month_is_refused_naming_it(text: str) -> None:
         parse_month(text)
 
 
+def test_year_zero_is_no_month_to_bill_or_reconcile() -> None:
+    """``datetime`` has no year 0: the month passed the pattern and then raised ValueError
+    (``agentworks reconcile --month 0000-01`` ended in a traceback)."""
+    with pytest.raises(ValidationFailed, match="YYYY-MM"):
+        parse_month("0000-01")
+    assert parse_month("0001-01") == "0001-01"
+    with pytest.raises(ValidationFailed):
+        require_not_future(parse_month("0000-12"), NOW)
+
+
 def test_future_and_unfinished_months_are_refused() -> None:
     with pytest.raises(ValidationFailed, match="future"):
         require_not_future("2026-04", NOW)
