@@ -23,7 +23,7 @@ from read_api.access import AccessMutation
 from read_api.errors import ErrorShaping, log_unexpected
 from read_api.execution import LeafShortcutExecution
 from read_api.input_checks import ExplicitOperation, StorableTextOnly
-from read_api.limits import CostLimiter, SubscriptionsOnlyOverWebSocket
+from read_api.limits import BoundedExpansion, CostLimiter, SubscriptionsOnlyOverWebSocket
 from read_api.mutation import Mutation
 from read_api.query import Query
 from read_api.scalars import SCALARS
@@ -78,6 +78,8 @@ def build_schema(limits: QueryLimits | None = None) -> strawberry.Schema:
         SubscriptionsOnlyOverWebSocket,
         ExplicitOperation,
         StorableTextOnly,
+        # Before the validation rules, which walk a document with its fragments spread.
+        lambda: BoundedExpansion(max_selections=limits.max_expanded_selections),
         lambda: AddValidationRules(rules),
         lambda: MaxTokensLimiter(max_token_count=limits.max_tokens),
         lambda: CostLimiter(max_cost=limits.max_cost),
