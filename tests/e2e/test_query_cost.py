@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from api_client import subscribe
 from e2e_stack import Stack
 
 SPA_BOARD = """
@@ -95,3 +96,25 @@ def test_a_long_chain_of_fragments_is_refused_not_an_internal_error(stack: Stack
     document = f"query {{ ...F0 }}\n{fragments}\nfragment F{levels} on Query {{ __typename }}"
 
     assert alice.post(document).codes == ["VALIDATION"]
+
+
+def test_an_exploding_subscription_is_refused_over_the_websocket(stack: Stack) -> None:
+    """The same refusal, at once, as a subscription's error message (not a bare complete)."""
+    alice, _ = stack.owner_with_workspace()
+    levels = 18
+    fragments = "\n".join(
+        f"fragment F{i} on Subscription {{ ...F{i + 1} ...F{i + 1} }}" for i in range(levels)
+    )
+    document = (
+        f"subscription {{ ...F0 }}\n{fragments}\n"
+        f"fragment F{levels} on Subscription {{ __typename }}"
+    )
+    with subscribe(stack.ws_url, alice.token, document) as sub:
+        started = time.monotonic()
+        message = sub.next_message()
+        elapsed = time.monotonic() - started
+    assert message["type"] in ("error", "next"), message
+    errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
+    assert [e["extensions"]["code"] for e in errors] == ["VALIDATION"], message
+    assert "too large" in errors[0]["message"]
+    assert elapsed < 1.0
