@@ -9,11 +9,12 @@ line naming what failed.
 
 from __future__ import annotations
 
+import io
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TextIO
 from uuid import UUID
 
 import typer
@@ -32,6 +33,8 @@ from infra.cli_common import EXIT_FAILED, PROG, database_url_for, settings_for
 from infra.settings import ConfigurationError, Settings
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from infra.bootstrap import StoredAgentWorks
@@ -66,6 +69,25 @@ def _failed(message: str) -> NoReturn:
     """The verdict is "no": one line on stderr, exit 1."""
     print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
     raise typer.Exit(EXIT_FAILED)
+
+
+@contextmanager
+def _utf8(stream: TextIO, *, writing: bool) -> Iterator[TextIO]:
+    """``stream`` (stdin or stdout) as UTF-8 text with lines ending in "\n" alone, whatever
+    encoding and newline translation the environment gave it; ``stream`` is left open."""
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:  # not backed by bytes (a test's stand-in): nothing to choose
+        yield stream
+        return
+    if writing:
+        stream.flush()
+    wrapper = io.TextIOWrapper(buffer, encoding="utf-8", newline="\n")
+    try:
+        yield wrapper
+    finally:
+        if writing:
+            wrapper.flush()
+        wrapper.detach()
 
 
 def _parse_id(text: str, what: str) -> UUID:
@@ -194,7 +216,8 @@ def export_command(
                 elapsed = max(time.monotonic() - started, 1e-6)
                 progress.update(task, completed=position, rate=f"{seen / elapsed:,.0f}")
 
-        out = sys.stdout
+        # UTF-8 bytes, as the lines were hashed, whatever encoding the environment gives stdout.
+        out = stack.enter_context(_utf8(sys.stdout, writing=True))
         written = 0
         for line in export_lines(
             workspace_rows(conn, workspace_id=workspace_id, json_prefilter=plain),
@@ -233,7 +256,9 @@ def verify_command(
     key = _verifying_key(settings, public_key)
     try:
         if file == "-":
-            verdict = verify(sys.stdin, key)
+            # Read as a file is (below): UTF-8, split on "\n" only, whatever the environment.
+            with _utf8(sys.stdin, writing=False) as handle:
+                verdict = verify(handle, key)
         else:
             with open(file, encoding="utf-8", newline="\n") as handle:
                 verdict = verify(handle, key)

@@ -42,7 +42,10 @@ def parse_instant(text: str, *, option: str) -> datetime:
         ) from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # year 1 east of UTC, or 9999 west of it: no such UTC year here
+        raise ValidationFailed(f"{option}: time {text!r} is out of range in UTC") from None
 
 
 def card_state(card: Card) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from graphql import (
+    DocumentNode,
     FieldNode,
     FragmentDefinitionNode,
     FragmentSpreadNode,
@@ -23,7 +24,7 @@ from graphql import (
     SelectionSetNode,
     VariableNode,
 )
-from strawberry.extensions import SchemaExtension
+from strawberry.extensions import SchemaExtension, ValidationCache
 from strawberry.types.graphql import OperationType
 
 #: Page size a list field has when the query does not say ``first``.
@@ -75,6 +76,115 @@ class CostLimiter(SchemaExtension):
                         extensions={"code": "VALIDATION"},
                     )
         yield
+
+
+class BoundedValidation(ValidationCache):
+    """Strawberry's validation (cached), for documents whose fragments expand them to at most
+    ``max_selections`` fields nesting at most ``max_nesting`` levels deep; any other document
+    is refused (code VALIDATION) without being validated.
+
+    The token limit bounds what a document says, not what it means: fragments that each spread
+    the next one twice make a document of a few hundred bytes stand for 2^n fields, and the
+    depth and alias rules (strawberry's) and the cost estimate all walk it expanded, each spread
+    again, in the event loop; fragments that each spread the next, a few hundred deep, nest
+    past what the parser allows for fields, and the depth rule ran out of stack on them. Here
+    each fragment is measured once, so the check costs what the document's text does. The
+    refusal is the validation's result (``pre_execution_errors``), so queries and subscriptions
+    alike answer it as they answer any invalid document.
+    """
+
+    def __init__(self, *, maxsize: int, max_selections: int, max_nesting: int = 64) -> None:
+        super().__init__(maxsize=maxsize)
+        self.max_selections = max_selections
+        self.max_nesting = max_nesting
+
+    def on_validate(self) -> Iterator[None]:
+        document = self.execution_context.graphql_document
+        refusal = None if document is None else self._refusal(document)
+        if refusal is None:
+            yield from super().on_validate()
+            return
+        self.execution_context.pre_execution_errors = [refusal]
+        yield
+
+    def _refusal(self, document: DocumentNode) -> GraphQLError | None:
+        fragments = {
+            d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)
+        }
+        measure = _Expansion(fragments, self.max_selections, self.max_nesting)
+        for definition in document.definitions:
+            if isinstance(definition, OperationDefinitionNode):
+                try:
+                    size, _ = measure(definition.selection_set, level=0)
+                except _TooDeep:
+                    return GraphQLError(
+                        f"query is nested too deeply: more than {self.max_nesting} levels "
+                        "of fields and fragments",
+                        extensions={"code": "VALIDATION"},
+                    )
+                if size > self.max_selections:
+                    return GraphQLError(
+                        f"query is too large: its fragments expand it to more than "
+                        f"{self.max_selections} fields; spread fewer fragments",
+                        extensions={"code": "VALIDATION"},
+                    )
+        return None
+
+
+class _TooDeep(Exception):
+    """A selection nests past the bound."""
+
+
+class _Expansion:
+    """The fields of a selection set with its fragments spread, and how deep it nests; each
+    fragment measured once. A fragment spread inside itself (a cycle, which validation
+    refuses) counts nothing. Sizes saturate just past ``most``: only exceeding it matters."""
+
+    def __init__(
+        self, fragments: Mapping[str, FragmentDefinitionNode], most: int, deepest: int
+    ) -> None:
+        self.fragments = fragments
+        self.most = most
+        self.deepest = deepest
+        self.known: dict[str, tuple[int, int]] = {}
+        self.open: set[str] = set()
+
+    def __call__(self, selection_set: SelectionSetNode | None, *, level: int) -> tuple[int, int]:
+        """``(fields, levels)`` of a selection set found ``level`` levels deep."""
+        if selection_set is None:
+            return 0, 0
+        if level >= self.deepest:
+            raise _TooDeep
+        total, height = 0, 0
+        for selection in selection_set.selections:
+            if isinstance(selection, FieldNode):
+                size, below = self(selection.selection_set, level=level + 1)
+                size += 1
+            elif isinstance(selection, InlineFragmentNode):
+                size, below = self(selection.selection_set, level=level + 1)
+            elif isinstance(selection, FragmentSpreadNode):
+                size, below = self._fragment(selection.name.value, level=level + 1)
+            else:  # pragma: no cover - the three kinds of selection
+                continue
+            total = min(total + size, self.most + 1)
+            height = max(height, below + 1)
+        return total, height
+
+    def _fragment(self, name: str, *, level: int) -> tuple[int, int]:
+        known = self.known.get(name)
+        if known is None:
+            fragment = self.fragments.get(name)
+            if fragment is None or name in self.open:
+                return 0, 0
+            self.open.add(name)
+            try:
+                known = self(fragment.selection_set, level=level)
+            finally:
+                self.open.discard(name)
+            self.known[name] = known
+        if level + known[1] > self.deepest:
+            raise _TooDeep
+        return known
 
 
 class SubscriptionsOnlyOverWebSocket(SchemaExtension):

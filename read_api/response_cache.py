@@ -372,7 +372,7 @@ class ResponseCache:
         root = self._schema.query_type
         if root is None:
             return False
-        return _reads_only_read_models(operations[0].selection_set, root, fragments, set())
+        return _reads_only_read_models(operations[0].selection_set, root, fragments, set(), {})
 
 
 def _reads_only_read_models(
@@ -380,7 +380,12 @@ def _reads_only_read_models(
     parent: GraphQLObjectType,
     fragments: Mapping[str, FragmentDefinitionNode],
     spreading: set[str],
+    judged: dict[str, bool],
 ) -> bool:
+    """Whether the selection reads only :data:`CACHEABLE_FIELDS`; ``judged`` keeps each
+    fragment's verdict (its type condition is its parent's), so a fragment spread many times is
+    walked once: this runs in the event loop, before the schema's limits, and fragments that
+    each spread the next twice would otherwise be walked 2^n times."""
     allowed = CACHEABLE_FIELDS.get(parent.name, frozenset())
     for selection in selection_set.selections:
         if isinstance(selection, FieldNode):
@@ -395,14 +400,16 @@ def _reads_only_read_models(
             if selection.selection_set is not None:
                 inner = get_named_type(field.type)
                 if not isinstance(inner, GraphQLObjectType) or not _reads_only_read_models(
-                    selection.selection_set, inner, fragments, spreading
+                    selection.selection_set, inner, fragments, spreading, judged
                 ):
                     return False
         elif isinstance(selection, InlineFragmentNode):
             condition = selection.type_condition
             if condition is not None and condition.name.value != parent.name:
                 return False
-            if not _reads_only_read_models(selection.selection_set, parent, fragments, spreading):
+            if not _reads_only_read_models(
+                selection.selection_set, parent, fragments, spreading, judged
+            ):
                 return False
         elif isinstance(selection, FragmentSpreadNode):
             name = selection.name.value
@@ -411,10 +418,14 @@ def _reads_only_read_models(
                 fragment is None
                 or name in spreading
                 or fragment.type_condition.name.value != parent.name
-                or not _reads_only_read_models(
-                    fragment.selection_set, parent, fragments, spreading | {name}
-                )
             ):
+                return False
+            verdict = judged.get(name)
+            if verdict is None:
+                verdict = judged[name] = _reads_only_read_models(
+                    fragment.selection_set, parent, fragments, spreading | {name}, judged
+                )
+            if not verdict:
                 return False
         else:
             return False

@@ -52,7 +52,10 @@ def _parse_datetime(value: object) -> datetime:
         ) from None
     if parsed.tzinfo is None:
         raise ValidationFailed(f"DateTime {value!r} needs a time zone, e.g. a trailing 'Z' for UTC")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # year 1 east of UTC, or 9999 west of it: no such UTC year here
+        raise ValidationFailed(f"DateTime {value!r} is out of range in UTC") from None
 
 
 SCALARS: dict[object, ScalarDefinition] = {

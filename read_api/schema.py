@@ -13,7 +13,6 @@ from strawberry.extensions import (
     ParserCache,
     QueryDepthLimiter,
     SchemaExtension,
-    ValidationCache,
 )
 from strawberry.schema.config import StrawberryConfig
 from strawberry.tools import merge_types
@@ -23,7 +22,7 @@ from read_api.access import AccessMutation
 from read_api.errors import ErrorShaping, log_unexpected
 from read_api.execution import LeafShortcutExecution
 from read_api.input_checks import ExplicitOperation, StorableTextOnly
-from read_api.limits import CostLimiter, SubscriptionsOnlyOverWebSocket
+from read_api.limits import BoundedValidation, CostLimiter, SubscriptionsOnlyOverWebSocket
 from read_api.mutation import Mutation
 from read_api.query import Query
 from read_api.scalars import SCALARS
@@ -82,7 +81,8 @@ def build_schema(limits: QueryLimits | None = None) -> strawberry.Schema:
         lambda: MaxTokensLimiter(max_token_count=limits.max_tokens),
         lambda: CostLimiter(max_cost=limits.max_cost),
         lambda: DocumentCache(maxsize=512),
-        lambda: ValidationCache(maxsize=512),
+        # Refuses documents that expand past the bounds before validation walks them.
+        lambda: BoundedValidation(maxsize=512, max_selections=limits.max_expanded_selections),
     ]
     return AgentWorksSchema(
         query=Query,

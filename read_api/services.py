@@ -66,6 +66,8 @@ class QueryLimits:
     max_tokens: int = 4000
     max_cost: int = 100_000
     """Estimated number of objects a document may resolve, lists counted at their page size."""
+    max_expanded_selections: int = 10_000
+    """Fields a document may stand for with its fragments spread (its text is max_tokens)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -230,11 +230,12 @@ def verify(lines: Iterable[str], public_key: Ed25519PublicKey) -> Verdict:
             return bad(number, "a line after the trailer (appended)")
         try:
             obj = json.loads(text)
-        except ValueError:
+            canonical = canonical_json(obj)
+        except (ValueError, RecursionError):  # a line nested deeper than the parser goes
             return bad(number, "not a JSON line")
         if not isinstance(obj, dict):
             return bad(number, "not a JSON object")
-        if canonical_json(obj) != text:
+        if canonical != text:
             return bad(number, "not in canonical JSON form (edited)")
         if "signature" in obj:
             if set(obj) != TRAILER_FIELDS:
@@ -256,7 +257,8 @@ def verify(lines: Iterable[str], public_key: Ed25519PublicKey) -> Verdict:
         count += 1
     if trailer is None:
         return bad(number + 1, "no trailer: the export is truncated or unsigned")
-    if trailer["count"] != count:
+    # An int and nothing else: 1.0 and true equal 1 in Python, and are not what was signed.
+    if type(trailer["count"]) is not int or trailer["count"] != count:
         return bad(trailer_line, f"trailer counts {trailer['count']} events, the file has {count}")
     if trailer["headHash"] != prev:
         return bad(trailer_line, "trailer headHash is not the last event line's hash")

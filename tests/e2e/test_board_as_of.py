@@ -76,3 +76,17 @@ def test_board_before_the_project_or_of_another_workspace_is_null(stack: Stack) 
     assert before["board"] is None
     mallory, _ = stack.owner_with_workspace()
     assert mallory.data(BOARD, {"id": pid, "at": datetime.now(UTC).isoformat()})["board"] is None
+
+
+def test_an_instant_out_of_range_in_utc_is_validation(stack: Stack) -> None:
+    """Year 1 an hour east of UTC (or 9999 an hour west) is a year DateTime cannot hold in UTC:
+    refused as input (VALIDATION), never an internal error."""
+    alice, ws = stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    cid = alice.create_card(pid, "first")["card"]["id"]
+    history = "query($id: ID!, $at: DateTime) { cardHistory(cardId: $id, asOf: $at) { version } }"
+    for at in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
+        assert alice.post(BOARD, {"id": pid, "at": at}).codes == ["VALIDATION"]
+        assert alice.post(history, {"id": cid, "at": at}).codes == ["VALIDATION"]
+        literal = f'{{ board(projectId: "{pid}", asOf: "{at}") {{ version }} }}'
+        assert alice.post(literal).codes == ["VALIDATION"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+from api_client import subscribe
 from e2e_stack import Stack
 
 SPA_BOARD = """
@@ -55,3 +58,63 @@ def test_lanes_of_200_cards_of_200_runs_each_are_still_refused(stack: Stack) -> 
 
     assert answer.codes == ["VALIDATION"]
     assert "too expensive" in answer.errors[0]["message"]
+
+
+def test_fragments_that_double_at_each_level_are_refused_before_validation(stack: Stack) -> None:
+    """A document of under 1 KB whose fragments each spread the next twice stands for 2^18
+    fields: the depth, alias and cost checks walked every one of them (seconds of the event
+    loop at 18 levels, doubling with each more), and the query then ran. It is refused, at
+    once, for what it expands to."""
+    alice, _ = stack.owner_with_workspace()
+    levels = 18
+    fragments = "\n".join(
+        f"fragment F{i} on Query {{ ...F{i + 1} ...F{i + 1} }}" for i in range(levels)
+    )
+    document = f"query {{ ...F0 }}\n{fragments}\nfragment F{levels} on Query {{ __typename }}"
+    assert len(document) < 1024
+
+    started = time.monotonic()
+    answer = alice.post(document)
+
+    assert answer.codes == ["VALIDATION"], answer.body
+    assert time.monotonic() - started < 1.0
+    # A fragment used in several places is fine: what is refused is the size it expands to.
+    shared = (
+        "query { a: me { ...Who } b: me { ...Who } c: me { ...Who } }\n"
+        "fragment Who on Me { id email name }"
+    )
+    assert alice.post(shared).codes != ["VALIDATION"]
+
+
+def test_a_long_chain_of_fragments_is_refused_not_an_internal_error(stack: Stack) -> None:
+    """Fragments that each spread the next, a few hundred deep, are a small document (within
+    the token limit) that the depth rule followed recursively until Python's stack ran out:
+    INTERNAL. It is refused as input."""
+    alice, _ = stack.owner_with_workspace()
+    levels = 300
+    fragments = "\n".join(f"fragment F{i} on Query {{ ...F{i + 1} }}" for i in range(levels))
+    document = f"query {{ ...F0 }}\n{fragments}\nfragment F{levels} on Query {{ __typename }}"
+
+    assert alice.post(document).codes == ["VALIDATION"]
+
+
+def test_an_exploding_subscription_is_refused_over_the_websocket(stack: Stack) -> None:
+    """The same refusal, at once, as a subscription's error message (not a bare complete)."""
+    alice, _ = stack.owner_with_workspace()
+    levels = 18
+    fragments = "\n".join(
+        f"fragment F{i} on Subscription {{ ...F{i + 1} ...F{i + 1} }}" for i in range(levels)
+    )
+    document = (
+        f"subscription {{ ...F0 }}\n{fragments}\n"
+        f"fragment F{levels} on Subscription {{ __typename }}"
+    )
+    with subscribe(stack.ws_url, alice.token, document) as sub:
+        started = time.monotonic()
+        message = sub.next_message()
+        elapsed = time.monotonic() - started
+    assert message["type"] in ("error", "next"), message
+    errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
+    assert [e["extensions"]["code"] for e in errors] == ["VALIDATION"], message
+    assert "too large" in errors[0]["message"]
+    assert elapsed < 1.0

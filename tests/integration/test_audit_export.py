@@ -7,7 +7,10 @@ The CLI runs as a user runs it (a separate process); the tamper properties run t
 from __future__ import annotations
 
 import json
+import os
 import stat
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +19,7 @@ from board_helpers import add_cards, bootstrap_board
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_cli import agentworks, assert_one_line_error
+from test_cli import REPO, agentworks, assert_one_line_error
 from users import user_id
 
 from adapters.audit_signing import DEV_AUDIT_KEY_FILE, load_public_key, public_pem
@@ -178,6 +181,40 @@ class TestExport:
         ]
         assert window[0]["prevHash"] == GENESIS
         assert verify(result.stdout.splitlines(), exported["key"]).ok
+
+
+class TestEncoding:
+    """The export is UTF-8 bytes whatever encoding the environment gives stdin and stdout."""
+
+    def test_a_non_utf8_stdout_and_stdin_change_nothing(
+        self, exported: dict[str, Any], tmp_path: Path
+    ) -> None:
+        latin = {**exported["env"], "PYTHONIOENCODING": "latin-1"}
+        args = ("--data-dir", str(exported["data_dir"]))
+        workspace = str(exported["board"].workspace_id)
+        export = _run_bytes(("audit", "export", "--workspace", workspace, *args), tmp_path, latin)
+        assert export.returncode == 0, export.stderr.decode(errors="replace")
+        # The same bytes as under UTF-8 (the title holds an em dash latin-1 cannot encode).
+        assert export.stdout == exported["path"].read_bytes()
+        checked = _run_bytes(("audit", "verify", "-", *args), tmp_path, latin, stdin=export.stdout)
+        assert checked.returncode == 0, checked.stderr.decode(errors="replace")
+
+
+def _run_bytes(
+    args: tuple[str, ...], cwd: Path, env: dict[str, str], *, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes]:
+    """``python -m infra.cli ARGS`` as :func:`test_cli.agentworks` runs it, bytes in and out."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWORKS_")}
+    clean["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), clean.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "infra.cli", *args],
+        cwd=cwd,
+        env=clean | env,
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 class TestBadInput:

@@ -119,3 +119,17 @@ def test_replay_board_before_and_after_the_move(card: dict[str, Any], tmp_path: 
 @pytest.mark.parametrize("group", ["replay", "audit"])
 def test_a_group_without_its_command_is_one_line_exit_2(group: str, tmp_path: Path) -> None:
     assert "missing command" in assert_one_line_error(agentworks(group, cwd=tmp_path))
+
+
+@pytest.mark.parametrize("instant", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_an_instant_out_of_range_in_utc_is_one_line_exit_2(
+    card: dict[str, Any], tmp_path: Path, instant: str
+) -> None:
+    """Year 1 east of UTC (9999 west of it) has no UTC time: bad input, not a traceback."""
+    assert "out of range" in assert_one_line_error(
+        replay(card, tmp_path, card["id"], "--as-of", instant)
+    )
+    board = agentworks(
+        "replay", "board", card["project"], "--as-of", instant, cwd=tmp_path, env=card["env"]
+    )
+    assert "out of range" in assert_one_line_error(board)
