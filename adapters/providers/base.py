@@ -11,7 +11,8 @@ Exceptions raised by adapters::
 
 from __future__ import annotations
 
-import json
+import codecs
+import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -133,10 +134,62 @@ def translate(error: httpx.HTTPError, provider: str, *, streaming: bool) -> Tran
     )
 
 
+#: What ends a line of an event stream: CRLF, LF or CR, and nothing else.
+_LINE_END = re.compile("\r\n|\r|\n")
+
+
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The lines of an event stream, as its format defines them: UTF-8 (whatever the headers
+    say; invalid bytes become U+FFFD), a leading byte order mark dropped, ended by CRLF, LF or
+    CR alone. Not ``httpx``'s ``aiter_lines``: that splits like ``str.splitlines``, also at
+    U+2028, U+2029 and NEL, which JSON carries unescaped inside a ``data:`` line, so a model
+    writing one of them broke its chunk in two and the call with it. A CR that ends one chunk
+    and an LF that starts the next are one line end."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    lines = _LineSplitter()
+    async for chunk in chunks:
+        for line in lines.feed(decoder.decode(chunk)):
+            yield line
+    for line in lines.feed(decoder.decode(b"", final=True)):
+        yield line
+    if lines.partial:
+        yield "".join(lines.partial)
+
+
+class _LineSplitter:
+    """Decoded text, chunk by chunk, into complete lines; what follows the last line end waits
+    in ``partial`` (the scan never goes over text it has already seen)."""
+
+    def __init__(self) -> None:
+        self.partial: list[str] = []
+        self._after_cr = False
+        self._first = True
+
+    def feed(self, text: str) -> list[str]:
+        if not text:
+            return []
+        if self._first:
+            text, self._first = text.removeprefix("\ufeff"), False
+        if self._after_cr and text.startswith("\n"):
+            text = text[1:]
+        self._after_cr = False
+        lines: list[str] = []
+        start = 0
+        for end in _LINE_END.finditer(text):
+            self.partial.append(text[start : end.start()])
+            lines.append("".join(self.partial))
+            self.partial = []
+            start = end.end()
+            self._after_cr = end.group() == "\r" and start == len(text)
+        if start < len(text):
+            self.partial.append(text[start:])
+        return lines
+
+
 async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
     """Server-sent events as ``(event name, data)``; the name is ``message`` when unnamed."""
     event, data = "message", list[str]()
-    async for line in response.aiter_lines():
+    async for line in sse_lines(response.aiter_bytes()):
         if line == "":
             if data:
                 yield event, "\n".join(data)
@@ -152,6 +205,15 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
                 data.append(value)
     if data:
         yield event, "\n".join(data)
+
+
+#: What reading an event the provider got wrong raises: JSON that is not JSON, or too deeply
+#: nested to decode (``RecursionError``), or of another shape than the API's (a list where an
+#: object belongs: ``AttributeError``; a number out of range: ``OverflowError``). The call broke;
+#: it is not a fault of the orchestrator, which would fail the run and charge nothing of it.
+_UNREADABLE = (
+    ValueError, KeyError, IndexError, TypeError, AttributeError, ArithmeticError, RecursionError
+)  # fmt: skip
 
 
 class SseProvider(ABC):
@@ -212,10 +274,14 @@ class SseProvider(ABC):
                         yield piece
         except httpx.HTTPError as error:
             raise translate(error, self.name, streaming=started) from error
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        except _UNREADABLE as error:
             raise StreamBroken(
-                f"{self.name} sent {self.event_noun} we cannot read: {error}", provider=self.name
+                f"{self.name} sent {self.event_noun} we cannot read: "
+                f"{type(error).__name__}: {error}",
+                provider=self.name,
             ) from error
         if usage is None:
             raise StreamBroken(f"{self.name} stream ended without its usage", provider=self.name)
+        if usage.input_tokens < 0 or usage.output_tokens < 0:
+            raise StreamBroken(f"{self.name} reported negative token counts", provider=self.name)
         yield usage

@@ -381,3 +381,22 @@ def test_a_killed_orchestrators_runs_are_taken_over_and_never_charged_twice(
         charges: list[UsageCharge] = [write_side.repository.get(c.charge_id) for c in calls]
         assert all(isinstance(c, UsageCharge) for c in charges)
         assert run.billed_micros == sum(c.billed_micros for c in charges)
+
+
+def test_an_unreadable_event_mid_stream_is_retried_and_what_streamed_is_charged(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A chunk of the wrong shape (a list where the API has an object) breaks the call like a cut
+    stream: retried, and the text it streamed charged from estimates; the run did not crash with
+    nothing charged."""
+    bad = openai_events(["partial ", "answer\n"], prompt_tokens=50, completion_tokens=3)
+    bad.insert(3, "data: [1]")
+    ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
+    run = run_on_fake_openai(write_side, database_url, [Reply(events=bad), Reply(events=ok)])
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert run.output == "fine"
+    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert [(a.status, a.estimated) for a in attempts] == [("failed", True), ("ok", False)]
+    assert attempts[0].output_tokens > 0
+    assert attempts[0].provider_cost_micros > 0
+    assert run.provider_cost_micros == sum(a.provider_cost_micros for a in attempts)

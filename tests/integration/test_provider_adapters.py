@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -17,6 +19,7 @@ from adapters.providers.base import (
     TransientProviderError,
     Usage,
     retry_after_seconds,
+    sse_lines,
 )
 from adapters.providers.openai import OpenAIProvider
 from adapters.providers.simulated import SimulatedProvider
@@ -192,3 +195,72 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
     assert retry_after_seconds(None) is None
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert retry_after_seconds("soon") is None
+
+
+def test_line_separators_inside_a_chunk_are_text_not_line_ends() -> None:
+    """An event stream's lines end at CR, LF or CRLF only; JSON carries U+2028, U+2029 and NEL
+    unescaped inside a ``data:`` line, and a model that wrote one broke its call."""
+    odd = "one\u2028two\u2029three\x85four"
+
+    def raw(name: str | None, data: dict[str, Any]) -> str:
+        return (f"event: {name}\n" if name else "") + "data: " + json.dumps(
+            data, ensure_ascii=False
+        )  # fmt: skip
+
+    events = openai_events(["a"], prompt_tokens=4, completion_tokens=2)
+    events.insert(1, raw(None, {"id": "c1", "choices": [{"index": 0, "delta": {"content": odd}}]}))
+    with FakeProviderServer([Reply(events=events)]) as server:
+        assert run_openai(server) == (odd + "a", Usage(4, 2))
+    frames = anthropic_events(["a"], input_tokens=5, output_tokens=2)
+    delta = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": odd},
+    }
+    frames.insert(3, raw("content_block_delta", delta))
+    with FakeProviderServer([Reply(events=frames)]) as server:
+        assert run_anthropic(server) == (odd + "a", Usage(5, 2))
+
+
+def test_event_stream_lines_are_the_same_however_the_bytes_are_chunked() -> None:
+    stream = "\ufeffdata: a\u2028b\r\n\r\nevent: x\rdata:y\n\n: note\r\ndata: é€𝄞\r".encode()
+
+    async def lines(chunks: list[bytes]) -> list[str]:
+        async def feed() -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+        return [line async for line in sse_lines(feed())]
+
+    expected = ["data: a\u2028b", "", "event: x", "data:y", "", ": note", "data: é€𝄞"]
+    for cut in range(len(stream) + 1):
+        for second in range(cut, len(stream) + 1):
+            pieces = [stream[:cut], stream[cut:second], stream[second:]]
+            assert asyncio.run(lines(pieces)) == expected, (cut, second)
+    assert asyncio.run(lines([b"data: \xff ok"])) == ["data: \ufffd ok"]
+
+
+def test_an_event_of_another_shape_than_the_apis_is_a_broken_stream() -> None:
+    """JSON of the wrong shape (or nested too deep to decode) breaks the call like JSON that is
+    not JSON: a transient error whose text so far is charged, not a crash of the run."""
+    nested = "data: " + "[" * 100_000 + "]" * 100_000
+    for odd in ('data: {"choices": ["x"]}', "data: [1]", nested,
+                'data: {"choices": [], "usage": {"prompt_tokens": 1e999}}'):  # fmt: skip
+        events = openai_events(["a"], prompt_tokens=1, completion_tokens=1)
+        events.insert(2, odd)
+        with (
+            FakeProviderServer([Reply(events=events)]) as server,
+            pytest.raises(StreamBroken, match="cannot read"),
+        ):
+            run_openai(server)
+    for odd in ("data: [1]", 'event: message_delta\ndata: {"type": "message_delta"}', nested):
+        frames = anthropic_events(["a"], input_tokens=3, output_tokens=1)
+        frames.insert(4, odd)
+        with (
+            FakeProviderServer([Reply(events=frames)]) as server,
+            pytest.raises(StreamBroken, match="cannot read"),
+        ):
+            run_anthropic(server)
+    events = openai_events(["a"], prompt_tokens=-5, completion_tokens=1)
+    with FakeProviderServer([Reply(events=events)]) as server, pytest.raises(StreamBroken):
+        run_openai(server)
