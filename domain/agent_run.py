@@ -296,7 +296,7 @@ class AgentRun(TenantAggregate):
 
     def record_output(self, output: str, *, meta: EventMeta) -> None:
         self._expect(RunStatus.RUNNING, action="record the output of")
-        self._record(self.OutputRecorded, meta, output=output.replace("\x00", "\ufffd"))
+        self._record(self.OutputRecorded, meta, output=replace_unstorable(output))
 
     def start_step(self, step: int, name: str, *, meta: EventMeta) -> None:
         self._expect(RunStatus.RUNNING, action="start a step of")

@@ -400,3 +400,26 @@ def test_an_unreadable_event_mid_stream_is_retried_and_what_streamed_is_charged(
     assert attempts[0].output_tokens > 0
     assert attempts[0].provider_cost_micros > 0
     assert run.provider_cost_micros == sum(a.provider_cost_micros for a in attempts)
+
+
+def test_model_output_and_provider_errors_holding_nul_or_lone_surrogates_are_kept_replaced(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """NUL and lone surrogates (JSON's \\u0000 and \\ud800 escapes) cannot be stored as text: a
+    run's output and an attempt's error keep them as U+FFFD, as its log lines do. Both commands
+    refused them instead: a run whose call had succeeded (and was charged) ended FAILED
+    "internal error", and an error body holding NUL failed the run rather than be retried."""
+    broken = Reply(status=500, body=b"bad\x00gateway")
+    ok = openai_events(["nul \x00 and \ud800 here"], prompt_tokens=10, completion_tokens=5)
+    card = card_on_board(write_side)
+    with (
+        FakeProviderServer([broken, Reply(events=ok)]) as server,
+        orchestrator_thread(database_url, openai_at(server)),
+    ):
+        run = wait_for(write_side, start(write_side, card, provider="openai"), finished,
+                       timeout=10.0)  # fmt: skip
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert run.output == "nul \ufffd and \ufffd here"
+    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert [(a.http_status, a.status) for a in attempts] == [(500, "failed"), (None, "ok")]
+    assert "bad\ufffdgateway" in (attempts[0].error or "")
