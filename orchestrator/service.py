@@ -404,7 +404,7 @@ class Orchestrator:
             if reclaimed:
                 batcher.system(f"taken over by {self.worker} (the previous worker went silent)")
             async with asyncio.timeout(self.config.run_timeout):
-                output = await self._work(view, batcher)
+                output = await self._work(view, batcher, deadline=started + self.config.run_timeout)
                 await batcher.close()
             await self._finish(view, "SUCCEEDED", output=output)
         except TimeoutError:
@@ -531,7 +531,8 @@ class Orchestrator:
 
     # -- the agent's work ----------------------------------------------------------------------
 
-    async def _work(self, view: RunView, batcher: LogBatcher) -> str:
+    async def _work(self, view: RunView, batcher: LogBatcher, *, deadline: float) -> str:
+        """The run's output; ``deadline`` (monotonic) is when its timeout ends it."""
         try:
             spec = agent_named(view.agent)
             card = await self._call(self.app.card_snapshot, view.card_id)
@@ -574,14 +575,24 @@ class Orchestrator:
                 attempt, retry_after=outcome.retry_after, base=self.config.backoff_base,
                 cap=self.config.backoff_cap, jitter=random.random(),  # noqa: S311
             )  # fmt: skip
-            if not request.pinned and len(chain) > 1:
+            fallback = not request.pinned and len(chain) > 1
+            if fallback:
+                wait = min(wait, self.config.backoff_base)
+            left = deadline - time.monotonic()
+            if wait >= left:
+                # A wait the run's timeout would cut short: no retry can come of it, and the
+                # run would hold its slot idle until then and end TIMED_OUT, the cause unsaid.
+                raise RunFailed(
+                    f"gave up after {attempt} attempts: the next could start in {wait:.1f}s, "
+                    f"after the run's deadline ({max(left, 0.0):.1f}s left): {last_error}"
+                )
+            if fallback:
                 index = (index + 1) % len(chain)
                 nxt = chain[index]
                 batcher.system(
                     f"falling back from {option.provider}/{option.model} to "
                     f"{nxt.provider}/{nxt.model}: {outcome.error}"
                 )
-                wait = min(wait, self.config.backoff_base)
             else:
                 batcher.system(f"retrying in {wait:.1f}s: {outcome.error}")
             await asyncio.sleep(wait)

@@ -423,3 +423,20 @@ def test_model_output_and_provider_errors_holding_nul_or_lone_surrogates_are_kep
     attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
     assert [(a.http_status, a.status) for a in attempts] == [(500, "failed"), (None, "ok")]
     assert "bad\ufffdgateway" in (attempts[0].error or "")
+
+
+def test_a_retry_after_beyond_the_runs_deadline_fails_the_run_at_once_with_the_429(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A pinned run told to come back after its deadline cannot retry within it: it fails at
+    once, saying so, rather than hold its slot idle until its timeout and end TIMED_OUT."""
+    limited = [Reply(status=429, headers={"retry-after": "3600"}, body=b'{"error": "quota"}')]
+    began = time.monotonic()
+    run = run_on_fake_openai(write_side, database_url, limited, run_timeout=8.0)
+    took = time.monotonic() - began
+    assert run.status is RunStatus.FAILED, run.status
+    assert "deadline" in (run.error or ""), run.error
+    assert "429" in (run.error or ""), run.error
+    assert took < 6.0, took
+    [attempt] = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert attempt.http_status == 429
