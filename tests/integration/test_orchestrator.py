@@ -33,7 +33,7 @@ from adapters.providers.anthropic import AnthropicProvider
 from adapters.providers.base import Provider
 from adapters.providers.openai import OpenAIProvider
 from commands import models as m
-from commands.handlers import AgentWorks
+from commands.handlers import Actor, AgentWorks
 from domain.agent_run import AgentRun, RunStatus
 from domain.pricing import call_cost_micros
 from domain.usage import UsageCharge, charge_id_for
@@ -440,3 +440,21 @@ def test_a_retry_after_beyond_the_runs_deadline_fails_the_run_at_once_with_the_4
     assert took < 6.0, took
     [attempt] = events_of(write_side, run.id, AgentRun.AttemptRecorded)
     assert attempt.http_status == 429
+
+
+def test_a_run_its_own_orchestrator_let_go_of_is_taken_over_by_that_orchestrator(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A run stays RUNNING under a worker that no longer runs it without that worker dying: its
+    claim committed while the store could not say so, or its finish could not be written (the
+    database was down), and the worker let the run go. Only a takeover frees it, and the worker
+    itself was refused one ("already run by"): with one orchestrator it stayed RUNNING for good."""
+    card = card_on_board(write_side)
+    run_id = start(write_side, card)
+    actor = Actor.service("orchestrator", card.board.workspace_id)
+    write_side.begin_run(m.BeginRun(run_id=run_id, worker="solo"), actor)
+    with orchestrator_thread(database_url, worker_id="solo", stale_after=1.0):
+        run = wait_for(write_side, run_id, finished, timeout=15.0)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    [reclaimed] = events_of(write_side, run_id, AgentRun.Reclaimed)
+    assert (reclaimed.previous_worker, reclaimed.worker) == ("solo", "solo")
