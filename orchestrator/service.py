@@ -75,6 +75,9 @@ _TERMINAL = {"Succeeded", "Failed", "Cancelled", "TimedOut"}
 #: Times a write lost to concurrent writers is retried before the run fails.
 WRITE_RACES = 30
 
+#: How long a run whose claim failed (the store unavailable) waits before it is queued again.
+CLAIM_RETRY_SECONDS = 1.0
+
 
 @dataclass(frozen=True, kw_only=True)
 class OrchestratorConfig:
@@ -380,6 +383,12 @@ class Orchestrator:
             return  # another orchestrator was first, or the run ended meanwhile
         except Exception:
             log.exception("orchestrator.claim_failed", run_id=str(view.run_id))
+            if claim:
+                # Off the queue, a QUEUED run would wait for the next orchestrator to start.
+                # Claimed after all, it is RUNNING and taken over once stale; if not, it is
+                # claimed again here.
+                await asyncio.sleep(CLAIM_RETRY_SECONDS)
+                self.queue.append(view.run_id)
             return
         self._last_write[view.run_id] = time.monotonic()
         if not claim and view.reclaims + 1 > self.config.max_reclaims:
@@ -522,12 +531,27 @@ class Orchestrator:
             run_id=view.run_id, outcome=outcome, worker=self.worker, output=output,
             error=error, after_seconds=after,
         )  # fmt: skip
-        try:
-            await self._write(view, self.app.finish_run, cmd)
-        except _Lost:
-            return
-        except AgentWorksError:
-            log.exception("orchestrator.finish_refused", run_id=str(view.run_id))
+        pause = self.config.backoff_base
+        give_up = time.monotonic() + self.config.stale_after
+        while True:
+            try:
+                await self._write(view, self.app.finish_run, cmd)
+            except _Lost:
+                return
+            except Unavailable:
+                # The store cannot take it now. Again is safe (a finish that did commit makes
+                # the next refused: the run is no longer RUNNING), and the run's calls are
+                # charged: left RUNNING, it would be taken over and run, and charged, again.
+                if time.monotonic() + pause > give_up:
+                    log.exception("orchestrator.finish_failed", run_id=str(view.run_id))
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.config.backoff_cap)
+            except AgentWorksError:
+                log.exception("orchestrator.finish_refused", run_id=str(view.run_id))
+                return
+            else:
+                return
 
     # -- the agent's work ----------------------------------------------------------------------
 

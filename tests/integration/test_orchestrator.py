@@ -35,6 +35,7 @@ from adapters.providers.openai import OpenAIProvider
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
 from domain.agent_run import AgentRun, RunStatus
+from domain.errors import Unavailable
 from domain.pricing import call_cost_micros
 from domain.usage import UsageCharge, charge_id_for
 
@@ -458,3 +459,48 @@ def test_a_run_its_own_orchestrator_let_go_of_is_taken_over_by_that_orchestrator
     assert run.status is RunStatus.SUCCEEDED, run.error
     [reclaimed] = events_of(write_side, run_id, AgentRun.Reclaimed)
     assert (reclaimed.previous_worker, reclaimed.worker) == ("solo", "solo")
+
+
+def failing_once(monkeypatch: pytest.MonkeyPatch, command: str) -> list[int]:
+    """Make the write side's ``command`` answer UNAVAILABLE (nothing written) the first time, as
+    it does while the database restarts; returns the count of calls."""
+    calls: list[int] = []
+    real = getattr(AgentWorks, command)
+
+    def once(self: AgentWorks, cmd: Any, actor: Actor) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise Unavailable("the database is restarting", retry_after_seconds=0.1)
+        return real(self, cmd, actor)
+
+    monkeypatch.setattr(AgentWorks, command, once)
+    return calls
+
+
+def test_a_claim_the_store_could_not_take_is_tried_again(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BeginRun refused as UNAVAILABLE wrote nothing; the run was taken off the queue all the
+    same, and stayed QUEUED until the orchestrator restarted."""
+    card = card_on_board(write_side)
+    calls = failing_once(monkeypatch, "begin_run")
+    with orchestrator_thread(database_url):
+        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert len(calls) == 2
+
+
+def test_a_finish_the_store_could_not_take_is_tried_again_not_run_a_second_time(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FinishRun refused as UNAVAILABLE left the run RUNNING with its call charged; the stale
+    sweep took it over and ran (and charged) the call a second time."""
+    card = card_on_board(write_side)
+    calls = failing_once(monkeypatch, "finish_run")
+    with orchestrator_thread(database_url, stale_after=1.5):
+        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
+        time.sleep(2.0)  # a takeover, if there were one, would have come by now
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert len(calls) == 2
+    assert not events_of(write_side, run.id, AgentRun.Reclaimed)
+    assert len(events_of(write_side, run.id, AgentRun.LlmCallCompleted)) == 1
