@@ -447,9 +447,27 @@ class Orchestrator:
             log.exception("orchestrator.log_flush_failed")
 
     async def _write_lines(self, view: RunView, lines: list[Line]) -> None:
-        await self._log_writer.write(
-            view.workspace_id, view.run_id, lines, partial(self._write_lines_alone, view, lines)
-        )
+        """Write a chunk; one the store refused as unavailable with nothing written is written
+        again (backing off, for up to ``stale_after``): an error here ends the run's log writer,
+        and with it the run, its calls done and charged, FAILED."""
+        pause = self.config.backoff_base
+        give_up = time.monotonic() + self.config.stale_after
+        while True:
+            try:
+                await self._log_writer.write(
+                    view.workspace_id,
+                    view.run_id,
+                    lines,
+                    partial(self._write_lines_alone, view, lines),
+                )
+            except Unavailable as error:
+                # An outcome the store could not tell is not written twice (see RunLogWriter).
+                if error.outcome == "unknown" or time.monotonic() + pause > give_up:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.config.backoff_cap)
+            else:
+                return
 
     async def _write_lines_alone(self, view: RunView, lines: list[Line]) -> None:
         cmd = m.AppendRunLog(run_id=view.run_id, worker=self.worker, lines=_line_inputs(lines))

@@ -504,3 +504,21 @@ def test_a_finish_the_store_could_not_take_is_tried_again_not_run_a_second_time(
     assert len(calls) == 2
     assert not events_of(write_side, run.id, AgentRun.Reclaimed)
     assert len(events_of(write_side, run.id, AgentRun.LlmCallCompleted)) == 1
+
+
+def test_a_log_chunk_the_store_could_not_take_is_written_again_and_the_run_goes_on(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk refused as UNAVAILABLE (nothing written) stopped the run's log writer for good:
+    no line of the run was written after it, and the run, its call done and charged, ended
+    FAILED "internal error"."""
+    card = card_on_board(write_side)
+    calls = failing_once(monkeypatch, "append_run_log")
+    with orchestrator_thread(database_url):
+        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert len(calls) >= 2
+    lines = [ln for c in events_of(write_side, run.id, AgentRun.LogChunkAppended) for ln in c.lines]
+    assert [ln["seq"] for ln in lines] == list(range(1, len(lines) + 1))
+    logged = "\n".join(ln["text"] for ln in lines if ln["stream"] == "stdout")
+    assert logged.strip() == (run.output or "").strip()
