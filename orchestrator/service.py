@@ -521,6 +521,23 @@ class Orchestrator:
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _write_again_if_unwritten(
+        self, view: RunView, handler: Callable[..., CommandResult], cmd: m.Command
+    ) -> CommandResult:
+        """:meth:`_write`, again (backing off, for up to ``stale_after``) while the store refuses
+        it as unavailable with nothing written. One whose commit the store could not tell is
+        not sent again: a second attempt would be recorded, and charged, as another."""
+        pause = self.config.backoff_base
+        give_up = time.monotonic() + self.config.stale_after
+        while True:
+            try:
+                return await self._write(view, handler, cmd)
+            except Unavailable as error:
+                if error.outcome == "unknown" or time.monotonic() + pause > give_up:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.config.backoff_cap)
+
     async def _heartbeats(self, view: RunView) -> None:
         interval = self.config.heartbeat_interval
         while True:
@@ -833,7 +850,9 @@ class Orchestrator:
         lock = self._charging.setdefault(view.workspace_id, asyncio.Lock())
         try:
             async with lock:
-                result = await self._write(view, self.app.record_provider_attempt, cmd)
+                result = await self._write_again_if_unwritten(
+                    view, self.app.record_provider_attempt, cmd
+                )
             charged.billed = int(result.extra.get("billed", 0))
         except BaseException as failure:
             # Refused (or taken over): nothing was written. Anything else may have committed.

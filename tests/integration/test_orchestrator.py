@@ -522,3 +522,20 @@ def test_a_log_chunk_the_store_could_not_take_is_written_again_and_the_run_goes_
     assert [ln["seq"] for ln in lines] == list(range(1, len(lines) + 1))
     logged = "\n".join(ln["text"] for ln in lines if ln["stream"] == "stdout")
     assert logged.strip() == (run.output or "").strip()
+
+
+def test_a_charge_the_store_could_not_take_is_written_again_not_lost(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attempt (and its charge) refused as UNAVAILABLE with nothing written was not written
+    again: the call the provider had answered, and billed, was never charged, and the run ended
+    FAILED "internal error"."""
+    card = card_on_board(write_side)
+    calls = failing_once(monkeypatch, "record_provider_attempt")
+    with orchestrator_thread(database_url):
+        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert len(calls) == 2
+    [attempt] = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert attempt.status == "ok"
+    assert run.billed_micros > 0
