@@ -137,6 +137,11 @@ def translate(error: httpx.HTTPError, provider: str, *, streaming: bool) -> Tran
 #: What ends a line of an event stream: CRLF, LF or CR, and nothing else.
 _LINE_END = re.compile("\r\n|\r|\n")
 
+#: The most characters one event (its lines, its data) may hold. A provider's chunk is a few
+#: hundred; one without a bound (a broken or hostile server's endless line) would be kept whole
+#: in memory, the whole orchestrator's, and every run in it would go down with it.
+MAX_EVENT_CHARS = 4 * 1024 * 1024
+
 
 async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
     """The lines of an event stream, as its format defines them: UTF-8 (whatever the headers
@@ -162,6 +167,7 @@ class _LineSplitter:
 
     def __init__(self) -> None:
         self.partial: list[str] = []
+        self._partial_chars = 0
         self._after_cr = False
         self._first = True
 
@@ -176,24 +182,30 @@ class _LineSplitter:
         lines: list[str] = []
         start = 0
         for end in _LINE_END.finditer(text):
-            self.partial.append(text[start : end.start()])
+            self._keep(text[start : end.start()])
             lines.append("".join(self.partial))
-            self.partial = []
+            self.partial, self._partial_chars = [], 0
             start = end.end()
             self._after_cr = end.group() == "\r" and start == len(text)
         if start < len(text):
-            self.partial.append(text[start:])
+            self._keep(text[start:])
         return lines
+
+    def _keep(self, text: str) -> None:
+        self._partial_chars += len(text)
+        if self._partial_chars > MAX_EVENT_CHARS:
+            raise ValueError(f"an event-stream line is longer than {MAX_EVENT_CHARS} characters")
+        self.partial.append(text)
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
     """Server-sent events as ``(event name, data)``; the name is ``message`` when unnamed."""
-    event, data = "message", list[str]()
+    event, data, size = "message", list[str](), 0
     async for line in sse_lines(response.aiter_bytes()):
         if line == "":
             if data:
                 yield event, "\n".join(data)
-            event, data = "message", list[str]()
+            event, data, size = "message", list[str](), 0
         elif line.startswith(":"):
             continue
         else:
@@ -202,6 +214,9 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
             if name == "event":
                 event = value
             elif name == "data":
+                size += len(value) + 1
+                if size > MAX_EVENT_CHARS:
+                    raise ValueError(f"an event is longer than {MAX_EVENT_CHARS} characters")
                 data.append(value)
     if data:
         yield event, "\n".join(data)

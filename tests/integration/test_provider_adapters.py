@@ -13,6 +13,7 @@ from provider_servers import FakeProviderServer, Reply, anthropic_events, openai
 
 from adapters.providers.anthropic import AnthropicProvider
 from adapters.providers.base import (
+    MAX_EVENT_CHARS,
     ChatRequest,
     PermanentProviderError,
     StreamBroken,
@@ -264,3 +265,18 @@ def test_an_event_of_another_shape_than_the_apis_is_a_broken_stream() -> None:
     events = openai_events(["a"], prompt_tokens=-5, completion_tokens=1)
     with FakeProviderServer([Reply(events=events)]) as server, pytest.raises(StreamBroken):
         run_openai(server)
+
+
+def test_an_event_longer_than_any_providers_is_a_broken_stream_not_kept_whole() -> None:
+    """A line (or an event's data lines) without end was kept whole in the orchestrator's
+    memory, for every run in it to go down with; past MAX_EVENT_CHARS the call breaks."""
+    huge = "x" * (MAX_EVENT_CHARS + 10)
+    chunk = {"id": "c1", "choices": [{"index": 0, "delta": {"content": huge}}]}
+    for odd in ("data: " + json.dumps(chunk), "data: y\n" * (MAX_EVENT_CHARS // 2 + 10)):
+        events = openai_events(["a"], prompt_tokens=1, completion_tokens=1)
+        events.insert(1, odd.rstrip("\n"))
+        with (
+            FakeProviderServer([Reply(events=events)]) as server,
+            pytest.raises(StreamBroken, match="longer than"),
+        ):
+            run_openai(server)
