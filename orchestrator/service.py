@@ -72,6 +72,9 @@ T = TypeVar("T")
 
 _TERMINAL = {"Succeeded", "Failed", "Cancelled", "TimedOut"}
 
+#: Refusals that are the provider's (its key), not the request's: they count against its circuit.
+_PROVIDER_WIDE = frozenset({401, 403})
+
 #: Times a write lost to concurrent writers is retried before the run fails.
 WRITE_RACES = 30
 
@@ -789,10 +792,15 @@ class Orchestrator:
             view, option, "failed", http_status, str(error), latency_ms,
             estimate if streamed else Usage(0, 0), started_at, charged=call.charged,
         )  # fmt: skip
-        before = breaker.state
-        after = breaker.failed(time.monotonic())
-        if after is not before and after is BreakerState.OPEN:
-            batcher.system(f"circuit for {option.provider} is open")
+        if isinstance(error, PermanentProviderError) and http_status not in _PROVIDER_WIDE:
+            # The provider is up and judged the request (a prompt too long, an unknown model):
+            # one tenant's bad requests must not turn every other run away from it.
+            breaker.succeeded()
+        else:
+            before = breaker.state
+            after = breaker.failed(time.monotonic())
+            if after is not before and after is BreakerState.OPEN:
+                batcher.system(f"circuit for {option.provider} is open")
         if isinstance(error, PermanentProviderError):
             return _Outcome(ok=False, error=str(error), permanent=True)
         assert isinstance(error, TransientProviderError)

@@ -539,3 +539,28 @@ def test_a_charge_the_store_could_not_take_is_written_again_not_lost(
     [attempt] = events_of(write_side, run.id, AgentRun.AttemptRecorded)
     assert attempt.status == "ok"
     assert run.billed_micros > 0
+
+
+def test_requests_a_provider_refuses_as_bad_do_not_open_its_circuit_for_everyone(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A 400 says the request was bad, not that the provider is down. Three of them (one
+    tenant's runs with a prompt too long, say) opened the provider's circuit, and every other
+    run the router placed went elsewhere while the provider answered well."""
+    bad = Reply(status=400, body=b'{"error": {"code": "context_length_exceeded"}}')
+    ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
+    refused_card, card = card_on_board(write_side), card_on_board(write_side)
+    with (
+        FakeProviderServer([bad, bad, bad, Reply(events=ok)]) as server,
+        orchestrator_thread(
+            database_url, openai_at(server, then_simulated=True), breaker_threshold=3
+        ),  # fmt: skip
+    ):
+        for _ in range(3):
+            refused = wait_for(write_side, start(write_side, refused_card, provider="openai"),
+                               finished)  # fmt: skip
+            assert refused.status is RunStatus.FAILED
+        run = wait_for(write_side, start(write_side, card), finished)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert (run.provider, run.output) == ("openai", "fine")
+    assert not any("circuit" in t for t in log_lines(write_side, run.id))
