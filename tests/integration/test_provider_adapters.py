@@ -280,3 +280,16 @@ def test_an_event_longer_than_any_providers_is_a_broken_stream_not_kept_whole() 
             pytest.raises(StreamBroken, match="longer than"),
         ):
             run_openai(server)
+
+
+def test_anthropic_stream_without_message_delta_is_broken_not_billed_one_output_token() -> None:
+    """Output tokens come from message_delta; message_start's count is a placeholder (1). A stream
+    that stopped without message_delta was billed that 1 token for however much text it
+    streamed; now it is broken, and charged from estimates."""
+    frames = anthropic_events(["a long answer " * 50], input_tokens=21, output_tokens=150)
+    frames = [f for f in frames if not f.startswith("event: message_delta")]
+    with (
+        FakeProviderServer([Reply(events=frames)]) as server,
+        pytest.raises(StreamBroken, match="usage"),
+    ):
+        run_anthropic(server)
