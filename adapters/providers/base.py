@@ -288,7 +288,9 @@ class SseProvider(ABC):
                     else:
                         yield piece
         except httpx.HTTPError as error:
-            raise translate(error, self.name, streaming=started) from error
+            if usage is None:
+                raise translate(error, self.name, streaming=started) from error
+            # The final usage had come: the answer is whole, only the stream's closing was lost.
         except _UNREADABLE as error:
             raise StreamBroken(
                 f"{self.name} sent {self.event_noun} we cannot read: "

@@ -293,3 +293,19 @@ def test_anthropic_stream_without_message_delta_is_broken_not_billed_one_output_
         pytest.raises(StreamBroken, match="usage"),
     ):
         run_anthropic(server)
+
+
+def test_openai_stream_cut_after_its_usage_block_is_complete() -> None:
+    """The final chunk's usage is authoritative, sent after the finish reason: a connection
+    lost before the closing [DONE] took nothing from the answer. It was a broken stream: charged
+    from estimates instead of the usage, and the whole call made (and billed) again."""
+    events = openai_events(["all ", "of it"], prompt_tokens=12, completion_tokens=3)
+    assert events[-1] == "data: [DONE]"
+    with FakeProviderServer([Reply(events=events, cut_after=len(events) - 1)]) as server:
+        assert run_openai(server) == ("all of it", Usage(12, 3))
+    usage_only = [e for e in events if "finish_reason" not in e]  # no sign the answer ended
+    with (
+        FakeProviderServer([Reply(events=usage_only, cut_after=len(usage_only) - 1)]) as server,
+        pytest.raises(StreamBroken),
+    ):
+        run_openai(server)
