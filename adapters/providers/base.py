@@ -100,12 +100,23 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
+#: How much of an error response's body is read (its message keeps 500 characters of it).
+ERROR_BODY_BYTES = 2048
+
+
 async def raise_for_status(response: httpx.Response, provider: str) -> None:
     """Turn an error response into our errors, with the provider's own message when it sent one."""
     status = response.status_code
     if status < 400:
         return
-    body = (await response.aread()).decode("utf-8", "replace")[:500]
+    # Its first bytes name the error; read to its end, a body that streams slowly (or without
+    # end) would hold the call, and a huge one would be kept whole.
+    head = b""
+    async for chunk in response.aiter_bytes():
+        head += chunk
+        if len(head) >= ERROR_BODY_BYTES:
+            break
+    body = head.decode("utf-8", "replace")[:500]
     message = f"{provider} answered HTTP {status}: {body or response.reason_phrase}"
     if status == 429:
         raise TransientProviderError(

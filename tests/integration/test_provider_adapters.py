@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -309,3 +310,19 @@ def test_openai_stream_cut_after_its_usage_block_is_complete() -> None:
         pytest.raises(StreamBroken),
     ):
         run_openai(server)
+
+
+def test_an_error_response_is_judged_on_its_first_bytes_not_read_to_its_end() -> None:
+    """An error's body was read whole before the error was raised: a 5xx whose body streamed
+    slowly held the call (and its run) until the body ended, and a huge one was kept in memory.
+    Its first bytes name the error."""
+    frames = ["data: " + "e" * 3000] * 20
+    began = time.monotonic()
+    with (
+        FakeProviderServer([Reply(status=503, events=frames, event_delay=0.5)]) as server,
+        pytest.raises(TransientProviderError) as caught,
+    ):
+        run_openai(server)
+    assert time.monotonic() - began < 3.0
+    assert caught.value.http_status == 503
+    assert "eeee" in caught.value.message
