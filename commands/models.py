@@ -289,7 +289,7 @@ class FinishRun(RunCommand):
     error: ToolOutput | None = None
     after_seconds: int | None = None
     worker: str | None = Field(default=None, max_length=200)
-    output: str | None = None
+    output: ToolOutput | None = None
 
 
 class CreditCharge(Command):
@@ -324,7 +324,7 @@ class RecordProviderAttempt(RunCommand):
     model: str = Field(min_length=1, max_length=100)
     status: Literal["ok", "failed"]
     http_status: int | None = None
-    error: str | None = Field(default=None, max_length=2000)
+    error: ToolOutput | None = Field(default=None, max_length=2000)
     latency_ms: int = Field(ge=0)
     input_tokens: int = Field(ge=0)
     output_tokens: int = Field(ge=0)

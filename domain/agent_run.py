@@ -251,10 +251,13 @@ class AgentRun(TenantAggregate):
 
     def reclaim(self, *, worker: str, meta: EventMeta) -> None:
         """Take over a RUNNING run from a worker presumed dead (the caller decides staleness and
-        saves with the version it judged, so a live worker's heartbeat makes this conflict)."""
+        saves with the version it judged, so a live worker's heartbeat makes this conflict).
+
+        The worker named may be the run's own: one that let the run go while it was still
+        recorded as its (its claim or its finish could not be confirmed) takes it up again this
+        way, as any other worker would; refused, the run stayed RUNNING for good while that
+        worker was the only one."""
         self._expect(RunStatus.RUNNING, action="reclaim")
-        if self.worker == worker:
-            raise InvalidTransition(f"run {self.id} is already run by {worker}")
         self._record(self.Reclaimed, meta, worker=worker, previous_worker=self.worker or "")
 
     def record_attempt(
@@ -296,7 +299,7 @@ class AgentRun(TenantAggregate):
 
     def record_output(self, output: str, *, meta: EventMeta) -> None:
         self._expect(RunStatus.RUNNING, action="record the output of")
-        self._record(self.OutputRecorded, meta, output=output.replace("\x00", "\ufffd"))
+        self._record(self.OutputRecorded, meta, output=replace_unstorable(output))
 
     def start_step(self, step: int, name: str, *, meta: EventMeta) -> None:
         self._expect(RunStatus.RUNNING, action="start a step of")

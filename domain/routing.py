@@ -165,6 +165,8 @@ class BreakerState(StrEnum):
 class CircuitBreaker:
     """One provider's breaker: opens after ``threshold`` failures in a row, lets one trial call
     through after ``cooldown_seconds``, closes on its success and opens again on its failure.
+    A trial whose call ends without a verdict (cancelled, stopped by a budget) is given up a
+    cooldown after it went out, and another goes.
 
     Times are monotonic seconds given by the caller, so the policy is testable without a clock.
     """
@@ -175,6 +177,7 @@ class CircuitBreaker:
     failures: int = 0
     opened_at: float = 0.0
     trial_out: bool = False
+    trial_at: float = 0.0
 
     def allows(self, now: float) -> bool:
         """Whether a call may go out now (a half-open breaker lets exactly one through)."""
@@ -183,8 +186,10 @@ class CircuitBreaker:
             self.trial_out = False
         if self.state is BreakerState.CLOSED:
             return True
-        if self.state is BreakerState.HALF_OPEN and not self.trial_out:
-            self.trial_out = True
+        if self.state is BreakerState.HALF_OPEN and (
+            not self.trial_out or now - self.trial_at >= self.cooldown_seconds
+        ):
+            self.trial_out, self.trial_at = True, now
             return True
         return False
 

@@ -63,12 +63,21 @@ class LogBatcher:
         self._wake.set()
 
     async def close(self) -> None:
-        """Write everything still pending, partial line included, and stop."""
+        """Write everything still pending, partial line included, and stop.
+
+        A close cut short (the run's timeout fired during its last writes) leaves the writes
+        going, shielded, for the next close to wait for: cancelled with it, the writer task
+        made that next close raise ``CancelledError`` and the run was never finished."""
         self._take_partial()
         self._closed = True
         self._wake.set()
-        if self._task is not None:
-            await self._task
+        while self._task is not None:
+            await asyncio.shield(self._task)
+            if not self._pending:
+                return
+            # Lines added after the writer had finished (between two closes) get one of their own.
+            self._wake.set()
+            self._task = asyncio.create_task(self._run())
 
     def abandon(self) -> None:
         if self._task is not None:

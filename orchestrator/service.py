@@ -72,8 +72,14 @@ T = TypeVar("T")
 
 _TERMINAL = {"Succeeded", "Failed", "Cancelled", "TimedOut"}
 
+#: Refusals that are the provider's (its key), not the request's: they count against its circuit.
+_PROVIDER_WIDE = frozenset({401, 403})
+
 #: Times a write lost to concurrent writers is retried before the run fails.
 WRITE_RACES = 30
+
+#: How long a run whose claim failed (the store unavailable) waits before it is queued again.
+CLAIM_RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -380,6 +386,12 @@ class Orchestrator:
             return  # another orchestrator was first, or the run ended meanwhile
         except Exception:
             log.exception("orchestrator.claim_failed", run_id=str(view.run_id))
+            if claim:
+                # Off the queue, a QUEUED run would wait for the next orchestrator to start.
+                # Claimed after all, it is RUNNING and taken over once stale; if not, it is
+                # claimed again here.
+                await asyncio.sleep(CLAIM_RETRY_SECONDS)
+                self.queue.append(view.run_id)
             return
         self._last_write[view.run_id] = time.monotonic()
         if not claim and view.reclaims + 1 > self.config.max_reclaims:
@@ -404,7 +416,7 @@ class Orchestrator:
             if reclaimed:
                 batcher.system(f"taken over by {self.worker} (the previous worker went silent)")
             async with asyncio.timeout(self.config.run_timeout):
-                output = await self._work(view, batcher)
+                output = await self._work(view, batcher, deadline=started + self.config.run_timeout)
                 await batcher.close()
             await self._finish(view, "SUCCEEDED", output=output)
         except TimeoutError:
@@ -438,9 +450,27 @@ class Orchestrator:
             log.exception("orchestrator.log_flush_failed")
 
     async def _write_lines(self, view: RunView, lines: list[Line]) -> None:
-        await self._log_writer.write(
-            view.workspace_id, view.run_id, lines, partial(self._write_lines_alone, view, lines)
-        )
+        """Write a chunk; one the store refused as unavailable with nothing written is written
+        again (backing off, for up to ``stale_after``): an error here ends the run's log writer,
+        and with it the run, its calls done and charged, FAILED."""
+        pause = self.config.backoff_base
+        give_up = time.monotonic() + self.config.stale_after
+        while True:
+            try:
+                await self._log_writer.write(
+                    view.workspace_id,
+                    view.run_id,
+                    lines,
+                    partial(self._write_lines_alone, view, lines),
+                )
+            except Unavailable as error:
+                # An outcome the store could not tell is not written twice (see RunLogWriter).
+                if error.outcome == "unknown" or time.monotonic() + pause > give_up:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.config.backoff_cap)
+            else:
+                return
 
     async def _write_lines_alone(self, view: RunView, lines: list[Line]) -> None:
         cmd = m.AppendRunLog(run_id=view.run_id, worker=self.worker, lines=_line_inputs(lines))
@@ -494,6 +524,23 @@ class Orchestrator:
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _write_again_if_unwritten(
+        self, view: RunView, handler: Callable[..., CommandResult], cmd: m.Command
+    ) -> CommandResult:
+        """:meth:`_write`, again (backing off, for up to ``stale_after``) while the store refuses
+        it as unavailable with nothing written. One whose commit the store could not tell is
+        not sent again: a second attempt would be recorded, and charged, as another."""
+        pause = self.config.backoff_base
+        give_up = time.monotonic() + self.config.stale_after
+        while True:
+            try:
+                return await self._write(view, handler, cmd)
+            except Unavailable as error:
+                if error.outcome == "unknown" or time.monotonic() + pause > give_up:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.config.backoff_cap)
+
     async def _heartbeats(self, view: RunView) -> None:
         interval = self.config.heartbeat_interval
         while True:
@@ -522,16 +569,32 @@ class Orchestrator:
             run_id=view.run_id, outcome=outcome, worker=self.worker, output=output,
             error=error, after_seconds=after,
         )  # fmt: skip
-        try:
-            await self._write(view, self.app.finish_run, cmd)
-        except _Lost:
-            return
-        except AgentWorksError:
-            log.exception("orchestrator.finish_refused", run_id=str(view.run_id))
+        pause = self.config.backoff_base
+        give_up = time.monotonic() + self.config.stale_after
+        while True:
+            try:
+                await self._write(view, self.app.finish_run, cmd)
+            except _Lost:
+                return
+            except Unavailable:
+                # The store cannot take it now. Again is safe (a finish that did commit makes
+                # the next refused: the run is no longer RUNNING), and the run's calls are
+                # charged: left RUNNING, it would be taken over and run, and charged, again.
+                if time.monotonic() + pause > give_up:
+                    log.exception("orchestrator.finish_failed", run_id=str(view.run_id))
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.config.backoff_cap)
+            except AgentWorksError:
+                log.exception("orchestrator.finish_refused", run_id=str(view.run_id))
+                return
+            else:
+                return
 
     # -- the agent's work ----------------------------------------------------------------------
 
-    async def _work(self, view: RunView, batcher: LogBatcher) -> str:
+    async def _work(self, view: RunView, batcher: LogBatcher, *, deadline: float) -> str:
+        """The run's output; ``deadline`` (monotonic) is when its timeout ends it."""
         try:
             spec = agent_named(view.agent)
             card = await self._call(self.app.card_snapshot, view.card_id)
@@ -574,14 +637,24 @@ class Orchestrator:
                 attempt, retry_after=outcome.retry_after, base=self.config.backoff_base,
                 cap=self.config.backoff_cap, jitter=random.random(),  # noqa: S311
             )  # fmt: skip
-            if not request.pinned and len(chain) > 1:
+            fallback = not request.pinned and len(chain) > 1
+            if fallback:
+                wait = min(wait, self.config.backoff_base)
+            left = deadline - time.monotonic()
+            if wait >= left:
+                # A wait the run's timeout would cut short: no retry can come of it, and the
+                # run would hold its slot idle until then and end TIMED_OUT, the cause unsaid.
+                raise RunFailed(
+                    f"gave up after {attempt} attempts: the next could start in {wait:.1f}s, "
+                    f"after the run's deadline ({max(left, 0.0):.1f}s left): {last_error}"
+                )
+            if fallback:
                 index = (index + 1) % len(chain)
                 nxt = chain[index]
                 batcher.system(
                     f"falling back from {option.provider}/{option.model} to "
                     f"{nxt.provider}/{nxt.model}: {outcome.error}"
                 )
-                wait = min(wait, self.config.backoff_base)
             else:
                 batcher.system(f"retrying in {wait:.1f}s: {outcome.error}")
             await asyncio.sleep(wait)
@@ -719,10 +792,15 @@ class Orchestrator:
             view, option, "failed", http_status, str(error), latency_ms,
             estimate if streamed else Usage(0, 0), started_at, charged=call.charged,
         )  # fmt: skip
-        before = breaker.state
-        after = breaker.failed(time.monotonic())
-        if after is not before and after is BreakerState.OPEN:
-            batcher.system(f"circuit for {option.provider} is open")
+        if isinstance(error, PermanentProviderError) and http_status not in _PROVIDER_WIDE:
+            # The provider is up and judged the request (a prompt too long, an unknown model):
+            # one tenant's bad requests must not turn every other run away from it.
+            breaker.succeeded()
+        else:
+            before = breaker.state
+            after = breaker.failed(time.monotonic())
+            if after is not before and after is BreakerState.OPEN:
+                batcher.system(f"circuit for {option.provider} is open")
         if isinstance(error, PermanentProviderError):
             return _Outcome(ok=False, error=str(error), permanent=True)
         assert isinstance(error, TransientProviderError)
@@ -780,7 +858,9 @@ class Orchestrator:
         lock = self._charging.setdefault(view.workspace_id, asyncio.Lock())
         try:
             async with lock:
-                result = await self._write(view, self.app.record_provider_attempt, cmd)
+                result = await self._write_again_if_unwritten(
+                    view, self.app.record_provider_attempt, cmd
+                )
             charged.billed = int(result.extra.get("billed", 0))
         except BaseException as failure:
             # Refused (or taken over): nothing was written. Anything else may have committed.

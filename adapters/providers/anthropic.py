@@ -1,8 +1,8 @@
 """Anthropic messages API, streamed (``POST {base}/v1/messages``).
 
-Input tokens come from ``message_start``, output tokens from the last ``message_delta``; the call
-is complete at ``message_stop``. An ``error`` event (e.g. ``overloaded_error``) mid-stream is
-transient.
+Input tokens come from ``message_start``, output tokens from the last ``message_delta`` (a stream
+without one has no usage: it broke); the call is complete at ``message_stop``. An ``error``
+event (e.g. ``overloaded_error``) mid-stream is transient.
 """
 
 from __future__ import annotations
@@ -51,9 +51,8 @@ class AnthropicProvider(SseProvider):
             payload = json.loads(data)
             kind = payload.get("type", event)
             if kind == "message_start":
-                usage = payload["message"]["usage"]
-                input_tokens = int(usage["input_tokens"])
-                output_tokens = int(usage.get("output_tokens") or 0)
+                # Its output_tokens is a placeholder (1); the count is message_delta's.
+                input_tokens = int(payload["message"]["usage"]["input_tokens"])
             elif kind == "content_block_delta":
                 delta = payload.get("delta") or {}
                 if delta.get("type") == "text_delta" and delta.get("text"):
@@ -67,6 +66,11 @@ class AnthropicProvider(SseProvider):
                 raise TransientProviderError(
                     f"anthropic stream error: {payload.get('error')}", provider=self.name
                 )
-        if not stopped or input_tokens is None or output_tokens is None:
+        if not stopped:
             raise StreamBroken("anthropic stream ended before message_stop", provider=self.name)
+        if input_tokens is None or output_tokens is None:
+            raise StreamBroken(
+                "anthropic stream ended without its usage (message_start and message_delta)",
+                provider=self.name,
+            )
         yield Usage(input_tokens, output_tokens)

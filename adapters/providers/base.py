@@ -11,7 +11,8 @@ Exceptions raised by adapters::
 
 from __future__ import annotations
 
-import json
+import codecs
+import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -99,12 +100,23 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
+#: How much of an error response's body is read (its message keeps 500 characters of it).
+ERROR_BODY_BYTES = 2048
+
+
 async def raise_for_status(response: httpx.Response, provider: str) -> None:
     """Turn an error response into our errors, with the provider's own message when it sent one."""
     status = response.status_code
     if status < 400:
         return
-    body = (await response.aread()).decode("utf-8", "replace")[:500]
+    # Its first bytes name the error; read to its end, a body that streams slowly (or without
+    # end) would hold the call, and a huge one would be kept whole.
+    head = b""
+    async for chunk in response.aiter_bytes():
+        head += chunk
+        if len(head) >= ERROR_BODY_BYTES:
+            break
+    body = head.decode("utf-8", "replace")[:500]
     message = f"{provider} answered HTTP {status}: {body or response.reason_phrase}"
     if status == 429:
         raise TransientProviderError(
@@ -133,14 +145,78 @@ def translate(error: httpx.HTTPError, provider: str, *, streaming: bool) -> Tran
     )
 
 
+#: What ends a line of an event stream: CRLF, LF or CR, and nothing else.
+_LINE_END = re.compile("\r\n|\r|\n")
+
+#: The most characters one event (its lines, its data) may hold. A provider's chunk is a few
+#: hundred; one without a bound (a broken or hostile server's endless line) would be kept whole
+#: in memory, the whole orchestrator's, and every run in it would go down with it.
+MAX_EVENT_CHARS = 4 * 1024 * 1024
+
+
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The lines of an event stream, as its format defines them: UTF-8 (whatever the headers
+    say; invalid bytes become U+FFFD), a leading byte order mark dropped, ended by CRLF, LF or
+    CR alone. Not ``httpx``'s ``aiter_lines``: that splits like ``str.splitlines``, also at
+    U+2028, U+2029 and NEL, which JSON carries unescaped inside a ``data:`` line, so a model
+    writing one of them broke its chunk in two and the call with it. A CR that ends one chunk
+    and an LF that starts the next are one line end."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    lines = _LineSplitter()
+    async for chunk in chunks:
+        for line in lines.feed(decoder.decode(chunk)):
+            yield line
+    for line in lines.feed(decoder.decode(b"", final=True)):
+        yield line
+    if lines.partial:
+        yield "".join(lines.partial)
+
+
+class _LineSplitter:
+    """Decoded text, chunk by chunk, into complete lines; what follows the last line end waits
+    in ``partial`` (the scan never goes over text it has already seen)."""
+
+    def __init__(self) -> None:
+        self.partial: list[str] = []
+        self._partial_chars = 0
+        self._after_cr = False
+        self._first = True
+
+    def feed(self, text: str) -> list[str]:
+        if not text:
+            return []
+        if self._first:
+            text, self._first = text.removeprefix("\ufeff"), False
+        if self._after_cr and text.startswith("\n"):
+            text = text[1:]
+        self._after_cr = False
+        lines: list[str] = []
+        start = 0
+        for end in _LINE_END.finditer(text):
+            self._keep(text[start : end.start()])
+            lines.append("".join(self.partial))
+            self.partial, self._partial_chars = [], 0
+            start = end.end()
+            self._after_cr = end.group() == "\r" and start == len(text)
+        if start < len(text):
+            self._keep(text[start:])
+        return lines
+
+    def _keep(self, text: str) -> None:
+        self._partial_chars += len(text)
+        if self._partial_chars > MAX_EVENT_CHARS:
+            raise ValueError(f"an event-stream line is longer than {MAX_EVENT_CHARS} characters")
+        self.partial.append(text)
+
+
 async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
     """Server-sent events as ``(event name, data)``; the name is ``message`` when unnamed."""
-    event, data = "message", list[str]()
-    async for line in response.aiter_lines():
+    event, data, size = "message", list[str](), 0
+    async for line in sse_lines(response.aiter_bytes()):
         if line == "":
             if data:
                 yield event, "\n".join(data)
-            event, data = "message", list[str]()
+            event, data, size = "message", list[str](), 0
         elif line.startswith(":"):
             continue
         else:
@@ -149,9 +225,21 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
             if name == "event":
                 event = value
             elif name == "data":
+                size += len(value) + 1
+                if size > MAX_EVENT_CHARS:
+                    raise ValueError(f"an event is longer than {MAX_EVENT_CHARS} characters")
                 data.append(value)
     if data:
         yield event, "\n".join(data)
+
+
+#: What reading an event the provider got wrong raises: JSON that is not JSON, or too deeply
+#: nested to decode (``RecursionError``), or of another shape than the API's (a list where an
+#: object belongs: ``AttributeError``; a number out of range: ``OverflowError``). The call broke;
+#: it is not a fault of the orchestrator, which would fail the run and charge nothing of it.
+_UNREADABLE = (
+    ValueError, KeyError, IndexError, TypeError, AttributeError, ArithmeticError, RecursionError
+)  # fmt: skip
 
 
 class SseProvider(ABC):
@@ -211,11 +299,17 @@ class SseProvider(ABC):
                     else:
                         yield piece
         except httpx.HTTPError as error:
-            raise translate(error, self.name, streaming=started) from error
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            if usage is None:
+                raise translate(error, self.name, streaming=started) from error
+            # The final usage had come: the answer is whole, only the stream's closing was lost.
+        except _UNREADABLE as error:
             raise StreamBroken(
-                f"{self.name} sent {self.event_noun} we cannot read: {error}", provider=self.name
+                f"{self.name} sent {self.event_noun} we cannot read: "
+                f"{type(error).__name__}: {error}",
+                provider=self.name,
             ) from error
         if usage is None:
             raise StreamBroken(f"{self.name} stream ended without its usage", provider=self.name)
+        if usage.input_tokens < 0 or usage.output_tokens < 0:
+            raise StreamBroken(f"{self.name} reported negative token counts", provider=self.name)
         yield usage

@@ -1,7 +1,8 @@
 """OpenAI-compatible chat completions, streamed (``POST {base}/chat/completions``).
 
 With ``stream_options.include_usage`` the final chunk carries ``usage`` (and no choices); that
-block is authoritative. A stream that ends without ``[DONE]`` broke off.
+block is authoritative. A stream that ends without ``[DONE]`` broke off, unless that final chunk
+(after a finish reason) came: then the answer is whole and only the closing was lost.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class OpenAIProvider(SseProvider):
 
     async def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[str | Usage]:
         usage: Usage | None = None
-        done = False
+        done = finished = sent = False
         async for _, data in events:
             if data.strip() == "[DONE]":
                 done = True
@@ -46,9 +47,17 @@ class OpenAIProvider(SseProvider):
                 text = (choice.get("delta") or {}).get("content")
                 if text:
                     yield text
+                finished = finished or bool(choice.get("finish_reason"))
             if chunk.get("usage"):
                 u = chunk["usage"]
                 usage = Usage(int(u["prompt_tokens"]), int(u["completion_tokens"]))
+                if finished and not sent:
+                    # The final chunk (after the finish reason): the answer is whole, whatever
+                    # becomes of the [DONE] that closes the stream.
+                    yield usage
+                    sent = True
+        if sent:
+            return
         if not done or usage is None:
             raise StreamBroken(
                 "openai stream ended before " + ("[DONE]" if not done else "its usage block"),

@@ -33,8 +33,9 @@ from adapters.providers.anthropic import AnthropicProvider
 from adapters.providers.base import Provider
 from adapters.providers.openai import OpenAIProvider
 from commands import models as m
-from commands.handlers import AgentWorks
+from commands.handlers import Actor, AgentWorks
 from domain.agent_run import AgentRun, RunStatus
+from domain.errors import Unavailable
 from domain.pricing import call_cost_micros
 from domain.usage import UsageCharge, charge_id_for
 
@@ -381,3 +382,185 @@ def test_a_killed_orchestrators_runs_are_taken_over_and_never_charged_twice(
         charges: list[UsageCharge] = [write_side.repository.get(c.charge_id) for c in calls]
         assert all(isinstance(c, UsageCharge) for c in charges)
         assert run.billed_micros == sum(c.billed_micros for c in charges)
+
+
+def test_an_unreadable_event_mid_stream_is_retried_and_what_streamed_is_charged(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A chunk of the wrong shape (a list where the API has an object) breaks the call like a cut
+    stream: retried, and the text it streamed charged from estimates; the run did not crash with
+    nothing charged."""
+    bad = openai_events(["partial ", "answer\n"], prompt_tokens=50, completion_tokens=3)
+    bad.insert(3, "data: [1]")
+    ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
+    run = run_on_fake_openai(write_side, database_url, [Reply(events=bad), Reply(events=ok)])
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert run.output == "fine"
+    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert [(a.status, a.estimated) for a in attempts] == [("failed", True), ("ok", False)]
+    assert attempts[0].output_tokens > 0
+    assert attempts[0].provider_cost_micros > 0
+    assert run.provider_cost_micros == sum(a.provider_cost_micros for a in attempts)
+
+
+def test_model_output_and_provider_errors_holding_nul_or_lone_surrogates_are_kept_replaced(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """NUL and lone surrogates (JSON's \\u0000 and \\ud800 escapes) cannot be stored as text: a
+    run's output and an attempt's error keep them as U+FFFD, as its log lines do. Both commands
+    refused them instead: a run whose call had succeeded (and was charged) ended FAILED
+    "internal error", and an error body holding NUL failed the run rather than be retried."""
+    broken = Reply(status=500, body=b"bad\x00gateway")
+    ok = openai_events(["nul \x00 and \ud800 here"], prompt_tokens=10, completion_tokens=5)
+    card = card_on_board(write_side)
+    with (
+        FakeProviderServer([broken, Reply(events=ok)]) as server,
+        orchestrator_thread(database_url, openai_at(server)),
+    ):
+        run = wait_for(write_side, start(write_side, card, provider="openai"), finished,
+                       timeout=10.0)  # fmt: skip
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert run.output == "nul \ufffd and \ufffd here"
+    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert [(a.http_status, a.status) for a in attempts] == [(500, "failed"), (None, "ok")]
+    assert "bad\ufffdgateway" in (attempts[0].error or "")
+
+
+def test_a_retry_after_beyond_the_runs_deadline_fails_the_run_at_once_with_the_429(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A pinned run told to come back after its deadline cannot retry within it: it fails at
+    once, saying so, rather than hold its slot idle until its timeout and end TIMED_OUT."""
+    limited = [Reply(status=429, headers={"retry-after": "3600"}, body=b'{"error": "quota"}')]
+    began = time.monotonic()
+    run = run_on_fake_openai(write_side, database_url, limited, run_timeout=8.0)
+    took = time.monotonic() - began
+    assert run.status is RunStatus.FAILED, run.status
+    assert "deadline" in (run.error or ""), run.error
+    assert "429" in (run.error or ""), run.error
+    assert took < 6.0, took
+    [attempt] = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert attempt.http_status == 429
+
+
+def test_a_run_its_own_orchestrator_let_go_of_is_taken_over_by_that_orchestrator(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A run stays RUNNING under a worker that no longer runs it without that worker dying: its
+    claim committed while the store could not say so, or its finish could not be written (the
+    database was down), and the worker let the run go. Only a takeover frees it, and the worker
+    itself was refused one ("already run by"): with one orchestrator it stayed RUNNING for good."""
+    card = card_on_board(write_side)
+    run_id = start(write_side, card)
+    actor = Actor.service("orchestrator", card.board.workspace_id)
+    write_side.begin_run(m.BeginRun(run_id=run_id, worker="solo"), actor)
+    with orchestrator_thread(database_url, worker_id="solo", stale_after=1.0):
+        run = wait_for(write_side, run_id, finished, timeout=15.0)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    [reclaimed] = events_of(write_side, run_id, AgentRun.Reclaimed)
+    assert (reclaimed.previous_worker, reclaimed.worker) == ("solo", "solo")
+
+
+def failing_once(monkeypatch: pytest.MonkeyPatch, command: str) -> list[int]:
+    """Make the write side's ``command`` answer UNAVAILABLE (nothing written) the first time, as
+    it does while the database restarts; returns the count of calls."""
+    calls: list[int] = []
+    real = getattr(AgentWorks, command)
+
+    def once(self: AgentWorks, cmd: Any, actor: Actor) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise Unavailable("the database is restarting", retry_after_seconds=0.1)
+        return real(self, cmd, actor)
+
+    monkeypatch.setattr(AgentWorks, command, once)
+    return calls
+
+
+def test_a_claim_the_store_could_not_take_is_tried_again(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A BeginRun refused as UNAVAILABLE wrote nothing; the run was taken off the queue all the
+    same, and stayed QUEUED until the orchestrator restarted."""
+    card = card_on_board(write_side)
+    calls = failing_once(monkeypatch, "begin_run")
+    with orchestrator_thread(database_url):
+        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert len(calls) == 2
+
+
+def test_a_finish_the_store_could_not_take_is_tried_again_not_run_a_second_time(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FinishRun refused as UNAVAILABLE left the run RUNNING with its call charged; the stale
+    sweep took it over and ran (and charged) the call a second time."""
+    card = card_on_board(write_side)
+    calls = failing_once(monkeypatch, "finish_run")
+    with orchestrator_thread(database_url, stale_after=1.5):
+        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
+        time.sleep(2.0)  # a takeover, if there were one, would have come by now
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert len(calls) == 2
+    assert not events_of(write_side, run.id, AgentRun.Reclaimed)
+    assert len(events_of(write_side, run.id, AgentRun.LlmCallCompleted)) == 1
+
+
+def test_a_log_chunk_the_store_could_not_take_is_written_again_and_the_run_goes_on(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk refused as UNAVAILABLE (nothing written) stopped the run's log writer for good:
+    no line of the run was written after it, and the run, its call done and charged, ended
+    FAILED "internal error"."""
+    card = card_on_board(write_side)
+    calls = failing_once(monkeypatch, "append_run_log")
+    with orchestrator_thread(database_url):
+        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert len(calls) >= 2
+    lines = [ln for c in events_of(write_side, run.id, AgentRun.LogChunkAppended) for ln in c.lines]
+    assert [ln["seq"] for ln in lines] == list(range(1, len(lines) + 1))
+    logged = "\n".join(ln["text"] for ln in lines if ln["stream"] == "stdout")
+    assert logged.strip() == (run.output or "").strip()
+
+
+def test_a_charge_the_store_could_not_take_is_written_again_not_lost(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attempt (and its charge) refused as UNAVAILABLE with nothing written was not written
+    again: the call the provider had answered, and billed, was never charged, and the run ended
+    FAILED "internal error"."""
+    card = card_on_board(write_side)
+    calls = failing_once(monkeypatch, "record_provider_attempt")
+    with orchestrator_thread(database_url):
+        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert len(calls) == 2
+    [attempt] = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert attempt.status == "ok"
+    assert run.billed_micros > 0
+
+
+def test_requests_a_provider_refuses_as_bad_do_not_open_its_circuit_for_everyone(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A 400 says the request was bad, not that the provider is down. Three of them (one
+    tenant's runs with a prompt too long, say) opened the provider's circuit, and every other
+    run the router placed went elsewhere while the provider answered well."""
+    bad = Reply(status=400, body=b'{"error": {"code": "context_length_exceeded"}}')
+    ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
+    refused_card, card = card_on_board(write_side), card_on_board(write_side)
+    with (
+        FakeProviderServer([bad, bad, bad, Reply(events=ok)]) as server,
+        orchestrator_thread(
+            database_url, openai_at(server, then_simulated=True), breaker_threshold=3
+        ),  # fmt: skip
+    ):
+        for _ in range(3):
+            refused = wait_for(write_side, start(write_side, refused_card, provider="openai"),
+                               finished)  # fmt: skip
+            assert refused.status is RunStatus.FAILED
+        run = wait_for(write_side, start(write_side, card), finished)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert (run.provider, run.output) == ("openai", "fine")
+    assert not any("circuit" in t for t in log_lines(write_side, run.id))

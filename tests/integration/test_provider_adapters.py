@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -11,12 +14,14 @@ from provider_servers import FakeProviderServer, Reply, anthropic_events, openai
 
 from adapters.providers.anthropic import AnthropicProvider
 from adapters.providers.base import (
+    MAX_EVENT_CHARS,
     ChatRequest,
     PermanentProviderError,
     StreamBroken,
     TransientProviderError,
     Usage,
     retry_after_seconds,
+    sse_lines,
 )
 from adapters.providers.openai import OpenAIProvider
 from adapters.providers.simulated import SimulatedProvider
@@ -192,3 +197,132 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
     assert retry_after_seconds(None) is None
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert retry_after_seconds("soon") is None
+
+
+def test_line_separators_inside_a_chunk_are_text_not_line_ends() -> None:
+    """An event stream's lines end at CR, LF or CRLF only; JSON carries U+2028, U+2029 and NEL
+    unescaped inside a ``data:`` line, and a model that wrote one broke its call."""
+    odd = "one\u2028two\u2029three\x85four"
+
+    def raw(name: str | None, data: dict[str, Any]) -> str:
+        return (f"event: {name}\n" if name else "") + "data: " + json.dumps(
+            data, ensure_ascii=False
+        )  # fmt: skip
+
+    events = openai_events(["a"], prompt_tokens=4, completion_tokens=2)
+    events.insert(1, raw(None, {"id": "c1", "choices": [{"index": 0, "delta": {"content": odd}}]}))
+    with FakeProviderServer([Reply(events=events)]) as server:
+        assert run_openai(server) == (odd + "a", Usage(4, 2))
+    frames = anthropic_events(["a"], input_tokens=5, output_tokens=2)
+    delta = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": odd},
+    }
+    frames.insert(3, raw("content_block_delta", delta))
+    with FakeProviderServer([Reply(events=frames)]) as server:
+        assert run_anthropic(server) == (odd + "a", Usage(5, 2))
+
+
+def test_event_stream_lines_are_the_same_however_the_bytes_are_chunked() -> None:
+    stream = "\ufeffdata: a\u2028b\r\n\r\nevent: x\rdata:y\n\n: note\r\ndata: é€𝄞\r".encode()
+
+    async def lines(chunks: list[bytes]) -> list[str]:
+        async def feed() -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+        return [line async for line in sse_lines(feed())]
+
+    expected = ["data: a\u2028b", "", "event: x", "data:y", "", ": note", "data: é€𝄞"]
+    for cut in range(len(stream) + 1):
+        for second in range(cut, len(stream) + 1):
+            pieces = [stream[:cut], stream[cut:second], stream[second:]]
+            assert asyncio.run(lines(pieces)) == expected, (cut, second)
+    assert asyncio.run(lines([b"data: \xff ok"])) == ["data: \ufffd ok"]
+
+
+def test_an_event_of_another_shape_than_the_apis_is_a_broken_stream() -> None:
+    """JSON of the wrong shape (or nested too deep to decode) breaks the call like JSON that is
+    not JSON: a transient error whose text so far is charged, not a crash of the run."""
+    nested = "data: " + "[" * 100_000 + "]" * 100_000
+    for odd in ('data: {"choices": ["x"]}', "data: [1]", nested,
+                'data: {"choices": [], "usage": {"prompt_tokens": 1e999}}'):  # fmt: skip
+        events = openai_events(["a"], prompt_tokens=1, completion_tokens=1)
+        events.insert(2, odd)
+        with (
+            FakeProviderServer([Reply(events=events)]) as server,
+            pytest.raises(StreamBroken, match="cannot read"),
+        ):
+            run_openai(server)
+    for odd in ("data: [1]", 'event: message_delta\ndata: {"type": "message_delta"}', nested):
+        frames = anthropic_events(["a"], input_tokens=3, output_tokens=1)
+        frames.insert(4, odd)
+        with (
+            FakeProviderServer([Reply(events=frames)]) as server,
+            pytest.raises(StreamBroken, match="cannot read"),
+        ):
+            run_anthropic(server)
+    events = openai_events(["a"], prompt_tokens=-5, completion_tokens=1)
+    with FakeProviderServer([Reply(events=events)]) as server, pytest.raises(StreamBroken):
+        run_openai(server)
+
+
+def test_an_event_longer_than_any_providers_is_a_broken_stream_not_kept_whole() -> None:
+    """A line (or an event's data lines) without end was kept whole in the orchestrator's
+    memory, for every run in it to go down with; past MAX_EVENT_CHARS the call breaks."""
+    huge = "x" * (MAX_EVENT_CHARS + 10)
+    chunk = {"id": "c1", "choices": [{"index": 0, "delta": {"content": huge}}]}
+    for odd in ("data: " + json.dumps(chunk), "data: y\n" * (MAX_EVENT_CHARS // 2 + 10)):
+        events = openai_events(["a"], prompt_tokens=1, completion_tokens=1)
+        events.insert(1, odd.rstrip("\n"))
+        with (
+            FakeProviderServer([Reply(events=events)]) as server,
+            pytest.raises(StreamBroken, match="longer than"),
+        ):
+            run_openai(server)
+
+
+def test_anthropic_stream_without_message_delta_is_broken_not_billed_one_output_token() -> None:
+    """Output tokens come from message_delta; message_start's count is a placeholder (1). A stream
+    that stopped without message_delta was billed that 1 token for however much text it
+    streamed; now it is broken, and charged from estimates."""
+    frames = anthropic_events(["a long answer " * 50], input_tokens=21, output_tokens=150)
+    frames = [f for f in frames if not f.startswith("event: message_delta")]
+    with (
+        FakeProviderServer([Reply(events=frames)]) as server,
+        pytest.raises(StreamBroken, match="usage"),
+    ):
+        run_anthropic(server)
+
+
+def test_openai_stream_cut_after_its_usage_block_is_complete() -> None:
+    """The final chunk's usage is authoritative, sent after the finish reason: a connection
+    lost before the closing [DONE] took nothing from the answer. It was a broken stream: charged
+    from estimates instead of the usage, and the whole call made (and billed) again."""
+    events = openai_events(["all ", "of it"], prompt_tokens=12, completion_tokens=3)
+    assert events[-1] == "data: [DONE]"
+    with FakeProviderServer([Reply(events=events, cut_after=len(events) - 1)]) as server:
+        assert run_openai(server) == ("all of it", Usage(12, 3))
+    usage_only = [e for e in events if "finish_reason" not in e]  # no sign the answer ended
+    with (
+        FakeProviderServer([Reply(events=usage_only, cut_after=len(usage_only) - 1)]) as server,
+        pytest.raises(StreamBroken),
+    ):
+        run_openai(server)
+
+
+def test_an_error_response_is_judged_on_its_first_bytes_not_read_to_its_end() -> None:
+    """An error's body was read whole before the error was raised: a 5xx whose body streamed
+    slowly held the call (and its run) until the body ended, and a huge one was kept in memory.
+    Its first bytes name the error."""
+    frames = ["data: " + "e" * 3000] * 20
+    began = time.monotonic()
+    with (
+        FakeProviderServer([Reply(status=503, events=frames, event_delay=0.5)]) as server,
+        pytest.raises(TransientProviderError) as caught,
+    ):
+        run_openai(server)
+    assert time.monotonic() - began < 3.0
+    assert caught.value.http_status == 503
+    assert "eeee" in caught.value.message

@@ -296,3 +296,25 @@ def test_a_group_waits_for_its_runs_other_writes_instead_of_racing_them() -> Non
         return order
 
     assert asyncio.run(scenario()) == ["charge written", "group"]
+
+
+def test_a_close_cut_short_by_the_runs_timeout_leaves_the_writes_for_the_next_close() -> None:
+    """The run's timeout can fire while its last lines are being written: that cancelled the
+    batcher's own task with the close, the orchestrator's second close (to write the timeout's
+    line) raised CancelledError, and the run was never finished, left RUNNING."""
+
+    async def scenario() -> list[list[str]]:
+        sink = Sink()
+        batcher = LogBatcher(sink.write)
+        batcher.start()
+        sink.open.clear()  # a slow database
+        batcher.add("last line\n")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await batcher.close()
+        batcher.system("timed out")
+        sink.open.set()
+        await batcher.close()
+        return sink.texts()
+
+    assert asyncio.run(scenario()) == [["last line"], ["timed out"]]

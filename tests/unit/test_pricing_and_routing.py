@@ -230,3 +230,16 @@ def test_every_agent_has_a_prompt_over_the_card_and_earlier_outputs() -> None:
     assert "def login()" in user
     with pytest.raises(ValidationFailed, match="agent 'poet'"):
         agent_named("poet")
+
+
+def test_a_trial_that_never_got_a_verdict_lets_another_through_after_a_cooldown() -> None:
+    """A half-open breaker's trial call may end with no verdict (cancelled, stopped by a budget,
+    a request the provider refused as bad): its breaker stayed half-open with its one trial out
+    for good, and the router never chose that provider again."""
+    breaker = CircuitBreaker(threshold=1, cooldown_seconds=10)
+    breaker.failed(0)
+    assert breaker.allows(10)  # the trial, whose call then ends without a verdict
+    assert not breaker.allows(15)
+    assert breaker.allows(20)  # a cooldown later, another trial
+    assert not breaker.allows(21)
+    assert breaker.succeeded() is BreakerState.CLOSED
