@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -453,24 +453,15 @@ class Orchestrator:
         """Write a chunk; one the store refused as unavailable with nothing written is written
         again (backing off, for up to ``stale_after``): an error here ends the run's log writer,
         and with it the run, its calls done and charged, FAILED."""
-        pause = self.config.backoff_base
-        give_up = time.monotonic() + self.config.stale_after
-        while True:
-            try:
-                await self._log_writer.write(
-                    view.workspace_id,
-                    view.run_id,
-                    lines,
-                    partial(self._write_lines_alone, view, lines),
-                )
-            except Unavailable as error:
-                # An outcome the store could not tell is not written twice (see RunLogWriter).
-                if error.outcome == "unknown" or time.monotonic() + pause > give_up:
-                    raise
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, self.config.backoff_cap)
-            else:
-                return
+        await self._while_unavailable(
+            partial(
+                self._log_writer.write,
+                view.workspace_id,
+                view.run_id,
+                lines,
+                partial(self._write_lines_alone, view, lines),
+            )
+        )
 
     async def _write_lines_alone(self, view: RunView, lines: list[Line]) -> None:
         cmd = m.AppendRunLog(run_id=view.run_id, worker=self.worker, lines=_line_inputs(lines))
@@ -524,19 +515,21 @@ class Orchestrator:
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _write_again_if_unwritten(
-        self, view: RunView, handler: Callable[..., CommandResult], cmd: m.Command
-    ) -> CommandResult:
-        """:meth:`_write`, again (backing off, for up to ``stale_after``) while the store refuses
-        it as unavailable with nothing written. One whose commit the store could not tell is
-        not sent again: a second attempt would be recorded, and charged, as another."""
+    async def _while_unavailable(
+        self, write: Callable[[], Awaitable[T]], *, unknown_too: bool = False
+    ) -> T:
+        """``write()``, again (backing off, for up to ``stale_after``) while the store refuses it
+        as unavailable with nothing written. A write whose commit the store could not tell is
+        sent again only when ``unknown_too`` (a second one is refused once the first is in); for
+        others it would be recorded twice: a log chunk twice, an attempt charged as another."""
         pause = self.config.backoff_base
         give_up = time.monotonic() + self.config.stale_after
         while True:
             try:
-                return await self._write(view, handler, cmd)
+                return await write()
             except Unavailable as error:
-                if error.outcome == "unknown" or time.monotonic() + pause > give_up:
+                unknown = error.outcome == "unknown" and not unknown_too
+                if unknown or time.monotonic() + pause > give_up:
                     raise
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, self.config.backoff_cap)
@@ -569,27 +562,19 @@ class Orchestrator:
             run_id=view.run_id, outcome=outcome, worker=self.worker, output=output,
             error=error, after_seconds=after,
         )  # fmt: skip
-        pause = self.config.backoff_base
-        give_up = time.monotonic() + self.config.stale_after
-        while True:
-            try:
-                await self._write(view, self.app.finish_run, cmd)
-            except _Lost:
-                return
-            except Unavailable:
-                # The store cannot take it now. Again is safe (a finish that did commit makes
-                # the next refused: the run is no longer RUNNING), and the run's calls are
-                # charged: left RUNNING, it would be taken over and run, and charged, again.
-                if time.monotonic() + pause > give_up:
-                    log.exception("orchestrator.finish_failed", run_id=str(view.run_id))
-                    return
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, self.config.backoff_cap)
-            except AgentWorksError:
-                log.exception("orchestrator.finish_refused", run_id=str(view.run_id))
-                return
-            else:
-                return
+        try:
+            # Again while the store cannot take it: safe (a finish that did commit makes the
+            # next refused, the run no longer RUNNING), and needed (the run's calls are charged:
+            # left RUNNING, it would be taken over and run, and charged, again).
+            await self._while_unavailable(
+                partial(self._write, view, self.app.finish_run, cmd), unknown_too=True
+            )
+        except _Lost:
+            return
+        except Unavailable:
+            log.exception("orchestrator.finish_failed", run_id=str(view.run_id))
+        except AgentWorksError:
+            log.exception("orchestrator.finish_refused", run_id=str(view.run_id))
 
     # -- the agent's work ----------------------------------------------------------------------
 
@@ -858,8 +843,8 @@ class Orchestrator:
         lock = self._charging.setdefault(view.workspace_id, asyncio.Lock())
         try:
             async with lock:
-                result = await self._write_again_if_unwritten(
-                    view, self.app.record_provider_attempt, cmd
+                result = await self._while_unavailable(
+                    partial(self._write, view, self.app.record_provider_attempt, cmd)
                 )
             charged.billed = int(result.extra.get("billed", 0))
         except BaseException as failure:

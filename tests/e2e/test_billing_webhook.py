@@ -66,8 +66,8 @@ def invoice_event(event_id: str, kind: str, stripe_invoice_id: str, key: str) ->
     ).encode()
 
 
-def invoiced_workspace(stack: Stack, localstripe: str) -> tuple[Any, str, str]:
-    """A workspace with last month's usage, invoiced in localstripe; its owner's client."""
+def charged_workspace(stack: Stack, localstripe: str) -> tuple[Any, str]:
+    """A workspace with last month's usage and a customer in localstripe; its owner's client."""
     alice, ws = stack.owner_with_workspace("alice", "Acme")
     project = alice.create_project(ws, "Rocket", [{"name": "Todo"}])["project"]["id"]
     card = alice.create_card(project, "c")["card"]["id"]
@@ -85,6 +85,12 @@ def invoiced_workspace(stack: Stack, localstripe: str) -> tuple[Any, str, str]:
         service,
     )  # fmt: skip
     provision_customer(localstripe, UUID(ws))
+    return alice, ws
+
+
+def invoiced_workspace(stack: Stack, localstripe: str) -> tuple[Any, str, str]:
+    """A ``charged_workspace``, invoiced in localstripe; its owner's client."""
+    alice, ws = charged_workspace(stack, localstripe)
     stripe = StripeBilling(api_key=STRIPE_TEST_KEY, api_base=localstripe)
     try:
         result = Billing(stack.write).invoice(stripe, UUID(ws), MONTH)
@@ -164,23 +170,7 @@ def test_a_payment_before_the_issue_is_recorded_is_asked_for_again(
     make_stack: MakeStack, localstripe: str
 ) -> None:
     stack = make_stack(stripe_webhook_secret=SECRET)
-    alice, ws = stack.owner_with_workspace("alice", "Acme")
-    project = alice.create_project(ws, "Rocket", [{"name": "Todo"}])["project"]["id"]
-    card = alice.create_card(project, "c")["card"]["id"]
-    service = Actor.service("orchestrator", ws)
-    run = stack.write.start_agent_run(
-        m.StartAgentRun(card_id=UUID(card), agent="coder"),
-        Actor(user_id=user_id("alice"), workspace_id=ws),
-    ).id
-    stack.write.begin_run(m.BeginRun(run_id=run, worker="w"), service)
-    stack.write.record_llm_call(
-        m.RecordLlmCall(
-            run_id=run, call_id="c1", provider="p", model="m", input_tokens=1, output_tokens=1,
-            latency_ms=1, provider_cost_micros=210_000, price_table_version="v1", at=IN_MONTH,
-        ),
-        service,
-    )  # fmt: skip
-    provision_customer(localstripe, UUID(ws))
+    alice, ws = charged_workspace(stack, localstripe)
     stopping = _StopsAfterCreatingTheInvoice(api_key=STRIPE_TEST_KEY, api_base=localstripe)
     stripe = StripeBilling(api_key=STRIPE_TEST_KEY, api_base=localstripe)
     try:

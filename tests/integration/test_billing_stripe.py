@@ -356,32 +356,13 @@ def test_reconcile_finds_an_item_added_in_stripe_by_hand(
     }
 
 
-def test_the_invoice_request_asks_stripe_to_finalize_and_collect_it(localstripe: str) -> None:
-    """An invoice made through Stripe's API stays a draft (never finalized, never collected)
-    unless it asks for ``auto_advance``; this checks the request we send."""
-    sent: list[dict[str, Any]] = []
-
-    class Recording(StripeBilling):
-        def _call(self, what: str, request: Any, *args: Any, **kwargs: Any) -> Any:
-            sent.append({"what": what, "params": args[-1] if args else None})
-            return super()._call(what, request, *args, **kwargs)
-
-    stripe = Recording(api_key=STRIPE_TEST_KEY, api_base=localstripe)
-    try:
-        customer = provision_customer(localstripe, UUID(int=2))
-        stripe_client(localstripe).v1.invoice_items.create(
-            {"customer": customer, "amount": 100, "currency": "usd"}
-        )
-        stripe.create_invoice(customer, "k", "usage")
-    finally:
-        stripe.close()
-    (params,) = [s["params"] for s in sent if s["what"] == "invoice creation"]
-    assert params["auto_advance"] is True
-
-
-def test_the_invoice_request_asks_stripe_to_include_pending_items(localstripe: str) -> None:
-    """localstripe always sweeps pending items into a new invoice; real Stripe does so only when
-    asked (``pending_invoice_items_behavior=include``), so this checks the request we send."""
+def test_the_invoice_request_asks_stripe_to_include_pending_items_and_advance(
+    localstripe: str,
+) -> None:
+    """localstripe always sweeps pending items into a new invoice and never advances one; real
+    Stripe does so only when asked (``pending_invoice_items_behavior=include``; an invoice made
+    through its API stays a draft, never finalized nor collected, without ``auto_advance``), so
+    this checks the request we send."""
     sent: list[dict[str, Any]] = []
 
     class Recording(StripeBilling):
@@ -400,6 +381,7 @@ def test_the_invoice_request_asks_stripe_to_include_pending_items(localstripe: s
         stripe.close()
     (params,) = [s["params"] for s in sent if s["what"] == "invoice creation"]
     assert params["pending_invoice_items_behavior"] == "include"
+    assert params["auto_advance"] is True
     assert params["metadata"] == {"invoice_key": "k"}
 
 

@@ -477,17 +477,34 @@ def failing_once(monkeypatch: pytest.MonkeyPatch, command: str) -> list[int]:
     return calls
 
 
+def run_through_one_refusal(
+    write_side: AgentWorks,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    *,
+    linger: float = 0.0,
+    **orchestrator: Any,
+) -> tuple[AgentRun, int]:
+    """A run whose ``command`` the store refuses once as UNAVAILABLE; it succeeds all the same.
+    The orchestrator stays up ``linger`` seconds after the run ends. Returns the run and how
+    often ``command`` was sent."""
+    card = card_on_board(write_side)
+    calls = failing_once(monkeypatch, command)
+    with orchestrator_thread(database_url, **orchestrator):
+        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
+        time.sleep(linger)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    return run, len(calls)
+
+
 def test_a_claim_the_store_could_not_take_is_tried_again(
     write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A BeginRun refused as UNAVAILABLE wrote nothing; the run was taken off the queue all the
     same, and stayed QUEUED until the orchestrator restarted."""
-    card = card_on_board(write_side)
-    calls = failing_once(monkeypatch, "begin_run")
-    with orchestrator_thread(database_url):
-        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
-    assert run.status is RunStatus.SUCCEEDED, run.error
-    assert len(calls) == 2
+    _, sent = run_through_one_refusal(write_side, database_url, monkeypatch, "begin_run")
+    assert sent == 2
 
 
 def test_a_finish_the_store_could_not_take_is_tried_again_not_run_a_second_time(
@@ -495,13 +512,11 @@ def test_a_finish_the_store_could_not_take_is_tried_again_not_run_a_second_time(
 ) -> None:
     """A FinishRun refused as UNAVAILABLE left the run RUNNING with its call charged; the stale
     sweep took it over and ran (and charged) the call a second time."""
-    card = card_on_board(write_side)
-    calls = failing_once(monkeypatch, "finish_run")
-    with orchestrator_thread(database_url, stale_after=1.5):
-        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
-        time.sleep(2.0)  # a takeover, if there were one, would have come by now
-    assert run.status is RunStatus.SUCCEEDED, run.error
-    assert len(calls) == 2
+    # A takeover, if there were one, would come within the 2 s lingered.
+    run, sent = run_through_one_refusal(
+        write_side, database_url, monkeypatch, "finish_run", linger=2.0, stale_after=1.5
+    )
+    assert sent == 2
     assert not events_of(write_side, run.id, AgentRun.Reclaimed)
     assert len(events_of(write_side, run.id, AgentRun.LlmCallCompleted)) == 1
 
@@ -512,12 +527,8 @@ def test_a_log_chunk_the_store_could_not_take_is_written_again_and_the_run_goes_
     """A chunk refused as UNAVAILABLE (nothing written) stopped the run's log writer for good:
     no line of the run was written after it, and the run, its call done and charged, ended
     FAILED "internal error"."""
-    card = card_on_board(write_side)
-    calls = failing_once(monkeypatch, "append_run_log")
-    with orchestrator_thread(database_url):
-        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
-    assert run.status is RunStatus.SUCCEEDED, run.error
-    assert len(calls) >= 2
+    run, sent = run_through_one_refusal(write_side, database_url, monkeypatch, "append_run_log")
+    assert sent >= 2
     lines = [ln for c in events_of(write_side, run.id, AgentRun.LogChunkAppended) for ln in c.lines]
     assert [ln["seq"] for ln in lines] == list(range(1, len(lines) + 1))
     logged = "\n".join(ln["text"] for ln in lines if ln["stream"] == "stdout")
@@ -530,12 +541,10 @@ def test_a_charge_the_store_could_not_take_is_written_again_not_lost(
     """An attempt (and its charge) refused as UNAVAILABLE with nothing written was not written
     again: the call the provider had answered, and billed, was never charged, and the run ended
     FAILED "internal error"."""
-    card = card_on_board(write_side)
-    calls = failing_once(monkeypatch, "record_provider_attempt")
-    with orchestrator_thread(database_url):
-        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
-    assert run.status is RunStatus.SUCCEEDED, run.error
-    assert len(calls) == 2
+    run, sent = run_through_one_refusal(
+        write_side, database_url, monkeypatch, "record_provider_attempt"
+    )
+    assert sent == 2
     [attempt] = events_of(write_side, run.id, AgentRun.AttemptRecorded)
     assert attempt.status == "ok"
     assert run.billed_micros > 0

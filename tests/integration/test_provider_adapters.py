@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -242,27 +242,28 @@ def test_event_stream_lines_are_the_same_however_the_bytes_are_chunked() -> None
     assert asyncio.run(lines([b"data: \xff ok"])) == ["data: \ufffd ok"]
 
 
+def assert_broken_by(
+    run: Callable[[FakeProviderServer], object], events: list[str], at: int, odd: str
+) -> None:
+    """``events`` with ``odd`` put in at ``at`` break the call ``run`` makes, as unreadable."""
+    with (
+        FakeProviderServer([Reply(events=[*events[:at], odd, *events[at:]])]) as server,
+        pytest.raises(StreamBroken, match="cannot read"),
+    ):
+        run(server)
+
+
 def test_an_event_of_another_shape_than_the_apis_is_a_broken_stream() -> None:
     """JSON of the wrong shape (or nested too deep to decode) breaks the call like JSON that is
     not JSON: a transient error whose text so far is charged, not a crash of the run."""
     nested = "data: " + "[" * 100_000 + "]" * 100_000
+    openai = openai_events(["a"], prompt_tokens=1, completion_tokens=1)
     for odd in ('data: {"choices": ["x"]}', "data: [1]", nested,
                 'data: {"choices": [], "usage": {"prompt_tokens": 1e999}}'):  # fmt: skip
-        events = openai_events(["a"], prompt_tokens=1, completion_tokens=1)
-        events.insert(2, odd)
-        with (
-            FakeProviderServer([Reply(events=events)]) as server,
-            pytest.raises(StreamBroken, match="cannot read"),
-        ):
-            run_openai(server)
+        assert_broken_by(run_openai, openai, 2, odd)
+    anthropic = anthropic_events(["a"], input_tokens=3, output_tokens=1)
     for odd in ("data: [1]", 'event: message_delta\ndata: {"type": "message_delta"}', nested):
-        frames = anthropic_events(["a"], input_tokens=3, output_tokens=1)
-        frames.insert(4, odd)
-        with (
-            FakeProviderServer([Reply(events=frames)]) as server,
-            pytest.raises(StreamBroken, match="cannot read"),
-        ):
-            run_anthropic(server)
+        assert_broken_by(run_anthropic, anthropic, 4, odd)
     events = openai_events(["a"], prompt_tokens=-5, completion_tokens=1)
     with FakeProviderServer([Reply(events=events)]) as server, pytest.raises(StreamBroken):
         run_openai(server)
