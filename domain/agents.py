@@ -76,18 +76,31 @@ def agent_named(name: str) -> AgentSpec:
     return spec
 
 
+EARLIER_RUNS = 3
+"""How many of a card's earlier runs a prompt shows, the latest: with every one of them, each new
+run on a busy card would send a longer prompt (until its model refuses it as too long), and the
+orchestrator would keep every output ever written in memory."""
+
+
 @dataclass(frozen=True)
 class EarlierRun:
     agent: str
     output: str
 
+    @classmethod
+    def kept(cls, agent: str, output: str) -> EarlierRun:
+        """``output`` as much of it as a prompt can show: stripped, cut one character past what
+        is shown, so that the prompt still says it was cut."""
+        return cls(agent, output.strip()[: EARLIER_OUTPUT_CHARS + 1])
+
 
 def build_prompt(
     spec: AgentSpec, *, title: str, description: str, earlier: list[EarlierRun]
 ) -> list[dict[str, str]]:
-    """Chat messages (system, user) for one run of ``spec`` on a card."""
+    """Chat messages (system, user) for one run of ``spec`` on a card; of ``earlier`` (oldest
+    first), the last :data:`EARLIER_RUNS`."""
     parts = [f"Card: {title}", "", description.strip() or "(no description)"]
-    for run in earlier:
+    for run in earlier[-EARLIER_RUNS:]:
         text = run.output.strip()
         if len(text) > EARLIER_OUTPUT_CHARS:
             text = text[:EARLIER_OUTPUT_CHARS] + " [...]"

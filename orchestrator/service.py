@@ -44,7 +44,7 @@ from adapters.tokenizer import count_message_tokens, count_tokens
 from adapters.wakeup import LogWakeup
 from commands import models as m
 from commands.handlers import Actor, CommandResult
-from domain.agents import EarlierRun, agent_named, build_prompt
+from domain.agents import EARLIER_RUNS, EarlierRun, agent_named, build_prompt
 from domain.budget_holds import Hold, HoldRequest
 from domain.errors import AgentWorksError, Conflict, InvalidTransition, NotFound, Unavailable
 from domain.money import billed_amount, format_usd
@@ -190,7 +190,9 @@ class Orchestrator:
         self.config = config or OrchestratorConfig()
         self.worker = self.config.worker_id
         self.views: dict[UUID, RunView] = {}
-        self.outputs: dict[UUID, list[tuple[UUID, EarlierRun]]] = {}
+        #: Per card, the outputs of its latest runs, as far as a prompt shows them (one more
+        #: than it shows: a run taken over may find its own there).
+        self.outputs: dict[UUID, deque[tuple[UUID, EarlierRun]]] = {}
         self.queue: deque[UUID] = deque()
         self.tasks: dict[UUID, asyncio.Task[None]] = {}
         self.cancelled: set[UUID] = set()
@@ -313,9 +315,8 @@ class Orchestrator:
             view.worker = str(p["worker"])
             view.reclaims += 1
         elif kind == "OutputRecorded":
-            self.outputs.setdefault(view.card_id, []).append(
-                (run_id, EarlierRun(view.agent, str(p["output"])))
-            )
+            latest = self.outputs.setdefault(view.card_id, deque(maxlen=EARLIER_RUNS + 1))
+            latest.append((run_id, EarlierRun.kept(view.agent, str(p["output"]))))
         elif kind in _TERMINAL:
             view.status = kind
             task = self.tasks.get(run_id)

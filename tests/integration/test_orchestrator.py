@@ -35,6 +35,7 @@ from adapters.providers.openai import OpenAIProvider
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
 from domain.agent_run import AgentRun, RunStatus
+from domain.agents import EARLIER_RUNS
 from domain.errors import Unavailable
 from domain.pricing import call_cost_micros
 from domain.usage import UsageCharge, charge_id_for
@@ -137,6 +138,30 @@ def test_a_later_agent_sees_the_earlier_runs_output_in_its_prompt(
     prompt = server.requests[-1].body["messages"][1]["content"]
     assert "design: use JWT" in prompt
     assert "Login page" in prompt
+
+
+def test_a_prompt_carries_the_latest_earlier_outputs_of_its_card_and_no_more(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """Every earlier output of a card went into each new prompt (and stayed in the
+    orchestrator's memory for good): a busy card's prompts grew until the model refused them."""
+    card = card_on_board(write_side)
+    replies = [
+        Reply(events=openai_events([f"output of run {n}"], prompt_tokens=9, completion_tokens=4))
+        for n in range(1, 6)
+    ]
+    with (
+        FakeProviderServer(replies) as server,
+        orchestrator_thread(database_url, openai_at(server)) as orchestrator,
+    ):
+        for _ in range(5):
+            run = wait_for(write_side, start(write_side, card, provider="openai"), finished)
+            assert run.status is RunStatus.SUCCEEDED, run.error
+        kept = len(orchestrator.outputs[card.card_id])
+    prompt = server.requests[-1].body["messages"][1]["content"]
+    shown = [n for n in range(1, 6) if f"output of run {n}" in prompt]
+    assert shown == list(range(5 - EARLIER_RUNS, 5))
+    assert kept <= EARLIER_RUNS + 1
 
 
 def test_openai_compatible_server_given_by_settings_runs_and_is_charged_from_its_usage(

@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domain.agents import AGENTS, EarlierRun, agent_named, build_prompt
+from domain.agents import (
+    AGENTS,
+    EARLIER_OUTPUT_CHARS,
+    EARLIER_RUNS,
+    EarlierRun,
+    agent_named,
+    build_prompt,
+)
 from domain.errors import ValidationFailed
 from domain.money import billed_amount
 from domain.pricing import PriceRow, PriceTable, built_in_price_table, call_cost_micros
@@ -243,3 +250,24 @@ def test_a_trial_that_never_got_a_verdict_lets_another_through_after_a_cooldown(
     assert breaker.allows(20)  # a cooldown later, another trial
     assert not breaker.allows(21)
     assert breaker.succeeded() is BreakerState.CLOSED
+
+
+def test_a_prompt_shows_the_latest_earlier_runs_of_its_card_only() -> None:
+    """Every earlier output went into the prompt: a busy card's prompts grew with each run until
+    its model refused them as too long."""
+    earlier = [EarlierRun("coder", f"attempt number {n}") for n in range(1, 11)]
+    user = build_prompt(agent_named("reviewer"), title="t", description="d", earlier=earlier)[1]
+    shown = [n for n in range(1, 11) if f"attempt number {n}\n" in user["content"] + "\n"]
+    assert shown == list(range(11 - EARLIER_RUNS, 11))
+
+
+@given(st.text(max_size=EARLIER_OUTPUT_CHARS + 50), st.text(max_size=20))
+def test_an_output_kept_for_later_prompts_shows_as_the_whole_output_did(
+    output: str, padding: str
+) -> None:
+    whole = " " + padding + output
+    spec = agent_named("coder")
+    assert build_prompt(
+        spec, title="t", description="d", earlier=[EarlierRun.kept("coder", whole)]
+    ) == build_prompt(spec, title="t", description="d", earlier=[EarlierRun("coder", whole)])
+    assert len(EarlierRun.kept("coder", whole * 3).output) <= EARLIER_OUTPUT_CHARS + 1
