@@ -30,6 +30,7 @@ from domain.errors import (
     ValidationFailed,
 )
 from domain.meta import EventMeta
+from domain.text import text_problem
 from domain.user import (
     EmailClaim,
     OidcLink,
@@ -471,6 +472,8 @@ T_Grant = tuple[User, UUID, str]
 
 def _parse_refresh(token: str) -> tuple[UUID, str]:
     session_hex, dot, secret = token.strip().partition(".")
+    if text_problem(secret) is not None:  # no UTF-8 form to digest: no token of ours
+        raise Unauthenticated("refresh token is not valid")
     try:
         session_id = UUID(hex=session_hex)
     except ValueError:

@@ -26,6 +26,7 @@ from domain.errors import (
     Unavailable,
     ValidationFailed,
 )
+from domain.text import storable_text, text_problem
 from domain.user import normalise_email
 from read_api.auth import authenticate, request_id
 from read_api.ratelimit import Limit
@@ -214,6 +215,8 @@ class _AuthRoutes:
             token = request.cookies.get(REFRESH_COOKIE)
         if not isinstance(token, str) or not token:
             raise Unauthenticated(f"send refreshToken in the body or the {REFRESH_COOKIE} cookie")
+        if text_problem(token) is not None:
+            raise Unauthenticated("refresh token is not valid")
         return token
 
     async def _user(self, request: Request) -> UUID:
@@ -294,7 +297,8 @@ def _text(body: dict[str, Any], name: str) -> str:
     value = body.get(name)
     if not isinstance(value, str):
         raise ValidationFailed(f"{name} is required and must be a string")
-    return value
+    # A lone surrogate (a JSON \\ud800 escape) has no UTF-8 form to hash or look up.
+    return storable_text(value, what=name)
 
 
 def _optional_text(body: dict[str, Any], name: str) -> str | None:
@@ -303,4 +307,4 @@ def _optional_text(body: dict[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise ValidationFailed(f"{name} must be a string")
-    return value
+    return storable_text(value, what=name)

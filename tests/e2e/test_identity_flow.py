@@ -6,6 +6,7 @@ TOTP codes are computed by the RFC 6238 algorithm itself (HMAC-SHA-1, dynamic tr
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -283,6 +284,42 @@ def test_bad_bodies_are_validation_errors(http: httpx.Client) -> None:
         401,
         "UNAUTHENTICATED",
     )
+
+
+def test_text_no_json_client_can_encode_is_refused_not_a_server_error(
+    http: httpx.Client,
+) -> None:
+    """A lone surrogate (a ``\\ud800`` escape) has no UTF-8 form: hashing or looking it up
+    crashed (HTTP 500) until every /auth body field was checked at the edge."""
+    signup(http, "surrogate@example.com")
+    token = login(http, "surrogate@example.com").json()["accessToken"]
+    auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    bad = "x\ud800" * 6
+    session = "0" * 32
+    cases: list[tuple[str, dict[str, str], int, str]] = [
+        ("/auth/signup", {"email": f"{bad}@example.com", "password": PASSWORD, "name": "X"},
+         400, "VALIDATION"),
+        ("/auth/signup", {"email": "new@example.com", "password": bad, "name": "X"},
+         400, "VALIDATION"),
+        ("/auth/signup", {"email": "new@example.com", "password": PASSWORD, "name": bad},
+         400, "VALIDATION"),
+        ("/auth/login", {"email": f"{bad}@example.com", "password": PASSWORD},
+         400, "VALIDATION"),
+        ("/auth/login", {"email": "surrogate@example.com", "password": bad},
+         400, "VALIDATION"),
+        ("/auth/refresh", {"refreshToken": f"{session}.{bad}"}, 401, "UNAUTHENTICATED"),
+    ]  # fmt: skip
+    for path, body, status, code in cases:
+        answer = http.post(path, content=json.dumps(body))  # json.dumps escapes it as \ud800
+        assert error_of(answer) == (status, code), (path, body, answer.text)
+    logout = http.post("/auth/logout", content=json.dumps({"refreshToken": f"{session}.{bad}"}))
+    assert logout.status_code == 204, logout.text
+    for path, body in [
+        ("/auth/mfa/confirm", {"code": bad}),
+        ("/auth/password", {"currentPassword": PASSWORD, "newPassword": bad}),
+    ]:
+        answer = http.post(path, content=json.dumps(body), headers=auth)
+        assert error_of(answer) == (400, "VALIDATION"), (path, answer.text)
 
 
 def test_logins_are_limited_per_account_and_per_address(

@@ -287,3 +287,11 @@ def test_a_new_password_signs_out_every_earlier_session(identity: Identity) -> N
             identity.refresh(earlier.refresh_token)
     fresh = identity.login(email="ada@example.com", password="a new password")
     assert identity.refresh(fresh.refresh_token).refresh_token != fresh.refresh_token
+
+
+def test_a_refresh_token_without_a_utf8_form_is_not_valid(identity: Identity) -> None:
+    """A lone surrogate cannot be digested: it crashed refresh and logout (UnicodeEncodeError)."""
+    token = "0" * 32 + ".x\ud800"
+    with pytest.raises(Unauthenticated):
+        identity.refresh(token)
+    identity.logout(token)  # an unknown token is already logged out
