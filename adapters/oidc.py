@@ -64,11 +64,16 @@ class OidcVerifier:
             raise Unavailable("the identity provider's keys cannot be fetched now") from exc
         except (jwt.exceptions.PyJWKClientError, jwt.exceptions.DecodeError) as exc:
             raise Unauthenticated(f"token is not signed by a key of {self.issuer}") from exc
+        # Only the algorithm of the key the ``kid`` picks: a header naming another (ES256 with
+        # an RSA key) is a forged token, and PyJWT answers that mismatch with a TypeError.
+        algorithm = key.algorithm_name
+        if algorithm not in ALGORITHMS:
+            raise Unauthenticated(f"token is not signed with {' or '.join(ALGORITHMS)}")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key.key,
-                algorithms=list(ALGORITHMS),
+                algorithms=[algorithm],
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=self.leeway_seconds,

@@ -168,6 +168,16 @@ def test_a_rotated_key_is_fetched_when_a_token_names_it(
             "a guessed secret that is long enough for HS256",
             algorithm="HS256", headers={"kid": "rsa-1"},
         )),
+        # A header naming another kind of key than the one its kid picks (no signature needed
+        # to reach the key): PyJWT's TypeError for the mismatch was an HTTP 500.
+        ("ES256 header naming an RSA key", lambda p: jwt.encode(
+            {"iss": p.issuer, "aud": AUDIENCE, "sub": "s", "exp": int(time.time()) + 60},
+            p.keys["ec-1"], algorithm="ES256", headers={"kid": "rsa-1"},
+        )),
+        ("RS256 header naming an EC key", lambda p: jwt.encode(
+            {"iss": p.issuer, "aud": AUDIENCE, "sub": "s", "exp": int(time.time()) + 60},
+            p.keys["rsa-1"], algorithm="RS256", headers={"kid": "ec-1"},
+        )),
     ],
 )  # fmt: skip
 def test_bad_provider_tokens_are_unauthenticated(
