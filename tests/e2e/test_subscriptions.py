@@ -161,6 +161,31 @@ def test_a_websocket_without_a_valid_token_is_refused(stack: Stack) -> None:
             assert closed.value.rcvd.code == 4403
 
 
+def test_a_token_json_can_carry_but_utf8_cannot_is_refused_not_a_dropped_socket(
+    stack: Stack,
+) -> None:
+    """A lone surrogate (a ``\\ud800`` escape in connection_init) crashed the handshake:
+    PyJWT, and the digest of an API key's secret, encode the token as UTF-8. The socket was
+    dropped without a close frame instead of closing with 4403."""
+    alice, ws = stack.owner_with_workspace()
+    key = alice.data(
+        'mutation($w: ID!) { createApiKey(input: {workspaceId: $w, name: "k", role: VIEWER}) {'
+        " apiKey { id } } }",
+        {"w": ws},
+    )["createApiKey"]["apiKey"]["id"]
+    for payload in (
+        {"token": "eyJhbGciOiJIUzI1NiJ9.e30.x\ud800"},
+        {"Authorization": "Bearer \ud800"},
+        {"token": f"awk_{UUID(key).hex}_x\ud800"},
+    ):
+        with connect(f"{stack.ws_url}/graphql", subprotocols=[PROTOCOL]) as socket:
+            socket.send(json.dumps({"type": "connection_init", "payload": payload}))
+            with pytest.raises(ConnectionClosed) as closed:
+                socket.recv(timeout=10)
+            assert closed.value.rcvd is not None, payload
+            assert closed.value.rcvd.code == 4403, payload
+
+
 def test_a_token_in_the_handshake_header_also_authenticates(stack: Stack) -> None:
     alice, ws = stack.owner_with_workspace()
     pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
