@@ -277,16 +277,23 @@ def _address(request: Request) -> str:
 
 
 async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > _MAX_BODY:
-        raise ValidationFailed(f"request body is larger than {_MAX_BODY} bytes")
+    # Read no further than the limit: these routes take anyone's requests, and a body read whole
+    # before its size is checked can be as large as the sender likes.
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > _MAX_BODY:
+            raise ValidationFailed(f"request body is larger than {_MAX_BODY} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip():
         if optional:
             return {}
         raise ValidationFailed("send a JSON object body")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise ValidationFailed("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ValidationFailed("request body must be a JSON object")
