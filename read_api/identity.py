@@ -176,6 +176,7 @@ class _AuthRoutes:
     async def mfa_disable(self, request: Request, rid: str) -> Response:
         user_id = await self._user(request)
         code = _text(await _body(request), "code")
+        await self._limit_second_factor(request, user_id)
         await self.runtime.offloader.run(
             lambda: self.identity.mfa_disable(user_id, code, correlation_id=rid)
         )
@@ -254,6 +255,28 @@ class _AuthRoutes:
                     f"{self.auth.key_prefix}:login-address:{_address(request)}",
                     self.auth.login_per_address_per_minute,
                     "address's logins",
+                )
+            )
+        await self.runtime.limiter.hit(limits)
+
+    async def _limit_second_factor(self, request: Request, user_id: UUID) -> None:
+        """A TOTP code checked outside a login (turning MFA off) counts like a login attempt of
+        that account and address: otherwise codes could be guessed there without limit."""
+        limits = []
+        if self.auth.login_per_account_per_minute is not None:
+            limits.append(
+                Limit(
+                    f"{self.auth.key_prefix}:mfa-account:{user_id}",
+                    self.auth.login_per_account_per_minute,
+                    "account's second-factor attempts",
+                )
+            )
+        if self.auth.login_per_address_per_minute is not None:
+            limits.append(
+                Limit(
+                    f"{self.auth.key_prefix}:login-address:{_address(request)}",
+                    self.auth.login_per_address_per_minute,
+                    "address's sign-in attempts",
                 )
             )
         await self.runtime.limiter.hit(limits)

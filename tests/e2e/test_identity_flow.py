@@ -351,6 +351,37 @@ def test_logins_are_limited_per_account_and_per_address(
         stacks.close()
 
 
+def test_guessing_codes_to_turn_mfa_off_is_limited_like_logins(
+    module_database_url: str, redis_url: str
+) -> None:
+    """/auth/mfa/disable checks a TOTP code like a login does, but was not limited: whoever holds
+    an access token could try codes until one of the three in force matched."""
+    stacks = StackBuilder(redis_url)
+    try:
+        stack = stacks.build(module_database_url, auth={"login_per_account_per_minute": 3})
+        if time.time() % 60 > 50:  # keep every attempt in one fixed one-minute window
+            time.sleep(60 - time.time() % 60)
+        with httpx.Client(base_url=stack.url, timeout=15.0) as http:
+            signup(http, "guessed@example.com")
+            token = login(http, "guessed@example.com").json()["accessToken"]
+            auth = {"Authorization": f"Bearer {token}"}
+            secret = http.post("/auth/mfa/enroll", headers=auth).json()["secret"]
+            confirmed = http.post(
+                "/auth/mfa/confirm", headers=auth, json={"code": rfc6238(secret, time.time())}
+            )
+            assert confirmed.status_code == 200, confirmed.text
+            near = {rfc6238(secret, time.time() + drift) for drift in (-30, 0, 30, 60)}
+            wrong = [f"{n:06d}" for n in range(10) if f"{n:06d}" not in near]
+            for code in wrong[:3]:
+                answer = http.post("/auth/mfa/disable", headers=auth, json={"code": code})
+                assert error_of(answer) == (401, "MFA_REQUIRED")
+            limited = http.post("/auth/mfa/disable", headers=auth, json={"code": wrong[3]})
+            assert error_of(limited) == (429, "RATE_LIMITED")
+            assert int(limited.headers["retry-after"]) >= 1
+    finally:
+        stacks.close()
+
+
 def test_change_password_over_http(http: httpx.Client) -> None:
     signup(http, "hopper@example.com", "Grace Hopper")
     token = login(http, "hopper@example.com").json()["accessToken"]
