@@ -295,3 +295,23 @@ def test_a_refresh_token_without_a_utf8_form_is_not_valid(identity: Identity) ->
     with pytest.raises(Unauthenticated):
         identity.refresh(token)
     identity.logout(token)  # an unknown token is already logged out
+
+
+@pytest.mark.parametrize(
+    "digits",
+    ["\u0661\u0662\u0663\u0664\u0665\u0666", "\uff11\uff12\uff13\uff14\uff15\uff16", "\u00b2" * 6],
+)
+def test_codes_of_other_scripts_digits_are_wrong_codes(
+    identity: Identity, clock: Clock, digits: str
+) -> None:
+    """str.isdigit() holds for Arabic-Indic, full-width and superscript digits, and comparing
+    them with hmac.compare_digest raised TypeError (an HTTP 500) instead of a wrong code."""
+    pending = identity.signup(email="eve@example.com", password=PASSWORD, name="Eve")
+    identity.mfa_enroll(pending)
+    with pytest.raises(ValidationFailed):
+        identity.mfa_confirm(pending, digits)
+    user_id, _, _ = _enrolled(identity, clock)
+    with pytest.raises(MfaRequired):
+        identity.login(email="ada@example.com", password=PASSWORD, totp=digits)
+    with pytest.raises(MfaRequired):
+        identity.mfa_disable(user_id, digits)
