@@ -176,7 +176,7 @@ class _AuthRoutes:
     async def mfa_disable(self, request: Request, rid: str) -> Response:
         user_id = await self._user(request)
         code = _text(await _body(request), "code")
-        await self._limit_second_factor(request, user_id)
+        await self._limit_account(request, user_id)
         await self.runtime.offloader.run(
             lambda: self.identity.mfa_disable(user_id, code, correlation_id=rid)
         )
@@ -186,7 +186,7 @@ class _AuthRoutes:
         user_id = await self._user(request)
         body = await _body(request)
         current, new = _text(body, "currentPassword"), _text(body, "newPassword")
-        await self._limit_address(request)
+        await self._limit_account(request, user_id)
         await self.runtime.offloader.run(
             lambda: self.identity.change_password(
                 user_id, current=current, new=new, correlation_id=rid
@@ -259,16 +259,17 @@ class _AuthRoutes:
             )
         await self.runtime.limiter.hit(limits)
 
-    async def _limit_second_factor(self, request: Request, user_id: UUID) -> None:
-        """A TOTP code checked outside a login (turning MFA off) counts like a login attempt of
-        that account and address: otherwise codes could be guessed there without limit."""
+    async def _limit_account(self, request: Request, user_id: UUID) -> None:
+        """A password or TOTP code checked outside a login (changing the password, turning MFA
+        off) counts like a login attempt of that account and address: otherwise a holder of an
+        access token could guess there past the login limits."""
         limits = []
         if self.auth.login_per_account_per_minute is not None:
             limits.append(
                 Limit(
-                    f"{self.auth.key_prefix}:mfa-account:{user_id}",
+                    f"{self.auth.key_prefix}:secret-checks:{user_id}",
                     self.auth.login_per_account_per_minute,
-                    "account's second-factor attempts",
+                    "account's password and code checks",
                 )
             )
         if self.auth.login_per_address_per_minute is not None:

@@ -382,6 +382,35 @@ def test_guessing_codes_to_turn_mfa_off_is_limited_like_logins(
         stacks.close()
 
 
+def test_guessing_the_current_password_is_limited_per_account_like_logins(
+    module_database_url: str, redis_url: str
+) -> None:
+    """/auth/password checks the current password, but only per address: whoever holds an access
+    token could guess the password from many addresses past the account's login limit."""
+    stacks = StackBuilder(redis_url)
+    try:
+        stack = stacks.build(
+            module_database_url,
+            auth={"login_per_account_per_minute": 3, "login_per_address_per_minute": 10_000},
+        )
+        if time.time() % 60 > 50:  # keep every attempt in one fixed one-minute window
+            time.sleep(60 - time.time() % 60)
+        with httpx.Client(base_url=stack.url, timeout=15.0) as http:
+            signup(http, "guessed-password@example.com")
+            token = login(http, "guessed-password@example.com").json()["accessToken"]
+            auth = {"Authorization": f"Bearer {token}"}
+            for i in range(3):
+                guess = {"currentPassword": f"guess number {i}", "newPassword": "a new password!"}
+                answer = http.post("/auth/password", headers=auth, json=guess)
+                assert error_of(answer) == (401, "UNAUTHENTICATED")
+            right = {"currentPassword": PASSWORD, "newPassword": "a new password!"}
+            limited = http.post("/auth/password", headers=auth, json=right)
+            assert limited.status_code == 429, limited.status_code
+            assert error_of(limited) == (429, "RATE_LIMITED")
+    finally:
+        stacks.close()
+
+
 def test_change_password_over_http(http: httpx.Client) -> None:
     signup(http, "hopper@example.com", "Grace Hopper")
     token = login(http, "hopper@example.com").json()["accessToken"]
