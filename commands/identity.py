@@ -32,6 +32,7 @@ from domain.errors import (
 from domain.meta import EventMeta
 from domain.text import text_problem
 from domain.user import (
+    MAX_NAME_LENGTH,
     EmailClaim,
     OidcLink,
     Session,
@@ -354,7 +355,7 @@ class Identity:
             else:
                 user_id = uuid4()
                 user = User.register(
-                    user_id=user_id, email=address, name=clean_user_name(name or address),
+                    user_id=user_id, email=address, name=_provider_name(name, address),
                     password_hash=None, meta=meta,
                 )  # fmt: skip
                 user.link_oidc_subject(issuer, subject, meta=meta)
@@ -468,6 +469,15 @@ class Identity:
 
 
 T_Grant = tuple[User, UUID, str]
+
+
+def _provider_name(name: str | None, address: str) -> str:
+    """The display name an identity provider gave, cut to length; the address when the name is
+    blank or cannot be stored. It is only a display name: a sign-in is never refused for it."""
+    cut = (name or "").strip()[:MAX_NAME_LENGTH]
+    if not cut or text_problem(cut) is not None:
+        return address
+    return clean_user_name(cut)
 
 
 def _parse_refresh(token: str) -> tuple[UUID, str]:

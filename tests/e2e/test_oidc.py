@@ -203,3 +203,16 @@ def test_an_existing_address_is_linked_only_when_the_provider_verified_it(
         provider.token("rsa-1", sub="x-2", email="local@example.com", email_verified=True),
     )
     assert verified["id"] == signed_up.json()["userId"]
+
+
+@pytest.mark.parametrize("name", ["x" * 300, "   ", "nul\x00in it", "lone \ud800 surrogate"])
+def test_a_display_name_this_api_would_refuse_does_not_refuse_the_sign_in(
+    oidc_stack: Stack, provider: Provider, name: str
+) -> None:
+    """The provider's ``name`` is only a display name: one too long, blank or with NUL was
+    refused (VALIDATION), so that person could never sign in; now the address stands in."""
+    subject = f"named-{len(name)}-{name[:3].strip()}"
+    email = f"{subject}@example.com"
+    found = me(oidc_stack, provider.token("rsa-1", sub=subject, email=email, name=name))
+    assert found["email"] == email
+    assert found["name"] in (email, name[:200])
