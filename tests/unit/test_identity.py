@@ -315,3 +315,19 @@ def test_codes_of_other_scripts_digits_are_wrong_codes(
         identity.login(email="ada@example.com", password=PASSWORD, totp=digits)
     with pytest.raises(MfaRequired):
         identity.mfa_disable(user_id, digits)
+
+
+@pytest.mark.parametrize("address", ["a\x00b@example.com", "a\ud800@example.com"])
+def test_an_address_that_cannot_be_stored_is_not_an_address(
+    identity: Identity, address: str
+) -> None:
+    """A lone surrogate crashed the claim's id (uuid5 encodes UTF-8) wherever an address came
+    in (an identity provider's email claim too); NUL was stored in the user's events."""
+    with pytest.raises(ValidationFailed):
+        normalise_email(address)
+    with pytest.raises(ValidationFailed):
+        identity.external_user(
+            issuer="https://idp.example", subject="s", email=address, email_verified=True, name="N"
+        )
+    with pytest.raises(Unauthenticated):
+        identity.login(email=address, password=PASSWORD)
