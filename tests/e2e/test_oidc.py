@@ -17,8 +17,11 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from api_client import PROTOCOL
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from e2e_stack import Stack, StackBuilder
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 AUDIENCE = "agentworks-spa"
 ME = "{ me { id email name workspaces { id } } }"
@@ -216,3 +219,19 @@ def test_a_display_name_this_api_would_refuse_does_not_refuse_the_sign_in(
     found = me(oidc_stack, provider.token("rsa-1", sub=subject, email=email, name=name))
     assert found["email"] == email
     assert found["name"] in (email, name[:200])
+
+
+def test_a_provider_token_refused_on_a_websocket_closes_it_with_the_reason(
+    oidc_stack: Stack, provider: Provider
+) -> None:
+    """A provider's token the API refuses for another reason than authentication (an email
+    claim that is no address: VALIDATION) escaped the handshake: the socket was dropped without
+    a close frame."""
+    token = provider.token("rsa-1", sub="ws-bad-email", email="not an address")
+    assert ask(oidc_stack, token).status_code == 400
+    with connect(f"{oidc_stack.ws_url}/graphql", subprotocols=[PROTOCOL]) as socket:
+        socket.send(json.dumps({"type": "connection_init", "payload": {"token": token}}))
+        with pytest.raises(ConnectionClosed) as closed:
+            socket.recv(timeout=10)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4403
