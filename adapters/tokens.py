@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import jwt
 
@@ -50,6 +51,8 @@ class Principal:
     workspace_id: str
     role: Role | None
     is_bootstrap: bool
+    api_key_id: UUID | None = None
+    """The API key the caller presented (a revocation must end what it opened); else ``None``."""
 
     @property
     def is_user(self) -> bool:
