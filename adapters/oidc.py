@@ -17,7 +17,7 @@ from typing import Any
 
 import jwt
 
-from adapters.tokens import refused
+from adapters.tokens import expiry_of, refused
 from domain.errors import Unauthenticated, Unavailable
 
 ALGORITHMS = ("RS256", "ES256")
@@ -32,6 +32,8 @@ class ExternalIdentity:
     email: str | None
     email_verified: bool
     name: str | None
+    expires_at: float | None = None
+    """The token's ``exp``, seconds since the epoch."""
 
 
 @dataclass(kw_only=True, eq=False)
@@ -92,6 +94,7 @@ class OidcVerifier:
             email=email if isinstance(email, str) else None,
             email_verified=claims.get("email_verified") is True,
             name=name if isinstance(name, str) else None,
+            expires_at=expiry_of(claims),
         )
 
     def _keys(self) -> jwt.PyJWKClient:

@@ -125,12 +125,16 @@ class RequestContext(BaseContext):
 
     async def still_allowed(self) -> None:
         """For a subscription, before it sends more: raise when what let it start no longer
-        holds (the API key that opened it was revoked: UNAUTHENTICATED; the caller is no longer
-        a member of the workspace: NOT_FOUND). Asked at most once per
+        holds (its token expired or the API key that opened it was revoked: UNAUTHENTICATED;
+        the caller is no longer a member of the workspace: NOT_FOUND). Asked at most once per
         ``subscription_recheck_seconds``: a revocation or removal ends a subscription within
         that time, however busy it is."""
         if time.monotonic() - self._allowed_at < self.runtime.services.subscription_recheck_seconds:
             return
+        expires_at = self.who.principal.expires_at
+        leeway = self.runtime.services.jwt.leeway_seconds
+        if expires_at is not None and time.time() >= expires_at + leeway:
+            raise Unauthenticated("token has expired")
         key_id = self.who.principal.api_key_id
         if key_id is not None and await self.runtime.offloader.run(
             api_key_revoked, self.runtime.services.write, key_id

@@ -16,6 +16,7 @@ from users import user_id
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from adapters.tokens import issue_token
 from commands import models as m
 from commands.handlers import Actor
 
@@ -225,6 +226,24 @@ def test_a_revoked_api_keys_subscription_ends(make_stack: MakeStack) -> None:
         for i in range(3):
             alice.create_card(pid, f"after the revocation {i}")
         _ended_with(sub, "UNAUTHENTICATED", "the key was revoked")
+
+
+def test_a_subscription_ends_when_its_token_expires(make_stack: MakeStack) -> None:
+    """A token is good until its ``exp``; a subscription it had opened went on delivering the
+    board's changes long after (an access token lives at most its TTL, API.md)."""
+    stack = make_stack(subscription_recheck_seconds=0.2)
+    alice, ws = stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    short = issue_token(
+        user_id=user_id("alice"), workspace_id=ws, role="VIEWER", ttl_seconds=3,
+        secret=stack.secret,
+    )  # fmt: skip
+    with subscribe(stack.ws_url, short, BOARD_CHANGED, {"id": pid}) as sub:
+        first_change(sub, lambda: alice.create_card(pid, "seen"))
+        time.sleep(3.5)
+        for i in range(3):
+            alice.create_card(pid, f"after expiry {i}")
+        _ended_with(sub, "UNAUTHENTICATED", "the token expired")
 
 
 def test_a_removed_members_run_log_stops_while_lines_keep_coming(make_stack: MakeStack) -> None:
