@@ -72,7 +72,9 @@ class Totp:
     def matching_step(self, secret: str, code: str, *, now: float) -> int | None:
         """The time step whose code ``code`` is (now, one before or one after), else ``None``."""
         code = code.strip().replace(" ", "")
-        if len(code) != TOTP_DIGITS or not code.isdigit():
+        # isdigit() alone also holds for other scripts' digits (U+0661, U+FF11), which
+        # compare_digest refuses to compare with a TypeError.
+        if len(code) != TOTP_DIGITS or not (code.isascii() and code.isdigit()):
             return None
         totp = pyotp.TOTP(secret)
         current = int(now // TOTP_PERIOD)

@@ -17,7 +17,7 @@ from typing import Any
 
 import jwt
 
-from adapters.tokens import refused
+from adapters.tokens import expiry_of, refused
 from domain.errors import Unauthenticated, Unavailable
 
 ALGORITHMS = ("RS256", "ES256")
@@ -32,6 +32,8 @@ class ExternalIdentity:
     email: str | None
     email_verified: bool
     name: str | None
+    expires_at: float | None = None
+    """The token's ``exp``, seconds since the epoch."""
 
 
 @dataclass(kw_only=True, eq=False)
@@ -64,11 +66,16 @@ class OidcVerifier:
             raise Unavailable("the identity provider's keys cannot be fetched now") from exc
         except (jwt.exceptions.PyJWKClientError, jwt.exceptions.DecodeError) as exc:
             raise Unauthenticated(f"token is not signed by a key of {self.issuer}") from exc
+        # Only the algorithm of the key the ``kid`` picks: a header naming another (ES256 with
+        # an RSA key) is a forged token, and PyJWT answers that mismatch with a TypeError.
+        algorithm = key.algorithm_name
+        if algorithm not in ALGORITHMS:
+            raise Unauthenticated(f"token is not signed with {' or '.join(ALGORITHMS)}")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key.key,
-                algorithms=list(ALGORITHMS),
+                algorithms=[algorithm],
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=self.leeway_seconds,
@@ -87,6 +94,7 @@ class OidcVerifier:
             email=email if isinstance(email, str) else None,
             email_verified=claims.get("email_verified") is True,
             name=name if isinstance(name, str) else None,
+            expires_at=expiry_of(claims),
         )
 
     def _keys(self) -> jwt.PyJWKClient:

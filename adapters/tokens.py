@@ -9,9 +9,10 @@ key). PyJWT's exceptions stop here: a token that cannot be trusted raises
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import jwt
 
@@ -50,6 +51,11 @@ class Principal:
     workspace_id: str
     role: Role | None
     is_bootstrap: bool
+    api_key_id: UUID | None = None
+    """The API key the caller presented (a revocation must end what it opened); else ``None``."""
+    expires_at: float | None = field(default=None, compare=False)
+    """The token's ``exp`` (seconds since the epoch): what it opened ends then; ``None`` for a
+    credential without one (an API key)."""
 
     @property
     def is_user(self) -> bool:
@@ -150,7 +156,13 @@ def verify_token(
         raise InvalidKey(
             f"cannot verify tokens with the configured {algorithm} key: {exc}"
         ) from exc
-    return _principal(claims)
+    return replace(_principal(claims), expires_at=expiry_of(claims))
+
+
+def expiry_of(claims: dict[str, Any]) -> float | None:
+    """The ``exp`` of claims PyJWT checked (a number), as seconds since the epoch."""
+    exp = claims.get("exp")
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 
 def refused(exc: jwt.exceptions.InvalidTokenError, *, algorithms: str) -> Unauthenticated:

@@ -217,6 +217,7 @@ class KeyHolder:
     user_id: str
     workspace_id: UUID
     role: Role
+    key_id: UUID
 
 
 def check_api_key(app: AgentWorks, presented: str) -> KeyHolder:
@@ -238,7 +239,19 @@ def check_api_key(app: AgentWorks, presented: str) -> KeyHolder:
         raise Unauthenticated("API key is not valid")
     if key.revoked_at is not None:
         raise Unauthenticated(f"API key {key.id} was revoked")
-    return KeyHolder(user_id=key.created_by, workspace_id=key.workspace_id, role=key.role)
+    return KeyHolder(
+        user_id=key.created_by, workspace_id=key.workspace_id, role=key.role, key_id=key.id
+    )
+
+
+def api_key_revoked(app: AgentWorks, key_id: UUID) -> bool:
+    """Whether the key was revoked since it was checked (for what it opened that lives on: a
+    subscription)."""
+    try:
+        key = app.aggregate(ApiKey, key_id, copy=False)
+    except NotFound:
+        return True
+    return key.revoked_at is not None
 
 
 def _user(app: AgentWorks, user_id: str) -> User:

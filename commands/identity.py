@@ -30,7 +30,9 @@ from domain.errors import (
     ValidationFailed,
 )
 from domain.meta import EventMeta
+from domain.text import text_problem
 from domain.user import (
+    MAX_NAME_LENGTH,
     EmailClaim,
     OidcLink,
     Session,
@@ -353,7 +355,7 @@ class Identity:
             else:
                 user_id = uuid4()
                 user = User.register(
-                    user_id=user_id, email=address, name=clean_user_name(name or address),
+                    user_id=user_id, email=address, name=_provider_name(name, address),
                     password_hash=None, meta=meta,
                 )  # fmt: skip
                 user.link_oidc_subject(issuer, subject, meta=meta)
@@ -469,8 +471,19 @@ class Identity:
 T_Grant = tuple[User, UUID, str]
 
 
+def _provider_name(name: str | None, address: str) -> str:
+    """The display name an identity provider gave, cut to length; the address when the name is
+    blank or cannot be stored. It is only a display name: a sign-in is never refused for it."""
+    cut = (name or "").strip()[:MAX_NAME_LENGTH]
+    if not cut or text_problem(cut) is not None:
+        return address
+    return clean_user_name(cut)
+
+
 def _parse_refresh(token: str) -> tuple[UUID, str]:
     session_hex, dot, secret = token.strip().partition(".")
+    if text_problem(secret) is not None:  # no UTF-8 form to digest: no token of ours
+        raise Unauthenticated("refresh token is not valid")
     try:
         session_id = UUID(hex=session_hex)
     except ValueError:

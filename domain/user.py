@@ -23,6 +23,7 @@ from eventsourcing.domain import Aggregate
 from domain.errors import InvalidTransition, Unauthenticated, ValidationFailed
 from domain.instants import instant_text
 from domain.meta import EventMeta
+from domain.text import storable_text
 
 MIN_PASSWORD_LENGTH = 10
 MAX_PASSWORD_LENGTH = 1024
@@ -43,7 +44,8 @@ def normalise_email(raw: str) -> str:
         raise ValidationFailed(f"email is {len(email)} characters; at most {MAX_EMAIL_LENGTH}")
     if not _EMAIL.fullmatch(email):
         raise ValidationFailed("email must look like name@example.com")
-    return email
+    # NUL cannot be stored, a lone surrogate has no UTF-8 form for the claim's id (uuid5).
+    return storable_text(email, what="email")
 
 
 def email_claim_id(email: str) -> UUID:

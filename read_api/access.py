@@ -51,6 +51,7 @@ def api_key_principal(write: AgentWorks, token: str) -> Principal:
         workspace_id=str(holder.workspace_id),
         role=holder.role,
         is_bootstrap=False,
+        api_key_id=holder.key_id,
     )
 
 

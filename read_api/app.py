@@ -57,7 +57,13 @@ from adapters.metrics import HTTP_RESPONSES, Exposition
 from adapters.outages import is_database_error
 from adapters.telemetry import continue_trace, current_traceparent
 from adapters.tokens import Principal
-from domain.errors import RateLimited, Unauthenticated, Unavailable, ValidationFailed
+from domain.errors import (
+    AgentWorksError,
+    RateLimited,
+    Unauthenticated,
+    Unavailable,
+    ValidationFailed,
+)
 from domain.text import text_problem
 from projections import progress_queries
 from read_api.access import api_key_principal, is_api_key
@@ -658,7 +664,9 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
                     ),
                 )
             )
-        except (Unauthenticated, RateLimited) as error:
+        except AgentWorksError as error:
+            # Not only UNAUTHENTICATED and RATE_LIMITED: signing in with a provider's token can
+            # be refused (VALIDATION) or unavailable; any of them escaping drops the socket.
             raise ConnectionRejectionError(
                 {"message": error.message, "extensions": {"code": error.code}}
             ) from error

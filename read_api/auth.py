@@ -24,6 +24,10 @@ def bearer_token(authorization: str | None) -> str | None:
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("Authorization must be 'Bearer <token>'")
+    if not token.isascii():
+        # JWTs and API keys are ASCII; a WebSocket's connection_init (JSON) can carry a lone
+        # surrogate, which checking the token would fail to encode.
+        raise Unauthenticated("malformed token: a bearer token is ASCII text")
     return token.strip()
 
 

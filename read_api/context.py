@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ParamSpec, TypeAlias, TypeVar
@@ -14,6 +15,7 @@ import strawberry
 from strawberry.fastapi import BaseContext
 
 from adapters.telemetry import current_traceparent
+from commands.access import api_key_revoked
 from commands.handlers import Actor
 from domain.errors import NotFound, Unauthenticated, Unavailable
 from read_api.auth import workspace_uuid
@@ -82,6 +84,8 @@ class RequestContext(BaseContext):
         self._granted: set[UUID] = set()
         self._pinned: UUID | None = None
         """Where a user token's subscription reads (see :meth:`for_object`)."""
+        self._allowed_at = float("-inf")
+        """When :meth:`still_allowed` last found the credentials holding (monotonic clock)."""
 
     # -- who is calling ------------------------------------------------------------------------
 
@@ -118,6 +122,32 @@ class RequestContext(BaseContext):
         pinned = copy.copy(self)
         pinned._pinned = workspace_id
         return pinned
+
+    async def still_allowed(self) -> None:
+        """For a subscription, before it sends more: raise when what let it start no longer
+        holds (its token expired or the API key that opened it was revoked: UNAUTHENTICATED;
+        the caller is no longer a member of the workspace: NOT_FOUND). Asked at most once per
+        ``subscription_recheck_seconds``: a revocation or removal ends a subscription within
+        that time, however busy it is."""
+        if time.monotonic() - self._allowed_at < self.runtime.services.subscription_recheck_seconds:
+            return
+        expires_at = self.who.principal.expires_at
+        leeway = self.runtime.services.jwt.leeway_seconds
+        if expires_at is not None and time.time() >= expires_at + leeway:
+            raise Unauthenticated("token has expired")
+        key_id = self.who.principal.api_key_id
+        if key_id is not None and await self.runtime.offloader.run(
+            api_key_revoked, self.runtime.services.write, key_id
+        ):
+            raise Unauthenticated(f"API key {key_id} was revoked")
+        scope = self.fresh_scope()
+        try:
+            member = await scope.is_member()
+        finally:
+            await scope.close()
+        if not member:
+            raise NotFound(f"workspace {scope.workspace_id} does not exist")
+        self._allowed_at = time.monotonic()
 
     async def scope_of(self, aggregate_id: UUID) -> ReadScope | None:
         """The home scope; for a user token (no home), the scope of the workspace that holds

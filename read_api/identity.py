@@ -26,6 +26,7 @@ from domain.errors import (
     Unavailable,
     ValidationFailed,
 )
+from domain.text import storable_text, text_problem
 from domain.user import normalise_email
 from read_api.auth import authenticate, request_id
 from read_api.ratelimit import Limit
@@ -175,6 +176,7 @@ class _AuthRoutes:
     async def mfa_disable(self, request: Request, rid: str) -> Response:
         user_id = await self._user(request)
         code = _text(await _body(request), "code")
+        await self._limit_account(request, user_id)
         await self.runtime.offloader.run(
             lambda: self.identity.mfa_disable(user_id, code, correlation_id=rid)
         )
@@ -184,7 +186,7 @@ class _AuthRoutes:
         user_id = await self._user(request)
         body = await _body(request)
         current, new = _text(body, "currentPassword"), _text(body, "newPassword")
-        await self._limit_address(request)
+        await self._limit_account(request, user_id)
         await self.runtime.offloader.run(
             lambda: self.identity.change_password(
                 user_id, current=current, new=new, correlation_id=rid
@@ -214,6 +216,8 @@ class _AuthRoutes:
             token = request.cookies.get(REFRESH_COOKIE)
         if not isinstance(token, str) or not token:
             raise Unauthenticated(f"send refreshToken in the body or the {REFRESH_COOKIE} cookie")
+        if text_problem(token) is not None:
+            raise Unauthenticated("refresh token is not valid")
         return token
 
     async def _user(self, request: Request) -> UUID:
@@ -255,6 +259,29 @@ class _AuthRoutes:
             )
         await self.runtime.limiter.hit(limits)
 
+    async def _limit_account(self, request: Request, user_id: UUID) -> None:
+        """A password or TOTP code checked outside a login (changing the password, turning MFA
+        off) counts like a login attempt of that account and address: otherwise a holder of an
+        access token could guess there past the login limits."""
+        limits = []
+        if self.auth.login_per_account_per_minute is not None:
+            limits.append(
+                Limit(
+                    f"{self.auth.key_prefix}:secret-checks:{user_id}",
+                    self.auth.login_per_account_per_minute,
+                    "account's password and code checks",
+                )
+            )
+        if self.auth.login_per_address_per_minute is not None:
+            limits.append(
+                Limit(
+                    f"{self.auth.key_prefix}:login-address:{_address(request)}",
+                    self.auth.login_per_address_per_minute,
+                    "address's sign-in attempts",
+                )
+            )
+        await self.runtime.limiter.hit(limits)
+
     async def _limit_address(self, request: Request) -> None:
         if self.auth.login_per_address_per_minute is None:
             return
@@ -274,16 +301,23 @@ def _address(request: Request) -> str:
 
 
 async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > _MAX_BODY:
-        raise ValidationFailed(f"request body is larger than {_MAX_BODY} bytes")
+    # Read no further than the limit: these routes take anyone's requests, and a body read whole
+    # before its size is checked can be as large as the sender likes.
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > _MAX_BODY:
+            raise ValidationFailed(f"request body is larger than {_MAX_BODY} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip():
         if optional:
             return {}
         raise ValidationFailed("send a JSON object body")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise ValidationFailed("request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ValidationFailed("request body must be a JSON object")
@@ -294,7 +328,8 @@ def _text(body: dict[str, Any], name: str) -> str:
     value = body.get(name)
     if not isinstance(value, str):
         raise ValidationFailed(f"{name} is required and must be a string")
-    return value
+    # A lone surrogate (a JSON \\ud800 escape) has no UTF-8 form to hash or look up.
+    return storable_text(value, what=name)
 
 
 def _optional_text(body: dict[str, Any], name: str) -> str | None:
@@ -303,4 +338,4 @@ def _optional_text(body: dict[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise ValidationFailed(f"{name} must be a string")
-    return value
+    return storable_text(value, what=name)

@@ -31,5 +31,6 @@ class OidcSignIn:
             name=who.name,
         )
         return Principal(
-            user_id=str(user_id), workspace_id=USER_SCOPE, role=None, is_bootstrap=False
-        )
+            user_id=str(user_id), workspace_id=USER_SCOPE, role=None, is_bootstrap=False,
+            expires_at=who.expires_at,
+        )  # fmt: skip

@@ -60,6 +60,7 @@ async def _board_events(ctx: RequestContext, project_id: UUID) -> AsyncIterator[
                 payload = await feed.get()
             except MessagesLost:
                 payload = {"kind": "board.resync", "position": 0}
+            await ctx.still_allowed()
             scope = ctx.fresh_scope()
             try:
                 yield await _board_event(scope, payload)
@@ -140,6 +141,7 @@ async def _run_log(ctx: RequestContext, run_id: UUID, after_seq: int) -> AsyncIt
         while True:
             if catch_up:
                 while True:
+                    await ctx.still_allowed()
                     lines, ended = await _stored_lines(ctx, run_id, last)
                     for line in lines:
                         yield line
@@ -164,6 +166,7 @@ async def _run_log(ctx: RequestContext, run_id: UUID, after_seq: int) -> AsyncIt
             if kind != "lines":
                 continue
             lines = _live_lines(run_id, payload)
+            await ctx.still_allowed()  # live lines come from the broadcast, read by no scope
             if lines and lines[0].seq > last + 1:
                 catch_up = True  # something between what we sent and this chunk went missing
                 continue

@@ -6,6 +6,7 @@ TOTP codes are computed by the RFC 6238 algorithm itself (HMAC-SHA-1, dynamic tr
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -285,6 +286,42 @@ def test_bad_bodies_are_validation_errors(http: httpx.Client) -> None:
     )
 
 
+def test_text_no_json_client_can_encode_is_refused_not_a_server_error(
+    http: httpx.Client,
+) -> None:
+    """A lone surrogate (a ``\\ud800`` escape) has no UTF-8 form: hashing or looking it up
+    crashed (HTTP 500) until every /auth body field was checked at the edge."""
+    signup(http, "surrogate@example.com")
+    token = login(http, "surrogate@example.com").json()["accessToken"]
+    auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    bad = "x\ud800" * 6
+    session = "0" * 32
+    cases: list[tuple[str, dict[str, str], int, str]] = [
+        ("/auth/signup", {"email": f"{bad}@example.com", "password": PASSWORD, "name": "X"},
+         400, "VALIDATION"),
+        ("/auth/signup", {"email": "new@example.com", "password": bad, "name": "X"},
+         400, "VALIDATION"),
+        ("/auth/signup", {"email": "new@example.com", "password": PASSWORD, "name": bad},
+         400, "VALIDATION"),
+        ("/auth/login", {"email": f"{bad}@example.com", "password": PASSWORD},
+         400, "VALIDATION"),
+        ("/auth/login", {"email": "surrogate@example.com", "password": bad},
+         400, "VALIDATION"),
+        ("/auth/refresh", {"refreshToken": f"{session}.{bad}"}, 401, "UNAUTHENTICATED"),
+    ]  # fmt: skip
+    for path, body, status, code in cases:
+        answer = http.post(path, content=json.dumps(body))  # json.dumps escapes it as \ud800
+        assert error_of(answer) == (status, code), (path, body, answer.text)
+    logout = http.post("/auth/logout", content=json.dumps({"refreshToken": f"{session}.{bad}"}))
+    assert logout.status_code == 204, logout.text
+    for path, body in [
+        ("/auth/mfa/confirm", {"code": bad}),
+        ("/auth/password", {"currentPassword": PASSWORD, "newPassword": bad}),
+    ]:
+        answer = http.post(path, content=json.dumps(body), headers=auth)
+        assert error_of(answer) == (400, "VALIDATION"), (path, answer.text)
+
+
 def test_logins_are_limited_per_account_and_per_address(
     module_database_url: str, redis_url: str
 ) -> None:
@@ -310,6 +347,66 @@ def test_logins_are_limited_per_account_and_per_address(
             assert int(limited.headers["retry-after"]) >= 1
             answers = [error_of(login(http, f"other{i}@example.com"))[0] for i in range(3)]
             assert answers[-1] == 429  # six attempts from this address in the window
+    finally:
+        stacks.close()
+
+
+def test_guessing_codes_to_turn_mfa_off_is_limited_like_logins(
+    module_database_url: str, redis_url: str
+) -> None:
+    """/auth/mfa/disable checks a TOTP code like a login does, but was not limited: whoever holds
+    an access token could try codes until one of the three in force matched."""
+    stacks = StackBuilder(redis_url)
+    try:
+        stack = stacks.build(module_database_url, auth={"login_per_account_per_minute": 3})
+        if time.time() % 60 > 50:  # keep every attempt in one fixed one-minute window
+            time.sleep(60 - time.time() % 60)
+        with httpx.Client(base_url=stack.url, timeout=15.0) as http:
+            signup(http, "guessed@example.com")
+            token = login(http, "guessed@example.com").json()["accessToken"]
+            auth = {"Authorization": f"Bearer {token}"}
+            secret = http.post("/auth/mfa/enroll", headers=auth).json()["secret"]
+            confirmed = http.post(
+                "/auth/mfa/confirm", headers=auth, json={"code": rfc6238(secret, time.time())}
+            )
+            assert confirmed.status_code == 200, confirmed.text
+            near = {rfc6238(secret, time.time() + drift) for drift in (-30, 0, 30, 60)}
+            wrong = [f"{n:06d}" for n in range(10) if f"{n:06d}" not in near]
+            for code in wrong[:3]:
+                answer = http.post("/auth/mfa/disable", headers=auth, json={"code": code})
+                assert error_of(answer) == (401, "MFA_REQUIRED")
+            limited = http.post("/auth/mfa/disable", headers=auth, json={"code": wrong[3]})
+            assert error_of(limited) == (429, "RATE_LIMITED")
+            assert int(limited.headers["retry-after"]) >= 1
+    finally:
+        stacks.close()
+
+
+def test_guessing_the_current_password_is_limited_per_account_like_logins(
+    module_database_url: str, redis_url: str
+) -> None:
+    """/auth/password checks the current password, but only per address: whoever holds an access
+    token could guess the password from many addresses past the account's login limit."""
+    stacks = StackBuilder(redis_url)
+    try:
+        stack = stacks.build(
+            module_database_url,
+            auth={"login_per_account_per_minute": 3, "login_per_address_per_minute": 10_000},
+        )
+        if time.time() % 60 > 50:  # keep every attempt in one fixed one-minute window
+            time.sleep(60 - time.time() % 60)
+        with httpx.Client(base_url=stack.url, timeout=15.0) as http:
+            signup(http, "guessed-password@example.com")
+            token = login(http, "guessed-password@example.com").json()["accessToken"]
+            auth = {"Authorization": f"Bearer {token}"}
+            for i in range(3):
+                guess = {"currentPassword": f"guess number {i}", "newPassword": "a new password!"}
+                answer = http.post("/auth/password", headers=auth, json=guess)
+                assert error_of(answer) == (401, "UNAUTHENTICATED")
+            right = {"currentPassword": PASSWORD, "newPassword": "a new password!"}
+            limited = http.post("/auth/password", headers=auth, json=right)
+            assert limited.status_code == 429, limited.status_code
+            assert error_of(limited) == (429, "RATE_LIMITED")
     finally:
         stacks.close()
 

@@ -17,8 +17,11 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from api_client import PROTOCOL
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from e2e_stack import Stack, StackBuilder
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 AUDIENCE = "agentworks-spa"
 ME = "{ me { id email name workspaces { id } } }"
@@ -168,6 +171,16 @@ def test_a_rotated_key_is_fetched_when_a_token_names_it(
             "a guessed secret that is long enough for HS256",
             algorithm="HS256", headers={"kid": "rsa-1"},
         )),
+        # A header naming another kind of key than the one its kid picks (no signature needed
+        # to reach the key): PyJWT's TypeError for the mismatch was an HTTP 500.
+        ("ES256 header naming an RSA key", lambda p: jwt.encode(
+            {"iss": p.issuer, "aud": AUDIENCE, "sub": "s", "exp": int(time.time()) + 60},
+            p.keys["ec-1"], algorithm="ES256", headers={"kid": "rsa-1"},
+        )),
+        ("RS256 header naming an EC key", lambda p: jwt.encode(
+            {"iss": p.issuer, "aud": AUDIENCE, "sub": "s", "exp": int(time.time()) + 60},
+            p.keys["rsa-1"], algorithm="RS256", headers={"kid": "ec-1"},
+        )),
     ],
 )  # fmt: skip
 def test_bad_provider_tokens_are_unauthenticated(
@@ -193,3 +206,32 @@ def test_an_existing_address_is_linked_only_when_the_provider_verified_it(
         provider.token("rsa-1", sub="x-2", email="local@example.com", email_verified=True),
     )
     assert verified["id"] == signed_up.json()["userId"]
+
+
+@pytest.mark.parametrize("name", ["x" * 300, "   ", "nul\x00in it", "lone \ud800 surrogate"])
+def test_a_display_name_this_api_would_refuse_does_not_refuse_the_sign_in(
+    oidc_stack: Stack, provider: Provider, name: str
+) -> None:
+    """The provider's ``name`` is only a display name: one too long, blank or with NUL was
+    refused (VALIDATION), so that person could never sign in; now the address stands in."""
+    subject = f"named-{len(name)}-{name[:3].strip()}"
+    email = f"{subject}@example.com"
+    found = me(oidc_stack, provider.token("rsa-1", sub=subject, email=email, name=name))
+    assert found["email"] == email
+    assert found["name"] in (email, name[:200])
+
+
+def test_a_provider_token_refused_on_a_websocket_closes_it_with_the_reason(
+    oidc_stack: Stack, provider: Provider
+) -> None:
+    """A provider's token the API refuses for another reason than authentication (an email
+    claim that is no address: VALIDATION) escaped the handshake: the socket was dropped without
+    a close frame."""
+    token = provider.token("rsa-1", sub="ws-bad-email", email="not an address")
+    assert ask(oidc_stack, token).status_code == 400
+    with connect(f"{oidc_stack.ws_url}/graphql", subprotocols=[PROTOCOL]) as socket:
+        socket.send(json.dumps({"type": "connection_init", "payload": {"token": token}}))
+        with pytest.raises(ConnectionClosed) as closed:
+            socket.recv(timeout=10)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4403

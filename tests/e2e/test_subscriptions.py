@@ -12,9 +12,11 @@ from uuid import UUID
 import pytest
 from api_client import PROTOCOL, Subscription, first_change, subscribe
 from e2e_stack import MakeStack, Stack
+from users import user_id
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from adapters.tokens import issue_token
 from commands import models as m
 from commands.handlers import Actor
 
@@ -159,6 +161,125 @@ def test_a_websocket_without_a_valid_token_is_refused(stack: Stack) -> None:
                 socket.recv(timeout=10)
             assert closed.value.rcvd is not None
             assert closed.value.rcvd.code == 4403
+
+
+def test_a_token_json_can_carry_but_utf8_cannot_is_refused_not_a_dropped_socket(
+    stack: Stack,
+) -> None:
+    """A lone surrogate (a ``\\ud800`` escape in connection_init) crashed the handshake:
+    PyJWT, and the digest of an API key's secret, encode the token as UTF-8. The socket was
+    dropped without a close frame instead of closing with 4403."""
+    alice, ws = stack.owner_with_workspace()
+    key = alice.data(
+        'mutation($w: ID!) { createApiKey(input: {workspaceId: $w, name: "k", role: VIEWER}) {'
+        " apiKey { id } } }",
+        {"w": ws},
+    )["createApiKey"]["apiKey"]["id"]
+    for payload in (
+        {"token": "eyJhbGciOiJIUzI1NiJ9.e30.x\ud800"},
+        {"Authorization": "Bearer \ud800"},
+        {"token": f"awk_{UUID(key).hex}_x\ud800"},
+    ):
+        with connect(f"{stack.ws_url}/graphql", subprotocols=[PROTOCOL]) as socket:
+            socket.send(json.dumps({"type": "connection_init", "payload": payload}))
+            with pytest.raises(ConnectionClosed) as closed:
+                socket.recv(timeout=10)
+            assert closed.value.rcvd is not None, payload
+            assert closed.value.rcvd.code == 4403, payload
+
+
+def _ended_with(sub: Subscription, code: str, what: str, timeout: float = 10.0) -> None:
+    """The subscription ends with an error of ``code`` within ``timeout`` (anything it sent
+    before that is what was already on its way)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            message = sub.next_message(timeout=max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            break
+        if message["type"] == "next" and "errors" not in message["payload"]:
+            continue
+        errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
+        assert [e["extensions"]["code"] for e in errors] == [code], message
+        return
+    raise AssertionError(f"the subscription went on after {what}")
+
+
+def test_a_revoked_api_keys_subscription_ends(make_stack: MakeStack) -> None:
+    """A revoked key was refused on its next request, but a subscription it had opened went on
+    delivering the board's changes for as long as the socket lived."""
+    stack = make_stack(subscription_recheck_seconds=0.2)
+    alice, ws = stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    key = alice.data(
+        'mutation($w: ID!) { createApiKey(input: {workspaceId: $w, name: "k", role: VIEWER}) {'
+        " apiKey { id } secret } }",
+        {"w": ws},
+    )["createApiKey"]
+    with subscribe(stack.ws_url, key["secret"], BOARD_CHANGED, {"id": pid}) as sub:
+        first_change(sub, lambda: alice.create_card(pid, "seen"))
+        alice.data(
+            "mutation($k: ID!) { revokeApiKey(input: {apiKeyId: $k}) { apiKey { id } } }",
+            {"k": key["apiKey"]["id"]},
+        )
+        time.sleep(0.5)
+        for i in range(3):
+            alice.create_card(pid, f"after the revocation {i}")
+        _ended_with(sub, "UNAUTHENTICATED", "the key was revoked")
+
+
+def test_a_subscription_ends_when_its_token_expires(make_stack: MakeStack) -> None:
+    """A token is good until its ``exp``; a subscription it had opened went on delivering the
+    board's changes long after (an access token lives at most its TTL, API.md)."""
+    stack = make_stack(subscription_recheck_seconds=0.2)
+    alice, ws = stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    short = issue_token(
+        user_id=user_id("alice"), workspace_id=ws, role="VIEWER", ttl_seconds=3,
+        secret=stack.secret,
+    )  # fmt: skip
+    with subscribe(stack.ws_url, short, BOARD_CHANGED, {"id": pid}) as sub:
+        first_change(sub, lambda: alice.create_card(pid, "seen"))
+        time.sleep(3.5)
+        for i in range(3):
+            alice.create_card(pid, f"after expiry {i}")
+        _ended_with(sub, "UNAUTHENTICATED", "the token expired")
+
+
+def test_a_removed_members_run_log_stops_while_lines_keep_coming(make_stack: MakeStack) -> None:
+    """Live log lines came straight from the broadcast: a member removed from the workspace
+    kept receiving them for as long as the run kept writing."""
+    stack = make_stack(subscription_recheck_seconds=0.2)
+    alice, ws = stack.owner_with_workspace()
+    alice.add_member(ws, user_id("bob"), "MEMBER")
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(pid, "build")["card"]["id"]
+    run_id = UUID(alice.start_agent_run(card)["run"]["id"])
+    service = Actor.service("orchestrator", ws)
+    stack.write.begin_run(m.BeginRun(run_id=run_id, worker="w1"), service)
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            line = m.LogLineInput(at=datetime.now(UTC), text="tick")
+            stack.write.append_run_log(m.AppendRunLog(run_id=run_id, lines=[line]), service)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        bob = stack.token("bob", ws, "MEMBER")
+        with subscribe(stack.ws_url, bob, RUN_LOG, {"id": str(run_id)}) as sub:
+            sub.next()
+            alice.data(
+                "mutation($w: ID!, $u: ID!) { removeMember(input: {workspaceId: $w, userId: $u})"
+                " { workspace { id } } }",
+                {"w": ws, "u": user_id("bob")},
+            )
+            _ended_with(sub, "NOT_FOUND", "the member was removed")
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_a_token_in_the_handshake_header_also_authenticates(stack: Stack) -> None:

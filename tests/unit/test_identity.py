@@ -287,3 +287,47 @@ def test_a_new_password_signs_out_every_earlier_session(identity: Identity) -> N
             identity.refresh(earlier.refresh_token)
     fresh = identity.login(email="ada@example.com", password="a new password")
     assert identity.refresh(fresh.refresh_token).refresh_token != fresh.refresh_token
+
+
+def test_a_refresh_token_without_a_utf8_form_is_not_valid(identity: Identity) -> None:
+    """A lone surrogate cannot be digested: it crashed refresh and logout (UnicodeEncodeError)."""
+    token = "0" * 32 + ".x\ud800"
+    with pytest.raises(Unauthenticated):
+        identity.refresh(token)
+    identity.logout(token)  # an unknown token is already logged out
+
+
+@pytest.mark.parametrize(
+    "digits",
+    ["\u0661\u0662\u0663\u0664\u0665\u0666", "\uff11\uff12\uff13\uff14\uff15\uff16", "\u00b2" * 6],
+)
+def test_codes_of_other_scripts_digits_are_wrong_codes(
+    identity: Identity, clock: Clock, digits: str
+) -> None:
+    """str.isdigit() holds for Arabic-Indic, full-width and superscript digits, and comparing
+    them with hmac.compare_digest raised TypeError (an HTTP 500) instead of a wrong code."""
+    pending = identity.signup(email="eve@example.com", password=PASSWORD, name="Eve")
+    identity.mfa_enroll(pending)
+    with pytest.raises(ValidationFailed):
+        identity.mfa_confirm(pending, digits)
+    user_id, _, _ = _enrolled(identity, clock)
+    with pytest.raises(MfaRequired):
+        identity.login(email="ada@example.com", password=PASSWORD, totp=digits)
+    with pytest.raises(MfaRequired):
+        identity.mfa_disable(user_id, digits)
+
+
+@pytest.mark.parametrize("address", ["a\x00b@example.com", "a\ud800@example.com"])
+def test_an_address_that_cannot_be_stored_is_not_an_address(
+    identity: Identity, address: str
+) -> None:
+    """A lone surrogate crashed the claim's id (uuid5 encodes UTF-8) wherever an address came
+    in (an identity provider's email claim too); NUL was stored in the user's events."""
+    with pytest.raises(ValidationFailed):
+        normalise_email(address)
+    with pytest.raises(ValidationFailed):
+        identity.external_user(
+            issuer="https://idp.example", subject="s", email=address, email_verified=True, name="N"
+        )
+    with pytest.raises(Unauthenticated):
+        identity.login(email=address, password=PASSWORD)
