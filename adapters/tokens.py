@@ -148,7 +148,10 @@ def verify_token(
             key,
             algorithms=[algorithm],
             leeway=leeway_seconds,
-            options={"require": list(_REQUIRED_CLAIMS)},
+            # ``aud``, like any claim API.md does not name, is ignored; PyJWT would refuse every
+            # token carrying one (it checks an audience only when told it). A provider's
+            # tokens are held to their audience in adapters.oidc.
+            options={"require": list(_REQUIRED_CLAIMS), "verify_aud": False},
         )
     except jwt.exceptions.InvalidTokenError as exc:
         raise refused(exc, algorithms=algorithm) from exc

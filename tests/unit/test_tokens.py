@@ -144,6 +144,12 @@ class TestHs256:
         assert verify_token(issued, secret=SECRET).user_id == "u2"
         assert "ws" not in jwt.decode(issued, SECRET, algorithms=["HS256"])
 
+    def test_standard_claims_this_api_does_not_check_are_ignored(self) -> None:
+        """API.md "Tokens": unknown extra claims are ignored. PyJWT refused any token carrying
+        ``aud`` (it checks one only when told the audience), as many issuers add one."""
+        claims = {"sub": "u", "exp": 2**40, "aud": ["agentworks", "other"], "iss": "x", "jti": "1"}
+        assert verify_token(jwt.encode(claims, SECRET), secret=SECRET).user_id == "u"
+
     def test_token_with_unknown_role_is_unauthenticated(self) -> None:
         token = jwt.encode(
             {"sub": "u", "ws": "w", "role": "GOD", "iat": 0, "exp": 2**40},
