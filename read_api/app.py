@@ -89,6 +89,7 @@ from read_api.errors import (
     shape_errors,
 )
 from read_api.identity import add_auth_routes
+from read_api.input_checks import body_within
 from read_api.membership import member_workspace_of
 from read_api.ratelimit import address_limits, limits_for
 from read_api.response_cache import Entry, Key, ResponseCache, render
@@ -475,14 +476,10 @@ def _check_declared_size(request: Request, limit: int) -> None:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(f"request body exceeds {limit} bytes", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    body = await body_within(request, limit)
+    if body is None:
+        raise BadRequest(f"request body exceeds {limit} bytes", status=413)
+    return body
 
 
 def _parse_request(

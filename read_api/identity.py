@@ -29,6 +29,7 @@ from domain.errors import (
 from domain.text import storable_text, text_problem
 from domain.user import normalise_email
 from read_api.auth import authenticate, request_id
+from read_api.input_checks import body_within
 from read_api.ratelimit import Limit
 from read_api.services import AuthSettings
 
@@ -301,16 +302,9 @@ def _address(request: Request) -> str:
 
 
 async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
-    # Read no further than the limit: these routes take anyone's requests, and a body read whole
-    # before its size is checked can be as large as the sender likes.
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > _MAX_BODY:
-            raise ValidationFailed(f"request body is larger than {_MAX_BODY} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    raw = await body_within(request, _MAX_BODY)  # these routes take anyone's requests
+    if raw is None:
+        raise ValidationFailed(f"request body is larger than {_MAX_BODY} bytes")
     if not raw.strip():
         if optional:
             return {}

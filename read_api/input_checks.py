@@ -10,6 +10,8 @@ ids) pass here before any resolver runs, so no argument added later can let text
 PostgreSQL cannot hold (:mod:`domain.text`). The refusal is ``VALIDATION`` and names the variable
 or the field and argument that held it. Commands check again (``commands.models.Input``), and
 aggregates once more before recording, for callers that are not GraphQL.
+
+:func:`body_within` reads any route's body no further than its limit.
 """
 
 from __future__ import annotations
@@ -27,9 +29,24 @@ from graphql import (
     Visitor,
     visit,
 )
+from starlette.requests import Request
 from strawberry.extensions import SchemaExtension
 
 from domain.text import find_unstorable, text_problem
+
+
+async def body_within(request: Request, limit: int) -> bytes | None:
+    """The request's body, or ``None`` as soon as it passes ``limit`` bytes, read no further: a
+    body read whole before its size is checked can be as large as its sender likes, and
+    ``Content-Length`` is only a claim (a chunked body has none)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class ExplicitOperation(SchemaExtension):

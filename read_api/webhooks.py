@@ -21,6 +21,7 @@ from commands.billing import Billing
 from domain.billing import InvoiceStatus
 from domain.errors import Conflict, NotFound
 from read_api.errors import error_body
+from read_api.input_checks import body_within
 
 if TYPE_CHECKING:
     from read_api.runtime import ApiRuntime
@@ -44,8 +45,9 @@ class StripeWebhook:
         secret = services.stripe_webhook_secret
         if secret is None:
             return JSONResponse(error_body("no Stripe webhook is configured", "NOT_FOUND"), 404)
-        payload = await request.body()
-        if len(payload) > services.max_body_bytes:
+        # Read no further than the limit: the signature can only be checked on the whole body.
+        payload = await body_within(request, services.max_body_bytes)
+        if payload is None:
             return JSONResponse(error_body("the webhook body is too large", "VALIDATION"), 413)
         try:
             event = verify_webhook(payload, request.headers.get("stripe-signature"), secret)

@@ -1,33 +1,56 @@
-"""What ``/auth/*`` reads of a request body: never more than its limit, never a crash."""
+"""What ``/auth/*`` and Stripe's webhook read of a request body: never more than its limit,
+never a crash."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from starlette.requests import Request
 
 from domain.errors import ValidationFailed
 from read_api.identity import _MAX_BODY, _body
+from read_api.webhooks import StripeWebhook
+
+
+class EndlessBody:
+    """A chunked body (no Content-Length) that never ends; counts what was read of it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sent = 0
+
+    async def __call__(self) -> dict[str, Any]:
+        if self.sent > 100 * self.limit:
+            raise AssertionError(f"read {self.sent} bytes of a body limited to {self.limit}")
+        self.sent += 4096
+        return {"type": "http.request", "body": b" " * 4096, "more_body": True}
+
+    def request(self) -> Request:
+        return Request({"type": "http", "method": "POST", "headers": []}, self)
 
 
 def test_a_body_is_read_no_further_than_the_limit() -> None:
     """A sender without Content-Length (chunked) could make the server buffer any amount: the
     whole body was read before its size was checked."""
-    sent = 0
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent > 100 * _MAX_BODY:
-            raise AssertionError(f"read {sent} bytes of a body limited to {_MAX_BODY}")
-        sent += 4096
-        return {"type": "http.request", "body": b" " * 4096, "more_body": True}
-
-    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    body = EndlessBody(_MAX_BODY)
     with pytest.raises(ValidationFailed, match="larger than"):
-        asyncio.run(_body(request))
-    assert sent <= _MAX_BODY + 4096
+        asyncio.run(_body(body.request()))
+    assert body.sent <= _MAX_BODY + 4096
+
+
+def test_a_webhook_body_is_read_no_further_than_the_limit() -> None:
+    """The route takes anyone's requests (the signature is checked on the whole body): it read
+    the body whole, then compared its size with the limit."""
+    services = SimpleNamespace(stripe_webhook_secret="whsec_test", max_body_bytes=20_000)
+    body = EndlessBody(services.max_body_bytes)
+    answer = asyncio.run(StripeWebhook(cast("Any", SimpleNamespace(services=services))).receive(
+        body.request()
+    ))  # fmt: skip
+    assert answer.status_code == 413
+    assert body.sent <= services.max_body_bytes + 4096
 
 
 @pytest.mark.parametrize("raw", [b"[" * 16_000, b'{"a":' * 3_000, b'{"a": ' + b"1" * 5_000 + b"}"])
