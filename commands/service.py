@@ -52,6 +52,7 @@ from domain.pricing import PriceTable, built_in_price_table
 from domain.project import Project
 from domain.roles import Role, capped, require_role
 from domain.usage import MonthlySpend, UsageCharge, month_of, spend_id_for
+from domain.user import Session, User
 from domain.workspace import Workspace
 
 BOOTSTRAP_SCOPE = "*"
@@ -193,9 +194,12 @@ class WriteSide(Application[UUID]):
 
     name = "AgentWorks"
     # Cards are read at any past version for history and audit; a snapshot every 100 events
-    # bounds that to at most 99 events replayed. (Other aggregates hold enums and dataclasses
-    # the JSON transcoder does not round-trip, and are read at their latest version.)
-    snapshotting_intervals: ClassVar[dict[type[Any], int]] = {Card: 100}
+    # bounds that to at most 99 events replayed. A user's failed logins and a session's
+    # refreshes have no end either (each of them anyone holding a token or knowing an address
+    # can add), and both are read on every login or refresh. (Other aggregates hold enums and
+    # dataclasses the JSON transcoder does not round-trip, and are read at their latest
+    # version.)
+    snapshotting_intervals: ClassVar[dict[type[Any], int]] = {Card: 100, User: 100, Session: 100}
 
     def __init__(
         self,

@@ -313,7 +313,9 @@ class Session(IdentityAggregate):
         token_hash: str
 
         def apply(self, aggregate: Session) -> None:
-            aggregate.spent_hashes = [*aggregate.spent_hashes, aggregate.current_hash]
+            # In place: a command is handed its own copy of the session (the repository copies
+            # what it caches), and a new list per event made a long session's fold quadratic.
+            aggregate.spent_hashes.append(aggregate.current_hash)
             aggregate.current_hash = self.token_hash
 
     class Revoked(IdentityAggregate.Event):

@@ -331,3 +331,45 @@ def test_an_address_that_cannot_be_stored_is_not_an_address(
         )
     with pytest.raises(Unauthenticated):
         identity.login(email=address, password=PASSWORD)
+
+
+def test_a_long_session_is_read_from_a_snapshot_and_still_knows_its_spent_tokens(
+    identity: Identity,
+) -> None:
+    """Refreshes have no end within a session's lifetime (nor failed logins within a user's),
+    and every refresh folded the whole session: with no snapshot, from its first event."""
+    identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    first = identity.login(email="ada@example.com", password=PASSWORD)
+    grant = first
+    for _ in range(250):
+        grant = identity.refresh(grant.refresh_token)
+    session_id = UUID(first.refresh_token.split(".", 1)[0])
+    snapshots = identity.app.snapshots
+    assert snapshots is not None
+    versions = [s.originator_version for s in snapshots.get(session_id)]
+    assert versions == [100, 200]
+    assert identity.refresh(grant.refresh_token).user.email == "ada@example.com"
+    with pytest.raises(Unauthenticated):
+        identity.refresh(first.refresh_token)  # spent before the first snapshot: revokes
+    session = identity.app.repository.get(session_id)
+    assert isinstance(session, Session)
+    assert session.revoked
+    assert len(session.spent_hashes) == 251
+
+
+def test_a_user_of_many_failed_logins_is_read_from_a_snapshot_as_from_its_events(
+    identity: Identity,
+) -> None:
+    user_id = identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    identity.change_password(user_id, current=PASSWORD, new="another password!")
+    for _ in range(120):
+        with pytest.raises(Unauthenticated):
+            identity.login(email="ada@example.com", password="wrong password!")
+    snapshots = identity.app.snapshots
+    assert snapshots is not None
+    assert [s.originator_version for s in snapshots.get(user_id)] == [100]
+    folded: object = None
+    for event in identity.app.events.get(user_id):
+        folded = event.mutate(folded)  # type: ignore[arg-type]
+    assert vars(identity.app.repository.get(user_id)) == vars(folded)
+    assert identity.login(email="ada@example.com", password="another password!").user.id == user_id
