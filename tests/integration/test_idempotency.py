@@ -282,3 +282,19 @@ class TestReplayAfterTheBoardChanged:
 
         assert again.replayed is True
         assert _same(again) == _same(first)
+
+    def test_retried_lane_removal_and_rename_return_their_first_results(
+        self, write_side: AgentWorks, board: Board
+    ) -> None:
+        rename = m.RenameLane(
+            project_id=board.project_id, lane="Done", name="Shipped", command_id=uuid4()
+        )
+        remove = m.RemoveLane(project_id=board.project_id, lane="Shipped", command_id=uuid4())
+        firsts = [write_side.rename_lane(rename, board.owner)]
+        firsts.append(write_side.remove_lane(remove, board.owner))
+
+        again = [write_side.rename_lane(rename, board.owner)]
+        again.append(write_side.remove_lane(remove, board.owner))
+
+        assert [result.replayed for result in again] == [True, True]
+        assert [_same(result) for result in again] == [_same(result) for result in firsts]
