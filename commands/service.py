@@ -41,6 +41,7 @@ from domain.errors import (
     Conflict,
     DuplicateCommand,
     Forbidden,
+    MissingPart,
     NotFound,
     Unauthenticated,
     Unavailable,
@@ -501,7 +502,8 @@ class WriteSide(Application[UUID]):
         The replay re-runs the command's checks against the current state and writes nothing:
         a refusal of who is asking (FORBIDDEN, NOT_FOUND) is the answer, so a VIEWER replaying an
         owner's commandId learns nothing; a refusal of the state (the card has moved since, a
-        version moved on) is expected after the first run and the first result stands.
+        version moved on, a lane renamed or a member removed: ``MissingPart``) is expected after
+        the first run and the first result stands.
         """
         if self.command_log is None:
             return None
@@ -515,6 +517,8 @@ class WriteSide(Application[UUID]):
             )
         try:
             decide(meta)
+        except MissingPart:
+            pass
         except (Forbidden, NotFound, Unauthenticated, Unavailable):
             raise
         except AgentWorksError:

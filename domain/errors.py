@@ -8,6 +8,8 @@ the module of each class that does not live here::
 
     AgentWorksError                  INTERNAL
      ├── NotFound                    NOT_FOUND           unknown id, or an id of another workspace
+     │    ├── MissingPart            NOT_FOUND           a lane, member or place on the board that
+     │    │                                              the aggregate's current state lacks
      │    └── NotYet                 NOT_FOUND           streams.history: not in the log yet
      ├── Forbidden                   FORBIDDEN           the actor's role does not allow it
      ├── Unauthenticated             UNAUTHENTICATED     no or invalid credentials
@@ -71,6 +73,12 @@ class AgentWorksError(Exception):
 
 class NotFound(AgentWorksError):
     code = "NOT_FOUND"
+
+
+class MissingPart(NotFound):
+    """Something a command names inside an aggregate the caller may act on (a lane, a member, a
+    card's place on the board) is not in that aggregate's current state: the state's refusal, not
+    one of who is asking, so a replayed commandId still gets its first result."""
 
 
 class Forbidden(AgentWorksError):

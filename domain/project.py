@@ -16,7 +16,7 @@ from domain.errors import (
     Conflict,
     Duplicate,
     InvalidTransition,
-    NotFound,
+    MissingPart,
     ValidationFailed,
     WipLimitExceeded,
 )
@@ -197,7 +197,7 @@ class Project(TenantAggregate):
             if spec.name == name:
                 return spec
         known = ", ".join(repr(s.name) for s in self.lanes)
-        raise NotFound(f"project {self.id} has no lane {name!r}; lanes are {known}")
+        raise MissingPart(f"project {self.id} has no lane {name!r}; lanes are {known}")
 
     def lane_to_restore(self, card_id: UUID) -> str:
         """Where an archived card goes back to: the lane it left (under its current name), or
@@ -392,7 +392,7 @@ class Project(TenantAggregate):
     def _placement(self, card_id: UUID) -> Placement:
         placement = self.placements.get(card_id)
         if placement is None:
-            raise NotFound(f"card {card_id} is not on the board of project {self.id}")
+            raise MissingPart(f"card {card_id} is not on the board of project {self.id}")
         return placement
 
     def _writable(self) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from domain.base import TenantAggregate
-from domain.errors import Duplicate, InvalidTransition, NotFound, ValidationFailed
+from domain.errors import Duplicate, InvalidTransition, MissingPart, ValidationFailed
 from domain.meta import EventMeta
 from domain.money import (
     DEFAULT_BILLING_INCREMENT_MICROS,
@@ -191,7 +191,7 @@ class Workspace(TenantAggregate):
     def _member(self, user_id: str) -> Role:
         role = self.members.get(user_id)
         if role is None:
-            raise NotFound(f"user {user_id} is not a member of workspace {self.id}")
+            raise MissingPart(f"user {user_id} is not a member of workspace {self.id}")
         return role
 
     def _keep_an_owner(self, user_id: str, *, action: str) -> None:

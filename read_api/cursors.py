@@ -16,6 +16,11 @@ from domain.errors import ValidationFailed
 from domain.text import text_problem
 
 MAX_CURSOR_LENGTH = 512
+MAX_CARD_CURSOR_LENGTH = 2_000_000
+"""A card cursor carries its card's position key, and keys have no length bound of their own: each
+move into one gap (two cards swapped back and forth) adds a character about every five moves, so
+a few thousand made a key whose cursor the 512-character limit refused. The request body limit
+(1 MB by default) is the practical bound."""
 MAX_BIGINT = 2**63 - 1
 
 
@@ -24,13 +29,16 @@ def encode(kind: str, *key: str | int) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode(cursor: str, kind: str, arity: int) -> list[str | int]:
-    if len(cursor) > MAX_CURSOR_LENGTH:
+def decode(
+    cursor: str, kind: str, arity: int, *, max_length: int = MAX_CURSOR_LENGTH
+) -> list[str | int]:
+    if len(cursor) > max_length:
         raise ValidationFailed("cursor is too long; pass an endCursor this API returned")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         value = json.loads(raw)
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):
+        # RecursionError: a forged cursor of deeply nested arrays, which only a long one can be.
         raise ValidationFailed(f"cursor {cursor[:40]!r} is not one this API returned") from None
     if (
         not isinstance(value, list)
@@ -58,7 +66,7 @@ def card_cursor(position: str, card_id: UUID) -> str:
 
 
 def parse_card_cursor(cursor: str) -> tuple[str, UUID]:
-    position, card_id = decode(cursor, "card", 2)
+    position, card_id = decode(cursor, "card", 2, max_length=MAX_CARD_CURSOR_LENGTH)
     return str(position), _uuid(card_id)
 
 

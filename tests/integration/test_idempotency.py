@@ -234,3 +234,67 @@ class TestReplayRechecksTheCaller:
 
         with pytest.raises(NotFound):
             write_side.set_spend_limit(command, other.owner)
+
+
+class TestReplayAfterTheBoardChanged:
+    """A retry returns the first result even when what the command named has gone since: a
+    lane renamed or removed is the state moving on, not a refusal of who is asking."""
+
+    def test_retried_creation_in_a_lane_renamed_since_returns_the_first_card(
+        self, write_side: AgentWorks, board: Board, database_url: str
+    ) -> None:
+        command = m.CreateCard(
+            project_id=board.project_id, title="once", lane="Doing", command_id=uuid4()
+        )
+        first = write_side.create_card(command, board.owner)
+        rename = m.RenameLane(project_id=board.project_id, lane="Doing", name="In progress")
+        write_side.rename_lane(rename, board.owner)
+        position = max_position(database_url)
+
+        again = write_side.create_card(command, board.owner)
+
+        assert again.replayed is True
+        assert _same(again) == _same(first)
+        assert max_position(database_url) == position
+
+    def test_retried_move_into_a_lane_renamed_since_returns_the_first_result(
+        self, write_side: AgentWorks, board: Board
+    ) -> None:
+        (card_id,) = add_cards(write_side, board, 1)
+        command = m.MoveCard(card_id=card_id, to_lane="Done", command_id=uuid4())
+        first = write_side.move_card(command, board.owner)
+        rename = m.RenameLane(project_id=board.project_id, lane="Done", name="Shipped")
+        write_side.rename_lane(rename, board.owner)
+
+        again = write_side.move_card(command, board.owner)
+
+        assert again.replayed is True
+        assert _same(again) == _same(first)
+
+    def test_retried_removal_of_a_member_returns_the_first_result(
+        self, write_side: AgentWorks, board: Board
+    ) -> None:
+        add_member(write_side, board, "bob", "MEMBER")
+        command = m.RemoveMember(workspace_id=board.workspace_id, user_id="bob", command_id=uuid4())
+        first = write_side.remove_member(command, board.owner)
+
+        again = write_side.remove_member(command, board.owner)
+
+        assert again.replayed is True
+        assert _same(again) == _same(first)
+
+    def test_retried_lane_removal_and_rename_return_their_first_results(
+        self, write_side: AgentWorks, board: Board
+    ) -> None:
+        rename = m.RenameLane(
+            project_id=board.project_id, lane="Done", name="Shipped", command_id=uuid4()
+        )
+        remove = m.RemoveLane(project_id=board.project_id, lane="Shipped", command_id=uuid4())
+        firsts = [write_side.rename_lane(rename, board.owner)]
+        firsts.append(write_side.remove_lane(remove, board.owner))
+
+        again = [write_side.rename_lane(rename, board.owner)]
+        again.append(write_side.remove_lane(remove, board.owner))
+
+        assert [result.replayed for result in again] == [True, True]
+        assert [_same(result) for result in again] == [_same(result) for result in firsts]
