@@ -241,36 +241,33 @@ class _AuthRoutes:
             account = normalise_email(email)
         except ValidationFailed:
             account = email.strip().casefold()
-        limits = []
-        if self.auth.login_per_account_per_minute is not None:
-            limits.append(
-                Limit(
-                    f"{self.auth.key_prefix}:login-account:{account}",
-                    self.auth.login_per_account_per_minute,
-                    "account's logins",
-                )
-            )
-        if self.auth.login_per_address_per_minute is not None:
-            limits.append(
-                Limit(
-                    f"{self.auth.key_prefix}:login-address:{_address(request)}",
-                    self.auth.login_per_address_per_minute,
-                    "address's logins",
-                )
-            )
-        await self.runtime.limiter.hit(limits)
+        await self._limit_guesses(
+            request, f"login-account:{account}", "account's logins", "address's logins"
+        )
 
     async def _limit_account(self, request: Request, user_id: UUID) -> None:
         """A password or TOTP code checked outside a login (changing the password, turning MFA
         off) counts like a login attempt of that account and address: otherwise a holder of an
         access token could guess there past the login limits."""
+        await self._limit_guesses(
+            request,
+            f"secret-checks:{user_id}",
+            "account's password and code checks",
+            "address's sign-in attempts",
+        )
+
+    async def _limit_guesses(
+        self, request: Request, account_key: str, per_account: str, per_address: str
+    ) -> None:
+        """Count a guess of a secret against its account (``account_key``) and the client's
+        address, at the login limits; ``per_…`` name them in a refusal."""
         limits = []
         if self.auth.login_per_account_per_minute is not None:
             limits.append(
                 Limit(
-                    f"{self.auth.key_prefix}:secret-checks:{user_id}",
+                    f"{self.auth.key_prefix}:{account_key}",
                     self.auth.login_per_account_per_minute,
-                    "account's password and code checks",
+                    per_account,
                 )
             )
         if self.auth.login_per_address_per_minute is not None:
@@ -278,7 +275,7 @@ class _AuthRoutes:
                 Limit(
                     f"{self.auth.key_prefix}:login-address:{_address(request)}",
                     self.auth.login_per_address_per_minute,
-                    "address's sign-in attempts",
+                    per_address,
                 )
             )
         await self.runtime.limiter.hit(limits)

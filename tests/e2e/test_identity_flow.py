@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -322,33 +323,42 @@ def test_text_no_json_client_can_encode_is_refused_not_a_server_error(
         assert error_of(answer) == (400, "VALIDATION"), (path, answer.text)
 
 
+@contextmanager
+def limited_client(
+    database_url: str, redis_url: str, limits: dict[str, int], **build: Any
+) -> Iterator[httpx.Client]:
+    """A client of an API of its own whose sign-in limits are ``limits``, used within one fixed
+    one-minute window of theirs."""
+    stacks = StackBuilder(redis_url)
+    try:
+        stack = stacks.build(database_url, auth=limits, **build)
+        if time.time() % 60 > 50:
+            time.sleep(60 - time.time() % 60)
+        with httpx.Client(base_url=stack.url, timeout=15.0) as http:
+            yield http
+    finally:
+        stacks.close()
+
+
 def test_logins_are_limited_per_account_and_per_address(
     module_database_url: str, redis_url: str
 ) -> None:
-    stacks = StackBuilder(redis_url)
-    try:
-        stack = stacks.build(
-            module_database_url,
-            broadcaster="redis",
-            auth={"login_per_account_per_minute": 3, "login_per_address_per_minute": 6},
-        )
-        if time.time() % 60 > 50:  # keep every attempt in one fixed one-minute window
-            time.sleep(60 - time.time() % 60)
-        with httpx.Client(base_url=stack.url, timeout=15.0) as http:
-            signup(http, "target@example.com")
-            for _ in range(3):
-                assert error_of(
-                    http.post(
-                        "/auth/login", json={"email": "TARGET@example.com", "password": "guess"}
-                    )
-                ) == (401, "UNAUTHENTICATED")
-            limited = login(http, "target@example.com")  # even the right password now
-            assert error_of(limited) == (429, "RATE_LIMITED")
-            assert int(limited.headers["retry-after"]) >= 1
-            answers = [error_of(login(http, f"other{i}@example.com"))[0] for i in range(3)]
-            assert answers[-1] == 429  # six attempts from this address in the window
-    finally:
-        stacks.close()
+    with limited_client(
+        module_database_url,
+        redis_url,
+        {"login_per_account_per_minute": 3, "login_per_address_per_minute": 6},
+        broadcaster="redis",
+    ) as http:
+        signup(http, "target@example.com")
+        for _ in range(3):
+            assert error_of(
+                http.post("/auth/login", json={"email": "TARGET@example.com", "password": "guess"})
+            ) == (401, "UNAUTHENTICATED")
+        limited = login(http, "target@example.com")  # even the right password now
+        assert error_of(limited) == (429, "RATE_LIMITED")
+        assert int(limited.headers["retry-after"]) >= 1
+        answers = [error_of(login(http, f"other{i}@example.com"))[0] for i in range(3)]
+        assert answers[-1] == 429  # six attempts from this address in the window
 
 
 def test_guessing_codes_to_turn_mfa_off_is_limited_like_logins(
@@ -356,30 +366,25 @@ def test_guessing_codes_to_turn_mfa_off_is_limited_like_logins(
 ) -> None:
     """/auth/mfa/disable checks a TOTP code like a login does, but was not limited: whoever holds
     an access token could try codes until one of the three in force matched."""
-    stacks = StackBuilder(redis_url)
-    try:
-        stack = stacks.build(module_database_url, auth={"login_per_account_per_minute": 3})
-        if time.time() % 60 > 50:  # keep every attempt in one fixed one-minute window
-            time.sleep(60 - time.time() % 60)
-        with httpx.Client(base_url=stack.url, timeout=15.0) as http:
-            signup(http, "guessed@example.com")
-            token = login(http, "guessed@example.com").json()["accessToken"]
-            auth = {"Authorization": f"Bearer {token}"}
-            secret = http.post("/auth/mfa/enroll", headers=auth).json()["secret"]
-            confirmed = http.post(
-                "/auth/mfa/confirm", headers=auth, json={"code": rfc6238(secret, time.time())}
-            )
-            assert confirmed.status_code == 200, confirmed.text
-            near = {rfc6238(secret, time.time() + drift) for drift in (-30, 0, 30, 60)}
-            wrong = [f"{n:06d}" for n in range(10) if f"{n:06d}" not in near]
-            for code in wrong[:3]:
-                answer = http.post("/auth/mfa/disable", headers=auth, json={"code": code})
-                assert error_of(answer) == (401, "MFA_REQUIRED")
-            limited = http.post("/auth/mfa/disable", headers=auth, json={"code": wrong[3]})
-            assert error_of(limited) == (429, "RATE_LIMITED")
-            assert int(limited.headers["retry-after"]) >= 1
-    finally:
-        stacks.close()
+    with limited_client(
+        module_database_url, redis_url, {"login_per_account_per_minute": 3}
+    ) as http:
+        signup(http, "guessed@example.com")
+        token = login(http, "guessed@example.com").json()["accessToken"]
+        auth = {"Authorization": f"Bearer {token}"}
+        secret = http.post("/auth/mfa/enroll", headers=auth).json()["secret"]
+        confirmed = http.post(
+            "/auth/mfa/confirm", headers=auth, json={"code": rfc6238(secret, time.time())}
+        )
+        assert confirmed.status_code == 200, confirmed.text
+        near = {rfc6238(secret, time.time() + drift) for drift in (-30, 0, 30, 60)}
+        wrong = [f"{n:06d}" for n in range(10) if f"{n:06d}" not in near]
+        for code in wrong[:3]:
+            answer = http.post("/auth/mfa/disable", headers=auth, json={"code": code})
+            assert error_of(answer) == (401, "MFA_REQUIRED")
+        limited = http.post("/auth/mfa/disable", headers=auth, json={"code": wrong[3]})
+        assert error_of(limited) == (429, "RATE_LIMITED")
+        assert int(limited.headers["retry-after"]) >= 1
 
 
 def test_guessing_the_current_password_is_limited_per_account_like_logins(
@@ -387,28 +392,22 @@ def test_guessing_the_current_password_is_limited_per_account_like_logins(
 ) -> None:
     """/auth/password checks the current password, but only per address: whoever holds an access
     token could guess the password from many addresses past the account's login limit."""
-    stacks = StackBuilder(redis_url)
-    try:
-        stack = stacks.build(
-            module_database_url,
-            auth={"login_per_account_per_minute": 3, "login_per_address_per_minute": 10_000},
-        )
-        if time.time() % 60 > 50:  # keep every attempt in one fixed one-minute window
-            time.sleep(60 - time.time() % 60)
-        with httpx.Client(base_url=stack.url, timeout=15.0) as http:
-            signup(http, "guessed-password@example.com")
-            token = login(http, "guessed-password@example.com").json()["accessToken"]
-            auth = {"Authorization": f"Bearer {token}"}
-            for i in range(3):
-                guess = {"currentPassword": f"guess number {i}", "newPassword": "a new password!"}
-                answer = http.post("/auth/password", headers=auth, json=guess)
-                assert error_of(answer) == (401, "UNAUTHENTICATED")
-            right = {"currentPassword": PASSWORD, "newPassword": "a new password!"}
-            limited = http.post("/auth/password", headers=auth, json=right)
-            assert limited.status_code == 429, limited.status_code
-            assert error_of(limited) == (429, "RATE_LIMITED")
-    finally:
-        stacks.close()
+    with limited_client(
+        module_database_url,
+        redis_url,
+        {"login_per_account_per_minute": 3, "login_per_address_per_minute": 10_000},
+    ) as http:
+        signup(http, "guessed-password@example.com")
+        token = login(http, "guessed-password@example.com").json()["accessToken"]
+        auth = {"Authorization": f"Bearer {token}"}
+        for i in range(3):
+            guess = {"currentPassword": f"guess number {i}", "newPassword": "a new password!"}
+            answer = http.post("/auth/password", headers=auth, json=guess)
+            assert error_of(answer) == (401, "UNAUTHENTICATED")
+        right = {"currentPassword": PASSWORD, "newPassword": "a new password!"}
+        limited = http.post("/auth/password", headers=auth, json=right)
+        assert limited.status_code == 429, limited.status_code
+        assert error_of(limited) == (429, "RATE_LIMITED")
 
 
 def test_change_password_over_http(http: httpx.Client) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 import pytest
@@ -20,6 +20,8 @@ from commands.handlers import Actor
 from domain.errors import Forbidden, NotFound, ValidationFailed, WipLimitExceeded
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from board_helpers import Board
 
     from commands.handlers import AgentWorks, CommandResult
@@ -34,6 +36,21 @@ def _same(result: CommandResult) -> tuple[object, ...]:
         result.position,
         json.dumps(result.extra, sort_keys=True),
     )
+
+
+def assert_retry_returns_the_first_result(
+    send: Callable[[Any, Actor], CommandResult],
+    command: m.Command,
+    actor: Actor,
+    meanwhile: Callable[[], object],
+) -> None:
+    """``command`` sent, ``meanwhile`` done, ``command`` sent again: the retry is a replay of
+    the first result."""
+    first = send(command, actor)
+    meanwhile()
+    again = send(command, actor)
+    assert again.replayed is True
+    assert _same(again) == _same(first)
 
 
 class TestRetry:
@@ -217,13 +234,12 @@ class TestReplayRechecksTheCaller:
         command = m.MoveCard(
             card_id=card_id, to_lane="Doing", expected_version=1, command_id=uuid4()
         )
-        first = write_side.move_card(command, board.owner)
-        write_side.move_card(m.MoveCard(card_id=card_id, to_lane="Done"), board.owner)
-
-        again = write_side.move_card(command, board.owner)
-
-        assert again.replayed is True
-        assert _same(again) == _same(first)
+        assert_retry_returns_the_first_result(
+            write_side.move_card,
+            command,
+            board.owner,
+            lambda: write_side.move_card(m.MoveCard(card_id=card_id, to_lane="Done"), board.owner),
+        )
 
     def test_member_of_another_workspace_replaying_an_id_learns_nothing(
         self, write_side: AgentWorks, board: Board
@@ -262,26 +278,22 @@ class TestReplayAfterTheBoardChanged:
     ) -> None:
         (card_id,) = add_cards(write_side, board, 1)
         command = m.MoveCard(card_id=card_id, to_lane="Done", command_id=uuid4())
-        first = write_side.move_card(command, board.owner)
         rename = m.RenameLane(project_id=board.project_id, lane="Done", name="Shipped")
-        write_side.rename_lane(rename, board.owner)
-
-        again = write_side.move_card(command, board.owner)
-
-        assert again.replayed is True
-        assert _same(again) == _same(first)
+        assert_retry_returns_the_first_result(
+            write_side.move_card,
+            command,
+            board.owner,
+            lambda: write_side.rename_lane(rename, board.owner),
+        )
 
     def test_retried_removal_of_a_member_returns_the_first_result(
         self, write_side: AgentWorks, board: Board
     ) -> None:
         add_member(write_side, board, "bob", "MEMBER")
         command = m.RemoveMember(workspace_id=board.workspace_id, user_id="bob", command_id=uuid4())
-        first = write_side.remove_member(command, board.owner)
-
-        again = write_side.remove_member(command, board.owner)
-
-        assert again.replayed is True
-        assert _same(again) == _same(first)
+        assert_retry_returns_the_first_result(
+            write_side.remove_member, command, board.owner, lambda: None
+        )
 
     def test_retried_lane_removal_and_rename_return_their_first_results(
         self, write_side: AgentWorks, board: Board
