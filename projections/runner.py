@@ -45,6 +45,7 @@ from opentelemetry.trace import SpanKind
 
 from adapters.outages import is_infrastructure_failure, is_write_race
 from adapters.telemetry import continue_trace
+from domain.envelope import UNDECODABLE
 from projections.base import MEMO_DROPPED, BatchContext, Change, Projector, Tables
 from projections.read_versions import bump as bump_read_versions
 from projections.text import protect
@@ -124,6 +125,10 @@ class Retried:
     originator_id: UUID
     applied: int
     parked: Parked | None
+
+
+class UndecodableEvent(Exception):
+    """The stored event could not be decoded (its envelope says why): nothing to apply."""
 
 
 class _Poisoned(Exception):
@@ -609,6 +614,11 @@ class ProjectionRunner:
         batch of its own, so that the event an error comes from is known."""
         if not envelopes:
             return
+        for env in envelopes:
+            if UNDECODABLE in env.metadata:
+                # Parked as it is, in any mode: a projector would take its empty payload for
+                # an event it has nothing to do with, and pass over it for good.
+                raise _Poisoned(env, UndecodableEvent(env.metadata[UNDECODABLE]))
         if not one_by_one:
             self.projector.apply_batch(self._context(cur, changes, spend), envelopes)
             return
