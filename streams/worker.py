@@ -53,8 +53,23 @@ def consumer_group(projector_name: str, prefix: str = "") -> str:
 
 
 def decode_batch(values: Iterable[bytes]) -> list[EventEnvelope]:
-    """Envelopes of one delivered batch in global order (per-aggregate order follows)."""
-    return sorted((EventEnvelope.from_bytes(v) for v in values), key=lambda e: e.position)
+    """Envelopes of one delivered batch in global order (per-aggregate order follows).
+
+    A message that is not an envelope (another producer's, or garbled) is logged and left out:
+    raised, it crashed the worker's agent, which then consumed nothing more, for any tenant.
+    Any event it may have carried is still in the store, where the sweep finds it."""
+    envelopes = []
+    for value in values:
+        try:
+            envelopes.append(EventEnvelope.from_bytes(value))
+        except (ValueError, TypeError) as error:  # (pydantic's ValidationError is a ValueError)
+            log.error(  # noqa: TRY400 - the message and the error are what matter, not a traceback
+                "worker.undecodable_message",
+                error=str(error)[:500],
+                message=repr(value)[:200],
+            )
+    envelopes.sort(key=lambda e: e.position)
+    return envelopes
 
 
 class SweepSchedule:
