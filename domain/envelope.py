@@ -37,6 +37,10 @@ TOPICS: tuple[str, ...] = tuple(sorted(set(TOPIC_BY_AGGREGATE.values())))
 #: has no payload; a projector following its aggregate parks the aggregate there.
 UNDECODABLE = "agentworks.undecodable"
 
+#: Metadata key of an envelope the relay published without its payload, because the whole of it
+#: would not fit a Kafka message: its value says why. A consumer reads the event from the store.
+OMITTED = "agentworks.omitted"
+
 #: Where an envelope keeps its decoded payload (outside the model's fields: never serialised).
 _EVENT = "_typed_event"
 
