@@ -19,7 +19,8 @@ statement and horizon rule (see :mod:`adapters.eventstore`), when the recorder o
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from datetime import datetime
+from contextlib import suppress
+from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import chain, repeat
 from operator import contains
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
 import orjson
+import structlog
 from eventsourcing.persistence import (
     DatetimeAsISO,
     DecimalAsStr,
@@ -40,12 +42,19 @@ from eventsourcing.utils import Environment, resolve_topic, retry
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed
 
-from domain.envelope import ENVELOPE_SCHEMA_VERSION, EventEnvelope, envelope_from_event
+from domain.envelope import (
+    ENVELOPE_SCHEMA_VERSION,
+    UNDECODABLE,
+    EventEnvelope,
+    envelope_from_event,
+)
 
 if TYPE_CHECKING:
     from eventsourcing.persistence import Mapper
 
     from adapters.eventstore import EventStoreRecorder
+
+log = structlog.get_logger(__name__)
 
 #: The write side's application name: the prefix eventsourcing accepts on its settings
 #: (``AGENTWORKS_POSTGRES_HOST`` next to ``POSTGRES_HOST``), so the log reads the same ones.
@@ -345,7 +354,7 @@ class EventLog:
     def read(self, after: int, limit: int = 1000) -> list[EventEnvelope]:
         """Up to ``limit`` events with positions above ``after``, in order, never past a gap
         that a still-open transaction may fill."""
-        return [self._envelope(row) for row in self._rows(after, limit)]
+        return [self._readable(row) for row in self._rows(after, limit)]
 
     def read_following(
         self, after: int, limit: int, aggregates: frozenset[str] | set[str]
@@ -357,14 +366,14 @@ class EventLog:
         if not rows:
             return [], after, 0
         aggregate_of = self._aggregate_of
-        envelopes = [self._envelope(row) for row in rows if aggregate_of(row[3]) in aggregates]
+        envelopes = [self._readable(row) for row in rows if aggregate_of(row[3]) in aggregates]
         return envelopes, rows[-1][0], len(rows)
 
     def between(
         self, originator_id: UUID, *, after_version: int, before_version: int | None
     ) -> list[EventEnvelope]:
         return [
-            self._envelope(_row(n))
+            self._readable(_row(n))
             for n in self.recorder.select_positioned_events(
                 originator_id, gt=after_version, lt=before_version
             )
@@ -373,7 +382,7 @@ class EventLog:
     def within(self, ranges: Sequence[tuple[UUID, int, int]]) -> list[EventEnvelope]:
         """The events of several aggregates, each ``(originator id, after version, before
         version)`` with exclusive bounds, in log order."""
-        return [self._envelope(_row(n)) for n in self.recorder.select_positioned_ranges(ranges)]
+        return [self._readable(_row(n)) for n in self.recorder.select_positioned_ranges(ranges)]
 
     def versions(
         self, *, after: int, through: int, limit: int, aggregates: frozenset[str] | set[str]
@@ -401,9 +410,12 @@ class EventLog:
         return cast("list[Row]", fetch_rows(self.recorder, self._select, (after, limit)))
 
     def _aggregate_of(self, topic: str) -> str:
-        if self._fast is not None:
-            return self._fast.describe(topic)[0]
-        return str(resolve_topic(topic).__qualname__).split(".", 1)[0]
+        try:
+            if self._fast is not None:
+                return self._fast.describe(topic)[0]
+            return str(resolve_topic(topic).__qualname__).split(".", 1)[0]
+        except Exception:  # noqa: BLE001 - a topic that no longer resolves: read by its name
+            return _qualname_of(topic).split(".", 1)[0]
 
     def close(self) -> None:
         """Close the connections of a log opened on its own (:func:`open_event_log`)."""
@@ -413,6 +425,24 @@ class EventLog:
     def decode(self, row: Row) -> EventEnvelope:
         """One stored row as an envelope (upcast like every other read of the log)."""
         return self._envelope(row)
+
+    def _readable(self, row: Row) -> EventEnvelope:
+        """:meth:`_envelope`, or, for a stored event that cannot be decoded, an envelope marked
+        :data:`~domain.envelope.UNDECODABLE`: one bad row must not stop every reader of the log
+        (the relay, the fan-out, a rebuild) at its position, for every tenant. Projectors park
+        its aggregate (:mod:`projections.runner`); a retry after the fix reads it again."""
+        try:
+            return self._envelope(row)
+        except Exception as error:  # noqa: BLE001 - decoding is pure: the row's own fault
+            log.warning(
+                "eventlog.undecodable_event",
+                position=row[0],
+                originator_id=str(row[1]),
+                originator_version=row[2],
+                topic=row[3],
+                error=f"{type(error).__name__}: {error}",
+            )
+            return undecodable_envelope(row, error)
 
     def _envelope(self, row: Row) -> EventEnvelope:
         if self._fast is not None:
@@ -434,6 +464,56 @@ class EventLog:
             state=bytes(state),
         )
         return envelope_from_event(position, self.mapper.to_domain_event(notification))
+
+
+def _qualname_of(topic: str) -> str:
+    """The class name a stored topic (``module:Class.Event``) names, resolvable or not."""
+    return str(topic).partition(":")[2] or str(topic)
+
+
+#: Longest error text an undecodable envelope carries.
+_MAX_ERROR = 2000
+
+
+def undecodable_envelope(row: Row, error: BaseException) -> EventEnvelope:
+    """The envelope of a stored event that cannot be decoded: where it sits, its aggregate and
+    type as its topic names them, what of its metadata can still be read (its workspace), no
+    payload, and the error under :data:`~domain.envelope.UNDECODABLE`."""
+    position, originator_id, originator_version, topic, raw = row
+    qualname = _qualname_of(topic)
+    meta: dict[str, str] = {}
+    timestamp = datetime(1970, 1, 1, tzinfo=UTC)
+    event_version = 1
+    try:
+        state = orjson.loads(bytes(raw))
+    except Exception:  # noqa: BLE001 - not JSON: nothing more to read
+        state = None
+    if isinstance(state, dict):
+        stored_meta = state.get("meta")
+        if isinstance(stored_meta, dict):
+            meta = {str(k): v for k, v in stored_meta.items() if isinstance(v, str)}
+        stamp = state.get("timestamp")
+        if isinstance(stamp, dict) and isinstance(stamp.get("_data_"), str):
+            with suppress(ValueError):
+                timestamp = datetime.fromisoformat(stamp["_data_"])
+        if type(state.get("class_version")) is int:
+            event_version = state["class_version"]
+    meta[UNDECODABLE] = f"{type(error).__name__}: {error}"[:_MAX_ERROR]
+    workspace: UUID | None = None
+    with suppress(ValueError, TypeError, AttributeError):
+        workspace = UUID(meta.get("workspace_id") or "") if meta.get("workspace_id") else None
+    return EventEnvelope(
+        position=position,
+        originator_id=originator_id,
+        originator_version=originator_version,
+        aggregate=qualname.split(".", 1)[0],
+        type=qualname,
+        event_version=event_version,
+        timestamp=timestamp,
+        workspace_id=workspace,
+        metadata=meta,
+        payload={},
+    )
 
 
 def _row(notification: Notification) -> Row:

@@ -125,7 +125,13 @@ def is_connection_error(error: BaseException) -> bool:
 def is_infrastructure_failure(error: BaseException) -> bool:
     """Whether ``error`` says the database, the connection or the deployment failed (a missing
     table or grant, no memory) rather than the data being written: retrying other data cannot
-    help, so it is never a reason to set one item aside."""
+    help, so it is never a reason to set one item aside.
+
+    A limit of PostgreSQL's exceeded (SQLSTATE class 54: an index entry or a tsvector too large,
+    an expression too deep) is the data's doing, although psycopg raises it as an
+    ``OperationalError``: retried, the same data meets the same limit, for ever."""
+    if isinstance(error, psycopg.errors.ProgramLimitExceeded | psycopg.errors.StatementTooComplex):
+        return False
     return isinstance(error, _INFRASTRUCTURE)
 
 

@@ -32,6 +32,15 @@ TOPIC_BY_AGGREGATE: dict[str, str] = {
 }
 TOPICS: tuple[str, ...] = tuple(sorted(set(TOPIC_BY_AGGREGATE.values())))
 
+#: Metadata key of an envelope whose stored event could not be decoded (a topic that no longer
+#: resolves, a state that is not what the mapper reads): its value is the error. Such an envelope
+#: has no payload; a projector following its aggregate parks the aggregate there.
+UNDECODABLE = "agentworks.undecodable"
+
+#: Metadata key of an envelope the relay published without its payload, because the whole of it
+#: would not fit a Kafka message: its value says why. A consumer reads the event from the store.
+OMITTED = "agentworks.omitted"
+
 #: Where an envelope keeps its decoded payload (outside the model's fields: never serialised).
 _EVENT = "_typed_event"
 
@@ -80,6 +89,12 @@ class EventEnvelope(BaseModel):
     @property
     def topic(self) -> str:
         return TOPIC_BY_AGGREGATE.get(self.aggregate, "other-events")
+
+    @property
+    def undecodable(self) -> str:
+        """Why the stored event could not be decoded (see :data:`UNDECODABLE`); ``""`` when
+        it was."""
+        return self.metadata.get(UNDECODABLE, "")
 
     @property
     def traceparent(self) -> str:

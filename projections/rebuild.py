@@ -40,9 +40,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import psycopg
 import structlog
 from psycopg import sql
 
+from adapters.postgres import CONNECT_TIMEOUT
 from projections.base import Tables
 from projections.read_versions import bump_epoch
 from projections.runner import ProjectionRunner
@@ -118,6 +120,45 @@ def rebuild_many(
     """
     if not projectors:
         return []
+    with _one_rebuild_at_a_time(projectors, pool):
+        return _rebuild_many(projectors, pool, event_log, swap, batch_size, progress, parallel)
+
+
+@contextmanager
+def _one_rebuild_at_a_time(
+    projectors: Sequence[Projector], pool: ConnectionPool[Connection[DictRow]]
+) -> Iterator[None]:
+    """Hold, for the whole rebuild, a lock per read model; a second rebuild of one waits.
+
+    Two rebuilds of one read model share its scratch tables and tracking: the second's start
+    drops the tables the first has filled so far, each goes on writing into the other's, and
+    the first swaps that mix in with tracking that says every event is applied. The locks are
+    session locks on a connection of their own (not the pool's: the replay needs all of those),
+    taken in one order, so that ``rebuild all`` and ``rebuild NAME`` cannot deadlock."""
+    keys = sorted({_rebuild_lock_key(p.name): p.name for p in projectors}.items())
+    conninfo = pool.conninfo if isinstance(pool.conninfo, str) else pool.conninfo()
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+        for key, name in keys:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+            if not (row and row[0]):
+                log.warning("rebuild.waiting_for_another", projector=name)
+                conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+        yield  # (closing the session releases the locks, however the rebuild ends)
+
+
+def _rebuild_lock_key(name: str) -> int:
+    return zlib.crc32(f"rebuild:{name}".encode()) & 0x7FFFFFFF
+
+
+def _rebuild_many(
+    projectors: Sequence[Projector],
+    pool: ConnectionPool[Connection[DictRow]],
+    event_log: EventLog,
+    swap: bool,
+    batch_size: int,
+    progress: Progress | None,
+    parallel: bool,
+) -> list[RebuildResult]:
     scratches = [_Scratch(p, pool) for p in projectors]
     runners = [
         ProjectionRunner(

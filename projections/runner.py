@@ -45,6 +45,7 @@ from opentelemetry.trace import SpanKind
 
 from adapters.outages import is_infrastructure_failure, is_write_race
 from adapters.telemetry import continue_trace
+from domain.envelope import UNDECODABLE
 from projections.base import MEMO_DROPPED, BatchContext, Change, Projector, Tables
 from projections.read_versions import bump as bump_read_versions
 from projections.text import protect
@@ -124,6 +125,10 @@ class Retried:
     originator_id: UUID
     applied: int
     parked: Parked | None
+
+
+class UndecodableEvent(Exception):
+    """The stored event could not be decoded (its envelope says why): nothing to apply."""
 
 
 class _Poisoned(Exception):
@@ -317,7 +322,7 @@ class ProjectionRunner:
         An event that cannot be applied parks its aggregate instead of failing the batch (see
         the module's docstring); the outcome names what was parked.
         """
-        if not envelopes and not through:
+        if not envelopes and not through and not unpark:
             return BatchOutcome()
         started = time.time_ns()
         attempt = _Attempt(one_by_one=False, unpark=frozenset(unpark))
@@ -452,7 +457,9 @@ class ProjectionRunner:
                     missing = self.log.between(
                         oid, after_version=done, before_version=env.originator_version
                     )
-                    self._check_contiguous(env, done, missing)
+                    self._check_contiguous(
+                        env, done, missing, None if limit is None else limit.originator_version
+                    )
                     if limit is not None:
                         missing = [
                             m for m in missing if m.originator_version < limit.originator_version
@@ -559,7 +566,7 @@ class ProjectionRunner:
                 missing = self.log.between(
                     env.originator_id, after_version=done, before_version=version
                 )
-                self._check_contiguous(env, done, missing)
+                self._check_contiguous(env, done, missing, limit)
                 if limit is not None:
                     missing = [m for m in missing if m.originator_version < limit]
                 if missing:
@@ -609,6 +616,11 @@ class ProjectionRunner:
         batch of its own, so that the event an error comes from is known."""
         if not envelopes:
             return
+        for env in envelopes:
+            if UNDECODABLE in env.metadata:
+                # Parked as it is, in any mode: a projector would take its empty payload for
+                # an event it has nothing to do with, and pass over it for good.
+                raise _Poisoned(env, UndecodableEvent(env.metadata[UNDECODABLE]))
         if not one_by_one:
             self.projector.apply_batch(self._context(cur, changes, spend), envelopes)
             return
@@ -665,11 +677,21 @@ class ProjectionRunner:
         return versions, {row["originator_id"] for row in rows if row["parked"]}
 
     @staticmethod
-    def _check_contiguous(env: EventEnvelope, done: int, missing: list[EventEnvelope]) -> None:
-        expected = list(range(done + 1, env.originator_version))
-        got = [m.originator_version for m in missing]
+    def _check_contiguous(
+        env: EventEnvelope, done: int, missing: list[EventEnvelope], limit: int | None = None
+    ) -> None:
+        """The store gave every version between ``done`` and ``env``'s (or ``limit``, where
+        the aggregate is being parked). If it lacks one (a message from another deployment's
+        store, topics that outlived a database restored to an earlier point), that is this
+        aggregate's problem alone: it is parked at the first missing version."""
+        upto = env.originator_version if limit is None else min(limit, env.originator_version)
+        expected = list(range(done + 1, upto))
+        got = [m.originator_version for m in missing if m.originator_version < upto]
         if got != expected:
-            raise RuntimeError(
-                f"store is missing versions {sorted(set(expected) - set(got))} of aggregate "
-                f"{env.originator_id}; cannot heal the gap before version {env.originator_version}"
+            absent = sorted(set(expected) - set(got)) or [done + 1]
+            error = RuntimeError(
+                f"store is missing versions {absent} of aggregate {env.originator_id}; cannot"
+                f" heal the gap before version {env.originator_version} (delivered at position"
+                f" {env.position})"
             )
+            raise _Poisoned(env.model_copy(update={"originator_version": absent[0]}), error)

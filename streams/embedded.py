@@ -46,6 +46,8 @@ class EmbeddedFanout:
     poll_interval: float = 0.5
     batch_size: int = 500
     _positions: dict[str, int] = field(init=False, default_factory=dict, repr=False)
+    _failing: set[str] = field(init=False, default_factory=set, repr=False)
+    """Projectors whose last batch failed: fed apart, from their own positions."""
     _stop: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
     _wake: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(init=False, default=None, repr=False)
@@ -59,18 +61,29 @@ class EmbeddedFanout:
         """Apply one batch to every projector that is behind; returns how many events were read.
 
         A projector that fails (the database went away) does not undo what the others applied:
-        their positions are kept and the first failure is raised once all have finished."""
-        start = min((self._position(r) for r in self.runners), default=0)
+        their positions are kept and the first failure is raised once all have finished. One
+        whose last batch failed is fed apart, from its own position: the shared read starts at
+        the others', so a projector that keeps failing holds back none but itself."""
+        sharing = [r for r in self.runners if r.name not in self._failing] or self.runners
+        start = min((self._position(r) for r in sharing), default=0)
         envelopes = self.event_log.read(after=start, limit=self.batch_size)
         work: list[tuple[ProjectionRunner, int, list[EventEnvelope]]] = []
         for runner in self.runners:
             done = self._position(runner)
-            pending = [env for env in envelopes if env.position > done]
+            read = envelopes
+            if done < start:
+                read = self.event_log.read(after=done, limit=self.batch_size)
+            pending = [env for env in read if env.position > done]
             if pending:
                 work.append((runner, done, pending))
         if len(work) == 1:
             runner, done, pending = work[0]
-            outcome = runner.process(pending, read_after=done)
+            try:
+                outcome = runner.process(pending, read_after=done)
+            except BaseException:
+                self._failing.add(runner.name)
+                raise
+            self._failing.discard(runner.name)
             self._positions[runner.name] = max(done, outcome.position)
             return len(envelopes)
         applying: list[tuple[ProjectionRunner, int, Future[BatchOutcome]]] = [
@@ -81,8 +94,11 @@ class EmbeddedFanout:
         for runner, done, future in applying:
             error = future.exception()
             if error is None:
+                self._failing.discard(runner.name)
                 self._positions[runner.name] = max(done, future.result().position)
-            elif failure is None:
+                continue
+            self._failing.add(runner.name)
+            if failure is None:
                 failure = error
         if failure is not None:
             raise failure

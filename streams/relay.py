@@ -34,6 +34,7 @@ from adapters.outages import is_connection_error, is_database_error, is_outage
 from adapters.postgres import login_url
 from adapters.telemetry import continue_trace, current_traceparent, tracing_enabled
 from adapters.wakeup import LogWakeup
+from domain.envelope import OMITTED
 
 if TYPE_CHECKING:
     from adapters.eventlog import EventLog
@@ -290,6 +291,10 @@ class Relay:
     topic_id: Callable[[Any, str], str | None] = lambda producer, topic: None
     lease: RelayLease | None = None
     standby_interval: float = 2.0
+    max_message_bytes: int = 1_000_000
+    """Largest envelope published whole; a larger one goes without its payload (see
+    :data:`~domain.envelope.OMITTED`). Below the 1 MiB a Kafka producer sends and a broker takes
+    by default, leaving room for the key and headers."""
     producer: Producer | None = field(init=False, default=None, repr=False)
     position: int = field(init=False)
     marks: BrokerMarks = field(init=False, repr=False)
@@ -362,9 +367,24 @@ class Relay:
         return len(batch)
 
     def _send(self, producer: Producer, envelope: EventEnvelope, traceparent: str) -> Delivery:
+        value = envelope.to_bytes()
+        if len(value) > self.max_message_bytes:
+            # Refused by the producer (or the broker) every time, it would hold every later
+            # event back, for every tenant: the projectors read this one from the store.
+            log.warning(
+                "relay.payload_omitted",
+                position=envelope.position,
+                type=envelope.type,
+                size=len(value),
+                limit=self.max_message_bytes,
+            )
+            reason = f"{len(value)} bytes, over the {self.max_message_bytes} of a message"
+            value = envelope.model_copy(
+                update={"payload": {}, "metadata": {**envelope.metadata, OMITTED: reason}}
+            ).to_bytes()
         return producer.send(
             topic_for(envelope, self.topic_prefix),
-            value=envelope.to_bytes(),
+            value=value,
             key=str(envelope.workspace_id or envelope.originator_id).encode(),
             headers=headers_for(envelope, traceparent),
         )

@@ -21,7 +21,7 @@ import structlog
 
 from adapters.kafka import faust_settings
 from adapters.outages import is_outage
-from domain.envelope import TOPIC_BY_AGGREGATE, EventEnvelope
+from domain.envelope import OMITTED, TOPIC_BY_AGGREGATE, EventEnvelope
 from projections.sweep import ProjectionSweep
 
 if TYPE_CHECKING:
@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
     from faust.types import TP, AppT, StreamT
 
+    from adapters.eventlog import EventLog
     from projections.base import Projector
-    from projections.runner import ProjectionRunner
+    from projections.runner import BatchOutcome, ProjectionRunner
     from streams.faust_app import ProjectorApp
 
 log = structlog.get_logger(__name__)
@@ -53,8 +54,38 @@ def consumer_group(projector_name: str, prefix: str = "") -> str:
 
 
 def decode_batch(values: Iterable[bytes]) -> list[EventEnvelope]:
-    """Envelopes of one delivered batch in global order (per-aggregate order follows)."""
-    return sorted((EventEnvelope.from_bytes(v) for v in values), key=lambda e: e.position)
+    """Envelopes of one delivered batch in global order (per-aggregate order follows).
+
+    A message that is not an envelope (another producer's, or garbled) is logged and left out:
+    raised, it crashed the worker's agent, which then consumed nothing more, for any tenant.
+    Any event it may have carried is still in the store, where the sweep finds it."""
+    envelopes = []
+    for value in values:
+        try:
+            envelopes.append(EventEnvelope.from_bytes(value))
+        except (ValueError, TypeError) as error:  # (pydantic's ValidationError is a ValueError)
+            log.error(  # noqa: TRY400 - the message and the error are what matter, not a traceback
+                "worker.undecodable_message",
+                error=str(error)[:500],
+                message=repr(value)[:200],
+            )
+    envelopes.sort(key=lambda e: e.position)
+    return envelopes
+
+
+def read_omitted(envelopes: list[EventEnvelope], event_log: EventLog) -> list[EventEnvelope]:
+    """``envelopes`` with those the relay published without their payload (too large for a
+    message, see :data:`~domain.envelope.OMITTED`) read whole from the store."""
+    omitted = [env for env in envelopes if OMITTED in env.metadata]
+    if not omitted:
+        return envelopes
+    stored = {
+        (env.originator_id, env.originator_version): env
+        for env in event_log.within(
+            [(e.originator_id, e.originator_version - 1, e.originator_version + 1) for e in omitted]
+        )
+    }
+    return [stored.get((env.originator_id, env.originator_version), env) for env in envelopes]
 
 
 class SweepSchedule:
@@ -173,13 +204,16 @@ def build_worker_app(
     holding = PartitionHolding(app, projector_topics(runner.projector, topic_prefix))
     app.holding = holding
 
+    def process(envelopes: list[EventEnvelope]) -> BatchOutcome:
+        return runner.process(read_omitted(envelopes, runner.log))
+
     @app.agent(topics, name=f"project-{runner.projector.name}")
     async def project(stream: StreamT[bytes]) -> None:
         async for values in stream.take(BATCH_SIZE, within=BATCH_WITHIN_SECONDS):
             envelopes = decode_batch(values)
             while True:
                 try:
-                    outcome = await asyncio.to_thread(runner.process, envelopes)
+                    outcome = await asyncio.to_thread(process, envelopes)
                 except Exception as error:
                     # The batch stays unacknowledged until it is applied: never skip events.
                     if is_outage(error):

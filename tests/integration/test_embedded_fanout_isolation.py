@@ -1,0 +1,50 @@
+"""In the embedded fan-out, a projector that keeps failing holds only itself back.
+
+The fan-out reads the log once per round, from the position of the projector furthest behind.
+A projector whose batches fail on a cause no event is to blame for (its table missing or not
+granted after a half-done deployment: the runner raises, it parks nothing) stays where it is,
+so every round read the same batch from its position: the other projectors, done with that
+batch, got nothing more to apply. A broken activity feed stopped the boards, the ledger and the
+run logs of every tenant, 500 events on. Now a failing projector is fed from its own position,
+apart, and the others go on to the head of the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import pytest
+from fanout_helpers import EmbeddedPath, Workload
+
+from projections.activity import ActivityProjector
+
+if TYPE_CHECKING:
+    from commands.handlers import AgentWorks
+
+
+def test_a_projector_that_keeps_failing_does_not_hold_the_others_back(
+    database_url: str, write_side: AgentWorks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = Workload(write_side)
+    tenant = work.tenant("isolated", projects=1)
+    path = EmbeddedPath(database_url)
+    try:
+        path.fanout.drain()
+
+        def broken(self: Any, ctx: Any, envelopes: Any) -> None:
+            raise psycopg.errors.UndefinedTable('relation "rm_activity" does not exist')
+
+        monkeypatch.setattr(ActivityProjector, "apply_batch", broken)
+        work.card(tenant, "while the feed is broken")
+        work.bulk_log_chunks(tenant, 3 * path.fanout.batch_size)
+        for _ in range(10):
+            with contextlib.suppress(psycopg.errors.UndefinedTable):
+                path.fanout.drain()
+        head = path.log.head()
+        positions = path.fanout.positions()
+        assert positions.pop("activity") < head
+        assert positions == dict.fromkeys(positions, head)
+    finally:
+        path.stop()

@@ -1,0 +1,147 @@
+"""An event too large for a Kafka message does not stop the relay, and still reaches the
+projectors.
+
+A run's log chunk may hold 10,000 lines of any length, within the API's 1 MB request body, and
+as an envelope it is larger still (every line gains its sequence number and stream): well past
+the 1 MiB a Kafka producer sends by default (and the broker takes). kafka-python refused to send
+it, the relay rewound and tried the same batch again, forever: nothing after that event was
+published, for any tenant. Now the relay publishes such an event without its payload, marked,
+and the worker reads it whole from the store before applying it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import pytest
+from fanout_helpers import KafkaFanout, Workload, connect, projector_side, wait_until
+
+from adapters.kafka import create_topics, make_producer
+from commands import models as m
+from domain.envelope import TOPICS
+from infra.bootstrap import build_write_side
+from projections.registry import all_projectors
+from projections.runner import ProjectionRunner
+from streams.relay import Relay, RelayPositions
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from commands.handlers import AgentWorks
+
+pytest_plugins = ["kafka_fixtures"]
+
+LINES = 10_000
+TEXT = "x" * 40
+
+
+@pytest.fixture
+def app(database_url: str) -> Iterator[AgentWorks]:
+    with contextlib.closing(build_write_side(database_url, pool_size=2)) as write_side:
+        yield write_side
+
+
+def big_chunk(app: AgentWorks, workload: Workload) -> tuple[Any, UUID]:
+    tenant = workload.tenant("big", projects=1)
+    run_id = workload.running_run(tenant)
+    now = datetime.now(UTC)
+    lines = [m.LogLineInput(at=now, text=TEXT) for _ in range(LINES)]
+    request = m.AppendRunLog(run_id=run_id, lines=lines)
+    # What an API client sends for it (each line's time and text) fits the request body limit.
+    sent = request.model_dump_json(include={"lines": {"__all__": {"at", "text"}}})
+    assert len(sent) < 1_000_000
+    app.append_run_log(request, tenant.orchestrator)
+    other = workload.tenant("small", projects=1)
+    workload.card(other, "after the big chunk")
+    return tenant, run_id
+
+
+def log_lines(url: str, run_id: UUID) -> int:
+    with connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM rm_log_lines WHERE run_id = %s", (run_id,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+@pytest.mark.slow
+def test_the_relay_publishes_past_an_event_too_large_for_a_message(
+    database_url: str, app: AgentWorks, kafka_broker: Any, tmp_path: Path
+) -> None:
+    _, run_id = big_chunk(app, Workload(app))
+    prefix = f"big-{uuid.uuid4().hex[:8]}."
+    create_topics(kafka_broker.bootstrap, [prefix + t for t in TOPICS], 1)
+    with projector_side(database_url) as (_, log):
+        relay = Relay(
+            log,
+            lambda: make_producer(kafka_broker.bootstrap),
+            RelayPositions(database_url, role=None),
+            topic_prefix=prefix,
+            flush_timeout=10,
+        )
+        (chunk,) = [e for e in log.read(after=0, limit=1000) if "LogChunk" in e.type]
+        assert len(chunk.to_bytes()) > 1024 * 1024  # past what a Kafka producer sends
+        try:
+            while relay.publish_once():
+                pass
+            assert relay.position == log.head()
+        finally:
+            relay._discard_producer()
+            relay.positions.close()
+    # The worker applies the chunk whole (the sweep is off: it comes through Kafka).
+    fanout = KafkaFanout(
+        database_url, kafka_broker.bootstrap, tmp_path, topic_prefix=prefix, projectors=["runs"]
+    )
+    try:
+        for worker in fanout.workers.values():
+            worker.start()
+        wait_until(
+            lambda: log_lines(database_url, run_id) == LINES,
+            timeout=90,
+            what="the worker applies the large chunk",
+            poll=0.2,
+        )
+    finally:
+        fanout.stop()
+
+
+def test_an_omitted_payload_is_read_from_the_store(database_url: str, app: AgentWorks) -> None:
+    from streams.worker import read_omitted
+
+    _, run_id = big_chunk(app, Workload(app))
+    sent: list[Any] = []
+
+    class Producer:
+        def send(self, topic: str, value: bytes | None = None, **_: Any) -> Any:
+            from domain.envelope import EventEnvelope
+
+            assert value is not None
+            assert len(value) < 1_000_000
+            sent.append(EventEnvelope.from_bytes(value))
+            meta = type("Meta", (), {"topic": topic, "partition": 0, "offset": len(sent)})()
+            return type("Ack", (), {"get": lambda self, timeout=None: meta})()
+
+        def flush(self, timeout: float | None = None) -> None:
+            pass
+
+        def close(self, timeout: float | None = None) -> None:
+            pass
+
+    with projector_side(database_url) as (pool, log):
+        relay = Relay(log, Producer, RelayPositions(database_url, role=None))
+        try:
+            while relay.publish_once():
+                pass
+        finally:
+            relay.positions.close()
+        omitted = [env for env in sent if env.payload == {}]
+        assert [env.type for env in omitted] == ["AgentRun.LogChunkAppended"]
+        for projector in all_projectors():
+            runner = ProjectionRunner(projector, pool, log)
+            runner.process(read_omitted(sent, log))
+    assert log_lines(database_url, run_id) == LINES
