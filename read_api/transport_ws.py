@@ -6,7 +6,9 @@ operation's task gives it back when it ends, however it ends: ``complete`` from 
 stream finishing, an error, or the connection going away (strawberry cancels every operation
 task of a connection when it closes, a dropped TCP connection included). A refused ``subscribe``
 gets the protocol's ``error`` message, with ``extensions.code`` ``RATE_LIMITED``; the connection
-and its other operations are left as they were.
+and its other operations are left as they were. Each ``subscribe`` is also counted against the
+caller's request rate limits (per user and workspace), as a POSTed operation is: one connection
+is no way around them.
 
 A message that is not what the protocol says (not a JSON object; a ``subscribe`` or ``complete``
 without a string ``id``; a ``subscribe`` whose payload is not an object with a string ``query``,
@@ -30,6 +32,7 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
 from domain.errors import RateLimited
 from read_api.context import RequestContext
 from read_api.errors import error_extensions
+from read_api.ratelimit import limits_for
 
 
 def malformed(message: object) -> str | None:
@@ -67,9 +70,22 @@ class LimitedTransportWSHandler(BaseGraphQLTransportWSHandler[RequestContext, No
             # Protocol violations: strawberry closes the connection.
             await super().handle_subscribe(message)
             return
-        slots = self.context.runtime.subscriptions
-        user_id = self.context.who.principal.user_id
+        runtime = self.context.runtime
+        slots = runtime.subscriptions
+        principal = self.context.who.principal
+        user_id = principal.user_id
         try:
+            await runtime.limiter.hit(
+                limits_for(
+                    runtime.services.rate_limits,
+                    user_id=user_id,
+                    workspace_id=(
+                        None
+                        if principal.is_bootstrap or principal.is_user
+                        else principal.workspace_id
+                    ),
+                )
+            )
             slots.take(user_id, held_by_connection=self._held)
         except RateLimited as error:
             await self.send_message(

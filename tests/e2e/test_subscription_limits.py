@@ -29,6 +29,7 @@ from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from projections.kanban import board_channel
+from read_api.services import RateLimits
 
 BOARD_CHANGED = """
 subscription($id: ID!) { boardChanged(projectId: $id) { kind cardId card { id title } } }
@@ -416,6 +417,31 @@ def test_a_user_is_limited_across_connections(make_stack: MakeStack) -> None:
     finally:
         for connection in (first, second, other):
             connection.close()
+
+
+def test_subscribes_count_against_the_callers_rate_limit(make_stack: MakeStack) -> None:
+    limits = RateLimits(per_user_per_minute=6, per_workspace_per_minute=None,
+                        key_prefix=f"rl-{uuid.uuid4().hex[:8]}")  # fmt: skip
+    stack = make_stack(rate_limits=limits)
+    # Limits count per fixed minute: start well inside one, so the counts cannot reset midway.
+    remaining = 60 - time.time() % 60
+    if remaining < 15:
+        time.sleep(remaining + 0.2)
+    alice, project, viewer = _tenant_with_viewer(stack, "alice")
+    connection = RawConnection(stack.ws_url, viewer.token or "")  # the connection: one request
+    try:
+        answers = []
+        for n in range(8):
+            connection.subscribe(str(n), BOARD_CHANGED, {"id": project})
+            connection.send({"id": str(n), "type": "complete"})
+            answers.extend(m for m in connection.sync() if m.get("type") == "error")
+        # Five subscribes go through, the sixth request of the minute on is refused.
+        assert [m["id"] for m in answers] == ["5", "6", "7"]
+        assert {code for message in answers for code in _codes(message)} == {"RATE_LIMITED"}
+        # Another user's budget is their own.
+        assert alice.post("{ __typename }").status == 200
+    finally:
+        connection.close()
 
 
 @pytest.mark.parametrize(
