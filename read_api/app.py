@@ -105,6 +105,7 @@ GRAPHQL_PATH = "/graphql"
 METRICS_PATH = "/metrics"
 _HTTP_OPERATIONS = frozenset({OperationType.QUERY, OperationType.MUTATION})
 _HEALTH_TIMEOUT = 2.0
+_UVICORN_WS_MAX_SIZE = 16 * 1024 * 1024
 
 
 def create_app(services: ApiServices) -> FastAPI:
@@ -185,6 +186,16 @@ def create_app(services: ApiServices) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     return app
+
+
+def max_websocket_message_bytes(app: FastAPI) -> int:
+    """The largest WebSocket message the server may take in for ``app`` (uvicorn's
+    ``ws_max_size``): its request body limit, as for a POST. uvicorn's default, 16 MiB, is read
+    in whole (and its variables parsed) before the app could judge it."""
+    runtime = getattr(app.state, "runtime", None)
+    if isinstance(runtime, ApiRuntime):
+        return runtime.services.max_body_bytes
+    return _UVICORN_WS_MAX_SIZE
 
 
 async def _authenticate(
@@ -770,4 +781,4 @@ class Health:
         return found.head, found.positions, found.parked
 
 
-__all__ = ["ApiServices", "create_app"]
+__all__ = ["ApiServices", "create_app", "max_websocket_message_bytes"]
