@@ -653,6 +653,14 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
         )
         self.routes = [route for route in self.routes if isinstance(route, APIWebSocketRoute)]
 
+    def decode_json(self, data: str | bytes) -> object:
+        try:
+            return super().decode_json(data)
+        except RecursionError:
+            # Arrays or objects nested thousands deep: not JSON this API reads. As a decoding
+            # error, strawberry closes the connection with 4400 instead of failing on it.
+            raise json.JSONDecodeError("JSON nested too deeply", "", 0) from None
+
     async def on_ws_connect(self, context: RequestContext) -> UnsetType | dict[str, object] | None:
         services = self.runtime.services
         headers = context.request.headers if context.request is not None else {}

@@ -329,6 +329,9 @@ def test_queries_are_not_run_over_the_websocket(stack: Stack) -> None:
         '{"type": "subscribe", "id": "1", "payload": {"query": "subscription { x }",'
         ' "operationName": 5}}',
         '{"type": "complete", "id": {"a": 1}}',
+        "[" * 5_000,
+        '{"type": "subscribe", "id": "1", "payload": {"query": "subscription { x }",'
+        ' "variables": {"x": ' + "[" * 5_000 + "}}}",
     ],
 )
 def test_a_message_the_protocol_does_not_allow_closes_the_connection_with_4400(
