@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractContextManager
@@ -40,6 +41,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 from strawberry import Schema
 from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
 from strawberry.fastapi import GraphQLRouter
@@ -652,6 +654,14 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
             include_in_schema=False,
         )
         self.routes = [route for route in self.routes if isinstance(route, APIWebSocketRoute)]
+
+    def is_websocket_origin_allowed(self, request: WebSocket, origin: str) -> bool:
+        # The origins CORS lets POST (cors_origins, and cors_origin_regex: in development any
+        # localhost port) may subscribe too; strawberry alone knows only the list.
+        if super().is_websocket_origin_allowed(request, origin):
+            return True
+        pattern = self.runtime.services.cors_origin_regex
+        return pattern is not None and re.fullmatch(pattern, origin) is not None
 
     def decode_json(self, data: str | bytes) -> object:
         try:
