@@ -58,6 +58,14 @@ class LimitedTransportWSHandler(BaseGraphQLTransportWSHandler[RequestContext, No
     _held: int = 0
     """Subscriptions this connection holds (an instance's own count from its first change)."""
 
+    async def shutdown(self) -> None:
+        disconnect, self.context.disconnect = self.context.disconnect, None
+        try:
+            await super().shutdown()
+        finally:
+            if disconnect is not None:
+                disconnect()
+
     async def handle_message(self, message: Message) -> None:
         problem = malformed(message)
         if problem is not None:
