@@ -363,6 +363,8 @@ def serve_app(
     ``sock``, when given, is the listening socket already bound (so that a busy port was refused
     before anything started).
     """
+    from read_api.app import max_websocket_message_bytes
+
     config = uvicorn.Config(
         app,
         host=host,
@@ -375,6 +377,7 @@ def serve_app(
         # would believe any from 127.0.0.1.
         proxy_headers=False,
         ws="websockets-sansio",
+        ws_max_size=max_websocket_message_bytes(app),
         timeout_graceful_shutdown=graceful_seconds,
     )
     tune_garbage_collection()

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractContextManager
@@ -40,6 +41,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 from strawberry import Schema
 from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
 from strawberry.fastapi import GraphQLRouter
@@ -105,6 +107,7 @@ GRAPHQL_PATH = "/graphql"
 METRICS_PATH = "/metrics"
 _HTTP_OPERATIONS = frozenset({OperationType.QUERY, OperationType.MUTATION})
 _HEALTH_TIMEOUT = 2.0
+_UVICORN_WS_MAX_SIZE = 16 * 1024 * 1024
 
 
 def create_app(services: ApiServices) -> FastAPI:
@@ -185,6 +188,16 @@ def create_app(services: ApiServices) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     return app
+
+
+def max_websocket_message_bytes(app: FastAPI) -> int:
+    """The largest WebSocket message the server may take in for ``app`` (uvicorn's
+    ``ws_max_size``): its request body limit, as for a POST. uvicorn's default, 16 MiB, is read
+    in whole (and its variables parsed) before the app could judge it."""
+    runtime = getattr(app.state, "runtime", None)
+    if isinstance(runtime, ApiRuntime):
+        return runtime.services.max_body_bytes
+    return _UVICORN_WS_MAX_SIZE
 
 
 async def _authenticate(
@@ -642,6 +655,22 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
         )
         self.routes = [route for route in self.routes if isinstance(route, APIWebSocketRoute)]
 
+    def is_websocket_origin_allowed(self, request: WebSocket, origin: str) -> bool:
+        # The origins CORS lets POST (cors_origins, and cors_origin_regex: in development any
+        # localhost port) may subscribe too; strawberry alone knows only the list.
+        if super().is_websocket_origin_allowed(request, origin):
+            return True
+        pattern = self.runtime.services.cors_origin_regex
+        return pattern is not None and re.fullmatch(pattern, origin) is not None
+
+    def decode_json(self, data: str | bytes) -> object:
+        try:
+            return super().decode_json(data)
+        except RecursionError:
+            # Arrays or objects nested thousands deep: not JSON this API reads. As a decoding
+            # error, strawberry closes the connection with 4400 instead of failing on it.
+            raise json.JSONDecodeError("JSON nested too deeply", "", 0) from None
+
     async def on_ws_connect(self, context: RequestContext) -> UnsetType | dict[str, object] | None:
         services = self.runtime.services
         headers = context.request.headers if context.request is not None else {}
@@ -667,6 +696,15 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
             raise ConnectionRejectionError(
                 {"message": error.message, "extensions": {"code": error.code}}
             ) from error
+        try:
+            self.runtime.subscriptions.connect(principal.user_id)
+        except RateLimited as error:
+            raise ConnectionRejectionError(
+                {"message": error.message, "extensions": {"code": error.code}}
+            ) from error
+        context.disconnect = functools.partial(
+            self.runtime.subscriptions.disconnect, principal.user_id
+        )
         context.authenticate(principal)
         return {"requestId": context.request_id}
 
@@ -770,4 +808,4 @@ class Health:
         return found.head, found.positions, found.parked
 
 
-__all__ = ["ApiServices", "create_app"]
+__all__ = ["ApiServices", "create_app", "max_websocket_message_bytes"]

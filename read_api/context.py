@@ -84,6 +84,8 @@ class RequestContext(BaseContext):
         self._granted: set[UUID] = set()
         self._pinned: UUID | None = None
         """Where a user token's subscription reads (see :meth:`for_object`)."""
+        self.disconnect: Callable[[], None] | None = None
+        """On an accepted WebSocket: gives back its place among its user's open connections."""
         self._allowed_at = float("-inf")
         """When :meth:`still_allowed` last found the credentials holding (monotonic clock)."""
 

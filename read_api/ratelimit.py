@@ -129,6 +129,8 @@ class LocalRateLimiter:
     def __init__(self) -> None:
         self._counts: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
+        self._window = -1
+        """The window :attr:`_counts` was last pruned for."""
 
     async def hit(self, limits: list[Limit]) -> None:
         if not limits:
@@ -136,8 +138,12 @@ class LocalRateLimiter:
         window, remaining = _window(time.time())
         refused: Limit | None = None
         with self._lock:
-            if len(self._counts) > 10_000:
+            if window != self._window:
+                # Once per window, not per request: with many keys in the current window
+                # (addresses without a valid token) a scan per request held the event loop
+                # for milliseconds each, growing with every new address.
                 self._counts = {k: v for k, v in self._counts.items() if k[1] >= window}
+                self._window = window
             for limit in limits:
                 count = self._counts.get((limit.key, window), 0) + 1
                 self._counts[(limit.key, window)] = count

@@ -10,6 +10,12 @@ are bounded by ``per_user``, across N instances by N times that. Sharing the cou
 would need a lease per subscription, renewed while it lives, so that an instance that dies does
 not leave its users' slots taken for good; the per-instance bound already protects each
 instance's pool, which is what the limit is for.
+
+Open connections are bounded per user by the same ``per_user``: each useful connection holds at
+least one subscription, so no user needs more, while without a bound one signed-in user could
+open (a few hundred a minute, within the rate limit) and keep idle connections until the
+instance ran out of file descriptors for everyone. One over the bound is refused at
+``connection_init``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class SubscriptionSlots:
     per_connection: int
     per_user: int
     _by_user: Counter[str] = field(default_factory=Counter)
+    _connections: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         if self.per_connection < 1 or self.per_user < 1:
@@ -64,3 +71,23 @@ class SubscriptionSlots:
 
     def active(self, user_id: str) -> int:
         return self._by_user[user_id]
+
+    def connect(self, user_id: str) -> None:
+        """Count one more open connection of ``user_id``, or raise :class:`RateLimited`."""
+        if self._connections[user_id] >= self.per_user:
+            raise RateLimited(
+                f"user {user_id} already has {self.per_user} open WebSocket connections, the "
+                "most allowed; close one before opening another",
+                retry_after_seconds=RETRY_AFTER_SECONDS,
+            )
+        self._connections[user_id] += 1
+
+    def disconnect(self, user_id: str) -> None:
+        left = self._connections[user_id] - 1
+        if left > 0:
+            self._connections[user_id] = left
+        else:
+            del self._connections[user_id]
+
+    def connections(self, user_id: str) -> int:
+        return self._connections[user_id]

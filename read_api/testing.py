@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import uvicorn
 from fastapi import FastAPI
 
+from read_api.app import max_websocket_message_bytes
+
 
 @dataclass
 class RunningServer:
@@ -54,6 +56,7 @@ def start_in_thread(
         log_level="warning",
         lifespan="on",
         ws="websockets-sansio",
+        ws_max_size=max_websocket_message_bytes(app),
         access_log=False,
         proxy_headers=False,
     )

@@ -6,7 +6,15 @@ operation's task gives it back when it ends, however it ends: ``complete`` from 
 stream finishing, an error, or the connection going away (strawberry cancels every operation
 task of a connection when it closes, a dropped TCP connection included). A refused ``subscribe``
 gets the protocol's ``error`` message, with ``extensions.code`` ``RATE_LIMITED``; the connection
-and its other operations are left as they were.
+and its other operations are left as they were. Each ``subscribe`` is also counted against the
+caller's request rate limits (per user and workspace), as a POSTed operation is: one connection
+is no way around them.
+
+A message that is not what the protocol says (not a JSON object; a ``subscribe`` or ``complete``
+without a string ``id``; a ``subscribe`` whose payload is not an object with a string ``query``,
+an object of ``variables`` and a string ``operationName``) closes the connection with 4400, as
+the protocol asks, before strawberry reads it: strawberry would fail on it with an exception
+(the connection dropped without a close code, a traceback logged) or an ``INTERNAL`` error.
 """
 
 from __future__ import annotations
@@ -16,25 +24,76 @@ import asyncio
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
-from strawberry.subscriptions.protocols.graphql_transport_ws.types import SubscribeMessage
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
+    Message,
+    SubscribeMessage,
+)
 
 from domain.errors import RateLimited
 from read_api.context import RequestContext
 from read_api.errors import error_extensions
+from read_api.ratelimit import limits_for
+
+
+def malformed(message: object) -> str | None:
+    """Why ``message`` is not a graphql-transport-ws message strawberry can handle, or ``None``."""
+    if not isinstance(message, dict):
+        return "a message must be a JSON object"
+    kind = message.get("type")
+    if kind in ("subscribe", "complete") and not isinstance(message.get("id"), str):
+        return f"a {kind} message needs a string id"
+    if kind != "subscribe":
+        return None
+    payload = message.get("payload")
+    if not isinstance(payload, dict) or not isinstance(payload.get("query"), str):
+        return "a subscribe message needs a payload object with a query string"
+    if not isinstance(payload.get("variables", None), dict | None):
+        return "variables must be a JSON object"
+    if not isinstance(payload.get("operationName", None), str | None):
+        return "operationName must be a string"
+    return None
 
 
 class LimitedTransportWSHandler(BaseGraphQLTransportWSHandler[RequestContext, None]):
     _held: int = 0
     """Subscriptions this connection holds (an instance's own count from its first change)."""
 
+    async def shutdown(self) -> None:
+        disconnect, self.context.disconnect = self.context.disconnect, None
+        try:
+            await super().shutdown()
+        finally:
+            if disconnect is not None:
+                disconnect()
+
+    async def handle_message(self, message: Message) -> None:
+        problem = malformed(message)
+        if problem is not None:
+            await self.handle_invalid_message(problem)
+            return
+        await super().handle_message(message)
+
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
         if not self.connection_acknowledged or message["id"] in self.operations:
             # Protocol violations: strawberry closes the connection.
             await super().handle_subscribe(message)
             return
-        slots = self.context.runtime.subscriptions
-        user_id = self.context.who.principal.user_id
+        runtime = self.context.runtime
+        slots = runtime.subscriptions
+        principal = self.context.who.principal
+        user_id = principal.user_id
         try:
+            await runtime.limiter.hit(
+                limits_for(
+                    runtime.services.rate_limits,
+                    user_id=user_id,
+                    workspace_id=(
+                        None
+                        if principal.is_bootstrap or principal.is_user
+                        else principal.workspace_id
+                    ),
+                )
+            )
             slots.take(user_id, held_by_connection=self._held)
         except RateLimited as error:
             await self.send_message(

@@ -11,10 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
-from api_client import ApiClient
+from api_client import PROTOCOL, ApiClient
 from e2e_stack import MakeStack, Stack, user_id
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 from adapters.tokens import issue_token
 from commands import models as m
@@ -398,3 +400,27 @@ def test_cors_lets_configured_origins_call_the_api(make_stack: MakeStack) -> Non
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
     )
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_origins_cors_allows_by_pattern_may_open_a_websocket_too(make_stack: MakeStack) -> None:
+    stack = make_stack(cors_origin_regex=r"http://(localhost|127\.0\.0\.1)(:\d+)?")
+    alice = stack.as_user("alice", "00000000-0000-0000-0000-000000000001")
+    spa = {"Origin": "http://localhost:5173"}
+    preflight = httpx.options(
+        f"{stack.url}/graphql",
+        headers={**spa, "Access-Control-Request-Method": "POST"},
+    )
+    assert preflight.headers["access-control-allow-origin"] == spa["Origin"]
+    with ws_connect(
+        f"{stack.ws_url}/graphql", subprotocols=[PROTOCOL], additional_headers=spa
+    ) as socket:
+        init = {"type": "connection_init", "payload": {"Authorization": f"Bearer {alice.token}"}}
+        socket.send(json.dumps(init))
+        assert json.loads(socket.recv(timeout=10))["type"] == "connection_ack"
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(
+            f"{stack.ws_url}/graphql",
+            subprotocols=[PROTOCOL],
+            additional_headers={"Origin": "https://evil.example"},
+        )
+    assert refused.value.response.status_code == 403

@@ -29,6 +29,7 @@ from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from projections.kanban import board_channel
+from read_api.services import RateLimits
 
 BOARD_CHANGED = """
 subscription($id: ID!) { boardChanged(projectId: $id) { kind cardId card { id title } } }
@@ -416,6 +417,62 @@ def test_a_user_is_limited_across_connections(make_stack: MakeStack) -> None:
     finally:
         for connection in (first, second, other):
             connection.close()
+
+
+def test_a_user_may_keep_no_more_connections_open_than_subscriptions(
+    make_stack: MakeStack,
+) -> None:
+    stack = make_stack(max_subscriptions_per_connection=2, max_subscriptions_per_user=3)
+    alice, _, viewer = _tenant_with_viewer(stack, "alice")
+    held = [RawConnection(stack.ws_url, viewer.token or "") for _ in range(3)]
+    try:
+        # Idle connections (no subscription at all) count: the fourth is refused at init.
+        with pytest.raises(ConnectionError, match="4403"):
+            held.append(RawConnection(stack.ws_url, viewer.token or ""))
+        held.append(RawConnection(stack.ws_url, alice.token or ""))  # another user's own
+        held.pop(0).drop()
+        wait_for(
+            lambda: _connects(stack, viewer.token or ""),
+            timeout=10,
+            every=0.1,
+            what="a place among the viewer's connections once one of them went away",
+        )
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def _connects(stack: Stack, token: str) -> bool:
+    try:
+        RawConnection(stack.ws_url, token).close()
+    except ConnectionError:
+        return False
+    return True
+
+
+def test_subscribes_count_against_the_callers_rate_limit(make_stack: MakeStack) -> None:
+    limits = RateLimits(per_user_per_minute=6, per_workspace_per_minute=None,
+                        key_prefix=f"rl-{uuid.uuid4().hex[:8]}")  # fmt: skip
+    stack = make_stack(rate_limits=limits)
+    # Limits count per fixed minute: start well inside one, so the counts cannot reset midway.
+    remaining = 60 - time.time() % 60
+    if remaining < 15:
+        time.sleep(remaining + 0.2)
+    alice, project, viewer = _tenant_with_viewer(stack, "alice")
+    connection = RawConnection(stack.ws_url, viewer.token or "")  # the connection: one request
+    try:
+        answers = []
+        for n in range(8):
+            connection.subscribe(str(n), BOARD_CHANGED, {"id": project})
+            connection.send({"id": str(n), "type": "complete"})
+            answers.extend(m for m in connection.sync() if m.get("type") == "error")
+        # Five subscribes go through, the sixth request of the minute on is refused.
+        assert [m["id"] for m in answers] == ["5", "6", "7"]
+        assert {code for message in answers for code in _codes(message)} == {"RATE_LIMITED"}
+        # Another user's budget is their own.
+        assert alice.post("{ __typename }").status == 200
+    finally:
+        connection.close()
 
 
 @pytest.mark.parametrize(

@@ -311,3 +311,56 @@ def test_queries_are_not_run_over_the_websocket(stack: Stack) -> None:
         message = sub.next_message()
         errors = message["payload"] if message["type"] == "error" else message["payload"]["errors"]
         assert [e["extensions"]["code"] for e in errors] == ["VALIDATION"]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[]",
+        '"subscribe"',
+        "null",
+        '{"type": "subscribe", "id": ["1"], "payload": {"query": "subscription { x }"}}',
+        '{"type": "subscribe", "id": 1, "payload": {"query": "subscription { x }"}}',
+        '{"type": "subscribe", "id": "1", "payload": "subscription { x }"}',
+        '{"type": "subscribe", "id": "1", "payload": null}',
+        '{"type": "subscribe", "id": "1", "payload": {"query": 5}}',
+        '{"type": "subscribe", "id": "1", "payload": {"query": "subscription { x }",'
+        ' "variables": [1]}}',
+        '{"type": "subscribe", "id": "1", "payload": {"query": "subscription { x }",'
+        ' "operationName": 5}}',
+        '{"type": "complete", "id": {"a": 1}}',
+        "[" * 5_000,
+        '{"type": "subscribe", "id": "1", "payload": {"query": "subscription { x }",'
+        ' "variables": {"x": ' + "[" * 5_000 + "}}}",
+    ],
+)
+def test_a_message_the_protocol_does_not_allow_closes_the_connection_with_4400(
+    stack: Stack, message: str
+) -> None:
+    alice, _ = stack.owner_with_workspace()
+    with connect(f"{stack.ws_url}/graphql", subprotocols=[PROTOCOL]) as socket:
+        init = {"type": "connection_init", "payload": {"Authorization": f"Bearer {alice.token}"}}
+        socket.send(json.dumps(init))
+        assert json.loads(socket.recv(timeout=10))["type"] == "connection_ack"
+        socket.send(message)
+        with pytest.raises(ConnectionClosed) as closed:
+            # Not an error message, an INTERNAL one among them, nor a drop without a code.
+            socket.recv(timeout=10)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 4400
+
+
+def test_a_websocket_message_is_held_to_the_request_body_limit(make_stack: MakeStack) -> None:
+    stack = make_stack(max_body_bytes=2_000)
+    alice, ws = stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    with connect(f"{stack.ws_url}/graphql", subprotocols=[PROTOCOL]) as socket:
+        init = {"type": "connection_init", "payload": {"Authorization": f"Bearer {alice.token}"}}
+        socket.send(json.dumps(init))
+        assert json.loads(socket.recv(timeout=10))["type"] == "connection_ack"
+        payload = {"query": BOARD_CHANGED, "variables": {"id": pid, "pad": "x" * 5_000}}
+        socket.send(json.dumps({"id": "1", "type": "subscribe", "payload": payload}))
+        with pytest.raises(ConnectionClosed) as closed:
+            socket.recv(timeout=10)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1009  # message too big, as a POST of it is 413
