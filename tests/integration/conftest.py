@@ -2,6 +2,8 @@
 
 * ``write_side``: the application as production builds it (``build_write_side``), on this test's
   own migrated database, closed afterwards so the database can be dropped.
+* ``app``: the same with a pool of two connections, for tests that run projectors or a relay
+  beside it (within the suite's connection budget).
 * ``board``: a workspace owned by ``alice`` with one project whose lanes are
   Todo (no limit) / Doing (WIP 3) / Done (WIP 5).
 
@@ -34,6 +36,12 @@ if TYPE_CHECKING:
 def write_side(database_url: str) -> Iterator[AgentWorks]:
     with contextlib.closing(build_write_side(database_url)) as app:
         yield app
+
+
+@pytest.fixture
+def app(database_url: str) -> Iterator[AgentWorks]:
+    with contextlib.closing(build_write_side(database_url, pool_size=2)) as write_side:
+        yield write_side
 
 
 @pytest.fixture

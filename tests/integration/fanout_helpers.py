@@ -1050,6 +1050,23 @@ def connect(database_url: str, *, patience: float = 60.0) -> psycopg.Connection[
             time.sleep(0.2)
 
 
+def rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
+    """``query``'s rows, read past row-level security (:func:`connect`)."""
+    with connect(url) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def parked(url: str, *columns: str) -> list[tuple[Any, ...]]:
+    """The parked aggregates of the live projectors (not a rebuild's), by projector: projector,
+    aggregate, version, event type, then ``columns``."""
+    chosen = "".join(f", {column}" for column in columns)
+    return rows(
+        url,
+        f"SELECT projector, originator_id, originator_version, event_type{chosen}"
+        " FROM projection_parked WHERE projector NOT LIKE '%%#%%' ORDER BY projector",
+    )
+
+
 def scalar(database_url: str, query: str, params: Sequence[Any] = ()) -> Any:
     with connect(database_url) as conn:
         row = conn.execute(query, params).fetchone()

@@ -11,7 +11,6 @@ events at a newer class version, rows stored at the old one are upcast either wa
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
@@ -31,11 +30,8 @@ from commands.billing import fold_month
 from domain.errors import InvalidTransition
 from domain.meta import EventMeta
 from domain.usage import MonthlySpend, UsageCharge, month_of
-from infra.bootstrap import build_write_side
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from commands.handlers import AgentWorks
     from domain.billing import MonthFold
 
@@ -47,12 +43,6 @@ TEXTS = ("sim-1", "gpt {mini}", "x}{y")
 _EXAMPLES = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-
-
-@pytest.fixture
-def app(database_url: str) -> Iterator[AgentWorks]:
-    with contextlib.closing(build_write_side(database_url, pool_size=2)) as app:
-        yield app
 
 
 def _log(app: AgentWorks) -> BillingLog:

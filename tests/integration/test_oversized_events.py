@@ -11,7 +11,6 @@ and the worker reads it whole from the store before applying it.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -23,13 +22,11 @@ from fanout_helpers import KafkaFanout, Workload, connect, projector_side, wait_
 from adapters.kafka import create_topics, make_producer
 from commands import models as m
 from domain.envelope import TOPICS
-from infra.bootstrap import build_write_side
 from projections.registry import all_projectors
 from projections.runner import ProjectionRunner
 from streams.relay import Relay, RelayPositions
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
     from commands.handlers import AgentWorks
@@ -38,12 +35,6 @@ pytest_plugins = ["kafka_fixtures"]
 
 LINES = 10_000
 TEXT = "x" * 40
-
-
-@pytest.fixture
-def app(database_url: str) -> Iterator[AgentWorks]:
-    with contextlib.closing(build_write_side(database_url, pool_size=2)) as write_side:
-        yield write_side
 
 
 def big_chunk(app: AgentWorks, workload: Workload) -> tuple[Any, UUID]:

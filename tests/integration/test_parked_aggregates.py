@@ -11,7 +11,6 @@ workspace and of other workspaces, and every other projector, keeps projecting.
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import uuid
@@ -24,9 +23,10 @@ from board_helpers import Board, bootstrap_board
 from fanout_helpers import (
     EmbeddedPath,
     KafkaFanout,
-    connect,
+    parked,
     projector_side,
     rebuild_differences,
+    rows,
     wait_until,
 )
 from parking_helpers import (
@@ -38,7 +38,6 @@ from parking_helpers import (
 )
 
 from commands import models as m
-from infra.bootstrap import build_write_side
 from projections.kanban import KanbanProjector
 from projections.rebuild import rebuild_many
 from projections.registry import all_projectors
@@ -46,27 +45,12 @@ from projections.runner import ProjectionRunner
 from projections.sweep import ProjectionSweep
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from commands.handlers import AgentWorks
 
 pytest_plugins = ["kafka_fixtures"]
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
-
-
-def rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
-    with connect(url) as conn:
-        return conn.execute(query, params).fetchall()
-
-
-def parked(url: str) -> list[tuple[Any, ...]]:
-    return rows(
-        url,
-        "SELECT projector, originator_id, originator_version, event_type, error, attempts"
-        " FROM projection_parked WHERE projector NOT LIKE '%%#%%' ORDER BY projector",
-    )
 
 
 def card(url: str, card_id: UUID) -> tuple[Any, ...]:
@@ -106,7 +90,7 @@ class Scene:
         return (
             card(url, self.a2)[0] == "Doing"
             and card(url, self.b1)[2] == ["fine"]
-            and len(parked(url)) == 1
+            and len(parked(url, "error", "attempts")) == 1
             and bool(
                 rows(
                     url,
@@ -117,7 +101,9 @@ class Scene:
         )
 
     def assert_parked_alone(self, url: str, *, activity: bool = True) -> None:
-        ((projector, originator, version, event_type, error, attempts),) = parked(url)
+        ((projector, originator, version, event_type, error, attempts),) = parked(
+            url, "error", "attempts"
+        )
         assert (projector, originator, version, event_type, attempts) == (
             "kanban", self.a1, self.bad_version, "Card.Moved", 1,
         )  # fmt: skip
@@ -148,7 +134,7 @@ class Scene:
         assert kinds[-2:] == ["card.moved", "card.labelled"]
 
     def assert_retried(self, url: str) -> None:
-        assert parked(url) == []
+        assert parked(url, "error", "attempts") == []
         assert card(url, self.a1) == ("Doing", FIXED_POSITION, ["after"], self.bad_version + 1)
 
 
@@ -179,12 +165,6 @@ def agentworks(url: str, *args: str, fixed: bool = False) -> subprocess.Complete
 # -- the embedded path -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def app(database_url: str) -> Iterator[AgentWorks]:
-    with contextlib.closing(build_write_side(database_url, pool_size=2)) as write_side:
-        yield write_side
-
-
 def test_embedded_fanout_parks_only_the_aggregate_it_cannot_apply(
     database_url: str, app: AgentWorks, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -201,7 +181,7 @@ def test_embedded_fanout_parks_only_the_aggregate_it_cannot_apply(
         app.label_card(m.LabelCard(card_id=scene.a1, label="while parked"), scene.a.owner)
         path.fanout.drain()
         assert card(database_url, scene.a1)[2:] == ([], scene.bad_version - 1)
-        assert len(parked(database_url)) == 1
+        assert len(parked(database_url, "error", "attempts")) == 1
 
         # After the fix, a retry applies the held events in order, and the card is live again.
         monkeypatch.setattr(KanbanProjector, "apply_batch", KanbanProjector.apply_batch)
@@ -209,7 +189,7 @@ def test_embedded_fanout_parks_only_the_aggregate_it_cannot_apply(
         runner = ProjectionRunner(KanbanProjector(), path.pool, path.log)
         (retried,) = runner.retry_parked()
         assert (retried.originator_id, retried.applied, retried.parked) == (scene.a1, 3, None)
-        assert parked(database_url) == []
+        assert parked(database_url, "error", "attempts") == []
         assert card(database_url, scene.a1) == (
             "Doing", FIXED_POSITION, ["after", "while parked"], scene.bad_version + 2,
         )  # fmt: skip
@@ -235,7 +215,7 @@ def test_a_retry_that_fails_again_keeps_the_aggregate_parked_with_the_new_error(
         assert retried.applied == 0
         assert retried.parked is not None
         assert retried.parked.originator_version == scene.bad_version
-        ((*_, attempts),) = parked(database_url)
+        ((*_, attempts),) = parked(database_url, "error", "attempts")
         assert attempts == 2
         assert card(database_url, scene.a1)[3] == scene.bad_version - 1
 
@@ -250,7 +230,7 @@ def test_the_sweep_holds_a_parked_aggregate_back_too(database_url: str, app: Age
         assert outcome.swept_through == log.head()
     assert card(database_url, scene.a2)[0] == "Doing"
     assert card(database_url, scene.b1)[2] == ["fine"]
-    assert [(p[0], p[1], p[2]) for p in parked(database_url)] == [
+    assert [(p[0], p[1], p[2]) for p in parked(database_url, "error", "attempts")] == [
         ("kanban", scene.a1, scene.bad_version)
     ]
     assert card(database_url, scene.a1)[2:] == ([], scene.bad_version - 1)
@@ -271,7 +251,9 @@ def test_gap_healing_stops_before_the_parked_event(database_url: str, app: Agent
         assert outcome.held == 1  # the delivered label, behind the planted move
     (row,) = rows(database_url, "SELECT title FROM rm_cards WHERE card_id = %s", scene.a1)
     assert row == ("edited before",)
-    assert [(p[1], p[2]) for p in parked(database_url)] == [(scene.a1, scene.bad_version)]
+    assert [(p[1], p[2]) for p in parked(database_url, "error", "attempts")] == [
+        (scene.a1, scene.bad_version)
+    ]
 
 
 # -- the Kafka path --------------------------------------------------------------------------------
@@ -391,7 +373,7 @@ def test_an_event_with_nul_in_its_text_projects_with_a_replacement_character(
         ][-1:]
     finally:
         path.stop()
-    assert parked(database_url) == []
+    assert parked(database_url, "error", "attempts") == []
     assert rows(
         database_url, "SELECT blocked_reason, version FROM rm_cards WHERE card_id = %s", scene.b1
     ) == [("a\ufffdb", version)]
@@ -407,7 +389,7 @@ def test_an_event_with_nul_in_its_text_projects_with_a_replacement_character(
     assert rows(
         database_url, "SELECT blocked_reason FROM rm_cards WHERE card_id = %s", scene.b1
     ) == [("a\ufffdb",)]
-    assert parked(database_url) == []
+    assert parked(database_url, "error", "attempts") == []
 
 
 # -- the CLI, status, metrics and readiness ----------------------------------------------------
@@ -444,7 +426,7 @@ def test_parked_list_and_retry_on_the_command_line(database_url: str, parked_sce
     again = agentworks(database_url, "parked", "retry", "--aggregate", str(parked_scene.a1))
     assert again.returncode == 1, again.stderr
     assert str(parked_scene.a1) in again.stdout
-    assert [p[-1] for p in parked(database_url)] == [2]
+    assert [p[-1] for p in parked(database_url, "error", "attempts")] == [2]
 
     unknown = agentworks(database_url, "parked", "retry", "--projector", "nope")
     assert unknown.returncode == 2
@@ -538,7 +520,7 @@ def test_a_batch_that_fails_only_as_a_whole_is_applied_event_by_event(
             log.read(after=0, limit=10_000)
         )
     assert outcome.parked == []
-    assert parked(database_url) == []
+    assert parked(database_url, "error", "attempts") == []
     assert card(database_url, scene.b1)[3] == 1
 
 
@@ -551,4 +533,4 @@ def test_a_missing_table_is_raised_and_parks_nothing(database_url: str, app: Age
         with pytest.raises(psycopg.errors.UndefinedTable):
             runner.process(log.read(after=0, limit=10_000))
         assert runner.position() == 0
-    assert parked(database_url) == []
+    assert parked(database_url, "error", "attempts") == []

@@ -12,7 +12,6 @@ goes on; after the fix ``retry_parked`` applies it.
 
 from __future__ import annotations
 
-import contextlib
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -20,12 +19,11 @@ from uuid import UUID
 import eventsourcing.utils
 import pytest
 from board_helpers import Board, bootstrap_board
-from fanout_helpers import EmbeddedPath, connect, projector_side
+from fanout_helpers import EmbeddedPath, parked, projector_side, rows
 
 from commands import models as m
 from domain.card import Card
 from domain.envelope import EventEnvelope
-from infra.bootstrap import build_write_side
 from projections.kanban import KanbanProjector
 from projections.rebuild import rebuild_many
 from projections.runner import ProjectionRunner
@@ -33,28 +31,7 @@ from projections.sweep import ProjectionSweep
 from streams.relay import Relay, RelayPositions
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from commands.handlers import AgentWorks
-
-
-@pytest.fixture
-def app(database_url: str) -> Iterator[AgentWorks]:
-    with contextlib.closing(build_write_side(database_url, pool_size=2)) as write_side:
-        yield write_side
-
-
-def rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
-    with connect(url) as conn:
-        return conn.execute(query, params).fetchall()
-
-
-def parked(url: str) -> list[tuple[Any, ...]]:
-    return rows(
-        url,
-        "SELECT projector, originator_id, originator_version, event_type, workspace_id"
-        " FROM projection_parked WHERE projector NOT LIKE '%%#%%' ORDER BY projector",
-    )
 
 
 def labels(url: str, card_id: UUID) -> list[str]:
@@ -113,7 +90,7 @@ class Scene:
         assert labels(url, self.a2) == ["fine"]
         assert labels(url, self.b1) == ["fine"]
         assert labels(url, self.a1) == []  # held behind the undecodable event
-        kanban = [p for p in parked(url) if p[0] == "kanban"]
+        kanban = [p for p in parked(url, "workspace_id") if p[0] == "kanban"]
         assert [(p[1], p[2]) for p in kanban] == [(self.a1, self.bad_version)]
         # The workspace is read from the stored metadata when that is still JSON.
         assert kanban[0][4] == (self.a.workspace_id if workspace_known else None)
@@ -166,7 +143,7 @@ def test_a_retry_after_the_fix_applies_the_parked_events(
         (retried,) = runner.retry_parked()
         assert (retried.applied, retried.parked) == (2, None)
     assert labels(database_url, scene.a1) == ["after", "planted"]
-    assert [p for p in parked(database_url) if p[0] == "kanban"] == []
+    assert [p for p in parked(database_url, "workspace_id") if p[0] == "kanban"] == []
 
 
 class RecordingProducer:

@@ -11,33 +11,17 @@ aggregate is parked at the first missing version, visible to an operator, and th
 
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import pytest
 from board_helpers import bootstrap_board
-from fanout_helpers import connect, projector_side
+from fanout_helpers import projector_side, rows
 
 from commands import models as m
-from infra.bootstrap import build_write_side
 from projections.kanban import KanbanProjector
 from projections.runner import ProjectionRunner
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from commands.handlers import AgentWorks
-
-
-@pytest.fixture
-def app(database_url: str) -> Iterator[AgentWorks]:
-    with contextlib.closing(build_write_side(database_url, pool_size=2)) as write_side:
-        yield write_side
-
-
-def rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
-    with connect(url) as conn:
-        return conn.execute(query, params).fetchall()
 
 
 def test_a_gap_the_store_cannot_fill_parks_that_aggregate_alone(

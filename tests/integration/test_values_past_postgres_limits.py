@@ -14,10 +14,10 @@ The long key is planted below the API (thousands of moves would make it the same
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from board_helpers import bootstrap_board
-from fanout_helpers import EmbeddedPath, connect
+from fanout_helpers import EmbeddedPath, rows
 from parking_helpers import _plant_next
 
 from commands import models as m
@@ -28,11 +28,6 @@ if TYPE_CHECKING:
 
 #: As a key grows, its fraction's digits: no run that compression would fold.
 LONG_KEY = "V1" + "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(100)) + "1"
-
-
-def rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
-    with connect(url) as conn:
-        return conn.execute(query, params).fetchall()
 
 
 def test_a_position_too_long_for_the_board_index_parks_its_card_alone(
