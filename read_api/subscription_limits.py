@@ -54,40 +54,50 @@ class SubscriptionSlots:
                 "most allowed; complete one before subscribing again",
                 retry_after_seconds=RETRY_AFTER_SECONDS,
             )
-        if self._by_user[user_id] >= self.per_user:
-            raise RateLimited(
-                f"user {user_id} already has {self.per_user} active subscriptions, the most "
-                "allowed; complete one before subscribing again",
-                retry_after_seconds=RETRY_AFTER_SECONDS,
-            )
-        self._by_user[user_id] += 1
+        _count_in(
+            self._by_user,
+            user_id,
+            self.per_user,
+            "active subscriptions",
+            "complete one before subscribing again",
+        )
 
     def give_back(self, user_id: str) -> None:
-        left = self._by_user[user_id] - 1
-        if left > 0:
-            self._by_user[user_id] = left
-        else:
-            del self._by_user[user_id]
+        _count_out(self._by_user, user_id)
 
     def active(self, user_id: str) -> int:
         return self._by_user[user_id]
 
     def connect(self, user_id: str) -> None:
         """Count one more open connection of ``user_id``, or raise :class:`RateLimited`."""
-        if self._connections[user_id] >= self.per_user:
-            raise RateLimited(
-                f"user {user_id} already has {self.per_user} open WebSocket connections, the "
-                "most allowed; close one before opening another",
-                retry_after_seconds=RETRY_AFTER_SECONDS,
-            )
-        self._connections[user_id] += 1
+        _count_in(
+            self._connections,
+            user_id,
+            self.per_user,
+            "open WebSocket connections",
+            "close one before opening another",
+        )
 
     def disconnect(self, user_id: str) -> None:
-        left = self._connections[user_id] - 1
-        if left > 0:
-            self._connections[user_id] = left
-        else:
-            del self._connections[user_id]
+        _count_out(self._connections, user_id)
 
     def connections(self, user_id: str) -> int:
         return self._connections[user_id]
+
+
+def _count_in(counts: Counter[str], user_id: str, most: int, what: str, advice: str) -> None:
+    """One more of ``what`` for ``user_id`` in ``counts``, unless it holds ``most`` already."""
+    if counts[user_id] >= most:
+        raise RateLimited(
+            f"user {user_id} already has {most} {what}, the most allowed; {advice}",
+            retry_after_seconds=RETRY_AFTER_SECONDS,
+        )
+    counts[user_id] += 1
+
+
+def _count_out(counts: Counter[str], user_id: str) -> None:
+    left = counts[user_id] - 1
+    if left > 0:
+        counts[user_id] = left
+    else:
+        del counts[user_id]
