@@ -697,13 +697,13 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
                 {"message": error.message, "extensions": {"code": error.code}}
             ) from error
         try:
-            self.runtime.subscriptions.connect(principal.user_id)
+            self.runtime.subscriptions.connections.take(principal.user_id)
         except RateLimited as error:
             raise ConnectionRejectionError(
                 {"message": error.message, "extensions": {"code": error.code}}
             ) from error
         context.disconnect = functools.partial(
-            self.runtime.subscriptions.disconnect, principal.user_id
+            self.runtime.subscriptions.connections.give_back, principal.user_id
         )
         context.authenticate(principal)
         return {"requestId": context.request_id}

@@ -30,13 +30,46 @@ RETRY_AFTER_SECONDS = 1.0
 
 
 @dataclass
+class PerUser:
+    """How many of something each user holds in this process: at most ``most``."""
+
+    most: int
+    what: str
+    """What is counted, as a refusal names it ("open WebSocket connections")."""
+    advice: str
+    """What a refused caller can do about it."""
+    _held: Counter[str] = field(default_factory=Counter)
+
+    def take(self, user_id: str) -> None:
+        """Count one more for ``user_id``, or raise :class:`RateLimited`."""
+        if self._held[user_id] >= self.most:
+            raise RateLimited(
+                f"user {user_id} already has {self.most} {self.what}, the most allowed; "
+                f"{self.advice}",
+                retry_after_seconds=RETRY_AFTER_SECONDS,
+            )
+        self._held[user_id] += 1
+
+    def give_back(self, user_id: str) -> None:
+        left = self._held[user_id] - 1
+        if left > 0:
+            self._held[user_id] = left
+        else:
+            del self._held[user_id]
+
+    def held(self, user_id: str) -> int:
+        return self._held[user_id]
+
+
+@dataclass
 class SubscriptionSlots:
-    """Active subscriptions per user in this process; used from the API's event loop only."""
+    """Active subscriptions and open connections per user in this process; used from the API's
+    event loop only."""
 
     per_connection: int
     per_user: int
-    _by_user: Counter[str] = field(default_factory=Counter)
-    _connections: Counter[str] = field(default_factory=Counter)
+    subscriptions: PerUser = field(init=False)
+    connections: PerUser = field(init=False)
 
     def __post_init__(self) -> None:
         if self.per_connection < 1 or self.per_user < 1:
@@ -44,6 +77,12 @@ class SubscriptionSlots:
                 "subscription limits must be at least 1, got "
                 f"per connection {self.per_connection}, per user {self.per_user}"
             )
+        self.subscriptions = PerUser(
+            self.per_user, "active subscriptions", "complete one before subscribing again"
+        )
+        self.connections = PerUser(
+            self.per_user, "open WebSocket connections", "close one before opening another"
+        )
 
     def take(self, user_id: str, *, held_by_connection: int) -> None:
         """Count one more subscription for ``user_id``, whose connection holds
@@ -54,50 +93,10 @@ class SubscriptionSlots:
                 "most allowed; complete one before subscribing again",
                 retry_after_seconds=RETRY_AFTER_SECONDS,
             )
-        _count_in(
-            self._by_user,
-            user_id,
-            self.per_user,
-            "active subscriptions",
-            "complete one before subscribing again",
-        )
+        self.subscriptions.take(user_id)
 
     def give_back(self, user_id: str) -> None:
-        _count_out(self._by_user, user_id)
+        self.subscriptions.give_back(user_id)
 
     def active(self, user_id: str) -> int:
-        return self._by_user[user_id]
-
-    def connect(self, user_id: str) -> None:
-        """Count one more open connection of ``user_id``, or raise :class:`RateLimited`."""
-        _count_in(
-            self._connections,
-            user_id,
-            self.per_user,
-            "open WebSocket connections",
-            "close one before opening another",
-        )
-
-    def disconnect(self, user_id: str) -> None:
-        _count_out(self._connections, user_id)
-
-    def connections(self, user_id: str) -> int:
-        return self._connections[user_id]
-
-
-def _count_in(counts: Counter[str], user_id: str, most: int, what: str, advice: str) -> None:
-    """One more of ``what`` for ``user_id`` in ``counts``, unless it holds ``most`` already."""
-    if counts[user_id] >= most:
-        raise RateLimited(
-            f"user {user_id} already has {most} {what}, the most allowed; {advice}",
-            retry_after_seconds=RETRY_AFTER_SECONDS,
-        )
-    counts[user_id] += 1
-
-
-def _count_out(counts: Counter[str], user_id: str) -> None:
-    left = counts[user_id] - 1
-    if left > 0:
-        counts[user_id] = left
-    else:
-        del counts[user_id]
+        return self.subscriptions.held(user_id)
