@@ -15,11 +15,16 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from board_helpers import bootstrap_board
+
+from commands import models as m
 from domain.card import Card
 from projections.kanban import KanbanProjector
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from board_helpers import Board
 
     from commands.handlers import AgentWorks
     from domain.envelope import EventEnvelope
@@ -33,6 +38,26 @@ FIXED_CLI = (
     "import sys, parking_helpers; parking_helpers.install_fix();"
     " from infra.cli import run; sys.exit(run(sys.argv[1:]))"
 )
+
+
+def new_card(app: AgentWorks, board: Board, title: str) -> UUID:
+    return app.create_card(m.CreateCard(project_id=board.project_id, title=title), board.owner).id
+
+
+class TwoTenants:
+    """Two workspaces (alice's, bob's) and three cards: ``a1`` gets what a test plants (titled
+    ``planted_title``), ``a2`` shares its workspace, ``b1`` is another tenant's."""
+
+    planted_title = "planted"
+
+    def __init__(self, app: AgentWorks) -> None:
+        self.app = app
+        self.a = bootstrap_board(app, owner="alice")
+        self.b = bootstrap_board(app, owner="bob")
+        self.a1 = new_card(app, self.a, self.planted_title)
+        self.a2 = new_card(app, self.a, "same workspace")
+        self.b1 = new_card(app, self.b, "other workspace")
+        self.bad_version = 0
 
 
 def _last_meta(app: AgentWorks, card_id: UUID) -> tuple[int, dict[str, str]]:

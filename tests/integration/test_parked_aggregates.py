@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import pytest
-from board_helpers import Board, bootstrap_board
 from fanout_helpers import (
     EmbeddedPath,
     KafkaFanout,
@@ -32,7 +31,9 @@ from fanout_helpers import (
 from parking_helpers import (
     FIXED_CLI,
     FIXED_POSITION,
+    TwoTenants,
     install_fix,
+    new_card,
     plant_block,
     plant_unprojectable_move,
 )
@@ -62,21 +63,10 @@ def card(url: str, card_id: UUID) -> tuple[Any, ...]:
     return row
 
 
-def new_card(app: AgentWorks, board: Board, title: str) -> UUID:
-    return app.create_card(m.CreateCard(project_id=board.project_id, title=title), board.owner).id
-
-
-class Scene:
+class Scene(TwoTenants):
     """Two workspaces, three cards; card ``a1`` gets the planted event."""
 
-    def __init__(self, app: AgentWorks) -> None:
-        self.app = app
-        self.a = bootstrap_board(app, owner="alice")
-        self.b = bootstrap_board(app, owner="bob")
-        self.a1 = new_card(app, self.a, "poisoned")
-        self.a2 = new_card(app, self.a, "same workspace")
-        self.b1 = new_card(app, self.b, "other workspace")
-        self.bad_version = 0
+    planted_title = "poisoned"
 
     def poison_and_go_on(self) -> None:
         """The planted event, then later events of the same card and of the others."""

@@ -18,8 +18,8 @@ from uuid import UUID
 
 import eventsourcing.utils
 import pytest
-from board_helpers import Board, bootstrap_board
 from fanout_helpers import EmbeddedPath, parked, projector_side, rows
+from parking_helpers import TwoTenants
 
 from commands import models as m
 from domain.card import Card
@@ -39,22 +39,11 @@ def labels(url: str, card_id: UUID) -> list[str]:
     return list(found)
 
 
-def new_card(app: AgentWorks, board: Board, title: str) -> UUID:
-    return app.create_card(m.CreateCard(project_id=board.project_id, title=title), board.owner).id
-
-
-class Scene:
+class Scene(TwoTenants):
     """Two workspaces; card ``a1`` gets an event stored under a topic that no longer resolves
     (or, ``broken_json``, with a state that is not JSON), then every card goes on."""
 
-    def __init__(self, app: AgentWorks) -> None:
-        self.app = app
-        self.a = bootstrap_board(app, owner="alice")
-        self.b = bootstrap_board(app, owner="bob")
-        self.a1 = new_card(app, self.a, "undecodable")
-        self.a2 = new_card(app, self.a, "same workspace")
-        self.b1 = new_card(app, self.b, "other workspace")
-        self.bad_version = 0
+    planted_title = "undecodable"
 
     def plant_and_go_on(self, *, broken_json: bool = False) -> None:
         app = self.app
