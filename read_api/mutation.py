@@ -128,7 +128,7 @@ class AgentRunPayload:
     @strawberry.field
     async def run(self, info: Info) -> AgentRun | None:
         found = await _written(info, self.result, _RUNS, lambda x: x.run)
-        return None if found is None else AgentRun.from_summary(found[1])
+        return None if found is None else AgentRun.from_summary(found[1], found[0])
 
 
 P = TypeVar("P", WorkspacePayload, ProjectPayload, CardPayload, AgentRunPayload)

@@ -194,7 +194,7 @@ class Query:
             info.context,
             parse_id(id, "id"),
             lambda x: x.run,
-            lambda run, _: AgentRun.from_summary(run),
+            AgentRun.from_summary,
         )
 
     @described.field("A run's log lines after afterSeq, in order.")
