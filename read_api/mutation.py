@@ -71,7 +71,14 @@ class WorkspacePayload:
                 return None
         except NotFound:
             return None
-        forget(scope.loaders.workspace, self.result.id)
+        # An earlier mutation of the same document may have read this workspace through these
+        # loaders: what it cached (its members, its projects) is out of date now.
+        for loader in (
+            scope.loaders.workspace,
+            scope.loaders.members,
+            scope.loaders.projects_of_workspace,
+        ):
+            forget(loader, self.result.id)
         row = await scope.loaders.workspace.load(self.result.id)
         return None if row is None else Workspace.from_row(row, scope)
 

@@ -1,0 +1,41 @@
+"""What a mutation's payload reads back is what the mutation left, also when an earlier mutation
+of the same document (they run one after the other, in one request) read the same workspace."""
+
+from __future__ import annotations
+
+from e2e_stack import Stack, user_id
+
+MEMBERS = "workspace { members { userId role } projects { name } }"
+DOCUMENT = f"""
+mutation($w: ID!, $u: ID!) {{
+  added: addMember(input: {{workspaceId: $w, userId: $u, role: MEMBER}}) {{ {MEMBERS} }}
+  project: createProject(input: {{workspaceId: $w, name: "Second", lanes: [{{name: "Todo"}}]}})
+    {{ project {{ name }} }}
+  promoted: changeRole(input: {{workspaceId: $w, userId: $u, role: ADMIN}}) {{ {MEMBERS} }}
+  removed: removeMember(input: {{workspaceId: $w, userId: $u}}) {{ {MEMBERS} }}
+}}
+"""
+
+
+def test_each_payload_of_a_document_shows_its_own_mutations_members_and_projects(
+    stack: Stack,
+) -> None:
+    alice, ws = stack.owner_with_workspace("read-back-owner")
+    alice.create_project(ws, "First", [{"name": "Todo"}])
+    owner = {"userId": user_id("read-back-owner"), "role": "OWNER"}
+    bob = user_id("read-back-bob")
+    answer = alice.data(DOCUMENT, {"w": ws, "u": bob})
+
+    def members(field: str) -> list[dict[str, str]]:
+        return sorted(answer[field]["workspace"]["members"], key=lambda m: m["userId"])
+
+    def projects(field: str) -> list[str]:
+        return sorted(p["name"] for p in answer[field]["workspace"]["projects"])
+
+    assert members("added") == sorted([owner, {"userId": bob, "role": "MEMBER"}],
+                                      key=lambda m: m["userId"])  # fmt: skip
+    assert projects("added") == ["First"]
+    assert members("promoted") == sorted([owner, {"userId": bob, "role": "ADMIN"}],
+                                         key=lambda m: m["userId"])  # fmt: skip
+    assert projects("promoted") == ["First", "Second"]
+    assert members("removed") == [owner]
