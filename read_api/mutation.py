@@ -124,7 +124,12 @@ class CardPayload:
     @strawberry.field
     async def card(self, info: Info) -> Card | None:
         found = await _written(info, self.result, _KANBAN, lambda x: x.card)
-        return None if found is None else Card.from_row(found[1], found[0])
+        if found is None:
+            return None
+        # Pages of runs are cached by page, not by card: a run an earlier mutation of the same
+        # document started would be missing from what an earlier one read.
+        found[0].loaders.card_runs.clear_all()
+        return Card.from_row(found[1], found[0])
 
 
 @strawberry.type

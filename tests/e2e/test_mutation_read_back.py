@@ -39,3 +39,26 @@ def test_each_payload_of_a_document_shows_its_own_mutations_members_and_projects
                                          key=lambda m: m["userId"])  # fmt: skip
     assert projects("promoted") == ["First", "Second"]
     assert members("removed") == [owner]
+
+
+CARD_RUNS = "card { runs { edges { node { id status } } } lastRun { id status } }"
+RUN_DOCUMENT = f"""
+mutation($c: ID!) {{
+  before: updateCard(input: {{cardId: $c, title: "one"}}) {{ {CARD_RUNS} }}
+  started: startAgentRun(input: {{cardId: $c, agent: "coder"}}) {{ run {{ id }} }}
+  after: updateCard(input: {{cardId: $c, title: "two"}}) {{ {CARD_RUNS} }}
+}}
+"""
+
+
+def test_a_cards_payload_shows_the_runs_an_earlier_mutation_of_the_document_started(
+    stack: Stack,
+) -> None:
+    alice, ws = stack.owner_with_workspace("read-back-runs")
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(pid, "Card")["card"]["id"]
+    answer = alice.data(RUN_DOCUMENT, {"c": card})
+    run = {"id": answer["started"]["run"]["id"], "status": "QUEUED"}
+    assert answer["before"]["card"]["runs"]["edges"] == []
+    assert answer["after"]["card"]["lastRun"] == run
+    assert answer["after"]["card"]["runs"]["edges"] == [{"node": run}]
