@@ -113,7 +113,12 @@ class ProjectPayload:
     @strawberry.field
     async def project(self, info: Info) -> Project | None:
         found = await _written(info, self.result, _KANBAN, lambda x: x.project, lambda x: x.lanes)
-        return None if found is None else Project.from_row(found[1], found[0])
+        if found is None:
+            return None
+        # Pages of a lane's cards are cached by page, not by project: a card an earlier mutation
+        # of the same document created or moved would be missing from what an earlier one read.
+        found[0].loaders.lane_cards.clear_all()
+        return Project.from_row(found[1], found[0])
 
 
 @strawberry.type

@@ -62,3 +62,25 @@ def test_a_cards_payload_shows_the_runs_an_earlier_mutation_of_the_document_star
     assert answer["before"]["card"]["runs"]["edges"] == []
     assert answer["after"]["card"]["lastRun"] == run
     assert answer["after"]["card"]["runs"]["edges"] == [{"node": run}]
+
+
+LANES = "project { board { lanes { name count cards { edges { node { title } } } } } }"
+LANE_DOCUMENT = f"""
+mutation($p: ID!) {{
+  before: setWipLimit(input: {{projectId: $p, lane: "Todo", wipLimit: 5}}) {{ {LANES} }}
+  created: createCard(input: {{projectId: $p, title: "new"}}) {{ card {{ id }} }}
+  after: setWipLimit(input: {{projectId: $p, lane: "Todo", wipLimit: 6}}) {{ {LANES} }}
+}}
+"""
+
+
+def test_a_projects_payload_shows_the_cards_an_earlier_mutation_of_the_document_created(
+    stack: Stack,
+) -> None:
+    alice, ws = stack.owner_with_workspace("read-back-lanes")
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    answer = alice.data(LANE_DOCUMENT, {"p": pid})
+    (before,) = answer["before"]["project"]["board"]["lanes"]
+    (after,) = answer["after"]["project"]["board"]["lanes"]
+    assert (before["count"], before["cards"]["edges"]) == (0, [])
+    assert (after["count"], after["cards"]["edges"]) == (1, [{"node": {"title": "new"}}])
