@@ -71,7 +71,14 @@ class WorkspacePayload:
                 return None
         except NotFound:
             return None
-        forget(scope.loaders.workspace, self.result.id)
+        # An earlier mutation of the same document may have read this workspace through these
+        # loaders: what it cached (its members, its projects) is out of date now.
+        for loader in (
+            scope.loaders.workspace,
+            scope.loaders.members,
+            scope.loaders.projects_of_workspace,
+        ):
+            forget(loader, self.result.id)
         row = await scope.loaders.workspace.load(self.result.id)
         return None if row is None else Workspace.from_row(row, scope)
 
@@ -106,7 +113,12 @@ class ProjectPayload:
     @strawberry.field
     async def project(self, info: Info) -> Project | None:
         found = await _written(info, self.result, _KANBAN, lambda x: x.project, lambda x: x.lanes)
-        return None if found is None else Project.from_row(found[1], found[0])
+        if found is None:
+            return None
+        # Pages of a lane's cards are cached by page, not by project: a card an earlier mutation
+        # of the same document created or moved would be missing from what an earlier one read.
+        found[0].loaders.lane_cards.clear_all()
+        return Project.from_row(found[1], found[0])
 
 
 @strawberry.type
@@ -117,7 +129,12 @@ class CardPayload:
     @strawberry.field
     async def card(self, info: Info) -> Card | None:
         found = await _written(info, self.result, _KANBAN, lambda x: x.card)
-        return None if found is None else Card.from_row(found[1], found[0])
+        if found is None:
+            return None
+        # Pages of runs are cached by page, not by card: a run an earlier mutation of the same
+        # document started would be missing from what an earlier one read.
+        found[0].loaders.card_runs.clear_all()
+        return Card.from_row(found[1], found[0])
 
 
 @strawberry.type
@@ -128,7 +145,7 @@ class AgentRunPayload:
     @strawberry.field
     async def run(self, info: Info) -> AgentRun | None:
         found = await _written(info, self.result, _RUNS, lambda x: x.run)
-        return None if found is None else AgentRun.from_summary(found[1])
+        return None if found is None else AgentRun.from_summary(found[1], found[0])
 
 
 P = TypeVar("P", WorkspacePayload, ProjectPayload, CardPayload, AgentRunPayload)

@@ -7,7 +7,7 @@ workspace reads as nothing: ``null`` for nullable roots, ``NOT_FOUND`` for non-n
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, TypeVar
 from uuid import UUID
 
@@ -169,8 +169,16 @@ class Query:
             return state, envelopes[:version], version
 
         state, envelopes, version = await scope.run(read)
-        cost = await scope.loaders.card_cost_until.load((wanted, state.modified_on))
-        card = _card_from_aggregate(state, scope, cost)
+        # The card's runs and cost by the instant asked about (now, without asOf or
+        # asOfVersion); at a version, by the moment that version was made.
+        if as_of is not None:
+            until = as_of
+        elif as_of_version is None:
+            until = datetime.now(UTC)
+        else:
+            until = state.modified_on
+        cost = await scope.loaders.card_cost_until.load((wanted, until))
+        card = _card_from_aggregate(state, scope, cost, until)
         return CardHistory(
             card_id=ID(str(wanted)),
             version=version,
@@ -194,7 +202,7 @@ class Query:
             info.context,
             parse_id(id, "id"),
             lambda x: x.run,
-            lambda run, _: AgentRun.from_summary(run),
+            AgentRun.from_summary,
         )
 
     @described.field("A run's log lines after afterSeq, in order.")
@@ -390,13 +398,15 @@ async def _board_then(
     if then.workspace_id != scope.workspace_id:
         return None
     every = [card.card for lane in then.lanes for card in lane.cards]
-    costs = await scope.loaders.card_cost_until.load_many([(c.id, c.modified_on) for c in every])
+    # Runs and costs by the board's instant: a card unchanged since long before it had the runs
+    # requested (and the charges made) in between.
+    costs = await scope.loaders.card_cost_until.load_many([(c.id, as_of) for c in every])
     cost_of = {card.id: cost for card, cost in zip(every, costs, strict=True)}
     lanes = []
     for lane in then.lanes:
         cards = []
         for shown in lane.cards:
-            card = _card_from_aggregate(shown.card, scope, cost_of[shown.card.id])
+            card = _card_from_aggregate(shown.card, scope, cost_of[shown.card.id], as_of)
             card.lane = shown.lane
             cards.append(card)
         lanes.append(
@@ -418,8 +428,11 @@ async def _board_then(
     )
 
 
-def _card_from_aggregate(card: CardAggregate, scope: ReadScope, cost_micros: int) -> Card:
-    """A card's historical state as the GraphQL type (the one place an aggregate is shown)."""
+def _card_from_aggregate(
+    card: CardAggregate, scope: ReadScope, cost_micros: int, until: datetime
+) -> Card:
+    """A card's historical state as the GraphQL type (the one place an aggregate is shown);
+    its runs are those requested by ``until``, the instant it is shown at."""
     return Card(
         id=ID(str(card.id)),
         project_id=ID(str(card.project_id)),
@@ -438,5 +451,5 @@ def _card_from_aggregate(card: CardAggregate, scope: ReadScope, cost_micros: int
         key=card.id,
         cost=Money(cost_micros),
         last_run_id=None,
-        as_of=card.modified_on,
+        as_of=until,
     )

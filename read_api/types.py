@@ -268,7 +268,9 @@ class Lane:
             found = dict(zip(wanted, await self.scope.loaders.run.load_many(wanted), strict=True))
             for card in cards:
                 run = found.get(card.last_run_id) if card.last_run_id else None
-                card.knowing_last_run(None if run is None else AgentRun.from_summary(run))
+                card.knowing_last_run(
+                    None if run is None else AgentRun.from_summary(run, self.scope)
+                )
         edges = [CardEdge(node=card) for card in cards]
         return CardConnection(
             edges=edges,
@@ -357,10 +359,16 @@ class AgentRun:
     error: str | None
     log_line_count: int
     version: int
+    scope: strawberry.Private[ReadScope | None] = None
+    """The scope the run was read in: its output and attempts are read there too (a user token
+    has no home scope; it reads the run's workspace, where it is a member)."""
+
+    def _scope(self, info: strawberry.Info) -> ReadScope | None:
+        return self.scope if self.scope is not None else info.context.home_scope()
 
     @described.field("The run's final text, once it succeeded.")
     async def output(self, info: strawberry.Info) -> str | None:
-        scope = info.context.home_scope()
+        scope = self._scope(info)
         if scope is None:
             return None
         row = await scope.loaders.run_output.load(UUID(str(self.id)))
@@ -368,15 +376,16 @@ class AgentRun:
 
     @described.field("Every provider call of the run, in order.")
     async def attempts(self, info: strawberry.Info) -> list[ProviderAttempt]:
-        scope = info.context.home_scope()
+        scope = self._scope(info)
         if scope is None:
             return []
         rows = await scope.loaders.run_attempts.load(UUID(str(self.id)))
         return [ProviderAttempt.from_row(row) for row in rows]
 
     @classmethod
-    def from_summary(cls, run: RunSummary) -> AgentRun:
-        """The API's view of the read model's row: ids as ``ID``, micro-USD as ``Money``."""
+    def from_summary(cls, run: RunSummary, scope: ReadScope | None = None) -> AgentRun:
+        """The API's view of the read model's row: ids as ``ID``, micro-USD as ``Money``;
+        ``scope``: where it was read."""
         return cls(
             id=ID(str(run.run_id)),
             card_id=ID(str(run.card_id)),
@@ -397,6 +406,7 @@ class AgentRun:
             error=run.error,
             log_line_count=int(run.log_line_count),
             version=int(run.version),
+            scope=scope,
         )
 
 
@@ -500,11 +510,11 @@ class Card:
             rows = await self.scope.loaders.card_runs.load(
                 RunPage(card_id=self.key, limit=1, until=self.as_of)
             )
-            return AgentRun.from_summary(rows[0]) if rows else None
+            return AgentRun.from_summary(rows[0], self.scope) if rows else None
         if self.last_run_id is None:
             return None
         run = await self.scope.loaders.run.load(self.last_run_id)
-        return None if run is None else AgentRun.from_summary(run)
+        return None if run is None else AgentRun.from_summary(run, self.scope)
 
     last_run: Awaitable[AgentRun | None] | AgentRun | None = strawberry.field(
         resolver=_last_run, graphql_type=AgentRun | None
@@ -525,7 +535,7 @@ class Card:
         )
         edges = [
             AgentRunEdge(cursor=cursors.run_cursor(run.requested_at, run.run_id),
-                         node=AgentRun.from_summary(run))
+                         node=AgentRun.from_summary(run, self.scope))
             for run in rows[:size]
         ]  # fmt: skip
         return AgentRunConnection(
