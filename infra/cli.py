@@ -870,7 +870,28 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _fail("aborted", EXIT_FAILED)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if not _database_unavailable(exc):
+            raise
+        message = str(exc)
+        if "database" not in message:
+            message = f"the database is unavailable: {message}"
+        return _fail(message, EXIT_FAILED)
     return result if isinstance(result, int) else 0
+
+
+def _database_unavailable(exc: Exception) -> bool:
+    """Whether ``exc`` says the database could not be reached or used (work failed: exit 1).
+
+    psycopg's own (pool timeouts included) and the ``eventsourcing`` library's wrapper of them;
+    their messages name host, port and database, never the password.
+    """
+    import psycopg
+
+    if isinstance(exc, psycopg.OperationalError):
+        return True
+    persistence = sys.modules.get("eventsourcing.persistence")
+    return persistence is not None and isinstance(exc, persistence.OperationalError)
 
 
 class _Documented(Protocol):

@@ -274,6 +274,33 @@ class TestMigrate:
         assert "cannot connect" in assert_one_line_error(result, code=1)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["parked", "list"],
+        ["rebuild", "all"],
+        ["replay", "card", WS],
+    ],
+    ids=lambda command: " ".join(command[:2]),
+)
+def test_every_command_reports_an_unreachable_database_in_one_line_with_exit_1(
+    tmp_path: Path, command: list[str]
+) -> None:
+    result = agentworks(
+        *command, cwd=tmp_path,
+        env={"AGENTWORKS_DATABASE_URL": "postgresql://postgres:hush-hush@127.0.0.1:1/none"},
+    )  # fmt: skip
+
+    # Logs may come before it (JSON lines); the error itself is one line, the last.
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("agentworks: error: "), result.stderr
+    assert "127.0.0.1" in line
+    assert "hush-hush" not in result.stderr
+
+
 def test_no_subcommand_names_the_commands_and_exits_2(tmp_path: Path) -> None:
     line = assert_one_line_error(agentworks(cwd=tmp_path))
 
