@@ -871,6 +871,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        if _schema_missing(exc):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return _fail(f"{first}; is the database migrated? run '{PROG} migrate'", EXIT_FAILED)
         if not _database_unavailable(exc):
             raise
         message = str(exc)
@@ -878,6 +881,15 @@ def run(argv: Sequence[str] | None = None) -> int:
             message = f"the database is unavailable: {message}"
         return _fail(message, EXIT_FAILED)
     return result if isinstance(result, int) else 0
+
+
+def _schema_missing(exc: BaseException) -> bool:
+    """Whether ``exc`` is a table, column or function of our schema missing (no migrations run,
+    or code newer than the database), directly or wrapped by the ``eventsourcing`` library."""
+    from psycopg import errors
+
+    missing = (errors.UndefinedTable, errors.UndefinedFunction, errors.UndefinedColumn)
+    return isinstance(exc, missing) or isinstance(exc.__cause__, missing)
 
 
 def _database_unavailable(exc: Exception) -> bool:

@@ -301,6 +301,20 @@ def test_every_command_reports_an_unreachable_database_in_one_line_with_exit_1(
     assert "hush-hush" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [["status"], ["parked", "list"], ["rebuild", "all"]])
+def test_a_database_never_migrated_is_named_in_one_line_with_exit_1(
+    tmp_path: Path, command: list[str], postgres: None
+) -> None:
+    with pg.temporary_database(pg.random_name("aw_t_")) as url:
+        result = agentworks(*command, cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": url})
+
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("agentworks: error: "), result.stderr
+    assert "agentworks migrate" in line
+
+
 def test_no_subcommand_names_the_commands_and_exits_2(tmp_path: Path) -> None:
     line = assert_one_line_error(agentworks(cwd=tmp_path))
 
