@@ -315,6 +315,20 @@ def test_a_database_never_migrated_is_named_in_one_line_with_exit_1(
     assert "agentworks migrate" in line
 
 
+@pytest.mark.parametrize("command", ["serve", "dev"])
+@pytest.mark.parametrize("port", ["70000", "65536", "0"])
+def test_a_port_outside_1_to_65535_is_refused_before_anything_starts(
+    tmp_path: Path, command: str, port: str
+) -> None:
+    # getaddrinfo took 70000 modulo 65536: the server listened on 4464 and announced 70000.
+    result = agentworks(
+        command, "--port", port, cwd=tmp_path,
+        env={"AGENTWORKS_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"},
+    )  # fmt: skip
+
+    assert "--port" in assert_one_line_error(result, code=2)
+
+
 def test_no_subcommand_names_the_commands_and_exits_2(tmp_path: Path) -> None:
     line = assert_one_line_error(agentworks(cwd=tmp_path))
 
