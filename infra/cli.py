@@ -536,21 +536,39 @@ def worker_command(
 def _run_one_process_per_projector(data_dir: Path | None) -> None:
     import subprocess
 
-    children = [
-        subprocess.Popen(  # noqa: S603 - our own interpreter and module
+    named = {
+        name: subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "infra.cli", "worker", "--projector", name]
             + ([] if data_dir is None else ["--data-dir", str(data_dir)])
         )
         for name in projector_names()
-    ]
+    }
+    children = list(named.values())
+    asked_to_stop = threading.Event()
 
     def stop() -> None:
         for child in children:
             if child.poll() is None:
                 child.terminate()
 
-    _stop_on_signals(stop)
+    def on_signal() -> None:
+        asked_to_stop.set()
+        stop()
+
+    _stop_on_signals(on_signal)
+    # One projector process ending on its own ends them all, and this one with exit 1: what
+    # runs the worker (docker's restart policy, systemd) then restarts it, where waiting on
+    # the survivors left that projector's read model behind with nothing to restart it.
+    while not asked_to_stop.is_set() and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    ended = [name for name, child in named.items() if child.poll() is not None]
+    stop()
     codes = [child.wait() for child in children]
+    if not asked_to_stop.is_set():
+        raise CliError(
+            f"projector worker {', '.join(ended)} ended (exit codes {codes}); stopped the others",
+            exit_code=EXIT_FAILED,
+        )
     if any(code not in (0, -signal.SIGTERM) for code in codes):
         raise CliError(f"a projector worker failed (exit codes {codes})", exit_code=EXIT_FAILED)
 
