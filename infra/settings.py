@@ -12,6 +12,7 @@ unsafe there, such as a short JWT secret or a missing database password.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import secrets
@@ -234,6 +235,27 @@ class Settings(BaseSettings):
         # Checked here, not by the first Redis client built: that failed with a traceback.
         if value is not None and not value.startswith(_REDIS_SCHEMES):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_addresses(cls, value: str) -> str:
+        # uvicorn takes an entry it cannot parse (10.0.0.1/8, a host name) as a literal that no
+        # client address ever equals: the proxy went untrusted without a word, and every
+        # client behind it shared the proxy's per-address rate limits.
+        for entry in (part.strip() for part in value.split(",")):
+            if not entry or entry == "*":
+                continue
+            try:
+                if "/" in entry:
+                    ipaddress.ip_network(entry)
+                else:
+                    ipaddress.ip_address(entry)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or network (such as 10.0.0.0/8, with "
+                    "the host bits zero)"
+                ) from None
         return value
 
     @field_validator("totp_encryption_key")

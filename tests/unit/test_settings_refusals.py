@@ -63,3 +63,20 @@ def test_an_rs256_public_key_that_is_no_key_is_refused(tmp_path: Path) -> None:
     keys = jwt_keys(Settings.load(jwt_public_key=public, jwt_private_key=private))
     assert keys.public_key == public
     assert keys.private_key == private
+
+
+@pytest.mark.parametrize(
+    "proxies", ["10.0.0.1/8", "proxy.internal", "10.0.0.0/33", "10.0.0.0/8,,x"]
+)
+def test_a_trusted_proxy_that_is_no_address_or_network_is_refused_naming_it(proxies: str) -> None:
+    with pytest.raises(ConfigurationError, match="AGENTWORKS_TRUSTED_PROXIES") as refused:
+        Settings.load(trusted_proxies=proxies)
+
+    assert "is not an IP address or network" in str(refused.value)
+
+
+def test_trusted_proxy_addresses_and_networks_pass() -> None:
+    proxies = "10.0.0.0/8, 192.168.1.5,::1, fd00::/8"
+
+    assert Settings.load(trusted_proxies=proxies).trusted_proxies == proxies
+    assert Settings.load(trusted_proxies="").trusted_proxies == ""
