@@ -329,6 +329,14 @@ def test_a_port_outside_1_to_65535_is_refused_before_anything_starts(
     assert "--port" in assert_one_line_error(result, code=2)
 
 
+def test_a_data_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("")
+
+    line = assert_one_line_error(agentworks("status", "--data-dir", "not-a-dir", cwd=tmp_path))
+
+    assert "not-a-dir" in line
+
+
 def test_no_subcommand_names_the_commands_and_exits_2(tmp_path: Path) -> None:
     line = assert_one_line_error(agentworks(cwd=tmp_path))
 
