@@ -290,6 +290,9 @@ def dev_command(
     from read_api.app import create_app
 
     settings = settings_for(data_dir)
+    if settings.database_url is None and settings.env == "prod":
+        # As every other command refuses it (cli_common): production has no embedded database.
+        raise CliError("AGENTWORKS_DATABASE_URL is not set; production has no embedded database")
     cap_malloc_arenas(settings.malloc_arena_max)
     # Before anything starts or is announced: a busy port is one line and exit 2.
     listener = _listen(host, port)

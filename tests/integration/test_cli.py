@@ -258,6 +258,21 @@ class TestMigrate:
         assert "AGENTWORKS_DATABASE_URL" in line
         assert not (tmp_path / ".agentworks").exists()
 
+    def test_dev_in_production_without_a_database_url_starts_no_embedded_database(
+        self, tmp_path: Path
+    ) -> None:
+        env = {"AGENTWORKS_ENV": "prod", "AGENTWORKS_JWT_SECRET": SECRET}
+        env |= {
+            f"AGENTWORKS_DB_{c}_PASSWORD": "pw" for c in ("WRITER", "API", "PROJECTOR", "RELAY")
+        }
+
+        line = assert_one_line_error(
+            agentworks("dev", "--port", "1", cwd=tmp_path, env=env, timeout=30)
+        )
+
+        assert "AGENTWORKS_DATABASE_URL" in line
+        assert not (tmp_path / ".agentworks").exists()
+
     def test_a_non_postgres_url_is_a_usage_error(self, tmp_path: Path) -> None:
         result = agentworks(
             "migrate", cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": "mysql://root@localhost/x"}
