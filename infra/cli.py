@@ -903,7 +903,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise
         message = str(exc)
         if "database" not in message:
-            message = f"the database is unavailable: {message}"
+            message = f"database error: {message}"
         return _fail(message, EXIT_FAILED)
     return result if isinstance(result, int) else 0
 
