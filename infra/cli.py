@@ -206,14 +206,17 @@ def token_command(
             "AGENTWORKS_JWT_PUBLIC_KEY only verifies tokens; "
             "set AGENTWORKS_JWT_PRIVATE_KEY to sign them"
         )
-    token = issue_token(
-        user_id=user_id,
-        workspace_id=workspace_id,
-        role=parsed_role,
-        ttl_seconds=ttl,
-        secret=keys.secret,
-        private_key=keys.private_key,
-    )
+    try:
+        token = issue_token(
+            user_id=user_id,
+            workspace_id=workspace_id,
+            role=parsed_role,
+            ttl_seconds=ttl,
+            secret=keys.secret,
+            private_key=keys.private_key,
+        )
+    except OverflowError:
+        raise CliError(f"--ttl {ttl} is too large for an expiry date") from None
     typer.echo(token)
 
 

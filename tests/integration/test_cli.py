@@ -174,6 +174,12 @@ class TestToken:
 
         assert message in line
 
+    @pytest.mark.parametrize("ttl", ["99999999999999", "999999999999999999999999"])
+    def test_a_ttl_past_any_date_is_one_line_and_exit_2(self, tmp_path: Path, ttl: str) -> None:
+        result = agentworks("token", "--bootstrap", "--ttl", ttl, cwd=tmp_path)
+
+        assert "--ttl" in assert_one_line_error(result)
+
     def test_weak_secret_is_refused_in_production(self, tmp_path: Path) -> None:
         result = agentworks(
             "token", "--bootstrap", cwd=tmp_path,
