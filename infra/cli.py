@@ -889,7 +889,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_FAILED)
     except AgentWorksError as exc:
         if isinstance(exc, SetupError) and not isinstance(exc, ConfigurationError):
-            raise  # Kafka or the local broker could not be set up: the traceback tells
+            # Kafka, the local broker or faust could not be set up: the work failed, told in
+            # one line (the README) that names the error's kind and why.
+            return _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
         return _fail(str(exc), EXIT_USAGE)  # a refused command, the configuration, a key
     except TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         code = getattr(exc, "exit_code", EXIT_USAGE)

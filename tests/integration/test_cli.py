@@ -358,6 +358,22 @@ def test_a_data_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path: Path) -> Non
     assert "not-a-dir" in line
 
 
+def test_an_unreachable_kafka_is_one_line_with_exit_1(tmp_path: Path) -> None:
+    result = agentworks(
+        "relay", cwd=tmp_path,
+        env={
+            "AGENTWORKS_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none",
+            "AGENTWORKS_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+        },
+    )  # fmt: skip
+
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("agentworks: error: "), result.stderr
+    assert "Kafka" in line
+
+
 def test_no_subcommand_names_the_commands_and_exits_2(tmp_path: Path) -> None:
     line = assert_one_line_error(agentworks(cwd=tmp_path))
 
