@@ -65,7 +65,8 @@ def event_store_env(
     return {
         **({CONNINFO_ENV: make_conninfo("", **others)} if others else {}),
         "POSTGRES_DBNAME": str(parts.get("dbname") or ""),
-        "POSTGRES_HOST": str(parts.get("host") or "127.0.0.1"),
+        # No host: libpq's default, the Unix socket, as every other connection of ours uses.
+        "POSTGRES_HOST": str(parts.get("host") or ""),
         "POSTGRES_PORT": str(parts.get("port") or "5432"),
         "POSTGRES_USER": str(parts.get("user") or "postgres"),
         "POSTGRES_PASSWORD": str(parts.get("password") or ""),

@@ -9,6 +9,11 @@ verified the server's certificate fell back to libpq's ``prefer``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
 from adapters.eventstore import Factory
 from infra.bootstrap import event_store_env
 
@@ -44,3 +49,20 @@ def test_a_role_s_login_keeps_the_url_s_parameters(database_url: str) -> None:
     assert kwargs["sslmode"] == "verify-full"
     assert kwargs["sslrootcert"] == "/etc/ca.pem"
     assert kwargs["user"] == "agentworks_app"
+
+
+def test_a_url_without_a_host_reaches_the_store_over_the_unix_socket(database_url: str) -> None:
+    if not Path("/var/run/postgresql/.s.PGSQL.5432").exists():
+        pytest.skip("no PostgreSQL socket in libpq's default directory")
+    dbname = conninfo_to_dict(database_url)["dbname"]
+    factory = Factory(
+        event_store_env(f"postgresql://postgres@/{dbname}", db_role=None, pool_size=1)
+    )
+    try:
+        with factory.datastore.get_connection() as conn:
+            row = conn.execute("SELECT inet_server_addr() AS address").fetchone()
+    finally:
+        factory.close()
+
+    assert row is not None
+    assert row["address"] is None  # a socket, not TCP to 127.0.0.1
