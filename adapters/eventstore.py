@@ -61,6 +61,7 @@ from eventsourcing.postgres import (
 )
 from eventsourcing.utils import Environment, EnvType, retry
 from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg.sql import SQL, Composed, Identifier
 
@@ -82,6 +83,10 @@ log = structlog.get_logger(__name__)
 
 POOL_TIMEOUT_ENV = "AGENTWORKS_POOL_TIMEOUT"
 """Longest wait for a free connection of the store's pool (seconds, may be fractional)."""
+
+CONNINFO_ENV = "AGENTWORKS_STORE_CONNINFO"
+"""The database URL's parameters beyond the five the library takes (``sslmode``,
+``sslrootcert``, ``options``...), as a ``key=value`` connection string."""
 
 # The oldest transaction that was still running when this statement's snapshot was taken and is
 # not known to belong to another database (transaction ids are server-wide; a long transaction
@@ -959,6 +964,11 @@ class Factory(PostgresFactory):
         datastore = self.datastore
         library_pool = datastore.pool
         kwargs = dict(library_pool.kwargs) if isinstance(library_pool.kwargs, dict) else {}
+        extra = self.env.get(CONNINFO_ENV)
+        if extra:
+            # The library connects with host, port, dbname, user and password alone; without
+            # these a URL's sslmode=verify-full fell back to libpq's default (prefer).
+            kwargs.update(conninfo_to_dict(extra))
         kwargs.setdefault("connect_timeout", CONNECT_TIMEOUT)
         # The library's pool with our lending rules (see adapters.postgres), same sizes.
         timeout = self.env.get(POOL_TIMEOUT_ENV)

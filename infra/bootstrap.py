@@ -6,10 +6,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from adapters.eventlog import EventLog, open_event_log
-from adapters.eventstore import POOL_TIMEOUT_ENV, EventStoreRecorder, Factory, PostgresCommandLog
+from adapters.eventstore import (
+    CONNINFO_ENV,
+    POOL_TIMEOUT_ENV,
+    EventStoreRecorder,
+    Factory,
+    PostgresCommandLog,
+)
 from adapters.kafka import create_topics, make_producer, producer_state_lost, topic_id
 from adapters.metrics import observe_command
 from adapters.postgres import DEFAULT_POOL_TIMEOUT, login_url, make_pool
@@ -35,6 +41,10 @@ if TYPE_CHECKING:
     from projections.base import Change
 
 
+#: Connection parameters the library's own settings (``POSTGRES_*``) carry.
+_STORE_CONNECTION_KEYS = frozenset({"dbname", "host", "port", "user", "password"})
+
+
 def event_store_env(
     database_url: str,
     *,
@@ -49,9 +59,14 @@ def event_store_env(
     role may not create, alter, update or delete anything in the store.
     """
     parts = conninfo_to_dict(login_url(database_url, db_role, db_password))
+    # Every other parameter of the URL (sslmode, sslrootcert, options...) goes to the store's
+    # connections too: the library's own settings carry only the five above.
+    others = {k: v for k, v in parts.items() if k not in _STORE_CONNECTION_KEYS}
     return {
+        **({CONNINFO_ENV: make_conninfo("", **others)} if others else {}),
         "POSTGRES_DBNAME": str(parts.get("dbname") or ""),
-        "POSTGRES_HOST": str(parts.get("host") or "127.0.0.1"),
+        # No host: libpq's default, the Unix socket, as every other connection of ours uses.
+        "POSTGRES_HOST": str(parts.get("host") or ""),
         "POSTGRES_PORT": str(parts.get("port") or "5432"),
         "POSTGRES_USER": str(parts.get("user") or "postgres"),
         "POSTGRES_PASSWORD": str(parts.get("password") or ""),

@@ -206,14 +206,17 @@ def token_command(
             "AGENTWORKS_JWT_PUBLIC_KEY only verifies tokens; "
             "set AGENTWORKS_JWT_PRIVATE_KEY to sign them"
         )
-    token = issue_token(
-        user_id=user_id,
-        workspace_id=workspace_id,
-        role=parsed_role,
-        ttl_seconds=ttl,
-        secret=keys.secret,
-        private_key=keys.private_key,
-    )
+    try:
+        token = issue_token(
+            user_id=user_id,
+            workspace_id=workspace_id,
+            role=parsed_role,
+            ttl_seconds=ttl,
+            secret=keys.secret,
+            private_key=keys.private_key,
+        )
+    except OverflowError:
+        raise CliError(f"--ttl {ttl} is too large for an expiry date") from None
     typer.echo(token)
 
 
@@ -277,7 +280,9 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 @app.command("dev")
 def dev_command(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    port: Annotated[
+        int, typer.Option("--port", help="Port to listen on.", min=1, max=65535)
+    ] = 8000,
     data_dir: DataDirOption = None,
     demo: Annotated[bool, typer.Option("--demo", help="Seed a demo workspace.")] = False,
 ) -> None:
@@ -288,6 +293,9 @@ def dev_command(
     from read_api.app import create_app
 
     settings = settings_for(data_dir)
+    if settings.database_url is None and settings.env == "prod":
+        # As every other command refuses it (cli_common): production has no embedded database.
+        raise CliError("AGENTWORKS_DATABASE_URL is not set; production has no embedded database")
     cap_malloc_arenas(settings.malloc_arena_max)
     # Before anything starts or is announced: a busy port is one line and exit 2.
     listener = _listen(host, port)
@@ -367,7 +375,9 @@ def _announce_when_ready(stack: DevStack, console: Console, line: str) -> None:
 @app.command("serve")
 def serve_command(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    port: Annotated[
+        int, typer.Option("--port", help="Port to listen on.", min=1, max=65535)
+    ] = 8000,
     data_dir: DataDirOption = None,
 ) -> None:
     """Run the GraphQL API alone against the configured PostgreSQL (and Redis)."""
@@ -532,21 +542,39 @@ def worker_command(
 def _run_one_process_per_projector(data_dir: Path | None) -> None:
     import subprocess
 
-    children = [
-        subprocess.Popen(  # noqa: S603 - our own interpreter and module
+    named = {
+        name: subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "infra.cli", "worker", "--projector", name]
             + ([] if data_dir is None else ["--data-dir", str(data_dir)])
         )
         for name in projector_names()
-    ]
+    }
+    children = list(named.values())
+    asked_to_stop = threading.Event()
 
     def stop() -> None:
         for child in children:
             if child.poll() is None:
                 child.terminate()
 
-    _stop_on_signals(stop)
+    def on_signal() -> None:
+        asked_to_stop.set()
+        stop()
+
+    _stop_on_signals(on_signal)
+    # One projector process ending on its own ends them all, and this one with exit 1: what
+    # runs the worker (docker's restart policy, systemd) then restarts it, where waiting on
+    # the survivors left that projector's read model behind with nothing to restart it.
+    while not asked_to_stop.is_set() and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    ended = [name for name, child in named.items() if child.poll() is not None]
+    stop()
     codes = [child.wait() for child in children]
+    if not asked_to_stop.is_set():
+        raise CliError(
+            f"projector worker {', '.join(ended)} ended (exit codes {codes}); stopped the others",
+            exit_code=EXIT_FAILED,
+        )
     if any(code not in (0, -signal.SIGTERM) for code in codes):
         raise CliError(f"a projector worker failed (exit codes {codes})", exit_code=EXIT_FAILED)
 
@@ -861,7 +889,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_FAILED)
     except AgentWorksError as exc:
         if isinstance(exc, SetupError) and not isinstance(exc, ConfigurationError):
-            raise  # Kafka or the local broker could not be set up: the traceback tells
+            # Kafka, the local broker or faust could not be set up: the work failed, told in
+            # one line (the README) that names the error's kind and why.
+            return _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
         return _fail(str(exc), EXIT_USAGE)  # a refused command, the configuration, a key
     except TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         code = getattr(exc, "exit_code", EXIT_USAGE)
@@ -870,7 +900,40 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _fail("aborted", EXIT_FAILED)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if _schema_missing(exc):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return _fail(f"{first}; is the database migrated? run '{PROG} migrate'", EXIT_FAILED)
+        if not _database_unavailable(exc):
+            raise
+        message = str(exc)
+        if "database" not in message:
+            message = f"database error: {message}"
+        return _fail(message, EXIT_FAILED)
     return result if isinstance(result, int) else 0
+
+
+def _schema_missing(exc: BaseException) -> bool:
+    """Whether ``exc`` is a table, column or function of our schema missing (no migrations run,
+    or code newer than the database), directly or wrapped by the ``eventsourcing`` library."""
+    from psycopg import errors
+
+    missing = (errors.UndefinedTable, errors.UndefinedFunction, errors.UndefinedColumn)
+    return isinstance(exc, missing) or isinstance(exc.__cause__, missing)
+
+
+def _database_unavailable(exc: Exception) -> bool:
+    """Whether ``exc`` says the database could not be reached or used (work failed: exit 1).
+
+    psycopg's own (pool timeouts included) and the ``eventsourcing`` library's wrapper of them;
+    their messages name host, port and database, never the password.
+    """
+    import psycopg
+
+    if isinstance(exc, psycopg.OperationalError):
+        return True
+    persistence = sys.modules.get("eventsourcing.persistence")
+    return persistence is not None and isinstance(exc, persistence.OperationalError)
 
 
 class _Documented(Protocol):

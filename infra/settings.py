@@ -12,6 +12,7 @@ unsafe there, such as a short JWT secret or a missing database password.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import secrets
@@ -38,6 +39,9 @@ DEV_JWT_SECRET_FILE = "jwt_secret"  # noqa: S105 - a file name, not a secret
 JwtAlgorithm = Literal["HS256", "RS256"]
 
 _LOG_LEVELS = frozenset(logging.getLevelNamesMapping())
+
+#: URL schemes ``redis.Redis.from_url`` accepts.
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class Settings(BaseSettings):
@@ -225,6 +229,51 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: str | None) -> str | None:
         return None if value is None or value.strip() == "" else value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # Checked here, not by the first Redis client built: that failed with a traceback.
+        if value is not None and not value.startswith(_REDIS_SCHEMES):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_addresses(cls, value: str) -> str:
+        # uvicorn takes an entry it cannot parse (10.0.0.1/8, a host name) as a literal that no
+        # client address ever equals: the proxy went untrusted without a word, and every
+        # client behind it shared the proxy's per-address rate limits.
+        for entry in (part.strip() for part in value.split(",")):
+            if not entry or entry == "*":
+                continue
+            try:
+                if "/" in entry:
+                    ipaddress.ip_network(entry)
+                else:
+                    ipaddress.ip_address(entry)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or network (such as 10.0.0.0/8, with "
+                    "the host bits zero)"
+                ) from None
+        return value
+
+    @field_validator("totp_encryption_key")
+    @classmethod
+    def _fernet_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value().strip() == "":
+            return None
+        from cryptography.fernet import Fernet
+
+        try:
+            Fernet(value.get_secret_value().encode())
+        except (ValueError, TypeError):
+            raise ValueError(
+                "must be a Fernet key, 32 url-safe base64-encoded bytes (python -c 'from "
+                "cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')"
+            ) from None
+        return value
+
     @field_validator(
         "jwt_secret",
         "stripe_api_key",
@@ -322,9 +371,24 @@ def jwt_keys(settings: Settings, *, data_dir: Path | None = None) -> JwtKeys:
         public = settings.jwt_public_key
         if public is None and private is not None:
             public = _public_from_private(private)
+        else:
+            if private is not None:
+                _public_from_private(private)  # refused now, not at the first sign-in
+            if public is not None:
+                _check_public_key(public)
         return JwtKeys(algorithm="RS256", private_key=private, public_key=public)
     if settings.jwt_secret is not None:
-        return JwtKeys(algorithm="HS256", secret=settings.jwt_secret.get_secret_value())
+        secret = settings.jwt_secret.get_secret_value()
+        size = len(secret.encode())
+        if size < MIN_JWT_SECRET_BYTES:
+            # Token checks refuse such a key in every environment (adapters.tokens): a process
+            # started with it would answer every authenticated request with an internal error.
+            raise ConfigurationError(
+                f"AGENTWORKS_JWT_SECRET is {size} bytes; HS256 needs at least "
+                f"{MIN_JWT_SECRET_BYTES} (e.g. python -c 'import secrets; "
+                "print(secrets.token_urlsafe(48))')"
+            )
+        return JwtKeys(algorithm="HS256", secret=secret)
     if settings.env == "prod":
         raise ConfigurationError(
             "no JWT key configured: set AGENTWORKS_JWT_SECRET (HS256) or "
@@ -492,6 +556,19 @@ def _public_from_private(private_pem: str) -> str:
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode()
     )
+
+
+def _check_public_key(public_pem: str) -> None:
+    """Refuse a verification key tokens could never be checked with (each request would fail)."""
+    from jwt.algorithms import RSAAlgorithm
+    from jwt.exceptions import InvalidKeyError
+
+    try:
+        RSAAlgorithm(RSAAlgorithm.SHA256).prepare_key(public_pem)
+    except (InvalidKeyError, ValueError, TypeError) as exc:
+        raise ConfigurationError(
+            f"AGENTWORKS_JWT_PUBLIC_KEY is not an RSA public key in PEM: {exc}"
+        ) from exc
 
 
 def _describe(exc: ValidationError) -> str:

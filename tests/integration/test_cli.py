@@ -174,6 +174,12 @@ class TestToken:
 
         assert message in line
 
+    @pytest.mark.parametrize("ttl", ["99999999999999", "999999999999999999999999"])
+    def test_a_ttl_past_any_date_is_one_line_and_exit_2(self, tmp_path: Path, ttl: str) -> None:
+        result = agentworks("token", "--bootstrap", "--ttl", ttl, cwd=tmp_path)
+
+        assert "--ttl" in assert_one_line_error(result)
+
     def test_weak_secret_is_refused_in_production(self, tmp_path: Path) -> None:
         result = agentworks(
             "token", "--bootstrap", cwd=tmp_path,
@@ -258,6 +264,21 @@ class TestMigrate:
         assert "AGENTWORKS_DATABASE_URL" in line
         assert not (tmp_path / ".agentworks").exists()
 
+    def test_dev_in_production_without_a_database_url_starts_no_embedded_database(
+        self, tmp_path: Path
+    ) -> None:
+        env = {"AGENTWORKS_ENV": "prod", "AGENTWORKS_JWT_SECRET": SECRET}
+        env |= {
+            f"AGENTWORKS_DB_{c}_PASSWORD": "pw" for c in ("WRITER", "API", "PROJECTOR", "RELAY")
+        }
+
+        line = assert_one_line_error(
+            agentworks("dev", "--port", "1", cwd=tmp_path, env=env, timeout=30)
+        )
+
+        assert "AGENTWORKS_DATABASE_URL" in line
+        assert not (tmp_path / ".agentworks").exists()
+
     def test_a_non_postgres_url_is_a_usage_error(self, tmp_path: Path) -> None:
         result = agentworks(
             "migrate", cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": "mysql://root@localhost/x"}
@@ -272,6 +293,85 @@ class TestMigrate:
         )  # fmt: skip
 
         assert "cannot connect" in assert_one_line_error(result, code=1)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["parked", "list"],
+        ["rebuild", "all"],
+        ["replay", "card", WS],
+    ],
+    ids=lambda command: " ".join(command[:2]),
+)
+def test_every_command_reports_an_unreachable_database_in_one_line_with_exit_1(
+    tmp_path: Path, command: list[str]
+) -> None:
+    result = agentworks(
+        *command, cwd=tmp_path,
+        env={"AGENTWORKS_DATABASE_URL": "postgresql://postgres:hush-hush@127.0.0.1:1/none"},
+    )  # fmt: skip
+
+    # Logs may come before it (JSON lines); the error itself is one line, the last.
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("agentworks: error: "), result.stderr
+    assert "127.0.0.1" in line
+    assert "hush-hush" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["parked", "list"], ["rebuild", "all"]])
+def test_a_database_never_migrated_is_named_in_one_line_with_exit_1(
+    tmp_path: Path, command: list[str], postgres: None
+) -> None:
+    with pg.temporary_database(pg.random_name("aw_t_")) as url:
+        result = agentworks(*command, cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": url})
+
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("agentworks: error: "), result.stderr
+    assert "agentworks migrate" in line
+
+
+@pytest.mark.parametrize("command", ["serve", "dev"])
+@pytest.mark.parametrize("port", ["70000", "65536", "0"])
+def test_a_port_outside_1_to_65535_is_refused_before_anything_starts(
+    tmp_path: Path, command: str, port: str
+) -> None:
+    # getaddrinfo took 70000 modulo 65536: the server listened on 4464 and announced 70000.
+    result = agentworks(
+        command, "--port", port, cwd=tmp_path,
+        env={"AGENTWORKS_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"},
+    )  # fmt: skip
+
+    assert "--port" in assert_one_line_error(result, code=2)
+
+
+def test_a_data_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("")
+
+    line = assert_one_line_error(agentworks("status", "--data-dir", "not-a-dir", cwd=tmp_path))
+
+    assert "not-a-dir" in line
+
+
+def test_an_unreachable_kafka_is_one_line_with_exit_1(tmp_path: Path) -> None:
+    result = agentworks(
+        "relay", cwd=tmp_path,
+        env={
+            "AGENTWORKS_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none",
+            "AGENTWORKS_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+        },
+    )  # fmt: skip
+
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("agentworks: error: "), result.stderr
+    assert "Kafka" in line
 
 
 def test_no_subcommand_names_the_commands_and_exits_2(tmp_path: Path) -> None:

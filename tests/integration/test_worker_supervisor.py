@@ -1,0 +1,76 @@
+"""``agentworks worker`` without ``--projector``: one process per projector, supervised.
+
+A projector process that dies on its own must end the whole worker (the others stopped, exit
+1), so that what runs it (docker's ``restart: unless-stopped``, systemd) restarts it. The
+worker used to wait on while the survivors ran: that projector's read model stayed behind
+with nothing restarting it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil  # type: ignore[import-untyped]
+from cli_process import clean_env
+
+from projections.registry import projector_names
+
+if TYPE_CHECKING:
+    from adapters.kafka_broker import LocalBroker
+
+
+def _children_when_all_started(parent: int, count: int, timeout: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = psutil.Process(parent).children()
+        if len(children) == count:
+            return children  # type: ignore[no-any-return]
+        time.sleep(0.2)
+    raise AssertionError(f"worker {parent} did not start {count} projector processes")
+
+
+def test_one_projector_process_dying_ends_the_worker_with_exit_1(
+    database_url: str, kafka_broker: LocalBroker, tmp_path: Path
+) -> None:
+    env = clean_env(
+        AGENTWORKS_DATABASE_URL=database_url,
+        AGENTWORKS_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
+        AGENTWORKS_TOPIC_PREFIX=f"sup-{uuid.uuid4().hex[:10]}-",
+        AGENTWORKS_TOPIC_PARTITIONS="1",
+        AGENTWORKS_POOL_SIZE="1",
+        AGENTWORKS_SWEEP_INTERVAL="0",
+        AGENTWORKS_LOG_JSON="false",
+    )
+    err = tmp_path / "stderr"
+    with err.open("wb") as stderr:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "worker"],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+        children = _children_when_all_started(worker.pid, len(projector_names()), timeout=60)
+        time.sleep(3)  # past their start, into consuming
+        children[0].kill()
+
+        code = worker.wait(timeout=60)
+
+        assert code == 1, err.read_text()
+        assert not any(child.is_running() and child.status() != "zombie" for child in children)
+        assert "agentworks: error:" in err.read_text().strip().splitlines()[-1]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
