@@ -27,7 +27,8 @@ from adapters.credentials import Argon2Passwords, SecretBox, Totp
 from adapters.oidc import OidcVerifier
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
-from commands.handlers import AgentWorks
+from commands import models as m
+from commands.handlers import Actor, AgentWorks
 from commands.identity import Identity
 from infra.bootstrap import build_write_side
 from infra.identity import UserTokenIssuer
@@ -86,6 +87,22 @@ class Stack:
         created = self.client(self.bootstrap_token(user)).create_workspace(name)
         workspace_id = created["workspace"]["id"]
         return self.as_user(user, workspace_id), workspace_id
+
+    def begun_run(
+        self, owner: ApiClient, workspace: str, title: str = "Card"
+    ) -> tuple[str, str, str]:
+        """A new one-lane project of ``workspace``, a card of it and a run of the card that the
+        orchestrator (worker ``w1``, with :meth:`orchestrator`'s actor) has begun: their ids."""
+        pid = owner.create_project(workspace, "P", [{"name": "Todo"}])["project"]["id"]
+        card = owner.create_card(pid, title)["card"]["id"]
+        run = owner.start_agent_run(card)["run"]["id"]
+        self.write.begin_run(
+            m.BeginRun(run_id=UUID(run), worker="w1"), self.orchestrator(workspace)
+        )
+        return pid, card, run
+
+    def orchestrator(self, workspace: str) -> Actor:
+        return Actor.service("orchestrator", UUID(workspace))
 
 
 def auth_settings(

@@ -11,7 +11,6 @@ from api_client import wait_for
 from e2e_stack import Stack
 
 from commands import models as m
-from commands.handlers import Actor
 
 CARD = "cost lastRun { id } runs { edges { node { id billed } } }"
 BOARD = (
@@ -27,11 +26,8 @@ LIVE = f"query($c: ID!) {{ card(id: $c) {{ {CARD} }} }}"
 
 def test_a_card_then_shows_the_runs_and_cost_it_had_then(stack: Stack) -> None:
     alice, ws = stack.owner_with_workspace("history-costs")
-    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
-    card = alice.create_card(pid, "Card")["card"]["id"]
-    run = alice.start_agent_run(card)["run"]["id"]
-    bot = Actor.service("orchestrator", UUID(ws))
-    stack.write.begin_run(m.BeginRun(run_id=UUID(run), worker="w1"), bot)
+    pid, card, run = stack.begun_run(alice, ws)
+    bot = stack.orchestrator(ws)
     stack.write.record_llm_call(
         m.RecordLlmCall(
             run_id=UUID(run), call_id="c1", provider="simulated", model="sim-1",

@@ -11,7 +11,6 @@ from e2e_stack import Stack, user_id
 
 from adapters.tokens import issue_user_token
 from commands import models as m
-from commands.handlers import Actor
 
 RUN = """
 query($id: ID!) { agentRun(id: $id) {
@@ -22,12 +21,9 @@ query($id: ID!) { agentRun(id: $id) {
 
 def test_a_user_token_sees_a_runs_output_and_attempts(stack: Stack) -> None:
     alice, ws = stack.owner_with_workspace("run-reader")
-    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
-    card = alice.create_card(pid, "Login page")["card"]["id"]
-    run = alice.start_agent_run(card)["run"]["id"]
-    bot = Actor.service("orchestrator", UUID(ws))
+    *_, run = stack.begun_run(alice, ws, "Login page")
+    bot = stack.orchestrator(ws)
     write = stack.write
-    write.begin_run(m.BeginRun(run_id=UUID(run), worker="w1"), bot)
     write.record_provider_attempt(
         m.RecordProviderAttempt(
             run_id=UUID(run), worker="w1", provider="simulated", model="sim-1", status="ok",

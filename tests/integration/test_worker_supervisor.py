@@ -11,15 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil  # type: ignore[import-untyped]
-from cli_process import clean_env
+from cli_process import Agentworks, clean_env
 
 from projections.registry import projector_names
 
@@ -49,17 +47,8 @@ def test_one_projector_process_dying_ends_the_worker_with_exit_1(
         AGENTWORKS_SWEEP_INTERVAL="0",
         AGENTWORKS_LOG_JSON="false",
     )
-    err = tmp_path / "stderr"
-    with err.open("wb") as stderr:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "worker"],
-            cwd=tmp_path,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            start_new_session=True,
-        )
+    started = Agentworks.start(tmp_path, "worker", env=env, port=0)
+    worker, err = started.process, started.err
     try:
         children = _children_when_all_started(worker.pid, len(projector_names()), timeout=60)
         time.sleep(3)  # past their start, into consuming
