@@ -277,12 +277,14 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
     signal.signal(signal.SIGHUP, handle)
 
 
+_Host = Annotated[str, typer.Option("--host", help="Interface to listen on.")]
+_Port = Annotated[int, typer.Option("--port", help="Port to listen on.", min=1, max=65535)]
+
+
 @app.command("dev")
 def dev_command(
-    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[
-        int, typer.Option("--port", help="Port to listen on.", min=1, max=65535)
-    ] = 8000,
+    host: _Host = "127.0.0.1",
+    port: _Port = 8000,
     data_dir: DataDirOption = None,
     demo: Annotated[bool, typer.Option("--demo", help="Seed a demo workspace.")] = False,
 ) -> None:
@@ -374,10 +376,8 @@ def _announce_when_ready(stack: DevStack, console: Console, line: str) -> None:
 
 @app.command("serve")
 def serve_command(
-    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[
-        int, typer.Option("--port", help="Port to listen on.", min=1, max=65535)
-    ] = 8000,
+    host: _Host = "127.0.0.1",
+    port: _Port = 8000,
     data_dir: DataDirOption = None,
 ) -> None:
     """Run the GraphQL API alone against the configured PostgreSQL (and Redis)."""

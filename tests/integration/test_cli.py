@@ -57,6 +57,16 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int = 
     return lines[0]
 
 
+def assert_error_last(result: subprocess.CompletedProcess[str], code: int) -> str:
+    """:func:`assert_one_line_error` for a command that may log (JSON lines) before it fails:
+    the error is one line, the last."""
+    assert result.returncode == code, result
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("agentworks: error: "), result.stderr
+    return line
+
+
 def single_token(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -314,10 +324,7 @@ def test_every_command_reports_an_unreachable_database_in_one_line_with_exit_1(
     )  # fmt: skip
 
     # Logs may come before it (JSON lines); the error itself is one line, the last.
-    assert result.returncode == 1, result
-    assert "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("agentworks: error: "), result.stderr
+    line = assert_error_last(result, 1)
     assert "127.0.0.1" in line
     assert "hush-hush" not in result.stderr
 
@@ -329,10 +336,7 @@ def test_a_database_never_migrated_is_named_in_one_line_with_exit_1(
     with pg.temporary_database(pg.random_name("aw_t_")) as url:
         result = agentworks(*command, cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": url})
 
-    assert result.returncode == 1, result
-    assert "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("agentworks: error: "), result.stderr
+    line = assert_error_last(result, 1)
     assert "agentworks migrate" in line
 
 
@@ -367,10 +371,7 @@ def test_an_unreachable_kafka_is_one_line_with_exit_1(tmp_path: Path) -> None:
         },
     )  # fmt: skip
 
-    assert result.returncode == 1, result
-    assert "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("agentworks: error: "), result.stderr
+    line = assert_error_last(result, 1)
     assert "Kafka" in line
 
 
