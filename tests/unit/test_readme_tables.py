@@ -126,3 +126,22 @@ def test_each_setting_row_gives_its_default(name: str) -> None:
     row = config_rows().get(f"{ENV_PREFIX}{name.upper()}")
     assert row is not None, f"no README row for {ENV_PREFIX}{name.upper()}"
     assert row in documented_default(Settings.model_fields[name].default), row
+
+
+def first_table(text: str) -> str:
+    """The first Markdown table of ``text`` as a renderer sees it: header, delimiter and the
+    rows that follow without a break (a blank line ends a table; later ``|`` lines are text)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "\n".join(lines[start:end])
+
+
+@pytest.mark.parametrize("title", ["Command line", "Configuration"])
+def test_each_table_renders_as_one_table_with_every_row(title: str) -> None:
+    text = section(title)
+    rows = re.findall(r"^\| `[^`]*` \|", text, re.M)
+    rendered = re.findall(r"^\| `[^`]*` \|", first_table(text), re.M)
+    assert rendered == rows, f"rows after a break in the {title} table: {rows[len(rendered) :]}"
