@@ -29,7 +29,7 @@ from adapters.audit_signing import (
     load_public_key,
 )
 from domain.errors import NotFound, ValidationFailed
-from infra.cli_common import EXIT_FAILED, PROG, database_url_for, settings_for
+from infra.cli_common import EXIT_FAILED, PROG, DataDirOption, database_url_for, settings_for
 from infra.settings import ConfigurationError, Settings
 
 if TYPE_CHECKING:
@@ -60,6 +60,16 @@ DataDir = Annotated[
     typer.Option(
         "--data-dir",
         help="Data dir of the dev signing key (default AGENTWORKS_DATA_DIR).",
+        show_default=False,
+    ),
+]
+#: ``--data-dir`` of the commands that also read the event store.
+StoreDataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Data dir whose embedded PostgreSQL (and dev signing key) to use when "
+        "AGENTWORKS_DATABASE_URL is unset; default AGENTWORKS_DATA_DIR, else .agentworks.",
         show_default=False,
     ),
 ]
@@ -162,7 +172,7 @@ def export_command(
         str | None,
         typer.Option("--to", help="Only events before this ISO-8601 time.", show_default=False),
     ] = None,
-    data_dir: DataDir = None,
+    data_dir: StoreDataDir = None,
 ) -> None:
     """Write the workspace's events as hash-chained JSON lines with a signed trailer to stdout.
 
@@ -291,7 +301,7 @@ def replay_card_command(
         typer.Option("--as-of", help="The card as of this ISO-8601 time.", show_default=False),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    data_dir: DataDir = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """A card's history and state, folded from the event store (not a read model)."""
     import json
@@ -360,7 +370,7 @@ def replay_board_command(
     project: Annotated[str, typer.Argument(help="Project id.")],
     as_of: Annotated[str, typer.Option("--as-of", help="The board as of this ISO-8601 time.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    data_dir: DataDir = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """A board as it was at an instant, folded from the event store (not a read model)."""
     import json

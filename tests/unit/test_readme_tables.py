@@ -145,3 +145,15 @@ def test_each_table_renders_as_one_table_with_every_row(title: str) -> None:
     rows = re.findall(r"^\| `[^`]*` \|", text, re.M)
     rendered = re.findall(r"^\| `[^`]*` \|", first_table(text), re.M)
     assert rendered == rows, f"rows after a break in the {title} table: {rows[len(rendered) :]}"
+
+
+#: Commands that never open a database: their data dir holds only the dev audit signing key.
+OFFLINE = frozenset({"audit verify", "audit public-key"})
+
+
+@pytest.mark.parametrize("path", sorted(set(cli_commands()) - OFFLINE))
+def test_data_dir_help_says_it_picks_the_embedded_database(path: str) -> None:
+    # README: "Every command takes `--data-dir DIR`: without AGENTWORKS_DATABASE_URL it works on
+    # that data dir's embedded PostgreSQL"; `--help` must not say it holds only a key.
+    (option,) = (p for p in cli_commands()[path].params if "--data-dir" in p.opts)
+    assert "embedded PostgreSQL" in (option.help or ""), f"`agentworks {path} --help`"
