@@ -523,6 +523,7 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
                 only.error = error
             return
         attempt = _Attempt()
+        refused = False
         try:
             with self.datastore.get_connection() as conn:
                 try:
@@ -533,10 +534,19 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
                             member.error = _unknown_outcome(attempt)
                         return
                     _release(conn)
+                    # A statement the server refused on a connection still sound (a deadlock
+                    # with a writer elsewhere that one member waited on, a cancelled wait) is
+                    # psycopg's OperationalError too, but it is the group's doing, not an outage.
+                    refused = _refused_statement(conn, error)
                     raise
         except (OperationalError, InterfaceError):
+            if not refused:
+                for member in group:
+                    member.error = StoreUnavailable(NOTHING_WRITTEN, retry_after_seconds=1.0)
+                return
+            log.debug("eventstore.group_refused", appends=len(group), exc_info=True)
             for member in group:
-                member.error = StoreUnavailable(NOTHING_WRITTEN, retry_after_seconds=1.0)
+                member.alone = True
             return
         except Exception:  # each member finds its own outcome alone
             log.debug("eventstore.group_refused", appends=len(group), exc_info=True)
@@ -856,6 +866,18 @@ def _outcome_unknown(conn: Connection[DictRow], attempt: _Attempt, error: BaseEx
         conn.closed
         or conn.broken
         or isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+    )
+
+
+def _refused_statement(conn: Connection[DictRow], error: BaseException) -> bool:
+    """Whether the server refused a statement (it answered with an error of its own) and the
+    connection is still sound: then nothing was written and the database is there."""
+    return (
+        isinstance(error, psycopg.Error)
+        and error.sqlstate is not None
+        and not error.sqlstate.startswith(("08", "57P"))  # connection lost, server shut down
+        and not conn.closed
+        and not conn.broken
     )
 
 
