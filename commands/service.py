@@ -301,7 +301,22 @@ class WriteSide(Application[UUID]):
             earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
             if earlier is not None:
                 return earlier
-        return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
+        try:
+            return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
+        except AgentWorksError as refusal:
+            # The same command, sent again while its first run was committing (a client retry
+            # after a timeout), found no record above and then lost to that run: a version its
+            # first run moved on, a lane it filled. Its command was done; a retry answers the
+            # first result.
+            if not sent_id or isinstance(refusal, Unavailable):
+                raise
+            try:
+                earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
+            except Unavailable:
+                raise refusal from None
+            if earlier is None:
+                raise
+            return earlier
 
     def _attempts(
         self,

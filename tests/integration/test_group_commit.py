@@ -519,3 +519,37 @@ def transaction_waits(database_url: str) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def test_a_command_id_sent_again_while_its_first_run_commits_answers_the_first_result(
+    database_url: str, write_side: AgentWorks, board: Board
+) -> None:
+    """A client whose request timed out sends the same move (same commandId, same
+    expectedVersion) again while the first run is still committing: the retry finds no record
+    yet, decides on the version it expected, loses the version to the first run and decides
+    again on the state the first run made. Its command was done, so it answers the first result
+    (API: a retry returns the first result), not CONFLICT for the version its own first run
+    moved on."""
+    recorder = store_recorder(write_side)
+    recorder.group_commit.max_in_flight = 1
+    (card,) = add_cards(write_side, board, 1)
+    command = m.MoveCard(card_id=card, to_lane="Doing", expected_version=1, command_id=uuid4())
+
+    def send() -> CommandResult:
+        return write_side.move_card(command, board.owner)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        with store_locked(database_url):
+            first = pool.submit(send)
+            until(
+                lambda: advisory_locks(database_url, granted=False) == 1,
+                "the first run waits on the lock",
+            )
+            again = pool.submit(send)
+            until(lambda: recorder.group_commit.waiting == 1, "the retry is queued behind it")
+        answers = [first.result(timeout=60), again.result(timeout=60)]
+
+    assert [a.replayed for a in answers] == [False, True]
+    assert {(a.id, a.version, a.position) for a in answers} == {(card, 2, answers[0].position)}
+    assert versions(database_url, [card]) == {card: 2}
+    assert command_log_count(database_url, command.command_id) == 1
