@@ -429,6 +429,24 @@ class WriteSide(Application[UUID]):
             command_id=command_id,
         ) from unknown
 
+    def commit_settled(self, unknown: Unavailable) -> bool | None:
+        """Whether a write whose commit was interrupted (the store raised ``unknown`` with
+        ``outcome="unknown"``) committed: True or False as the database says, None when it could
+        not tell within ``settle_seconds``. For writes recorded under no commandId (identity),
+        whose caller holds its own result."""
+        transaction_id = unknown.details.get("transaction_id")
+        if self.command_log is None or not isinstance(transaction_id, str):
+            return None
+        deadline = time.monotonic() + self.settle_seconds
+        while True:
+            try:
+                committed = self.command_log.committed(transaction_id)
+            except Unavailable:
+                committed = None  # the database is not back yet
+            if committed is not None or time.monotonic() >= deadline:
+                return committed
+            time.sleep(self.settle_poll_seconds)
+
     def close(self) -> None:
         self.spend.close()
         super().close()

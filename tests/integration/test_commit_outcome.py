@@ -145,3 +145,69 @@ def test_database_gone_before_the_commit_answers_unavailable_without_unknown(
     assert refused.value.outcome is None
     assert card_titles_in_log(database_url)[title] == 0
     proxy.refuse(False)
+
+
+class _Tokens:
+    ttl_seconds = 900
+
+    def issue(self, user_id: UUID) -> str:
+        return f"access-{user_id}"
+
+
+@pytest.mark.parametrize("cut", ["after", "before"])
+def test_refresh_whose_commit_answer_was_lost_answers_the_truth_instead_of_spending_the_token(
+    through_proxy: AgentWorks, proxy: FaultProxy, cut: str
+) -> None:
+    """A refresh is a write too: its answer must be the truth. Answered UNAVAILABLE with the
+    outcome unknown, the client can only present the same refresh token again, which the first
+    refresh (if it committed) spent: that revokes the whole session (API.md /auth/refresh) and
+    the user is signed out by a network fault. The store can tell: committed, the new session
+    token is the answer; not committed, the refresh is decided again."""
+    from cryptography.fernet import Fernet
+
+    from adapters.credentials import Argon2Passwords, SecretBox, Totp
+    from commands.identity import Identity
+
+    identity = Identity(
+        through_proxy,
+        passwords=Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1),
+        totp=Totp(),
+        sealer=SecretBox(Fernet.generate_key().decode()),
+        access_tokens=_Tokens(),
+    )
+    identity.signup(email="ada@example.com", password="correct horse battery", name="Ada")
+    signed_in = identity.login(email="ada@example.com", password="correct horse battery")
+    proxy.cut_after_commit() if cut == "after" else proxy.cut_before_commit()
+
+    refreshed = identity.refresh(signed_in.refresh_token)
+
+    assert proxy.cuts == 1
+    assert refreshed.refresh_token != signed_in.refresh_token
+    assert identity.refresh(refreshed.refresh_token).user.id == signed_in.user.id
+
+
+def test_sign_up_whose_commit_landed_before_the_connection_broke_answers_the_account(
+    through_proxy: AgentWorks, proxy: FaultProxy
+) -> None:
+    """Told UNAVAILABLE, the client would sign up again and be told the address has an
+    account (DUPLICATE) already: its own, made by the first request."""
+    from cryptography.fernet import Fernet
+
+    from adapters.credentials import Argon2Passwords, SecretBox, Totp
+    from commands.identity import Identity
+
+    identity = Identity(
+        through_proxy,
+        passwords=Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1),
+        totp=Totp(),
+        sealer=SecretBox(Fernet.generate_key().decode()),
+        access_tokens=_Tokens(),
+    )
+    proxy.cut_after_commit()
+
+    user_id = identity.signup(email="bo@example.com", password="correct horse battery", name="Bo")
+
+    assert proxy.cuts == 1
+    assert identity.login(email="bo@example.com", password="correct horse battery").user.id == (
+        user_id
+    )
