@@ -44,6 +44,7 @@ import psycopg
 import structlog
 from eventsourcing.persistence import (
     ApplicationRecorder,
+    DataError,
     IntegrityError,
     InterfaceError,
     Notification,
@@ -1049,6 +1050,12 @@ class PostgresCommandLog:
                 row = curs.fetchone()
         except (OperationalError, InterfaceError) as error:
             raise _unavailable(error) from error
+        except DataError as error:
+            if isinstance(error.__cause__, psycopg.errors.InvalidParameterValue):
+                # "transaction ID ... is in the future": this server never had it (a standby
+                # promoted before the write reached it), so it did not commit here.
+                return False
+            raise
         status = row["status"] if row else None
         if status == "in progress":
             return None

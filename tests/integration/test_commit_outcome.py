@@ -211,3 +211,21 @@ def test_sign_up_whose_commit_landed_before_the_connection_broke_answers_the_acc
     assert identity.login(email="bo@example.com", password="correct horse battery").user.id == (
         user_id
     )
+
+
+def test_a_transaction_this_server_never_had_was_not_committed_here(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """After a failover to a standby that had not received the write, the transaction id the
+    write side asks about is beyond any the new primary has handed out: PostgreSQL refuses the
+    question ("transaction ID ... is in the future"). That write is not on this server (it was
+    lost with the old primary), which is the answer; not an unexpected error out of the settle
+    step (a 500 where the API answers UNAVAILABLE or the truth)."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+    assert row is not None
+    assert write_side.command_log is not None
+
+    assert write_side.command_log.committed(str(row[0] + 1_000_000)) is False
