@@ -725,6 +725,27 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
             curs.execute(statement, params, prepare=True)
             return [_notification(row) for row in curs.fetchall()]
 
+    def written_by(self, transaction_id: str, versions: Sequence[tuple[UUID, int]]) -> bool:
+        """Whether the transaction ``transaction_id`` wrote each (aggregate id, version): a
+        committed transaction id answers for this write only when its events carry it (after a
+        failover the new primary hands out again the ids of transactions it never received)."""
+        if not versions:
+            return True
+        statement = SQL(
+            "SELECT count(*) AS n FROM {0} AS e JOIN unnest(%s::uuid[], %s::int8[]) AS r(id, v)"
+            " ON e.originator_id = r.id AND e.originator_version = r.v"
+            " WHERE e.transaction_id = %s::xid8"
+        ).format(Identifier(self.datastore.schema, self.events_table_name))
+        ids = [i for i, _ in versions]
+        numbers = [v for _, v in versions]
+        try:
+            with self.datastore.get_connection() as conn, conn.cursor() as curs:
+                curs.execute(statement, (ids, numbers, transaction_id))
+                row = curs.fetchone()
+        except (OperationalError, InterfaceError) as error:
+            raise _translated(error) from error
+        return row is not None and int(row["n"]) == len(versions)
+
     def select_positioned_ranges(
         self, ranges: Sequence[tuple[UUID, int, int]]
     ) -> list[Notification]:

@@ -169,7 +169,7 @@ class Identity:
         except Unavailable as unknown:
             # Its commit interrupted: committed, the account is made (a retry would be told it
             # exists already); not, nothing was written and a retry is safe.
-            if self._commit_settled(unknown) is not True:
+            if self._commit_settled(unknown, [user, claim]) is not True:
                 raise
         return user_id
 
@@ -449,8 +449,9 @@ class Identity:
         for attempt in range(self.retries + 1):
             meta = self._meta(actor, correlation_id)
             changed, answer = decide(meta)
+            saving = [agg for agg in changed if agg.pending_events]
             try:
-                self._save(*[agg for agg in changed if agg.pending_events])
+                self._save(*saving)
             except Conflict as error:
                 if attempt == self.retries:
                     raise Conflict("too many concurrent changes to this account; retry") from error
@@ -460,7 +461,7 @@ class Identity:
                 # truth: a client that retries a refresh the store did commit presents a spent
                 # token, which revokes its session. Committed, this answer stands; not, decide
                 # again.
-                settled = self._commit_settled(unknown)
+                settled = self._commit_settled(unknown, saving)
                 if settled is None:
                     raise
                 if not settled:
@@ -474,13 +475,14 @@ class Identity:
             return answer
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _commit_settled(self, unknown: Unavailable) -> bool | None:
-        """Whether an interrupted commit committed (see ``WriteSide.commit_settled``); None when
-        the error is no interrupted commit or the store cannot tell."""
+    def _commit_settled(self, unknown: Unavailable, saved: list[Aggregate]) -> bool | None:
+        """Whether an interrupted commit of ``saved`` committed (see
+        ``WriteSide.commit_settled``); None when the error is no interrupted commit or the store
+        cannot tell."""
         settle = getattr(self.app, "commit_settled", None)
         if unknown.outcome != "unknown" or settle is None:
             return None
-        settled: bool | None = settle(unknown)
+        settled: bool | None = settle(unknown, saved)
         return settled
 
     def _save(self, *aggregates: Aggregate) -> None:

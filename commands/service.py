@@ -429,18 +429,26 @@ class WriteSide(Application[UUID]):
             command_id=command_id,
         ) from unknown
 
-    def commit_settled(self, unknown: Unavailable) -> bool | None:
-        """Whether a write whose commit was interrupted (the store raised ``unknown`` with
-        ``outcome="unknown"``) committed: True or False as the database says, None when it could
-        not tell within ``settle_seconds``. For writes recorded under no commandId (identity),
-        whose caller holds its own result."""
+    def commit_settled(
+        self, unknown: Unavailable, saved: Collection[Aggregate] = ()
+    ) -> bool | None:
+        """Whether a write of ``saved`` whose commit was interrupted (the store raised
+        ``unknown`` with ``outcome="unknown"``) committed: True or False as the database says,
+        None when it could not tell within ``settle_seconds``. For writes recorded under no
+        commandId (identity), whose caller holds its own result. A committed transaction counts
+        only when its id is on the saved aggregates' new events (a transaction id the server
+        never received, after a failover, is handed out again to another)."""
         transaction_id = unknown.details.get("transaction_id")
-        if self.command_log is None or not isinstance(transaction_id, str):
+        written_by = getattr(self.recorder, "written_by", None)
+        if self.command_log is None or not isinstance(transaction_id, str) or written_by is None:
             return None
+        versions = [(aggregate.id, aggregate.version) for aggregate in saved]
         deadline = time.monotonic() + self.settle_seconds
         while True:
             try:
                 committed = self.command_log.committed(transaction_id)
+                if committed:
+                    committed = bool(written_by(transaction_id, versions))
             except Unavailable:
                 committed = None  # the database is not back yet
             if committed is not None or time.monotonic() >= deadline:

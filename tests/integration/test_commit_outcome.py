@@ -229,3 +229,27 @@ def test_a_transaction_this_server_never_had_was_not_committed_here(
     assert write_side.command_log is not None
 
     assert write_side.command_log.committed(str(row[0] + 1_000_000)) is False
+
+
+def test_a_committed_transaction_id_that_is_not_the_writes_own_does_not_settle_it(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """After a failover the new primary hands out again the transaction ids it never received:
+    the id an interrupted write asks about may by then be another transaction's, committed. A
+    write without a command record (identity) counts as committed only when its own events
+    carry that transaction id."""
+    import psycopg
+
+    from domain.card import Card
+
+    board = bootstrap_board(write_side, lanes=LANES)
+    created = write_side.create_card(
+        m.CreateCard(project_id=board.project_id, title="mine"), board.owner
+    )
+    card = write_side.aggregate(Card, created.id)
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
+    assert row is not None
+    someone_elses = Unavailable("cut", outcome="unknown", transaction_id=row[0])
+
+    assert write_side.commit_settled(someone_elses, [card]) is False
