@@ -44,6 +44,7 @@ import psycopg
 import structlog
 from eventsourcing.persistence import (
     ApplicationRecorder,
+    DataError,
     IntegrityError,
     InterfaceError,
     Notification,
@@ -523,6 +524,7 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
                 only.error = error
             return
         attempt = _Attempt()
+        refused = False
         try:
             with self.datastore.get_connection() as conn:
                 try:
@@ -533,10 +535,19 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
                             member.error = _unknown_outcome(attempt)
                         return
                     _release(conn)
+                    # A statement the server refused on a connection still sound (a deadlock
+                    # with a writer elsewhere that one member waited on, a cancelled wait) is
+                    # psycopg's OperationalError too, but it is the group's doing, not an outage.
+                    refused = _refused_statement(conn, error)
                     raise
         except (OperationalError, InterfaceError):
+            if not refused:
+                for member in group:
+                    member.error = StoreUnavailable(NOTHING_WRITTEN, retry_after_seconds=1.0)
+                return
+            log.debug("eventstore.group_refused", appends=len(group), exc_info=True)
             for member in group:
-                member.error = StoreUnavailable(NOTHING_WRITTEN, retry_after_seconds=1.0)
+                member.alone = True
             return
         except Exception:  # each member finds its own outcome alone
             log.debug("eventstore.group_refused", appends=len(group), exc_info=True)
@@ -714,6 +725,27 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
             curs.execute(statement, params, prepare=True)
             return [_notification(row) for row in curs.fetchall()]
 
+    def written_by(self, transaction_id: str, versions: Sequence[tuple[UUID, int]]) -> bool:
+        """Whether the transaction ``transaction_id`` wrote each (aggregate id, version): a
+        committed transaction id answers for this write only when its events carry it (after a
+        failover the new primary hands out again the ids of transactions it never received)."""
+        if not versions:
+            return True
+        statement = SQL(
+            "SELECT count(*) AS n FROM {0} AS e JOIN unnest(%s::uuid[], %s::int8[]) AS r(id, v)"
+            " ON e.originator_id = r.id AND e.originator_version = r.v"
+            " WHERE e.transaction_id = %s::xid8"
+        ).format(Identifier(self.datastore.schema, self.events_table_name))
+        ids = [i for i, _ in versions]
+        numbers = [v for _, v in versions]
+        try:
+            with self.datastore.get_connection() as conn, conn.cursor() as curs:
+                curs.execute(statement, (ids, numbers, transaction_id))
+                row = curs.fetchone()
+        except (OperationalError, InterfaceError) as error:
+            raise _translated(error) from error
+        return row is not None and int(row["n"]) == len(versions)
+
     def select_positioned_ranges(
         self, ranges: Sequence[tuple[UUID, int, int]]
     ) -> list[Notification]:
@@ -856,6 +888,18 @@ def _outcome_unknown(conn: Connection[DictRow], attempt: _Attempt, error: BaseEx
         conn.closed
         or conn.broken
         or isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+    )
+
+
+def _refused_statement(conn: Connection[DictRow], error: BaseException) -> bool:
+    """Whether the server refused a statement (it answered with an error of its own) and the
+    connection is still sound: then nothing was written and the database is there."""
+    return (
+        isinstance(error, psycopg.Error)
+        and error.sqlstate is not None
+        and not error.sqlstate.startswith(("08", "57P"))  # connection lost, server shut down
+        and not conn.closed
+        and not conn.broken
     )
 
 
@@ -1027,6 +1071,12 @@ class PostgresCommandLog:
                 row = curs.fetchone()
         except (OperationalError, InterfaceError) as error:
             raise _unavailable(error) from error
+        except DataError as error:
+            if isinstance(error.__cause__, psycopg.errors.InvalidParameterValue):
+                # "transaction ID ... is in the future": this server never had it (a standby
+                # promoted before the write reached it), so it did not commit here.
+                return False
+            raise
         status = row["status"] if row else None
         if status == "in progress":
             return None

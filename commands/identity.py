@@ -27,6 +27,7 @@ from domain.errors import (
     MfaRequired,
     NotFound,
     Unauthenticated,
+    Unavailable,
     ValidationFailed,
 )
 from domain.meta import EventMeta
@@ -165,6 +166,11 @@ class Identity:
         except Conflict as error:
             # A concurrent sign-up claimed the address since the look-up above.
             raise Duplicate(taken) from error
+        except Unavailable as unknown:
+            # Its commit interrupted: committed, the account is made (a retry would be told it
+            # exists already); not, nothing was written and a retry is safe.
+            if self._commit_settled(unknown, [user, claim]) is not True:
+                raise
         return user_id
 
     def login(
@@ -443,14 +449,41 @@ class Identity:
         for attempt in range(self.retries + 1):
             meta = self._meta(actor, correlation_id)
             changed, answer = decide(meta)
+            saving = [agg for agg in changed if agg.pending_events]
             try:
-                self._save(*[agg for agg in changed if agg.pending_events])
+                self._save(*saving)
             except Conflict as error:
                 if attempt == self.retries:
                     raise Conflict("too many concurrent changes to this account; retry") from error
                 continue
+            except Unavailable as unknown:
+                # The connection broke while the COMMIT was on its way. The answer must be the
+                # truth: a client that retries a refresh the store did commit presents a spent
+                # token, which revokes its session. Committed, this answer stands; not, decide
+                # again.
+                settled = self._commit_settled(unknown, saving)
+                if settled is None:
+                    raise
+                if not settled:
+                    if attempt == self.retries:
+                        raise Unavailable(
+                            "the database connection kept breaking; nothing was written, "
+                            "retry shortly",
+                            retry_after_seconds=1.0,
+                        ) from unknown
+                    continue
             return answer
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _commit_settled(self, unknown: Unavailable, saved: list[Aggregate]) -> bool | None:
+        """Whether an interrupted commit of ``saved`` committed (see
+        ``WriteSide.commit_settled``); None when the error is no interrupted commit or the store
+        cannot tell."""
+        settle = getattr(self.app, "commit_settled", None)
+        if unknown.outcome != "unknown" or settle is None:
+            return None
+        settled: bool | None = settle(unknown, saved)
+        return settled
 
     def _save(self, *aggregates: Aggregate) -> None:
         """Save together; the store raises CONFLICT for a concurrent write and UNAVAILABLE when

@@ -301,7 +301,22 @@ class WriteSide(Application[UUID]):
             earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
             if earlier is not None:
                 return earlier
-        return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
+        try:
+            return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
+        except AgentWorksError as refusal:
+            # The same command, sent again while its first run was committing (a client retry
+            # after a timeout), found no record above and then lost to that run: a version its
+            # first run moved on, a lane it filled. Its command was done; a retry answers the
+            # first result.
+            if not sent_id or isinstance(refusal, Unavailable):
+                raise
+            try:
+                earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
+            except Unavailable:
+                raise refusal from None
+            if earlier is None:
+                raise
+            return earlier
 
     def _attempts(
         self,
@@ -413,6 +428,32 @@ class WriteSide(Application[UUID]):
             outcome="unknown",
             command_id=command_id,
         ) from unknown
+
+    def commit_settled(
+        self, unknown: Unavailable, saved: Collection[Aggregate] = ()
+    ) -> bool | None:
+        """Whether a write of ``saved`` whose commit was interrupted (the store raised
+        ``unknown`` with ``outcome="unknown"``) committed: True or False as the database says,
+        None when it could not tell within ``settle_seconds``. For writes recorded under no
+        commandId (identity), whose caller holds its own result. A committed transaction counts
+        only when its id is on the saved aggregates' new events (a transaction id the server
+        never received, after a failover, is handed out again to another)."""
+        transaction_id = unknown.details.get("transaction_id")
+        written_by = getattr(self.recorder, "written_by", None)
+        if self.command_log is None or not isinstance(transaction_id, str) or written_by is None:
+            return None
+        versions = [(aggregate.id, aggregate.version) for aggregate in saved]
+        deadline = time.monotonic() + self.settle_seconds
+        while True:
+            try:
+                committed = self.command_log.committed(transaction_id)
+                if committed:
+                    committed = bool(written_by(transaction_id, versions))
+            except Unavailable:
+                committed = None  # the database is not back yet
+            if committed is not None or time.monotonic() >= deadline:
+                return committed
+            time.sleep(self.settle_poll_seconds)
 
     def close(self) -> None:
         self.spend.close()

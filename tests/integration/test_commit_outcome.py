@@ -145,3 +145,111 @@ def test_database_gone_before_the_commit_answers_unavailable_without_unknown(
     assert refused.value.outcome is None
     assert card_titles_in_log(database_url)[title] == 0
     proxy.refuse(False)
+
+
+class _Tokens:
+    ttl_seconds = 900
+
+    def issue(self, user_id: UUID) -> str:
+        return f"access-{user_id}"
+
+
+@pytest.mark.parametrize("cut", ["after", "before"])
+def test_refresh_whose_commit_answer_was_lost_answers_the_truth_instead_of_spending_the_token(
+    through_proxy: AgentWorks, proxy: FaultProxy, cut: str
+) -> None:
+    """A refresh is a write too: its answer must be the truth. Answered UNAVAILABLE with the
+    outcome unknown, the client can only present the same refresh token again, which the first
+    refresh (if it committed) spent: that revokes the whole session (API.md /auth/refresh) and
+    the user is signed out by a network fault. The store can tell: committed, the new session
+    token is the answer; not committed, the refresh is decided again."""
+    from cryptography.fernet import Fernet
+
+    from adapters.credentials import Argon2Passwords, SecretBox, Totp
+    from commands.identity import Identity
+
+    identity = Identity(
+        through_proxy,
+        passwords=Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1),
+        totp=Totp(),
+        sealer=SecretBox(Fernet.generate_key().decode()),
+        access_tokens=_Tokens(),
+    )
+    identity.signup(email="ada@example.com", password="correct horse battery", name="Ada")
+    signed_in = identity.login(email="ada@example.com", password="correct horse battery")
+    proxy.cut_after_commit() if cut == "after" else proxy.cut_before_commit()
+
+    refreshed = identity.refresh(signed_in.refresh_token)
+
+    assert proxy.cuts == 1
+    assert refreshed.refresh_token != signed_in.refresh_token
+    assert identity.refresh(refreshed.refresh_token).user.id == signed_in.user.id
+
+
+def test_sign_up_whose_commit_landed_before_the_connection_broke_answers_the_account(
+    through_proxy: AgentWorks, proxy: FaultProxy
+) -> None:
+    """Told UNAVAILABLE, the client would sign up again and be told the address has an
+    account (DUPLICATE) already: its own, made by the first request."""
+    from cryptography.fernet import Fernet
+
+    from adapters.credentials import Argon2Passwords, SecretBox, Totp
+    from commands.identity import Identity
+
+    identity = Identity(
+        through_proxy,
+        passwords=Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1),
+        totp=Totp(),
+        sealer=SecretBox(Fernet.generate_key().decode()),
+        access_tokens=_Tokens(),
+    )
+    proxy.cut_after_commit()
+
+    user_id = identity.signup(email="bo@example.com", password="correct horse battery", name="Bo")
+
+    assert proxy.cuts == 1
+    assert identity.login(email="bo@example.com", password="correct horse battery").user.id == (
+        user_id
+    )
+
+
+def test_a_transaction_this_server_never_had_was_not_committed_here(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """After a failover to a standby that had not received the write, the transaction id the
+    write side asks about is beyond any the new primary has handed out: PostgreSQL refuses the
+    question ("transaction ID ... is in the future"). That write is not on this server (it was
+    lost with the old primary), which is the answer; not an unexpected error out of the settle
+    step (a 500 where the API answers UNAVAILABLE or the truth)."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+    assert row is not None
+    assert write_side.command_log is not None
+
+    assert write_side.command_log.committed(str(row[0] + 1_000_000)) is False
+
+
+def test_a_committed_transaction_id_that_is_not_the_writes_own_does_not_settle_it(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """After a failover the new primary hands out again the transaction ids it never received:
+    the id an interrupted write asks about may by then be another transaction's, committed. A
+    write without a command record (identity) counts as committed only when its own events
+    carry that transaction id."""
+    import psycopg
+
+    from domain.card import Card
+
+    board = bootstrap_board(write_side, lanes=LANES)
+    created = write_side.create_card(
+        m.CreateCard(project_id=board.project_id, title="mine"), board.owner
+    )
+    card = write_side.aggregate(Card, created.id)
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
+    assert row is not None
+    someone_elses = Unavailable("cut", outcome="unknown", transaction_id=row[0])
+
+    assert write_side.commit_settled(someone_elses, [card]) is False

@@ -11,6 +11,7 @@ conflict (only it fails) and the truth about a commit whose answer was lost.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -451,3 +452,104 @@ def _independent(appends: list[Any]) -> bool:
         and len({spec[2] for spec in appends}) == len(appends)
         and not set(read) & set(written)
     )
+
+
+def test_a_group_chosen_as_a_deadlock_victim_by_one_append_writes_the_others_alone(
+    database_url: str, recorder: EventStoreRecorder
+) -> None:
+    """One append of a group waits on a writer elsewhere (the same command id, sent again to
+    another replica, not committed yet) who then waits on an event of the group: PostgreSQL
+    breaks the deadlock by aborting the group's transaction. That is a statement refused, like a
+    version taken, not the database gone: the connection is fine, nothing was written, and each
+    append is written again on its own (the innocent one commits; it is not told UNAVAILABLE)."""
+    innocent = ([event()], command_record())
+    culprit = ([event()], command_record())
+    elsewhere = psycopg.connect(database_url)
+    waiter: list[threading.Thread] = []
+
+    def hold_the_command_id() -> None:
+        elsewhere.execute("SET LOCAL deadlock_timeout = '60s'")  # the group detects it
+        elsewhere.execute(
+            "INSERT INTO command_log (scope, command_id, command_type, fingerprint, actor, result)"
+            " VALUES ('ws', %s, 'MoveCard', 'f', 'bob', '{}')",
+            (culprit[1].command_id,),
+        )
+
+        def wait_on_the_group() -> None:
+            until(lambda: transaction_waits(database_url) == 1, "the group waits on the id")
+            with contextlib.suppress(psycopg.Error):
+                elsewhere.execute(
+                    f"INSERT INTO {EVENTS_TABLE} (originator_id, originator_version, topic, state)"
+                    " VALUES (%s, 1, 'topic', '\\x7b7d')",
+                    (culprit[0][0].originator_id,),
+                )
+            elsewhere.rollback()
+
+        waiter.append(threading.Thread(target=wait_on_the_group))
+        waiter[0].start()
+
+    try:
+        _, queued = grouped(
+            database_url,
+            recorder,
+            lambda: recorder.insert_events([event()]),
+            [
+                lambda: recorder.insert_events(innocent[0], command_record=innocent[1]),
+                lambda: recorder.insert_events(culprit[0], command_record=culprit[1]),
+            ],
+            before_release=hold_the_command_id,
+        )
+        waiter[0].join(timeout=60)
+    finally:
+        elsewhere.close()
+
+    rows = stored(database_url)
+    positions = recorded_positions(database_url)
+    for (events, rec), future in zip([innocent, culprit], queued, strict=True):
+        assert list(future.result()) == [rows[(events[0].originator_id, 1)][0]]
+        assert positions[rec.command_id] == future.result()[0]
+    assert advisory_locks(database_url, granted=True) == 0
+
+
+def transaction_waits(database_url: str) -> int:
+    """How many sessions wait on another's transaction (a row or key it has not committed)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_command_id_sent_again_while_its_first_run_commits_answers_the_first_result(
+    database_url: str, write_side: AgentWorks, board: Board
+) -> None:
+    """A client whose request timed out sends the same move (same commandId, same
+    expectedVersion) again while the first run is still committing: the retry finds no record
+    yet, decides on the version it expected, loses the version to the first run and decides
+    again on the state the first run made. Its command was done, so it answers the first result
+    (API: a retry returns the first result), not CONFLICT for the version its own first run
+    moved on."""
+    recorder = store_recorder(write_side)
+    recorder.group_commit.max_in_flight = 1
+    (card,) = add_cards(write_side, board, 1)
+    command = m.MoveCard(card_id=card, to_lane="Doing", expected_version=1, command_id=uuid4())
+
+    def send() -> CommandResult:
+        return write_side.move_card(command, board.owner)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        with store_locked(database_url):
+            first = pool.submit(send)
+            until(
+                lambda: advisory_locks(database_url, granted=False) == 1,
+                "the first run waits on the lock",
+            )
+            again = pool.submit(send)
+            until(lambda: recorder.group_commit.waiting == 1, "the retry is queued behind it")
+        answers = [first.result(timeout=60), again.result(timeout=60)]
+
+    assert [a.replayed for a in answers] == [False, True]
+    assert {(a.id, a.version, a.position) for a in answers} == {(card, 2, answers[0].position)}
+    assert versions(database_url, [card]) == {card: 2}
+    assert command_log_count(database_url, command.command_id) == 1
