@@ -7,17 +7,14 @@ from __future__ import annotations
 import contextlib
 import json
 from typing import TYPE_CHECKING
-from uuid import UUID
 
 import pytest
 from board_helpers import bootstrap_board
-from cryptography.fernet import Fernet
+from identities import cheap_identity
 from test_cli import agentworks
 
 from adapters.audit_signing import DEV_AUDIT_KEY_FILE, load_public_key
-from adapters.credentials import Argon2Passwords, SecretBox, Totp
 from commands import models as m
-from commands.identity import Identity
 from domain.errors import Unauthenticated
 from streams.audit import verify
 
@@ -31,23 +28,10 @@ pytestmark = pytest.mark.slow
 PASSWORD = "correct horse battery"
 
 
-class Tokens:
-    ttl_seconds = 900
-
-    def issue(self, user_id: UUID) -> str:
-        return f"access-{user_id}"
-
-
 def test_export_holds_members_sign_ins_only_while_they_are_members(
     write_side: AgentWorks, database_url: str, tmp_path: Path
 ) -> None:
-    identity = Identity(
-        write_side,
-        passwords=Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1),
-        totp=Totp(),
-        sealer=SecretBox(Fernet.generate_key().decode()),
-        access_tokens=Tokens(),
-    )
+    identity = cheap_identity(write_side)
     board = bootstrap_board(write_side)
     ada = identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
     eve = identity.signup(email="eve@example.com", password=PASSWORD, name="Eve")

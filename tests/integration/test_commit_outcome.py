@@ -16,6 +16,7 @@ from uuid import UUID, uuid4
 import pytest
 from board_helpers import LANES, bootstrap_board, command_log_count
 from fault_proxy import FaultProxy
+from identities import cheap_identity
 from outage_helpers import CREATE_CARD, card_ids_in_log, card_titles_in_log, start_api_stack
 
 from commands import models as m
@@ -147,13 +148,6 @@ def test_database_gone_before_the_commit_answers_unavailable_without_unknown(
     proxy.refuse(False)
 
 
-class _Tokens:
-    ttl_seconds = 900
-
-    def issue(self, user_id: UUID) -> str:
-        return f"access-{user_id}"
-
-
 @pytest.mark.parametrize("cut", ["after", "before"])
 def test_refresh_whose_commit_answer_was_lost_answers_the_truth_instead_of_spending_the_token(
     through_proxy: AgentWorks, proxy: FaultProxy, cut: str
@@ -163,18 +157,7 @@ def test_refresh_whose_commit_answer_was_lost_answers_the_truth_instead_of_spend
     refresh (if it committed) spent: that revokes the whole session (API.md /auth/refresh) and
     the user is signed out by a network fault. The store can tell: committed, the new session
     token is the answer; not committed, the refresh is decided again."""
-    from cryptography.fernet import Fernet
-
-    from adapters.credentials import Argon2Passwords, SecretBox, Totp
-    from commands.identity import Identity
-
-    identity = Identity(
-        through_proxy,
-        passwords=Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1),
-        totp=Totp(),
-        sealer=SecretBox(Fernet.generate_key().decode()),
-        access_tokens=_Tokens(),
-    )
+    identity = cheap_identity(through_proxy)
     identity.signup(email="ada@example.com", password="correct horse battery", name="Ada")
     signed_in = identity.login(email="ada@example.com", password="correct horse battery")
     proxy.cut_after_commit() if cut == "after" else proxy.cut_before_commit()
@@ -191,18 +174,7 @@ def test_sign_up_whose_commit_landed_before_the_connection_broke_answers_the_acc
 ) -> None:
     """Told UNAVAILABLE, the client would sign up again and be told the address has an
     account (DUPLICATE) already: its own, made by the first request."""
-    from cryptography.fernet import Fernet
-
-    from adapters.credentials import Argon2Passwords, SecretBox, Totp
-    from commands.identity import Identity
-
-    identity = Identity(
-        through_proxy,
-        passwords=Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1),
-        totp=Totp(),
-        sealer=SecretBox(Fernet.generate_key().decode()),
-        access_tokens=_Tokens(),
-    )
+    identity = cheap_identity(through_proxy)
     proxy.cut_after_commit()
 
     user_id = identity.signup(email="bo@example.com", password="correct horse battery", name="Bo")

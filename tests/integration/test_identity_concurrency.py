@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from uuid import UUID
 
 import pytest
-from cryptography.fernet import Fernet
+from identities import cheap_identity
 
-from adapters.credentials import Argon2Passwords, SecretBox, Totp
 from commands.handlers import AgentWorks
 from commands.identity import Identity, SessionGrant
 from domain.errors import AgentWorksError, Duplicate, Unauthenticated
@@ -24,22 +23,9 @@ PASSWORD = "correct horse battery"
 WRITERS = 8
 
 
-class Tokens:
-    ttl_seconds = 900
-
-    def issue(self, user_id: UUID) -> str:
-        return f"access-{user_id}"
-
-
 @pytest.fixture
 def identity(write_side: AgentWorks) -> Identity:
-    return Identity(
-        write_side,
-        passwords=Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1),
-        totp=Totp(),
-        sealer=SecretBox(Fernet.generate_key().decode()),
-        access_tokens=Tokens(),
-    )
+    return cheap_identity(write_side)
 
 
 def _all_at_once(n: int, work: object) -> list[object]:

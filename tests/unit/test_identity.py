@@ -10,11 +10,10 @@ from uuid import UUID
 
 import pytest
 from credentials import rfc6238
-from cryptography.fernet import Fernet
 from hypothesis import given
 from hypothesis import strategies as st
+from identities import cheap_identity
 
-from adapters.credentials import Argon2Passwords, SecretBox, Totp
 from commands.identity import Identity, SessionGrant
 from domain.errors import (
     Duplicate,
@@ -27,13 +26,6 @@ from domain.user import Session, email_claim_id, normalise_email
 from tests.unit.aw_builders import new_app
 
 PASSWORD = "correct horse battery"
-
-
-class Tokens:
-    ttl_seconds = 900
-
-    def issue(self, user_id: UUID) -> str:
-        return f"access-for-{user_id}"
 
 
 class Clock:
@@ -51,14 +43,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def identity(clock: Clock) -> Identity:
-    return Identity(
-        new_app(),
-        passwords=Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1),
-        totp=Totp(),
-        sealer=SecretBox(Fernet.generate_key().decode()),
-        access_tokens=Tokens(),
-        clock=clock,
-    )
+    return cheap_identity(new_app(), clock=clock)
 
 
 def all_events(identity: Identity) -> list[object]:
