@@ -134,6 +134,7 @@ class _AuthRoutes:
 
     async def refresh(self, request: Request, rid: str) -> Response:
         token = await self._refresh_token(request)
+        await self._limit_session(token)
         try:
             grant = await self.runtime.offloader.run(
                 lambda: self.identity.refresh(token, correlation_id=rid)
@@ -279,6 +280,22 @@ class _AuthRoutes:
                 )
             )
         await self.runtime.limiter.hit(limits)
+
+    async def _limit_session(self, token: str) -> None:
+        """Refreshes of one session count at the account's sign-in rate: each one is a write,
+        and a holder of a refresh token could otherwise write as fast as it can send (a client
+        refreshes once an access token's lifetime). A token naming no session is left to the
+        refresh, which refuses it and counts the address."""
+        most = self.auth.login_per_account_per_minute
+        session, dot, _ = token.strip().partition(".")
+        if most is None or not dot:
+            return
+        try:
+            session_id = UUID(hex=session)
+        except ValueError:
+            return
+        key = f"{self.auth.key_prefix}:refresh-session:{session_id}"
+        await self.runtime.limiter.hit([Limit(key, most, "session's refreshes")])
 
     async def _limit_address(self, request: Request) -> None:
         if self.auth.login_per_address_per_minute is None:

@@ -410,6 +410,30 @@ def test_guessing_the_current_password_is_limited_per_account_like_logins(
         assert error_of(limited) == (429, "RATE_LIMITED")
 
 
+def test_a_sessions_refreshes_are_limited_like_an_accounts_logins(
+    module_database_url: str, redis_url: str
+) -> None:
+    """Every refresh is a write: a holder of a refresh token could rotate it as fast as it can
+    send (a client needs one refresh per access token lifetime), and only failed refreshes
+    counted against anything."""
+    with limited_client(
+        module_database_url,
+        redis_url,
+        {"login_per_account_per_minute": 3, "login_per_address_per_minute": 10_000},
+    ) as http:
+        signup(http, "refresher@example.com")
+        token = login(http, "refresher@example.com").json()["refreshToken"]
+        for _ in range(3):
+            answer = http.post("/auth/refresh", json={"refreshToken": token})
+            assert answer.status_code == 200, answer.text
+            token = answer.json()["refreshToken"]
+        limited = http.post("/auth/refresh", json={"refreshToken": token})
+        assert error_of(limited) == (429, "RATE_LIMITED")
+        assert int(limited.headers["retry-after"]) >= 1
+        other = login(http, "refresher@example.com").json()["refreshToken"]
+        assert http.post("/auth/refresh", json={"refreshToken": other}).status_code == 200
+
+
 def test_change_password_over_http(http: httpx.Client) -> None:
     signup(http, "hopper@example.com", "Grace Hopper")
     token = login(http, "hopper@example.com").json()["accessToken"]
