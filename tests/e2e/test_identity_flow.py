@@ -47,6 +47,14 @@ def login(http: httpx.Client, email: str, **extra: Any) -> httpx.Response:
     return http.post("/auth/login", json={"email": email, "password": PASSWORD, **extra})
 
 
+def signed_in(http: httpx.Client, email: str) -> dict[str, Any]:
+    """A new account's first session: the login's answer."""
+    signup(http, email)
+    answer = login(http, email)
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
 def error_of(answer: httpx.Response) -> tuple[int, str]:
     return answer.status_code, answer.json()["error"]["code"]
 
@@ -325,10 +333,13 @@ def test_text_no_json_client_can_encode_is_refused_not_a_server_error(
 
 @contextmanager
 def limited_client(
-    database_url: str, redis_url: str, limits: dict[str, int], **build: Any
-) -> Iterator[httpx.Client]:
-    """A client of an API of its own whose sign-in limits are ``limits``, used within one fixed
-    one-minute window of theirs."""
+    database_url: str, redis_url: str, *, per_account: int = 3, per_address: int = 10_000,
+    **build: Any,
+) -> Iterator[httpx.Client]:  # fmt: skip
+    """A client of an API of its own whose sign-in limits are ``per_account`` and
+    ``per_address`` a minute, used within one fixed one-minute window of theirs."""
+    limits = {"login_per_account_per_minute": per_account,
+              "login_per_address_per_minute": per_address}  # fmt: skip
     stacks = StackBuilder(redis_url)
     try:
         stack = stacks.build(database_url, auth=limits, **build)
@@ -343,12 +354,7 @@ def limited_client(
 def test_logins_are_limited_per_account_and_per_address(
     module_database_url: str, redis_url: str
 ) -> None:
-    with limited_client(
-        module_database_url,
-        redis_url,
-        {"login_per_account_per_minute": 3, "login_per_address_per_minute": 6},
-        broadcaster="redis",
-    ) as http:
+    with limited_client(module_database_url, redis_url, per_address=6, broadcaster="redis") as http:
         signup(http, "target@example.com")
         for _ in range(3):
             assert error_of(
@@ -366,11 +372,8 @@ def test_guessing_codes_to_turn_mfa_off_is_limited_like_logins(
 ) -> None:
     """/auth/mfa/disable checks a TOTP code like a login does, but was not limited: whoever holds
     an access token could try codes until one of the three in force matched."""
-    with limited_client(
-        module_database_url, redis_url, {"login_per_account_per_minute": 3}
-    ) as http:
-        signup(http, "guessed@example.com")
-        token = login(http, "guessed@example.com").json()["accessToken"]
+    with limited_client(module_database_url, redis_url) as http:
+        token = signed_in(http, "guessed@example.com")["accessToken"]
         auth = {"Authorization": f"Bearer {token}"}
         secret = http.post("/auth/mfa/enroll", headers=auth).json()["secret"]
         confirmed = http.post(
@@ -392,13 +395,8 @@ def test_guessing_the_current_password_is_limited_per_account_like_logins(
 ) -> None:
     """/auth/password checks the current password, but only per address: whoever holds an access
     token could guess the password from many addresses past the account's login limit."""
-    with limited_client(
-        module_database_url,
-        redis_url,
-        {"login_per_account_per_minute": 3, "login_per_address_per_minute": 10_000},
-    ) as http:
-        signup(http, "guessed-password@example.com")
-        token = login(http, "guessed-password@example.com").json()["accessToken"]
+    with limited_client(module_database_url, redis_url) as http:
+        token = signed_in(http, "guessed-password@example.com")["accessToken"]
         auth = {"Authorization": f"Bearer {token}"}
         for i in range(3):
             guess = {"currentPassword": f"guess number {i}", "newPassword": "a new password!"}
@@ -416,13 +414,8 @@ def test_a_sessions_refreshes_are_limited_like_an_accounts_logins(
     """Every refresh is a write: a holder of a refresh token could rotate it as fast as it can
     send (a client needs one refresh per access token lifetime), and only failed refreshes
     counted against anything."""
-    with limited_client(
-        module_database_url,
-        redis_url,
-        {"login_per_account_per_minute": 3, "login_per_address_per_minute": 10_000},
-    ) as http:
-        signup(http, "refresher@example.com")
-        token = login(http, "refresher@example.com").json()["refreshToken"]
+    with limited_client(module_database_url, redis_url) as http:
+        token = signed_in(http, "refresher@example.com")["refreshToken"]
         for _ in range(3):
             answer = http.post("/auth/refresh", json={"refreshToken": token})
             assert answer.status_code == 200, answer.text
