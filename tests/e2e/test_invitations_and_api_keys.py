@@ -89,13 +89,14 @@ def workspace_of(http: httpx.Client, token: str, name: str) -> str:
     return str(made["createWorkspace"]["workspace"]["id"])
 
 
-def owner_and_admin(http: httpx.Client, domain: str, name: str) -> tuple[str, str, str, str]:
-    """A new workspace ``name``: its owner's token, its id, and an ADMIN's id and token."""
+def owner_and_admin(http: httpx.Client, domain: str, name: str) -> tuple[str, str, str, str, str]:
+    """A new workspace ``name``: its owner's token, its id, an ADMIN's id and token, and the
+    consistency token of the ADMIN's addition."""
     _, owner = user(http, f"owner@{domain}")
     workspace_id = workspace_of(http, owner, name)
     admin_id, admin = user(http, f"admin@{domain}")
-    data(gql(http, owner, ADD_MEMBER, w=workspace_id, u=admin_id, r="ADMIN"))
-    return owner, workspace_id, admin_id, admin
+    added = data(gql(http, owner, ADD_MEMBER, w=workspace_id, u=admin_id, r="ADMIN"))
+    return owner, workspace_id, admin_id, admin, str(added["addMember"]["consistencyToken"])
 
 
 def test_invite_accept_twice_and_revoke(http: httpx.Client, auth_stack: Stack) -> None:
@@ -163,7 +164,7 @@ def test_an_expired_invitation_cannot_be_accepted(http: httpx.Client, auth_stack
 def test_api_key_acts_at_its_role_capped_by_its_creator_and_dies_on_revoke(
     http: httpx.Client, auth_stack: Stack
 ) -> None:
-    owner, workspace_id, admin_id, admin = owner_and_admin(http, "keys.test", "Keys")
+    owner, workspace_id, admin_id, admin, _ = owner_and_admin(http, "keys.test", "Keys")
 
     assert code(gql(http, admin, CREATE_KEY, w=workspace_id, n="too high", r="OWNER")) == (
         "FORBIDDEN"
@@ -211,7 +212,7 @@ def test_api_key_acts_at_its_role_capped_by_its_creator_and_dies_on_revoke(
 def test_an_invitation_grants_only_what_its_inviter_may_still_grant(
     http: httpx.Client, auth_stack: Stack
 ) -> None:
-    owner, workspace_id, admin_id, admin = owner_and_admin(
+    owner, workspace_id, admin_id, admin, _ = owner_and_admin(
         http, "inviter-demoted.test", "Inviter demoted"
     )
     _, invitee = user(http, "invitee@inviter-demoted.test")
@@ -242,3 +243,30 @@ def test_an_invitation_grants_only_what_its_inviter_may_still_grant(
     assert code(removed) == "FORBIDDEN"
     assert "no longer a member" in removed.json()["errors"][0]["message"]
     assert data(gql(http, other, ME))["me"]["workspaces"] == []
+
+
+def test_me_shows_the_role_each_credential_acts_with(http: httpx.Client, auth_stack: Stack) -> None:
+    owner, workspace_id, admin_id, admin, written = owner_and_admin(
+        http, "me-roles.test", "Me roles"
+    )
+
+    def role_seen(token: str) -> str:
+        (mine,) = data(gql(http, token, ME, after=written))["me"]["workspaces"]
+        assert mine["id"] == workspace_id
+        return str(mine["role"])
+
+    assert role_seen(admin) == "ADMIN"  # a user token: the membership's role
+    # A workspace token's claim is a ceiling: it lowers the role, never raises it.
+    viewer_token = auth_stack.token(admin_id, workspace_id, "VIEWER")
+    assert role_seen(viewer_token) == "VIEWER"
+    assert code(gql(http, viewer_token, CREATE_PROJECT, w=workspace_id, n="Refused")) == (
+        "FORBIDDEN"
+    )
+    assert role_seen(auth_stack.token(admin_id, workspace_id, "OWNER")) == "ADMIN"
+    # An API key acts at its role, capped by its creator's current role.
+    key = data(gql(http, admin, CREATE_KEY, w=workspace_id, n="bot", r="MEMBER"))
+    secret = key["createApiKey"]["secret"]
+    assert role_seen(secret) == "MEMBER"
+    demoted = data(gql(http, owner, CHANGE_ROLE, w=workspace_id, u=admin_id, r="VIEWER"))
+    written = demoted["changeRole"]["consistencyToken"]
+    assert role_seen(secret) == "VIEWER"
