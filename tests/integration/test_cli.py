@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import jwt
 import pg
+import psycopg
 import pytest
 from credentials import rsa_pem_pair
 
@@ -295,6 +296,24 @@ class TestMigrate:
         )
 
         assert "postgresql://" in assert_one_line_error(result)
+
+    def test_an_applied_migration_whose_file_changed_fails_with_exit_1_naming_it(
+        self, tmp_path: Path, database_url: str
+    ) -> None:
+        # As if 0001's file had been edited since: the stored checksum is not the file's.
+        stored = "0" * 64
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE schema_migrations SET checksum = %s WHERE version = '0001'", (stored,)
+            )
+        first = discover()[0]
+
+        result = agentworks("migrate", "--database-url", database_url, cwd=tmp_path)
+
+        line = assert_error_last(result, 1)
+        assert first.filename in line
+        assert stored in line
+        assert first.checksum in line
 
     def test_unreachable_database_fails_with_exit_1(self, tmp_path: Path) -> None:
         result = agentworks(
