@@ -290,6 +290,18 @@ class TestMigrate:
         assert "AGENTWORKS_DATABASE_URL" in line
         assert not (tmp_path / ".agentworks").exists()
 
+    def test_a_misspelt_setting_is_a_usage_error_before_any_embedded_database_starts(
+        self, tmp_path: Path
+    ) -> None:
+        # Ignored before: migrate went on to the data dir's embedded database.
+        result = agentworks(
+            "migrate", cwd=tmp_path, env={"AGENTWORKS_DATABSE_URL": "postgresql://db/x"}
+        )
+
+        line = assert_one_line_error(result)
+        assert "AGENTWORKS_DATABSE_URL (did you mean AGENTWORKS_DATABASE_URL?)" in line
+        assert not (tmp_path / ".agentworks").exists()
+
     def test_a_non_postgres_url_is_a_usage_error(self, tmp_path: Path) -> None:
         result = agentworks(
             "migrate", cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": "mysql://root@localhost/x"}
