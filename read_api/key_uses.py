@@ -64,6 +64,7 @@ class KeyUseRecorder:
         self._statement_timeout_ms = statement_timeout_ms
         self._due: dict[UUID, datetime] = {}
         """Per key, when its next use is worth writing."""
+        self._forget_above = _MAX_QUEUED
         self._queue: asyncio.Queue[KeyUse] = asyncio.Queue(maxsize=_MAX_QUEUED)
         self._writer: asyncio.Task[None] | None = None
 
@@ -83,7 +84,7 @@ class KeyUseRecorder:
             API_KEY_USES_UNRECORDED.labels("dropped").inc()
             return
         self._due[key_id] = now + self._interval
-        if len(self._due) > _MAX_QUEUED:
+        if len(self._due) > self._forget_above:
             self._forget_due_before(now)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(
@@ -100,6 +101,9 @@ class KeyUseRecorder:
         """Drop keys whose next use would be written anyway: the map holds recent keys only."""
         for key_id in [key_id for key_id, due in self._due.items() if due <= now]:
             del self._due[key_id]
+        # Many keys in use at once: look again only when their number has doubled, so that
+        # sweeping the map costs a constant per use however many there are.
+        self._forget_above = max(_MAX_QUEUED, 2 * len(self._due))
 
     async def _write_queued(self) -> None:
         while True:
