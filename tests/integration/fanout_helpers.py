@@ -257,14 +257,22 @@ class Workload:
     def _access(self, tenant: Tenant) -> None:
         """Two API keys and two invitations, one of each revoked."""
         ws, owner = tenant.workspace_id, tenant.owner
-        keys = [
-            create_api_key(self.app, CreateApiKey(workspace_id=ws, name=name, role="MEMBER"), owner)
-            for name in ("ci", "deploy")
-        ]
-        invited = [
-            invite_member(self.app, InviteMember(workspace_id=ws, email=e, role="VIEWER"), owner)
-            for e in ("one@example.test", "two@example.test")
-        ]
+        try:
+            keys = [
+                create_api_key(
+                    self.app, CreateApiKey(workspace_id=ws, name=name, role="MEMBER"), owner
+                )
+                for name in ("ci", "deploy")
+            ]
+            invited = [
+                invite_member(
+                    self.app, InviteMember(workspace_id=ws, email=e, role="VIEWER"), owner
+                )
+                for e in ("one@example.test", "two@example.test")
+            ]
+        except AgentWorksError:
+            self.refused += 1
+            return
         self.commands += 4
         self._do(revoke_api_key, self.app, RevokeApiKey(api_key_id=keys[0].result.id), owner)
         revoke = RevokeInvitation(invitation_id=invited[0].result.id)
