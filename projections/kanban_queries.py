@@ -144,9 +144,12 @@ def _newest_first(table: str, key: str, columns: str, open_rows: str, join: str 
     answers. A page of open rows only reads them alone (``open_rows`` is the condition of the
     table's partial index): a workspace with thousands of revoked keys lists its live ones
     without reading past the others."""
+    # Rows before the cursor's row; without a cursor, before the end of time. One comparison
+    # either way, so that it bounds the index scan instead of filtering it: a page deep in a long
+    # list starts at its cursor. (A cursor that names no row compares with null: no rows.)
     after = (
-        f"(k.after IS NULL OR (a.created_at, a.{key}) <"
-        f" (SELECT c.created_at, c.{key} FROM {table} AS c WHERE c.{key} = k.after))"
+        f"(a.created_at, a.{key}) < (SELECT c.created_at, c.{key} FROM {table} AS c"
+        f" WHERE c.{key} = k.after UNION ALL SELECT 'infinity', NULL WHERE k.after IS NULL)"
     )
     page = (
         f"SELECT {columns} FROM {table} AS a {join}"
