@@ -33,10 +33,11 @@ from uuid import UUID, uuid4
 import structlog
 
 from adapters.providers.base import (
+    Accepted,
     ChatRequest,
     PermanentProviderError,
+    Piece,
     Provider,
-    StreamBroken,
     TransientProviderError,
     Usage,
 )
@@ -711,7 +712,7 @@ class Orchestrator:
             await self._settle(store, view, month, hold_id, call.charged)
 
     async def _stream(
-        self, call: _Call, stream: AsyncIterator[str | Usage], batcher: LogBatcher
+        self, call: _Call, stream: AsyncIterator[Piece], batcher: LogBatcher
     ) -> _Outcome:
         view, option, input_tokens, started_at = (
             call.view, call.option, call.input_tokens, call.started_at
@@ -720,15 +721,29 @@ class Orchestrator:
         text: list[str] = []
         output_tokens = 0
         usage: Usage | None = None
+        accepted: Accepted | None = None
         error: Exception | None = None
         budget_hit = False
         t0 = time.monotonic()
+
+        def used() -> Usage:
+            """What a call cut short used, as far as we know: the provider's count of the
+            prompt when its wire gave one, else ours; the output received, counted."""
+            output = count_tokens("".join(text))
+            if accepted is None or accepted.input_tokens is None:
+                return Usage(input_tokens, output, estimated=True)
+            return Usage(accepted.input_tokens, output, estimated=output > 0)
+
         try:
             async with contextlib.aclosing(stream):  # type: ignore[type-var]
                 async for piece in stream:
                     if isinstance(piece, Usage):
                         usage = piece
                         break
+                    if isinstance(piece, Accepted):
+                        if accepted is None or piece.input_tokens is not None:
+                            accepted = piece
+                        continue
                     text.append(piece)
                     batcher.add(piece)
                     output_tokens += count_tokens(piece)
@@ -738,14 +753,14 @@ class Orchestrator:
         except (TransientProviderError, PermanentProviderError) as caught:
             error = caught
         except asyncio.CancelledError:
-            # Cancelled, timed out or stopping: what streamed so far was produced and is billed
-            # by the provider, so it is charged (estimated) before the cancellation goes on.
-            if text:
+            # Cancelled, timed out or stopping: once the provider took the call it bills the
+            # prompt and whatever streamed so far, so that is charged before the cancellation
+            # goes on. Cut before it answered, the call may never have reached it: no charge.
+            if text or accepted is not None:
                 latency_ms = int((time.monotonic() - t0) * 1000)
-                partial = Usage(input_tokens, count_tokens("".join(text)), estimated=True)
                 with contextlib.suppress(_Lost, AgentWorksError):
                     await self._attempt(
-                        view, option, "failed", None, "stopped: cancelled", latency_ms, partial,
+                        view, option, "failed", None, "stopped: cancelled", latency_ms, used(),
                         started_at, charged=call.charged,
                     )  # fmt: skip
             raise
@@ -760,9 +775,11 @@ class Orchestrator:
                 charged=call.charged,
             )  # fmt: skip
             return _Outcome(ok=True, text=received)
-        # No usage block: what was sent and received is charged from our own counts.
-        streamed = bool(text) or isinstance(error, StreamBroken) or budget_hit
-        estimate = Usage(input_tokens, count_tokens(received), estimated=True)
+        # No usage block: a call the provider took (a stream cut, a timeout, an error event
+        # after it began) is charged for what was sent and received, from our own counts where
+        # the provider gave none.
+        streamed = bool(text) or accepted is not None or budget_hit
+        estimate = used()
         if budget_hit:
             await self._attempt(
                 view, option, "failed", None, "stopped: budget reached", latency_ms, estimate,

@@ -1,0 +1,147 @@
+"""Calls cut short are charged: the provider bills a prompt it took, however the call ends.
+
+A call cancelled (the run cancelled, its deadline) before any output came was recorded nowhere
+and charged nothing, although the provider had the prompt and bills it. Charged now from the
+moment the provider accepted the call: with the provider's count of the prompt where its wire
+gives one before the text (Anthropic's ``message_start``), else our tokenizer's estimate,
+marked ``estimated``; no output tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+from uuid import UUID
+
+import pytest
+from orchestrator_helpers import (
+    CardOnBoard,
+    card_on_board,
+    events_of,
+    finished,
+    orchestrator_thread,
+    start,
+    wait_for,
+)
+from provider_servers import FakeProviderServer, Reply, anthropic_events, openai_events
+
+from adapters.providers.anthropic import AnthropicProvider
+from adapters.providers.base import Accepted, ChatRequest, Piece, Provider
+from adapters.providers.openai import OpenAIProvider
+from adapters.tokenizer import count_message_tokens
+from commands import models as m
+from commands.handlers import AgentWorks
+from domain.agent_run import AgentRun, RunStatus
+from domain.pricing import call_cost_micros
+from domain.usage import UsageCharge
+
+pytestmark = pytest.mark.slow
+
+#: Long enough that the call is still waiting for its first text when the test cuts it.
+STALL = 60.0
+
+
+class Watched:
+    """A provider adapter whose calls tell the test (a thread away) when the provider accepted
+    them: set in the same step the orchestrator receives the :class:`Accepted`, so a cut the
+    test sends after it reaches the orchestrator after it too."""
+
+    def __init__(self, provider: Provider, *, with_count: bool = False) -> None:
+        self.inner = provider
+        self.name = provider.name
+        self.with_count = with_count
+        self.accepted = threading.Event()
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
+        async for piece in self.inner.stream(request):
+            if isinstance(piece, Accepted) and (piece.input_tokens or not self.with_count):
+                self.accepted.set()
+            yield piece
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def stalled_after_acceptance(frames: list[str]) -> Reply:
+    """The first frame (OpenAI's role chunk, Anthropic's message_start), then nothing for long."""
+    return Reply(events=frames, event_delay=STALL)
+
+
+def cancel_once_accepted(
+    app: AgentWorks, card: CardOnBoard, run_id: UUID, provider: Watched
+) -> None:
+    assert provider.accepted.wait(30), "the provider never accepted the call"
+    app.cancel_agent_run(m.CancelAgentRun(run_id=run_id, reason="enough"), card.board.owner)
+
+
+def the_one_charged_attempt(app: AgentWorks, run: AgentRun) -> tuple[Any, Any]:
+    """The run's one attempt and its charge (as charged), both checked to say no output."""
+    [attempt] = events_of(app, run.id, AgentRun.AttemptRecorded)
+    [call] = events_of(app, run.id, AgentRun.LlmCallCompleted)
+    [charge] = events_of(app, call.charge_id, UsageCharge.Charged)
+    assert (attempt.status, attempt.output_tokens, call.output_tokens) == ("failed", 0, 0)
+    assert call.input_tokens == attempt.input_tokens == charge.input_tokens
+    assert charge.billed_micros == run.billed_micros > 0
+    return attempt, charge
+
+
+def test_an_openai_call_cancelled_before_any_output_is_charged_its_estimated_prompt(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    frames = openai_events(["never sent"], prompt_tokens=999, completion_tokens=2)
+    with FakeProviderServer([stalled_after_acceptance(frames)]) as server:
+        provider = Watched(OpenAIProvider(api_key="k", base_url=server.url))
+        with orchestrator_thread(database_url, {"openai": provider}):
+            run_id = start(write_side, card, provider="openai", model="gpt-4o-mini")
+            cancel_once_accepted(write_side, card, run_id, provider)
+            run = wait_for(write_side, run_id, lambda r: r.attempts > 0 and r.billed_micros > 0)
+    assert run.status is RunStatus.CANCELLED
+    attempt, charge = the_one_charged_attempt(write_side, run)
+    prompt = count_message_tokens(server.requests[0].body["messages"])
+    assert (attempt.input_tokens, attempt.estimated, attempt.error) == (
+        prompt, True, "stopped: cancelled",
+    )  # fmt: skip
+    price = write_side.prices.require("openai", "gpt-4o-mini", charge.timestamp)
+    assert charge.provider_cost_micros == call_cost_micros(price, input_tokens=prompt,
+                                                           output_tokens=0)  # fmt: skip
+    assert charge.price_table_version == write_side.prices.version
+
+
+def test_an_anthropic_call_cancelled_after_message_start_is_charged_the_providers_count(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    frames = anthropic_events(["never sent"], input_tokens=4321, output_tokens=2)
+    with FakeProviderServer([stalled_after_acceptance(frames)]) as server:
+        provider = Watched(AnthropicProvider(api_key="k", base_url=server.url), with_count=True)
+        with orchestrator_thread(database_url, {"anthropic": provider}):
+            run_id = start(write_side, card, provider="anthropic",
+                           model="claude-3-5-haiku-latest")  # fmt: skip
+            cancel_once_accepted(write_side, card, run_id, provider)
+            run = wait_for(write_side, run_id, lambda r: r.attempts > 0 and r.billed_micros > 0)
+    assert run.status is RunStatus.CANCELLED
+    attempt, charge = the_one_charged_attempt(write_side, run)
+    # The provider's own figure, not our estimate of the prompt: nothing in it is estimated.
+    assert (attempt.input_tokens, attempt.estimated) == (4321, False)
+    price = write_side.prices.require("anthropic", "claude-3-5-haiku-latest", charge.timestamp)
+    assert charge.provider_cost_micros == call_cost_micros(price, input_tokens=4321,
+                                                           output_tokens=0)  # fmt: skip
+
+
+def test_a_call_its_runs_deadline_cuts_before_any_output_is_charged_its_prompt(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    frames = openai_events(["never sent"], prompt_tokens=999, completion_tokens=2)
+    with FakeProviderServer([stalled_after_acceptance(frames)]) as server:
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url)
+        }
+        with orchestrator_thread(database_url, providers, run_timeout=3.0):
+            run = wait_for(write_side, start(write_side, card, provider="openai"), finished)
+    assert run.status is RunStatus.TIMED_OUT
+    attempt, _ = the_one_charged_attempt(write_side, run)
+    prompt = count_message_tokens(server.requests[0].body["messages"])
+    assert (attempt.input_tokens, attempt.estimated) == (prompt, True)
