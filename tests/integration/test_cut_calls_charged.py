@@ -12,11 +12,9 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
-from uuid import UUID
 
 import pytest
 from orchestrator_helpers import (
-    CardOnBoard,
     card_on_board,
     events_of,
     finished,
@@ -68,11 +66,19 @@ def stalled_after_acceptance(frames: list[str]) -> Reply:
     return Reply(events=frames, event_delay=STALL)
 
 
-def cancel_once_accepted(
-    app: AgentWorks, card: CardOnBoard, run_id: UUID, provider: Watched
-) -> None:
-    assert provider.accepted.wait(30), "the provider never accepted the call"
-    app.cancel_agent_run(m.CancelAgentRun(run_id=run_id, reason="enough"), card.board.owner)
+def cancelled_once_accepted(
+    app: AgentWorks, database_url: str, provider: Watched, model: str
+) -> AgentRun:
+    """A run pinned to ``provider``/``model`` on a new card, cancelled once its call was
+    accepted, as it is when the cancelled call's charge is written."""
+    card = card_on_board(app)
+    with orchestrator_thread(database_url, {provider.name: provider}):
+        run_id = start(app, card, provider=provider.name, model=model)
+        assert provider.accepted.wait(30), "the provider never accepted the call"
+        app.cancel_agent_run(m.CancelAgentRun(run_id=run_id, reason="enough"), card.board.owner)
+        run = wait_for(app, run_id, lambda r: r.attempts > 0 and r.billed_micros > 0)
+    assert run.status is RunStatus.CANCELLED
+    return run
 
 
 def the_one_charged_attempt(app: AgentWorks, run: AgentRun) -> tuple[Any, Any]:
@@ -89,15 +95,10 @@ def the_one_charged_attempt(app: AgentWorks, run: AgentRun) -> tuple[Any, Any]:
 def test_an_openai_call_cancelled_before_any_output_is_charged_its_estimated_prompt(
     write_side: AgentWorks, database_url: str
 ) -> None:
-    card = card_on_board(write_side)
     frames = openai_events(["never sent"], prompt_tokens=999, completion_tokens=2)
     with FakeProviderServer([stalled_after_acceptance(frames)]) as server:
         provider = Watched(OpenAIProvider(api_key="k", base_url=server.url))
-        with orchestrator_thread(database_url, {"openai": provider}):
-            run_id = start(write_side, card, provider="openai", model="gpt-4o-mini")
-            cancel_once_accepted(write_side, card, run_id, provider)
-            run = wait_for(write_side, run_id, lambda r: r.attempts > 0 and r.billed_micros > 0)
-    assert run.status is RunStatus.CANCELLED
+        run = cancelled_once_accepted(write_side, database_url, provider, "gpt-4o-mini")
     attempt, charge = the_one_charged_attempt(write_side, run)
     prompt = count_message_tokens(server.requests[0].body["messages"])
     assert (attempt.input_tokens, attempt.estimated, attempt.error) == (
@@ -112,16 +113,11 @@ def test_an_openai_call_cancelled_before_any_output_is_charged_its_estimated_pro
 def test_an_anthropic_call_cancelled_after_message_start_is_charged_the_providers_count(
     write_side: AgentWorks, database_url: str
 ) -> None:
-    card = card_on_board(write_side)
     frames = anthropic_events(["never sent"], input_tokens=4321, output_tokens=2)
     with FakeProviderServer([stalled_after_acceptance(frames)]) as server:
         provider = Watched(AnthropicProvider(api_key="k", base_url=server.url), with_count=True)
-        with orchestrator_thread(database_url, {"anthropic": provider}):
-            run_id = start(write_side, card, provider="anthropic",
-                           model="claude-3-5-haiku-latest")  # fmt: skip
-            cancel_once_accepted(write_side, card, run_id, provider)
-            run = wait_for(write_side, run_id, lambda r: r.attempts > 0 and r.billed_micros > 0)
-    assert run.status is RunStatus.CANCELLED
+        run = cancelled_once_accepted(write_side, database_url, provider,
+                                      "claude-3-5-haiku-latest")  # fmt: skip
     attempt, charge = the_one_charged_attempt(write_side, run)
     # The provider's own figure, not our estimate of the prompt: nothing in it is estimated.
     assert (attempt.input_tokens, attempt.estimated) == (4321, False)
