@@ -5,13 +5,20 @@ and charged nothing, although the provider had the prompt and bills it. Charged 
 moment the provider accepted the call: with the provider's count of the prompt where its wire
 gives one before the text (Anthropic's ``message_start``), else our tokenizer's estimate,
 marked ``estimated``; no output tokens.
+
+So is the call a worker had under way when its run was taken over: it was refused ("taken
+over") and charged nowhere. Its worker records it still (only it knows the call happened and
+what the provider counted), under the call's own id, so it is charged once beside the new
+worker's own calls, whatever became of the run meanwhile.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
+from uuid import UUID
 
 import pytest
 from orchestrator_helpers import (
@@ -29,8 +36,9 @@ from adapters.providers.base import Accepted, ChatRequest, Piece, Provider
 from adapters.providers.openai import OpenAIProvider
 from adapters.tokenizer import count_message_tokens
 from commands import models as m
-from commands.handlers import AgentWorks
+from commands.handlers import Actor, AgentWorks
 from domain.agent_run import AgentRun, RunStatus
+from domain.errors import Conflict
 from domain.pricing import call_cost_micros
 from domain.usage import UsageCharge
 
@@ -70,7 +78,7 @@ def cancelled_once_accepted(
     app: AgentWorks, database_url: str, provider: Watched, model: str
 ) -> AgentRun:
     """A run pinned to ``provider``/``model`` on a new card, cancelled once its call was
-    accepted, as it is when the cancelled call's charge is written."""
+    accepted; returned once the cancelled call's charge is written."""
     card = card_on_board(app)
     with orchestrator_thread(database_url, {provider.name: provider}):
         run_id = start(app, card, provider=provider.name, model=model)
@@ -141,3 +149,87 @@ def test_a_call_its_runs_deadline_cuts_before_any_output_is_charged_its_prompt(
     attempt, _ = the_one_charged_attempt(write_side, run)
     prompt = count_message_tokens(server.requests[0].body["messages"])
     assert (attempt.input_tokens, attempt.estimated) == (prompt, True)
+
+
+def charges_of(app: AgentWorks, run_id: UUID) -> dict[str, Any]:
+    """Each call of the run by its id, with its one stored charge."""
+    calls = events_of(app, run_id, AgentRun.LlmCallCompleted)
+    charged = {}
+    for call in calls:
+        [charge] = events_of(app, call.charge_id, UsageCharge.Charged)
+        charged[call.call_id] = charge
+    assert len(charged) == len(calls), "a call was recorded twice"
+    return charged
+
+
+def test_the_call_under_way_when_its_run_was_taken_over_is_charged_beside_the_new_workers(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """Worker A's call stalls (and A with it, silent) until worker B has taken the run over and
+    finished it; then A's call completes. A records it, charged once at the provider's count;
+    B's call is charged too; neither twice."""
+    card = card_on_board(write_side)
+    release = threading.Event()
+    old = Reply(events=openai_events([], prompt_tokens=1111, completion_tokens=0), hold=release)
+    new = Reply(events=openai_events(["done by B"], prompt_tokens=2222, completion_tokens=3))
+    with FakeProviderServer([old, new]) as server:
+        a = Watched(OpenAIProvider(api_key="k", base_url=server.url))
+        b: dict[str, Provider] = {"openai": OpenAIProvider(api_key="k", base_url=server.url)}
+        try:
+            with orchestrator_thread(database_url, {"openai": a}, worker_id="A",
+                                     heartbeat_interval=600.0, stale_after=600.0):  # fmt: skip
+                run_id = start(write_side, card, provider="openai")
+                assert a.accepted.wait(30), "A's call was never accepted"
+                with orchestrator_thread(database_url, b, worker_id="B", stale_after=1.0):
+                    run = wait_for(write_side, run_id, finished)
+                assert (run.status, run.worker, run.output) == (
+                    RunStatus.SUCCEEDED, "B", "done by B",
+                )  # fmt: skip
+                release.set()
+                run = wait_for(write_side, run_id, lambda r: len(r.call_ids) == 2)
+        finally:
+            release.set()
+    charges = charges_of(write_side, run_id)
+    assert sorted(c.input_tokens for c in charges.values()) == [1111, 2222]
+    assert run.billed_micros == sum(c.billed_micros for c in charges.values())
+    attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert sorted((a.input_tokens, a.status, a.estimated) for a in attempts) == [
+        (1111, "ok", False), (2222, "ok", False),
+    ]  # fmt: skip
+    assert [a.attempt for a in attempts] == [1, 2]
+
+
+def test_a_stalled_call_its_worker_learns_was_taken_over_is_charged_as_it_stops(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """The old worker learns of the takeover at its next heartbeat and stops its call: the
+    call is charged as a cancelled one is (the prompt, estimated), on the run now B's."""
+    card = card_on_board(write_side)
+    release = threading.Event()
+    frames = openai_events(["never sent"], prompt_tokens=999, completion_tokens=2)
+    actor = Actor.service("orchestrator", card.board.workspace_id)
+    with FakeProviderServer([Reply(events=frames, hold=release)]) as server:
+        a = Watched(OpenAIProvider(api_key="k", base_url=server.url))
+        try:
+            with orchestrator_thread(database_url, {"openai": a}, worker_id="A"):
+                run_id = start(write_side, card, provider="openai")
+                assert a.accepted.wait(30), "A's call was never accepted"
+                while True:  # a heartbeat of A's may slip in before the takeover
+                    version = write_side.run_snapshot(run_id).version
+                    takeover = m.ReclaimRun(run_id=run_id, worker="B", expected_version=version)
+                    try:
+                        write_side.reclaim_run(takeover, actor)
+                        break
+                    except Conflict:
+                        time.sleep(0.05)
+                run = wait_for(write_side, run_id, lambda r: len(r.call_ids) == 1)
+        finally:
+            release.set()
+    assert (run.status, run.worker) == (RunStatus.RUNNING, "B")
+    [charge] = charges_of(write_side, run_id).values()
+    [attempt] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    prompt = count_message_tokens(server.requests[0].body["messages"])
+    assert (attempt.error, attempt.estimated, charge.input_tokens) == (
+        "stopped: cancelled", True, prompt,
+    )  # fmt: skip
+    assert run.billed_micros == charge.billed_micros > 0
