@@ -41,6 +41,7 @@ from adapters.providers.base import (
     PermanentProviderError,
     Piece,
     Provider,
+    StreamBroken,
     TransientProviderError,
     Usage,
 )
@@ -777,10 +778,11 @@ class Orchestrator:
             breaker.succeeded()
             await self._attempt(call, "ok", None, None, latency_ms, usage)
             return _Outcome(ok=True, text=received)
-        # No usage block: a call the provider took (a stream cut, a timeout, an error event
-        # after it began) is charged for what was sent and received, from our own counts where
-        # the provider gave none.
-        streamed = bool(text) or accepted is not None or budget_hit
+        # No usage block: a call whose stream broke (cut, timed out, unreadable) or that
+        # produced text is charged for what was sent and received, from our own counts where
+        # the provider gave none. One the provider itself refused or failed (an HTTP error, an
+        # error event) before any text is not: it did not bill it.
+        streamed = bool(text) or isinstance(error, StreamBroken) or budget_hit
         estimate = used()
         if budget_hit:
             await self._attempt(

@@ -146,11 +146,11 @@ async def raise_for_status(response: httpx.Response, provider: str) -> None:
 
 
 def translate(error: httpx.HTTPError, provider: str, *, streaming: bool) -> TransientProviderError:
-    """An httpx failure as ours: timeouts and lost connections are worth another try."""
+    """An httpx failure as ours: timeouts and lost connections are worth another try. Once the
+    stream began, either broke it (the provider had the prompt, and bills it)."""
     if isinstance(error, httpx.TimeoutException):
-        return TransientProviderError(
-            f"{provider} timed out ({type(error).__name__})", provider=provider
-        )
+        timed_out = StreamBroken if streaming else TransientProviderError
+        return timed_out(f"{provider} timed out ({type(error).__name__})", provider=provider)
     if streaming:
         return StreamBroken(
             f"{provider} stream broke off: {type(error).__name__}: {error}", provider=provider

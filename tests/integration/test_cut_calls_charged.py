@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
+import httpx
 import pytest
 from orchestrator_helpers import (
     card_on_board,
@@ -149,6 +150,31 @@ def test_a_call_its_runs_deadline_cuts_before_any_output_is_charged_its_prompt(
     attempt, _ = the_one_charged_attempt(write_side, run)
     prompt = count_message_tokens(server.requests[0].body["messages"])
     assert (attempt.input_tokens, attempt.estimated) == (prompt, True)
+
+
+def test_a_call_whose_stream_times_out_before_any_output_is_charged_its_prompt(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A read timeout once the stream began broke it as a cut does (it was a plain transient
+    error, and a call without text was charged nothing)."""
+    card = card_on_board(write_side)
+    release = threading.Event()
+    frames = openai_events(["never sent"], prompt_tokens=999, completion_tokens=2)
+    with FakeProviderServer([Reply(events=frames, hold=release)]) as server:
+        quick = httpx.Timeout(1.0, connect=5.0)
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url, timeout=quick)
+        }
+        try:
+            with orchestrator_thread(database_url, providers, max_attempts=1):
+                run = wait_for(write_side, start(write_side, card, provider="openai"), finished)
+        finally:
+            release.set()
+    assert run.status is RunStatus.FAILED, run.status
+    attempt, _ = the_one_charged_attempt(write_side, run)
+    prompt = count_message_tokens(server.requests[0].body["messages"])
+    assert (attempt.input_tokens, attempt.estimated) == (prompt, True)
+    assert "timed out" in (attempt.error or "")
 
 
 def charges_of(app: AgentWorks, run_id: UUID) -> dict[str, Any]:
