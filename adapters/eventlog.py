@@ -354,7 +354,7 @@ class EventLog:
     def read(self, after: int, limit: int = 1000) -> list[EventEnvelope]:
         """Up to ``limit`` events with positions above ``after``, in order, never past a gap
         that a still-open transaction may fill."""
-        return [self._readable(row) for row in self._rows(after, limit)]
+        return [self.readable(row) for row in self._rows(after, limit)]
 
     def read_following(
         self, after: int, limit: int, aggregates: frozenset[str] | set[str]
@@ -366,14 +366,14 @@ class EventLog:
         if not rows:
             return [], after, 0
         aggregate_of = self._aggregate_of
-        envelopes = [self._readable(row) for row in rows if aggregate_of(row[3]) in aggregates]
+        envelopes = [self.readable(row) for row in rows if aggregate_of(row[3]) in aggregates]
         return envelopes, rows[-1][0], len(rows)
 
     def between(
         self, originator_id: UUID, *, after_version: int, before_version: int | None
     ) -> list[EventEnvelope]:
         return [
-            self._readable(_row(n))
+            self.readable(_row(n))
             for n in self.recorder.select_positioned_events(
                 originator_id, gt=after_version, lt=before_version
             )
@@ -382,7 +382,7 @@ class EventLog:
     def within(self, ranges: Sequence[tuple[UUID, int, int]]) -> list[EventEnvelope]:
         """The events of several aggregates, each ``(originator id, after version, before
         version)`` with exclusive bounds, in log order."""
-        return [self._readable(_row(n)) for n in self.recorder.select_positioned_ranges(ranges)]
+        return [self.readable(_row(n)) for n in self.recorder.select_positioned_ranges(ranges)]
 
     def versions(
         self, *, after: int, through: int, limit: int, aggregates: frozenset[str] | set[str]
@@ -426,7 +426,7 @@ class EventLog:
         """One stored row as an envelope (upcast like every other read of the log)."""
         return self._envelope(row)
 
-    def _readable(self, row: Row) -> EventEnvelope:
+    def readable(self, row: Row) -> EventEnvelope:
         """:meth:`_envelope`, or, for a stored event that cannot be decoded, an envelope marked
         :data:`~domain.envelope.UNDECODABLE`: one bad row must not stop every reader of the log
         (the relay, the fan-out, a rebuild) at its position, for every tenant. Projectors park
@@ -474,6 +474,9 @@ def _qualname_of(topic: str) -> str:
 #: Longest error text an undecodable envelope carries.
 _MAX_ERROR = 2000
 
+#: The timestamp of an undecodable envelope whose stored state does not say when it was made.
+UNKNOWN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 def undecodable_envelope(row: Row, error: BaseException) -> EventEnvelope:
     """The envelope of a stored event that cannot be decoded: where it sits, its aggregate and
@@ -482,7 +485,7 @@ def undecodable_envelope(row: Row, error: BaseException) -> EventEnvelope:
     position, originator_id, originator_version, topic, raw = row
     qualname = _qualname_of(topic)
     meta: dict[str, str] = {}
-    timestamp = datetime(1970, 1, 1, tzinfo=UTC)
+    timestamp = UNKNOWN_TIME
     event_version = 1
     try:
         state = orjson.loads(bytes(raw))

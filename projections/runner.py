@@ -46,6 +46,7 @@ from opentelemetry.trace import SpanKind
 from adapters.outages import is_infrastructure_failure, is_write_race
 from adapters.telemetry import continue_trace
 from domain.envelope import UNDECODABLE
+from domain.errors import UndecodableEvent
 from projections.base import MEMO_DROPPED, BatchContext, Change, Projector, Tables
 from projections.read_versions import bump as bump_read_versions
 from projections.text import protect
@@ -125,10 +126,6 @@ class Retried:
     originator_id: UUID
     applied: int
     parked: Parked | None
-
-
-class UndecodableEvent(Exception):
-    """The stored event could not be decoded (its envelope says why): nothing to apply."""
 
 
 class _Poisoned(Exception):
