@@ -51,13 +51,11 @@ def _activity(app: AgentWorks, board: Board) -> list[Any]:
     return cards
 
 
-@pytest.fixture
-def exported(write_side: AgentWorks, database_url: str, tmp_path: Path) -> dict[str, Any]:
-    """Two workspaces with activity; the first one exported by the CLI into a file."""
-    board = bootstrap_board(write_side)
-    other = bootstrap_board(write_side, owner="mallory")
-    _activity(write_side, board)
-    _activity(write_side, other)
+def _export(
+    database_url: str, board: Board, tmp_path: Path
+) -> tuple[subprocess.CompletedProcess[str], Path, dict[str, str]]:
+    """``audit export`` of ``board``'s workspace, which must succeed; with the data dir (of
+    the dev signing key) and the environment it ran with."""
     data_dir = tmp_path / "data"
     env = {"AGENTWORKS_DATABASE_URL": database_url}
     result = agentworks(
@@ -65,6 +63,17 @@ def exported(write_side: AgentWorks, database_url: str, tmp_path: Path) -> dict[
         cwd=tmp_path, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    return result, data_dir, env
+
+
+@pytest.fixture
+def exported(write_side: AgentWorks, database_url: str, tmp_path: Path) -> dict[str, Any]:
+    """Two workspaces with activity; the first one exported by the CLI into a file."""
+    board = bootstrap_board(write_side)
+    other = bootstrap_board(write_side, owner="mallory")
+    _activity(write_side, board)
+    _activity(write_side, other)
+    result, data_dir, env = _export(database_url, board, tmp_path)
     path = tmp_path / "export.jsonl"
     path.write_text(result.stdout, encoding="utf-8")
     key = load_public_key((data_dir / DEV_AUDIT_KEY_FILE).read_text(), source="dev key")
@@ -348,13 +357,7 @@ def test_events_that_cannot_be_decoded_are_exported_marked_and_replayed(
     renamed = plant_undecodable(write_side, card)
     broken = plant_undecodable(write_side, card, broken_json=True)
     plant_undecodable(write_side, theirs, broken_json=True)
-    data_dir = tmp_path / "data"
-    env = {"AGENTWORKS_DATABASE_URL": database_url}
-    export = agentworks(
-        "audit", "export", "--workspace", str(board.workspace_id), "--data-dir", str(data_dir),
-        cwd=tmp_path, env=env,
-    )  # fmt: skip
-    assert export.returncode == 0, export.stderr
+    export, data_dir, env = _export(database_url, board, tmp_path)
     events = [json.loads(text) for text in export.stdout.splitlines()[:-1]]
     unread = [e for e in events if e["type"] == "agentworks.undecodable"]
     assert [(e["originatorId"], e["version"], e["data"]["storedType"]) for e in unread] == [
