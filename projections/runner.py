@@ -101,8 +101,9 @@ class Parked:
     error: str
 
     @classmethod
-    def of(cls, envelope: EventEnvelope, error: BaseException) -> Parked:
-        text = f"{type(error).__name__}: {error}"
+    def of(cls, envelope: EventEnvelope, error: BaseException | str) -> Parked:
+        """Parked at ``envelope`` because of ``error`` (an exception, or what to say)."""
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         return cls(
             envelope.originator_id,
             envelope.originator_version,
@@ -116,12 +117,8 @@ class Parked:
     def waiting(cls, envelope: EventEnvelope) -> Parked:
         """Where a retry that applied its events up to ``envelope`` leaves its aggregate to
         go on from (see :meth:`ProjectionRunner.retry_parked`): not an error of the event."""
-        return cls(
-            envelope.originator_id,
-            envelope.originator_version,
-            envelope.position,
-            envelope.type,
-            envelope.workspace_id,
+        return cls.of(
+            envelope,
             f"{RETRY_PENDING}: the events before this one are applied; `agentworks parked retry`"
             " applies the rest",
         )
