@@ -464,8 +464,8 @@ class EventLog:
         sized = fetch_rows(self.recorder, self._bounded, (after, limit, max_bytes))
         if not sized:
             return [], False
-        read = int(sized[0][5])
-        return [cast("Row", row[:5]) for row in sized], read == limit or len(sized) < read
+        more = len(sized) == limit or bool(sized[-1][5])
+        return [cast("Row", row[:5]) for row in sized], more
 
     def _aggregate_of(self, topic: str) -> str:
         try:
@@ -605,12 +605,13 @@ def _log_statement(recorder: EventStoreRecorder) -> Composed | None:
 
 def _bounded(select: Composed) -> Composed:
     """The log query (``after``, ``limit``) cut further at ``max_bytes`` of stored state (at
-    least one row), each row with the number of rows ``limit`` alone would give."""
+    least one row), each row saying whether the query alone gave a row after it. (Window
+    functions that look one row ahead at most: nothing makes PostgreSQL hold the whole page.)"""
     return (
         SQL(
-            "SELECT notification_id, originator_id, originator_version, topic, state, page_rows"
+            "SELECT notification_id, originator_id, originator_version, topic, state, followed"
             " FROM (SELECT page.*, sum(octet_length(state)) OVER w AS running,"
-            " row_number() OVER w AS n, count(*) OVER () AS page_rows FROM ("
+            " row_number() OVER w AS n, lead(true, 1, false) OVER w AS followed FROM ("
         )
         + select
         + SQL(

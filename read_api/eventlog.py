@@ -106,9 +106,12 @@ def card_log(
     ).fetchall()
     envelopes: list[EventEnvelope] = []
     for row in rows:
-        envelopes += _unseen(card_id, after=len(envelopes), before=int(row["originator_version"]))
+        version = int(row["originator_version"])
+        if version > len(envelopes) + 1:
+            envelopes += _unseen(card_id, after=len(envelopes), before=version)
         envelopes.append(_readable(mapper, row))
-    envelopes += _unseen(card_id, after=len(envelopes), before=last_version + 1)
+    if last_version > len(envelopes):
+        envelopes += _unseen(card_id, after=len(envelopes), before=last_version + 1)
     if not envelopes or envelopes[0].aggregate != _CARD_AGGREGATE:
         raise NotFound(f"card {card_id} does not exist")
     return envelopes
