@@ -25,6 +25,7 @@ HISTORY = (
     " version state { version title labels }"
     " events { version type at actor position data } } }"
 )
+AS_OF = "query($c: ID!, $at: DateTime) { cardHistory(cardId: $c, asOf: $at) { version } }"
 RETITLE = 'mutation($c: ID!) { updateCard(input: {cardId: $c, title: "second"}) { card { id } } }'
 
 
@@ -68,6 +69,10 @@ def test_the_history_shows_an_undecodable_event_and_the_rest(
         assert unread["position"] == ""
         assert error["extensions"]["at"] is None
         assert unread["at"] == before["at"]  # the time it was made no earlier than
+        # Asked as of that time, the history stops before it: it is counted at the time of
+        # the next event whose time is known.
+        answer = alice.post(AS_OF, {"c": card, "at": before["at"]})
+        assert (answer.data["cardHistory"]["version"], answer.errors) == (2, [])
     else:
         assert unread["data"] == {"storedType": RENAMED}
         assert int(before["position"]) < int(unread["position"]) < int(after["position"])
