@@ -67,6 +67,13 @@ SPEND_COUNTER_FAILURES = Counter(
     "model instead).",
     ["operation"],
 )
+API_KEY_USES_UNRECORDED = Counter(
+    "agentworks_api_key_uses_unrecorded_total",
+    "API key uses the API meant to record as a key's lastUsedAt and could not: ``failed`` (the "
+    "database refused or was unreachable), ``dropped`` (the writer was too far behind to queue "
+    "one more). The requests themselves were served.",
+    ["reason"],
+)
 
 
 @contextmanager

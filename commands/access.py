@@ -131,7 +131,13 @@ def accept_invitation(app: AgentWorks, cmd: AcceptInvitation, actor: Actor) -> C
         meta = meta.in_workspace(invitation.workspace_id)
         user = _user(app, actor.user_id)
         workspace = app.aggregate(Workspace, invitation.workspace_id)
-        accepted = invitation.accept(actor.user_id, user.email, now=datetime.now(UTC), meta=meta)
+        accepted = invitation.accept(
+            actor.user_id,
+            user.email,
+            inviter_role=workspace.role_of(invitation.invited_by),
+            now=datetime.now(UTC),
+            meta=meta,
+        )
         if accepted and workspace.role_of(actor.user_id) is None:
             workspace.add_member(actor.user_id, invitation.role, meta=meta)
         return Decision(workspace, "workspace", [invitation, workspace])

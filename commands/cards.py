@@ -114,10 +114,10 @@ class CardCommands(WriteSide):
             card = self.load(Card, cmd.card_id, actor, Role.MEMBER, cmd.action)
             project = self.aggregate(Project, card.project_id)
             lane = cmd.lane or project.lane_to_restore(card.id)
-            if not card.archived:
-                card.restore(lane, card.position, meta=meta)  # raises: not archived
+            left = project.lane_left(card.id)  # before placing the card forgets it
+            card.ensure_restorable(lane, from_lane=left)
             position = project.place_card(card.id, lane, meta=meta)
-            card.restore(lane, position, meta=meta)
+            card.restore(lane, position, from_lane=left, meta=meta)
             return Decision(card, "card", [card, project])
 
         return self.execute(cmd, actor, self._scope_hint(actor), decide)

@@ -14,7 +14,7 @@ from domain.base import TenantAggregate
 from domain.errors import Forbidden, InvalidTransition, ValidationFailed
 from domain.instants import instant_text
 from domain.meta import EventMeta
-from domain.roles import Role
+from domain.roles import Role, needed_to_grant
 
 MAX_KEY_NAME_LENGTH = 200
 
@@ -86,8 +86,21 @@ class Invitation(TenantAggregate):
             meta=meta.as_dict(),
         )
 
-    def accept(self, user_id: str, user_email: str, *, now: datetime, meta: EventMeta) -> bool:
-        """Accept for ``user_id``; False when this user already accepted (nothing to do)."""
+    def accept(
+        self,
+        user_id: str,
+        user_email: str,
+        *,
+        inviter_role: Role | None,
+        now: datetime,
+        meta: EventMeta,
+    ) -> bool:
+        """Accept for ``user_id``; False when this user already accepted (nothing to do).
+
+        ``inviter_role`` is the inviter's membership role now (``None``: no longer a member).
+        An invitation grants only what its inviter may still grant: one made by an ADMIN since
+        demoted or removed grants nothing, as an API key is capped by its creator's current role.
+        """
         if self.accepted_by == user_id:
             return False
         if self.revoked:
@@ -101,6 +114,17 @@ class Invitation(TenantAggregate):
         if user_email != self.email:
             raise Forbidden(
                 f"invitation {self.id} is for another e-mail address; sign in as its addressee",
+                user_id=user_id,
+            )
+        needed = needed_to_grant(self.role)
+        if inviter_role is None or not inviter_role.at_least(needed):
+            standing = (
+                "no longer a member of" if inviter_role is None else f"now {inviter_role.value} in"
+            )
+            raise Forbidden(
+                f"invitation {self.id} was made by {self.invited_by}, who is {standing} "
+                f"workspace {self.workspace_id} and may no longer grant {self.role.value} "
+                f"(that needs {needed.value}); ask an admin for a new invitation",
                 user_id=user_id,
             )
         self._record(self.Accepted, meta, user_id=user_id)

@@ -146,10 +146,22 @@ class Card(TenantAggregate):
     def ensure_movable(self, to_lane: str, *, from_lane: str) -> None:
         """Refuse a move this card's own state forbids; ``from_lane`` is the board's view."""
         self._live("move")
+        self._stays_while_blocked(to_lane, from_lane, doing="moving it")
+
+    def ensure_restorable(self, to_lane: str, *, from_lane: str | None) -> None:
+        """Refuse a restore this card's own state forbids. ``from_lane`` is the lane it left, under
+        its current name (the board's view), ``None`` when that lane is gone: a blocked card goes
+        back to the lane it left, as a move of it may not change lane either."""
+        if not self.archived:
+            raise InvalidTransition(f"card {self.id} is not archived")
+        if from_lane is not None:
+            self._stays_while_blocked(to_lane, from_lane, doing="restoring it")
+
+    def _stays_while_blocked(self, to_lane: str, from_lane: str, *, doing: str) -> None:
         if self.blocked and to_lane != from_lane:
             raise InvalidTransition(
-                f"card {self.id} is blocked ({self.blocked_reason}); unblock it before moving "
-                "it to another lane"
+                f"card {self.id} is blocked ({self.blocked_reason}); unblock it before {doing} "
+                f"to another lane than {from_lane!r}"
             )
 
     def move(
@@ -206,9 +218,10 @@ class Card(TenantAggregate):
             raise InvalidTransition(f"card {self.id} is already archived")
         self._record(self.Archived, meta)
 
-    def restore(self, lane: str, position: str, *, meta: EventMeta) -> None:
-        if not self.archived:
-            raise InvalidTransition(f"card {self.id} is not archived")
+    def restore(self, lane: str, position: str, *, from_lane: str | None, meta: EventMeta) -> None:
+        """Record a restore the board has admitted; ``from_lane`` as for
+        :meth:`ensure_restorable`."""
+        self.ensure_restorable(lane, from_lane=from_lane)
         self._record(self.Restored, meta, lane=lane, position=position)
 
     def ensure_live(self, action: str) -> None:

@@ -202,10 +202,14 @@ class Project(TenantAggregate):
     def lane_to_restore(self, card_id: UUID) -> str:
         """Where an archived card goes back to: the lane it left (under its current name), or
         the first lane when that lane is gone."""
+        return self.lane_left(card_id) or self.lanes[0].name
+
+    def lane_left(self, card_id: UUID) -> str | None:
+        """The lane an archived card left, under its current name; ``None`` once it is gone."""
         lane = self.lifted.get(card_id)
         if lane is not None and any(spec.name == lane for spec in self.lanes):
             return lane
-        return self.lanes[0].name
+        return None
 
     def lane_of(self, card_id: UUID) -> str:
         return self._placement(card_id).lane

@@ -47,6 +47,12 @@ def capped(membership: Role, ceiling: Role | None) -> Role:
     return ceiling
 
 
+def needed_to_grant(role: Role) -> Role:
+    """The least role that may give someone ``role``: OWNER for OWNER, ADMIN for the rest
+    (``addMember``, ``changeRole`` and ``inviteMember`` all need an ADMIN)."""
+    return Role.OWNER if role is Role.OWNER else Role.ADMIN
+
+
 def require_role(actual: Role, needed: Role, *, action: str, user_id: str) -> None:
     """Refuse ``action`` unless ``actual`` is at least ``needed``."""
     if not actual.at_least(needed):

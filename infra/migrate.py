@@ -6,6 +6,15 @@ so a file is applied entirely or not at all, and exactly once. A session-level a
 serialises runners, so any number of processes (every replica of a deployment at start, say)
 may run :func:`migrate` at once; the first applies, the others find nothing left to do.
 
+Each row of ``schema_migrations`` keeps the SHA-256 of the file's text as applied: a file edited
+after it was applied is refused, by name, before anything runs, since the databases it already
+ran on would silently differ from new ones. Rows recorded before checksums existed (NULL) get
+the file's checksum on the next run, which trusts the files as they are then and logs it.
+
+Every statement of a migration waits at most :data:`LOCK_TIMEOUT_SECONDS` for a lock: an
+``ALTER TABLE`` queued behind a long read would otherwise hold up every query queued behind it.
+Such a migration fails as a whole and may simply be run again.
+
 A migration file must not contain transaction control (``BEGIN``/``COMMIT``) nor statements that
 refuse to run inside a transaction block (``CREATE INDEX CONCURRENTLY``). While it runs, the
 setting ``agentworks.app_role`` holds the application's role name, for SQL that grants to it:
@@ -20,10 +29,11 @@ of another role: such a role would carry more than its own privileges.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -41,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_APP_ROLE",
+    "LOCK_TIMEOUT_SECONDS",
     "Migration",
     "MigrationError",
     "applied_versions",
@@ -56,13 +67,28 @@ MIGRATION_LOCK_KEY = 0x61_67_65_6E_74_77_6B_73  # "agentwks"
 
 DEFAULT_APP_ROLE = "agentworks_app"
 
+#: Longest wait of a migration's statement (and of the bookkeeping) for a lock, in seconds.
+#: Behind a waiting ``ALTER TABLE`` every other query of that table queues too, so a migration
+#: gives up soon and is run again later rather than stall the application.
+LOCK_TIMEOUT_SECONDS = 5.0
+
 _FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[A-Za-z0-9][A-Za-z0-9_-]*)\.sql$")
 
 _CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version text PRIMARY KEY,
-    applied_at timestamptz NOT NULL DEFAULT now()
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    checksum text
 )
+"""
+
+# Nullable, so a runner from before checksums keeps working on a database that has the column
+# (its rows get their checksum on the next run of this one).
+_ADD_CHECKSUM = "ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text"
+
+_HAS_CHECKSUM = """
+SELECT 1 FROM pg_attribute
+WHERE attrelid = 'schema_migrations'::regclass AND attname = 'checksum' AND NOT attisdropped
 """
 
 _log = structlog.get_logger(__name__)
@@ -85,6 +111,14 @@ class Migration:
     @property
     def filename(self) -> str:
         return f"{self.version}_{self.name}.sql"
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 (hex) of the file's text, as recorded in ``schema_migrations``.
+
+        Of the text as read, with line ends normalised: a checkout with CRLF ends agrees.
+        """
+        return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
 
 
 def default_directory() -> Traversable:
@@ -130,12 +164,14 @@ def migrate(
     app_role: str = DEFAULT_APP_ROLE,
     logins: Mapping[str, str] | None = None,
     connect_timeout: int = 10,
+    lock_timeout: float = LOCK_TIMEOUT_SECONDS,
 ) -> list[str]:
     """Apply every migration not yet applied to the database at ``url``; return their versions.
 
     Idempotent and safe to run concurrently (see the module docstring). ``logins`` maps role
-    names to passwords: see :func:`ensure_logins`. Raises :class:`MigrationError` when a
-    migration fails; the ones before it stay applied.
+    names to passwords: see :func:`ensure_logins`. ``lock_timeout`` bounds, in seconds, each
+    statement's wait for a lock. Raises :class:`MigrationError` when a migration fails (the
+    ones before it stay applied) or when an applied migration's file has changed (nothing runs).
     """
     migrations = discover(directory)
     try:
@@ -148,7 +184,7 @@ def migrate(
         except psycopg.Error as exc:
             raise MigrationError(f"cannot take the migration lock: {exc}") from exc
         try:
-            applied = _apply_pending(conn, migrations, app_role=app_role)
+            applied = _apply_pending(conn, migrations, app_role=app_role, lock_timeout=lock_timeout)
             if logins:
                 ensure_logins(conn, logins)
         except psycopg.Error as exc:
@@ -216,25 +252,32 @@ def _apply_pending(
     migrations: list[Migration],
     *,
     app_role: str,
+    lock_timeout: float,
 ) -> list[str]:
-    conn.execute(_CREATE_TABLE)
-    done = {str(row[0]) for row in conn.execute("SELECT version FROM schema_migrations")}
+    with _transaction(conn, lock_timeout, doing="prepare schema_migrations"):
+        conn.execute(_CREATE_TABLE)
+        if conn.execute(_HAS_CHECKSUM).fetchone() is None:
+            # Checked first: ADD COLUMN IF NOT EXISTS locks the table even when it has it.
+            conn.execute(_ADD_CHECKSUM)
+        recorded = {
+            str(version): None if checksum is None else str(checksum)
+            for version, checksum in conn.execute("SELECT version, checksum FROM schema_migrations")
+        }
+    _check_unchanged(conn, migrations, recorded, lock_timeout=lock_timeout)
     applied: list[str] = []
     for migration in migrations:
-        if migration.version in done:
+        if migration.version in recorded:
             continue
         started = time.perf_counter()
-        try:
-            with conn.transaction():
-                conn.execute("SELECT set_config('agentworks.app_role', %s, true)", (app_role,))
-                if migration.sql.strip():
-                    # bytes: sent as one simple query, so a file may hold many statements.
-                    conn.execute(migration.sql.encode("utf-8"))
-                conn.execute(
-                    "INSERT INTO schema_migrations (version) VALUES (%s)", (migration.version,)
-                )
-        except psycopg.Error as exc:
-            raise MigrationError(f"migration {migration.filename} failed: {exc}") from exc
+        with _transaction(conn, lock_timeout, doing=f"migration {migration.filename}"):
+            conn.execute("SELECT set_config('agentworks.app_role', %s, true)", (app_role,))
+            if migration.sql.strip():
+                # bytes: sent as one simple query, so a file may hold many statements.
+                conn.execute(migration.sql.encode("utf-8"))
+            conn.execute(
+                "INSERT INTO schema_migrations (version, checksum) VALUES (%s, %s)",
+                (migration.version, migration.checksum),
+            )
         _log.info(
             "migration.applied",
             version=migration.version,
@@ -243,6 +286,68 @@ def _apply_pending(
         )
         applied.append(migration.version)
     return applied
+
+
+def _check_unchanged(
+    conn: psycopg.Connection[TupleRow],
+    migrations: list[Migration],
+    recorded: Mapping[str, str | None],
+    *,
+    lock_timeout: float,
+) -> None:
+    """Refuse an applied migration whose file changed; record the checksums still missing.
+
+    A row without a checksum was applied by a runner from before checksums: the file as it is
+    now is taken for the one applied (nothing else is known), and the log says so.
+    """
+    for migration in migrations:
+        stored = recorded.get(migration.version)
+        if stored is not None and stored != migration.checksum:
+            raise MigrationError(
+                f"migration {migration.filename} was changed after it was applied (stored "
+                f"checksum {stored}, file now {migration.checksum}); restore the file as "
+                "applied and put the change in a new migration (if the database already "
+                "matches the file, clear its checksum: UPDATE schema_migrations SET checksum "
+                f"= NULL WHERE version = '{migration.version}', and run migrate again)"
+            )
+    missing = [m for m in migrations if m.version in recorded and recorded[m.version] is None]
+    if not missing:
+        return
+    with _transaction(conn, lock_timeout, doing="record migration checksums"):
+        for migration in missing:
+            conn.execute(
+                "UPDATE schema_migrations SET checksum = %s"
+                " WHERE version = %s AND checksum IS NULL",
+                (migration.checksum, migration.version),
+            )
+    _log.warning(
+        "migration.checksums_recorded",
+        versions=[m.version for m in missing],
+        note="applied before checksums were kept: trusting the migration files as they are "
+        "now; a later change to them is refused",
+    )
+
+
+@contextlib.contextmanager
+def _transaction(
+    conn: psycopg.Connection[TupleRow], lock_timeout: float, *, doing: str
+) -> Iterator[None]:
+    """A transaction whose statements wait at most ``lock_timeout`` seconds for a lock; its
+    database errors become a :class:`MigrationError` naming what it was ``doing``."""
+    try:
+        with conn.transaction():
+            conn.execute(
+                "SELECT set_config('lock_timeout', %s, true)", (f"{round(lock_timeout * 1000)}ms",)
+            )
+            yield
+    except psycopg.errors.LockNotAvailable as exc:
+        raise MigrationError(
+            f"{doing} waited more than {lock_timeout:g} s for a lock held by another session "
+            f"(a long query or transaction on the same table?) and was rolled back; it may be "
+            f"retried: run migrate again ({exc})"
+        ) from exc
+    except psycopg.Error as exc:
+        raise MigrationError(f"{doing} failed: {exc}") from exc
 
 
 def ensure_logins(conn: psycopg.Connection[TupleRow], logins: Mapping[str, str]) -> None:

@@ -12,10 +12,12 @@ unsafe there, such as a short JWT secret or a missing database password.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import ipaddress
 import logging
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -29,6 +31,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from domain.errors import ConfigurationError as ConfigurationError
 
 ENV_PREFIX = "AGENTWORKS_"
+
+#: ``AGENTWORKS_*`` names that are no setting but are read by something else, and why; every
+#: other name with the prefix that is no setting is refused at start (a typo would otherwise
+#: leave its setting at the default without a word). The test suite's own knobs reach the
+#: processes it starts and the settings its tests load.
+OTHER_ENV_NAMES: Mapping[str, str] = {
+    "AGENTWORKS_TEST_DB_PREFIX": "prefix of the test suite's database names (tests/pg.py)",
+    "AGENTWORKS_TEST_SESSION_PID": "the test session a process belongs to (tests/pg.py)",
+    "AGENTWORKS_TEST_CONNECTION_BUDGET": "the test suite's connection budget (tests/conftest.py)",
+}
 
 #: HS256 signs with SHA-256; a shorter secret than its 32-byte output is guessable offline.
 MIN_JWT_SECRET_BYTES = 32
@@ -206,8 +218,10 @@ class Settings(BaseSettings):
         """Read the environment, apply ``overrides`` (which win), validate.
 
         Raises :class:`ConfigurationError` with a one-line message instead of pydantic's
-        multi-line report, so that CLIs and servers can refuse to start cleanly.
+        multi-line report, so that CLIs and servers can refuse to start cleanly; also for an
+        ``AGENTWORKS_*`` variable that is no setting (see :func:`check_env_names`).
         """
+        check_env_names(os.environ)
         try:
             return cls(**overrides)
         except ValidationError as exc:
@@ -569,6 +583,37 @@ def _check_public_key(public_pem: str) -> None:
         raise ConfigurationError(
             f"AGENTWORKS_JWT_PUBLIC_KEY is not an RSA public key in PEM: {exc}"
         ) from exc
+
+
+def check_env_names(environ: Mapping[str, str]) -> None:
+    """Refuse ``AGENTWORKS_*`` names in ``environ`` that are neither a setting nor one of
+    :data:`OTHER_ENV_NAMES`, each named with the closest valid name.
+
+    Settings ignore such names, so ``AGENTWORKS_DATABSE_URL`` would run on the embedded database
+    without a word. Compared without case, as the settings read names.
+    """
+    settings = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    known = settings | set(OTHER_ENV_NAMES)
+    unknown = sorted(
+        name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known
+    )
+    if not unknown:
+        return
+    suffixes = {name.removeprefix(ENV_PREFIX): name for name in known}
+    problems = []
+    for name in unknown:
+        close = difflib.get_close_matches(
+            name.upper().removeprefix(ENV_PREFIX), list(suffixes), n=1
+        )
+        hint = f"did you mean {suffixes[close[0]]}?" if close else "no setting is named like it"
+        problems.append(f"{name} ({hint})")
+    raise ConfigurationError(
+        f"unknown {ENV_PREFIX}* environment variable{'s' if len(unknown) > 1 else ''}: "
+        f"{', '.join(problems)}; every {ENV_PREFIX}* variable must be a setting (README, "
+        "Configuration)"
+    )
 
 
 def _describe(exc: ValidationError) -> str:

@@ -26,7 +26,7 @@ from domain.billing import (
 )
 from domain.errors import NotFound, ValidationFailed
 from domain.usage import month_of
-from projections.billing import UsageDimension
+from projections.billing import LedgerKind, UsageDimension
 from projections.columns import RUN_SELECT
 from projections.runs_queries import RunSummary
 
@@ -287,14 +287,19 @@ def card_costs_until(
     conn: Connection[DictRow], keys: Sequence[tuple[UUID, datetime | None]]
 ) -> list[DictRow]:
     """Billed micro-USD of each ``(card, until)`` (``None``: so far), as ``ord`` (the key's
-    place, from 1) and ``billed``; a card without charges has a row with 0."""
+    place, from 1) and ``billed``; a card without charges has a row with 0.
+
+    Charges only, as the live card's ``cost`` (the kanban projector's sum of its calls) and its
+    runs' ``billed`` count them: credits and refunds correct the statement, not what the card's
+    runs billed, so a card answers the same cost live and as of now.
+    """
     return conn.execute(
         "SELECT k.ord, coalesce(sum(e.billed_micros), 0) AS billed"
         " FROM unnest(%s::uuid[], %s::timestamptz[]) WITH ORDINALITY AS k(card_id, until, ord)"
         " LEFT JOIN rm_ledger_entries AS e"
-        "   ON e.card_id = k.card_id AND (k.until IS NULL OR e.at <= k.until)"
+        "   ON e.card_id = k.card_id AND e.kind = %s AND (k.until IS NULL OR e.at <= k.until)"
         " GROUP BY k.ord",
-        ([card for card, _ in keys], [until for _, until in keys]),
+        ([card for card, _ in keys], [until for _, until in keys], LedgerKind.CHARGE.value),
     ).fetchall()
 
 

@@ -29,7 +29,9 @@ from commands.access import (
     revoke_api_key,
     revoke_invitation,
 )
+from domain.errors import NotFound, Unavailable
 from domain.roles import Role
+from projections.key_uses import key_last_used
 from read_api.context import Info
 from read_api.mutation import WorkspacePayload, answer
 from read_api.writes import perform
@@ -140,14 +142,29 @@ def _invitation_payload(result: CommandResult, secret: str | None) -> Invitation
     )
 
 
-def _key_payload(result: CommandResult, secret: str | None) -> ApiKeyPayload:
+async def _last_use(info: Info, result: CommandResult) -> datetime | None:
+    """The key's last recorded use (``read_api.key_uses``), read in the key's workspace by a
+    caller who may manage the key (the command just let them). A failed read answers null: the
+    command has been done and its answer must not be lost to it."""
+    scope = await info.context.scope_of(result.id)
+    if scope is None:
+        return None
+    try:
+        return await scope.run(lambda conn: key_last_used(conn, result.id))
+    except (NotFound, Unavailable):
+        return None
+
+
+def _key_payload(
+    result: CommandResult, secret: str | None, last_used_at: datetime | None
+) -> ApiKeyPayload:
     x = result.extra
     key = ApiKey(
         id=ID(str(result.id)),
         name=str(x["name"]),
         role=Role(x["role"]),
         created_at=datetime.fromisoformat(str(x["created_at"])),
-        last_used_at=None,
+        last_used_at=last_used_at,
         revoked_at=_when(x.get("revoked_at")),
     )
     return ApiKeyPayload(api_key=key, secret=secret, consistency_token=result.consistency_token)
@@ -180,9 +197,11 @@ class AccessMutation:
     @strawberry.mutation
     async def create_api_key(self, info: Info, input: CreateApiKeyInput) -> ApiKeyPayload:
         issued = await perform(info, create_api_key, CreateApiKey, input, role=input.role.value)
-        return _key_payload(issued.result, issued.secret)
+        # A new key has not been used; a replayed creation may have been since.
+        used = await _last_use(info, issued.result) if issued.result.replayed else None
+        return _key_payload(issued.result, issued.secret, used)
 
     @strawberry.mutation
     async def revoke_api_key(self, info: Info, input: RevokeApiKeyInput) -> ApiKeyPayload:
         result = await perform(info, revoke_api_key, RevokeApiKey, input)
-        return _key_payload(result, None)
+        return _key_payload(result, None, await _last_use(info, result))

@@ -130,6 +130,7 @@ def create_app(services: ApiServices) -> FastAPI:
         try:
             yield
         finally:
+            await runtime.key_uses.aclose()
             with contextlib.suppress(RedisError, OSError):
                 await services.broadcaster.aclose()
             if services.redis is not None:
@@ -211,7 +212,11 @@ async def _authenticate(
         if token is not None and oidc is not None and oidc.issued_here(token):
             return await runtime.offloader.run(oidc.principal, token)
         if token is not None and is_api_key(token):
-            return await runtime.offloader.run(api_key_principal, runtime.services.write, token)
+            principal = await runtime.offloader.run(
+                api_key_principal, runtime.services.write, token
+            )
+            runtime.key_uses.used(principal)
+            return principal
         return authenticate(authorization, runtime.services.jwt)
     except Unauthenticated:
         client = connection.client if connection is not None else None

@@ -159,6 +159,8 @@ class RequestContext(BaseContext):
         if not member:
             raise NotFound(f"workspace {scope.workspace_id} does not exist")
         self._allowed_at = time.monotonic()
+        # A subscription opened with an API key goes on using it as long as it delivers.
+        self.runtime.key_uses.used(self.who.principal)
 
     async def scope_of(self, aggregate_id: UUID) -> ReadScope | None:
         """The home scope; for a user token (no home), the scope of the workspace that holds

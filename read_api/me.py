@@ -9,7 +9,7 @@ import strawberry
 from strawberry import ID
 
 from domain.errors import Unauthenticated
-from domain.roles import Role
+from domain.roles import Role, capped
 from projections.kanban_queries import user_workspaces
 
 if TYPE_CHECKING:
@@ -65,7 +65,13 @@ async def resolve_me(info: Info) -> Me:
         name=user.name,
         mfa_enabled=user.mfa_enabled,
         workspaces=[
-            MyWorkspace(id=ID(str(r["workspace_id"])), name=r["name"], role=Role(r["role"]))
+            MyWorkspace(
+                id=ID(str(r["workspace_id"])),
+                name=r["name"],
+                # The role this credential acts with there: a workspace token's claim or an API
+                # key's role caps the membership (API.md "Tokens"), as every command checks it.
+                role=capped(Role(r["role"]), principal.role),
+            )
             for r in rows
         ],
     )

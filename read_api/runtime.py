@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from read_api.consistency import ConsistencyWaiter
 from read_api.db import Offloader
+from read_api.key_uses import KeyUseRecorder
 from read_api.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from read_api.services import ApiServices
 from read_api.subscription_limits import SubscriptionSlots
@@ -21,6 +22,8 @@ class ApiRuntime:
     subscriptions: SubscriptionSlots
     subscription_reads: asyncio.Semaphore
     """Reads of subscriptions at once: half the API pool, the other half stays for queries."""
+    key_uses: KeyUseRecorder
+    """Writes API keys' last uses (``ApiKey.lastUsedAt``) beside the requests."""
 
     @classmethod
     def build(cls, services: ApiServices) -> ApiRuntime:
@@ -44,4 +47,10 @@ class ApiRuntime:
                 per_user=services.max_subscriptions_per_user,
             ),
             subscription_reads=asyncio.Semaphore(max(1, services.pool.max_size // 2)),
+            key_uses=KeyUseRecorder(
+                services.pool,
+                offloader,
+                interval_seconds=services.api_key_use_interval_seconds,
+                statement_timeout_ms=services.statement_timeout_ms,
+            ),
         )

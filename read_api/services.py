@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from projections.registry import ALL_PROJECTORS
+from read_api.key_uses import API_KEY_USE_INTERVAL_SECONDS
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -160,3 +161,5 @@ class ApiServices:
     0 switches the cache off."""
     response_cache_bytes: int = 64 * 1024 * 1024
     """Bound on the rendered answers the response cache keeps."""
+    api_key_use_interval_seconds: float = API_KEY_USE_INTERVAL_SECONDS
+    """An API key's use is written at most this often (``ApiKey.lastUsedAt`` is precise to it)."""

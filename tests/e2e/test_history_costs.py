@@ -4,10 +4,11 @@ last change belongs to every instant after it."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
-from api_client import wait_for
+from api_client import ApiClient, wait_for
 from e2e_stack import Stack
 
 from commands import models as m
@@ -24,19 +25,25 @@ HISTORY = (
 LIVE = f"query($c: ID!) {{ card(id: $c) {{ {CARD} }} }}"
 
 
-def test_a_card_then_shows_the_runs_and_cost_it_had_then(stack: Stack) -> None:
-    alice, ws = stack.owner_with_workspace("history-costs")
+def charged_card(stack: Stack, owner: str) -> tuple[ApiClient, str, str, str, str, str]:
+    """A new workspace of ``owner`` with a card whose run made one call billed $0.10: the owner's
+    client, the workspace, project, card, run and charge ids."""
+    alice, ws = stack.owner_with_workspace(owner)
     pid, card, run = stack.begun_run(alice, ws)
-    bot = stack.orchestrator(ws)
-    stack.write.record_llm_call(
+    charged = stack.write.record_llm_call(
         m.RecordLlmCall(
             run_id=UUID(run), call_id="c1", provider="simulated", model="sim-1",
             input_tokens=10, output_tokens=5, latency_ms=1, provider_cost_micros=20_000,
             price_table_version="v1", at=datetime.now(UTC),
         ),
-        bot,
+        stack.orchestrator(ws),
     )  # fmt: skip
-    live = wait_for(
+    return alice, ws, pid, card, run, str(charged.extra["charge_id"])
+
+
+def live_card(alice: ApiClient, card: str) -> dict[str, Any]:
+    """The live card once its charge shows in its cost and its run's ``billed``."""
+    found: dict[str, Any] = wait_for(
         lambda: alice.data(LIVE, {"c": card})["card"],
         until=lambda found: (
             found["cost"] != "0.000000"
@@ -44,9 +51,48 @@ def test_a_card_then_shows_the_runs_and_cost_it_had_then(stack: Stack) -> None:
         ),
         what="the charge on the card",
     )
+    return found
+
+
+def test_a_card_then_shows_the_runs_and_cost_it_had_then(stack: Stack) -> None:
+    alice, _, pid, card, run, _ = charged_card(stack, "history-costs")
+    live = live_card(alice, card)
     assert live["lastRun"] == {"id": run}
     now = datetime.now(UTC).isoformat()
     (lane,) = alice.data(BOARD, {"p": pid, "at": now})["board"]["lanes"]
+    assert lane["cards"]["edges"] == [{"node": live}]
+    assert alice.data(HISTORY, {"c": card, "at": now})["cardHistory"]["state"] == live
+    assert alice.data(HISTORY, {"c": card})["cardHistory"]["state"] == live
+
+
+USAGE_BY_CARD = """query($w: ID!, $from: DateTime!, $to: DateTime!) {
+  usage(workspaceId: $w, from: $from, to: $to, groupBy: CARD) { key billed } }"""
+
+
+def test_a_credited_and_refunded_card_costs_the_same_live_and_as_of_now(stack: Stack) -> None:
+    """``Card.cost`` is what the card's runs billed (the sum of their ``billed``, charges only),
+    live and as of any instant alike; credits and refunds lower the statement and ``usage``."""
+    alice, ws, pid, card, _, charge = charged_card(stack, "history-credits")
+    started = datetime.now(UTC)
+    bot = stack.orchestrator(ws)
+    for amount, refund in (("0.030000", False), ("0.020000", True)):
+        corrected = stack.write.credit_charge(
+            m.CreditCharge(
+                charge_id=UUID(charge), amount=amount, reason="goodwill", refund=refund,
+                at=datetime.now(UTC),
+            ),
+            bot,
+        )  # fmt: skip
+    live = live_card(alice, card)
+    assert live["cost"] == "0.100000"
+    assert live["runs"]["edges"][0]["node"]["billed"] == "0.100000"
+    after = {"X-Consistency-Token": corrected.consistency_token}
+    window = {"w": ws, "from": (started - timedelta(days=1)).isoformat(),
+              "to": (datetime.now(UTC) + timedelta(days=1)).isoformat()}  # fmt: skip
+    usage = alice.data(USAGE_BY_CARD, window, headers=after)["usage"]
+    assert usage == [{"key": card, "billed": "0.050000"}]  # the corrections are in
+    now = datetime.now(UTC).isoformat()
+    (lane,) = alice.data(BOARD, {"p": pid, "at": now}, headers=after)["board"]["lanes"]
     assert lane["cards"]["edges"] == [{"node": live}]
     assert alice.data(HISTORY, {"c": card, "at": now})["cardHistory"]["state"] == live
     assert alice.data(HISTORY, {"c": card})["cardHistory"]["state"] == live

@@ -27,6 +27,12 @@ REVOKE_KEY = """mutation($k: ID!) {
 CREATE_PROJECT = """mutation($w: ID!, $n: String!) {
   createProject(input: {workspaceId: $w, name: $n, lanes: [{name: "Todo"}]}) { project { id } } }"""
 ME = "{ me { id workspaces { id name role } } }"
+CHANGE_ROLE = """mutation($w: ID!, $u: ID!, $r: Role!) {
+  changeRole(input: {workspaceId: $w, userId: $u, role: $r}) { consistencyToken } }"""
+ADD_MEMBER = """mutation($w: ID!, $u: ID!, $r: Role!) {
+  addMember(input: {workspaceId: $w, userId: $u, role: $r}) { consistencyToken } }"""
+REMOVE_MEMBER = """mutation($w: ID!, $u: ID!) {
+  removeMember(input: {workspaceId: $w, userId: $u}) { consistencyToken } }"""
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +87,16 @@ def workspace_of(http: httpx.Client, token: str, name: str) -> str:
         )
     )  # fmt: skip
     return str(made["createWorkspace"]["workspace"]["id"])
+
+
+def owner_and_admin(http: httpx.Client, domain: str, name: str) -> tuple[str, str, str, str, str]:
+    """A new workspace ``name``: its owner's token, its id, an ADMIN's id and token, and the
+    consistency token of the ADMIN's addition."""
+    _, owner = user(http, f"owner@{domain}")
+    workspace_id = workspace_of(http, owner, name)
+    admin_id, admin = user(http, f"admin@{domain}")
+    added = data(gql(http, owner, ADD_MEMBER, w=workspace_id, u=admin_id, r="ADMIN"))
+    return owner, workspace_id, admin_id, admin, str(added["addMember"]["consistencyToken"])
 
 
 def test_invite_accept_twice_and_revoke(http: httpx.Client, auth_stack: Stack) -> None:
@@ -148,17 +164,7 @@ def test_an_expired_invitation_cannot_be_accepted(http: httpx.Client, auth_stack
 def test_api_key_acts_at_its_role_capped_by_its_creator_and_dies_on_revoke(
     http: httpx.Client, auth_stack: Stack
 ) -> None:
-    _, owner = user(http, "owner@keys.test")
-    workspace_id = workspace_of(http, owner, "Keys")
-    admin_id, admin = user(http, "admin@keys.test")
-    data(
-        gql(
-            http, owner,
-            "mutation($w: ID!, $u: ID!) { addMember(input: {workspaceId: $w, userId: $u,"
-            " role: ADMIN}) { consistencyToken } }",
-            w=workspace_id, u=admin_id,
-        )
-    )  # fmt: skip
+    owner, workspace_id, admin_id, admin, _ = owner_and_admin(http, "keys.test", "Keys")
 
     assert code(gql(http, admin, CREATE_KEY, w=workspace_id, n="too high", r="OWNER")) == (
         "FORBIDDEN"
@@ -180,25 +186,11 @@ def test_api_key_acts_at_its_role_capped_by_its_creator_and_dies_on_revoke(
     assert seen["workspace"] == {"name": "Keys"}
 
     # Capped by the creator's current role: demoted to VIEWER, the key can only read.
-    data(
-        gql(
-            http, owner,
-            "mutation($w: ID!, $u: ID!) { changeRole(input: {workspaceId: $w, userId: $u,"
-            " role: VIEWER}) { consistencyToken } }",
-            w=workspace_id, u=admin_id,
-        )
-    )  # fmt: skip
+    data(gql(http, owner, CHANGE_ROLE, w=workspace_id, u=admin_id, r="VIEWER"))
     assert code(gql(http, secret, CREATE_PROJECT, w=workspace_id, n="Refused")) == "FORBIDDEN"
 
     # Revocation holds from the next request on.
-    data(
-        gql(
-            http, owner,
-            "mutation($w: ID!, $u: ID!) { changeRole(input: {workspaceId: $w, userId: $u,"
-            " role: ADMIN}) { consistencyToken } }",
-            w=workspace_id, u=admin_id,
-        )
-    )  # fmt: skip
+    data(gql(http, owner, CHANGE_ROLE, w=workspace_id, u=admin_id, r="ADMIN"))
     revoked = data(gql(http, owner, REVOKE_KEY, k=key["apiKey"]["id"]))["revokeApiKey"]
     assert revoked["apiKey"]["revokedAt"] is not None
     assert revoked["secret"] is None
@@ -215,3 +207,66 @@ def test_api_key_acts_at_its_role_capped_by_its_creator_and_dies_on_revoke(
         )
     assert secret.split("_", 2)[2].encode() not in stored
     assert secret.split("_", 2)[2].encode() not in logged
+
+
+def test_an_invitation_grants_only_what_its_inviter_may_still_grant(
+    http: httpx.Client, auth_stack: Stack
+) -> None:
+    owner, workspace_id, admin_id, admin, _ = owner_and_admin(
+        http, "inviter-demoted.test", "Inviter demoted"
+    )
+    _, invitee = user(http, "invitee@inviter-demoted.test")
+    _, other = user(http, "other@inviter-demoted.test")
+    as_admin = data(
+        gql(http, admin, INVITE, w=workspace_id, e="invitee@inviter-demoted.test", r="ADMIN")
+    )["inviteMember"]["acceptToken"]
+    as_member = data(
+        gql(http, admin, INVITE, w=workspace_id, e="other@inviter-demoted.test", r="MEMBER")
+    )["inviteMember"]["acceptToken"]
+
+    # Demoted to VIEWER, the inviter may grant nothing: the invitation does not grant ADMIN.
+    data(gql(http, owner, CHANGE_ROLE, w=workspace_id, u=admin_id, r="VIEWER"))
+    refused = gql(http, invitee, ACCEPT, t=as_admin)
+    assert code(refused) == "FORBIDDEN"
+    assert "may no longer grant ADMIN" in refused.json()["errors"][0]["message"]
+    assert data(gql(http, invitee, ME))["me"]["workspaces"] == []
+
+    # Promoted again, the same invitation holds (nothing was spent by the refusal).
+    data(gql(http, owner, CHANGE_ROLE, w=workspace_id, u=admin_id, r="ADMIN"))
+    accepted = data(gql(http, invitee, ACCEPT, t=as_admin))["acceptInvitation"]
+    me = data(gql(http, invitee, ME, after=accepted["consistencyToken"]))["me"]
+    assert me["workspaces"] == [{"id": workspace_id, "name": "Inviter demoted", "role": "ADMIN"}]
+
+    # Removed, the inviter grants nothing either.
+    data(gql(http, owner, REMOVE_MEMBER, w=workspace_id, u=admin_id))
+    removed = gql(http, other, ACCEPT, t=as_member)
+    assert code(removed) == "FORBIDDEN"
+    assert "no longer a member" in removed.json()["errors"][0]["message"]
+    assert data(gql(http, other, ME))["me"]["workspaces"] == []
+
+
+def test_me_shows_the_role_each_credential_acts_with(http: httpx.Client, auth_stack: Stack) -> None:
+    owner, workspace_id, admin_id, admin, written = owner_and_admin(
+        http, "me-roles.test", "Me roles"
+    )
+
+    def role_seen(token: str) -> str:
+        (mine,) = data(gql(http, token, ME, after=written))["me"]["workspaces"]
+        assert mine["id"] == workspace_id
+        return str(mine["role"])
+
+    assert role_seen(admin) == "ADMIN"  # a user token: the membership's role
+    # A workspace token's claim is a ceiling: it lowers the role, never raises it.
+    viewer_token = auth_stack.token(admin_id, workspace_id, "VIEWER")
+    assert role_seen(viewer_token) == "VIEWER"
+    assert code(gql(http, viewer_token, CREATE_PROJECT, w=workspace_id, n="Refused")) == (
+        "FORBIDDEN"
+    )
+    assert role_seen(auth_stack.token(admin_id, workspace_id, "OWNER")) == "ADMIN"
+    # An API key acts at its role, capped by its creator's current role.
+    key = data(gql(http, admin, CREATE_KEY, w=workspace_id, n="bot", r="MEMBER"))
+    secret = key["createApiKey"]["secret"]
+    assert role_seen(secret) == "MEMBER"
+    demoted = data(gql(http, owner, CHANGE_ROLE, w=workspace_id, u=admin_id, r="VIEWER"))
+    written = demoted["changeRole"]["consistencyToken"]
+    assert role_seen(secret) == "VIEWER"

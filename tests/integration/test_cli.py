@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import jwt
 import pg
+import psycopg
 import pytest
 from credentials import rsa_pem_pair
 
@@ -289,12 +290,42 @@ class TestMigrate:
         assert "AGENTWORKS_DATABASE_URL" in line
         assert not (tmp_path / ".agentworks").exists()
 
+    def test_a_misspelt_setting_is_a_usage_error_before_any_embedded_database_starts(
+        self, tmp_path: Path
+    ) -> None:
+        # Ignored before: migrate went on to the data dir's embedded database.
+        result = agentworks(
+            "migrate", cwd=tmp_path, env={"AGENTWORKS_DATABSE_URL": "postgresql://db/x"}
+        )
+
+        line = assert_one_line_error(result)
+        assert "AGENTWORKS_DATABSE_URL (did you mean AGENTWORKS_DATABASE_URL?)" in line
+        assert not (tmp_path / ".agentworks").exists()
+
     def test_a_non_postgres_url_is_a_usage_error(self, tmp_path: Path) -> None:
         result = agentworks(
             "migrate", cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": "mysql://root@localhost/x"}
         )
 
         assert "postgresql://" in assert_one_line_error(result)
+
+    def test_an_applied_migration_whose_file_changed_fails_with_exit_1_naming_it(
+        self, tmp_path: Path, database_url: str
+    ) -> None:
+        # As if 0001's file had been edited since: the stored checksum is not the file's.
+        stored = "0" * 64
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE schema_migrations SET checksum = %s WHERE version = '0001'", (stored,)
+            )
+        first = discover()[0]
+
+        result = agentworks("migrate", "--database-url", database_url, cwd=tmp_path)
+
+        line = assert_error_last(result, 1)
+        assert first.filename in line
+        assert stored in line
+        assert first.checksum in line
 
     def test_unreachable_database_fails_with_exit_1(self, tmp_path: Path) -> None:
         result = agentworks(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import TYPE_CHECKING
 
 import pg
 import psycopg
 import pytest
+import structlog
 
 from infra.migrate import (
+    LOCK_TIMEOUT_SECONDS,
     MigrationError,
     applied_versions,
     discover,
@@ -124,6 +127,136 @@ class TestApplying:
 
         assert migrate(empty_database) == shipped
         assert migrate(empty_database) == []
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _checksums(url: str) -> list[tuple[object, ...]]:
+    return _rows(url, "SELECT version, checksum FROM schema_migrations ORDER BY version")
+
+
+TABLE_T = "CREATE TABLE t (id int);"
+
+
+def _applied_t(url: str, tmp_path: Path) -> Path:
+    """A migrations directory holding ``0001_t.sql`` (:data:`TABLE_T`), applied to ``url``."""
+    directory = _write(tmp_path / "m", {"0001_t.sql": TABLE_T})
+    migrate(url, directory=directory)
+    return directory
+
+
+class TestChecksums:
+    def test_each_applied_file_is_recorded_with_the_sha256_of_its_text(
+        self, empty_database: str, tmp_path: Path
+    ) -> None:
+        first, second = TABLE_T, "CREATE INDEX t_id ON t (id);\n"
+        directory = _write(tmp_path / "m", {"0001_t.sql": first, "0002_index.sql": second})
+
+        migrate(empty_database, directory=directory)
+
+        assert _checksums(empty_database) == [("0001", _sha256(first)), ("0002", _sha256(second))]
+
+    def test_an_applied_file_changed_later_is_refused_by_name_and_nothing_runs(
+        self, empty_database: str, tmp_path: Path
+    ) -> None:
+        directory = _applied_t(empty_database, tmp_path)
+        edited = "CREATE TABLE t (id bigint);"
+        _write(directory, {"0001_t.sql": edited, "0002_u.sql": "CREATE TABLE u (id int);"})
+
+        with pytest.raises(MigrationError) as refused:
+            migrate(empty_database, directory=directory)
+
+        message = str(refused.value)
+        assert "0001_t.sql" in message
+        assert _sha256(TABLE_T) in message
+        assert _sha256(edited) in message
+        assert applied_versions(empty_database) == ["0001"]  # 0002 waits for the file's fix
+        assert _rows(empty_database, "SELECT to_regclass('u') IS NULL") == [(True,)]
+
+    def test_rows_from_before_checksums_get_the_files_checksum_and_the_log_says_so(
+        self, empty_database: str, tmp_path: Path
+    ) -> None:
+        # A database migrated by the runner from before checksums: its table had no such column.
+        text = TABLE_T
+        with psycopg.connect(empty_database, autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            conn.execute(text)
+            conn.execute("INSERT INTO schema_migrations (version) VALUES ('0001')")
+        directory = _write(tmp_path / "m", {"0001_t.sql": text})
+
+        with structlog.testing.capture_logs() as logs:
+            assert migrate(empty_database, directory=directory) == []
+
+        assert _checksums(empty_database) == [("0001", _sha256(text))]
+        recorded = [entry for entry in logs if entry["event"] == "migration.checksums_recorded"]
+        assert len(recorded) == 1
+        assert recorded[0]["versions"] == ["0001"]
+        assert "trusting" in recorded[0]["note"]
+        # From now on the file is held to that checksum.
+        _write(directory, {"0001_t.sql": "CREATE TABLE t (id bigint);"})
+        with pytest.raises(MigrationError, match=r"0001_t\.sql"):
+            migrate(empty_database, directory=directory)
+
+    def test_a_cleared_checksum_trusts_the_file_again(
+        self, empty_database: str, tmp_path: Path
+    ) -> None:
+        directory = _applied_t(empty_database, tmp_path)
+        edited = f"-- a comment only\n{TABLE_T}"
+        _write(directory, {"0001_t.sql": edited})
+        with psycopg.connect(empty_database, autocommit=True) as conn:
+            conn.execute("UPDATE schema_migrations SET checksum = NULL WHERE version = '0001'")
+
+        assert migrate(empty_database, directory=directory) == []
+        assert _checksums(empty_database) == [("0001", _sha256(edited))]
+
+    def test_a_runner_from_before_checksums_still_works_on_the_new_table(
+        self, empty_database: str, tmp_path: Path
+    ) -> None:
+        # Old replicas may still be running during a rollout: the column is nullable.
+        directory = _applied_t(empty_database, tmp_path)
+        with psycopg.connect(empty_database, autocommit=True) as conn:
+            conn.execute("INSERT INTO schema_migrations (version) VALUES ('0002')")
+
+        _write(directory, {"0002_u.sql": "CREATE TABLE u (id int);"})
+        assert migrate(empty_database, directory=directory) == []
+        assert _checksums(empty_database)[1] == ("0002", _sha256("CREATE TABLE u (id int);"))
+
+
+class TestLockTimeout:
+    def test_migration_statements_run_with_the_lock_timeout(
+        self, empty_database: str, tmp_path: Path
+    ) -> None:
+        seen = "CREATE TABLE seen AS SELECT current_setting('lock_timeout') AS v;"
+        directory = _write(tmp_path / "m", {"0001_seen.sql": seen})
+
+        migrate(empty_database, directory=directory)
+
+        assert _rows(empty_database, "SELECT v FROM seen") == [(f"{LOCK_TIMEOUT_SECONDS:g}s",)]
+
+    def test_a_migration_behind_a_long_read_gives_up_and_can_be_retried(
+        self, empty_database: str, tmp_path: Path
+    ) -> None:
+        directory = _applied_t(empty_database, tmp_path)
+        _write(directory, {"0002_alter.sql": "ALTER TABLE t ADD COLUMN note text;"})
+
+        with psycopg.connect(empty_database) as reader:
+            # A read still running (its transaction open) holds ACCESS SHARE on t.
+            reader.execute("SELECT * FROM t").fetchall()
+            with pytest.raises(MigrationError) as gave_up:
+                migrate(empty_database, directory=directory, lock_timeout=0.2)
+            reader.rollback()
+
+        message = str(gave_up.value)
+        assert "0002_alter.sql" in message
+        assert "lock" in message
+        assert "retried" in message
+        assert applied_versions(empty_database) == ["0001"]
+        assert migrate(empty_database, directory=directory, lock_timeout=0.2) == ["0002"]
 
 
 class TestConcurrency:

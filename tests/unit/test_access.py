@@ -15,36 +15,60 @@ from domain.roles import Role
 WORKSPACE = UUID(int=7)
 META = EventMeta.for_command(workspace_id=WORKSPACE, actor="owner")
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+OWNER = Role.OWNER
 
 
-def invitation(expires_in: timedelta = timedelta(days=7)) -> Invitation:
+def invitation(expires_in: timedelta = timedelta(days=7), role: Role = Role.MEMBER) -> Invitation:
     return Invitation.create(
-        invitation_id=uuid4(), workspace_id=WORKSPACE, email="a@example.com", role=Role.MEMBER,
+        invitation_id=uuid4(), workspace_id=WORKSPACE, email="a@example.com", role=role,
         token_hash="h", expires_at=NOW + expires_in, invited_by="owner", meta=META,
     )  # fmt: skip
 
 
 def test_accepting_twice_is_harmless_but_not_by_someone_else() -> None:
     made = invitation()
-    assert made.accept("u1", "a@example.com", now=NOW, meta=META) is True
-    assert made.accept("u1", "a@example.com", now=NOW, meta=META) is False
+    assert made.accept("u1", "a@example.com", inviter_role=OWNER, now=NOW, meta=META) is True
+    assert made.accept("u1", "a@example.com", inviter_role=OWNER, now=NOW, meta=META) is False
     with pytest.raises(InvalidTransition):
-        made.accept("u2", "a@example.com", now=NOW, meta=META)
+        made.accept("u2", "a@example.com", inviter_role=OWNER, now=NOW, meta=META)
     with pytest.raises(InvalidTransition):
         made.revoke(meta=META)
 
 
 def test_expired_revoked_and_misaddressed_invitations_are_refused() -> None:
     with pytest.raises(InvalidTransition, match="expired"):
-        invitation(timedelta(seconds=-1)).accept("u1", "a@example.com", now=NOW, meta=META)
+        invitation(timedelta(seconds=-1)).accept(
+            "u1", "a@example.com", inviter_role=OWNER, now=NOW, meta=META
+        )
     with pytest.raises(Forbidden):
-        invitation().accept("u1", "b@example.com", now=NOW, meta=META)
+        invitation().accept("u1", "b@example.com", inviter_role=OWNER, now=NOW, meta=META)
     revoked = invitation()
     revoked.revoke(meta=META)
     revoked.revoke(meta=META)  # again: nothing more happens
     assert len(list(revoked.collect_events())) == 2
     with pytest.raises(InvalidTransition, match="revoked"):
-        revoked.accept("u1", "a@example.com", now=NOW, meta=META)
+        revoked.accept("u1", "a@example.com", inviter_role=OWNER, now=NOW, meta=META)
+
+
+@pytest.mark.parametrize(
+    ("role", "inviter_role"),
+    [
+        (Role.VIEWER, None),
+        (Role.VIEWER, Role.MEMBER),
+        (Role.ADMIN, Role.VIEWER),
+        (Role.OWNER, Role.ADMIN),
+    ],
+)
+def test_an_invitation_grants_only_what_its_inviter_may_still_grant(
+    role: Role, inviter_role: Role | None
+) -> None:
+    made = invitation(role=role)
+    with pytest.raises(Forbidden, match="may no longer grant"):
+        made.accept("u1", "a@example.com", inviter_role=inviter_role, now=NOW, meta=META)
+    assert made.accepted_by is None
+    assert made.accept("u1", "a@example.com", inviter_role=Role.OWNER, now=NOW, meta=META)
+    admin_made = invitation(role=Role.ADMIN)
+    assert admin_made.accept("u1", "a@example.com", inviter_role=Role.ADMIN, now=NOW, meta=META)
 
 
 def test_api_key_names_are_checked_and_revocation_is_idempotent() -> None:

@@ -281,7 +281,7 @@ def test_archiving_an_archived_card_is_refused() -> None:
 def test_restore_puts_the_card_back_live_at_the_given_place() -> None:
     card = make_card()
     card.archive(meta=m(card))
-    card.restore("Done", "V9", meta=m(card))
+    card.restore("Done", "V9", from_lane=None, meta=m(card))
     assert card.archived is False
     assert (card.lane, card.position) == ("Done", "V9")
     card.edit(title="Back", description=None, meta=m(card))
@@ -291,4 +291,4 @@ def test_restore_puts_the_card_back_live_at_the_given_place() -> None:
 def test_restoring_a_live_card_is_refused() -> None:
     card = make_card()
     with pytest.raises(InvalidTransition, match=f"card {card.id} is not archived"):
-        card.restore("Todo", "V2", meta=m(card))
+        card.restore("Todo", "V2", from_lane=None, meta=m(card))

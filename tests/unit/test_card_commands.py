@@ -265,6 +265,33 @@ def test_blocked_card_cannot_change_lane_and_the_board_is_not_saved_either() -> 
     agree(world)
 
 
+def test_blocked_card_restores_only_into_the_lane_it_left_under_its_new_name() -> None:
+    world = build()
+    _block(world)
+    _archive(world)
+    _rename_lane(world, "Todo", "Backlog")
+    cmd = m.RestoreCard(card_id=world.card_id, lane="Done")
+    error = world.refuses(InvalidTransition, world.app.restore_card, cmd)
+    assert "blocked" in error.message
+    assert "'Backlog'" in error.message
+    assert world.get(world.card_id).archived
+    assert board(world, "Done") == []
+    world.app.restore_card(m.RestoreCard(card_id=world.card_id, lane="Backlog"), world.owner)
+    assert board(world, "Backlog") == [world.card_id]
+    assert world.get(world.card_id).blocked
+    agree(world)
+
+
+def test_blocked_card_whose_lane_is_gone_restores_into_the_lane_asked_for() -> None:
+    world = build()
+    _block(world)
+    _archive(world)
+    world.app.remove_lane(m.RemoveLane(project_id=world.project_id, lane="Todo"), world.owner)
+    world.app.restore_card(m.RestoreCard(card_id=world.card_id, lane="Done"), world.owner)
+    assert board(world, "Done") == [world.card_id]
+    agree(world)
+
+
 def test_moving_an_archived_card_is_an_invalid_transition() -> None:
     world = build()
     _archive(world)

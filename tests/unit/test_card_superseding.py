@@ -51,7 +51,7 @@ def _history(steps: list[tuple[str, int]]) -> list[Aggregate.Event]:
             elif step == "archive":
                 card.archive(meta=m)
             else:
-                card.restore(lanes[n], f"R{n}", meta=m)
+                card.restore(lanes[n], f"R{n}", from_lane=None, meta=m)
         except AgentWorksError:
             pass
     return list(card.collect_events())

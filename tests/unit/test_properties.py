@@ -312,7 +312,7 @@ def card_step(card: Card, op: Op) -> None:
         case ("archive",):
             card.archive(meta=mt)
         case ("restore", lane_name, position):
-            card.restore(lane_name, position, meta=mt)
+            card.restore(lane_name, position, from_lane=None, meta=mt)
 
 
 @SETTINGS
