@@ -142,5 +142,11 @@ class CardCommands(WriteSide):
         """A card as it was at ``version`` (or now), for history and audit."""
         return self.load(Card, card_id, actor, Role.VIEWER, "read card", version=version)
 
+    def last_version(self, aggregate_id: UUID) -> int:
+        """The version of an aggregate's last stored event (0: none), decoding nothing: what a
+        history reader that cannot decode, or see, every event checks its count against."""
+        stored = self.recorder.select_events(aggregate_id, desc=True, limit=1)
+        return stored[0].originator_version if stored else 0
+
     def card_snapshot(self, card_id: UUID) -> Card:
         return self.aggregate(Card, card_id)
