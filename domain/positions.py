@@ -15,6 +15,9 @@ A key is an *integer part* followed by an optional *fraction*:
 
 No key ends in ``0``: a trailing zero would make ``x`` and ``x0`` distinct keys with nothing between
 them, and the guarantee that a key fits between any two keys would be lost.
+
+Nothing shortens a key by itself, so the board re-spreads (:func:`respread`): a placement whose key
+would pass :data:`RESPREAD_THRESHOLD` first gives the cards around its gap fresh, evenly spread keys.
 """
 
 from __future__ import annotations
