@@ -16,8 +16,9 @@ A key is an *integer part* followed by an optional *fraction*:
 No key ends in ``0``: a trailing zero would make ``x`` and ``x0`` distinct keys with nothing between
 them, and the guarantee that a key fits between any two keys would be lost.
 
-Nothing shortens a key by itself, so the board re-spreads (:func:`respread`): a placement whose key
-would pass :data:`RESPREAD_THRESHOLD` first gives the cards around its gap fresh, evenly spread keys.
+Nothing shortens a key by itself, so the board re-spreads (:func:`respread`): a placement whose
+key would pass :data:`RESPREAD_THRESHOLD` first gives the cards around its gap fresh, evenly
+spread keys.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ same place is dozens of moves into one gap away (a re-spread's cost is paid back
 
 MAX_RESPREAD_CARDS: Final[int] = 512
 """The most cards one re-spread re-keys (each is an event on the card and one on the board, all
-in the move's own transaction, so this bounds what one move writes). A re-spread re-keys the
-fewest cards around the gap that make its keys fit :data:`RESPREAD_TARGET`; in a lane no longer
+in the move's own transaction, so this bounds what one move writes). A re-spread re-keys a
+window around the gap, doubled until its keys fit :data:`RESPREAD_TARGET`; in a lane no longer
 than this that always succeeds (at worst the whole lane is spread as if seeded), so no key ever
 passes :data:`RESPREAD_THRESHOLD`. In a longer lane whose cards crowd one spot beyond this many,
 the keys stay near the threshold, not under it (see :func:`respread`)."""

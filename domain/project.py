@@ -388,8 +388,8 @@ class Project(TenantAggregate):
     def _respread(
         self, lane: str, order: list[tuple[str, UUID]], gap: int, meta: EventMeta
     ) -> Placed | None:
-        """Give the cards of ``lane`` around ``gap`` fresh, evenly spread short keys (all of them
-        in a lane of up to :data:`~domain.positions.MAX_RESPREAD_CARDS`), in their order, and
+        """Give the cards of ``lane`` around ``gap`` (a window widened until its keys are short,
+        see :func:`~domain.positions.respread`) fresh, evenly spread keys, in their order, and
         say where the card going into ``gap`` goes among them.
 
         Each re-keyed card is a ``CardMoved`` within its lane, recorded before the placement
