@@ -276,17 +276,18 @@ def positions_spread_between(before: str | None, after: str | None, n: int) -> l
     between two keys of one integer part, the fractions between theirs; otherwise the shortest
     of spreading above ``before`` within its integer, below ``after`` within its integer, or over
     the whole integer after ``before``'s when that one lies below ``after``. (Every key with a
-    smaller integer part sorts below a key with a larger one.) An open end is first closed with
-    the short key :func:`position_between` steps to.
+    smaller integer part sorts below a key with a larger one.)
     """
     if n <= 0:
         return []
+    # An open end is closed two steps out, so that the whole integer next to the known key (a
+    # fraction space of its own, however long that key is) is among the spaces to spread over.
     if after is None:
         if before is None:
             return positions_for(n)
-        after = position_between(before, None)
+        after = position_between(position_between(before, None), None)
     elif before is None:
-        before = position_between(None, after)
+        before = position_between(None, position_between(None, after))
     low_integer, low_fraction = _split(before)
     high_integer, high_fraction = _split(after)
     if low_integer == high_integer:

@@ -205,11 +205,19 @@ def test_a_re_spread_keeps_every_key_in_order_and_bounds_its_window(
 @given(st.sampled_from(["V1", "V3zzzzzzzz1", "W11", "Vz"]), st.integers(1, 600))
 def test_keys_spread_between_two_keys_lie_strictly_between_them(before: str, n: int) -> None:
     after = position_between(before, None)
-    for high in (after, position_between(before, after)):
-        spread = positions_spread_between(before, high, n)
+    for low, high in [
+        (before, after),
+        (before, position_between(before, after)),
+        (before, None),
+        (None, before),
+    ]:
+        spread = positions_spread_between(low, high, n)
         assert len(spread) == n
-        assert all(low < up for low, up in itertools.pairwise([before, *spread, high]))
+        bounded = [key for key in [low, *spread, high] if key is not None]
+        assert all(a < b for a, b in itertools.pairwise(bounded))
         assert all(is_valid_position(key) for key in spread)
+    # A window at an end of the lane spreads over the free integer beyond its long neighbour.
+    assert max(map(len, positions_spread_between("V3zzzzzzzzzzzzzzzzz1", None, n))) <= 5
 
 
 def test_a_long_lane_squeezed_in_one_place_stays_near_the_bound() -> None:
