@@ -220,11 +220,14 @@ def test_keys_spread_between_two_keys_lie_strictly_between_them(before: str, n: 
     assert max(map(len, positions_spread_between("V3zzzzzzzzzzzzzzzzz1", None, n))) <= 5
 
 
-def test_a_long_lane_squeezed_in_one_place_stays_near_the_bound() -> None:
-    """Beyond MAX_RESPREAD_CARDS only a window is re-spread; squeezing 3,000 times into one spot
-    of a 1,500-card lane (moving cards from anywhere) keeps keys within a few characters of the
-    threshold where, without re-spreads, they would reach 600."""
-    rng = random.Random(7)
+@settings(max_examples=5, deadline=None)
+@given(st.integers(0, 2**32))
+def test_a_long_lane_squeezed_in_one_place_keeps_its_keys_within_the_bound(seed: int) -> None:
+    """Beyond MAX_RESPREAD_CARDS only a window is re-spread: squeezing 3,000 times into one spot
+    of a 1,500-card lane (taking cards from anywhere) keeps every key within the threshold
+    (plus a little slack: beyond the cap it is not guaranteed) where, without re-spreads, keys
+    would reach 600 characters."""
+    rng = random.Random(seed)
     keys = positions_for(1_500)
     gap = 700
     for _ in range(3_000):
@@ -233,8 +236,9 @@ def test_a_long_lane_squeezed_in_one_place_stays_near_the_bound() -> None:
         if len(key) > RESPREAD_THRESHOLD:
             spread = respread(keys, gap)
             if spread is not None:
+                assert spread.end - spread.start <= MAX_RESPREAD_CARDS
                 keys[spread.start : spread.end] = spread.keys
                 continue
         keys.insert(gap, key)
     assert all(low < high for low, high in itertools.pairwise(keys))
-    assert max(len(key) for key in keys) <= RESPREAD_THRESHOLD + 12
+    assert max(len(key) for key in keys) <= RESPREAD_THRESHOLD + 4
