@@ -21,7 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis_profiles import expensive_property
 from psycopg.rows import dict_row
-from read_side_helpers import ReadSide, World
+from read_side_helpers import ReadSide, World, squeeze
 
 from commands import models as m
 from domain.card import Card
@@ -32,9 +32,6 @@ from projections.activity import ActivityProjector
 from projections.history import board_as_of
 from projections.kanban import KanbanProjector
 from read_api.eventlog import card_events
-
-#: Moves into one gap that certainly pass the threshold (a character per about five).
-SQUEEZES = 6 * RESPREAD_THRESHOLD
 
 pick = st.integers(min_value=0, max_value=1_000)
 operations = st.lists(
@@ -124,28 +121,6 @@ def send(side: ReadSide, world: World, cards: list[UUID], op: tuple[Any, ...]) -
             app.block_card(m.BlockCard(card_id=card_id, reason="waiting"), owner)
         else:
             app.unblock_card(m.UnblockCard(card_id=card_id), owner)
-
-
-def squeeze(side: ReadSide, world: World, lane: str, card_id: UUID) -> None:
-    """:data:`SQUEEZES` moves of ``card_id`` and the lane's other cards in turn, each right after
-    the lane's first card: every move lands in the same, ever narrower, gap."""
-    app = side.app
-    for n in range(SQUEEZES):
-        board: Project = app.aggregate(Project, world.project_id)
-        if card_id not in board.placements:
-            return
-        order = [cid for _, cid in board.cards_in(lane)]
-        if len(order) < 3:
-            return
-        mover = order[2 + n % (len(order) - 2)] if n else card_id
-        others = [cid for cid in order if cid != mover]
-        with contextlib.suppress(AgentWorksError):  # blocked, or a lane at its WIP limit
-            app.move_card(
-                m.MoveCard(
-                    card_id=mover, to_lane=lane, after_card_id=others[0], before_card_id=others[1]
-                ),
-                world.owner,
-            )
 
 
 def assert_read_model_is_the_fold(side: ReadSide, world: World, cards: list[UUID]) -> None:
