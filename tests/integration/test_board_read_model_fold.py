@@ -184,7 +184,7 @@ def test_a_re_spread_reaches_the_board_its_cards_histories_and_the_board_as_of_n
     board: Project = app.aggregate(Project, world.project_id)
     keys = board.cards_in("Todo")
     assert max(len(key) for key, _ in keys) <= RESPREAD_THRESHOLD
-    side.project(KanbanProjector())
+    outcome = side.project(KanbanProjector())
     side.project(ActivityProjector())
     assert_read_model_is_the_fold(side, world, cards)
 
@@ -210,6 +210,15 @@ def test_a_re_spread_reaches_the_board_its_cards_histories_and_the_board_as_of_n
         assert len(event.payload["position"]) <= RESPREAD_THRESHOLD
         assert event.metadata["actor"] == owner.user_id
     assert app.aggregate(Card, first).position == board.placements[first].position
+    # The board's subscribers hear of each re-keyed card as of a move, at the re-spread's place.
+    told = [
+        change.payload
+        for change in outcome.changes
+        if change.channel == f"board:{world.project_id}" and change.payload["cardId"] == str(first)
+    ]
+    assert [p["position"] for p in told if p["kind"] == "card.moved"] == [
+        e.position for e in respread[first]
+    ]
     # The board as of now, folded from the log for an audit, orders the lane as the board does.
     (todo,) = [lane for lane in folded.lanes if lane.name == "Todo"]
     assert [(c.card.position, c.card.id) for c in todo.cards] == keys
