@@ -65,14 +65,10 @@ def index_lanes(project: Project, *, verify: bool = False) -> None:
     slow = Project._position_in
 
     def position_in(
-        lane: str,
-        card_id: UUID,
-        after_card_id: UUID | None,
-        before_card_id: UUID | None,
-        meta: EventMeta,
+        lane: str, card_id: UUID, after: UUID | None, before: UUID | None, *, meta: EventMeta
     ) -> Placed:
-        if after_card_id is not None or before_card_id is not None:
-            return slow(project, lane, card_id, after_card_id, before_card_id, meta)
+        if after is not None or before is not None:
+            return slow(project, lane, card_id, after, before, meta=meta)
         order = index.lanes.get(lane, [])
         last = len(order) - 1
         if last >= 0 and order[last][1] == card_id:
@@ -80,7 +76,7 @@ def index_lanes(project: Project, *, verify: bool = False) -> None:
         # Appending steps to the next integer: a few characters, never a re-spread.
         placed = Placed(position_between(order[last][0] if last >= 0 else None, None))
         if verify:
-            assert placed == slow(project, lane, card_id, None, None, meta)
+            assert placed == slow(project, lane, card_id, None, None, meta=meta)
         return placed
 
     project.__dict__["_position_in"] = position_in

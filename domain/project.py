@@ -316,7 +316,7 @@ class Project(TenantAggregate):
         if card_id in self.placements:
             raise Duplicate(f"card {card_id} is already on the board of project {self.id}")
         self._admit(lane, card_id)
-        placed = self._position_in(lane, card_id, after_card_id, before_card_id, meta)
+        placed = self._position_in(lane, card_id, after_card_id, before_card_id, meta=meta)
         self._record(self.CardPlaced, meta, card_id=card_id, lane=lane, position=placed.position)
         return placed
 
@@ -341,7 +341,7 @@ class Project(TenantAggregate):
         current = self._placement(card_id)
         if current.lane != to_lane:
             self._admit(to_lane, card_id)
-        placed = self._position_in(to_lane, card_id, after_card_id, before_card_id, meta)
+        placed = self._position_in(to_lane, card_id, after_card_id, before_card_id, meta=meta)
         self._record(
             self.CardMoved,
             meta,
@@ -372,6 +372,7 @@ class Project(TenantAggregate):
         card_id: UUID,
         after_card_id: UUID | None,
         before_card_id: UUID | None,
+        *,
         meta: EventMeta,
     ) -> Placed:
         """The card's new key in ``lane`` (re-spreading the lane when it would be too long)."""
