@@ -186,7 +186,7 @@ class BoardAt:
 #: Project events that only say where a card sits; the cards themselves say it too, so the
 #: board's lanes are folded without them (a busy board has one per move).
 _BOARD_ONLY = (Project.CardMoved, Project.CardLifted)
-_LANE_SETTING = (Card.Created, Card.Moved, Card.Restored)
+_LANE_SETTING = (Card.Created, Card.Moved, Card.Respread, Card.Restored)
 
 
 def board_as_of(
