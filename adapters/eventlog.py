@@ -18,13 +18,13 @@ statement and horizon rule (see :mod:`adapters.eventstore`), when the recorder o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import chain, repeat
 from operator import contains
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from uuid import UUID
 
 import orjson
@@ -83,6 +83,31 @@ _CACHE_LIMIT = 200_000
 Row = tuple[int, UUID, int, str, bytes]
 """A stored event as the log query returns it: position, originator id and version, topic,
 state."""
+
+#: Most bytes of stored state in one batch read from the log to publish or project, beside the
+#: batch's count of events: a batch of large events (agent outputs, log chunks) must not make
+#: one huge Kafka request, transaction or heap. An event larger than this still goes, alone
+#: (the relay publishes one over a message's size without its payload, see
+#: :data:`~domain.envelope.OMITTED`).
+MAX_BATCH_BYTES = 16 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+def byte_bounded(items: Iterable[T], size: Callable[[T], int], max_bytes: int) -> Iterator[list[T]]:
+    """``items`` in order, in runs of at most ``max_bytes`` by ``size``; an item larger than
+    that makes a run alone."""
+    run: list[T] = []
+    total = 0
+    for item in items:
+        bytes_ = size(item)
+        if run and total + bytes_ > max_bytes:
+            yield run
+            run, total = [], 0
+        run.append(item)
+        total += bytes_
+    if run:
+        yield run
 
 
 class _Fallback(Exception):
@@ -350,30 +375,48 @@ class EventLog:
         self._close = close
         self._fast = _FastDecoder() if writes_library_json(mapper, _STANDARD, only=True) else None
         self._select = _log_statement(recorder)
+        self._bounded = None if self._select is None else _bounded(self._select)
 
-    def read(self, after: int, limit: int = 1000) -> list[EventEnvelope]:
+    def read(
+        self, after: int, limit: int = 1000, *, max_bytes: int | None = None
+    ) -> list[EventEnvelope]:
         """Up to ``limit`` events with positions above ``after``, in order, never past a gap
-        that a still-open transaction may fill."""
-        return [self._readable(row) for row in self._rows(after, limit)]
+        that a still-open transaction may fill; with ``max_bytes``, no more events than fit
+        in that many bytes of stored state (at least one)."""
+        return self.read_batch(after, limit, max_bytes=max_bytes)[0]
+
+    def read_batch(
+        self, after: int, limit: int, *, max_bytes: int | None = MAX_BATCH_BYTES
+    ) -> tuple[list[EventEnvelope], bool]:
+        """:meth:`read`, and whether more events may be read at once: the batch stopped at
+        ``limit`` or at ``max_bytes`` (a reader that takes a short batch for the log's end
+        would wait for the next wake-up with a backlog in front of it)."""
+        rows, more = self._rows(after, limit, max_bytes)
+        return [self.readable(row) for row in rows], more
 
     def read_following(
-        self, after: int, limit: int, aggregates: frozenset[str] | set[str]
+        self,
+        after: int,
+        limit: int,
+        aggregates: frozenset[str] | set[str],
+        *,
+        max_bytes: int | None = None,
     ) -> tuple[list[EventEnvelope], int, int]:
         """Like :meth:`read`, decoding only the events of ``aggregates`` (what a set of
         projectors follows): those envelopes, the position read up to, and how many events were
         read (followed or not)."""
-        rows = self._rows(after, limit)
+        rows = self._rows(after, limit, max_bytes)[0]
         if not rows:
             return [], after, 0
         aggregate_of = self._aggregate_of
-        envelopes = [self._readable(row) for row in rows if aggregate_of(row[3]) in aggregates]
+        envelopes = [self.readable(row) for row in rows if aggregate_of(row[3]) in aggregates]
         return envelopes, rows[-1][0], len(rows)
 
     def between(
         self, originator_id: UUID, *, after_version: int, before_version: int | None
     ) -> list[EventEnvelope]:
         return [
-            self._readable(_row(n))
+            self.readable(_row(n))
             for n in self.recorder.select_positioned_events(
                 originator_id, gt=after_version, lt=before_version
             )
@@ -382,7 +425,7 @@ class EventLog:
     def within(self, ranges: Sequence[tuple[UUID, int, int]]) -> list[EventEnvelope]:
         """The events of several aggregates, each ``(originator id, after version, before
         version)`` with exclusive bounds, in log order."""
-        return [self._readable(_row(n)) for n in self.recorder.select_positioned_ranges(ranges)]
+        return [self.readable(_row(n)) for n in self.recorder.select_positioned_ranges(ranges)]
 
     def versions(
         self, *, after: int, through: int, limit: int, aggregates: frozenset[str] | set[str]
@@ -399,15 +442,30 @@ class EventLog:
     def head(self) -> int:
         return self.recorder.max_notification_id() or 0
 
-    def _rows(self, after: int, limit: int) -> Sequence[Row]:
+    def _rows(self, after: int, limit: int, max_bytes: int | None) -> tuple[Sequence[Row], bool]:
+        """The rows of a batch, and whether it stopped at ``limit`` or ``max_bytes``.
+
+        Bounded by bytes, PostgreSQL cuts the batch (a running sum of the states' sizes, which
+        it knows without reading them), so the states past the bound never leave the server."""
         if self._select is None:
-            return [
+            rows: Sequence[Row] = [
                 _row(n)
                 for n in self.recorder.select_notifications(
                     start=after, limit=limit, inclusive_of_start=False
                 )
             ]
-        return cast("list[Row]", fetch_rows(self.recorder, self._select, (after, limit)))
+            if max_bytes is None or not rows:
+                return rows, len(rows) == limit
+            kept = next(byte_bounded(rows, lambda row: len(row[4]), max_bytes))
+            return kept, len(rows) == limit or len(kept) < len(rows)
+        if max_bytes is None:
+            rows = cast("list[Row]", fetch_rows(self.recorder, self._select, (after, limit)))
+            return rows, len(rows) == limit
+        sized = fetch_rows(self.recorder, self._bounded, (after, limit, max_bytes))
+        if not sized:
+            return [], False
+        more = len(sized) == limit or bool(sized[-1][5])
+        return [cast("Row", row[:5]) for row in sized], more
 
     def _aggregate_of(self, topic: str) -> str:
         try:
@@ -426,7 +484,7 @@ class EventLog:
         """One stored row as an envelope (upcast like every other read of the log)."""
         return self._envelope(row)
 
-    def _readable(self, row: Row) -> EventEnvelope:
+    def readable(self, row: Row) -> EventEnvelope:
         """:meth:`_envelope`, or, for a stored event that cannot be decoded, an envelope marked
         :data:`~domain.envelope.UNDECODABLE`: one bad row must not stop every reader of the log
         (the relay, the fan-out, a rebuild) at its position, for every tenant. Projectors park
@@ -474,6 +532,9 @@ def _qualname_of(topic: str) -> str:
 #: Longest error text an undecodable envelope carries.
 _MAX_ERROR = 2000
 
+#: The timestamp of an undecodable envelope whose stored state does not say when it was made.
+UNKNOWN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 def undecodable_envelope(row: Row, error: BaseException) -> EventEnvelope:
     """The envelope of a stored event that cannot be decoded: where it sits, its aggregate and
@@ -482,7 +543,7 @@ def undecodable_envelope(row: Row, error: BaseException) -> EventEnvelope:
     position, originator_id, originator_version, topic, raw = row
     qualname = _qualname_of(topic)
     meta: dict[str, str] = {}
-    timestamp = datetime(1970, 1, 1, tzinfo=UTC)
+    timestamp = UNKNOWN_TIME
     event_version = 1
     try:
         state = orjson.loads(bytes(raw))
@@ -539,6 +600,24 @@ def _log_statement(recorder: EventStoreRecorder) -> Composed | None:
         + SQL(" WHERE ")
         + horizon
         + SQL(" AND notification_id > %s ORDER BY notification_id LIMIT %s")
+    )
+
+
+def _bounded(select: Composed) -> Composed:
+    """The log query (``after``, ``limit``) cut further at ``max_bytes`` of stored state (at
+    least one row), each row saying whether the query alone gave a row after it. (Window
+    functions that look one row ahead at most: nothing makes PostgreSQL hold the whole page.)"""
+    return (
+        SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state, followed"
+            " FROM (SELECT page.*, sum(octet_length(state)) OVER w AS running,"
+            " row_number() OVER w AS n, lead(true, 1, false) OVER w AS followed FROM ("
+        )
+        + select
+        + SQL(
+            ") AS page WINDOW w AS (ORDER BY notification_id)) AS sized"
+            " WHERE n = 1 OR running <= %s ORDER BY notification_id"
+        )
     )
 
 

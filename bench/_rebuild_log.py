@@ -232,7 +232,7 @@ class LogGenerator:
         user = rnd.choice(tenant.users[:4])
         meta = self._meta(tenant, user)
         card_id = self._uuid()
-        position = project.place_card(card_id, "Backlog", meta=meta)
+        position = project.place_card(card_id, "Backlog", meta=meta).position
         card = Card.create(
             card_id=card_id,
             workspace_id=tenant.workspace.id,
@@ -258,7 +258,7 @@ class LogGenerator:
         def move(to: str) -> list[Aggregate]:
             meta = self._meta(tenant, user)
             from_lane = project.lane_of(card.id)
-            position = project.move_card(card.id, to, meta=meta)
+            position = project.move_card(card.id, to, meta=meta).position
             card.move(to, position, from_lane=from_lane, meta=meta)
             return [card, project]
 

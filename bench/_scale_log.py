@@ -23,10 +23,12 @@ from uuid import UUID
 from bench._rebuild_log import LogGenerator, _Tenant
 from domain.card import Card
 from domain.positions import position_between
-from domain.project import Placement, Project
+from domain.project import Placed, Placement, Project
 
 if TYPE_CHECKING:
     from eventsourcing.domain import Aggregate
+
+    from domain.meta import EventMeta
 
 
 class _LaneIndex(dict[UUID, Placement]):
@@ -63,18 +65,19 @@ def index_lanes(project: Project, *, verify: bool = False) -> None:
     slow = Project._position_in
 
     def position_in(
-        lane: str, card_id: UUID, after_card_id: UUID | None, before_card_id: UUID | None
-    ) -> str:
-        if after_card_id is not None or before_card_id is not None:
-            return slow(project, lane, card_id, after_card_id, before_card_id)
+        lane: str, card_id: UUID, after: UUID | None, before: UUID | None, *, meta: EventMeta
+    ) -> Placed:
+        if after is not None or before is not None:
+            return slow(project, lane, card_id, after, before, meta=meta)
         order = index.lanes.get(lane, [])
         last = len(order) - 1
         if last >= 0 and order[last][1] == card_id:
             last -= 1
-        position = position_between(order[last][0] if last >= 0 else None, None)
+        # Appending steps to the next integer: a few characters, never a re-spread.
+        placed = Placed(position_between(order[last][0] if last >= 0 else None, None))
         if verify:
-            assert position == slow(project, lane, card_id, None, None)
-        return position
+            assert placed == slow(project, lane, card_id, None, None, meta=meta)
+        return placed
 
     project.__dict__["_position_in"] = position_in
 
@@ -152,7 +155,7 @@ class WorkspaceGenerator(LogGenerator):
             title="Hot card",
             description="edited all through the log",
             lane="Backlog",
-            position=project.place_card(card_id, "Backlog", meta=meta),
+            position=project.place_card(card_id, "Backlog", meta=meta).position,
             meta=meta,
         )
         self.hot = HotCard(card, 1)

@@ -544,7 +544,7 @@ def append_backlog(database_url: str, events: int, *, cards: int = 10, per_save:
                 card = loaded[i % cards]
                 from_lane = project.lane_of(card.id)
                 to_lane = lanes[(lanes.index(from_lane) + 1) % len(lanes)]
-                position = project.move_card(card.id, to_lane, meta=meta)
+                position = project.move_card(card.id, to_lane, meta=meta).position
                 card.move(to_lane, position, from_lane=from_lane, meta=meta)
                 i += 1
             pending = [a for a in (*loaded, project) if a.pending_events]

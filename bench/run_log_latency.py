@@ -52,7 +52,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from adapters.eventlog import EventLog  # noqa: E402
-from adapters.providers.base import ChatRequest, Usage  # noqa: E402
+from adapters.providers.base import ChatRequest, Piece  # noqa: E402
 from adapters.providers.simulated import SimulatedProvider  # noqa: E402
 from bench._provenance import Provenance  # noqa: E402
 from domain.agent_run import AgentRun  # noqa: E402
@@ -75,7 +75,7 @@ class TaggedProvider(SimulatedProvider):
         self._next = 0
         self._lock = threading.Lock()
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[str | Usage]:
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
         async for piece in super().stream(request):
             if isinstance(piece, str) and piece.endswith("\n"):
                 with self._lock:

@@ -33,7 +33,7 @@ from domain.billing import (
     reconcile,
     require_ended,
 )
-from domain.errors import Conflict, InvalidTransition, NotFound
+from domain.errors import Conflict, InvalidTransition, NotFound, Unavailable
 from domain.meta import EventMeta
 from domain.money import parse_usd
 from domain.project import Project
@@ -314,9 +314,10 @@ class Billing:
         invoice = Invoice.draft(
             workspace_id=workspace.id, month=month, lines=lines, meta=self._meta(workspace.id)
         )
-        if not self._saved(invoice):
-            return self.app.aggregate(Invoice, invoice_id)
-        return invoice
+        if self._saved(invoice):
+            return invoice
+        # Drafted by a concurrent run (found now), or not written at all (drafted again).
+        return self._drafted(workspace, month, fold)
 
     def _project_name(self, project_id: UUID) -> str | None:
         try:
@@ -347,11 +348,27 @@ class Billing:
         return EventMeta.for_command(workspace_id=workspace_id, actor=BILLING_ACTOR)
 
     def _saved(self, aggregate: Aggregate) -> bool:
-        """Save; ``False`` when a concurrent write got there first (the caller reloads)."""
+        """Save; ``False`` when nothing was written (a concurrent write got there first, or an
+        interrupted commit did not land): the caller reloads and decides again.
+
+        A connection lost during COMMIT is settled as the write side settles its own writes
+        (``WriteSide.commit_settled``): the store is asked whether the transaction committed.
+        It is raised on as UNAVAILABLE (``outcome="unknown"``) only when the store cannot tell:
+        answered as a failure, a month closed or an invoice issued was done again or left
+        half-recorded by the operator's next run."""
         try:
             self.app.save(aggregate)
         except Conflict:
             return False
+        except Unavailable as unknown:
+            settled = (
+                self.app.commit_settled(unknown, [aggregate])
+                if unknown.outcome == "unknown"
+                else None
+            )
+            if settled is None:
+                raise
+            return settled
         return True
 
     def _save(self, aggregate: Aggregate) -> None:

@@ -12,7 +12,7 @@ from commands.service import Actor, CommandResult, Decision, WriteSide, expect_v
 from domain.card import Card
 from domain.errors import ValidationFailed
 from domain.meta import EventMeta
-from domain.project import Project
+from domain.project import Placed, Project
 from domain.roles import Role
 from domain.workspace import Workspace
 
@@ -25,7 +25,8 @@ class CardCommands(WriteSide):
             project = self.load(Project, cmd.project_id, actor, Role.MEMBER, cmd.action)
             lane = cmd.lane if cmd.lane is not None else project.lanes[0].name
             card_id = uuid4()
-            position = project.place_card(card_id, lane, meta=meta)
+            placed = project.place_card(card_id, lane, meta=meta)
+            respread = self._respread(lane, placed, meta)
             card = Card.create(
                 card_id=card_id,
                 workspace_id=project.workspace_id,
@@ -33,10 +34,10 @@ class CardCommands(WriteSide):
                 title=cmd.title,
                 description=cmd.description,
                 lane=lane,
-                position=position,
+                position=placed.position,
                 meta=meta,
             )
-            return Decision(card, "card", [card, project])
+            return Decision(card, "card", [card, project, *respread])
 
         return self.execute(cmd, actor, self._scope_hint(actor), decide)
 
@@ -60,15 +61,16 @@ class CardCommands(WriteSide):
             card.ensure_live("move")
             from_lane = project.lane_of(card.id)
             card.ensure_movable(cmd.to_lane, from_lane=from_lane)
-            position = project.move_card(
+            placed = project.move_card(
                 card.id,
                 cmd.to_lane,
                 after_card_id=cmd.after_card_id,
                 before_card_id=cmd.before_card_id,
                 meta=meta,
             )
-            card.move(cmd.to_lane, position, from_lane=from_lane, meta=meta)
-            return Decision(card, "card", [card, project])
+            respread = self._respread(cmd.to_lane, placed, meta)
+            card.move(cmd.to_lane, placed.position, from_lane=from_lane, meta=meta)
+            return Decision(card, "card", [card, project, *respread])
 
         return self.execute(cmd, actor, self._scope_hint(actor), decide)
 
@@ -116,11 +118,25 @@ class CardCommands(WriteSide):
             lane = cmd.lane or project.lane_to_restore(card.id)
             left = project.lane_left(card.id)  # before placing the card forgets it
             card.ensure_restorable(lane, from_lane=left)
-            position = project.place_card(card.id, lane, meta=meta)
-            card.restore(lane, position, from_lane=left, meta=meta)
-            return Decision(card, "card", [card, project])
+            placed = project.place_card(card.id, lane, meta=meta)
+            respread = self._respread(lane, placed, meta)
+            card.restore(lane, placed.position, from_lane=left, meta=meta)
+            return Decision(card, "card", [card, project, *respread])
 
         return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def _respread(self, lane: str, placed: Placed, meta: EventMeta) -> list[Card]:
+        """Each card the board re-spread to make room for a placement, told its fresh key: the
+        card's own history says what happened to it, and the read models follow its event.
+
+        Saved with the placement: a concurrent change of any of them collides on its version
+        and the command decides again, as any lost race does."""
+        cards: list[Card] = []
+        for card_id, position in placed.respread:
+            card = self.aggregate(Card, card_id)
+            card.respread(lane, position, meta=meta)
+            cards.append(card)
+        return cards
 
     def _change_card(
         self,
@@ -141,6 +157,12 @@ class CardCommands(WriteSide):
     def card_at(self, card_id: UUID, actor: Actor, *, version: int | None = None) -> Card:
         """A card as it was at ``version`` (or now), for history and audit."""
         return self.load(Card, card_id, actor, Role.VIEWER, "read card", version=version)
+
+    def last_version(self, aggregate_id: UUID) -> int:
+        """The version of an aggregate's last stored event (0: none), decoding nothing: what a
+        history reader that cannot decode, or see, every event checks its count against."""
+        stored = self.recorder.select_events(aggregate_id, desc=True, limit=1)
+        return stored[0].originator_version if stored else 0
 
     def card_snapshot(self, card_id: UUID) -> Card:
         return self.aggregate(Card, card_id)

@@ -317,9 +317,15 @@ class ReclaimRun(RunCommand):
 
 
 class RecordProviderAttempt(RunCommand):
-    """One provider attempt; with tokens it is also a charged LLM call (key: run + attempt)."""
+    """One provider attempt; with tokens it is also a charged LLM call (key: run + call id).
+
+    ``worker`` may be one the run was taken over from: its call happened and is charged.
+    ``call_id``: the call's own id, chosen before it was made, so that it is charged once
+    whoever records it and however often; without one, the attempt's number
+    (``attempt-<n>``)."""
 
     worker: str = Field(min_length=1, max_length=200)
+    call_id: str | None = Field(default=None, min_length=1, max_length=100)
     provider: str = Field(min_length=1, max_length=100)
     model: str = Field(min_length=1, max_length=100)
     status: Literal["ok", "failed"]

@@ -35,16 +35,13 @@ from domain.workspace import Workspace
 
 @dataclass(frozen=True, kw_only=True)
 class RunBudget:
-    """What a running run may spend (billed micro-USD; ``None``: no limit), and the number its
-    next provider attempt will get (its charge's, and so its budget hold's, id derives from
-    it). The month's usage is not here: spend checks read it through the write side's
-    ``spend`` reader."""
+    """What a running run may spend (billed micro-USD; ``None``: no limit). The month's usage
+    is not here: spend checks read it through the write side's ``spend`` reader."""
 
     markup: Decimal
     run_billed_micros: int
     run_max_micros: int | None
     month_limit_micros: int | None
-    next_attempt: int
 
     @property
     def run_room_micros(self) -> int | None:
@@ -200,12 +197,13 @@ class RunCommands(WriteSide):
 
     def record_provider_attempt(self, cmd: m.RecordProviderAttempt, actor: Actor) -> CommandResult:
         """One provider attempt and, when it used tokens, its charge and the month's spend, in
-        one save. The charge's id derives from (run, attempt number), and the run refuses a
-        recorded call id, so a restarted worker can never charge an attempt twice."""
+        one save. The charge's id derives from (run, call id), and the run refuses a recorded
+        call id, so no call is ever charged twice. A worker the run was taken over from still
+        records its call (the provider bills it); ``taken_over`` in the result tells it the
+        run is no longer its."""
 
         def decide(meta: EventMeta) -> Decision:
             run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, cmd.action)
-            run.expect_worker(cmd.worker)
             workspace = self.aggregate(Workspace, run.workspace_id)
             charged = cmd.input_tokens > 0 or cmd.output_tokens > 0
             cost = (
@@ -221,14 +219,17 @@ class RunCommands(WriteSide):
                 http_status=cmd.http_status, error=cmd.error, latency_ms=cmd.latency_ms,
                 input_tokens=cmd.input_tokens, output_tokens=cmd.output_tokens,
                 provider_cost_micros=cost.provider_cost_micros if cost else 0,
-                estimated=cmd.estimated, meta=meta,
+                estimated=cmd.estimated, meta=meta, worker=cmd.worker,
             )  # fmt: skip
             changed: list[Aggregate] = [run]
-            extra: dict[str, Any] = {"attempt": number, "billed": 0}
+            extra: dict[str, Any] = {
+                "attempt": number, "billed": 0, "taken_over": run.worker != cmd.worker,
+            }  # fmt: skip
             if cost is not None:
                 spend = self.spend_for(workspace, cmd.started_at, meta)
                 call = LlmCall(
-                    call_id=f"attempt-{number}", provider=cmd.provider, model=cmd.model,
+                    call_id=cmd.call_id or f"attempt-{number}", provider=cmd.provider,
+                    model=cmd.model, worker=cmd.worker,
                     input_tokens=cmd.input_tokens, output_tokens=cmd.output_tokens,
                     latency_ms=cmd.latency_ms, provider_cost_micros=cost.provider_cost_micros,
                     billed_micros=cost.billed_micros, price_table_version=self.prices.version,
@@ -250,7 +251,6 @@ class RunCommands(WriteSide):
             run_billed_micros=run.billed_micros,
             run_max_micros=run.max_cost_micros,
             month_limit_micros=workspace.monthly_limit_micros,
-            next_attempt=run.attempts + 1,
         )
 
     def run_snapshot(self, run_id: UUID) -> AgentRun:

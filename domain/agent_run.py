@@ -59,6 +59,7 @@ class AgentRun(TenantAggregate):
         error: str | None
         policy: str
         worker: str | None
+        workers: set[str]
         attempts: int
         reclaims: int
         output: str | None
@@ -76,6 +77,7 @@ class AgentRun(TenantAggregate):
             aggregate.workspace_id = self.workspace_id
             aggregate.policy = self.policy
             aggregate.worker = None
+            aggregate.workers = set()
             aggregate.attempts = 0
             aggregate.reclaims = 0
             aggregate.output = None
@@ -100,6 +102,7 @@ class AgentRun(TenantAggregate):
         def apply(self, aggregate: AgentRun) -> None:
             aggregate.status = RunStatus.RUNNING
             aggregate.worker = self.worker
+            aggregate.workers.add(self.worker)
 
     class Heartbeat(TenantAggregate.Event):
         """The worker running the run is alive (written when it has written nothing else)."""
@@ -114,6 +117,7 @@ class AgentRun(TenantAggregate):
 
         def apply(self, aggregate: AgentRun) -> None:
             aggregate.worker = self.worker
+            aggregate.workers.add(self.worker)
             aggregate.reclaims += 1
 
     class AttemptRecorded(TenantAggregate.Event):
@@ -274,9 +278,11 @@ class AgentRun(TenantAggregate):
         provider_cost_micros: int,
         estimated: bool,
         meta: EventMeta,
+        worker: str | None = None,
     ) -> int:
-        """Record one provider attempt; returns its number (1-based, per run)."""
-        self._expect_call_recordable(action="record an attempt of")
+        """Record one provider attempt; returns its number (1-based, per run). ``worker``: who
+        made it (see :meth:`_expect_call_recordable`)."""
+        self._expect_call_recordable(action="record an attempt of", worker=worker)
         if status not in ("ok", "failed"):
             raise ValidationFailed(f"attempt status must be ok or failed, got {status!r}")
         number = self.attempts + 1
@@ -349,9 +355,11 @@ class AgentRun(TenantAggregate):
         provider_cost_micros: int,
         billed_micros: int,
         meta: EventMeta,
+        worker: str | None = None,
     ) -> None:
-        """Record a completed call. A call that happened is always recorded, even past budget."""
-        self._expect_call_recordable(action="record an LLM call for")
+        """Record a completed call. A call that happened is always recorded, even past budget.
+        ``worker``: who made it (see :meth:`_expect_call_recordable`)."""
+        self._expect_call_recordable(action="record an LLM call for", worker=worker)
         if call_id in self.call_ids:
             raise InvalidTransition(f"LLM call {call_id} of run {self.id} is already recorded")
         for name, value in (
@@ -415,9 +423,18 @@ class AgentRun(TenantAggregate):
             )
         self._record(self.Cancelled, meta, reason=(reason.strip() or "cancelled")[:2000])
 
-    def _expect_call_recordable(self, *, action: str) -> None:
+    def _expect_call_recordable(self, *, action: str, worker: str | None = None) -> None:
         """A call that happened is recorded (and charged) even when the run was cancelled while
-        it streamed: the provider bills it either way."""
+        it streamed: the provider bills it either way.
+
+        So is a call of a worker the run was taken over from (made before it learnt so), in
+        whatever state the run is now (its new worker may have finished it meanwhile): only
+        that worker knows the call happened and what the provider counted, and the provider
+        bills it. The charge's key is the call's, so it is never charged twice. Any other worker
+        is refused as :meth:`expect_worker` refuses it."""
+        if worker is not None and worker != self.worker and worker in self.workers:
+            return
+        self.expect_worker(worker)
         if self.status is not RunStatus.CANCELLED:
             self._expect(RunStatus.RUNNING, action=action)
 

@@ -66,6 +66,18 @@ class Card(TenantAggregate):
             aggregate.lane = self.to_lane
             aggregate.position = self.position
 
+    class Respread(TenantAggregate.Event):
+        """The board gave the card a fresh key in its lane to make room for another card's
+        placement (see :meth:`domain.project.Project.move_card`): its order among its neighbours
+        is unchanged, and nobody moved it."""
+
+        lane: str
+        position: str
+
+        def apply(self, aggregate: Card) -> None:
+            aggregate.lane = self.lane
+            aggregate.position = self.position
+
     class Assigned(TenantAggregate.Event):
         assignee: str | None
 
@@ -176,6 +188,11 @@ class Card(TenantAggregate):
         self.ensure_movable(to_lane, from_lane=from_lane)
         self._record(self.Moved, meta, from_lane=from_lane, to_lane=to_lane, position=position)
 
+    def respread(self, lane: str, position: str, *, meta: EventMeta) -> None:
+        """Record the fresh key the board gave this card in ``lane`` (the board's name for the
+        card's lane) while re-spreading it; the board decided it, so there is nothing to refuse."""
+        self._record(self.Respread, meta, lane=lane, position=position)
+
     def assign(self, assignee: str | None, *, meta: EventMeta) -> None:
         self._live("assign")
         if assignee is not None:
@@ -241,6 +258,7 @@ class Card(TenantAggregate):
 OVERWRITING_EVENTS: tuple[type[TenantAggregate.Event], ...] = (
     Card.Edited,
     Card.Moved,
+    Card.Respread,
     Card.Assigned,
     Card.Blocked,
     Card.Unblocked,

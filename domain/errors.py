@@ -29,6 +29,8 @@ the module of each class that does not live here::
      ├── BudgetExceeded              BUDGET_EXCEEDED     spend limit or run budget reached
      ├── RateLimited                 RATE_LIMITED        too many requests
      ├── Duplicate                   DUPLICATE           a name or member that already exists
+     ├── UndecodableEvent            UNDECODABLE         a stored event today's code cannot read
+     │                                                   (reported beside what could be read)
      ├── Unavailable                 UNAVAILABLE         a dependency is down or saturated; retry
      │    │                                              later (``outcome``: was it written?)
      │    ├── StoreUnavailable       UNAVAILABLE         adapters.eventstore: no database
@@ -130,6 +132,29 @@ class RateLimited(AgentWorksError):
 
 class Duplicate(AgentWorksError):
     code = "DUPLICATE"
+
+
+class UndecodableEvent(AgentWorksError):
+    """A stored event that cannot be decoded (its class renamed or removed, its state not what
+    the mapper reads), or that this reader may not see: the log holds it, nobody can read it.
+
+    Readers that go on past it say so with this error beside what they could read (a card's
+    history, the projectors' parked list); ``version`` and ``at`` (None: unknown) name the event.
+    """
+
+    code = "UNDECODABLE"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        version: int | None = None,
+        at: str | None = None,
+        **details: object,
+    ) -> None:
+        super().__init__(message, version=version, at=at, **details)
+        self.version = version
+        self.at = at
 
 
 class Unavailable(AgentWorksError):

@@ -194,6 +194,11 @@ class CardMoved(EventPayload, event="Card.Moved"):
     position: str
 
 
+class CardRespread(EventPayload, event="Card.Respread"):
+    lane: str
+    position: str
+
+
 class CardAssigned(EventPayload, event="Card.Assigned"):
     assignee: str | None
 

@@ -31,6 +31,8 @@ class LlmCall:
     billed_micros: int
     price_table_version: str
     at: datetime
+    worker: str | None = None
+    """The worker that made the call, when a worker did (it may since have lost the run)."""
 
 
 def charge_llm_call(
@@ -74,6 +76,7 @@ def charge_llm_call(
         provider_cost_micros=call.provider_cost_micros,
         billed_micros=call.billed_micros,
         meta=meta,
+        worker=call.worker,
     )
     spend.add(charge.id, call.billed_micros, meta=meta)
     spend.note_thresholds(workspace.monthly_limit_micros, meta=meta)

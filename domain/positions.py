@@ -15,13 +15,21 @@ A key is an *integer part* followed by an optional *fraction*:
 
 No key ends in ``0``: a trailing zero would make ``x`` and ``x0`` distinct keys with nothing between
 them, and the guarantee that a key fits between any two keys would be lost.
+
+Nothing shortens a key by itself, so the board re-spreads (:func:`respread`): a placement whose
+key would pass :data:`RESPREAD_THRESHOLD` first gives the cards around its gap fresh, evenly
+spread keys.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
 
 from domain.errors import ValidationFailed
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 ALPHABET: Final[str] = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 BASE: Final[int] = len(ALPHABET)
@@ -35,6 +43,27 @@ _UP_HEAD: Final[int] = _INDEX["V"]
 # Seeded keys skip integers ending in zero by adding one, so a spacing of four still leaves at
 # least one integer key free between neighbours.
 _MIN_SPACING: Final[int] = 4
+
+RESPREAD_THRESHOLD: Final[int] = 32
+"""The longest key a placement may give a card; one that would be longer re-spreads its lane.
+
+Repeated insertion into one gap adds about one character per five moves and nothing shortens a
+key by itself, so without a bound a busy lane's keys (and its cursors, index entries and events)
+grow for ever. 32 characters is far beyond what ordinary use reaches (a lane of thousands of
+cards seeded or appended to needs at most five; thousands of random moves about a dozen), so a
+re-spread stays rare, yet well inside what the board's index and cursors hold comfortably."""
+
+RESPREAD_TARGET: Final[int] = RESPREAD_THRESHOLD // 2
+"""How long the fresh keys of a re-spread may be: half the threshold, so that the next one in the
+same place is dozens of moves into one gap away (a re-spread's cost is paid back over them)."""
+
+MAX_RESPREAD_CARDS: Final[int] = 512
+"""The most cards one re-spread re-keys (each is an event on the card and one on the board, all
+in the move's own transaction, so this bounds what one move writes). A re-spread re-keys a
+window around the gap, doubled until its keys fit :data:`RESPREAD_TARGET`; in a lane no longer
+than this that always succeeds (at worst the whole lane is spread as if seeded), so no key ever
+passes :data:`RESPREAD_THRESHOLD`. In a longer lane whose cards crowd one spot beyond this many,
+the keys stay near the threshold, not under it (see :func:`respread`)."""
 
 
 def _integer_digits(head: str) -> int:
@@ -199,3 +228,134 @@ def positions_for(n: int) -> list[str]:
             value, encoded[place] = divmod(value, BASE)
         keys.append(_compose(head, encoded))
     return keys
+
+
+def _fractions_between(low: str, high: str | None, n: int) -> list[str]:
+    """``n`` increasing fractions evenly spread strictly between ``low`` and ``high`` (read as
+    in :func:`_fraction_between`), all with the fewest digits that leave ``_MIN_SPACING``
+    between neighbours and both ends."""
+    low_value, low_digits = 0, 0
+    for char in low:
+        low_value, low_digits = low_value * BASE + _INDEX[char], low_digits + 1
+    digits = 1
+    while True:
+        scale = BASE**digits
+        # Both ends on this scale: low rounded down, high rounded up.
+        floor = (
+            low_value // BASE ** (low_digits - digits)
+            if low_digits >= digits
+            else low_value * BASE ** (digits - low_digits)
+        )
+        if high is None:
+            ceiling = scale
+        else:
+            high_value = 0
+            for place in range(digits):
+                high_value = high_value * BASE + (_INDEX[high[place]] if place < len(high) else 0)
+            ceiling = high_value + (1 if len(high) > digits else 0)
+        spacing = (ceiling - floor) // (n + 1)
+        if spacing >= _MIN_SPACING:
+            break
+        digits += 1
+    fractions: list[str] = []
+    for index in range(1, n + 1):
+        value = floor + index * spacing
+        if value % BASE == 0:
+            value += 1  # no trailing zero; still at least three below the next one
+        encoded = [0] * digits
+        for place in range(digits - 1, -1, -1):
+            value, encoded[place] = divmod(value, BASE)
+        fractions.append("".join(ALPHABET[digit] for digit in encoded))
+    return fractions
+
+
+def positions_spread_between(before: str | None, after: str | None, n: int) -> list[str]:
+    """``n`` increasing keys evenly spread strictly between two keys (``None``: a lane's end).
+
+    The keys share one integer part and spread over the fractions it offers between the two:
+    between two keys of one integer part, the fractions between theirs; otherwise the shortest
+    of spreading above ``before`` within its integer, below ``after`` within its integer, or over
+    the whole integer after ``before``'s when that one lies below ``after``. (Every key with a
+    smaller integer part sorts below a key with a larger one.)
+    """
+    if n <= 0:
+        return []
+    # An open end is closed two steps out, so that the whole integer next to the known key (a
+    # fraction space of its own, however long that key is) is among the spaces to spread over.
+    if after is None:
+        if before is None:
+            return positions_for(n)
+        after = position_between(position_between(before, None), None)
+    elif before is None:
+        before = position_between(None, position_between(None, after))
+    low_integer, low_fraction = _split(before)
+    high_integer, high_fraction = _split(after)
+    if low_integer == high_integer:
+        return [low_integer + f for f in _fractions_between(low_fraction, high_fraction, n)]
+    spaces: list[tuple[str, str, str | None]] = [(low_integer, low_fraction, None)]
+    if high_fraction:
+        spaces.append((high_integer, "", high_fraction))
+    step = _next_integer(low_integer)
+    if step is not None and step < high_integer:
+        spaces.append((step, "", None))
+    spreads = [
+        [integer + f for f in _fractions_between(low, high, n)] for integer, low, high in spaces
+    ]
+    return min(spreads, key=lambda keys: len(keys[0]))
+
+
+@dataclass(frozen=True)
+class Respread:
+    """Fresh keys for the cards ``start`` to ``end`` (exclusive) of a lane and the card going
+    into the gap among them: ``keys`` has ``end - start + 1`` keys, the newcomer's at
+    ``gap - start``."""
+
+    start: int
+    end: int
+    gap: int
+    keys: list[str]
+
+    @property
+    def newcomer(self) -> str:
+        return self.keys[self.gap - self.start]
+
+    @property
+    def others(self) -> list[str]:
+        """The new keys of the cards ``start`` to ``end``, in their order."""
+        return self.keys[: self.gap - self.start] + self.keys[self.gap - self.start + 1 :]
+
+
+def respread(keys: Sequence[str], gap: int) -> Respread | None:
+    """Fresh keys for a card going into ``gap`` of a lane whose cards have ``keys`` (in order)
+    and some of its neighbours, when the key between its neighbours would be too long.
+
+    The window of re-keyed cards starts with the two neighbours and doubles on each side until
+    the keys spread across it (between the cards just outside it) fit :data:`RESPREAD_TARGET`,
+    it holds the whole lane (which is then spread over the shortest keys, as if seeded), or it
+    reaches :data:`MAX_RESPREAD_CARDS`. At that cap the keys found are taken only if none is
+    longer than the longest key they replace (newcomer's included); otherwise None: the
+    placement keeps its long key and the next one tries again.
+    The order of the cards is kept: only keys change, each card's stays between its neighbours.
+    """
+    count = len(keys)
+    if not 0 <= gap <= count:
+        raise ValidationFailed(f"gap {gap} is outside 0..{count}")
+    widest = MAX_RESPREAD_CARDS // 2
+    side = 1
+    while True:
+        width = min(side, widest)
+        start, end = max(0, gap - width), min(count, gap + width)
+        fresh = positions_spread_between(
+            keys[start - 1] if start > 0 else None, keys[end] if end < count else None,
+            end - start + 1,
+        )  # fmt: skip
+        longest = max(len(key) for key in fresh)
+        if longest <= RESPREAD_TARGET or (start == 0 and end == count):
+            return Respread(start, end, gap, fresh)
+        if width == widest:
+            squeezed = position_between(
+                keys[gap - 1] if gap > 0 else None, keys[gap] if gap < count else None
+            )
+            replaced = max(len(key) for key in [squeezed, *keys[start:end]])
+            return Respread(start, end, gap, fresh) if longest <= replaced else None
+        side *= 2

@@ -21,7 +21,7 @@ from domain.errors import (
     WipLimitExceeded,
 )
 from domain.meta import EventMeta
-from domain.positions import position_between
+from domain.positions import RESPREAD_THRESHOLD, position_between, respread
 from domain.workspace import clean_name
 
 MAX_LANES = 50
@@ -38,6 +38,16 @@ class LaneSpec:
 class Placement:
     lane: str
     position: str
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where a placement put its card, and the other cards of the lane it re-spread to make room
+    (each with its fresh key; empty for almost every placement): the caller records each of
+    those on its card too, in the same save."""
+
+    position: str
+    respread: tuple[tuple[UUID, str], ...] = ()
 
 
 def check_wip_limit(value: int | None, *, lane: str) -> int | None:
@@ -304,15 +314,15 @@ class Project(TenantAggregate):
         after_card_id: UUID | None = None,
         before_card_id: UUID | None = None,
         meta: EventMeta,
-    ) -> str:
-        """Put a new (or restored) card into ``lane``; returns its position."""
+    ) -> Placed:
+        """Put a new (or restored) card into ``lane``; says where (see :meth:`move_card`)."""
         self._writable()
         if card_id in self.placements:
             raise Duplicate(f"card {card_id} is already on the board of project {self.id}")
         self._admit(lane, card_id)
-        position = self._position_in(lane, card_id, after_card_id, before_card_id)
-        self._record(self.CardPlaced, meta, card_id=card_id, lane=lane, position=position)
-        return position
+        placed = self._position_in(lane, card_id, after_card_id, before_card_id, meta=meta)
+        self._record(self.CardPlaced, meta, card_id=card_id, lane=lane, position=placed.position)
+        return placed
 
     def move_card(
         self,
@@ -322,26 +332,29 @@ class Project(TenantAggregate):
         after_card_id: UUID | None = None,
         before_card_id: UUID | None = None,
         meta: EventMeta,
-    ) -> str:
-        """Move a card to ``to_lane`` between two neighbours; returns its new position.
+    ) -> Placed:
+        """Move a card to ``to_lane`` between two neighbours; says where it went.
 
         ``after_card_id`` is the card that will precede it and ``before_card_id`` the card that
-        will follow it; with neither, the card goes to the end of the lane.
+        will follow it; with neither, the card goes to the end of the lane. When the key between
+        the neighbours would be longer than :data:`~domain.positions.RESPREAD_THRESHOLD`, the
+        lane is re-spread first (see :meth:`_respread`), and ``respread`` names the cards whose
+        keys changed.
         """
         self._writable()
         current = self._placement(card_id)
         if current.lane != to_lane:
             self._admit(to_lane, card_id)
-        position = self._position_in(to_lane, card_id, after_card_id, before_card_id)
+        placed = self._position_in(to_lane, card_id, after_card_id, before_card_id, meta=meta)
         self._record(
             self.CardMoved,
             meta,
             card_id=card_id,
             from_lane=current.lane,
             to_lane=to_lane,
-            position=position,
+            position=placed.position,
         )
-        return position
+        return placed
 
     def lift_card(self, card_id: UUID, *, meta: EventMeta) -> None:
         placement = self._placement(card_id)
@@ -363,8 +376,53 @@ class Project(TenantAggregate):
         card_id: UUID,
         after_card_id: UUID | None,
         before_card_id: UUID | None,
-    ) -> str:
+        *,
+        meta: EventMeta,
+    ) -> Placed:
+        """The card's new key in ``lane`` (re-spreading the lane when it would be too long)."""
         order = [(pos, cid) for pos, cid in self.cards_in(lane) if cid != card_id]
+        gap = self._gap(lane, card_id, order, after_card_id, before_card_id)
+        keys = [pos for pos, _ in order]
+        position = position_between(
+            keys[gap - 1] if gap > 0 else None, keys[gap] if gap < len(keys) else None
+        )
+        if len(position) <= RESPREAD_THRESHOLD:
+            return Placed(position)
+        return self._respread(lane, order, gap, meta) or Placed(position)
+
+    def _respread(
+        self, lane: str, order: list[tuple[str, UUID]], gap: int, meta: EventMeta
+    ) -> Placed | None:
+        """Give the cards of ``lane`` around ``gap`` (a window widened until its keys are short,
+        see :func:`~domain.positions.respread`) fresh, evenly spread keys, in their order, and
+        say where the card going into ``gap`` goes among them.
+
+        Each re-keyed card is a ``CardMoved`` within its lane, recorded before the placement
+        that needed the room: the board folds it as any move (no lane count changes, so no WIP
+        limit is involved) and a concurrent move of any card collides on the board's version.
+        """
+        spread = respread([pos for pos, _ in order], gap)
+        if spread is None:
+            return None
+        moved = tuple(
+            (card, key)
+            for (_, card), key in zip(order[spread.start : spread.end], spread.others, strict=True)
+        )
+        for card, key in moved:
+            self._record(
+                self.CardMoved, meta, card_id=card, from_lane=lane, to_lane=lane, position=key
+            )
+        return Placed(spread.newcomer, moved)
+
+    def _gap(
+        self,
+        lane: str,
+        card_id: UUID,
+        order: list[tuple[str, UUID]],
+        after_card_id: UUID | None,
+        before_card_id: UUID | None,
+    ) -> int:
+        """Where among ``order`` (the lane's other cards) the card goes: the index it takes."""
         ids = [cid for _, cid in order]
         for neighbour in (after_card_id, before_card_id):
             if neighbour == card_id:
@@ -375,7 +433,7 @@ class Project(TenantAggregate):
                     "refresh the board and retry"
                 )
         if after_card_id is None and before_card_id is None:
-            return position_between(order[-1][0] if order else None, None)
+            return len(order)
         if after_card_id is not None and before_card_id is not None:
             i, j = ids.index(after_card_id), ids.index(before_card_id)
             if j != i + 1:
@@ -383,15 +441,11 @@ class Project(TenantAggregate):
                     f"cards {after_card_id} and {before_card_id} are not adjacent in lane "
                     f"{lane!r} (in that order); refresh the board and retry"
                 )
-            return position_between(order[i][0], order[j][0])
+            return j
         if after_card_id is not None:
-            i = ids.index(after_card_id)
-            nxt = order[i + 1][0] if i + 1 < len(order) else None
-            return position_between(order[i][0], nxt)
+            return ids.index(after_card_id) + 1
         assert before_card_id is not None
-        j = ids.index(before_card_id)
-        prev = order[j - 1][0] if j > 0 else None
-        return position_between(prev, order[j][0])
+        return ids.index(before_card_id)
 
     def _placement(self, card_id: UUID) -> Placement:
         placement = self.placements.get(card_id)

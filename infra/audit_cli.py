@@ -183,7 +183,7 @@ def export_command(
     from psycopg import IsolationLevel
 
     from projections.history import parse_instant
-    from streams.audit import export_lines, workspace_exists, workspace_rows
+    from streams.audit import aggregate_workspace, export_lines, workspace_exists, workspace_rows
 
     workspace_id = _parse_id(workspace, "--workspace")
     start = None if since is None else parse_instant(since, option="--from")
@@ -197,7 +197,8 @@ def export_command(
     with ExitStack() as stack:
         write = _write_side(settings, url)
         stack.callback(write.close)
-        decode = write.event_log().decode
+        # An event that cannot be decoded is exported as such, not the end of the export.
+        decode = write.event_log().readable
         plain = write.mapper.cipher is None and write.mapper.compressor is None
         conn = stack.enter_context(psycopg.connect(url))
         conn.isolation_level = IsolationLevel.REPEATABLE_READ
@@ -237,6 +238,7 @@ def export_command(
             since=start,
             until=end,
             progress=advance,
+            owner_of=lambda originator_id: aggregate_workspace(conn, originator_id),
         ):
             out.write(line + "\n")
             written += 1
@@ -310,8 +312,8 @@ def replay_card_command(
     from psycopg.rows import dict_row
 
     from commands.handlers import Actor
-    from projections.history import card_state, history_event, parse_instant
-    from read_api.eventlog import card_log, chosen_version
+    from projections.history import card_state, history_entries, parse_instant
+    from read_api.eventlog import card_log, chosen_version, foldable_version
 
     card_id = _parse_id(card, "card")
     instant = None if as_of is None else parse_instant(as_of, option="--as-of")
@@ -329,8 +331,19 @@ def replay_card_command(
         except NotFound as exc:
             _failed(str(exc))
         workspace_id = envelopes[0].workspace_id
-        state = write.card_at(card_id, Actor.service("replay", str(workspace_id)), version=version)
-    events = [history_event(e) for e in envelopes[:version]]
+        folded = foldable_version(card_id, envelopes, version)
+        state = write.card_at(card_id, Actor.service("replay", str(workspace_id)), version=folded)
+    entries = history_entries(envelopes[:version])
+    for entry in entries:
+        if entry.reason:
+            # Said on stderr (the history itself goes on): the operator can do something.
+            cut = f"; the state is as of version {folded}" if entry.version == folded + 1 else ""
+            print(
+                f"{PROG}: warning: card {card_id} version {entry.version} could not be decoded"
+                f" ({entry.reason}){cut}",
+                file=sys.stderr,
+            )
+    events = [entry.as_dict() for entry in entries]
     result: dict[str, Any] = {
         "cardId": str(card_id),
         "workspaceId": str(workspace_id),
@@ -355,7 +368,8 @@ def _print_card(result: dict[str, Any]) -> None:
     for event in result["events"]:
         data = ", ".join(f"{k}={v}" for k, v in event["data"].items() if k != "meta")
         what = event["type"] + (f" ({data})" if data else "")
-        table.add_row(str(event["version"]), event["actor"], event["at"], what, event["position"])
+        when = event["at"] or "(unknown)"
+        table.add_row(str(event["version"]), event["actor"], when, what, event["position"])
     console.print(table)
     state = Table(title="state", show_header=False)
     state.add_column("field")

@@ -6,10 +6,13 @@ other's command is refused and it moves on. A run whose worker died is noticed b
 stopping (heartbeats, log chunks, attempts); another orchestrator takes it over with a
 ``Reclaimed`` event saved at the version it judged stale, so a live worker's next heartbeat (or a
 second rescuer) makes that takeover conflict. Every later write names the worker, and a worker
-whose run was taken over is refused and stops.
+whose run was taken over is refused and stops; only the call it had under way is still recorded
+and charged (the provider bills it, and only that worker knows it happened), after which it
+stops too.
 
-Calls are charged once: each attempt's charge id derives from (run, attempt number) and the run
-aggregate refuses a number it has recorded, so a restarted orchestrator cannot bill twice.
+Calls are charged once: each call is named before it is made, its charge id derives from (run,
+call id) and the run aggregate refuses a call id it has recorded, so neither a restarted
+orchestrator nor two workers of a run taken over can bill a call twice.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from uuid import UUID, uuid4
 import structlog
 
 from adapters.providers.base import (
+    Accepted,
     ChatRequest,
     PermanentProviderError,
+    Piece,
     Provider,
     StreamBroken,
     TransientProviderError,
@@ -147,6 +152,9 @@ class _Call:
     started_at: datetime
     billed: Callable[[int], int]
     room: int | None
+    call_id: str
+    """The call's own id, its charge's key (and so its budget hold's name): one per call, so
+    that a call is charged once, whoever records it."""
     charged: _Charged = field(default_factory=_Charged)
 
 
@@ -674,9 +682,12 @@ class Orchestrator:
             return billed_amount(cost, budget.markup)
 
         month = month_of(started_at)
-        # The hold is named after the charge this attempt will write, so that whoever counts
-        # the charge can drop the hold.
-        hold_id = charge_id_for(view.run_id, f"attempt-{budget.next_attempt}")
+        # Named before the call is made. Not after the attempt's number: the worker a run is
+        # taken over from records its call in flight too, and its number may be the new
+        # worker's. The hold is named after the charge the call will write, so that whoever
+        # counts the charge can drop the hold.
+        call_id = f"call-{uuid4()}"
+        hold_id = charge_id_for(view.run_id, call_id)
         reading = await self._call(
             self.app.spend.read,
             view.workspace_id,
@@ -702,7 +713,7 @@ class Orchestrator:
                 f"budget reached: {format_usd(max(room or 0, 0))} left, the prompt alone would "
                 f"be billed {format_usd(billed(0))}"
             )
-        call = _Call(view, option, input_tokens, started_at, billed, room)
+        call = _Call(view, option, input_tokens, started_at, billed, room, call_id)
         try:
             return await self._stream(
                 call, provider.stream(ChatRequest(option.model, messages, max_tokens)), batcher
@@ -711,24 +722,35 @@ class Orchestrator:
             await self._settle(store, view, month, hold_id, call.charged)
 
     async def _stream(
-        self, call: _Call, stream: AsyncIterator[str | Usage], batcher: LogBatcher
+        self, call: _Call, stream: AsyncIterator[Piece], batcher: LogBatcher
     ) -> _Outcome:
-        view, option, input_tokens, started_at = (
-            call.view, call.option, call.input_tokens, call.started_at
-        )  # fmt: skip
-        billed, room = call.billed, call.room
+        option, input_tokens, billed, room = call.option, call.input_tokens, call.billed, call.room
         text: list[str] = []
         output_tokens = 0
         usage: Usage | None = None
+        accepted: Accepted | None = None
         error: Exception | None = None
         budget_hit = False
         t0 = time.monotonic()
+
+        def used() -> Usage:
+            """What a call cut short used, as far as we know: the provider's count of the
+            prompt when its wire gave one, else ours; the output received, counted."""
+            output = count_tokens("".join(text))
+            if accepted is None or accepted.input_tokens is None:
+                return Usage(input_tokens, output, estimated=True)
+            return Usage(accepted.input_tokens, output, estimated=output > 0)
+
         try:
             async with contextlib.aclosing(stream):  # type: ignore[type-var]
                 async for piece in stream:
                     if isinstance(piece, Usage):
                         usage = piece
                         break
+                    if isinstance(piece, Accepted):
+                        if accepted is None or piece.input_tokens is not None:
+                            accepted = piece
+                        continue
                     text.append(piece)
                     batcher.add(piece)
                     output_tokens += count_tokens(piece)
@@ -738,16 +760,15 @@ class Orchestrator:
         except (TransientProviderError, PermanentProviderError) as caught:
             error = caught
         except asyncio.CancelledError:
-            # Cancelled, timed out or stopping: what streamed so far was produced and is billed
-            # by the provider, so it is charged (estimated) before the cancellation goes on.
-            if text:
+            # Cancelled, timed out or stopping: once the provider took the call it bills the
+            # prompt and whatever streamed so far, so that is charged before the cancellation
+            # goes on. Cut before it answered, the call may never have reached it: no charge.
+            if text or accepted is not None:
                 latency_ms = int((time.monotonic() - t0) * 1000)
-                partial = Usage(input_tokens, count_tokens("".join(text)), estimated=True)
                 with contextlib.suppress(_Lost, AgentWorksError):
                     await self._attempt(
-                        view, option, "failed", None, "stopped: cancelled", latency_ms, partial,
-                        started_at, charged=call.charged,
-                    )  # fmt: skip
+                        call, "failed", None, "stopped: cancelled", latency_ms, used()
+                    )
             raise
         latency_ms = int((time.monotonic() - t0) * 1000)
         received = "".join(text)
@@ -755,19 +776,18 @@ class Orchestrator:
         if usage is not None:
             self.latency.observe(option.provider, option.model, latency_ms)
             breaker.succeeded()
-            await self._attempt(
-                view, option, "ok", None, None, latency_ms, usage, started_at,
-                charged=call.charged,
-            )  # fmt: skip
+            await self._attempt(call, "ok", None, None, latency_ms, usage)
             return _Outcome(ok=True, text=received)
-        # No usage block: what was sent and received is charged from our own counts.
+        # No usage block: a call whose stream broke (cut, timed out, unreadable) or that
+        # produced text is charged for what was sent and received, from our own counts where
+        # the provider gave none. One the provider itself refused or failed (an HTTP error, an
+        # error event) before any text is not: it did not bill it.
         streamed = bool(text) or isinstance(error, StreamBroken) or budget_hit
-        estimate = Usage(input_tokens, count_tokens(received), estimated=True)
+        estimate = used()
         if budget_hit:
             await self._attempt(
-                view, option, "failed", None, "stopped: budget reached", latency_ms, estimate,
-                started_at, charged=call.charged,
-            )  # fmt: skip
+                call, "failed", None, "stopped: budget reached", latency_ms, estimate
+            )
             raise RunFailed(
                 f"budget reached mid-stream after {estimate.output_tokens} output tokens "
                 f"({format_usd(max(room or 0, 0))} was left)"
@@ -775,8 +795,8 @@ class Orchestrator:
         assert error is not None
         http_status = getattr(error, "http_status", None)
         await self._attempt(
-            view, option, "failed", http_status, str(error), latency_ms,
-            estimate if streamed else Usage(0, 0), started_at, charged=call.charged,
+            call, "failed", http_status, str(error), latency_ms,
+            estimate if streamed else Usage(0, 0),
         )  # fmt: skip
         if isinstance(error, PermanentProviderError) and http_status not in _PROVIDER_WIDE:
             # The provider is up and judged the request (a prompt too long, an unknown model):
@@ -827,16 +847,20 @@ class Orchestrator:
             log.warning("orchestrator.hold_settle_failed", exc_info=True)
 
     async def _attempt(
-        self, view: RunView, option: ModelOption, status: str, http_status: int | None,
-        error: str | None, latency_ms: int, usage: Usage, started_at: datetime, *,
-        charged: _Charged,
+        self, call: _Call, status: str, http_status: int | None, error: str | None,
+        latency_ms: int, usage: Usage,
     ) -> None:  # fmt: skip
+        """Record the call's attempt (and charge). Recorded, and the run taken over from this
+        worker meanwhile (the charge stands: the provider bills the call), it raises
+        :class:`_Lost`, so that the worker makes no further call for the run."""
+        view, option, charged = call.view, call.option, call.charged
         cmd = m.RecordProviderAttempt(
-            run_id=view.run_id, worker=self.worker, provider=option.provider,
-            model=option.model, status=status, http_status=http_status,
-            error=None if error is None else error[:2000], latency_ms=latency_ms,
-            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-            estimated=usage.estimated, started_at=started_at,
+            run_id=view.run_id, worker=self.worker, call_id=call.call_id,
+            provider=option.provider, model=option.model, status=status,
+            http_status=http_status, error=None if error is None else error[:2000],
+            latency_ms=latency_ms, input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens, estimated=usage.estimated,
+            started_at=call.started_at,
         )  # fmt: skip
         # Every charge of a workspace saves its month's spend: charges sent at once from here
         # would only conflict on it, and a conflict holds the store's append lock while it
@@ -859,6 +883,8 @@ class Orchestrator:
         finally:
             if not lock.locked() and self._charging.get(view.workspace_id) is lock:
                 del self._charging[view.workspace_id]
+        if result.extra.get("taken_over"):
+            raise _Lost(f"run {view.run_id} was taken over while its call was under way")
 
 
 def _line_inputs(lines: list[Line]) -> list[m.LogLineInput]:

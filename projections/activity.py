@@ -222,6 +222,9 @@ class ActivityProjector(Projector):
             ev.AgentRunOutputRecorded,
             ev.AgentRunReclaimed,
             ev.AgentRunStepStarted,
+            # The board's bookkeeping, not anyone's act: the placement that needed the room is
+            # in the feed, and a re-spread of hundreds of cards would bury it.
+            ev.CardRespread,
             ev.MonthlySpendAdded,
             ev.MonthlySpendClosed,
             ev.MonthlySpendCreditGranted,

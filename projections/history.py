@@ -18,13 +18,14 @@ from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
 from psycopg.rows import tuple_row
 
-from adapters.eventlog import writes_library_json
+from adapters.eventlog import UNKNOWN_TIME, writes_library_json
 from domain.card import OVERWRITING_EVENTS, Card
+from domain.envelope import UNDECODABLE
 from domain.errors import NotFound, ValidationFailed
 from domain.project import Project
 
 if TYPE_CHECKING:
-    from collections.abc import Generator, Iterator
+    from collections.abc import Generator, Iterator, Sequence
 
     from eventsourcing.persistence import Mapper
     from psycopg import Connection
@@ -67,16 +68,68 @@ def card_state(card: Card) -> dict[str, Any]:
     }
 
 
-def history_event(envelope: EventEnvelope) -> dict[str, Any]:
-    """One event of a history as plain JSON (the fields of the API's ``HistoryEvent``)."""
-    return {
-        "version": envelope.originator_version,
-        "type": envelope.type,
-        "at": envelope.timestamp.isoformat(),
-        "actor": envelope.metadata.get("actor", ""),
-        "position": str(envelope.position),
-        "data": envelope.payload,
-    }
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One event of a card's history, with the fields of the API's ``HistoryEvent``.
+
+    An event that could not be read (see :data:`~domain.envelope.UNDECODABLE`) is an entry too,
+    so a history never silently skips a version: its ``type`` is :data:`UNDECODABLE`, its
+    ``data`` names the type the log stored it under (``storedType``, None when unknown), and
+    ``reason`` says why it could not be read. Its ``at`` is its own time when the stored state
+    still says it (``at_known``), else the time of the entry before it: an aggregate's event
+    times rise with its versions, so it was made no earlier."""
+
+    version: int
+    type: str
+    at: datetime
+    at_known: bool
+    actor: str
+    position: str
+    """The log position; "" when the reader could not see the event."""
+    data: dict[str, Any]
+    reason: str = ""
+    """Why the event could not be read; "" when it was."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """As plain JSON (``at`` null when unknown), with ``reason`` for an unread one."""
+        shown = {
+            "version": self.version,
+            "type": self.type,
+            "at": self.at.isoformat() if self.at_known else None,
+            "actor": self.actor,
+            "position": self.position,
+            "data": self.data,
+        }
+        return shown | {"reason": self.reason} if self.reason else shown
+
+
+def history_entries(envelopes: Sequence[EventEnvelope]) -> list[HistoryEntry]:
+    """A card's events (in version order, as :func:`read_api.eventlog.card_log` gives them)
+    as history entries."""
+    entries: list[HistoryEntry] = []
+    previous = UNKNOWN_TIME
+    for envelope in envelopes:
+        actor = envelope.metadata.get("actor", "")
+        reason = envelope.undecodable
+        if not reason:
+            previous = envelope.timestamp
+            entries.append(
+                HistoryEntry(
+                    envelope.originator_version, envelope.type, previous, True, actor,
+                    str(envelope.position), envelope.payload,
+                )
+            )  # fmt: skip
+            continue
+        known = envelope.timestamp != UNKNOWN_TIME
+        previous = envelope.timestamp if known else previous
+        entries.append(
+            HistoryEntry(
+                envelope.originator_version, UNDECODABLE, previous, known, actor,
+                str(envelope.position) if envelope.position else "",
+                {"storedType": envelope.type or None}, reason,
+            )
+        )  # fmt: skip
+    return entries
 
 
 # -- boards ---------------------------------------------------------------------------------------
@@ -133,7 +186,7 @@ class BoardAt:
 #: Project events that only say where a card sits; the cards themselves say it too, so the
 #: board's lanes are folded without them (a busy board has one per move).
 _BOARD_ONLY = (Project.CardMoved, Project.CardLifted)
-_LANE_SETTING = (Card.Created, Card.Moved, Card.Restored)
+_LANE_SETTING = (Card.Created, Card.Moved, Card.Respread, Card.Restored)
 
 
 def board_as_of(

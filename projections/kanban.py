@@ -80,6 +80,7 @@ def run_changed(
 CardUpdate = (
     ev.CardEdited
     | ev.CardMoved
+    | ev.CardRespread
     | ev.CardAssigned
     | ev.CardBlocked
     | ev.CardUnblocked
@@ -90,6 +91,7 @@ _CARD_UPDATES: frozenset[type[EventPayload]] = frozenset(
     {
         ev.CardEdited,
         ev.CardMoved,
+        ev.CardRespread,
         ev.CardAssigned,
         ev.CardBlocked,
         ev.CardUnblocked,
@@ -105,6 +107,8 @@ def card_columns(event: CardUpdate) -> dict[str, Any]:
         return {"title": event.title, "description": event.description}
     if isinstance(event, ev.CardMoved):
         return {"lane": event.to_lane, "position": event.position}
+    if isinstance(event, ev.CardRespread):
+        return {"lane": event.lane, "position": event.position}
     if isinstance(event, ev.CardAssigned):
         return {"assignee": event.assignee}
     if isinstance(event, ev.CardBlocked):
@@ -116,8 +120,10 @@ def card_columns(event: CardUpdate) -> dict[str, Any]:
     return {"archived": False, "lane": event.lane, "position": event.position}
 
 
+#: A re-spread card changed its position (not its neighbours): subscribers are told as of a move.
 CARD_CHANGE_KINDS: dict[type[EventPayload], str] = {
     ev.CardMoved: "card.moved",
+    ev.CardRespread: "card.moved",
     ev.CardArchived: "card.archived",
     ev.CardRestored: "card.restored",
 }

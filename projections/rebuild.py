@@ -44,6 +44,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
+from adapters.eventlog import MAX_BATCH_BYTES
 from adapters.postgres import CONNECT_TIMEOUT
 from projections.base import Tables
 from projections.read_versions import bump_epoch
@@ -64,6 +65,11 @@ SCRATCH_SUFFIX = "__rebuild"
 
 #: Events per batch in a rebuild: large, since every batch is a few statements per projector.
 REBUILD_BATCH_SIZE = 25_000
+
+#: Most bytes of stored events per batch in a rebuild, beside its count (larger than the live
+#: paths' bound, for the same reason as the count; a larger event goes alone): a log of large
+#: events (agent outputs, log chunks) must not be read 25,000 at a time.
+REBUILD_BATCH_BYTES = 4 * MAX_BATCH_BYTES
 
 Progress = Callable[[int, int], None]
 """Called with (position reached, head position) as the rebuild advances."""
@@ -225,7 +231,9 @@ def _replay(
     head = event_log.head()
 
     def read(after: int) -> tuple[list[EventEnvelope], int, int]:
-        return event_log.read_following(after, batch_size, aggregates)
+        return event_log.read_following(
+            after, batch_size, aggregates, max_bytes=REBUILD_BATCH_BYTES
+        )
 
     batch, through, count = read(position)
     if not parallel or len(runners) == 1:
@@ -357,7 +365,7 @@ def _swap(
     with pool.connection() as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (live_lock,))
         while True:
-            batch = event_log.read(after=position, limit=batch_size)
+            batch = event_log.read(after=position, limit=batch_size, max_bytes=REBUILD_BATCH_BYTES)
             if not batch:
                 break
             runner.process(batch)

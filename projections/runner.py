@@ -46,6 +46,7 @@ from opentelemetry.trace import SpanKind
 from adapters.outages import is_infrastructure_failure, is_write_race
 from adapters.telemetry import continue_trace
 from domain.envelope import UNDECODABLE
+from domain.errors import UndecodableEvent
 from projections.base import MEMO_DROPPED, BatchContext, Change, Projector, Tables
 from projections.read_versions import bump as bump_read_versions
 from projections.text import protect
@@ -65,6 +66,12 @@ MAX_ATTEMPTS = 5
 
 #: Longest error text kept with a parked aggregate.
 MAX_ERROR_LENGTH = 2000
+
+#: Most events of one parked aggregate that a retry applies in one transaction.
+RETRY_CHUNK = 1000
+
+#: How the error of an aggregate that a retry has applied only part of begins.
+RETRY_PENDING = "retry under way"
 
 
 @dataclass
@@ -94,8 +101,9 @@ class Parked:
     error: str
 
     @classmethod
-    def of(cls, envelope: EventEnvelope, error: BaseException) -> Parked:
-        text = f"{type(error).__name__}: {error}"
+    def of(cls, envelope: EventEnvelope, error: BaseException | str) -> Parked:
+        """Parked at ``envelope`` because of ``error`` (an exception, or what to say)."""
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         return cls(
             envelope.originator_id,
             envelope.originator_version,
@@ -103,6 +111,16 @@ class Parked:
             envelope.type,
             envelope.workspace_id,
             text[:MAX_ERROR_LENGTH],
+        )
+
+    @classmethod
+    def waiting(cls, envelope: EventEnvelope) -> Parked:
+        """Where a retry that applied its events up to ``envelope`` leaves its aggregate to
+        go on from (see :meth:`ProjectionRunner.retry_parked`): not an error of the event."""
+        return cls.of(
+            envelope,
+            f"{RETRY_PENDING}: the events before this one are applied; `agentworks parked retry`"
+            " applies the rest",
         )
 
     def row(self, projector: str) -> tuple[Any, ...]:
@@ -127,10 +145,6 @@ class Retried:
     parked: Parked | None
 
 
-class UndecodableEvent(Exception):
-    """The stored event could not be decoded (its envelope says why): nothing to apply."""
-
-
 class _Poisoned(Exception):
     """Applying one event, on its own, failed: its aggregate is to be parked."""
 
@@ -148,6 +162,8 @@ class _Attempt:
     one_by_one: bool
     parking: dict[UUID, Parked] = field(default_factory=dict)
     unpark: frozenset[UUID] = frozenset()
+    waiting: tuple[Parked, ...] = ()
+    """Of ``parking``, where retries stop for now (:meth:`Parked.waiting`), not failures."""
 
 
 @dataclass
@@ -172,6 +188,12 @@ _UPSERT_PARKED = (
     " event_type = EXCLUDED.event_type, workspace_id = EXCLUDED.workspace_id,"
     " error = EXCLUDED.error, attempts = projection_parked.attempts + 1,"
     " failed_at = clock_timestamp()"
+)
+
+
+_MOVE_PARKED = (
+    "UPDATE projection_parked SET originator_version = %s, position = %s, event_type = %s,"
+    " workspace_id = %s, error = %s WHERE projector = %s AND originator_id = %s"
 )
 
 
@@ -216,9 +238,9 @@ class ProjectionRunner:
 
     def retry_parked(self, originator_ids: Collection[UUID] | None = None) -> list[Retried]:
         """Apply the events of parked aggregates again (all of them, or ``originator_ids``),
-        after a fix: each aggregate in a batch of its own, its events in order from the one it
-        stopped at. One that fails again stays parked, with the new error (and the event it now
-        stops at, if the fix got it further)."""
+        after a fix: each aggregate on its own, its events in order from the one it stopped
+        at, at most :data:`RETRY_CHUNK` per transaction. One that fails again stays parked,
+        with the new error (and the event it now stops at, if the fix got it further)."""
         with self.pool.connection() as conn:
             rows = conn.execute(
                 "SELECT originator_id, originator_version FROM projection_parked"
@@ -230,23 +252,38 @@ class ProjectionRunner:
                     None if originator_ids is None else list(originator_ids),
                 ),
             ).fetchall()
-        results = []
-        for row in rows:
-            oid = row["originator_id"]
+        return [self._retry(row["originator_id"], int(row["originator_version"])) for row in rows]
+
+    def _retry(self, oid: UUID, version: int) -> Retried:
+        """Apply one parked aggregate's events from ``version`` on, a chunk per transaction.
+
+        A long-parked busy aggregate has a long tail: applied in one transaction it would be
+        read whole into memory and hold its locks and rows until the end. Each chunk commits
+        with the aggregate still parked at the first event after it (:meth:`Parked.waiting`),
+        so live deliveries keep waiting behind it, and a retry stopped half-way (a crash, a
+        lost database) leaves it parked there for the next retry to go on from; the last chunk
+        unparks it."""
+        applied = 0
+        while True:
             events = self.log.between(
-                oid, after_version=int(row["originator_version"]) - 1, before_version=None
+                oid, after_version=version - 1, before_version=version + RETRY_CHUNK + 1
             )
-            outcome = self.process(events, unpark=[oid])
+            rest = events[RETRY_CHUNK:]
+            waiting = [Parked.waiting(rest[0])] if rest else []
+            outcome = self.process(events[:RETRY_CHUNK], unpark=[oid], park=waiting)
+            applied += outcome.applied + outcome.healed
             again = next((p for p in outcome.parked if p.originator_id == oid), None)
-            log.info(
-                "projection.parked_retried",
-                projector=self.tracking_name,
-                originator_id=str(oid),
-                applied=outcome.applied + outcome.healed,
-                parked=again is not None,
-            )
-            results.append(Retried(oid, outcome.applied + outcome.healed, again))
-        return results
+            if again is None or again not in waiting:
+                break
+            version = again.originator_version
+        log.info(
+            "projection.parked_retried",
+            projector=self.tracking_name,
+            originator_id=str(oid),
+            applied=applied,
+            parked=again is not None,
+        )
+        return Retried(oid, applied, again)
 
     # -- exclusive mode (rebuilds) -----------------------------------------------------------------
 
@@ -309,6 +346,7 @@ class ProjectionRunner:
         through: int | None = None,
         read_after: int | None = None,
         unpark: Collection[UUID] = (),
+        park: Sequence[Parked] = (),
     ) -> BatchOutcome:
         """Apply a batch (in delivery order) in one transaction; safe to call with repeats.
 
@@ -325,7 +363,12 @@ class ProjectionRunner:
         if not envelopes and not through and not unpark:
             return BatchOutcome()
         started = time.time_ns()
-        attempt = _Attempt(one_by_one=False, unpark=frozenset(unpark))
+        attempt = _Attempt(
+            one_by_one=False,
+            unpark=frozenset(unpark),
+            parking={parked.originator_id: parked for parked in park},
+            waiting=tuple(park),
+        )
         races = 0
         while True:
             try:
@@ -523,9 +566,19 @@ class ProjectionRunner:
         """Park what this attempt found unappliable; forget what was retried and applied."""
         if attempt.parking:
             outcome.parked = list(attempt.parking.values())
-            cur.executemany(
-                _UPSERT_PARKED, [parked.row(self.tracking_name) for parked in outcome.parked]
-            )
+            failed = [p for p in outcome.parked if p not in attempt.waiting]
+            if failed:
+                cur.executemany(_UPSERT_PARKED, [p.row(self.tracking_name) for p in failed])
+            moved = [p for p in outcome.parked if p in attempt.waiting]
+            if moved:
+                # A retry's progress: no failure, so no attempt counted.
+                cur.executemany(
+                    _MOVE_PARKED,
+                    [
+                        (*p.row(self.tracking_name)[2:], self.tracking_name, p.originator_id)
+                        for p in moved
+                    ],
+                )
         released = sorted(attempt.unpark - attempt.parking.keys())
         if released:
             cur.execute(

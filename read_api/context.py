@@ -6,18 +6,19 @@ import contextvars
 import copy
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ParamSpec, TypeAlias, TypeVar
 from uuid import UUID
 
 import strawberry
+from graphql import GraphQLError
 from strawberry.fastapi import BaseContext
 
 from adapters.telemetry import current_traceparent
 from commands.access import api_key_revoked
 from commands.handlers import Actor
-from domain.errors import NotFound, Unauthenticated, Unavailable
+from domain.errors import AgentWorksError, NotFound, Unauthenticated, Unavailable
 from read_api.auth import workspace_uuid
 from read_api.db import ReadScope, StatementCounter
 from read_api.membership import member_workspace_of
@@ -88,6 +89,14 @@ class RequestContext(BaseContext):
         """On an accepted WebSocket: gives back its place among its user's open connections."""
         self._allowed_at = float("-inf")
         """When :meth:`still_allowed` last found the credentials holding (monotonic clock)."""
+        self.reported: list[GraphQLError] = []
+        """Errors beside the data (see :meth:`report`), added to the answer's ``errors``."""
+
+    def report(self, error: AgentWorksError, path: Sequence[str | int]) -> None:
+        """Answer with ``error`` at ``path`` in ``errors`` and still with the data: for a part
+        of an answer that is there but could not be read whole, where no field can say so
+        (:class:`~read_api.errors.ErrorShaping` adds it, shaped like any of our errors)."""
+        self.reported.append(GraphQLError(error.message, path=list(path), original_error=error))
 
     # -- who is calling ------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from graphql.execution import SubsequentIncrementalExecutionResult
 from strawberry.extensions import SchemaExtension
 from strawberry.types.execution import ExecutionContext, StreamExecutionResult
 
-from domain.errors import AgentWorksError, RateLimited, Unavailable
+from domain.errors import AgentWorksError, RateLimited, Unavailable, UndecodableEvent
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +71,8 @@ def error_extensions(error: BaseException) -> dict[str, Any]:
         if error.command_id is not None:
             extensions["commandId"] = error.command_id
         return extensions
+    if isinstance(error, UndecodableEvent):
+        return {"code": error.code, "version": error.version, "at": error.at}
     if isinstance(error, AgentWorksError):
         return {"code": error.code}
     return {"code": INTERNAL}
@@ -159,6 +161,10 @@ class ErrorShaping(SchemaExtension):
     def on_operation(self) -> Iterator[None]:
         yield
         result = self.execution_context.result
+        reported = getattr(self.execution_context.context, "reported", None)
+        if result is not None and reported and hasattr(result, "errors"):
+            result.errors = [*(result.errors or []), *reported]
+            reported.clear()  # (a WebSocket's context serves more than one operation)
         errors = getattr(result, "errors", None)
         if result is not None and errors:
             result.errors = shape_errors(errors)

@@ -17,16 +17,21 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic
 
+from adapters.eventlog import UNKNOWN_TIME, undecodable_envelope
 from domain.billing import MonthFold, WorkspaceMonth
 from domain.card import Card
 from domain.envelope import EventEnvelope, envelope_from_event
-from domain.errors import NotFound, ValidationFailed
+from domain.errors import NotFound, UndecodableEvent, ValidationFailed
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from eventsourcing.domain import DomainEventProtocol
     from eventsourcing.persistence import Mapper
     from psycopg import Connection
     from psycopg.rows import DictRow
+
+    from adapters.eventlog import Row
 
 _BILLING_TOPICS = [get_topic(event) for event in MonthFold.FOLDS]
 _CARD_AGGREGATE = Card.__name__
@@ -67,35 +72,98 @@ def aggregate_in_workspace(
 
 
 def card_events(
-    conn: Connection[DictRow], mapper: Mapper[UUID], *, card_id: UUID, workspace_id: UUID
+    conn: Connection[DictRow],
+    mapper: Mapper[UUID],
+    *,
+    card_id: UUID,
+    workspace_id: UUID,
+    last_version: int = 0,
 ) -> list[EventEnvelope]:
-    """Every event of a card of ``workspace_id``, in version order; NotFound for anything else."""
-    envelopes = card_log(conn, mapper, card_id=card_id)
+    """Every event of a card of ``workspace_id``, in version order (see :func:`card_log`);
+    NotFound for anything else."""
+    envelopes = card_log(conn, mapper, card_id=card_id, last_version=last_version)
     if envelopes[0].workspace_id != workspace_id:
         raise NotFound(f"card {card_id} does not exist")
     return envelopes
 
 
 def card_log(
-    conn: Connection[DictRow], mapper: Mapper[UUID], *, card_id: UUID
+    conn: Connection[DictRow], mapper: Mapper[UUID], *, card_id: UUID, last_version: int = 0
 ) -> list[EventEnvelope]:
     """Every event of a card, whatever its workspace (for operators), in version order;
-    NotFound when ``card_id`` is no card."""
+    NotFound when ``card_id`` is no card.
+
+    One version per envelope, none left out: a stored event that cannot be decoded is an
+    envelope marked undecodable (:func:`~adapters.eventlog.undecodable_envelope`), as the
+    projectors get it, and so is each version this connection cannot see up to
+    ``last_version`` (the card's last version as the write side knows it): row-level security
+    hides from the API an event whose state names no workspace, a state that is not JSON among
+    them."""
     rows = conn.execute(
         "SELECT originator_id, originator_version, topic, state, notification_id"
         " FROM agentworks_events WHERE originator_id = %s ORDER BY originator_version",
         (card_id,),
     ).fetchall()
-    envelopes = [_decode(mapper, row) for row in rows]
+    envelopes: list[EventEnvelope] = []
+    for row in rows:
+        version = int(row["originator_version"])
+        if version > len(envelopes) + 1:
+            envelopes += _unseen(card_id, after=len(envelopes), before=version)
+        envelopes.append(_readable(mapper, row))
+    if last_version > len(envelopes):
+        envelopes += _unseen(card_id, after=len(envelopes), before=last_version + 1)
     if not envelopes or envelopes[0].aggregate != _CARD_AGGREGATE:
         raise NotFound(f"card {card_id} does not exist")
     return envelopes
 
 
+def _readable(mapper: Mapper[UUID], row: DictRow) -> EventEnvelope:
+    """The row's envelope, or, for a row that cannot be decoded, one marked so."""
+    try:
+        return _decode(mapper, row)
+    except Exception as error:  # noqa: BLE001 - decoding is pure: the row's own fault
+        stored: Row = (
+            int(row["notification_id"]),
+            row["originator_id"],
+            int(row["originator_version"]),
+            str(row["topic"]),
+            bytes(row["state"]),
+        )
+        return undecodable_envelope(stored, error)
+
+
+def _unseen(card_id: UUID, *, after: int, before: int) -> list[EventEnvelope]:
+    """Envelopes for the versions between ``after`` and ``before`` (exclusive) that the store
+    holds and this reader cannot see: no position, type or time."""
+    hidden = UndecodableEvent("this reader cannot see the stored event (it names no workspace)")
+    return [
+        undecodable_envelope((0, card_id, version, "", b""), hidden)
+        for version in range(after + 1, before)
+    ]
+
+
+def foldable_version(card_id: UUID, envelopes: Sequence[EventEnvelope], version: int) -> int:
+    """The version up to which a card's state can be folded for a history at ``version``: that
+    one, or the one before the first event up to it that could not be read
+    (:class:`UndecodableEvent` when that is the first: nothing of the card can be shown)."""
+    unread = next((e.originator_version for e in envelopes[:version] if e.undecodable), None)
+    if unread is None:
+        return version
+    if unread == 1:
+        raise UndecodableEvent(
+            f"card {card_id}: its first event could not be decoded; nothing of it can be shown",
+            version=1,
+        )
+    return unread - 1
+
+
 def chosen_version(
     envelopes: list[EventEnvelope], *, as_of_version: int | None, as_of: datetime | None
 ) -> int:
-    """The version a history request asks for: explicit, the last one at ``as_of``, or now."""
+    """The version a history request asks for: explicit, the last one at ``as_of``, or now.
+
+    An event whose time is unknown (it could not be read) counts at the time of the next one
+    whose time is known: it was made no later."""
     latest = envelopes[-1].originator_version
     if as_of_version is not None and as_of is not None:
         raise ValidationFailed("give asOfVersion or asOf, not both")
@@ -106,7 +174,11 @@ def chosen_version(
             )
         return as_of_version
     if as_of is not None:
-        before = [e.originator_version for e in envelopes if e.timestamp <= as_of]
+        before = [
+            e.originator_version
+            for e in envelopes
+            if e.timestamp <= as_of and not (e.undecodable and e.timestamp == UNKNOWN_TIME)
+        ]
         if not before:
             raise NotFound(
                 f"card {envelopes[0].originator_id} did not exist at {as_of.isoformat()}"

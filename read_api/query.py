@@ -15,7 +15,7 @@ import strawberry
 from strawberry.scalars import JSON
 
 from domain.card import Card as CardAggregate
-from domain.errors import NotFound
+from domain.errors import NotFound, UndecodableEvent
 from projections import history, queries
 from projections.billing import UsageDimension
 from read_api import cursors, eventlog
@@ -162,10 +162,15 @@ class Query:
             conn: Connection[DictRow],
         ) -> tuple[CardAggregate, list[EventEnvelope], int]:
             envelopes = eventlog.card_events(
-                conn, write.mapper, card_id=wanted, workspace_id=workspace_id
+                conn,
+                write.mapper,
+                card_id=wanted,
+                workspace_id=workspace_id,
+                last_version=write.last_version(wanted),
             )
             version = eventlog.chosen_version(envelopes, as_of_version=as_of_version, as_of=as_of)
-            state = write.card_at(wanted, actor, version=version)
+            folded = eventlog.foldable_version(wanted, envelopes, version)
+            state = write.card_at(wanted, actor, version=folded)
             return state, envelopes[:version], version
 
         state, envelopes, version = await scope.run(read)
@@ -179,20 +184,25 @@ class Query:
             until = state.modified_on
         cost = await scope.loaders.card_cost_until.load((wanted, until))
         card = _card_from_aggregate(state, scope, cost, until)
+        entries = history.history_entries(envelopes)
+        path = info.path.as_list()
+        for index, entry in enumerate(entries):
+            if entry.reason:
+                ctx.report(_unread(wanted, entry, state.version), [*path, "events", index])
         return CardHistory(
             card_id=ID(str(wanted)),
             version=version,
             state=card,
             events=[
                 HistoryEvent(
-                    version=e.originator_version,
+                    version=e.version,
                     type=e.type,
-                    at=e.timestamp,
-                    actor=ID(e.metadata.get("actor", "")),
-                    position=str(e.position),
-                    data=JSON(e.payload),
+                    at=e.at,
+                    actor=ID(e.actor),
+                    position=e.position,
+                    data=JSON(e.data),
                 )
-                for e in envelopes
+                for e in entries
             ],
         )
 
@@ -425,6 +435,21 @@ async def _board_then(
         scope=scope,
         key=project_id,
         lanes_then=lanes,
+    )
+
+
+def _unread(card_id: UUID, entry: history.HistoryEntry, folded: int) -> UndecodableEvent:
+    """The error reported beside a history entry that could not be read."""
+    said = (
+        f"card {card_id}: the event at version {entry.version} could not be decoded; its "
+        f"entry (type {entry.type!r}) shows what the log still tells of it"
+    )
+    if not entry.at_known:
+        said += ", its time is unknown (at shows the time of the entry before it)"
+    if entry.version == folded + 1:
+        said += f"; the card's state is shown as of version {folded}, the last before it"
+    return UndecodableEvent(
+        said, version=entry.version, at=entry.at.isoformat() if entry.at_known else None
     )
 
 

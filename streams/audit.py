@@ -33,6 +33,8 @@ from eventsourcing.utils import resolve_topic
 from psycopg.rows import tuple_row
 
 from adapters.audit_signing import key_id, signature_holds
+from adapters.eventlog import UNKNOWN_TIME
+from domain.envelope import UNDECODABLE
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -70,15 +72,23 @@ def signed_part(*, count: int, head_hash: str, key: str) -> bytes:
 
 
 def event_line(envelope: EventEnvelope, prev_hash: str) -> tuple[str, str]:
-    """An event's line (canonical JSON) and its hash."""
+    """An event's line (canonical JSON) and its hash.
+
+    An event that could not be decoded (see :data:`~domain.envelope.UNDECODABLE`) has a line
+    too, of that ``type``: its ``data`` names the type it was stored under (``storedType``) and
+    why it could not be read (``reason``), its ``at`` is null when its state does not say."""
+    reason = envelope.undecodable
+    at: str | None = envelope.timestamp.isoformat()
+    if reason and envelope.timestamp == UNKNOWN_TIME:
+        at = None
     content = {
         "position": envelope.position,
         "originatorId": str(envelope.originator_id),
         "version": envelope.originator_version,
-        "type": envelope.type,
-        "at": envelope.timestamp.isoformat(),
+        "type": UNDECODABLE if reason else envelope.type,
+        "at": at,
         "actor": envelope.metadata.get("actor", ""),
-        "data": envelope.payload,
+        "data": {"storedType": envelope.type, "reason": reason} if reason else envelope.payload,
         "prevHash": prev_hash,
     }
     body = canonical_json(content)
@@ -112,23 +122,18 @@ SIGN_IN_TYPES = frozenset({"User.LoginSucceeded", "User.LoginFailed"})
 _MEMBERSHIP_CHANGES = frozenset({"Workspace.Created", "Workspace.MemberAdded"})
 
 
-def _sign_in_topics() -> list[str]:
-    from eventsourcing.utils import get_topic
-
-    from domain.user import User
-
-    return [get_topic(User.LoginSucceeded), get_topic(User.LoginFailed)]
-
-
 def workspace_rows(
     conn: Connection[Any], *, workspace_id: UUID, json_prefilter: bool
 ) -> Iterator[Row]:
-    """Every stored event of ``workspace_id``, and every sign-in event, in log order, through a
-    server-side cursor (:func:`export_lines` keeps the sign-ins of the workspace's members).
+    """Every stored event of ``workspace_id``, and every event that names no workspace (sign-ins
+    among them), in log order, through a server-side cursor (:func:`export_lines` keeps the
+    sign-ins of the workspace's members, and the unreadable events of its aggregates).
 
     Run inside a transaction (REPEATABLE READ gives one consistent snapshot of the log). With
-    plain JSON states Postgres skips other workspaces' rows; otherwise every row comes back and
-    the caller filters on the decoded metadata.
+    plain JSON states Postgres skips other workspaces' rows by the ``workspace_id`` column the
+    recorder fills from each state's metadata (reading no state: one that is not JSON must not
+    fail the export); otherwise every row comes back and the caller filters on the decoded
+    metadata.
     """
     sql = (
         "SELECT notification_id, originator_id, originator_version, topic, state"
@@ -136,15 +141,26 @@ def workspace_rows(
     )
     params: tuple[Any, ...] = ()
     if json_prefilter:
-        sql += (
-            " WHERE convert_from(state, 'UTF8')::jsonb #>> '{meta,workspace_id}' = %s"
-            " OR topic = ANY(%s)"
-        )
-        params = (str(workspace_id), _sign_in_topics())
+        sql += " WHERE workspace_id = %s OR workspace_id IS NULL"
+        params = (workspace_id,)
     with conn.cursor(name="audit_export", row_factory=tuple_row, binary=True) as cur:
         cur.itersize = PAGE
         cur.execute(sql + " ORDER BY notification_id", params)
         yield from cur
+
+
+def aggregate_workspace(conn: Connection[Any], originator_id: UUID) -> UUID | None:
+    """The workspace that an aggregate's readable events name (None: none does): the one an
+    event of it that names none itself, because it cannot be read, belongs to."""
+    row = conn.execute(
+        "SELECT workspace_id FROM agentworks_events"
+        " WHERE originator_id = %s AND workspace_id IS NOT NULL LIMIT 1",
+        (originator_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    found = row[0] if isinstance(row, tuple | list) else row["workspace_id"]
+    return found if isinstance(found, UUID) else None
 
 
 def export_lines(
@@ -156,10 +172,16 @@ def export_lines(
     since: datetime | None = None,
     until: datetime | None = None,
     progress: Callable[[int], None] | None = None,
+    owner_of: Callable[[UUID], UUID | None] = lambda originator_id: None,
 ) -> Iterator[str]:
     """The export's lines (without newlines): one per event of the workspace whose time is in
     ``[since, until)``, and one per sign-in of a user while a member of it, then the signed
-    trailer. Holds one row at a time (and the set of current members)."""
+    trailer. Holds one row at a time (and the set of current members).
+
+    ``decode`` gives an event that cannot be decoded as an envelope marked so
+    (:meth:`adapters.eventlog.EventLog.readable`); it is the workspace's when its stored
+    metadata says so or, saying nothing, when ``owner_of`` its aggregate is the workspace, and
+    is exported whatever the time window when its time is unknown."""
     prev = GENESIS
     count = 0
     members: set[str] = set()
@@ -167,15 +189,21 @@ def export_lines(
         envelope = decode(row)
         if progress is not None:
             progress(envelope.position)
+        unread = bool(envelope.undecodable)
         if envelope.workspace_id is None and envelope.type in SIGN_IN_TYPES:
             if str(envelope.originator_id) not in members:
                 continue
+        elif unread and envelope.workspace_id is None:
+            if owner_of(envelope.originator_id) != workspace_id:
+                continue
         elif envelope.workspace_id != workspace_id:
             continue
-        else:
+        elif not unread:
             _follow_membership(envelope, members)
-        if (since is not None and envelope.timestamp < since) or (
-            until is not None and envelope.timestamp >= until
+        timed = not (unread and envelope.timestamp == UNKNOWN_TIME)
+        if timed and (
+            (since is not None and envelope.timestamp < since)
+            or (until is not None and envelope.timestamp >= until)
         ):
             continue
         text, prev = event_line(envelope, prev)
@@ -206,10 +234,19 @@ class Verdict:
     count: int
     line: int | None = None
     reason: str = ""
+    undecodable: int = 0
+    """Event lines of type :data:`~domain.envelope.UNDECODABLE`: events the export holds but
+    could not read (the chain covers them like any other)."""
 
     def describe(self) -> str:
         if self.ok:
-            return f"ok: {self.count} events, chain and signature hold"
+            unread = (
+                f"; {self.undecodable} of them could not be decoded when exported"
+                f" (type {UNDECODABLE})"
+                if self.undecodable
+                else ""
+            )
+            return f"ok: {self.count} events, chain and signature hold{unread}"
         return f"line {self.line}: {self.reason}"
 
 
@@ -217,6 +254,7 @@ def verify(lines: Iterable[str], public_key: Ed25519PublicKey) -> Verdict:
     """Check an export's chain and trailer signature, reading one line at a time."""
     prev = GENESIS
     count = 0
+    unread = 0
     number = 0
     trailer: dict[str, Any] | None = None
     trailer_line = 0
@@ -255,6 +293,7 @@ def verify(lines: Iterable[str], public_key: Ed25519PublicKey) -> Verdict:
             return bad(number, "hash does not match the line's content (edited)")
         prev = obj["hash"]
         count += 1
+        unread += obj["type"] == UNDECODABLE
     if trailer is None:
         return bad(number + 1, "no trailer: the export is truncated or unsigned")
     # An int and nothing else: 1.0 and true equal 1 in Python, and are not what was signed.
@@ -273,4 +312,4 @@ def verify(lines: Iterable[str], public_key: Ed25519PublicKey) -> Verdict:
         public_key, message, trailer["signature"]
     ):
         return bad(trailer_line, "signature does not hold")
-    return Verdict(ok=True, count=count)
+    return Verdict(ok=True, count=count, undecodable=unread)

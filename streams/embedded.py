@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from adapters.eventlog import MAX_BATCH_BYTES
 from adapters.outages import is_outage
 from adapters.wakeup import LogWakeup
 
@@ -45,8 +46,12 @@ class EmbeddedFanout:
     listen_url: str | None = field(default=None, repr=False)  # may carry a password
     poll_interval: float = 0.5
     batch_size: int = 500
+    max_batch_bytes: int = MAX_BATCH_BYTES
+    """Most bytes of stored events one batch holds, beside ``batch_size`` events."""
     _positions: dict[str, int] = field(init=False, default_factory=dict, repr=False)
     _failing: set[str] = field(init=False, default_factory=set, repr=False)
+    _backlog: bool = field(init=False, default=False, repr=False)
+    """The last batch read stopped at a bound: more may be applied at once."""
     """Projectors whose last batch failed: fed apart, from their own positions."""
     _stop: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
     _wake: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
@@ -66,13 +71,14 @@ class EmbeddedFanout:
         the others', so a projector that keeps failing holds back none but itself."""
         sharing = [r for r in self.runners if r.name not in self._failing] or self.runners
         start = min((self._position(r) for r in sharing), default=0)
-        envelopes = self.event_log.read(after=start, limit=self.batch_size)
+        envelopes, self._backlog = self._read(start)
         work: list[tuple[ProjectionRunner, int, list[EventEnvelope]]] = []
         for runner in self.runners:
             done = self._position(runner)
             read = envelopes
             if done < start:
-                read = self.event_log.read(after=done, limit=self.batch_size)
+                read, more = self._read(done)
+                self._backlog |= more
             pending = [env for env in read if env.position > done]
             if pending:
                 work.append((runner, done, pending))
@@ -104,6 +110,9 @@ class EmbeddedFanout:
             raise failure
         return len(envelopes)
 
+    def _read(self, after: int) -> tuple[list[EventEnvelope], bool]:
+        return self.event_log.read_batch(after, self.batch_size, max_bytes=self.max_batch_bytes)
+
     def _executor(self) -> ThreadPoolExecutor:
         if self._appliers is None:
             self._appliers = ThreadPoolExecutor(
@@ -115,9 +124,8 @@ class EmbeddedFanout:
         """Apply everything the log holds now; returns how many events were read."""
         total = 0
         while True:
-            read = self.run_once()
-            total += read
-            if read < self.batch_size:
+            total += self.run_once()
+            if not self._backlog:
                 return total
 
     def start(self) -> None:

@@ -29,6 +29,7 @@ import psycopg
 import structlog
 from opentelemetry.trace import SpanKind
 
+from adapters.eventlog import MAX_BATCH_BYTES
 from adapters.metrics import BROKER_LOG_LOST
 from adapters.outages import is_connection_error, is_database_error, is_outage
 from adapters.postgres import login_url
@@ -291,6 +292,9 @@ class Relay:
     topic_id: Callable[[Any, str], str | None] = lambda producer, topic: None
     lease: RelayLease | None = None
     standby_interval: float = 2.0
+    max_batch_bytes: int = MAX_BATCH_BYTES
+    """Most bytes of stored events one batch holds, beside ``batch_size`` events (one larger
+    event goes alone): a batch of large events must not make one huge request or heap."""
     max_message_bytes: int = 1_000_000
     """Largest envelope published whole; a larger one goes without its payload (see
     :data:`~domain.envelope.OMITTED`). Below the 1 MiB a Kafka producer sends and a broker takes
@@ -300,6 +304,9 @@ class Relay:
     marks: BrokerMarks = field(init=False, repr=False)
     _broker_forgot: bool = field(init=False, default=False, repr=False)
     _leading: bool = field(init=False, default=False, repr=False)
+    backlog: bool = field(init=False, default=False, repr=False)
+    """The last batch stopped at ``batch_size`` or ``max_batch_bytes``: more may be published
+    at once."""
     _stop: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
     _wake: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
 
@@ -313,7 +320,9 @@ class Relay:
         its id never recovers) and rewinds to the last recorded position, so the batch is sent
         again, whole, by a fresh producer.
         """
-        batch = self.event_log.read(after=self.position, limit=self.batch_size)
+        batch, self.backlog = self.event_log.read_batch(
+            self.position, self.batch_size, max_bytes=self.max_batch_bytes
+        )
         if not batch:
             return 0
         producer = self._producer()
@@ -426,7 +435,7 @@ class Relay:
                 )
                 continue
             try:
-                while self.publish_once() == self.batch_size:
+                while self.publish_once() and self.backlog:
                     if self._stop.is_set() or not self._holds_lease():
                         break
             except Exception as error:

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from adapters.eventlog import MAX_BATCH_BYTES, byte_bounded
 from adapters.kafka import faust_settings
 from adapters.outages import is_outage
 from domain.envelope import OMITTED, TOPIC_BY_AGGREGATE, EventEnvelope
 from projections.sweep import ProjectionSweep
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator, Sequence
 
     from faust.types import TP, AppT, StreamT
 
@@ -71,6 +72,23 @@ def decode_batch(values: Iterable[bytes]) -> list[EventEnvelope]:
             )
     envelopes.sort(key=lambda e: e.position)
     return envelopes
+
+
+#: A delivered message holding an envelope published without its payload (its text; a payload
+#: mentioning it only makes that message a part alone).
+_OMITTED_MARK = OMITTED.encode()
+
+
+def delivered_parts(values: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
+    """A delivered batch in parts of at most :data:`~adapters.eventlog.MAX_BATCH_BYTES` of
+    messages, each part applied in a transaction of its own (as a smaller batch would be).
+    A message published without its payload counts as the whole bound: read from the store,
+    its event may be any size, so it goes alone."""
+
+    def size(value: bytes) -> int:
+        return MAX_BATCH_BYTES if _OMITTED_MARK in value else len(value)
+
+    return byte_bounded(values, size, MAX_BATCH_BYTES)
 
 
 def read_omitted(envelopes: list[EventEnvelope], event_log: EventLog) -> list[EventEnvelope]:
@@ -210,30 +228,34 @@ def build_worker_app(
     @app.agent(topics, name=f"project-{runner.projector.name}")
     async def project(stream: StreamT[bytes]) -> None:
         async for values in stream.take(BATCH_SIZE, within=BATCH_WITHIN_SECONDS):
-            envelopes = decode_batch(values)
-            while True:
-                try:
-                    outcome = await asyncio.to_thread(process, envelopes)
-                except Exception as error:
-                    # The batch stays unacknowledged until it is applied: never skip events.
-                    if is_outage(error):
-                        # Said once by the pool that saw the database go (adapters.outages).
-                        log.debug("worker.database_unavailable", projector=runner.name)
-                        await asyncio.sleep(OUTAGE_RETRY_SECONDS)
-                        continue
-                    log.exception("worker.batch_failed", projector=runner.name)
-                    await asyncio.sleep(RETRY_SECONDS)
+            for part in delivered_parts(values):
+                await apply_part(decode_batch(part))
+
+    async def apply_part(envelopes: list[EventEnvelope]) -> None:
+        """Apply one part of a delivered batch, retrying until it is applied."""
+        while True:
+            try:
+                outcome = await asyncio.to_thread(process, envelopes)
+            except Exception as error:
+                # The batch stays unacknowledged until it is applied: never skip events.
+                if is_outage(error):
+                    # Said once by the pool that saw the database go (adapters.outages).
+                    log.debug("worker.database_unavailable", projector=runner.name)
+                    await asyncio.sleep(OUTAGE_RETRY_SECONDS)
                     continue
-                schedule.delivered = True
-                log.debug(
-                    "worker.batch",
-                    projector=runner.name,
-                    applied=outcome.applied,
-                    duplicates=outcome.duplicates,
-                    healed=outcome.healed,
-                    position=outcome.position,
-                )
-                break
+                log.exception("worker.batch_failed", projector=runner.name)
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            schedule.delivered = True
+            log.debug(
+                "worker.batch",
+                projector=runner.name,
+                applied=outcome.applied,
+                duplicates=outcome.duplicates,
+                healed=outcome.healed,
+                position=outcome.position,
+            )
+            break
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # faust's stub rejects it
     async def forget_read_offsets(

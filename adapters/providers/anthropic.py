@@ -1,8 +1,9 @@
 """Anthropic messages API, streamed (``POST {base}/v1/messages``).
 
-Input tokens come from ``message_start``, output tokens from the last ``message_delta`` (a stream
-without one has no usage: it broke); the call is complete at ``message_stop``. An ``error``
-event (e.g. ``overloaded_error``) mid-stream is transient.
+Input tokens come from ``message_start``, said at once as :class:`Accepted` (a call cut before
+any text is charged the provider's count of its prompt); output tokens from the last
+``message_delta`` (a stream without one has no usage: it broke); the call is complete at
+``message_stop``. An ``error`` event (e.g. ``overloaded_error``) mid-stream is transient.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import json
 from collections.abc import AsyncIterator
 
 from adapters.providers.base import (
+    Accepted,
     ChatRequest,
+    Piece,
     SseProvider,
     StreamBroken,
     TransientProviderError,
@@ -43,7 +46,7 @@ class AnthropicProvider(SseProvider):
             body["system"] = system
         return body
 
-    async def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[str | Usage]:
+    async def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[Piece]:
         input_tokens: int | None = None
         output_tokens: int | None = None
         stopped = False
@@ -53,6 +56,7 @@ class AnthropicProvider(SseProvider):
             if kind == "message_start":
                 # Its output_tokens is a placeholder (1); the count is message_delta's.
                 input_tokens = int(payload["message"]["usage"]["input_tokens"])
+                yield Accepted(input_tokens)
             elif kind == "content_block_delta":
                 delta = payload.get("delta") or {}
                 if delta.get("type") == "text_delta" and delta.get("text"):

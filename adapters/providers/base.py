@@ -64,6 +64,16 @@ class ChatRequest:
 
 
 @dataclass(frozen=True)
+class Accepted:
+    """The provider took the call (it answered 2xx and its stream began): from here it has the
+    prompt and bills it, however the call ends, even cut before any output. ``input_tokens``:
+    its own count of the prompt when its wire gives one up front (Anthropic's
+    ``message_start``); a later :class:`Accepted` with a count completes an earlier one."""
+
+    input_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class Usage:
     """Token counts of one call; ``estimated`` when we counted them ourselves."""
 
@@ -72,12 +82,17 @@ class Usage:
     estimated: bool = False
 
 
+#: What a provider's stream yields.
+Piece = str | Accepted | Usage
+
+
 class Provider(Protocol):
-    """A provider streams text pieces (``str``) and ends with exactly one :class:`Usage`."""
+    """A provider streams text pieces (``str``) and ends with exactly one :class:`Usage`; before
+    its first text it says :class:`Accepted` once the call is the provider's (and billed)."""
 
     name: str
 
-    def stream(self, request: ChatRequest) -> AsyncIterator[str | Usage]: ...
+    def stream(self, request: ChatRequest) -> AsyncIterator[Piece]: ...
 
     async def aclose(self) -> None: ...
 
@@ -131,11 +146,11 @@ async def raise_for_status(response: httpx.Response, provider: str) -> None:
 
 
 def translate(error: httpx.HTTPError, provider: str, *, streaming: bool) -> TransientProviderError:
-    """An httpx failure as ours: timeouts and lost connections are worth another try."""
+    """An httpx failure as ours: timeouts and lost connections are worth another try. Once the
+    stream began, either broke it (the provider had the prompt, and bills it)."""
     if isinstance(error, httpx.TimeoutException):
-        return TransientProviderError(
-            f"{provider} timed out ({type(error).__name__})", provider=provider
-        )
+        timed_out = StreamBroken if streaming else TransientProviderError
+        return timed_out(f"{provider} timed out ({type(error).__name__})", provider=provider)
     if streaming:
         return StreamBroken(
             f"{provider} stream broke off: {type(error).__name__}: {error}", provider=provider
@@ -280,11 +295,12 @@ class SseProvider(ABC):
         """The JSON body of the call."""
 
     @abstractmethod
-    def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[str | Usage]:
+    def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[Piece]:
         """Text pieces, then the usage; raises :class:`StreamBroken` if the events end before
-        the provider said it was done."""
+        the provider said it was done. An :class:`Accepted` with the provider's count of the
+        prompt when the events carry one before the text."""
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[str | Usage]:
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
         usage: Usage | None = None
         started = False
         try:
@@ -293,6 +309,7 @@ class SseProvider(ABC):
             ) as response:
                 await raise_for_status(response, self.name)
                 started = True
+                yield Accepted()
                 async for piece in self._read(sse_events(response)):
                     if isinstance(piece, Usage):
                         usage = piece

@@ -1,7 +1,8 @@
 """OpenAI-compatible chat completions, streamed (``POST {base}/chat/completions``).
 
 With ``stream_options.include_usage`` the final chunk carries ``usage`` (and no choices); that
-block is authoritative. A stream that ends without ``[DONE]`` broke off, unless that final chunk
+block is authoritative. Nothing before it counts the prompt: a call cut earlier is charged our
+estimate of its prompt. A stream that ends without ``[DONE]`` broke off, unless that final chunk
 (after a finish reason) came: then the answer is whole and only the closing was lost.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from adapters.providers.base import ChatRequest, SseProvider, StreamBroken, Usage
+from adapters.providers.base import ChatRequest, Piece, SseProvider, StreamBroken, Usage
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -33,7 +34,7 @@ class OpenAIProvider(SseProvider):
             "stream_options": {"include_usage": True},
         }
 
-    async def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[str | Usage]:
+    async def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[Piece]:
         usage: Usage | None = None
         done = finished = sent = False
         async for _, data in events:

@@ -12,7 +12,7 @@ import hashlib
 import random
 from collections.abc import AsyncIterator
 
-from adapters.providers.base import ChatRequest, Usage
+from adapters.providers.base import Accepted, ChatRequest, Piece, Usage
 from adapters.tokenizer import count_message_tokens, count_tokens
 
 _WORDS = (
@@ -39,7 +39,7 @@ class SimulatedProvider:
     async def aclose(self) -> None:
         return None
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[str | Usage]:
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
         prompt = "\n".join(m["content"] for m in request.messages)
         seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
         rng = random.Random(seed)  # noqa: S311 - text, not secrets
@@ -49,6 +49,10 @@ class SimulatedProvider:
         words = 0
         spent = 0
         text = ""
+        prompt_tokens = count_message_tokens(request.messages)
+        # As a provider that counts the prompt up front: cut before any text, the call is
+        # charged for it.
+        yield Accepted(prompt_tokens)
         while True:
             word = rng.choice(_WORDS)
             piece = word if not produced or produced[-1].endswith("\n") else " " + word
@@ -64,4 +68,4 @@ class SimulatedProvider:
             if delay:
                 await asyncio.sleep(delay)
             yield piece
-        yield Usage(count_message_tokens(request.messages), count_tokens(text))
+        yield Usage(prompt_tokens, count_tokens(text))

@@ -26,6 +26,9 @@ class Reply:
     """Close the connection after this many events, mid-stream, without ending the body."""
     first_byte_delay: float = 0.0
     event_delay: float = 0.0
+    hold: threading.Event | None = None
+    """After the first frame, the rest waits until this is set (a test decides when the call
+    goes on)."""
 
 
 def openai_events(pieces: list[str], *, prompt_tokens: int, completion_tokens: int,
@@ -179,6 +182,9 @@ class FakeProviderServer:
             await writer.drain()
             if reply.event_delay:
                 await asyncio.sleep(reply.event_delay)
+            if index == 0 and reply.hold is not None:
+                while not reply.hold.is_set():
+                    await asyncio.sleep(0.02)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True

@@ -22,6 +22,9 @@ from adapters.eventlog import EventLog
 from adapters.postgres import make_pool
 from commands import models as m
 from commands.handlers import Actor, CommandResult
+from domain.errors import AgentWorksError
+from domain.positions import RESPREAD_THRESHOLD
+from domain.project import Project
 from infra.bootstrap import build_write_side
 from projections.runner import BatchOutcome, ProjectionRunner
 
@@ -148,6 +151,32 @@ def api_connection(database_url: str, workspace_id: UUID) -> Iterator[Connection
 
 
 # -- commands --------------------------------------------------------------------------------------
+
+
+#: Moves into one gap that certainly pass the key-length threshold (a character per about five).
+SQUEEZES = 6 * RESPREAD_THRESHOLD
+
+
+def squeeze(side: ReadSide, world: World, lane: str, card_id: UUID) -> None:
+    """:data:`SQUEEZES` moves of ``card_id`` and the lane's other cards in turn, each right after
+    the lane's first card: every move lands in the same, ever narrower, gap."""
+    app = side.app
+    for n in range(SQUEEZES):
+        board: Project = app.aggregate(Project, world.project_id)
+        if card_id not in board.placements:
+            return
+        order = [cid for _, cid in board.cards_in(lane)]
+        if len(order) < 3:
+            return
+        mover = order[2 + n % (len(order) - 2)] if n else card_id
+        others = [cid for cid in order if cid != mover]
+        with contextlib.suppress(AgentWorksError):  # blocked, or a lane at its WIP limit
+            app.move_card(
+                m.MoveCard(
+                    card_id=mover, to_lane=lane, after_card_id=others[0], before_card_id=others[1]
+                ),
+                world.owner,
+            )
 
 
 def create_card(side: ReadSide, world: World, title: str = "Fix login", lane: str = "Todo") -> UUID:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import REPO, agentworks, assert_one_line_error
+from undecodable import RENAMED, plant_undecodable
 from users import user_id
 
 from adapters.audit_signing import DEV_AUDIT_KEY_FILE, load_public_key, public_pem
@@ -50,13 +51,11 @@ def _activity(app: AgentWorks, board: Board) -> list[Any]:
     return cards
 
 
-@pytest.fixture
-def exported(write_side: AgentWorks, database_url: str, tmp_path: Path) -> dict[str, Any]:
-    """Two workspaces with activity; the first one exported by the CLI into a file."""
-    board = bootstrap_board(write_side)
-    other = bootstrap_board(write_side, owner="mallory")
-    _activity(write_side, board)
-    _activity(write_side, other)
+def _export(
+    database_url: str, board: Board, tmp_path: Path
+) -> tuple[subprocess.CompletedProcess[str], Path, dict[str, str]]:
+    """``audit export`` of ``board``'s workspace, which must succeed; with the data dir (of
+    the dev signing key) and the environment it ran with."""
     data_dir = tmp_path / "data"
     env = {"AGENTWORKS_DATABASE_URL": database_url}
     result = agentworks(
@@ -64,6 +63,17 @@ def exported(write_side: AgentWorks, database_url: str, tmp_path: Path) -> dict[
         cwd=tmp_path, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    return result, data_dir, env
+
+
+@pytest.fixture
+def exported(write_side: AgentWorks, database_url: str, tmp_path: Path) -> dict[str, Any]:
+    """Two workspaces with activity; the first one exported by the CLI into a file."""
+    board = bootstrap_board(write_side)
+    other = bootstrap_board(write_side, owner="mallory")
+    _activity(write_side, board)
+    _activity(write_side, other)
+    result, data_dir, env = _export(database_url, board, tmp_path)
     path = tmp_path / "export.jsonl"
     path.write_text(result.stdout, encoding="utf-8")
     key = load_public_key((data_dir / DEV_AUDIT_KEY_FILE).read_text(), source="dev key")
@@ -330,3 +340,47 @@ def test_canonical_json_is_sorted_compact_utf8() -> None:
         '{"a":["é",{"c":true,"d":null}],"b":1}'
     )
     assert datetime(2026, 1, 1, tzinfo=UTC).isoformat() == "2026-01-01T00:00:00+00:00"
+
+
+def test_events_that_cannot_be_decoded_are_exported_marked_and_replayed(
+    write_side: AgentWorks, database_url: str, tmp_path: Path
+) -> None:
+    """An event today's code cannot decode (a class renamed; a state that is not JSON, whose row
+    names no workspace) used to end the export (the first with a traceback, the second with the
+    database refusing to read the state as JSON). Now each of the workspace's is a line of type
+    ``agentworks.undecodable`` in the chain, another workspace's stays out, ``verify`` holds and
+    counts them, and ``replay card`` shows the history with its state before the first."""
+    board = bootstrap_board(write_side)
+    other = bootstrap_board(write_side, owner="mallory")
+    (card, *_) = _activity(write_side, board)
+    (theirs, *_) = _activity(write_side, other)
+    renamed = plant_undecodable(write_side, card)
+    broken = plant_undecodable(write_side, card, broken_json=True)
+    plant_undecodable(write_side, theirs, broken_json=True)
+    export, data_dir, env = _export(database_url, board, tmp_path)
+    events = [json.loads(text) for text in export.stdout.splitlines()[:-1]]
+    unread = [e for e in events if e["type"] == "agentworks.undecodable"]
+    assert [(e["originatorId"], e["version"], e["data"]["storedType"]) for e in unread] == [
+        (str(card), renamed, RENAMED),
+        (str(card), broken, "Card.Labelled"),
+    ]
+    assert unread[0]["at"] is not None
+    assert unread[0]["actor"] == "alice"
+    assert unread[1]["at"] is None  # the state that would say is not JSON
+    assert all(e["data"]["reason"] for e in unread)
+    mine = [e["version"] for e in events if e["originatorId"] == str(card)]
+    assert mine == list(range(1, broken + 2))  # every version of the card, none skipped
+    path = tmp_path / "export.jsonl"
+    path.write_text(export.stdout, encoding="utf-8")
+    checked = agentworks("audit", "verify", str(path), "--data-dir", str(data_dir), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "2 of them could not be decoded" in checked.stdout
+    replayed = agentworks("replay", "card", str(card), "--json", cwd=tmp_path, env=env)
+    assert replayed.returncode == 0, replayed.stderr
+    shown = json.loads(replayed.stdout)
+    assert [e["version"] for e in shown["events"]] == list(range(1, broken + 2))
+    assert [e["type"] for e in shown["events"] if e["version"] in (renamed, broken)] == [
+        "agentworks.undecodable"
+    ] * 2
+    assert shown["state"]["version"] == renamed - 1
+    assert f"version {renamed} could not be decoded" in replayed.stderr

@@ -5,24 +5,33 @@ WIP limits, which live cards sit in each lane and in which order, and the board'
 random card moves (with neighbours), creates, archives, restores and lane changes (add, rename,
 reorder, remove, WIP limit), the Kanban read model must show exactly that: the lanes, each lane's
 count, each live card's lane and position in board order, and every archived card as archived.
+That includes re-spreads: a run of moves squeezing into one gap passes the key-length threshold,
+and the lane's cards get fresh keys through the normal pipeline.
 """
 
 from __future__ import annotations
 
 import contextlib
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from hypothesis import given, settings
+import psycopg
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis_profiles import expensive_property
-from read_side_helpers import ReadSide, World
+from psycopg.rows import dict_row
+from read_side_helpers import ReadSide, World, squeeze
 
 from commands import models as m
 from domain.card import Card
 from domain.errors import AgentWorksError
+from domain.positions import RESPREAD_THRESHOLD
 from domain.project import Project
+from projections.activity import ActivityProjector
+from projections.history import board_as_of
 from projections.kanban import KanbanProjector
+from read_api.eventlog import card_events
 
 pick = st.integers(min_value=0, max_value=1_000)
 operations = st.lists(
@@ -38,6 +47,7 @@ operations = st.lists(
         st.tuples(st.just("reorder"), st.randoms(use_true_random=False)),
         st.tuples(st.just("remove_lane"), pick),
         st.tuples(st.just("block"), pick, st.booleans()),
+        st.tuples(st.just("squeeze"), pick, pick),
     ),
     min_size=5,
     max_size=30,
@@ -85,6 +95,9 @@ def send(side: ReadSide, world: World, cards: list[UUID], op: tuple[Any, ...]) -
     if not cards:
         return
     card_id = cards[args[0] % len(cards)]
+    if kind == "squeeze":
+        squeeze(side, world, board.lanes[args[1] % len(lanes)].name, card_id)
+        return
     if kind == "move":
         _, lane, neighbour, where = args
         to_lane = lanes[lane % len(lanes)]
@@ -141,6 +154,7 @@ def assert_read_model_is_the_fold(side: ReadSide, world: World, cards: list[UUID
 
 @settings(expensive_property(dev=15, ci=30))
 @given(ops=operations)
+@example(ops=[("create", 0), ("create", 0), ("create", 0), ("create", 0), ("squeeze", 0, 0)])
 def test_the_board_read_model_equals_the_write_sides_board(
     shared_side: ReadSide, ops: list[tuple[Any, ...]]
 ) -> None:
@@ -154,3 +168,63 @@ def test_the_board_read_model_equals_the_write_sides_board(
             side.project(KanbanProjector())
     side.project(KanbanProjector())
     assert_read_model_is_the_fold(side, world, cards)
+
+
+def test_a_re_spread_reaches_the_board_its_cards_histories_and_the_board_as_of_now(
+    shared_side: ReadSide,
+) -> None:
+    side = shared_side
+    world = side.new_world()
+    app, owner = side.app, world.owner
+    cards = [
+        app.create_card(m.CreateCard(project_id=world.project_id, title=f"c{n}"), owner).id
+        for n in range(5)
+    ]
+    squeeze(side, world, "Todo", cards[1])
+    board: Project = app.aggregate(Project, world.project_id)
+    keys = board.cards_in("Todo")
+    assert max(len(key) for key, _ in keys) <= RESPREAD_THRESHOLD
+    outcome = side.project(KanbanProjector())
+    side.project(ActivityProjector())
+    assert_read_model_is_the_fold(side, world, cards)
+
+    with psycopg.connect(side.database_url, row_factory=dict_row) as conn:
+        histories = {
+            card_id: card_events(conn, app.mapper, card_id=card_id, workspace_id=world.workspace_id)
+            for card_id in cards
+        }
+        folded = board_as_of(conn, app.mapper, project_id=world.project_id, as_of=datetime.now(UTC))
+    respread = {
+        card_id: [e for e in events if e.type == "Card.Respread"]
+        for card_id, events in histories.items()
+    }
+    # The lane's first card is the one every squeeze goes after: re-keyed, never moved by anyone.
+    first = keys[0][1]
+    assert respread[first], "no re-spread in the history of the lane's first card"
+    assert [e.type for e in histories[first]] == [
+        "Card.Created",
+        *["Card.Respread"] * len(respread[first]),
+    ]
+    for event in respread[first]:
+        assert event.payload["lane"] == "Todo"
+        assert len(event.payload["position"]) <= RESPREAD_THRESHOLD
+        assert event.metadata["actor"] == owner.user_id
+    assert app.aggregate(Card, first).position == board.placements[first].position
+    # The board's subscribers hear of each re-keyed card as of a move, at the re-spread's place.
+    told = [
+        change.payload
+        for change in outcome.changes
+        if change.channel == f"board:{world.project_id}" and change.payload["cardId"] == str(first)
+    ]
+    assert [p["position"] for p in told if p["kind"] == "card.moved"] == [
+        e.position for e in respread[first]
+    ]
+    # The board as of now, folded from the log for an audit, orders the lane as the board does.
+    (todo,) = [lane for lane in folded.lanes if lane.name == "Todo"]
+    assert [(c.card.position, c.card.id) for c in todo.cards] == keys
+    # The activity feed shows the moves, not the board's re-keying of the cards around them.
+    kinds = side.rows(
+        "SELECT DISTINCT kind FROM rm_activity WHERE project_id = %s AND card_id IS NOT NULL",
+        (world.project_id,),
+    )
+    assert {row["kind"] for row in kinds} == {"card.created", "card.moved"}

@@ -10,6 +10,7 @@ commandId whose retry returns the real result without writing twice.
 from __future__ import annotations
 
 import contextlib
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from uuid import UUID, uuid4
 
@@ -20,7 +21,10 @@ from identities import cheap_identity
 from outage_helpers import CREATE_CARD, card_ids_in_log, card_titles_in_log, start_api_stack
 
 from commands import models as m
+from commands.billing import Billing, Outcome
+from domain.billing import invoice_id_for
 from domain.errors import Unavailable
+from domain.usage import MonthlySpend, spend_id_for
 from infra.bootstrap import build_write_side
 
 if TYPE_CHECKING:
@@ -225,3 +229,55 @@ def test_a_committed_transaction_id_that_is_not_the_writes_own_does_not_settle_i
     someone_elses = Unavailable("cut", outcome="unknown", transaction_id=row[0])
 
     assert write_side.commit_settled(someone_elses, [card]) is False
+
+
+def _billing(app: AgentWorks) -> Billing:
+    return Billing(app, clock=lambda: datetime(2026, 3, 10, tzinfo=UTC))
+
+
+def _stored_of(database_url: str, aggregate_id: UUID) -> int:
+    """How many events the store holds of one aggregate."""
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM agentworks_events WHERE originator_id = %s", (aggregate_id,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize("cut", ["after", "before"])
+def test_billing_save_whose_commit_answer_was_lost_is_settled_not_raised(
+    through_proxy: AgentWorks, proxied_board: Board, proxy: FaultProxy, database_url: str, cut: str
+) -> None:
+    """Billing saved without settling: a month closed (or not) while the connection broke at
+    its COMMIT raised UNAVAILABLE with the outcome unknown, and the operator could not tell
+    whether the month was closed. Settled as the write side settles: committed, it is done;
+    not committed, it is decided again and written once."""
+    billing = _billing(through_proxy)
+    proxy.cut_after_commit() if cut == "after" else proxy.cut_before_commit()
+
+    billing.close_month(proxied_board.workspace_id, "2026-02")
+
+    assert proxy.cuts == 1
+    spend_id = spend_id_for(proxied_board.workspace_id, "2026-02")
+    assert through_proxy.aggregate(MonthlySpend, spend_id).closed
+    assert _stored_of(database_url, spend_id) == 2  # opened, closed: once each
+
+
+@pytest.mark.parametrize("cut", ["after", "before"])
+def test_an_invoice_draft_whose_commit_answer_was_lost_is_settled_and_drafted_once(
+    through_proxy: AgentWorks, proxied_board: Board, proxy: FaultProxy, database_url: str, cut: str
+) -> None:
+    """The invoice's draft, cut at its COMMIT: landed, it is the draft; lost, it is drafted
+    again (a reload of a draft that was never written found nothing)."""
+    billing = _billing(through_proxy)
+    billing.close_month(proxied_board.workspace_id, "2026-02")
+    proxy.cut_after_commit() if cut == "after" else proxy.cut_before_commit()
+
+    result = billing.invoice(None, proxied_board.workspace_id, "2026-02")  # type: ignore[arg-type]
+
+    assert proxy.cuts == 1
+    assert result.outcome is Outcome.NOTHING_TO_BILL
+    assert _stored_of(database_url, invoice_id_for(proxied_board.workspace_id, "2026-02")) == 1

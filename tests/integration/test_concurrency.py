@@ -9,10 +9,11 @@ is read back from the store afterwards.
 from __future__ import annotations
 
 import multiprocessing
+import random
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from board_helpers import (
@@ -26,7 +27,10 @@ from board_helpers import (
     wait_for,
 )
 
+from commands import models as m
 from domain.card import Card
+from domain.errors import Conflict
+from domain.positions import RESPREAD_THRESHOLD
 from domain.project import Project
 
 if TYPE_CHECKING:
@@ -156,3 +160,113 @@ def test_concurrent_moves_keep_wip_limits_at_every_version_and_lose_no_event(
         len(rows),
     )
     assert [(n.id, n.originator_id, n.originator_version) for n in tail] == rows
+
+
+def _squeeze(
+    app: AgentWorks, board: Board, moves: int, errors: list[str], done: threading.Event
+) -> int:
+    """Move the Todo lane's cards in turn right after its first card (one ever narrower gap, so
+    re-spreads come) until ``moves`` were accepted (a race lost, CONFLICT, is tried again), then
+    set ``done``. Returns the races lost."""
+    accepted = lost = n = 0
+    while accepted < moves and lost < 10 * moves:
+        n += 1
+        project = app.aggregate(Project, board.project_id)
+        order = [card for _, card in project.cards_in("Todo")]
+        mover = order[2 + n % (len(order) - 2)]
+        others = [card for card in order if card != mover]
+        move = m.MoveCard(
+            card_id=mover, to_lane="Todo", after_card_id=others[0], before_card_id=others[1]
+        )
+        try:
+            app.move_card(move, board.owner)
+        except Conflict:
+            lost += 1
+        except Exception as error:  # noqa: BLE001 - reported to the test, asserted there
+            errors.append(f"squeeze: {error!r}")
+            break
+        else:
+            accepted += 1
+    done.set()
+    return lost
+
+
+def _disturb(
+    app: AgentWorks,
+    board: Board,
+    card_ids: list[UUID],
+    seed: int,
+    errors: list[str],
+    done: threading.Event,
+) -> None:
+    """Meanwhile: label and unlabel the lane's cards (their versions race a re-spread's) and move
+    them to the end of the lane (the board's version races it), until the squeezing is done."""
+    rng = random.Random(seed)
+    while not done.is_set():
+        card_id = rng.choice(card_ids)
+        try:
+            match rng.randrange(3):
+                case 0:
+                    label = m.LabelCard(card_id=card_id, label=f"l{rng.randrange(3)}")
+                    app.label_card(label, board.owner)
+                case 1:
+                    unlabel = m.UnlabelCard(card_id=card_id, label=f"l{rng.randrange(3)}")
+                    app.unlabel_card(unlabel, board.owner)
+                case _:
+                    # Not the two cards around the squeezed gap: that would open a new one.
+                    project = app.aggregate(Project, board.project_id)
+                    movable = [card for _, card in project.cards_in("Todo")[2:]]
+                    move = m.MoveCard(card_id=rng.choice(movable), to_lane="Todo")
+                    app.move_card(move, board.owner)
+        except Conflict:
+            continue
+        except Exception as error:  # noqa: BLE001 - reported to the test, asserted there
+            errors.append(f"disturb: {error!r}")
+
+
+def test_moves_and_card_changes_racing_re_spreads_leave_one_order_and_short_unique_keys(
+    write_side: AgentWorks, board: Board
+) -> None:
+    card_ids = add_cards(write_side, board, 8)
+    errors: list[str] = []
+    done = threading.Event()
+    with ThreadPoolExecutor(3) as pool:
+        squeezed = pool.submit(_squeeze, write_side, board, 6 * RESPREAD_THRESHOLD, errors, done)
+        for seed in (1, 2):
+            pool.submit(_disturb, write_side, board, card_ids, seed, errors, done)
+    squeezed.result()
+    assert errors == []
+
+    # The board, folded command by command: each keeps the lane's order exactly, the card it
+    # moved aside (a re-spread re-keys cards, it never reorders them), and leaves unique keys.
+    commands: list[tuple[list[UUID], list[Any], list[tuple[str, UUID]]]] = []
+    order: list[tuple[str, UUID]] = []
+    project: Any = None
+    command = None
+    for event, project in fold(write_side, board.project_id):
+        if event.meta.get("command_id") != command or not commands:
+            command = event.meta.get("command_id")
+            commands.append(([card for _, card in order], [], []))
+        order = project.cards_in("Todo")
+        commands[-1][1].append(event)
+        commands[-1][2][:] = order
+    respreads = 0
+    for before, events, after in commands:
+        moves = [event for event in events if isinstance(event, Project.CardMoved)]
+        if not moves:
+            continue
+        respreads += len(moves) > 1
+        mover = moves[-1].card_id
+        assert [card for _, card in after if card != mover] == [c for c in before if c != mover]
+        keys = [key for key, _ in after]
+        assert len(set(keys)) == len(keys)
+        assert max(len(key) for key in keys) <= RESPREAD_THRESHOLD
+    assert project is not None
+    assert respreads > 0, "no re-spread happened; the test tests nothing"
+    # Every card says what the board says, the re-spread ones included.
+    for card_id in card_ids:
+        card: Any = None
+        for _, card in fold(write_side, card_id):  # noqa: B007 - the last one is the card
+            pass
+        placement = project.placements[card_id]
+        assert (card.lane, card.position) == (placement.lane, placement.position), card_id

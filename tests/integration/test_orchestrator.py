@@ -38,7 +38,7 @@ from domain.agent_run import AgentRun, RunStatus
 from domain.agents import EARLIER_RUNS
 from domain.errors import Unavailable
 from domain.pricing import call_cost_micros
-from domain.usage import UsageCharge, charge_id_for
+from domain.usage import UsageCharge
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,8 @@ def test_a_run_completes_on_the_simulated_provider_with_output_log_and_one_charg
         line["text"] for c in chunks for line in c.lines if line["stream"] == "stdout"
     )
     assert logged.strip() == run.output.strip()
-    charge: UsageCharge = write_side.repository.get(charge_id_for(run_id, "attempt-1"))
+    [call] = events_of(write_side, run_id, AgentRun.LlmCallCompleted)
+    charge: UsageCharge = write_side.repository.get(call.charge_id)
     price = write_side.prices.require("simulated", "sim-1", run.modified_on)
     expected = call_cost_micros(price, input_tokens=run.input_tokens,
                                 output_tokens=run.output_tokens)  # fmt: skip

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import psycopg
 import pytest
 from fanout_helpers import (
     EmbeddedPath,
@@ -38,15 +39,20 @@ from parking_helpers import (
     plant_unprojectable_move,
 )
 
+import projections.runner as runner_module
 from commands import models as m
 from projections.kanban import KanbanProjector
 from projections.rebuild import rebuild_many
 from projections.registry import all_projectors
-from projections.runner import ProjectionRunner
+from projections.runner import RETRY_PENDING, ProjectionRunner
 from projections.sweep import ProjectionSweep
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from commands.handlers import AgentWorks
+    from domain.envelope import EventEnvelope
+    from projections.base import BatchContext
 
 pytest_plugins = ["kafka_fixtures"]
 
@@ -208,6 +214,92 @@ def test_a_retry_that_fails_again_keeps_the_aggregate_parked_with_the_new_error(
         ((*_, attempts),) = parked(database_url, "error", "attempts")
         assert attempts == 2
         assert card(database_url, scene.a1)[3] == scene.bad_version - 1
+
+
+class ChunkRecorder:
+    """Installs the fix and records how many events each transaction of a retry applies;
+    with ``crash_at``, the retry's transaction of that number (1-based) fails as a lost
+    database would, after its events were handed over."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, crash_at: int | None = None) -> None:
+        self.sizes: list[int] = []
+        self.crash_at = crash_at
+        monkeypatch.setattr(KanbanProjector, "apply_batch", KanbanProjector.apply_batch)
+        install_fix()
+        fixed = KanbanProjector.apply_batch
+
+        def recorded(
+            projector: KanbanProjector, ctx: BatchContext, envelopes: Sequence[EventEnvelope]
+        ) -> None:
+            self.sizes.append(len(envelopes))
+            fixed(projector, ctx, envelopes)
+            if len(self.sizes) == self.crash_at:
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(KanbanProjector, "apply_batch", recorded)
+
+
+def long_parked_tail(scene: Scene, url: str, runner: ProjectionRunner, labels: int) -> int:
+    """Card ``a1`` parked by the kanban projector with ``labels`` more events of it waiting
+    behind the planted one (besides the scene's own); the number of events waiting."""
+    runner.process(runner.log.read(after=0, limit=10_000))
+    scene.poison_and_go_on()
+    for n in range(labels):
+        scene.app.label_card(m.LabelCard(card_id=scene.a1, label=f"l{n}"), scene.a.owner)
+    runner.process(runner.log.read(after=runner.position(), limit=10_000))
+    assert [p[2] for p in parked(url)] == [scene.bad_version]
+    return 2 + labels
+
+
+def test_a_retry_applies_a_long_tail_a_bounded_chunk_per_transaction(
+    database_url: str, app: AgentWorks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-parked busy aggregate's tail used to be read whole and applied in one
+    transaction; now at most RETRY_CHUNK events at a time, each chunk committed."""
+    monkeypatch.setattr(runner_module, "RETRY_CHUNK", 3)
+    scene = Scene(app)
+    with projector_side(database_url) as (pool, log):
+        runner = ProjectionRunner(KanbanProjector(), pool, log)
+        waiting = long_parked_tail(scene, database_url, runner, labels=6)
+        chunks = ChunkRecorder(monkeypatch)
+        (retried,) = runner.retry_parked()
+    assert (retried.applied, retried.parked) == (waiting, None)
+    assert chunks.sizes == [3, 3, 2]
+    assert parked(database_url) == []
+    lane, position, labels, version = card(database_url, scene.a1)
+    assert (lane, position, version) == ("Doing", FIXED_POSITION, scene.bad_version + 7)
+    assert sorted(labels) == sorted(["after", *(f"l{n}" for n in range(6))])
+
+
+def test_a_retry_stopped_half_way_leaves_the_aggregate_parked_where_it_got_to(
+    database_url: str, app: AgentWorks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner_module, "RETRY_CHUNK", 3)
+    scene = Scene(app)
+    with projector_side(database_url) as (pool, log):
+        runner = ProjectionRunner(KanbanProjector(), pool, log)
+        long_parked_tail(scene, database_url, runner, labels=6)
+        ChunkRecorder(monkeypatch, crash_at=2)
+        with pytest.raises(psycopg.OperationalError):
+            runner.retry_parked()
+        # The first chunk committed: the card is 3 versions further and parked at the next,
+        # with no failure counted; the live path still holds its events back.
+        ((_, _, version, _, error, attempts),) = parked(database_url, "error", "attempts")
+        assert (version, attempts) == (scene.bad_version + 3, 1)
+        assert error.startswith(RETRY_PENDING)
+        assert card(database_url, scene.a1)[3] == scene.bad_version + 2
+        app.label_card(m.LabelCard(card_id=scene.a1, label="meanwhile"), scene.a.owner)
+        runner.process(log.read(after=runner.position(), limit=10_000))
+        assert card(database_url, scene.a1)[3] == scene.bad_version + 2
+
+        # Retried again, it goes on from there (nothing applied twice) to the end.
+        chunks = ChunkRecorder(monkeypatch)
+        (retried,) = runner.retry_parked()
+    assert (retried.applied, retried.parked) == (6, None)
+    assert chunks.sizes == [3, 3]
+    assert parked(database_url) == []
+    assert card(database_url, scene.a1)[3] == scene.bad_version + 8
+    assert "meanwhile" in card(database_url, scene.a1)[2]
 
 
 def test_the_sweep_holds_a_parked_aggregate_back_too(database_url: str, app: AgentWorks) -> None:
@@ -515,8 +607,6 @@ def test_a_batch_that_fails_only_as_a_whole_is_applied_event_by_event(
 
 
 def test_a_missing_table_is_raised_and_parks_nothing(database_url: str, app: AgentWorks) -> None:
-    import psycopg
-
     Scene(app)
     with projector_side(database_url) as (pool, log):
         runner = ProjectionRunner(MissingTable(), pool, log)

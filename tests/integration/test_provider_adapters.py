@@ -15,6 +15,7 @@ from provider_servers import FakeProviderServer, Reply, anthropic_events, openai
 from adapters.providers.anthropic import AnthropicProvider
 from adapters.providers.base import (
     MAX_EVENT_CHARS,
+    Accepted,
     ChatRequest,
     PermanentProviderError,
     StreamBroken,
@@ -40,7 +41,7 @@ async def collect(provider: Any, request: ChatRequest = REQUEST) -> tuple[str, U
     async for piece in provider.stream(request):
         if isinstance(piece, Usage):
             usage = piece
-        else:
+        elif isinstance(piece, str):
             text += piece
     assert usage is not None
     return text, usage
@@ -82,6 +83,52 @@ def test_openai_streams_text_and_takes_usage_from_the_final_chunk() -> None:
     assert sent.body["model"] == "gpt-4o-mini"
 
 
+def pieces_of(provider: Any) -> list[Any]:
+    """Every piece a call streams, closing the provider after it."""
+
+    async def go() -> list[Any]:
+        try:
+            return [piece async for piece in provider.stream(REQUEST)]
+        finally:
+            await provider.aclose()
+
+    return asyncio.run(go())
+
+
+def test_a_call_is_said_accepted_before_its_text_with_the_prompt_count_the_wire_gives() -> None:
+    """A call cut before any text is charged for its prompt once the provider took it: the
+    adapters say when that is, and Anthropic's count of the prompt (message_start) with it;
+    OpenAI's wire counts nothing before its last chunk."""
+    openai = openai_events(["Hi"], prompt_tokens=17, completion_tokens=1)
+    anthropic = anthropic_events(["Hi"], input_tokens=21, output_tokens=1)
+    with FakeProviderServer([Reply(events=openai), Reply(events=anthropic)]) as server:
+        first = pieces_of(OpenAIProvider(api_key="k", base_url=server.url, timeout=FAST))
+        second = pieces_of(AnthropicProvider(api_key="k", base_url=server.url, timeout=FAST))
+    assert first == [Accepted(), "Hi", Usage(17, 1)]
+    assert second == [Accepted(), Accepted(21), "Hi", Usage(21, 1)]
+    simulated = pieces_of(SimulatedProvider(tokens_per_second=0, output_tokens=5))
+    assert simulated[0] == Accepted(simulated[-1].input_tokens)
+
+
+def test_an_error_response_is_not_accepted() -> None:
+    received: list[Any] = []
+
+    async def go(server: FakeProviderServer) -> None:
+        provider = OpenAIProvider(api_key="k", base_url=server.url, timeout=FAST)
+        try:
+            async for piece in provider.stream(REQUEST):
+                received.append(piece)
+        finally:
+            await provider.aclose()
+
+    with (
+        FakeProviderServer([Reply(status=500, body=b"down")]) as server,
+        pytest.raises(TransientProviderError),
+    ):
+        asyncio.run(go(server))
+    assert received == []
+
+
 def test_openai_429_is_transient_and_carries_retry_after() -> None:
     reply = Reply(status=429, headers={"retry-after": "3"}, body=b'{"error":"slow down"}')
     with FakeProviderServer([reply]) as server, pytest.raises(TransientProviderError) as caught:
@@ -110,8 +157,9 @@ def test_openai_stream_cut_midway_is_a_broken_stream_after_the_text_so_far() -> 
         provider = OpenAIProvider(api_key="k", base_url=server.url, timeout=FAST)
         try:
             async for piece in provider.stream(REQUEST):
-                assert isinstance(piece, str)
-                received.append(piece)
+                assert isinstance(piece, str | Accepted)
+                if isinstance(piece, str):
+                    received.append(piece)
         finally:
             await provider.aclose()
 

@@ -28,6 +28,7 @@ from read_side_helpers import (
     append_log,
     correct,
     llm_call,
+    squeeze,
 )
 
 from commands import models as m
@@ -488,3 +489,24 @@ def test_incremental_read_models_equal_a_rebuild_and_billing_adds_up(
     for projector in all_projectors():
         assert_rebuild_matches(side, projector)
     assert_billing_adds_up(side, script)
+
+
+def test_read_models_after_a_re_spread_delivered_late_and_twice_equal_a_rebuild(
+    side: ReadSide,
+) -> None:
+    """A re-spread's many events (a board move and a ``Card.Respread`` per re-keyed card, in one
+    transaction), delivered in random batches with repeats and late copies, leave every read
+    model as a rebuild from the log does."""
+    world = side.new_world(owner="owner-respread")
+    cards = [
+        side.app.create_card(m.CreateCard(project_id=world.project_id, title=f"c{n}"), world.owner)
+        for n in range(6)
+    ]
+    squeeze(side, world, "Todo", cards[1].id)
+    assert side.position_of("Card.Respread") > 0, "no re-spread happened; the test tests nothing"
+    rnd = random.Random(20261206)
+    for projector in all_projectors():
+        runner = side.runner(projector)
+        deliver(runner, side.envelopes(after=runner.position()), rnd, late=True)
+    for projector in all_projectors():
+        assert_rebuild_matches(side, projector)

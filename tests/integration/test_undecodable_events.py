@@ -12,7 +12,6 @@ goes on; after the fix ``retry_parked`` applies it.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -20,6 +19,7 @@ import eventsourcing.utils
 import pytest
 from fanout_helpers import EmbeddedPath, parked, projector_side, rows
 from parking_helpers import TwoTenants
+from undecodable import plant_undecodable
 
 from commands import models as m
 from domain.card import Card
@@ -47,31 +47,7 @@ class Scene(TwoTenants):
 
     def plant_and_go_on(self, *, broken_json: bool = False) -> None:
         app = self.app
-        (stored,) = app.recorder.select_events(self.a1, desc=True, limit=1)
-        last = app.mapper.to_domain_event(stored)
-        self.bad_version = last.originator_version + 1
-
-        def labelled(version: int, label: str) -> Any:
-            return app.mapper.to_stored_event(
-                Card.Labelled(
-                    originator_id=self.a1,
-                    originator_version=version,
-                    timestamp=datetime.now(UTC),
-                    meta=dict(last.meta),  # type: ignore[attr-defined]
-                    label=label,
-                )
-            )
-
-        good = labelled(self.bad_version, "planted")
-        bad = type(good)(
-            originator_id=good.originator_id,
-            originator_version=good.originator_version,
-            topic=good.topic if broken_json else good.topic.replace("Labelled", "Relabelled"),
-            state=b'{"label": "planted", "timest' if broken_json else good.state,
-        )
-        # The write side cannot load the card past it either: its next event is planted too.
-        app.recorder.insert_events([bad])
-        app.recorder.insert_events([labelled(self.bad_version + 1, "after")])
+        self.bad_version = plant_undecodable(app, self.a1, broken_json=broken_json)
         app.label_card(m.LabelCard(card_id=self.a2, label="fine"), self.a.owner)
         app.label_card(m.LabelCard(card_id=self.b1, label="fine"), self.b.owner)
 

@@ -20,7 +20,18 @@ from domain.errors import AgentWorksError
 _STEPS = st.lists(
     st.tuples(
         st.sampled_from(
-            ["edit", "move", "assign", "label", "unlabel", "block", "unblock", "archive", "restore"]
+            [
+                "edit",
+                "move",
+                "respread",
+                "assign",
+                "label",
+                "unlabel",
+                "block",
+                "unblock",
+                "archive",
+                "restore",
+            ]
         ),
         st.integers(0, 2),
     ),
@@ -38,6 +49,8 @@ def _history(steps: list[tuple[str, int]]) -> list[Aggregate.Event]:
                 card.edit(title=f"t{n}", description=None if n == 2 else f"d{n}", meta=m)
             elif step == "move":
                 card.move(lanes[n], f"P{n}", meta=m)
+            elif step == "respread":
+                card.respread(lanes[n], f"S{n}", meta=m)
             elif step == "assign":
                 card.assign(people[n], meta=m)
             elif step == "label":

@@ -72,7 +72,7 @@ def _every_kind_of_event() -> list[Aggregate]:
         meta=meta,
     )
     card_id = uuid4()
-    position = project.place_card(card_id, "Todo", meta=meta)
+    position = project.place_card(card_id, "Todo", meta=meta).position
     card = Card.create(
         card_id=card_id,
         workspace_id=ws,
@@ -84,7 +84,7 @@ def _every_kind_of_event() -> list[Aggregate]:
         meta=meta,
     )
     card.label("bug", meta=meta)
-    moved = project.move_card(card.id, "Doing", meta=meta)
+    moved = project.move_card(card.id, "Doing", meta=meta).position
     card.move("Doing", moved, from_lane="Todo", meta=meta)
     run = AgentRun.request(
         run_id=uuid4(),

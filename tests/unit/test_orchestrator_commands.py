@@ -27,12 +27,12 @@ NOW = datetime.now(UTC)
 
 
 def attempt(run_id: object, *, worker: str = "w1", status: str = "ok", tin: int = 100,
-            tout: int = 50, estimated: bool = False,
-            at: datetime = NOW) -> m.RecordProviderAttempt:  # fmt: skip
+            tout: int = 50, estimated: bool = False, at: datetime = NOW,
+            call_id: str | None = None) -> m.RecordProviderAttempt:  # fmt: skip
     return m.RecordProviderAttempt(
         run_id=run_id, worker=worker, provider="simulated", model="sim-1", status=status,
         latency_ms=12, input_tokens=tin, output_tokens=tout, estimated=estimated,
-        started_at=at,
+        started_at=at, call_id=call_id,
     )  # fmt: skip
 
 
@@ -78,7 +78,7 @@ def test_a_failed_attempt_without_tokens_is_recorded_and_not_charged() -> None:
         started_at=NOW,
     )  # fmt: skip
     result = world.app.record_provider_attempt(cmd, world.service())
-    assert result.extra == {"attempt": 1, "billed": 0}
+    assert result.extra == {"attempt": 1, "billed": 0, "taken_over": False}
     run: AgentRun = world.get(run_id)
     assert (run.attempts, run.billed_micros, run.call_ids) == (1, 0, set())
 
@@ -109,14 +109,19 @@ def test_run_totals_equal_the_sum_of_their_charges(calls: list[tuple[int, int]])
     assert Decimal(run.billed_micros) == Decimal(run.provider_cost_micros) * 5
 
 
-def test_a_taken_over_run_refuses_writes_from_its_old_worker() -> None:
-    world = World.build()
+def taken_over(world: World) -> object:
+    """A run begun by w1 and taken over by w2."""
     run_id = world.run(begin=True)
     version = world.get(run_id).version
     world.app.reclaim_run(m.ReclaimRun(run_id=run_id, worker="w2", expected_version=version),
                           world.service())  # fmt: skip
+    return run_id
+
+
+def test_a_taken_over_run_refuses_its_old_workers_progress() -> None:
+    world = World.build()
+    run_id = taken_over(world)
     for send in (
-        lambda: world.app.record_provider_attempt(attempt(run_id), world.service()),
         lambda: world.app.finish_run(
             m.FinishRun(run_id=run_id, outcome="SUCCEEDED", worker="w1"), world.service()
         ),
@@ -128,6 +133,55 @@ def test_a_taken_over_run_refuses_writes_from_its_old_worker() -> None:
         assert_refused(world.app, Conflict, send)
     world.app.record_provider_attempt(attempt(run_id, worker="w2"), world.service())
     assert world.get(run_id).reclaims == 1
+
+
+@pytest.mark.parametrize("finished", [False, True], ids=["running", "finished by w2"])
+def test_the_call_its_old_worker_had_under_way_is_charged_and_it_is_told_it_lost_the_run(
+    finished: bool,
+) -> None:
+    """The provider bills the call w1 made before the takeover: it was refused ("taken
+    over") and charged nowhere. Its charge counts on the run and the month, whatever w2 has
+    done with the run since."""
+    world = World.build()
+    run_id = taken_over(world)
+    if finished:
+        world.app.finish_run(m.FinishRun(run_id=run_id, outcome="SUCCEEDED", worker="w2"),
+                             world.service())  # fmt: skip
+    result = world.app.record_provider_attempt(
+        attempt(run_id, worker="w1", status="failed", tout=0, call_id="w1-call"), world.service()
+    )
+    assert result.extra["taken_over"] is True
+    charge: UsageCharge = world.get(charge_id_for(run_id, "w1-call"))
+    run: AgentRun = world.get(run_id)
+    assert charge.billed_micros == run.billed_micros == result.extra["billed"] > 0
+    spend: MonthlySpend = world.get(spend_id_for(world.workspace_id, month_of(NOW)))
+    assert spend.spent_micros == charge.billed_micros
+    assert run.worker == "w2"
+
+
+def test_a_worker_that_never_ran_the_run_records_no_call_of_it() -> None:
+    world = World.build()
+    run_id = taken_over(world)
+    assert_refused(
+        world.app, Conflict,
+        lambda: world.app.record_provider_attempt(attempt(run_id, worker="w3"), world.service()),
+    )  # fmt: skip
+
+
+def test_a_call_is_charged_once_whoever_records_it_and_however_often() -> None:
+    world = World.build()
+    run_id = taken_over(world)
+    world.app.record_provider_attempt(attempt(run_id, worker="w1", call_id="c"), world.service())
+    billed = world.get(run_id).billed_micros
+    for worker in ("w1", "w2"):
+        assert_refused(
+            world.app, InvalidTransition,
+            lambda worker=worker: world.app.record_provider_attempt(
+                attempt(run_id, worker=worker, call_id="c"), world.service()
+            ),
+        )  # fmt: skip
+    run: AgentRun = world.get(run_id)
+    assert (run.billed_micros, run.attempts) == (billed, 1)
 
 
 def test_a_takeover_judged_on_an_old_version_conflicts() -> None:

@@ -362,7 +362,7 @@ def test_move_to_another_lane_records_from_and_to_lane() -> None:
     (card,) = place(project, "Todo")
     (target,) = place(project, "Done")
     collect(project)
-    position = project.move_card(card, "Done", before_card_id=target, meta=m(project))
+    position = project.move_card(card, "Done", before_card_id=target, meta=m(project)).position
     (event,) = collect(project)
     assert isinstance(event, Project.CardMoved)
     assert (event.card_id, event.from_lane, event.to_lane) == (card, "Todo", "Done")

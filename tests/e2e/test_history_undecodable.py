@@ -1,0 +1,101 @@
+"""A card's history goes on past a stored event that cannot be decoded, and says so.
+
+A bad upgrade can leave events in the log that today's code cannot read: a class renamed or
+removed (the stored topic no longer resolves) or a state that is not JSON (its row then names no
+workspace, and row-level security hides it from the API). ``cardHistory`` answered INTERNAL for
+the whole query; now it shows every version, the unreadable one as an entry of type
+``agentworks.undecodable`` holding what the log still tells of it, with an ``UNDECODABLE`` error
+beside the data at that entry's path, and the card's state as of the version before it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import pytest
+from undecodable import RENAMED, plant_undecodable
+
+if TYPE_CHECKING:
+    from api_client import ApiClient
+    from e2e_stack import Stack
+
+HISTORY = (
+    "query($c: ID!, $v: Int) { h: cardHistory(cardId: $c, asOfVersion: $v) {"
+    " version state { version title labels }"
+    " events { version type at actor position data } } }"
+)
+AS_OF = "query($c: ID!, $at: DateTime) { cardHistory(cardId: $c, asOf: $at) { version } }"
+RETITLE = 'mutation($c: ID!) { updateCard(input: {cardId: $c, title: "second"}) { card { id } } }'
+
+
+def card_of_two_versions(stack: Stack, name: str) -> tuple[ApiClient, str]:
+    alice, ws = stack.owner_with_workspace("alice", name)
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(pid, "first")["card"]["id"]
+    alice.data(RETITLE, {"c": card})
+    return alice, card
+
+
+def history(client: ApiClient, card: str, version: int | None = None) -> tuple[Any, list[Any]]:
+    answer = client.post(HISTORY, {"c": card, "v": version})
+    assert answer.status == 200, answer.body
+    return answer.data["h"], answer.errors
+
+
+@pytest.mark.parametrize("broken_json", [False, True], ids=["unknown-topic", "broken-json"])
+def test_the_history_shows_an_undecodable_event_and_the_rest(
+    stack: Stack, broken_json: bool
+) -> None:
+    alice, card = card_of_two_versions(stack, f"undecodable {broken_json}")
+    assert plant_undecodable(stack.write, UUID(card), broken_json=broken_json) == 3
+    shown, errors = history(alice, card)
+    assert shown["version"] == 4
+    assert [e["version"] for e in shown["events"]] == [1, 2, 3, 4]
+    before, unread, after = shown["events"][1:]
+    assert (unread["type"], after["type"]) == ("agentworks.undecodable", "Card.Labelled")
+    assert after["data"]["label"] == "after"
+    # The state stops before what cannot be folded.
+    assert shown["state"] == {"version": 2, "title": "second", "labels": []}
+    (error,) = errors
+    assert error["path"] == ["h", "events", 2]
+    assert error["extensions"]["code"] == "UNDECODABLE"
+    assert error["extensions"]["version"] == 3
+    assert "version 3 could not be decoded" in error["message"]
+    assert "state is shown as of version 2" in error["message"]
+    if broken_json:
+        # Hidden from the API (its row names no workspace): only its version is known.
+        assert unread["data"] == {"storedType": None}
+        assert unread["position"] == ""
+        assert error["extensions"]["at"] is None
+        assert unread["at"] == before["at"]  # the time it was made no earlier than
+        # Asked as of that time, the history stops before it: it is counted at the time of
+        # the next event whose time is known.
+        answer = alice.post(AS_OF, {"c": card, "at": before["at"]})
+        assert (answer.data["cardHistory"]["version"], answer.errors) == (2, [])
+    else:
+        assert unread["data"] == {"storedType": RENAMED}
+        assert int(before["position"]) < int(unread["position"]) < int(after["position"])
+        assert error["extensions"]["at"] is not None
+        assert before["at"] <= unread["at"] <= after["at"]
+        assert unread["actor"] == before["actor"]
+
+
+def test_a_history_before_the_undecodable_event_is_whole(stack: Stack) -> None:
+    alice, card = card_of_two_versions(stack, "undecodable later")
+    plant_undecodable(stack.write, UUID(card), broken_json=True)
+    shown, errors = history(alice, card, 2)
+    assert errors == []
+    assert shown["state"]["version"] == 2
+    assert [e["type"] for e in shown["events"]] == ["Card.Created", "Card.Edited"]
+
+
+def test_an_unreadable_last_event_hidden_from_the_api_is_shown_too(stack: Stack) -> None:
+    alice, card = card_of_two_versions(stack, "undecodable last")
+    plant_undecodable(stack.write, UUID(card), broken_json=True, then_good=False)
+    shown, errors = history(alice, card)
+    assert [(e["version"], e["type"]) for e in shown["events"]][2:] == [
+        (3, "agentworks.undecodable")
+    ]
+    assert shown["state"]["version"] == 2
+    assert [e["extensions"]["version"] for e in errors] == [3]

@@ -1,0 +1,261 @@
+"""Calls cut short are charged: the provider bills a prompt it took, however the call ends.
+
+A call cancelled (the run cancelled, its deadline) before any output came was recorded nowhere
+and charged nothing, although the provider had the prompt and bills it. Charged now from the
+moment the provider accepted the call: with the provider's count of the prompt where its wire
+gives one before the text (Anthropic's ``message_start``), else our tokenizer's estimate,
+marked ``estimated``; no output tokens.
+
+So is the call a worker had under way when its run was taken over: it was refused ("taken
+over") and charged nowhere. Its worker records it still (only it knows the call happened and
+what the provider counted), under the call's own id, so it is charged once beside the new
+worker's own calls, whatever became of the run meanwhile.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from uuid import UUID
+
+import httpx
+import pytest
+from orchestrator_helpers import (
+    card_on_board,
+    events_of,
+    finished,
+    orchestrator_thread,
+    start,
+    wait_for,
+)
+from provider_servers import FakeProviderServer, Reply, anthropic_events, openai_events
+
+from adapters.providers.anthropic import AnthropicProvider
+from adapters.providers.base import Accepted, ChatRequest, Piece, Provider
+from adapters.providers.openai import OpenAIProvider
+from adapters.tokenizer import count_message_tokens
+from commands import models as m
+from commands.handlers import Actor, AgentWorks
+from domain.agent_run import AgentRun, RunStatus
+from domain.errors import Conflict
+from domain.pricing import call_cost_micros
+from domain.usage import UsageCharge
+
+pytestmark = pytest.mark.slow
+
+#: Long enough that the call is still waiting for its first text when the test cuts it.
+STALL = 60.0
+
+
+class Watched:
+    """A provider adapter whose calls tell the test (a thread away) when the provider accepted
+    them: set in the same step the orchestrator receives the :class:`Accepted`, so a cut the
+    test sends after it reaches the orchestrator after it too."""
+
+    def __init__(self, provider: Provider, *, with_count: bool = False) -> None:
+        self.inner = provider
+        self.name = provider.name
+        self.with_count = with_count
+        self.accepted = threading.Event()
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
+        async for piece in self.inner.stream(request):
+            if isinstance(piece, Accepted) and (piece.input_tokens or not self.with_count):
+                self.accepted.set()
+            yield piece
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def stalled_after_acceptance(frames: list[str]) -> Reply:
+    """The first frame (OpenAI's role chunk, Anthropic's message_start), then nothing for long."""
+    return Reply(events=frames, event_delay=STALL)
+
+
+def cancelled_once_accepted(
+    app: AgentWorks, database_url: str, provider: Watched, model: str
+) -> AgentRun:
+    """A run pinned to ``provider``/``model`` on a new card, cancelled once its call was
+    accepted; returned once the cancelled call's charge is written."""
+    card = card_on_board(app)
+    with orchestrator_thread(database_url, {provider.name: provider}):
+        run_id = start(app, card, provider=provider.name, model=model)
+        assert provider.accepted.wait(30), "the provider never accepted the call"
+        app.cancel_agent_run(m.CancelAgentRun(run_id=run_id, reason="enough"), card.board.owner)
+        run = wait_for(app, run_id, lambda r: r.attempts > 0 and r.billed_micros > 0)
+    assert run.status is RunStatus.CANCELLED
+    return run
+
+
+def the_one_charged_attempt(app: AgentWorks, run: AgentRun) -> tuple[Any, Any]:
+    """The run's one attempt and its charge (as charged), both checked to say no output."""
+    [attempt] = events_of(app, run.id, AgentRun.AttemptRecorded)
+    [call] = events_of(app, run.id, AgentRun.LlmCallCompleted)
+    [charge] = events_of(app, call.charge_id, UsageCharge.Charged)
+    assert (attempt.status, attempt.output_tokens, call.output_tokens) == ("failed", 0, 0)
+    assert call.input_tokens == attempt.input_tokens == charge.input_tokens
+    assert charge.billed_micros == run.billed_micros > 0
+    return attempt, charge
+
+
+def test_an_openai_call_cancelled_before_any_output_is_charged_its_estimated_prompt(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    frames = openai_events(["never sent"], prompt_tokens=999, completion_tokens=2)
+    with FakeProviderServer([stalled_after_acceptance(frames)]) as server:
+        provider = Watched(OpenAIProvider(api_key="k", base_url=server.url))
+        run = cancelled_once_accepted(write_side, database_url, provider, "gpt-4o-mini")
+    attempt, charge = the_one_charged_attempt(write_side, run)
+    prompt = count_message_tokens(server.requests[0].body["messages"])
+    assert (attempt.input_tokens, attempt.estimated, attempt.error) == (
+        prompt, True, "stopped: cancelled",
+    )  # fmt: skip
+    price = write_side.prices.require("openai", "gpt-4o-mini", charge.timestamp)
+    assert charge.provider_cost_micros == call_cost_micros(price, input_tokens=prompt,
+                                                           output_tokens=0)  # fmt: skip
+    assert charge.price_table_version == write_side.prices.version
+
+
+def test_an_anthropic_call_cancelled_after_message_start_is_charged_the_providers_count(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    frames = anthropic_events(["never sent"], input_tokens=4321, output_tokens=2)
+    with FakeProviderServer([stalled_after_acceptance(frames)]) as server:
+        provider = Watched(AnthropicProvider(api_key="k", base_url=server.url), with_count=True)
+        run = cancelled_once_accepted(write_side, database_url, provider,
+                                      "claude-3-5-haiku-latest")  # fmt: skip
+    attempt, charge = the_one_charged_attempt(write_side, run)
+    # The provider's own figure, not our estimate of the prompt: nothing in it is estimated.
+    assert (attempt.input_tokens, attempt.estimated) == (4321, False)
+    price = write_side.prices.require("anthropic", "claude-3-5-haiku-latest", charge.timestamp)
+    assert charge.provider_cost_micros == call_cost_micros(price, input_tokens=4321,
+                                                           output_tokens=0)  # fmt: skip
+
+
+def test_a_call_its_runs_deadline_cuts_before_any_output_is_charged_its_prompt(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    frames = openai_events(["never sent"], prompt_tokens=999, completion_tokens=2)
+    with FakeProviderServer([stalled_after_acceptance(frames)]) as server:
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url)
+        }
+        with orchestrator_thread(database_url, providers, run_timeout=3.0):
+            run = wait_for(write_side, start(write_side, card, provider="openai"), finished)
+    assert run.status is RunStatus.TIMED_OUT
+    attempt, _ = the_one_charged_attempt(write_side, run)
+    prompt = count_message_tokens(server.requests[0].body["messages"])
+    assert (attempt.input_tokens, attempt.estimated) == (prompt, True)
+
+
+def test_a_call_whose_stream_times_out_before_any_output_is_charged_its_prompt(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A read timeout once the stream began broke it as a cut does (it was a plain transient
+    error, and a call without text was charged nothing)."""
+    card = card_on_board(write_side)
+    release = threading.Event()
+    frames = openai_events(["never sent"], prompt_tokens=999, completion_tokens=2)
+    with FakeProviderServer([Reply(events=frames, hold=release)]) as server:
+        quick = httpx.Timeout(1.0, connect=5.0)
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url, timeout=quick)
+        }
+        try:
+            with orchestrator_thread(database_url, providers, max_attempts=1):
+                run = wait_for(write_side, start(write_side, card, provider="openai"), finished)
+        finally:
+            release.set()
+    assert run.status is RunStatus.FAILED, run.status
+    attempt, _ = the_one_charged_attempt(write_side, run)
+    prompt = count_message_tokens(server.requests[0].body["messages"])
+    assert (attempt.input_tokens, attempt.estimated) == (prompt, True)
+    assert "timed out" in (attempt.error or "")
+
+
+def charges_of(app: AgentWorks, run_id: UUID) -> dict[str, Any]:
+    """Each call of the run by its id, with its one stored charge."""
+    calls = events_of(app, run_id, AgentRun.LlmCallCompleted)
+    charged = {}
+    for call in calls:
+        [charge] = events_of(app, call.charge_id, UsageCharge.Charged)
+        charged[call.call_id] = charge
+    assert len(charged) == len(calls), "a call was recorded twice"
+    return charged
+
+
+def test_the_call_under_way_when_its_run_was_taken_over_is_charged_beside_the_new_workers(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """Worker A's call stalls (and A with it, silent) until worker B has taken the run over and
+    finished it; then A's call completes. A records it, charged once at the provider's count;
+    B's call is charged too; neither twice."""
+    card = card_on_board(write_side)
+    release = threading.Event()
+    old = Reply(events=openai_events([], prompt_tokens=1111, completion_tokens=0), hold=release)
+    new = Reply(events=openai_events(["done by B"], prompt_tokens=2222, completion_tokens=3))
+    with FakeProviderServer([old, new]) as server:
+        a = Watched(OpenAIProvider(api_key="k", base_url=server.url))
+        b: dict[str, Provider] = {"openai": OpenAIProvider(api_key="k", base_url=server.url)}
+        try:
+            with orchestrator_thread(database_url, {"openai": a}, worker_id="A",
+                                     heartbeat_interval=600.0, stale_after=600.0):  # fmt: skip
+                run_id = start(write_side, card, provider="openai")
+                assert a.accepted.wait(30), "A's call was never accepted"
+                with orchestrator_thread(database_url, b, worker_id="B", stale_after=1.0):
+                    run = wait_for(write_side, run_id, finished)
+                assert (run.status, run.worker, run.output) == (
+                    RunStatus.SUCCEEDED, "B", "done by B",
+                )  # fmt: skip
+                release.set()
+                run = wait_for(write_side, run_id, lambda r: len(r.call_ids) == 2)
+        finally:
+            release.set()
+    charges = charges_of(write_side, run_id)
+    assert sorted(c.input_tokens for c in charges.values()) == [1111, 2222]
+    assert run.billed_micros == sum(c.billed_micros for c in charges.values())
+    attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert sorted((a.input_tokens, a.status, a.estimated) for a in attempts) == [
+        (1111, "ok", False), (2222, "ok", False),
+    ]  # fmt: skip
+    assert [a.attempt for a in attempts] == [1, 2]
+
+
+def test_a_stalled_call_its_worker_learns_was_taken_over_is_charged_as_it_stops(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """The old worker learns of the takeover at its next heartbeat and stops its call: the
+    call is charged as a cancelled one is (the prompt, estimated), on the run now B's."""
+    card = card_on_board(write_side)
+    release = threading.Event()
+    frames = openai_events(["never sent"], prompt_tokens=999, completion_tokens=2)
+    actor = Actor.service("orchestrator", card.board.workspace_id)
+    with FakeProviderServer([Reply(events=frames, hold=release)]) as server:
+        a = Watched(OpenAIProvider(api_key="k", base_url=server.url))
+        try:
+            with orchestrator_thread(database_url, {"openai": a}, worker_id="A"):
+                run_id = start(write_side, card, provider="openai")
+                assert a.accepted.wait(30), "A's call was never accepted"
+                while True:  # a heartbeat of A's may slip in before the takeover
+                    version = write_side.run_snapshot(run_id).version
+                    takeover = m.ReclaimRun(run_id=run_id, worker="B", expected_version=version)
+                    try:
+                        write_side.reclaim_run(takeover, actor)
+                        break
+                    except Conflict:
+                        time.sleep(0.05)
+                run = wait_for(write_side, run_id, lambda r: len(r.call_ids) == 1)
+        finally:
+            release.set()
+    assert (run.status, run.worker) == (RunStatus.RUNNING, "B")
+    [charge] = charges_of(write_side, run_id).values()
+    [attempt] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    prompt = count_message_tokens(server.requests[0].body["messages"])
+    assert (attempt.error, attempt.estimated, charge.input_tokens) == (
+        "stopped: cancelled", True, prompt,
+    )  # fmt: skip
+    assert run.billed_micros == charge.billed_micros > 0

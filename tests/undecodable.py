@@ -1,0 +1,52 @@
+"""Stored card events that today's code cannot decode, planted below the API as a bad upgrade
+would leave them: one under a topic that no longer resolves (its class renamed), or, with
+``broken_json``, one whose state is not JSON (its row then names no workspace either)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from domain.card import Card
+
+if TYPE_CHECKING:
+    from uuid import UUID
+
+    from commands.handlers import AgentWorks
+
+#: The stored type of the planted event whose class "was renamed".
+RENAMED = "Card.Relabelled"
+
+
+def plant_undecodable(
+    app: AgentWorks, card_id: UUID, *, broken_json: bool = False, then_good: bool = True
+) -> int:
+    """Append to ``card_id`` an undecodable event, then (``then_good``) a good one after it (a
+    label ``"after"``: the write side cannot load the card past the first, so it cannot write
+    that one itself). Returns the undecodable event's version."""
+    (stored,) = app.recorder.select_events(card_id, desc=True, limit=1)
+    last = app.mapper.to_domain_event(stored)
+    bad_version = last.originator_version + 1
+
+    def labelled(version: int, label: str) -> Any:
+        return app.mapper.to_stored_event(
+            Card.Labelled(
+                originator_id=card_id,
+                originator_version=version,
+                timestamp=datetime.now(UTC),
+                meta=dict(last.meta),  # type: ignore[attr-defined]
+                label=label,
+            )
+        )
+
+    good = labelled(bad_version, "planted")
+    bad = type(good)(
+        originator_id=good.originator_id,
+        originator_version=good.originator_version,
+        topic=good.topic if broken_json else good.topic.replace("Labelled", "Relabelled"),
+        state=b'{"label": "planted", "timest' if broken_json else good.state,
+    )
+    app.recorder.insert_events([bad])
+    if then_good:
+        app.recorder.insert_events([labelled(bad_version + 1, "after")])
+    return bad_version
