@@ -75,6 +75,7 @@ def _invitation_extra(invitation: Invitation) -> dict[str, object]:
         "role": invitation.role.value,
         "expires_at": invitation.expires_at.isoformat(),
         "accepted_at": invitation.accepted_at.isoformat() if invitation.accepted_at else None,
+        "revoked_at": invitation.revoked_at.isoformat() if invitation.revoked_at else None,
     }
 
 

@@ -31,6 +31,7 @@ class Invitation(TenantAggregate):
         accepted_by: str | None
         accepted_at: datetime | None
         revoked: bool
+        revoked_at: datetime | None
 
     class Created(TenantAggregate.Created):
         email: str
@@ -49,6 +50,7 @@ class Invitation(TenantAggregate):
             aggregate.accepted_by = None
             aggregate.accepted_at = None
             aggregate.revoked = False
+            aggregate.revoked_at = None
 
     class Accepted(TenantAggregate.Event):
         user_id: str
@@ -60,6 +62,7 @@ class Invitation(TenantAggregate):
     class Revoked(TenantAggregate.Event):
         def apply(self, aggregate: Invitation) -> None:
             aggregate.revoked = True
+            aggregate.revoked_at = self.timestamp
 
     @classmethod
     def create(

@@ -23,6 +23,8 @@ ENVELOPE_SCHEMA_VERSION = 1
 #: Kafka topic (before the configurable prefix) for each aggregate's events.
 TOPIC_BY_AGGREGATE: dict[str, str] = {
     "Workspace": "workspace-events",
+    "ApiKey": "workspace-events",
+    "Invitation": "workspace-events",
     "Project": "card-events",
     "Card": "card-events",
     "AgentRun": "agent-runs",

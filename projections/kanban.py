@@ -1,5 +1,6 @@
-"""The Kanban read model: workspaces and members, projects, lanes with live counts, cards in
-board order with their last run and cost so far.
+"""The Kanban read model: workspaces and members (and the API keys and invitations that let
+others in), projects, lanes with live counts, cards in board order with their last run and cost
+so far.
 
 This module is the fold (what each event does to the rows, and what subscribers are told);
 :mod:`projections.kanban_sql` holds the statements that write them.
@@ -203,19 +204,28 @@ _APPLIED: dict[type[EventPayload], tuple[_Write, str]] = dict(
         _step(ev.ProjectLanesReordered, sql.lanes_reordered, "lanes.reordered"),
         _step(ev.ProjectLaneRemoved, sql.lane_removed, "lane.removed"),
         _step(ev.ProjectWipLimitSet, sql.wip_limit_set, "lane.wip_limit"),
+        _step(ev.ApiKeyCreated, sql.api_key_created),
+        _step(ev.ApiKeyRevoked, sql.api_key_revoked),
+        _step(ev.InvitationCreated, sql.invitation_created),
+        _step(ev.InvitationAccepted, sql.invitation_accepted),
+        _step(ev.InvitationRevoked, sql.invitation_revoked),
     ]
 )
 
 
 class KanbanProjector(Projector):
     name: ClassVar[str] = "kanban"
-    aggregates: ClassVar[frozenset[str]] = frozenset({"Workspace", "Project", "Card", "AgentRun"})
+    aggregates: ClassVar[frozenset[str]] = frozenset(
+        {"Workspace", "Project", "Card", "AgentRun", "ApiKey", "Invitation"}
+    )
     tables: ClassVar[tuple[str, ...]] = (
         "rm_workspaces",
         "rm_members",
         "rm_projects",
         "rm_lanes",
         "rm_cards",
+        "rm_api_keys",
+        "rm_invitations",
     )
     handles: ClassVar[frozenset[type[EventPayload]]] = _FOLDED | frozenset(_APPLIED)
     ignores: ClassVar[frozenset[type[EventPayload]]] = frozenset(
@@ -228,9 +238,7 @@ class KanbanProjector(Projector):
             ev.AgentRunStepStarted,
         }
     ) | events_of(
-        "ApiKey",
         "EmailClaim",
-        "Invitation",
         "Invoice",
         "MonthlySpend",
         "OidcLink",

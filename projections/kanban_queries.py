@@ -1,5 +1,6 @@
 """What the API reads of the Kanban read model (``rm_workspaces``, ``rm_members``,
-``rm_projects``, ``rm_lanes``, ``rm_cards``), a batch of keys per statement.
+``rm_projects``, ``rm_lanes``, ``rm_cards``, ``rm_api_keys``, ``rm_invitations``), a batch of
+keys per statement.
 
 Every read takes a connection inside a transaction scoped to the caller's workspace
 (:func:`scope_to_workspace`), so row-level security confines it there. The API's DataLoaders
@@ -24,6 +25,18 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class AccessPage:
+    """Which page of a workspace's API keys or invitations, newest first: only the open ones
+    (live keys, pending invitations) unless ``include_closed``; after the one whose id is
+    ``after``; at most ``limit`` rows."""
+
+    workspace_id: UUID
+    include_closed: bool
+    limit: int
+    after: UUID | None = None
+
+
+@dataclass(frozen=True)
 class LanePage:
     """Which page of a lane's cards: after ``(position, card id)``, at most ``limit`` rows."""
 
@@ -39,7 +52,7 @@ SCOPE_SQL = (
     "SELECT set_config('agentworks.workspace_id', %s, true),"
     " set_config('statement_timeout', %s, true)"
 )
-MEMBER_SQL = "SELECT 1 AS member FROM rm_members WHERE workspace_id = %s AND user_id = %s"
+MEMBER_SQL = "SELECT role FROM rm_members WHERE workspace_id = %s AND user_id = %s"
 PROJECTS_SQL = (
     "SELECT workspace_id, project_id, name, archived, version, created_at, updated_at"
     " FROM rm_projects WHERE project_id = ANY(%s)"
@@ -72,8 +85,14 @@ def scope_to_workspace(
         conn.execute(SCOPE_SQL, (str(workspace_id), str(statement_timeout_ms)))
 
 
+def member_role(conn: Connection[DictRow], workspace_id: UUID, user_id: str) -> str | None:
+    """``user_id``'s membership role in ``workspace_id``; ``None`` when not a member."""
+    row = conn.execute(MEMBER_SQL, (workspace_id, user_id)).fetchone()
+    return None if row is None else str(row["role"])
+
+
 def is_member(conn: Connection[DictRow], workspace_id: UUID, user_id: str) -> bool:
-    return conn.execute(MEMBER_SQL, (workspace_id, user_id)).fetchone() is not None
+    return member_role(conn, workspace_id, user_id) is not None
 
 
 def user_workspaces(conn: Connection[DictRow], user_id: str) -> list[DictRow]:
@@ -117,3 +136,76 @@ def lane_cards(conn: Connection[DictRow], pages: Sequence[LanePage]) -> list[Dic
     says which page a row answers (one LATERAL join, each lane with its own cursor and size)."""
     rows = [(p.project_id, p.lane, p.after_position, p.after_card_id, p.limit) for p in pages]
     return conn.execute(LANE_CARDS_SQL, columns_of(rows, 5)).fetchall()
+
+
+def _newest_first(table: str, key: str, columns: str, open_rows: str, join: str = "") -> str:
+    """One page per :class:`AccessPage` of ``table``'s rows, newest first (a LATERAL join, each
+    page with its own filter, cursor and size); ``page_index`` (from 1) says which page a row
+    answers. A page of open rows only reads them alone (``open_rows`` is the condition of the
+    table's partial index): a workspace with thousands of revoked keys lists its live ones
+    without reading past the others."""
+    # Rows before the cursor's row; without a cursor, before the end of time. One comparison
+    # either way, so that it bounds the index scan instead of filtering it: a page deep in a long
+    # list starts at its cursor. (A cursor that names no row compares with null: no rows.)
+    after = (
+        f"(a.created_at, a.{key}) < (SELECT c.created_at, c.{key} FROM {table} AS c"
+        f" WHERE c.{key} = k.after UNION ALL SELECT 'infinity', NULL WHERE k.after IS NULL)"
+    )
+    page = (
+        f"SELECT {columns} FROM {table} AS a {join}"
+        f" WHERE a.workspace_id = k.workspace_id AND {after} AND {{filter}}"
+        f" ORDER BY a.created_at DESC, a.{key} DESC LIMIT k.lim"
+    )
+    return (
+        "SELECT k.ord AS page_index, a.* FROM unnest(%s::uuid[], %s::boolean[], %s::uuid[],"
+        " %s::int[]) WITH ORDINALITY AS k(workspace_id, include_closed, after, lim, ord)"
+        " CROSS JOIN LATERAL ("
+        f" ({page.format(filter='k.include_closed')})"
+        f" UNION ALL ({page.format(filter=f'NOT k.include_closed AND {open_rows}')})"
+        f" ) AS a ORDER BY k.ord, a.created_at DESC, a.id DESC"
+    )
+
+
+# ``api_key_uses`` is written by the API (``projections.key_uses``), not projected: a key never
+# used has no row there.
+API_KEY_PAGES_SQL = _newest_first(
+    "rm_api_keys",
+    "key_id",
+    "a.key_id AS id, a.name, a.role, a.created_at, a.revoked_at, u.last_used_at",
+    "a.revoked_at IS NULL",
+    join="LEFT JOIN api_key_uses AS u ON u.key_id = a.key_id",
+)
+# Pending: neither accepted nor revoked, and not expired by the database's clock.
+INVITATION_PAGES_SQL = _newest_first(
+    "rm_invitations",
+    "invitation_id",
+    "a.invitation_id AS id, a.email, a.role, a.created_at, a.expires_at, a.accepted_at,"
+    " a.revoked_at",
+    "a.accepted_at IS NULL AND a.revoked_at IS NULL AND a.expires_at > now()",
+)
+
+
+def _access_pages(sql: str) -> Callable[[Connection[DictRow], Sequence[AccessPage]], list[DictRow]]:
+    def read(conn: Connection[DictRow], pages: Sequence[AccessPage]) -> list[DictRow]:
+        rows = [(p.workspace_id, p.include_closed, p.after, p.limit) for p in pages]
+        return conn.execute(sql, columns_of(rows, 4)).fetchall()
+
+    return read
+
+
+api_key_pages = _access_pages(API_KEY_PAGES_SQL)
+invitation_pages = _access_pages(INVITATION_PAGES_SQL)
+
+
+def _exists(table: str, key: str) -> Callable[[Connection[DictRow], UUID], bool]:
+    """Whether an id is a row of ``table`` in the connection's workspace (a cursor's check)."""
+    sql = f"SELECT 1 FROM {table} WHERE {key} = %s"
+
+    def exists(conn: Connection[DictRow], wanted: UUID) -> bool:
+        return conn.execute(sql, (wanted,)).fetchone() is not None
+
+    return exists
+
+
+api_key_exists = _exists("rm_api_keys", "key_id")
+invitation_exists = _exists("rm_invitations", "invitation_id")

@@ -375,3 +375,59 @@ def lane_removed(
             (env.originator_id, removed["ord"]),
         )
     touch_board(cur, t, env)
+
+
+# -- API keys and invitations (listed by admins; never their secrets' digests) -------------------
+
+api_key_created = Writes[ev.ApiKeyCreated](
+    (
+        "INSERT INTO {rm_api_keys} (workspace_id, key_id, name, role, created_by, created_at,"
+        " revoked_at) VALUES (%s, %s, %s, %s, %s, %s, NULL)",
+        lambda env, event: (
+            event.workspace_id,
+            env.originator_id,
+            event.name,
+            event.role,
+            event.created_by,
+            env.timestamp,
+        ),
+    ),
+)
+
+api_key_revoked = Writes[ev.ApiKeyRevoked](
+    (
+        "UPDATE {rm_api_keys} SET revoked_at = %s WHERE key_id = %s",
+        lambda env, event: (env.timestamp, env.originator_id),
+    ),
+)
+
+invitation_created = Writes[ev.InvitationCreated](
+    (
+        "INSERT INTO {rm_invitations} (workspace_id, invitation_id, email, role, invited_by,"
+        " created_at, expires_at, accepted_by, accepted_at, revoked_at)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, NULL, NULL, NULL)",
+        lambda env, event: (
+            event.workspace_id,
+            env.originator_id,
+            event.email,
+            event.role,
+            event.invited_by,
+            env.timestamp,
+            event.expires_at,
+        ),
+    ),
+)
+
+invitation_accepted = Writes[ev.InvitationAccepted](
+    (
+        "UPDATE {rm_invitations} SET accepted_by = %s, accepted_at = %s WHERE invitation_id = %s",
+        lambda env, event: (event.user_id, env.timestamp, env.originator_id),
+    ),
+)
+
+invitation_revoked = Writes[ev.InvitationRevoked](
+    (
+        "UPDATE {rm_invitations} SET revoked_at = %s WHERE invitation_id = %s",
+        lambda env, event: (env.timestamp, env.originator_id),
+    ),
+)

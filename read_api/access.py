@@ -34,6 +34,7 @@ from domain.roles import Role
 from projections.key_uses import key_last_used
 from read_api.context import Info
 from read_api.mutation import WorkspacePayload, answer
+from read_api.types import ApiKey, Invitation
 from read_api.writes import perform
 
 if TYPE_CHECKING:
@@ -58,29 +59,10 @@ def api_key_principal(write: AgentWorks, token: str) -> Principal:
 
 
 @strawberry.type
-class Invitation:
-    id: ID
-    email: str
-    role: Role
-    expires_at: datetime
-    accepted_at: datetime | None
-
-
-@strawberry.type
 class InvitationPayload:
     invitation: Invitation | None
     accept_token: str | None
     consistency_token: str
-
-
-@strawberry.type
-class ApiKey:
-    id: ID
-    name: str
-    role: Role
-    created_at: datetime
-    last_used_at: datetime | None
-    revoked_at: datetime | None
 
 
 @strawberry.type
@@ -136,6 +118,7 @@ def _invitation_payload(result: CommandResult, secret: str | None) -> Invitation
         role=Role(x["role"]),
         expires_at=datetime.fromisoformat(str(x["expires_at"])),
         accepted_at=_when(x.get("accepted_at")),
+        revoked_at=_when(x.get("revoked_at")),
     )
     return InvitationPayload(
         invitation=invitation, accept_token=secret, consistency_token=result.consistency_token

@@ -34,7 +34,8 @@ import psycopg
 from psycopg.rows import DictRow
 
 from domain.errors import NotFound, Unavailable
-from projections.kanban_queries import is_member, scope_to_workspace
+from domain.roles import Role
+from projections.kanban_queries import member_role, scope_to_workspace
 from projections.progress_queries import scope_reading_version
 from read_api.loaders import Loaders
 
@@ -137,6 +138,7 @@ class ReadScope:
     (``read_api.response_cache``)."""
     _conn: Connection[DictRow] | None = field(init=False, default=None, repr=False)
     _member: bool | None = field(init=False, default=None, repr=False)
+    _role: Role | None = field(init=False, default=None, repr=False)
     _closed: bool = field(init=False, default=False, repr=False)
     _async_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock, repr=False)
     _sync_lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
@@ -167,6 +169,13 @@ class ReadScope:
         except NotFound:
             return False
         return True
+
+    async def member_role(self) -> Role:
+        """The caller's membership role in this workspace, as read with the membership check
+        (no statement of its own); :class:`NotFound` when the caller is not a member."""
+        await self.run(lambda conn: None)
+        assert self._role is not None  # (run raised NotFound otherwise)
+        return self._role
 
     async def close(self) -> None:
         """End the transaction and give the connection back; safe to call twice.
@@ -218,7 +227,9 @@ class ReadScope:
                     conn, self.workspace_id, statement_timeout_ms=self.statement_timeout_ms
                 )
             if self._member is None:
-                self._member = is_member(conn, self.workspace_id, self.user_id)
+                role = member_role(conn, self.workspace_id, self.user_id)
+                self._role = None if role is None else Role(role)
+                self._member = role is not None
         except BaseException:
             self._give_back(conn)
             raise

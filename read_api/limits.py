@@ -34,6 +34,8 @@ DEFAULT_PAGE: Mapping[str, int] = {
     "activity": 50,
     "agentRunLogs": 500,
     "searchLogs": 50,
+    "apiKeys": 100,
+    "invitations": 100,
 }
 #: Estimated length of lists without pagination (lanes, members, projects, events, lines).
 UNPAGED_LIST = 20

@@ -25,7 +25,7 @@ from domain.usage import month_of
 from projections import kanban_queries as kanban
 from projections import queries
 from projections import runs_queries as runs
-from projections.kanban_queries import LanePage
+from projections.kanban_queries import AccessPage, LanePage
 from projections.runs_queries import RunPage, RunSummary
 
 if TYPE_CHECKING:
@@ -81,6 +81,8 @@ class Loaders:
         self.card_cost_until: DataLoader[tuple[UUID, datetime | None], int] = DataLoader(
             load_fn=self._card_cost_until
         )
+        self.api_keys: DataLoader[AccessPage, list[Row]] = DataLoader(load_fn=self._api_keys)
+        self.invitations: DataLoader[AccessPage, list[Row]] = DataLoader(load_fn=self._invitations)
 
     async def _query(
         self, query: Callable[[Connection[DictRow], Sequence[K]], list[DictRow]], keys: list[K]
@@ -159,6 +161,12 @@ class Loaders:
     async def _lane_cards(self, pages: list[LanePage]) -> list[list[Row]]:
         return await self._pages(kanban.lane_cards, pages)
 
+    async def _api_keys(self, pages: list[AccessPage]) -> list[list[Row]]:
+        return await self._pages(kanban.api_key_pages, pages)
+
+    async def _invitations(self, pages: list[AccessPage]) -> list[list[Row]]:
+        return await self._pages(kanban.invitation_pages, pages)
+
     async def _card_runs(self, pages: list[RunPage]) -> list[list[RunSummary]]:
         return [
             [RunSummary.from_row(row) for row in page]
@@ -166,4 +174,4 @@ class Loaders:
         ]
 
 
-__all__ = ["LanePage", "Loaders", "Reader", "Row", "RunPage", "forget"]
+__all__ = ["AccessPage", "LanePage", "Loaders", "Reader", "Row", "RunPage", "forget"]

@@ -9,8 +9,10 @@ DataLoaders — also in subscriptions, where each event has a scope of its own.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING, Self, TypeVar
 from uuid import UUID
 
 import strawberry
@@ -19,14 +21,21 @@ from strawberry.types.nodes import SelectedField, Selection
 
 from domain.agent_run import RunStatus
 from domain.errors import ValidationFailed
-from domain.roles import Role
+from domain.roles import Role, capped, require_role
 from projections.billing import UsageDimension
+from projections.kanban_queries import api_key_exists, invitation_exists
 from projections.runs_queries import RunSummary
 from read_api import cursors
 from read_api import fields as described
+from read_api.context import Info
 from read_api.db import ReadScope
-from read_api.loaders import LanePage, Row, RunPage
+from read_api.loaders import AccessPage, LanePage, Loaders, Row, RunPage
 from read_api.scalars import Money
+
+if TYPE_CHECKING:
+    from psycopg import Connection
+    from psycopg.rows import DictRow
+    from strawberry.dataloader import DataLoader
 
 ID = strawberry.ID
 _MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])", re.ASCII)
@@ -36,6 +45,9 @@ MAX_RUN_PAGE = 200
 MAX_ACTIVITY_PAGE = 200
 MAX_LOG_PAGE = 1000
 MAX_SEARCH_PAGE = 200
+MAX_ACCESS_PAGE = 500
+"""API keys or invitations listed at most per page (``Workspace.apiKeys``/``invitations``)."""
+DEFAULT_ACCESS_PAGE = 100
 
 
 def parse_id(value: str, what: str) -> UUID:
@@ -120,6 +132,95 @@ class Member:
     role: Role
 
 
+class _Grant:
+    """An API key or invitation, built from a row whose columns are named as its fields."""
+
+    @classmethod
+    def from_row(cls, row: Row) -> Self:
+        values = {name: row[name] for name in cls.__annotations__}
+        return cls(**values | {"id": ID(str(row["id"])), "role": Role(row["role"])})
+
+
+@strawberry.type
+class Invitation(_Grant):
+    id: ID
+    email: str
+    role: Role
+    expires_at: datetime
+    accepted_at: datetime | None
+    revoked_at: datetime | None
+
+
+@strawberry.type
+class ApiKey(_Grant):
+    id: ID
+    name: str
+    role: Role
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class _GrantList:
+    """How a workspace's API keys or invitations are listed."""
+
+    what: str
+    loader: Callable[[Loaders], DataLoader[AccessPage, list[Row]]]
+    exists: Callable[[Connection[DictRow], UUID], bool]
+
+
+_GRANT_LISTS: dict[type[_Grant], _GrantList] = {
+    ApiKey: _GrantList("API keys", lambda x: x.api_keys, api_key_exists),
+    Invitation: _GrantList("invitations", lambda x: x.invitations, invitation_exists),
+}
+API_KEYS_DOC = (
+    "The workspace's API keys, newest first: live ones, revoked ones too with includeRevoked. "
+    "ADMIN or OWNER only (FORBIDDEN otherwise). At most `first` (default 100, at most 500) per "
+    "page; the next page starts `after` the last key's id."
+)
+INVITATIONS_DOC = (
+    "The workspace's invitations, newest first: pending ones (not accepted, revoked or "
+    "expired), all with includeClosed. ADMIN or OWNER only (FORBIDDEN otherwise). At most "
+    "`first` (default 100, at most 500) per page; the next page starts `after` the last "
+    "invitation's id."
+)
+_PAGE = DEFAULT_ACCESS_PAGE
+G = TypeVar("G", bound=_Grant)
+
+
+async def _admin_list(
+    info: Info,
+    scope: ReadScope,
+    kind: type[G],
+    include_closed: bool | None,
+    first: int | None,
+    after: ID | None,
+) -> list[G]:
+    """A page of the workspace's API keys or invitations (``kind``), for a caller who acts as
+    an ADMIN or OWNER there (the membership's role capped by the credential's; FORBIDDEN
+    below).
+
+    An empty page after an id that is none of this workspace's is a bad cursor, said so,
+    rather than an empty list that would read as "no more"."""
+    listing = _GRANT_LISTS[kind]
+    role = capped(await scope.member_role(), info.context.who.principal.role)
+    require_role(role, Role.ADMIN, action=f"listing {listing.what}", user_id=scope.user_id)
+    page = AccessPage(
+        workspace_id=scope.workspace_id,
+        include_closed=bool(include_closed),
+        limit=page_size(first, most=MAX_ACCESS_PAGE, default=DEFAULT_ACCESS_PAGE),
+        after=None if after is None else parse_id(after, "after"),
+    )
+    rows = await listing.loader(scope.loaders).load(page)
+    cursor = page.after
+    if not (rows or cursor is None or await scope.run(lambda c: listing.exists(c, cursor))):
+        raise ValidationFailed(
+            f"after must be the id of one of this workspace's {listing.what}: {cursor}"
+        )
+    return [kind.from_row(row) for row in rows]
+
+
 @strawberry.type
 class Workspace:
     id: ID
@@ -158,6 +259,19 @@ class Workspace:
     @described.field("Net billed this UTC month, credits deducted.")
     async def spent_this_month(self) -> Money:
         return Money(await self.scope.loaders.spend_this_month.load(self.key))
+
+    @described.field(API_KEYS_DOC)
+    async def api_keys(
+        self, info: Info, include_revoked: bool | None = False, first: int | None = _PAGE,
+        after: ID | None = None) -> list[ApiKey]:  # fmt: skip
+        return await _admin_list(info, self.scope, ApiKey, include_revoked, first, after)
+
+    @described.field(INVITATIONS_DOC)
+    async def invitations(
+        self, info: Info, include_closed: bool | None = False, first: int | None = _PAGE,
+        after: ID | None = None) -> list[Invitation]:  # fmt: skip
+        # Pending by the database's clock: an invitation expires without an event of its own.
+        return await _admin_list(info, self.scope, Invitation, include_closed, first, after)
 
     @strawberry.field
     async def projects(self, include_archived: bool = False) -> list[Project]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx
 import pg
 import pytest
 from e2e_stack import MakeStack, Stack, StackBuilder
@@ -29,3 +30,18 @@ def stack(module_database_url: str, redis_url: str) -> Iterator[Stack]:
     stacks = StackBuilder(redis_url)
     yield stacks.build(module_database_url)
     stacks.close()
+
+
+@pytest.fixture(scope="module")
+def auth_stack(module_database_url: str, redis_url: str) -> Iterator[Stack]:
+    """One stack per test module that serves sign-in (``/auth/*``) too."""
+    stacks = StackBuilder(redis_url)
+    yield stacks.build(module_database_url, auth={})
+    stacks.close()
+
+
+@pytest.fixture
+def http(auth_stack: Stack) -> Iterator[httpx.Client]:
+    """A plain HTTP client of the module's ``auth_stack``."""
+    with httpx.Client(base_url=auth_stack.url, timeout=15.0) as client:
+        yield client

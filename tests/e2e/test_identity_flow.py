@@ -31,12 +31,6 @@ def auth_stack(module_database_url: str, redis_url: str) -> Iterator[Stack]:
     stacks.close()
 
 
-@pytest.fixture
-def http(auth_stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=auth_stack.url, timeout=15.0) as client:
-        yield client
-
-
 def signup(http: httpx.Client, email: str, name: str = "Ada") -> str:
     answer = http.post("/auth/signup", json={"email": email, "password": PASSWORD, "name": name})
     assert answer.status_code == 201, answer.text

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import psycopg
-import pytest
-from e2e_stack import Stack, StackBuilder
+from e2e_stack import Stack
 
 PASSWORD = "correct horse battery"
 INVITE = """mutation($w: ID!, $e: String!, $r: Role!) {
@@ -33,19 +31,6 @@ ADD_MEMBER = """mutation($w: ID!, $u: ID!, $r: Role!) {
   addMember(input: {workspaceId: $w, userId: $u, role: $r}) { consistencyToken } }"""
 REMOVE_MEMBER = """mutation($w: ID!, $u: ID!) {
   removeMember(input: {workspaceId: $w, userId: $u}) { consistencyToken } }"""
-
-
-@pytest.fixture(scope="module")
-def auth_stack(module_database_url: str, redis_url: str) -> Iterator[Stack]:
-    stacks = StackBuilder(redis_url)
-    yield stacks.build(module_database_url, auth={})
-    stacks.close()
-
-
-@pytest.fixture
-def http(auth_stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=auth_stack.url, timeout=15.0) as client:
-        yield client
 
 
 def user(http: httpx.Client, email: str) -> tuple[str, str]:

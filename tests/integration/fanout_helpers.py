@@ -40,6 +40,16 @@ from adapters.eventlog import EventLog
 from adapters.kafka_broker import LocalBroker
 from adapters.postgres import PROJECTOR_ROLE, make_pool
 from commands import models as m
+from commands.access import (
+    CreateApiKey,
+    InviteMember,
+    RevokeApiKey,
+    RevokeInvitation,
+    create_api_key,
+    invite_member,
+    revoke_api_key,
+    revoke_invitation,
+)
 from commands.billing import Billing, GrantCredit
 from commands.handlers import Actor
 from domain.envelope import TOPICS
@@ -184,7 +194,9 @@ class Workload:
             self._do(op, tenant)
 
     def finale(self, tenant: Tenant) -> None:
-        """Archive the second project and finish every open run: every terminal state shows."""
+        """Archive the second project, give out (and take back) API keys and invitations, and
+        finish every open run: every terminal state shows."""
+        self._access(tenant)
         if len(tenant.projects) > 1:
             self._do(
                 self.app.archive_project,
@@ -241,6 +253,30 @@ class Workload:
                     tenant.orchestrator,
                 )
         tenant.running.clear()
+
+    def _access(self, tenant: Tenant) -> None:
+        """Two API keys and two invitations, one of each revoked."""
+        ws, owner = tenant.workspace_id, tenant.owner
+        try:
+            keys = [
+                create_api_key(
+                    self.app, CreateApiKey(workspace_id=ws, name=name, role="MEMBER"), owner
+                )
+                for name in ("ci", "deploy")
+            ]
+            invited = [
+                invite_member(
+                    self.app, InviteMember(workspace_id=ws, email=e, role="VIEWER"), owner
+                )
+                for e in ("one@example.test", "two@example.test")
+            ]
+        except AgentWorksError:
+            self.refused += 1
+            return
+        self.commands += 4
+        self._do(revoke_api_key, self.app, RevokeApiKey(api_key_id=keys[0].result.id), owner)
+        revoke = RevokeInvitation(invitation_id=invited[0].result.id)
+        self._do(revoke_invitation, self.app, revoke, owner)
 
     def bulk_log_chunks(self, tenant: Tenant, events: int, *, per_save: int = 500) -> int:
         """Append ``events`` log chunks (one line each) to one run, ``per_save`` per transaction.

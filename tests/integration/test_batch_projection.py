@@ -72,7 +72,8 @@ def assert_fold_equals_reference(
         assert at_once[1] == one_by_one[1], f"{projector.name}: changes"
 
 
-# -- events the command sequences above do not produce: invoices, credits, attempts, outputs
+# -- events the command sequences above do not produce: invoices, credits, attempts, outputs,
+# API keys and invitations
 
 EPOCH = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 
@@ -84,11 +85,15 @@ run_steps = st.tuples(
     st.lists(st.sampled_from(["Started", "AttemptRecorded", "Heartbeat"]), max_size=5),
     st.lists(st.sampled_from(["OutputRecorded", "Succeeded", "Failed"]), max_size=1),
 ).map(lambda steps: steps[0] + steps[1])
+invitation_ends: dict[str, dict[str, Any]] = {"Accepted": {"user_id": "joiner"}, "Revoked": {}}
+invitation_end = st.sampled_from(sorted(invitation_ends))
 aggregates = st.lists(
     st.one_of(
         st.tuples(st.just("Invoice"), invoice_steps),
         st.tuples(st.just("MonthlySpend"), st.integers(1, 3)),
         st.tuples(st.just("AgentRun"), run_steps),
+        st.tuples(st.just("ApiKey"), st.lists(st.just("Revoked"), max_size=1)),
+        st.tuples(st.just("Invitation"), st.lists(invitation_end, max_size=1)),
     ),
     min_size=1,
     max_size=8,
@@ -97,6 +102,16 @@ aggregates = st.lists(
 
 Stream = list[tuple[str, str, dict[str, Any]]]
 """An aggregate's events as (aggregate, type, payload), in version order."""
+
+
+def _created_then(
+    aggregate: str, workspace_id: UUID, created: dict[str, Any], then: list[tuple[str, Any]]
+) -> Stream:
+    """An aggregate of ``workspace_id`` created with ``created``, then its ``then`` events."""
+    return [
+        (aggregate, f"{aggregate}.Created", {"workspace_id": str(workspace_id), **created}),
+        *((aggregate, f"{aggregate}.{kind}", payload) for kind, payload in then),
+    ]
 
 
 def _event_streams(workspace_id: UUID, plan: list[tuple[str, Any]]) -> list[Stream]:
@@ -127,6 +142,24 @@ def _event_streams(workspace_id: UUID, plan: list[tuple[str, Any]]) -> list[Stre
                     )
                 else:
                     stream.append(("Invoice", f"Invoice.{step}", {"stripe_event_id": f"evt_{n}"}))
+        elif aggregate == "ApiKey":
+            key = {"name": f"key {i}", "role": "MEMBER", "created_by": "tester"}
+            stream = _created_then(
+                "ApiKey", workspace_id, {**key, "secret_hash": f"{i:064x}"},
+                [(step, {}) for step in steps],
+            )  # fmt: skip
+        elif aggregate == "Invitation":
+            invitation = {
+                "email": f"invitee{i}@example.test",
+                "role": "VIEWER",
+                "token_hash": f"{i:064x}",
+                "expires_at": (EPOCH + timedelta(days=7)).isoformat(),
+                "invited_by": "tester",
+            }
+            stream = _created_then(
+                "Invitation", workspace_id, invitation,
+                [(step, invitation_ends[step]) for step in steps],
+            )  # fmt: skip
         elif aggregate == "MonthlySpend":
             stream = [
                 (
@@ -222,7 +255,7 @@ def _interleave(
 # Seed 2 delivers the draft alone, then its issue and payment together: the payment must keep
 # the Stripe id the issue set in the same batch.
 @example(plan=[("Invoice", ["Issued", "Paid"])], seed=2)
-def test_folds_equal_the_reference_on_invoices_credits_attempts_and_outputs(
+def test_folds_equal_the_reference_on_invoices_credits_attempts_outputs_keys_invitations(
     side: ReadSide, plan: list[tuple[str, Any]], seed: int
 ) -> None:
     workspace_id = uuid4()

@@ -46,6 +46,8 @@ READ_MODELS = (
     "rm_statement_lines",
     "rm_monthly_spend",
     "rm_activity",
+    "rm_api_keys",
+    "rm_invitations",
 )
 
 

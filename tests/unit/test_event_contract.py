@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from eventsourcing.domain import Aggregate
 
+from domain.envelope import TOPIC_BY_AGGREGATE
 from domain.events import PAYLOAD_TYPES, CardMoved, EventPayload, UnlistedEvent, payload_of
 from projections.base import Projector
 from projections.registry import ALL_PROJECTORS
@@ -90,6 +91,13 @@ def test_a_projector_handles_or_ignores_every_domain_event_and_not_both(
     assert not handled & ignored, sorted(kind.event_type for kind in handled & ignored)
     undecided = set(PAYLOAD_TYPES.values()) - handled - ignored
     assert not undecided, sorted(kind.event_type for kind in undecided)
+
+
+@pytest.mark.parametrize("projector", ALL_PROJECTORS, ids=lambda p: p.name)
+def test_every_aggregate_a_projector_follows_has_a_kafka_topic(projector: type[Projector]) -> None:
+    """A worker subscribes to its aggregates' topics (``streams.worker.projector_topics``): one
+    without a topic would go to ``other-events``, which no worker reads, and fail its start."""
+    assert projector.aggregates <= set(TOPIC_BY_AGGREGATE)
 
 
 def test_a_payload_is_a_read_only_view_of_the_json() -> None:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from projections.billing import UsageDimension
 from projections.columns import CARD_COLUMNS, CARD_SELECT, RUN_COLUMNS, RUN_SELECT
+from projections.registry import ALL_PROJECTORS
 from projections.runs_queries import RunSummary
+from read_api.consistency import followers
 from read_api.schema import schema_sdl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +28,11 @@ def test_usage_grouping_in_graphql_is_the_billing_dimension() -> None:
     sdl = schema_sdl()
     block = sdl[sdl.index("enum UsageGrouping {") :].split("}", 1)[0]
     assert block.split()[3:] == [d.name for d in UsageDimension]
+
+
+def test_a_consistency_token_of_a_key_or_invitation_waits_for_the_read_model_listing_it() -> None:
+    assert followers(ALL_PROJECTORS, "ApiKey") == ["kanban"]
+    assert followers(ALL_PROJECTORS, "Invitation") == ["kanban"]
 
 
 def _imports(path: Path, package: str) -> set[str]:
