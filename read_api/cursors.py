@@ -94,6 +94,17 @@ def parse_activity_cursor(cursor: str) -> int:
     return position
 
 
+def grant_cursor(kind: str, grant_id: UUID) -> str:
+    """A cursor of a workspace's API keys (``kind`` "apiKey") or invitations ("invitation"):
+    the id of the last item; the list orders by creation, which the id's row knows."""
+    return encode(kind, str(grant_id))
+
+
+def parse_grant_cursor(cursor: str, kind: str) -> UUID:
+    (grant_id,) = decode(cursor, kind, 1)
+    return _uuid(grant_id)
+
+
 def _uuid(value: str | int) -> UUID:
     try:
         return UUID(str(value))

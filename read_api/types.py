@@ -161,29 +161,54 @@ class ApiKey(_Grant):
     revoked_at: datetime | None
 
 
+@strawberry.type
+class ApiKeyEdge:
+    cursor: str
+    node: ApiKey
+
+
+@strawberry.type
+class ApiKeyConnection:
+    edges: list[ApiKeyEdge]
+    page_info: PageInfo
+
+
+@strawberry.type
+class InvitationEdge:
+    cursor: str
+    node: Invitation
+
+
+@strawberry.type
+class InvitationConnection:
+    edges: list[InvitationEdge]
+    page_info: PageInfo
+
+
 @dataclass(frozen=True)
 class _GrantList:
-    """How a workspace's API keys or invitations are listed."""
+    """How a workspace's API keys or invitations are listed, and paged (Relay, as API.md has
+    every list that can grow)."""
 
     what: str
+    cursor_kind: str
     loader: Callable[[Loaders], DataLoader[AccessPage, list[Row]]]
     exists: Callable[[Connection[DictRow], UUID], bool]
 
 
 _GRANT_LISTS: dict[type[_Grant], _GrantList] = {
-    ApiKey: _GrantList("API keys", lambda x: x.api_keys, api_key_exists),
-    Invitation: _GrantList("invitations", lambda x: x.invitations, invitation_exists),
+    ApiKey: _GrantList("API keys", "apiKey", lambda x: x.api_keys, api_key_exists),
+    Invitation: _GrantList("invitations", "invitation", lambda x: x.invitations, invitation_exists),
 }
 API_KEYS_DOC = (
     "The workspace's API keys, newest first: live ones, revoked ones too with includeRevoked. "
-    "ADMIN or OWNER only (FORBIDDEN otherwise). At most `first` (default 100, at most 500) per "
-    "page; the next page starts `after` the last key's id."
+    "ADMIN or OWNER only (FORBIDDEN otherwise). A Relay connection: `first` (default 100, at "
+    "most 500), `after` an endCursor."
 )
 INVITATIONS_DOC = (
     "The workspace's invitations, newest first: pending ones (not accepted, revoked or "
-    "expired), all with includeClosed. ADMIN or OWNER only (FORBIDDEN otherwise). At most "
-    "`first` (default 100, at most 500) per page; the next page starts `after` the last "
-    "invitation's id."
+    "expired), all with includeClosed. ADMIN or OWNER only (FORBIDDEN otherwise). A Relay "
+    "connection: `first` (default 100, at most 500), `after` an endCursor."
 )
 _PAGE = DEFAULT_ACCESS_PAGE
 G = TypeVar("G", bound=_Grant)
@@ -195,30 +220,38 @@ async def _admin_list(
     kind: type[G],
     include_closed: bool | None,
     first: int | None,
-    after: ID | None,
-) -> list[G]:
-    """A page of the workspace's API keys or invitations (``kind``), for a caller who acts as
-    an ADMIN or OWNER there (the membership's role capped by the credential's; FORBIDDEN
-    below).
+    after: str | None,
+) -> tuple[list[tuple[str, G]], PageInfo]:
+    """A page of the workspace's API keys or invitations (``kind``) as ``(cursor, item)``, and
+    its page info, for a caller who acts as an ADMIN or OWNER there (the membership's role
+    capped by the credential's; FORBIDDEN below).
 
-    An empty page after an id that is none of this workspace's is a bad cursor, said so,
-    rather than an empty list that would read as "no more"."""
+    An empty page after a cursor whose item is none of this workspace's is a bad cursor, said
+    so, rather than an empty list that would read as "no more"."""
     listing = _GRANT_LISTS[kind]
     role = capped(await scope.member_role(), info.context.who.principal.role)
     require_role(role, Role.ADMIN, action=f"listing {listing.what}", user_id=scope.user_id)
+    size = page_size(first, most=MAX_ACCESS_PAGE, default=DEFAULT_ACCESS_PAGE)
     page = AccessPage(
         workspace_id=scope.workspace_id,
         include_closed=bool(include_closed),
-        limit=page_size(first, most=MAX_ACCESS_PAGE, default=DEFAULT_ACCESS_PAGE),
-        after=None if after is None else parse_id(after, "after"),
+        limit=size + 1,  # one more than asked: whether there is a next page
+        after=None if after is None else cursors.parse_grant_cursor(after, listing.cursor_kind),
     )
     rows = await listing.loader(scope.loaders).load(page)
     cursor = page.after
     if not (rows or cursor is None or await scope.run(lambda c: listing.exists(c, cursor))):
         raise ValidationFailed(
-            f"after must be the id of one of this workspace's {listing.what}: {cursor}"
+            f"after must be the endCursor of a page of this workspace's {listing.what}"
         )
-    return [kind.from_row(row) for row in rows]
+    items = [
+        (cursors.grant_cursor(listing.cursor_kind, row["id"]), kind.from_row(row))
+        for row in rows[:size]
+    ]
+    info_ = page_info(
+        [c for c, _ in items], has_next=len(rows) > size, has_previous=after is not None
+    )
+    return items, info_
 
 
 @strawberry.type
@@ -263,15 +296,19 @@ class Workspace:
     @described.field(API_KEYS_DOC)
     async def api_keys(
         self, info: Info, include_revoked: bool | None = False, first: int | None = _PAGE,
-        after: ID | None = None) -> list[ApiKey]:  # fmt: skip
-        return await _admin_list(info, self.scope, ApiKey, include_revoked, first, after)
+        after: str | None = None) -> ApiKeyConnection:  # fmt: skip
+        items, info_ = await _admin_list(info, self.scope, ApiKey, include_revoked, first, after)
+        edges = [ApiKeyEdge(cursor=cursor, node=key) for cursor, key in items]
+        return ApiKeyConnection(edges=edges, page_info=info_)
 
     @described.field(INVITATIONS_DOC)
     async def invitations(
         self, info: Info, include_closed: bool | None = False, first: int | None = _PAGE,
-        after: ID | None = None) -> list[Invitation]:  # fmt: skip
+        after: str | None = None) -> InvitationConnection:  # fmt: skip
         # Pending by the database's clock: an invitation expires without an event of its own.
-        return await _admin_list(info, self.scope, Invitation, include_closed, first, after)
+        items, info_ = await _admin_list(info, self.scope, Invitation, include_closed, first, after)
+        edges = [InvitationEdge(cursor=cursor, node=invitation) for cursor, invitation in items]
+        return InvitationConnection(edges=edges, page_info=info_)
 
     @strawberry.field
     async def projects(self, include_archived: bool = False) -> list[Project]:

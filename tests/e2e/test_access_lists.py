@@ -33,12 +33,14 @@ from infra.bootstrap import build_read_side
 from infra.settings import Settings
 from projections.rebuild import rebuild_many
 
-KEYS = """query($w: ID!, $all: Boolean, $first: Int, $cursor: ID) {
+KEYS = """query($w: ID!, $all: Boolean, $first: Int, $cursor: String) {
   workspace(id: $w) { apiKeys(includeRevoked: $all, first: $first, after: $cursor) {
-    id name role createdAt lastUsedAt revokedAt } } }"""
-INVITATIONS = """query($w: ID!, $all: Boolean, $first: Int, $cursor: ID) {
+    edges { cursor node { id name role createdAt lastUsedAt revokedAt } }
+    pageInfo { hasNextPage hasPreviousPage endCursor } } } }"""
+INVITATIONS = """query($w: ID!, $all: Boolean, $first: Int, $cursor: String) {
   workspace(id: $w) { invitations(includeClosed: $all, first: $first, after: $cursor) {
-    id email role expiresAt acceptedAt revokedAt } } }"""
+    edges { cursor node { id email role expiresAt acceptedAt revokedAt } }
+    pageInfo { hasNextPage hasPreviousPage endCursor } } } }"""
 WORKSPACE = "query($w: ID!) { workspace(id: $w) { name } }"
 REVOKE_KEY = """mutation($k: ID!) {
   revokeApiKey(input: {apiKeyId: $k}) { apiKey { id revokedAt } consistencyToken } }"""
@@ -51,15 +53,22 @@ def keys(
 ) -> list[Any]:
     """The workspace's keys as ``token`` lists them once the write of ``seen`` (a consistency
     token) is in the read models."""
+    return [
+        edge["node"] for edge in key_page(http, token, workspace_id, seen, **variables)["edges"]
+    ]
+
+
+def key_page(http: httpx.Client, token: str, workspace_id: str, seen: str, **variables: Any) -> Any:
+    """The connection of keys as :func:`keys` reads it."""
     answer = data(gql(http, token, KEYS, after=seen, w=workspace_id, **variables))
-    return list(answer["workspace"]["apiKeys"])
+    return answer["workspace"]["apiKeys"]
 
 
 def invitations(
     http: httpx.Client, token: str, workspace_id: str, seen: str, **variables: Any
 ) -> list[Any]:
     answer = data(gql(http, token, INVITATIONS, after=seen, w=workspace_id, **variables))
-    return list(answer["workspace"]["invitations"])
+    return [edge["node"] for edge in answer["workspace"]["invitations"]["edges"]]
 
 
 def new_key(http: httpx.Client, token: str, workspace_id: str, name: str, role: str) -> Any:
@@ -79,7 +88,7 @@ def test_keys_are_listed_newest_first_live_ones_unless_revoked_ones_are_asked_fo
     # Read-your-writes: with the revocation's token the list already shows it.
     answer = gql(http, admin, KEYS, after=seen, w=workspace_id, all=True)
     assert "stale" not in (answer.json().get("extensions") or {})
-    listed = data(answer)["workspace"]["apiKeys"]
+    listed = [edge["node"] for edge in data(answer)["workspace"]["apiKeys"]["edges"]]
     assert [key["id"] for key in listed] == [third, second, first]
     assert listed[1]["revokedAt"] == revoked["apiKey"]["revokedAt"]
     assert [key["revokedAt"] for key in (listed[0], listed[2])] == [None, None]
@@ -125,20 +134,25 @@ def test_keys_are_read_a_page_at_a_time(http: httpx.Client) -> None:
     pages: list[list[str]] = []
     cursor = None
     while True:
-        page = [k["id"] for k in keys(http, admin, workspace_id, seen, first=2, cursor=cursor)]
-        if not page:
+        page = key_page(http, admin, workspace_id, seen, first=2, cursor=cursor)
+        pages.append([edge["node"]["id"] for edge in page["edges"]])
+        assert page["pageInfo"]["hasPreviousPage"] is (cursor is not None)
+        if not page["pageInfo"]["hasNextPage"]:
             break
-        pages.append(page)
-        cursor = page[-1]
+        cursor = page["pageInfo"]["endCursor"]
+        assert cursor == page["edges"][-1]["cursor"]
     assert [len(page) for page in pages] == [2, 2, 1]
     assert [k for page in pages for k in page] == [key["apiKey"]["id"] for key in made[::-1]]
     assert keys(http, admin, workspace_id, seen, first=0) == []
 
     assert code(gql(http, admin, KEYS, w=workspace_id, first=501)) == "VALIDATION"
-    unknown = gql(http, admin, KEYS, w=workspace_id, cursor=str(uuid4()))
-    assert code(unknown) == "VALIDATION"
-    assert "after" in unknown.json()["errors"][0]["message"]
+    assert code(gql(http, admin, KEYS, w=workspace_id, cursor=str(uuid4()))) == "VALIDATION"
     assert code(gql(http, admin, KEYS, w=workspace_id, cursor="not-an-id")) == "VALIDATION"
+    # A cursor of one list is no cursor of the other.
+    invitation_list = INVITATIONS.replace("$all: Boolean, ", "").replace(
+        "includeClosed: $all, ", ""
+    )
+    assert code(gql(http, admin, invitation_list, w=workspace_id, cursor=cursor)) == "VALIDATION"
 
 
 def test_invitations_listed_are_the_pending_ones_unless_closed_ones_are_asked_for(
@@ -214,7 +228,11 @@ def test_only_an_admin_or_owner_may_list_and_the_credential_caps_the_role(
 
 def test_another_tenant_sees_none_of_them(http: httpx.Client, auth_stack: Stack) -> None:
     owner, workspace_id, _, admin, _ = owner_and_admin(http, "tenant-a.test", "Tenant A")
-    theirs = new_key(http, admin, workspace_id, "a's key", "MEMBER")["apiKey"]["id"]
+    made = new_key(http, admin, workspace_id, "a's key", "MEMBER")
+    theirs = made["apiKey"]["id"]
+    their_cursor = key_page(http, admin, workspace_id, made["consistencyToken"])["pageInfo"][
+        "endCursor"
+    ]
     invited = data(gql(http, admin, INVITE, w=workspace_id, e="x@tenant-a.test", r="MEMBER"))
     seen = invited["inviteMember"]["consistencyToken"]
     stranger_id, stranger = user(http, "owner@tenant-b.test")
@@ -224,8 +242,10 @@ def test_another_tenant_sees_none_of_them(http: httpx.Client, auth_stack: Stack)
     assert data(gql(http, stranger, INVITATIONS, w=workspace_id, all=True))["workspace"] is None
     assert keys(http, stranger, own, seen, all=True) == []
     assert invitations(http, stranger, own, seen, all=True) == []
-    # Another tenant's id is no cursor here: it names nothing this workspace has.
-    assert code(gql(http, stranger, KEYS, w=own, cursor=theirs)) == "VALIDATION"
+    # Another tenant's cursor is no cursor here: it names nothing this workspace has.
+    elsewhere = gql(http, stranger, KEYS, w=own, cursor=their_cursor)
+    assert code(elsewhere) == "VALIDATION"
+    assert "after" in elsewhere.json()["errors"][0]["message"]
     # With a workspace token of its own workspace, the other one is "not found" (null).
     stranger_ws = auth_stack.token(stranger_id, own, "OWNER")
     assert data(gql(http, stranger_ws, KEYS, w=workspace_id))["workspace"] is None
