@@ -12,7 +12,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Self, TypeVar
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
 from uuid import UUID
 
 import strawberry
@@ -161,27 +161,21 @@ class ApiKey(_Grant):
     revoked_at: datetime | None
 
 
-@strawberry.type
-class ApiKeyEdge:
+N = TypeVar("N")
+
+
+@strawberry.type(name="Edge")
+class GrantEdge(Generic[N]):
     cursor: str
-    node: ApiKey
+    node: N
 
 
-@strawberry.type
-class ApiKeyConnection:
-    edges: list[ApiKeyEdge]
-    page_info: PageInfo
+@strawberry.type(name="Connection")
+class GrantConnection(Generic[N]):
+    """A page of a workspace's API keys or invitations; GraphQL names it for its node
+    (``ApiKeyConnection``, ``InvitationConnection``)."""
 
-
-@strawberry.type
-class InvitationEdge:
-    cursor: str
-    node: Invitation
-
-
-@strawberry.type
-class InvitationConnection:
-    edges: list[InvitationEdge]
+    edges: list[GrantEdge[N]]
     page_info: PageInfo
 
 
@@ -221,10 +215,10 @@ async def _admin_list(
     include_closed: bool | None,
     first: int | None,
     after: str | None,
-) -> tuple[list[tuple[str, G]], PageInfo]:
-    """A page of the workspace's API keys or invitations (``kind``) as ``(cursor, item)``, and
-    its page info, for a caller who acts as an ADMIN or OWNER there (the membership's role
-    capped by the credential's; FORBIDDEN below).
+) -> GrantConnection[G]:
+    """A page of the workspace's API keys or invitations (``kind``), for a caller who acts as
+    an ADMIN or OWNER there (the membership's role capped by the credential's; FORBIDDEN
+    below).
 
     An empty page after a cursor whose item is none of this workspace's is a bad cursor, said
     so, rather than an empty list that would read as "no more"."""
@@ -244,14 +238,18 @@ async def _admin_list(
         raise ValidationFailed(
             f"after must be the endCursor of a page of this workspace's {listing.what}"
         )
-    items = [
-        (cursors.grant_cursor(listing.cursor_kind, row["id"]), kind.from_row(row))
+    edges = [
+        GrantEdge(
+            cursor=cursors.grant_cursor(listing.cursor_kind, row["id"]), node=kind.from_row(row)
+        )
         for row in rows[:size]
     ]
-    info_ = page_info(
-        [c for c, _ in items], has_next=len(rows) > size, has_previous=after is not None
+    return GrantConnection(
+        edges=edges,
+        page_info=page_info(
+            [edge.cursor for edge in edges], has_next=len(rows) > size, has_previous=bool(after)
+        ),
     )
-    return items, info_
 
 
 @strawberry.type
@@ -296,19 +294,15 @@ class Workspace:
     @described.field(API_KEYS_DOC)
     async def api_keys(
         self, info: Info, include_revoked: bool | None = False, first: int | None = _PAGE,
-        after: str | None = None) -> ApiKeyConnection:  # fmt: skip
-        items, info_ = await _admin_list(info, self.scope, ApiKey, include_revoked, first, after)
-        edges = [ApiKeyEdge(cursor=cursor, node=key) for cursor, key in items]
-        return ApiKeyConnection(edges=edges, page_info=info_)
+        after: str | None = None) -> GrantConnection[ApiKey]:  # fmt: skip
+        return await _admin_list(info, self.scope, ApiKey, include_revoked, first, after)
 
     @described.field(INVITATIONS_DOC)
     async def invitations(
         self, info: Info, include_closed: bool | None = False, first: int | None = _PAGE,
-        after: str | None = None) -> InvitationConnection:  # fmt: skip
+        after: str | None = None) -> GrantConnection[Invitation]:  # fmt: skip
         # Pending by the database's clock: an invitation expires without an event of its own.
-        items, info_ = await _admin_list(info, self.scope, Invitation, include_closed, first, after)
-        edges = [InvitationEdge(cursor=cursor, node=invitation) for cursor, invitation in items]
-        return InvitationConnection(edges=edges, page_info=info_)
+        return await _admin_list(info, self.scope, Invitation, include_closed, first, after)
 
     @strawberry.field
     async def projects(self, include_archived: bool = False) -> list[Project]:

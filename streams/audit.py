@@ -105,14 +105,21 @@ def event_line(envelope: EventEnvelope, prev_hash: str) -> tuple[str, str]:
 
 
 def workspace_exists(conn: Connection[Any], workspace_id: UUID) -> bool:
-    row = conn.execute(
+    topic = _first_value(
+        conn,
         "SELECT topic FROM agentworks_events WHERE originator_id = %s AND originator_version = 1",
         (workspace_id,),
-    ).fetchone()
+    )
+    return topic is not None and resolve_topic(str(topic)).__qualname__ == "Workspace.Created"
+
+
+def _first_value(conn: Connection[Any], sql: str, params: tuple[object, ...]) -> object:
+    """The first column of the first row ``sql`` finds (None: no row), whichever row factory
+    ``conn`` was opened with (the CLI's tuples, a test's dicts)."""
+    row = conn.execute(sql, params).fetchone()
     if row is None:
-        return False
-    topic = row[0] if isinstance(row, tuple | list) else row["topic"]
-    return str(resolve_topic(str(topic)).__qualname__) == "Workspace.Created"
+        return None
+    return row[0] if isinstance(row, tuple | list) else next(iter(row.values()))
 
 
 #: Identity events an auditor of a workspace sees for its members (DESIGN.md: "the audit export
@@ -152,14 +159,12 @@ def workspace_rows(
 def aggregate_workspace(conn: Connection[Any], originator_id: UUID) -> UUID | None:
     """The workspace that an aggregate's readable events name (None: none does): the one an
     event of it that names none itself, because it cannot be read, belongs to."""
-    row = conn.execute(
+    found = _first_value(
+        conn,
         "SELECT workspace_id FROM agentworks_events"
         " WHERE originator_id = %s AND workspace_id IS NOT NULL LIMIT 1",
         (originator_id,),
-    ).fetchone()
-    if row is None:
-        return None
-    found = row[0] if isinstance(row, tuple | list) else row["workspace_id"]
+    )
     return found if isinstance(found, UUID) else None
 
 
