@@ -35,6 +35,7 @@ import threading
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
@@ -66,6 +67,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg.sql import SQL, Composed, Identifier
 
+from adapters.command_locks import CommandLocks
 from adapters.metrics import COMMIT_GROUP_SIZE, EVENTS_APPENDED
 from adapters.postgres import (
     CONNECT_TIMEOUT,
@@ -1035,10 +1037,37 @@ class Factory(PostgresFactory):
 
 
 class PostgresCommandLog:
-    """Look-ups of accepted commands, for idempotent retries."""
+    """Look-ups of accepted commands, for idempotent retries, and the turns the executions of
+    one command id take (:mod:`adapters.command_locks`, on connections of their own, opened at
+    the first command sent with an id)."""
 
     def __init__(self, datastore: PostgresDatastore) -> None:
         self._datastore = datastore
+        self._locks: CommandLocks | None = None
+        self._locks_made = threading.Lock()
+
+    def one_at_a_time(self, scope: str, command_id: str) -> AbstractContextManager[None]:
+        locks = self._locks
+        if locks is None:
+            with self._locks_made:
+                if self._locks is None:
+                    pool = self._datastore.pool
+                    assert isinstance(pool, ResilientPool)  # Factory's
+                    self._locks = CommandLocks.beside(pool)
+                locks = self._locks
+        return locks.one_at_a_time(scope, command_id)
+
+    @property
+    def waiting(self) -> int:
+        """Executions of this process waiting for an earlier run of their command id to end."""
+        locks = self._locks
+        return 0 if locks is None else locks.waiting
+
+    def close(self) -> None:
+        with self._locks_made:
+            locks, self._locks = self._locks, None
+        if locks is not None:
+            locks.close()
 
     def find(self, scope: str, command_id: str) -> StoredCommand | None:
         try:

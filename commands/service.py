@@ -297,26 +297,32 @@ class WriteSide(Application[UUID]):
         )
         # The store raises UNAVAILABLE itself when loading or appending fails before anything
         # was committed.
-        if sent_id:
+        if not sent_id or self.command_log is None:
+            return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
+        # A client's retry may arrive while its first run is still deciding or committing, here
+        # or on another replica: executions of one id take turns (from the look-up until the
+        # record is committed), so a retry finds the first's record instead of deciding on a
+        # state that run's commit is not part of (and refusing what its twin did).
+        with self.command_log.one_at_a_time(scope, command_id):
             earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
             if earlier is not None:
                 return earlier
-        try:
-            return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
-        except AgentWorksError as refusal:
-            # The same command, sent again while its first run was committing (a client retry
-            # after a timeout), found no record above and then lost to that run: a version its
-            # first run moved on, a lane it filled. Its command was done; a retry answers the
-            # first result.
-            if not sent_id or isinstance(refusal, Unavailable):
-                raise
             try:
-                earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
-            except Unavailable:
-                raise refusal from None
-            if earlier is None:
-                raise
-            return earlier
+                return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
+            except AgentWorksError as refusal:
+                # Turns end with their session: a first run whose lock session broke (the
+                # database restarted) may commit while its retry runs, which then loses to it
+                # (a version it moved on, a lane it filled). Its command was done; a retry
+                # answers the first result.
+                if isinstance(refusal, Unavailable):
+                    raise
+                try:
+                    earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
+                except Unavailable:
+                    raise refusal from None
+                if earlier is None:
+                    raise
+                return earlier
 
     def _attempts(
         self,

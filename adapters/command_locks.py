@@ -1,0 +1,277 @@
+"""One execution of a ``commandId`` at a time, across every write side on one database.
+
+A client that sends a command again (same ``commandId``) while its first run is still going, on
+this API process or on another, must get the first run's result (API.md). The write side looks
+the id up before running it, but a first run that has not committed is invisible to the look-up:
+the retry then decides on a state the first run's commit is not part of, and a refusal it meets
+there (a member removed meanwhile, an aggregate moved on, its retries spent on other writers)
+contradicts the success its twin answers a moment later. So the executions of one id take turns:
+each holds a PostgreSQL advisory lock keyed by its (scope, command id) from before its look-up
+until its record is committed (or it was refused and wrote nothing), and the next one's look-up
+then finds what the first recorded.
+
+The lock costs no connection of its own while nobody else holds the id: every execution of this
+process takes it with ``pg_try_advisory_lock`` on one session they share (a round trip, and one
+more to let go after the commit). Only when another process holds the id does an execution wait,
+on a connection of this module's small pool, with ``pg_advisory_lock`` under ``lock_timeout``.
+Within the process the executions of one id queue on a threading lock first: a session's
+advisory locks stack, so two threads on the shared session would both "get" it.
+
+Commands sent without an id never come here (the id the server assigns is new), and different
+ids never wait for each other (unless their 32-bit keys collide: then they merely take turns).
+An execution holds one such lock at most and, holding it, waits for no other, so no cycle forms;
+the wait for another process's run is bounded by ``wait_seconds`` and then answered UNAVAILABLE
+(send it again: nothing was written by this request).
+
+If the shared session breaks (the database restarted), the server lets go of every lock it held;
+executions still running then finish without turns, as before this module (a retry meeting a
+refusal still looks its id up once more).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+from psycopg_pool import PoolTimeout
+
+from adapters.postgres import ResilientPool
+from domain.errors import Unavailable
+
+if TYPE_CHECKING:
+    from psycopg import Connection
+    from psycopg.rows import TupleRow
+    from psycopg_pool import ConnectionPool
+
+log = logging.getLogger(__name__)
+
+#: The first key of every two-key advisory lock taken here: a space of its own (two-key locks
+#: never meet the one-key locks of the event store, migrations, the relay or invoicing).
+NAMESPACE = 0x41574364  # "AWCd"
+
+_TRY = sql.SQL("SELECT pg_try_advisory_lock(%s, %s)")
+_LOCK = sql.SQL("SELECT pg_advisory_lock(%s, %s)")
+_UNLOCK = sql.SQL("SELECT pg_advisory_unlock(%s, %s)")
+
+WAITERS = 4
+"""Connections of the pool for waiting on another process's run of an id (beside the shared
+session): more such waits at once wait for one of them, at most the pool's timeout."""
+
+
+def lock_key(scope: str, command_id: str) -> int:
+    """The advisory lock's second key (a signed 32-bit integer) for a command id in its scope."""
+    digest = hashlib.blake2b(f"{scope}\x00{command_id}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@dataclass
+class _Turn:
+    """This process's executions of one id: the one running holds ``lock``."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+
+
+class CommandLocks:
+    """Turns of the executions of one command id (module docstring), on ``pool``'s sessions."""
+
+    def __init__(self, pool: ConnectionPool[Connection[TupleRow]], *, wait_seconds: float) -> None:
+        self._pool = pool
+        self.wait_seconds = wait_seconds
+        self._shared: Connection[TupleRow] | None = None
+        self._shared_lock = threading.Lock()
+        self._turns: dict[int, _Turn] = {}
+        self._turns_lock = threading.Lock()
+        self._waiting = 0
+
+    @classmethod
+    def beside(cls, store_pool: ResilientPool, *, wait_seconds: float = 30.0) -> CommandLocks:
+        """Locks on a pool of their own that logs in as ``store_pool`` does (the same role and
+        parameters; its connections never hold a transaction open)."""
+        wait_ms = max(1, round(wait_seconds * 1000))
+
+        def configure(conn: Connection[TupleRow]) -> None:
+            conn.autocommit = True
+            conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{wait_ms}ms")))
+
+        store_kwargs = store_pool.kwargs if isinstance(store_pool.kwargs, dict) else {}
+        pool = ResilientPool(
+            connection_class=store_pool.connection_class,
+            kwargs={**store_kwargs, "row_factory": tuple_row},
+            min_size=1,
+            max_size=1 + WAITERS,
+            open=False,
+            configure=configure,
+            timeout=store_pool.timeout,
+            name="command_locks",
+            dependency=store_pool.dependency,
+        )
+        pool.open(wait=False)
+        return cls(pool, wait_seconds=wait_seconds)
+
+    @property
+    def waiting(self) -> int:
+        """Executions of this process waiting for an earlier run of their id to end."""
+        with self._turns_lock:
+            return self._waiting
+
+    @contextmanager
+    def one_at_a_time(self, scope: str, command_id: str) -> Iterator[None]:
+        """Held while one execution of ``command_id`` runs: another, here or in any process on
+        the same database, waits until it ends."""
+        key = lock_key(scope, command_id)
+        with self._turn(key, command_id):
+            shared = self._try_shared(key)
+            if shared is not None:
+                try:
+                    yield
+                finally:
+                    self._unlock(shared, key)
+                return
+            with self._waited(key, command_id):
+                yield
+
+    def close(self) -> None:
+        with self._shared_lock:
+            shared, self._shared = self._shared, None
+        if shared is not None:
+            self._pool.putconn(shared)
+        self._pool.close()
+
+    # -- this process ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _turn(self, key: int, command_id: str) -> Iterator[None]:
+        with self._turns_lock:
+            turn = self._turns.setdefault(key, _Turn())
+            turn.users += 1
+        try:
+            if not turn.lock.acquire(blocking=False):
+                self._count_waiting(1)
+                try:
+                    if not turn.lock.acquire(timeout=self.wait_seconds):
+                        raise self._still_running(command_id)
+                finally:
+                    self._count_waiting(-1)
+            try:
+                yield
+            finally:
+                turn.lock.release()
+        finally:
+            with self._turns_lock:
+                turn.users -= 1
+                if not turn.users:
+                    del self._turns[key]
+
+    def _count_waiting(self, change: int) -> None:
+        with self._turns_lock:
+            self._waiting += change
+
+    # -- the shared session ---------------------------------------------------------------------
+
+    def _try_shared(self, key: int) -> Connection[TupleRow] | None:
+        """The shared session, holding the lock now; None when another session holds it."""
+        for attempt in (1, 2):
+            conn = self._shared_session()
+            try:
+                row = conn.execute(_TRY, (NAMESPACE, key), prepare=True).fetchone()
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                # Broken (the server restarted under it, or it idled out): once more on a new one.
+                self._drop(conn)
+                if attempt == 2:
+                    raise _unavailable() from None
+                continue
+            return conn if row is not None and row[0] else None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _shared_session(self) -> Connection[TupleRow]:
+        with self._shared_lock:
+            shared = self._shared
+            if shared is not None and not shared.closed and not shared.broken:
+                return shared
+            if shared is not None:
+                self._pool.putconn(shared)  # the pool discards a broken connection
+            self._shared = self._getconn()
+            return self._shared
+
+    def _drop(self, conn: Connection[TupleRow]) -> None:
+        """Close a session whose state is in doubt: the server lets go of its locks with it."""
+        with self._shared_lock:
+            current = self._shared is conn
+            if current:
+                self._shared = None
+        if current:  # else it was replaced, and given back, already
+            conn.close()
+            self._pool.putconn(conn)
+
+    # -- waiting for another process ------------------------------------------------------------
+
+    @contextmanager
+    def _waited(self, key: int, command_id: str) -> Iterator[None]:
+        """The lock, waited for on a connection of its own and held on it."""
+        conn = self._getconn()
+        try:
+            self._count_waiting(1)
+            try:
+                conn.execute(_LOCK, (NAMESPACE, key))
+            except psycopg.errors.LockNotAvailable:
+                raise self._still_running(command_id) from None
+            except BaseException as error:
+                conn.close()  # whatever became of its request, a closed session holds nothing
+                if isinstance(error, psycopg.Error):
+                    raise _unavailable() from None
+                raise
+            finally:
+                self._count_waiting(-1)
+            log.debug("command.waited_for_first_run: %s", command_id)
+            try:
+                yield
+            finally:
+                self._unlock(conn, key)
+        finally:
+            self._pool.putconn(conn)
+
+    # -- both -----------------------------------------------------------------------------------
+
+    def _unlock(self, conn: Connection[TupleRow], key: int) -> None:
+        """Let go of the lock; a session that cannot say it did is closed, so that no lock of an
+        id outlives its execution on a session kept open."""
+        try:
+            row = conn.execute(_UNLOCK, (NAMESPACE, key), prepare=True).fetchone()
+        except psycopg.Error:
+            if conn is self._shared:
+                self._drop(conn)
+            else:
+                conn.close()
+            return
+        if row is None or not row[0]:
+            log.warning("command_locks.not_held: key %s on a session that lost it", key)
+
+    def _getconn(self) -> Connection[TupleRow]:
+        try:
+            conn: Connection[TupleRow] = self._pool.getconn()
+        except PoolTimeout:
+            raise _unavailable() from None
+        return conn
+
+    def _still_running(self, command_id: str) -> Unavailable:
+        return Unavailable(
+            f"an earlier request with commandId {command_id} is still running (it did not end "
+            f"within {self.wait_seconds:g} s); send it again shortly to get its result",
+            retry_after_seconds=1.0,
+        )
+
+
+def _unavailable() -> Unavailable:
+    return Unavailable(
+        "the database is unavailable or has no free connection; nothing was written, retry shortly",
+        retry_after_seconds=1.0,
+    )
