@@ -1,0 +1,121 @@
+"""Turns of the executions of one commandId (adapters/command_locks.py), on the real database.
+
+Two ``CommandLocks`` on one database stand for two API replicas. What must hold: an id held by
+one waits the other's execution of it until it ends (and no longer than ``wait_seconds``); other
+ids, and other scopes' same id, never wait; a turn is given back however its execution ends; a
+lock session that broke neither holds its ids nor fails the next execution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+from uuid import uuid4
+
+import psycopg
+import pytest
+from recorder_helpers import advisory_locks, until
+
+from adapters.command_locks import NAMESPACE, CommandLocks
+from adapters.postgres import ResilientPool
+from domain.errors import Unavailable
+from infra.bootstrap import StoredAgentWorks, build_write_side
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+WAIT = 20.0
+"""Long enough never to be reached by a test that expects no wait: reaching it fails it."""
+
+
+@pytest.fixture
+def app(database_url: str) -> Iterator[StoredAgentWorks]:
+    with contextlib.closing(build_write_side(database_url, pool_size=2)) as write_side:
+        yield write_side
+
+
+def locks_of(
+    app: StoredAgentWorks, *, wait_seconds: float = WAIT
+) -> contextlib.closing[CommandLocks]:
+    pool = app.store.datastore.pool
+    assert isinstance(pool, ResilientPool)
+    return contextlib.closing(CommandLocks.beside(pool, wait_seconds=wait_seconds))
+
+
+def test_another_replica_waits_for_the_id_until_its_run_ends(app: StoredAgentWorks) -> None:
+    command_id = str(uuid4())
+    order: list[str] = []
+    with locks_of(app) as one, locks_of(app) as two, ThreadPoolExecutor(1) as pool:
+        with one.one_at_a_time("ws", command_id):
+
+            def second() -> None:
+                with two.one_at_a_time("ws", command_id):
+                    order.append("second")
+
+            waiting = pool.submit(second)
+            until(lambda: two.waiting == 1, "the second execution waits")
+            order.append("first")
+        waiting.result(timeout=60)
+    assert order == ["first", "second"]
+
+
+def test_other_ids_other_scopes_and_this_process_do_not_wait(
+    app: StoredAgentWorks, database_url: str
+) -> None:
+    """While one replica runs an id: another id, the same id in another scope, on either
+    replica, get their turns at once (each would wait ``WAIT`` and fail otherwise)."""
+    command_id = str(uuid4())
+    with locks_of(app) as one, locks_of(app) as two, one.one_at_a_time("ws", command_id):
+        for locks in (one, two):
+            with locks.one_at_a_time("ws", str(uuid4())):
+                pass
+            with locks.one_at_a_time("other ws", command_id):
+                pass
+        assert advisory_locks(database_url, granted=True) == 1
+        assert one.waiting == two.waiting == 0
+    assert advisory_locks(database_url, granted=True) == 0
+
+
+def test_the_wait_for_another_replicas_run_is_bounded(app: StoredAgentWorks) -> None:
+    command_id = str(uuid4())
+    with (
+        locks_of(app) as one,
+        locks_of(app, wait_seconds=0.2) as two,
+        one.one_at_a_time("ws", command_id),
+        pytest.raises(Unavailable, match=f"commandId {command_id} is still running"),
+        two.one_at_a_time("ws", command_id),
+    ):
+        pass
+
+
+def test_a_run_that_raises_gives_its_turn_back(app: StoredAgentWorks, database_url: str) -> None:
+    command_id = str(uuid4())
+    with locks_of(app) as one, locks_of(app, wait_seconds=0.2) as two:
+        with pytest.raises(RuntimeError), one.one_at_a_time("ws", command_id):
+            raise RuntimeError("refused")
+        with two.one_at_a_time("ws", command_id):
+            pass
+    assert advisory_locks(database_url, granted=True) == 0
+
+
+def test_a_broken_lock_session_lets_go_and_the_next_run_gets_a_new_one(
+    app: StoredAgentWorks, database_url: str
+) -> None:
+    """The shared session killed under a held id (a database restart, an idle timeout): the
+    server let go of its locks; the run ends without error, and the next takes a new session."""
+    command_id = str(uuid4())
+    with locks_of(app) as one, locks_of(app, wait_seconds=0.2) as two:
+        with one.one_at_a_time("ws", command_id):
+            with psycopg.connect(database_url, autocommit=True) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                    "WHERE locktype = 'advisory' AND classid = %s",
+                    (NAMESPACE,),
+                )
+            until(lambda: advisory_locks(database_url, granted=True) == 0, "the session ended")
+            with two.one_at_a_time("ws", command_id):
+                pass
+        with one.one_at_a_time("ws", command_id):
+            assert advisory_locks(database_url, granted=True) == 1
+    assert advisory_locks(database_url, granted=True) == 0
