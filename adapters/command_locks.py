@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import psycopg
-from psycopg import sql
+from psycopg import InterfaceError, sql
 from psycopg.rows import tuple_row
 from psycopg_pool import PoolTimeout
 
@@ -47,7 +47,7 @@ from adapters.postgres import ResilientPool
 from domain.errors import Unavailable
 
 if TYPE_CHECKING:
-    from psycopg import Connection
+    from psycopg import Connection, Cursor
     from psycopg.rows import TupleRow
     from psycopg_pool import ConnectionPool
 
@@ -57,8 +57,8 @@ log = logging.getLogger(__name__)
 #: never meet the one-key locks of the event store, migrations, the relay or invoicing).
 NAMESPACE = 0x41574364  # "AWCd"
 
-_TRY = sql.SQL("SELECT pg_try_advisory_lock(%s, %s)")
-_LOCK = sql.SQL("SELECT pg_advisory_lock(%s, %s)")
+_TRY = sql.SQL("SELECT pg_try_advisory_lock({}, {})")
+_LOCK = sql.SQL("SELECT pg_advisory_lock({}, {})")
 _UNLOCK = sql.SQL("SELECT pg_advisory_unlock(%s, %s)")
 
 WAITERS = 4
@@ -124,20 +124,24 @@ class CommandLocks:
             return self._waiting
 
     @contextmanager
-    def one_at_a_time(self, scope: str, command_id: str) -> Iterator[None]:
+    def one_at_a_time(
+        self, scope: str, command_id: str, look_up: sql.Composable
+    ) -> Iterator[TupleRow | None]:
         """Held while one execution of ``command_id`` runs: another, here or in any process on
-        the same database, waits until it ends."""
+        the same database, waits until it ends. Yields the first row of ``look_up`` (a statement
+        without parameters), run in the lock's round trip once the lock is held: its snapshot
+        then includes everything the previous holder committed."""
         key = lock_key(scope, command_id)
         with self._turn(key, command_id):
-            shared = self._try_shared(key)
+            shared, row = self._try_shared(key, look_up)
             if shared is not None:
                 try:
-                    yield
+                    yield row
                 finally:
                     self._unlock(shared, key)
                 return
-            with self._waited(key, command_id):
-                yield
+            with self._waited(key, command_id, look_up) as row:
+                yield row
 
     def close(self) -> None:
         with self._shared_lock:
@@ -177,19 +181,28 @@ class CommandLocks:
 
     # -- the shared session ---------------------------------------------------------------------
 
-    def _try_shared(self, key: int) -> Connection[TupleRow] | None:
-        """The shared session, holding the lock now; None when another session holds it."""
+    def _try_shared(
+        self, key: int, look_up: sql.Composable
+    ) -> tuple[Connection[TupleRow] | None, TupleRow | None]:
+        """The shared session holding the lock now, and the look-up's row; (None, None) when
+        another session holds the lock."""
+        statements = _then(_TRY, key, look_up)
         for attempt in (1, 2):
             conn = self._shared_session()
             try:
-                row = conn.execute(_TRY, (NAMESPACE, key), prepare=True).fetchone()
-            except (psycopg.OperationalError, psycopg.InterfaceError):
-                # Broken (the server restarted under it, or it idled out): once more on a new one.
+                cursor = conn.execute(statements)
+                locked = _only(cursor)
+                cursor.nextset()
+                row = cursor.fetchone()
+            except psycopg.Error as error:
+                # The lock may be taken whatever failed: a closed session holds nothing.
                 self._drop(conn)
+                if not isinstance(error, psycopg.OperationalError | InterfaceError):
+                    raise
                 if attempt == 2:
-                    raise _unavailable() from None
-                continue
-            return conn if row is not None and row[0] else None
+                    raise _unavailable() from error
+                continue  # broken (the server restarted under it): once more on a new one
+            return (conn, row) if locked else (None, None)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _shared_session(self) -> Connection[TupleRow]:
@@ -215,25 +228,29 @@ class CommandLocks:
     # -- waiting for another process ------------------------------------------------------------
 
     @contextmanager
-    def _waited(self, key: int, command_id: str) -> Iterator[None]:
-        """The lock, waited for on a connection of its own and held on it."""
+    def _waited(
+        self, key: int, command_id: str, look_up: sql.Composable
+    ) -> Iterator[TupleRow | None]:
+        """The lock, waited for on a connection of its own and held on it; the look-up's row."""
         conn = self._getconn()
         try:
             self._count_waiting(1)
             try:
-                conn.execute(_LOCK, (NAMESPACE, key))
+                cursor = conn.execute(_then(_LOCK, key, look_up))
+                cursor.nextset()
+                row = cursor.fetchone()
             except psycopg.errors.LockNotAvailable:
                 raise self._still_running(command_id) from None
             except BaseException as error:
                 conn.close()  # whatever became of its request, a closed session holds nothing
                 if isinstance(error, psycopg.Error):
-                    raise _unavailable() from None
+                    raise _unavailable() from error
                 raise
             finally:
                 self._count_waiting(-1)
             log.debug("command.waited_for_first_run: %s", command_id)
             try:
-                yield
+                yield row
             finally:
                 self._unlock(conn, key)
         finally:
@@ -268,6 +285,17 @@ class CommandLocks:
             f"within {self.wait_seconds:g} s); send it again shortly to get its result",
             retry_after_seconds=1.0,
         )
+
+
+def _then(lock: sql.SQL, key: int, look_up: sql.Composable) -> sql.Composed:
+    """The lock statement for ``key``, then ``look_up``: one round trip (the simple query
+    protocol, as there are no parameters), each statement with a snapshot of its own."""
+    return sql.SQL("; ").join([lock.format(sql.Literal(NAMESPACE), sql.Literal(key)), look_up])
+
+
+def _only(cursor: Cursor[TupleRow]) -> bool:
+    row = cursor.fetchone()
+    return row is not None and bool(row[0])
 
 
 def _unavailable() -> Unavailable:

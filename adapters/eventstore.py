@@ -34,8 +34,8 @@ import re
 import threading
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
@@ -62,7 +62,7 @@ from eventsourcing.postgres import (
     PostgresSubscription,
 )
 from eventsourcing.utils import Environment, EnvType, retry
-from psycopg import pq
+from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg.sql import SQL, Composed, Identifier
@@ -1036,6 +1036,18 @@ class Factory(PostgresFactory):
     application_recorder_class = EventStoreRecorder
 
 
+_FIND_COMMAND = SQL(
+    "SELECT command_type, fingerprint, result FROM command_log WHERE scope = {} AND command_id = {}"
+)
+
+
+_FIND_BY_PARAMETERS = _FIND_COMMAND.format(sql.Placeholder(), sql.Placeholder())
+
+
+def _stored_command(command_type: str, fingerprint: str, result: dict[str, Any]) -> StoredCommand:
+    return StoredCommand(command_type=command_type, fingerprint=fingerprint, result=result)
+
+
 class PostgresCommandLog:
     """Look-ups of accepted commands, for idempotent retries, and the turns the executions of
     one command id take (:mod:`adapters.command_locks`, on connections of their own, opened at
@@ -1046,7 +1058,8 @@ class PostgresCommandLog:
         self._locks: CommandLocks | None = None
         self._locks_made = threading.Lock()
 
-    def one_at_a_time(self, scope: str, command_id: str) -> AbstractContextManager[None]:
+    @contextmanager
+    def one_at_a_time(self, scope: str, command_id: str) -> Iterator[StoredCommand | None]:
         locks = self._locks
         if locks is None:
             with self._locks_made:
@@ -1055,7 +1068,9 @@ class PostgresCommandLog:
                     assert isinstance(pool, ResilientPool)  # Factory's
                     self._locks = CommandLocks.beside(pool)
                 locks = self._locks
-        return locks.one_at_a_time(scope, command_id)
+        look_up = _FIND_COMMAND.format(sql.Literal(scope), sql.Literal(command_id))
+        with locks.one_at_a_time(scope, command_id, look_up) as row:
+            yield None if row is None else _stored_command(*row)
 
     @property
     def waiting(self) -> int:
@@ -1072,20 +1087,13 @@ class PostgresCommandLog:
     def find(self, scope: str, command_id: str) -> StoredCommand | None:
         try:
             with self._datastore.get_connection() as conn, conn.cursor() as curs:
-                curs.execute(
-                    "SELECT command_type, fingerprint, result FROM command_log "
-                    "WHERE scope = %s AND command_id = %s",
-                    (scope, command_id),
-                    prepare=True,
-                )
+                curs.execute(_FIND_BY_PARAMETERS, (scope, command_id), prepare=True)
                 row = curs.fetchone()
         except (OperationalError, InterfaceError) as error:
             raise _unavailable(error) from error
         if row is None:
             return None
-        return StoredCommand(
-            command_type=row["command_type"], fingerprint=row["fingerprint"], result=row["result"]
-        )
+        return _stored_command(row["command_type"], row["fingerprint"], row["result"])
 
     def committed(self, transaction_id: str) -> bool | None:
         """Whether the transaction committed (True), did not (False), or is still running

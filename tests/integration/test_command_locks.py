@@ -15,6 +15,7 @@ from uuid import uuid4
 
 import psycopg
 import pytest
+from psycopg import sql
 from recorder_helpers import advisory_locks, until
 
 from adapters.command_locks import NAMESPACE, CommandLocks
@@ -25,6 +26,8 @@ from infra.bootstrap import StoredAgentWorks, build_write_side
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+NOTHING = sql.SQL("SELECT NULL")
+"""A look-up for tests that look nothing up."""
 WAIT = 20.0
 """Long enough never to be reached by a test that expects no wait: reaching it fails it."""
 
@@ -43,21 +46,30 @@ def locks_of(
     return contextlib.closing(CommandLocks.beside(pool, wait_seconds=wait_seconds))
 
 
-def test_another_replica_waits_for_the_id_until_its_run_ends(app: StoredAgentWorks) -> None:
+def test_another_replica_waits_for_the_id_until_its_run_ends_and_then_sees_its_record(
+    app: StoredAgentWorks, database_url: str
+) -> None:
+    """The second execution's look-up runs once it holds the lock: it sees what the first
+    committed before letting go."""
     command_id = str(uuid4())
-    order: list[str] = []
+    look_up = sql.SQL("SELECT count(*) FROM command_log WHERE command_id = {}").format(command_id)
     with locks_of(app) as one, locks_of(app) as two, ThreadPoolExecutor(1) as pool:
-        with one.one_at_a_time("ws", command_id):
 
-            def second() -> None:
-                with two.one_at_a_time("ws", command_id):
-                    order.append("second")
+        def second() -> object:
+            with two.one_at_a_time("ws", command_id, look_up) as row:
+                return row
 
+        with one.one_at_a_time("ws", command_id, look_up) as before:
             waiting = pool.submit(second)
             until(lambda: two.waiting == 1, "the second execution waits")
-            order.append("first")
-        waiting.result(timeout=60)
-    assert order == ["first", "second"]
+            with psycopg.connect(database_url) as conn:
+                conn.execute(
+                    "INSERT INTO command_log (scope, command_id, command_type, fingerprint,"
+                    " actor, result) VALUES ('ws', %s, 'AssignCard', 'f', 'test', '{}')",
+                    (command_id,),
+                )
+        assert before == (0,)
+        assert waiting.result(timeout=60) == (1,)
 
 
 def test_other_ids_other_scopes_and_this_process_do_not_wait(
@@ -66,11 +78,11 @@ def test_other_ids_other_scopes_and_this_process_do_not_wait(
     """While one replica runs an id: another id, the same id in another scope, on either
     replica, get their turns at once (each would wait ``WAIT`` and fail otherwise)."""
     command_id = str(uuid4())
-    with locks_of(app) as one, locks_of(app) as two, one.one_at_a_time("ws", command_id):
+    with locks_of(app) as one, locks_of(app) as two, one.one_at_a_time("ws", command_id, NOTHING):
         for locks in (one, two):
-            with locks.one_at_a_time("ws", str(uuid4())):
+            with locks.one_at_a_time("ws", str(uuid4()), NOTHING):
                 pass
-            with locks.one_at_a_time("other ws", command_id):
+            with locks.one_at_a_time("other ws", command_id, NOTHING):
                 pass
         assert advisory_locks(database_url, granted=True) == 1
         assert one.waiting == two.waiting == 0
@@ -82,9 +94,9 @@ def test_the_wait_for_another_replicas_run_is_bounded(app: StoredAgentWorks) -> 
     with (
         locks_of(app) as one,
         locks_of(app, wait_seconds=0.2) as two,
-        one.one_at_a_time("ws", command_id),
+        one.one_at_a_time("ws", command_id, NOTHING),
         pytest.raises(Unavailable, match=f"commandId {command_id} is still running"),
-        two.one_at_a_time("ws", command_id),
+        two.one_at_a_time("ws", command_id, NOTHING),
     ):
         pass
 
@@ -92,9 +104,9 @@ def test_the_wait_for_another_replicas_run_is_bounded(app: StoredAgentWorks) -> 
 def test_a_run_that_raises_gives_its_turn_back(app: StoredAgentWorks, database_url: str) -> None:
     command_id = str(uuid4())
     with locks_of(app) as one, locks_of(app, wait_seconds=0.2) as two:
-        with pytest.raises(RuntimeError), one.one_at_a_time("ws", command_id):
+        with pytest.raises(RuntimeError), one.one_at_a_time("ws", command_id, NOTHING):
             raise RuntimeError("refused")
-        with two.one_at_a_time("ws", command_id):
+        with two.one_at_a_time("ws", command_id, NOTHING):
             pass
     assert advisory_locks(database_url, granted=True) == 0
 
@@ -106,7 +118,7 @@ def test_a_broken_lock_session_lets_go_and_the_next_run_gets_a_new_one(
     server let go of its locks; the run ends without error, and the next takes a new session."""
     command_id = str(uuid4())
     with locks_of(app) as one, locks_of(app, wait_seconds=0.2) as two:
-        with one.one_at_a_time("ws", command_id):
+        with one.one_at_a_time("ws", command_id, NOTHING):
             with psycopg.connect(database_url, autocommit=True) as admin:
                 admin.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_locks "
@@ -114,8 +126,8 @@ def test_a_broken_lock_session_lets_go_and_the_next_run_gets_a_new_one(
                     (NAMESPACE,),
                 )
             until(lambda: advisory_locks(database_url, granted=True) == 0, "the session ended")
-            with two.one_at_a_time("ws", command_id):
+            with two.one_at_a_time("ws", command_id, NOTHING):
                 pass
-        with one.one_at_a_time("ws", command_id):
+        with one.one_at_a_time("ws", command_id, NOTHING):
             assert advisory_locks(database_url, granted=True) == 1
     assert advisory_locks(database_url, granted=True) == 0
