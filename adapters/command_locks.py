@@ -11,9 +11,12 @@ until its record is committed (or it was refused and wrote nothing), and the nex
 then finds what the first recorded.
 
 The lock costs no connection of its own while nobody else holds the id: every execution of this
-process takes it with ``pg_try_advisory_lock`` on one session they share (a round trip, and one
-more to let go after the commit). Only when another process holds the id does an execution wait,
-on a connection of this module's small pool, with ``pg_advisory_lock`` under ``lock_timeout``.
+process takes it with ``pg_try_advisory_lock`` on one session they share, in one round trip
+with the id's look-up (a statement of its own after the lock, so its snapshot includes what the
+previous holder committed), and lets go in one more after the commit. Only when another process
+holds the id does an execution wait, on a connection of this module's small pool, with
+``pg_advisory_lock`` under ``lock_timeout``. The lock is held apart from the write transaction,
+so any number of holders' appends may still be written in one group commit.
 Within the process the executions of one id queue on a threading lock first: a session's
 advisory locks stack, so two threads on the shared session would both "get" it.
 
