@@ -13,7 +13,9 @@ then finds what the first recorded.
 The lock costs no connection of its own while nobody else holds the id: every execution of this
 process takes it with ``pg_try_advisory_lock`` on one session they share, in one round trip
 with the id's look-up (a statement of its own after the lock, so its snapshot includes what the
-previous holder committed), and lets go in one more after the commit. Only when another process
+previous holder committed). Letting go after the commit is a thread's of its own: the answer does
+not wait for it, and the unlocks of executions ending together share a statement (the id's turn
+in this process ends once its unlock is done). Only when another process
 holds the id does an execution wait, on a connection of this module's small pool, with
 ``pg_advisory_lock`` under ``lock_timeout``. The lock is held apart from the write transaction,
 so any number of holders' appends may still be written in one group commit.
@@ -33,8 +35,10 @@ refusal still looks its id up once more).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import queue
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,7 +66,6 @@ NAMESPACE = 0x41574364  # "AWCd"
 
 _TRY = sql.SQL("SELECT pg_try_advisory_lock({}, {})")
 _LOCK = sql.SQL("SELECT pg_advisory_lock({}, {})")
-_UNLOCK = sql.SQL("SELECT pg_advisory_unlock(%s, %s)")
 
 WAITERS = 4
 """Connections of the pool for waiting on another process's run of an id (beside the shared
@@ -83,6 +86,15 @@ class _Turn:
     users: int = 0
 
 
+@dataclass(frozen=True)
+class _Release:
+    """An unlock handed to the releasing thread, and the turn it ends."""
+
+    conn: Connection[TupleRow]
+    key: int
+    turn: _Turn
+
+
 class CommandLocks:
     """Turns of the executions of one command id (module docstring), on ``pool``'s sessions."""
 
@@ -94,6 +106,10 @@ class CommandLocks:
         self._turns: dict[int, _Turn] = {}
         self._turns_lock = threading.Lock()
         self._waiting = 0
+        self._releases: queue.SimpleQueue[_Release | None] = queue.SimpleQueue()
+        self._releasing = threading.Lock()
+        self._releaser: threading.Thread | None = None
+        self._closed = False
 
     @classmethod
     def beside(cls, store_pool: ResilientPool, *, wait_seconds: float = 30.0) -> CommandLocks:
@@ -135,18 +151,31 @@ class CommandLocks:
         without parameters), run in the lock's round trip once the lock is held: its snapshot
         then includes everything the previous holder committed."""
         key = lock_key(scope, command_id)
-        with self._turn(key, command_id):
+        turn = self._take_turn(key, command_id)
+        ends_later = False
+        try:
             shared, row = self._try_shared(key, look_up)
-            if shared is not None:
-                try:
+            if shared is None:
+                with self._waited(key, command_id, look_up) as row:
                     yield row
-                finally:
-                    self._unlock(shared, key)
                 return
-            with self._waited(key, command_id, look_up) as row:
+            try:
                 yield row
+            finally:
+                ends_later = self._release_later(_Release(shared, key, turn))
+        finally:
+            if not ends_later:
+                self._end_turn(key, turn)
 
     def close(self) -> None:
+        """Let go of every lock still held (after the releases handed on) and of the pool."""
+        with self._releasing:
+            self._closed = True
+            releaser = self._releaser
+            if releaser is not None:
+                self._releases.put(None)
+        if releaser is not None:
+            releaser.join()
         with self._shared_lock:
             shared, self._shared = self._shared, None
         if shared is not None:
@@ -155,28 +184,31 @@ class CommandLocks:
 
     # -- this process ---------------------------------------------------------------------------
 
-    @contextmanager
-    def _turn(self, key: int, command_id: str) -> Iterator[None]:
+    def _take_turn(self, key: int, command_id: str) -> _Turn:
+        """This process's turn at ``key``, once the execution holding it ended."""
         with self._turns_lock:
             turn = self._turns.setdefault(key, _Turn())
             turn.users += 1
+        if turn.lock.acquire(blocking=False):
+            return turn
+        self._count_waiting(1)
         try:
-            if not turn.lock.acquire(blocking=False):
-                self._count_waiting(1)
-                try:
-                    if not turn.lock.acquire(timeout=self.wait_seconds):
-                        raise self._still_running(command_id)
-                finally:
-                    self._count_waiting(-1)
-            try:
-                yield
-            finally:
-                turn.lock.release()
+            if turn.lock.acquire(timeout=self.wait_seconds):
+                return turn
         finally:
-            with self._turns_lock:
-                turn.users -= 1
-                if not turn.users:
-                    del self._turns[key]
+            self._count_waiting(-1)
+        self._forget(key, turn)
+        raise self._still_running(command_id)
+
+    def _end_turn(self, key: int, turn: _Turn) -> None:
+        turn.lock.release()
+        self._forget(key, turn)
+
+    def _forget(self, key: int, turn: _Turn) -> None:
+        with self._turns_lock:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[key]
 
     def _count_waiting(self, change: int) -> None:
         with self._turns_lock:
@@ -255,25 +287,76 @@ class CommandLocks:
             try:
                 yield row
             finally:
-                self._unlock(conn, key)
+                self._unlock(conn, [key])
         finally:
             self._pool.putconn(conn)
 
-    # -- both -----------------------------------------------------------------------------------
+    # -- letting go -----------------------------------------------------------------------------
 
-    def _unlock(self, conn: Connection[TupleRow], key: int) -> None:
-        """Let go of the lock; a session that cannot say it did is closed, so that no lock of an
-        id outlives its execution on a session kept open."""
+    def _release_later(self, release: _Release) -> bool:
+        """Hand an unlock on the shared session to the releasing thread, which ends the turn
+        after it: the execution's answer does not wait for that round trip, and the unlocks of
+        executions ending together go in one statement. False (once closed): unlocked here."""
+        with self._releasing:
+            if not self._closed and self._start_releaser():
+                self._releases.put(release)
+                return True
+        self._unlock(release.conn, [release.key])
+        return False
+
+    def _start_releaser(self) -> bool:
+        """Whether the releasing thread runs (started now if need be)."""
+        if self._releaser is None:
+            releaser = threading.Thread(
+                target=self._release_loop, name="command-locks-release", daemon=True
+            )
+            try:
+                releaser.start()
+            except RuntimeError:  # no thread to be had: the caller unlocks itself
+                return False
+            self._releaser = releaser
+        return True
+
+    def _release_loop(self) -> None:
+        while True:
+            batch = [self._releases.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    batch.append(self._releases.get_nowait())
+            releases = [release for release in batch if release is not None]
+            sessions = {id(release.conn): release.conn for release in releases}
+            try:
+                for conn in sessions.values():
+                    self._unlock(conn, [r.key for r in releases if r.conn is conn])
+            except Exception:  # never leave a turn held: drop the session instead
+                log.exception("command_locks.release_failed")
+                for conn in sessions.values():
+                    self._drop(conn)
+            finally:
+                for release in releases:
+                    self._end_turn(release.key, release.turn)
+            if len(releases) < len(batch):
+                return  # closed
+
+    def _unlock(self, conn: Connection[TupleRow], keys: list[int]) -> None:
+        """Let go of the locks; a session that cannot say it did is closed, so that no lock of
+        an id outlives its execution on a session kept open."""
+        statement = sql.SQL("SELECT {}").format(
+            sql.SQL(", ").join(
+                sql.SQL("pg_advisory_unlock({}, {})").format(sql.Literal(NAMESPACE), sql.Literal(k))
+                for k in keys
+            )
+        )
         try:
-            row = conn.execute(_UNLOCK, (NAMESPACE, key), prepare=True).fetchone()
+            row = conn.execute(statement).fetchone()
         except psycopg.Error:
             if conn is self._shared:
                 self._drop(conn)
             else:
                 conn.close()
             return
-        if row is None or not row[0]:
-            log.warning("command_locks.not_held: key %s on a session that lost it", key)
+        if row is None or not all(row):
+            log.warning("command_locks.not_held: keys %s on a session that lost them", keys)
 
     def _getconn(self) -> Connection[TupleRow]:
         try:
