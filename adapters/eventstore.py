@@ -62,12 +62,12 @@ from eventsourcing.postgres import (
     PostgresSubscription,
 )
 from eventsourcing.utils import Environment, EnvType, retry
-from psycopg import pq, sql
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg.sql import SQL, Composed, Identifier
 
-from adapters.command_locks import CommandLocks
+from adapters.command_locks import CommandLocks, literal
 from adapters.metrics import COMMIT_GROUP_SIZE, EVENTS_APPENDED
 from adapters.postgres import (
     CONNECT_TIMEOUT,
@@ -1036,12 +1036,12 @@ class Factory(PostgresFactory):
     application_recorder_class = EventStoreRecorder
 
 
-_FIND_COMMAND = SQL(
+_FIND_COMMAND = (
     "SELECT command_type, fingerprint, result FROM command_log WHERE scope = {} AND command_id = {}"
 )
 
 
-_FIND_BY_PARAMETERS = _FIND_COMMAND.format(sql.Placeholder(), sql.Placeholder())
+_FIND_BY_PARAMETERS = _FIND_COMMAND.format("%s", "%s")
 
 
 def _stored_command(command_type: str, fingerprint: str, result: dict[str, Any]) -> StoredCommand:
@@ -1068,7 +1068,7 @@ class PostgresCommandLog:
                     assert isinstance(pool, ResilientPool)  # Factory's
                     self._locks = CommandLocks.beside(pool)
                 locks = self._locks
-        look_up = _FIND_COMMAND.format(sql.Literal(scope), sql.Literal(command_id))
+        look_up = _FIND_COMMAND.format(literal(scope), literal(command_id))
         with locks.one_at_a_time(scope, command_id, look_up) as row:
             yield None if row is None else _stored_command(*row)
 

@@ -15,10 +15,9 @@ from uuid import uuid4
 
 import psycopg
 import pytest
-from psycopg import sql
 from recorder_helpers import advisory_locks, until
 
-from adapters.command_locks import NAMESPACE, CommandLocks
+from adapters.command_locks import NAMESPACE, CommandLocks, literal
 from adapters.postgres import ResilientPool
 from domain.errors import Unavailable
 from infra.bootstrap import StoredAgentWorks, build_write_side
@@ -26,7 +25,7 @@ from infra.bootstrap import StoredAgentWorks, build_write_side
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-NOTHING = sql.SQL("SELECT NULL")
+NOTHING = "SELECT NULL"
 """A look-up for tests that look nothing up."""
 WAIT = 20.0
 """Long enough never to be reached by a test that expects no wait: reaching it fails it."""
@@ -52,7 +51,7 @@ def test_another_replica_waits_for_the_id_until_its_run_ends_and_then_sees_its_r
     """The second execution's look-up runs once it holds the lock: it sees what the first
     committed before letting go."""
     command_id = str(uuid4())
-    look_up = sql.SQL("SELECT count(*) FROM command_log WHERE command_id = {}").format(command_id)
+    look_up = f"SELECT count(*) FROM command_log WHERE command_id = {literal(command_id)}"
     with locks_of(app) as one, locks_of(app) as two, ThreadPoolExecutor(1) as pool:
 
         def second() -> object:
@@ -133,3 +132,10 @@ def test_a_broken_lock_session_lets_go_and_the_next_run_gets_a_new_one(
         with one.one_at_a_time("ws", command_id, NOTHING):
             until(lambda: advisory_locks(database_url, granted=True) == 1, "only this one holds")
     assert advisory_locks(database_url, granted=True) == 0
+
+
+def test_text_is_quoted_as_one_literal(app: StoredAgentWorks) -> None:
+    """The look-up's text goes in as literals: quotes and backslashes in a scope stay text."""
+    scope = "user:o'brien\\'; SELECT 1; --"
+    with locks_of(app) as locks, locks.one_at_a_time(scope, "x", f"SELECT {literal(scope)}") as row:
+        assert row == (scope,)
