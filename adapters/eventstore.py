@@ -34,7 +34,8 @@ import re
 import threading
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
@@ -66,6 +67,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg.sql import SQL, Composed, Identifier
 
+from adapters.command_locks import CommandLocks, literal
 from adapters.metrics import COMMIT_GROUP_SIZE, EVENTS_APPENDED
 from adapters.postgres import (
     CONNECT_TIMEOUT,
@@ -1034,29 +1036,64 @@ class Factory(PostgresFactory):
     application_recorder_class = EventStoreRecorder
 
 
+_FIND_COMMAND = (
+    "SELECT command_type, fingerprint, result FROM command_log WHERE scope = {} AND command_id = {}"
+)
+
+
+_FIND_BY_PARAMETERS = _FIND_COMMAND.format("%s", "%s")
+
+
+def _stored_command(command_type: str, fingerprint: str, result: dict[str, Any]) -> StoredCommand:
+    return StoredCommand(command_type=command_type, fingerprint=fingerprint, result=result)
+
+
 class PostgresCommandLog:
-    """Look-ups of accepted commands, for idempotent retries."""
+    """Look-ups of accepted commands, for idempotent retries, and the turns the executions of
+    one command id take (:mod:`adapters.command_locks`, on connections of their own, opened at
+    the first command sent with an id)."""
 
     def __init__(self, datastore: PostgresDatastore) -> None:
         self._datastore = datastore
+        self._locks: CommandLocks | None = None
+        self._locks_made = threading.Lock()
+
+    @contextmanager
+    def one_at_a_time(self, scope: str, command_id: str) -> Iterator[StoredCommand | None]:
+        locks = self._locks
+        if locks is None:
+            with self._locks_made:
+                if self._locks is None:
+                    pool = self._datastore.pool
+                    assert isinstance(pool, ResilientPool)  # Factory's
+                    self._locks = CommandLocks.beside(pool)
+                locks = self._locks
+        look_up = _FIND_COMMAND.format(literal(scope), literal(command_id))
+        with locks.one_at_a_time(scope, command_id, look_up) as row:
+            yield None if row is None else _stored_command(*row)
+
+    @property
+    def waiting(self) -> int:
+        """Executions of this process waiting for an earlier run of their command id to end."""
+        locks = self._locks
+        return 0 if locks is None else locks.waiting
+
+    def close(self) -> None:
+        with self._locks_made:
+            locks, self._locks = self._locks, None
+        if locks is not None:
+            locks.close()
 
     def find(self, scope: str, command_id: str) -> StoredCommand | None:
         try:
             with self._datastore.get_connection() as conn, conn.cursor() as curs:
-                curs.execute(
-                    "SELECT command_type, fingerprint, result FROM command_log "
-                    "WHERE scope = %s AND command_id = %s",
-                    (scope, command_id),
-                    prepare=True,
-                )
+                curs.execute(_FIND_BY_PARAMETERS, (scope, command_id), prepare=True)
                 row = curs.fetchone()
         except (OperationalError, InterfaceError) as error:
             raise _unavailable(error) from error
         if row is None:
             return None
-        return StoredCommand(
-            command_type=row["command_type"], fingerprint=row["fingerprint"], result=row["result"]
-        )
+        return _stored_command(row["command_type"], row["fingerprint"], row["result"])
 
     def committed(self, transaction_id: str) -> bool | None:
         """Whether the transaction committed (True), did not (False), or is still running

@@ -203,11 +203,14 @@ class MoveCards(_AppRunner[AgentWorks]):
 
 
 class AssignCards(MoveCards):
-    """``assign_card`` (a single-event command: the card only) on the writer's own board."""
+    """``assign_card`` (a single-event command: the card only) on the writer's own board; with
+    ``command_ids``, each command carries a new ``commandId`` of its own, as a client that
+    retries sends it (the write side then looks the id up and runs it one at a time)."""
 
     def __init__(self, params: dict[str, Any], index: int) -> None:
         super().__init__(params, index)
         self.assigned: dict[UUID, bool] = {}
+        self.command_ids = bool(params.get("command_ids"))
 
     def op(self) -> int:
         card = self.rng.choice(self.cards)
@@ -215,7 +218,10 @@ class AssignCards(MoveCards):
         # command changes the card and records an event.
         who = None if self.assigned.get(card) else self.actor.user_id
         try:
-            self.app.assign_card(m.AssignCard(card_id=card, assignee=who), self.actor)
+            command_id = uuid.uuid4() if self.command_ids else None
+            self.app.assign_card(
+                m.AssignCard(card_id=card, assignee=who, command_id=command_id), self.actor
+            )
         except Conflict:
             self.counting.failures += 1
             return 0

@@ -9,6 +9,8 @@ Scenarios (each in its own fresh database ``aw_bench_<hex>``, dropped afterwards
                      (4 lanes, 20 cards, no WIP limits), so the store is measured, not the board.
     ``ours.move.shared`` the same with every writer on ONE board: conflicts and retries.
     ``ours.assign``  ``assign_card``: a single-event command (the DESIGN budget's unit).
+    ``ours.assign.id`` the same, each command with a ``commandId`` of its own (what an id costs:
+                     its look-up and one execution of it at a time, across processes).
 (b) ``es.save``      a plain ``eventsourcing`` Application with the library's stock PostgreSQL
                      persistence (tables created by the library), ``save(card, board)`` of two
                      aggregates with one event each, shaped and sized like ours.
@@ -112,6 +114,10 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
         Scenario(f"ours.assign/{top}", "a", "assign_card via handlers (1 event)",
                  f"{WORKLOADS}:AssignCards", top, "migrated", "command")
     )  # fmt: skip
+    out.append(
+        Scenario(f"ours.assign.id/{top}", "a", "assign_card, each with a commandId of its own",
+                 f"{WORKLOADS}:AssignCards", top, "migrated", "command", {"command_ids": True})
+    )  # fmt: skip
     for w in writers:
         out.append(
             Scenario(f"es.save/{w}", "b", "bare eventsourcing save(card, board), library recorder",
@@ -159,6 +165,9 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
             Scenario(f"ours.assign/{shape}", "e", f"assign_card, {shape} threads sharing an app",
                      f"{WORKLOADS}:AssignCards", processes, "migrated", "command", api,
                      threads=threads),
+            Scenario(f"ours.assign.id/{shape}", "e", f"assign_card with commandIds, {shape}",
+                     f"{WORKLOADS}:AssignCards", processes, "migrated", "command",
+                     {**api, "command_ids": True}, threads=threads),
             Scenario(f"es.save/{shape}", "e", f"bare eventsourcing save(card, board), {shape}",
                      f"{WORKLOADS}:BareSaves", processes, "library", "save",
                      {**api, "recorder": "library"}, threads=threads),
@@ -411,7 +420,10 @@ def ratio_pairs(
         # Against the library in the usual shape (one thread per process), too.
         ops += [(f"ours.{cmd}/{shape}", f"es.save/{flat}") for cmd in ("move", "assign")]
         ops += [(f"{kind}/{shape}", f"{kind}/{flat}") for kind in ("ours.move", "es.save")]
+        ops.append((f"ours.assign.id/{shape}", f"ours.assign/{shape}"))
     ops += [(f"{num}/{w}", f"{den}/{w}") for w in writers for num, den in WRITER_RATIOS]
+    # What sending a commandId costs (its look-up, and running one execution of it at a time).
+    ops.append((f"ours.assign.id/{max(writers)}", f"ours.assign/{max(writers)}"))
     events = [(f"{num}/{w}", f"{den}/{w}") for w in bulk for num, den in BULK_RATIOS]
     return [(num, den, "ops_per_s") for num, den in ops] + [
         (num, den, "events_per_s") for num, den in events

@@ -47,7 +47,7 @@ from domain.errors import (
     Unavailable,
     ValidationFailed,
 )
-from domain.idempotency import CommandLog, CommandRecord
+from domain.idempotency import CommandLog, CommandRecord, StoredCommand
 from domain.meta import EventMeta
 from domain.pricing import PriceTable, built_in_price_table
 from domain.project import Project
@@ -297,26 +297,34 @@ class WriteSide(Application[UUID]):
         )
         # The store raises UNAVAILABLE itself when loading or appending fails before anything
         # was committed.
-        if sent_id:
-            earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
+        if not sent_id or self.command_log is None:
+            return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
+        # A client's retry may arrive while its first run is still deciding or committing, here
+        # or on another replica: executions of one id take turns (from the look-up until the
+        # record is committed), so a retry finds the first's record instead of deciding on a
+        # state that run's commit is not part of (and refusing what its twin did).
+        with self.command_log.one_at_a_time(scope, command_id) as stored:
+            earlier = self._earlier_result(stored, command_id, cmd, digest, decide, meta)
             if earlier is not None:
                 return earlier
-        try:
-            return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
-        except AgentWorksError as refusal:
-            # The same command, sent again while its first run was committing (a client retry
-            # after a timeout), found no record above and then lost to that run: a version its
-            # first run moved on, a lane it filled. Its command was done; a retry answers the
-            # first result.
-            if not sent_id or isinstance(refusal, Unavailable):
-                raise
             try:
-                earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
-            except Unavailable:
-                raise refusal from None
-            if earlier is None:
-                raise
-            return earlier
+                return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
+            except AgentWorksError as refusal:
+                # Turns end with their session: a first run whose lock session broke (the
+                # database restarted) may commit while its retry runs, which then loses to it
+                # (a version it moved on, a lane it filled). Its command was done; a retry
+                # answers the first result.
+                if isinstance(refusal, Unavailable):
+                    raise
+                try:
+                    earlier = self._earlier_result(
+                        self._recorded(scope, command_id), command_id, cmd, digest, decide, meta
+                    )
+                except Unavailable:
+                    raise refusal from None
+                if earlier is None:
+                    raise
+                return earlier
 
     def _attempts(
         self,
@@ -359,7 +367,9 @@ class WriteSide(Application[UUID]):
                 continue
             except Conflict as error:
                 if isinstance(error, DuplicateCommand):
-                    earlier = self._earlier_result(scope, command_id, cmd, digest, decide, meta)
+                    earlier = self._earlier_result(
+                        self._recorded(scope, command_id), command_id, cmd, digest, decide, meta
+                    )
                     if earlier is not None:
                         return earlier
                 elif reads.served_from_cache:
@@ -529,16 +539,21 @@ class WriteSide(Application[UUID]):
             if current < aggregate.version:
                 cache.put(aggregate.id, deepcopy(aggregate))
 
+    def _recorded(self, scope: str, command_id: str) -> StoredCommand | None:
+        """The command log's record of ``command_id`` in ``scope`` now (None: none, or no log)."""
+        return None if self.command_log is None else self.command_log.find(scope, command_id)
+
     def _earlier_result(
         self,
-        scope: str,
+        stored: StoredCommand | None,
         command_id: str,
         cmd: m.Command,
         digest: str,
         decide: Callable[[EventMeta], Decision],
         meta: EventMeta,
     ) -> CommandResult | None:
-        """The first result of a command sent again, for a caller who may run it now.
+        """The first result of a command sent again (``stored``: its record), for a caller who
+        may run it now; None when it has no record.
 
         The replay re-runs the command's checks against the current state and writes nothing:
         a refusal of who is asking (FORBIDDEN, NOT_FOUND) is the answer, so a VIEWER replaying an
@@ -546,9 +561,6 @@ class WriteSide(Application[UUID]):
         version moved on, a lane renamed or a member removed: ``MissingPart``) is expected after
         the first run and the first result stands.
         """
-        if self.command_log is None:
-            return None
-        stored = self.command_log.find(scope, command_id)
         if stored is None:
             return None
         if stored.command_type != type(cmd).__name__ or stored.fingerprint != digest:

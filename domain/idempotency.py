@@ -7,6 +7,7 @@ appends and answers look-ups as a :class:`CommandLog`.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +37,15 @@ class CommandLog(Protocol):
 
     def find(self, scope: str, command_id: str) -> StoredCommand | None:
         """The record of an already accepted command, or None."""
+        ...
+
+    def one_at_a_time(
+        self, scope: str, command_id: str
+    ) -> AbstractContextManager[StoredCommand | None]:
+        """Held by one execution of a command id until its record is committed (or it wrote
+        nothing): another execution of the id, in any process writing to the same store, waits
+        for it to end. Yields the id's record as the turn began (:meth:`find`'s answer then),
+        so a second execution finds what the first recorded."""
         ...
 
     def committed(self, transaction_id: str) -> bool | None:

@@ -129,7 +129,11 @@ class StoredAgentWorks(AgentWorks):
             settle_seconds=settle_seconds,
             cached_reads=True,
         )
-        self.command_log = PostgresCommandLog(self.store.datastore)
+        self.command_log = self.stored_command_log = PostgresCommandLog(self.store.datastore)
+
+    def close(self) -> None:
+        self.stored_command_log.close()
+        super().close()
 
     def construct_factory(self, env: Environment) -> InfrastructureFactory[TrackingRecorder]:
         self.store = Factory(env)

@@ -1,13 +1,16 @@
 """Helpers for tests that drive the event store recorder (adapters/eventstore.py) directly.
 
 A library datastore logged in as the application role, the recorder on the table our migration
-creates, stored events and command records to append, and a count of the advisory locks that
-serialise appends: ``test_event_store_recorder`` and ``test_group_commit`` both use them.
+creates, stored events and command records to append, a count of the advisory locks that
+serialise appends and of the sessions waiting on another's transaction, and ``until`` to wait
+for one of those states: ``test_event_store_recorder``, ``test_group_commit`` and
+``test_idempotency`` use them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import TYPE_CHECKING
 from uuid import UUID, uuid4
 
@@ -21,7 +24,7 @@ from adapters.eventstore import EventStoreRecorder
 from domain.idempotency import CommandRecord
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 EVENTS_TABLE = "agentworks_events"
 APP_ROLE = "agentworks_app"
@@ -97,3 +100,22 @@ def advisory_locks(database_url: str, *, granted: bool) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def transaction_waits(database_url: str) -> int:
+    """How many sessions wait on another's transaction (a row or key it has not committed)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Wait until ``check()`` holds (a state other threads reach); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.01)

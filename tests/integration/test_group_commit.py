@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,9 +30,16 @@ from recorder_helpers import (
     command_record,
     event,
     open_recorder,
+    transaction_waits,
+    until,
 )
 
-from adapters.eventstore import CommandAlreadyRecorded, EventStoreRecorder, StaleVersion
+from adapters.eventstore import (
+    CommandAlreadyRecorded,
+    EventStoreRecorder,
+    PostgresCommandLog,
+    StaleVersion,
+)
 from commands import models as m
 from infra.bootstrap import build_write_side
 
@@ -59,14 +65,6 @@ def store_locked(database_url: str) -> Iterator[None]:
             yield
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
-
-
-def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.01)
 
 
 def grouped(
@@ -511,25 +509,15 @@ def test_a_group_chosen_as_a_deadlock_victim_by_one_append_writes_the_others_alo
     assert advisory_locks(database_url, granted=True) == 0
 
 
-def transaction_waits(database_url: str) -> int:
-    """How many sessions wait on another's transaction (a row or key it has not committed)."""
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def test_a_command_id_sent_again_while_its_first_run_commits_answers_the_first_result(
     database_url: str, write_side: AgentWorks, board: Board
 ) -> None:
     """A client whose request timed out sends the same move (same commandId, same
-    expectedVersion) again while the first run is still committing: the retry finds no record
-    yet, decides on the version it expected, loses the version to the first run and decides
-    again on the state the first run made. Its command was done, so it answers the first result
-    (API: a retry returns the first result), not CONFLICT for the version its own first run
-    moved on."""
+    expectedVersion) again while the first run is still committing (here, waiting for the
+    store's lock). Deciding now, the retry would find no record, decide on the version it
+    expected, lose the version to the first run and then refuse (CONFLICT) on the state the
+    first run made; it waits for its turn instead and answers the first result (API: a retry
+    returns the first result)."""
     recorder = store_recorder(write_side)
     recorder.group_commit.max_in_flight = 1
     (card,) = add_cards(write_side, board, 1)
@@ -546,7 +534,9 @@ def test_a_command_id_sent_again_while_its_first_run_commits_answers_the_first_r
                 "the first run waits on the lock",
             )
             again = pool.submit(send)
-            until(lambda: recorder.group_commit.waiting == 1, "the retry is queued behind it")
+            log = write_side.command_log
+            assert isinstance(log, PostgresCommandLog)
+            until(lambda: log.waiting == 1, "the retry waits for its first run")
         answers = [first.result(timeout=60), again.result(timeout=60)]
 
     assert [a.replayed for a in answers] == [False, True]

@@ -6,21 +6,25 @@ The idempotency record is written in the same transaction as the command's event
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
+import psycopg
 import pytest
 from board_helpers import add_cards, add_member, bootstrap_board, command_log_count, max_position
+from recorder_helpers import advisory_locks, transaction_waits, until
 
 from commands import models as m
 from commands.handlers import Actor
 from domain.errors import Forbidden, NotFound, ValidationFailed, WipLimitExceeded
+from infra.bootstrap import build_write_side
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from board_helpers import Board
 
@@ -310,3 +314,64 @@ class TestReplayAfterTheBoardChanged:
 
         assert [result.replayed for result in again] == [True, True]
         assert [_same(result) for result in again] == [_same(result) for result in firsts]
+
+
+@contextlib.contextmanager
+def record_held(database_url: str, scope: str, command_id: UUID) -> Iterator[None]:
+    """A command record of ``command_id`` inserted and not committed until the block ends: a
+    write side's own record of that id waits on it (its transaction paused inside its commit,
+    its events written), and is then written when this one is rolled back."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO command_log (scope, command_id, command_type, fingerprint, actor, result)"
+            " VALUES (%s, %s, 'AssignCard', 'held', 'test', '{}')",
+            (scope, command_id),
+        )
+        try:
+            yield
+        finally:
+            conn.rollback()
+
+
+class TestTwoReplicas:
+    """A retried commandId returns the first result whichever API replica (each a write side
+    of its own on the one database) each sending reaches."""
+
+    def test_retry_refused_by_a_third_change_while_the_first_run_commits_gets_its_result(
+        self, write_side: AgentWorks, board: Board, database_url: str
+    ) -> None:
+        """The first sending assigns a member on replica one and is inside its commit; a third
+        command removes that member; the retry reaches replica two. Deciding there now, it would
+        be refused (no longer a member: VALIDATION) while the first run commits the assignment a
+        moment later. It waits for the first run and answers its result."""
+        (card,) = add_cards(write_side, board, 1)
+        member = str(uuid4())
+        add_member(write_side, board, member, "MEMBER")
+        command = m.AssignCard(card_id=card, assignee=member, command_id=uuid4())
+        assert command.command_id is not None
+        removal = m.RemoveMember(workspace_id=board.workspace_id, user_id=member)
+        with contextlib.closing(build_write_side(database_url, pool_size=2)) as replica_one:
+            # Replica one caches the card; replica two then changes it. The first run's cached
+            # decision loses that race and it decides again on the store's state: reads the
+            # save does not check (a third command may change them until the commit).
+            replica_one.label_card(m.LabelCard(card_id=card, label="seen"), board.owner)
+            write_side.update_card(m.UpdateCard(card_id=card, title="renamed"), board.owner)
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                with record_held(database_url, board.owner.workspace_id, command.command_id):
+                    first = pool.submit(replica_one.assign_card, command, board.owner)
+                    until(
+                        lambda: transaction_waits(database_url) == 1,
+                        "the first run's commit waits on the held record",
+                    )
+                    write_side.remove_member(removal, board.owner)
+                    again = pool.submit(write_side.assign_card, command, board.owner)
+                    until(
+                        lambda: again.done() or advisory_locks(database_url, granted=False) == 1,
+                        "the retry answered or waits for the first run",
+                    )
+                answers = [first.result(timeout=60), again.result(timeout=60)]
+
+        assert [answer.replayed for answer in answers] == [False, True]
+        assert _same(answers[1]) == _same(answers[0])
+        assert command_log_count(database_url, command.command_id) == 1
+        assert write_side.card_at(card, board.owner).assignee == member
