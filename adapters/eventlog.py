@@ -401,16 +401,16 @@ class EventLog:
         aggregates: frozenset[str] | set[str],
         *,
         max_bytes: int | None = None,
-    ) -> tuple[list[EventEnvelope], int, int]:
-        """Like :meth:`read`, decoding only the events of ``aggregates`` (what a set of
-        projectors follows): those envelopes, the position read up to, and how many events were
-        read (followed or not)."""
-        rows = self._rows(after, limit, max_bytes)[0]
+    ) -> tuple[list[EventEnvelope], int, int, bool]:
+        """Like :meth:`read_batch`, decoding only the events of ``aggregates`` (what a set of
+        projectors follows): those envelopes, the position read up to, how many events were
+        read (followed or not), and whether more may be read at once."""
+        rows, more = self._rows(after, limit, max_bytes)
         if not rows:
-            return [], after, 0
+            return [], after, 0, False
         aggregate_of = self._aggregate_of
         envelopes = [self.readable(row) for row in rows if aggregate_of(row[3]) in aggregates]
-        return envelopes, rows[-1][0], len(rows)
+        return envelopes, rows[-1][0], len(rows), more
 
     def between(
         self, originator_id: UUID, *, after_version: int, before_version: int | None

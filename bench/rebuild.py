@@ -248,7 +248,7 @@ def measure_reads(side: ReadSide, batch: int) -> dict[str, Any]:
             with timed() as t:
                 position, count, decoded = 0, 0, 0
                 while True:
-                    envelopes, position, read = side.event_log.read_following(
+                    envelopes, position, read, _ = side.event_log.read_following(
                         position, batch, aggregates
                     )
                     if not read:

@@ -405,6 +405,13 @@ def replay_board_command(
             board = board_as_of(conn, write.mapper, project_id=project_id, as_of=instant)
         except NotYet as exc:
             _failed(str(exc))
+    for card_id, version in board.unreadable.items():
+        # Said on stderr (the board itself goes on), as replay card says it.
+        print(
+            f"{PROG}: warning: card {card_id} version {version} could not be decoded; the card"
+            f" is shown as of the version before it",
+            file=sys.stderr,
+        )
     result = board.as_dict()
     if as_json:
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False))

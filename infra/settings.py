@@ -16,8 +16,9 @@ import difflib
 import ipaddress
 import logging
 import os
+import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -596,8 +597,10 @@ def check_env_names(environ: Mapping[str, str]) -> None:
     known = settings | set(OTHER_ENV_NAMES)
     unknown = sorted(
         name
-        for name in environ
-        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known
+        for name, value in environ.items()
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() not in known
+        and not is_service_link(name, value)
     )
     if not unknown:
         return
@@ -614,6 +617,56 @@ def check_env_names(environ: Mapping[str, str]) -> None:
         f"{', '.join(problems)}; every {ENV_PREFIX}* variable must be a setting (README, "
         "Configuration)"
     )
+
+
+#: The names Kubernetes gives every pod for each Service of its namespace (``enableServiceLinks``,
+#: on by default), for a Service named ``agentworks`` or ``agentworks-<anything>``, each with the
+#: shape of its value: ``<NAME>_SERVICE_HOST`` (the cluster IP), ``<NAME>_SERVICE_PORT[_<PORT
+#: NAME>]`` and the Docker links' ``<NAME>_PORT[_<port>_<PROTO>]`` (``tcp://IP:port``) and
+#: ``<NAME>_PORT_<port>_<PROTO>_PROTO|_PORT|_ADDR``.
+_NAME = rf"{ENV_PREFIX}(?:[A-Z0-9_]+_)?"
+_LINK = r"PORT_[0-9]+_(?:TCP|UDP|SCTP)"
+_SERVICE_LINKS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(rf"{_NAME}SERVICE_HOST"), "ip"),
+    (re.compile(rf"{_NAME}SERVICE_PORT(?:_[A-Z0-9_]+)?"), "port"),
+    (re.compile(rf"{_NAME}PORT(?:_[0-9]+_(?:TCP|UDP|SCTP))?"), "url"),
+    (re.compile(rf"{_NAME}{_LINK}_PROTO"), "proto"),
+    (re.compile(rf"{_NAME}{_LINK}_PORT"), "port"),
+    (re.compile(rf"{_NAME}{_LINK}_ADDR"), "ip"),
+)
+_LINK_URL = re.compile(r"(?:tcp|udp|sctp)://(?P<host>\[[0-9A-Fa-f:.]+\]|[0-9.]+):[0-9]{1,5}")
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """Whether ``name`` is one Kubernetes sets for a Service (see :data:`_SERVICE_LINKS`) and
+    ``value`` is shaped as Kubernetes writes it (a cluster IP, a port number, a protocol, a
+    ``tcp://IP:port`` address): such names are nobody's typo of a setting, and refusing them
+    would stop every process of a deployment that names its Service ``agentworks``."""
+    return any(
+        pattern.fullmatch(name.upper()) and _LINK_VALUES[shape](value)
+        for pattern, shape in _SERVICE_LINKS
+    )
+
+
+def _link_url(value: str) -> bool:
+    address = _LINK_URL.fullmatch(value)
+    return address is not None and _is_ip(address["host"].strip("[]"))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+_LINK_VALUES: Mapping[str, Callable[[str], bool]] = {
+    "ip": _is_ip,
+    "port": lambda value: value.isascii() and value.isdigit(),
+    "proto": lambda value: value in ("tcp", "udp", "sctp"),
+    "url": _link_url,
+}
 
 
 def _describe(exc: ValidationError) -> str:

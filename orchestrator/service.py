@@ -35,6 +35,7 @@ from uuid import UUID, uuid4
 
 import structlog
 
+from adapters.eventlog import MAX_BATCH_BYTES
 from adapters.providers.base import (
     Accepted,
     ChatRequest,
@@ -206,6 +207,8 @@ class Orchestrator:
         self.cancelled: set[UUID] = set()
         self.position = 0
         self.caught_up = False
+        self.max_batch_bytes = MAX_BATCH_BYTES
+        """Most bytes of stored events one read of the log holds, beside its 1,000 events."""
         self.latency = LatencyTracker()
         self.breakers = Breakers(
             threshold=self.config.breaker_threshold,
@@ -250,17 +253,17 @@ class Orchestrator:
                 # Cleared before reading: an append during the read wakes the next wait at once.
                 self._woken.clear()
                 try:
-                    read = await self._tail()
+                    more = await self._tail()
                 except Exception:
                     log.exception("orchestrator.tail_failed")
-                    read = 0
+                    more = False
                     await asyncio.sleep(1.0)
                 if self.caught_up:
                     self._schedule()
                     if time.monotonic() - last_stale_check >= min(1.0, self.config.stale_after):
                         last_stale_check = time.monotonic()
                         await self._recover_stale()
-                if read < 1000:
+                if not more:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._woken.wait(), self.config.poll_interval)
         finally:
@@ -285,16 +288,20 @@ class Orchestrator:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, partial(fn, *args))
 
-    async def _tail(self) -> int:
-        envelopes, upto, read = await self._call(
-            self.log.read_following, self.position, 1000, frozenset({"AgentRun"})
-        )
+    async def _tail(self) -> bool:
+        """Fold the next batch of the log's run events; whether more may be read at once (the
+        batch stopped at its count or its bytes: every event's state is read, and an agent's
+        output or log chunk may be large)."""
+        envelopes, upto, _, more = await self._call(
+            partial(self.log.read_following, max_bytes=self.max_batch_bytes),
+            self.position, 1000, frozenset({"AgentRun"}),
+        )  # fmt: skip
         for env in envelopes:
             self._fold(env)
         self.position = max(self.position, upto)
-        if read < 1000:
+        if not more:
             self.caught_up = True
-        return int(read)
+        return more
 
     def _fold(self, env: EventEnvelope) -> None:
         kind = env.type.split(".", 1)[1]

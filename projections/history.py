@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -18,10 +18,10 @@ from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
 from psycopg.rows import tuple_row
 
-from adapters.eventlog import UNKNOWN_TIME, writes_library_json
+from adapters.eventlog import UNKNOWN_TIME, undecodable_envelope, writes_library_json
 from domain.card import OVERWRITING_EVENTS, Card
 from domain.envelope import UNDECODABLE
-from domain.errors import NotFound, ValidationFailed
+from domain.errors import NotFound, UndecodableEvent, ValidationFailed
 from domain.project import Project
 
 if TYPE_CHECKING:
@@ -169,6 +169,10 @@ class BoardAt:
     as_of: datetime
     version: int
     lanes: list[LaneAt]
+    unreadable: dict[UUID, int] = field(default_factory=dict)
+    """Cards with an event up to ``as_of`` that could not be decoded, each with that event's
+    version: such a card is shown as of the version before it (not at all when it is its
+    first), as ``cardHistory`` shows its state."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -219,7 +223,7 @@ def _board_as_of(
     # Decoded one at a time: a board's worth of events held at once is what sets off the
     # cyclic garbage collector (and a full collection costs more than the whole board).
     first = next(rows, None)
-    created = None if first is None else decode.row(first)
+    created = None if first is None else _project_event(decode, first)
     if not isinstance(created, Project.Created):
         rows.close()
         raise NotFound(f"project {project_id} does not exist")
@@ -231,7 +235,7 @@ def _board_as_of(
     card_ids: dict[UUID, None] = {}
     known_before, known_after = 1, None
     for row in rows:
-        position, event = int(row[0]), decode.row(row)
+        position, event = int(row[0]), _project_event(decode, row)
         if event.timestamp > as_of:
             known_after = event.originator_version if known_after is None else known_after
             continue
@@ -242,7 +246,8 @@ def _board_as_of(
         elif isinstance(event, Project.CardPlaced):
             card_ids[event.card_id] = None
     version = _version_at(conn, decode, project_id, as_of, low=known_before, high=known_after)
-    cards = _cards_at(conn, decode, list(card_ids), as_of)
+    unreadable: dict[UUID, int] = {}
+    cards = _cards_at(conn, decode, list(card_ids), as_of, unreadable=unreadable)
     by_lane: dict[str, list[CardAt]] = {spec.name: [] for spec in project.lanes}
     for card, lane_set_at in cards:
         if card.archived:
@@ -270,7 +275,21 @@ def _board_as_of(
         as_of=as_of,
         version=version,
         lanes=lanes,
+        unreadable=unreadable,
     )
+
+
+def _project_event(decode: _Decoder, row: tuple[Any, ...]) -> Any:  # noqa: ANN401
+    """A project's stored event decoded (see :meth:`_Decoder.row`); :class:`UndecodableEvent`
+    when it cannot be: the board's lanes cannot be folded past it."""
+    try:
+        return decode.row(row)
+    except Exception as error:  # decoding is pure: the stored event's own fault
+        raise UndecodableEvent(
+            f"project {row[1]}: its event at version {row[2]} could not be decoded "
+            f"({type(error).__name__}: {error}); its board cannot be folded past it",
+            version=int(row[2]),
+        ) from error
 
 
 class NotYet(NotFound):
@@ -418,7 +437,7 @@ def _version_at(
             " FROM agentworks_events WHERE originator_id = %s AND originator_version = %s",
             (aggregate_id, middle),
         )
-        if decode.row(row).timestamp <= as_of:
+        if _project_event(decode, row).timestamp <= as_of:
             low = middle
         else:
             high = middle
@@ -436,9 +455,14 @@ def _cards_at(
     as_of: datetime,
     *,
     snapshots: bool = True,
+    unreadable: dict[UUID, int] | None = None,
 ) -> list[tuple[Card, int]]:
     """Each card as of ``as_of`` (those that existed), with the log position of the event that
     last set its lane (0 when that is before the snapshot it was folded from).
+
+    A card with an event up to ``as_of`` that cannot be decoded is folded up to the event
+    before it (or left out, when it is its first), and named in ``unreadable`` with that
+    event's version.
 
     Two statements for the whole board: each card's chosen snapshot (and the version of the
     one after it), then each card's events after its snapshot, one primary-key range per card.
@@ -511,7 +535,15 @@ def _cards_at(
         card = n - 1
         if card in stopped:
             continue
-        event = decode(card_ids[card], version, topic, state)
+        try:
+            event = decode(card_ids[card], version, topic, state)
+        except Exception as error:  # noqa: BLE001 - decoding is pure: the stored event's own fault
+            stopped.add(card)
+            stored = (position, card_ids[card], version, str(topic), bytes(state))
+            made = undecodable_envelope(stored, error).timestamp
+            if unreadable is not None and (made == UNKNOWN_TIME or made <= as_of):
+                unreadable.setdefault(card_ids[card], version)
+            continue
         if event.timestamp > as_of:
             stopped.add(card)
             continue

@@ -233,7 +233,7 @@ def _replay(
     def read(after: int) -> tuple[list[EventEnvelope], int, int]:
         return event_log.read_following(
             after, batch_size, aggregates, max_bytes=REBUILD_BATCH_BYTES
-        )
+        )[:3]
 
     batch, through, count = read(position)
     if not parallel or len(runners) == 1:

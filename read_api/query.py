@@ -133,7 +133,7 @@ class Query:
         if scope is None:
             return None
         if as_of is not None:
-            return await _board_then(info.context, scope, wanted, as_of)
+            return await _board_then(info.context, scope, wanted, as_of, info.path.as_list())
         row = await scope.loaders.project.load(wanted)
         return None if row is None else Board.from_row(row, scope)
 
@@ -396,7 +396,11 @@ def _discrepancies(comparison: eventlog.LedgerComparison) -> list[Discrepancy]:
 
 
 async def _board_then(
-    ctx: RequestContext, scope: ReadScope, project_id: UUID, as_of: datetime
+    ctx: RequestContext,
+    scope: ReadScope,
+    project_id: UUID,
+    as_of: datetime,
+    path: list[str | int],
 ) -> Board | None:
     mapper = ctx.runtime.services.write.mapper
     try:
@@ -407,6 +411,15 @@ async def _board_then(
         return None
     if then.workspace_id != scope.workspace_id:
         return None
+    for card_id, version in then.unreadable.items():
+        # Beside the board, at its path: the card is there, as of the version before.
+        unread = UndecodableEvent(
+            f"card {card_id}: its event at version {version} could not be decoded; the card "
+            f"is shown as of version {version - 1}" if version > 1 else
+            f"card {card_id}: its first event could not be decoded; the card is not shown",
+            version=version,
+        )  # fmt: skip
+        ctx.report(unread, path)
     every = [card.card for lane in then.lanes for card in lane.cards]
     # Runs and costs by the board's instant: a card unchanged since long before it had the runs
     # requested (and the charges made) in between.

@@ -129,18 +129,34 @@ SIGN_IN_TYPES = frozenset({"User.LoginSucceeded", "User.LoginFailed"})
 _MEMBERSHIP_CHANGES = frozenset({"Workspace.Created", "Workspace.MemberAdded"})
 
 
+def _identity_topics() -> tuple[list[str], list[str]]:
+    """The sign-ins' topics, and the prefix of every identity aggregate's events' topics."""
+    from eventsourcing.utils import get_topic
+
+    from domain.user import IdentityAggregate, User
+
+    identity: list[type] = [IdentityAggregate, *IdentityAggregate.__subclasses__()]
+    return (
+        [get_topic(User.LoginSucceeded), get_topic(User.LoginFailed)],
+        [f"{get_topic(cls)}." for cls in identity],
+    )
+
+
 def workspace_rows(
     conn: Connection[Any], *, workspace_id: UUID, json_prefilter: bool
 ) -> Iterator[Row]:
-    """Every stored event of ``workspace_id``, and every event that names no workspace (sign-ins
-    among them), in log order, through a server-side cursor (:func:`export_lines` keeps the
-    sign-ins of the workspace's members, and the unreadable events of its aggregates).
+    """Every stored event of ``workspace_id``, the sign-ins, and every other event that names no
+    workspace and is no identity aggregate's, in log order, through a server-side cursor
+    (:func:`export_lines` keeps the sign-ins of the workspace's members, and the unreadable
+    events of its aggregates).
 
     Run inside a transaction (REPEATABLE READ gives one consistent snapshot of the log). With
     plain JSON states Postgres skips other workspaces' rows by the ``workspace_id`` column the
     recorder fills from each state's metadata (reading no state: one that is not JSON must not
-    fail the export); otherwise every row comes back and the caller filters on the decoded
-    metadata.
+    fail the export), and the identity events other than sign-ins by their topic: users and
+    their sessions belong to no workspace, so none of those would be exported, and the whole
+    installation's (a session's every refresh among them) would be read and decoded only to be
+    dropped. Otherwise every row comes back and the caller filters on the decoded metadata.
     """
     sql = (
         "SELECT notification_id, originator_id, originator_version, topic, state"
@@ -148,8 +164,12 @@ def workspace_rows(
     )
     params: tuple[Any, ...] = ()
     if json_prefilter:
-        sql += " WHERE workspace_id = %s OR workspace_id IS NULL"
-        params = (workspace_id,)
+        sign_ins, identity = _identity_topics()
+        sql += (
+            " WHERE workspace_id = %s OR (workspace_id IS NULL AND (topic = ANY(%s)"
+            " OR NOT EXISTS (SELECT 1 FROM unnest(%s::text[]) AS p WHERE starts_with(topic, p))))"
+        )
+        params = (workspace_id, sign_ins, identity)
     with conn.cursor(name="audit_export", row_factory=tuple_row, binary=True) as cur:
         cur.itersize = PAGE
         cur.execute(sql + " ORDER BY notification_id", params)

@@ -10,6 +10,7 @@ beside the data at that entry's path, and the card's state as of the version bef
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -99,3 +100,33 @@ def test_an_unreadable_last_event_hidden_from_the_api_is_shown_too(stack: Stack)
     ]
     assert shown["state"]["version"] == 2
     assert [e["extensions"]["version"] for e in errors] == [3]
+
+
+BOARD_THEN = (
+    "query($p: ID!, $at: DateTime!) { b: board(projectId: $p, asOf: $at) {"
+    " lanes { cards { edges { node { id version title labels } } } } } }"
+)
+
+
+def test_a_board_as_of_an_instant_shows_a_card_up_to_its_undecodable_event(stack: Stack) -> None:
+    """``board(asOf:)`` folded a card through an event it could not decode and answered
+    INTERNAL for the whole board. Now the card is shown as of the version before it, the
+    board's other cards whole, with an UNDECODABLE error beside the data naming the card and
+    the version (as ``cardHistory`` does)."""
+    alice, ws = stack.owner_with_workspace("alice", "undecodable board")
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(pid, "first")["card"]["id"]
+    alice.data(RETITLE, {"c": card})
+    other = alice.create_card(pid, "other")["card"]["id"]
+    assert plant_undecodable(stack.write, UUID(card)) == 3
+    answer = alice.post(BOARD_THEN, {"p": pid, "at": datetime.now(UTC).isoformat()})
+    assert answer.status == 200, answer.body
+    ((lane,),) = [answer.data["b"]["lanes"]]
+    shown = {edge["node"]["id"]: edge["node"] for edge in lane["cards"]["edges"]}
+    assert shown[card] == {"id": card, "version": 2, "title": "second", "labels": []}
+    assert shown[other]["title"] == "other"
+    (error,) = answer.errors
+    assert error["path"] == ["b"]
+    assert error["extensions"]["code"] == "UNDECODABLE"
+    assert error["extensions"]["version"] == 3
+    assert card in error["message"]

@@ -8,15 +8,17 @@ import contextlib
 import json
 from typing import TYPE_CHECKING
 
+import psycopg
 import pytest
-from board_helpers import bootstrap_board
+from board_helpers import add_cards, bootstrap_board
 from identities import cheap_identity
 from test_cli import agentworks
+from undecodable import plant_undecodable
 
 from adapters.audit_signing import DEV_AUDIT_KEY_FILE, load_public_key
 from commands import models as m
 from domain.errors import Unauthenticated
-from streams.audit import verify
+from streams.audit import verify, workspace_rows
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -68,3 +70,35 @@ def test_export_holds_members_sign_ins_only_while_they_are_members(
     assert "ada@example.com" not in result.stdout  # sign-ins only, no address or credential
     key = load_public_key((data_dir / DEV_AUDIT_KEY_FILE).read_text(), source="dev key")
     assert verify(lines, key).ok
+
+
+def test_export_reads_no_identity_event_of_the_installation_but_sign_ins(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """The export's query reads the workspace's events, the sign-ins, and events naming no
+    workspace that may be the workspace's (a tenant event whose state cannot be read); never
+    the rest of the installation's identity events (registrations, e-mail claims, every
+    session's refresh), which it would decode only to drop: an export's cost must follow its
+    workspace, not how many people sign in anywhere."""
+    identity = cheap_identity(write_side)
+    board = bootstrap_board(write_side)
+    (card,) = add_cards(write_side, board, 1)
+    broken = plant_undecodable(write_side, card, broken_json=True, then_good=False)
+    ada = identity.signup(email="ada-rows@example.com", password=PASSWORD, name="Ada")
+    write_side.add_member(
+        m.AddMember(workspace_id=board.workspace_id, user_id=str(ada), role="MEMBER"),
+        board.owner,
+    )
+    session = identity.login(email="ada-rows@example.com", password=PASSWORD)
+    identity.refresh(session.refresh_token)
+
+    with psycopg.connect(database_url) as conn, conn.transaction():
+        rows = list(workspace_rows(conn, workspace_id=board.workspace_id, json_prefilter=True))
+
+    identity_types = {
+        str(topic).partition(":")[2]
+        for (_, _, _, topic, _) in rows
+        if str(topic).partition(":")[2].split(".")[0] in {"User", "Session", "EmailClaim"}
+    }
+    assert identity_types == {"User.LoginSucceeded"}
+    assert (card, broken) in {(oid, version) for (_, oid, version, _, _) in rows}

@@ -9,6 +9,7 @@ than the bound goes alone), and a cut batch is followed at once by the next, as 
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from board_helpers import add_cards, bootstrap_board
@@ -16,6 +17,7 @@ from fanout_helpers import EmbeddedPath, projector_side, rows
 from test_undecodable_events import RecordingProducer
 
 from commands import models as m
+from orchestrator.service import Orchestrator
 from streams.relay import Relay, RelayPositions
 
 if TYPE_CHECKING:
@@ -112,3 +114,25 @@ def test_the_embedded_fanout_applies_large_events_a_bounded_batch_at_a_time(
         assert description == "g" * LARGE
     finally:
         path.stop()
+
+
+def test_the_orchestrator_follows_the_log_a_bounded_batch_at_a_time(
+    database_url: str, app: AgentWorks
+) -> None:
+    """The orchestrator reads the whole log from its start (for the runs it may execute), every
+    event's stored state included: 1,000 at a time whatever their size, until today. It is cut
+    at the byte bound too, and a cut batch is no end of the log: it goes on at once and starts
+    scheduling only once it has read up to the head."""
+    large_edits(app, 7)
+    with projector_side(database_url) as (_, log):
+        orchestrator = Orchestrator(app, log, {})
+        orchestrator.max_batch_bytes = BOUND
+        reads = []
+        try:
+            while not orchestrator.caught_up:
+                asyncio.run(orchestrator._tail())
+                reads.append(orchestrator.position)
+        finally:
+            orchestrator._executor.shutdown()
+        assert orchestrator.position == log.head()
+    assert len(reads) >= 3  # seven large events, at most three a batch

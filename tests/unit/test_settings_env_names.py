@@ -93,3 +93,30 @@ def test_every_agentworks_name_the_repository_sets_or_reads_is_a_setting_or_decl
     stray = {name: where for name, where in found.items() if name not in known | not_env}
 
     assert stray == {}
+
+
+def test_kubernetes_service_links_of_a_service_named_agentworks_pass() -> None:
+    # Kubernetes gives every pod these for each Service of its namespace (enableServiceLinks,
+    # on by default): a Service named "agentworks" (or "agentworks-redis") yields names with the
+    # prefix that no operator chose. Refusing them stopped every process of such a deployment.
+    check_env_names(
+        {
+            "AGENTWORKS_SERVICE_HOST": "10.96.12.7",
+            "AGENTWORKS_SERVICE_PORT": "8000",
+            "AGENTWORKS_SERVICE_PORT_HTTP": "8000",
+            "AGENTWORKS_PORT": "tcp://10.96.12.7:8000",
+            "AGENTWORKS_PORT_8000_TCP": "tcp://10.96.12.7:8000",
+            "AGENTWORKS_PORT_8000_TCP_PROTO": "tcp",
+            "AGENTWORKS_PORT_8000_TCP_PORT": "8000",
+            "AGENTWORKS_PORT_8000_TCP_ADDR": "10.96.12.7",
+            "AGENTWORKS_REDIS_SERVICE_HOST": "fd00::12",
+            "AGENTWORKS_REDIS_PORT": "tcp://[fd00::12]:6379",
+        }
+    )
+
+
+def test_a_typo_shaped_like_a_service_link_but_not_valued_like_one_is_still_refused() -> None:
+    with pytest.raises(ConfigurationError, match=r"AGENTWORKS_REDIS_PORT \("):
+        check_env_names({"AGENTWORKS_REDIS_PORT": "redis://cache:6379/0"})
+    with pytest.raises(ConfigurationError, match=r"AGENTWORKS_SERVICE_HOST \("):
+        check_env_names({"AGENTWORKS_SERVICE_HOST": "postgresql://db/agentworks"})
