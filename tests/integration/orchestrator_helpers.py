@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import pg
 from board_helpers import Board, bootstrap_board
+from cli_process import clean_env
 
 from adapters.eventlog import EventLog
 from adapters.providers.base import Provider
@@ -79,6 +84,23 @@ def orchestrator_thread(
     finally:
         thread.stop()
         write.close()
+
+
+def orchestrator_process(database_url: str, tmp_path: Path, **env: str) -> subprocess.Popen[bytes]:
+    """``agentworks orchestrator`` in a process of its own (for a test to SIGKILL), on the
+    test's database, heartbeating every half second; ``env``: more of its settings."""
+    settings = clean_env(
+        **pg.LOGIN_ENV, AGENTWORKS_DATABASE_URL=database_url,
+        AGENTWORKS_HEARTBEAT_INTERVAL="0.5", **env,
+    )  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "orchestrator"],
+        cwd=tmp_path,
+        env=settings,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def wait_for(
