@@ -316,7 +316,7 @@ class RunCommands(WriteSide):
                 run_id=run.id, worker=call.worker, call_id=call.call_id, provider=call.provider,
                 model=call.model, status="failed", error=ORPHANED_CALL, latency_ms=0,
                 input_tokens=call.input_tokens, output_tokens=0, estimated=True,
-                started_at=call.started_at,
+                started_at=call.timestamp,
             )  # fmt: skip
             priced = (
                 (call.prompt_cost_micros, billed_amount(call.prompt_cost_micros, workspace.markup))

@@ -28,21 +28,6 @@ LOG_STREAMS = frozenset({"stdout", "stderr", "system"})
 
 
 @dataclass(frozen=True)
-class OpenCall:
-    """A provider call its worker said it was about to make, and no attempt of it recorded yet:
-    what charging it for its prompt needs, should its worker never record it."""
-
-    call_id: str
-    worker: str
-    provider: str
-    model: str
-    input_tokens: int
-    prompt_cost_micros: int
-    price_table_version: str
-    started_at: datetime
-
-
-@dataclass(frozen=True)
 class RecordedCall:
     """What recording a call answered: what recording it again answers (see
     :meth:`AgentRun.recorded_call`)."""
@@ -82,7 +67,9 @@ class AgentRun(TenantAggregate):
         provider_cost_micros: int
         billed_micros: int
         call_ids: set[str]
-        open_calls: dict[str, OpenCall]
+        open_calls: dict[str, AgentRun.CallStarted]
+        """Calls their worker said it was about to make, no attempt of them recorded yet: what
+        charging one for its prompt needs, should its worker never record it."""
         recorded_calls: dict[str, RecordedCall]
         error: str | None
         policy: str
@@ -165,12 +152,7 @@ class AgentRun(TenantAggregate):
         price_table_version: str
 
         def apply(self, aggregate: AgentRun) -> None:
-            aggregate.open_calls[self.call_id] = OpenCall(
-                call_id=self.call_id, worker=self.worker, provider=self.provider,
-                model=self.model, input_tokens=self.input_tokens,
-                prompt_cost_micros=self.prompt_cost_micros,
-                price_table_version=self.price_table_version, started_at=self.timestamp,
-            )  # fmt: skip
+            aggregate.open_calls[self.call_id] = self
 
     class AttemptRecorded(TenantAggregate.Event):
         """One call to a provider, whatever its outcome (``status`` ``ok`` or ``failed``).

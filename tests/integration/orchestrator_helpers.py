@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -86,14 +87,16 @@ def orchestrator_thread(
         write.close()
 
 
-def orchestrator_process(database_url: str, tmp_path: Path, **env: str) -> subprocess.Popen[bytes]:
-    """``agentworks orchestrator`` in a process of its own (for a test to SIGKILL), on the
-    test's database, heartbeating every half second; ``env``: more of its settings."""
+@contextmanager
+def orchestrator_process(database_url: str, tmp_path: Path, **env: str) -> Iterator[None]:
+    """``agentworks orchestrator`` in a process of its own, on the test's database, heartbeating
+    every half second (``env``: more of its settings), SIGKILLed when the block ends, as its
+    machine dying would end it: no cleanup of any kind."""
     settings = clean_env(
         **pg.LOGIN_ENV, AGENTWORKS_DATABASE_URL=database_url,
         AGENTWORKS_HEARTBEAT_INTERVAL="0.5", **env,
     )  # fmt: skip
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "infra.cli", "orchestrator"],
         cwd=tmp_path,
         env=settings,
@@ -101,6 +104,11 @@ def orchestrator_process(database_url: str, tmp_path: Path, **env: str) -> subpr
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
 
 
 def wait_for(

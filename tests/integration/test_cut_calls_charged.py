@@ -15,7 +15,6 @@ new worker's own calls.
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -296,21 +295,14 @@ def test_a_call_its_worker_was_killed_during_is_charged_once_by_the_takeover(
     frames = openai_events(["never sent"], prompt_tokens=999, completion_tokens=2)
     done = openai_events(["done by the rescuer"], prompt_tokens=2222, completion_tokens=3)
     with FakeProviderServer([stalled_after_acceptance(frames), Reply(events=done)]) as server:
-        process = orchestrator_process(
+        with orchestrator_process(
             database_url, tmp_path, AGENTWORKS_OPENAI_API_KEY="k",
             AGENTWORKS_OPENAI_BASE_URL=server.url,
-        )  # fmt: skip
-        try:
+        ):  # fmt: skip
             run_id = start(write_side, card, provider="openai")
             # The call's start is recorded before the call: once the provider has it, so has
             # the store.
             wait_for(write_side, run_id, lambda _: bool(server.requests), timeout=60)
-            process.send_signal(signal.SIGKILL)
-            process.wait(10)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
         dead = write_side.run_snapshot(run_id).worker
         providers: dict[str, Provider] = {
             "openai": OpenAIProvider(api_key="k", base_url=server.url)

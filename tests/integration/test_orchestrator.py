@@ -4,7 +4,6 @@ orchestrator process SIGKILLed mid-run are taken over by another, never charged 
 
 from __future__ import annotations
 
-import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -359,19 +358,12 @@ def test_a_killed_orchestrators_runs_are_taken_over_and_never_charged_twice(
 ) -> None:
     card = card_on_board(write_side)
     first = start(write_side, card)
-    process = orchestrator_process(
+    with orchestrator_process(
         database_url, tmp_path, AGENTWORKS_SIMULATED_TOKENS_PER_SECOND="30",
         AGENTWORKS_SIMULATED_OUTPUT_TOKENS="400",
-    )  # fmt: skip
-    try:
-        wait_for(write_side, first, running_with_lines, timeout=60)
+    ):  # fmt: skip
         # A second run the dead process had finished one call of would show a double charge.
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+        wait_for(write_side, first, running_with_lines, timeout=60)
     killed_worker = write_side.run_snapshot(first).worker
     lines_before = write_side.run_snapshot(first).next_seq
     second = start(write_side, card, agent="reviewer")
