@@ -739,9 +739,22 @@ class Orchestrator:
                                                     output_tokens=0),
                 price_table_version=self.app.prices.version,
             )  # fmt: skip
-            await self._while_unavailable(
-                partial(self._write, view, self.app.start_provider_call, start), unknown_too=True
-            )
+            try:
+                await self._while_unavailable(
+                    partial(self._write, view, self.app.start_provider_call, start),
+                    unknown_too=True,
+                )
+            except asyncio.CancelledError:
+                # Stopped while the start was being written (its thread goes on, and it may
+                # yet land): an attempt without tokens says the call was never made, so that
+                # no takeover charges it, in either order (a start after its call's attempt
+                # records nothing).
+                with contextlib.suppress(_Lost, AgentWorksError):
+                    await self._attempt(
+                        call, "failed", None, "stopped: cancelled before the call was made", 0,
+                        Usage(0, 0),
+                    )  # fmt: skip
+                raise
             return await self._stream(
                 call, provider.stream(ChatRequest(option.model, messages, max_tokens)), batcher
             )

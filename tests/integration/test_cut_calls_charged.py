@@ -338,3 +338,44 @@ def test_a_call_its_worker_was_killed_during_is_charged_once_by_the_takeover(
     assert write_side.run_snapshot(run_id).billed_micros == billed
     assert charges_of(write_side, run_id).keys() == charges.keys()
     assert len(events_of(write_side, run_id, AgentRun.AttemptRecorded)) == 2
+
+
+def test_a_call_whose_start_was_being_written_as_its_worker_stopped_is_not_charged_after(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An orchestrator stopped (its runs left for others to take over) while a call's start
+    was being written: the call was never made, but the start landed. The worker records an
+    attempt without tokens as it stops, so the takeover charges nothing for it."""
+    card = card_on_board(write_side)
+    written, answered = threading.Event(), threading.Event()
+    real_start, real_record = AgentWorks.start_provider_call, AgentWorks.record_provider_attempt
+
+    def slow_start(self: AgentWorks, cmd: m.StartProviderCall, actor: Actor) -> Any:
+        result = real_start(self, cmd, actor)
+        if cmd.worker == "A":  # written; its answer waits until A has recorded the attempt
+            written.set()
+            answered.wait(30)
+        return result
+
+    def record(self: AgentWorks, cmd: m.RecordProviderAttempt, actor: Actor) -> Any:
+        try:
+            return real_record(self, cmd, actor)
+        finally:
+            if cmd.worker == "A":
+                answered.set()
+
+    monkeypatch.setattr(AgentWorks, "start_provider_call", slow_start)
+    monkeypatch.setattr(AgentWorks, "record_provider_attempt", record)
+    with orchestrator_thread(database_url, worker_id="A"):
+        run_id = start(write_side, card)
+        assert written.wait(30), "A never started its call"
+    with orchestrator_thread(database_url, worker_id="B", stale_after=1.0):
+        run = wait_for(write_side, run_id, finished)
+    assert (run.status, run.worker) == (RunStatus.SUCCEEDED, "B")
+    [by_a, by_b] = events_of(write_side, run_id, AgentRun.CallStarted)
+    assert (by_a.worker, by_b.worker) == ("A", "B")
+    [stopped, _] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert (stopped.call_id, stopped.input_tokens, stopped.error) == (
+        by_a.call_id, 0, "stopped: cancelled before the call was made",
+    )  # fmt: skip
+    assert list(charges_of(write_side, run_id)) == [by_b.call_id]

@@ -262,6 +262,19 @@ def test_a_call_recorded_or_recorded_uncharged_is_not_charged_again_at_takeover(
     assert world.get(run_id).billed_micros == billed
 
 
+def test_a_start_landing_after_its_calls_attempt_leaves_no_call_open() -> None:
+    """A worker stopped while its call's start was being written records an attempt without
+    tokens; the start, landing after it, records nothing, so no takeover charges the call."""
+    world = World.build()
+    run_id = world.run(begin=True)
+    world.app.record_provider_attempt(
+        attempt(run_id, call_id="c", status="failed", tin=0, tout=0), world.service()
+    )
+    start_call(world, run_id)
+    assert world.get(run_id).open_calls == {}
+    assert reclaim(world, run_id, "w2").extra["charged_calls"] == []
+
+
 def test_a_worker_the_run_was_taken_from_may_not_start_a_call() -> None:
     world = World.build()
     run_id = taken_over(world)
