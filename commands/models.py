@@ -316,6 +316,21 @@ class ReclaimRun(RunCommand):
     expected_version: int = Field(ge=1)
 
 
+class StartProviderCall(RunCommand):
+    """The worker is about to make a provider call: said before the call, so that a worker that
+    dies during it leaves the call for whoever takes the run over to charge (its prompt).
+    ``input_tokens``: the worker's estimate of the prompt; ``prompt_cost_micros``: what that
+    costs at the price table ``price_table_version``."""
+
+    worker: str = Field(min_length=1, max_length=200)
+    call_id: str = Field(min_length=1, max_length=100)
+    provider: str = Field(min_length=1, max_length=100)
+    model: str = Field(min_length=1, max_length=100)
+    input_tokens: int = Field(ge=0)
+    prompt_cost_micros: int = Field(ge=0)
+    price_table_version: str = Field(min_length=1, max_length=100)
+
+
 class RecordProviderAttempt(RunCommand):
     """One provider attempt; with tokens it is also a charged LLM call (key: run + call id).
 

@@ -29,8 +29,20 @@ from domain.metering import LlmCall, charge_llm_call
 from domain.money import billed_amount, format_usd, parse_usd
 from domain.roles import Role
 from domain.routing import validate_choice
-from domain.usage import UsageCharge, check_month_room
+from domain.usage import MonthlySpend, UsageCharge, check_month_room
 from domain.workspace import Workspace
+
+#: The error of the attempt a call is recorded as when its worker stopped during it.
+ORPHANED_CALL = (
+    "its worker stopped during the call without recording it; charged for its prompt "
+    "(estimated) when the run was taken over"
+)
+
+
+def _attempt_result(run: AgentRun, worker: str, attempt: int, billed: int) -> dict[str, Any]:
+    """A recorded attempt's result: its number, what it billed, and whether the run is still
+    ``worker``'s."""
+    return {"attempt": attempt, "billed": billed, "taken_over": run.worker != worker}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,60 +199,136 @@ class RunCommands(WriteSide):
         )
 
     def reclaim_run(self, cmd: m.ReclaimRun, actor: Actor) -> CommandResult:
+        """Take the run over; the calls its workers started and never recorded are charged in
+        the same save (``charged_calls`` in the result: their ids)."""
+
         def decide(meta: EventMeta) -> Decision:
             run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, cmd.action)
             expect_version(run, cmd.expected_version)
             run.reclaim(worker=cmd.worker, meta=meta)
-            return Decision(run, "run", [run])
+            charged, calls = self._charge_open_calls(run, meta)
+            return Decision(run, "run", [run, *charged], {"charged_calls": calls})
 
         return self.execute(cmd, actor, self._scope_hint(actor), decide)
 
+    def start_provider_call(self, cmd: m.StartProviderCall, actor: Actor) -> CommandResult:
+        """The worker is about to make a call (``AgentRun.CallStarted``); said again, it is
+        answered as the first time and nothing more is written."""
+        return self._change_run(
+            cmd, actor, Role.ADMIN,
+            lambda run, meta: run.start_call(
+                call_id=cmd.call_id, worker=cmd.worker, provider=cmd.provider, model=cmd.model,
+                input_tokens=cmd.input_tokens, prompt_cost_micros=cmd.prompt_cost_micros,
+                price_table_version=cmd.price_table_version, meta=meta,
+            ),
+        )  # fmt: skip
+
     def record_provider_attempt(self, cmd: m.RecordProviderAttempt, actor: Actor) -> CommandResult:
         """One provider attempt and, when it used tokens, its charge and the month's spend, in
-        one save. The charge's id derives from (run, call id), and the run refuses a recorded
-        call id, so no call is ever charged twice. A worker the run was taken over from still
-        records its call (the provider bills it); ``taken_over`` in the result tells it the
-        run is no longer its."""
+        one save. The charge's id derives from (run, call id), and a call id recorded already
+        is answered as it was the first time, writing nothing, so no call is ever charged
+        twice and a record whose answer was lost can be sent again. A worker the run was taken
+        over from still records its call (the provider bills it); ``taken_over`` in the result
+        tells it the run is no longer its."""
 
         def decide(meta: EventMeta) -> Decision:
             run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, cmd.action)
+            recorded = run.recorded_call(cmd.call_id, cmd.worker)
+            if recorded is not None:
+                extra = _attempt_result(run, cmd.worker, recorded.attempt, recorded.billed_micros)
+                if recorded.charge_id is not None:
+                    extra["charge_id"] = str(recorded.charge_id)
+                return Decision(run, "run", [], extra | {"recorded_before": True})
             workspace = self.aggregate(Workspace, run.workspace_id)
-            charged = cmd.input_tokens > 0 or cmd.output_tokens > 0
             cost = (
                 self.prices.cost(
                     cmd.provider, cmd.model, at=cmd.started_at, input_tokens=cmd.input_tokens,
                     output_tokens=cmd.output_tokens, markup=workspace.markup,
                 )
-                if charged
+                if cmd.input_tokens > 0 or cmd.output_tokens > 0
                 else None
             )  # fmt: skip
-            number = run.record_attempt(
-                provider=cmd.provider, model=cmd.model, status=cmd.status,
-                http_status=cmd.http_status, error=cmd.error, latency_ms=cmd.latency_ms,
-                input_tokens=cmd.input_tokens, output_tokens=cmd.output_tokens,
-                provider_cost_micros=cost.provider_cost_micros if cost else 0,
-                estimated=cmd.estimated, meta=meta, worker=cmd.worker,
-            )  # fmt: skip
-            changed: list[Aggregate] = [run]
-            extra: dict[str, Any] = {
-                "attempt": number, "billed": 0, "taken_over": run.worker != cmd.worker,
-            }  # fmt: skip
-            if cost is not None:
-                spend = self.spend_for(workspace, cmd.started_at, meta)
-                call = LlmCall(
-                    call_id=cmd.call_id or f"attempt-{number}", provider=cmd.provider,
-                    model=cmd.model, worker=cmd.worker,
-                    input_tokens=cmd.input_tokens, output_tokens=cmd.output_tokens,
-                    latency_ms=cmd.latency_ms, provider_cost_micros=cost.provider_cost_micros,
-                    billed_micros=cost.billed_micros, price_table_version=self.prices.version,
-                    at=cmd.started_at,
-                )  # fmt: skip
-                charge = charge_llm_call(run, workspace, spend, call, meta=meta)
-                changed += [charge, spend]
-                extra.update(charge_id=str(charge.id), billed=cost.billed_micros)
+            priced = None if cost is None else (cost.provider_cost_micros, cost.billed_micros)
+            changed, extra = self._record_attempt(
+                run, workspace, cmd, meta, priced=priced, price_table_version=self.prices.version
+            )
             return Decision(run, "run", changed, extra)
 
         return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
+    def _record_attempt(
+        self,
+        run: AgentRun,
+        workspace: Workspace,
+        cmd: m.RecordProviderAttempt,
+        meta: EventMeta,
+        *,
+        priced: tuple[int, int] | None,
+        price_table_version: str,
+        spends: dict[UUID, MonthlySpend] | None = None,
+    ) -> tuple[list[Aggregate], dict[str, Any]]:
+        """Record ``cmd``'s attempt on ``run`` and, when ``priced`` (provider cost, billed), its
+        charge: the aggregates to save (the run among them) and the command's result.
+        ``spends``: the months' spends this save changes already, by id (several charges of one
+        save add to one spend)."""
+        number = run.record_attempt(
+            provider=cmd.provider, model=cmd.model, status=cmd.status,
+            http_status=cmd.http_status, error=cmd.error, latency_ms=cmd.latency_ms,
+            input_tokens=cmd.input_tokens, output_tokens=cmd.output_tokens,
+            provider_cost_micros=priced[0] if priced else 0, estimated=cmd.estimated,
+            meta=meta, worker=cmd.worker, call_id=cmd.call_id,
+        )  # fmt: skip
+        changed: list[Aggregate] = [run]
+        extra = _attempt_result(run, cmd.worker, number, 0)
+        if priced is not None:
+            spend = self.spend_for(workspace, cmd.started_at, meta)
+            if spends is not None:
+                spend = spends.setdefault(spend.id, spend)
+            call = LlmCall(
+                call_id=cmd.call_id or f"attempt-{number}", provider=cmd.provider,
+                model=cmd.model, worker=cmd.worker,
+                input_tokens=cmd.input_tokens, output_tokens=cmd.output_tokens,
+                latency_ms=cmd.latency_ms, provider_cost_micros=priced[0],
+                billed_micros=priced[1], price_table_version=price_table_version,
+                at=cmd.started_at,
+            )  # fmt: skip
+            charge = charge_llm_call(run, workspace, spend, call, meta=meta)
+            changed += [charge, spend]
+            extra.update(charge_id=str(charge.id), billed=priced[1])
+        return changed, extra
+
+    def _charge_open_calls(
+        self, run: AgentRun, meta: EventMeta
+    ) -> tuple[list[Aggregate], list[str]]:
+        """Charge every call the run's workers started and never recorded (they stopped during
+        it) for its prompt as its worker estimated it, at the prices it named: recorded as
+        that worker's failed attempt, under the call's id, so that the worker's own record, if
+        it comes after all, is answered with this one and bills nothing more. The aggregates
+        changed besides the run, and the calls' ids."""
+        if not run.open_calls:
+            return [], []
+        workspace = self.aggregate(Workspace, run.workspace_id)
+        spends: dict[UUID, MonthlySpend] = {}
+        changed: dict[UUID, Aggregate] = {}
+        calls = list(run.open_calls.values())
+        for call in calls:
+            attempt = m.RecordProviderAttempt(
+                run_id=run.id, worker=call.worker, call_id=call.call_id, provider=call.provider,
+                model=call.model, status="failed", error=ORPHANED_CALL, latency_ms=0,
+                input_tokens=call.input_tokens, output_tokens=0, estimated=True,
+                started_at=call.timestamp,
+            )  # fmt: skip
+            priced = (
+                (call.prompt_cost_micros, billed_amount(call.prompt_cost_micros, workspace.markup))
+                if call.input_tokens > 0
+                else None
+            )
+            more, _ = self._record_attempt(
+                run, workspace, attempt, meta, priced=priced,
+                price_table_version=call.price_table_version, spends=spends,
+            )  # fmt: skip
+            changed.update((aggregate.id, aggregate) for aggregate in more[1:])
+        return list(changed.values()), [call.call_id for call in calls]
 
     def run_budget(self, run_id: UUID) -> RunBudget:
         """What a running run may still spend of its own budget, and its month's limit."""

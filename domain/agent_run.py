@@ -10,6 +10,7 @@ Lifecycle::
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,16 @@ from domain.text import replace_unstorable, trimmed
 MAX_LOG_LINES_PER_CHUNK = 10_000
 MAX_LOG_LINE_LENGTH = 16_384
 LOG_STREAMS = frozenset({"stdout", "stderr", "system"})
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """What recording a call answered: what recording it again answers (see
+    :meth:`AgentRun.recorded_call`)."""
+
+    attempt: int
+    charge_id: UUID | None = None
+    billed_micros: int = 0
 
 
 class RunStatus(StrEnum):
@@ -56,6 +67,10 @@ class AgentRun(TenantAggregate):
         provider_cost_micros: int
         billed_micros: int
         call_ids: set[str]
+        open_calls: dict[str, AgentRun.CallStarted]
+        """Calls their worker said it was about to make, no attempt of them recorded yet: what
+        charging one for its prompt needs, should its worker never record it."""
+        recorded_calls: dict[str, RecordedCall]
         error: str | None
         policy: str
         worker: str | None
@@ -94,6 +109,8 @@ class AgentRun(TenantAggregate):
             aggregate.provider_cost_micros = 0
             aggregate.billed_micros = 0
             aggregate.call_ids = set()
+            aggregate.open_calls = {}
+            aggregate.recorded_calls = {}
             aggregate.error = None
 
     class Started(TenantAggregate.Event):
@@ -120,8 +137,26 @@ class AgentRun(TenantAggregate):
             aggregate.workers.add(self.worker)
             aggregate.reclaims += 1
 
+    class CallStarted(TenantAggregate.Event):
+        """A provider call its worker is about to make, written before the call: should the
+        worker die before recording it, whoever takes the run over charges it for its prompt
+        (see :meth:`AgentRun.reclaim`). ``input_tokens``: the worker's estimate of the prompt;
+        ``prompt_cost_micros``: what the prompt costs at the worker's price table, named."""
+
+        call_id: str
+        worker: str
+        provider: str
+        model: str
+        input_tokens: int
+        prompt_cost_micros: int
+        price_table_version: str
+
+        def apply(self, aggregate: AgentRun) -> None:
+            aggregate.open_calls[self.call_id] = self
+
     class AttemptRecorded(TenantAggregate.Event):
-        """One call to a provider, whatever its outcome (``status`` ``ok`` or ``failed``)."""
+        """One call to a provider, whatever its outcome (``status`` ``ok`` or ``failed``).
+        ``call_id``: the call's own id (None in attempts recorded before calls had one)."""
 
         attempt: int
         provider: str
@@ -134,9 +169,13 @@ class AgentRun(TenantAggregate):
         output_tokens: int
         provider_cost_micros: int
         estimated: bool
+        call_id: str | None = None
 
         def apply(self, aggregate: AgentRun) -> None:
             aggregate.attempts = max(aggregate.attempts, self.attempt)
+            if self.call_id is not None:
+                aggregate.open_calls.pop(self.call_id, None)
+                aggregate.recorded_calls[self.call_id] = RecordedCall(self.attempt)
 
     class OutputRecorded(TenantAggregate.Event):
         output: str
@@ -172,6 +211,11 @@ class AgentRun(TenantAggregate):
 
         def apply(self, aggregate: AgentRun) -> None:
             aggregate.call_ids.add(self.call_id)
+            aggregate.open_calls.pop(self.call_id, None)
+            recorded = aggregate.recorded_calls.get(self.call_id, RecordedCall(0))
+            aggregate.recorded_calls[self.call_id] = replace(
+                recorded, charge_id=self.charge_id, billed_micros=self.billed_micros
+            )
             aggregate.provider = self.provider
             aggregate.model = self.model
             aggregate.input_tokens += self.input_tokens
@@ -260,9 +304,49 @@ class AgentRun(TenantAggregate):
         The worker named may be the run's own: one that let the run go while it was still
         recorded as its (its claim or its finish could not be confirmed) takes it up again this
         way, as any other worker would; refused, the run stayed RUNNING for good while that
-        worker was the only one."""
+        worker was the only one.
+
+        The calls its workers started and never recorded (:attr:`open_calls`) are the taker's
+        to charge, in the same save (``commands.runs``): only their prompt is known."""
         self._expect(RunStatus.RUNNING, action="reclaim")
         self._record(self.Reclaimed, meta, worker=worker, previous_worker=self.worker or "")
+
+    def start_call(
+        self,
+        *,
+        call_id: str,
+        worker: str,
+        provider: str,
+        model: str,
+        input_tokens: int,
+        prompt_cost_micros: int,
+        price_table_version: str,
+        meta: EventMeta,
+    ) -> None:
+        """Say that ``worker`` is about to make the call ``call_id``. Refused once the run is no
+        longer the worker's (it must not make the call); said again (a resend whose first answer
+        was lost), nothing more is recorded."""
+        self._expect(RunStatus.RUNNING, action="start a call of")
+        self.expect_worker(worker)
+        if call_id in self.open_calls or call_id in self.recorded_calls:
+            return
+        if input_tokens < 0 or prompt_cost_micros < 0:
+            raise ValidationFailed(f"the prompt of call {call_id} must not count negative")
+        self._record(
+            self.CallStarted, meta, call_id=call_id, worker=worker, provider=provider,
+            model=model, input_tokens=input_tokens, prompt_cost_micros=prompt_cost_micros,
+            price_table_version=price_table_version,
+        )  # fmt: skip
+
+    def recorded_call(self, call_id: str | None, worker: str | None) -> RecordedCall | None:
+        """What recording ``call_id`` answered, when it is recorded and ``worker`` may record
+        calls of the run (see :meth:`_expect_call_recordable`): recording it again answers that,
+        writing nothing, as a command sent again under its commandId does. The first record
+        stands: a worker's late record of a call its run's new worker charged for its prompt
+        when taking the run over bills nothing more."""
+        if call_id is None or (worker is not None and worker not in self.workers):
+            return None
+        return self.recorded_calls.get(call_id)
 
     def record_attempt(
         self,
@@ -279,9 +363,10 @@ class AgentRun(TenantAggregate):
         estimated: bool,
         meta: EventMeta,
         worker: str | None = None,
+        call_id: str | None = None,
     ) -> int:
         """Record one provider attempt; returns its number (1-based, per run). ``worker``: who
-        made it (see :meth:`_expect_call_recordable`)."""
+        made it (see :meth:`_expect_call_recordable`); ``call_id``: the call's own id."""
         self._expect_call_recordable(action="record an attempt of", worker=worker)
         if status not in ("ok", "failed"):
             raise ValidationFailed(f"attempt status must be ok or failed, got {status!r}")
@@ -300,6 +385,7 @@ class AgentRun(TenantAggregate):
             output_tokens=output_tokens,
             provider_cost_micros=provider_cost_micros,
             estimated=estimated,
+            call_id=call_id,
         )
         return number
 

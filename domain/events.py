@@ -252,6 +252,16 @@ class AgentRunReclaimed(EventPayload, event="AgentRun.Reclaimed"):
     previous_worker: str
 
 
+class AgentRunCallStarted(EventPayload, event="AgentRun.CallStarted"):
+    call_id: str
+    worker: str
+    provider: str
+    model: str
+    input_tokens: int
+    prompt_cost_micros: int
+    price_table_version: str
+
+
 class AgentRunAttemptRecorded(EventPayload, event="AgentRun.AttemptRecorded"):
     attempt: int
     provider: str
@@ -264,6 +274,8 @@ class AgentRunAttemptRecorded(EventPayload, event="AgentRun.AttemptRecorded"):
     output_tokens: int
     provider_cost_micros: int
     estimated: bool
+    call_id: str | None
+    """Absent from attempts recorded before calls had their own id: read it with care."""
 
 
 class AgentRunOutputRecorded(EventPayload, event="AgentRun.OutputRecorded"):

@@ -11,8 +11,11 @@ and charged (the provider bills it, and only that worker knows it happened), aft
 stops too.
 
 Calls are charged once: each call is named before it is made, its charge id derives from (run,
-call id) and the run aggregate refuses a call id it has recorded, so neither a restarted
-orchestrator nor two workers of a run taken over can bill a call twice.
+call id) and the run aggregate answers a call id it has recorded as it did the first time,
+writing nothing, so neither a restarted orchestrator nor two workers of a run taken over can
+bill a call twice, and a record whose commit's answer was lost is sent again. A call's start is
+recorded before it is made (``CallStarted``): a worker that dies during the call leaves it for
+whoever takes the run over, who charges it for its prompt in the takeover's own save.
 """
 
 from __future__ import annotations
@@ -390,14 +393,18 @@ class Orchestrator:
                     self.app.begin_run, m.BeginRun(run_id=view.run_id, worker=self.worker), actor
                 )
             else:
-                await self._call(
+                reclaimed = await self._call(
                     self.app.reclaim_run,
                     m.ReclaimRun(
                         run_id=view.run_id, worker=self.worker, expected_version=view.version
                     ),
                     actor,
                 )
-                log.info("orchestrator.reclaimed", run_id=str(view.run_id), previous=view.worker)
+                orphans = list(reclaimed.extra.get("charged_calls", []))
+                log.info(
+                    "orchestrator.reclaimed", run_id=str(view.run_id), previous=view.worker,
+                    charged_calls=orphans,
+                )  # fmt: skip
         except (Conflict, InvalidTransition, NotFound):
             return  # another orchestrator was first, or the run ended meanwhile
         except Exception:
@@ -418,9 +425,11 @@ class Orchestrator:
                 f"(stale heartbeat; at most {self.config.max_reclaims} takeovers)",
             )
             return
-        await self._execute(view, reclaimed=not claim)
+        await self._execute(view, reclaimed=not claim, orphans=0 if claim else len(orphans))
 
-    async def _execute(self, view: RunView, *, reclaimed: bool) -> None:
+    async def _execute(self, view: RunView, *, reclaimed: bool, orphans: int = 0) -> None:
+        """``orphans``: how many calls the previous worker left under way, charged by the
+        takeover (a line of the log says so)."""
         batcher = LogBatcher(
             partial(self._write_lines, view),
             max_lines=self.config.log_max_lines,
@@ -431,6 +440,11 @@ class Orchestrator:
         try:
             if reclaimed:
                 batcher.system(f"taken over by {self.worker} (the previous worker went silent)")
+                if orphans:
+                    batcher.system(
+                        f"charged {orphans} call(s) the previous worker had under way for "
+                        "their prompt (estimated): it never recorded them"
+                    )
             async with asyncio.timeout(self.config.run_timeout):
                 output = await self._work(view, batcher, deadline=started + self.config.run_timeout)
                 await batcher.close()
@@ -536,8 +550,9 @@ class Orchestrator:
     ) -> T:
         """``write()``, again (backing off, for up to ``stale_after``) while the store refuses it
         as unavailable with nothing written. A write whose commit the store could not tell is
-        sent again only when ``unknown_too`` (a second one is refused once the first is in); for
-        others it would be recorded twice: a log chunk twice, an attempt charged as another."""
+        sent again only when ``unknown_too``: writes whose second sending is refused (a finish)
+        or answered with the first one's result (a call's start, its attempt: by call id) once
+        the first is in; others would be recorded twice (a log chunk)."""
         pause = self.config.backoff_base
         give_up = time.monotonic() + self.config.stale_after
         while True:
@@ -722,6 +737,31 @@ class Orchestrator:
             )
         call = _Call(view, option, input_tokens, started_at, billed, room, call_id)
         try:
+            # Said before the call is made, so that it is charged should this worker die
+            # during it (one write more per call: a few milliseconds against its seconds).
+            start = m.StartProviderCall(
+                run_id=view.run_id, worker=self.worker, call_id=call_id,
+                provider=option.provider, model=option.model, input_tokens=input_tokens,
+                prompt_cost_micros=call_cost_micros(price, input_tokens=input_tokens,
+                                                    output_tokens=0),
+                price_table_version=self.app.prices.version,
+            )  # fmt: skip
+            try:
+                await self._while_unavailable(
+                    partial(self._write, view, self.app.start_provider_call, start),
+                    unknown_too=True,
+                )
+            except asyncio.CancelledError:
+                # Stopped while the start was being written (its thread goes on, and it may
+                # yet land): an attempt without tokens says the call was never made, so that
+                # no takeover charges it, in either order (a start after its call's attempt
+                # records nothing).
+                with contextlib.suppress(_Lost, AgentWorksError):
+                    await self._attempt(
+                        call, "failed", None, "stopped: cancelled before the call was made", 0,
+                        Usage(0, 0),
+                    )  # fmt: skip
+                raise
             return await self._stream(
                 call, provider.stream(ChatRequest(option.model, messages, max_tokens)), batcher
             )
@@ -769,13 +809,17 @@ class Orchestrator:
         except asyncio.CancelledError:
             # Cancelled, timed out or stopping: once the provider took the call it bills the
             # prompt and whatever streamed so far, so that is charged before the cancellation
-            # goes on. Cut before it answered, the call may never have reached it: no charge.
-            if text or accepted is not None:
-                latency_ms = int((time.monotonic() - t0) * 1000)
-                with contextlib.suppress(_Lost, AgentWorksError):
-                    await self._attempt(
-                        call, "failed", None, "stopped: cancelled", latency_ms, used()
-                    )
+            # goes on. Cut before it answered, the call may never have reached it: no charge,
+            # but an attempt all the same, so that no takeover charges the call as one its
+            # worker died during.
+            taken = bool(text) or accepted is not None
+            latency_ms = int((time.monotonic() - t0) * 1000)
+            with contextlib.suppress(_Lost, AgentWorksError):
+                await self._attempt(
+                    call, "failed", None,
+                    "stopped: cancelled" if taken else "stopped: cancelled before the provider "
+                    "answered", latency_ms, used() if taken else Usage(0, 0),
+                )  # fmt: skip
             raise
         latency_ms = int((time.monotonic() - t0) * 1000)
         received = "".join(text)
@@ -859,7 +903,9 @@ class Orchestrator:
     ) -> None:  # fmt: skip
         """Record the call's attempt (and charge). Recorded, and the run taken over from this
         worker meanwhile (the charge stands: the provider bills the call), it raises
-        :class:`_Lost`, so that the worker makes no further call for the run."""
+        :class:`_Lost`, so that the worker makes no further call for the run. A record whose
+        commit the store could not tell is sent again: the call id recorded, the run answers
+        the first record's result."""
         view, option, charged = call.view, call.option, call.charged
         cmd = m.RecordProviderAttempt(
             run_id=view.run_id, worker=self.worker, call_id=call.call_id,
@@ -876,7 +922,8 @@ class Orchestrator:
         try:
             async with lock:
                 result = await self._while_unavailable(
-                    partial(self._write, view, self.app.record_provider_attempt, cmd)
+                    partial(self._write, view, self.app.record_provider_attempt, cmd),
+                    unknown_too=True,
                 )
             charged.billed = int(result.extra.get("billed", 0))
         except BaseException as failure:

@@ -216,6 +216,7 @@ class ActivityProjector(Projector):
     ignores: ClassVar[frozenset[type[EventPayload]]] = frozenset(
         {
             ev.AgentRunAttemptRecorded,
+            ev.AgentRunCallStarted,
             ev.AgentRunHeartbeat,
             ev.AgentRunLlmCallCompleted,
             ev.AgentRunLogChunkAppended,

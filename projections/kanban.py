@@ -231,6 +231,7 @@ class KanbanProjector(Projector):
     ignores: ClassVar[frozenset[type[EventPayload]]] = frozenset(
         {
             ev.AgentRunAttemptRecorded,
+            ev.AgentRunCallStarted,
             ev.AgentRunHeartbeat,
             ev.AgentRunLogChunkAppended,
             ev.AgentRunOutputRecorded,

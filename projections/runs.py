@@ -147,6 +147,7 @@ class RunsProjector(Projector):
             *TERMINAL,
             ev.AgentRunHeartbeat,
             ev.AgentRunReclaimed,
+            ev.AgentRunCallStarted,
             ev.AgentRunAttemptRecorded,
             ev.AgentRunOutputRecorded,
             ev.AgentRunLlmCallCompleted,
@@ -227,7 +228,11 @@ class RunsProjector(Projector):
                 adds[3] += event.billed_micros
                 adds[4] += 1
             elif isinstance(
-                event, ev.AgentRunStepStarted | ev.AgentRunHeartbeat | ev.AgentRunReclaimed
+                event,
+                ev.AgentRunStepStarted
+                | ev.AgentRunHeartbeat
+                | ev.AgentRunReclaimed
+                | ev.AgentRunCallStarted,
             ):
                 pass
             elif isinstance(event, ev.AgentRunAttemptRecorded):

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import pg
 from board_helpers import Board, bootstrap_board
+from cli_process import clean_env
 
 from adapters.eventlog import EventLog
 from adapters.providers.base import Provider
@@ -79,6 +85,30 @@ def orchestrator_thread(
     finally:
         thread.stop()
         write.close()
+
+
+@contextmanager
+def orchestrator_process(database_url: str, tmp_path: Path, **env: str) -> Iterator[None]:
+    """``agentworks orchestrator`` in a process of its own, on the test's database, heartbeating
+    every half second (``env``: more of its settings), SIGKILLed when the block ends, as its
+    machine dying would end it: no cleanup of any kind."""
+    settings = clean_env(
+        **pg.LOGIN_ENV, AGENTWORKS_DATABASE_URL=database_url,
+        AGENTWORKS_HEARTBEAT_INTERVAL="0.5", **env,
+    )  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "orchestrator"],
+        cwd=tmp_path,
+        env=settings,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
 
 
 def wait_for(

@@ -6,10 +6,11 @@ moment the provider accepted the call: with the provider's count of the prompt w
 gives one before the text (Anthropic's ``message_start``), else our tokenizer's estimate,
 marked ``estimated``; no output tokens.
 
-So is the call a worker had under way when its run was taken over: it was refused ("taken
-over") and charged nowhere. Its worker records it still (only it knows the call happened and
-what the provider counted), under the call's own id, so it is charged once beside the new
-worker's own calls, whatever became of the run meanwhile.
+So is the call a worker had under way when its run was taken over, its worker dead or only
+silent: the call's start is recorded before the call, and the takeover charges every call
+started and never recorded for its prompt, under the call's own id; the worker's own record,
+should it come after all, is answered with that charge, so the call is charged once beside the
+new worker's own calls.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -26,6 +29,7 @@ from orchestrator_helpers import (
     card_on_board,
     events_of,
     finished,
+    orchestrator_process,
     orchestrator_thread,
     start,
     wait_for,
@@ -38,10 +42,12 @@ from adapters.providers.openai import OpenAIProvider
 from adapters.tokenizer import count_message_tokens
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
+from commands.runs import ORPHANED_CALL
 from domain.agent_run import AgentRun, RunStatus
 from domain.errors import Conflict
 from domain.pricing import call_cost_micros
 from domain.usage import UsageCharge
+from orchestrator.service import Orchestrator
 
 pytestmark = pytest.mark.slow
 
@@ -188,12 +194,22 @@ def charges_of(app: AgentWorks, run_id: UUID) -> dict[str, Any]:
     return charged
 
 
-def test_the_call_under_way_when_its_run_was_taken_over_is_charged_beside_the_new_workers(
+def gone_quiet(orchestrator: Orchestrator, *, timeout: float = 30.0) -> None:
+    """Wait until ``orchestrator`` runs nothing (its last run's task ended)."""
+    deadline = time.monotonic() + timeout
+    while orchestrator.tasks:
+        assert time.monotonic() < deadline, "the orchestrator still runs its run"
+        time.sleep(0.05)
+
+
+def test_the_call_under_way_when_its_run_was_taken_over_is_charged_once_by_the_takeover(
     write_side: AgentWorks, database_url: str
 ) -> None:
-    """Worker A's call stalls (and A with it, silent) until worker B has taken the run over and
-    finished it; then A's call completes. A records it, charged once at the provider's count;
-    B's call is charged too; neither twice."""
+    """Worker A's call stalls (and A with it, silent) until worker B has taken the run over
+    and finished it; then A's call completes. B's takeover charged A's call for its prompt (A
+    could have been dead: only the call's start, recorded before it, said it was made); A's
+    own record, late, is answered with that charge and bills nothing more. B's call is
+    charged too; neither twice."""
     card = card_on_board(write_side)
     release = threading.Event()
     old = Reply(events=openai_events([], prompt_tokens=1111, completion_tokens=0), hold=release)
@@ -203,7 +219,8 @@ def test_the_call_under_way_when_its_run_was_taken_over_is_charged_beside_the_ne
         b: dict[str, Provider] = {"openai": OpenAIProvider(api_key="k", base_url=server.url)}
         try:
             with orchestrator_thread(database_url, {"openai": a}, worker_id="A",
-                                     heartbeat_interval=600.0, stale_after=600.0):  # fmt: skip
+                                     heartbeat_interval=600.0,
+                                     stale_after=600.0) as orchestrator_a:  # fmt: skip
                 run_id = start(write_side, card, provider="openai")
                 assert a.accepted.wait(30), "A's call was never accepted"
                 with orchestrator_thread(database_url, b, worker_id="B", stale_after=1.0):
@@ -212,24 +229,27 @@ def test_the_call_under_way_when_its_run_was_taken_over_is_charged_beside_the_ne
                     RunStatus.SUCCEEDED, "B", "done by B",
                 )  # fmt: skip
                 release.set()
-                run = wait_for(write_side, run_id, lambda r: len(r.call_ids) == 2)
+                gone_quiet(orchestrator_a)
         finally:
             release.set()
+    run = write_side.run_snapshot(run_id)
+    prompt = count_message_tokens(server.requests[0].body["messages"])
     charges = charges_of(write_side, run_id)
-    assert sorted(c.input_tokens for c in charges.values()) == [1111, 2222]
+    assert sorted(c.input_tokens for c in charges.values()) == sorted([prompt, 2222])
     assert run.billed_micros == sum(c.billed_micros for c in charges.values())
     attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
-    assert sorted((a.input_tokens, a.status, a.estimated) for a in attempts) == [
-        (1111, "ok", False), (2222, "ok", False),
+    assert [(a.input_tokens, a.status, a.estimated, a.error) for a in attempts] == [
+        (prompt, "failed", True, ORPHANED_CALL), (2222, "ok", False, None),
     ]  # fmt: skip
     assert [a.attempt for a in attempts] == [1, 2]
 
 
-def test_a_stalled_call_its_worker_learns_was_taken_over_is_charged_as_it_stops(
+def test_a_stalled_call_whose_run_is_taken_over_is_charged_once_as_its_worker_stops(
     write_side: AgentWorks, database_url: str
 ) -> None:
-    """The old worker learns of the takeover at its next heartbeat and stops its call: the
-    call is charged as a cancelled one is (the prompt, estimated), on the run now B's."""
+    """The takeover charges the call A has under way (its prompt, estimated); A learns of the
+    takeover at its next heartbeat and stops its call, and its record of the cut call is
+    answered with that charge."""
     card = card_on_board(write_side)
     release = threading.Event()
     frames = openai_events(["never sent"], prompt_tokens=999, completion_tokens=2)
@@ -237,25 +257,125 @@ def test_a_stalled_call_its_worker_learns_was_taken_over_is_charged_as_it_stops(
     with FakeProviderServer([Reply(events=frames, hold=release)]) as server:
         a = Watched(OpenAIProvider(api_key="k", base_url=server.url))
         try:
-            with orchestrator_thread(database_url, {"openai": a}, worker_id="A"):
+            with orchestrator_thread(database_url, {"openai": a}, worker_id="A") as orchestrator:
                 run_id = start(write_side, card, provider="openai")
                 assert a.accepted.wait(30), "A's call was never accepted"
                 while True:  # a heartbeat of A's may slip in before the takeover
                     version = write_side.run_snapshot(run_id).version
                     takeover = m.ReclaimRun(run_id=run_id, worker="B", expected_version=version)
                     try:
-                        write_side.reclaim_run(takeover, actor)
+                        taken = write_side.reclaim_run(takeover, actor)
                         break
                     except Conflict:
                         time.sleep(0.05)
-                run = wait_for(write_side, run_id, lambda r: len(r.call_ids) == 1)
+                gone_quiet(orchestrator)
         finally:
             release.set()
+    run = write_side.run_snapshot(run_id)
     assert (run.status, run.worker) == (RunStatus.RUNNING, "B")
-    [charge] = charges_of(write_side, run_id).values()
+    [(call_id, charge)] = charges_of(write_side, run_id).items()
+    assert taken.extra["charged_calls"] == [call_id]
     [attempt] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
     prompt = count_message_tokens(server.requests[0].body["messages"])
     assert (attempt.error, attempt.estimated, charge.input_tokens) == (
-        "stopped: cancelled", True, prompt,
+        ORPHANED_CALL, True, prompt,
     )  # fmt: skip
     assert run.billed_micros == charge.billed_micros > 0
+
+
+def test_a_call_its_worker_was_killed_during_is_charged_once_by_the_takeover(
+    write_side: AgentWorks, database_url: str, tmp_path: Path
+) -> None:
+    """An orchestrator process SIGKILLed while the provider had its call: nothing durable
+    said the call was made, and nobody charged it. Its start, recorded before the call, is
+    charged by the orchestrator that takes the run over, for the prompt the dead worker
+    counted, marked estimated, once; a late record of the call by the dead worker (its process
+    was only frozen, say) bills nothing more."""
+    card = card_on_board(write_side)
+    frames = openai_events(["never sent"], prompt_tokens=999, completion_tokens=2)
+    done = openai_events(["done by the rescuer"], prompt_tokens=2222, completion_tokens=3)
+    with FakeProviderServer([stalled_after_acceptance(frames), Reply(events=done)]) as server:
+        with orchestrator_process(
+            database_url, tmp_path, AGENTWORKS_OPENAI_API_KEY="k",
+            AGENTWORKS_OPENAI_BASE_URL=server.url,
+        ):  # fmt: skip
+            run_id = start(write_side, card, provider="openai")
+            # The call's start is recorded before the call: once the provider has it, so has
+            # the store.
+            wait_for(write_side, run_id, lambda _: bool(server.requests), timeout=60)
+        dead = write_side.run_snapshot(run_id).worker
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url)
+        }
+        with orchestrator_thread(database_url, providers, stale_after=1.5, worker_id="rescuer"):
+            run = wait_for(write_side, run_id, finished, timeout=60)
+    assert (run.status, run.worker, run.output) == (
+        RunStatus.SUCCEEDED, "rescuer", "done by the rescuer",
+    )  # fmt: skip
+    charges = charges_of(write_side, run_id)
+    prompt = count_message_tokens(server.requests[0].body["messages"])
+    assert sorted(c.input_tokens for c in charges.values()) == sorted([prompt, 2222])
+    [started, _] = events_of(write_side, run_id, AgentRun.CallStarted)
+    assert started.worker == dead
+    orphan = charges[started.call_id]
+    assert (orphan.input_tokens, orphan.output_tokens) == (prompt, 0) == (started.input_tokens, 0)
+    assert orphan.provider_cost_micros == started.prompt_cost_micros > 0
+    [first, _] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert (first.call_id, first.estimated, first.error) == (started.call_id, True, ORPHANED_CALL)
+    billed = run.billed_micros
+    assert billed == sum(c.billed_micros for c in charges.values())
+
+    late = write_side.record_provider_attempt(
+        m.RecordProviderAttempt(
+            run_id=run_id, worker=dead, call_id=started.call_id, provider="openai",
+            model=started.model, status="ok", latency_ms=900, input_tokens=999,
+            output_tokens=400, started_at=datetime.now(UTC),
+        ),
+        Actor.service("orchestrator", card.board.workspace_id),
+    )  # fmt: skip
+
+    assert (late.extra["billed"], late.extra["taken_over"]) == (orphan.billed_micros, True)
+    assert write_side.run_snapshot(run_id).billed_micros == billed
+    assert charges_of(write_side, run_id).keys() == charges.keys()
+    assert len(events_of(write_side, run_id, AgentRun.AttemptRecorded)) == 2
+
+
+def test_a_call_whose_start_was_being_written_as_its_worker_stopped_is_not_charged_after(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An orchestrator stopped (its runs left for others to take over) while a call's start
+    was being written: the call was never made, but the start landed. The worker records an
+    attempt without tokens as it stops, so the takeover charges nothing for it."""
+    card = card_on_board(write_side)
+    written, answered = threading.Event(), threading.Event()
+    real_start, real_record = AgentWorks.start_provider_call, AgentWorks.record_provider_attempt
+
+    def slow_start(self: AgentWorks, cmd: m.StartProviderCall, actor: Actor) -> Any:
+        result = real_start(self, cmd, actor)
+        if cmd.worker == "A":  # written; its answer waits until A has recorded the attempt
+            written.set()
+            answered.wait(30)
+        return result
+
+    def record(self: AgentWorks, cmd: m.RecordProviderAttempt, actor: Actor) -> Any:
+        try:
+            return real_record(self, cmd, actor)
+        finally:
+            if cmd.worker == "A":
+                answered.set()
+
+    monkeypatch.setattr(AgentWorks, "start_provider_call", slow_start)
+    monkeypatch.setattr(AgentWorks, "record_provider_attempt", record)
+    with orchestrator_thread(database_url, worker_id="A"):
+        run_id = start(write_side, card)
+        assert written.wait(30), "A never started its call"
+    with orchestrator_thread(database_url, worker_id="B", stale_after=1.0):
+        run = wait_for(write_side, run_id, finished)
+    assert (run.status, run.worker) == (RunStatus.SUCCEEDED, "B")
+    [by_a, by_b] = events_of(write_side, run_id, AgentRun.CallStarted)
+    assert (by_a.worker, by_b.worker) == ("A", "B")
+    [stopped, _] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert (stopped.call_id, stopped.input_tokens, stopped.error) == (
+        by_a.call_id, 0, "stopped: cancelled before the call was made",
+    )  # fmt: skip
+    assert list(charges_of(write_side, run_id)) == [by_b.call_id]

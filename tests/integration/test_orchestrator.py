@@ -4,23 +4,19 @@ orchestrator process SIGKILLed mid-run are taken over by another, never charged 
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import pg
 import pytest
-from cli_process import clean_env
 from orchestrator_helpers import (
     card_on_board,
     events_of,
     fast_simulated,
     finished,
+    orchestrator_process,
     orchestrator_thread,
     running_with_lines,
     start,
@@ -357,39 +353,17 @@ def test_a_failing_provider_opens_its_circuit_and_the_run_log_says_so(
 # -- an orchestrator process killed mid-run --------------------------------------------------------
 
 
-def orchestrator_process(database_url: str, tmp_path: Path) -> subprocess.Popen[bytes]:
-    env = clean_env(
-        **pg.LOGIN_ENV,
-        AGENTWORKS_DATABASE_URL=database_url,
-        AGENTWORKS_SIMULATED_TOKENS_PER_SECOND="30",
-        AGENTWORKS_SIMULATED_OUTPUT_TOKENS="400",
-        AGENTWORKS_HEARTBEAT_INTERVAL="0.5",
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", "infra.cli", "orchestrator"],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 def test_a_killed_orchestrators_runs_are_taken_over_and_never_charged_twice(
     write_side: AgentWorks, database_url: str, tmp_path: Path
 ) -> None:
     card = card_on_board(write_side)
     first = start(write_side, card)
-    process = orchestrator_process(database_url, tmp_path)
-    try:
-        wait_for(write_side, first, running_with_lines, timeout=60)
+    with orchestrator_process(
+        database_url, tmp_path, AGENTWORKS_SIMULATED_TOKENS_PER_SECOND="30",
+        AGENTWORKS_SIMULATED_OUTPUT_TOKENS="400",
+    ):  # fmt: skip
         # A second run the dead process had finished one call of would show a double charge.
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+        wait_for(write_side, first, running_with_lines, timeout=60)
     killed_worker = write_side.run_snapshot(first).worker
     lines_before = write_side.run_snapshot(first).next_seq
     second = start(write_side, card, agent="reviewer")
@@ -574,6 +548,43 @@ def test_a_charge_the_store_could_not_take_is_written_again_not_lost(
     [attempt] = events_of(write_side, run.id, AgentRun.AttemptRecorded)
     assert attempt.status == "ok"
     assert run.billed_micros > 0
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not committed"])
+def test_a_charge_whose_commit_answer_was_lost_is_sent_again_and_charged_once(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch, committed: bool
+) -> None:
+    """The write side answers UNAVAILABLE, outcome unknown, when the connection broke at the
+    charge's COMMIT and it could not learn whether the commit landed. The orchestrator did not
+    send it again (a second record of the call would have been refused, taken for the run
+    lost), and the run ended FAILED "internal error": its charge lost if the commit was. Sent
+    again now, it is recorded (not committed) or answered with the first record (committed):
+    charged once either way, and the run goes on."""
+    card = card_on_board(write_side)
+    calls: list[int] = []
+    real = AgentWorks.record_provider_attempt
+
+    def answer_lost_once(self: AgentWorks, cmd: Any, actor: Actor) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            if committed:
+                real(self, cmd, actor)
+            raise Unavailable(
+                "the database connection was lost while this write was committing",
+                retry_after_seconds=0.1, outcome="unknown",
+            )  # fmt: skip
+        return real(self, cmd, actor)
+
+    monkeypatch.setattr(AgentWorks, "record_provider_attempt", answer_lost_once)
+    with orchestrator_thread(database_url):
+        run = wait_for(write_side, start(write_side, card), finished, timeout=15.0)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert len(calls) == 2
+    [attempt] = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    [call] = events_of(write_side, run.id, AgentRun.LlmCallCompleted)
+    [charge] = events_of(write_side, call.charge_id, UsageCharge.Charged)
+    assert (attempt.status, attempt.call_id) == ("ok", call.call_id)
+    assert run.billed_micros == charge.billed_micros > 0
 
 
 def test_requests_a_provider_refuses_as_bad_do_not_open_its_circuit_for_everyone(

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from commands import models as m
 from commands.billing import Billing, fold_month
+from commands.handlers import CommandResult
 from domain.agent_run import AgentRun, RunStatus
 from domain.errors import (
     AgentWorksError,
@@ -169,19 +170,116 @@ def test_a_worker_that_never_ran_the_run_records_no_call_of_it() -> None:
 
 
 def test_a_call_is_charged_once_whoever_records_it_and_however_often() -> None:
+    """Recorded again (a resend whose first answer was lost, a late record of a call the
+    takeover charged), a call id is answered as the first time and nothing is written; it was
+    refused, which the orchestrator took for a lost run and, after a lost answer, never sent."""
     world = World.build()
     run_id = taken_over(world)
-    world.app.record_provider_attempt(attempt(run_id, worker="w1", call_id="c"), world.service())
-    billed = world.get(run_id).billed_micros
-    for worker in ("w1", "w2"):
-        assert_refused(
-            world.app, InvalidTransition,
-            lambda worker=worker: world.app.record_provider_attempt(
-                attempt(run_id, worker=worker, call_id="c"), world.service()
-            ),
-        )  # fmt: skip
+    first = world.app.record_provider_attempt(attempt(run_id, worker="w1", call_id="c"),
+                                              world.service())  # fmt: skip
     run: AgentRun = world.get(run_id)
-    assert (run.billed_micros, run.attempts) == (billed, 1)
+    billed, version = run.billed_micros, run.version
+    for worker, tin in (("w1", 100), ("w1", 999), ("w2", 5)):
+        again = world.app.record_provider_attempt(
+            attempt(run_id, worker=worker, call_id="c", tin=tin), world.service()
+        )
+        assert again.extra == first.extra | {
+            "recorded_before": True, "taken_over": worker == "w1",
+        }  # fmt: skip
+    run = world.get(run_id)
+    assert (run.billed_micros, run.attempts, run.version) == (billed, 1, version)
+    assert_refused(
+        world.app, Conflict,
+        lambda: world.app.record_provider_attempt(attempt(run_id, worker="w3", call_id="c"),
+                                                  world.service()),
+    )  # fmt: skip
+
+
+def start_call(world: World, run_id: object, *, worker: str = "w1", call_id: str = "c",
+               tin: int = 1234) -> CommandResult:  # fmt: skip
+    return world.app.start_provider_call(
+        m.StartProviderCall(
+            run_id=run_id, worker=worker, call_id=call_id, provider="simulated", model="sim-1",
+            input_tokens=tin, prompt_cost_micros=777, price_table_version="v-old",
+        ),
+        world.service(),
+    )  # fmt: skip
+
+
+def reclaim(world: World, run_id: object, worker: str) -> CommandResult:
+    version = world.get(run_id).version
+    return world.app.reclaim_run(
+        m.ReclaimRun(run_id=run_id, worker=worker, expected_version=version), world.service()
+    )
+
+
+def test_a_call_its_worker_started_and_never_recorded_is_charged_its_prompt_at_takeover() -> None:
+    """A worker that died during a call left nothing saying the call was made: the provider
+    billed it, nobody charged it. Its start is recorded before the call; the takeover charges
+    it for the prompt its worker estimated, at the prices it named, once."""
+    world = World.build()
+    run_id = world.run(begin=True)
+    start_call(world, run_id)
+    start_call(world, run_id)  # a resend: one start
+    result = reclaim(world, run_id, "w2")
+    assert result.extra["charged_calls"] == ["c"]
+    [charge] = [e for e in stored_events(world.app) if isinstance(e, UsageCharge.Charged)]
+    assert charge.originator_id == charge_id_for(run_id, "c")
+    assert (charge.input_tokens, charge.output_tokens, charge.provider_cost_micros) == (
+        1234,
+        0,
+        777,
+    )
+    assert (charge.billed_micros, charge.price_table_version) == (777 * 5, "v-old")
+    run: AgentRun = world.get(run_id)
+    assert (run.billed_micros, run.open_calls, run.worker) == (777 * 5, {}, "w2")
+    [started] = [e for e in stored_events(world.app) if isinstance(e, AgentRun.CallStarted)]
+    [orphan] = [e for e in stored_events(world.app) if isinstance(e, AgentRun.AttemptRecorded)]
+    assert (orphan.call_id, orphan.estimated, orphan.status) == ("c", True, "failed")
+    assert started.worker == "w1"
+    # The dead worker's record, late after all: answered with the takeover's charge.
+    late = world.app.record_provider_attempt(
+        attempt(run_id, worker="w1", call_id="c", tin=1300, tout=400), world.service()
+    )
+    assert (late.extra["billed"], late.extra["taken_over"]) == (777 * 5, True)
+    assert world.get(run_id).billed_micros == 777 * 5
+    # A later takeover finds nothing more to charge.
+    assert reclaim(world, run_id, "w3").extra["charged_calls"] == []
+    assert world.get(run_id).billed_micros == 777 * 5
+
+
+def test_a_call_recorded_or_recorded_uncharged_is_not_charged_again_at_takeover() -> None:
+    world = World.build()
+    run_id = world.run(begin=True)
+    start_call(world, run_id, call_id="ok")
+    world.app.record_provider_attempt(attempt(run_id, call_id="ok"), world.service())
+    start_call(world, run_id, call_id="refused")
+    world.app.record_provider_attempt(
+        attempt(run_id, call_id="refused", status="failed", tin=0, tout=0), world.service()
+    )
+    billed = world.get(run_id).billed_micros
+    assert reclaim(world, run_id, "w2").extra["charged_calls"] == []
+    assert world.get(run_id).billed_micros == billed
+
+
+def test_a_start_landing_after_its_calls_attempt_leaves_no_call_open() -> None:
+    """A worker stopped while its call's start was being written records an attempt without
+    tokens; the start, landing after it, records nothing, so no takeover charges the call."""
+    world = World.build()
+    run_id = world.run(begin=True)
+    world.app.record_provider_attempt(
+        attempt(run_id, call_id="c", status="failed", tin=0, tout=0), world.service()
+    )
+    start_call(world, run_id)
+    assert world.get(run_id).open_calls == {}
+    assert reclaim(world, run_id, "w2").extra["charged_calls"] == []
+
+
+def test_a_worker_the_run_was_taken_from_may_not_start_a_call() -> None:
+    world = World.build()
+    run_id = taken_over(world)
+    assert_refused(world.app, Conflict, lambda: start_call(world, run_id, worker="w1"))
+    assert world.get(run_id).open_calls == {}
 
 
 def test_a_takeover_judged_on_an_old_version_conflicts() -> None:
