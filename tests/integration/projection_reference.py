@@ -370,11 +370,19 @@ class RunsReference(Reference, RunsProjector):
         )
         status_changed(at.env, at.changes, status)
 
-    @on(events.AgentRunStepStarted, events.AgentRunHeartbeat, events.AgentRunReclaimed)
+    @on(
+        events.AgentRunStepStarted,
+        events.AgentRunHeartbeat,
+        events.AgentRunReclaimed,
+        events.AgentRunCallStarted,
+    )
     def _touched(
         self,
         at: At,
-        ev: events.AgentRunStepStarted | events.AgentRunHeartbeat | events.AgentRunReclaimed,
+        ev: events.AgentRunStepStarted
+        | events.AgentRunHeartbeat
+        | events.AgentRunReclaimed
+        | events.AgentRunCallStarted,
     ) -> None:
         self._touch_run(at)
 
