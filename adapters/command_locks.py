@@ -70,6 +70,15 @@ _TRY = f"SELECT pg_try_advisory_lock({NAMESPACE}, {{key}}); {{look_up}}"
 _LOCK = f"SELECT pg_advisory_lock({NAMESPACE}, {{key}}); {{look_up}}"
 _UNLOCK = f"pg_advisory_unlock({NAMESPACE}, {{key}})"
 
+#: The server probes a lock session idle this long, then every 10 s, and drops it after 3
+#: unanswered probes: a replica whose host died (no FIN, no RST) lets go of the ids it held in
+#: about a minute, not after the operating system's default of two hours and more, which would
+#: answer every retry of those ids UNAVAILABLE meanwhile. (Ignored on a Unix socket, where a dead
+#: peer is seen at once.)
+_KEEPALIVE = (
+    "SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3"
+)
+
 WAITERS = 4
 """Connections of the pool for waiting on another process's run of an id (beside the shared
 session): more such waits at once wait for one of them, at most the pool's timeout."""
@@ -123,7 +132,9 @@ class CommandLocks:
         def configure(conn: Connection[TupleRow]) -> None:
             conn.autocommit = True
             # ``literal`` quotes for standard-conforming strings: hold the session to them.
-            conn.execute(f"SET lock_timeout = {wait_ms}; SET standard_conforming_strings = on")
+            conn.execute(
+                f"SET lock_timeout = {wait_ms}; SET standard_conforming_strings = on; {_KEEPALIVE}"
+            )
 
         store_kwargs = store_pool.kwargs if isinstance(store_pool.kwargs, dict) else {}
         pool = ResilientPool(

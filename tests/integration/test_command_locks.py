@@ -134,6 +134,19 @@ def test_a_broken_lock_session_lets_go_and_the_next_run_gets_a_new_one(
     assert advisory_locks(database_url, granted=True) == 0
 
 
+def test_the_server_probes_lock_sessions_so_a_dead_hosts_ids_are_let_go(
+    app: StoredAgentWorks,
+) -> None:
+    """A replica whose host dies leaves its lock session open on the server until TCP says it is
+    gone; the server's keepalive probes on the session bound that to about a minute."""
+    probes = (
+        "SELECT current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_count')"
+    )
+    with locks_of(app) as one, one.one_at_a_time("ws", str(uuid4()), probes) as row:
+        assert row is not None
+        assert tuple(row) == ("30", "3")
+
+
 def test_text_is_quoted_as_one_literal(app: StoredAgentWorks) -> None:
     """The look-up's text goes in as literals: quotes and backslashes in a scope stay text."""
     scope = "user:o'brien\\'; SELECT 1; --"
