@@ -309,17 +309,16 @@ class WriteSide(Application[UUID]):
                 return earlier
             try:
                 return self._attempts(cmd, actor, scope, command_id, digest, decide, meta)
+            except Unavailable:
+                raise
             except AgentWorksError as refusal:
                 # Turns end with their session: a first run whose lock session broke (the
                 # database restarted) may commit while its retry runs, which then loses to it
                 # (a version it moved on, a lane it filled). Its command was done; a retry
                 # answers the first result.
-                if isinstance(refusal, Unavailable):
-                    raise
                 try:
-                    earlier = self._earlier_result(
-                        self._recorded(scope, command_id), command_id, cmd, digest, decide, meta
-                    )
+                    stored = self._recorded(scope, command_id)
+                    earlier = self._earlier_result(stored, command_id, cmd, digest, decide, meta)
                 except Unavailable:
                     raise refusal from None
                 if earlier is None:
