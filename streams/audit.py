@@ -13,7 +13,13 @@ needs is in the file and in this definition:
 * **Trailer** (last line): ``{count, headHash, keyId, signature}`` where ``count`` is the number of
   event lines, ``headHash`` the last line's ``hash`` (:data:`GENESIS` for none), ``keyId`` the
   first 16 hex digits of the SHA-256 of the raw Ed25519 public key, and ``signature`` the
-  standard-base64 Ed25519 signature of the canonical JSON of ``{count, headHash, keyId}``.
+  standard-base64 Ed25519 signature of the canonical JSON of the trailer without
+  ``signature``. The trailer also says what was exported (:data:`SCOPE_FIELDS`): ``workspaceId``
+  and the window ``from``/``to`` (ISO 8601 instants, ``null`` for an open end), so the signature
+  binds the export to its workspace and window: a file of one workspace cannot be passed off as
+  another's, nor a part of a history as the whole. Exports written before these fields have a
+  trailer of the first four alone, signed over ``{count, headHash, keyId}``; they still verify,
+  and the verdict says their scope is not signed.
 
 A line edited, removed, inserted, reordered or appended breaks the chain at that line (or the
 trailer's count, head hash or signature); :func:`verify` names the first line that does not hold.
@@ -51,6 +57,7 @@ EVENT_FIELDS = frozenset(
     {"position", "originatorId", "version", "type", "at", "actor", "data", "prevHash", "hash"}
 )
 TRAILER_FIELDS = frozenset({"count", "headHash", "keyId", "signature"})
+SCOPE_FIELDS = frozenset({"workspaceId", "from", "to"})
 
 #: Rows fetched per round trip of the server-side cursor; memory stays bounded by this.
 PAGE = 2000
@@ -67,8 +74,23 @@ def line_hash(line: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def signed_part(*, count: int, head_hash: str, key: str) -> bytes:
-    return canonical_json({"count": count, "headHash": head_hash, "keyId": key}).encode("utf-8")
+def signed_part(
+    *, count: int, head_hash: str, key: str, scope: dict[str, str | None] | None = None
+) -> bytes:
+    """What the trailer's signature signs; ``scope`` is the :data:`SCOPE_FIELDS` (``None``
+    only to check an export written before the trailer carried them)."""
+    signed: dict[str, object] = {"count": count, "headHash": head_hash, "keyId": key}
+    return canonical_json(signed | (scope or {})).encode("utf-8")
+
+
+def export_scope(
+    workspace_id: UUID, since: datetime | None, until: datetime | None
+) -> dict[str, str | None]:
+    return {
+        "workspaceId": str(workspace_id),
+        "from": None if since is None else since.isoformat(),
+        "to": None if until is None else until.isoformat(),
+    }
 
 
 def event_line(envelope: EventEnvelope, prev_hash: str) -> tuple[str, str]:
@@ -234,9 +256,12 @@ def export_lines(
         text, prev = event_line(envelope, prev)
         count += 1
         yield text
-    signature = signer.sign(signed_part(count=count, head_hash=prev, key=signer.key_id))
+    scope = export_scope(workspace_id, since, until)
+    signature = signer.sign(
+        signed_part(count=count, head_hash=prev, key=signer.key_id, scope=scope)
+    )
     yield canonical_json(
-        {"count": count, "headHash": prev, "keyId": signer.key_id, "signature": signature}
+        {"count": count, "headHash": prev, "keyId": signer.key_id, "signature": signature} | scope
     )
 
 
@@ -262,17 +287,25 @@ class Verdict:
     undecodable: int = 0
     """Event lines of type :data:`~domain.envelope.UNDECODABLE`: events the export holds but
     could not read (the chain covers them like any other)."""
+    scope: dict[str, str | None] | None = None
+    """The signed :data:`SCOPE_FIELDS` of an export that holds; ``None`` for an export written
+    before the trailer carried them (its workspace and window are not signed)."""
 
     def describe(self) -> str:
-        if self.ok:
-            unread = (
-                f"; {self.undecodable} of them could not be decoded when exported"
-                f" (type {UNDECODABLE})"
-                if self.undecodable
-                else ""
-            )
-            return f"ok: {self.count} events, chain and signature hold{unread}"
-        return f"line {self.line}: {self.reason}"
+        if not self.ok:
+            return f"line {self.line}: {self.reason}"
+        unread = (
+            f"; {self.undecodable} of them could not be decoded when exported (type {UNDECODABLE})"
+            if self.undecodable
+            else ""
+        )
+        if self.scope is None:
+            what = "its workspace and window are not signed (written before exports said them)"
+        else:
+            since = self.scope["from"] or "the beginning"
+            until = self.scope["to"] or "the time of the export"
+            what = f"workspace {self.scope['workspaceId']}, from {since} until {until}"
+        return f"ok: {self.count} events, chain and signature hold; {what}{unread}"
 
 
 def verify(lines: Iterable[str], public_key: Ed25519PublicKey) -> Verdict:
@@ -301,8 +334,12 @@ def verify(lines: Iterable[str], public_key: Ed25519PublicKey) -> Verdict:
         if canonical != text:
             return bad(number, "not in canonical JSON form (edited)")
         if "signature" in obj:
-            if set(obj) != TRAILER_FIELDS:
-                return bad(number, f"a trailer must have exactly {sorted(TRAILER_FIELDS)}")
+            if set(obj) not in (TRAILER_FIELDS, TRAILER_FIELDS | SCOPE_FIELDS):
+                return bad(
+                    number,
+                    f"a trailer must have exactly {sorted(TRAILER_FIELDS)}, with or without "
+                    f"{sorted(SCOPE_FIELDS)}",
+                )
             trailer, trailer_line = obj, number
             continue
         if set(obj) != EVENT_FIELDS:
@@ -332,9 +369,10 @@ def verify(lines: Iterable[str], public_key: Ed25519PublicKey) -> Verdict:
             trailer_line,
             f"signed with key {trailer['keyId']!s}, not with the given key {expected_key}",
         )
-    message = signed_part(count=count, head_hash=prev, key=expected_key)
+    scope = {name: trailer[name] for name in SCOPE_FIELDS if name in trailer} or None
+    message = signed_part(count=count, head_hash=prev, key=expected_key, scope=scope)
     if not isinstance(trailer["signature"], str) or not signature_holds(
         public_key, message, trailer["signature"]
     ):
         return bad(trailer_line, "signature does not hold")
-    return Verdict(ok=True, count=count, undecodable=unread)
+    return Verdict(ok=True, count=count, undecodable=unread, scope=scope)

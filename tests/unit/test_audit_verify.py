@@ -4,6 +4,7 @@ crashed on."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from adapters.audit_signing import Signer
 from domain.envelope import EventEnvelope
-from streams.audit import export_lines, verify
+from streams.audit import canonical_json, export_lines, verify
 
 WORKSPACE = UUID(int=9)
 
@@ -57,3 +58,53 @@ def test_a_line_nested_too_deep_is_a_bad_line(opening: str) -> None:
     verdict = verify(lines, signer.public_key)
     assert not verdict.ok
     assert verdict.line == 2
+
+
+def _scoped_export(**window: datetime) -> tuple[list[str], Signer]:
+    signer = Signer(Ed25519PrivateKey.generate())
+    lines = list(export_lines([], lambda e: e, workspace_id=WORKSPACE, signer=signer, **window))  # type: ignore[arg-type]
+    return lines, signer
+
+
+def test_the_verdict_names_the_signed_workspace_and_window() -> None:
+    since = datetime(2026, 3, 1, tzinfo=UTC)
+    lines, signer = _scoped_export(since=since)
+    verdict = verify(lines, signer.public_key)
+    assert verdict.ok
+    assert verdict.scope == {"workspaceId": str(WORKSPACE), "from": since.isoformat(), "to": None}
+    assert f"workspace {WORKSPACE}, from {since.isoformat()}" in verdict.describe()
+
+
+@pytest.mark.parametrize(
+    ("field", "forged"),
+    [
+        ("workspaceId", str(UUID(int=10))),
+        ("from", None),
+        ("to", "2026-04-01T00:00:00+00:00"),
+    ],
+)
+def test_an_export_passed_off_as_another_workspace_or_window_does_not_verify(
+    field: str, forged: str | None
+) -> None:
+    """One workspace's export shown as another's, or a month of it as its whole history."""
+    lines, signer = _scoped_export(since=datetime(2026, 3, 1, tzinfo=UTC))
+    trailer = json.loads(lines[-1])
+    assert trailer[field] != forged
+    lines[-1] = canonical_json(trailer | {field: forged})
+    verdict = verify(lines, signer.public_key)
+    assert not verdict.ok
+    assert (verdict.line, verdict.reason) == (len(lines), "signature does not hold")
+
+
+def test_an_export_written_before_the_trailer_said_its_scope_still_verifies() -> None:
+    lines, signer = _export(2)
+    trailer = json.loads(lines[-1])
+    head = {"count": 2, "headHash": trailer["headHash"], "keyId": signer.key_id}
+    old = head | {"signature": signer.sign(canonical_json(head).encode("utf-8"))}
+    lines[-1] = canonical_json(old)
+    verdict = verify(lines, signer.public_key)
+    assert verdict.ok
+    assert verdict.scope is None
+    assert "not signed" in verdict.describe()
+    lines[-1] = canonical_json(old | {"workspaceId": str(WORKSPACE)})
+    assert not verify(lines, signer.public_key).ok
