@@ -147,6 +147,9 @@ class Settings(BaseSettings):
     """Active subscriptions one user may hold over all their connections to one API instance
     (counted per instance, not across instances); more get ``RATE_LIMITED``."""
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    metrics_token: SecretStr | None = None
+    """Bearer token ``GET /metrics`` asks for (``Authorization: Bearer …``); unset: it answers
+    anyone, so keep the port off the public network."""
     max_projector_lag: int = Field(default=10_000, ge=0)
     """``/readyz`` answers 503 when a projector is further behind the log head than this."""
     projector_stall_seconds: float = Field(default=30.0, ge=0)

@@ -129,6 +129,7 @@ def api_services(
         ),
         graphiql=settings.env == "dev",
         max_body_bytes=settings.max_body_bytes,
+        metrics_token=settings.metrics_token.get_secret_value() if settings.metrics_token else None,
         max_projector_lag=settings.max_projector_lag,
         projector_stall_seconds=settings.projector_stall_seconds or None,
         lag_collector=LagCollector(api_url),

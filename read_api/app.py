@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import json
 import re
 import time
@@ -604,7 +605,8 @@ class CountResponses:
 
 
 class Metrics:
-    """``GET /metrics``: Prometheus text exposition, unauthenticated like the health checks.
+    """``GET /metrics``: Prometheus text exposition; behind a bearer token when the deployment
+    set one (the health checks stay open: a load balancer probes them without credentials).
 
     Process-wide metrics (command latency, events appended, HTTP statuses) and, when the
     composition root gave one, the lag collector of this deployment's database.
@@ -614,8 +616,18 @@ class Metrics:
         self.runtime = runtime
         collector = runtime.services.lag_collector
         self.exposition = Exposition() if collector is None else Exposition(collector)
+        token = runtime.services.metrics_token
+        self.expected = None if token is None else f"Bearer {token}".encode()
 
-    async def scrape(self) -> Response:
+    async def scrape(self, request: Request) -> Response:
+        given = request.headers.get("authorization", "").encode("latin-1")
+        if self.expected is not None and not hmac.compare_digest(given, self.expected):
+            return Response(
+                "metrics need the deployment's metrics token\n",
+                status_code=401,
+                media_type="text/plain",
+                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
         # The lag collector queries Postgres: not on the event loop.
         body = await self.runtime.offloader.run(self.exposition.render)
         return Response(body, media_type=self.exposition.content_type)

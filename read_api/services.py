@@ -124,6 +124,8 @@ class ApiServices:
     graphiql: bool = False
     """Answer a browser's ``GET /graphql`` with GraphiQL (development only)."""
     max_body_bytes: int = 1_000_000
+    metrics_token: str | None = None
+    """``GET /metrics`` answers 401 without ``Authorization: Bearer <this>``; ``None``: open."""
     projectors: tuple[type[Projector], ...] = ALL_PROJECTORS
     """The read models this deployment keeps: consistency waits and readiness look at these."""
     max_projector_lag: int | None = 10_000

@@ -250,3 +250,19 @@ def test_metrics_without_a_lag_collector_still_answer(stack: Stack) -> None:
     names = {name for name, _ in samples}
     assert "agentworks_http_responses_total" in names
     assert "agentworks_log_head_position" not in names
+
+
+def test_metrics_behind_a_token_refuse_a_scrape_without_it(make_stack: MakeStack) -> None:
+    """With ``AGENTWORKS_METRICS_TOKEN`` set, a scrape needs it; the health checks stay open."""
+    stack = make_stack(metrics_token="scrape-secret")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "scrape-secret"}):
+        refused = httpx.get(f"{stack.url}/metrics", headers=headers, timeout=10)
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert "agentworks_" not in refused.text
+    allowed = httpx.get(
+        f"{stack.url}/metrics", headers={"Authorization": "Bearer scrape-secret"}, timeout=10
+    )
+    assert allowed.status_code == 200
+    assert "agentworks_http_responses_total" in allowed.text
+    assert httpx.get(f"{stack.url}/healthz", timeout=10).status_code == 200
