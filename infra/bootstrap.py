@@ -24,6 +24,7 @@ from commands.handlers import AgentWorks
 from domain.envelope import TOPICS
 from domain.errors import ValidationFailed
 from projections.registry import all_projectors, projector_named
+from projections.revisions import Revisions, check_revisions
 from projections.runner import ProjectionRunner
 from streams.relay import Relay, RelayLease, RelayPositions
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
     from commands.service import CommandObserver
     from infra.settings import DbComponent, Settings
-    from projections.base import Change
+    from projections.base import Change, Projector
 
 
 #: Connection parameters the library's own settings (``POSTGRES_*``) carry.
@@ -229,6 +230,14 @@ class ReadSide:
             f"there is no projector named {name!r}; choose one of "
             f"{', '.join(r.name for r in self.runners)}"
         )
+
+    def revisions(self) -> tuple[list[Projector], Revisions]:
+        """The projectors whose read model an older revision of them built (to rebuild), and
+        what the recorded revisions say (see :mod:`projections.revisions`)."""
+        projectors = [runner.projector for runner in self.runners]
+        with self.pool.connection() as conn:
+            found = check_revisions(conn, projectors)
+        return [p for p in projectors if p.name in found.stale_names], found
 
     def close(self) -> None:
         self.pool.close()

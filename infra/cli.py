@@ -67,7 +67,9 @@ from projections.registry import projector_names
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from infra.bootstrap import ReadSide
     from infra.stack import DevStack
+    from projections.rebuild import RebuildResult
 
 #: ``sub`` of a bootstrap token when ``--user`` is not given (user ids are UUIDs, API.md).
 BOOTSTRAP_USER = str(uuid5(NAMESPACE_URL, "https://agentworks.dev/users/bootstrap"))
@@ -126,9 +128,17 @@ def migrate_command(
         bool,
         typer.Option("--create-database/--no-create-database", help="Create it if missing."),
     ] = True,
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            "--rebuild/--no-rebuild",
+            help="Rebuild the read models that an older revision of their projector built.",
+        ),
+    ] = True,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Apply pending SQL migrations to the database (safe to run concurrently, idempotent).
+    """Apply pending SQL migrations to the database (safe to run concurrently, idempotent),
+    then rebuild the read models an older revision of their projector built.
 
     Run it as the database's owner: it also lets each component's role log in, with its password
     from AGENTWORKS_DB_*_PASSWORD (outside production, generated and kept in the data dir).
@@ -145,13 +155,48 @@ def migrate_command(
     if not applied:
         latest = max(known, default="none")
         console.print(f"Database is up to date (latest migration: {latest}).")
-        return
-    table = Table(title=f"Applied {len(applied)} migration(s)")
-    table.add_column("version")
-    table.add_column("name")
-    for version in applied:
-        table.add_row(version, known[version].name if version in known else "")
-    console.print(table)
+    else:
+        table = Table(title=f"Applied {len(applied)} migration(s)")
+        table.add_column("version")
+        table.add_column("name")
+        for version in applied:
+            table.add_row(version, known[version].name if version in known else "")
+        console.print(table)
+    _rebuild_stale_read_models(settings, url, console, rebuild=rebuild)
+
+
+def _rebuild_stale_read_models(
+    settings: Settings, url: str, console: Console, *, rebuild: bool
+) -> None:
+    from infra.bootstrap import build_read_side
+    from projections.rebuild import rebuild_stale
+
+    read_side = build_read_side(settings, url)
+    try:
+        stale, revisions = read_side.revisions()
+        for line in revisions.describe_newer():
+            console.print(f"[yellow]{line}")
+        if not revisions.stale:
+            return
+        if not rebuild:
+            for name, built, code in revisions.stale:
+                console.print(
+                    f"[yellow]read model {name} was built by revision {built} of its projector, "
+                    f"this code is at {code}: run '{PROG} rebuild {name}' (--no-rebuild)"
+                )
+            return
+        for line in revisions.describe_stale():
+            console.print(line)
+        _replay_with_progress(
+            read_side,
+            console,
+            ", ".join(projector.name for projector in stale),
+            lambda progress: rebuild_stale(
+                stale, read_side.pool, read_side.event_log, progress=progress
+            ),
+        )
+    finally:
+        read_side.close()
 
 
 @app.command("token")
@@ -595,54 +640,66 @@ def rebuild_command(
     settings = settings_for(data_dir)
     names = None if name == "all" else [name]
     read_side = build_read_side(settings, database_url_for(settings), projector_names=names)
-    console = Console(stderr=True)
-    label = ", ".join(runner.name for runner in read_side.runners)
     try:
-        head = read_side.event_log.head()
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} events/s"),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task(label, total=max(head, 1), rate="-")
-            started = time.monotonic()
-
-            def advance(position: int, top: int) -> None:
-                elapsed = max(time.monotonic() - started, 1e-6)
-                progress.update(
-                    task, completed=position, total=max(top, 1), rate=f"{position / elapsed:,.0f}"
-                )
-
+        projectors = [runner.projector for runner in read_side.runners]
+        _replay_with_progress(
+            read_side,
+            Console(stderr=True),
+            ", ".join(projector.name for projector in projectors),
             # One pass over the log feeds every projector being rebuilt.
-            results = rebuild_many(
-                [runner.projector for runner in read_side.runners],
-                read_side.pool,
-                read_side.event_log,
-                progress=advance,
-            )
-            top = max((result.position for result in results), default=0)
-            progress.update(task, completed=max(top, 1), total=max(top, 1))
-        for result in results:
-            console.print(
-                f"{result.projector}: {result.events:,} events replayed, swapped in at position "
-                f"{result.position:,}"
-            )
-        with read_side.pool.connection() as conn:
-            parked = conn.execute(
-                "SELECT projector, count(*) AS n FROM projection_parked"
-                " WHERE projector = ANY(%s) GROUP BY projector ORDER BY projector",
-                ([result.projector for result in results],),
-            ).fetchall()
-        for row in parked:
-            console.print(
-                f"{row['projector']}: {row['n']:,} parked aggregate(s), events it could not "
-                f"apply (see '{PROG} parked list')"
-            )
+            lambda progress: rebuild_many(
+                projectors, read_side.pool, read_side.event_log, progress=progress
+            ),
+        )
     finally:
         read_side.close()
+
+
+def _replay_with_progress(
+    read_side: ReadSide,
+    console: Console,
+    label: str,
+    replay: Callable[[Callable[[int, int], None]], list[RebuildResult]],
+) -> None:
+    """Run ``replay`` (a rebuild of the read models ``label`` names, given a progress
+    callback) under a progress bar, then say what each rebuilt one replayed and parked."""
+    head = read_side.event_log.head()
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} events/s"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(label, total=max(head, 1), rate="-")
+        started = time.monotonic()
+
+        def advance(position: int, top: int) -> None:
+            elapsed = max(time.monotonic() - started, 1e-6)
+            progress.update(
+                task, completed=position, total=max(top, 1), rate=f"{position / elapsed:,.0f}"
+            )
+
+        results = replay(advance)
+        top = max((result.position for result in results), default=0)
+        progress.update(task, completed=max(top, 1), total=max(top, 1))
+    for result in results:
+        console.print(
+            f"{result.projector}: {result.events:,} events replayed, swapped in at position "
+            f"{result.position:,}"
+        )
+    with read_side.pool.connection() as conn:
+        parked = conn.execute(
+            "SELECT projector, count(*) AS n FROM projection_parked"
+            " WHERE projector = ANY(%s) GROUP BY projector ORDER BY projector",
+            ([result.projector for result in results],),
+        ).fetchall()
+    for row in parked:
+        console.print(
+            f"{row['projector']}: {row['n']:,} parked aggregate(s), events it could not "
+            f"apply (see '{PROG} parked list')"
+        )
 
 
 @app.command("sweep")

@@ -41,6 +41,7 @@ from infra.bootstrap import (
 from infra.identity import build_auth, build_oidc
 from infra.migrate import ensure_database, migrate
 from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
+from projections.rebuild import rebuild_stale
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
 from read_api.services import ApiServices, JwtVerification, RateLimits
 from streams.embedded import EmbeddedFanout
@@ -312,10 +313,27 @@ def build_dev_stack(settings: Settings, data_dir: Path) -> DevStack:
     change_publisher = _change_publisher(settings, broadcaster)
     write = write_side_from(settings, url, data_dir=data_dir)
     read_side = build_read_side(settings, url, on_commit=change_publisher, data_dir=data_dir)
+    rebuild_stale_read_models(read_side)
     services = api_services(settings, url, write=write, broadcaster=broadcaster, data_dir=data_dir)
     stack = DevStack(settings, url, write, read_side, services, data_dir=data_dir)
     services.fanout_readiness = stack.readiness
     return stack
+
+
+def rebuild_stale_read_models(read_side: ReadSide) -> None:
+    """Rebuild, before serving, the read models an older revision of their projector built
+    (what ``agentworks migrate`` does at a deployment's upgrade; see
+    :mod:`projections.revisions`)."""
+    stale, revisions = read_side.revisions()
+    for line in revisions.describe_newer():
+        log.warning(line)
+    for line in revisions.describe_stale():
+        log.info(line)
+    for result in rebuild_stale(stale, read_side.pool, read_side.event_log):
+        log.info(
+            "read model rebuilt", projector=result.projector, events=result.events,
+            position=result.position,
+        )  # fmt: skip
 
 
 def _change_publisher(

@@ -120,6 +120,10 @@ class Projector(ABC):
     declared here is what runs."""
     ignores: ClassVar[frozenset[type[EventPayload]]]
     """Domain events this projector has nothing to do with, named so that none is overlooked."""
+    revision: ClassVar[int] = 1
+    """Bumped by a change after which rows built by older code are wrong or missing (a table
+    filled from older events, a column computed otherwise): ``agentworks migrate`` then rebuilds
+    read models built at a lower revision (see :mod:`projections.revisions`)."""
 
     def follows(self, envelope: EventEnvelope) -> bool:
         return envelope.aggregate in self.aggregates

@@ -227,6 +227,8 @@ class KanbanProjector(Projector):
         "rm_api_keys",
         "rm_invitations",
     )
+    revision: ClassVar[int] = 2
+    """2: API keys and invitations (migration 0025), tables filled from events older than them."""
     handles: ClassVar[frozenset[type[EventPayload]]] = _FOLDED | frozenset(_APPLIED)
     ignores: ClassVar[frozenset[type[EventPayload]]] = frozenset(
         {

@@ -48,6 +48,7 @@ from adapters.eventlog import MAX_BATCH_BYTES
 from adapters.postgres import CONNECT_TIMEOUT
 from projections.base import Tables
 from projections.read_versions import bump_epoch
+from projections.revisions import check_revisions, record_revision
 from projections.runner import ProjectionRunner
 
 if TYPE_CHECKING:
@@ -128,6 +129,27 @@ def rebuild_many(
         return []
     with _one_rebuild_at_a_time(projectors, pool):
         return _rebuild_many(projectors, pool, event_log, swap, batch_size, progress, parallel)
+
+
+def rebuild_stale(
+    projectors: Sequence[Projector],
+    pool: ConnectionPool[Connection[DictRow]],
+    event_log: EventLog,
+    *,
+    progress: Progress | None = None,
+) -> list[RebuildResult]:
+    """Rebuild those of ``projectors`` whose read model older code built (see
+    :mod:`projections.revisions`), deciding under the rebuild locks: of two deployments
+    migrating at once, the second waits for the first's rebuild, then finds nothing to do."""
+    if not projectors:
+        return []
+    with _one_rebuild_at_a_time(projectors, pool):
+        with pool.connection() as conn:
+            stale = check_revisions(conn, projectors).stale_names
+        chosen = [projector for projector in projectors if projector.name in stale]
+        if not chosen:
+            return []
+        return _rebuild_many(chosen, pool, event_log, True, REBUILD_BATCH_SIZE, progress, True)
 
 
 @contextmanager
@@ -389,6 +411,7 @@ def _swap(
             " SET swept_through = EXCLUDED.swept_through",
             (tracking, position, position),
         )
+        record_revision(conn, projector)
         # Every workspace's rows were just replaced: no cached answer read them.
         bump_epoch(conn)
         # The rebuild's parked aggregates replace the live ones: it tried every event again.
