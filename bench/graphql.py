@@ -62,9 +62,8 @@ from bench._graphql_seed import (
     new_database_name,
     seed,
 )
-from bench._provenance import Provenance
+from bench._provenance import ROOT, Provenance
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "graphql.json"
 RESULTS_WITH_WRITES = ROOT / "bench" / "results" / "graphql_writes.json"
 

@@ -52,7 +52,7 @@ import psycopg
 
 from bench import _graphql_load as load
 from bench._graphql_seed import admin_url, drop_database
-from bench._provenance import Provenance
+from bench._provenance import ROOT, Provenance
 from bench.graphql import (
     BOARD_QUERY,
     agentworks_cli,
@@ -72,7 +72,6 @@ from bench.rebuild import (
 from bench.summary import TIMES
 from projections.queries import SEARCH_CANDIDATES, SEARCH_STATEMENT
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "scale.json"
 
 SMALL_CARDS = 200

@@ -16,6 +16,7 @@ import pytest
 
 from commands import models as m
 from commands.handlers import Actor, AgentWorks, CommandResult
+from domain.agent_run import AgentRun
 from domain.card import Card
 from domain.errors import AgentWorksError, Forbidden
 from domain.meta import EventMeta
@@ -43,6 +44,30 @@ def new_card(
         lane=lane,
         position="V1",
         meta=meta(workspace_id),
+    )
+
+
+def request_run(
+    *,
+    workspace_id: UUID | None = None,
+    agent: str = "coder",
+    provider: str | None = None,
+    model: str | None = None,
+    max_cost: int | None = None,
+) -> AgentRun:
+    """``AgentRun.request`` for a card of a new project (of a new workspace unless one is named),
+    its events still pending."""
+    workspace = uuid4() if workspace_id is None else workspace_id
+    return AgentRun.request(
+        run_id=uuid4(),
+        workspace_id=workspace,
+        project_id=uuid4(),
+        card_id=uuid4(),
+        agent=agent,
+        provider=provider,
+        model=model,
+        max_cost_micros=max_cost,
+        meta=meta(workspace),
     )
 
 

@@ -8,35 +8,13 @@ from datetime import UTC, datetime, timedelta, timezone
 from uuid import uuid4
 
 import pytest
-from aw_builders import collect, meta, state_of
+from aw_builders import collect, meta, request_run, state_of
 
 from domain.agent_run import MAX_LOG_LINE_LENGTH, MAX_LOG_LINES_PER_CHUNK, AgentRun, RunStatus
 from domain.errors import BudgetExceeded, InvalidTransition, ValidationFailed
 from domain.meta import EventMeta
 
 NOW = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
-
-
-def request_run(
-    *,
-    agent: str = "coder",
-    provider: str | None = None,
-    model: str | None = None,
-    max_cost: int | None = None,
-) -> AgentRun:
-    """``AgentRun.request`` for a card of a fresh workspace, with its events still pending."""
-    workspace_id = uuid4()
-    return AgentRun.request(
-        run_id=uuid4(),
-        workspace_id=workspace_id,
-        project_id=uuid4(),
-        card_id=uuid4(),
-        agent=agent,
-        provider=provider,
-        model=model,
-        max_cost_micros=max_cost,
-        meta=meta(workspace_id),
-    )
 
 
 def make_run(*, max_cost: int | None = None) -> AgentRun:

@@ -7,7 +7,7 @@ from decimal import Decimal
 from uuid import uuid4
 
 import pytest
-from aw_builders import collect, meta
+from aw_builders import collect, meta, request_run
 
 from domain.agent_run import AgentRun
 from domain.errors import InvalidTransition
@@ -19,10 +19,7 @@ FEB = datetime(2025, 2, 27, 23, 0, tzinfo=UTC)
 
 
 def running_run(workspace: Workspace) -> AgentRun:
-    run = AgentRun.request(
-        run_id=uuid4(), workspace_id=workspace.id, project_id=uuid4(), card_id=uuid4(),
-        agent="coder", provider=None, model=None, max_cost_micros=None, meta=meta(workspace.id),
-    )  # fmt: skip
+    run = request_run(workspace_id=workspace.id)
     run.start(worker="w1", meta=meta(workspace.id))
     collect(run)
     return run
