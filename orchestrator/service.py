@@ -15,7 +15,9 @@ call id) and the run aggregate answers a call id it has recorded as it did the f
 writing nothing, so neither a restarted orchestrator nor two workers of a run taken over can
 bill a call twice, and a record whose commit's answer was lost is sent again. A call's start is
 recorded before it is made (``CallStarted``): a worker that dies during the call leaves it for
-whoever takes the run over, who charges it for its prompt in the takeover's own save.
+whoever takes the run over, who charges it for its prompt in the takeover's own save. A run
+that ended with such a call open (cancelled while its worker was dead) is nobody's to take
+over: the same sweep charges its open calls once their worker is judged dead the same way.
 """
 
 from __future__ import annotations
@@ -124,8 +126,12 @@ class RunView:
     status: str = "QUEUED"
     version: int = 1
     last_event_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    """When the run's worker last wrote (a cancel is not a sign of its life)."""
     worker: str | None = None
     reclaims: int = 0
+    open_calls: set[str] = field(default_factory=set)
+    """The calls its workers started and never recorded: an ended run's are charged once its
+    worker is presumed dead (see :meth:`Orchestrator._charge_ended`)."""
 
 
 class RunFailed(Exception):
@@ -266,6 +272,7 @@ class Orchestrator:
                     if time.monotonic() - last_stale_check >= min(1.0, self.config.stale_after):
                         last_stale_check = time.monotonic()
                         await self._recover_stale()
+                        await self._charge_ended()
                 if not more:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._woken.wait(), self.config.poll_interval)
@@ -326,8 +333,13 @@ class Orchestrator:
         if view is None:
             return
         view.version = env.originator_version
-        view.last_event_at = env.timestamp
-        if kind == "Started":
+        if kind != "Cancelled":
+            view.last_event_at = env.timestamp
+        if kind == "CallStarted":
+            view.open_calls.add(str(p["call_id"]))
+        elif kind in ("AttemptRecorded", "LlmCallCompleted"):
+            view.open_calls.discard(str(p.get("call_id")))
+        elif kind == "Started":
             view.status, view.worker = "RUNNING", str(p["worker"])
         elif kind == "Reclaimed":
             view.worker = str(p["worker"])
@@ -341,9 +353,10 @@ class Orchestrator:
             if task is not None and kind == "Cancelled":
                 self.cancelled.add(run_id)
                 task.cancel()
-            # Finished runs need no watching; keep what later prompts and takeovers need.
-            if run_id not in self.tasks:
-                self.views.pop(run_id, None)
+        # Finished runs need no watching, but for the calls they left open; keep what later
+        # prompts and takeovers need.
+        if view.status in _TERMINAL and not view.open_calls and run_id not in self.tasks:
+            self.views.pop(run_id, None)
 
     def _schedule(self) -> None:
         while self.queue and len(self.tasks) < self.config.concurrency:
@@ -365,7 +378,7 @@ class Orchestrator:
         self.cancelled.discard(run_id)
         self._last_write.pop(run_id, None)
         view = self.views.get(run_id)
-        if view is not None and view.status in _TERMINAL:
+        if view is not None and view.status in _TERMINAL and not view.open_calls:
             self.views.pop(run_id, None)
 
     async def _recover_stale(self) -> None:
@@ -379,6 +392,38 @@ class Orchestrator:
             if view.last_event_at > horizon:
                 continue
             self._spawn(view, claim=False)
+
+    async def _charge_ended(self) -> None:
+        """Charge the calls an ended run's worker started and never recorded, once that worker
+        has written nothing for ``stale_after``: the judgement a takeover makes of a running
+        run, which nobody takes over once it has ended (a user cancelled it while its worker
+        was dead, say), so that the provider's bill for the call is charged all the same. Saved
+        at the version judged, as a takeover is: the worker's own record meanwhile makes this
+        conflict (it charged the call), and one after it is answered with this charge."""
+        horizon = datetime.now(UTC) - timedelta(seconds=self.config.stale_after)
+        for view in list(self.views.values()):
+            if view.status not in _TERMINAL or not view.open_calls or view.run_id in self.tasks:
+                continue
+            if view.last_event_at > horizon:
+                continue
+            cmd = m.ChargeOrphanedCalls(run_id=view.run_id, expected_version=view.version)
+            try:
+                charged = await self._call(self.app.charge_orphaned_calls, cmd, self._actor(view))
+            except Conflict:
+                continue  # written meanwhile: the log says what, and it is judged again
+            except (Unavailable, NotFound):
+                log.warning("orchestrator.orphans_not_charged", run_id=str(view.run_id),
+                            exc_info=True)  # fmt: skip
+                continue
+            except AgentWorksError:
+                log.exception("orchestrator.orphans_refused", run_id=str(view.run_id))
+                self.views.pop(view.run_id, None)
+                continue
+            self.views.pop(view.run_id, None)  # its calls are all recorded now
+            log.info(
+                "orchestrator.orphans_charged", run_id=str(view.run_id), status=view.status,
+                worker=view.worker, charged_calls=charged.extra.get("charged_calls", []),
+            )  # fmt: skip
 
     # -- one run -------------------------------------------------------------------------------
 
