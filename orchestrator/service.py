@@ -165,6 +165,8 @@ class _Call:
     call_id: str
     """The call's own id, its charge's key (and so its budget hold's name): one per call, so
     that a call is charged once, whoever records it."""
+    deadline: float
+    """When (monotonic) the run's timeout ends it."""
     charged: _Charged = field(default_factory=_Charged)
 
 
@@ -214,6 +216,8 @@ class Orchestrator:
         self.queue: deque[UUID] = deque()
         self.tasks: dict[UUID, asyncio.Task[None]] = {}
         self.cancelled: set[UUID] = set()
+        #: Runs this worker was told it lost to a takeover, their tasks cancelled.
+        self.taken_over: set[UUID] = set()
         self.position = 0
         self.caught_up = False
         self.max_batch_bytes = MAX_BATCH_BYTES
@@ -376,6 +380,7 @@ class Orchestrator:
         self.tasks.pop(run_id, None)
         self._run_locks.pop(run_id, None)
         self.cancelled.discard(run_id)
+        self.taken_over.discard(run_id)
         self._last_write.pop(run_id, None)
         view = self.views.get(run_id)
         if view is not None and view.status in _TERMINAL and not view.open_calls:
@@ -576,6 +581,7 @@ class Orchestrator:
                 result = await self._call(handler, cmd, self._actor(view))
             except Conflict as error:
                 if "taken over" in error.message:
+                    self.taken_over.add(view.run_id)
                     task = self.tasks.get(view.run_id)
                     if task is not None and task is not asyncio.current_task():
                         task.cancel()
@@ -686,7 +692,9 @@ class Orchestrator:
         for attempt in range(1, self.config.max_attempts + 1):
             option, index = self._pick(chain, index, request.pinned)
             batcher.system(f"calling {option.provider}/{option.model} (attempt {attempt})")
-            outcome = await self._call_once(view, option, messages, spec.max_output_tokens, batcher)
+            outcome = await self._call_once(
+                view, option, messages, spec.max_output_tokens, batcher, deadline
+            )
             if outcome.ok:
                 return outcome.text
             last_error = outcome.error
@@ -737,6 +745,7 @@ class Orchestrator:
         messages: list[dict[str, str]],
         max_tokens: int,
         batcher: LogBatcher,
+        deadline: float,
     ) -> _Outcome:
         provider = self.providers[option.provider]
         started_at = datetime.now(UTC)
@@ -780,7 +789,7 @@ class Orchestrator:
                 f"budget reached: {format_usd(max(room or 0, 0))} left, the prompt alone would "
                 f"be billed {format_usd(billed(0))}"
             )
-        call = _Call(view, option, input_tokens, started_at, billed, room, call_id)
+        call = _Call(view, option, input_tokens, started_at, billed, room, call_id, deadline)
         try:
             # Said before the call is made, so that it is charged should this worker die
             # during it (one write more per call: a few milliseconds against its seconds).
@@ -803,7 +812,7 @@ class Orchestrator:
                 # records nothing).
                 with contextlib.suppress(_Lost, AgentWorksError):
                     await self._attempt(
-                        call, "failed", None, "stopped: cancelled before the call was made", 0,
+                        call, "failed", None, f"{self._cut(call)} before the call was made", 0,
                         Usage(0, 0),
                     )  # fmt: skip
                 raise
@@ -862,7 +871,7 @@ class Orchestrator:
             with contextlib.suppress(_Lost, AgentWorksError):
                 await self._attempt(
                     call, "failed", None,
-                    "stopped: cancelled" if taken else "stopped: cancelled before the provider "
+                    self._cut(call) if taken else f"{self._cut(call)} before the provider "
                     "answered", latency_ms, used() if taken else Usage(0, 0),
                 )  # fmt: skip
             raise
@@ -907,6 +916,20 @@ class Orchestrator:
             return _Outcome(ok=False, error=str(error), permanent=True)
         assert isinstance(error, TransientProviderError)
         return _Outcome(ok=False, error=str(error), retry_after=error.retry_after)
+
+    def _cut(self, call: _Call) -> str:
+        """Why ``call`` was cut short, as its attempt says: its run cancelled by a user, taken
+        over, timed out, or this worker shutting down (all of them cancel the run's task)."""
+        run_id = call.view.run_id
+        if run_id in self.taken_over:
+            return "stopped: taken over"
+        if run_id not in self.cancelled:
+            if self._stop.is_set():
+                return "stopped: worker shut down"
+            if time.monotonic() >= call.deadline:
+                return "stopped: timed out"
+        # A cancel the log has not brought yet: a heartbeat refused, the run no longer RUNNING.
+        return "stopped: cancelled"
 
     @property
     def _hold_ttl(self) -> float:

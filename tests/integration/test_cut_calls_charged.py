@@ -158,7 +158,10 @@ def test_a_call_its_runs_deadline_cuts_before_any_output_is_charged_its_prompt(
     assert run.status is RunStatus.TIMED_OUT
     attempt, _ = the_one_charged_attempt(write_side, run)
     prompt = count_message_tokens(server.requests[0].body["messages"])
-    assert (attempt.input_tokens, attempt.estimated) == (prompt, True)
+    # What cut it: the run's deadline, not a cancel (it said "stopped: cancelled").
+    assert (attempt.input_tokens, attempt.estimated, attempt.error) == (
+        prompt, True, "stopped: timed out",
+    )  # fmt: skip
 
 
 def test_a_call_whose_stream_times_out_before_any_output_is_charged_its_prompt(
@@ -348,7 +351,8 @@ def test_a_call_whose_start_was_being_written_as_its_worker_stopped_is_not_charg
 ) -> None:
     """An orchestrator stopped (its runs left for others to take over) while a call's start
     was being written: the call was never made, but the start landed. The worker records an
-    attempt without tokens as it stops, so the takeover charges nothing for it."""
+    attempt without tokens as it stops (saying so: it said "cancelled"), so the takeover
+    charges nothing for it."""
     card = card_on_board(write_side)
     written, answered = threading.Event(), threading.Event()
     real_start, real_record = AgentWorks.start_provider_call, AgentWorks.record_provider_attempt
@@ -379,7 +383,7 @@ def test_a_call_whose_start_was_being_written_as_its_worker_stopped_is_not_charg
     assert (by_a.worker, by_b.worker) == ("A", "B")
     [stopped, _] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
     assert (stopped.call_id, stopped.input_tokens, stopped.error) == (
-        by_a.call_id, 0, "stopped: cancelled before the call was made",
+        by_a.call_id, 0, "stopped: worker shut down before the call was made",
     )  # fmt: skip
     assert list(charges_of(write_side, run_id)) == [by_b.call_id]
 
