@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from aw_builders import World, assert_refused, stored_events
@@ -214,6 +215,15 @@ def reclaim(world: World, run_id: object, worker: str) -> CommandResult:
     )
 
 
+def the_prompt_charge(world: World, run_id: object) -> Any:
+    """The one charge stored: call ``c``'s, for its prompt as its start estimated it."""
+    [charge] = [e for e in stored_events(world.app) if isinstance(e, UsageCharge.Charged)]
+    assert charge.originator_id == charge_id_for(run_id, "c")
+    figures = (charge.input_tokens, charge.output_tokens, charge.provider_cost_micros)
+    assert figures == (1234, 0, 777)
+    return charge
+
+
 def test_a_call_its_worker_started_and_never_recorded_is_charged_its_prompt_at_takeover() -> None:
     """A worker that died during a call left nothing saying the call was made: the provider
     billed it, nobody charged it. Its start is recorded before the call; the takeover charges
@@ -224,13 +234,7 @@ def test_a_call_its_worker_started_and_never_recorded_is_charged_its_prompt_at_t
     start_call(world, run_id)  # a resend: one start
     result = reclaim(world, run_id, "w2")
     assert result.extra["charged_calls"] == ["c"]
-    [charge] = [e for e in stored_events(world.app) if isinstance(e, UsageCharge.Charged)]
-    assert charge.originator_id == charge_id_for(run_id, "c")
-    assert (charge.input_tokens, charge.output_tokens, charge.provider_cost_micros) == (
-        1234,
-        0,
-        777,
-    )
+    charge = the_prompt_charge(world, run_id)
     assert (charge.billed_micros, charge.price_table_version) == (777 * 5, "v-old")
     run: AgentRun = world.get(run_id)
     assert (run.billed_micros, run.open_calls, run.worker) == (777 * 5, {}, "w2")
@@ -324,13 +328,7 @@ def test_a_call_left_open_when_its_run_ended_is_charged_its_prompt_once(ending: 
     end(world, run_id, ending)
     result = charge_orphans(world, run_id)
     assert result.extra["charged_calls"] == ["c"]
-    [charge] = [e for e in stored_events(world.app) if isinstance(e, UsageCharge.Charged)]
-    assert charge.originator_id == charge_id_for(run_id, "c")
-    assert (charge.input_tokens, charge.output_tokens, charge.provider_cost_micros) == (
-        1234,
-        0,
-        777,
-    )
+    assert the_prompt_charge(world, run_id).billed_micros == 777 * 5
     [orphan] = [e for e in stored_events(world.app) if isinstance(e, AgentRun.AttemptRecorded)]
     assert (orphan.call_id, orphan.estimated, orphan.status, orphan.error) == (
         "c", True, "failed", ORPHANED_CALL_OF_ENDED_RUN,
