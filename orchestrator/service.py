@@ -416,13 +416,16 @@ class Orchestrator:
                 charged = await self._call(self.app.charge_orphaned_calls, cmd, self._actor(view))
             except Conflict:
                 continue  # written meanwhile: the log says what, and it is judged again
-            except (Unavailable, NotFound):
+            except Unavailable:
                 log.warning("orchestrator.orphans_not_charged", run_id=str(view.run_id),
                             exc_info=True)  # fmt: skip
                 continue
-            except AgentWorksError:
+            except AgentWorksError:  # the run's state refuses it, and will again
                 log.exception("orchestrator.orphans_refused", run_id=str(view.run_id))
                 self.views.pop(view.run_id, None)
+                continue
+            except Exception:  # the loop goes on; judged again at the next sweep
+                log.exception("orchestrator.orphans_charge_failed", run_id=str(view.run_id))
                 continue
             self.views.pop(view.run_id, None)  # its calls are all recorded now
             log.info(
