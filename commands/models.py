@@ -316,6 +316,13 @@ class ReclaimRun(RunCommand):
     expected_version: int = Field(ge=1)
 
 
+class ChargeOrphanedCalls(RunCommand):
+    """Charge the calls an ended run's worker started and never recorded, its worker judged
+    dead as of ``expected_version`` (as a takeover judges it: nothing written for a while)."""
+
+    expected_version: int = Field(ge=1)
+
+
 class StartProviderCall(RunCommand):
     """The worker is about to make a provider call: said before the call, so that a worker that
     dies during it leaves the call for whoever takes the run over to charge (its prompt).

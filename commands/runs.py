@@ -37,6 +37,11 @@ ORPHANED_CALL = (
     "its worker stopped during the call without recording it; charged for its prompt "
     "(estimated) when the run was taken over"
 )
+#: The same, the run having ended (cancelled, say) before anybody took it over.
+ORPHANED_CALL_OF_ENDED_RUN = (
+    "its worker stopped during the call without recording it; charged for its prompt "
+    "(estimated) after the run ended"
+)
 
 
 def _attempt_result(run: AgentRun, worker: str, attempt: int, billed: int) -> dict[str, Any]:
@@ -211,6 +216,21 @@ class RunCommands(WriteSide):
 
         return self.execute(cmd, actor, self._scope_hint(actor), decide)
 
+    def charge_orphaned_calls(self, cmd: m.ChargeOrphanedCalls, actor: Actor) -> CommandResult:
+        """Charge the calls an ended run's workers started and never recorded, as a takeover
+        would have (``charged_calls`` in the result: their ids; none, nothing is written).
+        Saved at the version the caller judged the worker dead at: a record of the worker's
+        meanwhile makes this conflict, and one after it is answered with this charge."""
+
+        def decide(meta: EventMeta) -> Decision:
+            run = self.load(AgentRun, cmd.run_id, actor, Role.ADMIN, cmd.action)
+            expect_version(run, cmd.expected_version)
+            run.expect_ended()
+            charged, calls = self._charge_open_calls(run, meta, error=ORPHANED_CALL_OF_ENDED_RUN)
+            return Decision(run, "run", [run, *charged] if calls else [], {"charged_calls": calls})
+
+        return self.execute(cmd, actor, self._scope_hint(actor), decide)
+
     def start_provider_call(self, cmd: m.StartProviderCall, actor: Actor) -> CommandResult:
         """The worker is about to make a call (``AgentRun.CallStarted``); said again, it is
         answered as the first time and nothing more is written."""
@@ -298,7 +318,7 @@ class RunCommands(WriteSide):
         return changed, extra
 
     def _charge_open_calls(
-        self, run: AgentRun, meta: EventMeta
+        self, run: AgentRun, meta: EventMeta, *, error: str = ORPHANED_CALL
     ) -> tuple[list[Aggregate], list[str]]:
         """Charge every call the run's workers started and never recorded (they stopped during
         it) for its prompt as its worker estimated it, at the prices it named: recorded as
@@ -314,7 +334,7 @@ class RunCommands(WriteSide):
         for call in calls:
             attempt = m.RecordProviderAttempt(
                 run_id=run.id, worker=call.worker, call_id=call.call_id, provider=call.provider,
-                model=call.model, status="failed", error=ORPHANED_CALL, latency_ms=0,
+                model=call.model, status="failed", error=error, latency_ms=0,
                 input_tokens=call.input_tokens, output_tokens=0, estimated=True,
                 started_at=call.timestamp,
             )  # fmt: skip

@@ -71,6 +71,9 @@ class AgentRun(TenantAggregate):
         """Calls their worker said it was about to make, no attempt of them recorded yet: what
         charging one for its prompt needs, should its worker never record it."""
         recorded_calls: dict[str, RecordedCall]
+        started_calls: dict[str, str]
+        """Every call a worker said it was about to make, by id: the worker that started it
+        (see :meth:`_expect_call_recordable`)."""
         error: str | None
         policy: str
         worker: str | None
@@ -111,6 +114,7 @@ class AgentRun(TenantAggregate):
             aggregate.call_ids = set()
             aggregate.open_calls = {}
             aggregate.recorded_calls = {}
+            aggregate.started_calls = {}
             aggregate.error = None
 
     class Started(TenantAggregate.Event):
@@ -153,6 +157,7 @@ class AgentRun(TenantAggregate):
 
         def apply(self, aggregate: AgentRun) -> None:
             aggregate.open_calls[self.call_id] = self
+            aggregate.started_calls[self.call_id] = self.worker
 
     class AttemptRecorded(TenantAggregate.Event):
         """One call to a provider, whatever its outcome (``status`` ``ok`` or ``failed``).
@@ -311,6 +316,18 @@ class AgentRun(TenantAggregate):
         self._expect(RunStatus.RUNNING, action="reclaim")
         self._record(self.Reclaimed, meta, worker=worker, previous_worker=self.worker or "")
 
+    def expect_ended(self) -> None:
+        """Refuse to charge the calls left open (:attr:`open_calls`) of a run not ended yet:
+        those of a running run are its worker's to record, or its taker's to charge (see
+        :meth:`reclaim`). An ended run's are charged for their prompt once its worker is
+        presumed dead, by the same judgement and in the same way as a takeover's
+        (``commands.runs``): nobody takes an ended run over."""
+        if not self.status.terminal:
+            raise InvalidTransition(
+                f"run {self.id} is {self.status.value}; only an ended run's calls left open "
+                "are charged without taking it over"
+            )
+
     def start_call(
         self,
         *,
@@ -367,7 +384,7 @@ class AgentRun(TenantAggregate):
     ) -> int:
         """Record one provider attempt; returns its number (1-based, per run). ``worker``: who
         made it (see :meth:`_expect_call_recordable`); ``call_id``: the call's own id."""
-        self._expect_call_recordable(action="record an attempt of", worker=worker)
+        self._expect_call_recordable(action="record an attempt of", worker=worker, call_id=call_id)
         if status not in ("ok", "failed"):
             raise ValidationFailed(f"attempt status must be ok or failed, got {status!r}")
         number = self.attempts + 1
@@ -445,7 +462,9 @@ class AgentRun(TenantAggregate):
     ) -> None:
         """Record a completed call. A call that happened is always recorded, even past budget.
         ``worker``: who made it (see :meth:`_expect_call_recordable`)."""
-        self._expect_call_recordable(action="record an LLM call for", worker=worker)
+        self._expect_call_recordable(
+            action="record an LLM call for", worker=worker, call_id=call_id
+        )
         if call_id in self.call_ids:
             raise InvalidTransition(f"LLM call {call_id} of run {self.id} is already recorded")
         for name, value in (
@@ -509,7 +528,9 @@ class AgentRun(TenantAggregate):
             )
         self._record(self.Cancelled, meta, reason=(reason.strip() or "cancelled")[:2000])
 
-    def _expect_call_recordable(self, *, action: str, worker: str | None = None) -> None:
+    def _expect_call_recordable(
+        self, *, action: str, worker: str | None = None, call_id: str | None = None
+    ) -> None:
         """A call that happened is recorded (and charged) even when the run was cancelled while
         it streamed: the provider bills it either way.
 
@@ -517,8 +538,15 @@ class AgentRun(TenantAggregate):
         whatever state the run is now (its new worker may have finished it meanwhile): only
         that worker knows the call happened and what the provider counted, and the provider
         bills it. The charge's key is the call's, so it is never charged twice. Any other worker
-        is refused as :meth:`expect_worker` refuses it."""
+        is refused as :meth:`expect_worker` refuses it.
+
+        And so is a call whose start its worker recorded (:attr:`started_calls`), by that
+        worker, whatever the run's state since: the run may have ended (failed, timed out) with
+        the call's record still to come, or with nobody left to make it, when the call is
+        charged for its prompt under its worker's name (see :meth:`expect_ended`)."""
         if worker is not None and worker != self.worker and worker in self.workers:
+            return
+        if call_id is not None and worker is not None and self.started_calls.get(call_id) == worker:
             return
         self.expect_worker(worker)
         if self.status is not RunStatus.CANCELLED:

@@ -15,7 +15,9 @@ call id) and the run aggregate answers a call id it has recorded as it did the f
 writing nothing, so neither a restarted orchestrator nor two workers of a run taken over can
 bill a call twice, and a record whose commit's answer was lost is sent again. A call's start is
 recorded before it is made (``CallStarted``): a worker that dies during the call leaves it for
-whoever takes the run over, who charges it for its prompt in the takeover's own save.
+whoever takes the run over, who charges it for its prompt in the takeover's own save. A run
+that ended with such a call open (cancelled while its worker was dead) is nobody's to take
+over: the same sweep charges its open calls once their worker is judged dead the same way.
 """
 
 from __future__ import annotations
@@ -124,8 +126,12 @@ class RunView:
     status: str = "QUEUED"
     version: int = 1
     last_event_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    """When the run's worker last wrote (a cancel is not a sign of its life)."""
     worker: str | None = None
     reclaims: int = 0
+    open_calls: set[str] = field(default_factory=set)
+    """The calls its workers started and never recorded: an ended run's are charged once its
+    worker is presumed dead (see :meth:`Orchestrator._charge_ended`)."""
 
 
 class RunFailed(Exception):
@@ -159,6 +165,8 @@ class _Call:
     call_id: str
     """The call's own id, its charge's key (and so its budget hold's name): one per call, so
     that a call is charged once, whoever records it."""
+    deadline: float
+    """When (monotonic) the run's timeout ends it."""
     charged: _Charged = field(default_factory=_Charged)
 
 
@@ -208,6 +216,8 @@ class Orchestrator:
         self.queue: deque[UUID] = deque()
         self.tasks: dict[UUID, asyncio.Task[None]] = {}
         self.cancelled: set[UUID] = set()
+        #: Runs this worker was told it lost to a takeover, their tasks cancelled.
+        self.taken_over: set[UUID] = set()
         self.position = 0
         self.caught_up = False
         self.max_batch_bytes = MAX_BATCH_BYTES
@@ -266,6 +276,7 @@ class Orchestrator:
                     if time.monotonic() - last_stale_check >= min(1.0, self.config.stale_after):
                         last_stale_check = time.monotonic()
                         await self._recover_stale()
+                        await self._charge_ended()
                 if not more:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._woken.wait(), self.config.poll_interval)
@@ -326,8 +337,13 @@ class Orchestrator:
         if view is None:
             return
         view.version = env.originator_version
-        view.last_event_at = env.timestamp
-        if kind == "Started":
+        if kind != "Cancelled":
+            view.last_event_at = env.timestamp
+        if kind == "CallStarted":
+            view.open_calls.add(str(p["call_id"]))
+        elif kind in ("AttemptRecorded", "LlmCallCompleted"):
+            view.open_calls.discard(str(p.get("call_id")))
+        elif kind == "Started":
             view.status, view.worker = "RUNNING", str(p["worker"])
         elif kind == "Reclaimed":
             view.worker = str(p["worker"])
@@ -341,9 +357,10 @@ class Orchestrator:
             if task is not None and kind == "Cancelled":
                 self.cancelled.add(run_id)
                 task.cancel()
-            # Finished runs need no watching; keep what later prompts and takeovers need.
-            if run_id not in self.tasks:
-                self.views.pop(run_id, None)
+        # Finished runs need no watching, but for the calls they left open; keep what later
+        # prompts and takeovers need.
+        if view.status in _TERMINAL and not view.open_calls and run_id not in self.tasks:
+            self.views.pop(run_id, None)
 
     def _schedule(self) -> None:
         while self.queue and len(self.tasks) < self.config.concurrency:
@@ -363,9 +380,10 @@ class Orchestrator:
         self.tasks.pop(run_id, None)
         self._run_locks.pop(run_id, None)
         self.cancelled.discard(run_id)
+        self.taken_over.discard(run_id)
         self._last_write.pop(run_id, None)
         view = self.views.get(run_id)
-        if view is not None and view.status in _TERMINAL:
+        if view is not None and view.status in _TERMINAL and not view.open_calls:
             self.views.pop(run_id, None)
 
     async def _recover_stale(self) -> None:
@@ -379,6 +397,41 @@ class Orchestrator:
             if view.last_event_at > horizon:
                 continue
             self._spawn(view, claim=False)
+
+    async def _charge_ended(self) -> None:
+        """Charge the calls an ended run's worker started and never recorded, once that worker
+        has written nothing for ``stale_after``: the judgement a takeover makes of a running
+        run, which nobody takes over once it has ended (a user cancelled it while its worker
+        was dead, say), so that the provider's bill for the call is charged all the same. Saved
+        at the version judged, as a takeover is: the worker's own record meanwhile makes this
+        conflict (it charged the call), and one after it is answered with this charge."""
+        horizon = datetime.now(UTC) - timedelta(seconds=self.config.stale_after)
+        for view in list(self.views.values()):
+            if view.status not in _TERMINAL or not view.open_calls or view.run_id in self.tasks:
+                continue
+            if view.last_event_at > horizon:
+                continue
+            cmd = m.ChargeOrphanedCalls(run_id=view.run_id, expected_version=view.version)
+            try:
+                charged = await self._call(self.app.charge_orphaned_calls, cmd, self._actor(view))
+            except Conflict:
+                continue  # written meanwhile: the log says what, and it is judged again
+            except Unavailable:
+                log.warning("orchestrator.orphans_not_charged", run_id=str(view.run_id),
+                            exc_info=True)  # fmt: skip
+                continue
+            except AgentWorksError:  # the run's state refuses it, and will again
+                log.exception("orchestrator.orphans_refused", run_id=str(view.run_id))
+                self.views.pop(view.run_id, None)
+                continue
+            except Exception:  # the loop goes on; judged again at the next sweep
+                log.exception("orchestrator.orphans_charge_failed", run_id=str(view.run_id))
+                continue
+            self.views.pop(view.run_id, None)  # its calls are all recorded now
+            log.info(
+                "orchestrator.orphans_charged", run_id=str(view.run_id), status=view.status,
+                worker=view.worker, charged_calls=charged.extra.get("charged_calls", []),
+            )  # fmt: skip
 
     # -- one run -------------------------------------------------------------------------------
 
@@ -531,6 +584,7 @@ class Orchestrator:
                 result = await self._call(handler, cmd, self._actor(view))
             except Conflict as error:
                 if "taken over" in error.message:
+                    self.taken_over.add(view.run_id)
                     task = self.tasks.get(view.run_id)
                     if task is not None and task is not asyncio.current_task():
                         task.cancel()
@@ -641,7 +695,9 @@ class Orchestrator:
         for attempt in range(1, self.config.max_attempts + 1):
             option, index = self._pick(chain, index, request.pinned)
             batcher.system(f"calling {option.provider}/{option.model} (attempt {attempt})")
-            outcome = await self._call_once(view, option, messages, spec.max_output_tokens, batcher)
+            outcome = await self._call_once(
+                view, option, messages, spec.max_output_tokens, batcher, deadline
+            )
             if outcome.ok:
                 return outcome.text
             last_error = outcome.error
@@ -692,6 +748,7 @@ class Orchestrator:
         messages: list[dict[str, str]],
         max_tokens: int,
         batcher: LogBatcher,
+        deadline: float,
     ) -> _Outcome:
         provider = self.providers[option.provider]
         started_at = datetime.now(UTC)
@@ -735,7 +792,7 @@ class Orchestrator:
                 f"budget reached: {format_usd(max(room or 0, 0))} left, the prompt alone would "
                 f"be billed {format_usd(billed(0))}"
             )
-        call = _Call(view, option, input_tokens, started_at, billed, room, call_id)
+        call = _Call(view, option, input_tokens, started_at, billed, room, call_id, deadline)
         try:
             # Said before the call is made, so that it is charged should this worker die
             # during it (one write more per call: a few milliseconds against its seconds).
@@ -758,7 +815,7 @@ class Orchestrator:
                 # records nothing).
                 with contextlib.suppress(_Lost, AgentWorksError):
                     await self._attempt(
-                        call, "failed", None, "stopped: cancelled before the call was made", 0,
+                        call, "failed", None, f"{self._cut(call)} before the call was made", 0,
                         Usage(0, 0),
                     )  # fmt: skip
                 raise
@@ -817,7 +874,7 @@ class Orchestrator:
             with contextlib.suppress(_Lost, AgentWorksError):
                 await self._attempt(
                     call, "failed", None,
-                    "stopped: cancelled" if taken else "stopped: cancelled before the provider "
+                    self._cut(call) if taken else f"{self._cut(call)} before the provider "
                     "answered", latency_ms, used() if taken else Usage(0, 0),
                 )  # fmt: skip
             raise
@@ -862,6 +919,20 @@ class Orchestrator:
             return _Outcome(ok=False, error=str(error), permanent=True)
         assert isinstance(error, TransientProviderError)
         return _Outcome(ok=False, error=str(error), retry_after=error.retry_after)
+
+    def _cut(self, call: _Call) -> str:
+        """Why ``call`` was cut short, as its attempt says: its run cancelled by a user, taken
+        over, timed out, or this worker shutting down (all of them cancel the run's task)."""
+        run_id = call.view.run_id
+        if run_id in self.taken_over:
+            return "stopped: taken over"
+        if run_id not in self.cancelled:
+            if self._stop.is_set():
+                return "stopped: worker shut down"
+            if time.monotonic() >= call.deadline:
+                return "stopped: timed out"
+        # A cancel the log has not brought yet: a heartbeat refused, the run no longer RUNNING.
+        return "stopped: cancelled"
 
     @property
     def _hold_ttl(self) -> float:

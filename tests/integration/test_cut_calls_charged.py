@@ -35,6 +35,7 @@ from orchestrator_helpers import (
     wait_for,
 )
 from provider_servers import FakeProviderServer, Reply, anthropic_events, openai_events
+from read_side_helpers import ReadSide
 
 from adapters.providers.anthropic import AnthropicProvider
 from adapters.providers.base import Accepted, ChatRequest, Piece, Provider
@@ -42,12 +43,14 @@ from adapters.providers.openai import OpenAIProvider
 from adapters.tokenizer import count_message_tokens
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
-from commands.runs import ORPHANED_CALL
+from commands.runs import ORPHANED_CALL, ORPHANED_CALL_OF_ENDED_RUN
 from domain.agent_run import AgentRun, RunStatus
 from domain.errors import Conflict
 from domain.pricing import call_cost_micros
-from domain.usage import UsageCharge
+from domain.usage import UsageCharge, spend_id_for
 from orchestrator.service import Orchestrator
+from projections.billing import BillingProjector
+from projections.runs import RunsProjector
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +158,10 @@ def test_a_call_its_runs_deadline_cuts_before_any_output_is_charged_its_prompt(
     assert run.status is RunStatus.TIMED_OUT
     attempt, _ = the_one_charged_attempt(write_side, run)
     prompt = count_message_tokens(server.requests[0].body["messages"])
-    assert (attempt.input_tokens, attempt.estimated) == (prompt, True)
+    # What cut it: the run's deadline, not a cancel (it said "stopped: cancelled").
+    assert (attempt.input_tokens, attempt.estimated, attempt.error) == (
+        prompt, True, "stopped: timed out",
+    )  # fmt: skip
 
 
 def test_a_call_whose_stream_times_out_before_any_output_is_charged_its_prompt(
@@ -345,7 +351,8 @@ def test_a_call_whose_start_was_being_written_as_its_worker_stopped_is_not_charg
 ) -> None:
     """An orchestrator stopped (its runs left for others to take over) while a call's start
     was being written: the call was never made, but the start landed. The worker records an
-    attempt without tokens as it stops, so the takeover charges nothing for it."""
+    attempt without tokens as it stops (saying so: it said "cancelled"), so the takeover
+    charges nothing for it."""
     card = card_on_board(write_side)
     written, answered = threading.Event(), threading.Event()
     real_start, real_record = AgentWorks.start_provider_call, AgentWorks.record_provider_attempt
@@ -376,6 +383,126 @@ def test_a_call_whose_start_was_being_written_as_its_worker_stopped_is_not_charg
     assert (by_a.worker, by_b.worker) == ("A", "B")
     [stopped, _] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
     assert (stopped.call_id, stopped.input_tokens, stopped.error) == (
-        by_a.call_id, 0, "stopped: cancelled before the call was made",
+        by_a.call_id, 0, "stopped: worker shut down before the call was made",
     )  # fmt: skip
     assert list(charges_of(write_side, run_id)) == [by_b.call_id]
+
+
+def begun_with_a_call_started(app: AgentWorks, card: Any, worker: str) -> tuple[UUID, Any]:
+    """A run ``worker`` began and started a call of (its start recorded, the call never): the
+    run's id and the call's start."""
+    actor = Actor.service("orchestrator", card.board.workspace_id)
+    run_id = start(app, card, provider="openai")
+    app.begin_run(m.BeginRun(run_id=run_id, worker=worker), actor)
+    price = app.prices.require("openai", "gpt-4o-mini", datetime.now(UTC))
+    app.start_provider_call(
+        m.StartProviderCall(
+            run_id=run_id, worker=worker, call_id="call-under-way", provider="openai",
+            model="gpt-4o-mini", input_tokens=1234,
+            prompt_cost_micros=call_cost_micros(price, input_tokens=1234, output_tokens=0),
+            price_table_version=app.prices.version,
+        ),
+        actor,
+    )  # fmt: skip
+    [started] = events_of(app, run_id, AgentRun.CallStarted)
+    return run_id, started
+
+
+def late_record(app: AgentWorks, card: Any, run_id: UUID, worker: str) -> Any:
+    """``worker``'s own record of its call, with what the provider counted."""
+    return app.record_provider_attempt(
+        m.RecordProviderAttempt(
+            run_id=run_id, worker=worker, call_id="call-under-way", provider="openai",
+            model="gpt-4o-mini", status="failed", error="stopped: cancelled", latency_ms=900,
+            input_tokens=1300, output_tokens=400, started_at=datetime.now(UTC),
+        ),
+        Actor.service("orchestrator", card.board.workspace_id),
+    )  # fmt: skip
+
+
+def test_a_call_whose_worker_died_before_its_run_was_cancelled_is_charged_once_by_the_sweep(
+    side: ReadSide, database_url: str
+) -> None:
+    """A worker dies mid-call; before anybody takes its run over, a user cancels the run. Nobody
+    ever took a cancelled run over, and its dead worker never records: the call the provider
+    billed was charged nowhere. The orchestrators' sweep charges it once the worker's lease
+    has expired (nothing written for ``stale_after``), as a takeover would: its prompt,
+    estimated, under the call's id, in the month's spend and the billing read model; a sweep
+    again charges nothing more, nor does the worker's own record, late."""
+    app = side.app
+    card = card_on_board(app)
+    run_id, started = begun_with_a_call_started(app, card, "dead")
+    time.sleep(1.2)  # the worker's lease (the sweeper's stale_after, 1 s) expires
+    app.cancel_agent_run(m.CancelAgentRun(run_id=run_id, reason="stuck"), card.board.owner)
+    assert app.run_snapshot(run_id).billed_micros == 0
+    with orchestrator_thread(database_url, worker_id="sweeper", stale_after=1.0):
+        run = wait_for(app, run_id, lambda r: not r.open_calls)
+    assert (run.status, run.worker) == (RunStatus.CANCELLED, "dead")
+    [(call_id, charge)] = charges_of(app, run_id).items()
+    assert call_id == started.call_id
+    [attempt] = events_of(app, run_id, AgentRun.AttemptRecorded)
+    assert (attempt.error, attempt.estimated, attempt.input_tokens, attempt.output_tokens) == (
+        ORPHANED_CALL_OF_ENDED_RUN, True, 1234, 0,
+    )  # fmt: skip
+    assert charge.provider_cost_micros == started.prompt_cost_micros > 0
+    assert run.billed_micros == charge.billed_micros > 0
+    spend = app.repository.get(spend_id_for(card.board.workspace_id, charge.month))
+    assert spend.spent_micros == charge.billed_micros
+
+    side.project(BillingProjector())
+    side.project(RunsProjector())
+    billed = side.row(
+        "SELECT billed_micros FROM rm_charges WHERE charge_id = %s", (charge.originator_id,)
+    )
+    month = side.row(
+        "SELECT billed_micros FROM rm_monthly_spend WHERE workspace_id = %s AND month = %s",
+        (card.board.workspace_id, charge.month),
+    )
+    assert billed["billed_micros"] == month["billed_micros"] == charge.billed_micros
+    read = side.row("SELECT status, billed_micros FROM rm_runs WHERE run_id = %s", (run_id,))
+    assert read == {"status": "CANCELLED", "billed_micros": charge.billed_micros}
+
+    with orchestrator_thread(database_url, worker_id="again", stale_after=1.0) as again:
+        wait_for(app, run_id, lambda _: again.caught_up)
+        time.sleep(1.5)  # a sweep or two
+    version = app.run_snapshot(run_id).version
+    resweep = app.charge_orphaned_calls(
+        m.ChargeOrphanedCalls(run_id=run_id, expected_version=version),
+        Actor.service("orchestrator", card.board.workspace_id),
+    )
+    assert resweep.extra["charged_calls"] == []
+    late = late_record(app, card, run_id, "dead")
+    assert (late.extra["billed"], late.extra["recorded_before"]) == (charge.billed_micros, True)
+    run = app.run_snapshot(run_id)
+    assert (run.billed_micros, run.version) == (charge.billed_micros, version)
+    assert charges_of(app, run_id).keys() == {call_id}
+
+
+def test_a_call_whose_run_was_cancelled_while_its_worker_lives_is_charged_what_it_used(
+    side: ReadSide, database_url: str
+) -> None:
+    """Cancelled while its worker is alive (it wrote within ``stale_after``), the call is the
+    worker's to record: neither the cancel nor the sweep charges it, and the worker's record,
+    after the cancel, charges what the provider counted."""
+    app = side.app
+    card = card_on_board(app)
+    run_id, _ = begun_with_a_call_started(app, card, "alive")
+    before = app.run_snapshot(run_id).version
+    app.cancel_agent_run(m.CancelAgentRun(run_id=run_id, reason="enough"), card.board.owner)
+    cancelled = app.run_snapshot(run_id)
+    assert (cancelled.version, cancelled.billed_micros) == (before + 1, 0)
+    assert set(cancelled.open_calls) == {"call-under-way"}
+    with orchestrator_thread(database_url, worker_id="sweeper", stale_after=10.0) as sweeper:
+        wait_for(app, run_id, lambda _: sweeper.caught_up)
+        time.sleep(1.5)  # a sweep or two
+        assert app.run_snapshot(run_id).version == cancelled.version
+        recorded = late_record(app, card, run_id, "alive")
+    [(_, charge)] = charges_of(app, run_id).items()
+    price = app.prices.require("openai", "gpt-4o-mini", charge.timestamp)
+    assert (charge.input_tokens, charge.output_tokens) == (1300, 400)
+    assert charge.provider_cost_micros == call_cost_micros(price, input_tokens=1300,
+                                                           output_tokens=400)  # fmt: skip
+    assert recorded.extra["billed"] == charge.billed_micros
+    [attempt] = events_of(app, run_id, AgentRun.AttemptRecorded)
+    assert (attempt.estimated, attempt.error) == (False, "stopped: cancelled")
+    assert app.run_snapshot(run_id).billed_micros == charge.billed_micros

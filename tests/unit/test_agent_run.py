@@ -11,7 +11,7 @@ import pytest
 from aw_builders import collect, meta, request_run, state_of
 
 from domain.agent_run import MAX_LOG_LINE_LENGTH, MAX_LOG_LINES_PER_CHUNK, AgentRun, RunStatus
-from domain.errors import BudgetExceeded, InvalidTransition, ValidationFailed
+from domain.errors import BudgetExceeded, Conflict, InvalidTransition, ValidationFailed
 from domain.meta import EventMeta
 
 NOW = datetime(2025, 3, 14, 9, 26, 53, tzinfo=UTC)
@@ -318,3 +318,79 @@ def test_run_that_spent_its_budget_is_over_budget_and_still_records_calls() -> N
     assert run.over_budget is True
     call(run, "c2", billed=500)  # a call that happened is always recorded
     assert run.billed_micros == 600
+
+
+# -- calls left open when the run ended ---------------------------------------------------------
+
+ENDINGS: dict[str, Callable[[AgentRun], object]] = {
+    "succeeded": lambda run: run.succeed(meta=m(run)),
+    "failed": lambda run: run.fail("boom", meta=m(run)),
+    "timed out": lambda run: run.time_out(30, meta=m(run)),
+    "cancelled": lambda run: run.cancel("enough", meta=m(run)),
+}
+
+
+def ended_with_a_call_open(ending: str, call_id: str = "c1") -> AgentRun:
+    """A run w1 ended (or a user cancelled) while w1's call ``call_id`` was under way."""
+    run = make_run()
+    run.start(worker="w1", meta=m(run))
+    run.start_call(
+        call_id=call_id, worker="w1", provider="openai", model="gpt-x", input_tokens=100,
+        prompt_cost_micros=10, price_table_version="v1", meta=m(run),
+    )  # fmt: skip
+    ENDINGS[ending](run)
+    collect(run)
+    return run
+
+
+def attempt_of(run: AgentRun, call_id: str, worker: str) -> int:
+    return run.record_attempt(
+        provider="openai", model="gpt-x", status="ok", http_status=None, error=None,
+        latency_ms=5, input_tokens=100, output_tokens=3, provider_cost_micros=12,
+        estimated=False, meta=m(run), worker=worker, call_id=call_id,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_a_call_started_before_its_run_ended_is_recorded_and_charged_by_its_worker_after(
+    ending: str,
+) -> None:
+    """The provider bills a call whatever became of its run meanwhile: its worker's record
+    (or the charge of its prompt, the worker dead) is taken after any ending, not only a
+    cancel; before, a run that ended FAILED or TIMED_OUT refused it and the call stayed open
+    for good."""
+    run = ended_with_a_call_open(ending)
+    status = run.status
+    assert attempt_of(run, "c1", "w1") == 1
+    run.record_llm_call(
+        call_id="c1", charge_id=uuid4(), provider="openai", model="gpt-x", input_tokens=100,
+        output_tokens=3, latency_ms=5, provider_cost_micros=12, billed_micros=60, meta=m(run),
+        worker="w1",
+    )  # fmt: skip
+    assert (run.status, run.open_calls, run.billed_micros) == (status, {}, 60)
+    assert len(collect(run)) == 2
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_an_ended_run_refuses_a_call_nobody_started_or_another_worker_records(
+    ending: str,
+) -> None:
+    """(A cancelled run's worker still records any call it had under way, as before.)"""
+    run = ended_with_a_call_open(ending)
+    if ending != "cancelled":
+        with pytest.raises(InvalidTransition, match=str(run.id)):
+            attempt_of(run, "never-started", "w1")
+    with pytest.raises(Conflict, match="w9"):
+        attempt_of(run, "c1", "w9")
+    assert collect(run) == []
+    assert set(run.open_calls) == {"c1"}
+
+
+@pytest.mark.parametrize("status", list(RunStatus))
+def test_only_an_ended_runs_open_calls_are_charged_without_a_takeover(status: RunStatus) -> None:
+    run = in_status(status)
+    if status.terminal:
+        run.expect_ended()
+    else:
+        with pytest.raises(InvalidTransition, match=f"{run.id} is {status.value}"):
+            run.expect_ended()

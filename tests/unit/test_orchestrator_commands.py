@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from aw_builders import World, assert_refused, stored_events
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from commands import models as m
 from commands.billing import Billing, fold_month
 from commands.handlers import CommandResult
+from commands.runs import ORPHANED_CALL_OF_ENDED_RUN
 from domain.agent_run import AgentRun, RunStatus
 from domain.errors import (
     AgentWorksError,
@@ -213,6 +215,15 @@ def reclaim(world: World, run_id: object, worker: str) -> CommandResult:
     )
 
 
+def the_prompt_charge(world: World, run_id: object) -> Any:
+    """The one charge stored: call ``c``'s, for its prompt as its start estimated it."""
+    [charge] = [e for e in stored_events(world.app) if isinstance(e, UsageCharge.Charged)]
+    assert charge.originator_id == charge_id_for(run_id, "c")
+    figures = (charge.input_tokens, charge.output_tokens, charge.provider_cost_micros)
+    assert figures == (1234, 0, 777)
+    return charge
+
+
 def test_a_call_its_worker_started_and_never_recorded_is_charged_its_prompt_at_takeover() -> None:
     """A worker that died during a call left nothing saying the call was made: the provider
     billed it, nobody charged it. Its start is recorded before the call; the takeover charges
@@ -223,13 +234,7 @@ def test_a_call_its_worker_started_and_never_recorded_is_charged_its_prompt_at_t
     start_call(world, run_id)  # a resend: one start
     result = reclaim(world, run_id, "w2")
     assert result.extra["charged_calls"] == ["c"]
-    [charge] = [e for e in stored_events(world.app) if isinstance(e, UsageCharge.Charged)]
-    assert charge.originator_id == charge_id_for(run_id, "c")
-    assert (charge.input_tokens, charge.output_tokens, charge.provider_cost_micros) == (
-        1234,
-        0,
-        777,
-    )
+    charge = the_prompt_charge(world, run_id)
     assert (charge.billed_micros, charge.price_table_version) == (777 * 5, "v-old")
     run: AgentRun = world.get(run_id)
     assert (run.billed_micros, run.open_calls, run.worker) == (777 * 5, {}, "w2")
@@ -291,6 +296,122 @@ def test_a_takeover_judged_on_an_old_version_conflicts() -> None:
     cmd = m.ReclaimRun(run_id=run_id, worker="w2", expected_version=version)
     world.refuses(Conflict, world.app.reclaim_run, cmd, world.service())
     assert world.get(run_id).worker == "w1"
+
+
+def end(world: World, run_id: object, ending: str) -> None:
+    """End w1's run: as a user cancels it, or as w1 finishes it."""
+    if ending == "CANCELLED":
+        world.app.cancel_agent_run(m.CancelAgentRun(run_id=run_id, reason="enough"), world.owner)
+    else:
+        finish = m.FinishRun(
+            run_id=run_id, outcome=ending, worker="w1", error="boom", after_seconds=9
+        )
+        world.app.finish_run(finish, world.service())
+
+
+def charge_orphans(world: World, run_id: object, version: int | None = None) -> CommandResult:
+    judged = world.get(run_id).version if version is None else version
+    return world.app.charge_orphaned_calls(
+        m.ChargeOrphanedCalls(run_id=run_id, expected_version=judged), world.service()
+    )
+
+
+@pytest.mark.parametrize("ending", ["CANCELLED", "FAILED", "TIMED_OUT", "SUCCEEDED"])
+def test_a_call_left_open_when_its_run_ended_is_charged_its_prompt_once(ending: str) -> None:
+    """Cancelled by a user while its worker was dead mid-call (or ended by a worker that never
+    recorded its call), the run was nobody's to take over, and the call the provider billed
+    was charged nowhere. Charged now as a takeover charges it: its prompt, estimated, under
+    its id, once; the worker's record, late, bills nothing more."""
+    world = World.build()
+    run_id = world.run(begin=True)
+    start_call(world, run_id)
+    end(world, run_id, ending)
+    result = charge_orphans(world, run_id)
+    assert result.extra["charged_calls"] == ["c"]
+    assert the_prompt_charge(world, run_id).billed_micros == 777 * 5
+    [orphan] = [e for e in stored_events(world.app) if isinstance(e, AgentRun.AttemptRecorded)]
+    assert (orphan.call_id, orphan.estimated, orphan.status, orphan.error) == (
+        "c", True, "failed", ORPHANED_CALL_OF_ENDED_RUN,
+    )  # fmt: skip
+    run: AgentRun = world.get(run_id)
+    assert (run.status.value, run.open_calls, run.billed_micros) == (ending, {}, 777 * 5)
+    spend: MonthlySpend = world.get(spend_id_for(world.workspace_id, month_of(NOW)))
+    assert spend.spent_micros == 777 * 5
+    version = run.version
+    assert charge_orphans(world, run_id).extra["charged_calls"] == []
+    late = world.app.record_provider_attempt(
+        attempt(run_id, worker="w1", call_id="c", tin=1300, tout=400), world.service()
+    )
+    assert (late.extra["billed"], late.extra["recorded_before"]) == (777 * 5, True)
+    run = world.get(run_id)
+    assert (run.billed_micros, run.version) == (777 * 5, version)
+
+
+def test_a_running_runs_open_calls_are_charged_only_by_a_takeover() -> None:
+    world = World.build()
+    run_id = world.run(begin=True)
+    start_call(world, run_id)
+    assert_refused(world.app, InvalidTransition, lambda: charge_orphans(world, run_id))
+    assert set(world.get(run_id).open_calls) == {"c"}
+
+
+def test_a_cancelled_runs_live_worker_records_its_call_and_the_charge_judged_before_conflicts() -> (
+    None
+):
+    """Cancelled while its worker is alive, the call is the worker's to record, with what the
+    provider counted: the cancel charges nothing, and a charge of the call judged before that
+    record (the worker looked dead) conflicts rather than charge it twice."""
+    world = World.build()
+    run_id = world.run(begin=True)
+    start_call(world, run_id)
+    end(world, run_id, "CANCELLED")
+    judged = world.get(run_id).version
+    assert world.get(run_id).billed_micros == 0
+    recorded = world.app.record_provider_attempt(
+        attempt(run_id, worker="w1", call_id="c", status="failed", tin=1300, tout=40),
+        world.service(),
+    )
+    price = world.app.prices.require("simulated", "sim-1", NOW)
+    assert recorded.extra["billed"] == call_cost_micros(price, input_tokens=1300,
+                                                        output_tokens=40) * 5  # fmt: skip
+    assert_refused(world.app, Conflict, lambda: charge_orphans(world, run_id, judged))
+    assert charge_orphans(world, run_id).extra["charged_calls"] == []
+    assert world.get(run_id).billed_micros == recorded.extra["billed"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.sampled_from(["open", "recorded", "refused"]), min_size=1, max_size=5),
+    st.sampled_from(["CANCELLED", "FAILED", "TIMED_OUT", "SUCCEEDED"]),
+)
+def test_every_call_of_an_ended_run_is_charged_once_whether_recorded_or_left_open(
+    fates: list[str], ending: str
+) -> None:
+    """Whatever calls the worker recorded (with tokens or without) and left open before the run
+    ended, charging the open ones (twice) leaves each call with tokens charged exactly once,
+    and the run's and the month's totals the sum of the charges."""
+    world = World.build()
+    run_id = world.run(begin=True)
+    for n, fate in enumerate(fates):
+        start_call(world, run_id, call_id=f"c{n}", tin=100 + n)
+        if fate != "open":
+            tin, tout = (100 + n, 7) if fate == "recorded" else (0, 0)
+            world.app.record_provider_attempt(
+                attempt(run_id, call_id=f"c{n}", tin=tin, tout=tout), world.service()
+            )
+    end(world, run_id, ending)
+    for _ in range(2):
+        charge_orphans(world, run_id)
+    charges = [e for e in stored_events(world.app) if isinstance(e, UsageCharge.Charged)]
+    assert sorted(c.call_id for c in charges) == sorted(
+        f"c{n}" for n, fate in enumerate(fates) if fate != "refused"
+    )
+    run: AgentRun = world.get(run_id)
+    spend_id = spend_id_for(world.workspace_id, month_of(NOW))
+    spent = world.get(spend_id).spent_micros if charges else 0  # no charge, no spend yet
+    assert run.open_calls == {}
+    assert run.billed_micros == spent == sum(c.billed_micros for c in charges)
+    assert run.attempts == len(fates)
 
 
 def test_finishing_with_output_keeps_it_on_the_run() -> None:
