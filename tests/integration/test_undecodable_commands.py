@@ -13,11 +13,16 @@ from typing import TYPE_CHECKING
 
 import pytest
 from parking_helpers import TwoTenants
+from read_side_helpers import SQUEEZES, ReadSide
+from test_board_read_model_fold import assert_read_model_is_the_fold
 from test_cli import agentworks, assert_one_line_error
 from undecodable import RENAMED, plant_renamed, plant_undecodable
 
 from commands import models as m
 from domain.errors import NotFound, UndecodableEvent
+from domain.positions import RESPREAD_THRESHOLD
+from domain.project import Project
+from projections.kanban import KanbanProjector
 from read_api.errors import error_extensions
 
 if TYPE_CHECKING:
@@ -86,3 +91,38 @@ def test_the_cli_exits_1_naming_the_unreadable_workspace(
     line = assert_one_line_error(credit, code=1)
     assert f"workspace {workspace_id}" in line
     assert f"version {bad}" in line
+
+
+@pytest.mark.parametrize("broken_json", [False, True], ids=["unknown-topic", "broken-json"])
+def test_moves_that_re_spread_around_an_unreadable_card_succeed(
+    side: ReadSide, broken_json: bool
+) -> None:
+    """A re-spread re-keys the cards around a crowded gap, each told its key by an event of its
+    own; one of them that could not be loaded failed the move of another card. Now its key is
+    kept and the re-spread goes around it."""
+    world = side.new_world()
+    app, owner = side.app, world.owner
+    cards = [
+        app.create_card(m.CreateCard(project_id=world.project_id, title=f"c{n}"), owner).id
+        for n in range(6)
+    ]
+    unreadable = cards[0]  # the lane's first card: every squeeze goes right after it
+    plant_undecodable(app, unreadable, broken_json=broken_json, then_good=False)
+    key = app.aggregate(Project, world.project_id).placements[unreadable].position
+    for n in range(SQUEEZES):
+        order = [cid for _, cid in app.aggregate(Project, world.project_id).cards_in("Todo")]
+        mover = order[2 + n % (len(order) - 2)]
+        others = [cid for cid in order if cid != mover]
+        app.move_card(
+            m.MoveCard(
+                card_id=mover, to_lane="Todo", after_card_id=others[0], before_card_id=others[1]
+            ),
+            owner,
+        )
+    board = app.aggregate(Project, world.project_id)
+    assert board.placements[unreadable].position == key
+    assert max(len(k) for k, _ in board.cards_in("Todo")) <= RESPREAD_THRESHOLD
+    told = [e for c in cards[1:] for e in app.recorder.select_events(c) if "Respread" in e.topic]
+    assert told, "no re-spread happened; the test tests nothing"
+    side.project(KanbanProjector())
+    assert_read_model_is_the_fold(side, world, cards[1:])
