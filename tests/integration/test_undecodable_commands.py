@@ -19,7 +19,8 @@ from test_cli import agentworks, assert_one_line_error
 from undecodable import RENAMED, plant_renamed, plant_undecodable
 
 from commands import models as m
-from domain.errors import NotFound, UndecodableEvent
+from commands.handlers import Actor
+from domain.errors import Forbidden, NotFound, UndecodableEvent
 from domain.positions import RESPREAD_THRESHOLD
 from domain.project import Project
 from projections.kanban import KanbanProjector
@@ -56,9 +57,15 @@ def test_a_command_on_an_unreadable_card_is_refused_as_undecodable(
         if not broken_json:
             assert RENAMED in error.message
     assert stored_versions(app, scene.a1) == before
-    # Another tenant still learns nothing of the card.
+    # Another tenant still learns nothing of the card, and a viewer may still not change it.
     with pytest.raises(NotFound):
         app.label_card(m.LabelCard(card_id=scene.a1, label="x"), scene.b.owner)
+    workspace = scene.a.workspace_id
+    vera = m.AddMember(workspace_id=workspace, user_id="vera", role="VIEWER")
+    app.add_member(vera, scene.a.owner)
+    viewer = Actor(user_id="vera", workspace_id=str(workspace))
+    with pytest.raises(Forbidden):
+        app.label_card(m.LabelCard(card_id=scene.a1, label="x"), viewer)
     # Every other aggregate goes on, in the same workspace and in another.
     app.label_card(m.LabelCard(card_id=scene.a2, label="fine"), scene.a.owner)
     app.label_card(m.LabelCard(card_id=scene.b1, label="fine"), scene.b.owner)
