@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import chain, repeat
@@ -108,6 +109,16 @@ def byte_bounded(items: Iterable[T], size: Callable[[T], int], max_bytes: int) -
         total += bytes_
     if run:
         yield run
+
+
+@dataclass(frozen=True)
+class LogBatch:
+    """Events read up to a byte bound: ``cut`` says the bound stopped the read (the rest is
+    for a batch of its own), ``size`` how many bytes of stored state were read."""
+
+    envelopes: list[EventEnvelope]
+    cut: bool
+    size: int
 
 
 class _Fallback(Exception):
@@ -376,6 +387,7 @@ class EventLog:
         self._fast = _FastDecoder() if writes_library_json(mapper, _STANDARD, only=True) else None
         self._select = _log_statement(recorder)
         self._bounded = None if self._select is None else _bounded(self._select)
+        self._between, self._within = _aggregate_statements(recorder)
 
     def read(
         self, after: int, limit: int = 1000, *, max_bytes: int | None = None
@@ -426,6 +438,57 @@ class EventLog:
         """The events of several aggregates, each ``(originator id, after version, before
         version)`` with exclusive bounds, in log order."""
         return [self.readable(_row(n)) for n in self.recorder.select_positioned_ranges(ranges)]
+
+    def between_batch(
+        self,
+        originator_id: UUID,
+        *,
+        after_version: int,
+        before_version: int | None,
+        max_bytes: int = MAX_BATCH_BYTES,
+    ) -> LogBatch:
+        """:meth:`between` cut at ``max_bytes`` of stored state (at least one event); the
+        caller takes what a cut left in a batch of its own."""
+        if self._between is None:
+            everything = self.between(
+                originator_id, after_version=after_version, before_version=before_version
+            )
+            return self._cut(everything, max_bytes)
+        below = _NO_VERSION_ABOVE if before_version is None else before_version
+        return self._sized(self._between, (originator_id, after_version, below), max_bytes)
+
+    def within_batch(
+        self, ranges: Sequence[tuple[UUID, int, int]], *, max_bytes: int = MAX_BATCH_BYTES
+    ) -> LogBatch:
+        """:meth:`within` cut at ``max_bytes`` of stored state (at least one event), in log
+        order: after a cut, each aggregate's events read are the first of its range."""
+        if not ranges:
+            return LogBatch([], cut=False, size=0)
+        if self._within is None:
+            return self._cut(self.within(ranges), max_bytes)
+        ids, gts, lts = (list(column) for column in zip(*ranges, strict=True))
+        return self._sized(self._within, (ids, gts, lts), max_bytes)
+
+    def _sized(self, statement: Composed, params: tuple[object, ...], max_bytes: int) -> LogBatch:
+        sized = fetch_rows(self.recorder, statement, (*params, max_bytes))
+        if not sized:
+            return LogBatch([], cut=False, size=0)
+        return LogBatch(
+            [self.readable(cast("Row", row[:5])) for row in sized],
+            cut=bool(sized[-1][5]),
+            size=sum(len(row[4]) for row in sized),
+        )
+
+    @staticmethod
+    def _cut(envelopes: list[EventEnvelope], max_bytes: int) -> LogBatch:
+        """A read of a store without plain statements, cut here (by its payloads' size)."""
+        if not envelopes:
+            return LogBatch([], cut=False, size=0)
+        sizes = [len(orjson.dumps(env.payload)) for env in envelopes]
+        kept = next(byte_bounded(range(len(envelopes)), sizes.__getitem__, max_bytes))
+        return LogBatch(
+            envelopes[: len(kept)], cut=len(kept) < len(envelopes), size=sum(sizes[: len(kept)])
+        )
 
     def versions(
         self, *, after: int, through: int, limit: int, aggregates: frozenset[str] | set[str]
@@ -601,6 +664,31 @@ def _log_statement(recorder: EventStoreRecorder) -> Composed | None:
         + horizon
         + SQL(" AND notification_id > %s ORDER BY notification_id LIMIT %s")
     )
+
+
+#: ``before_version`` of an aggregate read with no upper end.
+_NO_VERSION_ABOVE = 2**63 - 1
+
+
+def _aggregate_statements(
+    recorder: EventStoreRecorder,
+) -> tuple[Composed | None, Composed | None]:
+    """The recorder's queries of one aggregate's events between two versions (``id``, ``gt``,
+    ``lt``) and of several aggregates' (arrays of each), in log order, cut at a number of bytes
+    (:func:`_bounded`); None when the recorder does not expose its columns."""
+    select_from = getattr(recorder, "select_from", None)
+    if not isinstance(select_from, Composed):
+        return None, None
+    between = select_from + SQL(
+        " WHERE originator_id = %s AND originator_version > %s AND originator_version < %s"
+        " ORDER BY notification_id"
+    )
+    within = select_from + SQL(
+        " AS e JOIN unnest(%s::uuid[], %s::bigint[], %s::bigint[]) AS r(id, gt, lt)"
+        " ON e.originator_id = r.id AND e.originator_version > r.gt"
+        " AND e.originator_version < r.lt ORDER BY e.notification_id"
+    )
+    return _bounded(between), _bounded(within)
 
 
 def _bounded(select: Composed) -> Composed:

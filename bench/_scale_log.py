@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left, insort
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -65,10 +65,16 @@ def index_lanes(project: Project, *, verify: bool = False) -> None:
     slow = Project._position_in
 
     def position_in(
-        lane: str, card_id: UUID, after: UUID | None, before: UUID | None, *, meta: EventMeta
+        lane: str,
+        card_id: UUID,
+        after: UUID | None,
+        before: UUID | None,
+        *,
+        fixed: Collection[UUID],
+        meta: EventMeta,
     ) -> Placed:
         if after is not None or before is not None:
-            return slow(project, lane, card_id, after, before, meta=meta)
+            return slow(project, lane, card_id, after, before, fixed=fixed, meta=meta)
         order = index.lanes.get(lane, [])
         last = len(order) - 1
         if last >= 0 and order[last][1] == card_id:
@@ -76,7 +82,7 @@ def index_lanes(project: Project, *, verify: bool = False) -> None:
         # Appending steps to the next integer: a few characters, never a re-spread.
         placed = Placed(position_between(order[last][0] if last >= 0 else None, None))
         if verify:
-            assert placed == slow(project, lane, card_id, None, None, meta=meta)
+            assert placed == slow(project, lane, card_id, None, None, fixed=fixed, meta=meta)
         return placed
 
     project.__dict__["_position_in"] = position_in

@@ -10,7 +10,7 @@ from uuid import UUID, uuid4
 from commands import models as m
 from commands.service import Actor, CommandResult, Decision, WriteSide, expect_version
 from domain.card import Card
-from domain.errors import ValidationFailed
+from domain.errors import UndecodableEvent, ValidationFailed
 from domain.meta import EventMeta
 from domain.project import Placed, Project
 from domain.roles import Role
@@ -25,8 +25,12 @@ class CardCommands(WriteSide):
             project = self.load(Project, cmd.project_id, actor, Role.MEMBER, cmd.action)
             lane = cmd.lane if cmd.lane is not None else project.lanes[0].name
             card_id = uuid4()
-            placed = project.place_card(card_id, lane, meta=meta)
-            respread = self._respread(lane, placed, meta)
+            project, placed, respread = self._place(
+                project,
+                lane,
+                lambda board, fixed: board.place_card(card_id, lane, fixed=fixed, meta=meta),
+                meta,
+            )
             card = Card.create(
                 card_id=card_id,
                 workspace_id=project.workspace_id,
@@ -61,14 +65,19 @@ class CardCommands(WriteSide):
             card.ensure_live("move")
             from_lane = project.lane_of(card.id)
             card.ensure_movable(cmd.to_lane, from_lane=from_lane)
-            placed = project.move_card(
-                card.id,
+            project, placed, respread = self._place(
+                project,
                 cmd.to_lane,
-                after_card_id=cmd.after_card_id,
-                before_card_id=cmd.before_card_id,
-                meta=meta,
+                lambda board, fixed: board.move_card(
+                    card.id,
+                    cmd.to_lane,
+                    after_card_id=cmd.after_card_id,
+                    before_card_id=cmd.before_card_id,
+                    fixed=fixed,
+                    meta=meta,
+                ),
+                meta,
             )
-            respread = self._respread(cmd.to_lane, placed, meta)
             card.move(cmd.to_lane, placed.position, from_lane=from_lane, meta=meta)
             return Decision(card, "card", [card, project, *respread])
 
@@ -118,25 +127,60 @@ class CardCommands(WriteSide):
             lane = cmd.lane or project.lane_to_restore(card.id)
             left = project.lane_left(card.id)  # before placing the card forgets it
             card.ensure_restorable(lane, from_lane=left)
-            placed = project.place_card(card.id, lane, meta=meta)
-            respread = self._respread(lane, placed, meta)
+            project, placed, respread = self._place(
+                project,
+                lane,
+                lambda board, fixed: board.place_card(card.id, lane, fixed=fixed, meta=meta),
+                meta,
+            )
             card.restore(lane, placed.position, from_lane=left, meta=meta)
             return Decision(card, "card", [card, project, *respread])
 
         return self.execute(cmd, actor, self._scope_hint(actor), decide)
 
-    def _respread(self, lane: str, placed: Placed, meta: EventMeta) -> list[Card]:
+    def _place(
+        self,
+        project: Project,
+        lane: str,
+        place: Callable[[Project, frozenset[UUID]], Placed],
+        meta: EventMeta,
+    ) -> tuple[Project, Placed, list[Card]]:
+        """``place`` a card on ``project``'s board, and tell each card the board re-spread to
+        make room its fresh key (see :meth:`_respread`).
+
+        A card whose events cannot be decoded cannot be told: the placement is decided again on
+        a fresh copy of the board with that card's key kept as it is (the re-spread goes around
+        it, or there is none), rather than failing a move that is not that card's. Returns the
+        board the placement was made on."""
+        fixed: frozenset[UUID] = frozenset()
+        while True:
+            placed = place(project, fixed)
+            cards, unreadable = self._respread(lane, placed, meta)
+            if not unreadable:
+                return project, placed, cards
+            fixed |= unreadable
+            project = self.aggregate(Project, project.id)
+
+    def _respread(
+        self, lane: str, placed: Placed, meta: EventMeta
+    ) -> tuple[list[Card], frozenset[UUID]]:
         """Each card the board re-spread to make room for a placement, told its fresh key: the
-        card's own history says what happened to it, and the read models follow its event.
+        card's own history says what happened to it, and the read models follow its event; and
+        the re-spread cards that cannot be loaded (an event that cannot be decoded).
 
         Saved with the placement: a concurrent change of any of them collides on its version
         and the command decides again, as any lost race does."""
         cards: list[Card] = []
+        unreadable: set[UUID] = set()
         for card_id, position in placed.respread:
-            card = self.aggregate(Card, card_id)
+            try:
+                card = self.aggregate(Card, card_id)
+            except UndecodableEvent:
+                unreadable.add(card_id)
+                continue
             card.respread(lane, position, meta=meta)
             cards.append(card)
-        return cards
+        return cards, frozenset(unreadable)
 
     def _change_card(
         self,

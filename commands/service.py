@@ -45,6 +45,7 @@ from domain.errors import (
     NotFound,
     Unauthenticated,
     Unavailable,
+    UndecodableEvent,
     ValidationFailed,
 )
 from domain.idempotency import CommandLog, CommandRecord, StoredCommand
@@ -620,6 +621,16 @@ class WriteSide(Application[UUID]):
                 reads.served_from_cache = True
         except AggregateNotFoundError:
             raise NotFound(f"{kind_of(cls)} {aggregate_id} does not exist") from None
+        except UndecodableEvent as unread:
+            raise UndecodableEvent(
+                f"{kind_of(cls)} {aggregate_id} cannot be loaded: its stored event at version "
+                f"{unread.version} ({unread.details.get('stored_type')}) could not be decoded; "
+                "nothing was written, and commands on it are refused until the event is repaired",
+                version=unread.version,
+                at=unread.at,
+                kind=kind_of(cls),
+                aggregate_id=str(aggregate_id),
+            ) from unread
         if not isinstance(aggregate, cls):
             raise NotFound(f"{kind_of(cls)} {aggregate_id} does not exist")
         if reads is not None:
@@ -646,15 +657,40 @@ class WriteSide(Application[UUID]):
         *,
         version: int | None = None,
     ) -> A:
-        """An aggregate the actor may act on; another workspace's ids look like missing ones."""
-        aggregate = self.aggregate(cls, aggregate_id, version=version)
+        """An aggregate the actor may act on; another workspace's ids look like missing ones.
+
+        One whose stored events cannot all be decoded is refused as UNDECODABLE, to those who
+        may see it only: its workspace is read from the versions before that event."""
+        try:
+            aggregate = self.aggregate(cls, aggregate_id, version=version)
+        except UndecodableEvent as unread:
+            before = self._readable_before(cls, aggregate_id, unread)
+            if before is not None:
+                self._may_act(before, actor, needed, action)
+            raise
+        self._may_act(aggregate, actor, needed, action)
+        return aggregate
+
+    def _readable_before(
+        self, cls: type[A], aggregate_id: UUID, unread: UndecodableEvent
+    ) -> A | None:
+        """The aggregate as of the version before ``unread``'s; None when there is none, or
+        that cannot be read either (an unreadable snapshot)."""
+        if unread.version is None or unread.version <= 1:
+            return None
+        try:
+            return self.aggregate(cls, aggregate_id, version=unread.version - 1)
+        except UndecodableEvent:
+            return None
+
+    def _may_act(self, aggregate: Aggregate, actor: Actor, needed: Role, action: str) -> None:
+        cls = type(aggregate)
         workspace_id = aggregate.workspace_id  # type: ignore[attr-defined]
         if actor.workspace_id != USER_SCOPE and str(workspace_id) != actor.workspace_id:
-            raise NotFound(f"{kind_of(cls)} {aggregate_id} does not exist")
+            raise NotFound(f"{kind_of(cls)} {aggregate.id} does not exist")
         if not actor.is_service:
             workspace = self.aggregate(Workspace, workspace_id, copy=False)
             self._check_role(workspace, actor, needed, action)
-        return aggregate
 
     def workspace_for(
         self, actor: Actor, workspace_id: UUID, needed: Role, action: str

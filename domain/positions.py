@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Final
 from domain.errors import ValidationFailed
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Collection, Sequence
 
 ALPHABET: Final[str] = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 BASE: Final[int] = len(ALPHABET)
@@ -325,7 +325,7 @@ class Respread:
         return self.keys[: self.gap - self.start] + self.keys[self.gap - self.start + 1 :]
 
 
-def respread(keys: Sequence[str], gap: int) -> Respread | None:
+def respread(keys: Sequence[str], gap: int, fixed: Collection[int] = ()) -> Respread | None:
     """Fresh keys for a card going into ``gap`` of a lane whose cards have ``keys`` (in order)
     and some of its neighbours, when the key between its neighbours would be too long.
 
@@ -336,15 +336,24 @@ def respread(keys: Sequence[str], gap: int) -> Respread | None:
     longer than the longest key they replace (newcomer's included); otherwise None: the
     placement keeps its long key and the next one tries again.
     The order of the cards is kept: only keys change, each card's stays between its neighbours.
+
+    ``fixed`` are the indexes of cards whose keys must stay as they are (the board cannot tell
+    such a card its new key: its events cannot be read). The window never takes one in: it
+    stops at the nearest on each side of the gap as at the lane's ends, and having grown to them
+    takes its keys under the rule of the cap.
     """
     count = len(keys)
     if not 0 <= gap <= count:
         raise ValidationFailed(f"gap {gap} is outside 0..{count}")
+    if any(not 0 <= index < count for index in fixed):
+        raise ValidationFailed(f"a fixed card's index is outside 0..{count - 1}")
+    low = max((index + 1 for index in fixed if index < gap), default=0)
+    high = min((index for index in fixed if index >= gap), default=count)
     widest = MAX_RESPREAD_CARDS // 2
     side = 1
     while True:
         width = min(side, widest)
-        start, end = max(0, gap - width), min(count, gap + width)
+        start, end = max(low, gap - width), min(high, gap + width)
         fresh = positions_spread_between(
             keys[start - 1] if start > 0 else None, keys[end] if end < count else None,
             end - start + 1,
@@ -352,7 +361,7 @@ def respread(keys: Sequence[str], gap: int) -> Respread | None:
         longest = max(len(key) for key in fresh)
         if longest <= RESPREAD_TARGET or (start == 0 and end == count):
             return Respread(start, end, gap, fresh)
-        if width == widest:
+        if width == widest or (start, end) == (low, high):
             squeezed = position_between(
                 keys[gap - 1] if gap > 0 else None, keys[gap] if gap < count else None
             )

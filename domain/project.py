@@ -24,6 +24,9 @@ from domain.meta import EventMeta
 from domain.positions import RESPREAD_THRESHOLD, position_between, respread
 from domain.workspace import clean_name
 
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
 MAX_LANES = 50
 MAX_WIP_LIMIT = 10_000
 
@@ -313,6 +316,7 @@ class Project(TenantAggregate):
         *,
         after_card_id: UUID | None = None,
         before_card_id: UUID | None = None,
+        fixed: Collection[UUID] = (),
         meta: EventMeta,
     ) -> Placed:
         """Put a new (or restored) card into ``lane``; says where (see :meth:`move_card`)."""
@@ -320,7 +324,9 @@ class Project(TenantAggregate):
         if card_id in self.placements:
             raise Duplicate(f"card {card_id} is already on the board of project {self.id}")
         self._admit(lane, card_id)
-        placed = self._position_in(lane, card_id, after_card_id, before_card_id, meta=meta)
+        placed = self._position_in(
+            lane, card_id, after_card_id, before_card_id, fixed=fixed, meta=meta
+        )
         self._record(self.CardPlaced, meta, card_id=card_id, lane=lane, position=placed.position)
         return placed
 
@@ -331,6 +337,7 @@ class Project(TenantAggregate):
         *,
         after_card_id: UUID | None = None,
         before_card_id: UUID | None = None,
+        fixed: Collection[UUID] = (),
         meta: EventMeta,
     ) -> Placed:
         """Move a card to ``to_lane`` between two neighbours; says where it went.
@@ -339,13 +346,15 @@ class Project(TenantAggregate):
         will follow it; with neither, the card goes to the end of the lane. When the key between
         the neighbours would be longer than :data:`~domain.positions.RESPREAD_THRESHOLD`, the
         lane is re-spread first (see :meth:`_respread`), and ``respread`` names the cards whose
-        keys changed.
+        keys changed: never one of ``fixed``, cards whose keys must stay as they are.
         """
         self._writable()
         current = self._placement(card_id)
         if current.lane != to_lane:
             self._admit(to_lane, card_id)
-        placed = self._position_in(to_lane, card_id, after_card_id, before_card_id, meta=meta)
+        placed = self._position_in(
+            to_lane, card_id, after_card_id, before_card_id, fixed=fixed, meta=meta
+        )
         self._record(
             self.CardMoved,
             meta,
@@ -377,6 +386,7 @@ class Project(TenantAggregate):
         after_card_id: UUID | None,
         before_card_id: UUID | None,
         *,
+        fixed: Collection[UUID],
         meta: EventMeta,
     ) -> Placed:
         """The card's new key in ``lane`` (re-spreading the lane when it would be too long)."""
@@ -388,10 +398,15 @@ class Project(TenantAggregate):
         )
         if len(position) <= RESPREAD_THRESHOLD:
             return Placed(position)
-        return self._respread(lane, order, gap, meta) or Placed(position)
+        return self._respread(lane, order, gap, fixed, meta) or Placed(position)
 
     def _respread(
-        self, lane: str, order: list[tuple[str, UUID]], gap: int, meta: EventMeta
+        self,
+        lane: str,
+        order: list[tuple[str, UUID]],
+        gap: int,
+        fixed: Collection[UUID],
+        meta: EventMeta,
     ) -> Placed | None:
         """Give the cards of ``lane`` around ``gap`` (a window widened until its keys are short,
         see :func:`~domain.positions.respread`) fresh, evenly spread keys, in their order, and
@@ -401,7 +416,8 @@ class Project(TenantAggregate):
         that needed the room: the board folds it as any move (no lane count changes, so no WIP
         limit is involved) and a concurrent move of any card collides on the board's version.
         """
-        spread = respread([pos for pos, _ in order], gap)
+        kept = [index for index, (_, card) in enumerate(order) if card in fixed]
+        spread = respread([pos for pos, _ in order], gap, kept)
         if spread is None:
             return None
         moved = tuple(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, cast
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from adapters.aggregate_events import DecodingEventStore
 from adapters.eventlog import EventLog, open_event_log
 from adapters.eventstore import (
     CONNINFO_ENV,
@@ -30,8 +31,9 @@ from streams.relay import Relay, RelayLease, RelayPositions
 
 if TYPE_CHECKING:
     from pathlib import Path
+    from uuid import UUID
 
-    from eventsourcing.persistence import InfrastructureFactory, TrackingRecorder
+    from eventsourcing.persistence import EventStore, InfrastructureFactory, TrackingRecorder
     from eventsourcing.utils import Environment
     from psycopg import Connection
     from psycopg.rows import DictRow
@@ -141,6 +143,15 @@ class StoredAgentWorks(AgentWorks):
         # The library types factories by their tracking recorder, invariantly: ours is the
         # postgres factory's, a TrackingRecorder.
         return cast("InfrastructureFactory[TrackingRecorder]", self.store)
+
+    def construct_event_store(self) -> EventStore[UUID]:
+        # A stored event that cannot be decoded refuses the command as UNDECODABLE.
+        return DecodingEventStore(mapper=self.mapper, recorder=self.recorder)
+
+    def construct_snapshot_store(self) -> EventStore[UUID]:
+        return DecodingEventStore(
+            mapper=self.mapper, recorder=self.factory.aggregate_recorder(purpose="snapshots")
+        )
 
     def write_each_command_alone(self) -> None:
         """Turn group commit off for this write side: each command is written at once in its own

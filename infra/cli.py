@@ -47,7 +47,7 @@ from typer.exceptions import TyperException
 
 from adapters.allocator import cap_malloc_arenas
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
-from domain.errors import AgentWorksError, ConfigurationError, SetupError
+from domain.errors import AgentWorksError, ConfigurationError, SetupError, UndecodableEvent
 from domain.roles import Role
 from infra import billing_cli
 from infra.cli_common import (
@@ -949,6 +949,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             # Kafka, the local broker or faust could not be set up: the work failed, told in
             # one line (the README) that names the error's kind and why.
             return _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
+        if isinstance(exc, UndecodableEvent):
+            # Stored data this code cannot read: no input of the user's is wrong, the work
+            # failed until an operator repairs the event.
+            return _fail(str(exc), EXIT_FAILED)
         return _fail(str(exc), EXIT_USAGE)  # a refused command, the configuration, a key
     except TyperException as exc:  # usage errors: unknown option, bad value, missing argument
         code = getattr(exc, "exit_code", EXIT_USAGE)

@@ -43,6 +43,7 @@ from uuid import UUID
 import structlog
 from opentelemetry.trace import SpanKind
 
+from adapters.eventlog import MAX_BATCH_BYTES
 from adapters.outages import is_infrastructure_failure, is_write_race
 from adapters.telemetry import continue_trace
 from domain.envelope import UNDECODABLE
@@ -87,6 +88,24 @@ class BatchOutcome:
     """Aggregates this batch parked (or, retrying, parked again)."""
     spend: list[CountedSpend] = field(default_factory=list)
     """Workspace-months whose usage this batch changed, as committed (billing only)."""
+    deferred: int = 0
+    """Events left for the pass that follows at once: healing the gap before them would have
+    passed the pass's byte bound (see :attr:`ProjectionRunner.max_heal_bytes`)."""
+
+    def followed_by(self, then: BatchOutcome) -> BatchOutcome:
+        """This pass's outcome and the next pass's over the same batch, as one: that pass sees
+        again every event this one applied, as a duplicate, and every event held as held."""
+        return BatchOutcome(
+            applied=self.applied + then.applied,
+            duplicates=then.duplicates - self.applied,
+            healed=self.healed + then.healed,
+            position=then.position,
+            changes=self.changes + then.changes,
+            held=then.held,
+            parked=then.parked,
+            spend=self.spend + then.spend,
+            deferred=then.deferred,
+        )
 
 
 @dataclass(frozen=True)
@@ -167,6 +186,23 @@ class _Attempt:
 
 
 @dataclass
+class _Healing:
+    """One pass's budget of bytes for healing gaps, and the first event it left for the next."""
+
+    left: int
+    deferred_at: int | None = None
+
+    def defer(self, env: EventEnvelope, outcome: BatchOutcome) -> None:
+        outcome.deferred += 1
+        if self.deferred_at is None or env.position < self.deferred_at:
+            self.deferred_at = env.position
+
+    def covered(self, position: int) -> int:
+        """The position a pass covers: not up to an event it left for the next pass."""
+        return position if self.deferred_at is None else min(position, self.deferred_at - 1)
+
+
+@dataclass
 class _Exclusive:
     versions: dict[int, int]
     """Aggregate (its UUID as an int, which hashes in C) → the version applied."""
@@ -221,6 +257,9 @@ class ProjectionRunner:
         """Told, after each commit, the usage totals the batch committed (the spend counter)."""
         self._lock_key = zlib.crc32(f"projector:{self.tracking_name}".encode()) & 0x7FFFFFFF
         self._exclusive: _Exclusive | None = None
+        self.max_heal_bytes = MAX_BATCH_BYTES
+        """Most bytes of stored events one pass reads to heal gaps (at least one event): what
+        a pass leaves waits for the next, which follows at once in the same :meth:`process`."""
 
     @property
     def name(self) -> str:
@@ -370,6 +409,7 @@ class ProjectionRunner:
             waiting=tuple(park),
         )
         races = 0
+        done: BatchOutcome | None = None
         while True:
             try:
                 outcome = self._process_once(envelopes, through, read_after, attempt)
@@ -390,13 +430,17 @@ class ProjectionRunner:
                     raise  # not the fault of any one event
                 self._one_by_one(attempt, error)
                 continue
-            if self._exclusive is None:
-                self._trace(envelopes, started)
             if self.on_commit is not None and outcome.changes:
                 self.on_commit(outcome.changes)
             if self.on_spend is not None and outcome.spend:
                 self.on_spend(outcome.spend)
-            return outcome
+            done = outcome if done is None else done.followed_by(outcome)
+            if outcome.deferred:
+                races = 0
+                continue  # committed; the events it left follow at once
+            if self._exclusive is None:
+                self._trace(envelopes, started)
+            return done
 
     def _park(self, attempt: _Attempt, parked: Parked) -> None:
         """The next try parks ``parked``'s aggregate. Logged as an error without a traceback:
@@ -486,6 +530,7 @@ class ProjectionRunner:
             held = parked - attempt.unpark
             start = dict(versions)
             to_apply: list[EventEnvelope] = []
+            healing = _Healing(self.max_heal_bytes)
             for env in followed:
                 oid = env.originator_id
                 if oid in held:
@@ -496,17 +541,11 @@ class ProjectionRunner:
                     outcome.duplicates += 1
                     continue
                 limit = attempt.parking.get(oid)
+                whole = True
                 if env.originator_version > done + 1:
-                    missing = self.log.between(
-                        oid, after_version=done, before_version=env.originator_version
+                    missing, whole = self._missing(
+                        env, done, None if limit is None else limit.originator_version, healing
                     )
-                    self._check_contiguous(
-                        env, done, missing, None if limit is None else limit.originator_version
-                    )
-                    if limit is not None:
-                        missing = [
-                            m for m in missing if m.originator_version < limit.originator_version
-                        ]
                     if missing:
                         to_apply.extend(missing)
                         versions[oid] = missing[-1].originator_version
@@ -519,6 +558,9 @@ class ProjectionRunner:
                             from_version=done + 1,
                             to_version=missing[-1].originator_version,
                         )
+                if not whole:
+                    healing.defer(env, outcome)
+                    continue
                 if limit is not None and env.originator_version >= limit.originator_version:
                     outcome.held += 1
                     continue
@@ -531,7 +573,7 @@ class ProjectionRunner:
             )
             bump_read_versions(cur, self.projector.name, to_apply)
             last = max((env.position for env in envelopes), default=0)
-            outcome.position = max(outcome.position, last, through or 0)
+            outcome.position = healing.covered(max(outcome.position, last, through or 0))
             changed = [(i, v) for i, v in versions.items() if start.get(i) != v]
             if changed:
                 cur.execute(
@@ -602,6 +644,7 @@ class ProjectionRunner:
         applied: dict[int, int] = {}
         to_apply: list[EventEnvelope] = []
         follows = self.projector.follows
+        healing = _Healing(self.max_heal_bytes)
         for env in envelopes:
             if not follows(env):
                 continue
@@ -616,16 +659,14 @@ class ProjectionRunner:
                 continue
             limit = parking.get(key) if parking else None
             if version > done + 1:
-                missing = self.log.between(
-                    env.originator_id, after_version=done, before_version=version
-                )
-                self._check_contiguous(env, done, missing, limit)
-                if limit is not None:
-                    missing = [m for m in missing if m.originator_version < limit]
+                missing, whole = self._missing(env, done, limit, healing)
                 if missing:
                     to_apply.extend(missing)
                     applied[key] = missing[-1].originator_version
                     outcome.healed += len(missing)
+                if not whole:
+                    healing.defer(env, outcome)
+                    continue
             if limit is not None and version >= limit:
                 outcome.held += 1
                 continue
@@ -633,7 +674,9 @@ class ProjectionRunner:
             applied[key] = version
         outcome.applied = len(to_apply) - outcome.healed
         last = max((env.position for env in envelopes), default=0)
-        outcome.position = max(last, through or 0, *(env.position for env in to_apply[-1:]))
+        outcome.position = healing.covered(
+            max(last, through or 0, *(env.position for env in to_apply[-1:]))
+        )
         with (
             self.pool.connection() as conn,
             conn.transaction(),
@@ -729,15 +772,41 @@ class ProjectionRunner:
         versions = {row["originator_id"]: int(row["version"]) for row in rows}
         return versions, {row["originator_id"] for row in rows if row["parked"]}
 
+    def _missing(
+        self, env: EventEnvelope, done: int, limit: int | None, healing: _Healing
+    ) -> tuple[list[EventEnvelope], bool]:
+        """The events of ``env``'s aggregate after ``done`` and before it (and ``limit``), as
+        far as the pass's byte budget goes; and whether that was all of them (if not, ``env``
+        waits for the next pass, which reads on from there)."""
+        if healing.left <= 0:
+            return [], False
+        upto = env.originator_version if limit is None else min(limit, env.originator_version)
+        read = self.log.between_batch(
+            env.originator_id, after_version=done, before_version=upto, max_bytes=healing.left
+        )
+        healing.left = 0 if read.cut else healing.left - read.size
+        missing = read.envelopes
+        read_to = missing[-1].originator_version + 1 if read.cut else None
+        self._check_contiguous(env, done, missing, limit, read_to=read_to)
+        return missing, not read.cut
+
     @staticmethod
     def _check_contiguous(
-        env: EventEnvelope, done: int, missing: list[EventEnvelope], limit: int | None = None
+        env: EventEnvelope,
+        done: int,
+        missing: list[EventEnvelope],
+        limit: int | None = None,
+        *,
+        read_to: int | None = None,
     ) -> None:
         """The store gave every version between ``done`` and ``env``'s (or ``limit``, where
-        the aggregate is being parked). If it lacks one (a message from another deployment's
-        store, topics that outlived a database restored to an earlier point), that is this
-        aggregate's problem alone: it is parked at the first missing version."""
+        the aggregate is being parked, or ``read_to``, where a read was cut). If it lacks one (a
+        message from another deployment's store, topics that outlived a database restored to
+        an earlier point), that is this aggregate's problem alone: it is parked at the first
+        missing version."""
         upto = env.originator_version if limit is None else min(limit, env.originator_version)
+        if read_to is not None:
+            upto = min(upto, read_to)
         expected = list(range(done + 1, upto))
         got = [m.originator_version for m in missing if m.originator_version < upto]
         if got != expected:

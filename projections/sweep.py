@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from adapters.eventlog import MAX_BATCH_BYTES
 from adapters.metrics import SWEEP_HEALED
 
 if TYPE_CHECKING:
@@ -48,6 +49,10 @@ class ProjectionSweep:
     def __init__(self, runner: ProjectionRunner, *, page: int = PAGE) -> None:
         self.runner = runner
         self.page = page
+        self.max_batch_bytes = MAX_BATCH_BYTES
+        """Most bytes of stored events read from the store for one batch to apply (at least
+        one event), as every reader of the log: a lost stretch of large events is read and
+        applied a bounded batch at a time."""
 
     def watermark(self) -> int:
         with self.runner.pool.connection() as conn:
@@ -72,13 +77,18 @@ class ProjectionSweep:
             events, read_up_to = self.runner.log.versions(
                 after=swept, through=through, limit=self.page, aggregates=aggregates
             )
-            missing = self._unapplied(events)
+            behind = self._behind(events)
             from_store = 0
-            if missing:
-                outcome = self.runner.process(missing)
-                # The runner counts the gaps it filled itself; what it applied came from here.
-                from_store = outcome.applied
-                healed += outcome.applied + outcome.healed
+            while behind:
+                read = self.runner.log.within_batch(behind, max_bytes=self.max_batch_bytes)
+                if read.envelopes:
+                    outcome = self.runner.process(read.envelopes)
+                    # The runner counts the gaps it filled itself; what it applied came from here.
+                    from_store += outcome.applied
+                    healed += outcome.applied + outcome.healed
+                if not read.cut:
+                    break
+                behind = _rest(behind, read.envelopes)  # at once: a cut batch is no end
             self._advance(read_up_to, from_store)
             swept = read_up_to
             if progress is not None:
@@ -93,10 +103,10 @@ class ProjectionSweep:
             )
         return SweepOutcome(swept, healed)
 
-    def _unapplied(self, events: list[tuple[int, UUID, int]]) -> list[EventEnvelope]:
-        """The envelopes of ``events`` this projector's tracking has not reached, read from
-        the store (each lagging aggregate's versions from its tracked one up to the newest
-        in the page)."""
+    def _behind(self, events: list[tuple[int, UUID, int]]) -> list[tuple[UUID, int, int]]:
+        """The ranges of ``events`` this projector's tracking has not reached, to read from
+        the store: each lagging aggregate's versions from its tracked one up to the newest in
+        the page (both bounds exclusive)."""
         if not events:
             return []
         newest: dict[UUID, int] = {}
@@ -109,12 +119,11 @@ class ProjectionSweep:
                 (self.runner.tracking_name, list(newest)),
             ).fetchall()
         tracked = {row["originator_id"]: int(row["version"]) for row in rows}
-        behind = [
+        return [
             (originator_id, tracked.get(originator_id, 0), version + 1)
             for originator_id, version in newest.items()
             if tracked.get(originator_id, 0) < version
         ]
-        return self.runner.log.within(behind)
 
     def _advance(self, position: int, healed: int = 0) -> None:
         with self.runner.pool.connection() as conn:
@@ -125,3 +134,14 @@ class ProjectionSweep:
                 "EXCLUDED.swept_through), healed = projection_positions.healed + EXCLUDED.healed",
                 (self.runner.tracking_name, position, healed),
             )
+
+
+def _rest(
+    ranges: list[tuple[UUID, int, int]], read: list[EventEnvelope]
+) -> list[tuple[UUID, int, int]]:
+    """``ranges`` without what a cut read of them took: the first events of each, in log order."""
+    reached: dict[UUID, int] = {}
+    for env in read:
+        reached[env.originator_id] = max(env.originator_version, reached.get(env.originator_id, 0))
+    rest = [(oid, max(after, reached.get(oid, after)), before) for oid, after, before in ranges]
+    return [(oid, after, before) for oid, after, before in rest if after + 1 < before]

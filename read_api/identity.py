@@ -24,6 +24,7 @@ from domain.errors import (
     RateLimited,
     Unauthenticated,
     Unavailable,
+    UndecodableEvent,
     ValidationFailed,
 )
 from domain.text import storable_text, text_problem
@@ -51,7 +52,13 @@ _STATUS = {
     "INVALID_TRANSITION": 409,
     "RATE_LIMITED": 429,
     "UNAVAILABLE": 503,
+    "UNDECODABLE": 500,
 }
+#: What a client of these routes is told of a stored event that cannot be read: anyone may try
+#: a login, so neither the account's id nor the event's (the server's log has them).
+_UNDECODABLE_MESSAGE = (
+    "a stored event this request needs cannot be read; an operator must repair it"
+)
 _MAX_BODY = 16_384
 
 
@@ -97,7 +104,8 @@ def _error(error: AgentWorksError, rid: str) -> Response:
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="agentworks"'
     log.info("auth.refused", code=error.code, status=status)
-    body = {"error": {"code": error.code, "message": error.message}}
+    message = _UNDECODABLE_MESSAGE if isinstance(error, UndecodableEvent) else error.message
+    body = {"error": {"code": error.code, "message": message}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

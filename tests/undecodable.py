@@ -50,3 +50,21 @@ def plant_undecodable(
     if then_good:
         app.recorder.insert_events([labelled(bad_version + 1, "after")])
     return bad_version
+
+
+def plant_renamed(app: AgentWorks, aggregate_id: UUID) -> int:
+    """Append to any aggregate a copy of its last stored event under a class name that no longer
+    resolves, as its next version; returns that version."""
+    (last,) = app.recorder.select_events(aggregate_id, desc=True, limit=1)
+    module, _, qualname = last.topic.partition(":")
+    app.recorder.insert_events(
+        [
+            type(last)(
+                originator_id=last.originator_id,
+                originator_version=last.originator_version + 1,
+                topic=f"{module}:{qualname}Retired",
+                state=last.state,
+            )
+        ]
+    )
+    return int(last.originator_version) + 1

@@ -130,3 +130,33 @@ def test_a_board_as_of_an_instant_shows_a_card_up_to_its_undecodable_event(stack
     assert error["extensions"]["code"] == "UNDECODABLE"
     assert error["extensions"]["version"] == 3
     assert card in error["message"]
+
+
+EDIT = 'mutation($c: ID!) { updateCard(input: {cardId: $c, title: "third"}) { card { version } } }'
+
+
+@pytest.mark.parametrize("broken_json", [False, True], ids=["unknown-topic", "broken-json"])
+def test_a_mutation_on_a_card_with_an_undecodable_event_answers_undecodable(
+    stack: Stack, broken_json: bool
+) -> None:
+    """The write side could not load the card and let the decoding error escape: INTERNAL.
+    Now the mutation answers UNDECODABLE naming the card and the version, writes nothing, and
+    the other cards' mutations go on."""
+    alice, ws = stack.owner_with_workspace("alice", f"undecodable write {broken_json}")
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(pid, "first")["card"]["id"]
+    other = alice.create_card(pid, "other")["card"]["id"]
+    alice.data(EDIT, {"c": card})  # the write side has the card cached at version 2
+    plant_undecodable(stack.write, UUID(card), broken_json=broken_json, then_good=False)
+    for _ in range(2):
+        answer = alice.post(EDIT, {"c": card})
+        assert answer.status == 200, answer.body
+        (error,) = answer.errors
+        assert error["extensions"]["code"] == "UNDECODABLE", error
+        assert error["extensions"]["version"] == 3
+        assert f"card {card}" in error["message"]
+        assert "version 3" in error["message"]
+    assert [e.originator_version for e in stack.write.recorder.select_events(UUID(card))] == [
+        1, 2, 3,
+    ]  # fmt: skip
+    assert alice.data(EDIT, {"c": other})["updateCard"]["card"]["version"] == 2

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from uuid import UUID
 
 import httpx
 import psycopg
@@ -18,6 +19,7 @@ import pytest
 from api_client import first_change, subscribe
 from credentials import rfc6238
 from e2e_stack import Stack, StackBuilder
+from undecodable import plant_renamed
 
 PASSWORD = "correct horse battery"
 ME = "{ me { id email name mfaEnabled workspaces { id name role } } }"
@@ -442,3 +444,18 @@ def test_change_password_over_http(http: httpx.Client) -> None:
         "/auth/login", json={"email": "hopper@example.com", "password": "a brand new password"}
     )
     assert renewed.status_code == 200
+
+
+def test_an_account_with_an_unreadable_event_answers_undecodable_500_without_ids(
+    http: httpx.Client, auth_stack: Stack
+) -> None:
+    """Logging in to an account whose stored events cannot all be decoded answered 500
+    INTERNAL (the decoding error escaped); now 500 UNDECODABLE, naming no id (anyone may try a
+    login), while every other account signs in."""
+    user_id = signup(http, "unreadable@example.com")
+    plant_renamed(auth_stack.write, UUID(user_id))
+    answer = login(http, "unreadable@example.com")
+    assert error_of(answer) == (500, "UNDECODABLE")
+    assert user_id not in answer.text
+    signup(http, "readable@example.com")
+    assert login(http, "readable@example.com").status_code == 200

@@ -10,21 +10,28 @@ than the bound goes alone), and a cut batch is followed at once by the next, as 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import pytest
 from board_helpers import add_cards, bootstrap_board
 from fanout_helpers import EmbeddedPath, projector_side, rows
 from test_undecodable_events import RecordingProducer
 
 from commands import models as m
 from orchestrator.service import Orchestrator
+from projections.kanban import KanbanProjector
+from projections.runner import ProjectionRunner
+from projections.sweep import ProjectionSweep
 from streams.relay import Relay, RelayPositions
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from uuid import UUID
 
+    from adapters.eventlog import EventLog, LogBatch
     from commands.handlers import AgentWorks
     from domain.envelope import EventEnvelope
+    from projections.runner import BatchOutcome
 
 #: Characters of each large description: a stored event of a little more than this many bytes.
 LARGE = 90_000
@@ -136,3 +143,80 @@ def test_the_orchestrator_follows_the_log_a_bounded_batch_at_a_time(
             orchestrator._executor.shutdown()
         assert orchestrator.position == log.head()
     assert len(reads) >= 3  # seven large events, at most three a batch
+
+
+def _kanban_without_the_edits(
+    pool: Any, log: EventLog, card: UUID
+) -> tuple[ProjectionRunner, list[EventEnvelope]]:
+    """A kanban runner delivered every event but ``card``'s large edits; and those edits."""
+    runner = ProjectionRunner(KanbanProjector(), pool, log)
+    everything = log.read(after=0, limit=10_000)
+    edits = [e for e in everything if e.originator_id == card and e.type == "Card.Edited"]
+    runner.process([e for e in everything if e not in edits])
+    return runner, edits
+
+
+def _description(database_url: str, card: UUID) -> str:
+    ((found,),) = rows(database_url, "SELECT description FROM rm_cards WHERE card_id = %s", card)
+    return str(found)
+
+
+def test_the_sweep_reads_a_lost_stretch_of_large_events_a_bounded_batch_at_a_time(
+    database_url: str, app: AgentWorks
+) -> None:
+    """The sweep read every lagging aggregate's missing events in one query and applied them in
+    one transaction, whatever their size."""
+    card = large_edits(app, 7)
+    with projector_side(database_url) as (pool, log):
+        runner, _ = _kanban_without_the_edits(pool, log, card)
+        applied: list[list[EventEnvelope]] = []
+        process = runner.process
+
+        def recording(envelopes: Sequence[EventEnvelope], **kwargs: Any) -> BatchOutcome:
+            applied.append(list(envelopes))
+            return process(envelopes, **kwargs)
+
+        runner.process = recording  # type: ignore[method-assign]
+        sweep = ProjectionSweep(runner)
+        sweep.max_batch_bytes = BOUND
+        head = log.head()
+        outcome = sweep.sweep(head)
+    assert outcome.swept_through == head
+    assert outcome.healed == 7
+    assert sum(map(large_in, applied)) == 7 * LARGE
+    assert max(map(large_in, applied)) <= 3 * LARGE
+    assert len(applied) >= 3
+    assert _description(database_url, card) == "g" * LARGE
+
+
+@pytest.mark.parametrize("exclusive", [False, True], ids=["shared", "exclusive"])
+def test_healing_a_gap_of_large_events_reads_a_bounded_batch_per_transaction(
+    database_url: str, app: AgentWorks, exclusive: bool
+) -> None:
+    """Healing read the whole gap before a delivered event in one query, into one transaction.
+    Now a pass heals what fits in its bound, commits, and the next pass follows at once (as a
+    rebuild's exclusive runner does too)."""
+    card = large_edits(app, 7)
+    with projector_side(database_url) as (pool, log):
+        runner, edits = _kanban_without_the_edits(pool, log, card)
+        runner.max_heal_bytes = BOUND
+        reads: list[list[EventEnvelope]] = []
+        between_batch = log.between_batch
+
+        def recording(*args: Any, **kwargs: Any) -> LogBatch:
+            read = between_batch(*args, **kwargs)
+            reads.append(read.envelopes)
+            return read
+
+        log.between_batch = recording  # type: ignore[method-assign]
+        if exclusive:
+            runner.take_exclusive(copy=False)
+        outcome = runner.process(edits[-1:])
+        if exclusive:
+            runner.release_exclusive()
+        assert runner.position() >= edits[-1].position
+    assert sum(map(large_in, reads)) == 6 * LARGE
+    assert max(map(large_in, reads)) <= 3 * LARGE
+    assert len(reads) >= 2
+    assert (outcome.applied, outcome.healed, outcome.deferred, outcome.duplicates) == (1, 6, 0, 0)
+    assert _description(database_url, card) == "g" * LARGE

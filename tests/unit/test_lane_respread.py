@@ -242,3 +242,55 @@ def test_a_long_lane_squeezed_in_one_place_keeps_its_keys_within_the_bound(seed:
         keys.insert(gap, key)
     assert all(low < high for low, high in itertools.pairwise(keys))
     assert max(len(key) for key in keys) <= RESPREAD_THRESHOLD + 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(2, 1_500),
+    st.integers(0, 300),
+    st.integers(0, 2**32),
+    st.lists(st.integers(-3, 3), max_size=4),
+)
+def test_a_re_spread_leaves_fixed_keys_as_they_are_and_every_key_in_order(
+    size: int, squeezes: int, seed: int, near: list[int]
+) -> None:
+    """Cards the board cannot re-key (their events cannot be read) keep their keys: the window
+    stops at them, and what it spreads around them stays strictly in order and valid."""
+    keys, gap = _squeezed_lane(size, squeezes, seed)
+    fixed = sorted({min(len(keys) - 1, max(0, gap + offset)) for offset in near})
+    spread = respread(keys, gap, fixed)
+    if spread is None:
+        return
+    assert not any(spread.start <= index < spread.end for index in fixed)
+    assert spread.start <= gap <= spread.end
+    assert spread.end - spread.start <= MAX_RESPREAD_CARDS
+    lane = keys[: spread.start] + spread.keys + keys[spread.end :]
+    assert lane[spread.gap] == spread.newcomer
+    assert all(low < high for low, high in itertools.pairwise(lane))
+    assert all(is_valid_position(key) for key in spread.keys)
+    if not fixed:
+        assert spread == respread(keys, gap)
+
+
+def test_squeezing_next_to_a_fixed_card_re_spreads_around_it() -> None:
+    project = _board()
+    reference = {"Todo": list(CARDS), "Done": []}
+    fixed = CARDS[0]  # the card every squeeze goes after
+    key = project.placements[fixed].position
+    mt = meta(project.workspace_id)
+    respreads = 0
+    for n in range(400):
+        others = [card for card in reference["Todo"] if card != CARDS[1 + n % 11]]
+        mover = CARDS[1 + n % 11]
+        reference["Todo"] = [*others[:1], mover, *others[1:]]
+        project.move_card(
+            mover, "Todo", after_card_id=others[0], before_card_id=others[1], fixed={fixed},
+            meta=mt,
+        )  # fmt: skip
+        events = collect(project)
+        assert fixed not in {e.card_id for e in events}
+        respreads += len(events) > 1
+        assert [card for _, card in project.cards_in("Todo")] == reference["Todo"]
+        assert max(len(k) for k, _ in project.cards_in("Todo")) <= RESPREAD_THRESHOLD
+    assert respreads >= 2
+    assert project.placements[fixed].position == key
