@@ -20,6 +20,7 @@ from graphql import (
     GraphQLError,
     InlineFragmentNode,
     IntValueNode,
+    NullValueNode,
     OperationDefinitionNode,
     SelectionSetNode,
     VariableNode,
@@ -44,11 +45,26 @@ UNPAGED_FIELDS = frozenset(
 )
 
 
-class CostLimiter(SchemaExtension):
-    """Refuses an operation whose estimated cost exceeds ``max_cost`` (code VALIDATION)."""
+#: Root fields that fold the event log: their work grows with the log (every event of a
+#: project, a card or a month's billing read and decoded), whatever little they return.
+LOG_READING_FIELDS = frozenset({"cardHistory", "reconciliation"})
+#: Root fields that fold the event log when given this argument (``board(asOf:)``).
+LOG_READING_WITH = {"board": "asOf"}
 
-    def __init__(self, *, max_cost: int) -> None:
+
+class CostLimiter(SchemaExtension):
+    """Refuses an operation whose estimated cost exceeds ``max_cost``, or that folds the event
+    log more than ``max_log_reads`` times (code VALIDATION).
+
+    The estimate counts objects returned, and a fold of the log returns few: thirty aliases of
+    ``board(asOf:)`` cost it thirty boards, yet held one pooled connection and a worker thread
+    for thirty folds of the project's whole history, seconds for a project of a few thousand
+    events; a handful of such requests at once took every connection from every tenant.
+    """
+
+    def __init__(self, *, max_cost: int, max_log_reads: int = 3) -> None:
         self.max_cost = max_cost
+        self.max_log_reads = max_log_reads
 
     def on_execute(self) -> Iterator[None]:
         context = self.execution_context
@@ -77,7 +93,72 @@ class CostLimiter(SchemaExtension):
                         f"{self.max_cost}; ask for smaller pages (first) or fewer fields",
                         extensions={"code": "VALIDATION"},
                     )
+                given = _given_variables(operation, context.variables or {})
+                reads = _log_reads(operation.selection_set, fragments, given)
+                if len(reads) > self.max_log_reads:
+                    raise GraphQLError(
+                        f"query reads the event log {len(reads)} times (cardHistory, "
+                        f"reconciliation, board with asOf), more than {self.max_log_reads}; "
+                        "ask for fewer of them per request",
+                        extensions={"code": "VALIDATION"},
+                    )
         yield
+
+
+def _given_variables(
+    operation: OperationDefinitionNode, variables: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    """``variables`` with the operation's defaults for those not given (what a field gets)."""
+    given = dict(variables)
+    for definition in operation.variable_definitions or ():
+        name = definition.variable.name.value
+        default = definition.default_value
+        if name not in given and default is not None and not isinstance(default, NullValueNode):
+            given[name] = default
+    return given
+
+
+def _log_reads(
+    selection_set: SelectionSetNode,
+    fragments: Mapping[str, FragmentDefinitionNode],
+    variables: Mapping[str, Any],
+    seen: frozenset[str] = frozenset(),
+) -> set[str]:
+    """Response keys of the root fields of ``selection_set`` that fold the event log.
+
+    Keys, not occurrences: fields of one key are merged into one execution (a fragment spread
+    twice reads once), and every alias is one more fold."""
+    keys: set[str] = set()
+    for selection in selection_set.selections:
+        if isinstance(selection, FieldNode):
+            if _folds_the_log(selection, variables):
+                keys.add((selection.alias or selection.name).value)
+        elif isinstance(selection, InlineFragmentNode):
+            keys |= _log_reads(selection.selection_set, fragments, variables, seen)
+        elif isinstance(selection, FragmentSpreadNode):
+            name = selection.name.value
+            fragment = fragments.get(name)
+            if fragment is not None and name not in seen:
+                keys |= _log_reads(fragment.selection_set, fragments, variables, seen | {name})
+    return keys
+
+
+def _folds_the_log(field: FieldNode, variables: Mapping[str, Any]) -> bool:
+    name = field.name.value
+    if name in LOG_READING_FIELDS:
+        return True
+    wanted = LOG_READING_WITH.get(name)
+    if wanted is None:
+        return False
+    for argument in field.arguments or ():
+        if argument.name.value == wanted:
+            value = argument.value
+            if isinstance(value, NullValueNode):
+                return False
+            if isinstance(value, VariableNode):
+                return variables.get(value.name.value) is not None
+            return True
+    return False
 
 
 class BoundedValidation(ValidationCache):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from api_client import subscribe
+from api_client import Answer, subscribe
 from e2e_stack import Stack
 
 SPA_BOARD = """
@@ -118,3 +118,67 @@ def test_an_exploding_subscription_is_refused_over_the_websocket(stack: Stack) -
     assert [e["extensions"]["code"] for e in errors] == ["VALIDATION"], message
     assert "too large" in errors[0]["message"]
     assert elapsed < 1.0
+
+
+LOG_READ_VARIABLES = {
+    "card": "ID!",
+    "project": "ID!",
+    "then": "DateTime",
+    "later": 'DateTime = "2999-01-01T00:00:00Z"',
+}
+
+
+def _log_reads(selections: str) -> str:
+    """A query of ``selections`` declaring the variables they use."""
+    used = [
+        f"${name}: {kind}" for name, kind in LOG_READ_VARIABLES.items() if f"${name}" in selections
+    ]
+    declared = f"({', '.join(used)})" if used else ""
+    return f"query{declared} {{ {selections} }}"
+
+
+def test_a_document_folding_the_event_log_more_than_three_times_is_refused(stack: Stack) -> None:
+    """Each alias of cardHistory, reconciliation or board(asOf:) folds the log anew: thirty of
+    them held a connection for thirty folds of a project's whole history."""
+    alice, ws = stack.owner_with_workspace()
+    project = alice.create_project(ws, "Log", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(project, "c")["card"]["id"]
+    given = {"card": card, "project": project, "then": "2999-01-01T00:00:00Z"}
+
+    def history(i: int) -> str:
+        return f"h{i}: cardHistory(cardId: $card) {{ version }}"
+
+    def board(i: int, as_of: str) -> str:
+        return f"b{i}: board(projectId: $project, asOf: {as_of}) {{ version }}"
+
+    def ask(selections: str) -> Answer:
+        query = _log_reads(selections)
+        return alice.post(query, {k: v for k, v in given.items() if f"${k}:" in query})
+
+    refused = {
+        "four histories": " ".join(history(i) for i in range(4)),
+        "boards then in a fragment": f"{history(0)} {history(1)} ...F }} fragment F on Query {{"
+        f" {board(0, '$then')} {board(1, '$then')}",
+        "boards at a default instant": " ".join(board(i, "$later") for i in range(4)),
+        "reconciliations": " ".join(
+            f'r{i}: reconciliation(workspaceId: "{ws}", month: "2026-01") {{ ok }}'
+            for i in range(4)
+        ),
+    }
+    for what, selections in refused.items():
+        answer = ask(selections)
+        assert answer.codes == ["VALIDATION"], (what, answer.body)
+        assert "reads the event log" in answer.errors[0]["message"], what
+        assert stack.stats[-1].statements == 0, what
+
+    allowed = {
+        "three histories": " ".join(history(i) for i in range(3)),
+        "live boards besides": " ".join(
+            [*(history(i) for i in range(3)), *(board(i, "null") for i in range(10))]
+        ),
+        "one fragment spread twice": "...F ...F } fragment F on Query {"
+        + " ".join(history(i) for i in range(3)),
+    }
+    for what, selections in allowed.items():
+        answer = ask(selections)
+        assert answer.errors == [], (what, answer.body)
