@@ -10,6 +10,7 @@ x 200 runs is refused before a single row is read.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from graphql import (
@@ -27,6 +28,8 @@ from graphql import (
 )
 from strawberry.extensions import SchemaExtension, ValidationCache
 from strawberry.types.graphql import OperationType
+
+from domain.errors import ValidationFailed
 
 #: Page size a list field has when the query does not say ``first``.
 DEFAULT_PAGE: Mapping[str, int] = {
@@ -305,8 +308,10 @@ def _cost(
     multiplier: int,
     depth: int,
     connections: int | None = None,
+    lengths: Mapping[str, int] = MappingProxyType({}),
 ) -> int:
-    """Objects the selection may resolve when its parent stands for ``multiplier`` objects.
+    """Objects the selection may resolve when its parent stands for ``multiplier`` objects;
+    ``lengths``: the known length of lists without pages, by field name (else 20 each).
 
     A list multiplies what is under it by the page size asked (``first``, else the field's
     default); ``edges``/``node`` only wrap a connection's items and ``pageInfo`` comes once per
@@ -326,7 +331,7 @@ def _cost(
             if field in CONNECTION_WRAPPERS:
                 total += _cost(
                     selection.selection_set, fragments, variables,
-                    multiplier=multiplier, depth=depth + 1,
+                    multiplier=multiplier, depth=depth + 1, lengths=lengths,
                 )  # fmt: skip
                 continue
             if field in PER_CONNECTION and connections is not None:
@@ -335,7 +340,7 @@ def _cost(
             if page is None and field in DEFAULT_PAGE:
                 page = DEFAULT_PAGE[field]
             if page is None and field in UNPAGED_FIELDS:
-                page = UNPAGED_LIST
+                page = lengths.get(field, UNPAGED_LIST)
             inner = owner * max(page if page is not None else 1, 1)
             total += inner
             total += _cost(
@@ -345,6 +350,7 @@ def _cost(
                 multiplier=inner,
                 depth=depth + 1,
                 connections=owner if page is not None else None,
+                lengths=lengths,
             )
         elif isinstance(selection, InlineFragmentNode):
             total += _cost(
@@ -354,6 +360,7 @@ def _cost(
                 multiplier=multiplier,
                 depth=depth + 1,
                 connections=connections,
+                lengths=lengths,
             )
         elif isinstance(selection, FragmentSpreadNode):
             fragment = fragments.get(selection.name.value)
@@ -365,6 +372,7 @@ def _cost(
                     multiplier=multiplier,
                     depth=depth + 1,
                     connections=connections,
+                    lengths=lengths,
                 )
     return total
 
@@ -381,3 +389,36 @@ def _page(field: FieldNode, variables: Mapping[str, Any]) -> int | None:
             if isinstance(given, int) and not isinstance(given, bool):
                 return given
     return None
+
+
+def refuse_longer_than_estimated(
+    operation: OperationDefinitionNode,
+    fragments: Mapping[str, FragmentDefinitionNode],
+    variables: Mapping[str, Any],
+    *,
+    field: str,
+    length: int,
+    max_cost: int,
+) -> None:
+    """Refuse (VALIDATION) once a list without pages turns out longer than the estimate took
+    it to be (20) and the operation, estimated again with its real length, costs too much.
+
+    How many projects (or members) a workspace has is the workspace's to decide, without
+    bound: a tenant of a few hundred 50-lane projects asked for every board's cards at once,
+    in a document the estimate passed, and held the event loop (every tenant's requests) for
+    many seconds. Checked when the list is read, the only time its length is known."""
+    if length <= UNPAGED_LIST:
+        return
+    cost = _cost(
+        operation.selection_set,
+        fragments,
+        variables,
+        multiplier=1,
+        depth=0,
+        lengths={field: length},
+    )
+    if cost > max_cost:
+        raise ValidationFailed(
+            f"query is too expensive: with {length} {field} it may resolve about {cost} "
+            f"objects, more than {max_cost}; ask for fewer fields of each, or one at a time"
+        )

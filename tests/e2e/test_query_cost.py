@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import time
+from uuid import UUID
 
-from api_client import Answer, subscribe
+from api_client import Answer, subscribe, wait_for
 from e2e_stack import Stack
+from users import user_id
+
+from commands import models as m
+from commands.handlers import Actor
 
 SPA_BOARD = """
 query Board($id: ID!) {
@@ -182,3 +187,43 @@ def test_a_document_folding_the_event_log_more_than_three_times_is_refused(stack
     for what, selections in allowed.items():
         answer = ask(selections)
         assert answer.errors == [], (what, answer.body)
+
+
+EVERY_BOARD = """
+query($ws: ID!) {
+  workspace(id: $ws) {
+    projects { id board { lanes { cards(first: 200) { edges { node { id title } } } } } }
+  }
+}
+"""
+
+
+def test_every_board_of_a_workspace_of_more_projects_than_estimated_is_refused(
+    stack: Stack,
+) -> None:
+    """The estimate takes a workspace's projects to be 20; a tenant decides how many it has, and
+    a few hundred 50-lane projects made this document, which the estimate passed, hold the event
+    loop for seconds. Read, the real count decides."""
+    alice, ws = stack.owner_with_workspace()
+    actor = Actor(user_id=user_id("alice"), workspace_id=ws)
+    for i in range(30):
+        project = m.CreateProject(
+            workspace_id=UUID(ws), name=f"p{i}", lanes=[m.LaneInput(name="T")]
+        )
+        stack.write.create_project(project, actor)
+    listing = "query($ws: ID!) { workspace(id: $ws) { projects { id name } } }"
+    wait_for(
+        lambda: alice.data(listing, {"ws": ws})["workspace"]["projects"],
+        until=lambda projects: len(projects) == 30,
+    )
+
+    answer = alice.post(EVERY_BOARD, {"ws": ws})
+
+    assert answer.codes == ["VALIDATION"], answer.body
+    assert "with 30 projects" in answer.errors[0]["message"]
+    assert answer.data == {"workspace": None}
+
+    bob, few = stack.owner_with_workspace("bob", "Few")
+    for i in range(3):
+        bob.create_project(few, f"p{i}", [{"name": "T"}])
+    assert len(bob.data(EVERY_BOARD, {"ws": few})["workspace"]["projects"]) == 3
