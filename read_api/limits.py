@@ -4,7 +4,10 @@ Depth, aliases and tokens are bounded by strawberry's own extensions; this adds 
 they miss, breadth: an estimate of the objects a document may resolve, each list counted at the
 page size it asks for (``first``, or the field's default). The board a client would draw (lanes,
 their cards, each card's runs, at the default page sizes) costs about 42,000; lanes x 200 cards
-x 200 runs is refused before a single row is read.
+x 200 runs is refused before a single row is read. Two bounds follow from it: fields that fold the
+event log (whose work is what the log holds, not what they return) are counted apart, and a list
+without pages that a workspace makes longer than estimated (its projects) is estimated again
+with its real length when it is read.
 """
 
 from __future__ import annotations
