@@ -92,7 +92,7 @@ from read_api.errors import (
     shape_errors,
 )
 from read_api.identity import add_auth_routes
-from read_api.input_checks import body_within
+from read_api.input_checks import MAX_VARIABLE_NESTING, body_within, nests_deeper
 from read_api.membership import member_workspace_of
 from read_api.ratelimit import address_limits, limits_for
 from read_api.response_cache import Entry, Key, ResponseCache, render
@@ -521,6 +521,8 @@ def _parse_request(
     variables = data.get("variables")
     if variables is not None and not isinstance(variables, dict):
         raise BadRequest("'variables' must be a JSON object")
+    if variables is not None and nests_deeper(variables, MAX_VARIABLE_NESTING):
+        raise BadRequest(f"'variables' nest deeper than {MAX_VARIABLE_NESTING} levels")
     operation_name = data.get("operationName")
     if operation_name is not None and not isinstance(operation_name, str):
         raise BadRequest("'operationName' must be a string")

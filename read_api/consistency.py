@@ -13,7 +13,9 @@ Waits are bounded (``consistency_wait_ms``); a read that gave up answers with wh
 A token is the client's to forge. One naming another workspace's aggregate is treated exactly like
 one naming no aggregate at all (stale at once): the waiter only ever polls tracking for an aggregate
 whose first event says it belongs to the caller's workspace, so how long a read waits never depends
-on another tenant's data.
+on another tenant's data. One naming a write that was never made (a version past the aggregate's
+last, a position past the log's head) is stale at once too: no projector will ever get there, and
+waiting for it would only poll the database for the whole budget, as often as its sender likes.
 """
 
 from __future__ import annotations
@@ -105,10 +107,11 @@ class ConsistencyWaiter:
 
     async def wait_for_token(self, token: ConsistencyToken, workspace_id: UUID | None) -> bool:
         """Wait for every projector following the token's aggregate; ``False`` on timeout, and at
-        once when the aggregate is not one of ``workspace_id``'s (unknown, or another tenant's)."""
+        once when the aggregate is not one of ``workspace_id``'s (unknown, or another tenant's)
+        or the log holds no such write."""
         if workspace_id is None:
             return False
-        aggregate = await self._offloader.run(self._aggregate_of, token.aggregate_id, workspace_id)
+        aggregate = await self._offloader.run(self._aggregate_of, token, workspace_id)
         if aggregate is None:
             return False
         names = followers(self._projectors, aggregate)
@@ -137,11 +140,19 @@ class ConsistencyWaiter:
                 version=token.version,
             )  # fmt: skip
 
-    def _aggregate_of(self, aggregate_id: UUID, workspace_id: UUID) -> str | None:
+    def _aggregate_of(self, token: ConsistencyToken, workspace_id: UUID) -> str | None:
+        """The kind of the token's aggregate when it is ``workspace_id``'s and the log holds the
+        write the token names; else ``None``."""
         with self._pool.connection() as conn:
             # Scoped like every API read: where the event store has row-level security, another
-            # workspace's events are not even visible to this statement.
+            # workspace's events are not even visible to these statements.
             scope_to_workspace(conn, workspace_id)
-            return eventlog.aggregate_in_workspace(
-                conn, self._mapper, aggregate_id=aggregate_id, workspace_id=workspace_id
+            aggregate = eventlog.aggregate_in_workspace(
+                conn, self._mapper, aggregate_id=token.aggregate_id, workspace_id=workspace_id
             )
+            if aggregate is None or not eventlog.written(
+                conn, aggregate_id=token.aggregate_id, version=token.version,
+                position=token.position,
+            ):  # fmt: skip
+                return None
+            return aggregate

@@ -68,6 +68,17 @@ def aggregate_in_workspace(
     return first.aggregate if first.workspace_id == workspace_id else None
 
 
+def written(conn: Connection[DictRow], *, aggregate_id: UUID, version: int, position: int) -> bool:
+    """Whether the log holds ``aggregate_id`` at ``version`` and reaches ``position``: what a
+    consistency token names, if a write ever made it (a forged one can name the future)."""
+    row = conn.execute(
+        "SELECT coalesce(max(originator_version), 0) >= %s AND agentworks_log_head() >= %s"
+        " AS written FROM agentworks_events WHERE originator_id = %s",
+        (version, position, aggregate_id),
+    ).fetchone()
+    return row is not None and bool(row["written"])
+
+
 # -- card history ---------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ aggregates once more before recording, for callers that are not GraphQL.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from graphql import (
     ArgumentNode,
@@ -33,6 +33,29 @@ from starlette.requests import Request
 from strawberry.extensions import SchemaExtension
 
 from domain.text import find_unstorable, text_problem
+
+MAX_VARIABLE_NESTING = 32
+"""How deep a request's ``variables`` may nest (objects and arrays): the deepest input of the
+schema nests a few levels; JSON a thousand levels deep is read by the parser yet overflows the
+stack of every recursive walk after it (the text check, the cache key, the error log)."""
+
+
+def nests_deeper(value: object, most: int) -> bool:
+    """Whether ``value`` (decoded JSON) nests objects and arrays more than ``most`` levels
+    deep; walked without recursion, so any depth is measured."""
+    pending: list[tuple[object, int]] = [(value, 0)]
+    while pending:
+        item, level = pending.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if level >= most:
+            return True
+        pending.extend((child, level + 1) for child in children)
+    return False
 
 
 async def body_within(request: Request, limit: int) -> bytes | None:

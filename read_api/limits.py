@@ -4,12 +4,16 @@ Depth, aliases and tokens are bounded by strawberry's own extensions; this adds 
 they miss, breadth: an estimate of the objects a document may resolve, each list counted at the
 page size it asks for (``first``, or the field's default). The board a client would draw (lanes,
 their cards, each card's runs, at the default page sizes) costs about 42,000; lanes x 200 cards
-x 200 runs is refused before a single row is read.
+x 200 runs is refused before a single row is read. Two bounds follow from it: fields that fold the
+event log (whose work is what the log holds, not what they return) are counted apart, and a list
+without pages that a workspace makes longer than estimated (its projects) is estimated again
+with its real length when it is read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from graphql import (
@@ -20,12 +24,15 @@ from graphql import (
     GraphQLError,
     InlineFragmentNode,
     IntValueNode,
+    NullValueNode,
     OperationDefinitionNode,
     SelectionSetNode,
     VariableNode,
 )
 from strawberry.extensions import SchemaExtension, ValidationCache
 from strawberry.types.graphql import OperationType
+
+from domain.errors import ValidationFailed
 
 #: Page size a list field has when the query does not say ``first``.
 DEFAULT_PAGE: Mapping[str, int] = {
@@ -44,11 +51,26 @@ UNPAGED_FIELDS = frozenset(
 )
 
 
-class CostLimiter(SchemaExtension):
-    """Refuses an operation whose estimated cost exceeds ``max_cost`` (code VALIDATION)."""
+#: Root fields that fold the event log: their work grows with the log (every event of a
+#: project, a card or a month's billing read and decoded), whatever little they return.
+LOG_READING_FIELDS = frozenset({"cardHistory", "reconciliation"})
+#: Root fields that fold the event log when given this argument (``board(asOf:)``).
+LOG_READING_WITH = {"board": "asOf"}
 
-    def __init__(self, *, max_cost: int) -> None:
+
+class CostLimiter(SchemaExtension):
+    """Refuses an operation whose estimated cost exceeds ``max_cost``, or that folds the event
+    log more than ``max_log_reads`` times (code VALIDATION).
+
+    The estimate counts objects returned, and a fold of the log returns few: thirty aliases of
+    ``board(asOf:)`` cost it thirty boards, yet held one pooled connection and a worker thread
+    for thirty folds of the project's whole history, seconds for a project of a few thousand
+    events; a handful of such requests at once took every connection from every tenant.
+    """
+
+    def __init__(self, *, max_cost: int, max_log_reads: int = 3) -> None:
         self.max_cost = max_cost
+        self.max_log_reads = max_log_reads
 
     def on_execute(self) -> Iterator[None]:
         context = self.execution_context
@@ -77,7 +99,72 @@ class CostLimiter(SchemaExtension):
                         f"{self.max_cost}; ask for smaller pages (first) or fewer fields",
                         extensions={"code": "VALIDATION"},
                     )
+                given = _given_variables(operation, context.variables or {})
+                reads = _log_reads(operation.selection_set, fragments, given)
+                if len(reads) > self.max_log_reads:
+                    raise GraphQLError(
+                        f"query reads the event log {len(reads)} times (cardHistory, "
+                        f"reconciliation, board with asOf), more than {self.max_log_reads}; "
+                        "ask for fewer of them per request",
+                        extensions={"code": "VALIDATION"},
+                    )
         yield
+
+
+def _given_variables(
+    operation: OperationDefinitionNode, variables: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    """``variables`` with the operation's defaults for those not given (what a field gets)."""
+    given = dict(variables)
+    for definition in operation.variable_definitions or ():
+        name = definition.variable.name.value
+        default = definition.default_value
+        if name not in given and default is not None and not isinstance(default, NullValueNode):
+            given[name] = default
+    return given
+
+
+def _log_reads(
+    selection_set: SelectionSetNode,
+    fragments: Mapping[str, FragmentDefinitionNode],
+    variables: Mapping[str, Any],
+    seen: frozenset[str] = frozenset(),
+) -> set[str]:
+    """Response keys of the root fields of ``selection_set`` that fold the event log.
+
+    Keys, not occurrences: fields of one key are merged into one execution (a fragment spread
+    twice reads once), and every alias is one more fold."""
+    keys: set[str] = set()
+    for selection in selection_set.selections:
+        if isinstance(selection, FieldNode):
+            if _folds_the_log(selection, variables):
+                keys.add((selection.alias or selection.name).value)
+        elif isinstance(selection, InlineFragmentNode):
+            keys |= _log_reads(selection.selection_set, fragments, variables, seen)
+        elif isinstance(selection, FragmentSpreadNode):
+            name = selection.name.value
+            fragment = fragments.get(name)
+            if fragment is not None and name not in seen:
+                keys |= _log_reads(fragment.selection_set, fragments, variables, seen | {name})
+    return keys
+
+
+def _folds_the_log(field: FieldNode, variables: Mapping[str, Any]) -> bool:
+    name = field.name.value
+    if name in LOG_READING_FIELDS:
+        return True
+    wanted = LOG_READING_WITH.get(name)
+    if wanted is None:
+        return False
+    for argument in field.arguments or ():
+        if argument.name.value == wanted:
+            value = argument.value
+            if isinstance(value, NullValueNode):
+                return False
+            if isinstance(value, VariableNode):
+                return variables.get(value.name.value) is not None
+            return True
+    return False
 
 
 class BoundedValidation(ValidationCache):
@@ -224,8 +311,10 @@ def _cost(
     multiplier: int,
     depth: int,
     connections: int | None = None,
+    lengths: Mapping[str, int] = MappingProxyType({}),
 ) -> int:
-    """Objects the selection may resolve when its parent stands for ``multiplier`` objects.
+    """Objects the selection may resolve when its parent stands for ``multiplier`` objects;
+    ``lengths``: the known length of lists without pages, by field name (else 20 each).
 
     A list multiplies what is under it by the page size asked (``first``, else the field's
     default); ``edges``/``node`` only wrap a connection's items and ``pageInfo`` comes once per
@@ -245,7 +334,7 @@ def _cost(
             if field in CONNECTION_WRAPPERS:
                 total += _cost(
                     selection.selection_set, fragments, variables,
-                    multiplier=multiplier, depth=depth + 1,
+                    multiplier=multiplier, depth=depth + 1, lengths=lengths,
                 )  # fmt: skip
                 continue
             if field in PER_CONNECTION and connections is not None:
@@ -254,7 +343,7 @@ def _cost(
             if page is None and field in DEFAULT_PAGE:
                 page = DEFAULT_PAGE[field]
             if page is None and field in UNPAGED_FIELDS:
-                page = UNPAGED_LIST
+                page = lengths.get(field, UNPAGED_LIST)
             inner = owner * max(page if page is not None else 1, 1)
             total += inner
             total += _cost(
@@ -264,6 +353,7 @@ def _cost(
                 multiplier=inner,
                 depth=depth + 1,
                 connections=owner if page is not None else None,
+                lengths=lengths,
             )
         elif isinstance(selection, InlineFragmentNode):
             total += _cost(
@@ -273,6 +363,7 @@ def _cost(
                 multiplier=multiplier,
                 depth=depth + 1,
                 connections=connections,
+                lengths=lengths,
             )
         elif isinstance(selection, FragmentSpreadNode):
             fragment = fragments.get(selection.name.value)
@@ -284,6 +375,7 @@ def _cost(
                     multiplier=multiplier,
                     depth=depth + 1,
                     connections=connections,
+                    lengths=lengths,
                 )
     return total
 
@@ -300,3 +392,36 @@ def _page(field: FieldNode, variables: Mapping[str, Any]) -> int | None:
             if isinstance(given, int) and not isinstance(given, bool):
                 return given
     return None
+
+
+def refuse_longer_than_estimated(
+    operation: OperationDefinitionNode,
+    fragments: Mapping[str, FragmentDefinitionNode],
+    variables: Mapping[str, Any],
+    *,
+    field: str,
+    length: int,
+    max_cost: int,
+) -> None:
+    """Refuse (VALIDATION) once a list without pages turns out longer than the estimate took
+    it to be (20) and the operation, estimated again with its real length, costs too much.
+
+    How many projects (or members) a workspace has is the workspace's to decide, without
+    bound: a tenant of a few hundred 50-lane projects asked for every board's cards at once,
+    in a document the estimate passed, and held the event loop (every tenant's requests) for
+    many seconds. Checked when the list is read, the only time its length is known."""
+    if length <= UNPAGED_LIST:
+        return
+    cost = _cost(
+        operation.selection_set,
+        fragments,
+        variables,
+        multiplier=1,
+        depth=0,
+        lengths={field: length},
+    )
+    if cost > max_cost:
+        raise ValidationFailed(
+            f"query is too expensive: with {length} {field} it may resolve about {cost} "
+            f"objects, more than {max_cost}; ask for fewer fields of each, or one at a time"
+        )

@@ -79,7 +79,7 @@ def build_schema(limits: QueryLimits | None = None) -> strawberry.Schema:
         StorableTextOnly,
         lambda: AddValidationRules(rules),
         lambda: MaxTokensLimiter(max_token_count=limits.max_tokens),
-        lambda: CostLimiter(max_cost=limits.max_cost),
+        lambda: CostLimiter(max_cost=limits.max_cost, max_log_reads=limits.max_log_reads),
         lambda: DocumentCache(maxsize=512),
         # Refuses documents that expand past the bounds before validation walks them.
         lambda: BoundedValidation(maxsize=512, max_selections=limits.max_expanded_selections),

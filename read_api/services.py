@@ -69,6 +69,9 @@ class QueryLimits:
     """Estimated number of objects a document may resolve, lists counted at their page size."""
     max_expanded_selections: int = 10_000
     """Fields a document may stand for with its fragments spread (its text is max_tokens)."""
+    max_log_reads: int = 3
+    """Fields that fold the event log (``cardHistory``, ``reconciliation``, ``board`` with
+    ``asOf``) one operation may ask for: each costs what the log holds, not what it returns."""
 
 
 @dataclass(frozen=True, kw_only=True)

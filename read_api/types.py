@@ -29,6 +29,7 @@ from read_api import cursors
 from read_api import fields as described
 from read_api.context import Info
 from read_api.db import ReadScope
+from read_api.limits import refuse_longer_than_estimated
 from read_api.loaders import AccessPage, LanePage, Loaders, Row, RunPage
 from read_api.scalars import Money
 
@@ -283,8 +284,9 @@ class Workspace:
         )
 
     @strawberry.field
-    async def members(self) -> list[Member]:
+    async def members(self, info: Info) -> list[Member]:
         rows = await self.scope.loaders.members.load(self.key)
+        _as_long_as_estimated(info, len(rows))
         return [Member(user_id=ID(row["user_id"]), role=Role(row["role"])) for row in rows]
 
     @described.field("Net billed this UTC month, credits deducted.")
@@ -305,13 +307,25 @@ class Workspace:
         return await _admin_list(info, self.scope, Invitation, include_closed, first, after)
 
     @strawberry.field
-    async def projects(self, include_archived: bool = False) -> list[Project]:
+    async def projects(self, info: Info, include_archived: bool = False) -> list[Project]:
         rows = await self.scope.loaders.projects_of_workspace.load(self.key)
-        return [
-            Project.from_row(row, self.scope)
-            for row in rows
-            if include_archived or not row["archived"]
-        ]
+        shown = [row for row in rows if include_archived or not row["archived"]]
+        _as_long_as_estimated(info, len(shown))
+        return [Project.from_row(row, self.scope) for row in shown]
+
+
+def _as_long_as_estimated(info: Info, length: int) -> None:
+    """VALIDATION when a list of the workspace's, as long as it is, makes the operation cost
+    more than the estimate allows (:func:`read_api.limits.refuse_longer_than_estimated`)."""
+    raw = info._raw_info
+    refuse_longer_than_estimated(
+        raw.operation,
+        raw.fragments,
+        info.variable_values,
+        field=raw.field_name,
+        length=length,
+        max_cost=info.context.runtime.services.query_limits.max_cost,
+    )
 
 
 # -- projects and boards --------------------------------------------------------------------------

@@ -83,33 +83,46 @@ def test_a_foreign_token_never_polls_the_foreign_aggregates_tracking(stack: Stac
     applied = _foreign_write(stack)
     _, alice_ws = stack.owner_with_workspace(str(uuid4()), "Alice's")
     offloader = _CountingOffloader()
-    waiter = ConsistencyWaiter(
-        pool=stack.services.pool,
-        offloader=offloader,
-        projectors=stack.services.projectors,
-        wait_ms=300,
-        mapper=stack.write.mapper,
-    )
 
-    async def calls(token: ConsistencyToken, workspace: UUID) -> tuple[bool, int]:
+    def waiter(*extra: Any) -> ConsistencyWaiter:
+        return ConsistencyWaiter(
+            pool=stack.services.pool,
+            offloader=offloader,
+            projectors=(*stack.services.projectors, *extra),
+            wait_ms=300,
+            mapper=stack.write.mapper,
+        )
+
+    async def calls(
+        token: ConsistencyToken, workspace: UUID, waiting: ConsistencyWaiter
+    ) -> tuple[bool, int]:
         offloader.calls = 0
-        caught_up = await waiter.wait_for_token(token, workspace)
+        caught_up = await waiting.wait_for_token(token, workspace)
         return caught_up, offloader.calls
 
     try:
         seen = {
-            name: asyncio.run(calls(token, UUID(alice_ws)))
+            name: asyncio.run(calls(token, UUID(alice_ws), waiter()))
             for name, token in _tokens(applied).items()
         }
-        own_far = ConsistencyToken(applied.position + 1000, applied.aggregate_id, applied.version)
-        bobs = asyncio.run(calls(applied, _workspace_of(stack, applied)))
-        bobs_far = asyncio.run(calls(own_far, _workspace_of(stack, applied)))
+        bobs = asyncio.run(calls(applied, _workspace_of(stack, applied), waiter()))
+        # A projector following cards that never runs: bob's wait polls it until the timeout.
+        bobs_behind = asyncio.run(
+            calls(applied, _workspace_of(stack, applied), waiter(_IdleCardProjector))
+        )
     finally:
         offloader.shutdown()
     assert set(seen.values()) == {(False, 1)}, seen
     assert bobs == (True, 2)
-    assert bobs_far[0] is False
-    assert bobs_far[1] > 2
+    assert bobs_behind[0] is False
+    assert bobs_behind[1] > 2
+
+
+class _IdleCardProjector:
+    """A projector of cards that never applies anything."""
+
+    name = "idle-cards"
+    aggregates = ("Card",)
 
 
 def _workspace_of(stack: Stack, token: ConsistencyToken) -> UUID:

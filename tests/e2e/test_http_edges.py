@@ -146,6 +146,25 @@ def test_malformed_requests_are_400_never_500(
     _no_trace(response)
 
 
+@pytest.mark.parametrize("depth", [33, 900, 930, 960, 975])
+def test_variables_nested_deeper_than_any_input_are_400_and_the_server_goes_on(
+    stack: Stack, depth: int
+) -> None:
+    """Deep enough for the JSON parser, too deep for the recursive walks after it: the text
+    check overflowed the stack (INTERNAL), and its error log, rendering the variable in each of
+    a thousand frames, held the event loop for minutes: no one was answered meanwhile."""
+    alice, ws = stack.owner_with_workspace()
+    for nested in ("[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth):
+        body = '{"query": "query($x: ID!) { card(id: $x) { id } }", "variables": {"x": %s}}'
+        response = alice.raw((body % nested).encode())
+        assert response.status_code == 400, response.text
+        assert response.json()["errors"][0]["extensions"]["code"] == "VALIDATION"
+        if depth < 500:  # deeper, the parser itself may give up first ("not valid JSON")
+            assert "nest deeper" in response.json()["errors"][0]["message"]
+        _no_trace(response)
+    assert alice.data("query($id: ID!) { workspace(id: $id) { id } }", {"id": ws})
+
+
 def test_documents_beyond_the_limits_are_refused_before_running(make_stack: MakeStack) -> None:
     stack = make_stack(
         query_limits=QueryLimits(max_depth=6, max_aliases=20, max_tokens=600, max_cost=1000)

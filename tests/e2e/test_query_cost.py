@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import time
+from uuid import UUID
 
-from api_client import subscribe
+from api_client import Answer, subscribe, wait_for
 from e2e_stack import Stack
+from users import user_id
+
+from commands import models as m
+from commands.handlers import Actor
 
 SPA_BOARD = """
 query Board($id: ID!) {
@@ -118,3 +123,107 @@ def test_an_exploding_subscription_is_refused_over_the_websocket(stack: Stack) -
     assert [e["extensions"]["code"] for e in errors] == ["VALIDATION"], message
     assert "too large" in errors[0]["message"]
     assert elapsed < 1.0
+
+
+LOG_READ_VARIABLES = {
+    "card": "ID!",
+    "project": "ID!",
+    "then": "DateTime",
+    "later": 'DateTime = "2999-01-01T00:00:00Z"',
+}
+
+
+def _log_reads(selections: str) -> str:
+    """A query of ``selections`` declaring the variables they use."""
+    used = [
+        f"${name}: {kind}" for name, kind in LOG_READ_VARIABLES.items() if f"${name}" in selections
+    ]
+    declared = f"({', '.join(used)})" if used else ""
+    return f"query{declared} {{ {selections} }}"
+
+
+def test_a_document_folding_the_event_log_more_than_three_times_is_refused(stack: Stack) -> None:
+    """Each alias of cardHistory, reconciliation or board(asOf:) folds the log anew: thirty of
+    them held a connection for thirty folds of a project's whole history."""
+    alice, ws = stack.owner_with_workspace()
+    project = alice.create_project(ws, "Log", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(project, "c")["card"]["id"]
+    given = {"card": card, "project": project, "then": "2999-01-01T00:00:00Z"}
+
+    def history(i: int) -> str:
+        return f"h{i}: cardHistory(cardId: $card) {{ version }}"
+
+    def board(i: int, as_of: str) -> str:
+        return f"b{i}: board(projectId: $project, asOf: {as_of}) {{ version }}"
+
+    def ask(selections: str) -> Answer:
+        query = _log_reads(selections)
+        return alice.post(query, {k: v for k, v in given.items() if f"${k}:" in query})
+
+    refused = {
+        "four histories": " ".join(history(i) for i in range(4)),
+        "boards then in a fragment": f"{history(0)} {history(1)} ...F }} fragment F on Query {{"
+        f" {board(0, '$then')} {board(1, '$then')}",
+        "boards at a default instant": " ".join(board(i, "$later") for i in range(4)),
+        "reconciliations": " ".join(
+            f'r{i}: reconciliation(workspaceId: "{ws}", month: "2026-01") {{ ok }}'
+            for i in range(4)
+        ),
+    }
+    for what, selections in refused.items():
+        answer = ask(selections)
+        assert answer.codes == ["VALIDATION"], (what, answer.body)
+        assert "reads the event log" in answer.errors[0]["message"], what
+        assert stack.stats[-1].statements == 0, what
+
+    allowed = {
+        "three histories": " ".join(history(i) for i in range(3)),
+        "live boards besides": " ".join(
+            [*(history(i) for i in range(3)), *(board(i, "null") for i in range(10))]
+        ),
+        "one fragment spread twice": "...F ...F } fragment F on Query {"
+        + " ".join(history(i) for i in range(3)),
+    }
+    for what, selections in allowed.items():
+        answer = ask(selections)
+        assert answer.errors == [], (what, answer.body)
+
+
+EVERY_BOARD = """
+query($ws: ID!) {
+  workspace(id: $ws) {
+    projects { id board { lanes { cards(first: 200) { edges { node { id title } } } } } }
+  }
+}
+"""
+
+
+def test_every_board_of_a_workspace_of_more_projects_than_estimated_is_refused(
+    stack: Stack,
+) -> None:
+    """The estimate takes a workspace's projects to be 20; a tenant decides how many it has, and
+    a few hundred 50-lane projects made this document, which the estimate passed, hold the event
+    loop for seconds. Read, the real count decides."""
+    alice, ws = stack.owner_with_workspace()
+    actor = Actor(user_id=user_id("alice"), workspace_id=ws)
+    for i in range(30):
+        project = m.CreateProject(
+            workspace_id=UUID(ws), name=f"p{i}", lanes=[m.LaneInput(name="T")]
+        )
+        stack.write.create_project(project, actor)
+    listing = "query($ws: ID!) { workspace(id: $ws) { projects { id name } } }"
+    wait_for(
+        lambda: alice.data(listing, {"ws": ws})["workspace"]["projects"],
+        until=lambda projects: len(projects) == 30,
+    )
+
+    answer = alice.post(EVERY_BOARD, {"ws": ws})
+
+    assert answer.codes == ["VALIDATION"], answer.body
+    assert "with 30 projects" in answer.errors[0]["message"]
+    assert answer.data == {"workspace": None}
+
+    bob, few = stack.owner_with_workspace("bob", "Few")
+    for i in range(3):
+        bob.create_project(few, f"p{i}", [{"name": "T"}])
+    assert len(bob.data(EVERY_BOARD, {"ws": few})["workspace"]["projects"]) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from uuid import UUID
 
 from api_client import wait_for
@@ -96,3 +97,31 @@ def test_a_malformed_consistency_token_is_refused(stack: Stack) -> None:
     )
     assert answer.status == 400
     assert answer.codes == ["VALIDATION"]
+
+
+def test_a_token_naming_a_write_never_made_is_stale_at_once(stack: Stack) -> None:
+    """A version past the card's last, or a position past the log's head: no projector will
+    ever reach it, so the read does not poll the database for the whole wait (10 s here)."""
+    alice, ws = stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    created = alice.create_card(pid, "now")
+    card = created["card"]["id"]
+    position, aggregate, version = created["consistencyToken"].split(":")
+    forged = {
+        "version from the future": f"{position}:{aggregate}:{int(version) + 1}",
+        "position from the future": f"{int(position) + 1_000_000}:{aggregate}:{version}",
+    }
+    for what, token in forged.items():
+        started = time.perf_counter()
+        answer = alice.post(CARD, {"id": card}, headers={"X-Consistency-Token": token})
+        took = time.perf_counter() - started
+        assert (answer.status, answer.data, answer.stale) == (
+            200,
+            {"card": {"title": "now", "version": 1}},
+            True,
+        ), what
+        assert took < 2.0, f"{what}: the read waited {took:.1f}s for a write never made"
+    real = alice.post(
+        CARD, {"id": card}, headers={"X-Consistency-Token": created["consistencyToken"]}
+    )
+    assert not real.stale
