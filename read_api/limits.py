@@ -26,6 +26,7 @@ from graphql import (
     IntValueNode,
     NullValueNode,
     OperationDefinitionNode,
+    SelectionNode,
     SelectionSetNode,
     VariableNode,
 )
@@ -355,9 +356,10 @@ def _cost(
                 connections=owner if page is not None else None,
                 lengths=lengths,
             )
-        elif isinstance(selection, InlineFragmentNode):
+        else:
+            # A fragment's fields stand where it is spread: they cost what they would there.
             total += _cost(
-                selection.selection_set,
+                _fragment_selections(selection, fragments),
                 fragments,
                 variables,
                 multiplier=multiplier,
@@ -365,19 +367,20 @@ def _cost(
                 connections=connections,
                 lengths=lengths,
             )
-        elif isinstance(selection, FragmentSpreadNode):
-            fragment = fragments.get(selection.name.value)
-            if fragment is not None:
-                total += _cost(
-                    fragment.selection_set,
-                    fragments,
-                    variables,
-                    multiplier=multiplier,
-                    depth=depth + 1,
-                    connections=connections,
-                    lengths=lengths,
-                )
     return total
+
+
+def _fragment_selections(
+    selection: SelectionNode, fragments: Mapping[str, FragmentDefinitionNode]
+) -> SelectionSetNode | None:
+    """The selections of an inline fragment or of a spread's fragment (``None``: an unknown
+    fragment, which validation refuses)."""
+    if isinstance(selection, InlineFragmentNode):
+        return selection.selection_set
+    if isinstance(selection, FragmentSpreadNode):
+        fragment = fragments.get(selection.name.value)
+        return None if fragment is None else fragment.selection_set
+    return None
 
 
 def _page(field: FieldNode, variables: Mapping[str, Any]) -> int | None:
