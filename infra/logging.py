@@ -54,7 +54,15 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer()
         shared.append(structlog.processors.format_exc_info)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty())
+        # Without the frames' locals: they hold passwords and tokens, and rendering a deep
+        # stack's locals took minutes of the event loop.
+        colors = (stream or sys.stderr).isatty()
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=colors,
+            exception_formatter=structlog.dev.RichTracebackFormatter(
+                show_locals=False, color_system="truecolor" if colors else None
+            ),
+        )
 
     structlog.configure(
         processors=[
