@@ -742,6 +742,8 @@ class Health:
         self.runtime = runtime
         self._behind_since: dict[str, tuple[int, float]] = {}
         """Per projector seen behind the head: its position then and since when it sits there."""
+        self._reading: asyncio.Future[tuple[int, dict[str, int], dict[str, int]]] | None = None
+        """The positions read in flight, which every readiness check arriving meanwhile shares."""
 
     async def alive(self) -> Response:
         return JSONResponse({"status": "ok"})
@@ -752,7 +754,7 @@ class Health:
         ready = True
         try:
             head, positions, parked = await asyncio.wait_for(
-                self.runtime.offloader.run(self._positions), _HEALTH_TIMEOUT
+                asyncio.shield(self._shared_positions()), _HEALTH_TIMEOUT
             )
             checks["database"] = "ok"
             lags: dict[str, dict[str, Any]] = {}
@@ -818,6 +820,16 @@ class Health:
             return None
         waited = now - seen[1]
         return waited if waited >= limit else None
+
+    def _shared_positions(self) -> asyncio.Future[tuple[int, dict[str, int], dict[str, int]]]:
+        """One read of the positions at a time, however many checks ask: ``/readyz`` answers
+        anyone, and a flood of it must not take the pool's connections from the API's readers.
+        Not a cache: a check arriving after a read finished starts a new one."""
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self.runtime.offloader.run(self._positions))
+            # Retrieved here as well, for a read whose every waiter timed out.
+            self._reading.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return self._reading
 
     def _positions(self) -> tuple[int, dict[str, int], dict[str, int]]:
         """Log head, projector positions and how many aggregates each projector parked."""
