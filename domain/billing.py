@@ -266,21 +266,27 @@ class Invoice(TenantAggregate):
         month: str
         lines: tuple[Line, ...]
         total_micros: int
+        billing_increment_micros: int | None
         items: dict[str, str]
         stripe_invoice_id: str | None
         status: InvoiceStatus
         stripe_events: set[str]
 
     class Drafted(TenantAggregate.Created):
+        """``billing_increment_micros``: the increment the lines were rounded to (the month's,
+        whatever the plan says later); ``None`` in invoices drafted before it was recorded."""
+
         month: str
         lines: list[dict[str, Any]]
         total_micros: int
+        billing_increment_micros: int | None = None
 
         def apply(self, aggregate: Invoice) -> None:
             aggregate.workspace_id = self.workspace_id
             aggregate.month = self.month
             aggregate.lines = tuple(Line.from_payload(line) for line in self.lines)
             aggregate.total_micros = self.total_micros
+            aggregate.billing_increment_micros = self.billing_increment_micros
             aggregate.items = {}
             aggregate.stripe_invoice_id = None
             aggregate.status = InvoiceStatus.DRAFTED
@@ -311,8 +317,16 @@ class Invoice(TenantAggregate):
 
     @classmethod
     def draft(
-        cls, *, workspace_id: UUID, month: str, lines: Sequence[Line], meta: EventMeta
+        cls,
+        *,
+        workspace_id: UUID,
+        month: str,
+        lines: Sequence[Line],
+        increment_micros: int,
+        meta: EventMeta,
     ) -> Invoice:
+        """The invoice of ``lines``, rounded to ``increment_micros``: the increment the month
+        is billed at from now on (statements and reconciliation round its lines to it)."""
         for line in lines:
             whole_cents(line.billed_micros)
         return cls._create(
@@ -322,6 +336,7 @@ class Invoice(TenantAggregate):
             month=parse_month(month),
             lines=[line.as_payload() for line in lines],
             total_micros=statement_total(lines),
+            billing_increment_micros=increment_micros,
             meta=meta.as_dict(),
         )
 

@@ -384,6 +384,8 @@ class InvoiceDrafted(EventPayload, event="Invoice.Drafted"):
     month: str
     lines: list[dict[str, Any]]
     total_micros: int
+    billing_increment_micros: int | None
+    """Absent from invoices drafted before it was recorded: read it with care."""
 
 
 class InvoiceItemSent(EventPayload, event="Invoice.ItemSent"):

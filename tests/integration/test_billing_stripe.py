@@ -29,6 +29,8 @@ from projections.registry import all_projectors
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from projections.queries import Statement
+
 pytestmark = pytest.mark.slow
 
 NOW = datetime.now(UTC)
@@ -446,18 +448,27 @@ def test_stripe_refusing_fails_the_workspace_and_a_rerun_after_the_fix_resumes(
     assert [line.metadata["line_key"] for line in billed] == [f"usage:{world.project_id}"]
 
 
+def call_then_statements(
+    side: ReadSide, world: World, call_id: str, *, cost: int, at: datetime
+) -> tuple[Statement, Statement]:
+    """One more call of a new run, projected: the statements of ``MONTH`` and of this month."""
+    run_id = running_run(side, world)
+    llm_call(side, world, run_id, call_id, cost=cost, at=at)
+    project_all(side)
+    with side.pool.connection() as conn:
+        return (
+            statement(conn, world.workspace_id, MONTH),
+            statement(conn, world.workspace_id, month_of(NOW)),
+        )
+
+
 def test_late_usage_of_a_closed_month_shows_on_the_next_statement_and_reconciles(
     side: ReadSide,
 ) -> None:
     world = world_with_usage(side)
     billing = Billing(side.app)
     billing.close_month(world.workspace_id, MONTH)
-    run_id = running_run(side, world)
-    llm_call(side, world, run_id, "late", cost=30_000, at=IN_MONTH)
-    project_all(side)
-    with side.pool.connection() as conn:
-        closed = statement(conn, world.workspace_id, MONTH)
-        current = statement(conn, world.workspace_id, month_of(NOW))
+    closed, current = call_then_statements(side, world, "late", cost=30_000, at=IN_MONTH)
     assert closed.total_micros == 6_000_000
     (line,) = current.lines
     assert (line.billed_exact_micros, line.billed_micros) == (150_000, 250_000)
@@ -466,3 +477,34 @@ def test_late_usage_of_a_closed_month_shows_on_the_next_statement_and_reconciles
     log_lines = fold.lines(world.workspace_id, increment_micros=250_000, project_names=None)
     assert [(x.key, x.exact_micros) for x in log_lines] == [(f"usage:{world.project_id}", 150_000)]
     assert "late usage" in log_lines[0].description
+
+
+def test_a_plan_change_after_invoicing_keeps_the_invoiced_rounding(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    """A month's lines are rounded at the increment it was invoiced with: a later ``setPlan``
+    neither rewrites the invoiced statement nor makes reconciliation see Stripe disagree."""
+    from commands import models as m
+
+    world = world_with_usage(side)
+    provision_customer(localstripe, world.workspace_id)
+    environment = env(side.database_url, localstripe)
+    assert agentworks("invoice", "--month", MONTH, cwd=tmp_path, env=environment).returncode == 0
+    side.app.set_plan(
+        m.SetPlan(workspace_id=world.workspace_id, markup="5", billing_increment="0.10"),
+        world.owner,
+    )
+    invoiced, current = call_then_statements(side, world, "now", cost=10_000, at=NOW)
+    (line,) = invoiced.lines
+    assert (line.billed_exact_micros, line.billed_micros) == (5_800_000, 6_000_000)
+    assert (invoiced.total_micros, invoiced.billing_increment_micros) == (6_000_000, 250_000)
+    (now_line,) = current.lines
+    assert (now_line.billed_micros, current.billing_increment_micros) == (100_000, 100_000)
+
+    result = agentworks(
+        "reconcile", "--month", MONTH, "--workspace", str(world.workspace_id), "--json",
+        cwd=tmp_path, env=environment,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (mine,) = json.loads(result.stdout)["workspaces"]
+    assert (mine["discrepancies"], mine["invoicedTotal"]) == ([], "6.000000")

@@ -345,7 +345,11 @@ def test_an_invoice_is_not_issued_before_its_items() -> None:
     workspace_id = uuid4()
     line = statement_lines({uuid4(): 1_000_000}, [], month="2026-02", increment_micros=250_000)
     invoice = Invoice.draft(
-        workspace_id=workspace_id, month="2026-02", lines=line, meta=meta(workspace_id)
+        workspace_id=workspace_id,
+        month="2026-02",
+        lines=line,
+        increment_micros=250_000,
+        meta=meta(workspace_id),
     )
     with pytest.raises(InvalidTransition, match="items"):
         invoice.issue("in_1", meta=meta(workspace_id))
