@@ -289,6 +289,7 @@ class Billing:
             invoice_lines=invoice.lines if invoice is not None else None,
             issued_invoice_id=issued if stripe is not None else None,
             remote=remote,
+            recorded_status=invoice.status if invoice is not None else None,
         )
 
     def workspace_ids(self) -> list[UUID]:

@@ -507,7 +507,8 @@ class DiscrepancyKind(StrEnum):
     STRIPE_ITEM = "stripeItem"
     """What Stripe bills for a line differs from the log's rounded line."""
     STRIPE_INVOICE = "stripeInvoice"
-    """An issued invoice that Stripe does not hold (or holds for a different total)."""
+    """An issued invoice that Stripe does not hold (or holds under another id), or that one side
+    holds void and the other not: amounts are what each side will collect (0 when void)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -560,11 +561,15 @@ def reconcile(
     invoice_lines: Sequence[Line] | None,
     issued_invoice_id: str | None,
     remote: RemoteInvoice | None,
+    recorded_status: InvoiceStatus | None = None,
 ) -> Reconciliation:
     """Every way the read model, our invoice record and Stripe disagree with the event log.
 
     Lines are compared by key: exact amounts against the read model and the drafted invoice,
     billed (rounded) amounts against Stripe's items, in micros (a cent is 10,000).
+    ``recorded_status``: the issued invoice's status as our log holds it; a void on one side
+    only (a webhook never delivered, a void never sent) means the money is, or is not,
+    collected against what the other side says.
     """
     exact = {line.key: line.exact_micros for line in log_lines}
     billed = {line.key: line.billed_micros for line in log_lines if line.billed_micros}
@@ -599,13 +604,15 @@ def reconcile(
                 line = item.line_key if mine else f"{item.invoice_key}/{item.line_key}"
                 held[line] = held.get(line, 0) + item.amount_cents * MICROS_PER_CENT
             found += _differences(DiscrepancyKind.STRIPE_ITEM, billed, held)
-            if remote.id != issued_invoice_id:
+            void_here = recorded_status is InvoiceStatus.VOID
+            void_there = remote.status == InvoiceStatus.VOID.value
+            if remote.id != issued_invoice_id or void_here != void_there:
                 found.append(
                     Discrepancy(
                         kind=DiscrepancyKind.STRIPE_INVOICE,
                         key=issued_invoice_id,
-                        expected_micros=statement_total(log_lines),
-                        actual_micros=invoiced,
+                        expected_micros=0 if void_here else statement_total(log_lines),
+                        actual_micros=0 if void_there else invoiced,
                     )
                 )
     return Reconciliation(

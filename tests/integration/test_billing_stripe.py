@@ -7,6 +7,7 @@ here holds by our own look-ups and recorded events alone.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -21,9 +22,19 @@ from test_cli import agentworks, assert_one_line_error
 from adapters.stripe import StripeBilling
 from commands.billing import Billing, GrantCredit, Outcome, fold_month
 from commands.handlers import Actor
-from domain.billing import Invoice, InvoiceStatus, Line, invoice_id_for, invoice_key, next_month
+from domain.billing import (
+    Discrepancy,
+    DiscrepancyKind,
+    Invoice,
+    InvoiceStatus,
+    Line,
+    RemoteInvoice,
+    invoice_id_for,
+    invoice_key,
+    next_month,
+)
 from domain.usage import month_of
-from projections.queries import statement
+from projections.queries import statement, statement_as_lines
 from projections.registry import all_projectors
 
 if TYPE_CHECKING:
@@ -508,3 +519,53 @@ def test_a_plan_change_after_invoicing_keeps_the_invoiced_rounding(
     assert result.returncode == 0, result.stdout + result.stderr
     (mine,) = json.loads(result.stdout)["workspaces"]
     assert (mine["discrepancies"], mine["invoicedTotal"]) == ([], "6.000000")
+
+
+class VoidedInStripe(StripeBilling):
+    """localstripe voids only an invoice with a payment intent, which an invoice it has not
+    finalized (it has no ``/finalize``) lacks: the invoice as it holds it, said to be void."""
+
+    def find_invoice(self, customer_id: str, key: str) -> RemoteInvoice | None:
+        found = super().find_invoice(customer_id, key)
+        return None if found is None else replace(found, status="void")
+
+
+def test_reconcile_finds_an_invoice_voided_in_stripe_that_the_log_holds_open(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    """A void no webhook told (no secret configured, deliveries given up) leaves the month's
+    money uncollected: reconcile says so until the void is recorded, and not after."""
+    world = world_with_usage(side)
+    provision_customer(localstripe, world.workspace_id)
+    environment = env(side.database_url, localstripe)
+    assert agentworks("invoice", "--month", MONTH, cwd=tmp_path, env=environment).returncode == 0
+    (invoice,) = ours(localstripe)
+    project_all(side)
+    billing = Billing(side.app)
+
+    def reconciled() -> list[Discrepancy]:
+        with side.pool.connection() as conn:
+            read_model = statement_as_lines(statement(conn, world.workspace_id, MONTH))
+        stripe = VoidedInStripe(api_key=STRIPE_TEST_KEY, api_base=localstripe)
+        try:
+            return billing.reconcile(
+                stripe,
+                world.workspace_id,
+                MONTH,
+                fold=fold_month(side.app, MONTH),
+                read_model_lines=read_model,
+            ).discrepancies
+        finally:
+            stripe.close()
+
+    assert reconciled() == [
+        Discrepancy(
+            kind=DiscrepancyKind.STRIPE_INVOICE,
+            key=invoice.id,
+            expected_micros=6_000_000,
+            actual_micros=0,
+        )
+    ]
+    key = invoice_key(world.workspace_id, MONTH)
+    assert billing.settle(key, invoice.id, InvoiceStatus.VOID, "evt_void")
+    assert reconciled() == []
