@@ -372,6 +372,11 @@ class MonthlySpendClosed(EventPayload, event="MonthlySpend.Closed"):
     pass
 
 
+class MonthlySpendCorrectionFiled(EventPayload, event="MonthlySpend.CorrectionFiled"):
+    charge_id: IdText
+    amount_micros: int
+
+
 class MonthlySpendCreditGranted(EventPayload, event="MonthlySpend.CreditGranted"):
     credit_id: IdText
     amount_micros: int

@@ -34,6 +34,7 @@ from domain.events import (
     InvoiceVoided,
     MonthlySpendAdded,
     MonthlySpendClosed,
+    MonthlySpendCorrectionFiled,
     MonthlySpendCreditGranted,
     MonthlySpendOpened,
     MonthlySpendThresholdCrossed,
@@ -187,6 +188,7 @@ class BillingProjector(Projector):
             InvoiceItemSent,
             MonthlySpendAdded,
             MonthlySpendClosed,
+            MonthlySpendCorrectionFiled,
             MonthlySpendOpened,
             MonthlySpendThresholdCrossed,
         }

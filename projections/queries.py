@@ -264,7 +264,8 @@ def statement_as_lines(statement: Statement) -> list[Line]:
 def month_to_date_spend(
     conn: Connection[Any], workspace_id: UUID, *, month: str | None = None
 ) -> int:
-    """Net billed micro-USD of ``month`` (default: the current UTC month), credits deducted."""
+    """Net billed micro-USD of ``month`` (default: the current UTC month): charges less their
+    credits and refunds; a workspace credit (``agentworks credit``) is a statement line only."""
     month = _month(month) if month is not None else month_of(datetime.now(UTC))
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(

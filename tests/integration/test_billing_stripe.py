@@ -20,6 +20,7 @@ from stripe_fixtures import STRIPE_TEST_KEY, provision_customer, stripe_client, 
 from test_cli import agentworks, assert_one_line_error
 
 from adapters.stripe import StripeBilling
+from commands import models as m
 from commands.billing import Billing, GrantCredit, Outcome, fold_month
 from commands.handlers import Actor
 from domain.billing import (
@@ -33,7 +34,9 @@ from domain.billing import (
     invoice_key,
     next_month,
 )
-from domain.usage import month_of
+from domain.meta import EventMeta
+from domain.usage import MonthlySpend, month_of
+from domain.workspace import Workspace
 from projections.queries import statement, statement_as_lines
 from projections.registry import all_projectors
 
@@ -495,8 +498,6 @@ def test_a_plan_change_after_invoicing_keeps_the_invoiced_rounding(
 ) -> None:
     """A month's lines are rounded at the increment it was invoiced with: a later ``setPlan``
     neither rewrites the invoiced statement nor makes reconciliation see Stripe disagree."""
-    from commands import models as m
-
     world = world_with_usage(side)
     provision_customer(localstripe, world.workspace_id)
     environment = env(side.database_url, localstripe)
@@ -569,3 +570,36 @@ def test_reconcile_finds_an_invoice_voided_in_stripe_that_the_log_holds_open(
     key = invoice_key(world.workspace_id, MONTH)
     assert billing.settle(key, invoice.id, InvoiceStatus.VOID, "evt_void")
     assert reconciled() == []
+
+
+def test_a_correction_racing_the_close_of_its_month_lands_in_the_next_statement(
+    side: ReadSide, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The month is closed (its invoice then drafted from the log) between a correction's
+    choice of month and its save: the correction must not land in the closed month, which no
+    statement bills any more, but in the next one. Decided on the store's state (a retry, or a
+    first attempt that found nothing cached), no check of what was read covers the month."""
+    world = side.new_world()
+    run_id = running_run(side, world)
+    charge = llm_call(side, world, run_id, "a", cost=100_000, at=IN_MONTH).extra["charge_id"]
+    chosen = side.app.spend_for
+
+    def chosen_then_closed(workspace: Workspace, at: datetime, meta: EventMeta) -> MonthlySpend:
+        spend = chosen(workspace, at, meta)
+        if spend.month == MONTH and not spend.closed:
+            Billing(side.app).close_month(world.workspace_id, MONTH)
+        return spend
+
+    monkeypatch.setattr(side.app, "spend_for", chosen_then_closed)
+    monkeypatch.setattr(side.app, "cached_reads", False)
+    side.app.credit_charge(
+        m.CreditCharge(charge_id=UUID(charge), amount="0.10", reason="slow", at=IN_MONTH),
+        world.owner,
+    )
+    monkeypatch.undo()
+    closed = fold_month(side.app, MONTH).lines(world.workspace_id, increment_micros=250_000)
+    current = fold_month(side.app, month_of(NOW)).lines(
+        world.workspace_id, increment_micros=250_000
+    )
+    assert [line.exact_micros for line in closed] == [500_000]
+    assert [line.exact_micros for line in current] == [-100_000]
