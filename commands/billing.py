@@ -28,6 +28,7 @@ from domain.billing import (
     Reconciliation,
     RemoteInvoice,
     RemoteItem,
+    has_ended,
     invoice_id_for,
     invoice_key,
     reconcile,
@@ -290,6 +291,7 @@ class Billing:
             issued_invoice_id=issued if stripe is not None else None,
             remote=remote,
             recorded_status=invoice.status if invoice is not None else None,
+            expect_invoice=stripe is not None and has_ended(month, self.clock()),
         )
 
     def workspace_ids(self) -> list[UUID]:

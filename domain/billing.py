@@ -59,10 +59,14 @@ def require_not_future(month: str, now: datetime) -> str:
     return month
 
 
+def has_ended(month: str, now: datetime) -> bool:
+    return month_start(next_month(month)) <= now
+
+
 def require_ended(month: str, now: datetime) -> str:
     """``month`` if it is over at ``now``; only an ended month can be closed and invoiced."""
     require_not_future(month, now)
-    if month_start(next_month(month)) > now:
+    if not has_ended(month, now):
         raise ValidationFailed(
             f"month {month} has not ended yet; it can be invoiced from "
             f"{next_month(month)}-01 00:00 UTC"
@@ -508,7 +512,8 @@ class DiscrepancyKind(StrEnum):
     """What Stripe bills for a line differs from the log's rounded line."""
     STRIPE_INVOICE = "stripeInvoice"
     """An issued invoice that Stripe does not hold (or holds under another id), or that one side
-    holds void and the other not: amounts are what each side will collect (0 when void)."""
+    holds void and the other not: amounts are what each side will collect (0 when void). Also
+    an ended month with billable lines and no invoice issued (key: the invoice key)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -562,6 +567,7 @@ def reconcile(
     issued_invoice_id: str | None,
     remote: RemoteInvoice | None,
     recorded_status: InvoiceStatus | None = None,
+    expect_invoice: bool = False,
 ) -> Reconciliation:
     """Every way the read model, our invoice record and Stripe disagree with the event log.
 
@@ -569,7 +575,8 @@ def reconcile(
     billed (rounded) amounts against Stripe's items, in micros (a cent is 10,000).
     ``recorded_status``: the issued invoice's status as our log holds it; a void on one side
     only (a webhook never delivered, a void never sent) means the money is, or is not,
-    collected against what the other side says.
+    collected against what the other side says. ``expect_invoice``: Stripe is compared and
+    the month has ended, so its billable lines should be on an issued invoice.
     """
     exact = {line.key: line.exact_micros for line in log_lines}
     billed = {line.key: line.billed_micros for line in log_lines if line.billed_micros}
@@ -585,6 +592,15 @@ def reconcile(
             {line.key: line.exact_micros for line in invoice_lines},
         )
     invoiced: int | None = None
+    if issued_invoice_id is None and expect_invoice and billed:
+        found.append(
+            Discrepancy(
+                kind=DiscrepancyKind.STRIPE_INVOICE,
+                key=invoice_key(workspace_id, month),
+                expected_micros=statement_total(log_lines),
+                actual_micros=0,
+            )
+        )
     if issued_invoice_id is not None:
         if remote is None:
             found.append(

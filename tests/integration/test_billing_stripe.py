@@ -603,3 +603,33 @@ def test_a_correction_racing_the_close_of_its_month_lands_in_the_next_statement(
     )
     assert [line.exact_micros for line in closed] == [500_000]
     assert [line.exact_micros for line in current] == [-100_000]
+
+
+def test_reconcile_finds_an_ended_month_whose_billable_lines_no_invoice_holds(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    """A month skipped by invoicing (a run for one workspace only, or one that failed) is
+    money the log bills and Stripe never will: reconcile says so until it is invoiced."""
+    world = world_with_usage(side)
+    provision_customer(localstripe, world.workspace_id)
+    environment = env(side.database_url, localstripe)
+    project_all(side)
+    workspace = ("--workspace", str(world.workspace_id), "--json")
+    skipped = agentworks("reconcile", "--month", MONTH, *workspace, cwd=tmp_path, env=environment)
+    assert skipped.returncode == 1, skipped.stdout + skipped.stderr
+    (found,) = json.loads(skipped.stdout)["workspaces"][0]["discrepancies"]
+    assert found == {
+        "kind": "stripeInvoice",
+        "key": invoice_key(world.workspace_id, MONTH),
+        "expected": "6.000000",
+        "actual": "0.000000",
+    }
+    current = agentworks(
+        "reconcile", "--month", month_of(NOW), *workspace, cwd=tmp_path, env=environment
+    )
+    assert current.returncode == 0, current.stdout + current.stderr
+
+    assert agentworks("invoice", "--month", MONTH, cwd=tmp_path, env=environment).returncode == 0
+    project_all(side)
+    invoiced = agentworks("reconcile", "--month", MONTH, *workspace, cwd=tmp_path, env=environment)
+    assert invoiced.returncode == 0, invoiced.stdout + invoiced.stderr
