@@ -198,17 +198,29 @@ def verify_webhook(payload: bytes, signature: str | None, secret: str) -> Invoic
         event = json.loads(payload)
     except stripe.SignatureVerificationError as error:
         raise WebhookRefused(f"the Stripe signature does not hold: {error}") from error
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise WebhookRefused("the webhook body is not JSON") from error
     if not isinstance(event, dict) or not str(event.get("type", "")).startswith("invoice."):
         return None
-    invoice = (event.get("data") or {}).get("object") or {}
-    key = (invoice.get("metadata") or {}).get("invoice_key")
-    for line in ((invoice.get("lines") or {}).get("data")) or []:
-        key = key or (line.get("metadata") or {}).get("invoice_key")
+    # Signed by Stripe, yet read with care: a shape other than an invoice's names none of ours.
+    invoice = _mapping(_mapping(event.get("data")).get("object"))
+    key = _key(invoice)
+    lines = _mapping(invoice.get("lines")).get("data")
+    for line in lines if isinstance(lines, list) else []:
+        key = key or _key(_mapping(line))
     return InvoiceEvent(
         event_id=str(event.get("id")),
         event_type=str(event["type"]),
         stripe_invoice_id=str(invoice.get("id")),
         invoice_key=key,
     )
+
+
+def _mapping(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _key(holder: dict[str, Any]) -> str | None:
+    """The invoice key in ``holder``'s metadata, if it holds one."""
+    key = _mapping(holder.get("metadata")).get("invoice_key")
+    return key if isinstance(key, str) and key else None

@@ -28,6 +28,7 @@ from domain.billing import (
     Reconciliation,
     RemoteInvoice,
     RemoteItem,
+    has_ended,
     invoice_id_for,
     invoice_key,
     reconcile,
@@ -262,12 +263,19 @@ class Billing:
         """The month of one workspace by the log, against the read model, our invoice record and
         (when ``stripe`` is given) what Stripe holds."""
         workspace = self.workspace(workspace_id)
-        log_lines = fold.lines(workspace_id, increment_micros=workspace.billing_increment_micros)
         try:
             invoice_id = invoice_id_for(workspace_id, month)
             invoice: Invoice | None = self.app.aggregate(Invoice, invoice_id)
         except NotFound:
             invoice = None
+        # A drafted month is billed at the increment it was drafted with, whatever the plan
+        # says since: what Stripe holds was rounded to it.
+        increment = (
+            invoice.billing_increment_micros
+            if invoice is not None and invoice.billing_increment_micros is not None
+            else workspace.billing_increment_micros
+        )
+        log_lines = fold.lines(workspace_id, increment_micros=increment)
         issued = invoice.stripe_invoice_id if invoice is not None else None
         remote = None
         if stripe is not None and issued is not None and workspace.stripe_customer_id:
@@ -282,6 +290,8 @@ class Billing:
             invoice_lines=invoice.lines if invoice is not None else None,
             issued_invoice_id=issued if stripe is not None else None,
             remote=remote,
+            recorded_status=invoice.status if invoice is not None else None,
+            expect_invoice=stripe is not None and has_ended(month, self.clock()),
         )
 
     def workspace_ids(self) -> list[UUID]:
@@ -312,7 +322,11 @@ class Billing:
             project_names=names,
         )
         invoice = Invoice.draft(
-            workspace_id=workspace.id, month=month, lines=lines, meta=self._meta(workspace.id)
+            workspace_id=workspace.id,
+            month=month,
+            lines=lines,
+            increment_micros=workspace.billing_increment_micros,
+            meta=self._meta(workspace.id),
         )
         if self._saved(invoice):
             return invoice

@@ -369,14 +369,15 @@ class RunCommands(WriteSide):
         def decide(meta: EventMeta) -> Decision:
             charge = self.load(UsageCharge, cmd.charge_id, actor, Role.OWNER, cmd.action)
             amount = parse_usd(cmd.amount)
-            # A closed month's statement is final: the correction goes to the first open month.
-            month = self.spend_for(
-                self.aggregate(Workspace, charge.workspace_id), cmd.at, meta
-            ).month
+            # A closed month's statement is final: the correction goes to the first open month,
+            # whose spend is saved with it so that a close racing it makes one of them retry.
+            spend = self.spend_for(self.aggregate(Workspace, charge.workspace_id), cmd.at, meta)
             charge.correct(
-                amount, cmd.reason, refund=cmd.refund, at=cmd.at, meta=meta, billed_month=month
-            )
-            return Decision(charge, "charge", [charge])
+                amount, cmd.reason, refund=cmd.refund, at=cmd.at, meta=meta,
+                billed_month=spend.month,
+            )  # fmt: skip
+            spend.file_correction(charge.id, amount, meta=meta)
+            return Decision(charge, "charge", [charge, spend])
 
         return self.execute(cmd, actor, self._scope_hint(actor), decide)
 

@@ -59,10 +59,14 @@ def require_not_future(month: str, now: datetime) -> str:
     return month
 
 
+def has_ended(month: str, now: datetime) -> bool:
+    return month_start(next_month(month)) <= now
+
+
 def require_ended(month: str, now: datetime) -> str:
     """``month`` if it is over at ``now``; only an ended month can be closed and invoiced."""
     require_not_future(month, now)
-    if month_start(next_month(month)) > now:
+    if not has_ended(month, now):
         raise ValidationFailed(
             f"month {month} has not ended yet; it can be invoiced from "
             f"{next_month(month)}-01 00:00 UTC"
@@ -266,21 +270,27 @@ class Invoice(TenantAggregate):
         month: str
         lines: tuple[Line, ...]
         total_micros: int
+        billing_increment_micros: int | None
         items: dict[str, str]
         stripe_invoice_id: str | None
         status: InvoiceStatus
         stripe_events: set[str]
 
     class Drafted(TenantAggregate.Created):
+        """``billing_increment_micros``: the increment the lines were rounded to (the month's,
+        whatever the plan says later); ``None`` in invoices drafted before it was recorded."""
+
         month: str
         lines: list[dict[str, Any]]
         total_micros: int
+        billing_increment_micros: int | None = None
 
         def apply(self, aggregate: Invoice) -> None:
             aggregate.workspace_id = self.workspace_id
             aggregate.month = self.month
             aggregate.lines = tuple(Line.from_payload(line) for line in self.lines)
             aggregate.total_micros = self.total_micros
+            aggregate.billing_increment_micros = self.billing_increment_micros
             aggregate.items = {}
             aggregate.stripe_invoice_id = None
             aggregate.status = InvoiceStatus.DRAFTED
@@ -311,8 +321,16 @@ class Invoice(TenantAggregate):
 
     @classmethod
     def draft(
-        cls, *, workspace_id: UUID, month: str, lines: Sequence[Line], meta: EventMeta
+        cls,
+        *,
+        workspace_id: UUID,
+        month: str,
+        lines: Sequence[Line],
+        increment_micros: int,
+        meta: EventMeta,
     ) -> Invoice:
+        """The invoice of ``lines``, rounded to ``increment_micros``: the increment the month
+        is billed at from now on (statements and reconciliation round its lines to it)."""
         for line in lines:
             whole_cents(line.billed_micros)
         return cls._create(
@@ -322,6 +340,7 @@ class Invoice(TenantAggregate):
             month=parse_month(month),
             lines=[line.as_payload() for line in lines],
             total_micros=statement_total(lines),
+            billing_increment_micros=increment_micros,
             meta=meta.as_dict(),
         )
 
@@ -492,7 +511,9 @@ class DiscrepancyKind(StrEnum):
     STRIPE_ITEM = "stripeItem"
     """What Stripe bills for a line differs from the log's rounded line."""
     STRIPE_INVOICE = "stripeInvoice"
-    """An issued invoice that Stripe does not hold (or holds for a different total)."""
+    """An issued invoice that Stripe does not hold (or holds under another id), or that one side
+    holds void and the other not: amounts are what each side will collect (0 when void). Also
+    an ended month with billable lines and no invoice issued (key: the invoice key)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -545,11 +566,17 @@ def reconcile(
     invoice_lines: Sequence[Line] | None,
     issued_invoice_id: str | None,
     remote: RemoteInvoice | None,
+    recorded_status: InvoiceStatus | None = None,
+    expect_invoice: bool = False,
 ) -> Reconciliation:
     """Every way the read model, our invoice record and Stripe disagree with the event log.
 
     Lines are compared by key: exact amounts against the read model and the drafted invoice,
     billed (rounded) amounts against Stripe's items, in micros (a cent is 10,000).
+    ``recorded_status``: the issued invoice's status as our log holds it; a void on one side
+    only (a webhook never delivered, a void never sent) means the money is, or is not,
+    collected against what the other side says. ``expect_invoice``: Stripe is compared and
+    the month has ended, so its billable lines should be on an issued invoice.
     """
     exact = {line.key: line.exact_micros for line in log_lines}
     billed = {line.key: line.billed_micros for line in log_lines if line.billed_micros}
@@ -565,6 +592,15 @@ def reconcile(
             {line.key: line.exact_micros for line in invoice_lines},
         )
     invoiced: int | None = None
+    if issued_invoice_id is None and expect_invoice and billed:
+        found.append(
+            Discrepancy(
+                kind=DiscrepancyKind.STRIPE_INVOICE,
+                key=invoice_key(workspace_id, month),
+                expected_micros=statement_total(log_lines),
+                actual_micros=0,
+            )
+        )
     if issued_invoice_id is not None:
         if remote is None:
             found.append(
@@ -584,13 +620,15 @@ def reconcile(
                 line = item.line_key if mine else f"{item.invoice_key}/{item.line_key}"
                 held[line] = held.get(line, 0) + item.amount_cents * MICROS_PER_CENT
             found += _differences(DiscrepancyKind.STRIPE_ITEM, billed, held)
-            if remote.id != issued_invoice_id:
+            void_here = recorded_status is InvoiceStatus.VOID
+            void_there = remote.status == InvoiceStatus.VOID.value
+            if remote.id != issued_invoice_id or void_here != void_there:
                 found.append(
                     Discrepancy(
                         kind=DiscrepancyKind.STRIPE_INVOICE,
                         key=issued_invoice_id,
-                        expected_micros=statement_total(log_lines),
-                        actual_micros=invoiced,
+                        expected_micros=0 if void_here else statement_total(log_lines),
+                        actual_micros=0 if void_there else invoiced,
                     )
                 )
     return Reconciliation(

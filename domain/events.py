@@ -372,6 +372,11 @@ class MonthlySpendClosed(EventPayload, event="MonthlySpend.Closed"):
     pass
 
 
+class MonthlySpendCorrectionFiled(EventPayload, event="MonthlySpend.CorrectionFiled"):
+    charge_id: IdText
+    amount_micros: int
+
+
 class MonthlySpendCreditGranted(EventPayload, event="MonthlySpend.CreditGranted"):
     credit_id: IdText
     amount_micros: int
@@ -384,6 +389,8 @@ class InvoiceDrafted(EventPayload, event="Invoice.Drafted"):
     month: str
     lines: list[dict[str, Any]]
     total_micros: int
+    billing_increment_micros: int | None
+    """Absent from invoices drafted before it was recorded: read it with care."""
 
 
 class InvoiceItemSent(EventPayload, event="Invoice.ItemSent"):

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import (
+    MAX_EMAX,
+    MIN_EMIN,
     ROUND_CEILING,
     Context,
     Decimal,
@@ -23,10 +25,17 @@ from decimal import (
     Rounded,
     localcontext,
 )
+from fractions import Fraction
 from typing import Any
 
 from domain.errors import ValidationFailed
 from domain.money import billed_amount
+
+MAX_PRICE_PER_MTOK = Decimal(10**9)
+"""Prices are below a billion USD per million tokens ($1,000 a token)..."""
+PRICE_DECIMALS = 18
+"""...and whole multiples of 10^-18 USD per million tokens: so a call's cost has a bounded
+number of digits however far apart its two prices are, and is computed exactly."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +58,20 @@ class PriceRow:
                 raise ValidationFailed(
                     f"price of {self.provider}/{self.model}: {what}_per_mtok must be a "
                     f"non-negative number, got {value}"
+                )
+            # Compared before anything is computed from it: 1E+999999999 is one digit.
+            if value >= MAX_PRICE_PER_MTOK:
+                raise ValidationFailed(
+                    f"price of {self.provider}/{self.model}: {what}_per_mtok must be below "
+                    f"{MAX_PRICE_PER_MTOK} USD per million tokens, got {value}"
+                )
+            if value and (
+                value.adjusted() < -PRICE_DECIMALS
+                or (Fraction(value) * 10**PRICE_DECIMALS).denominator != 1
+            ):
+                raise ValidationFailed(
+                    f"price of {self.provider}/{self.model}: {what}_per_mtok may have at most "
+                    f"{PRICE_DECIMALS} decimal places, got {value}"
                 )
 
 
@@ -77,13 +100,12 @@ def call_cost_micros(price: PriceRow, *, input_tokens: int, output_tokens: int) 
 
 def _exact(input_tokens: int, output_tokens: int, price: PriceRow) -> Context:
     """A context wide enough that the products and their sum are never rounded (and trapped if
-    they were)."""
-    digits = (
-        len(str(input_tokens)) + len(str(output_tokens))
-        + len(price.input_per_mtok.as_tuple().digits)
-        + len(price.output_per_mtok.as_tuple().digits) + 4
-    )  # fmt: skip
-    ctx = Context(prec=max(digits, 28), rounding=ROUND_CEILING)
+    they were): a product has at most the tokens' digits, the price's whole digits and its
+    decimals, and the sum one digit more (the digits of the two prices alone do not bound it:
+    ``9E+8`` and ``1E-18`` have one each)."""
+    whole_digits = len(str(MAX_PRICE_PER_MTOK)) - 1
+    digits = max(len(str(input_tokens)), len(str(output_tokens))) + whole_digits + PRICE_DECIMALS
+    ctx = Context(prec=max(digits + 2, 28), rounding=ROUND_CEILING, Emax=MAX_EMAX, Emin=MIN_EMIN)
     ctx.traps[Inexact] = True
     ctx.traps[Rounded] = True
     return ctx

@@ -212,6 +212,14 @@ class MonthlySpend(TenantAggregate):
         def apply(self, aggregate: MonthlySpend) -> None:
             aggregate.closed = True
 
+    class CorrectionFiled(TenantAggregate.Event):
+        """A credit or refund of one of the workspace's charges lands on this month's statement.
+        It leaves ``spent_micros`` alone (usage counts charges); saved with the correction, it
+        orders the correction before or after the month's close, as ``Added`` orders a charge."""
+
+        charge_id: UUID
+        amount_micros: int
+
     class CreditGranted(TenantAggregate.Event):
         """A credit to the workspace (not to one charge): a negative line on this month's
         statement. It does not lower ``spent_micros``, which counts usage for the spend limit."""
@@ -250,6 +258,11 @@ class MonthlySpend(TenantAggregate):
                 )  # fmt: skip
                 crossed.append(threshold)
         return crossed
+
+    def file_correction(self, charge_id: UUID, amount_micros: int, *, meta: EventMeta) -> None:
+        if self.closed:
+            raise InvalidTransition(f"{self.month} is closed; a correction goes to an open month")
+        self._record(self.CorrectionFiled, meta, charge_id=charge_id, amount_micros=amount_micros)
 
     def close(self, *, meta: EventMeta) -> None:
         if not self.closed:

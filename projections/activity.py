@@ -228,6 +228,7 @@ class ActivityProjector(Projector):
             ev.CardRespread,
             ev.MonthlySpendAdded,
             ev.MonthlySpendClosed,
+            ev.MonthlySpendCorrectionFiled,
             ev.MonthlySpendCreditGranted,
             ev.MonthlySpendOpened,
             ev.ProjectCardLifted,

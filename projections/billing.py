@@ -34,6 +34,7 @@ from domain.events import (
     InvoiceVoided,
     MonthlySpendAdded,
     MonthlySpendClosed,
+    MonthlySpendCorrectionFiled,
     MonthlySpendCreditGranted,
     MonthlySpendOpened,
     MonthlySpendThresholdCrossed,
@@ -121,6 +122,7 @@ _INVOICE_COLUMNS = (
     ("total_micros", "bigint"),
     ("stripe_invoice_id", "text"),
     ("status", "text"),
+    ("billing_increment_micros", "bigint"),
 )
 #: The status an invoice's event leaves it in.
 INVOICE_STATUS: dict[type[EventPayload], str] = {
@@ -186,6 +188,7 @@ class BillingProjector(Projector):
             InvoiceItemSent,
             MonthlySpendAdded,
             MonthlySpendClosed,
+            MonthlySpendCorrectionFiled,
             MonthlySpendOpened,
             MonthlySpendThresholdCrossed,
         }
@@ -430,6 +433,7 @@ class BillingProjector(Projector):
                 drafted[env.originator_id] = [
                     env.workspace_id, ev.month, env.originator_id, Jsonb(ev.lines),
                     ev.total_micros, None, "drafted",
+                    getattr(ev, "billing_increment_micros", None),
                 ]  # fmt: skip
             elif isinstance(ev, InvoiceIssued | InvoicePaid | InvoiceVoided):
                 stripe_id = ev.stripe_invoice_id if isinstance(ev, InvoiceIssued) else None

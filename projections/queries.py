@@ -174,7 +174,16 @@ def statement(conn: Connection[Any], workspace_id: UUID, month: str) -> Statemen
         workspace = cur.fetchone()
         if workspace is None:
             raise NotFound(f"workspace {workspace_id} does not exist")
-        increment = int(workspace["billing_increment_micros"])
+        cur.execute(
+            "SELECT stripe_invoice_id, status, billing_increment_micros FROM rm_invoices"
+            " WHERE workspace_id = %s AND month = %s",
+            (workspace_id, month),
+        )
+        invoice = cur.fetchone()
+        # A drafted month is billed at the increment it was drafted with, whatever the plan
+        # says since; an open month at the plan's.
+        drafted_at = invoice["billing_increment_micros"] if invoice else None
+        increment = int(workspace["billing_increment_micros"] if drafted_at is None else drafted_at)
         cur.execute(
             "SELECT s.project_id, s.billed_exact_micros, p.name"
             " FROM rm_statement_lines AS s"
@@ -205,12 +214,6 @@ def statement(conn: Connection[Any], workspace_id: UUID, month: str) -> Statemen
             )
             for row in cur.fetchall()
         ]
-        cur.execute(
-            "SELECT stripe_invoice_id, status FROM rm_invoices"
-            " WHERE workspace_id = %s AND month = %s",
-            (workspace_id, month),
-        )
-        invoice = cur.fetchone()
     figures = [
         usage_line(
             row["project_id"],
@@ -261,7 +264,8 @@ def statement_as_lines(statement: Statement) -> list[Line]:
 def month_to_date_spend(
     conn: Connection[Any], workspace_id: UUID, *, month: str | None = None
 ) -> int:
-    """Net billed micro-USD of ``month`` (default: the current UTC month), credits deducted."""
+    """Net billed micro-USD of ``month`` (default: the current UTC month): charges less their
+    credits and refunds; a workspace credit (``agentworks credit``) is a statement line only."""
     month = _month(month) if month is not None else month_of(datetime.now(UTC))
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(

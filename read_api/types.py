@@ -289,7 +289,10 @@ class Workspace:
         _as_long_as_estimated(info, len(rows))
         return [Member(user_id=ID(row["user_id"]), role=Role(row["role"])) for row in rows]
 
-    @described.field("Net billed this UTC month, credits deducted.")
+    @described.field(
+        "Net billed this UTC month: its charges less their credits and refunds (a workspace"
+        " credit lowers the statement, not this)."
+    )
     async def spent_this_month(self) -> Money:
         return Money(await self.scope.loaders.spend_this_month.load(self.key))
 

@@ -701,10 +701,10 @@ class BillingReference(Reference, BillingProjector):
         at.cur.execute(
             at.t.q(
                 "INSERT INTO {rm_invoices} (workspace_id, month, invoice_id, lines, total_micros,"
-                " status) VALUES (%s, %s, %s, %s, %s, 'drafted')"
+                " status, billing_increment_micros) VALUES (%s, %s, %s, %s, %s, 'drafted', %s)"
             ),
             (at.env.workspace_id, ev.month, at.env.originator_id, Jsonb(ev.lines),
-             ev.total_micros),
+             ev.total_micros, getattr(ev, "billing_increment_micros", None)),
         )  # fmt: skip
 
     @on(events.InvoiceIssued, events.InvoicePaid, events.InvoiceVoided)

@@ -128,6 +128,8 @@ def _event_streams(workspace_id: UUID, plan: list[tuple[str, Any]]) -> list[Stre
                         "month": month,
                         "lines": [{"key": "usage", "amount_micros": 1_000 * (i + 1)}],
                         "total_micros": 1_000 * (i + 1),
+                        # Invoices drafted before the increment was recorded lack it.
+                        **({"billing_increment_micros": 250_000} if i % 2 else {}),
                     },
                 )
             ]

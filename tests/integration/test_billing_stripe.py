@@ -7,6 +7,7 @@ here holds by our own look-ups and recorded events alone.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -19,15 +20,30 @@ from stripe_fixtures import STRIPE_TEST_KEY, provision_customer, stripe_client, 
 from test_cli import agentworks, assert_one_line_error
 
 from adapters.stripe import StripeBilling
+from commands import models as m
 from commands.billing import Billing, GrantCredit, Outcome, fold_month
 from commands.handlers import Actor
-from domain.billing import Invoice, InvoiceStatus, Line, invoice_id_for, invoice_key, next_month
-from domain.usage import month_of
-from projections.queries import statement
+from domain.billing import (
+    Discrepancy,
+    DiscrepancyKind,
+    Invoice,
+    InvoiceStatus,
+    Line,
+    RemoteInvoice,
+    invoice_id_for,
+    invoice_key,
+    next_month,
+)
+from domain.meta import EventMeta
+from domain.usage import MonthlySpend, month_of
+from domain.workspace import Workspace
+from projections.queries import statement, statement_as_lines
 from projections.registry import all_projectors
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from projections.queries import Statement
 
 pytestmark = pytest.mark.slow
 
@@ -446,18 +462,27 @@ def test_stripe_refusing_fails_the_workspace_and_a_rerun_after_the_fix_resumes(
     assert [line.metadata["line_key"] for line in billed] == [f"usage:{world.project_id}"]
 
 
+def call_then_statements(
+    side: ReadSide, world: World, call_id: str, *, cost: int, at: datetime
+) -> tuple[Statement, Statement]:
+    """One more call of a new run, projected: the statements of ``MONTH`` and of this month."""
+    run_id = running_run(side, world)
+    llm_call(side, world, run_id, call_id, cost=cost, at=at)
+    project_all(side)
+    with side.pool.connection() as conn:
+        return (
+            statement(conn, world.workspace_id, MONTH),
+            statement(conn, world.workspace_id, month_of(NOW)),
+        )
+
+
 def test_late_usage_of_a_closed_month_shows_on_the_next_statement_and_reconciles(
     side: ReadSide,
 ) -> None:
     world = world_with_usage(side)
     billing = Billing(side.app)
     billing.close_month(world.workspace_id, MONTH)
-    run_id = running_run(side, world)
-    llm_call(side, world, run_id, "late", cost=30_000, at=IN_MONTH)
-    project_all(side)
-    with side.pool.connection() as conn:
-        closed = statement(conn, world.workspace_id, MONTH)
-        current = statement(conn, world.workspace_id, month_of(NOW))
+    closed, current = call_then_statements(side, world, "late", cost=30_000, at=IN_MONTH)
     assert closed.total_micros == 6_000_000
     (line,) = current.lines
     assert (line.billed_exact_micros, line.billed_micros) == (150_000, 250_000)
@@ -466,3 +491,145 @@ def test_late_usage_of_a_closed_month_shows_on_the_next_statement_and_reconciles
     log_lines = fold.lines(world.workspace_id, increment_micros=250_000, project_names=None)
     assert [(x.key, x.exact_micros) for x in log_lines] == [(f"usage:{world.project_id}", 150_000)]
     assert "late usage" in log_lines[0].description
+
+
+def test_a_plan_change_after_invoicing_keeps_the_invoiced_rounding(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    """A month's lines are rounded at the increment it was invoiced with: a later ``setPlan``
+    neither rewrites the invoiced statement nor makes reconciliation see Stripe disagree."""
+    world = world_with_usage(side)
+    provision_customer(localstripe, world.workspace_id)
+    environment = env(side.database_url, localstripe)
+    assert agentworks("invoice", "--month", MONTH, cwd=tmp_path, env=environment).returncode == 0
+    side.app.set_plan(
+        m.SetPlan(workspace_id=world.workspace_id, markup="5", billing_increment="0.10"),
+        world.owner,
+    )
+    invoiced, current = call_then_statements(side, world, "now", cost=10_000, at=NOW)
+    (line,) = invoiced.lines
+    assert (line.billed_exact_micros, line.billed_micros) == (5_800_000, 6_000_000)
+    assert (invoiced.total_micros, invoiced.billing_increment_micros) == (6_000_000, 250_000)
+    (now_line,) = current.lines
+    assert (now_line.billed_micros, current.billing_increment_micros) == (100_000, 100_000)
+
+    result = agentworks(
+        "reconcile", "--month", MONTH, "--workspace", str(world.workspace_id), "--json",
+        cwd=tmp_path, env=environment,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (mine,) = json.loads(result.stdout)["workspaces"]
+    assert (mine["discrepancies"], mine["invoicedTotal"]) == ([], "6.000000")
+
+
+class VoidedInStripe(StripeBilling):
+    """localstripe voids only an invoice with a payment intent, which an invoice it has not
+    finalized (it has no ``/finalize``) lacks: the invoice as it holds it, said to be void."""
+
+    def find_invoice(self, customer_id: str, key: str) -> RemoteInvoice | None:
+        found = super().find_invoice(customer_id, key)
+        return None if found is None else replace(found, status="void")
+
+
+def test_reconcile_finds_an_invoice_voided_in_stripe_that_the_log_holds_open(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    """A void no webhook told (no secret configured, deliveries given up) leaves the month's
+    money uncollected: reconcile says so until the void is recorded, and not after."""
+    world = world_with_usage(side)
+    provision_customer(localstripe, world.workspace_id)
+    environment = env(side.database_url, localstripe)
+    assert agentworks("invoice", "--month", MONTH, cwd=tmp_path, env=environment).returncode == 0
+    (invoice,) = ours(localstripe)
+    project_all(side)
+    billing = Billing(side.app)
+
+    def reconciled() -> list[Discrepancy]:
+        with side.pool.connection() as conn:
+            read_model = statement_as_lines(statement(conn, world.workspace_id, MONTH))
+        stripe = VoidedInStripe(api_key=STRIPE_TEST_KEY, api_base=localstripe)
+        try:
+            return billing.reconcile(
+                stripe,
+                world.workspace_id,
+                MONTH,
+                fold=fold_month(side.app, MONTH),
+                read_model_lines=read_model,
+            ).discrepancies
+        finally:
+            stripe.close()
+
+    assert reconciled() == [
+        Discrepancy(
+            kind=DiscrepancyKind.STRIPE_INVOICE,
+            key=invoice.id,
+            expected_micros=6_000_000,
+            actual_micros=0,
+        )
+    ]
+    key = invoice_key(world.workspace_id, MONTH)
+    assert billing.settle(key, invoice.id, InvoiceStatus.VOID, "evt_void")
+    assert reconciled() == []
+
+
+def test_a_correction_racing_the_close_of_its_month_lands_in_the_next_statement(
+    side: ReadSide, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The month is closed (its invoice then drafted from the log) between a correction's
+    choice of month and its save: the correction must not land in the closed month, which no
+    statement bills any more, but in the next one. Decided on the store's state (a retry, or a
+    first attempt that found nothing cached), no check of what was read covers the month."""
+    world = side.new_world()
+    run_id = running_run(side, world)
+    charge = llm_call(side, world, run_id, "a", cost=100_000, at=IN_MONTH).extra["charge_id"]
+    chosen = side.app.spend_for
+
+    def chosen_then_closed(workspace: Workspace, at: datetime, meta: EventMeta) -> MonthlySpend:
+        spend = chosen(workspace, at, meta)
+        if spend.month == MONTH and not spend.closed:
+            Billing(side.app).close_month(world.workspace_id, MONTH)
+        return spend
+
+    monkeypatch.setattr(side.app, "spend_for", chosen_then_closed)
+    monkeypatch.setattr(side.app, "cached_reads", False)
+    side.app.credit_charge(
+        m.CreditCharge(charge_id=UUID(charge), amount="0.10", reason="slow", at=IN_MONTH),
+        world.owner,
+    )
+    monkeypatch.undo()
+    closed = fold_month(side.app, MONTH).lines(world.workspace_id, increment_micros=250_000)
+    current = fold_month(side.app, month_of(NOW)).lines(
+        world.workspace_id, increment_micros=250_000
+    )
+    assert [line.exact_micros for line in closed] == [500_000]
+    assert [line.exact_micros for line in current] == [-100_000]
+
+
+def test_reconcile_finds_an_ended_month_whose_billable_lines_no_invoice_holds(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    """A month skipped by invoicing (a run for one workspace only, or one that failed) is
+    money the log bills and Stripe never will: reconcile says so until it is invoiced."""
+    world = world_with_usage(side)
+    provision_customer(localstripe, world.workspace_id)
+    environment = env(side.database_url, localstripe)
+    project_all(side)
+    workspace = ("--workspace", str(world.workspace_id), "--json")
+    skipped = agentworks("reconcile", "--month", MONTH, *workspace, cwd=tmp_path, env=environment)
+    assert skipped.returncode == 1, skipped.stdout + skipped.stderr
+    (found,) = json.loads(skipped.stdout)["workspaces"][0]["discrepancies"]
+    assert found == {
+        "kind": "stripeInvoice",
+        "key": invoice_key(world.workspace_id, MONTH),
+        "expected": "6.000000",
+        "actual": "0.000000",
+    }
+    current = agentworks(
+        "reconcile", "--month", month_of(NOW), *workspace, cwd=tmp_path, env=environment
+    )
+    assert current.returncode == 0, current.stdout + current.stderr
+
+    assert agentworks("invoice", "--month", MONTH, cwd=tmp_path, env=environment).returncode == 0
+    project_all(side)
+    invoiced = agentworks("reconcile", "--month", MONTH, *workspace, cwd=tmp_path, env=environment)
+    assert invoiced.returncode == 0, invoiced.stdout + invoiced.stderr

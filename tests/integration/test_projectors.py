@@ -783,8 +783,9 @@ class TestActivityProjector:
         correct(side, world, call.extra["charge_id"], "0.00001")
         outcome = side.project(ActivityProjector())
 
-        # step, chunk, call and the month's spend (opened, added): followed, but not shown
-        assert outcome.applied == 5
+        # step, chunk, call and the month's spend (opened, added, the correction filed):
+        # followed, but not shown
+        assert outcome.applied == 6
         assert side.rows("SELECT position FROM rm_activity ORDER BY position") == before
 
     def test_a_long_summary_is_cut_short_on_one_line(self, side: ReadSide, world: World) -> None:

@@ -26,6 +26,7 @@ from domain.billing import (
     Invoice,
     InvoiceStatus,
     Line,
+    Reconciliation,
     RemoteInvoice,
     RemoteItem,
     invoice_id_for,
@@ -345,7 +346,11 @@ def test_an_invoice_is_not_issued_before_its_items() -> None:
     workspace_id = uuid4()
     line = statement_lines({uuid4(): 1_000_000}, [], month="2026-02", increment_micros=250_000)
     invoice = Invoice.draft(
-        workspace_id=workspace_id, month="2026-02", lines=line, meta=meta(workspace_id)
+        workspace_id=workspace_id,
+        month="2026-02",
+        lines=line,
+        increment_micros=250_000,
+        meta=meta(workspace_id),
     )
     with pytest.raises(InvalidTransition, match="items"):
         invoice.issue("in_1", meta=meta(workspace_id))
@@ -354,48 +359,81 @@ def test_an_invoice_is_not_issued_before_its_items() -> None:
 # -- reconciliation --------------------------------------------------------------------------------
 
 
+def _reconciled(
+    workspace_id: UUID,
+    log: list[Line],
+    items: list[RemoteItem],
+    *,
+    read_model: list[Line] | None = None,
+    status: str = "open",
+    recorded: InvoiceStatus | None = InvoiceStatus.OPEN,
+) -> Reconciliation:
+    """``log``'s month (2026-02), invoiced as ``in_1``, against Stripe holding ``items``."""
+    return reconcile(
+        workspace_id=workspace_id,
+        month="2026-02",
+        log_lines=log,
+        read_model_lines=log if read_model is None else read_model,
+        invoice_lines=log,
+        issued_invoice_id="in_1",
+        remote=RemoteInvoice(id="in_1", status=status, items=items),
+        recorded_status=recorded,
+    )
+
+
 def test_reconcile_lists_each_disagreement_by_kind_and_key() -> None:
     project, workspace_id = uuid4(), uuid4()
     log = statement_lines({project: 1_100_000}, [], month="2026-02", increment_micros=250_000)
     key = log[0].key
     ours = invoice_key(workspace_id, "2026-02")
-    clean = reconcile(
-        workspace_id=workspace_id,
-        month="2026-02",
-        log_lines=log,
-        read_model_lines=log,
-        invoice_lines=log,
-        issued_invoice_id="in_1",
-        remote=RemoteInvoice(
-            id="in_1",
-            status="open",
-            items=[RemoteItem(id="ii", line_key=key, amount_cents=125, invoice_key=ours)],
-        ),
+    clean = _reconciled(
+        workspace_id, log, [RemoteItem(id="ii", line_key=key, amount_cents=125, invoice_key=ours)]
     )
     assert clean.ok
     assert clean.invoiced_total_micros == 1_250_000
-    planted = reconcile(
-        workspace_id=workspace_id,
-        month="2026-02",
-        log_lines=log,
-        read_model_lines=statement_lines(
+    planted = _reconciled(
+        workspace_id,
+        log,
+        [
+            RemoteItem(id="ii", line_key=key, amount_cents=100, invoice_key=ours),
+            RemoteItem(id="ij", line_key=key, amount_cents=50, invoice_key="other:2026-01"),
+        ],
+        read_model=statement_lines(
             {project: 1_000_000}, [], month="2026-02", increment_micros=250_000
-        ),
-        invoice_lines=log,
-        issued_invoice_id="in_1",
-        remote=RemoteInvoice(
-            id="in_1",
-            status="open",
-            items=[
-                RemoteItem(id="ii", line_key=key, amount_cents=100, invoice_key=ours),
-                RemoteItem(id="ij", line_key=key, amount_cents=50, invoice_key="other:2026-01"),
-            ],
         ),
     )
     assert [(d.kind, d.key, d.expected_micros, d.actual_micros) for d in planted.discrepancies] == [
         (DiscrepancyKind.READ_MODEL_LINE, key, 1_100_000, 1_000_000),
         (DiscrepancyKind.STRIPE_ITEM, f"other:2026-01/{key}", 0, 500_000),
         (DiscrepancyKind.STRIPE_ITEM, key, 1_250_000, 1_000_000),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("recorded", "remote", "found"),
+    [
+        (InvoiceStatus.OPEN, "void", [(1_250_000, 0)]),
+        (InvoiceStatus.PAID, "void", [(1_250_000, 0)]),
+        (InvoiceStatus.VOID, "open", [(0, 1_250_000)]),
+        (InvoiceStatus.VOID, "void", []),
+        (InvoiceStatus.OPEN, "paid", []),
+    ],
+)
+def test_reconcile_finds_a_void_on_one_side_only(
+    recorded: InvoiceStatus, remote: str, found: list[tuple[int, int]]
+) -> None:
+    """What each side will collect: a void recorded here and not in Stripe, or the reverse."""
+    project, workspace_id = uuid4(), uuid4()
+    log = statement_lines({project: 1_100_000}, [], month="2026-02", increment_micros=250_000)
+    item = RemoteItem(
+        id="ii",
+        line_key=log[0].key,
+        amount_cents=125,
+        invoice_key=invoice_key(workspace_id, "2026-02"),
+    )
+    result = _reconciled(workspace_id, log, [item], status=remote, recorded=recorded)
+    assert [(d.kind, d.key, d.expected_micros, d.actual_micros) for d in result.discrepancies] == [
+        (DiscrepancyKind.STRIPE_INVOICE, "in_1", *amounts) for amounts in found
     ]
 
 

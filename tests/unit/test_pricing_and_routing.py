@@ -7,7 +7,7 @@ from decimal import Decimal
 from fractions import Fraction
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from domain.agents import (
@@ -271,3 +271,42 @@ def test_an_output_kept_for_later_prompts_shows_as_the_whole_output_did(
         spec, title="t", description="d", earlier=[EarlierRun.kept("coder", whole)]
     ) == build_prompt(spec, title="t", description="d", earlier=[EarlierRun("coder", whole)])
     assert len(EarlierRun.kept("coder", whole * 3).output) <= EARLIER_OUTPUT_CHARS + 1
+
+
+#: Prices as an operator may write them: a few digits at any scale a price can have.
+spread_prices_st = st.builds(
+    lambda digits, exponent: Decimal(digits).scaleb(exponent),
+    st.integers(min_value=0, max_value=999),
+    st.integers(min_value=-18, max_value=6),
+)
+
+
+@example(Decimal("9E+8"), Decimal("1E-18"), 10**9, 1)
+@given(spread_prices_st, spread_prices_st, tokens_st, tokens_st)
+def test_call_cost_is_exact_whatever_the_scale_of_the_two_prices(
+    inp: Decimal, out: Decimal, tin: int, tout: int
+) -> None:
+    """Two prices of far apart scales (a costly input, a near-free output) need more digits
+    than either has: the sum is exact all the same, not a decimal error."""
+    price = PriceRow(
+        provider="p", model="m", effective_from=T0, input_per_mtok=inp, output_per_mtok=out
+    )
+    exact_micros = Fraction(tin) * Fraction(inp) + Fraction(tout) * Fraction(out)
+    cost = call_cost_micros(price, input_tokens=tin, output_tokens=tout)
+    assert exact_micros <= cost < exact_micros + 1
+
+
+@pytest.mark.parametrize(
+    ("price", "problem"),
+    [
+        ("1e999999999", "below 1000000000"),
+        ("1000000000", "below 1000000000"),
+        ("0.0000000000000000001", "18 decimal places"),
+        ("1e-999999999", "18 decimal places"),
+    ],
+)
+def test_a_price_table_refuses_prices_no_call_can_be_costed_at(price: str, problem: str) -> None:
+    document = {"prices": [{"provider": "x", "model": "y", "effective_from": "2024-01-01T00:00:00Z",
+                            "input_per_mtok": price, "output_per_mtok": "1"}]}  # fmt: skip
+    with pytest.raises(ValidationFailed, match=f"input_per_mtok .*{problem}"):
+        PriceTable.from_document(document)
