@@ -85,6 +85,14 @@ class WorkspaceCommands(WriteSide):
         )
 
     def set_plan(self, cmd: m.SetPlan, actor: Actor) -> CommandResult:
+        """The price a workspace pays is the operator's to set (``agentworks plan``): refused
+        to every user, its owner included, who could otherwise bill themselves nothing."""
+        if not actor.is_service:
+            raise Forbidden(
+                f"the plan of workspace {cmd.workspace_id} (markup and billing increment) is set "
+                "by the operator, not by its members"
+            )
+
         def set_plan(workspace: Workspace, meta: EventMeta) -> None:
             markup = parse_markup(cmd.markup)
             increment = parse_usd(cmd.billing_increment)

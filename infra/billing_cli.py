@@ -113,6 +113,34 @@ def credit_command(
     )
 
 
+def plan_command(
+    workspace: Annotated[str, typer.Option("--workspace", help="Workspace id.")],
+    markup: Annotated[str, typer.Option("--markup", help='Multiplier of provider cost, e.g. "5".')],
+    increment: Annotated[
+        str, typer.Option("--increment", help="Billing increment in USD, whole cents, e.g. 0.25.")
+    ],
+    data_dir: _DataDir = None,
+) -> None:
+    """Set a workspace's plan: the markup its calls are billed at from now on and the increment
+    its statement lines are rounded up to. The operator's to set, never the workspace's own."""
+    from commands import models as m
+    from commands.handlers import Actor
+    from infra.bootstrap import write_side_from
+
+    settings = settings_for(data_dir)
+    workspace_id = _workspace_id(workspace)
+    cmd = m.SetPlan(workspace_id=workspace_id, markup=markup, billing_increment=increment)
+    app = write_side_from(settings, database_url_for(settings))
+    try:
+        app.set_plan(cmd, Actor.service(_CLI_ACTOR, workspace_id))
+    finally:
+        app.close()
+    typer.echo(
+        f"workspace {workspace_id}: calls billed at markup {markup} from now on, statement "
+        f"lines rounded up to {increment} USD"
+    )
+
+
 @dataclass
 class _Failure:
     workspace_id: UUID

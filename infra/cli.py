@@ -907,6 +907,7 @@ def parked_retry_command(
 # --- Billing (infra/billing_cli.py) ----------------------------------------------------------
 
 app.command("credit")(billing_cli.credit_command)
+app.command("plan")(billing_cli.plan_command)
 app.command("invoice")(billing_cli.invoice_command)
 app.command("reconcile")(billing_cli.reconcile_command)
 

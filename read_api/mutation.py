@@ -205,14 +205,6 @@ class SetSpendLimitInput:
 
 
 @strawberry.input
-class SetPlanInput:
-    workspace_id: ID
-    markup: str = strawberry.field(description='Multiplier of provider cost, e.g. "5".')
-    billing_increment: Money
-    command_id: ID | None = None
-
-
-@strawberry.input
 class LaneInput:
     name: str
     wip_limit: int | None = None
@@ -405,14 +397,6 @@ class Mutation:
         result = await perform(
             info, AgentWorks.set_spend_limit, m.SetSpendLimit, input,
             monthly_limit=_money_text(input.monthly_limit),
-        )  # fmt: skip
-        return answer(WorkspacePayload, result)
-
-    @described.mutation("Set markup and billing increment (OWNER only).")
-    async def set_plan(self, info: Info, input: SetPlanInput) -> WorkspacePayload:
-        result = await perform(
-            info, AgentWorks.set_plan, m.SetPlan, input,
-            billing_increment=format_usd(input.billing_increment),
         )  # fmt: skip
         return answer(WorkspacePayload, result)
 

@@ -70,7 +70,6 @@ MUTATIONS: list[tuple[str, dict[str, Any]]] = [
     ("changeRole", {"workspaceId": "workspace", "userId": user_id("bob"), "role": "VIEWER"}),
     ("removeMember", {"workspaceId": "workspace", "userId": user_id("bob")}),
     ("setSpendLimit", {"workspaceId": "workspace", "monthlyLimit": "1.00"}),
-    ("setPlan", {"workspaceId": "workspace", "markup": "1", "billingIncrement": "0.01"}),
     ("createProject", {"workspaceId": "workspace", "name": "intruder"}),
     ("setWipLimit", {"projectId": "project", "lane": "Todo", "wipLimit": 1}),
     ("addLane", {"projectId": "project", "name": "Mine"}),
@@ -284,8 +283,6 @@ ROLE_CASES: list[Case] = [
     ("removeMember", "ADMIN", lambda f: {"workspaceId": str(f.workspace), "userId": f.member()}),
     ("setSpendLimit", "ADMIN", lambda f: {"workspaceId": str(f.workspace),
                                           "monthlyLimit": "100.00"}),
-    ("setPlan", "OWNER", lambda f: {"workspaceId": str(f.workspace), "markup": "4",
-                                    "billingIncrement": "0.25"}),
     ("createProject", "MEMBER", lambda f: {"workspaceId": str(f.workspace), "name": "More"}),
     ("setWipLimit", "ADMIN", lambda f: {"projectId": str(f.project), "lane": "Todo",
                                         "wipLimit": 500}),
@@ -332,6 +329,21 @@ def test_every_mutation_checks_the_callers_role(stack: Stack) -> None:
         else:
             assert answer.codes == ["FORBIDDEN"], (name, role, answer.body)
             assert "needs" in answer.errors[0]["message"]
+
+
+def test_no_member_sets_the_price_of_their_workspace_not_even_its_owner(stack: Stack) -> None:
+    """Markup and billing increment are the operator's (``agentworks plan``): no mutation sets
+    them, so an owner cannot bill their own calls at nothing."""
+    owner, ws = stack.owner_with_workspace("alice")
+    answer = owner.post(
+        "mutation($input: SetPlanInput!) { setPlan(input: $input) { consistencyToken } }",
+        {"input": {"workspaceId": ws, "markup": "0.000001", "billingIncrement": "0.01"}},
+    )
+    assert answer.data is None
+    assert set(answer.codes) == {"VALIDATION"}, answer.body
+    assert "Cannot query field 'setPlan'" in str(answer.errors)
+    markup = owner.data("query($id: ID!) { workspace(id: $id) { markup } }", {"id": ws})
+    assert markup == {"workspace": {"markup": "5"}}
 
 
 @pytest.mark.parametrize("granted", ["OWNER"])

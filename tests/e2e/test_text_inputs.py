@@ -114,7 +114,6 @@ def _base_inputs(w: World) -> dict[str, dict[str, Any]]:
         "changeRole": {"workspaceId": ws, "userId": w.member, "role": "MEMBER"},
         "removeMember": {"workspaceId": ws, "userId": str(uuid4())},
         "setSpendLimit": {"workspaceId": ws, "monthlyLimit": "100.00"},
-        "setPlan": {"workspaceId": ws, "markup": "5", "billingIncrement": "0.25"},
         "createProject": {"workspaceId": ws, "name": "P", "lanes": [{"name": "Todo"}]},
         "setWipLimit": {"projectId": pid, "lane": "Todo", "wipLimit": 50},
         "addLane": {"projectId": pid, "name": "L"},

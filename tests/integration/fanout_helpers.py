@@ -119,7 +119,7 @@ class Workload:
         self._do(
             self.app.set_plan,
             m.SetPlan(workspace_id=ws, markup="4", billing_increment="0.10"),
-            owner,
+            Actor.service("operator", ws),
         )
         self._do(
             self.app.set_spend_limit,

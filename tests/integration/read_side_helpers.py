@@ -51,6 +51,11 @@ class World:
     owner: Actor
     orchestrator: Actor
 
+    @property
+    def operator(self) -> Actor:
+        """Who sets the workspace's plan (``agentworks plan``): no member may."""
+        return Actor.service("operator", self.workspace_id)
+
 
 @dataclass
 class ReadSide:

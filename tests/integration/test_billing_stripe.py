@@ -504,7 +504,7 @@ def test_a_plan_change_after_invoicing_keeps_the_invoiced_rounding(
     assert agentworks("invoice", "--month", MONTH, cwd=tmp_path, env=environment).returncode == 0
     side.app.set_plan(
         m.SetPlan(workspace_id=world.workspace_id, markup="5", billing_increment="0.10"),
-        world.owner,
+        world.operator,
     )
     invoiced, current = call_then_statements(side, world, "now", cost=10_000, at=NOW)
     (line,) = invoiced.lines

@@ -546,9 +546,13 @@ def _remove_bob(side: ReadSide, world: World) -> None:
     )
 
 
-def _project(command: Callable[[World], m.Command], handler: str) -> Setup:
+def _project(
+    command: Callable[[World], m.Command], handler: str, *, operator: bool = False
+) -> Setup:
+    """Send the command as the workspace's owner (or as the operator: a plan is theirs)."""
+
     def setup(side: ReadSide, world: World) -> None:
-        getattr(side.app, handler)(command(world), world.owner)
+        getattr(side.app, handler)(command(world), world.operator if operator else world.owner)
 
     return setup
 
@@ -619,8 +623,8 @@ ACTIVITY_CASES: list[tuple[str, Setup, str, str, str]] = [
     ("member.removed", _remove_bob, "removed member bob", "alice", ""),
     ("workspace.plan_set",
      _project(lambda w: m.SetPlan(workspace_id=w.workspace_id, markup="3",
-                                  billing_increment="0.10"), "set_plan"),
-     "set the plan to markup 3x, billed in increments of $0.100000", "alice", ""),
+                                  billing_increment="0.10"), "set_plan", operator=True),
+     "set the plan to markup 3x, billed in increments of $0.100000", "operator", ""),
     ("workspace.spend_limit_set",
      _project(lambda w: m.SetSpendLimit(workspace_id=w.workspace_id, monthly_limit="100"),
               "set_spend_limit"),

@@ -179,7 +179,7 @@ class TestStatement:
     ) -> None:
         side.app.set_plan(
             m.SetPlan(workspace_id=world.workspace_id, markup="1", billing_increment="0.10"),
-            world.owner,
+            world.operator,
         )
         other = side.app.create_project(
             m.CreateProject(workspace_id=world.workspace_id, name="Another"), world.owner

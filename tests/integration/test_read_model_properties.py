@@ -258,7 +258,7 @@ def run_operation(side: ReadSide, script: Script, op: tuple[Any, ...]) -> None:
             markup, increment = args
             app.set_plan(
                 m.SetPlan(workspace_id=w.workspace_id, markup=markup, billing_increment=increment),
-                owner,
+                w.operator,
             )
         elif kind == "run":
             (i,) = args

@@ -168,6 +168,10 @@ class World:
     def service(self) -> Actor:
         return Actor.service("orchestrator", self.workspace_id)
 
+    def operator(self) -> Actor:
+        """Who sets the workspace's plan (``agentworks plan``): no member may."""
+        return Actor.service("operator", self.workspace_id)
+
     def member(self, user_id: str, role: Role) -> Actor:
         """Add ``user_id`` with ``role`` (by the owner) and return them as an actor."""
         self.app.add_member(

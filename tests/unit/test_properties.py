@@ -544,7 +544,7 @@ def test_charges_bill_exactly_and_monthly_spend_is_their_exact_sum(
     world = World.build()
     world.app.set_plan(
         m.SetPlan(workspace_id=world.workspace_id, markup=markup_text, billing_increment="0.25"),
-        world.owner,
+        world.operator(),
     )
     markup = Decimal(markup_text)
     run_id = world.run(begin=True)

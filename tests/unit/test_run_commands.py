@@ -251,7 +251,7 @@ def test_record_llm_call_saves_run_charge_and_monthly_spend_together() -> None:
     run_id = world.run(begin=True)
     world.app.set_plan(
         m.SetPlan(workspace_id=world.workspace_id, markup="1.5", billing_increment="0.25"),
-        world.owner,
+        world.operator(),
     )
     before = position_of_log(world.app)
     result = world.llm_call(run_id, call_id="c1", cost=333, at=NOW)

@@ -49,7 +49,6 @@ SPECS = [
     ),
     Spec.of(Role.ADMIN, AgentWorks.remove_member, m.RemoveMember, _add_target, user_id="target"),
     Spec.of(Role.ADMIN, AgentWorks.set_spend_limit, m.SetSpendLimit, monthly_limit="100.00"),
-    Spec.of(Role.OWNER, AgentWorks.set_plan, m.SetPlan, markup="2", billing_increment="0.10"),
     Spec.of(Role.MEMBER, AgentWorks.create_project, m.CreateProject, name="Another"),
 ]
 
@@ -257,18 +256,29 @@ def test_set_plan_stores_markup_and_increment() -> None:
     world = World.build()
     world.app.set_plan(
         m.SetPlan(workspace_id=world.workspace_id, markup="1.25", billing_increment="0.05"),
-        world.owner,
+        world.operator(),
     )
     workspace = world.get(world.workspace_id)
     assert str(workspace.markup) == "1.25"
     assert workspace.billing_increment_micros == 50_000
 
 
+@pytest.mark.parametrize("role", ROLES, ids=str)
+def test_no_member_sets_the_plan_the_owner_included(role: Role) -> None:
+    """A workspace's owner setting its markup would set the price they pay: the operator's."""
+    world = World.build()
+    actor = world.owner if role is Role.OWNER else world.member("someone", role)
+    cmd = m.SetPlan(workspace_id=world.workspace_id, markup="0.000001", billing_increment="0.01")
+    error = world.refuses(Forbidden, world.app.set_plan, cmd, actor)
+    assert "operator" in error.message
+    assert str(world.get(world.workspace_id).markup) == "5"
+
+
 @pytest.mark.parametrize(("markup", "increment"), [("0", "0.25"), ("5", "0"), ("-1", "0.25")])
 def test_plan_with_zero_markup_or_increment_is_refused(markup: str, increment: str) -> None:
     world = World.build()
     cmd = m.SetPlan(workspace_id=world.workspace_id, markup=markup, billing_increment=increment)
-    world.refuses(ValidationFailed, world.app.set_plan, cmd)
+    world.refuses(ValidationFailed, world.app.set_plan, cmd, world.operator())
 
 
 @pytest.mark.parametrize("increment", ["0.000001", "0.005", "0.255"])
@@ -276,7 +286,7 @@ def test_plan_with_an_increment_finer_than_a_cent_is_refused(increment: str) -> 
     """Stripe bills whole cents: no invoice of the workspace could be issued with it."""
     world = World.build()
     cmd = m.SetPlan(workspace_id=world.workspace_id, markup="5", billing_increment=increment)
-    world.refuses(ValidationFailed, world.app.set_plan, cmd)
+    world.refuses(ValidationFailed, world.app.set_plan, cmd, world.operator())
 
 
 # -- projects -------------------------------------------------------------------------------------
