@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 from uuid import UUID, uuid4
 
 from eventsourcing.utils import get_topic
@@ -59,6 +59,8 @@ class GrantCredit(m.Command):
     amount: str
     reason: str = Field(min_length=1, max_length=1000)
     at: datetime
+
+    sent_at_fields: ClassVar[frozenset[str]] = frozenset({"at"})
 
 
 class BillingPort(Protocol):

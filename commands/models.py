@@ -10,7 +10,7 @@ so a field added later cannot forget it.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -39,6 +39,11 @@ class Input(BaseModel):
 
 class Command(Input):
     command_id: UUID | None = None
+
+    sent_at_fields: ClassVar[frozenset[str]] = frozenset()
+    """Fields that say when the command was sent, not what it asks (a credit's ``at``, stamped
+    by the CLI as it runs): a re-run with the same ``command_id`` is the same command whatever
+    they hold (see :func:`commands.idempotency.fingerprint`)."""
 
     @property
     def action(self) -> str:

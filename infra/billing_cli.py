@@ -83,6 +83,15 @@ def credit_command(
     workspace: Annotated[str, typer.Option("--workspace", help="Workspace id.")],
     amount: Annotated[str, typer.Option("--amount", help="USD to credit, e.g. 10.00.")],
     reason: Annotated[str, typer.Option("--reason", help="Why (shown on the statement).")],
+    command_id: Annotated[
+        str | None,
+        typer.Option(
+            "--command-id",
+            help="A UUID naming this credit: run again with the same one (after a failure whose "
+            "outcome is unknown), it is granted once.",
+            show_default=False,
+        ),
+    ] = None,
     data_dir: _DataDir = None,
 ) -> None:
     """Credit a workspace: a compensating event, a negative line on its next statement."""
@@ -94,8 +103,9 @@ def credit_command(
     workspace_id = _workspace_id(workspace)
     try:
         cmd = GrantCredit(
-            workspace_id=workspace_id, amount=amount, reason=reason, at=datetime.now(UTC)
-        )
+            workspace_id=workspace_id, amount=amount, reason=reason, at=datetime.now(UTC),
+            command_id=command_id,
+        )  # fmt: skip
     except pydantic.ValidationError as error:
         # A traceback (exit 1) otherwise: bad input is one line and exit 2, as everywhere.
         problems = "; ".join(

@@ -10,7 +10,7 @@ import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 import pytest
@@ -280,6 +280,32 @@ def test_a_credit_reason_empty_or_too_long_exits_2_with_one_line(
             agentworks(*args, "--reason", reason, cwd=tmp_path, env=environment)
         )
         assert "--reason" in line, line
+
+
+def test_a_credit_sent_again_with_its_command_id_is_granted_once(
+    side: ReadSide, tmp_path: Path
+) -> None:
+    """A re-run after a failure whose outcome is unknown (the answer lost, say) credits nothing
+    twice; a new id is a new credit."""
+    world = world_with_usage(side)
+    environment = {"AGENTWORKS_DATABASE_URL": side.database_url, "AGENTWORKS_LOG_LEVEL": "WARNING"}
+
+    def credit(command_id: str) -> str:
+        result = agentworks(
+            "credit", "--workspace", str(world.workspace_id), "--amount", "2.50", "--reason",
+            "outage", "--command-id", command_id, cwd=tmp_path, env=environment,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    first_id, second_id = str(uuid4()), str(uuid4())
+    first = credit(first_id)
+    assert credit(first_id) == first
+    assert credit(second_id) != first
+    project_all(side)
+    with side.pool.connection() as conn:
+        current = statement(conn, world.workspace_id, month_of(NOW))
+    assert current.total_micros == -5_000_000
 
 
 def test_credit_shows_as_a_negative_line_and_reconcile_finds_planted_discrepancies(
