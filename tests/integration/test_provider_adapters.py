@@ -312,9 +312,10 @@ def test_an_event_of_another_shape_than_the_apis_is_a_broken_stream() -> None:
     anthropic = anthropic_events(["a"], input_tokens=3, output_tokens=1)
     for odd in ("data: [1]", 'event: message_delta\ndata: {"type": "message_delta"}', nested):
         assert_broken_by(run_anthropic, anthropic, 4, odd)
+    # A negative count is readable, but no call's: see test_provider_hostile (estimated).
     events = openai_events(["a"], prompt_tokens=-5, completion_tokens=1)
-    with FakeProviderServer([Reply(events=events)]) as server, pytest.raises(StreamBroken):
-        run_openai(server)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        assert run_openai(server)[1].estimated
 
 
 def test_an_event_longer_than_any_providers_is_a_broken_stream_not_kept_whole() -> None:
