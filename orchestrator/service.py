@@ -83,8 +83,9 @@ T = TypeVar("T")
 
 _TERMINAL = {"Succeeded", "Failed", "Cancelled", "TimedOut"}
 
-#: Refusals that are the provider's (its key), not the request's: they count against its circuit.
-_PROVIDER_WIDE = frozenset({401, 403})
+#: Refusals that are the provider's (its key, or a redirect: its base URL), not the request's:
+#: they count against its circuit, and no model of it is asked again by the run.
+_PROVIDER_WIDE = frozenset({401, 403, 301, 302, 303, 307, 308})
 
 #: Times a write lost to concurrent writers is retried before the run fails.
 WRITE_RACES = 30
@@ -177,6 +178,8 @@ class _Outcome:
     retry_after: float | None = None
     error: str = ""
     permanent: bool = False
+    provider_wide: bool = False
+    """A refusal of the provider's (its key), not of the model: no model of it will answer."""
 
 
 class _LoopWake:
@@ -703,13 +706,26 @@ class Orchestrator:
             last_error = outcome.error
             if outcome.permanent and request.pinned:
                 raise RunFailed(f"{option.provider} refused the call: {outcome.error}")
+            refused = False
+            if outcome.permanent:
+                # The same request would be refused the same way: it goes to the others only.
+                kept = [
+                    o for o in chain
+                    if o != option and not (outcome.provider_wide and o.provider == option.provider)
+                ]  # fmt: skip
+                if not kept:
+                    raise RunFailed(f"every candidate refused the call: {outcome.error}")
+                # What followed the refused option in the chain comes next.
+                after = chain[index + 1 :] + chain[:index]
+                index = kept.index(next(o for o in after if o in kept)) - 1
+                chain, refused = kept, True
             if attempt == self.config.max_attempts:
                 break
             wait = backoff_seconds(
                 attempt, retry_after=outcome.retry_after, base=self.config.backoff_base,
                 cap=self.config.backoff_cap, jitter=random.random(),  # noqa: S311
             )  # fmt: skip
-            fallback = not request.pinned and len(chain) > 1
+            fallback = not request.pinned and (len(chain) > 1 or refused)
             if fallback:
                 wait = min(wait, self.config.backoff_base)
             left = deadline - time.monotonic()
@@ -916,7 +932,10 @@ class Orchestrator:
             if after is not before and after is BreakerState.OPEN:
                 batcher.system(f"circuit for {option.provider} is open")
         if isinstance(error, PermanentProviderError):
-            return _Outcome(ok=False, error=str(error), permanent=True)
+            return _Outcome(
+                ok=False, error=str(error), permanent=True,
+                provider_wide=http_status in _PROVIDER_WIDE,
+            )  # fmt: skip
         assert isinstance(error, TransientProviderError)
         return _Outcome(ok=False, error=str(error), retry_after=error.retry_after)
 
