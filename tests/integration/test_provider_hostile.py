@@ -213,3 +213,26 @@ def test_a_prompt_count_no_call_of_the_request_could_have_is_not_said_accepted()
     assert error is None, error
     assert [p for p in got if isinstance(p, Accepted)] == [Accepted(), Accepted()]
     assert usage_of(got).estimated
+
+
+@pytest.mark.parametrize(("delta_input", "charged"), [(25, 25), (0, 20), (None, 20)])
+def test_anthropic_input_count_is_its_final_cumulative_one(
+    delta_input: int | None, charged: int
+) -> None:
+    """``message_delta``'s usage is cumulative, the input count too when it carries one (a
+    prompt that grew during the call, by the provider's own tools); a smaller one than
+    ``message_start``'s is no count (a proxy's placeholder 0): counts do not shrink."""
+    events = anthropic_events(["hi"], input_tokens=20, output_tokens=3)
+    delta = next(i for i, f in enumerate(events) if f.startswith("event: message_delta"))
+    usage: dict[str, int] = {"output_tokens": 3}
+    if delta_input is not None:
+        usage["input_tokens"] = delta_input
+    events[delta] = "event: message_delta\ndata: " + json.dumps(
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage}
+    )
+    provider = AnthropicProvider(api_key=KEY, base_url="", timeout=FAST)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        provider.base_url = server.url
+        got, error = pieces(provider)
+    assert error is None, error
+    assert usage_of(got) == Usage(charged, 3)
