@@ -356,7 +356,8 @@ class SseProvider(ABC):
     def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[Piece]:
         """Text pieces, then the usage; raises :class:`StreamBroken` if the events end before
         the provider said it was done. An :class:`Accepted` with the provider's count of the
-        prompt when the events carry one before the text."""
+        prompt when the events carry one before the text. A usage marked ``estimated`` says
+        the answer is whole but the provider counted nothing: the call is charged our counts."""
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
         try:
@@ -402,7 +403,8 @@ class SseProvider(ABC):
             ) from error
         if usage is None:
             raise StreamBroken(f"{self.name} stream ended without its usage", provider=self.name)
-        yield usage if plausible(usage, request) else _estimated(request, "".join(text))
+        counted = plausible(usage, request) and not usage.estimated
+        yield usage if counted else _estimated(request, "".join(text))
 
 
 #: Tokens a provider may add to a prompt beyond its text: role markers, its own framing and
