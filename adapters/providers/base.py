@@ -333,6 +333,9 @@ class SseProvider(ABC):
         self, *, api_key: str, base_url: str | None = None, timeout: httpx.Timeout | None = None
     ) -> None:
         self.base_url = (base_url or self.default_base_url).rstrip("/")
+        # A key read from a file often ends in a newline, which no header may hold: every call
+        # failed (and was tried again) with an error that quoted the key, stored on the run.
+        api_key = api_key.strip()
         self._api_key = api_key
         # No compression asked for: an event stream's chunks are small, and whatever a server
         # sends compressed all the same is inflated a bounded step at a time (body_bytes).

@@ -236,3 +236,21 @@ def test_anthropic_input_count_is_its_final_cumulative_one(
         got, error = pieces(provider)
     assert error is None, error
     assert usage_of(got) == Usage(charged, 3)
+
+
+@pytest.mark.parametrize("provider_class", [OpenAIProvider, AnthropicProvider])
+def test_a_key_read_with_its_line_end_is_sent_without_it(provider_class: Any) -> None:
+    """A key from a file (a mounted secret) often ends in a newline, which no header may hold:
+    every call failed, tried again and again, with an error quoting the key (httpx's "Illegal
+    header value b'Bearer sk-…\\n'"), stored on the run's attempts for every member to read."""
+    events = openai_events(["x"], prompt_tokens=1, completion_tokens=1)
+    if provider_class is AnthropicProvider:
+        events = anthropic_events(["x"], input_tokens=1, output_tokens=1)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        base_url = server.url + ("/v1" if provider_class is OpenAIProvider else "")
+        provider = provider_class(api_key=KEY + "\r\n", base_url=base_url, timeout=FAST)
+        got, error = pieces(provider)
+        sent = server.requests[0].headers
+    assert error is None, error
+    assert "".join(p for p in got if isinstance(p, str)) == "x"
+    assert sent.get("x-api-key", sent.get("authorization")) in (KEY, f"Bearer {KEY}")
