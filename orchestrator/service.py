@@ -168,6 +168,8 @@ class _Call:
     that a call is charged once, whoever records it."""
     deadline: float
     """When (monotonic) the run's timeout ends it."""
+    max_tokens: int
+    """The output the call asked for at most: a provider stops there, and no more is charged."""
     charged: _Charged = field(default_factory=_Charged)
 
 
@@ -808,7 +810,9 @@ class Orchestrator:
                 f"budget reached: {format_usd(max(room or 0, 0))} left, the prompt alone would "
                 f"be billed {format_usd(billed(0))}"
             )
-        call = _Call(view, option, input_tokens, started_at, billed, room, call_id, deadline)
+        call = _Call(
+            view, option, input_tokens, started_at, billed, room, call_id, deadline, max_tokens
+        )
         try:
             # Said before the call is made, so that it is charged should this worker die
             # during it (one write more per call: a few milliseconds against its seconds).
@@ -851,12 +855,14 @@ class Orchestrator:
         accepted: Accepted | None = None
         error: Exception | None = None
         budget_hit = False
+        overrun_at = 2 * call.max_tokens + 16
         t0 = time.monotonic()
 
         def used() -> Usage:
             """What a call cut short used, as far as we know: the provider's count of the
-            prompt when its wire gave one, else ours; the output received, counted."""
-            output = count_tokens("".join(text))
+            prompt when its wire gave one, else ours; the output received, counted, up to the
+            call's ``max_tokens``."""
+            output = min(count_tokens("".join(text)), call.max_tokens)
             if accepted is None or accepted.input_tokens is None:
                 return Usage(input_tokens, output, estimated=True)
             return Usage(accepted.input_tokens, output, estimated=output > 0)
@@ -876,6 +882,15 @@ class Orchestrator:
                     output_tokens += count_tokens(piece)
                     if room is not None and billed(output_tokens) >= room:
                         budget_hit = True
+                        break
+                    if output_tokens > overrun_at:
+                        # Far past where the provider stops (our tokenizer is not its own): it
+                        # ignores the cap, and would stream into the run's log until its
+                        # deadline.
+                        error = StreamBroken(
+                            f"{option.provider} streamed past the call's {call.max_tokens} "
+                            "output tokens", provider=option.provider,
+                        )  # fmt: skip
                         break
         except (TransientProviderError, PermanentProviderError) as caught:
             error = caught

@@ -632,3 +632,25 @@ def test_an_unpinned_run_asks_no_model_again_that_refused_its_request(
     assert run.status is RunStatus.FAILED
     assert "refused" in (run.error or "")
     assert len(asked) == len(set(asked)) == calls
+
+
+def test_a_provider_streaming_past_the_calls_max_tokens_is_cut_and_charged_no_more(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A provider that ignores ``max_tokens`` streamed into the run's log until its deadline,
+    and the call was charged every token received; cut well past the cap (our tokenizer is not
+    the provider's), it is charged the cap at most, as a broken stream."""
+    words = [" word"] * 2500
+    endless = openai_events(words, prompt_tokens=1, completion_tokens=1, usage=False)[:-2]
+    card = card_on_board(write_side)
+    with (
+        FakeProviderServer([Reply(events=endless)]) as server,
+        orchestrator_thread(database_url, openai_at(server), max_attempts=1),
+    ):
+        run = wait_for(write_side, start(write_side, card, agent="reviewer", provider="openai"),
+                       finished)  # fmt: skip
+    [attempt] = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert run.status is RunStatus.FAILED
+    assert attempt.estimated
+    assert 0 < attempt.output_tokens <= 800
+    assert "streamed past" in (attempt.error or "")
