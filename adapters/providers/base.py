@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import math
 import re
 import zlib
 from abc import ABC, abstractmethod
@@ -106,9 +107,12 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
         return None
     text = value.strip()
     try:
-        return max(0.0, float(text))
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        # "nan" parses, and max() took it for 0: a retry at once, every time.
+        return None if math.isnan(seconds) else max(0.0, seconds)
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError):

@@ -20,6 +20,7 @@ from adapters.providers.base import (
     Piece,
     TransientProviderError,
     Usage,
+    retry_after_seconds,
 )
 from adapters.providers.openai import OpenAIProvider
 
@@ -254,3 +255,9 @@ def test_a_key_read_with_its_line_end_is_sent_without_it(provider_class: Any) ->
     assert error is None, error
     assert "".join(p for p in got if isinstance(p, str)) == "x"
     assert sent.get("x-api-key", sent.get("authorization")) in (KEY, f"Bearer {KEY}")
+
+
+@pytest.mark.parametrize("value", ["nan", "-nan", "NaN"])
+def test_a_retry_after_that_is_not_a_number_is_none(value: str) -> None:
+    """``float`` reads "nan", and ``max(0.0, nan)`` is 0.0: every retry came at once."""
+    assert retry_after_seconds(value) is None
