@@ -83,8 +83,9 @@ T = TypeVar("T")
 
 _TERMINAL = {"Succeeded", "Failed", "Cancelled", "TimedOut"}
 
-#: Refusals that are the provider's (its key), not the request's: they count against its circuit.
-_PROVIDER_WIDE = frozenset({401, 403})
+#: Refusals that are the provider's (its key, or a redirect: its base URL), not the request's:
+#: they count against its circuit, and no model of it is asked again by the run.
+_PROVIDER_WIDE = frozenset({401, 403, 301, 302, 303, 307, 308})
 
 #: Times a write lost to concurrent writers is retried before the run fails.
 WRITE_RACES = 30
@@ -167,6 +168,8 @@ class _Call:
     that a call is charged once, whoever records it."""
     deadline: float
     """When (monotonic) the run's timeout ends it."""
+    max_tokens: int
+    """The output the call asked for at most: a provider stops there, and no more is charged."""
     charged: _Charged = field(default_factory=_Charged)
 
 
@@ -177,6 +180,8 @@ class _Outcome:
     retry_after: float | None = None
     error: str = ""
     permanent: bool = False
+    provider_wide: bool = False
+    """A refusal of the provider's (its key), not of the model: no model of it will answer."""
 
 
 class _LoopWake:
@@ -703,13 +708,26 @@ class Orchestrator:
             last_error = outcome.error
             if outcome.permanent and request.pinned:
                 raise RunFailed(f"{option.provider} refused the call: {outcome.error}")
+            refused = False
+            if outcome.permanent:
+                # The same request would be refused the same way: it goes to the others only.
+                kept = [
+                    o for o in chain
+                    if o != option and not (outcome.provider_wide and o.provider == option.provider)
+                ]  # fmt: skip
+                if not kept:
+                    raise RunFailed(f"every candidate refused the call: {outcome.error}")
+                # What followed the refused option in the chain comes next.
+                after = chain[index + 1 :] + chain[:index]
+                index = kept.index(next(o for o in after if o in kept)) - 1
+                chain, refused = kept, True
             if attempt == self.config.max_attempts:
                 break
             wait = backoff_seconds(
                 attempt, retry_after=outcome.retry_after, base=self.config.backoff_base,
                 cap=self.config.backoff_cap, jitter=random.random(),  # noqa: S311
             )  # fmt: skip
-            fallback = not request.pinned and len(chain) > 1
+            fallback = not request.pinned and (len(chain) > 1 or refused)
             if fallback:
                 wait = min(wait, self.config.backoff_base)
             left = deadline - time.monotonic()
@@ -792,7 +810,9 @@ class Orchestrator:
                 f"budget reached: {format_usd(max(room or 0, 0))} left, the prompt alone would "
                 f"be billed {format_usd(billed(0))}"
             )
-        call = _Call(view, option, input_tokens, started_at, billed, room, call_id, deadline)
+        call = _Call(
+            view, option, input_tokens, started_at, billed, room, call_id, deadline, max_tokens
+        )
         try:
             # Said before the call is made, so that it is charged should this worker die
             # during it (one write more per call: a few milliseconds against its seconds).
@@ -835,12 +855,14 @@ class Orchestrator:
         accepted: Accepted | None = None
         error: Exception | None = None
         budget_hit = False
+        overrun_at = 2 * call.max_tokens + 16
         t0 = time.monotonic()
 
         def used() -> Usage:
             """What a call cut short used, as far as we know: the provider's count of the
-            prompt when its wire gave one, else ours; the output received, counted."""
-            output = count_tokens("".join(text))
+            prompt when its wire gave one, else ours; the output received, counted, up to the
+            call's ``max_tokens``."""
+            output = min(count_tokens("".join(text)), call.max_tokens)
             if accepted is None or accepted.input_tokens is None:
                 return Usage(input_tokens, output, estimated=True)
             return Usage(accepted.input_tokens, output, estimated=output > 0)
@@ -860,6 +882,15 @@ class Orchestrator:
                     output_tokens += count_tokens(piece)
                     if room is not None and billed(output_tokens) >= room:
                         budget_hit = True
+                        break
+                    if output_tokens > overrun_at:
+                        # Far past where the provider stops (our tokenizer is not its own): it
+                        # ignores the cap, and would stream into the run's log until its
+                        # deadline.
+                        error = StreamBroken(
+                            f"{option.provider} streamed past the call's {call.max_tokens} "
+                            "output tokens", provider=option.provider,
+                        )  # fmt: skip
                         break
         except (TransientProviderError, PermanentProviderError) as caught:
             error = caught
@@ -916,7 +947,10 @@ class Orchestrator:
             if after is not before and after is BreakerState.OPEN:
                 batcher.system(f"circuit for {option.provider} is open")
         if isinstance(error, PermanentProviderError):
-            return _Outcome(ok=False, error=str(error), permanent=True)
+            return _Outcome(
+                ok=False, error=str(error), permanent=True,
+                provider_wide=http_status in _PROVIDER_WIDE,
+            )  # fmt: skip
         assert isinstance(error, TransientProviderError)
         return _Outcome(ok=False, error=str(error), retry_after=error.retry_after)
 

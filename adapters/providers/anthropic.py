@@ -1,9 +1,10 @@
 """Anthropic messages API, streamed (``POST {base}/v1/messages``).
 
 Input tokens come from ``message_start``, said at once as :class:`Accepted` (a call cut before
-any text is charged the provider's count of its prompt); output tokens from the last
-``message_delta`` (a stream without one has no usage: it broke); the call is complete at
-``message_stop``. An ``error`` event (e.g. ``overloaded_error``) mid-stream is transient.
+any text is charged the provider's count of its prompt), or from the last ``message_delta`` when
+it counts more; output tokens from the last ``message_delta`` (a stream without one has no
+usage: it broke); the call is complete at ``message_stop``. An ``error`` event (e.g.
+``overloaded_error``) mid-stream is transient.
 """
 
 from __future__ import annotations
@@ -62,7 +63,12 @@ class AnthropicProvider(SseProvider):
                 if delta.get("type") == "text_delta" and delta.get("text"):
                     yield delta["text"]
             elif kind == "message_delta":
-                output_tokens = int(payload["usage"]["output_tokens"])
+                usage = payload["usage"]
+                output_tokens = int(usage["output_tokens"])
+                if input_tokens is not None and usage.get("input_tokens") is not None:
+                    # Cumulative, as its output count is: the final one when the prompt grew
+                    # during the call; a smaller one (a placeholder 0) is no count.
+                    input_tokens = max(input_tokens, int(usage["input_tokens"]))
             elif kind == "message_stop":
                 stopped = True
                 break

@@ -11,8 +11,11 @@ Exceptions raised by adapters::
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import math
 import re
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from typing import Protocol
 
 import httpx
 
+from adapters.tokenizer import count_message_tokens, count_tokens
 from domain.errors import AgentWorksError, Unavailable
 
 
@@ -103,9 +107,12 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
         return None
     text = value.strip()
     try:
-        return max(0.0, float(text))
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        # "nan" parses, and max() took it for 0: a retry at once, every time.
+        return None if math.isnan(seconds) else max(0.0, seconds)
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError):
@@ -118,30 +125,80 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
 #: How much of an error response's body is read (its message keeps 500 characters of it).
 ERROR_BODY_BYTES = 2048
 
+#: The most bytes one step of reading a response inflates a compressed body to: every run of
+#: the orchestrator waits on the one event loop while a step is read and split into lines.
+INFLATE_STEP_BYTES = 16 * 1024
+
+#: Media types of a body that is no event stream whatever its status: an error (or a proxy's
+#: page) answered with 200.
+_NOT_A_STREAM = re.compile(r"^(application/(.+\+)?json|text/html)\b", re.IGNORECASE)
+
+
+async def body_bytes(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The response's body, inflated at most :data:`INFLATE_STEP_BYTES` at a time, with the
+    event loop let go between steps. Not ``httpx``'s ``aiter_bytes``: that inflates each network
+    chunk whole, so a few kilobytes of gzip became a gigabyte of blank lines split in one step
+    (the call asks for no compression, but a server or proxy may send it all the same)."""
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        async for chunk in response.aiter_raw():
+            yield chunk
+            await asyncio.sleep(0)
+        return
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise ValueError(f"a body in the content-encoding {encoding!r}, which we did not ask for")
+    inflate = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, by its header
+    async for chunk in response.aiter_raw():
+        data = chunk
+        while data:
+            piece = inflate.decompress(data, INFLATE_STEP_BYTES)
+            data = inflate.unconsumed_tail
+            if piece:
+                yield piece
+            await asyncio.sleep(0)
+
 
 async def raise_for_status(response: httpx.Response, provider: str) -> None:
-    """Turn an error response into our errors, with the provider's own message when it sent one."""
+    """Turn a response that is no answer into our errors, with the provider's own message when
+    it sent one: any status but 2xx (a redirect is not followed: it would take the API key to
+    wherever it points, and it is the configured URL that is wrong), or a 2xx whose body says
+    by its type that it is no event stream (an error a proxy answered with 200). Neither is a
+    call the provider took, nor billed."""
     status = response.status_code
-    if status < 400:
+    not_a_stream = _NOT_A_STREAM.match(response.headers.get("content-type", "").strip())
+    if 200 <= status < 300 and not not_a_stream:
         return
     # Its first bytes name the error; read to its end, a body that streams slowly (or without
     # end) would hold the call, and a huge one would be kept whole.
     head = b""
-    async for chunk in response.aiter_bytes():
-        head += chunk
-        if len(head) >= ERROR_BODY_BYTES:
-            break
+    try:
+        async for chunk in body_bytes(response):
+            head += chunk
+            if len(head) >= ERROR_BODY_BYTES:
+                break
+    except (ValueError, zlib.error):
+        head = head or b"(a body we cannot read)"
     body = head.decode("utf-8", "replace")[:500]
     message = f"{provider} answered HTTP {status}: {body or response.reason_phrase}"
-    if status == 429:
+    if status < 300:
+        message = (
+            f"{provider} answered HTTP {status} with no event stream "
+            f"({response.headers.get('content-type')}): {body}"
+        )
+    elif status < 400:
+        message = (
+            f"{provider} answered HTTP {status}, a redirect (not followed) to "
+            f"{response.headers.get('location', 'nowhere')[:200]}: is its base URL right?"
+        )
+    if status < 300 or status == 429 or status >= 500 or status in (408, 409):
         raise TransientProviderError(
             message,
             provider=provider,
             http_status=status,
-            retry_after=retry_after_seconds(response.headers.get("retry-after")),
+            retry_after=(
+                retry_after_seconds(response.headers.get("retry-after")) if status == 429 else None
+            ),
         )
-    if status >= 500 or status in (408, 409):
-        raise TransientProviderError(message, provider=provider, http_status=status)
     raise PermanentProviderError(message, provider=provider, http_status=status)
 
 
@@ -227,7 +284,7 @@ class _LineSplitter:
 async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
     """Server-sent events as ``(event name, data)``; the name is ``message`` when unnamed."""
     event, data, size = "message", list[str](), 0
-    async for line in sse_lines(response.aiter_bytes()):
+    async for line in sse_lines(body_bytes(response)):
         if line == "":
             if data:
                 yield event, "\n".join(data)
@@ -253,7 +310,8 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
 #: object belongs: ``AttributeError``; a number out of range: ``OverflowError``). The call broke;
 #: it is not a fault of the orchestrator, which would fail the run and charge nothing of it.
 _UNREADABLE = (
-    ValueError, KeyError, IndexError, TypeError, AttributeError, ArithmeticError, RecursionError
+    ValueError, KeyError, IndexError, TypeError, AttributeError, ArithmeticError, RecursionError,
+    zlib.error,
 )  # fmt: skip
 
 
@@ -279,8 +337,15 @@ class SseProvider(ABC):
         self, *, api_key: str, base_url: str | None = None, timeout: httpx.Timeout | None = None
     ) -> None:
         self.base_url = (base_url or self.default_base_url).rstrip("/")
+        # A key read from a file often ends in a newline, which no header may hold: every call
+        # failed (and was tried again) with an error that quoted the key, stored on the run.
+        api_key = api_key.strip()
+        self._api_key = api_key
+        # No compression asked for: an event stream's chunks are small, and whatever a server
+        # sends compressed all the same is inflated a bounded step at a time (body_bytes).
+        headers = self._headers(api_key) | {"accept-encoding": "identity"}
         self._client = httpx.AsyncClient(
-            timeout=timeout or httpx.Timeout(30.0, connect=5.0), headers=self._headers(api_key)
+            timeout=timeout or httpx.Timeout(30.0, connect=5.0), headers=headers
         )
 
     async def aclose(self) -> None:
@@ -298,11 +363,23 @@ class SseProvider(ABC):
     def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[Piece]:
         """Text pieces, then the usage; raises :class:`StreamBroken` if the events end before
         the provider said it was done. An :class:`Accepted` with the provider's count of the
-        prompt when the events carry one before the text."""
+        prompt when the events carry one before the text. A usage marked ``estimated`` says
+        the answer is whole but the provider counted nothing: the call is charged our counts."""
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
+        try:
+            async for piece in self._stream(request):
+                yield piece
+        except (TransientProviderError, PermanentProviderError) as error:
+            # Its message is stored on the run for every member to read, and a server (or a
+            # proxy) that echoes the request's headers in its error would put the key there.
+            _redact(error, self._api_key)
+            raise
+
+    async def _stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
         usage: Usage | None = None
         started = False
+        text: list[str] = []
         try:
             async with self._client.stream(
                 "POST", f"{self.base_url}{self.path}", json=self._body(request)
@@ -313,7 +390,13 @@ class SseProvider(ABC):
                 async for piece in self._read(sse_events(response)):
                     if isinstance(piece, Usage):
                         usage = piece
+                    elif isinstance(piece, Accepted):
+                        # Its count is what a call cut short is charged: bounded as a usage is.
+                        counted = piece.input_tokens
+                        plausible_count = counted is None or plausible(Usage(counted, 0), request)
+                        yield piece if plausible_count else Accepted()
                     else:
+                        text.append(piece)
                         yield piece
         except httpx.HTTPError as error:
             if usage is None:
@@ -327,6 +410,34 @@ class SseProvider(ABC):
             ) from error
         if usage is None:
             raise StreamBroken(f"{self.name} stream ended without its usage", provider=self.name)
-        if usage.input_tokens < 0 or usage.output_tokens < 0:
-            raise StreamBroken(f"{self.name} reported negative token counts", provider=self.name)
-        yield usage
+        counted = plausible(usage, request) and not usage.estimated
+        yield usage if counted else _estimated(request, "".join(text))
+
+
+#: Tokens a provider may add to a prompt beyond its text: role markers, its own framing and
+#: system text (a tool-use preamble is some hundreds), with room to spare.
+PROMPT_FRAMING_TOKENS = 8192
+
+
+def plausible(usage: Usage, request: ChatRequest) -> bool:
+    """Whether ``usage`` can be the count of a call of ``request``: no more output than its
+    ``max_tokens`` (the provider stops there), no more prompt than the prompt has bytes (no
+    tokenizer makes a token of less than a byte) and some framing. A count past them (or
+    negative) is a broken or hostile provider's, or a proxy's: billed as it came, it charged
+    the workspace any amount, past what the read models can even hold beyond 2^63."""
+    prompt_bytes = sum(len(m.get("content", "").encode()) for m in request.messages)
+    ceiling = prompt_bytes + 16 * len(request.messages) + PROMPT_FRAMING_TOKENS
+    return 0 <= usage.input_tokens <= ceiling and 0 <= usage.output_tokens <= request.max_tokens
+
+
+def _estimated(request: ChatRequest, text: str) -> Usage:
+    """The call's usage by our own count, as a call cut short is charged."""
+    output = min(count_tokens(text), request.max_tokens)
+    return Usage(count_message_tokens(request.messages), output, estimated=True)
+
+
+def _redact(error: AgentWorksError, secret: str) -> None:
+    """``error``'s message without ``secret`` (a key too short to be one is left alone)."""
+    if len(secret) >= 8 and secret in error.message:
+        error.message = error.message.replace(secret, "[api key]")
+        error.args = (error.message,)

@@ -3,7 +3,9 @@
 With ``stream_options.include_usage`` the final chunk carries ``usage`` (and no choices); that
 block is authoritative. Nothing before it counts the prompt: a call cut earlier is charged our
 estimate of its prompt. A stream that ends without ``[DONE]`` broke off, unless that final chunk
-(after a finish reason) came: then the answer is whole and only the closing was lost.
+(after a finish reason) came: then the answer is whole and only the closing was lost. A server
+that ignores ``stream_options`` (an older OpenAI-compatible one) ends a whole answer (a finish
+reason, then ``[DONE]``) without usage: it is charged our counts (estimated), not made again.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class OpenAIProvider(SseProvider):
                     yield usage
                     sent = True
         if sent:
+            return
+        if done and usage is None and finished:
+            yield Usage(0, 0, estimated=True)  # whole, but uncounted: see SseProvider._read
             return
         if not done or usage is None:
             raise StreamBroken(

@@ -163,14 +163,15 @@ class FakeProviderServer:
         if reply.first_byte_delay:
             await asyncio.sleep(reply.first_byte_delay)
         if reply.events is None:
-            head = [f"HTTP/1.1 {reply.status} X", f"content-length: {len(reply.body)}",
-                    "content-type: application/json"]  # fmt: skip
-            head += [f"{k}: {v}" for k, v in reply.headers.items()]
+            fields = {"content-length": str(len(reply.body)), "content-type": "application/json"}
+            fields |= {k.lower(): v for k, v in reply.headers.items()}
+            head = [f"HTTP/1.1 {reply.status} X", *(f"{k}: {v}" for k, v in fields.items())]
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + reply.body)
             await writer.drain()
             return True
         head = [f"HTTP/1.1 {reply.status} OK", "content-type: text/event-stream",
                 "transfer-encoding: chunked"]  # fmt: skip
+        head += [f"{k}: {v}" for k, v in reply.headers.items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
         await writer.drain()
         for index, frame in enumerate(reply.events):

@@ -610,3 +610,47 @@ def test_requests_a_provider_refuses_as_bad_do_not_open_its_circuit_for_everyone
     assert run.status is RunStatus.SUCCEEDED, run.error
     assert (run.provider, run.output) == ("openai", "fine")
     assert not any("circuit" in t for t in log_lines(write_side, run.id))
+
+
+@pytest.mark.parametrize(("status", "calls"), [(400, 2), (401, 1), (307, 1)])
+def test_an_unpinned_run_asks_no_model_again_that_refused_its_request(
+    write_side: AgentWorks, database_url: str, status: int, calls: int
+) -> None:
+    """An unpinned run whose request a model refused (400: a prompt too long) asked it again,
+    the same request, as if the refusal were an outage: its only model up to ``max_attempts``
+    times, or the chain round to it again. Each model is asked once (a refused key, 401, or a
+    redirect away from its base URL: no model of that provider), and the run fails once none
+    is left."""
+    card = card_on_board(write_side)
+    refused = Reply(status=status, body=b'{"error": {"code": "context_length_exceeded"}}')
+    with (
+        FakeProviderServer([refused]) as server,
+        orchestrator_thread(database_url, openai_at(server), max_attempts=4),
+    ):
+        run = wait_for(write_side, start(write_side, card), finished)
+        asked = [r.body["model"] for r in server.requests]
+    assert run.status is RunStatus.FAILED
+    assert "refused" in (run.error or "")
+    assert len(asked) == len(set(asked)) == calls
+
+
+def test_a_provider_streaming_past_the_calls_max_tokens_is_cut_and_charged_no_more(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A provider that ignores ``max_tokens`` streamed into the run's log until its deadline,
+    and the call was charged every token received; cut well past the cap (our tokenizer is not
+    the provider's), it is charged the cap at most, as a broken stream."""
+    words = [" word"] * 2500
+    endless = openai_events(words, prompt_tokens=1, completion_tokens=1, usage=False)[:-2]
+    card = card_on_board(write_side)
+    with (
+        FakeProviderServer([Reply(events=endless)]) as server,
+        orchestrator_thread(database_url, openai_at(server), max_attempts=1),
+    ):
+        run = wait_for(write_side, start(write_side, card, agent="reviewer", provider="openai"),
+                       finished)  # fmt: skip
+    [attempt] = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert run.status is RunStatus.FAILED
+    assert attempt.estimated
+    assert 0 < attempt.output_tokens <= 800
+    assert "streamed past" in (attempt.error or "")

@@ -1,0 +1,263 @@
+"""Provider adapters against local servers that misbehave as a broken or hostile provider (or a
+proxy between) would: what they answer must not be charged as a call, nor stored as it came."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from typing import Any
+
+import pytest
+from provider_servers import FakeProviderServer, Reply, anthropic_events, openai_events
+from test_provider_adapters import FAST, REQUEST
+
+from adapters.providers.anthropic import AnthropicProvider
+from adapters.providers.base import (
+    Accepted,
+    ChatRequest,
+    PermanentProviderError,
+    Piece,
+    TransientProviderError,
+    Usage,
+    retry_after_seconds,
+)
+from adapters.providers.openai import OpenAIProvider
+
+KEY = "sk-live-0123456789abcdef"
+
+
+def pieces(provider: Any, request: ChatRequest = REQUEST) -> tuple[list[Piece], Exception | None]:
+    """What the stream yielded, and what it raised (``None``: it ended)."""
+
+    async def go() -> tuple[list[Piece], Exception | None]:
+        got: list[Piece] = []
+        try:
+            async for piece in provider.stream(request):
+                got.append(piece)
+        except Exception as error:  # noqa: BLE001 - the test judges it
+            return got, error
+        finally:
+            await provider.aclose()
+        return got, None
+
+    return asyncio.run(go())
+
+
+def openai(server: FakeProviderServer) -> OpenAIProvider:
+    return OpenAIProvider(api_key=KEY, base_url=server.url + "/v1", timeout=FAST)
+
+
+def test_a_redirect_is_not_accepted_nor_followed_with_the_key() -> None:
+    answer = openai_events(["x"], prompt_tokens=1, completion_tokens=1)
+    with FakeProviderServer([Reply(events=answer)]) as other:
+        moved = Reply(status=307, headers={"location": other.url + "/v1/chat/completions"})
+        with FakeProviderServer([moved]) as server:
+            got, error = pieces(openai(server))
+        assert not other.requests
+    assert not any(isinstance(p, Accepted) for p in got)
+    assert isinstance(error, PermanentProviderError), error
+    assert error.http_status == 307
+
+
+def test_a_json_error_answered_with_200_is_not_accepted() -> None:
+    body = json.dumps({"error": {"message": "upstream overloaded", "type": "server_error"}})
+    with FakeProviderServer([Reply(status=200, body=body.encode())]) as server:
+        got, error = pieces(openai(server))
+    assert not any(isinstance(p, Accepted) for p in got)
+    assert isinstance(error, TransientProviderError), error
+    assert "upstream overloaded" in str(error)
+
+
+def usage_of(got: list[Piece]) -> Usage:
+    found = [p for p in got if isinstance(p, Usage)]
+    assert len(found) == 1, got
+    return found[0]
+
+
+@pytest.mark.parametrize(
+    ("prompt_tokens", "completion_tokens"),
+    [(2**70, 3), (12, 10**12), (-5, 3), (12, -1), (1e300, 3)],
+)
+def test_a_usage_no_call_of_the_request_could_have_is_charged_from_our_counts(
+    prompt_tokens: Any, completion_tokens: Any
+) -> None:
+    """A count past what the request could use (more output than ``max_tokens``, more prompt
+    than it has bytes) billed the workspace whatever the wire said, and a count past 2^63 could
+    not even be kept in the read models; a negative one failed the whole answer, to be made
+    (and charged) again."""
+    events = openai_events(["one ", "two"], prompt_tokens=1, completion_tokens=1)
+    usage_frame = next(i for i, f in enumerate(events) if '"usage"' in f)
+    events[usage_frame] = "data: " + json.dumps({"id": "c1", "choices": [], "usage": {
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}})  # fmt: skip
+    with FakeProviderServer([Reply(events=events)]) as server:
+        got, error = pieces(openai(server))
+    assert error is None, error
+    assert "".join(p for p in got if isinstance(p, str)) == "one two"
+    usage = usage_of(got)
+    assert usage.estimated
+    assert 0 < usage.input_tokens < 100
+    assert 0 < usage.output_tokens <= REQUEST.max_tokens
+
+
+def test_anthropic_output_count_past_max_tokens_is_not_the_calls() -> None:
+    events = anthropic_events(["hi"], input_tokens=20, output_tokens=10**9)
+    provider = AnthropicProvider(api_key=KEY, base_url="", timeout=FAST)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        provider.base_url = server.url
+        got, error = pieces(provider)
+    assert error is None, error
+    usage = usage_of(got)
+    assert usage.estimated
+    assert usage.output_tokens <= REQUEST.max_tokens
+
+
+def test_a_plausible_usage_is_the_providers() -> None:
+    events = openai_events(["one"], prompt_tokens=30, completion_tokens=64)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        got, error = pieces(openai(server))
+    assert error is None, error
+    assert usage_of(got) == Usage(30, 64)
+
+
+@pytest.mark.parametrize("status", [401, 400, 500])
+def test_the_key_a_server_echoes_in_its_error_is_not_kept_in_the_message(status: int) -> None:
+    """Errors are stored on the run (its attempts, its log, its error) for every member to
+    read; a proxy that echoes the request's headers put the API key there."""
+    body = json.dumps({"error": f"bad request, headers: authorization: Bearer {KEY}"})
+    with FakeProviderServer([Reply(status=status, body=body.encode())]) as server:
+        _, error = pieces(openai(server))
+    assert error is not None
+    assert KEY not in str(error)
+
+
+def test_the_key_an_error_event_echoes_is_not_kept_in_the_message() -> None:
+    events = anthropic_events(["hi"], input_tokens=2, output_tokens=1)
+    events.insert(3, 'event: error\ndata: {"type": "error", "error": {"message": "key ' + KEY
+                  + ' overloaded"}}')  # fmt: skip
+    provider = AnthropicProvider(api_key=KEY, base_url="", timeout=FAST)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        provider.base_url = server.url
+        _, error = pieces(provider)
+    assert isinstance(error, TransientProviderError)
+    assert KEY not in str(error)
+
+
+def _gzip(data: bytes) -> bytes:
+    return gzip.compress(data, compresslevel=9, mtime=0)
+
+
+def test_the_call_asks_for_no_compression_and_reads_a_compressed_stream_all_the_same() -> None:
+    events = openai_events(["zip", "ped"], prompt_tokens=5, completion_tokens=2)
+    body = _gzip("".join(f + "\n\n" for f in events).encode())
+    reply = Reply(body=body, headers={"content-type": "text/event-stream",
+                                      "content-encoding": "gzip"})  # fmt: skip
+    with FakeProviderServer([reply]) as server:
+        got, error = pieces(openai(server))
+        sent = server.requests[0].headers
+    assert error is None, error
+    assert "".join(p for p in got if isinstance(p, str)) == "zipped"
+    assert usage_of(got) == Usage(5, 2)
+    assert sent.get("accept-encoding") == "identity"
+
+
+def test_a_decompression_bomb_is_read_a_bounded_piece_at_a_time() -> None:
+    """A few kilobytes of gzip that inflate to megabytes of blank lines: httpx inflated each
+    network chunk whole and the line splitter listed every line of it, some hundreds of
+    megabytes for one call, all in one step of the event loop every other run waits on."""
+    body = _gzip(b"data: {}\n\n" + b"\n" * (4 * 1024 * 1024))
+    reply = Reply(body=body, headers={"content-type": "text/event-stream",
+                                      "content-encoding": "gzip"})  # fmt: skip
+
+    longest = 0.0
+
+    async def go(url: str) -> Exception | None:
+        nonlocal longest
+        provider = OpenAIProvider(api_key=KEY, base_url=url, timeout=FAST)
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            nonlocal longest
+            loop = asyncio.get_running_loop()
+            while not stop.is_set():
+                before = loop.time()
+                await asyncio.sleep(0.01)
+                longest = max(longest, loop.time() - before - 0.01)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            async with asyncio.timeout(3):
+                async for _ in provider.stream(REQUEST):
+                    pass
+        except Exception as error:  # noqa: BLE001 - the test judges it
+            return error
+        finally:
+            stop.set()
+            await watcher
+            await provider.aclose()
+        return None
+
+    with FakeProviderServer([reply]) as server:
+        error = asyncio.run(go(server.url))
+    assert error is not None
+    assert longest < 1.0, f"the event loop was held {longest:.2f}s at once"
+
+
+def test_a_prompt_count_no_call_of_the_request_could_have_is_not_said_accepted() -> None:
+    """A call cut after ``message_start`` is charged the prompt count it carried: one past
+    what the prompt could be charged the workspace any amount for a call cut short."""
+    events = anthropic_events(["hi"], input_tokens=10**15, output_tokens=1)
+    provider = AnthropicProvider(api_key=KEY, base_url="", timeout=FAST)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        provider.base_url = server.url
+        got, error = pieces(provider)
+    assert error is None, error
+    assert [p for p in got if isinstance(p, Accepted)] == [Accepted(), Accepted()]
+    assert usage_of(got).estimated
+
+
+@pytest.mark.parametrize(("delta_input", "charged"), [(25, 25), (0, 20), (None, 20)])
+def test_anthropic_input_count_is_its_final_cumulative_one(
+    delta_input: int | None, charged: int
+) -> None:
+    """``message_delta``'s usage is cumulative, the input count too when it carries one (a
+    prompt that grew during the call, by the provider's own tools); a smaller one than
+    ``message_start``'s is no count (a proxy's placeholder 0): counts do not shrink."""
+    events = anthropic_events(["hi"], input_tokens=20, output_tokens=3)
+    delta = next(i for i, f in enumerate(events) if f.startswith("event: message_delta"))
+    usage: dict[str, int] = {"output_tokens": 3}
+    if delta_input is not None:
+        usage["input_tokens"] = delta_input
+    events[delta] = "event: message_delta\ndata: " + json.dumps(
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage}
+    )
+    provider = AnthropicProvider(api_key=KEY, base_url="", timeout=FAST)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        provider.base_url = server.url
+        got, error = pieces(provider)
+    assert error is None, error
+    assert usage_of(got) == Usage(charged, 3)
+
+
+@pytest.mark.parametrize("provider_class", [OpenAIProvider, AnthropicProvider])
+def test_a_key_read_with_its_line_end_is_sent_without_it(provider_class: Any) -> None:
+    """A key from a file (a mounted secret) often ends in a newline, which no header may hold:
+    every call failed, tried again and again, with an error quoting the key (httpx's "Illegal
+    header value b'Bearer sk-…\\n'"), stored on the run's attempts for every member to read."""
+    events = openai_events(["x"], prompt_tokens=1, completion_tokens=1)
+    if provider_class is AnthropicProvider:
+        events = anthropic_events(["x"], input_tokens=1, output_tokens=1)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        base_url = server.url + ("/v1" if provider_class is OpenAIProvider else "")
+        provider = provider_class(api_key=KEY + "\r\n", base_url=base_url, timeout=FAST)
+        got, error = pieces(provider)
+        sent = server.requests[0].headers
+    assert error is None, error
+    assert "".join(p for p in got if isinstance(p, str)) == "x"
+    assert sent.get("x-api-key", sent.get("authorization")) in (KEY, f"Bearer {KEY}")
+
+
+@pytest.mark.parametrize("value", ["nan", "-nan", "NaN"])
+def test_a_retry_after_that_is_not_a_number_is_none(value: str) -> None:
+    """``float`` reads "nan", and ``max(0.0, nan)`` is 0.0: every retry came at once."""
+    assert retry_after_seconds(value) is None
