@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import pytest
@@ -60,14 +61,24 @@ def exporter(spans: InMemorySpanExporter) -> InMemorySpanExporter:
     return spans
 
 
+@contextmanager
+def logged(*, level: str, json: bool) -> Iterator[io.StringIO]:
+    """Everything logged at ``level`` and up (JSON or console lines) inside the block; the
+    logging configured before is restored after."""
+    root = logging.getLogger()
+    handlers, before, config = list(root.handlers), root.level, structlog.get_config()
+    stream = io.StringIO()
+    configure_logging(level=level, json=json, stream=stream)
+    try:
+        yield stream
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(before)
+        structlog.configure(**config)
+
+
 @pytest.fixture
 def log_lines() -> Iterator[io.StringIO]:
     """Everything logged (JSON, DEBUG and up) while the test runs; logging restored after."""
-    root = logging.getLogger()
-    handlers, level, config = list(root.handlers), root.level, structlog.get_config()
-    stream = io.StringIO()
-    configure_logging(level="DEBUG", json=True, stream=stream)
-    yield stream
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**config)
+    with logged(level="DEBUG", json=True) as stream:
+        yield stream

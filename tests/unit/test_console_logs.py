@@ -5,27 +5,19 @@ held the event loop for minutes (found with variables nested ~960 deep)."""
 from __future__ import annotations
 
 import io
-import logging
 import secrets
 from collections.abc import Iterator
 
 import pytest
 import structlog
-
-from infra.logging import configure_logging
+from telemetry_fixtures import logged
 
 
 @pytest.fixture
 def console() -> Iterator[io.StringIO]:
     """What console logging writes while the test runs; logging restored after."""
-    root = logging.getLogger()
-    handlers, level, config = list(root.handlers), root.level, structlog.get_config()
-    stream = io.StringIO()
-    configure_logging(level="INFO", json=False, stream=stream)
-    yield stream
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.configure(**config)
+    with logged(level="INFO", json=False) as stream:
+        yield stream
 
 
 def check_password(password: str) -> None:
