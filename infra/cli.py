@@ -179,11 +179,10 @@ def _rebuild_stale_read_models(
         if not revisions.stale:
             return
         if not rebuild:
-            for name, built, code in revisions.stale:
-                console.print(
-                    f"[yellow]read model {name} was built by revision {built} of its projector, "
-                    f"this code is at {code}: run '{PROG} rebuild {name}' (--no-rebuild)"
-                )
+            for line in revisions.describe_stale(
+                then=f"run '{PROG} rebuild {{name}}' (--no-rebuild)"
+            ):
+                console.print(f"[yellow]{line}")
             return
         for line in revisions.describe_stale():
             console.print(line)

@@ -42,10 +42,12 @@ class Revisions:
     def stale_names(self) -> frozenset[str]:
         return frozenset(name for name, _, _ in self.stale)
 
-    def describe_stale(self) -> list[str]:
+    def describe_stale(self, *, then: str = "rebuilding it") -> list[str]:
+        """A line per stale read model, saying what is done about it (``then``, where the
+        read model's name is ``{name}``)."""
         return [
             f"read model {name} was built by revision {built} of its projector, this code is "
-            f"at {code}: rebuilding it"
+            f"at {code}: {then.format(name=name)}"
             for name, built, code in self.stale
         ]
 
