@@ -338,13 +338,23 @@ class Identity:
 
         A first sign-in whose address already has an account is linked to it only when the
         provider says the address is verified; anyone could otherwise claim another's account.
+        Nothing else proves an address (sign-up sends no mail), so that first verified link
+        also ends the credentials of whoever held the account before (a squatter's password or
+        unverified provider identity; see ``User.AddressProven``).
         """
         link_id = oidc_link_id(issuer, subject)
         for _ in range(self.retries + 1):
             try:
-                return self._get(OidcLink, link_id).user_id
+                linked = self._get(OidcLink, link_id).user_id
             except NotFound:
                 pass
+            else:
+                if not self._user(linked).signs_in_as(issuer, subject):
+                    raise Unauthenticated(
+                        "this sign-in was unlinked from its account: the provider verified the "
+                        "address for another of its identities"
+                    )
+                return linked
             if email is None:
                 raise Unauthenticated("the provider's token has no email claim to sign up with")
             address = normalise_email(email)
@@ -355,7 +365,7 @@ class Identity:
                     raise Unauthenticated(
                         f"{address} already has an account and the provider did not verify it"
                     )
-                existing.link_oidc_subject(issuer, subject, meta=meta)
+                existing.link_oidc_subject(issuer, subject, verified=True, meta=meta)
                 changed: list[Aggregate] = [existing]
                 user_id = existing.id
             else:
@@ -364,7 +374,7 @@ class Identity:
                     user_id=user_id, email=address, name=_provider_name(name, address),
                     password_hash=None, meta=meta,
                 )  # fmt: skip
-                user.link_oidc_subject(issuer, subject, meta=meta)
+                user.link_oidc_subject(issuer, subject, verified=email_verified, meta=meta)
                 changed = [user, EmailClaim.claim(email=address, user_id=user_id, meta=meta)]
             link = OidcLink.link(issuer=issuer, subject=subject, user_id=user_id, meta=meta)
             try:

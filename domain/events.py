@@ -482,6 +482,11 @@ class UserOidcSubjectLinked(EventPayload, event="User.OidcSubjectLinked"):
     subject: str
 
 
+class UserAddressProven(EventPayload, event="User.AddressProven"):
+    issuer: str
+    subject: str
+
+
 class UserLoginSucceeded(EventPayload, event="User.LoginSucceeded"):
     session_id: IdText
     method: str

@@ -129,6 +129,7 @@ class User(IdentityAggregate):
         last_totp_step: int
         oidc_subjects: list[str]
         password_changed_at: datetime | None
+        address_proven: bool
 
     class Registered(IdentityAggregate.Created):
         email: str
@@ -146,6 +147,7 @@ class User(IdentityAggregate):
             aggregate.last_totp_step = -1
             aggregate.oidc_subjects = []
             aggregate.password_changed_at = None
+            aggregate.address_proven = False
 
     class PasswordChanged(IdentityAggregate.Event):
         password_hash: str
@@ -198,6 +200,26 @@ class User(IdentityAggregate):
 
         def apply(self, aggregate: User) -> None:
             aggregate.oidc_subjects = [*aggregate.oidc_subjects, f"{self.issuer} {self.subject}"]
+
+    class AddressProven(IdentityAggregate.Event):
+        """An identity provider vouched for the address of the subject it signed in
+        (``email_verified``). Every credential the account had before was set by someone who
+        never proved the address (a sign-up, a provider's unverified claim), maybe a squatter
+        waiting for its owner: they end here. The password and second factor go, sessions begun
+        before stop refreshing (``password_changed_at``), and only this subject stays linked."""
+
+        issuer: str
+        subject: str
+
+        def apply(self, aggregate: User) -> None:
+            aggregate.address_proven = True
+            aggregate.password_hash = None
+            aggregate.password_changed_at = self.timestamp
+            aggregate.mfa_enabled = False
+            aggregate.totp_secret_sealed = None
+            aggregate.pending_totp_secret_sealed = None
+            aggregate.recovery_code_hashes = []
+            aggregate.oidc_subjects = [f"{self.issuer} {self.subject}"]
 
     class LoginSucceeded(IdentityAggregate.Event):
         session_id: UUID
@@ -271,9 +293,20 @@ class User(IdentityAggregate):
             raise Unauthenticated("recovery code is not valid or was already used")
         self._record(self.RecoveryCodeUsed, meta, code_hash=code_hash)
 
-    def link_oidc_subject(self, issuer: str, subject: str, *, meta: EventMeta) -> None:
-        if f"{issuer} {subject}" not in self.oidc_subjects:
+    def link_oidc_subject(
+        self, issuer: str, subject: str, *, verified: bool, meta: EventMeta
+    ) -> None:
+        """Link a provider's subject; ``verified``: the provider vouched for this account's
+        address, which proves it the first time (see :class:`AddressProven`)."""
+        if verified and not getattr(self, "address_proven", False):
+            self._record(self.AddressProven, meta, issuer=issuer, subject=subject)
+        elif f"{issuer} {subject}" not in self.oidc_subjects:
             self._record(self.OidcSubjectLinked, meta, issuer=issuer, subject=subject)
+
+    def signs_in_as(self, issuer: str, subject: str) -> bool:
+        """Whether a provider's subject still signs in to this account (the address's proven
+        owner unlinks every subject linked before)."""
+        return f"{issuer} {subject}" in self.oidc_subjects
 
     def record_login(self, session_id: UUID, method: str, *, meta: EventMeta) -> None:
         self._record(self.LoginSucceeded, meta, session_id=session_id, method=method)

@@ -208,6 +208,72 @@ def test_an_existing_address_is_linked_only_when_the_provider_verified_it(
     assert verified["id"] == signed_up.json()["userId"]
 
 
+def test_a_password_set_before_the_address_was_proven_stops_working_once_its_owner_signs_in(
+    oidc_stack: Stack, provider: Provider
+) -> None:
+    """Sign-up proves no address: whoever signed up first with another's address (a squatter)
+    held a password to the account its owner then signed in to through the provider, and read
+    every workspace the owner joined. The provider's verified sign-in now ends the password and
+    every session begun with it."""
+    url = oidc_stack.url
+    password = "squatter's password"
+    signed_up = httpx.post(
+        f"{url}/auth/signup", json={"email": "owner@example.com", "password": password, "name": "S"}
+    )
+    assert signed_up.status_code == 201
+    squatting = httpx.post(
+        f"{url}/auth/login", json={"email": "owner@example.com", "password": password}
+    )
+    assert squatting.status_code == 200
+    owner = me(
+        oidc_stack,
+        provider.token("rsa-1", sub="owner", email="owner@example.com", email_verified=True),
+    )
+    assert owner["id"] == signed_up.json()["userId"]
+    again = httpx.post(
+        f"{url}/auth/login", json={"email": "owner@example.com", "password": password}
+    )
+    assert again.status_code == 401, again.text
+    refreshed = httpx.post(
+        f"{url}/auth/refresh", json={"refreshToken": squatting.json()["refreshToken"]}
+    )
+    assert refreshed.status_code == 401, refreshed.text
+
+
+def test_an_identity_linked_by_an_unverified_address_is_unlinked_when_its_owner_signs_in(
+    oidc_stack: Stack, provider: Provider
+) -> None:
+    """A provider account claiming another's address unverified made the account; the owner's
+    verified sign-in was then linked to it, and the squatter's sign-in went on working."""
+    squatter = provider.token("rsa-1", sub="squatter", email="claimed@example.com")
+    made = me(oidc_stack, squatter)
+    owner = me(
+        oidc_stack,
+        provider.token("rsa-1", sub="claimed", email="claimed@example.com", email_verified=True),
+    )
+    assert owner["id"] == made["id"]
+    refused = ask(oidc_stack, provider.token("rsa-1", sub="squatter"))
+    assert refused.status_code == 401, refused.text
+    assert refused.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+    verified_again = provider.token("rsa-1", sub="claimed", email_verified=True)
+    assert me(oidc_stack, verified_again)["id"] == made["id"]
+
+
+def test_a_second_verified_identity_of_a_proven_address_is_linked_beside_the_first(
+    oidc_stack: Stack, provider: Provider
+) -> None:
+    first = me(
+        oidc_stack,
+        provider.token("rsa-1", sub="first", email="twice@example.com", email_verified=True),
+    )
+    second = me(
+        oidc_stack,
+        provider.token("rsa-1", sub="second", email="twice@example.com", email_verified=True),
+    )
+    assert second["id"] == first["id"]
+    assert me(oidc_stack, provider.token("rsa-1", sub="first"))["id"] == first["id"]
+
+
 @pytest.mark.parametrize("name", ["x" * 300, "   ", "nul\x00in it", "lone \ud800 surrogate"])
 def test_a_display_name_this_api_would_refuse_does_not_refuse_the_sign_in(
     oidc_stack: Stack, provider: Provider, name: str
