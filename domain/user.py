@@ -35,11 +35,12 @@ _EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
 
 
 def normalise_email(raw: str) -> str:
-    """The address as compared and stored: NFKC, trimmed and case-folded (API.md: addresses
-    compare case-insensitively; unlike lower(), case-folding also equates the micro sign with
-    the Greek capital mu)."""
-    folded = unicodedata.normalize("NFKC", raw).strip().casefold()
-    email = unicodedata.normalize("NFKC", folded)  # folding may decompose (U+0390): compose again
+    """The address as compared and stored: NFKC, trimmed and lower-cased (API.md: addresses
+    compare case-insensitively). Not case-folded: folding also equates letters that are not
+    case variants (ß with ss, ς with σ), which IDNA 2008 keeps apart, so the owner of one
+    address (straße.de) would have claimed another's (strasse.de)."""
+    lowered = unicodedata.normalize("NFKC", raw).strip().lower()
+    email = unicodedata.normalize("NFKC", lowered)  # lowering may decompose: compose again
     if len(email) > MAX_EMAIL_LENGTH:
         raise ValidationFailed(f"email is {len(email)} characters; at most {MAX_EMAIL_LENGTH}")
     if not _EMAIL.fullmatch(email):

@@ -274,6 +274,30 @@ def test_a_second_verified_identity_of_a_proven_address_is_linked_beside_the_fir
     assert me(oidc_stack, provider.token("rsa-1", sub="first"))["id"] == first["id"]
 
 
+def test_a_verified_address_only_folding_makes_equal_is_another_account(
+    oidc_stack: Stack, provider: Provider
+) -> None:
+    """straße.example and strasse.example are two domains (IDNA 2008), two owners. Case-folding
+    made them one address: the owner of the first, verified by the provider, signed in to the
+    account of the second."""
+    signed_up = httpx.post(
+        f"{oidc_stack.url}/auth/signup",
+        json={"email": "ceo@strasse.example", "password": "correct horse battery", "name": "C"},
+    )
+    assert signed_up.status_code == 201
+    other = me(
+        oidc_stack,
+        provider.token("rsa-1", sub="fold", email="ceo@stra\u00dfe.example", email_verified=True),
+    )
+    assert other["id"] != signed_up.json()["userId"]
+    assert other["email"] == "ceo@stra\u00dfe.example"
+    login = httpx.post(
+        f"{oidc_stack.url}/auth/login",
+        json={"email": "CEO@Strasse.example", "password": "correct horse battery"},
+    )
+    assert login.status_code == 200, login.text
+
+
 @pytest.mark.parametrize("name", ["x" * 300, "   ", "nul\x00in it", "lone \ud800 surrogate"])
 def test_a_display_name_this_api_would_refuse_does_not_refuse_the_sign_in(
     oidc_stack: Stack, provider: Provider, name: str

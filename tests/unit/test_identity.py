@@ -228,6 +228,16 @@ def test_unicode_case_variants_are_one_address(one: str, other: str) -> None:
     assert normalise_email(one) == normalise_email(other)
 
 
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [("a@stra\u00dfe.de", "a@strasse.de"), ("\u03c2@x.io", "\u03c3@x.io")],
+)
+def test_addresses_only_case_folding_makes_equal_stay_two(one: str, other: str) -> None:
+    """ß and ς are letters of their own in IDNA 2008 (straße.de is not strasse.de); folding
+    them (to ss, σ) let the holder of one address claim another's."""
+    assert normalise_email(one) != normalise_email(other)
+
+
 def test_session_rotation_rules_directly() -> None:
     from datetime import UTC, datetime, timedelta
 
