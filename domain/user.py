@@ -37,8 +37,8 @@ _EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
 def normalise_email(raw: str) -> str:
     """The address as compared and stored: NFKC, trimmed and lower-cased (API.md: addresses
     compare case-insensitively). Not case-folded: folding also equates letters that are not
-    case variants (ß with ss, ς with σ), which IDNA 2008 keeps apart, so the owner of one
-    address (straße.de) would have claimed another's (strasse.de)."""
+    case variants (ß with ss, final sigma with sigma), which IDNA 2008 keeps apart, so the
+    owner of one address (straße.de) would have claimed another's (strasse.de)."""
     lowered = unicodedata.normalize("NFKC", raw).strip().lower()
     email = unicodedata.normalize("NFKC", lowered)  # lowering may decompose: compose again
     if len(email) > MAX_EMAIL_LENGTH:

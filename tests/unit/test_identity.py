@@ -234,7 +234,7 @@ def test_unicode_case_variants_are_one_address(one: str, other: str) -> None:
 )
 def test_addresses_only_case_folding_makes_equal_stay_two(one: str, other: str) -> None:
     """ß and ς are letters of their own in IDNA 2008 (straße.de is not strasse.de); folding
-    them (to ss, σ) let the holder of one address claim another's."""
+    them (to ss, sigma) let the holder of one address claim another's."""
     assert normalise_email(one) != normalise_email(other)
 
 
