@@ -5,7 +5,8 @@ Exceptions raised by adapters::
     AgentWorksError
      ├── Unavailable
      │    └── TransientProviderError   429 (with retry-after), 5xx, timeouts, connect errors
-     │         └── StreamBroken        the stream ended before the provider said it was done
+     │         └── StreamBroken        the stream ended before the provider said it was done,
+     │                                 or stalled: nothing but keep-alives for the idle period
      └── PermanentProviderError        4xx other than 429 (bad key, unknown model, bad request)
 """
 
@@ -305,6 +306,36 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
         yield event, "\n".join(data)
 
 
+#: Seconds a stream may go on without progress (text, a usage, a message event of the
+#: provider's) before the call is cut as stalled.
+DEFAULT_IDLE_TIMEOUT = 60.0
+
+
+async def _progressing(
+    pieces: AsyncIterator[Piece], idle: float, provider: str
+) -> AsyncIterator[Piece]:
+    """``pieces``, cut with :class:`StreamBroken` when none comes for ``idle`` seconds. The read
+    timeout cannot see this: any byte restarts it, so a stream of keep-alives (blank lines, SSE
+    comments, ``ping`` events, white space) held the call, and the run's slot, until the run's
+    own deadline with nothing produced. The clock runs only while a piece is awaited, not while
+    the caller handles one."""
+    while True:
+        timeout = asyncio.timeout(idle)
+        try:
+            async with timeout:
+                piece = await anext(pieces)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as error:
+            if not timeout.expired():
+                raise
+            raise StreamBroken(
+                f"{provider} stream stalled: no data for {idle:g}s (keep-alives aside)",
+                provider=provider,
+            ) from error
+        yield piece
+
+
 #: What reading an event the provider got wrong raises: JSON that is not JSON, or too deeply
 #: nested to decode (``RecursionError``), or of another shape than the API's (a list where an
 #: object belongs: ``AttributeError``; a number out of range: ``OverflowError``). The call broke;
@@ -334,9 +365,15 @@ class SseProvider(ABC):
     read."""
 
     def __init__(
-        self, *, api_key: str, base_url: str | None = None, timeout: httpx.Timeout | None = None
+        self,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        timeout: httpx.Timeout | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.base_url = (base_url or self.default_base_url).rstrip("/")
+        self.idle_timeout = idle_timeout
         # A key read from a file often ends in a newline, which no header may hold: every call
         # failed (and was tried again) with an error that quoted the key, stored on the run.
         api_key = api_key.strip()
@@ -387,7 +424,8 @@ class SseProvider(ABC):
                 await raise_for_status(response, self.name)
                 started = True
                 yield Accepted()
-                async for piece in self._read(sse_events(response)):
+                read = self._read(sse_events(response))
+                async for piece in _progressing(read, self.idle_timeout, self.name):
                     if isinstance(piece, Usage):
                         usage = piece
                     elif isinstance(piece, Accepted):
