@@ -13,7 +13,6 @@ Exceptions raised by adapters::
 from __future__ import annotations
 
 import asyncio
-import codecs
 import math
 import re
 import zlib
@@ -218,12 +217,13 @@ def translate(error: httpx.HTTPError, provider: str, *, streaming: bool) -> Tran
     )
 
 
-#: What ends a line of an event stream: CRLF, LF or CR, and nothing else.
-_LINE_END = re.compile("\r\n|\r|\n")
+#: What ends a line of an event stream: CRLF, LF or CR, and nothing else. Bytes: no byte of a
+#: UTF-8 sequence is a CR or an LF, so lines are split before they are decoded.
+_LINE_END = re.compile(b"\r\n|\r|\n")
 
-#: The most characters one event (its lines, its data) may hold. A provider's chunk is a few
-#: hundred; one without a bound (a broken or hostile server's endless line) would be kept whole
-#: in memory, the whole orchestrator's, and every run in it would go down with it.
+#: The most characters one event's data may hold, and bytes one of its lines. A provider's
+#: chunk is a few hundred; one without a bound (a broken or hostile server's endless line) would
+#: be kept whole in memory, the whole orchestrator's, and every run in it would go down with it.
 MAX_EVENT_CHARS = 4 * 1024 * 1024
 
 
@@ -234,74 +234,90 @@ async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
     U+2028, U+2029 and NEL, which JSON carries unescaped inside a ``data:`` line, so a model
     writing one of them broke its chunk in two and the call with it. A CR that ends one chunk
     and an LF that starts the next are one line end."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    async for batch in _line_batches(chunks):
+        for line in batch:
+            yield line
+
+
+async def _line_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[str]]:
+    """:func:`sse_lines`' lines, a list per chunk: a chunk of keep-alives (blank lines,
+    comments) is split in one call, not a step of the generators per line."""
     lines = _LineSplitter()
     async for chunk in chunks:
-        for line in lines.feed(decoder.decode(chunk)):
-            yield line
-    for line in lines.feed(decoder.decode(b"", final=True)):
-        yield line
+        batch = lines.feed(chunk)
+        if batch:
+            yield batch
     if lines.partial:
-        yield "".join(lines.partial)
+        yield lines.rest()
 
 
 class _LineSplitter:
-    """Decoded text, chunk by chunk, into complete lines; what follows the last line end waits
-    in ``partial`` (the scan never goes over text it has already seen)."""
+    """Bytes, chunk by chunk, into complete lines, decoded; what follows the last line end
+    waits in ``partial`` (the scan never goes over bytes it has already seen, and what waits is
+    one buffer, however many pieces it came in)."""
 
     def __init__(self) -> None:
-        self.partial: list[str] = []
-        self._partial_chars = 0
+        self.partial = bytearray()
         self._after_cr = False
         self._first = True
 
-    def feed(self, text: str) -> list[str]:
-        if not text:
+    def feed(self, data: bytes) -> list[str]:
+        if not data:
             return []
-        if self._first:
-            text, self._first = text.removeprefix("\ufeff"), False
-        if self._after_cr and text.startswith("\n"):
-            text = text[1:]
-        self._after_cr = False
-        lines: list[str] = []
-        start = 0
-        for end in _LINE_END.finditer(text):
-            self._keep(text[start : end.start()])
-            lines.append("".join(self.partial))
-            self.partial, self._partial_chars = [], 0
-            start = end.end()
-            self._after_cr = end.group() == "\r" and start == len(text)
-        if start < len(text):
-            self._keep(text[start:])
-        return lines
+        if self._after_cr and data.startswith(b"\n"):
+            data = data[1:]
+        self._after_cr = data.endswith(b"\r")
+        parts = _LINE_END.split(data)
+        tail = parts.pop()
+        if parts and self.partial:
+            self.partial += parts[0]
+            parts[0] = bytes(self.partial)
+            self.partial.clear()
+        self.partial += tail
+        # Only the first line can be longer than this chunk: it began in an earlier one.
+        longest = len(parts[0]) if parts else 0
+        if len(data) > MAX_EVENT_CHARS:
+            longest = max(map(len, parts), default=0)
+        if max(longest, len(self.partial)) > MAX_EVENT_CHARS:
+            raise ValueError(f"an event-stream line is longer than {MAX_EVENT_CHARS} bytes")
+        return [self._text(part) for part in parts]
 
-    def _keep(self, text: str) -> None:
-        self._partial_chars += len(text)
-        if self._partial_chars > MAX_EVENT_CHARS:
-            raise ValueError(f"an event-stream line is longer than {MAX_EVENT_CHARS} characters")
-        self.partial.append(text)
+    def rest(self) -> list[str]:
+        """What follows the last line end, as the stream's last line."""
+        line = self._text(bytes(self.partial))
+        self.partial.clear()
+        return [line]
+
+    def _text(self, line: bytes) -> str:
+        first, self._first = self._first, False
+        if not line:
+            return ""
+        text = line.decode("utf-8", "replace")
+        return text.removeprefix("\ufeff") if first else text
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
     """Server-sent events as ``(event name, data)``; the name is ``message`` when unnamed."""
     event, data, size = "message", list[str](), 0
-    async for line in sse_lines(body_bytes(response)):
-        if line == "":
-            if data:
-                yield event, "\n".join(data)
-            event, data, size = "message", list[str](), 0
-        elif line.startswith(":"):
-            continue
-        else:
-            name, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if name == "event":
-                event = value
-            elif name == "data":
-                size += len(value) + 1
-                if size > MAX_EVENT_CHARS:
-                    raise ValueError(f"an event is longer than {MAX_EVENT_CHARS} characters")
-                data.append(value)
+    async for batch in _line_batches(body_bytes(response)):
+        for line in batch:
+            if not line:
+                if data:
+                    yield event, "\n".join(data)
+                    data, size = [], 0
+                event = "message"
+            elif line.startswith(":"):
+                continue
+            else:
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "event":
+                    event = value
+                elif name == "data":
+                    size += len(value) + 1
+                    if size > MAX_EVENT_CHARS:
+                        raise ValueError(f"an event is longer than {MAX_EVENT_CHARS} characters")
+                    data.append(value)
     if data:
         yield event, "\n".join(data)
 
