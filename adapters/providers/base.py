@@ -322,8 +322,8 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
         yield event, "\n".join(data)
 
 
-#: Seconds a stream may go on without progress (text, a usage, a message event of the
-#: provider's) before the call is cut as stalled.
+#: Seconds a stream may go on without progress (a piece of :meth:`SseProvider._read`: text, the
+#: usage, an :class:`Accepted` with the provider's count) before the call is cut as stalled.
 DEFAULT_IDLE_TIMEOUT = 60.0
 
 
