@@ -90,6 +90,17 @@ class Usage:
 Piece = str | Accepted | Usage
 
 
+@dataclass(frozen=True)
+class Working:
+    """The provider sent work that is not answer text (a model's thinking or reasoning, a tool
+    call's arguments): no piece for the caller, but progress, so a model that thinks for
+    minutes before it writes is not cut as a stalled stream (see :func:`_progressing`)."""
+
+
+#: What an adapter reads from its API's events: a piece, or a sign of work.
+ReadPiece = Piece | Working
+
+
 class Provider(Protocol):
     """A provider streams text pieces (``str``) and ends with exactly one :class:`Usage`; before
     its first text it says :class:`Accepted` once the call is the provider's (and billed)."""
@@ -323,13 +334,14 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]
 
 
 #: Seconds a stream may go on without progress (a piece of :meth:`SseProvider._read`: text, the
-#: usage, an :class:`Accepted` with the provider's count) before the call is cut as stalled.
+#: usage, an :class:`Accepted` with the provider's count, :class:`Working`) before the call is
+#: cut as stalled.
 DEFAULT_IDLE_TIMEOUT = 60.0
 
 
 async def _progressing(
-    pieces: AsyncIterator[Piece], idle: float, provider: str
-) -> AsyncIterator[Piece]:
+    pieces: AsyncIterator[ReadPiece], idle: float, provider: str
+) -> AsyncIterator[ReadPiece]:
     """``pieces``, cut with :class:`StreamBroken` when none comes for ``idle`` seconds. The read
     timeout cannot see this: any byte restarts it, so a stream of keep-alives (blank lines, SSE
     comments, ``ping`` events, white space) held the call, and the run's slot, until the run's
@@ -413,7 +425,7 @@ class SseProvider(ABC):
         """The JSON body of the call."""
 
     @abstractmethod
-    def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[Piece]:
+    def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[ReadPiece]:
         """Text pieces, then the usage; raises :class:`StreamBroken` if the events end before
         the provider said it was done. An :class:`Accepted` with the provider's count of the
         prompt when the events carry one before the text. A usage marked ``estimated`` says
@@ -442,6 +454,8 @@ class SseProvider(ABC):
                 yield Accepted()
                 read = self._read(sse_events(response))
                 async for piece in _progressing(read, self.idle_timeout, self.name):
+                    if isinstance(piece, Working):
+                        continue
                     if isinstance(piece, Usage):
                         usage = piece
                     elif isinstance(piece, Accepted):

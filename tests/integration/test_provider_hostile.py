@@ -334,3 +334,36 @@ def test_a_slow_stream_whose_text_comes_within_the_idle_period_is_not_cut(family
     assert error is None, error
     assert "".join(p for p in got if isinstance(p, str)) == "".join(words)
     assert usage_of(got) == Usage(7, len(words))
+
+
+def _thinking_frame(family: str, i: int) -> str:
+    """A frame of work that is not answer text: Anthropic's thinking, an OpenAI-compatible
+    server's ``reasoning_content``."""
+    if family == "openai":
+        chunk = {"id": "c1", "choices": [{"index": 0, "delta": {
+            "content": "", "reasoning_content": f"step {i}. "}}]}  # fmt: skip
+        return "data: " + json.dumps(chunk)
+    delta = {"type": "thinking_delta", "thinking": f"step {i}. "}
+    return "event: content_block_delta\ndata: " + json.dumps(
+        {"type": "content_block_delta", "index": 0, "delta": delta}
+    )
+
+
+@pytest.mark.parametrize("family", ["openai", "anthropic"])
+def test_a_model_that_thinks_longer_than_the_idle_period_before_it_answers_is_not_cut(
+    family: str,
+) -> None:
+    """Thinking (reasoning) streams no answer text, but it is the model at work: a model that
+    reasons for longer than the idle period (three times it here) before its first word must
+    get to answer, not be cut as a stream of keep-alives."""
+    words = ["the ", "answer"]
+    provider, reply = stream_of(family, words, event_delay=0.1)
+    provider.idle_timeout = 1.0
+    frames = reply.events or []
+    thinking = [_thinking_frame(family, i) for i in range(30)]
+    reply.events = [frames[0], *thinking, *frames[1:]]
+    with FakeProviderServer([reply]) as server:
+        got, error = pieces(at(provider, server), within=WATCHED)
+    assert error is None, error
+    assert "".join(p for p in got if isinstance(p, str)) == "the answer"
+    assert usage_of(got) == Usage(7, len(words))
