@@ -61,12 +61,14 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
             api_key=settings.openai_api_key.get_secret_value(),
             base_url=settings.openai_base_url,
             timeout=timeout,
+            idle_timeout=settings.provider_idle_timeout,
         )
     if settings.anthropic_api_key is not None and settings.anthropic_api_key.get_secret_value():
         providers["anthropic"] = AnthropicProvider(
             api_key=settings.anthropic_api_key.get_secret_value(),
             base_url=settings.anthropic_base_url,
             timeout=timeout,
+            idle_timeout=settings.provider_idle_timeout,
         )
     return providers
 

@@ -181,6 +181,9 @@ class Settings(BaseSettings):
     """JSON or YAML price table replacing the built-in one (see API.md)."""
     provider_timeout: float = Field(default=30.0, gt=0)
     """Seconds a provider may stay silent (first byte or between chunks) before a call fails."""
+    provider_idle_timeout: float = Field(default=60.0, gt=0)
+    """Seconds a provider's stream may go on without progress (text, usage, Anthropic's
+    message_start; keep-alives, pings and blank lines do not count) before the call is cut."""
     simulated_tokens_per_second: float = Field(default=60.0, ge=0)
     """Speed of the built-in simulated provider; 0 streams as fast as it can."""
     simulated_output_tokens: int = Field(default=120, ge=1)

@@ -15,15 +15,20 @@ from collections.abc import AsyncIterator
 from adapters.providers.base import (
     Accepted,
     ChatRequest,
-    Piece,
+    ReadPiece,
     SseProvider,
     StreamBroken,
     TransientProviderError,
     Usage,
+    Working,
 )
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
+
+#: What a ``content_block_delta`` other than text carries while the model works: its thinking,
+#: the signature that closes it, a tool call's arguments.
+_WORK_KEYS = ("thinking", "signature", "partial_json")
 
 
 class AnthropicProvider(SseProvider):
@@ -47,7 +52,7 @@ class AnthropicProvider(SseProvider):
             body["system"] = system
         return body
 
-    async def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[Piece]:
+    async def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[ReadPiece]:
         input_tokens: int | None = None
         output_tokens: int | None = None
         stopped = False
@@ -60,8 +65,11 @@ class AnthropicProvider(SseProvider):
                 yield Accepted(input_tokens)
             elif kind == "content_block_delta":
                 delta = payload.get("delta") or {}
-                if delta.get("type") == "text_delta" and delta.get("text"):
-                    yield delta["text"]
+                if delta.get("type") == "text_delta":
+                    if delta.get("text"):
+                        yield delta["text"]
+                elif any(delta.get(key) for key in _WORK_KEYS):
+                    yield Working()
             elif kind == "message_delta":
                 usage = payload["usage"]
                 output_tokens = int(usage["output_tokens"])

@@ -5,14 +5,14 @@ Exceptions raised by adapters::
     AgentWorksError
      ├── Unavailable
      │    └── TransientProviderError   429 (with retry-after), 5xx, timeouts, connect errors
-     │         └── StreamBroken        the stream ended before the provider said it was done
+     │         └── StreamBroken        the stream ended before the provider said it was done,
+     │                                 or stalled: nothing but keep-alives for the idle period
      └── PermanentProviderError        4xx other than 429 (bad key, unknown model, bad request)
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import math
 import re
 import zlib
@@ -88,6 +88,17 @@ class Usage:
 
 #: What a provider's stream yields.
 Piece = str | Accepted | Usage
+
+
+@dataclass(frozen=True)
+class Working:
+    """The provider sent work that is not answer text (a model's thinking or reasoning, a tool
+    call's arguments): no piece for the caller, but progress, so a model that thinks for
+    minutes before it writes is not cut as a stalled stream (see :func:`_progressing`)."""
+
+
+#: What an adapter reads from its API's events: a piece, or a sign of work.
+ReadPiece = Piece | Working
 
 
 class Provider(Protocol):
@@ -217,12 +228,13 @@ def translate(error: httpx.HTTPError, provider: str, *, streaming: bool) -> Tran
     )
 
 
-#: What ends a line of an event stream: CRLF, LF or CR, and nothing else.
-_LINE_END = re.compile("\r\n|\r|\n")
+#: What ends a line of an event stream: CRLF, LF or CR, and nothing else. Bytes: no byte of a
+#: UTF-8 sequence is a CR or an LF, so lines are split before they are decoded.
+_LINE_END = re.compile(b"\r\n|\r|\n")
 
-#: The most characters one event (its lines, its data) may hold. A provider's chunk is a few
-#: hundred; one without a bound (a broken or hostile server's endless line) would be kept whole
-#: in memory, the whole orchestrator's, and every run in it would go down with it.
+#: The most characters one event's data may hold, and bytes one of its lines. A provider's
+#: chunk is a few hundred; one without a bound (a broken or hostile server's endless line) would
+#: be kept whole in memory, the whole orchestrator's, and every run in it would go down with it.
 MAX_EVENT_CHARS = 4 * 1024 * 1024
 
 
@@ -233,76 +245,123 @@ async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
     U+2028, U+2029 and NEL, which JSON carries unescaped inside a ``data:`` line, so a model
     writing one of them broke its chunk in two and the call with it. A CR that ends one chunk
     and an LF that starts the next are one line end."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    async for batch in _line_batches(chunks):
+        for line in batch:
+            yield line
+
+
+async def _line_batches(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[str]]:
+    """:func:`sse_lines`' lines, a list per chunk: a chunk of keep-alives (blank lines,
+    comments) is split in one call, not a step of the generators per line."""
     lines = _LineSplitter()
     async for chunk in chunks:
-        for line in lines.feed(decoder.decode(chunk)):
-            yield line
-    for line in lines.feed(decoder.decode(b"", final=True)):
-        yield line
+        batch = lines.feed(chunk)
+        if batch:
+            yield batch
     if lines.partial:
-        yield "".join(lines.partial)
+        yield lines.rest()
 
 
 class _LineSplitter:
-    """Decoded text, chunk by chunk, into complete lines; what follows the last line end waits
-    in ``partial`` (the scan never goes over text it has already seen)."""
+    """Bytes, chunk by chunk, into complete lines, decoded; what follows the last line end
+    waits in ``partial`` (the scan never goes over bytes it has already seen, and what waits is
+    one buffer, however many pieces it came in)."""
 
     def __init__(self) -> None:
-        self.partial: list[str] = []
-        self._partial_chars = 0
+        self.partial = bytearray()
         self._after_cr = False
         self._first = True
 
-    def feed(self, text: str) -> list[str]:
-        if not text:
+    def feed(self, data: bytes) -> list[str]:
+        if not data:
             return []
-        if self._first:
-            text, self._first = text.removeprefix("\ufeff"), False
-        if self._after_cr and text.startswith("\n"):
-            text = text[1:]
-        self._after_cr = False
-        lines: list[str] = []
-        start = 0
-        for end in _LINE_END.finditer(text):
-            self._keep(text[start : end.start()])
-            lines.append("".join(self.partial))
-            self.partial, self._partial_chars = [], 0
-            start = end.end()
-            self._after_cr = end.group() == "\r" and start == len(text)
-        if start < len(text):
-            self._keep(text[start:])
-        return lines
+        if self._after_cr and data.startswith(b"\n"):
+            data = data[1:]
+        self._after_cr = data.endswith(b"\r")
+        parts = _LINE_END.split(data)
+        tail = parts.pop()
+        if parts and self.partial:
+            self.partial += parts[0]
+            parts[0] = bytes(self.partial)
+            self.partial.clear()
+        self.partial += tail
+        # Only the first line can be longer than this chunk: it began in an earlier one.
+        longest = len(parts[0]) if parts else 0
+        if len(data) > MAX_EVENT_CHARS:
+            longest = max(map(len, parts), default=0)
+        if max(longest, len(self.partial)) > MAX_EVENT_CHARS:
+            raise ValueError(f"an event-stream line is longer than {MAX_EVENT_CHARS} bytes")
+        return [self._text(part) for part in parts]
 
-    def _keep(self, text: str) -> None:
-        self._partial_chars += len(text)
-        if self._partial_chars > MAX_EVENT_CHARS:
-            raise ValueError(f"an event-stream line is longer than {MAX_EVENT_CHARS} characters")
-        self.partial.append(text)
+    def rest(self) -> list[str]:
+        """What follows the last line end, as the stream's last line."""
+        line = self._text(bytes(self.partial))
+        self.partial.clear()
+        return [line]
+
+    def _text(self, line: bytes) -> str:
+        first, self._first = self._first, False
+        if not line:
+            return ""
+        text = line.decode("utf-8", "replace")
+        return text.removeprefix("\ufeff") if first else text
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
     """Server-sent events as ``(event name, data)``; the name is ``message`` when unnamed."""
     event, data, size = "message", list[str](), 0
-    async for line in sse_lines(body_bytes(response)):
-        if line == "":
-            if data:
-                yield event, "\n".join(data)
-            event, data, size = "message", list[str](), 0
-        elif line.startswith(":"):
-            continue
-        else:
-            name, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if name == "event":
-                event = value
-            elif name == "data":
-                size += len(value) + 1
-                if size > MAX_EVENT_CHARS:
-                    raise ValueError(f"an event is longer than {MAX_EVENT_CHARS} characters")
-                data.append(value)
+    async for batch in _line_batches(body_bytes(response)):
+        for line in batch:
+            if not line:
+                if data:
+                    yield event, "\n".join(data)
+                    data, size = [], 0
+                event = "message"
+            elif line.startswith(":"):
+                continue
+            else:
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "event":
+                    event = value
+                elif name == "data":
+                    size += len(value) + 1
+                    if size > MAX_EVENT_CHARS:
+                        raise ValueError(f"an event is longer than {MAX_EVENT_CHARS} characters")
+                    data.append(value)
     if data:
         yield event, "\n".join(data)
+
+
+#: Seconds a stream may go on without progress (a piece of :meth:`SseProvider._read`: text, the
+#: usage, an :class:`Accepted` with the provider's count, :class:`Working`) before the call is
+#: cut as stalled.
+DEFAULT_IDLE_TIMEOUT = 60.0
+
+
+async def _progressing(
+    pieces: AsyncIterator[ReadPiece], idle: float, provider: str
+) -> AsyncIterator[ReadPiece]:
+    """``pieces``, cut with :class:`StreamBroken` when none comes for ``idle`` seconds. The read
+    timeout cannot see this: any byte restarts it, so a stream of keep-alives (blank lines, SSE
+    comments, ``ping`` events, white space) held the call, and the run's slot, until the run's
+    own deadline with nothing produced. The clock runs only while a piece is awaited, not while
+    the caller handles one."""
+    while True:
+        timeout = asyncio.timeout(idle)
+        try:
+            async with timeout:
+                piece = await anext(pieces)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as error:
+            if not timeout.expired():
+                raise
+            raise StreamBroken(
+                f"{provider} stream stalled: no data for {idle:g}s (keep-alives aside)",
+                provider=provider,
+            ) from error
+        yield piece
 
 
 #: What reading an event the provider got wrong raises: JSON that is not JSON, or too deeply
@@ -334,9 +393,15 @@ class SseProvider(ABC):
     read."""
 
     def __init__(
-        self, *, api_key: str, base_url: str | None = None, timeout: httpx.Timeout | None = None
+        self,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        timeout: httpx.Timeout | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         self.base_url = (base_url or self.default_base_url).rstrip("/")
+        self.idle_timeout = idle_timeout
         # A key read from a file often ends in a newline, which no header may hold: every call
         # failed (and was tried again) with an error that quoted the key, stored on the run.
         api_key = api_key.strip()
@@ -360,7 +425,7 @@ class SseProvider(ABC):
         """The JSON body of the call."""
 
     @abstractmethod
-    def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[Piece]:
+    def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[ReadPiece]:
         """Text pieces, then the usage; raises :class:`StreamBroken` if the events end before
         the provider said it was done. An :class:`Accepted` with the provider's count of the
         prompt when the events carry one before the text. A usage marked ``estimated`` says
@@ -387,7 +452,10 @@ class SseProvider(ABC):
                 await raise_for_status(response, self.name)
                 started = True
                 yield Accepted()
-                async for piece in self._read(sse_events(response)):
+                read = self._read(sse_events(response))
+                async for piece in _progressing(read, self.idle_timeout, self.name):
+                    if isinstance(piece, Working):
+                        continue
                     if isinstance(piece, Usage):
                         usage = piece
                     elif isinstance(piece, Accepted):

@@ -13,9 +13,20 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from adapters.providers.base import ChatRequest, Piece, SseProvider, StreamBroken, Usage
+from adapters.providers.base import (
+    ChatRequest,
+    ReadPiece,
+    SseProvider,
+    StreamBroken,
+    Usage,
+    Working,
+)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+#: What a delta carries besides answer text while the model works: reasoning (``reasoning`` or
+#: ``reasoning_content``, as OpenAI-compatible servers name it), tool calls, a refusal.
+_WORK_KEYS = ("reasoning_content", "reasoning", "tool_calls", "function_call", "refusal")
 
 
 class OpenAIProvider(SseProvider):
@@ -36,7 +47,7 @@ class OpenAIProvider(SseProvider):
             "stream_options": {"include_usage": True},
         }
 
-    async def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[Piece]:
+    async def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[ReadPiece]:
         usage: Usage | None = None
         done = finished = sent = False
         async for _, data in events:
@@ -47,9 +58,12 @@ class OpenAIProvider(SseProvider):
             if chunk.get("error"):
                 raise StreamBroken(f"openai stream error: {chunk['error']}", provider=self.name)
             for choice in chunk.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content")
+                delta = choice.get("delta") or {}
+                text = delta.get("content")
                 if text:
                     yield text
+                elif any(delta.get(key) for key in _WORK_KEYS):
+                    yield Working()
                 finished = finished or bool(choice.get("finish_reason"))
             if chunk.get("usage"):
                 u = chunk["usage"]

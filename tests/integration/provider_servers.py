@@ -29,6 +29,9 @@ class Reply:
     hold: threading.Event | None = None
     """After the first frame, the rest waits until this is set (a test decides when the call
     goes on)."""
+    keep_alive: str | None = None
+    """After the events, this frame again and again, every ``event_delay``, and never the end of
+    the body: a stream kept alive that brings nothing more."""
 
 
 def openai_events(pieces: list[str], *, prompt_tokens: int, completion_tokens: int,
@@ -186,6 +189,11 @@ class FakeProviderServer:
             if index == 0 and reply.hold is not None:
                 while not reply.hold.is_set():
                     await asyncio.sleep(0.02)
+        while reply.keep_alive is not None:  # until the client goes (drain raises then)
+            data = (reply.keep_alive + "\n\n").encode()
+            writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(reply.event_delay)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True

@@ -506,3 +506,48 @@ def test_a_call_whose_run_was_cancelled_while_its_worker_lives_is_charged_what_i
     [attempt] = events_of(app, run_id, AgentRun.AttemptRecorded)
     assert (attempt.estimated, attempt.error) == (False, "stopped: cancelled")
     assert app.run_snapshot(run_id).billed_micros == charge.billed_micros
+
+
+@pytest.mark.parametrize(
+    ("family", "model"), [("openai", "gpt-4o-mini"), ("anthropic", "claude-3-5-haiku-latest")]
+)
+def test_a_call_whose_stream_brings_only_keep_alives_is_cut_charged_its_prompt_and_made_again(
+    write_side: AgentWorks, database_url: str, family: str, model: str
+) -> None:
+    """Accepted, then SSE comments every 10 ms and nothing else: the read timeout never fired,
+    and the call held its run until the run's deadline, producing nothing. Cut after the idle
+    period as a broken stream is: charged its prompt (the provider's count where its wire gave
+    one), and made again."""
+    card = card_on_board(write_side)
+    provider: Provider
+    if family == "openai":
+        stalled = openai_events([], prompt_tokens=999, completion_tokens=0)[:1]
+        whole = openai_events(["done at last"], prompt_tokens=40, completion_tokens=3)
+        provider = OpenAIProvider(api_key="k", base_url="", idle_timeout=0.5)
+    else:
+        stalled = anthropic_events([], input_tokens=4321, output_tokens=0)[:1]
+        whole = anthropic_events(["done at last"], input_tokens=40, output_tokens=3)
+        provider = AnthropicProvider(api_key="k", base_url="", idle_timeout=0.5)
+    replies = [Reply(events=stalled, keep_alive=": keep-alive", event_delay=0.01),
+               Reply(events=whole)]  # fmt: skip
+    with FakeProviderServer(replies) as server:
+        provider.base_url = server.url  # type: ignore[attr-defined]
+        with orchestrator_thread(database_url, {family: provider}):
+            run_id = start(write_side, card, provider=family, model=model)
+            run = wait_for(write_side, run_id, finished)
+    assert (run.status, run.output) == (RunStatus.SUCCEEDED, "done at last"), run.error
+    cut, made = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert (cut.status, cut.output_tokens, cut.error) == (
+        "failed", 0, f"{family} stream stalled: no data for 0.5s (keep-alives aside)",
+    )  # fmt: skip
+    prompt = count_message_tokens(server.requests[0].body["messages"])
+    expected = (prompt, True) if family == "openai" else (4321, False)
+    assert (cut.input_tokens, cut.estimated) == expected
+    assert (made.status, made.input_tokens, made.output_tokens) == ("ok", 40, 3)
+    charges = charges_of(write_side, run_id)
+    charge = charges[cut.call_id]
+    price = write_side.prices.require(family, model, charge.timestamp)
+    assert (charge.input_tokens, charge.output_tokens) == (expected[0], 0)
+    assert charge.provider_cost_micros == call_cost_micros(price, input_tokens=expected[0],
+                                                           output_tokens=0) > 0  # fmt: skip
+    assert run.billed_micros == sum(c.billed_micros for c in charges.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -388,3 +389,26 @@ def test_an_error_response_is_judged_on_its_first_bytes_not_read_to_its_end() ->
     assert time.monotonic() - began < 3.0
     assert caught.value.http_status == 503
     assert "eeee" in caught.value.message
+
+
+def test_a_line_without_end_that_comes_in_small_pieces_is_kept_in_memory_as_its_bytes() -> None:
+    """White space without a line end, two bytes a read (as a server trickling it makes the
+    reads): the line waited as a list of its pieces, some 60 bytes of memory for every two of
+    the line, so a line within the bound took 30 times its length. One buffer now."""
+    pieces, piece = 200_000, b"  "
+
+    async def peak() -> int:
+        async def feed() -> AsyncIterator[bytes]:
+            for _ in range(pieces):
+                yield piece
+            tracemalloc_peak.append(tracemalloc.get_traced_memory()[1])
+
+        tracemalloc_peak: list[int] = []
+        tracemalloc.start()
+        try:
+            assert [line async for line in sse_lines(feed())] == [" " * (2 * pieces)]
+        finally:
+            tracemalloc.stop()
+        return tracemalloc_peak[0]
+
+    assert asyncio.run(peak()) < 5 * pieces * len(piece)

@@ -18,6 +18,7 @@ from adapters.providers.base import (
     ChatRequest,
     PermanentProviderError,
     Piece,
+    StreamBroken,
     TransientProviderError,
     Usage,
     retry_after_seconds,
@@ -27,14 +28,18 @@ from adapters.providers.openai import OpenAIProvider
 KEY = "sk-live-0123456789abcdef"
 
 
-def pieces(provider: Any, request: ChatRequest = REQUEST) -> tuple[list[Piece], Exception | None]:
-    """What the stream yielded, and what it raised (``None``: it ended)."""
+def pieces(
+    provider: Any, request: ChatRequest = REQUEST, *, within: float | None = None
+) -> tuple[list[Piece], Exception | None]:
+    """What the stream yielded, and what it raised (``None``: it ended); ``TimeoutError`` if it
+    was still open after ``within`` seconds."""
 
     async def go() -> tuple[list[Piece], Exception | None]:
         got: list[Piece] = []
         try:
-            async for piece in provider.stream(request):
-                got.append(piece)
+            async with asyncio.timeout(within):
+                async for piece in provider.stream(request):
+                    got.append(piece)
         except Exception as error:  # noqa: BLE001 - the test judges it
             return got, error
         finally:
@@ -261,3 +266,104 @@ def test_a_key_read_with_its_line_end_is_sent_without_it(provider_class: Any) ->
 def test_a_retry_after_that_is_not_a_number_is_none(value: str) -> None:
     """``float`` reads "nan", and ``max(0.0, nan)`` is 0.0: every retry came at once."""
     assert retry_after_seconds(value) is None
+
+
+#: The idle period of the stalled-stream tests, and how long their call is watched at most.
+IDLE, WATCHED = 0.5, 20.0
+
+
+def stream_of(family: str, pieces_: list[str], **reply: Any) -> tuple[Any, Reply]:
+    """A provider of ``family`` (unconnected: its base URL is set once the server runs) and a
+    reply of its wire format streaming ``pieces_``."""
+    if family == "openai":
+        provider: Any = OpenAIProvider(api_key=KEY, base_url="", timeout=FAST, idle_timeout=IDLE)
+        events = openai_events(pieces_, prompt_tokens=7, completion_tokens=len(pieces_))
+    else:
+        provider = AnthropicProvider(api_key=KEY, base_url="", timeout=FAST, idle_timeout=IDLE)
+        events = anthropic_events(pieces_, input_tokens=7, output_tokens=len(pieces_))
+    return provider, Reply(events=events, **reply)
+
+
+def at(provider: Any, server: FakeProviderServer) -> Any:
+    provider.base_url = server.url + ("/v1" if isinstance(provider, OpenAIProvider) else "")
+    return provider
+
+
+@pytest.mark.parametrize(
+    ("family", "keep_alive"),
+    [
+        ("openai", ": keep-alive"),
+        ("openai", ""),
+        ("openai", 'data: {"id": "c1", "choices": [{"index": 0, "delta": {"content": ""}}]}'),
+        ("anthropic", 'event: ping\ndata: {"type": "ping"}'),
+        ("anthropic", ": keep-alive"),
+        ("anthropic", "   "),
+    ],
+)
+def test_a_stream_of_nothing_but_keep_alives_is_cut_as_stalled_after_the_idle_period(
+    family: str, keep_alive: str
+) -> None:
+    """Every byte restarts the read timeout: a provider (or a proxy) that accepted the call and
+    then sent only keep-alives, every 10 ms, held it open until the run's deadline (minutes),
+    producing nothing. Cut after the idle period as a broken stream: the provider had the
+    prompt (the call was accepted), so it is charged and tried again as a cut stream is."""
+    provider, reply = stream_of(family, [])
+    reply.events = (reply.events or [])[:1]  # accepted (Anthropic: with its prompt count)
+    reply.keep_alive, reply.event_delay = keep_alive, 0.01
+    with FakeProviderServer([reply]) as server:
+        got, error = pieces(at(provider, server), within=WATCHED)
+    assert isinstance(error, StreamBroken), error
+    assert str(error) == f"{family} stream stalled: no data for {IDLE:g}s (keep-alives aside)"
+    assert not [p for p in got if isinstance(p, str | Usage)]
+    assert Accepted() in got
+    if family == "anthropic":
+        assert Accepted(7) in got
+
+
+@pytest.mark.parametrize("family", ["openai", "anthropic"])
+def test_a_slow_stream_whose_text_comes_within_the_idle_period_is_not_cut(family: str) -> None:
+    """Text every quarter of a second, keep-alives between, for longer in all than the idle
+    period (two seconds here): the period counts from the last progress, not from the start."""
+    words = [f"w{i} " for i in range(12)]
+    provider, reply = stream_of(family, words, event_delay=0.25)
+    provider.idle_timeout = 2.0
+    frames = reply.events or []
+    reply.events = [f"{frame}\n\n: keep-alive" for frame in frames]
+    with FakeProviderServer([reply]) as server:
+        got, error = pieces(at(provider, server), within=WATCHED)
+    assert error is None, error
+    assert "".join(p for p in got if isinstance(p, str)) == "".join(words)
+    assert usage_of(got) == Usage(7, len(words))
+
+
+def _thinking_frame(family: str, i: int) -> str:
+    """A frame of work that is not answer text: Anthropic's thinking, an OpenAI-compatible
+    server's ``reasoning_content``."""
+    if family == "openai":
+        chunk = {"id": "c1", "choices": [{"index": 0, "delta": {
+            "content": "", "reasoning_content": f"step {i}. "}}]}  # fmt: skip
+        return "data: " + json.dumps(chunk)
+    delta = {"type": "thinking_delta", "thinking": f"step {i}. "}
+    return "event: content_block_delta\ndata: " + json.dumps(
+        {"type": "content_block_delta", "index": 0, "delta": delta}
+    )
+
+
+@pytest.mark.parametrize("family", ["openai", "anthropic"])
+def test_a_model_that_thinks_longer_than_the_idle_period_before_it_answers_is_not_cut(
+    family: str,
+) -> None:
+    """Thinking (reasoning) streams no answer text, but it is the model at work: a model that
+    reasons for longer than the idle period (three times it here) before its first word must
+    get to answer, not be cut as a stream of keep-alives."""
+    words = ["the ", "answer"]
+    provider, reply = stream_of(family, words, event_delay=0.1)
+    provider.idle_timeout = 1.0
+    frames = reply.events or []
+    thinking = [_thinking_frame(family, i) for i in range(30)]
+    reply.events = [frames[0], *thinking, *frames[1:]]
+    with FakeProviderServer([reply]) as server:
+        got, error = pieces(at(provider, server), within=WATCHED)
+    assert error is None, error
+    assert "".join(p for p in got if isinstance(p, str)) == "the answer"
+    assert usage_of(got) == Usage(7, len(words))
