@@ -73,18 +73,27 @@ def plant_renamed(app: AgentWorks, aggregate_id: UUID) -> int:
 
 
 def plant_unappliable(
-    app: AgentWorks, aggregate_id: UUID, event_class: Any, *, drop: str = "", **fields: Any
+    app: AgentWorks,
+    aggregate_id: UUID,
+    event_class: Any,
+    *,
+    like: UUID | None = None,
+    drop: str = "",
+    **fields: Any,
 ) -> int:
-    """Append to any aggregate an ``event_class`` event with ``fields`` as its next version, with
-    its last event's metadata, as an older writer or a hand repair leaves one: it decodes, and
-    today's ``apply`` refuses it (a value it no longer knows; with ``drop``, that attribute left
-    out of the stored state). Returns its version."""
-    (last,) = app.recorder.select_events(aggregate_id, desc=True, limit=1)
+    """Append to any aggregate an ``event_class`` event with ``fields`` as its next version (its
+    first when it has none), with the metadata of the last event of ``like`` (by default its
+    own), as an older writer or a hand repair leaves one: it decodes, and today's ``apply``
+    refuses it (a value it no longer knows; with ``drop``, that attribute left out of the stored
+    state). Returns its version."""
+    (last,) = app.recorder.select_events(like or aggregate_id, desc=True, limit=1)
     meta = dict(app.mapper.to_domain_event(last).meta)  # type: ignore[attr-defined]
+    mine = app.recorder.select_events(aggregate_id, desc=True, limit=1)
+    version = mine[0].originator_version + 1 if mine else 1
     stored = app.mapper.to_stored_event(
         event_class(
             originator_id=aggregate_id,
-            originator_version=last.originator_version + 1,
+            originator_version=version,
             timestamp=datetime.now(UTC),
             meta=meta,
             **fields,
@@ -100,4 +109,4 @@ def plant_unappliable(
             state=json.dumps(state).encode(),
         )
     app.recorder.insert_events([stored])
-    return int(last.originator_version) + 1
+    return int(version)

@@ -14,13 +14,17 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from uuid import uuid4
 
 import pytest
+from eventsourcing.utils import get_topic
 from fanout_helpers import parked, projector_side, rows
 from parking_helpers import TwoTenants
 from undecodable import plant_unappliable
 
 from commands import models as m
+from commands.access import RevokeInvitation, revoke_invitation
+from domain.access import Invitation
 from domain.card import Card
 from domain.errors import NotFound, UndecodableEvent
 from domain.project import Project
@@ -127,6 +131,36 @@ def test_a_command_on_an_aggregate_whose_stored_event_cannot_be_applied_is_undec
         write.create_card(m.CreateCard(project_id=scene.b.project_id, title="new"), scene.b.owner)
         if planted.kind == "card":  # the aggregates of the same workspace too
             write.label_card(m.LabelCard(card_id=scene.a2, label="fine"), scene.a.owner)
+
+
+def test_a_command_on_an_invitation_created_with_a_malformed_time_is_undecodable(
+    app: AgentWorks,
+) -> None:
+    """Its first event is the one that cannot be applied: there is no version before it to
+    learn its workspace from, so nobody's rights can be checked, and everyone is told the
+    same (as for an undecodable first event)."""
+    scene = TwoTenants(app)
+    invitation = uuid4()
+    plant_unappliable(
+        app,
+        invitation,
+        Invitation.Created,
+        like=scene.a.workspace_id,
+        originator_topic=get_topic(Invitation),
+        workspace_id=scene.a.workspace_id,
+        email="vera@example.com",
+        role="MEMBER",
+        token_hash="0" * 64,
+        expires_at="next Tuesday",
+        invited_by=scene.a.owner.user_id,
+    )
+    head = app.recorder.max_notification_id()
+    with pytest.raises(UndecodableEvent) as refused:
+        revoke_invitation(app, RevokeInvitation(invitation_id=invitation), scene.a.owner)
+    assert f"invitation {invitation}" in refused.value.message
+    assert "version 1 (Invitation.Created) could not be applied" in refused.value.message
+    assert refused.value.version == 1
+    assert app.recorder.max_notification_id() == head
 
 
 def test_the_projectors_apply_such_events_from_their_payload_or_park_their_aggregate(
