@@ -121,6 +121,18 @@ class LogBatch:
     size: int
 
 
+@dataclass(frozen=True)
+class EventHeader:
+    """Where a stored event sits and what it is, without its state: enough to name it (as a
+    retry that stops before it parks its aggregate there) without reading it."""
+
+    position: int
+    originator_id: UUID
+    originator_version: int
+    type: str
+    workspace_id: UUID | None
+
+
 class _Fallback(Exception):
     """The fast path does not cover this stored event; use the library's."""
 
@@ -468,6 +480,19 @@ class EventLog:
             return self._cut(self.within(ranges), max_bytes)
         ids, gts, lts = (list(column) for column in zip(*ranges, strict=True))
         return self._sized(self._within, (ids, gts, lts), max_bytes)
+
+    def following(self, originator_id: UUID, *, after_version: int) -> EventHeader | None:
+        """The header of an aggregate's first event after ``after_version`` (None: it has
+        none), its state left in the store: the next batch of :meth:`between_batch` reads it."""
+        found = self.recorder.select_following(originator_id, gt=after_version)
+        if found is None:
+            return None
+        position, version, topic, workspace_id = found
+        try:
+            event_type = str(resolve_topic(topic).__qualname__)
+        except Exception:  # noqa: BLE001 - a topic that no longer resolves: named as stored
+            event_type = _qualname_of(topic)
+        return EventHeader(position, originator_id, version, event_type, workspace_id)
 
     def _sized(self, statement: Composed, params: tuple[object, ...], max_bytes: int) -> LogBatch:
         sized = fetch_rows(self.recorder, statement, (*params, max_bytes))

@@ -708,6 +708,28 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
                 for row in curs.fetchall()
             ]
 
+    def select_following(
+        self, originator_id: UUID, *, gt: int
+    ) -> tuple[int, int, str, UUID | None] | None:
+        """Position, version, topic and workspace of an aggregate's first event after version
+        ``gt``, without its state (which may be any size): None when it has none."""
+        statement = SQL(
+            "SELECT notification_id, originator_version, topic, workspace_id FROM {0}"
+            " WHERE originator_id = %s AND originator_version > %s"
+            " ORDER BY originator_version LIMIT 1"
+        ).format(Identifier(self.datastore.schema, self.events_table_name))
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(statement, (originator_id, gt), prepare=True)
+            row = curs.fetchone()
+        if row is None:
+            return None
+        return (
+            int(row["notification_id"]),
+            int(row["originator_version"]),
+            row["topic"],
+            row["workspace_id"],
+        )
+
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_positioned_events(
         self, originator_id: UUID, *, gt: int, lt: int | None = None

@@ -43,6 +43,7 @@ from domain.errors import (
     Forbidden,
     MissingPart,
     NotFound,
+    UnappliableEvent,
     Unauthenticated,
     Unavailable,
     UndecodableEvent,
@@ -622,9 +623,10 @@ class WriteSide(Application[UUID]):
         except AggregateNotFoundError:
             raise NotFound(f"{kind_of(cls)} {aggregate_id} does not exist") from None
         except UndecodableEvent as unread:
-            raise UndecodableEvent(
+            failed = "applied" if isinstance(unread, UnappliableEvent) else "decoded"
+            raise type(unread)(
                 f"{kind_of(cls)} {aggregate_id} cannot be loaded: its stored event at version "
-                f"{unread.version} ({unread.details.get('stored_type')}) could not be decoded; "
+                f"{unread.version} ({unread.details.get('stored_type')}) could not be {failed}; "
                 "nothing was written, and commands on it are refused until the event is repaired",
                 version=unread.version,
                 at=unread.at,

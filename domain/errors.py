@@ -30,7 +30,9 @@ the module of each class that does not live here::
      ├── RateLimited                 RATE_LIMITED        too many requests
      ├── Duplicate                   DUPLICATE           a name or member that already exists
      ├── UndecodableEvent            UNDECODABLE         a stored event today's code cannot read
-     │                                                   (reported beside what could be read)
+     │    │                                              (reported beside what could be read)
+     │    └── UnappliableEvent       UNDECODABLE         one that decodes and that its
+     │                                                   aggregate's ``apply`` refuses
      ├── Unavailable                 UNAVAILABLE         a dependency is down or saturated; retry
      │    │                                              later (``outcome``: was it written?)
      │    ├── StoreUnavailable       UNAVAILABLE         adapters.eventstore: no database
@@ -155,6 +157,19 @@ class UndecodableEvent(AgentWorksError):
         super().__init__(message, version=version, at=at, **details)
         self.version = version
         self.at = at
+
+
+class UnappliableEvent(UndecodableEvent):
+    """A stored event that decodes and that its aggregate's ``apply`` refuses (a role or a lane
+    today's code no longer knows, an attribute an older writer left out): the write side cannot
+    fold the aggregate past it, as past an event it cannot decode.
+
+    The same code as :class:`UndecodableEvent`, not a sibling: for a client and for every edge
+    both mean the one thing (the aggregate cannot be loaded until an operator repairs a stored
+    event, the versions before it can), and every reader that goes on past an undecodable event
+    goes on past this one alike. The class and the message ("could not be applied") tell an
+    operator which repair it needs.
+    """
 
 
 class Unavailable(AgentWorksError):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, cast
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from adapters.aggregate_events import DecodingEventStore
+from adapters.aggregate_events import ApplyingRepository, DecodingEventStore
 from adapters.eventlog import EventLog, open_event_log
 from adapters.eventstore import (
     CONNINFO_ENV,
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from uuid import UUID
 
+    from eventsourcing.application import Repository
     from eventsourcing.persistence import EventStore, InfrastructureFactory, TrackingRecorder
     from eventsourcing.utils import Environment
     from psycopg import Connection
@@ -147,6 +148,10 @@ class StoredAgentWorks(AgentWorks):
     def construct_event_store(self) -> EventStore[UUID]:
         # A stored event that cannot be decoded refuses the command as UNDECODABLE.
         return DecodingEventStore(mapper=self.mapper, recorder=self.recorder)
+
+    def construct_repository(self) -> Repository[UUID]:
+        # A stored event that decodes and that today's apply refuses refuses it as UNDECODABLE.
+        return ApplyingRepository.of(super().construct_repository())
 
     def construct_snapshot_store(self) -> EventStore[UUID]:
         return DecodingEventStore(

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from psycopg.rows import DictRow
     from psycopg_pool import ConnectionPool
 
-    from adapters.eventlog import EventLog
+    from adapters.eventlog import EventHeader, EventLog
     from domain.budget_holds import CountedSpend
     from domain.envelope import EventEnvelope
 
@@ -133,11 +133,15 @@ class Parked:
         )
 
     @classmethod
-    def waiting(cls, envelope: EventEnvelope) -> Parked:
-        """Where a retry that applied its events up to ``envelope`` leaves its aggregate to
-        go on from (see :meth:`ProjectionRunner.retry_parked`): not an error of the event."""
-        return cls.of(
-            envelope,
+    def waiting(cls, event: EventHeader) -> Parked:
+        """Where a retry that applied its events up to ``event`` leaves its aggregate to go on
+        from (see :meth:`ProjectionRunner.retry_parked`): not an error of the event."""
+        return cls(
+            event.originator_id,
+            event.originator_version,
+            event.position,
+            event.type,
+            event.workspace_id,
             f"{RETRY_PENDING}: the events before this one are applied; `agentworks parked retry`"
             " applies the rest",
         )
@@ -260,6 +264,9 @@ class ProjectionRunner:
         self.max_heal_bytes = MAX_BATCH_BYTES
         """Most bytes of stored events one pass reads to heal gaps (at least one event): what
         a pass leaves waits for the next, which follows at once in the same :meth:`process`."""
+        self.max_retry_bytes = MAX_BATCH_BYTES
+        """Most bytes of stored events a retry of a parked aggregate reads per transaction (at
+        least one event; see :meth:`retry_parked`)."""
 
     @property
     def name(self) -> str:
@@ -278,7 +285,8 @@ class ProjectionRunner:
     def retry_parked(self, originator_ids: Collection[UUID] | None = None) -> list[Retried]:
         """Apply the events of parked aggregates again (all of them, or ``originator_ids``),
         after a fix: each aggregate on its own, its events in order from the one it stopped
-        at, at most :data:`RETRY_CHUNK` per transaction. One that fails again stays parked,
+        at, at most :data:`RETRY_CHUNK` (and :attr:`max_retry_bytes` of stored state) per
+        transaction. One that fails again stays parked,
         with the new error (and the event it now stops at, if the fix got it further)."""
         with self.pool.connection() as conn:
             rows = conn.execute(
@@ -297,19 +305,30 @@ class ProjectionRunner:
         """Apply one parked aggregate's events from ``version`` on, a chunk per transaction.
 
         A long-parked busy aggregate has a long tail: applied in one transaction it would be
-        read whole into memory and hold its locks and rows until the end. Each chunk commits
-        with the aggregate still parked at the first event after it (:meth:`Parked.waiting`),
-        so live deliveries keep waiting behind it, and a retry stopped half-way (a crash, a
-        lost database) leaves it parked there for the next retry to go on from; the last chunk
-        unparks it."""
+        read whole into memory and hold its locks and rows until the end; a few large events
+        (agent outputs) do the same at any count, so a chunk also stops at a byte bound (an
+        event larger than it goes alone), as gap healing and the sweep do. Each chunk commits
+        with the aggregate still parked at the first event after it (:meth:`Parked.waiting`,
+        named by its header: its state is the next chunk's to read), so live deliveries keep
+        waiting behind it, and a retry stopped half-way (a crash, a lost database) leaves it
+        parked there for the next retry to go on from; the last chunk unparks it."""
         applied = 0
         while True:
-            events = self.log.between(
-                oid, after_version=version - 1, before_version=version + RETRY_CHUNK + 1
+            read = self.log.between_batch(
+                oid,
+                after_version=version - 1,
+                before_version=version + RETRY_CHUNK,
+                max_bytes=self.max_retry_bytes,
             )
-            rest = events[RETRY_CHUNK:]
-            waiting = [Parked.waiting(rest[0])] if rest else []
-            outcome = self.process(events[:RETRY_CHUNK], unpark=[oid], park=waiting)
+            events = read.envelopes
+            full = read.cut or len(events) == RETRY_CHUNK
+            rest = (
+                self.log.following(oid, after_version=events[-1].originator_version)
+                if events and full
+                else None
+            )
+            waiting = [Parked.waiting(rest)] if rest else []
+            outcome = self.process(events, unpark=[oid], park=waiting)
             applied += outcome.applied + outcome.healed
             again = next((p for p in outcome.parked if p.originator_id == oid), None)
             if again is None or again not in waiting:

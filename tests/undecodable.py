@@ -1,9 +1,11 @@
-"""Stored card events that today's code cannot decode, planted below the API as a bad upgrade
-would leave them: one under a topic that no longer resolves (its class renamed), or, with
-``broken_json``, one whose state is not JSON (its row then names no workspace either)."""
+"""Stored events that today's code cannot read, planted below the API as a bad upgrade would
+leave them: one under a topic that no longer resolves (its class renamed), or, with
+``broken_json``, one whose state is not JSON (its row then names no workspace either); or one
+that decodes and that its aggregate's ``apply`` refuses (:func:`plant_unappliable`)."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -68,3 +70,43 @@ def plant_renamed(app: AgentWorks, aggregate_id: UUID) -> int:
         ]
     )
     return int(last.originator_version) + 1
+
+
+def plant_unappliable(
+    app: AgentWorks,
+    aggregate_id: UUID,
+    event_class: Any,
+    *,
+    like: UUID | None = None,
+    drop: str = "",
+    **fields: Any,
+) -> int:
+    """Append to any aggregate an ``event_class`` event with ``fields`` as its next version (its
+    first when it has none), with the metadata of the last event of ``like`` (by default its
+    own), as an older writer or a hand repair leaves one: it decodes, and today's ``apply``
+    refuses it (a value it no longer knows; with ``drop``, that attribute left out of the stored
+    state). Returns its version."""
+    (last,) = app.recorder.select_events(like or aggregate_id, desc=True, limit=1)
+    meta = dict(app.mapper.to_domain_event(last).meta)  # type: ignore[attr-defined]
+    mine = app.recorder.select_events(aggregate_id, desc=True, limit=1)
+    version = mine[0].originator_version + 1 if mine else 1
+    stored = app.mapper.to_stored_event(
+        event_class(
+            originator_id=aggregate_id,
+            originator_version=version,
+            timestamp=datetime.now(UTC),
+            meta=meta,
+            **fields,
+        )
+    )
+    if drop:
+        state = json.loads(stored.state)
+        del state[drop]
+        stored = type(stored)(
+            originator_id=stored.originator_id,
+            originator_version=stored.originator_version,
+            topic=stored.topic,
+            state=json.dumps(state).encode(),
+        )
+    app.recorder.insert_events([stored])
+    return int(version)

@@ -15,11 +15,17 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import pytest
-from undecodable import RENAMED, plant_undecodable
+from undecodable import RENAMED, plant_unappliable, plant_undecodable
+
+from domain.card import Card
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from api_client import ApiClient
     from e2e_stack import Stack
+
+    from commands.handlers import AgentWorks
 
 HISTORY = (
     "query($c: ID!, $v: Int) { h: cardHistory(cardId: $c, asOfVersion: $v) {"
@@ -135,19 +141,39 @@ def test_a_board_as_of_an_instant_shows_a_card_up_to_its_undecodable_event(stack
 EDIT = 'mutation($c: ID!) { updateCard(input: {cardId: $c, title: "third"}) { card { version } } }'
 
 
-@pytest.mark.parametrize("broken_json", [False, True], ids=["unknown-topic", "broken-json"])
-def test_a_mutation_on_a_card_with_an_undecodable_event_answers_undecodable(
-    stack: Stack, broken_json: bool
+#: How the card's third version is planted, and what the refusal says of it.
+UNREADABLE: dict[str, tuple[Callable[[AgentWorks, UUID], object], str]] = {
+    "unknown-topic": (
+        lambda write, card: plant_undecodable(write, card, then_good=False),
+        f"version 3 ({RENAMED}) could not be decoded",
+    ),
+    "broken-json": (
+        lambda write, card: plant_undecodable(write, card, broken_json=True, then_good=False),
+        "version 3",
+    ),
+    # Decoded, but today's apply refuses it: an older writer's label event without its label.
+    "unappliable": (
+        lambda write, card: plant_unappliable(write, card, Card.Labelled, drop="label", label="x"),
+        "version 3 (Card.Labelled) could not be applied",
+    ),
+}
+
+
+@pytest.mark.parametrize("planted", UNREADABLE.values(), ids=UNREADABLE.keys())
+def test_a_mutation_on_a_card_with_an_unreadable_event_answers_undecodable(
+    stack: Stack, planted: tuple[Callable[[AgentWorks, UUID], object], str]
 ) -> None:
-    """The write side could not load the card and let the decoding error escape: INTERNAL.
-    Now the mutation answers UNDECODABLE naming the card and the version, writes nothing, and
-    the other cards' mutations go on."""
-    alice, ws = stack.owner_with_workspace("alice", f"undecodable write {broken_json}")
+    """The write side could not load the card and let the decoding error (or, for an event it
+    decoded, the error of the card's ``apply``) escape: INTERNAL. Now the mutation answers
+    UNDECODABLE naming the card and the version, writes nothing, and the other cards'
+    mutations go on."""
+    plant, said = planted
+    alice, ws = stack.owner_with_workspace("alice", f"unreadable write {said}")
     pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
     card = alice.create_card(pid, "first")["card"]["id"]
     other = alice.create_card(pid, "other")["card"]["id"]
     alice.data(EDIT, {"c": card})  # the write side has the card cached at version 2
-    plant_undecodable(stack.write, UUID(card), broken_json=broken_json, then_good=False)
+    plant(stack.write, UUID(card))
     for _ in range(2):
         answer = alice.post(EDIT, {"c": card})
         assert answer.status == 200, answer.body
@@ -155,7 +181,7 @@ def test_a_mutation_on_a_card_with_an_undecodable_event_answers_undecodable(
         assert error["extensions"]["code"] == "UNDECODABLE", error
         assert error["extensions"]["version"] == 3
         assert f"card {card}" in error["message"]
-        assert "version 3" in error["message"]
+        assert said in error["message"]
     assert [e.originator_version for e in stack.write.recorder.select_events(UUID(card))] == [
         1, 2, 3,
     ]  # fmt: skip

@@ -11,6 +11,7 @@ workspace and of other workspaces, and every other projector, keeps projecting.
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import uuid
@@ -38,6 +39,7 @@ from parking_helpers import (
     plant_block,
     plant_unprojectable_move,
 )
+from test_batch_bytes import BOUND, LARGE, large_in
 
 import projections.runner as runner_module
 from commands import models as m
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from commands.handlers import AgentWorks
     from domain.envelope import EventEnvelope
     from projections.base import BatchContext
+    from projections.runner import BatchOutcome, Parked
 
 pytest_plugins = ["kafka_fixtures"]
 
@@ -300,6 +303,55 @@ def test_a_retry_stopped_half_way_leaves_the_aggregate_parked_where_it_got_to(
     assert parked(database_url) == []
     assert card(database_url, scene.a1)[3] == scene.bad_version + 8
     assert "meanwhile" in card(database_url, scene.a1)[2]
+
+
+def test_a_retry_reads_a_tail_of_large_events_a_bounded_batch_per_transaction(
+    database_url: str, app: AgentWorks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry read up to RETRY_CHUNK events per transaction whatever their size: a tail of a
+    few large events (agent outputs of many MiB) was read and applied at once. Now a chunk also
+    stops at the byte bound, and the card waits parked at the first event after it (named by
+    its header, not read twice)."""
+    scene = Scene(app)
+    with projector_side(database_url) as (pool, log):
+        runner = ProjectionRunner(KanbanProjector(), pool, log)
+        runner.process(log.read(after=0, limit=10_000))
+        scene.poison_and_go_on()
+        for n in range(7):
+            description = chr(ord("a") + n) * LARGE
+            app.update_card(m.UpdateCard(card_id=scene.a1, description=description), scene.a.owner)
+        runner.process(log.read(after=runner.position(), limit=10_000))
+        assert [p[2] for p in parked(database_url)] == [scene.bad_version]
+        monkeypatch.setattr(KanbanProjector, "apply_batch", KanbanProjector.apply_batch)
+        install_fix()
+        chunks: list[tuple[list[EventEnvelope], list[Parked]]] = []
+        process = runner.process
+
+        def recording(envelopes: Sequence[EventEnvelope], **kwargs: Any) -> BatchOutcome:
+            chunks.append((list(envelopes), list(kwargs.get("park", ()))))
+            return process(envelopes, **kwargs)
+
+        runner.process = recording  # type: ignore[method-assign]
+        runner.max_retry_bytes = BOUND
+        (retried,) = runner.retry_parked()
+    assert (retried.applied, retried.parked) == (9, None)  # the move, the label, seven edits
+    assert sum(large_in(envelopes) for envelopes, _ in chunks) == 7 * LARGE
+    assert max(large_in(envelopes) for envelopes, _ in chunks) <= 3 * LARGE
+    assert len(chunks) >= 3
+    for (envelopes, (waiting,)), (following, _) in itertools.pairwise(chunks):
+        first = following[0]
+        assert waiting.originator_version == envelopes[-1].originator_version + 1
+        assert (waiting.originator_version, waiting.position, waiting.event_type) == (
+            first.originator_version, first.position, first.type,
+        )  # fmt: skip
+        assert waiting.workspace_id == first.workspace_id == scene.a.workspace_id
+        assert waiting.error.startswith(RETRY_PENDING)
+    assert chunks[-1][1] == []
+    assert parked(database_url) == []
+    ((description,),) = rows(
+        database_url, "SELECT description FROM rm_cards WHERE card_id = %s", scene.a1
+    )
+    assert description == "g" * LARGE
 
 
 def test_the_sweep_holds_a_parked_aggregate_back_too(database_url: str, app: AgentWorks) -> None:

@@ -16,13 +16,14 @@ from parking_helpers import TwoTenants
 from read_side_helpers import SQUEEZES, ReadSide
 from test_board_read_model_fold import assert_read_model_is_the_fold
 from test_cli import agentworks, assert_one_line_error
-from undecodable import RENAMED, plant_renamed, plant_undecodable
+from undecodable import RENAMED, plant_renamed, plant_unappliable, plant_undecodable
 
 from commands import models as m
 from commands.handlers import Actor
 from domain.errors import Forbidden, NotFound, UndecodableEvent
 from domain.positions import RESPREAD_THRESHOLD
 from domain.project import Project
+from domain.workspace import Workspace
 from projections.kanban import KanbanProjector
 from read_api.errors import error_extensions
 
@@ -84,12 +85,20 @@ def test_a_command_on_a_card_of_an_unreadable_project_is_refused_as_undecodable(
     app.create_card(m.CreateCard(project_id=scene.b.project_id, title="new"), scene.b.owner)
 
 
+@pytest.mark.parametrize("unappliable", [False, True], ids=["renamed", "unappliable"])
 def test_the_cli_exits_1_naming_the_unreadable_workspace(
-    database_url: str, app: AgentWorks, tmp_path: Path
+    database_url: str, app: AgentWorks, tmp_path: Path, unappliable: bool
 ) -> None:
+    """The event under a class name that no longer resolves, or one that decodes and that the
+    workspace's apply refuses (a role it no longer knows)."""
     scene = TwoTenants(app)
     workspace_id = scene.a.workspace_id
-    bad = plant_renamed(app, workspace_id)
+    if unappliable:
+        bad = plant_unappliable(
+            app, workspace_id, Workspace.MemberAdded, user_id="zed", role="SUPERUSER"
+        )
+    else:
+        bad = plant_renamed(app, workspace_id)
     environment = {"AGENTWORKS_DATABASE_URL": database_url, "AGENTWORKS_LOG_LEVEL": "ERROR"}
     credit = agentworks(
         "credit", "--workspace", str(workspace_id), "--amount", "1", "--reason", "x",
