@@ -24,9 +24,10 @@ if TYPE_CHECKING:
     from psycopg import Connection
     from psycopg.rows import DictRow
     from psycopg_pool import ConnectionPool
+    from pydantic import SecretStr
 
     from adapters.eventlog import EventLog
-    from adapters.providers.base import Provider
+    from adapters.providers.base import Provider, SseProvider
     from commands.handlers import AgentWorks
     from domain.budget_holds import SpendReader
     from infra.settings import Settings
@@ -55,21 +56,19 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
             output_tokens=settings.simulated_output_tokens,
         )
     }
-    # An empty key (docker-compose passes unset variables as "") means no key.
-    if settings.openai_api_key is not None and settings.openai_api_key.get_secret_value():
-        providers["openai"] = OpenAIProvider(
-            api_key=settings.openai_api_key.get_secret_value(),
-            base_url=settings.openai_base_url,
-            timeout=timeout,
-            idle_timeout=settings.provider_idle_timeout,
-        )
-    if settings.anthropic_api_key is not None and settings.anthropic_api_key.get_secret_value():
-        providers["anthropic"] = AnthropicProvider(
-            api_key=settings.anthropic_api_key.get_secret_value(),
-            base_url=settings.anthropic_base_url,
-            timeout=timeout,
-            idle_timeout=settings.provider_idle_timeout,
-        )
+    sse_providers: list[tuple[type[SseProvider], SecretStr | None, str | None]] = [
+        (OpenAIProvider, settings.openai_api_key, settings.openai_base_url),
+        (AnthropicProvider, settings.anthropic_api_key, settings.anthropic_base_url),
+    ]
+    for provider_class, key, base_url in sse_providers:
+        # An empty key (docker-compose passes unset variables as "") means no key.
+        if key is not None and key.get_secret_value():
+            providers[provider_class.name] = provider_class(
+                api_key=key.get_secret_value(),
+                base_url=base_url,
+                timeout=timeout,
+                idle_timeout=settings.provider_idle_timeout,
+            )
     return providers
 
 
