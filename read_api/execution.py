@@ -14,11 +14,13 @@ goes back to graphql-core's own path, so errors keep their exact message, locati
 
 It also counts what an operation executes, the guard behind the cost estimate
 (:mod:`read_api.limits`): a field completed the short way counts 1, any other (an object, a
-list, a resolver) :data:`FIELD_COST`, about their CPU (5-10 µs a leaf, 30-85 µs an object or a
-read). Past ``QueryLimits.max_executed`` the fields not yet resolved are not: the answer is the
-data resolved so far and one ``VALIDATION`` error. The estimate refuses most documents before
-they run; this bounds the rest, whatever their lists hold (a board of 2,000 cards of 20 runs
-each, which the SPA's default page sizes allow, took some 3 s of CPU).
+list, a resolver) :data:`FIELD_COST`, roughly in proportion to their CPU (bench/graphql_cost.py:
+5-9 µs per counted field, a read of an empty page the dearest). Past ``QueryLimits.max_executed``
+the fields not yet resolved are not: they are null, as after any field error, and the answer
+carries one ``VALIDATION`` error. The estimate refuses most documents before they run; this
+bounds the rest, whatever their lists hold (the estimate counts pages as full but cannot know
+how full they are: 2,000 cards of 20 runs each, which the SPA's default page sizes admit,
+would take some 3 s).
 """
 
 from __future__ import annotations

@@ -4,21 +4,24 @@ Depth, aliases and tokens are bounded by strawberry's own extensions; this adds 
 they miss, breadth: an estimate of the objects a document may resolve, each list counted at the
 page size it asks for (``first``, or the field's default), plus :data:`READ_COST` (3) for every
 read it may make: every root field, and every resolution of a list or field that runs a query
-(a lane's cards, a card's runs, a board's lanes, a run's output...), however few objects it
-returns. Measured (bench/graphql_cost.py, this 2-core machine, busy): a bare card costs the API
-about 30 µs of CPU, one read 55-85 µs whatever its page holds; counted by objects alone, the
-first card of every lane 30 times over cost 12,400 of the 100,000 allowed and 3 s of CPU, and
-8-card pages of every lane with 29 aliased one-run pages under each card 96,400 and 17 s, while
-every other tenant of that process waited. Now each unit costs about as much as any other
-(30-65 µs; a card with 16 fields and its last run the most), so the limit bounds a document to
-what a board of 100,000 objects costs, a few seconds at worst: the board a client draws (lanes,
+(a board's lanes, a lane's cards, a card's runs, a run's output...), however few objects it
+returns. Measured (bench/graphql_cost.py, this 2-core machine, shared): a bare card costs the
+API about 30 µs of CPU, one read 55-85 µs whatever its page holds. Counted by objects alone,
+the first card of every lane 30 times over cost 12,400 of the 100,000 allowed and 3-4 s of CPU,
+8-card pages of every lane with 29 aliased one-run pages under each card 96,400 and 13-17 s,
+every other tenant of that process waiting. Counted with their reads they cost 121,000 and
+376,000 and are refused, the second before a row is read. The board a client draws (lanes,
 their cards, each card's runs, at the default page sizes) costs about 52,000 (46,000 objects,
-2,000 reads), and realized in full (20 lanes of 100 cards of 20 runs) would take about as long;
-lanes x 200 cards x 200 runs is refused before a single row is read. Two bounds follow from
-it: fields that fold the event log (whose work is what the log holds, not what they return) are
-counted apart, and lists without pages that a workspace makes longer than estimated (its
-projects, a project's up to 50 lanes) are estimated again with their real length when read,
-a lane's live cards then capping its pages.
+2,000 reads); lanes x 200 cards x 200 runs is refused before a single row is read.
+
+Two bounds follow from it: fields that fold the event log (whose work is what the log holds,
+not what they return) are counted apart, and lists without pages that a workspace makes longer
+than estimated (its projects, a project's up to 50 lanes) are estimated again with their real
+length when read, a lane's live cards then capping its pages. What the estimate cannot know
+(how full the pages it counts will be: 20 lanes of 100 cards of 20 runs each, the board above
+realized in full, would take some 3 s) is bounded while the operation runs:
+``QueryLimits.max_executed`` (:mod:`read_api.execution`) stops it past 100,000 executed fields,
+about 1 s of CPU at the dearest measured (a read, ~8 µs per field it counts; objects 5-6 µs).
 """
 
 from __future__ import annotations
