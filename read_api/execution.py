@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from operator import attrgetter
-from typing import Any, cast
+from typing import Any
 
 from graphql import (
     ExecutionResult,
@@ -75,7 +75,8 @@ class LeafShortcutExecution(StrawberryGraphQLCoreExecutionContext):
     """Strawberry's execution context, completing plain leaf fields directly, and counting."""
 
     executed = 0
-    """What this operation (or subscription event) executed so far, in leaf fields."""
+    """What this operation executed so far, in leaf fields; a subscription's events each run
+    on a copy of the executor that resolved its source, so each counts from there."""
 
     @functools.cached_property
     def _most(self) -> int | None:
@@ -92,11 +93,6 @@ class LeafShortcutExecution(StrawberryGraphQLCoreExecutionContext):
             " fewer lists or fewer fields",
             extensions={"code": "VALIDATION"},
         )
-
-    def build_per_event_executor(self, payload: object) -> LeafShortcutExecution:
-        executor = cast("LeafShortcutExecution", super().build_per_event_executor(payload))
-        executor.executed = 0
-        return executor
 
     def build_response(
         self, data: dict[str, Any] | None

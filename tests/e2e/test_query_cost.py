@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from uuid import UUID
 
-from api_client import Answer, subscribe, wait_for
+from api_client import Answer, first_change, subscribe, wait_for
 from e2e_stack import MakeStack, Stack
 from users import user_id
 
@@ -322,3 +322,26 @@ def test_an_operation_that_executes_more_than_its_limit_is_stopped_with_one_erro
     assert "executed more than 300 fields" in answer.errors[0]["message"]
     assert "smaller pages" in answer.errors[0]["message"]
     assert alice.data(counted, {"id": project})["board"]["lanes"]
+
+
+def test_each_event_of_a_subscription_counts_apart(make_stack: MakeStack) -> None:
+    """A subscription is one operation that runs for as long as its socket: the limit on fields
+    executed holds for each event it delivers, never for their sum."""
+    stack = make_stack(query_limits=QueryLimits(max_executed=40))
+    alice, ws = stack.owner_with_workspace()
+    project = alice.create_project(ws, "Live", [{"name": "Todo"}])["project"]["id"]
+    changes = (
+        "subscription($id: ID!) { boardChanged(projectId: $id) {"
+        " kind cardId position card { id title lane } } }"
+    )
+    with subscribe(stack.ws_url, alice.token, changes, {"id": project}) as sub:
+        first = first_change(sub, lambda: alice.create_card(project, "warm-up"))
+        assert "errors" not in first, first
+        created = {alice.create_card(project, f"card {i}")["card"]["id"] for i in range(6)}
+        delivered: set[str] = set()
+        while not created <= delivered:
+            message = sub.next(timeout=15)
+            assert "errors" not in message, message
+            event = message["data"]["boardChanged"]
+            assert event["card"]["id"] == event["cardId"]
+            delivered.add(event["cardId"])
