@@ -89,6 +89,9 @@ class RequestContext(BaseContext):
         """On an accepted WebSocket: gives back its place among its user's open connections."""
         self._allowed_at = float("-inf")
         """When :meth:`still_allowed` last found the credentials holding (monotonic clock)."""
+        self.list_lengths: dict[str, int] = {}
+        """The longest of each list without pages read so far, by field name, for the cost
+        estimate (:func:`read_api.limits.refuse_longer_than_estimated`)."""
         self.reported: list[GraphQLError] = []
         """Errors beside the data (see :meth:`report`), added to the answer's ``errors``."""
 

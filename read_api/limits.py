@@ -1,18 +1,33 @@
-"""Refusing documents too expensive to run: an estimate of how many objects a query resolves.
+"""Refusing documents too expensive to run: an estimate of what a query resolves and reads.
 
 Depth, aliases and tokens are bounded by strawberry's own extensions; this adds the one bound
 they miss, breadth: an estimate of the objects a document may resolve, each list counted at the
-page size it asks for (``first``, or the field's default). The board a client would draw (lanes,
-their cards, each card's runs, at the default page sizes) costs about 42,000; lanes x 200 cards
-x 200 runs is refused before a single row is read. Two bounds follow from it: fields that fold the
-event log (whose work is what the log holds, not what they return) are counted apart, and a list
-without pages that a workspace makes longer than estimated (its projects) is estimated again
-with its real length when it is read.
+page size it asks for (``first``, or the field's default), plus :data:`READ_COST` (3) for every
+read it may make: every root field, and every resolution of a list or field that runs a query
+(a board's lanes, a lane's cards, a card's runs, a run's output...), however few objects it
+returns. Measured (bench/graphql_cost.py, this 2-core machine, shared): a bare card costs the
+API about 30 µs of CPU, one read 55-85 µs whatever its page holds. Counted by objects alone,
+the first card of every lane 30 times over cost 12,400 of the 100,000 allowed and 3-4 s of CPU,
+8-card pages of every lane with 29 aliased one-run pages under each card 96,400 and 13-17 s,
+every other tenant of that process waiting. Counted with their reads they cost 121,000 and
+376,000 and are refused, the second before a row is read. The board a client draws (lanes,
+their cards, each card's runs, at the default page sizes) costs about 52,000 (46,000 objects,
+2,000 reads); lanes x 200 cards x 200 runs is refused before a single row is read.
+
+Two bounds follow from it: fields that fold the event log (whose work is what the log holds,
+not what they return) are counted apart, and lists without pages that a workspace makes longer
+than estimated (its projects, a project's up to 50 lanes) are estimated again with their real
+length when read, a lane's live cards then capping its pages. What the estimate cannot know
+(how full the pages it counts will be: 20 lanes of 100 cards of 20 runs each, the board above
+realized in full, would take some 3 s) is bounded while the operation runs:
+``QueryLimits.max_executed`` (:mod:`read_api.execution`) stops it past 100,000 executed fields,
+about 1 s of CPU at the dearest measured (a read, ~8 µs per field it counts; objects 5-6 µs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -87,17 +102,11 @@ class CostLimiter(SchemaExtension):
             for operation in operations:
                 if name is not None and (operation.name is None or operation.name.value != name):
                     continue
-                cost = _cost(
-                    operation.selection_set,
-                    fragments,
-                    context.variables or {},
-                    multiplier=1,
-                    depth=0,
-                )
-                if cost > self.max_cost:
+                cost = estimate(operation, fragments, context.variables or {})
+                if cost.total > self.max_cost:
                     raise GraphQLError(
-                        f"query is too expensive: it may resolve about {cost} objects, more than "
-                        f"{self.max_cost}; ask for smaller pages (first) or fewer fields",
+                        f"query is too expensive: {cost.described()}, more than {self.max_cost};"
+                        f" {cost.advice()}",
                         extensions={"code": "VALIDATION"},
                     )
                 given = _given_variables(operation, context.variables or {})
@@ -302,6 +311,70 @@ class SubscriptionsOnlyOverWebSocket(SchemaExtension):
 CONNECTION_WRAPPERS = frozenset({"edges", "node"})
 #: Fields resolved once per connection, not once per item.
 PER_CONNECTION = frozenset({"pageInfo"})
+#: Fields below the root whose every resolution reads (a DataLoader's batch, a page of a
+#: LATERAL query) and builds what it returns; every root field reads as well.
+READING_FIELDS = frozenset(
+    {
+        "members", "projects", "spentThisMonth", "apiKeys", "invitations",
+        "lanes", "cards", "runs", "attempts", "output",
+    }
+)  # fmt: skip
+#: What one read costs besides the objects it returns, in objects: a lane's page of cards or a
+#: card's page of runs took 55-85 µs of the API's CPU empty or with one item, a bare card about
+#: 30 µs (bench/graphql_cost.py, 2026-12-07); rounded up.
+READ_COST = 3
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What an operation may cost: ``objects`` it may return and ``reads`` it may make (lists
+    and fields resolved by a query), each read costing :data:`READ_COST` objects besides."""
+
+    objects: int = 0
+    reads: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.objects + READ_COST * self.reads
+
+    def __add__(self, other: Estimate) -> Estimate:
+        return Estimate(self.objects + other.objects, self.reads + other.reads)
+
+    def described(self) -> str:
+        return (
+            f"it may resolve about {self.objects} objects in {self.reads} lists or reads"
+            f" (cost {self.total}, each read counted as {READ_COST} objects)"
+        )
+
+    def advice(self) -> str:
+        """What to reduce: whichever of the two makes most of the cost."""
+        if READ_COST * self.reads >= self.objects:
+            return (
+                "ask for fewer lists: fewer aliases of a list field, fewer lists nested"
+                " in each item of another (smaller pages of the outer list help too)"
+            )
+        return "ask for smaller pages (first) or fewer fields"
+
+
+def estimate(
+    operation: OperationDefinitionNode,
+    fragments: Mapping[str, FragmentDefinitionNode],
+    variables: Mapping[str, Any],
+    *,
+    lengths: Mapping[str, int] = MappingProxyType({}),
+) -> Estimate:
+    """The cost of ``operation``; ``lengths``: the known length of lists without pages, by
+    field name (else :data:`UNPAGED_LIST` each), and the most items a page of a paged field
+    can hold (else its page size)."""
+    return _cost(
+        operation.selection_set,
+        fragments,
+        variables,
+        multiplier=1,
+        depth=0,
+        root=True,
+        lengths=lengths,
+    )
 
 
 def _cost(
@@ -311,26 +384,32 @@ def _cost(
     *,
     multiplier: int,
     depth: int,
+    root: bool = False,
     connections: int | None = None,
     lengths: Mapping[str, int] = MappingProxyType({}),
-) -> int:
-    """Objects the selection may resolve when its parent stands for ``multiplier`` objects;
-    ``lengths``: the known length of lists without pages, by field name (else 20 each).
+) -> Estimate:
+    """Objects the selection may resolve, and reads it may make, when its parent stands for
+    ``multiplier`` objects.
 
     A list multiplies what is under it by the page size asked (``first``, else the field's
     default); ``edges``/``node`` only wrap a connection's items and ``pageInfo`` comes once per
     connection (``connections`` of them), so a board with its lanes, cards and runs costs what
     it may return rather than a product of every nesting level. Scalars cost nothing of their
-    own: the objects that hold them were counted.
+    own: the objects that hold them were counted. A field that reads (a root field, or one of
+    :data:`READING_FIELDS`, a scalar among them) is a read each time its parent is resolved,
+    whatever it returns: a page of one card cost a lane as much as a page of five.
     """
     if selection_set is None or depth > 50:
-        return 0
-    total = 0
+        return Estimate()
+    total = Estimate()
     for selection in selection_set.selections:
         if isinstance(selection, FieldNode):
-            if selection.selection_set is None:
-                continue
             field = selection.name.value
+            reads = (root and not field.startswith("__")) or field in READING_FIELDS
+            if selection.selection_set is None:
+                if reads:
+                    total += Estimate(reads=multiplier)
+                continue
             owner = multiplier
             if field in CONNECTION_WRAPPERS:
                 total += _cost(
@@ -343,10 +422,12 @@ def _cost(
             page = _page(selection, variables)
             if page is None and field in DEFAULT_PAGE:
                 page = DEFAULT_PAGE[field]
+            if page is not None and field in DEFAULT_PAGE and field in lengths:
+                page = min(page, lengths[field])
             if page is None and field in UNPAGED_FIELDS:
                 page = lengths.get(field, UNPAGED_LIST)
             inner = owner * max(page if page is not None else 1, 1)
-            total += inner
+            total += Estimate(objects=inner, reads=owner if reads else 0)
             total += _cost(
                 selection.selection_set,
                 fragments,
@@ -364,6 +445,7 @@ def _cost(
                 variables,
                 multiplier=multiplier,
                 depth=depth + 1,
+                root=root,
                 connections=connections,
                 lengths=lengths,
             )
@@ -404,27 +486,34 @@ def refuse_longer_than_estimated(
     *,
     field: str,
     length: int,
+    known: dict[str, int],
     max_cost: int,
+    fullest: Mapping[str, int] = MappingProxyType({}),
 ) -> None:
     """Refuse (VALIDATION) once a list without pages turns out longer than the estimate took
     it to be (20) and the operation, estimated again with its real length, costs too much.
 
     How many projects (or members) a workspace has is the workspace's to decide, without
-    bound: a tenant of a few hundred 50-lane projects asked for every board's cards at once,
-    in a document the estimate passed, and held the event loop (every tenant's requests) for
-    many seconds. Checked when the list is read, the only time its length is known."""
-    if length <= UNPAGED_LIST:
+    bound, and a project may have up to 50 lanes: a tenant of a few hundred 50-lane projects
+    asked for every board's cards at once, in a document the estimate passed, and held the
+    event loop (every tenant's requests) for many seconds. Checked when the list is read, the
+    only time its length is known; ``known`` keeps the longest of each list read so far in
+    the request (updated here), so projects and their lanes multiply, and every list read
+    after a refusal is refused too (each project's lanes, not only the first's). ``fullest``:
+    the most items the list's items hold in a paged field (a lane's live cards), which then
+    caps that field's pages: a board of 50 lanes of a few cards each is as cheap as it looks.
+    """
+    known[field] = max(length, known.get(field, 0))
+    for paged, most in fullest.items():
+        known[paged] = max(most, known.get(paged, 0))
+    if max(known.get(f, 0) for f in UNPAGED_FIELDS) <= UNPAGED_LIST:
         return
-    cost = _cost(
-        operation.selection_set,
-        fragments,
-        variables,
-        multiplier=1,
-        depth=0,
-        lengths={field: length},
-    )
-    if cost > max_cost:
+    cost = estimate(operation, fragments, variables, lengths=known)
+    if cost.total > max_cost:
+        longer = ", ".join(
+            f"{n} {f}" for f, n in known.items() if f in UNPAGED_FIELDS and n > UNPAGED_LIST
+        )
         raise ValidationFailed(
-            f"query is too expensive: with {length} {field} it may resolve about {cost} "
-            f"objects, more than {max_cost}; ask for fewer fields of each, or one at a time"
+            f"query is too expensive: with {longer} {cost.described()}, more than {max_cost};"
+            f" {cost.advice()}, or read them one at a time"
         )

@@ -66,7 +66,12 @@ class QueryLimits:
     max_aliases: int = 30
     max_tokens: int = 4000
     max_cost: int = 100_000
-    """Estimated number of objects a document may resolve, lists counted at their page size."""
+    """Estimated cost of a document: the objects it may resolve, lists counted at their page
+    size, and 3 for each list or field it may read by a query (``read_api.limits``)."""
+    max_executed: int | None = 100_000
+    """Fields one operation may execute, a field not read straight off its object counting 4
+    (``read_api.execution``), about 1 s of CPU: past it the rest is not resolved (VALIDATION).
+    ``None``: no limit."""
     max_expanded_selections: int = 10_000
     """Fields a document may stand for with its fragments spread (its text is max_tokens)."""
     max_log_reads: int = 3

@@ -9,9 +9,10 @@ DataLoaders — also in subscriptions, where each event has a scope of its own.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Generic, Self, TypeVar
 from uuid import UUID
 
@@ -317,7 +318,9 @@ class Workspace:
         return [Project.from_row(row, self.scope) for row in shown]
 
 
-def _as_long_as_estimated(info: Info, length: int) -> None:
+def _as_long_as_estimated(
+    info: Info, length: int, fullest: Mapping[str, int] = MappingProxyType({})
+) -> None:
     """VALIDATION when a list of the workspace's, as long as it is, makes the operation cost
     more than the estimate allows (:func:`read_api.limits.refuse_longer_than_estimated`)."""
     raw = info._raw_info
@@ -327,7 +330,9 @@ def _as_long_as_estimated(info: Info, length: int) -> None:
         info.variable_values,
         field=raw.field_name,
         length=length,
+        known=info.context.list_lengths,
         max_cost=info.context.runtime.services.query_limits.max_cost,
+        fullest=fullest,
     )
 
 
@@ -380,11 +385,16 @@ class Board:
         )
 
     @strawberry.field
-    async def lanes(self) -> list[Lane]:
+    async def lanes(self, info: Info) -> list[Lane]:
         if self.lanes_then is not None:
-            return self.lanes_then
-        rows = await self.scope.loaders.lanes.load(self.key)
-        return [Lane.from_row(row, self.scope) for row in rows]
+            lanes = self.lanes_then
+        else:
+            rows = await self.scope.loaders.lanes.load(self.key)
+            lanes = [Lane.from_row(row, self.scope) for row in rows]
+        _as_long_as_estimated(
+            info, len(lanes), {"cards": max((lane.count for lane in lanes), default=0)}
+        )
+        return lanes
 
 
 @strawberry.type

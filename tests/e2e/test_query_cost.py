@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from uuid import UUID
 
-from api_client import Answer, subscribe, wait_for
-from e2e_stack import Stack
+from api_client import Answer, first_change, subscribe, wait_for
+from e2e_stack import MakeStack, Stack
 from users import user_id
 
 from commands import models as m
 from commands.handlers import Actor
+from read_api.services import QueryLimits
 
 SPA_BOARD = """
 query Board($id: ID!) {
@@ -227,3 +228,120 @@ def test_every_board_of_a_workspace_of_more_projects_than_estimated_is_refused(
     for i in range(3):
         bob.create_project(few, f"p{i}", [{"name": "T"}])
     assert len(bob.data(EVERY_BOARD, {"ws": few})["workspace"]["projects"]) == 3
+
+
+def _every_lane(selections: str) -> str:
+    return (
+        "query($ws: ID!) { workspace(id: $ws) { projects { board { lanes { "
+        + selections
+        + " } } } } }"
+    )
+
+
+def _aliased(count: int, field: str, prefix: str) -> str:
+    return " ".join(f"{prefix}{i}: {field}" for i in range(count))
+
+
+def test_many_small_lists_are_refused_before_a_row_is_read(stack: Stack) -> None:
+    """Each list read costs a query and a connection whatever its page holds; counted only by
+    the objects they return, the first page of 8 cards of every lane and, under each card, its
+    first run 29 times over passed the estimate and held the API for 17 s of CPU
+    (bench/graphql_cost.py). Each read now costs what it costs besides its objects."""
+    alice, ws = stack.owner_with_workspace()
+    runs = _aliased(29, "runs(first: 1) { edges { node { id } } }", "r")
+    document = _every_lane(f"cards(first: 8) {{ edges {{ node {{ id {runs} }} }} }}")
+
+    answer = alice.post(document, {"ws": ws})
+
+    assert answer.codes == ["VALIDATION"], answer.body
+    message = answer.errors[0]["message"]
+    assert "too expensive" in message
+    assert "fewer lists" in message
+    assert answer.data is None
+
+
+def test_lists_of_projects_of_more_lanes_than_estimated_are_refused(stack: Stack) -> None:
+    """The estimate takes a board to have 20 lanes; a project may have 50. Thirty aliased pages
+    of one card from each lane of 20 such projects (30,000 list reads, 3 s of CPU) cost 2.5 times
+    what the estimate said. Read, the real number of lanes decides."""
+    alice, ws = stack.owner_with_workspace()
+    actor = Actor(user_id=user_id("alice"), workspace_id=ws)
+    lanes = [m.LaneInput(name=f"L{i}") for i in range(50)]
+    for i in range(20):
+        project = m.CreateProject(workspace_id=UUID(ws), name=f"p{i}", lanes=lanes)
+        wide = str(stack.write.create_project(project, actor).id)
+    alice.create_card(wide, "a card", lane="L7")
+    listing = "query($ws: ID!) { workspace(id: $ws) { projects { id } } }"
+    wait_for(
+        lambda: alice.data(listing, {"ws": ws})["workspace"]["projects"],
+        until=lambda projects: len(projects) == 20,
+    )
+    document = _every_lane(_aliased(30, "cards(first: 1) { edges { node { id } } }", "c"))
+
+    answer = alice.post(document, {"ws": ws})
+
+    assert answer.codes == ["VALIDATION"], answer.body
+    assert "with 50 lanes" in answer.errors[0]["message"]
+    assert "fewer lists" in answer.errors[0]["message"]
+    # A board as the SPA draws it is what its lanes hold, not 50 lanes of 100 cards.
+    wait_for(
+        lambda: alice.data(SPA_BOARD, {"id": wide})["board"]["lanes"],
+        until=lambda drawn: sum(len(lane["cards"]["edges"]) for lane in drawn) == 1,
+    )
+    # Lanes as many as estimated: the same document runs.
+    bob, narrow = stack.owner_with_workspace("bob", "Narrow")
+    bob.create_project(narrow, "Narrow", [{"name": "T"}, {"name": "D"}])
+    assert bob.data(document, {"ws": narrow})["workspace"]["projects"][0]["board"]["lanes"]
+
+
+def test_an_operation_that_executes_more_than_its_limit_is_stopped_with_one_error(
+    make_stack: MakeStack,
+) -> None:
+    """The estimate takes lists at their page size; what they hold decides what runs. A board
+    of 2,000 cards of 20 runs each, which the SPA's default pages admit, took 3 s of CPU: past
+    the fields an operation may execute, the rest is not resolved, and the answer says so once
+    (not once per field left)."""
+    stack = make_stack(query_limits=QueryLimits(max_executed=300, max_cost=10**6))
+    alice, ws = stack.owner_with_workspace()
+    lanes = [{"name": name} for name in ("Todo", "Doing", "Done")]
+    project = alice.create_project(ws, "Big", lanes)["project"]["id"]
+    for index in range(12):
+        alice.create_card(project, f"card {index}", lane=lanes[index % 3]["name"])
+    counted = "query($id: ID!) { board(projectId: $id) { lanes { count } } }"
+    wait_for(
+        lambda: alice.data(counted, {"id": project})["board"]["lanes"],
+        until=lambda drawn: sum(lane["count"] for lane in drawn) == 12,
+    )
+
+    body = SPA_BOARD.split("board(projectId: $id)", 1)[1].rsplit("}", 1)[0]
+    twice = f"query($id: ID!) {{ a: board(projectId: $id) {body} b: board(projectId: $id) {body} }}"
+
+    answer = alice.post(twice, {"id": project})
+
+    assert answer.codes == ["VALIDATION"], answer.body
+    assert "executed more than 300 fields" in answer.errors[0]["message"]
+    assert "smaller pages" in answer.errors[0]["message"]
+    assert alice.data(counted, {"id": project})["board"]["lanes"]
+
+
+def test_each_event_of_a_subscription_counts_apart(make_stack: MakeStack) -> None:
+    """A subscription is one operation that runs for as long as its socket: the limit on fields
+    executed holds for each event it delivers, never for their sum."""
+    stack = make_stack(query_limits=QueryLimits(max_executed=40))
+    alice, ws = stack.owner_with_workspace()
+    project = alice.create_project(ws, "Live", [{"name": "Todo"}])["project"]["id"]
+    changes = (
+        "subscription($id: ID!) { boardChanged(projectId: $id) {"
+        " kind cardId position card { id title lane } } }"
+    )
+    with subscribe(stack.ws_url, alice.token, changes, {"id": project}) as sub:
+        first = first_change(sub, lambda: alice.create_card(project, "warm-up"))
+        assert "errors" not in first, first
+        created = {alice.create_card(project, f"card {i}")["card"]["id"] for i in range(6)}
+        delivered: set[str] = set()
+        while not created <= delivered:
+            message = sub.next(timeout=15)
+            assert "errors" not in message, message
+            event = message["data"]["boardChanged"]
+            assert event["card"]["id"] == event["cardId"]
+            delivered.add(event["cardId"])

@@ -1,16 +1,18 @@
-"""How the cost limit estimates a document: objects it may return, at the page sizes asked."""
+"""How the cost limit estimates a document: objects it may return, at the page sizes asked, and
+the reads (lists, fields resolved by a query) it may make, each costing objects besides."""
 
 from __future__ import annotations
 
 from graphql import OperationDefinitionNode, parse
 
-from read_api.limits import DEFAULT_PAGE, UNPAGED_LIST, _cost
+from read_api.limits import DEFAULT_PAGE, READ_COST, UNPAGED_LIST, Estimate, estimate
+from read_api.services import QueryLimits
 
 
-def cost(document: str, **variables: int) -> int:
+def cost(document: str, **variables: int) -> Estimate:
     operation = parse(document).definitions[0]
     assert isinstance(operation, OperationDefinitionNode)
-    return _cost(operation.selection_set, {}, variables, multiplier=1, depth=0)
+    return estimate(operation, {}, variables)
 
 
 def test_scalars_and_connection_wrappers_add_no_objects() -> None:
@@ -21,7 +23,8 @@ def test_scalars_and_connection_wrappers_add_no_objects() -> None:
     )
 
     lanes = UNPAGED_LIST
-    assert bare == wide == 1 + lanes + lanes * DEFAULT_PAGE["cards"]
+    assert bare == wide
+    assert bare.objects == 1 + lanes + lanes * DEFAULT_PAGE["cards"]
 
 
 def test_page_info_comes_once_per_connection_not_once_per_item() -> None:
@@ -31,7 +34,8 @@ def test_page_info_comes_once_per_connection_not_once_per_item() -> None:
         " edges { node { id } } } } } }"
     )
 
-    assert with_page_info - without == UNPAGED_LIST
+    assert with_page_info.objects - without.objects == UNPAGED_LIST
+    assert with_page_info.reads == without.reads
 
 
 def test_the_page_size_asked_sets_the_cost_literal_or_variable() -> None:
@@ -42,7 +46,8 @@ def test_the_page_size_asked_sets_the_cost_literal_or_variable() -> None:
         n=5,
     )
 
-    assert small == by_variable == 1 + UNPAGED_LIST + UNPAGED_LIST * 5
+    assert small == by_variable
+    assert small.objects == 1 + UNPAGED_LIST + UNPAGED_LIST * 5
 
 
 def test_nested_pages_multiply() -> None:
@@ -51,4 +56,43 @@ def test_nested_pages_multiply() -> None:
         " runs(first: 200) { edges { node { id } } } } } } } } }"
     )
 
-    assert runs > UNPAGED_LIST * 200 * 200
+    assert runs.objects > UNPAGED_LIST * 200 * 200
+
+
+def test_every_list_read_costs_besides_its_items_however_small_its_page() -> None:
+    """A page of one card cost a lane's read as much as a page of five: counted by its objects
+    alone, thirty aliased one-card pages of every lane looked cheaper than one page of 100."""
+    one = cost("{ board(projectId: 1) { lanes { cards(first: 1) { edges { node { id } } } } } }")
+    thirty = cost(
+        "{ board(projectId: 1) { lanes { "
+        + " ".join(f"c{i}: cards(first: 1) {{ edges {{ node {{ id }} }} }}" for i in range(30))
+        + " } } }"
+    )
+
+    # The board (a root field), its lanes, and a page of cards in each lane.
+    assert one.reads == 1 + 1 + UNPAGED_LIST
+    assert thirty.reads - one.reads == 29 * UNPAGED_LIST
+    assert thirty.total == thirty.objects + READ_COST * thirty.reads
+    assert thirty.total > 30 * one.objects
+
+
+def test_scalars_resolved_by_a_query_are_reads() -> None:
+    plain = cost("{ workspace(id: 1) { name } }")
+    spent = cost("{ workspace(id: 1) { name spentThisMonth } }")
+    outputs = cost("{ card(id: 1) { runs(first: 10) { edges { node { id output } } } } }")
+
+    assert spent.reads - plain.reads == 1
+    assert spent.objects == plain.objects
+    # card (root), its runs, and each run's output
+    assert outputs.reads == 1 + 1 + 10
+
+
+def test_the_board_a_spa_draws_at_the_default_page_sizes_is_well_within_the_limit() -> None:
+    """lanes x 100 cards x 20 runs, as the SPA asks (tests/e2e/test_query_cost.py)."""
+    board = cost(
+        "{ board(projectId: 1) { lanes { name count cards { pageInfo { hasNextPage }"
+        " edges { cursor node { id title cost lastRun { id status } runs {"
+        " pageInfo { hasNextPage } edges { node { id status billed } } } } } } } } }"
+    )
+
+    assert board.total < 0.6 * QueryLimits().max_cost
