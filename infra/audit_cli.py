@@ -82,21 +82,19 @@ def _failed(message: str) -> NoReturn:
 
 
 @contextmanager
-def _utf8(stream: TextIO, *, writing: bool) -> Iterator[TextIO]:
-    """``stream`` (stdin or stdout) as UTF-8 text with lines ending in "\n" alone, whatever
-    encoding and newline translation the environment gave it; ``stream`` is left open."""
+def _utf8(stream: TextIO) -> Iterator[TextIO]:
+    """``stream`` (stdout) as UTF-8 text with lines ending in "\n" alone, whatever encoding
+    and newline translation the environment gave it; ``stream`` is left open."""
     buffer = getattr(stream, "buffer", None)
     if buffer is None:  # not backed by bytes (a test's stand-in): nothing to choose
         yield stream
         return
-    if writing:
-        stream.flush()
+    stream.flush()
     wrapper = io.TextIOWrapper(buffer, encoding="utf-8", newline="\n")
     try:
         yield wrapper
     finally:
-        if writing:
-            wrapper.flush()
+        wrapper.flush()
         wrapper.detach()
 
 
@@ -228,7 +226,7 @@ def export_command(
                 progress.update(task, completed=position, rate=f"{seen / elapsed:,.0f}")
 
         # UTF-8 bytes, as the lines were hashed, whatever encoding the environment gives stdout.
-        out = stack.enter_context(_utf8(sys.stdout, writing=True))
+        out = stack.enter_context(_utf8(sys.stdout))
         written = 0
         for line in export_lines(
             workspace_rows(conn, workspace_id=workspace_id, json_prefilter=plain),
@@ -267,14 +265,14 @@ def verify_command(
     settings = settings_for(data_dir)
     key = _verifying_key(settings, public_key)
     try:
+        # Bytes split on "\n" alone, whatever the environment's encoding: verify decodes each
+        # line, so one that is not UTF-8 is named like any other bad line.
         if file == "-":
-            # Read as a file is (below): UTF-8, split on "\n" only, whatever the environment.
-            with _utf8(sys.stdin, writing=False) as handle:
-                verdict = verify(handle, key)
+            verdict = verify(getattr(sys.stdin, "buffer", sys.stdin), key)
         else:
-            with open(file, encoding="utf-8", newline="\n") as handle:
+            with open(file, "rb") as handle:
                 verdict = verify(handle, key)
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ValidationFailed(f"cannot read {file}: {exc}") from exc
     if not verdict.ok:
         _failed(f"{file} {verdict.describe()}")

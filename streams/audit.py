@@ -308,8 +308,12 @@ class Verdict:
         return f"ok: {self.count} events, chain and signature hold; {what}{unread}"
 
 
-def verify(lines: Iterable[str], public_key: Ed25519PublicKey) -> Verdict:
-    """Check an export's chain and trailer signature, reading one line at a time."""
+def verify(lines: Iterable[str] | Iterable[bytes], public_key: Ed25519PublicKey) -> Verdict:
+    """Check an export's chain and trailer signature, reading one line at a time.
+
+    Give a file's lines as bytes (a binary file, split on "\n" alone): a line that is not
+    UTF-8 is then a bad line like any other, named, where decoding the whole file as text
+    fails at its first such byte (read ahead of the lines checked) naming no line."""
     prev = GENESIS
     count = 0
     unread = 0
@@ -321,9 +325,15 @@ def verify(lines: Iterable[str], public_key: Ed25519PublicKey) -> Verdict:
         return Verdict(ok=False, count=count, line=line, reason=reason)
 
     for number, raw in enumerate(lines, 1):
-        text = raw.removesuffix("\n")
         if trailer is not None:
             return bad(number, "a line after the trailer (appended)")
+        if isinstance(raw, bytes):
+            try:
+                text = raw.removesuffix(b"\n").decode("utf-8")
+            except UnicodeDecodeError:
+                return bad(number, "not UTF-8")
+        else:
+            text = raw.removesuffix("\n")
         try:
             obj = json.loads(text)
             canonical = canonical_json(obj)

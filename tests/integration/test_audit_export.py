@@ -262,6 +262,34 @@ class TestBadInput:
         assert "cannot read" in assert_one_line_error(result)
 
 
+class TestHostileFiles:
+    """``verify`` over bytes that are not what an export writes: a verdict naming the line."""
+
+    def test_a_line_that_is_not_utf8_is_named_exit_1(
+        self, exported: dict[str, Any], tmp_path: Path
+    ) -> None:
+        """Such a file was "cannot read FILE: 'utf-8' codec can't decode ...", exit 2 like a
+        mistyped path, naming no line (and the decoder reads ahead, so not even an edit on an
+        earlier line was named)."""
+        lines = [text.encode("utf-8") for text in exported["lines"]]
+        lines[1] = lines[1].replace(b'"alice"', b'"al\xffce"')
+        lines[3] = lines[3].replace(b'"alice"', b'"\xc0\xa0"')  # an overlong encoding
+        tampered = tmp_path / "tampered.jsonl"
+        tampered.write_bytes(b"\n".join(lines) + b"\n")
+        args = ("--data-dir", str(exported["data_dir"]))
+        result = agentworks("audit", "verify", str(tampered), *args, cwd=tmp_path)
+        assert "line 2: not UTF-8" in assert_one_line_error(result, code=1)
+        piped = _run_bytes(
+            ("audit", "verify", "-", *args), tmp_path, {}, stdin=tampered.read_bytes()
+        )
+        assert piped.returncode == 1
+        assert b"line 2: not UTF-8" in piped.stderr
+        garbage = tmp_path / "garbage.bin"
+        garbage.write_bytes(bytes(range(256)) * 64)
+        result = agentworks("audit", "verify", str(garbage), *args, cwd=tmp_path)
+        assert "line 1:" in assert_one_line_error(result, code=1)
+
+
 # -- every single-line tamper is caught ----------------------------------------------------------
 
 _EXAMPLES = settings(
