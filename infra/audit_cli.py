@@ -204,8 +204,14 @@ def export_command(
         stack.enter_context(conn.transaction())
         if not workspace_exists(conn, workspace_id):
             raise NotFound(f"workspace {workspace_id} does not exist")
-        head = conn.execute("SELECT coalesce(max(notification_id), 0) FROM agentworks_events")
-        top = int(head.fetchone()[0])  # type: ignore[index]
+        # The transaction began before its snapshot was taken (at its first statement, above):
+        # every event stored by then is in the snapshot, which the trailer signs (exportedAt).
+        head = conn.execute(
+            "SELECT coalesce(max(notification_id), 0), transaction_timestamp()"
+            " FROM agentworks_events"
+        )
+        top, began = head.fetchone()  # type: ignore[misc]
+        top = int(top)
         columns = (
             TextColumn("[bold]export"),
             BarColumn(),
@@ -237,6 +243,7 @@ def export_command(
             until=end,
             progress=advance,
             owner_of=lambda originator_id: aggregate_workspace(conn, originator_id),
+            exported_at=began,
         ):
             out.write(line + "\n")
             written += 1

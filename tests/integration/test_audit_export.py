@@ -127,6 +127,26 @@ class TestExport:
         key_file = exported["data_dir"] / DEV_AUDIT_KEY_FILE
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
+    def test_the_trailer_signs_when_the_export_was_taken(
+        self, exported: dict[str, Any], database_url: str, tmp_path: Path
+    ) -> None:
+        """Without it an export said "until the time of the export", signed, and not when:
+        last month's whole history passed for today's."""
+        before = datetime.now(UTC)
+        result, data_dir, _ = _export(database_url, exported["board"], tmp_path)
+        after = datetime.now(UTC)
+        trailer = json.loads(result.stdout.splitlines()[-1])
+        taken = datetime.fromisoformat(trailer["exportedAt"])
+        assert before <= taken <= after
+        assert taken.utcoffset() == timedelta(0)
+        path = tmp_path / "now.jsonl"
+        path.write_text(result.stdout, encoding="utf-8")
+        checked = agentworks(
+            "audit", "verify", str(path), "--data-dir", str(data_dir), cwd=tmp_path
+        )
+        assert checked.returncode == 0, checked.stderr
+        assert f"until the export at {trailer['exportedAt']}" in checked.stdout
+
     def test_round_trip_verifies_with_the_cli(
         self, exported: dict[str, Any], tmp_path: Path
     ) -> None:
@@ -204,8 +224,15 @@ class TestEncoding:
         workspace = str(exported["board"].workspace_id)
         export = _run_bytes(("audit", "export", "--workspace", workspace, *args), tmp_path, latin)
         assert export.returncode == 0, export.stderr.decode(errors="replace")
-        # The same bytes as under UTF-8 (the title holds an em dash latin-1 cannot encode).
-        assert export.stdout == exported["path"].read_bytes()
+        # The same bytes as under UTF-8 (the title holds an em dash latin-1 cannot encode), but
+        # for the trailer's time of the export (and so its signature).
+        *events, trailer = export.stdout.split(b"\n")[:-1]
+        *earlier, earlier_trailer = exported["path"].read_bytes().split(b"\n")[:-1]
+        assert events == earlier
+        differing = {"exportedAt", "signature"}
+        assert {k: v for k, v in json.loads(trailer).items() if k not in differing} == {
+            k: v for k, v in json.loads(earlier_trailer).items() if k not in differing
+        }
         checked = _run_bytes(("audit", "verify", "-", *args), tmp_path, latin, stdin=export.stdout)
         assert checked.returncode == 0, checked.stderr.decode(errors="replace")
 
