@@ -63,6 +63,15 @@ SCOPE_FIELDS = frozenset({"workspaceId", "from", "to", "exportedAt"})
 #: The scope of exports written before the trailer said when (still verified).
 EARLIER_SCOPE_FIELDS = SCOPE_FIELDS - {"exportedAt"}
 
+#: Fields an export leaves out of an event's ``data``: the SHA-256 of an API key's secret and of
+#: an invitation's accept token. An auditor is shown that the grant was made, by whom and at
+#: which role, not a value to confirm a leaked secret against (exports are handed out).
+#: ``tests/unit/test_audit_chain.py`` holds every exported event type's fields to this.
+WITHHELD_FIELDS: dict[str, frozenset[str]] = {
+    "ApiKey.Created": frozenset({"secret_hash"}),
+    "Invitation.Created": frozenset({"token_hash"}),
+}
+
 #: Rows fetched per round trip of the server-side cursor; memory stays bounded by this.
 PAGE = 2000
 
@@ -103,11 +112,16 @@ def event_line(envelope: EventEnvelope, prev_hash: str) -> tuple[str, str]:
 
     An event that could not be decoded (see :data:`~domain.envelope.UNDECODABLE`) has a line
     too, of that ``type``: its ``data`` names the type it was stored under (``storedType``) and
-    why it could not be read (``reason``), its ``at`` is null when its state does not say."""
+    why it could not be read (``reason``), its ``at`` is null when its state does not say.
+    ``data`` is the payload without its :data:`WITHHELD_FIELDS`."""
     reason = envelope.undecodable
     at: str | None = envelope.timestamp.isoformat()
     if reason and envelope.timestamp == UNKNOWN_TIME:
         at = None
+    data = envelope.payload
+    withheld = WITHHELD_FIELDS.get(envelope.type)
+    if withheld:
+        data = {name: value for name, value in data.items() if name not in withheld}
     content = {
         "position": envelope.position,
         "originatorId": str(envelope.originator_id),
@@ -115,7 +129,7 @@ def event_line(envelope: EventEnvelope, prev_hash: str) -> tuple[str, str]:
         "type": UNDECODABLE if reason else envelope.type,
         "at": at,
         "actor": envelope.metadata.get("actor", ""),
-        "data": {"storedType": envelope.type, "reason": reason} if reason else envelope.payload,
+        "data": {"storedType": envelope.type, "reason": reason} if reason else data,
         "prevHash": prev_hash,
     }
     body = canonical_json(content)

@@ -289,6 +289,51 @@ class TestBadInput:
         assert "cannot read" in assert_one_line_error(result)
 
 
+def test_no_credential_digest_is_exported(
+    write_side: AgentWorks, database_url: str, tmp_path: Path
+) -> None:
+    """An API key's and an invitation's creation are exported (who, which role), not the
+    SHA-256 of their secrets (the export held both: a value to confirm a leaked key against,
+    in a file handed to auditors)."""
+    import psycopg
+
+    from commands.access import CreateApiKey, InviteMember, create_api_key, invite_member
+
+    board = bootstrap_board(write_side)
+    workspace = board.workspace_id
+    create_api_key(
+        write_side, CreateApiKey(workspace_id=workspace, name="ci", role="MEMBER"), board.owner
+    )
+    invite_member(
+        write_side,
+        InviteMember(workspace_id=workspace, email="carol@example.com", role="MEMBER"),
+        board.owner,
+    )
+    with psycopg.connect(database_url) as conn:
+        digests = [
+            str(row[0])
+            for row in conn.execute(
+                "SELECT convert_from(state, 'UTF8')::jsonb ->> key FROM agentworks_events,"
+                " unnest(ARRAY['secret_hash', 'token_hash']) AS key"
+                " WHERE convert_from(state, 'UTF8')::jsonb ? key"
+            )
+        ]
+    assert len(digests) == 2
+    export, data_dir, _ = _export(database_url, board, tmp_path)
+    events = {e["type"]: e["data"] for e in map(json.loads, export.stdout.splitlines()[:-1])}
+    assert events["ApiKey.Created"] == {
+        "created_by": "alice", "name": "ci", "role": "MEMBER", "workspace_id": str(workspace),
+    }  # fmt: skip
+    assert set(events["Invitation.Created"]) == {
+        "email", "expires_at", "invited_by", "role", "workspace_id",
+    }  # fmt: skip
+    assert not [digest for digest in digests if digest in export.stdout]
+    path = tmp_path / "export.jsonl"
+    path.write_text(export.stdout, encoding="utf-8")
+    checked = agentworks("audit", "verify", str(path), "--data-dir", str(data_dir), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+
+
 class TestHostileFiles:
     """``verify`` over bytes that are not what an export writes: a verdict naming the line."""
 
