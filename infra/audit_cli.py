@@ -145,6 +145,12 @@ def _verifying_key(settings: Settings, given: str | None) -> Ed25519PublicKey:
         return load_public_key(pem, source=given)
     if settings.audit_signing_key is not None:
         return audit_signer(settings).public_key
+    if settings.env == "prod":
+        # Production never signs with a dev key: one in the data dir verifies only forgeries.
+        raise ValidationFailed(
+            "no public key: pass --public-key PEM (AGENTWORKS_AUDIT_SIGNING_KEY is unset, and "
+            "production exports are never signed by the dev key in the data dir)"
+        )
     key = dev_signing_key(settings.data_dir, create=False)
     if key is None:
         raise ValidationFailed(

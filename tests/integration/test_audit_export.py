@@ -13,6 +13,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 import pytest
 from board_helpers import add_cards, bootstrap_board
@@ -23,9 +24,15 @@ from test_cli import REPO, agentworks, assert_one_line_error
 from undecodable import RENAMED, plant_undecodable
 from users import user_id
 
-from adapters.audit_signing import DEV_AUDIT_KEY_FILE, load_public_key, public_pem
+from adapters.audit_signing import (
+    DEV_AUDIT_KEY_FILE,
+    Signer,
+    dev_signing_key,
+    load_public_key,
+    public_pem,
+)
 from commands import models as m
-from streams.audit import GENESIS, canonical_json, line_hash, verify
+from streams.audit import GENESIS, canonical_json, export_lines, line_hash, verify
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -279,6 +286,23 @@ class TestBadInput:
         )  # fmt: skip
         assert_one_line_error(result)
 
+    def test_production_verifies_with_no_dev_key(self, tmp_path: Path) -> None:
+        """Production signs only with AGENTWORKS_AUDIT_SIGNING_KEY, yet without it (and without
+        --public-key) verify took the dev key from the data dir: a file signed by whoever put
+        a key there verified, exit 0."""
+        data_dir = tmp_path / "data"
+        key = dev_signing_key(data_dir, create=True)
+        assert key is not None
+        workspace = UUID(int=1)
+        lines = export_lines([], _no_row, workspace_id=workspace, signer=Signer(key))
+        forged = tmp_path / "forged.jsonl"
+        forged.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        prod = {"AGENTWORKS_ENV": "prod", "AGENTWORKS_JWT_SECRET": "s" * 40}
+        args = ("audit", "verify", str(forged), "--data-dir", str(data_dir))
+        refused = agentworks(*args, cwd=tmp_path, env=prod)
+        assert "--public-key" in assert_one_line_error(refused)
+        assert agentworks(*args, cwd=tmp_path).returncode == 0  # outside production it verifies
+
     def test_unreadable_file_is_exit_2(self, tmp_path: Path) -> None:
         pem = tmp_path / "k.pub"
         pem.write_text(public_pem(Ed25519PrivateKey.generate().public_key()))
@@ -360,6 +384,10 @@ class TestHostileFiles:
         garbage.write_bytes(bytes(range(256)) * 64)
         result = agentworks("audit", "verify", str(garbage), *args, cwd=tmp_path)
         assert "line 1:" in assert_one_line_error(result, code=1)
+
+
+def _no_row(row: Any) -> Any:  # never called: an export of no rows
+    raise AssertionError(row)
 
 
 # -- every single-line tamper is caught ----------------------------------------------------------
