@@ -39,12 +39,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from eventsourcing.utils import resolve_topic
+from eventsourcing.utils import TopicError, resolve_topic
 from psycopg.rows import tuple_row
 
 from adapters.audit_signing import key_id, signature_holds
 from adapters.eventlog import UNKNOWN_TIME
 from domain.envelope import UNDECODABLE
+from domain.errors import UndecodableEvent
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -146,12 +147,24 @@ def event_line(envelope: EventEnvelope, prev_hash: str) -> tuple[str, str]:
 
 
 def workspace_exists(conn: Connection[Any], workspace_id: UUID) -> bool:
+    """Whether ``workspace_id`` is a workspace's id; :class:`UndecodableEvent` when its first
+    event's class no longer resolves (it cannot be told)."""
     topic = _first_value(
         conn,
         "SELECT topic FROM agentworks_events WHERE originator_id = %s AND originator_version = 1",
         (workspace_id,),
     )
-    return topic is not None and resolve_topic(str(topic)).__qualname__ == "Workspace.Created"
+    if topic is None:
+        return False
+    try:
+        created = resolve_topic(str(topic))
+    except TopicError as error:
+        raise UndecodableEvent(
+            f"{workspace_id}: its first event is stored as {topic}, which does not resolve "
+            f"({error}); whether it is a workspace cannot be told",
+            version=1,
+        ) from error
+    return getattr(created, "__qualname__", None) == "Workspace.Created"
 
 
 def _first_value(conn: Connection[Any], sql: str, params: tuple[object, ...]) -> object:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from board_helpers import add_cards, bootstrap_board
@@ -285,6 +285,27 @@ class TestBadInput:
             env={"AGENTWORKS_DATABASE_URL": database_url},
         )  # fmt: skip
         assert_one_line_error(result)
+
+    def test_an_id_whose_first_event_cannot_be_decoded_is_one_line_exit_1(
+        self, write_side: AgentWorks, database_url: str, tmp_path: Path
+    ) -> None:
+        """Whether it is a workspace cannot be told: the export said so with a traceback (the
+        topic of its first event, a class since renamed, did not resolve)."""
+        board = bootstrap_board(write_side)
+        (created,) = write_side.recorder.select_events(board.workspace_id, limit=1)
+        renamed = created.topic.replace("Created", "Founded")
+        founded = uuid4()
+        write_side.recorder.insert_events(
+            [type(created)(originator_id=founded, originator_version=1, topic=renamed,
+                           state=created.state)]
+        )  # fmt: skip
+        result = agentworks(
+            "audit", "export", "--workspace", str(founded),
+            "--data-dir", str(tmp_path), cwd=tmp_path,
+            env={"AGENTWORKS_DATABASE_URL": database_url},
+        )  # fmt: skip
+        line = assert_one_line_error(result, code=1)
+        assert renamed in line
 
     def test_production_verifies_with_no_dev_key(self, tmp_path: Path) -> None:
         """Production signs only with AGENTWORKS_AUDIT_SIGNING_KEY, yet without it (and without
