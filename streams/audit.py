@@ -360,7 +360,7 @@ class Verdict:
         return f"ok: {self.count} events, chain and signature hold; {what}{unread}"
 
 
-def verify(lines: Iterable[str] | Iterable[bytes], public_key: Ed25519PublicKey) -> Verdict:
+def verify(lines: Iterable[str | bytes], public_key: Ed25519PublicKey) -> Verdict:
     """Check an export's chain and trailer signature, reading one line at a time.
 
     Give a file's lines as bytes (a binary file, split on "\n" alone): a line that is not
