@@ -334,6 +334,14 @@ class TestBadInput:
         assert "cannot read" in assert_one_line_error(result)
 
 
+#: Every credential digest the log holds (of API keys' secrets, invitations' accept tokens).
+_STORED_DIGESTS = (
+    "SELECT convert_from(state, 'UTF8')::jsonb ->> key FROM agentworks_events,"
+    " unnest(ARRAY['secret_hash', 'token_hash']) AS key"
+    " WHERE convert_from(state, 'UTF8')::jsonb ? key"
+)
+
+
 def test_no_credential_digest_is_exported(
     write_side: AgentWorks, database_url: str, tmp_path: Path
 ) -> None:
@@ -355,14 +363,8 @@ def test_no_credential_digest_is_exported(
         board.owner,
     )
     with psycopg.connect(database_url) as conn:
-        digests = [
-            str(row[0])
-            for row in conn.execute(
-                "SELECT convert_from(state, 'UTF8')::jsonb ->> key FROM agentworks_events,"
-                " unnest(ARRAY['secret_hash', 'token_hash']) AS key"
-                " WHERE convert_from(state, 'UTF8')::jsonb ? key"
-            )
-        ]
+        stored = conn.execute(_STORED_DIGESTS).fetchall()
+    digests = [str(digest) for (digest,) in stored]
     assert len(digests) == 2
     export, data_dir, _ = _export(database_url, board, tmp_path)
     events = {e["type"]: e["data"] for e in map(json.loads, export.stdout.splitlines()[:-1])}
