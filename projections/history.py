@@ -11,6 +11,8 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import groupby
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -447,6 +449,13 @@ def _version_at(
 #: No upper bound on a card's versions (the largest bigint).
 _UNBOUNDED = 2**63 - 1
 
+#: Per kind (topic) of a card's rows after its snapshot: how many, and the last version (the
+#: fold's own window, so nearly free): what :func:`_first_unseen` needs.
+_KIND_COUNTS = (
+    "count(*) OVER (PARTITION BY topic) AS kind_rows,"
+    " max(originator_version) OVER (PARTITION BY topic) AS kind_top"
+)
+
 
 def _cards_at(
     conn: Connection[Any],
@@ -462,7 +471,9 @@ def _cards_at(
 
     A card with an event up to ``as_of`` that cannot be decoded is folded up to the event
     before it (or left out, when it is its first), and named in ``unreadable`` with that
-    event's version.
+    event's version. So is one with an event this reader cannot see (row-level security hides
+    from the API a state that names no workspace, one that is not JSON among them) before one
+    up to ``as_of``: a version missing from its rows (see :func:`_first_unseen`).
 
     Two statements for the whole board: each card's chosen snapshot (and the version of the
     one after it), then each card's events after its snapshot, one primary-key range per card.
@@ -499,8 +510,8 @@ def _cards_at(
         # the instant (so is it, and every event between: the card's times rise); one whose
         # time PostgreSQL cannot read ("maybe") is kept for the fold here to decide.
         events = (
-            f"SELECT {columns} FROM (SELECT {columns}, max(originator_version)"
-            " FILTER (WHERE early) OVER (PARTITION BY topic) AS last_sure"
+            f"SELECT {columns}, kind_rows, kind_top FROM (SELECT {columns}, {_KIND_COUNTS},"
+            " max(originator_version) FILTER (WHERE early) OVER (PARTITION BY topic) AS last_sure"
             f" FROM (SELECT {columns}, {_EARLY} AS early FROM agentworks_events"
             " WHERE originator_id = r.id AND originator_version > r.after"
             " AND originator_version < stop.version) AS range WHERE early IS NOT false) AS kept"
@@ -510,11 +521,12 @@ def _cards_at(
     else:
         stop = str(_UNBOUNDED)
         events = (
-            f"SELECT {columns} FROM agentworks_events WHERE originator_id = r.id"
+            f"SELECT {columns}, {_KIND_COUNTS} FROM agentworks_events WHERE originator_id = r.id"
             " AND originator_version > r.after AND originator_version < stop.version"
         )
     sql = (
-        "SELECT r.n, e.notification_id, e.originator_version, e.topic, e.state"
+        "SELECT r.n, e.notification_id, e.originator_version, e.topic, e.state, e.kind_rows,"
+        " e.kind_top"
         " FROM unnest(%(ids)s::uuid[], %(after)s::bigint[], %(later)s::bigint[])"
         " WITH ORDINALITY AS r(id, after, later, n)"
         f" CROSS JOIN LATERAL (SELECT {stop} AS version) AS stop"
@@ -530,31 +542,58 @@ def _cards_at(
     }
     # Only the plain path drops rows; elsewhere the library's own check on versions stands.
     dropping = decode.plain
-    stopped: set[int] = set()
-    for n, position, version, topic, state in _stream(conn, sql, params):
+    for n, rows in groupby(_stream(conn, sql, params), key=itemgetter(0)):
         card = n - 1
-        if card in stopped:
-            continue
-        try:
-            event = decode(card_ids[card], version, topic, state)
-        except Exception as error:  # noqa: BLE001 - decoding is pure: the stored event's own fault
-            stopped.add(card)
-            stored = (position, card_ids[card], version, str(topic), bytes(state))
-            made = undecodable_envelope(stored, error).timestamp
-            if unreadable is not None and (made == UNKNOWN_TIME or made <= as_of):
-                unreadable.setdefault(card_ids[card], version)
-            continue
-        if event.timestamp > as_of:
-            stopped.add(card)
-            continue
-        aggregate, lane_set_at = folded.get(card, (None, 0))
-        if dropping and aggregate is not None and version > aggregate.version + 1:
-            aggregate.version = version - 1  # the events between were overwritten, and dropped
-        aggregate = event.mutate(aggregate)
-        if isinstance(event, _LANE_SETTING):
-            lane_set_at = position
-        folded[card] = (aggregate, lane_set_at)
+        card_id = card_ids[card]
+        kept = list(rows)  # a few a card: the plain path sends only what the fold needs
+        unseen = _first_unseen(conn, card_id, after[card], kept)
+        for _, position, version, topic, state, _, _ in kept:
+            try:
+                event = decode(card_id, version, topic, state)
+            except Exception as error:  # noqa: BLE001 - decoding is pure: the stored event's own fault
+                stored = (position, card_id, version, str(topic), bytes(state))
+                made = undecodable_envelope(stored, error).timestamp
+                if unreadable is not None and (made == UNKNOWN_TIME or made <= as_of):
+                    unreadable.setdefault(card_id, min(version, unseen or version))
+                break
+            if event.timestamp > as_of:
+                break
+            if unseen is not None and unseen < version:
+                # Made before this event, which is up to the instant: so is the unseen one,
+                # whose time is unknown (cardHistory's asOf counts it so too).
+                if unreadable is not None:
+                    unreadable.setdefault(card_id, unseen)
+                break
+            aggregate, lane_set_at = folded.get(card, (None, 0))
+            if dropping and aggregate is not None and version > aggregate.version + 1:
+                aggregate.version = version - 1  # the events between were overwritten, and dropped
+            aggregate = event.mutate(aggregate)
+            if isinstance(event, _LANE_SETTING):
+                lane_set_at = position
+            folded[card] = (aggregate, lane_set_at)
     return [folded[n] for n in range(len(card_ids)) if n in folded]
+
+
+def _first_unseen(
+    conn: Connection[Any], card_id: UUID, after: int, rows: list[tuple[Any, ...]]
+) -> int | None:
+    """The first version after ``after`` that this reader cannot see, if one lies below the
+    card's last row: versions are gapless in the log, so that is when the rows (each with its
+    kind's count and last version, ``kind_rows`` and ``kind_top``, taken before any row of the
+    kind was dropped) number fewer than the versions they span. None when there is none (also
+    when a row was left out for its time, stamped after a later version's)."""
+    kinds = {row[3]: (int(row[5]), int(row[6])) for row in rows}
+    seen = sum(count for count, _ in kinds.values())
+    top = max((last for _, last in kinds.values()), default=after)
+    if top - after == seen:
+        return None
+    ((version,),) = _rows(
+        conn,
+        "SELECT min(v) FROM generate_series(%s::bigint + 1, %s::bigint - 1) AS v WHERE NOT EXISTS"
+        " (SELECT FROM agentworks_events WHERE originator_id = %s AND originator_version = v)",
+        (after, top, card_id),
+    )
+    return None if version is None else int(version)
 
 
 def _snapshots_at(

@@ -108,17 +108,26 @@ BOARD_THEN = (
 )
 
 
-def test_a_board_as_of_an_instant_shows_a_card_up_to_its_undecodable_event(stack: Stack) -> None:
+@pytest.mark.parametrize("broken_json", [False, True], ids=["unknown-topic", "broken-json"])
+def test_a_board_as_of_an_instant_shows_a_card_up_to_its_undecodable_event(
+    stack: Stack, broken_json: bool
+) -> None:
     """``board(asOf:)`` folded a card through an event it could not decode and answered
     INTERNAL for the whole board. Now the card is shown as of the version before it, the
     board's other cards whole, with an UNDECODABLE error beside the data naming the card and
-    the version (as ``cardHistory`` does)."""
-    alice, ws = stack.owner_with_workspace("alice", "undecodable board")
+    the version (as ``cardHistory`` does). An event whose state is not JSON is hidden from the
+    API (it names no workspace): the card was folded past it, as if it were not there, with
+    the event after it applied and no error."""
+    alice, ws = stack.owner_with_workspace("alice", f"undecodable board {broken_json}")
     pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
     card = alice.create_card(pid, "first")["card"]["id"]
     alice.data(RETITLE, {"c": card})
     other = alice.create_card(pid, "other")["card"]["id"]
-    assert plant_undecodable(stack.write, UUID(card)) == 3
+    before = datetime.now(UTC).isoformat()
+    assert plant_undecodable(stack.write, UUID(card), broken_json=broken_json) == 3
+    earlier = alice.post(BOARD_THEN, {"p": pid, "at": before})
+    assert earlier.status == 200, earlier.body
+    assert not earlier.errors  # the unreadable event came after that instant
     answer = alice.post(BOARD_THEN, {"p": pid, "at": datetime.now(UTC).isoformat()})
     assert answer.status == 200, answer.body
     ((lane,),) = [answer.data["b"]["lanes"]]
