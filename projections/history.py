@@ -215,11 +215,17 @@ def _board_as_of(
     conn: Connection[Any], decode: _Decoder, project_id: UUID, as_of: datetime
 ) -> BoardAt:
     excluded = [get_topic(cls) for cls in _BOARD_ONLY]
+    # Beside each row, how many this reader sees up to it; and the project's last row, whatever
+    # its kind: versions are gapless in the log, so fewer rows than versions means events this
+    # reader cannot see (row-level security hides a state that names no workspace).
     rows = _stream(
         conn,
-        "SELECT notification_id, originator_id, originator_version, topic, state"
-        " FROM agentworks_events WHERE originator_id = %s AND topic <> ALL(%s)"
-        " ORDER BY originator_version",
+        "SELECT notification_id, originator_id, originator_version, topic, state, seen, last"
+        " FROM (SELECT notification_id, originator_id, originator_version, topic, state,"
+        " row_number() OVER w AS seen, lead(originator_version) OVER w IS NULL AS last"
+        " FROM agentworks_events WHERE originator_id = %s"
+        " WINDOW w AS (ORDER BY originator_version)) AS rows"
+        " WHERE topic <> ALL(%s) OR last ORDER BY originator_version",
         (project_id, excluded),
     )
     # Decoded one at a time: a board's worth of events held at once is what sets off the
@@ -236,7 +242,11 @@ def _board_as_of(
     renames: list[tuple[int, str, str]] = []
     card_ids: dict[UUID, None] = {}
     known_before, known_after = 1, None
+    top, seen = 1, int(first[5])  # type: ignore[index]
     for row in rows:
+        top, seen = int(row[2]), int(row[5])
+        if row[3] in excluded:
+            continue  # the last row, of a kind the lanes are folded without
         position, event = int(row[0]), _project_event(decode, row)
         if event.timestamp > as_of:
             known_after = event.originator_version if known_after is None else known_after
@@ -247,6 +257,25 @@ def _board_as_of(
             renames.append((position, event.lane, event.name))
         elif isinstance(event, Project.CardPlaced):
             card_ids[event.card_id] = None
+    if seen != top:
+        # The unseen event counts at the time of the next one this reader sees: were that
+        # after the instant, so are the rest, none of them folded (nor to be bisected).
+        unseen = _unseen_between(conn, project_id, 0, top)
+        if unseen is not None:
+            following = _rows(
+                conn,
+                "SELECT notification_id, originator_id, originator_version, topic, state"
+                " FROM agentworks_events WHERE originator_id = %s AND originator_version > %s"
+                " ORDER BY originator_version LIMIT 1",
+                (project_id, unseen),
+            )
+            if following and _project_event(decode, following[0]).timestamp <= as_of:
+                raise UndecodableEvent(
+                    f"project {project_id}: its event at version {unseen} cannot be read here "
+                    "(its stored state names no workspace); its board cannot be folded past it",
+                    version=unseen,
+                )
+            known_after = unseen if known_after is None else min(known_after, unseen)
     version = _version_at(conn, decode, project_id, as_of, low=known_before, high=known_after)
     unreadable: dict[UUID, int] = {}
     cards = _cards_at(conn, decode, list(card_ids), as_of, unreadable=unreadable)
@@ -585,13 +614,19 @@ def _first_unseen(
     kinds = {row[3]: (int(row[5]), int(row[6])) for row in rows}
     seen = sum(count for count, _ in kinds.values())
     top = max((last for _, last in kinds.values()), default=after)
-    if top - after == seen:
-        return None
+    return None if top - after == seen else _unseen_between(conn, card_id, after, top)
+
+
+def _unseen_between(
+    conn: Connection[Any], aggregate_id: UUID, after: int, below: int
+) -> int | None:
+    """The first version of an aggregate between ``after`` and ``below`` (exclusive) that this
+    reader cannot see; None when it sees them all."""
     ((version,),) = _rows(
         conn,
         "SELECT min(v) FROM generate_series(%s::bigint + 1, %s::bigint - 1) AS v WHERE NOT EXISTS"
         " (SELECT FROM agentworks_events WHERE originator_id = %s AND originator_version = v)",
-        (after, top, card_id),
+        (after, below, aggregate_id),
     )
     return None if version is None else int(version)
 

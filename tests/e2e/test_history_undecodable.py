@@ -10,12 +10,15 @@ beside the data at that entry's path, and the card's state as of the version bef
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from undecodable import RENAMED, plant_undecodable
+
+from domain.project import Project
 
 if TYPE_CHECKING:
     from api_client import ApiClient
@@ -139,6 +142,47 @@ def test_a_board_as_of_an_instant_shows_a_card_up_to_its_undecodable_event(
     assert error["extensions"]["code"] == "UNDECODABLE"
     assert error["extensions"]["version"] == 3
     assert card in error["message"]
+
+
+def test_a_board_as_of_past_a_project_event_the_api_cannot_see_is_undecodable(
+    stack: Stack,
+) -> None:
+    """A project event whose state is not JSON is hidden from the API (it names no workspace).
+    The board was folded past it with no error, and at an instant before the next event the
+    version's bisection met the hidden row: INTERNAL. Now the board up to it is whole, and
+    past it is the UNDECODABLE error alone, as for an event that cannot be decoded."""
+    alice, ws = stack.owner_with_workspace("alice", "hidden project event")
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    titles = ["first", "second", "third"]
+    for title in titles:
+        alice.create_card(pid, title)
+    (last,) = stack.write.recorder.select_events(UUID(pid), desc=True, limit=1)
+    placed = stack.write.mapper.to_domain_event(last)
+    time.sleep(0.01)
+    between = datetime.now(UTC).isoformat()
+    time.sleep(0.01)
+    hidden = last.originator_version + 1
+    broken = type(last)(
+        originator_id=last.originator_id, originator_version=hidden, topic=last.topic,
+        state=b'{"broken',
+    )  # fmt: skip
+    after = Project.CardPlaced(
+        originator_id=UUID(pid), originator_version=hidden + 1, timestamp=datetime.now(UTC),
+        meta=dict(placed.meta), card_id=uuid4(), lane="Todo", position="V9",
+    )  # fmt: skip
+    stack.write.recorder.insert_events([broken, stack.write.mapper.to_stored_event(after)])
+    earlier = alice.post(BOARD_THEN, {"p": pid, "at": between})
+    assert earlier.status == 200, earlier.body
+    assert not earlier.errors, earlier.errors
+    ((lane,),) = [earlier.data["b"]["lanes"]]
+    assert [edge["node"]["title"] for edge in lane["cards"]["edges"]] == titles
+    answer = alice.post(BOARD_THEN, {"p": pid, "at": datetime.now(UTC).isoformat()})
+    assert answer.status == 200, answer.body
+    assert answer.data == {"b": None}
+    (error,) = answer.errors
+    assert error["extensions"]["code"] == "UNDECODABLE", error
+    assert error["extensions"]["version"] == hidden
+    assert f"project {pid}" in error["message"]
 
 
 EDIT = 'mutation($c: ID!) { updateCard(input: {cardId: $c, title: "third"}) { card { version } } }'
