@@ -247,7 +247,18 @@ def _board_as_of(
         top, seen = int(row[2]), int(row[5])
         if row[3] in excluded:
             continue  # the last row, of a kind the lanes are folded without
-        position, event = int(row[0]), _project_event(decode, row)
+        position = int(row[0])
+        try:
+            event = _project_event(decode, row)
+        except UndecodableEvent as error:
+            made = undecodable_envelope(
+                (position, row[1], int(row[2]), str(row[3]), bytes(row[4])), error
+            ).timestamp
+            if made == UNKNOWN_TIME or made <= as_of:
+                raise
+            # Made after the instant, as all after it: the board before it is whole.
+            known_after = int(row[2]) if known_after is None else known_after
+            continue
         if event.timestamp > as_of:
             known_after = event.originator_version if known_after is None else known_after
             continue

@@ -144,14 +144,16 @@ def test_a_board_as_of_an_instant_shows_a_card_up_to_its_undecodable_event(
     assert card in error["message"]
 
 
-def test_a_board_as_of_past_a_project_event_the_api_cannot_see_is_undecodable(
-    stack: Stack,
+@pytest.mark.parametrize("broken_json", [False, True], ids=["unknown-topic", "broken-json"])
+def test_a_board_as_of_past_an_unreadable_project_event_is_undecodable_and_whole_before(
+    stack: Stack, broken_json: bool
 ) -> None:
     """A project event whose state is not JSON is hidden from the API (it names no workspace).
     The board was folded past it with no error, and at an instant before the next event the
-    version's bisection met the hidden row: INTERNAL. Now the board up to it is whole, and
-    past it is the UNDECODABLE error alone, as for an event that cannot be decoded."""
-    alice, ws = stack.owner_with_workspace("alice", "hidden project event")
+    version's bisection met the hidden row: INTERNAL. One whose class was renamed failed the
+    board at any instant, even before it was made. Now the board before such an event is
+    whole, and past it is the UNDECODABLE error alone."""
+    alice, ws = stack.owner_with_workspace("alice", f"unreadable project event {broken_json}")
     pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
     titles = ["first", "second", "third"]
     for title in titles:
@@ -162,15 +164,23 @@ def test_a_board_as_of_past_a_project_event_the_api_cannot_see_is_undecodable(
     between = datetime.now(UTC).isoformat()
     time.sleep(0.01)
     hidden = last.originator_version + 1
-    broken = type(last)(
-        originator_id=last.originator_id, originator_version=hidden, topic=last.topic,
-        state=b'{"broken',
+    stored = [
+        stack.write.mapper.to_stored_event(
+            Project.CardPlaced(
+                originator_id=UUID(pid), originator_version=version,
+                timestamp=datetime.now(UTC), meta=dict(placed.meta), card_id=uuid4(),
+                lane="Todo", position=f"V{version}",
+            )
+        )
+        for version in (hidden, hidden + 1)
+    ]  # fmt: skip
+    bad = stored[0]
+    stored[0] = type(bad)(
+        originator_id=bad.originator_id, originator_version=hidden,
+        topic=bad.topic if broken_json else bad.topic + "Retired",
+        state=b'{"broken' if broken_json else bad.state,
     )  # fmt: skip
-    after = Project.CardPlaced(
-        originator_id=UUID(pid), originator_version=hidden + 1, timestamp=datetime.now(UTC),
-        meta=dict(placed.meta), card_id=uuid4(), lane="Todo", position="V9",
-    )  # fmt: skip
-    stack.write.recorder.insert_events([broken, stack.write.mapper.to_stored_event(after)])
+    stack.write.recorder.insert_events(stored)
     earlier = alice.post(BOARD_THEN, {"p": pid, "at": between})
     assert earlier.status == 200, earlier.body
     assert not earlier.errors, earlier.errors
