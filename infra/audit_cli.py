@@ -82,21 +82,19 @@ def _failed(message: str) -> NoReturn:
 
 
 @contextmanager
-def _utf8(stream: TextIO, *, writing: bool) -> Iterator[TextIO]:
-    """``stream`` (stdin or stdout) as UTF-8 text with lines ending in "\n" alone, whatever
-    encoding and newline translation the environment gave it; ``stream`` is left open."""
+def _utf8(stream: TextIO) -> Iterator[TextIO]:
+    """``stream`` (stdout) as UTF-8 text with lines ending in "\n" alone, whatever encoding
+    and newline translation the environment gave it; ``stream`` is left open."""
     buffer = getattr(stream, "buffer", None)
     if buffer is None:  # not backed by bytes (a test's stand-in): nothing to choose
         yield stream
         return
-    if writing:
-        stream.flush()
+    stream.flush()
     wrapper = io.TextIOWrapper(buffer, encoding="utf-8", newline="\n")
     try:
         yield wrapper
     finally:
-        if writing:
-            wrapper.flush()
+        wrapper.flush()
         wrapper.detach()
 
 
@@ -147,6 +145,12 @@ def _verifying_key(settings: Settings, given: str | None) -> Ed25519PublicKey:
         return load_public_key(pem, source=given)
     if settings.audit_signing_key is not None:
         return audit_signer(settings).public_key
+    if settings.env == "prod":
+        # Production never signs with a dev key: one in the data dir verifies only forgeries.
+        raise ValidationFailed(
+            "no public key: pass --public-key PEM (AGENTWORKS_AUDIT_SIGNING_KEY is unset, and "
+            "production exports are never signed by the dev key in the data dir)"
+        )
     key = dev_signing_key(settings.data_dir, create=False)
     if key is None:
         raise ValidationFailed(
@@ -206,8 +210,14 @@ def export_command(
         stack.enter_context(conn.transaction())
         if not workspace_exists(conn, workspace_id):
             raise NotFound(f"workspace {workspace_id} does not exist")
-        head = conn.execute("SELECT coalesce(max(notification_id), 0) FROM agentworks_events")
-        top = int(head.fetchone()[0])  # type: ignore[index]
+        # The transaction began before its snapshot was taken (at its first statement, above):
+        # every event stored by then is in the snapshot, which the trailer signs (exportedAt).
+        head = conn.execute(
+            "SELECT coalesce(max(notification_id), 0), transaction_timestamp()"
+            " FROM agentworks_events"
+        )
+        top, began = head.fetchone()  # type: ignore[misc]
+        top = int(top)
         columns = (
             TextColumn("[bold]export"),
             BarColumn(),
@@ -228,7 +238,7 @@ def export_command(
                 progress.update(task, completed=position, rate=f"{seen / elapsed:,.0f}")
 
         # UTF-8 bytes, as the lines were hashed, whatever encoding the environment gives stdout.
-        out = stack.enter_context(_utf8(sys.stdout, writing=True))
+        out = stack.enter_context(_utf8(sys.stdout))
         written = 0
         for line in export_lines(
             workspace_rows(conn, workspace_id=workspace_id, json_prefilter=plain),
@@ -239,6 +249,7 @@ def export_command(
             until=end,
             progress=advance,
             owner_of=lambda originator_id: aggregate_workspace(conn, originator_id),
+            exported_at=began,
         ):
             out.write(line + "\n")
             written += 1
@@ -267,14 +278,14 @@ def verify_command(
     settings = settings_for(data_dir)
     key = _verifying_key(settings, public_key)
     try:
+        # Bytes split on "\n" alone, whatever the environment's encoding: verify decodes each
+        # line, so one that is not UTF-8 is named like any other bad line.
         if file == "-":
-            # Read as a file is (below): UTF-8, split on "\n" only, whatever the environment.
-            with _utf8(sys.stdin, writing=False) as handle:
-                verdict = verify(handle, key)
+            verdict = verify(getattr(sys.stdin, "buffer", sys.stdin), key)
         else:
-            with open(file, encoding="utf-8", newline="\n") as handle:
+            with open(file, "rb") as handle:
                 verdict = verify(handle, key)
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ValidationFailed(f"cannot read {file}: {exc}") from exc
     if not verdict.ok:
         _failed(f"{file} {verdict.describe()}")

@@ -11,6 +11,8 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import groupby
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -213,11 +215,17 @@ def _board_as_of(
     conn: Connection[Any], decode: _Decoder, project_id: UUID, as_of: datetime
 ) -> BoardAt:
     excluded = [get_topic(cls) for cls in _BOARD_ONLY]
+    # Beside each row, how many this reader sees up to it; and the project's last row, whatever
+    # its kind: versions are gapless in the log, so fewer rows than versions means events this
+    # reader cannot see (row-level security hides a state that names no workspace).
     rows = _stream(
         conn,
-        "SELECT notification_id, originator_id, originator_version, topic, state"
-        " FROM agentworks_events WHERE originator_id = %s AND topic <> ALL(%s)"
-        " ORDER BY originator_version",
+        "SELECT notification_id, originator_id, originator_version, topic, state, seen, last"
+        " FROM (SELECT notification_id, originator_id, originator_version, topic, state,"
+        " row_number() OVER w AS seen, lead(originator_version) OVER w IS NULL AS last"
+        " FROM agentworks_events WHERE originator_id = %s"
+        " WINDOW w AS (ORDER BY originator_version)) AS rows"
+        " WHERE topic <> ALL(%s) OR last ORDER BY originator_version",
         (project_id, excluded),
     )
     # Decoded one at a time: a board's worth of events held at once is what sets off the
@@ -234,8 +242,23 @@ def _board_as_of(
     renames: list[tuple[int, str, str]] = []
     card_ids: dict[UUID, None] = {}
     known_before, known_after = 1, None
+    top, seen = 1, int(first[5])  # type: ignore[index]
     for row in rows:
-        position, event = int(row[0]), _project_event(decode, row)
+        top, seen = int(row[2]), int(row[5])
+        if row[3] in excluded:
+            continue  # the last row, of a kind the lanes are folded without
+        position = int(row[0])
+        try:
+            event = _project_event(decode, row)
+        except UndecodableEvent as error:
+            made = undecodable_envelope(
+                (position, row[1], int(row[2]), str(row[3]), bytes(row[4])), error
+            ).timestamp
+            if made == UNKNOWN_TIME or made <= as_of:
+                raise
+            # Made after the instant, as all after it: the board before it is whole.
+            known_after = int(row[2]) if known_after is None else known_after
+            continue
         if event.timestamp > as_of:
             known_after = event.originator_version if known_after is None else known_after
             continue
@@ -245,6 +268,25 @@ def _board_as_of(
             renames.append((position, event.lane, event.name))
         elif isinstance(event, Project.CardPlaced):
             card_ids[event.card_id] = None
+    if seen != top:
+        # The unseen event counts at the time of the next one this reader sees: were that
+        # after the instant, so are the rest, none of them folded (nor to be bisected).
+        unseen = _unseen_between(conn, project_id, 0, top)
+        if unseen is not None:
+            following = _rows(
+                conn,
+                "SELECT notification_id, originator_id, originator_version, topic, state"
+                " FROM agentworks_events WHERE originator_id = %s AND originator_version > %s"
+                " ORDER BY originator_version LIMIT 1",
+                (project_id, unseen),
+            )
+            if following and _project_event(decode, following[0]).timestamp <= as_of:
+                raise UndecodableEvent(
+                    f"project {project_id}: its event at version {unseen} cannot be read here "
+                    "(its stored state names no workspace); its board cannot be folded past it",
+                    version=unseen,
+                )
+            known_after = unseen if known_after is None else min(known_after, unseen)
     version = _version_at(conn, decode, project_id, as_of, low=known_before, high=known_after)
     unreadable: dict[UUID, int] = {}
     cards = _cards_at(conn, decode, list(card_ids), as_of, unreadable=unreadable)
@@ -447,6 +489,13 @@ def _version_at(
 #: No upper bound on a card's versions (the largest bigint).
 _UNBOUNDED = 2**63 - 1
 
+#: Per kind (topic) of a card's rows after its snapshot: how many, and the last version (the
+#: fold's own window, so nearly free): what :func:`_first_unseen` needs.
+_KIND_COUNTS = (
+    "count(*) OVER (PARTITION BY topic) AS kind_rows,"
+    " max(originator_version) OVER (PARTITION BY topic) AS kind_top"
+)
+
 
 def _cards_at(
     conn: Connection[Any],
@@ -462,7 +511,9 @@ def _cards_at(
 
     A card with an event up to ``as_of`` that cannot be decoded is folded up to the event
     before it (or left out, when it is its first), and named in ``unreadable`` with that
-    event's version.
+    event's version. So is one with an event this reader cannot see (row-level security hides
+    from the API a state that names no workspace, one that is not JSON among them) before one
+    up to ``as_of``: a version missing from its rows (see :func:`_first_unseen`).
 
     Two statements for the whole board: each card's chosen snapshot (and the version of the
     one after it), then each card's events after its snapshot, one primary-key range per card.
@@ -499,8 +550,8 @@ def _cards_at(
         # the instant (so is it, and every event between: the card's times rise); one whose
         # time PostgreSQL cannot read ("maybe") is kept for the fold here to decide.
         events = (
-            f"SELECT {columns} FROM (SELECT {columns}, max(originator_version)"
-            " FILTER (WHERE early) OVER (PARTITION BY topic) AS last_sure"
+            f"SELECT {columns}, kind_rows, kind_top FROM (SELECT {columns}, {_KIND_COUNTS},"
+            " max(originator_version) FILTER (WHERE early) OVER (PARTITION BY topic) AS last_sure"
             f" FROM (SELECT {columns}, {_EARLY} AS early FROM agentworks_events"
             " WHERE originator_id = r.id AND originator_version > r.after"
             " AND originator_version < stop.version) AS range WHERE early IS NOT false) AS kept"
@@ -510,11 +561,12 @@ def _cards_at(
     else:
         stop = str(_UNBOUNDED)
         events = (
-            f"SELECT {columns} FROM agentworks_events WHERE originator_id = r.id"
+            f"SELECT {columns}, {_KIND_COUNTS} FROM agentworks_events WHERE originator_id = r.id"
             " AND originator_version > r.after AND originator_version < stop.version"
         )
     sql = (
-        "SELECT r.n, e.notification_id, e.originator_version, e.topic, e.state"
+        "SELECT r.n, e.notification_id, e.originator_version, e.topic, e.state, e.kind_rows,"
+        " e.kind_top"
         " FROM unnest(%(ids)s::uuid[], %(after)s::bigint[], %(later)s::bigint[])"
         " WITH ORDINALITY AS r(id, after, later, n)"
         f" CROSS JOIN LATERAL (SELECT {stop} AS version) AS stop"
@@ -530,31 +582,64 @@ def _cards_at(
     }
     # Only the plain path drops rows; elsewhere the library's own check on versions stands.
     dropping = decode.plain
-    stopped: set[int] = set()
-    for n, position, version, topic, state in _stream(conn, sql, params):
+    for n, rows in groupby(_stream(conn, sql, params), key=itemgetter(0)):
         card = n - 1
-        if card in stopped:
-            continue
-        try:
-            event = decode(card_ids[card], version, topic, state)
-        except Exception as error:  # noqa: BLE001 - decoding is pure: the stored event's own fault
-            stopped.add(card)
-            stored = (position, card_ids[card], version, str(topic), bytes(state))
-            made = undecodable_envelope(stored, error).timestamp
-            if unreadable is not None and (made == UNKNOWN_TIME or made <= as_of):
-                unreadable.setdefault(card_ids[card], version)
-            continue
-        if event.timestamp > as_of:
-            stopped.add(card)
-            continue
-        aggregate, lane_set_at = folded.get(card, (None, 0))
-        if dropping and aggregate is not None and version > aggregate.version + 1:
-            aggregate.version = version - 1  # the events between were overwritten, and dropped
-        aggregate = event.mutate(aggregate)
-        if isinstance(event, _LANE_SETTING):
-            lane_set_at = position
-        folded[card] = (aggregate, lane_set_at)
+        card_id = card_ids[card]
+        kept = list(rows)  # a few a card: the plain path sends only what the fold needs
+        unseen = _first_unseen(conn, card_id, after[card], kept)
+        for _, position, version, topic, state, _, _ in kept:
+            try:
+                event = decode(card_id, version, topic, state)
+            except Exception as error:  # noqa: BLE001 - decoding is pure: the stored event's own fault
+                stored = (position, card_id, version, str(topic), bytes(state))
+                made = undecodable_envelope(stored, error).timestamp
+                if unreadable is not None and (made == UNKNOWN_TIME or made <= as_of):
+                    unreadable.setdefault(card_id, min(version, unseen or version))
+                break
+            if event.timestamp > as_of:
+                break
+            if unseen is not None and unseen < version:
+                # Made before this event, which is up to the instant: so is the unseen one,
+                # whose time is unknown (cardHistory's asOf counts it so too).
+                if unreadable is not None:
+                    unreadable.setdefault(card_id, unseen)
+                break
+            aggregate, lane_set_at = folded.get(card, (None, 0))
+            if dropping and aggregate is not None and version > aggregate.version + 1:
+                aggregate.version = version - 1  # the events between were overwritten, and dropped
+            aggregate = event.mutate(aggregate)
+            if isinstance(event, _LANE_SETTING):
+                lane_set_at = position
+            folded[card] = (aggregate, lane_set_at)
     return [folded[n] for n in range(len(card_ids)) if n in folded]
+
+
+def _first_unseen(
+    conn: Connection[Any], card_id: UUID, after: int, rows: list[tuple[Any, ...]]
+) -> int | None:
+    """The first version after ``after`` that this reader cannot see, if one lies below the
+    card's last row: versions are gapless in the log, so that is when the rows (each with its
+    kind's count and last version, ``kind_rows`` and ``kind_top``, taken before any row of the
+    kind was dropped) number fewer than the versions they span. None when there is none (also
+    when a row was left out for its time, stamped after a later version's)."""
+    kinds = {row[3]: (int(row[5]), int(row[6])) for row in rows}
+    seen = sum(count for count, _ in kinds.values())
+    top = max((last for _, last in kinds.values()), default=after)
+    return None if top - after == seen else _unseen_between(conn, card_id, after, top)
+
+
+def _unseen_between(
+    conn: Connection[Any], aggregate_id: UUID, after: int, below: int
+) -> int | None:
+    """The first version of an aggregate between ``after`` and ``below`` (exclusive) that this
+    reader cannot see; None when it sees them all."""
+    ((version,),) = _rows(
+        conn,
+        "SELECT min(v) FROM generate_series(%s::bigint + 1, %s::bigint - 1) AS v WHERE NOT EXISTS"
+        " (SELECT FROM agentworks_events WHERE originator_id = %s AND originator_version = v)",
+        (after, below, aggregate_id),
+    )
+    return None if version is None else int(version)
 
 
 def _snapshots_at(

@@ -14,12 +14,15 @@ needs is in the file and in this definition:
   event lines, ``headHash`` the last line's ``hash`` (:data:`GENESIS` for none), ``keyId`` the
   first 16 hex digits of the SHA-256 of the raw Ed25519 public key, and ``signature`` the
   standard-base64 Ed25519 signature of the canonical JSON of the trailer without
-  ``signature``. The trailer also says what was exported (:data:`SCOPE_FIELDS`): ``workspaceId``
-  and the window ``from``/``to`` (ISO 8601 instants, ``null`` for an open end), so the signature
-  binds the export to its workspace and window: a file of one workspace cannot be passed off as
-  another's, nor a part of a history as the whole. Exports written before these fields have a
-  trailer of the first four alone, signed over ``{count, headHash, keyId}``; they still verify,
-  and the verdict says their scope is not signed.
+  ``signature``. The trailer also says what was exported (:data:`SCOPE_FIELDS`): ``workspaceId``,
+  the window ``from``/``to`` (ISO 8601 instants, ``null`` for an open end) and ``exportedAt``:
+  every event of the window stored by that instant is in the export (the log was read as it
+  stood then, or a moment later), so the signature binds the export to its workspace, window
+  and time: a file of one workspace cannot be passed off as another's, nor a part of a history as
+  the whole, nor last month's whole history as today's. Exports written before these fields
+  have a trailer of the first four alone, signed over ``{count, headHash, keyId}``, or without
+  ``exportedAt`` (:data:`EARLIER_SCOPE_FIELDS`); they still verify, and the verdict says what of
+  their scope is not signed.
 
 A line edited, removed, inserted, reordered or appended breaks the chain at that line (or the
 trailer's count, head hash or signature); :func:`verify` names the first line that does not hold.
@@ -32,19 +35,19 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from eventsourcing.utils import resolve_topic
+from eventsourcing.utils import TopicError, resolve_topic
 from psycopg.rows import tuple_row
 
 from adapters.audit_signing import key_id, signature_holds
 from adapters.eventlog import UNKNOWN_TIME
 from domain.envelope import UNDECODABLE
+from domain.errors import UndecodableEvent
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from psycopg import Connection
 
@@ -57,7 +60,18 @@ EVENT_FIELDS = frozenset(
     {"position", "originatorId", "version", "type", "at", "actor", "data", "prevHash", "hash"}
 )
 TRAILER_FIELDS = frozenset({"count", "headHash", "keyId", "signature"})
-SCOPE_FIELDS = frozenset({"workspaceId", "from", "to"})
+SCOPE_FIELDS = frozenset({"workspaceId", "from", "to", "exportedAt"})
+#: The scope of exports written before the trailer said when (still verified).
+EARLIER_SCOPE_FIELDS = SCOPE_FIELDS - {"exportedAt"}
+
+#: Fields an export leaves out of an event's ``data``: the SHA-256 of an API key's secret and of
+#: an invitation's accept token. An auditor is shown that the grant was made, by whom and at
+#: which role, not a value to confirm a leaked secret against (exports are handed out).
+#: ``tests/unit/test_audit_chain.py`` holds every exported event type's fields to this.
+WITHHELD_FIELDS: dict[str, frozenset[str]] = {
+    "ApiKey.Created": frozenset({"secret_hash"}),
+    "Invitation.Created": frozenset({"token_hash"}),
+}
 
 #: Rows fetched per round trip of the server-side cursor; memory stays bounded by this.
 PAGE = 2000
@@ -84,12 +98,13 @@ def signed_part(
 
 
 def export_scope(
-    workspace_id: UUID, since: datetime | None, until: datetime | None
+    workspace_id: UUID, since: datetime | None, until: datetime | None, exported_at: datetime
 ) -> dict[str, str | None]:
     return {
         "workspaceId": str(workspace_id),
         "from": None if since is None else since.isoformat(),
         "to": None if until is None else until.isoformat(),
+        "exportedAt": exported_at.astimezone(UTC).isoformat(),
     }
 
 
@@ -98,11 +113,16 @@ def event_line(envelope: EventEnvelope, prev_hash: str) -> tuple[str, str]:
 
     An event that could not be decoded (see :data:`~domain.envelope.UNDECODABLE`) has a line
     too, of that ``type``: its ``data`` names the type it was stored under (``storedType``) and
-    why it could not be read (``reason``), its ``at`` is null when its state does not say."""
+    why it could not be read (``reason``), its ``at`` is null when its state does not say.
+    ``data`` is the payload without its :data:`WITHHELD_FIELDS`."""
     reason = envelope.undecodable
     at: str | None = envelope.timestamp.isoformat()
     if reason and envelope.timestamp == UNKNOWN_TIME:
         at = None
+    data = envelope.payload
+    withheld = WITHHELD_FIELDS.get(envelope.type)
+    if withheld:
+        data = {name: value for name, value in data.items() if name not in withheld}
     content = {
         "position": envelope.position,
         "originatorId": str(envelope.originator_id),
@@ -110,7 +130,7 @@ def event_line(envelope: EventEnvelope, prev_hash: str) -> tuple[str, str]:
         "type": UNDECODABLE if reason else envelope.type,
         "at": at,
         "actor": envelope.metadata.get("actor", ""),
-        "data": {"storedType": envelope.type, "reason": reason} if reason else envelope.payload,
+        "data": {"storedType": envelope.type, "reason": reason} if reason else data,
         "prevHash": prev_hash,
     }
     body = canonical_json(content)
@@ -127,12 +147,24 @@ def event_line(envelope: EventEnvelope, prev_hash: str) -> tuple[str, str]:
 
 
 def workspace_exists(conn: Connection[Any], workspace_id: UUID) -> bool:
+    """Whether ``workspace_id`` is a workspace's id; :class:`UndecodableEvent` when its first
+    event's class no longer resolves (it cannot be told)."""
     topic = _first_value(
         conn,
         "SELECT topic FROM agentworks_events WHERE originator_id = %s AND originator_version = 1",
         (workspace_id,),
     )
-    return topic is not None and resolve_topic(str(topic)).__qualname__ == "Workspace.Created"
+    if topic is None:
+        return False
+    try:
+        created = resolve_topic(str(topic))
+    except TopicError as error:
+        raise UndecodableEvent(
+            f"{workspace_id}: its first event is stored as {topic}, which does not resolve "
+            f"({error}); whether it is a workspace cannot be told",
+            version=1,
+        ) from error
+    return getattr(created, "__qualname__", None) == "Workspace.Created"
 
 
 def _first_value(conn: Connection[Any], sql: str, params: tuple[object, ...]) -> object:
@@ -220,6 +252,7 @@ def export_lines(
     until: datetime | None = None,
     progress: Callable[[int], None] | None = None,
     owner_of: Callable[[UUID], UUID | None] = lambda originator_id: None,
+    exported_at: datetime | None = None,
 ) -> Iterator[str]:
     """The export's lines (without newlines): one per event of the workspace whose time is in
     ``[since, until)``, and one per sign-in of a user while a member of it, then the signed
@@ -228,7 +261,12 @@ def export_lines(
     ``decode`` gives an event that cannot be decoded as an envelope marked so
     (:meth:`adapters.eventlog.EventLog.readable`); it is the workspace's when its stored
     metadata says so or, saying nothing, when ``owner_of`` its aggregate is the workspace, and
-    is exported whatever the time window when its time is unknown."""
+    is exported whatever the time window when its time is unknown.
+
+    ``exported_at`` (signed as ``exportedAt``) is an instant no later than the snapshot
+    ``rows`` are read from (every event stored by then is among them); by default the time the
+    first line is asked for, before any row is read."""
+    exported_at = datetime.now(UTC) if exported_at is None else exported_at
     prev = GENESIS
     count = 0
     members: set[str] = set()
@@ -256,7 +294,7 @@ def export_lines(
         text, prev = event_line(envelope, prev)
         count += 1
         yield text
-    scope = export_scope(workspace_id, since, until)
+    scope = export_scope(workspace_id, since, until, exported_at)
     signature = signer.sign(
         signed_part(count=count, head_hash=prev, key=signer.key_id, scope=scope)
     )
@@ -275,6 +313,13 @@ def _follow_membership(envelope: EventEnvelope, members: set[str]) -> None:
 
 # -- verify ---------------------------------------------------------------------------------------
 
+#: The fields of a trailer as written now, and as written before (see the module's docstring).
+_TRAILER_SHAPES = (
+    TRAILER_FIELDS | SCOPE_FIELDS,
+    TRAILER_FIELDS | EARLIER_SCOPE_FIELDS,
+    TRAILER_FIELDS,
+)
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -288,8 +333,9 @@ class Verdict:
     """Event lines of type :data:`~domain.envelope.UNDECODABLE`: events the export holds but
     could not read (the chain covers them like any other)."""
     scope: dict[str, str | None] | None = None
-    """The signed :data:`SCOPE_FIELDS` of an export that holds; ``None`` for an export written
-    before the trailer carried them (its workspace and window are not signed)."""
+    """The signed :data:`SCOPE_FIELDS` of an export that holds (:data:`EARLIER_SCOPE_FIELDS`
+    for one written before ``exportedAt``); ``None`` for an export written before the trailer
+    carried them (its workspace and window are not signed)."""
 
     def describe(self) -> str:
         if not self.ok:
@@ -303,13 +349,23 @@ class Verdict:
             what = "its workspace and window are not signed (written before exports said them)"
         else:
             since = self.scope["from"] or "the beginning"
-            until = self.scope["to"] or "the time of the export"
-            what = f"workspace {self.scope['workspaceId']}, from {since} until {until}"
+            exported = self.scope.get("exportedAt")
+            if exported is None:
+                until = self.scope["to"] or "the time of the export"
+                when = "; when it was exported is not signed (written before exports said it)"
+            else:
+                until = self.scope["to"] or f"the export at {exported}"
+                when = f"; exported at {exported}" if self.scope["to"] else ""
+            what = f"workspace {self.scope['workspaceId']}, from {since} until {until}{when}"
         return f"ok: {self.count} events, chain and signature hold; {what}{unread}"
 
 
-def verify(lines: Iterable[str], public_key: Ed25519PublicKey) -> Verdict:
-    """Check an export's chain and trailer signature, reading one line at a time."""
+def verify(lines: Iterable[str | bytes], public_key: Ed25519PublicKey) -> Verdict:
+    """Check an export's chain and trailer signature, reading one line at a time.
+
+    Give a file's lines as bytes (a binary file, split on "\n" alone): a line that is not
+    UTF-8 is then a bad line like any other, named, where decoding the whole file as text
+    fails at its first such byte (read ahead of the lines checked) naming no line."""
     prev = GENESIS
     count = 0
     unread = 0
@@ -321,9 +377,15 @@ def verify(lines: Iterable[str], public_key: Ed25519PublicKey) -> Verdict:
         return Verdict(ok=False, count=count, line=line, reason=reason)
 
     for number, raw in enumerate(lines, 1):
-        text = raw.removesuffix("\n")
         if trailer is not None:
             return bad(number, "a line after the trailer (appended)")
+        if isinstance(raw, bytes):
+            try:
+                text = raw.removesuffix(b"\n").decode("utf-8")
+            except UnicodeDecodeError:
+                return bad(number, "not UTF-8")
+        else:
+            text = raw.removesuffix("\n")
         try:
             obj = json.loads(text)
             canonical = canonical_json(obj)
@@ -334,11 +396,11 @@ def verify(lines: Iterable[str], public_key: Ed25519PublicKey) -> Verdict:
         if canonical != text:
             return bad(number, "not in canonical JSON form (edited)")
         if "signature" in obj:
-            if set(obj) not in (TRAILER_FIELDS, TRAILER_FIELDS | SCOPE_FIELDS):
+            if set(obj) not in _TRAILER_SHAPES:
                 return bad(
                     number,
                     f"a trailer must have exactly {sorted(TRAILER_FIELDS)}, with or without "
-                    f"{sorted(SCOPE_FIELDS)}",
+                    f"{sorted(SCOPE_FIELDS)} (earlier exports: without exportedAt)",
                 )
             trailer, trailer_line = obj, number
             continue

@@ -10,14 +10,17 @@ beside the data at that entry's path, and the card's state as of the version bef
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from undecodable import RENAMED, plant_unappliable, plant_undecodable
 
 from domain.card import Card
+
+from domain.project import Project
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -114,17 +117,26 @@ BOARD_THEN = (
 )
 
 
-def test_a_board_as_of_an_instant_shows_a_card_up_to_its_undecodable_event(stack: Stack) -> None:
+@pytest.mark.parametrize("broken_json", [False, True], ids=["unknown-topic", "broken-json"])
+def test_a_board_as_of_an_instant_shows_a_card_up_to_its_undecodable_event(
+    stack: Stack, broken_json: bool
+) -> None:
     """``board(asOf:)`` folded a card through an event it could not decode and answered
     INTERNAL for the whole board. Now the card is shown as of the version before it, the
     board's other cards whole, with an UNDECODABLE error beside the data naming the card and
-    the version (as ``cardHistory`` does)."""
-    alice, ws = stack.owner_with_workspace("alice", "undecodable board")
+    the version (as ``cardHistory`` does). An event whose state is not JSON is hidden from the
+    API (it names no workspace): the card was folded past it, as if it were not there, with
+    the event after it applied and no error."""
+    alice, ws = stack.owner_with_workspace("alice", f"undecodable board {broken_json}")
     pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
     card = alice.create_card(pid, "first")["card"]["id"]
     alice.data(RETITLE, {"c": card})
     other = alice.create_card(pid, "other")["card"]["id"]
-    assert plant_undecodable(stack.write, UUID(card)) == 3
+    before = datetime.now(UTC).isoformat()
+    assert plant_undecodable(stack.write, UUID(card), broken_json=broken_json) == 3
+    earlier = alice.post(BOARD_THEN, {"p": pid, "at": before})
+    assert earlier.status == 200, earlier.body
+    assert not earlier.errors  # the unreadable event came after that instant
     answer = alice.post(BOARD_THEN, {"p": pid, "at": datetime.now(UTC).isoformat()})
     assert answer.status == 200, answer.body
     ((lane,),) = [answer.data["b"]["lanes"]]
@@ -136,6 +148,57 @@ def test_a_board_as_of_an_instant_shows_a_card_up_to_its_undecodable_event(stack
     assert error["extensions"]["code"] == "UNDECODABLE"
     assert error["extensions"]["version"] == 3
     assert card in error["message"]
+
+
+@pytest.mark.parametrize("broken_json", [False, True], ids=["unknown-topic", "broken-json"])
+def test_a_board_as_of_past_an_unreadable_project_event_is_undecodable_and_whole_before(
+    stack: Stack, broken_json: bool
+) -> None:
+    """A project event whose state is not JSON is hidden from the API (it names no workspace).
+    The board was folded past it with no error, and at an instant before the next event the
+    version's bisection met the hidden row: INTERNAL. One whose class was renamed failed the
+    board at any instant, even before it was made. Now the board before such an event is
+    whole, and past it is the UNDECODABLE error alone."""
+    alice, ws = stack.owner_with_workspace("alice", f"unreadable project event {broken_json}")
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    titles = ["first", "second", "third"]
+    for title in titles:
+        alice.create_card(pid, title)
+    (last,) = stack.write.recorder.select_events(UUID(pid), desc=True, limit=1)
+    placed = stack.write.mapper.to_domain_event(last)
+    time.sleep(0.01)
+    between = datetime.now(UTC).isoformat()
+    time.sleep(0.01)
+    hidden = last.originator_version + 1
+    stored = [
+        stack.write.mapper.to_stored_event(
+            Project.CardPlaced(
+                originator_id=UUID(pid), originator_version=version,
+                timestamp=datetime.now(UTC), meta=dict(placed.meta), card_id=uuid4(),
+                lane="Todo", position=f"V{version}",
+            )
+        )
+        for version in (hidden, hidden + 1)
+    ]  # fmt: skip
+    bad = stored[0]
+    stored[0] = type(bad)(
+        originator_id=bad.originator_id, originator_version=hidden,
+        topic=bad.topic if broken_json else bad.topic + "Retired",
+        state=b'{"broken' if broken_json else bad.state,
+    )  # fmt: skip
+    stack.write.recorder.insert_events(stored)
+    earlier = alice.post(BOARD_THEN, {"p": pid, "at": between})
+    assert earlier.status == 200, earlier.body
+    assert not earlier.errors, earlier.errors
+    ((lane,),) = [earlier.data["b"]["lanes"]]
+    assert [edge["node"]["title"] for edge in lane["cards"]["edges"]] == titles
+    answer = alice.post(BOARD_THEN, {"p": pid, "at": datetime.now(UTC).isoformat()})
+    assert answer.status == 200, answer.body
+    assert answer.data == {"b": None}
+    (error,) = answer.errors
+    assert error["extensions"]["code"] == "UNDECODABLE", error
+    assert error["extensions"]["version"] == hidden
+    assert f"project {pid}" in error["message"]
 
 
 EDIT = 'mutation($c: ID!) { updateCard(input: {cardId: $c, title: "third"}) { card { version } } }'

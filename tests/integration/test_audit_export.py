@@ -13,6 +13,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
+from uuid import UUID, uuid4
 
 import pytest
 from board_helpers import add_cards, bootstrap_board
@@ -23,9 +24,15 @@ from test_cli import REPO, agentworks, assert_one_line_error
 from undecodable import RENAMED, plant_undecodable
 from users import user_id
 
-from adapters.audit_signing import DEV_AUDIT_KEY_FILE, load_public_key, public_pem
+from adapters.audit_signing import (
+    DEV_AUDIT_KEY_FILE,
+    Signer,
+    dev_signing_key,
+    load_public_key,
+    public_pem,
+)
 from commands import models as m
-from streams.audit import GENESIS, canonical_json, line_hash, verify
+from streams.audit import GENESIS, canonical_json, export_lines, line_hash, verify
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -127,6 +134,26 @@ class TestExport:
         key_file = exported["data_dir"] / DEV_AUDIT_KEY_FILE
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
+    def test_the_trailer_signs_when_the_export_was_taken(
+        self, exported: dict[str, Any], database_url: str, tmp_path: Path
+    ) -> None:
+        """Without it an export said "until the time of the export", signed, and not when:
+        last month's whole history passed for today's."""
+        before = datetime.now(UTC)
+        result, data_dir, _ = _export(database_url, exported["board"], tmp_path)
+        after = datetime.now(UTC)
+        trailer = json.loads(result.stdout.splitlines()[-1])
+        taken = datetime.fromisoformat(trailer["exportedAt"])
+        assert before <= taken <= after
+        assert taken.utcoffset() == timedelta(0)
+        path = tmp_path / "now.jsonl"
+        path.write_text(result.stdout, encoding="utf-8")
+        checked = agentworks(
+            "audit", "verify", str(path), "--data-dir", str(data_dir), cwd=tmp_path
+        )
+        assert checked.returncode == 0, checked.stderr
+        assert f"until the export at {trailer['exportedAt']}" in checked.stdout
+
     def test_round_trip_verifies_with_the_cli(
         self, exported: dict[str, Any], tmp_path: Path
     ) -> None:
@@ -204,8 +231,15 @@ class TestEncoding:
         workspace = str(exported["board"].workspace_id)
         export = _run_bytes(("audit", "export", "--workspace", workspace, *args), tmp_path, latin)
         assert export.returncode == 0, export.stderr.decode(errors="replace")
-        # The same bytes as under UTF-8 (the title holds an em dash latin-1 cannot encode).
-        assert export.stdout == exported["path"].read_bytes()
+        # The same bytes as under UTF-8 (the title holds an em dash latin-1 cannot encode), but
+        # for the trailer's time of the export (and so its signature).
+        *events, trailer = export.stdout.split(b"\n")[:-1]
+        *earlier, earlier_trailer = exported["path"].read_bytes().split(b"\n")[:-1]
+        assert events == earlier
+        differing = {"exportedAt", "signature"}
+        assert {k: v for k, v in json.loads(trailer).items() if k not in differing} == {
+            k: v for k, v in json.loads(earlier_trailer).items() if k not in differing
+        }
         checked = _run_bytes(("audit", "verify", "-", *args), tmp_path, latin, stdin=export.stdout)
         assert checked.returncode == 0, checked.stderr.decode(errors="replace")
 
@@ -252,6 +286,44 @@ class TestBadInput:
         )  # fmt: skip
         assert_one_line_error(result)
 
+    def test_an_id_whose_first_event_cannot_be_decoded_is_one_line_exit_1(
+        self, write_side: AgentWorks, database_url: str, tmp_path: Path
+    ) -> None:
+        """Whether it is a workspace cannot be told: the export said so with a traceback (the
+        topic of its first event, a class since renamed, did not resolve)."""
+        board = bootstrap_board(write_side)
+        (created,) = write_side.recorder.select_events(board.workspace_id, limit=1)
+        renamed = created.topic.replace("Created", "Founded")
+        founded = uuid4()
+        write_side.recorder.insert_events(
+            [type(created)(originator_id=founded, originator_version=1, topic=renamed,
+                           state=created.state)]
+        )  # fmt: skip
+        result = agentworks(
+            "audit", "export", "--workspace", str(founded),
+            "--data-dir", str(tmp_path), cwd=tmp_path,
+            env={"AGENTWORKS_DATABASE_URL": database_url},
+        )  # fmt: skip
+        line = assert_one_line_error(result, code=1)
+        assert renamed in line
+
+    def test_production_verifies_with_no_dev_key(self, tmp_path: Path) -> None:
+        """Production signs only with AGENTWORKS_AUDIT_SIGNING_KEY, yet without it (and without
+        --public-key) verify took the dev key from the data dir: a file signed by whoever put
+        a key there verified, exit 0."""
+        data_dir = tmp_path / "data"
+        key = dev_signing_key(data_dir, create=True)
+        assert key is not None
+        workspace = UUID(int=1)
+        lines = export_lines([], _no_row, workspace_id=workspace, signer=Signer(key))
+        forged = tmp_path / "forged.jsonl"
+        forged.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        prod = {"AGENTWORKS_ENV": "prod", "AGENTWORKS_JWT_SECRET": "s" * 40}
+        args = ("audit", "verify", str(forged), "--data-dir", str(data_dir))
+        refused = agentworks(*args, cwd=tmp_path, env=prod)
+        assert "--public-key" in assert_one_line_error(refused)
+        assert agentworks(*args, cwd=tmp_path).returncode == 0  # outside production it verifies
+
     def test_unreadable_file_is_exit_2(self, tmp_path: Path) -> None:
         pem = tmp_path / "k.pub"
         pem.write_text(public_pem(Ed25519PrivateKey.generate().public_key()))
@@ -260,6 +332,85 @@ class TestBadInput:
             cwd=tmp_path,
         )  # fmt: skip
         assert "cannot read" in assert_one_line_error(result)
+
+
+#: Every credential digest the log holds (of API keys' secrets, invitations' accept tokens).
+_STORED_DIGESTS = (
+    "SELECT convert_from(state, 'UTF8')::jsonb ->> key FROM agentworks_events,"
+    " unnest(ARRAY['secret_hash', 'token_hash']) AS key"
+    " WHERE convert_from(state, 'UTF8')::jsonb ? key"
+)
+
+
+def test_no_credential_digest_is_exported(
+    write_side: AgentWorks, database_url: str, tmp_path: Path
+) -> None:
+    """An API key's and an invitation's creation are exported (who, which role), not the
+    SHA-256 of their secrets (the export held both: a value to confirm a leaked key against,
+    in a file handed to auditors)."""
+    import psycopg
+
+    from commands.access import CreateApiKey, InviteMember, create_api_key, invite_member
+
+    board = bootstrap_board(write_side)
+    workspace = board.workspace_id
+    create_api_key(
+        write_side, CreateApiKey(workspace_id=workspace, name="ci", role="MEMBER"), board.owner
+    )
+    invite_member(
+        write_side,
+        InviteMember(workspace_id=workspace, email="carol@example.com", role="MEMBER"),
+        board.owner,
+    )
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(_STORED_DIGESTS).fetchall()
+    digests = [str(digest) for (digest,) in stored]
+    assert len(digests) == 2
+    export, data_dir, _ = _export(database_url, board, tmp_path)
+    events = {e["type"]: e["data"] for e in map(json.loads, export.stdout.splitlines()[:-1])}
+    assert events["ApiKey.Created"] == {
+        "created_by": "alice", "name": "ci", "role": "MEMBER", "workspace_id": str(workspace),
+    }  # fmt: skip
+    assert set(events["Invitation.Created"]) == {
+        "email", "expires_at", "invited_by", "role", "workspace_id",
+    }  # fmt: skip
+    assert not [digest for digest in digests if digest in export.stdout]
+    path = tmp_path / "export.jsonl"
+    path.write_text(export.stdout, encoding="utf-8")
+    checked = agentworks("audit", "verify", str(path), "--data-dir", str(data_dir), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+
+
+class TestHostileFiles:
+    """``verify`` over bytes that are not what an export writes: a verdict naming the line."""
+
+    def test_a_line_that_is_not_utf8_is_named_exit_1(
+        self, exported: dict[str, Any], tmp_path: Path
+    ) -> None:
+        """Such a file was "cannot read FILE: 'utf-8' codec can't decode ...", exit 2 like a
+        mistyped path, naming no line (and the decoder reads ahead, so not even an edit on an
+        earlier line was named)."""
+        lines = [text.encode("utf-8") for text in exported["lines"]]
+        lines[1] = lines[1].replace(b'"alice"', b'"al\xffce"')
+        lines[3] = lines[3].replace(b'"alice"', b'"\xc0\xa0"')  # an overlong encoding
+        tampered = tmp_path / "tampered.jsonl"
+        tampered.write_bytes(b"\n".join(lines) + b"\n")
+        args = ("--data-dir", str(exported["data_dir"]))
+        result = agentworks("audit", "verify", str(tampered), *args, cwd=tmp_path)
+        assert "line 2: not UTF-8" in assert_one_line_error(result, code=1)
+        piped = _run_bytes(
+            ("audit", "verify", "-", *args), tmp_path, {}, stdin=tampered.read_bytes()
+        )
+        assert piped.returncode == 1
+        assert b"line 2: not UTF-8" in piped.stderr
+        garbage = tmp_path / "garbage.bin"
+        garbage.write_bytes(bytes(range(256)) * 64)
+        result = agentworks("audit", "verify", str(garbage), *args, cwd=tmp_path)
+        assert "line 1:" in assert_one_line_error(result, code=1)
+
+
+def _no_row(row: Any) -> Any:  # never called: an export of no rows
+    raise AssertionError(row)
 
 
 # -- every single-line tamper is caught ----------------------------------------------------------

@@ -60,9 +60,17 @@ def test_a_line_nested_too_deep_is_a_bad_line(opening: str) -> None:
     assert verdict.line == 2
 
 
+EXPORTED_AT = datetime(2026, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+
+
 def _scoped_export(**window: datetime) -> tuple[list[str], Signer]:
     signer = Signer(Ed25519PrivateKey.generate())
-    lines = list(export_lines([], lambda e: e, workspace_id=WORKSPACE, signer=signer, **window))  # type: ignore[arg-type]
+    lines = list(
+        export_lines(
+            [], lambda e: e, workspace_id=WORKSPACE, signer=signer, exported_at=EXPORTED_AT,  # type: ignore[arg-type]
+            **window,
+        )
+    )  # fmt: skip
     return lines, signer
 
 
@@ -71,8 +79,16 @@ def test_the_verdict_names_the_signed_workspace_and_window() -> None:
     lines, signer = _scoped_export(since=since)
     verdict = verify(lines, signer.public_key)
     assert verdict.ok
-    assert verdict.scope == {"workspaceId": str(WORKSPACE), "from": since.isoformat(), "to": None}
-    assert f"workspace {WORKSPACE}, from {since.isoformat()}" in verdict.describe()
+    assert verdict.scope == {
+        "workspaceId": str(WORKSPACE),
+        "from": since.isoformat(),
+        "to": None,
+        "exportedAt": EXPORTED_AT.isoformat(),
+    }
+    assert (
+        f"workspace {WORKSPACE}, from {since.isoformat()} until the export at "
+        f"{EXPORTED_AT.isoformat()}"
+    ) in verdict.describe()
 
 
 @pytest.mark.parametrize(
@@ -81,12 +97,16 @@ def test_the_verdict_names_the_signed_workspace_and_window() -> None:
         ("workspaceId", str(UUID(int=10))),
         ("from", None),
         ("to", "2026-04-01T00:00:00+00:00"),
+        # An export of the whole history taken long ago, shown as today's.
+        ("exportedAt", "2026-12-01T00:00:00+00:00"),
     ],
 )
 def test_an_export_passed_off_as_another_workspace_or_window_does_not_verify(
     field: str, forged: str | None
 ) -> None:
-    """One workspace's export shown as another's, or a month of it as its whole history."""
+    """One workspace's export shown as another's, a month of it as its whole history, or its
+    whole history as it stood long ago as it stands now (the trailer did not say when it was
+    taken, and the verdict said "until the time of the export")."""
     lines, signer = _scoped_export(since=datetime(2026, 3, 1, tzinfo=UTC))
     trailer = json.loads(lines[-1])
     assert trailer[field] != forged
@@ -108,3 +128,16 @@ def test_an_export_written_before_the_trailer_said_its_scope_still_verifies() ->
     assert "not signed" in verdict.describe()
     lines[-1] = canonical_json(old | {"workspaceId": str(WORKSPACE)})
     assert not verify(lines, signer.public_key).ok
+
+
+def test_an_export_written_before_the_trailer_said_when_still_verifies() -> None:
+    lines, signer = _scoped_export(since=datetime(2026, 3, 1, tzinfo=UTC))
+    trailer = json.loads(lines[-1])
+    del trailer["exportedAt"], trailer["signature"]
+    earlier = trailer | {"signature": signer.sign(canonical_json(trailer).encode("utf-8"))}
+    lines[-1] = canonical_json(earlier)
+    verdict = verify(lines, signer.public_key)
+    assert verdict.ok, verdict.describe()
+    assert verdict.scope is not None
+    assert "exportedAt" not in verdict.scope
+    assert "when it was exported is not signed" in verdict.describe()
