@@ -172,9 +172,9 @@ class BoardAt:
     version: int
     lanes: list[LaneAt]
     unreadable: dict[UUID, int] = field(default_factory=dict)
-    """Cards with an event up to ``as_of`` that could not be decoded, each with that event's
-    version: such a card is shown as of the version before it (not at all when it is its
-    first), as ``cardHistory`` shows its state."""
+    """Cards with an event up to ``as_of`` that could not be decoded or applied, each with that
+    event's version: such a card is shown as of the version before it (not at all when it is
+    its first), as ``cardHistory`` shows its state."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -607,7 +607,20 @@ def _cards_at(
             aggregate, lane_set_at = folded.get(card, (None, 0))
             if dropping and aggregate is not None and version > aggregate.version + 1:
                 aggregate.version = version - 1  # the events between were overwritten, and dropped
-            aggregate = event.mutate(aggregate)
+            # A card's applies replace its attributes (never change a list in place), so its
+            # attributes as they were are the card as of the version before.
+            before = None if aggregate is None else dict(aggregate.__dict__)
+            try:
+                aggregate = event.mutate(aggregate)
+            except Exception:  # noqa: BLE001 - folding is pure: the stored event's own fault
+                # It decodes, and today's apply refuses it (see adapters.aggregate_events): as
+                # an event that cannot be decoded, the card is shown as of the version before.
+                if before is not None:
+                    vars(aggregate).clear()
+                    vars(aggregate).update(before)
+                if unreadable is not None:
+                    unreadable.setdefault(card_id, version)
+                break
             if isinstance(event, _LANE_SETTING):
                 lane_set_at = position
             folded[card] = (aggregate, lane_set_at)

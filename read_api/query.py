@@ -414,9 +414,10 @@ async def _board_then(
     for card_id, version in then.unreadable.items():
         # Beside the board, at its path: the card is there, as of the version before.
         unread = UndecodableEvent(
-            f"card {card_id}: its event at version {version} could not be decoded; the card "
-            f"is shown as of version {version - 1}" if version > 1 else
-            f"card {card_id}: its first event could not be decoded; the card is not shown",
+            f"card {card_id}: its event at version {version} could not be read (decoded and "
+            f"applied); the card is shown as of version {version - 1}" if version > 1 else
+            f"card {card_id}: its first event could not be read (decoded and applied); the card "
+            "is not shown",
             version=version,
         )  # fmt: skip
         ctx.report(unread, path)

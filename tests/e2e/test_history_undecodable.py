@@ -19,7 +19,6 @@ import pytest
 from undecodable import RENAMED, plant_unappliable, plant_undecodable
 
 from domain.card import Card
-
 from domain.project import Project
 
 if TYPE_CHECKING:
@@ -116,24 +115,35 @@ BOARD_THEN = (
     " lanes { cards { edges { node { id version title labels } } } } } }"
 )
 
+#: How a card's third version is planted unreadable, a good fourth after it where it can be.
+PLANTED: dict[str, Callable[[AgentWorks, UUID], int]] = {
+    "unknown-topic": lambda write, card: plant_undecodable(write, card),
+    "broken-json": lambda write, card: plant_undecodable(write, card, broken_json=True),
+    "unappliable": lambda write, card: plant_unappliable(
+        write, card, Card.Labelled, drop="label", label="x"
+    ),
+}
 
-@pytest.mark.parametrize("broken_json", [False, True], ids=["unknown-topic", "broken-json"])
+
+@pytest.mark.parametrize("unreadable", ["unknown-topic", "broken-json", "unappliable"])
 def test_a_board_as_of_an_instant_shows_a_card_up_to_its_undecodable_event(
-    stack: Stack, broken_json: bool
+    stack: Stack, unreadable: str
 ) -> None:
     """``board(asOf:)`` folded a card through an event it could not decode and answered
     INTERNAL for the whole board. Now the card is shown as of the version before it, the
     board's other cards whole, with an UNDECODABLE error beside the data naming the card and
     the version (as ``cardHistory`` does). An event whose state is not JSON is hidden from the
     API (it names no workspace): the card was folded past it, as if it were not there, with
-    the event after it applied and no error."""
-    alice, ws = stack.owner_with_workspace("alice", f"undecodable board {broken_json}")
+    the event after it applied and no error. One that decodes and that the card's ``apply``
+    refuses (a label left out) answered INTERNAL for the whole board."""
+    alice, ws = stack.owner_with_workspace("alice", f"undecodable board {unreadable}")
     pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
     card = alice.create_card(pid, "first")["card"]["id"]
     alice.data(RETITLE, {"c": card})
     other = alice.create_card(pid, "other")["card"]["id"]
     before = datetime.now(UTC).isoformat()
-    assert plant_undecodable(stack.write, UUID(card), broken_json=broken_json) == 3
+    time.sleep(0.01)
+    assert PLANTED[unreadable](stack.write, UUID(card)) == 3
     earlier = alice.post(BOARD_THEN, {"p": pid, "at": before})
     assert earlier.status == 200, earlier.body
     assert not earlier.errors  # the unreadable event came after that instant
