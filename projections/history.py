@@ -20,6 +20,7 @@ from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import get_topic, resolve_topic
 from psycopg.rows import tuple_row
 
+from adapters.aggregate_events import unappliable
 from adapters.eventlog import UNKNOWN_TIME, undecodable_envelope, writes_library_json
 from domain.card import OVERWRITING_EVENTS, Card
 from domain.envelope import UNDECODABLE
@@ -238,7 +239,10 @@ def _board_as_of(
     if created.timestamp > as_of:
         rows.close()
         raise NotYet(f"project {project_id} did not exist at {as_of.isoformat()}")
-    project: Any = created.mutate(None)
+    try:
+        project: Any = created.mutate(None)
+    except Exception as error:  # as for the events after it, below
+        raise unappliable(created, error) from error
     renames: list[tuple[int, str, str]] = []
     card_ids: dict[UUID, None] = {}
     known_before, known_after = 1, None
@@ -263,7 +267,12 @@ def _board_as_of(
             known_after = event.originator_version if known_after is None else known_after
             continue
         known_before = event.originator_version
-        event.apply(project)
+        try:
+            event.apply(project)
+        except Exception as error:
+            # It decodes, and today's apply refuses it: the board cannot be folded past it, as
+            # past one that cannot be decoded.
+            raise unappliable(event, error) from error
         if isinstance(event, Project.LaneRenamed):
             renames.append((position, event.lane, event.name))
         elif isinstance(event, Project.CardPlaced):

@@ -259,3 +259,32 @@ def test_a_mutation_on_a_card_with_an_unreadable_event_answers_undecodable(
         1, 2, 3,
     ]  # fmt: skip
     assert alice.data(EDIT, {"c": other})["updateCard"]["card"]["version"] == 2
+
+
+def test_a_board_as_of_past_a_project_event_its_apply_refuses_is_undecodable(
+    stack: Stack,
+) -> None:
+    """A project event that decodes and that today's apply refuses (a lane order naming a lane
+    the board does not have) answered INTERNAL for the board at every instant after it. As
+    past a project event that cannot be decoded: the UNDECODABLE error alone, naming the
+    project and the version, and the board before it whole."""
+    alice, ws = stack.owner_with_workspace("alice", "unappliable project event")
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    alice.create_card(pid, "first")
+    time.sleep(0.01)
+    before = datetime.now(UTC).isoformat()
+    time.sleep(0.01)
+    version = plant_unappliable(stack.write, UUID(pid), Project.LanesReordered, order=["Gone"])
+    earlier = alice.post(BOARD_THEN, {"p": pid, "at": before})
+    assert earlier.status == 200, earlier.body
+    assert not earlier.errors
+    assert [e["node"]["title"] for e in earlier.data["b"]["lanes"][0]["cards"]["edges"]] == [
+        "first"
+    ]
+    answer = alice.post(BOARD_THEN, {"p": pid, "at": datetime.now(UTC).isoformat()})
+    assert answer.status == 200, answer.body
+    assert answer.data is None or answer.data["b"] is None
+    (error,) = answer.errors
+    assert error["extensions"]["code"] == "UNDECODABLE", error
+    assert error["extensions"]["version"] == version
+    assert pid in error["message"]
