@@ -1,6 +1,7 @@
 """Fixtures shared by every test layer: real PostgreSQL and Redis from the local machine.
 
 * ``migrated_template`` (session): a database with every migration applied, used as a template.
+* ``clones`` (session): copies of the template made ahead and dropped behind (``pg.Clones``).
 * ``database_url`` (function): a fresh database copied from the template, dropped afterwards.
 * ``redis_url`` (session): ``redis://127.0.0.1:6379/<db>`` with a db index claimed by this session.
 
@@ -86,12 +87,22 @@ def migrated_template(postgres: None) -> Iterator[str]:
         pg.drop_database(name)
 
 
+@pytest.fixture(scope="session")
+def clones(migrated_template: str) -> Iterator[pg.Clones]:
+    """Copies of ``migrated_template``, made ahead of the tests and dropped behind them."""
+    made = pg.Clones(migrated_template)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
 @pytest.fixture
-def database_url(migrated_template: str, request: pytest.FixtureRequest) -> Iterator[str]:
+def database_url(clones: pg.Clones, request: pytest.FixtureRequest) -> Iterator[str]:
     """URL of a fresh, migrated database of this test's own; dropped (connections and all)."""
     name = pg.random_name("aw_t_")
     _database_owner[name] = request.node.nodeid
-    with pg.temporary_database(name, template=migrated_template) as url:
+    with clones.database(name) as url:
         yield url
 
 

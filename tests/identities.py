@@ -26,10 +26,16 @@ class NamedAccessTokens:
         return f"access-for-{user_id}"
 
 
+def cheap_passwords() -> Argon2Passwords:
+    """argon2id at its cheapest parameters: production's ~0.1 s a hash (and as much again for
+    the decoy each instance hashes) is a cost to attackers, not something a test checks."""
+    return Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1)
+
+
 def cheap_identity(app: Any, *, clock: Callable[[], float] = time.time) -> Identity:
     return Identity(
         app,
-        passwords=Argon2Passwords(time_cost=1, memory_kib=8, parallelism=1),
+        passwords=cheap_passwords(),
         totp=Totp(),
         sealer=SecretBox(Fernet.generate_key().decode()),
         access_tokens=NamedAccessTokens(),

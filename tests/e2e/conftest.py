@@ -19,8 +19,8 @@ def make_stack(database_url: str, redis_url: str) -> Iterator[MakeStack]:
 
 
 @pytest.fixture(scope="module")
-def module_database_url(migrated_template: str) -> Iterator[str]:
-    with pg.temporary_database(pg.random_name("aw_e2e_"), template=migrated_template) as url:
+def module_database_url(clones: pg.Clones) -> Iterator[str]:
+    with clones.database(pg.random_name("aw_e2e_")) as url:
         yield url
 
 

@@ -19,11 +19,12 @@ from uuid import UUID
 
 from api_client import ApiClient
 from cryptography.fernet import Fernet
+from identities import cheap_passwords
 from in_process_api import broadcasting, serve_api, start_embedded_fanout
 from psycopg.conninfo import make_conninfo
 from users import user_id
 
-from adapters.credentials import Argon2Passwords, SecretBox, Totp
+from adapters.credentials import SecretBox, Totp
 from adapters.oidc import OidcVerifier
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
@@ -108,10 +109,11 @@ class Stack:
 def auth_settings(
     write: AgentWorks, secret: str, namespace: str, *, access_token_ttl: int = 900, **fields: Any
 ) -> AuthSettings:
-    """Sign-in as ``infra.identity.build_auth`` wires it, on this stack's secret."""
+    """Sign-in as ``infra.identity.build_auth`` wires it, on this stack's secret (argon2id at the
+    tests' cheap parameters: what the flows check does not depend on the hash's cost)."""
     identity = Identity(
         write,
-        passwords=Argon2Passwords(),
+        passwords=cheap_passwords(),
         totp=Totp(),
         sealer=SecretBox(Fernet.generate_key().decode()),
         access_tokens=UserTokenIssuer(JwtKeys(algorithm="HS256", secret=secret), access_token_ttl),

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pg
 import pytest
 from board_helpers import LANES, Board, bootstrap_board
 from cli_process import Agentworks, stop_postgres_under
@@ -58,9 +59,9 @@ def side(database_url: str) -> Iterator[ReadSide]:
 
 
 @pytest.fixture(scope="module")
-def shared_side(migrated_template: str) -> Iterator[ReadSide]:
+def shared_side(clones: pg.Clones) -> Iterator[ReadSide]:
     """A read side on one database for all of a module's tests, which keep apart by workspace."""
-    with shared_read_side(migrated_template) as read_side:
+    with shared_read_side(clones) as read_side:
         yield read_side
 
 

@@ -131,11 +131,11 @@ def open_read_side(database_url: str) -> Iterator[ReadSide]:
 
 
 @contextlib.contextmanager
-def shared_read_side(migrated_template: str) -> Iterator[ReadSide]:
+def shared_read_side(clones: pg.Clones) -> Iterator[ReadSide]:
     """A read side on a database of its own for many tests, which keep apart by workspace."""
     name = pg.random_name("aw_t_shared_")
     with (
-        pg.temporary_database(name, template=migrated_template) as url,
+        clones.database(name) as url,
         open_read_side(url) as side,
     ):
         yield side

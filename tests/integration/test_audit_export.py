@@ -6,6 +6,7 @@ The CLI runs as a user runs it (a separate process); the tamper properties run t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -15,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid4
 
+import pg
 import pytest
 from board_helpers import add_cards, bootstrap_board
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -32,9 +34,11 @@ from adapters.audit_signing import (
     public_pem,
 )
 from commands import models as m
+from infra.bootstrap import build_write_side
 from streams.audit import GENESIS, canonical_json, export_lines, line_hash, verify
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
     from board_helpers import Board
@@ -76,6 +80,10 @@ def _export(
 @pytest.fixture
 def exported(write_side: AgentWorks, database_url: str, tmp_path: Path) -> dict[str, Any]:
     """Two workspaces with activity; the first one exported by the CLI into a file."""
+    return _exported(write_side, database_url, tmp_path)
+
+
+def _exported(write_side: AgentWorks, database_url: str, tmp_path: Path) -> dict[str, Any]:
     board = bootstrap_board(write_side)
     other = bootstrap_board(write_side, owner="mallory")
     _activity(write_side, board)
@@ -425,7 +433,25 @@ def _first_bad(lines: list[str], key: Any) -> int | None:
     return None if verdict.ok else verdict.line
 
 
+@pytest.fixture(scope="module")
+def one_export(
+    clones: pg.Clones, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """:func:`exported` made once, for tests that only read it."""
+    with (
+        clones.database(pg.random_name("aw_t_tamper_")) as url,
+        contextlib.closing(build_write_side(url)) as write_side,
+    ):
+        yield _exported(write_side, url, tmp_path_factory.mktemp("tamper"))
+
+
 class TestTamper:
+    @pytest.fixture
+    def exported(self, one_export: dict[str, Any]) -> dict[str, Any]:
+        """One export for all of these tests, which only read it (each tampers with a copy of
+        its lines): the export is the costly part, what they check is ``verify``."""
+        return one_export
+
     @_EXAMPLES
     @given(data=st.data())
     def test_an_edited_line_is_named(self, exported: dict[str, Any], data: st.DataObject) -> None:
