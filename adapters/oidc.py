@@ -92,7 +92,7 @@ class OidcVerifier:
             issuer=self.issuer,
             subject=subject,
             email=email if isinstance(email, str) else None,
-            email_verified=claims.get("email_verified") is True,
+            email_verified=_verified(claims.get("email_verified")),
             name=name if isinstance(name, str) else None,
             expires_at=expiry_of(claims),
         )
@@ -120,3 +120,9 @@ class OidcVerifier:
         if not isinstance(jwks_uri, str):
             raise Unavailable(f"the OIDC discovery document {url} names no jwks_uri")
         return jwks_uri
+
+
+def _verified(claim: object) -> bool:
+    """``email_verified`` as providers send it: JSON ``true``, or (Amazon Cognito, some others)
+    the string ``"true"``; anything else is not a verification."""
+    return claim is True or (isinstance(claim, str) and claim.strip().lower() == "true")

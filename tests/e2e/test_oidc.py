@@ -208,6 +208,30 @@ def test_an_existing_address_is_linked_only_when_the_provider_verified_it(
     assert verified["id"] == signed_up.json()["userId"]
 
 
+def test_a_verified_claim_sent_as_the_string_true_counts_as_verified(
+    oidc_stack: Stack, provider: Provider
+) -> None:
+    """Some providers (Amazon Cognito among them) send ``email_verified`` as the string
+    ``"true"``: such an owner could not sign in to the account of their own address. The
+    string ``"true"`` counts (in any case); ``"false"``, ``"yes"``, ``1`` do not."""
+    signed_up = httpx.post(
+        f"{oidc_stack.url}/auth/signup",
+        json={"email": "cognito@example.com", "password": "correct horse battery", "name": "C"},
+    )
+    assert signed_up.status_code == 201
+    for sub, claim in [("c-1", "false"), ("c-2", "yes"), ("c-3", 1)]:
+        refused = ask(
+            oidc_stack,
+            provider.token("rsa-1", sub=sub, email="cognito@example.com", email_verified=claim),
+        )
+        assert refused.status_code == 401, (claim, refused.text)
+    verified = me(
+        oidc_stack,
+        provider.token("rsa-1", sub="c-4", email="cognito@example.com", email_verified="True"),
+    )
+    assert verified["id"] == signed_up.json()["userId"]
+
+
 def test_a_password_set_before_the_address_was_proven_stops_working_once_its_owner_signs_in(
     oidc_stack: Stack, provider: Provider
 ) -> None:
