@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol, TypeVar
 from uuid import UUID, uuid4
 
@@ -33,6 +33,7 @@ from eventsourcing.domain import Aggregate
 from commands import models as m
 from commands.idempotency import fingerprint
 from domain.agent_run import AgentRun
+from domain.base import decided_at
 from domain.billing import next_month
 from domain.budget_holds import SpendReader, SpendReading
 from domain.card import Card
@@ -396,13 +397,15 @@ class WriteSide(Application[UUID]):
         token = _READS.set(reads)
         try:
             try:
-                return decide(meta), reads
+                with decided_at(datetime.now(UTC)):
+                    return decide(meta), reads
             except AgentWorksError:
                 if not reads.served_from_cache:
                     raise
             reads = _Reads(from_cache=False)
             _READS.set(reads)
-            return decide(meta), reads
+            with decided_at(datetime.now(UTC)):
+                return decide(meta), reads
         finally:
             _READS.reset(token)
 

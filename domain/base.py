@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from copy import copy
+from datetime import datetime
 from typing import TYPE_CHECKING, Self
 from uuid import UUID
 
-from eventsourcing.domain import Aggregate, CanInitAggregate
+from eventsourcing.domain import Aggregate, CanCreateTimestamp, CanInitAggregate
 
 from domain.meta import EventMeta
 from domain.text import refuse_unstorable
+
+_DECIDED_AT: ContextVar[datetime | None] = ContextVar("decided_at", default=None)
+
+
+@contextmanager
+def decided_at(instant: datetime) -> Iterator[None]:
+    """Stamp every event triggered inside with ``instant`` (one command's decision), unless it
+    names its own time (a charge at its call's).
+
+    A command is one decision, committed at once; its events stamped one by one as they were
+    triggered made a board or an export as of an instant between two of them see it half done
+    (a card placed on the board before it existed)."""
+    token = _DECIDED_AT.set(instant)
+    try:
+        yield
+    finally:
+        _DECIDED_AT.reset(token)
+
+
+class StampedEvent(CanCreateTimestamp):
+    """An event stamped with the instant of the decision it is part of (see :func:`decided_at`),
+    or when it is triggered outside one."""
+
+    @staticmethod
+    def create_timestamp() -> datetime:
+        return _DECIDED_AT.get() or CanCreateTimestamp.create_timestamp()
 
 
 class TenantAggregate(Aggregate):
@@ -24,7 +54,7 @@ class TenantAggregate(Aggregate):
     if TYPE_CHECKING:
         workspace_id: UUID
 
-    class Event(Aggregate.Event):
+    class Event(StampedEvent, Aggregate.Event):
         meta: dict[str, str]
 
     class Created(Event, Aggregate.Created):

@@ -20,6 +20,7 @@ from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate
 
+from domain.base import StampedEvent
 from domain.errors import InvalidTransition, Unauthenticated, ValidationFailed
 from domain.instants import instant_text
 from domain.meta import EventMeta
@@ -74,7 +75,7 @@ def clean_user_name(raw: str) -> str:
 class IdentityAggregate(Aggregate):
     """An aggregate outside any workspace; its events carry :class:`EventMeta` like the rest."""
 
-    class Event(Aggregate.Event):
+    class Event(StampedEvent, Aggregate.Event):
         meta: dict[str, str]
 
     class Created(Event, Aggregate.Created):

@@ -543,3 +543,23 @@ def test_service_actor_acts_without_membership_but_only_in_its_workspace() -> No
         NotFound, world.app.label_card, m.LabelCard(card_id=other.card_id, label="x"), service
     )
     assert world.get(other.card_id).labels == []
+
+
+def test_every_event_of_one_command_bears_the_command_s_one_instant() -> None:
+    """A command is one decision, committed at once: its events (a card's creation and its
+    placement on the board, a move and the neighbours it re-spread) were stamped one by one as
+    they were triggered, so a board or an export as of an instant between two of them saw the
+    command half done (a card placed before it existed). They now bear one instant, the
+    decision's; commands stay apart in time."""
+    world = World.build()
+    for n in range(12):
+        world.card(f"Card {n}")
+    doing = world.card("Elsewhere", lane="Review")
+    world.app.move_card(
+        m.MoveCard(card_id=doing, to_lane="Backlog", after_card_id=world.card_id), world.owner
+    )
+    by_command: dict[str, set[object]] = {}
+    for event in stored_events(world.app):
+        by_command.setdefault(event.meta["command_id"], set()).add(event.timestamp)
+    assert len(by_command) >= 15
+    assert all(len(instants) == 1 for instants in by_command.values()), by_command
