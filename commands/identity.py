@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from domain.errors import (
     Duplicate,
     MfaRequired,
     NotFound,
+    RateLimited,
     Unauthenticated,
     Unavailable,
     ValidationFailed,
@@ -321,7 +323,13 @@ class Identity:
             user.disable_mfa(meta=meta)
             return [user], None
 
-        self._retrying(str(user_id), correlation_id, decide)
+        try:
+            self._retrying(str(user_id), correlation_id, decide)
+        except MfaRequired as refused:
+            # A wrong code here counts as at login: a holder of an access token guesses too.
+            reason = str(refused.details.get("reason", "second factor"))
+            self._record_failure(user_id, reason, correlation_id)
+            raise
 
     # -- external identity providers ---------------------------------------------------------
 
@@ -399,6 +407,14 @@ class Identity:
         """Spend a TOTP step or a recovery code of ``user``; MFA_REQUIRED when neither fits."""
         if code is None or not code.strip():
             raise MfaRequired("this account needs a TOTP code (totp)", reason="code missing")
+        locked = user.second_factor_locked_until(self._now())
+        if locked is not None:
+            wait = (locked - self._now()).total_seconds()
+            raise RateLimited(
+                "too many wrong codes for this account in a short time: its codes are refused "
+                f"for {math.ceil(wait)} s more",
+                retry_after_seconds=wait,
+            )
         secret = self.sealer.open(user.totp_secret_sealed or "")
         step = self.totp.matching_step(secret, code, now=self.clock())
         if step is not None:
@@ -415,7 +431,7 @@ class Identity:
     def _record_failure(self, user_id: UUID, reason: str, correlation_id: str) -> None:
         def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
             user = self._get(User, user_id)
-            user.record_failed_login(reason, meta=meta)
+            user.record_failed_login(reason, at=self._now(), meta=meta)
             return [user], None
 
         self._retrying(str(user_id), correlation_id, decide)

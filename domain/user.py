@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 from uuid import UUID, uuid5
 
@@ -30,6 +30,12 @@ MIN_PASSWORD_LENGTH = 10
 MAX_PASSWORD_LENGTH = 1024
 MAX_EMAIL_LENGTH = 254
 MAX_NAME_LENGTH = 200
+#: Wrong second factors (TOTP or recovery codes) an account takes within
+#: :data:`SECOND_FACTOR_WINDOW` before its codes are refused until the oldest of them is that old.
+MAX_SECOND_FACTOR_FAILURES = 5
+SECOND_FACTOR_WINDOW = timedelta(minutes=15)
+#: The reasons of a failed login that are a guess of a second factor (not a missing code).
+SECOND_FACTOR_GUESSES = frozenset({"wrong code", "code replayed"})
 
 _EMAIL_NAMESPACE = UUID("6f1e3a52-8d0c-4a7e-9b57-2a1f3c4d5e60")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
@@ -132,6 +138,7 @@ class User(IdentityAggregate):
         oidc_subjects: list[str]
         password_changed_at: datetime | None
         address_proven: bool
+        second_factor_failures: list[datetime]
 
     class Registered(IdentityAggregate.Created):
         email: str
@@ -150,6 +157,7 @@ class User(IdentityAggregate):
             aggregate.oidc_subjects = []
             aggregate.password_changed_at = None
             aggregate.address_proven = False
+            aggregate.second_factor_failures = []
 
     class PasswordChanged(IdentityAggregate.Event):
         password_hash: str
@@ -187,6 +195,7 @@ class User(IdentityAggregate):
 
         def apply(self, aggregate: User) -> None:
             aggregate.last_totp_step = self.totp_step
+            aggregate.second_factor_failures = []
 
     class RecoveryCodeUsed(IdentityAggregate.Event):
         code_hash: str
@@ -195,6 +204,7 @@ class User(IdentityAggregate):
             aggregate.recovery_code_hashes = [
                 h for h in aggregate.recovery_code_hashes if h != self.code_hash
             ]
+            aggregate.second_factor_failures = []
 
     class OidcSubjectLinked(IdentityAggregate.Event):
         issuer: str
@@ -234,7 +244,11 @@ class User(IdentityAggregate):
         reason: str
 
         def apply(self, aggregate: User) -> None:
-            pass
+            if self.reason in SECOND_FACTOR_GUESSES:
+                # (getattr: users snapshotted before the count was kept)
+                failures = getattr(aggregate, "second_factor_failures", [])
+                kept = MAX_SECOND_FACTOR_FAILURES
+                aggregate.second_factor_failures = [*failures, self.timestamp][-kept:]
 
     @classmethod
     def register(
@@ -313,8 +327,19 @@ class User(IdentityAggregate):
     def record_login(self, session_id: UUID, method: str, *, meta: EventMeta) -> None:
         self._record(self.LoginSucceeded, meta, session_id=session_id, method=method)
 
-    def record_failed_login(self, reason: str, *, meta: EventMeta) -> None:
-        self._record(self.LoginFailed, meta, reason=reason)
+    def record_failed_login(self, reason: str, *, at: datetime, meta: EventMeta) -> None:
+        self._record(self.LoginFailed, meta, reason=reason, timestamp=at)
+
+    def second_factor_locked_until(self, now: datetime) -> datetime | None:
+        """Until when this account's codes are refused (None: they are not): the
+        :data:`MAX_SECOND_FACTOR_FAILURES` latest wrong ones all fell within
+        :data:`SECOND_FACTOR_WINDOW` of now. A holder of the password could otherwise guess
+        codes at the login rate, and hit one of the three a step accepts in days."""
+        failures = getattr(self, "second_factor_failures", [])
+        if len(failures) < MAX_SECOND_FACTOR_FAILURES:
+            return None
+        until = failures[-MAX_SECOND_FACTOR_FAILURES] + SECOND_FACTOR_WINDOW
+        return until if until > now else None
 
 
 class Session(IdentityAggregate):

@@ -19,6 +19,7 @@ from domain.errors import (
     Duplicate,
     InvalidTransition,
     MfaRequired,
+    RateLimited,
     Unauthenticated,
     ValidationFailed,
 )
@@ -177,6 +178,47 @@ def test_disable_needs_a_code_and_then_login_needs_none(identity: Identity, cloc
     assert identity.login(email="ada@example.com", password=PASSWORD)
     with pytest.raises(InvalidTransition):
         identity.mfa_disable(user_id, rfc6238(secret, clock.now))
+
+
+def test_wrong_second_factors_lock_the_account_s_codes_for_a_while(
+    identity: Identity, clock: Clock
+) -> None:
+    """A holder of the password could guess TOTP codes at the login rate (10 a minute, 14,400
+    a day: a few per cent a day of hitting one of the three codes a step accepts). After 5
+    wrong codes within 15 minutes (at login, or turning MFA off), the account's second factor
+    answers RATE_LIMITED, the right code too, until the oldest of them is 15 minutes old; a
+    right code before that clears the count. Without the password nothing is counted."""
+    user_id, secret, codes = _enrolled(identity, clock)
+    clock.now += 30
+
+    def wrong(n: int) -> str:
+        right = {rfc6238(secret, clock.now + d) for d in (-30, 0, 30)}
+        return next(c for c in (f"{n:06d}", f"{n + 500_000:06d}") if c not in right)
+
+    for n in range(4):
+        with pytest.raises(MfaRequired):
+            identity.login(email="ada@example.com", password=PASSWORD, totp=wrong(n))
+    with pytest.raises(Unauthenticated):  # no password, no count
+        identity.login(email="ada@example.com", password="wrong password!", totp=wrong(9))
+    assert identity.login(email="ada@example.com", password=PASSWORD, totp=codes[0])  # clears
+    for n in range(4):
+        clock.now += 60
+        with pytest.raises(MfaRequired):
+            identity.login(email="ada@example.com", password=PASSWORD, totp=wrong(n))
+    with pytest.raises(MfaRequired):
+        identity.mfa_disable(user_id, wrong(7))
+    clock.now += 30
+    with pytest.raises(RateLimited) as locked:
+        identity.login(email="ada@example.com", password=PASSWORD, totp=rfc6238(secret, clock.now))
+    assert 0 < locked.value.retry_after_seconds <= 15 * 60
+    with pytest.raises(RateLimited):
+        identity.mfa_disable(user_id, rfc6238(secret, clock.now))
+    with pytest.raises(MfaRequired):  # the first step (no code yet) still says what it needs
+        identity.login(email="ada@example.com", password=PASSWORD)
+    clock.now += locked.value.retry_after_seconds + 1
+    assert identity.login(
+        email="ada@example.com", password=PASSWORD, totp=rfc6238(secret, clock.now)
+    )
 
 
 def test_no_secret_is_stored_in_the_clear(identity: Identity, clock: Clock) -> None:
