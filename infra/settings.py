@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     max_subscriptions_per_user: int = Field(default=100, ge=1)
     """Active subscriptions one user may hold over all their connections to one API instance
     (counted per instance, not across instances); more get ``RATE_LIMITED``."""
+    max_unsigned_websockets_per_address: int = Field(default=50, ge=1)
+    """WebSockets one client address may hold open on one API instance before they sign in
+    (``connection_init``); one more is refused at its handshake (HTTP 403)."""
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     metrics_token: SecretStr | None = None
     """Bearer token ``GET /metrics`` asks for (``Authorization: Bearer …``); unset: it answers

@@ -136,6 +136,7 @@ def api_services(
         lag_collector=LagCollector(api_url),
         max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
         max_subscriptions_per_user=settings.max_subscriptions_per_user,
+        max_unsigned_websockets_per_address=settings.max_unsigned_websockets_per_address,
         stripe_webhook_secret=(
             settings.stripe_webhook_secret.get_secret_value()
             if settings.stripe_webhook_secret

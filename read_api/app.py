@@ -99,6 +99,7 @@ from read_api.response_cache import Entry, Key, ResponseCache, render
 from read_api.runtime import ApiRuntime
 from read_api.schema import build_schema
 from read_api.services import ApiServices, RequestStats
+from read_api.subscription_limits import UnsignedSocketsPerAddress, signed_in
 from read_api.transport_ws import LimitedTransportWSHandler
 from read_api.webhooks import STRIPE_WEBHOOK_PATH, StripeWebhook
 
@@ -166,6 +167,10 @@ def create_app(services: ApiServices) -> FastAPI:
             max_age=600,
         )
 
+    if services.max_unsigned_websockets_per_address is not None:
+        app.add_middleware(
+            UnsignedSocketsPerAddress, most=services.max_unsigned_websockets_per_address
+        )
     if services.trusted_proxies:
         # Only these proxies may say who the client is (rate limits count per client address).
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(services.trusted_proxies))
@@ -724,6 +729,8 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
         context.disconnect = functools.partial(
             self.runtime.subscriptions.connections.give_back, principal.user_id
         )
+        if context.request is not None:
+            signed_in(context.request.scope)
         context.authenticate(principal)
         return {"requestId": context.request_id}
 

@@ -160,6 +160,9 @@ class ApiServices:
     """Active subscriptions one WebSocket connection may hold; more are ``RATE_LIMITED``."""
     max_subscriptions_per_user: int = 100
     """Active subscriptions one user may hold over all connections to this API instance."""
+    max_unsigned_websockets_per_address: int | None = 50
+    """WebSockets one client address may hold open before they sign in (``connection_init``),
+    on this instance; ``None``: no bound (``read_api.subscription_limits``)."""
     stripe_webhook_secret: str | None = None
     """Signing secret of ``POST /webhooks/stripe``; ``None``: the route answers 404."""
     auth: AuthSettings | None = None

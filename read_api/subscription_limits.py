@@ -16,12 +16,23 @@ least one subscription, so no user needs more, while without a bound one signed-
 open (a few hundred a minute, within the rate limit) and keep idle connections until the
 instance ran out of file descriptors for everyone. One over the bound is refused at
 ``connection_init``.
+
+Before ``connection_init`` a socket names nobody: :class:`UnsignedSocketsPerAddress` bounds those
+per client address (what it holds until it signs in, at most the 10 s strawberry waits for the
+``connection_init``), so that one address cannot open sockets by the thousand and hold them,
+each a file descriptor of the instance, while the per-user bound cannot yet see them. Signed-in
+sockets are not counted per address: many users behind one NAT are bounded each by their own.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
 from domain.errors import RateLimited
 
@@ -100,3 +111,51 @@ class SubscriptionSlots:
 
     def active(self, user_id: str) -> int:
         return self.subscriptions.held(user_id)
+
+
+#: Where a socket's scope keeps the function that gives its address's slot back (idempotent):
+#: called once the socket signs in, and when it closes.
+UNSIGNED_SLOT = "agentworks.unsigned_socket_slot"
+
+
+class UnsignedSocketsPerAddress:
+    """ASGI middleware: at most ``most`` WebSockets per client address that have not signed in
+    (``connection_init``) yet, in this process; one more is refused at its handshake (HTTP
+    403). Put it inside the proxy-headers middleware, so that the address is the client's."""
+
+    def __init__(self, app: ASGIApp, *, most: int) -> None:
+        self.app = app
+        self.unsigned = PerUser(most, "sockets not signed in", "sign in on those first")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        address = str(client[0]) if client else "unknown"
+        try:
+            self.unsigned.take(address)
+        except RateLimited:
+            await receive()  # the handshake (websocket.connect); refused before it is accepted
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        given_back = False
+
+        def give_back() -> None:
+            nonlocal given_back
+            if not given_back:
+                given_back = True
+                self.unsigned.give_back(address)
+
+        scope[UNSIGNED_SLOT] = give_back
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            give_back()
+
+
+def signed_in(scope: Scope) -> None:
+    """The socket of ``scope`` signed in: its address's slot is free for another."""
+    give_back: Callable[[], None] | None = scope.get(UNSIGNED_SLOT)
+    if give_back is not None:
+        give_back()

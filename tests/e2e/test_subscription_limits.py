@@ -41,9 +41,10 @@ query($id: ID!) { project(id: $id) { name board { lanes { name count
 
 
 class RawConnection:
-    """One graphql-transport-ws connection on a plain TCP socket, authenticated on open."""
+    """One graphql-transport-ws connection on a plain TCP socket, authenticated on open (with
+    ``token`` None, only its handshake: a socket that has not signed in)."""
 
-    def __init__(self, ws_url: str, token: str) -> None:
+    def __init__(self, ws_url: str, token: str | None) -> None:
         uri = parse_uri(f"{ws_url}/graphql")
         self.protocol = ClientProtocol(uri, subprotocols=[PROTOCOL])
         self.sock = socket.create_connection((uri.host, uri.port), timeout=10)
@@ -54,6 +55,8 @@ class RawConnection:
             self._flush()
             while not self._open:
                 self._pump(time.monotonic() + 10)
+            if token is None:
+                return
             self.send({"type": "connection_init", "payload": {"Authorization": f"Bearer {token}"}})
             ack = self.recv()
         except BaseException:
@@ -501,3 +504,46 @@ def test_a_malformed_subscription_gets_an_error_message_and_the_connection_stays
         _all_receive_a_change(connection, {"good"}, lambda: alice.create_card(project, "z"))
     finally:
         connection.close()
+
+
+def test_sockets_not_signed_in_are_bounded_per_address_and_signed_in_ones_are_not(
+    make_stack: MakeStack,
+) -> None:
+    """Before ``connection_init`` a socket names nobody, so the per-user bound cannot see it:
+    one address could open sockets by the thousand and hold each for the 10 s strawberry waits
+    for its ``connection_init``, file descriptors of the instance every tenant shares. At most
+    ``max_unsigned_websockets_per_address`` of them per address; one more is refused at its
+    handshake. A socket that signs in frees its address's place (users behind one NAT are
+    bounded each by their own), and so does one that goes away."""
+    stack = make_stack(max_unsigned_websockets_per_address=3)
+    alice, _, viewer = _tenant_with_viewer(stack, "alice")
+    held = [RawConnection(stack.ws_url, None) for _ in range(3)]
+    try:
+        with pytest.raises(AssertionError, match="handshake refused: HTTP 403"):
+            held.append(RawConnection(stack.ws_url, None))
+        with pytest.raises(AssertionError, match="handshake refused: HTTP 403"):
+            held.append(RawConnection(stack.ws_url, viewer.token or ""))
+        held.pop(0).close()
+        wait_for(
+            lambda: _handshakes(stack, viewer.token or ""),
+            timeout=10,
+            every=0.1,
+            what="a place for a socket once one not signed in went away",
+        )
+        # Signed-in sockets hold no place: more of them than the bound, from the same address.
+        held += [RawConnection(stack.ws_url, alice.token or "") for _ in range(4)]
+        held.append(RawConnection(stack.ws_url, None))
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def _handshakes(stack: Stack, token: str) -> bool:
+    """Whether a socket gets past its handshake (and signs in with ``token``)."""
+    try:
+        RawConnection(stack.ws_url, token).close()
+    except AssertionError as refused:
+        if "HTTP 403" not in str(refused):
+            raise
+        return False
+    return True
