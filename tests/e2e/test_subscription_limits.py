@@ -434,21 +434,27 @@ def test_a_user_may_keep_no_more_connections_open_than_subscriptions(
             held.append(RawConnection(stack.ws_url, viewer.token or ""))
         held.append(RawConnection(stack.ws_url, alice.token or ""))  # another user's own
         held.pop(0).drop()
-        wait_for(
-            lambda: _connects(stack, viewer.token or ""),
-            timeout=10,
-            every=0.1,
-            what="a place among the viewer's connections once one of them went away",
+        _wait_for_a_place(
+            stack, viewer.token or "", "a place among the viewer's connections once one went away"
         )
     finally:
         for connection in held:
             connection.close()
 
 
+def _wait_for_a_place(stack: Stack, token: str, what: str) -> None:
+    wait_for(lambda: _connects(stack, token), timeout=10, every=0.1, what=what)
+
+
 def _connects(stack: Stack, token: str) -> bool:
+    """Whether a socket gets past its handshake and signs in with ``token``."""
     try:
         RawConnection(stack.ws_url, token).close()
     except ConnectionError:
+        return False
+    except AssertionError as refused:
+        if "HTTP 403" not in str(refused):
+            raise
         return False
     return True
 
@@ -524,11 +530,8 @@ def test_sockets_not_signed_in_are_bounded_per_address_and_signed_in_ones_are_no
         with pytest.raises(AssertionError, match="handshake refused: HTTP 403"):
             held.append(RawConnection(stack.ws_url, viewer.token or ""))
         held.pop(0).close()
-        wait_for(
-            lambda: _handshakes(stack, viewer.token or ""),
-            timeout=10,
-            every=0.1,
-            what="a place for a socket once one not signed in went away",
+        _wait_for_a_place(
+            stack, viewer.token or "", "a place for a socket once one not signed in went away"
         )
         # Signed-in sockets hold no place: more of them than the bound, from the same address.
         held += [RawConnection(stack.ws_url, alice.token or "") for _ in range(4)]
@@ -536,14 +539,3 @@ def test_sockets_not_signed_in_are_bounded_per_address_and_signed_in_ones_are_no
     finally:
         for connection in held:
             connection.close()
-
-
-def _handshakes(stack: Stack, token: str) -> bool:
-    """Whether a socket gets past its handshake (and signs in with ``token``)."""
-    try:
-        RawConnection(stack.ws_url, token).close()
-    except AssertionError as refused:
-        if "HTTP 403" not in str(refused):
-            raise
-        return False
-    return True
