@@ -246,6 +246,12 @@ def check_api_key(app: AgentWorks, presented: str) -> KeyHolder:
         raise Unauthenticated("API key is not valid")
     if key.revoked_at is not None:
         raise Unauthenticated(f"API key {key.id} was revoked")
+    joined = app.aggregate(Workspace, key.workspace_id, copy=False).member_since(key.created_by)
+    if joined is not None and joined > key.created_on:
+        raise Unauthenticated(
+            f"API key {key.id} was made before its creator was removed from the workspace; "
+            "they were added again since, and a key is theirs for one membership: make a new one"
+        )
     return KeyHolder(
         user_id=key.created_by, workspace_id=key.workspace_id, role=key.role, key_id=key.id
     )

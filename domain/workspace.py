@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Context, Decimal
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -43,6 +44,7 @@ class Workspace(TenantAggregate):
     if TYPE_CHECKING:
         name: str
         members: dict[str, Role]
+        members_since: dict[str, datetime]
         markup: Decimal
         billing_increment_micros: int
         monthly_limit_micros: int | None
@@ -56,6 +58,7 @@ class Workspace(TenantAggregate):
             aggregate.workspace_id = self.workspace_id
             aggregate.name = self.name
             aggregate.members = {self.owner_id: Role.OWNER}
+            aggregate.members_since = {self.owner_id: self.timestamp}
             aggregate.markup = DEFAULT_MARKUP
             aggregate.billing_increment_micros = DEFAULT_BILLING_INCREMENT_MICROS
             aggregate.monthly_limit_micros = None
@@ -73,6 +76,7 @@ class Workspace(TenantAggregate):
 
         def apply(self, aggregate: Workspace) -> None:
             aggregate.members[self.user_id] = Role(self.role)
+            _since(aggregate)[self.user_id] = self.timestamp
 
     class RoleChanged(TenantAggregate.Event):
         user_id: str
@@ -86,6 +90,7 @@ class Workspace(TenantAggregate):
 
         def apply(self, aggregate: Workspace) -> None:
             del aggregate.members[self.user_id]
+            _since(aggregate).pop(self.user_id, None)
 
     class PlanSet(TenantAggregate.Event):
         markup: str
@@ -106,6 +111,12 @@ class Workspace(TenantAggregate):
 
         def apply(self, aggregate: Workspace) -> None:
             aggregate.stripe_customer_id = self.customer_id
+
+    def member_since(self, user_id: str) -> datetime | None:
+        """When ``user_id``'s current membership began (None: not a member, or a member since
+        before the workspace kept it). What a member made in an earlier membership (an API key)
+        is not theirs in this one."""
+        return _since(self).get(user_id)
 
     @classmethod
     def create(cls, *, workspace_id: UUID, name: str, owner_id: str, meta: EventMeta) -> Workspace:
@@ -204,3 +215,12 @@ class Workspace(TenantAggregate):
 
 def _user_id(value: str) -> str:
     return trimmed(value, what="user id", at_most=200)
+
+
+def _since(workspace: Workspace) -> dict[str, datetime]:
+    """The workspace's ``members_since``, kept from the first event after a snapshot taken
+    before it was (whose members' times are unknown)."""
+    since: dict[str, datetime] | None = workspace.__dict__.get("members_since")
+    if since is None:
+        since = workspace.__dict__["members_since"] = {}
+    return since

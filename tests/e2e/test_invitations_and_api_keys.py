@@ -194,6 +194,30 @@ def test_api_key_acts_at_its_role_capped_by_its_creator_and_dies_on_revoke(
     assert secret.split("_", 2)[2].encode() not in logged
 
 
+def test_a_key_does_not_outlive_its_creator_s_membership_even_when_they_come_back(
+    http: httpx.Client, auth_stack: Stack
+) -> None:
+    """A key acts as its creator, capped by their current role: removed from the workspace,
+    its creator's key acted for nobody, but once they were added again (for another job, at
+    any role) the old key, perhaps leaked meanwhile, worked again. A key is its creator's for
+    the membership it was made in; after a removal it answers UNAUTHENTICATED for good, while
+    a key the member makes after coming back works."""
+    owner, workspace_id, admin_id, admin, _ = owner_and_admin(http, "comeback.test", "Back")
+    old = data(gql(http, admin, CREATE_KEY, w=workspace_id, n="before", r="ADMIN"))
+    secret = old["createApiKey"]["secret"]
+    assert data(gql(http, secret, CREATE_PROJECT, w=workspace_id, n="By the first key"))
+    data(gql(http, owner, REMOVE_MEMBER, w=workspace_id, u=admin_id))
+    added = data(gql(http, owner, ADD_MEMBER, w=workspace_id, u=admin_id, r="ADMIN"))
+    after = added["addMember"]["consistencyToken"]
+    refused = gql(http, secret, CREATE_PROJECT, w=workspace_id, n="Old key", after=after)
+    assert refused.status_code == 401, refused.text
+    assert refused.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+    assert "removed" in refused.json()["errors"][0]["message"]
+    new = data(gql(http, admin, CREATE_KEY, w=workspace_id, n="after", r="ADMIN", after=after))
+    fresh = new["createApiKey"]["secret"]
+    assert data(gql(http, fresh, CREATE_PROJECT, w=workspace_id, n="By the new key"))
+
+
 def test_an_invitation_grants_only_what_its_inviter_may_still_grant(
     http: httpx.Client, auth_stack: Stack
 ) -> None:
