@@ -708,6 +708,7 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
                 for row in curs.fetchall()
             ]
 
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_following(
         self, originator_id: UUID, *, gt: int
     ) -> tuple[int, int, str, UUID | None] | None:

@@ -407,9 +407,10 @@ class Identity:
         """Spend a TOTP step or a recovery code of ``user``; MFA_REQUIRED when neither fits."""
         if code is None or not code.strip():
             raise MfaRequired("this account needs a TOTP code (totp)", reason="code missing")
-        locked = user.second_factor_locked_until(self._now())
+        now = self._now()
+        locked = user.second_factor_locked_until(now)
         if locked is not None:
-            wait = (locked - self._now()).total_seconds()
+            wait = (locked - now).total_seconds()
             raise RateLimited(
                 "too many wrong codes for this account in a short time: its codes are refused "
                 f"for {math.ceil(wait)} s more",

@@ -392,20 +392,19 @@ class WriteSide(Application[UUID]):
     ) -> tuple[Decision, _Reads]:
         """One decision, and what it read. A refusal decided on cached aggregates is decided again
         on the store's: only current state may refuse a command (a stale version, a member added
-        elsewhere a moment ago)."""
+        elsewhere a moment ago). Each decision's events bear its one instant
+        (:func:`domain.base.decided_at`)."""
         reads = _Reads(from_cache=from_cache and self.cached_reads)
         token = _READS.set(reads)
         try:
             try:
-                with decided_at(datetime.now(UTC)):
-                    return decide(meta), reads
+                return _decided_now(decide, meta), reads
             except AgentWorksError:
                 if not reads.served_from_cache:
                     raise
             reads = _Reads(from_cache=False)
             _READS.set(reads)
-            with decided_at(datetime.now(UTC)):
-                return decide(meta), reads
+            return _decided_now(decide, meta), reads
         finally:
             _READS.reset(token)
 
@@ -777,3 +776,8 @@ def kind_of(cls: type[Aggregate]) -> str:
         "UsageCharge": "usage charge",
         "MonthlySpend": "monthly spend",
     }.get(cls.__name__, cls.__name__.lower())
+
+
+def _decided_now(decide: Callable[[EventMeta], Decision], meta: EventMeta) -> Decision:
+    with decided_at(datetime.now(UTC)):
+        return decide(meta)

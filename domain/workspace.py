@@ -115,8 +115,9 @@ class Workspace(TenantAggregate):
     def member_since(self, user_id: str) -> datetime | None:
         """When ``user_id``'s current membership began (None: not a member, or a member since
         before the workspace kept it). What a member made in an earlier membership (an API key)
-        is not theirs in this one."""
-        return _since(self).get(user_id)
+        is not theirs in this one. (Read without keeping: the aggregate may be the cache's.)"""
+        since: dict[str, datetime] = self.__dict__.get("members_since", {})
+        return since.get(user_id)
 
     @classmethod
     def create(cls, *, workspace_id: UUID, name: str, owner_id: str, meta: EventMeta) -> Workspace:

@@ -286,8 +286,8 @@ class ProjectionRunner:
         """Apply the events of parked aggregates again (all of them, or ``originator_ids``),
         after a fix: each aggregate on its own, its events in order from the one it stopped
         at, at most :data:`RETRY_CHUNK` (and :attr:`max_retry_bytes` of stored state) per
-        transaction. One that fails again stays parked,
-        with the new error (and the event it now stops at, if the fix got it further)."""
+        transaction. One that fails again stays parked, with the new error (and the event it
+        now stops at, if the fix got it further)."""
         with self.pool.connection() as conn:
             rows = conn.execute(
                 "SELECT originator_id, originator_version FROM projection_parked"
