@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID, uuid4
 
 import psycopg
+import psycopg.sql
+from psycopg.rows import tuple_row
 
 from commands import models as m
 from commands.handlers import Actor
@@ -149,6 +151,24 @@ def read_log_to(
         else:
             time.sleep(0.01)
     return found
+
+
+def whole_log(event_log: EventLog, after: int = 0, *, timeout: float = 30.0) -> list[EventEnvelope]:
+    """Every event of ``event_log`` after ``after``, up to the highest position the table holds
+    now (:func:`read_log_to`).
+
+    One read may stop short of events long committed: a transaction of another database that was
+    running when the read's snapshot was taken and ended before the read looked up its database
+    is held to be this database's (the horizon's safe side), and the tests' own database copies
+    and drops run beside them. A reader that reads again, as the product's all do, gets them."""
+    recorder = event_log.recorder
+    table = psycopg.sql.Identifier(recorder.datastore.schema, recorder.events_table_name)
+    statement = psycopg.sql.SQL("SELECT coalesce(max(notification_id), 0) FROM {}").format(table)
+    with recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute(statement).fetchone()
+    assert row is not None
+    head = int(row[0])
+    return read_log_to(event_log, after, head, timeout=timeout)
 
 
 def command_log_count(database_url: str, command_id: UUID | None = None) -> int:

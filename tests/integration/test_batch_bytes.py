@@ -13,7 +13,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from board_helpers import add_cards, bootstrap_board
+from board_helpers import add_cards, bootstrap_board, whole_log
 from fanout_helpers import EmbeddedPath, projector_side, rows
 from test_undecodable_events import RecordingProducer
 
@@ -150,7 +150,7 @@ def _kanban_without_the_edits(
 ) -> tuple[ProjectionRunner, list[EventEnvelope]]:
     """A kanban runner delivered every event but ``card``'s large edits; and those edits."""
     runner = ProjectionRunner(KanbanProjector(), pool, log)
-    everything = log.read(after=0, limit=10_000)
+    everything = whole_log(log)
     edits = [e for e in everything if e.originator_id == card and e.type == "Card.Edited"]
     runner.process([e for e in everything if e not in edits])
     return runner, edits

@@ -15,6 +15,7 @@ from uuid import UUID, uuid4
 import pytest
 import redis
 import redis.asyncio
+from board_helpers import whole_log
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from orchestrator_helpers import (
@@ -252,7 +253,7 @@ def test_with_the_projector_counting_charges_two_orchestrators_still_stay_within
 
     def project() -> None:
         while not stop.is_set():
-            runner.process(runner.log.read(after=runner.position(), limit=1000))
+            runner.process(whole_log(runner.log, runner.position()))
             stop.wait(0.02)
 
     projecting = threading.Thread(target=project, daemon=True)

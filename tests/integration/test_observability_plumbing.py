@@ -17,6 +17,7 @@ import time
 
 import pg
 import structlog
+from board_helpers import whole_log
 from kafka_helpers import read_topic
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -85,7 +86,7 @@ def test_relay_span_and_kafka_headers_carry_the_commands_trace(
     finally:
         producer.close(timeout=5)
         positions.close()
-    (envelope,) = log.read(after=0)
+    (envelope,) = whole_log(log)
 
     finished = exporter.get_finished_spans()
     (command,) = [s for s in finished if s.name == "command CreateWorkspace"]

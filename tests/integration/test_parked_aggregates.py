@@ -21,6 +21,7 @@ from uuid import UUID
 
 import psycopg
 import pytest
+from board_helpers import whole_log
 from fanout_helpers import (
     EmbeddedPath,
     KafkaFanout,
@@ -205,9 +206,9 @@ def test_a_retry_that_fails_again_keeps_the_aggregate_parked_with_the_new_error(
     scene = Scene(app)
     with projector_side(database_url) as (pool, log):
         runner = ProjectionRunner(KanbanProjector(), pool, log)
-        runner.process(log.read(after=0, limit=10_000))
+        runner.process(whole_log(log))
         scene.poison_and_go_on()
-        runner.process(log.read(after=runner.position(), limit=10_000))
+        runner.process(whole_log(log, runner.position()))
         scene.assert_parked_alone(database_url, activity=False)
 
         (retried,) = runner.retry_parked([scene.a1])
@@ -245,11 +246,11 @@ class ChunkRecorder:
 def long_parked_tail(scene: Scene, url: str, runner: ProjectionRunner, labels: int) -> int:
     """Card ``a1`` parked by the kanban projector with ``labels`` more events of it waiting
     behind the planted one (besides the scene's own); the number of events waiting."""
-    runner.process(runner.log.read(after=0, limit=10_000))
+    runner.process(whole_log(runner.log))
     scene.poison_and_go_on()
     for n in range(labels):
         scene.app.label_card(m.LabelCard(card_id=scene.a1, label=f"l{n}"), scene.a.owner)
-    runner.process(runner.log.read(after=runner.position(), limit=10_000))
+    runner.process(whole_log(runner.log, runner.position()))
     assert [p[2] for p in parked(url)] == [scene.bad_version]
     return 2 + labels
 
@@ -292,7 +293,7 @@ def test_a_retry_stopped_half_way_leaves_the_aggregate_parked_where_it_got_to(
         assert error.startswith(RETRY_PENDING)
         assert card(database_url, scene.a1)[3] == scene.bad_version + 2
         app.label_card(m.LabelCard(card_id=scene.a1, label="meanwhile"), scene.a.owner)
-        runner.process(log.read(after=runner.position(), limit=10_000))
+        runner.process(whole_log(log, runner.position()))
         assert card(database_url, scene.a1)[3] == scene.bad_version + 2
 
         # Retried again, it goes on from there (nothing applied twice) to the end.
@@ -315,12 +316,12 @@ def test_a_retry_reads_a_tail_of_large_events_a_bounded_batch_per_transaction(
     scene = Scene(app)
     with projector_side(database_url) as (pool, log):
         runner = ProjectionRunner(KanbanProjector(), pool, log)
-        runner.process(log.read(after=0, limit=10_000))
+        runner.process(whole_log(log))
         scene.poison_and_go_on()
         for n in range(7):
             description = chr(ord("a") + n) * LARGE
             app.update_card(m.UpdateCard(card_id=scene.a1, description=description), scene.a.owner)
-        runner.process(log.read(after=runner.position(), limit=10_000))
+        runner.process(whole_log(log, runner.position()))
         assert [p[2] for p in parked(database_url)] == [scene.bad_version]
         monkeypatch.setattr(KanbanProjector, "apply_batch", KanbanProjector.apply_batch)
         install_fix()
@@ -376,10 +377,10 @@ def test_gap_healing_stops_before_the_parked_event(database_url: str, app: Agent
     scene = Scene(app)
     with projector_side(database_url) as (pool, log):
         runner = ProjectionRunner(KanbanProjector(), pool, log)
-        runner.process(log.read(after=0, limit=10_000))
+        runner.process(whole_log(log))
         scene.app.update_card(m.UpdateCard(card_id=scene.a1, title="edited before"), scene.a.owner)
         scene.poison_and_go_on()
-        newest = [e for e in log.read(after=0, limit=10_000) if e.originator_id == scene.a1][-1]
+        newest = [e for e in whole_log(log) if e.originator_id == scene.a1][-1]
         outcome = runner.process([newest])
         assert outcome.healed == 1  # the edit
         assert outcome.held == 1  # the delivered label, behind the planted move
@@ -502,9 +503,7 @@ def test_an_event_with_nul_in_its_text_projects_with_a_replacement_character(
     path = EmbeddedPath(database_url)
     try:
         path.fanout.drain()
-        (stored,) = [
-            e for e in path.log.read(after=0, limit=10_000) if e.originator_id == scene.b1
-        ][-1:]
+        (stored,) = [e for e in whole_log(path.log) if e.originator_id == scene.b1][-1:]
     finally:
         path.stop()
     assert parked(database_url, "error", "attempts") == []
@@ -535,7 +534,7 @@ def parked_scene(database_url: str, app: AgentWorks) -> Scene:
     scene.poison_and_go_on()
     with projector_side(database_url) as (pool, log):
         for projector in all_projectors():
-            ProjectionRunner(projector, pool, log).process(log.read(after=0, limit=10_000))
+            ProjectionRunner(projector, pool, log).process(whole_log(log))
     scene.assert_parked_alone(database_url)
     return scene
 
@@ -650,9 +649,7 @@ def test_a_batch_that_fails_only_as_a_whole_is_applied_event_by_event(
 ) -> None:
     scene = Scene(app)
     with projector_side(database_url) as (pool, log):
-        outcome = ProjectionRunner(BrokenBatchPath(), pool, log).process(
-            log.read(after=0, limit=10_000)
-        )
+        outcome = ProjectionRunner(BrokenBatchPath(), pool, log).process(whole_log(log))
     assert outcome.parked == []
     assert parked(database_url, "error", "attempts") == []
     assert card(database_url, scene.b1)[3] == 1
@@ -663,6 +660,6 @@ def test_a_missing_table_is_raised_and_parks_nothing(database_url: str, app: Age
     with projector_side(database_url) as (pool, log):
         runner = ProjectionRunner(MissingTable(), pool, log)
         with pytest.raises(psycopg.errors.UndefinedTable):
-            runner.process(log.read(after=0, limit=10_000))
+            runner.process(whole_log(log))
         assert runner.position() == 0
     assert parked(database_url, "error", "attempts") == []

@@ -15,6 +15,7 @@ from uuid import UUID
 import pg
 import psycopg
 import pytest
+from board_helpers import whole_log
 from test_cli import agentworks
 
 from commands import models as m
@@ -60,7 +61,7 @@ def with_two_keys(url: str) -> UUID:
             create_api_key(
                 app, CreateApiKey(workspace_id=workspace, name=name, role="MEMBER"), actor
             )
-        read_side.runners[0].process(read_side.event_log.read(after=0))
+        read_side.runners[0].process(whole_log(read_side.event_log))
     finally:
         read_side.close()
         app.close()

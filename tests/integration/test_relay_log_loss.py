@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from board_helpers import whole_log
 from kafka_helpers import OUTAGE_TEST, read_topic
 
 from adapters.eventlog import EventLog
@@ -106,7 +107,7 @@ def test_acknowledged_offsets_going_back_rewind_the_relay_to_the_lowest_watermar
     log, positions = relay.event_log, relay.positions
     try:
         workspaces(write_side, 40, "before")
-        first = log.read(after=0)
+        first = whole_log(log)
         catch_up(relay, first[-1].position)
         saved, marks = positions.load_with_marks()
         assert saved == first[-1].position
@@ -125,14 +126,14 @@ def test_acknowledged_offsets_going_back_rewind_the_relay_to_the_lowest_watermar
 
         broker.restart()
         workspaces(write_side, 1, "after")
-        head = log.read(after=saved)[-1].position
+        head = whole_log(log, saved)[-1].position
         catch_up(relay, head)
 
         assert relay.position == head
         republished = published_positions(broker.bootstrap, f"{PREFIX}workspace-events")
         # The batch that revealed the loss went out before the rewind: it is there twice. A
         # rebuild's scratch tracking (it reads the log itself) does not pull the rewind lower.
-        assert sorted(set(republished)) == [e.position for e in log.read(after=watermark)]
+        assert sorted(set(republished)) == [e.position for e in whole_log(log, watermark)]
         # A relay started now resumes with the new broker's offsets, not the lost ones.
         restarted = Relay(log, lambda: make_producer(broker.bootstrap), positions)
         assert restarted.position == head
@@ -156,7 +157,7 @@ def test_a_re_created_topic_rewinds_the_relay_even_without_offsets_to_compare(
     log = relay.event_log
     try:
         workspaces(write_side, 3, "before")
-        first = log.read(after=0)
+        first = whole_log(log)
         catch_up(relay, first[-1].position)
         watermark = first[0].position
         with psycopg.connect(database_url, autocommit=True) as conn:
@@ -172,12 +173,12 @@ def test_a_re_created_topic_rewinds_the_relay_even_without_offsets_to_compare(
 
         broker.restart()
         workspaces(write_side, 1, "after")
-        head = log.read(after=first[-1].position)[-1].position
+        head = whole_log(log, first[-1].position)[-1].position
         catch_up(relay, head)
 
         republished = published_positions(broker.bootstrap, f"{PREFIX}workspace-events")
         assert sorted({p for p in republished if p > watermark}) == [
-            e.position for e in log.read(after=watermark)
+            e.position for e in whole_log(log, watermark)
         ]
     finally:
         relay._discard_producer()

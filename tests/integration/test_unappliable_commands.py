@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 import pytest
+from board_helpers import whole_log
 from eventsourcing.utils import get_topic
 from fanout_helpers import parked, projector_side, rows
 from parking_helpers import TwoTenants
@@ -181,7 +182,7 @@ def test_the_projectors_apply_such_events_from_their_payload_or_park_their_aggre
     with projector_side(database_url) as (pool, log):
         for projector in all_projectors():
             runner = ProjectionRunner(projector, pool, log)
-            runner.process(log.read(after=0, limit=10_000))
+            runner.process(whole_log(log))
             assert runner.position() == log.head()
     assert parked(database_url) == [
         (name, scene.a1, versions["card"], "Card.Labelled") for name in ("activity", "kanban")

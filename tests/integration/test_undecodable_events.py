@@ -17,6 +17,7 @@ from uuid import UUID
 
 import eventsourcing.utils
 import pytest
+from board_helpers import whole_log
 from fanout_helpers import EmbeddedPath, parked, projector_side, rows
 from parking_helpers import TwoTenants
 from undecodable import plant_undecodable
@@ -97,7 +98,7 @@ def test_a_retry_after_the_fix_applies_the_parked_events(
     scene.plant_and_go_on()
     with projector_side(database_url) as (pool, log):
         runner = ProjectionRunner(KanbanProjector(), pool, log)
-        runner.process(log.read(after=0, limit=10_000))
+        runner.process(whole_log(log))
         scene.assert_parked_alone(database_url)
         # The fix: the renamed class is known again under its old topic.
         monkeypatch.setitem(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from board_helpers import bootstrap_board
+from board_helpers import bootstrap_board, whole_log
 from fanout_helpers import KafkaFanout, connect, projector_side, wait_until
 
 from adapters.kafka import create_topics, make_producer
@@ -86,7 +86,7 @@ def test_the_events_delivered_with_a_message_that_is_not_an_envelope_are_applied
     with projector_side(database_url) as (_, log):
 
         def publish(after: int, garbage: bytes | None = None) -> int:
-            envelopes = log.read(after=after, limit=10_000)
+            envelopes = whole_log(log, after)
             if garbage is not None:
                 producer.send(prefix + "card-events", value=garbage, key=b"x")
             for env in envelopes:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from board_helpers import bootstrap_board
+from board_helpers import bootstrap_board, whole_log
 from fanout_helpers import projector_side, rows
 
 from commands import models as m
@@ -32,10 +32,10 @@ def test_a_gap_the_store_cannot_fill_parks_that_aggregate_alone(
     b1 = app.create_card(m.CreateCard(project_id=b.project_id, title="b1"), b.owner).id
     with projector_side(database_url) as (pool, log):
         runner = ProjectionRunner(KanbanProjector(), pool, log)
-        runner.process(log.read(after=0, limit=10_000))
+        runner.process(whole_log(log))
         app.label_card(m.LabelCard(card_id=a1, label="x"), a.owner)
         app.label_card(m.LabelCard(card_id=b1, label="fine"), b.owner)
-        labelled = log.read(after=runner.position(), limit=10_000)
+        labelled = whole_log(log, runner.position())
         # a1's label as a store that went further would have it: two versions on.
         ahead = [
             env.model_copy(update={"originator_version": env.originator_version + 2})
