@@ -519,13 +519,20 @@ class EventLog:
         self, *, after: int, through: int, limit: int, aggregates: frozenset[str] | set[str]
     ) -> tuple[list[tuple[int, UUID, int]], int]:
         """Position, originator id and version of the events of ``aggregates`` in
-        ``(after, through]``, reading at most ``limit`` events; and the position read up to."""
+        ``(after, through]``, reading at most ``limit`` events; and the position read up to,
+        never past an event the reader horizon held back (``through`` may come from a statement
+        whose horizon was higher)."""
         rows = self.recorder.select_versions(after=after, through=through, limit=limit)
         if not rows:
             return [], through
+        read_up_to = rows[-1][0] if len(rows) == limit else through
+        held = next((n for n, row in enumerate(rows) if not row[4]), None)
+        if held is not None:
+            read_up_to = rows[held - 1][0] if held else after
+            rows = rows[:held]
         aggregate_of = self._aggregate_of
-        followed = [(p, o, v) for p, o, v, topic in rows if aggregate_of(topic) in aggregates]
-        return followed, (rows[-1][0] if len(rows) == limit else through)
+        followed = [(p, o, v) for p, o, v, topic, _ in rows if aggregate_of(topic) in aggregates]
+        return followed, read_up_to
 
     def head(self) -> int:
         return self.recorder.max_notification_id() or 0

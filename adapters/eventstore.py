@@ -393,11 +393,13 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         ).format(table)
         """The log's columns as its readers take them: position, originator id and version,
         topic, state."""
-        self._select_versions = SQL(
-            "SELECT notification_id, originator_id, originator_version, topic FROM {0} WHERE "
-        ).format(table) + SQL(
-            _HORIZON + " AND notification_id > %s AND notification_id <= %s "
-            "ORDER BY notification_id LIMIT %s"
+        self._select_versions = (
+            SQL("SELECT notification_id, originator_id, originator_version, topic, ")
+            + SQL(_HORIZON)
+            + SQL(
+                " AS settled FROM {0} WHERE notification_id > %s AND notification_id <= %s "
+                "ORDER BY notification_id LIMIT %s"
+            ).format(table)
         )
         self.max_notification_id_statement = SQL(
             "SELECT MAX(notification_id) FROM {0} WHERE {1}"
@@ -693,9 +695,16 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_versions(
         self, *, after: int, through: int, limit: int
-    ) -> list[tuple[int, UUID, int, str]]:
+    ) -> list[tuple[int, UUID, int, str, bool]]:
         """Position, originator id, version and topic of the events in ``(after, through]``,
-        without their state: what a projector's sweep compares with its tracking."""
+        without their state: what a projector's sweep compares with its tracking; and whether
+        each is below this statement's horizon (settled).
+
+        Every event in the range is returned, settled or not, so that the caller sees where the
+        horizon cut it: ``through`` comes from an earlier statement, whose horizon may have been
+        higher than this one's (a transaction of another database that ends during this
+        statement is held to be this database's), and a range read as if nothing were past the
+        horizon would be taken for read whole."""
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(self._select_versions, (after, through, limit), prepare=True)
             return [
@@ -704,6 +713,7 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
                     row["originator_id"],
                     int(row["originator_version"]),
                     row["topic"],
+                    bool(row["settled"]),
                 )
                 for row in curs.fetchall()
             ]

@@ -89,6 +89,8 @@ class ProjectionSweep:
                 if not read.cut:
                     break
                 behind = _rest(behind, read.envelopes)  # at once: a cut batch is no end
+            if read_up_to <= swept:
+                break  # held back by the horizon: the next sweep goes on from here
             self._advance(read_up_to, from_store)
             swept = read_up_to
             if progress is not None:

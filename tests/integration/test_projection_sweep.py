@@ -11,6 +11,7 @@ import random
 from typing import TYPE_CHECKING
 
 import psycopg
+from board_helpers import max_position
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis_profiles import expensive_property
@@ -274,4 +275,35 @@ def test_the_watermark_never_passes_the_log_head(side: ReadSide) -> None:
 
     assert outcome.swept_through == head
     assert _watermark(side, "kanban") == head
+    assert _title(side, card) == "new"
+
+
+def test_the_watermark_never_passes_an_event_the_horizon_held_back(side: ReadSide) -> None:
+    """The sweep bounds its walk by the head it read first, then reads the page in a statement
+    of its own, whose horizon may be lower: a transaction of another database that ends between
+    that statement's snapshot and its look-up of ``pg_locks`` is kept, as if it were this
+    database's. The page then lacked events up to the head, yet the watermark was moved to the
+    head: past an event the sweep never saw, which no later sweep would look at again.
+
+    Shown here with a transaction of this database holding the horizon (a deterministic stand-in
+    for that race) and the head as the first statement saw it."""
+    world = side.new_world()
+    card = create_card(side, world, title="old")
+    runner = side.runner(KanbanProjector())
+    runner.process(side.envelopes())
+    with psycopg.connect(side.database_url) as holder:
+        holder.execute("SELECT pg_current_xact_id()")  # an id older than the rename's
+        side.app.update_card(m.UpdateCard(card_id=card, title="new"), world.owner)
+        renamed = max_position(side.database_url)
+        assert (
+            runner.log.versions(after=0, through=renamed, limit=1000, aggregates={"Card"})[1]
+            < renamed
+        )
+        runner.log.head = lambda: renamed  # type: ignore[method-assign]
+        held = ProjectionSweep(runner).sweep(through=renamed)
+        assert held.swept_through < renamed
+        assert _watermark(side, "kanban") < renamed
+        holder.rollback()
+    outcome = ProjectionSweep(runner).sweep(through=renamed)
+    assert (outcome.swept_through, outcome.healed) == (renamed, 1)
     assert _title(side, card) == "new"
