@@ -154,21 +154,45 @@ def read_log_to(
 
 
 def whole_log(event_log: EventLog, after: int = 0, *, timeout: float = 30.0) -> list[EventEnvelope]:
-    """Every event of ``event_log`` after ``after``, up to the highest position the table holds
-    now (:func:`read_log_to`).
+    """Every event of ``event_log`` after ``after``, up to :func:`stored_head`
+    (:func:`read_log_to`).
 
     One read may stop short of events long committed: a transaction of another database that was
     running when the read's snapshot was taken and ended before the read looked up its database
     is held to be this database's (the horizon's safe side), and the tests' own database copies
     and drops run beside them. A reader that reads again, as the product's all do, gets them."""
+    return read_log_to(event_log, after, stored_head(event_log), timeout=timeout)
+
+
+def stored_head(event_log: EventLog) -> int:
+    """The highest position the table holds (0 when empty), horizon or not."""
     recorder = event_log.recorder
     table = psycopg.sql.Identifier(recorder.datastore.schema, recorder.events_table_name)
     statement = psycopg.sql.SQL("SELECT coalesce(max(notification_id), 0) FROM {}").format(table)
     with recorder.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
         row = cur.execute(statement).fetchone()
     assert row is not None
-    head = int(row[0])
-    return read_log_to(event_log, after, head, timeout=timeout)
+    return int(row[0])
+
+
+def to_the_head(
+    step: Callable[[], object],
+    position: Callable[[], int],
+    event_log: EventLog,
+    *,
+    timeout: float = 30.0,
+) -> int:
+    """Run ``step`` (a reader's pass to the end of the log) until ``position()`` reaches
+    :func:`stored_head`, which it returns: one pass may end early, as :func:`whole_log` says."""
+    head = stored_head(event_log)
+    deadline = time.monotonic() + timeout
+    step()
+    while position() < head:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"stayed at {position()} behind position {head} for {timeout:g}s")
+        time.sleep(0.01)
+        step()
+    return head
 
 
 def command_log_count(database_url: str, command_id: UUID | None = None) -> int:

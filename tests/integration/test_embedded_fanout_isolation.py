@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
+from board_helpers import stored_head
 from fanout_helpers import EmbeddedPath, Workload
 
 from projections.activity import ActivityProjector
@@ -42,7 +43,7 @@ def test_a_projector_that_keeps_failing_does_not_hold_the_others_back(
         for _ in range(10):
             with contextlib.suppress(psycopg.errors.UndefinedTable):
                 path.fanout.drain()
-        head = path.log.head()
+        head = stored_head(path.log)
         positions = path.fanout.positions()
         assert positions.pop("activity") < head
         assert positions == dict.fromkeys(positions, head)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import pytest
-from board_helpers import whole_log
+from board_helpers import to_the_head, whole_log
 from fanout_helpers import KafkaFanout, Workload, connect, projector_side, wait_until
 
 from adapters.kafka import create_topics, make_producer
@@ -79,9 +79,7 @@ def test_the_relay_publishes_past_an_event_too_large_for_a_message(
         (chunk,) = [e for e in whole_log(log) if "LogChunk" in e.type]
         assert len(chunk.to_bytes()) > 1024 * 1024  # past what a Kafka producer sends
         try:
-            while relay.publish_once():
-                pass
-            assert relay.position == log.head()
+            to_the_head(relay.publish_once, lambda: relay.position, log)
         finally:
             relay._discard_producer()
             relay.positions.close()
