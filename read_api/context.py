@@ -25,6 +25,7 @@ from read_api.membership import member_workspace_of
 
 if TYPE_CHECKING:
     from adapters.tokens import Principal
+    from read_api.limits import Estimate
     from read_api.runtime import ApiRuntime
 
 T = TypeVar("T")
@@ -92,6 +93,8 @@ class RequestContext(BaseContext):
         self.list_lengths: dict[str, int] = {}
         """The longest of each list without pages read so far, by field name, for the cost
         estimate (:func:`read_api.limits.refuse_longer_than_estimated`)."""
+        self.list_estimates: dict[tuple[tuple[str, int], ...], Estimate] = {}
+        """The document's estimate for each set of :attr:`list_lengths` met in the request."""
         self.reported: list[GraphQLError] = []
         """Errors beside the data (see :meth:`report`), added to the answer's ``errors``."""
 

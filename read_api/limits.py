@@ -489,6 +489,7 @@ def refuse_longer_than_estimated(
     known: dict[str, int],
     max_cost: int,
     fullest: Mapping[str, int] = MappingProxyType({}),
+    estimates: dict[tuple[tuple[str, int], ...], Estimate] | None = None,
 ) -> None:
     """Refuse (VALIDATION) once a list without pages turns out longer than the estimate took
     it to be (20) and the operation, estimated again with its real length, costs too much.
@@ -502,13 +503,20 @@ def refuse_longer_than_estimated(
     after a refusal is refused too (each project's lanes, not only the first's). ``fullest``:
     the most items the list's items hold in a paged field (a lane's live cards), which then
     caps that field's pages: a board of 50 lanes of a few cards each is as cheap as it looks.
+    ``estimates`` (the request's) keeps each set of lengths' estimate: the lengths change a few
+    times in a request, the lists are read once per object above them (each project's lanes).
     """
     known[field] = max(length, known.get(field, 0))
     for paged, most in fullest.items():
         known[paged] = max(most, known.get(paged, 0))
     if max(known.get(f, 0) for f in UNPAGED_FIELDS) <= UNPAGED_LIST:
         return
-    cost = estimate(operation, fragments, variables, lengths=known)
+    lengths = tuple(sorted(known.items()))
+    cost = None if estimates is None else estimates.get(lengths)
+    if cost is None:
+        cost = estimate(operation, fragments, variables, lengths=known)
+        if estimates is not None:
+            estimates[lengths] = cost
     if cost.total > max_cost:
         longer = ", ".join(
             f"{n} {f}" for f, n in known.items() if f in UNPAGED_FIELDS and n > UNPAGED_LIST

@@ -331,6 +331,7 @@ def _as_long_as_estimated(
         field=raw.field_name,
         length=length,
         known=info.context.list_lengths,
+        estimates=info.context.list_estimates,
         max_cost=info.context.runtime.services.query_limits.max_cost,
         fullest=fullest,
     )

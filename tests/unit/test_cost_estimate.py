@@ -3,10 +3,18 @@ the reads (lists, fields resolved by a query) it may make, each costing objects 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+import pytest
 from graphql import OperationDefinitionNode, parse
 
+from domain.errors import ValidationFailed
+from read_api import limits
 from read_api.limits import DEFAULT_PAGE, READ_COST, UNPAGED_LIST, Estimate, estimate
 from read_api.services import QueryLimits
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 
 def cost(document: str, **variables: int) -> Estimate:
@@ -96,3 +104,46 @@ def test_the_board_a_spa_draws_at_the_default_page_sizes_is_well_within_the_limi
     )
 
     assert board.total < 0.6 * QueryLimits().max_cost
+
+
+def test_a_list_longer_than_estimated_is_estimated_again_once_per_change_of_lengths(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every list without pages past the estimate's 20 makes the document be estimated again
+    with the real lengths: a workspace of 300 projects read with each board's lanes estimated
+    the whole document 300 times over in one request, where the lengths had changed once. Each
+    new set of lengths is estimated once; a refusal still refuses every later read."""
+    document = (
+        "{ workspace(id: 1) { projects { board { lanes { cards { edges { node { id } } } } } } } }"
+    )
+    operation = parse(document).definitions[0]
+    assert isinstance(operation, OperationDefinitionNode)
+    made: list[dict[str, int]] = []
+
+    def counted(*args: Any, lengths: Mapping[str, int], **kwargs: Any) -> Estimate:
+        made.append(dict(lengths))
+        return estimate(*args, lengths=lengths, **kwargs)
+
+    monkeypatch.setattr(limits, "estimate", counted)
+    known: dict[str, int] = {}
+    memo: dict[tuple[tuple[str, int], ...], Estimate] = {}
+
+    def read(field: str, length: int, max_cost: int) -> None:
+        limits.refuse_longer_than_estimated(
+            operation, {}, {}, field=field, length=length, known=known, max_cost=max_cost,
+            estimates=memo,
+        )  # fmt: skip
+
+    generous = 10**9
+    read("projects", 300, generous)
+    for _ in range(300):
+        read("lanes", 3, generous)
+    assert len(made) == 2  # 300 projects; then their 3 lanes each
+
+    made.clear()
+    known.clear()
+    memo.clear()
+    for _ in range(3):
+        with pytest.raises(ValidationFailed, match="with 300 projects"):
+            read("projects", 300, 1_000)
+    assert len(made) == 1
