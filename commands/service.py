@@ -694,6 +694,11 @@ class WriteSide(Application[UUID]):
             raise NotFound(f"{kind_of(cls)} {aggregate.id} does not exist")
         if not actor.is_service:
             workspace = self.aggregate(Workspace, workspace_id, copy=False)
+            if workspace.role_of(actor.user_id) is None:
+                # The object the command named, as for an id that exists nowhere: a user
+                # token (no workspace claim) reaches here with any workspace's object, and
+                # naming its workspace would tell a stranger that it exists, and whose it is.
+                raise NotFound(f"{kind_of(cls)} {aggregate.id} does not exist")
             self._check_role(workspace, actor, needed, action)
 
     def workspace_for(

@@ -1,0 +1,99 @@
+"""A stranger's answer about another workspace's object is the answer about no object at all.
+
+Every credential of workspace A (its user's token, a workspace token, an API key) that names an
+object of workspace B must get, word for word, what it gets for an id that exists nowhere: a
+different message (or code) would tell it that B's object exists, and which workspace holds it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from uuid import uuid4
+
+from api_client import ApiClient
+from e2e_stack import Stack, user_id
+from test_tenancy_and_roles import INPUT_TYPES, MUTATIONS, Tenant, _tenant
+
+from adapters.tokens import issue_user_token
+
+#: Mutations naming an invitation or an API key (AccessMutation), beside MUTATIONS.
+ACCESS_MUTATIONS: list[tuple[str, dict[str, Any]]] = [
+    ("revokeInvitation", {"invitationId": "invitation"}),
+    ("revokeApiKey", {"apiKeyId": "apiKey"}),
+    ("inviteMember", {"workspaceId": "workspace", "email": "eve@example.com", "role": "MEMBER"}),
+    ("createApiKey", {"workspaceId": "workspace", "name": "theirs", "role": "MEMBER"}),
+]
+
+
+def _targets(theirs: Tenant) -> dict[str, str]:
+    """Every kind of object of ``theirs`` a mutation can name, by the name MUTATIONS uses."""
+    invitation = theirs.client.data(
+        "mutation($i: InviteMemberInput!) { inviteMember(input: $i) { invitation { id } } }",
+        {"i": {"workspaceId": theirs.workspace, "email": "zed@example.com", "role": "MEMBER"}},
+    )["inviteMember"]["invitation"]["id"]
+    key = theirs.client.data(
+        "mutation($i: CreateApiKeyInput!) { createApiKey(input: $i) { apiKey { id } } }",
+        {"i": {"workspaceId": theirs.workspace, "name": "theirs", "role": "MEMBER"}},
+    )["createApiKey"]["apiKey"]["id"]
+    return {
+        "workspace": theirs.workspace, "project": theirs.project, "card": theirs.card,
+        "run": theirs.run, "invitation": invitation, "apiKey": key,
+    }  # fmt: skip
+
+
+def _credentials(stack: Stack, mine: Tenant, user: str) -> dict[str, ApiClient]:
+    """Workspace A's three kinds of credential, all of its owner."""
+    secret = mine.client.data(
+        "mutation($i: CreateApiKeyInput!) { createApiKey(input: $i) { secret } }",
+        {"i": {"workspaceId": mine.workspace, "name": "mine", "role": "OWNER"}},
+    )["createApiKey"]["secret"]
+    return {
+        "workspace token": mine.client,
+        "user token": stack.client(
+            issue_user_token(user_id=user_id(user), ttl_seconds=600, secret=stack.secret)
+        ),
+        "API key": stack.client(secret),
+    }
+
+
+def _mutation(name: str) -> str:
+    kind = INPUT_TYPES.get(name, name[0].upper() + name[1:] + "Input")
+    return f"mutation($input: {kind}!) {{ {name}(input: $input) {{ consistencyToken }} }}"
+
+
+def _named(fields: dict[str, Any], ids: dict[str, str]) -> dict[str, Any]:
+    return {k: ids.get(v, v) if isinstance(v, str) else v for k, v in fields.items()}
+
+
+def _without(body: dict[str, Any], *ids: dict[str, str]) -> str:
+    """The answer with the ids it was asked about blanked: what is left must not differ."""
+    text = json.dumps(body, sort_keys=True)
+    for named in ids:
+        for value in named.values():
+            text = text.replace(value, "<id>")
+    return text
+
+
+def test_a_command_on_another_workspaces_object_answers_as_for_no_object(stack: Stack) -> None:
+    mine = _tenant(stack, "oracle-alice", "Alpha")
+    theirs = _tenant(stack, "oracle-bob", "Beta")
+    real = _targets(theirs)
+    nowhere = {kind: str(uuid4()) for kind in real}
+    for credential, client in _credentials(stack, mine, "oracle-alice").items():
+        for name, fields in [*MUTATIONS, *ACCESS_MUTATIONS]:
+            query = _mutation(name)
+            answer = client.post(query, {"input": _named(fields, real)})
+            assert answer.codes == ["NOT_FOUND"], (credential, name, answer.body)
+            # Not "workspace <B> does not exist": B's id was never named by the caller.
+            if "workspaceId" not in fields:
+                assert theirs.workspace not in json.dumps(answer.body), (credential, name)
+            unknown = client.post(query, {"input": _named(fields, nowhere)})
+            assert _without(answer.body, real) == _without(unknown.body, nowhere), (
+                credential, name, answer.body, unknown.body,
+            )  # fmt: skip
+    # Nothing of theirs changed.
+    card = theirs.client.data(
+        "query($id: ID!) { card(id: $id) { title lane archived version } }", {"id": theirs.card}
+    )["card"]
+    assert card == {"title": "Beta card", "lane": "Todo", "archived": False, "version": 1}
