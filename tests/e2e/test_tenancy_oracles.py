@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 from api_client import ApiClient
 from e2e_stack import Stack, user_id
 from test_tenancy_and_roles import INPUT_TYPES, MUTATIONS, Tenant, _tenant
+from undecodable import plant_undecodable
 
 from adapters.tokens import issue_user_token
 
@@ -97,3 +98,38 @@ def test_a_command_on_another_workspaces_object_answers_as_for_no_object(stack: 
         "query($id: ID!) { card(id: $id) { title lane archived version } }", {"id": theirs.card}
     )["card"]
     assert card == {"title": "Beta card", "lane": "Todo", "archived": False, "version": 1}
+
+
+def test_a_user_token_learns_nothing_of_another_workspaces_unreadable_card(stack: Stack) -> None:
+    """A user token's read finds the workspace of the object it names on the write side; for
+    another tenant's card holding an event that cannot be decoded, that look-up failed with
+    UNDECODABLE (naming the version and the stored type), and as a consistency token, with
+    HTTP 500, where an id that exists nowhere reads as nothing."""
+    mine = _tenant(stack, "unread-alice", "Alpha")
+    theirs = _tenant(stack, "unread-bob", "Beta")
+    plant_undecodable(stack.write, UUID(theirs.card), then_good=False)
+    user = _credentials(stack, mine, "unread-alice")["user token"]
+    nowhere = str(uuid4())
+    for query in (
+        "query($id: ID!) { card(id: $id) { id } }",
+        "query($id: ID!) { cardHistory(cardId: $id) { version } }",
+    ):
+        answer = user.post(query, {"id": theirs.card})
+        unknown = user.post(query, {"id": nowhere})
+        assert answer.status == unknown.status == 200, (query, answer.body)
+        assert _without(answer.body, {"id": theirs.card}) == _without(
+            unknown.body, {"id": nowhere}
+        ), (query, answer.body, unknown.body)
+    token = f"1:{theirs.card}:2"
+    read = "query($id: ID!) { workspace(id: $id) { id } }"
+    answer = user.post(read, {"id": mine.workspace}, headers={"X-Consistency-Token": token})
+    assert answer.status == 200, answer.body
+    assert answer.data == {"workspace": {"id": mine.workspace}}
+    assert answer.stale
+    # Its members still read it, from the read model.
+    owner = stack.client(
+        issue_user_token(user_id=user_id("unread-bob"), ttl_seconds=600, secret=stack.secret)
+    )
+    assert owner.data("query($id: ID!) { card(id: $id) { id } }", {"id": theirs.card}) == {
+        "card": {"id": theirs.card}
+    }
