@@ -558,7 +558,8 @@ class WriteSide(Application[UUID]):
         """The first result of a command sent again (``stored``: its record), for a caller who
         may run it now; None when it has no record.
 
-        The replay re-runs the command's checks against the current state and writes nothing:
+        The replay re-runs the command's checks against the current state and writes nothing
+        (so does a command sent under an id used for another, before VALIDATION names that one):
         a refusal of who is asking (FORBIDDEN, NOT_FOUND) is the answer, so a VIEWER replaying an
         owner's commandId learns nothing; a refusal of the state (the card has moved since, a
         version moved on, a lane renamed or a member removed: ``MissingPart``) is expected after
@@ -567,6 +568,14 @@ class WriteSide(Application[UUID]):
         if stored is None:
             return None
         if stored.command_type != type(cmd).__name__ or stored.fingerprint != digest:
+            # What the id was first used for is told only to a caller who may run the command
+            # sent; anyone else gets the refusal a new command would get.
+            try:
+                decide(meta)
+            except (Forbidden, NotFound, Unauthenticated, Unavailable):
+                raise
+            except AgentWorksError:
+                pass
             raise ValidationFailed(
                 f"commandId {command_id} was already used for a different command "
                 f"({stored.command_type}); use a new commandId for a new command"
