@@ -246,8 +246,7 @@ def check_api_key(app: AgentWorks, presented: str) -> KeyHolder:
         raise Unauthenticated("API key is not valid")
     if key.revoked_at is not None:
         raise Unauthenticated(f"API key {key.id} was revoked")
-    joined = app.aggregate(Workspace, key.workspace_id, copy=False).member_since(key.created_by)
-    if joined is not None and joined > key.created_on:
+    if _outlived_its_membership(app, key):
         raise Unauthenticated(
             f"API key {key.id} was made before its creator was removed from the workspace; "
             "they were added again since, and a key is theirs for one membership: make a new one"
@@ -257,14 +256,21 @@ def check_api_key(app: AgentWorks, presented: str) -> KeyHolder:
     )
 
 
+def _outlived_its_membership(app: AgentWorks, key: ApiKey) -> bool:
+    """Whether ``key`` was made in an earlier membership of its creator than their current one."""
+    joined = app.aggregate(Workspace, key.workspace_id, copy=False).member_since(key.created_by)
+    return joined is not None and joined > key.created_on
+
+
 def api_key_revoked(app: AgentWorks, key_id: UUID) -> bool:
-    """Whether the key was revoked since it was checked (for what it opened that lives on: a
-    subscription)."""
+    """Whether the key lets nobody in any more since it was checked (for what it opened that
+    lives on: a subscription): revoked, or its creator removed and added again since it was
+    made (as :func:`check_api_key` refuses it)."""
     try:
         key = app.aggregate(ApiKey, key_id, copy=False)
     except NotFound:
         return True
-    return key.revoked_at is not None
+    return key.revoked_at is not None or _outlived_its_membership(app, key)
 
 
 def _user(app: AgentWorks, user_id: str) -> User:
