@@ -11,7 +11,7 @@ import json
 from typing import Any
 from uuid import UUID, uuid4
 
-from api_client import ApiClient
+from api_client import ApiClient, subscribe
 from e2e_stack import Stack, user_id
 from test_tenancy_and_roles import INPUT_TYPES, MUTATIONS, Tenant, _tenant
 from undecodable import plant_undecodable
@@ -133,3 +133,24 @@ def test_a_user_token_learns_nothing_of_another_workspaces_unreadable_card(stack
     assert owner.data("query($id: ID!) { card(id: $id) { id } }", {"id": theirs.card}) == {
         "card": {"id": theirs.card}
     }
+
+
+def test_a_subscription_to_another_workspaces_object_is_refused_naming_it(stack: Stack) -> None:
+    """A user token (no workspace claim) subscribing to an object of a workspace it is no
+    member of was told "a bootstrap token sees no workspace; create one first", which it is
+    not, rather than that the object does not exist (as any other credential is told)."""
+    mine = _tenant(stack, "sub-alice", "Alpha")
+    theirs = _tenant(stack, "sub-bob", "Beta")
+    user = _credentials(stack, mine, "sub-alice")["user token"]
+    for query, named, kind in (
+        ("subscription($id: ID!) { boardChanged(projectId: $id) { kind } }", theirs.project,
+         "project"),
+        ("subscription($id: ID!) { agentRunLog(runId: $id) { seq } }", theirs.run, "agent run"),
+    ):  # fmt: skip
+        for wanted in (named, str(uuid4())):
+            with subscribe(stack.ws_url, user.token, query, {"id": wanted}) as sub:
+                message = sub.next_message()
+            assert message["type"] == "error", message
+            assert [(e["message"], e["extensions"]["code"]) for e in message["payload"]] == [
+                (f"{kind} {wanted} does not exist", "NOT_FOUND")
+            ]
