@@ -126,7 +126,11 @@ def accept_invitation(app: AgentWorks, cmd: AcceptInvitation, actor: Actor) -> C
         raise NotFound("no invitation has this token") from None
 
     def decide(meta: EventMeta) -> Decision:
-        invitation = app.aggregate(Invitation, invitation_id)
+        try:
+            invitation = app.aggregate(Invitation, invitation_id)
+        except NotFound:
+            # As for a wrong secret: whoever holds an id learns nothing of it.
+            raise NotFound("no invitation has this token") from None
         if not secrets.compare_digest(invitation.token_hash, _digest(secret)):
             raise NotFound("no invitation has this token")
         meta = meta.in_workspace(invitation.workspace_id)

@@ -154,3 +154,24 @@ def test_a_subscription_to_another_workspaces_object_is_refused_naming_it(stack:
             assert [(e["message"], e["extensions"]["code"]) for e in message["payload"]] == [
                 (f"{kind} {wanted} does not exist", "NOT_FOUND")
             ]
+
+
+def test_accepting_with_a_wrong_token_says_the_same_whether_the_invitation_exists(
+    stack: Stack,
+) -> None:
+    """An accept token is ``<invitation id>.<secret>``: with a wrong secret, an existing
+    invitation's id was answered "no invitation has this token" and any other id "invitation
+    <id> does not exist", telling whoever holds an id whether it is a live invitation."""
+    mine = _tenant(stack, "accept-alice", "Alpha")
+    theirs = _tenant(stack, "accept-bob", "Beta")
+    real = _targets(theirs)["invitation"]
+    user = _credentials(stack, mine, "accept-alice")["user token"]
+    accept = (
+        "mutation($i: AcceptInvitationInput!) { acceptInvitation(input: $i) { consistencyToken } }"
+    )
+    answers = [
+        user.post(accept, {"i": {"token": f"{UUID(named).hex}.not-the-secret"}}).body
+        for named in (real, str(uuid4()))
+    ]
+    assert answers[0] == answers[1]
+    assert answers[0]["errors"][0]["extensions"]["code"] == "NOT_FOUND"
