@@ -13,7 +13,14 @@ from uuid import UUID, uuid4
 
 from api_client import ApiClient, subscribe
 from e2e_stack import Stack, user_id
-from test_tenancy_and_roles import INPUT_TYPES, MUTATIONS, Tenant, _tenant
+from test_tenancy_and_roles import (
+    INPUT_TYPES,
+    MUTATIONS,
+    QUERIES_ANSWERING_NOT_FOUND,
+    QUERIES_ANSWERING_NULL,
+    Tenant,
+    _tenant,
+)
 from undecodable import plant_undecodable
 
 from adapters.tokens import issue_user_token
@@ -98,6 +105,26 @@ def test_a_command_on_another_workspaces_object_answers_as_for_no_object(stack: 
         "query($id: ID!) { card(id: $id) { title lane archived version } }", {"id": theirs.card}
     )["card"]
     assert card == {"title": "Beta card", "lane": "Todo", "archived": False, "version": 1}
+
+
+def test_a_query_of_another_workspaces_object_answers_as_for_no_object(stack: Stack) -> None:
+    """Every query taking an id, with each kind of credential of workspace A (the test of
+    tenancy names the workspace token's answers; user tokens and API keys find the object's
+    workspace by other paths)."""
+    mine = _tenant(stack, "query-alice", "Alpha")
+    theirs = _tenant(stack, "query-bob", "Beta")
+    real = _targets(theirs)
+    nowhere = {kind: str(uuid4()) for kind in real}
+    queries = [(q, target) for q, target, _ in QUERIES_ANSWERING_NULL]
+    queries += QUERIES_ANSWERING_NOT_FOUND
+    for credential, client in _credentials(stack, mine, "query-alice").items():
+        for query, target in queries:
+            answer = client.post(query, {"id": real[target]})
+            unknown = client.post(query, {"id": nowhere[target]})
+            assert answer.status == 200, (credential, query, answer.body)
+            assert _without(answer.body, real) == _without(unknown.body, nowhere), (
+                credential, query, answer.body, unknown.body,
+            )  # fmt: skip
 
 
 def test_a_user_token_learns_nothing_of_another_workspaces_unreadable_card(stack: Stack) -> None:
