@@ -253,7 +253,7 @@ def check_api_key(app: AgentWorks, presented: str) -> KeyHolder:
     if _outlived_its_membership(app, key):
         raise Unauthenticated(
             f"API key {key.id} was made before its creator was removed from the workspace; "
-            "they were added again since, and a key is theirs for one membership: make a new one"
+            "a key is theirs for one membership: a member makes a new one"
         )
     return KeyHolder(
         user_id=key.created_by, workspace_id=key.workspace_id, role=key.role, key_id=key.id
@@ -261,8 +261,12 @@ def check_api_key(app: AgentWorks, presented: str) -> KeyHolder:
 
 
 def _outlived_its_membership(app: AgentWorks, key: ApiKey) -> bool:
-    """Whether ``key`` was made in an earlier membership of its creator than their current one."""
-    joined = app.aggregate(Workspace, key.workspace_id, copy=False).member_since(key.created_by)
+    """Whether ``key``'s creator is no longer in the membership it was made in: removed (a key
+    then acts for nobody, and lets nobody in), or added again since."""
+    workspace = app.aggregate(Workspace, key.workspace_id, copy=False)
+    if workspace.role_of(key.created_by) is None:
+        return True
+    joined = workspace.member_since(key.created_by)
     return joined is not None and joined > key.created_on
 
 
