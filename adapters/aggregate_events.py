@@ -68,7 +68,8 @@ class DecodingEventStore(EventStore[UUID]):
 
 def unreadable(stored: StoredEvent, error: BaseException) -> UndecodableEvent:
     """The refusal for ``stored``: its aggregate id, version, stored type and (when its state
-    still says) its time; the decoding error goes to the log, not to the client."""
+    still says) its time and its workspace (``details["workspace_id"]``: to whom it may be
+    told); the decoding error goes to the log, not to the client."""
     originator_id: Any = stored.originator_id
     envelope = undecodable_envelope(
         (0, originator_id, stored.originator_version, stored.topic, stored.state), error
@@ -88,6 +89,7 @@ def unreadable(stored: StoredEvent, error: BaseException) -> UndecodableEvent:
         at=at,
         aggregate_id=str(originator_id),
         stored_type=envelope.type,
+        workspace_id=None if envelope.workspace_id is None else str(envelope.workspace_id),
     )
 
 
@@ -142,8 +144,8 @@ def fold(aggregate: A | None, events: Iterable[TDomainEvent]) -> A | None:
 
 
 def unappliable(event: TDomainEvent, error: BaseException) -> UnappliableEvent:
-    """The refusal for ``event``: its aggregate id, version, type and time; the error goes to
-    the log, not to the client."""
+    """The refusal for ``event``: its aggregate id, version, type, time and workspace (to whom
+    it may be told); the error goes to the log, not to the client."""
     stored_type = type(event).__qualname__
     log.warning(
         "eventstore.unappliable_aggregate_event",
@@ -153,6 +155,8 @@ def unappliable(event: TDomainEvent, error: BaseException) -> UnappliableEvent:
         error=f"{type(error).__name__}: {error}",
     )
     timestamp = getattr(event, "timestamp", None)
+    meta = getattr(event, "meta", None)
+    workspace = meta.get("workspace_id") if isinstance(meta, dict) else None
     return UnappliableEvent(
         f"{stored_type.split('.', 1)[0]} {event.originator_id}: its stored event at version "
         f"{event.originator_version} ({stored_type}) could not be applied",
@@ -160,4 +164,5 @@ def unappliable(event: TDomainEvent, error: BaseException) -> UnappliableEvent:
         at=timestamp.isoformat() if isinstance(timestamp, datetime) else None,
         aggregate_id=str(event.originator_id),
         stored_type=stored_type,
+        workspace_id=workspace if isinstance(workspace, str) and workspace else None,
     )

@@ -126,7 +126,11 @@ def accept_invitation(app: AgentWorks, cmd: AcceptInvitation, actor: Actor) -> C
         raise NotFound("no invitation has this token") from None
 
     def decide(meta: EventMeta) -> Decision:
-        invitation = app.aggregate(Invitation, invitation_id)
+        try:
+            invitation = app.aggregate(Invitation, invitation_id)
+        except NotFound:
+            # As for a wrong secret: whoever holds an id learns nothing of it.
+            raise NotFound("no invitation has this token") from None
         if not secrets.compare_digest(invitation.token_hash, _digest(secret)):
             raise NotFound("no invitation has this token")
         meta = meta.in_workspace(invitation.workspace_id)
@@ -246,25 +250,35 @@ def check_api_key(app: AgentWorks, presented: str) -> KeyHolder:
         raise Unauthenticated("API key is not valid")
     if key.revoked_at is not None:
         raise Unauthenticated(f"API key {key.id} was revoked")
-    joined = app.aggregate(Workspace, key.workspace_id, copy=False).member_since(key.created_by)
-    if joined is not None and joined > key.created_on:
+    if _outlived_its_membership(app, key):
         raise Unauthenticated(
             f"API key {key.id} was made before its creator was removed from the workspace; "
-            "they were added again since, and a key is theirs for one membership: make a new one"
+            "a key is theirs for one membership: a member makes a new one"
         )
     return KeyHolder(
         user_id=key.created_by, workspace_id=key.workspace_id, role=key.role, key_id=key.id
     )
 
 
+def _outlived_its_membership(app: AgentWorks, key: ApiKey) -> bool:
+    """Whether ``key``'s creator is no longer in the membership it was made in: removed (a key
+    then acts for nobody, and lets nobody in), or added again since."""
+    workspace = app.aggregate(Workspace, key.workspace_id, copy=False)
+    if workspace.role_of(key.created_by) is None:
+        return True
+    joined = workspace.member_since(key.created_by)
+    return joined is not None and joined > key.created_on
+
+
 def api_key_revoked(app: AgentWorks, key_id: UUID) -> bool:
-    """Whether the key was revoked since it was checked (for what it opened that lives on: a
-    subscription)."""
+    """Whether the key lets nobody in any more since it was checked (for what it opened that
+    lives on: a subscription): revoked, or its creator removed and added again since it was
+    made (as :func:`check_api_key` refuses it)."""
     try:
         key = app.aggregate(ApiKey, key_id, copy=False)
     except NotFound:
         return True
-    return key.revoked_at is not None
+    return key.revoked_at is not None or _outlived_its_membership(app, key)
 
 
 def _user(app: AgentWorks, user_id: str) -> User:

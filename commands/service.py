@@ -558,7 +558,8 @@ class WriteSide(Application[UUID]):
         """The first result of a command sent again (``stored``: its record), for a caller who
         may run it now; None when it has no record.
 
-        The replay re-runs the command's checks against the current state and writes nothing:
+        The replay re-runs the command's checks against the current state and writes nothing
+        (so does a command sent under an id used for another, before VALIDATION names that one):
         a refusal of who is asking (FORBIDDEN, NOT_FOUND) is the answer, so a VIEWER replaying an
         owner's commandId learns nothing; a refusal of the state (the card has moved since, a
         version moved on, a lane renamed or a member removed: ``MissingPart``) is expected after
@@ -567,6 +568,14 @@ class WriteSide(Application[UUID]):
         if stored is None:
             return None
         if stored.command_type != type(cmd).__name__ or stored.fingerprint != digest:
+            # What the id was first used for is told only to a caller who may run the command
+            # sent; anyone else gets the refusal a new command would get.
+            try:
+                decide(meta)
+            except (Forbidden, NotFound, Unauthenticated, Unavailable):
+                raise
+            except AgentWorksError:
+                pass
             raise ValidationFailed(
                 f"commandId {command_id} was already used for a different command "
                 f"({stored.command_type}); use a new commandId for a new command"
@@ -594,6 +603,9 @@ class WriteSide(Application[UUID]):
                     owner: UUID = self.aggregate(cls, target, copy=False).workspace_id  # type: ignore[attr-defined]
                 except NotFound:
                     return None
+                except UndecodableEvent as unread:
+                    # Refused (or not) by the command's own load, which checks the caller.
+                    return unread_workspace(unread)
                 return owner
         return None
 
@@ -634,6 +646,7 @@ class WriteSide(Application[UUID]):
                 at=unread.at,
                 kind=kind_of(cls),
                 aggregate_id=str(aggregate_id),
+                workspace_id=unread.details.get("workspace_id"),
             ) from unread
         if not isinstance(aggregate, cls):
             raise NotFound(f"{kind_of(cls)} {aggregate_id} does not exist")
@@ -664,13 +677,21 @@ class WriteSide(Application[UUID]):
         """An aggregate the actor may act on; another workspace's ids look like missing ones.
 
         One whose stored events cannot all be decoded is refused as UNDECODABLE, to those who
-        may see it only: its workspace is read from the versions before that event."""
+        may see it only: its workspace is read from the versions before that event, or, when
+        there are none it can read, from the unreadable event's own metadata; when not even
+        that can be read, nobody but a service is told more than NOT_FOUND."""
         try:
             aggregate = self.aggregate(cls, aggregate_id, version=version)
         except UndecodableEvent as unread:
             before = self._readable_before(cls, aggregate_id, unread)
             if before is not None:
                 self._may_act(before, actor, needed, action)
+                raise
+            workspace_id = unread_workspace(unread)
+            if workspace_id is not None:
+                self._may_act_in(workspace_id, cls, aggregate_id, actor, needed, action)
+            elif not actor.is_service:
+                raise NotFound(f"{kind_of(cls)} {aggregate_id} does not exist") from None
             raise
         self._may_act(aggregate, actor, needed, action)
         return aggregate
@@ -688,13 +709,38 @@ class WriteSide(Application[UUID]):
             return None
 
     def _may_act(self, aggregate: Aggregate, actor: Actor, needed: Role, action: str) -> None:
-        cls = type(aggregate)
-        workspace_id = aggregate.workspace_id  # type: ignore[attr-defined]
+        workspace_id: UUID = aggregate.workspace_id  # type: ignore[attr-defined]
+        self._may_act_in(workspace_id, type(aggregate), aggregate.id, actor, needed, action)
+
+    def _may_act_in(
+        self,
+        workspace_id: UUID,
+        cls: type[Aggregate],
+        aggregate_id: UUID,
+        actor: Actor,
+        needed: Role,
+        action: str,
+    ) -> None:
+        """Whether ``actor`` may act on the ``cls`` ``aggregate_id`` of ``workspace_id``.
+
+        Refused to a stranger as for an id that exists nowhere, naming the object the command
+        named: a user token (no workspace claim) reaches here with any workspace's objects, and
+        naming their workspace, or that it cannot be loaded, would tell a stranger that the
+        object exists, and whose it is."""
+        missing = NotFound(f"{kind_of(cls)} {aggregate_id} does not exist")
         if actor.workspace_id != USER_SCOPE and str(workspace_id) != actor.workspace_id:
-            raise NotFound(f"{kind_of(cls)} {aggregate.id} does not exist")
-        if not actor.is_service:
+            raise missing
+        if actor.is_service:
+            return
+        try:
             workspace = self.aggregate(Workspace, workspace_id, copy=False)
-            self._check_role(workspace, actor, needed, action)
+        except (NotFound, UndecodableEvent):
+            if actor.workspace_id == USER_SCOPE:
+                raise missing from None
+            raise
+        if workspace.role_of(actor.user_id) is None:
+            raise missing
+        self._check_role(workspace, actor, needed, action)
 
     def workspace_for(
         self, actor: Actor, workspace_id: UUID, needed: Role, action: str
@@ -765,6 +811,15 @@ def expect_version(aggregate: Aggregate, expected: int | None) -> None:
             expected=expected,
             actual=aggregate.version,
         )
+
+
+def unread_workspace(unread: UndecodableEvent) -> UUID | None:
+    """The workspace of an aggregate that could not be loaded, as its unreadable event's
+    metadata names it; ``None`` when that cannot be read either."""
+    try:
+        return UUID(str(unread.details["workspace_id"]))
+    except (KeyError, ValueError):
+        return None
 
 
 def kind_of(cls: type[Aggregate]) -> str:

@@ -142,8 +142,9 @@ class RequestContext(BaseContext):
 
     async def still_allowed(self) -> None:
         """For a subscription, before it sends more: raise when what let it start no longer
-        holds (its token expired or the API key that opened it was revoked: UNAUTHENTICATED;
-        the caller is no longer a member of the workspace: NOT_FOUND). Asked at most once per
+        holds (its token expired, or the API key that opened it was revoked or its creator
+        removed since it was made: UNAUTHENTICATED; the caller is no longer a member of the
+        workspace: NOT_FOUND). Asked at most once per
         ``subscription_recheck_seconds``: a revocation or removal ends a subscription within
         that time, however busy it is."""
         if time.monotonic() - self._allowed_at < self.runtime.services.subscription_recheck_seconds:
@@ -156,7 +157,9 @@ class RequestContext(BaseContext):
         if key_id is not None and await self.runtime.offloader.run(
             api_key_revoked, self.runtime.services.write, key_id
         ):
-            raise Unauthenticated(f"API key {key_id} was revoked")
+            raise Unauthenticated(
+                f"API key {key_id} was revoked, or outlived its creator's membership"
+            )
         scope = self.fresh_scope()
         try:
             member = await scope.is_member()

@@ -56,7 +56,8 @@ def aggregate_in_workspace(
     conn: Connection[DictRow], mapper: Mapper[UUID], *, aggregate_id: UUID, workspace_id: UUID
 ) -> str | None:
     """The kind of aggregate (``"Card"``) ``aggregate_id`` is, if it belongs to ``workspace_id``;
-    ``None`` for an unknown id and for another workspace's alike."""
+    ``None`` for an unknown id and for another workspace's alike, and for one whose first event
+    cannot be decoded (no write can have been made on it since)."""
     row = conn.execute(
         "SELECT originator_id, originator_version, topic, state, notification_id"
         " FROM agentworks_events WHERE originator_id = %s ORDER BY originator_version LIMIT 1",
@@ -64,7 +65,9 @@ def aggregate_in_workspace(
     ).fetchone()
     if row is None:
         return None
-    first = _decode(mapper, row)
+    first = _readable(mapper, row)
+    if first.undecodable:
+        return None
     return first.aggregate if first.workspace_id == workspace_id else None
 
 

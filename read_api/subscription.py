@@ -44,7 +44,10 @@ T = TypeVar("T")
 async def _visible(
     ctx: RequestContext, load: Callable[[ReadScope], Awaitable[T | None]]
 ) -> T | None:
-    scope = ctx.fresh_scope()
+    try:
+        scope = ctx.fresh_scope()
+    except NotFound:
+        return None  # no workspace to look in: a user token's object is in none of theirs
     try:
         if not await scope.is_member():
             return None

@@ -129,3 +129,25 @@ def _workspace_of(stack: Stack, token: ConsistencyToken) -> UUID:
     workspace = stack.write.repository.get(token.aggregate_id).workspace_id
     assert isinstance(workspace, UUID)
     return workspace
+
+
+def test_a_token_naming_an_aggregate_whose_first_event_cannot_be_read_answers_stale(
+    stack: Stack,
+) -> None:
+    """The waiter learns a token's aggregate kind from its first event; one that could not be
+    decoded made every read carrying such a token answer HTTP 500 (a client's header)."""
+    alice, ws = stack.owner_with_workspace(str(uuid4()), "Broken")
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(pid, "fine")["card"]["id"]
+    (first,) = stack.write.recorder.select_events(UUID(card), limit=1)
+    broken = uuid4()
+    module, _, qualname = first.topic.partition(":")
+    stack.write.recorder.insert_events(
+        [type(first)(originator_id=broken, originator_version=1,
+                     topic=f"{module}:{qualname}Retired", state=first.state)]
+    )  # fmt: skip
+    token = f"{stack.write.recorder.max_notification_id()}:{broken}:1"
+    answer = alice.post(WORKSPACE, {"id": ws}, headers={"X-Consistency-Token": token})
+    assert answer.status == 200, answer.body
+    assert answer.data == {"workspace": {"id": ws, "name": "Broken"}}
+    assert answer.stale  # no write can be waited for on it

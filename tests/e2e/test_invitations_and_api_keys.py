@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import psycopg
-from e2e_stack import Stack
+import pytest
+from e2e_stack import Stack, StackBuilder
 
 PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="module")
+def auth_stack(module_database_url: str, redis_url: str) -> Iterator[Stack]:
+    stacks = StackBuilder(redis_url)
+    # Every test here signs up and in from 127.0.0.1, more than the per-address limit allows
+    # in a minute (that limit has its own test in test_identity_flow).
+    yield stacks.build(module_database_url, auth={"login_per_address_per_minute": 10_000})
+    stacks.close()
+
+
 INVITE = """mutation($w: ID!, $e: String!, $r: Role!) {
   inviteMember(input: {workspaceId: $w, email: $e, role: $r}) {
     invitation { id email role expiresAt acceptedAt } acceptToken consistencyToken } }"""
@@ -216,6 +229,25 @@ def test_a_key_does_not_outlive_its_creator_s_membership_even_when_they_come_bac
     new = data(gql(http, admin, CREATE_KEY, w=workspace_id, n="after", r="ADMIN", after=after))
     fresh = new["createApiKey"]["secret"]
     assert data(gql(http, fresh, CREATE_PROJECT, w=workspace_id, n="By the new key"))
+
+
+def test_a_key_answers_unauthenticated_as_soon_as_its_creator_is_removed(
+    http: httpx.Client, auth_stack: Stack
+) -> None:
+    """Between its creator's removal and any return, the key was still let in: it acted for
+    nobody (null, NOT_FOUND), and ``me`` told whoever held it its creator's e-mail address, name
+    and whether they use MFA, although they had left the workspace."""
+    owner, workspace_id, admin_id, admin, _ = owner_and_admin(http, "gone.test", "Gone")
+    made = data(gql(http, admin, CREATE_KEY, w=workspace_id, n="left behind", r="MEMBER"))
+    secret = made["createApiKey"]["secret"]
+    assert data(gql(http, secret, ME))["me"]["id"] == admin_id
+    removed = data(gql(http, owner, REMOVE_MEMBER, w=workspace_id, u=admin_id))
+    after = removed["removeMember"]["consistencyToken"]
+    for query, variables in ((ME, {}), (CREATE_PROJECT, {"w": workspace_id, "n": "Not mine"})):
+        refused = gql(http, secret, query, after=after, **variables)
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+        assert "admin@gone.test" not in refused.text
 
 
 def test_an_invitation_grants_only_what_its_inviter_may_still_grant(

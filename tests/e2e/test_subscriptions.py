@@ -228,6 +228,38 @@ def test_a_revoked_api_keys_subscription_ends(make_stack: MakeStack) -> None:
         _ended_with(sub, "UNAUTHENTICATED", "the key was revoked")
 
 
+def test_an_api_keys_subscription_ends_once_its_creator_was_removed_even_if_added_back(
+    make_stack: MakeStack,
+) -> None:
+    """A key is its creator's for one membership: made before they were removed, it is refused
+    (401) even after they are added back. A subscription it had opened checked only that the
+    key was not revoked and that its creator is a member now, so it went on delivering the
+    board's changes when the removal and the return fell between two of its checks."""
+    stack = make_stack(subscription_recheck_seconds=0.2)
+    alice, ws = stack.owner_with_workspace()
+    bob = str(UUID(user_id(f"bob-{time.monotonic_ns()}")))
+    alice.add_member(ws, bob, "ADMIN")
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    key = stack.as_user(bob, ws, "ADMIN").data(
+        'mutation($w: ID!) { createApiKey(input: {workspaceId: $w, name: "k", role: VIEWER}) {'
+        " secret } }",
+        {"w": ws},
+    )["createApiKey"]["secret"]
+    with subscribe(stack.ws_url, key, BOARD_CHANGED, {"id": pid}) as sub:
+        first_change(sub, lambda: alice.create_card(pid, "seen"))
+        alice.data(
+            "mutation($w: ID!, $u: ID!) { removeMember(input: {workspaceId: $w, userId: $u})"
+            " { consistencyToken } }",
+            {"w": ws, "u": bob},
+        )
+        alice.add_member(ws, bob, "ADMIN")
+        assert stack.client(key).post("{ me { id } }").status == 401
+        time.sleep(0.5)
+        for i in range(3):
+            alice.create_card(pid, f"after the return {i}")
+        _ended_with(sub, "UNAUTHENTICATED", "the key's creator was removed")
+
+
 def test_a_subscription_ends_when_its_token_expires(make_stack: MakeStack) -> None:
     """A token is good until its ``exp``; a subscription it had opened went on delivering the
     board's changes long after (an access token lives at most its TTL, API.md)."""

@@ -255,6 +255,35 @@ class TestReplayRechecksTheCaller:
         with pytest.raises(NotFound):
             write_side.set_spend_limit(command, other.owner)
 
+    def test_an_id_reused_for_another_command_tells_a_caller_who_may_not_run_it_nothing(
+        self, write_side: AgentWorks, board: Board
+    ) -> None:
+        """The id's first command (its type) is told only to a caller who may run the command
+        sent: a viewer gets FORBIDDEN and a removed member NOT_FOUND, as a new command would.
+        Both were told VALIDATION "already used for a different command (SetSpendLimit)"."""
+        viewer = add_member(write_side, board, str(uuid4()), "VIEWER")
+        gone = add_member(write_side, board, str(uuid4()), "ADMIN")
+        write_side.remove_member(
+            m.RemoveMember(workspace_id=board.workspace_id, user_id=gone.user_id), board.owner
+        )
+        command = spend_limit_to_replay(board, "250.00")
+        write_side.set_spend_limit(command, board.owner)
+        other_limit = command.model_copy(update={"monthly_limit": "1.00"})
+        rename = m.RenameWorkspace(
+            workspace_id=board.workspace_id, name="Theirs", command_id=command.command_id
+        )
+        for sent, send in ((other_limit, write_side.set_spend_limit),
+                           (rename, write_side.rename_workspace)):  # fmt: skip
+            with pytest.raises(Forbidden) as refused:
+                send(sent, viewer)
+            assert "SetSpendLimit" not in refused.value.message
+            with pytest.raises(NotFound) as refused:
+                send(sent, gone)
+            assert "SetSpendLimit" not in refused.value.message
+            # Its owner, who may run either, is told the id is taken.
+            with pytest.raises(ValidationFailed, match="SetSpendLimit"):
+                send(sent, board.owner)
+
 
 class TestReplayAfterTheBoardChanged:
     """A retry returns the first result even when what the command named has gone since: a

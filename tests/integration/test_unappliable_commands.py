@@ -138,8 +138,8 @@ def test_a_command_on_an_invitation_created_with_a_malformed_time_is_undecodable
     app: AgentWorks,
 ) -> None:
     """Its first event is the one that cannot be applied: there is no version before it to
-    learn its workspace from, so nobody's rights can be checked, and everyone is told the
-    same (as for an undecodable first event)."""
+    learn its workspace from, so that event's own metadata tells it; its workspace's members
+    are told UNDECODABLE, a stranger NOT_FOUND (as for an undecodable first event)."""
     scene = TwoTenants(app)
     invitation = uuid4()
     plant_unappliable(
@@ -161,6 +161,8 @@ def test_a_command_on_an_invitation_created_with_a_malformed_time_is_undecodable
     assert f"invitation {invitation}" in refused.value.message
     assert "version 1 (Invitation.Created) could not be applied" in refused.value.message
     assert refused.value.version == 1
+    with pytest.raises(NotFound):
+        revoke_invitation(app, RevokeInvitation(invitation_id=invitation), scene.b.owner)
     assert app.recorder.max_notification_id() == head
 
 

@@ -10,6 +10,7 @@ answered INTERNAL, and the CLI printed a traceback.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from uuid import UUID, uuid4
 
 import pytest
 from parking_helpers import TwoTenants
@@ -20,6 +21,7 @@ from undecodable import RENAMED, plant_renamed, plant_unappliable, plant_undecod
 
 from commands import models as m
 from commands.handlers import Actor
+from commands.service import USER_SCOPE
 from domain.errors import Forbidden, NotFound, UndecodableEvent
 from domain.positions import RESPREAD_THRESHOLD
 from domain.project import Project
@@ -29,7 +31,6 @@ from read_api.errors import error_extensions
 
 if TYPE_CHECKING:
     from pathlib import Path
-    from uuid import UUID
 
     from commands.handlers import AgentWorks
 
@@ -142,3 +143,59 @@ def test_moves_that_re_spread_around_an_unreadable_card_succeed(
     assert told, "no re-spread happened; the test tests nothing"
     side.project(KanbanProjector())
     assert_read_model_is_the_fold(side, world, cards[1:])
+
+
+def _plant_unreadable_card(app: AgentWorks, like: UUID, *, broken_json: bool) -> UUID:
+    """A new card of ``like``'s workspace whose very first stored event cannot be decoded: its
+    class renamed (its state, and so its workspace, still readable) or, with ``broken_json``,
+    its state not JSON (nothing of it readable)."""
+    (first,) = app.recorder.select_events(like, limit=1)
+    module, _, qualname = first.topic.partition(":")
+    card_id = uuid4()
+    app.recorder.insert_events(
+        [
+            type(first)(
+                originator_id=card_id,
+                originator_version=1,
+                topic=first.topic if broken_json else f"{module}:{qualname}Retired",
+                state=b'{"title": "planted", "meta' if broken_json else first.state,
+            )
+        ]
+    )
+    return card_id
+
+
+@pytest.mark.parametrize("where", ["later-event", "first-event", "first-event-not-json"])
+@pytest.mark.parametrize("credential", ["workspace", "user"])
+def test_a_stranger_learns_nothing_of_another_workspaces_unreadable_card(
+    app: AgentWorks, where: str, credential: str
+) -> None:
+    """A stranger naming another tenant's card that cannot be loaded got UNDECODABLE, its
+    version and stored type (with a user token, whatever the event; with any token, when the
+    card's first event was the unreadable one): that it exists, and what broke. They get what an
+    id that exists nowhere gets; the card's members still learn it is UNDECODABLE."""
+    scene = TwoTenants(app)
+    if where == "later-event":
+        plant_undecodable(app, scene.a1, then_good=False)
+        card = scene.a1
+    else:
+        card = _plant_unreadable_card(app, scene.a1, broken_json=where == "first-event-not-json")
+    stranger = scene.b.owner
+    if credential == "user":
+        stranger = Actor(user_id=stranger.user_id, workspace_id=USER_SCOPE)
+    nowhere = uuid4()
+    for named in (card, nowhere):
+        with pytest.raises(NotFound) as refused:
+            app.label_card(m.LabelCard(card_id=named, label="x"), stranger)
+        assert refused.value.message == f"card {named} does not exist"
+        assert error_extensions(refused.value) == {"code": "NOT_FOUND"}
+    member = scene.a.owner
+    if credential == "user":
+        member = Actor(user_id=member.user_id, workspace_id=USER_SCOPE)
+    if where == "first-event-not-json":
+        # Nothing tells whose card it is: nobody is told more than that it does not exist.
+        with pytest.raises(NotFound):
+            app.label_card(m.LabelCard(card_id=card, label="x"), member)
+    else:
+        with pytest.raises(UndecodableEvent):
+            app.label_card(m.LabelCard(card_id=card, label="x"), member)
