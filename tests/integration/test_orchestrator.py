@@ -207,6 +207,35 @@ def test_anthropic_run_is_charged_from_message_start_and_message_delta(
     assert server.requests[0].body["model"] == "claude-3-5-haiku-latest"
 
 
+def test_a_whole_answer_whose_usage_holds_no_count_is_made_and_charged_once(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A usage block with a count that is no count (here null) broke the whole answer off as
+    unreadable: charged as a broken stream and made again, charged again, until the run gave
+    up. It is one call, charged once from our counts."""
+    events = openai_events(["all ", "of it"], prompt_tokens=1, completion_tokens=1)
+    block = next(i for i, f in enumerate(events) if '"usage"' in f)
+    events[block] = (
+        'data: {"id": "c1", "choices": [], "usage": {"prompt_tokens": null, '
+        '"completion_tokens": "3.5"}}'
+    )
+    card = card_on_board(write_side)
+    with (
+        FakeProviderServer([Reply(events=events)]) as server,
+        orchestrator_thread(database_url, openai_at(server)),
+    ):
+        run = wait_for(write_side, start(write_side, card, provider="openai"), finished)
+        requests = len(server.requests)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert run.output == "all of it"
+    assert requests == 1
+    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert [(a.status, a.estimated) for a in attempts] == [("ok", True)]
+    assert len(events_of(write_side, run.id, AgentRun.LlmCallCompleted)) == 1
+    assert run.input_tokens > 0
+    assert run.billed_micros > 0
+
+
 def test_unpinned_run_falls_back_after_a_500_and_records_both_attempts(
     write_side: AgentWorks, database_url: str
 ) -> None:
