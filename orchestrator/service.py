@@ -29,7 +29,7 @@ import random
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -218,8 +218,12 @@ class Orchestrator:
         #: Per card, the outputs of its latest runs, as far as a prompt shows them (one more
         #: than it shows: a run taken over may find its own there).
         self.outputs: dict[UUID, deque[tuple[UUID, EarlierRun]]] = {}
-        self.queue: deque[UUID] = deque()
+        #: Runs waiting for a slot, per workspace in the order requested; the workspaces in
+        #: the order they are served next among equals (see :meth:`_schedule`).
+        self.queues: dict[UUID, deque[UUID]] = {}
         self.tasks: dict[UUID, asyncio.Task[None]] = {}
+        #: Tasks under way per workspace (runs claimed or taken over).
+        self._running: Counter[UUID] = Counter()
         self.cancelled: set[UUID] = set()
         #: Runs this worker was told it lost to a takeover, their tasks cancelled.
         self.taken_over: set[UUID] = set()
@@ -337,7 +341,7 @@ class Orchestrator:
                 policy=str(p.get("policy") or "cheapest"),
             )
             self.views[run_id] = requested
-            self.queue.append(run_id)
+            self._enqueue(requested)
         view = self.views.get(run_id)
         if view is None:
             return
@@ -367,9 +371,20 @@ class Orchestrator:
         if view.status in _TERMINAL and not view.open_calls and run_id not in self.tasks:
             self.views.pop(run_id, None)
 
+    def _enqueue(self, view: RunView) -> None:
+        self.queues.setdefault(view.workspace_id, deque()).append(view.run_id)
+
     def _schedule(self) -> None:
-        while self.queue and len(self.tasks) < self.config.concurrency:
-            run_id = self.queue.popleft()
+        """Claim queued runs while slots are free: next, the oldest run of the workspace with
+        the fewest runs under way here, workspaces taking turns among equals. First come, first
+        served, one workspace's backlog (thousands of runs, within its rate limits) held every
+        slot until all of it had run, and every other tenant's runs waited behind it."""
+        while self.queues and len(self.tasks) < self.config.concurrency:
+            workspace_id = min(self.queues, key=self._running.__getitem__)
+            waiting = self.queues.pop(workspace_id)
+            run_id = waiting.popleft()
+            if waiting:
+                self.queues[workspace_id] = waiting  # behind the others, its turn taken
             view = self.views.get(run_id)
             if view is None or view.status != "QUEUED":
                 continue
@@ -378,11 +393,15 @@ class Orchestrator:
     def _spawn(self, view: RunView, *, claim: bool) -> None:
         task = asyncio.create_task(self._own(view, claim=claim), name=f"run-{view.run_id}")
         self.tasks[view.run_id] = task
-        run_id = view.run_id
-        task.add_done_callback(lambda _task: self._done(run_id))
+        self._running[view.workspace_id] += 1
+        run_id, workspace_id = view.run_id, view.workspace_id
+        task.add_done_callback(lambda _task: self._done(run_id, workspace_id))
 
-    def _done(self, run_id: UUID) -> None:
+    def _done(self, run_id: UUID, workspace_id: UUID) -> None:
         self.tasks.pop(run_id, None)
+        self._running[workspace_id] -= 1
+        if self._running[workspace_id] <= 0:
+            del self._running[workspace_id]
         self._run_locks.pop(run_id, None)
         self.cancelled.discard(run_id)
         self.taken_over.discard(run_id)
@@ -472,7 +491,7 @@ class Orchestrator:
                 # Claimed after all, it is RUNNING and taken over once stale; if not, it is
                 # claimed again here.
                 await asyncio.sleep(CLAIM_RETRY_SECONDS)
-                self.queue.append(view.run_id)
+                self._enqueue(view)
             return
         self._last_write[view.run_id] = time.monotonic()
         if not claim and view.reclaims + 1 > self.config.max_reclaims:

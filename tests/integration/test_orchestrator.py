@@ -236,6 +236,28 @@ def test_a_whole_answer_whose_usage_holds_no_count_is_made_and_charged_once(
     assert run.billed_micros > 0
 
 
+def test_one_workspaces_backlog_does_not_hold_every_slot_from_another_workspace(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """Runs were claimed first come, first served: a workspace that queued a backlog held every
+    slot until all of it had run, and another tenant's run, requested a moment later, waited
+    behind all of it. Workspaces take turns for free slots."""
+    busy, other = card_on_board(write_side), card_on_board(write_side, title="Other tenant")
+    assert busy.board.workspace_id != other.board.workspace_id
+    backlog = [start(write_side, busy) for _ in range(4)]
+    late = start(write_side, other)
+    slow = fast_simulated(tokens_per_second=300, output_tokens=30)
+    with orchestrator_thread(database_url, {"simulated": slow}, concurrency=1):
+        runs = [wait_for(write_side, run_id, finished) for run_id in [*backlog, late]]
+    assert all(run.status is RunStatus.SUCCEEDED for run in runs), [r.error for r in runs]
+
+    def started(run_id: UUID) -> Any:
+        return events_of(write_side, run_id, AgentRun.Started)[0].timestamp
+
+    order = sorted([*backlog, late], key=started)
+    assert order.index(late) == 1, "the other workspace's run waited behind the whole backlog"
+
+
 def test_unpinned_run_falls_back_after_a_500_and_records_both_attempts(
     write_side: AgentWorks, database_url: str
 ) -> None:
