@@ -51,7 +51,7 @@ from adapters.providers.base import (
     TransientProviderError,
     Usage,
 )
-from adapters.tokenizer import count_message_tokens, count_tokens
+from adapters.tokenizer import count_message_tokens, count_tokens_upto
 from adapters.wakeup import LogWakeup
 from commands import models as m
 from commands.handlers import Actor, CommandResult
@@ -89,6 +89,9 @@ _PROVIDER_WIDE = frozenset({401, 403, 301, 302, 303, 307, 308})
 
 #: Times a write lost to concurrent writers is retried before the run fails.
 WRITE_RACES = 30
+
+#: Text longer than this is token-counted in a worker thread, not on the event loop.
+_COUNT_ON_LOOP_CHARS = 16 * 1024
 
 #: How long a run whose claim failed (the store unavailable) waits before it is queued again.
 CLAIM_RETRY_SECONDS = 1.0
@@ -881,7 +884,7 @@ class Orchestrator:
             """What a call cut short used, as far as we know: the provider's count of the
             prompt when its wire gave one, else ours; the output received, counted, up to the
             call's ``max_tokens``."""
-            output = min(count_tokens("".join(text)), call.max_tokens)
+            output = count_tokens_upto("".join(text), call.max_tokens)
             if accepted is None or accepted.input_tokens is None:
                 return Usage(input_tokens, output, estimated=True)
             return Usage(accepted.input_tokens, output, estimated=output > 0)
@@ -898,7 +901,13 @@ class Orchestrator:
                         continue
                     text.append(piece)
                     batcher.add(piece)
-                    output_tokens += count_tokens(piece)
+                    # No piece is counted past where the stream is cut (see overrun_at), and
+                    # a long one is counted off the event loop every run here waits on.
+                    upto = overrun_at + 1 - output_tokens
+                    if len(piece) < _COUNT_ON_LOOP_CHARS:
+                        output_tokens += count_tokens_upto(piece, upto)
+                    else:
+                        output_tokens += await self._call(count_tokens_upto, piece, upto)
                     if room is not None and billed(output_tokens) >= room:
                         budget_hit = True
                         break

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import httpx
 
-from adapters.tokenizer import count_message_tokens, count_tokens
+from adapters.tokenizer import count_message_tokens, count_tokens_upto
 from domain.errors import AgentWorksError, Unavailable
 
 
@@ -533,7 +533,7 @@ def plausible(usage: Usage, request: ChatRequest) -> bool:
 
 def _estimated(request: ChatRequest, text: str) -> Usage:
     """The call's usage by our own count, as a call cut short is charged."""
-    output = min(count_tokens(text), request.max_tokens)
+    output = count_tokens_upto(text, request.max_tokens)
     return Usage(count_message_tokens(request.messages), output, estimated=True)
 
 

@@ -4,8 +4,11 @@ orchestrator process SIGKILLed mid-run are taken over by another, never charged 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -26,8 +29,9 @@ from orchestrator_helpers import (
 from provider_servers import FakeProviderServer, Reply, anthropic_events, openai_events
 
 from adapters.providers.anthropic import AnthropicProvider
-from adapters.providers.base import Provider
+from adapters.providers.base import ChatRequest, Piece, Provider
 from adapters.providers.openai import OpenAIProvider
+from adapters.providers.simulated import SimulatedProvider
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
 from domain.agent_run import AgentRun, RunStatus
@@ -256,6 +260,48 @@ def test_one_workspaces_backlog_does_not_hold_every_slot_from_another_workspace(
 
     order = sorted([*backlog, late], key=started)
     assert order.index(late) == 1, "the other workspace's run waited behind the whole backlog"
+
+
+class _Watching(SimulatedProvider):
+    """The simulated provider, noting the longest wait between two of its pieces: how long the
+    orchestrator's event loop, which every run shares, was held by something else."""
+
+    longest = 0.0
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        async for piece in super().stream(request):
+            now = loop.time()
+            self.longest, last = max(self.longest, now - last), now
+            yield piece
+
+
+def test_a_providers_huge_piece_does_not_hold_every_other_run(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A piece of text of 4 MB (one event-stream line, within its bound) was token-counted on
+    the event loop every run of the orchestrator waits on, and again to charge it: seconds at a
+    time, for each attempt of the call, while other runs' streams, heartbeats and cancels
+    waited. No more is counted than where the call is cut, and a long piece off the loop."""
+    huge = {"id": "c1", "choices": [{"index": 0, "delta": {"content": "x" * 4_000_000}}]}
+    events = openai_events(["a"], prompt_tokens=10, completion_tokens=1)
+    events.insert(1, "data: " + json.dumps(huge))
+    watching = _Watching(tokens_per_second=60, output_tokens=300)
+    card = card_on_board(write_side)
+    with FakeProviderServer([Reply(events=events, first_byte_delay=0.3)]) as server:
+        providers = {"simulated": watching, **openai_at(server)}
+        with orchestrator_thread(database_url, providers, concurrency=2, max_attempts=2):
+            watched = start(write_side, card, provider="simulated")
+            wait_for(write_side, watched, running_with_lines)
+            hostile = wait_for(write_side, start(write_side, card, provider="openai"), finished)
+            assert wait_for(write_side, watched, finished).status is RunStatus.SUCCEEDED
+            requests = len(server.requests)
+    assert hostile.status is RunStatus.FAILED
+    assert requests == 2
+    attempts = events_of(write_side, hostile.id, AgentRun.AttemptRecorded)
+    assert [a.output_tokens for a in attempts] == [2000, 2000]  # the coder's cap, charged
+    assert watching.longest < 1.0, f"the event loop was held {watching.longest:.2f}s at once"
 
 
 def test_unpinned_run_falls_back_after_a_500_and_records_both_attempts(
