@@ -126,7 +126,9 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
         return None if math.isnan(seconds) else max(0.0, seconds)
     try:
         when = parsedate_to_datetime(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
+        # OverflowError: a year past what a date holds ("... 99999999999 ..."). Raised from
+        # here, it was taken for an event we cannot read: a refused call charged as broken.
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)

@@ -304,6 +304,22 @@ def test_a_providers_huge_piece_does_not_hold_every_other_run(
     assert watching.longest < 1.0, f"the event loop was held {watching.longest:.2f}s at once"
 
 
+def test_a_429_with_a_retry_after_date_past_any_calendar_is_not_charged(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """Reading such a ``Retry-After`` raised, and the refused call was charged its prompt as a
+    broken stream."""
+    refused = Reply(status=429, headers={"retry-after": "Mon, 01 Jan 99999999999 00:00:00 GMT"},
+                    body=b'{"error": "slow down"}')  # fmt: skip
+    ok = Reply(events=openai_events(["fine"], prompt_tokens=10, completion_tokens=1))
+    run = run_on_fake_openai(write_side, database_url, [refused, ok])
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    first = attempts[0]
+    assert (first.http_status, first.input_tokens, first.provider_cost_micros) == (429, 0, 0)
+    assert len(events_of(write_side, run.id, AgentRun.LlmCallCompleted)) == 1
+
+
 def test_unpinned_run_falls_back_after_a_500_and_records_both_attempts(
     write_side: AgentWorks, database_url: str
 ) -> None:

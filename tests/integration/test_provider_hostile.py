@@ -448,3 +448,24 @@ def test_an_anthropic_answer_whose_start_holds_no_count_is_whole_and_estimated()
     assert error is None, error
     assert "".join(p for p in got if isinstance(p, str)) == "one two"
     assert usage_of(got).estimated
+
+
+@pytest.mark.parametrize(
+    "value", ["Mon, 01 Jan 99999999999 00:00:00 GMT", "Fri, 31 Dec 123456789012 23:59:59 +0000"]
+)
+def test_a_429_whose_retry_after_is_a_date_past_any_calendar_is_a_429_not_charged(
+    value: str,
+) -> None:
+    """An HTTP date with a year past what a date can hold raised ``OverflowError`` from reading
+    ``Retry-After``, which the adapter took for an event it cannot read: a broken stream, so
+    the orchestrator charged the workspace the prompt of a call the provider refused (429), at
+    every retry. It is a 429 with no ``Retry-After`` we can use."""
+    assert retry_after_seconds(value) is None
+    reply = Reply(status=429, headers={"retry-after": value}, body=b'{"error": "slow down"}')
+    with FakeProviderServer([reply]) as server:
+        got, error = pieces(openai(server))
+    assert not any(isinstance(p, Accepted) for p in got)
+    assert isinstance(error, TransientProviderError), error
+    assert not isinstance(error, StreamBroken), error
+    assert error.http_status == 429
+    assert error.retry_after is None
