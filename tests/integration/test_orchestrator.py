@@ -39,6 +39,7 @@ from domain.agents import EARLIER_RUNS
 from domain.errors import Unavailable
 from domain.pricing import call_cost_micros
 from domain.usage import UsageCharge
+from orchestrator.logbatch import MAX_RUN_LOG_LINES
 
 pytestmark = pytest.mark.slow
 
@@ -318,6 +319,31 @@ def test_a_429_with_a_retry_after_date_past_any_calendar_is_not_charged(
     first = attempts[0]
     assert (first.http_status, first.input_tokens, first.provider_cost_micros) == (429, 0, 0)
     assert len(events_of(write_side, run.id, AgentRun.LlmCallCompleted)) == 1
+
+
+def test_a_flood_of_blank_lines_from_a_provider_is_not_written_line_by_line(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """One piece of a million newlines (2 MB on the wire, and an honest model's 2,000 tokens
+    are up to 64,000 of them) became a million log lines of the run, ten thousand events of 100
+    written one after another into the store every workspace shares, before the run could
+    end. A run's log keeps at most MAX_RUN_LOG_LINES of the model's lines, and says so."""
+    flood = {"id": "c1", "choices": [{"index": 0, "delta": {"content": "\n" * 1_000_000}}]}
+    events = openai_events(["a"], prompt_tokens=10, completion_tokens=1)
+    events.insert(1, "data: " + json.dumps(flood))
+    card = card_on_board(write_side)
+    began = time.monotonic()
+    with (
+        FakeProviderServer([Reply(events=events)]) as server,
+        orchestrator_thread(database_url, openai_at(server), max_attempts=1),
+    ):
+        run = wait_for(write_side, start(write_side, card, provider="openai"), finished)
+    took = time.monotonic() - began
+    assert run.status is RunStatus.FAILED
+    lines = log_lines(write_side, run.id)
+    assert MAX_RUN_LOG_LINES <= len(lines) <= MAX_RUN_LOG_LINES + 10
+    assert any(f"after {MAX_RUN_LOG_LINES} lines" in line for line in lines)
+    assert took < 30
 
 
 def test_unpinned_run_falls_back_after_a_500_and_records_both_attempts(
