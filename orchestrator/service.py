@@ -813,19 +813,25 @@ class Orchestrator:
             month,
             self._local_holds.settled(view.workspace_id, month),
         )
-        hold, store = await self._hold(
-            HoldRequest(
-                workspace_id=view.workspace_id,
-                month=month,
-                hold_id=hold_id,
-                want=billed(max_tokens),
-                floor=billed(0),
-                spent=reading.spent,
-                counted=reading.counted,
-                limit=budget.month_limit_micros,
-                run_room=budget.run_room_micros,
+        try:
+            hold, store = await self._hold(
+                HoldRequest(
+                    workspace_id=view.workspace_id,
+                    month=month,
+                    hold_id=hold_id,
+                    want=billed(max_tokens),
+                    floor=billed(0),
+                    spent=reading.spent,
+                    counted=reading.counted,
+                    limit=budget.month_limit_micros,
+                    run_room=budget.run_room_micros,
+                )
             )
-        )
+        except asyncio.CancelledError:
+            # Cut while the hold was decided: it may be recorded all the same (its answer on
+            # its way), and it stayed until it lapsed, holding back room for a call never made.
+            await self._release_everywhere(view.workspace_id, month, hold_id)
+            raise
         room = hold.room
         if hold.granted is None:
             raise RunFailed(
@@ -1012,6 +1018,15 @@ class Orchestrator:
             except Exception:
                 log.warning("orchestrator.shared_holds_unavailable", exc_info=True)
         return await self._local_holds.hold(request, ttl=self._hold_ttl), self._local_holds
+
+    async def _release_everywhere(self, workspace_id: UUID, month: str, hold_id: UUID) -> None:
+        """Drop the hold ``hold_id`` from whichever store may keep it (nothing if none does)."""
+        for store in {id(s): s for s in (self.holds, self._local_holds)}.values():
+            try:
+                await store.release(workspace_id, month, hold_id)
+            except Exception:
+                # It lapses on its own (see ``_hold_ttl``); until then it only holds back.
+                log.warning("orchestrator.hold_release_failed", exc_info=True)
 
     async def _settle(
         self, store: BudgetHolds, view: RunView, month: str, hold_id: UUID, charged: _Charged

@@ -280,3 +280,51 @@ def test_with_the_projector_counting_charges_two_orchestrators_still_stay_within
     assert any(run.status is RunStatus.FAILED and "budget" in (run.error or "") for run in runs)
     # Every charge counted: no hold of a charged call is left behind.
     assert not redis.Redis.from_url(flushed).hgetall(holds_key(card.board.workspace_id, month))
+
+
+class _AnswerHeldBack(RedisBudgetHolds):
+    """Redis holds whose answer to a hold comes back only once ``answer`` is set: the script has
+    run (the hold is recorded) while its caller still waits, as a reply in flight."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        super().__init__(client)
+        self.recorded = threading.Event()
+        self.answer = threading.Event()
+
+    async def hold(self, request: HoldRequest, *, ttl: float) -> Hold:
+        decided = await super().hold(request, ttl=ttl)
+        self.recorded.set()
+        while not self.answer.is_set():
+            await asyncio.sleep(0.01)
+        return decided
+
+
+def test_a_run_cancelled_while_its_hold_was_being_decided_leaves_no_hold(
+    write_side: AgentWorks, database_url: str, flushed: str
+) -> None:
+    """Cancelled while the hold's answer was on its way, the call was never made, but its hold
+    stayed recorded until it lapsed (the run timeout and stale_after later): near its limit,
+    the workspace could start no call meanwhile."""
+    card = card_on_board(write_side)
+    holds = _AnswerHeldBack(redis.asyncio.Redis.from_url(flushed))
+    client = redis.Redis.from_url(flushed)
+    key = holds_key(card.board.workspace_id, month_of(datetime.now(UTC)))
+    try:
+        with orchestrator_thread(database_url, {"simulated": fast_simulated()}, holds=holds):
+            run_id = write_side.start_agent_run(
+                m.StartAgentRun(card_id=card.card_id, agent="coder"), card.board.owner
+            ).id
+            assert holds.recorded.wait(20)
+            assert client.hlen(key) == 1
+            write_side.cancel_agent_run(
+                m.CancelAgentRun(run_id=run_id, reason="changed my mind"), card.board.owner
+            )
+            assert wait_for(write_side, run_id, finished).status is RunStatus.CANCELLED
+            deadline = time.monotonic() + 10
+            while client.hlen(key) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            left = client.hlen(key)
+    finally:
+        holds.answer.set()
+        client.close()
+    assert left == 0, "the hold of a call never made stayed until it lapsed"
