@@ -32,7 +32,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
@@ -1013,8 +1013,17 @@ class Orchestrator:
         """The hold, and the store that keeps it (the shared one, or this process's own while
         the shared one cannot be reached)."""
         if self.holds is not self._local_holds:
+            # What this process held here while the shared store was away (calls still under
+            # way, charges not yet counted): the shared store never saw it, and granted the
+            # whole month's room past it.
+            aside = self._local_holds.outstanding(
+                request.workspace_id, request.month, request.counted
+            )
+            shared = request
+            if aside and request.limit is not None:
+                shared = replace(request, limit=request.limit - aside)
             try:
-                return await self.holds.hold(request, ttl=self._hold_ttl), self.holds
+                return await self.holds.hold(shared, ttl=self._hold_ttl), self.holds
             except Exception:
                 log.warning("orchestrator.shared_holds_unavailable", exc_info=True)
         return await self._local_holds.hold(request, ttl=self._hold_ttl), self._local_holds

@@ -16,6 +16,7 @@ import pytest
 import redis
 import redis.asyncio
 from board_helpers import whole_log
+from fault_proxy import FaultProxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from orchestrator_helpers import (
@@ -24,6 +25,7 @@ from orchestrator_helpers import (
     fast_simulated,
     finished,
     orchestrator_thread,
+    running_with_lines,
     wait_for,
 )
 
@@ -328,3 +330,45 @@ def test_a_run_cancelled_while_its_hold_was_being_decided_leaves_no_hold(
         holds.answer.set()
         client.close()
     assert left == 0, "the hold of a call never made stayed until it lapsed"
+
+
+def test_holds_kept_in_process_while_redis_was_away_still_count_once_it_is_back(
+    write_side: AgentWorks, database_url: str, flushed: str
+) -> None:
+    """A call that held in-process while Redis could not be reached is still under way when
+    Redis comes back: the next call's hold in Redis, which never saw the first, was granted the
+    whole month's room beside it, and the two together held (and could spend) past the limit."""
+    card, _ = runs_under_a_limit(write_side, "0.020000", 0)
+    owner, workspace = card.board.owner, card.board.workspace_id
+    host, port = "127.0.0.1", int(flushed.rsplit(":", 1)[1].split("/")[0])
+    proxy = FaultProxy(host, port)
+    proxied = flushed.replace(f":{port}/", f":{proxy.port}/")
+    holds = RedisBudgetHolds(redis.asyncio.Redis.from_url(proxied, socket_timeout=2))
+    direct = redis.Redis.from_url(flushed)
+    key = holds_key(workspace, month_of(datetime.now(UTC)))
+    slow = fast_simulated(tokens_per_second=20, output_tokens=1000)
+    try:
+        proxy.refuse(True)
+        with orchestrator_thread(database_url, {"simulated": slow}, holds=holds) as orchestrator:
+            first = write_side.start_agent_run(
+                m.StartAgentRun(card_id=card.card_id, agent="coder"), owner
+            ).id
+            wait_for(write_side, first, running_with_lines)
+            month = month_of(datetime.now(UTC))
+            held_here = orchestrator._local_holds.held(workspace, month)
+            assert held_here > 10_000  # the coder's call wants ~$0.0152 of the $0.02
+            assert direct.hlen(key) == 0
+            proxy.refuse(False)
+            second = write_side.start_agent_run(
+                m.StartAgentRun(card_id=card.card_id, agent="coder"), owner
+            ).id
+            deadline = time.monotonic() + 20
+            while not direct.hlen(key) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            held_in_redis = sum(int(value.split(b":")[0]) for value in direct.hgetall(key).values())
+            assert write_side.run_snapshot(second).status in (RunStatus.RUNNING, RunStatus.FAILED)
+    finally:
+        direct.close()
+        proxy.close()
+    assert held_in_redis > 0
+    assert held_here + held_in_redis <= 20_000
