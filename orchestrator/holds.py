@@ -115,6 +115,19 @@ class LocalHolds:
             month_holds = self._held.get((workspace_id, month), {})
             return frozenset(hold_id for hold_id, held in month_holds.items() if held.settled)
 
+    def outstanding(self, workspace_id: UUID, month: str, counted: frozenset[UUID]) -> int:
+        """What this process holds for the month that a reading with ``counted`` does not
+        count: calls under way, and charges written but not among ``counted``. What a shared
+        store, which never saw these holds, must leave aside."""
+        now = self._clock()
+        with self._lock:
+            month_holds = self._held.get((workspace_id, month), {})
+            return sum(
+                held.amount
+                for hold_id, held in month_holds.items()
+                if held.until > now and not (held.settled and hold_id in counted)
+            )
+
     def held(self, workspace_id: UUID, month: str) -> int:
         """What this process holds for the month now (for tests and metrics)."""
         now = self._clock()

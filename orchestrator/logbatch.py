@@ -23,6 +23,12 @@ Line = tuple[datetime, str, str]
 #: A partial line (no newline yet) waits at most this long before it is written as a line.
 PARTIAL_LINE_SECONDS = 1.0
 
+#: The most lines of the model's text one run's log keeps; past them one line of ours says the
+#: log was cut. A model's 2,000 tokens can be 64,000 blank lines, and a provider's one piece
+#: millions: each became a line of the run's log, written 100 at a time into the store every
+#: workspace shares before the run could end.
+MAX_RUN_LOG_LINES = 20_000
+
 
 class LogBatcher:
     def __init__(
@@ -30,9 +36,14 @@ class LogBatcher:
         write: Callable[[list[Line]], Awaitable[None]],
         *,
         max_lines: int = 100,
+        max_run_lines: int = MAX_RUN_LOG_LINES,
     ) -> None:
         self._write = write
         self.max_lines = max_lines
+        self.max_run_lines = max_run_lines
+        self._taken = 0
+        """Lines of streamed text taken so far (at most ``max_run_lines``)."""
+        self._cut = False
         self._pending: list[Line] = []
         self._partial = ""
         self._partial_since = 0.0
@@ -45,16 +56,29 @@ class LogBatcher:
         self._task = asyncio.create_task(self._run())
 
     def add(self, text: str, stream: str = "stdout") -> None:
-        """Streamed text: complete lines are queued, the rest waits for its newline."""
+        """Streamed text: complete lines are queued, the rest waits for its newline; past
+        ``max_run_lines`` of them, nothing more is."""
+        if self._cut:
+            return
         if not self._partial:
             self._partial_since = time.monotonic()
         self._partial += text
         if "\n" in self._partial:
-            *complete, self._partial = self._partial.split("\n")
+            # Split no further than the lines kept: the rest is never made into lines.
+            *complete, self._partial = self._partial.split("\n", self.max_run_lines - self._taken)
             now = datetime.now(UTC)
             self._pending.extend((now, stream, line) for line in complete)
+            self._taken += len(complete)
+            if self._taken >= self.max_run_lines and "\n" in self._partial:
+                self._cut_here(now)
             self._partial_since = time.monotonic()
             self._wake.set()
+
+    def _cut_here(self, now: datetime) -> None:
+        self._partial, self._cut = "", True
+        self._pending.append(
+            (now, "system", f"log cut after {self.max_run_lines} lines: the rest is not kept")
+        )
 
     def system(self, text: str) -> None:
         """A line of our own (routing, fallbacks, breakers) between the model's lines."""
@@ -84,9 +108,14 @@ class LogBatcher:
             self._task.cancel()
 
     def _take_partial(self) -> None:
-        if self._partial:
-            self._pending.append((datetime.now(UTC), "stdout", self._partial))
-            self._partial = ""
+        if not self._partial:
+            return
+        if self._taken >= self.max_run_lines:
+            self._cut_here(datetime.now(UTC))
+            return
+        self._pending.append((datetime.now(UTC), "stdout", self._partial))
+        self._taken += 1
+        self._partial = ""
 
     async def _run(self) -> None:
         while True:

@@ -29,10 +29,10 @@ import random
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
@@ -51,7 +51,7 @@ from adapters.providers.base import (
     TransientProviderError,
     Usage,
 )
-from adapters.tokenizer import count_message_tokens, count_tokens
+from adapters.tokenizer import count_message_tokens, count_tokens_upto
 from adapters.wakeup import LogWakeup
 from commands import models as m
 from commands.handlers import Actor, CommandResult
@@ -89,6 +89,9 @@ _PROVIDER_WIDE = frozenset({401, 403, 301, 302, 303, 307, 308})
 
 #: Times a write lost to concurrent writers is retried before the run fails.
 WRITE_RACES = 30
+
+#: Text longer than this is token-counted in a worker thread, not on the event loop.
+_COUNT_ON_LOOP_CHARS = 16 * 1024
 
 #: How long a run whose claim failed (the store unavailable) waits before it is queued again.
 CLAIM_RETRY_SECONDS = 1.0
@@ -218,8 +221,12 @@ class Orchestrator:
         #: Per card, the outputs of its latest runs, as far as a prompt shows them (one more
         #: than it shows: a run taken over may find its own there).
         self.outputs: dict[UUID, deque[tuple[UUID, EarlierRun]]] = {}
-        self.queue: deque[UUID] = deque()
+        #: Runs waiting for a slot, per workspace in the order requested; the workspaces in
+        #: the order they are served next among equals (see :meth:`_schedule`).
+        self.queues: dict[UUID, deque[UUID]] = {}
         self.tasks: dict[UUID, asyncio.Task[None]] = {}
+        #: Tasks under way per workspace (runs claimed or taken over).
+        self._running: Counter[UUID] = Counter()
         self.cancelled: set[UUID] = set()
         #: Runs this worker was told it lost to a takeover, their tasks cancelled.
         self.taken_over: set[UUID] = set()
@@ -337,7 +344,7 @@ class Orchestrator:
                 policy=str(p.get("policy") or "cheapest"),
             )
             self.views[run_id] = requested
-            self.queue.append(run_id)
+            self._enqueue(requested)
         view = self.views.get(run_id)
         if view is None:
             return
@@ -367,9 +374,20 @@ class Orchestrator:
         if view.status in _TERMINAL and not view.open_calls and run_id not in self.tasks:
             self.views.pop(run_id, None)
 
+    def _enqueue(self, view: RunView) -> None:
+        self.queues.setdefault(view.workspace_id, deque()).append(view.run_id)
+
     def _schedule(self) -> None:
-        while self.queue and len(self.tasks) < self.config.concurrency:
-            run_id = self.queue.popleft()
+        """Claim queued runs while slots are free: next, the oldest run of the workspace with
+        the fewest runs under way here, workspaces taking turns among equals. First come, first
+        served, one workspace's backlog (thousands of runs, within its rate limits) held every
+        slot until all of it had run, and every other tenant's runs waited behind it."""
+        while self.queues and len(self.tasks) < self.config.concurrency:
+            workspace_id = min(self.queues, key=self._running.__getitem__)
+            waiting = self.queues.pop(workspace_id)
+            run_id = waiting.popleft()
+            if waiting:
+                self.queues[workspace_id] = waiting  # behind the others, its turn taken
             view = self.views.get(run_id)
             if view is None or view.status != "QUEUED":
                 continue
@@ -378,11 +396,15 @@ class Orchestrator:
     def _spawn(self, view: RunView, *, claim: bool) -> None:
         task = asyncio.create_task(self._own(view, claim=claim), name=f"run-{view.run_id}")
         self.tasks[view.run_id] = task
-        run_id = view.run_id
-        task.add_done_callback(lambda _task: self._done(run_id))
+        self._running[view.workspace_id] += 1
+        run_id, workspace_id = view.run_id, view.workspace_id
+        task.add_done_callback(lambda _task: self._done(run_id, workspace_id))
 
-    def _done(self, run_id: UUID) -> None:
+    def _done(self, run_id: UUID, workspace_id: UUID) -> None:
         self.tasks.pop(run_id, None)
+        self._running[workspace_id] -= 1
+        if self._running[workspace_id] <= 0:
+            del self._running[workspace_id]
         self._run_locks.pop(run_id, None)
         self.cancelled.discard(run_id)
         self.taken_over.discard(run_id)
@@ -472,7 +494,7 @@ class Orchestrator:
                 # Claimed after all, it is RUNNING and taken over once stale; if not, it is
                 # claimed again here.
                 await asyncio.sleep(CLAIM_RETRY_SECONDS)
-                self.queue.append(view.run_id)
+                self._enqueue(view)
             return
         self._last_write[view.run_id] = time.monotonic()
         if not claim and view.reclaims + 1 > self.config.max_reclaims:
@@ -791,19 +813,25 @@ class Orchestrator:
             month,
             self._local_holds.settled(view.workspace_id, month),
         )
-        hold, store = await self._hold(
-            HoldRequest(
-                workspace_id=view.workspace_id,
-                month=month,
-                hold_id=hold_id,
-                want=billed(max_tokens),
-                floor=billed(0),
-                spent=reading.spent,
-                counted=reading.counted,
-                limit=budget.month_limit_micros,
-                run_room=budget.run_room_micros,
+        try:
+            hold, store = await self._hold(
+                HoldRequest(
+                    workspace_id=view.workspace_id,
+                    month=month,
+                    hold_id=hold_id,
+                    want=billed(max_tokens),
+                    floor=billed(0),
+                    spent=reading.spent,
+                    counted=reading.counted,
+                    limit=budget.month_limit_micros,
+                    run_room=budget.run_room_micros,
+                )
             )
-        )
+        except asyncio.CancelledError:
+            # Cut while the hold was decided: it may be recorded all the same (its answer on
+            # its way), and it stayed until it lapsed, holding back room for a call never made.
+            await self._release_everywhere(view.workspace_id, month, hold_id)
+            raise
         room = hold.room
         if hold.granted is None:
             raise RunFailed(
@@ -862,7 +890,7 @@ class Orchestrator:
             """What a call cut short used, as far as we know: the provider's count of the
             prompt when its wire gave one, else ours; the output received, counted, up to the
             call's ``max_tokens``."""
-            output = min(count_tokens("".join(text)), call.max_tokens)
+            output = count_tokens_upto("".join(text), call.max_tokens)
             if accepted is None or accepted.input_tokens is None:
                 return Usage(input_tokens, output, estimated=True)
             return Usage(accepted.input_tokens, output, estimated=output > 0)
@@ -879,7 +907,13 @@ class Orchestrator:
                         continue
                     text.append(piece)
                     batcher.add(piece)
-                    output_tokens += count_tokens(piece)
+                    # No piece is counted past where the stream is cut (see overrun_at), and
+                    # a long one is counted off the event loop every run here waits on.
+                    upto = overrun_at + 1 - output_tokens
+                    if len(piece) < _COUNT_ON_LOOP_CHARS:
+                        output_tokens += count_tokens_upto(piece, upto)
+                    else:
+                        output_tokens += await self._call(count_tokens_upto, piece, upto)
                     if room is not None and billed(output_tokens) >= room:
                         budget_hit = True
                         break
@@ -979,11 +1013,29 @@ class Orchestrator:
         """The hold, and the store that keeps it (the shared one, or this process's own while
         the shared one cannot be reached)."""
         if self.holds is not self._local_holds:
+            # What this process held here while the shared store was away (calls still under
+            # way, charges not yet counted): the shared store never saw it, and granted the
+            # whole month's room past it.
+            aside = self._local_holds.outstanding(
+                request.workspace_id, request.month, request.counted
+            )
+            shared = request
+            if aside and request.limit is not None:
+                shared = replace(request, limit=request.limit - aside)
             try:
-                return await self.holds.hold(request, ttl=self._hold_ttl), self.holds
+                return await self.holds.hold(shared, ttl=self._hold_ttl), self.holds
             except Exception:
                 log.warning("orchestrator.shared_holds_unavailable", exc_info=True)
         return await self._local_holds.hold(request, ttl=self._hold_ttl), self._local_holds
+
+    async def _release_everywhere(self, workspace_id: UUID, month: str, hold_id: UUID) -> None:
+        """Drop the hold ``hold_id`` from whichever store may keep it (nothing if none does)."""
+        for store in {id(s): s for s in (self.holds, self._local_holds)}.values():
+            try:
+                await store.release(workspace_id, month, hold_id)
+            except Exception:
+                # It lapses on its own (see ``_hold_ttl``); until then it only holds back.
+                log.warning("orchestrator.hold_release_failed", exc_info=True)
 
     async def _settle(
         self, store: BudgetHolds, view: RunView, month: str, hold_id: UUID, charged: _Charged

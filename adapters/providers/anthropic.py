@@ -2,8 +2,10 @@
 
 Input tokens come from ``message_start``, said at once as :class:`Accepted` (a call cut before
 any text is charged the provider's count of its prompt), or from the last ``message_delta`` when
-it counts more; output tokens from the last ``message_delta`` (a stream without one has no
-usage: it broke); the call is complete at ``message_stop``. An ``error`` event (e.g.
+it counts more; output tokens from the last ``message_delta``; the call is complete at
+``message_stop``. A whole answer without counts we can read (no ``message_delta``, or a count
+that is null, a fraction, a string of another thing than digits) is charged our own counts
+(estimated), as SseProvider charges an implausible one, not made again. An ``error`` event (e.g.
 ``overloaded_error``) mid-stream is transient.
 """
 
@@ -21,6 +23,8 @@ from adapters.providers.base import (
     TransientProviderError,
     Usage,
     Working,
+    token_count,
+    usage_field,
 )
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -61,7 +65,7 @@ class AnthropicProvider(SseProvider):
             kind = payload.get("type", event)
             if kind == "message_start":
                 # Its output_tokens is a placeholder (1); the count is message_delta's.
-                input_tokens = int(payload["message"]["usage"]["input_tokens"])
+                input_tokens = token_count(usage_field(payload, "message", "usage", "input_tokens"))
                 yield Accepted(input_tokens)
             elif kind == "content_block_delta":
                 delta = payload.get("delta") or {}
@@ -71,12 +75,14 @@ class AnthropicProvider(SseProvider):
                 elif any(delta.get(key) for key in _WORK_KEYS):
                     yield Working()
             elif kind == "message_delta":
-                usage = payload["usage"]
-                output_tokens = int(usage["output_tokens"])
-                if input_tokens is not None and usage.get("input_tokens") is not None:
+                # Cumulative: the last count is the call's (one that is no count leaves it).
+                counted = token_count(usage_field(payload, "usage", "output_tokens"))
+                output_tokens = output_tokens if counted is None else counted
+                grown = token_count(usage_field(payload, "usage", "input_tokens"))
+                if input_tokens is not None and grown is not None:
                     # Cumulative, as its output count is: the final one when the prompt grew
                     # during the call; a smaller one (a placeholder 0) is no count.
-                    input_tokens = max(input_tokens, int(usage["input_tokens"]))
+                    input_tokens = max(input_tokens, grown)
             elif kind == "message_stop":
                 stopped = True
                 break
@@ -87,8 +93,8 @@ class AnthropicProvider(SseProvider):
         if not stopped:
             raise StreamBroken("anthropic stream ended before message_stop", provider=self.name)
         if input_tokens is None or output_tokens is None:
-            raise StreamBroken(
-                "anthropic stream ended without its usage (message_start and message_delta)",
-                provider=self.name,
-            )
+            # Whole (message_stop came), but without counts we can read (no message_delta, or
+            # null or "12.5" in it): charged our counts, not made (and charged) again.
+            yield Usage(0, 0, estimated=True)
+            return
         yield Usage(input_tokens, output_tokens)

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import httpx
 
-from adapters.tokenizer import count_message_tokens, count_tokens
+from adapters.tokenizer import count_message_tokens, count_tokens_upto
 from domain.errors import AgentWorksError, Unavailable
 
 
@@ -126,7 +126,9 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
         return None if math.isnan(seconds) else max(0.0, seconds)
     try:
         when = parsedate_to_datetime(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
+        # OverflowError: a year past what a date holds ("... 99999999999 ..."). Raised from
+        # here, it was taken for an event we cannot read: a refused call charged as broken.
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
@@ -482,6 +484,39 @@ class SseProvider(ABC):
         yield usage if counted else _estimated(request, "".join(text))
 
 
+#: How a count may be written on the wire as text (some proxies send numbers as strings).
+_DIGITS = re.compile(r"[+-]?[0-9]{1,30}")
+
+
+def token_count(value: object) -> int | None:
+    """A token count as the wire gave it, or ``None`` when it is no count: a whole number (an
+    integer, or a float or decimal string of one), else nothing (a fraction, a string of
+    anything else, null, true, infinity). Read with ``int()``, a fraction was cut down (12.7
+    charged as 12) and ``true`` charged as 1, while null, a string such as ``"12.5"`` or an
+    infinite ``1e400`` broke the whole answer off as unreadable: a call made again, and
+    charged again. Negative and huge counts are returned as they are: :func:`plausible` judges
+    them."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else None
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        return int(value.strip())
+    return None
+
+
+def usage_field(data: object, *path: str) -> object:
+    """``data[path[0]][path[1]]...`` where each step is an object holding the key, else
+    ``None`` (a usage block of another shape than the API's is no count, not a broken call)."""
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
 #: Tokens a provider may add to a prompt beyond its text: role markers, its own framing and
 #: system text (a tool-use preamble is some hundreds), with room to spare.
 PROMPT_FRAMING_TOKENS = 8192
@@ -500,7 +535,7 @@ def plausible(usage: Usage, request: ChatRequest) -> bool:
 
 def _estimated(request: ChatRequest, text: str) -> Usage:
     """The call's usage by our own count, as a call cut short is charged."""
-    output = min(count_tokens(text), request.max_tokens)
+    output = count_tokens_upto(text, request.max_tokens)
     return Usage(count_message_tokens(request.messages), output, estimated=True)
 
 

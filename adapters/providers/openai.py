@@ -5,7 +5,9 @@ block is authoritative. Nothing before it counts the prompt: a call cut earlier 
 estimate of its prompt. A stream that ends without ``[DONE]`` broke off, unless that final chunk
 (after a finish reason) came: then the answer is whole and only the closing was lost. A server
 that ignores ``stream_options`` (an older OpenAI-compatible one) ends a whole answer (a finish
-reason, then ``[DONE]``) without usage: it is charged our counts (estimated), not made again.
+reason, then ``[DONE]``) without usage: it is charged our counts (estimated), not made again;
+so is one whose usage block holds no counts we can read (null, a fraction, a string of another
+thing than digits).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from adapters.providers.base import (
     StreamBroken,
     Usage,
     Working,
+    token_count,
+    usage_field,
 )
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -66,8 +70,14 @@ class OpenAIProvider(SseProvider):
                     yield Working()
                 finished = finished or bool(choice.get("finish_reason"))
             if chunk.get("usage"):
-                u = chunk["usage"]
-                usage = Usage(int(u["prompt_tokens"]), int(u["completion_tokens"]))
+                prompt = token_count(usage_field(chunk, "usage", "prompt_tokens"))
+                completion = token_count(usage_field(chunk, "usage", "completion_tokens"))
+                if prompt is not None and completion is not None:
+                    usage = Usage(prompt, completion)
+                elif usage is None:
+                    # Counts that are no counts (null, "12.5", 1e400): the block came, so a
+                    # whole answer is whole, but uncounted, as one without a block.
+                    usage = Usage(0, 0, estimated=True)
                 if finished and not sent:
                     # The final chunk (after the finish reason): the answer is whole, whatever
                     # becomes of the [DONE] that closes the stream.

@@ -16,6 +16,7 @@ import pytest
 import redis
 import redis.asyncio
 from board_helpers import whole_log
+from fault_proxy import FaultProxy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from orchestrator_helpers import (
@@ -24,6 +25,7 @@ from orchestrator_helpers import (
     fast_simulated,
     finished,
     orchestrator_thread,
+    running_with_lines,
     wait_for,
 )
 
@@ -280,3 +282,93 @@ def test_with_the_projector_counting_charges_two_orchestrators_still_stay_within
     assert any(run.status is RunStatus.FAILED and "budget" in (run.error or "") for run in runs)
     # Every charge counted: no hold of a charged call is left behind.
     assert not redis.Redis.from_url(flushed).hgetall(holds_key(card.board.workspace_id, month))
+
+
+class _AnswerHeldBack(RedisBudgetHolds):
+    """Redis holds whose answer to a hold comes back only once ``answer`` is set: the script has
+    run (the hold is recorded) while its caller still waits, as a reply in flight."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        super().__init__(client)
+        self.recorded = threading.Event()
+        self.answer = threading.Event()
+
+    async def hold(self, request: HoldRequest, *, ttl: float) -> Hold:
+        decided = await super().hold(request, ttl=ttl)
+        self.recorded.set()
+        while not self.answer.is_set():
+            await asyncio.sleep(0.01)
+        return decided
+
+
+def test_a_run_cancelled_while_its_hold_was_being_decided_leaves_no_hold(
+    write_side: AgentWorks, database_url: str, flushed: str
+) -> None:
+    """Cancelled while the hold's answer was on its way, the call was never made, but its hold
+    stayed recorded until it lapsed (the run timeout and stale_after later): near its limit,
+    the workspace could start no call meanwhile."""
+    card = card_on_board(write_side)
+    holds = _AnswerHeldBack(redis.asyncio.Redis.from_url(flushed))
+    client = redis.Redis.from_url(flushed)
+    key = holds_key(card.board.workspace_id, month_of(datetime.now(UTC)))
+    try:
+        with orchestrator_thread(database_url, {"simulated": fast_simulated()}, holds=holds):
+            run_id = write_side.start_agent_run(
+                m.StartAgentRun(card_id=card.card_id, agent="coder"), card.board.owner
+            ).id
+            assert holds.recorded.wait(20)
+            assert client.hlen(key) == 1
+            write_side.cancel_agent_run(
+                m.CancelAgentRun(run_id=run_id, reason="changed my mind"), card.board.owner
+            )
+            assert wait_for(write_side, run_id, finished).status is RunStatus.CANCELLED
+            deadline = time.monotonic() + 10
+            while client.hlen(key) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            left = client.hlen(key)
+    finally:
+        holds.answer.set()
+        client.close()
+    assert left == 0, "the hold of a call never made stayed until it lapsed"
+
+
+def test_holds_kept_in_process_while_redis_was_away_still_count_once_it_is_back(
+    write_side: AgentWorks, database_url: str, flushed: str
+) -> None:
+    """A call that held in-process while Redis could not be reached is still under way when
+    Redis comes back: the next call's hold in Redis, which never saw the first, was granted the
+    whole month's room beside it, and the two together held (and could spend) past the limit."""
+    card, _ = runs_under_a_limit(write_side, "0.020000", 0)
+    owner, workspace = card.board.owner, card.board.workspace_id
+    host, port = "127.0.0.1", int(flushed.rsplit(":", 1)[1].split("/")[0])
+    proxy = FaultProxy(host, port)
+    proxied = flushed.replace(f":{port}/", f":{proxy.port}/")
+    holds = RedisBudgetHolds(redis.asyncio.Redis.from_url(proxied, socket_timeout=2))
+    direct = redis.Redis.from_url(flushed)
+    key = holds_key(workspace, month_of(datetime.now(UTC)))
+    slow = fast_simulated(tokens_per_second=20, output_tokens=1000)
+    try:
+        proxy.refuse(True)
+        with orchestrator_thread(database_url, {"simulated": slow}, holds=holds) as orchestrator:
+            first = write_side.start_agent_run(
+                m.StartAgentRun(card_id=card.card_id, agent="coder"), owner
+            ).id
+            wait_for(write_side, first, running_with_lines)
+            month = month_of(datetime.now(UTC))
+            held_here = orchestrator._local_holds.held(workspace, month)
+            assert held_here > 10_000  # the coder's call wants ~$0.0152 of the $0.02
+            assert direct.hlen(key) == 0
+            proxy.refuse(False)
+            second = write_side.start_agent_run(
+                m.StartAgentRun(card_id=card.card_id, agent="coder"), owner
+            ).id
+            deadline = time.monotonic() + 20
+            while not direct.hlen(key) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            held_in_redis = sum(int(value.split(b":")[0]) for value in direct.hgetall(key).values())
+            assert write_side.run_snapshot(second).status in (RunStatus.RUNNING, RunStatus.FAILED)
+    finally:
+        direct.close()
+        proxy.close()
+    assert held_in_redis > 0
+    assert held_here + held_in_redis <= 20_000

@@ -4,8 +4,11 @@ orchestrator process SIGKILLed mid-run are taken over by another, never charged 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -26,8 +29,9 @@ from orchestrator_helpers import (
 from provider_servers import FakeProviderServer, Reply, anthropic_events, openai_events
 
 from adapters.providers.anthropic import AnthropicProvider
-from adapters.providers.base import Provider
+from adapters.providers.base import ChatRequest, Piece, Provider
 from adapters.providers.openai import OpenAIProvider
+from adapters.providers.simulated import SimulatedProvider
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
 from domain.agent_run import AgentRun, RunStatus
@@ -35,6 +39,7 @@ from domain.agents import EARLIER_RUNS
 from domain.errors import Unavailable
 from domain.pricing import call_cost_micros
 from domain.usage import UsageCharge
+from orchestrator.logbatch import MAX_RUN_LOG_LINES
 
 pytestmark = pytest.mark.slow
 
@@ -205,6 +210,140 @@ def test_anthropic_run_is_charged_from_message_start_and_message_delta(
     price = write_side.prices.require("anthropic", "claude-3-5-haiku-latest", run.modified_on)
     assert run.provider_cost_micros == call_cost_micros(price, input_tokens=321, output_tokens=45)
     assert server.requests[0].body["model"] == "claude-3-5-haiku-latest"
+
+
+def test_a_whole_answer_whose_usage_holds_no_count_is_made_and_charged_once(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A usage block with a count that is no count (here null) broke the whole answer off as
+    unreadable: charged as a broken stream and made again, charged again, until the run gave
+    up. It is one call, charged once from our counts."""
+    events = openai_events(["all ", "of it"], prompt_tokens=1, completion_tokens=1)
+    block = next(i for i, f in enumerate(events) if '"usage"' in f)
+    events[block] = (
+        'data: {"id": "c1", "choices": [], "usage": {"prompt_tokens": null, '
+        '"completion_tokens": "3.5"}}'
+    )
+    card = card_on_board(write_side)
+    with (
+        FakeProviderServer([Reply(events=events)]) as server,
+        orchestrator_thread(database_url, openai_at(server)),
+    ):
+        run = wait_for(write_side, start(write_side, card, provider="openai"), finished)
+        requests = len(server.requests)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert run.output == "all of it"
+    assert requests == 1
+    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert [(a.status, a.estimated) for a in attempts] == [("ok", True)]
+    assert len(events_of(write_side, run.id, AgentRun.LlmCallCompleted)) == 1
+    assert run.input_tokens > 0
+    assert run.billed_micros > 0
+
+
+def test_one_workspaces_backlog_does_not_hold_every_slot_from_another_workspace(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """Runs were claimed first come, first served: a workspace that queued a backlog held every
+    slot until all of it had run, and another tenant's run, requested a moment later, waited
+    behind all of it. Workspaces take turns for free slots."""
+    busy, other = card_on_board(write_side), card_on_board(write_side, title="Other tenant")
+    assert busy.board.workspace_id != other.board.workspace_id
+    backlog = [start(write_side, busy) for _ in range(4)]
+    late = start(write_side, other)
+    slow = fast_simulated(tokens_per_second=300, output_tokens=30)
+    with orchestrator_thread(database_url, {"simulated": slow}, concurrency=1):
+        runs = [wait_for(write_side, run_id, finished) for run_id in [*backlog, late]]
+    assert all(run.status is RunStatus.SUCCEEDED for run in runs), [r.error for r in runs]
+
+    def started(run_id: UUID) -> Any:
+        return events_of(write_side, run_id, AgentRun.Started)[0].timestamp
+
+    order = sorted([*backlog, late], key=started)
+    assert order.index(late) == 1, "the other workspace's run waited behind the whole backlog"
+
+
+class _Watching(SimulatedProvider):
+    """The simulated provider, noting the longest wait between two of its pieces: how long the
+    orchestrator's event loop, which every run shares, was held by something else."""
+
+    longest = 0.0
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        async for piece in super().stream(request):
+            now = loop.time()
+            self.longest, last = max(self.longest, now - last), now
+            yield piece
+
+
+def test_a_providers_huge_piece_does_not_hold_every_other_run(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A piece of text of 4 MB (one event-stream line, within its bound) was token-counted on
+    the event loop every run of the orchestrator waits on, and again to charge it: seconds at a
+    time, for each attempt of the call, while other runs' streams, heartbeats and cancels
+    waited. No more is counted than where the call is cut, and a long piece off the loop."""
+    huge = {"id": "c1", "choices": [{"index": 0, "delta": {"content": "x" * 4_000_000}}]}
+    events = openai_events(["a"], prompt_tokens=10, completion_tokens=1)
+    events.insert(1, "data: " + json.dumps(huge))
+    watching = _Watching(tokens_per_second=60, output_tokens=300)
+    card = card_on_board(write_side)
+    with FakeProviderServer([Reply(events=events, first_byte_delay=0.3)]) as server:
+        providers = {"simulated": watching, **openai_at(server)}
+        with orchestrator_thread(database_url, providers, concurrency=2, max_attempts=2):
+            watched = start(write_side, card, provider="simulated")
+            wait_for(write_side, watched, running_with_lines)
+            hostile = wait_for(write_side, start(write_side, card, provider="openai"), finished)
+            assert wait_for(write_side, watched, finished).status is RunStatus.SUCCEEDED
+            requests = len(server.requests)
+    assert hostile.status is RunStatus.FAILED
+    assert requests == 2
+    attempts = events_of(write_side, hostile.id, AgentRun.AttemptRecorded)
+    assert [a.output_tokens for a in attempts] == [2000, 2000]  # the coder's cap, charged
+    assert watching.longest < 1.0, f"the event loop was held {watching.longest:.2f}s at once"
+
+
+def test_a_429_with_a_retry_after_date_past_any_calendar_is_not_charged(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """Reading such a ``Retry-After`` raised, and the refused call was charged its prompt as a
+    broken stream."""
+    refused = Reply(status=429, headers={"retry-after": "Mon, 01 Jan 99999999999 00:00:00 GMT"},
+                    body=b'{"error": "slow down"}')  # fmt: skip
+    ok = Reply(events=openai_events(["fine"], prompt_tokens=10, completion_tokens=1))
+    run = run_on_fake_openai(write_side, database_url, [refused, ok])
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    first = attempts[0]
+    assert (first.http_status, first.input_tokens, first.provider_cost_micros) == (429, 0, 0)
+    assert len(events_of(write_side, run.id, AgentRun.LlmCallCompleted)) == 1
+
+
+def test_a_flood_of_blank_lines_from_a_provider_is_not_written_line_by_line(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """One piece of a million newlines (2 MB on the wire, and an honest model's 2,000 tokens
+    are up to 64,000 of them) became a million log lines of the run, ten thousand events of 100
+    written one after another into the store every workspace shares, before the run could
+    end. A run's log keeps at most MAX_RUN_LOG_LINES of the model's lines, and says so."""
+    flood = {"id": "c1", "choices": [{"index": 0, "delta": {"content": "\n" * 1_000_000}}]}
+    events = openai_events(["a"], prompt_tokens=10, completion_tokens=1)
+    events.insert(1, "data: " + json.dumps(flood))
+    card = card_on_board(write_side)
+    began = time.monotonic()
+    with (
+        FakeProviderServer([Reply(events=events)]) as server,
+        orchestrator_thread(database_url, openai_at(server), max_attempts=1),
+    ):
+        run = wait_for(write_side, start(write_side, card, provider="openai"), finished)
+    took = time.monotonic() - began
+    assert run.status is RunStatus.FAILED
+    lines = log_lines(write_side, run.id)
+    assert MAX_RUN_LOG_LINES <= len(lines) <= MAX_RUN_LOG_LINES + 10
+    assert any(f"after {MAX_RUN_LOG_LINES} lines" in line for line in lines)
+    assert took < 30
 
 
 def test_unpinned_run_falls_back_after_a_500_and_records_both_attempts(

@@ -367,3 +367,105 @@ def test_a_model_that_thinks_longer_than_the_idle_period_before_it_answers_is_no
     assert error is None, error
     assert "".join(p for p in got if isinstance(p, str)) == "the answer"
     assert usage_of(got) == Usage(7, len(words))
+
+
+#: Counts a usage block may hold that are no counts, as raw JSON: a fraction, a string of a
+#: fraction or of words, null, true, an object, a number past a double (read as infinity).
+NO_COUNTS = ['"12.5"', "12.7", "null", "true", '"many"', '{"n": 3}', "1e400", "NaN", "[]"]
+
+
+@pytest.mark.parametrize("family", ["openai", "anthropic"])
+@pytest.mark.parametrize("count", NO_COUNTS)
+def test_a_whole_answer_whose_usage_holds_no_count_is_charged_our_counts_not_broken(
+    family: str, count: str
+) -> None:
+    """``int()`` of the count broke a whole answer off as unreadable (null, "12.5", 1e400): the
+    orchestrator charged it, as a broken stream, and made the call again, charged again; or it
+    cut a fraction down (12.7 billed as 12) and took ``true`` for 1. A whole answer whose usage
+    holds no count is charged our own counts, once, as one without a usage block."""
+    if family == "openai":
+        provider: Any = OpenAIProvider(api_key=KEY, base_url="", timeout=FAST)
+        events = openai_events(["one ", "two"], prompt_tokens=1, completion_tokens=1)
+        block = next(i for i, f in enumerate(events) if '"usage"' in f)
+        events[block] = (
+            'data: {"id": "c1", "choices": [], "usage": {"prompt_tokens": '
+            + count
+            + ', "completion_tokens": 3}}'
+        )
+    else:
+        provider = AnthropicProvider(api_key=KEY, base_url="", timeout=FAST)
+        events = anthropic_events(["one ", "two"], input_tokens=20, output_tokens=1)
+        delta = next(i for i, f in enumerate(events) if f.startswith("event: message_delta"))
+        events[delta] = (
+            'event: message_delta\ndata: {"type": "message_delta", "delta": {}, '
+            '"usage": {"output_tokens": ' + count + "}}"
+        )
+    with FakeProviderServer([Reply(events=events)]) as server:
+        got, error = pieces(at(provider, server))
+    assert error is None, error
+    assert "".join(p for p in got if isinstance(p, str)) == "one two"
+    usage = usage_of(got)
+    assert usage.estimated
+    assert type(usage.input_tokens) is int
+    assert type(usage.output_tokens) is int
+    assert 0 < usage.input_tokens < 100
+    assert 0 < usage.output_tokens <= REQUEST.max_tokens
+
+
+@pytest.mark.parametrize("family", ["openai", "anthropic"])
+def test_a_count_written_as_digits_or_a_whole_float_is_the_providers(family: str) -> None:
+    """What is a count stays one: ``"30"`` and ``64.0`` are read as 30 and 64."""
+    if family == "openai":
+        provider: Any = OpenAIProvider(api_key=KEY, base_url="", timeout=FAST)
+        events = openai_events(["one"], prompt_tokens=1, completion_tokens=1)
+        block = next(i for i, f in enumerate(events) if '"usage"' in f)
+        events[block] = (
+            'data: {"id": "c1", "choices": [], '
+            '"usage": {"prompt_tokens": "30", "completion_tokens": 64.0}}'
+        )
+    else:
+        provider = AnthropicProvider(api_key=KEY, base_url="", timeout=FAST)
+        events = anthropic_events(["one"], input_tokens=30, output_tokens=1)
+        delta = next(i for i, f in enumerate(events) if f.startswith("event: message_delta"))
+        events[delta] = (
+            'event: message_delta\ndata: {"type": "message_delta", "delta": {}, '
+            '"usage": {"output_tokens": "64"}}'
+        )
+    with FakeProviderServer([Reply(events=events)]) as server:
+        got, error = pieces(at(provider, server))
+    assert error is None, error
+    assert usage_of(got) == Usage(30, 64)
+
+
+def test_an_anthropic_answer_whose_start_holds_no_count_is_whole_and_estimated() -> None:
+    """``message_start`` without a readable input count: the answer still streams and ends whole
+    (it broke off at once, before any text, and was made again)."""
+    events = anthropic_events(["one ", "two"], input_tokens=20, output_tokens=2)
+    events[0] = events[0].replace('"input_tokens": 20', '"input_tokens": null')
+    provider = AnthropicProvider(api_key=KEY, base_url="", timeout=FAST)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        got, error = pieces(at(provider, server))
+    assert error is None, error
+    assert "".join(p for p in got if isinstance(p, str)) == "one two"
+    assert usage_of(got).estimated
+
+
+@pytest.mark.parametrize(
+    "value", ["Mon, 01 Jan 99999999999 00:00:00 GMT", "Fri, 31 Dec 123456789012 23:59:59 +0000"]
+)
+def test_a_429_whose_retry_after_is_a_date_past_any_calendar_is_a_429_not_charged(
+    value: str,
+) -> None:
+    """An HTTP date with a year past what a date can hold raised ``OverflowError`` from reading
+    ``Retry-After``, which the adapter took for an event it cannot read: a broken stream, so
+    the orchestrator charged the workspace the prompt of a call the provider refused (429), at
+    every retry. It is a 429 with no ``Retry-After`` we can use."""
+    assert retry_after_seconds(value) is None
+    reply = Reply(status=429, headers={"retry-after": value}, body=b'{"error": "slow down"}')
+    with FakeProviderServer([reply]) as server:
+        got, error = pieces(openai(server))
+    assert not any(isinstance(p, Accepted) for p in got)
+    assert isinstance(error, TransientProviderError), error
+    assert not isinstance(error, StreamBroken), error
+    assert error.http_status == 429
+    assert error.retry_after is None

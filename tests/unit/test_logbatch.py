@@ -318,3 +318,36 @@ def test_a_close_cut_short_by_the_runs_timeout_leaves_the_writes_for_the_next_cl
         return sink.texts()
 
     assert asyncio.run(scenario()) == [["last line"], ["timed out"]]
+
+
+@pytest.mark.parametrize(
+    ("pieces", "kept", "cut"),
+    [
+        (["\n" * 1000], [""] * 5, True),
+        (["a\nb\nc\nd\ne\nf\ng"], list("abcde"), True),
+        ([f"{n}\n" for n in range(9)], [str(n) for n in range(5)], True),
+        (["a\nb\nc\nd\ne"], list("abcde"), False),  # its last line ends with the log
+        (["a\nb\nc\nd\ne\nf"], list("abcde"), True),  # one more, partial: cut
+        (["a\nb\nc\nd\ne\n", "more\n", "and more"], list("abcde"), True),
+    ],
+)
+def test_a_runs_log_keeps_at_most_its_lines_and_says_where_it_was_cut(
+    pieces: list[str], kept: list[str], cut: bool
+) -> None:
+    """Every line of streamed text was kept, however many: a million newlines in one piece
+    became a million lines to write."""
+
+    async def scenario() -> list[tuple[str, str]]:
+        sink = Sink()
+        batcher = LogBatcher(sink.write, max_run_lines=5)
+        batcher.start()
+        for piece in pieces:
+            batcher.add(piece)
+        batcher.system("done")
+        await batcher.close()
+        return [(stream, text) for chunk in sink.chunks for _, stream, text in chunk]
+
+    lines = asyncio.run(scenario())
+    assert [text for stream, text in lines if stream == "stdout"] == kept
+    ours = ["log cut after 5 lines: the rest is not kept"] if cut else []
+    assert [text for stream, text in lines if stream == "system"] == [*ours, "done"]
