@@ -8,6 +8,7 @@ from there when the body has none. Logins are limited per account and per client
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -250,8 +251,11 @@ class _AuthRoutes:
             account = normalise_email(email)
         except ValidationFailed:
             account = email.strip().casefold()
+        # A digest: the email is whatever the body held, up to its 16 KB, and a key as long
+        # would sit in the limiter's store for a minute per request.
+        digest = hashlib.blake2b(account.encode("utf-8", "surrogatepass"), digest_size=16)
         await self._limit_guesses(
-            request, f"login-account:{account}", "account's logins", "address's logins"
+            request, f"login-account:{digest.hexdigest()}", "account's logins", "address's logins"
         )
 
     async def _limit_account(self, request: Request, user_id: UUID) -> None:
@@ -268,23 +272,27 @@ class _AuthRoutes:
     async def _limit_guesses(
         self, request: Request, account_key: str, per_account: str, per_address: str
     ) -> None:
-        """Count a guess of a secret against its account (``account_key``) and the client's
-        address, at the login limits; ``per_…`` name them in a refusal."""
+        """Count a guess of a secret against the client's address and then its account
+        (``account_key``), at the login limits; ``per_…`` name them in a refusal.
+
+        The address first: a request it refuses counts nothing further, so an address past its
+        limit adds no key to the limiter's store however many accounts it names (the account
+        first, each request naming a new one added a key, refused or not)."""
         limits = []
-        if self.auth.login_per_account_per_minute is not None:
-            limits.append(
-                Limit(
-                    f"{self.auth.key_prefix}:{account_key}",
-                    self.auth.login_per_account_per_minute,
-                    per_account,
-                )
-            )
         if self.auth.login_per_address_per_minute is not None:
             limits.append(
                 Limit(
                     f"{self.auth.key_prefix}:login-address:{_address(request)}",
                     self.auth.login_per_address_per_minute,
                     per_address,
+                )
+            )
+        if self.auth.login_per_account_per_minute is not None:
+            limits.append(
+                Limit(
+                    f"{self.auth.key_prefix}:{account_key}",
+                    self.auth.login_per_account_per_minute,
+                    per_account,
                 )
             )
         await self.runtime.limiter.hit(limits)

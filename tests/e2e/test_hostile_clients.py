@@ -1,0 +1,96 @@
+"""One hostile client against the server's shared resources (memory, sockets, the rate limiter's
+keys): whatever it sends, or fails to read, it holds a bounded share and the others are served.
+
+These speak raw TCP where a well-behaved client library would not do what is tested (a head that
+never ends, a body sent a byte at a time, pings whose pongs are never read).
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import time
+
+import httpx
+import redis
+from e2e_stack import MakeStack, Stack
+
+
+def _connect(stack: Stack, *, receive_buffer: int | None = None) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect((stack.server.host, stack.server.port))
+    return sock
+
+
+def _answer(sock: socket.socket, *, within: float) -> bytes:
+    """What the server sends until it closes the connection or ``within`` seconds pass."""
+    sock.settimeout(0.2)
+    received = b""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def _closed_by_server(sock: socket.socket, *, within: float) -> tuple[bool, bytes]:
+    """Whether the server closed ``sock`` within ``within`` seconds, and what it said first."""
+    sock.settimeout(0.2)
+    received = b""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return True, received
+        if not chunk:
+            return True, received
+        received += chunk
+    return False, received
+
+
+def _still_serves(stack: Stack) -> None:
+    assert httpx.get(f"{stack.url}/healthz", timeout=5).status_code == 200
+
+
+# -- the rate limiter's keys ---------------------------------------------------------------------
+
+
+def test_logins_refused_for_their_address_leave_no_keys_behind(
+    make_stack: MakeStack, redis_url: str
+) -> None:
+    """A login counted its account before its address, the account named by whatever email the
+    body held (up to 16 KB): one address refused for its rate still made a key of 16 KB per
+    request, in Redis (or the process) for a minute, each request a new one."""
+    stack = make_stack(
+        broadcaster="redis",
+        auth={"login_per_address_per_minute": 5, "login_per_account_per_minute": 10},
+    )
+    auth = stack.services.auth
+    assert auth is not None
+    statuses = []
+    with httpx.Client(base_url=stack.url, timeout=10) as client:
+        for _ in range(40):
+            email = secrets.token_hex(5_000) + "@example.com"
+            answer = client.post("/auth/login", json={"email": email, "password": "x" * 12})
+            statuses.append(answer.status_code)
+    assert statuses.count(429) >= 35, statuses
+    store = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(store.scan_iter(match=f"{auth.key_prefix}:*", count=1000))
+    finally:
+        store.close()
+    accounts = [k for k in keys if b"login-account" in k]
+    assert len(accounts) <= 5, f"{len(accounts)} account keys for 5 logins let through"
+    assert max(len(k) for k in keys) < 200, "a rate limit key holds what the client sent"
