@@ -150,6 +150,8 @@ class Settings(BaseSettings):
     """WebSockets one client address may hold open on one API instance before they sign in
     (``connection_init``); one more is refused at its handshake (HTTP 403)."""
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    request_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    """A request's body must arrive within this long of its head; else 408, closed."""
     metrics_token: SecretStr | None = None
     """Bearer token ``GET /metrics`` asks for (``Authorization: Bearer …``); unset: it answers
     anyone, so keep the port off the public network."""

@@ -31,7 +31,7 @@ from domain.errors import (
 from domain.text import storable_text, text_problem
 from domain.user import normalise_email
 from read_api.auth import authenticate, request_id
-from read_api.input_checks import body_within
+from read_api.input_checks import BodyTooSlow, body_within
 from read_api.ratelimit import Limit
 from read_api.services import AuthSettings
 
@@ -100,6 +100,9 @@ def _answering(
 def _error(error: AgentWorksError, rid: str) -> Response:
     status = _STATUS.get(error.code, 400)
     headers: dict[str, str] = {}
+    if isinstance(error, BodyTooSlow):
+        # The rest of the body may still come: the connection cannot carry another request.
+        status, headers["Connection"] = 408, "close"
     if isinstance(error, RateLimited | Unavailable):
         headers["Retry-After"] = str(max(1, round(error.retry_after_seconds)))
     if status == 401:
@@ -115,9 +118,10 @@ class _AuthRoutes:
         self.runtime = runtime
         self.auth = auth
         self.identity = auth.identity
+        self.body_seconds = runtime.services.request_body_timeout_seconds
 
     async def signup(self, request: Request, rid: str) -> Response:
-        body = await _body(request)
+        body = await _body(request, seconds=self.body_seconds)
         await self._limit_address(request)
         user_id = await self.runtime.offloader.run(
             lambda: self.identity.signup(
@@ -130,7 +134,7 @@ class _AuthRoutes:
         return JSONResponse({"userId": str(user_id)}, status_code=201)
 
     async def login(self, request: Request, rid: str) -> Response:
-        body = await _body(request)
+        body = await _body(request, seconds=self.body_seconds)
         email, password = _text(body, "email"), _text(body, "password")
         totp = _optional_text(body, "totp")
         await self._limit_login(request, email)
@@ -178,7 +182,7 @@ class _AuthRoutes:
 
     async def mfa_confirm(self, request: Request, rid: str) -> Response:
         user_id = await self._user(request)
-        code = _text(await _body(request), "code")
+        code = _text(await _body(request, seconds=self.body_seconds), "code")
         codes = await self.runtime.offloader.run(
             lambda: self.identity.mfa_confirm(user_id, code, correlation_id=rid)
         )
@@ -186,7 +190,7 @@ class _AuthRoutes:
 
     async def mfa_disable(self, request: Request, rid: str) -> Response:
         user_id = await self._user(request)
-        code = _text(await _body(request), "code")
+        code = _text(await _body(request, seconds=self.body_seconds), "code")
         await self._limit_account(request, user_id)
         await self.runtime.offloader.run(
             lambda: self.identity.mfa_disable(user_id, code, correlation_id=rid)
@@ -195,7 +199,7 @@ class _AuthRoutes:
 
     async def change_password(self, request: Request, rid: str) -> Response:
         user_id = await self._user(request)
-        body = await _body(request)
+        body = await _body(request, seconds=self.body_seconds)
         current, new = _text(body, "currentPassword"), _text(body, "newPassword")
         await self._limit_account(request, user_id)
         await self.runtime.offloader.run(
@@ -221,7 +225,7 @@ class _AuthRoutes:
         return response
 
     async def _refresh_token(self, request: Request) -> str:
-        body = await _body(request, optional=True)
+        body = await _body(request, seconds=self.body_seconds, optional=True)
         token = body.get("refreshToken")
         if token is None:
             token = request.cookies.get(REFRESH_COOKIE)
@@ -331,8 +335,9 @@ def _address(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
 
-async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
-    raw = await body_within(request, _MAX_BODY)  # these routes take anyone's requests
+async def _body(request: Request, *, seconds: float, optional: bool = False) -> dict[str, Any]:
+    """The JSON object of the body, read for at most ``seconds``."""
+    raw = await body_within(request, _MAX_BODY, seconds=seconds)  # anyone may send it
     if raw is None:
         raise ValidationFailed(f"request body is larger than {_MAX_BODY} bytes")
     if not raw.strip():

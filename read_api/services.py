@@ -132,6 +132,9 @@ class ApiServices:
     graphiql: bool = False
     """Answer a browser's ``GET /graphql`` with GraphiQL (development only)."""
     max_body_bytes: int = 1_000_000
+    request_body_timeout_seconds: float = 30.0
+    """A request's body must have arrived this long after its head; else 408 and the connection
+    is closed (``read_api.input_checks.body_within``)."""
     metrics_token: str | None = None
     """``GET /metrics`` answers 401 without ``Authorization: Bearer <this>``; ``None``: open."""
     projectors: tuple[type[Projector], ...] = ALL_PROJECTORS

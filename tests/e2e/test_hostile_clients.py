@@ -12,6 +12,7 @@ import socket
 import time
 
 import httpx
+import pytest
 import redis
 from e2e_stack import MakeStack, Stack
 
@@ -62,6 +63,39 @@ def _closed_by_server(sock: socket.socket, *, within: float) -> tuple[bool, byte
 
 def _still_serves(stack: Stack) -> None:
     assert httpx.get(f"{stack.url}/healthz", timeout=5).status_code == 200
+
+
+# -- the request body ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/graphql", "/auth/login", "/webhooks/stripe"])
+def test_a_body_sent_a_trickle_at_a_time_is_cut_off(make_stack: MakeStack, path: str) -> None:
+    """Nothing bounded how long a body could take: 1 MB at a byte a second held its request
+    (and its socket) for eleven days; ``/auth/*`` and the webhook read it from anyone."""
+    stack = make_stack(
+        request_body_timeout_seconds=1.0,
+        auth={},
+        stripe_webhook_secret="whsec_" + secrets.token_hex(8),
+    )
+    token = stack.token("alice", "00000000-0000-0000-0000-000000000001")
+    sock = _connect(stack)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n{{".encode()
+    )
+    started = time.monotonic()
+    answer = b""
+    while time.monotonic() - started < 6:
+        answer += _answer(sock, within=0.5)
+        if answer:
+            break
+        try:
+            sock.sendall(b" ")
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    _still_serves(stack)
 
 
 # -- the rate limiter's keys ---------------------------------------------------------------------
