@@ -132,6 +132,10 @@ class ApiServices:
     graphiql: bool = False
     """Answer a browser's ``GET /graphql`` with GraphiQL (development only)."""
     max_body_bytes: int = 1_000_000
+    request_head_timeout_seconds: float = 10.0
+    """A request's head (request line and headers) must have arrived this long after the
+    connection opened, or after its first byte on a kept-alive connection; else 408 and the
+    connection is closed (``read_api.serving``)."""
     request_body_timeout_seconds: float = 30.0
     """A request's body must have arrived this long after its head; else 408 and the connection
     is closed (``read_api.input_checks.body_within``)."""

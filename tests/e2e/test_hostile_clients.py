@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import socket
 import time
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -63,6 +64,84 @@ def _closed_by_server(sock: socket.socket, *, within: float) -> tuple[bool, byte
 
 def _still_serves(stack: Stack) -> None:
     assert httpx.get(f"{stack.url}/healthz", timeout=5).status_code == 200
+
+
+# -- the request head ----------------------------------------------------------------------------
+
+
+def _endless_headers() -> Iterator[bytes]:
+    yield b"POST /graphql HTTP/1.1\r\nHost: api\r\n"
+    line = b"X-Padding: " + b"a" * 8_000 + b"\r\n"
+    for _ in range(4_000):  # 32 MB of headers, never ended
+        yield line
+
+
+def _endless_url() -> Iterator[bytes]:
+    yield b"GET /"
+    for _ in range(4_000):  # a request line of 32 MB, never ended
+        yield b"a" * 8_000
+
+
+@pytest.mark.parametrize("head", [_endless_headers, _endless_url])
+def test_a_request_head_past_its_limit_is_refused_and_read_no_further(
+    stack: Stack, head: Callable[[], Iterator[bytes]]
+) -> None:
+    """uvicorn (httptools) bounds neither the request line nor the headers while they arrive: a
+    head of 200 MB was read into memory, every byte of it, as long as its sender cared to send
+    (and parsed on the event loop, a bearer token of megabytes included)."""
+    sock = _connect(stack)
+    sent = 0
+    sock.settimeout(5)
+    try:
+        for piece in head():
+            sock.sendall(piece)
+            sent += len(piece)
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        pass  # the server stopped reading: what is tested
+    answer = _answer(sock, within=5)
+    sock.close()
+    assert sent < 4 * 1024 * 1024, f"the server read {sent} bytes of one request's head"
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    _still_serves(stack)
+
+
+def test_heads_within_the_limit_are_served_as_before(stack: Stack) -> None:
+    big_but_fine = {f"X-Header-{n}": "v" * 100 for n in range(200)}  # some 24 KB
+    response = httpx.get(f"{stack.url}/healthz", headers=big_but_fine, timeout=5)
+    assert response.status_code == 200
+
+
+def test_a_client_that_never_finishes_its_head_is_disconnected(make_stack: MakeStack) -> None:
+    """Without a timeout on the head, a socket that sent half a request line (or nothing) was
+    held open for good: a few thousand of them took every file descriptor of the process."""
+    stack = make_stack(request_head_timeout_seconds=1.0)
+    silent = _connect(stack)
+    slow = _connect(stack)
+    slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: api\r\n")
+    trickling = _connect(stack)
+    trickling.sendall(b"GET /healthz HTTP/1.1\r\n")
+    started = time.monotonic()
+    for _ in range(8):  # a byte every half second: progress, but never a whole head
+        time.sleep(0.5)
+        try:
+            trickling.sendall(b"X")
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    for sock in (silent, slow, trickling):
+        closed, said = _closed_by_server(sock, within=max(0.5, 6 - (time.monotonic() - started)))
+        sock.close()
+        assert closed, "the server still holds a connection whose head never came"
+        assert said == b"" or said.startswith(b"HTTP/1.1 408"), said[:200]
+    _still_serves(stack)
+
+
+def test_a_keep_alive_connection_serves_request_after_request(make_stack: MakeStack) -> None:
+    """The head's timer is per request: a connection kept alive and reused is not cut off."""
+    stack = make_stack(request_head_timeout_seconds=1.0)
+    with httpx.Client(base_url=stack.url, timeout=5) as client:
+        for _ in range(4):
+            assert client.get("/healthz").status_code == 200
+            time.sleep(0.6)
 
 
 # -- the request body ----------------------------------------------------------------------------

@@ -1,0 +1,148 @@
+"""How uvicorn serves the API: its options, and its HTTP and WebSocket protocols with the bounds
+uvicorn leaves to the application in front of it (which this deployment may not have).
+
+* **The request head** (request line, headers, a chunked body's trailers): uvicorn's httptools
+  protocol reads it whole, however long it grows and however long it takes. A head of 200 MB was
+  read into memory as fast as its sender sent it (and its ``Authorization`` parsed on the event
+  loop); a socket that sent half a request line, or nothing, was held open for good, so a few
+  thousand of them took every file descriptor the process had, from every tenant.
+  :class:`BoundedHttpProtocol` answers a head longer than :data:`MAX_HEAD_BYTES` with 431 and
+  one that has not arrived within ``request_head_timeout_seconds`` with 408, and closes the
+  connection either way. The body is the application's to bound (its size and how long it may
+  take: :func:`read_api.input_checks.body_within`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from read_api.app import max_websocket_message_bytes
+from read_api.runtime import ApiRuntime
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+MAX_HEAD_BYTES = 64 * 1024
+"""The most a request's head may hold, its request line and headers together (and a chunked
+body's trailers): a few times what a browser sends with its cookies and a token."""
+DEFAULT_HEAD_TIMEOUT_SECONDS = 10.0
+
+
+def uvicorn_options(app: FastAPI) -> dict[str, Any]:
+    """What ``uvicorn.Config`` needs besides the address and logging to serve ``app``."""
+    runtime = getattr(app.state, "runtime", None)
+    head_timeout = (
+        runtime.services.request_head_timeout_seconds
+        if isinstance(runtime, ApiRuntime)
+        else DEFAULT_HEAD_TIMEOUT_SECONDS
+    )
+
+    # uvicorn builds its protocols from classes: these bounds as class attributes.
+    class Http(BoundedHttpProtocol):
+        pass
+
+    Http.head_timeout = head_timeout
+    return {
+        "http": Http,
+        "ws": "websockets-sansio",
+        "ws_max_size": max_websocket_message_bytes(app),
+        # The app decides whose X-Forwarded-For to believe (AGENTWORKS_TRUSTED_PROXIES); uvicorn
+        # would believe any from 127.0.0.1.
+        "proxy_headers": False,
+    }
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a request head bounded in size and in time.
+
+    Size: what arrives without a byte of body in it (a head, or the trailers after a chunked
+    body) may add up to :attr:`max_head_bytes`; counted per read, so the check costs nothing per
+    byte and overshoots by at most one read. Time: from the connection's start, or from a
+    further request's first byte on a kept-alive connection, the head must be whole within
+    :attr:`head_timeout` seconds (between requests uvicorn's keep-alive timeout applies).
+    """
+
+    head_timeout: float = DEFAULT_HEAD_TIMEOUT_SECONDS
+    max_head_bytes: int = MAX_HEAD_BYTES
+
+    _unframed = 0
+    """Bytes read since the last read that held body bytes or ended a message."""
+    _body_seen = 0
+    _messages_ended = 0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        body, ended = self._body_seen, self._messages_ended
+        super().data_received(data)
+        if self.transport.get_protocol() is not self:
+            return  # upgraded to a WebSocket, which has bounds of its own
+        if self._body_seen != body or self._messages_ended != ended:
+            self._unframed = 0
+            return
+        self._unframed += len(data)
+        if self._unframed > self.max_head_bytes and not self.transport.is_closing():
+            self._refuse(431, f"the request head is larger than {self.max_head_bytes} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_timer is None:
+            self._start_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_seen += len(body)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._messages_ended += 1
+        super().on_message_complete()
+
+    def _start_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_too_slow)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self._refuse(408, f"the request head did not arrive within {self.head_timeout:g} s")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` (when no response is under way on this connection) and close."""
+        self._stop_head_timer()
+        if self.cycle is None or self.cycle.response_complete:
+            body = message.encode("ascii")
+            head = [STATUS_LINE[status]]
+            for name, value in self.server_state.default_headers:
+                head += [name, b": ", value, b"\r\n"]
+            head += [
+                b"content-type: text/plain; charset=utf-8\r\n",
+                b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+                b"connection: close\r\n\r\n",
+            ]
+            self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
+__all__ = [
+    "MAX_HEAD_BYTES",
+    "BoundedHttpProtocol",
+    "uvicorn_options",
+]
