@@ -10,6 +10,11 @@ uvicorn leaves to the application in front of it (which this deployment may not 
   one that has not arrived within ``request_head_timeout_seconds`` with 408, and closes the
   connection either way. The body is the application's to bound (its size and how long it may
   take: :func:`read_api.input_checks.body_within`).
+* **WebSocket pings**: the server answers every ping with a pong at once, whether or not the
+  client reads what it is sent. A client sending pings and reading nothing grew the server's
+  send buffer by what it sent, without bound. :class:`BoundedWebSocketProtocol` stops reading
+  from a client while what was sent to it waits unread (uvicorn already does so for messages
+  the application has not taken yet); TCP then slows the sender down.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from read_api.app import max_websocket_message_bytes
 from read_api.runtime import ApiRuntime
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from uvicorn._types import ASGIReceiveEvent
 
 MAX_HEAD_BYTES = 64 * 1024
 """The most a request's head may hold, its request line and headers together (and a chunked
@@ -47,7 +54,7 @@ def uvicorn_options(app: FastAPI) -> dict[str, Any]:
     Http.head_timeout = head_timeout
     return {
         "http": Http,
-        "ws": "websockets-sansio",
+        "ws": BoundedWebSocketProtocol,
         "ws_max_size": max_websocket_message_bytes(app),
         # The app decides whose X-Forwarded-For to believe (AGENTWORKS_TRUSTED_PROXIES); uvicorn
         # would believe any from 127.0.0.1.
@@ -141,8 +148,43 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, reading nothing from a client while what was sent to it
+    waits unread beyond the transport's high-water mark.
+
+    Every ping read is answered with a pong, which waits in the send buffer for as long as the
+    client does not read; not reading then is what bounds that buffer (and with it the pongs a
+    client can make the server hold). Reading resumes once the client has read enough, unless
+    uvicorn holds it for messages the application has not taken yet.
+    """
+
+    _send_blocked = False
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._send_blocked = True
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._send_blocked = False
+        if not self.read_paused and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    async def receive(self) -> ASGIReceiveEvent:
+        # uvicorn's, except that reading stays paused while sends are.
+        message = await self.queue.get()
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            if not self._send_blocked and not self.transport.is_closing():
+                self.transport.resume_reading()
+        return message
+
+
 __all__ = [
     "MAX_HEAD_BYTES",
     "BoundedHttpProtocol",
+    "BoundedWebSocketProtocol",
     "uvicorn_options",
 ]

@@ -7,6 +7,8 @@ never ends, a body sent a byte at a time, pings whose pongs are never read).
 
 from __future__ import annotations
 
+import base64
+import os
 import secrets
 import socket
 import time
@@ -174,6 +176,47 @@ def test_a_body_sent_a_trickle_at_a_time_is_cut_off(make_stack: MakeStack, path:
             break
     sock.close()
     assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    _still_serves(stack)
+
+
+# -- WebSocket -----------------------------------------------------------------------------------
+
+
+def _websocket(stack: Stack) -> socket.socket:
+    sock = _connect(stack, receive_buffer=4096)
+    key = base64.b64encode(os.urandom(16))
+    sock.sendall(
+        b"GET /graphql HTTP/1.1\r\nHost: api\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Protocol: graphql-transport-ws\r\n\r\n"
+    )
+    sock.settimeout(5)
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def test_pings_whose_pongs_are_never_read_do_not_pile_up_in_the_server(stack: Stack) -> None:
+    """The server answers every WebSocket ping with a pong whether or not the client reads: a
+    client sending pings and reading nothing grew the server's send buffer by what it sent,
+    some 20 MB a second here, without bound (the process's memory, every tenant's)."""
+    sock = _websocket(stack)
+    ping = bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125
+    batch = ping * 1_000
+    sent = 0
+    sock.settimeout(2)
+    try:
+        while sent < 40_000_000:
+            sock.sendall(batch)
+            sent += len(batch)
+    except (TimeoutError, BrokenPipeError, ConnectionResetError):
+        pass  # the server stopped reading: what is tested
+    connections = stack.server.server.server_state.connections
+    buffered = max(
+        (c.transport.get_write_buffer_size() for c in list(connections) if hasattr(c, "conn")),
+        default=0,
+    )
+    sock.close()
+    assert buffered < 1_000_000, f"{buffered} bytes of pongs wait in the server for one client"
     _still_serves(stack)
 
 
