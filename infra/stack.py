@@ -132,6 +132,7 @@ def api_services(
         max_body_bytes=settings.max_body_bytes,
         request_head_timeout_seconds=settings.request_head_timeout_seconds,
         request_body_timeout_seconds=settings.request_body_timeout_seconds,
+        send_timeout_seconds=settings.send_timeout_seconds,
         metrics_token=settings.metrics_token.get_secret_value() if settings.metrics_token else None,
         max_projector_lag=settings.max_projector_lag,
         projector_stall_seconds=settings.projector_stall_seconds or None,

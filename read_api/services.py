@@ -139,6 +139,10 @@ class ApiServices:
     request_body_timeout_seconds: float = 30.0
     """A request's body must have arrived this long after its head; else 408 and the connection
     is closed (``read_api.input_checks.body_within``)."""
+    send_timeout_seconds: float = 60.0
+    """A client that leaves what it was sent unread this long, once the server's send buffer
+    for it is full (a response, subscription messages, pongs), is disconnected
+    (``read_api.serving``)."""
     metrics_token: str | None = None
     """``GET /metrics`` answers 401 without ``Authorization: Bearer <this>``; ``None``: open."""
     projectors: tuple[type[Projector], ...] = ALL_PROJECTORS

@@ -15,6 +15,9 @@ uvicorn leaves to the application in front of it (which this deployment may not 
   send buffer by what it sent, without bound. :class:`BoundedWebSocketProtocol` stops reading
   from a client while what was sent to it waits unread (uvicorn already does so for messages
   the application has not taken yet); TCP then slows the sender down.
+* **Clients that never read**: what a client leaves unread waits in the server for as long as
+  it likes (a response of megabytes, subscription messages). A connection whose sends have
+  been held up ``send_timeout_seconds`` is dropped (:class:`_DropsClientsThatDoNotRead`).
 """
 
 from __future__ import annotations
@@ -36,25 +39,33 @@ MAX_HEAD_BYTES = 64 * 1024
 """The most a request's head may hold, its request line and headers together (and a chunked
 body's trailers): a few times what a browser sends with its cookies and a token."""
 DEFAULT_HEAD_TIMEOUT_SECONDS = 10.0
+DEFAULT_SEND_TIMEOUT_SECONDS = 60.0
 
 
 def uvicorn_options(app: FastAPI) -> dict[str, Any]:
     """What ``uvicorn.Config`` needs besides the address and logging to serve ``app``."""
     runtime = getattr(app.state, "runtime", None)
-    head_timeout = (
-        runtime.services.request_head_timeout_seconds
+    head_timeout, send_timeout = (
+        (
+            runtime.services.request_head_timeout_seconds,
+            runtime.services.send_timeout_seconds,
+        )
         if isinstance(runtime, ApiRuntime)
-        else DEFAULT_HEAD_TIMEOUT_SECONDS
+        else (DEFAULT_HEAD_TIMEOUT_SECONDS, DEFAULT_SEND_TIMEOUT_SECONDS)
     )
 
     # uvicorn builds its protocols from classes: these bounds as class attributes.
     class Http(BoundedHttpProtocol):
         pass
 
+    class WebSocket(BoundedWebSocketProtocol):
+        pass
+
     Http.head_timeout = head_timeout
+    Http.send_timeout = WebSocket.send_timeout = send_timeout
     return {
         "http": Http,
-        "ws": BoundedWebSocketProtocol,
+        "ws": WebSocket,
         "ws_max_size": max_websocket_message_bytes(app),
         # The app decides whose X-Forwarded-For to believe (AGENTWORKS_TRUSTED_PROXIES); uvicorn
         # would believe any from 127.0.0.1.
@@ -62,7 +73,32 @@ def uvicorn_options(app: FastAPI) -> dict[str, Any]:
     }
 
 
-class BoundedHttpProtocol(HttpToolsProtocol):
+class _DropsClientsThatDoNotRead:
+    """A connection whose client leaves what it was sent unread is dropped after a while.
+
+    What a client does not read waits in the transport's buffer, past its high-water mark, for
+    as long as the client likes: a response of megabytes whose client reads nothing was held
+    for good (and its socket with it), each request of that client's rate limit one more; a
+    WebSocket's close waits for that buffer to empty before the socket goes. Once writing has
+    been paused for :attr:`send_timeout` seconds the connection is aborted, its buffer freed.
+    """
+
+    send_timeout: float = DEFAULT_SEND_TIMEOUT_SECONDS
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    _send_stalled: asyncio.TimerHandle | None = None
+
+    def _writing_paused(self) -> None:
+        if self._send_stalled is None:
+            self._send_stalled = self.loop.call_later(self.send_timeout, self.transport.abort)
+
+    def _writing_resumed(self) -> None:
+        if self._send_stalled is not None:
+            self._send_stalled.cancel()
+            self._send_stalled = None
+
+
+class BoundedHttpProtocol(_DropsClientsThatDoNotRead, HttpToolsProtocol):
     """uvicorn's httptools protocol with a request head bounded in size and in time.
 
     Size: what arrives without a byte of body in it (a head, or the trailers after a chunked
@@ -87,7 +123,16 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._writing_resumed()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._writing_paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._writing_resumed()
 
     def data_received(self, data: bytes) -> None:
         body, ended = self._body_seen, self._messages_ended
@@ -148,7 +193,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
+class BoundedWebSocketProtocol(_DropsClientsThatDoNotRead, WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol, reading nothing from a client while what was sent to it
     waits unread beyond the transport's high-water mark.
 
@@ -162,15 +207,21 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def pause_writing(self) -> None:
         super().pause_writing()
+        self._writing_paused()
         self._send_blocked = True
         if not self.transport.is_closing():
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         super().resume_writing()
+        self._writing_resumed()
         self._send_blocked = False
         if not self.read_paused and not self.transport.is_closing():
             self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._writing_resumed()
+        super().connection_lost(exc)
 
     async def receive(self) -> ASGIReceiveEvent:
         # uvicorn's, except that reading stays paused while sends are.

@@ -8,6 +8,7 @@ never ends, a body sent a byte at a time, pings whose pongs are never read).
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
 import socket
@@ -250,3 +251,56 @@ def test_logins_refused_for_their_address_leave_no_keys_behind(
     accounts = [k for k in keys if b"login-account" in k]
     assert len(accounts) <= 5, f"{len(accounts)} account keys for 5 logins let through"
     assert max(len(k) for k in keys) < 200, "a rate limit key holds what the client sent"
+
+
+# -- clients that never read ---------------------------------------------------------------------
+
+_BOARD = "board(projectId: $id) { lanes { cards { edges { node { description } } } } }"
+BOARDS = "query($id: ID!) { " + " ".join(f"b{n}: {_BOARD}" for n in range(8)) + " }"
+
+
+def test_a_client_that_never_reads_its_answer_is_dropped(make_stack: MakeStack) -> None:
+    """An answer its client did not read waited in the server for good, with its socket: each
+    request within the client's rate limit held one more (600 a minute, by default)."""
+    stack = make_stack(send_timeout_seconds=1.0)
+    alice, ws = stack.owner_with_workspace()
+    project = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    for n in range(12):
+        alice.data(
+            "mutation($input: CreateCardInput!) { createCard(input: $input) { card { id } } }",
+            {"input": {"projectId": project, "title": f"c{n}", "description": "d" * 100_000}},
+        )
+    cards = "query($id: ID!) { board(projectId: $id) { lanes { count } } }"
+    deadline = time.monotonic() + 20
+    while alice.data(cards, {"id": project})["board"]["lanes"][0]["count"] < 12:
+        assert time.monotonic() < deadline, "the cards were never projected"
+        time.sleep(0.2)
+    # Some 10 MB of answer: more than the kernel's send buffer (4 MB here) takes in.
+    body = json.dumps({"query": BOARDS, "variables": {"id": project}}).encode()
+    sock = _connect(stack, receive_buffer=4096)
+    sock.sendall(
+        b"POST /graphql HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {alice.token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    ours = sock.getsockname()
+
+    def held() -> int | None:
+        """What the server holds for our connection, unsent; None: the connection is gone
+        (closing is not gone: a closed transport still waits to send what it holds)."""
+        for connection in list(stack.server.server.server_state.connections):
+            if connection.client == ours:
+                return int(connection.transport.get_write_buffer_size())
+        return None
+
+    deadline = time.monotonic() + 10
+    while (held() or 0) < 1_000_000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (held() or 0) >= 1_000_000, "the answer never waited in the server"
+    deadline = time.monotonic() + 5
+    while held() is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = held()
+    sock.close()
+    assert left is None, f"{left} bytes still wait for a client that reads nothing"
+    _still_serves(stack)
