@@ -639,6 +639,8 @@ class Metrics:
         self.exposition = Exposition() if collector is None else Exposition(collector)
         token = runtime.services.metrics_token
         self.expected = None if token is None else f"Bearer {token}".encode()
+        self._rendering: asyncio.Future[bytes] | None = None
+        """The exposition rendered in flight, which every scrape arriving meanwhile shares."""
 
     async def scrape(self, request: Request) -> Response:
         given = request.headers.get("authorization", "").encode("latin-1")
@@ -649,9 +651,21 @@ class Metrics:
                 media_type="text/plain",
                 headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
             )
-        # The lag collector queries Postgres: not on the event loop.
-        body = await self.runtime.offloader.run(self.exposition.render)
+        body = await asyncio.shield(self._shared_render())
         return Response(body, media_type=self.exposition.content_type)
+
+    def _shared_render(self) -> asyncio.Future[bytes]:
+        """One render at a time, however many scrapes ask: the route answers anyone without a
+        metrics token, and each render takes a worker thread (the lag collector connects to
+        Postgres), so a flood of scrapes took every thread the API's reads run on. Not a
+        cache: a scrape arriving after a render finished starts a new one."""
+        if self._rendering is None or self._rendering.done():
+            self._rendering = asyncio.ensure_future(
+                self.runtime.offloader.run(self.exposition.render)
+            )
+            # Retrieved here as well, for a render whose every scrape went away.
+            self._rendering.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return self._rendering
 
 
 # -- WebSocket subscriptions ----------------------------------------------------------------------

@@ -14,11 +14,14 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import redis
 from e2e_stack import MakeStack, Stack
+
+from adapters.metrics import LagCollector
 
 
 def _connect(stack: Stack, *, receive_buffer: int | None = None) -> socket.socket:
@@ -304,3 +307,34 @@ def test_a_client_that_never_reads_its_answer_is_dropped(make_stack: MakeStack) 
     sock.close()
     assert left is None, f"{left} bytes still wait for a client that reads nothing"
     _still_serves(stack)
+
+
+# -- /metrics ------------------------------------------------------------------------------------
+
+
+def test_a_flood_of_scrapes_holds_one_worker_thread_not_all_of_them(make_stack: MakeStack) -> None:
+    """``/metrics`` answers anyone by default, on the API's own port, and each scrape read the
+    lag from a new database connection on one of the worker threads every request's reads run
+    on: scrapes sent faster than that connection answers (a database slow to accept, here one
+    that never does) took every thread, and every tenant's queries waited behind them."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(200)  # accepts connections, never answers: each connect waits its 3 s
+    try:
+        lag = LagCollector(f"postgresql://agentworks@127.0.0.1:{silent.getsockname()[1]}/x")
+        stack = make_stack(lag_collector=lag, db_threads=8)
+        alice, ws = stack.owner_with_workspace()
+        query = "query($id: ID!) { workspace(id: $id) { id } }"
+        assert alice.data(query, {"id": ws})
+        with ThreadPoolExecutor(max_workers=40) as scrapers:
+            scrapes = [
+                scrapers.submit(httpx.get, f"{stack.url}/metrics", timeout=30) for _ in range(40)
+            ]
+            time.sleep(0.5)
+            started = time.monotonic()
+            assert alice.data(query, {"id": ws})
+            took = time.monotonic() - started
+            assert all(scrape.result().status_code == 200 for scrape in scrapes)
+    finally:
+        silent.close()
+    assert took < 1.5, f"a query waited {took:.1f} s behind scrapes of /metrics"
