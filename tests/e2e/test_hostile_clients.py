@@ -8,6 +8,7 @@ never ends, a body sent a byte at a time, pings whose pongs are never read).
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import redis
 from e2e_stack import MakeStack, Stack
+from graphql import DocumentNode
 
 from adapters.metrics import LagCollector
 
@@ -338,3 +340,32 @@ def test_a_flood_of_scrapes_holds_one_worker_thread_not_all_of_them(make_stack: 
     finally:
         silent.close()
     assert took < 1.5, f"a query waited {took:.1f} s behind scrapes of /metrics"
+
+
+# -- GraphQL documents ---------------------------------------------------------------------------
+
+
+def test_large_documents_are_not_kept_by_the_parse_and_validation_caches(stack: Stack) -> None:
+    """The caches of parsed and validated documents hold 512 each, whatever their size: 512
+    different documents of nearly a megabyte (a long string literal passes every other limit),
+    well within one user's rate limit, were kept in memory (the text, and the literal again in
+    the parsed document) until 512 others pushed them out."""
+    alice, ws = stack.owner_with_workspace()
+    document = 'query($id: ID!) { workspace(id: $id) { id name(x: "%s") } }'
+    for n in range(20):
+        answer = alice.post(document.replace("%s", f"{n}-" + "x" * 900_000), {"id": ws})
+        assert answer.status == 200
+        assert answer.codes == ["VALIDATION"], answer.errors
+    gc.collect()
+    kept = [
+        o for o in gc.get_objects()
+        if isinstance(o, DocumentNode) and o.loc is not None and len(o.loc.source.body) > 500_000
+    ]  # fmt: skip
+    assert not kept, f"{len(kept)} documents of 900 KB are kept after their requests"
+    # Long documents run as before, parsed and validated each time.
+    long = "# " + "c" * 100_000 + "\nquery($id: ID!) { workspace(id: $id) { id } }"
+    assert alice.data(long, {"id": ws}) == {"workspace": {"id": ws}}
+    too_deep = "# " + "c" * 100_000 + "\n{ " + "me { " * 13 + "id" + " }" * 14
+    refused = alice.post(too_deep)
+    assert set(refused.codes) == {"VALIDATION"}
+    assert any("depth" in error["message"] for error in refused.errors), refused.errors
