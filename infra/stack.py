@@ -133,6 +133,7 @@ def api_services(
         request_head_timeout_seconds=settings.request_head_timeout_seconds,
         request_body_timeout_seconds=settings.request_body_timeout_seconds,
         send_timeout_seconds=settings.send_timeout_seconds,
+        max_connections_per_address=settings.max_connections_per_address or None,
         metrics_token=settings.metrics_token.get_secret_value() if settings.metrics_token else None,
         max_projector_lag=settings.max_projector_lag,
         projector_stall_seconds=settings.projector_stall_seconds or None,

@@ -15,6 +15,12 @@ uvicorn leaves to the application in front of it (which this deployment may not 
   send buffer by what it sent, without bound. :class:`BoundedWebSocketProtocol` stops reading
   from a client while what was sent to it waits unread (uvicorn already does so for messages
   the application has not taken yet); TCP then slows the sender down.
+* **Connections per address**: with the head's timeout a connection still lives as long as its
+  client sends a cheap request now and then, and nothing bounded how many one address held.
+  :class:`BoundedHttpProtocol` answers one more than ``max_connections_per_address`` with 503
+  and closes it (not behind trusted proxies, whose address every client shares: there the
+  proxy bounds its clients). A WebSocket leaves the count at its upgrade: sockets are bounded
+  per address before they sign in and per user after.
 * **Clients that never read**: what a client leaves unread waits in the server for as long as
   it likes (a response of megabytes, subscription messages). A connection whose sends have
   been held up ``send_timeout_seconds`` is dropped (:class:`_DropsClientsThatDoNotRead`).
@@ -23,7 +29,8 @@ uvicorn leaves to the application in front of it (which this deployment may not 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from collections import Counter
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -45,13 +52,17 @@ DEFAULT_SEND_TIMEOUT_SECONDS = 60.0
 def uvicorn_options(app: FastAPI) -> dict[str, Any]:
     """What ``uvicorn.Config`` needs besides the address and logging to serve ``app``."""
     runtime = getattr(app.state, "runtime", None)
-    head_timeout, send_timeout = (
+    head_timeout, send_timeout, per_address = (
         (
             runtime.services.request_head_timeout_seconds,
             runtime.services.send_timeout_seconds,
+            # Behind proxies every client has a proxy's address: the proxy bounds them.
+            None
+            if runtime.services.trusted_proxies
+            else runtime.services.max_connections_per_address,
         )
         if isinstance(runtime, ApiRuntime)
-        else (DEFAULT_HEAD_TIMEOUT_SECONDS, DEFAULT_SEND_TIMEOUT_SECONDS)
+        else (DEFAULT_HEAD_TIMEOUT_SECONDS, DEFAULT_SEND_TIMEOUT_SECONDS, None)
     )
 
     # uvicorn builds its protocols from classes: these bounds as class attributes.
@@ -62,6 +73,8 @@ def uvicorn_options(app: FastAPI) -> dict[str, Any]:
         pass
 
     Http.head_timeout = head_timeout
+    Http.max_connections_per_address = per_address
+    Http.connections_per_address = Counter()  # this server's, shared by its connections
     Http.send_timeout = WebSocket.send_timeout = send_timeout
     return {
         "http": Http,
@@ -106,10 +119,17 @@ class BoundedHttpProtocol(_DropsClientsThatDoNotRead, HttpToolsProtocol):
     byte and overshoots by at most one read. Time: from the connection's start, or from a
     further request's first byte on a kept-alive connection, the head must be whole within
     :attr:`head_timeout` seconds (between requests uvicorn's keep-alive timeout applies).
+    Number: a client address holds at most :attr:`max_connections_per_address` connections of
+    this server at once (counted in :attr:`connections_per_address` until each one ends or is
+    upgraded to a WebSocket).
     """
 
     head_timeout: float = DEFAULT_HEAD_TIMEOUT_SECONDS
     max_head_bytes: int = MAX_HEAD_BYTES
+    max_connections_per_address: int | None = None
+    connections_per_address: ClassVar[Counter[str]] = Counter()
+    _address: str | None = None
+    """The client address this connection counts against, while it does."""
 
     _unframed = 0
     """Bytes read since the last read that held body bytes or ended a message."""
@@ -119,12 +139,34 @@ class BoundedHttpProtocol(_DropsClientsThatDoNotRead, HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
+        most = self.max_connections_per_address
+        if most is not None and self.client is not None:
+            address = str(self.client[0])
+            if self.connections_per_address[address] >= most:
+                self._refuse(503, f"this address already has {most} connections open")
+                return
+            self.connections_per_address[address] += 1
+            self._address = address
         self._start_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
         self._writing_resumed()
+        self._leave_count()
         super().connection_lost(exc)
+
+    def handle_websocket_upgrade(self) -> None:
+        self._leave_count()  # the socket's own bounds take over
+        super().handle_websocket_upgrade()
+
+    def _leave_count(self) -> None:
+        address, self._address = self._address, None
+        if address is not None:
+            left = self.connections_per_address[address] - 1
+            if left > 0:
+                self.connections_per_address[address] = left
+            else:
+                del self.connections_per_address[address]
 
     def pause_writing(self) -> None:
         super().pause_writing()

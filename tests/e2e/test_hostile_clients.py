@@ -152,6 +152,31 @@ def test_a_keep_alive_connection_serves_request_after_request(make_stack: MakeSt
             time.sleep(0.6)
 
 
+def test_connections_from_one_address_are_bounded(make_stack: MakeStack) -> None:
+    """With the head's timeout a connection still lives as long as its client sends a request
+    now and then (a cheap one: ``GET /healthz`` every few seconds), and nothing bounded how many
+    one address held: enough of them took every file descriptor of the process."""
+    stack = make_stack(max_connections_per_address=5)
+    held = [_connect(stack) for _ in range(5)]
+    try:
+        one_more = _connect(stack)
+        one_more.sendall(b"GET /healthz HTTP/1.1\r\nHost: api\r\n\r\n")
+        closed, said = _closed_by_server(one_more, within=5)
+        one_more.close()
+        assert closed, "a sixth connection of one address was kept"
+        assert said.startswith(b"HTTP/1.1 503"), said[:200]
+        held.pop().close()
+        time.sleep(0.2)
+        _still_serves(stack)  # a place was freed
+        # A WebSocket leaves the count at its upgrade: sockets have bounds of their own.
+        socket_ = _websocket(stack)
+        _still_serves(stack)
+        socket_.close()
+    finally:
+        for sock in held:
+            sock.close()
+
+
 # -- the request body ----------------------------------------------------------------------------
 
 
