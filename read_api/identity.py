@@ -32,7 +32,7 @@ from domain.text import storable_text, text_problem
 from domain.user import normalise_email
 from read_api.auth import authenticate, request_id
 from read_api.input_checks import BodyTooSlow, body_within
-from read_api.ratelimit import Limit
+from read_api.ratelimit import Limit, client_network
 from read_api.services import AuthSettings
 
 if TYPE_CHECKING:
@@ -332,7 +332,7 @@ class _AuthRoutes:
 
 
 def _address(request: Request) -> str:
-    return request.client.host if request.client is not None else "unknown"
+    return client_network(request.client.host if request.client is not None else None)
 
 
 async def _body(request: Request, *, seconds: float, optional: bool = False) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from read_api.app import max_websocket_message_bytes
+from read_api.ratelimit import client_network
 from read_api.runtime import ApiRuntime
 
 if TYPE_CHECKING:
@@ -141,7 +142,7 @@ class BoundedHttpProtocol(_DropsClientsThatDoNotRead, HttpToolsProtocol):
         super().connection_made(transport)  # type: ignore[arg-type]
         most = self.max_connections_per_address
         if most is not None and self.client is not None:
-            address = str(self.client[0])
+            address = client_network(str(self.client[0]))
             if self.connections_per_address[address] >= most:
                 self._refuse(503, f"this address already has {most} connections open")
                 return
