@@ -150,6 +150,17 @@ class Settings(BaseSettings):
     """WebSockets one client address may hold open on one API instance before they sign in
     (``connection_init``); one more is refused at its handshake (HTTP 403)."""
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    request_head_timeout_seconds: float = Field(default=10.0, gt=0)
+    """A request's head (request line and headers) must arrive within this long of the
+    connection opening (or of its first byte, on a kept-alive connection); else 408, closed."""
+    request_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    """A request's body must arrive within this long of its head; else 408, closed."""
+    max_connections_per_address: int = Field(default=256, ge=0)
+    """HTTP connections one client address may hold open on one API instance (0: no bound);
+    one more is answered 503 and closed. Not applied behind trusted proxies."""
+    send_timeout_seconds: float = Field(default=60.0, gt=0)
+    """A client that leaves what it was sent unread this long, once the server's buffer for it
+    is full (a response, subscription messages), is disconnected."""
     metrics_token: SecretStr | None = None
     """Bearer token ``GET /metrics`` asks for (``Authorization: Bearer …``); unset: it answers
     anyone, so keep the port off the public network."""

@@ -130,6 +130,10 @@ def api_services(
         ),
         graphiql=settings.env == "dev",
         max_body_bytes=settings.max_body_bytes,
+        request_head_timeout_seconds=settings.request_head_timeout_seconds,
+        request_body_timeout_seconds=settings.request_body_timeout_seconds,
+        send_timeout_seconds=settings.send_timeout_seconds,
+        max_connections_per_address=settings.max_connections_per_address or None,
         metrics_token=settings.metrics_token.get_secret_value() if settings.metrics_token else None,
         max_projector_lag=settings.max_projector_lag,
         projector_stall_seconds=settings.projector_stall_seconds or None,
@@ -383,7 +387,7 @@ def serve_app(
     ``sock``, when given, is the listening socket already bound (so that a busy port was refused
     before anything started).
     """
-    from read_api.app import max_websocket_message_bytes
+    from read_api.serving import uvicorn_options
 
     config = uvicorn.Config(
         app,
@@ -393,12 +397,10 @@ def serve_app(
         log_level="warning",
         access_log=False,
         lifespan="on",
-        # The app decides whose X-Forwarded-For to believe (AGENTWORKS_TRUSTED_PROXIES); uvicorn
-        # would believe any from 127.0.0.1.
-        proxy_headers=False,
-        ws="websockets-sansio",
-        ws_max_size=max_websocket_message_bytes(app),
         timeout_graceful_shutdown=graceful_seconds,
+        # Its protocols bound what one client can make the server hold (read_api.serving); the
+        # app decides whose X-Forwarded-For to believe (AGENTWORKS_TRUSTED_PROXIES).
+        **uvicorn_options(app),
     )
     tune_garbage_collection()
     server = _Server(config)

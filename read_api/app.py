@@ -92,7 +92,12 @@ from read_api.errors import (
     shape_errors,
 )
 from read_api.identity import add_auth_routes
-from read_api.input_checks import MAX_VARIABLE_NESTING, body_within, nests_deeper
+from read_api.input_checks import (
+    MAX_VARIABLE_NESTING,
+    BodyTooSlow,
+    body_within,
+    nests_deeper,
+)
 from read_api.membership import member_workspace_of
 from read_api.ratelimit import address_limits, limits_for
 from read_api.response_cache import Entry, Key, ResponseCache, render
@@ -305,7 +310,9 @@ class GraphQLEndpoint:
                     ),
                 )
             )
-            body = await _read_body(request, self.services.max_body_bytes)
+            body = await _read_body(
+                request, self.services.max_body_bytes, self.services.request_body_timeout_seconds
+            )
             query, variables, operation_name = _parse_request(
                 body, request.headers.get("content-type")
             )
@@ -316,7 +323,11 @@ class GraphQLEndpoint:
             consistency = request.headers.get("x-consistency-token")
             token = ConsistencyToken.parse(consistency) if consistency else None
         except BadRequest as error:
-            return _json(error_body(error.message, error.code), error.status, rid)
+            # A 408's body may still be arriving: the connection cannot carry another request.
+            close = {"Connection": "close"} if error.status == 408 else None
+            return _json(
+                error_body(error.message, error.code), error.status, rid, extra_headers=close
+            )
         except Unauthenticated as error:
             return _json(
                 error_body(error.message, UNAUTHENTICATED),
@@ -499,8 +510,11 @@ def _check_declared_size(request: Request, limit: int) -> None:
         raise BadRequest(f"request body exceeds {limit} bytes", status=413)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    body = await body_within(request, limit)
+async def _read_body(request: Request, limit: int, seconds: float) -> bytes:
+    try:
+        body = await body_within(request, limit, seconds=seconds)
+    except BodyTooSlow as slow:
+        raise BadRequest(slow.message, status=408) from None
     if body is None:
         raise BadRequest(f"request body exceeds {limit} bytes", status=413)
     return body
@@ -625,6 +639,8 @@ class Metrics:
         self.exposition = Exposition() if collector is None else Exposition(collector)
         token = runtime.services.metrics_token
         self.expected = None if token is None else f"Bearer {token}".encode()
+        self._rendering: asyncio.Future[bytes] | None = None
+        """The exposition rendered in flight, which every scrape arriving meanwhile shares."""
 
     async def scrape(self, request: Request) -> Response:
         given = request.headers.get("authorization", "").encode("latin-1")
@@ -635,9 +651,21 @@ class Metrics:
                 media_type="text/plain",
                 headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
             )
-        # The lag collector queries Postgres: not on the event loop.
-        body = await self.runtime.offloader.run(self.exposition.render)
+        body = await asyncio.shield(self._shared_render())
         return Response(body, media_type=self.exposition.content_type)
+
+    def _shared_render(self) -> asyncio.Future[bytes]:
+        """One render at a time, however many scrapes ask: the route answers anyone without a
+        metrics token, and each render takes a worker thread (the lag collector connects to
+        Postgres), so a flood of scrapes took every thread the API's reads run on. Not a
+        cache: a scrape arriving after a render finished starts a new one."""
+        if self._rendering is None or self._rendering.done():
+            self._rendering = asyncio.ensure_future(
+                self.runtime.offloader.run(self.exposition.render)
+            )
+            # Retrieved here as well, for a render whose every scrape went away.
+            self._rendering.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return self._rendering
 
 
 # -- WebSocket subscriptions ----------------------------------------------------------------------

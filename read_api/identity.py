@@ -8,6 +8,7 @@ from there when the body has none. Logins are limited per account and per client
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -30,8 +31,8 @@ from domain.errors import (
 from domain.text import storable_text, text_problem
 from domain.user import normalise_email
 from read_api.auth import authenticate, request_id
-from read_api.input_checks import body_within
-from read_api.ratelimit import Limit
+from read_api.input_checks import BodyTooSlow, body_within
+from read_api.ratelimit import Limit, client_network
 from read_api.services import AuthSettings
 
 if TYPE_CHECKING:
@@ -99,6 +100,9 @@ def _answering(
 def _error(error: AgentWorksError, rid: str) -> Response:
     status = _STATUS.get(error.code, 400)
     headers: dict[str, str] = {}
+    if isinstance(error, BodyTooSlow):
+        # The rest of the body may still come: the connection cannot carry another request.
+        status, headers["Connection"] = 408, "close"
     if isinstance(error, RateLimited | Unavailable):
         headers["Retry-After"] = str(max(1, round(error.retry_after_seconds)))
     if status == 401:
@@ -114,9 +118,10 @@ class _AuthRoutes:
         self.runtime = runtime
         self.auth = auth
         self.identity = auth.identity
+        self.body_seconds = runtime.services.request_body_timeout_seconds
 
     async def signup(self, request: Request, rid: str) -> Response:
-        body = await _body(request)
+        body = await _body(request, seconds=self.body_seconds)
         await self._limit_address(request)
         user_id = await self.runtime.offloader.run(
             lambda: self.identity.signup(
@@ -129,7 +134,7 @@ class _AuthRoutes:
         return JSONResponse({"userId": str(user_id)}, status_code=201)
 
     async def login(self, request: Request, rid: str) -> Response:
-        body = await _body(request)
+        body = await _body(request, seconds=self.body_seconds)
         email, password = _text(body, "email"), _text(body, "password")
         totp = _optional_text(body, "totp")
         await self._limit_login(request, email)
@@ -177,7 +182,7 @@ class _AuthRoutes:
 
     async def mfa_confirm(self, request: Request, rid: str) -> Response:
         user_id = await self._user(request)
-        code = _text(await _body(request), "code")
+        code = _text(await _body(request, seconds=self.body_seconds), "code")
         codes = await self.runtime.offloader.run(
             lambda: self.identity.mfa_confirm(user_id, code, correlation_id=rid)
         )
@@ -185,7 +190,7 @@ class _AuthRoutes:
 
     async def mfa_disable(self, request: Request, rid: str) -> Response:
         user_id = await self._user(request)
-        code = _text(await _body(request), "code")
+        code = _text(await _body(request, seconds=self.body_seconds), "code")
         await self._limit_account(request, user_id)
         await self.runtime.offloader.run(
             lambda: self.identity.mfa_disable(user_id, code, correlation_id=rid)
@@ -194,7 +199,7 @@ class _AuthRoutes:
 
     async def change_password(self, request: Request, rid: str) -> Response:
         user_id = await self._user(request)
-        body = await _body(request)
+        body = await _body(request, seconds=self.body_seconds)
         current, new = _text(body, "currentPassword"), _text(body, "newPassword")
         await self._limit_account(request, user_id)
         await self.runtime.offloader.run(
@@ -220,7 +225,7 @@ class _AuthRoutes:
         return response
 
     async def _refresh_token(self, request: Request) -> str:
-        body = await _body(request, optional=True)
+        body = await _body(request, seconds=self.body_seconds, optional=True)
         token = body.get("refreshToken")
         if token is None:
             token = request.cookies.get(REFRESH_COOKIE)
@@ -250,8 +255,11 @@ class _AuthRoutes:
             account = normalise_email(email)
         except ValidationFailed:
             account = email.strip().casefold()
+        # A digest: the email is whatever the body held, up to its 16 KB, and a key as long
+        # would sit in the limiter's store for a minute per request.
+        digest = hashlib.blake2b(account.encode("utf-8", "surrogatepass"), digest_size=16)
         await self._limit_guesses(
-            request, f"login-account:{account}", "account's logins", "address's logins"
+            request, f"login-account:{digest.hexdigest()}", "account's logins", "address's logins"
         )
 
     async def _limit_account(self, request: Request, user_id: UUID) -> None:
@@ -268,23 +276,27 @@ class _AuthRoutes:
     async def _limit_guesses(
         self, request: Request, account_key: str, per_account: str, per_address: str
     ) -> None:
-        """Count a guess of a secret against its account (``account_key``) and the client's
-        address, at the login limits; ``per_…`` name them in a refusal."""
+        """Count a guess of a secret against the client's address and then its account
+        (``account_key``), at the login limits; ``per_…`` name them in a refusal.
+
+        The address first: a request it refuses counts nothing further, so an address past its
+        limit adds no key to the limiter's store however many accounts it names (the account
+        first, each request naming a new one added a key, refused or not)."""
         limits = []
-        if self.auth.login_per_account_per_minute is not None:
-            limits.append(
-                Limit(
-                    f"{self.auth.key_prefix}:{account_key}",
-                    self.auth.login_per_account_per_minute,
-                    per_account,
-                )
-            )
         if self.auth.login_per_address_per_minute is not None:
             limits.append(
                 Limit(
                     f"{self.auth.key_prefix}:login-address:{_address(request)}",
                     self.auth.login_per_address_per_minute,
                     per_address,
+                )
+            )
+        if self.auth.login_per_account_per_minute is not None:
+            limits.append(
+                Limit(
+                    f"{self.auth.key_prefix}:{account_key}",
+                    self.auth.login_per_account_per_minute,
+                    per_account,
                 )
             )
         await self.runtime.limiter.hit(limits)
@@ -320,11 +332,12 @@ class _AuthRoutes:
 
 
 def _address(request: Request) -> str:
-    return request.client.host if request.client is not None else "unknown"
+    return client_network(request.client.host if request.client is not None else None)
 
 
-async def _body(request: Request, *, optional: bool = False) -> dict[str, Any]:
-    raw = await body_within(request, _MAX_BODY)  # these routes take anyone's requests
+async def _body(request: Request, *, seconds: float, optional: bool = False) -> dict[str, Any]:
+    """The JSON object of the body, read for at most ``seconds``."""
+    raw = await body_within(request, _MAX_BODY, seconds=seconds)  # anyone may send it
     if raw is None:
         raise ValidationFailed(f"request body is larger than {_MAX_BODY} bytes")
     if not raw.strip():

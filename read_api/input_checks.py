@@ -16,6 +16,7 @@ aggregates once more before recording, for callers that are not GraphQL.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Iterator
 
 from graphql import (
@@ -32,6 +33,7 @@ from graphql import (
 from starlette.requests import Request
 from strawberry.extensions import SchemaExtension
 
+from domain.errors import ValidationFailed
 from domain.text import find_unstorable, text_problem
 
 MAX_VARIABLE_NESTING = 32
@@ -58,17 +60,29 @@ def nests_deeper(value: object, most: int) -> bool:
     return False
 
 
-async def body_within(request: Request, limit: int) -> bytes | None:
+class BodyTooSlow(ValidationFailed):
+    """The request's body did not arrive in the time allowed (HTTP 408, connection closed)."""
+
+
+async def body_within(request: Request, limit: int, *, seconds: float) -> bytes | None:
     """The request's body, or ``None`` as soon as it passes ``limit`` bytes, read no further: a
     body read whole before its size is checked can be as large as its sender likes, and
-    ``Content-Length`` is only a claim (a chunked body has none)."""
+    ``Content-Length`` is only a claim (a chunked body has none).
+
+    Raises :class:`BodyTooSlow` once ``seconds`` pass before it is whole: nothing else bounds
+    how long a sender may take, and a body trickling in a byte at a time held its request and
+    its socket for days (every route reads a body, two of them from anyone)."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return None
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTooSlow(f"the request body did not arrive within {seconds:g} s") from None
     return b"".join(chunks)
 
 

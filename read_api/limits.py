@@ -177,6 +177,13 @@ def _folds_the_log(field: FieldNode, variables: Mapping[str, Any]) -> bool:
     return False
 
 
+MAX_CACHED_DOCUMENT_CHARS = 32_768
+"""Longer documents are parsed and validated afresh each time, not kept by the caches: these
+hold 512 documents each, whatever their size, and a string literal of nearly a megabyte passes
+every other limit, so one user's 512 requests held half a gigabyte or more until others pushed
+them out. Documents clients send are a few kilobytes."""
+
+
 class BoundedValidation(ValidationCache):
     """Strawberry's validation (cached), for documents whose fragments expand them to at most
     ``max_selections`` fields nesting at most ``max_nesting`` levels deep; any other document
@@ -201,6 +208,9 @@ class BoundedValidation(ValidationCache):
         document = self.execution_context.graphql_document
         refusal = None if document is None else self._refusal(document)
         if refusal is None:
+            if len(self.execution_context.query or "") > MAX_CACHED_DOCUMENT_CHARS:
+                yield  # strawberry validates it (pre_execution_errors unset), uncached
+                return
             yield from super().on_validate()
             return
         self.execution_context.pre_execution_errors = [refusal]

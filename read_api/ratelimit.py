@@ -8,6 +8,7 @@ traffic because a counter store is down would turn a degraded dependency into an
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from dataclasses import dataclass
@@ -59,13 +60,31 @@ def limits_for(config: RateLimits, *, user_id: str, workspace_id: str | None) ->
     return limits
 
 
+def client_network(address: str | None) -> str:
+    """What a limit per client address counts: an IPv4 address, or the /64 network of an IPv6
+    one. A provider gives an IPv6 client a whole /64 (2^64 addresses): counted per address,
+    each request could come from a fresh one, with a fresh budget."""
+    if not address:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # not an IP address (a test client's name, a Unix socket)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def address_limits(config: RateLimits, address: str | None) -> list[Limit]:
-    """The limit of requests from ``address`` that failed authentication."""
+    """The limit of requests from ``address`` (its network, for IPv6) that failed
+    authentication."""
     if config.per_address_per_minute is None:
         return []
     return [
         Limit(
-            f"{config.key_prefix}:address:{address or 'unknown'}",
+            f"{config.key_prefix}:address:{client_network(address)}",
             config.per_address_per_minute,
             "address without a valid token",
         )

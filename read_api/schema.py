@@ -22,7 +22,12 @@ from read_api.access import AccessMutation
 from read_api.errors import ErrorShaping, log_unexpected
 from read_api.execution import LeafShortcutExecution
 from read_api.input_checks import ExplicitOperation, StorableTextOnly
-from read_api.limits import BoundedValidation, CostLimiter, SubscriptionsOnlyOverWebSocket
+from read_api.limits import (
+    MAX_CACHED_DOCUMENT_CHARS,
+    BoundedValidation,
+    CostLimiter,
+    SubscriptionsOnlyOverWebSocket,
+)
 from read_api.mutation import Mutation
 from read_api.query import Query
 from read_api.scalars import SCALARS
@@ -46,11 +51,15 @@ class DocumentCache(ParserCache):
     error: over HTTP strawberry catches it later, but a subscription's stream raised it, and the
     client got a bare ``complete`` (and the log a traceback) instead of an ``error`` message.
     Strawberry's own parse, run next when no document is set, reports it as a pre-execution error
-    like any validation error.
+    like any validation error. Documents longer than :data:`MAX_CACHED_DOCUMENT_CHARS` are left
+    to that parse too: the cache would keep them.
     """
 
     def on_parse(self) -> Iterator[None]:
         context = self.execution_context
+        if len(context.query or "") > MAX_CACHED_DOCUMENT_CHARS:
+            yield  # strawberry parses it, uncached (limits.MAX_CACHED_DOCUMENT_CHARS)
+            return
         try:
             context.graphql_document = self.cached_parse_document(
                 context.query, **context.parse_options

@@ -132,6 +132,21 @@ class ApiServices:
     graphiql: bool = False
     """Answer a browser's ``GET /graphql`` with GraphiQL (development only)."""
     max_body_bytes: int = 1_000_000
+    request_head_timeout_seconds: float = 10.0
+    """A request's head (request line and headers) must have arrived this long after the
+    connection opened, or after its first byte on a kept-alive connection; else 408 and the
+    connection is closed (``read_api.serving``)."""
+    request_body_timeout_seconds: float = 30.0
+    """A request's body must have arrived this long after its head; else 408 and the connection
+    is closed (``read_api.input_checks.body_within``)."""
+    max_connections_per_address: int | None = 256
+    """HTTP connections one client address may hold open on this instance; one more is answered
+    503 and closed. Not counted behind ``trusted_proxies`` (the proxy bounds its clients), nor
+    WebSockets once upgraded. ``None``: no bound (``read_api.serving``)."""
+    send_timeout_seconds: float = 60.0
+    """A client that leaves what it was sent unread this long, once the server's send buffer
+    for it is full (a response, subscription messages, pongs), is disconnected
+    (``read_api.serving``)."""
     metrics_token: str | None = None
     """``GET /metrics`` answers 401 without ``Authorization: Bearer <this>``; ``None``: open."""
     projectors: tuple[type[Projector], ...] = ALL_PROJECTORS

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Receive, Scope, Send
 
 from domain.errors import RateLimited
+from read_api.ratelimit import client_network
 
 RETRY_AFTER_SECONDS = 1.0
 """A slot frees as soon as one of the caller's own subscriptions ends: nothing to wait out."""
@@ -119,7 +120,8 @@ UNSIGNED_SLOT = "agentworks.unsigned_socket_slot"
 
 
 class UnsignedSocketsPerAddress:
-    """ASGI middleware: at most ``most`` WebSockets per client address that have not signed in
+    """ASGI middleware: at most ``most`` WebSockets per client address (an IPv6 client's /64
+    network: :func:`read_api.ratelimit.client_network`) that have not signed in
     (``connection_init``) yet, in this process; one more is refused at its handshake (HTTP
     403). Put it inside the proxy-headers middleware, so that the address is the client's."""
 
@@ -132,7 +134,7 @@ class UnsignedSocketsPerAddress:
             await self.app(scope, receive, send)
             return
         client = scope.get("client")
-        address = str(client[0]) if client else "unknown"
+        address = client_network(str(client[0]) if client else None)
         try:
             self.unsigned.take(address)
         except RateLimited:

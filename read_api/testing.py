@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import uvicorn
 from fastapi import FastAPI
 
-from read_api.app import max_websocket_message_bytes
+from read_api.serving import uvicorn_options
 
 
 @dataclass
@@ -52,13 +52,7 @@ def start_in_thread(
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app,
-        log_level="warning",
-        lifespan="on",
-        ws="websockets-sansio",
-        ws_max_size=max_websocket_message_bytes(app),
-        access_log=False,
-        proxy_headers=False,
+        app, log_level="warning", lifespan="on", access_log=False, **uvicorn_options(app)
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(

@@ -21,7 +21,7 @@ from commands.billing import Billing
 from domain.billing import InvoiceStatus
 from domain.errors import Conflict, NotFound
 from read_api.errors import error_body
-from read_api.input_checks import body_within
+from read_api.input_checks import BodyTooSlow, body_within
 
 if TYPE_CHECKING:
     from read_api.runtime import ApiRuntime
@@ -46,7 +46,14 @@ class StripeWebhook:
         if secret is None:
             return JSONResponse(error_body("no Stripe webhook is configured", "NOT_FOUND"), 404)
         # Read no further than the limit: the signature can only be checked on the whole body.
-        payload = await body_within(request, services.max_body_bytes)
+        try:
+            payload = await body_within(
+                request, services.max_body_bytes, seconds=services.request_body_timeout_seconds
+            )
+        except BodyTooSlow as slow:
+            return JSONResponse(
+                error_body(slow.message, slow.code), 408, headers={"Connection": "close"}
+            )
         if payload is None:
             return JSONResponse(error_body("the webhook body is too large", "VALIDATION"), 413)
         try:

@@ -72,3 +72,17 @@ def test_a_trusted_proxy_names_the_client(make_stack: MakeStack) -> None:
     assert [_post(stack, "guess", **mallory).status_code for _ in range(LIMIT)] == [401] * LIMIT
     assert _post(stack, "guess", **mallory).status_code == 429
     assert _post(stack, "guess", **{"X-Forwarded-For": "198.51.100.7"}).status_code == 401
+
+
+def test_addresses_of_one_ipv6_network_share_one_limit(make_stack: MakeStack) -> None:
+    """An IPv6 client is given a whole /64 network (2^64 addresses) by its provider: limits
+    kept per address gave each guess a fresh budget of its own."""
+    stack = _stack(make_stack, trusted_proxies=("127.0.0.1",))
+    statuses = [
+        _post(stack, "guess", **{"X-Forwarded-For": f"2001:db8:0:1::{n:x}"}).status_code
+        for n in range(1, LIMIT + 2)
+    ]
+    assert statuses == [401] * LIMIT + [429]
+    # Another network has a budget of its own; IPv4 clients are counted by address as before.
+    assert _post(stack, "guess", **{"X-Forwarded-For": "2001:db8:0:2::1"}).status_code == 401
+    assert _post(stack, "guess", **{"X-Forwarded-For": "203.0.113.10"}).status_code == 401

@@ -47,3 +47,18 @@ def test_counts_of_past_windows_are_dropped_and_limits_still_hold(
     now[0] += ratelimit.WINDOW_SECONDS
     asyncio.run(hit())  # a new window, a new budget
     assert len(limiter._counts) == 1  # only this window's counter is kept
+
+
+@pytest.mark.parametrize(
+    ("address", "counted_as"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:db8:0:1::1", "2001:db8:0:1::/64"),
+        ("2001:db8:0:1:ffff:ffff:ffff:ffff", "2001:db8:0:1::/64"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),
+        (None, "unknown"),
+        ("testclient", "testclient"),
+    ],
+)
+def test_an_ipv6_client_is_counted_by_its_network(address: str | None, counted_as: str) -> None:
+    assert ratelimit.client_network(address) == counted_as
