@@ -190,11 +190,19 @@ def _issue(
     secret: str,
 ) -> Issued:
     """An ADMIN's grant of ``cmd.role`` in ``cmd.workspace_id`` that a secret proves: ``issue``
-    checks the actor may grant the role and creates the grant. The secret goes back to the caller
-    only on the first run, never on a replay (results are kept in the command log)."""
+    checks the actor may grant the role and creates the grant; never with an API key. The secret
+    goes back to the caller only on the first run, never on a replay (results are kept in the
+    command log)."""
 
     def decide(meta: EventMeta) -> Decision:
         workspace = app.workspace_for(actor, cmd.workspace_id, Role.ADMIN, cmd.action)
+        if actor.api_key_id is not None:
+            # What a key makes is its creator's and outlives it: a leaked key, found and
+            # revoked, would have left a way in behind (another key, a membership).
+            raise Forbidden(
+                f"{cmd.action} is not done with an API key (API key {actor.api_key_id}):"
+                " a member signs in as themselves to grant access"
+            )
         return issue(workspace, Role.parse(cmd.role), meta)
 
     result = app.execute(cmd, actor, cmd.workspace_id, decide)

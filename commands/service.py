@@ -93,6 +93,8 @@ class Actor:
     workspace_id: str
     role: Role | None = None
     is_service: bool = False
+    api_key_id: UUID | None = None
+    """The API key the command came with (None: another credential)."""
     correlation_id: str | None = None
     causation_id: str | None = None
     traceparent: str = ""

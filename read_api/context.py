@@ -51,6 +51,7 @@ class Caller:
             user_id=self.principal.user_id,
             workspace_id=self.principal.workspace_id,
             role=self.principal.role,
+            api_key_id=self.principal.api_key_id,
             correlation_id=self.request_id,
             traceparent=traceparent or self.traceparent,
         )

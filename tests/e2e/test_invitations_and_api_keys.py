@@ -311,3 +311,31 @@ def test_me_shows_the_role_each_credential_acts_with(http: httpx.Client, auth_st
     demoted = data(gql(http, owner, CHANGE_ROLE, w=workspace_id, u=admin_id, r="VIEWER"))
     written = demoted["changeRole"]["consistencyToken"]
     assert role_seen(secret) == "VIEWER"
+
+
+def test_an_api_key_makes_no_lasting_credentials(http: httpx.Client, auth_stack: Stack) -> None:
+    """A key acts as its creator, so an ADMIN key could make another ADMIN key (its creator's,
+    not revoked with the key that made it) or invite an address to a membership: a leaked key,
+    once found and revoked, had left behind a way in that outlived it. Credentials are made by
+    members signed in as themselves; a key is refused (FORBIDDEN), and nothing is written."""
+    _, workspace_id, _, admin, _ = owner_and_admin(http, "mint.test", "Mint")
+    made = data(gql(http, admin, CREATE_KEY, w=workspace_id, n="leaked", r="ADMIN"))
+    secret = made["createApiKey"]["secret"]
+    assert data(gql(http, secret, CREATE_PROJECT, w=workspace_id, n="Work by key"))
+
+    minted = gql(http, secret, CREATE_KEY, w=workspace_id, n="spare", r="ADMIN")
+    invited = gql(http, secret, INVITE, w=workspace_id, e="accomplice@else.test", r="ADMIN")
+
+    assert code(minted) == "FORBIDDEN", minted.text
+    assert "API key" in minted.json()["errors"][0]["message"]
+    assert code(invited) == "FORBIDDEN", invited.text
+    with psycopg.connect(auth_stack.database_url) as conn:
+        made_here = conn.execute(
+            "SELECT topic FROM agentworks_events WHERE workspace_id = %s"
+            " AND (topic LIKE %s OR topic LIKE %s)",
+            (workspace_id, "%:ApiKey.Created", "%:Invitation.Created"),
+        ).fetchall()
+    assert [topic.rsplit(":", 1)[1] for (topic,) in made_here] == ["ApiKey.Created"]
+    # Members signed in as themselves still make both.
+    assert data(gql(http, admin, CREATE_KEY, w=workspace_id, n="by hand", r="MEMBER"))
+    assert data(gql(http, admin, INVITE, w=workspace_id, e="colleague@mint.test", r="MEMBER"))
