@@ -212,10 +212,20 @@ def _principal(claims: dict[str, Any]) -> Principal:
         raise Unauthenticated(f"token 'role' claim is invalid: {exc.message}") from exc
     return Principal(
         user_id=user_id,
-        workspace_id=workspace_id,
+        workspace_id=_workspace_claim(workspace_id),
         role=parsed_role,
         is_bootstrap=workspace_id == BOOTSTRAP_WORKSPACE,
     )
+
+
+def _workspace_claim(claimed: str) -> str:
+    """A ``ws`` claim that is a workspace id, in the id's one spelling (``str(UUID)``), so that
+    every spelling of it acts in the workspace and shares its idempotency and rate-limit
+    buckets; anything else (``*``, a name) as it came: it matches no workspace's id."""
+    try:
+        return str(UUID(claimed))
+    except ValueError:
+        return claimed
 
 
 def _one_key(

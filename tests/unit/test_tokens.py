@@ -236,3 +236,27 @@ class TestRs256:
     def test_malformed_private_key_is_refused(self) -> None:
         with pytest.raises(InvalidKey):
             _issue(secret=None, private_key="not a pem")
+
+
+@pytest.mark.parametrize(
+    "spelled",
+    [
+        "6F9619FF-8B86-D011-B42D-00C04FC964FF",
+        "{6f9619ff-8b86-d011-b42d-00c04fc964ff}",
+        "6f9619ff8b86d011b42d00c04fc964ff",
+        "urn:uuid:6f9619ff-8b86-d011-b42d-00c04fc964ff",
+    ],
+)
+def test_a_workspace_claim_speaks_for_its_workspace_however_the_id_is_spelled(
+    spelled: str,
+) -> None:
+    """The ``ws`` claim was taken as written: a workspace id in capitals or braces acted in no
+    workspace (its writes NOT_FOUND) and had rate-limit and idempotency buckets of its own. An
+    id is the workspace's whatever its spelling; anything else is kept as it came (it matches
+    no workspace)."""
+    token = _issue(workspace_id=spelled)
+
+    principal = verify_token(token, secret=SECRET)
+
+    assert principal.workspace_id == "6f9619ff-8b86-d011-b42d-00c04fc964ff"
+    assert verify_token(_issue(workspace_id="ws-1"), secret=SECRET).workspace_id == "ws-1"
