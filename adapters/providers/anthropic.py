@@ -59,11 +59,14 @@ class AnthropicProvider(SseProvider):
     async def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[ReadPiece]:
         input_tokens: int | None = None
         output_tokens: int | None = None
-        stopped = False
+        stopped = started = False
         async for event, data in events:
             payload = json.loads(data)
             kind = payload.get("type", event)
             if kind == "message_start":
+                if started:
+                    continue  # said again, it is no work: the idle cut would never come
+                started = True
                 # Its output_tokens is a placeholder (1); the count is message_delta's.
                 input_tokens = token_count(usage_field(payload, "message", "usage", "input_tokens"))
                 yield Accepted(input_tokens)

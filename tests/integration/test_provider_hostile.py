@@ -298,6 +298,12 @@ def at(provider: Any, server: FakeProviderServer) -> Any:
         ("anthropic", 'event: ping\ndata: {"type": "ping"}'),
         ("anthropic", ": keep-alive"),
         ("anthropic", "   "),
+        # The call's start said again and again: no work either (it held the slot as progress).
+        (
+            "anthropic",
+            'event: message_start\ndata: {"type": "message_start", "message": {"usage":'
+            ' {"input_tokens": 7, "output_tokens": 1}}}',
+        ),
     ],
 )
 def test_a_stream_of_nothing_but_keep_alives_is_cut_as_stalled_after_the_idle_period(
