@@ -33,10 +33,13 @@ def stack(module_database_url: str, redis_url: str) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def auth_stack(module_database_url: str, redis_url: str) -> Iterator[Stack]:
-    """One stack per test module that serves sign-in (``/auth/*``) too."""
+def auth_stack(
+    request: pytest.FixtureRequest, module_database_url: str, redis_url: str
+) -> Iterator[Stack]:
+    """One stack per test module that serves sign-in (``/auth/*``) too, with the module's
+    ``AUTH_SETTINGS`` (a dict of ``AuthSettings`` fields) if it has one."""
     stacks = StackBuilder(redis_url)
-    yield stacks.build(module_database_url, auth={})
+    yield stacks.build(module_database_url, auth=dict(getattr(request.module, "AUTH_SETTINGS", {})))
     stacks.close()
 
 

@@ -25,12 +25,8 @@ PASSWORD = "correct horse battery"
 ME = "{ me { id email name mfaEnabled workspaces { id name role } } }"
 
 
-@pytest.fixture(scope="module")
-def auth_stack(module_database_url: str, redis_url: str) -> Iterator[Stack]:
-    stacks = StackBuilder(redis_url)
-    # Every test here signs in from 127.0.0.1: the per-address limit has its own test below.
-    yield stacks.build(module_database_url, auth={"login_per_address_per_minute": 10_000})
-    stacks.close()
+#: Every test here signs in from 127.0.0.1: the per-address limit has its own test below.
+AUTH_SETTINGS = {"login_per_address_per_minute": 10_000}
 
 
 def signup(http: httpx.Client, email: str, name: str = "Ada") -> str:

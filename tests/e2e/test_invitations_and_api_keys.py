@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import psycopg
-import pytest
-from e2e_stack import Stack, StackBuilder
+from e2e_stack import Stack
 
 PASSWORD = "correct horse battery"
 
 
-@pytest.fixture(scope="module")
-def auth_stack(module_database_url: str, redis_url: str) -> Iterator[Stack]:
-    stacks = StackBuilder(redis_url)
-    # Every test here signs up and in from 127.0.0.1, more than the per-address limit allows
-    # in a minute (that limit has its own test in test_identity_flow).
-    yield stacks.build(module_database_url, auth={"login_per_address_per_minute": 10_000})
-    stacks.close()
+#: Every test here signs up and in from 127.0.0.1, more than the per-address limit allows in
+#: a minute (that limit has its own test in test_identity_flow).
+AUTH_SETTINGS = {"login_per_address_per_minute": 10_000}
 
 
 INVITE = """mutation($w: ID!, $e: String!, $r: Role!) {
