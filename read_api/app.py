@@ -294,6 +294,7 @@ class GraphQLEndpoint:
             return response
 
     async def _answer(self, request: Request, rid: str, started: float, span: Span) -> Response:
+        body_read = False
         try:
             _check_declared_size(request, self.services.max_body_bytes)
             principal = await _authenticate(
@@ -313,6 +314,7 @@ class GraphQLEndpoint:
             body = await _read_body(
                 request, self.services.max_body_bytes, self.services.request_body_timeout_seconds
             )
+            body_read = True
             query, variables, operation_name = _parse_request(
                 body, request.headers.get("content-type")
             )
@@ -323,17 +325,20 @@ class GraphQLEndpoint:
             consistency = request.headers.get("x-consistency-token")
             token = ConsistencyToken.parse(consistency) if consistency else None
         except BadRequest as error:
-            # A 408's body may still be arriving: the connection cannot carry another request.
-            close = {"Connection": "close"} if error.status == 408 else None
             return _json(
-                error_body(error.message, error.code), error.status, rid, extra_headers=close
+                error_body(error.message, error.code),
+                error.status,
+                rid,
+                extra_headers=_closing({}, request, read=body_read),
             )
         except Unauthenticated as error:
             return _json(
                 error_body(error.message, UNAUTHENTICATED),
                 401,
                 rid,
-                extra_headers={"WWW-Authenticate": 'Bearer realm="agentworks"'},
+                extra_headers=_closing(
+                    {"WWW-Authenticate": 'Bearer realm="agentworks"'}, request, read=body_read
+                ),
             )
         except RateLimited as error:
             retry = max(1, round(error.retry_after_seconds))
@@ -341,10 +346,15 @@ class GraphQLEndpoint:
                 error_body(error.message, RATE_LIMITED, retryAfter=retry),
                 429,
                 rid,
-                extra_headers={"Retry-After": str(retry)},
+                extra_headers=_closing({"Retry-After": str(retry)}, request, read=body_read),
             )
         except ValidationFailed as error:
-            return _json(error_body(error.message, VALIDATION), 400, rid)
+            return _json(
+                error_body(error.message, VALIDATION),
+                400,
+                rid,
+                extra_headers=_closing({}, request, read=body_read),
+            )
 
         context = RequestContext(
             self.runtime,
@@ -508,6 +518,18 @@ def _check_declared_size(request: Request, limit: int) -> None:
         raise BadRequest("Content-Length is not a number") from None
     if size > limit:
         raise BadRequest(f"request body exceeds {limit} bytes", status=413)
+
+
+def _closing(headers: dict[str, str], request: Request, *, read: bool) -> dict[str, str] | None:
+    """``headers``, with ``Connection: close`` when the request's body was not read whole (a
+    refusal before it, one past its size or time): its client could go on sending the body it
+    announced for as long as it liked, each byte parsed and thrown away, and the connection
+    could carry no further request anyway. ``None`` for no headers at all."""
+    length = request.headers.get("content-length", "0").strip()
+    announced = "transfer-encoding" in request.headers or length != "0"
+    if not read and announced:
+        headers = {**headers, "Connection": "close"}
+    return headers or None
 
 
 async def _read_body(request: Request, limit: int, seconds: float) -> bytes:

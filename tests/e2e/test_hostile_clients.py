@@ -197,6 +197,24 @@ def test_a_body_sent_a_trickle_at_a_time_is_cut_off(make_stack: MakeStack, path:
     _still_serves(stack)
 
 
+def test_an_answer_given_before_the_body_was_read_closes_the_connection(stack: Stack) -> None:
+    """A request refused before its body is read (no valid token: 401) was answered and the
+    connection kept: its client could go on streaming the body it had announced, a megabyte at
+    a time, each byte parsed and thrown away, for as long as it liked. The answer now says
+    ``Connection: close`` and the server closes, as for a body too slow."""
+    sock = _connect(stack)
+    sock.sendall(
+        b"POST /graphql HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer not-a-token\r\nContent-Length: 1000000\r\n\r\n{"
+    )
+    closed, answer = _closed_by_server(sock, within=5)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:300]
+    assert b"connection: close" in answer.lower()
+    assert closed
+    _still_serves(stack)
+
+
 # -- WebSocket -----------------------------------------------------------------------------------
 
 
