@@ -218,9 +218,10 @@ class Orchestrator:
         self.config = config or OrchestratorConfig()
         self.worker = self.config.worker_id
         self.views: dict[UUID, RunView] = {}
-        #: Per card, the outputs of its latest runs, as far as a prompt shows them (one more
-        #: than it shows: a run taken over may find its own there).
-        self.outputs: dict[UUID, deque[tuple[UUID, EarlierRun]]] = {}
+        #: Per card, its latest runs that recorded an output, as many as a prompt shows and
+        #: one more (a run taken over may find its own there): their ids only, for every card
+        #: the log has run, so their outputs are read from the store when a prompt is built.
+        self.outputs: dict[UUID, deque[UUID]] = {}
         #: Runs waiting for a slot, per workspace in the order requested; the workspaces in
         #: the order they are served next among equals (see :meth:`_schedule`).
         self.queues: dict[UUID, deque[UUID]] = {}
@@ -362,7 +363,9 @@ class Orchestrator:
             view.reclaims += 1
         elif kind == "OutputRecorded":
             latest = self.outputs.setdefault(view.card_id, deque(maxlen=EARLIER_RUNS + 1))
-            latest.append((run_id, EarlierRun.kept(view.agent, str(p["output"]))))
+            if run_id in latest:
+                latest.remove(run_id)
+            latest.append(run_id)
         elif kind in _TERMINAL:
             view.status = kind
             task = self.tasks.get(run_id)
@@ -690,6 +693,22 @@ class Orchestrator:
 
     # -- the agent's work ----------------------------------------------------------------------
 
+    def _earlier_runs(self, run_ids: list[UUID]) -> list[EarlierRun]:
+        """The outputs of ``run_ids`` (oldest first) as a prompt shows them; a run that cannot
+        be read is left out (logged), not the new run failed."""
+        earlier = []
+        for run_id in run_ids:
+            try:
+                run = self.app.run_snapshot(run_id)
+            except AgentWorksError as error:
+                log.warning(
+                    "orchestrator.earlier_run_unreadable", run_id=str(run_id), error=str(error)
+                )
+                continue
+            if run.output is not None:
+                earlier.append(EarlierRun.kept(run.agent, run.output))
+        return earlier
+
     async def _work(self, view: RunView, batcher: LogBatcher, *, deadline: float) -> str:
         """The run's output; ``deadline`` (monotonic) is when its timeout ends it."""
         try:
@@ -697,7 +716,8 @@ class Orchestrator:
             card = await self._call(self.app.card_snapshot, view.card_id)
         except AgentWorksError as error:
             raise RunFailed(error.message) from error
-        earlier = [run for rid, run in self.outputs.get(view.card_id, []) if rid != view.run_id]
+        earlier_ids = [rid for rid in self.outputs.get(view.card_id, ()) if rid != view.run_id]
+        earlier = await self._call(self._earlier_runs, earlier_ids) if earlier_ids else []
         messages = build_prompt(
             spec, title=card.title, description=card.description, earlier=earlier
         )
