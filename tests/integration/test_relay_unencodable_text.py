@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from board_helpers import to_the_head, whole_log
-from fanout_helpers import parked, projector_side, rows
+from fanout_helpers import EmbeddedPath, parked, projector_side, rebuild_differences, rows
 from kafka_helpers import read_topic
-from parking_helpers import TwoTenants
+from parking_helpers import TwoTenants, _plant_next
 
 from adapters.kafka import create_topics, make_producer
 from commands import models as m
@@ -104,3 +104,31 @@ def test_the_relay_publishes_past_text_without_a_utf8_form(
     assert card(database_url, scene.b1) == (["fine"], None)
     assert card(database_url, scene.a1) == ([], "half \ufffd a pair")
     assert parked(database_url) == []
+
+
+def test_labels_without_a_storable_form_are_kept_as_replacement_characters(
+    database_url: str, app: AgentWorks
+) -> None:
+    """Labels travel to the table as JSON, where a NUL or a lone surrogate is an escape that
+    PostgreSQL refuses: the card was parked (its later events held back) instead of showing
+    U+FFFD as any other text of a read model does. Removing such a label must then find it as
+    the table holds it, or a card would keep a label its rebuild drops."""
+    scene = TwoTenants(app)
+    plant_without_utf8(app, scene.a1, Card.Labelled, "label")
+    _plant_next(app, scene.a2, Card.Labelled, label="nul \x00 here")
+    app.label_card(m.LabelCard(card_id=scene.b1, label="fine"), scene.b.owner)
+    path = EmbeddedPath(database_url)
+    try:
+        to_the_head(path.fanout.drain, lambda: min(path.fanout.positions().values()), path.log)
+        assert parked(database_url) == []
+        assert card(database_url, scene.a1) == (["half \ufffd a pair"], None)
+        assert card(database_url, scene.a2) == (["nul \ufffd here"], None)
+        plant_without_utf8(app, scene.a1, Card.Unlabelled, "label")
+        _plant_next(app, scene.a2, Card.Unlabelled, label="nul \x00 here")
+        to_the_head(path.fanout.drain, lambda: min(path.fanout.positions().values()), path.log)
+    finally:
+        path.stop()
+    assert card(database_url, scene.a1) == ([], None)
+    assert card(database_url, scene.a2) == ([], None)
+    assert card(database_url, scene.b1) == (["fine"], None)
+    assert rebuild_differences(database_url) == {}
