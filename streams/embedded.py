@@ -38,6 +38,11 @@ class EmbeddedFanout:
     connection: one after another, a change reached its readers only after every projector
     ahead of it had committed (a run's log line waited for the board, the ledger and the
     activity feed), and the database's waits of one projector left the other core idle.
+
+    Nor does a projector wait for the others to finish their batches: running, the fan-out hands
+    the next batch to each projector as soon as it is done with its last. A round that waited for
+    all of them let the slowest set every tenant's pace: one tenant's flood of large log chunks,
+    or a rebuild's swap holding the run logs' lock, stopped every board.
     """
 
     event_log: EventLog
@@ -50,9 +55,13 @@ class EmbeddedFanout:
     """Most bytes of stored events one batch holds, beside ``batch_size`` events."""
     _positions: dict[str, int] = field(init=False, default_factory=dict, repr=False)
     _failing: set[str] = field(init=False, default_factory=set, repr=False)
+    """Projectors whose last batch failed: fed apart, from their own positions."""
     _backlog: bool = field(init=False, default=False, repr=False)
     """The last batch read stopped at a bound: more may be applied at once."""
-    """Projectors whose last batch failed: fed apart, from their own positions."""
+    _applying: dict[str, tuple[int, Future[BatchOutcome]]] = field(
+        init=False, default_factory=dict, repr=False
+    )
+    """Projector name → the position its batch under way starts after, and that batch."""
     _stop: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
     _wake: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(init=False, default=None, repr=False)
@@ -66,14 +75,27 @@ class EmbeddedFanout:
         """Apply one batch to every projector that is behind; returns how many events were read.
 
         A projector that fails (the database went away) does not undo what the others applied:
-        their positions are kept and the first failure is raised once all have finished. One
-        whose last batch failed is fed apart, from its own position: the shared read starts at
-        the others', so a projector that keeps failing holds back none but itself."""
-        sharing = [r for r in self.runners if r.name not in self._failing] or self.runners
-        start = min((self._position(r) for r in sharing), default=0)
+        their positions are kept and the first failure is raised once all have finished."""
+        read = self._hand_out()
+        failure = self._take_in(wait=True)
+        if failure is not None:
+            raise failure
+        return read
+
+    def _hand_out(self) -> int:
+        """Start a batch for every projector that is behind and has none under way; returns how
+        many events the shared read held.
+
+        The shared read starts at the position of the projector furthest behind among them;
+        one whose last batch failed is fed apart, from its own position, so a projector that
+        keeps failing holds back none but itself."""
+        idle = [r for r in self.runners if r.name not in self._applying]
+        if not idle:
+            return 0
+        sharing = [r for r in idle if r.name not in self._failing] or idle
+        start = min(self._position(r) for r in sharing)
         envelopes, self._backlog = self._read(start)
-        work: list[tuple[ProjectionRunner, int, list[EventEnvelope]]] = []
-        for runner in self.runners:
+        for runner in idle:
             done = self._position(runner)
             read = envelopes
             if done < start:
@@ -81,34 +103,36 @@ class EmbeddedFanout:
                 self._backlog |= more
             pending = [env for env in read if env.position > done]
             if pending:
-                work.append((runner, done, pending))
-        if len(work) == 1:
-            runner, done, pending = work[0]
-            try:
-                outcome = runner.process(pending, read_after=done)
-            except BaseException:
-                self._failing.add(runner.name)
-                raise
-            self._failing.discard(runner.name)
-            self._positions[runner.name] = max(done, outcome.position)
-            return len(envelopes)
-        applying: list[tuple[ProjectionRunner, int, Future[BatchOutcome]]] = [
-            (runner, done, self._executor().submit(runner.process, pending, read_after=done))
-            for runner, done, pending in work
-        ]
-        failure: BaseException | None = None
-        for runner, done, future in applying:
-            error = future.exception()
-            if error is None:
-                self._failing.discard(runner.name)
-                self._positions[runner.name] = max(done, future.result().position)
-                continue
-            self._failing.add(runner.name)
-            if failure is None:
-                failure = error
+                applying = self._executor().submit(runner.process, pending, read_after=done)
+                self._applying[runner.name] = (done, applying)
+                applying.add_done_callback(lambda _: self._wake.set())
+        return len(envelopes)
+
+    def _step(self) -> None:
+        """What the running fan-out does whenever the log or a batch moves: record the batches
+        that ended, start the next ones; then raise the first failure among those ended."""
+        failure = self._take_in(wait=False)
+        self._hand_out()
         if failure is not None:
             raise failure
-        return len(envelopes)
+
+    def _take_in(self, *, wait: bool) -> BaseException | None:
+        """Record the batches that ended (``wait``: every batch under way, once it ends): the
+        position of each that committed; returns the first failure."""
+        failure: BaseException | None = None
+        for name, (done, applying) in list(self._applying.items()):
+            if not (wait or applying.done()):
+                continue
+            error = applying.exception()
+            del self._applying[name]
+            if error is None:
+                self._failing.discard(name)
+                self._positions[name] = max(done, applying.result().position)
+                continue
+            self._failing.add(name)
+            if failure is None:
+                failure = error
+        return failure
 
     def _read(self, after: int) -> tuple[list[EventEnvelope], bool]:
         return self.event_log.read_batch(after, self.batch_size, max_bytes=self.max_batch_bytes)
@@ -148,11 +172,13 @@ class EmbeddedFanout:
         if self._appliers is not None:
             self._appliers.shutdown(wait=True)
             self._appliers = None
+        self._take_in(wait=True)  # (what ended as it stopped: applied, or to be read again)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # (set again by the log's NOTIFY and by every batch that ends)
             try:
-                self.drain()
+                self._step()
             except Exception as error:
                 if is_outage(error):
                     # Logged once by whoever noticed it (adapters.outages); resumes from the
@@ -162,8 +188,9 @@ class EmbeddedFanout:
                 else:
                     log.exception("fanout.batch_failed")
                 time.sleep(self.poll_interval)
+            if self._backlog and len(self._applying) < len(self.runners):
+                continue  # more to read for a projector that is free to take it
             self._wake.wait(self.poll_interval)
-            self._wake.clear()
 
     def _position(self, runner: ProjectionRunner) -> int:
         if runner.name not in self._positions:
