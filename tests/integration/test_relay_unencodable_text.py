@@ -18,16 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from board_helpers import to_the_head, whole_log
 from fanout_helpers import EmbeddedPath, parked, projector_side, rebuild_differences, rows
-from kafka_helpers import read_topic
+from kafka_helpers import read_topic, relay_to_the_head
 from parking_helpers import TwoTenants, _plant_next
 
-from adapters.kafka import create_topics, make_producer
 from commands import models as m
 from domain.card import Card
-from domain.envelope import OMITTED, TOPICS
+from domain.envelope import OMITTED
 from projections.kanban import KanbanProjector
 from projections.runner import ProjectionRunner
-from streams.relay import Relay, RelayPositions
 from streams.worker import decode_batch, read_omitted
 
 if TYPE_CHECKING:
@@ -76,20 +74,8 @@ def test_the_relay_publishes_past_text_without_a_utf8_form(
     version = plant_without_utf8(app, scene.a1, Card.Blocked, "reason")
     app.label_card(m.LabelCard(card_id=scene.b1, label="fine"), scene.b.owner)
     prefix = f"utf8-{uuid.uuid4().hex[:8]}."
-    create_topics(kafka_broker.bootstrap, [prefix + t for t in TOPICS], 1)
     with projector_side(database_url) as (pool, log):
-        relay = Relay(
-            log,
-            lambda: make_producer(kafka_broker.bootstrap),
-            RelayPositions(database_url, role=None),
-            topic_prefix=prefix,
-            flush_timeout=10,
-        )
-        try:
-            head = to_the_head(relay.publish_once, lambda: relay.position, log, timeout=10)
-        finally:
-            relay._discard_producer()
-            relay.positions.close()
+        head = relay_to_the_head(log, database_url, kafka_broker.bootstrap, prefix)
         expected = sum(1 for env in whole_log(log) if env.topic == "card-events")
         records = read_topic(kafka_broker.bootstrap, prefix + "card-events", expected)
         delivered = decode_batch([record.value for record in records])
