@@ -54,8 +54,6 @@ class EmbeddedFanout:
     max_batch_bytes: int = MAX_BATCH_BYTES
     """Most bytes of stored events one batch holds, beside ``batch_size`` events."""
     _positions: dict[str, int] = field(init=False, default_factory=dict, repr=False)
-    _failing: set[str] = field(init=False, default_factory=set, repr=False)
-    """Projectors whose last batch failed: fed apart, from their own positions."""
     _backlog: bool = field(init=False, default=False, repr=False)
     """The last batch read stopped at a bound: more may be applied at once."""
     _applying: dict[str, tuple[int, Future[BatchOutcome]]] = field(
@@ -84,29 +82,29 @@ class EmbeddedFanout:
 
     def _hand_out(self) -> int:
         """Start a batch for every projector that is behind and has none under way; returns how
-        many events the shared read held.
+        many events the largest batch read held.
 
-        The shared read starts at the position of the projector furthest behind among them;
-        one whose last batch failed is fed apart, from its own position, so a projector that
-        keeps failing holds back none but itself."""
-        idle = [r for r in self.runners if r.name not in self._applying]
-        if not idle:
-            return 0
-        sharing = [r for r in idle if r.name not in self._failing] or idle
-        start = min(self._position(r) for r in sharing)
-        envelopes, self._backlog = self._read(start)
-        for runner in idle:
+        Projectors at one position share one read of the log (they move in step while each keeps
+        up); one at a position of its own (it was slow, or its last batch failed) is read for
+        apart, so a projector that lags or keeps failing holds back none but itself."""
+        reads: dict[int, list[EventEnvelope]] = {}
+        backlog = False
+        for runner in self.runners:
+            if runner.name in self._applying:
+                continue
             done = self._position(runner)
-            read = envelopes
-            if done < start:
-                read, more = self._read(done)
-                self._backlog |= more
-            pending = [env for env in read if env.position > done]
+            pending = reads.get(done)
+            if pending is None:
+                pending, more = self._read(done)
+                reads[done] = pending
+                backlog |= more
             if pending:
                 applying = self._executor().submit(runner.process, pending, read_after=done)
                 self._applying[runner.name] = (done, applying)
                 applying.add_done_callback(lambda _: self._wake.set())
-        return len(envelopes)
+        if reads:
+            self._backlog = backlog
+        return max(map(len, reads.values()), default=0)
 
     def _step(self) -> None:
         """What the running fan-out does whenever the log or a batch moves: record the batches
@@ -126,10 +124,8 @@ class EmbeddedFanout:
             error = applying.exception()
             del self._applying[name]
             if error is None:
-                self._failing.discard(name)
                 self._positions[name] = max(done, applying.result().position)
                 continue
-            self._failing.add(name)
             if failure is None:
                 failure = error
         return failure
