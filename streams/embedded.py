@@ -60,6 +60,8 @@ class EmbeddedFanout:
         init=False, default_factory=dict, repr=False
     )
     """Projector name → the position its batch under way starts after, and that batch."""
+    _resting: dict[str, float] = field(init=False, default_factory=dict, repr=False)
+    """Projector name → when (``time.monotonic``) it may be tried again after a failed batch."""
     _stop: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
     _wake: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(init=False, default=None, repr=False)
@@ -75,22 +77,25 @@ class EmbeddedFanout:
         A projector that fails (the database went away) does not undo what the others applied:
         their positions are kept and the first failure is raised once all have finished."""
         read = self._hand_out()
-        failure = self._take_in(wait=True)
-        if failure is not None:
-            raise failure
+        failed = self._take_in(wait=True)
+        if failed:
+            raise failed[0][1]
         return read
 
-    def _hand_out(self) -> int:
+    def _hand_out(self, *, now: float | None = None) -> int:
         """Start a batch for every projector that is behind and has none under way; returns how
         many events the largest batch read held.
 
         Projectors at one position share one read of the log (they move in step while each keeps
         up); one at a position of its own (it was slow, or its last batch failed) is read for
-        apart, so a projector that lags or keeps failing holds back none but itself."""
+        apart, so a projector that lags or keeps failing holds back none but itself. ``now``:
+        one whose batch failed less than a poll interval before is left to rest."""
         reads: dict[int, list[EventEnvelope]] = {}
         backlog = False
         for runner in self.runners:
             if runner.name in self._applying:
+                continue
+            if now is not None and self._resting.get(runner.name, now) > now:
                 continue
             done = self._position(runner)
             pending = reads.get(done)
@@ -108,16 +113,24 @@ class EmbeddedFanout:
 
     def _step(self) -> None:
         """What the running fan-out does whenever the log or a batch moves: record the batches
-        that ended, start the next ones; then raise the first failure among those ended."""
-        failure = self._take_in(wait=False)
-        self._hand_out()
-        if failure is not None:
-            raise failure
+        that ended, start the next ones. A projector whose batch failed rests a poll interval
+        before it is tried again, alone: the others go on meanwhile."""
+        now = time.monotonic()
+        for name, error in self._take_in(wait=False):
+            self._resting[name] = now + self.poll_interval
+            if is_outage(error):
+                # Logged once by whoever noticed it (adapters.outages); resumes from its
+                # recorded position when the database is back.
+                log.debug("fanout.database_unavailable", projector=name, error=str(error))
+                self._positions.pop(name, None)
+            else:
+                log.error("fanout.batch_failed", projector=name, exc_info=error)
+        self._hand_out(now=now)
 
-    def _take_in(self, *, wait: bool) -> BaseException | None:
+    def _take_in(self, *, wait: bool) -> list[tuple[str, BaseException]]:
         """Record the batches that ended (``wait``: every batch under way, once it ends): the
-        position of each that committed; returns the first failure."""
-        failure: BaseException | None = None
+        position of each that committed; returns the projectors whose batch failed, with why."""
+        failed: list[tuple[str, BaseException]] = []
         for name, (done, applying) in list(self._applying.items()):
             if not (wait or applying.done()):
                 continue
@@ -125,10 +138,9 @@ class EmbeddedFanout:
             del self._applying[name]
             if error is None:
                 self._positions[name] = max(done, applying.result().position)
-                continue
-            if failure is None:
-                failure = error
-        return failure
+            else:
+                failed.append((name, error))
+        return failed
 
     def _read(self, after: int) -> tuple[list[EventEnvelope], bool]:
         return self.event_log.read_batch(after, self.batch_size, max_bytes=self.max_batch_bytes)
@@ -184,9 +196,17 @@ class EmbeddedFanout:
                 else:
                     log.exception("fanout.batch_failed")
                 time.sleep(self.poll_interval)
-            if self._backlog and len(self._applying) < len(self.runners):
+            if self._backlog and self._free():
                 continue  # more to read for a projector that is free to take it
             self._wake.wait(self.poll_interval)
+
+    def _free(self) -> bool:
+        """Whether a projector is free to take a batch now: none under way, not resting."""
+        now = time.monotonic()
+        return any(
+            r.name not in self._applying and self._resting.get(r.name, now) <= now
+            for r in self.runners
+        )
 
     def _position(self, runner: ProjectionRunner) -> int:
         if runner.name not in self._positions:

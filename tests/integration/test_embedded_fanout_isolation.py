@@ -90,3 +90,37 @@ def test_a_projector_that_is_held_up_does_not_hold_the_others_back(
         assert path.dead() == []
     finally:
         path.stop()
+
+
+def test_a_projector_that_keeps_failing_does_not_pace_the_running_fanout(
+    database_url: str, write_side: AgentWorks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Running, the fan-out slept its poll interval after every failed batch: a projector that
+    failed at once each time (a table missing after a half-done deployment) had every other
+    projector wait out that sleep between any two of their batches. Now the failing projector
+    alone waits before it is tried again. (A long poll interval here makes the difference
+    plain: the loop still wakes at once on the log's NOTIFY.)"""
+    work = Workload(write_side)
+    tenant = work.tenant("paced", projects=1)
+    path = EmbeddedPath(database_url)
+    path.fanout.poll_interval = 60.0
+    try:
+        path.fanout.drain()
+
+        def broken(self: Any, ctx: Any, envelopes: Any) -> None:
+            raise psycopg.errors.UndefinedTable('relation "rm_activity" does not exist')
+
+        monkeypatch.setattr(ActivityProjector, "apply_batch", broken)
+        path.start()
+        for title in ("first while the feed is broken", "second while the feed is broken"):
+            card_id = work.card(tenant, title)
+            wait_until(
+                lambda card_id=card_id: bool(
+                    rows(database_url, "SELECT 1 FROM rm_cards WHERE card_id = %s", card_id)
+                ),
+                timeout=20,
+                what=f"{title!r} reaches its board",
+            )
+        assert path.dead() == []
+    finally:
+        path.stop()
