@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+KEPT_READS = 8
+"""Most batches read that the fan-out keeps for the projectors behind the one it read them for
+(each at most ``max_batch_bytes`` of stored events)."""
+
 
 @dataclass(eq=False)
 class EmbeddedFanout:
@@ -60,6 +64,10 @@ class EmbeddedFanout:
         init=False, default_factory=dict, repr=False
     )
     """Projector name → the position its batch under way starts after, and that batch."""
+    _reads: dict[int, tuple[list[EventEnvelope], bool]] = field(
+        init=False, default_factory=dict, repr=False
+    )
+    """The last batches read, by the position they start after (see :meth:`_hand_out`)."""
     _resting: dict[str, float] = field(init=False, default_factory=dict, repr=False)
     """Projector name → when (``time.monotonic``) it may be tried again after a failed batch."""
     _stop: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
@@ -87,29 +95,40 @@ class EmbeddedFanout:
         many events the largest batch read held.
 
         Projectors at one position share one read of the log (they move in step while each keeps
-        up); one at a position of its own (it was slow, or its last batch failed) is read for
-        apart, so a projector that lags or keeps failing holds back none but itself. ``now``:
-        one whose batch failed less than a poll interval before is left to rest."""
-        reads: dict[int, list[EventEnvelope]] = {}
-        backlog = False
+        up), even when they come to it at different times: the last :data:`KEPT_READS` reads
+        are kept for the projectors behind (what the log reader passes is final: nothing will
+        be added before its last position; an empty read is not kept). One further behind (it
+        was slow, or its last batch failed) is read for apart, so a projector that lags or keeps
+        failing holds back none but itself. ``now``: one whose batch failed less than a poll
+        interval before is left to rest."""
+        reads = self._reads
+        backlog: bool | None = None
+        largest = 0
         for runner in self.runners:
             if runner.name in self._applying:
                 continue
             if now is not None and self._resting.get(runner.name, now) > now:
                 continue
             done = self._position(runner)
-            pending = reads.get(done)
-            if pending is None:
-                pending, more = self._read(done)
-                reads[done] = pending
-                backlog |= more
+            read = reads.get(done) or self._read(done)
+            pending, more = read
+            backlog = more or bool(backlog)
+            largest = max(largest, len(pending))
             if pending:
+                reads[done] = read
                 applying = self._executor().submit(runner.process, pending, read_after=done)
                 self._applying[runner.name] = (done, applying)
                 applying.add_done_callback(lambda _: self._wake.set())
-        if reads:
+        if backlog is not None:
             self._backlog = backlog
-        return max(map(len, reads.values()), default=0)
+        # Kept while a projector behind may still come to them (it was read for one ahead),
+        # the last few only: what a projector far behind needs, it reads for itself.
+        lowest = min((self._positions.get(r.name, 0) for r in self.runners), default=0)
+        for start in sorted(reads)[: max(0, len(reads) - KEPT_READS)] + [
+            start for start in reads if start < lowest
+        ]:
+            reads.pop(start, None)
+        return largest
 
     def _step(self) -> None:
         """What the running fan-out does whenever the log or a batch moves: record the batches
