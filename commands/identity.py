@@ -188,11 +188,14 @@ class Identity:
                 self._record_failure(user.id, "wrong password", correlation_id)
             raise Unauthenticated(_WRONG_CREDENTIALS)
 
-        def decide(meta: EventMeta) -> tuple[list[Aggregate], T_Grant]:
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], T_Grant | MfaRequired]:
             current = self._get(User, user.id)
             method = "password"
             if current.mfa_enabled:
-                method = self._second_factor(current, totp, meta)
+                checked = self._second_factor(current, totp, meta)
+                if isinstance(checked, MfaRequired):
+                    return [current], checked
+                method = checked
             token = secrets.token_urlsafe(32)
             session = Session.start(
                 session_id=uuid4(),
@@ -204,12 +207,10 @@ class Identity:
             current.record_login(session.id, method, meta=meta)
             return [current, session], (current, session.id, token)
 
-        try:
-            current, session_id, token = self._retrying(str(user.id), correlation_id, decide)
-        except MfaRequired as refused:
-            reason = str(refused.details.get("reason", "second factor"))
-            self._record_failure(user.id, reason, correlation_id)
-            raise
+        outcome = self._retrying(str(user.id), correlation_id, decide)
+        if isinstance(outcome, MfaRequired):
+            raise outcome
+        current, session_id, token = outcome
         return self._grant(current, session_id, token)
 
     def refresh(self, refresh_token: str, *, correlation_id: str = "") -> SessionGrant:
@@ -315,21 +316,20 @@ class Identity:
         return codes
 
     def mfa_disable(self, user_id: UUID, code: str, *, correlation_id: str = "") -> None:
-        def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], MfaRequired | None]:
             user = self._user(user_id)
             if not user.mfa_enabled:
                 user.disable_mfa(meta=meta)  # raises: not on
-            self._second_factor(user, code, meta)
+            # A wrong code here counts as at login: a holder of an access token guesses too.
+            checked = self._second_factor(user, code, meta)
+            if isinstance(checked, MfaRequired):
+                return [user], checked
             user.disable_mfa(meta=meta)
             return [user], None
 
-        try:
-            self._retrying(str(user_id), correlation_id, decide)
-        except MfaRequired as refused:
-            # A wrong code here counts as at login: a holder of an access token guesses too.
-            reason = str(refused.details.get("reason", "second factor"))
-            self._record_failure(user_id, reason, correlation_id)
-            raise
+        refused = self._retrying(str(user_id), correlation_id, decide)
+        if refused is not None:
+            raise refused
 
     # -- external identity providers ---------------------------------------------------------
 
@@ -403,31 +403,39 @@ class Identity:
 
     # -- the machinery ------------------------------------------------------------------------
 
-    def _second_factor(self, user: User, code: str | None, meta: EventMeta) -> str:
-        """Spend a TOTP step or a recovery code of ``user``; MFA_REQUIRED when neither fits."""
+    def _second_factor(self, user: User, code: str | None, meta: EventMeta) -> str | MfaRequired:
+        """Spend a TOTP step or a recovery code of ``user`` and answer the sign-in method; when
+        neither fits, record the failure on ``user`` and answer the MFA_REQUIRED to raise once
+        it is saved. Saved with ``user`` at the version its lock was read from: guesses sent
+        together conflict and are decided again, so none is checked past the lock."""
         if code is None or not code.strip():
-            raise MfaRequired("this account needs a TOTP code (totp)", reason="code missing")
-        now = self._now()
-        locked = user.second_factor_locked_until(now)
-        if locked is not None:
-            wait = (locked - now).total_seconds()
-            raise RateLimited(
-                "too many wrong codes for this account in a short time: its codes are refused "
-                f"for {math.ceil(wait)} s more",
-                retry_after_seconds=wait,
-            )
-        secret = self.sealer.open(user.totp_secret_sealed or "")
-        step = self.totp.matching_step(secret, code, now=self.clock())
-        if step is not None:
-            if step <= user.last_totp_step:
-                raise MfaRequired("this TOTP code was already used", reason="code replayed")
-            user.use_totp_step(step, meta=meta)
-            return "password+totp"
-        code_hash = recovery_code_digest(code)
-        if code_hash in user.recovery_code_hashes:
-            user.use_recovery_code(code_hash, meta=meta)
-            return "password+recovery_code"
-        raise MfaRequired("the TOTP code is wrong", reason="wrong code")
+            refused = MfaRequired("this account needs a TOTP code (totp)", reason="code missing")
+        else:
+            now = self._now()
+            locked = user.second_factor_locked_until(now)
+            if locked is not None:
+                wait = (locked - now).total_seconds()
+                raise RateLimited(
+                    "too many wrong codes for this account in a short time: its codes are "
+                    f"refused for {math.ceil(wait)} s more",
+                    retry_after_seconds=wait,
+                )
+            secret = self.sealer.open(user.totp_secret_sealed or "")
+            step = self.totp.matching_step(secret, code, now=self.clock())
+            code_hash = None if step is not None else recovery_code_digest(code)
+            if step is not None and step > user.last_totp_step:
+                user.use_totp_step(step, meta=meta)
+                return "password+totp"
+            if step is not None:
+                refused = MfaRequired("this TOTP code was already used", reason="code replayed")
+            elif code_hash is not None and code_hash in user.recovery_code_hashes:
+                user.use_recovery_code(code_hash, meta=meta)
+                return "password+recovery_code"
+            else:
+                refused = MfaRequired("the TOTP code is wrong", reason="wrong code")
+        reason = str(refused.details.get("reason", "second factor"))
+        user.record_failed_login(reason, at=self._now(), meta=meta)
+        return refused
 
     def _record_failure(self, user_id: UUID, reason: str, correlation_id: str) -> None:
         def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
