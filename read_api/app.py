@@ -96,6 +96,7 @@ from read_api.input_checks import (
     MAX_VARIABLE_NESTING,
     BodyTooSlow,
     body_within,
+    closing,
     nests_deeper,
 )
 from read_api.membership import member_workspace_of
@@ -329,14 +330,14 @@ class GraphQLEndpoint:
                 error_body(error.message, error.code),
                 error.status,
                 rid,
-                extra_headers=_closing({}, request, read=body_read),
+                extra_headers=closing({}, request, read=body_read),
             )
         except Unauthenticated as error:
             return _json(
                 error_body(error.message, UNAUTHENTICATED),
                 401,
                 rid,
-                extra_headers=_closing(
+                extra_headers=closing(
                     {"WWW-Authenticate": 'Bearer realm="agentworks"'}, request, read=body_read
                 ),
             )
@@ -346,14 +347,14 @@ class GraphQLEndpoint:
                 error_body(error.message, RATE_LIMITED, retryAfter=retry),
                 429,
                 rid,
-                extra_headers=_closing({"Retry-After": str(retry)}, request, read=body_read),
+                extra_headers=closing({"Retry-After": str(retry)}, request, read=body_read),
             )
         except ValidationFailed as error:
             return _json(
                 error_body(error.message, VALIDATION),
                 400,
                 rid,
-                extra_headers=_closing({}, request, read=body_read),
+                extra_headers=closing({}, request, read=body_read),
             )
 
         context = RequestContext(
@@ -518,18 +519,6 @@ def _check_declared_size(request: Request, limit: int) -> None:
         raise BadRequest("Content-Length is not a number") from None
     if size > limit:
         raise BadRequest(f"request body exceeds {limit} bytes", status=413)
-
-
-def _closing(headers: dict[str, str], request: Request, *, read: bool) -> dict[str, str] | None:
-    """``headers``, with ``Connection: close`` when the request's body was not read whole (a
-    refusal before it, one past its size or time): its client could go on sending the body it
-    announced for as long as it liked, each byte parsed and thrown away, and the connection
-    could carry no further request anyway. ``None`` for no headers at all."""
-    length = request.headers.get("content-length", "0").strip()
-    announced = "transfer-encoding" in request.headers or length != "0"
-    if not read and announced:
-        headers = {**headers, "Connection": "close"}
-    return headers or None
 
 
 async def _read_body(request: Request, limit: int, seconds: float) -> bytes:

@@ -31,7 +31,7 @@ from domain.errors import (
 from domain.text import storable_text, text_problem
 from domain.user import normalise_email
 from read_api.auth import authenticate, request_id
-from read_api.input_checks import BodyTooSlow, body_within
+from read_api.input_checks import BodyTooSlow, body_within, closing
 from read_api.ratelimit import Limit, client_network
 from read_api.services import AuthSettings
 
@@ -92,6 +92,10 @@ def _answering(
                 response = _error(error, rid)
             response.headers["X-Request-Id"] = rid
             response.headers["Cache-Control"] = "no-store"
+            # An answer given before the body was read whole (a refused token, a body past its
+            # size or time, a route that takes none) cannot leave the rest of it to arrive.
+            read = getattr(request.state, "auth_body_read", False)  # set by _body
+            response.headers.update(closing({}, request, read=read) or {})
             return response
 
     return endpoint
@@ -101,8 +105,7 @@ def _error(error: AgentWorksError, rid: str) -> Response:
     status = _STATUS.get(error.code, 400)
     headers: dict[str, str] = {}
     if isinstance(error, BodyTooSlow):
-        # The rest of the body may still come: the connection cannot carry another request.
-        status, headers["Connection"] = 408, "close"
+        status = 408
     if isinstance(error, RateLimited | Unavailable):
         headers["Retry-After"] = str(max(1, round(error.retry_after_seconds)))
     if status == 401:
@@ -340,6 +343,7 @@ async def _body(request: Request, *, seconds: float, optional: bool = False) -> 
     raw = await body_within(request, _MAX_BODY, seconds=seconds)  # anyone may send it
     if raw is None:
         raise ValidationFailed(f"request body is larger than {_MAX_BODY} bytes")
+    request.state.auth_body_read = True
     if not raw.strip():
         if optional:
             return {}

@@ -60,6 +60,18 @@ def nests_deeper(value: object, most: int) -> bool:
     return False
 
 
+def closing(headers: dict[str, str], request: Request, *, read: bool) -> dict[str, str] | None:
+    """``headers``, with ``Connection: close`` when the request's body was not read whole (a
+    refusal before it, one past its size or time): its client could go on sending the body it
+    announced for as long as it liked, each byte parsed and thrown away, and the connection
+    could carry no further request anyway. ``None`` for no headers at all."""
+    length = request.headers.get("content-length", "0").strip()
+    announced = "transfer-encoding" in request.headers or length != "0"
+    if not read and announced:
+        headers = {**headers, "Connection": "close"}
+    return headers or None
+
+
 class BodyTooSlow(ValidationFailed):
     """The request's body did not arrive in the time allowed (HTTP 408, connection closed)."""
 

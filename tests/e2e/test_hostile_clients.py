@@ -215,6 +215,50 @@ def test_an_answer_given_before_the_body_was_read_closes_the_connection(stack: S
     _still_serves(stack)
 
 
+@pytest.mark.parametrize(
+    ("path", "authorization", "sent", "status"),
+    [
+        ("/auth/mfa/confirm", "Bearer not-a-token", b"{", b"401"),  # refused before the body
+        ("/auth/password", "workspace", b"{", b"403"),  # a workspace token: before the body too
+        ("/auth/login", None, b"{" + b" " * 20_000, b"400"),  # past the 16 KB /auth/* read
+    ],
+)
+def test_an_auth_answer_given_before_the_body_was_read_closes_the_connection(
+    make_stack: MakeStack, path: str, authorization: str | None, sent: bytes, status: bytes
+) -> None:
+    """``/auth/*`` answered a request refused before its body was read whole (a bad or wrong
+    kind of token on the routes that need one, a body past their size) and kept the connection,
+    as ``/graphql`` did: the client could go on streaming the megabyte it had announced."""
+    stack = make_stack(auth={})
+    if authorization == "workspace":
+        workspace = "00000000-0000-0000-0000-000000000002"
+        authorization = f"Bearer {stack.token('00000000-0000-0000-0000-000000000001', workspace)}"
+    header = f"Authorization: {authorization}\r\n" if authorization else ""
+    sock = _connect(stack)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+        f"{header}Content-Length: 1000000\r\n\r\n".encode()
+        + sent
+    )
+    closed, answer = _closed_by_server(sock, within=5)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:300]
+    assert b"connection: close" in answer.lower()
+    assert closed
+    _still_serves(stack)
+
+
+def test_an_auth_answer_to_a_body_read_whole_keeps_the_connection(make_stack: MakeStack) -> None:
+    """Only a body left unread closes: a refused login whose body was read keeps it."""
+    stack = make_stack(auth={})
+    with httpx.Client(base_url=stack.url, timeout=10) as client:
+        body = {"email": "nobody@example.com", "password": "x" * 12}
+        first = client.post("/auth/login", json=body)
+        assert first.status_code == 401, first.text
+        assert "close" not in first.headers.get("connection", "")
+        assert client.post("/auth/login", json=body).status_code == 401
+
+
 # -- WebSocket -----------------------------------------------------------------------------------
 
 
