@@ -150,6 +150,10 @@ class _AuthRoutes:
 
     async def refresh(self, request: Request, rid: str) -> Response:
         token = await self._refresh_token(request)
+        # Only a failed refresh counts against the address, but one past its limit is refused
+        # before the session is looked for (or its counter made): a refused request costs
+        # nothing more, as a login refused for its address does.
+        await self.runtime.limiter.check(self._address_limit(request))
         await self._limit_session(token)
         try:
             grant = await self.runtime.offloader.run(
@@ -285,15 +289,7 @@ class _AuthRoutes:
         The address first: a request it refuses counts nothing further, so an address past its
         limit adds no key to the limiter's store however many accounts it names (the account
         first, each request naming a new one added a key, refused or not)."""
-        limits = []
-        if self.auth.login_per_address_per_minute is not None:
-            limits.append(
-                Limit(
-                    f"{self.auth.key_prefix}:login-address:{_address(request)}",
-                    self.auth.login_per_address_per_minute,
-                    per_address,
-                )
-            )
+        limits = self._address_limit(request, per_address)
         if self.auth.login_per_account_per_minute is not None:
             limits.append(
                 Limit(
@@ -321,17 +317,16 @@ class _AuthRoutes:
         await self.runtime.limiter.hit([Limit(key, most, "session's refreshes")])
 
     async def _limit_address(self, request: Request) -> None:
-        if self.auth.login_per_address_per_minute is None:
-            return
-        await self.runtime.limiter.hit(
-            [
-                Limit(
-                    f"{self.auth.key_prefix}:login-address:{_address(request)}",
-                    self.auth.login_per_address_per_minute,
-                    "address's sign-in attempts",
-                )
-            ]
-        )
+        await self.runtime.limiter.hit(self._address_limit(request))
+
+    def _address_limit(
+        self, request: Request, what: str = "address's sign-in attempts"
+    ) -> list[Limit]:
+        """The limit of the client address's sign-in attempts (none when not configured)."""
+        most = self.auth.login_per_address_per_minute
+        if most is None:
+            return []
+        return [Limit(f"{self.auth.key_prefix}:login-address:{_address(request)}", most, what)]
 
 
 def _address(request: Request) -> str:

@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -330,6 +331,36 @@ def test_logins_refused_for_their_address_leave_no_keys_behind(
     accounts = [k for k in keys if b"login-account" in k]
     assert len(accounts) <= 5, f"{len(accounts)} account keys for 5 logins let through"
     assert max(len(k) for k in keys) < 200, "a rate limit key holds what the client sent"
+
+
+def test_refreshes_refused_for_their_address_read_nothing_and_leave_no_keys_behind(
+    make_stack: MakeStack, redis_url: str
+) -> None:
+    """A failed refresh counted its address only after it had looked for the session the token
+    named: once the address was past its limit, each refresh naming a made-up session still
+    read the store and left a key for that session's refreshes in the limiter's store for a
+    minute before it was answered 429. An address past its limit is now refused first."""
+    stack = make_stack(
+        broadcaster="redis",
+        auth={"login_per_address_per_minute": 3, "login_per_account_per_minute": 10},
+    )
+    auth = stack.services.auth
+    assert auth is not None
+    if time.time() % 60 > 45:  # the limits count in minutes of the clock: start in one
+        time.sleep(61 - time.time() % 60)
+    statuses = []
+    with httpx.Client(base_url=stack.url, timeout=10) as client:
+        for _ in range(20):
+            token = f"{uuid.uuid4().hex}.{secrets.token_urlsafe(32)}"
+            answer = client.post("/auth/refresh", json={"refreshToken": token})
+            statuses.append(answer.status_code)
+    assert statuses == [401] * 3 + [429] * 17, statuses
+    store = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(store.scan_iter(match=f"{auth.key_prefix}:refresh-session:*", count=1000))
+    finally:
+        store.close()
+    assert len(keys) <= 3, f"{len(keys)} session keys for 3 refreshes let through"
 
 
 # -- clients that never read ---------------------------------------------------------------------
