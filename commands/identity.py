@@ -190,6 +190,10 @@ class Identity:
 
         def decide(meta: EventMeta) -> tuple[list[Aggregate], T_Grant | MfaRequired]:
             current = self._get(User, user.id)
+            if current.password_hash != user.password_hash:
+                # Changed (or ended by a proven address) while it was checked: the password
+                # this login knows no longer signs in, and a session begun now would outlive it.
+                raise Unauthenticated(_WRONG_CREDENTIALS)
             method = "password"
             if current.mfa_enabled:
                 checked = self._second_factor(current, totp, meta)
@@ -275,6 +279,10 @@ class Identity:
 
         def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
             latest = self._user(user_id)
+            if latest.password_hash != user.password_hash:
+                # Changed or ended (a proven address) since it was checked: what was checked is
+                # no longer the password, and its holder may no longer set one.
+                raise Unauthenticated("the current password is wrong")
             latest.change_password(new_hash, meta=meta)
             return [latest], None
 
