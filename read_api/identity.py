@@ -182,6 +182,7 @@ class _AuthRoutes:
 
     async def mfa_enroll(self, request: Request, rid: str) -> Response:
         user_id = await self._user(request)
+        await self._limit_enrolment(user_id)
         secret, uri = await self.runtime.offloader.run(
             lambda: self.identity.mfa_enroll(user_id, correlation_id=rid)
         )
@@ -190,6 +191,7 @@ class _AuthRoutes:
     async def mfa_confirm(self, request: Request, rid: str) -> Response:
         user_id = await self._user(request)
         code = _text(await _body(request, seconds=self.body_seconds), "code")
+        await self._limit_enrolment(user_id)
         codes = await self.runtime.offloader.run(
             lambda: self.identity.mfa_confirm(user_id, code, correlation_id=rid)
         )
@@ -305,16 +307,25 @@ class _AuthRoutes:
         and a holder of a refresh token could otherwise write as fast as it can send (a client
         refreshes once an access token's lifetime). A token naming no session is left to the
         refresh, which refuses it and counts the address."""
-        most = self.auth.login_per_account_per_minute
         session, dot, _ = token.strip().partition(".")
-        if most is None or not dot:
+        if not dot:
             return
         try:
             session_id = UUID(hex=session)
         except ValueError:
             return
-        key = f"{self.auth.key_prefix}:refresh-session:{session_id}"
-        await self.runtime.limiter.hit([Limit(key, most, "session's refreshes")])
+        await self._limit_at_account_rate(f"refresh-session:{session_id}", "session's refreshes")
+
+    async def _limit_enrolment(self, user_id: UUID) -> None:
+        """Enrolling and confirming MFA count at the account's sign-in rate: each enrolment is
+        a write, and anyone may sign up for a user token (a client needs one or two)."""
+        await self._limit_at_account_rate(f"mfa-enrolment:{user_id}", "account's MFA enrolments")
+
+    async def _limit_at_account_rate(self, key: str, what: str) -> None:
+        most = self.auth.login_per_account_per_minute
+        if most is not None:
+            limit = Limit(f"{self.auth.key_prefix}:{key}", most, what)
+            await self.runtime.limiter.hit([limit])
 
     async def _limit_address(self, request: Request) -> None:
         await self.runtime.limiter.hit(self._address_limit(request))

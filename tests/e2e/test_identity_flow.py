@@ -419,6 +419,25 @@ def test_a_sessions_refreshes_are_limited_like_an_accounts_logins(
         assert http.post("/auth/refresh", json={"refreshToken": other}).status_code == 200
 
 
+def test_mfa_enrolments_are_limited_like_an_accounts_logins(
+    module_database_url: str, redis_url: str
+) -> None:
+    """Every enrolment is a write (a new pending secret), and anyone may sign up: an account's
+    access token could write to the event store as fast as it could send, unbounded by any
+    limit. Enrolling and confirming count at the account's sign-in rate."""
+    with limited_client(module_database_url, redis_url) as http:
+        token = signed_in(http, "enroller@example.com")["accessToken"]
+        auth = {"Authorization": f"Bearer {token}"}
+        for _ in range(2):
+            assert http.post("/auth/mfa/enroll", headers=auth).status_code == 200
+        secret = http.post("/auth/mfa/enroll", headers=auth).json()["secret"]
+        code = {"code": rfc6238(secret, time.time())}
+        limited = http.post("/auth/mfa/confirm", headers=auth, json=code)
+        assert error_of(limited) == (429, "RATE_LIMITED")
+        assert int(limited.headers["retry-after"]) >= 1
+        assert error_of(http.post("/auth/mfa/enroll", headers=auth)) == (429, "RATE_LIMITED")
+
+
 def test_change_password_over_http(http: httpx.Client) -> None:
     signup(http, "hopper@example.com", "Grace Hopper")
     token = login(http, "hopper@example.com").json()["accessToken"]
