@@ -17,6 +17,7 @@ has passed, and the keys of the last good fetch verify meanwhile.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,10 @@ from domain.errors import Unauthenticated, Unavailable
 ALGORITHMS = ("RS256", "ES256")
 #: The most a discovery document or key set may hold (a provider's are a few KB).
 MAX_DOCUMENT_BYTES = 512 * 1024
+#: How far ahead of ours a provider's clock may run: a token's ``iat`` and ``nbf`` may be this
+#: far in our future (a token it just issued is used at once). ``exp`` keeps no such margin:
+#: a token ends when its provider said.
+CLOCK_SKEW_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -97,10 +102,16 @@ class OidcVerifier:
                 audience=self.audience,
                 issuer=self.issuer,
                 leeway=self.leeway_seconds,
-                options={"require": ["sub", "exp", "iss", "aud"]},
+                # iat and nbf below, with the provider's clock allowed to run a little ahead.
+                options={
+                    "require": ["sub", "exp", "iss", "aud"],
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
             )
         except jwt.exceptions.InvalidTokenError as exc:
             raise refused(exc, algorithms=" or ".join(ALGORITHMS)) from exc
+        _check_begun(claims, now=time.time() + self.leeway_seconds + CLOCK_SKEW_SECONDS)
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject:
             raise Unauthenticated("token 'sub' claim must be a non-empty string")
@@ -186,6 +197,18 @@ class OidcVerifier:
             return json.loads(body)
         except (ValueError, RecursionError):
             raise Unavailable(f"the identity provider's {url} is not JSON") from None
+
+
+def _check_begun(claims: dict[str, Any], *, now: float) -> None:
+    """Refuse a token whose ``iat`` or ``nbf`` is not a number, or is later than ``now``."""
+    for claim in ("iat", "nbf"):
+        if claim not in claims:
+            continue
+        value = claims[claim]
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise Unauthenticated(f"token {claim!r} claim must be a number of seconds")
+        if value > now:
+            raise Unauthenticated("token is not valid yet (iat or nbf in the future)")
 
 
 def _signing_keys(document: object) -> dict[str, jwt.PyJWK]:

@@ -1,5 +1,6 @@
 """An OpenID Connect provider's key set as the verifier fetches it, from a provider that
-misbehaves: answers that are no key set, answers that never end, a provider that is down.
+misbehaves: answers that are no key set, answers that never end, a provider that is down; and
+tokens of a provider whose clock runs ahead of ours.
 
 Each would otherwise cost more than a refusal: an exception no caller expected (an HTTP 500 for
 every token naming the provider), a request thread held for as long as the provider liked, one
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from provider_servers import FakeProviderServer, Reply
 
 from adapters.oidc import OidcVerifier
-from domain.errors import Unavailable
+from domain.errors import Unauthenticated, Unavailable
 
 AUDIENCE = "agentworks-spa"
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -31,9 +32,9 @@ def _jwks() -> bytes:
     return json.dumps({"keys": [jwk]}).encode()
 
 
-def _token(issuer: str) -> str:
+def _token(issuer: str, **extra: Any) -> str:
     claims = {"iss": issuer, "aud": AUDIENCE, "sub": "s1", "exp": int(time.time()) + 300}
-    return jwt.encode(claims, KEY, algorithm="RS256", headers={"kid": "k1"})
+    return jwt.encode({**claims, **extra}, KEY, algorithm="RS256", headers={"kid": "k1"})
 
 
 def _verifier(server: FakeProviderServer, **options: Any) -> OidcVerifier:
@@ -112,3 +113,20 @@ def test_known_keys_still_verify_while_the_provider_cannot_be_reached() -> None:
         now[0] += 61
         assert verifier.verify(_token(server.url)).subject == "s1"
         assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("claim", ["iat", "nbf"])
+def test_a_token_from_a_provider_whose_clock_is_a_little_ahead_is_taken(claim: str) -> None:
+    """A provider's clock seconds ahead of ours made each token it had just issued "not valid
+    yet" (its iat or nbf was in our future, with no leeway), so the first request a client made
+    with it was a 401. Up to a minute ahead is taken; further is still refused."""
+    with FakeProviderServer([Reply(body=_jwks())]) as server:
+        verifier = _verifier(server)
+        ahead = _token(server.url, **{claim: int(time.time()) + 5})
+        assert verifier.verify(ahead).subject == "s1"
+        with pytest.raises(Unauthenticated, match="not valid yet"):
+            verifier.verify(_token(server.url, **{claim: int(time.time()) + 3600}))
+        with pytest.raises(Unauthenticated):
+            verifier.verify(_token(server.url, **{claim: "soon"}))
+        with pytest.raises(Unauthenticated, match="expired"):  # the expiry keeps no leeway
+            verifier.verify(_token(server.url, exp=int(time.time()) - 2))
