@@ -18,7 +18,14 @@ from identities import cheap_identity
 
 from commands.handlers import AgentWorks
 from commands.identity import Identity, SessionGrant
-from domain.errors import AgentWorksError, Duplicate, MfaRequired, RateLimited, Unauthenticated
+from domain.errors import (
+    AgentWorksError,
+    Conflict,
+    Duplicate,
+    MfaRequired,
+    RateLimited,
+    Unauthenticated,
+)
 from domain.user import MAX_SECOND_FACTOR_FAILURES, Session
 
 PASSWORD = "correct horse battery"
@@ -97,3 +104,20 @@ def test_wrong_codes_sent_at_once_count_against_one_lock(identity: Identity) -> 
     checked = [o for o in outcomes if isinstance(o, MfaRequired)]
     assert len(checked) == MAX_SECOND_FACTOR_FAILURES, outcomes
     assert all(isinstance(o, RateLimited) for o in outcomes if o not in checked), outcomes
+
+
+def test_one_code_sent_in_logins_at_once_opens_one_session(identity: Identity) -> None:
+    """Each TOTP code works once (API.md), also when the logins carrying it race."""
+    user_id = identity.signup(email="di@example.com", password=PASSWORD, name="Di")
+    secret, _ = identity.mfa_enroll(user_id)
+    now = time.time()
+    identity.mfa_confirm(user_id, rfc6238(secret, now - 30))
+    code = rfc6238(secret, now)
+    outcomes = _all_at_once(
+        WRITERS, lambda _: identity.login(email="di@example.com", password=PASSWORD, totp=code)
+    )
+    assert len([o for o in outcomes if isinstance(o, SessionGrant)]) == 1, outcomes
+    # A replayed code counts as a wrong one (past 5 the account's codes are locked), and a
+    # login that lost every retry to the others answers CONFLICT: all refusals.
+    others = [o for o in outcomes if not isinstance(o, SessionGrant)]
+    assert all(isinstance(o, MfaRequired | RateLimited | Conflict) for o in others), outcomes
