@@ -84,7 +84,7 @@ class OidcVerifier:
         the key set)."""
         try:
             kid = jwt.get_unverified_header(token).get("kid")
-        except jwt.exceptions.DecodeError as exc:
+        except jwt.exceptions.InvalidTokenError as exc:  # malformed, a kid no string, crit
             raise Unauthenticated(f"token is not signed by a key of {self.issuer}") from exc
         key = self._signing_key(kid) if isinstance(kid, str) else None
         if key is None:

@@ -9,6 +9,7 @@ fetch per request while it is down, each behind the one before.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -130,3 +131,23 @@ def test_a_token_from_a_provider_whose_clock_is_a_little_ahead_is_taken(claim: s
             verifier.verify(_token(server.url, **{claim: "soon"}))
         with pytest.raises(Unauthenticated, match="expired"):  # the expiry keeps no leeway
             verifier.verify(_token(server.url, exp=int(time.time()) - 2))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [{"alg": "RS256", "kid": ["k1"]}, {"alg": "RS256", "kid": "k1", "crit": ["x-unknown"]}],
+    ids=["a kid that is no string", "an unknown critical extension"],
+)
+def test_a_header_refused_before_any_key_is_unauthenticated(header: dict[str, Any]) -> None:
+    """verify() let PyJWT's InvalidTokenError for such a header escape (only its DecodeError was
+    caught): the app routes these tokens to its own keys today, but verify is the provider's
+    word on a token and answers UNAUTHENTICATED for any it refuses."""
+
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    with FakeProviderServer([Reply(body=_jwks())]) as server:
+        claims = {"iss": server.url, "aud": AUDIENCE, "sub": "s1", "exp": int(time.time()) + 60}
+        token = f"{part(header)}.{part(claims)}.c2lnbmF0dXJl"  # PyJWT would not make it
+        with pytest.raises(Unauthenticated):
+            _verifier(server).verify(token)
