@@ -95,9 +95,11 @@ from read_api.identity import add_auth_routes
 from read_api.input_checks import (
     MAX_VARIABLE_NESTING,
     BodyTooSlow,
+    NotJson,
     body_within,
     closing,
     nests_deeper,
+    require_json,
 )
 from read_api.membership import member_workspace_of
 from read_api.ratelimit import address_limits, limits_for
@@ -534,9 +536,10 @@ async def _read_body(request: Request, limit: int, seconds: float) -> bytes:
 def _parse_request(
     body: bytes, content_type: str | None
 ) -> tuple[str, dict[str, Any] | None, str | None]:
-    media = (content_type or "application/json").split(";", 1)[0].strip().lower()
-    if media not in ("application/json", "application/graphql-response+json"):
-        raise BadRequest(f"send the request as application/json, not {media[:60]}", status=415)
+    try:
+        require_json(content_type)
+    except NotJson as error:
+        raise BadRequest(error.message, status=415) from None
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):

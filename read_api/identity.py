@@ -31,7 +31,7 @@ from domain.errors import (
 from domain.text import storable_text, text_problem
 from domain.user import normalise_email
 from read_api.auth import authenticate, request_id
-from read_api.input_checks import BodyTooSlow, body_within, closing
+from read_api.input_checks import BodyTooSlow, NotJson, body_within, closing, require_json
 from read_api.ratelimit import Limit, client_network
 from read_api.services import AuthSettings
 
@@ -106,6 +106,8 @@ def _error(error: AgentWorksError, rid: str) -> Response:
     headers: dict[str, str] = {}
     if isinstance(error, BodyTooSlow):
         status = 408
+    if isinstance(error, NotJson):
+        status = 415
     if isinstance(error, RateLimited | Unavailable):
         headers["Retry-After"] = str(max(1, round(error.retry_after_seconds)))
     if status == 401:
@@ -354,6 +356,7 @@ async def _body(request: Request, *, seconds: float, optional: bool = False) -> 
         if optional:
             return {}
         raise ValidationFailed("send a JSON object body")
+    require_json(request.headers.get("content-type"))
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep

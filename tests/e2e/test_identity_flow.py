@@ -287,6 +287,25 @@ def test_bad_bodies_are_validation_errors(http: httpx.Client) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "media", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=b"]
+)
+def test_a_body_an_html_form_could_send_is_refused(http: httpx.Client, media: str) -> None:
+    """Any type was read as JSON, so another site's HTML form (text/plain, with its fields laid
+    out to make a JSON object) could sign its visitor in to the other site's account: a form
+    asks no CORS preflight, and the answer's top-level navigation stored the aw_refresh cookie,
+    which the victim's app then refreshed with (login CSRF). Bodies must be JSON (415)."""
+    email = f"formed-{media.split('/')[1][:5]}@example.com"
+    signup(http, email)
+    body = json.dumps({"email": email, "password": PASSWORD})
+    answer = http.post("/auth/login", content=body, headers={"Content-Type": media})
+    assert error_of(answer) == (415, "VALIDATION")
+    assert "set-cookie" not in answer.headers
+    assert login(http, email).status_code == 200  # JSON, as ever
+    refreshed = http.post("/auth/refresh")  # no body: the cookie alone, no type needed
+    assert refreshed.status_code == 200, refreshed.text
+
+
 def test_text_no_json_client_can_encode_is_refused_not_a_server_error(
     http: httpx.Client,
 ) -> None:
