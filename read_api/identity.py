@@ -8,6 +8,7 @@ from there when the body has none. Logins are limited per account and per client
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
@@ -156,7 +157,8 @@ class _AuthRoutes:
         # before the session is looked for (or its counter made): a refused request costs
         # nothing more, as a login refused for its address does.
         await self.runtime.limiter.check(self._address_limit(request))
-        await self._limit_session(token)
+        session = self._session_limit(token)
+        await self.runtime.limiter.check(session)
         try:
             grant = await self.runtime.offloader.run(
                 lambda: self.identity.refresh(token, correlation_id=rid)
@@ -164,6 +166,10 @@ class _AuthRoutes:
         except Unauthenticated:
             await self._limit_address(request)
             raise
+        # Counted once it rotated (a made-up secret for a known session id spends nothing of
+        # the session's), and never refused then: the old token is spent, the new one must go.
+        with contextlib.suppress(RateLimited):
+            await self.runtime.limiter.hit(session)
         return self._session(grant)
 
     async def logout(self, request: Request, rid: str) -> Response:
@@ -304,30 +310,29 @@ class _AuthRoutes:
             )
         await self.runtime.limiter.hit(limits)
 
-    async def _limit_session(self, token: str) -> None:
+    def _session_limit(self, token: str) -> list[Limit]:
         """Refreshes of one session count at the account's sign-in rate: each one is a write,
         and a holder of a refresh token could otherwise write as fast as it can send (a client
-        refreshes once an access token's lifetime). A token naming no session is left to the
-        refresh, which refuses it and counts the address."""
+        refreshes once an access token's lifetime). A token naming no session has none: the
+        refresh refuses it and counts the address."""
         session, dot, _ = token.strip().partition(".")
         if not dot:
-            return
+            return []
         try:
             session_id = UUID(hex=session)
         except ValueError:
-            return
-        await self._limit_at_account_rate(f"refresh-session:{session_id}", "session's refreshes")
+            return []
+        return self._account_rate(f"refresh-session:{session_id}", "session's refreshes")
 
     async def _limit_enrolment(self, user_id: UUID) -> None:
         """Enrolling and confirming MFA count at the account's sign-in rate: each enrolment is
         a write, and anyone may sign up for a user token (a client needs one or two)."""
-        await self._limit_at_account_rate(f"mfa-enrolment:{user_id}", "account's MFA enrolments")
+        limit = self._account_rate(f"mfa-enrolment:{user_id}", "account's MFA enrolments")
+        await self.runtime.limiter.hit(limit)
 
-    async def _limit_at_account_rate(self, key: str, what: str) -> None:
+    def _account_rate(self, key: str, what: str) -> list[Limit]:
         most = self.auth.login_per_account_per_minute
-        if most is not None:
-            limit = Limit(f"{self.auth.key_prefix}:{key}", most, what)
-            await self.runtime.limiter.hit([limit])
+        return [] if most is None else [Limit(f"{self.auth.key_prefix}:{key}", most, what)]
 
     async def _limit_address(self, request: Request) -> None:
         await self.runtime.limiter.hit(self._address_limit(request))

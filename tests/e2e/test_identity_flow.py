@@ -438,6 +438,23 @@ def test_a_sessions_refreshes_are_limited_like_an_accounts_logins(
         assert http.post("/auth/refresh", json={"refreshToken": other}).status_code == 200
 
 
+def test_refreshes_with_a_wrong_secret_do_not_spend_the_sessions_refreshes(
+    module_database_url: str, redis_url: str
+) -> None:
+    """A session's refreshes were counted before its token was checked, so anyone who knew a
+    session's id (it is in the refresh token before the dot, and in the sign-ins an audit
+    export shows) could spend its refreshes with made-up secrets and keep its holder from
+    refreshing. Only refreshes that rotate count now; wrong ones count against the address."""
+    with limited_client(module_database_url, redis_url) as http:
+        session = signed_in(http, "refreshed@example.com")["refreshToken"]
+        session_id = session.split(".")[0]
+        for _ in range(4):
+            forged = http.post("/auth/refresh", json={"refreshToken": f"{session_id}.forged"})
+            assert error_of(forged) == (401, "UNAUTHENTICATED")
+        answer = http.post("/auth/refresh", json={"refreshToken": session})
+        assert answer.status_code == 200, answer.text
+
+
 def test_mfa_enrolments_are_limited_like_an_accounts_logins(
     module_database_url: str, redis_url: str
 ) -> None:
