@@ -245,6 +245,16 @@ class Identity:
             raise Unauthenticated("refresh token is not valid") from None
         return self._grant(user, session_id, new_secret)
 
+    def session_user(self, refresh_token: str) -> UUID:
+        """The user whose session ``refresh_token`` names (its secret unchecked: for counting
+        the refresh against the account before it is made); UNAUTHENTICATED when it names none.
+        """
+        session_id, _ = _parse_refresh(refresh_token)
+        try:
+            return self._get(Session, session_id).user_id
+        except NotFound:
+            raise Unauthenticated("refresh token is not valid") from None
+
     def logout(self, refresh_token: str, *, correlation_id: str = "") -> None:
         """Revoke the session the token belongs to; an unknown token is already logged out."""
         try:

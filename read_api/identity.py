@@ -157,19 +157,22 @@ class _AuthRoutes:
         # before the session is looked for (or its counter made): a refused request costs
         # nothing more, as a login refused for its address does.
         await self.runtime.limiter.check(self._address_limit(request))
-        session = self._session_limit(token)
-        await self.runtime.limiter.check(session)
         try:
+            owner = await self.runtime.offloader.run(lambda: self.identity.session_user(token))
+            # Refreshes count per account at its sign-in rate: each one is a write, and counted
+            # per session an account's writes grew with its sessions (a login makes one more).
+            account = self._account_rate(f"refresh-account:{owner}", "account's refreshes")
+            await self.runtime.limiter.check(account)
             grant = await self.runtime.offloader.run(
                 lambda: self.identity.refresh(token, correlation_id=rid)
             )
         except Unauthenticated:
             await self._limit_address(request)
             raise
-        # Counted once it rotated (a made-up secret for a known session id spends nothing of
-        # the session's), and never refused then: the old token is spent, the new one must go.
+        # Counted once it rotated (a made-up secret naming a session spends nothing of its
+        # account's), and never refused then: the old token is spent, the new one must go.
         with contextlib.suppress(RateLimited):
-            await self.runtime.limiter.hit(session)
+            await self.runtime.limiter.hit(account)
         return self._session(grant)
 
     async def logout(self, request: Request, rid: str) -> Response:
@@ -309,20 +312,6 @@ class _AuthRoutes:
                 )
             )
         await self.runtime.limiter.hit(limits)
-
-    def _session_limit(self, token: str) -> list[Limit]:
-        """Refreshes of one session count at the account's sign-in rate: each one is a write,
-        and a holder of a refresh token could otherwise write as fast as it can send (a client
-        refreshes once an access token's lifetime). A token naming no session has none: the
-        refresh refuses it and counts the address."""
-        session, dot, _ = token.strip().partition(".")
-        if not dot:
-            return []
-        try:
-            session_id = UUID(hex=session)
-        except ValueError:
-            return []
-        return self._account_rate(f"refresh-session:{session_id}", "session's refreshes")
 
     async def _limit_enrolment(self, user_id: UUID) -> None:
         """Enrolling and confirming MFA count at the account's sign-in rate: each enrolment is
