@@ -229,7 +229,10 @@ class Identity:
             ):
                 session.revoke("the password was changed since this sign-in", meta=meta)
                 return [session], False
-            rotated = session.rotate(presented, digest(new_secret), now=self._now(), meta=meta)
+            rotated = session.rotate(
+                presented, digest(new_secret), now=self._now(), most=self._most_tokens(),
+                meta=meta,
+            )  # fmt: skip
             return [session], rotated
 
         try:
@@ -237,7 +240,10 @@ class Identity:
         except NotFound:
             raise Unauthenticated("refresh token is not valid") from None
         if not rotated:
-            raise Unauthenticated("refresh token is not valid, spent or revoked; log in again")
+            raise Unauthenticated(
+                "refresh token is not valid, spent or revoked, or its session has handed out "
+                "all its tokens; log in again"
+            )
         session = self._get(Session, session_id)
         try:
             user = self._get(User, session.user_id)
@@ -454,6 +460,12 @@ class Identity:
         reason = str(refused.details.get("reason", "second factor"))
         user.record_failed_login(reason, at=self._now(), meta=meta)
         return refused
+
+    def _most_tokens(self) -> int:
+        """How many refresh tokens one session hands out: a client refreshes once per access
+        token lifetime, so twice that over the session's life, and 100 more for retries."""
+        access = max(1, self.access_tokens.ttl_seconds)
+        return 2 * math.ceil(self.refresh_ttl_seconds / access) + 100
 
     def _record_failure(self, user_id: UUID, reason: str, correlation_id: str) -> None:
         def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:

@@ -467,3 +467,24 @@ def test_a_password_change_checked_before_the_address_was_proven_is_refused(
         identity.change_password(user_id, current=PASSWORD, new="the squatter's new one")
     with pytest.raises(Unauthenticated):
         identity.login(email="ada@example.com", password="the squatter's new one")
+
+
+def test_a_session_hands_out_a_bounded_number_of_tokens(identity: Identity) -> None:
+    """A session kept every token it had handed out (a spent one presented again must revoke it)
+    and could be refreshed for its whole life at the refresh limit: 10 a minute for 30 days,
+    432,000 digests folded, snapshotted and read again at each refresh. A client refreshes once
+    per access token lifetime; twice that over the session's life, and 100 more, is what one
+    session hands out, then its holder logs in again."""
+    identity.refresh_ttl_seconds = 10 * identity.access_tokens.ttl_seconds
+    identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    grant = identity.login(email="ada@example.com", password=PASSWORD)
+    first = grant.refresh_token
+    for _ in range(2 * 10 + 100 - 1):  # the login's token was the first
+        grant = identity.refresh(grant.refresh_token)
+    with pytest.raises(Unauthenticated, match="log in again"):
+        identity.refresh(grant.refresh_token)
+    with pytest.raises(Unauthenticated):  # a spent one still revokes it
+        identity.refresh(first)
+    session = identity.app.repository.get(UUID(hex=first.split(".")[0]))
+    assert isinstance(session, Session)
+    assert session.revoked
