@@ -95,8 +95,11 @@ from read_api.identity import add_auth_routes
 from read_api.input_checks import (
     MAX_VARIABLE_NESTING,
     BodyTooSlow,
+    NotJson,
     body_within,
+    closing,
     nests_deeper,
+    require_json,
 )
 from read_api.membership import member_workspace_of
 from read_api.ratelimit import address_limits, limits_for
@@ -329,14 +332,14 @@ class GraphQLEndpoint:
                 error_body(error.message, error.code),
                 error.status,
                 rid,
-                extra_headers=_closing({}, request, read=body_read),
+                extra_headers=closing({}, request, read=body_read),
             )
         except Unauthenticated as error:
             return _json(
                 error_body(error.message, UNAUTHENTICATED),
                 401,
                 rid,
-                extra_headers=_closing(
+                extra_headers=closing(
                     {"WWW-Authenticate": 'Bearer realm="agentworks"'}, request, read=body_read
                 ),
             )
@@ -346,14 +349,14 @@ class GraphQLEndpoint:
                 error_body(error.message, RATE_LIMITED, retryAfter=retry),
                 429,
                 rid,
-                extra_headers=_closing({"Retry-After": str(retry)}, request, read=body_read),
+                extra_headers=closing({"Retry-After": str(retry)}, request, read=body_read),
             )
         except ValidationFailed as error:
             return _json(
                 error_body(error.message, VALIDATION),
                 400,
                 rid,
-                extra_headers=_closing({}, request, read=body_read),
+                extra_headers=closing({}, request, read=body_read),
             )
 
         context = RequestContext(
@@ -520,18 +523,6 @@ def _check_declared_size(request: Request, limit: int) -> None:
         raise BadRequest(f"request body exceeds {limit} bytes", status=413)
 
 
-def _closing(headers: dict[str, str], request: Request, *, read: bool) -> dict[str, str] | None:
-    """``headers``, with ``Connection: close`` when the request's body was not read whole (a
-    refusal before it, one past its size or time): its client could go on sending the body it
-    announced for as long as it liked, each byte parsed and thrown away, and the connection
-    could carry no further request anyway. ``None`` for no headers at all."""
-    length = request.headers.get("content-length", "0").strip()
-    announced = "transfer-encoding" in request.headers or length != "0"
-    if not read and announced:
-        headers = {**headers, "Connection": "close"}
-    return headers or None
-
-
 async def _read_body(request: Request, limit: int, seconds: float) -> bytes:
     try:
         body = await body_within(request, limit, seconds=seconds)
@@ -545,9 +536,10 @@ async def _read_body(request: Request, limit: int, seconds: float) -> bytes:
 def _parse_request(
     body: bytes, content_type: str | None
 ) -> tuple[str, dict[str, Any] | None, str | None]:
-    media = (content_type or "application/json").split(";", 1)[0].strip().lower()
-    if media not in ("application/json", "application/graphql-response+json"):
-        raise BadRequest(f"send the request as application/json, not {media[:60]}", status=415)
+    try:
+        require_json(content_type)
+    except NotJson as error:
+        raise BadRequest(error.message, status=415) from None
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
