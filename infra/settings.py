@@ -270,6 +270,18 @@ class Settings(BaseSettings):
         # Checked here, not by the first Redis client built: that failed with a traceback.
         if value is not None and not value.startswith(_REDIS_SCHEMES):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        if value is not None:
+            from redis.connection import parse_url
+
+            try:
+                parse_url(value)  # type: ignore[no-untyped-call]
+            except ValueError:
+                # Not redis's message: it quotes the part it could not read, which may be a
+                # piece of the password.
+                raise ValueError(
+                    "is not a Redis URL redis can read (a port that is no number from 1 to "
+                    "65535? percent-encode an @, / or : in the password)"
+                ) from None
         return value
 
     @field_validator("trusted_proxies")
