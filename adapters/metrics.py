@@ -7,10 +7,13 @@ so it belongs to one deployment's database; :class:`Exposition` renders both for
 
 from __future__ import annotations
 
+import hmac
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
@@ -28,6 +31,8 @@ from prometheus_client.registry import Collector
 from adapters.telemetry import continue_trace, current_traceparent
 
 if TYPE_CHECKING:
+    import socket
+
     from prometheus_client.core import Metric
 
 COMMAND_SECONDS = Histogram(
@@ -214,3 +219,90 @@ class Exposition:
 
     def render(self) -> bytes:
         return generate_latest(self._process) + generate_latest(self._deployment)
+
+
+class MetricsServer:
+    """``GET /metrics`` of a process that serves no API (``relay``, ``worker``,
+    ``orchestrator``): what only that process records (its outages as
+    ``agentworks_dependency_up``, the relay's broker losses, a worker's sweeps, the
+    orchestrator's commands) is on no other process's ``/metrics``.
+
+    Served from a thread of its own on ``listener`` (bound by the caller, so that a busy port
+    is refused before anything starts), behind ``token`` when the deployment set one, as the
+    API's route is. Requests are not logged: an access line per scrape would be noise, and
+    not a JSON line.
+    """
+
+    def __init__(
+        self, listener: socket.socket, *, token: str | None, exposition: Exposition | None = None
+    ) -> None:
+        self._server = _MetricsHTTPServer(
+            listener,
+            exposition=exposition or Exposition(),
+            expected=None if token is None else f"Bearer {token}".encode(),
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+class _MetricsHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self, listener: socket.socket, *, exposition: Exposition, expected: bytes | None
+    ) -> None:
+        super().__init__(listener.getsockname()[:2], _MetricsHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listener
+        self.server_address = listener.getsockname()
+        self.exposition = exposition
+        self.expected = expected
+        self.rendering = threading.Lock()
+        """One render at a time, as the API's route: each may query the database."""
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    server: _MetricsHTTPServer
+
+    def do_GET(self) -> None:
+        if self.path.partition("?")[0] != "/metrics":
+            self._answer(404, b"not found\n", "text/plain")
+            return
+        given = self.headers.get("Authorization", "").encode("latin-1", "replace")
+        expected = self.server.expected
+        if expected is not None and not hmac.compare_digest(given, expected):
+            self._answer(
+                401,
+                b"metrics need the deployment's metrics token\n",
+                "text/plain",
+                {"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
+            return
+        with self.server.rendering:
+            body = self.server.exposition.render()
+        self._answer(200, body, self.server.exposition.content_type)
+
+    def _answer(
+        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """No access line per scrape (see :class:`MetricsServer`)."""

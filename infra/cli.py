@@ -272,8 +272,9 @@ def _id_option(option: str, value: str) -> str:
         raise CliError(f"{option} must be a UUID, got {value[:60]!r}") from None
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The server's listening socket, bound now so that a busy port is refused up front."""
+def _listen(host: str, port: int, *, choose: str = "--port") -> socket.socket:
+    """The server's listening socket, bound now so that a busy port is refused up front
+    (naming ``choose``, where another port is set)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -289,7 +290,7 @@ def _listen(host: str, port: int) -> socket.socket:
         if exc.errno == errno.EADDRINUSE:
             raise CliError(
                 f"port {port} on {host} is already in use (another agentworks?); "
-                "choose another with --port"
+                f"choose another with {choose}"
             ) from exc
         raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     return listener
@@ -308,6 +309,21 @@ def _without_password(url: str) -> str:
         return url
     parts["password"] = "***"  # noqa: S105 - the mask, not a password
     return make_conninfo("", **parts)
+
+
+def _serve_process_metrics(settings: Settings) -> None:
+    """``GET /metrics`` of this relay, worker or orchestrator process, on
+    ``AGENTWORKS_METRICS_PORT`` when it is set, until the command ends."""
+    if settings.metrics_port is None:
+        return
+    from adapters.metrics import MetricsServer
+
+    listener = _listen(
+        settings.metrics_host, settings.metrics_port, choose="AGENTWORKS_METRICS_PORT"
+    )
+    token = settings.metrics_token
+    server = MetricsServer(listener, token=None if token is None else token.get_secret_value())
+    resources.callback(server.close)
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> None:
@@ -478,6 +494,7 @@ def relay_command(data_dir: DataDirOption = None) -> None:
     from infra.stack import start_tracing
 
     settings = settings_for(data_dir)
+    _serve_process_metrics(settings)
     start_tracing(settings, "agentworks-relay")
     relay, event_log = build_relay(settings, database_url_for(settings))
     _stop_on_signals(relay.stop)
@@ -498,6 +515,7 @@ def orchestrator_command(data_dir: DataDirOption = None) -> None:
     from infra.stack import start_tracing
 
     settings = settings_for(data_dir)
+    _serve_process_metrics(settings)
     start_tracing(settings, "agentworks-orchestrator")
     url = database_url_for(settings)
     # The orchestrator writes events: it logs in as the writer (no role of its own yet); its
@@ -545,8 +563,9 @@ def worker_command(
         raise CliError("AGENTWORKS_KAFKA_BOOTSTRAP is not set; workers consume from Kafka")
     url = database_url_for(settings)
     if projector is None:
-        _run_one_process_per_projector(data_dir)
+        _run_one_process_per_projector(data_dir, metrics_port=settings.metrics_port)
         return
+    _serve_process_metrics(settings)
     from infra.stack import start_tracing
 
     start_tracing(settings, f"agentworks-worker-{projector}")
@@ -583,15 +602,23 @@ def worker_command(
         read_side.close()
 
 
-def _run_one_process_per_projector(data_dir: Path | None) -> None:
+def _run_one_process_per_projector(data_dir: Path | None, *, metrics_port: int | None) -> None:
+    import os
     import subprocess
+
+    def environment(index: int) -> dict[str, str] | None:
+        # Each process serves its own metrics: this port, and the next ones in projector order.
+        if metrics_port is None:
+            return None
+        return {**os.environ, "AGENTWORKS_METRICS_PORT": str(metrics_port + index)}
 
     named = {
         name: subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "infra.cli", "worker", "--projector", name]
-            + ([] if data_dir is None else ["--data-dir", str(data_dir)])
+            + ([] if data_dir is None else ["--data-dir", str(data_dir)]),
+            env=environment(index),
         )
-        for name in projector_names()
+        for index, name in enumerate(projector_names())
     }
     children = list(named.values())
     asked_to_stop = threading.Event()
