@@ -59,6 +59,7 @@ from infra.cli_common import (
     database_url_for,
     resources,
     settings_for,
+    shown,
 )
 from infra.migrate import MigrationError, discover, ensure_database, migrate
 from infra.settings import Settings, db_logins, jwt_keys
@@ -854,11 +855,11 @@ def parked_list_command(projector: _ProjectorOption = None, data_dir: DataDirOpt
             str(aggregate),
             str(version),
             f"{position:,}",
-            event,
+            shown(event),
             "" if workspace is None else str(workspace),
             str(attempts),
             failed.isoformat(timespec="seconds"),
-            error,
+            shown(error),
         )
     Console().print(table)
 
@@ -920,7 +921,7 @@ def parked_retry_command(
                 outcome = (
                     f"parked again at version {one.parked.originator_version}: {one.parked.error}"
                 )
-            table.add_row(name, str(one.originator_id), f"{one.applied:,}", outcome)
+            table.add_row(name, str(one.originator_id), f"{one.applied:,}", shown(outcome))
     Console().print(table)
     if still:
         raise CliError(
