@@ -956,6 +956,10 @@ _register_groups()
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI (the ``agentworks`` console script); exits the process with its code."""
+    from infra.logging import log_uncaught_exceptions
+
+    # Here, not in run(): a test that calls run() keeps the test runner's own hooks.
+    log_uncaught_exceptions()
     sys.exit(run(argv))
 
 

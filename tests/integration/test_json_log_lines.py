@@ -1,0 +1,83 @@
+"""Under the production log format every line a process writes to stderr is one JSON object,
+also what Python itself reports outside any logger: an exception in a ``__del__`` (as
+kafka-python's producer raises when the broker went away: "Exception ignored in: <function
+KafkaProducer.__del__>" and its traceback, 11 lines), one that ends a thread, and one that ends
+the process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+PROGRAM = """
+import threading
+
+from infra.cli import main
+
+# As the `agentworks` entry point starts every command: `migrate --help` loads no settings, so
+# configure the logging as a command does first.
+from infra.cli_common import load_settings
+
+load_settings()
+try:
+    main(["migrate", "--help"])
+except SystemExit:
+    pass
+
+
+class Leaky:
+    def __del__(self) -> None:
+        raise RuntimeError("raised in __del__\\nwith a second line")
+
+
+Leaky()
+
+
+def crash() -> None:
+    raise KeyError("raised in a thread")
+
+
+worker = threading.Thread(target=crash, name="crashing-thread")
+worker.start()
+worker.join()
+raise ValueError("raised at the top")
+"""
+
+
+def test_exceptions_python_reports_itself_are_single_json_lines(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWORKS_")}
+    env["PYTHONPATH"] = str(REPO)
+    result = subprocess.run(
+        [sys.executable, "-c", PROGRAM],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 1
+    records = []
+    for line in result.stderr.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise AssertionError(f"not a JSON line: {line!r}\n{result.stderr}") from None
+    by_event = {record["event"]: record for record in records}
+    assert set(by_event) == {
+        "python.unraisable_exception",
+        "python.thread_exception",
+        "python.uncaught_exception",
+    }, records
+    assert "RuntimeError: raised in __del__" in by_event["python.unraisable_exception"]["exception"]
+    assert "Leaky.__del__" in by_event["python.unraisable_exception"]["object"]
+    assert by_event["python.thread_exception"]["thread"] == "crashing-thread"
+    assert "KeyError: 'raised in a thread'" in by_event["python.thread_exception"]["exception"]
+    assert "ValueError: raised at the top" in by_event["python.uncaught_exception"]["exception"]
+    assert all(record["level"] in ("error", "critical") for record in records)
