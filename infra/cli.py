@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import os
 import signal
 import socket
 import sys
@@ -604,7 +605,6 @@ def worker_command(
 
 
 def _run_one_process_per_projector(data_dir: Path | None, *, metrics_port: int | None) -> None:
-    import os
     import subprocess
 
     def environment(index: int) -> dict[str, str] | None:
@@ -618,6 +618,7 @@ def _run_one_process_per_projector(data_dir: Path | None, *, metrics_port: int |
             [sys.executable, "-m", "infra.cli", "worker", "--projector", name]
             + ([] if data_dir is None else ["--data-dir", str(data_dir)]),
             env=environment(index),
+            preexec_fn=_terminated_with_parent(os.getpid()),
         )
         for index, name in enumerate(projector_names())
     }
@@ -649,6 +650,27 @@ def _run_one_process_per_projector(data_dir: Path | None, *, metrics_port: int |
         )
     if any(code not in (0, -signal.SIGTERM) for code in codes):
         raise CliError(f"a projector worker failed (exit codes {codes})", exit_code=EXIT_FAILED)
+
+
+def _terminated_with_parent(parent: int) -> Callable[[], None] | None:
+    """What a projector process runs before ``exec``: have the kernel send it SIGTERM when the
+    worker that started it dies, however it dies. Stopped by a signal the worker stops them
+    itself; killed outright (SIGKILL, the OOM killer) it cannot, and they went on consuming
+    beside the ones its restart started, each holding database connections, with nothing
+    left to stop them. Linux only (``prctl``); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    set_parent_death_signal = 1  # PR_SET_PDEATHSIG
+
+    def arrange() -> None:
+        libc.prctl(set_parent_death_signal, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the line above: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
 
 
 @app.command("rebuild")

@@ -63,3 +63,38 @@ def test_one_projector_process_dying_ends_the_worker_with_exit_1(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
+
+
+def test_projector_processes_end_when_the_worker_is_killed(
+    database_url: str, kafka_broker: LocalBroker, tmp_path: Path
+) -> None:
+    """A worker killed outright (SIGKILL: the OOM killer, a supervisor's last resort) cannot
+    stop its projector processes; they must not outlive it, consuming beside the ones its
+    restart spawns, each holding its database connections, with nothing left to stop them."""
+    env = clean_env(
+        AGENTWORKS_DATABASE_URL=database_url,
+        AGENTWORKS_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
+        AGENTWORKS_TOPIC_PREFIX=f"sup-{uuid.uuid4().hex[:10]}-",
+        AGENTWORKS_TOPIC_PARTITIONS="1",
+        AGENTWORKS_POOL_SIZE="1",
+        AGENTWORKS_SWEEP_INTERVAL="0",
+        AGENTWORKS_LOG_JSON="false",
+    )
+    started = Agentworks.start(tmp_path, "worker", env=env, port=0)
+    worker = started.process
+    children: list[psutil.Process] = []
+    try:
+        children = _children_when_all_started(worker.pid, len(projector_names()), timeout=60)
+        worker.kill()
+        worker.wait(10)
+
+        gone, alive = psutil.wait_procs(children, timeout=30)
+
+        assert alive == [], [child.pid for child in alive]
+        assert len(gone) == len(children)
+    finally:
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
