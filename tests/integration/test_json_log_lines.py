@@ -7,12 +7,12 @@ the process."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-REPO = Path(__file__).resolve().parents[2]
+from cli_process import clean_env, run_python
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PROGRAM = """
 import threading
@@ -50,17 +50,7 @@ raise ValueError("raised at the top")
 
 
 def test_exceptions_python_reports_itself_are_single_json_lines(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWORKS_")}
-    env["PYTHONPATH"] = str(REPO)
-    result = subprocess.run(
-        [sys.executable, "-c", PROGRAM],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_python(PROGRAM, cwd=tmp_path, env=clean_env(), timeout=60)
 
     assert result.returncode == 1
     records = []
