@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -141,8 +141,12 @@ def read_standing(conn: psycopg.Connection[Any]) -> Standing:
 class LagCollector(Collector):
     """Log head, relay and projector positions and lags, read from Postgres at scrape time."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, projectors: Sequence[str] = ()) -> None:
         self.database_url = database_url
+        self.projectors = tuple(projectors)
+        """The projectors the deployment runs: each is reported, at position 0 while it has
+        no row of positions yet (never ran), as ``/readyz`` counts it. Only the rows found
+        would leave a projector that never started out of the lag metrics altogether."""
 
     def collect(self) -> Iterator[Metric]:
         head = GaugeMetricFamily(
@@ -185,12 +189,15 @@ class LagCollector(Collector):
         head.add_metric([], top)
         for name, position in standing.relays:
             relay.add_metric([name], top - position)
-        for name, position, swept, from_store in standing.projectors:
+        found = {one.name: one for one in standing.projectors}
+        for name in self.projectors:
+            found.setdefault(name, ProjectorStanding(name, 0, 0, 0))
+        for name, position, swept, from_store in sorted(found.values()):
             projector.add_metric([name], top - position)
             unswept.add_metric([name], top - swept)
             healed.add_metric([name], from_store)
         parked_counts = standing.parked
-        for name in sorted({name for name, *_ in standing.projectors} | set(parked_counts)):
+        for name in sorted(set(found) | set(parked_counts)):
             parked.add_metric([name], parked_counts.get(name, 0))
         yield head
         yield relay

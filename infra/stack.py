@@ -42,6 +42,7 @@ from infra.identity import build_auth, build_oidc
 from infra.migrate import ensure_database, migrate
 from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
 from projections.rebuild import rebuild_stale
+from projections.registry import projector_names
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
 from read_api.services import ApiServices, JwtVerification, RateLimits
 from streams.embedded import EmbeddedFanout
@@ -137,7 +138,7 @@ def api_services(
         metrics_token=settings.metrics_token.get_secret_value() if settings.metrics_token else None,
         max_projector_lag=settings.max_projector_lag,
         projector_stall_seconds=settings.projector_stall_seconds or None,
-        lag_collector=LagCollector(api_url),
+        lag_collector=LagCollector(api_url, projectors=projector_names()),
         max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
         max_subscriptions_per_user=settings.max_subscriptions_per_user,
         max_unsigned_websockets_per_address=settings.max_unsigned_websockets_per_address,
