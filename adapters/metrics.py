@@ -118,7 +118,11 @@ class Standing:
     """Parked aggregates per projector, for those that have any."""
 
 
-def read_standing(conn: psycopg.Connection[Any]) -> Standing:
+def read_standing(conn: psycopg.Connection[Any], *, expected: Sequence[str] = ()) -> Standing:
+    """Where everything stands. The ``expected`` projectors (those the deployment keeps) are
+    each listed, at position 0 while they have no row of positions yet (they never ran, as
+    ``/readyz`` counts them): only the rows found would leave a projector whose worker never
+    started out of the status and the lag metrics altogether, as if nothing were wrong."""
     # A function: the API's role, under row-level security, sees no event itself.
     row = conn.execute("SELECT agentworks_log_head()").fetchone()
     relays = conn.execute("SELECT relay, position FROM relay_positions ORDER BY relay")
@@ -130,10 +134,13 @@ def read_standing(conn: psycopg.Connection[Any]) -> Standing:
         "SELECT projector, count(*) FROM projection_parked "
         "WHERE projector NOT LIKE '%#%' GROUP BY projector"
     )
+    found = {n: ProjectorStanding(n, int(p), int(s), int(h)) for n, p, s, h in projectors}
+    for name in expected:
+        found.setdefault(name, ProjectorStanding(name, 0, 0, 0))
     return Standing(
         head=int(row[0]) if row else 0,
         relays=[(name, int(position)) for name, position in relays],
-        projectors=[ProjectorStanding(n, int(p), int(s), int(h)) for n, p, s, h in projectors],
+        projectors=sorted(found.values()),
         parked={name: int(count) for name, count in parked},
     )
 
@@ -144,9 +151,7 @@ class LagCollector(Collector):
     def __init__(self, database_url: str, *, projectors: Sequence[str] = ()) -> None:
         self.database_url = database_url
         self.projectors = tuple(projectors)
-        """The projectors the deployment runs: each is reported, at position 0 while it has
-        no row of positions yet (never ran), as ``/readyz`` counts it. Only the rows found
-        would leave a projector that never started out of the lag metrics altogether."""
+        """The projectors the deployment keeps: each is reported (see :func:`read_standing`)."""
 
     def collect(self) -> Iterator[Metric]:
         head = GaugeMetricFamily(
@@ -182,22 +187,19 @@ class LagCollector(Collector):
         )
         try:
             with psycopg.connect(self.database_url, connect_timeout=3) as conn:
-                standing = read_standing(conn)
+                standing = read_standing(conn, expected=self.projectors)
         except psycopg.Error:
             return
         top = standing.head
         head.add_metric([], top)
         for name, position in standing.relays:
             relay.add_metric([name], top - position)
-        found = {one.name: one for one in standing.projectors}
-        for name in self.projectors:
-            found.setdefault(name, ProjectorStanding(name, 0, 0, 0))
-        for name, position, swept, from_store in sorted(found.values()):
+        for name, position, swept, from_store in standing.projectors:
             projector.add_metric([name], top - position)
             unswept.add_metric([name], top - swept)
             healed.add_metric([name], from_store)
         parked_counts = standing.parked
-        for name in sorted(set(found) | set(parked_counts)):
+        for name in sorted({name for name, *_ in standing.projectors} | set(parked_counts)):
             parked.add_metric([name], parked_counts.get(name, 0))
         yield head
         yield relay

@@ -807,7 +807,7 @@ def status_command(data_dir: DataDirOption = None) -> None:
 
     settings = settings_for(data_dir)
     with psycopg.connect(database_url_for(settings)) as conn:
-        standing = read_standing(conn)
+        standing = read_standing(conn, expected=projector_names())
     head_position, parked = standing.head, standing.parked
     rows: list[tuple[str, str, int, int | None]] = [
         *(("relay", name, position, None) for name, position in standing.relays),
