@@ -106,7 +106,8 @@ def log_uncaught_exceptions() -> None:
     each (one JSON line under the production format), instead of a traceback written straight
     to stderr that a log shipper splits into a record per line: an exception raised in a
     ``__del__`` or a finalizer (kafka-python's producer, collected after its broker went away,
-    printed 11 such lines), one that ends a thread, and one that ends the process.
+    printed 11 such lines), one that ends a thread, and one that ends the process; and the
+    warnings Python prints.
 
     For processes (the CLI's entry point calls it); the test runner keeps hooks of its own.
     Until :func:`configure_logging` has run, Python's own hooks report as before (structlog
@@ -115,6 +116,9 @@ def log_uncaught_exceptions() -> None:
     sys.unraisablehook = _log_unraisable
     threading.excepthook = _log_thread_exception
     sys.excepthook = _log_uncaught
+    # Warnings Python prints (the message, then the source line) go to the "py.warnings"
+    # logger instead, at WARNING.
+    logging.captureWarnings(True)
 
 
 _uncaught = structlog.get_logger("agentworks.uncaught")

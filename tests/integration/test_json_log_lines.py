@@ -2,7 +2,7 @@
 also what Python itself reports outside any logger: an exception in a ``__del__`` (as
 kafka-python's producer raises when the broker went away: "Exception ignored in: <function
 KafkaProducer.__del__>" and its traceback, 11 lines), one that ends a thread, and one that ends
-the process."""
+the process; and a warning Python prints (two lines, the second the source line)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 PROGRAM = """
 import threading
+import warnings
 
 from infra.cli import main
 
@@ -42,6 +43,8 @@ def crash() -> None:
     raise KeyError("raised in a thread")
 
 
+warnings.warn("a warning\\nover two lines", RuntimeWarning, stacklevel=1)
+
 worker = threading.Thread(target=crash, name="crashing-thread")
 worker.start()
 worker.join()
@@ -59,6 +62,10 @@ def test_exceptions_python_reports_itself_are_single_json_lines(tmp_path: Path) 
             records.append(json.loads(line))
         except json.JSONDecodeError:
             raise AssertionError(f"not a JSON line: {line!r}\n{result.stderr}") from None
+    (warned,) = [record for record in records if record["logger"] == "py.warnings"]
+    assert "RuntimeWarning: a warning\nover two lines" in warned["event"]
+    assert warned["level"] == "warning"
+    records.remove(warned)
     by_event = {record["event"]: record for record in records}
     assert set(by_event) == {
         "python.unraisable_exception",
