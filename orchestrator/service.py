@@ -41,6 +41,7 @@ from uuid import UUID, uuid4
 import structlog
 
 from adapters.eventlog import MAX_BATCH_BYTES
+from adapters.outages import is_outage
 from adapters.providers.base import (
     Accepted,
     ChatRequest,
@@ -282,8 +283,13 @@ class Orchestrator:
                 self._woken.clear()
                 try:
                     more = await self._tail()
-                except Exception:
-                    log.exception("orchestrator.tail_failed")
+                except Exception as error:
+                    if is_outage(error):
+                        # Said once by the pool that saw the database go (adapters.outages),
+                        # not with a traceback at every read while it stays away.
+                        log.debug("orchestrator.database_unavailable", error=str(error))
+                    else:
+                        log.exception("orchestrator.tail_failed")
                     more = False
                     await asyncio.sleep(1.0)
                 if self.caught_up:
@@ -668,8 +674,11 @@ class Orchestrator:
                 if task is not None:
                     task.cancel()
                 return
-            except Exception:
-                log.exception("orchestrator.heartbeat_failed", run_id=str(view.run_id))
+            except Exception as error:
+                if is_outage(error):  # said once by outages; the next beat tries again
+                    log.debug("orchestrator.heartbeat_unavailable", run_id=str(view.run_id))
+                else:
+                    log.exception("orchestrator.heartbeat_failed", run_id=str(view.run_id))
 
     async def _finish(
         self, view: RunView, outcome: str, *, output: str | None = None, error: str | None = None,

@@ -14,12 +14,22 @@ from typing import TYPE_CHECKING
 
 import pg
 import psycopg
+from orchestrator_helpers import (
+    card_on_board,
+    fast_simulated,
+    orchestrator_thread,
+    running_with_lines,
+    wait_for,
+)
 from psycopg import sql
 
 from adapters.postgres import make_pool
+from commands import models as m
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from commands.handlers import AgentWorks
 
 
 def _set_allow_connections(name: str, *, allowed: bool) -> None:
@@ -81,3 +91,43 @@ def _attempts(pool: object) -> int:
     """Connection attempts the pool made (psycopg_pool's own statistics)."""
     stats: dict[str, int] = pool.get_stats()  # type: ignore[attr-defined]
     return stats.get("connections_num", 0)
+
+
+def test_an_orchestrator_reading_the_log_through_an_outage_says_it_once(
+    write_side: AgentWorks, database_url: str, log_lines: io.StringIO
+) -> None:
+    """The orchestrator reads the log again every second while its database is away, and
+    beats every run's heartbeat: each failed read was logged as ``orchestrator.tail_failed``
+    and each failed beat as ``orchestrator.heartbeat_failed``, at ERROR with its traceback, for
+    as long as the outage lasted, beside the ``dependency.down`` that already said it."""
+    name = str(psycopg.conninfo.conninfo_to_dict(database_url)["dbname"])
+    card = card_on_board(write_side)
+    slow = fast_simulated(tokens_per_second=5, output_tokens=1000)
+
+    def logged(*events: str) -> bool:
+        return any(event in log_lines.getvalue() for event in events)
+
+    with orchestrator_thread(database_url, {"simulated": slow}, heartbeat_interval=0.2):
+        run = write_side.start_agent_run(
+            m.StartAgentRun(card_id=card.card_id, agent="coder"), card.board.owner
+        ).id
+        wait_for(write_side, run, running_with_lines)
+        try:
+            _set_allow_connections(name, allowed=False)
+            # Both loops have met the outage (however each says so).
+            _wait_for(
+                lambda: (
+                    logged("orchestrator.database_unavailable", "orchestrator.tail_failed")
+                    and logged(
+                        "orchestrator.heartbeat_unavailable", "orchestrator.heartbeat_failed"
+                    )
+                )
+            )
+        finally:
+            _set_allow_connections(name, allowed=True)
+        _wait_for(lambda: "dependency.up" in log_lines.getvalue())
+
+    events = [r["event"] for r in _records(log_lines)]
+    assert "orchestrator.tail_failed" not in events
+    assert "orchestrator.heartbeat_failed" not in events
+    assert events.count("dependency.down") == 1
