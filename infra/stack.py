@@ -28,6 +28,7 @@ import redis.asyncio
 import structlog
 import uvicorn
 
+from adapters.eventstore import EventStoreRecorder
 from adapters.metrics import LagCollector
 from adapters.postgres import PROJECTOR_ROLE, make_pool
 from adapters.telemetry import configure_tracing
@@ -86,6 +87,12 @@ def make_broadcaster(settings: Settings) -> Broadcaster:
     return LocalBroadcaster()
 
 
+def _write_reachable(write: AgentWorks) -> Callable[[float], None] | None:
+    """How ``/readyz`` checks the write side reaches its database (its own pool and login)."""
+    recorder = write.recorder
+    return recorder.reachable if isinstance(recorder, EventStoreRecorder) else None
+
+
 def api_services(
     settings: Settings,
     database_url: str,
@@ -139,6 +146,7 @@ def api_services(
         max_projector_lag=settings.max_projector_lag,
         projector_stall_seconds=settings.projector_stall_seconds or None,
         lag_collector=LagCollector(api_url, projectors=projector_names()),
+        write_reachable=_write_reachable(write),
         max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
         max_subscriptions_per_user=settings.max_subscriptions_per_user,
         max_unsigned_websockets_per_address=settings.max_unsigned_websockets_per_address,
