@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 import pytest
-from kafka_helpers import OUTAGE_TEST
+from kafka_helpers import OUTAGE_TEST, close_refused_sockets
 from prometheus_client import REGISTRY
 
 from adapters.eventlog import EventLog
@@ -36,6 +36,8 @@ PREFIX = "broker-outage-"
 def broker() -> Iterator[LocalBroker]:
     with LocalBroker() as started:
         yield started
+    # The relay's producer retried the stopped broker: kafka-python leaves those sockets open.
+    close_refused_sockets()
 
 
 def _eventually(condition: Callable[[], bool], timeout: float = 90.0) -> None:
