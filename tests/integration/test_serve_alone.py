@@ -30,6 +30,16 @@ def readyz(serve: Agentworks) -> httpx.Response:
     return httpx.get(f"{serve.url}/readyz", timeout=10)
 
 
+def readyz_once(serve: Agentworks, status: int, timeout: float = 30) -> httpx.Response:
+    """``/readyz``'s first answer with ``status`` (or its last one after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    answer = readyz(serve)
+    while answer.status_code != status and time.monotonic() < deadline:
+        time.sleep(0.3)
+        answer = readyz(serve)
+    return answer
+
+
 def test_serve_alone_names_what_it_lacks_and_turns_not_ready_when_lag_stops_moving(
     tmp_path: Path, database_url: str, running: list[Agentworks]
 ) -> None:
@@ -55,11 +65,7 @@ def test_serve_alone_names_what_it_lacks_and_turns_not_ready_when_lag_stops_movi
         bootstrap, 'mutation { createWorkspace(input: {name: "Alone"}) { workspace { id } } }', {}
     )
 
-    deadline = time.monotonic() + 30
-    answer = readyz(serve)
-    while answer.status_code == 200 and time.monotonic() < deadline:
-        time.sleep(0.3)
-        answer = readyz(serve)
+    answer = readyz_once(serve, 503)
     assert answer.status_code == 503, answer.text
     body = answer.json()
     assert body["status"] == "not ready"
@@ -109,11 +115,7 @@ def test_serve_is_not_ready_while_its_write_side_cannot_reach_the_database(
 
     try:
         _writer_may_connect(database_url, allowed=False)
-        deadline = time.monotonic() + 30
-        answer = readyz(serve)
-        while answer.status_code == 200 and time.monotonic() < deadline:
-            time.sleep(0.3)
-            answer = readyz(serve)
+        answer = readyz_once(serve, 503)
         assert answer.status_code == 503, answer.text
         body = answer.json()
         assert body["database"] == "ok"  # reads still work
@@ -121,10 +123,6 @@ def test_serve_is_not_ready_while_its_write_side_cannot_reach_the_database(
     finally:
         _writer_may_connect(database_url, allowed=True)
 
-    deadline = time.monotonic() + 30
-    answer = readyz(serve)
-    while answer.status_code != 200 and time.monotonic() < deadline:
-        time.sleep(0.3)
-        answer = readyz(serve)
+    answer = readyz_once(serve, 200)
     assert answer.status_code == 200, answer.text
     assert answer.json()["writes"] == "ok"
