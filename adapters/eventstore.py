@@ -382,6 +382,12 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
     """Application recorder with overlapping commits, group commit and a snapshot-horizon
     reader rule."""
 
+    def reachable(self, timeout: float) -> None:
+        """Borrow a connection of the store's pool within ``timeout`` seconds and run an
+        empty statement; raises what the pool or the database raise (readiness checks)."""
+        with self.datastore.pool.connection(timeout=timeout) as conn:
+            conn.execute("SELECT 1")
+
     group_max_appends = 32
     """Most appends (commands) written in one transaction by :class:`GroupCommit`."""
     group_max_events = 5000

@@ -780,6 +780,10 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
 # -- health ---------------------------------------------------------------------------------------
 
 
+_Read = tuple[int, dict[str, int], dict[str, int], str | None]
+"""What one readiness read finds (:meth:`Health._positions`)."""
+
+
 class Health:
     """Liveness (the process answers) and readiness (it can serve: database, Redis, lag).
 
@@ -791,7 +795,7 @@ class Health:
         self.runtime = runtime
         self._behind_since: dict[str, tuple[int, float]] = {}
         """Per projector seen behind the head: its position then and since when it sits there."""
-        self._reading: asyncio.Future[tuple[int, dict[str, int], dict[str, int]]] | None = None
+        self._reading: asyncio.Future[_Read] | None = None
         """The positions read in flight, which every readiness check arriving meanwhile shares."""
 
     async def alive(self) -> Response:
@@ -802,10 +806,13 @@ class Health:
         checks: dict[str, Any] = {}
         ready = True
         try:
-            head, positions, parked = await asyncio.wait_for(
+            head, positions, parked, writes = await asyncio.wait_for(
                 asyncio.shield(self._shared_positions()), _HEALTH_TIMEOUT
             )
             checks["database"] = "ok"
+            if writes is not None:
+                checks["writes"] = writes
+                ready = ready and writes == "ok"
             lags: dict[str, dict[str, Any]] = {}
             for projector in services.projectors:
                 position = positions.get(projector.name, 0)
@@ -870,7 +877,7 @@ class Health:
         waited = now - seen[1]
         return waited if waited >= limit else None
 
-    def _shared_positions(self) -> asyncio.Future[tuple[int, dict[str, int], dict[str, int]]]:
+    def _shared_positions(self) -> asyncio.Future[_Read]:
         """One read of the positions at a time, however many checks ask: ``/readyz`` answers
         anyone, and a flood of it must not take the pool's connections from the API's readers.
         Not a cache: a check arriving after a read finished starts a new one."""
@@ -880,12 +887,22 @@ class Health:
             self._reading.add_done_callback(lambda done: done.cancelled() or done.exception())
         return self._reading
 
-    def _positions(self) -> tuple[int, dict[str, int], dict[str, int]]:
-        """Log head, projector positions and how many aggregates each projector parked."""
-        pool = self.runtime.services.pool
-        with pool.connection(timeout=_HEALTH_TIMEOUT) as conn:
+    def _positions(self) -> tuple[int, dict[str, int], dict[str, int], str | None]:
+        """Log head, projector positions, how many aggregates each projector parked, and
+        whether the write side reaches its database (``None``: not checked)."""
+        services = self.runtime.services
+        with services.pool.connection(timeout=_HEALTH_TIMEOUT) as conn:
             found = progress_queries.progress(conn)
-        return found.head, found.positions, found.parked
+        writes = None
+        if services.write_reachable is not None:
+            try:
+                services.write_reachable(_HEALTH_TIMEOUT / 4)
+                writes = "ok"
+            except Exception as error:
+                if not (is_database_error(error) or isinstance(error, OSError)):
+                    raise
+                writes = f"unavailable ({type(error).__name__})"
+        return found.head, found.positions, found.parked, writes
 
 
 __all__ = ["ApiServices", "create_app", "max_websocket_message_bytes"]

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Sequence
 
 import pg
 import structlog
@@ -105,9 +106,11 @@ def test_relay_span_and_kafka_headers_carry_the_commands_trace(
 # -- lag -----------------------------------------------------------------------------------------
 
 
-def lag_samples(database_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def lag_samples(
+    database_url: str, projectors: Sequence[str] = ()
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LagCollector(database_url))
+    registry.register(LagCollector(database_url, projectors=projectors))
     text = generate_latest(registry).decode()
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -180,6 +183,25 @@ def projected_up_to(
             assert lags == [0] * len(lags), lags
             return samples
         time.sleep(0.05)
+
+
+def test_a_projector_that_never_ran_is_reported_as_far_behind_as_the_log(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A projector whose worker was never deployed (or never got its first batch) has no row
+    of positions: /readyz counted it at position 0, while the lag metrics left it out, so an
+    alert on its lag could never fire however far the log ran ahead of it."""
+    owner = Actor(user_id="nina", workspace_id="*")
+    write_side.create_workspace(m.CreateWorkspace(name="Nobody projects this"), owner)
+    head = pg.log_head(database_url)
+
+    samples = lag_samples(database_url, projectors=projector_names())
+
+    assert samples[HEAD] == head
+    for name in projector_names():
+        assert samples[projector_lag(name)] == head
+        assert samples[("agentworks_projector_unswept_events", (("projector", name),))] == head
+        assert samples[("agentworks_projector_parked_aggregates", (("projector", name),))] == 0
 
 
 def test_lag_collector_reports_nothing_when_the_database_is_unreachable() -> None:
