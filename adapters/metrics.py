@@ -185,11 +185,20 @@ class LagCollector(Collector):
             "and sweeps), since its last rebuild: zero while no delivery is lost.",
             labels=["projector"],
         )
+        read_up = GaugeMetricFamily(
+            "agentworks_lag_read_up",
+            "1 when this scrape read the positions below from the database, 0 when it could "
+            "not (the lag series are then absent: alert on this, not on their absence).",
+        )
         try:
             with psycopg.connect(self.database_url, connect_timeout=3) as conn:
                 standing = read_standing(conn, expected=self.projectors)
         except psycopg.Error:
+            read_up.add_metric([], 0)
+            yield read_up
             return
+        read_up.add_metric([], 1)
+        yield read_up
         top = standing.head
         head.add_metric([], top)
         for name, position in standing.relays:

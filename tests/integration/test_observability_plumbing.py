@@ -164,6 +164,7 @@ def test_lag_collector_reports_head_relay_and_projector_lag(
 
 
 HEAD = ("agentworks_log_head_position", ())
+READ_UP = ("agentworks_lag_read_up", ())
 
 
 def projector_lag(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -204,8 +205,14 @@ def test_a_projector_that_never_ran_is_reported_as_far_behind_as_the_log(
         assert samples[("agentworks_projector_parked_aggregates", (("projector", name),))] == 0
 
 
-def test_lag_collector_reports_nothing_when_the_database_is_unreachable() -> None:
-    assert lag_samples("postgresql://postgres@127.0.0.1:1/nowhere") == {}
+def test_lag_collector_says_it_could_not_read_when_the_database_is_unreachable(
+    database_url: str,
+) -> None:
+    """Without the database there are no lag figures to give; their series vanished with no
+    sign of why, so a lag alert resolved during the outage instead of firing. The collector
+    says whether it read them (``agentworks_lag_read_up``), which an alert can watch."""
+    assert lag_samples("postgresql://postgres@127.0.0.1:1/nowhere") == {READ_UP: 0.0}
+    assert lag_samples(database_url)[READ_UP] == 1.0
 
 
 # -- logs ----------------------------------------------------------------------------------------
