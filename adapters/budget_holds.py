@@ -16,10 +16,16 @@ Expired fields (a dead orchestrator's holds) are dropped by the next decision on
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+from redis.exceptions import RedisError
+
+from adapters.outages import OUTAGES, REDIS
 from adapters.spend_counter import counter_key, holds_key
 from domain.budget_holds import Hold, HoldRequest
+from domain.errors import Unavailable
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -101,6 +107,10 @@ class RedisBudgetHolds:
         self._settle = client.register_script(_SETTLE)
 
     async def hold(self, request: HoldRequest, *, ttl: float) -> Hold:
+        async with _reaching():
+            return await self._hold_in_redis(request, ttl=ttl)
+
+    async def _hold_in_redis(self, request: HoldRequest, *, ttl: float) -> Hold:
         now_ms = int(await self._now_ms())
         answer = await self._hold(
             keys=[
@@ -127,13 +137,15 @@ class RedisBudgetHolds:
     async def settle(
         self, workspace_id: UUID, month: str, hold_id: UUID, *, billed: int, ttl: float
     ) -> None:
-        await self._settle(
-            keys=[holds_key(workspace_id, month)],
-            args=[str(hold_id), billed, await self._now_ms(), max(1, int(ttl * 1000))],
-        )
+        async with _reaching():
+            await self._settle(
+                keys=[holds_key(workspace_id, month)],
+                args=[str(hold_id), billed, await self._now_ms(), max(1, int(ttl * 1000))],
+            )
 
     async def release(self, workspace_id: UUID, month: str, hold_id: UUID) -> None:
-        await self._client.hdel(holds_key(workspace_id, month), str(hold_id))
+        async with _reaching():
+            await self._client.hdel(holds_key(workspace_id, month), str(hold_id))
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -142,6 +154,19 @@ class RedisBudgetHolds:
         """Redis's own clock, so holds lapse on one clock whichever host decided them."""
         seconds, micros = await self._client.time()
         return int(seconds) * 1000 + int(micros) // 1000
+
+
+@asynccontextmanager
+async def _reaching() -> AsyncIterator[None]:
+    """A request to Redis: one that could not reach it is reported to outages (logged once
+    per outage, ``agentworks_dependency_up``) and raised as :class:`Unavailable`; one that did
+    says Redis is back."""
+    try:
+        yield
+    except (RedisError, OSError) as error:
+        OUTAGES.down(REDIS, error)
+        raise Unavailable(f"the budget holds' Redis cannot be reached: {error}") from error
+    OUTAGES.up(REDIS)
 
 
 def _text(value: bytes | str | int) -> str:

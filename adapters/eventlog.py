@@ -398,7 +398,7 @@ class EventLog:
         self._close = close
         self._fast = _FastDecoder() if writes_library_json(mapper, _STANDARD, only=True) else None
         self._select = _log_statement(recorder)
-        self._bounded = None if self._select is None else _bounded(self._select)
+        self._bounded = None if self._select is None else _bounded(self._select, flagged=True)
         self._between, self._within = _aggregate_statements(recorder)
 
     def read(
@@ -553,10 +553,11 @@ class EventLog:
                 return rows, len(rows) == limit
             kept = next(byte_bounded(rows, lambda row: len(row[4]), max_bytes))
             return kept, len(rows) == limit or len(kept) < len(rows)
+        read = self.recorder.read_under_horizon
         if max_bytes is None:
-            rows = cast("list[Row]", fetch_rows(self.recorder, self._select, (after, limit)))
+            rows = cast("list[Row]", read(self._select, (after, limit)))
             return rows, len(rows) == limit
-        sized = fetch_rows(self.recorder, self._bounded, (after, limit, max_bytes))
+        sized = read(cast("Composed", self._bounded), (after, limit, max_bytes))
         if not sized:
             return [], False
         more = len(sized) == limit or bool(sized[-1][5])
@@ -684,13 +685,14 @@ def _row(notification: Notification) -> Row:
 
 
 def _log_statement(recorder: EventStoreRecorder) -> Composed | None:
-    """The recorder's log query (its columns and its horizon rule), for plain rows; None when
-    the recorder does not expose its parts (then :meth:`select_notifications` serves)."""
+    """The recorder's log query (its columns and its horizon rule), for plain rows: a statement
+    of :meth:`~adapters.eventstore.EventStoreRecorder.under_horizon`; None when the recorder does
+    not expose its parts (then :meth:`select_notifications` serves)."""
     select_from = getattr(recorder, "select_from", None)
     horizon = getattr(recorder, "horizon", None)
     if not isinstance(select_from, Composed) or not isinstance(horizon, SQL):
         return None
-    return (
+    return recorder.under_horizon(
         select_from
         + SQL(" WHERE ")
         + horizon
@@ -723,13 +725,15 @@ def _aggregate_statements(
     return _bounded(between), _bounded(within)
 
 
-def _bounded(select: Composed) -> Composed:
+def _bounded(select: Composed, *, flagged: bool = False) -> Composed:
     """The log query (``after``, ``limit``) cut further at ``max_bytes`` of stored state (at
     least one row), each row saying whether the query alone gave a row after it. (Window
-    functions that look one row ahead at most: nothing makes PostgreSQL hold the whole page.)"""
+    functions that look one row ahead at most: nothing makes PostgreSQL hold the whole page.)
+    ``flagged``: the query's rows begin with its horizon's flag (``under_horizon``), kept first."""
     return (
-        SQL(
-            "SELECT notification_id, originator_id, originator_version, topic, state, followed"
+        SQL("SELECT moved, " if flagged else "SELECT ")
+        + SQL(
+            "notification_id, originator_id, originator_version, topic, state, followed"
             " FROM (SELECT page.*, sum(octet_length(state)) OVER w AS running,"
             " row_number() OVER w AS n, lead(true, 1, false) OVER w AS followed FROM ("
         )

@@ -23,6 +23,8 @@ command record, version checks and read check, and fails alone when it conflicts
 
 Transaction ids are server-wide, so the horizon leaves out transactions that ``pg_locks`` shows
 belong to another database: a long transaction elsewhere on the cluster does not stall fan-out.
+One that ends between a read's snapshot and that look-up can no longer be placed and is kept,
+to be safe; the read is then made again at once (``_HORIZON``), so that it is not cut short.
 A long-running writing transaction in this database still holds readers (never writers) back
 until it ends; keep write transactions here short.
 """
@@ -65,6 +67,7 @@ from eventsourcing.utils import Environment, EnvType, retry
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Composed, Identifier
 
 from adapters.command_locks import CommandLocks, literal
@@ -91,20 +94,30 @@ CONNINFO_ENV = "AGENTWORKS_STORE_CONNINFO"
 """The database URL's parameters beyond the five the library takes (``sslmode``,
 ``sslrootcert``, ``options``...), as a ``key=value`` connection string."""
 
-# The oldest transaction that was still running when this statement's snapshot was taken and is
-# not known to belong to another database (transaction ids are server-wide; a long transaction
-# in another database must not hold our readers back). One that ended since is kept, to be safe:
-# it delays this one read at most. With none, every committed row is final.
 _BEGIN, _COMMIT = SQL("BEGIN"), SQL("COMMIT")
 
-_HORIZON = """transaction_id < (
-    SELECT coalesce(min(running), pg_snapshot_xmax(pg_current_snapshot()))
-    FROM pg_snapshot_xip(pg_current_snapshot()) AS running
-    WHERE mod(running::text::bigint, 4294967296) NOT IN (
-        SELECT lock.transactionid::text::bigint
-        FROM pg_locks AS lock JOIN pg_stat_activity AS backend ON backend.pid = lock.pid
-        WHERE lock.locktype = 'transactionid'
-          AND backend.datname IS DISTINCT FROM current_database()))"""
+# The horizon of a statement, as a one-row relation: ``below``, the oldest transaction that was
+# running when the statement's snapshot was taken and is not known to belong to another database
+# (transaction ids are server-wide; a long transaction in another database must not hold our
+# readers back), or the snapshot's xmax when there is none; and ``moved``, whether that
+# transaction had ended by the time it was looked up. Such a transaction left no lock to tell
+# its database by, so it is kept, to be safe; but a statement begun now would not have it in its
+# snapshot at all: a reader that sees ``moved`` reads again at once
+# (:meth:`EventStoreRecorder.read_under_horizon`).
+_HORIZON = """WITH horizon AS MATERIALIZED (
+    SELECT coalesce(held, pg_snapshot_xmax(pg_current_snapshot())) AS below,
+        coalesce(pg_xact_status(held) <> 'in progress', false) AS moved
+    FROM (SELECT min(running) AS held
+        FROM pg_snapshot_xip(pg_current_snapshot()) AS running
+        WHERE mod(running::text::bigint, 4294967296) NOT IN (
+            SELECT lock.transactionid::text::bigint
+            FROM pg_locks AS lock JOIN pg_stat_activity AS backend ON backend.pid = lock.pid
+            WHERE lock.locktype = 'transactionid'
+              AND backend.datname IS DISTINCT FROM current_database())) AS kept)"""
+
+_REREADS = 3
+"""How many times a read whose horizon had moved is made again before it is taken as it is
+(each time, another transaction of its snapshot must have ended in that same moment)."""
 
 
 @dataclass
@@ -369,6 +382,12 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
     """Application recorder with overlapping commits, group commit and a snapshot-horizon
     reader rule."""
 
+    def reachable(self, timeout: float) -> None:
+        """Borrow a connection of the store's pool within ``timeout`` seconds and run an
+        empty statement; raises what the pool or the database raise (readiness checks)."""
+        with self.datastore.pool.connection(timeout=timeout) as conn:
+            conn.execute("SELECT 1")
+
     group_max_appends = 32
     """Most appends (commands) written in one transaction by :class:`GroupCommit`."""
     group_max_events = 5000
@@ -385,25 +404,26 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         key = zlib.crc32(f"{self.datastore.schema}.{self.events_table_name}".encode()) & 0x7FFFFFFF
         self._lock_sql = SQL("SELECT pg_advisory_lock({0})").format(key)
         self._unlock_sql = SQL("SELECT pg_advisory_unlock({0})").format(key)
-        self.horizon = SQL(_HORIZON)
+        self.horizon = SQL("transaction_id < horizon.below")
         """The rule every reader of the log in global order applies: never past a position that
-        a transaction still open may fill (see ``_HORIZON``)."""
+        a transaction still open may fill (see ``_HORIZON``); in a statement of
+        :meth:`under_horizon`."""
         self.select_from = SQL(
             "SELECT notification_id, originator_id, originator_version, topic, state FROM {0}"
         ).format(table)
         """The log's columns as its readers take them: position, originator id and version,
         topic, state."""
-        self._select_versions = (
+        self._select_versions = self.under_horizon(
             SQL("SELECT notification_id, originator_id, originator_version, topic, ")
-            + SQL(_HORIZON)
+            + self.horizon
             + SQL(
                 " AS settled FROM {0} WHERE notification_id > %s AND notification_id <= %s "
                 "ORDER BY notification_id LIMIT %s"
             ).format(table)
         )
-        self.max_notification_id_statement = SQL(
-            "SELECT MAX(notification_id) FROM {0} WHERE {1}"
-        ).format(table, self.horizon)
+        self.max_notification_id_statement = self.under_horizon(
+            SQL("SELECT MAX(notification_id) FROM {0} WHERE {1}").format(table, self.horizon)
+        )
         self._insert_command_sql = SQL(
             "INSERT INTO command_log (scope, command_id, command_type, fingerprint, actor, result) "
             "VALUES (%s, %s, %s, %s, %s, %s::jsonb) RETURNING pg_current_xact_id()::text AS xid"
@@ -687,12 +707,49 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         # The session's sequence value after the insert is the command's last position.
         return self._insert_command_with_position_sql if with_position else self._insert_command_sql
 
+    @staticmethod
+    def under_horizon(page: Composed) -> Composed:
+        """``page``, a query of the log that may use :attr:`horizon`, as a statement whose rows
+        begin with the horizon's ``moved`` flag (see ``_HORIZON``): an empty page is one row of
+        nulls after the flag, so that the flag is read either way. The page is LATERAL to the
+        horizon's one row, so it runs as a nested loop and its rows keep the page's order."""
+        return (
+            SQL(_HORIZON)
+            + SQL(" SELECT horizon.moved, page.* FROM horizon LEFT JOIN LATERAL (")
+            + page
+            + SQL(") AS page ON true")
+        )
+
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
+    def read_under_horizon(
+        self, statement: Composed, params: Sequence[object]
+    ) -> list[tuple[Any, ...]]:
+        """The rows of a statement of :meth:`under_horizon`, without the flag; made again at
+        once while its horizon had moved, so that a read is not cut short by a transaction that
+        ended as it began (it would have been delayed only, but every caller that reports what
+        it read, a head or a sweep's target, would have reported less than was committed)."""
+        for _ in range(_REREADS + 1):
+            with (
+                self.datastore.get_connection() as conn,
+                conn.cursor(row_factory=tuple_row, binary=True) as cur,
+            ):
+                cur.execute(statement, params, prepare=True)
+                rows = cur.fetchall()
+            if not rows[0][0]:
+                break
+        if rows[0][1] is None:
+            return []
+        return [row[1:] for row in rows]
+
+    def max_notification_id(self) -> int | None:
+        rows = self.read_under_horizon(self.max_notification_id_statement, ())
+        return None if not rows else int(rows[0][0])
+
     def subscribe(
         self, gt: int | None = None, topics: Sequence[str] = ()
     ) -> Subscription[ApplicationRecorder]:
         return PollingSubscription(recorder=self, gt=gt, topics=topics)
 
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_versions(
         self, *, after: int, through: int, limit: int
     ) -> list[tuple[int, UUID, int, str, bool]]:
@@ -702,21 +759,14 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
 
         Every event in the range is returned, settled or not, so that the caller sees where the
         horizon cut it: ``through`` comes from an earlier statement, whose horizon may have been
-        higher than this one's (a transaction of another database that ends during this
-        statement is held to be this database's), and a range read as if nothing were past the
-        horizon would be taken for read whole."""
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(self._select_versions, (after, through, limit), prepare=True)
-            return [
-                (
-                    int(row["notification_id"]),
-                    row["originator_id"],
-                    int(row["originator_version"]),
-                    row["topic"],
-                    bool(row["settled"]),
-                )
-                for row in curs.fetchall()
-            ]
+        higher than this one's (when re-reads ran out, see ``_REREADS``), and a range read as if
+        nothing were past the horizon would be taken for read whole."""
+        return [
+            (int(position), originator_id, int(version), topic, bool(settled))
+            for position, originator_id, version, topic, settled in self.read_under_horizon(
+                self._select_versions, (after, through, limit)
+            )
+        ]
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_following(
@@ -799,7 +849,6 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
             curs.execute(statement, (ids, gts, lts))
             return [_notification(row) for row in curs.fetchall()]
 
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_notifications(
         self,
         start: int | None,
@@ -822,16 +871,25 @@ class EventStoreRecorder(_ReadsOnce, PostgresApplicationRecorder):
         if topics:
             conditions.append(SQL("topic = ANY(%s)"))
             params.append(list(topics))
-        statement = (
+        statement = self.under_horizon(
             self.select_from
             + SQL(" WHERE ")
             + SQL(" AND ").join(conditions)
             + SQL(" ORDER BY notification_id LIMIT %s")
         )
         params.append(limit)
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
-            curs.execute(statement, params, prepare=True)
-            return [_notification(row) for row in curs.fetchall()]
+        return [
+            Notification(
+                id=position,
+                originator_id=originator_id,
+                originator_version=version,
+                topic=topic,
+                state=bytes(state),
+            )
+            for position, originator_id, version, topic, state in self.read_under_horizon(
+                statement, params
+            )
+        ]
 
 
 class PollingSubscription(PostgresSubscription):

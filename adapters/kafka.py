@@ -77,6 +77,8 @@ with warnings.catch_warnings():
 
 __all__ = [
     "KafkaSetupError",
+    "broker_dependency",
+    "broker_unreachable",
     "create_topics",
     "faust_settings",
     "make_producer",
@@ -222,6 +224,18 @@ def make_producer(
         )
         config.update(enable_idempotence=False, max_in_flight_requests_per_connection=1)
         return KafkaProducer(**config)
+
+
+def broker_dependency(bootstrap: str) -> str:
+    """How outages (:data:`adapters.outages.OUTAGES`) name the brokers of ``bootstrap``."""
+    return f"kafka {bootstrap}"
+
+
+def broker_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the brokers could not be reached or did not answer in time (a
+    delivery or flush timing out, a connection refused or lost, no leader known): a failure
+    of the broker, worth trying again as it is, rather than of what was sent."""
+    return isinstance(error, KafkaError) and bool(error.retriable)
 
 
 def producer_is_fatal(producer: KafkaProducer) -> bool:

@@ -7,10 +7,13 @@ so it belongs to one deployment's database; :class:`Exposition` renders both for
 
 from __future__ import annotations
 
+import hmac
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
@@ -28,6 +31,8 @@ from prometheus_client.registry import Collector
 from adapters.telemetry import continue_trace, current_traceparent
 
 if TYPE_CHECKING:
+    import socket
+
     from prometheus_client.core import Metric
 
 COMMAND_SECONDS = Histogram(
@@ -113,7 +118,11 @@ class Standing:
     """Parked aggregates per projector, for those that have any."""
 
 
-def read_standing(conn: psycopg.Connection[Any]) -> Standing:
+def read_standing(conn: psycopg.Connection[Any], *, expected: Sequence[str] = ()) -> Standing:
+    """Where everything stands. The ``expected`` projectors (those the deployment keeps) are
+    each listed, at position 0 while they have no row of positions yet (they never ran, as
+    ``/readyz`` counts them): only the rows found would leave a projector whose worker never
+    started out of the status and the lag metrics altogether, as if nothing were wrong."""
     # A function: the API's role, under row-level security, sees no event itself.
     row = conn.execute("SELECT agentworks_log_head()").fetchone()
     relays = conn.execute("SELECT relay, position FROM relay_positions ORDER BY relay")
@@ -125,10 +134,13 @@ def read_standing(conn: psycopg.Connection[Any]) -> Standing:
         "SELECT projector, count(*) FROM projection_parked "
         "WHERE projector NOT LIKE '%#%' GROUP BY projector"
     )
+    found = {n: ProjectorStanding(n, int(p), int(s), int(h)) for n, p, s, h in projectors}
+    for name in expected:
+        found.setdefault(name, ProjectorStanding(name, 0, 0, 0))
     return Standing(
         head=int(row[0]) if row else 0,
         relays=[(name, int(position)) for name, position in relays],
-        projectors=[ProjectorStanding(n, int(p), int(s), int(h)) for n, p, s, h in projectors],
+        projectors=sorted(found.values()),
         parked={name: int(count) for name, count in parked},
     )
 
@@ -136,8 +148,10 @@ def read_standing(conn: psycopg.Connection[Any]) -> Standing:
 class LagCollector(Collector):
     """Log head, relay and projector positions and lags, read from Postgres at scrape time."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, projectors: Sequence[str] = ()) -> None:
         self.database_url = database_url
+        self.projectors = tuple(projectors)
+        """The projectors the deployment keeps: each is reported (see :func:`read_standing`)."""
 
     def collect(self) -> Iterator[Metric]:
         head = GaugeMetricFamily(
@@ -171,11 +185,20 @@ class LagCollector(Collector):
             "and sweeps), since its last rebuild: zero while no delivery is lost.",
             labels=["projector"],
         )
+        read_up = GaugeMetricFamily(
+            "agentworks_lag_read_up",
+            "1 when this scrape read the positions below from the database, 0 when it could "
+            "not (the lag series are then absent: alert on this, not on their absence).",
+        )
         try:
             with psycopg.connect(self.database_url, connect_timeout=3) as conn:
-                standing = read_standing(conn)
+                standing = read_standing(conn, expected=self.projectors)
         except psycopg.Error:
+            read_up.add_metric([], 0)
+            yield read_up
             return
+        read_up.add_metric([], 1)
+        yield read_up
         top = standing.head
         head.add_metric([], top)
         for name, position in standing.relays:
@@ -214,3 +237,90 @@ class Exposition:
 
     def render(self) -> bytes:
         return generate_latest(self._process) + generate_latest(self._deployment)
+
+
+class MetricsServer:
+    """``GET /metrics`` of a process that serves no API (``relay``, ``worker``,
+    ``orchestrator``): what only that process records (its outages as
+    ``agentworks_dependency_up``, the relay's broker losses, a worker's sweeps, the
+    orchestrator's commands) is on no other process's ``/metrics``.
+
+    Served from a thread of its own on ``listener`` (bound by the caller, so that a busy port
+    is refused before anything starts), behind ``token`` when the deployment set one, as the
+    API's route is. Requests are not logged: an access line per scrape would be noise, and
+    not a JSON line.
+    """
+
+    def __init__(
+        self, listener: socket.socket, *, token: str | None, exposition: Exposition | None = None
+    ) -> None:
+        self._server = _MetricsHTTPServer(
+            listener,
+            exposition=exposition or Exposition(),
+            expected=None if token is None else f"Bearer {token}".encode(),
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+class _MetricsHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self, listener: socket.socket, *, exposition: Exposition, expected: bytes | None
+    ) -> None:
+        super().__init__(listener.getsockname()[:2], _MetricsHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listener
+        self.server_address = listener.getsockname()
+        self.exposition = exposition
+        self.expected = expected
+        self.rendering = threading.Lock()
+        """One render at a time, as the API's route: each may query the database."""
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    server: _MetricsHTTPServer
+
+    def do_GET(self) -> None:
+        if self.path.partition("?")[0] != "/metrics":
+            self._answer(404, b"not found\n", "text/plain")
+            return
+        given = self.headers.get("Authorization", "").encode("latin-1", "replace")
+        expected = self.server.expected
+        if expected is not None and not hmac.compare_digest(given, expected):
+            self._answer(
+                401,
+                b"metrics need the deployment's metrics token\n",
+                "text/plain",
+                {"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
+            return
+        with self.server.rendering:
+            body = self.server.exposition.render()
+        self._answer(200, body, self.server.exposition.content_type)
+
+    def _answer(
+        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """No access line per scrape (see :class:`MetricsServer`)."""

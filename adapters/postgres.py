@@ -30,6 +30,7 @@ the user it logged in as, so only the login itself is a boundary (:func:`login_u
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from typing import Any
@@ -176,6 +177,25 @@ class ResilientPool(LibraryPool[Any]):
 
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
         super()._add_connection(attempt or _Reconnect(timeout=self.reconnect_timeout), growing)
+
+
+_CONNECT_FAILED = "error connecting in %r: %s"
+"""psycopg_pool's warning for each failed connection attempt (``pool.py``, ``_add_connection``)."""
+
+
+class ReportedConnectFailures(logging.Filter):
+    """Drops psycopg_pool's warning for each failed connection attempt of a pool.
+
+    Every pool here is a :class:`ResilientPool`, which reports each failure to
+    :data:`~adapters.outages.OUTAGES`: that logs ``dependency.down`` (with the error) once per
+    outage. Retrying every 0.5 s, each pool of each process also had psycopg log one warning
+    per attempt for as long as the server was away (several lines a second per process), which
+    buried the one line an operator needs. The pool's other warnings (a connection found broken,
+    reconnection given up) stay.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _CONNECT_FAILED
 
 
 def dependency_name(conninfo: str | dict[str, Any]) -> str:

@@ -188,11 +188,18 @@ class Identity:
                 self._record_failure(user.id, "wrong password", correlation_id)
             raise Unauthenticated(_WRONG_CREDENTIALS)
 
-        def decide(meta: EventMeta) -> tuple[list[Aggregate], T_Grant]:
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], T_Grant | MfaRequired]:
             current = self._get(User, user.id)
+            if current.password_hash != user.password_hash:
+                # Changed (or ended by a proven address) while it was checked: the password
+                # this login knows no longer signs in, and a session begun now would outlive it.
+                raise Unauthenticated(_WRONG_CREDENTIALS)
             method = "password"
             if current.mfa_enabled:
-                method = self._second_factor(current, totp, meta)
+                checked = self._second_factor(current, totp, meta)
+                if isinstance(checked, MfaRequired):
+                    return [current], checked
+                method = checked
             token = secrets.token_urlsafe(32)
             session = Session.start(
                 session_id=uuid4(),
@@ -204,12 +211,10 @@ class Identity:
             current.record_login(session.id, method, meta=meta)
             return [current, session], (current, session.id, token)
 
-        try:
-            current, session_id, token = self._retrying(str(user.id), correlation_id, decide)
-        except MfaRequired as refused:
-            reason = str(refused.details.get("reason", "second factor"))
-            self._record_failure(user.id, reason, correlation_id)
-            raise
+        outcome = self._retrying(str(user.id), correlation_id, decide)
+        if isinstance(outcome, MfaRequired):
+            raise outcome
+        current, session_id, token = outcome
         return self._grant(current, session_id, token)
 
     def refresh(self, refresh_token: str, *, correlation_id: str = "") -> SessionGrant:
@@ -224,7 +229,10 @@ class Identity:
             ):
                 session.revoke("the password was changed since this sign-in", meta=meta)
                 return [session], False
-            rotated = session.rotate(presented, digest(new_secret), now=self._now(), meta=meta)
+            rotated = session.rotate(
+                presented, digest(new_secret), now=self._now(), most=self._most_tokens(),
+                meta=meta,
+            )  # fmt: skip
             return [session], rotated
 
         try:
@@ -232,13 +240,26 @@ class Identity:
         except NotFound:
             raise Unauthenticated("refresh token is not valid") from None
         if not rotated:
-            raise Unauthenticated("refresh token is not valid, spent or revoked; log in again")
+            raise Unauthenticated(
+                "refresh token is not valid, spent or revoked, or its session has handed out "
+                "all its tokens; log in again"
+            )
         session = self._get(Session, session_id)
         try:
             user = self._get(User, session.user_id)
         except NotFound:
             raise Unauthenticated("refresh token is not valid") from None
         return self._grant(user, session_id, new_secret)
+
+    def session_user(self, refresh_token: str) -> UUID:
+        """The user whose session ``refresh_token`` names (its secret unchecked: for counting
+        the refresh against the account before it is made); UNAUTHENTICATED when it names none.
+        """
+        session_id, _ = _parse_refresh(refresh_token)
+        try:
+            return self._get(Session, session_id).user_id
+        except NotFound:
+            raise Unauthenticated("refresh token is not valid") from None
 
     def logout(self, refresh_token: str, *, correlation_id: str = "") -> None:
         """Revoke the session the token belongs to; an unknown token is already logged out."""
@@ -274,6 +295,10 @@ class Identity:
 
         def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
             latest = self._user(user_id)
+            if latest.password_hash != user.password_hash:
+                # Changed or ended (a proven address) since it was checked: what was checked is
+                # no longer the password, and its holder may no longer set one.
+                raise Unauthenticated("the current password is wrong")
             latest.change_password(new_hash, meta=meta)
             return [latest], None
 
@@ -315,21 +340,20 @@ class Identity:
         return codes
 
     def mfa_disable(self, user_id: UUID, code: str, *, correlation_id: str = "") -> None:
-        def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], MfaRequired | None]:
             user = self._user(user_id)
             if not user.mfa_enabled:
                 user.disable_mfa(meta=meta)  # raises: not on
-            self._second_factor(user, code, meta)
+            # A wrong code here counts as at login: a holder of an access token guesses too.
+            checked = self._second_factor(user, code, meta)
+            if isinstance(checked, MfaRequired):
+                return [user], checked
             user.disable_mfa(meta=meta)
             return [user], None
 
-        try:
-            self._retrying(str(user_id), correlation_id, decide)
-        except MfaRequired as refused:
-            # A wrong code here counts as at login: a holder of an access token guesses too.
-            reason = str(refused.details.get("reason", "second factor"))
-            self._record_failure(user_id, reason, correlation_id)
-            raise
+        refused = self._retrying(str(user_id), correlation_id, decide)
+        if refused is not None:
+            raise refused
 
     # -- external identity providers ---------------------------------------------------------
 
@@ -403,31 +427,45 @@ class Identity:
 
     # -- the machinery ------------------------------------------------------------------------
 
-    def _second_factor(self, user: User, code: str | None, meta: EventMeta) -> str:
-        """Spend a TOTP step or a recovery code of ``user``; MFA_REQUIRED when neither fits."""
+    def _second_factor(self, user: User, code: str | None, meta: EventMeta) -> str | MfaRequired:
+        """Spend a TOTP step or a recovery code of ``user`` and answer the sign-in method; when
+        neither fits, record the failure on ``user`` and answer the MFA_REQUIRED to raise once
+        it is saved. Saved with ``user`` at the version its lock was read from: guesses sent
+        together conflict and are decided again, so none is checked past the lock."""
         if code is None or not code.strip():
-            raise MfaRequired("this account needs a TOTP code (totp)", reason="code missing")
-        now = self._now()
-        locked = user.second_factor_locked_until(now)
-        if locked is not None:
-            wait = (locked - now).total_seconds()
-            raise RateLimited(
-                "too many wrong codes for this account in a short time: its codes are refused "
-                f"for {math.ceil(wait)} s more",
-                retry_after_seconds=wait,
-            )
-        secret = self.sealer.open(user.totp_secret_sealed or "")
-        step = self.totp.matching_step(secret, code, now=self.clock())
-        if step is not None:
-            if step <= user.last_totp_step:
-                raise MfaRequired("this TOTP code was already used", reason="code replayed")
-            user.use_totp_step(step, meta=meta)
-            return "password+totp"
-        code_hash = recovery_code_digest(code)
-        if code_hash in user.recovery_code_hashes:
-            user.use_recovery_code(code_hash, meta=meta)
-            return "password+recovery_code"
-        raise MfaRequired("the TOTP code is wrong", reason="wrong code")
+            refused = MfaRequired("this account needs a TOTP code (totp)", reason="code missing")
+        else:
+            now = self._now()
+            locked = user.second_factor_locked_until(now)
+            if locked is not None:
+                wait = (locked - now).total_seconds()
+                raise RateLimited(
+                    "too many wrong codes for this account in a short time: its codes are "
+                    f"refused for {math.ceil(wait)} s more",
+                    retry_after_seconds=wait,
+                )
+            secret = self.sealer.open(user.totp_secret_sealed or "")
+            step = self.totp.matching_step(secret, code, now=self.clock())
+            code_hash = None if step is not None else recovery_code_digest(code)
+            if step is not None and step > user.last_totp_step:
+                user.use_totp_step(step, meta=meta)
+                return "password+totp"
+            if step is not None:
+                refused = MfaRequired("this TOTP code was already used", reason="code replayed")
+            elif code_hash is not None and code_hash in user.recovery_code_hashes:
+                user.use_recovery_code(code_hash, meta=meta)
+                return "password+recovery_code"
+            else:
+                refused = MfaRequired("the TOTP code is wrong", reason="wrong code")
+        reason = str(refused.details.get("reason", "second factor"))
+        user.record_failed_login(reason, at=self._now(), meta=meta)
+        return refused
+
+    def _most_tokens(self) -> int:
+        """How many refresh tokens one session hands out: a client refreshes once per access
+        token lifetime, so twice that over the session's life, and 100 more for retries."""
+        access = max(1, self.access_tokens.ttl_seconds)
+        return 2 * math.ceil(self.refresh_ttl_seconds / access) + 100
 
     def _record_failure(self, user_id: UUID, reason: str, correlation_id: str) -> None:
         def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:

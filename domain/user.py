@@ -403,12 +403,24 @@ class Session(IdentityAggregate):
             meta=meta.as_dict(),
         )
 
-    def rotate(self, presented_hash: str, new_hash: str, *, now: datetime, meta: EventMeta) -> bool:
+    def rotate(
+        self,
+        presented_hash: str,
+        new_hash: str,
+        *,
+        now: datetime,
+        most: int | None = None,
+        meta: EventMeta,
+    ) -> bool:
         """Rotate on the current token. Returns False (after revoking, for a spent token) when
-        the presented token may not refresh; the caller answers 401 after saving."""
+        the presented token may not refresh; the caller answers 401 after saving. ``most``: how
+        many tokens the session hands out before its holder must log in again (it keeps every
+        one it spent, to know one presented again, so that list is bounded too)."""
         if self.revoked or now >= self.expires_at:
             return False
         if presented_hash == self.current_hash:
+            if most is not None and len(self.spent_hashes) + 1 >= most:
+                return False
             self._record(self.Rotated, meta, token_hash=new_hash)
             return True
         if presented_hash in self.spent_hashes:

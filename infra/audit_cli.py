@@ -29,7 +29,14 @@ from adapters.audit_signing import (
     load_public_key,
 )
 from domain.errors import NotFound, ValidationFailed
-from infra.cli_common import EXIT_FAILED, PROG, DataDirOption, database_url_for, settings_for
+from infra.cli_common import (
+    EXIT_FAILED,
+    PROG,
+    DataDirOption,
+    database_url_for,
+    settings_for,
+    shown,
+)
 from infra.settings import ConfigurationError, Settings
 
 if TYPE_CHECKING:
@@ -380,13 +387,15 @@ def _print_card(result: dict[str, Any]) -> None:
         data = ", ".join(f"{k}={v}" for k, v in event["data"].items() if k != "meta")
         what = event["type"] + (f" ({data})" if data else "")
         when = event["at"] or "(unknown)"
-        table.add_row(str(event["version"]), event["actor"], when, what, event["position"])
+        table.add_row(
+            str(event["version"]), shown(event["actor"]), when, shown(what), event["position"]
+        )
     console.print(table)
     state = Table(title="state", show_header=False)
     state.add_column("field")
     state.add_column("value")
     for key, value in result["state"].items():
-        state.add_row(key, "" if value is None else str(value))
+        state.add_row(key, shown("" if value is None else str(value)))
     console.print(state)
 
 
@@ -430,12 +439,14 @@ def replay_board_command(
     console = Console()
     for lane in result["lanes"]:
         limit = "" if lane["wipLimit"] is None else f" / WIP {lane['wipLimit']}"
-        table = Table(title=f"{lane['name']} ({lane['count']}{limit})")
+        table = Table(title=shown(f"{lane['name']} ({lane['count']}{limit})"))
         table.add_column("card")
         table.add_column("title")
         table.add_column("assignee")
         table.add_column("version", justify="right")
         for card in lane["cards"]:
-            table.add_row(card["id"], card["title"], card["assignee"] or "", str(card["version"]))
+            table.add_row(
+                card["id"], shown(card["title"]), card["assignee"] or "", str(card["version"])
+            )
         console.print(table)
     console.print(f"board version {result['version']} as of {result['asOf']}")

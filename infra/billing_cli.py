@@ -25,7 +25,14 @@ from rich.table import Table
 from domain.billing import Reconciliation, parse_month, require_ended, require_not_future
 from domain.errors import AgentWorksError, ValidationFailed
 from domain.money import format_usd
-from infra.cli_common import EXIT_FAILED, CliError, database_url_for, settings_for
+from infra.cli_common import (
+    EXIT_FAILED,
+    CliError,
+    database_url_for,
+    printable,
+    settings_for,
+    shown,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -257,7 +264,7 @@ def _invoice_summary(month: str, done: list[InvoiceResult], failed: list[_Failur
 def _report_failures(failed: list[_Failure]) -> None:
     """One line per failed workspace on stderr, whole ids (a table would abbreviate them)."""
     for failure in failed:
-        message = " ".join(failure.error.split())
+        message = printable(" ".join(failure.error.split()))
         typer.echo(f"workspace {failure.workspace_id} failed: {message}", err=True)
 
 
@@ -351,7 +358,7 @@ def _reconcile_summary(
             table.add_row(
                 str(result.workspace_id),
                 d.kind.value,
-                d.key,
+                shown(d.key),
                 format_usd(d.expected_micros),
                 format_usd(d.actual_micros),
             )

@@ -17,7 +17,14 @@ from adapters.eventstore import (
     Factory,
     PostgresCommandLog,
 )
-from adapters.kafka import create_topics, make_producer, producer_state_lost, topic_id
+from adapters.kafka import (
+    broker_dependency,
+    broker_unreachable,
+    create_topics,
+    make_producer,
+    producer_state_lost,
+    topic_id,
+)
 from adapters.metrics import observe_command
 from adapters.postgres import DEFAULT_POOL_TIMEOUT, login_url, make_pool
 from adapters.spend_counter import RedisSpendCounter
@@ -328,5 +335,7 @@ def build_relay(
         state_lost=producer_state_lost,
         topic_id=topic_id,
         lease=RelayLease(url, role=None),
+        broker=broker_dependency(bootstrap),
+        broker_unreachable=broker_unreachable,
     )
     return relay, event_log

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import os
 import signal
 import socket
 import sys
@@ -59,6 +60,7 @@ from infra.cli_common import (
     database_url_for,
     resources,
     settings_for,
+    shown,
 )
 from infra.migrate import MigrationError, discover, ensure_database, migrate
 from infra.settings import Settings, db_logins, jwt_keys
@@ -272,8 +274,9 @@ def _id_option(option: str, value: str) -> str:
         raise CliError(f"{option} must be a UUID, got {value[:60]!r}") from None
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The server's listening socket, bound now so that a busy port is refused up front."""
+def _listen(host: str, port: int, *, choose: str = "--port") -> socket.socket:
+    """The server's listening socket, bound now so that a busy port is refused up front
+    (naming ``choose``, where another port is set)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -289,7 +292,7 @@ def _listen(host: str, port: int) -> socket.socket:
         if exc.errno == errno.EADDRINUSE:
             raise CliError(
                 f"port {port} on {host} is already in use (another agentworks?); "
-                "choose another with --port"
+                f"choose another with {choose}"
             ) from exc
         raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     return listener
@@ -308,6 +311,21 @@ def _without_password(url: str) -> str:
         return url
     parts["password"] = "***"  # noqa: S105 - the mask, not a password
     return make_conninfo("", **parts)
+
+
+def _serve_process_metrics(settings: Settings) -> None:
+    """``GET /metrics`` of this relay, worker or orchestrator process, on
+    ``AGENTWORKS_METRICS_PORT`` when it is set, until the command ends."""
+    if settings.metrics_port is None:
+        return
+    from adapters.metrics import MetricsServer
+
+    listener = _listen(
+        settings.metrics_host, settings.metrics_port, choose="AGENTWORKS_METRICS_PORT"
+    )
+    token = settings.metrics_token
+    server = MetricsServer(listener, token=None if token is None else token.get_secret_value())
+    resources.callback(server.close)
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> None:
@@ -478,6 +496,7 @@ def relay_command(data_dir: DataDirOption = None) -> None:
     from infra.stack import start_tracing
 
     settings = settings_for(data_dir)
+    _serve_process_metrics(settings)
     start_tracing(settings, "agentworks-relay")
     relay, event_log = build_relay(settings, database_url_for(settings))
     _stop_on_signals(relay.stop)
@@ -498,6 +517,7 @@ def orchestrator_command(data_dir: DataDirOption = None) -> None:
     from infra.stack import start_tracing
 
     settings = settings_for(data_dir)
+    _serve_process_metrics(settings)
     start_tracing(settings, "agentworks-orchestrator")
     url = database_url_for(settings)
     # The orchestrator writes events: it logs in as the writer (no role of its own yet); its
@@ -545,8 +565,9 @@ def worker_command(
         raise CliError("AGENTWORKS_KAFKA_BOOTSTRAP is not set; workers consume from Kafka")
     url = database_url_for(settings)
     if projector is None:
-        _run_one_process_per_projector(data_dir)
+        _run_one_process_per_projector(data_dir, metrics_port=settings.metrics_port)
         return
+    _serve_process_metrics(settings)
     from infra.stack import start_tracing
 
     start_tracing(settings, f"agentworks-worker-{projector}")
@@ -583,15 +604,23 @@ def worker_command(
         read_side.close()
 
 
-def _run_one_process_per_projector(data_dir: Path | None) -> None:
+def _run_one_process_per_projector(data_dir: Path | None, *, metrics_port: int | None) -> None:
     import subprocess
+
+    def environment(index: int) -> dict[str, str] | None:
+        # Each process serves its own metrics: this port, and the next ones in projector order.
+        if metrics_port is None:
+            return None
+        return {**os.environ, "AGENTWORKS_METRICS_PORT": str(metrics_port + index)}
 
     named = {
         name: subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "infra.cli", "worker", "--projector", name]
-            + ([] if data_dir is None else ["--data-dir", str(data_dir)])
+            + ([] if data_dir is None else ["--data-dir", str(data_dir)]),
+            env=environment(index),
+            preexec_fn=_terminated_with_parent(os.getpid()),
         )
-        for name in projector_names()
+        for index, name in enumerate(projector_names())
     }
     children = list(named.values())
     asked_to_stop = threading.Event()
@@ -621,6 +650,27 @@ def _run_one_process_per_projector(data_dir: Path | None) -> None:
         )
     if any(code not in (0, -signal.SIGTERM) for code in codes):
         raise CliError(f"a projector worker failed (exit codes {codes})", exit_code=EXIT_FAILED)
+
+
+def _terminated_with_parent(parent: int) -> Callable[[], None] | None:
+    """What a projector process runs before ``exec``: have the kernel send it SIGTERM when the
+    worker that started it dies, however it dies. Stopped by a signal the worker stops them
+    itself; killed outright (SIGKILL, the OOM killer) it cannot, and they went on consuming
+    beside the ones its restart started, each holding database connections, with nothing
+    left to stop them. Linux only (``prctl``); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    set_parent_death_signal = 1  # PR_SET_PDEATHSIG
+
+    def arrange() -> None:
+        libc.prctl(set_parent_death_signal, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the line above: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
 
 
 @app.command("rebuild")
@@ -757,7 +807,7 @@ def status_command(data_dir: DataDirOption = None) -> None:
 
     settings = settings_for(data_dir)
     with psycopg.connect(database_url_for(settings)) as conn:
-        standing = read_standing(conn)
+        standing = read_standing(conn, expected=projector_names())
     head_position, parked = standing.head, standing.parked
     rows: list[tuple[str, str, int, int | None]] = [
         *(("relay", name, position, None) for name, position in standing.relays),
@@ -827,11 +877,11 @@ def parked_list_command(projector: _ProjectorOption = None, data_dir: DataDirOpt
             str(aggregate),
             str(version),
             f"{position:,}",
-            event,
+            shown(event),
             "" if workspace is None else str(workspace),
             str(attempts),
             failed.isoformat(timespec="seconds"),
-            error,
+            shown(error),
         )
     Console().print(table)
 
@@ -893,7 +943,7 @@ def parked_retry_command(
                 outcome = (
                     f"parked again at version {one.parked.originator_version}: {one.parked.error}"
                 )
-            table.add_row(name, str(one.originator_id), f"{one.applied:,}", outcome)
+            table.add_row(name, str(one.originator_id), f"{one.applied:,}", shown(outcome))
     Console().print(table)
     if still:
         raise CliError(
@@ -928,6 +978,10 @@ _register_groups()
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI (the ``agentworks`` console script); exits the process with its code."""
+    from infra.logging import log_uncaught_exceptions
+
+    # Here, not in run(): a test that calls run() keeps the test runner's own hooks.
+    log_uncaught_exceptions()
     sys.exit(run(argv))
 
 

@@ -9,10 +9,12 @@ registers it.
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from domain.errors import UsageError
 from infra.logging import configure_logging
@@ -31,6 +33,31 @@ class CliError(UsageError):
     def __init__(self, message: str, *, exit_code: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+#: Characters a terminal acts on rather than shows: C0 and C1 controls (ANSI and OSC escape
+#: sequences that restyle the screen, retitle the window, write the clipboard) but newline and
+#: tab, and the bidi embeddings, overrides and isolates (text shown in another order than
+#: stored).
+_ACTED_ON = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: str) -> Text:
+    """Text from the data (a card title, a lane name, a stored error), as a rich table cell or
+    line prints it: literally, never read as rich markup (a title such as ``[/bold]`` stopped
+    the command with a ``MarkupError`` traceback, ``[link=…]`` made a link), and with what the
+    terminal would act on shown as escapes (``\\x1b``): clients choose these texts, the
+    operator's terminal runs the command."""
+    return Text(printable(text))
+
+
+def printable(text: str) -> str:
+    """``text`` with what a terminal would act on shown as escapes (see :func:`shown`)."""
+    return _ACTED_ON.sub(_escape, text)
+
+
+def _escape(found: re.Match[str]) -> str:
+    return found.group().encode("unicode_escape").decode("ascii")
 
 
 #: What a command opened for its own use (the embedded server) and closes when it ends.

@@ -164,6 +164,12 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None
     """Bearer token ``GET /metrics`` asks for (``Authorization: Bearer …``); unset: it answers
     anyone, so keep the port off the public network."""
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """Port on which ``relay``, ``worker`` and ``orchestrator`` serve ``GET /metrics`` (each
+    process records metrics no other process shows); None: they serve none. ``worker`` without
+    ``--projector`` gives its projector processes this port and the next ones."""
+    metrics_host: str = "127.0.0.1"
+    """Interface those processes serve ``/metrics`` on (``0.0.0.0`` for a scraper elsewhere)."""
     max_projector_lag: int = Field(default=10_000, ge=0)
     """``/readyz`` answers 503 when a projector is further behind the log head than this."""
     projector_stall_seconds: float = Field(default=30.0, ge=0)
@@ -270,6 +276,18 @@ class Settings(BaseSettings):
         # Checked here, not by the first Redis client built: that failed with a traceback.
         if value is not None and not value.startswith(_REDIS_SCHEMES):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        if value is not None:
+            from redis.connection import parse_url
+
+            try:
+                parse_url(value)  # type: ignore[no-untyped-call]
+            except ValueError:
+                # Not redis's message: it quotes the part it could not read, which may be a
+                # piece of the password.
+                raise ValueError(
+                    "is not a Redis URL redis can read (a port that is no number from 1 to "
+                    "65535? percent-encode an @, / or : in the password)"
+                ) from None
         return value
 
     @field_validator("trusted_proxies")

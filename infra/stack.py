@@ -28,6 +28,7 @@ import redis.asyncio
 import structlog
 import uvicorn
 
+from adapters.eventstore import EventStoreRecorder
 from adapters.metrics import LagCollector
 from adapters.postgres import PROJECTOR_ROLE, make_pool
 from adapters.telemetry import configure_tracing
@@ -42,6 +43,7 @@ from infra.identity import build_auth, build_oidc
 from infra.migrate import ensure_database, migrate
 from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
 from projections.rebuild import rebuild_stale
+from projections.registry import projector_names
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
 from read_api.services import ApiServices, JwtVerification, RateLimits
 from streams.embedded import EmbeddedFanout
@@ -83,6 +85,12 @@ def make_broadcaster(settings: Settings) -> Broadcaster:
     if settings.redis_url:
         return RedisBroadcaster.from_url(settings.redis_url)
     return LocalBroadcaster()
+
+
+def _write_reachable(write: AgentWorks) -> Callable[[float], None] | None:
+    """How ``/readyz`` checks the write side reaches its database (its own pool and login)."""
+    recorder = write.recorder
+    return recorder.reachable if isinstance(recorder, EventStoreRecorder) else None
 
 
 def api_services(
@@ -137,7 +145,8 @@ def api_services(
         metrics_token=settings.metrics_token.get_secret_value() if settings.metrics_token else None,
         max_projector_lag=settings.max_projector_lag,
         projector_stall_seconds=settings.projector_stall_seconds or None,
-        lag_collector=LagCollector(api_url),
+        lag_collector=LagCollector(api_url, projectors=projector_names()),
+        write_reachable=_write_reachable(write),
         max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
         max_subscriptions_per_user=settings.max_subscriptions_per_user,
         max_unsigned_websockets_per_address=settings.max_unsigned_websockets_per_address,

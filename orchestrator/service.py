@@ -41,6 +41,7 @@ from uuid import UUID, uuid4
 import structlog
 
 from adapters.eventlog import MAX_BATCH_BYTES
+from adapters.outages import is_outage
 from adapters.providers.base import (
     Accepted,
     ChatRequest,
@@ -243,6 +244,8 @@ class Orchestrator:
         # Also where holds go while a shared store cannot be reached: this process's own runs
         # still hold against each other, and the next call tries the shared store again.
         self._local_holds = LocalHolds()
+        self._shared_holds_reachable = True
+        """Whether the last hold asked of the shared store got an answer (see :meth:`_hold`)."""
         self.holds: BudgetHolds = holds if holds is not None else self._local_holds
         self._last_write: dict[UUID, float] = {}
         self._charging: dict[UUID, asyncio.Lock] = {}
@@ -280,8 +283,13 @@ class Orchestrator:
                 self._woken.clear()
                 try:
                     more = await self._tail()
-                except Exception:
-                    log.exception("orchestrator.tail_failed")
+                except Exception as error:
+                    if is_outage(error):
+                        # Said once by the pool that saw the database go (adapters.outages),
+                        # not with a traceback at every read while it stays away.
+                        log.debug("orchestrator.database_unavailable", error=str(error))
+                    else:
+                        log.exception("orchestrator.tail_failed")
                     more = False
                     await asyncio.sleep(1.0)
                 if self.caught_up:
@@ -666,8 +674,11 @@ class Orchestrator:
                 if task is not None:
                     task.cancel()
                 return
-            except Exception:
-                log.exception("orchestrator.heartbeat_failed", run_id=str(view.run_id))
+            except Exception as error:
+                if is_outage(error):  # said once by outages; the next beat tries again
+                    log.debug("orchestrator.heartbeat_unavailable", run_id=str(view.run_id))
+                else:
+                    log.exception("orchestrator.heartbeat_failed", run_id=str(view.run_id))
 
     async def _finish(
         self, view: RunView, outcome: str, *, output: str | None = None, error: str | None = None,
@@ -1043,9 +1054,18 @@ class Orchestrator:
             if aside and request.limit is not None:
                 shared = replace(request, limit=request.limit - aside)
             try:
-                return await self.holds.hold(shared, ttl=self._hold_ttl), self.holds
+                held = await self.holds.hold(shared, ttl=self._hold_ttl), self.holds
+            except Unavailable as away:
+                # Said once while it stays away (and by outages, with when it is back), not
+                # with a traceback at every call of every run.
+                if self._shared_holds_reachable:
+                    self._shared_holds_reachable = False
+                    log.warning("orchestrator.shared_holds_unavailable", error=str(away))
             except Exception:
                 log.warning("orchestrator.shared_holds_unavailable", exc_info=True)
+            else:
+                self._shared_holds_reachable = True
+                return held
         return await self._local_holds.hold(request, ttl=self._hold_ttl), self._local_holds
 
     async def _release_everywhere(self, workspace_id: UUID, month: str, hold_id: UUID) -> None:
@@ -1053,6 +1073,8 @@ class Orchestrator:
         for store in {id(s): s for s in (self.holds, self._local_holds)}.values():
             try:
                 await store.release(workspace_id, month, hold_id)
+            except Unavailable:
+                pass  # said by outages; it lapses on its own (see ``_hold_ttl``)
             except Exception:
                 # It lapses on its own (see ``_hold_ttl``); until then it only holds back.
                 log.warning("orchestrator.hold_release_failed", exc_info=True)
@@ -1070,6 +1092,8 @@ class Orchestrator:
                 )
             elif not charged.unsure:
                 await store.release(view.workspace_id, month, hold_id)
+        except Unavailable:
+            pass  # said by outages; the hold lapses on its own (see ``_hold_ttl``)
         except Exception:
             # The hold lapses on its own (see ``_hold_ttl``); until then it only holds back.
             log.warning("orchestrator.hold_settle_failed", exc_info=True)

@@ -33,7 +33,6 @@ the replay (the runner back in its normal, shared mode) before renaming the tabl
 from __future__ import annotations
 
 import gc
-import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -250,10 +249,6 @@ def _cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-#: How often, and how long apart, an empty read below the replay's first head is read again.
-_HELD_BACK_RETRIES, _HELD_BACK_PAUSE = 100, 0.01
-
-
 def _replay(
     runners: list[ProjectionRunner],
     event_log: EventLog,
@@ -267,21 +262,9 @@ def _replay(
     head = event_log.head()
 
     def read(after: int) -> tuple[list[EventEnvelope], int, int]:
-        """The next batch; an empty one below ``head`` (the log's head when the replay began) is
-        read again for a moment: those events were readable then, and only a transaction of
-        another database ending inside the read's statement holds them back (see
-        :mod:`adapters.eventstore`). Taken for the end, the replay stopped short of them."""
-        found = event_log.read_following(
+        return event_log.read_following(
             after, batch_size, aggregates, max_bytes=REBUILD_BATCH_BYTES
-        )
-        for _ in range(_HELD_BACK_RETRIES):
-            if found[2] or after >= head:
-                break
-            time.sleep(_HELD_BACK_PAUSE)
-            found = event_log.read_following(
-                after, batch_size, aggregates, max_bytes=REBUILD_BATCH_BYTES
-            )
-        return found[:3]
+        )[:3]
 
     batch, through, count = read(position)
     if not parallel or len(runners) == 1:

@@ -95,8 +95,11 @@ from read_api.identity import add_auth_routes
 from read_api.input_checks import (
     MAX_VARIABLE_NESTING,
     BodyTooSlow,
+    NotJson,
     body_within,
+    closing,
     nests_deeper,
+    require_json,
 )
 from read_api.membership import member_workspace_of
 from read_api.ratelimit import address_limits, limits_for
@@ -329,14 +332,14 @@ class GraphQLEndpoint:
                 error_body(error.message, error.code),
                 error.status,
                 rid,
-                extra_headers=_closing({}, request, read=body_read),
+                extra_headers=closing({}, request, read=body_read),
             )
         except Unauthenticated as error:
             return _json(
                 error_body(error.message, UNAUTHENTICATED),
                 401,
                 rid,
-                extra_headers=_closing(
+                extra_headers=closing(
                     {"WWW-Authenticate": 'Bearer realm="agentworks"'}, request, read=body_read
                 ),
             )
@@ -346,14 +349,14 @@ class GraphQLEndpoint:
                 error_body(error.message, RATE_LIMITED, retryAfter=retry),
                 429,
                 rid,
-                extra_headers=_closing({"Retry-After": str(retry)}, request, read=body_read),
+                extra_headers=closing({"Retry-After": str(retry)}, request, read=body_read),
             )
         except ValidationFailed as error:
             return _json(
                 error_body(error.message, VALIDATION),
                 400,
                 rid,
-                extra_headers=_closing({}, request, read=body_read),
+                extra_headers=closing({}, request, read=body_read),
             )
 
         context = RequestContext(
@@ -520,18 +523,6 @@ def _check_declared_size(request: Request, limit: int) -> None:
         raise BadRequest(f"request body exceeds {limit} bytes", status=413)
 
 
-def _closing(headers: dict[str, str], request: Request, *, read: bool) -> dict[str, str] | None:
-    """``headers``, with ``Connection: close`` when the request's body was not read whole (a
-    refusal before it, one past its size or time): its client could go on sending the body it
-    announced for as long as it liked, each byte parsed and thrown away, and the connection
-    could carry no further request anyway. ``None`` for no headers at all."""
-    length = request.headers.get("content-length", "0").strip()
-    announced = "transfer-encoding" in request.headers or length != "0"
-    if not read and announced:
-        headers = {**headers, "Connection": "close"}
-    return headers or None
-
-
 async def _read_body(request: Request, limit: int, seconds: float) -> bytes:
     try:
         body = await body_within(request, limit, seconds=seconds)
@@ -545,9 +536,10 @@ async def _read_body(request: Request, limit: int, seconds: float) -> bytes:
 def _parse_request(
     body: bytes, content_type: str | None
 ) -> tuple[str, dict[str, Any] | None, str | None]:
-    media = (content_type or "application/json").split(";", 1)[0].strip().lower()
-    if media not in ("application/json", "application/graphql-response+json"):
-        raise BadRequest(f"send the request as application/json, not {media[:60]}", status=415)
+    try:
+        require_json(content_type)
+    except NotJson as error:
+        raise BadRequest(error.message, status=415) from None
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
@@ -788,6 +780,10 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
 # -- health ---------------------------------------------------------------------------------------
 
 
+_Read = tuple[int, dict[str, int], dict[str, int], str | None]
+"""What one readiness read finds (:meth:`Health._positions`)."""
+
+
 class Health:
     """Liveness (the process answers) and readiness (it can serve: database, Redis, lag).
 
@@ -799,7 +795,7 @@ class Health:
         self.runtime = runtime
         self._behind_since: dict[str, tuple[int, float]] = {}
         """Per projector seen behind the head: its position then and since when it sits there."""
-        self._reading: asyncio.Future[tuple[int, dict[str, int], dict[str, int]]] | None = None
+        self._reading: asyncio.Future[_Read] | None = None
         """The positions read in flight, which every readiness check arriving meanwhile shares."""
 
     async def alive(self) -> Response:
@@ -810,10 +806,13 @@ class Health:
         checks: dict[str, Any] = {}
         ready = True
         try:
-            head, positions, parked = await asyncio.wait_for(
+            head, positions, parked, writes = await asyncio.wait_for(
                 asyncio.shield(self._shared_positions()), _HEALTH_TIMEOUT
             )
             checks["database"] = "ok"
+            if writes is not None:
+                checks["writes"] = writes
+                ready = ready and writes == "ok"
             lags: dict[str, dict[str, Any]] = {}
             for projector in services.projectors:
                 position = positions.get(projector.name, 0)
@@ -878,7 +877,7 @@ class Health:
         waited = now - seen[1]
         return waited if waited >= limit else None
 
-    def _shared_positions(self) -> asyncio.Future[tuple[int, dict[str, int], dict[str, int]]]:
+    def _shared_positions(self) -> asyncio.Future[_Read]:
         """One read of the positions at a time, however many checks ask: ``/readyz`` answers
         anyone, and a flood of it must not take the pool's connections from the API's readers.
         Not a cache: a check arriving after a read finished starts a new one."""
@@ -888,12 +887,22 @@ class Health:
             self._reading.add_done_callback(lambda done: done.cancelled() or done.exception())
         return self._reading
 
-    def _positions(self) -> tuple[int, dict[str, int], dict[str, int]]:
-        """Log head, projector positions and how many aggregates each projector parked."""
-        pool = self.runtime.services.pool
-        with pool.connection(timeout=_HEALTH_TIMEOUT) as conn:
+    def _positions(self) -> tuple[int, dict[str, int], dict[str, int], str | None]:
+        """Log head, projector positions, how many aggregates each projector parked, and
+        whether the write side reaches its database (``None``: not checked)."""
+        services = self.runtime.services
+        with services.pool.connection(timeout=_HEALTH_TIMEOUT) as conn:
             found = progress_queries.progress(conn)
-        return found.head, found.positions, found.parked
+        writes = None
+        if services.write_reachable is not None:
+            try:
+                services.write_reachable(_HEALTH_TIMEOUT / 4)
+                writes = "ok"
+            except Exception as error:
+                if not (is_database_error(error) or isinstance(error, OSError)):
+                    raise
+                writes = f"unavailable ({type(error).__name__})"
+        return found.head, found.positions, found.parked, writes
 
 
 __all__ = ["ApiServices", "create_app", "max_websocket_message_bytes"]

@@ -8,6 +8,7 @@ from there when the body has none. Logins are limited per account and per client
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,7 @@ from domain.errors import (
 from domain.text import storable_text, text_problem
 from domain.user import normalise_email
 from read_api.auth import authenticate, request_id
-from read_api.input_checks import BodyTooSlow, body_within
+from read_api.input_checks import BodyTooSlow, NotJson, body_within, closing, require_json
 from read_api.ratelimit import Limit, client_network
 from read_api.services import AuthSettings
 
@@ -92,6 +93,10 @@ def _answering(
                 response = _error(error, rid)
             response.headers["X-Request-Id"] = rid
             response.headers["Cache-Control"] = "no-store"
+            # An answer given before the body was read whole (a refused token, a body past its
+            # size or time, a route that takes none) cannot leave the rest of it to arrive.
+            read = getattr(request.state, "auth_body_read", False)  # set by _body
+            response.headers.update(closing({}, request, read=read) or {})
             return response
 
     return endpoint
@@ -101,8 +106,9 @@ def _error(error: AgentWorksError, rid: str) -> Response:
     status = _STATUS.get(error.code, 400)
     headers: dict[str, str] = {}
     if isinstance(error, BodyTooSlow):
-        # The rest of the body may still come: the connection cannot carry another request.
-        status, headers["Connection"] = 408, "close"
+        status = 408
+    if isinstance(error, NotJson):
+        status = 415
     if isinstance(error, RateLimited | Unavailable):
         headers["Retry-After"] = str(max(1, round(error.retry_after_seconds)))
     if status == 401:
@@ -147,14 +153,26 @@ class _AuthRoutes:
 
     async def refresh(self, request: Request, rid: str) -> Response:
         token = await self._refresh_token(request)
-        await self._limit_session(token)
+        # Only a failed refresh counts against the address, but one past its limit is refused
+        # before the session is looked for (or its counter made): a refused request costs
+        # nothing more, as a login refused for its address does.
+        await self.runtime.limiter.check(self._address_limit(request))
         try:
+            owner = await self.runtime.offloader.run(lambda: self.identity.session_user(token))
+            # Refreshes count per account at its sign-in rate: each one is a write, and counted
+            # per session an account's writes grew with its sessions (a login makes one more).
+            account = self._account_rate(f"refresh-account:{owner}", "account's refreshes")
+            await self.runtime.limiter.check(account)
             grant = await self.runtime.offloader.run(
                 lambda: self.identity.refresh(token, correlation_id=rid)
             )
         except Unauthenticated:
             await self._limit_address(request)
             raise
+        # Counted once it rotated (a made-up secret naming a session spends nothing of its
+        # account's), and never refused then: the old token is spent, the new one must go.
+        with contextlib.suppress(RateLimited):
+            await self.runtime.limiter.hit(account)
         return self._session(grant)
 
     async def logout(self, request: Request, rid: str) -> Response:
@@ -175,6 +193,7 @@ class _AuthRoutes:
 
     async def mfa_enroll(self, request: Request, rid: str) -> Response:
         user_id = await self._user(request)
+        await self._limit_enrolment(user_id)
         secret, uri = await self.runtime.offloader.run(
             lambda: self.identity.mfa_enroll(user_id, correlation_id=rid)
         )
@@ -183,6 +202,7 @@ class _AuthRoutes:
     async def mfa_confirm(self, request: Request, rid: str) -> Response:
         user_id = await self._user(request)
         code = _text(await _body(request, seconds=self.body_seconds), "code")
+        await self._limit_enrolment(user_id)
         codes = await self.runtime.offloader.run(
             lambda: self.identity.mfa_confirm(user_id, code, correlation_id=rid)
         )
@@ -282,15 +302,7 @@ class _AuthRoutes:
         The address first: a request it refuses counts nothing further, so an address past its
         limit adds no key to the limiter's store however many accounts it names (the account
         first, each request naming a new one added a key, refused or not)."""
-        limits = []
-        if self.auth.login_per_address_per_minute is not None:
-            limits.append(
-                Limit(
-                    f"{self.auth.key_prefix}:login-address:{_address(request)}",
-                    self.auth.login_per_address_per_minute,
-                    per_address,
-                )
-            )
+        limits = self._address_limit(request, per_address)
         if self.auth.login_per_account_per_minute is not None:
             limits.append(
                 Limit(
@@ -301,34 +313,27 @@ class _AuthRoutes:
             )
         await self.runtime.limiter.hit(limits)
 
-    async def _limit_session(self, token: str) -> None:
-        """Refreshes of one session count at the account's sign-in rate: each one is a write,
-        and a holder of a refresh token could otherwise write as fast as it can send (a client
-        refreshes once an access token's lifetime). A token naming no session is left to the
-        refresh, which refuses it and counts the address."""
+    async def _limit_enrolment(self, user_id: UUID) -> None:
+        """Enrolling and confirming MFA count at the account's sign-in rate: each enrolment is
+        a write, and anyone may sign up for a user token (a client needs one or two)."""
+        limit = self._account_rate(f"mfa-enrolment:{user_id}", "account's MFA enrolments")
+        await self.runtime.limiter.hit(limit)
+
+    def _account_rate(self, key: str, what: str) -> list[Limit]:
         most = self.auth.login_per_account_per_minute
-        session, dot, _ = token.strip().partition(".")
-        if most is None or not dot:
-            return
-        try:
-            session_id = UUID(hex=session)
-        except ValueError:
-            return
-        key = f"{self.auth.key_prefix}:refresh-session:{session_id}"
-        await self.runtime.limiter.hit([Limit(key, most, "session's refreshes")])
+        return [] if most is None else [Limit(f"{self.auth.key_prefix}:{key}", most, what)]
 
     async def _limit_address(self, request: Request) -> None:
-        if self.auth.login_per_address_per_minute is None:
-            return
-        await self.runtime.limiter.hit(
-            [
-                Limit(
-                    f"{self.auth.key_prefix}:login-address:{_address(request)}",
-                    self.auth.login_per_address_per_minute,
-                    "address's sign-in attempts",
-                )
-            ]
-        )
+        await self.runtime.limiter.hit(self._address_limit(request))
+
+    def _address_limit(
+        self, request: Request, what: str = "address's sign-in attempts"
+    ) -> list[Limit]:
+        """The limit of the client address's sign-in attempts (none when not configured)."""
+        most = self.auth.login_per_address_per_minute
+        if most is None:
+            return []
+        return [Limit(f"{self.auth.key_prefix}:login-address:{_address(request)}", most, what)]
 
 
 def _address(request: Request) -> str:
@@ -340,10 +345,12 @@ async def _body(request: Request, *, seconds: float, optional: bool = False) -> 
     raw = await body_within(request, _MAX_BODY, seconds=seconds)  # anyone may send it
     if raw is None:
         raise ValidationFailed(f"request body is larger than {_MAX_BODY} bytes")
+    request.state.auth_body_read = True
     if not raw.strip():
         if optional:
             return {}
         raise ValidationFailed("send a JSON object body")
+    require_json(request.headers.get("content-type"))
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep

@@ -60,6 +60,34 @@ def nests_deeper(value: object, most: int) -> bool:
     return False
 
 
+def closing(headers: dict[str, str], request: Request, *, read: bool) -> dict[str, str] | None:
+    """``headers``, with ``Connection: close`` when the request's body was not read whole (a
+    refusal before it, one past its size or time): its client could go on sending the body it
+    announced for as long as it liked, each byte parsed and thrown away, and the connection
+    could carry no further request anyway. ``None`` for no headers at all."""
+    length = request.headers.get("content-length", "0").strip()
+    announced = "transfer-encoding" in request.headers or length != "0"
+    if not read and announced:
+        headers = {**headers, "Connection": "close"}
+    return headers or None
+
+
+class NotJson(ValidationFailed):
+    """A request body declared as something other than JSON (HTTP 415)."""
+
+
+def require_json(content_type: str | None) -> None:
+    """Refuse a body declared as anything but JSON (one declared as nothing is taken as JSON).
+
+    Another site's HTML form sends ``text/plain``, urlencoded or multipart bodies without asking
+    CORS first, and a ``text/plain`` one can be laid out to parse as a JSON object: read as
+    JSON, it acted as the form's visitor (a login that stored the session cookie). JSON needs a
+    preflight the API answers only for the origins it trusts."""
+    media = (content_type or "application/json").split(";", 1)[0].strip().lower()
+    if media not in ("application/json", "application/graphql-response+json"):
+        raise NotJson(f"send the request as application/json, not {media[:60]}")
+
+
 class BodyTooSlow(ValidationFailed):
     """The request's body did not arrive in the time allowed (HTTP 408, connection closed)."""
 

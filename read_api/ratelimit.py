@@ -42,6 +42,12 @@ class RateLimiter(Protocol):
         """Count one request against each limit; raise :class:`RateLimited` when one is spent."""
         ...
 
+    async def check(self, limits: list[Limit]) -> None:
+        """Raise :class:`RateLimited` when a limit has nothing left in this window (the next
+        :meth:`hit` would be refused); count nothing. For a limit that counts only failures,
+        checked before the work that could fail."""
+        ...
+
 
 def limits_for(config: RateLimits, *, user_id: str, workspace_id: str | None) -> list[Limit]:
     limits = []
@@ -141,6 +147,19 @@ class RedisRateLimiter:
         if refused:
             raise _refuse(limits[refused - 1], remaining)
 
+    async def check(self, limits: list[Limit]) -> None:
+        if not limits:
+            return
+        window, remaining = _window(time.time())
+        try:
+            counts = await self._client.mget([f"{limit.key}:{window}" for limit in limits])
+        except (RedisError, OSError) as error:
+            OUTAGES.down(REDIS, error)
+            return
+        for limit, count in zip(limits, counts, strict=True):
+            if count is not None and int(count) >= limit.allowed:
+                raise _refuse(limit, remaining)
+
 
 class LocalRateLimiter:
     """Per-process fixed-window counters, for a single API process without Redis."""
@@ -171,3 +190,10 @@ class LocalRateLimiter:
                     break
         if refused is not None:
             raise _refuse(refused, remaining)
+
+    async def check(self, limits: list[Limit]) -> None:
+        window, remaining = _window(time.time())
+        with self._lock:
+            spent = [x for x in limits if self._counts.get((x.key, window), 0) >= x.allowed]
+        if spent:
+            raise _refuse(spent[0], remaining)

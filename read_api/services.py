@@ -167,6 +167,11 @@ class ApiServices:
     """The fan-out running in this process (``agentworks dev`` with Kafka: relay and workers),
     component -> ``"ok"`` or why it could not deliver an event now; ``/readyz`` is ready only
     when every one says ``"ok"``. Must not block: it is called on the event loop."""
+    write_reachable: Callable[[float], None] | None = None
+    """Borrows a connection of the write side's pool within the seconds given and runs an
+    empty statement, raising what the pool or the database raise: ``/readyz`` answers 503
+    while the write side cannot reach its database (its role's login refused, its pool empty)
+    though the API's reads can. ``None``: not checked."""
     lag_collector: Collector | None = None
     """Log head, relay and projector lag of this deployment's database
     (``adapters.metrics.LagCollector``), exposed at ``/metrics`` beside the process-wide metrics;

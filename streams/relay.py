@@ -31,7 +31,7 @@ from opentelemetry.trace import SpanKind
 
 from adapters.eventlog import MAX_BATCH_BYTES
 from adapters.metrics import BROKER_LOG_LOST
-from adapters.outages import is_connection_error, is_database_error, is_outage
+from adapters.outages import OUTAGES, is_connection_error, is_database_error, is_outage
 from adapters.postgres import login_url
 from adapters.telemetry import continue_trace, current_traceparent, tracing_enabled
 from adapters.wakeup import LogWakeup
@@ -294,6 +294,11 @@ class Relay:
     topic_id: Callable[[Any, str], str | None] = lambda producer, topic: None
     lease: RelayLease | None = None
     standby_interval: float = 2.0
+    broker: str = "kafka"
+    """How outages name the brokers published to (``agentworks_dependency_up``)."""
+    broker_unreachable: Callable[[BaseException], bool] = lambda error: False
+    """Whether a failed batch says the brokers are unreachable (reported to outages once, not
+    logged with its traceback at every retry) rather than something else going wrong."""
     max_batch_bytes: int = MAX_BATCH_BYTES
     """Most bytes of stored events one batch holds, beside ``batch_size`` events (one larger
     event goes alone): a batch of large events must not make one huge request or heap."""
@@ -346,6 +351,7 @@ class Relay:
                     deliveries.append(self._send(producer, envelope, current_traceparent()))
             producer.flush(timeout=self.flush_timeout)
             acknowledged = [delivery.get(timeout=self.flush_timeout) for delivery in deliveries]
+            OUTAGES.up(self.broker)
         except Exception as error:
             self._discard_producer()
             self.position = self.positions.load()
@@ -462,6 +468,11 @@ class Relay:
                     log.debug("relay.database_unavailable", error=str(error))
                     self.positions.close()
                     self._stop.wait(0.25)
+                elif self.broker_unreachable(error):
+                    # Said once, as a database outage is; the batch is sent again, whole.
+                    OUTAGES.down(self.broker, error)
+                    log.debug("relay.broker_unavailable", error=str(error))
+                    self._stop.wait(1.0)
                 else:
                     log.exception("relay.publish_failed", position=self.position)
                     self._stop.wait(1.0)

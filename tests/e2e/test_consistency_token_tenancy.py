@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 from uuid import UUID, uuid4
 
-import psycopg
 from e2e_stack import MakeStack, Stack
+from pg import log_head
 
 from read_api.consistency import ConsistencyToken, ConsistencyWaiter
 from read_api.db import Offloader
@@ -147,8 +147,7 @@ def test_a_token_naming_an_aggregate_whose_first_event_cannot_be_read_answers_st
         [type(first)(originator_id=broken, originator_version=1,
                      topic=f"{module}:{qualname}Retired", state=first.state)]
     )  # fmt: skip
-    with psycopg.connect(stack.database_url) as conn:
-        (written,) = conn.execute("SELECT max(notification_id) FROM agentworks_events").fetchone()
+    written = log_head(stack.database_url)
     token = f"{written}:{broken}:1"
     answer = alice.post(WORKSPACE, {"id": ws}, headers={"X-Consistency-Token": token})
     assert answer.status == 200, answer.body

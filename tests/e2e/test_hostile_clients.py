@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -215,6 +216,50 @@ def test_an_answer_given_before_the_body_was_read_closes_the_connection(stack: S
     _still_serves(stack)
 
 
+@pytest.mark.parametrize(
+    ("path", "authorization", "sent", "status"),
+    [
+        ("/auth/mfa/confirm", "Bearer not-a-token", b"{", b"401"),  # refused before the body
+        ("/auth/password", "workspace", b"{", b"403"),  # a workspace token: before the body too
+        ("/auth/login", None, b"{" + b" " * 20_000, b"400"),  # past the 16 KB /auth/* read
+    ],
+)
+def test_an_auth_answer_given_before_the_body_was_read_closes_the_connection(
+    make_stack: MakeStack, path: str, authorization: str | None, sent: bytes, status: bytes
+) -> None:
+    """``/auth/*`` answered a request refused before its body was read whole (a bad or wrong
+    kind of token on the routes that need one, a body past their size) and kept the connection,
+    as ``/graphql`` did: the client could go on streaming the megabyte it had announced."""
+    stack = make_stack(auth={})
+    if authorization == "workspace":
+        workspace = "00000000-0000-0000-0000-000000000002"
+        authorization = f"Bearer {stack.token('00000000-0000-0000-0000-000000000001', workspace)}"
+    header = f"Authorization: {authorization}\r\n" if authorization else ""
+    sock = _connect(stack)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"
+        f"{header}Content-Length: 1000000\r\n\r\n".encode()
+        + sent
+    )
+    closed, answer = _closed_by_server(sock, within=5)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:300]
+    assert b"connection: close" in answer.lower()
+    assert closed
+    _still_serves(stack)
+
+
+def test_an_auth_answer_to_a_body_read_whole_keeps_the_connection(make_stack: MakeStack) -> None:
+    """Only a body left unread closes: a refused login whose body was read keeps it."""
+    stack = make_stack(auth={})
+    with httpx.Client(base_url=stack.url, timeout=10) as client:
+        body = {"email": "nobody@example.com", "password": "x" * 12}
+        first = client.post("/auth/login", json=body)
+        assert first.status_code == 401, first.text
+        assert "close" not in first.headers.get("connection", "")
+        assert client.post("/auth/login", json=body).status_code == 401
+
+
 # -- WebSocket -----------------------------------------------------------------------------------
 
 
@@ -286,6 +331,36 @@ def test_logins_refused_for_their_address_leave_no_keys_behind(
     accounts = [k for k in keys if b"login-account" in k]
     assert len(accounts) <= 5, f"{len(accounts)} account keys for 5 logins let through"
     assert max(len(k) for k in keys) < 200, "a rate limit key holds what the client sent"
+
+
+def test_refreshes_refused_for_their_address_read_nothing_and_leave_no_keys_behind(
+    make_stack: MakeStack, redis_url: str
+) -> None:
+    """A failed refresh counted its address only after it had looked for the session the token
+    named: once the address was past its limit, each refresh naming a made-up session still
+    read the store and left a key for that session's refreshes in the limiter's store for a
+    minute before it was answered 429. An address past its limit is now refused first."""
+    stack = make_stack(
+        broadcaster="redis",
+        auth={"login_per_address_per_minute": 3, "login_per_account_per_minute": 10},
+    )
+    auth = stack.services.auth
+    assert auth is not None
+    if time.time() % 60 > 45:  # the limits count in minutes of the clock: start in one
+        time.sleep(61 - time.time() % 60)
+    statuses = []
+    with httpx.Client(base_url=stack.url, timeout=10) as client:
+        for _ in range(20):
+            token = f"{uuid.uuid4().hex}.{secrets.token_urlsafe(32)}"
+            answer = client.post("/auth/refresh", json={"refreshToken": token})
+            statuses.append(answer.status_code)
+    assert statuses == [401] * 3 + [429] * 17, statuses
+    store = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(store.scan_iter(match=f"{auth.key_prefix}:refresh-*", count=1000))
+    finally:
+        store.close()
+    assert len(keys) <= 3, f"{len(keys)} refresh keys for 3 refreshes let through"
 
 
 # -- clients that never read ---------------------------------------------------------------------

@@ -287,6 +287,25 @@ def test_bad_bodies_are_validation_errors(http: httpx.Client) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "media", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=b"]
+)
+def test_a_body_an_html_form_could_send_is_refused(http: httpx.Client, media: str) -> None:
+    """Any type was read as JSON, so another site's HTML form (text/plain, with its fields laid
+    out to make a JSON object) could sign its visitor in to the other site's account: a form
+    asks no CORS preflight, and the answer's top-level navigation stored the aw_refresh cookie,
+    which the victim's app then refreshed with (login CSRF). Bodies must be JSON (415)."""
+    email = f"formed-{media.split('/')[1][:5]}@example.com"
+    signup(http, email)
+    body = json.dumps({"email": email, "password": PASSWORD})
+    answer = http.post("/auth/login", content=body, headers={"Content-Type": media})
+    assert error_of(answer) == (415, "VALIDATION")
+    assert "set-cookie" not in answer.headers
+    assert login(http, email).status_code == 200  # JSON, as ever
+    refreshed = http.post("/auth/refresh")  # no body: the cookie alone, no type needed
+    assert refreshed.status_code == 200, refreshed.text
+
+
 def test_text_no_json_client_can_encode_is_refused_not_a_server_error(
     http: httpx.Client,
 ) -> None:
@@ -400,23 +419,61 @@ def test_guessing_the_current_password_is_limited_per_account_like_logins(
         assert error_of(limited) == (429, "RATE_LIMITED")
 
 
-def test_a_sessions_refreshes_are_limited_like_an_accounts_logins(
+def test_an_accounts_refreshes_are_limited_like_its_logins(
     module_database_url: str, redis_url: str
 ) -> None:
     """Every refresh is a write: a holder of a refresh token could rotate it as fast as it can
     send (a client needs one refresh per access token lifetime), and only failed refreshes
-    counted against anything."""
+    counted against anything. Counted per session, the account's writes still grew with its
+    sessions: each login (10 a minute) made one more, each refreshable 10 times a minute for its
+    30 days. They count per account now, whichever session refreshes."""
     with limited_client(module_database_url, redis_url) as http:
         token = signed_in(http, "refresher@example.com")["refreshToken"]
+        other = login(http, "refresher@example.com").json()["refreshToken"]
         for _ in range(3):
             answer = http.post("/auth/refresh", json={"refreshToken": token})
             assert answer.status_code == 200, answer.text
             token = answer.json()["refreshToken"]
-        limited = http.post("/auth/refresh", json={"refreshToken": token})
+        for spent in (token, other):
+            limited = http.post("/auth/refresh", json={"refreshToken": spent})
+            assert error_of(limited) == (429, "RATE_LIMITED")
+            assert int(limited.headers["retry-after"]) >= 1
+
+
+def test_refreshes_with_a_wrong_secret_do_not_spend_the_sessions_refreshes(
+    module_database_url: str, redis_url: str
+) -> None:
+    """A session's refreshes were counted before its token was checked, so anyone who knew a
+    session's id (it is in the refresh token before the dot, and in the sign-ins an audit
+    export shows) could spend its refreshes with made-up secrets and keep its holder from
+    refreshing. Only refreshes that rotate count now; wrong ones count against the address."""
+    with limited_client(module_database_url, redis_url) as http:
+        session = signed_in(http, "refreshed@example.com")["refreshToken"]
+        session_id = session.split(".")[0]
+        for _ in range(4):
+            forged = http.post("/auth/refresh", json={"refreshToken": f"{session_id}.forged"})
+            assert error_of(forged) == (401, "UNAUTHENTICATED")
+        answer = http.post("/auth/refresh", json={"refreshToken": session})
+        assert answer.status_code == 200, answer.text
+
+
+def test_mfa_enrolments_are_limited_like_an_accounts_logins(
+    module_database_url: str, redis_url: str
+) -> None:
+    """Every enrolment is a write (a new pending secret), and anyone may sign up: an account's
+    access token could write to the event store as fast as it could send, unbounded by any
+    limit. Enrolling and confirming count at the account's sign-in rate."""
+    with limited_client(module_database_url, redis_url) as http:
+        token = signed_in(http, "enroller@example.com")["accessToken"]
+        auth = {"Authorization": f"Bearer {token}"}
+        for _ in range(2):
+            assert http.post("/auth/mfa/enroll", headers=auth).status_code == 200
+        secret = http.post("/auth/mfa/enroll", headers=auth).json()["secret"]
+        code = {"code": rfc6238(secret, time.time())}
+        limited = http.post("/auth/mfa/confirm", headers=auth, json=code)
         assert error_of(limited) == (429, "RATE_LIMITED")
         assert int(limited.headers["retry-after"]) >= 1
-        other = login(http, "refresher@example.com").json()["refreshToken"]
-        assert http.post("/auth/refresh", json={"refreshToken": other}).status_code == 200
+        assert error_of(http.post("/auth/mfa/enroll", headers=auth)) == (429, "RATE_LIMITED")
 
 
 def test_change_password_over_http(http: httpx.Client) -> None:

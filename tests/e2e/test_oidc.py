@@ -7,6 +7,7 @@ names a new ``kid`` (rotation), and provisions each (issuer, subject) once.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -156,6 +157,16 @@ def test_a_rotated_key_is_fetched_when_a_token_names_it(
     assert provider.fetches == fetched + 1
 
 
+def _unsigned(provider: Provider, header: dict[str, Any]) -> str:
+    """A token of ``header`` naming ``provider`` as its issuer, with a made-up signature."""
+
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    claims = {"iss": provider.issuer, "aud": AUDIENCE, "sub": "s", "exp": int(time.time()) + 60}
+    return f"{part(header)}.{part(claims)}.c2lnbmF0dXJl"
+
+
 @pytest.mark.parametrize(
     ("case", "make"),
     [
@@ -180,6 +191,12 @@ def test_a_rotated_key_is_fetched_when_a_token_names_it(
         ("RS256 header naming an EC key", lambda p: jwt.encode(
             {"iss": p.issuer, "aud": AUDIENCE, "sub": "s", "exp": int(time.time()) + 60},
             p.keys["rsa-1"], algorithm="RS256", headers={"kid": "ec-1"},
+        )),
+        # Headers PyJWT refuses before any key is looked for (anyone can send them, naming
+        # the provider): its InvalidTokenError escaped as an HTTP 500.
+        ("a kid that is no string", lambda p: _unsigned(p, {"alg": "RS256", "kid": ["rsa-1"]})),
+        ("an unknown critical extension", lambda p: _unsigned(
+            p, {"alg": "RS256", "kid": "rsa-1", "crit": ["x-unknown"], "x-unknown": 1}
         )),
     ],
 )  # fmt: skip

@@ -15,12 +15,12 @@ from typing import Any
 from uuid import uuid4
 
 import httpx
-import psycopg
 import pytest
 from api_client import ApiClient, subscribe
 from e2e_stack import Stack, user_id
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pg import log_head
 
 from adapters.tokens import issue_token
 
@@ -240,16 +240,6 @@ def _fresh_write_elsewhere(worlds: Worlds) -> None:
     assert answer.data["updateCard"]["card"] is not None, answer.body
 
 
-def _head(stack: Stack) -> int:
-    """The highest position the table holds, horizon or not: the recorder's own answer may stop
-    short while a transaction of another database ends (see board_helpers.whole_log)."""
-    with psycopg.connect(stack.database_url) as conn:
-        row = conn.execute("SELECT coalesce(max(notification_id), 0) FROM agentworks_events")
-        found = row.fetchone()
-    assert found is not None
-    return int(found[0])
-
-
 # -- every text input of every mutation ------------------------------------------------------------
 
 
@@ -285,11 +275,11 @@ def test_any_text_in_any_mutation_is_success_or_validation_and_nothing_stalls(
     variables = {"input": _put(_base_inputs(worlds.mine)[name], path, text)}
     poisoned = _is_poison(text)
 
-    before = _head(stack)
+    before = log_head(stack.database_url)
     response = _send(worlds.mine.client, _mutation(name), variables)
     _refusal_or_success(response, poisoned=poisoned)
     if poisoned or response.status_code == 413:
-        assert _head(stack) == before, "a refused request wrote events"
+        assert log_head(stack.database_url) == before, "a refused request wrote events"
     _fresh_write_elsewhere(worlds)
 
 
@@ -377,14 +367,14 @@ def test_the_reported_poison_inputs_are_validation_naming_the_field(
     stack: Stack, name: str, path: str, poison: str
 ) -> None:
     worlds = _worlds(stack)
-    before = _head(stack)
+    before = log_head(stack.database_url)
     variables = {"input": _put(_base_inputs(worlds.mine)[name], path, poison)}
     response = _send(worlds.mine.client, _mutation(name), variables)
     assert response.status_code == 200
     (error,) = response.json()["errors"]
     assert error["extensions"]["code"] == "VALIDATION"
     assert f"$input.{path}" in error["message"]
-    assert _head(stack) == before
+    assert log_head(stack.database_url) == before
     _fresh_write_elsewhere(worlds)
 
 
@@ -482,13 +472,13 @@ def test_an_assignee_must_be_a_uuid_and_a_member(stack: Stack) -> None:
     assert not_uuid.codes == ["VALIDATION"]
     assert "assignee must be a UUID" in not_uuid.errors[0]["message"]
 
-    before = _head(stack)
+    before = log_head(stack.database_url)
     stranger = str(uuid4())
     for outsider in (stranger, worlds.other.owner, worlds.other.member):
         answer = mine.client.post(assign, {"input": {"cardId": mine.card, "assignee": outsider}})
         assert answer.codes == ["VALIDATION"], answer.body
         assert "not a member" in answer.errors[0]["message"]
-    assert _head(stack) == before
+    assert log_head(stack.database_url) == before
 
     member = mine.client.post(assign, {"input": {"cardId": mine.card, "assignee": mine.member}})
     assert member.errors == [], member.body
@@ -556,8 +546,8 @@ def test_a_body_that_is_not_valid_utf8_is_validation(stack: Stack, raw: bytes, s
         + raw
         + b'b"}}}'
     )
-    before = _head(stack)
+    before = log_head(stack.database_url)
     response = mine.client.raw(body)
     assert response.status_code == status, response.text
     assert [e["extensions"]["code"] for e in response.json()["errors"]] == ["VALIDATION"]
-    assert _head(stack) == before
+    assert log_head(stack.database_url) == before

@@ -122,15 +122,6 @@ def wait_for(read: Callable[[], Sequence[T]], count: int, timeout: float = 10.0)
         time.sleep(0.05)
 
 
-def max_position(database_url: str) -> int:
-    """The highest notification id in the table (0 when empty), horizon or not."""
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute("SELECT coalesce(max(notification_id), 0) FROM agentworks_events")
-        value = row.fetchone()
-    assert value is not None
-    return int(value[0])
-
-
 def read_log_to(
     event_log: EventLog, after: int, head: int, *, timeout: float
 ) -> list[EventEnvelope]:

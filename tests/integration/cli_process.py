@@ -31,6 +31,7 @@ __all__ = [
     "clean_env",
     "free_port",
     "postgres_processes",
+    "run_python",
     "start_dev",
     "stop_postgres_under",
 ]
@@ -42,6 +43,21 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
+
+
+def run_python(
+    program: str, *, cwd: Path, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -c program`` as a process of its own, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-c", program],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _default_sigint() -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
+import pg
 import psycopg
 from board_helpers import read_log_to
 from psycopg import sql
@@ -1110,9 +1111,7 @@ def scalar(database_url: str, query: str, params: Sequence[Any] = ()) -> Any:
 
 
 def head(database_url: str) -> int:
-    return int(
-        scalar(database_url, "SELECT coalesce(max(notification_id), 0) FROM agentworks_events")
-    )
+    return pg.log_head(database_url)
 
 
 def relay_position(database_url: str) -> int:

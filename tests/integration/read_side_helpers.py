@@ -15,7 +15,7 @@ from uuid import UUID
 
 import pg
 import psycopg
-from board_helpers import LANES, bootstrap_board, max_position, read_log_to
+from board_helpers import LANES, bootstrap_board, read_log_to
 from psycopg.rows import dict_row
 
 from adapters.eventlog import EventLog
@@ -79,7 +79,7 @@ class ReadSide:
         The log holds an event back while any older transaction in the cluster is still open
         (another test session's, say), so this waits until it reaches what the table holds.
         """
-        return read_log_to(self.log, after, max_position(self.database_url), timeout=30)
+        return read_log_to(self.log, after, pg.log_head(self.database_url), timeout=30)
 
     def runner(self, projector: Projector) -> ProjectionRunner:
         return ProjectionRunner(projector, self.pool, self.log)

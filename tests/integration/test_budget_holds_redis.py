@@ -5,6 +5,8 @@ output per call."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -28,9 +30,11 @@ from orchestrator_helpers import (
     running_with_lines,
     wait_for,
 )
+from prometheus_client import REGISTRY
 
 from adapters.budget_holds import RedisBudgetHolds
 from adapters.eventlog import EventLog
+from adapters.outages import OUTAGES, REDIS
 from adapters.postgres import make_pool
 from adapters.spend_counter import RedisSpend, RedisSpendCounter, counter_key, holds_key
 from commands import models as m
@@ -372,3 +376,47 @@ def test_holds_kept_in_process_while_redis_was_away_still_count_once_it_is_back(
         proxy.close()
     assert held_in_redis > 0
     assert held_here + held_in_redis <= 20_000
+
+
+def test_holds_redis_away_is_said_once_not_with_a_traceback_per_call(
+    write_side: AgentWorks, database_url: str, flushed: str, log_lines: io.StringIO
+) -> None:
+    """Every call of every run holds, settles and releases in Redis: while it was away, each
+    logged a warning with its whole traceback (three a call, 200 runs at once), and the
+    orchestrator's ``agentworks_dependency_up{dependency="redis"}`` never said it was down."""
+    OUTAGES.up(REDIS)  # whatever an earlier test in this process left
+    card, _ = runs_under_a_limit(write_side, "5.000000", 0)
+    owner = card.board.owner
+    host, port = "127.0.0.1", int(flushed.rsplit(":", 1)[1].split("/")[0])
+    proxy = FaultProxy(host, port)
+    proxied = flushed.replace(f":{port}/", f":{proxy.port}/")
+    holds = RedisBudgetHolds(redis.asyncio.Redis.from_url(proxied, socket_timeout=2))
+    try:
+        proxy.refuse(True)
+        with orchestrator_thread(database_url, holds=holds):
+            away = [
+                write_side.start_agent_run(
+                    m.StartAgentRun(card_id=card.card_id, agent="coder"), owner
+                ).id
+                for _ in range(3)
+            ]
+            runs = [wait_for(write_side, run_id, finished, timeout=60) for run_id in away]
+            down = REGISTRY.get_sample_value("agentworks_dependency_up", {"dependency": REDIS})
+            proxy.refuse(False)
+            back = write_side.start_agent_run(
+                m.StartAgentRun(card_id=card.card_id, agent="coder"), owner
+            ).id
+            wait_for(write_side, back, finished, timeout=60)
+            up = REGISTRY.get_sample_value("agentworks_dependency_up", {"dependency": REDIS})
+    finally:
+        proxy.close()
+
+    assert all(run.status is RunStatus.SUCCEEDED for run in runs)
+    assert (down, up) == (0.0, 1.0)
+    records = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    with_traceback = [r["event"] for r in records if "exception" in r]
+    assert with_traceback == []
+    said = [r["event"] for r in records if r["event"] == "orchestrator.shared_holds_unavailable"]
+    assert said == ["orchestrator.shared_holds_unavailable"]
+    redis_lines = [r["event"] for r in records if r.get("dependency") == REDIS]
+    assert redis_lines == ["dependency.down", "dependency.up"]

@@ -20,6 +20,7 @@ from adapters.tokens import verify_token
 from domain.roles import Role
 from infra.cli import BOOTSTRAP_USER
 from infra.migrate import applied_versions, discover
+from projections.registry import projector_names
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -464,6 +465,11 @@ def test_status_shows_lag_and_sweep_watermarks(database_url: str, tmp_path: Path
 
     assert cells("projector kanban") == ["projector kanban", "9", "-9", "7", "0"]
     assert cells("relay relay") == ["relay relay", "0", "0"]
+    # The projectors that never ran (no position recorded) are listed, at position 0: left
+    # out, the table showed nothing wrong with a read model nobody had ever built.
+    for name in projector_names():
+        if name != "kanban":
+            assert cells(f"projector {name}") == [f"projector {name}", "0", "0", "0", "0"]
 
 
 def test_sweep_applies_what_a_projector_never_received(database_url: str, tmp_path: Path) -> None:

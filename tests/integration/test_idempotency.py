@@ -15,7 +15,8 @@ from uuid import UUID, uuid4
 
 import psycopg
 import pytest
-from board_helpers import add_cards, add_member, bootstrap_board, command_log_count, max_position
+from board_helpers import add_cards, add_member, bootstrap_board, command_log_count
+from pg import log_head
 from recorder_helpers import advisory_locks, transaction_waits, until
 
 from commands import models as m
@@ -65,14 +66,14 @@ class TestRetry:
         command = m.MoveCard(card_id=card_id, to_lane="Doing", command_id=uuid4())
 
         first = write_side.move_card(command, board.owner)
-        position = max_position(database_url)
+        position = log_head(database_url)
         again = write_side.move_card(command, board.owner)
 
         assert first.replayed is False
         assert first.position == position
         assert again.replayed is True
         assert _same(again) == _same(first)
-        assert max_position(database_url) == position
+        assert log_head(database_url) == position
         assert write_side.card_at(card_id, board.owner).version == first.version
 
     def test_retried_creation_returns_the_first_card_instead_of_a_second(
@@ -81,18 +82,18 @@ class TestRetry:
         command = m.CreateCard(project_id=board.project_id, title="once", command_id=uuid4())
 
         first = write_side.create_card(command, board.owner)
-        position = max_position(database_url)
+        position = log_head(database_url)
         again = write_side.create_card(command, board.owner)
 
         assert (again.replayed, _same(again)) == (True, _same(first))
-        assert max_position(database_url) == position
+        assert log_head(database_url) == position
         assert command_log_count(database_url, command.command_id) == 1
 
     def test_same_command_id_sent_concurrently_from_8_threads_appends_once(
         self, write_side: AgentWorks, board: Board, database_url: str
     ) -> None:
         command = m.CreateCard(project_id=board.project_id, title="racing", command_id=uuid4())
-        position_before = max_position(database_url)
+        position_before = log_head(database_url)
         start = threading.Barrier(8)
 
         def send() -> CommandResult:
@@ -105,7 +106,7 @@ class TestRetry:
         assert len({_same(result) for result in results}) == 1
         assert sorted(result.replayed for result in results) == [False] + [True] * 7
         # One card created and placed on the board: two events, one command record.
-        assert max_position(database_url) == results[0].position
+        assert log_head(database_url) == results[0].position
         assert results[0].position - position_before == 2
         assert command_log_count(database_url, command.command_id) == 1
 
@@ -119,7 +120,7 @@ class TestReuse:
         write_side.move_card(
             m.MoveCard(card_id=card_id, to_lane="Doing", command_id=command_id), board.owner
         )
-        position = max_position(database_url)
+        position = log_head(database_url)
 
         with pytest.raises(ValidationFailed, match=str(command_id)):
             write_side.move_card(
@@ -129,7 +130,7 @@ class TestReuse:
             write_side.label_card(
                 m.LabelCard(card_id=card_id, label="urgent", command_id=command_id), board.owner
             )
-        assert max_position(database_url) == position
+        assert log_head(database_url) == position
         assert write_side.card_at(card_id, board.owner).lane == "Doing"
 
     def test_command_id_of_one_workspace_is_unknown_to_another(
@@ -147,7 +148,7 @@ class TestReuse:
             write_side.move_card(move, other.owner)
 
         # In his own workspace the id is simply new: his command runs and is recorded.
-        position = max_position(database_url)
+        position = log_head(database_url)
         own = write_side.create_card(
             m.CreateCard(project_id=other.project_id, title="bob's", command_id=command_id),
             other.owner,
@@ -181,11 +182,11 @@ class TestRefusal:
         for card_id in doing:  # fills Doing, WIP limit 3
             write_side.move_card(m.MoveCard(card_id=card_id, to_lane="Doing"), board.owner)
         command = m.MoveCard(card_id=waiting, to_lane="Doing", command_id=uuid4())
-        position = max_position(database_url)
+        position = log_head(database_url)
 
         with pytest.raises(WipLimitExceeded):
             write_side.move_card(command, board.owner)
-        assert max_position(database_url) == position
+        assert log_head(database_url) == position
         assert command_log_count(database_url, command.command_id) == 0
 
         write_side.move_card(m.MoveCard(card_id=doing[0], to_lane="Todo"), board.owner)
@@ -298,13 +299,13 @@ class TestReplayAfterTheBoardChanged:
         first = write_side.create_card(command, board.owner)
         rename = m.RenameLane(project_id=board.project_id, lane="Doing", name="In progress")
         write_side.rename_lane(rename, board.owner)
-        position = max_position(database_url)
+        position = log_head(database_url)
 
         again = write_side.create_card(command, board.owner)
 
         assert again.replayed is True
         assert _same(again) == _same(first)
-        assert max_position(database_url) == position
+        assert log_head(database_url) == position
 
     def test_retried_move_into_a_lane_renamed_since_returns_the_first_result(
         self, write_side: AgentWorks, board: Board

@@ -8,16 +8,25 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from uuid import UUID
 
 import pytest
+from credentials import rfc6238
 from identities import cheap_identity
 
 from commands.handlers import AgentWorks
 from commands.identity import Identity, SessionGrant
-from domain.errors import AgentWorksError, Duplicate, Unauthenticated
-from domain.user import Session
+from domain.errors import (
+    AgentWorksError,
+    Conflict,
+    Duplicate,
+    MfaRequired,
+    RateLimited,
+    Unauthenticated,
+)
+from domain.user import MAX_SECOND_FACTOR_FAILURES, Session
 
 PASSWORD = "correct horse battery"
 WRITERS = 8
@@ -73,3 +82,42 @@ def test_racing_refreshes_with_one_token_rotate_once_and_revoke_on_reuse(
     for winner in winners:
         with pytest.raises(Unauthenticated):
             identity.refresh(winner.refresh_token)
+
+
+def test_wrong_codes_sent_at_once_count_against_one_lock(identity: Identity) -> None:
+    """The second factor is locked after 5 wrong codes; the count was read, the code checked and
+    the failure written afterwards in a write of its own, so guesses sent together all read
+    "no failures yet" and were all checked: a holder of the password guessed as many codes at
+    once as the rate limits let through (unbounded while Redis is away). Each wrong code is now
+    written at the version of the user it was checked against: exactly 5 are checked, the rest
+    are refused unchecked."""
+    user_id = identity.signup(email="cy@example.com", password=PASSWORD, name="Cy")
+    secret, _ = identity.mfa_enroll(user_id)
+    now = time.time()
+    identity.mfa_confirm(user_id, rfc6238(secret, now))
+    right = {rfc6238(secret, now + d) for d in range(-60, 61, 30)}
+    wrong = [c for c in (f"{n:06d}" for n in range(100)) if c not in right][: WRITERS + 4]
+    outcomes = _all_at_once(
+        len(wrong),
+        lambda i: identity.login(email="cy@example.com", password=PASSWORD, totp=wrong[i]),
+    )
+    checked = [o for o in outcomes if isinstance(o, MfaRequired)]
+    assert len(checked) == MAX_SECOND_FACTOR_FAILURES, outcomes
+    assert all(isinstance(o, RateLimited) for o in outcomes if o not in checked), outcomes
+
+
+def test_one_code_sent_in_logins_at_once_opens_one_session(identity: Identity) -> None:
+    """Each TOTP code works once (API.md), also when the logins carrying it race."""
+    user_id = identity.signup(email="di@example.com", password=PASSWORD, name="Di")
+    secret, _ = identity.mfa_enroll(user_id)
+    now = time.time()
+    identity.mfa_confirm(user_id, rfc6238(secret, now - 30))
+    code = rfc6238(secret, now)
+    outcomes = _all_at_once(
+        WRITERS, lambda _: identity.login(email="di@example.com", password=PASSWORD, totp=code)
+    )
+    assert len([o for o in outcomes if isinstance(o, SessionGrant)]) == 1, outcomes
+    # A replayed code counts as a wrong one (past 5 the account's codes are locked), and a
+    # login that lost every retry to the others answers CONFLICT: all refusals.
+    others = [o for o in outcomes if not isinstance(o, SessionGrant)]
+    assert all(isinstance(o, MfaRequired | RateLimited | Conflict) for o in others), outcomes

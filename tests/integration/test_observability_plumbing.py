@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Sequence
 
 import pg
 import structlog
@@ -105,9 +106,11 @@ def test_relay_span_and_kafka_headers_carry_the_commands_trace(
 # -- lag -----------------------------------------------------------------------------------------
 
 
-def lag_samples(database_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def lag_samples(
+    database_url: str, projectors: Sequence[str] = ()
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LagCollector(database_url))
+    registry.register(LagCollector(database_url, projectors=projectors))
     text = generate_latest(registry).decode()
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -161,6 +164,7 @@ def test_lag_collector_reports_head_relay_and_projector_lag(
 
 
 HEAD = ("agentworks_log_head_position", ())
+READ_UP = ("agentworks_lag_read_up", ())
 
 
 def projector_lag(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -182,8 +186,33 @@ def projected_up_to(
         time.sleep(0.05)
 
 
-def test_lag_collector_reports_nothing_when_the_database_is_unreachable() -> None:
-    assert lag_samples("postgresql://postgres@127.0.0.1:1/nowhere") == {}
+def test_a_projector_that_never_ran_is_reported_as_far_behind_as_the_log(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A projector whose worker was never deployed (or never got its first batch) has no row
+    of positions: /readyz counted it at position 0, while the lag metrics left it out, so an
+    alert on its lag could never fire however far the log ran ahead of it."""
+    owner = Actor(user_id="nina", workspace_id="*")
+    write_side.create_workspace(m.CreateWorkspace(name="Nobody projects this"), owner)
+    head = pg.log_head(database_url)
+
+    samples = lag_samples(database_url, projectors=projector_names())
+
+    assert samples[HEAD] == head
+    for name in projector_names():
+        assert samples[projector_lag(name)] == head
+        assert samples[("agentworks_projector_unswept_events", (("projector", name),))] == head
+        assert samples[("agentworks_projector_parked_aggregates", (("projector", name),))] == 0
+
+
+def test_lag_collector_says_it_could_not_read_when_the_database_is_unreachable(
+    database_url: str,
+) -> None:
+    """Without the database there are no lag figures to give; their series vanished with no
+    sign of why, so a lag alert resolved during the outage instead of firing. The collector
+    says whether it read them (``agentworks_lag_read_up``), which an alert can watch."""
+    assert lag_samples("postgresql://postgres@127.0.0.1:1/nowhere") == {READ_UP: 0.0}
+    assert lag_samples(database_url)[READ_UP] == 1.0
 
 
 # -- logs ----------------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ import random
 from typing import TYPE_CHECKING
 
 import psycopg
-from board_helpers import max_position
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis_profiles import expensive_property
+from pg import log_head
 from read_side_helpers import ReadSide, create_card
 from test_read_model_properties import (
     EVERYTHING_ONCE,
@@ -294,7 +294,7 @@ def test_the_watermark_never_passes_an_event_the_horizon_held_back(side: ReadSid
     with psycopg.connect(side.database_url) as holder:
         holder.execute("SELECT pg_current_xact_id()")  # an id older than the rename's
         side.app.update_card(m.UpdateCard(card_id=card, title="new"), world.owner)
-        renamed = max_position(side.database_url)
+        renamed = log_head(side.database_url)
         assert (
             runner.log.versions(after=0, through=renamed, limit=1000, aggregates={"Card"})[1]
             < renamed

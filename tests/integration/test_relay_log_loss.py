@@ -11,8 +11,6 @@ an acknowledgement on a partition the relay never wrote to proves nothing.
 
 from __future__ import annotations
 
-import gc
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 from board_helpers import whole_log
-from kafka_helpers import OUTAGE_TEST, read_topic
+from kafka_helpers import OUTAGE_TEST, close_refused_sockets, read_topic
 
 from adapters.eventlog import EventLog
 from adapters.kafka import create_topics, make_producer, producer_state_lost, topic_id
@@ -36,22 +34,12 @@ PREFIX = "loss-"
 
 
 @pytest.fixture(autouse=True)
-def close_refused_sockets() -> Iterator[None]:
+def refused_sockets_closed() -> Iterator[None]:
     """kafka-python keeps the socket of a connect() the restarting broker refused, unclosed,
     until the garbage collector finds it, during some later test (which then fails on the
-    ResourceWarning). Close such sockets here: TCP, never connected, not listening."""
+    ResourceWarning)."""
     yield
-    gc.collect()
-    for found in gc.get_objects():
-        if not isinstance(found, socket.socket) or found.fileno() < 0:
-            continue
-        if found.family != socket.AF_INET or found.type != socket.SOCK_STREAM:
-            continue
-        try:
-            found.getpeername()
-        except OSError:
-            if not found.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                found.close()
+    close_refused_sockets()
 
 
 @pytest.fixture

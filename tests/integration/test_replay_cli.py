@@ -133,3 +133,33 @@ def test_an_instant_out_of_range_in_utc_is_one_line_exit_2(
         "replay", "board", card["project"], "--as-of", instant, cwd=tmp_path, env=card["env"]
     )
     assert "out of range" in assert_one_line_error(board)
+
+
+#: A title a client may give a card (control characters are ordinary text, domain/text.py):
+#: rich markup that closes a tag never opened, an OSC 52 sequence (writes the terminal's
+#: clipboard), an ANSI colour and a bidi override.
+HOSTILE_TITLE = "[/bold] done \x1b]52;c;cm0gLXJmIH4=\x07 \x1b[31mred \u202eevil"
+
+
+def test_client_text_in_the_tables_is_shown_not_acted_on(
+    write_side: AgentWorks, database_url: str, tmp_path: Path
+) -> None:
+    board = bootstrap_board(write_side)
+    (card_id,) = add_cards(write_side, board, 1)
+    write_side.update_card(m.UpdateCard(card_id=card_id, title=HOSTILE_TITLE), board.owner)
+    env = {"AGENTWORKS_DATABASE_URL": database_url}
+    history = agentworks("replay", "card", str(card_id), cwd=tmp_path, env=env)
+    at = json.loads(
+        agentworks("replay", "card", str(card_id), "--json", cwd=tmp_path, env=env).stdout
+    )["events"][-1]["at"]
+    board_now = agentworks(
+        "replay", "board", str(board.project_id), "--as-of", at, cwd=tmp_path, env=env
+    )
+
+    for result in (history, board_now):
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "\x1b" not in result.stdout
+        assert "\u202e" not in result.stdout
+        assert "[/bold] done" in result.stdout
+        assert "\\x1b[31mred" in result.stdout

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 import pytest
-from board_helpers import max_position, stored_head, whole_log
+from board_helpers import stored_head, whole_log
 from eventsourcing.utils import get_topic
 from fanout_helpers import parked, projector_side, rows
 from parking_helpers import TwoTenants
+from pg import log_head
 from undecodable import plant_unappliable
 
 from commands import models as m
@@ -111,7 +112,7 @@ def test_a_command_on_an_aggregate_whose_stored_event_cannot_be_applied_is_undec
     scene = TwoTenants(app)
     target = planted.target(scene)
     bad = plant_unappliable(app, target, planted.event_class, drop=planted.drop, **planted.fields)
-    head = max_position(database_url)
+    head = log_head(database_url)
     with write_side(database_url, app, cached=cached) as write:
         for _ in range(2):  # the second after what the first attempt left in the cache
             with pytest.raises(UndecodableEvent) as refused:
@@ -124,7 +125,7 @@ def test_a_command_on_an_aggregate_whose_stored_event_cannot_be_applied_is_undec
             extensions = error_extensions(error)
             assert (extensions["code"], extensions["version"]) == ("UNDECODABLE", bad)
             assert extensions["at"] is not None
-        assert max_position(database_url) == head
+        assert log_head(database_url) == head
         # Another tenant still learns nothing of the card; its own commands go on.
         with pytest.raises(NotFound):
             write.label_card(m.LabelCard(card_id=scene.a1, label="x"), scene.b.owner)
@@ -155,7 +156,7 @@ def test_a_command_on_an_invitation_created_with_a_malformed_time_is_undecodable
         expires_at="next Tuesday",
         invited_by=scene.a.owner.user_id,
     )
-    head = max_position(database_url)
+    head = log_head(database_url)
     with pytest.raises(UndecodableEvent) as refused:
         revoke_invitation(app, RevokeInvitation(invitation_id=invitation), scene.a.owner)
     assert f"invitation {invitation}" in refused.value.message
@@ -163,7 +164,7 @@ def test_a_command_on_an_invitation_created_with_a_malformed_time_is_undecodable
     assert refused.value.version == 1
     with pytest.raises(NotFound):
         revoke_invitation(app, RevokeInvitation(invitation_id=invitation), scene.b.owner)
-    assert max_position(database_url) == head
+    assert log_head(database_url) == head
 
 
 def test_the_projectors_apply_such_events_from_their_payload_or_park_their_aggregate(

@@ -10,12 +10,11 @@ marks), and ``agentworks worker`` must stop at start-up with an error that says 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 from typing import TYPE_CHECKING
 
 import pytest
+from cli_process import run_python
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -50,15 +49,7 @@ def test_a_worker_on_a_faust_without_read_marks_stops_at_start_up(
         "AGENTWORKS_TOPIC_PREFIX": "changed-faust-",
         "AGENTWORKS_POOL_SIZE": "1",
     }
-    done = subprocess.run(
-        [sys.executable, "-c", ANOTHER_FAUST],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_python(ANOTHER_FAUST, cwd=tmp_path, env=env)
     output = done.stdout + done.stderr
     assert done.returncode != 0, output
     assert "FaustInternalsChanged" in output, output

@@ -35,9 +35,8 @@ def _children_when_all_started(parent: int, count: int, timeout: float) -> list[
     raise AssertionError(f"worker {parent} did not start {count} projector processes")
 
 
-def test_one_projector_process_dying_ends_the_worker_with_exit_1(
-    database_url: str, kafka_broker: LocalBroker, tmp_path: Path
-) -> None:
+def _start_worker(database_url: str, kafka_broker: LocalBroker, tmp_path: Path) -> Agentworks:
+    """``agentworks worker`` (one process per projector) on topics of its own."""
     env = clean_env(
         AGENTWORKS_DATABASE_URL=database_url,
         AGENTWORKS_KAFKA_BOOTSTRAP=kafka_broker.bootstrap,
@@ -47,7 +46,13 @@ def test_one_projector_process_dying_ends_the_worker_with_exit_1(
         AGENTWORKS_SWEEP_INTERVAL="0",
         AGENTWORKS_LOG_JSON="false",
     )
-    started = Agentworks.start(tmp_path, "worker", env=env, port=0)
+    return Agentworks.start(tmp_path, "worker", env=env, port=0)
+
+
+def test_one_projector_process_dying_ends_the_worker_with_exit_1(
+    database_url: str, kafka_broker: LocalBroker, tmp_path: Path
+) -> None:
+    started = _start_worker(database_url, kafka_broker, tmp_path)
     worker, err = started.process, started.err
     try:
         children = _children_when_all_started(worker.pid, len(projector_names()), timeout=60)
@@ -63,3 +68,29 @@ def test_one_projector_process_dying_ends_the_worker_with_exit_1(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
+
+
+def test_projector_processes_end_when_the_worker_is_killed(
+    database_url: str, kafka_broker: LocalBroker, tmp_path: Path
+) -> None:
+    """A worker killed outright (SIGKILL: the OOM killer, a supervisor's last resort) cannot
+    stop its projector processes; they must not outlive it, consuming beside the ones its
+    restart spawns, each holding its database connections, with nothing left to stop them."""
+    started = _start_worker(database_url, kafka_broker, tmp_path)
+    worker = started.process
+    children: list[psutil.Process] = []
+    try:
+        children = _children_when_all_started(worker.pid, len(projector_names()), timeout=60)
+        worker.kill()
+        worker.wait(10)
+
+        gone, alive = psutil.wait_procs(children, timeout=30)
+
+        assert alive == [], [child.pid for child in alive]
+        assert len(gone) == len(children)
+    finally:
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)

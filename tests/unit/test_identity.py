@@ -6,6 +6,7 @@ computed by the RFC 6238 algorithm, real Fernet sealing; only the clock is the t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from uuid import UUID
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from identities import cheap_identity
 
-from commands.identity import Identity, SessionGrant
+from commands.identity import Identity, Passwords, SessionGrant
 from domain.errors import (
     Duplicate,
     InvalidTransition,
@@ -410,3 +411,80 @@ def test_a_user_of_many_failed_logins_is_read_from_a_snapshot_as_from_its_events
         folded = event.mutate(folded)  # type: ignore[arg-type]
     assert vars(identity.app.repository.get(user_id)) == vars(folded)
     assert identity.login(email="ada@example.com", password="another password!").user.id == user_id
+
+
+class PasswordsThen:
+    """Production's argon2id, with a write of another request landing right after the next
+    password check (it took ~30 ms, then the account was read again to decide)."""
+
+    def __init__(self, inner: Passwords) -> None:
+        self.inner = inner
+        self.then: Callable[[], object] | None = None
+
+    def hash(self, password: str) -> str:
+        return self.inner.hash(password)
+
+    def verify(self, password_hash: str | None, password: str) -> bool:
+        matched = self.inner.verify(password_hash, password)
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+        return matched
+
+
+@pytest.fixture
+def racing(identity: Identity) -> PasswordsThen:
+    wrapped = PasswordsThen(identity.passwords)
+    identity.passwords = wrapped
+    return wrapped
+
+
+def test_a_login_checked_against_a_password_changed_meanwhile_is_refused(
+    identity: Identity, racing: PasswordsThen
+) -> None:
+    """The password was checked against the account as first read, the session started on the
+    account read again: a login with the old password that overlapped its change got a session
+    begun after the change, one the change did not sign out."""
+    user_id = identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    racing.then = lambda: identity.change_password(user_id, current=PASSWORD, new="a new password")
+    with pytest.raises(Unauthenticated):
+        identity.login(email="ada@example.com", password=PASSWORD)
+    assert identity.login(email="ada@example.com", password="a new password")
+
+
+def test_a_password_change_checked_before_the_address_was_proven_is_refused(
+    identity: Identity, racing: PasswordsThen
+) -> None:
+    """A provider's verified sign-in ends the password anyone set before the address was
+    proven. A squatter's password change whose check overlapped it set a password again, and
+    the squatter signed in with it."""
+    user_id = identity.signup(email="ada@example.com", password=PASSWORD, name="Squatter")
+    racing.then = lambda: identity.external_user(
+        issuer="https://idp.example", subject="ada", email="ada@example.com",
+        email_verified=True, name="Ada",
+    )  # fmt: skip
+    with pytest.raises(Unauthenticated):
+        identity.change_password(user_id, current=PASSWORD, new="the squatter's new one")
+    with pytest.raises(Unauthenticated):
+        identity.login(email="ada@example.com", password="the squatter's new one")
+
+
+def test_a_session_hands_out_a_bounded_number_of_tokens(identity: Identity) -> None:
+    """A session kept every token it had handed out (a spent one presented again must revoke it)
+    and could be refreshed for its whole life at the refresh limit: 10 a minute for 30 days,
+    432,000 digests folded, snapshotted and read again at each refresh. A client refreshes once
+    per access token lifetime; twice that over the session's life, and 100 more, is what one
+    session hands out, then its holder logs in again."""
+    identity.refresh_ttl_seconds = 10 * identity.access_tokens.ttl_seconds
+    identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    grant = identity.login(email="ada@example.com", password=PASSWORD)
+    first = grant.refresh_token
+    for _ in range(2 * 10 + 100 - 1):  # the login's token was the first
+        grant = identity.refresh(grant.refresh_token)
+    with pytest.raises(Unauthenticated, match="log in again"):
+        identity.refresh(grant.refresh_token)
+    with pytest.raises(Unauthenticated):  # a spent one still revokes it
+        identity.refresh(first)
+    session = identity.app.repository.get(UUID(hex=first.split(".")[0]))
+    assert isinstance(session, Session)
+    assert session.revoked

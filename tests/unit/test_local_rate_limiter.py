@@ -27,11 +27,15 @@ def test_many_addresses_in_one_window_cost_no_scan_per_request() -> None:
     assert time.perf_counter() - started < 3.0
 
 
-def test_counts_of_past_windows_are_dropped_and_limits_still_hold(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    now = [1_000_000 * ratelimit.WINDOW_SECONDS + 1.0]
-    monkeypatch.setattr(ratelimit.time, "time", lambda: now[0])
+@pytest.fixture
+def now(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The limiter's clock, a second into a window: ``now[0] += ...`` moves it."""
+    clock = [1_000_000 * ratelimit.WINDOW_SECONDS + 1.0]
+    monkeypatch.setattr(ratelimit.time, "time", lambda: clock[0])
+    return clock
+
+
+def test_counts_of_past_windows_are_dropped_and_limits_still_hold(now: list[float]) -> None:
     limiter = LocalRateLimiter()
     limit = Limit("p:user:u", 2, "user")
 
@@ -62,3 +66,17 @@ def test_counts_of_past_windows_are_dropped_and_limits_still_hold(
 )
 def test_an_ipv6_client_is_counted_by_its_network(address: str | None, counted_as: str) -> None:
     assert ratelimit.client_network(address) == counted_as
+
+
+def test_a_check_counts_nothing_and_refuses_once_a_limit_is_spent(now: list[float]) -> None:
+    limiter = LocalRateLimiter()
+    limit = Limit("p:login-address:a", 2, "address")
+    for _ in range(5):
+        asyncio.run(limiter.check([limit]))  # counts nothing
+    asyncio.run(limiter.hit([limit]))
+    asyncio.run(limiter.check([limit]))
+    asyncio.run(limiter.hit([limit]))
+    with pytest.raises(RateLimited):
+        asyncio.run(limiter.check([limit]))
+    now[0] += ratelimit.WINDOW_SECONDS
+    asyncio.run(limiter.check([limit]))

@@ -20,11 +20,11 @@ class Positions:
         self.started = threading.Event()
         self.release = threading.Event()
 
-    def __call__(self) -> tuple[int, dict[str, int], dict[str, int]]:
+    def __call__(self) -> tuple[int, dict[str, int], dict[str, int], str | None]:
         self.reads += 1
         self.started.set()
         self.release.wait(10)
-        return 7, {}, {}
+        return 7, {}, {}, None  # the write side not checked
 
 
 def health_reading(positions: Positions) -> Health:

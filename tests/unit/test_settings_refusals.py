@@ -16,7 +16,17 @@ from infra.settings import ConfigurationError, Settings, jwt_keys
 
 
 @pytest.mark.parametrize(
-    "url", ["localhost:6379", "http://:hunter2secret@cache:6379/0", "redis//cache"]
+    "url",
+    [
+        "localhost:6379",
+        "http://:hunter2secret@cache:6379/0",
+        "redis//cache",
+        # A redis:// scheme but a port redis cannot read (an unencoded ':' or '@' in the
+        # password moves part of it there): passed, then every process that builds a Redis
+        # client (serve, orchestrator) died with a traceback.
+        "redis://:hunter2secret@cache:notaport/0",
+        "rediss://cache:99999/0",
+    ],
 )
 def test_a_redis_url_redis_cannot_use_is_refused_without_repeating_it(url: str) -> None:
     with pytest.raises(ConfigurationError, match="AGENTWORKS_REDIS_URL") as refused:
