@@ -16,6 +16,7 @@ from domain import events as ev
 from domain.events import EventPayload, events_of
 from projections import kanban_sql as sql
 from projections.base import MEMO_DROPPED, BatchContext, Change, Projector
+from projections.text import storable
 
 if TYPE_CHECKING:
     from psycopg import Cursor
@@ -418,7 +419,9 @@ class KanbanProjector(Projector):
         card_id = str(env.originator_id)
         row = seg.cards.get(card_id)
         if row is not None:
-            label = event.label
+            # As the table holds it (labels reach it as JSON, where a NUL or a lone surrogate
+            # is an escape PostgreSQL refuses), so that a removal finds what was added.
+            label = storable(event.label)
             labels: list[str] = [x for x in row["labels"] if x != label]
             if isinstance(event, ev.CardLabelled):
                 labels.append(label)

@@ -30,16 +30,41 @@ def include(
 ) -> bool:  # fmt: skip
     """Whether every one of ``projectors`` has applied the log up to ``position`` and
     ``aggregate_id`` up to ``version`` (a projector never seen counts as at 0)."""
-    rows = conn.execute(
-        "SELECT n.projector, coalesce(p.position, 0) AS position,"
-        " coalesce(v.version, 0) AS version"
-        " FROM unnest(%s::text[]) AS n(projector)"
-        " LEFT JOIN projection_positions AS p ON p.projector = n.projector"
-        " LEFT JOIN projection_versions AS v"
-        "   ON v.projector = n.projector AND v.originator_id = %s",
-        (list(projectors), aggregate_id),
-    ).fetchall()
-    return all(int(row["position"]) >= position and int(row["version"]) >= version for row in rows)
+    (reached,) = include_each(conn, [(projectors, aggregate_id, position, version)])
+    return reached
+
+
+Wanted = tuple[Sequence[str], UUID, int, int]
+"""Projectors, and the aggregate, version and position they must all have applied."""
+
+
+def include_each(conn: Connection[DictRow], wanted: Sequence[Wanted]) -> list[bool]:
+    """:func:`include` for each of ``wanted``, in two statements however many there are."""
+    names = sorted({name for projectors, _, _, _ in wanted for name in projectors})
+    ids = sorted({aggregate_id for _, aggregate_id, _, _ in wanted})
+    positions = {
+        row["projector"]: int(row["position"])
+        for row in conn.execute(
+            "SELECT projector, position FROM projection_positions"
+            " WHERE projector = ANY(%s::text[])",
+            (names,),
+        ).fetchall()
+    }
+    versions = {
+        (row["projector"], row["originator_id"]): int(row["version"])
+        for row in conn.execute(
+            "SELECT projector, originator_id, version FROM projection_versions"
+            " WHERE projector = ANY(%s::text[]) AND originator_id = ANY(%s::uuid[])",
+            (names, ids),
+        ).fetchall()
+    }
+    return [
+        all(
+            positions.get(name, 0) >= position and versions.get((name, aggregate_id), 0) >= version
+            for name in projectors
+        )
+        for projectors, aggregate_id, position, version in wanted
+    ]
 
 
 def progress(conn: Connection[DictRow]) -> Progress:

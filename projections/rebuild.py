@@ -37,7 +37,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -186,8 +186,10 @@ def _rebuild_many(
     batch_size: int,
     progress: Progress | None,
     parallel: bool,
+    *,
+    defer_keys: bool = True,
 ) -> list[RebuildResult]:
-    scratches = [_Scratch(p, pool) for p in projectors]
+    scratches = [_Scratch(p, pool, defer_keys=defer_keys) for p in projectors]
     runners = [
         ProjectionRunner(
             s.projector,
@@ -210,19 +212,26 @@ def _rebuild_many(
         raise
     for runner in runners:
         runner.release_exclusive()
-    for scratch in scratches:
-        scratch.finish()
-    results = []
+    clashed = [scratch.projector for scratch in scratches if not scratch.finish()]
+    results: dict[str, RebuildResult] = {}
     for scratch, runner in zip(scratches, runners, strict=True):
+        name = scratch.projector.name
+        if scratch.projector in clashed:
+            continue
         if not swap:
-            results.append(RebuildResult(scratch.projector.name, events, position, swapped=False))
+            results[name] = RebuildResult(name, events, position, swapped=False)
             continue
         caught_up = _swap(scratch.projector, pool, event_log, runner, position, batch_size)
-        log.info("rebuild.swapped", projector=scratch.projector.name, events=events + caught_up)
-        results.append(
-            RebuildResult(scratch.projector.name, events + caught_up, position, swapped=True)
-        )
-    return results
+        log.info("rebuild.swapped", projector=name, events=events + caught_up)
+        results[name] = RebuildResult(name, events + caught_up, position, swapped=True)
+    if clashed:
+        # Replayed again with their keys in place, so that the events that clash park their
+        # aggregates, as they do live.
+        for result in _rebuild_many(
+            clashed, pool, event_log, swap, batch_size, progress, parallel, defer_keys=False
+        ):
+            results[result.projector] = result
+    return [results[projector.name] for projector in projectors]
 
 
 @contextmanager
@@ -294,15 +303,18 @@ class _Scratch:
 
     projector: Projector
     pool: ConnectionPool[Connection[DictRow]]
+    _: KW_ONLY
+    defer_keys: bool = True
+    """Build the keys of the tables the projector only inserts into after the replay too."""
     deferred: list[str] = field(default_factory=list)
-    """Definitions of the secondary indexes to build once the tables are filled."""
+    """Definitions of the secondary indexes (and keys) to build once the tables are filled."""
 
     def prepare(self) -> None:
         prepare_scratch(self.projector, self.pool, secure=False)
         insert_only: frozenset[str] = getattr(self.projector, "insert_only", frozenset())
         with self.pool.connection() as conn, conn.transaction():
             for table in self.projector.tables:
-                if table in insert_only:
+                if table in insert_only and self.defer_keys:
                     # Nothing reads these by key during a replay, and every row is new (the
                     # runner applies each event once): their keys too are built at the end,
                     # where a duplicate would still fail the rebuild.
@@ -336,18 +348,36 @@ class _Scratch:
                     self.deferred.append(row["definition"])
                     conn.execute(sql.SQL("DROP INDEX ") + sql.SQL(row["name"]))
 
-    def finish(self) -> None:
-        with self.pool.connection() as conn, conn.transaction():
-            conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
-            for definition in self.deferred:
-                conn.execute(sql.SQL(definition))
-            for table in self.projector.tables:
-                conn.execute(
-                    "SELECT agentworks_secure_read_model(%s::regclass)", (table + SCRATCH_SUFFIX,)
-                )
-            for table in self.projector.tables:
-                conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table + SCRATCH_SUFFIX)))
+    def finish(self) -> bool:
+        """Build what was deferred, secure and analyse the tables; ``False`` (nothing done) when
+        a deferred key found rows that clash: events of one aggregate the projector could not
+        have applied, which only a replay with the keys in place can tell (and park)."""
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
+                for definition in self.deferred:
+                    conn.execute(sql.SQL(definition))
+                for table in self.projector.tables:
+                    conn.execute(
+                        "SELECT agentworks_secure_read_model(%s::regclass)",
+                        (table + SCRATCH_SUFFIX,),
+                    )
+                for table in self.projector.tables:
+                    conn.execute(
+                        sql.SQL("ANALYZE {}").format(sql.Identifier(table + SCRATCH_SUFFIX))
+                    )
+        except psycopg.errors.UniqueViolation as error:
+            if not self.defer_keys:
+                raise
+            log.warning(
+                "rebuild.deferred_key_clash",
+                projector=self.projector.name,
+                error=str(error).splitlines()[0],
+                next="replaying with the keys in place, to park the aggregates at fault",
+            )
+            return False
         self.deferred.clear()
+        return True
 
 
 def prepare_scratch(

@@ -21,8 +21,7 @@ waiting for it would only poll the database for the whole budget, as often as it
 from __future__ import annotations
 
 import asyncio
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from uuid import UUID
 
@@ -77,6 +76,16 @@ class ConsistencyToken:
         return f"{self.position}:{self.aggregate_id}:{self.version}"
 
 
+@dataclass(eq=False)
+class _Wait:
+    """One read waiting for a write: what it waits for, and what tells it that it arrived."""
+
+    wanted: progress_queries.Wanted
+    reached: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
 def followers(projectors: tuple[type[Projector], ...], aggregate: str) -> list[str]:
     """Names of the projectors that follow ``aggregate`` (``"Card"``)."""
     return sorted(p.name for p in projectors if aggregate in p.aggregates)
@@ -99,6 +108,9 @@ class ConsistencyWaiter:
         self._offloader = offloader
         self._projectors = projectors
         self._wait_seconds = wait_ms / 1000
+        self._waiting: list[_Wait] = []
+        self._poller: asyncio.Task[None] | None = None
+        self._joined = False
 
     def projectors_for(self, wanted: tuple[str, ...]) -> list[str]:
         """The deployment's projectors among ``wanted``."""
@@ -118,20 +130,53 @@ class ConsistencyWaiter:
         return await self.wait_for(token, names)
 
     async def wait_for(self, token: ConsistencyToken, projectors: list[str]) -> bool:
-        """Wait until each of ``projectors`` applied the token's write; ``False`` on timeout."""
+        """Wait until each of ``projectors`` applied the token's write; ``False`` on timeout.
+
+        Checked once at once (a projector usually applies a write within milliseconds); then
+        the read joins every other read waiting in this process, polled together in one
+        round trip: each polling on its own, many reads waiting at once (a lag, or one tenant's
+        tokens) put a query per read every few milliseconds on the pool and the worker threads
+        that every tenant's reads use."""
         if not projectors:
             return True
-        deadline = time.monotonic() + self._wait_seconds
+        if await self._offloader.run(self._caught_up, token, projectors):
+            return True
+        wait = _Wait((projectors, token.aggregate_id, token.position, token.version))
+        self._waiting.append(wait)
+        self._joined = True
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll(), name="consistency-waits")
+        try:
+            async with asyncio.timeout(self._wait_seconds):
+                await wait.reached
+        except TimeoutError:
+            return False
+        finally:
+            if wait in self._waiting:
+                self._waiting.remove(wait)
+        return True
+
+    async def _poll(self) -> None:
+        """Poll for every waiting read until none is left, backing off as one read did."""
         attempt = 0
-        while True:
-            if await self._offloader.run(self._caught_up, token, projectors):
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            delay = _BACKOFF[attempt] if attempt < len(_BACKOFF) else _MAX_SLEEP
+        while self._waiting:
+            if self._joined:  # a read that just began waiting is looked at soon, as alone
+                attempt, self._joined = 0, False
+            await asyncio.sleep(_BACKOFF[attempt] if attempt < len(_BACKOFF) else _MAX_SLEEP)
             attempt += 1
-            await asyncio.sleep(min(delay, remaining))
+            waits = [wait for wait in self._waiting if not wait.reached.done()]
+            if not waits:
+                continue
+            try:
+                reached = await self._offloader.run(self._each_caught_up, waits)
+            except Exception as error:  # noqa: BLE001 - every waiting read is answered with it
+                for wait in waits:
+                    if not wait.reached.done():
+                        wait.reached.set_exception(error)
+                continue
+            for wait, done in zip(waits, reached, strict=True):
+                if done and not wait.reached.done():
+                    wait.reached.set_result(None)
 
     def _caught_up(self, token: ConsistencyToken, projectors: list[str]) -> bool:
         with self._pool.connection() as conn:
@@ -139,6 +184,10 @@ class ConsistencyWaiter:
                 conn, projectors, aggregate_id=token.aggregate_id, position=token.position,
                 version=token.version,
             )  # fmt: skip
+
+    def _each_caught_up(self, waits: list[_Wait]) -> list[bool]:
+        with self._pool.connection() as conn:
+            return progress_queries.include_each(conn, [wait.wanted for wait in waits])
 
     def _aggregate_of(self, token: ConsistencyToken, workspace_id: UUID) -> str | None:
         """The kind of the token's aggregate when it is ``workspace_id``'s and the log holds the

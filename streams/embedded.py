@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+KEPT_READS = 8
+"""Most batches read that the fan-out keeps for the projectors behind the one it read them for
+(each at most ``max_batch_bytes`` of stored events)."""
+
 
 @dataclass(eq=False)
 class EmbeddedFanout:
@@ -38,6 +42,11 @@ class EmbeddedFanout:
     connection: one after another, a change reached its readers only after every projector
     ahead of it had committed (a run's log line waited for the board, the ledger and the
     activity feed), and the database's waits of one projector left the other core idle.
+
+    Nor does a projector wait for the others to finish their batches: running, the fan-out hands
+    the next batch to each projector as soon as it is done with its last. A round that waited for
+    all of them let the slowest set every tenant's pace: one tenant's flood of large log chunks,
+    or a rebuild's swap holding the run logs' lock, stopped every board.
     """
 
     event_log: EventLog
@@ -49,10 +58,18 @@ class EmbeddedFanout:
     max_batch_bytes: int = MAX_BATCH_BYTES
     """Most bytes of stored events one batch holds, beside ``batch_size`` events."""
     _positions: dict[str, int] = field(init=False, default_factory=dict, repr=False)
-    _failing: set[str] = field(init=False, default_factory=set, repr=False)
     _backlog: bool = field(init=False, default=False, repr=False)
     """The last batch read stopped at a bound: more may be applied at once."""
-    """Projectors whose last batch failed: fed apart, from their own positions."""
+    _applying: dict[str, tuple[int, Future[BatchOutcome]]] = field(
+        init=False, default_factory=dict, repr=False
+    )
+    """Projector name → the position its batch under way starts after, and that batch."""
+    _reads: dict[int, tuple[list[EventEnvelope], bool]] = field(
+        init=False, default_factory=dict, repr=False
+    )
+    """The last batches read, by the position they start after (see :meth:`_hand_out`)."""
+    _resting: dict[str, float] = field(init=False, default_factory=dict, repr=False)
+    """Projector name → when (``time.monotonic``) it may be tried again after a failed batch."""
     _stop: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
     _wake: threading.Event = field(init=False, default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(init=False, default=None, repr=False)
@@ -66,49 +83,83 @@ class EmbeddedFanout:
         """Apply one batch to every projector that is behind; returns how many events were read.
 
         A projector that fails (the database went away) does not undo what the others applied:
-        their positions are kept and the first failure is raised once all have finished. One
-        whose last batch failed is fed apart, from its own position: the shared read starts at
-        the others', so a projector that keeps failing holds back none but itself."""
-        sharing = [r for r in self.runners if r.name not in self._failing] or self.runners
-        start = min((self._position(r) for r in sharing), default=0)
-        envelopes, self._backlog = self._read(start)
-        work: list[tuple[ProjectionRunner, int, list[EventEnvelope]]] = []
+        their positions are kept and the first failure is raised once all have finished."""
+        read = self._hand_out()
+        failed = self._take_in(wait=True)
+        if failed:
+            raise failed[0][1]
+        return read
+
+    def _hand_out(self, *, now: float | None = None) -> int:
+        """Start a batch for every projector that is behind and has none under way; returns how
+        many events the largest batch read held.
+
+        Projectors at one position share one read of the log (they move in step while each keeps
+        up), even when they come to it at different times: the last :data:`KEPT_READS` reads
+        are kept for the projectors behind (what the log reader passes is final: nothing will
+        be added before its last position; an empty read is not kept). One further behind (it
+        was slow, or its last batch failed) is read for apart, so a projector that lags or keeps
+        failing holds back none but itself. ``now``: one whose batch failed less than a poll
+        interval before is left to rest."""
+        reads = self._reads
+        backlog: bool | None = None
+        largest = 0
         for runner in self.runners:
-            done = self._position(runner)
-            read = envelopes
-            if done < start:
-                read, more = self._read(done)
-                self._backlog |= more
-            pending = [env for env in read if env.position > done]
-            if pending:
-                work.append((runner, done, pending))
-        if len(work) == 1:
-            runner, done, pending = work[0]
-            try:
-                outcome = runner.process(pending, read_after=done)
-            except BaseException:
-                self._failing.add(runner.name)
-                raise
-            self._failing.discard(runner.name)
-            self._positions[runner.name] = max(done, outcome.position)
-            return len(envelopes)
-        applying: list[tuple[ProjectionRunner, int, Future[BatchOutcome]]] = [
-            (runner, done, self._executor().submit(runner.process, pending, read_after=done))
-            for runner, done, pending in work
-        ]
-        failure: BaseException | None = None
-        for runner, done, future in applying:
-            error = future.exception()
-            if error is None:
-                self._failing.discard(runner.name)
-                self._positions[runner.name] = max(done, future.result().position)
+            if runner.name in self._applying:
                 continue
-            self._failing.add(runner.name)
-            if failure is None:
-                failure = error
-        if failure is not None:
-            raise failure
-        return len(envelopes)
+            if now is not None and self._resting.get(runner.name, now) > now:
+                continue
+            done = self._position(runner)
+            read = reads.get(done) or self._read(done)
+            pending, more = read
+            backlog = more or bool(backlog)
+            largest = max(largest, len(pending))
+            if pending:
+                reads[done] = read
+                applying = self._executor().submit(runner.process, pending, read_after=done)
+                self._applying[runner.name] = (done, applying)
+                applying.add_done_callback(lambda _: self._wake.set())
+        if backlog is not None:
+            self._backlog = backlog
+        # Kept while a projector behind may still come to them (it was read for one ahead),
+        # the last few only: what a projector far behind needs, it reads for itself.
+        lowest = min((self._positions.get(r.name, 0) for r in self.runners), default=0)
+        for start in sorted(reads)[: max(0, len(reads) - KEPT_READS)] + [
+            start for start in reads if start < lowest
+        ]:
+            reads.pop(start, None)
+        return largest
+
+    def _step(self) -> None:
+        """What the running fan-out does whenever the log or a batch moves: record the batches
+        that ended, start the next ones. A projector whose batch failed rests a poll interval
+        before it is tried again, alone: the others go on meanwhile."""
+        now = time.monotonic()
+        for name, error in self._take_in(wait=False):
+            self._resting[name] = now + self.poll_interval
+            if is_outage(error):
+                # Logged once by whoever noticed it (adapters.outages); resumes from its
+                # recorded position when the database is back.
+                log.debug("fanout.database_unavailable", projector=name, error=str(error))
+                self._positions.pop(name, None)
+            else:
+                log.error("fanout.batch_failed", projector=name, exc_info=error)
+        self._hand_out(now=now)
+
+    def _take_in(self, *, wait: bool) -> list[tuple[str, BaseException]]:
+        """Record the batches that ended (``wait``: every batch under way, once it ends): the
+        position of each that committed; returns the projectors whose batch failed, with why."""
+        failed: list[tuple[str, BaseException]] = []
+        for name, (done, applying) in list(self._applying.items()):
+            if not (wait or applying.done()):
+                continue
+            error = applying.exception()
+            del self._applying[name]
+            if error is None:
+                self._positions[name] = max(done, applying.result().position)
+            else:
+                failed.append((name, error))
+        return failed
 
     def _read(self, after: int) -> tuple[list[EventEnvelope], bool]:
         return self.event_log.read_batch(after, self.batch_size, max_bytes=self.max_batch_bytes)
@@ -148,11 +199,13 @@ class EmbeddedFanout:
         if self._appliers is not None:
             self._appliers.shutdown(wait=True)
             self._appliers = None
+        self._take_in(wait=True)  # (what ended as it stopped: applied, or to be read again)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # (set again by the log's NOTIFY and by every batch that ends)
             try:
-                self.drain()
+                self._step()
             except Exception as error:
                 if is_outage(error):
                     # Logged once by whoever noticed it (adapters.outages); resumes from the
@@ -162,8 +215,17 @@ class EmbeddedFanout:
                 else:
                     log.exception("fanout.batch_failed")
                 time.sleep(self.poll_interval)
+            if self._backlog and self._free():
+                continue  # more to read for a projector that is free to take it
             self._wake.wait(self.poll_interval)
-            self._wake.clear()
+
+    def _free(self) -> bool:
+        """Whether a projector is free to take a batch now: none under way, not resting."""
+        now = time.monotonic()
+        return any(
+            r.name not in self._applying and self._resting.get(r.name, now) <= now
+            for r in self.runners
+        )
 
     def _position(self, runner: ProjectionRunner) -> int:
         if runner.name not in self._positions:

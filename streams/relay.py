@@ -36,6 +36,7 @@ from adapters.postgres import login_url
 from adapters.telemetry import continue_trace, current_traceparent, tracing_enabled
 from adapters.wakeup import LogWakeup
 from domain.envelope import OMITTED
+from domain.text import replace_unstorable
 
 if TYPE_CHECKING:
     from adapters.eventlog import EventLog
@@ -266,10 +267,11 @@ def topic_for(envelope: EventEnvelope, prefix: str) -> str:
 
 
 def headers_for(envelope: EventEnvelope, traceparent: str = "") -> list[tuple[str, bytes]]:
+    # (A header is a hint: text without a UTF-8 form, in a stored event's metadata, is replaced.)
     return [
         ("type", envelope.type.encode()),
         ("position", str(envelope.position).encode()),
-        ("traceparent", (traceparent or envelope.traceparent).encode()),
+        ("traceparent", (traceparent or envelope.traceparent).encode(errors="replace")),
         ("workspace", str(envelope.workspace_id or "").encode()),
     ]
 
@@ -382,27 +384,41 @@ class Relay:
         return len(batch)
 
     def _send(self, producer: Producer, envelope: EventEnvelope, traceparent: str) -> Delivery:
-        value = envelope.to_bytes()
-        if len(value) > self.max_message_bytes:
-            # Refused by the producer (or the broker) every time, it would hold every later
-            # event back, for every tenant: the projectors read this one from the store.
-            log.warning(
-                "relay.payload_omitted",
-                position=envelope.position,
-                type=envelope.type,
-                size=len(value),
-                limit=self.max_message_bytes,
-            )
-            reason = f"{len(value)} bytes, over the {self.max_message_bytes} of a message"
-            value = envelope.model_copy(
-                update={"payload": {}, "metadata": {**envelope.metadata, OMITTED: reason}}
-            ).to_bytes()
         return producer.send(
             topic_for(envelope, self.topic_prefix),
-            value=value,
+            value=self._message(envelope),
             key=str(envelope.workspace_id or envelope.originator_id).encode(),
             headers=headers_for(envelope, traceparent),
         )
+
+    def _message(self, envelope: EventEnvelope) -> bytes:
+        """The envelope as a message: whole, or without its payload when it cannot be one.
+
+        An envelope over :attr:`max_message_bytes` is refused by the producer (or the broker)
+        every time, and one holding text without a UTF-8 form (a lone surrogate, which a stored
+        event's JSON can carry as a ``\\ud800`` escape) cannot be serialised at all: either
+        would hold every later event back, for every tenant. The projectors read such an event
+        from the store (:func:`streams.worker.read_omitted`)."""
+        try:
+            value = envelope.to_bytes()
+        except ValueError as error:  # (pydantic's serialisation error is a ValueError)
+            reason = f"no UTF-8 form: {replace_unstorable(str(error))[:300]}"
+        else:
+            if len(value) <= self.max_message_bytes:
+                return value
+            reason = f"{len(value)} bytes, over the {self.max_message_bytes} of a message"
+        log.warning(
+            "relay.payload_omitted",
+            position=envelope.position,
+            type=envelope.type,
+            reason=reason,
+            limit=self.max_message_bytes,
+        )
+        # The metadata goes along (its workspace, its trace); its text made encodable too.
+        metadata = {key: replace_unstorable(text) for key, text in envelope.metadata.items()}
+        return envelope.model_copy(
+            update={"payload": {}, "metadata": {**metadata, OMITTED: reason}}
+        ).to_bytes()
 
     def _producer(self) -> Producer:
         if self.producer is None:

@@ -153,3 +153,41 @@ def test_a_token_naming_an_aggregate_whose_first_event_cannot_be_read_answers_st
     assert answer.status == 200, answer.body
     assert answer.data == {"workspace": {"id": ws, "name": "Broken"}}
     assert answer.stale  # no write can be waited for on it
+
+
+def test_reads_waiting_at_once_share_their_polls(stack: Stack) -> None:
+    """Each waiting read polled the projectors' tracking on its own, up to every 15 ms for the
+    whole wait: a tenant holding many reads waiting (within its rate limit, with tokens that
+    cannot be reached soon, as one naming the log's head can be through Kafka) had the API
+    query the database thousands of times a second, on the pool and the worker threads every
+    tenant's reads use. Reads waiting at once now share one poll; each still makes its own
+    look-up and its own first check."""
+    applied = _foreign_write(stack)
+    workspace = _workspace_of(stack, applied)
+    offloader = _CountingOffloader()
+    waiter = ConsistencyWaiter(
+        pool=stack.services.pool,
+        offloader=offloader,
+        projectors=(*stack.services.projectors, _IdleCardProjector),
+        wait_ms=300,
+        mapper=stack.write.mapper,
+    )
+    reads = 30
+
+    async def waiting() -> list[bool]:
+        return list(
+            await asyncio.gather(*(waiter.wait_for_token(applied, workspace) for _ in range(reads)))
+        )
+
+    try:
+        caught_up = asyncio.run(waiting())
+        together = offloader.calls
+        offloader.calls = 0
+        assert asyncio.run(waiter.wait_for_token(applied, workspace)) is False
+        alone = offloader.calls
+    finally:
+        offloader.shutdown()
+    assert caught_up == [False] * reads
+    assert alone > 4  # a read alone polls all along its wait
+    # Each read's look-up and first check, and about one read's polls (not one per read).
+    assert together <= 2 * reads + 2 * alone, (together, alone)

@@ -6,10 +6,18 @@ from __future__ import annotations
 import gc
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from board_helpers import to_the_head
 from kafka import KafkaConsumer, TopicPartition
+
+from adapters.kafka import create_topics, make_producer
+from domain.envelope import TOPICS
+from streams.relay import Relay, RelayPositions
+
+if TYPE_CHECKING:
+    from adapters.eventlog import EventLog
 
 #: kafka-python (3.0.12, kafka/net/inet.py connect) never closes a socket whose connect() was
 #: refused; while a broker is down or restarting each retry leaks one, reported at GC time.
@@ -60,3 +68,21 @@ def read_topic(
         return records
     finally:
         consumer.close()
+
+
+def relay_to_the_head(event_log: EventLog, database_url: str, bootstrap: str, prefix: str) -> int:
+    """Publish ``event_log`` with a relay of its own onto topics named with ``prefix`` (created
+    here, one partition each) up to the log's head, which it returns."""
+    create_topics(bootstrap, [prefix + t for t in TOPICS], 1)
+    relay = Relay(
+        event_log,
+        lambda: make_producer(bootstrap),
+        RelayPositions(database_url, role=None),
+        topic_prefix=prefix,
+        flush_timeout=10,
+    )
+    try:
+        return to_the_head(relay.publish_once, lambda: relay.position, event_log)
+    finally:
+        relay._discard_producer()
+        relay.positions.close()

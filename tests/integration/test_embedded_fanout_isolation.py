@@ -12,12 +12,13 @@ apart, and the others go on to the head of the log.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 from board_helpers import stored_head
-from fanout_helpers import EmbeddedPath, Workload
+from fanout_helpers import EmbeddedPath, Workload, rows, wait_until
 
 from projections.activity import ActivityProjector
 
@@ -47,5 +48,79 @@ def test_a_projector_that_keeps_failing_does_not_hold_the_others_back(
         positions = path.fanout.positions()
         assert positions.pop("activity") < head
         assert positions == dict.fromkeys(positions, head)
+    finally:
+        path.stop()
+
+
+def test_a_projector_that_is_held_up_does_not_hold_the_others_back(
+    database_url: str, write_side: AgentWorks
+) -> None:
+    """A projector whose batch takes long (a tenant's flood of large log chunks for the run
+    logs, or a rebuild's swap holding its lock) kept every other projector waiting: a round
+    handed a batch to each projector and read the next only once all had committed, so no
+    tenant's board changed until the run logs were done. Here the run-log projector is held
+    on its lock (as a rebuild's swap holds it) while another tenant creates a card."""
+    work = Workload(write_side)
+    flooding = work.tenant("flooding", projects=1)
+    other = work.tenant("other", projects=1)
+    path = EmbeddedPath(database_url)
+    runs_lock = zlib.crc32(b"projector:runs") & 0x7FFFFFFF
+    try:
+        path.fanout.drain()
+        path.start()
+        with psycopg.connect(database_url, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s)", (runs_lock,))
+            work.bulk_log_chunks(flooding, 10)
+            card_id = work.card(other, "while the run logs are held up")
+            wait_until(
+                lambda: bool(
+                    rows(database_url, "SELECT 1 FROM rm_cards WHERE card_id = %s", card_id)
+                ),
+                timeout=30,
+                what="another tenant's card reaches its board while the run logs are held up",
+            )
+            lines = "SELECT count(*) FROM rm_log_lines WHERE workspace_id = %s"
+            assert rows(database_url, lines, flooding.workspace_id) == [(0,)]
+        head = stored_head(path.log)
+        wait_until(
+            lambda: min(path.fanout.positions().values()) >= head,
+            timeout=30,
+            what="every projector reaches the head once the run logs go on",
+        )
+        assert path.dead() == []
+    finally:
+        path.stop()
+
+
+def test_a_projector_that_keeps_failing_does_not_pace_the_running_fanout(
+    database_url: str, write_side: AgentWorks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Running, the fan-out slept its poll interval after every failed batch: a projector that
+    failed at once each time (a table missing after a half-done deployment) had every other
+    projector wait out that sleep between any two of their batches. Now the failing projector
+    alone waits before it is tried again. (A long poll interval here makes the difference
+    plain: the loop still wakes at once on the log's NOTIFY.)"""
+    work = Workload(write_side)
+    tenant = work.tenant("paced", projects=1)
+    path = EmbeddedPath(database_url)
+    path.fanout.poll_interval = 60.0
+    try:
+        path.fanout.drain()
+
+        def broken(self: Any, ctx: Any, envelopes: Any) -> None:
+            raise psycopg.errors.UndefinedTable('relation "rm_activity" does not exist')
+
+        monkeypatch.setattr(ActivityProjector, "apply_batch", broken)
+        path.start()
+        for title in ("first while the feed is broken", "second while the feed is broken"):
+            card_id = work.card(tenant, title)
+            wait_until(
+                lambda card_id=card_id: bool(
+                    rows(database_url, "SELECT 1 FROM rm_cards WHERE card_id = %s", card_id)
+                ),
+                timeout=20,
+                what=f"{title!r} reaches its board",
+            )
+        assert path.dead() == []
     finally:
         path.stop()

@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import pytest
-from board_helpers import to_the_head, whole_log
+from board_helpers import whole_log
 from fanout_helpers import KafkaFanout, Workload, connect, projector_side, wait_until
+from kafka_helpers import relay_to_the_head
 
-from adapters.kafka import create_topics, make_producer
 from commands import models as m
-from domain.envelope import TOPICS
 from projections.registry import all_projectors
 from projections.runner import ProjectionRunner
 from streams.relay import Relay, RelayPositions
@@ -67,22 +66,10 @@ def test_the_relay_publishes_past_an_event_too_large_for_a_message(
 ) -> None:
     _, run_id = big_chunk(app, Workload(app))
     prefix = f"big-{uuid.uuid4().hex[:8]}."
-    create_topics(kafka_broker.bootstrap, [prefix + t for t in TOPICS], 1)
     with projector_side(database_url) as (_, log):
-        relay = Relay(
-            log,
-            lambda: make_producer(kafka_broker.bootstrap),
-            RelayPositions(database_url, role=None),
-            topic_prefix=prefix,
-            flush_timeout=10,
-        )
         (chunk,) = [e for e in whole_log(log) if "LogChunk" in e.type]
         assert len(chunk.to_bytes()) > 1024 * 1024  # past what a Kafka producer sends
-        try:
-            to_the_head(relay.publish_once, lambda: relay.position, log)
-        finally:
-            relay._discard_producer()
-            relay.positions.close()
+        relay_to_the_head(log, database_url, kafka_broker.bootstrap, prefix)
     # The worker applies the chunk whole (the sweep is off: it comes through Kafka).
     fanout = KafkaFanout(
         database_url, kafka_broker.bootstrap, tmp_path, topic_prefix=prefix, projectors=["runs"]
