@@ -415,8 +415,16 @@ class EventLog:
         """:meth:`read`, and whether more events may be read at once: the batch stopped at
         ``limit`` or at ``max_bytes`` (a reader that takes a short batch for the log's end
         would wait for the next wake-up with a backlog in front of it)."""
+        batch = self.read_sized(after, limit, max_bytes=max_bytes)
+        return batch.envelopes, batch.cut
+
+    def read_sized(self, after: int, limit: int, *, max_bytes: int | None) -> LogBatch:
+        """:meth:`read_batch` as a :class:`LogBatch`: ``cut`` is whether more may be read at
+        once, ``size`` the bytes of stored state read (what a reader that keeps reads counts)."""
         rows, more = self._rows(after, limit, max_bytes)
-        return [self.readable(row) for row in rows], more
+        return LogBatch(
+            [self.readable(row) for row in rows], cut=more, size=sum(len(row[4]) for row in rows)
+        )
 
     def read_following(
         self,

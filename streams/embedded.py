@@ -23,15 +23,17 @@ from adapters.outages import is_outage
 from adapters.wakeup import LogWakeup
 
 if TYPE_CHECKING:
-    from adapters.eventlog import EventLog
-    from domain.envelope import EventEnvelope
+    from adapters.eventlog import EventLog, LogBatch
     from projections.runner import BatchOutcome, ProjectionRunner
 
 log = structlog.get_logger(__name__)
 
 KEPT_READS = 8
-"""Most batches read that the fan-out keeps for the projectors behind the one it read them for
-(each at most ``max_batch_bytes`` of stored events)."""
+"""Most batches read that the fan-out keeps for the projectors behind the one it read them for,
+and at most :data:`KEPT_BATCHES_OF_BYTES` times ``max_batch_bytes`` of stored events in all."""
+KEPT_BATCHES_OF_BYTES = 2
+"""The kept reads' bound in bytes, in batches: eight kept batches of large log chunks were
+eight times ``max_batch_bytes`` of stored state held, several times that decoded."""
 
 
 @dataclass(eq=False)
@@ -64,9 +66,7 @@ class EmbeddedFanout:
         init=False, default_factory=dict, repr=False
     )
     """Projector name → the position its batch under way starts after, and that batch."""
-    _reads: dict[int, tuple[list[EventEnvelope], bool]] = field(
-        init=False, default_factory=dict, repr=False
-    )
+    _reads: dict[int, LogBatch] = field(init=False, default_factory=dict, repr=False)
     """The last batches read, by the position they start after (see :meth:`_hand_out`)."""
     _resting: dict[str, float] = field(init=False, default_factory=dict, repr=False)
     """Projector name → when (``time.monotonic``) it may be tried again after a failed batch."""
@@ -95,9 +95,10 @@ class EmbeddedFanout:
         many events the largest batch read held.
 
         Projectors at one position share one read of the log (they move in step while each keeps
-        up), even when they come to it at different times: the last :data:`KEPT_READS` reads
-        are kept for the projectors behind (what the log reader passes is final: nothing will
-        be added before its last position; an empty read is not kept). One further behind (it
+        up), even when they come to it at different times: the last reads (:data:`KEPT_READS`,
+        within :data:`KEPT_BATCHES_OF_BYTES`) are kept for the projectors behind (what the log
+        reader passes is final: nothing will be added before its last position; an empty read
+        is not kept). One further behind (it
         was slow, or its last batch failed) is read for apart, so a projector that lags or keeps
         failing holds back none but itself. ``now``: one whose batch failed less than a poll
         interval before is left to rest."""
@@ -111,8 +112,8 @@ class EmbeddedFanout:
                 continue
             done = self._position(runner)
             read = reads.get(done) or self._read(done)
-            pending, more = read
-            backlog = more or bool(backlog)
+            pending = read.envelopes
+            backlog = read.cut or bool(backlog)
             largest = max(largest, len(pending))
             if pending:
                 reads[done] = read
@@ -124,10 +125,13 @@ class EmbeddedFanout:
         # Kept while a projector behind may still come to them (it was read for one ahead),
         # the last few only: what a projector far behind needs, it reads for itself.
         lowest = min((self._positions.get(r.name, 0) for r in self.runners), default=0)
-        for start in sorted(reads)[: max(0, len(reads) - KEPT_READS)] + [
-            start for start in reads if start < lowest
-        ]:
-            reads.pop(start, None)
+        for start in [start for start in reads if start < lowest]:
+            del reads[start]
+        room = KEPT_BATCHES_OF_BYTES * self.max_batch_bytes
+        for kept, start in enumerate(sorted(reads, reverse=True)):
+            room -= reads[start].size
+            if kept >= KEPT_READS or room < 0:
+                del reads[start]
         return largest
 
     def _step(self) -> None:
@@ -161,8 +165,8 @@ class EmbeddedFanout:
                 failed.append((name, error))
         return failed
 
-    def _read(self, after: int) -> tuple[list[EventEnvelope], bool]:
-        return self.event_log.read_batch(after, self.batch_size, max_bytes=self.max_batch_bytes)
+    def _read(self, after: int) -> LogBatch:
+        return self.event_log.read_sized(after, self.batch_size, max_bytes=self.max_batch_bytes)
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._appliers is None:

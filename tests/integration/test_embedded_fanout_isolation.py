@@ -124,3 +124,44 @@ def test_a_projector_that_keeps_failing_does_not_pace_the_running_fanout(
         assert path.dead() == []
     finally:
         path.stop()
+
+
+def test_the_reads_kept_for_projectors_behind_are_bounded_in_bytes(
+    database_url: str, write_side: AgentWorks
+) -> None:
+    """The fan-out keeps its last reads for the projectors behind the one it read them for, so
+    that they share them. Kept by count alone (eight), a flood of large log chunks had it hold
+    eight batches of up to ``max_batch_bytes`` each (16 MiB of stored state, several times that
+    decoded) while one projector was held up; the kept reads now hold at most twice one batch's
+    bytes. Small batches here make eight of them plainly more than two."""
+    work = Workload(write_side)
+    flooding = work.tenant("flooding", projects=1)
+    path = EmbeddedPath(database_url)
+    path.fanout.batch_size, path.fanout.max_batch_bytes = 50, 4096
+    runs_lock = zlib.crc32(b"projector:runs") & 0x7FFFFFFF
+    try:
+        path.fanout.drain()
+        path.start()
+        with psycopg.connect(database_url, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s)", (runs_lock,))
+            work.bulk_log_chunks(flooding, 300)
+            head = stored_head(path.log)
+            others = [r.name for r in path.fanout.runners if r.name != "runs"]
+            wait_until(
+                lambda: min(path.fanout.positions()[name] for name in others) >= head,
+                timeout=60,
+                what="the projectors not held up reach the head",
+            )
+            kept = [
+                e.position for read in list(path.fanout._reads.values()) for e in read.envelopes
+            ]
+            stored = rows(
+                database_url,
+                "SELECT coalesce(sum(octet_length(state)), 0) FROM agentworks_events"
+                " WHERE notification_id = ANY(%s)",
+                kept,
+            )
+            assert stored[0][0] <= 2 * path.fanout.max_batch_bytes, (len(kept), stored)
+        assert path.dead() == []
+    finally:
+        path.stop()
