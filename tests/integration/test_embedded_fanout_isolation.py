@@ -23,6 +23,8 @@ from fanout_helpers import EmbeddedPath, Workload, rows, wait_until
 from projections.activity import ActivityProjector
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from commands.handlers import AgentWorks
 
 
@@ -52,6 +54,14 @@ def test_a_projector_that_keeps_failing_does_not_hold_the_others_back(
         path.stop()
 
 
+@contextlib.contextmanager
+def _run_logs_held(database_url: str) -> Iterator[None]:
+    """The run-log projector held on its lock, as a rebuild's swap holds it, for the block."""
+    with psycopg.connect(database_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (zlib.crc32(b"projector:runs") & 0x7FFFFFFF,))
+        yield
+
+
 def test_a_projector_that_is_held_up_does_not_hold_the_others_back(
     database_url: str, write_side: AgentWorks
 ) -> None:
@@ -64,12 +74,10 @@ def test_a_projector_that_is_held_up_does_not_hold_the_others_back(
     flooding = work.tenant("flooding", projects=1)
     other = work.tenant("other", projects=1)
     path = EmbeddedPath(database_url)
-    runs_lock = zlib.crc32(b"projector:runs") & 0x7FFFFFFF
     try:
         path.fanout.drain()
         path.start()
-        with psycopg.connect(database_url, autocommit=True) as holder:
-            holder.execute("SELECT pg_advisory_lock(%s)", (runs_lock,))
+        with _run_logs_held(database_url):
             work.bulk_log_chunks(flooding, 10)
             card_id = work.card(other, "while the run logs are held up")
             wait_until(
@@ -138,12 +146,10 @@ def test_the_reads_kept_for_projectors_behind_are_bounded_in_bytes(
     flooding = work.tenant("flooding", projects=1)
     path = EmbeddedPath(database_url)
     path.fanout.batch_size, path.fanout.max_batch_bytes = 50, 4096
-    runs_lock = zlib.crc32(b"projector:runs") & 0x7FFFFFFF
     try:
         path.fanout.drain()
         path.start()
-        with psycopg.connect(database_url, autocommit=True) as holder:
-            holder.execute("SELECT pg_advisory_lock(%s)", (runs_lock,))
+        with _run_logs_held(database_url):
             work.bulk_log_chunks(flooding, 300)
             head = stored_head(path.log)
             others = [r.name for r in path.fanout.runners if r.name != "runs"]
