@@ -64,11 +64,16 @@ def exporter(spans: InMemorySpanExporter) -> InMemorySpanExporter:
 @contextmanager
 def logged(*, level: str, json: bool) -> Iterator[io.StringIO]:
     """Everything logged at ``level`` and up (JSON or console lines) inside the block; the
-    logging configured before is restored after."""
+    logging configured before is restored after.
+
+    Without caching loggers on first use, as production configures it: a module's logger used
+    first inside the block was cached with the block's processors and kept writing to its
+    stream for the rest of the run, out of reach of every later ``capture_logs``."""
     root = logging.getLogger()
     handlers, before, config = list(root.handlers), root.level, structlog.get_config()
     stream = io.StringIO()
     configure_logging(level=level, json=json, stream=stream)
+    structlog.configure(cache_logger_on_first_use=False)
     try:
         yield stream
     finally:
