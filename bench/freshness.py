@@ -113,10 +113,11 @@ def describe_workers(workers: dict[str, Any]) -> str:
 
 
 def helpers() -> ModuleType:
-    """The fan-out test helpers (processes, workloads, convergence), shared with the tests."""
-    path = str(ROOT / "tests" / "integration")
-    if path not in sys.path:
-        sys.path.insert(0, path)
+    """The fan-out test helpers (processes, workloads, convergence), shared with the tests
+    (they import the tests' own ``pg`` module too)."""
+    for path in (str(ROOT / "tests"), str(ROOT / "tests" / "integration")):
+        if path not in sys.path:
+            sys.path.insert(0, path)
     return importlib.import_module("fanout_helpers")
 
 
