@@ -163,7 +163,15 @@ class OidcVerifier:
         if self._jwks_uri is None:
             url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
             document = self._fetch_json(url)
-            jwks_uri = document.get("jwks_uri") if isinstance(document, dict) else None
+            if not isinstance(document, dict) or document.get("issuer") != self.issuer:
+                # OpenID Connect Discovery 1.0, 4.3: whatever answered at that address is not
+                # the issuer's own document, and its jwks_uri is not to be followed.
+                named = document.get("issuer") if isinstance(document, dict) else None
+                raise Unavailable(
+                    f"the OIDC discovery document {url} names issuer {str(named)[:200]!r}, "
+                    f"not {self.issuer!r}"
+                )
+            jwks_uri = document.get("jwks_uri")
             if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
                 raise Unavailable(f"the OIDC discovery document {url} names no http(s) jwks_uri")
             self._jwks_uri = jwks_uri

@@ -90,6 +90,30 @@ def test_an_answer_that_never_ends_is_given_up(where: str) -> None:
     assert isinstance(outcome, Unavailable), outcome
 
 
+@pytest.mark.parametrize(
+    "named", ["https://login.elsewhere.example", None], ids=["another issuer", "no issuer"]
+)
+def test_a_discovery_document_of_another_issuer_is_not_followed(named: str | None) -> None:
+    """OpenID Connect Discovery: the document's ``issuer`` must be the issuer whose address it
+    was fetched from. One naming another (or none) may have come from whatever answers at that
+    address (a proxy, a stale cache, another tenant of the host); its ``jwks_uri`` was followed
+    all the same, and the keys found there signed sign-ins."""
+    with FakeProviderServer([]) as server:
+        document: dict[str, Any] = {"jwks_uri": f"{server.url}/jwks.json"}
+        if named is not None:
+            document["issuer"] = named
+        server.script([Reply(body=json.dumps(document).encode()), Reply(body=_jwks())])
+        with pytest.raises(Unavailable, match="issuer"):
+            _verifier(server, jwks_url=None).verify(_token(server.url))
+
+
+def test_a_discovery_document_of_its_own_issuer_is_followed() -> None:
+    with FakeProviderServer([]) as server:
+        document = {"issuer": server.url, "jwks_uri": f"{server.url}/jwks.json"}
+        server.script([Reply(body=json.dumps(document).encode()), Reply(body=_jwks())])
+        assert _verifier(server, jwks_url=None).verify(_token(server.url)).subject == "s1"
+
+
 @pytest.mark.parametrize("where", ["jwks", "discovery"])
 def test_a_provider_that_failed_is_asked_again_only_after_the_cooldown(where: str) -> None:
     """While the provider was down, every token naming it fetched again, one after another
