@@ -39,32 +39,27 @@ Wanted = tuple[Sequence[str], UUID, int, int]
 
 
 def include_each(conn: Connection[DictRow], wanted: Sequence[Wanted]) -> list[bool]:
-    """:func:`include` for each of ``wanted``, in two statements however many there are."""
-    names = sorted({name for projectors, _, _, _ in wanted for name in projectors})
-    ids = sorted({aggregate_id for _, aggregate_id, _, _ in wanted})
-    positions = {
-        row["projector"]: int(row["position"])
-        for row in conn.execute(
-            "SELECT projector, position FROM projection_positions"
-            " WHERE projector = ANY(%s::text[])",
-            (names,),
-        ).fetchall()
-    }
-    versions = {
-        (row["projector"], row["originator_id"]): int(row["version"])
-        for row in conn.execute(
-            "SELECT projector, originator_id, version FROM projection_versions"
-            " WHERE projector = ANY(%s::text[]) AND originator_id = ANY(%s::uuid[])",
-            (names, ids),
-        ).fetchall()
-    }
-    return [
-        all(
-            positions.get(name, 0) >= position and versions.get((name, aggregate_id), 0) >= version
-            for name in projectors
-        )
-        for projectors, aggregate_id, position, version in wanted
+    """:func:`include` for each of ``wanted``, in one statement however many there are."""
+    rows = [
+        (index, name, aggregate_id, position, version)
+        for index, (projectors, aggregate_id, position, version) in enumerate(wanted)
+        for name in projectors
     ]
+    reached = {
+        int(row["i"]): bool(row["reached"])
+        for row in conn.execute(
+            "SELECT w.i, bool_and(coalesce(p.position, 0) >= w.position"
+            " AND coalesce(v.version, 0) >= w.version) AS reached"
+            " FROM unnest(%s::int[], %s::text[], %s::uuid[], %s::bigint[], %s::bigint[])"
+            "   AS w(i, projector, aggregate_id, position, version)"
+            " LEFT JOIN projection_positions AS p ON p.projector = w.projector"
+            " LEFT JOIN projection_versions AS v"
+            "   ON v.projector = w.projector AND v.originator_id = w.aggregate_id"
+            " GROUP BY w.i",
+            [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * 5,
+        ).fetchall()
+    }
+    return [reached.get(index, True) for index in range(len(wanted))]
 
 
 def progress(conn: Connection[DictRow]) -> Progress:
