@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING
 from uuid import UUID
 
@@ -24,42 +25,57 @@ class Progress:
     """Projector name -> aggregates it parked (dead-lettered)."""
 
 
+class Reach(Enum):
+    """How far the projectors a read waits for are from the write it names."""
+
+    REACHED = "reached"
+    WAITING = "waiting"
+    PARKED = "parked"
+    """A projector parked the aggregate at or before the write: no wait can see it until an
+    operator retries (``agentworks parked retry``)."""
+
+
 def include(
     conn: Connection[DictRow], projectors: Sequence[str], *, aggregate_id: UUID, position: int,
     version: int,
-) -> bool:  # fmt: skip
+) -> Reach:  # fmt: skip
     """Whether every one of ``projectors`` has applied the log up to ``position`` and
     ``aggregate_id`` up to ``version`` (a projector never seen counts as at 0)."""
-    (reached,) = include_each(conn, [(projectors, aggregate_id, position, version)])
-    return reached
+    (reach,) = include_each(conn, [(projectors, aggregate_id, position, version)])
+    return reach
 
 
 Wanted = tuple[Sequence[str], UUID, int, int]
 """Projectors, and the aggregate, version and position they must all have applied."""
 
 
-def include_each(conn: Connection[DictRow], wanted: Sequence[Wanted]) -> list[bool]:
+def include_each(conn: Connection[DictRow], wanted: Sequence[Wanted]) -> list[Reach]:
     """:func:`include` for each of ``wanted``, in one statement however many there are."""
     rows = [
         (index, name, aggregate_id, position, version)
         for index, (projectors, aggregate_id, position, version) in enumerate(wanted)
         for name in projectors
     ]
-    reached = {
-        int(row["i"]): bool(row["reached"])
+    found = {
+        int(row["i"]): (
+            Reach.REACHED if row["reached"] else Reach.PARKED if row["parked"] else Reach.WAITING
+        )
         for row in conn.execute(
             "SELECT w.i, bool_and(coalesce(p.position, 0) >= w.position"
-            " AND coalesce(v.version, 0) >= w.version) AS reached"
+            " AND coalesce(v.version, 0) >= w.version) AS reached,"
+            " bool_or(k.originator_version <= w.version) AS parked"
             " FROM unnest(%s::int[], %s::text[], %s::uuid[], %s::bigint[], %s::bigint[])"
             "   AS w(i, projector, aggregate_id, position, version)"
             " LEFT JOIN projection_positions AS p ON p.projector = w.projector"
             " LEFT JOIN projection_versions AS v"
             "   ON v.projector = w.projector AND v.originator_id = w.aggregate_id"
+            " LEFT JOIN projection_parked AS k"
+            "   ON k.projector = w.projector AND k.originator_id = w.aggregate_id"
             " GROUP BY w.i",
             [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * 5,
         ).fetchall()
     }
-    return [reached.get(index, True) for index in range(len(wanted))]
+    return [found.get(index, Reach.REACHED) for index in range(len(wanted))]
 
 
 def progress(conn: Connection[DictRow]) -> Progress:

@@ -16,6 +16,7 @@ whose first event says it belongs to the caller's workspace, so how long a read 
 on another tenant's data. One naming a write that was never made (a version past the aggregate's
 last, a position past the log's head) is stale at once too: no projector will ever get there, and
 waiting for it would only poll the database for the whole budget, as often as its sender likes.
+So is one naming a write that a projector parked (dead-lettered): it waits for an operator.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from uuid import UUID
 from domain.errors import ValidationFailed
 from projections import progress_queries
 from projections.kanban_queries import scope_to_workspace
+from projections.progress_queries import Reach
 from read_api import eventlog
 
 if TYPE_CHECKING:
@@ -81,7 +83,7 @@ class _Wait:
     """One read waiting for a write: what it waits for, and what tells it that it arrived."""
 
     wanted: progress_queries.Wanted
-    reached: asyncio.Future[None] = field(
+    reached: asyncio.Future[bool] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -130,7 +132,9 @@ class ConsistencyWaiter:
         return await self.wait_for(token, names)
 
     async def wait_for(self, token: ConsistencyToken, projectors: list[str]) -> bool:
-        """Wait until each of ``projectors`` applied the token's write; ``False`` on timeout.
+        """Wait until each of ``projectors`` applied the token's write; ``False`` on timeout,
+        and as soon as one of them parked the token's aggregate at or before the write (only an
+        operator's retry moves it on: the read would wait out its budget for nothing).
 
         Checked once at once (a projector usually applies a write within milliseconds); then
         the read joins every other read waiting in this process, polled together in one
@@ -139,8 +143,9 @@ class ConsistencyWaiter:
         that every tenant's reads use."""
         if not projectors:
             return True
-        if await self._offloader.run(self._caught_up, token, projectors):
-            return True
+        reach = await self._offloader.run(self._reach, token, projectors)
+        if reach is not Reach.WAITING:
+            return reach is Reach.REACHED
         wait = _Wait((projectors, token.aggregate_id, token.position, token.version))
         self._waiting.append(wait)
         self._joined = True
@@ -148,13 +153,12 @@ class ConsistencyWaiter:
             self._poller = asyncio.create_task(self._poll(), name="consistency-waits")
         try:
             async with asyncio.timeout(self._wait_seconds):
-                await wait.reached
+                return await wait.reached
         except TimeoutError:
             return False
         finally:
             if wait in self._waiting:
                 self._waiting.remove(wait)
-        return True
 
     async def _poll(self) -> None:
         """Poll for every waiting read until none is left, backing off as one read did."""
@@ -168,24 +172,24 @@ class ConsistencyWaiter:
             if not waits:
                 continue
             try:
-                reached = await self._offloader.run(self._each_caught_up, waits)
+                reaches = await self._offloader.run(self._each_reach, waits)
             except Exception as error:  # noqa: BLE001 - every waiting read is answered with it
                 for wait in waits:
                     if not wait.reached.done():
                         wait.reached.set_exception(error)
                 continue
-            for wait, done in zip(waits, reached, strict=True):
-                if done and not wait.reached.done():
-                    wait.reached.set_result(None)
+            for wait, reach in zip(waits, reaches, strict=True):
+                if reach is not Reach.WAITING and not wait.reached.done():
+                    wait.reached.set_result(reach is Reach.REACHED)
 
-    def _caught_up(self, token: ConsistencyToken, projectors: list[str]) -> bool:
+    def _reach(self, token: ConsistencyToken, projectors: list[str]) -> Reach:
         with self._pool.connection() as conn:
             return progress_queries.include(
                 conn, projectors, aggregate_id=token.aggregate_id, position=token.position,
                 version=token.version,
             )  # fmt: skip
 
-    def _each_caught_up(self, waits: list[_Wait]) -> list[bool]:
+    def _each_reach(self, waits: list[_Wait]) -> list[Reach]:
         with self._pool.connection() as conn:
             return progress_queries.include_each(conn, [wait.wanted for wait in waits])
 

@@ -3,7 +3,8 @@ changes through, the API server, and the fan-out that runs beside it."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import redis.asyncio
 
@@ -12,6 +13,7 @@ from projections.registry import ALL_PROJECTORS
 from projections.runner import ProjectionRunner
 from read_api.app import create_app
 from read_api.broadcast import DEFAULT_CHANNEL_PREFIX, LocalBroadcaster, RedisBroadcaster
+from read_api.db import Offloader
 from read_api.services import ApiServices, JwtVerification
 from read_api.testing import start_in_thread
 from streams.embedded import EmbeddedFanout
@@ -24,6 +26,22 @@ if TYPE_CHECKING:
     from commands.handlers import AgentWorks
     from read_api.broadcast import Broadcaster
     from read_api.testing import RunningServer
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class CountingOffloader(Offloader):
+    """Counts the blocking calls a consistency wait makes (each one a round trip to the
+    database)."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.calls = 0
+
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        self.calls += 1
+        return await super().run(fn, *args, **kwargs)
 
 
 def broadcasting(

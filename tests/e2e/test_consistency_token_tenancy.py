@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 from uuid import UUID, uuid4
 
 from e2e_stack import MakeStack, Stack
+from in_process_api import CountingOffloader
 from pg import log_head
 
 from read_api.consistency import ConsistencyToken, ConsistencyWaiter
-from read_api.db import Offloader
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 WORKSPACE = "query($id: ID!) { workspace(id: $id) { id name } }"
 CARD = "query($id: ID!) { card(id: $id) { id title } }"
@@ -66,24 +62,12 @@ def test_a_foreign_token_answers_like_an_unknown_one(make_stack: MakeStack) -> N
         assert list(by_token.values()) == [expected[label]] * len(by_token), answers
 
 
-class _CountingOffloader(Offloader):
-    """Counts the blocking calls a wait makes (each one a round trip to the database)."""
-
-    def __init__(self) -> None:
-        super().__init__(2)
-        self.calls = 0
-
-    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        self.calls += 1
-        return await super().run(fn, *args, **kwargs)
-
-
 def test_a_foreign_token_never_polls_the_foreign_aggregates_tracking(stack: Stack) -> None:
     """Structural: whatever bob's aggregate's state, alice's wait does the same work as for an
     id that does not exist (one look-up, no polling); an own token does poll."""
     applied = _foreign_write(stack)
     _, alice_ws = stack.owner_with_workspace(str(uuid4()), "Alice's")
-    offloader = _CountingOffloader()
+    offloader = CountingOffloader()
 
     def waiter(*extra: Any) -> ConsistencyWaiter:
         return ConsistencyWaiter(
@@ -164,7 +148,7 @@ def test_reads_waiting_at_once_share_their_polls(stack: Stack) -> None:
     look-up and its own first check."""
     applied = _foreign_write(stack)
     workspace = _workspace_of(stack, applied)
-    offloader = _CountingOffloader()
+    offloader = CountingOffloader()
     waiter = ConsistencyWaiter(
         pool=stack.services.pool,
         offloader=offloader,

@@ -11,6 +11,7 @@ workspace and of other workspaces, and every other projector, keeps projecting.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from fanout_helpers import (
     rows,
     wait_until,
 )
+from in_process_api import CountingOffloader
 from parking_helpers import (
     FIXED_CLI,
     FIXED_POSITION,
@@ -43,12 +45,14 @@ from parking_helpers import (
 from test_batch_bytes import BOUND, LARGE, large_in
 
 import projections.runner as runner_module
+from adapters.postgres import API_ROLE, make_pool
 from commands import models as m
 from projections.kanban import KanbanProjector
 from projections.rebuild import rebuild_many
-from projections.registry import all_projectors
+from projections.registry import ALL_PROJECTORS, all_projectors
 from projections.runner import RETRY_PENDING, ProjectionRunner
 from projections.sweep import ProjectionSweep
+from read_api.consistency import ConsistencyToken, ConsistencyWaiter
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -538,6 +542,47 @@ def parked_scene(database_url: str, app: AgentWorks) -> Scene:
             ProjectionRunner(projector, pool, log).process(whole_log(log))
     scene.assert_parked_alone(database_url)
     return scene
+
+
+def test_a_read_waiting_for_a_parked_write_is_answered_stale_without_waiting(
+    database_url: str, parked_scene: Scene
+) -> None:
+    """A token naming a write that a projector parked cannot be reached until an operator
+    retries: the read waited out its whole budget, polling all along, for every such request.
+    It is answered stale after its first check; a token of the same card before the planted
+    event is still answered as caught up."""
+    app = parked_scene.app
+    with psycopg.connect(database_url) as conn:
+        positions = dict(
+            conn.execute(
+                "SELECT originator_version, notification_id FROM agentworks_events"
+                " WHERE originator_id = %s",
+                (parked_scene.a1,),
+            ).fetchall()
+        )
+    bad = parked_scene.bad_version
+    offloader = CountingOffloader()
+    pool = make_pool(database_url, role=API_ROLE, max_size=2)
+    waiter = ConsistencyWaiter(
+        pool=pool, offloader=offloader, projectors=ALL_PROJECTORS, wait_ms=5_000,
+        mapper=app.mapper,
+    )  # fmt: skip
+
+    def wait(version: int) -> tuple[bool, int]:
+        offloader.calls = 0
+        token = ConsistencyToken(positions[version], parked_scene.a1, version)
+        reached = asyncio.run(waiter.wait_for_token(token, parked_scene.a.workspace_id))
+        return reached, offloader.calls
+
+    try:
+        before, planted, after = wait(bad - 1), wait(bad), wait(bad + 1)
+    finally:
+        offloader.shutdown()
+        pool.close()
+    # The look-up of the token's aggregate, then one check of the projectors' tracking.
+    assert before == (True, 2)
+    assert planted == (False, 2)
+    assert after == (False, 2)
 
 
 @pytest.mark.slow
