@@ -356,19 +356,33 @@ def status_changed(env: EventEnvelope, changes: list[Change], status: str) -> No
     )
 
 
+LIVE_LINES_MOST_TEXT = 64 * 1024
+"""The most UTF-8 bytes of log text one live message carries. A larger chunk (up to 10,000
+lines of 16 KiB) is announced as stored, and its subscribers read it from the read model: sent
+whole it was one message that size through Redis pub/sub, and each subscriber's queue could hold
+a thousand of them in the API's memory."""
+
+
 def lines_changed(env: EventEnvelope, changes: list[Change], lines: list[dict[str, Any]]) -> None:
-    """A chunk's lines (as stored), for the run's subscribers."""
-    changes.append(
-        Change(
-            run_channel(env.originator_id),
-            {
-                "kind": "lines",
-                "runId": str(env.originator_id),
-                "lines": lines,
-                "position": env.position,
-            },
-        )
-    )
+    """A chunk's lines (as stored), for the run's subscribers; past
+    :data:`LIVE_LINES_MOST_TEXT`, only up to which line they are stored."""
+    payload: dict[str, Any] = {"kind": "lines", "runId": str(env.originator_id)}
+    if _small(lines):
+        payload["lines"] = lines
+    else:
+        payload["kind"], payload["lastSeq"] = "lines_stored", lines[-1]["seq"]
+    payload["position"] = env.position
+    changes.append(Change(run_channel(env.originator_id), payload))
+
+
+def _small(lines: list[dict[str, Any]]) -> bool:
+    """Whether the lines' text is within :data:`LIVE_LINES_MOST_TEXT`, encoded only when its
+    length in characters (1 to 4 bytes each) cannot tell."""
+    characters = sum(len(line["text"]) for line in lines)
+    if characters > LIVE_LINES_MOST_TEXT or 4 * characters <= LIVE_LINES_MOST_TEXT:
+        return characters <= LIVE_LINES_MOST_TEXT
+    encoded = sum(len(line["text"].encode("utf-8", "surrogatepass")) for line in lines)
+    return encoded <= LIVE_LINES_MOST_TEXT
 
 
 def _encode_chunks(chunks: list[tuple[UUID | None, UUID, list[dict[str, Any]]]]) -> bytes:

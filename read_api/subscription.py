@@ -8,7 +8,8 @@ reads anything it has to show from the read model in a fresh scope per event.
 started arrives as a message, every line committed before it is in ``rm_log_lines``, so replay
 then live has no gap; lines at or below the last sequence number sent are skipped, so there is no
 duplicate either. A message that shows a gap (lost while Redis reconnected, or dropped because
-the client was slow), a loss notice, or a quiet spell makes it re-read the read model.
+the client was slow), a loss notice, a chunk announced as too large to send, or a quiet spell
+makes it re-read the read model.
 """
 
 from __future__ import annotations
@@ -165,6 +166,10 @@ async def _run_log(ctx: RequestContext, run_id: UUID, after_seq: int) -> AsyncIt
             kind = payload.get("kind")
             if kind == "status":
                 catch_up = payload.get("status") in TERMINAL
+                continue
+            if kind == "lines_stored":  # a chunk too large to send: read from the read model
+                stored = payload.get("lastSeq")
+                catch_up = not isinstance(stored, int) or stored > last
                 continue
             if kind != "lines":
                 continue

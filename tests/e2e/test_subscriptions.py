@@ -153,6 +153,36 @@ def test_a_finished_runs_log_replays_and_completes(live_stack: Stack) -> None:
     assert seqs == [1, 2, 3]
 
 
+def test_a_chunk_too_large_to_send_live_arrives_whole_and_in_time(make_stack: MakeStack) -> None:
+    """A large chunk is announced, not sent (``LIVE_LINES_MOST_TEXT``): a live subscriber reads
+    it from the read model on the announcement, not at its next quiet-spell re-read."""
+    for broadcaster in ("local", "redis"):
+        stack = make_stack(broadcaster=broadcaster, subscription_recheck_seconds=120)
+        alice, ws = stack.owner_with_workspace()
+        pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+        card = alice.create_card(pid, "build")["card"]["id"]
+        run_id = UUID(alice.start_agent_run(card)["run"]["id"])
+        service = Actor.service("orchestrator", ws)
+        stack.write.begin_run(m.BeginRun(run_id=run_id, worker="w1"), service)
+        texts = [f"{i:04d}" + "é" * 1500 for i in range(60)]  # about 180 KB of UTF-8
+        with subscribe(stack.ws_url, alice.token, RUN_LOG, {"id": str(run_id)}) as sub:
+            stack.write.append_run_log(
+                m.AppendRunLog(run_id=run_id, lines=[m.LogLineInput(at=datetime.now(UTC),
+                                                                    text="small")]),
+                service,
+            )  # fmt: skip
+            assert sub.next()["data"]["agentRunLog"] == {"seq": 1, "text": "small"}
+            stack.write.append_run_log(
+                m.AppendRunLog(
+                    run_id=run_id,
+                    lines=[m.LogLineInput(at=datetime.now(UTC), text=t) for t in texts],
+                ),
+                service,
+            )
+            got = [sub.next(timeout=20)["data"]["agentRunLog"] for _ in texts]
+        assert got == [{"seq": i + 2, "text": text} for i, text in enumerate(texts)]
+
+
 def test_a_websocket_without_a_valid_token_is_refused(stack: Stack) -> None:
     for payload in ({}, {"Authorization": "Bearer not-a-jwt"}):
         with connect(f"{stack.ws_url}/graphql", subprotocols=[PROTOCOL]) as socket:
