@@ -42,6 +42,10 @@ log = structlog.get_logger(__name__)
 Payload = dict[str, Any]
 
 DEFAULT_QUEUE_SIZE = 1000
+DEFAULT_QUEUE_BYTES = 4 * 1024 * 1024
+"""What one subscriber's queue may hold, as the messages' JSON: bounded by count alone, a slow
+subscriber of a run whose chunks were large (up to 64 KiB of text live) held up to a thousand of
+them in the API's memory."""
 DEFAULT_CHANNEL_PREFIX = "agentworks:"
 
 
@@ -56,25 +60,36 @@ class MessagesLost(Exception):
 class Feed:
     """One subscriber's queue of messages on one channel, read in its own asyncio loop."""
 
-    def __init__(self, channel: str, *, loop: asyncio.AbstractEventLoop, maxsize: int) -> None:
+    def __init__(
+        self, channel: str, *, loop: asyncio.AbstractEventLoop, maxsize: int, max_bytes: int
+    ) -> None:
         self.channel = channel
         self.loop = loop
+        self._max_bytes = max_bytes
+        self._bytes = 0
         # ``None`` in the queue marks the place where messages were dropped.
-        self._queue: asyncio.Queue[Payload | None] = asyncio.Queue(maxsize)
+        self._queue: asyncio.Queue[tuple[Payload, int] | None] = asyncio.Queue(maxsize)
 
     async def get(self) -> Payload:
         """The next message; raises :class:`MessagesLost` where messages were dropped."""
-        payload = await self._queue.get()
-        if payload is None:
+        queued = await self._queue.get()
+        if queued is None:
             raise MessagesLost(self.channel)
+        payload, size = queued
+        self._bytes -= size
         return payload
 
-    def deliver(self, payload: Payload) -> None:
-        """Queue ``payload``; must run in :attr:`loop`."""
+    def deliver(self, payload: Payload, size: int) -> None:
+        """Queue ``payload`` (``size`` bytes as JSON); must run in :attr:`loop`."""
+        if self._bytes + size > self._max_bytes:
+            self.mark_lost()
+            return
         try:
-            self._queue.put_nowait(payload)
+            self._queue.put_nowait((payload, size))
         except asyncio.QueueFull:
             self.mark_lost()
+            return
+        self._bytes += size
 
     def mark_lost(self) -> None:
         """Replace what is queued by a loss marker; must run in :attr:`loop`.
@@ -83,6 +98,7 @@ class Feed:
         """
         while not self._queue.empty():
             self._queue.get_nowait()
+        self._bytes = 0
         self._queue.put_nowait(None)
 
 
@@ -107,12 +123,18 @@ class LocalBroadcaster:
     """In-process channels: publish from any thread, receive in each subscriber's loop."""
 
     queue_size: int = DEFAULT_QUEUE_SIZE
+    queue_bytes: int = DEFAULT_QUEUE_BYTES
     _feeds: dict[str, set[Feed]] = field(init=False, default_factory=dict, repr=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
 
     @contextlib.asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[Feed]:
-        feed = Feed(channel, loop=asyncio.get_running_loop(), maxsize=self.queue_size)
+        feed = Feed(
+            channel,
+            loop=asyncio.get_running_loop(),
+            maxsize=self.queue_size,
+            max_bytes=self.queue_bytes,
+        )
         with self._lock:
             self._feeds.setdefault(channel, set()).add(feed)
         try:
@@ -128,9 +150,12 @@ class LocalBroadcaster:
     def publish_sync(self, channel: str, payload: Payload) -> None:
         with self._lock:
             feeds = list(self._feeds.get(channel, ()))
+        if not feeds:
+            return
+        size = len(encode_payload(payload))
         for feed in feeds:
             try:
-                feed.loop.call_soon_threadsafe(feed.deliver, payload)
+                feed.loop.call_soon_threadsafe(feed.deliver, payload, size)
             except RuntimeError:
                 # The subscriber's loop is closed: it is going away.
                 continue
@@ -206,6 +231,7 @@ class RedisBroadcaster:
     publisher: RedisChangePublisher | None = None
     channel_prefix: str = DEFAULT_CHANNEL_PREFIX
     queue_size: int = DEFAULT_QUEUE_SIZE
+    queue_bytes: int = DEFAULT_QUEUE_BYTES
     confirm_timeout: float = 5.0
     _feeds: dict[str, set[Feed]] = field(init=False, default_factory=dict, repr=False)
     _confirmations: dict[str, asyncio.Future[None]] = field(
@@ -224,6 +250,7 @@ class RedisBroadcaster:
         *,
         channel_prefix: str = DEFAULT_CHANNEL_PREFIX,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
         confirm_timeout: float = 5.0,
     ) -> RedisBroadcaster:
         """A broadcaster with its own clients: async for subscribers, sync for publishing."""
@@ -232,12 +259,18 @@ class RedisBroadcaster:
             publisher=RedisChangePublisher.from_url(url, channel_prefix=channel_prefix),
             channel_prefix=channel_prefix,
             queue_size=queue_size,
+            queue_bytes=queue_bytes,
             confirm_timeout=confirm_timeout,
         )
 
     @contextlib.asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[Feed]:
-        feed = Feed(channel, loop=asyncio.get_running_loop(), maxsize=self.queue_size)
+        feed = Feed(
+            channel,
+            loop=asyncio.get_running_loop(),
+            maxsize=self.queue_size,
+            max_bytes=self.queue_bytes,
+        )
         confirmed = self._add(channel, feed)
         try:
             # Shielded: the confirmation is shared with the channel's other feeds.
@@ -374,15 +407,16 @@ class RedisBroadcaster:
         feeds = self._feeds.get(channel[len(self.channel_prefix) :])
         if not feeds:
             return
+        data = _text(message.get("data"))
         try:
-            payload = json.loads(_text(message.get("data")))
+            payload = json.loads(data)
         except ValueError:
             log.warning("broadcast.bad_message", channel=channel)
             return
         if not isinstance(payload, dict):
             return
         for feed in list(feeds):
-            feed.deliver(payload)
+            feed.deliver(payload, len(data))
 
     def _all_lost(self) -> None:
         for feeds in self._feeds.values():
