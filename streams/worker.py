@@ -106,6 +106,10 @@ def read_omitted(envelopes: list[EventEnvelope], event_log: EventLog) -> list[Ev
     return [stored.get((env.originator_id, env.originator_version), env) for env in envelopes]
 
 
+MOST_DEFERRED_TICKS = 6
+"""Ticks in a row a busy worker may put its sweep off (a minute, at the default interval)."""
+
+
 class SweepSchedule:
     """Sweeps up to what the relay had published at the previous tick: by then a delivery
     had a whole interval to arrive, so what is still missing was lost, not late.
@@ -113,7 +117,9 @@ class SweepSchedule:
     Unless the worker is catching up: while deliveries keep coming and have not yet reached
     that position, what is missing is most likely still on its way through Kafka, and a sweep
     would only race the deliveries for the same events. It waits for a quiet interval (nothing
-    more is coming) or for the deliveries to pass the position.
+    more is coming) or for the deliveries to pass the position, but not for more than
+    :data:`MOST_DEFERRED_TICKS` ticks in a row: a backlog that never shrinks would otherwise
+    leave a lost event missing for as long as it lasts.
     """
 
     def __init__(self, runner: ProjectionRunner) -> None:
@@ -122,6 +128,7 @@ class SweepSchedule:
         self.published_before = 0
         self.delivered = False
         """Set by the worker whenever it applies a delivered batch."""
+        self.deferred = 0
 
     def published(self) -> int:
         with self.runner.pool.connection() as conn:
@@ -135,9 +142,11 @@ class SweepSchedule:
         busy, self.delivered = self.delivered, False
         if through <= 0:
             return 0
-        if busy and self.runner.position() < through:
+        if busy and self.deferred < MOST_DEFERRED_TICKS and self.runner.position() < through:
+            self.deferred += 1
             log.debug("worker.sweep_deferred", projector=self.runner.name, through=through)
             return 0
+        self.deferred = 0
         return self.sweep.sweep(through).healed
 
 

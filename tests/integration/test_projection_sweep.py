@@ -31,7 +31,7 @@ from projections.rebuild import rebuild
 from projections.registry import all_projectors
 from projections.sweep import ProjectionSweep
 from streams.embedded import EmbeddedFanout
-from streams.worker import SweepSchedule
+from streams.worker import MOST_DEFERRED_TICKS, SweepSchedule
 
 if TYPE_CHECKING:
     from typing import Any
@@ -265,6 +265,29 @@ def test_the_schedule_waits_while_deliveries_catch_up(side: ReadSide) -> None:
     # A quiet interval: nothing more is coming, so what is missing was lost.
     assert schedule.tick() == len([e for e in everything if e.position > first_card])
     assert len(side.rows("SELECT title FROM rm_cards")) == 3
+
+
+def test_a_worker_that_stays_busy_below_the_relay_still_sweeps_in_the_end(
+    side: ReadSide,
+) -> None:
+    """A worker whose deliveries kept coming, yet never reached what the relay had published a
+    tick earlier (a backlog that does not shrink), put its sweep off at every tick, for good:
+    an event lost meanwhile stayed missing for as long as the backlog lasted. It defers a
+    bounded number of ticks in a row, then sweeps."""
+    card, everything, runner = _card_whose_edit_was_lost(side, "before", "after")
+    with psycopg.connect(side.database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO relay_positions (relay, position) VALUES ('relay', %s)",
+            (everything[-1].position + 1_000,),  # the relay is always further on
+        )
+    schedule = SweepSchedule(runner)
+    assert schedule.tick() == 0  # notes where the relay is
+    healed = []
+    for _ in range(MOST_DEFERRED_TICKS + 1):
+        schedule.delivered = True
+        healed.append(schedule.tick())
+    assert healed == [0] * MOST_DEFERRED_TICKS + [1]
+    assert _title(side, card) == "after"
 
 
 def test_the_watermark_never_passes_the_log_head(side: ReadSide) -> None:
