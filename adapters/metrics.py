@@ -118,14 +118,20 @@ class Standing:
     """Parked aggregates per projector, for those that have any."""
 
 
-def read_standing(conn: psycopg.Connection[Any], *, expected: Sequence[str] = ()) -> Standing:
-    """Where everything stands. The ``expected`` projectors (those the deployment keeps) are
-    each listed, at position 0 while they have no row of positions yet (they never ran, as
-    ``/readyz`` counts them): only the rows found would leave a projector whose worker never
-    started out of the status and the lag metrics altogether, as if nothing were wrong."""
+def read_standing(
+    conn: psycopg.Connection[Any],
+    *,
+    expected: Sequence[str] = (),
+    relays: Sequence[str] = (),
+) -> Standing:
+    """Where everything stands. The ``expected`` projectors and ``relays`` (those the deployment
+    keeps) are each listed, at position 0 while they have no row of positions yet (they never
+    ran, as ``/readyz`` counts them): only the rows found would leave a projector whose worker
+    never started, or a relay never run, out of the status and the lag metrics altogether, as
+    if nothing were wrong."""
     # A function: the API's role, under row-level security, sees no event itself.
     row = conn.execute("SELECT agentworks_log_head()").fetchone()
-    relays = conn.execute("SELECT relay, position FROM relay_positions ORDER BY relay")
+    relay_rows = conn.execute("SELECT relay, position FROM relay_positions")
     projectors = conn.execute(
         "SELECT projector, position, swept_through, healed FROM projection_positions "
         "WHERE projector NOT LIKE '%#%' ORDER BY projector"
@@ -137,9 +143,10 @@ def read_standing(conn: psycopg.Connection[Any], *, expected: Sequence[str] = ()
     found = {n: ProjectorStanding(n, int(p), int(s), int(h)) for n, p, s, h in projectors}
     for name in expected:
         found.setdefault(name, ProjectorStanding(name, 0, 0, 0))
+    relayed = dict.fromkeys(relays, 0) | {name: int(position) for name, position in relay_rows}
     return Standing(
         head=int(row[0]) if row else 0,
-        relays=[(name, int(position)) for name, position in relays],
+        relays=sorted(relayed.items()),
         projectors=sorted(found.values()),
         parked={name: int(count) for name, count in parked},
     )
@@ -148,10 +155,14 @@ def read_standing(conn: psycopg.Connection[Any], *, expected: Sequence[str] = ()
 class LagCollector(Collector):
     """Log head, relay and projector positions and lags, read from Postgres at scrape time."""
 
-    def __init__(self, database_url: str, *, projectors: Sequence[str] = ()) -> None:
+    def __init__(
+        self, database_url: str, *, projectors: Sequence[str] = (), relays: Sequence[str] = ()
+    ) -> None:
         self.database_url = database_url
         self.projectors = tuple(projectors)
         """The projectors the deployment keeps: each is reported (see :func:`read_standing`)."""
+        self.relays = tuple(relays)
+        """The relays it keeps (one, through Kafka; none embedded), reported likewise."""
 
     def collect(self) -> Iterator[Metric]:
         head = GaugeMetricFamily(
@@ -192,7 +203,7 @@ class LagCollector(Collector):
         )
         try:
             with psycopg.connect(self.database_url, connect_timeout=3) as conn:
-                standing = read_standing(conn, expected=self.projectors)
+                standing = read_standing(conn, expected=self.projectors, relays=self.relays)
         except psycopg.Error:
             read_up.add_metric([], 0)
             yield read_up

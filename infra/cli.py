@@ -63,7 +63,7 @@ from infra.cli_common import (
     shown,
 )
 from infra.migrate import MigrationError, discover, ensure_database, migrate
-from infra.settings import Settings, db_logins, jwt_keys
+from infra.settings import Settings, db_logins, deployed_relays, jwt_keys
 from projections.registry import projector_names
 
 if TYPE_CHECKING:
@@ -807,7 +807,7 @@ def status_command(data_dir: DataDirOption = None) -> None:
 
     settings = settings_for(data_dir)
     with psycopg.connect(database_url_for(settings)) as conn:
-        standing = read_standing(conn, expected=projector_names())
+        standing = read_standing(conn, expected=projector_names(), relays=deployed_relays(settings))
     head_position, parked = standing.head, standing.parked
     rows: list[tuple[str, str, int, int | None]] = [
         *(("relay", name, position, None) for name, position in standing.relays),

@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Re-exported: callers of the settings import it from here.
 from domain.errors import ConfigurationError as ConfigurationError
+from streams.relay import RELAY
 
 ENV_PREFIX = "AGENTWORKS_"
 
@@ -409,6 +410,11 @@ class JwtKeys:
     @property
     def can_sign(self) -> bool:
         return self.secret is not None or self.private_key is not None
+
+
+def deployed_relays(settings: Settings) -> tuple[str, ...]:
+    """The relays the deployment keeps: one through Kafka, none when the fan-out is embedded."""
+    return (RELAY,) if settings.kafka_bootstrap else ()
 
 
 def jwt_keys(settings: Settings, *, data_dir: Path | None = None) -> JwtKeys:

@@ -41,7 +41,7 @@ from infra.bootstrap import (
 )
 from infra.identity import build_auth, build_oidc
 from infra.migrate import ensure_database, migrate
-from infra.settings import ConfigurationError, Settings, db_logins, jwt_keys
+from infra.settings import ConfigurationError, Settings, db_logins, deployed_relays, jwt_keys
 from projections.rebuild import rebuild_stale
 from projections.registry import projector_names
 from read_api.broadcast import Broadcaster, LocalBroadcaster, RedisBroadcaster
@@ -145,7 +145,9 @@ def api_services(
         metrics_token=settings.metrics_token.get_secret_value() if settings.metrics_token else None,
         max_projector_lag=settings.max_projector_lag,
         projector_stall_seconds=settings.projector_stall_seconds or None,
-        lag_collector=LagCollector(api_url, projectors=projector_names()),
+        lag_collector=LagCollector(
+            api_url, projectors=projector_names(), relays=deployed_relays(settings)
+        ),
         write_reachable=_write_reachable(write),
         max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
         max_subscriptions_per_user=settings.max_subscriptions_per_user,

@@ -129,10 +129,14 @@ class Producer(Protocol):
     def close(self, timeout: float | None = ...) -> None: ...
 
 
+RELAY = "relay"
+"""The relay's name (its row of ``relay_positions``, its lease): a deployment runs one."""
+
+
 class RelayPositions:
     """The relay's published position and its :class:`BrokerMarks`, kept in Postgres."""
 
-    def __init__(self, database_url: str, *, role: str | None, relay: str = "relay") -> None:
+    def __init__(self, database_url: str, *, role: str | None, relay: str = RELAY) -> None:
         """Logs in as ``role`` (``None``: the URL's own user)."""
         self._url = login_url(database_url, role)
         self.relay = relay
@@ -205,7 +209,7 @@ class RelayLease:
     #: system's two-hour default.
     KEEPALIVES = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
 
-    def __init__(self, database_url: str, *, role: str | None, relay: str = "relay") -> None:
+    def __init__(self, database_url: str, *, role: str | None, relay: str = RELAY) -> None:
         """Logs in as ``role`` (``None``: the URL's own user)."""
         self._url = login_url(database_url, role)
         self._options = self.KEEPALIVES

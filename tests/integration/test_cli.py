@@ -472,6 +472,25 @@ def test_status_shows_lag_and_sweep_watermarks(database_url: str, tmp_path: Path
             assert cells(f"projector {name}") == [f"projector {name}", "0", "0", "0", "0"]
 
 
+def test_status_lists_the_relay_of_a_kafka_deployment_before_it_ever_ran(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Left out until it had run once, a relay never started showed nothing wrong, and its lag
+    series was missing. Embedded, there is no relay to list."""
+
+    def status(**env: str) -> list[str]:
+        result = agentworks(
+            "status", cwd=tmp_path,
+            env={"AGENTWORKS_DATABASE_URL": database_url, "COLUMNS": "200", **env},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return [line for line in result.stdout.splitlines() if "relay" in line]
+
+    (relay,) = status(AGENTWORKS_KAFKA_BOOTSTRAP="127.0.0.1:9")
+    assert [cell.strip() for cell in relay.split("│") if cell.strip()] == ["relay relay", "0", "0"]
+    assert status() == []
+
+
 def test_sweep_applies_what_a_projector_never_received(database_url: str, tmp_path: Path) -> None:
     from commands import models as m
     from commands.handlers import Actor

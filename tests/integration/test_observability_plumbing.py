@@ -107,10 +107,10 @@ def test_relay_span_and_kafka_headers_carry_the_commands_trace(
 
 
 def lag_samples(
-    database_url: str, projectors: Sequence[str] = ()
+    database_url: str, projectors: Sequence[str] = (), relays: Sequence[str] = ()
 ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LagCollector(database_url, projectors=projectors))
+    registry.register(LagCollector(database_url, projectors=projectors, relays=relays))
     text = generate_latest(registry).decode()
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -191,14 +191,17 @@ def test_a_projector_that_never_ran_is_reported_as_far_behind_as_the_log(
 ) -> None:
     """A projector whose worker was never deployed (or never got its first batch) has no row
     of positions: /readyz counted it at position 0, while the lag metrics left it out, so an
-    alert on its lag could never fire however far the log ran ahead of it."""
+    alert on its lag could never fire however far the log ran ahead of it. The same held for a
+    relay that never ran, where the deployment has one (Kafka)."""
     owner = Actor(user_id="nina", workspace_id="*")
     write_side.create_workspace(m.CreateWorkspace(name="Nobody projects this"), owner)
     head = pg.log_head(database_url)
 
-    samples = lag_samples(database_url, projectors=projector_names())
+    samples = lag_samples(database_url, projectors=projector_names(), relays=["relay"])
 
     assert samples[HEAD] == head
+    # So with a relay that never ran: it too is as far behind as the log.
+    assert samples[("agentworks_relay_lag_events", (("relay", "relay"),))] == head
     for name in projector_names():
         assert samples[projector_lag(name)] == head
         assert samples[("agentworks_projector_unswept_events", (("projector", name),))] == head
