@@ -48,7 +48,9 @@ class Outages:
             if dependency in self._down_since:
                 return
             self._down_since[dependency] = time.monotonic()
-        DEPENDENCY_UP.labels(dependency).set(0)
+            # Under the lock that decided it: set after it, an ``up`` racing in between could
+            # set 1 first and leave the gauge saying down while the state says up.
+            DEPENDENCY_UP.labels(dependency).set(0)
         log.warning("dependency.down", dependency=dependency, error=_one_line(error))
 
     def up(self, dependency: str) -> None:
@@ -57,9 +59,9 @@ class Outages:
             return
         with self._lock:
             since = self._down_since.pop(dependency, None)
-        if since is None:
-            return
-        DEPENDENCY_UP.labels(dependency).set(1)
+            if since is None:
+                return
+            DEPENDENCY_UP.labels(dependency).set(1)
         log.warning(
             "dependency.up", dependency=dependency, down_seconds=round(time.monotonic() - since, 3)
         )

@@ -261,24 +261,27 @@ class Identity:
         except NotFound:
             raise Unauthenticated("refresh token is not valid") from None
 
-    def logout(self, refresh_token: str, *, correlation_id: str = "") -> None:
-        """Revoke the session the token belongs to; an unknown token is already logged out."""
+    def logout(self, refresh_token: str, *, correlation_id: str = "") -> bool:
+        """Revoke the session the token belongs to; an unknown token is already logged out.
+        Returns whether the token was one of its session's (the API counts the others against
+        the client's address: each named session is looked for)."""
         try:
             session_id, secret = _parse_refresh(refresh_token)
         except Unauthenticated:
-            return
+            return False
         presented = digest(secret)
 
-        def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], bool]:
             session = self._get(Session, session_id)
-            if session.holds(presented):
+            held = session.holds(presented)
+            if held:
                 session.revoke("logged out", meta=meta)
-            return [session], None
+            return [session], held
 
         try:
-            self._retrying(str(session_id), correlation_id, decide)
+            return self._retrying(str(session_id), correlation_id, decide)
         except NotFound:
-            return
+            return False
 
     def change_password(
         self, user_id: UUID, *, current: str, new: str, correlation_id: str = ""

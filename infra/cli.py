@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import io
 import os
 import signal
 import socket
@@ -68,6 +69,8 @@ from projections.registry import projector_names
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from _typeshed import ReadableBuffer
 
     from infra.bootstrap import ReadSide
     from infra.stack import DevStack
@@ -982,7 +985,48 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # Here, not in run(): a test that calls run() keeps the test runner's own hooks.
     log_uncaught_exceptions()
+    _watch_standard_output()
     sys.exit(run(argv))
+
+
+class OutputFailed(OSError):
+    """Standard output could not be written: a full disk, a reader gone (``| head -1``)."""
+
+
+class _StandardOutput(io.FileIO):
+    """Standard output's file, whose failure is told apart from any other ``OSError`` (a full
+    disk where the data dir is must not read as the output's). After its first failure it
+    takes what it is given and drops it: the buffers above it still hold what could not be
+    written, and flushed again at exit (or when collected) each would fail once more, reported
+    as an exception nobody caught."""
+
+    _failed = False
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        if self._failed:
+            return memoryview(data).nbytes
+        try:
+            return super().write(data)
+        except OSError as error:
+            self._failed = True
+            raise OutputFailed(error.errno, error.strerror) from error
+
+
+def _watch_standard_output() -> None:
+    """Make ``sys.stdout`` write through :class:`_StandardOutput` (same descriptor, encoding,
+    buffering)."""
+    stdout = sys.stdout
+    try:
+        descriptor = stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # none, or not a file (an embedding program's stand-in): left as it is
+    stdout.flush()
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(_StandardOutput(descriptor, "w", closefd=False)),
+        encoding=stdout.encoding,
+        errors=stdout.errors,
+        line_buffering=bool(stdout.line_buffering),
+    )
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -994,6 +1038,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         with resources:
             result = command.main(args=args, prog_name=PROG, standalone_mode=False)
+        sys.stdout.flush()  # what is still buffered fails here, not at the interpreter's exit
+    except OutputFailed as exc:
+        if exc.errno == errno.EPIPE:
+            return EXIT_FAILED  # the reader went away: quietly, as typer does within a command
+        return _fail(f"cannot write to standard output: {exc.strerror}", EXIT_FAILED)
     except CliError as exc:
         return _fail(exc.message, exc.exit_code)
     except MigrationError as exc:

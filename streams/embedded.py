@@ -60,6 +60,10 @@ class EmbeddedFanout:
     max_batch_bytes: int = MAX_BATCH_BYTES
     """Most bytes of stored events one batch holds, beside ``batch_size`` events."""
     _positions: dict[str, int] = field(init=False, default_factory=dict, repr=False)
+    """Projector name → the position its next batch starts after. Written by the thread that
+    runs the fan-out only, under :attr:`_positions_lock`, so :meth:`positions` on another thread
+    copies it whole."""
+    _positions_lock: threading.Lock = field(init=False, default_factory=threading.Lock, repr=False)
     _backlog: bool = field(init=False, default=False, repr=False)
     """The last batch read stopped at a bound: more may be applied at once."""
     _applying: dict[str, tuple[int, Future[BatchOutcome]]] = field(
@@ -77,7 +81,12 @@ class EmbeddedFanout:
     _appliers: ThreadPoolExecutor | None = field(init=False, default=None, repr=False)
 
     def positions(self) -> dict[str, int]:
-        return {r.name: self._position(r) for r in self.runners}
+        """Where each projector is, safe to call from any thread. A projector the fan-out has
+        no position for yet is read from the database but not recorded: recorded here, after
+        the fan-out had moved on, it sent the fan-out back to events it had applied."""
+        with self._positions_lock:
+            known = dict(self._positions)
+        return {r.name: known[r.name] if r.name in known else r.position() for r in self.runners}
 
     def run_once(self) -> int:
         """Apply one batch to every projector that is behind; returns how many events were read.
@@ -145,7 +154,8 @@ class EmbeddedFanout:
                 # Logged once by whoever noticed it (adapters.outages); resumes from its
                 # recorded position when the database is back.
                 log.debug("fanout.database_unavailable", projector=name, error=str(error))
-                self._positions.pop(name, None)
+                with self._positions_lock:
+                    self._positions.pop(name, None)
             else:
                 log.error("fanout.batch_failed", projector=name, exc_info=error)
         self._hand_out(now=now)
@@ -160,7 +170,8 @@ class EmbeddedFanout:
             error = applying.exception()
             del self._applying[name]
             if error is None:
-                self._positions[name] = max(done, applying.result().position)
+                with self._positions_lock:
+                    self._positions[name] = max(done, applying.result().position)
             else:
                 failed.append((name, error))
         return failed
@@ -215,7 +226,8 @@ class EmbeddedFanout:
                     # Logged once by whoever noticed it (adapters.outages); resumes from the
                     # projectors' recorded positions when the database is back.
                     log.debug("fanout.database_unavailable", error=str(error))
-                    self._positions.clear()
+                    with self._positions_lock:
+                        self._positions.clear()
                 else:
                     log.exception("fanout.batch_failed")
                 time.sleep(self.poll_interval)
@@ -232,6 +244,10 @@ class EmbeddedFanout:
         )
 
     def _position(self, runner: ProjectionRunner) -> int:
-        if runner.name not in self._positions:
-            self._positions[runner.name] = runner.position()
-        return self._positions[runner.name]
+        """The fan-out's own thread's view (it alone writes :attr:`_positions`)."""
+        known = self._positions.get(runner.name)
+        if known is None:
+            known = runner.position()
+            with self._positions_lock:
+                self._positions[runner.name] = known
+        return known

@@ -363,6 +363,32 @@ def test_refreshes_refused_for_their_address_read_nothing_and_leave_no_keys_behi
     assert len(keys) <= 3, f"{len(keys)} refresh keys for 3 refreshes let through"
 
 
+def test_logouts_naming_made_up_sessions_are_limited_per_address(
+    make_stack: MakeStack, redis_url: str
+) -> None:
+    """A logout looked for the session its token named, whatever it named, without limit: one
+    read of the store per made-up session id, as fast as a client could send them. A logout
+    that names no session of its secret counts against its address now, as a failed refresh
+    does, and an address past its limit is refused before the session is looked for."""
+    stack = make_stack(
+        broadcaster="redis",
+        auth={"login_per_address_per_minute": 3, "login_per_account_per_minute": 10},
+    )
+    if time.time() % 60 > 45:  # the limits count in minutes of the clock: start in one
+        time.sleep(61 - time.time() % 60)
+    statuses, codes = [], set()
+    with httpx.Client(base_url=stack.url, timeout=10) as client:
+        for _ in range(20):
+            token = f"{uuid.uuid4()}.{secrets.token_urlsafe(32)}"
+            answer = client.post("/auth/logout", json={"refreshToken": token})
+            statuses.append(answer.status_code)
+            if answer.status_code == 429:
+                codes.add(answer.json()["error"]["code"])
+                assert int(answer.headers["retry-after"]) >= 1
+    assert statuses == [204] * 3 + [429] * 17, statuses
+    assert codes == {"RATE_LIMITED"}
+
+
 # -- clients that never read ---------------------------------------------------------------------
 
 _BOARD = "board(projectId: $id) { lanes { cards { edges { node { description } } } } }"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import secrets
+from typing import Any
+from uuid import UUID, uuid4
 
 import httpx
 import pytest
@@ -13,6 +15,7 @@ from e2e_stack import MakeStack, Stack
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from domain.access import ApiKey
 from read_api.services import RateLimits
 
 LIMIT = 5
@@ -53,6 +56,28 @@ def test_bad_tokens_from_one_address_are_refused_after_the_limit(
     # A caller with a valid token from the same address is not locked out.
     owner, _ = stack.owner_with_workspace()
     assert owner.post("{ __typename }").status == 200
+
+
+def test_api_keys_from_an_address_past_its_limit_are_not_looked_up(
+    make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A made-up ``awk_`` key was looked up in the event store before its address was counted:
+    once the address was past its limit each guess still cost a read of the store before it
+    was answered 429. The address's limit is checked before the key is looked for now."""
+    stack = _stack(make_stack)
+    looked_up: list[UUID] = []
+    aggregate = stack.write.aggregate
+
+    def counted(cls: type[Any], aggregate_id: UUID, **options: Any) -> Any:
+        if cls is ApiKey:
+            looked_up.append(aggregate_id)
+        return aggregate(cls, aggregate_id, **options)
+
+    monkeypatch.setattr(stack.write, "aggregate", counted)
+    guesses = [f"awk_{uuid4().hex}_{secrets.token_urlsafe(24)}" for _ in range(LIMIT + 10)]
+    statuses = [_post(stack, guess).status_code for guess in guesses]
+    assert statuses == [401] * LIMIT + [429] * 10
+    assert len(looked_up) == LIMIT
 
 
 def test_failed_websocket_handshakes_count_too(make_stack: MakeStack) -> None:

@@ -106,11 +106,13 @@ def test_logout_stops_every_token_of_the_session(identity: Identity) -> None:
     first = identity.login(email="ada@example.com", password=PASSWORD)
     other = identity.login(email="ada@example.com", password=PASSWORD)
     second = identity.refresh(first.refresh_token)
-    identity.logout(second.refresh_token)
+    assert identity.logout(second.refresh_token)
     with pytest.raises(Unauthenticated):
         identity.refresh(second.refresh_token)
     assert identity.refresh(other.refresh_token).user.email == "ada@example.com"
-    identity.logout("garbage")  # an unknown token is already logged out
+    # An unknown token is already logged out; said, so the API counts it against its sender.
+    assert not identity.logout("garbage")
+    assert not identity.logout(f"{other.refresh_token.split('.')[0]}.made-up")
 
 
 def test_refresh_after_the_session_expired_is_refused(identity: Identity, clock: Clock) -> None:
@@ -332,7 +334,7 @@ def test_a_refresh_token_without_a_utf8_form_is_not_valid(identity: Identity) ->
     token = "0" * 32 + ".x\ud800"
     with pytest.raises(Unauthenticated):
         identity.refresh(token)
-    identity.logout(token)  # an unknown token is already logged out
+    assert not identity.logout(token)  # an unknown token is already logged out
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+from typing import TYPE_CHECKING
+
 import psycopg
 import structlog
 from eventsourcing.persistence import OperationalError
 from psycopg_pool import PoolTimeout
 
-from adapters.outages import Outages, is_outage
+from adapters.outages import DEPENDENCY_UP, Outages, is_outage
 from domain.errors import Unavailable, ValidationFailed
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 
 def test_a_thousand_failures_log_one_down_and_one_up() -> None:
@@ -51,3 +57,36 @@ def test_unreachable_databases_are_outages_and_errors_it_answered_are_not() -> N
     full = OperationalError("disk full")
     full.__cause__ = psycopg.errors.DiskFull("no space left")
     assert not is_outage(full)
+
+
+def test_the_gauge_agrees_with_the_state_when_down_and_up_race() -> None:
+    """The gauge was set after the lock that decided down or up was released: an ``up`` that
+    ran whole between a ``down``'s decision and its gauge left the gauge saying down while the
+    tracker said up (and no later success would say otherwise). The ``down`` is held just
+    before it touches the gauge (a trace hook on its thread) while the ``up`` runs."""
+    outages = Outages()
+    dependency = "test race 127.0.0.1:1"
+    at_gauge, go = threading.Event(), threading.Event()
+
+    def hold_at_gauge(frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_name == "labels":
+            at_gauge.set()
+            go.wait(10)
+
+    threading.settrace(hold_at_gauge)
+    try:
+        down = threading.Thread(target=outages.down, args=(dependency, "refused"))
+        down.start()
+    finally:
+        threading.settrace(None)  # type: ignore[arg-type]
+    with structlog.testing.capture_logs():
+        assert at_gauge.wait(10)
+        up = threading.Thread(target=outages.up, args=(dependency,))
+        up.start()
+        up.join(0.5)  # whole on the old code; waits for the lock with the fix
+        go.set()
+        down.join(10)
+        up.join(10)
+
+    assert not outages.is_down(dependency)
+    assert DEPENDENCY_UP.labels(dependency)._value.get() == 1
