@@ -199,11 +199,15 @@ class ReportedConnectFailures(logging.Filter):
 
 
 def dependency_name(conninfo: str | dict[str, Any]) -> str:
-    """How outages name a database: ``postgresql host:port/dbname`` (a database, not only its
-    server: one dropped or refusing its role is down for its users while others are not)."""
+    """How outages name a database as one login reaches it: ``postgresql host:port/dbname as
+    role`` (a database, not only its server: one dropped is down for its users while others are
+    not; and per login, since a server refuses one role while it lets others in, and a process
+    logs in as several: named alike, one role's refusal and another's success said the database
+    was down and up again at every attempt)."""
     parts = conninfo_to_dict(conninfo) if isinstance(conninfo, str) else conninfo
     host = parts.get("host") or "localhost"
-    return f"postgresql {host}:{parts.get('port') or 5432}/{parts.get('dbname') or ''}"
+    name = f"postgresql {host}:{parts.get('port') or 5432}/{parts.get('dbname') or ''}"
+    return f"{name} as {parts['user']}" if parts.get("user") else name
 
 
 def make_pool(
@@ -222,8 +226,9 @@ def make_pool(
     the queries someone remembered to scope. ``timeout``: the longest a caller waits for a free
     connection before the pool answers that it has none.
     """
+    login = login_url(database_url, role, password)
     pool: ConnectionPool[Connection[DictRow]] = ResilientPool(
-        login_url(database_url, role, password),
+        login,
         min_size=min_size,
         max_size=max_size,
         kwargs={"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT},
@@ -231,7 +236,7 @@ def make_pool(
         name=name,
         open=False,
         timeout=timeout,
-        dependency=dependency_name(database_url),
+        dependency=dependency_name(login),
     )
     pool.open(wait=True, timeout=30)
     return pool

@@ -23,7 +23,7 @@ from orchestrator_helpers import (
 )
 from psycopg import sql
 
-from adapters.postgres import make_pool
+from adapters.postgres import ResilientPool, dependency_name, login_url, make_pool
 from commands import models as m
 
 if TYPE_CHECKING:
@@ -85,6 +85,46 @@ def test_a_pool_reconnecting_through_an_outage_logs_it_once_not_per_attempt(
     ]
     down = next(r for r in warnings if r["event"] == "dependency.down")
     assert "not currently accepting connections" in str(down["error"])
+
+
+def test_a_role_the_database_refuses_is_down_alone_not_the_database_of_every_role(
+    log_lines: io.StringIO,
+) -> None:
+    """A process logs in as several roles. Outages named the database alone, so while the
+    server refused one role and let another in, each refused attempt said the database was
+    down and the other role's next connection said it was up again, for as long as it lasted.
+    The refused role is down on its own, once; the other's connections say nothing."""
+    name = pg.random_name("rolelog")
+    refused = pg.random_name("refused")
+    with pg.temporary_database(name) as url, pg.admin_connection() as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(refused)))
+        admin.execute(
+            sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name))
+        )
+        good = make_pool(url, min_size=1, max_size=1, name="let-in")
+        bad = ResilientPool(
+            login_url(url, refused), min_size=1, max_size=1, name="refused", open=False,
+            dependency=dependency_name(login_url(url, refused)),
+        )  # fmt: skip
+        try:
+            bad.open(wait=False)
+            for _ in range(8):  # each lending after 0.3 s idle checks, and succeeds
+                time.sleep(0.3)
+                with good.connection() as conn:
+                    conn.execute("SELECT 1")
+            _wait_for(lambda: "dependency.down" in log_lines.getvalue())
+        finally:
+            bad.close()
+            good.close()
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(refused)))
+
+    said = [
+        (r["event"], r["dependency"])
+        for r in _records(log_lines)
+        if str(r["event"]).startswith("dependency.")
+    ]
+    assert said == [("dependency.down", dependency_name(login_url(url, refused)))]
+    assert said[0][1].endswith(f" as {refused}")
 
 
 def _attempts(pool: object) -> int:

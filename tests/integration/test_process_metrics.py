@@ -43,9 +43,11 @@ def _allow_connections(database_url: str, *, allowed: bool) -> None:
 def _dependency_up(text: str, database_url: str) -> float | None:
     name = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
     found = re.search(
-        rf'^agentworks_dependency_up\{{dependency="postgresql [^"]*/{name}"\}} (\S+)$', text, re.M
+        rf'^agentworks_dependency_up\{{dependency="postgresql [^"]*/{name}( as [^"]*)?"\}} (\S+)$',
+        text,
+        re.M,
     )
-    return None if found is None else float(found.group(1))
+    return None if found is None else float(found.group(2))
 
 
 def _eventually(probe: Callable[[], object], *, timeout: float = 60.0) -> None:
