@@ -10,7 +10,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from api_client import PROTOCOL, Subscription, first_change, subscribe
+from api_client import PROTOCOL, ApiClient, Subscription, first_change, subscribe
 from e2e_stack import MakeStack, Stack
 from users import user_id
 from websockets.exceptions import ConnectionClosed
@@ -69,15 +69,28 @@ def _next_for(sub: Subscription, card_id: str, kind: str) -> dict[str, Any]:
     raise AssertionError(f"no {kind} event for card {card_id}")
 
 
-def test_a_run_log_replays_then_follows_live_without_gap_or_duplicate(live_stack: Stack) -> None:
-    alice, ws = live_stack.owner_with_workspace()
+def _begun_run(stack: Stack) -> tuple[ApiClient, UUID, Actor]:
+    """A run on a new card of alice's new workspace, begun by an orchestrator: alice, the run,
+    and the orchestrator acting on it."""
+    alice, ws = stack.owner_with_workspace()
     pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
     card = alice.create_card(pid, "build")["card"]["id"]
-    run = alice.start_agent_run(card)["run"]["id"]
-    write = live_stack.write
+    run_id = UUID(alice.start_agent_run(card)["run"]["id"])
     service = Actor.service("orchestrator", ws)
-    run_id = UUID(run)
-    write.begin_run(m.BeginRun(run_id=run_id, worker="w1"), service)
+    stack.write.begin_run(m.BeginRun(run_id=run_id, worker="w1"), service)
+    return alice, run_id, service
+
+
+def _append(stack: Stack, run_id: UUID, service: Actor, texts: list[str]) -> None:
+    now = datetime.now(UTC)
+    lines = [m.LogLineInput(at=now, text=text) for text in texts]
+    stack.write.append_run_log(m.AppendRunLog(run_id=run_id, lines=lines), service)
+
+
+def test_a_run_log_replays_then_follows_live_without_gap_or_duplicate(live_stack: Stack) -> None:
+    alice, run_id, service = _begun_run(live_stack)
+    run = str(run_id)
+    write = live_stack.write
 
     def append(count: int, label: str) -> None:
         now = datetime.now(UTC)
@@ -126,19 +139,8 @@ def test_a_run_log_replays_then_follows_live_without_gap_or_duplicate(live_stack
 
 
 def test_a_finished_runs_log_replays_and_completes(live_stack: Stack) -> None:
-    alice, ws = live_stack.owner_with_workspace()
-    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
-    card = alice.create_card(pid, "build")["card"]["id"]
-    run_id = UUID(alice.start_agent_run(card)["run"]["id"])
-    service = Actor.service("orchestrator", ws)
-    live_stack.write.begin_run(m.BeginRun(run_id=run_id, worker="w1"), service)
-    live_stack.write.append_run_log(
-        m.AppendRunLog(
-            run_id=run_id,
-            lines=[m.LogLineInput(at=datetime.now(UTC), text=f"line {i}") for i in range(3)],
-        ),
-        service,
-    )
+    alice, run_id, service = _begun_run(live_stack)
+    _append(live_stack, run_id, service, [f"line {i}" for i in range(3)])
     finished = live_stack.write.finish_run(
         m.FinishRun(run_id=run_id, outcome="FAILED", error="boom"), service
     )
@@ -158,27 +160,12 @@ def test_a_chunk_too_large_to_send_live_arrives_whole_and_in_time(make_stack: Ma
     it from the read model on the announcement, not at its next quiet-spell re-read."""
     for broadcaster in ("local", "redis"):
         stack = make_stack(broadcaster=broadcaster, subscription_recheck_seconds=120)
-        alice, ws = stack.owner_with_workspace()
-        pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
-        card = alice.create_card(pid, "build")["card"]["id"]
-        run_id = UUID(alice.start_agent_run(card)["run"]["id"])
-        service = Actor.service("orchestrator", ws)
-        stack.write.begin_run(m.BeginRun(run_id=run_id, worker="w1"), service)
+        alice, run_id, service = _begun_run(stack)
         texts = [f"{i:04d}" + "é" * 1500 for i in range(60)]  # about 180 KB of UTF-8
         with subscribe(stack.ws_url, alice.token, RUN_LOG, {"id": str(run_id)}) as sub:
-            stack.write.append_run_log(
-                m.AppendRunLog(run_id=run_id, lines=[m.LogLineInput(at=datetime.now(UTC),
-                                                                    text="small")]),
-                service,
-            )  # fmt: skip
+            _append(stack, run_id, service, ["small"])
             assert sub.next()["data"]["agentRunLog"] == {"seq": 1, "text": "small"}
-            stack.write.append_run_log(
-                m.AppendRunLog(
-                    run_id=run_id,
-                    lines=[m.LogLineInput(at=datetime.now(UTC), text=t) for t in texts],
-                ),
-                service,
-            )
+            _append(stack, run_id, service, texts)
             got = [sub.next(timeout=20)["data"]["agentRunLog"] for _ in texts]
         assert got == [{"seq": i + 2, "text": text} for i, text in enumerate(texts)]
 
