@@ -217,47 +217,50 @@ class Identity:
         current, session_id, token = outcome
         return self._grant(current, session_id, token)
 
-    def refresh(self, refresh_token: str, *, correlation_id: str = "") -> SessionGrant:
+    def refresh(
+        self, refresh_token: str, *, correlation_id: str = "", session: Session | None = None
+    ) -> SessionGrant:
+        """Rotate the session's token. ``session``: the session as :meth:`session_of` read it
+        for this token, decided on at first rather than read again (a refresh read its session
+        three times); if it changed since, the save is refused as a concurrent change and the
+        refresh is decided again on the session as it is now."""
         session_id, secret = _parse_refresh(refresh_token)
         presented = digest(secret)
         new_secret = secrets.token_urlsafe(32)
+        given = [session] if session is not None and session.id == session_id else []
 
-        def decide(meta: EventMeta) -> tuple[list[Aggregate], bool]:
-            session = self._get(Session, session_id)
-            if session.holds(presented) and session.outlived_password(
-                self._get(User, session.user_id)
-            ):
-                session.revoke("the password was changed since this sign-in", meta=meta)
-                return [session], False
-            rotated = session.rotate(
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], User | None]:
+            current = given.pop() if given else self._get(Session, session_id)
+            # Only a session holding the token can rotate: its user is read for that one alone,
+            # and is the user the grant is for.
+            user = self._get(User, current.user_id) if current.holds(presented) else None
+            if user is not None and current.outlived_password(user):
+                current.revoke("the password was changed since this sign-in", meta=meta)
+                return [current], None
+            rotated = current.rotate(
                 presented, digest(new_secret), now=self._now(), most=self._most_tokens(),
                 meta=meta,
             )  # fmt: skip
-            return [session], rotated
+            return [current], user if rotated else None
 
         try:
-            rotated = self._retrying(str(session_id), correlation_id, decide)
+            user = self._retrying(str(session_id), correlation_id, decide)
         except NotFound:
             raise Unauthenticated("refresh token is not valid") from None
-        if not rotated:
+        if user is None:
             raise Unauthenticated(
                 "refresh token is not valid, spent or revoked, or its session has handed out "
                 "all its tokens; log in again"
             )
-        session = self._get(Session, session_id)
-        try:
-            user = self._get(User, session.user_id)
-        except NotFound:
-            raise Unauthenticated("refresh token is not valid") from None
         return self._grant(user, session_id, new_secret)
 
-    def session_user(self, refresh_token: str) -> UUID:
-        """The user whose session ``refresh_token`` names (its secret unchecked: for counting
-        the refresh against the account before it is made); UNAUTHENTICATED when it names none.
-        """
+    def session_of(self, refresh_token: str) -> Session:
+        """The session ``refresh_token`` names (its secret unchecked: for counting the refresh
+        against its user's account before it is made, then handed to :meth:`refresh`);
+        UNAUTHENTICATED when it names none."""
         session_id, _ = _parse_refresh(refresh_token)
         try:
-            return self._get(Session, session_id).user_id
+            return self._get(Session, session_id)
         except NotFound:
             raise Unauthenticated("refresh token is not valid") from None
 

@@ -158,13 +158,16 @@ class _AuthRoutes:
         # nothing more, as a login refused for its address does.
         await self.runtime.limiter.check(self._address_limit(request))
         try:
-            owner = await self.runtime.offloader.run(lambda: self.identity.session_user(token))
+            # The session is read once: to count against its account, then to rotate.
+            session = await self.runtime.offloader.run(lambda: self.identity.session_of(token))
             # Refreshes count per account at its sign-in rate: each one is a write, and counted
             # per session an account's writes grew with its sessions (a login makes one more).
-            account = self._account_rate(f"refresh-account:{owner}", "account's refreshes")
+            account = self._account_rate(
+                f"refresh-account:{session.user_id}", "account's refreshes"
+            )
             await self.runtime.limiter.check(account)
             grant = await self.runtime.offloader.run(
-                lambda: self.identity.refresh(token, correlation_id=rid)
+                lambda: self.identity.refresh(token, correlation_id=rid, session=session)
             )
         except Unauthenticated:
             await self._limit_address(request)

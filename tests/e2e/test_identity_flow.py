@@ -457,6 +457,31 @@ def test_refreshes_with_a_wrong_secret_do_not_spend_the_sessions_refreshes(
         assert answer.status_code == 200, answer.text
 
 
+def test_a_refresh_reads_its_session_once(
+    http: httpx.Client, auth_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh read its session three times: once to count it against the session's account
+    (before anything is written), again to rotate it, and again after. The session read for
+    the count is the one rotated (a concurrent change since makes the refresh decide again)."""
+    token = signed_in(http, "read-once@example.com")["refreshToken"]
+    session_id = UUID(hex=token.split(".")[0])
+    repository = auth_stack.write.repository
+    get = repository.get
+    loads: list[UUID] = []
+
+    def counted(aggregate_id: UUID, **kwargs: Any) -> Any:
+        loads.append(aggregate_id)
+        return get(aggregate_id, **kwargs)
+
+    monkeypatch.setattr(repository, "get", counted)
+    for _ in range(2):
+        loads.clear()
+        answer = http.post("/auth/refresh", json={"refreshToken": token})
+        assert answer.status_code == 200, answer.text
+        assert loads.count(session_id) == 1, loads
+        token = answer.json()["refreshToken"]
+
+
 def test_mfa_enrolments_are_limited_like_an_accounts_logins(
     module_database_url: str, redis_url: str
 ) -> None:
