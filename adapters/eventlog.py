@@ -46,6 +46,7 @@ from psycopg.sql import SQL, Composed
 from domain.envelope import (
     ENVELOPE_SCHEMA_VERSION,
     UNDECODABLE,
+    UNREAD,
     EventEnvelope,
     envelope_from_event,
 )
@@ -433,16 +434,44 @@ class EventLog:
         aggregates: frozenset[str] | set[str],
         *,
         max_bytes: int | None = None,
+        unread: Collection[str] = frozenset(),
     ) -> tuple[list[EventEnvelope], int, int, bool]:
         """Like :meth:`read_batch`, decoding only the events of ``aggregates`` (what a set of
         projectors follows): those envelopes, the position read up to, how many events were
-        read (followed or not), and whether more may be read at once."""
+        read (followed or not), and whether more may be read at once.
+
+        ``unread``: event types (``"AgentRun.LogChunkAppended"``) whose payload every reader
+        of the batch ignores. Their envelopes are :func:`header_envelope` ones, their stored
+        state not parsed (a run's log chunks, the largest events, were decoded for projectors
+        that only count them), and one that could not be decoded parks nothing."""
         rows, more = self._rows(after, limit, max_bytes)
         if not rows:
             return [], after, 0, False
         aggregate_of = self._aggregate_of
-        envelopes = [self.readable(row) for row in rows if aggregate_of(row[3]) in aggregates]
+        followed = [row for row in rows if aggregate_of(row[3]) in aggregates]
+        if unread:
+            envelopes = [self._read_unless(row, unread) for row in followed]
+        else:
+            envelopes = [self.readable(row) for row in followed]
         return envelopes, rows[-1][0], len(rows), more
+
+    def _read_unless(self, row: Row, unread: Collection[str]) -> EventEnvelope:
+        """The envelope of ``row``, without its payload when its type is ``unread``."""
+        described = self._described(row[3])
+        if described is not None and described[1] in unread:
+            return header_envelope(row, *described)
+        return self.readable(row)
+
+    def _described(self, topic: str) -> tuple[str, str, int] | None:
+        """(aggregate, event type, class version) of ``topic``; None when it does not resolve."""
+        try:
+            if self._fast is not None:
+                return self._fast.describe(topic)
+            cls = resolve_topic(topic)
+        except Exception:  # noqa: BLE001 - a topic that no longer resolves: its type is unknown
+            return None
+        qualname = str(cls.__qualname__)
+        return qualname.split(".", 1)[0], qualname, int(getattr(cls, "class_version", 1))
 
     def between(
         self, originator_id: UUID, *, after_version: int, before_version: int | None
@@ -572,12 +601,10 @@ class EventLog:
         return [cast("Row", row[:5]) for row in sized], more
 
     def _aggregate_of(self, topic: str) -> str:
-        try:
-            if self._fast is not None:
-                return self._fast.describe(topic)[0]
-            return str(resolve_topic(topic).__qualname__).split(".", 1)[0]
-        except Exception:  # noqa: BLE001 - a topic that no longer resolves: read by its name
+        described = self._described(topic)
+        if described is None:  # a topic that no longer resolves: read by its name
             return _qualname_of(topic).split(".", 1)[0]
+        return described[0]
 
     def close(self) -> None:
         """Close the connections of a log opened on its own (:func:`open_event_log`)."""
@@ -638,6 +665,24 @@ _MAX_ERROR = 2000
 
 #: The timestamp of an undecodable envelope whose stored state does not say when it was made.
 UNKNOWN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def header_envelope(row: Row, aggregate: str, event_type: str, version: int) -> EventEnvelope:
+    """The envelope of a stored event read for where it sits and what it is only (see
+    :data:`~domain.envelope.UNREAD`): its state is left as stored."""
+    position, originator_id, originator_version, _, _ = row
+    return EventEnvelope(
+        position=position,
+        originator_id=originator_id,
+        originator_version=originator_version,
+        aggregate=aggregate,
+        type=event_type,
+        event_version=version,
+        timestamp=UNKNOWN_TIME,
+        workspace_id=None,
+        metadata={UNREAD: "its payload is used by none of its readers"},
+        payload={},
+    )
 
 
 def undecodable_envelope(row: Row, error: BaseException) -> EventEnvelope:

@@ -43,6 +43,11 @@ UNDECODABLE = "agentworks.undecodable"
 #: would not fit a Kafka message: its value says why. A consumer reads the event from the store.
 OMITTED = "agentworks.omitted"
 
+#: Metadata key of an envelope read without its stored state (a type whose payload none of its
+#: readers uses, see ``EventLog.read_following``): where it sits and what it is, no payload, no
+#: time nor metadata of its own. Only ever handed to projectors that ignore its type.
+UNREAD = "agentworks.unread"
+
 #: Where an envelope keeps its decoded payload (outside the model's fields: never serialised).
 _EVENT = "_typed_event"
 

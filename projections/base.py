@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import string
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -132,3 +132,10 @@ class Projector(ABC):
     def apply_batch(self, ctx: BatchContext, envelopes: Sequence[EventEnvelope]) -> None:
         """Apply ``envelopes`` (in log order, none of them applied before) to the tables of
         ``ctx``, and note the changes subscribers are told about, in event order."""
+
+
+def unread_by(projectors: Iterable[Projector]) -> frozenset[str]:
+    """The event types whose payload every one of ``projectors`` ignores: a read of the log
+    for them alone need not decode those (``EventLog.read_following``)."""
+    ignored = [frozenset(event.event_type for event in p.ignores) for p in projectors]
+    return frozenset.intersection(*ignored) if ignored else frozenset()

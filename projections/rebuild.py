@@ -46,7 +46,7 @@ from psycopg import sql
 
 from adapters.eventlog import MAX_BATCH_BYTES
 from adapters.postgres import CONNECT_TIMEOUT
-from projections.base import Tables
+from projections.base import Tables, unread_by
 from projections.read_versions import bump_epoch
 from projections.revisions import check_revisions, record_revision
 from projections.runner import ProjectionRunner
@@ -258,12 +258,13 @@ def _replay(
 ) -> tuple[int, int]:
     """Feed the whole log to every runner; returns (position reached, events read)."""
     aggregates = frozenset().union(*(r.projector.aggregates for r in runners))
+    unread = unread_by(r.projector for r in runners)
     position, events = 0, 0
     head = event_log.head()
 
     def read(after: int) -> tuple[list[EventEnvelope], int, int]:
         return event_log.read_following(
-            after, batch_size, aggregates, max_bytes=REBUILD_BATCH_BYTES
+            after, batch_size, aggregates, max_bytes=REBUILD_BATCH_BYTES, unread=unread
         )[:3]
 
     batch, through, count = read(position)

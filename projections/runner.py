@@ -48,7 +48,7 @@ from adapters.outages import is_infrastructure_failure, is_write_race
 from adapters.telemetry import continue_trace
 from domain.envelope import UNDECODABLE
 from domain.errors import UndecodableEvent
-from projections.base import MEMO_DROPPED, BatchContext, Change, Projector, Tables
+from projections.base import MEMO_DROPPED, BatchContext, Change, Projector, Tables, unread_by
 from projections.read_versions import bump as bump_read_versions
 from projections.text import protect
 
@@ -261,6 +261,9 @@ class ProjectionRunner:
         """Told, after each commit, the usage totals the batch committed (the spend counter)."""
         self._lock_key = zlib.crc32(f"projector:{self.tracking_name}".encode()) & 0x7FFFFFFF
         self._exclusive: _Exclusive | None = None
+        self._ignored = unread_by([projector])
+        """The event types the projector ignores: one of them that cannot be decoded parks
+        nothing (its payload is nothing to the projector)."""
         self.max_heal_bytes = MAX_BATCH_BYTES
         """Most bytes of stored events one pass reads to heal gaps (at least one event): what
         a pass leaves waits for the next, which follows at once in the same :meth:`process`."""
@@ -731,10 +734,12 @@ class ProjectionRunner:
         batch of its own, so that the event an error comes from is known."""
         if not envelopes:
             return
+        ignored = self._ignored
         for env in envelopes:
-            if UNDECODABLE in env.metadata:
+            if UNDECODABLE in env.metadata and env.type not in ignored:
                 # Parked as it is, in any mode: a projector would take its empty payload for
-                # an event it has nothing to do with, and pass over it for good.
+                # an event it has nothing to do with, and pass over it for good. (Of a type it
+                # ignores, the payload is nothing to it: passed over as decoded ones are.)
                 raise _Poisoned(env, UndecodableEvent(env.metadata[UNDECODABLE]))
         if not one_by_one:
             self.projector.apply_batch(self._context(cur, changes, spend), envelopes)
