@@ -237,6 +237,15 @@ _MOVE_PARKED = (
 )
 
 
+def _clash_of(error: BaseException) -> tuple[str, ...]:
+    """What a write race met: its kind, the constraint and the key (PostgreSQL's detail names
+    the key's values; a deadlock's names the processes, which differ every time)."""
+    diag = getattr(error, "diag", None)
+    if diag is None:
+        return (type(error).__name__, str(error))
+    return (type(error).__name__, diag.constraint_name or "", diag.message_detail or "")
+
+
 class ProjectionRunner:
     """Feeds one projector; a rebuild gives it its own ``tracking_name`` and ``tables``."""
 
@@ -431,6 +440,7 @@ class ProjectionRunner:
             waiting=tuple(park),
         )
         races = 0
+        clashes: set[tuple[str, ...]] = set()
         done: BatchOutcome | None = None
         while True:
             try:
@@ -439,13 +449,13 @@ class ProjectionRunner:
                 if self._exclusive is not None:
                     # The events applied before it in this transaction were rolled back with it.
                     self._exclusive.drop_memo()
-                if is_write_race(poisoned.error) and self._may_retry_race(races, poisoned):
+                if self._may_retry_race(races, poisoned.error, clashes):
                     races += 1
                     continue
                 self._park(attempt, Parked.of(poisoned.envelope, poisoned.error))
                 continue
             except Exception as error:
-                if is_write_race(error) and self._may_retry_race(races, error):
+                if self._may_retry_race(races, error, clashes):
                     races += 1
                     continue
                 if attempt.one_by_one or is_infrastructure_failure(error):
@@ -478,12 +488,23 @@ class ProjectionRunner:
             error=parked.error,
         )
 
-    def _may_retry_race(self, races: int, error: BaseException) -> bool:
-        """Another worker applied an overlapping delivery first; what it applied is now a
-        duplicate for us, so a retry converges. (An exclusive runner has no such rival, and what
-        its projector remembers across batches may no longer hold: no retry.)"""
-        if self._exclusive is not None or races + 1 >= MAX_ATTEMPTS:
+    def _may_retry_race(
+        self, races: int, error: BaseException, clashes: set[tuple[str, ...]]
+    ) -> bool:
+        """Whether ``error`` is a write race to try again: another worker applied an overlapping
+        delivery first; what it applied is now a duplicate for us, so a retry converges. (An
+        exclusive runner has no such rival, and what its projector remembers across batches may
+        no longer hold: no retry.)
+
+        The same clash again after a retry (``clashes``: those met so far) is no race but the
+        data's (two events with one natural key): it would meet every retry the same way, so it
+        is given up at once."""
+        if not is_write_race(error) or self._exclusive is not None or races + 1 >= MAX_ATTEMPTS:
             return False
+        clash = _clash_of(error)
+        if clash in clashes:
+            return False
+        clashes.add(clash)
         log.warning(
             "projection.batch_retry",
             projector=self.tracking_name,
