@@ -60,11 +60,10 @@ class MessagesLost(Exception):
 class Feed:
     """One subscriber's queue of messages on one channel, read in its own asyncio loop."""
 
-    def __init__(
-        self, channel: str, *, loop: asyncio.AbstractEventLoop, maxsize: int, max_bytes: int
-    ) -> None:
+    def __init__(self, channel: str, *, maxsize: int, max_bytes: int) -> None:
+        """A feed read in the running loop."""
         self.channel = channel
-        self.loop = loop
+        self.loop = asyncio.get_running_loop()
         self._max_bytes = max_bytes
         self._bytes = 0
         # ``None`` in the queue marks the place where messages were dropped.
@@ -129,12 +128,7 @@ class LocalBroadcaster:
 
     @contextlib.asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[Feed]:
-        feed = Feed(
-            channel,
-            loop=asyncio.get_running_loop(),
-            maxsize=self.queue_size,
-            max_bytes=self.queue_bytes,
-        )
+        feed = Feed(channel, maxsize=self.queue_size, max_bytes=self.queue_bytes)
         with self._lock:
             self._feeds.setdefault(channel, set()).add(feed)
         try:
@@ -265,12 +259,7 @@ class RedisBroadcaster:
 
     @contextlib.asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[Feed]:
-        feed = Feed(
-            channel,
-            loop=asyncio.get_running_loop(),
-            maxsize=self.queue_size,
-            max_bytes=self.queue_bytes,
-        )
+        feed = Feed(channel, maxsize=self.queue_size, max_bytes=self.queue_bytes)
         confirmed = self._add(channel, feed)
         try:
             # Shielded: the confirmation is shared with the channel's other feeds.
