@@ -155,19 +155,21 @@ def test_a_finished_runs_log_replays_and_completes(live_stack: Stack) -> None:
     assert seqs == [1, 2, 3]
 
 
-def test_a_chunk_too_large_to_send_live_arrives_whole_and_in_time(make_stack: MakeStack) -> None:
+@pytest.mark.parametrize("broadcaster", ["local", "redis"])
+def test_a_chunk_too_large_to_send_live_arrives_whole_and_in_time(
+    make_stack: MakeStack, broadcaster: str
+) -> None:
     """A large chunk is announced, not sent (``LIVE_LINES_MOST_TEXT``): a live subscriber reads
     it from the read model on the announcement, not at its next quiet-spell re-read."""
-    for broadcaster in ("local", "redis"):
-        stack = make_stack(broadcaster=broadcaster, subscription_recheck_seconds=120)
-        alice, run_id, service = _begun_run(stack)
-        texts = [f"{i:04d}" + "é" * 1500 for i in range(60)]  # about 180 KB of UTF-8
-        with subscribe(stack.ws_url, alice.token, RUN_LOG, {"id": str(run_id)}) as sub:
-            _append(stack, run_id, service, ["small"])
-            assert sub.next()["data"]["agentRunLog"] == {"seq": 1, "text": "small"}
-            _append(stack, run_id, service, texts)
-            got = [sub.next(timeout=20)["data"]["agentRunLog"] for _ in texts]
-        assert got == [{"seq": i + 2, "text": text} for i, text in enumerate(texts)]
+    stack = make_stack(broadcaster=broadcaster, subscription_recheck_seconds=120)
+    alice, run_id, service = _begun_run(stack)
+    texts = [f"{i:04d}" + "é" * 1500 for i in range(60)]  # about 180 KB of UTF-8
+    with subscribe(stack.ws_url, alice.token, RUN_LOG, {"id": str(run_id)}) as sub:
+        _append(stack, run_id, service, ["small"])
+        assert sub.next()["data"]["agentRunLog"] == {"seq": 1, "text": "small"}
+        _append(stack, run_id, service, texts)
+        got = [sub.next(timeout=20)["data"]["agentRunLog"] for _ in texts]
+    assert got == [{"seq": i + 2, "text": text} for i, text in enumerate(texts)]
 
 
 def test_a_websocket_without_a_valid_token_is_refused(stack: Stack) -> None:
