@@ -40,7 +40,8 @@ def include(
     version: int,
 ) -> Reach:  # fmt: skip
     """Whether every one of ``projectors`` has applied the log up to ``position`` and
-    ``aggregate_id`` up to ``version`` (a projector never seen counts as at 0)."""
+    ``aggregate_id`` up to ``version`` (a projector never seen counts as at 0); if not, whether
+    one of them parked the aggregate at or before that version."""
     (reach,) = include_each(conn, [(projectors, aggregate_id, position, version)])
     return reach
 
