@@ -28,6 +28,8 @@ _AWAY = frozenset(
         "Connection failed: %s",
         "%s: Connection lost: %s",
         "%s: socket disconnected",
+        "%s: Error receiving network data closing socket",
+        "%s: Error sending request data: %s",
         "%s: Abort (%s)",
         "%s: Request timed out after %d ms. Closing connection.",
         "Bootstrap %s not ready; waiting %.2f secs",
