@@ -31,45 +31,62 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 
-#: Connections this session may hold at once on the shared PostgreSQL (README, "Tests"): the
-#: peak is measured from the server's side and a session above it fails.
-CONNECTION_BUDGET = int(os.environ.get("AGENTWORKS_TEST_CONNECTION_BUDGET", "48"))
+#: Connections this run may hold at once on the shared PostgreSQL, all its pytest-xdist workers
+#: together (README, "Tests"): the peak is measured from the server's side and a run above it
+#: fails.
+CONNECTION_BUDGET = int(os.environ.get("AGENTWORKS_TEST_CONNECTION_BUDGET", "64"))
 _gauge: pg.ConnectionGauge | None = None
-#: The test each per-test database belongs to, so that a peak names its test, not a random name.
-_database_owner: dict[str, str] = {}
+#: The test each worker (``""`` in a run without workers) is running, so that a peak names its
+#: test, not a random database name.
+_running: dict[str, str] = {}
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The run's process (not a pytest-xdist worker) counts every worker's connections."""
+    global _gauge
+    if _is_worker(session.config):
+        return
+    _gauge = pg.ConnectionGauge(owner=lambda database: _running.get(pg.worker_of(database), ""))
+    _gauge.start()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "setup":
+        node = getattr(report, "node", None)  # the worker that ran it, in the run's process
+        worker = node.workerinput["workerid"] if node is not None else ""
+        _running[worker] = report.nodeid
 
 
 @pytest.fixture(scope="session")
 def postgres() -> None:
-    """PostgreSQL at 127.0.0.1:5432 accepts connections (started if it was down).
-
-    Also drops what crashed sessions left behind, and starts counting this session's
-    connections against :data:`CONNECTION_BUDGET`.
-    """
-    global _gauge
+    """PostgreSQL at 127.0.0.1:5432 accepts connections (started if it was down); drops what
+    crashed runs left behind."""
     pg.ensure_postgres()
-    if _gauge is None:
-        pg.drop_orphans()
-        _gauge = pg.ConnectionGauge()
-        _gauge.start()
+    pg.drop_orphans()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _gauge is None:
         return
     _gauge.stop()
-    leaked = pg.drop_session_databases()
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    over = _gauge.peak > CONNECTION_BUDGET
-    lines = [
-        f"PostgreSQL connections: peak {_gauge.peak} of a budget of {CONNECTION_BUDGET}"
-        " (AGENTWORKS_TEST_CONNECTION_BUDGET), at its peak most in: "
-        f"{_gauge.peak_at} ({_database_owner.get(_gauge.peak_at, 'a session-wide database')})"
-    ]
+    # Every worker has finished: what is left of the run was left by a failed teardown.
+    leaked = pg.drop_session_databases(pg.RUN_PREFIX) if pg.postgres_is_up() else []
+    lines = []
+    if _gauge.peak:  # (none in a run that never connected, such as the unit tests alone)
+        lines.append(
+            f"PostgreSQL connections: peak {_gauge.peak} of a budget of {CONNECTION_BUDGET}"
+            " (AGENTWORKS_TEST_CONNECTION_BUDGET), at its peak most in: "
+            f"{_gauge.peak_at} ({_gauge.peak_owner or 'a session-wide database'})"
+        )
     if leaked:
         lines.append(f"databases a failed teardown left behind, dropped now: {', '.join(leaked)}")
-    if over:
+    if _gauge.peak > CONNECTION_BUDGET:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         for line in lines:
             reporter.write_line(line)
@@ -101,7 +118,6 @@ def clones(migrated_template: str) -> Iterator[pg.Clones]:
 def database_url(clones: pg.Clones, request: pytest.FixtureRequest) -> Iterator[str]:
     """URL of a fresh, migrated database of this test's own; dropped (connections and all)."""
     name = pg.random_name("aw_t_")
-    _database_owner[name] = request.node.nodeid
     with clones.database(name) as url:
         yield url
 

@@ -46,12 +46,26 @@ REDIS_CLAIM_SECONDS = 6 * 3600
 #: Prefix of every database the tests create; set ``AGENTWORKS_TEST_DB_PREFIX`` to keep apart
 #: from other users of a shared server (or from their own naming rules).
 DB_PREFIX = os.environ.get("AGENTWORKS_TEST_DB_PREFIX", "aw_")
-#: The test session's pid, inherited by the processes it spawns, names its databases:
-#: ``<DB_PREFIX><pid>_<kind><random>``. Connections are counted per session by it, and databases
-#: of a session that no longer runs are orphans (see :func:`drop_orphans`).
+#: The test run's pid, inherited by the processes it spawns (pytest-xdist's workers among them),
+#: names its databases: ``<DB_PREFIX><pid>_[<worker>_]<kind><random>``. Connections are counted
+#: per run by it, and databases of a run that no longer runs are orphans (see
+#: :func:`drop_orphans`).
 SESSION_PID = int(os.environ.setdefault("AGENTWORKS_TEST_SESSION_PID", str(os.getpid())))
-SESSION_PREFIX = f"{DB_PREFIX}{SESSION_PID}_"
+#: Every database of this run, whichever of its workers made it.
+RUN_PREFIX = f"{DB_PREFIX}{SESSION_PID}_"
+#: The pytest-xdist worker this process is (``gw0``); empty in a run without workers.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+#: The databases of this process's own session (the whole run's, when it has no workers).
+SESSION_PREFIX = f"{RUN_PREFIX}{WORKER}_" if WORKER else RUN_PREFIX
 _ORPHAN = re.compile(rf"{re.escape(DB_PREFIX)}(\d+)_")
+_WORKER_OF = re.compile(rf"{re.escape(RUN_PREFIX)}(gw\d+)_")
+
+
+def worker_of(database: str) -> str:
+    """The worker of this run that made ``database`` (``""``: the run has no workers)."""
+    found = _WORKER_OF.match(database)
+    return found.group(1) if found else ""
+
 
 #: The password each component's role gets from the test sessions' migrations. The machine's
 #: PostgreSQL trusts local connections and does not check them, but they are set, as in production.
@@ -265,18 +279,18 @@ class Clones:
                 self._ready.append(spare)
 
 
-def session_databases() -> list[str]:
-    """Databases of this test session still on the server."""
+def session_databases(prefix: str = SESSION_PREFIX) -> list[str]:
+    """Databases of this test session (or of the whole run: ``RUN_PREFIX``) still on the server."""
     with admin_connection() as conn:
         rows = conn.execute(
-            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (SESSION_PREFIX,)
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,)
         ).fetchall()
     return [str(row[0]) for row in rows]
 
 
-def drop_session_databases() -> list[str]:
-    """Drop what this session left behind (a teardown that failed); the names dropped."""
-    left = session_databases()
+def drop_session_databases(prefix: str = SESSION_PREFIX) -> list[str]:
+    """Drop what this session (or the run) left behind, a teardown that failed; the names."""
+    left = session_databases(prefix)
     for name in left:
         drop_database(name)
     return left
@@ -308,17 +322,26 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ConnectionGauge:
-    """Samples how many connections this session's databases hold; keeps the peak.
+    """Samples how many connections this run's databases hold; keeps the peak.
 
     The suite promises to stay within a connection budget on a shared server; this measures it
     from the server's side (``pg_stat_activity``), whatever opened them: pools, subprocesses,
-    spawned workers.
+    spawned workers, every pytest-xdist worker of the run (``prefix``). ``owner`` names what held
+    the database with the most connections at the peak, asked then (the test running there).
     """
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(
+        self,
+        interval: float = 0.05,
+        owner: Callable[[str], str] = lambda database: "",
+        prefix: str = RUN_PREFIX,
+    ) -> None:
         self.interval = interval
+        self.owner = owner
+        self.prefix = prefix
         self.peak = 0
         self.peak_at = ""
+        self.peak_owner = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -332,18 +355,26 @@ class ConnectionGauge:
             self._thread.join(10)
 
     def _run(self) -> None:
-        try:
-            with admin_connection() as conn:
-                while not self._stop.wait(self.interval):
-                    row = conn.execute(
-                        "SELECT count(*), string_agg(DISTINCT datname, ',') FROM pg_stat_activity"
-                        " WHERE starts_with(datname, %s)",
-                        (SESSION_PREFIX,),
-                    ).fetchone()
-                    if row is not None and int(row[0]) > self.peak:
-                        self.peak, self.peak_at = int(row[0]), str(row[1])
-        except psycopg.Error:
-            return
+        # The server may be down when the run starts (a fixture starts it): try again until it
+        # is up, and again if it goes away.
+        while not self._stop.is_set():
+            try:
+                with admin_connection() as conn:
+                    while not self._stop.wait(self.interval):
+                        self._sample(conn)
+            except psycopg.Error:
+                self._stop.wait(1.0)
+
+    def _sample(self, conn: psycopg.Connection[TupleRow]) -> None:
+        rows = conn.execute(
+            "SELECT datname, count(*) FROM pg_stat_activity WHERE starts_with(datname, %s)"
+            " GROUP BY datname ORDER BY count(*) DESC",
+            (self.prefix,),
+        ).fetchall()
+        total = sum(int(count) for _, count in rows)
+        if total > self.peak:
+            self.peak, self.peak_at = total, str(rows[0][0])
+            self.peak_owner = self.owner(self.peak_at)
 
 
 def database_exists(name: str) -> bool:

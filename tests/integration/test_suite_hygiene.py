@@ -21,12 +21,14 @@ pytestmark = pytest.mark.slow
 
 
 def run_session(
-    tmp_path: Path, body: str, *, prefix: str, budget: int = 40
+    tmp_path: Path, body: str, *, prefix: str, budget: int = 40, args: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     """Run a pytest session of its own on ``body``, with our fixtures, as CI would."""
     test_file = tmp_path / "test_child.py"
     test_file.write_text(textwrap.dedent(body))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWORKS_")}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AGENTWORKS_", "PYTEST_XDIST_"))
+    }
     env.update(
         PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]),
         AGENTWORKS_TEST_DB_PREFIX=prefix,
@@ -34,7 +36,7 @@ def run_session(
     )
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
-         "--rootdir", str(tmp_path), str(test_file)],
+         "--rootdir", str(tmp_path), *args, str(test_file)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
 
@@ -50,7 +52,9 @@ def databases_named(prefix: str) -> list[str]:
 def test_databases_carry_the_configured_prefix_and_this_sessions_pid() -> None:
     name = pg.random_name("aw_t_")
 
-    assert name.startswith(f"{pg.DB_PREFIX}{pg.SESSION_PID}_t_")
+    worker = f"{pg.WORKER}_" if pg.WORKER else ""
+    assert name.startswith(f"{pg.DB_PREFIX}{pg.SESSION_PID}_{worker}t_")
+    assert pg.worker_of(name) == pg.WORKER
     assert len(name) < 64  # PostgreSQL's identifier limit
 
 
@@ -104,6 +108,47 @@ def test_a_session_over_its_connection_budget_fails_and_says_where(
     assert databases_named(prefix) == []
 
 
+def test_a_run_counts_the_connections_of_all_its_workers_against_one_budget(
+    tmp_path: Path, postgres: None
+) -> None:
+    """Each of two workers holds 3 connections while the other does: 6 for the run."""
+    prefix = f"awworkers{os.getpid()}_"
+    result = run_session(
+        tmp_path,
+        f"""
+        import time, psycopg, pg, pytest
+
+        def held() -> int:
+            with pg.admin_connection() as conn:
+                return conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE starts_with(datname, %s)",
+                    ("{prefix}",),
+                ).fetchone()[0]
+
+        @pytest.mark.parametrize("n", [1, 2])
+        def test_holds_three_while_the_other_worker_does(n, database_url):
+            assert pg.WORKER
+            conns = [psycopg.connect(database_url) for _ in range(3)]
+            deadline = time.monotonic() + 30
+            while held() < 6 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            for conn in conns:
+                conn.close()
+        """,
+        prefix=prefix,
+        budget=5,
+        args=("-n", "2", "--dist", "load"),
+    )
+
+    assert result.returncode == 1, result.stdout
+    assert "2 passed" in result.stdout, result.stdout
+    assert "peak 6 of a budget of 5" in result.stdout, result.stdout
+    assert f"at its peak most in: {prefix}" in result.stdout
+    assert "::test_holds_three_while_the_other_worker_does[" in result.stdout
+    assert databases_named(prefix) == []
+
+
 def test_databases_of_a_crashed_session_are_dropped_by_the_next_one(postgres: None) -> None:
     dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_pid.wait()
@@ -119,7 +164,8 @@ def test_databases_of_a_crashed_session_are_dropped_by_the_next_one(postgres: No
 
 
 def test_the_gauge_counts_this_sessions_connections(database_url: str) -> None:
-    gauge = pg.ConnectionGauge(interval=0.02)
+    name = database_url.rsplit("/", 1)[1]
+    gauge = pg.ConnectionGauge(interval=0.02, owner=lambda database: f"owner of {database}")
     gauge.start()
     conns = [psycopg.connect(database_url) for _ in range(3)]
     try:
@@ -131,4 +177,5 @@ def test_the_gauge_counts_this_sessions_connections(database_url: str) -> None:
             conn.close()
         gauge.stop()
     assert gauge.peak >= 3
-    assert database_url.rsplit("/", 1)[1] in gauge.peak_at
+    assert name == gauge.peak_at or pg.worker_of(gauge.peak_at) != pg.WORKER
+    assert gauge.peak_owner == f"owner of {gauge.peak_at}"
