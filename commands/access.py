@@ -138,7 +138,7 @@ def accept_invitation(app: AgentWorks, cmd: AcceptInvitation, actor: Actor) -> C
         workspace = app.aggregate(Workspace, invitation.workspace_id)
         accepted = invitation.accept(
             actor.user_id,
-            user.email,
+            normalise_email(user.email),  # (stored before A-labels were spelled in Unicode)
             inviter_role=workspace.role_of(invitation.invited_by),
             now=datetime.now(UTC),
             meta=meta,

@@ -42,7 +42,7 @@ from domain.user import (
     User,
     check_password,
     clean_user_name,
-    email_claim_id,
+    email_claim_ids,
     normalise_email,
     oidc_link_id,
 )
@@ -490,11 +490,13 @@ class Identity:
         )
 
     def _user_by_email(self, address: str) -> User | None:
-        try:
-            claim = self._get(EmailClaim, email_claim_id(address))
-            return self._get(User, claim.user_id)
-        except NotFound:
-            return None
+        for claim_id in email_claim_ids(address):
+            try:
+                claim = self._get(EmailClaim, claim_id)
+                return self._get(User, claim.user_id)
+            except NotFound:
+                continue
+        return None
 
     def _user(self, user_id: UUID) -> User:
         try:

@@ -39,21 +39,66 @@ SECOND_FACTOR_GUESSES = frozenset({"wrong code", "code replayed"})
 
 _EMAIL_NAMESPACE = UUID("6f1e3a52-8d0c-4a7e-9b57-2a1f3c4d5e60")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
+#: The prefix of an IDNA A-label: the ASCII form of a domain label in Unicode.
+_ACE = "xn--"
+_UNICODE_LABEL = re.compile(r"[^@\s.\x00\ud800-\udfff]+")
 
 
 def normalise_email(raw: str) -> str:
     """The address as compared and stored: NFKC, trimmed and lower-cased (API.md: addresses
-    compare case-insensitively). Not case-folded: folding also equates letters that are not
-    case variants (ß with ss, final sigma with sigma), which IDNA 2008 keeps apart, so the
-    owner of one address (straße.de) would have claimed another's (strasse.de)."""
+    compare case-insensitively), its domain's A-labels (``xn--…``) spelled as the Unicode labels
+    they encode (one mailbox, ``bücher.example`` or ``xn--bcher-kva.example``, one claim). Not
+    case-folded: folding also equates letters that are not case variants (ß with ss, final sigma
+    with sigma), which IDNA 2008 keeps apart, so the owner of one address (straße.de) would have
+    claimed another's (strasse.de)."""
     lowered = unicodedata.normalize("NFKC", raw).strip().lower()
     email = unicodedata.normalize("NFKC", lowered)  # lowering may decompose: compose again
     if len(email) > MAX_EMAIL_LENGTH:
         raise ValidationFailed(f"email is {len(email)} characters; at most {MAX_EMAIL_LENGTH}")
     if not _EMAIL.fullmatch(email):
         raise ValidationFailed("email must look like name@example.com")
+    local, _, domain = email.partition("@")
+    email = f"{local}@{'.'.join(map(_unicode_label, domain.split('.')))}"
     # NUL cannot be stored, a lone surrogate has no UTF-8 form for the claim's id (uuid5).
     return storable_text(email, what="email")
+
+
+def _unicode_label(label: str) -> str:
+    """The Unicode label an A-label encodes; any other label as it is. An ``xn--`` label that
+    encodes nothing an encoder would have written (bad Punycode, ASCII only, a form that
+    normalising changes, a dot, NUL, not the encoding of what it decodes to) stays as typed:
+    it names no other spelling of a domain."""
+    if not label.startswith(_ACE) or not label.isascii():
+        return label
+    encoded = label.removeprefix(_ACE)
+    try:
+        decoded = encoded.encode("ascii").decode("punycode")
+    except UnicodeError:
+        return label
+    normal = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", decoded).lower())
+    if (
+        decoded != normal
+        or decoded.isascii()
+        or not _UNICODE_LABEL.fullmatch(decoded)
+        or decoded.encode("punycode") != encoded.encode("ascii")
+    ):
+        return label
+    return decoded
+
+
+def email_claim_ids(email: str) -> list[UUID]:
+    """The ids a claim on a normalised address may have, its own first. Before 2026-12-07 an
+    address kept its domain as typed, so one typed with A-labels was claimed under that
+    spelling: the second id. (A domain typed half in A-labels, half in Unicode, is not looked
+    for: that would be a spelling per mix of its labels.)"""
+    local, _, domain = email.partition("@")
+    if domain.isascii():
+        return [email_claim_id(email)]
+    ascii_domain = ".".join(
+        label if label.isascii() else _ACE + label.encode("punycode").decode("ascii")
+        for label in domain.split(".")
+    )
+    return [email_claim_id(email), email_claim_id(f"{local}@{ascii_domain}")]
 
 
 def email_claim_id(email: str) -> UUID:

@@ -6,11 +6,15 @@ from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
 import pytest
+from aw_builders import World
 
+from commands.access import AcceptInvitation, InviteMember, accept_invitation, invite_member
+from commands.handlers import USER_SCOPE, Actor
 from domain.access import ApiKey, Invitation
 from domain.errors import Forbidden, InvalidTransition, ValidationFailed
 from domain.meta import EventMeta
 from domain.roles import Role
+from domain.user import User
 
 WORKSPACE = UUID(int=7)
 META = EventMeta.for_command(workspace_id=WORKSPACE, actor="owner")
@@ -87,3 +91,35 @@ def test_api_key_names_are_checked_and_revocation_is_idempotent() -> None:
     key.revoke(meta=META)
     assert key.revoked_at == first
     assert first is not None
+
+
+def test_an_account_stored_with_a_labels_accepts_an_invitation_to_its_unicode_spelling() -> None:
+    """Accounts made before addresses spelled their domain in Unicode keep the spelling they
+    were typed in; an invitation to the same mailbox in the other spelling is theirs."""
+    world = World.build()
+    user_id = uuid4()
+    # As sign-up stored it then: the address as typed (register() now normalises it).
+    meta = EventMeta.for_command(workspace_id="", actor=str(user_id)).as_dict()
+    user = User._create(
+        User.Registered, id=user_id, email="bob@xn--bcher-kva.example", name="Bob",
+        password_hash=None, meta=meta,
+    )  # fmt: skip
+    world.app.save(user)
+    assert world.app.repository.get(user_id).email == "bob@xn--bcher-kva.example"
+    issued = invite_member(
+        world.app,
+        InviteMember(
+            workspace_id=world.workspace_id, email="Bob@B\u00dcCHER.example", role="MEMBER"
+        ),
+        world.owner,
+    )
+    assert issued.secret is not None
+
+    accept_invitation(
+        world.app,
+        AcceptInvitation(token=issued.secret),
+        Actor(user_id=str(user_id), workspace_id=USER_SCOPE),
+    )
+
+    workspace = world.app.repository.get(world.workspace_id)
+    assert workspace.role_of(str(user_id)) is Role.MEMBER

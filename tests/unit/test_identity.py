@@ -7,11 +7,11 @@ computed by the RFC 6238 algorithm, real Fernet sealing; only the clock is the t
 from __future__ import annotations
 
 from collections.abc import Callable
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from credentials import rfc6238
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from identities import cheap_identity
 
@@ -24,7 +24,15 @@ from domain.errors import (
     Unauthenticated,
     ValidationFailed,
 )
-from domain.user import Session, email_claim_id, normalise_email
+from domain.meta import EventMeta
+from domain.user import (
+    EmailClaim,
+    Session,
+    User,
+    email_claim_id,
+    email_claim_ids,
+    normalise_email,
+)
 from tests.unit.aw_builders import new_app
 
 PASSWORD = "correct horse battery"
@@ -281,6 +289,66 @@ def test_addresses_only_case_folding_makes_equal_stay_two(one: str, other: str) 
     """ß and ς are letters of their own in IDNA 2008 (straße.de is not strasse.de); folding
     them (to ss, sigma) let the holder of one address claim another's."""
     assert normalise_email(one) != normalise_email(other)
+
+
+@pytest.mark.parametrize(
+    ("a_labels", "in_unicode"),
+    [
+        ("Bob@XN--BCHER-KVA.example", "bob@b\u00fccher.example"),
+        ("a@xn--strae-oqa.de", "a@stra\u00dfe.de"),
+        ("a@mail.xn--ls8h.la", "a@mail.\U0001f4a9.la"),
+    ],
+)
+def test_an_address_typed_in_a_labels_is_the_one_typed_in_unicode(
+    a_labels: str, in_unicode: str
+) -> None:
+    """One mailbox: its domain spelled in IDNA A-labels or in Unicode is one claim."""
+    assert normalise_email(a_labels) == normalise_email(in_unicode) == in_unicode
+    assert normalise_email("a@xn--strae-oqa.de") != normalise_email("a@strasse.de")
+
+
+@pytest.mark.parametrize("typed", ["a@xn--abc-.de", "a@xn--.de", "a@xn--wca.de", "a@xn--99999.de"])
+def test_an_a_label_that_encodes_no_unicode_label_stays_as_typed(typed: str) -> None:
+    """ASCII only, empty, an upper-case letter (``Ü``), not Punycode: no other spelling."""
+    assert normalise_email(typed) == typed
+    assert email_claim_ids(typed) == [email_claim_id(typed)]
+
+
+@given(st.text(st.characters(categories=["Ll", "Lu", "Lo", "Mn", "Nd"]), min_size=1, max_size=15))
+def test_a_unicode_label_and_its_a_label_are_one_address(label: str) -> None:
+    try:
+        email = normalise_email(f"u@{label}.example")
+    except ValidationFailed:
+        return
+    in_unicode = email.split("@")[1].split(".")[0]
+    assume(not in_unicode.isascii())
+    a_label = "xn--" + in_unicode.encode("punycode").decode("ascii")
+    spelled = email.replace(f"@{in_unicode}.", f"@{a_label}.", 1)
+
+    assert normalise_email(spelled) == email
+    assert normalise_email(email) == email
+    assert email_claim_ids(email) == [email_claim_id(email), email_claim_id(spelled)]
+
+
+def test_an_account_claimed_under_its_a_label_spelling_signs_in_under_both(
+    identity: Identity,
+) -> None:
+    """Before addresses spelled their domain in Unicode, sign-up claimed the address as typed:
+    such an account still signs in, whichever spelling is typed, and no second one is made."""
+    typed_then = "bob@xn--bcher-kva.example"
+    user_id = uuid4()
+    meta = EventMeta.for_command(workspace_id="", actor=str(user_id))
+    # As sign-up stored them then: the address as typed (register() now normalises it).
+    user = User._create(
+        User.Registered, id=user_id, email=typed_then, name="Bob",
+        password_hash=identity.passwords.hash(PASSWORD), meta=meta.as_dict(),
+    )  # fmt: skip
+    identity.app.save(user, EmailClaim.claim(email=typed_then, user_id=user_id, meta=meta))
+
+    for typed in ["bob@b\u00fccher.example", "Bob@XN--BCHER-KVA.example"]:
+        assert identity.login(email=typed, password=PASSWORD).user.id == user_id
+        with pytest.raises(Duplicate):
+            identity.signup(email=typed, password="another password!", name="Eve")
 
 
 def test_session_rotation_rules_directly() -> None:
