@@ -459,7 +459,10 @@ class EventLog:
         """The envelope of ``row``, without its payload when its type is ``unread``."""
         described = self._described(row[3])
         if described is not None and described[1] in unread:
-            return header_envelope(row, *described)
+            position, originator_id, originator_version, _, _ = row
+            return header_envelope(
+                position, originator_id, originator_version, described[1], described[2]
+            )
         return self.readable(row)
 
     def _described(self, topic: str) -> tuple[str, str, int] | None:
@@ -667,19 +670,25 @@ _MAX_ERROR = 2000
 UNKNOWN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def header_envelope(row: Row, aggregate: str, event_type: str, version: int) -> EventEnvelope:
-    """The envelope of a stored event read for where it sits and what it is only (see
-    :data:`~domain.envelope.UNREAD`): its state is left as stored."""
-    position, originator_id, originator_version, _, _ = row
+def header_envelope(
+    position: int,
+    originator_id: UUID,
+    originator_version: int,
+    event_type: str,
+    event_version: int,
+    workspace_id: UUID | None = None,
+) -> EventEnvelope:
+    """The envelope of an event read for where it sits and what it is only (see
+    :data:`~domain.envelope.UNREAD`): its state is left as stored (or as delivered)."""
     return EventEnvelope(
         position=position,
         originator_id=originator_id,
         originator_version=originator_version,
-        aggregate=aggregate,
+        aggregate=event_type.split(".", 1)[0],
         type=event_type,
-        event_version=version,
+        event_version=event_version,
         timestamp=UNKNOWN_TIME,
-        workspace_id=None,
+        workspace_id=workspace_id,
         metadata={UNREAD: "its payload is used by none of its readers"},
         payload={},
     )

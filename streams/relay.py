@@ -21,15 +21,16 @@ from __future__ import annotations
 import json
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+from uuid import UUID
 
 import psycopg
 import structlog
 from opentelemetry.trace import SpanKind
 
-from adapters.eventlog import MAX_BATCH_BYTES
+from adapters.eventlog import MAX_BATCH_BYTES, header_envelope
 from adapters.metrics import BROKER_LOG_LOST
 from adapters.outages import OUTAGES, is_connection_error, is_database_error, is_outage
 from adapters.postgres import login_url
@@ -275,9 +276,30 @@ def headers_for(envelope: EventEnvelope, traceparent: str = "") -> list[tuple[st
     return [
         ("type", envelope.type.encode()),
         ("position", str(envelope.position).encode()),
+        ("originator", str(envelope.originator_id).encode()),
+        ("version", str(envelope.originator_version).encode()),
+        ("event-version", str(envelope.event_version).encode()),
         ("traceparent", (traceparent or envelope.traceparent).encode(errors="replace")),
         ("workspace", str(envelope.workspace_id or "").encode()),
     ]
+
+
+def envelope_of_headers(headers: Mapping[str, bytes]) -> EventEnvelope | None:
+    """The envelope a message's headers describe, without its payload: enough for a reader
+    that does not use it (:data:`~domain.envelope.UNREAD`) to keep its place. ``None`` when the
+    headers do not say it all (a message of a relay before they did, or another producer's)."""
+    try:
+        workspace = headers.get("workspace", b"").decode()
+        return header_envelope(
+            int(headers["position"]),
+            UUID(headers["originator"].decode()),
+            int(headers["version"]),
+            headers["type"].decode(),
+            int(headers["event-version"]),
+            UUID(workspace) if workspace else None,
+        )
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
 
 
 @dataclass(eq=False)

@@ -15,7 +15,7 @@ published an interval ago and never delivered: a dropped message, or a broker th
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import structlog
 
@@ -24,10 +24,12 @@ from adapters.kafka import faust_settings
 from adapters.outages import is_outage
 from domain.envelope import OMITTED, TOPIC_BY_AGGREGATE, EventEnvelope
 from projections.sweep import ProjectionSweep
+from streams.relay import envelope_of_headers
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Sequence
+    from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
+    from faust.streams import Stream
     from faust.types import TP, AppT, StreamT
 
     from adapters.eventlog import EventLog
@@ -54,14 +56,29 @@ def consumer_group(projector_name: str, prefix: str = "") -> str:
     return f"{prefix}agentworks-projector-{projector_name}"
 
 
-def decode_batch(values: Iterable[bytes]) -> list[EventEnvelope]:
+def decode_batch(
+    values: Sequence[bytes],
+    *,
+    headers: Sequence[Mapping[str, bytes]] = (),
+    unread: Collection[str] = frozenset(),
+) -> list[EventEnvelope]:
     """Envelopes of one delivered batch in global order (per-aggregate order follows).
+
+    A message whose ``headers`` (one mapping a message, when given) name a type in ``unread``
+    (whose payload the projector ignores, a run's log chunks for the board) is not decoded:
+    its headers say all it needs (:func:`~streams.relay.envelope_of_headers`).
 
     A message that is not an envelope (another producer's, or garbled) is logged and left out:
     raised, it crashed the worker's agent, which then consumed nothing more, for any tenant.
     Any event it may have carried is still in the store, where the sweep finds it."""
     envelopes = []
-    for value in values:
+    for index, value in enumerate(values):
+        told = headers[index] if unread and headers else None
+        if told is not None and _header_text(told, "type") in unread:
+            described = envelope_of_headers(told)
+            if described is not None:
+                envelopes.append(described)
+                continue
         try:
             envelopes.append(EventEnvelope.from_bytes(value))
         except (ValueError, TypeError) as error:  # (pydantic's ValidationError is a ValueError)
@@ -72,6 +89,11 @@ def decode_batch(values: Iterable[bytes]) -> list[EventEnvelope]:
             )
     envelopes.sort(key=lambda e: e.position)
     return envelopes
+
+
+def _header_text(headers: Mapping[str, bytes], name: str) -> str:
+    value = headers.get(name)
+    return value.decode(errors="replace") if isinstance(value, bytes) else ""
 
 
 #: A delivered message holding an envelope published without its payload (its text; a payload
@@ -234,11 +256,20 @@ def build_worker_app(
     def process(envelopes: list[EventEnvelope]) -> BatchOutcome:
         return runner.process(read_omitted(envelopes, runner.log))
 
+    unread = frozenset(event.event_type for event in runner.projector.ignores)
+
     @app.agent(topics, name=f"project-{runner.projector.name}")
     async def project(stream: StreamT[bytes]) -> None:
-        async for values in stream.take(BATCH_SIZE, within=BATCH_WITHIN_SECONDS):
+        # (faust's StreamT stub does not name take_events; its Stream has it.)
+        batches = cast("Stream[bytes]", stream).take_events(BATCH_SIZE, BATCH_WITHIN_SECONDS)
+        async for events in batches:
+            values = [event.value for event in events]
+            headers = [event.headers for event in events]
+            start = 0
             for part in delivered_parts(values):
-                await apply_part(decode_batch(part))
+                told = headers[start : start + len(part)]
+                start += len(part)
+                await apply_part(decode_batch(part, headers=told, unread=unread))
 
     async def apply_part(envelopes: list[EventEnvelope]) -> None:
         """Apply one part of a delivered batch, retrying until it is applied."""
