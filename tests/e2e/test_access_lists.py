@@ -12,6 +12,7 @@ from uuid import UUID, uuid4
 import httpx
 import pg
 import psycopg
+import pytest
 from api_client import wait_for
 from e2e_stack import Stack
 from test_invitations_and_api_keys import (
@@ -253,6 +254,7 @@ def test_another_tenant_sees_none_of_them(http: httpx.Client, auth_stack: Stack)
     assert len(invitations(http, owner, workspace_id, seen)) == 1
 
 
+@pytest.mark.many_connections
 def test_the_lists_survive_a_rebuild(http: httpx.Client, auth_stack: Stack) -> None:
     owner, workspace_id, _, admin, _ = owner_and_admin(http, "rebuilt.test", "Rebuilt")
     made = [new_key(http, admin, workspace_id, f"r{i}", "VIEWER") for i in range(3)]

@@ -87,6 +87,7 @@ def race(app: AgentWorks, board: Board, card_ids: list[UUID], database_url: str)
     return outcomes
 
 
+@pytest.mark.many_connections
 @pytest.mark.slow
 def test_concurrent_moves_keep_wip_limits_at_every_version_and_lose_no_event(
     write_side: AgentWorks, board: Board, database_url: str

@@ -79,6 +79,7 @@ def dev(
             process.wait(10)
 
 
+@pytest.mark.many_connections
 def test_the_first_write_after_dev_is_ready_reads_back_fresh(
     dev: tuple[subprocess.Popen[bytes], int, Path],
 ) -> None:

@@ -83,6 +83,7 @@ def _partition_of(workspace_id: UUID) -> int:
     return (murmur2(str(workspace_id).encode()) & 0x7FFFFFFF) % PARTITIONS
 
 
+@pytest.mark.many_connections
 def test_two_workers_of_one_projector_split_the_partitions_and_survive_one_leaving(
     stack: KafkaStack, tmp_path: Path
 ) -> None:

@@ -159,6 +159,7 @@ def test_interrupted_rebuild_leaves_the_live_tables_untouched(
     assert live[0] > 0
 
 
+@pytest.mark.many_connections
 @pytest.mark.slow
 def test_reads_keep_answering_and_writes_keep_landing_during_a_rebuild(
     database_url: str, read_side: ReadSide, write_side: AgentWorks
@@ -231,6 +232,7 @@ def _two_boards(app: AgentWorks, read_side: ReadSide) -> tuple[Board, Board]:
     return first, second
 
 
+@pytest.mark.many_connections
 def test_a_commit_bumps_the_workspaces_it_applied_and_no_other(
     database_url: str, read_side: ReadSide, write_side: AgentWorks
 ) -> None:

@@ -40,6 +40,7 @@ def readyz_once(serve: Agentworks, status: int, timeout: float = 30) -> httpx.Re
     return answer
 
 
+@pytest.mark.many_connections
 def test_serve_alone_names_what_it_lacks_and_turns_not_ready_when_lag_stops_moving(
     tmp_path: Path, database_url: str, running: list[Agentworks]
 ) -> None:

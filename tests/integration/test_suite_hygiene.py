@@ -149,6 +149,31 @@ def test_a_run_counts_the_connections_of_all_its_workers_against_one_budget(
     assert databases_named(prefix) == []
 
 
+def test_tests_of_many_connections_never_run_at_once_on_two_workers(tmp_path: Path) -> None:
+    times = tmp_path / "times"
+    result = run_session(
+        tmp_path,
+        f"""
+        import time, pytest
+
+        @pytest.mark.many_connections
+        @pytest.mark.parametrize("n", [1, 2])
+        def test_holds_many(n):
+            began = time.monotonic()
+            time.sleep(1.0)
+            with open({str(times)!r}, "a") as out:
+                out.write(f"{{began}} {{time.monotonic()}}\\n")
+        """,
+        prefix=f"awalone{os.getpid()}_",
+        args=("-n", "2", "--dist", "load"),
+    )
+
+    assert result.returncode == 0, result.stdout
+    spans = sorted(tuple(map(float, line.split())) for line in times.read_text().splitlines())
+    assert len(spans) == 2
+    assert spans[0][1] <= spans[1][0], f"two tests of many connections ran at once: {spans}"
+
+
 def test_databases_of_a_crashed_session_are_dropped_by_the_next_one(postgres: None) -> None:
     dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_pid.wait()
