@@ -82,70 +82,68 @@ def test_a_failed_teardown_leaks_no_database(tmp_path: Path, postgres: None) -> 
     assert databases_named(prefix) == []
 
 
-def test_a_session_over_its_connection_budget_fails_and_says_where(
-    tmp_path: Path, postgres: None
+_FIVE_AT_ONCE = """
+    import time, psycopg
+
+    def test_holds_five_connections(database_url):
+        conns = [psycopg.connect(database_url) for _ in range(5)]
+        time.sleep(1)
+        for conn in conns:
+            conn.close()
+    """
+
+#: Each of two workers holds 3 connections while the other does: 6 for the run.
+_THREE_ON_EACH_WORKER = """
+    import time, psycopg, pg, pytest
+
+    def held() -> int:
+        with pg.admin_connection() as conn:
+            return conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE starts_with(datname, %s)",
+                (pg.RUN_PREFIX,),
+            ).fetchone()[0]
+
+    @pytest.mark.parametrize("n", [1, 2])
+    def test_holds_three_while_the_other_worker_does(n, database_url):
+        assert pg.WORKER
+        conns = [psycopg.connect(database_url) for _ in range(3)]
+        deadline = time.monotonic() + 30
+        while held() < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        for conn in conns:
+            conn.close()
+    """
+
+
+@pytest.mark.parametrize(
+    ("body", "args", "budget", "said"),
+    [
+        (_FIVE_AT_ONCE, (), 3, ["1 passed", "peak 5 of a budget of 3", "::test_holds_five_"]),
+        (
+            _THREE_ON_EACH_WORKER,
+            ("-n", "2", "--dist", "load"),
+            5,
+            ["2 passed", "peak 6 of a budget of 5", "::test_holds_three_while_the_other_"],
+        ),
+    ],
+    ids=["one process", "two workers"],
+)
+def test_a_run_over_its_connection_budget_fails_and_says_where(
+    tmp_path: Path,
+    postgres: None,
+    body: str,
+    args: tuple[str, ...],
+    budget: int,
+    said: list[str],
 ) -> None:
+    """The budget is the run's, all its workers' connections together."""
     prefix = f"awbudget{os.getpid()}_"
-    result = run_session(
-        tmp_path,
-        """
-        import time, psycopg
-
-        def test_holds_five_connections(database_url):
-            conns = [psycopg.connect(database_url) for _ in range(5)]
-            time.sleep(1)
-            for conn in conns:
-                conn.close()
-        """,
-        prefix=prefix,
-        budget=3,
-    )
+    result = run_session(tmp_path, body, prefix=prefix, budget=budget, args=args)
 
     assert result.returncode == 1, result.stdout
-    assert "1 passed" in result.stdout
-    assert "peak 5 of a budget of 3" in result.stdout, result.stdout
+    assert [text for text in said if text not in result.stdout] == [], result.stdout
     assert f"at its peak most in: {prefix}" in result.stdout
-    assert databases_named(prefix) == []
-
-
-def test_a_run_counts_the_connections_of_all_its_workers_against_one_budget(
-    tmp_path: Path, postgres: None
-) -> None:
-    """Each of two workers holds 3 connections while the other does: 6 for the run."""
-    prefix = f"awworkers{os.getpid()}_"
-    result = run_session(
-        tmp_path,
-        f"""
-        import time, psycopg, pg, pytest
-
-        def held() -> int:
-            with pg.admin_connection() as conn:
-                return conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE starts_with(datname, %s)",
-                    ("{prefix}",),
-                ).fetchone()[0]
-
-        @pytest.mark.parametrize("n", [1, 2])
-        def test_holds_three_while_the_other_worker_does(n, database_url):
-            assert pg.WORKER
-            conns = [psycopg.connect(database_url) for _ in range(3)]
-            deadline = time.monotonic() + 30
-            while held() < 6 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.5)
-            for conn in conns:
-                conn.close()
-        """,
-        prefix=prefix,
-        budget=5,
-        args=("-n", "2", "--dist", "load"),
-    )
-
-    assert result.returncode == 1, result.stdout
-    assert "2 passed" in result.stdout, result.stdout
-    assert "peak 6 of a budget of 5" in result.stdout, result.stdout
-    assert f"at its peak most in: {prefix}" in result.stdout
-    assert "::test_holds_three_while_the_other_worker_does[" in result.stdout
     assert databases_named(prefix) == []
 
 
