@@ -127,7 +127,7 @@ def clones(migrated_template: str) -> Iterator[pg.Clones]:
 
 
 @pytest.fixture
-def database_url(clones: pg.Clones, request: pytest.FixtureRequest) -> Iterator[str]:
+def database_url(clones: pg.Clones) -> Iterator[str]:
     """URL of a fresh, migrated database of this test's own; dropped (connections and all)."""
     name = pg.random_name("aw_t_")
     with clones.database(name) as url:
