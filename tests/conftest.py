@@ -10,6 +10,7 @@ The helpers behind them live in ``tests/pg.py`` (``import pg``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -83,6 +84,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _gauge is None:
         return
     _gauge.stop()
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(pg.many_connections_lock())
     # Every worker has finished: what is left of the run was left by a failed teardown.
     leaked = pg.drop_session_databases(pg.RUN_PREFIX) if pg.postgres_is_up() else []
     lines = []

@@ -388,13 +388,17 @@ class ConnectionGauge:
         return sorted(self.most_by.items(), key=lambda item: -item[1])[:n]
 
 
+def many_connections_lock() -> str:
+    """The run's lock file of :func:`alone_among_many_connections` (removed when the run ends)."""
+    return os.path.join(tempfile.gettempdir(), f"agentworks-tests-{SESSION_PID}.many-connections")
+
+
 @contextlib.contextmanager
 def alone_among_many_connections() -> Iterator[None]:
     """Held while a test of many connections runs: no other such test of this run (on another
     worker) runs meanwhile, so the run's peak stays one such test's plus ordinary ones. A lock
     on a file named for the run: other runs on the machine keep their own budget."""
-    path = os.path.join(tempfile.gettempdir(), f"agentworks-tests-{SESSION_PID}.many-connections")
-    with open(path, "a") as held:
+    with open(many_connections_lock(), "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         try:
             yield

@@ -33,6 +33,7 @@ def run_session(
         PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]),
         AGENTWORKS_TEST_DB_PREFIX=prefix,
         AGENTWORKS_TEST_CONNECTION_BUDGET=str(budget),
+        TMPDIR=str(tmp_path),  # (where the child leaves any file of its own)
     )
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
@@ -167,6 +168,7 @@ def test_tests_of_many_connections_never_run_at_once_on_two_workers(tmp_path: Pa
     )
 
     assert result.returncode == 0, result.stdout
+    assert list(tmp_path.glob("*.many-connections")) == [], "the run left its lock file behind"
     spans = sorted(tuple(map(float, line.split())) for line in times.read_text().splitlines())
     assert len(spans) == 2
     assert spans[0][1] <= spans[1][0], f"two tests of many connections ran at once: {spans}"
