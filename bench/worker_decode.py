@@ -26,6 +26,7 @@ from uuid import uuid4
 
 from bench._provenance import Provenance
 from domain.envelope import EventEnvelope
+from projections.base import unread_by
 from projections.kanban import KanbanProjector
 from streams.relay import headers_for
 from streams.worker import BATCH_SIZE, decode_batch
@@ -70,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
 
     provenance = Provenance.start()
-    unread = frozenset(event.event_type for event in KanbanProjector().ignores)
+    unread = unread_by([KanbanProjector()])
     batches = [_batch(n * BATCH_SIZE + 1, args.lines) for n in range(args.batches)]
     delivered = [
         ([env.to_bytes() for env in batch], [dict(headers_for(env)) for env in batch])

@@ -23,6 +23,7 @@ from adapters.eventlog import MAX_BATCH_BYTES, byte_bounded
 from adapters.kafka import faust_settings
 from adapters.outages import is_outage
 from domain.envelope import OMITTED, TOPIC_BY_AGGREGATE, EventEnvelope
+from projections.base import unread_by
 from projections.sweep import ProjectionSweep
 from streams.relay import envelope_of_headers
 
@@ -256,7 +257,7 @@ def build_worker_app(
     def process(envelopes: list[EventEnvelope]) -> BatchOutcome:
         return runner.process(read_omitted(envelopes, runner.log))
 
-    unread = frozenset(event.event_type for event in runner.projector.ignores)
+    unread = unread_by([runner.projector])
 
     @app.agent(topics, name=f"project-{runner.projector.name}")
     async def project(stream: StreamT[bytes]) -> None:
