@@ -2,14 +2,19 @@
 
 One hash per workspace-month (``agentworks:holds:<workspace>:<month>``); each field is a hold
 (named by the id its call's charge will have), valued ``<micro-USD>:<lapses at, ms since the
-epoch>``. The decision runs inside Redis as one Lua script, so deciding and recording are atomic
-across processes: two orchestrators can never both take the same room. The script mirrors
+epoch>``. A settled hold (its charge written) has a marker beside it, ``settled:<hold>``, valued
+``0:<lapses at>``: a field that a script of the version before markers reads as a hold of
+nothing, so orchestrators of both versions can share one Redis while one replaces the other.
+The decision runs inside Redis as one Lua script, so deciding and recording are atomic across
+processes: two orchestrators can never both take the same room. The script mirrors
 ``domain.budget_holds.decide_hold`` exactly; a test holds the two equal.
 
 The month's usage is the larger of the request's reading and the spend counter beside the holds
 (``adapters.spend_counter``), read in the same script: the billing projector raises that counter
 and drops the holds of the charges it counted in one step of its own, so at any instant each
-charge is in the counter or in a hold, never in neither.
+charge is in the counter or in a hold, never in neither. A settled hold that lapses before its
+charge is counted leaves the charge in the write model's usage, which the request carries: the
+month counts as spent at least that much, less the settled holds still kept.
 
 Expired fields (a dead orchestrator's holds) are dropped by the next decision on that month.
 """
@@ -32,8 +37,12 @@ if TYPE_CHECKING:
 
     import redis.asyncio
 
+#: The prefix of a settled hold's marker field.
+SETTLED = "settled:"
+
 #: KEYS[1] the month's holds, KEYS[2] its spend counter. ARGV: hold, want, floor, spent,
-#: limit (-1: none), run_room ("none" or an integer that may be negative), now ms, ttl ms.
+#: limit (-1: none), run_room ("none" or an integer that may be negative), now ms, ttl ms,
+#: written (the write model's usage; absent from a caller of the version before it: 0).
 #: Returns {granted or -1, room or "none"}.
 _HOLD = """
 local key = KEYS[1]
@@ -45,6 +54,7 @@ local limit = tonumber(ARGV[5])
 local run_room = ARGV[6]
 local now = tonumber(ARGV[7])
 local ttl = tonumber(ARGV[8])
+local written = tonumber(ARGV[9] or '0')
 -- Lua writes a number with 14 significant digits ("1e+14"): amounts go out as %.0f, exact
 -- for every integer a double holds exactly.
 local function text(n) return string.format('%.0f', n) end
@@ -52,6 +62,8 @@ local counted = tonumber(redis.call('GET', KEYS[2]) or '0')
 if counted > spent then spent = counted end
 local elsewhere = 0
 local latest = now + ttl
+local held = {}
+local markers = {}
 local fields = redis.call('HGETALL', key)
 for i = 1, #fields, 2 do
   local sep = string.find(fields[i + 1], ':', 1, true)
@@ -59,11 +71,25 @@ for i = 1, #fields, 2 do
   local lapses = tonumber(string.sub(fields[i + 1], sep + 1))
   if lapses <= now then
     redis.call('HDEL', key, fields[i])
-  elseif fields[i] ~= run then
-    elsewhere = elsewhere + amount
+  else
     if lapses > latest then latest = lapses end
+    if string.sub(fields[i], 1, 8) == 'settled:' then
+      markers[string.sub(fields[i], 9)] = fields[i]
+    elseif fields[i] ~= run then
+      elsewhere = elsewhere + amount
+      held[fields[i]] = amount
+    end
   end
 end
+local settled = 0
+for hold, marker in pairs(markers) do
+  if held[hold] ~= nil then
+    settled = settled + held[hold]
+  elseif hold ~= run then
+    redis.call('HDEL', key, marker)
+  end
+end
+if written - settled > spent then spent = written - settled end
 local room = nil
 if limit >= 0 then room = limit - spent - elsewhere end
 if run_room ~= 'none' then
@@ -71,6 +97,7 @@ if run_room ~= 'none' then
   if room == nil or r < room then room = r end
 end
 if room == nil then
+  redis.call('HDEL', key, 'settled:' .. run)
   redis.call('HSET', key, run, text(want) .. ':' .. text(now + ttl))
   redis.call('PEXPIREAT', key, latest)
   return {want, 'none'}
@@ -78,6 +105,8 @@ end
 if floor > room then return {-1, text(room)} end
 local granted = want
 if room < granted then granted = room end
+-- A hold asked for again is a call's, not yet settled (as in-process holds replace it).
+redis.call('HDEL', key, 'settled:' .. run)
 redis.call('HSET', key, run, text(granted) .. ':' .. text(now + ttl))
 redis.call('PEXPIREAT', key, latest)
 return {granted, text(room)}
@@ -88,7 +117,8 @@ return {granted, text(room)}
 _SETTLE = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 local lapses = tonumber(ARGV[3]) + tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. string.format('%.0f', lapses))
+local at = string.format('%.0f', lapses)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. at, 'settled:' .. ARGV[1], '0:' .. at)
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl >= 0 and tonumber(ARGV[3]) + pttl < lapses then
   redis.call('PEXPIREAT', KEYS[1], lapses)
@@ -126,6 +156,7 @@ class RedisBudgetHolds:
                 "none" if request.run_room is None else request.run_room,
                 now_ms,
                 max(1, int(ttl * 1000)),
+                request.written,
             ],
         )
         granted, room = int(answer[0]), _text(answer[1])
@@ -145,7 +176,9 @@ class RedisBudgetHolds:
 
     async def release(self, workspace_id: UUID, month: str, hold_id: UUID) -> None:
         async with _reaching():
-            await self._client.hdel(holds_key(workspace_id, month), str(hold_id))
+            await self._client.hdel(
+                holds_key(workspace_id, month), str(hold_id), f"{SETTLED}{hold_id}"
+            )
 
     async def aclose(self) -> None:
         await self._client.aclose()

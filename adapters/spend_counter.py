@@ -7,7 +7,8 @@ as an absolute value by one Lua script that keeps the larger of the stored and t
 usage only grows within a month, so a redelivered, late or rebuilt total changes nothing and a
 flushed counter heals at the next write (or the next read, which seeds it from the read model).
 The same script drops the budget holds (``adapters.budget_holds``) of the charges the total
-counts, so a check never counts a charge twice nor misses one that left its hold.
+counts, and their settled markers, so a check never counts a charge twice nor misses one that
+left its hold.
 
 Redis is an accelerator here, the read model the truth: a feed that fails is logged, counted
 (``agentworks_spend_counter_failures_total``) and kept to be written with the next one, and the
@@ -58,7 +59,7 @@ for k = 2, #KEYS do
   local n = tonumber(ARGV[i])
   i = i + 1
   for j = 1, n do
-    redis.call('HDEL', KEYS[k], ARGV[i])
+    redis.call('HDEL', KEYS[k], ARGV[i], 'settled:' .. ARGV[i])
     i = i + 1
   end
 end

@@ -21,9 +21,11 @@ class HoldRequest:
     charge (the billing projector) can tell which hold it replaces. ``spent`` is the month's
     usage as a spend reader saw it (a lower bound: usage only grows within a month), and
     ``counted`` the settled holds that reading already includes, which a store drops rather than
-    count twice. ``limit`` is the workspace's monthly limit and ``run_room`` what the run's own
-    ``maxCost`` leaves, ``None`` for no limit. ``floor`` is the least the call can cost (its
-    prompt alone); ``want`` what it could cost at most.
+    count twice. ``written`` is the month's usage as the write side's ``MonthlySpend`` holds it
+    (every charge written, counted or not; 0 when not read). ``limit`` is the workspace's
+    monthly limit and ``run_room`` what the run's own ``maxCost`` leaves, ``None`` for no limit.
+    ``floor`` is the least the call can cost (its prompt alone); ``want`` what it could cost at
+    most.
     """
 
     workspace_id: UUID
@@ -35,6 +37,7 @@ class HoldRequest:
     limit: int | None
     run_room: int | None
     counted: frozenset[UUID] = field(default_factory=frozenset)
+    written: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,26 @@ class Hold:
     room: int | None
 
 
-def decide_hold(request: HoldRequest, held_elsewhere: int, *, spent: int | None = None) -> Hold:
+def decide_hold(
+    request: HoldRequest,
+    held_elsewhere: int,
+    *,
+    spent: int | None = None,
+    settled_elsewhere: int = 0,
+) -> Hold:
     """Whether a call may start, and what it holds, given what other calls hold this month.
 
     ``spent``: the month's usage when a store knows more than the request's reading (a later
-    one); the larger of the two is the truer, since usage only grows."""
+    one); the larger of the two is the truer, since usage only grows.
+
+    ``settled_elsewhere``: the part of ``held_elsewhere`` that settled holds keep, for charges
+    already written. The write model counts those charges too, so the month has spent at least
+    ``request.written`` less them. That floor is what keeps the limit when the reading falls
+    behind by longer than a settled hold lives (the billing projector stopped): its hold lapses
+    uncounted, and the charge is still in ``written``. While the reading keeps up the floor is
+    at most the reading, and changes nothing."""
     month_spent = request.spent if spent is None else max(spent, request.spent)
+    month_spent = max(month_spent, request.written - settled_elsewhere)
     rooms: list[int] = []
     if request.limit is not None:
         rooms.append(request.limit - month_spent - held_elsewhere)

@@ -11,6 +11,11 @@ charge. A hold is released at once only when its call charged nothing. So whatev
 reads, every charge is counted once (in the usage or as a hold), and concurrent calls never
 together overshoot the month by more than one call's estimate.
 
+A settled hold still lapses, so that one no reader ever counts does not shrink the month for
+ever. Its charge stays counted all the same: each request also carries the write model's usage
+(``MonthlySpend``, which counts every charge written), and the month counts as spent at least
+that much, less what settled holds keep for the same charges.
+
 The decision is one pure function (``domain.budget_holds.decide_hold``); where the holds are
 kept decides who shares them — :class:`LocalHolds` (one orchestrator process) or
 ``adapters.budget_holds``'s Redis store (every orchestrator that points at that Redis).
@@ -82,10 +87,13 @@ class LocalHolds:
                     del month[hold_id]
             spent = max(self._seen.get(key, 0), request.spent)
             self._seen[key] = spent
-            elsewhere = sum(
-                held.amount for hold_id, held in month.items() if hold_id != request.hold_id
+            others = [held for hold_id, held in month.items() if hold_id != request.hold_id]
+            decided = decide_hold(
+                request,
+                sum(held.amount for held in others),
+                spent=spent,
+                settled_elsewhere=sum(held.amount for held in others if held.settled),
             )
-            decided = decide_hold(request, elsewhere, spent=spent)
             if decided.granted is not None:
                 month[request.hold_id] = _Held(decided.granted, now + ttl)
             elif not month:
@@ -115,18 +123,22 @@ class LocalHolds:
             month_holds = self._held.get((workspace_id, month), {})
             return frozenset(hold_id for hold_id, held in month_holds.items() if held.settled)
 
-    def outstanding(self, workspace_id: UUID, month: str, counted: frozenset[UUID]) -> int:
+    def outstanding(
+        self, workspace_id: UUID, month: str, counted: frozenset[UUID]
+    ) -> tuple[int, int]:
         """What this process holds for the month that a reading with ``counted`` does not
-        count: calls under way, and charges written but not among ``counted``. What a shared
-        store, which never saw these holds, must leave aside."""
+        count: calls under way, and charges written but not among ``counted``; and of that, what
+        the written charges hold. What a shared store, which never saw these holds, must leave
+        aside (the charges also out of the write model's usage it is told)."""
         now = self._clock()
         with self._lock:
             month_holds = self._held.get((workspace_id, month), {})
-            return sum(
-                held.amount
+            kept = [
+                held
                 for hold_id, held in month_holds.items()
                 if held.until > now and not (held.settled and hold_id in counted)
-            )
+            ]
+            return sum(held.amount for held in kept), sum(h.amount for h in kept if h.settled)
 
     def held(self, workspace_id: UUID, month: str) -> int:
         """What this process holds for the month now (for tests and metrics)."""

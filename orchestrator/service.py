@@ -56,6 +56,7 @@ from adapters.tokenizer import count_message_tokens, count_tokens_upto
 from adapters.wakeup import LogWakeup
 from commands import models as m
 from commands.handlers import Actor, CommandResult
+from commands.service import WriteModelSpend
 from domain.agents import EARLIER_RUNS, EarlierRun, agent_named, build_prompt
 from domain.budget_holds import Hold, HoldRequest
 from domain.errors import AgentWorksError, Conflict, InvalidTransition, NotFound, Unavailable
@@ -244,6 +245,7 @@ class Orchestrator:
         # Also where holds go while a shared store cannot be reached: this process's own runs
         # still hold against each other, and the next call tries the shared store again.
         self._local_holds = LocalHolds()
+        self._written = WriteModelSpend(app)
         self._shared_holds_reachable = True
         """Whether the last hold asked of the shared store got an answer (see :meth:`_hold`)."""
         self.holds: BudgetHolds = holds if holds is not None else self._local_holds
@@ -844,6 +846,12 @@ class Orchestrator:
             month,
             self._local_holds.settled(view.workspace_id, month),
         )
+        # Read after the usage the checks read: both only grow, so the write model's is the
+        # later of the two, as the floor it sets (``decide_hold``) assumes. Only a monthly
+        # limit reads it.
+        written = 0
+        if budget.month_limit_micros is not None:
+            written = (await self._call(self._written.read, view.workspace_id, month)).spent
         try:
             hold, store = await self._hold(
                 HoldRequest(
@@ -854,6 +862,7 @@ class Orchestrator:
                     floor=billed(0),
                     spent=reading.spent,
                     counted=reading.counted,
+                    written=written,
                     limit=budget.month_limit_micros,
                     run_room=budget.run_room_micros,
                 )
@@ -1047,12 +1056,18 @@ class Orchestrator:
             # What this process held here while the shared store was away (calls still under
             # way, charges not yet counted): the shared store never saw it, and granted the
             # whole month's room past it.
-            aside = self._local_holds.outstanding(
+            aside, aside_written = self._local_holds.outstanding(
                 request.workspace_id, request.month, request.counted
             )
             shared = request
             if aside and request.limit is not None:
-                shared = replace(request, limit=request.limit - aside)
+                # The written charges among them are in the write model's usage as well: the
+                # shared store is told that usage without them, or it would count them twice.
+                shared = replace(
+                    request,
+                    limit=request.limit - aside,
+                    written=max(0, request.written - aside_written),
+                )
             try:
                 held = await self.holds.hold(shared, ttl=self._hold_ttl), self.holds
             except Unavailable as away:

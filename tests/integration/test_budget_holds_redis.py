@@ -41,6 +41,7 @@ from commands import models as m
 from commands.handlers import AgentWorks
 from domain.agent_run import RunStatus
 from domain.budget_holds import Hold, HoldRequest, decide_hold
+from domain.errors import BudgetExceeded
 from domain.usage import month_of
 from projections.billing import BillingProjector
 from projections.runner import ProjectionRunner
@@ -60,10 +61,11 @@ def flushed(redis_url: str) -> Iterator[str]:
 
 
 def request(workspace: UUID, *, want: int, limit: int | None, floor: int = 0, spent: int = 0,
-            run_room: int | None = None, hold_id: UUID | None = None) -> HoldRequest:  # fmt: skip
+            run_room: int | None = None, hold_id: UUID | None = None,
+            written: int = 0) -> HoldRequest:  # fmt: skip
     return HoldRequest(
         workspace_id=workspace, month=MONTH, hold_id=hold_id or uuid4(), want=want, floor=floor,
-        spent=spent, limit=limit, run_room=run_room,
+        spent=spent, limit=limit, run_room=run_room, written=written,
     )  # fmt: skip
 
 
@@ -99,6 +101,69 @@ def test_redis_decides_exactly_as_the_pure_function(
                     run_room=run_room)  # fmt: skip
     [held] = asyncio.run(_hold_all(flushed, [asked]))
     assert held == decide_hold(asked, elsewhere)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    in_flight=amounts, settled=st.lists(amounts, max_size=3), spent=amounts, written=amounts,
+    floor=amounts, extra=amounts, limit=st.none() | amounts,
+)  # fmt: skip
+def test_redis_counts_settled_holds_against_the_written_usage_as_the_pure_function(
+    flushed: str, in_flight: int, settled: list[int], spent: int, written: int, floor: int,
+    extra: int, limit: int | None,
+) -> None:  # fmt: skip
+    """Holds of calls under way and of charges written (settled), and the write model's usage:
+    the script decides as ``decide_hold``, the settled holds told apart by their markers."""
+    workspace = uuid4()
+
+    async def scenario() -> Hold:
+        store = RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed))
+        try:
+            await store.hold(request(workspace, want=in_flight, limit=None), ttl=60)
+            for amount in settled:
+                charge = uuid4()
+                await store.hold(request(workspace, want=amount, limit=None, hold_id=charge),
+                                 ttl=60)  # fmt: skip
+                await store.settle(workspace, MONTH, charge, billed=amount, ttl=60)
+            return await store.hold(asked, ttl=60)
+        finally:
+            await store.aclose()
+
+    asked = request(workspace, want=floor + extra, floor=floor, spent=spent, limit=limit,
+                    written=written)  # fmt: skip
+    held = asyncio.run(scenario())
+    assert held == decide_hold(asked, in_flight + sum(settled), settled_elsewhere=sum(settled))
+
+
+def test_a_marker_left_without_its_hold_is_dropped_and_counts_nothing(flushed: str) -> None:
+    """A projector of the version before markers drops a counted charge's hold and not its
+    marker: the marker goes with the next decision, and no hold of that name is settled by
+    it."""
+    workspace, charge = uuid4(), uuid4()
+    client = redis.Redis.from_url(flushed)
+
+    async def scenario() -> list[Hold]:
+        store = RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed))
+        try:
+            await store.hold(request(workspace, want=300, limit=1000, hold_id=charge), ttl=60)
+            await store.settle(workspace, MONTH, charge, billed=300, ttl=60)
+            client.hdel(holds_key(workspace, MONTH), str(charge))  # as that projector does
+            after = await store.hold(request(workspace, want=900, limit=1000, written=300,
+                                             spent=300), ttl=60)  # fmt: skip
+            return [after]
+        finally:
+            await store.aclose()
+
+    try:
+        [after] = asyncio.run(scenario())
+        fields = client.hkeys(holds_key(workspace, MONTH))
+    finally:
+        client.close()
+    assert after == Hold(700, 700)
+    assert f"settled:{charge}".encode() not in fields
+    assert len(fields) == 1
 
 
 @pytest.mark.parametrize("limit", [10**14 + 11, 10**15 + 7, 2**53 - 1])
@@ -286,6 +351,45 @@ def test_with_the_projector_counting_charges_two_orchestrators_still_stay_within
     assert any(run.status is RunStatus.FAILED and "budget" in (run.error or "") for run in runs)
     # Every charge counted: no hold of a charged call is left behind.
     assert not redis.Redis.from_url(flushed).hgetall(holds_key(card.board.workspace_id, month))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process holds", "holds in Redis"])
+def test_a_month_keeps_its_limit_while_no_billing_projector_counts_its_charges(
+    write_side: AgentWorks, database_url: str, flushed: str, shared: bool
+) -> None:
+    """No billing projector runs, so the usage the checks read stays at nothing, and each
+    charge's settled hold lapses (a run timeout and ``stale_after`` later, 3.5 s here) without
+    its charge ever being counted. Before, each lapse gave the month that room back: the runs
+    queued behind spent the $0.04 limit nearly twice over (a workspace could spend its limit
+    again every 330 s while the projector was down). The write model counts every charge."""
+    card, run_ids = runs_under_a_limit(write_side, "0.040000", 10)
+    read_pool = make_pool(database_url, role="agentworks_api", max_size=1)
+    reader = ReadModelSpend(read_pool)
+    spend = RedisSpend(redis.Redis.from_url(flushed), reader) if shared else reader
+    holds = RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)) if shared else None
+    # A call of 1,000 tokens takes 1.25 s and bills $0.0076 (holding $0.0152 while it runs):
+    # five calls fill the month in about 6 s, and the first calls' holds lapse before that.
+    slow = fast_simulated(tokens_per_second=800, output_tokens=1000)
+    try:
+        with orchestrator_thread(
+            database_url, {"simulated": slow}, holds=holds, spend=spend, concurrency=1,
+            run_timeout=2.5, stale_after=1.0, heartbeat_interval=0.2,
+        ):  # fmt: skip
+            runs = [wait_for(write_side, run_id, finished, timeout=90) for run_id in run_ids]
+        # A run asked for now is refused up front: the usage read still says nothing, the
+        # write model says the month is spent.
+        write_side.spend = spend
+        with pytest.raises(BudgetExceeded):
+            write_side.start_agent_run(
+                m.StartAgentRun(card_id=card.card_id, agent="coder"), card.board.owner
+            )
+    finally:
+        read_pool.close()
+    billed = sum(run.billed_micros for run in runs)
+    assert 30_000 < billed <= 40_000 + len(runs) * 5 * 8
+    refused = [run for run in runs if run.status is RunStatus.FAILED]
+    assert len(refused) >= 4
+    assert all("budget" in (run.error or "") for run in refused)
 
 
 class _AnswerHeldBack(RedisBudgetHolds):

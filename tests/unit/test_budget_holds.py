@@ -7,6 +7,7 @@ leaves, and no call starts that could not pay for its prompt.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from uuid import UUID, uuid4
 
 from hypothesis import given
@@ -23,11 +24,12 @@ amounts = st.integers(min_value=0, max_value=10**12)
 def request(
     *, want: int, floor: int = 0, spent: int = 0, limit: int | None = None,
     run_room: int | None = None, hold_id: UUID | None = None, month: str = MONTH,
-    counted: frozenset[UUID] = frozenset(),
+    counted: frozenset[UUID] = frozenset(), written: int = 0,
 ) -> HoldRequest:  # fmt: skip
     return HoldRequest(
         workspace_id=WORKSPACE, month=month, hold_id=hold_id or uuid4(), want=want,
         floor=floor, spent=spent, limit=limit, run_room=run_room, counted=counted,
+        written=written,
     )  # fmt: skip
 
 
@@ -211,3 +213,52 @@ def test_an_unsettled_hold_is_not_dropped_by_a_reading_that_names_it() -> None:
                                 ttl=10)  # fmt: skip
 
     assert asyncio.run(scenario()) == Hold(600, 600)
+
+
+@given(
+    counted=amounts, uncounted=st.lists(amounts, max_size=5),
+    lapsed=st.lists(st.booleans(), min_size=5, max_size=5), in_flight=amounts, want=amounts,
+    limit=amounts,
+)  # fmt: skip
+def test_every_written_charge_counts_whether_its_hold_is_kept_or_has_lapsed(
+    counted: int, uncounted: list[int], lapsed: list[bool], in_flight: int, want: int,
+    limit: int,
+) -> None:  # fmt: skip
+    """The reading counts ``counted``; charges written since hold their amounts while kept, and
+    some of those holds have lapsed (the billing projector stopped for longer than they live).
+    The write model counts all of them. Whatever lapsed, the month's usage, the holds of calls
+    still in flight and the grant never pass the limit; and while every hold is kept, knowing
+    the write model's usage changes nothing."""
+    written = counted + sum(uncounted)
+    kept = [amount for amount, gone in zip(uncounted, lapsed, strict=False) if not gone]
+    asked = request(want=want, spent=counted, limit=limit, written=written)
+    decided = decide_hold(asked, sum(kept) + in_flight, settled_elsewhere=sum(kept))
+    if decided.granted is not None:
+        assert written + in_flight + decided.granted <= limit
+    if len(kept) == len(uncounted):
+        assert decided == decide_hold(replace(asked, written=0), sum(kept) + in_flight)
+
+
+def test_a_settled_hold_that_lapses_uncounted_leaves_its_charge_counted() -> None:
+    """The billing projector is stopped: the reading stays at 0 while two calls are charged.
+    Their settled holds lapse (a run timeout and ``stale_after`` later); the write model still
+    counts the charges, and a call in flight still holds beside them. Before, the month's room
+    came back whole once the holds lapsed: a workspace could spend its limit again every
+    330 s while the projector was down."""
+    now = [0.0]
+    holds = LocalHolds(clock=lambda: now[0])
+    first, second, flying = uuid4(), uuid4(), uuid4()
+
+    async def scenario() -> list[Hold]:
+        for charge, billed in ((first, 300), (second, 200)):
+            await holds.hold(request(want=400, limit=1000, hold_id=charge), ttl=10)
+            await holds.settle(WORKSPACE, MONTH, charge, billed=billed, ttl=10)
+        kept = await holds.hold(request(want=900, limit=1000, written=500), ttl=10)
+        now[0] = 11.0  # every hold lapses; nothing counted the two charges
+        await holds.hold(request(want=100, limit=1000, written=500, hold_id=flying), ttl=10)
+        lapsed = await holds.hold(request(want=900, limit=1000, written=500), ttl=10)
+        return [kept, lapsed]
+
+    kept, lapsed = asyncio.run(scenario())
+    assert kept == Hold(500, 500)  # the two settled holds count the charges, once
+    assert lapsed == Hold(400, 400)  # 500 written, 100 in flight
