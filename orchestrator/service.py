@@ -166,7 +166,8 @@ class _Call:
     option: ModelOption
     input_tokens: int
     started_at: datetime
-    billed: Callable[[int], int]
+    billed: Callable[[int, int], int]
+    """What the call bills for a prompt and an output of so many tokens."""
     room: int | None
     call_id: str
     """The call's own id, its charge's key (and so its budget hold's name): one per call, so
@@ -829,8 +830,8 @@ class Orchestrator:
         input_tokens = count_message_tokens(messages)
         budget = await self._call(self.app.run_budget, view.run_id)
 
-        def billed(output_tokens: int) -> int:
-            cost = call_cost_micros(price, input_tokens=input_tokens, output_tokens=output_tokens)
+        def billed(prompt_tokens: int, output_tokens: int) -> int:
+            cost = call_cost_micros(price, input_tokens=prompt_tokens, output_tokens=output_tokens)
             return billed_amount(cost, budget.markup)
 
         month = month_of(started_at)
@@ -858,8 +859,8 @@ class Orchestrator:
                     workspace_id=view.workspace_id,
                     month=month,
                     hold_id=hold_id,
-                    want=billed(max_tokens),
-                    floor=billed(0),
+                    want=billed(input_tokens, max_tokens),
+                    floor=billed(input_tokens, 0),
                     spent=reading.spent,
                     counted=reading.counted,
                     written=written,
@@ -876,7 +877,7 @@ class Orchestrator:
         if hold.granted is None:
             raise RunFailed(
                 f"budget reached: {format_usd(max(room or 0, 0))} left, the prompt alone would "
-                f"be billed {format_usd(billed(0))}"
+                f"be billed {format_usd(billed(input_tokens, 0))}"
             )
         call = _Call(
             view, option, input_tokens, started_at, billed, room, call_id, deadline, max_tokens
@@ -954,7 +955,12 @@ class Orchestrator:
                         output_tokens += count_tokens_upto(piece, upto)
                     else:
                         output_tokens += await self._call(count_tokens_upto, piece, upto)
-                    if room is not None and billed(output_tokens) >= room:
+                    # The provider's count of the prompt once its wire gave one (Anthropic's
+                    # message_start): it bills that, whatever ours said before the call.
+                    prompt = input_tokens
+                    if accepted is not None and accepted.input_tokens is not None:
+                        prompt = accepted.input_tokens
+                    if room is not None and billed(prompt, output_tokens) >= room:
                         budget_hit = True
                         break
                     if output_tokens > overrun_at:

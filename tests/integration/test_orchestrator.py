@@ -216,6 +216,32 @@ def test_anthropic_run_is_charged_from_message_start_and_message_delta(
     assert server.requests[0].body["model"] == "claude-3-5-haiku-latest"
 
 
+def test_a_run_stops_at_its_budget_by_the_providers_count_of_the_prompt(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """Anthropic says at message_start that the prompt is 2,000 tokens, where our tokenizer
+    counted about 80 (another tokenizer, or a system prompt it adds). The budget checks during
+    the stream priced the output next to our count, while the charge is the provider's: the run
+    stopped at about 730 output tokens and was billed $0.0227 of its $0.015. Now the checks use
+    the provider's count once it is known, and the run stops at its budget."""
+    card = card_on_board(write_side)
+    events = anthropic_events([" go"] * 1000, input_tokens=2000, output_tokens=1000)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        providers: dict[str, Provider] = {
+            "anthropic": AnthropicProvider(api_key="ak", base_url=server.url)
+        }
+        with orchestrator_thread(database_url, providers):
+            run_id = start(write_side, card, provider="anthropic",
+                           model="claude-3-5-haiku-latest", max_cost="0.015")  # fmt: skip
+            run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.FAILED
+    assert "budget" in (run.error or "")
+    assert run.input_tokens == 2000
+    # The prompt bills $0.008 of the $0.015 (x5 markup): the rest buys 350 output tokens, and
+    # the stream stops at the piece that reaches it.
+    assert 14_900 <= run.billed_micros <= 15_000 + 20
+
+
 def test_a_whole_answer_whose_usage_holds_no_count_is_made_and_charged_once(
     write_side: AgentWorks, database_url: str
 ) -> None:
