@@ -66,7 +66,9 @@ def decide_hold(
     ``request.written`` less them. That floor is what keeps the limit when the reading falls
     behind by longer than a settled hold lives (the billing projector stopped): its hold lapses
     uncounted, and the charge is still in ``written``. While the reading keeps up the floor is
-    at most the reading, and changes nothing."""
+    at most the reading and changes nothing, but for the moment between a charge being written
+    and its hold being settled: the charge is then in the floor and in its hold both, which
+    holds back one call's amount more for that moment, never less."""
     month_spent = request.spent if spent is None else max(spent, request.spent)
     month_spent = max(month_spent, request.written - settled_elsewhere)
     rooms: list[int] = []
