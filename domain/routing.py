@@ -169,15 +169,21 @@ class CircuitBreaker:
     cooldown after it went out, and another goes.
 
     Times are monotonic seconds given by the caller, so the policy is testable without a clock.
+
+    ``workspaces_to_open``: how many workspaces' calls must be among the failures in a row
+    (those named by ``failed(by=...)``) before it opens, so that a provider's breaker shared by
+    every tenant opens on what several of them see, not on one tenant's requests alone.
     """
 
     threshold: int = 3
     cooldown_seconds: float = 30.0
+    workspaces_to_open: int = 1
     state: BreakerState = BreakerState.CLOSED
     failures: int = 0
     opened_at: float = 0.0
     trial_out: bool = False
     trial_at: float = 0.0
+    failing: set[str] = field(default_factory=set)
 
     def allows(self, now: float) -> bool:
         """Whether a call may go out now (a half-open breaker lets exactly one through)."""
@@ -195,30 +201,80 @@ class CircuitBreaker:
 
     def succeeded(self) -> BreakerState:
         self.state, self.failures, self.trial_out = BreakerState.CLOSED, 0, False
+        self.failing.clear()
         return self.state
 
-    def failed(self, now: float) -> BreakerState:
+    def failed(self, now: float, *, by: str | None = None) -> BreakerState:
+        """A failure; ``by``: the workspace whose call it was (``None``: the provider's own
+        fault whoever called, which counts as every workspace's)."""
         self.failures += 1
-        if self.state is BreakerState.HALF_OPEN or self.failures >= self.threshold:
+        if by is not None:
+            self.failing.add(by)
+        widespread = by is None or len(self.failing) >= self.workspaces_to_open
+        if self.state is BreakerState.HALF_OPEN or (self.failures >= self.threshold and widespread):
             self.state, self.opened_at, self.trial_out = BreakerState.OPEN, now, False
         return self.state
 
 
 @dataclass
 class Breakers:
-    """A breaker per provider, created closed on first use."""
+    """A breaker per provider, and one per provider and workspace, created closed on first use.
+
+    A call goes to a provider only when both let it through. Failures of one workspace's calls
+    open that workspace's breaker; the provider's opens once failures in a row come from two
+    workspaces or more (or a failure is the provider's whoever calls: its key refused). One
+    tenant whose requests time out (a huge prompt, say) turned every other tenant's runs away
+    from a provider that answered them well."""
 
     threshold: int = 3
     cooldown_seconds: float = 30.0
     by_provider: dict[str, CircuitBreaker] = field(default_factory=dict)
+    by_workspace: dict[tuple[str, str], CircuitBreaker] = field(default_factory=dict)
 
     def of(self, provider: str) -> CircuitBreaker:
         breaker = self.by_provider.get(provider)
         if breaker is None:
             breaker = self.by_provider[provider] = CircuitBreaker(
+                threshold=self.threshold, cooldown_seconds=self.cooldown_seconds,
+                workspaces_to_open=2,
+            )  # fmt: skip
+        return breaker
+
+    def of_workspace(self, provider: str, workspace: str) -> CircuitBreaker:
+        breaker = self.by_workspace.get((provider, workspace))
+        if breaker is None:
+            breaker = self.by_workspace[(provider, workspace)] = CircuitBreaker(
                 threshold=self.threshold, cooldown_seconds=self.cooldown_seconds
             )
         return breaker
+
+    def allows(self, provider: str, workspace: str, now: float) -> bool:
+        """Whether a call of ``workspace`` may go to ``provider`` now (a half-open breaker's
+        trial is taken by the call it lets through)."""
+        mine = self.by_workspace.get((provider, workspace))
+        if mine is not None and not mine.allows(now):
+            return False
+        return self.of(provider).allows(now)
+
+    def succeeded(self, provider: str, workspace: str) -> None:
+        """A call answered: the provider works, for this workspace too (whose breaker, closed
+        and clean, is forgotten: one per workspace that ever called would only grow)."""
+        self.of(provider).succeeded()
+        self.by_workspace.pop((provider, workspace), None)
+
+    def failed(
+        self, provider: str, workspace: str, now: float, *, provider_wide: bool = False
+    ) -> list[str]:
+        """A call failed; which breakers it opened: ``"provider"``, ``"workspace"``."""
+        opened = []
+        for name, breaker, by in (
+            ("provider", self.of(provider), None if provider_wide else workspace),
+            ("workspace", self.of_workspace(provider, workspace), workspace),
+        ):
+            was = breaker.state
+            if breaker.failed(now, by=by) is BreakerState.OPEN and was is not BreakerState.OPEN:
+                opened.append(name)
+        return opened
 
 
 def backoff_seconds(

@@ -64,7 +64,6 @@ from domain.money import billed_amount, format_usd
 from domain.pricing import call_cost_micros
 from domain.routing import (
     Breakers,
-    BreakerState,
     LatencyTracker,
     ModelOption,
     RouteRequest,
@@ -754,7 +753,7 @@ class Orchestrator:
         last_error = ""
         index = 0
         for attempt in range(1, self.config.max_attempts + 1):
-            option, index = self._pick(chain, index, request.pinned)
+            option, index = self._pick(chain, index, request.pinned, view.workspace_id)
             batcher.system(f"calling {option.provider}/{option.model} (attempt {attempt})")
             outcome = await self._call_once(
                 view, option, messages, spec.max_output_tokens, batcher, deadline
@@ -806,12 +805,15 @@ class Orchestrator:
             await asyncio.sleep(wait)
         raise RunFailed(f"gave up after {self.config.max_attempts} attempts: {last_error}")
 
-    def _pick(self, chain: list[ModelOption], index: int, pinned: bool) -> tuple[ModelOption, int]:
-        """The next candidate whose breaker lets a call through (a pinned run has one)."""
+    def _pick(
+        self, chain: list[ModelOption], index: int, pinned: bool, workspace: UUID
+    ) -> tuple[ModelOption, int]:
+        """The next candidate whose breakers let a call of ``workspace`` through (a pinned run
+        has one)."""
         now = time.monotonic()
         for step in range(len(chain)):
             at = (index + step) % len(chain)
-            if self.breakers.of(chain[at].provider).allows(now):
+            if self.breakers.allows(chain[at].provider, str(workspace), now):
                 return chain[at], at
         return chain[index % len(chain)], index % len(chain)
 
@@ -991,10 +993,10 @@ class Orchestrator:
             raise
         latency_ms = int((time.monotonic() - t0) * 1000)
         received = "".join(text)
-        breaker = self.breakers.of(option.provider)
+        provider_name, workspace = option.provider, str(call.view.workspace_id)
         if usage is not None:
             self.latency.observe(option.provider, option.model, latency_ms)
-            breaker.succeeded()
+            self.breakers.succeeded(provider_name, workspace)
             await self._attempt(call, "ok", None, None, latency_ms, usage)
             return _Outcome(ok=True, text=received)
         # No usage block: a call whose stream broke (cut, timed out, unreadable) or that
@@ -1020,12 +1022,16 @@ class Orchestrator:
         if isinstance(error, PermanentProviderError) and http_status not in _PROVIDER_WIDE:
             # The provider is up and judged the request (a prompt too long, an unknown model):
             # one tenant's bad requests must not turn every other run away from it.
-            breaker.succeeded()
+            self.breakers.succeeded(provider_name, workspace)
         else:
-            before = breaker.state
-            after = breaker.failed(time.monotonic())
-            if after is not before and after is BreakerState.OPEN:
-                batcher.system(f"circuit for {option.provider} is open")
+            opened = self.breakers.failed(
+                provider_name, workspace, time.monotonic(),
+                provider_wide=http_status in _PROVIDER_WIDE,
+            )  # fmt: skip
+            if "provider" in opened:
+                batcher.system(f"circuit for {provider_name} is open")
+            elif opened:
+                batcher.system(f"circuit for {provider_name} is open for this workspace")
         if isinstance(error, PermanentProviderError):
             return _Outcome(
                 ok=False, error=str(error), permanent=True,

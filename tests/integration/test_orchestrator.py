@@ -781,6 +781,64 @@ def test_requests_a_provider_refuses_as_bad_do_not_open_its_circuit_for_everyone
     assert not any("circuit" in t for t in log_lines(write_side, run.id))
 
 
+def test_one_workspaces_failing_calls_do_not_turn_another_workspaces_runs_away(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """Three failures in a row of one tenant's calls (here 503s; its prompts timing out, say)
+    opened OpenAI's circuit for every tenant: another tenant's run, placed by the router, went to
+    the fallback while OpenAI answered it well. They open that tenant's own circuit."""
+    unavailable = Reply(status=503, body=b"unavailable")
+    ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
+    failing_card, card = card_on_board(write_side), card_on_board(write_side)
+    with (
+        FakeProviderServer([unavailable] * 3 + [Reply(events=ok)]) as server,
+        orchestrator_thread(
+            database_url,
+            openai_at(server, then_simulated=True),
+            breaker_threshold=3,
+            max_attempts=3,
+        ),  # fmt: skip
+    ):
+        failed = wait_for(write_side, start(write_side, failing_card, provider="openai"),
+                          finished)  # fmt: skip
+        run = wait_for(write_side, start(write_side, card), finished)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert (run.provider, run.output) == ("openai", "fine")
+    assert not any("circuit" in t for t in log_lines(write_side, run.id))
+    assert failed.status is RunStatus.FAILED
+    said = [t for t in log_lines(write_side, failed.id) if "circuit" in t]
+    assert said == ["circuit for openai is open for this workspace"]
+
+
+def test_failing_calls_of_two_workspaces_open_the_providers_circuit_for_all(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """What an outage looks like: failures in a row seen by two tenants. A third tenant's run,
+    placed by the router, goes to the fallback."""
+    unavailable = Reply(status=503, body=b"unavailable")
+    ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
+    first, second, third = (card_on_board(write_side) for _ in range(3))
+    with (
+        FakeProviderServer([unavailable] * 4 + [Reply(events=ok)]) as server,
+        orchestrator_thread(
+            database_url,
+            openai_at(server, then_simulated=True),
+            breaker_threshold=3,
+            max_attempts=2,
+        ),  # fmt: skip
+    ):
+        a = wait_for(write_side, start(write_side, first, provider="openai"), finished)
+        b = wait_for(write_side, start(write_side, second, provider="openai"), finished)
+        c = wait_for(write_side, start(write_side, third), finished)
+        asked = len(server.requests)
+    assert (a.status, b.status) == (RunStatus.FAILED, RunStatus.FAILED)
+    assert [t for t in log_lines(write_side, a.id) if "circuit" in t] == []
+    assert "circuit for openai is open" in log_lines(write_side, b.id)
+    assert c.status is RunStatus.SUCCEEDED, c.error
+    assert c.provider == "simulated"
+    assert asked == 4  # the third tenant's run never asked OpenAI
+
+
 @pytest.mark.parametrize(("status", "calls"), [(400, 2), (401, 1), (307, 1)])
 def test_an_unpinned_run_asks_no_model_again_that_refused_its_request(
     write_side: AgentWorks, database_url: str, status: int, calls: int

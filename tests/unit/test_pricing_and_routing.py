@@ -22,6 +22,7 @@ from domain.errors import ValidationFailed
 from domain.money import billed_amount
 from domain.pricing import PriceRow, PriceTable, built_in_price_table, call_cost_micros
 from domain.routing import (
+    Breakers,
     BreakerState,
     CircuitBreaker,
     LatencyTracker,
@@ -217,6 +218,46 @@ def test_success_resets_the_failure_count() -> None:
     breaker.failed(0)
     breaker.succeeded()
     assert breaker.failed(1) is BreakerState.CLOSED
+
+
+def test_one_workspaces_failures_open_its_own_circuit_not_the_providers() -> None:
+    """Three failures in a row of one tenant's calls (its prompts time out, say) opened the
+    provider's circuit for every tenant; they open that tenant's, and another tenant's call
+    still goes to the provider."""
+    breakers = Breakers(threshold=3, cooldown_seconds=10)
+    opened = [breakers.failed("openai", "ws-a", t) for t in (1, 2, 3)]
+    assert opened == [[], [], ["workspace"]]
+    assert not breakers.allows("openai", "ws-a", 4)
+    assert breakers.allows("openai", "ws-b", 4)
+    assert breakers.allows("openai", "ws-a", 13)  # its own trial, a cooldown later
+    breakers.succeeded("openai", "ws-a")
+    assert breakers.by_workspace == {}  # a closed workspace breaker is forgotten
+    assert breakers.allows("openai", "ws-a", 14)
+
+
+def test_failures_from_two_workspaces_open_the_providers_circuit() -> None:
+    breakers = Breakers(threshold=3, cooldown_seconds=10)
+    assert breakers.failed("openai", "ws-a", 1) == []
+    assert breakers.failed("openai", "ws-a", 2) == []
+    assert breakers.failed("openai", "ws-b", 3) == ["provider"]
+    assert not breakers.allows("openai", "ws-c", 4)
+    assert breakers.allows("anthropic", "ws-c", 4)
+
+
+def test_a_refusal_of_the_providers_key_counts_for_every_workspace() -> None:
+    breakers = Breakers(threshold=2, cooldown_seconds=10)
+    breakers.failed("openai", "ws-a", 1, provider_wide=True)
+    assert breakers.failed("openai", "ws-a", 2, provider_wide=True) == ["provider", "workspace"]
+    assert not breakers.allows("openai", "ws-b", 3)
+
+
+def test_a_success_of_any_workspace_closes_the_providers_circuit_count() -> None:
+    breakers = Breakers(threshold=3, cooldown_seconds=10)
+    breakers.failed("openai", "ws-a", 1)
+    breakers.failed("openai", "ws-b", 2)
+    breakers.succeeded("openai", "ws-c")
+    assert breakers.failed("openai", "ws-b", 3) == []
+    assert breakers.of("openai").failures == 1
 
 
 @given(st.integers(min_value=1, max_value=30), st.floats(min_value=0, max_value=0.999))
