@@ -42,6 +42,7 @@ from commands.handlers import AgentWorks
 from domain.agent_run import RunStatus
 from domain.budget_holds import Hold, HoldRequest, decide_hold
 from domain.errors import BudgetExceeded
+from domain.money import format_usd
 from domain.usage import month_of
 from projections.billing import BillingProjector
 from projections.runner import ProjectionRunner
@@ -376,9 +377,17 @@ def test_a_month_keeps_its_limit_while_no_billing_projector_counts_its_charges(
             run_timeout=2.5, stale_after=1.0, heartbeat_interval=0.2,
         ):  # fmt: skip
             runs = [wait_for(write_side, run_id, finished, timeout=90) for run_id in run_ids]
-        # A run asked for now is refused up front: the usage read still says nothing, the
-        # write model says the month is spent.
+        # With the limit lowered to what was billed, a run asked for now is refused up front:
+        # the usage read still says nothing, the write model says the month is spent. (The
+        # runs may leave less room than a prompt costs, which stops calls, not requests.)
+        spent = sum(run.billed_micros for run in runs)
+        write_side.set_spend_limit(
+            m.SetSpendLimit(workspace_id=card.board.workspace_id,
+                            monthly_limit=format_usd(spent)),
+            card.board.owner,
+        )  # fmt: skip
         write_side.spend = spend
+        assert spend.read(card.board.workspace_id, month_of(datetime.now(UTC))).spent == 0
         with pytest.raises(BudgetExceeded):
             write_side.start_agent_run(
                 m.StartAgentRun(card_id=card.card_id, agent="coder"), card.board.owner
