@@ -8,7 +8,8 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -781,24 +782,32 @@ def test_requests_a_provider_refuses_as_bad_do_not_open_its_circuit_for_everyone
     assert not any("circuit" in t for t in log_lines(write_side, run.id))
 
 
+@contextmanager
+def openai_failing_then_fine(
+    database_url: str, failures: int, **config: Any
+) -> Iterator[FakeProviderServer]:
+    """An orchestrator (``config``) whose OpenAI answers 503 ``failures`` times, then well, with
+    the simulated provider to fall back to and circuits that open after three failures."""
+    replies = [Reply(status=503, body=b"unavailable")] * failures + [
+        Reply(events=openai_events(["fine"], prompt_tokens=10, completion_tokens=1))
+    ]
+    with (
+        FakeProviderServer(replies) as server,
+        orchestrator_thread(
+            database_url, openai_at(server, then_simulated=True), breaker_threshold=3, **config
+        ),
+    ):
+        yield server
+
+
 def test_one_workspaces_failing_calls_do_not_turn_another_workspaces_runs_away(
     write_side: AgentWorks, database_url: str
 ) -> None:
     """Three failures in a row of one tenant's calls (here 503s; its prompts timing out, say)
     opened OpenAI's circuit for every tenant: another tenant's run, placed by the router, went to
     the fallback while OpenAI answered it well. They open that tenant's own circuit."""
-    unavailable = Reply(status=503, body=b"unavailable")
-    ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
     failing_card, card = card_on_board(write_side), card_on_board(write_side)
-    with (
-        FakeProviderServer([unavailable] * 3 + [Reply(events=ok)]) as server,
-        orchestrator_thread(
-            database_url,
-            openai_at(server, then_simulated=True),
-            breaker_threshold=3,
-            max_attempts=3,
-        ),  # fmt: skip
-    ):
+    with openai_failing_then_fine(database_url, 3, max_attempts=3):
         failed = wait_for(write_side, start(write_side, failing_card, provider="openai"),
                           finished)  # fmt: skip
         run = wait_for(write_side, start(write_side, card), finished)
@@ -815,18 +824,8 @@ def test_failing_calls_of_two_workspaces_open_the_providers_circuit_for_all(
 ) -> None:
     """What an outage looks like: failures in a row seen by two tenants. A third tenant's run,
     placed by the router, goes to the fallback."""
-    unavailable = Reply(status=503, body=b"unavailable")
-    ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
     first, second, third = (card_on_board(write_side) for _ in range(3))
-    with (
-        FakeProviderServer([unavailable] * 4 + [Reply(events=ok)]) as server,
-        orchestrator_thread(
-            database_url,
-            openai_at(server, then_simulated=True),
-            breaker_threshold=3,
-            max_attempts=2,
-        ),  # fmt: skip
-    ):
+    with openai_failing_then_fine(database_url, 4, max_attempts=2) as server:
         a = wait_for(write_side, start(write_side, first, provider="openai"), finished)
         b = wait_for(write_side, start(write_side, second, provider="openai"), finished)
         c = wait_for(write_side, start(write_side, third), finished)
