@@ -222,9 +222,9 @@ class Breakers:
 
     A call goes to a provider only when both let it through. Failures of one workspace's calls
     open that workspace's breaker; the provider's opens once failures in a row come from two
-    workspaces or more (or a failure is the provider's whoever calls: its key refused). One
-    tenant whose requests time out (a huge prompt, say) turned every other tenant's runs away
-    from a provider that answered them well."""
+    workspaces or more (or a failure is the provider's whoever calls: its key refused), so that
+    one tenant whose requests time out (a huge prompt, say) does not turn every other tenant's
+    runs away from a provider that answers them well."""
 
     threshold: int = 3
     cooldown_seconds: float = 30.0
