@@ -164,9 +164,14 @@ def test_concurrent_moves_keep_wip_limits_at_every_version_and_lose_no_event(
 
 
 def _squeeze(
-    app: AgentWorks, board: Board, moves: int, errors: list[str], done: threading.Event
+    app: AgentWorks,
+    board: Board,
+    movers: list[UUID],
+    moves: int,
+    errors: list[str],
+    done: threading.Event,
 ) -> int:
-    """Move the Todo lane's cards in turn right after its first card (one ever narrower gap, so
+    """Move ``movers`` in turn right after the Todo lane's first card (one ever narrower gap, so
     re-spreads come) until ``moves`` were accepted (a race lost, CONFLICT, is tried again), then
     set ``done``. Returns the races lost."""
     accepted = lost = n = 0
@@ -174,7 +179,7 @@ def _squeeze(
         n += 1
         project = app.aggregate(Project, board.project_id)
         order = [card for _, card in project.cards_in("Todo")]
-        mover = order[2 + n % (len(order) - 2)]
+        mover = movers[n % len(movers)]
         others = [card for card in order if card != mover]
         move = m.MoveCard(
             card_id=mover, to_lane="Todo", after_card_id=others[0], before_card_id=others[1]
@@ -196,12 +201,15 @@ def _disturb(
     app: AgentWorks,
     board: Board,
     card_ids: list[UUID],
+    movable: list[UUID],
     seed: int,
     errors: list[str],
     done: threading.Event,
 ) -> None:
     """Meanwhile: label and unlabel the lane's cards (their versions race a re-spread's) and move
-    them to the end of the lane (the board's version races it), until the squeezing is done."""
+    ``movable`` to the end of the lane (the board's version races it), until the squeezing is
+    done. Never the squeezed cards: a card squeezed into the gap since the board was read, moved
+    to the end, undid that squeeze, and under load the gap never narrowed to a re-spread."""
     rng = random.Random(seed)
     while not done.is_set():
         card_id = rng.choice(card_ids)
@@ -214,9 +222,6 @@ def _disturb(
                     unlabel = m.UnlabelCard(card_id=card_id, label=f"l{rng.randrange(3)}")
                     app.unlabel_card(unlabel, board.owner)
                 case _:
-                    # Not the two cards around the squeezed gap: that would open a new one.
-                    project = app.aggregate(Project, board.project_id)
-                    movable = [card for _, card in project.cards_in("Todo")[2:]]
                     move = m.MoveCard(card_id=rng.choice(movable), to_lane="Todo")
                     app.move_card(move, board.owner)
         except Conflict:
@@ -229,12 +234,16 @@ def test_moves_and_card_changes_racing_re_spreads_leave_one_order_and_short_uniq
     write_side: AgentWorks, board: Board
 ) -> None:
     card_ids = add_cards(write_side, board, 8)
+    # The first card bounds the gap; three cards are squeezed into it, the last three moved.
+    movers, movable = card_ids[2:5], card_ids[5:]
     errors: list[str] = []
     done = threading.Event()
     with ThreadPoolExecutor(3) as pool:
-        squeezed = pool.submit(_squeeze, write_side, board, 6 * RESPREAD_THRESHOLD, errors, done)
+        squeezed = pool.submit(
+            _squeeze, write_side, board, movers, 9 * RESPREAD_THRESHOLD, errors, done
+        )
         for seed in (1, 2):
-            pool.submit(_disturb, write_side, board, card_ids, seed, errors, done)
+            pool.submit(_disturb, write_side, board, card_ids, movable, seed, errors, done)
     squeezed.result()
     assert errors == []
 
