@@ -361,15 +361,17 @@ def test_a_month_keeps_its_limit_while_no_billing_projector_counts_its_charges(
     """No billing projector runs, so the usage the checks read stays at nothing, and each
     charge's settled hold lapses (a run timeout and ``stale_after`` later, 3.5 s here) without
     its charge ever being counted. Before, each lapse gave the month that room back: the runs
-    queued behind spent the $0.04 limit nearly twice over (a workspace could spend its limit
-    again every 330 s while the projector was down). The write model counts every charge."""
+    queued behind spent the $0.04 limit three times over, $0.12 (a workspace could spend its
+    limit again every 330 s while the projector was down). The write model counts every
+    charge."""
     card, run_ids = runs_under_a_limit(write_side, "0.040000", 10)
     read_pool = make_pool(database_url, role="agentworks_api", max_size=1)
     reader = ReadModelSpend(read_pool)
     spend = RedisSpend(redis.Redis.from_url(flushed), reader) if shared else reader
     holds = RedisBudgetHolds(redis.asyncio.Redis.from_url(flushed)) if shared else None
-    # A call of 1,000 tokens takes 1.25 s and bills $0.0076 (holding $0.0152 while it runs):
-    # five calls fill the month in about 6 s, and the first calls' holds lapse before that.
+    # A call of 1,000 output tokens takes 1.25 s and bills $0.008 to $0.013 (its prompt grows
+    # with the card's earlier outputs): four or five calls fill the month in about 6 s, and the
+    # first calls' holds lapse before that.
     slow = fast_simulated(tokens_per_second=800, output_tokens=1000)
     try:
         with orchestrator_thread(
