@@ -185,6 +185,14 @@ class CircuitBreaker:
     trial_at: float = 0.0
     failing: set[str] = field(default_factory=set)
 
+    def would_allow(self, now: float) -> bool:
+        """Whether :meth:`allows` would let a call through now, taking no trial."""
+        if self.state is BreakerState.CLOSED:
+            return True
+        if self.state is BreakerState.OPEN:
+            return now - self.opened_at >= self.cooldown_seconds
+        return not self.trial_out or now - self.trial_at >= self.cooldown_seconds
+
     def allows(self, now: float) -> bool:
         """Whether a call may go out now (a half-open breaker lets exactly one through)."""
         if self.state is BreakerState.OPEN and now - self.opened_at >= self.cooldown_seconds:
@@ -249,12 +257,15 @@ class Breakers:
         return breaker
 
     def allows(self, provider: str, workspace: str, now: float) -> bool:
-        """Whether a call of ``workspace`` may go to ``provider`` now (a half-open breaker's
-        trial is taken by the call it lets through)."""
-        mine = self.by_workspace.get((provider, workspace))
-        if mine is not None and not mine.allows(now):
+        """Whether a call of ``workspace`` may go to ``provider`` now. A half-open breaker's
+        trial is taken only by a call both breakers let through: one breaker's trial taken while
+        the other refused would wait a cooldown with no call made."""
+        breakers = [self.of(provider)]
+        if (mine := self.by_workspace.get((provider, workspace))) is not None:
+            breakers.append(mine)
+        if not all(breaker.would_allow(now) for breaker in breakers):
             return False
-        return self.of(provider).allows(now)
+        return all([breaker.allows(now) for breaker in breakers])
 
     def succeeded(self, provider: str, workspace: str) -> None:
         """A call answered: the provider works, for this workspace too (whose breaker, closed

@@ -235,6 +235,25 @@ def test_one_workspaces_failures_open_its_own_circuit_not_the_providers() -> Non
     assert breakers.allows("openai", "ws-a", 14)
 
 
+def test_a_workspace_trial_is_not_taken_while_the_providers_circuit_refuses() -> None:
+    """The workspace's circuit half-open and the provider's open: no call goes, and the
+    workspace's trial is still there once the provider's lets calls through."""
+    breakers = Breakers(threshold=2, cooldown_seconds=10)
+    breakers.failed("openai", "ws-a", 0)
+    breakers.failed("openai", "ws-a", 1)  # ws-a's own circuit opens at 1
+    breakers.failed("openai", "ws-b", 8)  # the provider's opens at 8: two workspaces
+    assert not breakers.allows("openai", "ws-a", 12)  # ws-a half-open, the provider open
+    assert breakers.allows("openai", "ws-a", 18)  # both let their trial go, with one call
+    assert not breakers.allows("openai", "ws-a", 19)
+    assert [check.would_allow(19) for check in _both_breakers(breakers, "ws-a")] == [
+        False, False,
+    ]  # fmt: skip
+
+
+def _both_breakers(breakers: Breakers, workspace: str) -> list[CircuitBreaker]:
+    return [breakers.of("openai"), breakers.by_workspace[("openai", workspace)]]
+
+
 def test_failures_from_two_workspaces_open_the_providers_circuit() -> None:
     breakers = Breakers(threshold=3, cooldown_seconds=10)
     assert breakers.failed("openai", "ws-a", 1) == []
