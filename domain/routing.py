@@ -195,17 +195,12 @@ class CircuitBreaker:
 
     def allows(self, now: float) -> bool:
         """Whether a call may go out now (a half-open breaker lets exactly one through)."""
-        if self.state is BreakerState.OPEN and now - self.opened_at >= self.cooldown_seconds:
-            self.state = BreakerState.HALF_OPEN
-            self.trial_out = False
-        if self.state is BreakerState.CLOSED:
-            return True
-        if self.state is BreakerState.HALF_OPEN and (
-            not self.trial_out or now - self.trial_at >= self.cooldown_seconds
-        ):
-            self.trial_out, self.trial_at = True, now
-            return True
-        return False
+        if not self.would_allow(now):
+            return False
+        if self.state is not BreakerState.CLOSED:
+            # Cooled down (open) or its trial free again (half-open): this call is the trial.
+            self.state, self.trial_out, self.trial_at = BreakerState.HALF_OPEN, True, now
+        return True
 
     def succeeded(self) -> BreakerState:
         self.state, self.failures, self.trial_out = BreakerState.CLOSED, 0, False
