@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 
 from adapters.outages import OUTAGES, REDIS
-from adapters.spend_counter import counter_key, holds_key
+from adapters.spend_counter import SETTLED, counter_key, holds_key
 from domain.budget_holds import Hold, HoldRequest
 from domain.errors import Unavailable
 
@@ -36,9 +36,6 @@ if TYPE_CHECKING:
     from uuid import UUID
 
     import redis.asyncio
-
-#: The prefix of a settled hold's marker field.
-SETTLED = "settled:"
 
 #: KEYS[1] the month's holds, KEYS[2] its spend counter. ARGV: hold, want, floor, spent,
 #: limit (-1: none), run_room ("none" or an integer that may be negative), now ms, ttl ms,
@@ -55,6 +52,7 @@ local run_room = ARGV[6]
 local now = tonumber(ARGV[7])
 local ttl = tonumber(ARGV[8])
 local written = tonumber(ARGV[9] or '0')
+local prefix = '@SETTLED@'
 -- Lua writes a number with 14 significant digits ("1e+14"): amounts go out as %.0f, exact
 -- for every integer a double holds exactly.
 local function text(n) return string.format('%.0f', n) end
@@ -73,8 +71,8 @@ for i = 1, #fields, 2 do
     redis.call('HDEL', key, fields[i])
   else
     if lapses > latest then latest = lapses end
-    if string.sub(fields[i], 1, 8) == 'settled:' then
-      markers[string.sub(fields[i], 9)] = fields[i]
+    if string.sub(fields[i], 1, #prefix) == prefix then
+      markers[string.sub(fields[i], #prefix + 1)] = fields[i]
     elseif fields[i] ~= run then
       elsewhere = elsewhere + amount
       held[fields[i]] = amount
@@ -97,7 +95,7 @@ if run_room ~= 'none' then
   if room == nil or r < room then room = r end
 end
 if room == nil then
-  redis.call('HDEL', key, 'settled:' .. run)
+  redis.call('HDEL', key, prefix .. run)
   redis.call('HSET', key, run, text(want) .. ':' .. text(now + ttl))
   redis.call('PEXPIREAT', key, latest)
   return {want, 'none'}
@@ -106,11 +104,11 @@ if floor > room then return {-1, text(room)} end
 local granted = want
 if room < granted then granted = room end
 -- A hold asked for again is a call's, not yet settled (as in-process holds replace it).
-redis.call('HDEL', key, 'settled:' .. run)
+redis.call('HDEL', key, prefix .. run)
 redis.call('HSET', key, run, text(granted) .. ':' .. text(now + ttl))
 redis.call('PEXPIREAT', key, latest)
 return {granted, text(room)}
-"""
+""".replace("@SETTLED@", SETTLED)
 
 #: KEYS[1] the month's holds. ARGV: hold, billed, now ms, ttl ms. A hold the projector already
 #: dropped (its charge counted) is not brought back.
@@ -118,13 +116,13 @@ _SETTLE = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 local lapses = tonumber(ARGV[3]) + tonumber(ARGV[4])
 local at = string.format('%.0f', lapses)
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. at, 'settled:' .. ARGV[1], '0:' .. at)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. at, '@SETTLED@' .. ARGV[1], '0:' .. at)
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl >= 0 and tonumber(ARGV[3]) + pttl < lapses then
   redis.call('PEXPIREAT', KEYS[1], lapses)
 end
 return 1
-"""
+""".replace("@SETTLED@", SETTLED)
 
 
 class RedisBudgetHolds:

@@ -43,6 +43,9 @@ COUNTER_TTL_MS = 62 * 24 * 3600 * 1000
 #: forgotten (their holds lapse on their own; the totals themselves are never dropped).
 MAX_PENDING_CHARGES = 100_000
 
+#: The prefix of the field beside a settled hold (``adapters.budget_holds``) that marks it so.
+SETTLED = "settled:"
+
 #: KEYS[1] the counter; KEYS[2..] holds hashes. ARGV: total, ttl ms, then for each holds hash
 #: how many charge ids follow and the ids. Returns the counter's value after.
 _FEED = """
@@ -59,12 +62,12 @@ for k = 2, #KEYS do
   local n = tonumber(ARGV[i])
   i = i + 1
   for j = 1, n do
-    redis.call('HDEL', KEYS[k], ARGV[i], 'settled:' .. ARGV[i])
+    redis.call('HDEL', KEYS[k], ARGV[i], '@SETTLED@' .. ARGV[i])
     i = i + 1
   end
 end
 return stored
-"""
+""".replace("@SETTLED@", SETTLED)
 
 
 def counter_key(workspace_id: UUID, month: str) -> str:
