@@ -52,6 +52,7 @@ T = TypeVar("T")
 
 RECOVERY_CODE_COUNT = 10
 _WRONG_CREDENTIALS = "email or password is wrong"
+_OUTLIVED = "the password was changed since this sign-in"
 
 
 class Passwords(Protocol):
@@ -229,30 +230,48 @@ class Identity:
         new_secret = secrets.token_urlsafe(32)
         given = [session] if session is not None and session.id == session_id else []
 
-        def decide(meta: EventMeta) -> tuple[list[Aggregate], User | None]:
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], tuple[Session, User] | None]:
             current = given.pop() if given else self._get(Session, session_id)
             # Only a session holding the token can rotate: its user is read for that one alone,
             # and is the user the grant is for.
             user = self._get(User, current.user_id) if current.holds(presented) else None
             if user is not None and current.outlived_password(user):
-                current.revoke("the password was changed since this sign-in", meta=meta)
+                current.revoke(_OUTLIVED, meta=meta)
                 return [current], None
             rotated = current.rotate(
                 presented, digest(new_secret), now=self._now(), most=self._most_tokens(),
                 meta=meta,
             )  # fmt: skip
-            return [current], user if rotated else None
+            return [current], (current, user) if rotated and user is not None else None
 
         try:
-            user = self._retrying(str(session_id), correlation_id, decide)
+            rotated = self._retrying(str(session_id), correlation_id, decide)
         except NotFound:
             raise Unauthenticated("refresh token is not valid") from None
-        if user is None:
-            raise Unauthenticated(
-                "refresh token is not valid, spent or revoked, or its session has handed out "
-                "all its tokens; log in again"
-            )
-        return self._grant(user, session_id, new_secret)
+        if rotated is not None and not self._outlived_since(*rotated, correlation_id):
+            return self._grant(rotated[1], session_id, new_secret)
+        raise Unauthenticated(
+            "refresh token is not valid, spent or revoked, or its session has handed out all "
+            "its tokens; log in again"
+        )
+
+    def _outlived_since(self, session: Session, user: User, correlation_id: str) -> bool:
+        """Whether the password changed between the refresh's reading of ``user`` and the
+        rotation's commit, which saved the session alone: the user is read again now, after
+        the commit, and a session that outlived the password is revoked, its new token with it.
+        A change committed after this read comes after the rotation too, and the next refresh
+        finds it."""
+        latest = self._get(User, user.id)
+        if latest.version == user.version or not session.outlived_password(latest):
+            return False
+
+        def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
+            current = self._get(Session, session.id)
+            current.revoke(_OUTLIVED, meta=meta)
+            return [current], None
+
+        self._retrying(str(session.id), correlation_id, decide)
+        return True
 
     def session_of(self, refresh_token: str) -> Session:
         """The session ``refresh_token`` names (its secret unchecked: for counting the refresh

@@ -121,3 +121,30 @@ def test_one_code_sent_in_logins_at_once_opens_one_session(identity: Identity) -
     # login that lost every retry to the others answers CONFLICT: all refusals.
     others = [o for o in outcomes if not isinstance(o, SessionGrant)]
     assert all(isinstance(o, MfaRequired | RateLimited | Conflict) for o in others), outcomes
+
+
+def test_a_refresh_racing_a_password_change_hands_out_no_token_after_it(
+    identity: Identity, write_side: AgentWorks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new password signs every earlier session out. A refresh decided on the user as it was
+    before the change (its session not yet outlived) and saved after it rotated the session all
+    the same: its holder, who may be whoever knew the old password, got fresh tokens after the
+    change. The password is changed here between the refresh's decision and its save."""
+    user_id = identity.signup(email="ed@example.com", password=PASSWORD, name="Ed")
+    grant = identity.login(email="ed@example.com", password=PASSWORD)
+    save = identity._save
+    changed: list[bool] = []
+
+    def change_first(*aggregates: object) -> None:
+        if not changed and any(isinstance(a, Session) for a in aggregates):
+            changed.append(True)
+            identity.change_password(user_id, current=PASSWORD, new="a new long passphrase")
+        save(*aggregates)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(identity, "_save", change_first)
+    with pytest.raises(Unauthenticated):
+        identity.refresh(grant.refresh_token)
+    assert changed
+    session = write_side.repository.get(UUID(hex=grant.refresh_token.split(".")[0]))
+    assert isinstance(session, Session)
+    assert session.revoked
