@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +14,7 @@ from api_client import PROTOCOL, ApiClient
 from e2e_stack import MakeStack, Stack, user_id
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rate_windows import clear_of_a_window_end
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
@@ -84,10 +84,7 @@ def test_rate_limits_are_shared_through_redis(make_stack: MakeStack) -> None:
 
 
 def _exhaust(stack: Stack) -> None:
-    # Limits count per fixed minute: start well inside one, so the counts cannot reset midway.
-    remaining = 60 - time.time() % 60
-    if remaining < 10:
-        time.sleep(remaining + 0.2)
+    clear_of_a_window_end(10)
     ws = "00000000-0000-0000-0000-000000000001"
     alice = stack.as_user("alice", ws)
     statuses = [alice.post("{ __typename }").status for _ in range(6)]

@@ -23,6 +23,7 @@ import pytest
 import redis
 from api_client import PROTOCOL, ApiClient, wait_for
 from e2e_stack import API_APPLICATION_NAME, MakeStack, Stack
+from rate_windows import clear_of_a_window_end
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
@@ -463,10 +464,7 @@ def test_subscribes_count_against_the_callers_rate_limit(make_stack: MakeStack) 
     limits = RateLimits(per_user_per_minute=6, per_workspace_per_minute=None,
                         key_prefix=f"rl-{uuid.uuid4().hex[:8]}")  # fmt: skip
     stack = make_stack(rate_limits=limits)
-    # Limits count per fixed minute: start well inside one, so the counts cannot reset midway.
-    remaining = 60 - time.time() % 60
-    if remaining < 15:
-        time.sleep(remaining + 0.2)
+    clear_of_a_window_end()
     alice, project, viewer = _tenant_with_viewer(stack, "alice")
     connection = RawConnection(stack.ws_url, viewer.token or "")  # the connection: one request
     try:

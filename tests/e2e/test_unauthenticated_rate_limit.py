@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -13,11 +12,11 @@ import httpx
 import pytest
 from api_client import PROTOCOL
 from e2e_stack import MakeStack, Stack
+from rate_windows import clear_of_a_window_end
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from domain.access import ApiKey
-from read_api.ratelimit import WINDOW_SECONDS
 from read_api.services import RateLimits
 
 LIMIT = 5
@@ -32,17 +31,8 @@ def _stack(make_stack: MakeStack, *, broadcaster: str = "local", **options: obje
         key_prefix=f"aw-test-address:{secrets.token_hex(6)}",
     )
     stack = make_stack(broadcaster=broadcaster, rate_limits=limits, **options)
-    _clear_of_a_window_end()
+    clear_of_a_window_end()
     return stack
-
-
-def _clear_of_a_window_end(margin: float = 15.0) -> None:
-    """Wait for the next window when this one ends within ``margin`` seconds: limits count in
-    fixed one-minute windows, and a test's burst that crossed into the next one found its count
-    back at nothing (the sixth guess answered 401, not 429)."""
-    left = WINDOW_SECONDS - time.time() % WINDOW_SECONDS
-    if left < margin:
-        time.sleep(left + 0.05)
 
 
 def _post(stack: Stack, token: str | None, **headers: str) -> httpx.Response:
