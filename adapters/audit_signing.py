@@ -66,8 +66,15 @@ def public_pem(public_key: Ed25519PublicKey) -> str:
 
 
 def signature_holds(public_key: Ed25519PublicKey, message: bytes, signature: str) -> bool:
+    """Whether ``signature`` (standard base64, spelt as :meth:`Signer.sign` spells it) holds.
+
+    Only the one spelling: base64 of 64 bytes ends in a digit with 4 bits that decode to
+    nothing, so 15 other spellings decode to the same signature, and a trailer edited so would
+    pass for untouched."""
     try:
         raw = base64.b64decode(signature.encode("ascii"), validate=True)
+        if base64.b64encode(raw).decode("ascii") != signature:
+            return False
         public_key.verify(raw, message)
     except (InvalidSignature, ValueError, UnicodeEncodeError):
         return False

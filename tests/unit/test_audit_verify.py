@@ -141,3 +141,24 @@ def test_an_export_written_before_the_trailer_said_when_still_verifies() -> None
     assert verdict.scope is not None
     assert "exportedAt" not in verdict.scope
     assert "when it was exported is not signed" in verdict.describe()
+
+
+_BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+@pytest.mark.parametrize("unused", range(1, 16))
+def test_a_signature_respelt_in_its_unused_base64_bits_is_a_bad_line(unused: int) -> None:
+    # A 64-byte signature is 86 base64 digits and "==": the last digit carries 2 bits of the
+    # signature and 4 bits that decode to nothing. Another digit there decodes to the same
+    # signature, so the trailer line was edited and still verified.
+    lines, signer = _export(2)
+    trailer = json.loads(lines[-1])
+    signature = trailer["signature"]
+    assert signature.endswith("==")
+    last = _BASE64.index(signature[-3])
+    trailer["signature"] = signature[:-3] + _BASE64[last ^ unused] + "=="
+    lines[-1] = canonical_json(trailer)
+    verdict = verify(lines, signer.public_key)
+    assert not verdict.ok
+    assert verdict.line == len(lines)
+    assert verdict.reason == "signature does not hold"
