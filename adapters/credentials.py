@@ -1,4 +1,5 @@
-"""Credential primitives: argon2id passwords, TOTP codes, sealed TOTP secrets, token digests.
+"""Credential primitives: argon2id passwords, TOTP codes, sealed TOTP secrets, token digests,
+device cookies.
 
 Argon2id parameters (OWASP's second recommended set): memory 19 MiB (19456 KiB), 2 passes,
 parallelism 1, 16-byte salt, 32-byte hash. On this 2-core machine one verification costs about
@@ -8,6 +9,8 @@ parameters, so raising them later only affects new hashes (``needs_rehash``).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import os
 import secrets
@@ -104,6 +107,47 @@ class SecretBox:
             return self._fernet.decrypt(sealed.encode()).decode()
         except InvalidToken as exc:
             raise ValueError("a TOTP secret does not open with the configured key") from exc
+
+
+class DeviceCookies:
+    """Signed device cookies: proof that a browser signed in to an account before.
+
+    A login that presents one for the account it names counts against that device's limit
+    rather than the account's, so that whoever guesses an account's password (and so spends
+    its limit) does not lock its owner out of the browsers they already use (OWASP's device
+    cookies against lockout). A cookie is ``v1.<device>.<mac>``: a random device id and an
+    HMAC of it and the account under a key derived from the deployment's signing secret. The
+    account is named by the digest the login limits already key it by, so a cookie is checked
+    before anything is read. No state: a cookie stays good as long as the key does.
+    """
+
+    VERSION = "v1"
+
+    def __init__(self, signing_secret: str | bytes) -> None:
+        secret = signing_secret.encode() if isinstance(signing_secret, str) else signing_secret
+        self._key = hmac.new(secret, b"agentworks device cookies v1", hashlib.sha256).digest()
+
+    def issue(self, account: str, device: str | None = None) -> str:
+        """A cookie for ``account`` (its login-limit digest): for ``device`` when the browser
+        has one (renewed), else for a new device."""
+        device = device or secrets.token_urlsafe(16)
+        return f"{self.VERSION}.{device}.{self._mac(device, account)}"
+
+    def device_of(self, cookie: str | None, account: str) -> str | None:
+        """The device id of ``cookie`` when it is one this key issued for ``account``."""
+        if not cookie or len(cookie) > 200:
+            return None
+        version, _, rest = cookie.partition(".")
+        device, _, mac = rest.partition(".")
+        if version != self.VERSION or not device or not mac:
+            return None
+        if not hmac.compare_digest(mac, self._mac(device, account)):
+            return None
+        return device
+
+    def _mac(self, device: str, account: str) -> str:
+        signed = hmac.new(self._key, f"{device}\n{account}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(signed[:18]).decode()
 
 
 def dev_totp_key(data_dir: Path) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
-from adapters.credentials import Argon2Passwords, SecretBox, Totp, dev_totp_key
+from adapters.credentials import Argon2Passwords, DeviceCookies, SecretBox, Totp, dev_totp_key
 from adapters.oidc import OidcVerifier
 from adapters.tokens import issue_user_token
 from commands.handlers import AgentWorks
@@ -75,7 +75,16 @@ def build_auth(
         login_per_account_per_minute=settings.login_rate_per_account or None,
         login_per_address_per_minute=settings.login_rate_per_address or None,
         invitation_ttl_seconds=settings.invitation_ttl,
+        device_cookies=device_cookies(keys),
     )
+
+
+def device_cookies(keys: JwtKeys) -> DeviceCookies | None:
+    """Device cookies signed under a key derived from the one that signs access tokens (no
+    setting more to keep secret); none where this server signs no one in (RS256 without its
+    private key)."""
+    secret = keys.secret if keys.algorithm == "HS256" else keys.private_key
+    return DeviceCookies(secret) if secret else None
 
 
 def build_oidc(settings: Settings, identity: Identity) -> OidcSignIn | None:

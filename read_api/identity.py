@@ -3,7 +3,9 @@
 JSON in, JSON out, errors as ``{"error": {"code", "message"}}``. The refresh token is also set as
 the ``aw_refresh`` cookie (HttpOnly, SameSite=Strict, path ``/auth``, Secure outside dev), so a
 SPA need not keep it in script-readable storage; ``/auth/refresh`` and ``/auth/logout`` take it
-from there when the body has none. Logins are limited per account and per client address.
+from there when the body has none. Logins are limited per account and per client address; a
+browser that signed in to the account before (its ``aw_device`` cookie) logs in on its own limit
+instead of the account's, so that guessing an account's password does not lock its owner out.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 REFRESH_COOKIE = "aw_refresh"
+DEVICE_COOKIE = "aw_device"
+DEVICE_COOKIE_SECONDS = 180 * 86400
+"""How long a browser that signed in stays a known device of its account (each sign-in renews
+it; see :class:`~adapters.credentials.DeviceCookies`)."""
 _STATUS = {
     "VALIDATION": 400,
     "UNAUTHENTICATED": 401,
@@ -143,13 +149,33 @@ class _AuthRoutes:
         body = await _body(request, seconds=self.body_seconds)
         email, password = _text(body, "email"), _text(body, "password")
         totp = _optional_text(body, "totp")
-        await self._limit_login(request, email)
+        account = _login_account(email)
+        device = self._known_device(request, account)
+        if device is None:
+            await self._limit_guesses(
+                request, f"login-account:{account}", "account's logins", "address's logins"
+            )
+        else:
+            await self._limit_guesses(
+                request, f"login-device:{device}", "device's logins", "address's logins"
+            )
         grant = await self.runtime.offloader.run(
             lambda: self.identity.login(
                 email=email, password=password, totp=totp, correlation_id=rid
             )
         )
-        return self._session(grant)
+        response = self._session(grant)
+        if self.auth.device_cookies is not None:
+            response.set_cookie(
+                DEVICE_COOKIE,
+                self.auth.device_cookies.issue(account, device),
+                max_age=DEVICE_COOKIE_SECONDS,
+                path="/auth/login",
+                secure=self.auth.secure_cookie,
+                httponly=True,
+                samesite="strict",
+            )
+        return response
 
     async def refresh(self, request: Request, rid: str) -> Response:
         token = await self._refresh_token(request)
@@ -279,17 +305,13 @@ class _AuthRoutes:
         except ValueError:
             raise Forbidden("this token's user has no account here") from None
 
-    async def _limit_login(self, request: Request, email: str) -> None:
-        try:
-            account = normalise_email(email)
-        except ValidationFailed:
-            account = email.strip().casefold()
-        # A digest: the email is whatever the body held, up to its 16 KB, and a key as long
-        # would sit in the limiter's store for a minute per request.
-        digest = hashlib.blake2b(account.encode("utf-8", "surrogatepass"), digest_size=16)
-        await self._limit_guesses(
-            request, f"login-account:{digest.hexdigest()}", "account's logins", "address's logins"
-        )
+    def _known_device(self, request: Request, account: str) -> str | None:
+        """The device id of the request's device cookie, when it is one issued to a browser
+        that signed in to ``account`` before."""
+        cookies = self.auth.device_cookies
+        if cookies is None:
+            return None
+        return cookies.device_of(request.cookies.get(DEVICE_COOKIE), account)
 
     async def _limit_account(self, request: Request, user_id: UUID) -> None:
         """A password or TOTP code checked outside a login (changing the password, turning MFA
@@ -343,6 +365,17 @@ class _AuthRoutes:
         if most is None:
             return []
         return [Limit(f"{self.auth.key_prefix}:login-address:{_address(request)}", most, what)]
+
+
+def _login_account(email: str) -> str:
+    """The account a login names, as its limits and device cookies key it: a digest, for the
+    email is whatever the body held, up to its 16 KB, and a key as long would sit in the
+    limiter's store for a minute per request."""
+    try:
+        account = normalise_email(email)
+    except ValidationFailed:
+        account = email.strip().casefold()
+    return hashlib.blake2b(account.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def _address(request: Request) -> str:

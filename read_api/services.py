@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from psycopg.rows import DictRow
     from psycopg_pool import ConnectionPool
 
+    from adapters.credentials import DeviceCookies
     from commands.handlers import AgentWorks
     from commands.identity import Identity
     from projections.base import Projector
@@ -102,6 +103,9 @@ class AuthSettings:
     invitation_ttl_seconds: int = 7 * 86400
     """How long an invitation can be accepted (``inviteMember``)."""
     key_prefix: str = "agentworks:ratelimit"
+    device_cookies: DeviceCookies | None = None
+    """Signs the ``aw_device`` cookie: a browser that signed in to an account before logs in
+    on its own limit, not the account's (``None``: every login counts against its account)."""
 
 
 @dataclass(kw_only=True)

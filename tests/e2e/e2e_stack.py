@@ -24,7 +24,7 @@ from in_process_api import broadcasting, serve_api, start_embedded_fanout
 from psycopg.conninfo import make_conninfo
 from users import user_id
 
-from adapters.credentials import SecretBox, Totp
+from adapters.credentials import DeviceCookies, SecretBox, Totp
 from adapters.oidc import OidcVerifier
 from adapters.postgres import make_pool
 from adapters.tokens import BOOTSTRAP_WORKSPACE, issue_token
@@ -119,8 +119,9 @@ def auth_settings(
         access_tokens=UserTokenIssuer(JwtKeys(algorithm="HS256", secret=secret), access_token_ttl),
     )
     return AuthSettings(
-        identity=identity, secure_cookie=False, key_prefix=f"{namespace}:auth", **fields
-    )
+        identity=identity, secure_cookie=False, key_prefix=f"{namespace}:auth",
+        device_cookies=DeviceCookies(secret), **fields,
+    )  # fmt: skip
 
 
 class StackBuilder:

@@ -378,6 +378,35 @@ def test_logins_are_limited_per_account_and_per_address(
         assert answers[-1] == 429  # six attempts from this address in the window
 
 
+def test_an_account_locked_by_wrong_guesses_still_signs_in_on_its_known_devices(
+    module_database_url: str, redis_url: str
+) -> None:
+    """Anyone who knows an address could lock its account: wrong passwords past the account's
+    limit made its owner's right one answer 429 too, for as long as they kept guessing. A browser
+    that signed in to the account before holds a device cookie, and its logins count against
+    that device's limit instead of the account's (OWASP's device cookies); guesses without one
+    still meet the account's limit."""
+    with limited_client(module_database_url, redis_url) as owner:
+        signed_in(owner, "kept@example.com")
+        assert owner.cookies.get("aw_device")
+        with httpx.Client(base_url=owner.base_url, timeout=15.0) as guesser:
+            for _ in range(2):  # the owner's login was the account's first of 3 this minute
+                wrong = {"email": "kept@example.com", "password": "guess"}
+                assert error_of(guesser.post("/auth/login", json=wrong)) == (401, "UNAUTHENTICATED")
+            assert error_of(login(guesser, "kept@example.com")) == (429, "RATE_LIMITED")
+            # A device cookie of another account, or a made-up one, is no way round the limit.
+            signed_in(guesser, "guesser@example.com")
+            assert error_of(login(guesser, "kept@example.com")) == (429, "RATE_LIMITED")
+            guesser.cookies.set("aw_device", "v1.made-up.0000", path="/auth/login")
+            assert error_of(login(guesser, "kept@example.com")) == (429, "RATE_LIMITED")
+        assert login(owner, "kept@example.com").status_code == 200
+        # The known device is limited too, on its own count.
+        for _ in range(2):
+            wrong = {"email": "kept@example.com", "password": "guess"}
+            assert error_of(owner.post("/auth/login", json=wrong)) == (401, "UNAUTHENTICATED")
+        assert error_of(login(owner, "kept@example.com")) == (429, "RATE_LIMITED")
+
+
 def test_guessing_codes_to_turn_mfa_off_is_limited_like_logins(
     module_database_url: str, redis_url: str
 ) -> None:

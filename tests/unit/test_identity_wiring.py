@@ -60,3 +60,34 @@ def test_processes_starting_together_agree_on_one_dev_sealing_key(tmp_path: Path
         keys = set(pool.map(lambda _: dev_totp_key(tmp_path), range(32)))
     assert len(keys) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["totp_key"]
+
+
+def test_device_cookies_are_signed_per_account_under_the_token_key(tmp_path: Path) -> None:
+    auth = build_auth(Settings(env="dev", data_dir=tmp_path), new_app(), KEYS, tmp_path)
+    cookies = auth.device_cookies
+    assert cookies is not None
+    cookie = cookies.issue("account-a")
+    device = cookies.device_of(cookie, "account-a")
+    assert device is not None
+    assert cookies.issue("account-a", device).split(".")[1] == device  # renewed, same device
+    assert cookies.device_of(cookie, "account-b") is None
+    version, _, mac = cookie.split(".")
+    for forged in [
+        f"{version}.another-device.{mac}",
+        f"v2.{device}.{mac}",
+        f"{version}.{device}.{mac[:-1]}",
+        f"{version}.{device}",
+        "",
+        None,
+        cookie + "." + "x" * 300,
+    ]:
+        assert cookies.device_of(forged, "account-a") is None, forged
+    other_key = JwtKeys(algorithm="HS256", secret="t" * 40)
+    elsewhere = build_auth(Settings(env="dev", data_dir=tmp_path), new_app(), other_key, tmp_path)
+    assert elsewhere.device_cookies is not None
+    assert elsewhere.device_cookies.device_of(cookie, "account-a") is None
+    verify_only = JwtKeys(algorithm="RS256", public_key="unused here")
+    assert (
+        build_auth(Settings(data_dir=tmp_path), new_app(), verify_only, tmp_path).device_cookies
+        is None
+    )
