@@ -151,14 +151,12 @@ class _AuthRoutes:
         totp = _optional_text(body, "totp")
         account = _login_account(email)
         device = self._known_device(request, account)
-        if device is None:
-            await self._limit_guesses(
-                request, f"login-account:{account}", "account's logins", "address's logins"
-            )
-        else:
-            await self._limit_guesses(
-                request, f"login-device:{device}", "device's logins", "address's logins"
-            )
+        counted, what = (
+            (f"login-account:{account}", "account's logins")
+            if device is None
+            else (f"login-device:{device}", "device's logins")
+        )
+        await self._limit_guesses(request, counted, what, "address's logins")
         grant = await self.runtime.offloader.run(
             lambda: self.identity.login(
                 email=email, password=password, totp=totp, correlation_id=rid
