@@ -244,9 +244,10 @@ class MonthlySpend(TenantAggregate):
 
     def note_thresholds(self, limit_micros: int | None, *, meta: EventMeta) -> list[int]:
         """Record each of 50, 80 and 100 % of the limit the spend has reached for the first
-        time this month; returns the thresholds recorded now."""
+        time this month; returns the thresholds recorded now. A limit of 0 is a limit (spend
+        reached it, as :func:`check_month_room` says), not the absence of one."""
         crossed: list[int] = []
-        if not limit_micros:
+        if limit_micros is None:
             return crossed
         for threshold in BUDGET_THRESHOLDS:
             if threshold in self.thresholds:

@@ -466,3 +466,23 @@ def test_budget_thresholds_are_recorded_once_per_month_each() -> None:
         e for e in world.app.events.get(spend.id) if isinstance(e, MonthlySpend.ThresholdCrossed)
     ]
     assert [e.threshold for e in events] == [50, 80, 100]
+
+
+def test_spending_under_a_zero_limit_crosses_every_threshold_once() -> None:
+    """A $0 limit is a limit (no run may start), not "no limit": a call already under way when
+    it was set is still charged, and that spend is past 100 % of it. The thresholds were never
+    noted for a $0 limit, so the activity feed did not say the limit had been passed, while a
+    $0.01 limit said so."""
+    world = World.build()
+    run_id = world.run(begin=True)
+    world.app.set_spend_limit(
+        m.SetSpendLimit(workspace_id=world.workspace_id, monthly_limit="0"), world.owner
+    )
+    for _ in range(2):
+        world.app.record_provider_attempt(attempt(run_id, tin=1000, tout=0), world.service())
+    spend: MonthlySpend = world.get(spend_id_for(world.workspace_id, month_of(NOW)))
+    assert spend.spent_micros > 0
+    events = [
+        e for e in world.app.events.get(spend.id) if isinstance(e, MonthlySpend.ThresholdCrossed)
+    ]
+    assert [(e.threshold, e.limit_micros) for e in events] == [(50, 0), (80, 0), (100, 0)]
