@@ -330,7 +330,7 @@ def replay_card_command(
     from psycopg.rows import dict_row
 
     from commands.handlers import Actor
-    from projections.history import card_state, history_entries, parse_instant
+    from projections.history import card_state, history_entries, lane_then, parse_instant
     from read_api.eventlog import card_log, chosen_version, foldable_version
 
     card_id = _parse_id(card, "card")
@@ -351,6 +351,9 @@ def replay_card_command(
         workspace_id = envelopes[0].workspace_id
         folded = foldable_version(card_id, envelopes, version)
         state = write.card_at(card_id, Actor.service("replay", str(workspace_id)), version=folded)
+        # Its lane by the board's name for it then (at a version, when that was made).
+        then = state.modified_on if as_of_version is not None else instant
+        lane = lane_then(conn, write.mapper, state, envelopes, as_of=then)
     entries = history_entries(envelopes[:version])
     for entry in entries:
         if entry.reason:
@@ -366,7 +369,7 @@ def replay_card_command(
         "cardId": str(card_id),
         "workspaceId": str(workspace_id),
         "version": version,
-        "state": card_state(state),
+        "state": card_state(state) | {"lane": lane},
         "events": events,
     }
     if as_json:

@@ -135,6 +135,51 @@ def history_entries(envelopes: Sequence[EventEnvelope]) -> list[HistoryEntry]:
     return entries
 
 
+def lane_then(
+    conn: Connection[Any],
+    mapper: Mapper[UUID],
+    card: Card,
+    envelopes: Sequence[EventEnvelope],
+    *,
+    as_of: datetime | None,
+) -> str:
+    """The name the board gave at ``as_of`` (None: now) to the lane ``card`` (folded from
+    ``envelopes``, its events in version order) was in: a lane renamed after the card entered it
+    and by ``as_of`` is named as renamed (the card's own events never mention the rename), as
+    the Kanban read model and :func:`board_as_of` name it.
+
+    Reads the project's lane renames stored after the card's last event that set its lane (an
+    index holds them alone); one that cannot be read ends the search there."""
+    entered = next(
+        (
+            e.position
+            for e in reversed(envelopes[: card.version])
+            if e.type in _LANE_SETTING_TYPES and not e.undecodable
+        ),
+        None,
+    )
+    lane = card.lane
+    if entered is None:
+        return lane
+    decode = _Decoder(mapper)
+    for row in _rows(
+        conn,
+        "SELECT notification_id, originator_id, originator_version, topic, state"
+        " FROM agentworks_events WHERE originator_id = %s AND topic = %s"
+        " AND notification_id > %s ORDER BY originator_version",
+        (card.project_id, _LANE_RENAMED, entered),
+    ):
+        try:
+            renamed = decode.row(row)
+        except Exception:  # noqa: BLE001 - decoding is pure: the stored event's own fault
+            break
+        if as_of is not None and renamed.timestamp > as_of:
+            break  # a project's event times rise with its versions: so are the rest
+        if renamed.lane == lane:
+            lane = renamed.name
+    return lane
+
+
 # -- boards ---------------------------------------------------------------------------------------
 
 
@@ -194,6 +239,9 @@ class BoardAt:
 #: board's lanes are folded without them (a busy board has one per move).
 _BOARD_ONLY = (Project.CardMoved, Project.CardLifted)
 _LANE_SETTING = (Card.Created, Card.Moved, Card.Respread, Card.Restored)
+_LANE_SETTING_TYPES = frozenset(cls.__qualname__ for cls in _LANE_SETTING)
+#: The topic of a lane's rename, which migration 0028 indexes (see :func:`lane_then`).
+_LANE_RENAMED = get_topic(Project.LaneRenamed)
 
 
 def board_as_of(

@@ -160,7 +160,7 @@ class Query:
 
         def read(
             conn: Connection[DictRow],
-        ) -> tuple[CardAggregate, list[EventEnvelope], int]:
+        ) -> tuple[CardAggregate, list[EventEnvelope], int, str]:
             envelopes = eventlog.card_events(
                 conn,
                 write.mapper,
@@ -171,9 +171,12 @@ class Query:
             version = eventlog.chosen_version(envelopes, as_of_version=as_of_version, as_of=as_of)
             folded = eventlog.foldable_version(wanted, envelopes, version)
             state = write.card_at(wanted, actor, version=folded)
-            return state, envelopes[:version], version
+            # Its lane by the board's name for it then (at a version, when that was made).
+            then = state.modified_on if as_of_version is not None else as_of
+            lane = history.lane_then(conn, write.mapper, state, envelopes, as_of=then)
+            return state, envelopes[:version], version, lane
 
-        state, envelopes, version = await scope.run(read)
+        state, envelopes, version, lane = await scope.run(read)
         # The card's runs and cost by the instant asked about (now, without asOf or
         # asOfVersion); at a version, by the moment that version was made.
         if as_of is not None:
@@ -184,6 +187,7 @@ class Query:
             until = state.modified_on
         cost = await scope.loaders.card_cost_until.load((wanted, until))
         card = _card_from_aggregate(state, scope, cost, until)
+        card.lane = lane
         entries = history.history_entries(envelopes)
         path = info.path.as_list()
         for index, entry in enumerate(entries):

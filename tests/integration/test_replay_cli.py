@@ -163,3 +163,26 @@ def test_client_text_in_the_tables_is_shown_not_acted_on(
         assert "\u202e" not in result.stdout
         assert "[/bold] done" in result.stdout
         assert "\\x1b[31mred" in result.stdout
+
+
+def test_a_renamed_lane_is_named_as_the_board_named_it_then(
+    card: dict[str, Any], write_side: AgentWorks, tmp_path: Path
+) -> None:
+    from uuid import UUID
+
+    from commands.handlers import Actor
+
+    before = json.loads(replay(card, tmp_path, card["id"], "--json").stdout)
+    assert before["state"]["lane"] == "Doing"
+    owner = Actor(user_id="alice", workspace_id=before["workspaceId"])
+    rename = m.RenameLane(project_id=UUID(card["project"]), lane="Doing", name="In progress")
+    write_side.rename_lane(rename, owner)
+    now = json.loads(replay(card, tmp_path, card["id"], "--json").stdout)
+    assert now["state"]["lane"] == "In progress"
+    then = before["events"][-1]["at"]
+    at_then = json.loads(replay(card, tmp_path, card["id"], "--as-of", then, "--json").stdout)
+    assert at_then["state"]["lane"] == "Doing"
+    at_version = json.loads(
+        replay(card, tmp_path, card["id"], "--as-of-version", "3", "--json").stdout
+    )
+    assert at_version["state"]["lane"] == "Doing"
