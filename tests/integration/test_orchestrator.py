@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from orchestrator_helpers import (
@@ -880,3 +880,26 @@ def test_a_provider_streaming_past_the_calls_max_tokens_is_cut_and_charged_no_mo
     assert attempt.estimated
     assert 0 < attempt.output_tokens <= 800
     assert "streamed past" in (attempt.error or "")
+
+
+def test_a_run_event_that_cannot_be_decoded_does_not_stop_every_other_run(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A stored AgentRun event that today's code cannot read (its state not JSON, as a bad
+    upgrade may leave one) is passed over, as the read side passes over it: the orchestrator
+    read the log in batches and failed the whole batch on it, again and again, so no run of any
+    workspace was claimed (or cancelled) any more."""
+    card = card_on_board(write_side)
+    template = start(write_side, card)
+    write_side.cancel_agent_run(m.CancelAgentRun(run_id=template, reason="template"),
+                                card.board.owner)  # fmt: skip
+    (requested,) = write_side.recorder.select_events(template, limit=1)
+    broken = type(requested)(
+        originator_id=uuid4(), originator_version=1, topic=requested.topic,
+        state=b'{"card_id": "planted", "timest',
+    )  # fmt: skip
+    write_side.recorder.insert_events([broken])
+    run_id = start(write_side, card)
+    with orchestrator_thread(database_url):
+        run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.SUCCEEDED, run.error
