@@ -26,6 +26,9 @@ from domain.errors import ValidationFailed
 MICROS_PER_USD: Final[int] = 1_000_000
 MONEY_DECIMALS: Final[int] = 6
 DEFAULT_MARKUP: Final[Decimal] = Decimal("5")
+MAX_MARKUP: Final[Decimal] = Decimal(1000)
+"""The largest markup a plan may set: past a thousandfold it is a mistake, and a large enough
+one bills amounts past :data:`MAX_MICROS`, which no read model can store."""
 DEFAULT_BILLING_INCREMENT_MICROS: Final[int] = 250_000
 MAX_MICROS: Final[int] = 2**63 - 1
 """Largest amount a parsed value may hold: read models keep micros in Postgres ``bigint``."""
@@ -156,7 +159,15 @@ def parse_markup(text: str) -> Decimal:
         raise ValidationFailed(
             f"markup must be a plain positive decimal number like '5' or '1.5', got {text!r}"
         )
-    return _require_markup(Decimal(text))
+    return at_most_max_markup(_require_markup(Decimal(text)))
+
+
+def at_most_max_markup(markup: Decimal) -> Decimal:
+    """``markup`` when a plan may set it (see :data:`MAX_MARKUP`); VALIDATION otherwise. Only
+    a markup being set is held to it: a larger one stored before stays billable."""
+    if markup > MAX_MARKUP:
+        raise ValidationFailed(f"markup must be at most {MAX_MARKUP}, got {markup}")
+    return markup
 
 
 def format_markup(markup: Decimal) -> str:

@@ -13,6 +13,7 @@ from domain.meta import EventMeta
 from domain.money import (
     DEFAULT_BILLING_INCREMENT_MICROS,
     DEFAULT_MARKUP,
+    at_most_max_markup,
     format_usd,
     positive_micros,
 )
@@ -174,6 +175,7 @@ class Workspace(TenantAggregate):
             raise ValidationFailed(
                 f"markup must be a positive number with at most 6 decimals, got {markup}"
             )
+        at_most_max_markup(markup)
         self._record(
             self.PlanSet,
             meta,

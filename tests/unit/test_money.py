@@ -194,6 +194,15 @@ def test_parse_markup_refuses_zero_negative_or_malformed(text: str) -> None:
         parse_markup(text)
 
 
+@pytest.mark.parametrize("text", ["1000.000001", "1001", "9" * 23, "9" * 33 + ".5"])
+def test_parse_markup_refuses_markups_past_a_thousandfold(text: str) -> None:
+    """Past 1000 times a markup is a mistake, and a large enough one bills amounts no read model can
+    store (a bigint of micro-USD)."""
+    with pytest.raises(ValidationFailed, match="at most 1000"):
+        parse_markup(text)
+    assert parse_markup("1000") == Decimal(1000)
+
+
 @pytest.mark.parametrize("value", [5.0, 5, None])
 def test_parse_markup_refuses_non_strings(value: Any) -> None:
     with pytest.raises(ValidationFailed, match="markup"):
