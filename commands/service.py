@@ -175,6 +175,8 @@ class _Reads:
     from_cache: bool
     versions: dict[UUID, int] = field(default_factory=dict)
     served_from_cache: bool = False
+    latest: datetime | None = None
+    """The latest time any aggregate loaded was changed at (see :func:`_decided_now`)."""
 
     def unchanged_since(self, changed: list[Aggregate]) -> dict[UUID, int]:
         written = {aggregate.id for aggregate in changed}
@@ -400,13 +402,14 @@ class WriteSide(Application[UUID]):
         token = _READS.set(reads)
         try:
             try:
-                return _decided_now(decide, meta), reads
+                return _decided_now(decide, meta)
             except AgentWorksError:
-                if not reads.served_from_cache:
+                tried = _READS.get()
+                if tried is None or not tried.served_from_cache:
                     raise
             reads = _Reads(from_cache=False)
             _READS.set(reads)
-            return _decided_now(decide, meta), reads
+            return _decided_now(decide, meta)
         finally:
             _READS.reset(token)
 
@@ -654,6 +657,9 @@ class WriteSide(Application[UUID]):
             raise NotFound(f"{kind_of(cls)} {aggregate_id} does not exist")
         if reads is not None:
             reads.versions.setdefault(aggregate.id, aggregate.version)
+            changed = aggregate.modified_on
+            if reads.latest is None or changed > reads.latest:
+                reads.latest = changed
         return aggregate
 
     def _cached(self, aggregate_id: UUID, *, copy: bool) -> Aggregate | None:
@@ -835,6 +841,33 @@ def kind_of(cls: type[Aggregate]) -> str:
     }.get(cls.__name__, cls.__name__.lower())
 
 
-def _decided_now(decide: Callable[[EventMeta], Decision], meta: EventMeta) -> Decision:
-    with decided_at(datetime.now(UTC)):
-        return decide(meta)
+#: Decisions in a row that may find what they loaded changed after their instant (see
+#: :func:`_decided_now`) before the command is refused as having lost to concurrent writes.
+_RESTAMPS = 8
+
+
+def _decided_now(
+    decide: Callable[[EventMeta], Decision], meta: EventMeta
+) -> tuple[Decision, _Reads]:
+    """A decision stamped with its instant (:func:`domain.base.decided_at`), and what it read
+    (the :class:`_Reads` in ``_READS``).
+
+    The instant is no earlier than any change of the aggregates it loaded: an aggregate's event
+    times rise with its versions, which histories, boards as of an instant and export windows
+    rest on. The instant is taken before the loads, so a command committed in between (or
+    stamped by a host whose clock is ahead) is in what the decision read yet stamped later: the
+    decision is then taken again, stamped with that later instant, on fresh loads."""
+    instant = datetime.now(UTC)
+    for _ in range(_RESTAMPS):
+        reads = _READS.get()
+        assert reads is not None
+        with decided_at(instant):
+            decision = decide(meta)
+        if reads.latest is None or reads.latest <= instant:
+            return decision, reads
+        instant = reads.latest
+        _READS.set(_Reads(from_cache=reads.from_cache))
+    raise Conflict(
+        f"what this command read kept changing after it was decided ({_RESTAMPS} times); "
+        "retry later"
+    )

@@ -563,3 +563,41 @@ def test_every_event_of_one_command_bears_the_command_s_one_instant() -> None:
         by_command.setdefault(event.meta["command_id"], set()).add(event.timestamp)
     assert len(by_command) >= 15
     assert all(len(instants) == 1 for instants in by_command.values()), by_command
+
+
+def test_a_decision_is_stamped_no_earlier_than_the_state_it_decided_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A command takes its instant, then loads what it decides on. Another request's command on
+    the same card, committed in between, is in what it loads, yet bore a later instant: the card's
+    next version was stamped before the one it followed. Histories and boards as of an instant
+    (and export windows) rest on an aggregate's times rising with its versions: at an instant
+    between the two, ``cardHistory`` showed the later version with the earlier one folded in,
+    and ``board(asOf:)`` neither."""
+    import threading
+
+    from aw_builders import stored_events as events_of
+
+    world = World.build()
+    app, card_id = world.app, world.card_id
+    load = type(app).aggregate
+    raced = False
+
+    def aggregate(self: AgentWorks, cls: type, aggregate_id: UUID, **kwargs: object) -> object:
+        nonlocal raced
+        if not raced:
+            raced = True
+            edit = m.UpdateCard(card_id=card_id, title="edited meanwhile")
+            other = threading.Thread(target=app.update_card, args=(edit, world.owner))
+            other.start()
+            other.join()
+        return load(self, cls, aggregate_id, **kwargs)
+
+    monkeypatch.setattr(type(app), "aggregate", aggregate)
+    app.label_card(m.LabelCard(card_id=card_id, label="urgent"), world.owner)
+    monkeypatch.undo()
+
+    history = [e for e in events_of(app) if e.originator_id == card_id]
+    assert [type(e).__name__ for e in history][-2:] == ["Edited", "Labelled"]
+    stamps = [e.timestamp for e in history]
+    assert stamps == sorted(stamps), stamps
