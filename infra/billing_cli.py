@@ -202,15 +202,21 @@ def invoice_command(month: _Month, workspace: _Workspace = None, data_dir: _Data
         stack.callback(app.close)
         billing = Billing(app)
         workspace_ids = _workspaces(billing, workspace)
-        for workspace_id in workspace_ids:
+
+        def close(workspace_id: UUID) -> UUID:
             billing.close_month(workspace_id, month)
+            return workspace_id
+
+        # A month that cannot be closed fails its workspace alone, as any step of its invoice.
+        closed, not_closed = _over_workspaces(f"closing {month}", workspace_ids, close)
         # Every figure of a closed month is in the log: one pass serves every workspace.
         fold = fold_month(app, month, log=billing_log_for(app.recorder, app.mapper))
         done, failed = _over_workspaces(
             f"invoicing {month}",
-            workspace_ids,
+            closed,
             lambda workspace_id: billing.invoice(stripe, workspace_id, month, fold=fold),
         )
+        failed = not_closed + failed
     _invoice_summary(month, done, failed)
     return EXIT_FAILED if failed else 0
 

@@ -18,6 +18,7 @@ from fanout_helpers import rebuild_differences
 from read_side_helpers import ReadSide, World, llm_call, running_run
 from stripe_fixtures import STRIPE_TEST_KEY, provision_customer, stripe_client, subscribe
 from test_cli import agentworks, assert_one_line_error
+from undecodable import plant_renamed
 
 from adapters.stripe import StripeBilling
 from commands import models as m
@@ -35,7 +36,7 @@ from domain.billing import (
     next_month,
 )
 from domain.meta import EventMeta
-from domain.usage import MonthlySpend, month_of
+from domain.usage import MonthlySpend, month_of, spend_id_for
 from domain.workspace import Workspace
 from projections.queries import statement, statement_as_lines
 from projections.registry import all_projectors
@@ -659,3 +660,23 @@ def test_reconcile_finds_an_ended_month_whose_billable_lines_no_invoice_holds(
     project_all(side)
     invoiced = agentworks("reconcile", "--month", MONTH, *workspace, cwd=tmp_path, env=environment)
     assert invoiced.returncode == 0, invoiced.stdout + invoiced.stderr
+
+
+def test_a_workspace_whose_month_cannot_be_closed_fails_alone(
+    side: ReadSide, localstripe: str, tmp_path: Path
+) -> None:
+    """The invoicing run closed every workspace's month before its loop that names a failing
+    workspace and goes on: one month it could not close (its record unreadable here; racing
+    charges five times over in production) stopped the run, and no workspace was invoiced."""
+    healthy, broken = world_with_usage(side), world_with_usage(side)
+    customer = provision_customer(localstripe, healthy.workspace_id)
+    provision_customer(localstripe, broken.workspace_id)
+    plant_renamed(side.app, spend_id_for(broken.workspace_id, MONTH))
+    environment = env(side.database_url, localstripe)
+    result = agentworks("invoice", "--month", MONTH, cwd=tmp_path, env=environment)
+    assert result.returncode == 1, result.stdout + result.stderr
+    (failure,) = [line for line in result.stderr.splitlines() if line.startswith("workspace ")]
+    assert failure.startswith(f"workspace {broken.workspace_id} failed:"), failure
+    assert "1 issued, 0 already issued, 0 nothing to bill, 1 failed" in result.stdout
+    (invoice,) = ours(localstripe)
+    assert invoice.customer == customer
