@@ -27,6 +27,19 @@ def _metadata(obj: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in found.to_dict().items()} if found else {}
 
 
+def line_item_id(line: Any) -> str:
+    """The id of the invoice item an invoice line bills, else the line's own id.
+
+    API versions since 2025-03-31 (``basil``; this ``stripe`` package speaks a later one) name it
+    at ``parent.invoice_item_details.invoice_item``; earlier ones, and localstripe, at
+    ``invoice_item``. Read at the older place alone, a real Stripe answered the line's id
+    (``il_…``), and a resumed invoice recorded those as its items."""
+    parent = getattr(line, "parent", None)
+    details = getattr(parent, "invoice_item_details", None) if parent else None
+    item = getattr(details, "invoice_item", None) if details else None
+    return str(item or getattr(line, "invoice_item", None) or line.id)
+
+
 class StripeUnavailable(Unavailable):
     """Stripe could not be reached or refused a request; nothing about our input changed."""
 
@@ -134,7 +147,7 @@ class StripeBilling:
         )
         items = [
             RemoteItem(
-                id=str(getattr(line, "invoice_item", None) or line.id),
+                id=line_item_id(line),
                 line_key=str(_metadata(line).get("line_key") or line.id),
                 amount_cents=int(line.amount),
                 invoice_key=_metadata(line).get("invoice_key"),
