@@ -421,15 +421,21 @@ def verify(lines: Iterable[str | bytes], public_key: Ed25519PublicKey) -> Verdic
     if trailer is None:
         return bad(number + 1, "no trailer: the export is truncated or unsigned")
     # An int and nothing else: 1.0 and true equal 1 in Python, and are not what was signed.
+    # The file's own values are named as JSON (ASCII, escaped): the verdict goes to a terminal,
+    # and a file from elsewhere may hold what a terminal acts on.
     if type(trailer["count"]) is not int or trailer["count"] != count:
-        return bad(trailer_line, f"trailer counts {trailer['count']} events, the file has {count}")
+        return bad(
+            trailer_line,
+            f"trailer counts {json.dumps(trailer['count'])} events, the file has {count}",
+        )
     if trailer["headHash"] != prev:
         return bad(trailer_line, "trailer headHash is not the last event line's hash")
     expected_key = key_id(public_key)
     if trailer["keyId"] != expected_key:
         return bad(
             trailer_line,
-            f"signed with key {trailer['keyId']!s}, not with the given key {expected_key}",
+            f"signed with key {json.dumps(trailer['keyId'])}, not with the given key "
+            f"{expected_key}",
         )
     scope = {name: trailer[name] for name in SCOPE_FIELDS if name in trailer} or None
     message = signed_part(count=count, head_hash=prev, key=expected_key, scope=scope)

@@ -162,3 +162,19 @@ def test_a_signature_respelt_in_its_unused_base64_bits_is_a_bad_line(unused: int
     assert not verdict.ok
     assert verdict.line == len(lines)
     assert verdict.reason == "signature does not hold"
+
+
+@pytest.mark.parametrize("field", ["count", "keyId"])
+def test_a_trailers_own_text_is_named_with_what_a_terminal_acts_on_escaped(field: str) -> None:
+    # `audit verify` runs on files from elsewhere and prints its verdict to a terminal: a count
+    # or key id holding an escape sequence (here: clear the screen, write the clipboard) was
+    # printed as it was, for the terminal to act on.
+    lines, signer = _export(2)
+    trailer = json.loads(lines[-1])
+    trailer[field] = "\x1b[2J\x1b]52;c;cm0gLXJmIH4=\x07\u202e"
+    lines[-1] = canonical_json(trailer)
+    verdict = verify(lines, signer.public_key)
+    assert not verdict.ok
+    said = verdict.describe()
+    assert not [c for c in said if c < " " or c == "\x7f" or c == "\u202e"], said
+    assert "\\u001b[2J" in said
