@@ -881,7 +881,7 @@ class Orchestrator:
         except asyncio.CancelledError:
             # Cut while the hold was decided: it may be recorded all the same (its answer on
             # its way), and it stayed until it lapsed, holding back room for a call never made.
-            await self._release_everywhere(view.workspace_id, month, hold_id)
+            await _despite_cancels(self._release_everywhere(view.workspace_id, month, hold_id))
             raise
         room = hold.room
         if hold.granted is None:
@@ -913,10 +913,10 @@ class Orchestrator:
                 # no takeover charges it, in either order (a start after its call's attempt
                 # records nothing).
                 with contextlib.suppress(_Lost, AgentWorksError):
-                    await self._attempt(
+                    await _despite_cancels(self._attempt(
                         call, "failed", None, f"{self._cut(call)} before the call was made", 0,
                         Usage(0, 0),
-                    )  # fmt: skip
+                    ))  # fmt: skip
                 raise
             return await self._stream(
                 call, provider.stream(ChatRequest(option.model, messages, max_tokens)), batcher
@@ -993,11 +993,11 @@ class Orchestrator:
             taken = bool(text) or accepted is not None
             latency_ms = int((time.monotonic() - t0) * 1000)
             with contextlib.suppress(_Lost, AgentWorksError):
-                await self._attempt(
+                await _despite_cancels(self._attempt(
                     call, "failed", None,
                     self._cut(call) if taken else f"{self._cut(call)} before the provider "
                     "answered", latency_ms, used() if taken else Usage(0, 0),
-                )  # fmt: skip
+                ))  # fmt: skip
             raise
         latency_ms = int((time.monotonic() - t0) * 1000)
         received = "".join(text)
@@ -1175,6 +1175,22 @@ class Orchestrator:
                 del self._charging[view.workspace_id]
         if result.extra.get("taken_over"):
             raise _Lost(f"run {view.run_id} was taken over while its call was under way")
+
+
+async def _despite_cancels(work: Awaitable[T]) -> T:
+    """``work`` to its end, however often its task is cancelled again meanwhile: what a run's
+    task does on its way out of a cancellation (recording the call it had under way, releasing
+    its hold) must not be cut by a second cancel. A run's cancel reaches its task more than once
+    (the log brings it, and a write of the run refused since, a heartbeat's say, cancels the
+    task too), and the record cut before it was sent left the call uncharged until the sweep
+    of calls left open charged its prompt alone. The caller re-raises its own cancellation."""
+    inner = asyncio.ensure_future(work)
+    while True:
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            if inner.done():
+                raise
 
 
 def _line_inputs(lines: list[Line]) -> list[m.LogLineInput]:

@@ -30,14 +30,14 @@ from orchestrator_helpers import (
 from provider_servers import FakeProviderServer, Reply, anthropic_events, openai_events
 
 from adapters.providers.anthropic import AnthropicProvider
-from adapters.providers.base import ChatRequest, Piece, Provider
+from adapters.providers.base import Accepted, ChatRequest, Piece, Provider
 from adapters.providers.openai import OpenAIProvider
 from adapters.providers.simulated import SimulatedProvider
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
 from domain.agent_run import AgentRun, RunStatus
 from domain.agents import EARLIER_RUNS
-from domain.errors import Unavailable
+from domain.errors import InvalidTransition, Unavailable
 from domain.pricing import call_cost_micros
 from domain.usage import UsageCharge
 from orchestrator.logbatch import MAX_RUN_LOG_LINES
@@ -903,3 +903,63 @@ def test_a_run_event_that_cannot_be_decoded_does_not_stop_every_other_run(
     with orchestrator_thread(database_url):
         run = wait_for(write_side, run_id, finished)
     assert run.status is RunStatus.SUCCEEDED, run.error
+
+
+class _AnswersTwoLinesThenThinks:
+    """The simulated provider's name, a call it accepts, two lines of text, then nothing more."""
+
+    name = "simulated"
+
+    async def aclose(self) -> None:
+        return None
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
+        yield Accepted(50)
+        yield "a first line of the answer\n"
+        yield "and a second\n"
+        await asyncio.sleep(3600)
+
+
+def test_a_cancel_that_reaches_the_run_twice_does_not_cut_the_record_of_its_call(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's cancel reaches its task twice: the log brings it, and a heartbeat of the run
+    under way at the cancel is refused (the run is no longer RUNNING) and cancels the task too.
+    The second cancel cut the record of the call the first one was writing (waiting for the
+    run's lock the heartbeat held): the call, accepted and streaming, was left unrecorded, to be
+    charged its prompt alone by the sweep of open calls once the worker looked dead."""
+    card = card_on_board(write_side)
+    real = AgentWorks.record_run_heartbeat
+    orchestrators: list[Any] = []
+
+    def refused_once_the_cancel_is_seen(self: AgentWorks, cmd: Any, actor: Actor) -> Any:
+        try:
+            return real(self, cmd, actor)
+        except InvalidTransition:
+            # A slow refusal: it answers once the log's cancel has reached the run's task,
+            # which then waits for the run's lock to record its call.
+            deadline = time.monotonic() + 5
+            while cmd.run_id not in orchestrators[0].cancelled and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)
+            raise
+
+    monkeypatch.setattr(AgentWorks, "record_run_heartbeat", refused_once_the_cancel_is_seen)
+    thinking = {"simulated": _AnswersTwoLinesThenThinks()}
+    # Heartbeats often, the log read once a second: the heartbeat meets the cancel first.
+    with orchestrator_thread(
+        database_url, thinking, heartbeat_interval=0.05, poll_interval=1.0
+    ) as orchestrator:
+        orchestrators.append(orchestrator)
+        run_id = start(write_side, card)
+        wait_for(write_side, run_id, running_with_lines)
+        write_side.cancel_agent_run(m.CancelAgentRun(run_id=run_id, reason="enough"),
+                                    card.board.owner)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not events_of(write_side, run_id, AgentRun.AttemptRecorded):
+            assert time.monotonic() < deadline, "the cancelled call was never recorded"
+            time.sleep(0.05)
+    [attempt] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert (attempt.status, attempt.error) == ("failed", "stopped: cancelled")
+    assert attempt.output_tokens > 0
+    assert write_side.run_snapshot(run_id).billed_micros > 0
