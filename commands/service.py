@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Protocol, TypeVar
 from uuid import UUID, uuid4
 
@@ -844,6 +844,8 @@ def kind_of(cls: type[Aggregate]) -> str:
 #: Decisions in a row that may find what they loaded changed after their instant (see
 #: :func:`_decided_now`) before the command is refused as having lost to concurrent writes.
 _RESTAMPS = 8
+#: The resolution of event times.
+_TICK = timedelta(microseconds=1)
 
 
 def _decided_now(
@@ -852,20 +854,21 @@ def _decided_now(
     """A decision stamped with its instant (:func:`domain.base.decided_at`), and what it read
     (the :class:`_Reads` in ``_READS``).
 
-    The instant is no earlier than any change of the aggregates it loaded: an aggregate's event
-    times rise with its versions, which histories, boards as of an instant and export windows
-    rest on. The instant is taken before the loads, so a command committed in between (or
-    stamped by a host whose clock is ahead) is in what the decision read yet stamped later: the
-    decision is then taken again, stamped with that later instant, on fresh loads."""
+    The instant is after every change of the aggregates it loaded: an aggregate's event times
+    rise with its versions, which histories, boards as of an instant and export windows rest on
+    (and each command's state is the one at its own instant). The instant is taken before the
+    loads, so a command committed in between (or stamped by a host whose clock is ahead) is in
+    what the decision read yet stamped later, or in the same microsecond: the decision is then
+    taken again, stamped a microsecond after it, on fresh loads."""
     instant = datetime.now(UTC)
     for _ in range(_RESTAMPS):
         reads = _READS.get()
         assert reads is not None
         with decided_at(instant):
             decision = decide(meta)
-        if reads.latest is None or reads.latest <= instant:
+        if reads.latest is None or reads.latest < instant:
             return decision, reads
-        instant = reads.latest
+        instant = reads.latest + _TICK
         _READS.set(_Reads(from_cache=reads.from_cache))
     raise Conflict(
         f"what this command read kept changing after it was decided ({_RESTAMPS} times); "
