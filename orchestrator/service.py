@@ -1005,7 +1005,7 @@ class Orchestrator:
         if usage is not None:
             self.latency.observe(option.provider, option.model, latency_ms)
             self.breakers.succeeded(provider_name, workspace)
-            await self._attempt(call, "ok", None, None, latency_ms, usage)
+            await _despite_cancels(self._attempt(call, "ok", None, None, latency_ms, usage))
             return _Outcome(ok=True, text=received)
         # No usage block: a call whose stream broke (cut, timed out, unreadable) or that
         # produced text is charged for what was sent and received, from our own counts where
@@ -1014,8 +1014,8 @@ class Orchestrator:
         streamed = bool(text) or isinstance(error, StreamBroken) or budget_hit
         estimate = used()
         if budget_hit:
-            await self._attempt(
-                call, "failed", None, "stopped: budget reached", latency_ms, estimate
+            await _despite_cancels(
+                self._attempt(call, "failed", None, "stopped: budget reached", latency_ms, estimate)
             )
             raise RunFailed(
                 f"budget reached mid-stream after {estimate.output_tokens} output tokens "
@@ -1023,10 +1023,10 @@ class Orchestrator:
             )
         assert error is not None
         http_status = getattr(error, "http_status", None)
-        await self._attempt(
+        await _despite_cancels(self._attempt(
             call, "failed", http_status, str(error), latency_ms,
             estimate if streamed else Usage(0, 0),
-        )  # fmt: skip
+        ))  # fmt: skip
         if isinstance(error, PermanentProviderError) and http_status not in _PROVIDER_WIDE:
             # The provider is up and judged the request (a prompt too long, an unknown model):
             # one tenant's bad requests must not turn every other run away from it.
@@ -1178,19 +1178,26 @@ class Orchestrator:
 
 
 async def _despite_cancels(work: Awaitable[T]) -> T:
-    """``work`` to its end, however often its task is cancelled again meanwhile: what a run's
-    task does on its way out of a cancellation (recording the call it had under way, releasing
-    its hold) must not be cut by a second cancel. A run's cancel reaches its task more than once
-    (the log brings it, and a write of the run refused since, a heartbeat's say, cancels the
-    task too), and the record cut before it was sent left the call uncharged until the sweep
-    of calls left open charged its prompt alone. The caller re-raises its own cancellation."""
+    """``work`` to its end, however often its task is cancelled meanwhile; a cancel that came
+    is raised once it has ended. For the record of a call the provider had (a cancel cut it
+    before it was sent, and the call stayed uncharged until the sweep of calls left open
+    charged its prompt alone) and what a run's task does on its way out of a cancellation
+    (recording the call it had under way, releasing its hold): a run's cancel reaches its task
+    more than once (the log brings it, and a write of the run refused since, a heartbeat's say,
+    cancels the task too), and its timeout and the orchestrator stopping cancel it as well."""
     inner = asyncio.ensure_future(work)
+    cancelled = False
     while True:
         try:
-            return await asyncio.shield(inner)
+            done = await asyncio.shield(inner)
         except asyncio.CancelledError:
             if inner.done():
                 raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return done
 
 
 def _line_inputs(lines: list[Line]) -> list[m.LogLineInput]:

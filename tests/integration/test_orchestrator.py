@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -30,7 +31,7 @@ from orchestrator_helpers import (
 from provider_servers import FakeProviderServer, Reply, anthropic_events, openai_events
 
 from adapters.providers.anthropic import AnthropicProvider
-from adapters.providers.base import Accepted, ChatRequest, Piece, Provider
+from adapters.providers.base import Accepted, ChatRequest, Piece, Provider, Usage
 from adapters.providers.openai import OpenAIProvider
 from adapters.providers.simulated import SimulatedProvider
 from commands import models as m
@@ -963,3 +964,66 @@ def test_a_cancel_that_reaches_the_run_twice_does_not_cut_the_record_of_its_call
     assert (attempt.status, attempt.error) == ("failed", "stopped: cancelled")
     assert attempt.output_tokens > 0
     assert write_side.run_snapshot(run_id).billed_micros > 0
+
+
+def test_a_cancel_while_a_finished_calls_charge_waits_does_not_cut_the_charge(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call the provider finished (its usage came) waits for the run's lock to be recorded,
+    a heartbeat of the run holding it, when the run's cancel comes: the cancel cut the record,
+    and the call, whole and billed by the provider, was left for the sweep of open calls to
+    charge its prompt alone. So would a run's timeout or the orchestrator stopping have cut it.
+    The record is written, then the cancel goes on."""
+    card = card_on_board(write_side)
+    real = AgentWorks.record_run_heartbeat
+    orchestrators: list[Any] = []
+    answer = threading.Event()
+
+    class AnswersWhenTold:
+        name = "simulated"
+
+        async def aclose(self) -> None:
+            return None
+
+        async def stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
+            yield Accepted(50)
+            yield "a first line of the answer\n"
+            yield "and a second\n"
+            while not answer.is_set():
+                await asyncio.sleep(0.01)
+            yield Usage(50, 12)
+
+    def refused_once_the_cancel_is_seen(self: AgentWorks, cmd: Any, actor: Actor) -> Any:
+        try:
+            return real(self, cmd, actor)
+        except InvalidTransition:
+            answer.set()  # the usage comes while this refusal holds the run's lock
+            deadline = time.monotonic() + 5
+            while cmd.run_id not in orchestrators[0].cancelled and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)
+            raise
+
+    monkeypatch.setattr(AgentWorks, "record_run_heartbeat", refused_once_the_cancel_is_seen)
+    # Heartbeats often, the log read every 2 s: the cancel comes once the charge waits.
+    with orchestrator_thread(
+        database_url, {"simulated": AnswersWhenTold()}, heartbeat_interval=0.05,
+        poll_interval=2.0,
+    ) as orchestrator:  # fmt: skip
+        orchestrators.append(orchestrator)
+        run_id = start(write_side, card)
+        wait_for(write_side, run_id, running_with_lines)
+        write_side.cancel_agent_run(m.CancelAgentRun(run_id=run_id, reason="enough"),
+                                    card.board.owner)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not events_of(write_side, run_id, AgentRun.AttemptRecorded):
+            assert time.monotonic() < deadline, "the finished call was never recorded"
+            time.sleep(0.05)
+        while run_id in orchestrator.tasks:
+            assert time.monotonic() < deadline, "the cancelled run's task never ended"
+            time.sleep(0.05)
+    [attempt] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert attempt.output_tokens > 0
+    run = write_side.run_snapshot(run_id)
+    assert run.status is RunStatus.CANCELLED
+    assert run.billed_micros > 0
