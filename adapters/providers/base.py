@@ -465,9 +465,13 @@ class SseProvider(ABC):
                         counted = piece.input_tokens
                         plausible_count = counted is None or plausible(Usage(counted, 0), request)
                         yield piece if plausible_count else Accepted()
-                    else:
+                    elif isinstance(piece, str):
                         text.append(piece)
                         yield piece
+                    else:
+                        # Text of another type than the API's (a list of parts, a number):
+                        # handed on, it failed the run as an internal error, its call unrecorded.
+                        raise TypeError(f"answer text of type {type(piece).__name__}")
         except httpx.HTTPError as error:
             if usage is None:
                 raise translate(error, self.name, streaming=started) from error

@@ -574,6 +574,26 @@ def test_an_unreadable_event_mid_stream_is_retried_and_what_streamed_is_charged(
     assert run.provider_cost_micros == sum(a.provider_cost_micros for a in attempts)
 
 
+def test_answer_text_that_is_no_string_breaks_the_call_and_is_charged_not_the_run(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A chunk whose content is a list of parts (as some OpenAI-compatible servers stream it)
+    reached the run as a piece of text: the run ended FAILED "internal error" and the call,
+    accepted and streaming, was not recorded. It is a broken stream now: charged what it
+    streamed, and made again."""
+    bad = openai_events(["partial ", "answer\n"], prompt_tokens=50, completion_tokens=3)
+    parts = {"choices": [{"index": 0, "delta": {"content": [{"type": "text", "text": "x"}]}}]}
+    bad.insert(3, "data: " + json.dumps(parts))
+    ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
+    run = run_on_fake_openai(write_side, database_url, [Reply(events=bad), Reply(events=ok)])
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert run.output == "fine"
+    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert [(a.status, a.estimated) for a in attempts] == [("failed", True), ("ok", False)]
+    assert attempts[0].output_tokens > 0
+    assert run.provider_cost_micros == sum(a.provider_cost_micros for a in attempts)
+
+
 def test_model_output_and_provider_errors_holding_nul_or_lone_surrogates_are_kept_replaced(
     write_side: AgentWorks, database_url: str
 ) -> None:

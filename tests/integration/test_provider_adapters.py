@@ -339,6 +339,23 @@ def test_an_event_of_another_shape_than_the_apis_is_a_broken_stream() -> None:
         assert run_openai(server)[1].estimated
 
 
+def test_answer_text_that_is_no_string_is_a_broken_stream_not_a_piece() -> None:
+    """A delta whose text is no string (a list of parts, as some OpenAI-compatible servers
+    send, a number, an object) was handed on as a piece of text: the orchestrator then failed
+    the run "internal error" on it, the call (accepted, streaming) recorded nowhere."""
+    openai = openai_events(["a"], prompt_tokens=1, completion_tokens=1)
+    for content in ([{"type": "text", "text": "hi"}], 7, {"text": "hi"}):
+        odd = "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": content}}]})
+        assert_broken_by(run_openai, openai, 2, odd)
+    anthropic = anthropic_events(["a"], input_tokens=3, output_tokens=1)
+    for text in (7, ["hi"], {"text": "hi"}):
+        odd = "event: content_block_delta\ndata: " + json.dumps(
+            {"type": "content_block_delta", "index": 0,
+             "delta": {"type": "text_delta", "text": text}}
+        )  # fmt: skip
+        assert_broken_by(run_anthropic, anthropic, 4, odd)
+
+
 def test_an_event_longer_than_any_providers_is_a_broken_stream_not_kept_whole() -> None:
     """A line (or an event's data lines) without end was kept whole in the orchestrator's
     memory, for every run in it to go down with; past MAX_EVENT_CHARS the call breaks."""
