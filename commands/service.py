@@ -497,10 +497,21 @@ class WriteSide(Application[UUID]):
             if aggregate is None or interval is None or event.originator_version % interval:
                 continue
             if aggregate.version != event.originator_version or self.snapshot_class is None:
+                # As the library's ``take_snapshot`` does, with the time set below.
+                aggregate = self.repository.get(
+                    event.originator_id, version=event.originator_version
+                )
+            snapshot_class = getattr(type(aggregate), "Snapshot", self.snapshot_class)
+            if snapshot_class is None:
                 self.take_snapshot(event.originator_id, version=event.originator_version)
                 continue
-            snapshot_class = getattr(type(aggregate), "Snapshot", self.snapshot_class)
-            self.snapshots.put([snapshot_class.take(aggregate)])
+            snapshot = snapshot_class.take(aggregate)
+            if isinstance(aggregate, Aggregate) and snapshot.timestamp < aggregate.modified_on:
+                # Stamped by this host's clock, behind the version it holds (a command is
+                # stamped after what it decided on, which a host whose clock is ahead may have
+                # stamped): a read as of an instant between the two would fold from it.
+                snapshot = replace(snapshot, timestamp=aggregate.modified_on)
+            self.snapshots.put([snapshot])
 
     def _save_with_record(
         self,

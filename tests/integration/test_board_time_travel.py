@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis_profiles import expensive_property
 
 from commands import models as m
+from domain.card import Card
 from domain.errors import AgentWorksError
 from domain.project import Project
 from projections.history import NotYet, board_as_of, card_state
@@ -240,3 +241,40 @@ def test_a_snapshot_folded_card_in_a_reused_lane_name_stays_in_its_lane(side: Re
     lanes = {lane["name"]: [c["title"] for c in lane["cards"]] for lane in board["lanes"]}
     assert lanes["Todo"] == ["new 119"]
     assert lanes["Later"] == ["old, edited"]
+
+
+def test_a_snapshot_is_no_earlier_than_the_version_it_holds(
+    side: ReadSide, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command is stamped after what it decided on, even when that was stamped by a host whose
+    clock is ahead; the snapshot taken of it right after was stamped by this host's clock, before
+    the version it holds, so a board as of an instant between the two folded from it showed
+    the card at that version ahead of its time."""
+    import commands.service as service
+
+    world = side.new_world()
+    app, actor = side.app, world.owner
+    monkeypatch.setattr(app, "snapshotting_intervals", {Card: 5})
+    card_id = app.create_card(m.CreateCard(project_id=world.project_id, title="t1"), actor).id
+
+    class Ahead(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return datetime.now(tz) + timedelta(seconds=2)
+
+    with monkeypatch.context() as ahead:
+        ahead.setattr(service, "datetime", Ahead)
+        for n in range(2, 5):  # another host's commands
+            app.update_card(m.UpdateCard(card_id=card_id, title=f"t{n}"), actor)
+    app.update_card(m.UpdateCard(card_id=card_id, title="t5"), actor)
+    events = [app.mapper.to_domain_event(s) for s in app.recorder.select_events(card_id)]
+    assert [e.timestamp for e in events] == sorted(e.timestamp for e in events)
+    assert app.snapshots is not None
+    (snapshot,) = app.snapshots.get(card_id)
+    assert snapshot.originator_version == 5
+    assert snapshot.timestamp >= events[4].timestamp
+    between = events[3].timestamp + (events[4].timestamp - events[3].timestamp) / 2
+    with psycopg.connect(side.database_url) as conn:
+        board = board_as_of(conn, app.mapper, project_id=world.project_id, as_of=between)
+    (card,) = board.lanes[0].cards
+    assert (card.card.version, card.card.title) == (4, "t4")
