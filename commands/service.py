@@ -496,7 +496,7 @@ class WriteSide(Application[UUID]):
             interval = self.snapshotting_intervals.get(type(aggregate))
             if aggregate is None or interval is None or event.originator_version % interval:
                 continue
-            if aggregate.version != event.originator_version or self.snapshot_class is None:
+            if aggregate.version != event.originator_version:
                 # As the library's ``take_snapshot`` does, with the time set below.
                 aggregate = self.repository.get(
                     event.originator_id, version=event.originator_version
