@@ -538,6 +538,7 @@ class Orchestrator:
         batcher.start()
         heartbeat = asyncio.create_task(self._heartbeats(view))
         started = time.monotonic()
+        output: str | None = None
         try:
             if reclaimed:
                 batcher.system(f"taken over by {self.worker} (the previous worker went silent)")
@@ -551,30 +552,50 @@ class Orchestrator:
                 await batcher.close()
             await self._finish(view, "SUCCEEDED", output=output)
         except TimeoutError:
-            await self._close_quietly(batcher, f"timed out after {self.config.run_timeout:g}s")
-            await self._finish(view, "TIMED_OUT", after=int(time.monotonic() - started))
+            after = int(time.monotonic() - started)
+            timed_out = f"timed out after {self.config.run_timeout:g}s"
+            await self._end(view, batcher, timed_out, "TIMED_OUT", after=after)
         except RunFailed as failure:
-            await self._close_quietly(batcher, f"failed: {failure}")
-            await self._finish(view, "FAILED", error=str(failure))
+            await self._end(view, batcher, f"failed: {failure}", "FAILED", error=str(failure))
         except _Lost:
             batcher.abandon()
             log.warning("orchestrator.lost_run", run_id=str(view.run_id))
         except asyncio.CancelledError:
+            if output is not None and view.run_id not in self.cancelled | self.taken_over:
+                # Stopped (the orchestrator shutting down) with the run's work done and
+                # charged, its log or its finish still being written: finished first.
+                await self._end(view, batcher, None, "SUCCEEDED", output=output)
             batcher.abandon()
             if view.run_id not in self.cancelled:
                 raise
             log.info("orchestrator.cancelled", run_id=str(view.run_id))
         except Exception as error:
             log.exception("orchestrator.run_crashed", run_id=str(view.run_id))
-            await self._close_quietly(batcher, f"internal error: {type(error).__name__}")
-            await self._finish(view, "FAILED", error=f"internal error: {error}")
+            crashed = f"internal error: {type(error).__name__}"
+            await self._end(view, batcher, crashed, "FAILED", error=f"internal error: {error}")
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
 
-    async def _close_quietly(self, batcher: LogBatcher, line: str) -> None:
-        batcher.system(line)
+    async def _end(
+        self, view: RunView, batcher: LogBatcher, line: str | None, outcome: str, *,
+        output: str | None = None, error: str | None = None, after: int | None = None,
+    ) -> None:  # fmt: skip
+        """Close the run's log (with ``line``) and finish the run ``outcome``, both to their end
+        however often the task is cancelled meanwhile (a cancel is raised after): cut by the
+        orchestrator stopping, they left the run RUNNING, its calls charged, and whoever took it
+        over ran it, and charged it, again."""
+
+        async def end() -> None:
+            await self._close_quietly(batcher, line)
+            await self._finish(view, outcome, output=output, error=error, after=after)
+
+        await _despite_cancels(end())
+
+    async def _close_quietly(self, batcher: LogBatcher, line: str | None) -> None:
+        if line is not None:
+            batcher.system(line)
         try:
             await batcher.close()
         except Exception:
@@ -702,8 +723,10 @@ class Orchestrator:
             # Again while the store cannot take it: safe (a finish that did commit makes the
             # next refused, the run no longer RUNNING), and needed (the run's calls are charged:
             # left RUNNING, it would be taken over and run, and charged, again).
-            await self._while_unavailable(
-                partial(self._write, view, self.app.finish_run, cmd), unknown_too=True
+            await _despite_cancels(
+                self._while_unavailable(
+                    partial(self._write, view, self.app.finish_run, cmd), unknown_too=True
+                )
             )
         except _Lost:
             return
