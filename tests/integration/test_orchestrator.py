@@ -9,7 +9,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -926,6 +926,37 @@ def test_a_run_event_that_cannot_be_decoded_does_not_stop_every_other_run(
     assert run.status is RunStatus.SUCCEEDED, run.error
 
 
+def _heartbeats_refused_slowly(
+    monkeypatch: pytest.MonkeyPatch, orchestrators: list[Any], first: Callable[[], object]
+) -> None:
+    """A heartbeat refused (the run no longer RUNNING) answers only once the log's cancel has
+    reached the run's task, holding the run's lock meanwhile; ``first`` runs as it is refused."""
+    real = AgentWorks.record_run_heartbeat
+
+    def refused_once_the_cancel_is_seen(self: AgentWorks, cmd: Any, actor: Actor) -> Any:
+        try:
+            return real(self, cmd, actor)
+        except InvalidTransition:
+            first()
+            deadline = time.monotonic() + 5
+            while cmd.run_id not in orchestrators[0].cancelled and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)
+            raise
+
+    monkeypatch.setattr(AgentWorks, "record_run_heartbeat", refused_once_the_cancel_is_seen)
+
+
+def _cancel_then_await_the_attempt(
+    write_side: AgentWorks, card: Any, run_id: UUID, deadline: float
+) -> None:
+    write_side.cancel_agent_run(m.CancelAgentRun(run_id=run_id, reason="enough"),
+                                card.board.owner)  # fmt: skip
+    while not events_of(write_side, run_id, AgentRun.AttemptRecorded):
+        assert time.monotonic() < deadline, "the cancelled call was never recorded"
+        time.sleep(0.05)
+
+
 class _AnswersTwoLinesThenThinks:
     """The simulated provider's name, a call it accepts, two lines of text, then nothing more."""
 
@@ -950,22 +981,9 @@ def test_a_cancel_that_reaches_the_run_twice_does_not_cut_the_record_of_its_call
     run's lock the heartbeat held): the call, accepted and streaming, was left unrecorded, to be
     charged its prompt alone by the sweep of open calls once the worker looked dead."""
     card = card_on_board(write_side)
-    real = AgentWorks.record_run_heartbeat
     orchestrators: list[Any] = []
-
-    def refused_once_the_cancel_is_seen(self: AgentWorks, cmd: Any, actor: Actor) -> Any:
-        try:
-            return real(self, cmd, actor)
-        except InvalidTransition:
-            # A slow refusal: it answers once the log's cancel has reached the run's task,
-            # which then waits for the run's lock to record its call.
-            deadline = time.monotonic() + 5
-            while cmd.run_id not in orchestrators[0].cancelled and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(0.3)
-            raise
-
-    monkeypatch.setattr(AgentWorks, "record_run_heartbeat", refused_once_the_cancel_is_seen)
+    # The cancelled task then waits for the run's lock to record its call.
+    _heartbeats_refused_slowly(monkeypatch, orchestrators, lambda: None)
     thinking = {"simulated": _AnswersTwoLinesThenThinks()}
     # Heartbeats often, the log read once a second: the heartbeat meets the cancel first.
     with orchestrator_thread(
@@ -974,12 +992,7 @@ def test_a_cancel_that_reaches_the_run_twice_does_not_cut_the_record_of_its_call
         orchestrators.append(orchestrator)
         run_id = start(write_side, card)
         wait_for(write_side, run_id, running_with_lines)
-        write_side.cancel_agent_run(m.CancelAgentRun(run_id=run_id, reason="enough"),
-                                    card.board.owner)  # fmt: skip
-        deadline = time.monotonic() + 10
-        while not events_of(write_side, run_id, AgentRun.AttemptRecorded):
-            assert time.monotonic() < deadline, "the cancelled call was never recorded"
-            time.sleep(0.05)
+        _cancel_then_await_the_attempt(write_side, card, run_id, time.monotonic() + 10)
     [attempt] = events_of(write_side, run_id, AgentRun.AttemptRecorded)
     assert (attempt.status, attempt.error) == ("failed", "stopped: cancelled")
     assert attempt.output_tokens > 0
@@ -995,7 +1008,6 @@ def test_a_cancel_while_a_finished_calls_charge_waits_does_not_cut_the_charge(
     charge its prompt alone. So would a run's timeout or the orchestrator stopping have cut it.
     The record is written, then the cancel goes on."""
     card = card_on_board(write_side)
-    real = AgentWorks.record_run_heartbeat
     orchestrators: list[Any] = []
     answer = threading.Event()
 
@@ -1013,18 +1025,8 @@ def test_a_cancel_while_a_finished_calls_charge_waits_does_not_cut_the_charge(
                 await asyncio.sleep(0.01)
             yield Usage(50, 12)
 
-    def refused_once_the_cancel_is_seen(self: AgentWorks, cmd: Any, actor: Actor) -> Any:
-        try:
-            return real(self, cmd, actor)
-        except InvalidTransition:
-            answer.set()  # the usage comes while this refusal holds the run's lock
-            deadline = time.monotonic() + 5
-            while cmd.run_id not in orchestrators[0].cancelled and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(0.3)
-            raise
-
-    monkeypatch.setattr(AgentWorks, "record_run_heartbeat", refused_once_the_cancel_is_seen)
+    # The usage comes while the refusal holds the run's lock.
+    _heartbeats_refused_slowly(monkeypatch, orchestrators, answer.set)
     # Heartbeats often, the log read every 2 s: the cancel comes once the charge waits.
     with orchestrator_thread(
         database_url, {"simulated": AnswersWhenTold()}, heartbeat_interval=0.05,
@@ -1033,12 +1035,8 @@ def test_a_cancel_while_a_finished_calls_charge_waits_does_not_cut_the_charge(
         orchestrators.append(orchestrator)
         run_id = start(write_side, card)
         wait_for(write_side, run_id, running_with_lines)
-        write_side.cancel_agent_run(m.CancelAgentRun(run_id=run_id, reason="enough"),
-                                    card.board.owner)  # fmt: skip
         deadline = time.monotonic() + 10
-        while not events_of(write_side, run_id, AgentRun.AttemptRecorded):
-            assert time.monotonic() < deadline, "the finished call was never recorded"
-            time.sleep(0.05)
+        _cancel_then_await_the_attempt(write_side, card, run_id, deadline)
         while run_id in orchestrator.tasks:
             assert time.monotonic() < deadline, "the cancelled run's task never ended"
             time.sleep(0.05)
