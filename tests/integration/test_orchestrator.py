@@ -957,10 +957,14 @@ def _cancel_then_await_the_attempt(
         time.sleep(0.05)
 
 
-class _AnswersTwoLinesThenThinks:
-    """The simulated provider's name, a call it accepts, two lines of text, then nothing more."""
+class _AnswersTwoLinesThenWaits:
+    """The simulated provider's name, a call it accepts, two lines of text, then its usage once
+    ``told`` is set (never, without one)."""
 
     name = "simulated"
+
+    def __init__(self, told: threading.Event | None = None) -> None:
+        self.told = told
 
     async def aclose(self) -> None:
         return None
@@ -969,7 +973,9 @@ class _AnswersTwoLinesThenThinks:
         yield Accepted(50)
         yield "a first line of the answer\n"
         yield "and a second\n"
-        await asyncio.sleep(3600)
+        while self.told is None or not self.told.is_set():
+            await asyncio.sleep(0.01)
+        yield Usage(50, 12)
 
 
 def test_a_cancel_that_reaches_the_run_twice_does_not_cut_the_record_of_its_call(
@@ -984,7 +990,7 @@ def test_a_cancel_that_reaches_the_run_twice_does_not_cut_the_record_of_its_call
     orchestrators: list[Any] = []
     # The cancelled task then waits for the run's lock to record its call.
     _heartbeats_refused_slowly(monkeypatch, orchestrators, lambda: None)
-    thinking = {"simulated": _AnswersTwoLinesThenThinks()}
+    thinking = {"simulated": _AnswersTwoLinesThenWaits()}
     # Heartbeats often, the log read once a second: the heartbeat meets the cancel first.
     with orchestrator_thread(
         database_url, thinking, heartbeat_interval=0.05, poll_interval=1.0
@@ -1010,26 +1016,11 @@ def test_a_cancel_while_a_finished_calls_charge_waits_does_not_cut_the_charge(
     card = card_on_board(write_side)
     orchestrators: list[Any] = []
     answer = threading.Event()
-
-    class AnswersWhenTold:
-        name = "simulated"
-
-        async def aclose(self) -> None:
-            return None
-
-        async def stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
-            yield Accepted(50)
-            yield "a first line of the answer\n"
-            yield "and a second\n"
-            while not answer.is_set():
-                await asyncio.sleep(0.01)
-            yield Usage(50, 12)
-
     # The usage comes while the refusal holds the run's lock.
     _heartbeats_refused_slowly(monkeypatch, orchestrators, answer.set)
     # Heartbeats often, the log read every 2 s: the cancel comes once the charge waits.
     with orchestrator_thread(
-        database_url, {"simulated": AnswersWhenTold()}, heartbeat_interval=0.05,
+        database_url, {"simulated": _AnswersTwoLinesThenWaits(answer)}, heartbeat_interval=0.05,
         poll_interval=2.0,
     ) as orchestrator:  # fmt: skip
         orchestrators.append(orchestrator)
