@@ -1038,38 +1038,16 @@ def test_a_cancel_while_a_finished_calls_charge_waits_does_not_cut_the_charge(
     assert run.billed_micros > 0
 
 
-def test_an_orchestrator_stopping_while_a_run_finishes_still_finishes_it(
-    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("refused_write", ["finish_run", "append_run_log"])
+def test_an_orchestrator_stopping_while_a_run_closes_still_finishes_it(
+    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch, refused_write: str
 ) -> None:
-    """An orchestrator stopped (a deploy's SIGTERM) while a run's finish waited to be sent
-    again (the store had refused it as unavailable, nothing written) cut the finish: the run,
-    its work done and its call charged, stayed RUNNING, and the orchestrator that took it over
-    ran it, and charged it, a second time. The finish is written before the task stops."""
+    """An orchestrator stopped (a deploy's SIGTERM) while a run's finish, or its last log lines,
+    waited to be sent again (the store had refused them as unavailable, nothing written) cut
+    them: the run, its work done and its call charged, stayed RUNNING, and the orchestrator that
+    took it over ran it, and charged it, a second time. They are written before the task stops."""
     card = card_on_board(write_side)
-    calls = failing_once(monkeypatch, "finish_run")
-    # The finish is sent again after backoff_base: the orchestrator stops meanwhile.
-    with orchestrator_thread(database_url, backoff_base=2.0):
-        run_id = start(write_side, card)
-        deadline = time.monotonic() + 15
-        while not calls:
-            assert time.monotonic() < deadline, "the run never came to its finish"
-            time.sleep(0.01)
-    # A takeover, if the run were left RUNNING, would come within the 3 s lingered.
-    with orchestrator_thread(database_url, stale_after=1.0):
-        time.sleep(3.0)
-    run = write_side.run_snapshot(run_id)
-    assert run.status is RunStatus.SUCCEEDED, run.status
-    assert not events_of(write_side, run_id, AgentRun.Reclaimed)
-    assert len(events_of(write_side, run_id, AgentRun.LlmCallCompleted)) == 1
-
-
-def test_an_orchestrator_stopping_while_a_runs_last_lines_are_written_still_finishes_it(
-    write_side: AgentWorks, database_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The same, stopped while the run's last log lines waited to be written again: the run,
-    its call charged, stayed RUNNING and was run a second time by its taker."""
-    card = card_on_board(write_side)
-    real = AgentWorks.append_run_log
+    real = getattr(AgentWorks, refused_write)
     refused: list[int] = []
 
     def refused_once_after_the_charge(self: AgentWorks, cmd: Any, actor: Actor) -> Any:
@@ -1078,16 +1056,18 @@ def test_an_orchestrator_stopping_while_a_runs_last_lines_are_written_still_fini
             raise Unavailable("the database is restarting", retry_after_seconds=0.1)
         return real(self, cmd, actor)
 
-    monkeypatch.setattr(AgentWorks, "append_run_log", refused_once_after_the_charge)
+    monkeypatch.setattr(AgentWorks, refused_write, refused_once_after_the_charge)
+    # Sent again after backoff_base: the orchestrator stops meanwhile.
     with orchestrator_thread(database_url, backoff_base=2.0):
         run_id = start(write_side, card)
         deadline = time.monotonic() + 15
         while not refused:
-            assert time.monotonic() < deadline, "no log line was written after the charge"
+            assert time.monotonic() < deadline, f"no {refused_write} came after the charge"
             time.sleep(0.01)
+    # A takeover, if the run were left RUNNING, would come within the 3 s lingered.
     with orchestrator_thread(database_url, stale_after=1.0):
         time.sleep(3.0)
     run = write_side.run_snapshot(run_id)
-    assert not events_of(write_side, run_id, AgentRun.Reclaimed)
     assert run.status is RunStatus.SUCCEEDED, run.status
+    assert not events_of(write_side, run_id, AgentRun.Reclaimed)
     assert len(events_of(write_side, run_id, AgentRun.LlmCallCompleted)) == 1
