@@ -555,14 +555,25 @@ def test_a_killed_orchestrators_runs_are_taken_over_and_never_charged_twice(
         assert run.billed_micros == sum(c.billed_micros for c in charges)
 
 
+_CONTENT_AS_PARTS = {
+    "choices": [{"index": 0, "delta": {"content": [{"type": "text", "text": "x"}]}}]
+}
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [pytest.param([1], id="a-list-for-an-object"), pytest.param(_CONTENT_AS_PARTS, id="parts")],
+)
 def test_an_unreadable_event_mid_stream_is_retried_and_what_streamed_is_charged(
-    write_side: AgentWorks, database_url: str
+    write_side: AgentWorks, database_url: str, chunk: object
 ) -> None:
-    """A chunk of the wrong shape (a list where the API has an object) breaks the call like a cut
-    stream: retried, and the text it streamed charged from estimates; the run did not crash with
-    nothing charged."""
+    """A chunk of the wrong shape breaks the call like a cut stream: retried, and the text it
+    streamed charged from estimates; the run did not crash with nothing charged. Answer text
+    that is no string (content as a list of parts, as some OpenAI-compatible servers stream it)
+    reached the run as a piece of text: the run ended FAILED "internal error" and the call,
+    accepted and streaming, was not recorded."""
     bad = openai_events(["partial ", "answer\n"], prompt_tokens=50, completion_tokens=3)
-    bad.insert(3, "data: [1]")
+    bad.insert(3, "data: " + json.dumps(chunk))
     ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
     run = run_on_fake_openai(write_side, database_url, [Reply(events=bad), Reply(events=ok)])
     assert run.status is RunStatus.SUCCEEDED, run.error
@@ -571,26 +582,6 @@ def test_an_unreadable_event_mid_stream_is_retried_and_what_streamed_is_charged(
     assert [(a.status, a.estimated) for a in attempts] == [("failed", True), ("ok", False)]
     assert attempts[0].output_tokens > 0
     assert attempts[0].provider_cost_micros > 0
-    assert run.provider_cost_micros == sum(a.provider_cost_micros for a in attempts)
-
-
-def test_answer_text_that_is_no_string_breaks_the_call_and_is_charged_not_the_run(
-    write_side: AgentWorks, database_url: str
-) -> None:
-    """A chunk whose content is a list of parts (as some OpenAI-compatible servers stream it)
-    reached the run as a piece of text: the run ended FAILED "internal error" and the call,
-    accepted and streaming, was not recorded. It is a broken stream now: charged what it
-    streamed, and made again."""
-    bad = openai_events(["partial ", "answer\n"], prompt_tokens=50, completion_tokens=3)
-    parts = {"choices": [{"index": 0, "delta": {"content": [{"type": "text", "text": "x"}]}}]}
-    bad.insert(3, "data: " + json.dumps(parts))
-    ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
-    run = run_on_fake_openai(write_side, database_url, [Reply(events=bad), Reply(events=ok)])
-    assert run.status is RunStatus.SUCCEEDED, run.error
-    assert run.output == "fine"
-    attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
-    assert [(a.status, a.estimated) for a in attempts] == [("failed", True), ("ok", False)]
-    assert attempts[0].output_tokens > 0
     assert run.provider_cost_micros == sum(a.provider_cost_micros for a in attempts)
 
 
