@@ -4,7 +4,7 @@ Exceptions raised by adapters::
 
     AgentWorksError
      ├── Unavailable
-     │    └── TransientProviderError   429 (with retry-after), 5xx, timeouts, connect errors
+     │    └── TransientProviderError   429 and 503 (with retry-after), 5xx, timeouts, connect errors
      │         └── StreamBroken        the stream ended before the provider said it was done,
      │                                 or stalled: nothing but keep-alives for the idle period
      └── PermanentProviderError        4xx other than 429 (bad key, unknown model, bad request)
@@ -208,8 +208,11 @@ async def raise_for_status(response: httpx.Response, provider: str) -> None:
             message,
             provider=provider,
             http_status=status,
+            # RFC 9110 gives Retry-After to 429 and 503 (overloaded, in maintenance).
             retry_after=(
-                retry_after_seconds(response.headers.get("retry-after")) if status == 429 else None
+                retry_after_seconds(response.headers.get("retry-after"))
+                if status in (429, 503)
+                else None
             ),
         )
     raise PermanentProviderError(message, provider=provider, http_status=status)

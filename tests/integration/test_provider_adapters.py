@@ -139,6 +139,20 @@ def test_openai_429_is_transient_and_carries_retry_after() -> None:
     assert "slow down" in caught.value.message
 
 
+def test_a_503_carries_its_retry_after_too() -> None:
+    """RFC 9110: with 503 as with 429, Retry-After says when to ask again (a provider
+    overloaded or in maintenance); it was read on 429 alone, and a pinned run asked again after
+    its own short backoff, into the same outage."""
+    reply = Reply(status=503, headers={"retry-after": "7"}, body=b'{"error":"overloaded"}')
+    with FakeProviderServer([reply]) as server, pytest.raises(TransientProviderError) as caught:
+        run_openai(server)
+    assert (caught.value.http_status, caught.value.retry_after) == (503, 7.0)
+    server_error = Reply(status=500, headers={"retry-after": "7"}, body=b"boom")
+    with FakeProviderServer([server_error]) as server, pytest.raises(TransientProviderError) as no:
+        run_openai(server)
+    assert no.value.retry_after is None
+
+
 def test_openai_500_is_transient_and_401_permanent() -> None:
     with FakeProviderServer([Reply(status=500, body=b"boom")]) as server:
         with pytest.raises(TransientProviderError) as caught:
