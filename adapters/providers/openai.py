@@ -29,8 +29,8 @@ from adapters.providers.base import (
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 #: What a delta carries besides answer text while the model works: reasoning (``reasoning`` or
-#: ``reasoning_content``, as OpenAI-compatible servers name it), tool calls, a refusal.
-_WORK_KEYS = ("reasoning_content", "reasoning", "tool_calls", "function_call", "refusal")
+#: ``reasoning_content``, as OpenAI-compatible servers name it), tool calls.
+_WORK_KEYS = ("reasoning_content", "reasoning", "tool_calls", "function_call")
 
 
 class OpenAIProvider(SseProvider):
@@ -63,7 +63,9 @@ class OpenAIProvider(SseProvider):
                 raise StreamBroken(f"openai stream error: {chunk['error']}", provider=self.name)
             for choice in chunk.get("choices") or ():
                 delta = choice.get("delta") or {}
-                text = delta.get("content")
+                # A refusal is the model's answer (billed as output): in ``refusal``, not
+                # ``content``, it ended the run with an empty output that said nothing of why.
+                text = delta.get("content") or delta.get("refusal")
                 if text:
                     yield text
                 elif any(delta.get(key) for key in _WORK_KEYS):

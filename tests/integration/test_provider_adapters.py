@@ -153,6 +153,20 @@ def test_a_503_carries_its_retry_after_too() -> None:
     assert no.value.retry_after is None
 
 
+def test_an_openai_refusal_is_the_answer_text() -> None:
+    """A model that refuses streams its refusal in ``delta.refusal``, not ``content``: the run
+    ended SUCCEEDED with an empty output, and nothing in its log said why. The refusal is the
+    answer (OpenAI bills its tokens as output)."""
+    events = openai_events([], prompt_tokens=12, completion_tokens=9)
+    for index, piece in enumerate(["I'm sorry, ", "I can't help with that."]):
+        refusal = {"choices": [{"index": 0, "delta": {"content": None, "refusal": piece}}]}
+        events.insert(1 + index, "data: " + json.dumps(refusal))
+    with FakeProviderServer([Reply(events=events)]) as server:
+        text, usage = run_openai(server)
+    assert text == "I'm sorry, I can't help with that."
+    assert usage == Usage(12, 9)
+
+
 def test_openai_500_is_transient_and_401_permanent() -> None:
     with FakeProviderServer([Reply(status=500, body=b"boom")]) as server:
         with pytest.raises(TransientProviderError) as caught:
