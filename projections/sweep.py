@@ -128,13 +128,18 @@ class ProjectionSweep:
         ]
 
     def _advance(self, position: int, healed: int = 0) -> None:
+        """The watermark to ``position``, and the projector's position with it: everything up
+        to there is applied (or waits behind a parked aggregate), which is what the position
+        says. A worker is delivered its own topics only, so without this its position stayed
+        at the last event of those while the log went on with others (lag, ``/readyz``)."""
         with self.runner.pool.connection() as conn:
             conn.execute(
-                "INSERT INTO projection_positions (projector, swept_through, healed) "
-                "VALUES (%s, %s, %s) ON CONFLICT (projector) DO UPDATE SET "
+                "INSERT INTO projection_positions (projector, position, swept_through, healed) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (projector) DO UPDATE SET "
+                "position = GREATEST(projection_positions.position, EXCLUDED.position), "
                 "swept_through = GREATEST(projection_positions.swept_through, "
                 "EXCLUDED.swept_through), healed = projection_positions.healed + EXCLUDED.healed",
-                (self.runner.tracking_name, position, healed),
+                (self.runner.tracking_name, position, position, healed),
             )
 
 

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis_profiles import expensive_property
 from pg import log_head
-from read_side_helpers import ReadSide, create_card
+from read_side_helpers import ReadSide, create_card, llm_call, running_run
 from test_read_model_properties import (
     EVERYTHING_ONCE,
     Script,
@@ -26,6 +26,7 @@ from test_read_model_properties import (
 )
 
 from commands import models as m
+from projections.billing import BillingProjector
 from projections.kanban import KanbanProjector
 from projections.rebuild import rebuild
 from projections.registry import all_projectors
@@ -154,6 +155,36 @@ def test_a_sweep_after_late_deliveries_takes_effect_once(side: ReadSide) -> None
     assert (outcome.applied, outcome.duplicates) == (0, 1)
     assert _title(side, card) == "two"
     assert_rebuild_matches(side, KanbanProjector())
+
+
+def test_a_worker_whose_topics_the_log_ends_without_is_not_left_behind_the_head(
+    side: ReadSide,
+) -> None:
+    """Through Kafka a worker is delivered its own topics only: the billing worker never sees
+    the card events that follow the last charge, so its position stayed at that charge for as
+    long as no charge came, lagging the head in `/metrics` and `agentworks status`, and turning
+    `/readyz` not ready (behind the head without moving) while it had applied everything. The
+    sweep has checked the log up to its watermark, so the position goes there with it."""
+    world = side.new_world()
+    run = running_run(side, world)
+    llm_call(side, world, run, "call-1", cost=1_000)
+    for i in range(3):
+        create_card(side, world, title=f"after the charge {i}")
+    everything = side.envelopes()
+    runner = side.runner(BillingProjector())
+    delivered = [env for env in everything if runner.projector.follows(env)]
+    runner.process(delivered)  # all its topic held
+    head = everything[-1].position
+    assert delivered[-1].position < head
+    with psycopg.connect(side.database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO relay_positions (relay, position) VALUES ('relay', %s)", (head,))
+    schedule = SweepSchedule(runner)
+
+    assert schedule.tick() == 0  # notes where the relay is
+    assert schedule.tick() == 0  # nothing was missing
+
+    assert _watermark(side, "billing") == head
+    assert runner.position() == head
 
 
 def test_a_rebuild_leaves_nothing_to_sweep_behind_it(side: ReadSide) -> None:
