@@ -20,6 +20,7 @@ from adapters.providers.base import (
     ReadPiece,
     SseProvider,
     StreamBroken,
+    TransientProviderError,
     Usage,
     Working,
     token_count,
@@ -60,7 +61,11 @@ class OpenAIProvider(SseProvider):
                 break
             chunk = json.loads(data)
             if chunk.get("error"):
-                raise StreamBroken(f"openai stream error: {chunk['error']}", provider=self.name)
+                # The provider's own failure, as Anthropic's ``error`` event: billed (and
+                # charged) only for the text that streamed before it, none before any.
+                raise TransientProviderError(
+                    f"openai stream error: {chunk['error']}", provider=self.name
+                )
             for choice in chunk.get("choices") or ():
                 delta = choice.get("delta") or {}
                 # A refusal is the model's answer (billed as output): in ``refusal``, not

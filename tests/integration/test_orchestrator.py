@@ -585,6 +585,27 @@ def test_an_unreadable_event_mid_stream_is_retried_and_what_streamed_is_charged(
     assert run.provider_cost_micros == sum(a.provider_cost_micros for a in attempts)
 
 
+@pytest.mark.parametrize(("before", "charged"), [([], False), (["partial answer\n"], True)])
+def test_an_openai_error_chunk_is_charged_only_after_text_as_an_anthropic_error_event(
+    write_side: AgentWorks, database_url: str, before: list[str], charged: bool
+) -> None:
+    """An error the provider streams (OpenAI's ``{"error": …}`` chunk, Anthropic's ``error``
+    event) is its own failure: before any text it billed nothing, and neither do we, as for
+    Anthropic's. OpenAI's was taken for a broken stream and charged our estimate of the prompt."""
+    failing = openai_events(before, prompt_tokens=50, completion_tokens=3, usage=False)[:-2]
+    error = {"error": {"message": "The server had an error", "type": "server_error"}}
+    failing.append("data: " + json.dumps(error))
+    ok = openai_events(["fine"], prompt_tokens=10, completion_tokens=1)
+    run = run_on_fake_openai(write_side, database_url, [Reply(events=failing), Reply(events=ok)])
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    first, second = events_of(write_side, run.id, AgentRun.AttemptRecorded)
+    assert first.status == "failed"
+    assert "server had an error" in (first.error or "")
+    assert (first.provider_cost_micros > 0) is charged
+    assert (first.input_tokens > 0) is charged
+    assert second.status == "ok"
+
+
 def test_model_output_and_provider_errors_holding_nul_or_lone_surrogates_are_kept_replaced(
     write_side: AgentWorks, database_url: str
 ) -> None:
