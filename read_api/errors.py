@@ -26,7 +26,9 @@ from eventsourcing.persistence import InterfaceError as StoreInterfaceError
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from graphql import GraphQLError
 from graphql.execution import SubsequentIncrementalExecutionResult
+from strawberry.exceptions import MissingQueryError
 from strawberry.extensions import SchemaExtension
+from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.types.execution import ExecutionContext, StreamExecutionResult
 
 from domain.errors import AgentWorksError, RateLimited, Unavailable, UndecodableEvent
@@ -40,6 +42,20 @@ RATE_LIMITED = "RATE_LIMITED"
 UNAVAILABLE = Unavailable.code
 
 INTERNAL_MESSAGE = "internal error; the request id in X-Request-Id identifies it in our logs"
+
+_REFUSED_BEFORE_RUNNING = (
+    GraphQLError,
+    ValueError,
+    TypeError,
+    # Strawberry's own refusals of a request with no operation to run (none named as asked, no
+    # query, an operation of a type not allowed): over HTTP the endpoint answers them itself;
+    # over a WebSocket they reach the shaping as the cause of the subscribe's error.
+    CannotGetOperationTypeError,
+    InvalidOperationTypeError,
+    MissingQueryError,
+)
+"""Causes of an error before execution that are the request's fault (VALIDATION, their
+message as it is), not ours."""
 
 
 def camel(name: str) -> str:
@@ -115,7 +131,7 @@ def shape_error(error: GraphQLError) -> GraphQLError:
     if cause is None or isinstance(cause, GraphQLError) or error.path is None:
         # Nothing ran yet: the document or its variables were refused (graphql-core's messages
         # name the problem and contain no server detail), or a scalar refused a value.
-        if cause is not None and not isinstance(cause, GraphQLError | ValueError | TypeError):
+        if cause is not None and not isinstance(cause, _REFUSED_BEFORE_RUNNING):
             log.error("graphql.pre_execution_failure", exc_info=cause)
             return _rebuilt(error, INTERNAL_MESSAGE, {"code": INTERNAL})
         return _rebuilt(error, error.message, {**extensions, "code": VALIDATION})

@@ -512,6 +512,40 @@ def test_a_malformed_subscription_gets_an_error_message_and_the_connection_stays
         connection.close()
 
 
+@pytest.mark.parametrize(
+    ("payload", "said"),
+    [
+        (
+            {"query": "subscription A { boardChanged(projectId: 1) { kind } }",
+             "operationName": "B"},
+            'Unknown operation named "B".',
+        ),
+        ({"query": ""}, "query"),
+        ({"query": "fragment F on Query { me { id } }"}, "operation"),
+    ],
+)  # fmt: skip
+def test_a_subscribe_naming_no_operation_to_run_is_a_validation_error(
+    stack: Stack, payload: dict[str, Any], said: str
+) -> None:
+    """No operation to run (an operationName the document does not hold, an empty document, one
+    of fragments alone) is the client's mistake, VALIDATION as over HTTP, not INTERNAL."""
+    alice, ws = stack.owner_with_workspace()
+    project = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    connection = RawConnection(stack.ws_url, alice.token or "")
+    try:
+        connection.send({"id": "bad", "type": "subscribe", "payload": payload})
+        message = connection.recv()
+        assert message["type"] == "error", message
+        assert message["id"] == "bad"
+        assert _codes(message) == ["VALIDATION"], message
+        assert said in message["payload"][0]["message"]
+        connection.subscribe("good", BOARD_CHANGED, {"id": project})
+        assert [m for m in connection.sync() if m["type"] != "next"] == []
+        _all_receive_a_change(connection, {"good"}, lambda: alice.create_card(project, "z"))
+    finally:
+        connection.close()
+
+
 def test_sockets_not_signed_in_are_bounded_per_address_and_signed_in_ones_are_not(
     make_stack: MakeStack,
 ) -> None:
