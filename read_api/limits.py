@@ -44,6 +44,7 @@ from graphql import (
     SelectionNode,
     SelectionSetNode,
     VariableNode,
+    value_from_ast_untyped,
 )
 from strawberry.extensions import SchemaExtension, ValidationCache
 from strawberry.types.graphql import OperationType
@@ -102,14 +103,16 @@ class CostLimiter(SchemaExtension):
             for operation in operations:
                 if name is not None and (operation.name is None or operation.name.value != name):
                     continue
-                cost = estimate(operation, fragments, context.variables or {})
+                # Page sizes and instants as the fields get them: a variable left out takes
+                # its default (``$n: Int = 200``), which the estimate must count too.
+                given = _given_variables(operation, context.variables or {})
+                cost = estimate(operation, fragments, given)
                 if cost.total > self.max_cost:
                     raise GraphQLError(
                         f"query is too expensive: {cost.described()}, more than {self.max_cost};"
                         f" {cost.advice()}",
                         extensions={"code": "VALIDATION"},
                     )
-                given = _given_variables(operation, context.variables or {})
                 reads = _log_reads(operation.selection_set, fragments, given)
                 if len(reads) > self.max_log_reads:
                     raise GraphQLError(
@@ -124,13 +127,14 @@ class CostLimiter(SchemaExtension):
 def _given_variables(
     operation: OperationDefinitionNode, variables: Mapping[str, Any]
 ) -> Mapping[str, Any]:
-    """``variables`` with the operation's defaults for those not given (what a field gets)."""
+    """``variables`` with the operation's defaults (as values) for those not given (what a
+    field gets)."""
     given = dict(variables)
     for definition in operation.variable_definitions or ():
         name = definition.variable.name.value
         default = definition.default_value
         if name not in given and default is not None and not isinstance(default, NullValueNode):
-            given[name] = default
+            given[name] = value_from_ast_untyped(default)
     return given
 
 

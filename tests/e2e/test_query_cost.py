@@ -66,6 +66,27 @@ def test_lanes_of_200_cards_of_200_runs_each_are_still_refused(stack: Stack) -> 
     assert "too expensive" in answer.errors[0]["message"]
 
 
+def test_page_sizes_given_by_a_variables_default_count_as_given(stack: Stack) -> None:
+    """``first: $n`` with ``$n: Int = 200`` left out of the variables asks for 200, as the
+    field gets it: estimated at the field's own default instead (20 runs a card), the abuse
+    above passed the estimate and read its 200 x 200 runs a lane before anything stopped it."""
+    alice, ws = stack.owner_with_workspace()
+    project = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    abuse = (
+        SPA_BOARD.replace("$id: ID!", "$id: ID!, $cards: Int = 200, $runs: Int = 200")
+        .replace("cards {", "cards(first: $cards) {")
+        .replace("runs {", "runs(first: $runs) {")
+    )
+
+    answer = alice.post(abuse, {"id": project})
+
+    assert answer.codes == ["VALIDATION"], answer.body
+    assert "too expensive" in answer.errors[0]["message"]
+    assert answer.data is None  # refused before anything ran
+    # Given explicitly (the defaults then unused), small pages pass as before.
+    assert alice.post(abuse, {"id": project, "cards": 10, "runs": 5}).errors == []
+
+
 def test_fragments_that_double_at_each_level_are_refused_before_validation(stack: Stack) -> None:
     """A document of under 1 KB whose fragments each spread the next twice stands for 2^18
     fields: the depth, alias and cost checks walked every one of them (seconds of the event
