@@ -440,6 +440,11 @@ class Project(TenantAggregate):
     ) -> int:
         """Where among ``order`` (the lane's other cards) the card goes: the index it takes."""
         ids = [cid for _, cid in order]
+        if after_card_id is not None and after_card_id == before_card_id:
+            raise ValidationFailed(
+                f"a card cannot go both after and before card {after_card_id}: name two "
+                "neighbours, or one"
+            )
         for neighbour in (after_card_id, before_card_id):
             if neighbour == card_id:
                 raise ValidationFailed(f"card {card_id} cannot be placed next to itself")

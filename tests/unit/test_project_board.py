@@ -378,6 +378,16 @@ def test_neighbours_that_are_not_adjacent_are_a_conflict() -> None:
     assert str(c) in caught.value.message
 
 
+def test_one_card_named_as_both_neighbours_is_a_validation_error() -> None:
+    """Going both after and before one card says nothing a board could do, now or after a
+    refresh: the input is wrong (a CONFLICT told the client to refresh and retry)."""
+    project = make_project()
+    a, _b, c = place(project, "Todo", 3)
+    with pytest.raises(errors.ValidationFailed, match=str(a)):
+        project.move_card(c, "Todo", after_card_id=a, before_card_id=a, meta=m(project))
+    assert collect(project) == []
+
+
 def test_neighbours_in_the_wrong_order_are_a_conflict() -> None:
     project = make_project()
     a, b, c = place(project, "Todo", 3)
