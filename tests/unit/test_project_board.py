@@ -383,6 +383,7 @@ def test_one_card_named_as_both_neighbours_is_a_validation_error() -> None:
     refresh: the input is wrong (a CONFLICT told the client to refresh and retry)."""
     project = make_project()
     a, _b, c = place(project, "Todo", 3)
+    collect(project)
     with pytest.raises(errors.ValidationFailed, match=str(a)):
         project.move_card(c, "Todo", after_card_id=a, before_card_id=a, meta=m(project))
     assert collect(project) == []
