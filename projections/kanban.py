@@ -102,6 +102,10 @@ _CARD_UPDATES: frozenset[type[EventPayload]] = frozenset(
 )
 
 
+#: Card updates that put the card in a lane (as :data:`ev.CardCreated` does).
+_LANE_SETTING = (ev.CardMoved, ev.CardRespread, ev.CardRestored)
+
+
 def card_columns(event: CardUpdate) -> dict[str, Any]:
     """The card columns an update event sets, and their new values."""
     if isinstance(event, ev.CardEdited):
@@ -172,6 +176,14 @@ class _Segment:
         self.by_run: dict[str, str] = {}
         self.touched: dict[str, tuple[int, Any]] = {}
         self.counts: dict[tuple[str, str], int] = {}
+        self.renames: dict[str, list[tuple[int, str, str]]] = {}
+        """Project → lane renames applied before the segment that may come after its events
+        (see :meth:`KanbanProjector._load_renames`)."""
+
+    def lane(self, project_id: str, position: int, lane: str) -> str:
+        """The lane a card put in ``lane`` at ``position`` is in after the renames applied."""
+        renames = self.renames.get(project_id)
+        return sql.lane_after(renames, position, lane) if renames else lane
 
 
 E = TypeVar("E", bound=EventPayload)
@@ -287,6 +299,7 @@ class KanbanProjector(Projector):
             return
         seg = _Segment(ctx)
         self._load_cards(seg, envelopes)
+        self._load_renames(seg, envelopes)
         for env in envelopes:
             event = env.event
             if isinstance(event, CardUpdate):
@@ -365,14 +378,39 @@ class KanbanProjector(Projector):
                     memo[card_id] = row
 
     @staticmethod
+    def _load_renames(seg: _Segment, envelopes: list[EventEnvelope]) -> None:
+        """The lane renames applied already that come after an event of the segment that puts
+        a card in a lane (see :func:`kanban_sql.renames_applied`). A rebuild applies the log in
+        order, so it has none: it is not asked."""
+        if seg.ctx.exclusive:
+            return
+        projects: set[str] = set()
+        after: int | None = None
+        for env in envelopes:
+            event = env.event
+            if isinstance(event, ev.CardCreated):
+                project: str | None = _card_key(event.project_id)
+            elif isinstance(event, _LANE_SETTING):
+                row = seg.cards.get(str(env.originator_id))
+                project = row["project_id"] if row is not None else None
+            else:
+                continue
+            if project is not None:
+                projects.add(project)
+                after = env.position if after is None else min(after, env.position)
+        if projects and after is not None:
+            seg.renames = sql.renames_applied(seg.ctx.cur, seg.ctx.tables, sorted(projects), after)
+
+    @staticmethod
     def _fold_card_created(seg: _Segment, env: EventEnvelope, event: ev.CardCreated) -> None:
         card_id = str(env.originator_id)
         row = seg.cards.get(card_id)
+        project_id = _card_key(event.project_id)
         values = {
-            "project_id": _card_key(event.project_id),
+            "project_id": project_id,
             "title": event.title,
             "description": event.description,
-            "lane": event.lane,
+            "lane": seg.lane(project_id, env.position, event.lane),
             "position": event.position,
             "version": env.originator_version,
             "created_at": env.timestamp,
@@ -403,7 +441,10 @@ class KanbanProjector(Projector):
         card_id = str(env.originator_id)
         row = seg.cards.get(card_id)
         if row is not None:
-            row.update(card_columns(event))
+            columns = card_columns(event)
+            if "lane" in columns:
+                columns["lane"] = seg.lane(row["project_id"], env.position, columns["lane"])
+            row.update(columns)
             row["version"] = env.originator_version
             row["updated_at"] = env.timestamp
             seg.dirty.add(card_id)

@@ -187,6 +187,58 @@ def test_a_worker_whose_topics_the_log_ends_without_is_not_left_behind_the_head(
     assert runner.position() == head
 
 
+def _lane(side: ReadSide, card_id: object) -> str:
+    return str(side.row("SELECT lane FROM rm_cards WHERE card_id = %s", (card_id,))["lane"])
+
+
+def test_a_move_swept_in_after_its_lane_was_renamed_lands_in_the_renamed_lane(
+    side: ReadSide,
+) -> None:
+    """A card moved into a lane that was renamed next: the move's delivery lost, the rename's
+    applied (it renames the cards the lane holds, not yet this one), the move swept in after.
+    The card was left in a lane of the old name, which the board no longer has; a rebuild puts
+    it in the renamed lane."""
+    world = side.new_world()
+    card = create_card(side, world, title="moved")
+    side.app.move_card(m.MoveCard(card_id=card, to_lane="Doing"), world.owner)
+    side.app.rename_lane(
+        m.RenameLane(project_id=world.project_id, lane="Doing", name="In progress"), world.owner
+    )
+    everything = side.envelopes()
+    moved = next(e for e in everything if e.originator_id == card and e.type == "Card.Moved")
+    runner = side.runner(KanbanProjector())
+    runner.process([e for e in everything if e is not moved])
+    assert _lane(side, card) == "Todo"
+
+    ProjectionSweep(runner).sweep(through=everything[-1].position)
+
+    assert _lane(side, card) == "In progress"
+    assert_rebuild_matches(side, KanbanProjector())
+
+
+def test_a_rename_applied_late_leaves_a_card_moved_after_it_alone(side: ReadSide) -> None:
+    """The other order: a lane renamed, another renamed to its old name, a card moved there;
+    the renames' deliveries late, the move's applied first. The first rename, applied next,
+    moved the card out of the lane it was moved into after that rename."""
+    world = side.new_world()
+    card = create_card(side, world, title="moved")
+    side.app.rename_lane(
+        m.RenameLane(project_id=world.project_id, lane="Doing", name="Reviewing"), world.owner
+    )
+    side.app.rename_lane(
+        m.RenameLane(project_id=world.project_id, lane="Done", name="Doing"), world.owner
+    )
+    side.app.move_card(m.MoveCard(card_id=card, to_lane="Doing"), world.owner)
+    everything = side.envelopes()
+    cards = [e for e in everything if e.originator_id == card]
+    runner = side.runner(KanbanProjector())
+    runner.process([e for e in everything if e.originator_id != world.project_id])
+    runner.process(everything)  # the board's events late, the card's as duplicates
+    assert _lane(side, card) == "Doing"
+    assert cards[-1].type == "Card.Moved"
+    assert_rebuild_matches(side, KanbanProjector())
+
+
 def test_a_rebuild_leaves_nothing_to_sweep_behind_it(side: ReadSide) -> None:
     world = side.new_world()
     create_card(side, world)

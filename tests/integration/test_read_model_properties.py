@@ -68,6 +68,7 @@ card_operations = st.one_of(
     st.tuples(st.just("block"), index, st.booleans()),
     st.tuples(st.just("archive"), index, st.booleans()),
     st.tuples(st.just("wip"), st.sampled_from(LANES), st.sampled_from([None, 2, 5])),
+    st.tuples(st.just("swap_lanes"), st.sampled_from(LANES), st.sampled_from(LANES)),
     st.tuples(
         st.just("plan"),
         st.sampled_from(["1", "1.5", "5"]),
@@ -111,6 +112,8 @@ EVERYTHING_ONCE: list[tuple[Any, ...]] = [
     ("block", 1, True),
     ("block", 1, False),
     ("wip", "Done", 2),
+    ("swap_lanes", "Todo", "Doing"),
+    ("move", 1, "Todo", False),
     ("plan", "1.5", "0.10"),
     ("log", 0, ["cloning", "building"], "stdout"),
     ("llm", 0, 1_234_567, 900, ("openai", "gpt-4o"), 3),
@@ -254,6 +257,13 @@ def run_operation(side: ReadSide, script: Script, op: tuple[Any, ...]) -> None:
             app.set_wip_limit(
                 m.SetWipLimit(project_id=w.project_id, lane=lane, wip_limit=limit), owner
             )
+        elif kind == "swap_lanes":
+            # Two lanes trade names (three renames, one name reused): the board keeps its lane
+            # names while their cards' rows must follow the renames in log order.
+            first, second = args
+            renames = [(first, "swapping"), (second, first), ("swapping", second)]
+            for lane, name in renames if first != second else []:
+                app.rename_lane(m.RenameLane(project_id=w.project_id, lane=lane, name=name), owner)
         elif kind == "plan":
             markup, increment = args
             app.set_plan(
