@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, ClassVar, get_args
+from uuid import UUID
 
 from psycopg.types.json import Jsonb
 
@@ -179,7 +180,7 @@ class KanbanReference(Reference, KanbanProjector):
                 ev.project_id,
                 ev.title,
                 ev.description,
-                ev.lane,
+                self._lane_now(at, ev.project_id, ev.lane),
                 ev.position,
                 at.env.originator_version,
                 at.env.timestamp,
@@ -191,6 +192,14 @@ class KanbanReference(Reference, KanbanProjector):
     @on(*get_args(CardUpdate))
     def _card_updated(self, at: At, ev: CardUpdate) -> None:
         columns = card_columns(ev)
+        if "lane" in columns:
+            at.cur.execute(
+                at.t.q("SELECT project_id FROM {rm_cards} WHERE card_id = %s"),
+                (at.env.originator_id,),
+            )
+            card = at.cur.fetchone()
+            if card is not None:
+                columns["lane"] = self._lane_now(at, card["project_id"], columns["lane"])
         assignments = "".join(f"{column} = %s, " for column in columns)
         project_id = self._update_card(at, assignments, columns.values())
         kind = CARD_CHANGE_KINDS.get(type(ev), "card.updated")
@@ -298,6 +307,14 @@ class KanbanReference(Reference, KanbanProjector):
         )
         row = at.cur.fetchone()
         return row["project_id"] if row else None
+
+    @staticmethod
+    def _lane_now(at: At, project_id: object, lane: str) -> str:
+        """The name ``lane``, entered by this event, has after the renames of the board that
+        were applied before it although they came after it in the log."""
+        project = str(UUID(str(project_id)))
+        renames = kanban_sql.renames_applied(at.cur, at.t, [project], at.env.position)
+        return kanban_sql.lane_after(renames.get(project, []), at.env.position, lane)
 
     @staticmethod
     def _count(cur: Cursor[DictRow], t: Tables, env: EventEnvelope, lane: str, delta: int) -> None:
