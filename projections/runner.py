@@ -806,16 +806,25 @@ class ProjectionRunner:
             (self.tracking_name, ids),
         )
         cur.execute(
-            "SELECT originator_id, version, EXISTS (SELECT FROM projection_parked AS p"
-            " WHERE p.projector = v.projector AND p.originator_id = v.originator_id) AS parked"
-            " FROM projection_versions AS v "
+            "SELECT originator_id, version FROM projection_versions "
             "WHERE projector = %s AND originator_id = ANY(%s::uuid[]) "
             "ORDER BY originator_id FOR UPDATE",
             (self.tracking_name, ids),
         )
-        rows = cur.fetchall()
-        versions = {row["originator_id"]: int(row["version"]) for row in rows}
-        return versions, {row["originator_id"] for row in rows if row["parked"]}
+        # Which are parked, in a statement of its own, begun once the rows are locked (sent
+        # in the same round trip when pipelined: the server runs it after the lock). Asked in
+        # the locking statement, it was answered as of that statement's snapshot, taken before
+        # waiting: a retry that unparked an aggregate meanwhile (and held its row) left it
+        # parked there, and its event delivered meanwhile was held back for nothing.
+        with cur.connection.cursor() as parked:
+            parked.execute(
+                "SELECT originator_id FROM projection_parked "
+                "WHERE projector = %s AND originator_id = ANY(%s::uuid[])",
+                (self.tracking_name, ids),
+            )
+            rows = cur.fetchall()
+            held = {row["originator_id"] for row in parked.fetchall()}
+        return {row["originator_id"]: int(row["version"]) for row in rows}, held
 
     def _missing(
         self, env: EventEnvelope, done: int, limit: int | None, healing: _Healing

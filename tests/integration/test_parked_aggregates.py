@@ -16,6 +16,7 @@ import itertools
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -42,6 +43,7 @@ from parking_helpers import (
     plant_block,
     plant_unprojectable_move,
 )
+from read_side_helpers import ReadSide, create_card
 from test_batch_bytes import BOUND, LARGE, large_in
 
 import projections.runner as runner_module
@@ -709,3 +711,62 @@ def test_a_missing_table_is_raised_and_parks_nothing(database_url: str, app: Age
             runner.process(whole_log(log))
         assert runner.position() == 0
     assert parked(database_url, "error", "attempts") == []
+
+
+def test_an_event_delivered_while_a_retry_unparks_its_aggregate_is_applied(
+    side: ReadSide,
+) -> None:
+    """A retry's last transaction unparks the aggregate while a delivery of its next event (one
+    the retry read the store too early to see) waits for the aggregate's tracking row. The
+    delivery found the row's newest version, but whether the aggregate is parked as its
+    statement's snapshot, taken before the wait, had it: parked. It held the event back and
+    moved its position past it, with nothing parked any more to hold it for: the event was
+    never applied (and the embedded path's watermark passed it too, so no sweep looked)."""
+    world = side.new_world()
+    card_id = create_card(side, world, title="before")
+    runner = side.runner(KanbanProjector())
+    runner.process(side.envelopes())
+    version = side.row("SELECT version FROM rm_cards WHERE card_id = %s", (card_id,))["version"]
+    with psycopg.connect(side.database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO projection_parked (projector, originator_id, originator_version,"
+            " position, event_type, workspace_id, error) VALUES ('kanban', %s, %s, 0,"
+            " 'Card.Edited', %s, 'planted')",
+            (card_id, version + 1, world.workspace_id),
+        )
+    # Written after the retry read the store, before its last transaction began (which, begun
+    # after it, does not hold it back from the log's readers).
+    side.app.update_card(m.UpdateCard(card_id=card_id, title="after"), world.owner)
+    with psycopg.connect(side.database_url) as retry:
+        # The retry's last transaction: the tracking row locked, the aggregate unparked.
+        retry.execute(
+            "SELECT version FROM projection_versions WHERE projector = 'kanban'"
+            " AND originator_id = %s FOR UPDATE",
+            (card_id,),
+        )
+        retry.execute(
+            "DELETE FROM projection_parked WHERE projector = 'kanban' AND originator_id = %s",
+            (card_id,),
+        )
+        edited = side.envelopes()[-1]
+        assert (edited.originator_id, edited.type) == (card_id, "Card.Edited")
+        with ThreadPoolExecutor(1) as pool:
+            delivery = pool.submit(runner.process, [edited], read_after=edited.position - 1)
+            wait_until(
+                lambda: bool(
+                    rows(
+                        side.database_url,
+                        "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE %s",
+                        "%FOR UPDATE%",
+                    )
+                ),
+                timeout=30,
+                what="the delivery waiting for the tracking row",
+            )
+            retry.commit()
+            outcome = delivery.result()
+
+    assert (outcome.applied, outcome.held) == (1, 0)
+    assert side.row("SELECT title FROM rm_cards WHERE card_id = %s", (card_id,))["title"] == "after"
+    assert not side.rows("SELECT 1 FROM projection_parked WHERE originator_id = %s", (card_id,))
