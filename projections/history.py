@@ -26,6 +26,7 @@ from domain.card import OVERWRITING_EVENTS, Card
 from domain.envelope import UNDECODABLE
 from domain.errors import NotFound, UndecodableEvent, ValidationFailed
 from domain.project import Project
+from projections.kanban_sql import LANE_RENAMED_TOPIC, lane_after
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Iterator, Sequence
@@ -158,16 +159,16 @@ def lane_then(
         ),
         None,
     )
-    lane = card.lane
     if entered is None:
-        return lane
+        return card.lane
     decode = _Decoder(mapper)
+    renames: list[tuple[int, str, str]] = []
     for row in _rows(
         conn,
         "SELECT notification_id, originator_id, originator_version, topic, state"
         " FROM agentworks_events WHERE originator_id = %s AND topic = %s"
         " AND notification_id > %s ORDER BY originator_version",
-        (card.project_id, _LANE_RENAMED, entered),
+        (card.project_id, LANE_RENAMED_TOPIC, entered),
     ):
         try:
             renamed = decode.row(row)
@@ -175,9 +176,8 @@ def lane_then(
             break
         if as_of is not None and renamed.timestamp > as_of:
             break  # a project's event times rise with its versions: so are the rest
-        if renamed.lane == lane:
-            lane = renamed.name
-    return lane
+        renames.append((int(row[0]), renamed.lane, renamed.name))
+    return lane_after(renames, entered, card.lane)
 
 
 # -- boards ---------------------------------------------------------------------------------------
@@ -240,8 +240,6 @@ class BoardAt:
 _BOARD_ONLY = (Project.CardMoved, Project.CardLifted)
 _LANE_SETTING = (Card.Created, Card.Moved, Card.Respread, Card.Restored)
 _LANE_SETTING_TYPES = frozenset(cls.__qualname__ for cls in _LANE_SETTING)
-#: The topic of a lane's rename, which migration 0028 indexes (see :func:`lane_then`).
-_LANE_RENAMED = get_topic(Project.LaneRenamed)
 
 
 def board_as_of(
