@@ -22,6 +22,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -78,6 +79,64 @@ API_KEY_USES_UNRECORDED = Counter(
     "database refused or was unreachable), ``dropped`` (the writer was too far behind to queue "
     "one more). The requests themselves were served.",
     ["reason"],
+)
+
+
+LLM_CALLS = Counter(
+    "agentworks_llm_calls_total",
+    "Provider calls made by agent runs, by provider, model and outcome: ``ok``; ``budget`` (cut "
+    "at the run's or the month's budget); ``cut`` (its run cancelled, timed out or taken over, "
+    "or its worker stopping); ``rate_limited`` (429); ``unavailable`` (the provider failing or "
+    "unreachable: retried or fallen back from); ``refused`` (a request the provider judged bad, "
+    "or its key); ``broken`` (a stream that could not be read, or ran past its cap).",
+    ["provider", "model", "outcome"],
+)
+LLM_CALL_SECONDS = Histogram(
+    "agentworks_llm_call_seconds",
+    "Time from a provider call being sent to its end, for calls the provider answered (not those "
+    "cut short by their run), by provider.",
+    ["provider"],
+    buckets=(0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)
+LLM_FIRST_TOKEN_SECONDS = Histogram(
+    "agentworks_llm_first_token_seconds",
+    "Time from a provider call being sent to its first piece of answer text, by provider.",
+    ["provider"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+LLM_TOKENS = Counter(
+    "agentworks_llm_tokens_total",
+    "Tokens of provider calls as charged (the provider's counts, ours where it gave none), by "
+    "provider and direction (``input``, ``output``).",
+    ["provider", "direction"],
+)
+LLM_BILLED = Counter(
+    "agentworks_llm_billed_micro_usd_total",
+    "Micro-USD billed for provider calls charged by this process, markup included, by provider: "
+    "for spend-rate alerts. The bill itself is the event log's charges, never this.",
+    ["provider"],
+)
+PROVIDER_CIRCUITS_OPENED = Counter(
+    "agentworks_provider_circuit_opened_total",
+    "Times a provider's circuit opened: ``provider`` (closed to every workspace) or "
+    "``workspace`` (to the workspace whose calls failed).",
+    ["provider", "scope"],
+)
+AGENT_RUNS_IN_FLIGHT = Gauge(
+    "agentworks_agent_runs_in_flight", "Agent runs this process's orchestrators are executing."
+)
+AGENT_RUNS_FINISHED = Counter(
+    "agentworks_agent_runs_finished_total",
+    "Agent runs this process's orchestrators finished, by outcome (``SUCCEEDED``, ``FAILED``, "
+    "``TIMED_OUT``).",
+    ["outcome"],
+)
+AGENT_RUN_SECONDS = Histogram(
+    "agentworks_agent_run_seconds",
+    "Time an orchestrator spent executing a run it finished, from its claim (or takeover) to "
+    "its finish, by outcome.",
+    ["outcome"],
+    buckets=(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
 )
 
 

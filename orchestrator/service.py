@@ -40,6 +40,7 @@ from uuid import UUID, uuid4
 
 import structlog
 
+from adapters import metrics
 from adapters.eventlog import MAX_BATCH_BYTES
 from adapters.outages import is_outage
 from adapters.providers.base import (
@@ -250,6 +251,8 @@ class Orchestrator:
         """Whether the last hold asked of the shared store got an answer (see :meth:`_hold`)."""
         self.holds: BudgetHolds = holds if holds is not None else self._local_holds
         self._last_write: dict[UUID, float] = {}
+        self._executing: dict[UUID, float] = {}
+        """Runs under way here: when (monotonic) this worker began executing each."""
         self._charging: dict[UUID, asyncio.Lock] = {}
         # A refused group is written chunk by chunk, each with its run's own outcome; a group
         # the store may have written (UNAVAILABLE) is not written twice.
@@ -537,7 +540,8 @@ class Orchestrator:
         )
         batcher.start()
         heartbeat = asyncio.create_task(self._heartbeats(view))
-        started = time.monotonic()
+        started = self._executing[view.run_id] = time.monotonic()
+        metrics.AGENT_RUNS_IN_FLIGHT.inc()
         output: str | None = None
         try:
             if reclaimed:
@@ -574,6 +578,8 @@ class Orchestrator:
             crashed = f"internal error: {type(error).__name__}"
             await self._end(view, batcher, crashed, "FAILED", error=f"internal error: {error}")
         finally:
+            metrics.AGENT_RUNS_IN_FLIGHT.dec()
+            self._executing.pop(view.run_id, None)
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
@@ -734,6 +740,11 @@ class Orchestrator:
             log.exception("orchestrator.finish_failed", run_id=str(view.run_id))
         except AgentWorksError:
             log.exception("orchestrator.finish_refused", run_id=str(view.run_id))
+        else:
+            metrics.AGENT_RUNS_FINISHED.labels(outcome).inc()
+            started = self._executing.get(view.run_id)
+            if started is not None:
+                metrics.AGENT_RUN_SECONDS.labels(outcome).observe(time.monotonic() - started)
 
     # -- the agent's work ----------------------------------------------------------------------
 
@@ -979,6 +990,10 @@ class Orchestrator:
                         if accepted is None or piece.input_tokens is not None:
                             accepted = piece
                         continue
+                    if not text:
+                        metrics.LLM_FIRST_TOKEN_SECONDS.labels(option.provider).observe(
+                            time.monotonic() - t0
+                        )
                     text.append(piece)
                     batcher.add(piece)
                     # No piece is counted past where the stream is cut (see overrun_at), and
@@ -1015,6 +1030,7 @@ class Orchestrator:
             # worker died during.
             taken = bool(text) or accepted is not None
             latency_ms = int((time.monotonic() - t0) * 1000)
+            metrics.LLM_CALLS.labels(option.provider, option.model, "cut").inc()
             with contextlib.suppress(_Lost, AgentWorksError):
                 await _despite_cancels(self._attempt(
                     call, "failed", None,
@@ -1025,6 +1041,10 @@ class Orchestrator:
         latency_ms = int((time.monotonic() - t0) * 1000)
         received = "".join(text)
         provider_name, workspace = option.provider, str(call.view.workspace_id)
+        metrics.LLM_CALLS.labels(
+            option.provider, option.model, _call_outcome(error, budget_hit=budget_hit)
+        ).inc()
+        metrics.LLM_CALL_SECONDS.labels(option.provider).observe(latency_ms / 1000)
         if usage is not None:
             self.latency.observe(option.provider, option.model, latency_ms)
             self.breakers.succeeded(provider_name, workspace)
@@ -1059,6 +1079,8 @@ class Orchestrator:
                 provider_name, workspace, time.monotonic(),
                 provider_wide=http_status in _PROVIDER_WIDE,
             )  # fmt: skip
+            for scope in opened:
+                metrics.PROVIDER_CIRCUITS_OPENED.labels(provider_name, scope).inc()
             if "provider" in opened:
                 batcher.system(f"circuit for {provider_name} is open")
             elif opened:
@@ -1185,6 +1207,7 @@ class Orchestrator:
                     unknown_too=True,
                 )
             charged.billed = int(result.extra.get("billed", 0))
+            _count_charged(option.provider, usage, charged.billed)
         except BaseException as failure:
             # Refused (or taken over): nothing was written. Anything else may have committed.
             refused = isinstance(failure, _Lost) or (
@@ -1198,6 +1221,27 @@ class Orchestrator:
                 del self._charging[view.workspace_id]
         if result.extra.get("taken_over"):
             raise _Lost(f"run {view.run_id} was taken over while its call was under way")
+
+
+def _call_outcome(error: Exception | None, *, budget_hit: bool) -> str:
+    """A call's outcome as ``agentworks_llm_calls_total`` labels it (not cut short by its run)."""
+    if budget_hit:
+        return "budget"
+    if error is None:
+        return "ok"
+    if isinstance(error, StreamBroken):
+        return "broken"
+    if isinstance(error, PermanentProviderError):
+        return "refused"
+    if getattr(error, "http_status", None) == 429:
+        return "rate_limited"
+    return "unavailable"
+
+
+def _count_charged(provider: str, usage: Usage, billed: int) -> None:
+    metrics.LLM_TOKENS.labels(provider, "input").inc(usage.input_tokens)
+    metrics.LLM_TOKENS.labels(provider, "output").inc(usage.output_tokens)
+    metrics.LLM_BILLED.labels(provider).inc(billed)
 
 
 async def _despite_cancels(work: Awaitable[T]) -> T:

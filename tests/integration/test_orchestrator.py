@@ -28,6 +28,7 @@ from orchestrator_helpers import (
     stored,
     wait_for,
 )
+from prometheus_client import REGISTRY
 from provider_servers import FakeProviderServer, Reply, anthropic_events, openai_events
 
 from adapters.providers.anthropic import AnthropicProvider
@@ -1083,3 +1084,130 @@ def test_an_orchestrator_stopping_while_a_run_closes_still_finishes_it(
     assert run.status is RunStatus.SUCCEEDED, run.status
     assert not events_of(write_side, run_id, AgentRun.Reclaimed)
     assert len(events_of(write_side, run_id, AgentRun.LlmCallCompleted)) == 1
+
+
+# -- what the orchestrator tells /metrics -------------------------------------------------------
+
+
+class MetricsDelta:
+    """The change of ``/metrics`` samples (the process-wide registry the orchestrator records
+    into) over a block: ``delta(name, **labels)`` once it has run."""
+
+    def __init__(self) -> None:
+        self._before = self._read()
+
+    @staticmethod
+    def _read() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in REGISTRY.collect()
+            if family.name.startswith("agentworks_")
+            for sample in family.samples
+        }
+
+    def delta(self, name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return self._read().get(key, 0.0) - self._before.get(key, 0.0)
+
+
+def test_a_runs_call_tokens_bill_and_duration_are_counted_in_the_metrics(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    metrics = MetricsDelta()
+    card = card_on_board(write_side)
+    with orchestrator_thread(database_url):
+        run = wait_for(write_side, start(write_side, card), finished)
+        wait_for_gauge(metrics, "agentworks_agent_runs_in_flight", 0.0)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert metrics.delta("agentworks_llm_calls_total", provider="simulated", model="sim-1",
+                         outcome="ok") == 1  # fmt: skip
+    tokens = "agentworks_llm_tokens_total"
+    assert metrics.delta(tokens, provider="simulated", direction="input") == run.input_tokens > 0
+    assert metrics.delta(tokens, provider="simulated", direction="output") == run.output_tokens
+    billed = "agentworks_llm_billed_micro_usd_total"
+    assert metrics.delta(billed, provider="simulated") == run.billed_micros > 0
+    assert metrics.delta("agentworks_llm_call_seconds_count", provider="simulated") == 1
+    assert metrics.delta("agentworks_llm_first_token_seconds_count", provider="simulated") == 1
+    assert metrics.delta("agentworks_agent_runs_finished_total", outcome="SUCCEEDED") == 1
+    assert metrics.delta("agentworks_agent_run_seconds_count", outcome="SUCCEEDED") == 1
+
+
+def wait_for_gauge(metrics: MetricsDelta, name: str, change: float) -> None:
+    """The run's task leaves its slot a moment after its finish is stored."""
+    deadline = time.monotonic() + 5
+    while metrics.delta(name) != change and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert metrics.delta(name) == change
+
+
+_FINE = Reply(events=openai_events(["fine"], prompt_tokens=10, completion_tokens=1))
+_BROKEN = openai_events(["partial ", "answer\n"], prompt_tokens=50, completion_tokens=3)
+_BROKEN.insert(3, "data: " + json.dumps({"choices": "not a list"}))
+
+
+@pytest.mark.parametrize(
+    ("replies", "pinned", "outcomes", "finished_as"),
+    [
+        ([Reply(status=429, headers={"retry-after": "0"}, body=b"{}"), _FINE], True,
+         {("openai", "rate_limited"): 1, ("openai", "ok"): 1}, "SUCCEEDED"),
+        ([Reply(status=500, body=b"down")], False,
+         {("openai", "unavailable"): 1, ("simulated", "ok"): 1}, "SUCCEEDED"),
+        ([Reply(status=400, body=b'{"error": {"code": "context_length_exceeded"}}')], True,
+         {("openai", "refused"): 1}, "FAILED"),
+        ([Reply(events=_BROKEN), _FINE], True,
+         {("openai", "broken"): 1, ("openai", "ok"): 1}, "SUCCEEDED"),
+    ],
+    ids=["rate-limited", "unavailable", "refused", "broken"],
+)  # fmt: skip
+def test_each_calls_outcome_is_counted_by_provider_model_and_outcome(
+    write_side: AgentWorks,
+    database_url: str,
+    replies: list[Reply],
+    pinned: bool,
+    outcomes: dict[tuple[str, str], int],
+    finished_as: str,
+) -> None:
+    metrics = MetricsDelta()
+    run = run_on_fake_openai(write_side, database_url, replies, pinned=pinned,
+                             then_simulated=True)  # fmt: skip
+    assert run.status.value == finished_as, run.error
+    models = {"openai": "gpt-4o-mini", "simulated": "sim-1"}
+    counted = {
+        (provider, outcome): metrics.delta(
+            "agentworks_llm_calls_total",
+            provider=provider,
+            model=models[provider],
+            outcome=outcome,
+        )
+        for provider in models
+        for outcome in ("ok", "budget", "cut", "rate_limited", "unavailable", "refused", "broken")
+    }
+    assert {key: n for key, n in counted.items() if n} == outcomes
+    assert metrics.delta("agentworks_agent_runs_finished_total", outcome=finished_as) == 1
+
+
+def test_a_call_stopped_at_the_budget_and_a_circuit_opening_are_counted(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    metrics = MetricsDelta()
+    card = card_on_board(write_side)
+    slow = fast_simulated(tokens_per_second=400, output_tokens=400)
+    with orchestrator_thread(database_url, {"simulated": slow}):
+        run = wait_for(write_side, start(write_side, card, max_cost="0.0005"), finished)
+    assert run.status is RunStatus.FAILED
+    assert metrics.delta("agentworks_llm_calls_total", provider="simulated", model="sim-1",
+                         outcome="budget") == 1  # fmt: skip
+    assert metrics.delta("agentworks_llm_billed_micro_usd_total", provider="simulated") == (
+        run.billed_micros
+    )
+    unavailable = [Reply(status=503, body=b"unavailable")]
+    run = run_on_fake_openai(
+        write_side, database_url, unavailable, max_attempts=4, breaker_threshold=3
+    )
+    assert run.status is RunStatus.FAILED
+    opened = "agentworks_provider_circuit_opened_total"
+    assert metrics.delta(opened, provider="openai", scope="workspace") == 1
+    assert metrics.delta(opened, provider="openai", scope="provider") == 0
+    assert metrics.delta("agentworks_llm_calls_total", provider="openai", model="gpt-4o-mini",
+                         outcome="unavailable") == 4  # fmt: skip
+    assert metrics.delta("agentworks_agent_runs_finished_total", outcome="FAILED") == 2
