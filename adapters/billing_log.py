@@ -43,7 +43,8 @@ from psycopg.sql import SQL, Composed, Identifier
 
 from adapters.eventlog import fetch_rows, writes_library_json
 from domain.billing import MonthFold
-from domain.usage import UsageCharge, month_of
+from domain.months import month_of
+from domain.usage import UsageCharge
 
 if TYPE_CHECKING:
     from eventsourcing.persistence import ApplicationRecorder, Mapper

@@ -34,7 +34,6 @@ from commands import models as m
 from commands.idempotency import fingerprint
 from domain.agent_run import AgentRun
 from domain.base import decided_at
-from domain.billing import next_month
 from domain.budget_holds import SpendReader, SpendReading
 from domain.card import Card
 from domain.errors import (
@@ -52,10 +51,11 @@ from domain.errors import (
 )
 from domain.idempotency import CommandLog, CommandRecord, StoredCommand
 from domain.meta import EventMeta
+from domain.months import month_of, next_month
 from domain.pricing import PriceTable, built_in_price_table
 from domain.project import Project
 from domain.roles import Role, capped, require_role
-from domain.usage import MonthlySpend, UsageCharge, month_of, spend_id_for
+from domain.usage import MonthlySpend, UsageCharge, spend_id_for
 from domain.user import Session, User
 from domain.workspace import Workspace
 

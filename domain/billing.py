@@ -10,10 +10,9 @@ never recomputes them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 from uuid import NAMESPACE_URL, UUID, uuid5
@@ -22,34 +21,14 @@ from domain.base import TenantAggregate
 from domain.errors import InvalidTransition, ValidationFailed
 from domain.meta import EventMeta
 from domain.money import format_usd, round_up_to_increment
-from domain.usage import MonthlySpend, UsageCharge, month_of, spend_id_for
+from domain.months import month_end, month_of, month_start, next_month, parse_month
+from domain.usage import MonthlySpend, UsageCharge, spend_id_for
 
 _INVOICES = uuid5(NAMESPACE_URL, "https://agentworks.dev/ns/invoice")
-#: Year 0000 is no year (``datetime`` starts at 1): it would fail later, as a ValueError.
-_MONTH: Final[re.Pattern[str]] = re.compile(r"(?!0000)([0-9]{4})-(0[1-9]|1[0-2])", re.ASCII)
 MICROS_PER_CENT: Final[int] = 10_000
 
 
 # -- months -------------------------------------------------------------------------------------
-
-
-def parse_month(text: str) -> str:
-    """A ``YYYY-MM`` billing month, refused with a message naming the bad text otherwise."""
-    if not isinstance(text, str) or not _MONTH.fullmatch(text):
-        raise ValidationFailed(f"month must look like YYYY-MM (e.g. 2026-01), got {text!r}")
-    return text
-
-
-def month_start(month: str) -> datetime:
-    """The first instant (UTC) of ``month``."""
-    year, mon = parse_month(month).split("-")
-    return datetime(int(year), int(mon), 1, tzinfo=UTC)
-
-
-def next_month(month: str) -> str:
-    start = month_start(month)
-    year, mon = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
-    return f"{year:04d}-{mon:02d}"
 
 
 def require_not_future(month: str, now: datetime) -> str:
@@ -60,7 +39,7 @@ def require_not_future(month: str, now: datetime) -> str:
 
 
 def has_ended(month: str, now: datetime) -> bool:
-    return month_start(next_month(month)) <= now
+    return month_end(month) <= now
 
 
 def require_ended(month: str, now: datetime) -> str:

@@ -7,7 +7,7 @@ Corrections are new compensating events (credit, refund), never edits.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING
 from uuid import NAMESPACE_URL, UUID, uuid5
@@ -16,6 +16,7 @@ from domain.base import TenantAggregate
 from domain.errors import BudgetExceeded, InvalidTransition, ValidationFailed
 from domain.meta import EventMeta
 from domain.money import format_usd, positive_micros
+from domain.months import month_of
 
 _CHARGES = uuid5(NAMESPACE_URL, "https://agentworks.dev/ns/usage-charge")
 _SPEND = uuid5(NAMESPACE_URL, "https://agentworks.dev/ns/monthly-spend")
@@ -26,14 +27,6 @@ BUDGET_THRESHOLDS = (50, 80, 100)
 
 def charge_id_for(run_id: UUID, call_id: str) -> UUID:
     return uuid5(_CHARGES, f"{run_id}:{call_id}")
-
-
-def month_of(at: datetime) -> str:
-    """The UTC calendar month of ``at``: billing months are UTC months wherever the caller is."""
-    if at.tzinfo is None:
-        raise ValidationFailed("times must be timezone-aware UTC")
-    utc = at.astimezone(UTC)
-    return f"{utc.year:04d}-{utc.month:02d}"
 
 
 def spend_id_for(workspace_id: UUID, month: str) -> UUID:

@@ -22,9 +22,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from domain.billing import Reconciliation, parse_month, require_ended, require_not_future
+from domain.billing import Reconciliation, require_ended, require_not_future
 from domain.errors import AgentWorksError, ValidationFailed
 from domain.money import format_usd
+from domain.months import parse_month
 from infra.cli_common import (
     EXIT_FAILED,
     CliError,

@@ -62,6 +62,7 @@ from domain.agents import EARLIER_RUNS, EarlierRun, agent_named, build_prompt
 from domain.budget_holds import Hold, HoldRequest
 from domain.errors import AgentWorksError, Conflict, InvalidTransition, NotFound, Unavailable
 from domain.money import billed_amount, format_usd
+from domain.months import month_of
 from domain.pricing import call_cost_micros
 from domain.routing import (
     Breakers,
@@ -71,7 +72,7 @@ from domain.routing import (
     backoff_seconds,
     route,
 )
-from domain.usage import charge_id_for, month_of
+from domain.usage import charge_id_for
 from orchestrator.holds import BudgetHolds, LocalHolds
 from orchestrator.logbatch import Line, LogBatcher, RunLogWriter
 

@@ -43,7 +43,7 @@ from domain.events import (
     UsageChargeRefunded,
     events_of,
 )
-from domain.usage import month_of
+from domain.months import month_of
 from projections.base import MEMO_DROPPED, BatchContext, Projector
 from projections.batch import columns_of, insert_rows
 

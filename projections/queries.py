@@ -8,7 +8,6 @@ Money is integer micro-USD; turning it into the API's ``Money`` string is the AP
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from domain.billing import (
     usage_line,
 )
 from domain.errors import NotFound, ValidationFailed
-from domain.usage import month_of
+from domain.months import month_of, parse_month
 from projections.billing import LedgerKind, UsageDimension
 from projections.columns import RUN_SELECT
 from projections.runs_queries import RunSummary
@@ -41,8 +40,6 @@ MAX_SEARCH_HITS = 500
 #: How many of the newest matching lines a search ranks (``search_logs``).
 SEARCH_CANDIDATES = 1_000
 MAX_ACTIVITY_PAGE = 500
-
-_MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])", re.ASCII)
 
 
 # -- values ----------------------------------------------------------------------------------------
@@ -165,7 +162,7 @@ def statement(conn: Connection[Any], workspace_id: UUID, month: str) -> Statemen
     lines, so the invoice equals what its lines show. Credits follow the projects as negative
     lines; usage billed late (its call was in an earlier, closed month) is named in its line.
     """
-    month = _month(month)
+    month = parse_month(month)
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             "SELECT billing_increment_micros FROM rm_workspaces WHERE workspace_id = %s",
@@ -266,7 +263,7 @@ def month_to_date_spend(
 ) -> int:
     """Net billed micro-USD of ``month`` (default: the current UTC month): charges less their
     credits and refunds; a workspace credit (``agentworks credit``) is a statement line only."""
-    month = _month(month) if month is not None else month_of(datetime.now(UTC))
+    month = parse_month(month) if month is not None else month_of(datetime.now(UTC))
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             "SELECT billed_micros FROM rm_monthly_spend WHERE workspace_id = %s AND month = %s",
@@ -425,12 +422,6 @@ def _days(from_: datetime, to: datetime) -> tuple[date, date] | None:
         return None
     last = (end - timedelta(microseconds=1)).date()
     return start.date(), last + timedelta(days=1) if last < date.max else last
-
-
-def _month(month: str) -> str:
-    if not _MONTH.fullmatch(month):
-        raise ValidationFailed(f"month must look like 2025-01, got {month!r}")
-    return month
 
 
 def _page_size(first: int, most: int) -> None:

@@ -21,7 +21,7 @@ from uuid import UUID
 from psycopg.rows import DictRow
 from strawberry.dataloader import DataLoader
 
-from domain.usage import month_of
+from domain.months import month_of
 from projections import kanban_queries as kanban
 from projections import queries
 from projections import runs_queries as runs

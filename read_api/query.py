@@ -16,6 +16,7 @@ from strawberry.scalars import JSON
 
 from domain.card import Card as CardAggregate
 from domain.errors import NotFound, UndecodableEvent
+from domain.months import parse_month
 from projections import history, queries
 from projections.billing import UsageDimension
 from read_api import cursors, eventlog
@@ -49,7 +50,6 @@ from read_api.types import (
     page_info,
     page_size,
     parse_id,
-    parse_month,
 )
 
 if TYPE_CHECKING:
@@ -283,6 +283,7 @@ class Query:
     @described.field("The month's statement (month = YYYY-MM), lines rounded up.")
     async def statement(self, info: Info, workspace_id: ID, month: str) -> Statement:
         scope = _workspace_scope(info.context, workspace_id)
+        month = parse_month(month)
         s = await scope.run(lambda conn: queries.statement(conn, scope.workspace_id, month))
         return Statement(
             workspace_id=ID(str(s.workspace_id)),

@@ -8,7 +8,6 @@ DataLoaders — also in subscriptions, where each event has a scope of its own.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
     from strawberry.dataloader import DataLoader
 
 ID = strawberry.ID
-_MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])", re.ASCII)
 
 MAX_LANE_PAGE = 200
 MAX_RUN_PAGE = 200
@@ -58,12 +56,6 @@ def parse_id(value: str, what: str) -> UUID:
         return UUID(str(value))
     except ValueError:
         raise ValidationFailed(f"{what} must be a UUID, got {str(value)[:60]!r}") from None
-
-
-def parse_month(month: str) -> str:
-    if not _MONTH.fullmatch(month):
-        raise ValidationFailed(f"month must look like 2025-01, got {month[:20]!r}")
-    return month
 
 
 def page_size(first: int | None, *, most: int, default: int, what: str = "first") -> int:

@@ -29,6 +29,7 @@ from domain.billing import (
     Reconciliation,
     RemoteInvoice,
     RemoteItem,
+    has_ended,
     invoice_id_for,
     invoice_key,
     next_month,
@@ -105,11 +106,19 @@ def test_a_malformed_month_is_refused_naming_it(text: str) -> None:
 def test_year_zero_is_no_month_to_bill_or_reconcile() -> None:
     """``datetime`` has no year 0: the month passed the pattern and then raised ValueError
     (``agentworks reconcile --month 0000-01`` ended in a traceback)."""
-    with pytest.raises(ValidationFailed, match="YYYY-MM"):
+    with pytest.raises(ValidationFailed, match="month 0000-01 is outside the billing months"):
         parse_month("0000-01")
     assert parse_month("0001-01") == "0001-01"
     with pytest.raises(ValidationFailed):
         require_not_future(parse_month("0000-12"), NOW)
+
+
+def test_the_last_billing_month_is_the_last_whose_end_a_datetime_holds() -> None:
+    """9999-12 ends at 10000-01-01, which no ``datetime`` holds: whether it has ended could not
+    be asked (``has_ended`` raised ValueError)."""
+    assert has_ended(parse_month("9999-11"), NOW) is False
+    with pytest.raises(ValidationFailed, match="month 9999-12 is outside the billing months"):
+        parse_month("9999-12")
 
 
 def test_future_and_unfinished_months_are_refused() -> None:
