@@ -73,7 +73,7 @@ from psycopg.sql import SQL, Composed, Identifier
 from adapters.command_locks import CommandLocks, literal
 from adapters.metrics import COMMIT_GROUP_SIZE, EVENTS_APPENDED
 from adapters.postgres import (
-    CONNECT_TIMEOUT,
+    CONNECTION_OPTIONS,
     DEFAULT_POOL_TIMEOUT,
     ResilientPool,
     dependency_name,
@@ -1106,7 +1106,8 @@ class Factory(PostgresFactory):
             # The library connects with host, port, dbname, user and password alone; without
             # these a URL's sslmode=verify-full fell back to libpq's default (prefer).
             kwargs.update(conninfo_to_dict(extra))
-        kwargs.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        for option, value in CONNECTION_OPTIONS.items():
+            kwargs.setdefault(option, value)
         # The library's pool with our lending rules (see adapters.postgres), same sizes.
         timeout = self.env.get(POOL_TIMEOUT_ENV)
         datastore.pool = ResilientPool(

@@ -89,6 +89,31 @@ CONNECT_TIMEOUT = 3
 """Seconds a connection attempt may take (libpq's ``connect_timeout``): a server that does not
 answer at all (a dropped network rather than a refused port) fails like a refused one."""
 
+CONNECTION_OPTIONS: dict[str, int] = {
+    "connect_timeout": CONNECT_TIMEOUT,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+"""libpq options of every connection: a server that stops answering on a connection already
+open (a network partition, a failed-over primary's vanished host: packets dropped, no reset)
+fails it within about ten seconds. With the kernel's defaults a statement sent into the silence
+waited some fifteen minutes of retransmissions, one waiting for its answer two hours of idle
+before the first keepalive probe: the request hung, holding its pool connection and worker
+thread, and after a failover the pool stayed stuck on the old server's connections.
+``tcp_user_timeout`` (ms) bounds how long sent data may go unacknowledged, the keepalives how
+long a connection waiting for an answer may hear nothing from the server's host (a query that
+runs long on a live server is not cut: its host answers the probes)."""
+
+
+def connection_options(conninfo: str) -> dict[str, Any]:
+    """:data:`CONNECTION_OPTIONS` that ``conninfo`` does not set itself (an operator's own
+    ``?keepalives_idle=`` in the URL wins)."""
+    given = conninfo_to_dict(conninfo)
+    return {name: value for name, value in CONNECTION_OPTIONS.items() if name not in given}
+
 
 class _Reconnect(AttemptWithBackoff):
     """psycopg's reconnection backoff, starting at 0.1 s and never above 0.5 s."""
@@ -231,7 +256,7 @@ def make_pool(
         login,
         min_size=min_size,
         max_size=max_size,
-        kwargs={"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT},
+        kwargs={"row_factory": dict_row, **connection_options(login)},
         connection_class=Connection[DictRow],
         name=name,
         open=False,

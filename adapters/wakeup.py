@@ -10,7 +10,7 @@ import psycopg
 import structlog
 
 from adapters.outages import OUTAGES
-from adapters.postgres import CONNECT_TIMEOUT, dependency_name
+from adapters.postgres import connection_options, dependency_name
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +60,7 @@ class LogWakeup:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(
-                    self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+                    self.url, autocommit=True, **connection_options(self.url)
                 ) as conn:
                     conn.execute(f'LISTEN "{self.channel}"')
                     OUTAGES.up(self.dependency)

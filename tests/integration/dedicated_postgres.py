@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import psycopg
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 SYSTEM_USER = "postgres"
@@ -38,15 +38,26 @@ def free_port() -> int:
 class DedicatedPostgres:
     """One PostgreSQL server: ``start()``, ``stop()``, ``restart()``; trust auth on 127.0.0.1."""
 
-    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        run_in: Callable[[list[str]], list[str]] | None = None,
+    ) -> None:
+        """``host``: the address it listens on; ``run_in``: what its commands are run through
+        (a network namespace of their own: ``network_partition.Partition.command``)."""
         self.workdir = workdir
         self.data = workdir / "data"
         self.logfile = workdir / "postgres.log"
         self.port = port or free_port()
+        self.host = host
+        self._run_in = run_in
         self._as_root = os.geteuid() == 0
 
     def url(self, dbname: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}?sslmode=disable"
+        return f"postgresql://postgres@{self.host}:{self.port}/{dbname}?sslmode=disable"
 
     def init(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -58,13 +69,15 @@ class DedicatedPostgres:
         )  # fmt: skip
         settings = (
             f"port = {self.port}\n"
-            "listen_addresses = '127.0.0.1'\n"
+            f"listen_addresses = '{self.host}'\n"
             f"unix_socket_directories = '{self.workdir}'\n"
             "max_connections = 200\n"
             "shared_buffers = 32MB\n"
         )
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write(settings)
+        with (self.data / "pg_hba.conf").open("a") as hba:
+            hba.write("host all all samenet trust\n")  # a client across a partition's link
 
     def start(self, timeout: float = 60.0) -> None:
         self._run(
@@ -106,14 +119,18 @@ class DedicatedPostgres:
         command = [str(a) for a in args]
         if self._as_root:
             command = ["runuser", "-u", SYSTEM_USER, "--", *command]
+        if self._run_in is not None:
+            command = self._run_in(command)
         subprocess.run(command, check=True, capture_output=True, timeout=120)
 
 
 @contextlib.contextmanager
-def dedicated_postgres() -> Iterator[DedicatedPostgres]:
+def dedicated_postgres(
+    *, host: str = "127.0.0.1", run_in: Callable[[list[str]], list[str]] | None = None
+) -> Iterator[DedicatedPostgres]:
     """A started server in a temporary directory, stopped and removed afterwards."""
     workdir = Path(tempfile.mkdtemp(prefix="aw-pg-"))
-    server = DedicatedPostgres(workdir)
+    server = DedicatedPostgres(workdir, host=host, run_in=run_in)
     try:
         server.init()
         server.start()
