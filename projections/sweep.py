@@ -107,13 +107,22 @@ class ProjectionSweep:
 
     def _behind(self, events: list[tuple[int, UUID, int]]) -> list[tuple[UUID, int, int]]:
         """The ranges of ``events`` this projector's tracking has not reached, to read from
-        the store: each lagging aggregate's versions from its tracked one up to the newest in
-        the page (both bounds exclusive)."""
+        the store: each lagging aggregate's versions in the page, from its tracked one (or, if
+        that is lower, the one before its first in the page) up to its newest (both bounds
+        exclusive).
+
+        Not the versions below the page: they lie below the watermark, applied or held behind
+        a parked aggregate. A parked aggregate's tracking stays where it was parked, and its
+        held tail, read from there, was read whole again at every sweep that saw one more of
+        its events. Should it have been unparked since, the runner reads what lies between as
+        a gap before the first event given it, as for any delivery."""
         if not events:
             return []
         newest: dict[UUID, int] = {}
+        oldest: dict[UUID, int] = {}
         for _, originator_id, version in events:
             newest[originator_id] = max(version, newest.get(originator_id, 0))
+            oldest[originator_id] = min(version, oldest.get(originator_id, version))
         with self.runner.pool.connection() as conn:
             rows = conn.execute(
                 "SELECT originator_id, version FROM projection_versions "
@@ -122,9 +131,9 @@ class ProjectionSweep:
             ).fetchall()
         tracked = {row["originator_id"]: int(row["version"]) for row in rows}
         return [
-            (originator_id, tracked.get(originator_id, 0), version + 1)
+            (originator_id, max(done, oldest[originator_id] - 1), version + 1)
             for originator_id, version in newest.items()
-            if tracked.get(originator_id, 0) < version
+            if (done := tracked.get(originator_id, 0)) < version
         ]
 
     def _advance(self, position: int, healed: int = 0) -> None:

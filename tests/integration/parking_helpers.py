@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import psycopg
 from board_helpers import bootstrap_board
 
 from commands import models as m
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from board_helpers import Board
+    from read_side_helpers import ReadSide, World
 
     from commands.handlers import AgentWorks
     from domain.envelope import EventEnvelope
@@ -42,6 +44,19 @@ FIXED_CLI = (
 
 def new_card(app: AgentWorks, board: Board, title: str) -> UUID:
     return app.create_card(m.CreateCard(project_id=board.project_id, title=title), board.owner).id
+
+
+def park_next_version(side: ReadSide, world: World, card_id: UUID, event_type: str) -> None:
+    """The kanban projector's card ``card_id`` (applied up to now) parked by hand at its next
+    version, as an event of ``event_type`` it failed to apply would park it."""
+    version = side.row("SELECT version FROM rm_cards WHERE card_id = %s", (card_id,))["version"]
+    with psycopg.connect(side.database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO projection_parked (projector, originator_id, originator_version,"
+            " position, event_type, workspace_id, error) VALUES ('kanban', %s, %s, 0, %s, %s,"
+            " 'planted')",
+            (card_id, version + 1, event_type, world.workspace_id),
+        )
 
 
 class TwoTenants:

@@ -40,6 +40,7 @@ from parking_helpers import (
     TwoTenants,
     install_fix,
     new_card,
+    park_next_version,
     plant_block,
     plant_unprojectable_move,
 )
@@ -726,14 +727,7 @@ def test_an_event_delivered_while_a_retry_unparks_its_aggregate_is_applied(
     card_id = create_card(side, world, title="before")
     runner = side.runner(KanbanProjector())
     runner.process(side.envelopes())
-    version = side.row("SELECT version FROM rm_cards WHERE card_id = %s", (card_id,))["version"]
-    with psycopg.connect(side.database_url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO projection_parked (projector, originator_id, originator_version,"
-            " position, event_type, workspace_id, error) VALUES ('kanban', %s, %s, 0,"
-            " 'Card.Edited', %s, 'planted')",
-            (card_id, version + 1, world.workspace_id),
-        )
+    park_next_version(side, world, card_id, "Card.Edited")
     # Written after the retry read the store, before its last transaction began (which, begun
     # after it, does not hold it back from the log's readers).
     side.app.update_card(m.UpdateCard(card_id=card_id, title="after"), world.owner)

@@ -14,6 +14,7 @@ import psycopg
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis_profiles import expensive_property
+from parking_helpers import park_next_version
 from pg import log_head
 from read_side_helpers import ReadSide, create_card, llm_call, running_run
 from test_read_model_properties import (
@@ -185,6 +186,63 @@ def test_a_worker_whose_topics_the_log_ends_without_is_not_left_behind_the_head(
 
     assert _watermark(side, "billing") == head
     assert runner.position() == head
+
+
+class _StoreReads:
+    """Counts the events a runner's log reads whole from the store: the sweep's reads and the
+    runner's own (gap healing). Not the log's small columns, which every sweep reads."""
+
+    def __init__(self, runner: ProjectionRunner) -> None:
+        self.events = 0
+        log = runner.log
+        for name in ("within_batch", "between_batch"):
+            read = getattr(log, name)
+
+            def counted(*args: Any, _read: Any = read, **kwargs: Any) -> Any:
+                batch = _read(*args, **kwargs)
+                self.events += len(batch.envelopes)
+                return batch
+
+            setattr(log, name, counted)
+
+
+def _labels(side: ReadSide, card_id: object) -> list[str]:
+    row = side.row("SELECT labels FROM rm_cards WHERE card_id = %s", (card_id,))
+    return sorted(row["labels"])
+
+
+def test_a_sweep_reads_only_the_new_events_of_a_parked_aggregate(side: ReadSide) -> None:
+    """A parked aggregate's events wait behind it, unapplied, so each sweep whose page held a
+    new one read the aggregate's whole held tail again (the runner held it all back again):
+    with 1,000 parked cards of 20 held events, one new event each cost a sweep 21,000 events
+    read whole and 1.1 s, against nothing for as many new events of healthy cards, and more at
+    every sweep as the tails grew (``python -m bench.sweep_parked``). It reads the new events
+    only; a tail with none is not read at all; and the retry still applies every one."""
+    world = side.new_world()
+    card = create_card(side, world, title="parked")
+    runner = side.runner(KanbanProjector())
+    runner.process(side.envelopes())
+    park_next_version(side, world, card, "Card.Labelled")
+    for n in range(5):
+        side.app.label_card(m.LabelCard(card_id=card, label=f"held {n}"), world.owner)
+    assert runner.process(side.envelopes(after=runner.position())).held == 5
+    sweep = ProjectionSweep(runner)
+    sweep.sweep(through=side.envelopes()[-1].position)  # sees the held tail once
+    reads = _StoreReads(runner)
+
+    assert sweep.sweep(through=side.envelopes()[-1].position).healed == 0
+    assert reads.events == 0  # an unchanged tail is not read again
+
+    side.app.label_card(m.LabelCard(card_id=card, label="new"), world.owner)
+    new = side.envelopes()[-1]
+    assert runner.process([new]).held == 1
+    assert sweep.sweep(through=new.position).healed == 0
+    assert reads.events == 1  # the new event, not the five before it
+    assert _watermark(side, "kanban") == new.position
+
+    (retried,) = runner.retry_parked()
+    assert (retried.applied, retried.parked) == (6, None)
+    assert _labels(side, card) == sorted(["new", *(f"held {n}" for n in range(5))])
 
 
 def _lane(side: ReadSide, card_id: object) -> str:
