@@ -74,6 +74,50 @@ class Outages:
             return sorted(self._down_since)
 
 
+class RetryGate:
+    """Whether a call should try a dependency now, for callers that can go on without it.
+
+    While the dependency answers, every call tries. Once a call failed, calls go without it
+    for ``first`` seconds, then one call tries again (the others still go without), the wait
+    doubling up to ``longest`` while it keeps failing. A dependency that does not answer at
+    all (hung, or its network partitioned) costs each call that tries a socket timeout: without
+    this every request waited that long, not one now and then.
+    """
+
+    def __init__(self, *, first: float = 0.5, longest: float = 15.0) -> None:
+        self._first = first
+        self._longest = longest
+        self._wait = first
+        self._next_try = 0.0
+        self._failing = False
+        self._lock = threading.Lock()
+
+    def may_try(self) -> bool:
+        if not self._failing:  # the hot path: no lock while all is well
+            return True
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_try:
+                return False
+            # This call tries; the others go without until it has failed or succeeded.
+            self._next_try = now + self._wait
+            return True
+
+    def failed(self) -> None:
+        with self._lock:
+            self._next_try = time.monotonic() + self._wait
+            self._wait = min(self._wait * 2, self._longest)
+            self._failing = True
+
+    def succeeded(self) -> None:
+        if not self._failing:
+            return
+        with self._lock:
+            self._failing = False
+            self._wait = self._first
+            self._next_try = 0.0
+
+
 def is_outage(error: BaseException) -> bool:
     """Whether ``error`` says a database could not be reached (rather than a bug, or a server
     that answered with an error): our UNAVAILABLE, a pool with no connection to lend, a lost

@@ -122,7 +122,14 @@ def api_services(
         pool=pool,
         jwt=verification,
         broadcaster=broadcaster,
-        redis=redis.asyncio.Redis.from_url(settings.redis_url) if settings.redis_url else None,
+        # Short timeouts: a request that asks a Redis that does not answer waits this long.
+        redis=(
+            redis.asyncio.Redis.from_url(
+                settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+            )
+            if settings.redis_url
+            else None
+        ),
         consistency_wait_ms=settings.consistency_wait_ms,
         rate_limits=RateLimits(
             per_user_per_minute=settings.rate_limit_per_user or None,

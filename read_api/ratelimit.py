@@ -3,7 +3,9 @@
 With Redis every API instance shares the counters (one Lua script per request: ``INCR`` and
 ``EXPIRE`` per limit); without it each process counts for itself. When Redis cannot be reached
 the request is let through and the failure logged: readiness reports Redis, and refusing all
-traffic because a counter store is down would turn a degraded dependency into an outage.
+traffic because a counter store is down would turn a degraded dependency into an outage. Once
+Redis failed, requests go on without asking it until it is tried again (``RetryGate``), so a
+Redis that does not answer at all costs a request a timeout now and then, not every request.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 from redis.exceptions import RedisError
 
-from adapters.outages import OUTAGES, REDIS
+from adapters.outages import OUTAGES, REDIS, RetryGate
 from domain.errors import RateLimited
 
 if TYPE_CHECKING:
@@ -126,12 +128,13 @@ return 0
 class RedisRateLimiter:
     """Shared fixed-window counters in Redis, counted atomically by one Lua script."""
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
+    def __init__(self, client: redis.asyncio.Redis, *, gate: RetryGate | None = None) -> None:
         self._client = client
         self._script = client.register_script(_HIT_SCRIPT)
+        self._gate = gate or RetryGate(first=0.25, longest=1.0)
 
     async def hit(self, limits: list[Limit]) -> None:
-        if not limits:
+        if not limits or not self._gate.may_try():
             return
         window, remaining = _window(time.time())
         keys = [f"{limit.key}:{window}" for limit in limits]
@@ -141,25 +144,33 @@ class RedisRateLimiter:
         except (RedisError, OSError) as error:
             # Degraded, not down: requests go on unlimited while Redis is away. Said once
             # (adapters.outages), not at every request.
-            OUTAGES.down(REDIS, error)
+            self._unreached(error)
             return
-        OUTAGES.up(REDIS)
+        self._reached()
         if refused:
             raise _refuse(limits[refused - 1], remaining)
 
     async def check(self, limits: list[Limit]) -> None:
-        if not limits:
+        if not limits or not self._gate.may_try():
             return
         window, remaining = _window(time.time())
         try:
             counts = await self._client.mget([f"{limit.key}:{window}" for limit in limits])
         except (RedisError, OSError) as error:
-            OUTAGES.down(REDIS, error)
+            self._unreached(error)
             return
-        OUTAGES.up(REDIS)  # a process that only checks after an outage must say it is over
+        self._reached()  # a process that only checks after an outage must say it is over
         for limit, count in zip(limits, counts, strict=True):
             if count is not None and int(count) >= limit.allowed:
                 raise _refuse(limit, remaining)
+
+    def _unreached(self, error: BaseException) -> None:
+        self._gate.failed()
+        OUTAGES.down(REDIS, error)
+
+    def _reached(self) -> None:
+        self._gate.succeeded()
+        OUTAGES.up(REDIS)
 
 
 class LocalRateLimiter:

@@ -1,0 +1,63 @@
+"""Redis stops answering (hung, or its network partitioned) under the API: requests go on
+without it rather than each waiting for it.
+
+A stopped Redis refuses connections at once; a silent one takes every command and answers
+nothing, so each request that asks it waits out the client's socket timeout. Rate limits are
+let through while Redis is away (README, "When a dependency goes away"); that must not cost
+every request a wait for a Redis already known to be away.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+from outage_helpers import start_api_stack
+
+pytestmark = pytest.mark.slow
+
+BOARD = "query($p: ID!) { board(projectId: $p) { lanes { name } } }"
+
+
+class SilentServer:
+    """Accepts connections and never answers; counts the connections it was asked on."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True, name="silent-redis").start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._held:
+            conn.close()
+
+
+def test_requests_while_redis_is_silent_do_not_each_wait_for_it(database_url: str) -> None:
+    silent = SilentServer()
+    stack = start_api_stack(database_url, redis_url=silent.url, fanout=False)
+    try:
+        token, (project_id,) = stack.boards(1)  # the first requests find Redis silent
+        asked_before = silent.connections
+        answers = [stack.post(token, BOARD, {"p": project_id}) for _ in range(10)]
+        asked = silent.connections - asked_before
+    finally:
+        stack.close()
+        silent.close()
+
+    assert [answer.status_code for answer in answers] == [200] * 10
+    # Each request that asked waited for a timeout (and dropped its connection); while Redis
+    # is known away only a request now and then asks it again.
+    assert asked <= 2, f"{asked} of 10 requests waited on a silent Redis"
