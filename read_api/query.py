@@ -188,6 +188,7 @@ class Query:
         cost = await scope.loaders.card_cost_until.load((wanted, until))
         card = _card_from_aggregate(state, scope, cost, until)
         card.lane = lane
+        card.as_of_now = as_of is None and as_of_version is None
         entries = history.history_entries(envelopes)
         path = info.path.as_list()
         for index, entry in enumerate(entries):
@@ -334,7 +335,8 @@ class Query:
     ) -> ActivityConnection:
         scope = _workspace_scope(info.context, workspace_id)
         size = page_size(first, most=MAX_ACTIVITY_PAGE, default=50)
-        after_position = cursors.parse_activity_cursor(after) if after else None
+        within = cursors.list_of(scope.workspace_id)
+        after_position = cursors.parse_activity_cursor(after, within) if after else None
         page = await scope.run(
             lambda conn: queries.activity_page(
                 conn, scope.workspace_id, first=size, after_position=after_position
@@ -342,7 +344,7 @@ class Query:
         )
         edges = [
             ActivityEdge(
-                cursor=cursors.activity_cursor(item.position),
+                cursor=cursors.activity_cursor(item.position, within),
                 node=ActivityItem(
                     at=item.at,
                     actor=ID(item.actor),
@@ -446,6 +448,7 @@ async def _board_then(
                 scope=scope,
                 project_key=project_id,
                 cards_then=cards,
+                as_of=as_of,
             )
         )
     return Board(

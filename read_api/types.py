@@ -220,11 +220,13 @@ async def _admin_list(
     role = capped(await scope.member_role(), info.context.who.principal.role)
     require_role(role, Role.ADMIN, action=f"listing {listing.what}", user_id=scope.user_id)
     size = page_size(first, most=MAX_ACCESS_PAGE, default=DEFAULT_ACCESS_PAGE)
+    closed = bool(include_closed)
+    kind_tag, within = listing.cursor_kind, cursors.list_of(scope.workspace_id, closed)
     page = AccessPage(
         workspace_id=scope.workspace_id,
-        include_closed=bool(include_closed),
+        include_closed=closed,
         limit=size + 1,  # one more than asked: whether there is a next page
-        after=None if after is None else cursors.parse_grant_cursor(after, listing.cursor_kind),
+        after=None if after is None else cursors.parse_grant_cursor(after, kind_tag, within),
     )
     rows = await listing.loader(scope.loaders).load(page)
     cursor = page.after
@@ -233,9 +235,7 @@ async def _admin_list(
             f"after must be the endCursor of a page of this workspace's {listing.what}"
         )
     edges = [
-        GrantEdge(
-            cursor=cursors.grant_cursor(listing.cursor_kind, row["id"]), node=kind.from_row(row)
-        )
+        GrantEdge(cursor=cursors.grant_cursor(kind_tag, row["id"], within), node=kind.from_row(row))
         for row in rows[:size]
     ]
     return GrantConnection(
@@ -384,6 +384,9 @@ class Board:
         else:
             rows = await self.scope.loaders.lanes.load(self.key)
             lanes = [Lane.from_row(row, self.scope) for row in rows]
+        board_lists = frozenset(lane.cards_list for lane in lanes)
+        for lane in lanes:
+            lane.board_lists = board_lists
         _as_long_as_estimated(
             info, len(lanes), {"cards": max((lane.count for lane in lanes), default=0)}
         )
@@ -399,6 +402,10 @@ class Lane:
     project_key: strawberry.Private[UUID]
     cards_then: strawberry.Private[list[Card] | None] = None
     """Set for a lane as it was: its live cards in board order."""
+    as_of: strawberry.Private[datetime | None] = None
+    """Set for a lane as it was: the instant shown."""
+    board_lists: strawberry.Private[frozenset[str]] = frozenset()
+    """The lists of cards of its board's lanes in this answer (see :meth:`cards`)."""
 
     @classmethod
     def from_row(cls, row: Row, scope: ReadScope) -> Lane:
@@ -410,14 +417,28 @@ class Lane:
             project_key=row["project_id"],
         )
 
+    @property
+    def cards_list(self) -> str:
+        """The identity its cards' cursors are bound to: this lane of this board, as shown."""
+        return cursors.list_of(self.scope.workspace_id, self.project_key, self.name, self.as_of)
+
     @strawberry.field
     async def cards(
         self, info: strawberry.Info, first: int | None = 100, after: str | None = None
     ) -> CardConnection:
+        """A cursor of another lane of the board is no cursor of this one, yet not refused:
+        ``board { lanes { cards(after:) } }`` is the one way to page a lane, and its ``after``
+        reaches every lane; the others answer as if it were not given. A cursor of no lane
+        of this board (another board, instant or workspace, a lane renamed since) is
+        ``VALIDATION``."""
         size = page_size(first, most=MAX_LANE_PAGE, default=100)
-        position, card_id = cursors.parse_card_cursor(after) if after else (None, None)
+        within = self.cards_list
+        followed = (
+            cursors.parse_card_cursor(after, within, beside=self.board_lists) if after else None
+        )
+        position, card_id = followed or (None, None)
         if self.cards_then is not None:
-            return _cards_page(self.cards_then, size, position, card_id)
+            return _cards_page(self.cards_then, size, position, card_id, within)
         rows = await self.scope.loaders.lane_cards.load(
             LanePage(
                 project_id=self.project_key,
@@ -436,19 +457,24 @@ class Lane:
                 card.knowing_last_run(
                     None if run is None else AgentRun.from_summary(run, self.scope)
                 )
-        edges = [CardEdge(node=card) for card in cards]
+        edges = [CardEdge(node=card, within=within) for card in cards]
         return CardConnection(
             edges=edges,
             page_info=page_info(
-                [cursors.card_cursor(c.position, c.key) for c in cards[:1] + cards[1:][-1:]],
+                _end_cursors(cards, within),
                 has_next=len(rows) > size,
-                has_previous=after is not None,
+                has_previous=after is not None and not (after and followed is None),
             ),
         )
 
 
+def _end_cursors(cards: list[Card], within: str) -> list[str]:
+    """The cursors of a page's first and last cards, all :class:`PageInfo` needs of them."""
+    return [cursors.card_cursor(c.position, c.key, within) for c in cards[:1] + cards[1:][-1:]]
+
+
 def _cards_page(
-    cards: list[Card], size: int, position: str | None, card_id: UUID | None
+    cards: list[Card], size: int, position: str | None, card_id: UUID | None, within: str
 ) -> CardConnection:
     """A page of a lane as it was (already in board order), after the cursor's card."""
     after = [
@@ -458,9 +484,9 @@ def _cards_page(
     ]
     page = after[:size]
     return CardConnection(
-        edges=[CardEdge(node=card) for card in page],
+        edges=[CardEdge(node=card, within=within) for card in page],
         page_info=page_info(
-            [cursors.card_cursor(c.position, c.key) for c in page[:1] + page[1:][-1:]],
+            _end_cursors(page, within),
             has_next=len(after) > size,
             has_previous=position is not None,
         ),
@@ -631,6 +657,9 @@ class Card:
     last_run_id: strawberry.Private[UUID | None]
     as_of: strawberry.Private[datetime | None]
     """Set for a historical state: runs are then limited to those requested by then."""
+    as_of_now: strawberry.Private[bool] = False
+    """``as_of`` is the request's own instant (``cardHistory`` at no ``asOf``/``asOfVersion``):
+    its runs are the live list, and so are their cursors'."""
     known_last_run: strawberry.Private[AgentRun | None] = None
     last_run_known: strawberry.Private[bool] = False
     """The last run was read with the card's page (see :meth:`Lane.cards`)."""
@@ -688,7 +717,10 @@ class Card:
     @described.field("The card's runs, newest first.")
     async def runs(self, first: int | None = 20, after: str | None = None) -> AgentRunConnection:
         size = page_size(first, most=MAX_RUN_PAGE, default=20)
-        at, run_id = cursors.parse_run_cursor(after) if after else (None, None)
+        within = cursors.list_of(
+            self.scope.workspace_id, self.key, None if self.as_of_now else self.as_of
+        )
+        at, run_id = cursors.parse_run_cursor(after, within) if after else (None, None)
         rows = await self.scope.loaders.card_runs.load(
             RunPage(
                 card_id=self.key,
@@ -699,7 +731,7 @@ class Card:
             )
         )
         edges = [
-            AgentRunEdge(cursor=cursors.run_cursor(run.requested_at, run.run_id),
+            AgentRunEdge(cursor=cursors.run_cursor(run.requested_at, run.run_id, within),
                          node=AgentRun.from_summary(run, self.scope))
             for run in rows[:size]
         ]  # fmt: skip
@@ -714,11 +746,13 @@ class Card:
 @strawberry.type
 class CardEdge:
     node: Card
+    within: strawberry.Private[str]
+    """The lane's list (:attr:`Lane.cards_list`)."""
 
     @strawberry.field
     def cursor(self) -> str:
         """Made on demand: a board shows 200 cards and rarely asks for their cursors."""
-        return cursors.card_cursor(self.node.position, self.node.key)
+        return cursors.card_cursor(self.node.position, self.node.key, self.within)
 
 
 @strawberry.type
