@@ -66,6 +66,14 @@ BROKER_LOG_LOST = Counter(
     "lowest sweep watermark.",
 )
 
+OMITTED_EVENTS_MISSING = Counter(
+    "agentworks_worker_omitted_events_missing_total",
+    "Events a worker was delivered without their payload (too large for a message) and could "
+    "not read from the store, which does not hold them (topics that outlived a database restored "
+    "to an earlier point): their aggregates are parked.",
+    ["projector"],
+)
+
 SPEND_COUNTER_FAILURES = Counter(
     "agentworks_spend_counter_failures_total",
     "Times the Redis spend counter could not be reached: ``feed`` (the billing projector kept "

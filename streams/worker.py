@@ -21,8 +21,9 @@ import structlog
 
 from adapters.eventlog import MAX_BATCH_BYTES, byte_bounded
 from adapters.kafka import faust_settings
+from adapters.metrics import OMITTED_EVENTS_MISSING
 from adapters.outages import is_outage
-from domain.envelope import OMITTED, TOPIC_BY_AGGREGATE, EventEnvelope
+from domain.envelope import OMITTED, TOPIC_BY_AGGREGATE, UNDECODABLE, EventEnvelope
 from projections.base import unread_by
 from projections.sweep import ProjectionSweep
 from streams.relay import envelope_of_headers
@@ -114,9 +115,16 @@ def delivered_parts(values: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
     return byte_bounded(values, size, MAX_BATCH_BYTES)
 
 
-def read_omitted(envelopes: list[EventEnvelope], event_log: EventLog) -> list[EventEnvelope]:
+def read_omitted(
+    envelopes: list[EventEnvelope], event_log: EventLog, *, projector: str
+) -> list[EventEnvelope]:
     """``envelopes`` with those the relay published without their payload (too large for a
-    message, see :data:`~domain.envelope.OMITTED`) read whole from the store."""
+    message, see :data:`~domain.envelope.OMITTED`) read whole from the store.
+
+    One the store does not hold (its topics outlived a database restored to an earlier point)
+    is marked :data:`~domain.envelope.UNDECODABLE`, saying so: as it came, with an empty
+    payload, the projector took it for an event it could apply (or failed on it as such, with
+    an error that named a missing field); marked, its aggregate is parked with the reason."""
     omitted = [env for env in envelopes if OMITTED in env.metadata]
     if not omitted:
         return envelopes
@@ -126,7 +134,33 @@ def read_omitted(envelopes: list[EventEnvelope], event_log: EventLog) -> list[Ev
             [(e.originator_id, e.originator_version - 1, e.originator_version + 1) for e in omitted]
         )
     }
-    return [stored.get((env.originator_id, env.originator_version), env) for env in envelopes]
+    whole = []
+    for env in envelopes:
+        if OMITTED in env.metadata:
+            found = stored.get((env.originator_id, env.originator_version))
+            env = _not_stored(env, projector) if found is None else found
+        whole.append(env)
+    return whole
+
+
+def _not_stored(envelope: EventEnvelope, projector: str) -> EventEnvelope:
+    """An envelope published without its payload, of an event the store does not hold."""
+    OMITTED_EVENTS_MISSING.labels(projector=projector).inc()
+    log.error(
+        "worker.omitted_event_missing",
+        projector=projector,
+        position=envelope.position,
+        originator_id=str(envelope.originator_id),
+        originator_version=envelope.originator_version,
+        type=envelope.type,
+        omitted=envelope.metadata[OMITTED],
+    )
+    reason = (
+        f"published without its payload ({envelope.metadata[OMITTED]}) and not in the store:"
+        f" no version {envelope.originator_version} of aggregate {envelope.originator_id}"
+        " (its topics outlived the database?)"
+    )
+    return envelope.model_copy(update={"metadata": {**envelope.metadata, UNDECODABLE: reason}})
 
 
 MOST_DEFERRED_TICKS = 6
@@ -255,7 +289,7 @@ def build_worker_app(
     app.holding = holding
 
     def process(envelopes: list[EventEnvelope]) -> BatchOutcome:
-        return runner.process(read_omitted(envelopes, runner.log))
+        return runner.process(read_omitted(envelopes, runner.log, projector=runner.name))
 
     unread = unread_by([runner.projector])
 

@@ -20,8 +20,12 @@ import pytest
 from board_helpers import whole_log
 from fanout_helpers import KafkaFanout, Workload, connect, projector_side, wait_until
 from kafka_helpers import relay_to_the_head
+from prometheus_client import REGISTRY
+from read_side_helpers import ReadSide, create_card
+from structlog.testing import capture_logs
 
 from commands import models as m
+from projections.kanban import KanbanProjector
 from projections.registry import all_projectors
 from projections.runner import ProjectionRunner
 from streams.relay import Relay, RelayPositions
@@ -120,5 +124,52 @@ def test_an_omitted_payload_is_read_from_the_store(database_url: str, app: Agent
         assert [env.type for env in omitted] == ["AgentRun.LogChunkAppended"]
         for projector in all_projectors():
             runner = ProjectionRunner(projector, pool, log)
-            runner.process(read_omitted(sent, log))
+            runner.process(read_omitted(sent, log, projector=runner.name))
     assert log_lines(database_url, run_id) == LINES
+
+
+def test_an_omitted_payload_the_store_no_longer_has_parks_its_aggregate(side: ReadSide) -> None:
+    """A message published without its payload whose event the store does not hold (its topics
+    outlived a database restored to an earlier point) reached the projector as it came: an
+    event with an empty payload, unmarked, which the projector applied or failed on as if it
+    were one. Now it is marked undecodable, saying why: the projector parks its aggregate, and
+    the worker logs it and counts it."""
+    from domain.envelope import OMITTED
+    from streams.worker import read_omitted
+
+    world = side.new_world()
+    card = create_card(side, world, title="kept")
+    runner = side.runner(KanbanProjector())
+    runner.process(side.envelopes())
+    created = [env for env in side.envelopes() if env.originator_id == card][-1]
+    gone = created.model_copy(
+        update={
+            "position": created.position + 1_000,
+            "originator_version": created.originator_version + 1,
+            "type": "Card.Edited",
+            "payload": {},
+            "metadata": {**created.metadata, OMITTED: "2000000 bytes"},
+        }
+    )
+    missing = REGISTRY.get_sample_value(
+        "agentworks_worker_omitted_events_missing_total", {"projector": "kanban"}
+    )
+
+    with capture_logs() as logs:
+        outcome = runner.process(read_omitted([gone], side.log, projector="kanban"))
+
+    assert (outcome.applied, [p.originator_id for p in outcome.parked]) == (0, [card])
+    (parked,) = outcome.parked
+    assert parked.originator_version == gone.originator_version
+    assert "not in the store" in parked.error
+    assert side.row("SELECT title FROM rm_cards WHERE card_id = %s", (card,))["title"] == "kept"
+    assert (
+        REGISTRY.get_sample_value(
+            "agentworks_worker_omitted_events_missing_total", {"projector": "kanban"}
+        )
+        == (missing or 0) + 1
+    )
+    (logged,) = [entry for entry in logs if entry["event"] == "worker.omitted_event_missing"]
+    assert (logged["log_level"], logged["position"], logged["projector"]) == (
+        "error", gone.position, "kanban",
+    )  # fmt: skip

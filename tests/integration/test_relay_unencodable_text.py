@@ -86,7 +86,8 @@ def test_the_relay_publishes_past_text_without_a_utf8_form(
         assert OMITTED in marked.metadata
         assert marked.workspace_id == scene.a.workspace_id
         # What the worker makes of it: the event read from the store, its text kept as U+FFFD.
-        ProjectionRunner(KanbanProjector(), pool, log).process(read_omitted(delivered, log))
+        runner = ProjectionRunner(KanbanProjector(), pool, log)
+        runner.process(read_omitted(delivered, log, projector=runner.name))
     assert card(database_url, scene.b1) == (["fine"], None)
     assert card(database_url, scene.a1) == ([], "half \ufffd a pair")
     assert parked(database_url) == []
