@@ -33,6 +33,7 @@ from read_api.query import Query
 from read_api.scalars import SCALARS
 from read_api.services import QueryLimits
 from read_api.subscription import Subscription
+from read_api.transport_ws import OperationStarts
 
 
 class AgentWorksSchema(strawberry.Schema):
@@ -92,6 +93,9 @@ def build_schema(limits: QueryLimits | None = None) -> strawberry.Schema:
         lambda: DocumentCache(maxsize=512),
         # Refuses documents that expand past the bounds before validation walks them.
         lambda: BoundedValidation(maxsize=512, max_selections=limits.max_expanded_selections),
+        # Last: its on_execute runs once every check above has passed (a WebSocket's refusals
+        # before that are answered with the protocol's error message, read_api.transport_ws).
+        OperationStarts,
     ]
     return AgentWorksSchema(
         query=Query,

@@ -15,12 +15,28 @@ without a string ``id``; a ``subscribe`` whose payload is not an object with a s
 an object of ``variables`` and a string ``operationName``) closes the connection with 4400, as
 the protocol asks, before strawberry reads it: strawberry would fail on it with an exception
 (the connection dropped without a close code, a traceback logged) or an ``INTERNAL`` error.
+
+A ``subscribe`` refused before its operation starts is answered with the protocol's ``error``
+message (its errors shaped as any others, ``extensions.code`` ``VALIDATION`` and the like), and
+nothing follows it: the id is free again. Strawberry does so for a document that does not parse
+or validate, and for a refusal by the subscription's own resolver (the object is not found),
+but a refusal raised by an ``on_execute`` check of the schema (:mod:`read_api.input_checks`:
+several operations and no ``operationName``, text PostgreSQL cannot store; the cost estimate of
+:mod:`read_api.limits`) came as ``next`` with the errors, then ``complete``, as if the
+subscription had run. :class:`OperationStarts`, the schema's last extension, marks the
+operation as started once every such check has passed; a first result that comes before it is
+the refusal, sent as ``error``. Errors once the operation runs (an event's field failing, the
+subscription ending because access was withdrawn) still come as ``next`` with errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
+from strawberry.extensions import SchemaExtension
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
@@ -28,11 +44,58 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
     Message,
     SubscribeMessage,
 )
+from strawberry.types.execution import ExecutionResult, PreExecutionError
 
 from domain.errors import RateLimited
 from read_api.context import RequestContext
 from read_api.errors import error_extensions
 from read_api.ratelimit import limits_for
+
+if TYPE_CHECKING:
+    from strawberry.schema.schema import StreamResult
+    from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import Operation
+
+
+class _Progress:
+    """Whether the WebSocket operation being run has got past every check before execution."""
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started = False
+
+
+_progress: ContextVar[_Progress | None] = ContextVar("ws_operation_progress", default=None)
+"""The operation whose results this task is sending (each operation runs in a task of its own)."""
+
+
+class OperationStarts(SchemaExtension):
+    """Marks the WebSocket operation being run as started: listed last among the schema's
+    extensions, its ``on_execute`` runs once every other one's has passed, just before
+    graphql-core subscribes. Does nothing over HTTP."""
+
+    def on_execute(self) -> Iterator[None]:
+        progress = _progress.get()
+        if progress is not None:
+            progress.started = True
+        yield
+
+
+async def _refused_before_start(results: StreamResult, progress: _Progress) -> StreamResult:
+    """``results``, the first as a :class:`PreExecutionError` when it came before the operation
+    started: strawberry answers a check raising in ``on_execute`` with a plain result."""
+    first = True
+    async for result in results:
+        if (
+            first
+            and not progress.started
+            and isinstance(result, ExecutionResult)
+            and not isinstance(result, PreExecutionError)
+            and result.errors
+        ):
+            result = PreExecutionError(data=None, errors=result.errors)
+        first = False
+        yield result
 
 
 def malformed(message: object) -> str | None:
@@ -65,6 +128,24 @@ class LimitedTransportWSHandler(BaseGraphQLTransportWSHandler[RequestContext, No
         finally:
             if disconnect is not None:
                 disconnect()
+
+    async def _send_result_stream(
+        self, operation: Operation[RequestContext, None], result_source: StreamResult
+    ) -> None:
+        # Strawberry's hook between the operation's stream and its messages: a first result
+        # that is a PreExecutionError becomes the ``error`` message (and frees the id). The
+        # stream runs no extension until it is iterated, here, in the operation's own task, so
+        # the context variable names this operation alone.
+        progress = _Progress()
+        token = _progress.set(progress)
+        try:
+            results = _refused_before_start(result_source, progress)
+            try:
+                await super()._send_result_stream(operation, results)
+            finally:
+                await results.aclose()
+        finally:
+            _progress.reset(token)
 
     async def handle_message(self, message: Message) -> None:
         problem = malformed(message)
