@@ -17,7 +17,7 @@ aggregates once more before recording, for callers that are not GraphQL.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterator
 
 from graphql import (
     ArgumentNode,
@@ -41,23 +41,38 @@ MAX_VARIABLE_NESTING = 32
 schema nests a few levels; JSON a thousand levels deep is read by the parser yet overflows the
 stack of every recursive walk after it (the text check, the cache key, the error log)."""
 
+MAX_VARIABLE_VALUES = 1_000
+"""How many values (objects, arrays and scalars together) a request's ``variables`` may hold:
+the largest input of the schema holds a few hundred (a project's 50 lanes, a card's 50 labels).
+A body within its size limit holds hundreds of thousands, and every step after the parser (the
+walks of the checks here, coercion, the command's model) goes through each of them on the event
+loop, where every other request waits."""
 
-def nests_deeper(value: object, most: int) -> bool:
-    """Whether ``value`` (decoded JSON) nests objects and arrays more than ``most`` levels
-    deep; walked without recursion, so any depth is measured."""
+
+def shape_problem(value: object, *, depth: int, values: int) -> str | None:
+    """What makes ``value`` (decoded JSON) too large to take further: objects and arrays nested
+    more than ``depth`` levels, or more than ``values`` values in all (``None``: neither).
+
+    Walked without recursion, so any depth is measured, and each object or array is counted
+    whole before any of its items is looked at, so the walk stops within ``values`` items
+    whatever ``value`` holds."""
     pending: list[tuple[object, int]] = [(value, 0)]
+    seen = 0
     while pending:
         item, level = pending.pop()
         if isinstance(item, dict):
-            children: Iterable[object] = item.values()
+            children: Collection[object] = item.values()
         elif isinstance(item, list):
             children = item
         else:
             continue
-        if level >= most:
-            return True
+        if level >= depth:
+            return f"nest deeper than {depth} levels"
+        seen += len(children)
+        if seen > values:
+            return f"hold more than {values} values"
         pending.extend((child, level + 1) for child in children)
-    return False
+    return None
 
 
 def closing(headers: dict[str, str], request: Request, *, read: bool) -> dict[str, str] | None:

@@ -21,6 +21,7 @@ from websockets.sync.client import connect as ws_connect
 from adapters.tokens import issue_token
 from commands import models as m
 from commands.handlers import Actor
+from read_api.input_checks import MAX_VARIABLE_VALUES
 from read_api.services import QueryLimits, RateLimits
 
 QUERY = "query($id: ID!) { workspace(id: $id) { id name } }"
@@ -160,6 +161,44 @@ def test_variables_nested_deeper_than_any_input_are_400_and_the_server_goes_on(
             assert "nest deeper" in response.json()["errors"][0]["message"]
         _no_trace(response)
     assert alice.data("query($id: ID!) { workspace(id: $id) { id } }", {"id": ws})
+
+
+_MANY = 300_000
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"i": {"labels": [1] * _MANY}},
+        {"i": {"labels": [{}] * _MANY}},
+        {"i": {"labels": ["x"] * (_MANY * 3 // 4)}},
+        {"i": {f"f{n}": 0 for n in range(_MANY // 4)}},
+        {f"v{n}": 0 for n in range(_MANY // 4)},
+    ],
+    ids=["ints", "objects", "strings", "fields", "variables"],
+)
+def test_variables_holding_more_values_than_any_input_are_400_before_any_walk(
+    stack: Stack, variables: dict[str, Any]
+) -> None:
+    """Within the body limit, a list of a few hundred thousand items: every check walking the
+    variables (their nesting, their text), then coercion and the command's model went through
+    each item on the event loop, over a second of every tenant's requests per request."""
+    alice, ws = stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(pid, "c")["card"]["id"]
+    if "i" in variables:
+        variables = {"i": {"cardId": card, **variables["i"]}}
+    update = "mutation($i: UpdateCardInput!) { updateCard(input: $i) { card { version } } }"
+    body = json.dumps({"query": update, "variables": variables}, separators=(",", ":"))
+    assert len(body) < 1_000_000  # within the body limit: the size alone refuses nothing
+    response = alice.raw(body.encode())
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["errors"][0]
+    assert error["extensions"]["code"] == "VALIDATION"
+    assert f"more than {MAX_VARIABLE_VALUES} values" in error["message"]
+    _no_trace(response)
+    labels = {"i": {"cardId": card, "labels": [f"l{n}" for n in range(50)]}}
+    assert alice.data(update, labels)["updateCard"]["card"]["version"] > 1
 
 
 def test_documents_beyond_the_limits_are_refused_before_running(make_stack: MakeStack) -> None:
