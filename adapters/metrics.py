@@ -147,6 +147,16 @@ AGENT_RUN_SECONDS = Histogram(
     buckets=(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
 )
 
+GRAPHQL_SECONDS = Histogram(
+    "agentworks_graphql_seconds",
+    "Time to run a GraphQL query or mutation the API executed (parse, validation, execution; "
+    "not answers from the response cache), by operation type, root field (the first one the "
+    "operation selects, ``unknown`` for a name the schema lacks) and outcome (``ok`` or the "
+    "first error's code).",
+    ["operation", "field", "outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+
 
 @contextmanager
 def observe_command(command_type: str, traceparent: str) -> Iterator[str]:

@@ -29,6 +29,7 @@ from read_api.limits import (
     SubscriptionsOnlyOverWebSocket,
 )
 from read_api.mutation import Mutation
+from read_api.operation_metrics import OperationMetrics
 from read_api.query import Query
 from read_api.scalars import SCALARS
 from read_api.services import QueryLimits
@@ -83,6 +84,7 @@ def build_schema(limits: QueryLimits | None = None) -> strawberry.Schema:
         *MaxAliasesLimiter(max_alias_count=limits.max_aliases).validation_rules,
     ]
     extensions: list[type[SchemaExtension] | Callable[[], SchemaExtension]] = [
+        OperationMetrics,
         ErrorShaping,
         SubscriptionsOnlyOverWebSocket,
         ExplicitOperation,

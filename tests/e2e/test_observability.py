@@ -266,3 +266,33 @@ def test_metrics_behind_a_token_refuse_a_scrape_without_it(make_stack: MakeStack
     assert allowed.status_code == 200
     assert "agentworks_http_responses_total" in allowed.text
     assert httpx.get(f"{stack.url}/healthz", timeout=10).status_code == 200
+
+
+def test_graphql_operations_are_timed_by_type_root_field_and_outcome(stack: Stack) -> None:
+    """Which root field is slow or failing, without a series per name a client makes up."""
+    before = scrape(stack.url)
+    alice, ws = stack.owner_with_workspace("gus", "Timed")
+    pid = alice.create_project(ws, "T", [{"name": "Todo"}])["project"]["id"]
+    alice.create_card(pid, "timed")
+    board = alice.post("query B($id: ID!) { board(projectId: $id) { lanes { name } } }",
+                       {"id": pid})  # fmt: skip
+    assert not board.errors, board.errors
+    bad_id = alice.post('{ card(id: "not-an-id") { id } }')
+    unknown = alice.post("{ madeUpRootField123 { id } }")
+    assert unknown.errors
+    alice.post("{ __typename }")
+    after = scrape(stack.url)
+
+    def timed(operation: str, field: str, outcome: str) -> float:
+        labels = {"operation": operation, "field": field, "outcome": outcome}
+        name = "agentworks_graphql_seconds_count"
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert timed("mutation", "createCard", "ok") == 1
+    assert timed("mutation", "createProject", "ok") == 1
+    assert timed("query", "board", "ok") == 1
+    assert bad_id.errors[0]["extensions"]["code"] == "VALIDATION"
+    assert timed("query", "card", "VALIDATION") == 1
+    assert timed("query", "unknown", "VALIDATION") == 1
+    assert timed("query", "introspection", "ok") == 1
+    assert not any("madeUpRootField123" in str(labels) for _, labels in after)
