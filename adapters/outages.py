@@ -19,6 +19,7 @@ import psycopg
 import structlog
 from eventsourcing.persistence import InterfaceError, OperationalError, PersistenceError
 from prometheus_client import Gauge
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from domain.errors import Unavailable
 
@@ -77,11 +78,13 @@ class Outages:
 class RetryGate:
     """Whether a call should try a dependency now, for callers that can go on without it.
 
-    While the dependency answers, every call tries. Once a call failed, calls go without it
-    for ``first`` seconds, then one call tries again (the others still go without), the wait
-    doubling up to ``longest`` while it keeps failing. A dependency that does not answer at
-    all (hung, or its network partitioned) costs each call that tries a socket timeout: without
-    this every request waited that long, not one now and then.
+    While the dependency answers, or fails at once (a refused connection), every call tries.
+    Once a call timed out, calls go without it for ``first`` seconds, then one call tries
+    again (the others still go without), the wait doubling up to ``longest`` while it keeps
+    timing out. A dependency that does not answer at all (hung, or its network partitioned)
+    costs each call that tries a socket timeout: without this every request waited that long,
+    not one now and then. A failure that cost no wait leaves every call trying, so the first
+    call after the dependency is back finds it.
     """
 
     def __init__(self, *, first: float = 0.5, longest: float = 15.0) -> None:
@@ -103,7 +106,9 @@ class RetryGate:
             self._next_try = now + self._wait
             return True
 
-    def failed(self) -> None:
+    def failed(self, error: BaseException) -> None:
+        if not isinstance(error, TimeoutError | RedisTimeoutError):
+            return
         with self._lock:
             self._next_try = time.monotonic() + self._wait
             self._wait = min(self._wait * 2, self._longest)

@@ -165,7 +165,7 @@ class RedisRateLimiter:
                 raise _refuse(limit, remaining)
 
     def _unreached(self, error: BaseException) -> None:
-        self._gate.failed()
+        self._gate.failed(error)
         OUTAGES.down(REDIS, error)
 
     def _reached(self) -> None:

@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import socket
 import threading
+from typing import TYPE_CHECKING
 
 import pytest
 from outage_helpers import start_api_stack
+
+from adapters.outages import OUTAGES, REDIS
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +51,19 @@ class SilentServer:
             conn.close()
 
 
-def test_requests_while_redis_is_silent_do_not_each_wait_for_it(database_url: str) -> None:
-    silent = SilentServer()
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    server = SilentServer()
+    try:
+        yield server
+    finally:
+        server.close()
+        OUTAGES.up(REDIS)  # the process's outage state: later tests start with Redis up
+
+
+def test_requests_while_redis_is_silent_do_not_each_wait_for_it(
+    database_url: str, silent: SilentServer
+) -> None:
     stack = start_api_stack(database_url, redis_url=silent.url, fanout=False)
     try:
         token, (project_id,) = stack.boards(1)  # the first requests find Redis silent
@@ -55,7 +72,6 @@ def test_requests_while_redis_is_silent_do_not_each_wait_for_it(database_url: st
         asked = silent.connections - asked_before
     finally:
         stack.close()
-        silent.close()
 
     assert [answer.status_code for answer in answers] == [200] * 10
     # Each request that asked waited for a timeout (and dropped its connection); while Redis
