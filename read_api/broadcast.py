@@ -30,7 +30,7 @@ import redis.asyncio
 import structlog
 from redis.exceptions import RedisError
 
-from adapters.outages import OUTAGES, REDIS
+from adapters.outages import OUTAGES, REDIS, RetryGate
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -172,20 +172,26 @@ def encode_payload(payload: Mapping[str, Any]) -> str:
 
 @dataclass(eq=False)
 class RedisChangePublisher:
-    """Publishes projector changes to Redis from a synchronous thread (workers, fan-out)."""
+    """Publishes projector changes to Redis from a synchronous thread (workers, fan-out).
+
+    It runs on the projector's thread after each commit, so a Redis that does not answer
+    holds the next batch up for the client's socket timeout: once publishing failed, commits
+    publish nothing until one tries again (``gate``), a second or so later."""
 
     client: redis.Redis
     _: KW_ONLY
     channel_prefix: str = DEFAULT_CHANNEL_PREFIX
+    gate: RetryGate = field(default_factory=lambda: RetryGate(first=0.25, longest=1.0))
 
     @classmethod
     def from_url(
         cls, url: str, *, channel_prefix: str = DEFAULT_CHANNEL_PREFIX
     ) -> RedisChangePublisher:
-        return cls(redis.Redis.from_url(url), channel_prefix=channel_prefix)
+        client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        return cls(client, channel_prefix=channel_prefix)
 
     def publish_changes(self, changes: Sequence[Change]) -> None:
-        if not changes:
+        if not changes or not self.gate.may_try():
             return
         try:
             pipe = self.client.pipeline(transaction=False)
@@ -195,9 +201,11 @@ class RedisChangePublisher:
         except RedisError as error:
             # Subscribers re-read the read model after a quiet spell; a lost hint costs latency,
             # while raising would make the runner re-apply a batch it already committed.
+            self.gate.failed(error)
             OUTAGES.down(REDIS, error)
             log.debug("broadcast.publish_failed", error=str(error), changes=len(changes))
             return
+        self.gate.succeeded()
         OUTAGES.up(REDIS)
 
     def close(self) -> None:

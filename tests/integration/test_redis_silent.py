@@ -17,6 +17,8 @@ import pytest
 from outage_helpers import start_api_stack
 
 from adapters.outages import OUTAGES, REDIS
+from projections.base import Change
+from read_api.broadcast import RedisChangePublisher
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -77,3 +79,18 @@ def test_requests_while_redis_is_silent_do_not_each_wait_for_it(
     # Each request that asked waited for a timeout (and dropped its connection); while Redis
     # is known away only a request now and then asks it again.
     assert asked <= 2, f"{asked} of 10 requests waited on a silent Redis"
+
+
+def test_a_projector_does_not_wait_on_a_silent_redis_at_every_commit(
+    silent: SilentServer,
+) -> None:
+    """A projector publishes its changes after each commit, on its own thread: each wait for a
+    silent Redis held back the next batch of every tenant's read model."""
+    publisher = RedisChangePublisher.from_url(silent.url)
+    try:
+        for n in range(5):
+            publisher.publish_changes([Change(channel="board:p", payload={"n": n})])
+    finally:
+        publisher.close()
+
+    assert silent.connections <= 1, f"{silent.connections} of 5 commits waited on a silent Redis"
