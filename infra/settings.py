@@ -93,7 +93,8 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(default=6, ge=1)
     sweep_interval: float = Field(default=10.0, ge=0)
     """Seconds between a worker's sweeps for events its deliveries never brought (a lost tail);
-    a sweep looks only at what the relay had published one interval earlier. 0: no sweeps."""
+    a sweep looks only at what the relay had published one interval earlier. 0: no sweeps; the
+    worker still checks its position without applying anything (``SweepSchedule.check``)."""
     worker_fetch_wait_ms: int = Field(default=100, ge=0, le=60_000)
     """Longest time a worker's fetch waits for records (faust's own is 1500 ms); bounds the
     delay an event sees on a broker that holds a fetch for its whole wait."""

@@ -62,13 +62,24 @@ class ProjectionSweep:
             ).fetchone()
         return int(row["swept_through"]) if row else 0
 
-    def sweep(self, through: int, *, progress: Callable[[int], None] | None = None) -> SweepOutcome:
+    def sweep(
+        self,
+        through: int,
+        *,
+        heal: bool = True,
+        progress: Callable[[int], None] | None = None,
+    ) -> SweepOutcome:
         """Apply every followed event up to ``through`` that is not applied yet; advance the
         watermark page by page (a failure keeps what was swept so far). ``progress`` hears the
         watermark after each page.
 
         Never past the log's readable head: a position beyond it may still be written, and the
-        watermark must not pass an event it has not seen."""
+        watermark must not pass an event it has not seen.
+
+        ``heal=False`` applies nothing: the watermark (and the position with it) goes up to the
+        first event not applied (nor held behind a parked aggregate), and stops there. What a
+        worker with sweeps off does: it knows how far it has applied everything, which its
+        deliveries alone cannot tell, since they bring its own topics only."""
         through = min(through, self.runner.log.head())
         swept = self.watermark()
         healed = 0
@@ -77,6 +88,18 @@ class ProjectionSweep:
             events, read_up_to = self.runner.log.versions(
                 after=swept, through=through, limit=self.page, aggregates=aggregates
             )
+            if not heal:
+                unapplied = self._first_unapplied(events)
+                if unapplied is not None:
+                    if unapplied - 1 > swept:
+                        self._advance(unapplied - 1)
+                        swept = unapplied - 1
+                    break
+                if read_up_to <= swept:
+                    break
+                self._advance(read_up_to)
+                swept = read_up_to
+                continue
             behind = self._behind(events)
             from_store = 0
             while behind:
@@ -123,18 +146,40 @@ class ProjectionSweep:
         for _, originator_id, version in events:
             newest[originator_id] = max(version, newest.get(originator_id, 0))
             oldest[originator_id] = min(version, oldest.get(originator_id, version))
-        with self.runner.pool.connection() as conn:
-            rows = conn.execute(
-                "SELECT originator_id, version FROM projection_versions "
-                "WHERE projector = %s AND originator_id = ANY(%s::uuid[])",
-                (self.runner.tracking_name, list(newest)),
-            ).fetchall()
-        tracked = {row["originator_id"]: int(row["version"]) for row in rows}
+        tracked = self._tracked(list(newest))
         return [
             (originator_id, max(done, oldest[originator_id] - 1), version + 1)
             for originator_id, version in newest.items()
             if (done := tracked.get(originator_id, 0)) < version
         ]
+
+    def _first_unapplied(self, events: list[tuple[int, UUID, int]]) -> int | None:
+        """The position of the first of ``events`` this projector has not applied, leaving out
+        those held behind a parked aggregate (they wait for a retry, not for a delivery)."""
+        tracked = self._tracked(list({originator_id for _, originator_id, _ in events}))
+        lagging = [(p, oid) for p, oid, version in events if version > tracked.get(oid, 0)]
+        if not lagging:
+            return None
+        with self.runner.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT originator_id FROM projection_parked "
+                "WHERE projector = %s AND originator_id = ANY(%s::uuid[])",
+                (self.runner.tracking_name, list({oid for _, oid in lagging})),
+            ).fetchall()
+        parked = {row["originator_id"] for row in rows}
+        return min((p for p, oid in lagging if oid not in parked), default=None)
+
+    def _tracked(self, originator_ids: list[UUID]) -> dict[UUID, int]:
+        """The version this projector has applied of each of ``originator_ids`` it has one of."""
+        if not originator_ids:
+            return {}
+        with self.runner.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT originator_id, version FROM projection_versions "
+                "WHERE projector = %s AND originator_id = ANY(%s::uuid[])",
+                (self.runner.tracking_name, originator_ids),
+            ).fetchall()
+        return {row["originator_id"]: int(row["version"]) for row in rows}
 
     def _advance(self, position: int, healed: int = 0) -> None:
         """The watermark to ``position``, and the projector's position with it: everything up

@@ -166,6 +166,10 @@ def _not_stored(envelope: EventEnvelope, projector: str) -> EventEnvelope:
 MOST_DEFERRED_TICKS = 6
 """Ticks in a row a busy worker may put its sweep off (a minute, at the default interval)."""
 
+CHECK_INTERVAL = 5.0
+"""Seconds between a worker's checks of its position when its sweeps are off (see
+:meth:`SweepSchedule.check`)."""
+
 
 class SweepSchedule:
     """Sweeps up to what the relay had published at the previous tick: by then a delivery
@@ -205,6 +209,18 @@ class SweepSchedule:
             return 0
         self.deferred = 0
         return self.sweep.sweep(through).healed
+
+    def check(self) -> int:
+        """What a worker does instead when its sweeps are off: the log checked up to what the
+        relay has published, nothing applied from the store; returns the watermark, and the
+        position with it, which go up to the first event not applied yet (a delivery on its way,
+        or lost: then it waits for ``agentworks sweep``, or the aggregate's next event).
+
+        A worker is delivered its own topics only: without this its position was the last event
+        of those, behind every event of others after it (the billing worker behind every card
+        move after the last charge), and lag, ``agentworks status`` and ``/readyz`` showed a
+        stall with everything applied."""
+        return self.sweep.sweep(self.published(), heal=False).swept_through
 
 
 def forget_read_offsets_of(consumer: object, partitions: Iterable[TP]) -> None:
@@ -347,13 +363,16 @@ def build_worker_app(
             forget_read_offsets_of(app.consumer, partitions)
             holding.assigned(partitions)
 
-    if sweep_interval <= 0:
-        return app
+    sweeps = sweep_interval > 0
+    tick = schedule.tick if sweeps else schedule.check
 
-    @app.timer(interval=sweep_interval, name=f"sweep-{runner.projector.name}")  # type: ignore[untyped-decorator]
+    @app.timer(  # type: ignore[untyped-decorator]
+        interval=sweep_interval if sweeps else CHECK_INTERVAL,
+        name=f"sweep-{runner.projector.name}",
+    )
     async def sweep() -> None:
         try:
-            await asyncio.to_thread(schedule.tick)
+            await asyncio.to_thread(tick)
         except Exception as error:
             if is_outage(error):
                 log.debug("worker.sweep_skipped", projector=runner.name, error=str(error))

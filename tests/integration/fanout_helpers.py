@@ -168,6 +168,10 @@ class Workload:
         self.commands += 2
         return run_id
 
+    def llm_call(self, tenant: Tenant) -> None:
+        """One provider call of one of the tenant's running runs (start one first), charged."""
+        self._llm_call(tenant)
+
     # -- the mix ---------------------------------------------------------------------------------
 
     def mixed(self, tenant: Tenant, steps: int) -> None:

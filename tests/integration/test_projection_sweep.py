@@ -158,14 +158,9 @@ def test_a_sweep_after_late_deliveries_takes_effect_once(side: ReadSide) -> None
     assert_rebuild_matches(side, KanbanProjector())
 
 
-def test_a_worker_whose_topics_the_log_ends_without_is_not_left_behind_the_head(
-    side: ReadSide,
-) -> None:
-    """Through Kafka a worker is delivered its own topics only: the billing worker never sees
-    the card events that follow the last charge, so its position stayed at that charge for as
-    long as no charge came, lagging the head in `/metrics` and `agentworks status`, and turning
-    `/readyz` not ready (behind the head without moving) while it had applied everything. The
-    sweep has checked the log up to its watermark, so the position goes there with it."""
+def _billing_delivered_all_its_topic(side: ReadSide) -> tuple[ProjectionRunner, int]:
+    """A charge, then card events; the billing runner delivered all of its topic (the charge's
+    events), and the relay's position recorded at the head. The runner, and the head."""
     world = side.new_world()
     run = running_run(side, world)
     llm_call(side, world, run, "call-1", cost=1_000)
@@ -174,11 +169,23 @@ def test_a_worker_whose_topics_the_log_ends_without_is_not_left_behind_the_head(
     everything = side.envelopes()
     runner = side.runner(BillingProjector())
     delivered = [env for env in everything if runner.projector.follows(env)]
-    runner.process(delivered)  # all its topic held
+    runner.process(delivered)
     head = everything[-1].position
     assert delivered[-1].position < head
     with psycopg.connect(side.database_url, autocommit=True) as conn:
         conn.execute("INSERT INTO relay_positions (relay, position) VALUES ('relay', %s)", (head,))
+    return runner, head
+
+
+def test_a_worker_whose_topics_the_log_ends_without_is_not_left_behind_the_head(
+    side: ReadSide,
+) -> None:
+    """Through Kafka a worker is delivered its own topics only: the billing worker never sees
+    the card events that follow the last charge, so its position stayed at that charge for as
+    long as no charge came, lagging the head in `/metrics` and `agentworks status`, and turning
+    `/readyz` not ready (behind the head without moving) while it had applied everything. The
+    sweep has checked the log up to its watermark, so the position goes there with it."""
+    runner, head = _billing_delivered_all_its_topic(side)
     schedule = SweepSchedule(runner)
 
     assert schedule.tick() == 0  # notes where the relay is
@@ -186,6 +193,52 @@ def test_a_worker_whose_topics_the_log_ends_without_is_not_left_behind_the_head(
 
     assert _watermark(side, "billing") == head
     assert runner.position() == head
+
+
+def test_a_check_without_healing_moves_the_position_up_to_the_first_event_not_applied(
+    side: ReadSide,
+) -> None:
+    """What a worker with sweeps off does (``AGENTWORKS_SWEEP_INTERVAL=0``): the log checked
+    against its tracking, nothing applied from the store. Its position and watermark go up to
+    the first event it was not delivered, and past it once that is applied."""
+    card, everything, runner = _card_whose_edit_was_lost(side, "before", "after")
+    lost = everything[-1]
+    create_card(side, side.new_world(), title="another workspace")  # not the kanban's to wait on
+    head = side.envelopes()[-1].position
+    runner.process([env for env in side.envelopes(after=lost.position)])
+    sweep = ProjectionSweep(runner)
+
+    outcome = sweep.sweep(through=head, heal=False)
+
+    assert (outcome.healed, outcome.swept_through) == (0, lost.position - 1)
+    assert _title(side, card) == "before"
+    assert _watermark(side, "kanban") == lost.position - 1
+    runner.process([lost])  # delivered after all
+    # A parked card's held events wait for a retry, not for a delivery: they count as done.
+    world = side.new_world(owner="bob")
+    parked = create_card(side, world, title="parked")
+    runner.process(side.envelopes(after=head))
+    park_next_version(side, world, parked, "Card.Labelled")
+    side.app.label_card(m.LabelCard(card_id=parked, label="held"), world.owner)
+    head = side.envelopes()[-1].position
+    assert runner.process(side.envelopes(after=head - 1)).held == 1
+
+    assert sweep.sweep(through=head, heal=False).swept_through == head
+    assert (_watermark(side, "kanban"), runner.position()) == (head, head)
+
+
+def test_a_worker_without_sweeps_moves_its_position_past_the_events_it_does_not_follow(
+    side: ReadSide,
+) -> None:
+    """Sweeps off, the billing worker's position stayed at the last charge it was delivered
+    while card events went on: lag in `/metrics` and `agentworks status`, and `/readyz` not
+    ready (behind the head without moving), with everything applied. Its schedule checks the
+    log up to what the relay published instead, and the position follows."""
+    runner, head = _billing_delivered_all_its_topic(side)
+
+    assert SweepSchedule(runner).check() == head
+
+    assert (runner.position(), _watermark(side, "billing")) == (head, head)
 
 
 class _StoreReads:
