@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from adapters.outages import OUTAGES, REDIS
+from adapters.outages import OUTAGES, REDIS, RetryGate
 from adapters.spend_counter import SETTLED, counter_key, holds_key
 from domain.budget_holds import Hold, HoldRequest
 from domain.errors import Unavailable
@@ -129,13 +129,16 @@ class RedisBudgetHolds:
     """Holds kept in Redis (see the module docstring). Amounts stay integers end to end: Lua
     numbers are doubles, exact for integers below 2**53 micro-USD (about 9 billion USD)."""
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
+    def __init__(self, client: redis.asyncio.Redis, *, gate: RetryGate | None = None) -> None:
         self._client = client
         self._hold = client.register_script(_HOLD)
         self._settle = client.register_script(_SETTLE)
+        self._gate = gate or RetryGate(first=0.25, longest=1.0)
+        """Once Redis timed out, calls hold in process without asking it until one tries it
+        again: each call that asks a Redis that does not answer waits a socket timeout."""
 
     async def hold(self, request: HoldRequest, *, ttl: float) -> Hold:
-        async with _reaching():
+        async with self._reaching():
             return await self._hold_in_redis(request, ttl=ttl)
 
     async def _hold_in_redis(self, request: HoldRequest, *, ttl: float) -> Hold:
@@ -166,14 +169,14 @@ class RedisBudgetHolds:
     async def settle(
         self, workspace_id: UUID, month: str, hold_id: UUID, *, billed: int, ttl: float
     ) -> None:
-        async with _reaching():
+        async with self._reaching():
             await self._settle(
                 keys=[holds_key(workspace_id, month)],
                 args=[str(hold_id), billed, await self._now_ms(), max(1, int(ttl * 1000))],
             )
 
     async def release(self, workspace_id: UUID, month: str, hold_id: UUID) -> None:
-        async with _reaching():
+        async with self._reaching():
             await self._client.hdel(
                 holds_key(workspace_id, month), str(hold_id), f"{SETTLED}{hold_id}"
             )
@@ -186,18 +189,21 @@ class RedisBudgetHolds:
         seconds, micros = await self._client.time()
         return int(seconds) * 1000 + int(micros) // 1000
 
-
-@asynccontextmanager
-async def _reaching() -> AsyncIterator[None]:
-    """A request to Redis: one that could not reach it is reported to outages (logged once
-    per outage, ``agentworks_dependency_up``) and raised as :class:`Unavailable`; one that did
-    says Redis is back."""
-    try:
-        yield
-    except (RedisError, OSError) as error:
-        OUTAGES.down(REDIS, error)
-        raise Unavailable(f"the budget holds' Redis cannot be reached: {error}") from error
-    OUTAGES.up(REDIS)
+    @asynccontextmanager
+    async def _reaching(self) -> AsyncIterator[None]:
+        """A request to Redis: one that could not reach it is reported to outages (logged once
+        per outage, ``agentworks_dependency_up``) and raised as :class:`Unavailable`, as is one
+        not sent while Redis is known not to answer; one that did says Redis is back."""
+        if not self._gate.may_try():
+            raise Unavailable("the budget holds' Redis does not answer")
+        try:
+            yield
+        except (RedisError, OSError) as error:
+            self._gate.failed(error)
+            OUTAGES.down(REDIS, error)
+            raise Unavailable(f"the budget holds' Redis cannot be reached: {error}") from error
+        self._gate.succeeded()
+        OUTAGES.up(REDIS)
 
 
 def _text(value: bytes | str | int) -> str:

@@ -110,7 +110,12 @@ def build_budget_holds(settings: Settings) -> BudgetHolds | None:
     together overshoot a month; without it each orchestrator holds for its own runs."""
     if settings.redis_url is None:
         return None
-    return RedisBudgetHolds(redis.asyncio.Redis.from_url(settings.redis_url))
+    # Short timeouts: each provider call asks for its hold before it starts.
+    return RedisBudgetHolds(
+        redis.asyncio.Redis.from_url(
+            settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+    )
 
 
 def build_spend_reader(

@@ -9,19 +9,25 @@ every request a wait for a Redis already known to be away.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from typing import TYPE_CHECKING
+from uuid import uuid4
 
 import pytest
+import redis.asyncio
 from outage_helpers import start_api_stack
 
+from adapters.budget_holds import RedisBudgetHolds
 from adapters.outages import OUTAGES, REDIS
+from domain.budget_holds import HoldRequest
+from domain.errors import Unavailable
 from projections.base import Change
 from read_api.broadcast import RedisChangePublisher
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 pytestmark = pytest.mark.slow
 
@@ -81,16 +87,42 @@ def test_requests_while_redis_is_silent_do_not_each_wait_for_it(
     assert asked <= 2, f"{asked} of 10 requests waited on a silent Redis"
 
 
-def test_a_projector_does_not_wait_on_a_silent_redis_at_every_commit(
-    silent: SilentServer,
-) -> None:
-    """A projector publishes its changes after each commit, on its own thread: each wait for a
-    silent Redis held back the next batch of every tenant's read model."""
-    publisher = RedisChangePublisher.from_url(silent.url)
+def _publish(url: str, times: int) -> None:
+    """Projector commits: each publishes its changes on the projector's thread."""
+    publisher = RedisChangePublisher.from_url(url)
     try:
-        for n in range(5):
+        for n in range(times):
             publisher.publish_changes([Change(channel="board:p", payload={"n": n})])
     finally:
         publisher.close()
 
-    assert silent.connections <= 1, f"{silent.connections} of 5 commits waited on a silent Redis"
+
+def _hold(url: str, times: int) -> None:
+    """An orchestrator's calls: each asks for a budget hold before it starts (and holds in
+    process when the shared store is unavailable)."""
+
+    async def calls() -> None:
+        holds = RedisBudgetHolds(redis.asyncio.Redis.from_url(url))
+        try:
+            for _ in range(times):
+                request = HoldRequest(
+                    workspace_id=uuid4(), month="2026-12", hold_id=uuid4(), want=10,
+                    floor=1, spent=0, limit=1_000, run_room=None,
+                )  # fmt: skip
+                with pytest.raises(Unavailable):
+                    await holds.hold(request, ttl=60)
+        finally:
+            await holds.aclose()
+
+    asyncio.run(calls())
+
+
+@pytest.mark.parametrize("calls", [_publish, _hold], ids=["projector commits", "budget holds"])
+def test_calls_that_go_on_without_redis_do_not_each_wait_on_a_silent_one(
+    silent: SilentServer, calls: Callable[[str, int], None]
+) -> None:
+    """A projector publishes after each commit (each wait held back the next batch of every
+    tenant's read model); an orchestrator asks for a hold before each provider call (each wait
+    held the call, and another on its settle)."""
+    calls(silent.url, 5)
+    assert silent.connections <= 1, f"{silent.connections} of 5 calls waited on a silent Redis"
