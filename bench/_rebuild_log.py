@@ -321,7 +321,8 @@ class LogGenerator:
             charge = rnd.choice(tenant.charges[-50:])
             amount = max(1, charge.net_micros // 4)
             if charge.net_micros >= amount:
-                at = self._charge_time()
+                # A correction follows its charge (``UsageCharge.correct`` refuses one before).
+                at = max(self._charge_time(), charge.modified_on)
                 meta = self._meta(tenant, tenant.users[0])
                 if rnd.random() < 0.5:
                     charge.correct(amount, "goodwill credit", refund=False, at=at, meta=meta)

@@ -483,7 +483,7 @@ class Identity:
             else:
                 refused = MfaRequired("the TOTP code is wrong", reason="wrong code")
         reason = str(refused.details.get("reason", "second factor"))
-        user.record_failed_login(reason, at=self._now(), meta=meta)
+        user.record_failed_login(reason, at=self._failed_at(user), meta=meta)
         return refused
 
     def _most_tokens(self) -> int:
@@ -495,7 +495,7 @@ class Identity:
     def _record_failure(self, user_id: UUID, reason: str, correlation_id: str) -> None:
         def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
             user = self._get(User, user_id)
-            user.record_failed_login(reason, at=self._now(), meta=meta)
+            user.record_failed_login(reason, at=self._failed_at(user), meta=meta)
             return [user], None
 
         self._retrying(str(user_id), correlation_id, decide)
@@ -525,6 +525,13 @@ class Identity:
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
+
+    def _failed_at(self, user: User) -> datetime:
+        """When a failed sign-in of ``user`` is recorded: now, or the account's latest event
+        when this clock reads earlier (another host's, ahead, wrote it; or this clock stepped
+        back). The failure happened after that event, so it is dated no earlier: moved
+        forward, by that skew, never back before what the account already holds."""
+        return max(self._now(), user.modified_on)
 
     def _meta(self, actor: str, correlation_id: str) -> EventMeta:
         return EventMeta.for_command(

@@ -12,11 +12,13 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from domain.base import TenantAggregate
+from eventsourcing.domain import Aggregate
+
+from domain.base import StampedEvent, TenantAggregate
 from domain.errors import BudgetExceeded, InvalidTransition, ValidationFailed
 from domain.meta import EventMeta
 from domain.money import format_usd, positive_micros
-from domain.months import month_of
+from domain.months import month_of, month_start, parse_month
 
 _CHARGES = uuid5(NAMESPACE_URL, "https://agentworks.dev/ns/usage-charge")
 _SPEND = uuid5(NAMESPACE_URL, "https://agentworks.dev/ns/monthly-spend")
@@ -31,6 +33,31 @@ def charge_id_for(run_id: UUID, call_id: str) -> UUID:
 
 def spend_id_for(workspace_id: UUID, month: str) -> UUID:
     return uuid5(_SPEND, f"{workspace_id}:{month}")
+
+
+def _already_happened(at: datetime, what: str) -> None:
+    """``at`` (a time a caller names: a call's start, a correction's) is no later than the
+    decision recording it: a record never precedes what it records."""
+    recorded = StampedEvent.create_timestamp()
+    if at > recorded:
+        raise ValidationFailed(
+            f"{what} is dated {at.isoformat()}, after it is recorded "
+            f"({recorded.isoformat()}): a time in the future"
+        )
+
+
+def _billed_month(at: datetime, billed_month: str | None, what: str) -> str:
+    """The month ``what`` dated ``at`` is billed in: ``at``'s own, or a later open one when
+    ``at``'s is closed (late usage); never an earlier one, whose statement ended before it."""
+    own = month_of(at)
+    if billed_month is None:
+        return own
+    if parse_month(billed_month) < own:
+        raise InvalidTransition(
+            f"{what} dated {at.isoformat()} cannot be billed in {billed_month}, "
+            f"before its own month {own}"
+        )
+    return billed_month
 
 
 class _Correction(TenantAggregate.Event):
@@ -52,6 +79,7 @@ class UsageCharge(TenantAggregate):
         run_id: UUID
         billed_micros: int
         credited_micros: int
+        month: str
 
     class Charged(TenantAggregate.Created):
         project_id: UUID
@@ -73,6 +101,7 @@ class UsageCharge(TenantAggregate):
             aggregate.run_id = self.run_id
             aggregate.billed_micros = self.billed_micros
             aggregate.credited_micros = 0
+            aggregate.month = self.month
 
     class Credited(_Correction):
         """A compensating credit: lowers what this charge bills, by an exact amount."""
@@ -101,7 +130,12 @@ class UsageCharge(TenantAggregate):
         meta: EventMeta,
         billed_month: str | None = None,
     ) -> UsageCharge:
-        """``billed_month``: the open month the charge is billed in when ``at``'s is closed."""
+        """``billed_month``: the open month the charge is billed in when ``at``'s is closed.
+        ``at``, the call's start, is past (VALIDATION otherwise), and ``billed_month`` is not
+        before its month."""
+        call = f"the call {call_id} of run {run_id}"
+        month = _billed_month(at, billed_month, call)
+        _already_happened(at, call)
         return cls._create(
             cls.Charged,
             id=charge_id_for(run_id, call_id),
@@ -118,7 +152,7 @@ class UsageCharge(TenantAggregate):
             markup=str(markup),
             billed_micros=billed_micros,
             price_table_version=price_table_version,
-            month=billed_month or month_of(at),
+            month=month,
             timestamp=at,
             meta=meta.as_dict(),
         )
@@ -138,8 +172,25 @@ class UsageCharge(TenantAggregate):
         billed_month: str | None = None,
     ) -> None:
         """Lower what this charge bills: a credit, or a ``refund`` once it was invoiced.
-        ``billed_month``: the open month the correction lands in when ``at``'s is closed."""
+        ``billed_month``: the open month the correction lands in when ``at``'s is closed.
+
+        A charge's events are in time order, as histories, exports and statements by month
+        read them: a correction is dated no earlier than the charge's latest event (its call,
+        or the correction before) nor later than now, and lands in no month before the one
+        the charge is billed in (refused otherwise; nothing is moved to make it fit)."""
         positive_micros(amount_micros, "a correction")
+        what = f"a correction of charge {self.id}"
+        month = _billed_month(at, billed_month, what)
+        if at < self.modified_on:
+            raise InvalidTransition(
+                f"{what} is dated {at.isoformat()}, before the charge's latest event "
+                f"({self.modified_on.isoformat()}); a correction follows what it corrects"
+            )
+        _already_happened(at, what)
+        if month < self.month:
+            raise InvalidTransition(
+                f"{what} cannot land in {month}: the charge is billed in {self.month}"
+            )
         if amount_micros > self.net_micros:
             raise InvalidTransition(
                 f"charge {self.id} has {format_usd(self.net_micros)} left to correct; "
@@ -152,7 +203,7 @@ class UsageCharge(TenantAggregate):
             meta,
             amount_micros=amount_micros,
             reason=reason.strip(),
-            month=billed_month or month_of(at),
+            month=month,
             timestamp=at,
         )
 
@@ -224,6 +275,7 @@ class MonthlySpend(TenantAggregate):
 
     @classmethod
     def open(cls, *, workspace_id: UUID, month: str, meta: EventMeta) -> MonthlySpend:
+        _month_has_begun(month, "opening")
         return cls._create(
             cls.Opened,
             id=spend_id_for(workspace_id, month),
@@ -231,6 +283,12 @@ class MonthlySpend(TenantAggregate):
             month=month,
             meta=meta.as_dict(),
         )
+
+    def _record(
+        self, event_class: type[Aggregate.Event], meta: EventMeta, **payload: object
+    ) -> None:
+        _month_has_begun(self.month, event_class.__name__)
+        super()._record(event_class, meta, **payload)
 
     def add(self, charge_id: UUID, billed_micros: int, *, meta: EventMeta) -> None:
         self._record(self.Added, meta, charge_id=charge_id, billed_micros=billed_micros)
@@ -285,6 +343,18 @@ class MonthlySpend(TenantAggregate):
             self.workspace_id, self.month, self.spent_micros, limit_micros,
             wanted_micros=wanted_micros,
         )  # fmt: skip
+
+
+def _month_has_begun(month: str, what: str) -> None:
+    """A month's spend records nothing before the month begins (a charge or credit dated in a
+    month to come): its events would precede the month they add up. After its end it still
+    records late recordings of its usage, until it is closed."""
+    recorded = StampedEvent.create_timestamp()
+    if recorded < month_start(month):
+        raise ValidationFailed(
+            f"the spend of {month} cannot record {what} at {recorded.isoformat()}, "
+            "before the month begins"
+        )
 
 
 def check_month_room(

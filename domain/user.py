@@ -373,6 +373,14 @@ class User(IdentityAggregate):
         self._record(self.LoginSucceeded, meta, session_id=session_id, method=method)
 
     def record_failed_login(self, reason: str, *, at: datetime, meta: EventMeta) -> None:
+        """A sign-in refused at ``at``, which is no earlier than the account's latest event
+        (refused otherwise): the audit trail never shows a failure before the account existed
+        or before what it already holds, and the lockout counts failures in time order."""
+        if at < self.modified_on:
+            raise InvalidTransition(
+                f"a failed login of user {self.id} dated {at.isoformat()} is before the "
+                f"account's latest event ({self.modified_on.isoformat()})"
+            )
         self._record(self.LoginFailed, meta, reason=reason, timestamp=at)
 
     def second_factor_locked_until(self, now: datetime) -> datetime | None:

@@ -29,7 +29,8 @@ from adapters.billing_log import BILLING_TOPICS, BillingLog, billing_log_for
 from commands.billing import fold_month
 from domain.errors import InvalidTransition
 from domain.meta import EventMeta
-from domain.usage import MonthlySpend, UsageCharge, month_of
+from domain.months import month_of, next_month
+from domain.usage import MonthlySpend, UsageCharge
 
 if TYPE_CHECKING:
     from commands.handlers import AgentWorks
@@ -113,7 +114,8 @@ class _Writer:
     ) -> None:
         workspace_id, projects = self.workspaces[ws]
         month_index = MONTHS.index(month_of(at)) if month_of(at) in MONTHS else 0
-        billed_month = MONTHS[min(month_index + 1, 2)] if late else None
+        # Late usage is billed in a month after its own, never before (UsageCharge.charge).
+        billed_month = next_month(month_of(at)) if late else None
         charge = UsageCharge.charge(
             workspace_id=workspace_id, project_id=projects[project], card_id=uuid4(),
             run_id=uuid4(), call_id="c", provider="simulated", model=model, input_tokens=3,
@@ -132,8 +134,14 @@ class _Writer:
         if amount <= 0:
             return
         month = MONTHS[min(month_index + later, 2)]
-        at = datetime.fromisoformat(f"{month}-15T10:00:00+00:00")
-        charge.correct(amount, reason, refund=refund, at=at, meta=self.meta(charge.workspace_id))
+        # A correction follows its charge in time and lands in no month before the charge's
+        # (UsageCharge.correct refuses either).
+        at = max(datetime.fromisoformat(f"{month}-15T10:00:00+00:00"), charge.modified_on)
+        billed = charge.month if month_of(at) < charge.month else None
+        charge.correct(
+            amount, reason, refund=refund, at=at, meta=self.meta(charge.workspace_id),
+            billed_month=billed,
+        )  # fmt: skip
         self.store(charge)
 
     def credit(self, ws: int, month: str, amount: int, reason: str) -> None:

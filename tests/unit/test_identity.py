@@ -7,6 +7,7 @@ computed by the RFC 6238 algorithm, real Fernet sealing; only the clock is the t
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from uuid import UUID, uuid4
 
 import pytest
@@ -558,3 +559,45 @@ def test_a_session_hands_out_a_bounded_number_of_tokens(identity: Identity) -> N
     session = identity.app.repository.get(UUID(hex=first.split(".")[0]))
     assert isinstance(session, Session)
     assert session.revoked
+
+
+@pytest.mark.parametrize("totp", [False, True], ids=["password", "second factor"])
+def test_a_failed_login_is_never_dated_before_the_account_s_latest_event(
+    identity: Identity, clock: Clock, totp: bool
+) -> None:
+    """A clock behind the account's events (another host's, ahead, wrote them; or this one
+    stepped back) dated the failure before the account existed: the audit trail showed a
+    failed sign-in of an account not yet registered. It is dated at the latest event."""
+    if totp:
+        user_id, secret, _ = _enrolled(identity, clock)
+    else:
+        user_id = identity.signup(email="ada@example.com", password=PASSWORD, name="Ada")
+    clock.now -= 10 * 365 * 86_400  # a decade behind the events written so far
+    password, code = "wrong password!", None
+    if totp:
+        right = {rfc6238(secret, clock.now + d) for d in (-30, 0, 30)}
+        password, code = PASSWORD, next(c for c in ("000000", "000001") if c not in right)
+    with pytest.raises(Unauthenticated):  # MfaRequired is one
+        identity.login(email="ada@example.com", password=password, totp=code)
+    user = identity.app.repository.get(user_id)
+    times = [
+        identity.app.mapper.to_domain_event(stored).timestamp
+        for stored in identity.app.recorder.select_events(user_id)
+    ]
+    assert times == sorted(times)
+    last = identity.app.mapper.to_domain_event(identity.app.recorder.select_events(user_id)[-1])
+    assert isinstance(last, User.LoginFailed)
+    assert user.modified_on == times[-1]
+
+
+def test_the_user_refuses_a_failed_login_dated_before_its_latest_event() -> None:
+    user = User.register(
+        user_id=uuid4(), email="ada@example.com", name="Ada", password_hash="h",
+        meta=EventMeta.for_command(workspace_id="identity", actor="ada"),
+    )  # fmt: skip
+    with pytest.raises(InvalidTransition, match="before the account's latest event"):
+        user.record_failed_login(
+            "wrong password",
+            at=user.modified_on - timedelta(microseconds=1),
+            meta=EventMeta.for_command(workspace_id="identity", actor="ada"),
+        )

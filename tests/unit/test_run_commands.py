@@ -31,6 +31,11 @@ ROLES = list(Role)
 NOW = datetime.now(UTC)
 
 
+def _now() -> datetime:
+    """Now: a correction is dated after the charge it corrects (``charged`` charges it now)."""
+    return datetime.now(UTC)
+
+
 def queued(world: World) -> UUID:
     return world.run()
 
@@ -111,7 +116,7 @@ SPECS = [
         Role.OWNER,
         charged,
         lambda w, charge, a: w.app.credit_charge(
-            m.CreditCharge(charge_id=charge, amount="0.000001", reason="r", at=NOW), a
+            m.CreditCharge(charge_id=charge, amount="0.000001", reason="r", at=_now()), a
         ),
     ),
 ]
@@ -314,10 +319,10 @@ def test_calls_in_another_month_go_to_that_months_spend() -> None:
 def test_credit_cannot_exceed_what_the_charge_still_bills() -> None:
     world = World.build()
     charge_id = charged(world)  # 1_000 micros at markup 5 -> 5_000 billed
-    credit = m.CreditCharge(charge_id=charge_id, amount="0.003", reason="goodwill", at=NOW)
+    credit = m.CreditCharge(charge_id=charge_id, amount="0.003", reason="goodwill", at=_now())
     world.app.credit_charge(credit, world.owner)
     refund = m.CreditCharge(
-        charge_id=charge_id, amount="0.002001", reason="outage", refund=True, at=NOW
+        charge_id=charge_id, amount="0.002001", reason="outage", refund=True, at=_now()
     )
     error = world.refuses(InvalidTransition, world.app.credit_charge, refund)
     assert str(charge_id) in error.message

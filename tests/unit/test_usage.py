@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
 from aw_builders import collect, meta
 
-from domain.errors import BudgetExceeded, InvalidTransition, ValidationFailed
+from domain.errors import AgentWorksError, BudgetExceeded, InvalidTransition, ValidationFailed
 from domain.meta import EventMeta
 from domain.usage import MonthlySpend, UsageCharge, charge_id_for, month_of, spend_id_for
 
@@ -175,6 +177,76 @@ def test_correction_at_a_naive_time_is_refused() -> None:
     with pytest.raises(ValidationFailed, match="timezone-aware"):
         charge.correct(1, "x", refund=False, at=datetime(2025, 3, 1), meta=m(charge))
     assert charge.net_micros == 1_000
+
+
+def _correct(charge: UsageCharge, at: datetime, billed_month: str | None = None) -> None:
+    charge.correct(1, "x", refund=True, at=at, meta=m(charge), billed_month=billed_month)
+
+
+@pytest.mark.parametrize(
+    ("correction", "refusal"),
+    [
+        (lambda c: _correct(c, AT - timedelta(microseconds=1)), "before the charge's latest"),
+        (lambda c: _correct(c, AT, "2025-02"), "before its own month 2025-03"),
+        (lambda c: _correct(c, datetime.now(UTC) + timedelta(minutes=1)), "in the future"),
+        (lambda c: (_correct(c, AT + timedelta(days=1)), _correct(c, AT)), "latest event"),
+    ],
+    ids=["before the charge", "an earlier month", "future", "before the last correction"],
+)
+def test_a_correction_out_of_time_order_is_refused(
+    correction: Callable[[UsageCharge], object], refusal: str
+) -> None:
+    """A refund dated before its charge (or a correction before the one before it) made the
+    charge's history run backwards, and could land on a statement before the charge's."""
+    charge = make_charge()
+    with pytest.raises(AgentWorksError, match=refusal):
+        correction(charge)
+    assert charge.version <= 2
+
+
+def test_a_late_charge_s_correction_lands_in_no_month_before_the_charge_s() -> None:
+    charge = new_charge(at=AT)
+    late = UsageCharge.charge(
+        **{**_charge_fields(charge), "billed_month": "2025-04"}, meta=m(charge)
+    )
+    with pytest.raises(InvalidTransition, match="billed in 2025-04"):
+        late.correct(1, "x", refund=False, at=AT, meta=m(late))
+
+
+@pytest.mark.parametrize(
+    ("at", "billed_month", "refusal"),
+    [
+        (AT, "2025-02", "before its own month 2025-03"),
+        (datetime.now(UTC) + timedelta(minutes=1), None, "in the future"),
+    ],
+)
+def test_a_charge_billed_before_its_month_or_dated_in_the_future_is_refused(
+    at: datetime, billed_month: str | None, refusal: str
+) -> None:
+    charge = new_charge(at=AT)
+    with pytest.raises(AgentWorksError, match=refusal):
+        UsageCharge.charge(
+            **{**_charge_fields(charge), "at": at, "billed_month": billed_month}, meta=m(charge)
+        )
+
+
+def _charge_fields(charge: UsageCharge) -> dict[str, Any]:
+    (event,) = [e for e in charge.pending_events if isinstance(e, UsageCharge.Charged)]
+    names = ["workspace_id", "project_id", "card_id", "run_id", "call_id", "provider", "model",
+             "input_tokens", "output_tokens", "provider_cost_micros", "billed_micros",
+             "price_table_version"]  # fmt: skip
+    return {name: getattr(event, name) for name in names} | {
+        "markup": Decimal(event.markup), "at": event.timestamp,
+    }  # fmt: skip
+
+
+def test_a_month_s_spend_records_nothing_before_the_month_begins() -> None:
+    """A charge or credit dated in a month to come opened that month's spend and added to it
+    before the month began."""
+    workspace_id = uuid4()
+    coming = month_of(datetime.now(UTC) + timedelta(days=32))
+    with pytest.raises(ValidationFailed, match=f"spend of {coming} .* before the month begins"):
+        MonthlySpend.open(workspace_id=workspace_id, month=coming, meta=meta(workspace_id))
 
 
 # -- monthly spend --------------------------------------------------------------------------------
