@@ -53,6 +53,10 @@ T = TypeVar("T")
 RECOVERY_CODE_COUNT = 10
 _WRONG_CREDENTIALS = "email or password is wrong"
 _OUTLIVED = "the password was changed since this sign-in"
+_RACED = (
+    "this refresh token was rotated by another refresh sent at the same time; refresh with the "
+    "newer token (the aw_refresh cookie holds it)"
+)
 
 
 class Passwords(Protocol):
@@ -229,9 +233,13 @@ class Identity:
         presented = digest(secret)
         new_secret = secrets.token_urlsafe(32)
         given = [session] if session is not None and session.id == session_id else []
+        held_at_first: list[bool] = []  # whether the first read found the token current
 
         def decide(meta: EventMeta) -> tuple[list[Aggregate], tuple[Session, User] | None]:
             current = given.pop() if given else self._get(Session, session_id)
+            if held_at_first and held_at_first[0] and _just_rotated(current, presented):
+                raise Conflict(_RACED)
+            held_at_first.append(not current.revoked and current.current_hash == presented)
             # Only a session holding the token can rotate: its user is read for that one alone,
             # and is the user the grant is for.
             user = self._get(User, current.user_id) if current.holds(presented) else None
@@ -610,6 +618,15 @@ def _provider_name(name: str | None, address: str) -> str:
     if not cut or text_problem(cut) is not None:
         return address
     return clean_user_name(cut)
+
+
+def _just_rotated(session: Session, presented: str) -> bool:
+    """Whether ``presented``, current when a refresh first read its session, is the token the
+    session's last rotation spent, the session still live: a refresh sent alongside (two tabs
+    of one browser share the cookie) won the save. That is no reuse: the session stays, the
+    loser gets no token (it may not hold the new one) and is told to retry. A token already
+    spent when the refresh read it, or rotated twice since, is reuse as ever."""
+    return not session.revoked and session.spent_hashes[-1:] == [presented]
 
 
 def _parse_refresh(token: str) -> tuple[UUID, str]:
