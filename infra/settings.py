@@ -292,6 +292,21 @@ class Settings(BaseSettings):
                 ) from None
         return value
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _web_origins(cls, value: str) -> str:
+        # CORS is told to allow credentials (the aw_refresh cookie), and with ``*`` among the
+        # origins Starlette answers any Origin back with credentials allowed: every site could
+        # call the API as its visitor. ``null`` (sandboxed frames, local files) any page can
+        # send; an entry with a path or upper case matches no Origin a browser sends.
+        for entry in (part.strip() for part in value.split(",")):
+            if entry and not _is_web_origin(entry):
+                raise ValueError(
+                    f"{entry!r} is not a web origin: name each one as a browser sends it, "
+                    "scheme://host[:port] in lower case (http or https, no path), never '*'"
+                )
+        return value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxy_addresses(cls, value: str) -> str:
@@ -561,6 +576,19 @@ def _read_secret(path: Path) -> str | None:
     if not text:
         raise ConfigurationError(f"{path} is empty; delete it to generate a new dev secret")
     return text
+
+
+def _is_web_origin(entry: str) -> bool:
+    """Whether ``entry`` is one origin as a browser's ``Origin`` header spells it."""
+    try:
+        parts = urlsplit(entry)
+        port = parts.port  # a port that is no number raises
+    except ValueError:
+        return False
+    host = parts.hostname or ""
+    named = f"[{host}]" if ":" in host else host  # an IPv6 address
+    rebuilt = f"{parts.scheme}://{named}" + ("" if port is None else f":{port}")
+    return parts.scheme in ("http", "https") and bool(host) and "*" not in host and entry == rebuilt
 
 
 def _check_parses(url: str) -> None:

@@ -90,3 +90,25 @@ def test_trusted_proxy_addresses_and_networks_pass() -> None:
 
     assert Settings.load(trusted_proxies=proxies).trusted_proxies == proxies
     assert Settings.load(trusted_proxies="").trusted_proxies == ""
+
+
+@pytest.mark.parametrize(
+    "origins",
+    [
+        "*",  # with credentials allowed, CORS echoed any origin back: every site could call
+        "https://app.example, *",
+        "null",  # the origin of sandboxed frames and local files, any page can claim it
+        "https://app.example/",  # a path: no browser sends it, no request ever matched
+        "app.example",
+        "ftp://app.example",
+    ],
+)
+def test_a_cors_origin_that_is_no_single_web_origin_is_refused_naming_it(origins: str) -> None:
+    with pytest.raises(ConfigurationError, match="AGENTWORKS_CORS_ORIGINS"):
+        Settings.load(cors_origins=origins)
+
+
+def test_cors_origins_that_are_web_origins_pass() -> None:
+    origins = "https://app.example, http://localhost:5173,https://xn--bcher-kva.example:8443,"
+    origins += "http://[::1]:3000"
+    assert Settings.load(cors_origins=origins).cors_origins == origins
