@@ -9,6 +9,7 @@ two steps leaves a state the next run recognises, so nothing is created twice.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -20,6 +21,7 @@ from pydantic import Field
 
 from commands import models as m
 from commands.handlers import Actor, AgentWorks, CommandResult, Decision
+from domain.base import decided_at
 from domain.billing import (
     Invoice,
     InvoiceStatus,
@@ -50,6 +52,15 @@ BILLING_ACTOR = "billing"
 _BILLING_TOPICS = [get_topic(event) for event in MonthFold.FOLDS]
 _WORKSPACE_CREATED = get_topic(Workspace.Created)
 _SAVE_ATTEMPTS = 5
+
+
+def _after_latest(aggregate: Aggregate) -> AbstractContextManager[None]:
+    """Stamp what a billing step records on ``aggregate`` now, or at its latest event when
+    this host's clock reads earlier (another host, ahead, wrote it: the invoicing run, a
+    webhook on an API host). Billing steps run outside a command's decision, which stamps
+    after what it read (``commands.service``); an aggregate's events stay in time order. Only
+    the instant moves, by the clocks' skew; no amount does."""
+    return decided_at(max(datetime.now(UTC), aggregate.modified_on))
 
 
 class GrantCredit(m.Command):
@@ -165,7 +176,8 @@ class Billing:
                 spend = MonthlySpend.open(workspace_id=workspace_id, month=month, meta=meta)
             if spend.closed:
                 return
-            spend.close(meta=meta)
+            with _after_latest(spend):
+                spend.close(meta=meta)
             if self._saved(spend):
                 return
         raise Conflict(f"closing {month} of workspace {workspace_id} kept racing with charges")
@@ -206,7 +218,8 @@ class Billing:
                 if line.key in invoice.items:
                     continue
                 item_id = pending.get(line.key) or stripe.create_item(customer, key, line)
-                invoice.item_sent(line.key, item_id, meta=meta)
+                with _after_latest(invoice):
+                    invoice.item_sent(line.key, item_id, meta=meta)
                 self._save(invoice)
             stripe_id = stripe.create_invoice(
                 customer, key, f"AgentWorks usage {month} ({workspace.name})"
@@ -214,9 +227,11 @@ class Billing:
         else:
             for item in found.items:
                 if item.line_key in {line.key for line in billable}:
-                    invoice.item_sent(item.line_key, item.id, meta=meta)
+                    with _after_latest(invoice):
+                        invoice.item_sent(item.line_key, item.id, meta=meta)
             stripe_id = found.id
-        invoice.issue(stripe_id, meta=meta)
+        with _after_latest(invoice):
+            invoice.issue(stripe_id, meta=meta)
         self._save(invoice)
         return self._result(invoice, Outcome.ISSUED)
 
@@ -247,7 +262,9 @@ class Billing:
                 raise NotFound(
                     f"Stripe invoice {stripe_invoice_id} is not the one issued for {key}"
                 )
-            if not invoice.settle(outcome, stripe_event_id, meta=self._meta(workspace_id)):
+            with _after_latest(invoice):
+                settled = invoice.settle(outcome, stripe_event_id, meta=self._meta(workspace_id))
+            if not settled:
                 return False
             if self._saved(invoice):
                 return True
@@ -347,7 +364,8 @@ class Billing:
         customer = stripe.find_customer(workspace.id) or stripe.create_customer(
             workspace.id, workspace.name
         )
-        workspace.link_stripe_customer(customer, meta=self._meta(workspace.id))
+        with _after_latest(workspace):
+            workspace.link_stripe_customer(customer, meta=self._meta(workspace.id))
         self._save(workspace)
         return customer
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from commands import models as m
 from commands.billing import Billing, GrantCredit, Outcome, fold_month
 from commands.handlers import Actor
+from domain.base import decided_at
 from domain.billing import (
     MICROS_PER_CENT,
     Credit,
@@ -459,3 +460,24 @@ def test_a_correction_dated_in_a_closed_month_lands_in_the_next_statement() -> N
     mar = fold_month(world.app, "2026-03").lines(world.workspace_id, increment_micros=250_000)
     assert [line.exact_micros for line in feb] == [500_000]
     assert [line.exact_micros for line in mar] == [-100_000]
+
+
+def test_billing_steps_are_dated_after_what_they_change_whatever_this_clock_says() -> None:
+    """Stripe's word that an invoice was paid (a webhook, on an API host) was stamped by that
+    host's clock: behind the invoicing host's, the invoice's history said it was paid before
+    it was issued. Each billing step is dated no earlier than the latest event of what it
+    changes (an instant, not an amount: nothing billed moves)."""
+    world = world_with_february_usage()
+    stripe = FakeStripe()
+    ahead = datetime.now(UTC) + timedelta(hours=1)
+    with decided_at(ahead):  # the invoicing host's clock is an hour ahead of this one
+        billing(world).invoice(stripe, world.workspace_id, "2026-02")
+    key = invoice_key(world.workspace_id, "2026-02")
+    assert billing(world).settle(key, "in_0", InvoiceStatus.PAID, "evt_1")
+    invoice_id = invoice_id_for(world.workspace_id, "2026-02")
+    times = [
+        world.app.mapper.to_domain_event(stored).timestamp
+        for stored in world.app.recorder.select_events(invoice_id)
+    ]
+    assert times == sorted(times)
+    assert times[-1] == ahead
