@@ -46,7 +46,9 @@ from graphql import (
     VariableNode,
     value_from_ast_untyped,
 )
+from graphql.validation.validate import ValidationAbortedError
 from strawberry.extensions import SchemaExtension, ValidationCache
+from strawberry.schema.schema import validate_document
 from strawberry.types.graphql import OperationType
 
 from domain.errors import ValidationFailed
@@ -209,15 +211,21 @@ class BoundedValidation(ValidationCache):
         self.max_nesting = max_nesting
 
     def on_validate(self) -> Iterator[None]:
-        document = self.execution_context.graphql_document
-        refusal = None if document is None else self._refusal(document)
-        if refusal is None:
-            if len(self.execution_context.query or "") > MAX_CACHED_DOCUMENT_CHARS:
-                yield  # strawberry validates it (pre_execution_errors unset), uncached
-                return
-            yield from super().on_validate()
-            return
-        self.execution_context.pre_execution_errors = [refusal]
+        context = self.execution_context
+        document = context.graphql_document
+        if document is not None:
+            refusal = self._refusal(document)
+            if refusal is not None:
+                errors = [refusal]
+            elif len(context.query or "") > MAX_CACHED_DOCUMENT_CHARS:
+                errors = validate_document(
+                    context.schema._schema, document, context.validation_rules
+                )
+            else:
+                errors = self.cached_validate_document(
+                    context.schema._schema, document, context.validation_rules
+                )
+            context.pre_execution_errors = _explained(errors)
         yield
 
     def _refusal(self, document: DocumentNode) -> GraphQLError | None:
@@ -242,6 +250,23 @@ class BoundedValidation(ValidationCache):
                         extensions={"code": "VALIDATION"},
                     )
         return None
+
+
+_ABORTED = "Validation aborted."
+
+
+def _explained(errors: list[GraphQLError]) -> list[GraphQLError]:
+    """``errors``, with graphql-core's word for a validation that ran out of its work budget (or
+    of stack) said so that a client knows what to change; a new list (the cache keeps its own)."""
+    if not any(type(e) is ValidationAbortedError and e.message == _ABORTED for e in errors):
+        return errors
+    return [
+        GraphQLError(
+            "query is too complex to validate: it asks for fields of the same name too many "
+            "times over; ask for each field once",
+            extensions={"code": "VALIDATION"},
+        )
+    ]
 
 
 class _TooDeep(Exception):

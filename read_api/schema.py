@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 import strawberry
 from graphql import GraphQLError
+from graphql.validation.rules import overlapping_fields_can_be_merged
 from strawberry.extensions import (
     AddValidationRules,
     MaxAliasesLimiter,
@@ -79,6 +80,7 @@ def build_schema(limits: QueryLimits | None = None) -> strawberry.Schema:
     every request).
     """
     limits = limits or QueryLimits()
+    overlapping_fields_can_be_merged.MAX_COMPLEXITY_BUDGET = limits.max_field_merge_work
     rules = [
         *QueryDepthLimiter(max_depth=limits.max_depth).validation_rules,
         *MaxAliasesLimiter(max_alias_count=limits.max_aliases).validation_rules,

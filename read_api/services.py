@@ -78,6 +78,14 @@ class QueryLimits:
     max_log_reads: int = 3
     """Fields that fold the event log (``cardHistory``, ``reconciliation``, ``board`` with
     ``asOf``) one operation may ask for: each costs what the log holds, not what it returns."""
+    max_field_merge_work: int = 10_000
+    """Work validation may spend checking that fields of one name in one selection can merge
+    (graphql-core's complexity budget of that rule: about 2 per pair of fields compared, some
+    3 µs each); past it the document is refused (VALIDATION). graphql-core's own 500,000 is
+    1.5-4 s of the event loop's CPU, every other request waiting, spent by a document within
+    the token limit that asks for ``me { id }`` 950 times; real documents spend a few hundred.
+    Process-wide: the rule reads it from its module (``read_api.schema.build_schema`` sets it).
+    """
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -226,6 +226,24 @@ def test_documents_beyond_the_limits_are_refused_before_running(make_stack: Make
     assert "too expensive" in answer.errors[0]["message"]
 
 
+@pytest.mark.parametrize(
+    ("field", "times"),
+    [("me { id }", 950), ("__typename", 3_900), ('workspace(id: "x") { id }', 400)],
+)
+def test_a_document_asking_for_one_field_over_and_over_is_refused_as_too_complex(
+    stack: Stack, field: str, times: int
+) -> None:
+    """Within the token limit: validation compared each pair of the same-named fields, 1.5-4 s
+    of the event loop per request, and then answered only "Validation aborted."."""
+    alice, ws = stack.owner_with_workspace()
+    repeated = "query { " + f"{field} " * times + "}"  # within the token limit
+    answer = alice.post(repeated)
+    assert answer.codes == ["VALIDATION"], answer.body
+    assert "too complex to validate" in answer.errors[0]["message"]
+    twice = "query($id: ID!) { workspace(id: $id) { id } workspace(id: $id) { id name } }"
+    assert alice.data(twice, {"id": ws})["workspace"]["id"] == ws
+
+
 def test_a_costly_document_is_refused_at_the_default_limits(stack: Stack) -> None:
     alice, ws = stack.owner_with_workspace()
     costly = (
