@@ -31,6 +31,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from adapters.outages import OUTAGES, REDIS, RetryGate
+from domain.errors import Unavailable
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -164,6 +165,25 @@ class LocalBroadcaster:
     async def aclose(self) -> None:
         with self._lock:
             self._feeds.clear()
+
+
+@contextlib.asynccontextmanager
+async def subscribed(broadcaster: Broadcaster, channel: str) -> AsyncIterator[Feed]:
+    """``broadcaster.subscribe(channel)`` for a subscriber: a channel that cannot be subscribed
+    now (Redis refused the SUBSCRIBE, or never confirmed it) is :class:`Unavailable`, which the
+    client is told as such with when to come back, not an internal error of ours."""
+    entered = False
+    try:
+        async with broadcaster.subscribe(channel) as feed:
+            entered = True
+            yield feed
+    except (RedisError, OSError, TimeoutError) as error:
+        if entered:  # the subscriber's own failure, not the subscribing's
+            raise
+        OUTAGES.down(REDIS, error)
+        raise Unavailable(
+            "live updates are unavailable: Redis cannot be reached; retry shortly"
+        ) from error
 
 
 def encode_payload(payload: Mapping[str, Any]) -> str:

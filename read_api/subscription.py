@@ -27,7 +27,7 @@ from projections import queries
 from projections.kanban import board_channel
 from projections.runs import run_channel
 from read_api import fields as described
-from read_api.broadcast import MessagesLost
+from read_api.broadcast import MessagesLost, subscribed
 from read_api.context import Info
 from read_api.types import ID, BoardEvent, Card, LogLine, parse_id
 
@@ -58,7 +58,7 @@ async def _visible(
 
 
 async def _board_events(ctx: RequestContext, project_id: UUID) -> AsyncIterator[BoardEvent]:
-    async with ctx.runtime.services.broadcaster.subscribe(board_channel(project_id)) as feed:
+    async with subscribed(ctx.runtime.services.broadcaster, board_channel(project_id)) as feed:
         while True:
             try:
                 payload = await feed.get()
@@ -140,7 +140,7 @@ def _live_lines(run_id: UUID, payload: dict[str, Any]) -> list[LogLine]:
 async def _run_log(ctx: RequestContext, run_id: UUID, after_seq: int) -> AsyncIterator[LogLine]:
     last = after_seq
     recheck = ctx.runtime.services.subscription_recheck_seconds
-    async with ctx.runtime.services.broadcaster.subscribe(run_channel(run_id)) as feed:
+    async with subscribed(ctx.runtime.services.broadcaster, run_channel(run_id)) as feed:
         catch_up = True
         while True:
             if catch_up:

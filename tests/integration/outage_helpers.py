@@ -7,7 +7,8 @@ database away under it.
   ``commandId`` and some not, each answer classified as done, failed (UNAVAILABLE, nothing
   written), unknown (UNAVAILABLE, outcome unknown, with the commandId to retry with) or other
   (anything else: a bug);
-* :func:`card_titles_in_log`: what the event log holds, to hold the answers to.
+* :func:`card_titles_in_log`: what the event log holds, to hold the answers to;
+* :class:`SilentServer`: a Redis (or any server) that takes connections and never answers.
 
 No pytest in here.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import socket
 import threading
 import time
 from collections import Counter
@@ -294,3 +296,31 @@ def card_titles_in_log(database_url: str) -> Counter[str]:
 def card_ids_in_log(database_url: str) -> dict[str, UUID]:
     """Title → the id of the card created with it (titles are unique in these tests)."""
     return dict(_cards_created_in_log(database_url))
+
+
+# -- a dependency that takes connections and never answers ------------------------------------
+
+
+class SilentServer:
+    """Accepts connections and never answers; counts the connections it was asked on."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+        self.connections = 0
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True, name="silent-redis").start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._held:
+            conn.close()

@@ -10,14 +10,12 @@ every request a wait for a Redis already known to be away.
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 from typing import TYPE_CHECKING
 from uuid import uuid4
 
 import pytest
 import redis.asyncio
-from outage_helpers import start_api_stack
+from outage_helpers import SilentServer, start_api_stack
 
 from adapters.budget_holds import RedisBudgetHolds
 from adapters.outages import OUTAGES, REDIS
@@ -32,31 +30,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.slow
 
 BOARD = "query($p: ID!) { board(projectId: $p) { lanes { name } } }"
-
-
-class SilentServer:
-    """Accepts connections and never answers; counts the connections it was asked on."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
-        self.connections = 0
-        self._held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True, name="silent-redis").start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            self._held.append(conn)
-
-    def close(self) -> None:
-        self._listener.close()
-        for conn in self._held:
-            conn.close()
 
 
 @pytest.fixture
