@@ -86,6 +86,8 @@ class BatchOutcome:
     """Events not applied because their aggregate is parked (they wait behind it)."""
     parked: list[Parked] = field(default_factory=list)
     """Aggregates this batch parked (or, retrying, parked again)."""
+    waiting: list[Parked] = field(default_factory=list)
+    """Of :attr:`parked`, those a retry goes on with (:meth:`Parked.waiting`), not failures."""
     spend: list[CountedSpend] = field(default_factory=list)
     """Workspace-months whose usage this batch changed, as committed (billing only)."""
     deferred: int = 0
@@ -103,6 +105,7 @@ class BatchOutcome:
             changes=self.changes + then.changes,
             held=then.held,
             parked=then.parked,
+            waiting=then.waiting,
             spend=self.spend + then.spend,
             deferred=then.deferred,
         )
@@ -343,7 +346,7 @@ class ProjectionRunner:
             outcome = self.process(events, unpark=[oid], park=waiting)
             applied += outcome.applied + outcome.healed
             again = next((p for p in outcome.parked if p.originator_id == oid), None)
-            if again is None or again not in waiting:
+            if again is None or again not in outcome.waiting:
                 break
             version = again.originator_version
         log.info(
@@ -557,7 +560,8 @@ class ProjectionRunner:
             return self._process_exclusively(envelopes, through, self._exclusive, attempt)
         outcome = BatchOutcome()
         followed = [env for env in envelopes if self.projector.follows(env)]
-        ids = sorted({env.originator_id for env in followed})
+        # The aggregates to unpark too: their rows locked, no delivery of theirs slips by.
+        ids = sorted({env.originator_id for env in followed} | attempt.unpark)
         with (
             self.pool.connection() as conn,
             # Pipeline mode: a batch's statements go out without waiting for each answer. Not
@@ -625,7 +629,7 @@ class ProjectionRunner:
                     "WHERE t.projector = %s AND t.originator_id = v.id",
                     ([i for i, _ in changed], [v for _, v in changed], self.tracking_name),
                 )
-            self._record_parking(cur, attempt, outcome)
+            self._record_parking(cur, attempt, outcome, self._still_behind(attempt, versions))
             cur.execute(
                 "INSERT INTO projection_positions (projector, position, swept_through, healed) "
                 "VALUES (%(name)s, %(position)s, CASE WHEN %(after)s = 0 THEN %(position)s "
@@ -645,16 +649,38 @@ class ProjectionRunner:
             )
         return outcome
 
+    def _still_behind(self, attempt: _Attempt, versions: dict[UUID, int]) -> list[Parked]:
+        """Of the aggregates this attempt unparks (a retry's last chunk), those the store holds
+        events of after the ones applied, each parked to go on from the first of them.
+
+        Asked once their tracking rows are locked: a delivery of such an event from now on
+        waits for this transaction and finds the aggregate unparked. One made between the
+        retry's read of the store and this transaction held its event back, the aggregate
+        being parked still, and moved its position (and the embedded path's watermark) past
+        it: unparked without it, the aggregate was left without that event for good."""
+        behind = []
+        for oid in sorted(attempt.unpark - attempt.parking.keys()):
+            header = self.log.following(oid, after_version=versions.get(oid, 0))
+            if header is not None:
+                behind.append(Parked.waiting(header))
+        return behind
+
     def _record_parking(
-        self, cur: Cursor[DictRow], attempt: _Attempt, outcome: BatchOutcome
+        self,
+        cur: Cursor[DictRow],
+        attempt: _Attempt,
+        outcome: BatchOutcome,
+        behind: Sequence[Parked] = (),
     ) -> None:
-        """Park what this attempt found unappliable; forget what was retried and applied."""
-        if attempt.parking:
-            outcome.parked = list(attempt.parking.values())
-            failed = [p for p in outcome.parked if p not in attempt.waiting]
+        """Park what this attempt found unappliable; forget what was retried and applied, but
+        for the aggregates still ``behind`` (see :meth:`_still_behind`)."""
+        if attempt.parking or behind:
+            outcome.parked = [*attempt.parking.values(), *behind]
+            outcome.waiting = [p for p in outcome.parked if p in attempt.waiting or p in behind]
+            failed = [p for p in outcome.parked if p not in outcome.waiting]
             if failed:
                 cur.executemany(_UPSERT_PARKED, [p.row(self.tracking_name) for p in failed])
-            moved = [p for p in outcome.parked if p in attempt.waiting]
+            moved = outcome.waiting
             if moved:
                 # A retry's progress: no failure, so no attempt counted.
                 cur.executemany(
@@ -664,7 +690,9 @@ class ProjectionRunner:
                         for p in moved
                     ],
                 )
-        released = sorted(attempt.unpark - attempt.parking.keys())
+        released = sorted(
+            attempt.unpark - attempt.parking.keys() - {p.originator_id for p in behind}
+        )
         if released:
             cur.execute(
                 "DELETE FROM projection_parked WHERE projector = %s"

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from commands.handlers import AgentWorks
     from domain.envelope import EventEnvelope
     from projections.base import BatchContext
+    from projections.runner import ProjectionRunner
 
 #: What the planted move carries as its position: not the text a board position is.
 BAD_POSITION: dict[str, Any] = {"fractional": [1, 2]}
@@ -46,9 +47,17 @@ def new_card(app: AgentWorks, board: Board, title: str) -> UUID:
     return app.create_card(m.CreateCard(project_id=board.project_id, title=title), board.owner).id
 
 
-def park_next_version(side: ReadSide, world: World, card_id: UUID, event_type: str) -> None:
-    """The kanban projector's card ``card_id`` (applied up to now) parked by hand at its next
-    version, as an event of ``event_type`` it failed to apply would park it."""
+def parked_card(
+    side: ReadSide, event_type: str, title: str = "parked"
+) -> tuple[World, UUID, ProjectionRunner]:
+    """A new card the kanban runner has applied, then parked by hand at its next version (as an
+    event of ``event_type`` it failed to apply would park it): its world, id and runner."""
+    world = side.new_world()
+    card_id = side.app.create_card(
+        m.CreateCard(project_id=world.project_id, title=title), world.owner
+    ).id
+    runner = side.runner(KanbanProjector())
+    runner.process(side.envelopes())
     version = side.row("SELECT version FROM rm_cards WHERE card_id = %s", (card_id,))["version"]
     with psycopg.connect(side.database_url, autocommit=True) as conn:
         conn.execute(
@@ -57,6 +66,7 @@ def park_next_version(side: ReadSide, world: World, card_id: UUID, event_type: s
             " 'planted')",
             (card_id, version + 1, event_type, world.workspace_id),
         )
+    return world, card_id, runner
 
 
 class TwoTenants:

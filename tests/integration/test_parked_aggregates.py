@@ -40,11 +40,11 @@ from parking_helpers import (
     TwoTenants,
     install_fix,
     new_card,
-    park_next_version,
+    parked_card,
     plant_block,
     plant_unprojectable_move,
 )
-from read_side_helpers import ReadSide, create_card
+from read_side_helpers import ReadSide
 from test_batch_bytes import BOUND, LARGE, large_in
 
 import projections.runner as runner_module
@@ -723,11 +723,7 @@ def test_an_event_delivered_while_a_retry_unparks_its_aggregate_is_applied(
     statement's snapshot, taken before the wait, had it: parked. It held the event back and
     moved its position past it, with nothing parked any more to hold it for: the event was
     never applied (and the embedded path's watermark passed it too, so no sweep looked)."""
-    world = side.new_world()
-    card_id = create_card(side, world, title="before")
-    runner = side.runner(KanbanProjector())
-    runner.process(side.envelopes())
-    park_next_version(side, world, card_id, "Card.Edited")
+    world, card_id, runner = parked_card(side, "Card.Edited", title="before")
     # Written after the retry read the store, before its last transaction began (which, begun
     # after it, does not hold it back from the log's readers).
     side.app.update_card(m.UpdateCard(card_id=card_id, title="after"), world.owner)
@@ -764,3 +760,35 @@ def test_an_event_delivered_while_a_retry_unparks_its_aggregate_is_applied(
     assert (outcome.applied, outcome.held) == (1, 0)
     assert side.row("SELECT title FROM rm_cards WHERE card_id = %s", (card_id,))["title"] == "after"
     assert not side.rows("SELECT 1 FROM projection_parked WHERE originator_id = %s", (card_id,))
+
+
+def test_an_event_held_back_between_a_retrys_read_and_its_last_transaction_is_applied(
+    side: ReadSide,
+) -> None:
+    """A retry reads the aggregate's events from the store, then applies them and unparks it.
+    An event written after that read and delivered before the retry's transaction began was
+    held back (the aggregate was still parked), and the retry, which had not read it, unparked
+    the aggregate without it: never applied (the delivery's position, and the embedded path's
+    watermark, had passed it). The retry's transaction now looks, once its tracking row is
+    locked, for events after those it applied, and goes on with them."""
+    world, card, runner = parked_card(side, "Card.Labelled")
+    side.app.label_card(m.LabelCard(card_id=card, label="before"), world.owner)
+    assert runner.process(side.envelopes(after=runner.position())).held == 1
+    read = runner.log.between_batch
+    delivered: list[BatchOutcome] = []
+
+    def read_then_deliver_the_next(*args: Any, **kwargs: Any) -> Any:
+        batch = read(*args, **kwargs)
+        if not delivered:
+            side.app.label_card(m.LabelCard(card_id=card, label="after"), world.owner)
+            delivered.append(side.runner(KanbanProjector()).process(side.envelopes()[-1:]))
+        return batch
+
+    runner.log.between_batch = read_then_deliver_the_next  # type: ignore[method-assign]
+    (retried,) = runner.retry_parked()
+
+    assert [outcome.held for outcome in delivered] == [1]
+    assert (retried.applied, retried.parked) == (2, None)
+    labels = side.row("SELECT labels FROM rm_cards WHERE card_id = %s", (card,))["labels"]
+    assert sorted(labels) == ["after", "before"]
+    assert not side.rows("SELECT 1 FROM projection_parked WHERE originator_id = %s", (card,))

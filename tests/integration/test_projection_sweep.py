@@ -14,7 +14,7 @@ import psycopg
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis_profiles import expensive_property
-from parking_helpers import park_next_version
+from parking_helpers import parked_card
 from pg import log_head
 from read_side_helpers import ReadSide, create_card, llm_call, running_run
 from test_read_model_properties import (
@@ -215,10 +215,7 @@ def test_a_check_without_healing_moves_the_position_up_to_the_first_event_not_ap
     assert _watermark(side, "kanban") == lost.position - 1
     runner.process([lost])  # delivered after all
     # A parked card's held events wait for a retry, not for a delivery: they count as done.
-    world = side.new_world(owner="bob")
-    parked = create_card(side, world, title="parked")
-    runner.process(side.envelopes(after=head))
-    park_next_version(side, world, parked, "Card.Labelled")
+    world, parked, _ = parked_card(side, "Card.Labelled")
     side.app.label_card(m.LabelCard(card_id=parked, label="held"), world.owner)
     head = side.envelopes()[-1].position
     assert runner.process(side.envelopes(after=head - 1)).held == 1
@@ -271,11 +268,7 @@ def test_a_sweep_reads_only_the_new_events_of_a_parked_aggregate(side: ReadSide)
     read whole and 1.1 s, against nothing for as many new events of healthy cards, and more at
     every sweep as the tails grew (``python -m bench.sweep_parked``). It reads the new events
     only; a tail with none is not read at all; and the retry still applies every one."""
-    world = side.new_world()
-    card = create_card(side, world, title="parked")
-    runner = side.runner(KanbanProjector())
-    runner.process(side.envelopes())
-    park_next_version(side, world, card, "Card.Labelled")
+    world, card, runner = parked_card(side, "Card.Labelled")
     for n in range(5):
         side.app.label_card(m.LabelCard(card_id=card, label=f"held {n}"), world.owner)
     assert runner.process(side.envelopes(after=runner.position())).held == 5
