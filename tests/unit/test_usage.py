@@ -216,17 +216,18 @@ def test_a_late_charge_s_correction_lands_in_no_month_before_the_charge_s() -> N
 @pytest.mark.parametrize(
     ("at", "billed_month", "refusal"),
     [
-        (AT, "2025-02", "before its own month 2025-03"),
-        (datetime.now(UTC) + timedelta(minutes=1), None, "in the future"),
+        (lambda: AT, "2025-02", "before its own month 2025-03"),
+        (lambda: datetime.now(UTC) + timedelta(minutes=1), None, "in the future"),
     ],
+    ids=["billed before its month", "future"],
 )
 def test_a_charge_billed_before_its_month_or_dated_in_the_future_is_refused(
-    at: datetime, billed_month: str | None, refusal: str
+    at: Callable[[], datetime], billed_month: str | None, refusal: str
 ) -> None:
     charge = new_charge(at=AT)
     with pytest.raises(AgentWorksError, match=refusal):
         UsageCharge.charge(
-            **{**_charge_fields(charge), "at": at, "billed_month": billed_month}, meta=m(charge)
+            **{**_charge_fields(charge), "at": at(), "billed_month": billed_month}, meta=m(charge)
         )
 
 
