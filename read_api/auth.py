@@ -9,6 +9,8 @@ from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
+from strawberry.http.websocket_origin import is_same_origin
+
 from adapters.tokens import BOOTSTRAP_WORKSPACE, BadSignature, Principal, verify_token
 from domain.errors import Unauthenticated
 from read_api.services import JwtVerification
@@ -56,6 +58,21 @@ def authenticate(authorization: str | None, jwt: JwtVerification) -> Principal:
     except ValueError:
         raise Unauthenticated("token 'sub' claim is not a user id (a UUID)") from None
     return replace(principal, user_id=user_id)
+
+
+def cookie_origin_allowed(
+    headers: Mapping[str, str], *, allowed: tuple[str, ...], pattern: str | None
+) -> bool:
+    """Whether a request with these headers may act by the API's cookies: it names no
+    ``Origin`` (no browser sent it), or the API's own (host and port, as a WebSocket's is
+    judged), or one CORS lets call with credentials (``allowed``, ``pattern``: the same
+    settings, compared as the CORS middleware compares them)."""
+    origin = headers.get("origin")
+    if origin is None or headers.get("sec-fetch-site") == "same-origin":
+        return True
+    if is_same_origin(origin, headers.get("host")) or origin in allowed:
+        return True
+    return pattern is not None and re.fullmatch(pattern, origin) is not None
 
 
 def token_from_connection_params(params: Mapping[str, Any] | None) -> str | None:

@@ -33,7 +33,7 @@ from domain.errors import (
 )
 from domain.text import storable_text, text_problem
 from domain.user import normalise_email
-from read_api.auth import authenticate, request_id
+from read_api.auth import authenticate, cookie_origin_allowed, request_id
 from read_api.input_checks import BodyTooSlow, NotJson, body_within, closing, require_json
 from read_api.ratelimit import Limit, client_network
 from read_api.services import AuthSettings
@@ -282,6 +282,17 @@ class _AuthRoutes:
         token = body.get("refreshToken")
         if token is None:
             token = request.cookies.get(REFRESH_COOKIE)
+            services = self.runtime.services
+            if token is not None and not cookie_origin_allowed(
+                request.headers, allowed=services.cors_origins, pattern=services.cors_origin_regex
+            ):
+                # SameSite=Strict keeps other sites' requests from carrying the cookie, not a
+                # sibling subdomain's page (same site) nor a browser ignoring the attribute; a
+                # body-less POST asks no preflight.
+                raise Forbidden(
+                    f"the {REFRESH_COOKIE} cookie is taken only from this API's own origin or "
+                    "one its CORS settings allow"
+                )
         if not isinstance(token, str) or not token:
             raise Unauthenticated(f"send refreshToken in the body or the {REFRESH_COOKIE} cookie")
         if text_problem(token) is not None:

@@ -566,3 +566,26 @@ def test_an_account_with_an_unreadable_event_answers_undecodable_500_without_ids
     assert user_id not in answer.text
     signup(http, "readable@example.com")
     assert login(http, "readable@example.com").status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/auth/refresh", "/auth/logout"])
+def test_the_refresh_cookie_is_taken_only_from_the_api_s_own_or_an_allowed_origin(
+    http: httpx.Client, auth_stack: Stack, route: str
+) -> None:
+    """SameSite=Strict keeps other sites' requests from carrying aw_refresh, but not a page of a
+    sibling subdomain (same site, another origin) nor a browser that ignores the attribute: a
+    body-less POST is a simple request, asks no preflight, and refreshed or logged out the
+    visitor's session. A request carrying the cookie from an Origin that is neither the API's
+    own nor a CORS-allowed one is refused (403) and changes nothing; a client that sends no
+    Origin (no browser) or the token in its body, as before."""
+    signed_in(http, f"origin-{route.rsplit('/', 1)[1]}@example.com")
+    foreign = http.post(route, headers={"Origin": "https://evil.example"})
+    assert error_of(foreign) == (403, "FORBIDDEN")
+    assert "set-cookie" not in foreign.headers
+    own = str(auth_stack.url).rstrip("/")
+    refreshed = http.post("/auth/refresh", headers={"Origin": own})
+    assert refreshed.status_code == 200, refreshed.text  # the session was left as it was
+    token = refreshed.json()["refreshToken"]
+    http.cookies.clear()
+    in_body = http.post(route, json={"refreshToken": token}, headers={"Origin": "https://x.test"})
+    assert in_body.status_code in (200, 204), in_body.text
