@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID, uuid4
@@ -22,6 +21,7 @@ from commands import models as m
 from commands.service import Actor, CommandResult, Decision, WriteSide, expect_version
 from domain.agent_run import AgentRun
 from domain.agents import agent_named, prompt_floor_micros
+from domain.base import StampedEvent
 from domain.card import Card
 from domain.errors import BudgetExceeded, InvalidTransition
 from domain.meta import EventMeta
@@ -72,7 +72,9 @@ class RunCommands(WriteSide):
         def decide(meta: EventMeta) -> Decision:
             card = self.load(Card, cmd.card_id, actor, Role.MEMBER, cmd.action)
             max_cost = None if cmd.max_cost is None else parse_usd(cmd.max_cost)
-            now = datetime.now(UTC)
+            # The decision's instant: the month whose spend it opens has begun by then (a clock
+            # read here, a moment later, may already be in the next month).
+            now = StampedEvent.create_timestamp()
             if card.archived:
                 raise InvalidTransition(f"card {card.id} is archived; restore it to run agents")
             spec = agent_named(cmd.agent.strip())
