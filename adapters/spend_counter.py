@@ -25,7 +25,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from adapters.metrics import SPEND_COUNTER_FAILURES
-from adapters.outages import OUTAGES, REDIS
+from adapters.outages import OUTAGES, REDIS, RetryGate
 from domain.budget_holds import CountedSpend, SpendReader, SpendReading
 
 if TYPE_CHECKING:
@@ -163,16 +163,25 @@ class RedisSpend:
     model knows (the counter's own holds are dropped in Redis), so it is asked when there are
     any: holds an orchestrator kept in-process while Redis was away."""
 
-    def __init__(self, client: redis.Redis, fallback: SpendReader) -> None:
+    def __init__(
+        self, client: redis.Redis, fallback: SpendReader, *, gate: RetryGate | None = None
+    ) -> None:
         self._client = client
         self._fallback = fallback
         self._script = client.register_script(_FEED)
+        self._gate = gate or RetryGate(first=0.25, longest=1.0)
+        """Once Redis timed out, checks read the read model without asking it until one tries
+        it again: each check that asks a Redis that does not answer waits a socket timeout."""
 
     def read(self, workspace_id: UUID, month: str, pending: Collection[UUID] = ()) -> SpendReading:
+        if not self._gate.may_try():
+            return self._fallback.read(workspace_id, month, pending)
         try:
             stored = self._client.get(counter_key(workspace_id, month))
         except RedisError as error:
+            self._gate.failed(error)
             return self._fall_back(workspace_id, month, pending, error)
+        self._gate.succeeded()
         if stored is not None:
             OUTAGES.up(REDIS)
             if not pending:
@@ -186,6 +195,7 @@ class RedisSpend:
             keys, args = _feed_call(CountedSpend(workspace_id, month, reading.spent))
             seeded = self._script(keys=keys, args=args)
         except RedisError as error:
+            self._gate.failed(error)
             SPEND_COUNTER_FAILURES.labels("read").inc()
             OUTAGES.down(REDIS, error)
             return reading

@@ -14,18 +14,21 @@ from typing import TYPE_CHECKING
 from uuid import uuid4
 
 import pytest
+import redis
 import redis.asyncio
 from outage_helpers import SilentServer, start_api_stack
 
 from adapters.budget_holds import RedisBudgetHolds
 from adapters.outages import OUTAGES, REDIS
-from domain.budget_holds import HoldRequest
+from adapters.spend_counter import RedisSpend
+from domain.budget_holds import HoldRequest, SpendReading
 from domain.errors import Unavailable
 from projections.base import Change
 from read_api.broadcast import RedisChangePublisher
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Collection, Iterator
+    from uuid import UUID
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +93,34 @@ def _hold(url: str, times: int) -> None:
     asyncio.run(calls())
 
 
-@pytest.mark.parametrize("calls", [_publish, _hold], ids=["projector commits", "budget holds"])
+class _ReadModelSpend:
+    """The read model's usage, as a spend reader falls back to it (a fake of ours)."""
+
+    def read(self, workspace_id: UUID, month: str, pending: Collection[UUID] = ()) -> SpendReading:
+        return SpendReading(7)
+
+    def close(self) -> None:
+        pass
+
+
+def _read_spend(url: str, times: int) -> None:
+    """Spend checks: every startAgentRun, and an orchestrator before each provider call."""
+    reader = RedisSpend(
+        redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0),
+        _ReadModelSpend(),
+    )
+    try:
+        for _ in range(times):
+            assert reader.read(uuid4(), "2026-12").spent == 7
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize(
+    "calls",
+    [_publish, _hold, _read_spend],
+    ids=["projector commits", "budget holds", "spend checks"],
+)
 def test_calls_that_go_on_without_redis_do_not_each_wait_on_a_silent_one(
     silent: SilentServer, calls: Callable[[str, int], None]
 ) -> None:
