@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import math
 import secrets
 import time
@@ -47,10 +48,15 @@ from domain.user import (
     oidc_link_id,
 )
 
+log = logging.getLogger(__name__)
+
 A = TypeVar("A", bound=Aggregate)
 T = TypeVar("T")
 
 RECOVERY_CODE_COUNT = 10
+#: How often a failed sign-in's record is tried again after conflicting with others: each
+#: conflict is another record's success, so it takes as many as guesses are sent together.
+_FAILURE_RECORD_RETRIES = 100
 _WRONG_CREDENTIALS = "email or password is wrong"
 _OUTLIVED = "the password was changed since this sign-in"
 _RACED = (
@@ -501,12 +507,20 @@ class Identity:
         return 2 * math.ceil(self.refresh_ttl_seconds / access) + 100
 
     def _record_failure(self, user_id: UUID, reason: str, correlation_id: str) -> None:
+        """Record a wrong password on the account. The caller's answer must not depend on it
+        (it is the answer of an address with no account): guesses sent together conflict on
+        the record, and each conflict is another one's success, so it is tried until recorded
+        (up to :data:`_FAILURE_RECORD_RETRIES`; past that it is logged, not raised)."""
+
         def decide(meta: EventMeta) -> tuple[list[Aggregate], None]:
             user = self._get(User, user_id)
             user.record_failed_login(reason, at=self._failed_at(user), meta=meta)
             return [user], None
 
-        self._retrying(str(user_id), correlation_id, decide)
+        try:
+            self._retrying(str(user_id), correlation_id, decide, retries=_FAILURE_RECORD_RETRIES)
+        except Conflict:
+            log.warning("identity.failed_login_unrecorded: user %s, %s", user_id, reason)
 
     def _grant(self, user: User, session_id: UUID, secret: str) -> SessionGrant:
         return SessionGrant(
@@ -551,16 +565,20 @@ class Identity:
         actor: str,
         correlation_id: str,
         decide: Callable[[EventMeta], tuple[list[Aggregate], T]],
+        *,
+        retries: int | None = None,
     ) -> T:
-        """Decide and save; after a concurrent write to the same aggregates, decide again."""
-        for attempt in range(self.retries + 1):
+        """Decide and save; after a concurrent write to the same aggregates, decide again (up
+        to ``retries`` times, the identity's own by default)."""
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
             meta = self._meta(actor, correlation_id)
             changed, answer = decide(meta)
             saving = [agg for agg in changed if agg.pending_events]
             try:
                 self._save(*saving)
             except Conflict as error:
-                if attempt == self.retries:
+                if attempt == retries:
                     raise Conflict("too many concurrent changes to this account; retry") from error
                 continue
             except Unavailable as unknown:
@@ -572,7 +590,7 @@ class Identity:
                 if settled is None:
                     raise
                 if not settled:
-                    if attempt == self.retries:
+                    if attempt == retries:
                         raise Unavailable(
                             "the database connection kept breaking; nothing was written, "
                             "retry shortly",

@@ -27,7 +27,7 @@ from domain.errors import (
     RateLimited,
     Unauthenticated,
 )
-from domain.user import MAX_SECOND_FACTOR_FAILURES, Session
+from domain.user import MAX_SECOND_FACTOR_FAILURES, Session, User
 
 PASSWORD = "correct horse battery"
 WRITERS = 8
@@ -182,3 +182,23 @@ def test_a_refresh_that_lost_the_race_to_its_token_s_rotation_leaves_the_session
     assert _session(write_side, grant.refresh_token).revoked
     with pytest.raises(Unauthenticated):
         identity.refresh(again.refresh_token)
+
+
+def test_wrong_passwords_sent_at_once_get_the_answer_of_an_unknown_address(
+    identity: Identity,
+) -> None:
+    """Each wrong password of an existing account is recorded on it (the audit trail shows
+    failed sign-ins), and guesses sent together conflict on that record: past its retries one
+    answered 409 CONFLICT, which a login naming no account never does, so a burst of guesses
+    told which addresses have accounts. Every one answers as an unknown address does."""
+    user_id = identity.signup(email="gus@example.com", password=PASSWORD, name="Gus")
+    guesses = 4 * WRITERS  # (the HTTP limits may be off, or be per device)
+    outcomes = _all_at_once(
+        guesses, lambda i: identity.login(email="gus@example.com", password=f"wrong guess {i}")
+    )
+    assert all(isinstance(o, Unauthenticated) for o in outcomes), outcomes
+    assert {str(o) for o in outcomes} == {"email or password is wrong"}
+    events = [
+        identity.app.mapper.to_domain_event(e) for e in identity.app.recorder.select_events(user_id)
+    ]
+    assert len([e for e in events if isinstance(e, User.LoginFailed)]) == guesses  # each recorded
