@@ -7,8 +7,10 @@ TOTP codes are computed by the RFC 6238 algorithm itself (HMAC-SHA-1, dynamic tr
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
@@ -589,3 +591,37 @@ def test_the_refresh_cookie_is_taken_only_from_the_api_s_own_or_an_allowed_origi
     http.cookies.clear()
     in_body = http.post(route, json={"refreshToken": token}, headers={"Origin": "https://x.test"})
     assert in_body.status_code in (200, 204), in_body.text
+
+
+def test_two_tabs_refreshing_at_once_stay_signed_in(
+    http: httpx.Client, auth_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two tabs of the SPA send /auth/refresh with the one aw_refresh cookie, both reading the
+    session before either rotates it (held here until both have read): one gets the new token,
+    the other CONFLICT, and the session lives on; before, the other revoked it as reuse and
+    both tabs were signed out."""
+    signed_in(http, "two-tabs@example.com")
+    cookie = http.cookies["aw_refresh"]
+    identity = auth_stack.services.auth.identity  # type: ignore[union-attr]
+    both_read = threading.Barrier(2, timeout=10)
+    session_of = identity.session_of
+
+    def read_together(token: str) -> Any:
+        session = session_of(token)
+        both_read.wait()
+        return session
+
+    monkeypatch.setattr(identity, "session_of", read_together)
+
+    def tab(_: int) -> httpx.Response:
+        with httpx.Client(base_url=auth_stack.url, timeout=15.0) as one:
+            one.cookies.set("aw_refresh", cookie, path="/auth")
+            return one.post("/auth/refresh")
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = sorted(pool.map(tab, range(2)), key=lambda a: a.status_code)
+    monkeypatch.undo()
+    assert [a.status_code for a in answers] == [200, 409], [a.text for a in answers]
+    assert answers[1].json()["error"]["code"] == "CONFLICT"
+    again = http.post("/auth/refresh", json={"refreshToken": answers[0].json()["refreshToken"]})
+    assert again.status_code == 200, again.text
