@@ -20,7 +20,7 @@ from domain import events as ev
 from domain.events import EventPayload, events_of
 from domain.money import format_usd
 from projections.base import BatchContext, Projector, rebuild_memo
-from projections.batch import insert_rows
+from projections.batch import fetch_all, insert_rows
 
 if TYPE_CHECKING:
     from domain.envelope import EventEnvelope
@@ -291,7 +291,8 @@ class ActivityProjector(Projector):
             return
         newest: dict[UUID, Subject] = remembered
         if ask:
-            ctx.cur.execute(
+            subjects = fetch_all(
+                ctx.cur,
                 ctx.tables.q(
                     "SELECT DISTINCT ON (subject_id) subject_id, card_id, project_id"
                     " FROM {rm_activity} WHERE subject_id = ANY(%s::uuid[])"
@@ -299,7 +300,7 @@ class ActivityProjector(Projector):
                 ),
                 (list(ask),),
             )
-            for row in ctx.cur.fetchall():
+            for row in subjects:
                 newest[row["subject_id"]] = (_text(row["card_id"]), _text(row["project_id"]))
         rows = []
         for env, ws, kind, summarise, card_id, project_id in items:

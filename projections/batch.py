@@ -17,10 +17,30 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from projections.base import BatchContext
-from projections.text import storable_utf8
+from projections.text import protect, storable_utf8
 
 if TYPE_CHECKING:
-    pass
+    from psycopg import Cursor, sql
+    from psycopg.abc import Params
+    from psycopg.rows import DictRow
+
+
+def fetch_all(
+    cur: Cursor[DictRow], query: sql.Composed, params: Params | None = None
+) -> list[DictRow]:
+    """The rows of ``query``, run in ``cur``'s transaction on a cursor of its own.
+
+    A batch's statements are pipelined, and psycopg hands a statement's answer to its cursor
+    when it reads it, which can be while a later statement of that cursor is under way: a
+    statement whose answer overflows the server's send buffer flushes the answers queued before
+    it, and whatever is sent next reads them. Fetched from the batch's cursor, such rows could
+    be an earlier command's answer ("the last operation didn't produce records"), and the batch
+    failed and was applied again event by event. A cursor of its own answers this query alone.
+    """
+    with cur.connection.cursor(row_factory=cur.row_factory) as own:
+        protect(own)
+        own.execute(query, params)
+        return own.fetchall()
 
 
 def insert_rows(

@@ -45,7 +45,7 @@ from domain.events import (
 )
 from domain.months import month_of
 from projections.base import MEMO_DROPPED, BatchContext, Projector
-from projections.batch import columns_of, insert_rows
+from projections.batch import columns_of, fetch_all, insert_rows
 
 if TYPE_CHECKING:
     from domain.envelope import EventEnvelope
@@ -256,14 +256,15 @@ class BillingProjector(Projector):
                 ask.add(env.originator_id)
         known: dict[UUID, Dimensions] = remembered
         if ask and not complete:
-            ctx.cur.execute(
+            asked = fetch_all(
+                ctx.cur,
                 ctx.tables.q(
                     "SELECT charge_id, project_id, card_id, run_id, provider, model"
                     " FROM {rm_charges} WHERE charge_id = ANY(%s::uuid[])"
                 ),
                 (list(ask),),
             )
-            for row in ctx.cur.fetchall():
+            for row in asked:
                 known[row["charge_id"]] = (
                     str(row["project_id"]),
                     str(row["card_id"]),
@@ -397,11 +398,11 @@ class BillingProjector(Projector):
         if lines:
             cur.execute(t.q(_ADD_LINES), columns_of([(*k, v) for k, v in sorted(lines.items())], 4))
         if spend:
-            cur.execute(
-                t.q(_ADD_SPEND), columns_of([(*k, *v) for k, v in sorted(spend.items())], 4)
+            added = fetch_all(
+                cur, t.q(_ADD_SPEND), columns_of([(*k, *v) for k, v in sorted(spend.items())], 4)
             )
             if ctx.spend is not None:
-                for row in cur.fetchall():
+                for row in added:
                     of_month = counted.get((str(row["workspace_id"]), row["month"]), [])
                     ctx.spend.append(
                         CountedSpend(

@@ -19,7 +19,7 @@ from eventsourcing.utils import get_topic
 from domain import events as ev
 from domain.card import Card
 from domain.project import Project
-from projections.batch import columns_of
+from projections.batch import columns_of, fetch_all
 from projections.columns import CARD_COLUMNS
 
 if TYPE_CHECKING:
@@ -96,9 +96,8 @@ def select_cards(
     statement += " ORDER BY card_id"
     if lock:
         statement += " FOR UPDATE"
-    cur.execute(t.q(statement), params)
     rows = []
-    for found in cur.fetchall():
+    for found in fetch_all(cur, t.q(statement), params):
         row = dict(found)
         for column in _UUID_COLUMNS:
             if row[column] is not None:
@@ -379,7 +378,8 @@ def renames_applied(
     late), names the lane as the board named it before the rename: the rename, when it was
     applied, did not move that card. A rename that cannot be read ends its project's list (the
     board's events stop before it: its aggregate is parked)."""
-    cur.execute(
+    renames = fetch_all(
+        cur,
         t.q(
             "SELECT e.originator_id::text AS project_id, e.notification_id AS position, e.state"
             " FROM agentworks_events AS e JOIN {rm_projects} AS p"
@@ -393,7 +393,7 @@ def renames_applied(
     )
     found: dict[str, list[tuple[int, str, str]]] = {}
     ended: set[str] = set()
-    for row in cur.fetchall():
+    for row in renames:
         project = row["project_id"]
         if project in ended:
             continue
@@ -440,15 +440,15 @@ wip_limit_set = Writes[ev.ProjectWipLimitSet](
 def lane_removed(
     cur: Cursor[DictRow], t: Tables, env: EventEnvelope, event: ev.ProjectLaneRemoved
 ) -> None:
-    cur.execute(
+    removed = fetch_all(
+        cur,
         t.q("DELETE FROM {rm_lanes} WHERE project_id = %s AND name = %s RETURNING ord"),
         (env.originator_id, event.lane),
     )
-    removed = cur.fetchone()
-    if removed is not None:
+    if removed:
         cur.execute(
             t.q("UPDATE {rm_lanes} SET ord = ord - 1 WHERE project_id = %s AND ord > %s"),
-            (env.originator_id, removed["ord"]),
+            (env.originator_id, removed[0]["ord"]),
         )
     touch_board(cur, t, env)
 

@@ -833,24 +833,26 @@ class ProjectionRunner:
             "ON CONFLICT (projector, originator_id) DO NOTHING",
             (self.tracking_name, ids),
         )
-        cur.execute(
-            "SELECT originator_id, version FROM projection_versions "
-            "WHERE projector = %s AND originator_id = ANY(%s::uuid[]) "
-            "ORDER BY originator_id FOR UPDATE",
-            (self.tracking_name, ids),
-        )
-        # Which are parked, in a statement of its own, begun once the rows are locked (sent
-        # in the same round trip when pipelined: the server runs it after the lock). Asked in
-        # the locking statement, it was answered as of that statement's snapshot, taken before
-        # waiting: a retry that unparked an aggregate meanwhile (and held its row) left it
-        # parked there, and its event delivered meanwhile was held back for nothing.
-        with cur.connection.cursor() as parked:
+        # Locked, then asked which are parked, each statement on a cursor of its own (see
+        # projections.batch.fetch_all), both sent in one round trip when pipelined: the server
+        # runs the second once the rows are locked. Asked in the locking statement, it was
+        # answered as of that statement's snapshot, taken before waiting: a retry that unparked
+        # an aggregate meanwhile (and held its row) left it parked there, and its event
+        # delivered meanwhile was held back for nothing.
+        conn = cur.connection
+        with conn.cursor(row_factory=cur.row_factory) as locked, conn.cursor() as parked:
+            locked.execute(
+                "SELECT originator_id, version FROM projection_versions "
+                "WHERE projector = %s AND originator_id = ANY(%s::uuid[]) "
+                "ORDER BY originator_id FOR UPDATE",
+                (self.tracking_name, ids),
+            )
             parked.execute(
                 "SELECT originator_id FROM projection_parked "
                 "WHERE projector = %s AND originator_id = ANY(%s::uuid[])",
                 (self.tracking_name, ids),
             )
-            rows = cur.fetchall()
+            rows = locked.fetchall()
             held = {row["originator_id"] for row in parked.fetchall()}
         return {row["originator_id"]: int(row["version"]) for row in rows}, held
 
