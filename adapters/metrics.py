@@ -157,6 +157,27 @@ GRAPHQL_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 
+PROJECTOR_BATCH_SECONDS = Histogram(
+    "agentworks_projector_batch_seconds",
+    "Time a projector took to apply one batch of deliveries (its retries and fallback "
+    "included; rebuilds not counted), by projector.",
+    ["projector"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+PROJECTOR_EVENTS_APPLIED = Counter(
+    "agentworks_projector_events_applied_total",
+    "Events projectors applied (delivered, or healed from the store), by projector.",
+    ["projector"],
+)
+PROJECTOR_BATCH_RETRIES = Counter(
+    "agentworks_projector_batch_retries_total",
+    "Times a projector's batch was rolled back and tried again, by projector and reason: "
+    "``race`` (another worker applied an overlapping delivery first) or ``one_by_one`` (the "
+    "batch failed as a whole, and its events were applied one at a time to find the one at "
+    "fault).",
+    ["projector", "reason"],
+)
+
 
 @contextmanager
 def observe_command(command_type: str, traceparent: str) -> Iterator[str]:

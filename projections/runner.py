@@ -43,6 +43,7 @@ from uuid import UUID
 import structlog
 from opentelemetry.trace import SpanKind
 
+from adapters import metrics
 from adapters.eventlog import MAX_BATCH_BYTES
 from adapters.outages import is_infrastructure_failure, is_write_race
 from adapters.telemetry import continue_trace
@@ -475,7 +476,14 @@ class ProjectionRunner:
                 continue  # committed; the events it left follow at once
             if self._exclusive is None:
                 self._trace(envelopes, started)
+                self._measure(done, started)
             return done
+
+    def _measure(self, done: BatchOutcome, started_ns: int) -> None:
+        name = self.tracking_name
+        metrics.PROJECTOR_BATCH_SECONDS.labels(name).observe((time.time_ns() - started_ns) / 1e9)
+        if done.applied or done.healed:
+            metrics.PROJECTOR_EVENTS_APPLIED.labels(name).inc(done.applied + done.healed)
 
     def _park(self, attempt: _Attempt, parked: Parked) -> None:
         """The next try parks ``parked``'s aggregate. Logged as an error without a traceback:
@@ -508,6 +516,7 @@ class ProjectionRunner:
         if clash in clashes:
             return False
         clashes.add(clash)
+        metrics.PROJECTOR_BATCH_RETRIES.labels(self.tracking_name, "race").inc()
         log.warning(
             "projection.batch_retry",
             projector=self.tracking_name,
@@ -525,6 +534,7 @@ class ProjectionRunner:
             next="applying its events one by one",
         )
         attempt.one_by_one = True
+        metrics.PROJECTOR_BATCH_RETRIES.labels(self.tracking_name, "one_by_one").inc()
         if self._exclusive is not None:
             # What the projector remembered of the rolled-back batch was never written.
             self._exclusive.drop_memo()
