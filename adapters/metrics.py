@@ -147,6 +147,9 @@ AGENT_RUN_SECONDS = Histogram(
     buckets=(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
 )
 
+_WORK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Seconds for a request's or a batch's work: milliseconds, up to the ten seconds past which
+something is wrong."""
 GRAPHQL_SECONDS = Histogram(
     "agentworks_graphql_seconds",
     "Time to run a GraphQL query or mutation the API executed (parse, validation, execution; "
@@ -154,7 +157,7 @@ GRAPHQL_SECONDS = Histogram(
     "operation selects, ``unknown`` for a name the schema lacks) and outcome (``ok`` or the "
     "first error's code).",
     ["operation", "field", "outcome"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    buckets=_WORK_BUCKETS,
 )
 
 PROJECTOR_BATCH_SECONDS = Histogram(
@@ -162,7 +165,7 @@ PROJECTOR_BATCH_SECONDS = Histogram(
     "Time a projector took to apply one batch of deliveries (its retries and fallback "
     "included; rebuilds not counted), by projector.",
     ["projector"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    buckets=_WORK_BUCKETS,
 )
 PROJECTOR_EVENTS_APPLIED = Counter(
     "agentworks_projector_events_applied_total",
