@@ -93,14 +93,12 @@ from read_api.errors import (
 )
 from read_api.identity import add_auth_routes
 from read_api.input_checks import (
-    MAX_VARIABLE_NESTING,
-    MAX_VARIABLE_VALUES,
     BodyTooSlow,
     NotJson,
     body_within,
     closing,
     require_json,
-    shape_problem,
+    variables_problem,
 )
 from read_api.membership import member_workspace_of
 from read_api.ratelimit import address_limits, limits_for
@@ -560,10 +558,8 @@ def _parse_request(
     variables = data.get("variables")
     if variables is not None and not isinstance(variables, dict):
         raise BadRequest("'variables' must be a JSON object")
-    if variables is not None and (
-        problem := shape_problem(variables, depth=MAX_VARIABLE_NESTING, values=MAX_VARIABLE_VALUES)
-    ):
-        raise BadRequest(f"'variables' {problem}")
+    if (problem := variables_problem(variables)) is not None:
+        raise BadRequest(problem)
     operation_name = data.get("operationName")
     if operation_name is not None and not isinstance(operation_name, str):
         raise BadRequest("'operationName' must be a string")

@@ -75,6 +75,16 @@ def shape_problem(value: object, *, depth: int, values: int) -> str | None:
     return None
 
 
+def variables_problem(variables: dict[str, object] | None) -> str | None:
+    """What makes a request's ``variables`` too large to take further (:func:`shape_problem`
+    with the bounds above), named as the request's field; ``None``: nothing. Over HTTP and the
+    WebSocket alike, before any other check walks them."""
+    if variables is None:
+        return None
+    problem = shape_problem(variables, depth=MAX_VARIABLE_NESTING, values=MAX_VARIABLE_VALUES)
+    return None if problem is None else f"'variables' {problem}"
+
+
 def closing(headers: dict[str, str], request: Request, *, read: bool) -> dict[str, str] | None:
     """``headers``, with ``Connection: close`` when the request's body was not read whole (a
     refusal before it, one past its size or time): its client could go on sending the body it

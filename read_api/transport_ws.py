@@ -6,7 +6,9 @@ operation's task gives it back when it ends, however it ends: ``complete`` from 
 stream finishing, an error, or the connection going away (strawberry cancels every operation
 task of a connection when it closes, a dropped TCP connection included). A refused ``subscribe``
 gets the protocol's ``error`` message, with ``extensions.code`` ``RATE_LIMITED``; the connection
-and its other operations are left as they were. Each ``subscribe`` is also counted against the
+and its other operations are left as they were. A ``subscribe`` whose ``variables`` pass the
+bounds of a POSTed request's (:func:`read_api.input_checks.variables_problem`) is refused so too,
+with ``VALIDATION``, before anything walks them. Each ``subscribe`` is also counted against the
 caller's request rate limits (per user and workspace), as a POSTed operation is: one connection
 is no way around them.
 
@@ -46,9 +48,10 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
 )
 from strawberry.types.execution import ExecutionResult, PreExecutionError
 
-from domain.errors import RateLimited
+from domain.errors import RateLimited, ValidationFailed
 from read_api.context import RequestContext
 from read_api.errors import error_extensions
+from read_api.input_checks import variables_problem
 from read_api.ratelimit import limits_for
 
 if TYPE_CHECKING:
@@ -117,6 +120,13 @@ def malformed(message: object) -> str | None:
     return None
 
 
+def _require_takeable_variables(message: SubscribeMessage) -> None:
+    """Refuse a ``subscribe`` whose ``variables`` a POSTed request could not bring either."""
+    problem = variables_problem(message["payload"].get("variables"))
+    if problem is not None:
+        raise ValidationFailed(problem)
+
+
 class LimitedTransportWSHandler(BaseGraphQLTransportWSHandler[RequestContext, None]):
     _held: int = 0
     """Subscriptions this connection holds (an instance's own count from its first change)."""
@@ -175,8 +185,9 @@ class LimitedTransportWSHandler(BaseGraphQLTransportWSHandler[RequestContext, No
                     ),
                 )
             )
+            _require_takeable_variables(message)
             slots.take(user_id, held_by_connection=self._held)
-        except RateLimited as error:
+        except (RateLimited, ValidationFailed) as error:
             await self.send_message(
                 {
                     "id": message["id"],

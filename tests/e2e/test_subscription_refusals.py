@@ -20,6 +20,8 @@ from api_client import ApiClient
 from e2e_stack import MakeStack, Stack
 from test_subscription_limits import RawConnection
 
+from read_api.input_checks import MAX_VARIABLE_NESTING, MAX_VARIABLE_VALUES
+
 BOARD_CHANGED = "subscription($id: ID!) { boardChanged(projectId: $id) { kind cardId } }"
 
 
@@ -111,6 +113,29 @@ def test_a_literal_holding_text_postgresql_cannot_store_is_an_error_message(
     refusal = _refused_with_an_error_message(stack, {"query": document})
     assert "boardChanged.projectId" in refusal["payload"][0]["message"]
     assert "NUL" in refusal["payload"][0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (list(range(MAX_VARIABLE_VALUES)), f"more than {MAX_VARIABLE_VALUES} values"),
+        (
+            json.loads("[" * MAX_VARIABLE_NESTING + "]" * MAX_VARIABLE_NESTING),
+            f"deeper than {MAX_VARIABLE_NESTING} levels",
+        ),
+    ],
+    ids=["values", "nesting"],
+)
+def test_variables_too_large_to_take_are_an_error_message(
+    stack: Stack, extra: object, said: str
+) -> None:
+    """The bounds of a POSTed request's ``variables`` (read_api.input_checks.shape_problem):
+    a variable the operation does not declare is walked by every check all the same."""
+    refusal = _refused_with_an_error_message(
+        stack, {"query": BOARD_CHANGED, "variables": {"id": str(uuid4()), "extra": extra}}
+    )
+    assert said in refusal["payload"][0]["message"]
+    assert "variables" in refusal["payload"][0]["message"]
 
 
 def test_a_subscription_over_the_cost_estimate_is_an_error_message(stack: Stack) -> None:
