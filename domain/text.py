@@ -59,7 +59,9 @@ def replace_unstorable(value: str) -> str:
 
 def find_unstorable(value: object, where: str = "") -> tuple[str, str] | None:
     """The first text inside ``value`` (strings, mapping keys and values, sequences) that cannot
-    be stored, as ``(path, problem)``; paths read like ``input.lanes.1.name``."""
+    be stored, as ``(path, problem)``; paths read like ``input.lanes.1.name``. For a mapping's
+    key, the path is the mapping's own (empty for ``value`` itself) and the problem names the
+    key: ``key 'a\\x00' must not contain NUL ...``."""
     if isinstance(value, str):
         problem = text_problem(value)
         return None if problem is None else (where, problem)
@@ -72,7 +74,7 @@ def find_unstorable(value: object, where: str = "") -> tuple[str, str] | None:
         return None
     for key, item in entries:
         if isinstance(key, str) and _UNSTORABLE.search(key) is not None:
-            return (f"{where or 'a'} key {key!r}", text_problem(key) or "")
+            return (where, f"key {key!r} {text_problem(key)}")
         if _nothing_to_find(item):
             continue
         found = find_unstorable(item, f"{where}.{key}" if where else str(key))

@@ -165,10 +165,16 @@ class StorableTextOnly(SchemaExtension):
 
     def on_execute(self) -> Iterator[None]:
         context = self.execution_context
-        found = find_unstorable(context.variables or {})
-        if found is not None:
-            path, problem = found
-            raise GraphQLError(f"variable ${path} {problem}", extensions={"code": "VALIDATION"})
+        for name, value in (context.variables or {}).items():
+            problem = text_problem(name)
+            if problem is not None:
+                raise GraphQLError(
+                    f"variable name {name!r} {problem}", extensions={"code": "VALIDATION"}
+                )
+            found = find_unstorable(value, name)
+            if found is not None:
+                path, problem = found
+                raise GraphQLError(f"variable ${path} {problem}", extensions={"code": "VALIDATION"})
         query = context.query or ""
         # Literals can only hide such text behind an escape (\u0000) or hold it raw; a document
         # with neither, as nearly every real one is, needs no walk.

@@ -13,6 +13,7 @@ from uuid import uuid4
 
 import pydantic
 import pytest
+import strawberry
 from aw_builders import World, meta
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -22,11 +23,12 @@ from domain.card import Card
 from domain.errors import ValidationFailed
 from domain.meta import EventMeta
 from domain.roles import Role
-from domain.text import find_unstorable, storable_text, text_problem
+from domain.text import find_unstorable, refuse_unstorable, storable_text, text_problem
 from domain.workspace import Workspace
 from read_api import cursors
 from read_api.consistency import ConsistencyToken
 from read_api.errors import describe_validation_error
+from read_api.input_checks import StorableTextOnly
 
 #: Every character PostgreSQL text can hold: anything but NUL and the surrogate block.
 storable = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"))
@@ -67,6 +69,45 @@ class TestTheRule:
             "must not contain NUL (U+0000); found at character 1",
         )
         assert find_unstorable({"k\ud800": "v"}) is not None
+
+    @pytest.mark.parametrize(
+        ("name", "said"),
+        [("a\x00", "'a\\x00'"), ("\ud800", "'\\ud800'")],
+        ids=["nul", "surrogate"],
+    )
+    def test_a_key_is_named_by_itself_not_by_a_path_that_does_not_exist(
+        self, name: str, said: str
+    ) -> None:
+        """A top-level key is no path at all; the key itself, escaped, is what was wrong."""
+        path, problem = find_unstorable({name: "v"}) or ("", "")
+        assert path == ""
+        assert problem.startswith(f"key {said} must "), problem
+        with pytest.raises(ValidationFailed, match=rf"^Card\.Blocked key {re.escape(said)} must "):
+            refuse_unstorable({name: "v"}, what="Card.Blocked")
+        # Nested keys read as before: the place holding the key, then the key.
+        assert find_unstorable({"input": {"lanes": {name: 1}}}) == (
+            "input.lanes",
+            f"key {said} {text_problem(name)}",
+        )
+
+    @pytest.mark.parametrize("name", ["a\x00", "a\ud800"], ids=["nul", "surrogate"])
+    def test_a_graphql_variable_whose_name_cannot_be_stored_is_refused_naming_that_name(
+        self, name: str
+    ) -> None:
+        @strawberry.type
+        class Query:
+            @strawberry.field
+            def echo(self, text: str) -> str:
+                return text
+
+        schema = strawberry.Schema(query=Query, extensions=[StorableTextOnly])
+        result = schema.execute_sync(
+            "query($a: String!) { echo(text: $a) }", variable_values={"a": "x", name: "y"}
+        )
+        assert result.errors is not None
+        [error] = result.errors
+        assert error.extensions == {"code": "VALIDATION"}
+        assert error.message.startswith(f"variable name {name!r} must "), error.message
 
 
 def _str_fields(model: type[pydantic.BaseModel]) -> list[str]:
