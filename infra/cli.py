@@ -754,12 +754,21 @@ def _replay_with_progress(
         )
 
 
+_LAST_LOG_POSITION = 2**63 - 1
+"""The largest position an event log can hold (a PostgreSQL ``bigint``)."""
+
+
 @app.command("sweep")
 def sweep_command(
     name: Annotated[str, typer.Argument(help=_PROJECTOR_HELP, show_default=False)],
     through: Annotated[
         int | None,
-        typer.Option("--through", help="Log position to sweep up to (default: the log head)."),
+        typer.Option(
+            "--through",
+            help="Log position to sweep up to (default: the log head).",
+            min=0,
+            max=_LAST_LOG_POSITION,
+        ),
     ] = None,
     data_dir: DataDirOption = None,
 ) -> None:

@@ -524,3 +524,16 @@ def test_sweep_applies_what_a_projector_never_received(database_url: str, tmp_pa
         "sweep", "activity", cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": database_url}
     )
     assert f"activity: swept through {events[-1].position:,}, 0 missing events" in again.stderr
+
+
+@pytest.mark.parametrize("through", ["-5", "-1", str(2**63), "99999999999999999999999"])
+def test_sweep_through_a_position_no_log_can_hold_is_refused(
+    database_url: str, tmp_path: Path, through: str
+) -> None:
+    # -5 "swept through 0" and exited 0; a position past bigint swept to the head.
+    result = agentworks(
+        "sweep", "all", "--through", through, cwd=tmp_path,
+        env={"AGENTWORKS_DATABASE_URL": database_url},
+    )  # fmt: skip
+
+    assert "--through" in assert_one_line_error(result, code=2)
