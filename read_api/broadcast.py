@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,6 +30,7 @@ import redis
 import redis.asyncio
 import structlog
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.outages import OUTAGES, REDIS, RetryGate
 from domain.errors import Unavailable
@@ -48,6 +50,13 @@ DEFAULT_QUEUE_BYTES = 4 * 1024 * 1024
 subscriber of a run whose chunks were large (up to 64 KiB of text live) held up to a thousand of
 them in the API's memory."""
 DEFAULT_CHANNEL_PREFIX = "agentworks:"
+READ_SECONDS = 1.0
+"""How long one read of the pub/sub connection waits for a message."""
+PING_AFTER_SECONDS = 5.0
+"""How long the pub/sub connection may stay quiet before its reader sends a PING."""
+PONG_WITHIN_SECONDS = 2.0
+"""How long the reader waits for Redis to say anything after its PING before it gives the
+connection up (a partition, a host gone: nothing refused, nothing answered)."""
 
 
 class MessagesLost(Exception):
@@ -255,6 +264,9 @@ class RedisBroadcaster:
     queue_size: int = DEFAULT_QUEUE_SIZE
     queue_bytes: int = DEFAULT_QUEUE_BYTES
     confirm_timeout: float = 5.0
+    read_timeout: float = READ_SECONDS
+    ping_after: float = PING_AFTER_SECONDS
+    pong_within: float = PONG_WITHIN_SECONDS
     _feeds: dict[str, set[Feed]] = field(init=False, default_factory=dict, repr=False)
     _confirmations: dict[str, asyncio.Future[None]] = field(
         init=False, default_factory=dict, repr=False
@@ -274,15 +286,23 @@ class RedisBroadcaster:
         queue_size: int = DEFAULT_QUEUE_SIZE,
         queue_bytes: int = DEFAULT_QUEUE_BYTES,
         confirm_timeout: float = 5.0,
+        read_timeout: float = READ_SECONDS,
+        ping_after: float = PING_AFTER_SECONDS,
+        pong_within: float = PONG_WITHIN_SECONDS,
     ) -> RedisBroadcaster:
         """A broadcaster with its own clients: async for subscribers, sync for publishing."""
         return cls(
-            redis.asyncio.Redis.from_url(url),
+            # Bounded like every other Redis client's: a reconnect to a silent Redis (its
+            # handshake) or a PING sent to one must fail, not hold the reader for good.
+            redis.asyncio.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0),
             publisher=RedisChangePublisher.from_url(url, channel_prefix=channel_prefix),
             channel_prefix=channel_prefix,
             queue_size=queue_size,
             queue_bytes=queue_bytes,
             confirm_timeout=confirm_timeout,
+            read_timeout=read_timeout,
+            ping_after=ping_after,
+            pong_within=pong_within,
         )
 
     @contextlib.asynccontextmanager
@@ -390,9 +410,13 @@ class RedisBroadcaster:
 
     async def _read(self, pubsub: redis.asyncio.client.PubSub) -> None:
         failures = 0
+        liveness = _Liveness(ping_after=self.ping_after, pong_within=self.pong_within)
         while True:
             try:
-                message = await pubsub.get_message(timeout=1.0)
+                await liveness.ping_if_quiet(pubsub)
+                message = await pubsub.get_message(timeout=self.read_timeout)
+                if message is None:
+                    liveness.check()
                 if failures:
                     OUTAGES.up(REDIS)
                 failures = 0
@@ -406,9 +430,14 @@ class RedisBroadcaster:
                 OUTAGES.down(REDIS, error)
                 log.debug("broadcast.redis_read_failed", error=repr(error))
                 self._all_lost()
+                if liveness.pinged is not None and pubsub.connection is not None:
+                    # Given up: the next read connects again (and subscribes its channels).
+                    await pubsub.connection.disconnect()
                 await asyncio.sleep(min(0.1 * 2**failures, 1.0))
+                liveness.heard()
                 continue
             if message is not None:
+                liveness.heard()
                 self._dispatch(message)
 
     def _dispatch(self, message: Mapping[str, Any]) -> None:
@@ -439,6 +468,35 @@ class RedisBroadcaster:
         for feeds in self._feeds.values():
             for feed in feeds:
                 feed.mark_lost()
+
+
+@dataclass
+class _Liveness:
+    """Whether the pub/sub connection's Redis still answers. Idle reads alone cannot tell a
+    quiet channel from a Redis gone silent (a partition, a host gone after a failover: nothing
+    refused, nothing answered), whose subscribers would never hear again nor learn that they
+    miss messages; after ``ping_after`` seconds without a word the reader sends a PING, and
+    Redis must say something within ``pong_within`` seconds of it."""
+
+    ping_after: float
+    pong_within: float
+    _heard: float = field(default_factory=time.monotonic)
+    pinged: float | None = None
+    """When the PING waiting for an answer was sent."""
+
+    def heard(self) -> None:
+        self._heard = time.monotonic()
+        self.pinged = None
+
+    async def ping_if_quiet(self, pubsub: redis.asyncio.client.PubSub) -> None:
+        if self.pinged is None and time.monotonic() - self._heard >= self.ping_after:
+            await pubsub.ping()
+            self.pinged = time.monotonic()
+
+    def check(self) -> None:
+        """Raise if the PING went unanswered for too long."""
+        if self.pinged is not None and time.monotonic() - self.pinged >= self.pong_within:
+            raise RedisTimeoutError(f"no answer to PING within {self.pong_within}s")
 
 
 def _text(value: object) -> str:

@@ -302,14 +302,31 @@ def card_ids_in_log(database_url: str) -> dict[str, UUID]:
 
 
 class SilentServer:
-    """Accepts connections and never answers; counts the connections it was asked on."""
+    """Accepts connections and never answers; counts the connections it was asked on.
 
-    def __init__(self) -> None:
+    With ``upstream`` (a real Redis's host and port) it is a proxy that goes silent on
+    :meth:`silence` (a network partition, a host gone after a failover: nothing refused,
+    nothing answered; the connections it carried never carry anything again) until
+    :meth:`resume`, after which new connections reach ``upstream`` again."""
+
+    def __init__(self, upstream: tuple[str, int] | None = None) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
         self.connections = 0
+        self._upstream = upstream
+        self._silent = upstream is None
+        self._cut: list[threading.Event] = []
+        """One per connection carried to ``upstream``: set, it carries nothing any more."""
         self._held: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True, name="silent-redis").start()
+
+    def silence(self) -> None:
+        self._silent = True
+        for cut in self._cut:
+            cut.set()
+
+    def resume(self) -> None:
+        self._silent = False
 
     def _accept(self) -> None:
         while True:
@@ -319,8 +336,26 @@ class SilentServer:
                 return
             self.connections += 1
             self._held.append(conn)
+            if self._silent or self._upstream is None:
+                continue
+            server = socket.create_connection(self._upstream)
+            self._held.append(server)
+            cut = threading.Event()
+            self._cut.append(cut)
+            for source, target in ((conn, server), (server, conn)):
+                threading.Thread(
+                    target=_carry, args=(source, target, cut), daemon=True, name="silent-redis"
+                ).start()
 
     def close(self) -> None:
         self._listener.close()
         for conn in self._held:
             conn.close()
+
+
+def _carry(source: socket.socket, target: socket.socket, cut: threading.Event) -> None:
+    """Copy what ``source`` sends to ``target`` until either closes; once ``cut``, drop it."""
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            if not cut.is_set():
+                target.sendall(data)

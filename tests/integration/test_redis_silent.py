@@ -10,6 +10,7 @@ every request a wait for a Redis already known to be away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING
 from uuid import uuid4
 
@@ -24,7 +25,7 @@ from adapters.spend_counter import RedisSpend
 from domain.budget_holds import HoldRequest, SpendReading
 from domain.errors import Unavailable
 from projections.base import Change
-from read_api.broadcast import RedisChangePublisher
+from read_api.broadcast import Feed, MessagesLost, RedisBroadcaster, RedisChangePublisher
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterator
@@ -129,3 +130,64 @@ def test_calls_that_go_on_without_redis_do_not_each_wait_on_a_silent_one(
     held the call, and another on its settle)."""
     calls(silent.url, 5)
     assert silent.connections <= 1, f"{silent.connections} of 5 calls waited on a silent Redis"
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[SilentServer]:
+    """A proxy to the test's Redis that can go silent."""
+    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
+    server = SilentServer(upstream=(host, int(port)))
+    try:
+        yield server
+    finally:
+        server.close()
+        OUTAGES.up(REDIS)
+
+
+def test_subscribers_are_told_when_redis_goes_silent_under_them_and_hear_it_again_after(
+    redis_url: str, proxy: SilentServer
+) -> None:
+    """A pub/sub connection whose Redis went silent (a partition, a host gone after a failover)
+    only ever saw idle reads: its subscribers were never told that messages were being lost,
+    and never heard another one once Redis was reachable again. The reader pings after an idle
+    spell; no answer, and the connection is given up, its subscribers told, and another one
+    made (here through the proxy, once it carries again)."""
+    direct = redis.Redis.from_url(redis_url)
+    prefix = f"test-silent-{uuid4().hex}:"
+    url = proxy.url.rsplit("/", 1)[0] + "/" + redis_url.rsplit("/", 1)[1]
+
+    async def heard(feed: Feed) -> dict[str, object]:
+        """The next message, publishing until one arrives; the losses met on the way skipped."""
+        async with asyncio.timeout(30):  # a deadline, not a measure: it hangs otherwise
+            while True:
+                direct.publish(f"{prefix}board:p", '{"n": 1}')
+                with contextlib.suppress(MessagesLost, TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        return await feed.get()
+
+    async def drained(feed: Feed) -> None:
+        """Read until a loss is signalled (what was published before the cut is skipped)."""
+        while True:
+            await feed.get()
+
+    async def partitioned_then_healed() -> int:
+        hub = RedisBroadcaster.from_url(
+            url, channel_prefix=prefix, read_timeout=0.05, ping_after=0.2, pong_within=0.2
+        )
+        try:
+            async with hub.subscribe("board:p") as feed:
+                assert await heard(feed) == {"n": 1}
+                proxy.silence()
+                async with asyncio.timeout(30):
+                    with pytest.raises(MessagesLost):
+                        await drained(feed)
+                connections_silent = proxy.connections
+                proxy.resume()
+                assert await heard(feed) == {"n": 1}
+                return proxy.connections - connections_silent
+        finally:
+            await hub.aclose()
+
+    with direct:
+        reconnected = asyncio.run(partitioned_then_healed())
+    assert reconnected >= 1  # what it heard came on a new connection
