@@ -39,6 +39,8 @@ SECOND_FACTOR_GUESSES = frozenset({"wrong code", "code replayed"})
 
 _EMAIL_NAMESPACE = UUID("6f1e3a52-8d0c-4a7e-9b57-2a1f3c4d5e60")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
+#: Zero-width non-joiner and joiner: formatting characters words of some scripts need.
+_JOINERS = frozenset("\u200c\u200d")
 #: The prefix of an IDNA A-label: the ASCII form of a domain label in Unicode.
 _ACE = "xn--"
 _UNICODE_LABEL = re.compile(r"[^@\s.\x00\ud800-\udfff]+")
@@ -55,12 +57,29 @@ def normalise_email(raw: str) -> str:
     email = unicodedata.normalize("NFKC", lowered)  # lowering may decompose: compose again
     if len(email) > MAX_EMAIL_LENGTH:
         raise ValidationFailed(f"email is {len(email)} characters; at most {MAX_EMAIL_LENGTH}")
+    _refuse_unseen(email)
     if not _EMAIL.fullmatch(email):
         raise ValidationFailed("email must look like name@example.com")
     local, _, domain = email.partition("@")
     email = f"{local}@{'.'.join(map(_unicode_label, domain.split('.')))}"
     # NUL cannot be stored, a lone surrogate has no UTF-8 form for the claim's id (uuid5).
     return storable_text(email, what="email")
+
+
+def _refuse_unseen(email: str) -> None:
+    """Refuse characters no address holds: controls (C0, DEL, C1) and invisible formatting
+    characters (Unicode's Cf: bidi overrides and isolates, zero-width spaces, soft hyphens,
+    tags), which make an address display as another one, or as one it is not, to whoever reads
+    it (a member or invitation list). ZWNJ and ZWJ are kept: some scripts need them inside
+    words, and IDNA 2008 allows them there. NUL is left to :func:`storable_text`."""
+    for at, char in enumerate(email):
+        if char in _JOINERS or char == "\x00":
+            continue
+        if unicodedata.category(char) in ("Cc", "Cf"):
+            raise ValidationFailed(
+                "email must not contain control or invisible formatting characters; found "
+                f"U+{ord(char):04X} at character {at}"
+            )
 
 
 def _unicode_label(label: str) -> str:
@@ -107,9 +126,12 @@ def email_claim_id(email: str) -> UUID:
 
 
 def check_password(password: str) -> None:
-    """Length rules only: at least 10 characters (API.md), bounded so hashing stays cheap."""
+    """At least 10 characters (API.md), not all of them white space, bounded so hashing stays
+    cheap. The one rule wherever a password is set (sign-up, a change)."""
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ValidationFailed(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
+    if not password.strip():
+        raise ValidationFailed("password must not be white space alone")
     if len(password) > MAX_PASSWORD_LENGTH:
         raise ValidationFailed(f"password must be at most {MAX_PASSWORD_LENGTH} characters")
 

@@ -344,6 +344,48 @@ def test_text_no_json_client_can_encode_is_refused_not_a_server_error(
         assert error_of(answer) == (400, "VALIDATION"), (path, answer.text)
 
 
+#: Addresses no mail system routes, which display as another (or as nothing different): C0,
+#: DEL and C1 controls, a bidi override, a zero-width space.
+UNSEEN_IN_ADDRESSES = {
+    "c0": "s7\x01@example.com",
+    "del": "s7\x7f@example.com",
+    "c1": "s7\x9b@example.com",
+    "bidi-override": "s7\u202e@example.com",
+    "zero-width-space": "s7\u200b@example.com",
+}
+
+
+@pytest.mark.parametrize("email", UNSEEN_IN_ADDRESSES.values(), ids=UNSEEN_IN_ADDRESSES.keys())
+def test_an_address_with_control_or_invisible_characters_is_refused(
+    http: httpx.Client, email: str
+) -> None:
+    answer = http.post("/auth/signup", json={"email": email, "password": PASSWORD, "name": "S"})
+    assert error_of(answer) == (400, "VALIDATION"), answer.text
+    assert answer.json()["error"]["message"].startswith("email "), answer.text
+    # Nothing was made: a login finds no account.
+    assert error_of(login(http, email)) == (401, "UNAUTHENTICATED")
+
+
+@pytest.mark.parametrize("blank", [" " * 12, "\t\n \u3000\u00a0" * 3], ids=["spaces", "mixed"])
+def test_a_password_of_white_space_alone_is_refused_wherever_one_is_set(
+    http: httpx.Client, blank: str
+) -> None:
+    email = f"blank-{len(blank)}@example.com"
+    refused = http.post("/auth/signup", json={"email": email, "password": blank, "name": "B"})
+    assert error_of(refused) == (400, "VALIDATION"), refused.text
+    assert refused.json()["error"]["message"].startswith("password "), refused.text
+    assert error_of(login(http, email)) == (401, "UNAUTHENTICATED")  # no account was made
+
+    token = signed_in(http, email)["accessToken"]
+    changed = http.post(
+        "/auth/password",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"currentPassword": PASSWORD, "newPassword": blank},
+    )
+    assert error_of(changed) == (400, "VALIDATION"), changed.text
+    assert login(http, email).status_code == 200  # the password is still the old one
+
+
 @contextmanager
 def limited_client(
     database_url: str, redis_url: str, *, per_account: int = 3, per_address: int = 10_000,

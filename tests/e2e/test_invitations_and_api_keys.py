@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import psycopg
 from e2e_stack import Stack
+from test_identity_flow import UNSEEN_IN_ADDRESSES
 
 PASSWORD = "correct horse battery"
 
@@ -333,3 +334,16 @@ def test_an_api_key_makes_no_lasting_credentials(http: httpx.Client, auth_stack:
     # Members signed in as themselves still make both.
     assert data(gql(http, admin, CREATE_KEY, w=workspace_id, n="by hand", r="MEMBER"))
     assert data(gql(http, admin, INVITE, w=workspace_id, e="colleague@mint.test", r="MEMBER"))
+
+
+def test_an_invitation_to_an_address_with_control_characters_is_refused(
+    http: httpx.Client,
+) -> None:
+    """The rule of a sign-up's address (test_identity_flow): an invitation to an address no
+    account can have is refused, naming the field."""
+    _, owner = user(http, "owner@unseen.test")
+    workspace_id = workspace_of(http, owner, "Unseen")
+    for email in UNSEEN_IN_ADDRESSES.values():
+        answer = gql(http, owner, INVITE, w=workspace_id, e=email, r="MEMBER")
+        assert code(answer) == "VALIDATION", (email, answer.text)
+        assert "email" in answer.json()["errors"][0]["message"], answer.text

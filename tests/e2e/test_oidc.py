@@ -21,6 +21,7 @@ import pytest
 from api_client import PROTOCOL
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from e2e_stack import Stack, StackBuilder
+from test_identity_flow import UNSEEN_IN_ADDRESSES
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -350,6 +351,24 @@ def test_a_display_name_this_api_would_refuse_does_not_refuse_the_sign_in(
     found = me(oidc_stack, provider.token("rsa-1", sub=subject, email=email, name=name))
     assert found["email"] == email
     assert found["name"] in (email, name[:200])
+
+
+@pytest.mark.parametrize("email", UNSEEN_IN_ADDRESSES.values(), ids=UNSEEN_IN_ADDRESSES.keys())
+def test_an_email_claim_with_control_or_invisible_characters_provisions_no_one(
+    oidc_stack: Stack, provider: Provider, email: str
+) -> None:
+    """The rule of a sign-up's address: a provider's claim is held to it as well, answered as
+    one that is no address at all."""
+    subject = f"unseen-{email.encode('unicode_escape').decode()}"
+    answer = ask(oidc_stack, provider.token("rsa-1", sub=subject, email=email))
+    no_address = ask(oidc_stack, provider.token("rsa-1", sub=f"{subject}-2", email="nope"))
+    [refusal] = answer.json()["errors"]
+    assert no_address.json()["errors"][0]["extensions"]["code"] == "VALIDATION"
+    assert (answer.status_code, refusal["extensions"]) == (
+        no_address.status_code,
+        no_address.json()["errors"][0]["extensions"],
+    )
+    assert refusal["message"].startswith("email "), refusal
 
 
 def test_a_provider_token_refused_on_a_websocket_closes_it_with_the_reason(
