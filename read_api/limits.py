@@ -26,17 +26,20 @@ about 1 s of CPU at the dearest measured (a read, ~8 µs per field it counts; ob
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cache, lru_cache
 from types import MappingProxyType
 from typing import Any
 
 from graphql import (
+    ASTValidationRule,
     DocumentNode,
     FieldNode,
     FragmentDefinitionNode,
     FragmentSpreadNode,
     GraphQLError,
+    GraphQLSchema,
     InlineFragmentNode,
     IntValueNode,
     NullValueNode,
@@ -49,9 +52,10 @@ from graphql import (
     value_from_ast_untyped,
     visit,
 )
-from graphql.validation.validate import ValidationAbortedError
-from strawberry.extensions import SchemaExtension, ValidationCache
-from strawberry.schema.schema import validate_document
+from graphql.validation.validate import ValidationAbortedError, validate
+from strawberry.extensions import SchemaExtension
+from strawberry.schema.validation_rules.maybe_null import MaybeNullValidationRule
+from strawberry.schema.validation_rules.one_of import OneOfInputValidationRule
 from strawberry.types.graphql import OperationType
 
 from domain.errors import ValidationFailed
@@ -193,7 +197,7 @@ every other limit, so one user's 512 requests held half a gigabyte or more until
 them out. Documents clients send are a few kilobytes."""
 
 
-class BoundedValidation(ValidationCache):
+class BoundedValidation(SchemaExtension):
     """Strawberry's validation (cached), for documents whose fragments expand them to at most
     ``max_selections`` fields nesting at most ``max_nesting`` levels deep; any other document
     is refused (code VALIDATION) without being validated.
@@ -209,7 +213,8 @@ class BoundedValidation(ValidationCache):
     """
 
     def __init__(self, *, maxsize: int, max_selections: int, max_nesting: int = 64) -> None:
-        super().__init__(maxsize=maxsize)
+        super().__init__()
+        self._validated = _validation_cache(maxsize)
         self.max_selections = max_selections
         self.max_nesting = max_nesting
 
@@ -221,13 +226,11 @@ class BoundedValidation(ValidationCache):
             if refusal is not None:
                 errors = [refusal]
             elif len(context.query or "") > MAX_CACHED_DOCUMENT_CHARS:
-                errors = validate_document(
+                errors = validate_bounded(
                     context.schema._schema, document, context.validation_rules
                 )
             else:
-                errors = self.cached_validate_document(
-                    context.schema._schema, document, context.validation_rules
-                )
+                errors = self._validated(context.schema._schema, document, context.validation_rules)
             context.pre_execution_errors = _explained(errors)
         yield
 
@@ -235,6 +238,13 @@ class BoundedValidation(ValidationCache):
         fragments = {
             d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)
         }
+        operations = sum(isinstance(d, OperationDefinitionNode) for d in document.definitions)
+        if operations > MAX_OPERATIONS:
+            return GraphQLError(
+                f"query holds {operations} operations, more than {MAX_OPERATIONS} operations; "
+                "send the one to run (or a few, with operationName)",
+                extensions={"code": "VALIDATION"},
+            )
         measure = _Expansion(fragments, self.max_selections, self.max_nesting)
         for definition in document.definitions:
             if isinstance(definition, OperationDefinitionNode):
@@ -264,6 +274,35 @@ class BoundedValidation(ValidationCache):
                     extensions={"code": "VALIDATION"},
                 )
         return None
+
+
+MAX_OPERATIONS = 50
+"""How many operations a document may hold. One is run, but each is validated: 800 (within
+the token limit) took half a second of the event loop. A client sends the one it runs, or a
+file of its operations naming one, far fewer than this."""
+
+MAX_VALIDATION_ERRORS = 10
+"""Validation stops after this many errors (graphql-core's own limit is 100). Each unknown
+field's error computes suggestions against every field of its type: a document of thousands of
+them spent a fifth of a second of the event loop on its first 100 errors, where the first few
+say what to mend."""
+
+
+def validate_bounded(
+    schema: GraphQLSchema, document: DocumentNode, rules: tuple[type[ASTValidationRule], ...]
+) -> list[GraphQLError]:
+    """Strawberry's validation (its rules added to ``rules``), stopping after
+    :data:`MAX_VALIDATION_ERRORS` errors."""
+    every = (*rules, MaybeNullValidationRule, OneOfInputValidationRule)
+    return validate(schema, document, every, max_errors=MAX_VALIDATION_ERRORS)
+
+
+@cache
+def _validation_cache(maxsize: int) -> Callable[..., list[GraphQLError]]:
+    """:func:`validate_bounded` behind an LRU cache of ``maxsize`` shared by every request (the
+    schema, the document parsed once by the document cache and the rules built once are the same
+    objects each time), as strawberry's validation cache is."""
+    return lru_cache(maxsize=maxsize)(validate_bounded)
 
 
 MAX_INPUT_OBJECT_FIELDS = 50
