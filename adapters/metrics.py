@@ -29,6 +29,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from adapters.postgres import connect
 from adapters.telemetry import continue_trace, current_traceparent
 
 if TYPE_CHECKING:
@@ -303,7 +304,7 @@ class LagCollector(Collector):
             "not (the lag series are then absent: alert on this, not on their absence).",
         )
         try:
-            with psycopg.connect(self.database_url, connect_timeout=3) as conn:
+            with connect(self.database_url) as conn:
                 standing = read_standing(conn, expected=self.projectors, relays=self.relays)
         except psycopg.Error:
             read_up.add_metric([], 0)

@@ -115,6 +115,13 @@ def connection_options(conninfo: str) -> dict[str, Any]:
     return {name: value for name, value in CONNECTION_OPTIONS.items() if name not in given}
 
 
+def connect(conninfo: str, **kwargs: Any) -> Connection[Any]:
+    """A connection of its own, outside any pool (a lock held for a session, a LISTEN, a read
+    now and then), with :func:`connection_options` as the pools have them; ``kwargs`` are
+    psycopg's own (``autocommit``, a server ``options`` string)."""
+    return psycopg.connect(conninfo, **{**connection_options(conninfo), **kwargs})
+
+
 class _Reconnect(AttemptWithBackoff):
     """psycopg's reconnection backoff, starting at 0.1 s and never above 0.5 s."""
 

@@ -10,7 +10,7 @@ import psycopg
 import structlog
 
 from adapters.outages import OUTAGES
-from adapters.postgres import connection_options, dependency_name
+from adapters.postgres import connect, dependency_name
 
 log = structlog.get_logger(__name__)
 
@@ -59,9 +59,7 @@ class LogWakeup:
     def _listen(self) -> None:
         while not self._stop.is_set():
             try:
-                with psycopg.connect(
-                    self.url, autocommit=True, **connection_options(self.url)
-                ) as conn:
+                with connect(self.url, autocommit=True) as conn:
                     conn.execute(f'LISTEN "{self.channel}"')
                     OUTAGES.up(self.dependency)
                     self.wake.set()

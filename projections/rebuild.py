@@ -45,7 +45,7 @@ import structlog
 from psycopg import sql
 
 from adapters.eventlog import MAX_BATCH_BYTES
-from adapters.postgres import CONNECT_TIMEOUT
+from adapters.postgres import connect
 from projections.base import Tables, unread_by
 from projections.read_versions import bump_epoch
 from projections.revisions import check_revisions, record_revision
@@ -165,7 +165,7 @@ def _one_rebuild_at_a_time(
     taken in one order, so that ``rebuild all`` and ``rebuild NAME`` cannot deadlock."""
     keys = sorted({_rebuild_lock_key(p.name): p.name for p in projectors}.items())
     conninfo = pool.conninfo if isinstance(pool.conninfo, str) else pool.conninfo()
-    with psycopg.connect(conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+    with connect(conninfo, autocommit=True) as conn:
         for key, name in keys:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
             if not (row and row[0]):

@@ -33,7 +33,7 @@ from opentelemetry.trace import SpanKind
 from adapters.eventlog import MAX_BATCH_BYTES, header_envelope
 from adapters.metrics import BROKER_LOG_LOST
 from adapters.outages import OUTAGES, is_connection_error, is_database_error, is_outage
-from adapters.postgres import login_url
+from adapters.postgres import connect, login_url
 from adapters.telemetry import continue_trace, current_traceparent, tracing_enabled
 from adapters.wakeup import LogWakeup
 from domain.envelope import OMITTED
@@ -180,7 +180,7 @@ class RelayPositions:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = psycopg.connect(self._url, autocommit=True)
+            self._conn = connect(self._url, autocommit=True)
         return self._conn
 
     def _execute(self, query: str, params: tuple[Any, ...] | None = None) -> psycopg.Cursor[Any]:
@@ -223,7 +223,7 @@ class RelayLease:
     def acquire(self) -> bool:
         try:
             if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(self._url, autocommit=True, options=self._options)
+                self._conn = connect(self._url, autocommit=True, options=self._options)
             row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
             self.held = bool(row and row[0])
             self.unreachable = False

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING
 
 import httpx
 import pg
+import psycopg
 import pytest
 from dedicated_postgres import dedicated_postgres
 from network_partition import Partition, partition
 from outage_helpers import CREATE_CARD, ApiStack, card_titles_in_log, start_api_stack
 
 from infra.migrate import migrate
+from streams.relay import RelayLease, RelayPositions
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -35,20 +37,30 @@ ANSWER_WITHIN = 40.0
 
 
 @pytest.fixture
-def partitioned() -> Iterator[tuple[Partition, ApiStack]]:
-    """The API stack on a server across a link the test can cut."""
+def partitioned_server() -> Iterator[tuple[Partition, str]]:
+    """A migrated database on a server across a link the test can cut, and its URL."""
     with (
         partition() as cut,
         dedicated_postgres(host=cut.server_address, run_in=cut.command) as server,
     ):
         url = server.create_database("agentworks")
         migrate(url, app_role="agentworks_app", logins=pg.LOGIN_PASSWORDS)
-        api = start_api_stack(url, pool_timeout=1.0, settle_seconds=2.0, fanout=False)
         try:
-            yield cut, api
+            yield cut, url
         finally:
             cut.heal()
-            api.close()
+
+
+@pytest.fixture
+def partitioned(partitioned_server: tuple[Partition, str]) -> Iterator[tuple[Partition, ApiStack]]:
+    """The API stack on a server across a link the test can cut."""
+    cut, url = partitioned_server
+    api = start_api_stack(url, pool_timeout=1.0, settle_seconds=2.0, fanout=False)
+    try:
+        yield cut, api
+    finally:
+        cut.heal()
+        api.close()
 
 
 def test_requests_during_a_partition_answer_unavailable_and_service_resumes_after_it(
@@ -88,6 +100,34 @@ def test_requests_during_a_partition_answer_unavailable_and_service_resumes_afte
     in_log = card_titles_in_log(stack.database_url)
     assert "after" in in_log
     assert not set(titles) & set(in_log)
+
+
+def test_the_relays_connections_give_up_a_silent_server(
+    partitioned_server: tuple[Partition, str],
+) -> None:
+    """The relay's connections of its own (its position, its lease) waited out the kernel's
+    retransmissions across a partition: the relay stalled for some fifteen minutes, holding a
+    lease it could no longer know it held, instead of failing and trying again."""
+    cut, url = partitioned_server
+    positions = RelayPositions(url, role=None)
+    lease = RelayLease(url, role=None)
+    clients = concurrent.futures.ThreadPoolExecutor(2)
+    try:
+        assert positions.load() == 0
+        assert lease.acquire()
+        cut.cut()
+        loaded = clients.submit(positions.load)
+        held = clients.submit(lease.still_held)
+        done, _ = concurrent.futures.wait([loaded, held], timeout=ANSWER_WITHIN)
+        assert done == {loaded, held}, "the relay's connections hung"
+        with pytest.raises(psycopg.OperationalError):
+            loaded.result()
+        assert held.result() is False
+    finally:
+        cut.heal()  # (a connection still waiting gets its answer once TCP retransmits)
+        clients.shutdown()
+        positions.close()
+        lease.release()
 
 
 def _post(
