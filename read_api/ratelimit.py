@@ -1,15 +1,20 @@
 """Request rate limits per user and per workspace, in fixed one-minute windows.
 
 With Redis every API instance shares the counters (one Lua script per request: ``INCR`` and
-``EXPIRE`` per limit); without it each process counts for itself. When Redis cannot be reached
-the request is let through and the failure logged: readiness reports Redis, and refusing all
-traffic because a counter store is down would turn a degraded dependency into an outage. Once
-Redis failed, requests go on without asking it until it is tried again (``RetryGate``), so a
-Redis that does not answer at all costs a request a timeout now and then, not every request.
+``EXPIRE`` per limit); without it each process counts for itself. While Redis cannot be reached
+each process counts for itself too (:class:`LocalRateLimiter`, bounded in size), every limit,
+until Redis answers again: letting requests through gave a password guesser unlimited tries
+during an outage, and refusing all traffic because a counter store is down would turn a
+degraded dependency into an outage. A process's own count never exceeds the shared count it
+stands in for, so the fallback refuses nothing Redis would have let through (with several API
+instances a client may get up to that many times a limit while Redis is away). Once Redis
+failed, requests go on without asking it until it is tried again (``RetryGate``), so a Redis
+that does not answer at all costs a request a timeout now and then, not every request.
 """
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import threading
 import time
@@ -126,15 +131,20 @@ return 0
 
 
 class RedisRateLimiter:
-    """Shared fixed-window counters in Redis, counted atomically by one Lua script."""
+    """Shared fixed-window counters in Redis, counted atomically by one Lua script; counted in
+    this process while Redis is away."""
 
     def __init__(self, client: redis.asyncio.Redis, *, gate: RetryGate | None = None) -> None:
         self._client = client
         self._script = client.register_script(_HIT_SCRIPT)
         self._gate = gate or RetryGate(first=0.25, longest=1.0)
+        self._fallback = LocalRateLimiter()
 
     async def hit(self, limits: list[Limit]) -> None:
-        if not limits or not self._gate.may_try():
+        if not limits:
+            return
+        if not self._gate.may_try():
+            await self._fallback.hit(limits)
             return
         window, remaining = _window(time.time())
         keys = [f"{limit.key}:{window}" for limit in limits]
@@ -142,22 +152,27 @@ class RedisRateLimiter:
         try:
             refused = int(await self._script(keys=keys, args=args))
         except (RedisError, OSError) as error:
-            # Degraded, not down: requests go on unlimited while Redis is away. Said once
+            # Degraded, not down: counted in this process while Redis is away. Said once
             # (adapters.outages), not at every request.
             self._unreached(error)
+            await self._fallback.hit(limits)
             return
         self._reached()
         if refused:
             raise _refuse(limits[refused - 1], remaining)
 
     async def check(self, limits: list[Limit]) -> None:
-        if not limits or not self._gate.may_try():
+        if not limits:
+            return
+        if not self._gate.may_try():
+            await self._fallback.check(limits)
             return
         window, remaining = _window(time.time())
         try:
             counts = await self._client.mget([f"{limit.key}:{window}" for limit in limits])
         except (RedisError, OSError) as error:
             self._unreached(error)
+            await self._fallback.check(limits)
             return
         self._reached()  # a process that only checks after an outage must say it is over
         for limit, count in zip(limits, counts, strict=True):
@@ -173,12 +188,23 @@ class RedisRateLimiter:
         OUTAGES.up(REDIS)
 
 
-class LocalRateLimiter:
-    """Per-process fixed-window counters, for a single API process without Redis."""
+MAX_LOCAL_KEYS = 50_000
+"""How many counters one process keeps (a few MB): a flood of keys (accounts named by logins,
+client networks) must not grow its memory without bound."""
 
-    def __init__(self) -> None:
+
+class LocalRateLimiter:
+    """Per-process fixed-window counters: a single API process without Redis, or any while
+    Redis is away.
+
+    At most ``max_keys`` counters: once full, the less counted half is dropped (a dropped key
+    starts again from nothing), so keys near their limits, those of a guesser, stay counted
+    however many other keys a flood brings."""
+
+    def __init__(self, *, max_keys: int = MAX_LOCAL_KEYS) -> None:
         self._counts: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
+        self._max_keys = max_keys
         self._window = -1
         """The window :attr:`_counts` was last pruned for."""
 
@@ -195,13 +221,21 @@ class LocalRateLimiter:
                 self._counts = {k: v for k, v in self._counts.items() if k[1] >= window}
                 self._window = window
             for limit in limits:
-                count = self._counts.get((limit.key, window), 0) + 1
-                self._counts[(limit.key, window)] = count
+                key = (limit.key, window)
+                count = self._counts.get(key, 0) + 1
+                if count == 1 and len(self._counts) >= self._max_keys:
+                    self._drop_least_counted()
+                self._counts[key] = count
                 if count > limit.allowed:
                     refused = limit
                     break
         if refused is not None:
             raise _refuse(refused, remaining)
+
+    def _drop_least_counted(self) -> None:
+        """Keep the more counted half (once per ``max_keys / 2`` new keys at most)."""
+        kept = heapq.nlargest(self._max_keys // 2, self._counts.items(), key=lambda kv: kv[1])
+        self._counts = dict(kept)
 
     async def check(self, limits: list[Limit]) -> None:
         window, remaining = _window(time.time())

@@ -52,7 +52,10 @@ def broadcasting(
     if redis_url is None:
         return LocalBroadcaster(), None
     hub = RedisBroadcaster.from_url(redis_url, channel_prefix=channel_prefix)
-    return hub, redis.asyncio.Redis.from_url(redis_url)
+    # The timeouts of the API's own client (infra.stack): a Redis gone silent fails a call.
+    return hub, redis.asyncio.Redis.from_url(
+        redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+    )
 
 
 def serve_api(

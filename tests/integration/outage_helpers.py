@@ -7,8 +7,7 @@ database away under it.
   ``commandId`` and some not, each answer classified as done, failed (UNAVAILABLE, nothing
   written), unknown (UNAVAILABLE, outcome unknown, with the commandId to retry with) or other
   (anything else: a bug);
-* :func:`card_titles_in_log`: what the event log holds, to hold the answers to;
-* :class:`SilentServer`: a Redis (or any server) that takes connections and never answers.
+* :func:`card_titles_in_log`: what the event log holds, to hold the answers to.
 
 No pytest in here.
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
-import socket
 import threading
 import time
 from collections import Counter
@@ -296,66 +294,3 @@ def card_titles_in_log(database_url: str) -> Counter[str]:
 def card_ids_in_log(database_url: str) -> dict[str, UUID]:
     """Title → the id of the card created with it (titles are unique in these tests)."""
     return dict(_cards_created_in_log(database_url))
-
-
-# -- a dependency that takes connections and never answers ------------------------------------
-
-
-class SilentServer:
-    """Accepts connections and never answers; counts the connections it was asked on.
-
-    With ``upstream`` (a real Redis's host and port) it is a proxy that goes silent on
-    :meth:`silence` (a network partition, a host gone after a failover: nothing refused,
-    nothing answered; the connections it carried never carry anything again) until
-    :meth:`resume`, after which new connections reach ``upstream`` again."""
-
-    def __init__(self, upstream: tuple[str, int] | None = None) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
-        self.connections = 0
-        self._upstream = upstream
-        self._silent = upstream is None
-        self._cut: list[threading.Event] = []
-        """One per connection carried to ``upstream``: set, it carries nothing any more."""
-        self._held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True, name="silent-redis").start()
-
-    def silence(self) -> None:
-        self._silent = True
-        for cut in self._cut:
-            cut.set()
-
-    def resume(self) -> None:
-        self._silent = False
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            self._held.append(conn)
-            if self._silent or self._upstream is None:
-                continue
-            server = socket.create_connection(self._upstream)
-            self._held.append(server)
-            cut = threading.Event()
-            self._cut.append(cut)
-            for source, target in ((conn, server), (server, conn)):
-                threading.Thread(
-                    target=_carry, args=(source, target, cut), daemon=True, name="silent-redis"
-                ).start()
-
-    def close(self) -> None:
-        self._listener.close()
-        for conn in self._held:
-            conn.close()
-
-
-def _carry(source: socket.socket, target: socket.socket, cut: threading.Event) -> None:
-    """Copy what ``source`` sends to ``target`` until either closes; once ``cut``, drop it."""
-    with contextlib.suppress(OSError):
-        while data := source.recv(65536):
-            if not cut.is_set():
-                target.sendall(data)

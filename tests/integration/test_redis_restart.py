@@ -1,8 +1,8 @@
 """Redis restarted under the API: it keeps answering, says so once, and is whole again after.
 
 Redis here is a server of the test's own on a free port (the shared one on 6379 is never
-restarted). While it is away, rate limits are not counted (requests go through rather than
-fail), change notifications are dropped (subscribers re-read the read model), ``/readyz`` says
+restarted). While it is away, rate limits are counted in process (requests go through rather
+than fail), change notifications are dropped (subscribers re-read the read model), ``/readyz`` says
 not ready so a balancer can prefer another instance, and the outage is logged once.
 """
 

@@ -3,8 +3,8 @@ without it rather than each waiting for it.
 
 A stopped Redis refuses connections at once; a silent one takes every command and answers
 nothing, so each request that asks it waits out the client's socket timeout. Rate limits are
-let through while Redis is away (README, "When a dependency goes away"); that must not cost
-every request a wait for a Redis already known to be away.
+counted in process while Redis is away (README, "When a dependency goes away"); that must not
+cost every request a wait for a Redis already known to be away.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from uuid import uuid4
 import pytest
 import redis
 import redis.asyncio
-from outage_helpers import SilentServer, start_api_stack
+from outage_helpers import start_api_stack
+from redis_proxy import SilentServer, proxy_to
 
 from adapters.budget_holds import RedisBudgetHolds
 from adapters.outages import OUTAGES, REDIS
@@ -134,14 +135,8 @@ def test_calls_that_go_on_without_redis_do_not_each_wait_on_a_silent_one(
 
 @pytest.fixture
 def proxy(redis_url: str) -> Iterator[SilentServer]:
-    """A proxy to the test's Redis that can go silent."""
-    host, port = redis_url.removeprefix("redis://").split("/")[0].split(":")
-    server = SilentServer(upstream=(host, int(port)))
-    try:
+    with proxy_to(redis_url) as server:
         yield server
-    finally:
-        server.close()
-        OUTAGES.up(REDIS)
 
 
 def test_subscribers_are_told_when_redis_goes_silent_under_them_and_hear_it_again_after(
@@ -154,7 +149,6 @@ def test_subscribers_are_told_when_redis_goes_silent_under_them_and_hear_it_agai
     made (here through the proxy, once it carries again)."""
     direct = redis.Redis.from_url(redis_url)
     prefix = f"test-silent-{uuid4().hex}:"
-    url = proxy.url.rsplit("/", 1)[0] + "/" + redis_url.rsplit("/", 1)[1]
 
     async def heard(feed: Feed) -> dict[str, object]:
         """The next message, publishing until one arrives; the losses met on the way skipped."""
@@ -172,7 +166,7 @@ def test_subscribers_are_told_when_redis_goes_silent_under_them_and_hear_it_agai
 
     async def partitioned_then_healed() -> int:
         hub = RedisBroadcaster.from_url(
-            url, channel_prefix=prefix, read_timeout=0.05, ping_after=0.2, pong_within=0.2
+            proxy.url, channel_prefix=prefix, read_timeout=0.05, ping_after=0.2, pong_within=0.2
         )
         try:
             async with hub.subscribe("board:p") as feed:

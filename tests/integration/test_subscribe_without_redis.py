@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import pytest
 import structlog
 from dedicated_postgres import free_port
-from outage_helpers import SilentServer, start_api_stack
+from outage_helpers import start_api_stack
+from redis_proxy import SilentServer
 from websockets.sync.client import connect
 
 from adapters.outages import OUTAGES, REDIS

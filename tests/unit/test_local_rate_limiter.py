@@ -80,3 +80,22 @@ def test_a_check_counts_nothing_and_refuses_once_a_limit_is_spent(now: list[floa
         asyncio.run(limiter.check([limit]))
     now[0] += ratelimit.WINDOW_SECONDS
     asyncio.run(limiter.check([limit]))
+
+
+def test_a_flood_of_keys_keeps_the_counters_bounded_and_a_guessers_count(now: list[float]) -> None:
+    """Logins naming ever new accounts (or requests from ever new networks) each add a counter:
+    the limiter keeps at most ``max_keys``, and dropping some must not reset the count of the
+    account a guesser is at."""
+    limiter = LocalRateLimiter(max_keys=100)
+    guessed = Limit("p:login-account:target", 3, "account's logins")
+
+    async def guesses_then_flood() -> None:
+        for _ in range(3):
+            await limiter.hit([guessed])
+        for n in range(1_000):
+            await limiter.hit([Limit(f"p:login-account:{n}", 3, "account's logins")])
+
+    asyncio.run(guesses_then_flood())
+    assert len(limiter._counts) <= 100
+    with pytest.raises(RateLimited):
+        asyncio.run(limiter.hit([guessed]))
