@@ -107,7 +107,8 @@ class EmbeddedFanout:
         up), even when they come to it at different times: the last reads (:data:`KEPT_READS`,
         within :data:`KEPT_BATCHES_OF_BYTES`) are kept for the projectors behind (what the log
         reader passes is final: nothing will be added before its last position; an empty read
-        is not kept). One further behind (it
+        is not kept). A kept read says nothing of what was appended after it: a projector
+        handed one reads on afresh before the fan-out counts it caught up. One further behind (it
         was slow, or its last batch failed) is read for apart, so a projector that lags or keeps
         failing holds back none but itself. ``now``: one whose batch failed less than a poll
         interval before is left to rest."""
@@ -120,9 +121,12 @@ class EmbeddedFanout:
             if now is not None and self._resting.get(runner.name, now) > now:
                 continue
             done = self._position(runner)
-            read = reads.get(done) or self._read(done)
+            earlier = reads.get(done)
+            read = earlier or self._read(done)
             pending = read.envelopes
-            backlog = read.cut or bool(backlog)
+            # A kept read ends where the log's head was when it was read: events may have
+            # been appended since, so only a fresh read not cut at a bound says there is none.
+            backlog = read.cut or earlier is not None or bool(backlog)
             largest = max(largest, len(pending))
             if pending:
                 reads[done] = read
