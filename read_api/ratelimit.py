@@ -18,6 +18,7 @@ import heapq
 import ipaddress
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -141,43 +142,48 @@ class RedisRateLimiter:
         self._fallback = LocalRateLimiter()
 
     async def hit(self, limits: list[Limit]) -> None:
-        if not limits:
-            return
-        if not self._gate.may_try():
-            await self._fallback.hit(limits)
-            return
-        window, remaining = _window(time.time())
-        keys = [f"{limit.key}:{window}" for limit in limits]
-        args = [WINDOW_SECONDS + 5, *(limit.allowed for limit in limits)]
-        try:
-            refused = int(await self._script(keys=keys, args=args))
-        except (RedisError, OSError) as error:
-            # Degraded, not down: counted in this process while Redis is away. Said once
-            # (adapters.outages), not at every request.
-            self._unreached(error)
-            await self._fallback.hit(limits)
-            return
-        self._reached()
-        if refused:
-            raise _refuse(limits[refused - 1], remaining)
+        await self._counted(limits, self._hit_shared, self._fallback.hit)
 
     async def check(self, limits: list[Limit]) -> None:
+        await self._counted(limits, self._check_shared, self._fallback.check)
+
+    async def _counted(
+        self,
+        limits: list[Limit],
+        shared: Callable[[list[Limit], int], Awaitable[Limit | None]],
+        local: Callable[[list[Limit]], Awaitable[None]],
+    ) -> None:
+        """``shared`` (the limit it found spent, if any) against Redis; ``local``, in this
+        process, while Redis is away: degraded, not down. A failure is said once (adapters.
+        outages), not at every request, and an answer says the outage is over, from a process
+        that only checks too."""
         if not limits:
             return
-        if not self._gate.may_try():
-            await self._fallback.check(limits)
-            return
-        window, remaining = _window(time.time())
-        try:
-            counts = await self._client.mget([f"{limit.key}:{window}" for limit in limits])
-        except (RedisError, OSError) as error:
-            self._unreached(error)
-            await self._fallback.check(limits)
-            return
-        self._reached()  # a process that only checks after an outage must say it is over
+        if self._gate.may_try():
+            window, remaining = _window(time.time())
+            try:
+                spent = await shared(limits, window)
+            except (RedisError, OSError) as error:
+                self._unreached(error)
+            else:
+                self._reached()
+                if spent is not None:
+                    raise _refuse(spent, remaining)
+                return
+        await local(limits)
+
+    async def _hit_shared(self, limits: list[Limit], window: int) -> Limit | None:
+        keys = [f"{limit.key}:{window}" for limit in limits]
+        args = [WINDOW_SECONDS + 5, *(limit.allowed for limit in limits)]
+        refused = int(await self._script(keys=keys, args=args))
+        return limits[refused - 1] if refused else None
+
+    async def _check_shared(self, limits: list[Limit], window: int) -> Limit | None:
+        counts = await self._client.mget([f"{limit.key}:{window}" for limit in limits])
         for limit, count in zip(limits, counts, strict=True):
             if count is not None and int(count) >= limit.allowed:
-                raise _refuse(limit, remaining)
+                return limit
+        return None
 
     def _unreached(self, error: BaseException) -> None:
         self._gate.failed(error)
