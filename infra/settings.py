@@ -303,7 +303,8 @@ class Settings(BaseSettings):
             if entry and not _is_web_origin(entry):
                 raise ValueError(
                     f"{entry!r} is not a web origin: name each one as a browser sends it, "
-                    "scheme://host[:port] in lower case (http or https, no path), never '*'"
+                    "scheme://host[:port] in lower case (http or https, no path, no default "
+                    "port, a non-ASCII name in its xn-- form), never '*'"
                 )
         return value
 
@@ -578,17 +579,36 @@ def _read_secret(path: Path) -> str | None:
     return text
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def _is_web_origin(entry: str) -> bool:
-    """Whether ``entry`` is one origin as a browser's ``Origin`` header spells it."""
+    """Whether ``entry`` is one origin as a browser's ``Origin`` header spells it: the scheme's
+    default port left out, the host in ASCII (a name's IDNA form, ``xn--``) and an IPv6
+    address in its shortest form. Spelt otherwise it names the same site, yet no request's
+    ``Origin`` ever equals it."""
     try:
         parts = urlsplit(entry)
         port = parts.port  # a port that is no number raises
     except ValueError:
         return False
     host = parts.hostname or ""
-    named = f"[{host}]" if ":" in host else host  # an IPv6 address
-    rebuilt = f"{parts.scheme}://{named}" + ("" if port is None else f":{port}")
-    return parts.scheme in ("http", "https") and bool(host) and "*" not in host and entry == rebuilt
+    if ":" in host:  # an IPv6 address
+        try:
+            named = f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError:
+            return False
+    else:
+        named = host
+    shown = None if port == _DEFAULT_PORTS.get(parts.scheme) else port
+    rebuilt = f"{parts.scheme}://{named}" + ("" if shown is None else f":{shown}")
+    return (
+        parts.scheme in _DEFAULT_PORTS
+        and bool(host)
+        and host.isascii()
+        and "*" not in host
+        and entry == rebuilt
+    )
 
 
 def _check_parses(url: str) -> None:

@@ -101,6 +101,12 @@ def test_trusted_proxy_addresses_and_networks_pass() -> None:
         "https://app.example/",  # a path: no browser sends it, no request ever matched
         "app.example",
         "ftp://app.example",
+        # Browsers leave the scheme's default port out of Origin, spell a host in its ASCII
+        # (IDNA) form and an IPv6 address in its shortest: none of these ever matched.
+        "https://app.example:443",
+        "http://app.example:80",
+        "https://bücher.example",
+        "http://[0:0:0:0:0:0:0:1]:3000",
     ],
 )
 def test_a_cors_origin_that_is_no_single_web_origin_is_refused_naming_it(origins: str) -> None:
