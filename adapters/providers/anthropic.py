@@ -2,7 +2,8 @@
 
 Input tokens come from ``message_start``, said at once as :class:`Accepted` (a call cut before
 any text is charged the provider's count of its prompt), or from the last ``message_delta`` when
-it counts more; output tokens from the last ``message_delta``; the call is complete at
+it counts more; output tokens from the last ``message_delta``; the call is complete at the
+``message_delta`` that gives the ``stop_reason`` (only ``message_stop`` may follow it), or at
 ``message_stop``. A whole answer without counts we can read (no ``message_delta``, or a count
 that is null, a fraction, a string of another thing than digits) is charged our own counts
 (estimated), as SseProvider charges an implausible one, not made again. An ``error`` event (e.g.
@@ -86,6 +87,12 @@ class AnthropicProvider(SseProvider):
                     # Cumulative, as its output count is: the final one when the prompt grew
                     # during the call; a smaller one (a placeholder 0) is no count.
                     input_tokens = max(input_tokens, grown)
+                if (payload.get("delta") or {}).get("stop_reason"):
+                    # The answer's end, with its final counts: only message_stop may follow,
+                    # and the answer is whole without it (lost, it was a broken stream,
+                    # charged our estimates and made, and billed, again).
+                    stopped = True
+                    break
             elif kind == "message_stop":
                 stopped = True
                 break

@@ -13,6 +13,7 @@ Exceptions raised by adapters::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 import zlib
@@ -458,23 +459,34 @@ class SseProvider(ABC):
                 started = True
                 yield Accepted()
                 read = self._read(sse_events(response))
-                async for piece in _progressing(read, self.idle_timeout, self.name):
-                    if isinstance(piece, Working):
-                        continue
-                    if isinstance(piece, Usage):
-                        usage = piece
-                    elif isinstance(piece, Accepted):
-                        # Its count is what a call cut short is charged: bounded as a usage is.
-                        counted = piece.input_tokens
-                        plausible_count = counted is None or plausible(Usage(counted, 0), request)
-                        yield piece if plausible_count else Accepted()
-                    elif isinstance(piece, str):
-                        text.append(piece)
-                        yield piece
-                    else:
-                        # Text of another type than the API's (a list of parts, a number):
-                        # handed on, it failed the run as an internal error, its call unrecorded.
-                        raise TypeError(f"answer text of type {type(piece).__name__}")
+                progress = _progressing(read, self.idle_timeout, self.name)
+                async with contextlib.aclosing(progress) as pieces:  # type: ignore[type-var]
+                    async for piece in pieces:
+                        if isinstance(piece, Working):
+                            continue
+                        if isinstance(piece, Usage):
+                            # The answer's final count, which the provider bills: what may
+                            # follow is only the stream's close, not waited for. Lost (the
+                            # connection broke) or held back (keep-alives until the idle cut),
+                            # it made a whole answer broken: charged estimates, made again.
+                            usage = piece
+                            break
+                        if isinstance(piece, Accepted):
+                            # Its count is what a call cut short is charged: bounded as a
+                            # usage is.
+                            counted = piece.input_tokens
+                            plausible_count = counted is None or plausible(
+                                Usage(counted, 0), request
+                            )
+                            yield piece if plausible_count else Accepted()
+                        elif isinstance(piece, str):
+                            text.append(piece)
+                            yield piece
+                        else:
+                            # Text of another type than the API's (a list of parts, a
+                            # number): handed on, it failed the run as an internal error, its
+                            # call unrecorded.
+                            raise TypeError(f"answer text of type {type(piece).__name__}")
         except httpx.HTTPError as error:
             if usage is None:
                 raise translate(error, self.name, streaming=started) from error

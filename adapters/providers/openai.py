@@ -54,7 +54,7 @@ class OpenAIProvider(SseProvider):
 
     async def _read(self, events: AsyncIterator[tuple[str, str]]) -> AsyncIterator[ReadPiece]:
         usage: Usage | None = None
-        done = finished = sent = False
+        done = finished = False
         async for _, data in events:
             if data.strip() == "[DONE]":
                 done = True
@@ -85,13 +85,11 @@ class OpenAIProvider(SseProvider):
                     # Counts that are no counts (null, "12.5", 1e400): the block came, so a
                     # whole answer is whole, but uncounted, as one without a block.
                     usage = Usage(0, 0, estimated=True)
-                if finished and not sent:
+                if finished:
                     # The final chunk (after the finish reason): the answer is whole, whatever
                     # becomes of the [DONE] that closes the stream.
                     yield usage
-                    sent = True
-        if sent:
-            return
+                    return
         if done and usage is None and finished:
             yield Usage(0, 0, estimated=True)  # whole, but uncounted: see SseProvider._read
             return

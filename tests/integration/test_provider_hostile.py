@@ -475,3 +475,29 @@ def test_a_429_whose_retry_after_is_a_date_past_any_calendar_is_a_429_not_charge
     assert not isinstance(error, StreamBroken), error
     assert error.http_status == 429
     assert error.retry_after is None
+
+
+@pytest.mark.parametrize("family", ["openai", "anthropic"])
+@pytest.mark.parametrize("after", ["connection lost", "keep-alives"])
+def test_a_stream_whose_final_usage_came_is_whole_whatever_becomes_of_its_close(
+    family: str, after: str
+) -> None:
+    """The provider bills a call by the usage that ends its answer (OpenAI's final chunk after
+    the finish reason; Anthropic's ``message_delta`` with its ``stop_reason``): what may follow
+    is only the stream's close (``[DONE]``, ``message_stop``). Lost, or kept waiting behind
+    keep-alives, it took nothing from the answer; the call was a broken stream all the same
+    (Anthropic's lost close, either provider's stall), charged our estimates instead of the
+    provider's counts and made, and billed, again."""
+    provider, reply = stream_of(family, ["all ", "of it"])
+    frames = reply.events or []
+    final = max(i for i, f in enumerate(frames) if '"usage"' in f)
+    if after == "connection lost":
+        reply.cut_after = final + 1
+    else:
+        reply.events = frames[: final + 1]
+        reply.keep_alive, reply.event_delay = ": keep-alive", 0.01
+    with FakeProviderServer([reply]) as server:
+        got, error = pieces(at(provider, server), within=WATCHED)
+    assert error is None, error
+    assert "".join(p for p in got if isinstance(p, str)) == "all of it"
+    assert usage_of(got) == Usage(7, 2)
