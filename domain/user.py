@@ -62,6 +62,8 @@ def normalise_email(raw: str) -> str:
         raise ValidationFailed("email must look like name@example.com")
     local, _, domain = email.partition("@")
     email = f"{local}@{'.'.join(map(_unicode_label, domain.split('.')))}"
+    # Again as stored: an A-label may encode what its Unicode spelling was refused for.
+    _refuse_unseen(email)
     # NUL cannot be stored, a lone surrogate has no UTF-8 form for the claim's id (uuid5).
     return storable_text(email, what="email")
 
