@@ -6,8 +6,9 @@ it counts more; output tokens from the last ``message_delta``; the call is compl
 ``message_delta`` that gives the ``stop_reason`` (only ``message_stop`` may follow it), or at
 ``message_stop``. A whole answer without counts we can read (no ``message_delta``, or a count
 that is null, a fraction, a string of another thing than digits) is charged our own counts
-(estimated), as SseProvider charges an implausible one, not made again. An ``error`` event (e.g.
-``overloaded_error``) mid-stream is transient.
+(estimated), as SseProvider charges an implausible one, not made again. An ``error`` event
+mid-stream is judged as the HTTP status of its type would be (``overloaded_error`` transient,
+``invalid_request_error`` permanent).
 """
 
 from __future__ import annotations
@@ -21,15 +22,32 @@ from adapters.providers.base import (
     ReadPiece,
     SseProvider,
     StreamBroken,
-    TransientProviderError,
     Usage,
     Working,
+    provider_error,
     token_count,
     usage_field,
 )
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
+
+#: The HTTP status of each type of error Anthropic names (its API's errors page): an ``error``
+#: event in the stream is judged as its status would be, a refusal of the request or of our key
+#: as permanent (it was made again, up to the run's attempts, each charged for the text before
+#: it), a ``rate_limit_error`` as a 429.
+_ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
 
 #: What a ``content_block_delta`` other than text carries while the model works: its thinking,
 #: the signature that closes it, a tool call's arguments.
@@ -97,8 +115,12 @@ class AnthropicProvider(SseProvider):
                 stopped = True
                 break
             elif kind == "error":
-                raise TransientProviderError(
-                    f"anthropic stream error: {payload.get('error')}", provider=self.name
+                error = payload.get("error")
+                named = error.get("type") if isinstance(error, dict) else None
+                raise provider_error(
+                    f"anthropic stream error: {error}",
+                    provider=self.name,
+                    http_status=_ERROR_STATUS.get(named) if isinstance(named, str) else None,
                 )
         if not stopped:
             raise StreamBroken("anthropic stream ended before message_stop", provider=self.name)

@@ -204,19 +204,31 @@ async def raise_for_status(response: httpx.Response, provider: str) -> None:
             f"{provider} answered HTTP {status}, a redirect (not followed) to "
             f"{response.headers.get('location', 'nowhere')[:200]}: is its base URL right?"
         )
-    if status < 300 or status == 429 or status >= 500 or status in (408, 409):
-        raise TransientProviderError(
-            message,
-            provider=provider,
-            http_status=status,
-            # RFC 9110 gives Retry-After to 429 and 503 (overloaded, in maintenance).
-            retry_after=(
-                retry_after_seconds(response.headers.get("retry-after"))
-                if status in (429, 503)
-                else None
-            ),
+    raise provider_error(
+        message,
+        provider=provider,
+        http_status=status,
+        # RFC 9110 gives Retry-After to 429 and 503 (overloaded, in maintenance).
+        retry_after=(
+            retry_after_seconds(response.headers.get("retry-after"))
+            if status in (429, 503)
+            else None
+        ),
+    )
+
+
+def provider_error(
+    message: str, *, provider: str, http_status: int | None, retry_after: float | None = None
+) -> TransientProviderError | PermanentProviderError:
+    """The failure of a call answered ``http_status`` (or whose error event says which status
+    it stands for; ``None``: it does not say), as ours: transient for a 2xx that was no stream,
+    429, 408, 409 and 5xx, permanent for any other 4xx (or a redirect not followed)."""
+    status = http_status
+    if status is None or status < 300 or status == 429 or status >= 500 or status in (408, 409):
+        return TransientProviderError(
+            message, provider=provider, http_status=status, retry_after=retry_after
         )
-    raise PermanentProviderError(message, provider=provider, http_status=status)
+    return PermanentProviderError(message, provider=provider, http_status=status)
 
 
 def translate(error: httpx.HTTPError, provider: str, *, streaming: bool) -> TransientProviderError:

@@ -501,3 +501,44 @@ def test_a_stream_whose_final_usage_came_is_whole_whatever_becomes_of_its_close(
     assert error is None, error
     assert "".join(p for p in got if isinstance(p, str)) == "all of it"
     assert usage_of(got) == Usage(7, 2)
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "permanent"),
+    [
+        ("invalid_request_error", 400, True),
+        ("authentication_error", 401, True),
+        ("billing_error", 402, True),
+        ("permission_error", 403, True),
+        ("not_found_error", 404, True),
+        ("request_too_large", 413, True),
+        ("rate_limit_error", 429, False),
+        ("api_error", 500, False),
+        ("timeout_error", 504, False),
+        ("overloaded_error", 529, False),
+        ("some_future_error", None, False),
+    ],
+)
+def test_an_anthropic_error_event_is_judged_as_its_http_status_would_be(
+    kind: str, status: int | None, permanent: bool
+) -> None:
+    """Anthropic's ``error`` event carries the type its HTTP error would have (its errors
+    page pairs each with a status). Every one was transient with no status: a refusal of the
+    request or of our key (``invalid_request_error``, ``authentication_error``) was made again
+    up to the run's attempts, each charged for the text before it, and never counted against
+    the provider's circuit as a refused key is; a ``rate_limit_error`` was no 429."""
+    events = anthropic_events(["so far"], input_tokens=7, output_tokens=1)
+    delta = next(i for i, f in enumerate(events) if '"text_delta"' in f)
+    events[delta + 1 :] = [
+        "event: error\ndata: "
+        + json.dumps({"type": "error", "error": {"type": kind, "message": "no"}})
+    ]
+    provider = AnthropicProvider(api_key=KEY, base_url="", timeout=FAST)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        provider.base_url = server.url
+        got, error = pieces(provider)
+    assert "so far" in got
+    assert isinstance(error, PermanentProviderError if permanent else TransientProviderError)
+    assert not isinstance(error, StreamBroken)
+    assert error.http_status == status
+    assert kind in str(error)
