@@ -86,9 +86,10 @@ T = TypeVar("T")
 
 _TERMINAL = {"Succeeded", "Failed", "Cancelled", "TimedOut"}
 
-#: Refusals that are the provider's (its key, or a redirect: its base URL), not the request's:
-#: they count against its circuit, and no model of it is asked again by the run.
-_PROVIDER_WIDE = frozenset({401, 403, 301, 302, 303, 307, 308})
+#: Refusals that are the provider's (its key, our account with it unpaid: 402, Anthropic's
+#: ``billing_error``, or a redirect: its base URL), not the request's: they count against its
+#: circuit, and no model of it is asked again by the run.
+_PROVIDER_WIDE = frozenset({401, 402, 403, 301, 302, 303, 307, 308})
 
 #: Times a write lost to concurrent writers is retried before the run fails.
 WRITE_RACES = 30
