@@ -15,9 +15,10 @@ makes it re-read the read model.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from uuid import UUID
 
 import strawberry
@@ -27,7 +28,7 @@ from projections import queries
 from projections.kanban import board_channel
 from projections.runs import run_channel
 from read_api import fields as described
-from read_api.broadcast import MessagesLost, subscribed
+from read_api.broadcast import Feed, MessagesLost, subscribed
 from read_api.context import Info
 from read_api.types import ID, BoardEvent, Card, LogLine, parse_id
 
@@ -57,19 +58,44 @@ async def _visible(
         await scope.close()
 
 
-async def _board_events(ctx: RequestContext, project_id: UUID) -> AsyncIterator[BoardEvent]:
-    async with subscribed(ctx.runtime.services.broadcaster, board_channel(project_id)) as feed:
-        while True:
-            try:
-                payload = await feed.get()
-            except MessagesLost:
-                payload = {"kind": "board.resync", "position": 0}
-            await ctx.still_allowed()
-            scope = ctx.fresh_scope()
-            try:
-                yield await _board_event(scope, payload)
-            finally:
-                await scope.close()
+async def _listening(
+    ctx: RequestContext, channel: str, events: Callable[[Feed], AsyncGenerator[T, None]]
+) -> AsyncIterator[T]:
+    """``events`` of a feed of ``channel``, subscribed before this returns. A channel that
+    cannot be subscribed now (Redis away: ``UNAVAILABLE``) thus refuses the subscription in its
+    resolver, before it starts, as a refusal of its access does, and the client gets the
+    protocol's ``error`` message (read_api.transport_ws), not a ``next`` with errors then a
+    ``complete`` as if it had run. The stream waits inside the subscription: closing it, or
+    its being collected, lets the channel go."""
+    stream = _subscribed_first(ctx, channel, events)
+    await anext(stream)  # subscribed: its first item marks that, it is no event
+    return cast("AsyncIterator[T]", stream)
+
+
+async def _subscribed_first(
+    ctx: RequestContext, channel: str, events: Callable[[Feed], AsyncGenerator[T, None]]
+) -> AsyncGenerator[T | None, None]:
+    async with (
+        subscribed(ctx.runtime.services.broadcaster, channel) as feed,
+        contextlib.aclosing(events(feed)) as items,
+    ):
+        yield None
+        async for item in items:
+            yield item
+
+
+async def _board_events(ctx: RequestContext, feed: Feed) -> AsyncGenerator[BoardEvent, None]:
+    while True:
+        try:
+            payload = await feed.get()
+        except MessagesLost:
+            payload = {"kind": "board.resync", "position": 0}
+        await ctx.still_allowed()
+        scope = ctx.fresh_scope()
+        try:
+            yield await _board_event(scope, payload)
+        finally:
+            await scope.close()
 
 
 async def _board_event(scope: ReadScope, payload: dict[str, Any]) -> BoardEvent:
@@ -137,51 +163,52 @@ def _live_lines(run_id: UUID, payload: dict[str, Any]) -> list[LogLine]:
     return lines
 
 
-async def _run_log(ctx: RequestContext, run_id: UUID, after_seq: int) -> AsyncIterator[LogLine]:
+async def _run_log(
+    ctx: RequestContext, run_id: UUID, after_seq: int, feed: Feed
+) -> AsyncGenerator[LogLine, None]:
     last = after_seq
     recheck = ctx.runtime.services.subscription_recheck_seconds
-    async with subscribed(ctx.runtime.services.broadcaster, run_channel(run_id)) as feed:
-        catch_up = True
-        while True:
-            if catch_up:
-                while True:
-                    await ctx.still_allowed()
-                    lines, ended = await _stored_lines(ctx, run_id, last)
-                    for line in lines:
-                        yield line
-                        last = line.seq
-                    if len(lines) < REPLAY_BATCH:
-                        break
-                if ended:
-                    return
-                catch_up = False
-            try:
-                # Not ``asyncio.wait_for``: on Python 3.11 it drops a cancellation (the client
-                # went away) that comes as a message arrives, and this loop would go on for good.
-                async with asyncio.timeout(recheck):
-                    payload = await feed.get()
-            except (TimeoutError, MessagesLost):
-                catch_up = True
-                continue
-            kind = payload.get("kind")
-            if kind == "status":
-                catch_up = payload.get("status") in TERMINAL
-                continue
-            if kind == "lines_stored":  # a chunk too large to send: read from the read model
-                stored = payload.get("lastSeq")
-                catch_up = not isinstance(stored, int) or stored > last
-                continue
-            if kind != "lines":
-                continue
-            lines = _live_lines(run_id, payload)
-            await ctx.still_allowed()  # live lines come from the broadcast, read by no scope
-            if lines and lines[0].seq > last + 1:
-                catch_up = True  # something between what we sent and this chunk went missing
-                continue
-            for line in lines:
-                if line.seq > last:
+    catch_up = True
+    while True:
+        if catch_up:
+            while True:
+                await ctx.still_allowed()
+                lines, ended = await _stored_lines(ctx, run_id, last)
+                for line in lines:
                     yield line
                     last = line.seq
+                if len(lines) < REPLAY_BATCH:
+                    break
+            if ended:
+                return
+            catch_up = False
+        try:
+            # Not ``asyncio.wait_for``: on Python 3.11 it drops a cancellation (the client
+            # went away) that comes as a message arrives, and this loop would go on for good.
+            async with asyncio.timeout(recheck):
+                payload = await feed.get()
+        except (TimeoutError, MessagesLost):
+            catch_up = True
+            continue
+        kind = payload.get("kind")
+        if kind == "status":
+            catch_up = payload.get("status") in TERMINAL
+            continue
+        if kind == "lines_stored":  # a chunk too large to send: read from the read model
+            stored = payload.get("lastSeq")
+            catch_up = not isinstance(stored, int) or stored > last
+            continue
+        if kind != "lines":
+            continue
+        lines = _live_lines(run_id, payload)
+        await ctx.still_allowed()  # live lines come from the broadcast, read by no scope
+        if lines and lines[0].seq > last + 1:
+            catch_up = True  # something between what we sent and this chunk went missing
+            continue
+        for line in lines:
+            if line.seq > last:
+                yield line
+                last = line.seq
 
 
 @strawberry.type
@@ -195,7 +222,7 @@ class Subscription:
         ctx = await info.context.for_object(wanted)
         if await _visible(ctx, lambda scope: scope.loaders.project.load(wanted)) is None:
             raise NotFound(f"project {wanted} does not exist")
-        return _board_events(ctx, wanted)
+        return await _listening(ctx, board_channel(wanted), lambda feed: _board_events(ctx, feed))
 
     @described.subscription(
         "A run's log lines after afterSeq: the stored ones, then live ones as they "
@@ -210,4 +237,6 @@ class Subscription:
             raise ValidationFailed(f"afterSeq must not be negative, got {after_seq}")
         if await _visible(ctx, lambda scope: scope.loaders.run.load(wanted)) is None:
             raise NotFound(f"agent run {wanted} does not exist")
-        return _run_log(ctx, wanted, after_seq or 0)
+        return await _listening(
+            ctx, run_channel(wanted), lambda feed: _run_log(ctx, wanted, after_seq or 0, feed)
+        )

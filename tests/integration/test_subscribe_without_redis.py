@@ -69,7 +69,10 @@ def test_a_subscription_asked_for_while_redis_is_away_is_unavailable(
     finally:
         stack.close()
 
-    (error,) = answer["payload"]["errors"] if answer["type"] == "next" else answer["payload"]
+    # Refused before it started: the protocol's error message (the id free again, no
+    # complete), as every other refusal of a subscribe (docs/API_NOTES.md, WebSocket errors).
+    assert answer["type"] == "error", answer
+    (error,) = answer["payload"]
     assert error["extensions"]["code"] == "UNAVAILABLE", answer
     assert error["extensions"]["retryAfter"] >= 1
     assert not [entry for entry in logs if entry["log_level"] == "error"]
