@@ -86,11 +86,6 @@ T = TypeVar("T")
 
 _TERMINAL = {"Succeeded", "Failed", "Cancelled", "TimedOut"}
 
-#: Refusals that are the provider's (its key, our account with it unpaid: 402, Anthropic's
-#: ``billing_error``, or a redirect: its base URL), not the request's: they count against its
-#: circuit, and no model of it is asked again by the run.
-_PROVIDER_WIDE = frozenset({401, 402, 403, 301, 302, 303, 307, 308})
-
 #: Times a write lost to concurrent writers is retried before the run fails.
 WRITE_RACES = 30
 
@@ -1072,15 +1067,16 @@ class Orchestrator:
             call, "failed", http_status, str(error), latency_ms,
             estimate if streamed else Usage(0, 0),
         ))  # fmt: skip
-        if isinstance(error, PermanentProviderError) and http_status not in _PROVIDER_WIDE:
+        # A refusal of the provider's (our key, our account), not of the request.
+        provider_wide = isinstance(error, PermanentProviderError) and error.provider_wide
+        if isinstance(error, PermanentProviderError) and not provider_wide:
             # The provider is up and judged the request (a prompt too long, an unknown model):
             # one tenant's bad requests must not turn every other run away from it.
             self.breakers.succeeded(provider_name, workspace)
         else:
             opened = self.breakers.failed(
-                provider_name, workspace, time.monotonic(),
-                provider_wide=http_status in _PROVIDER_WIDE,
-            )  # fmt: skip
+                provider_name, workspace, time.monotonic(), provider_wide=provider_wide
+            )
             for scope in opened:
                 metrics.PROVIDER_CIRCUITS_OPENED.labels(provider_name, scope).inc()
             if "provider" in opened:
@@ -1088,10 +1084,7 @@ class Orchestrator:
             elif opened:
                 batcher.system(f"circuit for {provider_name} is open for this workspace")
         if isinstance(error, PermanentProviderError):
-            return _Outcome(
-                ok=False, error=str(error), permanent=True,
-                provider_wide=http_status in _PROVIDER_WIDE,
-            )  # fmt: skip
+            return _Outcome(ok=False, error=str(error), permanent=True, provider_wide=provider_wide)
         assert isinstance(error, TransientProviderError)
         return _Outcome(ok=False, error=str(error), retry_after=error.retry_after)
 

@@ -8,12 +8,14 @@ Exceptions raised by adapters::
      │         └── StreamBroken        the stream ended before the provider said it was done,
      │                                 or stalled: nothing but keep-alives for the idle period
      └── PermanentProviderError        4xx other than 429 (bad key, unknown model, bad request)
+          └── AccountRefused           OpenAI's 429 ``insufficient_quota`` (out of credit)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import re
 import zlib
@@ -52,6 +54,15 @@ class StreamBroken(TransientProviderError):
     the provider) but no usage block came, so the call is charged from token estimates."""
 
 
+#: Statuses of a refusal that is the provider's, not the request's: our key (401, 403), our
+#: account with it unpaid (402, Anthropic's ``billing_error``), a redirect (its base URL).
+PROVIDER_WIDE_STATUSES = frozenset({401, 402, 403, 301, 302, 303, 307, 308})
+
+#: Error codes (or types) of a 429 that is no rate limit but our account out of credit
+#: (OpenAI's): no wait ends it, so it is refused as a 402 is.
+_ACCOUNT_REFUSED_CODES = frozenset({"insufficient_quota"})
+
+
 class PermanentProviderError(AgentWorksError):
     code = "PROVIDER_REFUSED"
 
@@ -59,6 +70,21 @@ class PermanentProviderError(AgentWorksError):
         super().__init__(message)
         self.provider = provider
         self.http_status = http_status
+
+    @property
+    def provider_wide(self) -> bool:
+        """The refusal is the provider's (our key, our account), not the request's: no model
+        of it will answer any call."""
+        return self.http_status in PROVIDER_WIDE_STATUSES
+
+
+class AccountRefused(PermanentProviderError):
+    """A refusal of our account whatever its status says (OpenAI's 429 ``insufficient_quota``:
+    out of credit, which no wait ends)."""
+
+    @property
+    def provider_wide(self) -> bool:
+        return True
 
 
 @dataclass(frozen=True)
@@ -204,6 +230,8 @@ async def raise_for_status(response: httpx.Response, provider: str) -> None:
             f"{provider} answered HTTP {status}, a redirect (not followed) to "
             f"{response.headers.get('location', 'nowhere')[:200]}: is its base URL right?"
         )
+    if status == 429 and _error_code(head) in _ACCOUNT_REFUSED_CODES:
+        raise AccountRefused(message, provider=provider, http_status=status)
     raise provider_error(
         message,
         provider=provider,
@@ -215,6 +243,18 @@ async def raise_for_status(response: httpx.Response, provider: str) -> None:
             else None
         ),
     )
+
+
+def _error_code(body: bytes) -> object:
+    """The ``error.code`` (else ``error.type``) of an error body in OpenAI's shape, if any."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code") or error.get("type")
+    return code if isinstance(code, str) else None
 
 
 def provider_error(

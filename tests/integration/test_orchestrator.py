@@ -872,17 +872,28 @@ def test_failing_calls_of_two_workspaces_open_the_providers_circuit_for_all(
     assert asked == 4  # the third tenant's run never asked OpenAI
 
 
-@pytest.mark.parametrize(("status", "calls"), [(400, 2), (401, 1), (402, 1), (307, 1)])
+@pytest.mark.parametrize(
+    ("status", "code", "calls"),
+    [
+        (400, "context_length_exceeded", 2),
+        (401, "invalid_api_key", 1),
+        (402, "billing_error", 1),
+        (307, "context_length_exceeded", 1),
+        # OpenAI's answer to an account out of credit: a 429 no wait ends.
+        (429, "insufficient_quota", 1),
+    ],
+)
 def test_an_unpinned_run_asks_no_model_again_that_refused_its_request(
-    write_side: AgentWorks, database_url: str, status: int, calls: int
+    write_side: AgentWorks, database_url: str, status: int, code: str, calls: int
 ) -> None:
     """An unpinned run whose request a model refused (400: a prompt too long) asked it again,
     the same request, as if the refusal were an outage: its only model up to ``max_attempts``
     times, or the chain round to it again. Each model is asked once (a refused key, 401, our
-    account unpaid, 402 (Anthropic's ``billing_error``), or a redirect away from its base URL:
-    no model of that provider), and the run fails once none is left."""
+    account unpaid, 402 (Anthropic's ``billing_error``) or OpenAI's 429 ``insufficient_quota``,
+    or a redirect away from its base URL: no model of that provider), and the run fails once
+    none is left."""
     card = card_on_board(write_side)
-    refused = Reply(status=status, body=b'{"error": {"code": "context_length_exceeded"}}')
+    refused = Reply(status=status, body=json.dumps({"error": {"code": code}}).encode())
     with (
         FakeProviderServer([refused]) as server,
         orchestrator_thread(database_url, openai_at(server), max_attempts=4),
