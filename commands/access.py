@@ -24,7 +24,7 @@ from domain.access import ApiKey, Invitation
 from domain.errors import Forbidden, NotFound, Unauthenticated
 from domain.meta import EventMeta
 from domain.roles import Role, capped, require_role
-from domain.user import User, normalise_email
+from domain.user import User, email_to_find, normalise_email
 from domain.workspace import Workspace
 
 INVITATION_TTL = timedelta(days=7)
@@ -138,7 +138,7 @@ def accept_invitation(app: AgentWorks, cmd: AcceptInvitation, actor: Actor) -> C
         workspace = app.aggregate(Workspace, invitation.workspace_id)
         accepted = invitation.accept(
             actor.user_id,
-            normalise_email(user.email),  # (stored before A-labels were spelled in Unicode)
+            email_to_find(user.email),  # (stored before A-labels were spelled in Unicode)
             inviter_role=workspace.role_of(invitation.invited_by),
             now=datetime.now(UTC),
             meta=meta,

@@ -44,6 +44,7 @@ from domain.user import (
     check_password,
     clean_user_name,
     email_claim_ids,
+    email_to_find,
     normalise_email,
     oidc_link_id,
 )
@@ -190,7 +191,7 @@ class Identity:
         self, *, email: str, password: str, totp: str | None = None, correlation_id: str = ""
     ) -> SessionGrant:
         try:
-            address = normalise_email(email)
+            address = email_to_find(email)
         except ValidationFailed:
             address = None
         user = self._user_by_email(address) if address is not None else None
@@ -428,7 +429,7 @@ class Identity:
                 return linked
             if email is None:
                 raise Unauthenticated("the provider's token has no email claim to sign up with")
-            address = normalise_email(email)
+            address = email_to_find(email)
             meta = self._meta(f"oidc:{subject}", "")
             existing = self._user_by_email(address)
             if existing is not None:
@@ -440,6 +441,7 @@ class Identity:
                 changed: list[Aggregate] = [existing]
                 user_id = existing.id
             else:
+                address = normalise_email(email)  # a new account's: refused as sign-up's is
                 user_id = uuid4()
                 user = User.register(
                     user_id=user_id, email=address, name=_provider_name(name, address),
@@ -461,7 +463,7 @@ class Identity:
         return _view(self._user(user_id))
 
     def user_id_of(self, email: str) -> UUID | None:
-        user = self._user_by_email(normalise_email(email))
+        user = self._user_by_email(email_to_find(email))
         return None if user is None else user.id
 
     # -- the machinery ------------------------------------------------------------------------

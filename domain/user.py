@@ -52,18 +52,32 @@ def normalise_email(raw: str) -> str:
     they encode (one mailbox, ``bücher.example`` or ``xn--bcher-kva.example``, one claim). Not
     case-folded: folding also equates letters that are not case variants (ß with ss, final sigma
     with sigma), which IDNA 2008 keeps apart, so the owner of one address (straße.de) would have
-    claimed another's (strasse.de)."""
+    claimed another's (strasse.de). A new address: one holding characters no address holds is
+    refused (:func:`_refuse_unseen`)."""
+    return _normal_form(raw, new=True)
+
+
+def email_to_find(raw: str) -> str:
+    """The address to look an account up by: :func:`normalise_email`'s form, without refusing
+    the characters new addresses may not hold. An account registered before they were refused
+    (an address pasted with a zero-width space) still signs in, and is still found."""
+    return _normal_form(raw, new=False)
+
+
+def _normal_form(raw: str, *, new: bool) -> str:
     lowered = unicodedata.normalize("NFKC", raw).strip().lower()
     email = unicodedata.normalize("NFKC", lowered)  # lowering may decompose: compose again
     if len(email) > MAX_EMAIL_LENGTH:
         raise ValidationFailed(f"email is {len(email)} characters; at most {MAX_EMAIL_LENGTH}")
-    _refuse_unseen(email)
+    if new:
+        _refuse_unseen(email)
     if not _EMAIL.fullmatch(email):
         raise ValidationFailed("email must look like name@example.com")
     local, _, domain = email.partition("@")
     email = f"{local}@{'.'.join(map(_unicode_label, domain.split('.')))}"
-    # Again as stored: an A-label may encode what its Unicode spelling was refused for.
-    _refuse_unseen(email)
+    if new:
+        # Again as stored: an A-label may encode what its Unicode spelling was refused for.
+        _refuse_unseen(email)
     # NUL cannot be stored, a lone surrogate has no UTF-8 form for the claim's id (uuid5).
     return storable_text(email, what="email")
 

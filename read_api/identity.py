@@ -32,7 +32,7 @@ from domain.errors import (
     ValidationFailed,
 )
 from domain.text import storable_text, text_problem
-from domain.user import normalise_email
+from domain.user import email_to_find
 from read_api.auth import authenticate, cookie_origin_allowed, request_id
 from read_api.input_checks import BodyTooSlow, NotJson, body_within, closing, require_json
 from read_api.ratelimit import Limit, client_network
@@ -381,7 +381,7 @@ def _login_account(email: str) -> str:
     email is whatever the body held, up to its 16 KB, and a key as long would sit in the
     limiter's store for a minute per request."""
     try:
-        account = normalise_email(email)
+        account = email_to_find(email)
     except ValidationFailed:
         account = email.strip().casefold()
     return hashlib.blake2b(account.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()

@@ -637,3 +637,26 @@ def test_the_user_refuses_a_failed_login_dated_before_its_latest_event() -> None
             at=user.modified_on - timedelta(microseconds=1),
             meta=EventMeta.for_command(workspace_id="identity", actor="ada"),
         )
+
+
+@pytest.mark.parametrize("hidden", ["\u200b", "\ufeff", "\u202e", "\x01"])
+def test_an_account_stored_before_invisible_characters_were_refused_still_signs_in(
+    identity: Identity, hidden: str
+) -> None:
+    """Addresses holding controls or invisible formatting characters are refused since
+    3f6f768, new ones. An account registered before with such an address (pasted with a
+    zero-width space, say) was told it had none at every login, for good: there is no reset."""
+    stored = f"bo{hidden}b@example.com"
+    user_id = uuid4()
+    meta = EventMeta.for_command(workspace_id="", actor=str(user_id))
+    # As sign-up stored it then (register() now refuses it).
+    user = User._create(
+        User.Registered, id=user_id, email=stored, name="Bob",
+        password_hash=identity.passwords.hash(PASSWORD), meta=meta.as_dict(),
+    )  # fmt: skip
+    identity.app.save(user, EmailClaim.claim(email=stored, user_id=user_id, meta=meta))
+
+    assert identity.login(email=stored, password=PASSWORD).user.id == user_id
+    assert identity.user_id_of(stored) == user_id
+    with pytest.raises(ValidationFailed, match=f"U\\+{ord(hidden):04X}"):
+        identity.signup(email=f"al{hidden}ice@example.com", password=PASSWORD, name="Alice")
