@@ -169,9 +169,10 @@ ERROR_BODY_BYTES = 2048
 #: the orchestrator waits on the one event loop while a step is read and split into lines.
 INFLATE_STEP_BYTES = 16 * 1024
 
-#: Media types of a body that is no event stream whatever its status: an error (or a proxy's
-#: page) answered with 200.
-_NOT_A_STREAM = re.compile(r"^(application/(.+\+)?json|text/html)\b", re.IGNORECASE)
+#: The media type of an event stream. A 2xx body of any other type is no stream, whatever its
+#: status: an error (JSON, a proxy's HTML page or plain words, a gateway's XML) answered with
+#: 200. One that names no type is read as a stream.
+_EVENT_STREAM = re.compile(r"^text/event-stream\b", re.IGNORECASE)
 
 
 async def body_bytes(response: httpx.Response) -> AsyncIterator[bytes]:
@@ -205,8 +206,8 @@ async def raise_for_status(response: httpx.Response, provider: str) -> None:
     by its type that it is no event stream (an error a proxy answered with 200). Neither is a
     call the provider took, nor billed."""
     status = response.status_code
-    not_a_stream = _NOT_A_STREAM.match(response.headers.get("content-type", "").strip())
-    if 200 <= status < 300 and not not_a_stream:
+    content_type = response.headers.get("content-type", "").strip()
+    if 200 <= status < 300 and (not content_type or _EVENT_STREAM.match(content_type)):
         return
     # Its first bytes name the error; read to its end, a body that streams slowly (or without
     # end) would hold the call, and a huge one would be kept whole.

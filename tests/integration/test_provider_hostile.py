@@ -65,12 +65,28 @@ def test_a_redirect_is_not_accepted_nor_followed_with_the_key() -> None:
     assert error.http_status == 307
 
 
-def test_a_json_error_answered_with_200_is_not_accepted() -> None:
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/problem+json",
+        "text/html; charset=utf-8",
+        # A proxy's own words (Envoy's "upstream connect error ...", a captive portal's), a
+        # gateway's XML error: read as an event stream, they were a stream that broke before
+        # its first event, and the call the provider never had was charged its prompt.
+        "text/plain; charset=utf-8",
+        "application/xml",
+        "application/octet-stream",
+    ],
+)
+def test_an_error_answered_with_200_is_not_accepted(content_type: str) -> None:
     body = json.dumps({"error": {"message": "upstream overloaded", "type": "server_error"}})
-    with FakeProviderServer([Reply(status=200, body=body.encode())]) as server:
+    reply = Reply(status=200, body=body.encode(), headers={"content-type": content_type})
+    with FakeProviderServer([reply]) as server:
         got, error = pieces(openai(server))
     assert not any(isinstance(p, Accepted) for p in got)
     assert isinstance(error, TransientProviderError), error
+    assert not isinstance(error, StreamBroken)
     assert "upstream overloaded" in str(error)
 
 
