@@ -162,6 +162,18 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
+def retry_after_of(headers: httpx.Headers) -> float | None:
+    """When to ask again, in seconds, as a response says: OpenAI's ``retry-after-ms`` (finer,
+    and read first by its own SDK) when it holds a number, else ``Retry-After``."""
+    try:
+        millis = float(headers.get("retry-after-ms", "").strip())
+    except ValueError:
+        millis = math.nan
+    if math.isnan(millis):
+        return retry_after_seconds(headers.get("retry-after"))
+    return max(0.0, millis / 1000)
+
+
 #: How much of an error response's body is read (its message keeps 500 characters of it).
 ERROR_BODY_BYTES = 2048
 
@@ -238,11 +250,7 @@ async def raise_for_status(response: httpx.Response, provider: str) -> None:
         provider=provider,
         http_status=status,
         # RFC 9110 gives Retry-After to 429 and 503 (overloaded, in maintenance).
-        retry_after=(
-            retry_after_seconds(response.headers.get("retry-after"))
-            if status in (429, 503)
-            else None
-        ),
+        retry_after=(retry_after_of(response.headers) if status in (429, 503) else None),
     )
 
 

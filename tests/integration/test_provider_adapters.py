@@ -139,6 +139,28 @@ def test_openai_429_is_transient_and_carries_retry_after() -> None:
     assert "slow down" in caught.value.message
 
 
+@pytest.mark.parametrize(
+    ("headers", "wait"),
+    [
+        ({"retry-after-ms": "1500"}, 1.5),
+        ({"retry-after-ms": "1500", "retry-after": "2"}, 1.5),
+        ({"retry-after-ms": "soon", "retry-after": "2"}, 2.0),
+        ({"retry-after-ms": "nan"}, None),
+        ({"retry-after-ms": "-20"}, 0.0),
+    ],
+)
+def test_a_429s_retry_after_in_milliseconds_is_waited_out(
+    headers: dict[str, str], wait: float | None
+) -> None:
+    """OpenAI says when to ask again in ``retry-after-ms`` (its own SDK reads it first): it was
+    not read, and a run pinned to OpenAI spent its attempts within a second of backoff against
+    a rate limit that had said how long it would last, and failed."""
+    reply = Reply(status=429, headers=headers, body=b'{"error":"slow down"}')
+    with FakeProviderServer([reply]) as server, pytest.raises(TransientProviderError) as caught:
+        run_openai(server)
+    assert (caught.value.http_status, caught.value.retry_after) == (429, wait)
+
+
 def test_a_503_carries_its_retry_after_too() -> None:
     """RFC 9110: with 503 as with 429, Retry-After says when to ask again (a provider
     overloaded or in maintenance); it was read on 429 alone, and a pinned run asked again after
