@@ -367,20 +367,26 @@ def test_an_invisible_character_is_refused_in_an_a_label_as_typed_in_unicode(hid
             normalise_email(typed)
 
 
+def _registered_as_then(identity: Identity, stored: str) -> UUID:
+    """An account (password ``PASSWORD``) whose address an earlier sign-up stored as ``stored``,
+    by a rule since changed: the user and its claim written as they were, bypassing register()."""
+    user_id = uuid4()
+    meta = EventMeta.for_command(workspace_id="", actor=str(user_id))
+    user = User._create(
+        User.Registered, id=user_id, email=stored, name="Bob",
+        password_hash=identity.passwords.hash(PASSWORD), meta=meta.as_dict(),
+    )  # fmt: skip
+    identity.app.save(user, EmailClaim.claim(email=stored, user_id=user_id, meta=meta))
+    return user_id
+
+
 def test_an_account_claimed_under_its_a_label_spelling_signs_in_under_both(
     identity: Identity,
 ) -> None:
     """Before addresses spelled their domain in Unicode, sign-up claimed the address as typed:
     such an account still signs in, whichever spelling is typed, and no second one is made."""
-    typed_then = "bob@xn--bcher-kva.example"
-    user_id = uuid4()
-    meta = EventMeta.for_command(workspace_id="", actor=str(user_id))
     # As sign-up stored them then: the address as typed (register() now normalises it).
-    user = User._create(
-        User.Registered, id=user_id, email=typed_then, name="Bob",
-        password_hash=identity.passwords.hash(PASSWORD), meta=meta.as_dict(),
-    )  # fmt: skip
-    identity.app.save(user, EmailClaim.claim(email=typed_then, user_id=user_id, meta=meta))
+    user_id = _registered_as_then(identity, "bob@xn--bcher-kva.example")
 
     for typed in ["bob@b\u00fccher.example", "Bob@XN--BCHER-KVA.example"]:
         assert identity.login(email=typed, password=PASSWORD).user.id == user_id
@@ -647,14 +653,7 @@ def test_an_account_stored_before_invisible_characters_were_refused_still_signs_
     3f6f768, new ones. An account registered before with such an address (pasted with a
     zero-width space, say) was told it had none at every login, for good: there is no reset."""
     stored = f"bo{hidden}b@example.com"
-    user_id = uuid4()
-    meta = EventMeta.for_command(workspace_id="", actor=str(user_id))
-    # As sign-up stored it then (register() now refuses it).
-    user = User._create(
-        User.Registered, id=user_id, email=stored, name="Bob",
-        password_hash=identity.passwords.hash(PASSWORD), meta=meta.as_dict(),
-    )  # fmt: skip
-    identity.app.save(user, EmailClaim.claim(email=stored, user_id=user_id, meta=meta))
+    user_id = _registered_as_then(identity, stored)  # register() now refuses it
 
     assert identity.login(email=stored, password=PASSWORD).user.id == user_id
     assert identity.user_id_of(stored) == user_id
