@@ -722,26 +722,28 @@ class Orchestrator:
             run_id=view.run_id, outcome=outcome, worker=self.worker, output=output,
             error=error, after_seconds=after,
         )  # fmt: skip
-        try:
+
+        async def finish() -> None:
             # Again while the store cannot take it: safe (a finish that did commit makes the
             # next refused, the run no longer RUNNING), and needed (the run's calls are charged:
             # left RUNNING, it would be taken over and run, and charged, again).
-            await _despite_cancels(
-                self._while_unavailable(
-                    partial(self._write, view, self.app.finish_run, cmd), unknown_too=True
-                )
+            await self._while_unavailable(
+                partial(self._write, view, self.app.finish_run, cmd), unknown_too=True
             )
+            # Counted once stored, a cancel meanwhile (the orchestrator stopping) or not.
+            metrics.AGENT_RUNS_FINISHED.labels(outcome).inc()
+            started = self._executing.get(view.run_id)
+            if started is not None:
+                metrics.AGENT_RUN_SECONDS.labels(outcome).observe(time.monotonic() - started)
+
+        try:
+            await _despite_cancels(finish())
         except _Lost:
             return
         except Unavailable:
             log.exception("orchestrator.finish_failed", run_id=str(view.run_id))
         except AgentWorksError:
             log.exception("orchestrator.finish_refused", run_id=str(view.run_id))
-        else:
-            metrics.AGENT_RUNS_FINISHED.labels(outcome).inc()
-            started = self._executing.get(view.run_id)
-            if started is not None:
-                metrics.AGENT_RUN_SECONDS.labels(outcome).observe(time.monotonic() - started)
 
     # -- the agent's work ----------------------------------------------------------------------
 
