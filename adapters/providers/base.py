@@ -4,10 +4,12 @@ Exceptions raised by adapters::
 
     AgentWorksError
      ├── Unavailable
-     │    └── TransientProviderError   429 and 503 (with retry-after), 5xx, timeouts, connect errors
+     │    └── TransientProviderError   429, 408, 409, 5xx (each with its retry-after), timeouts,
+     │         │                       connect errors
      │         └── StreamBroken        the stream ended before the provider said it was done,
      │                                 or stalled: nothing but keep-alives for the idle period
-     └── PermanentProviderError        4xx other than 429 (bad key, unknown model, bad request)
+     └── PermanentProviderError        4xx other than 408, 409, 429 (bad key, unknown model, bad
+                                       request)
           └── AccountRefused           OpenAI's 429 ``insufficient_quota`` (out of credit)
 """
 
@@ -249,8 +251,10 @@ async def raise_for_status(response: httpx.Response, provider: str) -> None:
         message,
         provider=provider,
         http_status=status,
-        # RFC 9110 gives Retry-After to 429 and 503 (overloaded, in maintenance).
-        retry_after=(retry_after_of(response.headers) if status in (429, 503) else None),
+        # RFC 9110 gives Retry-After to 429 and 503, but providers send it with any transient
+        # error (Anthropic's 529 overloaded_error); a permanent one drops it. A 2xx that is no
+        # stream is a proxy's, whose Retry-After says nothing of the provider.
+        retry_after=(retry_after_of(response.headers) if status >= 400 else None),
     )
 
 

@@ -161,18 +161,29 @@ def test_a_429s_retry_after_in_milliseconds_is_waited_out(
     assert (caught.value.http_status, caught.value.retry_after) == (429, wait)
 
 
-def test_a_503_carries_its_retry_after_too() -> None:
-    """RFC 9110: with 503 as with 429, Retry-After says when to ask again (a provider
-    overloaded or in maintenance); it was read on 429 alone, and a pinned run asked again after
-    its own short backoff, into the same outage."""
-    reply = Reply(status=503, headers={"retry-after": "7"}, body=b'{"error":"overloaded"}')
+@pytest.mark.parametrize(
+    ("run", "status"),
+    [
+        (run_openai, 503),
+        (run_openai, 500),
+        (run_openai, 502),
+        (run_openai, 408),
+        (run_openai, 409),
+        (run_anthropic, 529),
+        (run_anthropic, 500),
+    ],
+)
+def test_the_retry_after_of_any_transient_status_is_waited_out(
+    run: Callable[[FakeProviderServer], tuple[str, Usage]], status: int
+) -> None:
+    """A ``retry-after`` is waited out with any transient status, not with 429 and 503 alone
+    (RFC 9110's): Anthropic sends one with its 529 ``overloaded_error``, providers with other
+    5xx. Unread there, a pinned run asked again after its own short backoff, into the same
+    outage."""
+    reply = Reply(status=status, headers={"retry-after": "7"}, body=b'{"error":"overloaded"}')
     with FakeProviderServer([reply]) as server, pytest.raises(TransientProviderError) as caught:
-        run_openai(server)
-    assert (caught.value.http_status, caught.value.retry_after) == (503, 7.0)
-    server_error = Reply(status=500, headers={"retry-after": "7"}, body=b"boom")
-    with FakeProviderServer([server_error]) as server, pytest.raises(TransientProviderError) as no:
-        run_openai(server)
-    assert no.value.retry_after is None
+        run(server)
+    assert (caught.value.http_status, caught.value.retry_after) == (status, 7.0)
 
 
 def test_an_openai_refusal_is_the_answer_text() -> None:
