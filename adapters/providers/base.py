@@ -10,7 +10,8 @@ Exceptions raised by adapters::
      │                                 or stalled: nothing but keep-alives for the idle period
      └── PermanentProviderError        4xx other than 408, 409, 429 (bad key, unknown model, bad
                                        request)
-          └── AccountRefused           OpenAI's 429 ``insufficient_quota`` (out of credit)
+          └── AccountRefused           OpenAI's ``insufficient_quota`` (out of credit): a 429, or
+                                       an error chunk
 """
 
 from __future__ import annotations
@@ -245,12 +246,11 @@ async def raise_for_status(response: httpx.Response, provider: str) -> None:
             f"{provider} answered HTTP {status}, a redirect (not followed) to "
             f"{response.headers.get('location', 'nowhere')[:200]}: is its base URL right?"
         )
-    if status == 429 and _error_code(head) in _ACCOUNT_REFUSED_CODES:
-        raise AccountRefused(message, provider=provider, http_status=status)
     raise provider_error(
         message,
         provider=provider,
         http_status=status,
+        names=_error_names_in(head),
         # RFC 9110 gives Retry-After to 429 and 503, but providers send it with any transient
         # error (Anthropic's 529 overloaded_error); a permanent one drops it. A 2xx that is no
         # stream is a proxy's, whose Retry-After says nothing of the provider.
@@ -258,25 +258,38 @@ async def raise_for_status(response: httpx.Response, provider: str) -> None:
     )
 
 
-def _error_code(body: bytes) -> object:
-    """The ``error.code`` (else ``error.type``) of an error body in OpenAI's shape, if any."""
+def _error_names_in(body: bytes) -> tuple[str, ...]:
+    """:func:`error_names` of an error body in OpenAI's shape (``{"error": {...}}``)."""
     try:
-        error = json.loads(body).get("error")
+        return error_names(json.loads(body).get("error"))
     except (ValueError, AttributeError, RecursionError):
-        return None
+        return ()
+
+
+def error_names(error: object) -> tuple[str, ...]:
+    """What an error object in OpenAI's shape is named: its ``code`` (the finer), then its
+    ``type``, those that are strings."""
     if not isinstance(error, dict):
-        return None
-    code = error.get("code") or error.get("type")
-    return code if isinstance(code, str) else None
+        return ()
+    return tuple(n for n in (error.get("code"), error.get("type")) if n and isinstance(n, str))
 
 
 def provider_error(
-    message: str, *, provider: str, http_status: int | None, retry_after: float | None = None
+    message: str,
+    *,
+    provider: str,
+    http_status: int | None,
+    retry_after: float | None = None,
+    names: tuple[str, ...] = (),
 ) -> TransientProviderError | PermanentProviderError:
     """The failure of a call answered ``http_status`` (or whose error event says which status
     it stands for; ``None``: it does not say), as ours: transient for a 2xx that was no stream,
-    429, 408, 409 and 5xx, permanent for any other 4xx (or a redirect not followed)."""
+    429, 408, 409 and 5xx, permanent for any other 4xx (or a redirect not followed). A 429
+    whose error is first named (:func:`error_names`) ``insufficient_quota`` is no rate limit
+    but our account out of credit, refused as such."""
     status = http_status
+    if status == 429 and names[:1] and names[0] in _ACCOUNT_REFUSED_CODES:
+        return AccountRefused(message, provider=provider, http_status=status)
     if status is None or status < 300 or status == 429 or status >= 500 or status in (408, 409):
         return TransientProviderError(
             message, provider=provider, http_status=status, retry_after=retry_after

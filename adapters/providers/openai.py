@@ -7,7 +7,10 @@ estimate of its prompt. A stream that ends without ``[DONE]`` broke off, unless 
 that ignores ``stream_options`` (an older OpenAI-compatible one) ends a whole answer (a finish
 reason, then ``[DONE]``) without usage: it is charged our counts (estimated), not made again;
 so is one whose usage block holds no counts we can read (null, a fraction, a string of another
-thing than digits).
+thing than digits). A chunk ``{"error": ...}`` mid-stream is judged as the HTTP status of its
+``code`` or ``type`` would be (``invalid_request_error`` permanent, ``invalid_api_key`` our key
+refused, ``rate_limit_exceeded`` a 429, ``insufficient_quota`` our account refused,
+``server_error`` or an unknown one transient).
 """
 
 from __future__ import annotations
@@ -20,14 +23,34 @@ from adapters.providers.base import (
     ReadPiece,
     SseProvider,
     StreamBroken,
-    TransientProviderError,
     Usage,
     Working,
+    error_names,
+    provider_error,
     token_count,
     usage_field,
 )
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+#: The HTTP status OpenAI answers an error with, by its ``code`` (looked up first) or its
+#: ``type``: a chunk ``{"error": ...}`` mid-stream is judged as that status would be (see
+#: :func:`provider_error`), a refused request or key as permanent, a rate limit as a 429, and
+#: ``insufficient_quota`` as our account out of credit. A ``server_error``, or an error of any
+#: other name (or none), is transient with no status.
+_ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "context_length_exceeded": 400,
+    "invalid_api_key": 401,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "model_not_found": 404,
+    "not_found_error": 404,
+    "rate_limit_exceeded": 429,
+    "rate_limit_error": 429,
+    "tokens": 429,
+    "insufficient_quota": 429,
+}
 
 #: What a delta carries besides answer text while the model works: reasoning (``reasoning`` or
 #: ``reasoning_content``, as OpenAI-compatible servers name it), tool calls.
@@ -63,8 +86,12 @@ class OpenAIProvider(SseProvider):
             if chunk.get("error"):
                 # The provider's own failure, as Anthropic's ``error`` event: billed (and
                 # charged) only for the text that streamed before it, none before any.
-                raise TransientProviderError(
-                    f"openai stream error: {chunk['error']}", provider=self.name
+                names = error_names(chunk["error"])
+                raise provider_error(
+                    f"openai stream error: {chunk['error']}",
+                    provider=self.name,
+                    http_status=next((_ERROR_STATUS[n] for n in names if n in _ERROR_STATUS), None),
+                    names=names,
                 )
             for choice in chunk.get("choices") or ():
                 delta = choice.get("delta") or {}

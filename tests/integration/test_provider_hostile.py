@@ -15,6 +15,7 @@ from test_provider_adapters import FAST, REQUEST
 from adapters.providers.anthropic import AnthropicProvider
 from adapters.providers.base import (
     Accepted,
+    AccountRefused,
     ChatRequest,
     PermanentProviderError,
     Piece,
@@ -152,16 +153,13 @@ def test_the_key_a_server_echoes_in_its_error_is_not_kept_in_the_message(status:
     assert KEY not in str(error)
 
 
-def test_the_key_an_error_event_echoes_is_not_kept_in_the_message() -> None:
-    events = anthropic_events(["hi"], input_tokens=2, output_tokens=1)
-    events.insert(3, 'event: error\ndata: {"type": "error", "error": {"message": "key ' + KEY
-                  + ' overloaded"}}')  # fmt: skip
-    provider = AnthropicProvider(api_key=KEY, base_url="", timeout=FAST)
-    with FakeProviderServer([Reply(events=events)]) as server:
-        provider.base_url = server.url
-        _, error = pieces(provider)
-    assert isinstance(error, TransientProviderError)
-    assert KEY not in str(error)
+@pytest.mark.parametrize("family", ["openai", "anthropic"])
+def test_the_key_an_error_event_echoes_is_not_kept_in_the_message(family: str) -> None:
+    error = {"type": "invalid_request_error", "code": "invalid_api_key",
+             "message": f"Incorrect API key provided: {KEY}"}  # fmt: skip
+    _, raised = error_after_text(family, error)
+    assert isinstance(raised, TransientProviderError | PermanentProviderError), raised
+    assert KEY not in str(raised)
 
 
 def _gzip(data: bytes) -> bytes:
@@ -519,6 +517,21 @@ def test_a_stream_whose_final_usage_came_is_whole_whatever_becomes_of_its_close(
     assert usage_of(got) == Usage(7, 2)
 
 
+def error_after_text(family: str, error: dict[str, Any]) -> tuple[list[Piece], Exception | None]:
+    """What a stream of ``family`` yields and raises that sends some text ("so far") and then
+    ``error``: in Anthropic's ``error`` event, or in an OpenAI chunk ``{"error": ...}``."""
+    provider, reply = stream_of(family, ["so far"])
+    events = reply.events or []
+    text = next(i for i, frame in enumerate(events) if "so far" in frame)
+    if family == "openai":
+        frame = "data: " + json.dumps({"error": error})
+    else:
+        frame = "event: error\ndata: " + json.dumps({"type": "error", "error": error})
+    reply.events = [*events[: text + 1], frame]
+    with FakeProviderServer([reply]) as server:
+        return pieces(at(provider, server))
+
+
 @pytest.mark.parametrize(
     ("kind", "status", "permanent"),
     [
@@ -543,18 +556,48 @@ def test_an_anthropic_error_event_is_judged_as_its_http_status_would_be(
     request or of our key (``invalid_request_error``, ``authentication_error``) was made again
     up to the run's attempts, each charged for the text before it, and never counted against
     the provider's circuit as a refused key is; a ``rate_limit_error`` was no 429."""
-    events = anthropic_events(["so far"], input_tokens=7, output_tokens=1)
-    delta = next(i for i, f in enumerate(events) if '"text_delta"' in f)
-    events[delta + 1 :] = [
-        "event: error\ndata: "
-        + json.dumps({"type": "error", "error": {"type": kind, "message": "no"}})
-    ]
-    provider = AnthropicProvider(api_key=KEY, base_url="", timeout=FAST)
-    with FakeProviderServer([Reply(events=events)]) as server:
-        provider.base_url = server.url
-        got, error = pieces(provider)
+    got, error = error_after_text("anthropic", {"type": kind, "message": "no"})
     assert "so far" in got
     assert isinstance(error, PermanentProviderError if permanent else TransientProviderError)
     assert not isinstance(error, StreamBroken)
     assert error.http_status == status
     assert kind in str(error)
+
+
+@pytest.mark.parametrize(
+    ("error", "refused", "status", "wide"),
+    [
+        ({"type": "invalid_request_error", "code": None}, PermanentProviderError, 400, False),
+        ({"type": "invalid_request_error", "code": "context_length_exceeded"},
+         PermanentProviderError, 400, False),
+        ({"type": "invalid_request_error", "code": "a_future_code"},
+         PermanentProviderError, 400, False),
+        ({"type": "invalid_request_error", "code": "invalid_api_key"},
+         PermanentProviderError, 401, True),
+        ({"type": "authentication_error"}, PermanentProviderError, 401, True),
+        ({"type": "permission_error"}, PermanentProviderError, 403, True),
+        ({"type": "invalid_request_error", "code": "model_not_found"},
+         PermanentProviderError, 404, False),
+        ({"type": "not_found_error"}, PermanentProviderError, 404, False),
+        ({"type": "tokens", "code": "rate_limit_exceeded"}, TransientProviderError, 429, False),
+        ({"type": "rate_limit_error"}, TransientProviderError, 429, False),
+        ({"type": "insufficient_quota", "code": "insufficient_quota"}, AccountRefused, 429, True),
+        ({"type": "server_error", "code": "server_error"}, TransientProviderError, None, False),
+        ({"type": "a_future_error", "code": None}, TransientProviderError, None, False),
+        ({}, TransientProviderError, None, False),
+    ],
+)  # fmt: skip
+def test_an_openai_error_chunk_is_judged_as_its_http_status_would_be(
+    error: dict[str, Any], refused: type[Exception], status: int | None, wide: bool
+) -> None:
+    """An OpenAI chunk ``{"error": ...}`` carries the ``type`` and ``code`` its HTTP error
+    would have. Every one was transient with no status: a refused request or key, or an
+    account out of credit, was made again up to the run's attempts, each charged for the text
+    before it, and a refused key or account never took the other OpenAI models out of the run;
+    a rate limit was no 429."""
+    got, raised = error_after_text("openai", {"message": "no", **error})
+    assert "so far" in got
+    assert type(raised) is refused, raised
+    assert isinstance(raised, TransientProviderError | PermanentProviderError)
+    assert raised.http_status == status
+    assert (isinstance(raised, PermanentProviderError) and raised.provider_wide) == wide
