@@ -193,6 +193,16 @@ class CircuitBreaker:
             return now - self.opened_at >= self.cooldown_seconds
         return not self.trial_out or now - self.trial_at >= self.cooldown_seconds
 
+    def wait(self, now: float) -> float:
+        """Seconds until :meth:`would_allow` may say yes (0: now). A half-open breaker whose
+        trial is out may close sooner, when that trial succeeds."""
+        if self.state is BreakerState.CLOSED or (
+            self.state is BreakerState.HALF_OPEN and not self.trial_out
+        ):
+            return 0.0
+        since = self.opened_at if self.state is BreakerState.OPEN else self.trial_at
+        return max(0.0, since + self.cooldown_seconds - now)
+
     def allows(self, now: float) -> bool:
         """Whether a call may go out now (a half-open breaker lets exactly one through)."""
         if not self.would_allow(now):
@@ -255,12 +265,22 @@ class Breakers:
         """Whether a call of ``workspace`` may go to ``provider`` now. A half-open breaker's
         trial is taken only by a call both breakers let through: one breaker's trial taken while
         the other refused would wait a cooldown with no call made."""
-        breakers = [self.of(provider)]
-        if (mine := self.by_workspace.get((provider, workspace))) is not None:
-            breakers.append(mine)
+        breakers = self._of_call(provider, workspace)
         if not all(breaker.would_allow(now) for breaker in breakers):
             return False
         return all([breaker.allows(now) for breaker in breakers])
+
+    def wait(self, provider: str, workspace: str, now: float) -> float:
+        """Seconds until both of a call's breakers may let it through (0: now)."""
+        return max(breaker.wait(now) for breaker in self._of_call(provider, workspace))
+
+    def _of_call(self, provider: str, workspace: str) -> list[CircuitBreaker]:
+        """The breakers a call of ``workspace`` to ``provider`` must pass (the workspace's only
+        once its calls failed)."""
+        breakers = [self.of(provider)]
+        if (mine := self.by_workspace.get((provider, workspace))) is not None:
+            breakers.append(mine)
+        return breakers
 
     def succeeded(self, provider: str, workspace: str) -> None:
         """A call answered: the provider works, for this workspace too (whose breaker, closed

@@ -92,6 +92,9 @@ WRITE_RACES = 30
 #: Text longer than this is token-counted in a worker thread, not on the event loop.
 _COUNT_ON_LOOP_CHARS = 16 * 1024
 
+#: The shortest wait between two looks at circuits that let none of a run's calls through.
+_CIRCUIT_RECHECK = 0.01
+
 #: How long a run whose claim failed (the store unavailable) waits before it is queued again.
 CLAIM_RETRY_SECONDS = 1.0
 
@@ -794,7 +797,8 @@ class Orchestrator:
         last_error = ""
         index = 0
         for attempt in range(1, self.config.max_attempts + 1):
-            option, index = self._pick(chain, index, request.pinned, view.workspace_id)
+            option, index = await self._pick(chain, index, view.workspace_id, batcher,
+                                             deadline=deadline, last_error=last_error)  # fmt: skip
             batcher.system(f"calling {option.provider}/{option.model} (attempt {attempt})")
             outcome = await self._call_once(
                 view, option, messages, spec.max_output_tokens, batcher, deadline
@@ -846,17 +850,42 @@ class Orchestrator:
             await asyncio.sleep(wait)
         raise RunFailed(f"gave up after {self.config.max_attempts} attempts: {last_error}")
 
-    def _pick(
-        self, chain: list[ModelOption], index: int, pinned: bool, workspace: UUID
+    async def _pick(
+        self,
+        chain: list[ModelOption],
+        index: int,
+        workspace: UUID,
+        batcher: LogBatcher,
+        *,
+        deadline: float,
+        last_error: str,
     ) -> tuple[ModelOption, int]:
-        """The next candidate whose breakers let a call of ``workspace`` through (a pinned run
-        has one)."""
-        now = time.monotonic()
-        for step in range(len(chain)):
-            at = (index + step) % len(chain)
-            if self.breakers.allows(chain[at].provider, str(workspace), now):
-                return chain[at], at
-        return chain[index % len(chain)], index % len(chain)
+        """The next candidate, from ``index`` on, whose breakers let a call of ``workspace``
+        through. While none does (a pinned run's provider, or every candidate's, failing), the
+        run waits for the first circuit's trial: a call now would only add to the outage,
+        and the run would spend its attempts on it. A trial past the deadline fails the run."""
+        said = False
+        while True:
+            now = time.monotonic()
+            for step in range(len(chain)):
+                at = (index + step) % len(chain)
+                if self.breakers.allows(chain[at].provider, str(workspace), now):
+                    return chain[at], at
+            waits = {o.provider: self.breakers.wait(o.provider, str(workspace), now) for o in chain}
+            first = min(waits, key=waits.__getitem__)
+            left = deadline - now
+            if waits[first] >= left:
+                why = f": {last_error}" if last_error else ""
+                raise RunFailed(
+                    f"circuit for {first} is open for {waits[first]:.1f}s more, after the run's "
+                    f"deadline ({max(left, 0.0):.1f}s left){why}"
+                )
+            if not said:
+                said = True
+                batcher.system(f"waiting {waits[first]:.1f}s for the circuit of {first} to let "
+                               "a call through")  # fmt: skip
+            # A trial out may close the circuit before its cooldown ends: looked at again soon.
+            await asyncio.sleep(min(max(waits[first], _CIRCUIT_RECHECK), 1.0))
 
     async def _call_once(
         self,

@@ -511,15 +511,50 @@ def test_two_orchestrators_share_a_backlog_and_never_run_a_run_twice(
 def test_a_failing_provider_opens_its_circuit_and_the_run_log_says_so(
     write_side: AgentWorks, database_url: str
 ) -> None:
+    """Once its circuit opened, a run pinned to the provider called it all the same, as if
+    there were no circuit; it waits for the circuit's trial instead, and gives up at once when
+    that comes after its deadline."""
     unavailable = [Reply(status=503, body=b"unavailable")]
     run = run_on_fake_openai(
-        write_side, database_url, unavailable, max_attempts=4, breaker_threshold=3
-    )
+        write_side, database_url, unavailable, max_attempts=4, breaker_threshold=3,
+        breaker_cooldown=600, run_timeout=20,
+    )  # fmt: skip
     assert run.status is RunStatus.FAILED
-    assert "gave up after 4 attempts" in (run.error or "")
+    assert "circuit for openai is open" in (run.error or "")
+    assert "after the run's deadline" in (run.error or "")
     attempts = events_of(write_side, run.id, AgentRun.AttemptRecorded)
-    assert [a.http_status for a in attempts] == [503, 503, 503, 503]
-    assert sum("circuit for openai is open" in t for t in log_lines(write_side, run.id)) == 1
+    assert [a.http_status for a in attempts] == [503, 503, 503]
+    said = log_lines(write_side, run.id)
+    assert sum(t.startswith("circuit for openai is open") for t in said) == 1
+
+
+def test_a_run_with_no_candidate_the_circuits_let_through_waits_for_the_trial(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """Pinned to a provider whose circuit opened during the run, the run waits out the
+    cooldown (its log says for how long) and makes the trial call, which succeeds."""
+    replies = [Reply(status=503, body=b"unavailable")] * 3 + [
+        Reply(events=openai_events(["fine"], prompt_tokens=10, completion_tokens=1))
+    ]
+    with (
+        FakeProviderServer(replies) as server,
+        orchestrator_thread(
+            database_url,
+            openai_at(server),
+            max_attempts=4,
+            breaker_threshold=3,
+            breaker_cooldown=1.0,
+        ),  # fmt: skip
+    ):
+        run = wait_for(write_side, start(write_side, card_on_board(write_side),
+                                         provider="openai"), finished)  # fmt: skip
+        asked = len(server.requests)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert run.output == "fine"
+    assert asked == 4
+    waits = [t for t in log_lines(write_side, run.id) if t.startswith("waiting")]
+    assert len(waits) == 1
+    assert "for the circuit of openai" in waits[0]
 
 
 # -- an orchestrator process killed mid-run --------------------------------------------------------
@@ -857,9 +892,12 @@ def test_failing_calls_of_two_workspaces_open_the_providers_circuit_for_all(
     write_side: AgentWorks, database_url: str
 ) -> None:
     """What an outage looks like: failures in a row seen by two tenants. A third tenant's run,
-    placed by the router, goes to the fallback."""
+    placed by the router, goes to the fallback; the run that opened it calls OpenAI no more
+    (its trial would come after its deadline)."""
     first, second, third = (card_on_board(write_side) for _ in range(3))
-    with openai_failing_then_fine(database_url, 4, max_attempts=2) as server:
+    with openai_failing_then_fine(
+        database_url, 4, max_attempts=2, breaker_cooldown=600, run_timeout=20
+    ) as server:
         a = wait_for(write_side, start(write_side, first, provider="openai"), finished)
         b = wait_for(write_side, start(write_side, second, provider="openai"), finished)
         c = wait_for(write_side, start(write_side, third), finished)
@@ -869,7 +907,7 @@ def test_failing_calls_of_two_workspaces_open_the_providers_circuit_for_all(
     assert "circuit for openai is open" in log_lines(write_side, b.id)
     assert c.status is RunStatus.SUCCEEDED, c.error
     assert c.provider == "simulated"
-    assert asked == 4  # the third tenant's run never asked OpenAI
+    assert asked == 3  # neither the second run once the circuit opened, nor the third
 
 
 @pytest.mark.parametrize(
@@ -1213,12 +1251,13 @@ def test_a_call_stopped_at_the_budget_and_a_circuit_opening_are_counted(
     )
     unavailable = [Reply(status=503, body=b"unavailable")]
     run = run_on_fake_openai(
-        write_side, database_url, unavailable, max_attempts=4, breaker_threshold=3
-    )
+        write_side, database_url, unavailable, max_attempts=4, breaker_threshold=3,
+        breaker_cooldown=600, run_timeout=20,
+    )  # fmt: skip
     assert run.status is RunStatus.FAILED
     opened = "agentworks_provider_circuit_opened_total"
     assert metrics.delta(opened, provider="openai", scope="workspace") == 1
     assert metrics.delta(opened, provider="openai", scope="provider") == 0
     assert metrics.delta("agentworks_llm_calls_total", provider="openai", model="gpt-4o-mini",
-                         outcome="unavailable") == 4  # fmt: skip
+                         outcome="unavailable") == 3  # fmt: skip
     assert metrics.delta("agentworks_agent_runs_finished_total", outcome="FAILED") == 2

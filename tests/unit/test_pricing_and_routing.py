@@ -370,3 +370,28 @@ def test_a_price_table_refuses_prices_no_call_can_be_costed_at(price: str, probl
                             "input_per_mtok": price, "output_per_mtok": "1"}]}  # fmt: skip
     with pytest.raises(ValidationFailed, match=f"input_per_mtok .*{problem}"):
         PriceTable.from_document(document)
+
+
+def test_a_breaker_says_how_long_until_it_may_let_a_call_through() -> None:
+    """What a run with no candidate let through waits for: the cooldown of an open breaker, the
+    trial's cooldown while the trial is out, nothing once a trial is free."""
+    breaker = CircuitBreaker(threshold=1, cooldown_seconds=10)
+    assert breaker.wait(0) == 0
+    breaker.failed(1)
+    assert breaker.wait(4) == 7
+    assert breaker.allows(11)  # the trial goes out at 11
+    assert breaker.wait(12) == 9
+    assert breaker.wait(30) == 0  # its trial given up: another may go
+    breaker.succeeded()
+    assert breaker.wait(31) == 0
+
+
+def test_a_calls_wait_is_the_longer_of_its_two_breakers() -> None:
+    breakers = Breakers(threshold=2, cooldown_seconds=10)
+    breakers.failed("openai", "ws-a", 0)
+    breakers.failed("openai", "ws-a", 1)  # ws-a's own circuit opens at 1
+    assert breakers.wait("openai", "ws-a", 3) == 8
+    assert breakers.wait("openai", "ws-b", 3) == 0
+    breakers.failed("openai", "ws-b", 5)  # the provider's opens at 5: two workspaces
+    assert breakers.wait("openai", "ws-a", 6) == breakers.wait("openai", "ws-b", 6) == 9
+    assert breakers.wait("anthropic", "ws-a", 6) == 0
