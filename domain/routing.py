@@ -265,22 +265,18 @@ class Breakers:
         """Whether a call of ``workspace`` may go to ``provider`` now. A half-open breaker's
         trial is taken only by a call both breakers let through: one breaker's trial taken while
         the other refused would wait a cooldown with no call made."""
-        breakers = self._of_call(provider, workspace)
+        breakers = [self.of(provider)]
+        if (mine := self.by_workspace.get((provider, workspace))) is not None:
+            breakers.append(mine)
         if not all(breaker.would_allow(now) for breaker in breakers):
             return False
         return all([breaker.allows(now) for breaker in breakers])
 
     def wait(self, provider: str, workspace: str, now: float) -> float:
-        """Seconds until both of a call's breakers may let it through (0: now)."""
-        return max(breaker.wait(now) for breaker in self._of_call(provider, workspace))
-
-    def _of_call(self, provider: str, workspace: str) -> list[CircuitBreaker]:
-        """The breakers a call of ``workspace`` to ``provider`` must pass (the workspace's only
-        once its calls failed)."""
-        breakers = [self.of(provider)]
-        if (mine := self.by_workspace.get((provider, workspace))) is not None:
-            breakers.append(mine)
-        return breakers
+        """Seconds until both of a call's breakers may let it through (0: now); creates none
+        (a breaker not yet made is closed)."""
+        breakers = (self.by_provider.get(provider), self.by_workspace.get((provider, workspace)))
+        return max((b.wait(now) for b in breakers if b is not None), default=0.0)
 
     def succeeded(self, provider: str, workspace: str) -> None:
         """A call answered: the provider works, for this workspace too (whose breaker, closed

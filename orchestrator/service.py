@@ -231,6 +231,11 @@ class Orchestrator:
         self.tasks: dict[UUID, asyncio.Task[None]] = {}
         #: Tasks under way per workspace (runs claimed or taken over).
         self._running: Counter[UUID] = Counter()
+        self._idle: set[UUID] = set()
+        """Runs under way here that are waiting (a backoff, a provider's retry-after, a
+        circuit's trial): they hold no slot meanwhile (see :meth:`_idle_for`)."""
+        self._resuming: deque[tuple[UUID, asyncio.Future[None]]] = deque()
+        """Runs done waiting, for a slot to come free, in turn: served before any new claim."""
         self.cancelled: set[UUID] = set()
         #: Runs this worker was told it lost to a takeover, their tasks cancelled.
         self.taken_over: set[UUID] = set()
@@ -401,12 +406,25 @@ class Orchestrator:
     def _enqueue(self, view: RunView) -> None:
         self.queues.setdefault(view.workspace_id, deque()).append(view.run_id)
 
+    def _busy(self) -> int:
+        """Slots taken: runs under way here but those waiting."""
+        return len(self.tasks) - len(self._idle)
+
     def _schedule(self) -> None:
-        """Claim queued runs while slots are free: next, the oldest run of the workspace with
-        the fewest runs under way here, workspaces taking turns among equals. First come, first
-        served, one workspace's backlog (thousands of runs, within its rate limits) held every
-        slot until all of it had run, and every other tenant's runs waited behind it."""
-        while self.queues and len(self.tasks) < self.config.concurrency:
+        """Give free slots to runs done waiting, then claim queued runs: next, the oldest run of
+        the workspace with the fewest runs under way here, workspaces taking turns among equals.
+        First come, first served, one workspace's backlog (thousands of runs, within its rate
+        limits) held every slot until all of it had run, and every other tenant's runs waited
+        behind it. A run whose circuits bar every call it could make stays queued, its timeout
+        not begun, and the runs behind it go first."""
+        while self._resuming and self._busy() < self.config.concurrency:
+            run_id, granted = self._resuming.popleft()
+            if not granted.done():
+                self._idle.discard(run_id)
+                granted.set_result(None)
+        barred: dict[UUID, list[UUID]] = {}
+        now = time.monotonic()
+        while self.queues and not self._resuming and self._busy() < self.config.concurrency:
             workspace_id = min(self.queues, key=self._running.__getitem__)
             waiting = self.queues.pop(workspace_id)
             run_id = waiting.popleft()
@@ -415,7 +433,35 @@ class Orchestrator:
             view = self.views.get(run_id)
             if view is None or view.status != "QUEUED":
                 continue
+            if self._barred(view, now):
+                barred.setdefault(workspace_id, []).append(run_id)
+                continue
             self._spawn(view, claim=True)
+        for workspace_id, run_ids in barred.items():
+            # Back where they were, ahead of their workspace's later runs.
+            self.queues.setdefault(workspace_id, deque()).extendleft(reversed(run_ids))
+
+    def _barred(self, view: RunView, now: float) -> bool:
+        """Whether circuits bar every call of ``view`` now: its pinned provider's, or those of
+        every provider here (an unpinned run's candidates are among them)."""
+        providers = [view.provider] if view.provider is not None else list(self.providers)
+        workspace = str(view.workspace_id)
+        return bool(providers) and all(self.breakers.wait(p, workspace, now) for p in providers)
+
+    async def _idle_for(self, run_id: UUID, seconds: float) -> None:
+        """Wait ``seconds`` without a slot, then take one back, before any run not yet claimed.
+        A run sleeping out a provider's rate limit or outage held its slot: every other run
+        (another provider's, another tenant's) queued behind runs that did nothing."""
+        self._idle.add(run_id)
+        self._woken.set()  # the loop claims a queued run into the slot now free
+        try:
+            await asyncio.sleep(seconds)
+            if self._resuming or self._busy() >= self.config.concurrency:
+                granted = asyncio.get_running_loop().create_future()
+                self._resuming.append((run_id, granted))
+                await granted
+        finally:
+            self._idle.discard(run_id)
 
     def _spawn(self, view: RunView, *, claim: bool) -> None:
         task = asyncio.create_task(self._own(view, claim=claim), name=f"run-{view.run_id}")
@@ -426,6 +472,7 @@ class Orchestrator:
 
     def _done(self, run_id: UUID, workspace_id: UUID) -> None:
         self.tasks.pop(run_id, None)
+        self._woken.set()  # its slot is free: a run done waiting may be given it at once
         self._running[workspace_id] -= 1
         if self._running[workspace_id] <= 0:
             del self._running[workspace_id]
@@ -441,7 +488,7 @@ class Orchestrator:
         """Take over RUNNING runs whose worker has written nothing for ``stale_after``."""
         horizon = datetime.now(UTC) - timedelta(seconds=self.config.stale_after)
         for view in list(self.views.values()):
-            if len(self.tasks) >= self.config.concurrency:
+            if self._busy() >= self.config.concurrency:
                 return
             if view.status != "RUNNING" or view.run_id in self.tasks:
                 continue
@@ -797,8 +844,9 @@ class Orchestrator:
         last_error = ""
         index = 0
         for attempt in range(1, self.config.max_attempts + 1):
-            option, index = await self._pick(chain, index, view.workspace_id, batcher,
-                                             deadline=deadline, last_error=last_error)  # fmt: skip
+            option, index = await self._pick(
+                chain, index, view, batcher, deadline=deadline, last_error=last_error
+            )
             batcher.system(f"calling {option.provider}/{option.model} (attempt {attempt})")
             outcome = await self._call_once(
                 view, option, messages, spec.max_output_tokens, batcher, deadline
@@ -847,31 +895,32 @@ class Orchestrator:
                 )
             else:
                 batcher.system(f"retrying in {wait:.1f}s: {outcome.error}")
-            await asyncio.sleep(wait)
+            await self._idle_for(view.run_id, wait)
         raise RunFailed(f"gave up after {self.config.max_attempts} attempts: {last_error}")
 
     async def _pick(
         self,
         chain: list[ModelOption],
         index: int,
-        workspace: UUID,
+        view: RunView,
         batcher: LogBatcher,
         *,
         deadline: float,
         last_error: str,
     ) -> tuple[ModelOption, int]:
-        """The next candidate, from ``index`` on, whose breakers let a call of ``workspace``
-        through. While none does (a pinned run's provider, or every candidate's, failing), the
-        run waits for the first circuit's trial: a call now would only add to the outage,
-        and the run would spend its attempts on it. A trial past the deadline fails the run."""
-        said = False
+        """The next candidate, from ``index`` on, whose breakers let a call of ``view``'s
+        workspace through. While none does (a pinned run's provider, or every candidate's,
+        failing), the run waits for the first circuit's trial, holding no slot: a call now would
+        only add to the outage, and the run would spend its attempts on it. A trial past the
+        deadline fails the run."""
+        said, workspace = False, str(view.workspace_id)
         while True:
             now = time.monotonic()
             for step in range(len(chain)):
                 at = (index + step) % len(chain)
-                if self.breakers.allows(chain[at].provider, str(workspace), now):
+                if self.breakers.allows(chain[at].provider, workspace, now):
                     return chain[at], at
-            waits = {o.provider: self.breakers.wait(o.provider, str(workspace), now) for o in chain}
+            waits = {o.provider: self.breakers.wait(o.provider, workspace, now) for o in chain}
             first = min(waits, key=waits.__getitem__)
             left = deadline - now
             if waits[first] >= left:
@@ -885,7 +934,7 @@ class Orchestrator:
                 batcher.system(f"waiting {waits[first]:.1f}s for the circuit of {first} to let "
                                "a call through")  # fmt: skip
             # A trial out may close the circuit before its cooldown ends: looked at again soon.
-            await asyncio.sleep(min(max(waits[first], _CIRCUIT_RECHECK), 1.0))
+            await self._idle_for(view.run_id, min(max(waits[first], _CIRCUIT_RECHECK), 1.0))
 
     async def _call_once(
         self,

@@ -1261,3 +1261,86 @@ def test_a_call_stopped_at_the_budget_and_a_circuit_opening_are_counted(
     assert metrics.delta("agentworks_llm_calls_total", provider="openai", model="gpt-4o-mini",
                          outcome="unavailable") == 3  # fmt: skip
     assert metrics.delta("agentworks_agent_runs_finished_total", outcome="FAILED") == 2
+
+
+# -- waits hold no slot --------------------------------------------------------------------------
+
+
+def test_a_run_waiting_out_a_retry_after_holds_no_slot_meanwhile(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """A run waiting out its provider's ``retry-after`` held one of the orchestrator's slots: a
+    provider's rate limit left every other run (another provider's, another tenant's) queued
+    behind runs that were only sleeping."""
+    limited = Reply(status=429, headers={"retry-after": "5"}, body=b"slow down")
+    fine = Reply(events=openai_events(["fine"], prompt_tokens=10, completion_tokens=1))
+    waiting_card, other_card = card_on_board(write_side), card_on_board(write_side)
+    with (
+        FakeProviderServer([limited, fine]) as server,
+        orchestrator_thread(database_url, openai_at(server, then_simulated=True), concurrency=1),
+    ):
+        waiting = start(write_side, waiting_card, provider="openai")
+        wait_for(write_side, waiting, lambda r: r.attempts == 1)
+        other = wait_for(write_side, start(write_side, other_card, provider="simulated"),
+                         finished)  # fmt: skip
+        assert write_side.run_snapshot(waiting).status is RunStatus.RUNNING
+        waited = wait_for(write_side, waiting, finished)
+    assert other.status is RunStatus.SUCCEEDED, other.error
+    assert waited.status is RunStatus.SUCCEEDED, waited.error
+    assert len(server.requests) == 2
+
+
+def test_a_run_pinned_to_a_provider_its_circuit_bars_stays_queued_and_others_run(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """While its workspace's circuit for OpenAI is open, a run pinned to OpenAI is not claimed
+    (its timeout has not begun, and it holds no slot): the run behind it, on another provider,
+    runs first. Once the cooldown is over the pinned run makes the trial call."""
+    card = card_on_board(write_side)
+    replies = [
+        Reply(status=503, body=b"unavailable"),
+        Reply(events=openai_events(["fine"], prompt_tokens=10, completion_tokens=1)),
+    ]
+    with (
+        FakeProviderServer(replies) as server,
+        orchestrator_thread(
+            database_url,
+            openai_at(server, then_simulated=True),
+            concurrency=1,
+            max_attempts=1,
+            breaker_threshold=1,
+            breaker_cooldown=4.0,
+        ),  # fmt: skip
+    ):
+        failed = wait_for(write_side, start(write_side, card, provider="openai"), finished)
+        pinned = start(write_side, card, provider="openai")
+        other = wait_for(write_side, start(write_side, card, provider="simulated"), finished)
+        assert write_side.run_snapshot(pinned).status is RunStatus.QUEUED
+        trial = wait_for(write_side, pinned, finished)
+    assert failed.status is RunStatus.FAILED
+    assert other.status is RunStatus.SUCCEEDED, other.error
+    assert trial.status is RunStatus.SUCCEEDED, trial.error
+    assert len(server.requests) == 2
+
+
+def test_an_unpinned_run_every_provider_of_which_is_barred_stays_queued_until_a_trial(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    card = card_on_board(write_side)
+    replies = [
+        Reply(status=503, body=b"unavailable"),
+        Reply(events=openai_events(["fine"], prompt_tokens=10, completion_tokens=1)),
+    ]
+    barring = {"max_attempts": 1, "breaker_threshold": 1, "breaker_cooldown": 3.0}
+    with (
+        FakeProviderServer(replies) as server,
+        orchestrator_thread(database_url, openai_at(server), **barring),
+    ):
+        failed = wait_for(write_side, start(write_side, card), finished)
+        queued = start(write_side, card)
+        time.sleep(1.0)
+        assert write_side.run_snapshot(queued).status is RunStatus.QUEUED
+        trial = wait_for(write_side, queued, finished)
+    assert failed.status is RunStatus.FAILED
+    assert trial.status is RunStatus.SUCCEEDED, trial.error
+    assert len(server.requests) == 2
