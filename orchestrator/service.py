@@ -423,6 +423,7 @@ class Orchestrator:
                 self._idle.discard(run_id)
                 granted.set_result(None)
         barred: dict[UUID, list[UUID]] = {}
+        judged: dict[tuple[str | None, UUID], bool] = {}
         now = time.monotonic()
         while self.queues and not self._resuming and self._busy() < self.config.concurrency:
             workspace_id = min(self.queues, key=self._running.__getitem__)
@@ -433,7 +434,10 @@ class Orchestrator:
             view = self.views.get(run_id)
             if view is None or view.status != "QUEUED":
                 continue
-            if self._barred(view, now):
+            judgement = (view.provider, workspace_id)
+            if judgement not in judged:
+                judged[judgement] = self._barred(view, now)
+            if judged[judgement]:
                 barred.setdefault(workspace_id, []).append(run_id)
                 continue
             self._spawn(view, claim=True)
@@ -453,7 +457,8 @@ class Orchestrator:
         A run sleeping out a provider's rate limit or outage held its slot: every other run
         (another provider's, another tenant's) queued behind runs that did nothing."""
         self._idle.add(run_id)
-        self._woken.set()  # the loop claims a queued run into the slot now free
+        if self.queues:
+            self._woken.set()  # the loop claims a queued run into the slot now free
         try:
             await asyncio.sleep(seconds)
             if self._resuming or self._busy() >= self.config.concurrency:
@@ -472,7 +477,8 @@ class Orchestrator:
 
     def _done(self, run_id: UUID, workspace_id: UUID) -> None:
         self.tasks.pop(run_id, None)
-        self._woken.set()  # its slot is free: a run done waiting may be given it at once
+        if self._resuming:
+            self._woken.set()  # its slot is free: a run done waiting is given it at once
         self._running[workspace_id] -= 1
         if self._running[workspace_id] <= 0:
             del self._running[workspace_id]
