@@ -1290,6 +1290,15 @@ def test_a_run_waiting_out_a_retry_after_holds_no_slot_meanwhile(
     assert len(server.requests) == 2
 
 
+#: One OpenAI call answered unavailable, then one answered well: with :data:`_BARRED_BY_ONE`
+#: the second call is the trial of the circuit the first opened.
+_ONE_FAILURE_THEN_FINE = [
+    Reply(status=503, body=b"unavailable"),
+    Reply(events=openai_events(["fine"], prompt_tokens=10, completion_tokens=1)),
+]
+_BARRED_BY_ONE = {"max_attempts": 1, "breaker_threshold": 1}
+
+
 def test_a_run_pinned_to_a_provider_its_circuit_bars_stays_queued_and_others_run(
     write_side: AgentWorks, database_url: str
 ) -> None:
@@ -1297,20 +1306,10 @@ def test_a_run_pinned_to_a_provider_its_circuit_bars_stays_queued_and_others_run
     (its timeout has not begun, and it holds no slot): the run behind it, on another provider,
     runs first. Once the cooldown is over the pinned run makes the trial call."""
     card = card_on_board(write_side)
-    replies = [
-        Reply(status=503, body=b"unavailable"),
-        Reply(events=openai_events(["fine"], prompt_tokens=10, completion_tokens=1)),
-    ]
+    config = {"concurrency": 1, "breaker_cooldown": 4.0, **_BARRED_BY_ONE}
     with (
-        FakeProviderServer(replies) as server,
-        orchestrator_thread(
-            database_url,
-            openai_at(server, then_simulated=True),
-            concurrency=1,
-            max_attempts=1,
-            breaker_threshold=1,
-            breaker_cooldown=4.0,
-        ),  # fmt: skip
+        FakeProviderServer(_ONE_FAILURE_THEN_FINE) as server,
+        orchestrator_thread(database_url, openai_at(server, then_simulated=True), **config),
     ):
         failed = wait_for(write_side, start(write_side, card, provider="openai"), finished)
         pinned = start(write_side, card, provider="openai")
@@ -1326,15 +1325,14 @@ def test_a_run_pinned_to_a_provider_its_circuit_bars_stays_queued_and_others_run
 def test_an_unpinned_run_every_provider_of_which_is_barred_stays_queued_until_a_trial(
     write_side: AgentWorks, database_url: str
 ) -> None:
+    """The same for an unpinned run while every provider it could be routed to is barred (here
+    OpenAI, the only one)."""
     card = card_on_board(write_side)
-    replies = [
-        Reply(status=503, body=b"unavailable"),
-        Reply(events=openai_events(["fine"], prompt_tokens=10, completion_tokens=1)),
-    ]
-    barring = {"max_attempts": 1, "breaker_threshold": 1, "breaker_cooldown": 3.0}
     with (
-        FakeProviderServer(replies) as server,
-        orchestrator_thread(database_url, openai_at(server), **barring),
+        FakeProviderServer(_ONE_FAILURE_THEN_FINE) as server,
+        orchestrator_thread(
+            database_url, openai_at(server), breaker_cooldown=3.0, **_BARRED_BY_ONE
+        ),  # fmt: skip
     ):
         failed = wait_for(write_side, start(write_side, card), finished)
         queued = start(write_side, card)
