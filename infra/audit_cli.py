@@ -190,9 +190,9 @@ def export_command(
     Streamed from one consistent snapshot of the log in constant memory; progress on stderr.
     Check a file with `agentworks audit verify FILE`.
     """
-    import psycopg
     from psycopg import IsolationLevel
 
+    from adapters.postgres import connect
     from projections.history import parse_instant
     from streams.audit import aggregate_workspace, export_lines, workspace_exists, workspace_rows
 
@@ -211,7 +211,7 @@ def export_command(
         # An event that cannot be decoded is exported as such, not the end of the export.
         decode = write.event_log().readable
         plain = write.mapper.cipher is None and write.mapper.compressor is None
-        conn = stack.enter_context(psycopg.connect(url))
+        conn = stack.enter_context(connect(url))
         conn.isolation_level = IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         stack.enter_context(conn.transaction())
@@ -326,9 +326,9 @@ def replay_card_command(
     """A card's history and state, folded from the event store (not a read model)."""
     import json
 
-    import psycopg
     from psycopg.rows import dict_row
 
+    from adapters.postgres import connect
     from commands.handlers import Actor
     from projections.history import card_state, history_entries, lane_then, parse_instant
     from read_api.eventlog import card_log, chosen_version, foldable_version
@@ -342,7 +342,7 @@ def replay_card_command(
     with ExitStack() as stack:
         write = _write_side(settings, url)
         stack.callback(write.close)
-        conn = stack.enter_context(psycopg.connect(url, row_factory=dict_row))
+        conn = stack.enter_context(connect(url, row_factory=dict_row))
         envelopes = card_log(conn, write.mapper, card_id=card_id)
         try:
             version = chosen_version(envelopes, as_of_version=as_of_version, as_of=instant)
@@ -412,8 +412,7 @@ def replay_board_command(
     """A board as it was at an instant, folded from the event store (not a read model)."""
     import json
 
-    import psycopg
-
+    from adapters.postgres import connect
     from projections.history import NotYet, board_as_of, parse_instant
 
     project_id = _parse_id(project, "project")
@@ -423,7 +422,7 @@ def replay_board_command(
     with ExitStack() as stack:
         write = _write_side(settings, url)
         stack.callback(write.close)
-        conn = stack.enter_context(psycopg.connect(url))
+        conn = stack.enter_context(connect(url))
         try:
             board = board_as_of(conn, write.mapper, project_id=project_id, as_of=instant)
         except NotYet as exc:

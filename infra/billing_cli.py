@@ -234,9 +234,9 @@ def _hold_invoicing_lock(stack: ExitStack, database_url: str) -> None:
     invoice sweeps every pending item of the customer in, billing the line twice (and a run of
     another month could sweep this month's items into its own invoice).
     """
-    import psycopg
+    from adapters.postgres import connect
 
-    conn = stack.enter_context(psycopg.connect(database_url, autocommit=True))
+    conn = stack.enter_context(connect(database_url, autocommit=True))
     row = conn.execute("SELECT pg_try_advisory_lock(%s)", (INVOICE_LOCK_KEY,)).fetchone()
     if row is None or not row[0]:
         raise CliError(

@@ -813,12 +813,11 @@ def sweep_command(
 @app.command("status")
 def status_command(data_dir: DataDirOption = None) -> None:
     """Where the log, the relay and every projector stand (lag in events)."""
-    import psycopg
-
     from adapters.metrics import read_standing
+    from adapters.postgres import connect
 
     settings = settings_for(data_dir)
-    with psycopg.connect(database_url_for(settings)) as conn:
+    with connect(database_url_for(settings)) as conn:
         standing = read_standing(conn, expected=projector_names(), relays=deployed_relays(settings))
     head_position, parked = standing.head, standing.parked
     rows: list[tuple[str, str, int, int | None]] = [
@@ -862,14 +861,13 @@ _ProjectorOption = Annotated[
 @parked_app.command("list")
 def parked_list_command(projector: _ProjectorOption = None, data_dir: DataDirOption = None) -> None:
     """The parked aggregates: the event each stopped at, the error, how often it was tried."""
-    import psycopg
-
+    from adapters.postgres import connect
     from projections.registry import projector_named
 
     if projector is not None:
         projector_named(projector)  # an unknown name is refused with the valid ones
     settings = settings_for(data_dir)
-    with psycopg.connect(database_url_for(settings)) as conn:
+    with connect(database_url_for(settings)) as conn:
         rows = conn.execute(
             "SELECT projector, originator_id, originator_version, position, event_type,"
             " workspace_id, attempts, failed_at, error FROM projection_parked"

@@ -44,6 +44,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
+from adapters.postgres import connect
 from domain.errors import SetupError
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ def migrate(
     """
     migrations = discover(directory)
     try:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout)
+        conn = connect(url, autocommit=True, connect_timeout=connect_timeout)
     except psycopg.Error as exc:
         raise MigrationError(f"cannot connect to {_redacted(url)}: {exc}") from exc
     with conn:
@@ -200,7 +201,7 @@ def migrate(
 def applied_versions(url: str, *, connect_timeout: int = 10) -> list[str]:
     """Versions recorded in ``schema_migrations``, in order; empty if it does not exist yet."""
     try:
-        with psycopg.connect(url, connect_timeout=connect_timeout) as conn:
+        with connect(url, connect_timeout=connect_timeout) as conn:
             exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
             if not exists or not exists[0]:
                 return []
@@ -221,7 +222,7 @@ def ensure_database(url: str, *, connect_timeout: int = 10) -> None:
     if not dbname:
         raise MigrationError(f"{_redacted(url)} names no database")
     try:
-        with psycopg.connect(url, connect_timeout=connect_timeout):
+        with connect(url, connect_timeout=connect_timeout):
             return
     except psycopg.OperationalError as exc:
         target_error = exc
@@ -435,7 +436,7 @@ def _maintenance_connection(
     last: Exception = cause
     for dbname in ("postgres", "template1"):
         try:
-            return psycopg.connect(
+            return connect(
                 make_conninfo(url, dbname=dbname), autocommit=True, connect_timeout=connect_timeout
             )
         except psycopg.OperationalError as exc:
