@@ -117,7 +117,8 @@ def credit_command(
     except pydantic.ValidationError as error:
         # A traceback (exit 1) otherwise: bad input is one line and exit 2, as everywhere.
         problems = "; ".join(
-            f"--{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()
+            f"--{'.'.join(str(part) for part in e['loc']).replace('_', '-')}: {e['msg']}"
+            for e in error.errors()
         )
         raise ValidationFailed(problems) from None
     app = write_side_from(settings, database_url_for(settings))

@@ -6,6 +6,7 @@ here holds by our own look-ups and recorded events alone.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -270,17 +271,20 @@ def test_bad_input_exits_2_with_one_line(side: ReadSide, localstripe: str, tmp_p
         assert message in line, (args, line)
 
 
-def test_a_credit_reason_empty_or_too_long_exits_2_with_one_line(
+def test_a_credit_option_refused_exits_2_with_one_line_naming_it(
     side: ReadSide, tmp_path: Path
 ) -> None:
+    """An empty or over-long --reason, a --command-id that is no UUID (named '--command_id',
+    an option there is none of, before)."""
     world = side.new_world()
     environment = {"AGENTWORKS_DATABASE_URL": side.database_url, "AGENTWORKS_LOG_LEVEL": "WARNING"}
-    for reason in ("", "x" * 1001):
+    for option, value in (("--reason", ""), ("--reason", "x" * 1001), ("--command-id", "zz")):
+        given = {"--reason": "goodwill", option: value}
         args = ("credit", "--workspace", str(world.workspace_id), "--amount", "1")
         line = assert_one_line_error(
-            agentworks(*args, "--reason", reason, cwd=tmp_path, env=environment)
+            agentworks(*args, *itertools.chain(*given.items()), cwd=tmp_path, env=environment)
         )
-        assert "--reason" in line, line
+        assert f"{option}:" in line, line
 
 
 def test_a_credit_sent_again_with_its_command_id_is_granted_once(
