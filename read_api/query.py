@@ -50,6 +50,7 @@ from read_api.types import (
     page_info,
     page_size,
     parse_id,
+    seq_after,
 )
 
 if TYPE_CHECKING:
@@ -225,12 +226,13 @@ class Query:
         self, info: Info, run_id: ID, after_seq: int | None = None, first: int | None = 500
     ) -> list[LogLine]:
         wanted = parse_id(run_id, "runId")
+        after = seq_after(after_seq)
         size = page_size(first, most=MAX_LOG_PAGE, default=500)
         scope = await info.context.member_scope_of(wanted)
         if scope is None or await scope.loaders.run.load(wanted) is None:
             raise NotFound(f"agent run {wanted} does not exist")
         lines = await scope.run(
-            lambda conn: queries.run_logs(conn, wanted, after_seq=after_seq, first=size)
+            lambda conn: queries.run_logs(conn, wanted, after_seq=after, first=size)
         )
         return [
             LogLine(run_id=ID(str(x.run_id)), seq=x.seq, at=x.at, stream=x.stream, text=x.text)

@@ -23,14 +23,14 @@ from uuid import UUID
 
 import strawberry
 
-from domain.errors import NotFound, ValidationFailed
+from domain.errors import NotFound
 from projections import queries
 from projections.kanban import board_channel
 from projections.runs import run_channel
 from read_api import fields as described
 from read_api.broadcast import Feed, MessagesLost, subscribed
 from read_api.context import Info
-from read_api.types import ID, BoardEvent, Card, LogLine, parse_id
+from read_api.types import ID, BoardEvent, Card, LogLine, parse_id, seq_after
 
 if TYPE_CHECKING:
     from read_api.context import RequestContext
@@ -233,10 +233,9 @@ class Subscription:
     ) -> AsyncIterator[LogLine]:
         wanted = parse_id(run_id, "runId")
         ctx = await info.context.for_object(wanted)
-        if after_seq is not None and after_seq < 0:
-            raise ValidationFailed(f"afterSeq must not be negative, got {after_seq}")
+        after = seq_after(after_seq)
         if await _visible(ctx, lambda scope: scope.loaders.run.load(wanted)) is None:
             raise NotFound(f"agent run {wanted} does not exist")
         return await _listening(
-            ctx, run_channel(wanted), lambda feed: _run_log(ctx, wanted, after_seq or 0, feed)
+            ctx, run_channel(wanted), lambda feed: _run_log(ctx, wanted, after, feed)
         )

@@ -67,6 +67,16 @@ def page_size(first: int | None, *, most: int, default: int, what: str = "first"
     return first
 
 
+def seq_after(after_seq: int | None) -> int:
+    """A log's ``afterSeq``: 0 when null, VALIDATION when negative (no line is numbered below
+    1); one rule for ``agentRunLogs`` and ``agentRunLog``, which a log pane uses together."""
+    if after_seq is None:
+        return 0
+    if after_seq < 0:
+        raise ValidationFailed(f"afterSeq must not be negative, got {after_seq}")
+    return after_seq
+
+
 # -- enums ----------------------------------------------------------------------------------------
 
 

@@ -155,6 +155,26 @@ def test_a_finished_runs_log_replays_and_completes(live_stack: Stack) -> None:
     assert seqs == [1, 2, 3]
 
 
+def test_a_negative_after_seq_is_refused_alike_over_http_and_the_websocket(stack: Stack) -> None:
+    """agentRunLogs and agentRunLog take one afterSeq: the log pane reads the stored lines over
+    HTTP and follows them over the WebSocket from the same number, so both refuse what one does."""
+    alice, run_id, service = _begun_run(stack)
+    _append(stack, run_id, service, ["one", "two"])
+    run = str(run_id)
+
+    answer = alice.post(
+        "query($id: ID!) { agentRunLogs(runId: $id, afterSeq: -1) { seq } }", {"id": run}
+    )
+    assert answer.codes == ["VALIDATION"], answer.body
+    assert "afterSeq" in answer.errors[0]["message"]
+
+    with subscribe(stack.ws_url, alice.token, RUN_LOG, {"id": run, "after": -1}) as sub:
+        refusal = sub.next_message()
+    assert refusal["type"] == "error", refusal
+    assert [e["extensions"]["code"] for e in refusal["payload"]] == ["VALIDATION"]
+    assert refusal["payload"][0]["message"] == answer.errors[0]["message"]
+
+
 @pytest.mark.parametrize("broadcaster", ["local", "redis"])
 def test_a_chunk_too_large_to_send_live_arrives_whole_and_in_time(
     make_stack: MakeStack, broadcaster: str
