@@ -95,7 +95,7 @@ class WorkspaceCommands(WriteSide):
 
         def set_plan(workspace: Workspace, meta: EventMeta) -> None:
             markup = parse_markup(cmd.markup)
-            increment = parse_usd(cmd.billing_increment)
+            increment = parse_usd(cmd.billing_increment, what="billing increment")
             # Stripe bills whole cents: a finer increment would leave every invoice of the
             # workspace unissuable (Invoice.draft refuses its lines).
             whole_cents(increment)

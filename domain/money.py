@@ -95,29 +95,30 @@ def _whole_micros(value: Decimal) -> int | None:
     return int(scaled)
 
 
-def parse_usd(text: str, *, allow_negative: bool = False) -> int:
+def parse_usd(text: str, *, allow_negative: bool = False, what: str = "amount") -> int:
     """Turn an API ``Money`` string into micro-USD, refusing anything that would need rounding.
 
     Only plain decimal notation is accepted (no exponent, sign ``+``, spaces, NaN or Infinity), so
     a client that serialised a float is told so instead of being silently rounded. Extra decimal
     places are fine only when they are zeros: ``"1.2500000"`` is exactly ``1.25`` USD. Negative
-    amounts exist only where the caller says credits are meaningful (``allow_negative``).
+    amounts exist only where the caller says credits are meaningful (``allow_negative``). A
+    refusal names ``what`` the text was given as (an option, a field), for whoever typed it.
     """
-    text = _require_text(text, "amount")
+    text = _require_text(text, what)
     if not _USD_PATTERN.fullmatch(text):
         raise ValidationFailed(
-            f"amount must be a plain decimal number of US dollars like '1.25', got {text!r}"
+            f"{what} must be a plain decimal number of US dollars like '1.25', got {text!r}"
         )
     micros = _whole_micros(Decimal(text))
     if micros is None:
         raise ValidationFailed(
-            f"amount has more than {MONEY_DECIMALS} decimal places (finer than one micro-dollar): "
+            f"{what} has more than {MONEY_DECIMALS} decimal places (finer than one micro-dollar): "
             f"{text!r}"
         )
     if micros < 0 and not allow_negative:
-        raise ValidationFailed(f"amount must not be negative, got {text!r}")
+        raise ValidationFailed(f"{what} must not be negative, got {text!r}")
     if abs(micros) > MAX_MICROS:
-        raise ValidationFailed(f"amount is too large to be stored: {text!r}")
+        raise ValidationFailed(f"{what} is too large to be stored: {text!r}")
     return micros
 
 

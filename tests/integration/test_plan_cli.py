@@ -55,7 +55,15 @@ def test_the_operator_sets_a_workspaces_plan(
 
 @pytest.mark.parametrize(
     ("markup", "increment", "named"),
-    [("0", "0.25", "markup"), ("five", "0.25", "markup"), ("5", "0.005", "cent")],
+    [
+        ("0", "0.25", "markup"),
+        ("five", "0.25", "markup"),
+        ("5", "0.005", "cent"),
+        # Named 'amount' before: the option is --increment.
+        ("5", "abc", "billing increment"),
+        ("5", "-0.25", "billing increment"),
+        ("5", "0.0000001", "billing increment"),
+    ],
 )
 def test_a_plan_no_invoice_could_bill_is_refused_in_one_line(
     database_url: str,
