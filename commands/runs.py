@@ -27,6 +27,7 @@ from domain.errors import BudgetExceeded, InvalidTransition
 from domain.meta import EventMeta
 from domain.metering import LlmCall, charge_llm_call
 from domain.money import billed_amount, format_usd, parse_usd
+from domain.project import Project
 from domain.roles import Role
 from domain.routing import validate_choice
 from domain.usage import MonthlySpend, UsageCharge, check_month_room
@@ -77,6 +78,7 @@ class RunCommands(WriteSide):
             now = StampedEvent.create_timestamp()
             if card.archived:
                 raise InvalidTransition(f"card {card.id} is archived; restore it to run agents")
+            self.aggregate(Project, card.project_id).ensure_writable()
             spec = agent_named(cmd.agent.strip())
             validate_choice(
                 provider=cmd.provider, model=cmd.model, policy=cmd.policy, prices=self.prices,

@@ -237,7 +237,7 @@ class Project(TenantAggregate):
     def add_lane(
         self, name: str, *, wip_limit: int | None, index: int | None, meta: EventMeta
     ) -> None:
-        self._writable()
+        self.ensure_writable()
         lane = clean_name(name, what="lane name")
         if any(spec.name == lane for spec in self.lanes):
             raise Duplicate(f"project {self.id} already has a lane {lane!r}")
@@ -255,7 +255,7 @@ class Project(TenantAggregate):
         )
 
     def rename_lane(self, lane: str, name: str, *, meta: EventMeta) -> None:
-        self._writable()
+        self.ensure_writable()
         self.lane(lane)
         new = clean_name(name, what="lane name")
         if new == lane:
@@ -265,7 +265,7 @@ class Project(TenantAggregate):
         self._record(self.LaneRenamed, meta, lane=lane, name=new)
 
     def reorder_lanes(self, order: list[str], *, meta: EventMeta) -> None:
-        self._writable()
+        self.ensure_writable()
         if sorted(order) != sorted(spec.name for spec in self.lanes) or len(set(order)) != len(
             order
         ):
@@ -275,7 +275,7 @@ class Project(TenantAggregate):
         self._record(self.LanesReordered, meta, order=list(order))
 
     def remove_lane(self, lane: str, *, meta: EventMeta) -> None:
-        self._writable()
+        self.ensure_writable()
         self.lane(lane)
         if self.count(lane):
             raise InvalidTransition(
@@ -286,7 +286,7 @@ class Project(TenantAggregate):
         self._record(self.LaneRemoved, meta, lane=lane)
 
     def set_wip_limit(self, lane: str, wip_limit: int | None, *, meta: EventMeta) -> None:
-        self._writable()
+        self.ensure_writable()
         spec = self.lane(lane)
         limit = check_wip_limit(wip_limit, lane=lane)
         if limit is not None and self.count(lane) > limit:
@@ -298,7 +298,7 @@ class Project(TenantAggregate):
             self._record(self.WipLimitSet, meta, lane=lane, wip_limit=limit)
 
     def rename(self, name: str, *, meta: EventMeta) -> None:
-        self._writable()
+        self.ensure_writable()
         new = clean_name(name, what="project name")
         if new != self.name:
             self._record(self.Renamed, meta, name=new)
@@ -320,7 +320,7 @@ class Project(TenantAggregate):
         meta: EventMeta,
     ) -> Placed:
         """Put a new (or restored) card into ``lane``; says where (see :meth:`move_card`)."""
-        self._writable()
+        self.ensure_writable()
         if card_id in self.placements:
             raise Duplicate(f"card {card_id} is already on the board of project {self.id}")
         self._admit(lane, card_id)
@@ -348,7 +348,7 @@ class Project(TenantAggregate):
         lane is re-spread first (see :meth:`_respread`), and ``respread`` names the cards whose
         keys changed: never one of ``fixed``, cards whose keys must stay as they are.
         """
-        self._writable()
+        self.ensure_writable()
         current = self._placement(card_id)
         if current.lane != to_lane:
             self._admit(to_lane, card_id)
@@ -474,6 +474,8 @@ class Project(TenantAggregate):
             raise MissingPart(f"card {card_id} is not on the board of project {self.id}")
         return placement
 
-    def _writable(self) -> None:
+    def ensure_writable(self) -> None:
+        """Refuse a change of an archived project: of its board, and of what its cards cost
+        (a run started on one of them)."""
         if self.archived:
             raise InvalidTransition(f"project {self.id} is archived")

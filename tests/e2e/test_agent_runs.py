@@ -134,3 +134,25 @@ def test_bad_agent_or_provider_and_unaffordable_budgets_are_refused(make_stack: 
         "model": "VALIDATION",
         "budget": "BUDGET_EXCEEDED",
     }
+
+
+def test_a_card_of_an_archived_project_runs_no_agent(make_stack: MakeStack) -> None:
+    """An archived project takes no new cards, moves or lane changes; a run on one of its cards
+    would be billed to a project the board list no longer shows."""
+    stack = make_stack()
+    alice, ws = stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(pid, "x")["card"]["id"]
+    alice.data(
+        "mutation($id: ID!) { archiveProject(input: {projectId: $id}) { consistencyToken } }",
+        {"id": pid},
+    )
+
+    refused = start_run(alice, card)
+
+    assert [e["extensions"]["code"] for e in refused["errors"]] == ["INVALID_TRANSITION"]
+    assert f"project {pid} is archived" in refused["errors"][0]["message"]
+    runs = alice.data(
+        "query($id: ID!) { card(id: $id) { runs { edges { node { id } } } } }", {"id": card}
+    )
+    assert runs["card"]["runs"]["edges"] == []
