@@ -64,7 +64,13 @@ from infra.cli_common import (
     shown,
 )
 from infra.migrate import MigrationError, discover, ensure_database, migrate
-from infra.settings import Settings, db_logins, deployed_relays, jwt_keys
+from infra.settings import (
+    Settings,
+    checked_database_url,
+    db_logins,
+    deployed_relays,
+    jwt_keys,
+)
 from projections.registry import projector_names
 
 if TYPE_CHECKING:
@@ -119,6 +125,23 @@ def _root(
 _PROJECTOR_HELP = f"Projector name ({', '.join(projector_names())}), or 'all'."
 
 
+def _database_url_option(value: str | None) -> str | None:
+    """``--database-url`` held to ``AGENTWORKS_DATABASE_URL``'s rule, and named as itself. An
+    empty one is refused: taken for none (a ``--database-url "$URL"`` whose variable is unset),
+    it left the configured database alone and migrated the data dir's embedded one."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise typer.BadParameter(
+            "is empty; give a postgresql:// URL, or leave the option out for "
+            "AGENTWORKS_DATABASE_URL"
+        )
+    try:
+        return checked_database_url(value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
 @app.command("migrate")
 def migrate_command(
     database_url: Annotated[
@@ -127,6 +150,7 @@ def migrate_command(
             "--database-url",
             help="postgresql:// URL; default AGENTWORKS_DATABASE_URL.",
             show_default=False,
+            callback=_database_url_option,
         ),
     ] = None,
     create_database: Annotated[

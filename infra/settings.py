@@ -261,11 +261,7 @@ class Settings(BaseSettings):
     def _postgres_url(cls, value: str | None) -> str | None:
         if value is None or value.strip() == "":
             return None
-        scheme = value.split("://", 1)[0] if "://" in value else ""
-        if scheme not in ("postgresql", "postgres"):
-            raise ValueError("must be a postgresql:// URL")
-        _check_parses(value)
-        return value
+        return checked_database_url(value)
 
     @field_validator("kafka_bootstrap", "redis_url", "stripe_api_base")
     @classmethod
@@ -609,6 +605,17 @@ def _is_web_origin(entry: str) -> bool:
         and "*" not in host
         and entry == rebuilt
     )
+
+
+def checked_database_url(url: str) -> str:
+    """``url`` when it is a PostgreSQL URL libpq reads as written; else :class:`ValueError`
+    saying what is wrong without quoting it (the rule of ``AGENTWORKS_DATABASE_URL``, which
+    ``migrate --database-url`` applies to its option too)."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be a postgresql:// URL")
+    _check_parses(url)
+    return url
 
 
 def _check_parses(url: str) -> None:

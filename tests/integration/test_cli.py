@@ -311,6 +311,33 @@ class TestMigrate:
 
         assert "postgresql://" in assert_one_line_error(result)
 
+    @pytest.mark.parametrize("given", ["", "  "])
+    def test_an_empty_database_url_option_is_refused_not_taken_for_the_embedded_database(
+        self, tmp_path: Path, given: str
+    ) -> None:
+        # Taken before for no URL at all (say '--database-url "$DB_URL"' with the variable
+        # unset): the configured database was left alone, an embedded one was created in the
+        # working directory and migrated instead, exit 0.
+        result = agentworks(
+            "migrate", "--database-url", given, cwd=tmp_path,
+            env={"AGENTWORKS_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/configured"},
+        )  # fmt: skip
+
+        assert "--database-url" in assert_one_line_error(result)
+        assert not (tmp_path / ".agentworks").exists()
+
+    def test_a_database_url_option_that_is_no_postgres_url_is_named_as_the_option(
+        self, tmp_path: Path
+    ) -> None:
+        # It was named as AGENTWORKS_DATABASE_URL, which the operator may not have set at all.
+        line = assert_one_line_error(
+            agentworks("migrate", "--database-url", "mysql://root@localhost/x", cwd=tmp_path)
+        )
+
+        assert "--database-url" in line
+        assert "postgresql://" in line
+        assert "AGENTWORKS_DATABASE_URL" not in line
+
     def test_an_applied_migration_whose_file_changed_fails_with_exit_1_naming_it(
         self, tmp_path: Path, database_url: str
     ) -> None:
