@@ -23,7 +23,7 @@ from commands.handlers import USER_SCOPE, Actor, AgentWorks, CommandResult, Deci
 from domain.access import ApiKey, Invitation
 from domain.errors import Forbidden, NotFound, Unauthenticated
 from domain.meta import EventMeta
-from domain.roles import Role, capped, require_role
+from domain.roles import Role
 from domain.user import User, email_to_find, normalise_email
 from domain.workspace import Workspace
 
@@ -161,8 +161,8 @@ def create_api_key(app: AgentWorks, cmd: CreateApiKey, actor: Actor) -> Issued:
     secret = secrets.token_urlsafe(32)
 
     def issue(workspace: Workspace, role: Role, meta: EventMeta) -> Decision:
-        mine = capped(workspace.role_of(actor.user_id) or Role.VIEWER, actor.role)
-        require_role(mine, role, action=f"creating a {role.value} API key", user_id=actor.user_id)
+        mine = workspace.role_of(actor.user_id) or Role.VIEWER
+        actor.require(mine, role, action=f"creating a {role.value} API key")
         key = ApiKey.create(
             key_id=key_id,
             workspace_id=workspace.id,

@@ -54,7 +54,7 @@ from domain.meta import EventMeta
 from domain.months import month_of, next_month
 from domain.pricing import PriceTable, built_in_price_table
 from domain.project import Project
-from domain.roles import Role, capped, require_role
+from domain.roles import Role, require_role
 from domain.usage import MonthlySpend, UsageCharge, spend_id_for
 from domain.user import Session, User
 from domain.workspace import Workspace
@@ -113,6 +113,14 @@ class Actor:
         return cls(
             user_id=name, workspace_id=str(workspace_id), is_service=True,
             correlation_id=correlation_id, causation_id=causation_id, traceparent=traceparent,
+        )  # fmt: skip
+
+    def require(self, membership: Role, needed: Role, *, action: str) -> None:
+        """Refuse ``action`` unless ``membership``, capped by these credentials, reaches
+        ``needed`` (a refusal names the API key or role claim that capped it)."""
+        require_role(
+            membership, needed, action=action, user_id=self.user_id, ceiling=self.role,
+            api_key_id=self.api_key_id,
         )  # fmt: skip
 
 
@@ -775,12 +783,12 @@ class WriteSide(Application[UUID]):
         role = workspace.role_of(actor.user_id)
         if role is None:
             raise NotFound(f"workspace {workspace.id} does not exist")
-        require_role(capped(role, actor.role), needed, action=action, user_id=actor.user_id)
+        actor.require(role, needed, action=action)
 
     def may_grant(self, workspace: Workspace, actor: Actor, role: Role) -> None:
         if role is Role.OWNER and not actor.is_service:
-            mine = capped(workspace.role_of(actor.user_id) or Role.VIEWER, actor.role)
-            require_role(mine, Role.OWNER, action="granting or taking OWNER", user_id=actor.user_id)
+            mine = workspace.role_of(actor.user_id) or Role.VIEWER
+            actor.require(mine, Role.OWNER, action="granting or taking OWNER")
 
     def spend_for(self, workspace: Workspace, at: datetime, meta: EventMeta) -> MonthlySpend:
         """The spend of ``at``'s month, or of the first open month after it once that is closed

@@ -7,6 +7,7 @@ needs and any higher role passes.
 from __future__ import annotations
 
 from enum import StrEnum
+from uuid import UUID
 
 from domain.errors import Forbidden, ValidationFailed
 
@@ -53,12 +54,29 @@ def needed_to_grant(role: Role) -> Role:
     return Role.OWNER if role is Role.OWNER else Role.ADMIN
 
 
-def require_role(actual: Role, needed: Role, *, action: str, user_id: str) -> None:
-    """Refuse ``action`` unless ``actual`` is at least ``needed``."""
-    if not actual.at_least(needed):
-        raise Forbidden(
-            f"user {user_id} has role {actual.value}; {action} needs {needed.value} or higher",
-            user_id=user_id,
-            role=actual.value,
-            needed=needed.value,
-        )
+def require_role(
+    membership: Role,
+    needed: Role,
+    *,
+    action: str,
+    user_id: str,
+    ceiling: Role | None = None,
+    api_key_id: UUID | None = None,
+) -> None:
+    """Refuse ``action`` unless the role ``user_id`` acts with (``membership`` capped by the
+    credential's ``ceiling``) is at least ``needed``. When the credential is what falls short,
+    the refusal names it (the API key, else the token's role claim): that is what to change,
+    not the user's membership."""
+    acting = capped(membership, ceiling)
+    if acting.at_least(needed):
+        return
+    held = f"has role {acting.value}"
+    if acting is not membership:
+        credential = f"API key {api_key_id}" if api_key_id else "this token's role claim"
+        held = f"acts as {acting.value} through {credential} (their own role is {membership.value})"
+    raise Forbidden(
+        f"user {user_id} {held}; {action} needs {needed.value} or higher",
+        user_id=user_id,
+        role=acting.value,
+        needed=needed.value,
+    )

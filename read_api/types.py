@@ -21,7 +21,7 @@ from strawberry.types.nodes import SelectedField, Selection
 
 from domain.agent_run import RunStatus
 from domain.errors import ValidationFailed
-from domain.roles import Role, capped, require_role
+from domain.roles import Role, require_role
 from projections.billing import UsageDimension
 from projections.kanban_queries import api_key_exists, invitation_exists
 from projections.runs_queries import RunSummary
@@ -227,8 +227,11 @@ async def _admin_list(
     An empty page after a cursor whose item is none of this workspace's is a bad cursor, said
     so, rather than an empty list that would read as "no more"."""
     listing = _GRANT_LISTS[kind]
-    role = capped(await scope.member_role(), info.context.who.principal.role)
-    require_role(role, Role.ADMIN, action=f"listing {listing.what}", user_id=scope.user_id)
+    principal = info.context.who.principal
+    require_role(
+        await scope.member_role(), Role.ADMIN, action=f"listing {listing.what}",
+        user_id=scope.user_id, ceiling=principal.role, api_key_id=principal.api_key_id,
+    )  # fmt: skip
     size = page_size(first, most=MAX_ACCESS_PAGE, default=DEFAULT_ACCESS_PAGE)
     closed = bool(include_closed)
     kind_tag, within = listing.cursor_kind, cursors.list_of(scope.workspace_id, closed)

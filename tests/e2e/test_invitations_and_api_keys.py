@@ -10,6 +10,8 @@ import psycopg
 from e2e_stack import Stack
 from test_identity_flow import UNSEEN_IN_ADDRESSES
 
+from adapters.tokens import issue_token
+
 PASSWORD = "correct horse battery"
 
 
@@ -200,6 +202,36 @@ def test_api_key_acts_at_its_role_capped_by_its_creator_and_dies_on_revoke(
         )
     assert secret.split("_", 2)[2].encode() not in stored
     assert secret.split("_", 2)[2].encode() not in logged
+
+
+def test_a_refusal_for_want_of_role_names_the_credential_that_lowered_it(
+    http: httpx.Client, auth_stack: Stack
+) -> None:
+    """An OWNER's VIEWER key (or VIEWER-claim token) is refused a write: the message names the
+    key (or the claim) whose role fell short, not the owner as if they were a VIEWER."""
+    owner_id, owner = user(http, "owner@refusal-names.test")
+    workspace_id = workspace_of(http, owner, "Refusals")
+    made = data(gql(http, owner, CREATE_KEY, w=workspace_id, n="dashboard", r="VIEWER"))
+    key = made["createApiKey"]
+    claim = issue_token(
+        user_id=owner_id, workspace_id=workspace_id, role="VIEWER", ttl_seconds=600,
+        secret=auth_stack.secret,
+    )  # fmt: skip
+
+    by_key = gql(http, key["secret"], CREATE_PROJECT, w=workspace_id, n="Refused")
+    by_claim = gql(http, claim, CREATE_PROJECT, w=workspace_id, n="Refused")
+    listing = gql(
+        http, key["secret"], "query($w: ID!) { workspace(id: $w) { apiKeys { edges {"
+        " node { id } } } } }", w=workspace_id,
+    )  # fmt: skip
+
+    assert code(by_key) == code(by_claim) == "FORBIDDEN"
+    key_says = by_key.json()["errors"][0]["message"]
+    assert f"API key {key['apiKey']['id']}" in key_says, key_says
+    assert owner_id in key_says
+    assert "role claim" in by_claim.json()["errors"][0]["message"]
+    assert code(listing) == "FORBIDDEN"
+    assert f"API key {key['apiKey']['id']}" in listing.json()["errors"][0]["message"]
 
 
 def test_a_key_does_not_outlive_its_creator_s_membership_even_when_they_come_back(
