@@ -33,6 +33,7 @@ from infra.cli_common import (
     EXIT_FAILED,
     PROG,
     DataDirOption,
+    data_dir_path,
     database_url_for,
     settings_for,
     shown,
@@ -68,6 +69,7 @@ DataDir = Annotated[
         "--data-dir",
         help="Data dir of the dev signing key (default AGENTWORKS_DATA_DIR).",
         show_default=False,
+        parser=data_dir_path,
     ),
 ]
 #: ``--data-dir`` of the commands that also read the event store.
@@ -78,6 +80,7 @@ StoreDataDir = Annotated[
         help="Data dir whose embedded PostgreSQL (and dev signing key) to use when "
         "AGENTWORKS_DATABASE_URL is unset; default AGENTWORKS_DATA_DIR, else .agentworks.",
         show_default=False,
+        parser=data_dir_path,
     ),
 ]
 

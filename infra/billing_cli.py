@@ -29,6 +29,7 @@ from domain.months import parse_month
 from infra.cli_common import (
     EXIT_FAILED,
     CliError,
+    data_dir_path,
     database_url_for,
     printable,
     settings_for,
@@ -51,6 +52,7 @@ _DataDir = Annotated[
         "--data-dir",
         help="Data dir whose embedded PostgreSQL to use when AGENTWORKS_DATABASE_URL is unset.",
         show_default=False,
+        parser=data_dir_path,
     ),
 ]
 _Workspace = Annotated[

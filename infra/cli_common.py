@@ -71,6 +71,18 @@ def load_settings(**overrides: object) -> Settings:
     return settings
 
 
+def data_dir_path(text: str) -> Path:
+    """A ``--data-dir`` as given; an empty one is refused, since ``Path('')`` is ``.``: the
+    working directory became the data dir, its secrets and an embedded PostgreSQL written there
+    beside whatever else it holds."""
+    if not text.strip():
+        raise typer.BadParameter(
+            "is empty; name a directory, or leave the option out for AGENTWORKS_DATA_DIR "
+            "(else .agentworks)"
+        )
+    return Path(text)
+
+
 #: ``--data-dir`` of every command: the embedded database (and dev JWT secret) it works on.
 DataDirOption = Annotated[
     Path | None,
@@ -79,6 +91,7 @@ DataDirOption = Annotated[
         help="Data dir whose embedded PostgreSQL (and dev JWT secret) to use when "
         "AGENTWORKS_DATABASE_URL is unset; default AGENTWORKS_DATA_DIR, else .agentworks.",
         show_default=False,
+        parser=data_dir_path,
     ),
 ]
 

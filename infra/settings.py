@@ -50,6 +50,9 @@ MIN_JWT_SECRET_BYTES = 32
 #: Name of the file, inside the data dir, that keeps the generated development JWT secret.
 DEV_JWT_SECRET_FILE = "jwt_secret"  # noqa: S105 - a file name, not a secret
 
+#: Where the dev mode keeps its embedded database and secrets, unless told otherwise.
+DEFAULT_DATA_DIR = Path(".agentworks")
+
 JwtAlgorithm = Literal["HS256", "RS256"]
 
 _LOG_LEVELS = frozenset(logging.getLevelNamesMapping())
@@ -188,7 +191,7 @@ class Settings(BaseSettings):
     commit_settle_seconds: float = Field(default=5.0, ge=0, le=60)
     """How long a write whose commit was interrupted waits to learn whether it committed, before
     answering UNAVAILABLE with ``outcome: "unknown"`` and its commandId."""
-    data_dir: Path = Path(".agentworks")
+    data_dir: Path = DEFAULT_DATA_DIR
     env: Literal["dev", "test", "prod"] = "dev"
     log_level: str = "INFO"
     log_json: bool = True
@@ -262,6 +265,12 @@ class Settings(BaseSettings):
         if value is None or value.strip() == "":
             return None
         return checked_database_url(value)
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _empty_data_dir_is_unset(cls, value: object) -> object:
+        # Path('') is '.': an empty AGENTWORKS_DATA_DIR made the working directory the data dir.
+        return DEFAULT_DATA_DIR if isinstance(value, str) and not value.strip() else value
 
     @field_validator("kafka_bootstrap", "redis_url", "stripe_api_base")
     @classmethod

@@ -422,6 +422,36 @@ def test_a_data_dir_that_is_a_file_is_one_line_and_exit_2(tmp_path: Path) -> Non
     assert "not-a-dir" in line
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["token", "--bootstrap"],
+        ["status"],
+        ["replay", "card", WS],
+        ["audit", "public-key"],
+        ["audit", "export", "--workspace", WS],
+        ["credit", "--workspace", WS, "--amount", "1", "--reason", "x"],
+    ],
+    ids=lambda command: " ".join(command[:2]),
+)
+def test_an_empty_data_dir_option_is_refused_not_taken_for_the_working_directory(
+    tmp_path: Path, command: list[str]
+) -> None:
+    # Path('') is '.': the working directory was the data dir, its secrets (and an embedded
+    # PostgreSQL, for a command that reads the store) written beside whatever else is there.
+    line = assert_one_line_error(agentworks(*command, "--data-dir", "", cwd=tmp_path))
+
+    assert "--data-dir" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_data_dir_variable_is_the_default_data_dir(tmp_path: Path) -> None:
+    # As an empty AGENTWORKS_DATABASE_URL or _KAFKA_BOOTSTRAP is unset; it was the working dir.
+    single_token(agentworks("token", "--bootstrap", cwd=tmp_path, env={"AGENTWORKS_DATA_DIR": ""}))
+
+    assert [path.name for path in tmp_path.iterdir()] == [".agentworks"]
+
+
 def test_an_unreachable_kafka_is_one_line_with_exit_1(tmp_path: Path) -> None:
     result = agentworks(
         "relay", cwd=tmp_path,
