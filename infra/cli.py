@@ -587,6 +587,10 @@ def worker_command(
     data_dir: DataDirOption = None,
 ) -> None:
     """Feed read models from Kafka: one consumer group per projector."""
+    from projections.registry import projector_named
+
+    if projector is not None:
+        projector_named(projector)  # a typo is refused with the valid names, before Kafka
     settings = settings_for(data_dir)
     if not settings.kafka_bootstrap:
         raise CliError("AGENTWORKS_KAFKA_BOOTSTRAP is not set; workers consume from Kafka")

@@ -465,6 +465,22 @@ def test_an_unreachable_kafka_is_one_line_with_exit_1(tmp_path: Path) -> None:
     assert "Kafka" in line
 
 
+def test_a_worker_for_no_projector_is_refused_before_kafka_is_asked(tmp_path: Path) -> None:
+    # The name was first checked once the topics were made: a typo read as Kafka's failure
+    # (exit 1) while Kafka was away, and waited for it otherwise.
+    result = agentworks(
+        "worker", "--projector", "kanabn", cwd=tmp_path,
+        env={
+            "AGENTWORKS_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none",
+            "AGENTWORKS_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+        },
+    )  # fmt: skip
+
+    line = assert_one_line_error(result)
+    assert "'kanabn'" in line
+    assert "kanban" in line
+
+
 def test_no_subcommand_names_the_commands_and_exits_2(tmp_path: Path) -> None:
     line = assert_one_line_error(agentworks(cwd=tmp_path))
 
