@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractContextManager
 from datetime import timedelta
+from http import HTTPStatus
 from typing import Any
 
 import structlog
@@ -582,11 +583,24 @@ def _json(
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, a method a route does not take), in the error
+    shape of where they were sent: ``{"error": ...}`` under /auth, as API.md has sign-in
+    answer, else GraphQL's. Their messages say which method and path, and what it takes."""
     status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
-    detail = exc.detail if isinstance(exc, StarletteHTTPException) else "error"
+    detail = str(exc.detail) if isinstance(exc, StarletteHTTPException) else "error"
+    headers = dict(getattr(exc, "headers", None) or {})
     code = {401: UNAUTHENTICATED, 404: "NOT_FOUND", 429: RATE_LIMITED}.get(status, VALIDATION)
+    asked = f"{request.method} {request.url.path[:200]}"
+    if status == 404 and detail == HTTPStatus.NOT_FOUND.phrase:
+        detail = f"{asked}: this API has no such route"
+    elif status == 405 and detail == HTTPStatus.METHOD_NOT_ALLOWED.phrase and "Allow" in headers:
+        detail = f"{asked}: this route takes {headers['Allow']}"
+    if request.url.path.startswith("/auth/"):
+        body: dict[str, Any] = {"error": {"code": code, "message": detail}}
+    else:
+        body = error_body(detail, code)
     return _json(
-        error_body(str(detail), code), status, request_id(request.headers.get("x-request-id"))
+        body, status, request_id(request.headers.get("x-request-id")), extra_headers=headers
     )
 
 

@@ -290,6 +290,30 @@ def test_bad_bodies_are_validation_errors(http: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(
+    ("method", "path", "status", "named"),
+    [
+        ("GET", "/auth/refresh", 405, "POST"),
+        ("PUT", "/auth/login", 405, "POST"),
+        ("POST", "/auth/mfa", 404, "/auth/mfa"),
+    ],
+)
+def test_a_route_or_method_sign_in_has_not_answers_in_its_error_shape(
+    http: httpx.Client, method: str, path: str, status: int, named: str
+) -> None:
+    """The SPA's sign-in client reads ``{"error": {code, message}}`` from every /auth answer;
+    a wrong method or path under /auth answered GraphQL's ``{"errors": [...]}``, saying only
+    'Method Not Allowed' or 'Not Found'."""
+    answer = http.request(method, path)
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert error["code"] == ("NOT_FOUND" if status == 404 else "VALIDATION")
+    assert f"{method} {path}" in error["message"], error
+    assert named in error["message"], error
+    if status == 405:
+        assert answer.headers["Allow"] == "POST"
+
+
+@pytest.mark.parametrize(
     "media", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=b"]
 )
 def test_a_body_an_html_form_could_send_is_refused(http: httpx.Client, media: str) -> None:
