@@ -81,6 +81,7 @@ if TYPE_CHECKING:
     from infra.bootstrap import ReadSide
     from infra.stack import DevStack
     from projections.rebuild import RebuildResult
+    from projections.runner import Retried
 
 #: ``sub`` of a bootstrap token when ``--user`` is not given (user ids are UUIDs, API.md).
 BOOTSTRAP_USER = str(uuid5(NAMESPACE_URL, "https://agentworks.dev/users/bootstrap"))
@@ -962,8 +963,24 @@ def parked_retry_command(
         projector_names=None if projector is None else [projector],
         on_commit=on_commit,
     )
+    console = Console()
     try:
-        results = [(runner.name, runner.retry_parked(ids)) for runner in read_side.runners]
+        found = [(runner, runner.parked(ids)) for runner in read_side.runners]
+        results: list[tuple[str, list[Retried]]] = [(runner.name, []) for runner, _ in found]
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task(
+                "retrying parked aggregates", total=sum(len(parked) for _, parked in found)
+            )
+            for (runner, parked), (_, retried) in zip(found, results, strict=True):
+                for oid, version in parked:
+                    retried.append(runner.retry_from(oid, version))
+                    progress.advance(task)
     finally:
         read_side.close()
     table = Table(title="parked aggregates retried")
@@ -982,7 +999,7 @@ def parked_retry_command(
                     f"parked again at version {one.parked.originator_version}: {one.parked.error}"
                 )
             table.add_row(name, str(one.originator_id), f"{one.applied:,}", shown(outcome))
-    Console().print(table)
+    console.print(table)
     if still:
         raise CliError(
             f"{still} aggregate(s) still parked; fix the cause and retry "

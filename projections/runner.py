@@ -304,6 +304,12 @@ class ProjectionRunner:
         at, at most :data:`RETRY_CHUNK` (and :attr:`max_retry_bytes` of stored state) per
         transaction. One that fails again stays parked, with the new error (and the event it
         now stops at, if the fix got it further)."""
+        return [self.retry_from(oid, version) for oid, version in self.parked(originator_ids)]
+
+    def parked(self, originator_ids: Collection[UUID] | None = None) -> list[tuple[UUID, int]]:
+        """The parked aggregates (all, or those of ``originator_ids``), each with the version
+        it stopped at, in the order they were parked: what :meth:`retry_parked` retries, for a
+        caller that shows its progress one aggregate at a time (:meth:`retry_from`)."""
         with self.pool.connection() as conn:
             rows = conn.execute(
                 "SELECT originator_id, originator_version FROM projection_parked"
@@ -315,9 +321,9 @@ class ProjectionRunner:
                     None if originator_ids is None else list(originator_ids),
                 ),
             ).fetchall()
-        return [self._retry(row["originator_id"], int(row["originator_version"])) for row in rows]
+        return [(row["originator_id"], int(row["originator_version"])) for row in rows]
 
-    def _retry(self, oid: UUID, version: int) -> Retried:
+    def retry_from(self, oid: UUID, version: int) -> Retried:
         """Apply one parked aggregate's events from ``version`` on, a chunk per transaction.
 
         A long-parked busy aggregate has a long tail: applied in one transaction it would be

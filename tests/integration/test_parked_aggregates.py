@@ -616,6 +616,8 @@ def test_parked_list_and_retry_on_the_command_line(database_url: str, parked_sce
 
     fixed = agentworks(database_url, "parked", "retry", fixed=True)
     assert fixed.returncode == 0, fixed.stderr
+    assert "retrying parked aggregates" in fixed.stdout  # its progress, an aggregate at a time
+    assert "1/1" in fixed.stdout
     parked_scene.assert_retried(database_url)
     listed = agentworks(database_url, "parked", "list")
     assert listed.returncode == 0
