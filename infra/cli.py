@@ -815,7 +815,11 @@ def sweep_command(
     read_side = build_read_side(settings, database_url_for(settings), projector_names=names)
     console = Console(stderr=True)
     try:
-        target = read_side.event_log.head() if through is None else through
+        head = read_side.event_log.head()
+        target = head if through is None else min(through, head)
+        if through is not None and through > head:
+            # Past it, a position may yet be written: no sweep passes an event it has not seen.
+            console.print(f"--through {through:,} is past the log's head: sweeping to {head:,}")
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
         outcomes = []
         with Progress(*columns, console=console, transient=False) as progress:

@@ -597,6 +597,14 @@ def test_sweep_applies_what_a_projector_never_received(database_url: str, tmp_pa
         "sweep", "activity", cwd=tmp_path, env={"AGENTWORKS_DATABASE_URL": database_url}
     )
     assert f"activity: swept through {events[-1].position:,}, 0 missing events" in again.stderr
+    # Past the head, the bar and the verdict say the head (the bar showed the position asked).
+    far = agentworks(
+        "sweep", "activity", "--through", "1000000000", cwd=tmp_path,
+        env={"AGENTWORKS_DATABASE_URL": database_url},
+    )  # fmt: skip
+    assert far.returncode == 0, far.stderr
+    assert f"past the log's head: sweeping to {events[-1].position:,}" in far.stderr
+    assert "1000000000/1000000000" not in far.stderr.replace(",", "")
 
 
 @pytest.mark.parametrize("through", ["-5", "-1", str(2**63), "99999999999999999999999"])
