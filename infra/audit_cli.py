@@ -67,7 +67,7 @@ DataDir = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
-        help="Data dir of the dev signing key (default AGENTWORKS_DATA_DIR).",
+        help="Data dir of the dev signing key; default AGENTWORKS_DATA_DIR, else .agentworks.",
         show_default=False,
         parser=data_dir_path,
     ),

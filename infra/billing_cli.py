@@ -12,7 +12,6 @@ from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
 
@@ -29,7 +28,7 @@ from domain.months import parse_month
 from infra.cli_common import (
     EXIT_FAILED,
     CliError,
-    data_dir_path,
+    DataDirOption,
     database_url_for,
     printable,
     settings_for,
@@ -46,15 +45,6 @@ if TYPE_CHECKING:
 _CLI_ACTOR = "billing-cli"
 
 _Month = Annotated[str, typer.Option("--month", help="Billing month, YYYY-MM (UTC).")]
-_DataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Data dir whose embedded PostgreSQL to use when AGENTWORKS_DATABASE_URL is unset.",
-        show_default=False,
-        parser=data_dir_path,
-    ),
-]
 _Workspace = Annotated[
     str | None,
     typer.Option("--workspace", help="Only this workspace (its id).", show_default=False),
@@ -102,7 +92,7 @@ def credit_command(
             show_default=False,
         ),
     ] = None,
-    data_dir: _DataDir = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Credit a workspace: a compensating event, a negative line on its next statement."""
     from commands.billing import Billing, GrantCredit
@@ -140,7 +130,7 @@ def plan_command(
     increment: Annotated[
         str, typer.Option("--increment", help="Billing increment in USD, whole cents, e.g. 0.25.")
     ],
-    data_dir: _DataDir = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Set a workspace's plan: the markup its calls are billed at from now on and the increment
     its statement lines are rounded up to. The operator's to set, never the workspace's own."""
@@ -187,7 +177,9 @@ def _over_workspaces(
     return done, failed
 
 
-def invoice_command(month: _Month, workspace: _Workspace = None, data_dir: _DataDir = None) -> int:
+def invoice_command(
+    month: _Month, workspace: _Workspace = None, data_dir: DataDirOption = None
+) -> int:
     """Close the month and issue its Stripe invoice per workspace; re-runs create nothing twice."""
     from adapters.billing_log import billing_log_for
     from commands.billing import Billing, fold_month
@@ -282,7 +274,7 @@ def reconcile_command(
     month: _Month,
     workspace: _Workspace = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
-    data_dir: _DataDir = None,
+    data_dir: DataDirOption = None,
 ) -> int:
     """Recompute the month from the event log; compare with the read model and Stripe."""
     from adapters.billing_log import billing_log_for

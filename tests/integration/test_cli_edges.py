@@ -40,14 +40,30 @@ def test_help_names_the_projectors_and_keeps_sentences_whole(tmp_path: Path, com
     assert paragraph_end in result.stdout, result.stdout
 
 
-def test_every_command_takes_a_data_dir() -> None:
+def _data_dirs() -> dict[str, list[typer.core.click.Parameter]]:
+    """Every command (``name`` or ``group name``), with its ``--data-dir`` options."""
     group = typer.main.get_command(app)
     commands = getattr(group, "commands", {})
     assert commands
-    lacking = []
+    found = {}
     for name, command in commands.items():
         subcommands = getattr(command, "commands", None)
         for sub_name, sub in (subcommands or {name: command}).items():
-            if not any("--data-dir" in p.opts for p in sub.params):
-                lacking.append(sub_name if subcommands is None else f"{name} {sub_name}")
-    assert lacking == []
+            named = sub_name if subcommands is None else f"{name} {sub_name}"
+            found[named] = [p for p in sub.params if "--data-dir" in p.opts]
+    return found
+
+
+def test_every_command_takes_a_data_dir() -> None:
+    assert [name for name, options in _data_dirs().items() if not options] == []
+
+
+def test_every_data_dir_help_names_the_default_readme_promises() -> None:
+    """The billing commands' and audit verify/public-key's help named no default."""
+    vague = [
+        name
+        for name, options in _data_dirs().items()
+        for option in options
+        if ".agentworks" not in (getattr(option, "help", None) or "")
+    ]
+    assert vague == []
