@@ -30,31 +30,32 @@ def board_channel(project_id: object) -> str:
     return f"board:{project_id}"
 
 
+def _news(
+    env: EventEnvelope, kind: str, *, card_id: object = None, run_id: object = None
+) -> dict[str, object]:
+    """What a board's subscribers are told of ``env``: its kind and card or run, and which
+    write it is (position, aggregate, version: what a mutation's consistency token says, so a
+    read sent with them waits for every read model to hold it, not the board's alone)."""
+    return {
+        "kind": kind,
+        "cardId": None if card_id is None else str(card_id),
+        "runId": None if run_id is None else str(run_id),
+        "position": env.position,
+        "aggregateId": str(env.originator_id),
+        "version": env.originator_version,
+    }
+
+
 def board_changed(env: EventEnvelope, changes: list[Change], kind: str) -> None:
     """A board-wide change (lanes, the project itself) for the board's subscribers."""
-    changes.append(
-        Change(
-            board_channel(env.originator_id),
-            {"kind": kind, "cardId": None, "runId": None, "position": env.position},
-        )
-    )
+    changes.append(Change(board_channel(env.originator_id), _news(env, kind)))
 
 
 def card_changed(env: EventEnvelope, changes: list[Change], kind: str, project_id: object) -> None:
     """A card event, for the subscribers of its board (none known: nobody to tell)."""
     if project_id is None:
         return
-    changes.append(
-        Change(
-            board_channel(project_id),
-            {
-                "kind": kind,
-                "cardId": str(env.originator_id),
-                "runId": None,
-                "position": env.position,
-            },
-        )
-    )
+    changes.append(Change(board_channel(project_id), _news(env, kind, card_id=env.originator_id)))
 
 
 def run_changed(
@@ -63,17 +64,9 @@ def run_changed(
     """A run event, for the subscribers of the board of the run's card."""
     if project_id is None:
         return
-    changes.append(
-        Change(
-            board_channel(project_id),
-            {
-                "kind": f"run.{env.type.split('.', 1)[1].lower()}",
-                "cardId": str(card_id) if card_id else None,
-                "runId": str(env.originator_id),
-                "position": env.position,
-            },
-        )
-    )
+    kind = f"run.{env.type.split('.', 1)[1].lower()}"
+    news = _news(env, kind, card_id=card_id or None, run_id=env.originator_id)
+    changes.append(Change(board_channel(project_id), news))
 
 
 #: Card and run events the batch path folds; every other handled event is applied on its own,

@@ -29,6 +29,7 @@ from projections.kanban import board_channel
 from projections.runs import run_channel
 from read_api import fields as described
 from read_api.broadcast import Feed, MessagesLost, subscribed
+from read_api.consistency import ConsistencyToken
 from read_api.context import Info
 from read_api.types import ID, BoardEvent, Card, LogLine, parse_id, seq_after
 
@@ -111,7 +112,18 @@ async def _board_event(scope: ReadScope, payload: dict[str, Any]) -> BoardEvent:
         card=card,
         run_id=None if run_id is None else ID(str(run_id)),
         position=str(payload.get("position", "")),
+        consistency_token=_token_of(payload),
     )
+
+
+def _token_of(payload: dict[str, Any]) -> str | None:
+    """The consistency token of the write a board message tells of; ``None`` for a message
+    that names none (a resync)."""
+    aggregate_id = _uuid_or_none(payload.get("aggregateId"))
+    position, version = payload.get("position"), payload.get("version")
+    if aggregate_id is None or not isinstance(position, int) or not isinstance(version, int):
+        return None
+    return str(ConsistencyToken(position, aggregate_id, version))
 
 
 def _uuid_or_none(value: object) -> UUID | None:

@@ -880,3 +880,8 @@ class BoardEvent:
     card: Card | None
     run_id: ID | None
     position: str
+    consistency_token: str | None = strawberry.field(
+        description="The write this event tells of, as a mutation's consistencyToken: sent "
+        "as X-Consistency-Token, a read of its card or run waits until every read model holds "
+        "it (this event comes once the board's does). Null for board.resync."
+    )

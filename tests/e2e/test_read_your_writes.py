@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from uuid import UUID
 
-from api_client import wait_for
+from api_client import first_change, subscribe, wait_for
 from e2e_stack import MakeStack, Stack, user_id
 
 from commands import models as m
 from commands.handlers import Actor
+from streams.embedded import EmbeddedFanout
 
 CARD = "query($id: ID!) { card(id: $id) { title version } }"
+RUN = "query($id: ID!) { agentRun(id: $id) { id status } }"
+BOARD_EVENT = """subscription($id: ID!) {
+  boardChanged(projectId: $id) { kind runId consistencyToken } }"""
 
 
 def test_a_read_with_the_token_of_a_write_sees_that_write(stack: Stack) -> None:
@@ -125,3 +130,39 @@ def test_a_token_naming_a_write_never_made_is_stale_at_once(stack: Stack) -> Non
         CARD, {"id": card}, headers={"X-Consistency-Token": created["consistencyToken"]}
     )
     assert not real.stale
+
+
+def test_a_board_event_carries_a_token_that_reads_what_it_tells_of(make_stack: MakeStack) -> None:
+    """The board's subscriber learns of a run from the board's read model, which commits on its
+    own: the run panel it opens next reads another (the run's), maybe not there yet. The event's
+    consistencyToken makes that read wait for it, as a mutation's token does."""
+    stack = make_stack()
+    alice, ws = stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    card = alice.create_card(pid, "build")["card"]["id"]
+    board_only = EmbeddedFanout(
+        stack.fanout.event_log, [r for r in stack.fanout.runners if r.name == "kanban"]
+    )
+    with subscribe(stack.ws_url, alice.token, BOARD_EVENT, {"id": pid}) as sub:
+        first_change(sub, lambda: alice.create_card(pid, "warm-up"))
+        stack.fanout.stop()
+        actor = Actor(user_id=user_id("alice"), workspace_id=ws)
+        run = str(
+            stack.write.start_agent_run(
+                m.StartAgentRun(card_id=UUID(card), agent="coder"), actor
+            ).id
+        )
+        board_only.run_once()  # the board tells of the run; the run's own read model has not
+        event = sub.next()["data"]["boardChanged"]
+        while event["runId"] != run:
+            event = sub.next()["data"]["boardChanged"]
+
+    assert alice.data(RUN, {"id": run})["agentRun"] is None
+    with ThreadPoolExecutor(1) as reader:
+        told = reader.submit(
+            alice.post, RUN, {"id": run}, headers={"X-Consistency-Token": event["consistencyToken"]}
+        )
+        stack.fanout.start()
+        answer = told.result(timeout=30)
+    assert not answer.stale
+    assert answer.data["agentRun"] == {"id": run, "status": "QUEUED"}
