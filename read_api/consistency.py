@@ -131,6 +131,12 @@ class ConsistencyWaiter:
         names = followers(self._projectors, aggregate)
         return await self.wait_for(token, names)
 
+    async def wait_for_creation(self, aggregate_id: UUID, workspace_id: UUID) -> bool:
+        """Wait until every projector following ``aggregate_id`` applied its first event, when
+        the log holds it in ``workspace_id``; ``False`` at once when it does not (an id of no
+        aggregate, or another workspace's), and on timeout."""
+        return await self.wait_for_token(ConsistencyToken(0, aggregate_id, 1), workspace_id)
+
     async def wait_for(self, token: ConsistencyToken, projectors: list[str]) -> bool:
         """Wait until each of ``projectors`` applied the token's write; ``False`` on timeout,
         and as soon as one of them parked the token's aggregate at or before the write (only an

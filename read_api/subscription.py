@@ -45,16 +45,30 @@ T = TypeVar("T")
 
 
 async def _visible(
-    ctx: RequestContext, load: Callable[[ReadScope], Awaitable[T | None]]
+    ctx: RequestContext, wanted: UUID, load: Callable[[ReadScope], Awaitable[T | None]]
 ) -> T | None:
+    """``wanted`` as ``load`` reads it, for a member of its workspace. One the read models do
+    not hold yet but the log does, in that workspace (a run the board just told of, whose own
+    read model commits on its own), is waited for as a consistency token's write would be."""
+    found, workspace_id = await _read(ctx, load)
+    waiter = ctx.runtime.waiter
+    if found is None and workspace_id and await waiter.wait_for_creation(wanted, workspace_id):
+        found, _ = await _read(ctx, load)
+    return found
+
+
+async def _read(
+    ctx: RequestContext, load: Callable[[ReadScope], Awaitable[T | None]]
+) -> tuple[T | None, UUID | None]:
+    """What ``load`` reads, and the workspace it read in when the caller is a member there."""
     try:
         scope = ctx.fresh_scope()
     except NotFound:
-        return None  # no workspace to look in: a user token's object is in none of theirs
+        return None, None  # no workspace to look in: a user token's object is in none of theirs
     try:
         if not await scope.is_member():
-            return None
-        return await load(scope)
+            return None, None
+        return await load(scope), scope.workspace_id
     finally:
         await scope.close()
 
@@ -232,7 +246,7 @@ class Subscription:
     async def board_changed(self, info: Info, project_id: ID) -> AsyncIterator[BoardEvent]:
         wanted = parse_id(project_id, "projectId")
         ctx = await info.context.for_object(wanted)
-        if await _visible(ctx, lambda scope: scope.loaders.project.load(wanted)) is None:
+        if await _visible(ctx, wanted, lambda scope: scope.loaders.project.load(wanted)) is None:
             raise NotFound(f"project {wanted} does not exist")
         return await _listening(ctx, board_channel(wanted), lambda feed: _board_events(ctx, feed))
 
@@ -246,7 +260,7 @@ class Subscription:
         wanted = parse_id(run_id, "runId")
         ctx = await info.context.for_object(wanted)
         after = seq_after(after_seq)
-        if await _visible(ctx, lambda scope: scope.loaders.run.load(wanted)) is None:
+        if await _visible(ctx, wanted, lambda scope: scope.loaders.run.load(wanted)) is None:
             raise NotFound(f"agent run {wanted} does not exist")
         return await _listening(
             ctx, run_channel(wanted), lambda feed: _run_log(ctx, wanted, after, feed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from uuid import UUID
 
 from api_client import first_change, subscribe, wait_for
@@ -17,6 +18,7 @@ CARD = "query($id: ID!) { card(id: $id) { title version } }"
 RUN = "query($id: ID!) { agentRun(id: $id) { id status } }"
 BOARD_EVENT = """subscription($id: ID!) {
   boardChanged(projectId: $id) { kind runId consistencyToken } }"""
+RUN_LOG = "subscription($id: ID!) { agentRunLog(runId: $id) { seq text } }"
 
 
 def test_a_read_with_the_token_of_a_write_sees_that_write(stack: Stack) -> None:
@@ -166,3 +168,31 @@ def test_a_board_event_carries_a_token_that_reads_what_it_tells_of(make_stack: M
         answer = told.result(timeout=30)
     assert not answer.stale
     assert answer.data["agentRun"] == {"id": run, "status": "QUEUED"}
+
+
+def test_a_run_the_board_told_of_can_be_followed_before_its_read_model_holds_it(
+    make_stack: MakeStack,
+) -> None:
+    """On run.requested the run panel subscribes to agentRunLog at once; the run's read model
+    may not hold the run yet. The subscription waits for it (as a consistency token would),
+    instead of refusing a run that exists as NOT_FOUND."""
+    stack = make_stack()
+    alice, ws = stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}])["project"]["id"]
+    card = UUID(alice.create_card(pid, "build")["card"]["id"])
+    actor = Actor(user_id=user_id("alice"), workspace_id=ws)
+    stack.fanout.stop()
+    run_id = stack.write.start_agent_run(m.StartAgentRun(card_id=card, agent="coder"), actor).id
+    assert alice.data(RUN, {"id": str(run_id)})["agentRun"] is None
+
+    with subscribe(stack.ws_url, alice.token, RUN_LOG, {"id": str(run_id)}) as sub:
+        stack.fanout.start()
+        service = Actor.service("orchestrator", UUID(ws))
+        stack.write.begin_run(m.BeginRun(run_id=run_id, worker="w1"), service)
+        line = m.LogLineInput(at=datetime.now(UTC), text="hello")
+        stack.write.append_run_log(m.AppendRunLog(run_id=run_id, lines=[line]), service)
+        stack.write.finish_run(m.FinishRun(run_id=run_id, outcome="SUCCEEDED"), service)
+        first = sub.next_message(timeout=30)
+        assert first["type"] == "next", first
+        assert first["payload"]["data"]["agentRunLog"] == {"seq": 1, "text": "hello"}
+        assert sub.next_message(timeout=30)["type"] == "complete"
