@@ -40,6 +40,9 @@ the module of each class that does not live here::
      │    └── TransientProviderError UNAVAILABLE         adapters.providers.base: 429, 5xx, timeout
      │         └── StreamBroken      UNAVAILABLE         the stream stopped before its usage
      ├── PermanentProviderError      PROVIDER_REFUSED    adapters.providers.base: 4xx of a provider
+     ├── IntOverflow                 INT_OVERFLOW        read_api.scalars: a value a GraphQL Int
+     │                                                   field cannot carry (past 32 bits); its
+     │                                                   BigInt companion can
      ├── UsageError                  USAGE               infra.cli_common (CliError): a CLI call
      └── SetupError                  SETUP               the process cannot run as deployed; an
           │                                              operator fixes it, no client can

@@ -5,7 +5,8 @@ This is the one place where our exceptions become API error codes (STYLE.md 9)::
     AgentWorksError (domain.errors)       -> its ``code`` (NOT_FOUND, FORBIDDEN, ... RATE_LIMITED
                                              and UNAVAILABLE with ``retryAfter``; UNAVAILABLE
                                              with ``outcome`` and ``commandId`` when a write's
-                                             fate is unknown)
+                                             fate is unknown; INT_OVERFLOW with ``field``,
+                                             ``value``, ``max`` and ``instead``)
     pydantic.ValidationError (commands)   -> VALIDATION, naming the camelCase input fields
     GraphQL syntax / validation / variable
     coercion (no resolver ran)            -> VALIDATION, graphql-core's message
@@ -32,6 +33,7 @@ from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOpe
 from strawberry.types.execution import ExecutionContext, StreamExecutionResult
 
 from domain.errors import AgentWorksError, RateLimited, Unavailable, UndecodableEvent
+from read_api.scalars import IntOverflow
 
 log = structlog.get_logger(__name__)
 
@@ -74,7 +76,8 @@ def describe_validation_error(error: pydantic.ValidationError) -> str:
 
 
 def error_extensions(error: BaseException) -> dict[str, Any]:
-    """``extensions`` for one of our exceptions (``code``, and ``retryAfter`` when limited)."""
+    """``extensions`` for one of our exceptions (``code``, and what else its kind says: when to
+    retry, which event, which field)."""
     if isinstance(error, RateLimited):
         return {"code": error.code, "retryAfter": max(1, round(error.retry_after_seconds))}
     if isinstance(error, Unavailable):
@@ -89,6 +92,8 @@ def error_extensions(error: BaseException) -> dict[str, Any]:
         return extensions
     if isinstance(error, UndecodableEvent):
         return {"code": error.code, "version": error.version, "at": error.at}
+    if isinstance(error, IntOverflow):
+        return {"code": error.code, **error.extensions()}
     if isinstance(error, AgentWorksError):
         return {"code": error.code}
     return {"code": INTERNAL}

@@ -12,6 +12,12 @@ middleware wraps resolvers, the value is read and serialized directly. Anything 
 way — a missing attribute, a null where the schema says non-null, a value the scalar refuses —
 goes back to graphql-core's own path, so errors keep their exact message, location and path.
 
+A value that a field typed ``Int`` cannot carry (past a signed 32 bits) is answered by
+:class:`~read_api.scalars.IntOverflow` (``INT_OVERFLOW``, naming the field and its ``BigInt``
+companion) instead of graphql-core's generic refusal (:class:`NamedIntOverflow`): the short way
+leaves such a value to the general path, as every value its scalar refuses, and the general
+path names it. The field stays a plain one (the short way, counting 1) for every value that fits.
+
 It also counts what an operation executes, the guard behind the cost estimate
 (:mod:`read_api.limits`): a field completed the short way counts 1, any other (an object, a
 list, a resolver) :data:`FIELD_COST`, roughly in proportion to their CPU (bench/graphql_cost.py:
@@ -33,13 +39,17 @@ from operator import attrgetter
 from typing import Any
 
 from graphql import (
+    GRAPHQL_MAX_INT,
+    GRAPHQL_MIN_INT,
     ExecutionResult,
     ExperimentalIncrementalExecutionResults,
     GraphQLError,
+    GraphQLInt,
     GraphQLLeafType,
     GraphQLList,
     GraphQLNonNull,
     GraphQLObjectType,
+    GraphQLOutputType,
     Undefined,
     is_leaf_type,
 )
@@ -50,6 +60,8 @@ from graphql.pyutils.ref_map import RefMap
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 from strawberry.schema.schema_converter import GraphQLCoreConverter
 from strawberry.types.field import StrawberryField
+
+from read_api.scalars import INSTEAD, IntOverflow
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +83,69 @@ class ExecutedTooMuch(GraphQLError):
     """The operation executed more fields than its limit allows."""
 
 
-class LeafShortcutExecution(StrawberryGraphQLCoreExecutionContext):
+class NamedIntOverflow(StrawberryGraphQLCoreExecutionContext):
+    """Strawberry's execution context, answering an ``Int`` field whose value does not fit
+    with :class:`~read_api.scalars.IntOverflow` at that field's path.
+
+    graphql-core refuses such a value with ``Int cannot represent non 32-bit signed integer
+    value`` and no code of its own (shaped as ``VALIDATION``, as if the request were at fault);
+    this says which field, the limit and, from the field's ``metadata``
+    (:data:`~read_api.scalars.INSTEAD`), which field to read instead. Raised where the leaf is
+    completed, the error is the field's, as graphql-core's own was: a non-null field's null
+    climbs to its nearest nullable parent. The value is checked where graphql-core completes a
+    leaf (not every object and list, nor the short way), and named only when it does not fit.
+    """
+
+    @staticmethod
+    def complete_leaf_value(return_type: GraphQLLeafType, result: object) -> object:
+        if (
+            type(result) is int
+            and return_type is GraphQLInt
+            and not GRAPHQL_MIN_INT <= result <= GRAPHQL_MAX_INT
+        ):
+            raise _PastInt(result)
+        return StrawberryGraphQLCoreExecutionContext.complete_leaf_value(return_type, result)
+
+    def handle_field_error(
+        self,
+        raw_error: Exception,
+        return_type: GraphQLOutputType,
+        field_details_list: FieldDetailsList,
+        path: Path,
+    ) -> None:
+        if isinstance(raw_error, _PastInt):
+            raw_error = self._overflow(raw_error.value, field_details_list[0].node.name.value, path)
+        super().handle_field_error(raw_error, return_type, field_details_list, path)
+
+    def _overflow(self, value: int, name: str, path: Path) -> IntOverflow:
+        """The error of field ``name`` at ``path`` (an item's, for a list) holding ``value``."""
+        at: Path | None = path
+        while at is not None and at.typename is None:  # a list item's path names no type
+            at = at.prev
+        parent = None if at is None else self.schema.get_type(at.typename or "")
+        field = parent.fields.get(name) if isinstance(parent, GraphQLObjectType) else None
+        definition = (
+            None if field is None else field.extensions.get(GraphQLCoreConverter.DEFINITION_BACKREF)
+        )
+        named = (
+            definition.metadata.get(INSTEAD) if isinstance(definition, StrawberryField) else None
+        )
+        owner = parent.name if parent is not None else "?"
+        return IntOverflow(
+            field=f"{owner}.{name}", value=value, instead=named if isinstance(named, str) else None
+        )
+
+
+class _PastInt(Exception):
+    """A value completed as an ``Int`` that does not fit; its field is named where the error
+    is located (:meth:`NamedIntOverflow.handle_field_error`, which knows the field)."""
+
+    def __init__(self, value: int) -> None:
+        super().__init__(value)
+        self.value = value
+
+
+class LeafShortcutExecution(NamedIntOverflow):
     """Strawberry's execution context, completing plain leaf fields directly, and counting."""
 
     executed = 0
@@ -211,4 +285,4 @@ def _coerce(leaf: GraphQLLeafType, value: object) -> object:
     return coerced
 
 
-__all__ = ["LeafShortcutExecution"]
+__all__ = ["LeafShortcutExecution", "NamedIntOverflow"]

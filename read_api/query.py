@@ -256,7 +256,10 @@ class Query:
             for h in hits
         ]
 
-    @strawberry.field
+    @described.field(
+        "Usage between from and to (UTC days they touch) by one dimension, ordered by key. "
+        "Counts past Int's 32 bits: read the BigInt ones (inputTokensTotal...), see UsageRow."
+    )
     async def usage(
         self,
         info: Info,
@@ -271,17 +274,7 @@ class Query:
                 conn, scope.workspace_id, from_=from_, to=to, group_by=group_by
             )
         )
-        return [
-            UsageRow(
-                key=r.key,
-                calls=r.calls,
-                input_tokens=r.input_tokens,
-                output_tokens=r.output_tokens,
-                provider_cost=Money(r.provider_cost_micros),
-                billed=Money(r.billed_micros),
-            )
-            for r in rows
-        ]
+        return [UsageRow.from_row(r) for r in rows]
 
     @described.field("The month's statement (month = YYYY-MM), lines rounded up.")
     async def statement(self, info: Info, workspace_id: ID, month: str) -> Statement:

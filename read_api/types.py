@@ -31,12 +31,14 @@ from read_api.context import Info
 from read_api.db import ReadScope
 from read_api.limits import refuse_longer_than_estimated
 from read_api.loaders import AccessPage, LanePage, Loaders, Row, RunPage
-from read_api.scalars import Money
+from read_api.scalars import INSTEAD, BigInt, Money
 
 if TYPE_CHECKING:
     from psycopg import Connection
     from psycopg.rows import DictRow
     from strawberry.dataloader import DataLoader
+
+    from projections import queries
 
 ID = strawberry.ID
 
@@ -542,6 +544,19 @@ class ProviderAttempt:
         )
 
 
+_RUN_USAGE = "usage(groupBy: AGENT_RUN) { %s }"
+"""Where a run's counts are read whatever their size: its row of ``usage`` by run."""
+
+
+def _run_tokens(what: str, total: str) -> str:
+    return (
+        f"{what} of the run's LLM calls. An Int: the orchestrator keeps a run far below "
+        f"2147483647 (each call's count is checked against its prompt and max_tokens, a run "
+        f"makes a few calls); past it, this field is an INT_OVERFLOW error, and "
+        f"{_RUN_USAGE % total} carries the count."
+    )
+
+
 @strawberry.type
 class AgentRun:
     id: ID
@@ -551,8 +566,14 @@ class AgentRun:
     status: RunStatus
     provider: str | None
     model: str | None
-    input_tokens: int
-    output_tokens: int
+    input_tokens: int = strawberry.field(
+        description=_run_tokens("Prompt tokens", "inputTokensTotal"),
+        metadata={INSTEAD: _RUN_USAGE % "inputTokensTotal"},
+    )
+    output_tokens: int = strawberry.field(
+        description=_run_tokens("Output tokens", "outputTokensTotal"),
+        metadata={INSTEAD: _RUN_USAGE % "outputTokensTotal"},
+    )
     provider_cost: Money
     billed: Money
     max_cost: Money | None
@@ -777,14 +798,63 @@ class CardConnection:
 # -- billing --------------------------------------------------------------------------------------
 
 
-@strawberry.type
+def _past_int(what: str, total: str) -> str:
+    return (
+        f"{what}. An Int (at most 2147483647): a larger value is an INT_OVERFLOW error at "
+        f"this field, and, the row, the list and usage being non-null, the answer's data is "
+        f"null; {total} carries the same count whatever its size."
+    )
+
+
+def _total(what: str, old: str) -> str:
+    return f"{what}, as a BigInt (a decimal string): {old} whatever its size, exactly."
+
+
+@strawberry.type(
+    description=(
+        "One key's usage over the window. Its counts are Int (the contract's) and BigInt "
+        "(callsTotal, inputTokensTotal, outputTokensTotal): the same numbers, the BigInt ones "
+        "exact past 32 bits. A client that may meet a month of a busy workspace reads those."
+    )
+)
 class UsageRow:
     key: str
-    calls: int
-    input_tokens: int
-    output_tokens: int
+    calls: int = strawberry.field(
+        description=_past_int("LLM calls", "callsTotal"), metadata={INSTEAD: "callsTotal"}
+    )
+    input_tokens: int = strawberry.field(
+        description=_past_int("Prompt tokens", "inputTokensTotal"),
+        metadata={INSTEAD: "inputTokensTotal"},
+    )
+    output_tokens: int = strawberry.field(
+        description=_past_int("Output tokens", "outputTokensTotal"),
+        metadata={INSTEAD: "outputTokensTotal"},
+    )
     provider_cost: Money
     billed: Money
+    calls_total: BigInt = strawberry.field(description=_total("LLM calls", "calls"))
+    input_tokens_total: BigInt = strawberry.field(
+        description=_total("Prompt tokens", "inputTokens")
+    )
+    output_tokens_total: BigInt = strawberry.field(
+        description=_total("Output tokens", "outputTokens")
+    )
+
+    @classmethod
+    def from_row(cls, row: queries.UsageRow) -> UsageRow:
+        """The API's view of one key's sums: each count as Int and as BigInt alike (which of
+        them fits is for the field to say, when it is asked for)."""
+        return cls(
+            key=row.key,
+            calls=row.calls,
+            input_tokens=row.input_tokens,
+            output_tokens=row.output_tokens,
+            provider_cost=Money(row.provider_cost_micros),
+            billed=Money(row.billed_micros),
+            calls_total=BigInt(row.calls),
+            input_tokens_total=BigInt(row.input_tokens),
+            output_tokens_total=BigInt(row.output_tokens),
+        )
 
 
 @strawberry.type

@@ -1,4 +1,5 @@
-"""The leaf shortcut answers exactly as graphql-core's own execution does, errors included."""
+"""The leaf shortcut answers exactly as graphql-core's own execution does, errors included (an
+``Int`` past 32 bits named as ``INT_OVERFLOW`` on both paths: tests/unit/test_int_overflow.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from strawberry.schema.config import StrawberryConfig
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 
-from read_api.execution import LeafShortcutExecution
+from read_api.execution import LeafShortcutExecution, NamedIntOverflow
 from read_api.scalars import SCALARS, Money
 
 
@@ -69,7 +70,8 @@ def _schema(execution: type[StrawberryGraphQLCoreExecutionContext]) -> strawberr
 
 
 SHORTCUT = _schema(LeafShortcutExecution)
-GRAPHQL_CORE = _schema(StrawberryGraphQLCoreExecutionContext)
+#: The general path alone: graphql-core's execution, with an Int overflow named.
+GRAPHQL_CORE = _schema(NamedIntOverflow)
 
 QUERY = """
 query ($n: Int!, $skipTags: Boolean!) {
