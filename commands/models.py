@@ -22,6 +22,11 @@ ToolOutput = Annotated[str, AfterValidator(replace_unstorable)]
 cannot hold, rather than refused like what a person typed."""
 
 
+#: The version a command expects its aggregate at (versions start at 1): anything else is no
+#: version any aggregate can be at, refused as the bad input it is rather than as a conflict.
+ExpectedVersion = Annotated[int | None, Field(ge=1)]
+
+
 class Input(BaseModel):
     """Base of every command and of the models nested in one: text it holds can be stored."""
 
@@ -174,7 +179,7 @@ class UpdateCard(CardCommand):
     title: str | None = Field(default=None, max_length=200)
     description: str | None = Field(default=None, max_length=100_000)
     labels: list[str] | None = Field(default=None, max_length=50)
-    expected_version: int | None = None
+    expected_version: ExpectedVersion = None
 
 
 class MoveCard(CardCommand):
@@ -183,12 +188,12 @@ class MoveCard(CardCommand):
     to_lane: str
     before_card_id: UUID | None = None
     after_card_id: UUID | None = None
-    expected_version: int | None = None
+    expected_version: ExpectedVersion = None
 
 
 class AssignCard(CardCommand):
     assignee: str | None = None
-    expected_version: int | None = None
+    expected_version: ExpectedVersion = None
 
 
 class LabelCard(CardCommand):
@@ -208,7 +213,7 @@ class UnblockCard(CardCommand):
 
 
 class ArchiveCard(CardCommand):
-    expected_version: int | None = None
+    expected_version: ExpectedVersion = None
 
 
 class RestoreCard(CardCommand):

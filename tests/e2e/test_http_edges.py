@@ -520,3 +520,25 @@ def test_origins_cors_allows_by_pattern_may_open_a_websocket_too(make_stack: Mak
             additional_headers={"Origin": "https://evil.example"},
         )
     assert refused.value.response.status_code == 403
+
+
+@pytest.mark.parametrize("version", [0, -1])
+def test_an_expected_version_no_aggregate_can_be_at_is_refused_as_bad_input(
+    stack: Stack, version: int
+) -> None:
+    """An ``expectedVersion`` below 1 was CONFLICT ('is at version 1, not the expected -1;
+    reload it and retry'): the client reloaded and sent the same number again."""
+    alice, ws = stack.owner_with_workspace()
+    pid = alice.create_project(ws, "P", [{"name": "Todo"}, {"name": "Doing"}])["project"]["id"]
+    card = alice.create_card(pid, "a")["card"]["id"]
+    for mutation, fields in (
+        ("updateCard", 'title: "z"'), ("moveCard", 'toLane: "Doing"'),
+        ("assignCard", "assignee: null"), ("archiveCard", ""),
+    ):  # fmt: skip
+        answer = alice.post(
+            f"mutation($id: ID!, $v: Int) {{ {mutation}(input: {{cardId: $id, {fields}"
+            f" expectedVersion: $v}}) {{ card {{ id }} }} }}",
+            {"id": card, "v": version},
+        )
+        assert answer.codes == ["VALIDATION"], (mutation, answer.body)
+        assert "expectedVersion" in answer.errors[0]["message"], answer.errors
