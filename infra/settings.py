@@ -143,6 +143,10 @@ class Settings(BaseSettings):
     """Requests per minute per workspace; 0 switches the limit off."""
     rate_limit_per_address: int = Field(default=60, ge=0)
     """Requests without a valid token per minute per client address; 0 switches it off."""
+    query_cost_per_user: int = Field(default=1_000_000, ge=0)
+    """Fields the user's GraphQL operations may execute per minute; 0 switches it off."""
+    query_cost_per_workspace: int = Field(default=3_000_000, ge=0)
+    """Fields GraphQL operations in one workspace may execute per minute; 0 switches it off."""
     trusted_proxies: str = ""
     """Comma-separated addresses (or networks) of proxies whose ``X-Forwarded-For`` names the
     client; empty: the header is ignored and the connecting address is the client."""

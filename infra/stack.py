@@ -135,6 +135,8 @@ def api_services(
             per_user_per_minute=settings.rate_limit_per_user or None,
             per_workspace_per_minute=settings.rate_limit_per_workspace or None,
             per_address_per_minute=settings.rate_limit_per_address or None,
+            cost_per_user_per_minute=settings.query_cost_per_user or None,
+            cost_per_workspace_per_minute=settings.query_cost_per_workspace or None,
         ),
         cors_origins=tuple(o.strip() for o in settings.cors_origins.split(",") if o.strip()),
         trusted_proxies=tuple(p.strip() for p in settings.trusted_proxies.split(",") if p.strip()),

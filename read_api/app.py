@@ -102,7 +102,7 @@ from read_api.input_checks import (
     variables_problem,
 )
 from read_api.membership import member_workspace_of
-from read_api.ratelimit import address_limits, limits_for
+from read_api.ratelimit import address_limits, cost_limits_for, limits_for
 from read_api.response_cache import Entry, Key, ResponseCache, render
 from read_api.runtime import ApiRuntime
 from read_api.schema import build_schema
@@ -308,17 +308,16 @@ class GraphQLEndpoint:
             principal = await _authenticate(
                 self.runtime, request.headers.get("authorization"), request
             )
-            await self.runtime.limiter.hit(
-                limits_for(
-                    self.services.rate_limits,
-                    user_id=principal.user_id,
-                    workspace_id=(
-                        None
-                        if principal.is_bootstrap or principal.is_user
-                        else principal.workspace_id
-                    ),
-                )
+            user_id = principal.user_id
+            workspace_id = (
+                None if principal.is_bootstrap or principal.is_user else principal.workspace_id
             )
+            rates = self.services.rate_limits
+            await self.runtime.limiter.hit(
+                limits_for(rates, user_id=user_id, workspace_id=workspace_id)
+            )
+            budgets = cost_limits_for(rates, user_id=user_id, workspace_id=workspace_id)
+            await self.runtime.limiter.check(budgets)
             body = await _read_body(
                 request, self.services.max_body_bytes, self.services.request_body_timeout_seconds
             )
@@ -420,6 +419,7 @@ class GraphQLEndpoint:
         finally:
             await context.close()
             self._report(rid, operation_name, context, started)
+            await self.runtime.limiter.charge(budgets, context.executed)
 
         if hit is not None:
             return _cached_response(hit, context.stale, rid)
@@ -466,6 +466,7 @@ class GraphQLEndpoint:
                     operation_name=operation,
                     statements=context.counter.count,
                     duration_ms=(time.perf_counter() - started) * 1000,
+                    executed=context.executed,
                 )
             )
         except Exception:

@@ -83,6 +83,9 @@ class RequestContext(BaseContext):
         self.caller: Caller | None = None
         self.stale = False
         self.counter = StatementCounter()
+        self.executed = 0
+        """What the request's operation executed, as :mod:`read_api.execution` counts it: what
+        it is charged against its caller's budgets (:mod:`read_api.ratelimit`)."""
         self._scopes: dict[UUID, ReadScope] = {}
         self._granted: set[UUID] = set()
         self._pinned: UUID | None = None

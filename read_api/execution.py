@@ -175,6 +175,9 @@ class LeafShortcutExecution(NamedIntOverflow):
         stopped = [e for e in errors if isinstance(e.original_error, ExecutedTooMuch)]
         if len(stopped) > 1:
             errors[:] = [e for e in errors if e not in stopped[1:]]
+        # What the request is charged against its caller's budgets (read_api.ratelimit).
+        if isinstance(getattr(self.context_value, "executed", None), int):
+            self.context_value.executed += self.executed
         return super().build_response(data)
 
     @functools.cached_property

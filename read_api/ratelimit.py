@@ -1,5 +1,13 @@
 """Request rate limits per user and per workspace, in fixed one-minute windows.
 
+Besides requests, what their GraphQL operations executed is counted against a budget per user
+and per workspace (:func:`cost_limits_for`): within the per-request bounds one request may still
+execute up to ``QueryLimits.max_executed`` fields, about a second of the event loop, and at the
+request rate allowed one tenant's client could hold every process's loop and every other
+tenant's requests waiting. A request is refused once its user's or workspace's budget of the
+minute is spent (:meth:`RateLimiter.check`), and charged what it executed when it ends
+(:meth:`RateLimiter.charge`): it may overrun by what one request executes.
+
 With Redis every API instance shares the counters (one Lua script per request: ``INCR`` and
 ``EXPIRE`` per limit); without it each process counts for itself. While Redis cannot be reached
 each process counts for itself too (:class:`LocalRateLimiter`, bounded in size), every limit,
@@ -20,6 +28,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
@@ -43,6 +52,8 @@ class Limit:
     key: str
     allowed: int
     what: str
+    counts: str = "requests"
+    """What the limit counts, as its refusal says it (``"requests"``, ``"executed fields"``)."""
 
 
 class RateLimiter(Protocol):
@@ -56,20 +67,44 @@ class RateLimiter(Protocol):
         checked before the work that could fail."""
         ...
 
+    async def charge(self, limits: list[Limit], amount: int) -> None:
+        """Count ``amount`` against each limit, refusing nothing: work already done (what an
+        operation executed), which the next :meth:`check` weighs."""
+        ...
+
 
 def limits_for(config: RateLimits, *, user_id: str, workspace_id: str | None) -> list[Limit]:
+    """The request limits of ``user_id`` (and of ``workspace_id``)."""
+    return _of_user_and_workspace(
+        config.key_prefix, (config.per_user_per_minute, config.per_workspace_per_minute),
+        user_id=user_id, workspace_id=workspace_id, counts="requests",
+    )  # fmt: skip
+
+
+def cost_limits_for(config: RateLimits, *, user_id: str, workspace_id: str | None) -> list[Limit]:
+    """The budgets of executed fields a minute of ``user_id`` (and of ``workspace_id``)."""
+    return _of_user_and_workspace(
+        f"{config.key_prefix}:cost",
+        (config.cost_per_user_per_minute, config.cost_per_workspace_per_minute),
+        user_id=user_id, workspace_id=workspace_id, counts="executed fields",
+    )  # fmt: skip
+
+
+def _of_user_and_workspace(
+    prefix: str,
+    allowed: tuple[int | None, int | None],
+    *,
+    user_id: str,
+    workspace_id: str | None,
+    counts: str,
+) -> list[Limit]:
+    per_user, per_workspace = allowed
     limits = []
-    if config.per_user_per_minute is not None:
+    if per_user is not None:
+        limits.append(Limit(f"{prefix}:user:{user_id}", per_user, "user", counts))
+    if per_workspace is not None and workspace_id is not None:
         limits.append(
-            Limit(f"{config.key_prefix}:user:{user_id}", config.per_user_per_minute, "user")
-        )
-    if config.per_workspace_per_minute is not None and workspace_id is not None:
-        limits.append(
-            Limit(
-                f"{config.key_prefix}:workspace:{workspace_id}",
-                config.per_workspace_per_minute,
-                "workspace",
-            )
+            Limit(f"{prefix}:workspace:{workspace_id}", per_workspace, "workspace", counts)
         )
     return limits
 
@@ -112,8 +147,8 @@ def _window(now: float) -> tuple[int, float]:
 
 def _refuse(limit: Limit, retry_after: float) -> RateLimited:
     return RateLimited(
-        f"rate limit of {limit.allowed} requests per minute for this {limit.what} reached; "
-        f"retry in {max(1, round(retry_after))}s",
+        f"rate limit of {limit.allowed:,} {limit.counts} per minute for this {limit.what} "
+        f"reached; retry in {max(1, round(retry_after))}s",
         retry_after_seconds=max(1.0, retry_after),
     )
 
@@ -130,6 +165,16 @@ end
 return 0
 """
 
+# Adds ARGV[2] to every key, refusing nothing.
+_CHARGE_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  if redis.call('INCRBY', key, ARGV[2]) == tonumber(ARGV[2]) then
+    redis.call('EXPIRE', key, ARGV[1])
+  end
+end
+return 0
+"""
+
 
 class RedisRateLimiter:
     """Shared fixed-window counters in Redis, counted atomically by one Lua script; counted in
@@ -138,6 +183,7 @@ class RedisRateLimiter:
     def __init__(self, client: redis.asyncio.Redis, *, gate: RetryGate | None = None) -> None:
         self._client = client
         self._script = client.register_script(_HIT_SCRIPT)
+        self._charge_script = client.register_script(_CHARGE_SCRIPT)
         self._gate = gate or RetryGate(first=0.25, longest=1.0)
         self._fallback = LocalRateLimiter()
 
@@ -146,6 +192,14 @@ class RedisRateLimiter:
 
     async def check(self, limits: list[Limit]) -> None:
         await self._counted(limits, self._check_shared, self._fallback.check)
+
+    async def charge(self, limits: list[Limit], amount: int) -> None:
+        if amount > 0:
+            await self._counted(
+                limits,
+                partial(self._charge_shared, amount=amount),
+                partial(self._fallback.charge, amount=amount),
+            )
 
     async def _counted(
         self,
@@ -177,6 +231,10 @@ class RedisRateLimiter:
         args = [WINDOW_SECONDS + 5, *(limit.allowed for limit in limits)]
         refused = int(await self._script(keys=keys, args=args))
         return limits[refused - 1] if refused else None
+
+    async def _charge_shared(self, limits: list[Limit], window: int, *, amount: int) -> None:
+        keys = [f"{limit.key}:{window}" for limit in limits]
+        await self._charge_script(keys=keys, args=[WINDOW_SECONDS + 5, amount])
 
     async def _check_shared(self, limits: list[Limit], window: int) -> Limit | None:
         counts = await self._client.mget([f"{limit.key}:{window}" for limit in limits])
@@ -215,10 +273,20 @@ class LocalRateLimiter:
         """The window :attr:`_counts` was last pruned for."""
 
     async def hit(self, limits: list[Limit]) -> None:
-        if not limits:
-            return
         window, remaining = _window(time.time())
-        refused: Limit | None = None
+        refused = self._add(limits, 1, window, refuse=True)
+        if refused is not None:
+            raise _refuse(refused, remaining)
+
+    async def charge(self, limits: list[Limit], amount: int) -> None:
+        if amount > 0:
+            self._add(limits, amount, _window(time.time())[0], refuse=False)
+
+    def _add(self, limits: list[Limit], amount: int, window: int, *, refuse: bool) -> Limit | None:
+        """Count ``amount`` against each limit in turn; with ``refuse``, stop at (and return)
+        the first one it takes past what is allowed."""
+        if not limits:
+            return None
         with self._lock:
             if window != self._window:
                 # Once per window, not per request: with many keys in the current window
@@ -228,15 +296,13 @@ class LocalRateLimiter:
                 self._window = window
             for limit in limits:
                 key = (limit.key, window)
-                count = self._counts.get(key, 0) + 1
-                if count == 1 and len(self._counts) >= self._max_keys:
+                before = self._counts.get(key, 0)
+                if before == 0 and len(self._counts) >= self._max_keys:
                     self._drop_least_counted()
-                self._counts[key] = count
-                if count > limit.allowed:
-                    refused = limit
-                    break
-        if refused is not None:
-            raise _refuse(refused, remaining)
+                self._counts[key] = before + amount
+                if refuse and before + amount > limit.allowed:
+                    return limit
+        return None
 
     def _drop_least_counted(self) -> None:
         """Keep the more counted half (once per ``max_keys / 2`` new keys at most)."""

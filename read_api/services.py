@@ -56,6 +56,13 @@ class RateLimits:
     per_workspace_per_minute: int | None = 6000
     per_address_per_minute: int | None = 60
     """Requests that fail authentication, per client address: a token guesser gets 429s."""
+    cost_per_user_per_minute: int | None = 1_000_000
+    """Fields the user's GraphQL operations may execute a minute, counted as
+    ``QueryLimits.max_executed`` counts them (5-9 µs of CPU each: some 5-9 s a minute, a
+    board of 200 cards 250 times); past it the user's requests are refused until the minute
+    ends (see :mod:`read_api.ratelimit`)."""
+    cost_per_workspace_per_minute: int | None = 3_000_000
+    """The same for every request in one workspace."""
     key_prefix: str = "agentworks:ratelimit"
 
 
@@ -97,6 +104,8 @@ class RequestStats:
     statements: int
     """SQL statements run for the request on the API pool (consistency waits excluded)."""
     duration_ms: float
+    executed: int = 0
+    """Fields its operation executed, as its caller's budgets are charged them."""
 
 
 @dataclass(frozen=True, kw_only=True)

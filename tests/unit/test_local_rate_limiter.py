@@ -99,3 +99,25 @@ def test_a_flood_of_keys_keeps_the_counters_bounded_and_a_guessers_count(now: li
     assert len(limiter._counts) <= 100
     with pytest.raises(RateLimited):
         asyncio.run(limiter.hit([guessed]))
+
+
+def test_a_budget_is_refused_once_what_was_charged_reaches_it_and_says_what_it_counts(
+    now: list[float],
+) -> None:
+    """Work already done is charged whole, refusing nothing; the next check weighs it."""
+    limiter = LocalRateLimiter()
+    budget = [Limit("p:cost:user:u", 1_000, "user", "executed fields")]
+    asyncio.run(limiter.check(budget))
+    asyncio.run(limiter.charge(budget, 999))
+    asyncio.run(limiter.check(budget))  # one field left: the next request may still run
+    asyncio.run(limiter.charge(budget, 5_000))  # charged whole, past the budget
+    with pytest.raises(RateLimited, match="1,000 executed fields per minute for this user"):
+        asyncio.run(limiter.check(budget))
+    now[0] += ratelimit.WINDOW_SECONDS
+    asyncio.run(limiter.check(budget))
+
+
+def test_charging_nothing_counts_no_key() -> None:
+    limiter = LocalRateLimiter()
+    asyncio.run(limiter.charge([Limit("p:cost:user:u", 10, "user", "executed fields")], 0))
+    assert limiter._counts == {}
