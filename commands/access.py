@@ -21,10 +21,10 @@ from pydantic import Field
 from commands import models as m
 from commands.handlers import USER_SCOPE, Actor, AgentWorks, CommandResult, Decision
 from domain.access import ApiKey, Invitation
-from domain.errors import Forbidden, NotFound, Unauthenticated
+from domain.errors import Duplicate, Forbidden, NotFound, Unauthenticated
 from domain.meta import EventMeta
 from domain.roles import Role
-from domain.user import User, email_to_find, normalise_email
+from domain.user import EmailClaim, User, email_claim_ids, email_to_find, normalise_email
 from domain.workspace import Workspace
 
 INVITATION_TTL = timedelta(days=7)
@@ -100,10 +100,18 @@ def invite_member(
 
     def issue(workspace: Workspace, role: Role, meta: EventMeta) -> Decision:
         app.may_grant(workspace, actor, role)
+        email = normalise_email(cmd.email)
+        member = _account_of(app, email)
+        if member is not None and (now := workspace.role_of(str(member.id))) is not None:
+            # Accepting it would change nothing: the member keeps the role they have.
+            raise Duplicate(
+                f"{email} is already a member of this workspace, as {now.value}; "
+                "change their role with changeRole"
+            )
         invitation = Invitation.create(
             invitation_id=invitation_id,
             workspace_id=workspace.id,
-            email=normalise_email(cmd.email),
+            email=email,
             role=role,
             token_hash=_digest(secret),
             expires_at=datetime.now(UTC) + ttl,
@@ -287,6 +295,18 @@ def api_key_revoked(app: AgentWorks, key_id: UUID) -> bool:
     except NotFound:
         return True
     return key.revoked_at is not None or _outlived_its_membership(app, key)
+
+
+def _account_of(app: AgentWorks, email: str) -> User | None:
+    """The account that signed up with ``email`` (normalised), if any."""
+    for claim_id in email_claim_ids(email):
+        try:
+            claim = app.aggregate(EmailClaim, claim_id)
+            user = app.aggregate(User, claim.user_id)
+        except NotFound:
+            continue
+        return user
+    return None
 
 
 def _user(app: AgentWorks, user_id: str) -> User:

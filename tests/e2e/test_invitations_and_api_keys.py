@@ -379,3 +379,21 @@ def test_an_invitation_to_an_address_with_control_characters_is_refused(
         answer = gql(http, owner, INVITE, w=workspace_id, e=email, r="MEMBER")
         assert code(answer) == "VALIDATION", (email, answer.text)
         assert "email" in answer.json()["errors"][0]["message"], answer.text
+
+
+def test_inviting_a_member_of_the_workspace_is_refused_naming_changerole(
+    http: httpx.Client, auth_stack: Stack
+) -> None:
+    """An invitation to a member (the inviter included) was issued, and accepting it answered
+    the workspace with the member's role unchanged: an ADMIN invited as VIEWER stayed ADMIN, an
+    owner demoted by nobody, and nothing said why."""
+    owner, workspace_id, _, admin, _ = owner_and_admin(http, "member.test", "Members")
+    for inviter, email in ((owner, "admin@member.test"), (admin, "Admin@Member.test"),
+                           (owner, "owner@member.test")):  # fmt: skip
+        refused = gql(http, inviter, INVITE, w=workspace_id, e=email, r="VIEWER")
+        assert code(refused) == "DUPLICATE"
+        message = refused.json()["errors"][0]["message"]
+        assert "already a member" in message
+        assert "changeRole" in message
+    # Anyone else is invited as before, an address no account has included.
+    assert data(gql(http, owner, INVITE, w=workspace_id, e="new@member.test", r="VIEWER"))
