@@ -308,10 +308,7 @@ class GraphQLEndpoint:
             principal = await _authenticate(
                 self.runtime, request.headers.get("authorization"), request
             )
-            user_id = principal.user_id
-            workspace_id = (
-                None if principal.is_bootstrap or principal.is_user else principal.workspace_id
-            )
+            user_id, workspace_id = _counted_as(principal)
             rates = self.services.rate_limits
             await self.runtime.limiter.hit(
                 limits_for(rates, user_id=user_id, workspace_id=workspace_id)
@@ -764,26 +761,16 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
         )
         try:
             principal = await _authenticate(self.runtime, authorization, context.request)
+            user_id, workspace_id = _counted_as(principal)
             await self.runtime.limiter.hit(
-                limits_for(
-                    services.rate_limits,
-                    user_id=principal.user_id,
-                    workspace_id=(
-                        None
-                        if principal.is_bootstrap or principal.is_user
-                        else principal.workspace_id
-                    ),
-                )
+                limits_for(services.rate_limits, user_id=user_id, workspace_id=workspace_id)
             )
+            self.runtime.subscriptions.connections.take(principal.user_id)
         except AgentWorksError as error:
             # Not only UNAUTHENTICATED and RATE_LIMITED: signing in with a provider's token can
             # be refused (VALIDATION) or unavailable; any of them escaping drops the socket.
-            raise ConnectionRejectionError(
-                {"message": error.message, "extensions": {"code": error.code}}
-            ) from error
-        try:
-            self.runtime.subscriptions.connections.take(principal.user_id)
-        except RateLimited as error:
+            # The close says which (read_api.transport_ws).
+            context.refusal = error
             raise ConnectionRejectionError(
                 {"message": error.message, "extensions": {"code": error.code}}
             ) from error
@@ -794,6 +781,13 @@ class SubscriptionRouter(GraphQLRouter[RequestContext, None]):
             signed_in(context.request.scope)
         context.authenticate(principal)
         return {"requestId": context.request_id}
+
+
+def _counted_as(principal: Principal) -> tuple[str, str | None]:
+    """Whose limits a request counts against: its user's, and its workspace's when its
+    token names one (a user token acts in several; a bootstrap token in none yet)."""
+    workspace = None if principal.is_bootstrap or principal.is_user else principal.workspace_id
+    return principal.user_id, workspace
 
 
 # -- health ---------------------------------------------------------------------------------------

@@ -34,11 +34,12 @@ subscription ending because access was withdrawn) still come as ``next`` with er
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from strawberry.extensions import SchemaExtension
+from strawberry.http.async_base_view import AsyncWebSocketAdapter
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
@@ -127,9 +128,46 @@ def _require_takeable_variables(message: SubscribeMessage) -> None:
         raise ValidationFailed(problem)
 
 
+#: The most bytes a close frame's reason may hold (RFC 6455: 125 less the code's two).
+_MOST_REASON_BYTES = 123
+
+
+class _RefusalSaysWhy(AsyncWebSocketAdapter):
+    """The connection's socket, whose close for a refused ``connection_init`` (4403) says why.
+
+    Strawberry closes every refusal with the reason "Forbidden", whatever it was, so a client
+    could not tell a token to refresh (``UNAUTHENTICATED``) from a limit to wait out
+    (``RATE_LIMITED``). :meth:`read_api.app.SubscriptionRouter.on_ws_connect` keeps its refusal
+    on the context; the close says its code, then as much of its message as a reason holds."""
+
+    def __init__(self, socket: AsyncWebSocketAdapter, context: RequestContext) -> None:
+        super().__init__(socket.view)
+        self._socket = socket
+        self._context = context
+
+    def iter_json(self, *, ignore_parsing_errors: bool = False) -> AsyncGenerator[object, None]:
+        return self._socket.iter_json(ignore_parsing_errors=ignore_parsing_errors)
+
+    async def send_json(self, message: Mapping[str, object]) -> None:
+        await self._socket.send_json(message)
+
+    async def close(self, code: int, reason: str) -> None:
+        refusal = self._context.refusal
+        if code == 4403 and refusal is not None:
+            said = f"{refusal.code}: {' '.join(refusal.message.split())}".encode()
+            if len(said) > _MOST_REASON_BYTES:
+                said = said[: _MOST_REASON_BYTES - 3] + b"..."
+            reason = said.decode("utf-8", "ignore")
+        await self._socket.close(code, reason)
+
+
 class LimitedTransportWSHandler(BaseGraphQLTransportWSHandler[RequestContext, None]):
     _held: int = 0
     """Subscriptions this connection holds (an instance's own count from its first change)."""
+
+    def on_request_accepted(self) -> None:
+        self.websocket = _RefusalSaysWhy(self.websocket, self.context)
+        super().on_request_accepted()
 
     async def shutdown(self) -> None:
         disconnect, self.context.disconnect = self.context.disconnect, None

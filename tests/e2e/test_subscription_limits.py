@@ -108,7 +108,9 @@ class RawConnection:
                 self._received.append(json.loads(bytes(event.data)))
         self._flush()
         if not data and not self._received:
-            raise ConnectionError(f"closed by the server: {self.protocol.close_code}")
+            raise ConnectionError(
+                f"closed by the server: {self.protocol.close_code} {self.protocol.close_reason}"
+            )
 
     def sync(self) -> list[dict[str, Any]]:
         """What the server sent before it answered a ping.
@@ -431,7 +433,7 @@ def test_a_user_may_keep_no_more_connections_open_than_subscriptions(
     held = [RawConnection(stack.ws_url, viewer.token or "") for _ in range(3)]
     try:
         # Idle connections (no subscription at all) count: the fourth is refused at init.
-        with pytest.raises(ConnectionError, match="4403"):
+        with pytest.raises(ConnectionError, match="4403 RATE_LIMITED: "):
             held.append(RawConnection(stack.ws_url, viewer.token or ""))
         held.append(RawConnection(stack.ws_url, alice.token or ""))  # another user's own
         held.pop(0).drop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -200,6 +200,28 @@ def test_a_websocket_without_a_valid_token_is_refused(stack: Stack) -> None:
                 socket.recv(timeout=10)
             assert closed.value.rcvd is not None
             assert closed.value.rcvd.code == 4403
+
+
+def test_a_refused_websocket_says_why_in_its_close_reason(stack: Stack) -> None:
+    """Every refusal closed with 4403 "Forbidden", whatever it was: the SPA could not tell a
+    token to refresh from a limit to wait out. The close's reason now starts with the error's
+    code, then its message (at most the 123 bytes a close frame's reason may hold)."""
+    expired = issue_token(
+        user_id=user_id("alice"), workspace_id="*", role="OWNER", ttl_seconds=60,
+        secret=stack.secret, now=datetime.now(UTC) - timedelta(hours=1),
+    )  # fmt: skip
+    for payload, said in (
+        ({}, "UNAUTHENTICATED: "),
+        ({"Authorization": f"Bearer {expired}"}, "UNAUTHENTICATED: token has expired"),
+    ):
+        with connect(f"{stack.ws_url}/graphql", subprotocols=[PROTOCOL]) as socket:
+            socket.send(json.dumps({"type": "connection_init", "payload": payload}))
+            with pytest.raises(ConnectionClosed) as closed:
+                socket.recv(timeout=10)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 4403
+        assert closed.value.rcvd.reason.startswith(said), closed.value.rcvd.reason
+        assert len(closed.value.rcvd.reason.encode()) <= 123
 
 
 def test_a_token_json_can_carry_but_utf8_cannot_is_refused_not_a_dropped_socket(
