@@ -545,7 +545,7 @@ class Identity:
         try:
             return self._get(User, user_id)
         except NotFound:
-            raise Unauthenticated("the user of this token no longer exists") from None
+            raise Unauthenticated("this token's user has no account") from None
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)

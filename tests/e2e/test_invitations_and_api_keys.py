@@ -338,6 +338,11 @@ def test_me_shows_the_role_each_credential_acts_with(http: httpx.Client, auth_st
     demoted = data(gql(http, owner, CHANGE_ROLE, w=workspace_id, u=admin_id, r="VIEWER"))
     written = demoted["changeRole"]["consistencyToken"]
     assert role_seen(secret) == "VIEWER"
+    # A token for an id nobody signed up with (an operator's bootstrap token, say) has no
+    # account: it was told its user "no longer exists".
+    nobody = gql(http, auth_stack.bootstrap_token("nobody"), ME)
+    assert code(nobody) == "UNAUTHENTICATED"
+    assert nobody.json()["errors"][0]["message"] == "this token's user has no account"
 
 
 def test_an_api_key_makes_no_lasting_credentials(http: httpx.Client, auth_stack: Stack) -> None:
