@@ -79,6 +79,16 @@ def run_on_fake_openai(
         return wait_for(app, start(app, card, **fields), finished)
 
 
+def run_into_an_open_circuit(app: AgentWorks, database_url: str) -> AgentRun:
+    """A run pinned to an OpenAI that answers 503: its third failure opens the circuit, whose
+    trial would come long after the run's deadline."""
+    unavailable = [Reply(status=503, body=b"unavailable")]
+    return run_on_fake_openai(
+        app, database_url, unavailable, max_attempts=4, breaker_threshold=3,
+        breaker_cooldown=600, run_timeout=20,
+    )  # fmt: skip
+
+
 def log_lines(app: AgentWorks, run_id: UUID) -> list[str]:
     """The text of every line of a run's log, in order."""
     return [ln["text"] for c in events_of(app, run_id, AgentRun.LogChunkAppended) for ln in c.lines]
@@ -514,11 +524,7 @@ def test_a_failing_provider_opens_its_circuit_and_the_run_log_says_so(
     """Once its circuit opened, a run pinned to the provider called it all the same, as if
     there were no circuit; it waits for the circuit's trial instead, and gives up at once when
     that comes after its deadline."""
-    unavailable = [Reply(status=503, body=b"unavailable")]
-    run = run_on_fake_openai(
-        write_side, database_url, unavailable, max_attempts=4, breaker_threshold=3,
-        breaker_cooldown=600, run_timeout=20,
-    )  # fmt: skip
+    run = run_into_an_open_circuit(write_side, database_url)
     assert run.status is RunStatus.FAILED
     assert "circuit for openai is open" in (run.error or "")
     assert "after the run's deadline" in (run.error or "")
@@ -1249,11 +1255,7 @@ def test_a_call_stopped_at_the_budget_and_a_circuit_opening_are_counted(
     assert metrics.delta("agentworks_llm_billed_micro_usd_total", provider="simulated") == (
         run.billed_micros
     )
-    unavailable = [Reply(status=503, body=b"unavailable")]
-    run = run_on_fake_openai(
-        write_side, database_url, unavailable, max_attempts=4, breaker_threshold=3,
-        breaker_cooldown=600, run_timeout=20,
-    )  # fmt: skip
+    run = run_into_an_open_circuit(write_side, database_url)
     assert run.status is RunStatus.FAILED
     opened = "agentworks_provider_circuit_opened_total"
     assert metrics.delta(opened, provider="openai", scope="workspace") == 1
