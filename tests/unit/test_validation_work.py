@@ -43,3 +43,35 @@ def test_fields_asked_for_a_few_times_over_are_valid(spent: list[int]) -> None:
     assert result.errors is None
     assert result.data == {"__typename": "Query", "a": "Query"}
     assert 0 < sum(spent) < QueryLimits().max_field_merge_work
+
+
+def test_bounded_validation_runs_every_rule_strawberrys_own_validation_adds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """read_api.limits.validate_bounded stands in for strawberry's validate_document (to stop
+    after a few errors) and so repeats the rules strawberry adds to the schema's: a strawberry
+    that adds another would have it skipped here, silently. Both are asked to validate with no
+    rules of ours and say which rules they ran."""
+    from graphql import parse
+    from strawberry.schema import schema as strawberry_schema
+
+    from read_api import limits
+
+    ran: dict[str, tuple[type, ...]] = {}
+
+    def recording(name: str) -> object:
+        def validate(
+            _schema: object, _document: object, rules: tuple[type, ...], **_: object
+        ) -> list[object]:
+            ran[name] = tuple(rules)
+            return []
+
+        return validate
+
+    graphql_schema = build_schema()._schema
+    document = parse("{ __typename }")
+    monkeypatch.setattr(strawberry_schema, "validate", recording("strawberry"))
+    strawberry_schema.validate_document(graphql_schema, document, ())
+    monkeypatch.setattr(limits, "validate", recording("ours"))
+    limits.validate_bounded(graphql_schema, document, ())
+    assert ran["ours"] == ran["strawberry"]
