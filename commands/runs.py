@@ -65,6 +65,18 @@ class RunBudget:
     def run_room_micros(self) -> int | None:
         return None if self.run_max_micros is None else self.run_max_micros - self.run_billed_micros
 
+    def limiting(self, room: int | None) -> str:
+        """The budget that leaves ``room`` (the least any leaves), as a stopped run's error
+        names it: its owner raises the run's maxCost, only an owner or admin the month's limit."""
+        run_room = self.run_room_micros
+        if (
+            self.run_max_micros is not None
+            and run_room is not None
+            and (room is None or room >= run_room)
+        ):
+            return f"the run's maxCost ({format_usd(self.run_max_micros)})"
+        return f"the workspace's monthly limit ({format_usd(self.month_limit_micros or 0)})"
+
 
 class RunCommands(WriteSide):
     """Commands on an :class:`~domain.agent_run.AgentRun` and the usage charges it records."""

@@ -176,6 +176,8 @@ class _Call:
     """When (monotonic) the run's timeout ends it."""
     max_tokens: int
     """The output the call asked for at most: a provider stops there, and no more is charged."""
+    limiting: str = ""
+    """The budget that leaves ``room``, as a stop's error names it."""
     charged: _Charged = field(default_factory=_Charged)
 
 
@@ -1001,14 +1003,16 @@ class Orchestrator:
             await _despite_cancels(self._release_everywhere(view.workspace_id, month, hold_id))
             raise
         room = hold.room
+        limiting = budget.limiting(room)
         if hold.granted is None:
             raise RunFailed(
-                f"budget reached: {format_usd(max(room or 0, 0))} left, the prompt alone would "
-                f"be billed {format_usd(billed(input_tokens, 0))}"
+                f"budget reached: {format_usd(max(room or 0, 0))} left under {limiting}, the "
+                f"prompt alone would be billed {format_usd(billed(input_tokens, 0))}"
             )
         call = _Call(
-            view, option, input_tokens, started_at, billed, room, call_id, deadline, max_tokens
-        )
+            view, option, input_tokens, started_at, billed, room, call_id, deadline, max_tokens,
+            limiting,
+        )  # fmt: skip
         try:
             # Said before the call is made, so that it is charged should this worker die
             # during it (one write more per call: a few milliseconds against its seconds).
@@ -1145,7 +1149,7 @@ class Orchestrator:
             )
             raise RunFailed(
                 f"budget reached mid-stream after {estimate.output_tokens} output tokens "
-                f"({format_usd(max(room or 0, 0))} was left)"
+                f"({format_usd(max(room or 0, 0))} was left under {call.limiting})"
             )
         assert error is not None
         http_status = getattr(error, "http_status", None)
