@@ -47,6 +47,7 @@ from read_api.types import (
     StatementLine,
     UsageRow,
     Workspace,
+    actor_of,
     page_info,
     page_size,
     parse_id,
@@ -101,6 +102,20 @@ async def _by_id(
         return None
     row = await loader(scope.loaders).load(wanted)
     return None if row is None else build(row, scope)
+
+
+def _activity_item(item: queries.ActivityItem) -> ActivityItem:
+    actor, service = actor_of(item.actor)
+    return ActivityItem(
+        at=item.at,
+        actor=actor,
+        actor_service=service,
+        kind=item.kind,
+        summary=item.summary,
+        card_id=None if item.card_id is None else ID(str(item.card_id)),
+        project_id=None if item.project_id is None else ID(str(item.project_id)),
+        position=str(item.position),
+    )
 
 
 @strawberry.type
@@ -204,11 +219,13 @@ class Query:
                     version=e.version,
                     type=e.type,
                     at=e.at,
-                    actor=ID(e.actor),
+                    actor=actor,
                     position=e.position,
                     data=JSON(e.data),
+                    actor_service=service,
                 )
                 for e in entries
+                for actor, service in [actor_of(e.actor)]
             ],
         )
 
@@ -340,15 +357,7 @@ class Query:
         edges = [
             ActivityEdge(
                 cursor=cursors.activity_cursor(item.position, within),
-                node=ActivityItem(
-                    at=item.at,
-                    actor=ID(item.actor),
-                    kind=item.kind,
-                    summary=item.summary,
-                    card_id=None if item.card_id is None else ID(str(item.card_id)),
-                    project_id=None if item.project_id is None else ID(str(item.project_id)),
-                    position=str(item.position),
-                ),
+                node=_activity_item(item),
             )
             for item in page.items
         ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Generic, Self, TypeVar
-from uuid import UUID
+from uuid import NAMESPACE_URL, UUID, uuid5
 
 import strawberry
 from strawberry.scalars import JSON
@@ -901,6 +901,24 @@ class Reconciliation:
 
 # -- history, activity, live events ---------------------------------------------------------------
 
+_SERVICES = uuid5(NAMESPACE_URL, "https://agentworks.dev/services")
+"""The namespace of the ids the API gives services that act (uuid5 of their names)."""
+
+_ACTOR_SERVICE = (
+    "The service that acted, when no user did (orchestrator, billing-cli, ...); null for a user."
+)
+
+
+def actor_of(actor: str) -> tuple[ID, str | None]:
+    """An event's actor as the API names it: the user's id, or, for a service (the orchestrator,
+    an operator's command), an id made from the service's name, the same wherever it acted, and
+    the name. IDs are UUIDs (API.md): a service named by its bare name was none, so a client
+    looking actors up by id failed on it."""
+    try:
+        return ID(str(UUID(actor))), None
+    except ValueError:
+        return ID(str(uuid5(_SERVICES, actor))), actor
+
 
 @strawberry.type
 class HistoryEvent:
@@ -910,6 +928,7 @@ class HistoryEvent:
     actor: ID
     position: str
     data: JSON
+    actor_service: str | None = strawberry.field(default=None, description=_ACTOR_SERVICE)
 
 
 @strawberry.type
@@ -929,6 +948,7 @@ class ActivityItem:
     card_id: ID | None
     project_id: ID | None
     position: str
+    actor_service: str | None = strawberry.field(default=None, description=_ACTOR_SERVICE)
 
 
 @strawberry.type
