@@ -348,7 +348,12 @@ def replay_card_command(
         conn = stack.enter_context(connect(url, row_factory=dict_row))
         envelopes = card_log(conn, write.mapper, card_id=card_id)
         try:
-            version = chosen_version(envelopes, as_of_version=as_of_version, as_of=instant)
+            version = chosen_version(
+                envelopes,
+                as_of_version=as_of_version,
+                as_of=instant,
+                names=("--as-of-version", "--as-of"),
+            )
         except NotFound as exc:
             _failed(str(exc))
         workspace_id = envelopes[0].workspace_id

@@ -172,19 +172,25 @@ def foldable_version(card_id: UUID, envelopes: Sequence[EventEnvelope], version:
 
 
 def chosen_version(
-    envelopes: list[EventEnvelope], *, as_of_version: int | None, as_of: datetime | None
+    envelopes: list[EventEnvelope],
+    *,
+    as_of_version: int | None,
+    as_of: datetime | None,
+    names: tuple[str, str] = ("asOfVersion", "asOf"),
 ) -> int:
     """The version a history request asks for: explicit, the last one at ``as_of``, or now.
 
-    An event whose time is unknown (it could not be read) counts at the time of the next one
-    whose time is known: it was made no later."""
+    ``names`` are what the caller called the two (GraphQL's arguments; the CLI's options), for
+    refusals to name what was typed. An event whose time is unknown (it could not be read)
+    counts at the time of the next one whose time is known: it was made no later."""
     latest = envelopes[-1].originator_version
+    by_version, by_time = names
     if as_of_version is not None and as_of is not None:
-        raise ValidationFailed("give asOfVersion or asOf, not both")
+        raise ValidationFailed(f"give {by_version} or {by_time}, not both")
     if as_of_version is not None:
         if not 1 <= as_of_version <= latest:
             raise ValidationFailed(
-                f"asOfVersion must be between 1 and {latest} for this card, got {as_of_version}"
+                f"{by_version} must be between 1 and {latest} for this card, got {as_of_version}"
             )
         return as_of_version
     if as_of is not None:

@@ -186,3 +186,14 @@ def test_a_renamed_lane_is_named_as_the_board_named_it_then(
         replay(card, tmp_path, card["id"], "--as-of-version", "3", "--json").stdout
     )
     assert at_version["state"]["lane"] == "Doing"
+
+
+@pytest.mark.parametrize("version", ["0", "-1", "4"])
+def test_a_version_the_card_never_had_names_the_cli_option(
+    card: dict[str, Any], tmp_path: Path, version: str
+) -> None:
+    """The operator typed --as-of-version: the refusal names it (it named the GraphQL argument
+    asOfVersion, which the command has not) and the versions the card has."""
+    line = assert_one_line_error(replay(card, tmp_path, card["id"], "--as-of-version", version))
+    assert "--as-of-version must be between 1 and 3" in line
+    assert "asOfVersion" not in line
