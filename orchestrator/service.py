@@ -134,6 +134,9 @@ class RunView:
     last_event_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     """When the run's worker last wrote (a cancel is not a sign of its life)."""
     worker: str | None = None
+    started_at: datetime | None = None
+    """When the run was started (its ``Started`` event): its timeout counts from then, whoever
+    runs it now."""
     reclaims: int = 0
     open_calls: set[str] = field(default_factory=set)
     """The calls its workers started and never recorded: an ended run's are charged once its
@@ -386,6 +389,7 @@ class Orchestrator:
             view.open_calls.discard(str(p.get("call_id")))
         elif kind == "Started":
             view.status, view.worker = "RUNNING", str(p["worker"])
+            view.started_at = env.timestamp
         elif kind == "Reclaimed":
             view.worker = str(p["worker"])
             view.reclaims += 1
@@ -595,7 +599,12 @@ class Orchestrator:
         )
         batcher.start()
         heartbeat = asyncio.create_task(self._heartbeats(view))
-        started = self._executing[view.run_id] = time.monotonic()
+        started = time.monotonic()
+        if reclaimed and view.started_at is not None:
+            # Its clock began at its start, not at this takeover: begun afresh, a run changing
+            # hands ran, and was charged, up to a whole timeout more each time.
+            started -= max(0.0, (datetime.now(UTC) - view.started_at).total_seconds())
+        self._executing[view.run_id] = started
         metrics.AGENT_RUNS_IN_FLIGHT.inc()
         output: str | None = None
         try:
@@ -606,7 +615,7 @@ class Orchestrator:
                         f"charged {orphans} call(s) the previous worker had under way for "
                         "their prompt (estimated): it never recorded them"
                     )
-            async with asyncio.timeout(self.config.run_timeout):
+            async with asyncio.timeout(started + self.config.run_timeout - time.monotonic()):
                 output = await self._work(view, batcher, deadline=started + self.config.run_timeout)
                 await batcher.close()
             await self._finish(view, "SUCCEEDED", output=output)
