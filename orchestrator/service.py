@@ -138,6 +138,8 @@ class RunView:
     """When the run was started (its ``Started`` event): its timeout counts from then, whoever
     runs it now."""
     reclaims: int = 0
+    attempts: int = 0
+    """The provider calls recorded on the run (its last attempt's number), by whichever worker."""
     open_calls: set[str] = field(default_factory=set)
     """The calls its workers started and never recorded: an ended run's are charged once its
     worker is presumed dead (see :meth:`Orchestrator._charge_ended`)."""
@@ -387,6 +389,8 @@ class Orchestrator:
             view.open_calls.add(str(p["call_id"]))
         elif kind in ("AttemptRecorded", "LlmCallCompleted"):
             view.open_calls.discard(str(p.get("call_id")))
+            if kind == "AttemptRecorded":
+                view.attempts = max(view.attempts, int(p["attempt"]))
         elif kind == "Started":
             view.status, view.worker = "RUNNING", str(p["worker"])
             view.started_at = env.timestamp
@@ -616,7 +620,10 @@ class Orchestrator:
                         "their prompt (estimated): it never recorded them"
                     )
             async with asyncio.timeout(started + self.config.run_timeout - time.monotonic()):
-                output = await self._work(view, batcher, deadline=started + self.config.run_timeout)
+                output = await self._work(
+                    view, batcher, deadline=started + self.config.run_timeout,
+                    made=view.attempts + orphans,
+                )  # fmt: skip
                 await batcher.close()
             await self._finish(view, "SUCCEEDED", output=output)
         except TimeoutError:
@@ -830,8 +837,12 @@ class Orchestrator:
                 earlier.append(EarlierRun.kept(run.agent, run.output))
         return earlier
 
-    async def _work(self, view: RunView, batcher: LogBatcher, *, deadline: float) -> str:
-        """The run's output; ``deadline`` (monotonic) is when its timeout ends it."""
+    async def _work(
+        self, view: RunView, batcher: LogBatcher, *, deadline: float, made: int = 0
+    ) -> str:
+        """The run's output; ``deadline`` (monotonic) is when its timeout ends it, ``made`` the
+        calls its earlier workers made (a run taken over), which its attempts count: begun
+        afresh, each takeover made, and charged, as many calls again."""
         try:
             spec = agent_named(view.agent)
             card = await self._call(self.app.card_snapshot, view.card_id)
@@ -860,7 +871,12 @@ class Orchestrator:
             raise RunFailed(error.message) from error
         last_error = ""
         index = 0
-        for attempt in range(1, self.config.max_attempts + 1):
+        if made >= self.config.max_attempts:
+            raise RunFailed(
+                f"gave up after {made} attempts: its previous workers made them before it was "
+                "taken over"
+            )
+        for attempt in range(made + 1, self.config.max_attempts + 1):
             option, index = await self._pick(
                 chain, index, view, batcher, deadline=deadline, last_error=last_error
             )

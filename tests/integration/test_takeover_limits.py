@@ -1,7 +1,11 @@
-"""A run taken over keeps the limits it began with: its timeout counts from its start, not from
-the takeover, so a customer's run ends when README says it does however often it changes hands."""
+"""A run taken over keeps the limits it began with: its timeout counts from its start, and its
+attempts from its first call, not from the takeover, so a customer's run ends, and is charged
+for no more calls, as README says however often it changes hands."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
 from orchestrator_helpers import (
@@ -13,6 +17,7 @@ from orchestrator_helpers import (
     wait_for,
 )
 
+from adapters.providers.base import ChatRequest, Piece, TransientProviderError
 from commands import models as m
 from commands.handlers import Actor, AgentWorks
 from domain.agent_run import AgentRun, RunStatus
@@ -39,3 +44,51 @@ def test_a_run_taken_over_after_its_deadline_times_out_without_another_call(
     assert run.billed_micros == 0
     [timed_out] = events_of(write_side, run_id, AgentRun.TimedOut)
     assert timed_out.after_seconds >= 1
+
+
+def test_a_run_taken_over_makes_no_more_calls_than_its_attempts_allow(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """Its worker made two calls, both failing, and went silent; at three attempts a run, the
+    taker makes one more, not three. Before, each takeover began the count afresh: the run made
+    (and was charged for) up to AGENTWORKS_PROVIDER_MAX_ATTEMPTS calls more per takeover."""
+    card = card_on_board(write_side)
+    run_id = start(write_side, card)
+    actor = Actor.service("orchestrator", card.board.workspace_id)
+    write_side.begin_run(m.BeginRun(run_id=run_id, worker="went-silent"), actor)
+    for number in (1, 2):
+        write_side.record_provider_attempt(
+            m.RecordProviderAttempt(
+                run_id=run_id, worker="went-silent", call_id=f"call-{number}",
+                provider="simulated", model="sim-1", status="failed", http_status=503,
+                error="simulated unavailable", latency_ms=5, input_tokens=0, output_tokens=0,
+                started_at=datetime.now(UTC),
+            ),
+            actor,
+        )  # fmt: skip
+    with orchestrator_thread(
+        database_url, {"simulated": Unavailable()}, worker_id="taker", stale_after=1.0,
+        max_attempts=3,
+    ):  # fmt: skip
+        run = wait_for(write_side, run_id, finished, timeout=20.0)
+    assert events_of(write_side, run_id, AgentRun.Reclaimed)
+    assert run.status is RunStatus.FAILED
+    assert "gave up after 3 attempts" in (run.error or ""), run.error
+    attempts = events_of(write_side, run_id, AgentRun.AttemptRecorded)
+    assert [a.attempt for a in attempts] == [1, 2, 3]
+
+
+class Unavailable:
+    """A provider every call of which fails at once, as one in an outage does (a 503)."""
+
+    name = "simulated"
+
+    async def aclose(self) -> None:
+        return None
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[Piece]:
+        return self._refused()
+
+    async def _refused(self) -> AsyncIterator[Piece]:
+        raise TransientProviderError("simulated unavailable", provider="simulated", http_status=503)
+        yield ""  # pragma: no cover - makes this an async generator
