@@ -10,16 +10,25 @@ line naming what failed.
 from __future__ import annotations
 
 import io
+import os
 import sys
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TextIO
+from typing import IO, TYPE_CHECKING, Annotated, Any, NoReturn, TextIO
 from uuid import UUID
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from adapters.audit_signing import (
@@ -288,18 +297,50 @@ def verify_command(
     settings = settings_for(data_dir)
     key = _verifying_key(settings, public_key)
     try:
-        # Bytes split on "\n" alone, whatever the environment's encoding: verify decodes each
-        # line, so one that is not UTF-8 is named like any other bad line.
-        if file == "-":
-            verdict = verify(getattr(sys.stdin, "buffer", sys.stdin), key)
-        else:
-            with open(file, "rb") as handle:
-                verdict = verify(handle, key)
+        with ExitStack() as stack:
+            # Bytes split on "\n" alone, whatever the environment's encoding: verify decodes
+            # each line, so one that is not UTF-8 is named like any other bad line.
+            stdin: Any = sys.stdin  # (a test's stand-in may have no buffer)
+            handle: IO[bytes] = (
+                getattr(stdin, "buffer", stdin)
+                if file == "-"
+                else stack.enter_context(open(file, "rb"))
+            )
+            # Drawn on a terminal only, and cleared before the verdict: a verdict read by a
+            # program is its one line.
+            bar = Progress(*_VERIFY_COLUMNS, console=Console(stderr=True), transient=True)
+            verdict = verify(_read_with_progress(handle, stack.enter_context(bar)), key)
     except OSError as exc:
         raise ValidationFailed(f"cannot read {file}: {exc}") from exc
     if not verdict.ok:
         _failed(f"{file} {verdict.describe()}")
     typer.echo(f"{file}: {verdict.describe()}")
+
+
+_VERIFY_COLUMNS = (
+    TextColumn("[bold]verify"),
+    BarColumn(),
+    DownloadColumn(),
+    TransferSpeedColumn(),
+    TimeRemainingColumn(),
+)
+
+
+def _read_with_progress(handle: IO[bytes], progress: Progress) -> Iterator[bytes]:
+    """``handle``'s lines, with the bytes read shown on ``progress``: a long export takes as
+    long to check as to write."""
+    try:
+        size: int | None = os.fstat(handle.fileno()).st_size or None
+    except (OSError, AttributeError, io.UnsupportedOperation):  # a test's stand-in for stdin
+        size = None
+    task = progress.add_task("verify", total=size)
+    read = 0
+    for number, line in enumerate(handle, 1):
+        read += len(line)
+        if number % 1000 == 0:
+            progress.update(task, completed=read)
+        yield line
+    progress.update(task, completed=read)
 
 
 @audit_app.command("public-key")

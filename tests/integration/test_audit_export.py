@@ -172,6 +172,35 @@ class TestExport:
         assert result.returncode == 0, result.stderr
         assert f"{len(exported['lines']) - 1} events" in result.stdout
 
+    def test_verify_shows_its_progress_on_a_terminal(
+        self, exported: dict[str, Any], tmp_path: Path
+    ) -> None:
+        """Checking a long export takes as long as writing it, which shows a bar: verify said
+        nothing until its verdict. The bar is drawn on a terminal's stderr only, and cleared,
+        so a verdict read by a program stays its one line (the other tests)."""
+        import pty
+
+        leader, follower = pty.openpty()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWORKS_")}
+        env |= {"PYTHONPATH": str(REPO), "TERM": "xterm", "COLUMNS": "120"}
+        args = ("audit", "verify", str(exported["path"]), "--data-dir", str(exported["data_dir"]))
+        with subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", *args],
+            cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=follower,
+        ) as child:  # fmt: skip
+            os.close(follower)
+            drawn = b""
+            with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+                while chunk := os.read(leader, 4096):
+                    drawn += chunk
+            verdict = child.communicate(timeout=60)[0]
+        os.close(leader)
+        assert child.returncode == 0, drawn
+        assert b"chain and signature hold" in verdict
+        assert b"verify" in drawn
+        assert f"{exported['path'].stat().st_size / 1000:.1f} kB".encode() in drawn
+
     def test_verify_with_the_printed_public_key(
         self, exported: dict[str, Any], tmp_path: Path
     ) -> None:
