@@ -265,6 +265,9 @@ class Orchestrator:
         self._last_write: dict[UUID, float] = {}
         self._executing: dict[UUID, float] = {}
         """Runs under way here: when (monotonic) this worker began executing each."""
+        self._answered: dict[UUID, str] = {}
+        """Runs under way here whose answer came: its text, kept from before its record is sent
+        (see :meth:`_execute`)."""
         self._charging: dict[UUID, asyncio.Lock] = {}
         # A refused group is written chunk by chunk, each with its run's own outcome; a group
         # the store may have written (UNAVAILABLE) is not written twice.
@@ -627,15 +630,25 @@ class Orchestrator:
                 await batcher.close()
             await self._finish(view, "SUCCEEDED", output=output)
         except TimeoutError:
-            after = int(time.monotonic() - started)
-            timed_out = f"timed out after {self.config.run_timeout:g}s"
-            await self._end(view, batcher, timed_out, "TIMED_OUT", after=after)
+            answer = self._answered.get(view.run_id)
+            if answer is not None:
+                # Its answer came, and its record (the charge) was written, before the deadline
+                # ended the task: the store or the log's last lines were slow, not the model.
+                # Timed out, the run lost the answer its customer pays for.
+                await self._end(view, batcher, None, "SUCCEEDED", output=answer)
+            else:
+                after = int(time.monotonic() - started)
+                timed_out = f"timed out after {self.config.run_timeout:g}s"
+                await self._end(view, batcher, timed_out, "TIMED_OUT", after=after)
         except RunFailed as failure:
             await self._end(view, batcher, f"failed: {failure}", "FAILED", error=str(failure))
         except _Lost:
             batcher.abandon()
             log.warning("orchestrator.lost_run", run_id=str(view.run_id))
         except asyncio.CancelledError:
+            if output is None:
+                # Stopped while the answer's record was being written (it ran to its end).
+                output = self._answered.get(view.run_id)
             if output is not None and view.run_id not in self.cancelled | self.taken_over:
                 # Stopped (the orchestrator shutting down) with the run's work done and
                 # charged, its log or its finish still being written: finished first.
@@ -651,6 +664,7 @@ class Orchestrator:
         finally:
             metrics.AGENT_RUNS_IN_FLIGHT.dec()
             self._executing.pop(view.run_id, None)
+            self._answered.pop(view.run_id, None)
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
@@ -1160,6 +1174,9 @@ class Orchestrator:
         if usage is not None:
             self.latency.observe(option.provider, option.model, latency_ms)
             self.breakers.succeeded(provider_name, workspace)
+            # Kept first: a cancel during the record (which runs to its end) is raised after it,
+            # and the run's task must still know it has its answer, charged (see _execute).
+            self._answered[call.view.run_id] = received
             await _despite_cancels(self._attempt(call, "ok", None, None, latency_ms, usage))
             return _Outcome(ok=True, text=received)
         # No usage block: a call whose stream broke (cut, timed out, unreadable) or that
