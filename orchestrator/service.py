@@ -149,6 +149,10 @@ class RunFailed(Exception):
     """The run ends FAILED with this message."""
 
 
+class _Unaffordable(RunFailed):
+    """The budget left cannot pay for this model's prompt alone (a cheaper one's it may)."""
+
+
 class _Lost(Exception):
     """Another worker owns the run now; stop without writing."""
 
@@ -891,13 +895,24 @@ class Orchestrator:
                 "taken over"
             )
         for attempt in range(made + 1, self.config.max_attempts + 1):
-            option, index = await self._pick(
-                chain, index, view, batcher, deadline=deadline, last_error=last_error
-            )
-            batcher.system(f"calling {option.provider}/{option.model} (attempt {attempt})")
-            outcome = await self._call_once(
-                view, option, messages, spec.max_output_tokens, batcher, deadline
-            )
+            while True:
+                option, index = await self._pick(
+                    chain, index, view, batcher, deadline=deadline, last_error=last_error
+                )
+                batcher.system(f"calling {option.provider}/{option.model} (attempt {attempt})")
+                try:
+                    outcome = await self._call_once(
+                        view, option, messages, spec.max_output_tokens, batcher, deadline
+                    )
+                    break
+                except _Unaffordable as unaffordable:
+                    # No call was made. An unpinned run goes to the next candidate (one whose
+                    # prompt costs less may fit, as startAgentRun judged); it failed here.
+                    kept = [o for o in chain if o != option]
+                    if request.pinned or not kept:
+                        raise
+                    batcher.system(f"not calling {option.provider}/{option.model}: {unaffordable}")
+                    chain, index = kept, index % len(kept)
             if outcome.ok:
                 return outcome.text
             last_error = outcome.error
@@ -1044,7 +1059,7 @@ class Orchestrator:
         room = hold.room
         limiting = budget.limiting(room)
         if hold.granted is None:
-            raise RunFailed(
+            raise _Unaffordable(
                 f"budget reached: {format_usd(max(room or 0, 0))} left under {limiting}, the "
                 f"prompt alone would be billed {format_usd(billed(input_tokens, 0))}"
             )

@@ -1,5 +1,6 @@
 """A run stopped by a budget says which budget stopped it: its own ``maxCost`` or its
-workspace's monthly limit, and the amount of that budget, so that its owner knows what to raise."""
+workspace's monthly limit, and the amount of that budget, so that its owner knows what to raise;
+and an unpinned run is stopped only when no candidate model's prompt fits what is left."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ from orchestrator_helpers import (
     fast_simulated,
     finished,
     orchestrator_thread,
+    start,
     wait_for,
 )
+from provider_servers import FakeProviderServer, Reply, openai_events
 
+from adapters.providers.base import Provider
+from adapters.providers.openai import OpenAIProvider
 from commands import models as m
 from commands.handlers import AgentWorks
 from domain.agent_run import RunStatus
@@ -57,3 +62,24 @@ def test_a_run_stopped_by_a_budget_names_the_budget(
     assert run.status is RunStatus.FAILED
     assert "budget" in (run.error or "")
     assert named in (run.error or ""), run.error
+
+
+def test_an_unpinned_run_goes_to_a_model_its_budget_can_pay_for(
+    write_side: AgentWorks, database_url: str
+) -> None:
+    """The fastest model seen (gpt-4o) bills the prompt alone past the run's maxCost, which
+    gpt-4o-mini's prompt fits (as startAgentRun judged, taking the run). The run failed 'budget
+    reached' with nothing spent; it now asks the next candidate its budget can pay for."""
+    card = card_on_board(write_side)
+    events = openai_events(["Plan: ship it"], prompt_tokens=150, completion_tokens=5)
+    with FakeProviderServer([Reply(events=events)]) as server:
+        providers: dict[str, Provider] = {
+            "openai": OpenAIProvider(api_key="k", base_url=server.url)
+        }
+        with orchestrator_thread(database_url, providers) as orchestrator:
+            orchestrator.latency.observe("openai", "gpt-4o", 1.0)
+            run_id = start(write_side, card, policy="fastest", max_cost="0.0005")
+            run = wait_for(write_side, run_id, finished)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    assert [r.body["model"] for r in server.requests] == ["gpt-4o-mini"]
+    assert 0 < run.billed_micros <= 500
