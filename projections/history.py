@@ -772,6 +772,10 @@ _STAMPED = (
     f" {len(_STAMP_PREFIX) + 1} for 40), 'escape'), '\"', 1)::timestamptz END"
 )
 
+STATE_TIME_SQL = _STAMPED
+"""A stored event's time read in SQL from its ``state`` (NULL for a state PostgreSQL cannot
+read it in: a cipher's or compressor's, another transcoding), for other folds by time."""
+
 #: The shape of the time that follows :data:`_STAMP_PREFIX` when it is UTC to the microsecond
 #: (what the transcoder writes for ``datetime.now(UTC)``, a time on a whole second aside).
 _UTC_MICROS = b'____-__-__T__:__:__.______+00:00"'

@@ -587,6 +587,9 @@ class AgentRun:
     scope: strawberry.Private[ReadScope | None] = None
     """The scope the run was read in: its output and attempts are read there too (a user token
     has no home scope; it reads the run's workspace, where it is a member)."""
+    as_of: strawberry.Private[datetime | None] = None
+    """Set for the run as it was at an instant (a card's historical state): its output and
+    attempts are then those it had by then."""
 
     def _scope(self, info: strawberry.Info) -> ReadScope | None:
         return self.scope if self.scope is not None else info.context.home_scope()
@@ -594,8 +597,8 @@ class AgentRun:
     @described.field("The run's final text, once it succeeded.")
     async def output(self, info: strawberry.Info) -> str | None:
         scope = self._scope(info)
-        if scope is None:
-            return None
+        if scope is None or (self.as_of is not None and self.finished_at is None):
+            return None  # not yet, then
         row = await scope.loaders.run_output.load(UUID(str(self.id)))
         return None if row is None else str(row["output"])
 
@@ -605,12 +608,15 @@ class AgentRun:
         if scope is None:
             return []
         rows = await scope.loaders.run_attempts.load(UUID(str(self.id)))
-        return [ProviderAttempt.from_row(row) for row in rows]
+        then = self.as_of
+        return [ProviderAttempt.from_row(row) for row in rows if then is None or row["at"] <= then]
 
     @classmethod
-    def from_summary(cls, run: RunSummary, scope: ReadScope | None = None) -> AgentRun:
+    def from_summary(
+        cls, run: RunSummary, scope: ReadScope | None = None, as_of: datetime | None = None
+    ) -> AgentRun:
         """The API's view of the read model's row: ids as ``ID``, micro-USD as ``Money``;
-        ``scope``: where it was read."""
+        ``scope``: where it was read; ``as_of``: the instant it shows the run at, if not now."""
         return cls(
             id=ID(str(run.run_id)),
             card_id=ID(str(run.card_id)),
@@ -632,6 +638,7 @@ class AgentRun:
             log_line_count=int(run.log_line_count),
             version=int(run.version),
             scope=scope,
+            as_of=as_of,
         )
 
 
@@ -694,6 +701,12 @@ class Card:
     as_of_now: strawberry.Private[bool] = False
     """``as_of`` is the request's own instant (``cardHistory`` at no ``asOf``/``asOfVersion``):
     its runs are the live list, and so are their cursors'."""
+
+    @property
+    def _then(self) -> datetime | None:
+        """The instant its runs are shown at, when not now."""
+        return None if self.as_of_now else self.as_of
+
     known_last_run: strawberry.Private[AgentRun | None] = None
     last_run_known: strawberry.Private[bool] = False
     """The last run was read with the card's page (see :meth:`Lane.cards`)."""
@@ -738,7 +751,7 @@ class Card:
             rows = await self.scope.loaders.card_runs.load(
                 RunPage(card_id=self.key, limit=1, until=self.as_of)
             )
-            return AgentRun.from_summary(rows[0], self.scope) if rows else None
+            return AgentRun.from_summary(rows[0], self.scope, self._then) if rows else None
         if self.last_run_id is None:
             return None
         run = await self.scope.loaders.run.load(self.last_run_id)
@@ -766,7 +779,7 @@ class Card:
         )
         edges = [
             AgentRunEdge(cursor=cursors.run_cursor(run.requested_at, run.run_id, within),
-                         node=AgentRun.from_summary(run, self.scope))
+                         node=AgentRun.from_summary(run, self.scope, self._then))
             for run in rows[:size]
         ]  # fmt: skip
         return AgentRunConnection(

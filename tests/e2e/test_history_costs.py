@@ -4,6 +4,7 @@ last change belongs to every instant after it."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -96,3 +97,64 @@ def test_a_credited_and_refunded_card_costs_the_same_live_and_as_of_now(stack: S
     assert lane["cards"]["edges"] == [{"node": live}]
     assert alice.data(HISTORY, {"c": card, "at": now})["cardHistory"]["state"] == live
     assert alice.data(HISTORY, {"c": card})["cardHistory"]["state"] == live
+
+
+RUN_THEN = (
+    "lastRun { status startedAt finishedAt error output inputTokens billed llmCalls"
+    " logLineCount version attempts { attempt } }"
+)
+BOARD_RUN = (
+    "query($p: ID!, $at: DateTime) { board(projectId: $p, asOf: $at) {"
+    f" lanes {{ cards {{ edges {{ node {{ {RUN_THEN} }} }} }} }} }} }}"
+)
+HISTORY_RUN = (
+    f"query($c: ID!, $at: DateTime) {{ cardHistory(cardId: $c, asOf: $at) {{ state {{ {RUN_THEN} }}"
+    " } }"
+)
+
+
+def test_a_run_as_of_an_instant_is_the_run_it_was_then(stack: Stack) -> None:
+    """A card as it was showed each of its runs as it is now: at an instant its run was still
+    going, board(asOf:) and cardHistory(asOf:) said SUCCEEDED, with a finishedAt after the
+    instant, the output and the billing of calls not made yet."""
+    alice, ws, pid, card, run, _ = charged_card(stack, "history-run-then")
+    first = live_card(alice, card)["runs"]["edges"][0]["node"]["billed"]
+    then = datetime.now(UTC)
+    time.sleep(0.01)  # the second call is after the instant asked about
+    bot = stack.orchestrator(ws)
+    stack.write.record_llm_call(
+        m.RecordLlmCall(
+            run_id=UUID(run), call_id="c2", provider="simulated", model="sim-1",
+            input_tokens=30, output_tokens=7, latency_ms=1, provider_cost_micros=40_000,
+            price_table_version="v1", at=datetime.now(UTC),
+        ),
+        bot,
+    )  # fmt: skip
+    stack.write.finish_run(
+        m.FinishRun(run_id=UUID(run), outcome="SUCCEEDED", output="all done", worker="w1"), bot
+    )
+    wait_for(
+        lambda: alice.data(LIVE, {"c": card})["card"]["lastRun"],
+        until=lambda found: found is not None,
+        what="the run on the card",
+    )
+    finished = wait_for(
+        lambda: alice.data(BOARD_RUN, {"p": pid, "at": None})["board"]["lanes"][0]["cards"][
+            "edges"
+        ],
+        until=lambda edges: edges[0]["node"]["lastRun"]["status"] == "SUCCEEDED",
+        what="the run finished on the board",
+    )[0]["node"]["lastRun"]
+    assert (finished["output"], finished["llmCalls"]) == ("all done", 2)
+    at = then.isoformat()
+    (lane,) = alice.data(BOARD_RUN, {"p": pid, "at": at})["board"]["lanes"]
+    was = lane["cards"]["edges"][0]["node"]["lastRun"]
+    assert was["status"] == "RUNNING"
+    assert was["startedAt"] is not None
+    assert datetime.fromisoformat(was["startedAt"]) <= then
+    assert (was["finishedAt"], was["error"], was["output"]) == (None, None, None)
+    assert (was["llmCalls"], was["inputTokens"], was["billed"]) == (1, 10, first)
+    assert was["version"] < finished["version"]
+    assert was["attempts"] == []
+    state = alice.data(HISTORY_RUN, {"c": card, "at": at})["cardHistory"]["state"]
+    assert state["lastRun"] == was
