@@ -899,11 +899,11 @@ class Orchestrator:
                 option, index = await self._pick(
                     chain, index, view, batcher, deadline=deadline, last_error=last_error
                 )
-                batcher.system(f"calling {option.provider}/{option.model} (attempt {attempt})")
                 try:
                     outcome = await self._call_once(
-                        view, option, messages, spec.max_output_tokens, batcher, deadline
-                    )
+                        view, option, messages, spec.max_output_tokens, batcher, deadline,
+                        attempt=attempt,
+                    )  # fmt: skip
                     break
                 except _Unaffordable as unaffordable:
                     # No call was made. An unpinned run goes to the next candidate (one whose
@@ -1006,6 +1006,8 @@ class Orchestrator:
         max_tokens: int,
         batcher: LogBatcher,
         deadline: float,
+        *,
+        attempt: int,
     ) -> _Outcome:
         provider = self.providers[option.provider]
         started_at = datetime.now(UTC)
@@ -1063,6 +1065,8 @@ class Orchestrator:
                 f"budget reached: {format_usd(max(room or 0, 0))} left under {limiting}, the "
                 f"prompt alone would be billed {format_usd(billed(input_tokens, 0))}"
             )
+        # Said once the call may go: a model the budget cannot pay for is "not called" instead.
+        batcher.system(f"calling {option.provider}/{option.model} (attempt {attempt})")
         call = _Call(
             view, option, input_tokens, started_at, billed, room, call_id, deadline, max_tokens,
             limiting,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from orchestrator_helpers import (
     card_on_board,
+    events_of,
     fast_simulated,
     finished,
     orchestrator_thread,
@@ -19,7 +20,7 @@ from adapters.providers.base import Provider
 from adapters.providers.openai import OpenAIProvider
 from commands import models as m
 from commands.handlers import AgentWorks
-from domain.agent_run import RunStatus
+from domain.agent_run import AgentRun, RunStatus
 
 pytestmark = pytest.mark.slow
 
@@ -83,3 +84,15 @@ def test_an_unpinned_run_goes_to_a_model_its_budget_can_pay_for(
     assert run.status is RunStatus.SUCCEEDED, run.error
     assert [r.body["model"] for r in server.requests] == ["gpt-4o-mini"]
     assert 0 < run.billed_micros <= 500
+    # The log says the model was not called, and calls only the one that was (it said
+    # "calling openai/gpt-4o" first, then that it was not called).
+    said = [
+        line["text"]
+        for chunk in events_of(write_side, run_id, AgentRun.LogChunkAppended)
+        for line in chunk.lines
+        if "calling" in line["text"]
+    ]
+    assert [text.split(":")[0] for text in said] == [
+        "not calling openai/gpt-4o",
+        "calling openai/gpt-4o-mini (attempt 1)",
+    ]
