@@ -18,7 +18,7 @@ from uuid import UUID, uuid4
 
 import psycopg
 import pytest
-from api_client import ApiClient
+from api_client import ApiClient, wait_for
 from e2e_stack import Stack
 
 from commands import models as m
@@ -66,7 +66,13 @@ def heavy_workspace(stack: Stack, owner: str) -> tuple[ApiClient, dict[str, Any]
         runs.append(run)
     after = {"X-Consistency-Token": token}
     variables = {"w": ws, **_window(datetime.now(UTC))}
-    alice.data(USAGE % "key", {**variables, "by": "DAY"}, headers=after)
+    # The token is the last run's: the billing projector, which the usage rows are, applies
+    # the charge (another aggregate of the same write) in its own time.
+    wait_for(
+        lambda: alice.data(USAGE % "inputTokensTotal", {**variables, "by": "DAY"}, headers=after),
+        until=lambda data: [r["inputTokensTotal"] for r in data["usage"]] == [str(2 * RUN_INPUT)],
+        what="both charges in the day's usage",
+    )
     return alice, variables, runs
 
 
@@ -198,11 +204,15 @@ def test_a_run_past_int_is_an_int_overflow_naming_its_usage_row(stack: Stack) ->
     after = {"X-Consistency-Token": recorded.consistency_token}
 
     answer = alice.post(RUN, {"id": run}, headers=after)
-    (row,) = alice.data(
-        USAGE % "key inputTokensTotal",
-        {"w": ws, **_window(datetime.now(UTC)), "by": "AGENT_RUN"},
-        headers=after,
-    )["usage"]
+    # The token is the run's: the billing projector, which the usage rows are, may be behind.
+    (row,) = wait_for(
+        lambda: alice.data(
+            USAGE % "key inputTokensTotal",
+            {"w": ws, **_window(datetime.now(UTC)), "by": "AGENT_RUN"},
+        )["usage"],
+        until=lambda rows: rows and rows[0]["inputTokensTotal"] == str(2 * RUN_INPUT),
+        what="both charges in the run's usage row",
+    )
 
     assert answer.data == {"agentRun": None}  # agentRun is nullable: the null stops there
     (error,) = answer.errors
