@@ -84,10 +84,10 @@ class RequestContext(BaseContext):
         self.stale = False
         self.counter = StatementCounter()
         self.executed = 0
-        self.refusal: AgentWorksError | None = None
-        """Why a WebSocket's ``connection_init`` was refused, for its close to say."""
         """What the request's operation executed, as :mod:`read_api.execution` counts it: what
         it is charged against its caller's budgets (:mod:`read_api.ratelimit`)."""
+        self.refusal: AgentWorksError | None = None
+        """Why a WebSocket's ``connection_init`` was refused, for its close to say."""
         self._scopes: dict[UUID, ReadScope] = {}
         self._granted: set[UUID] = set()
         self._pinned: UUID | None = None
