@@ -470,14 +470,21 @@ class Orchestrator:
         return bool(providers) and all(self.breakers.wait(p, workspace, now) for p in providers)
 
     async def _idle_for(self, run_id: UUID, seconds: float) -> None:
-        """Wait ``seconds`` without a slot, then take one back, before any run not yet claimed.
-        A run sleeping out a provider's rate limit or outage held its slot: every other run
-        (another provider's, another tenant's) queued behind runs that did nothing."""
+        """Wait ``seconds`` without a slot (see :meth:`_slot_lent`)."""
+        async with self._slot_lent(run_id):
+            await asyncio.sleep(seconds)
+
+    @contextlib.asynccontextmanager
+    async def _slot_lent(self, run_id: UUID) -> AsyncIterator[None]:
+        """While the block runs, ``run_id``'s task holds no slot; when it ends, the run takes
+        one back, before any run not yet claimed. A run sleeping out a provider's rate limit or
+        outage held its slot: every other run (another provider's, another tenant's) queued
+        behind runs that did nothing. A block that raises ends the run: no slot is taken."""
         self._idle.add(run_id)
         if self.queues:
             self._woken.set()  # the loop claims a queued run into the slot now free
         try:
-            await asyncio.sleep(seconds)
+            yield
             if self._resuming or self._busy() >= self.config.concurrency:
                 granted = asyncio.get_running_loop().create_future()
                 self._resuming.append((run_id, granted))
@@ -982,21 +989,30 @@ class Orchestrator:
                 at = (index + step) % len(chain)
                 if self.breakers.allows(chain[at].provider, workspace, now):
                     return chain[at], at
-            waits = {o.provider: self.breakers.wait(o.provider, workspace, now) for o in chain}
-            first = min(waits, key=waits.__getitem__)
-            left = deadline - now
-            if waits[first] >= left:
-                why = f": {last_error}" if last_error else ""
-                raise RunFailed(
-                    f"circuit for {first} is open for {waits[first]:.1f}s more, after the run's "
-                    f"deadline ({max(left, 0.0):.1f}s left){why}"
-                )
-            if not said:
-                said = True
-                batcher.system(f"waiting {waits[first]:.1f}s for the circuit of {first} to let "
-                               "a call through")  # fmt: skip
-            # A trial out may close the circuit before its cooldown ends: looked at again soon.
-            await self._idle_for(view.run_id, min(max(waits[first], _CIRCUIT_RECHECK), 1.0))
+            # The slot is taken back once a circuit would let a call through, not at each look:
+            # a run looking every second took one back each time, ahead of every queued run.
+            async with self._slot_lent(view.run_id):
+                while True:
+                    now = time.monotonic()
+                    waits = {o.provider: self.breakers.wait(o.provider, workspace, now)
+                             for o in chain}  # fmt: skip
+                    first = min(waits, key=waits.__getitem__)
+                    if not waits[first]:
+                        break
+                    left = deadline - now
+                    if waits[first] >= left:
+                        why = f": {last_error}" if last_error else ""
+                        raise RunFailed(
+                            f"circuit for {first} is open for {waits[first]:.1f}s more, after "
+                            f"the run's deadline ({max(left, 0.0):.1f}s left){why}"
+                        )
+                    if not said:
+                        said = True
+                        batcher.system(f"waiting {waits[first]:.1f}s for the circuit of {first}"
+                                       " to let a call through")  # fmt: skip
+                    # A trial out may close the circuit before its cooldown ends: looked at
+                    # again soon.
+                    await asyncio.sleep(min(max(waits[first], _CIRCUIT_RECHECK), 1.0))
 
     async def _call_once(
         self,
